@@ -1,0 +1,810 @@
+"""Every gin-configurable argument class of hstu, and their validation.
+
+Each class is a ``@gin.configurable`` dataclass. Required fields default to ``REQUIRED``
+and are checked in ``__post_init__`` together with types, choices and ranges; a problem
+raises :class:`ConfigError` naming the class and the field (the loader in
+``hstu.config`` adds the gin file and line). Every field carries a one-line docstring
+right under it; :func:`field_docs` reads them back for the generated reference
+(``docs/gin_reference.md``).
+
+This module knows nothing of torch.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import math
+import re
+import textwrap
+import types
+import typing
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal
+
+import gin
+
+
+class _Required:
+    """Sentinel for a field that the gin file must set."""
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+    def __deepcopy__(self, memo: dict) -> "_Required":
+        return self
+
+    def __copy__(self) -> "_Required":
+        return self
+
+
+REQUIRED: Any = _Required()
+
+
+class ConfigError(ValueError):
+    """A bad configuration value. Single line, names class and field."""
+
+    def __init__(self, cls_name: str, field_name: str | None, message: str) -> None:
+        self.cls_name = cls_name
+        self.field_name = field_name
+        self.message = message
+        self.location: str | None = None
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = f"{self.location}: " if self.location else ""
+        what = f"{self.cls_name}.{self.field_name}" if self.field_name else self.cls_name
+        return f"{where}{what}: {self.message}"
+
+    def with_location(self, location: str) -> "ConfigError":
+        self.location = location
+        self.args = (self._render(),)
+        return self
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        inner = _type_name(args[0]) if args else "Any"
+        return f"{origin.__name__}[{inner}]"
+    if tp is type(None):
+        return "None"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_type(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Returns (ok, converted value). Converts int -> float and list <-> tuple only."""
+    if tp is Any:
+        return True, value
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return value in typing.get_args(tp), value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, conv = _check_type(value, arg)
+            if ok:
+                return True, conv
+        return False, value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        inner = args[0] if args else Any
+        out = []
+        for item in value:
+            ok, conv = _check_type(item, inner)
+            if not ok:
+                return False, value
+            out.append(conv)
+        return True, origin(out)
+    if tp is type(None):
+        return value is None, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    if inspect.isclass(tp):
+        return isinstance(value, tp), value
+    return True, value
+
+
+def _validate_fields(obj: Any) -> None:
+    """Type-checks every field of a dataclass instance and fills in converted values."""
+    cls = type(obj)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if value is REQUIRED:
+            raise ConfigError(cls.__name__, f.name, "required field is not set")
+        tp = hints[f.name]
+        ok, conv = _check_type(value, tp)
+        if not ok:
+            if typing.get_origin(tp) is Literal or (
+                typing.get_origin(tp) in (typing.Union, types.UnionType)
+                and any(typing.get_origin(a) is Literal for a in typing.get_args(tp))
+            ):
+                raise ConfigError(
+                    cls.__name__, f.name, f"{value!r} is not one of {_type_name(tp)}"
+                )
+            raise ConfigError(
+                cls.__name__,
+                f.name,
+                f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}",
+            )
+        object.__setattr__(obj, f.name, conv)
+
+
+def _require(cond: bool, obj: Any, field_name: str | None, message: str) -> None:
+    if not cond:
+        raise ConfigError(type(obj).__name__, field_name, message)
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None:
+            _require(value > 0, obj, name, f"must be > 0, got {value!r}")
+
+
+def _non_negative(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None:
+            _require(value >= 0, obj, name, f"must be >= 0, got {value!r}")
+
+
+_RETRIEVAL_METRIC_RE = re.compile(r"^(HR|NDCG)@([1-9][0-9]*)$|^MRR$")
+RANKING_METRICS = ("AUC",)
+
+
+# ------------------------------------------------------------------------------ classes
+
+
+@gin.configurable
+@dataclass
+class TrainerArgs:
+    """How long to train, when to evaluate, log, profile and checkpoint."""
+
+    train_batch_size: int = REQUIRED
+    """Samples per data-parallel rank per training step."""
+    eval_batch_size: int = REQUIRED
+    """Samples per data-parallel rank per evaluation step."""
+    eval_interval: int = 100
+    """Run evaluation every this many training steps (and at the end)."""
+    log_interval: int = 100
+    """Log loss, lr, tokens/s and TFLOP/s every this many training steps."""
+    max_train_iters: int | None = None
+    """Number of training steps; None trains one epoch."""
+    max_eval_iters: int | None = None
+    """Evaluation batches per evaluation; None evaluates the whole split."""
+    seed: int = 1234
+    """Seed for model init, data order and sampling."""
+    profile: bool = False
+    """Record a torch.profiler trace between profile_step_start and profile_step_end."""
+    profile_step_start: int = 100
+    """First training step of the profiler window."""
+    profile_step_end: int = 200
+    """Training step at which the profiler window ends (exclusive)."""
+    ckpt_save_interval: int = -1
+    """Save a checkpoint every this many steps; -1 disables saving."""
+    ckpt_save_dir: str = "./checkpoints"
+    """Directory checkpoints are written to."""
+    ckpt_load_dir: str = ""
+    """Checkpoint directory to resume from; empty starts fresh."""
+    pipeline_type: Literal["none", "native", "prefetch"] = "native"
+    """Train pipeline: none (sequential), native (TrainPipelineSparseDist) or prefetch."""
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+        _positive(self, "train_batch_size", "eval_batch_size", "eval_interval", "log_interval")
+        if self.max_train_iters is not None:
+            _require(
+                self.max_train_iters >= 1,
+                self,
+                "max_train_iters",
+                f"must be >= 1 (or None for one epoch), got {self.max_train_iters}",
+            )
+        _positive(self, "max_eval_iters")
+        _non_negative(self, "profile_step_start")
+        _require(
+            self.profile_step_end > self.profile_step_start,
+            self,
+            "profile_step_end",
+            f"must be > profile_step_start ({self.profile_step_start}), got {self.profile_step_end}",
+        )
+        _require(
+            self.ckpt_save_interval == -1 or self.ckpt_save_interval > 0,
+            self,
+            "ckpt_save_interval",
+            f"must be -1 (off) or > 0, got {self.ckpt_save_interval}",
+        )
+
+
+@gin.configurable
+@dataclass
+class EmbeddingArgs:
+    """A static embedding table (TorchRec EmbeddingCollection)."""
+
+    feature_names: list[str] = REQUIRED
+    """Features that look up this table."""
+    table_name: str = REQUIRED
+    """Unique table name."""
+    item_vocab_size_or_capacity: int = REQUIRED
+    """Rows of the table (ids must be < this)."""
+    sharding_type: Literal["data_parallel", "model_parallel"] = REQUIRED
+    """data_parallel replicates the table; model_parallel lets TorchRec shard it."""
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+        _require(len(self.feature_names) > 0, self, "feature_names", "must name at least one feature")
+        _require(self.table_name != "", self, "table_name", "must not be empty")
+        _positive(self, "item_vocab_size_or_capacity")
+
+
+@dataclass(frozen=True)
+class HbmPlan:
+    """How much accelerator memory a dynamic table's values take, and why."""
+
+    rule: str
+    """Which rule decided: global_hbm_for_values | item_vocab_gpu_capacity | item_vocab_gpu_capacity_ratio | full_table."""
+    capacity_rows: int
+    """Rows held in accelerator memory."""
+    row_bytes: int
+    """Bytes per row: embedding values plus optimizer state."""
+    hbm_bytes: int
+    """capacity_rows x row_bytes."""
+
+    def describe(self, table_name: str) -> str:
+        return (
+            f"table {table_name}: {self.capacity_rows} rows x {self.row_bytes} B/row = "
+            f"{self.hbm_bytes / 2**20:.2f} MiB (rule: {self.rule})"
+        )
+
+
+# Extra per-row optimizer state, in rows of `dim` values (Adam: m and v) or single values.
+_OPTIMIZER_STATE = {
+    "sgd": (0, 0),
+    "adam": (2, 0),
+    "adamw": (2, 0),
+    "rowwise_adagrad": (0, 1),
+}
+
+
+def embedding_row_bytes(embedding_dim: int, optimizer_str: str, bytes_per_value: int = 4) -> int:
+    """Bytes one row of a table occupies with its optimizer state (DESIGN.md "Arguments")."""
+    if optimizer_str not in _OPTIMIZER_STATE:
+        raise ValueError(
+            f"optimizer {optimizer_str!r} has no known state size; one of {sorted(_OPTIMIZER_STATE)}"
+        )
+    extra_rows, extra_values = _OPTIMIZER_STATE[optimizer_str]
+    return (embedding_dim * (1 + extra_rows) + extra_values) * bytes_per_value
+
+
+@gin.configurable
+@dataclass
+class DynamicEmbeddingArgs(EmbeddingArgs):
+    """A dynamic table: raw int64 ids mapped into a fixed capacity with LRU/LFU eviction."""
+
+    sharding_type: Literal["data_parallel", "model_parallel"] = "model_parallel"
+    """Always model_parallel for dynamic tables (forced)."""
+    global_hbm_for_values: int | None = None
+    """Bytes of accelerator memory for values + optimizer state; wins over the two below."""
+    item_vocab_gpu_capacity: int | None = None
+    """Rows kept in accelerator memory; used when global_hbm_for_values is None."""
+    item_vocab_gpu_capacity_ratio: float | None = None
+    """Fraction of item_vocab_size_or_capacity kept in accelerator memory; lowest precedence."""
+    evict_strategy: Literal["lru", "lfu"] = "lru"
+    """Eviction policy when the table is full: least recently or least frequently used."""
+    caching: bool = False
+    """On GPU, keep a device cache of global_hbm_for_values bytes in front of host memory."""
+
+    def __post_init__(self) -> None:
+        if self.sharding_type != "model_parallel" and self.sharding_type is not REQUIRED:
+            raise ConfigError(
+                type(self).__name__,
+                "sharding_type",
+                f"dynamic tables are always model_parallel, got {self.sharding_type!r}",
+            )
+        self.sharding_type = "model_parallel"
+        super().__post_init__()
+        _positive(self, "global_hbm_for_values", "item_vocab_gpu_capacity")
+        if self.item_vocab_gpu_capacity_ratio is not None:
+            _require(
+                0.0 < self.item_vocab_gpu_capacity_ratio <= 1.0,
+                self,
+                "item_vocab_gpu_capacity_ratio",
+                f"must be in (0, 1], got {self.item_vocab_gpu_capacity_ratio}",
+            )
+
+    def resolve_hbm(
+        self, embedding_dim: int, optimizer_str: str, bytes_per_value: int = 4
+    ) -> HbmPlan:
+        """Applies the precedence global_hbm_for_values > item_vocab_gpu_capacity > ratio.
+
+        With neither set, the whole table (item_vocab_size_or_capacity rows) is planned.
+        Capacity never exceeds item_vocab_size_or_capacity.
+        """
+        row_bytes = embedding_row_bytes(embedding_dim, optimizer_str, bytes_per_value)
+        vocab = self.item_vocab_size_or_capacity
+        if self.global_hbm_for_values is not None:
+            rule = "global_hbm_for_values"
+            capacity = min(vocab, self.global_hbm_for_values // row_bytes)
+            if capacity < 1:
+                raise ConfigError(
+                    type(self).__name__,
+                    "global_hbm_for_values",
+                    f"{self.global_hbm_for_values} bytes hold no row of {row_bytes} bytes "
+                    f"(dim {embedding_dim}, optimizer {optimizer_str})",
+                )
+            return HbmPlan(rule, capacity, row_bytes, self.global_hbm_for_values)
+        if self.item_vocab_gpu_capacity is not None:
+            rule, capacity = "item_vocab_gpu_capacity", min(vocab, self.item_vocab_gpu_capacity)
+        elif self.item_vocab_gpu_capacity_ratio is not None:
+            rule = "item_vocab_gpu_capacity_ratio"
+            capacity = max(1, int(math.floor(self.item_vocab_gpu_capacity_ratio * vocab)))
+        else:
+            rule, capacity = "full_table", vocab
+        return HbmPlan(rule, capacity, row_bytes, capacity * row_bytes)
+
+
+DATASET_NAMES = (
+    "ml-1m",
+    "ml-20m",
+    "ml-100k",
+    "kuairand-pure",
+    "kuairand-1k",
+    "kuairand-27k",
+    "synthetic",
+    "custom",
+)
+
+
+@gin.configurable
+@dataclass
+class DatasetArgs:
+    """A preprocessed dataset read from dataset_path."""
+
+    dataset_name: str = REQUIRED
+    """One of ml-1m, ml-20m, ml-100k, kuairand-pure, kuairand-1k, kuairand-27k, synthetic, custom."""
+    max_sequence_length: int = REQUIRED
+    """Most recent history items fed to the model per sample."""
+    dataset_path: str | None = None
+    """Folder the preprocessor wrote; None means tmp_data/<dataset_name>."""
+    max_num_candidates: int = 0
+    """Candidates per sample (ranking); 0 for retrieval."""
+    shuffle: bool = False
+    """Shuffle training samples every epoch (deterministic for a seed)."""
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+        _require(
+            self.dataset_name in DATASET_NAMES,
+            self,
+            "dataset_name",
+            f"{self.dataset_name!r} is not one of {', '.join(DATASET_NAMES)}"
+            + _did_you_mean(self.dataset_name, DATASET_NAMES),
+        )
+        _positive(self, "max_sequence_length")
+        _non_negative(self, "max_num_candidates")
+
+    @property
+    def resolved_path(self) -> str:
+        return self.dataset_path or f"tmp_data/{self.dataset_name}"
+
+
+DISTRIBUTIONS = ("uniform", "normal", "zipf", "lognormal")
+
+
+@gin.configurable
+@dataclass
+class FeatureArgs:
+    """Synthetic features for benchmarks: how long the sequences are and which ids they hold."""
+
+    feature_names: list[str] = REQUIRED
+    """Features generated with these settings."""
+    max_sequence_length: int = REQUIRED
+    """Longest sequence per sample (1 for a scalar feature)."""
+    is_jagged: bool = False
+    """Lengths vary per sample (drawn from length_distribution) instead of all max_sequence_length."""
+    length_distribution: Literal["uniform", "normal", "zipf", "lognormal"] = "uniform"
+    """Distribution of jagged lengths in [1, max_sequence_length]."""
+    length_alpha: float = 1.2
+    """Shape: zipf exponent, normal/lognormal sigma relative to max_sequence_length."""
+    value_distribution: Literal["uniform", "normal", "zipf", "lognormal"] = "uniform"
+    """Distribution of ids over the table's vocabulary."""
+    value_alpha: float = 1.2
+    """Shape of the id distribution (zipf exponent, sigma)."""
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+        _require(len(self.feature_names) > 0, self, "feature_names", "must name at least one feature")
+        _positive(self, "max_sequence_length", "length_alpha", "value_alpha")
+
+
+@gin.configurable
+@dataclass
+class BenchmarkDatasetArgs:
+    """In-memory random batches for speed benchmarks (no files)."""
+
+    feature_args: list[FeatureArgs] = REQUIRED
+    """The generated features, e.g. [@item/FeatureArgs(), @context/FeatureArgs()]."""
+    embedding_args: list[EmbeddingArgs] = REQUIRED
+    """The tables those features look up."""
+    item_feature_name: str = REQUIRED
+    """Feature holding the item sequence."""
+    contextual_feature_names: list[str] = REQUIRED
+    """Features placed as contextual tokens in front of the sequence."""
+    action_feature_name: str | None = None
+    """Feature holding actions (interleaved with items); None for none."""
+    max_num_candidates: int = 0
+    """Candidates per sample (ranking)."""
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+        _non_negative(self, "max_num_candidates")
+        generated = {n for fa in self.feature_args for n in fa.feature_names}
+        tabled = {n for ea in self.embedding_args for n in ea.feature_names}
+        for name_field, names in (
+            ("item_feature_name", [self.item_feature_name]),
+            ("contextual_feature_names", self.contextual_feature_names),
+            ("action_feature_name", [self.action_feature_name] if self.action_feature_name else []),
+        ):
+            for name in names:
+                _require(
+                    name in generated,
+                    self,
+                    name_field,
+                    f"feature {name!r} is not generated by any FeatureArgs"
+                    + _did_you_mean(name, sorted(generated)),
+                )
+                _require(
+                    name in tabled,
+                    self,
+                    name_field,
+                    f"feature {name!r} is not looked up by any EmbeddingArgs"
+                    + _did_you_mean(name, sorted(tabled)),
+                )
+        check_tables(self.embedding_args)
+
+
+@gin.configurable
+@dataclass
+class NetworkArgs:
+    """The HSTU block: depth, width, heads, kernels and precision."""
+
+    num_layers: int = REQUIRED
+    """Number of HSTU layers."""
+    hidden_size: int = REQUIRED
+    """Model width D."""
+    num_attention_heads: int = REQUIRED
+    """Attention heads H (split over the tensor-parallel group)."""
+    kv_channels: int = REQUIRED
+    """Per-head width d of Q, K, V and U."""
+    hidden_dropout: float = 0.2
+    """Dropout on the layer output (and on the input embeddings)."""
+    norm_epsilon: float = 1e-5
+    """LayerNorm epsilon."""
+    is_causal: bool = True
+    """Causal attention over the history."""
+    dtype_str: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Compute dtype of the HSTU block; float32 for CPU runs."""
+    kernel_backend: Literal["cutlass", "triton", "pytorch"] = "cutlass"
+    """Attention kernel; falls back (with a one-line message) where it cannot run."""
+    target_group_size: int = 1
+    """Candidates per target group (candidates see their own group only)."""
+    num_position_buckets: int = 8192
+    """Rows of the learned position embedding."""
+    recompute_input_layernorm: bool = False
+    """Recompute the input LayerNorm in backward instead of storing it."""
+    recompute_input_silu: bool = False
+    """Recompute SiLU(n W_uvqk) in backward instead of storing it."""
+    item_embedding_dim: int = -1
+    """Item table dim; -1 uses hidden_size."""
+    contextual_embedding_dim: int = -1
+    """Contextual table dim; -1 uses hidden_size."""
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+        _positive(
+            self, "num_layers", "hidden_size", "num_attention_heads", "kv_channels",
+            "norm_epsilon", "target_group_size", "num_position_buckets",
+        )
+        _require(
+            0.0 <= self.hidden_dropout < 1.0,
+            self,
+            "hidden_dropout",
+            f"must be in [0, 1), got {self.hidden_dropout}",
+        )
+        for name in ("item_embedding_dim", "contextual_embedding_dim"):
+            value = getattr(self, name)
+            _require(value == -1 or value > 0, self, name, f"must be -1 (hidden_size) or > 0, got {value}")
+
+    @property
+    def resolved_item_embedding_dim(self) -> int:
+        return self.hidden_size if self.item_embedding_dim == -1 else self.item_embedding_dim
+
+    @property
+    def resolved_contextual_embedding_dim(self) -> int:
+        return (
+            self.hidden_size if self.contextual_embedding_dim == -1 else self.contextual_embedding_dim
+        )
+
+
+@gin.configurable
+@dataclass
+class OptimizerArgs:
+    """Dense and sparse optimizers, learning-rate schedule and clipping."""
+
+    optimizer_str: Literal["adam", "adamw", "sgd"] = REQUIRED
+    """Dense optimizer (the sparse one is the same family unless sparse_optimizer_str is set)."""
+    learning_rate: float = REQUIRED
+    """Peak learning rate."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    weight_decay: float = 0.0
+    """Decoupled (adamw) or L2 (adam, sgd) weight decay of dense parameters."""
+    sparse_optimizer_str: Literal["adam", "adamw", "sgd", "rowwise_adagrad"] | None = None
+    """Sparse (embedding) optimizer fused into backward; None uses optimizer_str."""
+    sparse_learning_rate: float | None = None
+    """Sparse learning rate; None uses learning_rate."""
+    clip_grad_norm: float = 0.0
+    """Clip the global norm of dense gradients to this; 0 disables clipping."""
+    lr_warmup_iters: int = 0
+    """Linear warm-up from 0 to learning_rate over this many steps."""
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """Decay after warm-up, down to min_learning_rate at lr_decay_iters."""
+    lr_decay_iters: int | None = None
+    """Step at which decay ends; None uses max_train_iters."""
+    min_learning_rate: float = 0.0
+    """Floor of the decayed learning rate."""
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+        _positive(self, "learning_rate", "adam_eps", "sparse_learning_rate", "lr_decay_iters")
+        _non_negative(self, "weight_decay", "clip_grad_norm", "lr_warmup_iters", "min_learning_rate")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            _require(0.0 <= value < 1.0, self, name, f"must be in [0, 1), got {value}")
+
+    @property
+    def resolved_sparse_optimizer_str(self) -> str:
+        return self.sparse_optimizer_str or self.optimizer_str
+
+
+@gin.configurable
+@dataclass
+class TensorModelParallelArgs:
+    """Megatron-core tensor parallelism of the HSTU block."""
+
+    tensor_model_parallel_size: int = 1
+    """Ranks that split each HSTU layer's heads; must divide the world size and the heads."""
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+        _positive(self, "tensor_model_parallel_size")
+
+
+@gin.configurable
+@dataclass
+class RankingArgs:
+    """Ranking head and loss."""
+
+    prediction_head_arch: list[int] = REQUIRED
+    """Widths of the MLP head; the last is num_tasks (BCE per task) or the class count (CE)."""
+    prediction_head_act_type: Literal["relu", "gelu"] = "relu"
+    """Activation between head layers."""
+    prediction_head_bias: bool = True
+    """Bias in the head's linear layers."""
+    num_tasks: int = 1
+    """Binary tasks decoded bit by bit from the action (when the last width equals it)."""
+    eval_metrics: tuple[str, ...] = ("AUC",)
+    """Evaluation metrics (per task where it applies)."""
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+        _require(len(self.prediction_head_arch) > 0, self, "prediction_head_arch", "must not be empty")
+        for width in self.prediction_head_arch:
+            _require(width > 0, self, "prediction_head_arch", f"widths must be > 0, got {width}")
+        _positive(self, "num_tasks")
+        for metric in self.eval_metrics:
+            _require(
+                metric in RANKING_METRICS,
+                self,
+                "eval_metrics",
+                f"{metric!r} is not one of {', '.join(RANKING_METRICS)}"
+                + _did_you_mean(metric, RANKING_METRICS),
+            )
+
+
+@gin.configurable
+@dataclass
+class RetrievalArgs:
+    """Retrieval loss (sampled softmax) and full-corpus evaluation."""
+
+    num_negatives: int = -1
+    """Negatives per positive; -1 uses the other items of the batch (in-batch)."""
+    temperature: float = 0.05
+    """Softmax temperature on cosine similarities."""
+    l2_norm_eps: float = 1e-6
+    """Epsilon of the L2 normalisation of queries and items."""
+    eval_metrics: tuple[str, ...] = ("HR@10", "NDCG@10")
+    """Metrics: HR@K, NDCG@K (rank <= K, 1-based) and MRR."""
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+        _require(
+            self.num_negatives == -1 or self.num_negatives > 0,
+            self,
+            "num_negatives",
+            f"must be -1 (in-batch) or > 0, got {self.num_negatives}",
+        )
+        _positive(self, "temperature", "l2_norm_eps")
+        for metric in self.eval_metrics:
+            _require(
+                bool(_RETRIEVAL_METRIC_RE.match(metric)),
+                self,
+                "eval_metrics",
+                f"{metric!r} is not HR@K, NDCG@K or MRR",
+            )
+
+
+ARG_CLASSES: tuple[type, ...] = (
+    TrainerArgs,
+    EmbeddingArgs,
+    DynamicEmbeddingArgs,
+    DatasetArgs,
+    FeatureArgs,
+    BenchmarkDatasetArgs,
+    NetworkArgs,
+    OptimizerArgs,
+    TensorModelParallelArgs,
+    RankingArgs,
+    RetrievalArgs,
+)
+
+
+# ---------------------------------------------------------------------------- cross checks
+
+
+def check_tables(tables: list[EmbeddingArgs]) -> None:
+    """Table names are unique and none is declared both static and dynamic."""
+    seen: dict[str, EmbeddingArgs] = {}
+    features: dict[str, str] = {}
+    for table in tables:
+        prev = seen.get(table.table_name)
+        if prev is not None:
+            if isinstance(prev, DynamicEmbeddingArgs) != isinstance(table, DynamicEmbeddingArgs):
+                raise ConfigError(
+                    "DynamicEmbeddingArgs",
+                    "table_name",
+                    f"table {table.table_name!r} is declared both static (EmbeddingArgs) "
+                    "and dynamic (DynamicEmbeddingArgs)",
+                )
+            raise ConfigError(
+                type(table).__name__, "table_name", f"table {table.table_name!r} is declared twice"
+            )
+        seen[table.table_name] = table
+        for name in table.feature_names:
+            if name in features:
+                raise ConfigError(
+                    type(table).__name__,
+                    "feature_names",
+                    f"feature {name!r} looks up both table {features[name]!r} and {table.table_name!r}",
+                )
+            features[name] = table.table_name
+
+
+def check_parallel(network: NetworkArgs, tp: TensorModelParallelArgs, world_size: int | None = None) -> None:
+    """Heads split evenly over the TP group; the TP group divides the world."""
+    size = tp.tensor_model_parallel_size
+    if network.num_attention_heads % size != 0:
+        raise ConfigError(
+            "NetworkArgs",
+            "num_attention_heads",
+            f"{network.num_attention_heads} heads do not divide evenly over "
+            f"TensorModelParallelArgs.tensor_model_parallel_size={size}",
+        )
+    if world_size is not None and world_size % size != 0:
+        raise ConfigError(
+            "TensorModelParallelArgs",
+            "tensor_model_parallel_size",
+            f"{size} does not divide the world size {world_size}",
+        )
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def _did_you_mean(name: str, candidates: typing.Iterable[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def did_you_mean(name: str, candidates: typing.Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest candidate, or ''."""
+    return _did_you_mean(name, candidates)
+
+
+@lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (inherited ones included)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass is object:
+            continue
+        # gin wraps __init__ but leaves the class body; read it from source.
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        tree = ast.parse(source)
+        cls_node = next(n for n in tree.body if isinstance(n, ast.ClassDef))
+        body = cls_node.body
+        for node, nxt in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def field_specs(cls: type) -> list[tuple[str, str, str, str]]:
+    """(name, type, default, doc) for each field, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = "required" if f.default is REQUIRED else repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:  # pragma: no cover - unused today
+            default = repr(f.default_factory())
+        else:
+            default = "required"
+        rows.append((f.name, _type_name(hints[f.name]), default, docs.get(f.name, "")))
+    return rows
+
+
+__all__ = [
+    "REQUIRED",
+    "ConfigError",
+    "HbmPlan",
+    "ARG_CLASSES",
+    "DATASET_NAMES",
+    "DISTRIBUTIONS",
+    "check_tables",
+    "check_parallel",
+    "embedding_row_bytes",
+    "field_docs",
+    "field_specs",
+    "did_you_mean",
+    *[c.__name__ for c in ARG_CLASSES],
+]
+

@@ -1,0 +1,91 @@
+"""The jagged batch that flows from the loader through the train pipeline to the model.
+
+Legend: B samples; per sample b, H[b] history items, C[b] candidates (ranking only),
+X contextual features of one value each. Nothing is padded on the way in.
+
+``features`` is a TorchRec ``KeyedJaggedTensor`` with (stride B):
+- ``item_feature_name``: H[b] + C[b] item ids per sample, history first then candidates,
+  chronological.
+- ``action_feature_name`` (optional): H[b] action values, one per history item. Candidate
+  actions are never inputs; they are the ranking labels.
+- each of ``contextual_feature_names``: 1 value per sample.
+
+``timestamps``: int64 [sum(H + C)], aligned with the item feature's values (unix seconds).
+``num_candidates``: int64 [B], C[b] (zeros for retrieval).
+``labels``:
+- ranking: int64 [sum(C)], the action value of each candidate, aligned with the candidates
+  in the item feature (decoded per task by the model);
+- retrieval evaluation: int64 [B], the held-out target item of each sample;
+- retrieval training: None (the target of each position is the next item).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+
+@dataclass
+class Batch(Pipelineable):
+    features: KeyedJaggedTensor
+    batch_size: int
+    item_feature_name: str
+    contextual_feature_names: list[str] = field(default_factory=list)
+    action_feature_name: str | None = None
+    num_candidates: torch.Tensor | None = None
+    timestamps: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    # max H + C over the whole dataset (not this batch): keeps kernel shapes stable
+    max_seqlen: int = 0
+
+    _TENSOR_FIELDS = ("num_candidates", "timestamps", "labels")
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        moved = {
+            name: (t.to(device=device, non_blocking=non_blocking) if t is not None else None)
+            for name in self._TENSOR_FIELDS
+            for t in [getattr(self, name)]
+        }
+        return replace(
+            self, features=self.features.to(device=device, non_blocking=non_blocking), **moved
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.features.record_stream(stream)
+        for name in self._TENSOR_FIELDS:
+            t = getattr(self, name)
+            if t is not None:
+                t.record_stream(stream)
+
+    def pin_memory(self) -> "Batch":
+        pinned = {
+            name: (t.pin_memory() if t is not None else None)
+            for name in self._TENSOR_FIELDS
+            for t in [getattr(self, name)]
+        }
+        return replace(self, features=self.features.pin_memory(), **pinned)
+
+    # ----------------------------------------------------------------- conveniences
+    def item_lengths(self) -> torch.Tensor:
+        """[B] H[b] + C[b]."""
+        return self.features[self.item_feature_name].lengths()
+
+    def history_lengths(self) -> torch.Tensor:
+        """[B] H[b]."""
+        lengths = self.item_lengths()
+        if self.num_candidates is None:
+            return lengths
+        return lengths - self.num_candidates
+
+    def num_tokens(self) -> int:
+        """Tokens the model sees: contextual + items (+ actions), for tokens/s figures."""
+        n = int(self.item_lengths().sum()) + self.batch_size * len(self.contextual_feature_names)
+        if self.action_feature_name is not None:
+            n += int(self.features[self.action_feature_name].lengths().sum())
+        return n
+
+
+__all__ = ["Batch"]
