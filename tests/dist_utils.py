@@ -1,0 +1,67 @@
+"""Run a test body on N CPU ranks with a real gloo process group.
+
+    def body(rank: int, world_size: int, tmp: str) -> None: ...
+    run_multiprocess(body, world_size=2, tmp=str(tmp_path))
+
+The body must be a module-level function (it is pickled into spawned processes). An
+exception on any rank fails the caller with that rank's traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], kwargs: dict, errors) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        fn(rank, world_size, **kwargs)
+    except BaseException:  # carried back to the parent with the rank's traceback
+        errors.put((rank, traceback.format_exc()))
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_multiprocess(fn: Callable[..., Any], world_size: int = 2, **kwargs: Any) -> None:
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    port = free_port()
+    try:
+        mp.start_processes(
+            _worker,
+            args=(world_size, port, fn, kwargs, errors),
+            nprocs=world_size,
+            join=True,
+            start_method="spawn",
+        )
+    except mp.ProcessRaisedException as exc:
+        details = []
+        while not errors.empty():
+            rank, tb = errors.get()
+            details.append(f"--- rank {rank} ---\n{tb}")
+        raise AssertionError("multi-process test failed:\n" + "\n".join(details)) from exc
