@@ -1,0 +1,64 @@
+"""Command line of the two entry points (pretrain_gr_ranking.py, pretrain_gr_retrieval.py)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from hstu.args import ConfigError
+from hstu.config import RunConfig, Task, load_config
+
+
+def parse_args(task: Task, argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=f"pretrain_gr_{task}.py",
+        description=f"Train an HSTU {task} model configured by a gin file.",
+    )
+    parser.add_argument("--gin-config-file", required=True, help="path of the .gin preset")
+    parser.add_argument(
+        "--gin-param",
+        action="append",
+        default=[],
+        metavar="BINDING",
+        help="extra gin binding applied after the file, e.g. 'TrainerArgs.seed=7' (repeatable)",
+    )
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the configuration, print it and exit without training",
+    )
+    return parser.parse_args(argv)
+
+
+def describe(cfg: RunConfig) -> str:
+    """A readable dump of the validated arguments."""
+    parts = [f"task: {cfg.task}", f"sources: {', '.join(cfg.sources)}"]
+    for name in ("trainer", "network", "optimizer", "tp", "dataset", "ranking", "retrieval"):
+        value = getattr(cfg, name)
+        if value is not None:
+            parts.append(f"{name}: {value}")
+    for table in cfg.tables:
+        parts.append(f"table: {table}")
+    for name, value in cfg.extras.items():
+        parts.append(f"{name}: {value}")
+    return "\n".join(parts)
+
+
+def main(task: Task, argv: list[str] | None = None) -> int:
+    ns = parse_args(task, argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        cfg = load_config(ns.gin_config_file, ns.gin_param, task=task, world_size=world_size)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if ns.check_config:
+        if rank == 0:
+            print(describe(cfg))
+            print("configuration OK")
+        return 0
+    from hstu.training.run import run  # heavy imports only after the config is valid
+
+    return run(cfg)

@@ -1,0 +1,278 @@
+"""Load a gin file (plus ``--gin-param`` overrides) into validated argument objects.
+
+Before gin binds anything, every statement of the file, of its includes and of the
+overrides is checked against the registered classes: an unknown class or field is
+reported with its file and line and a "did you mean". Then each argument class is built
+and validated (``hstu.args``); a bad value is reported with the file and line that set
+it. Nothing heavy (torch process groups, models) exists yet when these errors are raised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import io
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal
+
+import gin
+from gin import config_parser
+
+from hstu import args as A
+
+Task = Literal["ranking", "retrieval"]
+
+# Classes whose instances are declared by scope: every scope bound for one of these is a table.
+_TABLE_CLASSES = ("EmbeddingArgs", "DynamicEmbeddingArgs")
+
+
+class _Delegate(config_parser.ParserDelegate):
+    """Keeps references and macros as plain markers; only names matter for the pre-check."""
+
+    def configurable_reference(self, scoped_configurable_name: str, evaluate: bool) -> Any:
+        return ("@", scoped_configurable_name, evaluate)
+
+    def macro(self, macro_name: str) -> Any:
+        return ("%", macro_name)
+
+
+@dataclass
+class _Binding:
+    scope: str
+    cls_name: str
+    field_name: str
+    value: Any
+    where: str
+
+
+def _registered_classes() -> dict[str, Any]:
+    """Short name -> configurable for every arg class (including ones added by subpackages)."""
+    out: dict[str, Any] = {cls.__name__: cls for cls in A.ARG_CLASSES}
+    for cls in _extra_classes():
+        out[cls.__name__] = cls
+    return out
+
+
+def _extra_classes() -> list[type]:
+    """Gin classes defined outside hstu.args (data-specific ones), if their module exists."""
+    extra: list[type] = []
+    try:
+        from hstu.data import data_args  # noqa: PLC0415 - optional, owned by hstu.data
+    except ImportError:
+        return extra
+    for obj in vars(data_args).values():
+        if inspect.isclass(obj) and dataclasses.is_dataclass(obj) and obj.__module__ == data_args.__name__:
+            extra.append(obj)
+    return extra
+
+
+def _field_names(target: Any) -> list[str]:
+    if dataclasses.is_dataclass(target):
+        return [f.name for f in dataclasses.fields(target)]
+    return list(inspect.signature(target).parameters)
+
+
+def _location(loc: config_parser.Location | None, fallback: str) -> str:
+    if loc is None:
+        return fallback
+    name = loc.filename or fallback
+    return f"{name}:{loc.line_num}" if loc.line_num is not None else name
+
+
+def _resolve_include(path: str, including_file: str | None) -> str:
+    candidates = [path]
+    if including_file:
+        candidates.insert(0, os.path.join(os.path.dirname(including_file), path))
+    for cand in candidates:
+        if os.path.isfile(cand):
+            return cand
+    raise A.ConfigError("include", None, f"included gin file {path!r} not found").with_location(
+        including_file or "<gin-param>"
+    )
+
+
+def _scan(text: str, filename: str | None, label: str, seen: set[str]) -> Iterable[_Binding]:
+    """Yields the bindings of one gin source, following includes."""
+    try:
+        statements = list(config_parser.ConfigParser(io.StringIO(text), _Delegate()))
+    except SyntaxError as exc:
+        where = f"{exc.filename or label}:{exc.lineno}" if exc.lineno else (exc.filename or label)
+        raise A.ConfigError("gin", None, f"syntax error: {exc.msg}").with_location(where) from None
+    except Exception as exc:  # tokenize errors (unclosed brackets, ...) are not SyntaxErrors
+        msg = " ".join(str(exc).split())
+        raise A.ConfigError("gin", None, f"cannot parse: {msg}").with_location(label) from None
+    for st in statements:
+        if isinstance(st, config_parser.IncludeStatement):
+            inc = _resolve_include(st.filename, filename)
+            real = os.path.realpath(inc)
+            if real in seen:
+                continue
+            seen.add(real)
+            with open(inc) as fh:
+                yield from _scan(fh.read(), inc, inc, seen)
+        elif isinstance(st, config_parser.BindingStatement):
+            if filename is None:  # a --gin-param string: the string itself is the location
+                where = label
+            else:
+                where = _location(st.location, filename)
+            if not st.arg_name:  # a macro definition: NAME = value
+                continue
+            yield _Binding(st.scope or "", st.selector, st.arg_name, st.value, where)
+
+
+def _precheck(bindings: list[_Binding]) -> None:
+    classes = _registered_classes()
+    for b in bindings:
+        short = b.cls_name.rsplit(".", 1)[-1]
+        target = classes.get(short)
+        if target is None:
+            raise A.ConfigError(
+                b.cls_name, None, "unknown gin class" + A.did_you_mean(short, classes)
+            ).with_location(b.where)
+        names = _field_names(target)
+        if b.field_name not in names:
+            raise A.ConfigError(
+                short, b.field_name, "unknown field" + A.did_you_mean(b.field_name, names)
+            ).with_location(b.where)
+
+
+@dataclass
+class RunConfig:
+    """Everything one run is configured with, validated."""
+
+    task: Task
+    trainer: A.TrainerArgs
+    network: A.NetworkArgs
+    optimizer: A.OptimizerArgs
+    tp: A.TensorModelParallelArgs
+    dataset: A.DatasetArgs | A.BenchmarkDatasetArgs
+    tables: list[A.EmbeddingArgs] = field(default_factory=list)
+    """Tables declared in gin (by scope) or by BenchmarkDatasetArgs.embedding_args."""
+    ranking: A.RankingArgs | None = None
+    retrieval: A.RetrievalArgs | None = None
+    sources: list[str] = field(default_factory=list)
+    """The gin file and overrides this was loaded from."""
+    extras: dict[str, Any] = field(default_factory=dict)
+    """Instances of data-specific gin classes (hstu.data.data_args), by class name."""
+
+
+def _instantiate(cls: type, scope: str, bindings: list[_Binding], default_where: str) -> Any:
+    """Builds cls (in gin scope) and adds the binding's file:line to a ConfigError."""
+    try:
+        if scope:
+            with gin.config_scope(scope):
+                return cls()
+        return cls()
+    except A.ConfigError as exc:
+        where = default_where
+        for b in reversed(bindings):  # the last binding of a field wins in gin
+            if b.cls_name.rsplit(".", 1)[-1] == exc.cls_name and b.field_name == exc.field_name:
+                if not scope or b.scope == scope:
+                    where = b.where
+                    break
+        raise A.ConfigError(exc.cls_name, exc.field_name, exc.message).with_location(where) from None
+    except Exception as exc:  # gin's own errors (e.g. a macro that is not defined)
+        msg = " ".join(str(exc).split("\n")[0].split())
+        raise A.ConfigError(cls.__name__, None, msg).with_location(default_where) from None
+
+
+def load_config(
+    config_file: str | None,
+    params: Iterable[str] = (),
+    task: Task = "retrieval",
+    world_size: int | None = None,
+) -> RunConfig:
+    """Parses, checks and builds the run's arguments. Raises ConfigError (one line).
+
+    Args:
+        config_file: path of the .gin file (None: only ``params``).
+        params: gin binding strings from ``--gin-param``, applied after the file.
+        task: which head's arguments to build.
+        world_size: when known, also checks that TP divides it.
+    """
+    params = list(params)
+    label = config_file or "<gin-param>"
+    bindings: list[_Binding] = []
+    seen: set[str] = set()
+    text = ""
+    if config_file is not None:
+        if not os.path.isfile(config_file):
+            raise A.ConfigError("gin", None, "config file not found").with_location(config_file)
+        with open(config_file) as fh:
+            text = fh.read()
+        seen.add(os.path.realpath(config_file))
+        bindings.extend(_scan(text, config_file, config_file, seen))
+    for p in params:
+        bindings.extend(_scan(p, None, f"--gin-param {p!r}", seen))
+    _precheck(bindings)
+
+    gin.clear_config()
+    search_dirs = {os.path.dirname(os.path.abspath(config_file))} if config_file else set()
+    for d in search_dirs:
+        gin.add_config_file_search_path(d)
+    try:
+        gin.parse_config_files_and_bindings(
+            [config_file] if config_file else [], params, finalize_config=False
+        )
+    except (ValueError, SyntaxError, KeyError) as exc:
+        msg = " ".join(str(exc).split("\n")[0].split())
+        raise A.ConfigError("gin", None, msg).with_location(label) from None
+
+    def build(cls: type, scope: str = "") -> Any:
+        return _instantiate(cls, scope, bindings, label)
+
+    bound = {b.cls_name.rsplit(".", 1)[-1] for b in bindings}
+    trainer = build(A.TrainerArgs)
+    network = build(A.NetworkArgs)
+    optimizer = build(A.OptimizerArgs)
+    tp = build(A.TensorModelParallelArgs)
+    if "BenchmarkDatasetArgs" in bound:
+        dataset: Any = build(A.BenchmarkDatasetArgs)
+        tables = list(dataset.embedding_args)
+    else:
+        dataset = build(A.DatasetArgs)
+        tables = []
+    # Tables declared by scope in the file (e.g. item/DynamicEmbeddingArgs.table_name = ...)
+    table_scopes: list[tuple[str, str]] = []
+    for b in bindings:
+        short = b.cls_name.rsplit(".", 1)[-1]
+        if short in _TABLE_CLASSES and (b.scope, short) not in table_scopes:
+            table_scopes.append((b.scope, short))
+    referenced = {id(t) for t in tables}
+    for scope, short in table_scopes:
+        table = build(getattr(A, short), scope)
+        if id(table) not in referenced:
+            tables.append(table)
+    if isinstance(dataset, A.BenchmarkDatasetArgs):
+        # scoped declarations may repeat the referenced ones; keep one per name+class
+        unique: dict[tuple[str, str], A.EmbeddingArgs] = {}
+        for t in tables:
+            unique.setdefault((t.table_name, type(t).__name__), t)
+        tables = list(unique.values())
+    try:
+        A.check_tables(tables)
+        A.check_parallel(network, tp, world_size)
+    except A.ConfigError as exc:
+        raise exc.with_location(label) from None
+
+    ranking = build(A.RankingArgs) if task == "ranking" else None
+    retrieval = build(A.RetrievalArgs) if task == "retrieval" else None
+    extras = {cls.__name__: build(cls) for cls in _extra_classes() if cls.__name__ in bound}
+    sources = ([config_file] if config_file else []) + [f"--gin-param {p}" for p in params]
+    return RunConfig(
+        task=task,
+        trainer=trainer,
+        network=network,
+        optimizer=optimizer,
+        tp=tp,
+        dataset=dataset,
+        tables=tables,
+        ranking=ranking,
+        retrieval=retrieval,
+        sources=sources,
+        extras=extras,
+    )
+
+
+__all__ = ["RunConfig", "load_config"]
