@@ -1,0 +1,133 @@
+"""Process groups, Megatron parallel state, devices and seeds for one run."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistEnv:
+    """Where this process sits. DP = world / TP; ranks of one TP group are consecutive."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    tp_size: int
+    tp_rank: int
+    dp_size: int
+    dp_rank: int
+    tp_group: dist.ProcessGroup | None
+    dp_group: dist.ProcessGroup | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(tp_size: int = 1, timeout_s: int = 600) -> DistEnv:
+    """Initialises torch.distributed (NCCL on GPUs, gloo on CPU) and Megatron's TP/DP groups.
+
+    Works under torchrun (RANK/WORLD_SIZE set) and as a single plain process (a world of 1
+    on a free local port).
+    """
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+        )
+    if world_size % tp_size != 0:
+        raise ValueError(
+            f"TensorModelParallelArgs.tensor_model_parallel_size={tp_size} does not divide the "
+            f"world size {world_size}"
+        )
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp_size)
+    return DistEnv(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        device=device,
+        backend=backend,
+        tp_size=tp_size,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        dp_size=ps.get_data_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(),
+        tp_group=ps.get_tensor_model_parallel_group(),
+        dp_group=ps.get_data_parallel_group(),
+    )
+
+
+def destroy_distributed() -> None:
+    """Tears down Megatron's groups and the default group; safe to call twice or after failure."""
+    try:
+        from megatron.core import parallel_state as ps
+
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+    except Exception:  # noqa: BLE001 - cleanup must not mask the original error
+        pass
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def set_seed(seed: int) -> None:
+    """Same seed on every rank for weights; Megatron's TP RNG tracker for TP-local dropout."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    try:
+        from megatron.core import tensor_parallel
+
+        if torch.cuda.is_available():
+            tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    except Exception:  # noqa: BLE001 - the tracker only exists with CUDA
+        pass
+
+
+def rng_state() -> dict:
+    """All RNG states of this process, for checkpoints."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,64 @@
+"""The run directory: operative_config.gin, metrics.csv (step,split,name,value), TensorBoard."""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import time
+from typing import Any
+
+import gin
+
+
+def make_run_dir(run_dir: str | None, task: str) -> str:
+    if run_dir:
+        return run_dir
+    return os.path.join("runs", f"{task}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+class RunLogger:
+    """Writes on rank 0 only; other ranks get a logger whose methods do nothing."""
+
+    def __init__(self, run_dir: str, enabled: bool, config_text: str = "") -> None:
+        self.run_dir = run_dir
+        self.enabled = enabled
+        self._csv = None
+        self._writer = None
+        self._tb = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "operative_config.gin"), "w") as fh:
+            fh.write(config_text or gin.operative_config_str())
+        new = not os.path.exists(os.path.join(run_dir, "metrics.csv"))
+        self._csv = open(os.path.join(run_dir, "metrics.csv"), "a", newline="")
+        self._writer = csv.writer(self._csv)
+        if new:
+            self._writer.writerow(["step", "split", "name", "value"])
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=run_dir)
+        except Exception as exc:  # noqa: BLE001 - TensorBoard is optional for the run itself
+            print(f"[hstu] TensorBoard disabled: {exc}", file=sys.stderr)
+
+    def log(self, step: int, split: str, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        for name, value in metrics.items():
+            value = float(value)
+            self._writer.writerow([step, split, name, repr(value)])
+            if self._tb is not None:
+                self._tb.add_scalar(f"{split}/{name}", value, step)
+        self._csv.flush()
+
+    def print(self, message: str) -> None:
+        if self.enabled:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self._csv is not None:
+            self._csv.close()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,83 @@
+"""Train pipelines: none (sequential), native (TorchRec TrainPipelineSparseDist) and prefetch
+(TorchRec PrefetchTrainPipelineSparseDist). All run zero_grad -> forward -> backward -> step
+on the same batches in the same order, so they give the same losses for a seed; they differ
+only in what overlaps (host-to-device copy and embedding input distribution of the next
+batches, and for prefetch the embedding-cache prefetch).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+
+
+class SequentialPipeline:
+    """pipeline_type="none": one batch at a time, nothing overlapped."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: Any, device: torch.device) -> None:
+        self._model = model
+        self._optimizer = optimizer
+        self._device = device
+
+    def progress(self, dataloader_iter: Iterator[Any]) -> Any:
+        batch = next(dataloader_iter)  # StopIteration ends the epoch, as in TorchRec pipelines
+        batch = batch.to(self._device, non_blocking=True)
+        self._optimizer.zero_grad()
+        loss, output = self._model(batch)
+        torch.sum(loss).backward()
+        self._optimizer.step()
+        return loss, output
+
+    def detach(self) -> torch.nn.Module:
+        return self._model
+
+    def attach(self, model: torch.nn.Module | None = None) -> None:
+        if model is not None:
+            self._model = model
+
+    def reset(self) -> None:
+        """Drop batches in flight (none here)."""
+
+
+def _prefetch_supported(model: torch.nn.Module) -> tuple[bool, str]:
+    """Prefetch needs embedding kernels with a cache to prefetch into (fused UVM caching)."""
+    if not torch.cuda.is_available():
+        return False, "no GPU: embedding-cache prefetch needs the UVM caching kernel"
+    try:
+        from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+    except ImportError:  # pragma: no cover
+        return False, "torchrec has no EmbeddingComputeKernel"
+    plan = getattr(model, "plan", None)
+    kernels = set()
+    if plan is not None:
+        for module_plan in plan.plan.values():
+            for param_sharding in module_plan.values():
+                kernels.add(param_sharding.compute_kernel)
+    caching = {EmbeddingComputeKernel.FUSED_UVM_CACHING.value, EmbeddingComputeKernel.KEY_VALUE.value}
+    if kernels & caching:
+        return True, ""
+    return False, "no table uses a caching kernel (DynamicEmbeddingArgs.caching=True on a GPU)"
+
+
+def build_pipeline(
+    pipeline_type: str,
+    model: torch.nn.Module,
+    optimizer: Any,
+    device: torch.device,
+    log: Any = print,
+) -> Any:
+    """The pipeline for ``pipeline_type``; prefetch falls back to native (one line says why)."""
+    if pipeline_type == "none":
+        return SequentialPipeline(model, optimizer, device)
+    from torchrec.distributed.train_pipeline import (
+        PrefetchTrainPipelineSparseDist,
+        TrainPipelineSparseDist,
+    )
+
+    if pipeline_type == "prefetch":
+        ok, why = _prefetch_supported(model)
+        if ok:
+            return PrefetchTrainPipelineSparseDist(model, optimizer, device, execute_all_batches=True)
+        log(f"[hstu] pipeline_type=prefetch not applicable ({why}); running native instead")
+    return TrainPipelineSparseDist(model, optimizer, device, execute_all_batches=True)
