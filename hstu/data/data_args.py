@@ -1,0 +1,97 @@
+"""Gin-configurable arguments of the data package: users' own data and the synthetic set.
+
+Same style as :mod:`hstu.args`: ``@gin.configurable`` dataclasses, a one-line docstring
+under every field, validation in ``__post_init__`` raising :class:`hstu.args.ConfigError`.
+The preprocessor reads them (``--gin-file`` / ``--gin-param``); training reads only the
+processed folder, so these never reach the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import gin
+
+from hstu.args import REQUIRED, ConfigError, _non_negative, _positive, _require, _validate_fields
+
+
+@gin.configurable
+@dataclass
+class CustomDataArgs:
+    """Users' own interaction log (CSV or parquet), one row per interaction."""
+
+    path: str = REQUIRED
+    """CSV (.csv, .tsv, .txt; optionally .gz) or parquet file, or a folder of such files read in name order."""
+    user_column: str = "user_id"
+    """Column holding the user id (any integer or string)."""
+    item_column: str = "item_id"
+    """Column holding the item id (any integer or string unless item_vocab_size is set)."""
+    timestamp_column: str = "timestamp"
+    """Column holding the interaction time as an integer (unix seconds unless timestamp_unit says otherwise)."""
+    timestamp_unit: str = "s"
+    """Unit of the timestamp column: s or ms (stored as seconds, sorted at full precision)."""
+    action_column: str | None = None
+    """Column holding a non-negative integer action (rating class, bitmask); None for no action feature."""
+    num_action_values: int | None = None
+    """Action vocabulary size; None uses max(action) + 1."""
+    contextual_columns: list[str] = field(default_factory=list)
+    """Per-user columns used as contextual features (the value of the user's most recent row)."""
+    item_vocab_size: int | None = None
+    """Declared item vocabulary: ids are kept as-is and must be integers in [1, item_vocab_size); None remaps ids densely to 1..N."""
+    delimiter: str = ","
+    """CSV field separator (one character)."""
+    has_header: bool = True
+    """The CSV's first line names the columns; False names them by position (0, 1, ...)."""
+    min_user_interactions: int = 2
+    """Users with fewer interactions are dropped (counted in the statistics)."""
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+        _require(self.path != "", self, "path", "must not be empty")
+        _require(self.timestamp_unit in ("s", "ms"), self, "timestamp_unit", f"must be 's' or 'ms', got {self.timestamp_unit!r}")
+        _require(len(self.delimiter) == 1, self, "delimiter", f"must be one character, got {self.delimiter!r}")
+        _positive(self, "num_action_values", "min_user_interactions")
+        if self.item_vocab_size is not None:
+            _require(self.item_vocab_size > 1, self, "item_vocab_size", f"must be > 1, got {self.item_vocab_size}")
+        names = [self.user_column, self.item_column, self.timestamp_column]
+        if self.action_column:
+            names.append(self.action_column)
+        names += self.contextual_columns
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ConfigError(type(self).__name__, None, f"column(s) {sorted(dup)} mapped twice")
+
+
+@gin.configurable
+@dataclass
+class SyntheticDataArgs:
+    """A dataset with planted sequential structure: users walk a sparse Markov chain over items."""
+
+    num_users: int = 2000
+    """Users (one sequence each)."""
+    num_items: int = 800
+    """Distinct items (ids 1..num_items)."""
+    num_segments: int = 4
+    """Values of the 'segment' contextual feature; each segment follows its own successor lists."""
+    out_degree: int = 3
+    """Successors per item and segment (sparsity of the chain)."""
+    noise_prob: float = 0.1
+    """Chance that a step jumps to a random (popularity-weighted) item instead of following the chain."""
+    min_length: int = 20
+    """Shortest user sequence."""
+    max_length: int = 120
+    """Longest user sequence."""
+    seed: int = 42
+    """Seed: the same seed gives byte-identical output."""
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+        _positive(self, "num_users", "num_items", "num_segments", "out_degree", "min_length")
+        _non_negative(self, "seed")
+        _require(self.out_degree < self.num_items, self, "out_degree", f"must be < num_items ({self.num_items})")
+        _require(0.0 <= self.noise_prob < 1.0, self, "noise_prob", f"must be in [0, 1), got {self.noise_prob}")
+        _require(self.min_length >= 3, self, "min_length", f"must be >= 3 (train, valid, test), got {self.min_length}")
+        _require(self.max_length >= self.min_length, self, "max_length", f"must be >= min_length ({self.min_length})")
+
+
+__all__ = ["CustomDataArgs", "SyntheticDataArgs"]

@@ -1,0 +1,201 @@
+"""Readers of each raw dataset format into typed columns (one reader per dataset family).
+
+Every reader returns a :class:`Parsed`: the interaction log (user, item, time, action) in
+file order, the per-user feature table, and what the output's features are called. The
+shared grouping/sorting/writing lives in :mod:`hstu.data.preprocess`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from hstu.data.errors import DataError
+from hstu.data.parsing import Columns, read_delimited
+from hstu.data.raw import RawSource
+
+ITEM_FEATURE = "item_id"
+ACTION_FEATURE = "action"
+USER_FEATURE = "user_id"
+
+KUAIRAND_ACTION_BITS: tuple[tuple[str, int], ...] = (
+    ("is_click", 1),
+    ("is_like", 2),
+    ("is_follow", 4),
+    ("is_comment", 8),
+    ("is_forward", 16),
+    ("is_hate", 32),
+    ("long_view", 64),
+    ("is_profile_enter", 128),
+)
+KUAIRAND_USER_RANGES = (
+    "follow_user_num_range",
+    "fans_user_num_range",
+    "friend_user_num_range",
+    "register_days_range",
+)
+# MovieLens-1M age groups (README of ml-1m); ML-100K's ages are mapped onto them.
+ML_AGE_GROUPS = np.array([1, 18, 25, 35, 45, 50, 56])
+
+
+@dataclass
+class Parsed:
+    """One raw dataset, parsed but not yet grouped.
+
+    log columns: ``user`` [N], ``item`` [N], ``time_key`` [N] int64 (full precision, the
+    sort key), optional ``action`` [N] int64. ``user_table`` columns: ``user`` [U'] plus
+    one column per name in ``user_feature_names``.
+    """
+
+    log: Columns
+    time_key_per_second: int = 1
+    """time_key // this = unix seconds (1000 for millisecond logs)."""
+    num_action_values: int | None = None
+    user_table: Columns | None = None
+    user_feature_names: list[str] = field(default_factory=list)
+    max_user_id: int | None = None
+    """Declared user vocabulary of the official release (ids must be <= this)."""
+    max_item_id: int | None = None
+    """Declared item vocabulary of the official release (ids must be <= this)."""
+    keep_item_ids: bool = False
+    """Keep item ids as they are (declared vocabulary) instead of remapping densely."""
+    min_user_interactions: int = 2
+    members: list[str] = field(default_factory=list)
+    """Raw files read (for the folder checksum)."""
+
+
+def _check_range(cols: Columns, name: str, lo: int, hi: int, what: str) -> None:
+    values = cols.data[name]
+    bad = (values < lo) | (values > hi)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise cols.error(row, name, f"{what} {values[row]!r} outside [{lo}, {hi}]")
+
+
+def _check_bound(cols: Columns, name: str, bound: int | None, what: str) -> None:
+    """Non-negative ids, and <= the declared vocabulary when there is one."""
+    values = cols.data[name]
+    if values.dtype.kind not in "iu":
+        return
+    if (values < 0).any():
+        row = int(np.flatnonzero(values < 0)[0])
+        raise cols.error(row, name, f"negative {what} id {values[row]}")
+    if bound is not None and len(values) and values.max() > bound:
+        row = int(np.flatnonzero(values > bound)[0])
+        raise cols.error(row, name, f"{what} id {values[row]} overflows the declared vocabulary (max {bound})")
+
+
+# ------------------------------------------------------------------------- MovieLens
+
+
+def _ml_ratings_to_classes(cols: Columns, scale: int) -> None:
+    """rating -> class index: 1..5 -> 0..4 (scale 1) or 0.5..5.0 -> 0..9 (scale 2)."""
+    rating = cols.data.pop("rating")
+    scaled = np.rint(rating * scale).astype(np.int64)
+    bad = (np.abs(rating * scale - scaled) > 1e-6) | (scaled < 1) | (scaled > 5 * scale)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise cols.error(row, "rating", f"rating {rating[row]!r} is not one of the MovieLens values")
+    cols.data["action"] = scaled - 1
+
+
+def read_ml_1m(src: RawSource) -> Parsed:
+    ratings_m, users_m = src.require_one("ratings.dat"), src.require_one("users.dat")
+    log = read_delimited(
+        src.read_bytes(ratings_m), src.display(ratings_m),
+        {"user": "int", "item": "int", "rating": "int", "time_key": "int"},
+        delimiter="::", header=False, names=["user", "item", "rating", "time_key"],
+    )
+    _ml_ratings_to_classes(log, 1)
+    users = read_delimited(
+        src.read_bytes(users_m), src.display(users_m),
+        {"user": "int", "sex": "str", "age_group": "int", "occupation": "int", "zip_code": "str"},
+        delimiter="::", header=False, names=["user", "sex", "age_group", "occupation", "zip_code"],
+    )
+    bad = ~np.isin(users.data["age_group"], ML_AGE_GROUPS)
+    if bad.any():
+        raise users.error(int(np.flatnonzero(bad)[0]), "age_group", f"age code {users.data['age_group'][bad][0]} is not one of {ML_AGE_GROUPS.tolist()}")
+    return Parsed(
+        log, num_action_values=5, user_table=users,
+        user_feature_names=["sex", "age_group", "occupation", "zip_code"],
+        max_user_id=6040, max_item_id=3952, members=[ratings_m, users_m],
+    )
+
+
+def read_ml_100k(src: RawSource) -> Parsed:
+    data_m, user_m = src.require_one("u.data"), src.require_one("u.user")
+    log = read_delimited(
+        src.read_bytes(data_m), src.display(data_m),
+        {"user": "int", "item": "int", "rating": "int", "time_key": "int"},
+        delimiter="\t", header=False, names=["user", "item", "rating", "time_key"],
+    )
+    _ml_ratings_to_classes(log, 1)
+    users = read_delimited(
+        src.read_bytes(user_m), src.display(user_m),
+        {"user": "int", "age": "int", "sex": "str", "occupation": "str", "zip_code": "str"},
+        delimiter="|", header=False, names=["user", "age", "sex", "occupation", "zip_code"],
+    )
+    _check_range(users, "age", 0, 150, "age")
+    age = users.data.pop("age")
+    users.data["age_group"] = ML_AGE_GROUPS[np.searchsorted(ML_AGE_GROUPS, age, side="right") - 1].astype(np.int64) if len(age) else age
+    users.data["age_group"] = np.where(age < 18, 1, users.data["age_group"])
+    return Parsed(
+        log, num_action_values=5, user_table=users,
+        user_feature_names=["sex", "age_group", "occupation", "zip_code"],
+        max_user_id=943, max_item_id=1682, members=[data_m, user_m],
+    )
+
+
+def read_ml_20m(src: RawSource) -> Parsed:
+    ratings_m = src.require_one("ratings.csv")
+    log = read_delimited(
+        src.read_bytes(ratings_m), src.display(ratings_m),
+        {"userId": "int", "movieId": "int", "rating": "float", "timestamp": "int"},
+        delimiter=",", header=True,
+    )
+    log.data = {"user": log.data["userId"], "item": log.data["movieId"], "rating": log.data["rating"], "time_key": log.data["timestamp"]}
+    _ml_ratings_to_classes(log, 2)
+    return Parsed(log, num_action_values=10, max_user_id=138493, max_item_id=131262, members=[ratings_m])
+
+
+# --------------------------------------------------------------------------- KuaiRand
+
+
+def read_kuairand(src: RawSource) -> Parsed:
+    """Standard logs merged in file (date) order; action = bitmask of the feedback columns."""
+    log_members = src.require("log_standard_*.csv")
+    user_m = src.require_one("user_features_*.csv")
+    wanted = {"user_id": "int", "video_id": "int", "time_ms": "int"}
+    wanted.update({name: "int" for name, _ in KUAIRAND_ACTION_BITS})
+    parts = []
+    for m in log_members:
+        cols = read_delimited(src.read_bytes(m), src.display(m), wanted, delimiter=",", header=True)
+        action = np.zeros(cols.num_rows, dtype=np.int64)
+        for name, bit in KUAIRAND_ACTION_BITS:
+            _check_range(cols, name, 0, 1, "flag")
+            action |= cols.data.pop(name) * bit
+        cols.data = {"user": cols.data["user_id"], "item": cols.data["video_id"], "time_key": cols.data["time_ms"], "action": action}
+        parts.append(cols)
+    users = read_delimited(
+        src.read_bytes(user_m), src.display(user_m),
+        {"user_id": "int", **{c: "str" for c in KUAIRAND_USER_RANGES}}, delimiter=",", header=True,
+    )
+    users.data["user"] = users.data.pop("user_id")
+    return Parsed(
+        Columns.concat(parts), time_key_per_second=1000, num_action_values=256, user_table=users,
+        user_feature_names=list(KUAIRAND_USER_RANGES), members=[*log_members, user_m],
+    )
+
+
+READERS: dict[str, Callable[[RawSource], Parsed]] = {
+    "ml-1m": read_ml_1m,
+    "ml-20m": read_ml_20m,
+    "ml-100k": read_ml_100k,
+    "kuairand-pure": read_kuairand,
+    "kuairand-1k": read_kuairand,
+    "kuairand-27k": read_kuairand,
+}
+
+__all__ = ["Parsed", "READERS", "ITEM_FEATURE", "ACTION_FEATURE", "USER_FEATURE", "KUAIRAND_ACTION_BITS", "_check_bound", "_check_range"]
