@@ -1,0 +1,94 @@
+"""HSTU attention kernels behind one function: pytorch (reference), triton, cutlass.
+
+Legend: T total tokens of the jagged batch, B samples, H heads, d head dim, N
+``scaling_seqlen``. The mask is documented in ``hstu.ops.masks`` and docs/kernels.md.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from hstu.ops.backends import BACKENDS, BackendUnavailableError, resolve_backend, triton_module
+from hstu.ops.masks import dense_mask, lengths_from_offsets, offsets_from_lengths
+from hstu.ops.pytorch_attention import pytorch_hstu_attention
+from hstu.ops.rab import NUM_TIME_BUCKETS, RelativeAttentionBias, time_bucket
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "NUM_TIME_BUCKETS",
+    "RelativeAttentionBias",
+    "dense_mask",
+    "hstu_attention",
+    "lengths_from_offsets",
+    "offsets_from_lengths",
+    "resolve_backend",
+    "time_bucket",
+]
+
+
+def hstu_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    offsets: Tensor,
+    max_seqlen: int,
+    *,
+    alpha: float,
+    scaling_seqlen: int,
+    causal: bool = True,
+    num_contextual: Tensor | None = None,
+    num_targets: Tensor | None = None,
+    target_group_size: int = 1,
+    rab: RelativeAttentionBias | None = None,
+    backend: str = "pytorch",
+    strict: bool = False,
+) -> Tensor:
+    """Jagged HSTU attention: O = A V with A = SiLU(alpha Q K^T + rab) / N, masked.
+
+    Args:
+        q, k, v: [T, H, d] jagged values (v may have another d for the pytorch backend).
+        offsets: int64 [B + 1] sample boundaries, offsets[0] = 0, offsets[B] = T.
+        max_seqlen: >= the longest sample of this batch (a stable dataset-wide bound is fine).
+        alpha: scale on Q K^T (1/sqrt(d) production, 1.0 research model).
+        scaling_seqlen: N, the SiLU output is divided by it.
+        causal: key j <= query i outside the contextual block.
+        num_contextual: int64 [B], leading tokens of each sample that see each other fully.
+        num_targets: int64 [B], trailing candidate tokens of each sample.
+        target_group_size: candidates per target group (>= 1).
+        rab: optional relative attention bias inputs (computed inside the kernel).
+        backend: "pytorch" | "triton" | "cutlass"; see ``resolve_backend`` for fallbacks.
+        strict: raise instead of falling back to another backend.
+
+    Returns:
+        [T, H, d_v] in q's dtype.
+    """
+    if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
+        raise ValueError(
+            f"q, k, v must be [T, H, d] (v: [T, H, d_v]); got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if offsets.dim() != 1 or offsets.numel() < 1:
+        raise ValueError(f"offsets must be int64 [B + 1], got shape {tuple(offsets.shape)}")
+    if target_group_size < 1:
+        raise ValueError(f"target_group_size must be >= 1, got {target_group_size}")
+    if scaling_seqlen <= 0:
+        raise ValueError(f"scaling_seqlen must be > 0, got {scaling_seqlen}")
+    if rab is not None:
+        rab.validate(q.shape[0], max_seqlen)
+    chosen = resolve_backend(
+        backend, q.shape[2], q.device, strict, value_head_dim=v.shape[2], dtype=q.dtype,
+        causal=causal, has_targets=num_targets is not None,
+    )
+    kwargs = dict(
+        alpha=alpha, scaling_seqlen=scaling_seqlen, causal=causal,
+        num_contextual=num_contextual, num_targets=num_targets,
+        target_group_size=target_group_size, rab=rab,
+    )
+    if chosen == "triton":
+        return triton_module().triton_hstu_attention(q, k, v, offsets, max_seqlen, **kwargs)
+    if chosen == "cutlass":
+        from hstu.ops.cutlass_attention import cutlass_hstu_attention
+
+        return cutlass_hstu_attention(q, k, v, offsets, max_seqlen, **kwargs)
+    return pytorch_hstu_attention(q, k, v, offsets, max_seqlen, **kwargs)

@@ -1,0 +1,101 @@
+"""Relative attention bias (the HSTU paper's research model), as kernel inputs.
+
+Legend: T total tokens (jagged), b samples of one padded group, n padded width,
+P the longest sample the position table was sized for, NB = 129 time buckets.
+
+    rab[i, j] = pos_weights[P - 1 + j - i] + ts_weights[bucket(t_next[i] - t[j])]
+    bucket(x) = clamp(floor(ln(max(|x|, 1)) / 0.301), 0, 128)          (natural log, fp32)
+    t_next[i] = t[i + 1], and t[L - 1] for the last token of a sample
+
+One table per layer, shared by all heads, added to alpha * Q K^T before the SiLU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+NUM_TIME_BUCKETS = 129
+TIME_BUCKET_LOG_DIVISOR = 0.301
+
+
+@dataclass
+class RelativeAttentionBias:
+    """Inputs of the relative attention bias; the bias itself is computed inside the kernel.
+
+    Attributes:
+        pos_weights: float [2 * P - 1]; ``pos_weights[P - 1 + j - i]`` biases query i, key j.
+            Every sample must have at most P tokens.
+        ts_weights: float [NB = 129] time-bucket weights, or None for a position-only bias.
+        timestamps: int64 [T] jagged, aligned with q; required iff ``ts_weights`` is set.
+    """
+
+    pos_weights: Tensor
+    ts_weights: Tensor | None = None
+    timestamps: Tensor | None = None
+
+    @property
+    def max_positions(self) -> int:
+        """P: the longest sample the position table covers."""
+        return (self.pos_weights.numel() + 1) // 2
+
+    def validate(self, num_tokens: int, max_seqlen: int) -> None:
+        if self.pos_weights.dim() != 1 or self.pos_weights.numel() % 2 != 1:
+            raise ValueError(
+                f"rab.pos_weights must be 1-D of odd length 2*P-1, got {tuple(self.pos_weights.shape)}"
+            )
+        if max_seqlen > self.max_positions:
+            raise ValueError(
+                f"rab.pos_weights covers samples of up to P={self.max_positions} tokens, "
+                f"but max_seqlen={max_seqlen}"
+            )
+        if (self.ts_weights is None) != (self.timestamps is None):
+            raise ValueError("rab.ts_weights and rab.timestamps must be given together")
+        if self.ts_weights is not None:
+            if self.ts_weights.shape != (NUM_TIME_BUCKETS,):
+                raise ValueError(
+                    f"rab.ts_weights must have shape [{NUM_TIME_BUCKETS}], "
+                    f"got {tuple(self.ts_weights.shape)}"
+                )
+            assert self.timestamps is not None
+            if self.timestamps.shape != (num_tokens,):
+                raise ValueError(
+                    f"rab.timestamps must have shape [T={num_tokens}], "
+                    f"got {tuple(self.timestamps.shape)}"
+                )
+
+
+def time_bucket(delta: Tensor) -> Tensor:
+    """int64 time differences (any shape) -> int64 bucket ids in [0, NB - 1], same shape."""
+    magnitude = delta.abs().clamp(min=1).to(torch.float32)
+    bucket = torch.floor(torch.log(magnitude) / TIME_BUCKET_LOG_DIVISOR).to(torch.int64)
+    return bucket.clamp(0, NUM_TIME_BUCKETS - 1)
+
+
+def padded_bias(rab: RelativeAttentionBias, token_index: Tensor, lengths: Tensor) -> Tensor:
+    """Dense bias for a padded group of samples (differentiable w.r.t. both tables).
+
+    Args:
+        rab: the bias inputs.
+        token_index: int64 [b, n] jagged index of each padded slot (any valid index on padding).
+        lengths: int64 [b] tokens per sample.
+
+    Returns:
+        float [b, n, n] (or [1, n, n] when position-only): bias[s, i, j]; values at padded
+        rows/columns are finite but meaningless (callers mask them).
+    """
+    width = token_index.shape[1]
+    num_pos = rab.max_positions
+    pos = torch.arange(width, device=token_index.device)
+    rel = (num_pos - 1 + pos.view(1, width) - pos.view(width, 1)).clamp(0, 2 * num_pos - 2)
+    bias = rab.pos_weights[rel].unsqueeze(0)
+    if rab.ts_weights is not None:
+        assert rab.timestamps is not None
+        ts = rab.timestamps[token_index]
+        next_slot = torch.minimum(pos.view(1, width) + 1, (lengths.view(-1, 1) - 1).clamp(min=0))
+        ts_next = torch.gather(ts, 1, next_slot)
+        buckets = time_bucket(ts_next.unsqueeze(2) - ts.unsqueeze(1))
+        bias = bias + rab.ts_weights[buckets]
+    return bias

@@ -1,0 +1,471 @@
+"""Fused jagged HSTU attention in Triton: forward and backward, masks and bias in-kernel.
+
+Legend: T total tokens, B samples, H heads, d head dim (padded to D, a power of two >= 16),
+L the length of the current sample, C its contextual tokens, G its candidates, g the target
+group size, P the position table's max length, BM/BN query/key tile sizes.
+
+Work split (one program per tile row, per sample and head):
+- forward and dq: program (b*H + h, query block); it loops over the key blocks the query rows
+  can see, in two ranges: [0, non-candidate end) and the candidate groups of its rows; key
+  blocks that are fully masked (other target groups, the causal future) are never loaded.
+- dk/dv: program (b*H + h, key block); it loops over the query blocks that can see it. The
+  bias gradients are scattered into float32 [2P-1] and [129] buffers with atomics.
+No [T, T] or [B, N, N] tensor exists at any point; the backward recomputes the scores.
+
+Import this module only after ``TRITON_INTERPRET`` has its final value: Triton decides at
+decoration time whether these kernels compile or run in its CPU interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from hstu.ops.rab import NUM_TIME_BUCKETS, RelativeAttentionBias
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _allowed(i, j, seqlen, num_ctx, first_cand, group_size,
+             CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr):
+    """i, j: broadcastable int32 query/key positions inside the sample -> bool tile."""
+    inside = (i < seqlen) & (j < seqlen)
+    if CAUSAL:
+        rule = j <= i
+    else:
+        rule = (i >= 0) & (j >= 0)
+    if HAS_TARGETS:
+        i_cand = i >= first_cand
+        j_cand = j >= first_cand
+        same_group = (tl.maximum(i - first_cand, 0) // group_size) == (
+            tl.maximum(j - first_cand, 0) // group_size)
+        rule = rule & ((j_cand == 0) | (i_cand & same_group))
+    if HAS_CONTEXT:
+        rule = rule | ((i < num_ctx) & (j < num_ctx))
+    return inside & rule
+
+
+@triton.jit
+def _pos_index(i, j, num_pos):
+    return tl.minimum(tl.maximum(num_pos - 1 + j - i, 0), 2 * num_pos - 2)
+
+
+@triton.jit
+def _ts_bucket(i, j, seqlen, ts_ptr, NUM_BUCKETS: tl.constexpr):
+    """Bucket of |t[i+1] - t[j]| (t[i+1] := t[i] for the last token); ts_ptr at the sample."""
+    nxt = tl.maximum(tl.minimum(i + 1, seqlen - 1), 0)
+    t_next = tl.load(ts_ptr + nxt, mask=i < seqlen, other=0)
+    t_key = tl.load(ts_ptr + j, mask=j < seqlen, other=0)
+    magnitude = tl.maximum(tl.abs(t_next - t_key), 1).to(tl.float32)
+    bucket = (tl.log(magnitude) / 0.301).to(tl.int32)  # >= 0, so truncation is floor
+    return tl.minimum(tl.maximum(bucket, 0), NUM_BUCKETS - 1)
+
+
+@triton.jit
+def _scores(q, k_t, i, j, seqlen, alpha, pos_w, ts_w, ts_ptr, num_pos,
+            HAS_POS: tl.constexpr, HAS_TS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """alpha * q @ k_t + rab, float32; q [X, D], k_t [D, Y], i/j broadcast to [X, Y]."""
+    s = tl.dot(q, k_t, input_precision=PRECISION) * alpha
+    if HAS_POS:
+        s += tl.load(pos_w + _pos_index(i, j, num_pos)).to(tl.float32)
+    if HAS_TS:
+        s += tl.load(ts_w + _ts_bucket(i, j, seqlen, ts_ptr, NUM_BUCKETS)).to(tl.float32)
+    return s
+
+
+@triton.jit
+def _sample_meta(offsets, num_ctx_ptr, num_tgt_ptr, b, HAS_CONTEXT: tl.constexpr,
+                 HAS_TARGETS: tl.constexpr):
+    start = tl.load(offsets + b)
+    seqlen = (tl.load(offsets + b + 1) - start).to(tl.int32)
+    num_ctx = 0
+    first_cand = seqlen
+    if HAS_CONTEXT:
+        num_ctx = tl.load(num_ctx_ptr + b).to(tl.int32)
+    if HAS_TARGETS:
+        first_cand = seqlen - tl.load(num_tgt_ptr + b).to(tl.int32)
+    return start, seqlen, num_ctx, first_cand
+
+
+@triton.jit
+def _key_ranges(m0, seqlen, num_ctx, first_cand, group_size, CAUSAL: tl.constexpr,
+                HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key ranges a query block [m0, m0 + BM) needs: [0, end1) and [lo2, hi2), disjoint."""
+    m1 = tl.minimum(m0 + BLOCK_M, seqlen)
+    key_end = seqlen
+    if CAUSAL:
+        key_end = m1
+    if HAS_CONTEXT:
+        key_end = tl.where(m0 < num_ctx, tl.maximum(key_end, num_ctx), key_end)
+    end1 = tl.cdiv(tl.minimum(first_cand, key_end), BLOCK_N) * BLOCK_N
+    lo2 = end1
+    hi2 = end1
+    if HAS_TARGETS:
+        if m1 > first_cand:
+            first_row = tl.maximum(m0, first_cand)
+            group_lo = first_cand + ((first_row - first_cand) // group_size) * group_size
+            group_hi = first_cand + ((m1 - 1 - first_cand) // group_size + 1) * group_size
+            lo2 = tl.maximum((group_lo // BLOCK_N) * BLOCK_N, end1)
+            hi2 = tl.minimum(key_end, group_hi)
+    return end1, lo2, hi2
+
+
+@triton.jit
+def _fwd_tile(acc, q, n0, offs_m, offs_d, k_base, v_base, stride_kt, stride_vt, seqlen,
+              num_ctx, first_cand, group_size, alpha, inv_scale, pos_w, ts_w, ts_ptr, num_pos,
+              head_dim, CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr,
+              HAS_TARGETS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TS: tl.constexpr,
+              NUM_BUCKETS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    kv_mask = (offs_n[:, None] < seqlen) & (offs_d[None, :] < head_dim)
+    k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    i = offs_m[:, None]
+    j = offs_n[None, :]
+    s = _scores(q, tl.trans(k), i, j, seqlen, alpha, pos_w, ts_w, ts_ptr, num_pos,
+                HAS_POS, HAS_TS, NUM_BUCKETS, PRECISION)
+    keep = _allowed(i, j, seqlen, num_ctx, first_cand, group_size, CAUSAL, HAS_CONTEXT,
+                    HAS_TARGETS)
+    p = tl.where(keep, s * tl.sigmoid(s) * inv_scale, 0.0)
+    return acc + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+
+
+@triton.jit
+def _hstu_fwd_kernel(
+    Q, K, V, O, offsets, num_ctx_ptr, num_tgt_ptr, pos_w, ts_w, timestamps,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    num_heads, head_dim, alpha, inv_scale, group_size, num_pos,
+    CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr,
+    HAS_POS: tl.constexpr, HAS_TS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    m0 = tl.program_id(1) * BLOCK_M
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    start, seqlen, num_ctx, first_cand = _sample_meta(
+        offsets, num_ctx_ptr, num_tgt_ptr, b, HAS_CONTEXT, HAS_TARGETS)
+    if m0 >= seqlen:
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_mask = (offs_m[:, None] < seqlen) & (offs_d[None, :] < head_dim)
+    q = tl.load(Q + (start + offs_m[:, None]) * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=row_mask, other=0.0)
+    k_base = K + start * stride_kt + h * stride_kh
+    v_base = V + start * stride_vt + h * stride_vh
+    ts_ptr = timestamps + start
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    end1, lo2, hi2 = _key_ranges(m0, seqlen, num_ctx, first_cand, group_size, CAUSAL,
+                                 HAS_CONTEXT, HAS_TARGETS, BLOCK_M, BLOCK_N)
+    for n0 in range(0, end1, BLOCK_N):
+        acc = _fwd_tile(acc, q, n0, offs_m, offs_d, k_base, v_base, stride_kt, stride_vt,
+                        seqlen, num_ctx, first_cand, group_size, alpha, inv_scale, pos_w, ts_w,
+                        ts_ptr, num_pos, head_dim, CAUSAL, HAS_CONTEXT, HAS_TARGETS, HAS_POS,
+                        HAS_TS, NUM_BUCKETS, PRECISION, BLOCK_N)
+    for n0 in range(lo2, hi2, BLOCK_N):
+        acc = _fwd_tile(acc, q, n0, offs_m, offs_d, k_base, v_base, stride_kt, stride_vt,
+                        seqlen, num_ctx, first_cand, group_size, alpha, inv_scale, pos_w, ts_w,
+                        ts_ptr, num_pos, head_dim, CAUSAL, HAS_CONTEXT, HAS_TARGETS, HAS_POS,
+                        HAS_TS, NUM_BUCKETS, PRECISION, BLOCK_N)
+    tl.store(O + (start + offs_m[:, None]) * stride_ot + h * stride_oh + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, n0, offs_m, offs_d, k_base, v_base, stride_kt, stride_vt, seqlen,
+             num_ctx, first_cand, group_size, alpha, inv_scale, pos_w, ts_w, ts_ptr, num_pos,
+             head_dim, CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr,
+             HAS_TARGETS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TS: tl.constexpr,
+             NUM_BUCKETS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    kv_mask = (offs_n[:, None] < seqlen) & (offs_d[None, :] < head_dim)
+    k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    i = offs_m[:, None]
+    j = offs_n[None, :]
+    s = _scores(q, tl.trans(k), i, j, seqlen, alpha, pos_w, ts_w, ts_ptr, num_pos,
+                HAS_POS, HAS_TS, NUM_BUCKETS, PRECISION)
+    keep = _allowed(i, j, seqlen, num_ctx, first_cand, group_size, CAUSAL, HAS_CONTEXT,
+                    HAS_TARGETS)
+    sig = tl.sigmoid(s)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = tl.where(keep, dp * sig * (1.0 + s * (1.0 - sig)) * inv_scale, 0.0)
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+
+@triton.jit
+def _hstu_bwd_dq_kernel(
+    Q, K, V, DO, DQ, offsets, num_ctx_ptr, num_tgt_ptr, pos_w, ts_w, timestamps,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dqt, stride_dqh,
+    num_heads, head_dim, alpha, inv_scale, group_size, num_pos,
+    CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr,
+    HAS_POS: tl.constexpr, HAS_TS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    m0 = tl.program_id(1) * BLOCK_M
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    start, seqlen, num_ctx, first_cand = _sample_meta(
+        offsets, num_ctx_ptr, num_tgt_ptr, b, HAS_CONTEXT, HAS_TARGETS)
+    if m0 >= seqlen:
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_mask = (offs_m[:, None] < seqlen) & (offs_d[None, :] < head_dim)
+    rows = start + offs_m[:, None]
+    q = tl.load(Q + rows * stride_qt + h * stride_qh + offs_d[None, :], mask=row_mask, other=0.0)
+    do = tl.load(DO + rows * stride_dot + h * stride_doh + offs_d[None, :], mask=row_mask,
+                 other=0.0)
+    k_base = K + start * stride_kt + h * stride_kh
+    v_base = V + start * stride_vt + h * stride_vh
+    ts_ptr = timestamps + start
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    end1, lo2, hi2 = _key_ranges(m0, seqlen, num_ctx, first_cand, group_size, CAUSAL,
+                                 HAS_CONTEXT, HAS_TARGETS, BLOCK_M, BLOCK_N)
+    for n0 in range(0, end1, BLOCK_N):
+        dq = _dq_tile(dq, q, do, n0, offs_m, offs_d, k_base, v_base, stride_kt, stride_vt,
+                      seqlen, num_ctx, first_cand, group_size, alpha, inv_scale, pos_w, ts_w,
+                      ts_ptr, num_pos, head_dim, CAUSAL, HAS_CONTEXT, HAS_TARGETS, HAS_POS,
+                      HAS_TS, NUM_BUCKETS, PRECISION, BLOCK_N)
+    for n0 in range(lo2, hi2, BLOCK_N):
+        dq = _dq_tile(dq, q, do, n0, offs_m, offs_d, k_base, v_base, stride_kt, stride_vt,
+                      seqlen, num_ctx, first_cand, group_size, alpha, inv_scale, pos_w, ts_w,
+                      ts_ptr, num_pos, head_dim, CAUSAL, HAS_CONTEXT, HAS_TARGETS, HAS_POS,
+                      HAS_TS, NUM_BUCKETS, PRECISION, BLOCK_N)
+    tl.store(DQ + rows * stride_dqt + h * stride_dqh + offs_d[None, :],
+             (dq * alpha).to(DQ.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _hstu_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, DPOS, DTS, offsets, num_ctx_ptr, num_tgt_ptr, pos_w, ts_w, timestamps,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    num_heads, head_dim, alpha, inv_scale, group_size, num_pos,
+    CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr,
+    HAS_POS: tl.constexpr, HAS_TS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    n0 = tl.program_id(1) * BLOCK_N
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    start, seqlen, num_ctx, first_cand = _sample_meta(
+        offsets, num_ctx_ptr, num_tgt_ptr, b, HAS_CONTEXT, HAS_TARGETS)
+    if n0 >= seqlen:
+        return
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_mask = (offs_n[:, None] < seqlen) & (offs_d[None, :] < head_dim)
+    cols = start + offs_n[:, None]
+    k = tl.load(K + cols * stride_kt + h * stride_kh + offs_d[None, :], mask=col_mask, other=0.0)
+    v = tl.load(V + cols * stride_vt + h * stride_vh + offs_d[None, :], mask=col_mask, other=0.0)
+    q_base = Q + start * stride_qt + h * stride_qh
+    do_base = DO + start * stride_dot + h * stride_doh
+    ts_ptr = timestamps + start
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # query rows that can see this key block
+    n1 = tl.minimum(n0 + BLOCK_N, seqlen)
+    row_lo = n0 * 0
+    if CAUSAL:
+        row_lo = n0
+        if HAS_CONTEXT:
+            row_lo = tl.where(n0 < num_ctx, 0, n0)
+    row_hi = seqlen
+    if HAS_TARGETS:
+        if n0 >= first_cand:  # candidate keys only: their groups' rows
+            group_lo = first_cand + ((n0 - first_cand) // group_size) * group_size
+            group_hi = first_cand + ((n1 - 1 - first_cand) // group_size + 1) * group_size
+            row_lo = tl.maximum(row_lo, group_lo)
+            row_hi = tl.minimum(seqlen, group_hi)
+    row_lo = (row_lo // BLOCK_M) * BLOCK_M
+
+    j = offs_n[:, None]
+    for m0 in range(row_lo, row_hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_mask = (offs_m[:, None] < seqlen) & (offs_d[None, :] < head_dim)
+        q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :],
+                    mask=row_mask, other=0.0)
+        do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :],
+                     mask=row_mask, other=0.0)
+        i = offs_m[None, :]
+        # transposed tiles: [BN keys, BM queries]
+        s_t = _scores(k, tl.trans(q), i, j, seqlen, alpha, pos_w, ts_w, ts_ptr, num_pos,
+                      HAS_POS, HAS_TS, NUM_BUCKETS, PRECISION)
+        keep = _allowed(i, j, seqlen, num_ctx, first_cand, group_size, CAUSAL, HAS_CONTEXT,
+                        HAS_TARGETS)
+        sig = tl.sigmoid(s_t)
+        p_t = tl.where(keep, s_t * sig * inv_scale, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = tl.where(keep, dp_t * sig * (1.0 + s_t * (1.0 - sig)) * inv_scale, 0.0)
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        if HAS_POS:
+            tl.atomic_add(DPOS + _pos_index(i, j, num_pos), ds_t, mask=keep)
+        if HAS_TS:
+            tl.atomic_add(DTS + _ts_bucket(i, j, seqlen, ts_ptr, NUM_BUCKETS), ds_t, mask=keep)
+    tl.store(DK + cols * stride_dkt + h * stride_dkh + offs_d[None, :],
+             (dk * alpha).to(DK.dtype.element_ty), mask=col_mask)
+    tl.store(DV + cols * stride_dvt + h * stride_dvh + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=col_mask)
+
+
+def _tile_config(head_dim: int, block_m: int | None, block_n: int | None) -> dict[str, int]:
+    padded = max(16, triton.next_power_of_2(head_dim))
+    if INTERPRETED:
+        default_m, default_n, warps, stages = 16, 16, 1, 1
+    elif padded <= 64:
+        default_m, default_n, warps, stages = 64, 64, 4, 2
+    elif padded <= 128:
+        default_m, default_n, warps, stages = 64, 64, 4, 2
+    else:
+        default_m, default_n, warps, stages = 64, 32, 8, 1
+    return {
+        "BLOCK_M": block_m or default_m,
+        "BLOCK_N": block_n or default_n,
+        "BLOCK_D": padded,
+        "num_warps": warps,
+        "num_stages": stages,
+    }
+
+
+def _last_dim_contiguous(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class _HstuAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, q: Tensor, k: Tensor, v: Tensor, pos_weights: Tensor | None,
+        ts_weights: Tensor | None, offsets: Tensor, timestamps: Tensor | None,
+        num_contextual: Tensor | None, num_targets: Tensor | None, max_seqlen: int,
+        alpha: float, scaling_seqlen: int, causal: bool, target_group_size: int,
+        block_m: int | None, block_n: int | None,
+    ) -> Tensor:
+        q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+        num_tokens, num_heads, head_dim = q.shape
+        num_samples = offsets.numel() - 1
+        cfg = _tile_config(head_dim, block_m, block_n)
+        out = torch.zeros_like(q)
+        dummy = offsets  # never read when its HAS_ flag is off
+        flags = dict(
+            CAUSAL=causal, HAS_CONTEXT=num_contextual is not None,
+            HAS_TARGETS=num_targets is not None, HAS_POS=pos_weights is not None,
+            HAS_TS=ts_weights is not None, NUM_BUCKETS=NUM_TIME_BUCKETS,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        )
+        num_pos = (pos_weights.numel() + 1) // 2 if pos_weights is not None else 1
+        tensors = (
+            offsets,
+            num_contextual if num_contextual is not None else dummy,
+            num_targets if num_targets is not None else dummy,
+            pos_weights if pos_weights is not None else q,
+            ts_weights if ts_weights is not None else q,
+            timestamps if timestamps is not None else dummy,
+        )
+        scalars = (num_heads, head_dim, float(alpha), 1.0 / scaling_seqlen,
+                   int(target_group_size), num_pos)
+        if num_tokens > 0 and num_samples > 0 and max_seqlen > 0:
+            grid = (num_samples * num_heads, triton.cdiv(max_seqlen, cfg["BLOCK_M"]))
+            _hstu_fwd_kernel[grid](
+                q, k, v, out, *tensors,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                out.stride(0), out.stride(1), *scalars, **flags, **cfg,
+            )
+        ctx.save_for_backward(q, k, v, pos_weights, ts_weights, *tensors[:3], tensors[5])
+        ctx.meta = (max_seqlen, scalars, flags, cfg)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out: Tensor):  # type: ignore[override]
+        q, k, v, pos_weights, ts_weights, offsets, num_ctx, num_tgt, timestamps = ctx.saved_tensors
+        max_seqlen, scalars, flags, cfg = ctx.meta
+        d_out = _last_dim_contiguous(d_out)
+        num_heads = q.shape[1]
+        num_samples = offsets.numel() - 1
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dpos = torch.zeros(pos_weights.numel() if pos_weights is not None else 1,
+                           dtype=torch.float32, device=q.device)
+        dts = torch.zeros(NUM_TIME_BUCKETS, dtype=torch.float32, device=q.device)
+        tensors = (
+            offsets, num_ctx, num_tgt,
+            pos_weights if pos_weights is not None else q,
+            ts_weights if ts_weights is not None else q,
+            timestamps,
+        )
+        strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                   d_out.stride(0), d_out.stride(1))
+        if q.shape[0] > 0 and num_samples > 0 and max_seqlen > 0:
+            grid_q = (num_samples * num_heads, triton.cdiv(max_seqlen, cfg["BLOCK_M"]))
+            _hstu_bwd_dq_kernel[grid_q](
+                q, k, v, d_out, dq, *tensors, *strides, dq.stride(0), dq.stride(1),
+                *scalars, **flags, **cfg,
+            )
+            grid_k = (num_samples * num_heads, triton.cdiv(max_seqlen, cfg["BLOCK_N"]))
+            _hstu_bwd_dkdv_kernel[grid_k](
+                q, k, v, d_out, dk, dv, dpos, dts, *tensors, *strides,
+                dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+                *scalars, **flags, **cfg,
+            )
+        d_pos = dpos.to(pos_weights.dtype) if pos_weights is not None else None
+        d_ts = dts.to(ts_weights.dtype) if ts_weights is not None else None
+        return (dq, dk, dv, d_pos, d_ts) + (None,) * 11
+
+
+def triton_hstu_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    offsets: Tensor,
+    max_seqlen: int,
+    *,
+    alpha: float,
+    scaling_seqlen: int,
+    causal: bool = True,
+    num_contextual: Tensor | None = None,
+    num_targets: Tensor | None = None,
+    target_group_size: int = 1,
+    rab: RelativeAttentionBias | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> Tensor:
+    """Fused jagged HSTU attention; same contract as ``hstu.ops.hstu_attention``.
+
+    Args:
+        q, k, v: [T, H, d] with unit stride on d (token/head strides are free, so slices of a
+            fused U/V/Q/K projection need no copy).
+        offsets: int64 [B + 1], offsets[0] = 0 and offsets[B] = T.
+        max_seqlen: must be >= every sample's length (rows beyond it are not computed).
+        block_m, block_n: tile sizes override (powers of two >= 16), for tests and tuning.
+
+    Returns:
+        [T, H, d] in q's dtype.
+    """
+    if v.shape[2] != q.shape[2]:
+        raise ValueError("the triton kernel needs the same head dim for q/k and v")
+    pos_weights = rab.pos_weights if rab is not None else None
+    ts_weights = rab.ts_weights if rab is not None else None
+    timestamps = rab.timestamps if rab is not None else None
+    return _HstuAttentionFunction.apply(
+        q, k, v, pos_weights, ts_weights, offsets, timestamps, num_contextual, num_targets,
+        int(max_seqlen), alpha, scaling_seqlen, causal, target_group_size, block_m, block_n,
+    )
