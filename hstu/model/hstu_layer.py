@@ -1,0 +1,362 @@
+"""One HSTU layer (DESIGN.md "Model"), optionally tensor-parallel with Megatron-core.
+
+Legend: T jagged tokens of the batch, B samples, D hidden width, H heads (H_r on this TP
+rank), d head width (kv_channels), P TP group size.
+
+    n          = LayerNorm(x)
+    U, V, Q, K = split(SiLU(n W_uvqk + b))
+    A          = SiLU(alpha * Q K^T [+ rab]) / N, masked
+    O          = A V
+    x          = x + Dropout(LayerNorm(O) * U) W_o [+ b_o]
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from hstu.model.tensor_parallel import (
+    all_reduce_sum,
+    make_parallel_config,
+    shard_output_weight,
+    shard_uvqk,
+    tp_rank_of,
+    tp_size_of,
+)
+
+NUM_TIME_BUCKETS = 129
+"""Rows of the time-distance table of the relative attention bias (bucket 0..128)."""
+
+
+# ----------------------------------------------------- input LayerNorm + W_uvqk + SiLU
+
+
+class _NormLinearSiLU(torch.autograd.Function):
+    """SiLU(LayerNorm(x) W^T + b) with a hand-written backward.
+
+    Stores x-hat (or only x with ``recompute_norm``) and the pre-activation h (or recomputes
+    it from x-hat with ``recompute_silu``, one extra matmul). The same code runs whatever
+    the flags, and recomputation repeats the forward's exact operations, so the flags change
+    memory, never the numbers.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,  # [T, D]
+        ln_weight: torch.Tensor | None,  # [D]
+        ln_bias: torch.Tensor | None,  # [D]
+        weight: torch.Tensor,  # [F, D]
+        bias: torch.Tensor | None,  # [F]
+        eps: float,
+        recompute_norm: bool,
+        recompute_silu: bool,
+    ) -> torch.Tensor:
+        xhat, mean, rstd = _normalise(x, eps)
+        normed = _affine(xhat, ln_weight, ln_bias)
+        h = F.linear(normed, weight, bias)
+        ctx.eps = eps
+        ctx.recompute_norm = recompute_norm
+        ctx.recompute_silu = recompute_silu
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(
+            x if recompute_norm else xhat,
+            mean,
+            rstd,
+            ln_weight,
+            ln_bias,
+            weight,
+            bias,
+            None if recompute_silu else h,
+        )
+        return F.silu(h)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x_or_xhat, mean, rstd, ln_weight, ln_bias, weight, bias, h = ctx.saved_tensors
+        if ctx.recompute_norm:
+            xhat = ((x_or_xhat.float() - mean) * rstd).to(x_or_xhat.dtype)
+        else:
+            xhat = x_or_xhat
+        normed = _affine(xhat, ln_weight, ln_bias)
+        if h is None:
+            h = F.linear(normed, weight, bias)
+        sig = torch.sigmoid(h)
+        grad_h = grad_out * sig * (1 + h * (1 - sig))  # [T, F]
+        grad_weight = grad_h.t().mm(normed)
+        grad_bias = grad_h.sum(0) if ctx.has_bias else None
+        grad_normed = grad_h.mm(weight)  # [T, D]
+        grad_ln_weight = grad_ln_bias = None
+        if ln_weight is not None:
+            grad_ln_weight = (grad_normed * xhat).sum(0)
+            grad_ln_bias = (grad_normed.sum(0)) if ln_bias is not None else None
+            grad_xhat = grad_normed * ln_weight
+        else:
+            grad_xhat = grad_normed
+        gx = grad_xhat.float()
+        xh = xhat.float()
+        grad_x = rstd * (gx - gx.mean(-1, keepdim=True) - xh * (gx * xh).mean(-1, keepdim=True))
+        return grad_x.to(xhat.dtype), grad_ln_weight, grad_ln_bias, grad_weight, grad_bias, None, None, None
+
+
+def _normalise(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    xf = x.float()
+    mean = xf.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(xf.var(-1, unbiased=False, keepdim=True) + eps)
+    return ((xf - mean) * rstd).to(x.dtype), mean, rstd
+
+
+def _affine(xhat: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    if weight is None:
+        return xhat
+    return xhat * weight + bias if bias is not None else xhat * weight
+
+
+def norm_linear_silu(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    recompute_norm: bool = False,
+    recompute_silu: bool = False,
+) -> torch.Tensor:
+    """SiLU(LayerNorm(x) W^T + b): x [T, D], W [F, D] -> [T, F]."""
+    return _NormLinearSiLU.apply(x, ln_weight, ln_bias, weight, bias, eps, recompute_norm, recompute_silu)
+
+
+# ------------------------------------------------------------------------------ the layer
+
+
+class HSTULayer(nn.Module):
+    """One HSTU layer over jagged tokens.
+
+    Args:
+        hidden_size: D.
+        num_heads: H over the whole TP group (H / P on each rank).
+        head_dim: d (kv_channels), the width of each head of U, V, Q and K.
+        dropout: dropout on LayerNorm(O) * U.
+        norm_eps: epsilon of both layer norms.
+        kernel_backend: attention backend passed to ``hstu.ops.hstu_attention``.
+        is_causal: causal mask over the history.
+        target_group_size: candidates per target group.
+        alpha: attention logit scale; None means 1/sqrt(d). The research model uses 1.
+        attn_scaling_seqlen: N dividing SiLU(.); None means the ``max_seqlen`` of the call.
+        uvqk_bias: bias on W_uvqk (the research model has none).
+        norm_affine: learnable LayerNorm scale and shift (the research model has none).
+        output_bias: bias on W_o (the research model has one).
+        relative_attention_bias: add rab = w_p[P-1+j-i] (+ w_t[bucket(t[i+1]-t[j])]).
+        rab_num_positions: P of the position table (2P-1 rows); distances beyond clamp.
+        rab_use_time: include the log-bucketed time term (needs timestamps in forward).
+        recompute_input_layernorm: recompute LayerNorm(x) in backward instead of storing it.
+        recompute_input_silu: recompute n W_uvqk + b in backward instead of storing it.
+        dtype: parameter and compute dtype.
+        tp_group: tensor-parallel group; None runs plain torch linears (no process group).
+        strict_kernel: make a kernel fallback an error instead of a one-line message.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        dropout: float = 0.0,
+        norm_eps: float = 1e-5,
+        kernel_backend: str = "pytorch",
+        is_causal: bool = True,
+        target_group_size: int = 1,
+        alpha: float | None = None,
+        attn_scaling_seqlen: int | None = None,
+        uvqk_bias: bool = True,
+        norm_affine: bool = True,
+        output_bias: bool = False,
+        relative_attention_bias: bool = False,
+        rab_num_positions: int = 256,
+        rab_use_time: bool = True,
+        recompute_input_layernorm: bool = False,
+        recompute_input_silu: bool = False,
+        dtype: torch.dtype = torch.float32,
+        tp_group: ProcessGroup | None = None,
+        strict_kernel: bool = False,
+    ) -> None:
+        super().__init__()
+        self.tp_group = tp_group
+        tp_size, tp_rank = tp_size_of(tp_group), tp_rank_of(tp_group)
+        if num_heads % tp_size != 0:
+            raise ValueError(f"{num_heads} heads do not split over a TP group of {tp_size}")
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.local_heads = num_heads // tp_size
+        self.head_dim = head_dim
+        self.norm_eps = norm_eps
+        self.kernel_backend = kernel_backend
+        self.strict_kernel = strict_kernel
+        self.is_causal = is_causal
+        self.target_group_size = target_group_size
+        self.alpha = 1.0 / math.sqrt(head_dim) if alpha is None else alpha
+        self.attn_scaling_seqlen = attn_scaling_seqlen
+        self.recompute_input_layernorm = recompute_input_layernorm
+        self.recompute_input_silu = recompute_input_silu
+        local_width = self.local_heads * head_dim
+
+        factory = {"dtype": dtype}
+        if norm_affine:
+            self.input_norm_weight = nn.Parameter(torch.ones(hidden_size, **factory))
+            self.input_norm_bias = nn.Parameter(torch.zeros(hidden_size, **factory))
+            # Output norm spans all H*d channels; each rank keeps its heads' slice.
+            self.output_norm_weight = nn.Parameter(torch.ones(local_width, **factory))
+            self.output_norm_bias = nn.Parameter(torch.zeros(local_width, **factory))
+        else:
+            for name in ("input_norm_weight", "input_norm_bias", "output_norm_weight", "output_norm_bias"):
+                self.register_parameter(name, None)
+
+        if tp_group is None:
+            self.uvqk = nn.Linear(hidden_size, 4 * local_width, bias=uvqk_bias, **factory)
+            self.output = nn.Linear(local_width, hidden_size, bias=output_bias, **factory)
+        else:
+            from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+            from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+            config = make_parallel_config(tp_size, dtype)
+            self.uvqk = ColumnParallelLinear(
+                hidden_size, 4 * num_heads * head_dim, config=config, init_method=_no_init,
+                bias=uvqk_bias, gather_output=False, skip_bias_add=False, tp_group=tp_group,
+            )
+            self.output = RowParallelLinear(
+                num_heads * head_dim, hidden_size, config=config, init_method=_no_init,
+                bias=output_bias, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
+            )
+            if norm_affine:
+                for p in (self.output_norm_weight, self.output_norm_bias):
+                    set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
+
+        if relative_attention_bias:
+            self.rab_pos_weights = nn.Parameter(torch.empty(2 * rab_num_positions - 1, **factory))
+            self.rab_ts_weights = (
+                nn.Parameter(torch.empty(NUM_TIME_BUCKETS, **factory)) if rab_use_time else None
+            )
+        else:
+            self.rab_pos_weights = None
+            self.rab_ts_weights = None
+        self.dropout = nn.Dropout(dropout)
+        self.reset_parameters(tp_size, tp_rank)
+
+    @torch.no_grad()
+    def reset_parameters(self, tp_size: int = 1, tp_rank: int = 0) -> None:
+        """Draws the TP=1 weights from the default generator and keeps this rank's shard.
+
+        Every rank of a TP group must hold the same RNG state here (same seed), as with
+        Megatron's CPU initialisation.
+        """
+        d, h, width = self.head_dim, self.num_heads, self.num_heads * self.head_dim
+        dtype = self.uvqk.weight.dtype
+        full_uvqk = nn.init.xavier_uniform_(torch.empty(4 * width, self.hidden_size))
+        self.uvqk.weight.copy_(shard_uvqk(full_uvqk, h, d, tp_size, tp_rank).to(dtype))
+        if self.uvqk.bias is not None:
+            self.uvqk.bias.zero_()
+        full_out = nn.init.xavier_uniform_(torch.empty(self.hidden_size, width))
+        self.output.weight.copy_(shard_output_weight(full_out, tp_size, tp_rank).to(dtype))
+        if self.output.bias is not None:
+            self.output.bias.zero_()
+        if self.rab_pos_weights is not None:
+            nn.init.normal_(self.rab_pos_weights, std=0.02)
+        if self.rab_ts_weights is not None:
+            nn.init.normal_(self.rab_ts_weights, std=0.02)
+
+    # -------------------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        offsets: torch.Tensor,
+        max_seqlen: int,
+        num_contextual: torch.Tensor | None = None,
+        num_targets: torch.Tensor | None = None,
+        timestamps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [T, D] (replicated over the TP group), offsets int64 [B+1],
+        num_contextual / num_targets int64 [B], timestamps int64 [T] -> [T, D]."""
+        from hstu.ops import RelativeAttentionBias, hstu_attention
+
+        tp = self.tp_group is not None
+        x_in = x
+        if tp:
+            from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+            # identity forward; all-reduce of the input gradient over the heads' ranks
+            x_in = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
+        uvqk = norm_linear_silu(
+            x_in,
+            self.input_norm_weight,
+            self.input_norm_bias,
+            self.uvqk.weight,
+            self.uvqk.bias,
+            self.norm_eps,
+            self.recompute_input_layernorm,
+            self.recompute_input_silu,
+        )  # [T, 4 * H_r * d]
+        u, v, q, k = uvqk.split(self.local_heads * self.head_dim, dim=-1)
+        shape = (-1, self.local_heads, self.head_dim)
+
+        rab = None
+        if self.rab_pos_weights is not None:
+            pos_w, ts_w = self.rab_pos_weights, self.rab_ts_weights
+            if tp:
+                from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+                # shared by all heads, so each rank's heads contribute part of its gradient
+                pos_w = copy_to_tensor_model_parallel_region(pos_w, group=self.tp_group)
+                if ts_w is not None:
+                    ts_w = copy_to_tensor_model_parallel_region(ts_w, group=self.tp_group)
+            if ts_w is not None and timestamps is None:
+                raise ValueError("the time term of the relative attention bias needs timestamps")
+            rab = RelativeAttentionBias(pos_w, ts_w, timestamps if ts_w is not None else None)
+
+        attn = hstu_attention(
+            q.reshape(shape),
+            k.reshape(shape),
+            v.reshape(shape),
+            offsets,
+            max_seqlen,
+            alpha=self.alpha,
+            scaling_seqlen=self.attn_scaling_seqlen or max_seqlen,
+            causal=self.is_causal,
+            num_contextual=num_contextual,
+            num_targets=num_targets,
+            target_group_size=self.target_group_size,
+            rab=rab,
+            backend=self.kernel_backend,
+            strict=self.strict_kernel,
+        ).reshape(x.shape[0], -1)  # [T, H_r * d]
+
+        normed = self._output_norm(attn)
+        y = self.dropout(normed * u)
+        out = self.output(y)
+        if isinstance(out, tuple):  # Megatron linears return (output, bias)
+            out = out[0]
+        return x + out
+
+    def _output_norm(self, o: torch.Tensor) -> torch.Tensor:
+        """LayerNorm over all H*d channels, of which this rank holds H_r*d."""
+        if self.tp_group is None:
+            return F.layer_norm(o, (o.shape[-1],), self.output_norm_weight, self.output_norm_bias, self.norm_eps)
+        width = self.num_heads * self.head_dim
+        of = o.float()
+        mean = all_reduce_sum(of.sum(-1, keepdim=True), self.tp_group) / width
+        centred = of - mean
+        var = all_reduce_sum((centred * centred).sum(-1, keepdim=True), self.tp_group) / width
+        normed = (centred * torch.rsqrt(var + self.norm_eps)).to(o.dtype)
+        return _affine(normed, self.output_norm_weight, self.output_norm_bias)
+
+
+def _no_init(weight: torch.Tensor) -> None:
+    """Megatron init hook; HSTULayer.reset_parameters sets the weights."""
+
+
+__all__ = ["HSTULayer", "NUM_TIME_BUCKETS", "norm_linear_silu"]

@@ -1,0 +1,40 @@
+"""Small jagged-index helpers (values + lengths/offsets, no padding).
+
+Legend: B samples, T = sum(lengths) elements, lengths int64 [B], offsets int64 [B+1].
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def lengths_to_offsets(lengths: torch.Tensor) -> torch.Tensor:
+    """[B] -> [B+1] exclusive prefix sum, starting at 0."""
+    offsets = lengths.new_zeros(lengths.numel() + 1)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    return offsets
+
+
+def segment_ids(lengths: torch.Tensor) -> torch.Tensor:
+    """[B] -> [T]: the sample of each element."""
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+
+
+def index_within(lengths: torch.Tensor) -> torch.Tensor:
+    """[B] -> [T]: each element's index inside its sample."""
+    offsets = lengths_to_offsets(lengths)
+    total = int(offsets[-1])
+    return torch.arange(total, device=lengths.device) - torch.repeat_interleave(offsets[:-1], lengths)
+
+
+def positions_within(offsets: torch.Tensor, num_targets: torch.Tensor | None) -> torch.Tensor:
+    """[T] position of each token; the num_targets last tokens share the first one's."""
+    lengths = offsets[1:] - offsets[:-1]
+    pos = index_within(lengths)
+    if num_targets is None:
+        return pos
+    first_target = torch.repeat_interleave(lengths - num_targets, lengths)
+    return torch.minimum(pos, first_target)
+
+
+__all__ = ["index_within", "lengths_to_offsets", "positions_within", "segment_ids"]

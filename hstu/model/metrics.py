@@ -1,0 +1,120 @@
+"""Retrieval metrics from the target's rank, and a DP-reducible accumulator.
+
+Ranks are 1-based floats; ``inf`` means the target was not ranked (absent from the corpus or
+excluded because it is in the user's input history), which scores 0 on every metric.
+
+Ties are counted PESSIMISTICALLY: rank = 1 + (number of other items scoring >= the target).
+An item tied with the target is ranked ahead of it, so a constant model scores rank N, not 1.
+
+    HR@K   = 1 if rank <= K else 0
+    NDCG@K = 1 / log2(rank + 1) if rank <= K else 0     (one relevant item: IDCG = 1)
+    MRR    = 1 / rank
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+_METRIC_RE = re.compile(r"^(HR|NDCG)@([1-9][0-9]*)$|^MRR$")
+
+
+def ranks_from_scores(
+    scores: torch.Tensor, targets: torch.Tensor, excluded: torch.Tensor | None = None
+) -> torch.Tensor:
+    """scores [B, N], targets int64 [B], excluded bool [B, N] -> float ranks [B] (pessimistic).
+
+    A target out of [0, N) or excluded gets rank inf; excluded items never count.
+    """
+    scores = scores.float()
+    if excluded is not None:
+        scores = scores.masked_fill(excluded, float("-inf"))
+    num_items = scores.shape[1]
+    valid = (targets >= 0) & (targets < num_items)
+    safe = targets.clamp(0, max(num_items - 1, 0))
+    target_scores = scores.gather(1, safe.unsqueeze(1))  # [B, 1]
+    ahead = (scores >= target_scores).sum(1) - 1  # the target itself is >= itself
+    ranks = (ahead + 1).float()
+    unranked = ~valid | torch.isneginf(target_scores.squeeze(1))
+    return ranks.masked_fill(unranked, float("inf"))
+
+
+def hit_rate(ranks: torch.Tensor, k: int) -> torch.Tensor:
+    """[B] ranks -> [B] 1.0 where rank <= k."""
+    return (ranks <= k).float()
+
+
+def ndcg(ranks: torch.Tensor, k: int) -> torch.Tensor:
+    """[B] ranks -> [B] 1/log2(rank+1) where rank <= k, else 0."""
+    safe = torch.where(ranks <= k, ranks, torch.ones_like(ranks))
+    return torch.where(ranks <= k, 1.0 / torch.log2(safe + 1.0), torch.zeros_like(ranks))
+
+
+def reciprocal_rank(ranks: torch.Tensor) -> torch.Tensor:
+    """[B] ranks -> [B] 1/rank (0 for inf)."""
+    return 1.0 / ranks
+
+
+def retrieval_metrics(ranks: torch.Tensor, names: list[str] | tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Per-sample values of each metric named HR@K, NDCG@K or MRR."""
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        m = _METRIC_RE.match(name)
+        if m is None:
+            raise ValueError(f"{name!r} is not HR@K, NDCG@K or MRR")
+        if name == "MRR":
+            out[name] = reciprocal_rank(ranks)
+        elif m.group(1) == "HR":
+            out[name] = hit_rate(ranks, int(m.group(2)))
+        else:
+            out[name] = ndcg(ranks, int(m.group(2)))
+    return out
+
+
+class MetricAccumulator:
+    """Sums per-sample metric values; ``compute`` all-reduces sums and counts over a group.
+
+    Every rank that evaluates distinct samples must take part (with TP batch gathering each
+    TP rank keeps its own samples, so the default group is the whole world).
+    """
+
+    def __init__(self, names: list[str] | tuple[str, ...]) -> None:
+        self.names = list(names)
+        self.reset()
+
+    def reset(self) -> None:
+        self._sums = torch.zeros(len(self.names), dtype=torch.float64)
+        self._count = 0
+
+    def update(self, values: dict[str, torch.Tensor]) -> None:
+        sizes = {values[n].numel() for n in self.names}
+        if len(sizes) != 1:
+            raise ValueError(f"metric tensors disagree on the sample count: {sizes}")
+        self._sums += torch.stack([values[n].detach().double().sum().cpu() for n in self.names])
+        self._count += sizes.pop()
+
+    def compute(self, group: ProcessGroup | None = None, device: torch.device | None = None) -> dict[str, float]:
+        """Means over every sample seen by every rank of ``group`` (WORLD when initialised)."""
+        totals = torch.cat([self._sums, torch.tensor([float(self._count)], dtype=torch.float64)])
+        if dist.is_available() and dist.is_initialized():
+            totals = totals.to(device or torch.device("cpu"))
+            dist.all_reduce(totals, group=group)
+            totals = totals.cpu()
+        count = totals[-1].item()
+        if count == 0:
+            return {n: math.nan for n in self.names}
+        return {n: (totals[i] / count).item() for i, n in enumerate(self.names)}
+
+
+__all__ = [
+    "MetricAccumulator",
+    "hit_rate",
+    "ndcg",
+    "ranks_from_scores",
+    "reciprocal_rank",
+    "retrieval_metrics",
+]

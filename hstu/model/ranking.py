@@ -1,0 +1,126 @@
+"""Ranking model: tokens -> HSTU block -> MLP head on candidate tokens -> BCE or CE.
+
+Legend: B samples, C[b] candidates, S = sum(C) candidate rows of this rank, W last width of
+the head (num_tasks for BCE, the class count for CE), D hidden width.
+
+Loss:
+- W == num_tasks: task t's label of a candidate is bit t of its action value; the loss is
+  the sum over tasks of the mean binary cross-entropy over candidates.
+- otherwise: cross-entropy over W classes, the action value being the class index.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from hstu.data.batch import Batch
+from hstu.model.hstu_block import HSTUBlock
+from hstu.model.tensor_parallel import take_own_rows
+from hstu.model.tokens import (
+    TokenBuilder,
+    gather_sequence_inputs,
+    max_token_seqlen,
+    rows_layout,
+    sequence_inputs,
+)
+
+
+class MLP(nn.Module):
+    """Linear layers of widths ``arch`` with an activation between them (not after the last)."""
+
+    def __init__(self, in_features: int, arch: list[int], activation: str = "relu", bias: bool = True) -> None:
+        super().__init__()
+        acts = {"relu": nn.ReLU, "gelu": nn.GELU}
+        if activation not in acts:
+            raise ValueError(f"activation {activation!r} is not one of {sorted(acts)}")
+        layers: list[nn.Module] = []
+        width = in_features
+        for i, out in enumerate(arch):
+            layers.append(nn.Linear(width, out, bias=bias))
+            if i < len(arch) - 1:
+                layers.append(acts[activation]())
+            width = out
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def decode_task_labels(labels: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """int64 [S] action values -> float [S, num_tasks]: bit t of each value."""
+    bits = torch.arange(num_tasks, device=labels.device)
+    return ((labels.unsqueeze(1) >> bits) & 1).float()
+
+
+def ranking_loss(logits: torch.Tensor, labels: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """logits [S, W], labels int64 [S] -> scalar (see the module docstring)."""
+    if labels.numel() == 0:
+        return logits.sum() * 0.0
+    if logits.shape[1] == num_tasks:
+        targets = decode_task_labels(labels, num_tasks)
+        per_task = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(0)
+        return per_task.sum()
+    if int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]:
+        raise ValueError(
+            f"cross-entropy labels must lie in [0, {logits.shape[1]}), got "
+            f"[{int(labels.min())}, {int(labels.max())}]"
+        )
+    return F.cross_entropy(logits, labels)
+
+
+class RankingModel(nn.Module):
+    """forward(batch) -> (loss, (logits [S, W], labels [S])) for this rank's candidates.
+
+    Args:
+        embedding_module: KeyedJaggedTensor -> dict[feature, JaggedTensor] (per rank).
+        token_builder: projections and token layout.
+        block: the HSTU block (tensor-parallel over ``tp_group`` if any).
+        head: MLP on candidate token states, D -> W.
+        num_tasks: BCE tasks (see module docstring).
+        max_item_seqlen: longest H + C of the dataset (0: take the gathered batch's).
+        tp_group: tensor-parallel group whose samples the dense part gathers.
+    """
+
+    def __init__(
+        self,
+        embedding_module: nn.Module,
+        token_builder: TokenBuilder,
+        block: HSTUBlock,
+        head: nn.Module,
+        *,
+        num_tasks: int,
+        max_item_seqlen: int = 0,
+        tp_group: ProcessGroup | None = None,
+    ) -> None:
+        super().__init__()
+        self.embedding_module = embedding_module
+        self.token_builder = token_builder
+        self.block = block
+        self.head = head
+        self.num_tasks = num_tasks
+        self.max_item_seqlen = max_item_seqlen
+        self.tp_group = tp_group
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        if batch.labels is None:
+            raise ValueError("a ranking batch needs labels (the candidates' action values)")
+        embeddings = self.embedding_module(batch.features)
+        inputs, layout = gather_sequence_inputs(sequence_inputs(batch, embeddings), self.tp_group)
+        tokens = self.token_builder(inputs)
+        max_items = self.max_item_seqlen or batch.max_seqlen or int(inputs.item_lengths.max())
+        max_seqlen = max_token_seqlen(
+            max_items, len(self.token_builder.contextual_feature_names), inputs.action_values is not None
+        )
+        states = self.block(
+            tokens.values, tokens.offsets, max_seqlen, tokens.num_contextual, tokens.num_targets, tokens.timestamps
+        )
+        logits = self.head(states[tokens.candidate_rows].float())  # [S_all, W]
+        logits = take_own_rows(logits, rows_layout(inputs.num_candidates, layout), self.tp_group)
+        loss = ranking_loss(logits, batch.labels, self.num_tasks)
+        return loss, (logits.detach(), batch.labels)
+
+
+__all__ = ["MLP", "RankingModel", "decode_task_labels", "ranking_loss"]

@@ -1,0 +1,268 @@
+"""Retrieval model: next-item sampled softmax in training, full-corpus ranking in evaluation.
+
+Legend: B samples, H[b] history items, Q = sum(max(H-1, 0)) training queries of this rank,
+M negatives per query, D hidden width (= item embedding dim), I items in the corpus, k top-k.
+
+Training: the L2-normalised state after history item j (its action token when actions exist)
+is the query for item j+1. logits = cos(query, item) / temperature for the positive and its
+negatives; negatives are the other positives of the batch (``num_negatives=-1``) or
+``num_negatives`` ids drawn uniformly from [min_item_id, num_items) per query. A negative whose
+id equals the query's positive id (an accidental hit) is masked out (-inf).
+
+Evaluation: the query is the state of each sample's last token; every item in
+[min_item_id, num_items) is scored, the sample's input history is excluded (-inf), and the
+target's rank is counted over the whole corpus (ties pessimistic, see hstu.model.metrics).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed import ProcessGroup
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from hstu.data.batch import Batch
+from hstu.model.hstu_block import HSTUBlock
+from hstu.model.jagged import index_within, lengths_to_offsets, segment_ids
+from hstu.model.tensor_parallel import RowLayout, take_own_rows
+from hstu.model.tokens import (
+    TokenBuilder,
+    gather_sequence_inputs,
+    max_token_seqlen,
+    rows_layout,
+    sequence_inputs,
+)
+
+
+def sampled_softmax_loss(
+    queries: torch.Tensor,
+    pos_vectors: torch.Tensor,
+    pos_ids: torch.Tensor,
+    neg_vectors: torch.Tensor,
+    neg_ids: torch.Tensor,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax over [positive, negatives] per query, accidental hits masked.
+
+    queries, pos_vectors [Q, D] (already normalised), pos_ids [Q]; negatives either shared,
+    neg_vectors [M, D] with neg_ids [M], or per query, [Q, M, D] with [Q, M].
+    Returns (mean loss, pos_logits [Q], neg_logits [Q, M] with -inf at accidental hits).
+    """
+    pos_logits = (queries * pos_vectors).sum(-1) / temperature
+    if neg_vectors.dim() == 2:
+        neg_logits = queries @ neg_vectors.t() / temperature
+        hits = neg_ids.unsqueeze(0) == pos_ids.unsqueeze(1)
+    else:
+        neg_logits = torch.einsum("qd,qmd->qm", queries, neg_vectors) / temperature
+        hits = neg_ids == pos_ids.unsqueeze(1)
+    neg_logits = neg_logits.masked_fill(hits, float("-inf"))
+    if queries.shape[0] == 0:
+        return queries.sum() * 0.0, pos_logits, neg_logits
+    logits = torch.cat([pos_logits.unsqueeze(1), neg_logits], dim=1)
+    # the positive sits in column 0; log-softmax ignores -inf columns
+    loss = -torch.log_softmax(logits, dim=1)[:, 0].mean()
+    return loss, pos_logits, neg_logits
+
+
+@dataclass
+class RetrievalEval:
+    """top_ids int64 [B, k], top_scores [B, k] (cosine), target_ranks float [B] (inf: unranked)."""
+
+    top_ids: torch.Tensor
+    top_scores: torch.Tensor
+    target_ranks: torch.Tensor
+
+
+class RetrievalModel(nn.Module):
+    """forward(batch) -> (loss, (pos_logits [Q], neg_logits [Q, M])); see module docstring.
+
+    Args:
+        embedding_module: KeyedJaggedTensor -> dict[feature, JaggedTensor]; its item table
+            also provides the item vectors that queries are scored against.
+        token_builder, block: as for ranking (the item feature must not be projected: item
+            embeddings and queries share the space, so item dim must equal D).
+        num_items: ids are in [0, num_items).
+        num_negatives: -1 in-batch, else uniform negatives per query.
+        temperature: softmax temperature on cosine similarities.
+        l2_norm_eps: epsilon of the L2 normalisation.
+        min_item_id: first real item id (1 when 0 is padding); lower ids are never sampled
+            or retrieved.
+        feature_names: every key of the batch's KeyedJaggedTensor (item lookups for
+            negatives and the corpus send all keys, others empty, as a sharded module expects).
+        max_item_seqlen: longest H of the dataset (0: take the gathered batch's).
+        tp_group: tensor-parallel group whose samples the dense part gathers.
+    """
+
+    def __init__(
+        self,
+        embedding_module: nn.Module,
+        token_builder: TokenBuilder,
+        block: HSTUBlock,
+        *,
+        num_items: int,
+        num_negatives: int = -1,
+        temperature: float = 0.05,
+        l2_norm_eps: float = 1e-6,
+        min_item_id: int = 0,
+        feature_names: list[str] | None = None,
+        max_item_seqlen: int = 0,
+        tp_group: ProcessGroup | None = None,
+    ) -> None:
+        super().__init__()
+        if token_builder.item_feature_name in token_builder.projections:
+            raise ValueError("retrieval needs the item embedding dim to equal hidden_size")
+        self.embedding_module = embedding_module
+        self.token_builder = token_builder
+        self.block = block
+        self.num_items = num_items
+        self.num_negatives = num_negatives
+        self.temperature = temperature
+        self.l2_norm_eps = l2_norm_eps
+        self.min_item_id = min_item_id
+        self.feature_names = list(feature_names) if feature_names else None
+        self.max_item_seqlen = max_item_seqlen
+        self.tp_group = tp_group
+
+    # ------------------------------------------------------------------------ helpers
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x.float(), p=2.0, dim=-1, eps=self.l2_norm_eps)
+
+    def lookup_items(self, ids: torch.Tensor) -> torch.Tensor:
+        """int64 [N] -> [N, D] raw item embeddings through the embedding module."""
+        item = self.token_builder.item_feature_name
+        keys = self.feature_names or [item]
+        lengths = torch.cat(
+            [torch.tensor([ids.numel()] if k == item else [0], dtype=torch.int64) for k in keys]
+        ).to(ids.device)
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=ids.to(torch.int64), lengths=lengths)
+        return self.embedding_module(kjt)[item].values()
+
+    def _states(self, batch: Batch):
+        embeddings = self.embedding_module(batch.features)
+        own = sequence_inputs(batch, embeddings)
+        inputs, layout = gather_sequence_inputs(own, self.tp_group)
+        tokens = self.token_builder(inputs)
+        max_items = self.max_item_seqlen or batch.max_seqlen or int(inputs.item_lengths.max())
+        max_seqlen = max_token_seqlen(
+            max_items, len(self.token_builder.contextual_feature_names), inputs.action_values is not None
+        )
+        states = self.block(
+            tokens.values, tokens.offsets, max_seqlen, tokens.num_contextual, tokens.num_targets, tokens.timestamps
+        )
+        return own, inputs, layout, tokens, states
+
+    # ------------------------------------------------------------------------ training
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        own, inputs, layout, tokens, states = self._states(batch)
+        hist_layout = rows_layout(inputs.history_lengths, layout)
+        history_states = take_own_rows(states[tokens.history_query_rows], hist_layout, self.tp_group)
+
+        hist = own.history_lengths
+        seg = segment_ids(hist)
+        idx = index_within(hist)
+        has_next = idx < hist[seg] - 1  # [sum(H)]: position j predicts item j+1
+        item_starts = lengths_to_offsets(own.item_lengths)[:-1]
+        hist_rows = item_starts[seg] + idx  # history item j's row in the item feature
+        next_rows = hist_rows[has_next] + 1
+
+        queries = self.normalise(history_states[has_next])
+        pos_ids = own.item_ids[next_rows]
+        pos_vectors = self.normalise(own.item_values[next_rows])
+        if self.num_negatives == -1:
+            neg_ids, neg_vectors = pos_ids, pos_vectors
+        else:
+            neg_ids = torch.randint(
+                self.min_item_id, self.num_items, (queries.shape[0], self.num_negatives), device=queries.device
+            )
+            neg_vectors = self.normalise(self.lookup_items(neg_ids.reshape(-1))).view(*neg_ids.shape, -1)
+        loss, pos_logits, neg_logits = sampled_softmax_loss(
+            queries, pos_vectors, pos_ids, neg_vectors, neg_ids, self.temperature
+        )
+        return loss, (pos_logits.detach(), neg_logits.detach())
+
+    # ---------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def corpus_vectors(self, chunk_size: int = 65536) -> torch.Tensor:
+        """[I, D] normalised item vectors of ids [0, num_items), looked up chunk by chunk.
+
+        Every rank must call it (a sharded table looks up collectively).
+        """
+        device = next(self.block.parameters()).device
+        parts = []
+        for start in range(0, self.num_items, chunk_size):
+            ids = torch.arange(start, min(start + chunk_size, self.num_items), device=device)
+            parts.append(self.normalise(self.lookup_items(ids)))
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def last_queries(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalised query of each own sample's last token [B, D], and the own history
+        (item ids [sum(H)], their sample index [sum(H)])."""
+        own, inputs, layout, tokens, states = self._states(batch)
+        last = states[tokens.offsets[1:] - 1]  # [B_all, D]
+        last = take_own_rows(last, RowLayout(layout.counts, layout.rank), self.tp_group)
+        hist = own.history_lengths
+        seg = segment_ids(hist)
+        rows = lengths_to_offsets(own.item_lengths)[:-1][seg] + index_within(hist)
+        return self.normalise(last), own.item_ids[rows], seg
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        batch: Batch,
+        top_k: int = 200,
+        chunk_size: int = 65536,
+        corpus: torch.Tensor | None = None,
+    ) -> RetrievalEval:
+        """Full-corpus top-k and target ranks for each own sample (targets in batch.labels).
+
+        ``corpus`` [I, D] (from :meth:`corpus_vectors`) can be passed to reuse it across
+        batches; scores are computed ``chunk_size`` items at a time so memory is B x chunk.
+        """
+        if corpus is None:
+            corpus = self.corpus_vectors(chunk_size)
+        queries, history_ids, history_seg = self.last_queries(batch)
+        bsz = queries.shape[0]
+        targets = batch.labels if batch.labels is not None else torch.full((bsz,), -1, dtype=torch.int64)
+        targets = targets.to(queries.device)
+        in_corpus = (targets >= self.min_item_id) & (targets < self.num_items)
+        safe_targets = targets.clamp(0, self.num_items - 1)
+        target_scores = (queries * corpus[safe_targets]).sum(-1)
+        target_in_history = torch.zeros(bsz, dtype=torch.bool, device=queries.device)
+        target_in_history[history_seg[history_ids == targets[history_seg]]] = True
+        unranked = ~in_corpus | target_in_history
+        target_scores = target_scores.masked_fill(unranked, float("-inf"))
+
+        k = min(top_k, self.num_items)
+        top_scores = queries.new_full((bsz, 0), float("-inf"))
+        top_ids = torch.zeros((bsz, 0), dtype=torch.int64, device=queries.device)
+        num_ahead = torch.zeros(bsz, dtype=torch.int64, device=queries.device)
+        rows = torch.arange(bsz, device=queries.device)
+        for start in range(0, self.num_items, chunk_size):
+            end = min(start + chunk_size, self.num_items)
+            scores = queries @ corpus[start:end].t()  # [B, chunk]
+            if start < self.min_item_id:
+                scores[:, : min(self.min_item_id, end) - start] = float("-inf")
+            hit = (history_ids >= start) & (history_ids < end)
+            scores[history_seg[hit], history_ids[hit] - start] = float("-inf")
+            is_target = (targets >= start) & (targets < end)
+            ahead = scores >= target_scores.unsqueeze(1)
+            # the target never counts against itself
+            ahead[rows[is_target], targets[is_target] - start] = False
+            num_ahead += ahead.sum(1)
+            ids = torch.arange(start, end, device=queries.device).expand(bsz, -1)
+            merged_scores = torch.cat([top_scores, scores], 1)
+            merged_ids = torch.cat([top_ids, ids], 1)
+            top_scores, pick = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
+            top_ids = merged_ids.gather(1, pick)
+        ranks = (num_ahead + 1).float().masked_fill(unranked, float("inf"))
+        return RetrievalEval(top_ids=top_ids, top_scores=top_scores, target_ranks=ranks)
+
+
+__all__ = ["RetrievalEval", "RetrievalModel", "sampled_softmax_loss"]

@@ -1,0 +1,214 @@
+"""Tensor-parallel pieces of the HSTU block (Megatron-core linears, gloo or NCCL).
+
+Legend: T jagged tokens, D hidden width, H heads, d head width, P = TP group size,
+r = this rank's index in the TP group.
+
+Layout of the fused projection W_uvqk (TP=1, shape [4*H*d, D], rows = outputs):
+``[U heads 0..H-1 | V heads 0..H-1 | Q heads 0..H-1 | K heads 0..H-1]``, each head a block of
+d rows. Megatron's ColumnParallelLinear keeps a contiguous row block per rank; on rank r that
+block is laid out the same way over the rank's heads ``[r*H/P, (r+1)*H/P)``, so every rank holds
+whole heads of U, V, Q and K. :func:`shard_uvqk` / :func:`unshard_uvqk` convert between the
+two layouts (initialisation, tests, checkpoint conversion). W_o ([D, H*d]) is row-parallel:
+its input columns are head-major, so rank r's contiguous column block is already its heads.
+
+Batch gathering in the TP group: every rank looks up its own samples' embeddings; the dense
+part runs on the concatenation of the TP group's samples (rank order) so that each rank's
+head shard sees every sample; each rank then keeps its own samples' outputs.
+:func:`all_gather_rows` / :func:`take_own_rows` do this with gradients that match the
+objective ``sum over TP ranks of each rank's own loss``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+
+def tp_size_of(group: ProcessGroup | None) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def tp_rank_of(group: ProcessGroup | None) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+# ------------------------------------------------------------------ weight layout helpers
+
+
+def uvqk_shard_rows(num_heads: int, head_dim: int, tp_size: int, tp_rank: int) -> torch.Tensor:
+    """int64 [4*H*d/P]: rows of the TP=1 W_uvqk that rank ``tp_rank`` holds, in its order."""
+    if num_heads % tp_size != 0:
+        raise ValueError(f"{num_heads} heads do not split over a TP group of {tp_size}")
+    heads_per_rank = num_heads // tp_size
+    width = num_heads * head_dim
+    local = torch.arange(heads_per_rank * head_dim) + tp_rank * heads_per_rank * head_dim
+    return torch.cat([part * width + local for part in range(4)])
+
+
+def shard_uvqk(full: torch.Tensor, num_heads: int, head_dim: int, tp_size: int, tp_rank: int) -> torch.Tensor:
+    """TP=1 W_uvqk weight [4Hd, D] (or bias [4Hd]) -> rank's shard [4Hd/P, D] (or [4Hd/P])."""
+    return full.index_select(0, uvqk_shard_rows(num_heads, head_dim, tp_size, tp_rank).to(full.device))
+
+
+def unshard_uvqk(shards: list[torch.Tensor], num_heads: int, head_dim: int) -> torch.Tensor:
+    """Inverse of :func:`shard_uvqk`: every rank's shard, in rank order -> TP=1 tensor."""
+    tp_size = len(shards)
+    full = shards[0].new_empty((4 * num_heads * head_dim, *shards[0].shape[1:]))
+    for rank, shard in enumerate(shards):
+        full[uvqk_shard_rows(num_heads, head_dim, tp_size, rank).to(full.device)] = shard
+    return full
+
+
+def shard_output_weight(full: torch.Tensor, tp_size: int, tp_rank: int) -> torch.Tensor:
+    """TP=1 W_o weight [D, H*d] -> rank's column block [D, H*d/P]."""
+    return full.chunk(tp_size, dim=1)[tp_rank]
+
+
+def make_parallel_config(tp_size: int, params_dtype: torch.dtype):
+    """A Megatron ModelParallelConfig for CPU-side init; we initialise weights ourselves."""
+    from megatron.core import ModelParallelConfig
+
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp_size,
+        use_cpu_initialization=True,
+        # Megatron would split a master weight contiguously, which is wrong for the fused
+        # U/V/Q/K layout; the layer builds the TP=1 weight and loads its shard instead.
+        perform_initialization=False,
+        params_dtype=params_dtype,
+        gradient_accumulation_fusion=False,
+        sequence_parallel=False,
+    )
+
+
+# ----------------------------------------------------------------- collective autograd ops
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the group in forward and backward.
+
+    For a replicated result consumed by rank-local (sharded) computation: each rank holds
+    only its part of the gradient, the full gradient is the group sum.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    return _AllReduceSum.apply(x, group)
+
+
+def _gather_counts(num_rows: int, group: ProcessGroup, device: torch.device) -> list[int]:
+    mine = torch.tensor([num_rows], dtype=torch.int64, device=device)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    return [int(c) for c in every]
+
+
+def _all_gather_uneven(x: torch.Tensor, counts: list[int], group: ProcessGroup) -> torch.Tensor:
+    """Concatenate every rank's x (first dim = counts[rank]) in rank order."""
+    longest = max(counts)
+    padded = x.new_zeros((longest, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0)
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Rows each TP rank contributed to a gathered tensor (rank order) and this rank."""
+
+    counts: tuple[int, ...]
+    rank: int
+
+    @property
+    def start(self) -> int:
+        return sum(self.counts[: self.rank])
+
+    @property
+    def end(self) -> int:
+        return self.start + self.counts[self.rank]
+
+
+class _AllGatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layout: RowLayout, group: ProcessGroup) -> torch.Tensor:
+        ctx.layout = layout
+        return _all_gather_uneven(x.contiguous(), list(layout.counts), group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # The dense part after the gather is replicated over the TP group and receives the
+        # full gradient on every rank (see take_own_rows); keep our own rows.
+        return grad[ctx.layout.start : ctx.layout.end], None, None
+
+
+class _TakeOwnRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layout: RowLayout, group: ProcessGroup) -> torch.Tensor:
+        ctx.layout, ctx.group = layout, group
+        return x[layout.start : layout.end].clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # Each rank's loss only touches its own rows; the replicated tensor's gradient under
+        # the summed objective is every rank's rows side by side.
+        full = _all_gather_uneven(grad.contiguous(), list(ctx.layout.counts), ctx.group)
+        return full, None, None
+
+
+def all_gather_rows(
+    x: torch.Tensor, group: ProcessGroup | None, layout: RowLayout | None = None
+) -> tuple[torch.Tensor, RowLayout]:
+    """[N_r, ...] on each rank -> ([sum_r N_r, ...], layout). Identity without a group.
+
+    Differentiable: the gradient of this rank's rows is taken from the (replicated) gradient of
+    the gathered tensor. Integer tensors pass through without autograd.
+    """
+    if group is None or dist.get_world_size(group) == 1:
+        return x, RowLayout((x.shape[0],), 0)
+    if layout is None:
+        layout = RowLayout(tuple(_gather_counts(x.shape[0], group, x.device)), dist.get_rank(group))
+    if x.is_floating_point() and x.requires_grad:
+        return _AllGatherRows.apply(x, layout, group), layout
+    return _all_gather_uneven(x.contiguous(), list(layout.counts), group), layout
+
+
+def take_own_rows(x: torch.Tensor, layout: RowLayout, group: ProcessGroup | None) -> torch.Tensor:
+    """[sum_r N_r, ...] replicated -> this rank's [N_r, ...]; backward all-gathers the grads."""
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    if x.is_floating_point() and x.requires_grad:
+        return _TakeOwnRows.apply(x, layout, group)
+    return x[layout.start : layout.end]
+
+
+__all__ = [
+    "RowLayout",
+    "all_gather_rows",
+    "all_reduce_sum",
+    "make_parallel_config",
+    "shard_output_weight",
+    "shard_uvqk",
+    "take_own_rows",
+    "tp_rank_of",
+    "tp_size_of",
+    "unshard_uvqk",
+    "uvqk_shard_rows",
+]

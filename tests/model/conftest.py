@@ -1,0 +1,3 @@
+from tests.model.ref_attention import ensure_ops
+
+ensure_ops()
