@@ -17,6 +17,9 @@ X contextual features of one value each. Nothing is padded on the way in.
   in the item feature (decoded per task by the model);
 - retrieval evaluation: int64 [B], the held-out target item of each sample;
 - retrieval training: None (the target of each position is the next item).
+``sample_mask`` (optional): bool [B], False for padding samples that an evaluation loader
+repeats so that every rank runs the same number of equally sized batches; metrics must skip
+them. None means every sample is real (always the case in training).
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ class Batch(Pipelineable):
     labels: torch.Tensor | None = None
     # max H + C over the whole dataset (not this batch): keeps kernel shapes stable
     max_seqlen: int = 0
+    # bool [B]: False marks an evaluation padding sample (not counted in metrics)
+    sample_mask: torch.Tensor | None = None
 
-    _TENSOR_FIELDS = ("num_candidates", "timestamps", "labels")
+    _TENSOR_FIELDS = ("num_candidates", "timestamps", "labels", "sample_mask")
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         moved = {

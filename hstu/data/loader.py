@@ -1,0 +1,246 @@
+"""Samples of the retrieval and ranking protocols, and the sharded, resumable batch loader.
+
+Legend: U users, S samples, B samples per batch, H[b] history items, C[b] candidates.
+
+A sample is four positions into the store's flat arrays (rows of one user):
+``hist_start <= hist_end <= cand_end`` (history = [hist_start, hist_end), candidates =
+[hist_end, cand_end)), plus ``target`` (flat row of the held-out item, retrieval evaluation
+only). Batches are gathered from these ranges with vectorised numpy; nothing loops per item.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from hstu.data.batch import Batch
+from hstu.data.store import SequenceStore
+
+Task = Literal["retrieval", "ranking"]
+Split = Literal["train", "valid", "test"]
+
+
+@dataclass
+class Samples:
+    """S samples as row ranges of a SequenceStore (all int64 [S])."""
+
+    user: np.ndarray
+    hist_start: np.ndarray
+    hist_end: np.ndarray
+    cand_end: np.ndarray
+    target: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+    def select(self, keep: np.ndarray) -> "Samples":
+        return Samples(
+            self.user[keep], self.hist_start[keep], self.hist_end[keep], self.cand_end[keep],
+            None if self.target is None else self.target[keep],
+        )
+
+
+def retrieval_samples(
+    store: SequenceStore, split: Split, max_sequence_length: int, holdout_validation: bool = False
+) -> Samples:
+    """Leave-one-out (DESIGN.md "Data").
+
+    Without holdout_validation: train = each user's sequence without its last item, the most
+    recent ``max_sequence_length`` of them (every position predicts the next; users with fewer
+    than 2 such items give no training sample); test = the same history as input, the last
+    item as label. With holdout_validation the train sequence also drops the second-to-last
+    item, which becomes the "valid" label (input: the history before it).
+    """
+    off, n = store.offsets[:-1], store.lengths
+    users = np.arange(store.num_users, dtype=np.int64)
+    if split == "train":
+        end = off + n - (2 if holdout_validation else 1)
+        start = np.maximum(off, end - max_sequence_length)
+        s = Samples(users, start, end, end.copy())
+        return s.select(end - start >= 2)
+    if split == "valid" and not holdout_validation:
+        raise ValueError("split='valid' needs holdout_validation=True")
+    target = off + n - (2 if split == "valid" else 1)
+    start = np.maximum(off, target - max_sequence_length)
+    s = Samples(users, start, target.copy(), target.copy(), target)
+    return s.select(target - start >= 1)
+
+
+def ranking_samples(store: SequenceStore, split: Split, max_sequence_length: int, max_num_candidates: int) -> Samples:
+    """Each user's last C = min(max_num_candidates, L-1) interactions are the evaluation
+    candidates; training draws its candidates the same way from the earlier history only
+    (so no evaluation interaction is ever an input or a label in training). History = the
+    most recent ``max_sequence_length`` interactions before the candidates.
+    """
+    if max_num_candidates < 1:
+        raise ValueError("ranking needs max_num_candidates >= 1")
+    if split == "valid":
+        raise ValueError("ranking has no validation split; use split='test'")
+    off, n = store.offsets[:-1], store.lengths
+    users = np.arange(store.num_users, dtype=np.int64)
+    eval_c = np.minimum(max_num_candidates, n - 1)
+    if split == "train":
+        m = n - eval_c
+        c = np.minimum(max_num_candidates, m - 1)
+        cand_end = off + m
+    else:
+        c = eval_c
+        cand_end = off + n
+    hist_end = cand_end - c
+    start = np.maximum(off, hist_end - max_sequence_length)
+    return Samples(users, start, hist_end, cand_end).select(c >= 1)
+
+
+def gather_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Flat indices of the concatenated ranges [starts[i], ends[i]). int64 [sum(ends - starts)]."""
+    lengths = ends - starts
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    shift = starts - np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    return np.repeat(shift, lengths) + np.arange(total, dtype=np.int64)
+
+
+class SequenceLoader:
+    """Iterable of Batch over the samples of one split, for one data-parallel rank.
+
+    - Order: samples in user order, or (``shuffle``) a permutation drawn from (seed, epoch),
+      identical on every rank; rank r takes every world_size-th sample from position r.
+    - Equal work: the order is padded by wrapping around to a multiple of world_size, so every
+      rank has ceil(S / world_size) samples and the same ``len(loader)``. In training the
+      wrapped samples are simply seen twice that epoch; in evaluation they are marked
+      ``sample_mask = False`` so every real sample is counted exactly once across ranks.
+    - Position: one ``for`` loop yields the rest of the current epoch; the next loop starts the
+      next epoch. ``state_dict()`` = {epoch, batch_index (batches yielded this epoch), ...};
+      after ``load_state_dict`` iteration continues from exactly that batch.
+    """
+
+    def __init__(
+        self,
+        store: SequenceStore,
+        samples: Samples,
+        *,
+        task: Task,
+        training: bool,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool,
+        max_seqlen: int,
+        drop_last: bool = False,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside [0, {world_size})")
+        if len(samples) == 0:
+            raise ValueError("no samples: every user's sequence is too short for this split")
+        self.store, self.samples, self.task, self.training = store, samples, task, training
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.shuffle, self.max_seqlen, self.drop_last = shuffle and training, max_seqlen, drop_last
+        meta = store.metadata
+        self.item_feature_name: str = meta["item_feature_name"]
+        self.action_feature_name: str | None = meta["action_feature_name"]
+        self.contextual_feature_names: list[str] = list(meta["contextual_feature_names"])
+        self._contextual = np.stack([store.contextual[n] for n in self.contextual_feature_names]) if self.contextual_feature_names else None
+        self.samples_per_rank = math.ceil(len(samples) / world_size)
+        self.epoch = 0
+        self.batch_index = 0
+
+    # --------------------------------------------------------------------- position
+    def __len__(self) -> int:
+        if self.drop_last and self.samples_per_rank >= self.batch_size:
+            return self.samples_per_rank // self.batch_size
+        return math.ceil(self.samples_per_rank / self.batch_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch, "batch_index": self.batch_index, "batch_size": self.batch_size,
+            "world_size": self.world_size, "num_samples": len(self.samples),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores the position. Saved with another world or batch size, the position is
+        converted through the number of samples consumed (rounded down)."""
+        self.epoch = int(state["epoch"])
+        index = int(state["batch_index"])
+        if state.get("world_size", self.world_size) != self.world_size or state.get("batch_size", self.batch_size) != self.batch_size:
+            consumed = index * state["batch_size"] * state["world_size"]
+            index = consumed // (self.batch_size * self.world_size)
+        self.batch_index = min(index, len(self))
+
+    def _rank_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sample indices [samples_per_rank], real-sample mask [samples_per_rank]) of this rank."""
+        num = len(self.samples)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(num)
+        else:
+            order = np.arange(num)
+        padded = self.samples_per_rank * self.world_size
+        real = np.ones(padded, dtype=bool)
+        if padded > num:
+            order = np.concatenate([order, np.resize(order, padded - num)])
+            real[num:] = False
+        return order[self.rank :: self.world_size], real[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.batch_index >= len(self):
+            self.epoch, self.batch_index = self.epoch + 1, 0
+        order, real = self._rank_order(self.epoch)
+        while self.batch_index < len(self):
+            lo = self.batch_index * self.batch_size
+            sel = slice(lo, lo + self.batch_size)
+            self.batch_index += 1
+            yield self.make_batch(order[sel], None if self.training else real[sel])
+        self.epoch, self.batch_index = self.epoch + 1, 0
+
+    # ------------------------------------------------------------------------ batch
+    def make_batch(self, index: np.ndarray, mask: np.ndarray | None = None) -> Batch:
+        """Batch of the samples `index` (int64 [B]); mask bool [B] marks real samples."""
+        st = self.store
+        s = self.samples
+        hist_start, hist_end, cand_end = s.hist_start[index], s.hist_end[index], s.cand_end[index]
+        rows = gather_ranges(hist_start, cand_end)
+        item_lengths = cand_end - hist_start
+        values = [st.items[rows]]
+        lengths = [item_lengths]
+        keys = [self.item_feature_name]
+        if self.action_feature_name is not None:
+            keys.append(self.action_feature_name)
+            values.append(st.actions[gather_ranges(hist_start, hist_end)])
+            lengths.append(hist_end - hist_start)
+        if self._contextual is not None:
+            keys += self.contextual_feature_names
+            values.append(self._contextual[:, s.user[index]].reshape(-1))
+            lengths.append(np.ones(len(index) * len(self.contextual_feature_names), dtype=np.int64))
+        features = KeyedJaggedTensor(
+            keys=keys,
+            values=torch.from_numpy(np.concatenate(values)),
+            lengths=torch.from_numpy(np.concatenate(lengths)),
+        )
+        num_candidates = cand_end - hist_end
+        if self.task == "ranking":
+            labels = torch.from_numpy(st.actions[gather_ranges(hist_end, cand_end)]) if st.actions is not None else None
+        elif not self.training:
+            labels = torch.from_numpy(st.items[s.target[index]])
+        else:
+            labels = None
+        return Batch(
+            features=features,
+            batch_size=len(index),
+            item_feature_name=self.item_feature_name,
+            contextual_feature_names=list(self.contextual_feature_names),
+            action_feature_name=self.action_feature_name,
+            num_candidates=torch.from_numpy(num_candidates),
+            timestamps=torch.from_numpy(st.timestamps[rows]),
+            labels=labels,
+            max_seqlen=self.max_seqlen,
+            sample_mask=None if mask is None else torch.from_numpy(mask.copy()),
+        )
+
+
+__all__ = ["Samples", "SequenceLoader", "retrieval_samples", "ranking_samples", "gather_ranges"]

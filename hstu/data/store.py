@@ -1,0 +1,70 @@
+"""A preprocessed dataset held in memory as flat arrays (read back from the preprocessor's output)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from hstu.data.errors import DataError
+from hstu.data.preprocess import FORMAT_VERSION, METADATA_FILE, SEQUENCES_FILE
+
+
+@dataclass
+class SequenceStore:
+    """All users' sequences, concatenated. Legend: U users, N interactions, X contextual features.
+
+    offsets int64 [U+1] (user u owns rows offsets[u]:offsets[u+1]); items, timestamps int64 [N];
+    actions int64 [N] or None; contextual: name -> int64 [U].
+    """
+
+    offsets: np.ndarray
+    items: np.ndarray
+    timestamps: np.ndarray
+    actions: np.ndarray | None
+    contextual: dict[str, np.ndarray]
+    metadata: dict[str, Any]
+
+    @property
+    def num_users(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SequenceStore":
+        path = Path(path)
+        meta_path = path / METADATA_FILE
+        if not meta_path.exists():
+            name = path.name
+            raise DataError(str(meta_path), f"no preprocessed dataset here; run: python -m hstu.data.preprocess --dataset {name} --out {path.parent}")
+        try:
+            metadata = json.loads(meta_path.read_text())
+        except ValueError as exc:
+            raise DataError(str(meta_path), f"unreadable metadata ({exc})") from None
+        if metadata.get("format_version") != FORMAT_VERSION:
+            raise DataError(str(meta_path), f"format version {metadata.get('format_version')} != {FORMAT_VERSION}; rerun the preprocessor with --force")
+        try:
+            table = pq.read_table(path / SEQUENCES_FILE)
+        except Exception as exc:  # pyarrow raises several types for damaged files
+            raise DataError(str(path / SEQUENCES_FILE), f"unreadable ({exc})") from None
+
+        def flat(name: str) -> tuple[np.ndarray, np.ndarray]:
+            col = table.column(name).combine_chunks()
+            offs = col.offsets.to_numpy().astype(np.int64)
+            return offs - offs[0], col.flatten().to_numpy().astype(np.int64)
+
+        offsets, items = flat("item_ids")
+        _, timestamps = flat("timestamps")
+        actions = flat("actions")[1] if "actions" in table.column_names else None
+        contextual = {name: table.column(name).to_numpy().astype(np.int64) for name in metadata["contextual_feature_names"]}
+        return cls(offsets, items, timestamps, actions, contextual, metadata)
+
+
+__all__ = ["SequenceStore"]
