@@ -1,3 +1,0 @@
-from tests.model.ref_attention import ensure_ops
-
-ensure_ops()
