@@ -79,7 +79,7 @@ class _NormLinearSiLU(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         x_or_xhat, mean, rstd, ln_weight, ln_bias, weight, bias, h = ctx.saved_tensors
         if ctx.recompute_norm:
-            xhat = ((x_or_xhat.float() - mean) * rstd).to(x_or_xhat.dtype)
+            xhat = ((_stats_dtype(x_or_xhat) - mean) * rstd).to(x_or_xhat.dtype)
         else:
             xhat = x_or_xhat
         normed = _affine(xhat, ln_weight, ln_bias)
@@ -97,14 +97,19 @@ class _NormLinearSiLU(torch.autograd.Function):
             grad_xhat = grad_normed * ln_weight
         else:
             grad_xhat = grad_normed
-        gx = grad_xhat.float()
-        xh = xhat.float()
+        gx = _stats_dtype(grad_xhat)
+        xh = _stats_dtype(xhat)
         grad_x = rstd * (gx - gx.mean(-1, keepdim=True) - xh * (gx * xh).mean(-1, keepdim=True))
         return grad_x.to(xhat.dtype), grad_ln_weight, grad_ln_bias, grad_weight, grad_bias, None, None, None
 
 
+def _stats_dtype(x: torch.Tensor) -> torch.Tensor:
+    """Statistics in at least float32 (half inputs are upcast, float64 kept)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _normalise(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    xf = x.float()
+    xf = _stats_dtype(x)
     mean = xf.mean(-1, keepdim=True)
     rstd = torch.rsqrt(xf.var(-1, unbiased=False, keepdim=True) + eps)
     return ((xf - mean) * rstd).to(x.dtype), mean, rstd
@@ -347,7 +352,7 @@ class HSTULayer(nn.Module):
         if self.tp_group is None:
             return F.layer_norm(o, (o.shape[-1],), self.output_norm_weight, self.output_norm_bias, self.norm_eps)
         width = self.num_heads * self.head_dim
-        of = o.float()
+        of = _stats_dtype(o)
         mean = all_reduce_sum(of.sum(-1, keepdim=True), self.tp_group) / width
         centred = of - mean
         var = all_reduce_sum((centred * centred).sum(-1, keepdim=True), self.tp_group) / width

@@ -1,0 +1,64 @@
+"""Small batches and a plain embedding module for the model tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+
+from hstu.data.batch import Batch
+
+
+class TinyEmbeddings(nn.Module):
+    """feature -> nn.Embedding; maps a KeyedJaggedTensor to dict[feature, JaggedTensor]."""
+
+    def __init__(self, dims: dict[str, tuple[int, int]]) -> None:
+        super().__init__()
+        self.tables = nn.ModuleDict({name: nn.Embedding(rows, dim) for name, (rows, dim) in dims.items()})
+
+    def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        out = {}
+        for name in features.keys():
+            jt = features[name]
+            out[name] = JaggedTensor(values=self.tables[name](jt.values()), lengths=jt.lengths())
+        return out
+
+
+def make_batch(
+    history: list[list[int]],
+    candidates: list[list[int]] | None = None,
+    actions: list[list[int]] | None = None,
+    contextual: dict[str, list[int]] | None = None,
+    labels: list[int] | None = None,
+    timestamps: list[list[int]] | None = None,
+    max_seqlen: int = 0,
+) -> Batch:
+    """One Batch from python lists (history/candidates item ids per sample)."""
+    bsz = len(history)
+    candidates = candidates or [[] for _ in range(bsz)]
+    items = [h + c for h, c in zip(history, candidates)]
+    keys, values, lengths = ["item"], [v for s in items for v in s], [len(s) for s in items]
+    if actions is not None:
+        keys.append("action")
+        values += [v for s in actions for v in s]
+        lengths += [len(s) for s in actions]
+    for name, vals in (contextual or {}).items():
+        keys.append(name)
+        values += vals
+        lengths += [1] * bsz
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=keys, values=torch.tensor(values, dtype=torch.int64), lengths=torch.tensor(lengths, dtype=torch.int64)
+    )
+    if timestamps is None:
+        timestamps = [[100 * (j + 1) for j in range(len(s))] for s in items]
+    return Batch(
+        features=kjt,
+        batch_size=bsz,
+        item_feature_name="item",
+        contextual_feature_names=list((contextual or {}).keys()),
+        action_feature_name="action" if actions is not None else None,
+        num_candidates=torch.tensor([len(c) for c in candidates], dtype=torch.int64),
+        timestamps=torch.tensor([t for s in timestamps for t in s], dtype=torch.int64),
+        labels=torch.tensor(labels, dtype=torch.int64) if labels is not None else None,
+        max_seqlen=max_seqlen or max(len(s) for s in items),
+    )
