@@ -129,6 +129,7 @@ def read_custom(args: CustomDataArgs) -> Parsed:
         keep_item_ids=keep,
         min_user_interactions=args.min_user_interactions,
         members=[str(p) for p in custom_files(args)],
+        column_names={"user": args.user_column, "item": args.item_column, "time_key": args.timestamp_column, "action": args.action_column or "action"},
     )
 
 

@@ -91,14 +91,15 @@ def group(parsed: Parsed) -> Grouped:
     log = parsed.log
     if log.num_rows == 0:
         raise DataError(log.segments[0][0] if log.segments else "input", "no interactions")
-    _check_bound(log, "user", parsed.max_user_id, "user")
-    _check_bound(log, "item", parsed.max_item_id, "item")
+    shown = parsed.column_names
+    _check_bound(log, "user", parsed.max_user_id, "user", shown.get("user"))
+    _check_bound(log, "item", parsed.max_item_id, "item", shown.get("item"))
     if "action" in log.data and parsed.num_action_values is not None:
         act = log.data["action"]
         bad = (act < 0) | (act >= parsed.num_action_values)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise log.error(row, "action", f"action {act[row]} outside [0, {parsed.num_action_values})")
+            raise log.error(row, shown.get("action", "action"), f"action {act[row]} outside [0, {parsed.num_action_values})")
 
     users, raw_users = encode_dense(log.data["user"])
     counts = np.bincount(users, minlength=len(raw_users) + 1)

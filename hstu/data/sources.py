@@ -64,6 +64,8 @@ class Parsed:
     min_user_interactions: int = 2
     members: list[str] = field(default_factory=list)
     """Raw files read (for the folder checksum)."""
+    column_names: dict[str, str] = field(default_factory=dict)
+    """Internal log column (user, item, time_key, action) -> the name the user's file gives it, for messages."""
 
 
 def _check_range(cols: Columns, name: str, lo: int, hi: int, what: str) -> None:
@@ -71,20 +73,20 @@ def _check_range(cols: Columns, name: str, lo: int, hi: int, what: str) -> None:
     bad = (values < lo) | (values > hi)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise cols.error(row, name, f"{what} {values[row]!r} outside [{lo}, {hi}]")
+        raise cols.error(row, name, f"{what} {values[row].item()!r} outside [{lo}, {hi}]")
 
 
-def _check_bound(cols: Columns, name: str, bound: int | None, what: str) -> None:
+def _check_bound(cols: Columns, name: str, bound: int | None, what: str, shown: str | None = None) -> None:
     """Non-negative ids, and <= the declared vocabulary when there is one."""
     values = cols.data[name]
     if values.dtype.kind not in "iu":
         return
     if (values < 0).any():
         row = int(np.flatnonzero(values < 0)[0])
-        raise cols.error(row, name, f"negative {what} id {values[row]}")
+        raise cols.error(row, shown or name, f"negative {what} id {values[row]}")
     if bound is not None and len(values) and values.max() > bound:
         row = int(np.flatnonzero(values > bound)[0])
-        raise cols.error(row, name, f"{what} id {values[row]} overflows the declared vocabulary (max {bound})")
+        raise cols.error(row, shown or name, f"{what} id {values[row]} overflows the declared vocabulary (max {bound})")
 
 
 # ------------------------------------------------------------------------- MovieLens
@@ -97,7 +99,7 @@ def _ml_ratings_to_classes(cols: Columns, scale: int) -> None:
     bad = (np.abs(rating * scale - scaled) > 1e-6) | (scaled < 1) | (scaled > 5 * scale)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise cols.error(row, "rating", f"rating {rating[row]!r} is not one of the MovieLens values")
+        raise cols.error(row, "rating", f"rating {rating[row].item():g} is not one of the MovieLens values")
     cols.data["action"] = scaled - 1
 
 
