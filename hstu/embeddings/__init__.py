@@ -1,0 +1,32 @@
+"""Embedding tables: TorchRec collections, sharding plan, dynamic (LRU/LFU) tables."""
+
+from hstu.embeddings.checkpoint import (
+    embedding_state_dict,
+    load_embedding_state_dict,
+    load_embeddings,
+    save_embeddings,
+)
+from hstu.embeddings.collection import HstuEmbeddings, TableSpec, build_embedding_collection
+from hstu.embeddings.dynamic import DynamicIdRemapper, fresh_rows
+from hstu.embeddings.sharding import (
+    TablePlacement,
+    fused_optimizer,
+    shard_embeddings,
+    sparse_optimizer_spec,
+)
+
+__all__ = [
+    "DynamicIdRemapper",
+    "HstuEmbeddings",
+    "TablePlacement",
+    "TableSpec",
+    "build_embedding_collection",
+    "embedding_state_dict",
+    "fresh_rows",
+    "fused_optimizer",
+    "load_embedding_state_dict",
+    "load_embeddings",
+    "save_embeddings",
+    "shard_embeddings",
+    "sparse_optimizer_spec",
+]

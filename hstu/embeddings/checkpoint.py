@@ -1,0 +1,111 @@
+"""Checkpoint hooks for the embedding tables (torch.distributed.checkpoint compatible).
+
+``embedding_state_dict(model)`` returns a flat dict whose model_parallel entries are
+ShardedTensors (weights and fused optimizer state) and whose replicated entries
+(data_parallel tables and their optimizer state, dynamic-table remapper state) are plain
+tensors identical on every rank. Hand it to ``dcp.save``; to restore, build and shard the
+model for the new world size, take ``state = embedding_state_dict(model)``, ``dcp.load(state,
+...)`` (fills it in place, resharding as needed) and ``load_embedding_state_dict(model,
+state)``.
+
+Keys, per HstuEmbeddings at module path P:
+    P.tables.embeddings.<table>.weight           [C, D]
+    P.optim.embeddings.<table>.weight.<state>    fused (model_parallel) optimizer state
+    P.dense_optim.<table>.<state>                row-sparse optimizer state (data_parallel)
+    P.dense_optim.step.<i>                        its step counter
+    P.remappers.<table>.<buffer>                 dynamic tables: id->slot map and metadata
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torchrec.distributed.model_parallel import DistributedModelParallel
+
+from hstu.embeddings.collection import HstuEmbeddings
+from hstu.embeddings.sharding import dense_kernels
+
+
+def _modules(model: nn.Module) -> list[tuple[str, HstuEmbeddings]]:
+    return [(n + "." if n else "", m) for n, m in model.named_modules() if isinstance(m, HstuEmbeddings)]
+
+
+def _dense_optimizers(emb: HstuEmbeddings) -> list[tuple[torch.Tensor, Any]]:
+    if not isinstance(emb.ec, DistributedModelParallel):
+        return []
+    out = []
+    for kernel in dense_kernels(emb.ec.module):
+        weight = kernel._emb_module.weights
+        for opt in getattr(weight, "_in_backward_optimizers", []):
+            if hasattr(opt, "init_state"):
+                opt.init_state(weight)
+            out.append((weight, opt))
+    return out
+
+
+def embedding_state_dict(model: nn.Module) -> dict[str, Any]:
+    """Weights, optimizer states and dynamic-table state of every HstuEmbeddings in model."""
+    state: dict[str, Any] = {}
+    for prefix, emb in _modules(model):
+        tables = emb.ec.module if isinstance(emb.ec, DistributedModelParallel) else emb.ec
+        for key, value in tables.state_dict().items():
+            state[f"{prefix}tables.{key}"] = value
+        if isinstance(emb.ec, DistributedModelParallel):
+            for key, opt_state in emb.ec.fused_optimizer.state_dict()["state"].items():
+                for name, value in opt_state.items():
+                    state[f"{prefix}optim.{key}.{name}"] = value
+        for i, (weight, opt) in enumerate(_dense_optimizers(emb)):
+            st = opt.state[weight]
+            state[f"{prefix}dense_optim.step.{i}"] = st["step"]
+            for table, seg in st.get("segments", {}).items():
+                for name, value in seg.items():
+                    state[f"{prefix}dense_optim.{table}.{name}"] = value
+        for key, value in emb.remappers.state_dict().items():
+            state[f"{prefix}remappers.{key}"] = value
+    return state
+
+
+@torch.no_grad()
+def load_embedding_state_dict(model: nn.Module, state: dict[str, Any]) -> None:
+    """Restores what :func:`embedding_state_dict` produced (after dcp.load filled it)."""
+    for prefix, emb in _modules(model):
+        sharded = isinstance(emb.ec, DistributedModelParallel)
+        tables = emb.ec.module if sharded else emb.ec
+        table_state = {k[len(prefix) + 7 :]: v for k, v in state.items() if k.startswith(prefix + "tables.")}
+        tables.load_state_dict(table_state)
+        if sharded:
+            fused = emb.ec.fused_optimizer
+            current = fused.state_dict()
+            for key, opt_state in current["state"].items():
+                for name in list(opt_state):
+                    opt_state[name] = state[f"{prefix}optim.{key}.{name}"]
+            fused.load_state_dict(current)
+        for i, (weight, opt) in enumerate(_dense_optimizers(emb)):
+            st = opt.state[weight]
+            st["step"].copy_(state[f"{prefix}dense_optim.step.{i}"])
+            for table, seg in st.get("segments", {}).items():
+                for name, value in seg.items():
+                    value.copy_(state[f"{prefix}dense_optim.{table}.{name}"])
+        remap_state = {
+            k[len(prefix) + 10 :]: v for k, v in state.items() if k.startswith(prefix + "remappers.")
+        }
+        if emb.remappers:
+            emb.remappers.load_state_dict(remap_state)
+
+
+def save_embeddings(model: nn.Module, path: str) -> None:
+    """dcp.save of :func:`embedding_state_dict` (collective over the default group)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(embedding_state_dict(model), checkpoint_id=path)
+
+
+def load_embeddings(model: nn.Module, path: str) -> None:
+    """dcp.load into the model's own (possibly differently sharded) state, then restore."""
+    import torch.distributed.checkpoint as dcp
+
+    state = embedding_state_dict(model)
+    dcp.load(state, checkpoint_id=path)
+    load_embedding_state_dict(model, state)

@@ -1,0 +1,248 @@
+"""Build the embedding tables of a run: one TorchRec EmbeddingCollection behind one module.
+
+Legend: B batch, F features, L[f][b] jagged lengths, N[f] = sum_b L[f][b] ids of feature
+f, D[t] embedding dim of table t, C[t] rows of table t.
+
+Static tables (``EmbeddingArgs``) become tables of ``item_vocab_size_or_capacity`` rows;
+ids must lie in [0, rows). Dynamic tables (``DynamicEmbeddingArgs``) become tables of
+their resolved capacity (``resolve_hbm``) fronted by a :class:`DynamicIdRemapper` that
+turns raw int64 ids into rows. Both live in the same ``EmbeddingCollection`` so one
+TorchRec sharding plan covers them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+
+from hstu.args import DynamicEmbeddingArgs, EmbeddingArgs
+from hstu.embeddings.dynamic import DynamicIdRemapper, default_bound, fresh_rows
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_SPARSE_OPTIMIZER = "adam"
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """What was built for one table."""
+
+    name: str
+    feature_names: tuple[str, ...]
+    num_rows: int
+    embedding_dim: int
+    dynamic: bool
+    sharding_type: str
+    """data_parallel | model_parallel, as declared."""
+    caching: bool = False
+    """Dynamic table with a UVM cache in front (GPU only)."""
+    cache_rows: int = 0
+    """Rows of the device cache when caching."""
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by a constant."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return grad * ctx.scale, None
+
+
+class HstuEmbeddings(nn.Module):
+    """KeyedJaggedTensor -> dict[feature name, JaggedTensor] over static and dynamic tables.
+
+    Input: ``features`` KJT with keys among the tables' feature names; values int64 [sum N].
+    Output: ``{f: JaggedTensor(values [N[f], D[t(f)]], lengths L[f])}``.
+
+    ``ec`` is the TorchRec ``EmbeddingCollection`` (replaced by its sharded version by
+    :func:`hstu.embeddings.shard_embeddings`), ``remappers`` one
+    :class:`DynamicIdRemapper` per dynamic table.
+    """
+
+    def __init__(
+        self,
+        ec: nn.Module,
+        specs: list[TableSpec],
+        remappers: dict[str, DynamicIdRemapper],
+        seed: int,
+    ) -> None:
+        super().__init__()
+        self.ec = ec
+        self.specs = {s.name: s for s in specs}
+        self.remappers = nn.ModuleDict(remappers)
+        self.seed = seed
+        self._feature_to_table = {f: s.name for s in specs for f in s.feature_names}
+        # Set by shard_embeddings: multiplier of the output gradient per feature (see there).
+        self.grad_scale_per_feature: dict[str, float] = {}
+
+    # --------------------------------------------------------------------- forward
+
+    def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        misses: dict[str, torch.Tensor] = {}
+        if self.remappers:
+            features, misses = self._remap(features)
+        out = self.ec(features)
+        if misses or self.grad_scale_per_feature:
+            out = dict(out)
+            for name, mask in misses.items():
+                jt = out[name]
+                values = jt.values() * (~mask).unsqueeze(1).to(jt.values().dtype)
+                out[name] = JaggedTensor(values=values, lengths=jt.lengths())
+            for name, scale in self.grad_scale_per_feature.items():
+                if name in out and scale != 1.0 and torch.is_grad_enabled():
+                    jt = out[name]
+                    out[name] = JaggedTensor(
+                        values=_ScaleGrad.apply(jt.values(), scale), lengths=jt.lengths()
+                    )
+        return out
+
+    def _remap(
+        self, features: KeyedJaggedTensor
+    ) -> tuple[KeyedJaggedTensor, dict[str, torch.Tensor]]:
+        """Raw ids of dynamic features -> slots (one remapper call per table, all its features)."""
+        keys = features.keys()
+        values = features.values()
+        offsets = features.offset_per_key()
+        new_values = values.clone()
+        misses: dict[str, torch.Tensor] = {}
+        for table, remapper in self.remappers.items():
+            spans = [
+                (k, offsets[i], offsets[i + 1])
+                for i, k in enumerate(keys)
+                if self._feature_to_table.get(k) == table
+            ]
+            # Every rank calls every remapper in training (it is a collective), even with
+            # no ids of that table in its batch.
+            ids = torch.cat([values[a:b] for _, a, b in spans]) if spans else values[:0]
+            slots, miss = remapper(ids)
+            if remapper.pending_fresh is not None:
+                self._write_fresh_rows(table, *remapper.pending_fresh)
+                remapper.pending_fresh = None
+            pos = 0
+            for k, a, b in spans:
+                new_values[a:b] = slots[pos : pos + b - a]
+                if miss is not None:
+                    misses[k] = miss[pos : pos + b - a]
+                pos += b - a
+        remapped = KeyedJaggedTensor(
+            keys=keys,
+            values=new_values,
+            lengths=features.lengths(),
+            weights=features.weights_or_none(),
+            stride=features.stride(),
+        )
+        return remapped, misses
+
+    @torch.no_grad()
+    def _write_fresh_rows(self, table: str, slots: torch.Tensor, ids: torch.Tensor) -> None:
+        """Re-initialises the rows of newly admitted ids and zeroes their optimizer state."""
+        from hstu.embeddings.rows import write_table_rows
+
+        spec = self.specs[table]
+        rows = fresh_rows(ids, spec.embedding_dim, default_bound(spec.num_rows), self.seed)
+        write_table_rows(self.ec, table, slots, rows)
+
+    # ----------------------------------------------------------------------- stats
+
+    def stats(self) -> dict[str, dict[str, int | float]]:
+        """Per dynamic table: capacity, occupancy, admitted/evicted counts (for the log)."""
+        return {name: r.stats() for name, r in self.remappers.items()}
+
+    def log_stats(self, step: int | None = None) -> str:
+        parts = []
+        for name, s in self.stats().items():
+            parts.append(
+                f"{name}: occupancy {s['occupied']}/{s['capacity']} ({s['occupancy']:.1%}), "
+                f"admitted {s['admitted_total']} evicted {s['evicted_total']} "
+                f"(last step +{s['admitted_last_step']}/-{s['evicted_last_step']}), "
+                f"eval misses {s['eval_misses_total']}, shared-row lookups {s['shared_row_lookups']}"
+            )
+        line = ("[embeddings] " + (f"step {step}: " if step is not None else "") + "; ".join(parts))
+        if parts:
+            logger.info(line)
+        return line
+
+
+def _dynamic_capacity(
+    table: DynamicEmbeddingArgs, dim: int, sparse_optimizer: str, device: torch.device
+) -> tuple[int, bool, int]:
+    """(table rows, caching on, device cache rows) for a dynamic table."""
+    plan = table.resolve_hbm(dim, sparse_optimizer)
+    print(f"[embeddings] dynamic {plan.describe(table.table_name)}", flush=True)
+    if table.caching:
+        if device.type == "cuda":
+            # Host (UVM) memory holds the whole vocabulary; HBM caches plan.capacity_rows.
+            return table.item_vocab_size_or_capacity, True, plan.capacity_rows
+        print(
+            f"[embeddings] table {table.table_name}: caching=True is not applicable on "
+            f"{device.type} (UVM caching needs a GPU); ignored",
+            flush=True,
+        )
+    return plan.capacity_rows, False, 0
+
+
+def build_embedding_collection(
+    tables: list[EmbeddingArgs],
+    embedding_dims: dict[str, int],
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    sparse_optimizer: str = _DEFAULT_SPARSE_OPTIMIZER,
+) -> HstuEmbeddings:
+    """One module over all tables; deterministic weights for a seed.
+
+    Args:
+        tables: static (``EmbeddingArgs``) and dynamic (``DynamicEmbeddingArgs``) tables.
+        embedding_dims: D per table name (e.g. item tables ``resolved_item_embedding_dim``).
+        device: where weights and remapper state live before sharding.
+        seed: weights of table i are drawn from a generator seeded with (seed, i);
+            dynamic rows from :func:`fresh_rows` (a function of seed and id).
+        sparse_optimizer: ``OptimizerArgs.resolved_sparse_optimizer_str``; sizes the
+            per-row optimizer state in the dynamic tables' HBM budget.
+    """
+    device = torch.device(device)
+    configs: list[EmbeddingConfig] = []
+    specs: list[TableSpec] = []
+    remappers: dict[str, DynamicIdRemapper] = {}
+    for table in tables:
+        name = table.table_name
+        if name not in embedding_dims:
+            raise KeyError(f"no embedding dim given for table {name!r}")
+        dim = embedding_dims[name]
+        if isinstance(table, DynamicEmbeddingArgs):
+            rows, caching, cache_rows = _dynamic_capacity(table, dim, sparse_optimizer, device)
+            remappers[name] = DynamicIdRemapper(name, rows, table.evict_strategy, device)
+            specs.append(
+                TableSpec(name, tuple(table.feature_names), rows, dim, True,
+                          "model_parallel", caching, cache_rows)
+            )
+        else:
+            rows = table.item_vocab_size_or_capacity
+            specs.append(TableSpec(name, tuple(table.feature_names), rows, dim, False,
+                                   table.sharding_type))
+        configs.append(
+            EmbeddingConfig(
+                name=name,
+                embedding_dim=dim,
+                num_embeddings=rows,
+                feature_names=list(table.feature_names),
+            )
+        )
+    ec = EmbeddingCollection(tables=configs, device=device)
+    with torch.no_grad():
+        for i, spec in enumerate(specs):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+            bound = default_bound(spec.num_rows)
+            weight = torch.empty(spec.num_rows, spec.embedding_dim).uniform_(-bound, bound, generator=gen)
+            ec.embeddings[spec.name].weight.copy_(weight.to(device))
+    return HstuEmbeddings(ec, specs, remappers, seed)

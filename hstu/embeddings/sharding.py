@@ -1,0 +1,279 @@
+"""Shard the embedding tables with TorchRec and fuse the sparse optimizer into backward.
+
+Only the ``EmbeddingCollection`` inside each :class:`HstuEmbeddings` is sharded (wrapped in
+``DistributedModelParallel`` with ``init_data_parallel=False``); the rest of the model is
+left alone for the trainer's own data-parallel wrapper over its DP group.
+
+Gradient conventions (all tables alike, so moving a table between data_parallel and
+model_parallel does not change the math): the gradient a table's optimizer sees is the SUM
+over the ranks of the embedding process group of the per-rank gradients.
+- model_parallel tables: TorchRec's backward all-to-all already sums per row.
+- data_parallel tables: TorchRec wraps their lookup in its own DistributedDataParallel
+  over the embedding process group, which AVERAGES; :class:`HstuEmbeddings` multiplies
+  the gradient of those features by the group size (``grad_scale_per_feature``) so the
+  average becomes the sum. The sparse optimizer of data_parallel tables is a plain torch
+  optimizer fused into backward (DDP runs it after its all-reduce); the replicas stay
+  identical because they all apply the same reduced gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.optim import _apply_optimizer_in_backward
+from torchrec.distributed.batched_embedding_kernel import BatchedDenseEmbedding
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec import optim as trec_optim
+
+from hstu.args import EmbeddingArgs, OptimizerArgs
+from hstu.embeddings.collection import HstuEmbeddings
+from hstu.embeddings.optim import RowSparseOptimizer
+
+ShardingOverride = Literal["row_wise", "table_wise", "column_wise", "table_row_wise", "data_parallel"]
+
+_MODEL_PARALLEL_CHOICES = ["row_wise", "table_wise"]
+
+
+@dataclass(frozen=True)
+class TablePlacement:
+    """The resolved plan of one table."""
+
+    table: str
+    sharding_type: str
+    compute_kernel: str
+    ranks: list[int]
+    bytes_per_rank: dict[int, int]
+    """Weight bytes (float32 values only) held by each rank."""
+
+    def describe(self) -> str:
+        per_rank = ", ".join(f"r{r}: {b / 2**20:.2f} MiB" for r, b in sorted(self.bytes_per_rank.items()))
+        return f"{self.table}: {self.sharding_type} ({self.compute_kernel}) on ranks {self.ranks} [{per_rank}]"
+
+
+def sparse_optimizer_spec(
+    optimizer_args: OptimizerArgs, fused: bool
+) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """(class, kwargs) of the sparse optimizer.
+
+    fused=True: a class TorchRec maps onto an FBGEMM fused kernel (model_parallel tables);
+    fused=False: a torch optimizer that really steps, with the same row-sparse semantics
+    (the dense kernel of data_parallel tables).
+    ``adamw`` uses Adam: OptimizerArgs.weight_decay applies to dense parameters only, and
+    without decay AdamW and Adam are the same update. ``eps`` is OptimizerArgs.adam_eps
+    for every family.
+    """
+    name = optimizer_args.resolved_sparse_optimizer_str
+    lr = optimizer_args.sparse_learning_rate or optimizer_args.learning_rate
+    b1, b2, eps = optimizer_args.adam_beta1, optimizer_args.adam_beta2, optimizer_args.adam_eps
+    if name in ("adam", "adamw"):
+        if fused:
+            return trec_optim.Adam, {"lr": lr, "beta1": b1, "beta2": b2, "eps": eps}
+        return RowSparseOptimizer, {"kind": "adam", "lr": lr, "betas": (b1, b2), "eps": eps}
+    if name == "sgd":
+        return (trec_optim.SGD if fused else torch.optim.SGD), {"lr": lr}
+    if name == "rowwise_adagrad":
+        if fused:
+            return trec_optim.RowWiseAdagrad, {"lr": lr, "eps": eps}
+        return RowSparseOptimizer, {"kind": "rowwise_adagrad", "lr": lr, "eps": eps}
+    raise ValueError(f"unknown sparse optimizer {name!r}")
+
+
+def check_sparse_optimizer(optimizer_args: OptimizerArgs, device: torch.device) -> None:
+    """FBGEMM's CPU kernels have no fused Adam (and TorchRec allows only fused kernels
+    for sharded tables): refuse it clearly instead of failing deep inside FBGEMM."""
+    name = optimizer_args.resolved_sparse_optimizer_str
+    if device.type == "cpu" and name in ("adam", "adamw"):
+        raise ValueError(
+            f"OptimizerArgs.sparse_optimizer_str: {name!r} has no fused CPU kernel in FBGEMM "
+            "for model_parallel/dynamic tables; on CPU set sparse_optimizer_str to "
+            "'rowwise_adagrad' or 'sgd' (adam works on GPU)"
+        )
+
+
+def _find_embedding_modules(module: nn.Module) -> list[HstuEmbeddings]:
+    if isinstance(module, HstuEmbeddings):
+        return [module]
+    return [m for m in module.modules() if isinstance(m, HstuEmbeddings)]
+
+
+def _constraints(
+    emb: HstuEmbeddings,
+    tables: dict[str, EmbeddingArgs],
+    overrides: dict[str, str],
+    device: torch.device,
+) -> dict[str, ParameterConstraints]:
+    out: dict[str, ParameterConstraints] = {}
+    for name, spec in emb.specs.items():
+        declared = tables[name].sharding_type if name in tables else spec.sharding_type
+        if declared == "data_parallel":
+            if name in overrides and overrides[name] != "data_parallel":
+                raise ValueError(
+                    f"table {name!r} is data_parallel; a sharding override "
+                    f"{overrides[name]!r} applies to model_parallel tables only"
+                )
+            out[name] = ParameterConstraints(sharding_types=["data_parallel"], compute_kernels=["dense"])
+            continue
+        types = [overrides[name]] if name in overrides else list(_MODEL_PARALLEL_CHOICES)
+        if types == ["data_parallel"]:
+            raise ValueError(f"table {name!r} is model_parallel; override it in EmbeddingArgs instead")
+        kwargs: dict[str, Any] = {}
+        if spec.caching and device.type == "cuda":
+            kernels = ["fused_uvm_caching"]
+            from torchrec.distributed.types import CacheParams
+
+            kwargs["cache_params"] = CacheParams(load_factor=spec.cache_rows / spec.num_rows)
+        else:
+            # Pinned: on CPU the planner may otherwise pick a GPU-only kernel.
+            kernels = ["fused"]
+        out[name] = ParameterConstraints(sharding_types=types, compute_kernels=kernels, **kwargs)
+    return out
+
+
+def _placements(plan: ShardingPlan, emb: HstuEmbeddings, world_size: int) -> list[TablePlacement]:
+    module_plan = plan.get_plan_for_module("") or {}
+    result = []
+    for name, ps in module_plan.items():  # type: ignore[union-attr]
+        spec = emb.specs[name]
+        row_bytes = spec.embedding_dim * 4
+        if ps.sharding_type == "data_parallel":
+            ranks = list(range(world_size))
+            per_rank = {r: spec.num_rows * row_bytes for r in ranks}
+        else:
+            per_rank: dict[int, int] = {}
+            for shard in ps.sharding_spec.shards:  # type: ignore[union-attr]
+                rank = shard.placement.rank()
+                rows, cols = shard.shard_sizes
+                per_rank[rank] = per_rank.get(rank, 0) + rows * cols * 4
+            ranks = sorted(per_rank)
+        result.append(TablePlacement(name, ps.sharding_type, ps.compute_kernel, ranks, per_rank))
+    return result
+
+
+def shard_embeddings(
+    module_or_model: nn.Module,
+    tables: list[EmbeddingArgs],
+    optimizer_args: OptimizerArgs,
+    device: torch.device | str,
+    pg: dist.ProcessGroup | None = None,
+    sharding_overrides: dict[str, ShardingOverride] | None = None,
+    batch_size_per_rank: int = 512,
+    hbm_cap_bytes: int | None = None,
+) -> tuple[nn.Module, list[TablePlacement]]:
+    """Shards every :class:`HstuEmbeddings` in ``module_or_model`` in place.
+
+    Args:
+        module_or_model: an HstuEmbeddings, or a model holding one (only it is touched).
+        tables: the table arguments the module was built from (sharding_type per table).
+        optimizer_args: sparse optimizer family, sparse lr, betas and eps.
+        device: compute device of the tables.
+        pg: embedding process group (default: the world). Every rank of it must call.
+        sharding_overrides: table -> forced TorchRec sharding type for model_parallel tables.
+        batch_size_per_rank: the planner's batch size hint.
+        hbm_cap_bytes: per-device memory budget for the planner (default: TorchRec's).
+
+    Returns:
+        (module_or_model, placements): the same object (sharded in place) and the
+        resolved plan, also printed once on rank 0.
+    """
+    device = torch.device(device)
+    pg = pg or dist.group.WORLD
+    world_size = dist.get_world_size(pg)
+    rank = dist.get_rank(pg)
+    by_name = {t.table_name: t for t in tables}
+    overrides = dict(sharding_overrides or {})
+    unknown = set(overrides) - set(by_name)
+    if unknown:
+        raise ValueError(f"sharding_overrides name unknown tables: {sorted(unknown)}")
+    placements: list[TablePlacement] = []
+    for emb in _find_embedding_modules(module_or_model):
+        for remapper in emb.remappers.values():
+            remapper.pg = pg
+        ec = emb.ec
+        # model_parallel tables: optimizer class/kwargs become FBGEMM fused params.
+        fused_cls, fused_kwargs = sparse_optimizer_spec(optimizer_args, fused=True)
+        mp_weights = [
+            ec.embeddings[name].weight
+            for name, spec in emb.specs.items()
+            if by_name.get(name, spec).sharding_type != "data_parallel"
+        ]
+        if mp_weights:
+            check_sparse_optimizer(optimizer_args, device)
+            _apply_optimizer_in_backward(fused_cls, mp_weights, fused_kwargs)
+        topology_kwargs: dict[str, Any] = {}
+        if hbm_cap_bytes is not None:
+            topology_kwargs["hbm_cap"] = hbm_cap_bytes
+        topology = Topology(
+            world_size=world_size,
+            compute_device=device.type,
+            local_world_size=world_size if device.type == "cpu" else None,
+            **topology_kwargs,
+        )
+        constraints = _constraints(emb, by_name, overrides, device)
+        sharders = [EmbeddingCollectionSharder()]
+        planner = EmbeddingShardingPlanner(
+            topology=topology, batch_size=batch_size_per_rank, constraints=constraints
+        )
+        plan = planner.collective_plan(ec, sharders, pg)
+        env = ShardingEnv.from_process_group(pg)
+        emb.ec = DistributedModelParallel(
+            module=ec,
+            env=env,
+            device=device,
+            plan=plan,
+            sharders=sharders,
+            init_data_parallel=False,
+        )
+        table_plan = _placements(plan, emb, world_size)
+        _fuse_dense_optimizer(emb, optimizer_args)
+        emb.grad_scale_per_feature = {
+            f: float(world_size)
+            for p in table_plan
+            if p.sharding_type == "data_parallel"
+            for f in emb.specs[p.table].feature_names
+        }
+        placements.extend(table_plan)
+    if rank == 0:
+        lines = "\n".join("  " + p.describe() for p in placements)
+        print(f"[embeddings] sharding plan over {world_size} rank(s):\n{lines}", flush=True)
+    return module_or_model, placements
+
+
+def dense_kernels(sharded_ec: nn.Module) -> list[nn.Module]:
+    """TorchRec dense TBE kernels (the data_parallel tables)."""
+    return [m for m in sharded_ec.modules() if isinstance(m, BatchedDenseEmbedding)]
+
+
+def _fuse_dense_optimizer(emb: HstuEmbeddings, optimizer_args: OptimizerArgs) -> None:
+    """Attaches a real torch optimizer, run in backward, to the dense kernels' weights.
+
+    TorchRec carries in-backward optimizers over to fused kernels only. A dense kernel
+    packs its tables into one flat weight; ``_hstu_segments`` tells the optimizer where
+    each table's rows are. data_parallel lookups sit inside a DDP, whose first forward
+    picks ``_in_backward_optimizers`` up and then steps them right after its all-reduce.
+    """
+    cls, kwargs = sparse_optimizer_spec(optimizer_args, fused=False)
+    for kernel in dense_kernels(emb.ec.module):
+        weight = kernel._emb_module.weights
+        weight._hstu_segments = [
+            (name, sl._start_offset, sl._end_offset, sl._embedding_dim)
+            for name, sl in kernel._param_per_table.items()
+        ]
+        _apply_optimizer_in_backward(cls, [weight], kwargs)
+
+
+def fused_optimizer(module_or_model: nn.Module) -> list[torch.optim.Optimizer]:
+    """The fused (model_parallel) optimizers of every sharded HstuEmbeddings."""
+    return [emb.ec.fused_optimizer for emb in _find_embedding_modules(module_or_model)
+            if isinstance(emb.ec, DistributedModelParallel)]
+
+
+__all__ = ["TablePlacement", "shard_embeddings", "sparse_optimizer_spec", "fused_optimizer"]
+
