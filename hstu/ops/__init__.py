@@ -15,8 +15,8 @@ from hstu.ops.rab import NUM_TIME_BUCKETS, RelativeAttentionBias, time_bucket
 
 __all__ = [
     "BACKENDS",
-    "BackendUnavailableError",
     "NUM_TIME_BUCKETS",
+    "BackendUnavailableError",
     "RelativeAttentionBias",
     "dense_mask",
     "hstu_attention",
@@ -77,14 +77,24 @@ def hstu_attention(
     if rab is not None:
         rab.validate(q.shape[0], max_seqlen)
     chosen = resolve_backend(
-        backend, q.shape[2], q.device, strict, value_head_dim=v.shape[2], dtype=q.dtype,
-        causal=causal, has_targets=num_targets is not None,
+        backend,
+        q.shape[2],
+        q.device,
+        strict,
+        value_head_dim=v.shape[2],
+        dtype=q.dtype,
+        causal=causal,
+        has_targets=num_targets is not None,
     )
-    kwargs = dict(
-        alpha=alpha, scaling_seqlen=scaling_seqlen, causal=causal,
-        num_contextual=num_contextual, num_targets=num_targets,
-        target_group_size=target_group_size, rab=rab,
-    )
+    kwargs = {
+        "alpha": alpha,
+        "scaling_seqlen": scaling_seqlen,
+        "causal": causal,
+        "num_contextual": num_contextual,
+        "num_targets": num_targets,
+        "target_group_size": target_group_size,
+        "rab": rab,
+    }
     if chosen == "triton":
         return triton_module().triton_hstu_attention(q, k, v, offsets, max_seqlen, **kwargs)
     if chosen == "cutlass":

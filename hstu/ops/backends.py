@@ -31,7 +31,9 @@ def triton_interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def triton_unavailable_reason(head_dim: int, value_head_dim: int, device: torch.device) -> str | None:
+def triton_unavailable_reason(
+    head_dim: int, value_head_dim: int, device: torch.device
+) -> str | None:
     """None when our triton kernel can run this call, else a short reason."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
@@ -99,7 +101,9 @@ def resolve_backend(
             chosen = "triton" if triton_reason is None else "pytorch"
     if reason is None:
         return chosen
-    message = f"hstu_attention: backend '{name}' cannot run here ({reason}); running '{chosen}' instead"
+    message = (
+        f"hstu_attention: backend '{name}' cannot run here ({reason}); running '{chosen}' instead"
+    )
     if strict:
         raise BackendUnavailableError(message.replace(f"; running '{chosen}' instead", " [strict]"))
     if message not in _reported:

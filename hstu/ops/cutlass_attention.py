@@ -26,8 +26,8 @@ import importlib
 import importlib.machinery
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,7 @@ def _entry_of(module: object) -> Callable[..., Tensor] | None:
     name = getattr(module, "__name__", "")
     try:
         sub = importlib.import_module(f"{name}.cuda_hstu_attention")
-    except Exception:
+    except Exception:  # noqa: BLE001 - a binary extension may fail with any error type
         return None
     fn = getattr(sub, _ENTRY, None)
     return fn if callable(fn) else None
@@ -70,7 +70,8 @@ def _external_top_level_hstu() -> Callable[..., Tensor] | None:
         if _PRIVATE_NAME in sys.modules:
             return _entry_of(sys.modules[_PRIVATE_NAME])
         private = importlib.util.spec_from_file_location(
-            _PRIVATE_NAME, spec.origin,
+            _PRIVATE_NAME,
+            spec.origin,
             submodule_search_locations=list(spec.submodule_search_locations),
         )
         if private is None or private.loader is None:
@@ -100,7 +101,7 @@ def load_entry() -> tuple[Callable[..., Tensor] | None, str]:
             _loaded = (fn, "")
             return _loaded
         problems.append(f"fbgemm_gpu.experimental.hstu has no {_ENTRY}")
-    except Exception as exc:  # ImportError, or a CUDA library that fails to load
+    except Exception as exc:  # noqa: BLE001 - ImportError, OSError of a CUDA lib, ...
         problems.append(f"fbgemm_gpu.experimental.hstu not importable ({type(exc).__name__})")
     try:
         fn = _external_top_level_hstu()
@@ -108,15 +109,19 @@ def load_entry() -> tuple[Callable[..., Tensor] | None, str]:
             _loaded = (fn, "")
             return _loaded
         problems.append("no external 'hstu' module (package fbgemm-gpu-hstu) on sys.path")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - reported as the fallback reason
         problems.append(f"external 'hstu' module failed to load ({type(exc).__name__}: {exc})")
     _loaded = (None, "; ".join(problems))
     return _loaded
 
 
 def unavailable_reason(
-    head_dim: int, value_head_dim: int, device: torch.device, dtype: torch.dtype | None,
-    causal: bool, has_targets: bool,
+    head_dim: int,
+    value_head_dim: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    causal: bool,
+    has_targets: bool,
 ) -> str | None:
     """None when the cutlass kernels can run this call, else a short reason."""
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -137,8 +142,14 @@ def unavailable_reason(
 
 
 def _contextual_rows(
-    q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_contextual: Tensor, bias: Tensor | None,
-    alpha: float, scaling_seqlen: int,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    offsets: Tensor,
+    num_contextual: Tensor,
+    bias: Tensor | None,
+    alpha: float,
+    scaling_seqlen: int,
 ) -> tuple[Tensor, Tensor] | None:
     """Our contextual rows: row i < C[b] attends exactly the keys j < C[b].
 
@@ -155,7 +166,7 @@ def _contextual_rows(
     scores = alpha * torch.einsum("bihd,bjhd->bhij", qc, kc)
     if bias is not None:
         scores = scores + bias[:, :, :width, :width].float()
-    keep = (valid.view(-1, 1, width, 1) & valid.view(-1, 1, 1, width))
+    keep = valid.view(-1, 1, width, 1) & valid.view(-1, 1, 1, width)
     weights = torch.where(keep, F.silu(scores), 0.0) / scaling_seqlen
     out = torch.einsum("bhij,bjhd->bihd", weights, vc)[valid]
     return index[valid], out
@@ -195,8 +206,13 @@ def cutlass_hstu_attention(
         )
         bias = padded_bias(rab, index, lengths).expand(num_samples, -1, -1).unsqueeze(1)
     out = fn(
-        q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, cu_seqlens,
-        max_seqlen, max_seqlen,
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        cu_seqlens,
+        cu_seqlens,
+        max_seqlen,
+        max_seqlen,
         num_contexts=None,
         num_targets=None if num_targets is None else num_targets.to(torch.int32),
         target_group_size=target_group_size,

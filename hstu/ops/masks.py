@@ -26,8 +26,13 @@ from torch import Tensor
 
 
 def allowed(
-    i: int, j: int, length: int, num_contextual: int, num_targets: int,
-    target_group_size: int, causal: bool,
+    i: int,
+    j: int,
+    length: int,
+    num_contextual: int,
+    num_targets: int,
+    target_group_size: int,
+    causal: bool,
 ) -> bool:
     """The mask rule for one (query i, key j) pair of one sample, in plain Python.
 

@@ -5,8 +5,9 @@ one chunk, n the padded width of a chunk (its longest sample), N ``scaling_seqle
 
 Samples are sorted by length and cut into chunks whose score tensors fit a memory budget, so
 a batch never materialises a dense [B, H, max_seqlen, max_seqlen]; a single sample too long
-for the budget is further split over heads. Scores are computed in float32 whatever the
-input dtype; autograd runs through the plain ops.
+for the budget is further split over heads. Scores are computed in at least float32 whatever the
+input dtype
+(float64 stays float64); autograd runs through the plain ops.
 """
 
 from __future__ import annotations
@@ -80,9 +81,10 @@ def pytorch_hstu_attention(
     """
     del max_seqlen
     budget = memory_budget_bytes or DEFAULT_MEMORY_BUDGET_BYTES
-    num_tokens, num_heads, head_dim = q.shape
+    num_tokens, num_heads, _head_dim = q.shape
     lengths = lengths_from_offsets(offsets)
-    out = q.new_zeros(num_tokens, num_heads, v.shape[2], dtype=torch.float32)
+    compute_dtype = torch.promote_types(q.dtype, torch.float32)
+    out = q.new_zeros(num_tokens, num_heads, v.shape[2], dtype=compute_dtype)
     pieces: list[Tensor] = []
     ids: list[Tensor] = []
     for samples, width, h0, h1 in plan_chunks(lengths.tolist(), num_heads, budget):
@@ -91,12 +93,14 @@ def pytorch_hstu_attention(
         slot = torch.arange(width, device=q.device)
         valid = slot.view(1, -1) < chunk_lengths.view(-1, 1)
         token_index = torch.where(valid, offsets[sample_ids].view(-1, 1) + slot.view(1, -1), 0)
-        qc = q[token_index][:, :, h0:h1].float()
-        kc = k[token_index][:, :, h0:h1].float()
-        vc = v[token_index][:, :, h0:h1].float()
+        qc = q[token_index][:, :, h0:h1].to(compute_dtype)
+        kc = k[token_index][:, :, h0:h1].to(compute_dtype)
+        vc = v[token_index][:, :, h0:h1].to(compute_dtype)
         scores = alpha * torch.einsum("bihd,bjhd->bhij", qc, kc)
         if rab is not None:
-            scores = scores + padded_bias(rab, token_index, chunk_lengths).float().unsqueeze(1)
+            scores = scores + padded_bias(rab, token_index, chunk_lengths).to(
+                compute_dtype
+            ).unsqueeze(1)
         mask = dense_mask(
             chunk_lengths,
             None if num_contextual is None else num_contextual[sample_ids],
@@ -113,7 +117,9 @@ def pytorch_hstu_attention(
         else:
             # head-split chunk of one long sample: place its heads directly
             rows = token_index[valid]
-            out = out.index_put((rows.view(-1, 1), torch.arange(h0, h1, device=q.device).view(1, -1)), chunk_out)
+            out = out.index_put(
+                (rows.view(-1, 1), torch.arange(h0, h1, device=q.device).view(1, -1)), chunk_out
+            )
     if pieces:
         out = out.index_copy(0, torch.cat(ids), torch.cat(pieces))
     return out.to(q.dtype)

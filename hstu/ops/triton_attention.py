@@ -29,10 +29,28 @@ from hstu.ops.rab import NUM_TIME_BUCKETS, RelativeAttentionBias
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+# The kernels use only Triton builtins, no @triton.jit helpers of triton.language.standard
+# (sigmoid, cdiv, zeros): those are decorated when triton is first imported, so under an
+# interpreter switched on after that import they would not run.
+
 
 @triton.jit
-def _allowed(i, j, seqlen, num_ctx, first_cand, group_size,
-             CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr):
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _allowed(
+    i,
+    j,
+    seqlen,
+    num_ctx,
+    first_cand,
+    group_size,
+    CAUSAL: tl.constexpr,
+    HAS_CONTEXT: tl.constexpr,
+    HAS_TARGETS: tl.constexpr,
+):
     """i, j: broadcastable int32 query/key positions inside the sample -> bool tile."""
     inside = (i < seqlen) & (j < seqlen)
     if CAUSAL:
@@ -43,7 +61,8 @@ def _allowed(i, j, seqlen, num_ctx, first_cand, group_size,
         i_cand = i >= first_cand
         j_cand = j >= first_cand
         same_group = (tl.maximum(i - first_cand, 0) // group_size) == (
-            tl.maximum(j - first_cand, 0) // group_size)
+            tl.maximum(j - first_cand, 0) // group_size
+        )
         rule = rule & ((j_cand == 0) | (i_cand & same_group))
     if HAS_CONTEXT:
         rule = rule | ((i < num_ctx) & (j < num_ctx))
@@ -67,9 +86,22 @@ def _ts_bucket(i, j, seqlen, ts_ptr, NUM_BUCKETS: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k_t, i, j, seqlen, alpha, pos_w, ts_w, ts_ptr, num_pos,
-            HAS_POS: tl.constexpr, HAS_TS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
-            PRECISION: tl.constexpr):
+def _scores(
+    q,
+    k_t,
+    i,
+    j,
+    seqlen,
+    alpha,
+    pos_w,
+    ts_w,
+    ts_ptr,
+    num_pos,
+    HAS_POS: tl.constexpr,
+    HAS_TS: tl.constexpr,
+    NUM_BUCKETS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """alpha * q @ k_t + rab, float32; q [X, D], k_t [D, Y], i/j broadcast to [X, Y]."""
     s = tl.dot(q, k_t, input_precision=PRECISION) * alpha
     if HAS_POS:
@@ -80,8 +112,9 @@ def _scores(q, k_t, i, j, seqlen, alpha, pos_w, ts_w, ts_ptr, num_pos,
 
 
 @triton.jit
-def _sample_meta(offsets, num_ctx_ptr, num_tgt_ptr, b, HAS_CONTEXT: tl.constexpr,
-                 HAS_TARGETS: tl.constexpr):
+def _sample_meta(
+    offsets, num_ctx_ptr, num_tgt_ptr, b, HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr
+):
     start = tl.load(offsets + b)
     seqlen = (tl.load(offsets + b + 1) - start).to(tl.int32)
     num_ctx = 0
@@ -94,9 +127,18 @@ def _sample_meta(offsets, num_ctx_ptr, num_tgt_ptr, b, HAS_CONTEXT: tl.constexpr
 
 
 @triton.jit
-def _key_ranges(m0, seqlen, num_ctx, first_cand, group_size, CAUSAL: tl.constexpr,
-                HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _key_ranges(
+    m0,
+    seqlen,
+    num_ctx,
+    first_cand,
+    group_size,
+    CAUSAL: tl.constexpr,
+    HAS_CONTEXT: tl.constexpr,
+    HAS_TARGETS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """Key ranges a query block [m0, m0 + BM) needs: [0, end1) and [lo2, hi2), disjoint."""
     m1 = tl.minimum(m0 + BLOCK_M, seqlen)
     key_end = seqlen
@@ -104,49 +146,115 @@ def _key_ranges(m0, seqlen, num_ctx, first_cand, group_size, CAUSAL: tl.constexp
         key_end = m1
     if HAS_CONTEXT:
         key_end = tl.where(m0 < num_ctx, tl.maximum(key_end, num_ctx), key_end)
-    end1 = tl.cdiv(tl.minimum(first_cand, key_end), BLOCK_N) * BLOCK_N
+    end1 = ((tl.minimum(first_cand, key_end) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
     lo2 = end1
     hi2 = end1
-    if HAS_TARGETS:
-        if m1 > first_cand:
-            first_row = tl.maximum(m0, first_cand)
-            group_lo = first_cand + ((first_row - first_cand) // group_size) * group_size
-            group_hi = first_cand + ((m1 - 1 - first_cand) // group_size + 1) * group_size
-            lo2 = tl.maximum((group_lo // BLOCK_N) * BLOCK_N, end1)
-            hi2 = tl.minimum(key_end, group_hi)
+    if HAS_TARGETS and m1 > first_cand:
+        first_row = tl.maximum(m0, first_cand)
+        group_lo = first_cand + ((first_row - first_cand) // group_size) * group_size
+        group_hi = first_cand + ((m1 - 1 - first_cand) // group_size + 1) * group_size
+        lo2 = tl.maximum((group_lo // BLOCK_N) * BLOCK_N, end1)
+        hi2 = tl.minimum(key_end, group_hi)
     return end1, lo2, hi2
 
 
 @triton.jit
-def _fwd_tile(acc, q, n0, offs_m, offs_d, k_base, v_base, stride_kt, stride_vt, seqlen,
-              num_ctx, first_cand, group_size, alpha, inv_scale, pos_w, ts_w, ts_ptr, num_pos,
-              head_dim, CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr,
-              HAS_TARGETS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TS: tl.constexpr,
-              NUM_BUCKETS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+def _fwd_tile(
+    acc,
+    q,
+    n0,
+    offs_m,
+    offs_d,
+    k_base,
+    v_base,
+    stride_kt,
+    stride_vt,
+    seqlen,
+    num_ctx,
+    first_cand,
+    group_size,
+    alpha,
+    inv_scale,
+    pos_w,
+    ts_w,
+    ts_ptr,
+    num_pos,
+    head_dim,
+    CAUSAL: tl.constexpr,
+    HAS_CONTEXT: tl.constexpr,
+    HAS_TARGETS: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    HAS_TS: tl.constexpr,
+    NUM_BUCKETS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     kv_mask = (offs_n[:, None] < seqlen) & (offs_d[None, :] < head_dim)
-    k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+    k = tl.load(
+        k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0
+    )
+    v = tl.load(
+        v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0
+    )
     i = offs_m[:, None]
     j = offs_n[None, :]
-    s = _scores(q, tl.trans(k), i, j, seqlen, alpha, pos_w, ts_w, ts_ptr, num_pos,
-                HAS_POS, HAS_TS, NUM_BUCKETS, PRECISION)
-    keep = _allowed(i, j, seqlen, num_ctx, first_cand, group_size, CAUSAL, HAS_CONTEXT,
-                    HAS_TARGETS)
-    p = tl.where(keep, s * tl.sigmoid(s) * inv_scale, 0.0)
+    s = _scores(
+        q,
+        tl.trans(k),
+        i,
+        j,
+        seqlen,
+        alpha,
+        pos_w,
+        ts_w,
+        ts_ptr,
+        num_pos,
+        HAS_POS,
+        HAS_TS,
+        NUM_BUCKETS,
+        PRECISION,
+    )
+    keep = _allowed(i, j, seqlen, num_ctx, first_cand, group_size, CAUSAL, HAS_CONTEXT, HAS_TARGETS)
+    p = tl.where(keep, s * _sigmoid(s) * inv_scale, 0.0)
     return acc + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
 
 
 @triton.jit
 def _hstu_fwd_kernel(
-    Q, K, V, O, offsets, num_ctx_ptr, num_tgt_ptr, pos_w, ts_w, timestamps,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    num_heads, head_dim, alpha, inv_scale, group_size, num_pos,
-    CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr,
-    HAS_POS: tl.constexpr, HAS_TS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    offsets,
+    num_ctx_ptr,
+    num_tgt_ptr,
+    pos_w,
+    ts_w,
+    timestamps,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    num_heads,
+    head_dim,
+    alpha,
+    inv_scale,
+    group_size,
+    num_pos,
+    CAUSAL: tl.constexpr,
+    HAS_CONTEXT: tl.constexpr,
+    HAS_TARGETS: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    HAS_TS: tl.constexpr,
+    NUM_BUCKETS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -154,53 +262,163 @@ def _hstu_fwd_kernel(
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     start, seqlen, num_ctx, first_cand = _sample_meta(
-        offsets, num_ctx_ptr, num_tgt_ptr, b, HAS_CONTEXT, HAS_TARGETS)
+        offsets, num_ctx_ptr, num_tgt_ptr, b, HAS_CONTEXT, HAS_TARGETS
+    )
     if m0 >= seqlen:
         return
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_mask = (offs_m[:, None] < seqlen) & (offs_d[None, :] < head_dim)
-    q = tl.load(Q + (start + offs_m[:, None]) * stride_qt + h * stride_qh + offs_d[None, :],
-                mask=row_mask, other=0.0)
+    q = tl.load(
+        Q + (start + offs_m[:, None]) * stride_qt + h * stride_qh + offs_d[None, :],
+        mask=row_mask,
+        other=0.0,
+    )
     k_base = K + start * stride_kt + h * stride_kh
     v_base = V + start * stride_vt + h * stride_vh
     ts_ptr = timestamps + start
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    end1, lo2, hi2 = _key_ranges(m0, seqlen, num_ctx, first_cand, group_size, CAUSAL,
-                                 HAS_CONTEXT, HAS_TARGETS, BLOCK_M, BLOCK_N)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+    end1, lo2, hi2 = _key_ranges(
+        m0,
+        seqlen,
+        num_ctx,
+        first_cand,
+        group_size,
+        CAUSAL,
+        HAS_CONTEXT,
+        HAS_TARGETS,
+        BLOCK_M,
+        BLOCK_N,
+    )
     for n0 in range(0, end1, BLOCK_N):
-        acc = _fwd_tile(acc, q, n0, offs_m, offs_d, k_base, v_base, stride_kt, stride_vt,
-                        seqlen, num_ctx, first_cand, group_size, alpha, inv_scale, pos_w, ts_w,
-                        ts_ptr, num_pos, head_dim, CAUSAL, HAS_CONTEXT, HAS_TARGETS, HAS_POS,
-                        HAS_TS, NUM_BUCKETS, PRECISION, BLOCK_N)
+        acc = _fwd_tile(
+            acc,
+            q,
+            n0,
+            offs_m,
+            offs_d,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            seqlen,
+            num_ctx,
+            first_cand,
+            group_size,
+            alpha,
+            inv_scale,
+            pos_w,
+            ts_w,
+            ts_ptr,
+            num_pos,
+            head_dim,
+            CAUSAL,
+            HAS_CONTEXT,
+            HAS_TARGETS,
+            HAS_POS,
+            HAS_TS,
+            NUM_BUCKETS,
+            PRECISION,
+            BLOCK_N,
+        )
     for n0 in range(lo2, hi2, BLOCK_N):
-        acc = _fwd_tile(acc, q, n0, offs_m, offs_d, k_base, v_base, stride_kt, stride_vt,
-                        seqlen, num_ctx, first_cand, group_size, alpha, inv_scale, pos_w, ts_w,
-                        ts_ptr, num_pos, head_dim, CAUSAL, HAS_CONTEXT, HAS_TARGETS, HAS_POS,
-                        HAS_TS, NUM_BUCKETS, PRECISION, BLOCK_N)
-    tl.store(O + (start + offs_m[:, None]) * stride_ot + h * stride_oh + offs_d[None, :],
-             acc.to(O.dtype.element_ty), mask=row_mask)
+        acc = _fwd_tile(
+            acc,
+            q,
+            n0,
+            offs_m,
+            offs_d,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            seqlen,
+            num_ctx,
+            first_cand,
+            group_size,
+            alpha,
+            inv_scale,
+            pos_w,
+            ts_w,
+            ts_ptr,
+            num_pos,
+            head_dim,
+            CAUSAL,
+            HAS_CONTEXT,
+            HAS_TARGETS,
+            HAS_POS,
+            HAS_TS,
+            NUM_BUCKETS,
+            PRECISION,
+            BLOCK_N,
+        )
+    tl.store(
+        O + (start + offs_m[:, None]) * stride_ot + h * stride_oh + offs_d[None, :],
+        acc.to(O.dtype.element_ty),
+        mask=row_mask,
+    )
 
 
 @triton.jit
-def _dq_tile(dq, q, do, n0, offs_m, offs_d, k_base, v_base, stride_kt, stride_vt, seqlen,
-             num_ctx, first_cand, group_size, alpha, inv_scale, pos_w, ts_w, ts_ptr, num_pos,
-             head_dim, CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr,
-             HAS_TARGETS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TS: tl.constexpr,
-             NUM_BUCKETS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dq_tile(
+    dq,
+    q,
+    do,
+    n0,
+    offs_m,
+    offs_d,
+    k_base,
+    v_base,
+    stride_kt,
+    stride_vt,
+    seqlen,
+    num_ctx,
+    first_cand,
+    group_size,
+    alpha,
+    inv_scale,
+    pos_w,
+    ts_w,
+    ts_ptr,
+    num_pos,
+    head_dim,
+    CAUSAL: tl.constexpr,
+    HAS_CONTEXT: tl.constexpr,
+    HAS_TARGETS: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    HAS_TS: tl.constexpr,
+    NUM_BUCKETS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     kv_mask = (offs_n[:, None] < seqlen) & (offs_d[None, :] < head_dim)
-    k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+    k = tl.load(
+        k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0
+    )
+    v = tl.load(
+        v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0
+    )
     i = offs_m[:, None]
     j = offs_n[None, :]
-    s = _scores(q, tl.trans(k), i, j, seqlen, alpha, pos_w, ts_w, ts_ptr, num_pos,
-                HAS_POS, HAS_TS, NUM_BUCKETS, PRECISION)
-    keep = _allowed(i, j, seqlen, num_ctx, first_cand, group_size, CAUSAL, HAS_CONTEXT,
-                    HAS_TARGETS)
-    sig = tl.sigmoid(s)
+    s = _scores(
+        q,
+        tl.trans(k),
+        i,
+        j,
+        seqlen,
+        alpha,
+        pos_w,
+        ts_w,
+        ts_ptr,
+        num_pos,
+        HAS_POS,
+        HAS_TS,
+        NUM_BUCKETS,
+        PRECISION,
+    )
+    keep = _allowed(i, j, seqlen, num_ctx, first_cand, group_size, CAUSAL, HAS_CONTEXT, HAS_TARGETS)
+    sig = _sigmoid(s)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = tl.where(keep, dp * sig * (1.0 + s * (1.0 - sig)) * inv_scale, 0.0)
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -208,13 +426,42 @@ def _dq_tile(dq, q, do, n0, offs_m, offs_d, k_base, v_base, stride_kt, stride_vt
 
 @triton.jit
 def _hstu_bwd_dq_kernel(
-    Q, K, V, DO, DQ, offsets, num_ctx_ptr, num_tgt_ptr, pos_w, ts_w, timestamps,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dqt, stride_dqh,
-    num_heads, head_dim, alpha, inv_scale, group_size, num_pos,
-    CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr,
-    HAS_POS: tl.constexpr, HAS_TS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    offsets,
+    num_ctx_ptr,
+    num_tgt_ptr,
+    pos_w,
+    ts_w,
+    timestamps,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_dot,
+    stride_doh,
+    stride_dqt,
+    stride_dqh,
+    num_heads,
+    head_dim,
+    alpha,
+    inv_scale,
+    group_size,
+    num_pos,
+    CAUSAL: tl.constexpr,
+    HAS_CONTEXT: tl.constexpr,
+    HAS_TARGETS: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    HAS_TS: tl.constexpr,
+    NUM_BUCKETS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -222,7 +469,8 @@ def _hstu_bwd_dq_kernel(
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     start, seqlen, num_ctx, first_cand = _sample_meta(
-        offsets, num_ctx_ptr, num_tgt_ptr, b, HAS_CONTEXT, HAS_TARGETS)
+        offsets, num_ctx_ptr, num_tgt_ptr, b, HAS_CONTEXT, HAS_TARGETS
+    )
     if m0 >= seqlen:
         return
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -230,37 +478,139 @@ def _hstu_bwd_dq_kernel(
     row_mask = (offs_m[:, None] < seqlen) & (offs_d[None, :] < head_dim)
     rows = start + offs_m[:, None]
     q = tl.load(Q + rows * stride_qt + h * stride_qh + offs_d[None, :], mask=row_mask, other=0.0)
-    do = tl.load(DO + rows * stride_dot + h * stride_doh + offs_d[None, :], mask=row_mask,
-                 other=0.0)
+    do = tl.load(
+        DO + rows * stride_dot + h * stride_doh + offs_d[None, :], mask=row_mask, other=0.0
+    )
     k_base = K + start * stride_kt + h * stride_kh
     v_base = V + start * stride_vt + h * stride_vh
     ts_ptr = timestamps + start
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    end1, lo2, hi2 = _key_ranges(m0, seqlen, num_ctx, first_cand, group_size, CAUSAL,
-                                 HAS_CONTEXT, HAS_TARGETS, BLOCK_M, BLOCK_N)
+    dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+    end1, lo2, hi2 = _key_ranges(
+        m0,
+        seqlen,
+        num_ctx,
+        first_cand,
+        group_size,
+        CAUSAL,
+        HAS_CONTEXT,
+        HAS_TARGETS,
+        BLOCK_M,
+        BLOCK_N,
+    )
     for n0 in range(0, end1, BLOCK_N):
-        dq = _dq_tile(dq, q, do, n0, offs_m, offs_d, k_base, v_base, stride_kt, stride_vt,
-                      seqlen, num_ctx, first_cand, group_size, alpha, inv_scale, pos_w, ts_w,
-                      ts_ptr, num_pos, head_dim, CAUSAL, HAS_CONTEXT, HAS_TARGETS, HAS_POS,
-                      HAS_TS, NUM_BUCKETS, PRECISION, BLOCK_N)
+        dq = _dq_tile(
+            dq,
+            q,
+            do,
+            n0,
+            offs_m,
+            offs_d,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            seqlen,
+            num_ctx,
+            first_cand,
+            group_size,
+            alpha,
+            inv_scale,
+            pos_w,
+            ts_w,
+            ts_ptr,
+            num_pos,
+            head_dim,
+            CAUSAL,
+            HAS_CONTEXT,
+            HAS_TARGETS,
+            HAS_POS,
+            HAS_TS,
+            NUM_BUCKETS,
+            PRECISION,
+            BLOCK_N,
+        )
     for n0 in range(lo2, hi2, BLOCK_N):
-        dq = _dq_tile(dq, q, do, n0, offs_m, offs_d, k_base, v_base, stride_kt, stride_vt,
-                      seqlen, num_ctx, first_cand, group_size, alpha, inv_scale, pos_w, ts_w,
-                      ts_ptr, num_pos, head_dim, CAUSAL, HAS_CONTEXT, HAS_TARGETS, HAS_POS,
-                      HAS_TS, NUM_BUCKETS, PRECISION, BLOCK_N)
-    tl.store(DQ + rows * stride_dqt + h * stride_dqh + offs_d[None, :],
-             (dq * alpha).to(DQ.dtype.element_ty), mask=row_mask)
+        dq = _dq_tile(
+            dq,
+            q,
+            do,
+            n0,
+            offs_m,
+            offs_d,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            seqlen,
+            num_ctx,
+            first_cand,
+            group_size,
+            alpha,
+            inv_scale,
+            pos_w,
+            ts_w,
+            ts_ptr,
+            num_pos,
+            head_dim,
+            CAUSAL,
+            HAS_CONTEXT,
+            HAS_TARGETS,
+            HAS_POS,
+            HAS_TS,
+            NUM_BUCKETS,
+            PRECISION,
+            BLOCK_N,
+        )
+    tl.store(
+        DQ + rows * stride_dqt + h * stride_dqh + offs_d[None, :],
+        (dq * alpha).to(DQ.dtype.element_ty),
+        mask=row_mask,
+    )
 
 
 @triton.jit
 def _hstu_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, DPOS, DTS, offsets, num_ctx_ptr, num_tgt_ptr, pos_w, ts_w, timestamps,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    num_heads, head_dim, alpha, inv_scale, group_size, num_pos,
-    CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr,
-    HAS_POS: tl.constexpr, HAS_TS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    DK,
+    DV,
+    DPOS,
+    DTS,
+    offsets,
+    num_ctx_ptr,
+    num_tgt_ptr,
+    pos_w,
+    ts_w,
+    timestamps,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_dot,
+    stride_doh,
+    stride_dkt,
+    stride_dkh,
+    stride_dvt,
+    stride_dvh,
+    num_heads,
+    head_dim,
+    alpha,
+    inv_scale,
+    group_size,
+    num_pos,
+    CAUSAL: tl.constexpr,
+    HAS_CONTEXT: tl.constexpr,
+    HAS_TARGETS: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    HAS_TS: tl.constexpr,
+    NUM_BUCKETS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -268,7 +618,8 @@ def _hstu_bwd_dkdv_kernel(
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     start, seqlen, num_ctx, first_cand = _sample_meta(
-        offsets, num_ctx_ptr, num_tgt_ptr, b, HAS_CONTEXT, HAS_TARGETS)
+        offsets, num_ctx_ptr, num_tgt_ptr, b, HAS_CONTEXT, HAS_TARGETS
+    )
     if n0 >= seqlen:
         return
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -280,8 +631,8 @@ def _hstu_bwd_dkdv_kernel(
     q_base = Q + start * stride_qt + h * stride_qh
     do_base = DO + start * stride_dot + h * stride_doh
     ts_ptr = timestamps + start
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
+    dv = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
 
     # query rows that can see this key block
     n1 = tl.minimum(n0 + BLOCK_N, seqlen)
@@ -291,29 +642,49 @@ def _hstu_bwd_dkdv_kernel(
         if HAS_CONTEXT:
             row_lo = tl.where(n0 < num_ctx, 0, n0)
     row_hi = seqlen
-    if HAS_TARGETS:
-        if n0 >= first_cand:  # candidate keys only: their groups' rows
-            group_lo = first_cand + ((n0 - first_cand) // group_size) * group_size
-            group_hi = first_cand + ((n1 - 1 - first_cand) // group_size + 1) * group_size
-            row_lo = tl.maximum(row_lo, group_lo)
-            row_hi = tl.minimum(seqlen, group_hi)
+    if HAS_TARGETS and n0 >= first_cand:  # candidate keys only: their groups' rows
+        group_lo = first_cand + ((n0 - first_cand) // group_size) * group_size
+        group_hi = first_cand + ((n1 - 1 - first_cand) // group_size + 1) * group_size
+        row_lo = tl.maximum(row_lo, group_lo)
+        row_hi = tl.minimum(seqlen, group_hi)
     row_lo = (row_lo // BLOCK_M) * BLOCK_M
 
     j = offs_n[:, None]
     for m0 in range(row_lo, row_hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         row_mask = (offs_m[:, None] < seqlen) & (offs_d[None, :] < head_dim)
-        q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :],
-                    mask=row_mask, other=0.0)
-        do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :],
-                     mask=row_mask, other=0.0)
+        q = tl.load(
+            q_base + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :],
+            mask=row_mask,
+            other=0.0,
+        )
+        do = tl.load(
+            do_base + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :],
+            mask=row_mask,
+            other=0.0,
+        )
         i = offs_m[None, :]
         # transposed tiles: [BN keys, BM queries]
-        s_t = _scores(k, tl.trans(q), i, j, seqlen, alpha, pos_w, ts_w, ts_ptr, num_pos,
-                      HAS_POS, HAS_TS, NUM_BUCKETS, PRECISION)
-        keep = _allowed(i, j, seqlen, num_ctx, first_cand, group_size, CAUSAL, HAS_CONTEXT,
-                        HAS_TARGETS)
-        sig = tl.sigmoid(s_t)
+        s_t = _scores(
+            k,
+            tl.trans(q),
+            i,
+            j,
+            seqlen,
+            alpha,
+            pos_w,
+            ts_w,
+            ts_ptr,
+            num_pos,
+            HAS_POS,
+            HAS_TS,
+            NUM_BUCKETS,
+            PRECISION,
+        )
+        keep = _allowed(
+            i, j, seqlen, num_ctx, first_cand, group_size, CAUSAL, HAS_CONTEXT, HAS_TARGETS
+        )
+        sig = _sigmoid(s_t)
         p_t = tl.where(keep, s_t * sig * inv_scale, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -323,19 +694,23 @@ def _hstu_bwd_dkdv_kernel(
             tl.atomic_add(DPOS + _pos_index(i, j, num_pos), ds_t, mask=keep)
         if HAS_TS:
             tl.atomic_add(DTS + _ts_bucket(i, j, seqlen, ts_ptr, NUM_BUCKETS), ds_t, mask=keep)
-    tl.store(DK + cols * stride_dkt + h * stride_dkh + offs_d[None, :],
-             (dk * alpha).to(DK.dtype.element_ty), mask=col_mask)
-    tl.store(DV + cols * stride_dvt + h * stride_dvh + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=col_mask)
+    tl.store(
+        DK + cols * stride_dkt + h * stride_dkh + offs_d[None, :],
+        (dk * alpha).to(DK.dtype.element_ty),
+        mask=col_mask,
+    )
+    tl.store(
+        DV + cols * stride_dvt + h * stride_dvh + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=col_mask,
+    )
 
 
 def _tile_config(head_dim: int, block_m: int | None, block_n: int | None) -> dict[str, int]:
     padded = max(16, triton.next_power_of_2(head_dim))
     if INTERPRETED:
         default_m, default_n, warps, stages = 16, 16, 1, 1
-    elif padded <= 64:
-        default_m, default_n, warps, stages = 64, 64, 4, 2
-    elif padded <= 128:
+    elif padded <= 64 or padded <= 128:
         default_m, default_n, warps, stages = 64, 64, 4, 2
     else:
         default_m, default_n, warps, stages = 64, 32, 8, 1
@@ -355,11 +730,23 @@ def _last_dim_contiguous(x: Tensor) -> Tensor:
 class _HstuAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, q: Tensor, k: Tensor, v: Tensor, pos_weights: Tensor | None,
-        ts_weights: Tensor | None, offsets: Tensor, timestamps: Tensor | None,
-        num_contextual: Tensor | None, num_targets: Tensor | None, max_seqlen: int,
-        alpha: float, scaling_seqlen: int, causal: bool, target_group_size: int,
-        block_m: int | None, block_n: int | None,
+        ctx,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        pos_weights: Tensor | None,
+        ts_weights: Tensor | None,
+        offsets: Tensor,
+        timestamps: Tensor | None,
+        num_contextual: Tensor | None,
+        num_targets: Tensor | None,
+        max_seqlen: int,
+        alpha: float,
+        scaling_seqlen: int,
+        causal: bool,
+        target_group_size: int,
+        block_m: int | None,
+        block_n: int | None,
     ) -> Tensor:
         q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
         num_tokens, num_heads, head_dim = q.shape
@@ -367,12 +754,15 @@ class _HstuAttentionFunction(torch.autograd.Function):
         cfg = _tile_config(head_dim, block_m, block_n)
         out = torch.zeros_like(q)
         dummy = offsets  # never read when its HAS_ flag is off
-        flags = dict(
-            CAUSAL=causal, HAS_CONTEXT=num_contextual is not None,
-            HAS_TARGETS=num_targets is not None, HAS_POS=pos_weights is not None,
-            HAS_TS=ts_weights is not None, NUM_BUCKETS=NUM_TIME_BUCKETS,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        )
+        flags = {
+            "CAUSAL": causal,
+            "HAS_CONTEXT": num_contextual is not None,
+            "HAS_TARGETS": num_targets is not None,
+            "HAS_POS": pos_weights is not None,
+            "HAS_TS": ts_weights is not None,
+            "NUM_BUCKETS": NUM_TIME_BUCKETS,
+            "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+        }
         num_pos = (pos_weights.numel() + 1) // 2 if pos_weights is not None else 1
         tensors = (
             offsets,
@@ -382,14 +772,33 @@ class _HstuAttentionFunction(torch.autograd.Function):
             ts_weights if ts_weights is not None else q,
             timestamps if timestamps is not None else dummy,
         )
-        scalars = (num_heads, head_dim, float(alpha), 1.0 / scaling_seqlen,
-                   int(target_group_size), num_pos)
+        scalars = (
+            num_heads,
+            head_dim,
+            float(alpha),
+            1.0 / scaling_seqlen,
+            int(target_group_size),
+            num_pos,
+        )
         if num_tokens > 0 and num_samples > 0 and max_seqlen > 0:
             grid = (num_samples * num_heads, triton.cdiv(max_seqlen, cfg["BLOCK_M"]))
             _hstu_fwd_kernel[grid](
-                q, k, v, out, *tensors,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                out.stride(0), out.stride(1), *scalars, **flags, **cfg,
+                q,
+                k,
+                v,
+                out,
+                *tensors,
+                q.stride(0),
+                q.stride(1),
+                k.stride(0),
+                k.stride(1),
+                v.stride(0),
+                v.stride(1),
+                out.stride(0),
+                out.stride(1),
+                *scalars,
+                **flags,
+                **cfg,
             )
         ctx.save_for_backward(q, k, v, pos_weights, ts_weights, *tensors[:3], tensors[5])
         ctx.meta = (max_seqlen, scalars, flags, cfg)
@@ -403,28 +812,65 @@ class _HstuAttentionFunction(torch.autograd.Function):
         num_heads = q.shape[1]
         num_samples = offsets.numel() - 1
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        dpos = torch.zeros(pos_weights.numel() if pos_weights is not None else 1,
-                           dtype=torch.float32, device=q.device)
+        dpos = torch.zeros(
+            pos_weights.numel() if pos_weights is not None else 1,
+            dtype=torch.float32,
+            device=q.device,
+        )
         dts = torch.zeros(NUM_TIME_BUCKETS, dtype=torch.float32, device=q.device)
         tensors = (
-            offsets, num_ctx, num_tgt,
+            offsets,
+            num_ctx,
+            num_tgt,
             pos_weights if pos_weights is not None else q,
             ts_weights if ts_weights is not None else q,
             timestamps,
         )
-        strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                   d_out.stride(0), d_out.stride(1))
+        strides = (
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            d_out.stride(0),
+            d_out.stride(1),
+        )
         if q.shape[0] > 0 and num_samples > 0 and max_seqlen > 0:
             grid_q = (num_samples * num_heads, triton.cdiv(max_seqlen, cfg["BLOCK_M"]))
             _hstu_bwd_dq_kernel[grid_q](
-                q, k, v, d_out, dq, *tensors, *strides, dq.stride(0), dq.stride(1),
-                *scalars, **flags, **cfg,
+                q,
+                k,
+                v,
+                d_out,
+                dq,
+                *tensors,
+                *strides,
+                dq.stride(0),
+                dq.stride(1),
+                *scalars,
+                **flags,
+                **cfg,
             )
             grid_k = (num_samples * num_heads, triton.cdiv(max_seqlen, cfg["BLOCK_N"]))
             _hstu_bwd_dkdv_kernel[grid_k](
-                q, k, v, d_out, dk, dv, dpos, dts, *tensors, *strides,
-                dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-                *scalars, **flags, **cfg,
+                q,
+                k,
+                v,
+                d_out,
+                dk,
+                dv,
+                dpos,
+                dts,
+                *tensors,
+                *strides,
+                dk.stride(0),
+                dk.stride(1),
+                dv.stride(0),
+                dv.stride(1),
+                *scalars,
+                **flags,
+                **cfg,
             )
         d_pos = dpos.to(pos_weights.dtype) if pos_weights is not None else None
         d_ts = dts.to(ts_weights.dtype) if ts_weights is not None else None
@@ -466,6 +912,20 @@ def triton_hstu_attention(
     ts_weights = rab.ts_weights if rab is not None else None
     timestamps = rab.timestamps if rab is not None else None
     return _HstuAttentionFunction.apply(
-        q, k, v, pos_weights, ts_weights, offsets, timestamps, num_contextual, num_targets,
-        int(max_seqlen), alpha, scaling_seqlen, causal, target_group_size, block_m, block_n,
+        q,
+        k,
+        v,
+        pos_weights,
+        ts_weights,
+        offsets,
+        timestamps,
+        num_contextual,
+        num_targets,
+        int(max_seqlen),
+        alpha,
+        scaling_seqlen,
+        causal,
+        target_group_size,
+        block_m,
+        block_n,
     )

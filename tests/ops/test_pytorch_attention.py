@@ -1,0 +1,174 @@
+import math
+
+import pytest
+import torch
+
+from hstu.ops import RelativeAttentionBias, hstu_attention
+from hstu.ops.pytorch_attention import plan_chunks, pytorch_hstu_attention
+
+from .reference import grads, naive_attention, random_case
+
+LENGTHS = [23, 40, 7, 1]
+CTX = [3, 2, 0, 0]
+TGT = [5, 9, 2, 1]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("rab", ["none", "pos", "pos+ts"])
+@pytest.mark.parametrize("group", [1, 3])
+def test_pytorch_matches_naive_reference(causal: bool, rab: str, group: int) -> None:
+    case = random_case(
+        LENGTHS, num_contextual=CTX, num_targets=TGT, rab=rab, max_positions=48, dtype=torch.float64
+    )
+    kw = {"alpha": 0.3, "scaling_seqlen": 40, "causal": causal, "target_group_size": group}
+    got = hstu_attention(
+        case.q,
+        case.k,
+        case.v,
+        case.offsets,
+        case.max_seqlen,
+        num_contextual=case.num_contextual,
+        num_targets=case.num_targets,
+        rab=case.rab,
+        **kw,
+    )
+    want = naive_attention(case, **kw)
+    torch.testing.assert_close(got, want)
+    for g_got, g_want in zip(grads(got, case.leaves()), grads(want, case.leaves())):
+        torch.testing.assert_close(g_got, g_want)
+
+
+def test_two_tokens_one_head_by_hand() -> None:
+    # q, k, v of two tokens, one head, d = 2; alpha = 0.5, N = 4, causal, no bias.
+    q = torch.tensor([[[1.0, 2.0]], [[0.5, -1.0]]], dtype=torch.float64)
+    k = torch.tensor([[[0.0, 1.0]], [[2.0, 1.0]]], dtype=torch.float64)
+    v = torch.tensor([[[1.0, 0.0]], [[3.0, -2.0]]], dtype=torch.float64)
+    offsets = torch.tensor([0, 2])
+
+    def silu(x: float) -> float:
+        return x / (1.0 + math.exp(-x))
+
+    # token 0 sees only itself: s00 = 0.5 * (1*0 + 2*1) = 1
+    a00 = silu(1.0) / 4
+    # token 1 sees 0 and 1: s10 = 0.5 * (0 - 1) = -0.5, s11 = 0.5 * (1 - 1) = 0
+    a10, a11 = silu(-0.5) / 4, silu(0.0) / 4
+    want = torch.tensor(
+        [[[a00 * 1.0, a00 * 0.0]], [[a10 * 1.0 + a11 * 3.0, a10 * 0.0 + a11 * -2.0]]],
+        dtype=torch.float64,
+    )
+    got = hstu_attention(q, k, v, offsets, 2, alpha=0.5, scaling_seqlen=4)
+    torch.testing.assert_close(got, want)
+    # a bias w_p[P - 1 + j - i] with P = 2 enters before the SiLU: w = [w(-1), w(0), w(+1)]
+    rab = RelativeAttentionBias(torch.tensor([0.25, -1.0, 7.0], dtype=torch.float64))
+    got = hstu_attention(q, k, v, offsets, 2, alpha=0.5, scaling_seqlen=4, rab=rab)
+    b00, b10, b11 = silu(1.0 - 1.0) / 4, silu(-0.5 + 0.25) / 4, silu(0.0 - 1.0) / 4
+    want = torch.tensor([[[0.0, 0.0]], [[b10 + 3 * b11, -2 * b11]]], dtype=torch.float64)
+    want[0, 0, 0] = b00
+    torch.testing.assert_close(got, want)
+
+
+def _run(case, backend: str = "pytorch", **kw):
+    return hstu_attention(
+        case.q,
+        case.k,
+        case.v,
+        case.offsets,
+        case.max_seqlen,
+        alpha=0.25,
+        scaling_seqlen=case.max_seqlen,
+        num_contextual=case.num_contextual,
+        num_targets=case.num_targets,
+        backend=backend,
+        strict=True,
+        **kw,
+    )
+
+
+def check_no_leakage(backend: str, device: str = "cpu") -> None:
+    """Shared by the pytorch and triton tests: what the mask must block, and must not."""
+    # one sample of 14: 2 contextual, 6 history, 6 candidates in groups of 2: [8,9] [10,11] [12,13]
+    case = random_case([14], num_contextual=[2], num_targets=[6], device=device, seed=3)
+    kw = {"target_group_size": 2}
+    base = _run(case, backend, **kw).detach()
+
+    def perturbed(rows: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            changed = random_case([14], num_contextual=[2], num_targets=[6], device=device, seed=3)
+            for t in (changed.q, changed.k, changed.v):
+                t[rows] += 5.0
+        return _run(changed, backend, **kw).detach()
+
+    # another group's candidates change: candidates 8, 9 (group 0) and all history unchanged
+    out = perturbed([12, 13])
+    torch.testing.assert_close(out[:12], base[:12], rtol=0, atol=0)
+    assert not torch.allclose(out[12:], base[12:])
+    # the earlier candidate of the same group changes: its group mate moves, others do not
+    out = perturbed([10])
+    assert not torch.allclose(out[11], base[11])
+    torch.testing.assert_close(out[12:], base[12:], rtol=0, atol=0)
+    torch.testing.assert_close(out[:10], base[:10], rtol=0, atol=0)
+    # all candidates change: every history and contextual output unchanged
+    out = perturbed(list(range(8, 14)))
+    torch.testing.assert_close(out[:8], base[:8], rtol=0, atol=0)
+    # a history token changes: contextual rows (which see only the contextual block) unchanged,
+    # candidates (which see the history) move
+    out = perturbed([5])
+    torch.testing.assert_close(out[:2], base[:2], rtol=0, atol=0)
+    assert not torch.allclose(out[8:], base[8:])
+    # a later contextual token is visible to the first one (contextual block is bidirectional)
+    out = perturbed([1])
+    assert not torch.allclose(out[0], base[0])
+
+
+def test_pytorch_mask_blocks_leakage() -> None:
+    check_no_leakage("pytorch")
+
+
+def test_chunking_by_length_and_heads_gives_the_same_result() -> None:
+    case = random_case(
+        [30, 5, 17, 30, 2],
+        num_heads=4,
+        num_contextual=[1, 0, 2, 3, 0],
+        num_targets=[4, 1, 3, 0, 1],
+        rab="pos+ts",
+        dtype=torch.float64,
+    )
+    kw = {
+        "alpha": 0.2,
+        "scaling_seqlen": 30,
+        "num_contextual": case.num_contextual,
+        "num_targets": case.num_targets,
+        "target_group_size": 2,
+        "rab": case.rab,
+    }
+    args = (case.q, case.k, case.v, case.offsets, case.max_seqlen)
+    one_chunk = pytorch_hstu_attention(*args, **kw)
+    # 16 bytes * 30^2 per head: this budget fits 2 heads of the longest sample at a time
+    tiny = pytorch_hstu_attention(*args, memory_budget_bytes=2 * 16 * 30 * 30, **kw)
+    torch.testing.assert_close(tiny, one_chunk)
+    for a, b in zip(grads(tiny, case.leaves()), grads(one_chunk, case.leaves())):
+        torch.testing.assert_close(a, b)
+
+
+def test_plan_chunks_respects_budget() -> None:
+    lengths = [100, 3, 50, 0, 100, 10]
+    chunks = plan_chunks(lengths, num_heads=2, memory_budget_bytes=2 * 16 * 100 * 100)
+    seen = sorted(s for samples, *_ in chunks for s in samples)
+    assert seen == [0, 1, 2, 4, 5]  # every non-empty sample exactly once
+    for samples, width, h0, h1 in chunks:
+        assert width == max(lengths[s] for s in samples)
+        assert len(samples) * (h1 - h0) * 16 * width * width <= 2 * 16 * 100 * 100
+    # a single sample larger than the budget is split over heads
+    chunks = plan_chunks([100], num_heads=4, memory_budget_bytes=16 * 100 * 100)
+    assert [(h0, h1) for _, _, h0, h1 in chunks] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+
+
+def test_empty_samples_and_bad_rab_are_handled() -> None:
+    case = random_case([0, 4, 0, 3], rab="pos", max_positions=4)
+    out = _run(case, rab=case.rab)
+    assert out.shape == case.q.shape and torch.isfinite(out).all()
+    small = RelativeAttentionBias(torch.zeros(5))  # P = 3 < max_seqlen = 4
+    with pytest.raises(ValueError, match="P=3"):
+        _run(case, rab=small)
+    with pytest.raises(ValueError, match="together"):
+        _run(case, rab=RelativeAttentionBias(torch.zeros(7), torch.zeros(129), None))
