@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
@@ -55,6 +56,7 @@ class _NormLinearSiLU(torch.autograd.Function):
         eps: float,
         recompute_norm: bool,
         recompute_silu: bool,
+        tp_group: ProcessGroup | None,
     ) -> torch.Tensor:
         xhat, mean, rstd = _normalise(x, eps)
         normed = _affine(xhat, ln_weight, ln_bias)
@@ -63,6 +65,7 @@ class _NormLinearSiLU(torch.autograd.Function):
         ctx.recompute_norm = recompute_norm
         ctx.recompute_silu = recompute_silu
         ctx.has_bias = bias is not None
+        ctx.tp_group = tp_group
         ctx.save_for_backward(
             x if recompute_norm else xhat,
             mean,
@@ -90,6 +93,9 @@ class _NormLinearSiLU(torch.autograd.Function):
         grad_weight = grad_h.t().mm(normed)
         grad_bias = grad_h.sum(0) if ctx.has_bias else None
         grad_normed = grad_h.mm(weight)  # [T, D]
+        if ctx.tp_group is not None:
+            # the norm is replicated over the TP group, each rank's heads give part of its grad
+            dist.all_reduce(grad_normed, group=ctx.tp_group)
         grad_ln_weight = grad_ln_bias = None
         if ln_weight is not None:
             grad_ln_weight = (grad_normed * xhat).sum(0)
@@ -100,7 +106,7 @@ class _NormLinearSiLU(torch.autograd.Function):
         gx = _stats_dtype(grad_xhat)
         xh = _stats_dtype(xhat)
         grad_x = rstd * (gx - gx.mean(-1, keepdim=True) - xh * (gx * xh).mean(-1, keepdim=True))
-        return grad_x.to(xhat.dtype), grad_ln_weight, grad_ln_bias, grad_weight, grad_bias, None, None, None
+        return grad_x.to(xhat.dtype), grad_ln_weight, grad_ln_bias, grad_weight, grad_bias, None, None, None, None
 
 
 def _stats_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -130,9 +136,17 @@ def norm_linear_silu(
     eps: float,
     recompute_norm: bool = False,
     recompute_silu: bool = False,
+    tp_group: ProcessGroup | None = None,
 ) -> torch.Tensor:
-    """SiLU(LayerNorm(x) W^T + b): x [T, D], W [F, D] -> [T, F]."""
-    return _NormLinearSiLU.apply(x, ln_weight, ln_bias, weight, bias, eps, recompute_norm, recompute_silu)
+    """SiLU(LayerNorm(x) W^T + b): x [T, D], W [F, D] (this rank's rows) -> [T, F].
+
+    With ``tp_group``, x and the norm are replicated over the group and W is column-parallel:
+    the gradient reaching the norm is summed over the group (what Megatron's
+    copy-to-tensor-parallel-region does for a ColumnParallelLinear input).
+    """
+    return _NormLinearSiLU.apply(
+        x, ln_weight, ln_bias, weight, bias, eps, recompute_norm, recompute_silu, tp_group
+    )
 
 
 # ------------------------------------------------------------------------------ the layer
@@ -221,6 +235,9 @@ class HSTULayer(nn.Module):
             for name in ("input_norm_weight", "input_norm_bias", "output_norm_weight", "output_norm_bias"):
                 self.register_parameter(name, None)
 
+        # nn.Linear draws an init that Megatron (perform_initialization=False) does not;
+        # restore the generator so both paths reach reset_parameters in the same RNG state.
+        rng_state = torch.get_rng_state()
         if tp_group is None:
             self.uvqk = nn.Linear(hidden_size, 4 * local_width, bias=uvqk_bias, **factory)
             self.output = nn.Linear(local_width, hidden_size, bias=output_bias, **factory)
@@ -240,6 +257,7 @@ class HSTULayer(nn.Module):
             if norm_affine:
                 for p in (self.output_norm_weight, self.output_norm_bias):
                     set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
+        torch.set_rng_state(rng_state)
 
         if relative_attention_bias:
             self.rab_pos_weights = nn.Parameter(torch.empty(2 * rab_num_positions - 1, **factory))
@@ -290,14 +308,8 @@ class HSTULayer(nn.Module):
         from hstu.ops import RelativeAttentionBias, hstu_attention
 
         tp = self.tp_group is not None
-        x_in = x
-        if tp:
-            from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
-
-            # identity forward; all-reduce of the input gradient over the heads' ranks
-            x_in = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
         uvqk = norm_linear_silu(
-            x_in,
+            x,
             self.input_norm_weight,
             self.input_norm_bias,
             self.uvqk.weight,
@@ -305,6 +317,7 @@ class HSTULayer(nn.Module):
             self.norm_eps,
             self.recompute_input_layernorm,
             self.recompute_input_silu,
+            self.tp_group,
         )  # [T, 4 * H_r * d]
         u, v, q, k = uvqk.split(self.local_heads * self.head_dim, dim=-1)
         shape = (-1, self.local_heads, self.head_dim)
