@@ -1,0 +1,235 @@
+"""Token layout, ranking loss and candidate isolation, retrieval loss and full-corpus eval."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingCollection
+
+from hstu.args import NetworkArgs, RankingArgs, RetrievalArgs
+from hstu.model.builder import LayerVariant, ModelDataInfo, build_model
+from hstu.model.metrics import ranks_from_scores
+from hstu.model.ranking import decode_task_labels, ranking_loss
+from hstu.model.retrieval import sampled_softmax_loss
+from hstu.model.tokens import TokenBuilder, sequence_inputs
+from tests.model.helpers import TinyEmbeddings, make_batch
+
+D = 8
+
+
+def _net(**kw) -> NetworkArgs:
+    base = dict(
+        num_layers=2, hidden_size=D, num_attention_heads=2, kv_channels=4, hidden_dropout=0.0,
+        dtype_str="float32", kernel_backend="pytorch", num_position_buckets=64,
+    )
+    base.update(kw)
+    return NetworkArgs(**base)
+
+
+# --------------------------------------------------------------------------- token layout
+
+
+def test_token_layout_interleaves_items_and_actions_candidates_last():
+    # embeddings that encode their own id: item id k -> [k, 0], action a -> [0, a], user u -> [u, u]
+    class Encode(torch.nn.Module):
+        def forward(self, kjt):
+            from torchrec.sparse.jagged_tensor import JaggedTensor
+
+            out = {}
+            for name in kjt.keys():
+                v = kjt[name].values().float()
+                z = torch.zeros_like(v)
+                cols = {"item": (v, z), "action": (z, v), "user": (v, v)}[name]
+                out[name] = JaggedTensor(values=torch.stack(cols, 1), lengths=kjt[name].lengths())
+            return out
+
+    batch = make_batch([[11, 12], [21]], [[13, 14], []], [[1, 2], [3]], {"user": [7, 8]})
+    inputs = sequence_inputs(batch, Encode()(batch.features))
+    builder = TokenBuilder(2, "item", "action", ["user"], {"item": 2, "action": 2, "user": 2})
+    tokens = builder(inputs)
+    assert tokens.values.tolist() == [
+        [7, 7], [11, 0], [0, 1], [12, 0], [0, 2], [13, 0], [14, 0],  # sample 0
+        [8, 8], [21, 0], [0, 3],  # sample 1
+    ]
+    assert tokens.offsets.tolist() == [0, 7, 10]
+    assert tokens.candidate_rows.tolist() == [5, 6]
+    assert tokens.history_query_rows.tolist() == [2, 4, 9]  # action token after each item
+    assert tokens.num_targets.tolist() == [2, 0] and tokens.num_contextual.tolist() == [1, 1]
+    # contextual tokens take the first item's time, actions their item's
+    assert tokens.timestamps.tolist() == [100, 100, 100, 200, 200, 300, 400, 100, 100, 100]
+
+
+# -------------------------------------------------------------------------- ranking loss
+
+
+def test_bit_decoding_and_bce_vs_ce_branch():
+    labels = torch.tensor([5, 2, 0])  # 101, 010, 000
+    assert decode_task_labels(labels, 3).tolist() == [[1, 0, 1], [0, 1, 0], [0, 0, 0]]
+    logits = torch.tensor([[0.5, -1.0, 2.0], [1.0, 0.0, -0.5], [0.2, 0.3, -0.1]])
+    # width == num_tasks: sum over tasks of the mean BCE, written out by hand
+    expected = 0.0
+    for t in range(3):
+        per = []
+        for i in range(3):
+            y = (int(labels[i]) >> t) & 1
+            p = 1 / (1 + math.exp(-float(logits[i, t])))
+            per.append(-(y * math.log(p) + (1 - y) * math.log(1 - p)))
+        expected += sum(per) / 3
+    assert ranking_loss(logits, labels, num_tasks=3).item() == pytest.approx(expected, rel=1e-6)
+    # width != num_tasks: the action value is a class index
+    ce = ranking_loss(logits, torch.tensor([2, 1, 0]), num_tasks=1)
+    assert ce.item() == pytest.approx(F.cross_entropy(logits, torch.tensor([2, 1, 0])).item())
+    with pytest.raises(ValueError, match="cross-entropy labels"):
+        ranking_loss(logits, labels, num_tasks=1)  # 5 is not a class of 3
+
+
+def _ranking_model(arch=(6, 2), num_tasks=2, target_group_size=1):
+    data = ModelDataInfo(
+        num_items=40, item_feature_name="item", max_item_seqlen=8, action_feature_name="action",
+        contextual_feature_names=["user"], feature_dims={"user": 4},
+    )
+    torch.manual_seed(0)
+    emb = TinyEmbeddings({"item": (40, D), "action": (4, D), "user": (5, 4)})
+    return build_model(
+        "ranking", _net(target_group_size=target_group_size),
+        RankingArgs(prediction_head_arch=list(arch), num_tasks=num_tasks), emb, data,
+    ).eval()
+
+
+def test_candidate_isolation_at_model_level():
+    model = _ranking_model()
+    base = make_batch([[1, 2, 3]], [[10, 11, 12]], [[1, 0, 3]], {"user": [2]}, labels=[1, 2, 3])
+    changed = make_batch([[1, 2, 3]], [[10, 30, 12]], [[1, 0, 3]], {"user": [2]}, labels=[1, 2, 3])
+    history_changed = make_batch([[1, 5, 3]], [[10, 11, 12]], [[1, 0, 3]], {"user": [2]}, labels=[1, 2, 3])
+    with torch.no_grad():
+        _, (a, _) = model(base)
+        _, (b, _) = model(changed)
+        _, (c, _) = model(history_changed)
+    torch.testing.assert_close(a[[0, 2]], b[[0, 2]])  # other candidates unchanged
+    assert not torch.allclose(a[1], b[1])  # the changed candidate itself moves
+    assert not torch.allclose(a[0], c[0])  # the history is seen by every candidate
+
+
+def test_target_group_shares_within_group_only():
+    model = _ranking_model(target_group_size=2)
+    base = make_batch([[1, 2]], [[10, 11, 12, 13]], [[1, 0]], {"user": [2]}, labels=[0, 1, 2, 3])
+    changed = make_batch([[1, 2]], [[30, 11, 12, 13]], [[1, 0]], {"user": [2]}, labels=[0, 1, 2, 3])
+    with torch.no_grad():
+        _, (a, _) = model(base)
+        _, (b, _) = model(changed)
+    torch.testing.assert_close(a[2:], b[2:])  # the other group is unaffected
+    assert not torch.allclose(a[1], b[1])  # candidate 1 sees candidate 0 of its group
+
+
+def test_ranking_backward_reaches_all_parameters():
+    model = _ranking_model(arch=(6, 4), num_tasks=2).train()  # CE over 4 classes
+    batch = make_batch([[1, 2], [4]], [[5, 6], [7]], [[1, 0], [2]], {"user": [1, 3]}, labels=[3, 0, 1])
+    loss, (logits, labels) = model(batch)
+    loss.backward()
+    assert logits.shape == (3, 4) and labels.tolist() == [3, 0, 1]
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert missing == [], missing
+
+
+# ------------------------------------------------------------------------------ retrieval
+
+
+def test_sampled_softmax_masks_accidental_hits():
+    q = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    pos = F.normalize(torch.tensor([[1.0, 1.0], [0.0, 1.0]]), dim=-1)
+    pos_ids = torch.tensor([3, 5])
+    neg_ids = torch.tensor([[3, 4], [6, 5]])  # query 0's first and query 1's second are its positive
+    neg = F.normalize(torch.tensor([[[1.0, 1.0], [1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]]]), dim=-1)
+    temp = 0.5
+    loss, pos_logits, neg_logits = sampled_softmax_loss(q, pos, pos_ids, neg, neg_ids, temp)
+    assert torch.isneginf(neg_logits[0, 0]) and torch.isneginf(neg_logits[1, 1])
+    s = 1 / math.sqrt(2)
+    # query 0: positive cos s, surviving negative cos 1; query 1: positive 1, negative 0
+    l0 = -math.log(math.exp(s / temp) / (math.exp(s / temp) + math.exp(1 / temp)))
+    l1 = -math.log(math.exp(1 / temp) / (math.exp(1 / temp) + math.exp(0.0)))
+    assert loss.item() == pytest.approx((l0 + l1) / 2, rel=1e-6)
+    # without masking the hits, the loss would differ
+    unmasked = torch.cat([pos_logits[:, None], (torch.einsum("qd,qmd->qm", q, neg) / temp)], 1)
+    assert -torch.log_softmax(unmasked, 1)[:, 0].mean().item() != pytest.approx(loss.item())
+
+
+def test_in_batch_negatives_mask_duplicates_of_the_positive():
+    q = F.normalize(torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+    pos = F.normalize(torch.randn(3, 4, generator=torch.Generator().manual_seed(1)), dim=-1)
+    ids = torch.tensor([7, 8, 7])
+    _, _, neg_logits = sampled_softmax_loss(q, pos, ids, pos, ids, 0.1)
+    hits = torch.isneginf(neg_logits)
+    assert hits.tolist() == [[True, False, True], [False, True, False], [True, False, True]]
+
+
+def _retrieval(num_negatives: int = -1, use_collection: bool = False):
+    data = ModelDataInfo(num_items=30, item_feature_name="item", max_item_seqlen=8, min_item_id=1)
+    torch.manual_seed(0)
+    if use_collection:
+        emb = EmbeddingCollection(
+            tables=[EmbeddingConfig(name="item_table", embedding_dim=D, num_embeddings=30, feature_names=["item"])]
+        )
+    else:
+        emb = TinyEmbeddings({"item": (30, D)})
+    args = RetrievalArgs(num_negatives=num_negatives, temperature=0.1)
+    return build_model("retrieval", _net(), args, emb, data)
+
+
+@pytest.mark.parametrize("num_negatives,use_collection", [(-1, False), (5, True)])
+def test_retrieval_trains(num_negatives: int, use_collection: bool):
+    model = _retrieval(num_negatives, use_collection)
+    batch = make_batch([[1, 2, 3, 4], [5, 6], [7]])
+    loss, (pos_logits, neg_logits) = model(batch)
+    assert pos_logits.shape == (4,)  # 3 + 1 + 0 next-item queries
+    assert neg_logits.shape == ((4, 4) if num_negatives == -1 else (4, 5))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.block.layers[0].uvqk.weight.grad.abs().sum() > 0
+
+
+def test_full_corpus_eval_matches_brute_force_with_history_excluded():
+    model = _retrieval().eval()
+    batch = make_batch([[1, 2, 3, 4], [5, 6], [7, 8, 9]])
+    batch.labels = torch.tensor([10, 6, 0])  # 6 is in sample 1's history; 0 is padding (< min id)
+    queries, _, _ = model.last_queries(batch)
+    corpus = model.corpus_vectors(chunk_size=7)
+    scores = queries @ corpus.t()
+    excluded = torch.zeros_like(scores, dtype=torch.bool)
+    for b, hist in enumerate([[1, 2, 3, 4], [5, 6], [7, 8, 9]]):
+        excluded[b, hist] = True
+    excluded[:, 0] = True
+    want_ranks = ranks_from_scores(scores, batch.labels, excluded)
+    assert want_ranks[0].isfinite() and want_ranks[1:].isinf().all()
+    for chunk in (4, 1000):
+        result = model.evaluate(batch, top_k=5, chunk_size=chunk, corpus=corpus)
+        assert torch.equal(result.target_ranks, want_ranks), chunk
+        want_top = scores.masked_fill(excluded, float("-inf")).topk(5, dim=1)
+        torch.testing.assert_close(result.top_scores, want_top.values)
+        assert torch.equal(result.top_ids, want_top.indices)
+        assert not any(i in hist for row, hist in zip(result.top_ids.tolist(), [[1, 2, 3, 4], [5, 6], [7, 8, 9]])
+                       for i in row)
+
+
+def test_retrieval_needs_unprojected_items():
+    data = ModelDataInfo(num_items=30, item_feature_name="item", max_item_seqlen=8, feature_dims={"item": 4})
+    with pytest.raises(ValueError, match="item embedding dim"):
+        build_model("retrieval", _net(), RetrievalArgs(), TinyEmbeddings({"item": (30, 4)}), data)
+
+
+def test_research_variant_builds_and_runs():
+    data = ModelDataInfo(num_items=30, item_feature_name="item", max_item_seqlen=8)
+    net = _net(norm_epsilon=1e-6)
+    model = build_model(
+        "retrieval", net, RetrievalArgs(), TinyEmbeddings({"item": (30, D)}), data,
+        variant=LayerVariant.research(padded_width=19),
+    )
+    layer = model.block.layers[0]
+    assert layer.alpha == 1.0 and layer.uvqk.bias is None and layer.output.bias is not None
+    assert layer.input_norm_weight is None and layer.rab_pos_weights.numel() == 2 * 8 - 1
+    loss, _ = model(make_batch([[1, 2, 3], [4, 5]]))
+    loss.backward()
+    assert layer.rab_pos_weights.grad.abs().sum() > 0 and layer.rab_ts_weights.grad.abs().sum() > 0
