@@ -3,11 +3,11 @@
 Legend: T total tokens, B samples, H heads, d head dim, b samples of one chunk, h heads of
 one chunk, n the padded width of a chunk (its longest sample), N ``scaling_seqlen``.
 
-Samples are sorted by length and cut into chunks whose score tensors fit a memory budget, so
-a batch never materialises a dense [B, H, max_seqlen, max_seqlen]; a single sample too long
-for the budget is further split over heads. Scores are computed in at least float32 whatever the
-input dtype
-(float64 stays float64); autograd runs through the plain ops.
+Samples are sorted by length and cut into chunks of similar lengths (the shortest longer
+than half the longest) whose score tensors fit a memory budget, so a batch never
+materialises a dense [B, H, max_seqlen, max_seqlen]; a single sample too long for the budget
+is further split over heads. Scores are computed in at least float32 whatever the input
+dtype (float64 stays float64); autograd runs through the plain ops.
 """
 
 from __future__ import annotations
@@ -23,12 +23,20 @@ DEFAULT_MEMORY_BUDGET_BYTES = 512 * 2**20
 # float32 [b, h, n, n] tensors alive at once per chunk, autograd's saved ones included
 _SCORE_TENSORS_ALIVE = 4
 _SCORE_BYTES = 4
+# a chunk of width n only takes samples longer than this fraction of n
+MIN_CHUNK_FILL = 0.5
 
 
 def plan_chunks(
-    lengths: list[int], num_heads: int, memory_budget_bytes: int
+    lengths: list[int],
+    num_heads: int,
+    memory_budget_bytes: int,
+    min_fill: float = MIN_CHUNK_FILL,
 ) -> list[tuple[list[int], int, int, int]]:
-    """Group samples (longest first) into chunks that fit the budget.
+    """Group samples (longest first) into chunks that fit the budget and waste little padding.
+
+    A chunk of width n takes samples longer than ``min_fill * n`` only, so padding at most
+    multiplies the score work by 1 / min_fill**2; a sample alone over budget is split by heads.
 
     Returns:
         (sample ids, padded width n, first head, end head) per chunk; empty samples dropped.
@@ -46,9 +54,12 @@ def plan_chunks(
                 chunks.append(([order[pos]], width, h0, min(num_heads, h0 + heads_per_chunk)))
             pos += 1
             continue
-        count = max(1, memory_budget_bytes // per_sample)
-        chunks.append((order[pos : pos + count], width, 0, num_heads))
-        pos += count
+        end = pos + 1
+        limit = pos + max(1, memory_budget_bytes // per_sample)
+        while end < min(limit, len(order)) and lengths[order[end]] > min_fill * width:
+            end += 1
+        chunks.append((order[pos:end], width, 0, num_heads))
+        pos = end
     return chunks
 
 
