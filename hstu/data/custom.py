@@ -67,7 +67,7 @@ def _read_text(path: Path, columns: dict[str, str], args: CustomDataArgs) -> Col
             raise DataError(str(path), f"truncated or corrupt gzip file ({exc})") from None
     names = None
     if not args.has_header:
-        first = raw.split(b"\n", 1)[0]
+        first = raw[: raw.find(b"\n")] if b"\n" in raw[:65536] else raw
         names = [str(i) for i in range(first.count(args.delimiter.encode()) + 1)]
     return read_delimited(raw, str(path), columns, delimiter=args.delimiter, header=args.has_header, names=names, quoted=True)
 

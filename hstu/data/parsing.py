@@ -89,10 +89,11 @@ def read_delimited(
         sep = _SUBSTITUTE_SEP
     else:
         sep = delimiter
-    if not raw.strip():
+    if not raw or (len(raw) < 4096 and not raw.strip()):
         raise DataError(where, "file is empty")
     if header:
-        first = raw.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace")
+        end = raw.find(b"\n")
+        first = (raw if end < 0 else raw[:end]).rstrip(b"\r").decode("utf-8", "replace")
         file_names = [c.strip().strip('"') for c in first.split(sep)]
     else:
         assert names is not None

@@ -115,21 +115,23 @@ def group(parsed: Parsed) -> Grouped:
         users, raw_users = encode_dense(data["user"])
     num_users = len(raw_users)
     if parsed.keep_item_ids:
-        items = data["item"].astype(np.int64)
+        items = data["item"].astype(np.int64, copy=False)
         num_items = int(parsed.max_item_id) + 1
-        item_ids = np.unique(items)
+        item_ids = np.flatnonzero(np.bincount(items, minlength=num_items))
         raw_items = item_ids
     else:
         items, raw_items = encode_dense(data["item"])
         num_items = len(raw_items) + 1  # dense ids 1..N; 0 is never an item
         item_ids = np.arange(1, num_items)
 
-    order = _stable_user_time_order(users, data["time_key"].astype(np.int64), num_users)
+    order = _stable_user_time_order(users, data["time_key"].astype(np.int64, copy=False), num_users)
     counts = np.bincount(users, minlength=num_users + 1)[1:]
     offsets = np.zeros(num_users + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
     items_sorted = items[order]
-    timestamps = data["time_key"][order] // parsed.time_key_per_second
+    timestamps = data["time_key"][order]
+    if parsed.time_key_per_second != 1:
+        timestamps //= parsed.time_key_per_second
     actions = data["action"][order] if "action" in data else None
 
     contextual: dict[str, np.ndarray] = {USER_FEATURE: np.arange(1, num_users + 1, dtype=np.int64)}
@@ -197,7 +199,7 @@ def write(grouped: Grouped, out_dir: Path, metadata: dict[str, Any]) -> None:
         for name, values in grouped.contextual.items():
             if name != USER_FEATURE:
                 cols[name] = pa.array(values)
-        pq.write_table(pa.table(cols), tmp / SEQUENCES_FILE, compression="zstd")
+        pq.write_table(pa.table(cols), tmp / SEQUENCES_FILE, compression="lz4", use_dictionary=False)
         raw_items = grouped.raw_items.tolist() if grouped.raw_items.dtype == object else grouped.raw_items
         pq.write_table(pa.table({"item_id": pa.array(grouped.item_ids), "raw_item_id": pa.array(raw_items)}), tmp / ITEM_MAP_FILE)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
@@ -218,7 +220,7 @@ def build_metadata(name: str, grouped: Grouped, source: dict[str, Any], options:
         "dataset": name,
         "num_users": int(len(grouped.offsets) - 1),
         "num_items": int(grouped.num_items),
-        "num_distinct_items": int(len(np.unique(grouped.items))),
+        "num_distinct_items": int(len(grouped.item_ids)),
         "num_interactions": int(len(grouped.items)),
         "item_feature_name": ITEM_FEATURE,
         "item_ids": "kept as declared, in [0, num_items)" if options.get("keep_item_ids") else "dense 1..num_items-1 in sorted raw-id order; 0 is never an item",

@@ -95,8 +95,9 @@ def _check_bound(cols: Columns, name: str, bound: int | None, what: str, shown: 
 def _ml_ratings_to_classes(cols: Columns, scale: int) -> None:
     """rating -> class index: 1..5 -> 0..4 (scale 1) or 0.5..5.0 -> 0..9 (scale 2)."""
     rating = cols.data.pop("rating")
-    scaled = np.rint(rating * scale).astype(np.int64)
-    bad = (np.abs(rating * scale - scaled) > 1e-6) | (scaled < 1) | (scaled > 5 * scale)
+    x = rating * scale if scale != 1 else rating
+    scaled = x.astype(np.int64)
+    bad = (scaled != x) | (scaled < 1) | (scaled > 5 * scale)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise cols.error(row, "rating", f"rating {rating[row].item():g} is not one of the MovieLens values")
