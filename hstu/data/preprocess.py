@@ -40,10 +40,7 @@ from hstu.data.parsing import encode_dense, lookup
 from hstu.data.raw import OFFICIAL_URLS, RawSource, download
 from hstu.data.sources import ACTION_FEATURE, ITEM_FEATURE, READERS, USER_FEATURE, Parsed, _check_bound
 
-FORMAT_VERSION = 1
-SEQUENCES_FILE = "sequences.parquet"
-ITEM_MAP_FILE = "item_map.parquet"
-METADATA_FILE = "metadata.json"
+from hstu.data.layout import FORMAT_VERSION, ITEM_MAP_FILE, METADATA_FILE, SEQUENCES_FILE
 
 
 @dataclasses.dataclass

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from hstu.data.errors import DataError
-from hstu.data.preprocess import FORMAT_VERSION, METADATA_FILE, SEQUENCES_FILE
+from hstu.data.layout import FORMAT_VERSION, METADATA_FILE, SEQUENCES_FILE
 
 
 @dataclass
