@@ -19,6 +19,7 @@ Triton on CPU runs in its interpreter, which says nothing about speed: it is ski
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -267,9 +268,17 @@ def main() -> None:
     parser.add_argument("--target-group-size", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=None)
     parser.add_argument("--zipf-exponent", type=float, default=1.2)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (torch)")
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
+    if not gpu and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # A fixed mmap threshold makes glibc hand large freed blocks back to the OS, so the
+        # resident-set peak measures live tensors instead of the allocator's cache.
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    if not gpu:
+        torch.set_num_threads(args.threads)
     args.lengths = args.lengths or (
         [256, 512, 1024, 2048, 4096] if gpu else [64, 128, 256, 512, 1024]
     )
@@ -278,7 +287,6 @@ def main() -> None:
     args.repeat = args.repeat or (10 if gpu else 3)
     args.torch_dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
     torch.manual_seed(0)
-    torch.set_num_threads(torch.get_num_threads())
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(
         f"# device {name}, dtype {args.torch_dtype}, B={args.batch_size}, H={args.heads}, "
