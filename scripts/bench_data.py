@@ -25,10 +25,10 @@ import pyarrow.csv as pacsv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hstu.args import DatasetArgs  # noqa: E402
-from hstu.data import build_data  # noqa: E402
-from hstu.data.data_args import SyntheticDataArgs  # noqa: E402
-from hstu.data.preprocess import preprocess  # noqa: E402
+from hstu.args import DatasetArgs
+from hstu.data import build_data
+from hstu.data.data_args import SyntheticDataArgs
+from hstu.data.preprocess import preprocess
 
 
 def write_ml20m_csv(path: Path, rows: int, seed: int = 0) -> None:

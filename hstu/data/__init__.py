@@ -10,4 +10,4 @@ from hstu.data.batch import Batch
 from hstu.data.build import DataInfo, build_data
 from hstu.data.errors import DataError
 
-__all__ = ["Batch", "DataInfo", "DataError", "build_data"]
+__all__ = ["Batch", "DataError", "DataInfo", "build_data"]

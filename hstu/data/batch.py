@@ -48,7 +48,7 @@ class Batch(Pipelineable):
 
     _TENSOR_FIELDS = ("num_candidates", "timestamps", "labels", "sample_mask")
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
         moved = {
             name: (t.to(device=device, non_blocking=non_blocking) if t is not None else None)
             for name in self._TENSOR_FIELDS
@@ -65,7 +65,7 @@ class Batch(Pipelineable):
             if t is not None:
                 t.record_stream(stream)
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         pinned = {
             name: (t.pin_memory() if t is not None else None)
             for name in self._TENSOR_FIELDS

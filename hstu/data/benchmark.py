@@ -6,8 +6,8 @@ lengths in [1, max_sequence_length], ids in [0, vocab) of the table the feature 
 
 from __future__ import annotations
 
-import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,4 +132,3 @@ class BenchmarkLoader:
 
 
 __all__ = ["BenchmarkLoader", "draw", "draw_lengths"]
-_ = math

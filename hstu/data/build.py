@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from hstu.args import BenchmarkDatasetArgs, ConfigError, DatasetArgs, DynamicEmbeddingArgs, EmbeddingArgs
+from hstu.args import (
+    BenchmarkDatasetArgs,
+    ConfigError,
+    DatasetArgs,
+    DynamicEmbeddingArgs,
+    EmbeddingArgs,
+)
 from hstu.data.benchmark import BenchmarkLoader
 from hstu.data.loader import SequenceLoader, ranking_samples, retrieval_samples
 from hstu.data.store import SequenceStore
@@ -120,7 +126,7 @@ def build_data(
         train_s = retrieval_samples(store, "train", msl, holdout_validation)
         eval_s = retrieval_samples(store, split, msl, holdout_validation)
     max_seqlen = msl + (cands if task == "ranking" else 0)
-    common = dict(store=store, task=task, rank=rank, world_size=world_size, seed=seed, max_seqlen=max_seqlen)
+    common = {"store": store, "task": task, "rank": rank, "world_size": world_size, "seed": seed, "max_seqlen": max_seqlen}
     train = SequenceLoader(samples=train_s, training=True, batch_size=train_batch_size, shuffle=dataset_args.shuffle, drop_last=drop_last, **common)
     evaluation = SequenceLoader(samples=eval_s, training=False, batch_size=eval_batch_size, shuffle=False, **common)
     keep = bool(meta.get("options", {}).get("keep_item_ids"))
@@ -156,4 +162,4 @@ def _build_benchmark(
     return train, evaluation, info
 
 
-__all__ = ["DataInfo", "build_data", "ITEM_TABLE", "ACTION_TABLE"]
+__all__ = ["ACTION_TABLE", "ITEM_TABLE", "DataInfo", "build_data"]

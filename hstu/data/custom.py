@@ -147,4 +147,4 @@ def _read_id_text(path: Path, columns: dict[str, str], args: CustomDataArgs) -> 
     return cols
 
 
-__all__ = ["read_custom", "custom_files", "ROW_FEATURE_PREFIX"]
+__all__ = ["ROW_FEATURE_PREFIX", "custom_files", "read_custom"]

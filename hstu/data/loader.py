@@ -11,8 +11,9 @@ only). Batches are gathered from these ranges with vectorised numpy; nothing loo
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ class Samples:
     def __len__(self) -> int:
         return len(self.user)
 
-    def select(self, keep: np.ndarray) -> "Samples":
+    def select(self, keep: np.ndarray) -> Samples:
         return Samples(
             self.user[keep], self.hist_start[keep], self.hist_end[keep], self.cand_end[keep],
             None if self.target is None else self.target[keep],
@@ -243,4 +244,4 @@ class SequenceLoader:
         )
 
 
-__all__ = ["Samples", "SequenceLoader", "retrieval_samples", "ranking_samples", "gather_ranges"]
+__all__ = ["Samples", "SequenceLoader", "gather_ranges", "ranking_samples", "retrieval_samples"]

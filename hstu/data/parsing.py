@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from hstu.data.errors import DataError
@@ -49,7 +48,7 @@ class Columns:
         return DataError(name, message, line=line, field=field_name)
 
     @staticmethod
-    def concat(parts: list["Columns"]) -> "Columns":
+    def concat(parts: list[Columns]) -> Columns:
         if len(parts) == 1:
             return parts[0]
         data = {k: np.concatenate([p.data[k] for p in parts]) for k in parts[0].data}
@@ -126,7 +125,7 @@ def read_delimited(
         raise DataError(where, f"cannot parse ({str(exc).splitlines()[0]})") from None
     data: dict[str, np.ndarray] = {}
     out = Columns(data, [(where, 0, first_line)])
-    for col, kind in columns.items():
+    for col in columns:
         arr = table.column(col).combine_chunks()
         if arr.null_count:
             row = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
@@ -211,4 +210,4 @@ def lookup(uniques: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.where(found, pos_c + 1, 0).astype(np.int64)
 
 
-__all__ = ["Columns", "read_delimited", "encode_dense", "lookup"]
+__all__ = ["Columns", "encode_dense", "lookup", "read_delimited"]

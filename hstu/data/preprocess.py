@@ -36,11 +36,17 @@ import pyarrow.parquet as pq
 
 from hstu.args import DATASET_NAMES, ConfigError, did_you_mean
 from hstu.data.errors import DataError
+from hstu.data.layout import FORMAT_VERSION, ITEM_MAP_FILE, METADATA_FILE, SEQUENCES_FILE
 from hstu.data.parsing import encode_dense, lookup
 from hstu.data.raw import OFFICIAL_URLS, RawSource, download
-from hstu.data.sources import ACTION_FEATURE, ITEM_FEATURE, READERS, USER_FEATURE, Parsed, _check_bound
-
-from hstu.data.layout import FORMAT_VERSION, ITEM_MAP_FILE, METADATA_FILE, SEQUENCES_FILE
+from hstu.data.sources import (
+    ACTION_FEATURE,
+    ITEM_FEATURE,
+    READERS,
+    USER_FEATURE,
+    Parsed,
+    _check_bound,
+)
 
 
 @dataclasses.dataclass
@@ -138,7 +144,7 @@ def group(parsed: Parsed) -> Grouped:
     if table is not None:
         _check_bound(table, "user", parsed.max_user_id, "user")
         tusers = table.data["user"]
-        uniq_t, first_idx, count_t = np.unique(tusers, return_index=True, return_counts=True)
+        uniq_t, count_t = np.unique(tusers, return_counts=True)
         if (count_t > 1).any():
             dup = uniq_t[count_t > 1][0]
             rows = np.flatnonzero(tusers == dup)
@@ -217,8 +223,8 @@ def build_metadata(name: str, grouped: Grouped, source: dict[str, Any], options:
         "dataset": name,
         "num_users": int(len(grouped.offsets) - 1),
         "num_items": int(grouped.num_items),
-        "num_distinct_items": int(len(grouped.item_ids)),
-        "num_interactions": int(len(grouped.items)),
+        "num_distinct_items": len(grouped.item_ids),
+        "num_interactions": len(grouped.items),
         "item_feature_name": ITEM_FEATURE,
         "item_ids": "kept as declared, in [0, num_items)" if options.get("keep_item_ids") else "dense 1..num_items-1 in sorted raw-id order; 0 is never an item",
         "action_feature_name": ACTION_FEATURE if grouped.actions is not None else None,

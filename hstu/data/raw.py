@@ -17,6 +17,7 @@ import urllib.request
 import zipfile
 import zlib
 from pathlib import Path
+from typing import Self
 
 from hstu.data.errors import DataError
 
@@ -73,7 +74,7 @@ class RawSource:
                 self._zip = zipfile.ZipFile(self.path)
                 self._members = sorted(i.filename for i in self._zip.infolist() if not i.is_dir())
             elif self._looks_like_tar():
-                self._tar = tarfile.open(self.path)
+                self._tar = tarfile.open(self.path)  # noqa: SIM115 - held open until close()
                 self._members = sorted(m.name for m in self._tar.getmembers() if m.isfile())
             else:
                 # A single raw file given directly (e.g. ratings.csv).
@@ -151,6 +152,12 @@ class RawSource:
                 while chunk := fh.read(1 << 22):
                     digest.update(chunk)
         return digest.hexdigest()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         if self._zip is not None:

@@ -7,12 +7,11 @@ shared grouping/sorting/writing lives in :mod:`hstu.data.preprocess`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
-from hstu.data.errors import DataError
 from hstu.data.parsing import Columns, read_delimited
 from hstu.data.raw import RawSource
 
@@ -142,8 +141,9 @@ def read_ml_100k(src: RawSource) -> Parsed:
     )
     _check_range(users, "age", 0, 150, "age")
     age = users.data.pop("age")
-    users.data["age_group"] = ML_AGE_GROUPS[np.searchsorted(ML_AGE_GROUPS, age, side="right") - 1].astype(np.int64) if len(age) else age
-    users.data["age_group"] = np.where(age < 18, 1, users.data["age_group"])
+    # the largest group lower bound <= age; ages under 18 fall in group 1
+    group = np.maximum(np.searchsorted(ML_AGE_GROUPS, age, side="right") - 1, 0)
+    users.data["age_group"] = ML_AGE_GROUPS[group].astype(np.int64)
     return Parsed(
         log, num_action_values=5, user_table=users,
         user_feature_names=["sex", "age_group", "occupation", "zip_code"],
@@ -201,4 +201,4 @@ READERS: dict[str, Callable[[RawSource], Parsed]] = {
     "kuairand-27k": read_kuairand,
 }
 
-__all__ = ["Parsed", "READERS", "ITEM_FEATURE", "ACTION_FEATURE", "USER_FEATURE", "KUAIRAND_ACTION_BITS", "_check_bound", "_check_range"]
+__all__ = ["ACTION_FEATURE", "ITEM_FEATURE", "KUAIRAND_ACTION_BITS", "READERS", "USER_FEATURE", "Parsed", "_check_bound", "_check_range"]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hstu.data.errors import DataError
@@ -38,7 +39,7 @@ class SequenceStore:
         return np.diff(self.offsets)
 
     @classmethod
-    def load(cls, path: str | Path) -> "SequenceStore":
+    def load(cls, path: str | Path) -> SequenceStore:
         path = Path(path)
         meta_path = path / METADATA_FILE
         if not meta_path.exists():
@@ -52,7 +53,7 @@ class SequenceStore:
             raise DataError(str(meta_path), f"format version {metadata.get('format_version')} != {FORMAT_VERSION}; rerun the preprocessor with --force")
         try:
             table = pq.read_table(path / SEQUENCES_FILE)
-        except Exception as exc:  # pyarrow raises several types for damaged files
+        except (OSError, ValueError, pa.ArrowException) as exc:
             raise DataError(str(path / SEQUENCES_FILE), f"unreadable ({exc})") from None
 
         def flat(name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -35,7 +35,7 @@ def test_retrieval_batches_follow_leave_one_out(synth):
     seqs = [store.items[a:b].tolist() for a, b in zip(store.offsets[:-1], store.offsets[1:])]
     users = [b.features["user_id"].values().tolist() for b in train]
     train_items = [s for b in train for s in flat_items(b)]
-    for uid, items in zip(sum(users, []), train_items):
+    for uid, items in zip([u for batch_users in users for u in batch_users], train_items):
         assert items == seqs[uid - 1][:-1][-8:]
     ev_batches = list(ev)
     targets = torch.cat([b.labels for b in ev_batches]).tolist()
@@ -137,7 +137,7 @@ def test_benchmark_batches_from_feature_args():
     ctx = FeatureArgs(feature_names=["u"], max_sequence_length=1, value_distribution="lognormal")
     tables = [EmbeddingArgs(["item"], "item", 1000, "model_parallel"), EmbeddingArgs(["act"], "act", 8, "data_parallel"), EmbeddingArgs(["u"], "u", 30, "data_parallel")]
     bench = BenchmarkDatasetArgs(feature_args=[item, act, ctx], embedding_args=tables, item_feature_name="item", contextual_feature_names=["u"], action_feature_name="act", max_num_candidates=5)
-    train, ev, info = build_data(bench, "ranking", 32, 16, 0, 1, 0, benchmark_num_batches=4)
+    train, _, info = build_data(bench, "ranking", 32, 16, 0, 1, 0, benchmark_num_batches=4)
     batches = list(train)
     assert len(batches) == 4 and info.max_seqlen == 55 and info.num_items == 1000
     for b in batches:

@@ -128,10 +128,10 @@ def test_rerun_is_noop_unless_forced(tmp_path, capsys):
 
 
 def test_synthetic_deterministic_and_seed_dependent(tmp_path):
-    small = dict(num_users=50, num_items=40, min_length=5, max_length=12)
+    small = {"num_users": 50, "num_items": 40, "min_length": 5, "max_length": 12}
     a = preprocess("synthetic", out=tmp_path / "a", synthetic=SyntheticDataArgs(**small), verbose=False)
     b = preprocess("synthetic", out=tmp_path / "b", synthetic=SyntheticDataArgs(**small), verbose=False)
-    c = preprocess("synthetic", out=tmp_path / "c", synthetic=SyntheticDataArgs(**small, seed=7), verbose=False)
+    preprocess("synthetic", out=tmp_path / "c", synthetic=SyntheticDataArgs(**small, seed=7), verbose=False)
     ta, tb, tc = (pq.read_table(tmp_path / x / "synthetic" / "sequences.parquet") for x in "abc")
     assert ta.equals(tb) and not ta.equals(tc)
     assert a["num_users"] == 50 and a["contextual_feature_names"] == ["user_id", "segment"]
