@@ -61,12 +61,14 @@ class LayerVariant:
     use_position_embedding: bool = True
 
     @classmethod
-    def from_network_args(cls, network_args: Any) -> "LayerVariant":
+    def from_network_args(cls, network_args: Any) -> LayerVariant:
         defaults = cls()
-        return cls(**{f: getattr(network_args, f, getattr(defaults, f)) for f in cls.__dataclass_fields__})
+        return cls(
+            **{f: getattr(network_args, f, getattr(defaults, f)) for f in cls.__dataclass_fields__}
+        )
 
     @classmethod
-    def research(cls, padded_width: int) -> "LayerVariant":
+    def research(cls, padded_width: int) -> LayerVariant:
         """The paper's research model (use with norm eps 1e-6): rab, alpha 1, N = padded width."""
         return cls(
             relative_attention_bias=True,
@@ -147,7 +149,9 @@ def build_model(
     if tp_group is not None and torch.distributed.get_world_size(tp_group) == 1:
         tp_group = None
     max_seqlen = max_token_seqlen(
-        data.max_item_seqlen, len(data.contextual_feature_names), data.action_feature_name is not None
+        data.max_item_seqlen,
+        len(data.contextual_feature_names),
+        data.action_feature_name is not None,
     )
     block = build_block(network_args, max_seqlen, variant, tp_group)
     tokens = build_token_builder(network_args, data)
@@ -184,4 +188,11 @@ def build_model(
     raise ValueError(f"task {task!r} is not 'ranking' or 'retrieval'")
 
 
-__all__ = ["DTYPES", "LayerVariant", "ModelDataInfo", "build_block", "build_model", "build_token_builder"]
+__all__ = [
+    "DTYPES",
+    "LayerVariant",
+    "ModelDataInfo",
+    "build_block",
+    "build_model",
+    "build_token_builder",
+]

@@ -59,7 +59,9 @@ class HSTUBlock(nn.Module):
         self.dtype = dtype
         self.num_position_buckets = num_position_buckets
         self.position_embedding = (
-            nn.Embedding(num_position_buckets, hidden_size, dtype=dtype) if use_position_embedding else None
+            nn.Embedding(num_position_buckets, hidden_size, dtype=dtype)
+            if use_position_embedding
+            else None
         )
         if self.position_embedding is not None:
             nn.init.normal_(self.position_embedding.weight, std=0.02)

@@ -28,10 +28,7 @@ from hstu.model.tensor_parallel import (
     tp_rank_of,
     tp_size_of,
 )
-
-NUM_TIME_BUCKETS = 129
-"""Rows of the time-distance table of the relative attention bias (bucket 0..128)."""
-
+from hstu.ops import NUM_TIME_BUCKETS, RelativeAttentionBias, hstu_attention
 
 # ----------------------------------------------------- input LayerNorm + W_uvqk + SiLU
 
@@ -106,7 +103,17 @@ class _NormLinearSiLU(torch.autograd.Function):
         gx = _stats_dtype(grad_xhat)
         xh = _stats_dtype(xhat)
         grad_x = rstd * (gx - gx.mean(-1, keepdim=True) - xh * (gx * xh).mean(-1, keepdim=True))
-        return grad_x.to(xhat.dtype), grad_ln_weight, grad_ln_bias, grad_weight, grad_bias, None, None, None, None
+        return (
+            grad_x.to(xhat.dtype),
+            grad_ln_weight,
+            grad_ln_bias,
+            grad_weight,
+            grad_bias,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _stats_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +128,9 @@ def _normalise(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor,
     return ((xf - mean) * rstd).to(x.dtype), mean, rstd
 
 
-def _affine(xhat: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+def _affine(
+    xhat: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
     if weight is None:
         return xhat
     return xhat * weight + bias if bias is not None else xhat * weight
@@ -232,7 +241,12 @@ class HSTULayer(nn.Module):
             self.output_norm_weight = nn.Parameter(torch.ones(local_width, **factory))
             self.output_norm_bias = nn.Parameter(torch.zeros(local_width, **factory))
         else:
-            for name in ("input_norm_weight", "input_norm_bias", "output_norm_weight", "output_norm_bias"):
+            for name in (
+                "input_norm_weight",
+                "input_norm_bias",
+                "output_norm_weight",
+                "output_norm_bias",
+            ):
                 self.register_parameter(name, None)
 
         # nn.Linear draws an init that Megatron (perform_initialization=False) does not;
@@ -247,12 +261,24 @@ class HSTULayer(nn.Module):
 
             config = make_parallel_config(tp_size, dtype)
             self.uvqk = ColumnParallelLinear(
-                hidden_size, 4 * num_heads * head_dim, config=config, init_method=_no_init,
-                bias=uvqk_bias, gather_output=False, skip_bias_add=False, tp_group=tp_group,
+                hidden_size,
+                4 * num_heads * head_dim,
+                config=config,
+                init_method=_no_init,
+                bias=uvqk_bias,
+                gather_output=False,
+                skip_bias_add=False,
+                tp_group=tp_group,
             )
             self.output = RowParallelLinear(
-                num_heads * head_dim, hidden_size, config=config, init_method=_no_init,
-                bias=output_bias, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
+                num_heads * head_dim,
+                hidden_size,
+                config=config,
+                init_method=_no_init,
+                bias=output_bias,
+                input_is_parallel=True,
+                skip_bias_add=False,
+                tp_group=tp_group,
             )
             if norm_affine:
                 for p in (self.output_norm_weight, self.output_norm_bias):
@@ -305,8 +331,6 @@ class HSTULayer(nn.Module):
     ) -> torch.Tensor:
         """x [T, D] (replicated over the TP group), offsets int64 [B+1],
         num_contextual / num_targets int64 [B], timestamps int64 [T] -> [T, D]."""
-        from hstu.ops import RelativeAttentionBias, hstu_attention
-
         tp = self.tp_group is not None
         uvqk = norm_linear_silu(
             x,
@@ -363,7 +387,9 @@ class HSTULayer(nn.Module):
     def _output_norm(self, o: torch.Tensor) -> torch.Tensor:
         """LayerNorm over all H*d channels, of which this rank holds H_r*d."""
         if self.tp_group is None:
-            return F.layer_norm(o, (o.shape[-1],), self.output_norm_weight, self.output_norm_bias, self.norm_eps)
+            return F.layer_norm(
+                o, (o.shape[-1],), self.output_norm_weight, self.output_norm_bias, self.norm_eps
+            )
         width = self.num_heads * self.head_dim
         of = _stats_dtype(o)
         mean = all_reduce_sum(of.sum(-1, keepdim=True), self.tp_group) / width
@@ -377,4 +403,4 @@ def _no_init(weight: torch.Tensor) -> None:
     """Megatron init hook; HSTULayer.reset_parameters sets the weights."""
 
 
-__all__ = ["HSTULayer", "NUM_TIME_BUCKETS", "norm_linear_silu"]
+__all__ = ["NUM_TIME_BUCKETS", "HSTULayer", "norm_linear_silu"]

@@ -24,7 +24,9 @@ def index_within(lengths: torch.Tensor) -> torch.Tensor:
     """[B] -> [T]: each element's index inside its sample."""
     offsets = lengths_to_offsets(lengths)
     total = int(offsets[-1])
-    return torch.arange(total, device=lengths.device) - torch.repeat_interleave(offsets[:-1], lengths)
+    return torch.arange(total, device=lengths.device) - torch.repeat_interleave(
+        offsets[:-1], lengths
+    )
 
 
 def positions_within(offsets: torch.Tensor, num_targets: torch.Tensor | None) -> torch.Tensor:

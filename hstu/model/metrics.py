@@ -59,7 +59,9 @@ def reciprocal_rank(ranks: torch.Tensor) -> torch.Tensor:
     return 1.0 / ranks
 
 
-def retrieval_metrics(ranks: torch.Tensor, names: list[str] | tuple[str, ...]) -> dict[str, torch.Tensor]:
+def retrieval_metrics(
+    ranks: torch.Tensor, names: list[str] | tuple[str, ...]
+) -> dict[str, torch.Tensor]:
     """Per-sample values of each metric named HR@K, NDCG@K or MRR."""
     out: dict[str, torch.Tensor] = {}
     for name in names:
@@ -97,7 +99,9 @@ class MetricAccumulator:
         self._sums += torch.stack([values[n].detach().double().sum().cpu() for n in self.names])
         self._count += sizes.pop()
 
-    def compute(self, group: ProcessGroup | None = None, device: torch.device | None = None) -> dict[str, float]:
+    def compute(
+        self, group: ProcessGroup | None = None, device: torch.device | None = None
+    ) -> dict[str, float]:
         """Means over every sample seen by every rank of ``group`` (WORLD when initialised)."""
         totals = torch.cat([self._sums, torch.tensor([float(self._count)], dtype=torch.float64)])
         if dist.is_available() and dist.is_initialized():

@@ -31,7 +31,9 @@ from hstu.model.tokens import (
 class MLP(nn.Module):
     """Linear layers of widths ``arch`` with an activation between them (not after the last)."""
 
-    def __init__(self, in_features: int, arch: list[int], activation: str = "relu", bias: bool = True) -> None:
+    def __init__(
+        self, in_features: int, arch: list[int], activation: str = "relu", bias: bool = True
+    ) -> None:
         super().__init__()
         acts = {"relu": nn.ReLU, "gelu": nn.GELU}
         if activation not in acts:
@@ -112,10 +114,17 @@ class RankingModel(nn.Module):
         tokens = self.token_builder(inputs)
         max_items = self.max_item_seqlen or batch.max_seqlen or int(inputs.item_lengths.max())
         max_seqlen = max_token_seqlen(
-            max_items, len(self.token_builder.contextual_feature_names), inputs.action_values is not None
+            max_items,
+            len(self.token_builder.contextual_feature_names),
+            inputs.action_values is not None,
         )
         states = self.block(
-            tokens.values, tokens.offsets, max_seqlen, tokens.num_contextual, tokens.num_targets, tokens.timestamps
+            tokens.values,
+            tokens.offsets,
+            max_seqlen,
+            tokens.num_contextual,
+            tokens.num_targets,
+            tokens.timestamps,
         )
         logits = self.head(states[tokens.candidate_rows].float())  # [S_all, W]
         logits = take_own_rows(logits, rows_layout(inputs.num_candidates, layout), self.tp_group)

@@ -138,7 +138,9 @@ class RetrievalModel(nn.Module):
         lengths = torch.cat(
             [torch.tensor([ids.numel()] if k == item else [0], dtype=torch.int64) for k in keys]
         ).to(ids.device)
-        kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=ids.to(torch.int64), lengths=lengths)
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=keys, values=ids.to(torch.int64), lengths=lengths
+        )
         return self.embedding_module(kjt)[item].values()
 
     def _states(self, batch: Batch):
@@ -148,10 +150,17 @@ class RetrievalModel(nn.Module):
         tokens = self.token_builder(inputs)
         max_items = self.max_item_seqlen or batch.max_seqlen or int(inputs.item_lengths.max())
         max_seqlen = max_token_seqlen(
-            max_items, len(self.token_builder.contextual_feature_names), inputs.action_values is not None
+            max_items,
+            len(self.token_builder.contextual_feature_names),
+            inputs.action_values is not None,
         )
         states = self.block(
-            tokens.values, tokens.offsets, max_seqlen, tokens.num_contextual, tokens.num_targets, tokens.timestamps
+            tokens.values,
+            tokens.offsets,
+            max_seqlen,
+            tokens.num_contextual,
+            tokens.num_targets,
+            tokens.timestamps,
         )
         return own, inputs, layout, tokens, states
 
@@ -160,7 +169,9 @@ class RetrievalModel(nn.Module):
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         own, inputs, layout, tokens, states = self._states(batch)
         hist_layout = rows_layout(inputs.history_lengths, layout)
-        history_states = take_own_rows(states[tokens.history_query_rows], hist_layout, self.tp_group)
+        history_states = take_own_rows(
+            states[tokens.history_query_rows], hist_layout, self.tp_group
+        )
 
         hist = own.history_lengths
         seg = segment_ids(hist)
@@ -177,9 +188,14 @@ class RetrievalModel(nn.Module):
             neg_ids, neg_vectors = pos_ids, pos_vectors
         else:
             neg_ids = torch.randint(
-                self.min_item_id, self.num_items, (queries.shape[0], self.num_negatives), device=queries.device
+                self.min_item_id,
+                self.num_items,
+                (queries.shape[0], self.num_negatives),
+                device=queries.device,
             )
-            neg_vectors = self.normalise(self.lookup_items(neg_ids.reshape(-1))).view(*neg_ids.shape, -1)
+            neg_vectors = self.normalise(self.lookup_items(neg_ids.reshape(-1))).view(
+                *neg_ids.shape, -1
+            )
         loss, pos_logits, neg_logits = sampled_softmax_loss(
             queries, pos_vectors, pos_ids, neg_vectors, neg_ids, self.temperature
         )
@@ -204,7 +220,7 @@ class RetrievalModel(nn.Module):
     def last_queries(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normalised query of each own sample's last token [B, D], and the own history
         (item ids [sum(H)], their sample index [sum(H)])."""
-        own, inputs, layout, tokens, states = self._states(batch)
+        own, _, layout, tokens, states = self._states(batch)
         last = states[tokens.offsets[1:] - 1]  # [B_all, D]
         last = take_own_rows(last, RowLayout(layout.counts, layout.rank), self.tp_group)
         hist = own.history_lengths
@@ -229,7 +245,9 @@ class RetrievalModel(nn.Module):
             corpus = self.corpus_vectors(chunk_size)
         queries, history_ids, history_seg = self.last_queries(batch)
         bsz = queries.shape[0]
-        targets = batch.labels if batch.labels is not None else torch.full((bsz,), -1, dtype=torch.int64)
+        targets = (
+            batch.labels if batch.labels is not None else torch.full((bsz,), -1, dtype=torch.int64)
+        )
         targets = targets.to(queries.device)
         in_corpus = (targets >= self.min_item_id) & (targets < self.num_items)
         safe_targets = targets.clamp(0, self.num_items - 1)

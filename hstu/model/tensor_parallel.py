@@ -48,9 +48,13 @@ def uvqk_shard_rows(num_heads: int, head_dim: int, tp_size: int, tp_rank: int) -
     return torch.cat([part * width + local for part in range(4)])
 
 
-def shard_uvqk(full: torch.Tensor, num_heads: int, head_dim: int, tp_size: int, tp_rank: int) -> torch.Tensor:
+def shard_uvqk(
+    full: torch.Tensor, num_heads: int, head_dim: int, tp_size: int, tp_rank: int
+) -> torch.Tensor:
     """TP=1 W_uvqk weight [4Hd, D] (or bias [4Hd]) -> rank's shard [4Hd/P, D] (or [4Hd/P])."""
-    return full.index_select(0, uvqk_shard_rows(num_heads, head_dim, tp_size, tp_rank).to(full.device))
+    return full.index_select(
+        0, uvqk_shard_rows(num_heads, head_dim, tp_size, tp_rank).to(full.device)
+    )
 
 
 def unshard_uvqk(shards: list[torch.Tensor], num_heads: int, head_dim: int) -> torch.Tensor:

@@ -164,7 +164,7 @@ class TokenBuilder(nn.Module):
         )
 
     def project(self, name: str, values: torch.Tensor) -> torch.Tensor:
-        proj = self.projections[name] if name in self.projections else None
+        proj = self.projections[name] if name in self.projections else None  # noqa: SIM401 (ModuleDict has no .get)
         return proj(values) if proj is not None else values
 
     def forward(self, inputs: SequenceInputs) -> Tokens:
@@ -189,7 +189,11 @@ class TokenBuilder(nn.Module):
         idx = index_within(inputs.item_lengths)
         hist_of = hist[seg]
         is_hist = idx < hist_of
-        item_dest = starts[seg] + num_ctx + torch.where(is_hist, mult * idx, mult * hist_of + (idx - hist_of))
+        item_dest = (
+            starts[seg]
+            + num_ctx
+            + torch.where(is_hist, mult * idx, mult * hist_of + (idx - hist_of))
+        )
         item_tokens = self.project(self.item_feature_name, inputs.item_values)
         sources.append(item_tokens)
         dests.append(item_dest)

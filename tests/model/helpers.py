@@ -14,11 +14,13 @@ class TinyEmbeddings(nn.Module):
 
     def __init__(self, dims: dict[str, tuple[int, int]]) -> None:
         super().__init__()
-        self.tables = nn.ModuleDict({name: nn.Embedding(rows, dim) for name, (rows, dim) in dims.items()})
+        self.tables = nn.ModuleDict(
+            {name: nn.Embedding(rows, dim) for name, (rows, dim) in dims.items()}
+        )
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
         out = {}
-        for name in features.keys():
+        for name in features.keys():  # noqa: SIM118 (a KeyedJaggedTensor, not a dict)
             jt = features[name]
             out[name] = JaggedTensor(values=self.tables[name](jt.values()), lengths=jt.lengths())
         return out
@@ -47,7 +49,9 @@ def make_batch(
         values += vals
         lengths += [1] * bsz
     kjt = KeyedJaggedTensor.from_lengths_sync(
-        keys=keys, values=torch.tensor(values, dtype=torch.int64), lengths=torch.tensor(lengths, dtype=torch.int64)
+        keys=keys,
+        values=torch.tensor(values, dtype=torch.int64),
+        lengths=torch.tensor(lengths, dtype=torch.int64),
     )
     if timestamps is None:
         timestamps = [[100 * (j + 1) for j in range(len(s))] for s in items]

@@ -31,10 +31,12 @@ def _matvec(w: list[list[float]], vec: list[float], bias: list[float] | None = N
 
 
 def _bucket(delta: int) -> int:
-    return min(max(int(math.floor(math.log(max(abs(delta), 1)) / 0.301)), 0), 128)
+    return min(max(math.floor(math.log(max(abs(delta), 1)) / 0.301), 0), 128)
 
 
-def hand_layer(x, w_uvqk, b_uvqk, w_o, b_o, alpha, n_scale, eps, rab_pos=None, rab_ts=None, ts=None):
+def hand_layer(
+    x, w_uvqk, b_uvqk, w_o, b_o, alpha, n_scale, eps, rab_pos=None, rab_ts=None, ts=None
+):
     """DESIGN.md "Model" for one causal sample, 1 head, in python floats."""
     tokens = len(x)
     d = len(w_uvqk) // 4
@@ -61,8 +63,14 @@ def hand_layer(x, w_uvqk, b_uvqk, w_o, b_o, alpha, n_scale, eps, rab_pos=None, r
 
 X = [[0.3, -1.2], [1.5, 0.4]]  # 2 tokens, D = 2
 W_UVQK = [  # rows: U(2), V(2), Q(2), K(2); D = 2 inputs
-    [0.5, -0.3], [0.2, 0.8], [-0.6, 0.1], [0.9, 0.4],
-    [0.7, -0.5], [-0.2, 0.3], [0.4, 0.6], [-0.8, 0.2],
+    [0.5, -0.3],
+    [0.2, 0.8],
+    [-0.6, 0.1],
+    [0.9, 0.4],
+    [0.7, -0.5],
+    [-0.2, 0.3],
+    [0.4, 0.6],
+    [-0.8, 0.2],
 ]
 B_UVQK = [0.1, -0.1, 0.05, 0.2, -0.3, 0.0, 0.15, -0.05]
 W_O = [[0.6, -0.4], [0.3, 0.9]]
@@ -88,8 +96,17 @@ def test_layer_matches_hand_computation_two_tokens_one_head():
 
 def test_research_variant_matches_hand_computation_with_rab():
     layer = HSTULayer(
-        2, 1, 2, norm_eps=1e-6, alpha=1.0, attn_scaling_seqlen=5, uvqk_bias=False, norm_affine=False,
-        output_bias=True, relative_attention_bias=True, rab_num_positions=2,
+        2,
+        1,
+        2,
+        norm_eps=1e-6,
+        alpha=1.0,
+        attn_scaling_seqlen=5,
+        uvqk_bias=False,
+        norm_affine=False,
+        output_bias=True,
+        relative_attention_bias=True,
+        rab_num_positions=2,
     )
     b_o = [0.25, -0.5]
     _load(layer, None, b_o)
@@ -101,8 +118,19 @@ def test_research_variant_matches_hand_computation_with_rab():
         layer.rab_ts_weights.copy_(torch.tensor(rab_ts))
     assert layer.uvqk.bias is None and layer.input_norm_weight is None
     out = layer(torch.tensor(X), torch.tensor([0, 2]), max_seqlen=2, timestamps=torch.tensor(ts))
-    expected = hand_layer(X, W_UVQK, None, W_O, b_o, alpha=1.0, n_scale=5, eps=1e-6,
-                          rab_pos=rab_pos, rab_ts=rab_ts, ts=ts)
+    expected = hand_layer(
+        X,
+        W_UVQK,
+        None,
+        W_O,
+        b_o,
+        alpha=1.0,
+        n_scale=5,
+        eps=1e-6,
+        rab_pos=rab_pos,
+        rab_ts=rab_ts,
+        ts=ts,
+    )
     torch.testing.assert_close(out, torch.tensor(expected), rtol=1e-5, atol=1e-6)
 
 
@@ -149,8 +177,15 @@ def _jagged_case():
 def _run_block(recompute_ln: bool, recompute_silu: bool):
     torch.manual_seed(3)
     block = HSTUBlock(
-        2, 16, 2, 8, num_position_buckets=32, relative_attention_bias=True, rab_num_positions=8,
-        recompute_input_layernorm=recompute_ln, recompute_input_silu=recompute_silu,
+        2,
+        16,
+        2,
+        8,
+        num_position_buckets=32,
+        relative_attention_bias=True,
+        rab_num_positions=8,
+        recompute_input_layernorm=recompute_ln,
+        recompute_input_silu=recompute_silu,
     )
     offsets, nc, nt, ts = _jagged_case()
     x = torch.randn(14, 16, requires_grad=True, generator=torch.Generator().manual_seed(7))

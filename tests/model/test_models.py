@@ -22,12 +22,17 @@ D = 8
 
 
 def _net(**kw) -> NetworkArgs:
-    base = dict(
-        num_layers=2, hidden_size=D, num_attention_heads=2, kv_channels=4, hidden_dropout=0.0,
-        dtype_str="float32", kernel_backend="pytorch", num_position_buckets=64,
-    )
-    base.update(kw)
-    return NetworkArgs(**base)
+    base = {
+        "num_layers": 2,
+        "hidden_size": D,
+        "num_attention_heads": 2,
+        "kv_channels": 4,
+        "hidden_dropout": 0.0,
+        "dtype_str": "float32",
+        "kernel_backend": "pytorch",
+        "num_position_buckets": 64,
+    }
+    return NetworkArgs(**{**base, **kw})
 
 
 # --------------------------------------------------------------------------- token layout
@@ -40,7 +45,7 @@ def test_token_layout_interleaves_items_and_actions_candidates_last():
             from torchrec.sparse.jagged_tensor import JaggedTensor
 
             out = {}
-            for name in kjt.keys():
+            for name in kjt.keys():  # noqa: SIM118 (a KeyedJaggedTensor)
                 v = kjt[name].values().float()
                 z = torch.zeros_like(v)
                 cols = {"item": (v, z), "action": (z, v), "user": (v, v)}[name]
@@ -52,8 +57,16 @@ def test_token_layout_interleaves_items_and_actions_candidates_last():
     builder = TokenBuilder(2, "item", "action", ["user"], {"item": 2, "action": 2, "user": 2})
     tokens = builder(inputs)
     assert tokens.values.tolist() == [
-        [7, 7], [11, 0], [0, 1], [12, 0], [0, 2], [13, 0], [14, 0],  # sample 0
-        [8, 8], [21, 0], [0, 3],  # sample 1
+        [7, 7],
+        [11, 0],
+        [0, 1],
+        [12, 0],
+        [0, 2],
+        [13, 0],
+        [14, 0],  # sample 0
+        [8, 8],
+        [21, 0],
+        [0, 3],  # sample 1
     ]
     assert tokens.offsets.tolist() == [0, 7, 10]
     assert tokens.candidate_rows.tolist() == [5, 6]
@@ -89,14 +102,21 @@ def test_bit_decoding_and_bce_vs_ce_branch():
 
 def _ranking_model(arch=(6, 2), num_tasks=2, target_group_size=1):
     data = ModelDataInfo(
-        num_items=40, item_feature_name="item", max_item_seqlen=8, action_feature_name="action",
-        contextual_feature_names=["user"], feature_dims={"user": 4},
+        num_items=40,
+        item_feature_name="item",
+        max_item_seqlen=8,
+        action_feature_name="action",
+        contextual_feature_names=["user"],
+        feature_dims={"user": 4},
     )
     torch.manual_seed(0)
     emb = TinyEmbeddings({"item": (40, D), "action": (4, D), "user": (5, 4)})
     return build_model(
-        "ranking", _net(target_group_size=target_group_size),
-        RankingArgs(prediction_head_arch=list(arch), num_tasks=num_tasks), emb, data,
+        "ranking",
+        _net(target_group_size=target_group_size),
+        RankingArgs(prediction_head_arch=list(arch), num_tasks=num_tasks),
+        emb,
+        data,
     ).eval()
 
 
@@ -104,7 +124,9 @@ def test_candidate_isolation_at_model_level():
     model = _ranking_model()
     base = make_batch([[1, 2, 3]], [[10, 11, 12]], [[1, 0, 3]], {"user": [2]}, labels=[1, 2, 3])
     changed = make_batch([[1, 2, 3]], [[10, 30, 12]], [[1, 0, 3]], {"user": [2]}, labels=[1, 2, 3])
-    history_changed = make_batch([[1, 5, 3]], [[10, 11, 12]], [[1, 0, 3]], {"user": [2]}, labels=[1, 2, 3])
+    history_changed = make_batch(
+        [[1, 5, 3]], [[10, 11, 12]], [[1, 0, 3]], {"user": [2]}, labels=[1, 2, 3]
+    )
     with torch.no_grad():
         _, (a, _) = model(base)
         _, (b, _) = model(changed)
@@ -127,7 +149,9 @@ def test_target_group_shares_within_group_only():
 
 def test_ranking_backward_reaches_all_parameters():
     model = _ranking_model(arch=(6, 4), num_tasks=2).train()  # CE over 4 classes
-    batch = make_batch([[1, 2], [4]], [[5, 6], [7]], [[1, 0], [2]], {"user": [1, 3]}, labels=[3, 0, 1])
+    batch = make_batch(
+        [[1, 2], [4]], [[5, 6], [7]], [[1, 0], [2]], {"user": [1, 3]}, labels=[3, 0, 1]
+    )
     loss, (logits, labels) = model(batch)
     loss.backward()
     assert logits.shape == (3, 4) and labels.tolist() == [3, 0, 1]
@@ -142,7 +166,9 @@ def test_sampled_softmax_masks_accidental_hits():
     q = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
     pos = F.normalize(torch.tensor([[1.0, 1.0], [0.0, 1.0]]), dim=-1)
     pos_ids = torch.tensor([3, 5])
-    neg_ids = torch.tensor([[3, 4], [6, 5]])  # query 0's first and query 1's second are its positive
+    neg_ids = torch.tensor(
+        [[3, 4], [6, 5]]
+    )  # query 0's first and query 1's second are its positive
     neg = F.normalize(torch.tensor([[[1.0, 1.0], [1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]]]), dim=-1)
     temp = 0.5
     loss, pos_logits, neg_logits = sampled_softmax_loss(q, pos, pos_ids, neg, neg_ids, temp)
@@ -171,7 +197,11 @@ def _retrieval(num_negatives: int = -1, use_collection: bool = False):
     torch.manual_seed(0)
     if use_collection:
         emb = EmbeddingCollection(
-            tables=[EmbeddingConfig(name="item_table", embedding_dim=D, num_embeddings=30, feature_names=["item"])]
+            tables=[
+                EmbeddingConfig(
+                    name="item_table", embedding_dim=D, num_embeddings=30, feature_names=["item"]
+                )
+            ]
         )
     else:
         emb = TinyEmbeddings({"item": (30, D)})
@@ -210,12 +240,17 @@ def test_full_corpus_eval_matches_brute_force_with_history_excluded():
         want_top = scores.masked_fill(excluded, float("-inf")).topk(5, dim=1)
         torch.testing.assert_close(result.top_scores, want_top.values)
         assert torch.equal(result.top_ids, want_top.indices)
-        assert not any(i in hist for row, hist in zip(result.top_ids.tolist(), [[1, 2, 3, 4], [5, 6], [7, 8, 9]])
-                       for i in row)
+        assert not any(
+            i in hist
+            for row, hist in zip(result.top_ids.tolist(), [[1, 2, 3, 4], [5, 6], [7, 8, 9]])
+            for i in row
+        )
 
 
 def test_retrieval_needs_unprojected_items():
-    data = ModelDataInfo(num_items=30, item_feature_name="item", max_item_seqlen=8, feature_dims={"item": 4})
+    data = ModelDataInfo(
+        num_items=30, item_feature_name="item", max_item_seqlen=8, feature_dims={"item": 4}
+    )
     with pytest.raises(ValueError, match="item embedding dim"):
         build_model("retrieval", _net(), RetrievalArgs(), TinyEmbeddings({"item": (30, 4)}), data)
 
@@ -224,7 +259,11 @@ def test_research_variant_builds_and_runs():
     data = ModelDataInfo(num_items=30, item_feature_name="item", max_item_seqlen=8)
     net = _net(norm_epsilon=1e-6)
     model = build_model(
-        "retrieval", net, RetrievalArgs(), TinyEmbeddings({"item": (30, D)}), data,
+        "retrieval",
+        net,
+        RetrievalArgs(),
+        TinyEmbeddings({"item": (30, D)}),
+        data,
         variant=LayerVariant.research(padded_width=19),
     )
     layer = model.block.layers[0]

@@ -10,7 +10,12 @@ import torch.distributed as dist
 from hstu.args import NetworkArgs, RankingArgs
 from hstu.model.builder import ModelDataInfo, build_model
 from hstu.model.hstu_layer import HSTULayer
-from hstu.model.tensor_parallel import shard_output_weight, shard_uvqk, unshard_uvqk, uvqk_shard_rows
+from hstu.model.tensor_parallel import (
+    shard_output_weight,
+    shard_uvqk,
+    unshard_uvqk,
+    uvqk_shard_rows,
+)
 from tests.dist_utils import run_multiprocess
 from tests.model.helpers import TinyEmbeddings, make_batch
 
@@ -29,7 +34,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 def _unshard(name: str, grad: torch.Tensor, group, num_heads: int, head_dim: int) -> torch.Tensor:
     """TP-rank tensors of parameter ``name`` -> the TP=1 tensor."""
-    if name.endswith("uvqk.weight") or name.endswith("uvqk.bias"):
+    if name.endswith(("uvqk.weight", "uvqk.bias")):
         return unshard_uvqk(_gather(grad, group), num_heads, head_dim)
     if name.endswith("output.weight"):
         return torch.cat(_gather(grad, group), dim=1)
@@ -39,7 +44,7 @@ def _unshard(name: str, grad: torch.Tensor, group, num_heads: int, head_dim: int
 
 
 def _layer_case(rank: int, group) -> None:
-    kwargs = dict(relative_attention_bias=True, rab_num_positions=8, output_bias=True)
+    kwargs = {"relative_attention_bias": True, "rab_num_positions": 8, "output_bias": True}
     torch.manual_seed(0)
     ref = HSTULayer(D, H, D_HEAD, **kwargs)
     torch.manual_seed(0)
@@ -82,14 +87,25 @@ def _layer_case(rank: int, group) -> None:
 
 def _ranking_case(rank: int, group) -> None:
     net = NetworkArgs(
-        num_layers=2, hidden_size=D, num_attention_heads=H, kv_channels=D_HEAD, hidden_dropout=0.0,
-        dtype_str="float32", kernel_backend="pytorch", num_position_buckets=64, target_group_size=1,
+        num_layers=2,
+        hidden_size=D,
+        num_attention_heads=H,
+        kv_channels=D_HEAD,
+        hidden_dropout=0.0,
+        dtype_str="float32",
+        kernel_backend="pytorch",
+        num_position_buckets=64,
+        target_group_size=1,
         contextual_embedding_dim=6,
     )
     head_args = RankingArgs(prediction_head_arch=[8, 3], num_tasks=3)
     data = ModelDataInfo(
-        num_items=50, item_feature_name="item", max_item_seqlen=8, action_feature_name="action",
-        contextual_feature_names=["user"], feature_dims={"item": D, "action": D, "user": 6},
+        num_items=50,
+        item_feature_name="item",
+        max_item_seqlen=8,
+        action_feature_name="action",
+        contextual_feature_names=["user"],
+        feature_dims={"item": D, "action": D, "user": 6},
     )
     torch.manual_seed(5)
     emb = TinyEmbeddings({"item": (50, D), "action": (8, D), "user": (10, 6)})
@@ -100,11 +116,23 @@ def _ranking_case(rank: int, group) -> None:
 
     # each rank has its own samples, of different counts and lengths
     if rank == 0:
-        batch = make_batch([[1, 2, 3], [4, 5]], [[6, 7], [8]], [[1, 2, 3], [4, 5]], {"user": [1, 2]},
-                           labels=[5, 2, 7], max_seqlen=8)
+        batch = make_batch(
+            [[1, 2, 3], [4, 5]],
+            [[6, 7], [8]],
+            [[1, 2, 3], [4, 5]],
+            {"user": [1, 2]},
+            labels=[5, 2, 7],
+            max_seqlen=8,
+        )
     else:
-        batch = make_batch([[9, 10, 11, 12]], [[13, 14, 15]], [[0, 1, 2, 3]], {"user": [3]},
-                           labels=[1, 6, 4], max_seqlen=8)
+        batch = make_batch(
+            [[9, 10, 11, 12]],
+            [[13, 14, 15]],
+            [[0, 1, 2, 3]],
+            {"user": [3]},
+            labels=[1, 6, 4],
+            max_seqlen=8,
+        )
     loss_ref, (logits_ref, _) = ref(batch)
     loss_tp, (logits_tp, _) = tp(batch)
     _close(logits_tp, logits_ref, "own logits")
@@ -137,6 +165,23 @@ def test_uvqk_shards_hold_whole_heads():
     full = torch.arange(4 * 4 * 2).float().unsqueeze(1)  # H=4 heads of d=2, rows tagged by index
     shards = [shard_uvqk(full, 4, 2, 2, r) for r in range(2)]
     # rank 0 holds heads 0,1 of U (rows 0..3), V (8..11), Q (16..19), K (24..27)
-    assert shards[0].squeeze(1).tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27]
+    assert shards[0].squeeze(1).tolist() == [
+        0,
+        1,
+        2,
+        3,
+        8,
+        9,
+        10,
+        11,
+        16,
+        17,
+        18,
+        19,
+        24,
+        25,
+        26,
+        27,
+    ]
     torch.testing.assert_close(unshard_uvqk(shards, 4, 2), full)
     assert uvqk_shard_rows(4, 2, 1, 0).tolist() == list(range(32))
