@@ -34,12 +34,14 @@ from hstu.data.preprocess import preprocess
 def write_ml20m_csv(path: Path, rows: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     users = np.sort(rng.integers(1, 138_494, size=rows))
-    table = pa.table({
-        "userId": users,
-        "movieId": rng.integers(1, 131_263, size=rows),
-        "rating": rng.integers(1, 11, size=rows) / 2.0,
-        "timestamp": rng.integers(789_652_009, 1_427_784_002, size=rows),
-    })
+    table = pa.table(
+        {
+            "userId": users,
+            "movieId": rng.integers(1, 131_263, size=rows),
+            "rating": rng.integers(1, 11, size=rows) / 2.0,
+            "timestamp": rng.integers(789_652_009, 1_427_784_002, size=rows),
+        }
+    )
     pacsv.write_csv(table, path, pacsv.WriteOptions(quoting_style="none"))
 
 
@@ -50,7 +52,9 @@ def bench_preprocess(work: Path, rows: int, zipped: bool) -> float:
     if not csv.exists() or csv.stat().st_size < rows * 20:
         t = time.perf_counter()
         write_ml20m_csv(csv, rows)
-        print(f"generated {csv} ({csv.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t:.1f}s")
+        print(
+            f"generated {csv} ({csv.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t:.1f}s"
+        )
     source: Path = raw
     if zipped:
         import zipfile
@@ -63,8 +67,10 @@ def bench_preprocess(work: Path, rows: int, zipped: bool) -> float:
     meta = preprocess("ml-20m", source, work / "out", force=True, verbose=False)
     seconds = time.perf_counter() - t
     rate = meta["num_interactions"] / seconds
-    print(f"preprocess ml-20m format ({'zip' if zipped else 'folder'}): {meta['num_interactions']:,} interactions "
-          f"in {seconds:.2f}s = {rate / 1e6:.2f} M interactions/s (target >= 1 M/s)")
+    print(
+        f"preprocess ml-20m format ({'zip' if zipped else 'folder'}): {meta['num_interactions']:,} interactions "
+        f"in {seconds:.2f}s = {rate / 1e6:.2f} M interactions/s (target >= 1 M/s)"
+    )
     return rate
 
 
@@ -73,33 +79,46 @@ def bench_loader(work: Path, batch_size: int, msl: int, seconds: float) -> tuple
 
     syn = SyntheticDataArgs(num_users=6040, num_items=3706, min_length=20, max_length=311, seed=1)
     preprocess("synthetic", out=work / "ml1m-size", synthetic=syn, verbose=False)
-    args = DatasetArgs(dataset_name="synthetic", max_sequence_length=msl, dataset_path=str(work / "ml1m-size" / "synthetic"), shuffle=True)
+    args = DatasetArgs(
+        dataset_name="synthetic",
+        max_sequence_length=msl,
+        dataset_path=str(work / "ml1m-size" / "synthetic"),
+        shuffle=True,
+    )
     train, _, info = build_data(args, "retrieval", batch_size, batch_size, 0, 1, 0)
     n, t = 0, time.perf_counter()
     while time.perf_counter() - t < seconds:
         for _ in train:
             n += 1
     loader_rate = n / (time.perf_counter() - t)
-    print(f"loader (ML-1M size: {info.num_train_samples} users, msl {msl}, batch {batch_size}): {loader_rate:,.0f} batches/s")
+    print(
+        f"loader (ML-1M size: {info.num_train_samples} users, msl {msl}, batch {batch_size}): {loader_rate:,.0f} batches/s"
+    )
 
     torch.manual_seed(0)
     dim = 64
     emb = torch.nn.Embedding(info.num_items, dim)
-    layer = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(dim, 2, 4 * dim, batch_first=True), 2)
+    layer = torch.nn.TransformerEncoder(
+        torch.nn.TransformerEncoderLayer(dim, 2, 4 * dim, batch_first=True), 2
+    )
     params = list(emb.parameters()) + list(layer.parameters())
     opt = torch.optim.Adam(params, lr=1e-3)
     batches = [b for _, b in zip(range(3), train)]
     t = time.perf_counter()
     for b in batches:
         kjt = b.features[b.item_feature_name]
-        padded = torch.nn.utils.rnn.pad_sequence(list(torch.split(kjt.values(), kjt.lengths().tolist())), batch_first=True)
+        padded = torch.nn.utils.rnn.pad_sequence(
+            list(torch.split(kjt.values(), kjt.lengths().tolist())), batch_first=True
+        )
         x = layer(emb(padded))
         loss = x.pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
     model_rate = len(batches) / (time.perf_counter() - t)
-    print(f"stand-in model (2 layers, width {dim}, CPU): {model_rate:.2f} batches/s -> loader is {loader_rate / model_rate:,.0f}x faster (target >= 10x)")
+    print(
+        f"stand-in model (2 layers, width {dim}, CPU): {model_rate:.2f} batches/s -> loader is {loader_rate / model_rate:,.0f}x faster (target >= 10x)"
+    )
     return loader_rate, model_rate
 
 
@@ -107,7 +126,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=5_000_000)
     p.add_argument("--work", default="/tmp/hstu_bench")
-    p.add_argument("--zip", action="store_true", help="also time reading the csv from a zip archive")
+    p.add_argument(
+        "--zip", action="store_true", help="also time reading the csv from a zip archive"
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-sequence-length", type=int, default=200)
     p.add_argument("--loader-seconds", type=float, default=3.0)

@@ -28,7 +28,9 @@ def _bounded_power_law(rng: np.random.Generator, alpha: float, n: int, size: int
     return np.clip(np.floor(x).astype(np.int64) - 1, 0, n - 1)
 
 
-def draw(rng: np.random.Generator, distribution: str, alpha: float, n: int, size: int) -> np.ndarray:
+def draw(
+    rng: np.random.Generator, distribution: str, alpha: float, n: int, size: int
+) -> np.ndarray:
     """int64 [size] in [0, n) from uniform | normal | zipf | lognormal (see docs/data.md)."""
     if distribution == "uniform":
         return rng.integers(0, n, size=size)
@@ -60,13 +62,25 @@ class BenchmarkLoader:
     """
 
     def __init__(
-        self, args: BenchmarkDatasetArgs, task: str, batch_size: int, rank: int, seed: int,
-        training: bool, num_batches: int = 16,
+        self,
+        args: BenchmarkDatasetArgs,
+        task: str,
+        batch_size: int,
+        rank: int,
+        seed: int,
+        training: bool,
+        num_batches: int = 16,
     ) -> None:
         self.args, self.task, self.batch_size, self.training = args, task, batch_size, training
-        self.vocab = {n: ea.item_vocab_size_or_capacity for ea in args.embedding_args for n in ea.feature_names}
+        self.vocab = {
+            n: ea.item_vocab_size_or_capacity
+            for ea in args.embedding_args
+            for n in ea.feature_names
+        }
         self.features = {n: fa for fa in args.feature_args for n in fa.feature_names}
-        self.max_seqlen = self.features[args.item_feature_name].max_sequence_length + args.max_num_candidates
+        self.max_seqlen = (
+            self.features[args.item_feature_name].max_sequence_length + args.max_num_candidates
+        )
         rng = np.random.default_rng([seed, rank, 0 if training else 1])
         self._pool = [self._random_batch(rng) for _ in range(num_batches)]
         self.epoch = 0
@@ -76,17 +90,27 @@ class BenchmarkLoader:
         a, b = self.args, self.batch_size
         item_fa = self.features[a.item_feature_name]
         hist = draw_lengths(rng, item_fa, b)
-        cands = rng.integers(1, a.max_num_candidates + 1, size=b) if a.max_num_candidates > 0 else np.zeros(b, dtype=np.int64)
+        cands = (
+            rng.integers(1, a.max_num_candidates + 1, size=b)
+            if a.max_num_candidates > 0
+            else np.zeros(b, dtype=np.int64)
+        )
         total = hist + cands
         n_items = int(total.sum())
         item_vocab = self.vocab[a.item_feature_name]
-        keys, values, lengths = [a.item_feature_name], [draw(rng, item_fa.value_distribution, item_fa.value_alpha, item_vocab, n_items)], [total]
+        keys, values, lengths = (
+            [a.item_feature_name],
+            [draw(rng, item_fa.value_distribution, item_fa.value_alpha, item_vocab, n_items)],
+            [total],
+        )
         action_vocab = 2
         if a.action_feature_name:
             fa = self.features[a.action_feature_name]
             action_vocab = self.vocab[a.action_feature_name]
             keys.append(a.action_feature_name)
-            values.append(draw(rng, fa.value_distribution, fa.value_alpha, action_vocab, int(hist.sum())))
+            values.append(
+                draw(rng, fa.value_distribution, fa.value_alpha, action_vocab, int(hist.sum()))
+            )
             lengths.append(hist)
         for name in a.contextual_feature_names:
             fa = self.features[name]
@@ -102,7 +126,11 @@ class BenchmarkLoader:
         else:
             labels = None
         return Batch(
-            features=KeyedJaggedTensor(keys=keys, values=torch.from_numpy(np.concatenate(values)), lengths=torch.from_numpy(np.concatenate(lengths))),
+            features=KeyedJaggedTensor(
+                keys=keys,
+                values=torch.from_numpy(np.concatenate(values)),
+                lengths=torch.from_numpy(np.concatenate(lengths)),
+            ),
             batch_size=b,
             item_feature_name=a.item_feature_name,
             contextual_feature_names=list(a.contextual_feature_names),
@@ -128,7 +156,10 @@ class BenchmarkLoader:
         return {"epoch": self.epoch, "batch_index": self.batch_index}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.batch_index = int(state["epoch"]), min(int(state["batch_index"]), len(self))
+        self.epoch, self.batch_index = (
+            int(state["epoch"]),
+            min(int(state["batch_index"]), len(self)),
+        )
 
 
 __all__ = ["BenchmarkLoader", "draw", "draw_lengths"]

@@ -59,9 +59,18 @@ class DataInfo:
         replaces the default (it must keep rows >= the data's vocabulary unless dynamic);
         overrides with new names are appended.
         """
-        tables: list[EmbeddingArgs] = [EmbeddingArgs([self.item_feature_name], ITEM_TABLE, self.num_items, item_sharding)]
+        tables: list[EmbeddingArgs] = [
+            EmbeddingArgs([self.item_feature_name], ITEM_TABLE, self.num_items, item_sharding)
+        ]
         if self.action_feature_name is not None and self.num_action_values:
-            tables.append(EmbeddingArgs([self.action_feature_name], ACTION_TABLE, self.num_action_values, "data_parallel"))
+            tables.append(
+                EmbeddingArgs(
+                    [self.action_feature_name],
+                    ACTION_TABLE,
+                    self.num_action_values,
+                    "data_parallel",
+                )
+            )
         for name in self.contextual_feature_names:
             sharding = item_sharding if name == "user_id" else contextual_sharding
             tables.append(EmbeddingArgs([name], name, self.contextual_vocab_sizes[name], sharding))
@@ -72,9 +81,13 @@ class DataInfo:
             if o is None:
                 out.append(t)
                 continue
-            if not isinstance(o, DynamicEmbeddingArgs) and o.item_vocab_size_or_capacity < t.item_vocab_size_or_capacity:
+            if (
+                not isinstance(o, DynamicEmbeddingArgs)
+                and o.item_vocab_size_or_capacity < t.item_vocab_size_or_capacity
+            ):
                 raise ConfigError(
-                    type(o).__name__, "item_vocab_size_or_capacity",
+                    type(o).__name__,
+                    "item_vocab_size_or_capacity",
                     f"table {o.table_name!r} has {o.item_vocab_size_or_capacity} rows but dataset "
                     f"{self.dataset_name} needs {t.item_vocab_size_or_capacity} (max id + 1)",
                 )
@@ -111,53 +124,99 @@ def build_data(
     if task not in ("retrieval", "ranking"):
         raise ConfigError("build_data", "task", f"{task!r} is not 'retrieval' or 'ranking'")
     if isinstance(dataset_args, BenchmarkDatasetArgs):
-        return _build_benchmark(dataset_args, task, train_batch_size, eval_batch_size, rank, seed, benchmark_num_batches)
+        return _build_benchmark(
+            dataset_args, task, train_batch_size, eval_batch_size, rank, seed, benchmark_num_batches
+        )
     store = SequenceStore.load(dataset_args.resolved_path)
     meta = store.metadata
     msl, cands = dataset_args.max_sequence_length, dataset_args.max_num_candidates
     if task == "ranking":
         if cands < 1:
-            raise ConfigError("DatasetArgs", "max_num_candidates", "ranking needs max_num_candidates >= 1")
+            raise ConfigError(
+                "DatasetArgs", "max_num_candidates", "ranking needs max_num_candidates >= 1"
+            )
         if meta["action_feature_name"] is None:
-            raise ConfigError("DatasetArgs", "dataset_name", f"{meta['dataset']} has no action feature to rank by")
+            raise ConfigError(
+                "DatasetArgs", "dataset_name", f"{meta['dataset']} has no action feature to rank by"
+            )
         train_s = ranking_samples(store, "train", msl, cands)
         eval_s = ranking_samples(store, split, msl, cands)
     else:
         train_s = retrieval_samples(store, "train", msl, holdout_validation)
         eval_s = retrieval_samples(store, split, msl, holdout_validation)
     max_seqlen = msl + (cands if task == "ranking" else 0)
-    common = {"store": store, "task": task, "rank": rank, "world_size": world_size, "seed": seed, "max_seqlen": max_seqlen}
-    train = SequenceLoader(samples=train_s, training=True, batch_size=train_batch_size, shuffle=dataset_args.shuffle, drop_last=drop_last, **common)
-    evaluation = SequenceLoader(samples=eval_s, training=False, batch_size=eval_batch_size, shuffle=False, **common)
+    common = {
+        "store": store,
+        "task": task,
+        "rank": rank,
+        "world_size": world_size,
+        "seed": seed,
+        "max_seqlen": max_seqlen,
+    }
+    train = SequenceLoader(
+        samples=train_s,
+        training=True,
+        batch_size=train_batch_size,
+        shuffle=dataset_args.shuffle,
+        drop_last=drop_last,
+        **common,
+    )
+    evaluation = SequenceLoader(
+        samples=eval_s, training=False, batch_size=eval_batch_size, shuffle=False, **common
+    )
     keep = bool(meta.get("options", {}).get("keep_item_ids"))
     info = DataInfo(
-        dataset_name=meta["dataset"], task=task, num_items=int(meta["num_items"]),
-        item_feature_name=meta["item_feature_name"], action_feature_name=meta["action_feature_name"],
+        dataset_name=meta["dataset"],
+        task=task,
+        num_items=int(meta["num_items"]),
+        item_feature_name=meta["item_feature_name"],
+        action_feature_name=meta["action_feature_name"],
         contextual_feature_names=list(meta["contextual_feature_names"]),
         contextual_vocab_sizes=dict(meta["contextual_vocab_sizes"]),
-        num_action_values=meta["num_action_values"], max_seqlen=max_seqlen,
-        num_train_samples=len(train_s), num_eval_samples=len(eval_s), num_users=int(meta["num_users"]),
-        first_item_id=0 if keep else 1, metadata=meta,
+        num_action_values=meta["num_action_values"],
+        max_seqlen=max_seqlen,
+        num_train_samples=len(train_s),
+        num_eval_samples=len(eval_s),
+        num_users=int(meta["num_users"]),
+        first_item_id=0 if keep else 1,
+        metadata=meta,
     )
     return train, evaluation, info
 
 
 def _build_benchmark(
-    args: BenchmarkDatasetArgs, task: str, train_bs: int, eval_bs: int, rank: int, seed: int, num_batches: int
+    args: BenchmarkDatasetArgs,
+    task: str,
+    train_bs: int,
+    eval_bs: int,
+    rank: int,
+    seed: int,
+    num_batches: int,
 ) -> tuple[BenchmarkLoader, BenchmarkLoader, DataInfo]:
     if task == "ranking" and args.max_num_candidates < 1:
-        raise ConfigError("BenchmarkDatasetArgs", "max_num_candidates", "ranking needs max_num_candidates >= 1")
-    train = BenchmarkLoader(args, task, train_bs, rank, seed, training=True, num_batches=num_batches)
-    evaluation = BenchmarkLoader(args, task, eval_bs, rank, seed, training=False, num_batches=max(1, num_batches // 4))
+        raise ConfigError(
+            "BenchmarkDatasetArgs", "max_num_candidates", "ranking needs max_num_candidates >= 1"
+        )
+    train = BenchmarkLoader(
+        args, task, train_bs, rank, seed, training=True, num_batches=num_batches
+    )
+    evaluation = BenchmarkLoader(
+        args, task, eval_bs, rank, seed, training=False, num_batches=max(1, num_batches // 4)
+    )
     vocab = train.vocab
     info = DataInfo(
-        dataset_name="benchmark", task=task, num_items=vocab[args.item_feature_name],
-        item_feature_name=args.item_feature_name, action_feature_name=args.action_feature_name,
+        dataset_name="benchmark",
+        task=task,
+        num_items=vocab[args.item_feature_name],
+        item_feature_name=args.item_feature_name,
+        action_feature_name=args.action_feature_name,
         contextual_feature_names=list(args.contextual_feature_names),
         contextual_vocab_sizes={n: vocab[n] for n in args.contextual_feature_names},
         num_action_values=vocab[args.action_feature_name] if args.action_feature_name else None,
-        max_seqlen=train.max_seqlen, num_train_samples=len(train) * train_bs,
-        num_eval_samples=len(evaluation) * eval_bs, first_item_id=0,
+        max_seqlen=train.max_seqlen,
+        num_train_samples=len(train) * train_bs,
+        num_eval_samples=len(evaluation) * eval_bs,
+        first_item_id=0,
     )
     return train, evaluation, info
 

@@ -24,7 +24,11 @@ def custom_files(args: CustomDataArgs) -> list[Path]:
         raise DataError(str(path), "no such file or folder (CustomDataArgs.path)")
     if path.is_file():
         return [path]
-    files = sorted(p for p in path.iterdir() if p.is_file() and (p.name.endswith(_TEXT_SUFFIXES) or p.suffix == ".parquet"))
+    files = sorted(
+        p
+        for p in path.iterdir()
+        if p.is_file() and (p.name.endswith(_TEXT_SUFFIXES) or p.suffix == ".parquet")
+    )
     if not files:
         raise DataError(str(path), "folder holds no .csv/.tsv/.txt/.parquet file")
     return files
@@ -39,7 +43,12 @@ def _read_parquet(path: Path, columns: dict[str, str]) -> Columns:
         if col not in schema.names:
             from hstu.args import did_you_mean
 
-            raise DataError(str(path), f"missing column (the file has {', '.join(schema.names)})" + did_you_mean(col, schema.names), field=col)
+            raise DataError(
+                str(path),
+                f"missing column (the file has {', '.join(schema.names)})"
+                + did_you_mean(col, schema.names),
+                field=col,
+            )
     try:
         table = pq.read_table(path, columns=list(columns))
     except (pa.ArrowException, OSError) as exc:
@@ -69,7 +78,15 @@ def _read_text(path: Path, columns: dict[str, str], args: CustomDataArgs) -> Col
     if not args.has_header:
         first = raw[: raw.find(b"\n")] if b"\n" in raw[:65536] else raw
         names = [str(i) for i in range(first.count(args.delimiter.encode()) + 1)]
-    return read_delimited(raw, str(path), columns, delimiter=args.delimiter, header=args.has_header, names=names, quoted=True)
+    return read_delimited(
+        raw,
+        str(path),
+        columns,
+        delimiter=args.delimiter,
+        header=args.has_header,
+        names=names,
+        quoted=True,
+    )
 
 
 def read_custom(args: CustomDataArgs) -> Parsed:
@@ -79,7 +96,11 @@ def read_custom(args: CustomDataArgs) -> Parsed:
     Contextual columns become log columns named ``ctx:<column>``; the preprocessor keeps
     each user's most recent value.
     """
-    columns: dict[str, str] = {args.user_column: "id", args.item_column: "id", args.timestamp_column: "int"}
+    columns: dict[str, str] = {
+        args.user_column: "id",
+        args.item_column: "id",
+        args.timestamp_column: "int",
+    }
     if args.action_column:
         columns[args.action_column] = "int"
     for c in args.contextual_columns:
@@ -87,7 +108,9 @@ def read_custom(args: CustomDataArgs) -> Parsed:
     parts = []
     for path in custom_files(args):
         if path.suffix == ".parquet":
-            cols = _read_parquet(path, {c: ("int" if k == "int" else "any") for c, k in columns.items()})
+            cols = _read_parquet(
+                path, {c: ("int" if k == "int" else "any") for c, k in columns.items()}
+            )
         else:
             cols = _read_id_text(path, columns, args)
         renamed = {
@@ -114,13 +137,21 @@ def read_custom(args: CustomDataArgs) -> Parsed:
             raise log.error(row, args.action_column, f"negative action {act[row]}")
         if args.num_action_values is not None and len(act) and act.max() >= args.num_action_values:
             row = int(np.flatnonzero(act >= args.num_action_values)[0])
-            raise log.error(row, args.action_column, f"action {act[row]} overflows num_action_values={args.num_action_values}")
+            raise log.error(
+                row,
+                args.action_column,
+                f"action {act[row]} overflows num_action_values={args.num_action_values}",
+            )
     num_actions = None
     if args.action_column:
         num_actions = args.num_action_values or int(log.data["action"].max()) + 1
     keep = args.item_vocab_size is not None
     if keep and log.data["item"].dtype.kind not in "iu":
-        raise DataError(args.path, "item ids must be integers when item_vocab_size is declared", field=args.item_column)
+        raise DataError(
+            args.path,
+            "item ids must be integers when item_vocab_size is declared",
+            field=args.item_column,
+        )
     return Parsed(
         log,
         time_key_per_second=1000 if args.timestamp_unit == "ms" else 1,
@@ -129,7 +160,12 @@ def read_custom(args: CustomDataArgs) -> Parsed:
         keep_item_ids=keep,
         min_user_interactions=args.min_user_interactions,
         members=[str(p) for p in custom_files(args)],
-        column_names={"user": args.user_column, "item": args.item_column, "time_key": args.timestamp_column, "action": args.action_column or "action"},
+        column_names={
+            "user": args.user_column,
+            "item": args.item_column,
+            "time_key": args.timestamp_column,
+            "action": args.action_column or "action",
+        },
     )
 
 
@@ -140,7 +176,11 @@ def _read_id_text(path: Path, columns: dict[str, str], args: CustomDataArgs) -> 
         if k == "id":
             values = cols.data[c]
             try:
-                as_int = np.asarray(values.astype(str), dtype=np.int64) if len(values) else values.astype(np.int64)
+                as_int = (
+                    np.asarray(values.astype(str), dtype=np.int64)
+                    if len(values)
+                    else values.astype(np.int64)
+                )
                 cols.data[c] = as_int
             except (ValueError, OverflowError):
                 pass

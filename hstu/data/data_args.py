@@ -48,11 +48,26 @@ class CustomDataArgs:
     def __post_init__(self) -> None:
         _validate_fields(self)
         _require(self.path != "", self, "path", "must not be empty")
-        _require(self.timestamp_unit in ("s", "ms"), self, "timestamp_unit", f"must be 's' or 'ms', got {self.timestamp_unit!r}")
-        _require(len(self.delimiter) == 1, self, "delimiter", f"must be one character, got {self.delimiter!r}")
+        _require(
+            self.timestamp_unit in ("s", "ms"),
+            self,
+            "timestamp_unit",
+            f"must be 's' or 'ms', got {self.timestamp_unit!r}",
+        )
+        _require(
+            len(self.delimiter) == 1,
+            self,
+            "delimiter",
+            f"must be one character, got {self.delimiter!r}",
+        )
         _positive(self, "num_action_values", "min_user_interactions")
         if self.item_vocab_size is not None:
-            _require(self.item_vocab_size > 1, self, "item_vocab_size", f"must be > 1, got {self.item_vocab_size}")
+            _require(
+                self.item_vocab_size > 1,
+                self,
+                "item_vocab_size",
+                f"must be > 1, got {self.item_vocab_size}",
+            )
         names = [self.user_column, self.item_column, self.timestamp_column]
         if self.action_column:
             names.append(self.action_column)
@@ -88,10 +103,30 @@ class SyntheticDataArgs:
         _validate_fields(self)
         _positive(self, "num_users", "num_items", "num_segments", "out_degree", "min_length")
         _non_negative(self, "seed")
-        _require(self.out_degree < self.num_items, self, "out_degree", f"must be < num_items ({self.num_items})")
-        _require(0.0 <= self.noise_prob < 1.0, self, "noise_prob", f"must be in [0, 1), got {self.noise_prob}")
-        _require(self.min_length >= 3, self, "min_length", f"must be >= 3 (train, valid, test), got {self.min_length}")
-        _require(self.max_length >= self.min_length, self, "max_length", f"must be >= min_length ({self.min_length})")
+        _require(
+            self.out_degree < self.num_items,
+            self,
+            "out_degree",
+            f"must be < num_items ({self.num_items})",
+        )
+        _require(
+            0.0 <= self.noise_prob < 1.0,
+            self,
+            "noise_prob",
+            f"must be in [0, 1), got {self.noise_prob}",
+        )
+        _require(
+            self.min_length >= 3,
+            self,
+            "min_length",
+            f"must be >= 3 (train, valid, test), got {self.min_length}",
+        )
+        _require(
+            self.max_length >= self.min_length,
+            self,
+            "max_length",
+            f"must be >= min_length ({self.min_length})",
+        )
 
 
 __all__ = ["CustomDataArgs", "SyntheticDataArgs"]

@@ -41,7 +41,10 @@ class Samples:
 
     def select(self, keep: np.ndarray) -> Samples:
         return Samples(
-            self.user[keep], self.hist_start[keep], self.hist_end[keep], self.cand_end[keep],
+            self.user[keep],
+            self.hist_start[keep],
+            self.hist_end[keep],
+            self.cand_end[keep],
             None if self.target is None else self.target[keep],
         )
 
@@ -72,7 +75,9 @@ def retrieval_samples(
     return s.select(target - start >= 1)
 
 
-def ranking_samples(store: SequenceStore, split: Split, max_sequence_length: int, max_num_candidates: int) -> Samples:
+def ranking_samples(
+    store: SequenceStore, split: Split, max_sequence_length: int, max_num_candidates: int
+) -> Samples:
     """Each user's last C = min(max_num_candidates, L-1) interactions are the evaluation
     candidates; training draws its candidates the same way from the earlier history only
     (so no evaluation interaction is ever an input or a label in training). History = the
@@ -147,7 +152,11 @@ class SequenceLoader:
         self.item_feature_name: str = meta["item_feature_name"]
         self.action_feature_name: str | None = meta["action_feature_name"]
         self.contextual_feature_names: list[str] = list(meta["contextual_feature_names"])
-        self._contextual = np.stack([store.contextual[n] for n in self.contextual_feature_names]) if self.contextual_feature_names else None
+        self._contextual = (
+            np.stack([store.contextual[n] for n in self.contextual_feature_names])
+            if self.contextual_feature_names
+            else None
+        )
         self.samples_per_rank = math.ceil(len(samples) / world_size)
         self.epoch = 0
         self.batch_index = 0
@@ -160,8 +169,11 @@ class SequenceLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "epoch": self.epoch, "batch_index": self.batch_index, "batch_size": self.batch_size,
-            "world_size": self.world_size, "num_samples": len(self.samples),
+            "epoch": self.epoch,
+            "batch_index": self.batch_index,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "num_samples": len(self.samples),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -169,7 +181,10 @@ class SequenceLoader:
         converted through the number of samples consumed (rounded down)."""
         self.epoch = int(state["epoch"])
         index = int(state["batch_index"])
-        if state.get("world_size", self.world_size) != self.world_size or state.get("batch_size", self.batch_size) != self.batch_size:
+        if (
+            state.get("world_size", self.world_size) != self.world_size
+            or state.get("batch_size", self.batch_size) != self.batch_size
+        ):
             consumed = index * state["batch_size"] * state["world_size"]
             index = consumed // (self.batch_size * self.world_size)
         self.batch_index = min(index, len(self))
@@ -225,7 +240,11 @@ class SequenceLoader:
         )
         num_candidates = cand_end - hist_end
         if self.task == "ranking":
-            labels = torch.from_numpy(st.actions[gather_ranges(hist_end, cand_end)]) if st.actions is not None else None
+            labels = (
+                torch.from_numpy(st.actions[gather_ranges(hist_end, cand_end)])
+                if st.actions is not None
+                else None
+            )
         elif not self.training:
             labels = torch.from_numpy(st.items[s.target[index]])
         else:

@@ -103,13 +103,18 @@ def read_delimited(
 
             where_cols = "header" if header else "column mapping"
             raise DataError(
-                where, f"missing column (the {where_cols} has {', '.join(file_names)})"
-                + did_you_mean(col, file_names), line=1 if header else None, field=col,
+                where,
+                f"missing column (the {where_cols} has {', '.join(file_names)})"
+                + did_you_mean(col, file_names),
+                line=1 if header else None,
+                field=col,
             )
     read_opts = pacsv.ReadOptions(
         column_names=file_names, skip_rows=1 if header else 0, use_threads=True, block_size=1 << 24
     )
-    parse_opts = pacsv.ParseOptions(delimiter=sep, quote_char='"' if quoted else False, ignore_empty_lines=False)
+    parse_opts = pacsv.ParseOptions(
+        delimiter=sep, quote_char='"' if quoted else False, ignore_empty_lines=False
+    )
     convert_opts = pacsv.ConvertOptions(
         column_types={c: _TYPES[t] for c, t in columns.items()},
         include_columns=list(columns),
@@ -135,7 +140,13 @@ def read_delimited(
 
 
 def _diagnose(
-    raw: bytes, where: str, sep: str, names: list[str], columns: dict[str, str], first_line: int, quoted: bool
+    raw: bytes,
+    where: str,
+    sep: str,
+    names: list[str],
+    columns: dict[str, str],
+    first_line: int,
+    quoted: bool,
 ) -> None:
     """Slow path after a parse failure: raises DataError at the first bad line."""
     text = io.StringIO(raw.decode("utf-8", "replace"))
@@ -149,7 +160,11 @@ def _diagnose(
         if quoted:
             fields = [f.strip('"') for f in fields]
         if len(fields) != len(names):
-            raise DataError(where, f"expected {len(names)} fields, got {len(fields)}: {line[:80]!r}", line=lineno)
+            raise DataError(
+                where,
+                f"expected {len(names)} fields, got {len(fields)}: {line[:80]!r}",
+                line=lineno,
+            )
         for col, kind in columns.items():
             value = fields[index[col]]
             if value == "":
@@ -158,7 +173,12 @@ def _diagnose(
                 try:
                     int(value) if kind == "int" else float(value)
                 except ValueError:
-                    raise DataError(where, f"expected {'an integer' if kind == 'int' else 'a number'}, got {value[:40]!r}", line=lineno, field=col) from None
+                    raise DataError(
+                        where,
+                        f"expected {'an integer' if kind == 'int' else 'a number'}, got {value[:40]!r}",
+                        line=lineno,
+                        field=col,
+                    ) from None
 
 
 # ------------------------------------------------------------------------- dense codes

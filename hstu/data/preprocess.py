@@ -74,7 +74,10 @@ class Grouped:
 
 def check_dataset_name(name: str) -> None:
     if name not in DATASET_NAMES:
-        raise DataError("--dataset", f"unknown dataset {name!r}{did_you_mean(name, DATASET_NAMES)}; one of {', '.join(DATASET_NAMES)}")
+        raise DataError(
+            "--dataset",
+            f"unknown dataset {name!r}{did_you_mean(name, DATASET_NAMES)}; one of {', '.join(DATASET_NAMES)}",
+        )
 
 
 def _stable_user_time_order(users: np.ndarray, time_key: np.ndarray, num_users: int) -> np.ndarray:
@@ -102,7 +105,11 @@ def group(parsed: Parsed) -> Grouped:
         bad = (act < 0) | (act >= parsed.num_action_values)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise log.error(row, shown.get("action", "action"), f"action {act[row]} outside [0, {parsed.num_action_values})")
+            raise log.error(
+                row,
+                shown.get("action", "action"),
+                f"action {act[row]} outside [0, {parsed.num_action_values})",
+            )
 
     users, raw_users = encode_dense(log.data["user"])
     counts = np.bincount(users, minlength=len(raw_users) + 1)
@@ -114,7 +121,10 @@ def group(parsed: Parsed) -> Grouped:
         keep_rows = ~short[users]
         data = {k: v[keep_rows] for k, v in data.items()}
         if len(data["user"]) == 0:
-            raise DataError(log.segments[0][0], f"every user has fewer than {parsed.min_user_interactions} interactions")
+            raise DataError(
+                log.segments[0][0],
+                f"every user has fewer than {parsed.min_user_interactions} interactions",
+            )
         users, raw_users = encode_dense(data["user"])
     num_users = len(raw_users)
     if parsed.keep_item_ids:
@@ -148,7 +158,11 @@ def group(parsed: Parsed) -> Grouped:
         if (count_t > 1).any():
             dup = uniq_t[count_t > 1][0]
             rows = np.flatnonzero(tusers == dup)
-            raise table.error(int(rows[1]), "user", f"user {dup} is listed twice (first at line {table.locate(int(rows[0]))[1]})")
+            raise table.error(
+                int(rows[1]),
+                "user",
+                f"user {dup} is listed twice (first at line {table.locate(int(rows[0]))[1]})",
+            )
         codes = lookup(raw_users, tusers)  # 0 for users without interactions
         present = codes > 0
         without = num_users - int(present.sum())
@@ -165,21 +179,35 @@ def group(parsed: Parsed) -> Grouped:
             contextual[name[4:]] = fcodes
             vocab[name[4:]] = len(funiq) + 1
     return Grouped(
-        offsets, items_sorted, timestamps.astype(np.int64), actions, contextual, vocab, raw_users,
-        item_ids, raw_items, num_items, parsed.num_action_values if actions is not None else None,
-        dropped, without,
+        offsets,
+        items_sorted,
+        timestamps.astype(np.int64),
+        actions,
+        contextual,
+        vocab,
+        raw_users,
+        item_ids,
+        raw_items,
+        num_items,
+        parsed.num_action_values if actions is not None else None,
+        dropped,
+        without,
     )
 
 
 def _list_column(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
-    return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(values, pa.int64()))
+    return pa.LargeListArray.from_arrays(
+        pa.array(offsets, pa.int64()), pa.array(values, pa.int64())
+    )
 
 
 def seqlen_stats(offsets: np.ndarray) -> dict[str, float]:
     lengths = np.diff(offsets)
     return {
-        "max": int(lengths.max()), "min": int(lengths.min()),
-        "mean": round(float(lengths.mean()), 2), "median": float(np.median(lengths)),
+        "max": int(lengths.max()),
+        "min": int(lengths.min()),
+        "mean": round(float(lengths.mean()), 2),
+        "median": float(np.median(lengths)),
     }
 
 
@@ -193,7 +221,11 @@ def write(grouped: Grouped, out_dir: Path, metadata: dict[str, Any]) -> None:
     try:
         cols: dict[str, pa.Array] = {
             USER_FEATURE: pa.array(grouped.contextual[USER_FEATURE]),
-            "raw_user_id": pa.array(grouped.raw_users.tolist() if grouped.raw_users.dtype == object else grouped.raw_users),
+            "raw_user_id": pa.array(
+                grouped.raw_users.tolist()
+                if grouped.raw_users.dtype == object
+                else grouped.raw_users
+            ),
             "item_ids": _list_column(grouped.offsets, grouped.items),
             "timestamps": _list_column(grouped.offsets, grouped.timestamps),
         }
@@ -202,9 +234,16 @@ def write(grouped: Grouped, out_dir: Path, metadata: dict[str, Any]) -> None:
         for name, values in grouped.contextual.items():
             if name != USER_FEATURE:
                 cols[name] = pa.array(values)
-        pq.write_table(pa.table(cols), tmp / SEQUENCES_FILE, compression="lz4", use_dictionary=False)
-        raw_items = grouped.raw_items.tolist() if grouped.raw_items.dtype == object else grouped.raw_items
-        pq.write_table(pa.table({"item_id": pa.array(grouped.item_ids), "raw_item_id": pa.array(raw_items)}), tmp / ITEM_MAP_FILE)
+        pq.write_table(
+            pa.table(cols), tmp / SEQUENCES_FILE, compression="lz4", use_dictionary=False
+        )
+        raw_items = (
+            grouped.raw_items.tolist() if grouped.raw_items.dtype == object else grouped.raw_items
+        )
+        pq.write_table(
+            pa.table({"item_id": pa.array(grouped.item_ids), "raw_item_id": pa.array(raw_items)}),
+            tmp / ITEM_MAP_FILE,
+        )
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         if out_dir.exists():
             os.rename(out_dir, old)
@@ -217,7 +256,9 @@ def write(grouped: Grouped, out_dir: Path, metadata: dict[str, Any]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def build_metadata(name: str, grouped: Grouped, source: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+def build_metadata(
+    name: str, grouped: Grouped, source: dict[str, Any], options: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "dataset": name,
@@ -226,7 +267,9 @@ def build_metadata(name: str, grouped: Grouped, source: dict[str, Any], options:
         "num_distinct_items": len(grouped.item_ids),
         "num_interactions": len(grouped.items),
         "item_feature_name": ITEM_FEATURE,
-        "item_ids": "kept as declared, in [0, num_items)" if options.get("keep_item_ids") else "dense 1..num_items-1 in sorted raw-id order; 0 is never an item",
+        "item_ids": "kept as declared, in [0, num_items)"
+        if options.get("keep_item_ids")
+        else "dense 1..num_items-1 in sorted raw-id order; 0 is never an item",
         "action_feature_name": ACTION_FEATURE if grouped.actions is not None else None,
         "num_action_values": grouped.num_action_values,
         "contextual_feature_names": list(grouped.contextual),
@@ -250,7 +293,9 @@ def format_stats(meta: dict[str, Any]) -> str:
     return head + "\n" + row
 
 
-def _options_of(name: str, custom: Any, synthetic: Any, parsed_keep: bool = False) -> dict[str, Any]:
+def _options_of(
+    name: str, custom: Any, synthetic: Any, parsed_keep: bool = False
+) -> dict[str, Any]:
     opts: dict[str, Any] = {"format_version": FORMAT_VERSION, "dataset": name}
     if name == "custom":
         opts["custom"] = dataclasses.asdict(custom)
@@ -316,7 +361,10 @@ def preprocess(
             old = json.loads(meta_path.read_text())
         except (OSError, ValueError):
             old = {}
-        if old.get("source", {}).get("checksum") == source["checksum"] and old.get("options") == options:
+        if (
+            old.get("source", {}).get("checksum") == source["checksum"]
+            and old.get("options") == options
+        ):
             log(f"{out_dir} is up to date (same source checksum and options); --force rebuilds it")
             log(format_stats(old))
             return old
@@ -342,23 +390,48 @@ def preprocess(
     log(format_stats(meta))
     notes = []
     if grouped.dropped_users:
-        notes.append(f"dropped {grouped.dropped_users} users with < {parsed.min_user_interactions} interactions")
+        notes.append(
+            f"dropped {grouped.dropped_users} users with < {parsed.min_user_interactions} interactions"
+        )
     if grouped.users_without_features:
-        notes.append(f"{grouped.users_without_features} users have no row in the user-feature file (their features are 0)")
+        notes.append(
+            f"{grouped.users_without_features} users have no row in the user-feature file (their features are 0)"
+        )
     for note in notes:
         log("note: " + note)
-    log(f"wrote {out_dir} in {seconds:.2f}s ({meta['num_interactions'] / max(seconds, 1e-9) / 1e6:.2f} M interactions/s)")
+    log(
+        f"wrote {out_dir} in {seconds:.2f}s ({meta['num_interactions'] / max(seconds, 1e-9) / 1e6:.2f} M interactions/s)"
+    )
     return meta
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hstu.data.preprocess", description="Preprocess a dataset into <out>/<name>/.")
+    parser = argparse.ArgumentParser(
+        prog="python -m hstu.data.preprocess",
+        description="Preprocess a dataset into <out>/<name>/.",
+    )
     parser.add_argument("--dataset", required=True, help=f"one of {', '.join(DATASET_NAMES)}")
-    parser.add_argument("--raw", default=None, help="archive (zip/tar.gz), folder or file; default downloads the official archive")
+    parser.add_argument(
+        "--raw",
+        default=None,
+        help="archive (zip/tar.gz), folder or file; default downloads the official archive",
+    )
     parser.add_argument("--out", default="tmp_data", help="parent output folder (default tmp_data)")
-    parser.add_argument("--force", action="store_true", help="rebuild even when the output is up to date")
-    parser.add_argument("--gin-file", action="append", default=[], help="gin file binding CustomDataArgs / SyntheticDataArgs")
-    parser.add_argument("--gin-param", action="append", default=[], help="gin binding, e.g. 'CustomDataArgs.path=\"log.csv\"'")
+    parser.add_argument(
+        "--force", action="store_true", help="rebuild even when the output is up to date"
+    )
+    parser.add_argument(
+        "--gin-file",
+        action="append",
+        default=[],
+        help="gin file binding CustomDataArgs / SyntheticDataArgs",
+    )
+    parser.add_argument(
+        "--gin-param",
+        action="append",
+        default=[],
+        help="gin binding, e.g. 'CustomDataArgs.path=\"log.csv\"'",
+    )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -370,7 +443,15 @@ def main(argv: list[str] | None = None) -> int:
         check_dataset_name(args.dataset)
         custom = CustomDataArgs() if args.dataset == "custom" else None
         synthetic = SyntheticDataArgs() if args.dataset == "synthetic" else None
-        preprocess(args.dataset, args.raw, args.out, args.force, custom=custom, synthetic=synthetic, verbose=not args.quiet)
+        preprocess(
+            args.dataset,
+            args.raw,
+            args.out,
+            args.force,
+            custom=custom,
+            synthetic=synthetic,
+            verbose=not args.quiet,
+        )
     except (DataError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

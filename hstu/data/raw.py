@@ -17,7 +17,6 @@ import urllib.request
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Self
 
 from hstu.data.errors import DataError
 
@@ -52,7 +51,9 @@ def download(name: str, dest_dir: str | Path) -> Path:
         os.replace(tmp, dest)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise DataError(url, f"download failed ({exc}); fetch it by hand and pass --raw PATH") from None
+        raise DataError(
+            url, f"download failed ({exc}); fetch it by hand and pass --raw PATH"
+        ) from None
     return dest
 
 
@@ -80,7 +81,9 @@ class RawSource:
                 # A single raw file given directly (e.g. ratings.csv).
                 self._members = [self.path.name]
         except _ARCHIVE_ERRORS as exc:
-            raise DataError(str(self.path), f"truncated or corrupt archive ({type(exc).__name__}: {exc})") from None
+            raise DataError(
+                str(self.path), f"truncated or corrupt archive ({type(exc).__name__}: {exc})"
+            ) from None
 
     def _looks_like_tar(self) -> bool:
         name = self.path.name.lower()
@@ -100,7 +103,8 @@ class RawSource:
         return [
             m
             for m in self._members
-            if fnmatch.fnmatch(os.path.basename(m), pattern) and "__MACOSX" not in m
+            if fnmatch.fnmatch(os.path.basename(m), pattern)
+            and "__MACOSX" not in m
             and not os.path.basename(m).startswith("._")
         ]
 
@@ -108,7 +112,9 @@ class RawSource:
         """Like find, but at least one match must exist."""
         found = self.find(pattern)
         if not found:
-            raise DataError(str(self.path), f"missing file {pattern} (not found in the {self.kind})")
+            raise DataError(
+                str(self.path), f"missing file {pattern} (not found in the {self.kind})"
+            )
         return found
 
     def require_one(self, pattern: str) -> str:
@@ -135,9 +141,14 @@ class RawSource:
                 handle = self._tar.extractfile(member)
                 assert handle is not None
                 return handle.read()
-            return (self.path / member).read_bytes() if self.path.is_dir() else self.path.read_bytes()
+            return (
+                (self.path / member).read_bytes() if self.path.is_dir() else self.path.read_bytes()
+            )
         except _ARCHIVE_ERRORS as exc:
-            raise DataError(self.display(member), f"truncated or corrupt archive member ({type(exc).__name__}: {exc})") from None
+            raise DataError(
+                self.display(member),
+                f"truncated or corrupt archive member ({type(exc).__name__}: {exc})",
+            ) from None
 
     def checksum(self, members: list[str]) -> str:
         """sha256 over the archive file, or over the named members of a folder."""
@@ -153,7 +164,7 @@ class RawSource:
                     digest.update(chunk)
         return digest.hexdigest()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> RawSource:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:

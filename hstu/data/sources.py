@@ -75,7 +75,9 @@ def _check_range(cols: Columns, name: str, lo: int, hi: int, what: str) -> None:
         raise cols.error(row, name, f"{what} {values[row].item()!r} outside [{lo}, {hi}]")
 
 
-def _check_bound(cols: Columns, name: str, bound: int | None, what: str, shown: str | None = None) -> None:
+def _check_bound(
+    cols: Columns, name: str, bound: int | None, what: str, shown: str | None = None
+) -> None:
     """Non-negative ids, and <= the declared vocabulary when there is one."""
     values = cols.data[name]
     if values.dtype.kind not in "iu":
@@ -85,7 +87,11 @@ def _check_bound(cols: Columns, name: str, bound: int | None, what: str, shown: 
         raise cols.error(row, shown or name, f"negative {what} id {values[row]}")
     if bound is not None and len(values) and values.max() > bound:
         row = int(np.flatnonzero(values > bound)[0])
-        raise cols.error(row, shown or name, f"{what} id {values[row]} overflows the declared vocabulary (max {bound})")
+        raise cols.error(
+            row,
+            shown or name,
+            f"{what} id {values[row]} overflows the declared vocabulary (max {bound})",
+        )
 
 
 # ------------------------------------------------------------------------- MovieLens
@@ -99,45 +105,67 @@ def _ml_ratings_to_classes(cols: Columns, scale: int) -> None:
     bad = (scaled != x) | (scaled < 1) | (scaled > 5 * scale)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise cols.error(row, "rating", f"rating {rating[row].item():g} is not one of the MovieLens values")
+        raise cols.error(
+            row, "rating", f"rating {rating[row].item():g} is not one of the MovieLens values"
+        )
     cols.data["action"] = scaled - 1
 
 
 def read_ml_1m(src: RawSource) -> Parsed:
     ratings_m, users_m = src.require_one("ratings.dat"), src.require_one("users.dat")
     log = read_delimited(
-        src.read_bytes(ratings_m), src.display(ratings_m),
+        src.read_bytes(ratings_m),
+        src.display(ratings_m),
         {"user": "int", "item": "int", "rating": "int", "time_key": "int"},
-        delimiter="::", header=False, names=["user", "item", "rating", "time_key"],
+        delimiter="::",
+        header=False,
+        names=["user", "item", "rating", "time_key"],
     )
     _ml_ratings_to_classes(log, 1)
     users = read_delimited(
-        src.read_bytes(users_m), src.display(users_m),
+        src.read_bytes(users_m),
+        src.display(users_m),
         {"user": "int", "sex": "str", "age_group": "int", "occupation": "int", "zip_code": "str"},
-        delimiter="::", header=False, names=["user", "sex", "age_group", "occupation", "zip_code"],
+        delimiter="::",
+        header=False,
+        names=["user", "sex", "age_group", "occupation", "zip_code"],
     )
     bad = ~np.isin(users.data["age_group"], ML_AGE_GROUPS)
     if bad.any():
-        raise users.error(int(np.flatnonzero(bad)[0]), "age_group", f"age code {users.data['age_group'][bad][0]} is not one of {ML_AGE_GROUPS.tolist()}")
+        raise users.error(
+            int(np.flatnonzero(bad)[0]),
+            "age_group",
+            f"age code {users.data['age_group'][bad][0]} is not one of {ML_AGE_GROUPS.tolist()}",
+        )
     return Parsed(
-        log, num_action_values=5, user_table=users,
+        log,
+        num_action_values=5,
+        user_table=users,
         user_feature_names=["sex", "age_group", "occupation", "zip_code"],
-        max_user_id=6040, max_item_id=3952, members=[ratings_m, users_m],
+        max_user_id=6040,
+        max_item_id=3952,
+        members=[ratings_m, users_m],
     )
 
 
 def read_ml_100k(src: RawSource) -> Parsed:
     data_m, user_m = src.require_one("u.data"), src.require_one("u.user")
     log = read_delimited(
-        src.read_bytes(data_m), src.display(data_m),
+        src.read_bytes(data_m),
+        src.display(data_m),
         {"user": "int", "item": "int", "rating": "int", "time_key": "int"},
-        delimiter="\t", header=False, names=["user", "item", "rating", "time_key"],
+        delimiter="\t",
+        header=False,
+        names=["user", "item", "rating", "time_key"],
     )
     _ml_ratings_to_classes(log, 1)
     users = read_delimited(
-        src.read_bytes(user_m), src.display(user_m),
+        src.read_bytes(user_m),
+        src.display(user_m),
         {"user": "int", "age": "int", "sex": "str", "occupation": "str", "zip_code": "str"},
-        delimiter="|", header=False, names=["user", "age", "sex", "occupation", "zip_code"],
+        delimiter="|",
+        header=False,
+        names=["user", "age", "sex", "occupation", "zip_code"],
     )
     _check_range(users, "age", 0, 150, "age")
     age = users.data.pop("age")
@@ -145,22 +173,35 @@ def read_ml_100k(src: RawSource) -> Parsed:
     group = np.maximum(np.searchsorted(ML_AGE_GROUPS, age, side="right") - 1, 0)
     users.data["age_group"] = ML_AGE_GROUPS[group].astype(np.int64)
     return Parsed(
-        log, num_action_values=5, user_table=users,
+        log,
+        num_action_values=5,
+        user_table=users,
         user_feature_names=["sex", "age_group", "occupation", "zip_code"],
-        max_user_id=943, max_item_id=1682, members=[data_m, user_m],
+        max_user_id=943,
+        max_item_id=1682,
+        members=[data_m, user_m],
     )
 
 
 def read_ml_20m(src: RawSource) -> Parsed:
     ratings_m = src.require_one("ratings.csv")
     log = read_delimited(
-        src.read_bytes(ratings_m), src.display(ratings_m),
+        src.read_bytes(ratings_m),
+        src.display(ratings_m),
         {"userId": "int", "movieId": "int", "rating": "float", "timestamp": "int"},
-        delimiter=",", header=True,
+        delimiter=",",
+        header=True,
     )
-    log.data = {"user": log.data["userId"], "item": log.data["movieId"], "rating": log.data["rating"], "time_key": log.data["timestamp"]}
+    log.data = {
+        "user": log.data["userId"],
+        "item": log.data["movieId"],
+        "rating": log.data["rating"],
+        "time_key": log.data["timestamp"],
+    }
     _ml_ratings_to_classes(log, 2)
-    return Parsed(log, num_action_values=10, max_user_id=138493, max_item_id=131262, members=[ratings_m])
+    return Parsed(
+        log, num_action_values=10, max_user_id=138493, max_item_id=131262, members=[ratings_m]
+    )
 
 
 # --------------------------------------------------------------------------- KuaiRand
@@ -179,16 +220,28 @@ def read_kuairand(src: RawSource) -> Parsed:
         for name, bit in KUAIRAND_ACTION_BITS:
             _check_range(cols, name, 0, 1, "flag")
             action |= cols.data.pop(name) * bit
-        cols.data = {"user": cols.data["user_id"], "item": cols.data["video_id"], "time_key": cols.data["time_ms"], "action": action}
+        cols.data = {
+            "user": cols.data["user_id"],
+            "item": cols.data["video_id"],
+            "time_key": cols.data["time_ms"],
+            "action": action,
+        }
         parts.append(cols)
     users = read_delimited(
-        src.read_bytes(user_m), src.display(user_m),
-        {"user_id": "int", **{c: "str" for c in KUAIRAND_USER_RANGES}}, delimiter=",", header=True,
+        src.read_bytes(user_m),
+        src.display(user_m),
+        {"user_id": "int", **{c: "str" for c in KUAIRAND_USER_RANGES}},
+        delimiter=",",
+        header=True,
     )
     users.data["user"] = users.data.pop("user_id")
     return Parsed(
-        Columns.concat(parts), time_key_per_second=1000, num_action_values=256, user_table=users,
-        user_feature_names=list(KUAIRAND_USER_RANGES), members=[*log_members, user_m],
+        Columns.concat(parts),
+        time_key_per_second=1000,
+        num_action_values=256,
+        user_table=users,
+        user_feature_names=list(KUAIRAND_USER_RANGES),
+        members=[*log_members, user_m],
     )
 
 
@@ -201,4 +254,13 @@ READERS: dict[str, Callable[[RawSource], Parsed]] = {
     "kuairand-27k": read_kuairand,
 }
 
-__all__ = ["ACTION_FEATURE", "ITEM_FEATURE", "KUAIRAND_ACTION_BITS", "READERS", "USER_FEATURE", "Parsed", "_check_bound", "_check_range"]
+__all__ = [
+    "ACTION_FEATURE",
+    "ITEM_FEATURE",
+    "KUAIRAND_ACTION_BITS",
+    "READERS",
+    "USER_FEATURE",
+    "Parsed",
+    "_check_bound",
+    "_check_range",
+]

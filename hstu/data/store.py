@@ -44,13 +44,19 @@ class SequenceStore:
         meta_path = path / METADATA_FILE
         if not meta_path.exists():
             name = path.name
-            raise DataError(str(meta_path), f"no preprocessed dataset here; run: python -m hstu.data.preprocess --dataset {name} --out {path.parent}")
+            raise DataError(
+                str(meta_path),
+                f"no preprocessed dataset here; run: python -m hstu.data.preprocess --dataset {name} --out {path.parent}",
+            )
         try:
             metadata = json.loads(meta_path.read_text())
         except ValueError as exc:
             raise DataError(str(meta_path), f"unreadable metadata ({exc})") from None
         if metadata.get("format_version") != FORMAT_VERSION:
-            raise DataError(str(meta_path), f"format version {metadata.get('format_version')} != {FORMAT_VERSION}; rerun the preprocessor with --force")
+            raise DataError(
+                str(meta_path),
+                f"format version {metadata.get('format_version')} != {FORMAT_VERSION}; rerun the preprocessor with --force",
+            )
         try:
             table = pq.read_table(path / SEQUENCES_FILE)
         except (OSError, ValueError, pa.ArrowException) as exc:
@@ -64,7 +70,10 @@ class SequenceStore:
         offsets, items = flat("item_ids")
         _, timestamps = flat("timestamps")
         actions = flat("actions")[1] if "actions" in table.column_names else None
-        contextual = {name: table.column(name).to_numpy().astype(np.int64) for name in metadata["contextual_feature_names"]}
+        contextual = {
+            name: table.column(name).to_numpy().astype(np.int64)
+            for name in metadata["contextual_feature_names"]
+        }
         return cls(offsets, items, timestamps, actions, contextual, metadata)
 
 

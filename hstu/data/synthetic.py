@@ -31,7 +31,12 @@ def generate_synthetic(args: SyntheticDataArgs) -> Parsed:
     Loops over time steps (at most max_length) only; every step is vectorised over users.
     """
     rng = np.random.default_rng(args.seed)
-    num_users, num_items, num_segments, degree = args.num_users, args.num_items, args.num_segments, args.out_degree
+    num_users, num_items, num_segments, degree = (
+        args.num_users,
+        args.num_items,
+        args.num_segments,
+        args.out_degree,
+    )
     item_ids = np.arange(1, num_items + 1)
     popularity = 1.0 / np.arange(1, num_items + 1) ** 0.8
     popularity = popularity[rng.permutation(num_items)]
@@ -46,7 +51,9 @@ def generate_synthetic(args: SyntheticDataArgs) -> Parsed:
             break
         offsets = np.where(dup, rng.integers(1, num_items, size=offsets.shape), ordered)
     offsets = np.take_along_axis(offsets, rng.random(offsets.shape).argsort(axis=2), axis=2)
-    successors = (np.arange(num_items)[None, :, None] + offsets) % num_items  # [G, I, degree] 0-based
+    successors = (
+        np.arange(num_items)[None, :, None] + offsets
+    ) % num_items  # [G, I, degree] 0-based
     succ_cdf = np.cumsum(_successor_probs(degree))
 
     segment = rng.integers(0, num_segments, size=num_users)
@@ -59,7 +66,9 @@ def generate_synthetic(args: SyntheticDataArgs) -> Parsed:
     ratings[:, 0] = rng.integers(2, 5, size=num_users)
     for t in range(1, max_len):
         jump = rng.random(num_users) < args.noise_prob
-        rank = np.minimum(np.searchsorted(succ_cdf, rng.random(num_users), side="right"), degree - 1)
+        rank = np.minimum(
+            np.searchsorted(succ_cdf, rng.random(num_users), side="right"), degree - 1
+        )
         follow = successors[segment, current, rank]
         random_item = rng.choice(num_items, size=num_users, p=popularity)
         current = np.where(jump, random_item, follow)
@@ -72,13 +81,27 @@ def generate_synthetic(args: SyntheticDataArgs) -> Parsed:
     valid = np.arange(max_len)[None, :] < lengths[:, None]
     user_col = np.broadcast_to(np.arange(1, num_users + 1)[:, None], valid.shape)[valid]
     log = Columns(
-        {"user": user_col.astype(np.int64), "item": item_ids[items[valid]], "time_key": times[valid].astype(np.int64), "action": ratings[valid]},
+        {
+            "user": user_col.astype(np.int64),
+            "item": item_ids[items[valid]],
+            "time_key": times[valid].astype(np.int64),
+            "action": ratings[valid],
+        },
         [("synthetic", 0, 1)],
     )
-    users = Columns({"user": np.arange(1, num_users + 1), "segment": segment.astype(np.int64)}, [("synthetic users", 0, 1)])
+    users = Columns(
+        {"user": np.arange(1, num_users + 1), "segment": segment.astype(np.int64)},
+        [("synthetic users", 0, 1)],
+    )
     return Parsed(
-        log, num_action_values=5, user_table=users, user_feature_names=["segment"],
-        max_user_id=num_users, max_item_id=num_items, keep_item_ids=False, min_user_interactions=1,
+        log,
+        num_action_values=5,
+        user_table=users,
+        user_feature_names=["segment"],
+        max_user_id=num_users,
+        max_item_id=num_items,
+        keep_item_ids=False,
+        min_user_interactions=1,
     )
 
 

@@ -31,7 +31,16 @@ KUAIRAND_USER_HEADER = (
 
 
 def kuairand_row(user: int, video: int, time_ms: int, flags: dict[str, int] | None = None) -> str:
-    f = {"is_click": 0, "is_like": 0, "is_follow": 0, "is_comment": 0, "is_forward": 0, "is_hate": 0, "long_view": 0, "is_profile_enter": 0}
+    f = {
+        "is_click": 0,
+        "is_like": 0,
+        "is_follow": 0,
+        "is_comment": 0,
+        "is_forward": 0,
+        "is_hate": 0,
+        "long_view": 0,
+        "is_profile_enter": 0,
+    }
     f.update(flags or {})
     return (
         f"{user},{video},20220408,1000,{time_ms},{f['is_click']},{f['is_like']},{f['is_follow']},"
@@ -62,4 +71,11 @@ def lines(rows: list[str]) -> str:
 
 
 def ml1m_zip(tmp: Path, ratings: list[str] = ML1M_RATINGS, users: list[str] = ML1M_USERS) -> Path:
-    return write_zip(tmp / "ml-1m.zip", {"ml-1m/ratings.dat": lines(ratings), "ml-1m/users.dat": lines(users), "ml-1m/README": "x\n"})
+    return write_zip(
+        tmp / "ml-1m.zip",
+        {
+            "ml-1m/ratings.dat": lines(ratings),
+            "ml-1m/users.dat": lines(users),
+            "ml-1m/README": "x\n",
+        },
+    )

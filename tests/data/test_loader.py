@@ -16,12 +16,23 @@ from hstu.data.store import SequenceStore
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("synth")
-    preprocess("synthetic", out=out, synthetic=SyntheticDataArgs(num_users=103, num_items=60, min_length=3, max_length=30), verbose=False)
+    preprocess(
+        "synthetic",
+        out=out,
+        synthetic=SyntheticDataArgs(num_users=103, num_items=60, min_length=3, max_length=30),
+        verbose=False,
+    )
     return str(out / "synthetic")
 
 
 def args(path: str, msl: int = 8, cands: int = 0, shuffle: bool = True) -> DatasetArgs:
-    return DatasetArgs(dataset_name="synthetic", max_sequence_length=msl, dataset_path=path, max_num_candidates=cands, shuffle=shuffle)
+    return DatasetArgs(
+        dataset_name="synthetic",
+        max_sequence_length=msl,
+        dataset_path=path,
+        max_num_candidates=cands,
+        shuffle=shuffle,
+    )
 
 
 def flat_items(batch) -> list[list[int]]:
@@ -53,7 +64,17 @@ def test_retrieval_batches_follow_leave_one_out(synth):
 def test_holdout_validation_splits(synth):
     store = SequenceStore.load(synth)
     seqs = [store.items[a:b].tolist() for a, b in zip(store.offsets[:-1], store.offsets[1:])]
-    train, valid, _ = build_data(args(synth, shuffle=False), "retrieval", 200, 200, 0, 1, 0, split="valid", holdout_validation=True)
+    train, valid, _ = build_data(
+        args(synth, shuffle=False),
+        "retrieval",
+        200,
+        200,
+        0,
+        1,
+        0,
+        split="valid",
+        holdout_validation=True,
+    )
     b = next(iter(valid))
     assert b.labels.tolist() == [s[-2] for s in seqs]
     t = next(iter(train))
@@ -64,31 +85,38 @@ def test_ranking_candidates_never_trained_on(synth):
     store = SequenceStore.load(synth)
     seqs = [store.items[a:b].tolist() for a, b in zip(store.offsets[:-1], store.offsets[1:])]
     acts = [store.actions[a:b].tolist() for a, b in zip(store.offsets[:-1], store.offsets[1:])]
-    train, ev, info = build_data(args(synth, msl=6, cands=4, shuffle=False), "ranking", 32, 32, 0, 1, 0)
+    train, ev, info = build_data(
+        args(synth, msl=6, cands=4, shuffle=False), "ranking", 32, 32, 0, 1, 0
+    )
     assert info.max_seqlen == 10
     for loader, is_eval in ((train, False), (ev, True)):
         for b in loader:
             offs = np.concatenate([[0], np.cumsum(b.num_candidates.numpy())])
-            for k, (uid, items) in enumerate(zip(b.features["user_id"].values().tolist(), flat_items(b))):
+            for k, (uid, items) in enumerate(
+                zip(b.features["user_id"].values().tolist(), flat_items(b))
+            ):
                 seq, act = seqs[uid - 1], acts[uid - 1]
                 c = min(4, len(seq) - 1)
                 earlier = len(seq) - c
                 if is_eval:
                     h = items[: len(items) - c]
-                    assert items[len(h):] == seq[earlier:] and h == seq[:earlier][-6:]
-                    assert b.labels[offs[k]:offs[k + 1]].tolist() == act[earlier:]
+                    assert items[len(h) :] == seq[earlier:] and h == seq[:earlier][-6:]
+                    assert b.labels[offs[k] : offs[k + 1]].tolist() == act[earlier:]
                 else:
                     assert len(items) <= earlier  # nothing from the evaluation candidates
                     c_tr = min(4, earlier - 1)
-                    assert items[-c_tr:] == seq[earlier - c_tr:earlier]
-                    assert b.labels[offs[k]:offs[k + 1]].tolist() == act[earlier - c_tr:earlier]
+                    assert items[-c_tr:] == seq[earlier - c_tr : earlier]
+                    assert b.labels[offs[k] : offs[k + 1]].tolist() == act[earlier - c_tr : earlier]
             assert b.features["action"].lengths().tolist() == b.history_lengths().tolist()
 
 
 def test_deterministic_and_shuffled_per_epoch(synth):
     def epoch_users(seed: int, epochs: int = 2, shuffle: bool = True) -> list[list[int]]:
         train, _, _ = build_data(args(synth, shuffle=shuffle), "retrieval", 10, 10, 0, 1, seed)
-        return [torch.cat([b.features["user_id"].values() for b in train]).tolist() for _ in range(epochs)]
+        return [
+            torch.cat([b.features["user_id"].values() for b in train]).tolist()
+            for _ in range(epochs)
+        ]
 
     a, b = epoch_users(1), epoch_users(1)
     assert a == b
@@ -111,7 +139,10 @@ def test_rank_sharding_equal_counts_and_exact_eval_cover(synth, world_size):
             eval_users += b.features["user_id"].values()[b.sample_mask].tolist()
     assert len(set(lens)) == 1, lens
     assert sorted(eval_users) == list(range(1, info.num_eval_samples + 1))
-    assert set(train_users) == set(range(1, info.num_train_samples + 1)) or len(set(train_users)) == info.num_train_samples
+    assert (
+        set(train_users) == set(range(1, info.num_train_samples + 1))
+        or len(set(train_users)) == info.num_train_samples
+    )
 
 
 def test_resume_from_state_dict_is_exact(synth):
@@ -132,24 +163,47 @@ def test_resume_from_state_dict_is_exact(synth):
 
 
 def test_benchmark_batches_from_feature_args():
-    item = FeatureArgs(feature_names=["item"], max_sequence_length=50, is_jagged=True, length_distribution="zipf", value_distribution="zipf")
+    item = FeatureArgs(
+        feature_names=["item"],
+        max_sequence_length=50,
+        is_jagged=True,
+        length_distribution="zipf",
+        value_distribution="zipf",
+    )
     act = FeatureArgs(feature_names=["act"], max_sequence_length=50, value_distribution="uniform")
     ctx = FeatureArgs(feature_names=["u"], max_sequence_length=1, value_distribution="lognormal")
-    tables = [EmbeddingArgs(["item"], "item", 1000, "model_parallel"), EmbeddingArgs(["act"], "act", 8, "data_parallel"), EmbeddingArgs(["u"], "u", 30, "data_parallel")]
-    bench = BenchmarkDatasetArgs(feature_args=[item, act, ctx], embedding_args=tables, item_feature_name="item", contextual_feature_names=["u"], action_feature_name="act", max_num_candidates=5)
+    tables = [
+        EmbeddingArgs(["item"], "item", 1000, "model_parallel"),
+        EmbeddingArgs(["act"], "act", 8, "data_parallel"),
+        EmbeddingArgs(["u"], "u", 30, "data_parallel"),
+    ]
+    bench = BenchmarkDatasetArgs(
+        feature_args=[item, act, ctx],
+        embedding_args=tables,
+        item_feature_name="item",
+        contextual_feature_names=["u"],
+        action_feature_name="act",
+        max_num_candidates=5,
+    )
     train, _, info = build_data(bench, "ranking", 32, 16, 0, 1, 0, benchmark_num_batches=4)
     batches = list(train)
     assert len(batches) == 4 and info.max_seqlen == 55 and info.num_items == 1000
     for b in batches:
         lengths = b.item_lengths()
-        assert (lengths <= 55).all() and (b.num_candidates >= 1).all() and (b.num_candidates <= 5).all()
+        assert (
+            (lengths <= 55).all()
+            and (b.num_candidates >= 1).all()
+            and (b.num_candidates <= 5).all()
+        )
         assert (b.history_lengths() >= 1).all()
         assert b.labels.numel() == b.num_candidates.sum() and (b.labels < 8).all()
         vals = b.features["item"].values()
         assert vals.min() >= 0 and vals.max() < 1000
         assert b.features["u"].lengths().eq(1).all()
     again, _, _ = build_data(bench, "ranking", 32, 16, 0, 1, 0, benchmark_num_batches=4)
-    assert all(torch.equal(x.features.values(), y.features.values()) for x, y in zip(batches, again))
+    assert all(
+        torch.equal(x.features.values(), y.features.values()) for x, y in zip(batches, again)
+    )
     zipf_vals = torch.cat([b.features["item"].values() for b in batches])
     assert (zipf_vals < 10).float().mean() > 0.3  # zipf puts mass on small ids
 
@@ -158,11 +212,23 @@ def test_batch_is_pipelineable(synth):
     train, _, _ = build_data(args(synth, cands=2), "ranking", 4, 4, 0, 1, 0)
     b = next(iter(train)).to(torch.device("cpu"))
     assert b.features.values().dtype == torch.int64 and b.batch_size == 4
-    assert b.num_tokens() == int(b.item_lengths().sum() + 4 * len(b.contextual_feature_names) + b.history_lengths().sum())
+    assert b.num_tokens() == int(
+        b.item_lengths().sum() + 4 * len(b.contextual_feature_names) + b.history_lengths().sum()
+    )
 
 
 def test_missing_dataset_points_at_preprocessor(tmp_path):
     from hstu.data.errors import DataError
 
     with pytest.raises(DataError, match=r"run: python -m hstu.data.preprocess --dataset ml-1m"):
-        build_data(DatasetArgs(dataset_name="ml-1m", max_sequence_length=5, dataset_path=str(tmp_path / "ml-1m")), "retrieval", 2, 2, 0, 1, 0)
+        build_data(
+            DatasetArgs(
+                dataset_name="ml-1m", max_sequence_length=5, dataset_path=str(tmp_path / "ml-1m")
+            ),
+            "retrieval",
+            2,
+            2,
+            0,
+            1,
+            0,
+        )

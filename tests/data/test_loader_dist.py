@@ -13,7 +13,9 @@ from tests.dist_utils import run_multiprocess
 
 
 def _body(rank: int, world_size: int, path: str) -> None:
-    args = DatasetArgs(dataset_name="synthetic", max_sequence_length=10, dataset_path=path, shuffle=True)
+    args = DatasetArgs(
+        dataset_name="synthetic", max_sequence_length=10, dataset_path=path, shuffle=True
+    )
     train, ev, info = build_data(args, "retrieval", 9, 4, rank, world_size, 11)
     counts = torch.tensor([len(train), len(ev), sum(1 for _ in train), sum(1 for _ in ev)])
     gathered = [torch.zeros_like(counts) for _ in range(world_size)]
@@ -27,5 +29,10 @@ def _body(rank: int, world_size: int, path: str) -> None:
 
 
 def test_two_ranks(tmp_path):
-    preprocess("synthetic", out=tmp_path, synthetic=SyntheticDataArgs(num_users=37, num_items=20, min_length=3, max_length=9), verbose=False)
+    preprocess(
+        "synthetic",
+        out=tmp_path,
+        synthetic=SyntheticDataArgs(num_users=37, num_items=20, min_length=3, max_length=9),
+        verbose=False,
+    )
     run_multiprocess(_body, world_size=2, path=str(tmp_path / "synthetic"))

@@ -17,7 +17,9 @@ RAW = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ml-100k"
 if not RAW.exists():
     RAW = Path("/work/shared/data/ml-100k")
 
-pytestmark = pytest.mark.skipif(not (RAW / "u.data").exists(), reason=f"real MovieLens-100K not found at {RAW}")
+pytestmark = pytest.mark.skipif(
+    not (RAW / "u.data").exists(), reason=f"real MovieLens-100K not found at {RAW}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,11 @@ def processed(tmp_path_factory) -> Path:
 def test_counts(processed):
     store = SequenceStore.load(processed)
     meta = store.metadata
-    assert (meta["num_users"], meta["num_distinct_items"], meta["num_interactions"]) == (943, 1682, 100000)
+    assert (meta["num_users"], meta["num_distinct_items"], meta["num_interactions"]) == (
+        943,
+        1682,
+        100000,
+    )
     assert store.num_users == 943 and len(store.items) == 100000 and meta["num_items"] == 1683
 
 
@@ -45,7 +51,15 @@ def test_stable_ties_pick_the_files_last_row(processed):
 
 
 def test_leave_one_out(processed):
-    train, ev, info = build_data(DatasetArgs(dataset_name="ml-100k", max_sequence_length=200, dataset_path=str(processed)), "retrieval", 128, 128, 0, 1, 0)
+    train, ev, info = build_data(
+        DatasetArgs(dataset_name="ml-100k", max_sequence_length=200, dataset_path=str(processed)),
+        "retrieval",
+        128,
+        128,
+        0,
+        1,
+        0,
+    )
     targets = {}
     for b in ev:
         for uid, label in zip(b.features["user_id"].values().tolist(), b.labels.tolist()):
@@ -54,7 +68,10 @@ def test_leave_one_out(processed):
     seen = 0
     for b in train:
         kjt = b.features["item_id"]
-        for uid, items in zip(b.features["user_id"].values().tolist(), torch.split(kjt.values(), kjt.lengths().tolist())):
+        for uid, items in zip(
+            b.features["user_id"].values().tolist(),
+            torch.split(kjt.values(), kjt.lengths().tolist()),
+        ):
             assert targets[uid] not in items.tolist(), uid
             seen += 1
     assert seen == 943

@@ -39,7 +39,10 @@ def test_truncated_zip(tmp_path):
 def test_truncated_tar_gz(tmp_path):
     from tests.data.helpers import write_tar_gz
 
-    good = write_tar_gz(tmp_path / "k.tar.gz", {"d/log_standard_a.csv": "x" * 5000, "d/user_features_a.csv": "y" * 5000}).read_bytes()
+    good = write_tar_gz(
+        tmp_path / "k.tar.gz",
+        {"d/log_standard_a.csv": "x" * 5000, "d/user_features_a.csv": "y" * 5000},
+    ).read_bytes()
     bad = tmp_path / "KuaiRand-Pure.tar.gz"
     bad.write_bytes(good[: len(good) - 40])
     fails(tmp_path, "kuairand-pure", bad, r"KuaiRand-Pure\.tar\.gz.*truncated or corrupt")
@@ -48,20 +51,35 @@ def test_truncated_tar_gz(tmp_path):
 def test_malformed_row_too_few_fields(tmp_path):
     rows = list(ML1M_RATINGS)
     rows[2] = "1::11::4"
-    err = fails(tmp_path, "ml-1m", ml1m_zip(tmp_path, ratings=rows), r"ml-1m\.zip:ml-1m/ratings\.dat:3: expected 4 fields, got 3")
+    err = fails(
+        tmp_path,
+        "ml-1m",
+        ml1m_zip(tmp_path, ratings=rows),
+        r"ml-1m\.zip:ml-1m/ratings\.dat:3: expected 4 fields, got 3",
+    )
     assert err.line == 3
 
 
 def test_malformed_value_names_field(tmp_path):
     rows = list(ML1M_RATINGS)
     rows[4] = "2::abc::2::40"
-    fails(tmp_path, "ml-1m", ml1m_zip(tmp_path, ratings=rows), r"ratings\.dat:5: field item: expected an integer, got 'abc'")
+    fails(
+        tmp_path,
+        "ml-1m",
+        ml1m_zip(tmp_path, ratings=rows),
+        r"ratings\.dat:5: field item: expected an integer, got 'abc'",
+    )
 
 
 def test_bad_rating_value(tmp_path):
     rows = list(ML1M_RATINGS)
     rows[1] = "2::20::7::50"
-    fails(tmp_path, "ml-1m", ml1m_zip(tmp_path, ratings=rows), r"ratings\.dat:2: field rating: rating 7")
+    fails(
+        tmp_path,
+        "ml-1m",
+        ml1m_zip(tmp_path, ratings=rows),
+        r"ratings\.dat:2: field rating: rating 7",
+    )
 
 
 def test_empty_user(tmp_path):
@@ -75,25 +93,43 @@ def test_item_overflows_declared_vocabulary(tmp_path):
     raw.mkdir()
     (raw / "u.data").write_text(lines(["1\t3\t5\t9", "1\t1683\t4\t8"]))
     (raw / "u.user").write_text(lines(["1|24|M|technician|85711"]))
-    fails(tmp_path, "ml-100k", raw, r"u\.data:2: field item: item id 1683 overflows the declared vocabulary \(max 1682\)")
+    fails(
+        tmp_path,
+        "ml-100k",
+        raw,
+        r"u\.data:2: field item: item id 1683 overflows the declared vocabulary \(max 1682\)",
+    )
 
 
 def test_custom_overflow_names_users_column(tmp_path):
     csv = tmp_path / "log.csv"
     csv.write_text(lines(["u,i,t", "1,3,1", "1,4,2", "2,12,3"]))
-    args = CustomDataArgs(path=str(csv), user_column="u", item_column="i", timestamp_column="t", item_vocab_size=10)
+    args = CustomDataArgs(
+        path=str(csv), user_column="u", item_column="i", timestamp_column="t", item_vocab_size=10
+    )
     fails(tmp_path, "custom", None, r"log\.csv:4: field i: item id 12 overflows", custom=args)
 
 
 def test_custom_missing_column_did_you_mean(tmp_path):
     csv = tmp_path / "log.csv"
     csv.write_text(lines(["user,item_id,timestamp", "1,3,1"]))
-    fails(tmp_path, "custom", None, r"log\.csv:1: field user_id: missing column .*did you mean 'user'", custom=CustomDataArgs(path=str(csv)))
+    fails(
+        tmp_path,
+        "custom",
+        None,
+        r"log\.csv:1: field user_id: missing column .*did you mean 'user'",
+        custom=CustomDataArgs(path=str(csv)),
+    )
 
 
 def test_duplicate_user_in_user_file(tmp_path):
     users = ML1M_USERS + ["2::F::18::1::12345"]
-    fails(tmp_path, "ml-1m", ml1m_zip(tmp_path, users=users), r"users\.dat:4: field user: user 2 is listed twice \(first at line 2\)")
+    fails(
+        tmp_path,
+        "ml-1m",
+        ml1m_zip(tmp_path, users=users),
+        r"users\.dat:4: field user: user 2 is listed twice \(first at line 2\)",
+    )
 
 
 def test_unknown_dataset_cli_did_you_mean(tmp_path, capsys):
@@ -110,6 +146,8 @@ def test_failed_rebuild_keeps_previous_output(tmp_path):
     bad_rows = list(ML1M_RATINGS) + ["x"]
     (tmp_path / "bad").mkdir()
     with pytest.raises(DataError):
-        preprocess("ml-1m", ml1m_zip(tmp_path / "bad", ratings=bad_rows), out, force=True, verbose=False)
+        preprocess(
+            "ml-1m", ml1m_zip(tmp_path / "bad", ratings=bad_rows), out, force=True, verbose=False
+        )
     assert (out / "ml-1m" / "sequences.parquet").read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["ml-1m"]

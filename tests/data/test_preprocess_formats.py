@@ -35,18 +35,41 @@ def test_ml_1m_zip_exact(tmp_path):
     assert [r["timestamps"] for r in rows] == [[90, 100, 100], [40, 50, 60]]
     assert [r["user_id"] for r in rows] == [1, 2]
     # user table (user 3 has no ratings): sex F<M, age codes [1,25,56], occupations [10,15,16].
-    assert [(r["sex"], r["age_group"], r["occupation"], r["zip_code"]) for r in rows] == [(1, 1, 1, 1), (2, 3, 3, 3)]
+    assert [(r["sex"], r["age_group"], r["occupation"], r["zip_code"]) for r in rows] == [
+        (1, 1, 1, 1),
+        (2, 3, 3, 3),
+    ]
     assert meta["num_users"] == 2 and meta["num_interactions"] == 6 and meta["num_items"] == 7
     assert meta["num_action_values"] == 5
-    assert meta["contextual_vocab_sizes"] == {"user_id": 3, "sex": 3, "age_group": 4, "occupation": 4, "zip_code": 4}
+    assert meta["contextual_vocab_sizes"] == {
+        "user_id": 3,
+        "sex": 3,
+        "age_group": 4,
+        "occupation": 4,
+        "zip_code": 4,
+    }
     item_map = pq.read_table(tmp_path / "out" / "ml-1m" / "item_map.parquet").to_pydict()
     assert item_map == {"item_id": [1, 2, 3, 4, 5, 6], "raw_item_id": [10, 11, 12, 20, 21, 22]}
     assert len(meta["source"]["checksum"]) == 64
 
 
 def test_ml_20m_ratings_csv_half_stars(tmp_path):
-    csv = lines(["userId,movieId,rating,timestamp", "7,5,0.5,30", "7,3,5.0,10", "9,5,3.5,20", "7,4,2.0,20", "9,1,4.0,20"])
-    meta = preprocess("ml-20m", write_zip(tmp_path / "ml-20m.zip", {"ml-20m/ratings.csv": csv}), tmp_path, verbose=False)
+    csv = lines(
+        [
+            "userId,movieId,rating,timestamp",
+            "7,5,0.5,30",
+            "7,3,5.0,10",
+            "9,5,3.5,20",
+            "7,4,2.0,20",
+            "9,1,4.0,20",
+        ]
+    )
+    meta = preprocess(
+        "ml-20m",
+        write_zip(tmp_path / "ml-20m.zip", {"ml-20m/ratings.csv": csv}),
+        tmp_path,
+        verbose=False,
+    )
     rows = read_rows(tmp_path / "ml-20m")
     # raw items 1,3,4,5 -> 1..4; user 9 has a tie at t=20 (5 then 1, file order).
     assert [r["item_ids"] for r in rows] == [[2, 3, 4], [4, 1]]
@@ -70,16 +93,39 @@ def test_ml_100k_folder_age_groups(tmp_path):
 
 @pytest.mark.parametrize("variant,suffix", [("kuairand-pure", "pure"), ("kuairand-1k", "1k")])
 def test_kuairand_tar_bitmask_and_merge(tmp_path, variant, suffix):
-    log_a = lines([KUAIRAND_LOG_HEADER, kuairand_row(5, 100, 2000, {"is_click": 1, "is_like": 1, "long_view": 1}), kuairand_row(6, 300, 1500)])
-    log_b = lines([KUAIRAND_LOG_HEADER, kuairand_row(5, 200, 1000, {"is_profile_enter": 1, "is_hate": 1}), kuairand_row(6, 100, 1500, {"is_follow": 1, "is_comment": 1, "is_forward": 1})])
-    users = lines([KUAIRAND_USER_HEADER, "5,full_active,0,0,0,3,(0;10],1,[0;10),2,[0;5),100,61-90", "6,high_active,0,0,0,30,(10;50],1,[0;10),2,[0;5),400,365+"])
+    log_a = lines(
+        [
+            KUAIRAND_LOG_HEADER,
+            kuairand_row(5, 100, 2000, {"is_click": 1, "is_like": 1, "long_view": 1}),
+            kuairand_row(6, 300, 1500),
+        ]
+    )
+    log_b = lines(
+        [
+            KUAIRAND_LOG_HEADER,
+            kuairand_row(5, 200, 1000, {"is_profile_enter": 1, "is_hate": 1}),
+            kuairand_row(6, 100, 1500, {"is_follow": 1, "is_comment": 1, "is_forward": 1}),
+        ]
+    )
+    users = lines(
+        [
+            KUAIRAND_USER_HEADER,
+            "5,full_active,0,0,0,3,(0;10],1,[0;10),2,[0;5),100,61-90",
+            "6,high_active,0,0,0,30,(10;50],1,[0;10),2,[0;5),400,365+",
+        ]
+    )
     top = f"KuaiRand-{suffix}/data/"
-    archive = write_tar_gz(tmp_path / f"KuaiRand-{suffix}.tar.gz", {
-        top + f"log_standard_4_08_to_4_21_{suffix}.csv": log_a,
-        top + f"log_standard_4_22_to_5_08_{suffix}.csv": log_b,
-        top + f"log_random_4_22_to_5_08_{suffix}.csv": lines([KUAIRAND_LOG_HEADER, kuairand_row(5, 999, 1)]),
-        top + f"user_features_{suffix}.csv": users,
-    })
+    archive = write_tar_gz(
+        tmp_path / f"KuaiRand-{suffix}.tar.gz",
+        {
+            top + f"log_standard_4_08_to_4_21_{suffix}.csv": log_a,
+            top + f"log_standard_4_22_to_5_08_{suffix}.csv": log_b,
+            top + f"log_random_4_22_to_5_08_{suffix}.csv": lines(
+                [KUAIRAND_LOG_HEADER, kuairand_row(5, 999, 1)]
+            ),
+            top + f"user_features_{suffix}.csv": users,
+        },
+    )
     meta = preprocess(variant, archive, tmp_path / "out", verbose=False)
     rows = read_rows(tmp_path / "out" / variant)
     # videos 100,200,300 -> 1,2,3 (the random log is not read); user 6 tie at 1500 ms: file order.
@@ -87,14 +133,40 @@ def test_kuairand_tar_bitmask_and_merge(tmp_path, variant, suffix):
     assert [r["actions"] for r in rows] == [[128 + 32, 1 + 2 + 64], [0, 4 + 8 + 16]]
     assert [r["timestamps"] for r in rows] == [[1, 2], [1, 1]]
     assert meta["num_action_values"] == 256
-    assert meta["contextual_feature_names"] == ["user_id", "follow_user_num_range", "fans_user_num_range", "friend_user_num_range", "register_days_range"]
-    assert [r["follow_user_num_range"] for r in rows] == [1, 2] and [r["register_days_range"] for r in rows] == [2, 1]
+    assert meta["contextual_feature_names"] == [
+        "user_id",
+        "follow_user_num_range",
+        "fans_user_num_range",
+        "friend_user_num_range",
+        "register_days_range",
+    ]
+    assert [r["follow_user_num_range"] for r in rows] == [1, 2] and [
+        r["register_days_range"] for r in rows
+    ] == [2, 1]
 
 
 def test_custom_csv_string_ids_ms_and_latest_context(tmp_path):
     csv = tmp_path / "log.csv"
-    csv.write_text(lines(["who,what,when,act,country", "bob,pear,3000,1,fr", "amy,fig,1000,0,de", "bob,fig,2000,2,uk", "amy,pear,5000,1,de"]))
-    args = CustomDataArgs(path=str(csv), user_column="who", item_column="what", timestamp_column="when", timestamp_unit="ms", action_column="act", contextual_columns=["country"])
+    csv.write_text(
+        lines(
+            [
+                "who,what,when,act,country",
+                "bob,pear,3000,1,fr",
+                "amy,fig,1000,0,de",
+                "bob,fig,2000,2,uk",
+                "amy,pear,5000,1,de",
+            ]
+        )
+    )
+    args = CustomDataArgs(
+        path=str(csv),
+        user_column="who",
+        item_column="what",
+        timestamp_column="when",
+        timestamp_unit="ms",
+        action_column="act",
+        contextual_columns=["country"],
+    )
     meta = preprocess("custom", None, tmp_path / "out", custom=args, verbose=False)
     rows = read_rows(tmp_path / "out" / "custom")
     assert [r["raw_user_id"] for r in rows] == ["amy", "bob"]
@@ -108,8 +180,17 @@ def test_custom_csv_string_ids_ms_and_latest_context(tmp_path):
 
 def test_custom_parquet_declared_vocab_keeps_ids(tmp_path):
     path = tmp_path / "log.parquet"
-    pq.write_table(pa.table({"user_id": [1, 1, 2, 2], "item_id": [9, 4, 4, 0], "timestamp": [2, 1, 1, 2]}), path)
-    meta = preprocess("custom", None, tmp_path, custom=CustomDataArgs(path=str(path), item_vocab_size=10), verbose=False)
+    pq.write_table(
+        pa.table({"user_id": [1, 1, 2, 2], "item_id": [9, 4, 4, 0], "timestamp": [2, 1, 1, 2]}),
+        path,
+    )
+    meta = preprocess(
+        "custom",
+        None,
+        tmp_path,
+        custom=CustomDataArgs(path=str(path), item_vocab_size=10),
+        verbose=False,
+    )
     rows = read_rows(tmp_path / "custom")
     assert [r["item_ids"] for r in rows] == [[4, 9], [4, 0]]
     assert meta["num_items"] == 10 and meta["action_feature_name"] is None
@@ -129,16 +210,24 @@ def test_rerun_is_noop_unless_forced(tmp_path, capsys):
 
 def test_synthetic_deterministic_and_seed_dependent(tmp_path):
     small = {"num_users": 50, "num_items": 40, "min_length": 5, "max_length": 12}
-    a = preprocess("synthetic", out=tmp_path / "a", synthetic=SyntheticDataArgs(**small), verbose=False)
-    b = preprocess("synthetic", out=tmp_path / "b", synthetic=SyntheticDataArgs(**small), verbose=False)
-    preprocess("synthetic", out=tmp_path / "c", synthetic=SyntheticDataArgs(**small, seed=7), verbose=False)
+    a = preprocess(
+        "synthetic", out=tmp_path / "a", synthetic=SyntheticDataArgs(**small), verbose=False
+    )
+    b = preprocess(
+        "synthetic", out=tmp_path / "b", synthetic=SyntheticDataArgs(**small), verbose=False
+    )
+    preprocess(
+        "synthetic", out=tmp_path / "c", synthetic=SyntheticDataArgs(**small, seed=7), verbose=False
+    )
     ta, tb, tc = (pq.read_table(tmp_path / x / "synthetic" / "sequences.parquet") for x in "abc")
     assert ta.equals(tb) and not ta.equals(tc)
     assert a["num_users"] == 50 and a["contextual_feature_names"] == ["user_id", "segment"]
     assert json.dumps(a["source"]) == json.dumps(b["source"])
 
 
-def _hit_rate_at_10(train_items: list[np.ndarray], targets: np.ndarray, num_items: int) -> tuple[float, float]:
+def _hit_rate_at_10(
+    train_items: list[np.ndarray], targets: np.ndarray, num_items: int
+) -> tuple[float, float]:
     """(bigram HR@10, popularity HR@10) of the next item after each training sequence."""
     counts = np.zeros((num_items, num_items))
     pop = np.zeros(num_items)
@@ -155,7 +244,14 @@ def _hit_rate_at_10(train_items: list[np.ndarray], targets: np.ndarray, num_item
 
 def test_synthetic_default_rewards_sequence_models(tmp_path):
     meta = preprocess("synthetic", out=tmp_path, verbose=False)
-    seqs = [np.asarray(s) for s in pq.read_table(tmp_path / "synthetic" / "sequences.parquet").column("item_ids").to_pylist()]
-    bigram, popular = _hit_rate_at_10([s[:-1] for s in seqs], np.array([s[-1] for s in seqs]), meta["num_items"])
+    seqs = [
+        np.asarray(s)
+        for s in pq.read_table(tmp_path / "synthetic" / "sequences.parquet")
+        .column("item_ids")
+        .to_pylist()
+    ]
+    bigram, popular = _hit_rate_at_10(
+        [s[:-1] for s in seqs], np.array([s[-1] for s in seqs]), meta["num_items"]
+    )
     assert bigram > 0.5, bigram
     assert bigram > 4 * popular, (bigram, popular)
