@@ -162,10 +162,11 @@ def _contextual_rows(
     slot = torch.arange(width, device=q.device)
     valid = slot.view(1, -1) < num_contextual.view(-1, 1)
     index = torch.where(valid, offsets[:-1].view(-1, 1) + slot.view(1, -1), 0)
-    qc, kc, vc = (x[index].float() for x in (q, k, v))
+    compute_dtype = torch.promote_types(q.dtype, torch.float32)
+    qc, kc, vc = (x[index].to(compute_dtype) for x in (q, k, v))
     scores = alpha * torch.einsum("bihd,bjhd->bhij", qc, kc)
     if bias is not None:
-        scores = scores + bias[:, :, :width, :width].float()
+        scores = scores + bias[:, :, :width, :width].to(compute_dtype)
     keep = valid.view(-1, 1, width, 1) & valid.view(-1, 1, 1, width)
     weights = torch.where(keep, F.silu(scores), 0.0) / scaling_seqlen
     out = torch.einsum("bhij,bjhd->bihd", weights, vc)[valid]
