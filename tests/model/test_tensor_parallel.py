@@ -7,7 +7,7 @@ import copy
 import torch
 import torch.distributed as dist
 
-from hstu.args import NetworkArgs, RankingArgs
+from hstu.args import NetworkArgs, RankingArgs, RetrievalArgs
 from hstu.model.builder import ModelDataInfo, build_model
 from hstu.model.hstu_layer import HSTULayer
 from hstu.model.tensor_parallel import (
@@ -151,13 +151,46 @@ def _ranking_case(rank: int, group) -> None:
         _close(_unshard(name, p.grad, group, H, D_HEAD), want, f"dense grad {name}")
 
 
+def _retrieval_case(rank: int, group) -> None:
+    net = NetworkArgs(
+        num_layers=1, hidden_size=D, num_attention_heads=H, kv_channels=D_HEAD,
+        hidden_dropout=0.0, dtype_str="float32", kernel_backend="pytorch",
+        num_position_buckets=64,
+    )  # fmt: skip
+    data = ModelDataInfo(num_items=40, item_feature_name="item", max_item_seqlen=6)
+    torch.manual_seed(5)
+    emb = TinyEmbeddings({"item": (40, D)})
+    torch.manual_seed(6)
+    ref = build_model("retrieval", net, RetrievalArgs(), copy.deepcopy(emb), data)
+    torch.manual_seed(6)
+    tp = build_model("retrieval", net, RetrievalArgs(), copy.deepcopy(emb), data, tp_group=group)
+    history = [[1, 2, 3], [4, 5, 6, 7]] if rank == 0 else [[8, 9, 10, 11, 12, 13]]
+    batch = make_batch(history, max_seqlen=6)
+    loss_ref, _ = ref(batch)
+    loss_tp, _ = tp(batch)
+    _close(loss_tp, loss_ref, "retrieval loss")
+    loss_ref.backward()
+    loss_tp.backward()
+    ref_params = dict(ref.named_parameters())
+    for name, p in tp.named_parameters():
+        want = ref_params[name].grad.clone()
+        if not name.startswith("embedding_module"):
+            dist.all_reduce(want, group=group)
+        _close(_unshard(name, p.grad, group, H, D_HEAD), want, f"retrieval grad {name}")
+    batch.labels = torch.tensor([10, 20]) if rank == 0 else torch.tensor([3])
+    got, want = tp.evaluate(batch, top_k=4), ref.evaluate(batch, top_k=4)
+    _close(got.top_scores, want.top_scores, "eval top scores")
+    assert torch.equal(got.target_ranks, want.target_ranks)
+
+
 def _body(rank: int, world_size: int) -> None:
     group = dist.new_group(list(range(world_size)))
     _layer_case(rank, group)
     _ranking_case(rank, group)
+    _retrieval_case(rank, group)
 
 
-def test_tp2_matches_tp1_layer_and_ranking_with_batch_gathering():
+def test_tp2_matches_tp1_layer_ranking_retrieval_with_batch_gathering():
     run_multiprocess(_body, world_size=2)
 
 
