@@ -223,7 +223,7 @@ def cutlass_hstu_attention(
         has_drab=bias is not None and bias.requires_grad,
     )
     out = out * (max_seqlen / scaling_seqlen)
-    if num_contextual is not None:
+    if num_contextual is not None and causal:  # non-causal: contextual rows see all history
         fixed = _contextual_rows(q, k, v, offsets, num_contextual, bias, alpha, scaling_seqlen)
         if fixed is not None:
             rows, values = fixed

@@ -54,13 +54,13 @@ def fbgemm_like_varlen(
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("rab", ["none", "pos+ts"])
-def test_adapter_reproduces_our_definition(monkeypatch, rab: str) -> None:
+@pytest.mark.parametrize("rab, causal", [("none", True), ("pos+ts", True), ("pos", False)])
+def test_adapter_reproduces_our_definition(monkeypatch, rab: str, causal: bool) -> None:
     monkeypatch.setattr(cutlass_attention, "load_entry", lambda: (fbgemm_like_varlen, ""))
     case = random_case(
         [21, 9, 30],
         num_contextual=[3, 2, 4],
-        num_targets=[6, 2, 9],
+        num_targets=[6, 2, 9] if causal else None,
         rab=rab,
         max_positions=32,
         dtype=torch.float64,
@@ -72,6 +72,7 @@ def test_adapter_reproduces_our_definition(monkeypatch, rab: str) -> None:
         "num_contextual": case.num_contextual,
         "num_targets": case.num_targets,
         "target_group_size": 2,
+        "causal": causal,
         "rab": case.rab,
     }
     args = (case.q, case.k, case.v, case.offsets, case.max_seqlen)
