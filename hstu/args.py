@@ -211,6 +211,8 @@ class TrainerArgs:
     """Checkpoint directory to resume from; empty starts fresh."""
     pipeline_type: Literal["none", "native", "prefetch"] = "native"
     """Train pipeline: none (sequential), native (TrainPipelineSparseDist) or prefetch."""
+    run_dir: str | None = None
+    """Run directory for logs, metrics.csv, TensorBoard and traces; None: ./runs/<task>-<timestamp>."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -520,6 +522,22 @@ class NetworkArgs:
     """Item table dim; -1 uses hidden_size."""
     contextual_embedding_dim: int = -1
     """Contextual table dim; -1 uses hidden_size."""
+    relative_attention_bias: bool = False
+    """Add a relative attention bias per layer (position + log-bucketed time), shared by heads."""
+    rab_use_time: bool = True
+    """Include the log-bucketed time-distance term in the relative attention bias."""
+    attention_alpha: float | None = None
+    """Scale on Q K^T; None uses 1/sqrt(kv_channels) (the research model uses 1.0)."""
+    attn_scaling_seqlen: int | None = None
+    """N in SiLU(...)/N; None uses the longest token sequence of the data."""
+    uvqk_bias: bool = True
+    """Bias on the fused U/V/Q/K projection (the research model has none)."""
+    norm_affine: bool = True
+    """Learned scale and shift in the layer norms (the research model has none)."""
+    output_bias: bool = False
+    """Bias on the output projection W_o (the research model has one)."""
+    use_position_embedding: bool = True
+    """Add the learned absolute position embedding to the input tokens."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -533,6 +551,7 @@ class NetworkArgs:
             "hidden_dropout",
             f"must be in [0, 1), got {self.hidden_dropout}",
         )
+        _positive(self, "attention_alpha", "attn_scaling_seqlen")
         for name in ("item_embedding_dim", "contextual_embedding_dim"):
             value = getattr(self, name)
             _require(value == -1 or value > 0, self, name, f"must be -1 (hidden_size) or > 0, got {value}")

@@ -129,6 +129,13 @@ class OptimizerContainer(torch.optim.Optimizer):
             out["sparse"] = self.sparse.state_dict()
         return out
 
+    def load_dense_state_dict(self, dense_state: dict, num_steps: int) -> None:
+        """Restores the dense optimizer and the schedule position (sparse state lives with
+        the embedding tables' checkpoint)."""
+        self.dense.load_state_dict(dense_state)
+        self.num_steps = num_steps
+        self._set_lr(lr_at(self.num_steps, self.args, self.total_steps))
+
     def load_state_dict(self, state: dict) -> None:  # type: ignore[override]
         self.dense.load_state_dict(state["dense"])
         self.num_steps = int(state["num_steps"])

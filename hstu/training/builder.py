@@ -1,0 +1,133 @@
+"""Builds the parts of a run from its validated arguments: data, tables, model, optimizers.
+
+Runtime objects (process groups, devices) are passed in, never stored in the args.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hstu.args import BenchmarkDatasetArgs, EmbeddingArgs, NetworkArgs
+from hstu.config import RunConfig
+from hstu.data import DataInfo, build_data
+from hstu.embeddings import (
+    HstuEmbeddings,
+    TablePlacement,
+    build_embedding_collection,
+    fused_optimizer,
+    shard_embeddings,
+)
+from hstu.model import ModelDataInfo, build_model
+from hstu.training.distributed import DistEnv
+from hstu.training.optimizer import OptimizerContainer, build_dense_optimizer
+
+
+@dataclass
+class Built:
+    train_loader: Any
+    eval_loader: Any
+    info: DataInfo
+    tables: list[EmbeddingArgs]
+    placements: list[TablePlacement]
+    model: nn.Module
+    optimizer: OptimizerContainer
+    total_steps: int
+
+
+def table_dims(tables: list[EmbeddingArgs], info: DataInfo, network: NetworkArgs) -> dict[str, int]:
+    """Item and action tables take the item dim; every other table the contextual dim."""
+    item_like = {info.item_feature_name}
+    if info.action_feature_name is not None:
+        item_like.add(info.action_feature_name)
+    dims = {}
+    for t in tables:
+        if item_like & set(t.feature_names):
+            dims[t.table_name] = network.resolved_item_embedding_dim
+        else:
+            dims[t.table_name] = network.resolved_contextual_embedding_dim
+    return dims
+
+
+def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters outside the embedding tables (those are updated in backward)."""
+    sparse = {id(p) for m in model.modules() if isinstance(m, HstuEmbeddings) for p in m.parameters()}
+    return [p for p in model.parameters() if id(p) not in sparse and p.requires_grad]
+
+
+def ensure_generated(cfg: RunConfig, env: DistEnv) -> None:
+    """The synthetic dataset is generated on first use (rank 0; a no-op when up to date)."""
+    ds = cfg.dataset
+    if isinstance(ds, BenchmarkDatasetArgs) or ds.dataset_name != "synthetic":
+        return
+    path = os.path.normpath(ds.resolved_path)
+    if os.path.basename(path) != ds.dataset_name:
+        return  # a user-chosen folder: it must already hold the data
+    if env.is_main:
+        from hstu.data.preprocess import preprocess
+
+        preprocess("synthetic", out=os.path.dirname(path) or ".", synthetic=cfg.extras.get("SyntheticDataArgs"))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
+    t = cfg.trainer
+    ensure_generated(cfg, env)
+    # Every rank reads its own samples: embedding lookups are per rank, and with TP the
+    # dense part gathers the samples of its TP group (DESIGN.md "Arguments").
+    train_loader, eval_loader, info = build_data(
+        cfg.dataset, cfg.task, t.train_batch_size, t.eval_batch_size, env.rank, env.world_size, t.seed
+    )
+    if isinstance(cfg.dataset, BenchmarkDatasetArgs):
+        tables = list(cfg.tables)
+    else:
+        tables = info.default_tables(overrides=cfg.tables)
+    dims = table_dims(tables, info, cfg.network)
+    torch.manual_seed(t.seed)
+    embeddings = build_embedding_collection(
+        tables,
+        dims,
+        device=env.device,
+        seed=t.seed,
+        sparse_optimizer=cfg.optimizer.resolved_sparse_optimizer_str,
+    )
+    data_info = ModelDataInfo(
+        num_items=info.num_items,
+        item_feature_name=info.item_feature_name,
+        max_item_seqlen=info.max_seqlen,
+        action_feature_name=info.action_feature_name,
+        contextual_feature_names=list(info.contextual_feature_names),
+        feature_dims={f: dims[tb.table_name] for tb in tables for f in tb.feature_names},
+        min_item_id=info.first_item_id,
+    )
+    task_args = cfg.ranking if cfg.task == "ranking" else cfg.retrieval
+    model = build_model(
+        cfg.task, cfg.network, task_args, embeddings, data_info, tp_group=env.tp_group
+    )
+    model.to(env.device)
+    _, placements = shard_embeddings(
+        model,
+        tables,
+        cfg.optimizer,
+        env.device,
+        batch_size_per_rank=t.train_batch_size,
+    )
+    steps_per_epoch = len(train_loader)
+    total_steps = t.max_train_iters if t.max_train_iters is not None else steps_per_epoch
+    dense = dense_parameters(model)
+    fused = fused_optimizer(model)
+    optimizer = OptimizerContainer(
+        build_dense_optimizer(dense, cfg.optimizer),
+        cfg.optimizer,
+        total_steps,
+        sparse=fused[0] if len(fused) == 1 else None,
+        allreduce_groups=[(dense, env.dp_group, env.dp_size)],
+    )
+    return Built(train_loader, eval_loader, info, tables, placements, model, optimizer, total_steps)

@@ -1,0 +1,109 @@
+"""Evaluation: full-corpus HR/NDCG/MRR for retrieval, AUC (per task) for ranking.
+
+Every rank runs the same number of evaluation batches (the loaders pad with masked
+samples), because sharded embedding lookups are collective. Metrics count real samples only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hstu.config import RunConfig
+from hstu.model import MetricAccumulator, retrieval_metrics
+from hstu.training.distributed import DistEnv
+
+
+def _restart(loader: Any) -> None:
+    state = loader.state_dict()
+    state.update(epoch=0, batch_index=0)
+    loader.load_state_dict(state)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: Any, cfg: RunConfig, env: DistEnv, max_iters: int | None) -> dict[str, float]:
+    model.eval()
+    _restart(loader)
+    if cfg.task == "retrieval":
+        return _evaluate_retrieval(model, loader, cfg, env, max_iters)
+    return _evaluate_ranking(model, loader, cfg, env, max_iters)
+
+
+def _evaluate_retrieval(model: Any, loader: Any, cfg: RunConfig, env: DistEnv, max_iters: int | None) -> dict[str, float]:
+    names = list(cfg.retrieval.eval_metrics)
+    acc = MetricAccumulator(names)
+    corpus = model.corpus_vectors()
+    top_k = max([int(n.split("@")[1]) for n in names if "@" in n] + [10])
+    for i, batch in enumerate(loader):
+        if max_iters is not None and i >= max_iters:
+            break
+        batch = batch.to(env.device)
+        result = model.evaluate(batch, top_k=top_k, corpus=corpus)
+        ranks = result.target_ranks
+        if batch.sample_mask is not None:
+            ranks = ranks[batch.sample_mask]
+        acc.update(retrieval_metrics(ranks, names))
+    return acc.compute(device=env.device if env.backend == "nccl" else None)
+
+
+def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Exact ROC AUC with ties counted half (Mann-Whitney U); NaN without both classes."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    labels = labels.long()
+    if labels.numel() == 0 or labels.min() == labels.max():
+        return float("nan")
+    return float(binary_auroc(scores.float(), labels, thresholds=None))
+
+
+def _gather(t: torch.Tensor) -> torch.Tensor:
+    """Concatenates a 1-D/2-D tensor of varying length from every rank (on CPU)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t.cpu()
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, t.cpu())
+    return torch.cat(out)
+
+
+def _evaluate_ranking(model: Any, loader: Any, cfg: RunConfig, env: DistEnv, max_iters: int | None) -> dict[str, float]:
+    num_tasks = cfg.ranking.num_tasks
+    all_logits, all_labels = [], []
+    loss_sum, loss_n = 0.0, 0
+    for i, batch in enumerate(loader):
+        if max_iters is not None and i >= max_iters:
+            break
+        batch = batch.to(env.device)
+        loss, (logits, labels) = model(batch)
+        keep = None
+        if batch.sample_mask is not None:
+            keep = torch.repeat_interleave(batch.sample_mask, batch.num_candidates)
+            logits, labels = logits[keep], labels[keep]
+        all_logits.append(logits.float().cpu())
+        all_labels.append(labels.cpu())
+        loss_sum += float(loss) * int(labels.numel())
+        loss_n += int(labels.numel())
+    width = cfg.ranking.prediction_head_arch[-1]
+    logits = _gather(torch.cat(all_logits) if all_logits else torch.zeros(0, width))
+    labels = _gather(torch.cat(all_labels) if all_labels else torch.zeros(0, dtype=torch.int64))
+    stats = torch.tensor([loss_sum, loss_n], dtype=torch.float64)
+    dist.all_reduce(stats)
+    out: dict[str, float] = {"loss": stats[0].item() / max(stats[1].item(), 1)}
+    if width == num_tasks:
+        aucs = []
+        for task in range(num_tasks):
+            bits = (labels >> task) & 1
+            aucs.append(_auc(logits[:, task], bits))
+        out["AUC"] = float(torch.tensor(aucs).nanmean()) if aucs else float("nan")
+        if num_tasks > 1:
+            for task, value in enumerate(aucs):
+                out[f"AUC/task{task}"] = value
+    else:
+        # one class per action value: macro one-vs-rest AUC
+        from torchmetrics.functional.classification import multiclass_auroc
+
+        out["AUC"] = float(
+            multiclass_auroc(logits.float(), labels.long().clamp(0, width - 1), num_classes=width, average="macro")
+        )
+    return out

@@ -1,0 +1,46 @@
+"""One run: process groups, build, train, clean up (also on failure)."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import gin
+import torch.distributed as dist
+
+from hstu.config import RunConfig
+from hstu.training.distributed import destroy_distributed, init_distributed, set_seed
+from hstu.training.logger import make_run_dir
+
+
+def _shared_run_dir(cfg: RunConfig, rank: int) -> str:
+    """Rank 0 picks the directory (timestamped by default) and tells the others."""
+    holder = [make_run_dir(cfg.trainer.run_dir, cfg.task) if rank == 0 else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def run(cfg: RunConfig) -> int:
+    from hstu.training.trainer import Trainer
+
+    env = init_distributed(cfg.tp.tensor_model_parallel_size)
+    trainer = None
+    try:
+        set_seed(cfg.trainer.seed)
+        run_dir = _shared_run_dir(cfg, env.rank)
+        config_text = gin.operative_config_str()
+        trainer = Trainer(cfg, env, run_dir, config_text)
+        metrics = trainer.train()
+        if env.is_main:
+            text = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+            print(f"[hstu] final {cfg.task} metrics: {text}", flush=True)
+            print(f"[hstu] outputs in {run_dir}", flush=True)
+        return 0
+    except Exception:
+        print(f"[hstu] rank {env.rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if trainer is not None:
+            trainer.close()
+        destroy_distributed()

@@ -1,0 +1,245 @@
+"""The training loop: pipeline steps, logging, evaluation, checkpoints, profiling."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import deque
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from hstu.config import RunConfig
+from hstu.embeddings import embedding_state_dict, load_embedding_state_dict
+from hstu.training.builder import Built, build_all
+from hstu.training.checkpoint import load_checkpoint, save_checkpoint
+from hstu.training.distributed import DistEnv, rng_state, set_rng_state
+from hstu.training.evaluate import evaluate
+from hstu.training.flops import hstu_step_flops, peak_flops
+from hstu.training.logger import RunLogger
+from hstu.training.pipeline import build_pipeline
+
+
+class _Feed:
+    """Endless batches over epochs for the pipeline, remembering what each batch costs.
+
+    Pipelines read up to two batches ahead of the step they run, so the per-batch figures
+    (tokens, FLOPs) are queued when a batch is read and popped when its step completes.
+    """
+
+    def __init__(self, loader: Any, network: Any) -> None:
+        self.loader = loader
+        self.network = network
+        self.costs: deque[tuple[int, float]] = deque()
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            empty = True
+            for batch in self.loader:
+                empty = False
+                self.costs.append(self._cost(batch))
+                yield batch
+            if empty:
+                raise RuntimeError("the training loader yielded no batch in a whole epoch")
+
+    def _cost(self, batch: Any) -> tuple[int, float]:
+        seqlens = batch.item_lengths().clone()
+        seqlens += len(batch.contextual_feature_names)
+        if batch.action_feature_name is not None:
+            seqlens += batch.features[batch.action_feature_name].lengths()
+        n = self.network
+        flops = hstu_step_flops(seqlens, n.num_layers, n.hidden_size, n.num_attention_heads, n.kv_channels)
+        return int(seqlens.sum()), flops
+
+    def pop_cost(self) -> tuple[int, float]:
+        return self.costs.popleft() if self.costs else (0, 0.0)
+
+
+def _position(base: dict[str, Any], steps_per_epoch: int, consumed: int) -> dict[str, Any]:
+    """Loader state after ``consumed`` more batches than ``base``."""
+    linear = base["epoch"] * steps_per_epoch + base["batch_index"] + consumed
+    state = dict(base)
+    state.update(epoch=linear // steps_per_epoch, batch_index=linear % steps_per_epoch)
+    return state
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, env: DistEnv, run_dir: str, config_text: str) -> None:
+        self.cfg = cfg
+        self.env = env
+        self.args = cfg.trainer
+        self.logger = RunLogger(run_dir, env.is_main, config_text)
+        self.logger.print(f"[hstu] run directory: {run_dir}")
+        self.built: Built = build_all(cfg, env, log=self.logger.print)
+        self.model = self.built.model
+        self.optimizer = self.built.optimizer
+        self.steps_per_epoch = len(self.built.train_loader)
+        self.max_steps = self.built.total_steps
+        self.step = 0
+        self.data_base = self.built.train_loader.state_dict()
+        if self.args.ckpt_load_dir:
+            self._load(self.args.ckpt_load_dir)
+        info = self.built.info
+        self.logger.print(
+            f"[hstu] {cfg.task} on {info.dataset_name}: {info.num_train_samples} train / "
+            f"{info.num_eval_samples} eval samples, {info.num_items} items; "
+            f"world {env.world_size} (TP {env.tp_size} x DP {env.dp_size}) on {env.device}; "
+            f"{self.steps_per_epoch} steps/epoch, training to step {self.max_steps}"
+        )
+        self.peak, self.peak_source = peak_flops(env.device, cfg.network.dtype_str)
+
+    # ----------------------------------------------------------------- checkpoints
+    def _sharded_state(self) -> dict[str, Any]:
+        return {"embeddings": embedding_state_dict(self.model)}
+
+    def _dense_state(self) -> dict[str, Any]:
+        emb_prefixes = tuple(
+            name + "." for name, m in self.model.named_modules() if type(m).__name__ == "HstuEmbeddings"
+        )
+        weights = {
+            k: v for k, v in self.model.state_dict().items() if not k.startswith(emb_prefixes)
+        }
+        return {"model": weights, "optimizer": self.optimizer.dense.state_dict(), "num_steps": self.optimizer.num_steps}
+
+    def save(self) -> str:
+        meta = {
+            "step": self.step,
+            "data": _position(self.data_base, self.steps_per_epoch, self.step - self._resumed_step),
+            "world_size": self.env.world_size,
+            "tp_size": self.env.tp_size,
+            "task": self.cfg.task,
+        }
+        path = save_checkpoint(
+            self.args.ckpt_save_dir,
+            self.step,
+            self._sharded_state(),
+            self._dense_state(),
+            meta,
+            rng_state(),
+            self.env.rank,
+            self.env.tp_rank,
+            self.env.dp_rank,
+        )
+        self.logger.print(f"[hstu] step {self.step}: checkpoint saved to {path}")
+        return path
+
+    _resumed_step = 0
+
+    def _load(self, path: str) -> None:
+        sharded = self._sharded_state()
+        dense, meta, rng = load_checkpoint(path, sharded, self.env.rank, self.env.tp_rank, self.env.tp_size)
+        if meta.get("task") != self.cfg.task:
+            raise ValueError(f"checkpoint {path} is a {meta.get('task')} run, this is {self.cfg.task}")
+        load_embedding_state_dict(self.model, sharded["embeddings"])
+        _, unexpected = self.model.load_state_dict(dense["model"], strict=False)
+        if unexpected:
+            raise ValueError(f"checkpoint {path} has weights this model lacks: {unexpected[:5]}")
+        self.optimizer.load_dense_state_dict(dense["optimizer"], int(dense["num_steps"]))
+        self.step = self._resumed_step = int(meta["step"])
+        self.built.train_loader.load_state_dict(meta["data"])
+        self.data_base = self.built.train_loader.state_dict()
+        if rng is not None:
+            set_rng_state(rng)
+        else:  # this rank did not exist in the saved run: derive its RNG from seed and step
+            torch.manual_seed(self.args.seed + 7919 * self.step + self.env.rank)
+        self.logger.print(
+            f"[hstu] resumed from {path} at step {self.step} (saved on {meta['world_size']} rank(s))"
+        )
+
+    # ----------------------------------------------------------------------- loop
+    def train(self) -> dict[str, float]:
+        args, env = self.args, self.env
+        feed = _Feed(self.built.train_loader, self.cfg.network)
+        feed_iter = iter(feed)
+        pipeline = build_pipeline(args.pipeline_type, self.model, self.optimizer, env.device, log=self.logger.print)
+        self.model.train()
+        profiler = self._profiler()
+        bar = None
+        if env.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.max_steps, initial=self.step, desc=self.cfg.task, dynamic_ncols=True, mininterval=2.0)
+        window_loss, window_n, window_tokens, window_flops = 0.0, 0, 0, 0.0
+        window_start = time.perf_counter()
+        last_eval: dict[str, float] = {}
+        losses: list[float] = []
+        while self.step < self.max_steps:
+            loss, _ = pipeline.progress(feed_iter)
+            self.step += 1
+            tokens, flops = feed.pop_cost()
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"step {self.step}: loss is {loss_value}")
+            losses.append(loss_value)
+            window_loss += loss_value
+            window_n += 1
+            window_tokens += tokens
+            window_flops += flops
+            if profiler is not None:
+                profiler.step()
+            if bar is not None:
+                bar.update(1)
+            if self.step % args.log_interval == 0 or self.step == self.max_steps:
+                elapsed = time.perf_counter() - window_start
+                stats = torch.tensor([window_loss, window_n, window_tokens, window_flops], dtype=torch.float64)
+                dist.all_reduce(stats)
+                world = env.world_size
+                mean_loss = stats[0].item() / max(stats[1].item(), 1)
+                # with TP, every rank of a group counts its own samples once
+                tok_s = stats[2].item() / elapsed
+                flop_s = stats[3].item() / elapsed
+                mfu = flop_s / (self.peak * world) if self.peak > 0 else float("nan")
+                metrics = {"loss": mean_loss, "lr": self.optimizer.lr, "tokens_per_s": tok_s,
+                           "tflops": flop_s / 1e12, "mfu": mfu}
+                self.logger.log(self.step, "train", metrics)
+                msg = (f"step {self.step}/{self.max_steps} loss {mean_loss:.4f} lr {self.optimizer.lr:.2e} "
+                       f"tokens/s {tok_s:,.0f} TFLOP/s {flop_s / 1e12:.4f} MFU {mfu:.2%}")
+                if bar is not None:
+                    bar.write(msg)
+                window_loss, window_n, window_tokens, window_flops = 0.0, 0, 0, 0.0
+                window_start = time.perf_counter()
+            if self.step % args.eval_interval == 0 or self.step == self.max_steps:
+                pipeline.detach()
+                last_eval = evaluate(self.model, self.built.eval_loader, self.cfg, env, args.max_eval_iters)
+                pipeline.attach(self.model)
+                self.model.train()
+                self.logger.log(self.step, "eval", last_eval)
+                text = " ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
+                if bar is not None:
+                    bar.write(f"eval @ step {self.step}: {text}")
+                window_start = time.perf_counter()
+            if args.ckpt_save_interval > 0 and self.step % args.ckpt_save_interval == 0:
+                self.save()
+                window_start = time.perf_counter()
+        if bar is not None:
+            bar.close()
+        if profiler is not None:
+            profiler.stop()
+        self.losses = losses
+        return last_eval
+
+    def _profiler(self) -> Any:
+        args = self.args
+        if not args.profile:
+            return None
+        start = max(args.profile_step_start - self.step, 0)
+        active = args.profile_step_end - max(args.profile_step_start, self.step)
+        if active <= 0:
+            return None
+        trace_dir = os.path.join(self.logger.run_dir, "profile")
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        prof = torch.profiler.profile(
+            activities=activities,
+            schedule=torch.profiler.schedule(wait=start, warmup=0, active=active, repeat=1),
+            on_trace_ready=torch.profiler.tensorboard_trace_handler(trace_dir, worker_name=f"rank{self.env.rank}"),
+            record_shapes=False,
+        )
+        prof.start()
+        return prof
+
+    def close(self) -> None:
+        self.logger.close()
