@@ -11,8 +11,8 @@ state)``.
 Keys, per HstuEmbeddings at module path P:
     P.tables.embeddings.<table>.weight           [C, D]
     P.optim.embeddings.<table>.weight.<state>    fused (model_parallel) optimizer state
-    P.dense_optim.<table>.<state>                row-sparse optimizer state (data_parallel)
-    P.dense_optim.step.<i>                        its step counter
+    P.dp_tables.embeddings.<table>.weight        data_parallel tables (replicated)
+    P.dense_optim.<table>.<state>                their row-sparse optimizer state and step
     P.remappers.<table>.<buffer>                 dynamic tables: id->slot map and metadata
 """
 
@@ -25,23 +25,23 @@ from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from hstu.embeddings.collection import HstuEmbeddings
-from hstu.embeddings.sharding import dense_kernels
 
 
 def _modules(model: nn.Module) -> list[tuple[str, HstuEmbeddings]]:
     return [(n + "." if n else "", m) for n, m in model.named_modules() if isinstance(m, HstuEmbeddings)]
 
 
-def _dense_optimizers(emb: HstuEmbeddings) -> list[tuple[torch.Tensor, Any]]:
-    if not isinstance(emb.ec, DistributedModelParallel):
-        return []
+def _dense_optimizers(emb: HstuEmbeddings) -> list[tuple[str, torch.Tensor, Any]]:
+    """(table, weight, optimizer) of the replicated data_parallel tables."""
     out = []
-    for kernel in dense_kernels(emb.ec.module):
-        weight = kernel._emb_module.weights
+    if emb.dp_ec is None:
+        return out
+    for name, module in emb.dp_ec.embeddings.items():
+        weight = module.weight
         for opt in getattr(weight, "_in_backward_optimizers", []):
             if hasattr(opt, "init_state"):
                 opt.init_state(weight)
-            out.append((weight, opt))
+            out.append((name, weight, opt))
     return out
 
 
@@ -52,14 +52,18 @@ def embedding_state_dict(model: nn.Module) -> dict[str, Any]:
         tables = emb.ec.module if isinstance(emb.ec, DistributedModelParallel) else emb.ec
         for key, value in tables.state_dict().items():
             state[f"{prefix}tables.{key}"] = value
+        if emb.dp_ec is not None:
+            for key, value in emb.dp_ec.state_dict().items():
+                state[f"{prefix}dp_tables.{key}"] = value
         if isinstance(emb.ec, DistributedModelParallel):
             for key, opt_state in emb.ec.fused_optimizer.state_dict()["state"].items():
                 for name, value in opt_state.items():
                     state[f"{prefix}optim.{key}.{name}"] = value
-        for i, (weight, opt) in enumerate(_dense_optimizers(emb)):
+        for table, weight, opt in _dense_optimizers(emb):
             st = opt.state[weight]
-            state[f"{prefix}dense_optim.step.{i}"] = st["step"]
-            for table, seg in st.get("segments", {}).items():
+            if "step" in st:
+                state[f"{prefix}dense_optim.{table}.step"] = st["step"]
+            for seg in st.get("segments", {}).values():
                 for name, value in seg.items():
                     state[f"{prefix}dense_optim.{table}.{name}"] = value
         for key, value in emb.remappers.state_dict().items():
@@ -75,6 +79,11 @@ def load_embedding_state_dict(model: nn.Module, state: dict[str, Any]) -> None:
         tables = emb.ec.module if sharded else emb.ec
         table_state = {k[len(prefix) + 7 :]: v for k, v in state.items() if k.startswith(prefix + "tables.")}
         tables.load_state_dict(table_state)
+        if emb.dp_ec is not None:
+            n = len(prefix) + 10
+            emb.dp_ec.load_state_dict(
+                {k[n:]: v for k, v in state.items() if k.startswith(prefix + "dp_tables.")}
+            )
         if sharded:
             fused = emb.ec.fused_optimizer
             current = fused.state_dict()
@@ -82,10 +91,11 @@ def load_embedding_state_dict(model: nn.Module, state: dict[str, Any]) -> None:
                 for name in list(opt_state):
                     opt_state[name] = state[f"{prefix}optim.{key}.{name}"]
             fused.load_state_dict(current)
-        for i, (weight, opt) in enumerate(_dense_optimizers(emb)):
+        for table, weight, opt in _dense_optimizers(emb):
             st = opt.state[weight]
-            st["step"].copy_(state[f"{prefix}dense_optim.step.{i}"])
-            for table, seg in st.get("segments", {}).items():
+            if "step" in st:
+                st["step"].copy_(state[f"{prefix}dense_optim.{table}.step"])
+            for seg in st.get("segments", {}).values():
                 for name, value in seg.items():
                     value.copy_(state[f"{prefix}dense_optim.{table}.{name}"])
         remap_state = {

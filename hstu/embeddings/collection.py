@@ -46,45 +46,37 @@ class TableSpec:
     """Rows of the device cache when caching."""
 
 
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; backward multiplies the gradient by a constant."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return grad * ctx.scale, None
-
-
 class HstuEmbeddings(nn.Module):
     """KeyedJaggedTensor -> dict[feature name, JaggedTensor] over static and dynamic tables.
 
     Input: ``features`` KJT with keys among the tables' feature names; values int64 [sum N].
     Output: ``{f: JaggedTensor(values [N[f], D[t(f)]], lengths L[f])}``.
 
-    ``ec`` is the TorchRec ``EmbeddingCollection`` (replaced by its sharded version by
-    :func:`hstu.embeddings.shard_embeddings`), ``remappers`` one
+    ``ec`` is the TorchRec ``EmbeddingCollection`` of model_parallel and dynamic tables
+    (replaced by its sharded version by :func:`hstu.embeddings.shard_embeddings`),
+    ``dp_ec`` a plain ``EmbeddingCollection`` of the data_parallel tables (replicated; see
+    sharding.py for why TorchRec does not shard it), ``remappers`` one
     :class:`DynamicIdRemapper` per dynamic table.
     """
 
     def __init__(
         self,
         ec: nn.Module,
+        dp_ec: nn.Module | None,
         specs: list[TableSpec],
         remappers: dict[str, DynamicIdRemapper],
         seed: int,
     ) -> None:
         super().__init__()
         self.ec = ec
+        self.dp_ec = dp_ec
         self.specs = {s.name: s for s in specs}
         self.remappers = nn.ModuleDict(remappers)
         self.seed = seed
         self._feature_to_table = {f: s.name for s in specs for f in s.feature_names}
-        # Set by shard_embeddings: multiplier of the output gradient per feature (see there).
-        self.grad_scale_per_feature: dict[str, float] = {}
+        self._dp_features = {
+            f for s in specs if s.sharding_type == "data_parallel" for f in s.feature_names
+        }
 
     # --------------------------------------------------------------------- forward
 
@@ -92,19 +84,21 @@ class HstuEmbeddings(nn.Module):
         misses: dict[str, torch.Tensor] = {}
         if self.remappers:
             features, misses = self._remap(features)
-        out = self.ec(features)
-        if misses or self.grad_scale_per_feature:
-            out = dict(out)
-            for name, mask in misses.items():
-                jt = out[name]
-                values = jt.values() * (~mask).unsqueeze(1).to(jt.values().dtype)
-                out[name] = JaggedTensor(values=values, lengths=jt.lengths())
-            for name, scale in self.grad_scale_per_feature.items():
-                if name in out and scale != 1.0 and torch.is_grad_enabled():
-                    jt = out[name]
-                    out[name] = JaggedTensor(
-                        values=_ScaleGrad.apply(jt.values(), scale), lengths=jt.lengths()
-                    )
+        if self.dp_ec is None:
+            out = dict(self.ec(features))
+        else:
+            dp_keys = [k for k in features.keys() if k in self._dp_features]
+            mp_keys = [k for k in features.keys() if k not in self._dp_features]
+            by_key = features.to_dict()
+            out = {}
+            if mp_keys:
+                out.update(self.ec(KeyedJaggedTensor.from_jt_dict({k: by_key[k] for k in mp_keys})))
+            if dp_keys:
+                out.update(self.dp_ec(KeyedJaggedTensor.from_jt_dict({k: by_key[k] for k in dp_keys})))
+        for name, mask in misses.items():
+            jt = out[name]
+            values = jt.values() * (~mask).unsqueeze(1).to(jt.values().dtype)
+            out[name] = JaggedTensor(values=values, lengths=jt.lengths())
         return out
 
     def _remap(
@@ -238,11 +232,17 @@ def build_embedding_collection(
                 feature_names=list(table.feature_names),
             )
         )
-    ec = EmbeddingCollection(tables=configs, device=device)
+    is_dp = [s.sharding_type == "data_parallel" for s in specs]
+    ec = EmbeddingCollection(tables=[c for c, d in zip(configs, is_dp) if not d], device=device)
+    dp_ec = (
+        EmbeddingCollection(tables=[c for c, d in zip(configs, is_dp) if d], device=device)
+        if any(is_dp) else None
+    )
     with torch.no_grad():
         for i, spec in enumerate(specs):
             gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
             bound = default_bound(spec.num_rows)
             weight = torch.empty(spec.num_rows, spec.embedding_dim).uniform_(-bound, bound, generator=gen)
-            ec.embeddings[spec.name].weight.copy_(weight.to(device))
-    return HstuEmbeddings(ec, specs, remappers, seed)
+            owner = dp_ec if is_dp[i] else ec
+            owner.embeddings[spec.name].weight.copy_(weight.to(device))
+    return HstuEmbeddings(ec, dp_ec, specs, remappers, seed)

@@ -5,15 +5,19 @@ Only the ``EmbeddingCollection`` inside each :class:`HstuEmbeddings` is sharded 
 left alone for the trainer's own data-parallel wrapper over its DP group.
 
 Gradient conventions (all tables alike, so moving a table between data_parallel and
-model_parallel does not change the math): the gradient a table's optimizer sees is the SUM
-over the ranks of the embedding process group of the per-rank gradients.
-- model_parallel tables: TorchRec's backward all-to-all already sums per row.
-- data_parallel tables: TorchRec wraps their lookup in its own DistributedDataParallel
-  over the embedding process group, which AVERAGES; :class:`HstuEmbeddings` multiplies
-  the gradient of those features by the group size (``grad_scale_per_feature``) so the
-  average becomes the sum. The sparse optimizer of data_parallel tables is a plain torch
-  optimizer fused into backward (DDP runs it after its all-reduce); the replicas stay
-  identical because they all apply the same reduced gradient.
+model_parallel does not change the math, and the same as a DDP-wrapped dense part): the
+gradient a table's optimizer sees is the MEAN over the ranks of the embedding process
+group of the per-rank gradients.
+- model_parallel tables: TorchRec's backward all-to-all sums per row and divides by the
+  world size (``torchrec.distributed.comm_ops`` gradient division, on by default).
+- data_parallel tables live in a plain ``EmbeddingCollection`` (``HstuEmbeddings.dp_ec``)
+  that TorchRec does not shard: TorchRec's data_parallel sequence sharding runs FBGEMM's
+  dense kernel, which on CPU pools the ids of each sample (one row per sample instead of
+  one per id), and its internal DDP would average rather than sum. Each replicated weight
+  gets a post-accumulate-grad hook that all-reduces (sums) its gradient over the embedding
+  process group, divides it by the group size and then steps a row-sparse torch optimizer (:mod:`hstu.embeddings.optim`);
+  the replicas stay identical because they apply the same averaged gradient. The trainer's
+  dense DDP must leave ``dp_ec`` parameters out (they are synchronised here).
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward
-from torchrec.distributed.batched_embedding_kernel import BatchedDenseEmbedding
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
@@ -113,13 +116,12 @@ def _constraints(
     out: dict[str, ParameterConstraints] = {}
     for name, spec in emb.specs.items():
         declared = tables[name].sharding_type if name in tables else spec.sharding_type
-        if declared == "data_parallel":
-            if name in overrides and overrides[name] != "data_parallel":
+        if declared == "data_parallel" or name not in emb.ec.embeddings:
+            if name in overrides:
                 raise ValueError(
                     f"table {name!r} is data_parallel; a sharding override "
                     f"{overrides[name]!r} applies to model_parallel tables only"
                 )
-            out[name] = ParameterConstraints(sharding_types=["data_parallel"], compute_kernels=["dense"])
             continue
         types = [overrides[name]] if name in overrides else list(_MODEL_PARALLEL_CHOICES)
         if types == ["data_parallel"]:
@@ -232,13 +234,7 @@ def shard_embeddings(
             init_data_parallel=False,
         )
         table_plan = _placements(plan, emb, world_size)
-        _fuse_dense_optimizer(emb, optimizer_args)
-        emb.grad_scale_per_feature = {
-            f: float(world_size)
-            for p in table_plan
-            if p.sharding_type == "data_parallel"
-            for f in emb.specs[p.table].feature_names
-        }
+        table_plan += _replicate_data_parallel(emb, optimizer_args, pg, world_size)
         placements.extend(table_plan)
     if rank == 0:
         lines = "\n".join("  " + p.describe() for p in placements)
@@ -246,27 +242,32 @@ def shard_embeddings(
     return module_or_model, placements
 
 
-def dense_kernels(sharded_ec: nn.Module) -> list[nn.Module]:
-    """TorchRec dense TBE kernels (the data_parallel tables)."""
-    return [m for m in sharded_ec.modules() if isinstance(m, BatchedDenseEmbedding)]
-
-
-def _fuse_dense_optimizer(emb: HstuEmbeddings, optimizer_args: OptimizerArgs) -> None:
-    """Attaches a real torch optimizer, run in backward, to the dense kernels' weights.
-
-    TorchRec carries in-backward optimizers over to fused kernels only. A dense kernel
-    packs its tables into one flat weight; ``_hstu_segments`` tells the optimizer where
-    each table's rows are. data_parallel lookups sit inside a DDP, whose first forward
-    picks ``_in_backward_optimizers`` up and then steps them right after its all-reduce.
-    """
+def _replicate_data_parallel(
+    emb: HstuEmbeddings, optimizer_args: OptimizerArgs, pg: dist.ProcessGroup, world_size: int
+) -> list[TablePlacement]:
+    """Replicated tables: same weights everywhere, averaged gradients, optimizer in backward."""
+    if emb.dp_ec is None:
+        return []
     cls, kwargs = sparse_optimizer_spec(optimizer_args, fused=False)
-    for kernel in dense_kernels(emb.ec.module):
-        weight = kernel._emb_module.weights
-        weight._hstu_segments = [
-            (name, sl._start_offset, sl._end_offset, sl._embedding_dim)
-            for name, sl in kernel._param_per_table.items()
-        ]
-        _apply_optimizer_in_backward(cls, [weight], kwargs)
+    placements = []
+    for name, module in emb.dp_ec.embeddings.items():
+        weight = module.weight
+        with torch.no_grad():
+            dist.broadcast(weight.data, src=dist.get_global_rank(pg, 0), group=pg)
+        opt = cls([weight], **kwargs)
+        weight._in_backward_optimizers = [opt]
+
+        def _sync_and_step(param: torch.Tensor, opt: torch.optim.Optimizer = opt) -> None:
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM, group=pg)
+            param.grad.div_(world_size)  # gloo has no AVG
+            opt.step()
+            param.grad = None
+
+        weight.register_post_accumulate_grad_hook(_sync_and_step)
+        nbytes = weight.numel() * weight.element_size()
+        placements.append(TablePlacement(name, "data_parallel", "replicated", list(range(world_size)),
+                                         {r: nbytes for r in range(world_size)}))
+    return placements
 
 
 def fused_optimizer(module_or_model: nn.Module) -> list[torch.optim.Optimizer]:
