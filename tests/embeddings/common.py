@@ -64,11 +64,12 @@ def slice_samples(per_key: dict[str, list[list[int]]], rank: int, world: int) ->
 UPSTREAM = torch.tensor([1.0, -2.0, 0.5, 3.0])
 
 
-def train_step(emb, batch: KeyedJaggedTensor) -> None:
-    """loss = sum over ids of <embedding, UPSTREAM>: each occurrence adds UPSTREAM to its row's grad."""
+def train_step(emb, batch: KeyedJaggedTensor, scale: float = 1.0) -> None:
+    """loss = scale * sum over ids of <embedding, UPSTREAM>: each occurrence adds scale *
+    UPSTREAM to its row's gradient (scale = world size undoes the mean over ranks)."""
     emb.train()
     out = emb(batch)
-    loss = sum((jt.values() * UPSTREAM).sum() for jt in out.values())
+    loss = scale * sum((jt.values() * UPSTREAM).sum() for jt in out.values())
     loss.backward()
 
 
