@@ -13,7 +13,10 @@ import torch
 
 
 class SequentialPipeline:
-    """pipeline_type="none": one batch at a time, nothing overlapped."""
+    """pipeline_type="none": one batch at a time, nothing overlapped.
+
+    ``progress`` returns ``(detached loss, model outputs)`` like the TorchRec pipelines here.
+    """
 
     def __init__(self, model: torch.nn.Module, optimizer: Any, device: torch.device) -> None:
         self._model = model
@@ -27,7 +30,7 @@ class SequentialPipeline:
         loss, output = self._model(batch)
         torch.sum(loss).backward()
         self._optimizer.step()
-        return loss, output
+        return loss.detach(), output
 
     def detach(self) -> torch.nn.Module:
         return self._model
@@ -78,6 +81,54 @@ def build_pipeline(
     if pipeline_type == "prefetch":
         ok, why = _prefetch_supported(model)
         if ok:
-            return PrefetchTrainPipelineSparseDist(model, optimizer, device, execute_all_batches=True)
+            return _untraceable_tolerant(PrefetchTrainPipelineSparseDist, log)(
+                model, optimizer, device, execute_all_batches=True,
+                custom_model_fwd=_with_loss(model),
+            )
         log(f"[hstu] pipeline_type=prefetch not applicable ({why}); running native instead")
-    return TrainPipelineSparseDist(model, optimizer, device, execute_all_batches=True)
+    return _untraceable_tolerant(TrainPipelineSparseDist, log)(
+        model, optimizer, device, execute_all_batches=True, custom_model_fwd=_with_loss(model)
+    )
+
+
+def _with_loss(model: torch.nn.Module) -> Any:
+    """TorchRec pipelines return only the model's second output; put the loss in it so that
+    every pipeline's ``progress`` returns ``(detached loss, model outputs)``."""
+
+    def forward(batch: Any) -> tuple[torch.Tensor, Any]:
+        loss, output = model(batch)
+        return loss, (loss.detach(), output)
+
+    return forward
+
+
+def _untraceable_tolerant(base: type, log: Any) -> type:
+    """``base`` whose model rewrite tolerates a model that torch.fx cannot trace.
+
+    TorchRec finds the sharded embedding calls by fx-tracing the model's forward; a forward
+    with data-dependent Python (jagged lengths, dynamic-table remapping) cannot be traced.
+    Then the embedding input distribution runs inside forward as usual (results unchanged)
+    and only the batch copy ahead of time is overlapped; one line says so.
+    """
+
+    class Pipeline(base):  # type: ignore[misc, valid-type]
+        def _pipeline_model(self, batch: Any, context: Any, *args: Any, **kwargs: Any) -> None:
+            from torch.fx.proxy import TraceError
+
+            try:
+                super()._pipeline_model(batch, context, *args, **kwargs)
+            except (TraceError, TypeError, NotImplementedError) as exc:
+                if not getattr(self, "_hstu_warned", False):
+                    reason = str(exc).split("\n")[0][:120]
+                    log(
+                        f"[hstu] {base.__name__}: embedding input-dist not overlapped (model not "
+                        f"fx-traceable: {reason}); batches are still prefetched"
+                    )
+                    self._hstu_warned = True
+                self._pipelined_modules = []
+                self._original_forwards = []
+                self._pipelined_postprocs = []
+                self._original_kjt_dist_forwards = []
+
+    Pipeline.__name__ = Pipeline.__qualname__ = f"Tolerant{base.__name__}"
+    return Pipeline

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections import deque
 from typing import Any, Iterator
@@ -157,10 +158,11 @@ class Trainer:
         self.model.train()
         profiler = self._profiler()
         bar = None
-        if env.is_main:
+        if env.is_main and sys.stderr.isatty():  # logs and CI get the plain lines only
             from tqdm import tqdm
 
             bar = tqdm(total=self.max_steps, initial=self.step, desc=self.cfg.task, dynamic_ncols=True, mininterval=2.0)
+        say = bar.write if bar is not None else self.logger.print
         window_loss, window_n, window_tokens, window_flops = 0.0, 0, 0, 0.0
         window_start = time.perf_counter()
         last_eval: dict[str, float] = {}
@@ -196,8 +198,7 @@ class Trainer:
                 self.logger.log(self.step, "train", metrics)
                 msg = (f"step {self.step}/{self.max_steps} loss {mean_loss:.4f} lr {self.optimizer.lr:.2e} "
                        f"tokens/s {tok_s:,.0f} TFLOP/s {flop_s / 1e12:.4f} MFU {mfu:.2%}")
-                if bar is not None:
-                    bar.write(msg)
+                say(msg)
                 window_loss, window_n, window_tokens, window_flops = 0.0, 0, 0, 0.0
                 window_start = time.perf_counter()
             if self.step % args.eval_interval == 0 or self.step == self.max_steps:
@@ -207,8 +208,7 @@ class Trainer:
                 self.model.train()
                 self.logger.log(self.step, "eval", last_eval)
                 text = " ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
-                if bar is not None:
-                    bar.write(f"eval @ step {self.step}: {text}")
+                say(f"eval @ step {self.step}: {text}")
                 window_start = time.perf_counter()
             if args.ckpt_save_interval > 0 and self.step % args.ckpt_save_interval == 0:
                 self.save()
