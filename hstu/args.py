@@ -253,12 +253,20 @@ class EmbeddingArgs:
     """Rows of the table (ids must be < this)."""
     sharding_type: Literal["data_parallel", "model_parallel"] = REQUIRED
     """data_parallel replicates the table; model_parallel lets TorchRec shard it."""
+    sharding_override: Literal["auto", "row_wise", "table_wise", "column_wise", "table_row_wise"] = "auto"
+    """Force TorchRec's sharding of a model_parallel table; auto lets the planner choose."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)
         _require(len(self.feature_names) > 0, self, "feature_names", "must name at least one feature")
         _require(self.table_name != "", self, "table_name", "must not be empty")
         _positive(self, "item_vocab_size_or_capacity")
+        _require(
+            self.sharding_override == "auto" or self.sharding_type != "data_parallel",
+            self,
+            "sharding_override",
+            f"{self.sharding_override!r} needs sharding_type='model_parallel' (data_parallel tables are replicated)",
+        )
 
 
 @dataclass(frozen=True)
@@ -394,9 +402,19 @@ class DatasetArgs:
     """Candidates per sample (ranking); 0 for retrieval."""
     shuffle: bool = False
     """Shuffle training samples every epoch (deterministic for a seed)."""
+    holdout_validation: bool = False
+    """Retrieval: also hold out each user's second-to-last item as a validation target (train without the last two)."""
+    eval_split: Literal["valid", "test"] = "test"
+    """Which held-out item evaluation ranks; valid needs holdout_validation."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)
+        _require(
+            self.eval_split == "test" or self.holdout_validation,
+            self,
+            "eval_split",
+            "'valid' needs DatasetArgs.holdout_validation = True",
+        )
         _require(
             self.dataset_name in DATASET_NAMES,
             self,

@@ -82,8 +82,12 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
     ensure_generated(cfg, env)
     # Every rank reads its own samples: embedding lookups are per rank, and with TP the
     # dense part gathers the samples of its TP group (DESIGN.md "Arguments").
+    split_kwargs: dict[str, Any] = {}
+    if not isinstance(cfg.dataset, BenchmarkDatasetArgs):
+        split_kwargs = dict(split=cfg.dataset.eval_split, holdout_validation=cfg.dataset.holdout_validation)
     train_loader, eval_loader, info = build_data(
-        cfg.dataset, cfg.task, t.train_batch_size, t.eval_batch_size, env.rank, env.world_size, t.seed
+        cfg.dataset, cfg.task, t.train_batch_size, t.eval_batch_size, env.rank, env.world_size, t.seed,
+        **split_kwargs,
     )
     if isinstance(cfg.dataset, BenchmarkDatasetArgs):
         tables = list(cfg.tables)
@@ -117,6 +121,9 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         tables,
         cfg.optimizer,
         env.device,
+        sharding_overrides={
+            tb.table_name: tb.sharding_override for tb in tables if tb.sharding_override != "auto"
+        },
         batch_size_per_rank=t.train_batch_size,
     )
     steps_per_epoch = len(train_loader)

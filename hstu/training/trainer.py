@@ -95,13 +95,23 @@ class Trainer:
     def _sharded_state(self) -> dict[str, Any]:
         return {"embeddings": embedding_state_dict(self.model)}
 
+    def _dense_children(self) -> dict[str, torch.nn.Module]:
+        """Top-level submodules other than the embedding tables (those go through DCP)."""
+        from hstu.embeddings import HstuEmbeddings
+
+        out = {}
+        for name, child in self.model.named_children():
+            if isinstance(child, HstuEmbeddings):
+                continue
+            if any(isinstance(m, HstuEmbeddings) for m in child.modules()):
+                raise TypeError(f"model.{name} nests embedding tables; checkpointing expects them at the top")
+            out[name] = child
+        if any(True for _ in self.model.parameters(recurse=False)):
+            raise TypeError("model has parameters outside its submodules; checkpointing cannot place them")
+        return out
+
     def _dense_state(self) -> dict[str, Any]:
-        emb_prefixes = tuple(
-            name + "." for name, m in self.model.named_modules() if type(m).__name__ == "HstuEmbeddings"
-        )
-        weights = {
-            k: v for k, v in self.model.state_dict().items() if not k.startswith(emb_prefixes)
-        }
+        weights = {name: child.state_dict() for name, child in self._dense_children().items()}
         return {"model": weights, "optimizer": self.optimizer.dense.state_dict(), "num_steps": self.optimizer.num_steps}
 
     def save(self) -> str:
@@ -134,9 +144,13 @@ class Trainer:
         if meta.get("task") != self.cfg.task:
             raise ValueError(f"checkpoint {path} is a {meta.get('task')} run, this is {self.cfg.task}")
         load_embedding_state_dict(self.model, sharded["embeddings"])
-        _, unexpected = self.model.load_state_dict(dense["model"], strict=False)
-        if unexpected:
-            raise ValueError(f"checkpoint {path} has weights this model lacks: {unexpected[:5]}")
+        children = self._dense_children()
+        if set(children) != set(dense["model"]):
+            raise ValueError(
+                f"checkpoint {path} holds modules {sorted(dense['model'])}, this model has {sorted(children)}"
+            )
+        for name, child in children.items():
+            child.load_state_dict(dense["model"][name])
         self.optimizer.load_dense_state_dict(dense["optimizer"], int(dense["num_steps"]))
         self.step = self._resumed_step = int(meta["step"])
         self.built.train_loader.load_state_dict(meta["data"])

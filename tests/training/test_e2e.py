@@ -1,0 +1,198 @@
+"""End to end: the real entry points under torchrun (2 gloo processes on CPU).
+
+Runs are shared between tests (module fixtures) to keep the suite short.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
+def _cmd(task: str, nproc: int | None, preset: str, params: list[str]) -> list[str]:
+    entry = [str(ROOT / f"pretrain_gr_{task}.py"), "--gin-config-file", str(ROOT / "configs" / preset)]
+    for p in params:
+        entry += ["--gin-param", p]
+    if nproc is None:
+        return [sys.executable, *entry]
+    return [*TORCHRUN, "--nproc_per_node", str(nproc), *entry]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def run_job(tmp: Path, name: str, task: str = "retrieval", nproc: int | None = 2,
+            params: list[str] = (), preset: str | None = None, timeout: int = 300) -> dict:
+    run_dir = tmp / name
+    preset = preset or f"debug_{task}.gin"
+    all_params = [
+        f'TrainerArgs.run_dir="{run_dir}"',
+        f'DatasetArgs.dataset_path="{tmp / "data" / "synthetic"}"',
+        "TrainerArgs.log_interval=1",
+        *params,
+    ]
+    proc = subprocess.run(
+        _cmd(task, nproc, preset, all_params), cwd=ROOT, env=_env(), capture_output=True,
+        text=True, timeout=timeout,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{name} failed ({proc.returncode}):\n{out[-6000:]}"
+    return {"dir": run_dir, "out": out, "metrics": read_metrics(run_dir)}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def losses(metrics: list[dict]) -> dict[int, float]:
+    return {int(r["step"]): float(r["value"]) for r in metrics if r["split"] == "train" and r["name"] == "loss"}
+
+
+def evals(metrics: list[dict]) -> dict[str, float]:
+    last_step = max(int(r["step"]) for r in metrics if r["split"] == "eval")
+    return {r["name"]: float(r["value"]) for r in metrics if r["split"] == "eval" and int(r["step"]) == last_step}
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="module")
+def retrieval_none(tmp) -> dict:
+    return run_job(tmp, "ret_none", params=['TrainerArgs.pipeline_type="none"',
+                                             "TrainerArgs.ckpt_save_interval=10",
+                                             f'TrainerArgs.ckpt_save_dir="{tmp / "ckpt_ref"}"'])
+
+
+def test_retrieval_trains_and_writes_run_directory(retrieval_none):
+    run_dir = retrieval_none["dir"]
+    assert (run_dir / "operative_config.gin").read_text().count("TrainerArgs.train_batch_size") == 1
+    assert any(p.name.startswith("events.out.tfevents") for p in run_dir.iterdir())
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0]
+    assert header == "step,split,name,value"
+    loss = losses(retrieval_none["metrics"])
+    assert sorted(loss) == list(range(1, 21))
+    assert all(math.isfinite(v) for v in loss.values())
+    assert loss[20] < loss[1], "the loss must go down"
+    names = {r["name"] for r in retrieval_none["metrics"] if r["split"] == "eval"}
+    assert names == {"HR@10", "NDCG@10", "MRR"}
+    train_names = {r["name"] for r in retrieval_none["metrics"] if r["split"] == "train"}
+    assert {"loss", "lr", "tokens_per_s", "tflops", "mfu"} <= train_names
+    assert "final retrieval metrics" in retrieval_none["out"]
+
+
+@pytest.mark.parametrize("pipeline", ["native", "prefetch"])
+def test_pipelines_give_identical_losses(tmp, retrieval_none, pipeline):
+    other = run_job(tmp, f"ret_{pipeline}", params=[f'TrainerArgs.pipeline_type="{pipeline}"'])
+    assert losses(other["metrics"]) == losses(retrieval_none["metrics"])
+    assert evals(other["metrics"]) == evals(retrieval_none["metrics"])
+    if pipeline == "prefetch":
+        assert "pipeline_type=prefetch not applicable" in other["out"]
+
+
+def test_checkpoint_layout(tmp, retrieval_none):
+    root = tmp / "ckpt_ref"
+    assert (root / "latest").read_text().strip() == "iter_20"
+    for step in (10, 20):
+        d = root / f"iter_{step}"
+        assert (d / "meta.pt").exists() and (d / ".metadata").exists() and (d / "dense_tp0.pt").exists()
+        assert (d / "rng_rank0.pt").exists() and (d / "rng_rank1.pt").exists()
+    assert not any(p.name.endswith(".tmp") for p in root.iterdir())
+
+
+def test_kill_after_checkpoint_then_resume_continues_the_same_losses(tmp, retrieval_none):
+    ckpt = tmp / "ckpt_kill"
+    run_dir = tmp / "ret_killed"
+    # Same run, but long enough that it is still training when killed.
+    cmd = _cmd("retrieval", 2, "debug_retrieval.gin", [
+        f'TrainerArgs.run_dir="{run_dir}"',
+        f'DatasetArgs.dataset_path="{tmp / "data" / "synthetic"}"',
+        'TrainerArgs.pipeline_type="none"', "TrainerArgs.max_train_iters=100000",
+        "TrainerArgs.eval_interval=100000", "TrainerArgs.ckpt_save_interval=10",
+        f'TrainerArgs.ckpt_save_dir="{ckpt}"',
+    ])
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (ckpt / "latest").exists():
+            assert proc.poll() is None, "the run ended before its first checkpoint"
+            assert time.time() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    first = (ckpt / "latest").read_text().strip()
+    assert first.startswith("iter_")
+    step = int(first.split("_")[1])
+    assert step % 10 == 0 and step < 20, f"killed too late to compare ({first})"
+    resumed = run_job(tmp, "ret_resumed", params=[
+        'TrainerArgs.pipeline_type="none"', f'TrainerArgs.ckpt_load_dir="{ckpt / first}"',
+    ])
+    assert f"resumed from {ckpt / first} at step {step}" in resumed["out"]
+    ref = losses(retrieval_none["metrics"])
+    got = losses(resumed["metrics"])
+    assert sorted(got) == list(range(step + 1, 21))
+    for s in got:
+        assert got[s] == pytest.approx(ref[s], rel=1e-5, abs=1e-6), f"step {s}"
+    assert evals(resumed["metrics"]) == pytest.approx(evals(retrieval_none["metrics"]), rel=1e-5)
+
+
+def test_resume_two_ranks_onto_one_plain_process(tmp, retrieval_none):
+    one = run_job(tmp, "ret_one_rank", nproc=None, params=[
+        'TrainerArgs.pipeline_type="none"', f'TrainerArgs.ckpt_load_dir="{tmp / "ckpt_ref"}"',
+        "TrainerArgs.max_train_iters=25",
+    ])
+    assert "saved on 2 rank(s)" in one["out"] and "world 1 (TP 1 x DP 1)" in one["out"]
+    got = losses(one["metrics"])
+    assert sorted(got) == list(range(21, 26))
+    assert all(math.isfinite(v) for v in got.values())
+    # it continued from the trained state: far below the untrained loss
+    assert max(got.values()) < losses(retrieval_none["metrics"])[1]
+
+
+@pytest.fixture(scope="module")
+def ranking_none(tmp) -> dict:
+    return run_job(tmp, "rank_none", task="ranking", params=['TrainerArgs.pipeline_type="none"',
+                                                             "TrainerArgs.max_train_iters=10"])
+
+
+def test_ranking_trains_and_reports_auc(ranking_none):
+    loss = losses(ranking_none["metrics"])
+    assert sorted(loss) == list(range(1, 11)) and all(math.isfinite(v) for v in loss.values())
+    auc = evals(ranking_none["metrics"])["AUC"]
+    assert 0.0 <= auc <= 1.0
+
+
+def test_ranking_native_matches_none(tmp, ranking_none):
+    native = run_job(tmp, "rank_native", task="ranking", params=['TrainerArgs.pipeline_type="native"',
+                                                                 "TrainerArgs.max_train_iters=10"])
+    assert losses(native["metrics"]) == losses(ranking_none["metrics"])
+
+
+def test_tensor_parallel_two_ranks_runs(tmp):
+    tp = run_job(tmp, "rank_tp2", task="ranking", params=[
+        "TensorModelParallelArgs.tensor_model_parallel_size=2", "TrainerArgs.max_train_iters=6",
+        'TrainerArgs.pipeline_type="native"',
+    ])
+    assert "world 2 (TP 2 x DP 1)" in tp["out"]
+    loss = losses(tp["metrics"])
+    assert sorted(loss) == list(range(1, 7)) and all(math.isfinite(v) for v in loss.values())
+    assert 0.0 <= evals(tp["metrics"])["AUC"] <= 1.0
