@@ -47,7 +47,9 @@ def describe(cfg: RunConfig) -> str:
 
 def main(task: Task, argv: list[str] | None = None) -> int:
     ns = parse_args(task, argv)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    # Under torchrun the TP size is checked against the real world; a plain --check-config
+    # outside torchrun does not know the world it will run in.
+    world_size = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
     rank = int(os.environ.get("RANK", "0"))
     try:
         cfg = load_config(ns.gin_config_file, ns.gin_param, task=task, world_size=world_size)

@@ -8,4 +8,4 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   NPROC=$(nvidia-smi -L | wc -l)
 fi
 exec .venv/bin/torchrun --standalone --nproc_per_node "$NPROC" \
-  pretrain_gr_retrieval.py --gin-config-file configs/default_retrieval.gin --check-config "$@"
+  pretrain_gr_retrieval.py --gin-config-file configs/default_retrieval.gin "$@"

@@ -62,14 +62,15 @@ def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def ensure_generated(cfg: RunConfig, env: DistEnv) -> None:
-    """The synthetic dataset is generated on first use (rank 0; a no-op when up to date)."""
+    """The synthetic dataset is generated on first use (local rank 0 of each node; a no-op
+    when up to date, and written to a temporary folder then renamed)."""
     ds = cfg.dataset
     if isinstance(ds, BenchmarkDatasetArgs) or ds.dataset_name != "synthetic":
         return
     path = os.path.normpath(ds.resolved_path)
     if os.path.basename(path) != ds.dataset_name:
         return  # a user-chosen folder: it must already hold the data
-    if env.is_main:
+    if env.local_rank == 0:  # once per node: nodes need not share a filesystem
         from hstu.data.preprocess import preprocess
 
         preprocess("synthetic", out=os.path.dirname(path) or ".", synthetic=cfg.extras.get("SyntheticDataArgs"))

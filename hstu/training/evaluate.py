@@ -107,3 +107,38 @@ def _evaluate_ranking(model: Any, loader: Any, cfg: RunConfig, env: DistEnv, max
             multiclass_auroc(logits.float(), labels.long().clamp(0, width - 1), num_classes=width, average="macro")
         )
     return out
+
+
+@torch.no_grad()
+def popularity_baseline(train_loader: Any, eval_loader: Any, cfg: RunConfig, env: DistEnv,
+                        max_iters: int | None) -> dict[str, float] | None:
+    """The retrieval metrics of ranking items by how often they occur in the training split
+    (history excluded, same protocol as the model). None where it does not apply."""
+    from hstu.data.loader import SequenceLoader, gather_ranges
+    from hstu.model.metrics import ranks_from_scores
+
+    if cfg.task != "retrieval" or not isinstance(train_loader, SequenceLoader):
+        return None
+    store, samples = train_loader.store, train_loader.samples
+    num_items = int(store.items.max()) + 1
+    counts = torch.bincount(
+        torch.from_numpy(store.items[gather_ranges(samples.hist_start, samples.cand_end)]),
+        minlength=num_items,
+    ).double()
+    counts[0] = -1.0  # id 0 is never an item
+    names = list(cfg.retrieval.eval_metrics)
+    acc = MetricAccumulator(names)
+    _restart(eval_loader)
+    for i, batch in enumerate(eval_loader):
+        if max_iters is not None and i >= max_iters:
+            break
+        items = batch.features[batch.item_feature_name]
+        scores = counts.expand(batch.batch_size, -1).clone()
+        rows = torch.repeat_interleave(torch.arange(batch.batch_size), items.lengths())
+        excluded = torch.zeros_like(scores, dtype=torch.bool)
+        excluded[rows, items.values()] = True
+        ranks = ranks_from_scores(scores, batch.labels, excluded)
+        if batch.sample_mask is not None:
+            ranks = ranks[batch.sample_mask]
+        acc.update(retrieval_metrics(ranks, names))
+    return acc.compute()

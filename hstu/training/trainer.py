@@ -17,7 +17,7 @@ from hstu.embeddings import embedding_state_dict, load_embedding_state_dict
 from hstu.training.builder import Built, build_all
 from hstu.training.checkpoint import load_checkpoint, save_checkpoint
 from hstu.training.distributed import DistEnv, rng_state, set_rng_state
-from hstu.training.evaluate import evaluate
+from hstu.training.evaluate import evaluate, popularity_baseline
 from hstu.training.flops import hstu_step_flops, peak_flops
 from hstu.training.logger import RunLogger
 from hstu.training.pipeline import build_pipeline
@@ -231,6 +231,12 @@ class Trainer:
             bar.close()
         if profiler is not None:
             profiler.stop()
+        baseline = popularity_baseline(
+            self.built.train_loader, self.built.eval_loader, self.cfg, env, args.max_eval_iters
+        )
+        if baseline is not None:
+            text = " ".join(f"{k} {v:.4f}" for k, v in baseline.items())
+            self.logger.print(f"[hstu] popularity baseline (same protocol): {text}")
         self.losses = losses
         return last_eval
 

@@ -124,8 +124,8 @@ def test_kill_after_checkpoint_then_resume_continues_the_same_losses(tmp, retrie
     cmd = _cmd("retrieval", 2, "debug_retrieval.gin", [
         f'TrainerArgs.run_dir="{run_dir}"',
         f'DatasetArgs.dataset_path="{tmp / "data" / "synthetic"}"',
-        'TrainerArgs.pipeline_type="none"', "TrainerArgs.max_train_iters=100000",
-        "TrainerArgs.eval_interval=100000", "TrainerArgs.ckpt_save_interval=10",
+        'TrainerArgs.pipeline_type="none"', "TrainerArgs.max_train_iters=2000",
+        "TrainerArgs.eval_interval=2000", "TrainerArgs.ckpt_save_interval=10",
         f'TrainerArgs.ckpt_save_dir="{ckpt}"',
     ])
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
@@ -137,8 +137,15 @@ def test_kill_after_checkpoint_then_resume_continues_the_same_losses(tmp, retrie
             assert time.time() < deadline, "no checkpoint within 240 s"
             time.sleep(0.05)
     finally:
+        # SIGKILL torchrun and its workers (workers run in sessions of their own; every
+        # process of this run has the unique run_dir on its command line)
         os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-9", "-f", str(run_dir)], check=False)
         proc.wait()
+        deadline = time.time() + 30
+        while subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True).returncode == 0:
+            assert time.time() < deadline, "workers of the killed run are still alive"
+            time.sleep(0.2)
     first = (ckpt / "latest").read_text().strip()
     assert first.startswith("iter_")
     step = int(first.split("_")[1])
