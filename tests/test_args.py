@@ -9,7 +9,7 @@ import gin
 import pytest
 
 from hstu import args as A
-from hstu.config import load_config
+from hstu.config import _extra_classes, load_config
 
 # The reference interface's defaults (issue "Foundation"), written out independently of the code.
 DOCUMENTED_DEFAULTS = {
@@ -100,7 +100,7 @@ def test_binds_from_gin_with_documented_defaults(cls):
             assert getattr(obj, field_name) == eval(value), key  # noqa: S307 - test literal
 
 
-@pytest.mark.parametrize("cls", A.ARG_CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [*A.ARG_CLASSES, *_extra_classes()], ids=lambda c: c.__name__)
 def test_every_field_has_a_one_line_docstring(cls):
     docs = A.field_docs(cls)
     for f in dataclasses.fields(cls):
@@ -320,3 +320,17 @@ def test_hbm_nothing_set_plans_whole_table_and_bytes_too_small_fails():
         _dyn(global_hbm_for_values=10).resolve_hbm(16, "adam")
     with pytest.raises(A.ConfigError, match=r"item_vocab_gpu_capacity_ratio: must be in \(0, 1\]"):
         _dyn(item_vocab_gpu_capacity_ratio=1.5)
+
+
+def test_data_classes_are_known_to_the_loader(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE + "SyntheticDataArgs.num_users = 50\n"))
+    assert cfg.extras["SyntheticDataArgs"].num_users == 50
+    with pytest.raises(A.ConfigError, match=r"SyntheticDataArgs\.num_user: unknown field \(did you mean 'num_users'\?\)"):
+        load_config(_write(tmp_path, BASE + "SyntheticDataArgs.num_user = 50\n"))
+
+
+def test_eval_split_valid_needs_holdout(tmp_path):
+    with pytest.raises(A.ConfigError, match=r"DatasetArgs\.eval_split: 'valid' needs DatasetArgs\.holdout_validation = True"):
+        load_config(_write(tmp_path, BASE + 'DatasetArgs.eval_split = "valid"\n'))
+    cfg = load_config(_write(tmp_path, BASE + 'DatasetArgs.eval_split = "valid"\nDatasetArgs.holdout_validation = True\n'))
+    assert cfg.dataset.eval_split == "valid"

@@ -78,6 +78,9 @@ def tmp(tmp_path_factory) -> Path:
 def retrieval_none(tmp) -> dict:
     return run_job(tmp, "ret_none", params=['TrainerArgs.pipeline_type="none"',
                                              "TrainerArgs.ckpt_save_interval=10",
+                                             "TrainerArgs.profile=True",
+                                             "TrainerArgs.profile_step_start=2",
+                                             "TrainerArgs.profile_step_end=4",
                                              f'TrainerArgs.ckpt_save_dir="{tmp / "ckpt_ref"}"'])
 
 
@@ -96,6 +99,9 @@ def test_retrieval_trains_and_writes_run_directory(retrieval_none):
     train_names = {r["name"] for r in retrieval_none["metrics"] if r["split"] == "train"}
     assert {"loss", "lr", "tokens_per_s", "tflops", "mfu"} <= train_names
     assert "final retrieval metrics" in retrieval_none["out"]
+    assert "popularity baseline (same protocol)" in retrieval_none["out"]
+    traces = list((run_dir / "profile").glob("rank*.json")) + list((run_dir / "profile").glob("rank*.pt.trace.json"))
+    assert {p.name.split(".")[0] for p in traces} == {"rank0", "rank1"}, list((run_dir / "profile").iterdir())
 
 
 @pytest.mark.parametrize("pipeline", ["native", "prefetch"])
