@@ -213,6 +213,10 @@ class TrainerArgs:
     """Train pipeline: none (sequential), native (TrainPipelineSparseDist) or prefetch."""
     run_dir: str | None = None
     """Run directory for logs, metrics.csv, TensorBoard and traces; None: ./runs/<task>-<timestamp>."""
+    best_metric: str | None = None
+    """Eval metric (higher is better, e.g. NDCG@10) selecting the best checkpoint on the validation split; the test split is then scored once with it. Needs DatasetArgs.holdout_validation."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations without a new best best_metric; None never stops early."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -231,6 +235,13 @@ class TrainerArgs:
             self,
             "profile_step_end",
             f"must be > profile_step_start ({self.profile_step_start}), got {self.profile_step_end}",
+        )
+        _positive(self, "early_stopping_patience")
+        _require(
+            self.early_stopping_patience is None or self.best_metric is not None,
+            self,
+            "early_stopping_patience",
+            "needs TrainerArgs.best_metric (the metric it watches)",
         )
         _require(
             self.ckpt_save_interval == -1 or self.ckpt_save_interval > 0,
@@ -751,6 +762,26 @@ def check_tables(tables: list[EmbeddingArgs]) -> None:
                     f"feature {name!r} looks up both table {features[name]!r} and {table.table_name!r}",
                 )
             features[name] = table.table_name
+
+
+def check_selection(trainer: TrainerArgs, dataset: Any, task_metrics: tuple[str, ...]) -> None:
+    """Model selection never looks at the test split: best_metric needs a validation split."""
+    if trainer.best_metric is None:
+        return
+    if trainer.best_metric not in task_metrics:
+        raise ConfigError(
+            "TrainerArgs",
+            "best_metric",
+            f"{trainer.best_metric!r} is not among the evaluated metrics {list(task_metrics)}"
+            + _did_you_mean(trainer.best_metric, task_metrics),
+        )
+    if not getattr(dataset, "holdout_validation", False):
+        raise ConfigError(
+            "TrainerArgs",
+            "best_metric",
+            "selecting a checkpoint needs a validation split (DatasetArgs.holdout_validation = True); "
+            "hstu never selects on the test split",
+        )
 
 
 def check_parallel(network: NetworkArgs, tp: TensorModelParallelArgs, world_size: int | None = None) -> None:

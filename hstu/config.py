@@ -258,6 +258,19 @@ def load_config(
 
     ranking = build(A.RankingArgs) if task == "ranking" else None
     retrieval = build(A.RetrievalArgs) if task == "retrieval" else None
+    if ranking is not None:
+        metrics = tuple(ranking.eval_metrics) + tuple(
+            f"AUC/task{i}" for i in range(ranking.num_tasks) if ranking.num_tasks > 1
+        )
+    else:
+        metrics = tuple(retrieval.eval_metrics)
+    try:
+        A.check_selection(trainer, dataset, metrics)
+    except A.ConfigError as exc:
+        where = next(
+            (b.where for b in reversed(bindings) if b.field_name == "best_metric"), label
+        )
+        raise exc.with_location(where) from None
     extras = {cls.__name__: build(cls) for cls in _extra_classes() if cls.__name__ in bound}
     sources = ([config_file] if config_file else []) + [f"--gin-param {p}" for p in params]
     return RunConfig(

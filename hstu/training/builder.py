@@ -39,6 +39,8 @@ class Built:
     model: nn.Module
     optimizer: OptimizerContainer
     total_steps: int
+    test_loader: Any = None
+    """Scored once with the best checkpoint when TrainerArgs.best_metric selects on validation."""
 
 
 def table_dims(tables: list[EmbeddingArgs], info: DataInfo, network: NetworkArgs) -> dict[str, int]:
@@ -85,11 +87,14 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
     # dense part gathers the samples of its TP group (DESIGN.md "Arguments").
     split_kwargs: dict[str, Any] = {}
     if not isinstance(cfg.dataset, BenchmarkDatasetArgs):
-        split_kwargs = dict(split=cfg.dataset.eval_split, holdout_validation=cfg.dataset.holdout_validation)
-    train_loader, eval_loader, info = build_data(
-        cfg.dataset, cfg.task, t.train_batch_size, t.eval_batch_size, env.rank, env.world_size, t.seed,
-        **split_kwargs,
-    )
+        # with a selection metric, training evaluates on the validation split only
+        split = "valid" if t.best_metric is not None else cfg.dataset.eval_split
+        split_kwargs = dict(split=split, holdout_validation=cfg.dataset.holdout_validation)
+    data_args = (cfg.dataset, cfg.task, t.train_batch_size, t.eval_batch_size, env.rank, env.world_size, t.seed)
+    train_loader, eval_loader, info = build_data(*data_args, **split_kwargs)
+    test_loader = None
+    if t.best_metric is not None:
+        _, test_loader, _ = build_data(*data_args, split="test", holdout_validation=True)
     if isinstance(cfg.dataset, BenchmarkDatasetArgs):
         tables = list(cfg.tables)
     else:
@@ -138,4 +143,6 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         sparse=fused[0] if len(fused) == 1 else None,
         allreduce_groups=[(dense, env.dp_group, env.dp_size)],
     )
-    return Built(train_loader, eval_loader, info, tables, placements, model, optimizer, total_steps)
+    return Built(
+        train_loader, eval_loader, info, tables, placements, model, optimizer, total_steps, test_loader
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 import time
 from collections import deque
@@ -114,7 +115,7 @@ class Trainer:
         weights = {name: child.state_dict() for name, child in self._dense_children().items()}
         return {"model": weights, "optimizer": self.optimizer.dense.state_dict(), "num_steps": self.optimizer.num_steps}
 
-    def save(self) -> str:
+    def save(self, root: str | None = None) -> str:
         meta = {
             "step": self.step,
             "data": _position(self.data_base, self.steps_per_epoch, self.step - self._resumed_step),
@@ -123,7 +124,7 @@ class Trainer:
             "task": self.cfg.task,
         }
         path = save_checkpoint(
-            self.args.ckpt_save_dir,
+            root or self.args.ckpt_save_dir,
             self.step,
             self._sharded_state(),
             self._dense_state(),
@@ -133,12 +134,14 @@ class Trainer:
             self.env.tp_rank,
             self.env.dp_rank,
         )
-        self.logger.print(f"[hstu] step {self.step}: checkpoint saved to {path}")
+        if root is None:
+            self.logger.print(f"[hstu] step {self.step}: checkpoint saved to {path}")
         return path
 
     _resumed_step = 0
 
-    def _load(self, path: str) -> None:
+    def _load_weights(self, path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+        """Loads tables (with their optimizer state) and dense weights; returns the rest."""
         sharded = self._sharded_state()
         dense, meta, rng = load_checkpoint(path, sharded, self.env.rank, self.env.tp_rank, self.env.tp_size)
         if meta.get("task") != self.cfg.task:
@@ -151,6 +154,10 @@ class Trainer:
             )
         for name, child in children.items():
             child.load_state_dict(dense["model"][name])
+        return dense, meta, rng
+
+    def _load(self, path: str) -> None:
+        dense, meta, rng = self._load_weights(path)
         self.optimizer.load_dense_state_dict(dense["optimizer"], int(dense["num_steps"]))
         self.step = self._resumed_step = int(meta["step"])
         self.built.train_loader.load_state_dict(meta["data"])
@@ -222,8 +229,15 @@ class Trainer:
                 self.model.train()
                 self.logger.log(self.step, "eval", last_eval)
                 text = " ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
-                say(f"eval @ step {self.step}: {text}")
+                split = "valid" if args.best_metric is not None else "eval"
+                say(f"{split} @ step {self.step}: {text}")
                 window_start = time.perf_counter()
+                if args.best_metric is not None and self._track_best(last_eval, say):
+                    say(
+                        f"[hstu] early stop at step {self.step}: no new best {args.best_metric} in "
+                        f"{args.early_stopping_patience} evaluations"
+                    )
+                    break
             if args.ckpt_save_interval > 0 and self.step % args.ckpt_save_interval == 0:
                 self.save()
                 window_start = time.perf_counter()
@@ -231,14 +245,56 @@ class Trainer:
             bar.close()
         if profiler is not None:
             profiler.stop()
+        if args.best_metric is not None:
+            last_eval = self._test_best()
         baseline = popularity_baseline(
-            self.built.train_loader, self.built.eval_loader, self.cfg, env, args.max_eval_iters
+            self.built.train_loader,
+            self.built.test_loader or self.built.eval_loader,
+            self.cfg,
+            env,
+            args.max_eval_iters,
         )
         if baseline is not None:
             text = " ".join(f"{k} {v:.4f}" for k, v in baseline.items())
             self.logger.print(f"[hstu] popularity baseline (same protocol): {text}")
         self.losses = losses
         return last_eval
+
+    _best_value = -math.inf
+    _best_step = -1
+    _evals_since_best = 0
+
+    def _best_dir(self) -> str:
+        return os.path.join(self.logger.run_dir, "best")
+
+    def _track_best(self, metrics: dict[str, float], say: Any) -> bool:
+        """Keeps a checkpoint of the best validation evaluation; True means stop early."""
+        value = metrics[self.args.best_metric]
+        if value > self._best_value:
+            previous = self._best_step
+            self._best_value, self._best_step, self._evals_since_best = value, self.step, 0
+            self.save(root=self._best_dir())
+            if previous >= 0 and self.env.is_main:
+                shutil.rmtree(os.path.join(self._best_dir(), f"iter_{previous}"), ignore_errors=True)
+            say(f"[hstu] new best {self.args.best_metric} {value:.4f} at step {self.step}")
+            return False
+        self._evals_since_best += 1
+        patience = self.args.early_stopping_patience
+        return patience is not None and self._evals_since_best >= patience
+
+    def _test_best(self) -> dict[str, float]:
+        """Scores the test split once, with the checkpoint that validation selected."""
+        self._load_weights(self._best_dir())
+        metrics = evaluate(self.model, self.built.test_loader, self.cfg, self.env, self.args.max_eval_iters)
+        self.logger.log(self._best_step, "eval", {f"test/{k}": v for k, v in metrics.items()})
+        self.logger.log(self._best_step, "eval", {"best_step": self._best_step,
+                                                  f"best_valid/{self.args.best_metric}": self._best_value})
+        text = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        self.logger.print(
+            f"[hstu] test split, best checkpoint (step {self._best_step}, valid "
+            f"{self.args.best_metric} {self._best_value:.4f}): {text}"
+        )
+        return metrics
 
     def _profiler(self) -> Any:
         args = self.args
