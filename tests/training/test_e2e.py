@@ -194,10 +194,30 @@ def test_ranking_trains_and_reports_auc(ranking_none):
     assert 0.0 <= auc <= 1.0
 
 
-def test_ranking_native_matches_none(tmp, ranking_none):
-    native = run_job(tmp, "rank_native", task="ranking", params=['TrainerArgs.pipeline_type="native"',
-                                                                 "TrainerArgs.max_train_iters=10"])
-    assert losses(native["metrics"]) == losses(ranking_none["metrics"])
+@pytest.mark.parametrize("pipeline", ["native", "prefetch"])
+def test_ranking_pipelines_match_none(tmp, ranking_none, pipeline):
+    other = run_job(tmp, f"rank_{pipeline}", task="ranking", params=[
+        f'TrainerArgs.pipeline_type="{pipeline}"', "TrainerArgs.max_train_iters=10"])
+    assert losses(other["metrics"]) == losses(ranking_none["metrics"])
+    assert evals(other["metrics"]) == evals(ranking_none["metrics"])
+
+
+def test_best_checkpoint_selected_on_validation_then_test_scored_once(tmp):
+    run = run_job(tmp, "ret_best", params=[
+        'TrainerArgs.pipeline_type="none"', "TrainerArgs.max_train_iters=12",
+        "TrainerArgs.eval_interval=3", 'TrainerArgs.best_metric="MRR"',
+        "DatasetArgs.holdout_validation=True", "TrainerArgs.early_stopping_patience=2",
+    ])
+    rows = run["metrics"]
+    valid = {int(r["step"]): float(r["value"]) for r in rows if r["split"] == "eval" and r["name"] == "MRR"}
+    best_step = max(valid, key=lambda s: (valid[s], -s))  # first step reaching the maximum
+    chosen = [float(r["value"]) for r in rows if r["name"] == "best_step"]
+    assert chosen == [best_step]
+    assert any(r["name"] == "test/MRR" and int(r["step"]) == best_step for r in rows)
+    saved = [p.name for p in (run["dir"] / "best").iterdir() if p.name.startswith("iter_")]
+    assert saved == [f"iter_{best_step}"]
+    # patience 2: training stops two evaluations after the last improvement (or at the end)
+    assert max(valid) == min(12, best_step + 2 * 3)
 
 
 def test_tensor_parallel_two_ranks_runs(tmp):
