@@ -417,6 +417,10 @@ class DatasetArgs:
     """Retrieval: also hold out each user's second-to-last item as a validation target (train without the last two)."""
     eval_split: Literal["valid", "test"] = "test"
     """Which held-out item evaluation ranks; valid needs holdout_validation."""
+    action_tokens: bool = True
+    """Interleave each history item's action as a token; False feeds item tokens only (ranking labels still come from actions)."""
+    contextual_features: list[str] | None = None
+    """Contextual features fed as leading tokens; None uses every one the dataset has, [] none."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)

@@ -152,6 +152,8 @@ def build_data(
         "world_size": world_size,
         "seed": seed,
         "max_seqlen": max_seqlen,
+        "action_tokens": dataset_args.action_tokens,
+        "contextual_features": dataset_args.contextual_features,
     }
     train = SequenceLoader(
         samples=train_s,
@@ -170,9 +172,11 @@ def build_data(
         task=task,
         num_items=int(meta["num_items"]),
         item_feature_name=meta["item_feature_name"],
-        action_feature_name=meta["action_feature_name"],
-        contextual_feature_names=list(meta["contextual_feature_names"]),
-        contextual_vocab_sizes=dict(meta["contextual_vocab_sizes"]),
+        action_feature_name=train.action_feature_name,
+        contextual_feature_names=list(train.contextual_feature_names),
+        contextual_vocab_sizes={
+            n: v for n, v in meta["contextual_vocab_sizes"].items() if n in train.contextual_feature_names
+        },
         num_action_values=meta["num_action_values"],
         max_seqlen=max_seqlen,
         num_train_samples=len(train_s),

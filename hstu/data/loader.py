@@ -102,6 +102,23 @@ def ranking_samples(
     return Samples(users, start, hist_end, cand_end).select(c >= 1)
 
 
+def select_contextual(available: list[str], wanted: list[str] | None) -> list[str]:
+    """The contextual features to feed: all (None) or the named ones, which must exist."""
+    if wanted is None:
+        return available
+    for name in wanted:
+        if name not in available:
+            from hstu.args import ConfigError, did_you_mean
+
+            raise ConfigError(
+                "DatasetArgs",
+                "contextual_features",
+                f"{name!r} is not a contextual feature of this dataset {available}"
+                + did_you_mean(name, available),
+            )
+    return list(wanted)
+
+
 def gather_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Flat indices of the concatenated ranges [starts[i], ends[i]). int64 [sum(ends - starts)]."""
     lengths = ends - starts
@@ -140,6 +157,8 @@ class SequenceLoader:
         shuffle: bool,
         max_seqlen: int,
         drop_last: bool = False,
+        action_tokens: bool = True,
+        contextual_features: list[str] | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside [0, {world_size})")
@@ -150,8 +169,12 @@ class SequenceLoader:
         self.shuffle, self.max_seqlen, self.drop_last = shuffle and training, max_seqlen, drop_last
         meta = store.metadata
         self.item_feature_name: str = meta["item_feature_name"]
-        self.action_feature_name: str | None = meta["action_feature_name"]
-        self.contextual_feature_names: list[str] = list(meta["contextual_feature_names"])
+        self.action_feature_name: str | None = (
+            meta["action_feature_name"] if action_tokens else None
+        )
+        self.contextual_feature_names: list[str] = select_contextual(
+            list(meta["contextual_feature_names"]), contextual_features
+        )
         self._contextual = (
             np.stack([store.contextual[n] for n in self.contextual_feature_names])
             if self.contextual_feature_names
