@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hstu.args import BenchmarkDatasetArgs, DatasetArgs, EmbeddingArgs, FeatureArgs
+from hstu.args import BenchmarkDatasetArgs, ConfigError, DatasetArgs, EmbeddingArgs, FeatureArgs
 from hstu.data import build_data
 from hstu.data.data_args import SyntheticDataArgs
 from hstu.data.preprocess import preprocess
@@ -231,4 +231,30 @@ def test_missing_dataset_points_at_preprocessor(tmp_path):
             0,
             1,
             0,
+        )
+
+
+def test_input_token_choices(synth):
+    base = args(synth, cands=2, shuffle=False)
+    full_train, _, full_info = build_data(base, "ranking", 8, 8, 0, 1, 0)
+    assert full_info.action_feature_name == "action"
+    assert full_info.contextual_feature_names == ["user_id", "segment"]
+    lean = DatasetArgs(
+        dataset_name="synthetic", max_sequence_length=8, dataset_path=synth, max_num_candidates=2,
+        action_tokens=False, contextual_features=["segment"],
+    )
+    train, _, info = build_data(lean, "ranking", 8, 8, 0, 1, 0)
+    assert info.action_feature_name is None and info.contextual_feature_names == ["segment"]
+    assert set(info.contextual_vocab_sizes) == {"segment"}
+    assert [t.table_name for t in info.default_tables()] == ["item", "segment"]
+    batch, full = next(iter(train)), next(iter(full_train))
+    assert batch.features.keys() == ["item_id", "segment"]
+    # the labels (candidate actions) do not depend on whether actions are input tokens
+    assert torch.equal(batch.labels, full.labels)
+    assert torch.equal(batch.features["item_id"].values(), full.features["item_id"].values())
+    with pytest.raises(ConfigError, match=r"contextual_features: 'segmnt' .* \(did you mean 'segment'\?\)"):
+        build_data(
+            DatasetArgs(dataset_name="synthetic", max_sequence_length=8, dataset_path=synth,
+                        contextual_features=["segmnt"]),
+            "retrieval", 8, 8, 0, 1, 0,
         )
