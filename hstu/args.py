@@ -571,6 +571,8 @@ class NetworkArgs:
     """Bias on the output projection W_o (the research model has one)."""
     use_position_embedding: bool = True
     """Add the learned absolute position embedding to the input tokens."""
+    architecture: Literal["hstu", "mlp_baseline"] = "hstu"
+    """hstu, or (ranking only) a non-sequential MLP over the user's contextual and the candidate's item embeddings, for comparison."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)

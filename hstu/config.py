@@ -256,6 +256,11 @@ def load_config(
     except A.ConfigError as exc:
         raise exc.with_location(label) from None
 
+    if network.architecture == "mlp_baseline" and task != "ranking":
+        where = next((b.where for b in reversed(bindings) if b.field_name == "architecture"), label)
+        raise A.ConfigError(
+            "NetworkArgs", "architecture", "mlp_baseline is a ranking baseline; retrieval needs hstu"
+        ).with_location(where)
     ranking = build(A.RankingArgs) if task == "ranking" else None
     retrieval = build(A.RetrievalArgs) if task == "retrieval" else None
     if ranking is not None:

@@ -118,9 +118,25 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         min_item_id=info.first_item_id,
     )
     task_args = cfg.ranking if cfg.task == "ranking" else cfg.retrieval
-    model = build_model(
-        cfg.task, cfg.network, task_args, embeddings, data_info, tp_group=env.tp_group
-    )
+    if cfg.network.architecture == "mlp_baseline":
+        from hstu.model.baseline import NonSequentialRanking
+
+        model: nn.Module = NonSequentialRanking(
+            embeddings,
+            info.item_feature_name,
+            list(info.contextual_feature_names),
+            data_info.feature_dims[info.item_feature_name]
+            + sum(data_info.feature_dims[n] for n in info.contextual_feature_names),
+            list(cfg.ranking.prediction_head_arch),
+            cfg.ranking.prediction_head_act_type,
+            cfg.ranking.prediction_head_bias,
+            cfg.ranking.num_tasks,
+            dropout=cfg.network.hidden_dropout,
+        )
+    else:
+        model = build_model(
+            cfg.task, cfg.network, task_args, embeddings, data_info, tp_group=env.tp_group
+        )
     model.to(env.device)
     _, placements = shard_embeddings(
         model,

@@ -52,6 +52,8 @@ class _Feed:
         if batch.action_feature_name is not None:
             seqlens += batch.features[batch.action_feature_name].lengths()
         n = self.network
+        if n.architecture != "hstu":  # the MLP baseline: no HSTU FLOPs to count
+            return int(seqlens.sum()), 0.0
         flops = hstu_step_flops(seqlens, n.num_layers, n.hidden_size, n.num_attention_heads, n.kv_channels)
         return int(seqlens.sum()), flops
 

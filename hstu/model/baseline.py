@@ -1,0 +1,74 @@
+"""A non-sequential ranking baseline: an MLP over the user's contextual embeddings and the
+candidate item's embedding. No history, no attention. Same batches, loss and outputs as
+:class:`hstu.model.ranking.RankingModel`, so the trainer runs and evaluates it unchanged;
+it tells how much the sequence (HSTU) adds over who-the-user-is plus what-the-item-is.
+
+Legend: B samples, C[b] candidates, S = sum(C), X contextual features, D_* dims, W head width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hstu.data.batch import Batch
+from hstu.model.ranking import MLP, ranking_loss
+
+
+class NonSequentialRanking(nn.Module):
+    """forward(batch) -> (loss, (logits [S, W], labels [S])).
+
+    Args:
+        embedding_module: KeyedJaggedTensor -> dict[feature, JaggedTensor].
+        item_feature_name: the item feature (history then candidates per sample).
+        contextual_feature_names: features of one value per sample (e.g. user_id).
+        input_dim: D_item + sum of the contextual dims.
+        arch, activation, bias: the MLP head (last width W).
+        num_tasks: as RankingArgs.num_tasks (BCE per task when W == num_tasks).
+        dropout: on the concatenated input.
+    """
+
+    def __init__(
+        self,
+        embedding_module: nn.Module,
+        item_feature_name: str,
+        contextual_feature_names: list[str],
+        input_dim: int,
+        arch: list[int],
+        activation: str = "relu",
+        bias: bool = True,
+        num_tasks: int = 1,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.embedding_module = embedding_module
+        self.item_feature_name = item_feature_name
+        self.contextual_feature_names = list(contextual_feature_names)
+        self.dropout = nn.Dropout(dropout)
+        self.head = MLP(input_dim, list(arch), activation, bias)
+        self.num_tasks = num_tasks
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        if batch.labels is None or batch.num_candidates is None:
+            raise ValueError("a ranking batch needs candidates and labels")
+        embeddings = self.embedding_module(batch.features)
+        items = embeddings[self.item_feature_name]
+        lengths = items.lengths()
+        ends = torch.cumsum(lengths, 0)
+        num_cands = batch.num_candidates.to(lengths.device)
+        # rows of the candidates: the last C[b] item rows of each sample
+        sample = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), num_cands)
+        first = torch.repeat_interleave(ends - num_cands, num_cands)
+        within = torch.arange(int(num_cands.sum()), device=lengths.device) - torch.repeat_interleave(
+            torch.cumsum(num_cands, 0) - num_cands, num_cands
+        )
+        cand_rows = first + within
+        parts = [items.values()[cand_rows]]
+        for name in self.contextual_feature_names:
+            parts.append(embeddings[name].values()[sample])  # one value per sample
+        logits = self.head(self.dropout(torch.cat(parts, dim=1).float()))
+        loss = ranking_loss(logits, batch.labels, self.num_tasks)
+        return loss, (logits.detach(), batch.labels)
+
+
+__all__ = ["NonSequentialRanking"]
