@@ -14,9 +14,9 @@ def _model() -> NonSequentialRanking:
     torch.manual_seed(0)
     ec = EmbeddingCollection(tables=[
         EmbeddingConfig(name="item", embedding_dim=4, num_embeddings=20, feature_names=["item_id"]),
-        EmbeddingConfig(name="user", embedding_dim=3, num_embeddings=5, feature_names=["user_id"]),
+        EmbeddingConfig(name="user", embedding_dim=4, num_embeddings=5, feature_names=["user_id"]),
     ])
-    return NonSequentialRanking(ec, "item_id", ["user_id"], 7, [8, 1], num_tasks=1)
+    return NonSequentialRanking(ec, "item_id", ["user_id"], 8, [8, 1], num_tasks=1)
 
 
 def _batch(items: list[list[int]], users: list[int], cands: list[int], labels: list[int]) -> Batch:
