@@ -3,13 +3,17 @@
 Legend: B samples, H[b] history items, Q = sum(max(H-1, 0)) training queries of this rank,
 M negatives per query, D hidden width (= item embedding dim), I items in the corpus, k top-k.
 
-Training: the L2-normalised state after history item j (its action token when actions exist)
-is the query for item j+1. logits = cos(query, item) / temperature for the positive and its
+Training: the L2-normalised state of history item j's own token is the query for item j+1
+(with interleaved actions, the item token, not the action token after it: the action token
+carries only the action in its residual stream, so its state sees item j only through
+attention and the model barely learned; the item token's state has item j in its residual).
+Causally the query has seen items 0..j and actions 0..j-1, never item j+1. logits = cos(query, item) / temperature for the positive and its
 negatives; negatives are the other positives of the batch (``num_negatives=-1``) or
 ``num_negatives`` ids drawn uniformly from [min_item_id, num_items) per query. A negative whose
 id equals the query's positive id (an accidental hit) is masked out (-inf).
 
-Evaluation: the query is the state of each sample's last token; every item in
+Evaluation: the query is the state of each sample's last history item token (the same kind
+of position as in training; with actions, the trailing action token is not the query); every item in
 [min_item_id, num_items) is scored, the sample's input history is excluded (-inf), and the
 target's rank is counted over the whole corpus (ties pessimistic, see hstu.model.metrics).
 """
@@ -218,10 +222,18 @@ class RetrievalModel(nn.Module):
 
     @torch.no_grad()
     def last_queries(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Normalised query of each own sample's last token [B, D], and the own history
+        """Normalised query of each own sample's last history item token [B, D], and the own history
         (item ids [sum(H)], their sample index [sum(H)])."""
-        own, _, layout, tokens, states = self._states(batch)
-        last = states[tokens.offsets[1:] - 1]  # [B_all, D]
+        own, inputs, layout, tokens, states = self._states(batch)
+        # the query row of each sample's last history item (as in training); a sample
+        # without history falls back to its last token
+        hist_all = inputs.history_lengths
+        last_hist = lengths_to_offsets(hist_all)[1:] - 1
+        rows = tokens.offsets[1:] - 1
+        if tokens.history_query_rows.numel() > 0:
+            from_hist = tokens.history_query_rows[last_hist.clamp(min=0)]
+            rows = torch.where(hist_all > 0, from_hist, rows)
+        last = states[rows]  # [B_all, D]
         last = take_own_rows(last, RowLayout(layout.counts, layout.rank), self.tp_group)
         hist = own.history_lengths
         seg = segment_ids(hist)

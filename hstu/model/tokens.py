@@ -115,8 +115,11 @@ class Tokens:
 
     values [T, D]; offsets [B+1]; num_contextual [B]; num_targets [B] (= C); timestamps [T] or
     None; candidate_rows [sum(C)] (aligned with the candidates in the item feature);
-    history_query_rows [sum(H)]: for history item j, the last token that has seen it (its
-    action token when there is one), aligned with the history items.
+    history_query_rows [sum(H)]: for history item j, its own item token, aligned with the
+    history items. Its state has seen items 0..j (and the actions of 0..j-1), never item j+1:
+    the retrieval query for item j+1. Not the action token after it: that token holds no item
+    in its residual stream and must pull item j through attention, which made retrieval
+    barely learn (see hstu.model.retrieval).
     """
 
     values: torch.Tensor
@@ -223,7 +226,7 @@ class TokenBuilder(nn.Module):
             num_targets=cand.to(torch.int64),
             timestamps=timestamps,
             candidate_rows=item_dest[~is_hist],
-            history_query_rows=item_dest[is_hist] + (1 if has_action else 0),
+            history_query_rows=item_dest[is_hist],
         )
 
 

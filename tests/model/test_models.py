@@ -70,7 +70,8 @@ def test_token_layout_interleaves_items_and_actions_candidates_last():
     ]
     assert tokens.offsets.tolist() == [0, 7, 10]
     assert tokens.candidate_rows.tolist() == [5, 6]
-    assert tokens.history_query_rows.tolist() == [2, 4, 9]  # action token after each item
+    # each history item's own token is its query (for the next item), not the action after it
+    assert tokens.history_query_rows.tolist() == [1, 3, 8]
     assert tokens.num_targets.tolist() == [2, 0] and tokens.num_contextual.tolist() == [1, 1]
     # contextual tokens take the first item's time, actions their item's
     assert tokens.timestamps.tolist() == [100, 100, 100, 200, 200, 300, 400, 100, 100, 100]
