@@ -96,7 +96,8 @@ def _ranking_case(rank: int, group) -> None:
         kernel_backend="pytorch",
         num_position_buckets=64,
         target_group_size=1,
-        contextual_embedding_dim=6,
+        # the 6-dim user table (feature_dims below) still exercises the contextual projection;
+        # NetworkArgs itself now refuses a contextual dim other than the item dim
     )
     head_args = RankingArgs(prediction_head_arch=[8, 3], num_tasks=3)
     data = ModelDataInfo(
