@@ -37,7 +37,8 @@ pip_install() {
   local log rc=0
   log=$(mktemp)
   "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" >"$log" 2>&1 || rc=$?
-  grep -v -E "Location 'file:|dependency resolver does not|requires fbgemm-gpu, which is not installed" "$log" || true
+  # (and setuptools' editable-install banner, which warns about the hstu/ folder itself)
+  grep -v -E "Location 'file:|dependency resolver does not|requires fbgemm-gpu, which is not installed|BuildBackendWarning|Editable installation|^ *!!|^ *\*+$|Please be careful|name as your package|with strategy, WheelFile|^ *$" "$log" || true
   rm -f "$log"
   return $rc
 }
