@@ -41,22 +41,35 @@ from hstu.model.tokens import (
 )
 
 
+@dataclass
+class SharedRows:
+    """Per-query negatives as rows [U, D] and an index [Q, M] into them: the same vectors
+    as ``rows[index]`` ([Q, M, D]) without materialising them."""
+
+    rows: torch.Tensor
+    index: torch.Tensor
+
+
 def sampled_softmax_loss(
     queries: torch.Tensor,
     pos_vectors: torch.Tensor,
     pos_ids: torch.Tensor,
-    neg_vectors: torch.Tensor,
+    neg_vectors: "torch.Tensor | SharedRows",
     neg_ids: torch.Tensor,
     temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Softmax over [positive, negatives] per query, accidental hits masked.
 
     queries, pos_vectors [Q, D] (already normalised), pos_ids [Q]; negatives either shared,
-    neg_vectors [M, D] with neg_ids [M], or per query, [Q, M, D] with [Q, M].
+    neg_vectors [M, D] with neg_ids [M], or per query, [Q, M, D] (or :class:`SharedRows`)
+    with [Q, M].
     Returns (mean loss, pos_logits [Q], neg_logits [Q, M] with -inf at accidental hits).
     """
     pos_logits = (queries * pos_vectors).sum(-1) / temperature
-    if neg_vectors.dim() == 2:
+    if isinstance(neg_vectors, SharedRows):
+        neg_logits = (queries @ neg_vectors.rows.t()).gather(1, neg_vectors.index) / temperature
+        hits = neg_ids == pos_ids.unsqueeze(1)
+    elif neg_vectors.dim() == 2:
         neg_logits = queries @ neg_vectors.t() / temperature
         hits = neg_ids.unsqueeze(0) == pos_ids.unsqueeze(1)
     else:
@@ -197,13 +210,28 @@ class RetrievalModel(nn.Module):
                 (queries.shape[0], self.num_negatives),
                 device=queries.device,
             )
-            neg_vectors = self.normalise(self.lookup_items(neg_ids.reshape(-1))).view(
-                *neg_ids.shape, -1
-            )
+            neg_vectors = self.negative_vectors(queries, neg_ids)
         loss, pos_logits, neg_logits = sampled_softmax_loss(
             queries, pos_vectors, pos_ids, neg_vectors, neg_ids, self.temperature
         )
         return loss, (pos_logits.detach(), neg_logits.detach())
+
+    def negative_vectors(self, queries: torch.Tensor, neg_ids: torch.Tensor):
+        """Normalised vectors of per-query negatives neg_ids [Q, M]: [Q, M, D], or an
+        equivalent :class:`SharedRows` when few distinct ids are drawn.
+
+        Each distinct id is looked up and normalised once (U distinct ids; on a small corpus
+        U is at most the corpus, far fewer than Q * M). When the [Q, U] score matrix is
+        smaller than the [Q, M, D] gathered vectors, the scores are computed against the U
+        rows and gathered per query (same values, much cheaper on CPU); otherwise the U rows
+        are gathered into [Q, M, D].
+        """
+        uniq, inverse = torch.unique(neg_ids.reshape(-1), return_inverse=True)
+        rows = self.normalise(self.lookup_items(uniq))  # [U, D]
+        inverse = inverse.view(neg_ids.shape)
+        if uniq.numel() * 2 <= neg_ids.shape[1] * rows.shape[1]:
+            return SharedRows(rows, inverse)
+        return rows[inverse]
 
     # ---------------------------------------------------------------------- evaluation
 
@@ -295,4 +323,4 @@ class RetrievalModel(nn.Module):
         return RetrievalEval(top_ids=top_ids, top_scores=top_scores, target_ranks=ranks)
 
 
-__all__ = ["RetrievalEval", "RetrievalModel", "sampled_softmax_loss"]
+__all__ = ["RetrievalEval", "RetrievalModel", "SharedRows", "sampled_softmax_loss"]
