@@ -34,6 +34,8 @@ def run(cfg: RunConfig) -> int:
         config_text = gin.operative_config_str()
         trainer = Trainer(cfg, env, run_dir, config_text)
         metrics = trainer.train()
+        if trainer.interrupted:
+            return 143  # 128 + SIGTERM: stopped early, state saved
         if env.is_main:
             text = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
             print(f"[hstu] final {cfg.task} metrics: {text}", flush=True)

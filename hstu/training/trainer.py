@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from collections import deque
@@ -190,6 +191,7 @@ class Trainer:
         window_start = time.perf_counter()
         last_eval: dict[str, float] = {}
         losses: list[float] = []
+        self._install_signals()
         while self.step < self.max_steps:
             loss, _ = pipeline.progress(feed_iter)
             self.step += 1
@@ -243,6 +245,17 @@ class Trainer:
             if args.ckpt_save_interval > 0 and self.step % args.ckpt_save_interval == 0:
                 self.save()
                 window_start = time.perf_counter()
+            if self._stop_agreed():
+                path = self.save()
+                say(f"[hstu] stopped by signal at step {self.step}; resume with "
+                    f"TrainerArgs.ckpt_load_dir=\"{path}\"")
+                self.interrupted = True
+                break
+        else:
+            # a finished run keeps its final state when checkpointing is on
+            if args.ckpt_save_interval > 0 and self.step % args.ckpt_save_interval != 0:
+                self.save()
+        self._restore_signals()
         if bar is not None:
             bar.close()
         if profiler is not None:
@@ -261,6 +274,33 @@ class Trainer:
             self.logger.print(f"[hstu] popularity baseline (same protocol): {text}")
         self.losses = losses
         return last_eval
+
+    # ------------------------------------------------------------- preemption
+    interrupted = False
+    _stop_requested = False
+    _old_handlers: dict = {}
+
+    def _install_signals(self) -> None:
+        """SIGTERM (sent by torchrun, schedulers, preemption) and SIGUSR1 ask for a checkpoint
+        at the next step boundary, then a clean stop: a run is never lost to a polite kill."""
+
+        def request(signum: int, frame: Any) -> None:
+            self._stop_requested = True
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._old_handlers[sig] = signal.signal(sig, request)
+
+    def _restore_signals(self) -> None:
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers = {}
+
+    def _stop_agreed(self) -> bool:
+        """All ranks stop at the same step if any rank was signalled (one tiny all-reduce)."""
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.env.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
 
     _best_value = -math.inf
     _best_step = -1

@@ -229,3 +229,38 @@ def test_tensor_parallel_two_ranks_runs(tmp):
     loss = losses(tp["metrics"])
     assert sorted(loss) == list(range(1, 7)) and all(math.isfinite(v) for v in loss.values())
     assert 0.0 <= evals(tp["metrics"])["AUC"] <= 1.0
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp):
+    ckpt = tmp / "ckpt_sigterm"
+    run_dir = tmp / "ret_sigterm"
+    cmd = _cmd("retrieval", 2, "debug_retrieval.gin", [
+        f'TrainerArgs.run_dir="{run_dir}"',
+        f'DatasetArgs.dataset_path="{tmp / "data" / "synthetic"}"',
+        'TrainerArgs.pipeline_type="native"', "TrainerArgs.max_train_iters=2000",
+        "TrainerArgs.eval_interval=2000", "TrainerArgs.log_interval=1",
+        f'TrainerArgs.ckpt_save_dir="{ckpt}"',
+    ])
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (run_dir / "metrics.csv").exists() or len(losses(read_metrics(run_dir))) < 3:
+            assert proc.poll() is None, "the run ended before it was signalled"
+            assert time.time() < deadline, "no training progress within 240 s"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler or Ctrl-C on torchrun would
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-9", "-f", str(run_dir)], check=False)
+    assert "stopped by signal at step" in out, out[-3000:]
+    latest = (ckpt / "latest").read_text().strip()
+    step = int(latest.split("_")[1])
+    assert step >= 3 and step == max(losses(read_metrics(run_dir)))
+    resumed = run_job(tmp, "ret_after_sigterm", params=[
+        'TrainerArgs.pipeline_type="native"', f'TrainerArgs.ckpt_load_dir="{ckpt}"',
+        f"TrainerArgs.max_train_iters={step + 3}",
+    ])
+    assert sorted(losses(resumed["metrics"])) == [step + 1, step + 2, step + 3]
