@@ -590,15 +590,6 @@ class NetworkArgs:
         for name in ("item_embedding_dim", "contextual_embedding_dim"):
             value = getattr(self, name)
             _require(value == -1 or value > 0, self, name, f"must be -1 (hidden_size) or > 0, got {value}")
-        # TorchRec's EmbeddingCollection holds tables of one dim only (hstu keeps all tables of
-        # a rank in one collection); differing dims need one collection per dim (not yet built).
-        _require(
-            self.resolved_item_embedding_dim == self.resolved_contextual_embedding_dim,
-            self,
-            "contextual_embedding_dim",
-            f"resolves to {self.resolved_contextual_embedding_dim} but item tables use "
-            f"{self.resolved_item_embedding_dim}; all tables must share one dim for now",
-        )
 
     @property
     def resolved_item_embedding_dim(self) -> int:

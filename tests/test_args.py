@@ -182,7 +182,6 @@ def test_base_config_loads(tmp_path):
             r"run\.gin:\d+: DynamicEmbeddingArgs\.sharding_type: dynamic tables are always model_parallel",
         ),
         ("TrainerArgs.eval_batch_size = [8", r"run\.gin: gin: cannot parse"),
-        ("NetworkArgs.contextual_embedding_dim = 8", r"run\.gin:\d+: NetworkArgs\.contextual_embedding_dim: resolves to 8 but item tables use 16"),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path, extra, pattern):

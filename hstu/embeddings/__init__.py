@@ -8,6 +8,7 @@ from hstu.embeddings.checkpoint import (
 )
 from hstu.embeddings.collection import HstuEmbeddings, TableSpec, build_embedding_collection
 from hstu.embeddings.dynamic import DynamicIdRemapper, fresh_rows
+from hstu.embeddings.multi import EmbeddingsByDim, build_embeddings
 from hstu.embeddings.sharding import (
     TablePlacement,
     fused_optimizer,
@@ -17,10 +18,12 @@ from hstu.embeddings.sharding import (
 
 __all__ = [
     "DynamicIdRemapper",
+    "EmbeddingsByDim",
     "HstuEmbeddings",
     "TablePlacement",
     "TableSpec",
     "build_embedding_collection",
+    "build_embeddings",
     "embedding_state_dict",
     "fresh_rows",
     "fused_optimizer",

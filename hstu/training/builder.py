@@ -20,7 +20,7 @@ from hstu.data import DataInfo, build_data
 from hstu.embeddings import (
     HstuEmbeddings,
     TablePlacement,
-    build_embedding_collection,
+    build_embeddings,
     fused_optimizer,
     shard_embeddings,
 )
@@ -101,7 +101,7 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         tables = info.default_tables(overrides=cfg.tables)
     dims = table_dims(tables, info, cfg.network)
     torch.manual_seed(t.seed)
-    embeddings = build_embedding_collection(
+    embeddings = build_embeddings(
         tables,
         dims,
         device=env.device,

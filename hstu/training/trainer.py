@@ -101,11 +101,11 @@ class Trainer:
 
     def _dense_children(self) -> dict[str, torch.nn.Module]:
         """Top-level submodules other than the embedding tables (those go through DCP)."""
-        from hstu.embeddings import HstuEmbeddings
+        from hstu.embeddings import EmbeddingsByDim, HstuEmbeddings
 
         out = {}
         for name, child in self.model.named_children():
-            if isinstance(child, HstuEmbeddings):
+            if isinstance(child, (HstuEmbeddings, EmbeddingsByDim)):
                 continue
             if any(isinstance(m, HstuEmbeddings) for m in child.modules()):
                 raise TypeError(f"model.{name} nests embedding tables; checkpointing expects them at the top")

@@ -223,6 +223,7 @@ def test_best_checkpoint_selected_on_validation_then_test_scored_once(tmp):
 def test_tensor_parallel_two_ranks_runs(tmp):
     tp = run_job(tmp, "rank_tp2", task="ranking", params=[
         "TensorModelParallelArgs.tensor_model_parallel_size=2", "TrainerArgs.max_train_iters=6",
+        "NetworkArgs.contextual_embedding_dim=8",  # tables of two dims, one collection each
         'TrainerArgs.pipeline_type="native"',
     ])
     assert "world 2 (TP 2 x DP 1)" in tp["out"]
