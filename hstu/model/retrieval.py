@@ -226,7 +226,16 @@ class RetrievalModel(nn.Module):
         rows and gathered per query (same values, much cheaper on CPU); otherwise the U rows
         are gathered into [Q, M, D].
         """
-        uniq, inverse = torch.unique(neg_ids.reshape(-1), return_inverse=True)
+        flat = neg_ids.reshape(-1)
+        if self.num_items <= flat.numel():
+            # ids are < num_items: a presence table beats sorting Q * M ids
+            present = torch.zeros(self.num_items, dtype=torch.bool, device=flat.device)
+            present[flat] = True
+            uniq = present.nonzero().squeeze(1)
+            slot = torch.cumsum(present, 0) - 1
+            inverse = slot[flat]
+        else:
+            uniq, inverse = torch.unique(flat, return_inverse=True)
         rows = self.normalise(self.lookup_items(uniq))  # [U, D]
         inverse = inverse.view(neg_ids.shape)
         if uniq.numel() * 2 <= neg_ids.shape[1] * rows.shape[1]:
