@@ -33,10 +33,8 @@ for preset in "${PRESETS[@]}"; do
 done
 
 "$PY" - "${PRESETS[@]}" <<'PY'
-import sys, pathlib, statistics
-import pandas as pd
+import csv, sys, pathlib, statistics
 
-seeds = None
 print()
 print("| preset | metric | mean | std | min | max | per seed | wall s (mean) |")
 print("|---|---|---|---|---|---|---|---|")
@@ -45,14 +43,14 @@ for preset in sys.argv[1:]:
     rows = {}
     walls = []
     for run in runs:
-        m = pd.read_csv(run / "metrics.csv")
-        test = m[m.name.str.startswith("test/")]
-        if len(test):  # retrieval with best-checkpoint selection: the test rows
-            vals = {n[len("test/"):]: v for n, v in zip(test.name, test.value)}
+        with open(run / "metrics.csv") as f:
+            m = [r for r in csv.DictReader(f) if r["split"] == "eval"]
+        test = {r["name"][len("test/"):]: float(r["value"]) for r in m if r["name"].startswith("test/")}
+        if test:  # retrieval with best-checkpoint selection: the test rows
+            vals = test
         else:  # the final evaluation
-            ev = m[m.split == "eval"]
-            last = ev[ev.step == ev.step.max()]
-            vals = dict(zip(last.name, last.value))
+            last = max(int(r["step"]) for r in m)
+            vals = {r["name"]: float(r["value"]) for r in m if int(r["step"]) == last}
         for k, v in vals.items():
             rows.setdefault(k, []).append(v)
         walls.append(float((run / "wall_s").read_text()))
