@@ -156,7 +156,7 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         build_dense_optimizer(dense, cfg.optimizer),
         cfg.optimizer,
         total_steps,
-        sparse=fused[0] if len(fused) == 1 else None,
+        sparse=fused,
         allreduce_groups=[(dense, env.dp_group, env.dp_size)],
     )
     return Built(

@@ -52,8 +52,8 @@ class OptimizerContainer(torch.optim.Optimizer):
 
     ``step()``: average dense gradients over ``allreduce_groups`` (each entry: parameters and
     the process group over which their gradients are averaged), clip the global norm, set
-    the scheduled LR, step. The sparse optimizer already stepped inside backward; it is
-    here for ``state_dict()`` and its learning rate.
+    the scheduled LR, step. The sparse (fused) optimizers, one per sharded collection,
+    already stepped inside backward; they are here for ``state_dict()``.
     """
 
     def __init__(
@@ -61,7 +61,7 @@ class OptimizerContainer(torch.optim.Optimizer):
         dense: torch.optim.Optimizer,
         args: OptimizerArgs,
         total_steps: int | None,
-        sparse: Any | None = None,
+        sparse: list[Any] | None = None,
         allreduce_groups: list[tuple[list[torch.nn.Parameter], dist.ProcessGroup | None, int]] | None = None,
     ) -> None:
         # Not calling Optimizer.__init__: param_groups are the dense optimizer's.
@@ -125,8 +125,8 @@ class OptimizerContainer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:  # type: ignore[override]
         out = {"dense": self.dense.state_dict(), "num_steps": self.num_steps}
-        if self.sparse is not None:
-            out["sparse"] = self.sparse.state_dict()
+        if self.sparse:
+            out["sparse"] = [opt.state_dict() for opt in self.sparse]
         return out
 
     def load_dense_state_dict(self, dense_state: dict, num_steps: int) -> None:
@@ -139,6 +139,6 @@ class OptimizerContainer(torch.optim.Optimizer):
     def load_state_dict(self, state: dict) -> None:  # type: ignore[override]
         self.dense.load_state_dict(state["dense"])
         self.num_steps = int(state["num_steps"])
-        if self.sparse is not None and "sparse" in state:
-            self.sparse.load_state_dict(state["sparse"])
+        for opt, opt_state in zip(self.sparse or [], state.get("sparse", [])):
+            opt.load_state_dict(opt_state)
         self._set_lr(lr_at(self.num_steps, self.args, self.total_steps))
