@@ -17,14 +17,12 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from hstu.data.batch import Batch
+from hstu.model.encode import encode_batch
 from hstu.model.hstu_block import HSTUBlock
 from hstu.model.tensor_parallel import take_own_rows
 from hstu.model.tokens import (
     TokenBuilder,
-    gather_sequence_inputs,
-    max_token_seqlen,
     rows_layout,
-    sequence_inputs,
 )
 
 
@@ -109,22 +107,9 @@ class RankingModel(nn.Module):
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         if batch.labels is None:
             raise ValueError("a ranking batch needs labels (the candidates' action values)")
-        embeddings = self.embedding_module(batch.features)
-        inputs, layout = gather_sequence_inputs(sequence_inputs(batch, embeddings), self.tp_group)
-        tokens = self.token_builder(inputs)
-        max_items = self.max_item_seqlen or batch.max_seqlen or int(inputs.item_lengths.max())
-        max_seqlen = max_token_seqlen(
-            max_items,
-            len(self.token_builder.contextual_feature_names),
-            inputs.action_values is not None,
-        )
-        states = self.block(
-            tokens.values,
-            tokens.offsets,
-            max_seqlen,
-            tokens.num_contextual,
-            tokens.num_targets,
-            tokens.timestamps,
+        _, inputs, layout, tokens, states = encode_batch(
+            batch, self.embedding_module, self.token_builder, self.block,
+            self.max_item_seqlen, self.tp_group,
         )
         logits = self.head(states[tokens.candidate_rows].float())  # [S_all, W]
         logits = take_own_rows(logits, rows_layout(inputs.num_candidates, layout), self.tp_group)

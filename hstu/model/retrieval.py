@@ -29,15 +29,13 @@ from torch.distributed import ProcessGroup
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from hstu.data.batch import Batch
+from hstu.model.encode import encode_batch
 from hstu.model.hstu_block import HSTUBlock
 from hstu.model.jagged import index_within, lengths_to_offsets, segment_ids
 from hstu.model.tensor_parallel import RowLayout, take_own_rows
 from hstu.model.tokens import (
     TokenBuilder,
-    gather_sequence_inputs,
-    max_token_seqlen,
     rows_layout,
-    sequence_inputs,
 )
 
 
@@ -54,7 +52,7 @@ def sampled_softmax_loss(
     queries: torch.Tensor,
     pos_vectors: torch.Tensor,
     pos_ids: torch.Tensor,
-    neg_vectors: "torch.Tensor | SharedRows",
+    neg_vectors: torch.Tensor | SharedRows,
     neg_ids: torch.Tensor,
     temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -161,25 +159,10 @@ class RetrievalModel(nn.Module):
         return self.embedding_module(kjt)[item].values()
 
     def _states(self, batch: Batch):
-        embeddings = self.embedding_module(batch.features)
-        own = sequence_inputs(batch, embeddings)
-        inputs, layout = gather_sequence_inputs(own, self.tp_group)
-        tokens = self.token_builder(inputs)
-        max_items = self.max_item_seqlen or batch.max_seqlen or int(inputs.item_lengths.max())
-        max_seqlen = max_token_seqlen(
-            max_items,
-            len(self.token_builder.contextual_feature_names),
-            inputs.action_values is not None,
+        return encode_batch(
+            batch, self.embedding_module, self.token_builder, self.block,
+            self.max_item_seqlen, self.tp_group,
         )
-        states = self.block(
-            tokens.values,
-            tokens.offsets,
-            max_seqlen,
-            tokens.num_contextual,
-            tokens.num_targets,
-            tokens.timestamps,
-        )
-        return own, inputs, layout, tokens, states
 
     # ------------------------------------------------------------------------ training
 

@@ -1,0 +1,50 @@
+"""Shared by the ranking and retrieval models: batch -> looked-up inputs -> tokens -> HSTU states."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from hstu.data.batch import Batch
+from hstu.model.tokens import (
+    SequenceInputs,
+    TokenBuilder,
+    gather_sequence_inputs,
+    max_token_seqlen,
+    sequence_inputs,
+)
+
+
+def encode_batch(
+    batch: Batch,
+    embedding_module: nn.Module,
+    token_builder: TokenBuilder,
+    block: nn.Module,
+    max_item_seqlen: int,
+    tp_group: ProcessGroup | None,
+):
+    """Returns (own inputs, TP-gathered inputs, row layout, tokens, states [T_all, D]).
+
+    ``max_item_seqlen`` (0: the batch's) sizes the kernel's max sequence length so that
+    shapes stay stable across batches.
+    """
+    embeddings = embedding_module(batch.features)
+    own: SequenceInputs = sequence_inputs(batch, embeddings)
+    inputs, layout = gather_sequence_inputs(own, tp_group)
+    tokens = token_builder(inputs)
+    max_items = max_item_seqlen or batch.max_seqlen or int(inputs.item_lengths.max())
+    max_seqlen = max_token_seqlen(
+        max_items,
+        len(token_builder.contextual_feature_names),
+        inputs.action_values is not None,
+    )
+    states: torch.Tensor = block(
+        tokens.values,
+        tokens.offsets,
+        max_seqlen,
+        tokens.num_contextual,
+        tokens.num_targets,
+        tokens.timestamps,
+    )
+    return own, inputs, layout, tokens, states
