@@ -23,7 +23,7 @@ _PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
 
 
 @lru_cache(maxsize=None)
-def _measured_cpu_peak(dtype_str: str) -> float:
+def _measured_cpu_peak() -> float:
     """Best of a few float32 matmuls on this process's threads (FLOP/s); measured once."""
     n = 512
     a = torch.randn(n, n)
@@ -45,7 +45,7 @@ def peak_flops(device: torch.device, dtype_str: str) -> tuple[float, str]:
             if fragment in name and table.get(dtype_str):
                 return table[dtype_str] * 1e12, f"datasheet {fragment} {dtype_str}"
         return 0.0, f"unknown device {name!r}"
-    return _measured_cpu_peak(dtype_str), "measured float32 matmul on this CPU"
+    return _measured_cpu_peak(), "measured float32 matmul on this CPU"
 
 
 def hstu_step_flops(

@@ -39,9 +39,6 @@ class SequentialPipeline:
         if model is not None:
             self._model = model
 
-    def reset(self) -> None:
-        """Drop batches in flight (none here)."""
-
 
 def _prefetch_supported(model: torch.nn.Module) -> tuple[bool, str]:
     """Prefetch needs embedding kernels with a cache to prefetch into (fused UVM caching)."""
