@@ -415,6 +415,8 @@ class DatasetArgs:
     """Shuffle training samples every epoch (deterministic for a seed)."""
     holdout_validation: bool = False
     """Retrieval: also hold out each user's second-to-last item as a validation target (train without the last two)."""
+    train_full_history: bool = False
+    """Retrieval: train on the whole history of users with more than max_sequence_length items (cut into windows of max_sequence_length overlapping by one item, each a sample every epoch); False trains on the most recent window only."""
     eval_split: Literal["valid", "test"] = "test"
     """Which held-out item evaluation ranks; valid needs holdout_validation."""
     action_tokens: bool = True
@@ -699,6 +701,8 @@ class RetrievalArgs:
 
     num_negatives: int = -1
     """Negatives per positive; -1 uses the other items of the batch (in-batch)."""
+    negative_sampling: Literal["uniform", "in_batch", "mixed", "full_corpus"] = "uniform"
+    """uniform: num_negatives ids per query drawn uniformly from the corpus (-1: in-batch, as above); in_batch: the other positives of the rank's batch (num_negatives must be -1); mixed: num_negatives uniform ids plus the in-batch positives; full_corpus: every item is a negative, the exact softmax (num_negatives must be -1; cost grows with the corpus)."""
     temperature: float = 0.05
     """Softmax temperature on cosine similarities."""
     l2_norm_eps: float = 1e-6
@@ -713,6 +717,20 @@ class RetrievalArgs:
             self,
             "num_negatives",
             f"must be -1 (in-batch) or > 0, got {self.num_negatives}",
+        )
+        _require(
+            self.negative_sampling not in ("in_batch", "full_corpus") or self.num_negatives == -1,
+            self,
+            "num_negatives",
+            f"must be -1 with negative_sampling={self.negative_sampling!r} (it draws no uniform "
+            f"negatives), got {self.num_negatives}",
+        )
+        _require(
+            self.negative_sampling != "mixed" or self.num_negatives > 0,
+            self,
+            "num_negatives",
+            f"must be > 0 with negative_sampling='mixed' (uniform negatives plus in-batch), "
+            f"got {self.num_negatives}",
         )
         _positive(self, "temperature", "l2_norm_eps")
         for metric in self.eval_metrics:

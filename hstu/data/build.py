@@ -139,10 +139,18 @@ def build_data(
             raise ConfigError(
                 "DatasetArgs", "dataset_name", f"{meta['dataset']} has no action feature to rank by"
             )
+        if getattr(dataset_args, "train_full_history", False):
+            raise ConfigError(
+                "DatasetArgs", "train_full_history", "is a retrieval option; ranking trains on "
+                "the most recent window before each user's candidates"
+            )
         train_s = ranking_samples(store, "train", msl, cands)
         eval_s = ranking_samples(store, split, msl, cands)
     else:
-        train_s = retrieval_samples(store, "train", msl, holdout_validation)
+        train_s = retrieval_samples(
+            store, "train", msl, holdout_validation,
+            full_history=getattr(dataset_args, "train_full_history", False),
+        )
         eval_s = retrieval_samples(store, split, msl, holdout_validation)
     max_seqlen = msl + (cands if task == "ranking" else 0)
     common = {

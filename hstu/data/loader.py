@@ -50,7 +50,11 @@ class Samples:
 
 
 def retrieval_samples(
-    store: SequenceStore, split: Split, max_sequence_length: int, holdout_validation: bool = False
+    store: SequenceStore,
+    split: Split,
+    max_sequence_length: int,
+    holdout_validation: bool = False,
+    full_history: bool = False,
 ) -> Samples:
     """Leave-one-out (DESIGN.md "Data").
 
@@ -59,11 +63,23 @@ def retrieval_samples(
     than 2 such items give no training sample); test = the same history as input, the last
     item as label. With holdout_validation the train sequence also drops the second-to-last
     item, which becomes the "valid" label (input: the history before it).
+
+    full_history (train split only): a training sequence longer than ``max_sequence_length``
+    L is cut, from its end, into windows of L items that overlap by one item (window i ends
+    i * (L - 1) items before the end), so that every item after the sequence's first is a
+    target exactly once instead of only those of the most recent window.
     """
     off, n = store.offsets[:-1], store.lengths
     users = np.arange(store.num_users, dtype=np.int64)
     if split == "train":
         end = off + n - (2 if holdout_validation else 1)
+        if full_history and max_sequence_length > 1:
+            step = max_sequence_length - 1
+            count = np.maximum(1, -(-(end - off - 1) // step))  # ceil, >= 1 window per user
+            users = np.repeat(users, count)
+            within = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+            end = np.repeat(end, count) - within * step
+            off = np.repeat(off, count)
         start = np.maximum(off, end - max_sequence_length)
         s = Samples(users, start, end, end.copy())
         return s.select(end - start >= 2)

@@ -178,6 +178,7 @@ def build_model(
             block,
             num_items=data.num_items,
             num_negatives=task_args.num_negatives,
+            negative_sampling=task_args.negative_sampling,
             temperature=task_args.temperature,
             l2_norm_eps=task_args.l2_norm_eps,
             min_item_id=data.min_item_id,

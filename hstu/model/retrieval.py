@@ -8,8 +8,9 @@ Training: the L2-normalised state of history item j's own token is the query for
 carries only the action in its residual stream, so its state sees item j only through
 attention and the model barely learned; the item token's state has item j in its residual).
 Causally the query has seen items 0..j and actions 0..j-1, never item j+1. logits = cos(query, item) / temperature for the positive and its
-negatives; negatives are the other positives of the batch (``num_negatives=-1``) or
-``num_negatives`` ids drawn uniformly from [min_item_id, num_items) per query. A negative whose
+negatives; negatives (``negative_sampling``) are ``num_negatives`` ids drawn uniformly from
+[min_item_id, num_items) per query, the other positives of the batch (in-batch), both
+(mixed), or every item of the corpus (full_corpus: the exact softmax). A negative whose
 id equals the query's positive id (an accidental hit) is masked out (-inf).
 
 Evaluation: the query is the state of each sample's last history item token (the same kind
@@ -39,6 +40,9 @@ from hstu.model.tokens import (
 )
 
 
+NEGATIVE_SAMPLING = ("uniform", "in_batch", "mixed", "full_corpus")
+
+
 @dataclass
 class SharedRows:
     """Per-query negatives as rows [U, D] and an index [Q, M] into them: the same vectors
@@ -48,32 +52,55 @@ class SharedRows:
     index: torch.Tensor
 
 
-def sampled_softmax_loss(
+def negative_logits(
     queries: torch.Tensor,
-    pos_vectors: torch.Tensor,
     pos_ids: torch.Tensor,
     neg_vectors: torch.Tensor | SharedRows,
     neg_ids: torch.Tensor,
     temperature: float,
+) -> torch.Tensor:
+    """Logits [Q, M] of one group of negatives, -inf where a negative is the query's positive.
+
+    Negatives are either shared, neg_vectors [M, D] with neg_ids [M], or per query,
+    [Q, M, D] (or :class:`SharedRows`) with neg_ids [Q, M].
+    """
+    if isinstance(neg_vectors, SharedRows):
+        logits = (queries @ neg_vectors.rows.t()).gather(1, neg_vectors.index) / temperature
+        hits = neg_ids == pos_ids.unsqueeze(1)
+    elif neg_vectors.dim() == 2:
+        logits = queries @ neg_vectors.t() / temperature
+        hits = neg_ids.unsqueeze(0) == pos_ids.unsqueeze(1)
+    else:
+        logits = torch.einsum("qd,qmd->qm", queries, neg_vectors) / temperature
+        hits = neg_ids == pos_ids.unsqueeze(1)
+    return logits.masked_fill(hits, float("-inf"))
+
+
+def sampled_softmax_loss(
+    queries: torch.Tensor,
+    pos_vectors: torch.Tensor,
+    pos_ids: torch.Tensor,
+    neg_vectors: torch.Tensor | SharedRows | list,
+    neg_ids: torch.Tensor | list,
+    temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Softmax over [positive, negatives] per query, accidental hits masked.
 
-    queries, pos_vectors [Q, D] (already normalised), pos_ids [Q]; negatives either shared,
-    neg_vectors [M, D] with neg_ids [M], or per query, [Q, M, D] (or :class:`SharedRows`)
-    with [Q, M].
+    queries, pos_vectors [Q, D] (already normalised), pos_ids [Q]; negatives as in
+    :func:`negative_logits`, or lists of such groups (their columns are concatenated, e.g.
+    uniform plus in-batch negatives).
     Returns (mean loss, pos_logits [Q], neg_logits [Q, M] with -inf at accidental hits).
     """
     pos_logits = (queries * pos_vectors).sum(-1) / temperature
-    if isinstance(neg_vectors, SharedRows):
-        neg_logits = (queries @ neg_vectors.rows.t()).gather(1, neg_vectors.index) / temperature
-        hits = neg_ids == pos_ids.unsqueeze(1)
-    elif neg_vectors.dim() == 2:
-        neg_logits = queries @ neg_vectors.t() / temperature
-        hits = neg_ids.unsqueeze(0) == pos_ids.unsqueeze(1)
-    else:
-        neg_logits = torch.einsum("qd,qmd->qm", queries, neg_vectors) / temperature
-        hits = neg_ids == pos_ids.unsqueeze(1)
-    neg_logits = neg_logits.masked_fill(hits, float("-inf"))
+    if not isinstance(neg_vectors, list):
+        neg_vectors, neg_ids = [neg_vectors], [neg_ids]
+    neg_logits = torch.cat(
+        [
+            negative_logits(queries, pos_ids, vectors, ids, temperature)
+            for vectors, ids in zip(neg_vectors, neg_ids)
+        ],
+        dim=1,
+    )
     if queries.shape[0] == 0:
         return queries.sum() * 0.0, pos_logits, neg_logits
     logits = torch.cat([pos_logits.unsqueeze(1), neg_logits], dim=1)
@@ -100,7 +127,11 @@ class RetrievalModel(nn.Module):
         token_builder, block: as for ranking (the item feature must not be projected: item
             embeddings and queries share the space, so item dim must equal D).
         num_items: ids are in [0, num_items).
-        num_negatives: -1 in-batch, else uniform negatives per query.
+        num_negatives: uniform negatives per query (-1: none, in-batch under "uniform").
+        negative_sampling: "uniform" (num_negatives ids per query drawn uniformly from the
+            corpus; -1 means in-batch), "in_batch" (the other positives of this rank's
+            batch), "mixed" (uniform plus in-batch) or "full_corpus" (every item: an exact
+            softmax over the corpus).
         temperature: softmax temperature on cosine similarities.
         l2_norm_eps: epsilon of the L2 normalisation.
         min_item_id: first real item id (1 when 0 is padding); lower ids are never sampled
@@ -119,6 +150,7 @@ class RetrievalModel(nn.Module):
         *,
         num_items: int,
         num_negatives: int = -1,
+        negative_sampling: str = "uniform",
         temperature: float = 0.05,
         l2_norm_eps: float = 1e-6,
         min_item_id: int = 0,
@@ -133,7 +165,10 @@ class RetrievalModel(nn.Module):
         self.token_builder = token_builder
         self.block = block
         self.num_items = num_items
+        if negative_sampling not in NEGATIVE_SAMPLING:
+            raise ValueError(f"negative_sampling {negative_sampling!r} is not one of {NEGATIVE_SAMPLING}")
         self.num_negatives = num_negatives
+        self.negative_sampling = negative_sampling
         self.temperature = temperature
         self.l2_norm_eps = l2_norm_eps
         self.min_item_id = min_item_id
@@ -184,20 +219,46 @@ class RetrievalModel(nn.Module):
         queries = self.normalise(history_states[has_next])
         pos_ids = own.item_ids[next_rows]
         pos_vectors = self.normalise(own.item_values[next_rows])
-        if self.num_negatives == -1:
-            neg_ids, neg_vectors = pos_ids, pos_vectors
-        else:
-            neg_ids = torch.randint(
+        if self.negative_sampling == "full_corpus":
+            return self.full_corpus_loss(queries, pos_ids)
+        neg_vectors, neg_ids = [], []
+        if self.negative_sampling in ("uniform", "mixed") and self.num_negatives > 0:
+            ids = torch.randint(
                 self.min_item_id,
                 self.num_items,
                 (queries.shape[0], self.num_negatives),
                 device=queries.device,
             )
-            neg_vectors = self.negative_vectors(queries, neg_ids)
+            neg_ids.append(ids)
+            neg_vectors.append(self.negative_vectors(queries, ids))
+        if self.negative_sampling in ("in_batch", "mixed") or (
+            self.negative_sampling == "uniform" and self.num_negatives == -1
+        ):
+            neg_ids.append(pos_ids)
+            neg_vectors.append(pos_vectors)
         loss, pos_logits, neg_logits = sampled_softmax_loss(
             queries, pos_vectors, pos_ids, neg_vectors, neg_ids, self.temperature
         )
         return loss, (pos_logits.detach(), neg_logits.detach())
+
+    def full_corpus_loss(
+        self, queries: torch.Tensor, pos_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Exact softmax over every item [min_item_id, num_items): one [Q, I] logit matrix
+        and a cross-entropy on the positive's column (each id appears once, so nothing needs
+        masking). Same loss as :func:`sampled_softmax_loss` with the corpus as negatives."""
+        ids = torch.arange(self.min_item_id, self.num_items, device=queries.device)
+        corpus = self.normalise(self.lookup_items(ids))
+        logits = queries @ corpus.t() / self.temperature  # [Q, I]
+        target = pos_ids - self.min_item_id
+        if queries.shape[0] == 0:
+            loss = logits.sum() * 0.0
+        else:
+            loss = F.cross_entropy(logits, target)
+        with torch.no_grad():
+            pos_logits = logits.gather(1, target.unsqueeze(1)).squeeze(1)
+            neg_logits = logits.scatter(1, target.unsqueeze(1), float("-inf"))
+        return loss, (pos_logits, neg_logits)
 
     def negative_vectors(self, queries: torch.Tensor, neg_ids: torch.Tensor):
         """Normalised vectors of per-query negatives neg_ids [Q, M]: [Q, M, D], or an
@@ -315,4 +376,4 @@ class RetrievalModel(nn.Module):
         return RetrievalEval(top_ids=top_ids, top_scores=top_scores, target_ranks=ranks)
 
 
-__all__ = ["RetrievalEval", "RetrievalModel", "SharedRows", "sampled_softmax_loss"]
+__all__ = ["NEGATIVE_SAMPLING", "RetrievalEval", "RetrievalModel", "SharedRows", "sampled_softmax_loss"]

@@ -81,6 +81,35 @@ def test_holdout_validation_splits(synth):
     assert flat_items(t)[0] == seqs[t.features["user_id"].values()[0] - 1][:-2][-8:]
 
 
+def test_train_full_history_windows_cover_every_target_once(synth):
+    """With train_full_history each item after a user's first is a training target exactly
+    once (windows of max_sequence_length overlapping by one item); without it only the most
+    recent window's targets are, so some are lost."""
+    from hstu.data.loader import retrieval_samples
+
+    store = SequenceStore.load(synth)
+    for holdout in (False, True):
+        plain = retrieval_samples(store, "train", 8, holdout)
+        full = retrieval_samples(store, "train", 8, holdout, full_history=True)
+        drop = 2 if holdout else 1
+        for s, complete in ((plain, False), (full, True)):
+            assert ((s.hist_end - s.hist_start) <= 8).all() and ((s.hist_end - s.hist_start) >= 2).all()
+            targets = np.concatenate(
+                [np.arange(a + 1, b) for a, b in zip(s.hist_start, s.hist_end)]
+            )
+            assert len(np.unique(targets)) == len(targets)  # no target twice
+            want = np.concatenate(
+                [np.arange(o + 1, o + n - drop) for o, n in zip(store.offsets[:-1], store.lengths)]
+            )
+            assert set(targets.tolist()) <= set(want.tolist())
+            assert (len(targets) == len(want)) == complete
+    args_full = DatasetArgs(
+        dataset_name="synthetic", max_sequence_length=8, dataset_path=synth, train_full_history=True
+    )
+    train, _, _ = build_data(args_full, "retrieval", 16, 16, 0, 1, 0)
+    assert sum(b.item_lengths().numel() for b in train) == len(retrieval_samples(store, "train", 8, full_history=True))
+
+
 def test_ranking_candidates_never_trained_on(synth):
     store = SequenceStore.load(synth)
     seqs = [store.items[a:b].tolist() for a, b in zip(store.offsets[:-1], store.offsets[1:])]

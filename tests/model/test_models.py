@@ -193,7 +193,7 @@ def test_in_batch_negatives_mask_duplicates_of_the_positive():
     assert hits.tolist() == [[True, False, True], [False, True, False], [True, False, True]]
 
 
-def _retrieval(num_negatives: int = -1, use_collection: bool = False):
+def _retrieval(num_negatives: int = -1, use_collection: bool = False, sampling: str = "uniform"):
     data = ModelDataInfo(num_items=30, item_feature_name="item", max_item_seqlen=8, min_item_id=1)
     torch.manual_seed(0)
     if use_collection:
@@ -206,7 +206,9 @@ def _retrieval(num_negatives: int = -1, use_collection: bool = False):
         )
     else:
         emb = TinyEmbeddings({"item": (30, D)})
-    args = RetrievalArgs(num_negatives=num_negatives, temperature=0.1)
+    args = RetrievalArgs(
+        num_negatives=num_negatives, negative_sampling=sampling, temperature=0.1
+    )
     return build_model("retrieval", _net(), args, emb, data)
 
 
@@ -220,6 +222,44 @@ def test_retrieval_trains(num_negatives: int, use_collection: bool):
     loss.backward()
     assert torch.isfinite(loss)
     assert model.block.layers[0].uvqk.weight.grad.abs().sum() > 0
+
+
+def test_negative_sampling_modes_build_the_softmax_they_name():
+    """full_corpus is the exact softmax over every item; mixed = uniform + in-batch columns;
+    in_batch = the batch's positives. Each checked against a loss built by hand from the
+    same query states and item vectors."""
+    batch = make_batch([[1, 2, 3, 4], [5, 6], [7]])
+    losses = {}
+    for sampling, m in (("full_corpus", -1), ("in_batch", -1), ("mixed", 6)):
+        model = _retrieval(m, use_collection=False, sampling=sampling).eval()
+        torch.manual_seed(7)
+        loss, (pos_logits, neg_logits) = model(batch)
+        # rebuild queries and positives the way the model defines them
+        own, inputs, layout, tokens, states = model._states(batch)
+        q = model.normalise(states[tokens.history_query_rows])
+        q = q[[0, 1, 2, 4]]  # history positions with a next item: 1,2,3 -> 2,3,4 and 5 -> 6
+        pos = torch.tensor([2, 3, 4, 6])
+        corpus = model.corpus_vectors()
+        if sampling == "full_corpus":
+            want = F.cross_entropy(q @ corpus[1:].t() / 0.1, pos - 1)
+            assert neg_logits.shape == (4, 29)
+            assert torch.isneginf(neg_logits[torch.arange(4), pos - 1]).all()
+        elif sampling == "in_batch":
+            logits = q @ corpus[pos].t() / 0.1  # positives on the diagonal, no repeats here
+            want = F.cross_entropy(logits, torch.arange(4))
+            assert neg_logits.shape == (4, 4)
+        else:
+            torch.manual_seed(7)
+            neg = torch.randint(1, 30, (4, m))
+            uni = torch.einsum("qd,qmd->qm", q, corpus[neg]) / 0.1
+            uni = uni.masked_fill(neg == pos.unsqueeze(1), float("-inf"))
+            inb = (q @ corpus[pos].t() / 0.1).masked_fill(torch.eye(4, dtype=torch.bool), float("-inf"))
+            logits = torch.cat([(q * corpus[pos]).sum(-1, keepdim=True) / 0.1, uni, inb], 1)
+            want = -torch.log_softmax(logits, 1)[:, 0].mean()
+            assert neg_logits.shape == (4, m + 4)
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+        losses[sampling] = loss.item()
+    assert len(set(losses.values())) == 3
 
 
 def test_full_corpus_eval_matches_brute_force_with_history_excluded():
