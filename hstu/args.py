@@ -414,7 +414,7 @@ class DatasetArgs:
     shuffle: bool = False
     """Shuffle training samples every epoch (deterministic for a seed)."""
     holdout_validation: bool = False
-    """Retrieval: also hold out each user's second-to-last item as a validation target (train without the last two)."""
+    """Also hold out a validation target per user, for selection: retrieval, the second-to-last item (train without the last two); ranking, the max_num_candidates interactions before the test candidates (training candidates come from before those)."""
     train_full_history: bool = False
     """Retrieval: train on the whole history of users with more than max_sequence_length items (cut into windows of max_sequence_length overlapping by one item, each a sample every epoch); False trains on the most recent window only."""
     eval_split: Literal["valid", "test"] = "test"
@@ -677,9 +677,17 @@ class RankingArgs:
     """Binary tasks decoded bit by bit from the action (when the last width equals it)."""
     eval_metrics: tuple[str, ...] = ("AUC",)
     """Evaluation metrics (per task where it applies)."""
+    history_loss_weight: float = 0.0
+    """Training only: add this times the same loss on every history item's token against its own action (causal, so the token never sees that action); needs action tokens. 0 trains on candidates only."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)
+        _require(
+            self.history_loss_weight >= 0,
+            self,
+            "history_loss_weight",
+            f"must be >= 0, got {self.history_loss_weight}",
+        )
         _require(len(self.prediction_head_arch) > 0, self, "prediction_head_arch", "must not be empty")
         for width in self.prediction_head_arch:
             _require(width > 0, self, "prediction_head_arch", f"widths must be > 0, got {width}")

@@ -263,6 +263,20 @@ def load_config(
         ).with_location(where)
     ranking = build(A.RankingArgs) if task == "ranking" else None
     retrieval = build(A.RetrievalArgs) if task == "retrieval" else None
+    if ranking is not None and ranking.history_loss_weight > 0:
+        where = next(
+            (b.where for b in reversed(bindings) if b.field_name == "history_loss_weight"), label
+        )
+        if getattr(dataset, "action_tokens", True) is False:
+            raise A.ConfigError(
+                "RankingArgs", "history_loss_weight",
+                "needs the history's actions as tokens (DatasetArgs.action_tokens = True)",
+            ).with_location(where)
+        if network.architecture == "mlp_baseline":
+            raise A.ConfigError(
+                "RankingArgs", "history_loss_weight",
+                "the mlp_baseline has no history tokens to supervise; set it to 0",
+            ).with_location(where)
     if ranking is not None:
         metrics = tuple(ranking.eval_metrics) + tuple(
             f"AUC/task{i}" for i in range(ranking.num_tasks) if ranking.num_tasks > 1

@@ -116,9 +116,10 @@ def build_data(
         task: "retrieval" (leave-one-out) or "ranking" (last max_num_candidates as candidates).
         rank, world_size: data-parallel rank and size (not the global rank).
         seed: seed of the shuffle order (and of benchmark batches).
-        split: evaluation split: "test" (last item) or "valid" (second to last; retrieval
-            with holdout_validation only).
-        holdout_validation: retrieval trains without each user's last two items.
+        split: evaluation split: "test" (last item / last candidates) or "valid" (second to
+            last item / the candidates before the test ones; with holdout_validation only).
+        holdout_validation: retrieval trains without each user's last two items, ranking
+            without the validation and test candidates.
         drop_last: training yields only full batches.
     """
     if task not in ("retrieval", "ranking"):
@@ -144,8 +145,8 @@ def build_data(
                 "DatasetArgs", "train_full_history", "is a retrieval option; ranking trains on "
                 "the most recent window before each user's candidates"
             )
-        train_s = ranking_samples(store, "train", msl, cands)
-        eval_s = ranking_samples(store, split, msl, cands)
+        train_s = ranking_samples(store, "train", msl, cands, holdout_validation)
+        eval_s = ranking_samples(store, split, msl, cands, holdout_validation)
     else:
         train_s = retrieval_samples(
             store, "train", msl, holdout_validation,

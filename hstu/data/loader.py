@@ -92,27 +92,33 @@ def retrieval_samples(
 
 
 def ranking_samples(
-    store: SequenceStore, split: Split, max_sequence_length: int, max_num_candidates: int
+    store: SequenceStore,
+    split: Split,
+    max_sequence_length: int,
+    max_num_candidates: int,
+    holdout_validation: bool = False,
 ) -> Samples:
-    """Each user's last C = min(max_num_candidates, L-1) interactions are the evaluation
-    candidates; training draws its candidates the same way from the earlier history only
-    (so no evaluation interaction is ever an input or a label in training). History = the
-    most recent ``max_sequence_length`` interactions before the candidates.
+    """Each user's last C = min(max_num_candidates, L-1) interactions are the test
+    candidates; with holdout_validation the C interactions before those (at most, keeping one
+    history item) are the validation candidates. Training draws its candidates the same way
+    from the history before every evaluation candidate (so no evaluation interaction is ever
+    an input or a label in training). History = the most recent ``max_sequence_length``
+    interactions before the candidates.
     """
     if max_num_candidates < 1:
         raise ValueError("ranking needs max_num_candidates >= 1")
-    if split == "valid":
-        raise ValueError("ranking has no validation split; use split='test'")
-    off, n = store.offsets[:-1], store.lengths
+    if split == "valid" and not holdout_validation:
+        raise ValueError("split='valid' needs holdout_validation=True")
+    off = store.offsets[:-1]
     users = np.arange(store.num_users, dtype=np.int64)
-    eval_c = np.minimum(max_num_candidates, n - 1)
-    if split == "train":
-        m = n - eval_c
-        c = np.minimum(max_num_candidates, m - 1)
-        cand_end = off + m
-    else:
-        c = eval_c
-        cand_end = off + n
+    avail = store.lengths.astype(np.int64)  # interactions still before the candidates
+    stages = ["test"] + (["valid"] if holdout_validation else []) + ["train"]
+    for stage in stages:
+        c = np.minimum(max_num_candidates, avail - 1)
+        if stage == split:
+            break
+        avail = avail - np.maximum(c, 0)
+    cand_end = off + avail
     hist_end = cand_end - c
     start = np.maximum(off, hist_end - max_sequence_length)
     return Samples(users, start, hist_end, cand_end).select(c >= 1)

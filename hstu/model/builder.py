@@ -168,6 +168,7 @@ def build_model(
             block,
             head,
             num_tasks=task_args.num_tasks,
+            history_loss_weight=task_args.history_loss_weight,
             max_item_seqlen=data.max_item_seqlen,
             tp_group=tp_group,
         )

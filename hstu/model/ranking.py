@@ -80,6 +80,8 @@ class RankingModel(nn.Module):
         block: the HSTU block (tensor-parallel over ``tp_group`` if any).
         head: MLP on candidate token states, D -> W.
         num_tasks: BCE tasks (see module docstring).
+        history_loss_weight: in training, add this times the same loss computed on every
+            history item's token against its own action (0: candidates only).
         max_item_seqlen: longest H + C of the dataset (0: take the gathered batch's).
         tp_group: tensor-parallel group whose samples the dense part gathers.
     """
@@ -92,6 +94,7 @@ class RankingModel(nn.Module):
         head: nn.Module,
         *,
         num_tasks: int,
+        history_loss_weight: float = 0.0,
         max_item_seqlen: int = 0,
         tp_group: ProcessGroup | None = None,
     ) -> None:
@@ -101,6 +104,7 @@ class RankingModel(nn.Module):
         self.block = block
         self.head = head
         self.num_tasks = num_tasks
+        self.history_loss_weight = history_loss_weight
         self.max_item_seqlen = max_item_seqlen
         self.tp_group = tp_group
 
@@ -114,7 +118,25 @@ class RankingModel(nn.Module):
         logits = self.head(states[tokens.candidate_rows].float())  # [S_all, W]
         logits = take_own_rows(logits, rows_layout(inputs.num_candidates, layout), self.tp_group)
         loss = ranking_loss(logits, batch.labels, self.num_tasks)
+        if self.training and self.history_loss_weight > 0:
+            loss = loss + self.history_loss_weight * self.history_loss(batch, inputs, layout, tokens, states)
         return loss, (logits.detach(), batch.labels)
+
+    def history_loss(self, batch: Batch, inputs, layout, tokens, states) -> torch.Tensor:
+        """The same head and loss on every history item token against that item's own action.
+
+        History item j's token sees items 0..j and actions 0..j-1 (causal; its action token
+        comes after it), never action j, so this is a next-action prediction like the
+        candidates', on sum(H) labels instead of sum(C).
+        """
+        if batch.action_feature_name is None:
+            raise ValueError(
+                "RankingArgs.history_loss_weight > 0 needs action tokens (DatasetArgs.action_tokens = True)"
+            )
+        logits = self.head(states[tokens.history_query_rows].float())  # [sum(H)_all, W]
+        logits = take_own_rows(logits, rows_layout(inputs.history_lengths, layout), self.tp_group)
+        labels = batch.features[batch.action_feature_name].values().to(logits.device)
+        return ranking_loss(logits, labels, self.num_tasks)
 
 
 __all__ = ["MLP", "RankingModel", "decode_task_labels", "ranking_loss"]

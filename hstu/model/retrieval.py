@@ -249,7 +249,8 @@ class RetrievalModel(nn.Module):
         masking). Same loss as :func:`sampled_softmax_loss` with the corpus as negatives."""
         ids = torch.arange(self.min_item_id, self.num_items, device=queries.device)
         corpus = self.normalise(self.lookup_items(ids))
-        logits = queries @ corpus.t() / self.temperature  # [Q, I]
+        # the temperature scales the [Q, D] queries, not the [Q, I] logits (same values, less work)
+        logits = (queries / self.temperature) @ corpus.t()  # [Q, I]
         target = pos_ids - self.min_item_id
         if queries.shape[0] == 0:
             loss = logits.sum() * 0.0

@@ -139,6 +139,47 @@ def test_ranking_candidates_never_trained_on(synth):
             assert b.features["action"].lengths().tolist() == b.history_lengths().tolist()
 
 
+def test_ranking_holdout_validation_candidates_sit_between_train_and_test(synth):
+    """valid candidates = the C interactions before the test ones; training candidates come
+    from before the valid ones; each split's history ends where its candidates start."""
+    store = SequenceStore.load(synth)
+    seqs = [store.items[a:b].tolist() for a, b in zip(store.offsets[:-1], store.offsets[1:])]
+    loaders = {}
+    for split in ("valid", "test"):
+        train, ev, _ = build_data(
+            args(synth, msl=6, cands=4, shuffle=False), "ranking", 512, 512, 0, 1, 0,
+            split=split, holdout_validation=True,
+        )
+        loaders[split] = ev
+    def cands_by_user(loader):
+        out = {}
+        for b in loader:
+            for uid, items, c in zip(
+                b.features["user_id"].values().tolist(), flat_items(b), b.num_candidates.tolist()
+            ):
+                out[uid] = (items[: len(items) - c], items[len(items) - c :])
+        return out
+    test, valid, tr = (cands_by_user(loaders["test"]), cands_by_user(loaders["valid"]),
+                       cands_by_user(train))
+    checked = 0
+    for uid, seq in enumerate(seqs, start=1):
+        c_test = min(4, len(seq) - 1)
+        t_start = len(seq) - c_test
+        assert test[uid][1] == seq[t_start:]
+        c_val = min(4, t_start - 1)
+        if c_val < 1:
+            assert uid not in valid and uid not in tr
+            continue
+        v_start = t_start - c_val
+        assert valid[uid] == (seq[:v_start][-6:], seq[v_start:t_start])
+        if uid in tr:
+            hist, cands = tr[uid]
+            c_tr = min(4, v_start - 1)
+            assert cands == seq[v_start - c_tr : v_start] and hist == seq[: v_start - c_tr][-6:]
+            checked += 1
+    assert checked > 50
+
+
 def test_deterministic_and_shuffled_per_epoch(synth):
     def epoch_users(seed: int, epochs: int = 2, shuffle: bool = True) -> list[list[int]]:
         train, _, _ = build_data(args(synth, shuffle=shuffle), "retrieval", 10, 10, 0, 1, seed)

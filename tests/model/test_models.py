@@ -160,6 +160,33 @@ def test_ranking_backward_reaches_all_parameters():
     assert missing == [], missing
 
 
+def test_history_loss_adds_each_history_items_own_action_in_training_only():
+    model = _ranking_model(arch=(6, 4), num_tasks=2).train()
+    model.block.eval()  # no dropout, so the two passes see the same states
+    batch = make_batch(
+        [[1, 2, 3], [4]], [[5, 6], [7]], [[1, 0, 3], [2]], {"user": [1, 3]}, labels=[3, 0, 1]
+    )
+    base, _ = model(batch)
+    model.history_loss_weight = 0.5
+    loss, (logits, labels) = model(batch)
+    _, _, tokens, states = _encode(model, batch)
+    hist_logits = model.head(states[tokens.history_query_rows].float())
+    want = base + 0.5 * F.cross_entropy(hist_logits, torch.tensor([1, 0, 3, 2]))
+    torch.testing.assert_close(loss, want)
+    assert logits.shape == (3, 4)  # outputs are the candidates' only
+    model.eval()
+    torch.testing.assert_close(model(batch)[0], base)  # evaluation loss: candidates only
+
+
+def _encode(model, batch):
+    from hstu.model.encode import encode_batch
+
+    _, inputs, layout, tokens, states = encode_batch(
+        batch, model.embedding_module, model.token_builder, model.block, model.max_item_seqlen, None
+    )
+    return inputs, layout, tokens, states
+
+
 # ------------------------------------------------------------------------------ retrieval
 
 
