@@ -211,6 +211,8 @@ class TrainerArgs:
     """Checkpoint directory to resume from; empty starts fresh."""
     pipeline_type: Literal["none", "native", "prefetch"] = "native"
     """Train pipeline: none (sequential), native (TrainPipelineSparseDist) or prefetch."""
+    ddp_bucket_cap_mb: float = 25.0
+    """Bucket size (MiB) of the dense data-parallel gradient all-reduce; buckets are launched during backward as they fill."""
     run_dir: str | None = None
     """Run directory for logs, metrics.csv, TensorBoard and traces; None: ./runs/<task>-<timestamp>."""
     best_metric: str | None = None
@@ -220,7 +222,7 @@ class TrainerArgs:
 
     def __post_init__(self) -> None:
         _validate_fields(self)
-        _positive(self, "train_batch_size", "eval_batch_size", "eval_interval", "log_interval")
+        _positive(self, "train_batch_size", "eval_batch_size", "eval_interval", "log_interval", "ddp_bucket_cap_mb")
         if self.max_train_iters is not None:
             _require(
                 self.max_train_iters >= 1,
@@ -626,7 +628,9 @@ class OptimizerArgs:
     sparse_learning_rate: float | None = None
     """Sparse learning rate; None uses learning_rate."""
     clip_grad_norm: float = 0.0
-    """Clip the global norm of dense gradients to this; 0 disables clipping."""
+    """Clip the global norm of dense gradients to this; 0 disables clipping. Under tensor parallelism the norm is one over the model-parallel group (replicated parameters counted once)."""
+    sparse_lr_schedule: Literal["follow", "constant"] = "follow"
+    """follow: the warm-up and decay also scale the sparse (embedding) learning rate; constant: the sparse optimizers keep sparse_learning_rate throughout."""
     lr_warmup_iters: int = 0
     """Linear warm-up from 0 to learning_rate over this many steps."""
     lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"

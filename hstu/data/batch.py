@@ -45,8 +45,11 @@ class Batch(Pipelineable):
     max_seqlen: int = 0
     # bool [B]: False marks an evaluation padding sample (not counted in metrics)
     sample_mask: torch.Tensor | None = None
+    # retrieval training, uniform/mixed negatives: int64 [Q, M] index into the values of the
+    # negatives key of ``features`` (hstu.data.negatives)
+    negative_index: torch.Tensor | None = None
 
-    _TENSOR_FIELDS = ("num_candidates", "timestamps", "labels", "sample_mask")
+    _TENSOR_FIELDS = ("num_candidates", "timestamps", "labels", "sample_mask", "negative_index")
 
     def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
         moved = {

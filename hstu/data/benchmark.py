@@ -83,6 +83,8 @@ class BenchmarkLoader:
         )
         rng = np.random.default_rng([seed, rank, 0 if training else 1])
         self._pool = [self._random_batch(rng) for _ in range(num_batches)]
+        self.rank = rank
+        self.negatives = None  # retrieval: a hstu.data.negatives.NegativeSampler, set by the trainer
         self.epoch = 0
         self.batch_index = 0
 
@@ -149,7 +151,14 @@ class BenchmarkLoader:
             self.epoch, self.batch_index = self.epoch + 1, 0
         while self.batch_index < len(self):
             self.batch_index += 1
-            yield self._pool[self.batch_index - 1]
+            batch = self._pool[self.batch_index - 1]
+            if self.negatives is not None:
+                from hstu.data.negatives import attach_negatives
+
+                first = ((self.rank * len(self) + self.batch_index - 1) * self.batch_size)
+                ids = np.arange(first, first + batch.batch_size)
+                batch = attach_negatives(batch, self.negatives, ids, self.epoch, self.training)
+            yield batch
         self.epoch, self.batch_index = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, Any]:

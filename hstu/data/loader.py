@@ -20,6 +20,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from hstu.data.batch import Batch
+from hstu.data.negatives import NegativeSampler
 from hstu.data.store import SequenceStore
 
 Task = Literal["retrieval", "ranking"]
@@ -203,6 +204,8 @@ class SequenceLoader:
             else None
         )
         self.samples_per_rank = math.ceil(len(samples) / world_size)
+        self.negatives: NegativeSampler | None = None
+        """Retrieval: the negatives (or corpus) key every batch carries; set by the trainer."""
         self.epoch = 0
         self.batch_index = 0
 
@@ -278,9 +281,19 @@ class SequenceLoader:
             keys += self.contextual_feature_names
             values.append(self._contextual[:, s.user[index]].reshape(-1))
             lengths.append(np.ones(len(index) * len(self.contextual_feature_names), dtype=np.int64))
+        negative_index = None
+        if self.negatives is not None:
+            keys.append(self.negatives.feature_name)
+            neg_lengths = np.zeros(len(index), dtype=np.int64)
+            if self.training:
+                ids, neg = self.negatives.draw(index, hist_end - hist_start, self.epoch)
+                neg_lengths[0] = ids.size
+                values.append(ids)
+                negative_index = self.negatives.index_tensor(neg)
+            lengths.append(neg_lengths)
         features = KeyedJaggedTensor(
             keys=keys,
-            values=torch.from_numpy(np.concatenate(values)),
+            values=torch.from_numpy(np.concatenate(values).astype(np.int64, copy=False)),
             lengths=torch.from_numpy(np.concatenate(lengths)),
         )
         num_candidates = cand_end - hist_end
@@ -305,6 +318,7 @@ class SequenceLoader:
             labels=labels,
             max_seqlen=self.max_seqlen,
             sample_mask=None if mask is None else torch.from_numpy(mask.copy()),
+            negative_index=negative_index,
         )
 
 

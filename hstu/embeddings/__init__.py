@@ -12,6 +12,7 @@ from hstu.embeddings.multi import EmbeddingsByDim, build_embeddings
 from hstu.embeddings.sharding import (
     TablePlacement,
     fused_optimizer,
+    replicated_optimizers,
     shard_embeddings,
     sparse_optimizer_spec,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "embedding_state_dict",
     "fresh_rows",
     "fused_optimizer",
+    "replicated_optimizers",
     "load_embedding_state_dict",
     "load_embeddings",
     "save_embeddings",

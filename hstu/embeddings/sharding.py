@@ -276,5 +276,16 @@ def fused_optimizer(module_or_model: nn.Module) -> list[torch.optim.Optimizer]:
             if isinstance(emb.ec, DistributedModelParallel)]
 
 
-__all__ = ["TablePlacement", "shard_embeddings", "sparse_optimizer_spec", "fused_optimizer"]
+__all__ = ["TablePlacement", "fused_optimizer", "replicated_optimizers", "shard_embeddings", "sparse_optimizer_spec"]
 
+
+
+def replicated_optimizers(module_or_model: nn.Module) -> list[torch.optim.Optimizer]:
+    """The in-backward optimizers of the replicated (data_parallel) tables."""
+    out: list[torch.optim.Optimizer] = []
+    for emb in _find_embedding_modules(module_or_model):
+        if emb.dp_ec is None:
+            continue
+        for module in emb.dp_ec.embeddings.values():
+            out.extend(getattr(module.weight, "_in_backward_optimizers", []))
+    return out

@@ -12,14 +12,14 @@ import torch
 from torch import nn
 
 from hstu.data.batch import Batch
+from hstu.model.loss_scale import global_mean_scale
 from hstu.model.ranking import MLP, ranking_loss
 
 
 class NonSequentialRanking(nn.Module):
-    """forward(batch) -> (loss, (logits [S, W], labels [S])).
+    """The dense part: forward(batch, embeddings) -> (loss, (logits [S, W], labels [S])).
 
     Args:
-        embedding_module: KeyedJaggedTensor -> dict[feature, JaggedTensor].
         item_feature_name: the item feature (history then candidates per sample).
         contextual_feature_names: features of one value per sample (e.g. user_id).
         input_dim: D_item + sum of the contextual dims.
@@ -30,7 +30,6 @@ class NonSequentialRanking(nn.Module):
 
     def __init__(
         self,
-        embedding_module: nn.Module,
         item_feature_name: str,
         contextual_feature_names: list[str],
         input_dim: int,
@@ -41,17 +40,17 @@ class NonSequentialRanking(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.embedding_module = embedding_module
         self.item_feature_name = item_feature_name
         self.contextual_feature_names = list(contextual_feature_names)
         self.dropout = nn.Dropout(dropout)
         self.head = MLP(input_dim, list(arch), activation, bias)
         self.num_tasks = num_tasks
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(
+        self, batch: Batch, embeddings: dict
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         if batch.labels is None or batch.num_candidates is None:
             raise ValueError("a ranking batch needs candidates and labels")
-        embeddings = self.embedding_module(batch.features)
         items = embeddings[self.item_feature_name]
         lengths = items.lengths()
         ends = torch.cumsum(lengths, 0)
@@ -67,7 +66,8 @@ class NonSequentialRanking(nn.Module):
         for name in self.contextual_feature_names:
             parts.append(embeddings[name].values()[sample])  # one value per sample
         logits = self.head(self.dropout(torch.cat(parts, dim=1).float()))
-        loss = ranking_loss(logits, batch.labels, self.num_tasks)
+        scale = global_mean_scale(num_cands.sum(), self.training)
+        loss = ranking_loss(logits, batch.labels, self.num_tasks, scale)
         return loss, (logits.detach(), batch.labels)
 
 

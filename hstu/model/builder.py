@@ -15,6 +15,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from hstu.model.hstu_block import HSTUBlock
+from hstu.model.model import GenerativeRecommender, RetrievalRecommender
 from hstu.model.ranking import MLP, RankingModel
 from hstu.model.retrieval import RetrievalModel
 from hstu.model.tokens import TokenBuilder, max_token_seqlen
@@ -140,8 +141,9 @@ def build_model(
     data: ModelDataInfo,
     tp_group: ProcessGroup | None = None,
     variant: LayerVariant | None = None,
-) -> RankingModel | RetrievalModel:
-    """The whole model for ``task`` (RankingArgs or RetrievalArgs as ``task_args``).
+) -> GenerativeRecommender:
+    """The whole model for ``task`` (RankingArgs or RetrievalArgs as ``task_args``):
+    ``embedding_module`` as the sparse part, a RankingModel or RetrievalModel as the dense part.
 
     ``tp_group`` None (or of size 1) builds plain torch linears; otherwise the block is
     Megatron tensor-parallel over it and the dense part gathers the group's samples.
@@ -162,8 +164,7 @@ def build_model(
             task_args.prediction_head_act_type,
             task_args.prediction_head_bias,
         )
-        return RankingModel(
-            embedding_module,
+        return GenerativeRecommender(embedding_module, RankingModel(
             tokens,
             block,
             head,
@@ -171,10 +172,9 @@ def build_model(
             history_loss_weight=task_args.history_loss_weight,
             max_item_seqlen=data.max_item_seqlen,
             tp_group=tp_group,
-        )
+        ))
     if task == "retrieval":
-        return RetrievalModel(
-            embedding_module,
+        dense = RetrievalModel(
             tokens,
             block,
             num_items=data.num_items,
@@ -183,10 +183,11 @@ def build_model(
             temperature=task_args.temperature,
             l2_norm_eps=task_args.l2_norm_eps,
             min_item_id=data.min_item_id,
-            feature_names=data.feature_names,
             max_item_seqlen=data.max_item_seqlen,
             tp_group=tp_group,
         )
+        keys = data.feature_names + ([dense.negatives_feature] if dense.uses_negatives_key else [])
+        return RetrievalRecommender(embedding_module, dense, keys)
     raise ValueError(f"task {task!r} is not 'ranking' or 'retrieval'")
 
 

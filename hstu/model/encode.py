@@ -18,18 +18,19 @@ from hstu.model.tokens import (
 
 def encode_batch(
     batch: Batch,
-    embedding_module: nn.Module,
+    embeddings: dict,
     token_builder: TokenBuilder,
     block: nn.Module,
     max_item_seqlen: int,
     tp_group: ProcessGroup | None,
 ):
-    """Returns (own inputs, TP-gathered inputs, row layout, tokens, states [T_all, D]).
+    """``embeddings``: the sparse module's output for ``batch.features``.
+
+    Returns (own inputs, TP-gathered inputs, row layout, tokens, states [T_all, D]).
 
     ``max_item_seqlen`` (0: the batch's) sizes the kernel's max sequence length so that
     shapes stay stable across batches.
     """
-    embeddings = embedding_module(batch.features)
     own: SequenceInputs = sequence_inputs(batch, embeddings)
     inputs, layout = gather_sequence_inputs(own, tp_group)
     tokens = token_builder(inputs)

@@ -280,6 +280,10 @@ class HSTULayer(nn.Module):
                 skip_bias_add=False,
                 tp_group=tp_group,
             )
+            # Megatron marks its weights as shards only when it initialises them itself
+            # (perform_initialization=False here); clipping and checkpoints rely on the marks.
+            set_tensor_model_parallel_attributes(self.uvqk.weight, is_parallel=True, dim=0, stride=1)
+            set_tensor_model_parallel_attributes(self.output.weight, is_parallel=True, dim=1, stride=1)
             if norm_affine:
                 for p in (self.output_norm_weight, self.output_norm_bias):
                     set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
@@ -378,7 +382,14 @@ class HSTULayer(nn.Module):
         ).reshape(x.shape[0], -1)  # [T, H_r * d]
 
         normed = self._output_norm(attn)
-        y = self.dropout(normed * u)
+        if tp and self.training and self.dropout.p > 0:
+            # a sharded activation: each rank masks its own heads from its own stream
+            from hstu.model.rng import tensor_parallel_rng
+
+            with tensor_parallel_rng():
+                y = self.dropout(normed * u)
+        else:
+            y = self.dropout(normed * u)
         out = self.output(y)
         if isinstance(out, tuple):  # Megatron linears return (output, bias)
             out = out[0]

@@ -19,6 +19,7 @@ from torch.distributed import ProcessGroup
 from hstu.data.batch import Batch
 from hstu.model.encode import encode_batch
 from hstu.model.hstu_block import HSTUBlock
+from hstu.model.loss_scale import global_mean_scale
 from hstu.model.tensor_parallel import take_own_rows
 from hstu.model.tokens import (
     TokenBuilder,
@@ -55,27 +56,34 @@ def decode_task_labels(labels: torch.Tensor, num_tasks: int) -> torch.Tensor:
     return ((labels.unsqueeze(1) >> bits) & 1).float()
 
 
-def ranking_loss(logits: torch.Tensor, labels: torch.Tensor, num_tasks: int) -> torch.Tensor:
-    """logits [S, W], labels int64 [S] -> scalar (see the module docstring)."""
+def ranking_loss(
+    logits: torch.Tensor, labels: torch.Tensor, num_tasks: int, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """logits [S, W], labels int64 [S] -> scalar (see the module docstring).
+
+    ``scale`` None: the mean over the S candidates; otherwise the sum over them times
+    ``scale`` (:func:`hstu.model.loss_scale.global_mean_scale`).
+    """
     if labels.numel() == 0:
         return logits.sum() * 0.0
     if logits.shape[1] == num_tasks:
         targets = decode_task_labels(labels, num_tasks)
-        per_task = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(0)
-        return per_task.sum()
-    if int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]:
-        raise ValueError(
-            f"cross-entropy labels must lie in [0, {logits.shape[1]}), got "
-            f"[{int(labels.min())}, {int(labels.max())}]"
-        )
-    return F.cross_entropy(logits, labels)
+        per = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(1)
+    else:
+        per = F.cross_entropy(logits, labels, reduction="none")
+    if scale is None:
+        return per.mean()
+    return per.sum() * scale
 
 
 class RankingModel(nn.Module):
-    """forward(batch) -> (loss, (logits [S, W], labels [S])) for this rank's candidates.
+    """The dense part: forward(batch, embeddings) -> (loss, (logits [S, W], labels [S])) for
+    this rank's candidates (``embeddings``: the sparse module's output for the batch).
+
+    In training the loss is this rank's share of the global-batch mean
+    (:mod:`hstu.model.loss_scale`); in evaluation the mean over its candidates.
 
     Args:
-        embedding_module: KeyedJaggedTensor -> dict[feature, JaggedTensor] (per rank).
         token_builder: projections and token layout.
         block: the HSTU block (tensor-parallel over ``tp_group`` if any).
         head: MLP on candidate token states, D -> W.
@@ -88,7 +96,6 @@ class RankingModel(nn.Module):
 
     def __init__(
         self,
-        embedding_module: nn.Module,
         token_builder: TokenBuilder,
         block: HSTUBlock,
         head: nn.Module,
@@ -99,7 +106,6 @@ class RankingModel(nn.Module):
         tp_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__()
-        self.embedding_module = embedding_module
         self.token_builder = token_builder
         self.block = block
         self.head = head
@@ -108,16 +114,19 @@ class RankingModel(nn.Module):
         self.max_item_seqlen = max_item_seqlen
         self.tp_group = tp_group
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(
+        self, batch: Batch, embeddings: dict
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         if batch.labels is None:
             raise ValueError("a ranking batch needs labels (the candidates' action values)")
         _, inputs, layout, tokens, states = encode_batch(
-            batch, self.embedding_module, self.token_builder, self.block,
+            batch, embeddings, self.token_builder, self.block,
             self.max_item_seqlen, self.tp_group,
         )
         logits = self.head(states[tokens.candidate_rows].float())  # [S_all, W]
         logits = take_own_rows(logits, rows_layout(inputs.num_candidates, layout), self.tp_group)
-        loss = ranking_loss(logits, batch.labels, self.num_tasks)
+        scale = global_mean_scale(batch.num_candidates.sum(), self.training)
+        loss = ranking_loss(logits, batch.labels, self.num_tasks, scale)
         if self.training and self.history_loss_weight > 0:
             loss = loss + self.history_loss_weight * self.history_loss(batch, inputs, layout, tokens, states)
         return loss, (logits.detach(), batch.labels)
@@ -136,7 +145,8 @@ class RankingModel(nn.Module):
         logits = self.head(states[tokens.history_query_rows].float())  # [sum(H)_all, W]
         logits = take_own_rows(logits, rows_layout(inputs.history_lengths, layout), self.tp_group)
         labels = batch.features[batch.action_feature_name].values().to(logits.device)
-        return ranking_loss(logits, labels, self.num_tasks)
+        scale = global_mean_scale(torch.tensor(labels.numel(), device=logits.device), self.training)
+        return ranking_loss(logits, labels, self.num_tasks, scale)
 
 
 __all__ = ["MLP", "RankingModel", "decode_task_labels", "ranking_loss"]

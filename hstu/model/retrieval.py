@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
 from hstu.data.batch import Batch
+from hstu.data.negatives import negatives_feature_name
 from hstu.model.encode import encode_batch
 from hstu.model.hstu_block import HSTUBlock
+from hstu.model.loss_scale import global_mean_scale
 from hstu.model.jagged import index_within, lengths_to_offsets, segment_ids
 from hstu.model.tensor_parallel import RowLayout, take_own_rows
 from hstu.model.tokens import (
@@ -83,13 +83,15 @@ def sampled_softmax_loss(
     neg_vectors: torch.Tensor | SharedRows | list,
     neg_ids: torch.Tensor | list,
     temperature: float,
+    scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Softmax over [positive, negatives] per query, accidental hits masked.
 
     queries, pos_vectors [Q, D] (already normalised), pos_ids [Q]; negatives as in
     :func:`negative_logits`, or lists of such groups (their columns are concatenated, e.g.
     uniform plus in-batch negatives).
-    Returns (mean loss, pos_logits [Q], neg_logits [Q, M] with -inf at accidental hits).
+    ``scale`` None: the mean over queries; otherwise the sum times ``scale``.
+    Returns (loss, pos_logits [Q], neg_logits [Q, M] with -inf at accidental hits).
     """
     pos_logits = (queries * pos_vectors).sum(-1) / temperature
     if not isinstance(neg_vectors, list):
@@ -105,7 +107,8 @@ def sampled_softmax_loss(
         return queries.sum() * 0.0, pos_logits, neg_logits
     logits = torch.cat([pos_logits.unsqueeze(1), neg_logits], dim=1)
     # the positive sits in column 0; log-softmax ignores -inf columns
-    loss = -torch.log_softmax(logits, dim=1)[:, 0].mean()
+    per_query = -torch.log_softmax(logits, dim=1)[:, 0]
+    loss = per_query.mean() if scale is None else per_query.sum() * scale
     return loss, pos_logits, neg_logits
 
 
@@ -119,11 +122,15 @@ class RetrievalEval:
 
 
 class RetrievalModel(nn.Module):
-    """forward(batch) -> (loss, (pos_logits [Q], neg_logits [Q, M])); see module docstring.
+    """The dense part: forward(batch, embeddings) -> (loss, (pos_logits [Q], neg_logits [Q, M]));
+    see the module docstring. ``embeddings``: the sparse module's output for the batch,
+    including the negatives key (:mod:`hstu.data.negatives`) for uniform, mixed and
+    full-corpus sampling.
+
+    In training the loss is this rank's share of the global-batch mean over queries
+    (:mod:`hstu.model.loss_scale`).
 
     Args:
-        embedding_module: KeyedJaggedTensor -> dict[feature, JaggedTensor]; its item table
-            also provides the item vectors that queries are scored against.
         token_builder, block: as for ranking (the item feature must not be projected: item
             embeddings and queries share the space, so item dim must equal D).
         num_items: ids are in [0, num_items).
@@ -136,15 +143,12 @@ class RetrievalModel(nn.Module):
         l2_norm_eps: epsilon of the L2 normalisation.
         min_item_id: first real item id (1 when 0 is padding); lower ids are never sampled
             or retrieved.
-        feature_names: every key of the batch's KeyedJaggedTensor (item lookups for
-            negatives and the corpus send all keys, others empty, as a sharded module expects).
         max_item_seqlen: longest H of the dataset (0: take the gathered batch's).
         tp_group: tensor-parallel group whose samples the dense part gathers.
     """
 
     def __init__(
         self,
-        embedding_module: nn.Module,
         token_builder: TokenBuilder,
         block: HSTUBlock,
         *,
@@ -154,14 +158,12 @@ class RetrievalModel(nn.Module):
         temperature: float = 0.05,
         l2_norm_eps: float = 1e-6,
         min_item_id: int = 0,
-        feature_names: list[str] | None = None,
         max_item_seqlen: int = 0,
         tp_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         if token_builder.item_feature_name in token_builder.projections:
             raise ValueError("retrieval needs the item embedding dim to equal hidden_size")
-        self.embedding_module = embedding_module
         self.token_builder = token_builder
         self.block = block
         self.num_items = num_items
@@ -172,37 +174,34 @@ class RetrievalModel(nn.Module):
         self.temperature = temperature
         self.l2_norm_eps = l2_norm_eps
         self.min_item_id = min_item_id
-        self.feature_names = list(feature_names) if feature_names else None
         self.max_item_seqlen = max_item_seqlen
         self.tp_group = tp_group
+        self.negatives_feature = negatives_feature_name(token_builder.item_feature_name)
+
+    @property
+    def uses_negatives_key(self) -> bool:
+        """Whether training batches carry the negatives (or corpus) key."""
+        return self.negative_sampling == "full_corpus" or (
+            self.negative_sampling in ("uniform", "mixed") and self.num_negatives > 0
+        )
 
     # ------------------------------------------------------------------------ helpers
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x.float(), p=2.0, dim=-1, eps=self.l2_norm_eps)
 
-    def lookup_items(self, ids: torch.Tensor) -> torch.Tensor:
-        """int64 [N] -> [N, D] raw item embeddings through the embedding module."""
-        item = self.token_builder.item_feature_name
-        keys = self.feature_names or [item]
-        lengths = torch.cat(
-            [torch.tensor([ids.numel()] if k == item else [0], dtype=torch.int64) for k in keys]
-        ).to(ids.device)
-        kjt = KeyedJaggedTensor.from_lengths_sync(
-            keys=keys, values=ids.to(torch.int64), lengths=lengths
-        )
-        return self.embedding_module(kjt)[item].values()
-
-    def _states(self, batch: Batch):
+    def _states(self, batch: Batch, embeddings: dict):
         return encode_batch(
-            batch, self.embedding_module, self.token_builder, self.block,
+            batch, embeddings, self.token_builder, self.block,
             self.max_item_seqlen, self.tp_group,
         )
 
     # ------------------------------------------------------------------------ training
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        own, inputs, layout, tokens, states = self._states(batch)
+    def forward(
+        self, batch: Batch, embeddings: dict
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        own, inputs, layout, tokens, states = self._states(batch, embeddings)
         hist_layout = rows_layout(inputs.history_lengths, layout)
         history_states = take_own_rows(
             states[tokens.history_query_rows], hist_layout, self.tp_group
@@ -219,94 +218,75 @@ class RetrievalModel(nn.Module):
         queries = self.normalise(history_states[has_next])
         pos_ids = own.item_ids[next_rows]
         pos_vectors = self.normalise(own.item_values[next_rows])
+        scale = global_mean_scale(has_next.sum(), self.training)
+        if self.uses_negatives_key and self.negatives_feature not in embeddings:
+            raise ValueError(
+                f"negative_sampling={self.negative_sampling!r} needs the batch to carry the "
+                f"{self.negatives_feature!r} key (hstu.data.negatives.NegativeSampler on the loader)"
+            )
         if self.negative_sampling == "full_corpus":
-            return self.full_corpus_loss(queries, pos_ids)
+            corpus = self.normalise(embeddings[self.negatives_feature].values())
+            return self.full_corpus_loss(queries, pos_ids, corpus, scale)
         neg_vectors, neg_ids = [], []
         if self.negative_sampling in ("uniform", "mixed") and self.num_negatives > 0:
-            ids = torch.randint(
-                self.min_item_id,
-                self.num_items,
-                (queries.shape[0], self.num_negatives),
-                device=queries.device,
-            )
-            neg_ids.append(ids)
-            neg_vectors.append(self.negative_vectors(queries, ids))
+            if batch.negative_index is None:
+                raise ValueError("uniform negatives need Batch.negative_index (hstu.data.negatives)")
+            uniq = batch.features[self.negatives_feature].values().to(queries.device)
+            index = batch.negative_index.to(queries.device)
+            rows = self.normalise(embeddings[self.negatives_feature].values())
+            neg_ids.append(uniq[index])
+            neg_vectors.append(self.negative_vectors(rows, index))
         if self.negative_sampling in ("in_batch", "mixed") or (
             self.negative_sampling == "uniform" and self.num_negatives == -1
         ):
             neg_ids.append(pos_ids)
             neg_vectors.append(pos_vectors)
         loss, pos_logits, neg_logits = sampled_softmax_loss(
-            queries, pos_vectors, pos_ids, neg_vectors, neg_ids, self.temperature
+            queries, pos_vectors, pos_ids, neg_vectors, neg_ids, self.temperature, scale
         )
         return loss, (pos_logits.detach(), neg_logits.detach())
 
     def full_corpus_loss(
-        self, queries: torch.Tensor, pos_ids: torch.Tensor
+        self,
+        queries: torch.Tensor,
+        pos_ids: torch.Tensor,
+        corpus: torch.Tensor,
+        scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Exact softmax over every item [min_item_id, num_items): one [Q, I] logit matrix
-        and a cross-entropy on the positive's column (each id appears once, so nothing needs
-        masking). Same loss as :func:`sampled_softmax_loss` with the corpus as negatives."""
-        ids = torch.arange(self.min_item_id, self.num_items, device=queries.device)
-        corpus = self.normalise(self.lookup_items(ids))
+        """Exact softmax over every item [min_item_id, num_items) (``corpus`` [I, D], normalised,
+        row i = item min_item_id + i): one [Q, I] logit matrix and a cross-entropy on the
+        positive's column (each id appears once, so nothing needs masking). Same loss as
+        :func:`sampled_softmax_loss` with the corpus as negatives."""
         # the temperature scales the [Q, D] queries, not the [Q, I] logits (same values, less work)
         logits = (queries / self.temperature) @ corpus.t()  # [Q, I]
         target = pos_ids - self.min_item_id
         if queries.shape[0] == 0:
             loss = logits.sum() * 0.0
-        else:
+        elif scale is None:
             loss = F.cross_entropy(logits, target)
+        else:
+            loss = F.cross_entropy(logits, target, reduction="sum") * scale
         with torch.no_grad():
             pos_logits = logits.gather(1, target.unsqueeze(1)).squeeze(1)
             neg_logits = logits.scatter(1, target.unsqueeze(1), float("-inf"))
         return loss, (pos_logits, neg_logits)
 
-    def negative_vectors(self, queries: torch.Tensor, neg_ids: torch.Tensor):
-        """Normalised vectors of per-query negatives neg_ids [Q, M]: [Q, M, D], or an
-        equivalent :class:`SharedRows` when few distinct ids are drawn.
-
-        Each distinct id is looked up and normalised once (U distinct ids; on a small corpus
-        U is at most the corpus, far fewer than Q * M). When the [Q, U] score matrix is
-        smaller than the [Q, M, D] gathered vectors, the scores are computed against the U
-        rows and gathered per query (same values, much cheaper on CPU); otherwise the U rows
-        are gathered into [Q, M, D].
-        """
-        flat = neg_ids.reshape(-1)
-        if self.num_items <= flat.numel():
-            # ids are < num_items: a presence table beats sorting Q * M ids
-            present = torch.zeros(self.num_items, dtype=torch.bool, device=flat.device)
-            present[flat] = True
-            uniq = present.nonzero().squeeze(1)
-            slot = torch.cumsum(present, 0) - 1
-            inverse = slot[flat]
-        else:
-            uniq, inverse = torch.unique(flat, return_inverse=True)
-        rows = self.normalise(self.lookup_items(uniq))  # [U, D]
-        inverse = inverse.view(neg_ids.shape)
-        if uniq.numel() * 2 <= neg_ids.shape[1] * rows.shape[1]:
-            return SharedRows(rows, inverse)
-        return rows[inverse]
+    @staticmethod
+    def negative_vectors(rows: torch.Tensor, index: torch.Tensor):
+        """Per-query negatives from the U distinct rows [U, D] (normalised) and index [Q, M]:
+        a :class:`SharedRows` when the [Q, U] score matrix is smaller than the [Q, M, D]
+        gathered vectors (same values, much cheaper on CPU), else rows[index] [Q, M, D]."""
+        if rows.shape[0] * 2 <= index.shape[1] * rows.shape[1]:
+            return SharedRows(rows, index)
+        return rows[index]
 
     # ---------------------------------------------------------------------- evaluation
 
     @torch.no_grad()
-    def corpus_vectors(self, chunk_size: int = 65536) -> torch.Tensor:
-        """[I, D] normalised item vectors of ids [0, num_items), looked up chunk by chunk.
-
-        Every rank must call it (a sharded table looks up collectively).
-        """
-        device = next(self.block.parameters()).device
-        parts = []
-        for start in range(0, self.num_items, chunk_size):
-            ids = torch.arange(start, min(start + chunk_size, self.num_items), device=device)
-            parts.append(self.normalise(self.lookup_items(ids)))
-        return torch.cat(parts)
-
-    @torch.no_grad()
-    def last_queries(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def last_queries(self, batch: Batch, embeddings: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normalised query of each own sample's last history item token [B, D], and the own history
         (item ids [sum(H)], their sample index [sum(H)])."""
-        own, inputs, layout, tokens, states = self._states(batch)
+        own, inputs, layout, tokens, states = self._states(batch, embeddings)
         # the query row of each sample's last history item (as in training); a sample
         # without history falls back to its last token
         hist_all = inputs.history_lengths
@@ -326,18 +306,18 @@ class RetrievalModel(nn.Module):
     def evaluate(
         self,
         batch: Batch,
+        embeddings: dict,
+        corpus: torch.Tensor,
         top_k: int = 200,
         chunk_size: int = 65536,
-        corpus: torch.Tensor | None = None,
     ) -> RetrievalEval:
         """Full-corpus top-k and target ranks for each own sample (targets in batch.labels).
 
-        ``corpus`` [I, D] (from :meth:`corpus_vectors`) can be passed to reuse it across
-        batches; scores are computed ``chunk_size`` items at a time so memory is B x chunk.
+        ``corpus`` [I, D]: normalised vectors of ids [0, num_items) (the top-level model's
+        ``corpus_vectors``); scores are computed ``chunk_size`` items at a time so memory is
+        B x chunk.
         """
-        if corpus is None:
-            corpus = self.corpus_vectors(chunk_size)
-        queries, history_ids, history_seg = self.last_queries(batch)
+        queries, history_ids, history_seg = self.last_queries(batch, embeddings)
         bsz = queries.shape[0]
         targets = (
             batch.labels if batch.labels is not None else torch.full((bsz,), -1, dtype=torch.int64)

@@ -5,7 +5,7 @@ Runtime objects (process groups, devices) are passed in, never stored in the arg
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import os
@@ -22,11 +22,16 @@ from hstu.embeddings import (
     TablePlacement,
     build_embeddings,
     fused_optimizer,
+    replicated_optimizers,
     shard_embeddings,
 )
+from hstu.data.negatives import NegativeSampler
 from hstu.model import ModelDataInfo, build_model
+from hstu.model.model import GenerativeRecommender
 from hstu.training.distributed import DistEnv
-from hstu.training.optimizer import OptimizerContainer, build_dense_optimizer
+from hstu.training.ddp import wrap_dense
+from hstu.training.distributed import seed_training_rng
+from hstu.training.optimizer import OptimizerContainer
 
 
 @dataclass
@@ -61,6 +66,27 @@ def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters outside the embedding tables (those are updated in backward)."""
     sparse = {id(p) for m in model.modules() if isinstance(m, HstuEmbeddings) for p in m.parameters()}
     return [p for p in model.parameters() if id(p) not in sparse and p.requires_grad]
+
+
+def negative_sampler(cfg: RunConfig, info: DataInfo) -> NegativeSampler | None:
+    """Retrieval with uniform, mixed or full-corpus negatives: what the batches carry."""
+    if cfg.task != "retrieval" or cfg.network.architecture != "hstu":
+        return None
+    r = cfg.retrieval
+    if r.negative_sampling == "full_corpus":
+        mode = "full_corpus"
+    elif r.negative_sampling in ("uniform", "mixed") and r.num_negatives > 0:
+        mode = r.negative_sampling
+    else:
+        return None
+    return NegativeSampler(
+        mode=mode,
+        num_negatives=max(r.num_negatives, 0),
+        min_item_id=info.first_item_id,
+        num_items=info.num_items,
+        item_feature_name=info.item_feature_name,
+        seed=cfg.trainer.seed,
+    )
 
 
 def ensure_generated(cfg: RunConfig, env: DistEnv) -> None:
@@ -99,6 +125,17 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         tables = list(cfg.tables)
     else:
         tables = info.default_tables(overrides=cfg.tables)
+    sampler = negative_sampler(cfg, info)
+    if sampler is not None:
+        # the negatives (or the corpus) are looked up by the item table with the batch
+        tables = [
+            replace(tb, feature_names=[*tb.feature_names, sampler.feature_name])
+            if info.item_feature_name in tb.feature_names else tb
+            for tb in tables
+        ]
+        for loader in (train_loader, eval_loader, test_loader):
+            if loader is not None:
+                loader.negatives = sampler
     dims = table_dims(tables, info, cfg.network)
     torch.manual_seed(t.seed)
     embeddings = build_embeddings(
@@ -121,8 +158,7 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
     if cfg.network.architecture == "mlp_baseline":
         from hstu.model.baseline import NonSequentialRanking
 
-        model: nn.Module = NonSequentialRanking(
-            embeddings,
+        model: nn.Module = GenerativeRecommender(embeddings, NonSequentialRanking(
             info.item_feature_name,
             list(info.contextual_feature_names),
             data_info.feature_dims[info.item_feature_name]
@@ -132,7 +168,7 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
             cfg.ranking.prediction_head_bias,
             cfg.ranking.num_tasks,
             dropout=cfg.network.hidden_dropout,
-        )
+        ))
     else:
         model = build_model(
             cfg.task, cfg.network, task_args, embeddings, data_info, tp_group=env.tp_group
@@ -151,13 +187,18 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
     steps_per_epoch = len(train_loader)
     total_steps = t.max_train_iters if t.max_train_iters is not None else steps_per_epoch
     dense = dense_parameters(model)
-    fused = fused_optimizer(model)
+    if env.world_size > 1:
+        # after sharding: DDP broadcasts the dense weights over the DP group and owns the
+        # dense gradient sync (bucketed, overlapping backward; see hstu.training.ddp)
+        model.dense = wrap_dense(model.dense, env.dp_group, env.world_size, t.ddp_bucket_cap_mb)
+    seed_training_rng(t.seed, env)
     optimizer = OptimizerContainer(
-        build_dense_optimizer(dense, cfg.optimizer),
+        dense,
         cfg.optimizer,
         total_steps,
-        sparse=fused,
-        allreduce_groups=[(dense, env.dp_group, env.dp_size)],
+        sparse=fused_optimizer(model),
+        tp_group=env.tp_group if env.tp_size > 1 else None,
+        sparse_replicated=replicated_optimizers(model),
     )
     return Built(
         train_loader, eval_loader, info, tables, placements, model, optimizer, total_steps, test_loader

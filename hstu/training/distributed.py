@@ -100,25 +100,43 @@ def destroy_distributed() -> None:
 
 
 def set_seed(seed: int) -> None:
-    """Same seed on every rank for weights; Megatron's TP RNG tracker for TP-local dropout."""
+    """The same seed on every rank: weights are drawn identically everywhere (TP ranks keep
+    their shard of the TP=1 draw)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    try:
-        from megatron.core import tensor_parallel
 
+
+def seed_training_rng(seed: int, env: DistEnv, step: int = 0) -> None:
+    """Random streams for training, after the weights are built (hstu.model.rng):
+
+    - default generator: one per data-parallel rank, the same on every rank of a TP group
+      (dropout on activations replicated over the group must match there);
+    - tensor-parallel stream: ``+ 2718 + tp_rank`` (Megatron's rule), one mask per shard.
+
+    A single process keeps the stream that built its weights (so its results do not depend
+    on this call). ``step`` > 0 re-seeds a rank that did not exist in a resumed run.
+    """
+    from hstu.model.rng import seed_tensor_parallel
+
+    base = seed + 7919 * step
+    if env.dp_size > 1 or env.tp_size > 1 or step > 0:
+        torch.manual_seed(base + 1_000_003 * env.dp_rank)
         if torch.cuda.is_available():
-            tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    except Exception:  # noqa: BLE001 - the tracker only exists with CUDA
-        pass
+            torch.cuda.manual_seed(base + 1_000_003 * env.dp_rank)
+    if env.tp_size > 1:
+        seed_tensor_parallel(base + 1_000_003 * env.dp_rank, env.tp_rank)
 
 
 def rng_state() -> dict:
     """All RNG states of this process, for checkpoints."""
+    from hstu.model.rng import tracker_state
+
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
+        "tensor_parallel": tracker_state(),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -129,5 +147,9 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if state.get("tensor_parallel"):
+        from hstu.model.rng import set_tracker_state
+
+        set_tracker_state(state["tensor_parallel"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

@@ -47,31 +47,89 @@ def build_dense_optimizer(params: Iterable[torch.nn.Parameter], args: OptimizerA
     return torch.optim.SGD(params, lr=args.learning_rate, weight_decay=args.weight_decay)
 
 
-class OptimizerContainer(torch.optim.Optimizer):
-    """Dense optimizer + fused sparse optimizer behind one interface.
+def _counted_once(p: torch.nn.Parameter, tp_rank: int) -> bool:
+    """Megatron's rule: a tensor-parallel shard counts on every rank, a parameter replicated
+    over the TP group only on TP rank 0."""
+    return bool(getattr(p, "tensor_model_parallel", False)) or tp_rank == 0
 
-    ``step()``: average dense gradients over ``allreduce_groups`` (each entry: parameters and
-    the process group over which their gradients are averaged), clip the global norm, set
-    the scheduled LR, step. The sparse (fused) optimizers, one per sharded collection,
-    already stepped inside backward; they are here for ``state_dict()``.
+
+class DynamicLossScaler:
+    """float16: the loss is multiplied by ``scale`` before backward; a step whose gradients
+    overflow is skipped and halves it; ``growth_interval`` clean steps double it."""
+
+    def __init__(self, init_scale: float = 2.0**16, growth_interval: int = 1000,
+                 min_scale: float = 1.0) -> None:
+        self.scale = init_scale
+        self.growth_interval = growth_interval
+        self.min_scale = min_scale
+        self.clean_steps = 0
+        self.skipped_steps = 0
+
+    def update(self, found_inf: bool) -> None:
+        if found_inf:
+            self.scale = max(self.scale / 2.0, self.min_scale)
+            self.clean_steps = 0
+            self.skipped_steps += 1
+            return
+        self.clean_steps += 1
+        if self.clean_steps % self.growth_interval == 0:
+            self.scale *= 2.0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "clean_steps": self.clean_steps, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = float(state["scale"])
+        self.clean_steps = int(state["clean_steps"])
+        self.skipped_steps = int(state["skipped_steps"])
+
+
+class OptimizerContainer(torch.optim.Optimizer):
+    """Dense optimizer (fp32 master weights, LR schedule, model-parallel clipping, loss scaling)
+    + the sparse optimizers of the tables, behind one interface.
+
+    - Gradients arrive already averaged (DDP over the DP group, :mod:`hstu.training.ddp`).
+    - Half-precision parameters (``NetworkArgs.dtype_str`` bfloat16/float16) get float32 master
+      copies: the torch optimizer and its state live on the masters, gradients are copied up,
+      the update is applied to the masters and copied down. Float32 parameters are their own
+      masters. An update below bf16 resolution still moves the master.
+    - float16: dynamic loss scaling (:class:`DynamicLossScaler`); ``scale_loss`` before backward.
+    - Clipping: one global norm over the model-parallel group, TP shards counted on every rank
+      and replicated parameters once (Megatron's rule), so every TP rank scales by the same
+      factor. The norm stays a tensor (no host sync); ``last_grad_norm`` holds it.
+    - The LR schedule (:func:`lr_at`) drives the dense optimizer and, with
+      ``OptimizerArgs.sparse_lr_schedule="follow"``, the sparse ones as well (their base LR
+      times the same factor).
     """
 
     def __init__(
         self,
-        dense: torch.optim.Optimizer,
+        params: list[torch.nn.Parameter],
         args: OptimizerArgs,
         total_steps: int | None,
         sparse: list[Any] | None = None,
-        allreduce_groups: list[tuple[list[torch.nn.Parameter], dist.ProcessGroup | None, int]] | None = None,
+        tp_group: dist.ProcessGroup | None = None,
+        sparse_replicated: list[torch.optim.Optimizer] | None = None,
     ) -> None:
         # Not calling Optimizer.__init__: param_groups are the dense optimizer's.
-        self.dense = dense
+        self.params = [p for p in params if p.requires_grad]
+        self.masters = [
+            p if p.dtype == torch.float32 else p.detach().float().clone() for p in self.params
+        ]
+        self._master_of = {id(p): m for p, m in zip(self.params, self.masters) if m is not p}
+        self.dense = build_dense_optimizer(self.masters, args)
         self.sparse = sparse
+        self.sparse_replicated = sparse_replicated or []
         self.args = args
         self.total_steps = total_steps
-        self.allreduce_groups = allreduce_groups or []
+        self.tp_group = tp_group
+        self.tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
+        self.scaler = DynamicLossScaler() if any(p.dtype == torch.float16 for p in self.params) else None
         self.num_steps = 0
-        self.last_grad_norm: float | None = None
+        self.last_grad_norm: torch.Tensor | None = None
+        self._sparse_base = [
+            [group["lr"] for group in opt.param_groups] for opt in self._sparse_optimizers()
+        ]
         self._set_lr(lr_at(0, args, total_steps))
 
     # torch.optim.Optimizer surface used by TorchRec pipelines and schedulers
@@ -87,58 +145,135 @@ class OptimizerContainer(torch.optim.Optimizer):
     def lr(self) -> float:
         return self.dense.param_groups[0]["lr"]
 
+    @property
+    def has_masters(self) -> bool:
+        return bool(self._master_of)
+
+    def master_of(self, p: torch.nn.Parameter) -> torch.Tensor | None:
+        """The float32 master of a half-precision parameter (None for float32 ones)."""
+        return self._master_of.get(id(p))
+
+    def _sparse_optimizers(self) -> list[Any]:
+        return list(self.sparse or []) + list(self.sparse_replicated)
+
     def _set_lr(self, lr: float) -> None:
         for group in self.dense.param_groups:
             group["lr"] = lr
+        if self.args.sparse_lr_schedule != "follow" or not self.args.learning_rate:
+            return
+        factor = lr / self.args.learning_rate
+        for opt, bases in zip(self._sparse_optimizers(), self._sparse_base):
+            for group, base in zip(opt.param_groups, bases):
+                group["lr"] = base * factor
+            if hasattr(opt, "zero_grad") and opt in (self.sparse or []):
+                # FBGEMM's fused optimizers take a new LR when stepped or zeroed
+                opt.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.dense.zero_grad(set_to_none=set_to_none)
+        for p in self.params:
+            p.grad = None
+        for m in self._master_of.values():
+            m.grad = None
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """What backward should run on (loss times the float16 loss scale)."""
+        return loss if self.scaler is None else loss * self.scaler.scale
 
     @torch.no_grad()
-    def _allreduce_grads(self) -> None:
-        for params, group, size in self.allreduce_groups:
-            if size <= 1:
-                continue
-            grads = [p.grad for p in params if p.grad is not None]
-            if not grads:
-                continue
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=group)
-            flat.div_(size)
-            offset = 0
-            for g in grads:
-                n = g.numel()
-                g.copy_(flat[offset : offset + n].view_as(g))
-                offset += n
+    def _grads_to_masters(self) -> None:
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+
+    @torch.no_grad()
+    def _unscale_and_check(self) -> bool:
+        """float16: divides the master grads by the scale; True if any is not finite (the same
+        answer on every rank)."""
+        inv = 1.0 / self.scaler.scale
+        grads = [m.grad for m in self.masters if m.grad is not None]
+        bad = torch.zeros(1, device=grads[0].device if grads else "cpu")
+        for g in grads:
+            g.mul_(inv)
+            bad += (~torch.isfinite(g)).any().float()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bool(bad.item() > 0)
+
+    @torch.no_grad()
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clips the master gradients to one global norm over the model-parallel group."""
+        pairs = [(p, m) for p, m in zip(self.params, self.masters) if m.grad is not None]
+        device = pairs[0][1].grad.device if pairs else torch.device("cpu")
+        sq = torch.zeros((), dtype=torch.float32, device=device)
+        for p, m in pairs:
+            if _counted_once(p, self.tp_rank):
+                sq += m.grad.float().pow(2).sum()
+        if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
+            dist.all_reduce(sq, group=self.tp_group)
+        norm = sq.sqrt()
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for _, m in pairs:
+            m.grad.mul_(coef)
+        return norm
 
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
-        self._allreduce_grads()
+        self._grads_to_masters()
+        if self.scaler is not None:
+            found_inf = self._unscale_and_check()
+            self.scaler.update(found_inf)
+            if found_inf:  # skipped: weights and optimizer state untouched
+                self.num_steps += 1
+                self._set_lr(lr_at(self.num_steps, self.args, self.total_steps))
+                return
         if self.args.clip_grad_norm > 0:
-            params = [p for g in self.dense.param_groups for p in g["params"] if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, self.args.clip_grad_norm)
-            self.last_grad_norm = float(norm)
+            self.last_grad_norm = self.clip_grad_norm(self.args.clip_grad_norm)
         self._set_lr(lr_at(self.num_steps, self.args, self.total_steps))
         self.dense.step()
+        with torch.no_grad():
+            for p, m in zip(self.params, self.masters):
+                if m is not p:
+                    p.copy_(m)
         self.num_steps += 1
         # the next step's LR, so that logs show what the next update uses
         self._set_lr(lr_at(self.num_steps, self.args, self.total_steps))
 
     def state_dict(self) -> dict:  # type: ignore[override]
         out = {"dense": self.dense.state_dict(), "num_steps": self.num_steps}
+        if self.scaler is not None:
+            out["loss_scaler"] = self.scaler.state_dict()
         if self.sparse:
             out["sparse"] = [opt.state_dict() for opt in self.sparse]
         return out
 
-    def load_dense_state_dict(self, dense_state: dict, num_steps: int) -> None:
+    def load_dense_state_dict(self, dense_state: dict, num_steps: int, scaler: dict | None = None) -> None:
         """Restores the dense optimizer and the schedule position (sparse state lives with
         the embedding tables' checkpoint)."""
         self.dense.load_state_dict(dense_state)
         self.num_steps = num_steps
+        if scaler is not None and self.scaler is not None:
+            self.scaler.load_state_dict(scaler)
         self._set_lr(lr_at(self.num_steps, self.args, self.total_steps))
 
     def load_state_dict(self, state: dict) -> None:  # type: ignore[override]
         self.dense.load_state_dict(state["dense"])
         self.num_steps = int(state["num_steps"])
+        if "loss_scaler" in state and self.scaler is not None:
+            self.scaler.load_state_dict(state["loss_scaler"])
         for opt, opt_state in zip(self.sparse or [], state.get("sparse", [])):
             opt.load_state_dict(opt_state)
         self._set_lr(lr_at(self.num_steps, self.args, self.total_steps))
+
+    @torch.no_grad()
+    def reload_masters(self) -> None:
+        """After the model's half-precision weights were loaded (e.g. from a float32 master
+        state), re-derive masters from them; :meth:`load_masters` restores exact fp32 values."""
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                m.copy_(p.float())
+
+    @torch.no_grad()
+    def load_masters(self, values: dict[int, torch.Tensor]) -> None:
+        """id(param) -> float32 value of its master."""
+        for p, m in zip(self.params, self.masters):
+            if m is not p and id(p) in values:
+                m.copy_(values[id(p)])

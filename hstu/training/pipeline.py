@@ -28,7 +28,7 @@ class SequentialPipeline:
         batch = batch.to(self._device, non_blocking=True)
         self._optimizer.zero_grad()
         loss, output = self._model(batch)
-        torch.sum(loss).backward()
+        _scaled(self._optimizer, torch.sum(loss)).backward()
         self._optimizer.step()
         return loss.detach(), output
 
@@ -40,24 +40,42 @@ class SequentialPipeline:
             self._model = model
 
 
-def _prefetch_supported(model: torch.nn.Module) -> tuple[bool, str]:
-    """Prefetch needs embedding kernels with a cache to prefetch into (fused UVM caching)."""
-    if not torch.cuda.is_available():
-        return False, "no GPU: embedding-cache prefetch needs the UVM caching kernel"
-    try:
-        from torchrec.distributed.embedding_types import EmbeddingComputeKernel
-    except ImportError:  # pragma: no cover
-        return False, "torchrec has no EmbeddingComputeKernel"
-    plan = getattr(model, "plan", None)
-    kernels = set()
-    if plan is not None:
+def _scaled(optimizer: Any, loss: torch.Tensor) -> torch.Tensor:
+    scale = getattr(optimizer, "scale_loss", None)
+    return loss if scale is None else scale(loss)
+
+
+def sharding_kernels(model: torch.nn.Module) -> dict[str, str]:
+    """table -> compute kernel, from the sharding plan of every sharded collection in ``model``
+    (the plans live on the DistributedModelParallel of each HstuEmbeddings, ``.ec.plan``)."""
+    from hstu.embeddings.sharding import _find_embedding_modules
+
+    kernels: dict[str, str] = {}
+    for emb in _find_embedding_modules(model):
+        plan = getattr(emb.ec, "plan", None)
+        if plan is None:
+            continue
         for module_plan in plan.plan.values():
-            for param_sharding in module_plan.values():
-                kernels.add(param_sharding.compute_kernel)
+            for table, param_sharding in module_plan.items():
+                kernels[table] = param_sharding.compute_kernel
+    return kernels
+
+
+def _prefetch_supported(model: torch.nn.Module, cuda: bool | None = None) -> tuple[bool, str]:
+    """Prefetch needs a GPU and a table whose kernel has a cache to prefetch into."""
+    from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+
     caching = {EmbeddingComputeKernel.FUSED_UVM_CACHING.value, EmbeddingComputeKernel.KEY_VALUE.value}
-    if kernels & caching:
-        return True, ""
-    return False, "no table uses a caching kernel (DynamicEmbeddingArgs.caching=True on a GPU)"
+    kernels = sharding_kernels(model)
+    cached = sorted(t for t, k in kernels.items() if k in caching)
+    if not cached:
+        return False, (
+            f"no table uses a caching kernel (kernels: {kernels or 'none'}; "
+            "DynamicEmbeddingArgs.caching=True on a GPU)"
+        )
+    if not (torch.cuda.is_available() if cuda is None else cuda):
+        return False, f"no GPU: tables {cached} need the UVM caching kernel"
+    return True, ""
 
 
 def build_pipeline(
@@ -80,21 +98,22 @@ def build_pipeline(
         if ok:
             return _untraceable_tolerant(PrefetchTrainPipelineSparseDist, log)(
                 model, optimizer, device, execute_all_batches=True,
-                custom_model_fwd=_with_loss(model),
+                custom_model_fwd=_with_loss(model, optimizer),
             )
         log(f"[hstu] pipeline_type=prefetch not applicable ({why}); running native instead")
     return _untraceable_tolerant(TrainPipelineSparseDist, log)(
-        model, optimizer, device, execute_all_batches=True, custom_model_fwd=_with_loss(model)
+        model, optimizer, device, execute_all_batches=True, custom_model_fwd=_with_loss(model, optimizer)
     )
 
 
-def _with_loss(model: torch.nn.Module) -> Any:
+def _with_loss(model: torch.nn.Module, optimizer: Any) -> Any:
     """TorchRec pipelines return only the model's second output; put the loss in it so that
-    every pipeline's ``progress`` returns ``(detached loss, model outputs)``."""
+    every pipeline's ``progress`` returns ``(detached loss, model outputs)``. The first output
+    is what backward runs on (times the float16 loss scale)."""
 
     def forward(batch: Any) -> tuple[torch.Tensor, Any]:
         loss, output = model(batch)
-        return loss, (loss.detach(), output)
+        return _scaled(optimizer, loss), (loss.detach(), output)
 
     return forward
 

@@ -18,7 +18,7 @@ from hstu.config import RunConfig
 from hstu.embeddings import embedding_state_dict, load_embedding_state_dict
 from hstu.training.builder import Built, build_all
 from hstu.training.checkpoint import load_checkpoint, save_checkpoint
-from hstu.training.distributed import DistEnv, rng_state, set_rng_state
+from hstu.training.distributed import DistEnv, rng_state, seed_training_rng, set_rng_state
 from hstu.training.evaluate import evaluate, popularity_baseline
 from hstu.training.flops import hstu_step_flops, peak_flops
 from hstu.training.logger import RunLogger
@@ -103,20 +103,33 @@ class Trainer:
         """Top-level submodules other than the embedding tables (those go through DCP)."""
         from hstu.embeddings import EmbeddingsByDim, HstuEmbeddings
 
+        if not isinstance(self.model.sparse, (HstuEmbeddings, EmbeddingsByDim)):
+            raise TypeError("model.sparse must hold the embedding tables")
+        dense = self.model.dense_module
         out = {}
-        for name, child in self.model.named_children():
-            if isinstance(child, (HstuEmbeddings, EmbeddingsByDim)):
-                continue
+        for name, child in dense.named_children():
             if any(isinstance(m, HstuEmbeddings) for m in child.modules()):
-                raise TypeError(f"model.{name} nests embedding tables; checkpointing expects them at the top")
+                raise TypeError(f"model.dense.{name} nests embedding tables; checkpointing expects them in model.sparse")
             out[name] = child
-        if any(True for _ in self.model.parameters(recurse=False)):
-            raise TypeError("model has parameters outside its submodules; checkpointing cannot place them")
+        if any(True for _ in dense.parameters(recurse=False)):
+            raise TypeError("the dense module has parameters outside its submodules; checkpointing cannot place them")
         return out
 
     def _dense_state(self) -> dict[str, Any]:
-        weights = {name: child.state_dict() for name, child in self._dense_children().items()}
-        return {"model": weights, "optimizer": self.optimizer.dense.state_dict(), "num_steps": self.optimizer.num_steps}
+        """Dense weights (float32 masters in place of half-precision parameters), the dense
+        optimizer (its state is the masters'), the schedule position and the loss scale."""
+        weights = {}
+        for name, child in self._dense_children().items():
+            state = child.state_dict()
+            for pname, p in child.named_parameters():
+                master = self.optimizer.master_of(p)
+                if master is not None:
+                    state[pname] = master.detach().clone()
+            weights[name] = state
+        out = {"model": weights, "optimizer": self.optimizer.dense.state_dict(), "num_steps": self.optimizer.num_steps}
+        if self.optimizer.scaler is not None:
+            out["loss_scaler"] = self.optimizer.scaler.state_dict()
+        return out
 
     def save(self, root: str | None = None) -> str:
         meta = {
@@ -155,20 +168,27 @@ class Trainer:
             raise ValueError(
                 f"checkpoint {path} holds modules {sorted(dense['model'])}, this model has {sorted(children)}"
             )
+        masters: dict[int, torch.Tensor] = {}
         for name, child in children.items():
             child.load_state_dict(dense["model"][name])
+            for pname, p in child.named_parameters():
+                if self.optimizer.master_of(p) is not None:
+                    masters[id(p)] = dense["model"][name][pname].float()
+        self.optimizer.load_masters(masters)
         return dense, meta, rng
 
     def _load(self, path: str) -> None:
         dense, meta, rng = self._load_weights(path)
-        self.optimizer.load_dense_state_dict(dense["optimizer"], int(dense["num_steps"]))
+        self.optimizer.load_dense_state_dict(
+            dense["optimizer"], int(dense["num_steps"]), dense.get("loss_scaler")
+        )
         self.step = self._resumed_step = int(meta["step"])
         self.built.train_loader.load_state_dict(meta["data"])
         self.data_base = self.built.train_loader.state_dict()
         if rng is not None:
             set_rng_state(rng)
-        else:  # this rank did not exist in the saved run: derive its RNG from seed and step
-            torch.manual_seed(self.args.seed + 7919 * self.step + self.env.rank)
+        else:  # this rank did not exist in the saved run: derive its streams from seed and step
+            seed_training_rng(self.args.seed, self.env, step=self.step)
         self.logger.print(
             f"[hstu] resumed from {path} at step {self.step} (saved on {meta['world_size']} rank(s))"
         )
@@ -191,16 +211,28 @@ class Trainer:
         window_start = time.perf_counter()
         last_eval: dict[str, float] = {}
         losses: list[float] = []
+        # losses stay on the device until a log boundary (no host sync inside a step)
+        pending: list[torch.Tensor] = []
+
+        def flush() -> float:
+            """Moves the pending losses to the host; stops at the first non-finite one."""
+            if not pending:
+                return 0.0
+            values = torch.stack([x.reshape(()).float() for x in pending]).double().cpu().tolist()
+            first = self.step - len(pending) + 1
+            pending.clear()
+            for i, v in enumerate(values):
+                if not math.isfinite(v):
+                    raise FloatingPointError(f"step {first + i}: loss is {v}")
+            losses.extend(values)
+            return sum(values)
+
         self._install_signals()
         while self.step < self.max_steps:
             loss, _ = pipeline.progress(feed_iter)
             self.step += 1
             tokens, flops = feed.pop_cost()
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"step {self.step}: loss is {loss_value}")
-            losses.append(loss_value)
-            window_loss += loss_value
+            pending.append(loss.detach())
             window_n += 1
             window_tokens += tokens
             window_flops += flops
@@ -208,7 +240,11 @@ class Trainer:
                 profiler.step()
             if bar is not None:
                 bar.update(1)
-            if self.step % args.log_interval == 0 or self.step == self.max_steps:
+            boundary = self.step % args.log_interval == 0 or self.step == self.max_steps
+            saving = args.ckpt_save_interval > 0 and self.step % args.ckpt_save_interval == 0
+            if boundary or saving:
+                window_loss += flush()
+            if boundary:
                 elapsed = time.perf_counter() - window_start
                 stats = torch.tensor([window_loss, window_n, window_tokens, window_flops], dtype=torch.float64)
                 dist.all_reduce(stats)
@@ -220,6 +256,10 @@ class Trainer:
                 mfu = flop_s / (self.peak * world) if self.peak > 0 else float("nan")
                 metrics = {"loss": mean_loss, "lr": self.optimizer.lr, "tokens_per_s": tok_s,
                            "tflops": flop_s / 1e12, "mfu": mfu}
+                if self.optimizer.last_grad_norm is not None:
+                    metrics["grad_norm"] = float(self.optimizer.last_grad_norm)
+                if self.optimizer.scaler is not None:
+                    metrics["loss_scale"] = self.optimizer.scaler.scale
                 self.logger.log(self.step, "train", metrics)
                 msg = (f"step {self.step}/{self.max_steps} loss {mean_loss:.4f} lr {self.optimizer.lr:.2e} "
                        f"tokens/s {tok_s:,.0f} TFLOP/s {flop_s / 1e12:.4f} MFU {mfu:.2%}")
@@ -242,16 +282,17 @@ class Trainer:
                         f"{args.early_stopping_patience} evaluations"
                     )
                     break
-            if args.ckpt_save_interval > 0 and self.step % args.ckpt_save_interval == 0:
+            if saving:
                 self.save()
                 window_start = time.perf_counter()
-            if self._stop_agreed():
+            if (boundary or saving) and self._stop_agreed():
                 path = self.save()
                 say(f"[hstu] stopped by signal at step {self.step}; resume with "
                     f"TrainerArgs.ckpt_load_dir=\"{path}\"")
                 self.interrupted = True
                 break
         else:
+            flush()
             # a finished run keeps its final state when checkpointing is on
             if args.ckpt_save_interval > 0 and self.step % args.ckpt_save_interval != 0:
                 self.save()

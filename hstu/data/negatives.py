@@ -1,0 +1,110 @@
+"""Retrieval negatives drawn in the data path, looked up with the batch's other item ids.
+
+Legend: B samples, H[b] history items of sample b, Q = sum(max(H - 1, 0)) training queries
+(history position j of sample b predicts item j+1), M negatives per query, U distinct ids.
+
+The ids to score against travel as one more key of the batch's KeyedJaggedTensor
+(``NegativeSampler.feature_name``, a feature of the item table), so the single embedding
+lookup of a step serves history, targets and negatives, and TorchRec's train pipeline can
+distribute them with the rest of the batch:
+- ``uniform`` / ``mixed``: M ids per query, drawn uniformly from [min_item_id, num_items);
+  the key holds the U distinct ids (all in sample 0's slot), ``Batch.negative_index`` int64
+  [Q, M] points into them.
+- ``full_corpus``: the key holds every id of [min_item_id, num_items) (the exact softmax).
+- evaluation batches carry the key empty (the key order must not change between calls of a
+  sharded collection).
+
+Draws are a hash of (seed, epoch, sample id, position, slot), not a stream: a sample gets the
+same negatives whatever the rank, world size, batch size or pipeline that reads it, so a
+TP x DP layout trains on exactly the negatives of a single process, and no random stream
+of the model (dropout) depends on how many queries a rank happens to hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser on uint64 arrays (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK
+        return x ^ (x >> np.uint64(31))
+
+
+def negatives_feature_name(item_feature_name: str) -> str:
+    return f"{item_feature_name}__negatives"
+
+
+@dataclass
+class NegativeSampler:
+    """What a retrieval training batch carries for its loss (see the module docstring)."""
+
+    mode: str  # "uniform" | "mixed" | "full_corpus"
+    num_negatives: int
+    min_item_id: int
+    num_items: int
+    item_feature_name: str
+    seed: int
+
+    @property
+    def feature_name(self) -> str:
+        return negatives_feature_name(self.item_feature_name)
+
+    def draw(self, sample_ids: np.ndarray, history_lengths: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(ids for the key [U], index [Q, M] into them or None for the full corpus)."""
+        if self.mode == "full_corpus":
+            return np.arange(self.min_item_id, self.num_items, dtype=np.int64), None
+        m = self.num_negatives
+        per = np.maximum(history_lengths.astype(np.int64) - 1, 0)
+        q = int(per.sum())
+        sample = np.repeat(sample_ids.astype(np.uint64), per)
+        pos = (np.arange(q, dtype=np.int64) - np.repeat(np.cumsum(per) - per, per)).astype(np.uint64)
+        with np.errstate(over="ignore"):
+            key = _mix(np.uint64(self.seed & 0xFFFFFFFF) * np.uint64(1_000_003) + np.uint64(epoch))
+            key = _mix(key ^ sample)
+            key = _mix(key ^ (pos * np.uint64(0x100000001B3)))  # [Q]
+            slots = np.arange(m, dtype=np.uint64)
+            h = _mix(key[:, None] ^ (slots[None, :] * np.uint64(0xD6E8FEB86659FD93)))  # [Q, M]
+        span = np.uint64(self.num_items - self.min_item_id)
+        ids = (h % span).astype(np.int64) + self.min_item_id
+        present = np.zeros(self.num_items, dtype=bool)
+        present[ids.reshape(-1)] = True
+        uniq = np.flatnonzero(present).astype(np.int64)
+        slot = np.cumsum(present) - 1
+        return uniq, slot[ids].astype(np.int64).reshape(q, m)
+
+    def index_tensor(self, index: np.ndarray | None) -> torch.Tensor | None:
+        return None if index is None else torch.from_numpy(index)
+
+
+__all__ = ["NegativeSampler", "negatives_feature_name"]
+
+
+def attach_negatives(batch, sampler: NegativeSampler, sample_ids: np.ndarray, epoch: int, training: bool):
+    """``batch`` with the negatives key appended (and ``negative_index`` in training)."""
+    from dataclasses import replace
+
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    kjt = batch.features
+    neg_lengths = torch.zeros(batch.batch_size, dtype=torch.int64)
+    ids = np.zeros(0, dtype=np.int64)
+    index = None
+    if training:
+        hist = batch.history_lengths().numpy()
+        ids, index = sampler.draw(sample_ids, hist, epoch)
+        neg_lengths[0] = ids.size
+    features = KeyedJaggedTensor(
+        keys=list(kjt.keys()) + [sampler.feature_name],
+        values=torch.cat([kjt.values(), torch.from_numpy(ids)]),
+        lengths=torch.cat([kjt.lengths(), neg_lengths]),
+    )
+    return replace(batch, features=features, negative_index=sampler.index_tensor(index))

@@ -1,0 +1,208 @@
+"""Trainer-level gradient semantics under TP and DP (2 gloo processes) against one process.
+
+For one global batch, TP=2 x DP=1, TP=1 x DP=2 and TP=1 x DP=1 must take the same step:
+the same losses and the same final weights (dense and tables), with clipping on and the
+options users turn on (Adam or SGD, uniform negatives). With dropout, the parameters
+replicated over a TP group must stay bitwise identical while the sharded activations'
+dropout masks differ between the TP ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from hstu.model.tensor_parallel import unshard_uvqk
+from tests.dist_utils import run_multiprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _trainer(task: str, tmp: str, tag: str, params: list[str]):
+    import gin
+
+    from hstu.config import load_config
+    from hstu.training.distributed import init_distributed, set_seed
+    from hstu.training.trainer import Trainer
+
+    gin.clear_config()
+    cfg = load_config(
+        os.path.join(ROOT, "configs", f"debug_{task}.gin"),
+        [
+            f'TrainerArgs.run_dir="{os.path.join(tmp, tag)}"',
+            f'DatasetArgs.dataset_path="{os.path.join(tmp, "data", "synthetic")}"',
+            "TrainerArgs.log_interval=1",
+            "TrainerArgs.eval_interval=1000",
+            "TrainerArgs.max_eval_iters=1",
+            *params,
+        ],
+        task=task,
+        world_size=dist.get_world_size(),
+    )
+    env = init_distributed(cfg.tp.tensor_model_parallel_size)
+    set_seed(cfg.trainer.seed)
+    run_dir = os.path.join(tmp, f"{tag}_rank{env.rank}")
+    return Trainer(cfg, env, run_dir, ""), env
+
+
+def _full_dense(model, env) -> dict[str, torch.Tensor]:
+    """The dense weights as one process would hold them (TP shards gathered)."""
+    dense = model.dense_module
+    out = {}
+    for name, p in dense.named_parameters():
+        t = p.detach().float()
+        if env.tp_size > 1 and getattr(p, "tensor_model_parallel", False):
+            parts = [torch.empty_like(t) for _ in range(env.tp_size)]
+            dist.all_gather(parts, t.contiguous(), group=env.tp_group)
+            if name.endswith(("uvqk.weight", "uvqk.bias")):
+                layer = dense.block.layers[0]
+                t = unshard_uvqk(parts, layer.num_heads, layer.head_dim)
+            elif name.endswith("output.weight"):
+                t = torch.cat(parts, dim=1)
+            else:
+                t = torch.cat(parts, dim=0)
+        out[name] = t
+    return out
+
+
+def _tables(model, info) -> dict[str, torch.Tensor]:
+    """Every row of the item table, looked up through the (sharded) sparse module."""
+    ids = torch.arange(info.num_items)
+    return {"item": model.lookup_items(ids).detach().clone()} if hasattr(model, "lookup_items") else {}
+
+
+def _train_and_dump(rank: int, world_size: int, tmp: str, task: str, tag: str, params: list[str]) -> None:
+    from hstu.training.distributed import destroy_distributed
+
+    trainer, env = _trainer(task, tmp, tag, params)
+    try:
+        trainer.train()
+        dense = _full_dense(trainer.model, env)
+        tables = _tables(trainer.model, trainer.built.info)
+        # a rank's loss is its share of the global mean: the world mean is the step's loss
+        losses = torch.tensor(trainer.losses, dtype=torch.float64)
+        dist.all_reduce(losses)
+        losses /= world_size
+        if rank == 0:
+            torch.save({"losses": losses.tolist(), "dense": dense, "tables": tables},
+                       os.path.join(tmp, f"{tag}.pt"))
+    finally:
+        trainer.close()
+        destroy_distributed()
+
+
+CASES = {
+    # task, batch per process of the 2-process runs, extra gin
+    "ranking-adam": ("ranking", 8, ['OptimizerArgs.optimizer_str="adam"']),
+    "retrieval-sgd": ("retrieval", 8, [
+        'OptimizerArgs.optimizer_str="sgd"', "OptimizerArgs.learning_rate=0.5",
+        'OptimizerArgs.sparse_optimizer_str="sgd"',
+        'RetrievalArgs.negative_sampling="uniform"', "RetrievalArgs.num_negatives=8",
+    ]),
+}
+COMMON = ["TrainerArgs.max_train_iters=20", 'TrainerArgs.pipeline_type="none"',
+          "OptimizerArgs.clip_grad_norm=0.05", "NetworkArgs.hidden_dropout=0.0"]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_tp2_dp2_and_one_process_take_the_same_steps(tmp_path, case) -> None:
+    task, per_rank, extra = CASES[case]
+    tmp = str(tmp_path)
+    params = COMMON + extra
+    run_multiprocess(_train_and_dump, world_size=1, tmp=tmp, task=task, tag="ref",
+                     params=params + [f"TrainerArgs.train_batch_size={2 * per_rank}"])
+    for tag, tp in (("dp2", 1), ("tp2", 2)):
+        run_multiprocess(_train_and_dump, world_size=2, tmp=tmp, task=task, tag=tag,
+                         params=params + [f"TrainerArgs.train_batch_size={per_rank}",
+                                          f"TensorModelParallelArgs.tensor_model_parallel_size={tp}"])
+    ref = torch.load(os.path.join(tmp, "ref.pt"))
+    assert len(ref["losses"]) == 20 and ref["losses"][-1] < ref["losses"][0]
+    for tag in ("dp2", "tp2"):
+        got = torch.load(os.path.join(tmp, f"{tag}.pt"))
+        _close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), f"{tag} losses")
+        assert got["dense"].keys() == ref["dense"].keys()
+        for name, value in ref["dense"].items():
+            _close(got["dense"][name], value, f"{tag} {name}")
+        for name, value in ref["tables"].items():
+            _close(got["tables"][name], value, f"{tag} table {name}")
+
+
+def _dropout_case(rank: int, world_size: int, tmp: str) -> None:
+    from hstu.training.distributed import destroy_distributed
+
+    trainer, env = _trainer("ranking", tmp, "drop", COMMON[:-1] + [
+        "NetworkArgs.hidden_dropout=0.2", "TrainerArgs.train_batch_size=8",
+        "TensorModelParallelArgs.tensor_model_parallel_size=2", "NetworkArgs.num_layers=2",
+    ])
+    masks: list[torch.Tensor] = []
+    inputs: list[torch.Tensor] = []
+    block = trainer.model.dense_module.block
+    block.layers[0].dropout.register_forward_hook(lambda m, i, o: masks.append((o == 0) & (i[0] != 0)))
+    block.input_dropout.register_forward_hook(lambda m, i, o: inputs.append((o == 0) & (i[0] != 0)))
+    try:
+        trainer.train()
+        group = env.tp_group
+        dense = trainer.model.dense_module
+        for name, p in dense.named_parameters():
+            if getattr(p, "tensor_model_parallel", False):
+                continue
+            parts = [torch.empty_like(p) for _ in range(2)]
+            dist.all_gather(parts, p.detach().contiguous(), group=group)
+            assert torch.equal(parts[0], parts[1]), f"replicated {name} differs across the TP group"
+        assert masks and inputs
+        for what, seen in (("sharded", masks), ("replicated", inputs)):
+            mine = torch.cat([m.reshape(-1) for m in seen]).to(torch.uint8)
+            parts = [torch.empty_like(mine) for _ in range(2)]
+            dist.all_gather(parts, mine, group=group)
+            same = torch.equal(parts[0], parts[1])
+            if what == "sharded":
+                assert not same, "both TP ranks drew the same dropout mask for their head shards"
+                assert 0.1 < mine.float().mean() < 0.3, "the sharded dropout did not drop ~20%"
+            else:
+                assert same, "the replicated input dropout differs across the TP group"
+    finally:
+        trainer.close()
+        destroy_distributed()
+
+
+def test_tp_dropout_masks_differ_per_shard_and_replicas_stay_identical(tmp_path) -> None:
+    run_multiprocess(_dropout_case, world_size=2, tmp=str(tmp_path))
+
+
+def _overlap_case(rank: int, world_size: int, tmp: str) -> None:
+    """Buckets of the dense all-reduce are launched while backward still runs."""
+    from hstu.training.distributed import destroy_distributed
+
+    trainer, env = _trainer("ranking", tmp, "overlap", COMMON[:-1] + [
+        "TrainerArgs.train_batch_size=8", "TrainerArgs.ddp_bucket_cap_mb=0.001",
+        "NetworkArgs.num_layers=3", "TrainerArgs.max_train_iters=2",
+    ])
+    try:
+        ddp = trainer.model.dense
+        state = ddp.hstu_hook_state
+        state.record = True
+        # the first layer's input norm gets its gradient last in backward
+        last = trainer.model.dense_module.block.layers[0].uvqk.weight
+        ready: list[float] = []
+        last.register_post_accumulate_grad_hook(lambda p: ready.append(time.perf_counter()))
+        trainer.train()
+        assert len({b for _, b in state.launches}) >= 2, "expected several gradient buckets"
+        first_launch = min(t for t, _ in state.launches)
+        assert ready and first_launch < ready[0], (
+            "no bucket was launched before backward reached the first layer"
+        )
+    finally:
+        trainer.close()
+        destroy_distributed()
+
+
+def test_ddp_launches_buckets_during_backward(tmp_path) -> None:
+    run_multiprocess(_overlap_case, world_size=2, tmp=str(tmp_path))
