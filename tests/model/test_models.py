@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -349,6 +350,36 @@ def test_full_corpus_eval_matches_brute_force_with_history_excluded():
             for row, hist in zip(result.top_ids.tolist(), [[1, 2, 3, 4], [5, 6], [7, 8, 9]])
             for i in row
         )
+
+
+def test_eval_target_score_comes_from_the_same_matmul_as_the_others():
+    """The target's rank is counted against the score matrix itself (pessimistic ties over
+    the very numbers the top-k sees). Items repeat 10 vectors three times, so every target
+    has exact or last-bit near ties; an elementwise product summed for the target's score
+    rounds differently from the matmul and miscounts them."""
+    model = _retrieval().eval()
+    num_items, bsz, dim = model.num_items, 512, 64
+    gen = torch.Generator().manual_seed(5)
+    base = F.normalize(torch.randn(10, dim, generator=gen), dim=-1)
+    corpus = base[torch.arange(num_items) % 10]
+    queries = F.normalize(torch.randn(bsz, dim, generator=gen), dim=-1)
+    targets = torch.randint(1, num_items, (bsz,), generator=gen)
+    targets[:4] = torch.tensor([0, num_items, -1, 5])  # padding id, outside the corpus
+    history = torch.randint(1, num_items, (bsz, 2), generator=gen)
+    history_seg = torch.arange(bsz).repeat_interleave(2)
+    model.last_queries = lambda batch: (queries, history.reshape(-1), history_seg)
+    batch = SimpleNamespace(labels=targets)
+    excluded = torch.zeros(bsz, num_items, dtype=torch.bool)
+    excluded[history_seg, history.reshape(-1)] = True
+    excluded[:, 0] = True
+    for chunk in (num_items, 7):  # one chunk (one matmul), and several
+        scores = torch.cat(
+            [queries @ corpus[s : s + chunk].t() for s in range(0, num_items, chunk)], 1
+        )
+        want = ranks_from_scores(scores, targets, excluded)
+        result = model.evaluate(batch, top_k=5, chunk_size=chunk, corpus=corpus)
+        assert torch.equal(result.target_ranks, want), chunk
+        assert result.target_ranks[:3].isinf().all() and result.target_ranks.isfinite().sum() > 400
 
 
 def test_retrieval_needs_unprojected_items():
