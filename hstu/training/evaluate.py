@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from hstu.config import RunConfig
 from hstu.model import MetricAccumulator, retrieval_metrics
+from hstu.model.ranking import ranking_loss
 from hstu.training.distributed import DistEnv
 
 
@@ -75,14 +76,17 @@ def _evaluate_ranking(model: Any, loader: Any, cfg: RunConfig, env: DistEnv, max
         if max_iters is not None and i >= max_iters:
             break
         batch = batch.to(env.device)
-        loss, (logits, labels) = model(batch)
+        # the model's own loss counts padding candidates: the loss is recomputed below
+        _, (logits, labels) = model(batch)
         keep = None
         if batch.sample_mask is not None:
             keep = torch.repeat_interleave(batch.sample_mask, batch.num_candidates)
             logits, labels = logits[keep], labels[keep]
-        all_logits.append(logits.float().cpu())
+        logits = logits.float()
+        all_logits.append(logits.cpu())
         all_labels.append(labels.cpu())
-        loss_sum += float(loss) * int(labels.numel())
+        # ranking_loss is a mean over the real candidates; weighted by their count it sums
+        loss_sum += float(ranking_loss(logits, labels, num_tasks)) * int(labels.numel())
         loss_n += int(labels.numel())
     width = cfg.ranking.prediction_head_arch[-1]
     logits = _gather(torch.cat(all_logits) if all_logits else torch.zeros(0, width))
