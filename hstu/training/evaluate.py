@@ -95,11 +95,22 @@ def _evaluate_ranking(model: Any, loader: Any, cfg: RunConfig, env: DistEnv, max
     dist.all_reduce(stats)
     out: dict[str, float] = {"loss": stats[0].item() / max(stats[1].item(), 1)}
     if width == num_tasks:
-        aucs = []
+        aucs, one_class = [], []
         for task in range(num_tasks):
             bits = (labels >> task) & 1
             aucs.append(_auc(logits[:, task], bits))
+            if labels.numel() > 0 and bits.min() == bits.max():
+                one_class.append(f"AUC/task{task}" if num_tasks > 1 else "AUC")
         out["AUC"] = float(torch.tensor(aucs).nanmean()) if aucs else float("nan")
+        if one_class and env.is_main:  # says which tasks the mean leaves out (NaN AUC)
+            left = "left out of the mean AUC" if num_tasks > 1 else "AUC is NaN"
+            if 1 < num_tasks == len(one_class):
+                left += " (no task left: AUC is NaN)"
+            print(
+                f"[hstu] {', '.join(one_class)}: only one class among {labels.numel()} "
+                f"evaluation candidates; {left}",
+                flush=True,
+            )
         if num_tasks > 1:
             for task, value in enumerate(aucs):
                 out[f"AUC/task{task}"] = value

@@ -1,4 +1,4 @@
-"""Ranking evaluation: the loss over the real candidates only.
+"""Ranking evaluation: loss and AUC over the real candidates only, one-class tasks said aloud.
 
 A stand-in model returns given logits and labels for each batch (and, like the real one, a
 loss over every candidate, padding included); the loader is a list of such batches. The
@@ -7,6 +7,7 @@ evaluation all-reduces its sums, so a one-process gloo group is opened in this p
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -92,3 +93,39 @@ def test_eval_loss_leaves_padding_candidates_out(one_process_group, arch, num_ta
     got = _run(batches, arch, num_tasks)["loss"]
     assert got == pytest.approx(want, rel=1e-6)
     assert want < 10  # the padding's losses (about 30 each) would show
+
+
+def _two_task_batches(task1_bits):
+    """Task 0 has both classes; task 1's bits among the real candidates are task1_bits
+    (the padding candidate carries the other class of task 1, which must not count)."""
+    labels = [b << 1 | t0 for b, t0 in zip(task1_bits, [0, 1, 1, 0])]
+    logits = [[0.1, 0.0], [0.9, 0.1], [0.4, -0.2], [-0.3, 0.3]]
+    return [
+        _batch([2, 2], [True, True], logits, labels),
+        _batch([1], [False], [[0.0, 0.0]], [2 if task1_bits[0] == 0 else 0]),
+    ]
+
+
+def test_a_one_class_task_is_left_out_of_the_mean_auc_with_one_line(one_process_group, capsys):
+    out = _run(_two_task_batches([0, 0, 0, 0]), [8, 2], 2)
+    assert math.isnan(out["AUC/task1"]) and out["AUC"] == out["AUC/task0"] == 1.0
+    assert capsys.readouterr().out.splitlines() == [
+        "[hstu] AUC/task1: only one class among 4 evaluation candidates; left out of the mean AUC"
+    ]
+    _run(_two_task_batches([0, 0, 0, 0]), [8, 2], 2, is_main=False)  # rank 0 only
+    _run(_two_task_batches([0, 1, 0, 1]), [8, 2], 2)  # both classes: nothing to say
+    assert capsys.readouterr().out == ""
+
+
+def test_one_task_or_every_task_with_one_class_says_the_auc_is_nan(one_process_group, capsys):
+    one_task = [_batch([3], [True], [[0.2], [0.5], [-0.1]], [0, 0, 0])]
+    assert math.isnan(_run(one_task, [8, 1], 1)["AUC"])
+    every_task = [_batch([2], [True], [[0.2, 0.1], [0.5, 0.3]], [0, 0])]
+    assert math.isnan(_run(every_task, [8, 2], 2)["AUC"])
+    assert capsys.readouterr().out.splitlines() == [
+        "[hstu] AUC: only one class among 3 evaluation candidates; AUC is NaN",
+        (
+            "[hstu] AUC/task0, AUC/task1: only one class among 2 evaluation candidates; left out "
+            "of the mean AUC (no task left: AUC is NaN)"
+        ),
+    ]
