@@ -542,7 +542,7 @@ class NetworkArgs:
     norm_epsilon: float = 1e-5
     """LayerNorm epsilon."""
     is_causal: bool = True
-    """Causal attention over the history."""
+    """Causal attention over the history; False (bidirectional) is refused for retrieval and for ranking with history_loss_weight > 0, where a token would see its own label."""
     dtype_str: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     """Compute dtype of the HSTU block; float32 for CPU runs."""
     kernel_backend: Literal["cutlass", "triton", "pytorch"] = "cutlass"

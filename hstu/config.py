@@ -277,6 +277,27 @@ def load_config(
                 "RankingArgs", "history_loss_weight",
                 "the mlp_baseline has no history tokens to supervise; set it to 0",
             ).with_location(where)
+    if not network.is_causal and (retrieval is not None or ranking.history_loss_weight > 0):
+        where = next(
+            (
+                b.where
+                for b in reversed(bindings)
+                if b.cls_name.rsplit(".", 1)[-1] == "NetworkArgs" and b.field_name == "is_causal"
+            ),
+            label,
+        )
+        if retrieval is not None:
+            why = (
+                "retrieval trains next-item prediction from every history position, and "
+                "non-causal attention lets each position see the item it predicts; set it to True"
+            )
+        else:
+            why = (
+                "RankingArgs.history_loss_weight > 0 supervises each history item on its own "
+                "action, and non-causal attention lets the item's token see that action token; "
+                "set it to True or history_loss_weight to 0"
+            )
+        raise A.ConfigError("NetworkArgs", "is_causal", why).with_location(where)
     if ranking is not None:
         metrics = tuple(ranking.eval_metrics) + tuple(
             f"AUC/task{i}" for i in range(ranking.num_tasks) if ranking.num_tasks > 1

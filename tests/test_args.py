@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import textwrap
 
 import gin
@@ -189,6 +190,53 @@ def test_bad_input_gives_one_clear_line(tmp_path, extra, pattern):
     with pytest.raises(A.ConfigError, match=pattern) as info:
         load_config(path)
     assert "\n" not in str(info.value)
+
+
+RANKING = "RankingArgs.prediction_head_arch = [8, 5]\n"
+
+
+@pytest.mark.parametrize(
+    "task, extra, pattern",
+    [
+        (
+            "retrieval",
+            "NetworkArgs.is_causal = False\n",
+            (
+                r"NetworkArgs\.is_causal: retrieval trains next-item prediction from every "
+                r"history position, and non-causal attention lets each position see the item it "
+                r"predicts"
+            ),
+        ),
+        (
+            "ranking",
+            RANKING + "RankingArgs.history_loss_weight = 0.5\nNetworkArgs.is_causal = False\n",
+            (
+                r"NetworkArgs\.is_causal: RankingArgs\.history_loss_weight > 0 supervises each "
+                r"history item on its own action, and non-causal attention lets the item's token "
+                r"see that action"
+            ),
+        ),
+    ],
+    ids=["retrieval", "ranking_history_loss"],
+)
+def test_non_causal_attention_is_refused_where_a_token_would_see_its_label(
+    tmp_path, task, extra, pattern
+):
+    path = _write(tmp_path, BASE + extra)
+    line = (BASE + extra).splitlines().index("NetworkArgs.is_causal = False") + 1
+    with pytest.raises(A.ConfigError, match=rf"^{re.escape(path)}:{line}: {pattern}") as info:
+        load_config(path, task=task)
+    assert "\n" not in str(info.value)
+    # set by --gin-param instead: the error names the override
+    with pytest.raises(A.ConfigError, match=r"^--gin-param 'NetworkArgs\.is_causal=False': "):
+        load_config(_write(tmp_path, BASE + extra.replace("NetworkArgs.is_causal = False\n", "")),
+                    ["NetworkArgs.is_causal=False"], task=task)
+
+
+def test_non_causal_ranking_without_history_loss_loads(tmp_path):
+    path = _write(tmp_path, BASE + RANKING + "NetworkArgs.is_causal = False\n")
+    cfg = load_config(path, task="ranking")
+    assert cfg.network.is_causal is False and cfg.ranking.history_loss_weight == 0
 
 
 def test_error_points_at_the_line_that_set_the_value(tmp_path):

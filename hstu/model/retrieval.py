@@ -315,7 +315,8 @@ class RetrievalModel(nn.Module):
 
         ``corpus`` [I, D]: normalised vectors of ids [0, num_items) (the top-level model's
         ``corpus_vectors``); scores are computed ``chunk_size`` items at a time so memory is
-        B x chunk.
+        B x chunk. A target's score is read from the same score matrix as every other item's
+        (ties are exact); with several chunks, the chunks holding targets are scored twice.
         """
         queries, history_ids, history_seg = self.last_queries(batch, embeddings)
         bsz = queries.shape[0]
@@ -324,25 +325,46 @@ class RetrievalModel(nn.Module):
         )
         targets = targets.to(queries.device)
         in_corpus = (targets >= self.min_item_id) & (targets < self.num_items)
-        safe_targets = targets.clamp(0, self.num_items - 1)
-        target_scores = (queries * corpus[safe_targets]).sum(-1)
         target_in_history = torch.zeros(bsz, dtype=torch.bool, device=queries.device)
         target_in_history[history_seg[history_ids == targets[history_seg]]] = True
         unranked = ~in_corpus | target_in_history
-        target_scores = target_scores.masked_fill(unranked, float("-inf"))
+        rows = torch.arange(bsz, device=queries.device)
+        chunks = [
+            (start, min(start + chunk_size, self.num_items))
+            for start in range(0, self.num_items, chunk_size)
+        ]
+
+        def chunk_scores(start: int, end: int) -> torch.Tensor:
+            """[B, end - start] scores, -inf below min_item_id and on the history."""
+            scores = queries @ corpus[start:end].t()
+            if start < self.min_item_id:
+                scores[:, : min(self.min_item_id, end) - start] = float("-inf")
+            hit = (history_ids >= start) & (history_ids < end)
+            scores[history_seg[hit], history_ids[hit] - start] = float("-inf")
+            return scores
+
+        # The target's score is its column of the very matmul the other items' scores come
+        # from: an elementwise product summed rounds differently, which would miscount ties
+        # and near ties. With several chunks, a first pass gathers the targets' columns.
+        target_scores = queries.new_full((bsz,), float("-inf"))
+
+        def take_target_scores(scores: torch.Tensor, start: int, end: int) -> None:
+            own = ~unranked & (targets >= start) & (targets < end)
+            target_scores[own] = scores[rows[own], targets[own] - start]
+
+        if len(chunks) > 1:
+            for start, end in chunks:
+                if (~unranked & (targets >= start) & (targets < end)).any():
+                    take_target_scores(chunk_scores(start, end), start, end)
 
         k = min(top_k, self.num_items)
         top_scores = queries.new_full((bsz, 0), float("-inf"))
         top_ids = torch.zeros((bsz, 0), dtype=torch.int64, device=queries.device)
         num_ahead = torch.zeros(bsz, dtype=torch.int64, device=queries.device)
-        rows = torch.arange(bsz, device=queries.device)
-        for start in range(0, self.num_items, chunk_size):
-            end = min(start + chunk_size, self.num_items)
-            scores = queries @ corpus[start:end].t()  # [B, chunk]
-            if start < self.min_item_id:
-                scores[:, : min(self.min_item_id, end) - start] = float("-inf")
-            hit = (history_ids >= start) & (history_ids < end)
-            scores[history_seg[hit], history_ids[hit] - start] = float("-inf")
+        for start, end in chunks:
+            scores = chunk_scores(start, end)  # [B, chunk]
+            if len(chunks) == 1:
+                take_target_scores(scores, start, end)
             is_target = (targets >= start) & (targets < end)
             ahead = scores >= target_scores.unsqueeze(1)
             # the target never counts against itself

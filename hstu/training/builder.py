@@ -28,6 +28,7 @@ from hstu.embeddings import (
 from hstu.data.negatives import NegativeSampler
 from hstu.model import ModelDataInfo, build_model
 from hstu.model.model import GenerativeRecommender
+from hstu.model.ranking import check_ranking_head
 from hstu.training.distributed import DistEnv
 from hstu.training.ddp import wrap_dense
 from hstu.training.distributed import seed_training_rng
@@ -118,6 +119,7 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         split_kwargs = dict(split=split, holdout_validation=cfg.dataset.holdout_validation)
     data_args = (cfg.dataset, cfg.task, t.train_batch_size, t.eval_batch_size, env.rank, env.world_size, t.seed)
     train_loader, eval_loader, info = build_data(*data_args, **split_kwargs)
+    check_ranking_head(info, cfg.ranking)  # BCE bits need bitmask actions (a ConfigError)
     test_loader = None
     if t.best_metric is not None:
         _, test_loader, _ = build_data(*data_args, split="test", holdout_validation=True)

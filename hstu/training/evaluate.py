@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from hstu.config import RunConfig
 from hstu.model import MetricAccumulator, retrieval_metrics
+from hstu.model.ranking import ranking_loss
 from hstu.training.distributed import DistEnv
 
 
@@ -75,14 +76,17 @@ def _evaluate_ranking(model: Any, loader: Any, cfg: RunConfig, env: DistEnv, max
         if max_iters is not None and i >= max_iters:
             break
         batch = batch.to(env.device)
-        loss, (logits, labels) = model(batch)
+        # the model's own loss counts padding candidates: the loss is recomputed below
+        _, (logits, labels) = model(batch)
         keep = None
         if batch.sample_mask is not None:
             keep = torch.repeat_interleave(batch.sample_mask, batch.num_candidates)
             logits, labels = logits[keep], labels[keep]
-        all_logits.append(logits.float().cpu())
+        logits = logits.float()
+        all_logits.append(logits.cpu())
         all_labels.append(labels.cpu())
-        loss_sum += float(loss) * int(labels.numel())
+        # ranking_loss is a mean over the real candidates; weighted by their count it sums
+        loss_sum += float(ranking_loss(logits, labels, num_tasks)) * int(labels.numel())
         loss_n += int(labels.numel())
     width = cfg.ranking.prediction_head_arch[-1]
     logits = _gather(torch.cat(all_logits) if all_logits else torch.zeros(0, width))
@@ -91,11 +95,22 @@ def _evaluate_ranking(model: Any, loader: Any, cfg: RunConfig, env: DistEnv, max
     dist.all_reduce(stats)
     out: dict[str, float] = {"loss": stats[0].item() / max(stats[1].item(), 1)}
     if width == num_tasks:
-        aucs = []
+        aucs, one_class = [], []
         for task in range(num_tasks):
             bits = (labels >> task) & 1
             aucs.append(_auc(logits[:, task], bits))
+            if labels.numel() > 0 and bits.min() == bits.max():
+                one_class.append(f"AUC/task{task}" if num_tasks > 1 else "AUC")
         out["AUC"] = float(torch.tensor(aucs).nanmean()) if aucs else float("nan")
+        if one_class and env.is_main:  # says which tasks the mean leaves out (NaN AUC)
+            left = "left out of the mean AUC" if num_tasks > 1 else "AUC is NaN"
+            if 1 < num_tasks == len(one_class):
+                left += " (no task left: AUC is NaN)"
+            print(
+                f"[hstu] {', '.join(one_class)}: only one class among {labels.numel()} "
+                f"evaluation candidates; {left}",
+                flush=True,
+            )
         if num_tasks > 1:
             for task, value in enumerate(aucs):
                 out[f"AUC/task{task}"] = value

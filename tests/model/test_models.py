@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,10 +11,11 @@ import torch.nn.functional as F
 from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
-from hstu.args import NetworkArgs, RankingArgs, RetrievalArgs
+from hstu.args import ConfigError, NetworkArgs, RankingArgs, RetrievalArgs
+from hstu.data.build import DataInfo
 from hstu.model.builder import LayerVariant, ModelDataInfo, build_model
 from hstu.model.metrics import ranks_from_scores
-from hstu.model.ranking import decode_task_labels, ranking_loss
+from hstu.model.ranking import check_ranking_head, decode_task_labels, ranking_loss
 from hstu.model.retrieval import sampled_softmax_loss
 from hstu.model.tokens import TokenBuilder, sequence_inputs
 from tests.model.helpers import TinyEmbeddings, make_batch
@@ -99,6 +101,41 @@ def test_bit_decoding_and_bce_vs_ce_branch():
     assert ce.item() == pytest.approx(F.cross_entropy(logits, torch.tensor([2, 1, 0])).item())
     with pytest.raises(ValueError, match="cross-entropy labels"):
         ranking_loss(logits, labels, num_tasks=1)  # 5 is not a class of 3
+
+
+def _action_info(num_action_values: int | None) -> DataInfo:
+    return DataInfo(
+        dataset_name="ml-100k", task="ranking", num_items=10, item_feature_name="item",
+        action_feature_name="action", contextual_feature_names=[], contextual_vocab_sizes={},
+        num_action_values=num_action_values, max_seqlen=8, num_train_samples=1,
+        num_eval_samples=1,
+    )
+
+
+def test_bce_head_on_class_valued_actions_is_refused():
+    # ratings 0..4 with a 1-wide head: BCE on bit 0, the rating's parity
+    with pytest.raises(ConfigError) as info:
+        check_ranking_head(_action_info(5), RankingArgs(prediction_head_arch=[16, 1]))
+    assert str(info.value) == (
+        "RankingArgs.prediction_head_arch: last width 1 == RankingArgs.num_tasks trains task t "
+        "on bit t of the action value, but the ml-100k actions are 5 classes in [0, 5), not a "
+        "bitmask (bit 0 of a class is its parity); end the head in 5 for cross-entropy over the "
+        "classes"
+    )
+    with pytest.raises(ConfigError, match=r"10 classes in \[0, 10\)"):  # ML-20M half stars
+        check_ranking_head(_action_info(10), RankingArgs(prediction_head_arch=[16, 3], num_tasks=3))
+    accepted = [
+        (5, [16, 5], 1),  # cross-entropy over the classes
+        (256, [16, 8], 8),  # KuaiRand: the 8 flags of the bitmask
+        (256, [16, 3], 3),  # ... or its lowest 3
+        (2, [16, 1], 1),  # a binary label is its own bit
+        (3, [16, 2], 2),  # values that fit the tasks' bits
+        (None, [16, 1], 1),  # no actions
+    ]
+    for values, arch, tasks in accepted:
+        head = RankingArgs(prediction_head_arch=arch, num_tasks=tasks)
+        check_ranking_head(_action_info(values), head)
+    check_ranking_head(_action_info(5), None)  # retrieval
 
 
 def _ranking_model(arch=(6, 2), num_tasks=2, target_group_size=1):
@@ -313,6 +350,36 @@ def test_full_corpus_eval_matches_brute_force_with_history_excluded():
             for row, hist in zip(result.top_ids.tolist(), [[1, 2, 3, 4], [5, 6], [7, 8, 9]])
             for i in row
         )
+
+
+def test_eval_target_score_comes_from_the_same_matmul_as_the_others():
+    """The target's rank is counted against the score matrix itself (pessimistic ties over
+    the very numbers the top-k sees). Items repeat 10 vectors three times, so every target
+    has exact or last-bit near ties; an elementwise product summed for the target's score
+    rounds differently from the matmul and miscounts them."""
+    model = _retrieval().eval()
+    num_items, bsz, dim = model.num_items, 512, 64
+    gen = torch.Generator().manual_seed(5)
+    base = F.normalize(torch.randn(10, dim, generator=gen), dim=-1)
+    corpus = base[torch.arange(num_items) % 10]
+    queries = F.normalize(torch.randn(bsz, dim, generator=gen), dim=-1)
+    targets = torch.randint(1, num_items, (bsz,), generator=gen)
+    targets[:4] = torch.tensor([0, num_items, -1, 5])  # padding id, outside the corpus
+    history = torch.randint(1, num_items, (bsz, 2), generator=gen)
+    history_seg = torch.arange(bsz).repeat_interleave(2)
+    model.last_queries = lambda batch: (queries, history.reshape(-1), history_seg)
+    batch = SimpleNamespace(labels=targets)
+    excluded = torch.zeros(bsz, num_items, dtype=torch.bool)
+    excluded[history_seg, history.reshape(-1)] = True
+    excluded[:, 0] = True
+    for chunk in (num_items, 7):  # one chunk (one matmul), and several
+        scores = torch.cat(
+            [queries @ corpus[s : s + chunk].t() for s in range(0, num_items, chunk)], 1
+        )
+        want = ranks_from_scores(scores, targets, excluded)
+        result = model.evaluate(batch, top_k=5, chunk_size=chunk, corpus=corpus)
+        assert torch.equal(result.target_ranks, want), chunk
+        assert result.target_ranks[:3].isinf().all() and result.target_ranks.isfinite().sum() > 400
 
 
 def test_retrieval_needs_unprojected_items():
