@@ -59,12 +59,18 @@ def decode_task_labels(labels: torch.Tensor, num_tasks: int) -> torch.Tensor:
 
 
 def ranking_loss(
-    logits: torch.Tensor, labels: torch.Tensor, num_tasks: int, scale: torch.Tensor | None = None
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    num_tasks: int,
+    scale: torch.Tensor | None = None,
+    check_labels: bool = True,
 ) -> torch.Tensor:
     """logits [S, W], labels int64 [S] -> scalar (see the module docstring).
 
     ``scale`` None: the mean over the S candidates; otherwise the sum over them times
-    ``scale`` (:func:`hstu.model.loss_scale.global_mean_scale`).
+    ``scale`` (:func:`hstu.model.loss_scale.global_mean_scale`). ``check_labels`` checks
+    class labels against W (a host sync: training relies on the build-time check of
+    :func:`check_ranking_head` instead).
     """
     if labels.numel() == 0:
         return logits.sum() * 0.0
@@ -72,6 +78,11 @@ def ranking_loss(
         targets = decode_task_labels(labels, num_tasks)
         per = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(1)
     else:
+        if check_labels and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
+            raise ValueError(
+                f"cross-entropy labels must lie in [0, {logits.shape[1]}), got "
+                f"[{int(labels.min())}, {int(labels.max())}]"
+            )
         per = F.cross_entropy(logits, labels, reduction="none")
     if scale is None:
         return per.mean()
@@ -128,7 +139,7 @@ class RankingModel(nn.Module):
         logits = self.head(states[tokens.candidate_rows].float())  # [S_all, W]
         logits = take_own_rows(logits, rows_layout(inputs.num_candidates, layout), self.tp_group)
         scale = global_mean_scale(batch.num_candidates.sum(), self.training)
-        loss = ranking_loss(logits, batch.labels, self.num_tasks, scale)
+        loss = ranking_loss(logits, batch.labels, self.num_tasks, scale, check_labels=not self.training)
         if self.training and self.history_loss_weight > 0:
             loss = loss + self.history_loss_weight * self.history_loss(batch, inputs, layout, tokens, states)
         return loss, (logits.detach(), batch.labels)
@@ -148,7 +159,7 @@ class RankingModel(nn.Module):
         logits = take_own_rows(logits, rows_layout(inputs.history_lengths, layout), self.tp_group)
         labels = batch.features[batch.action_feature_name].values().to(logits.device)
         scale = global_mean_scale(torch.tensor(labels.numel(), device=logits.device), self.training)
-        return ranking_loss(logits, labels, self.num_tasks, scale)
+        return ranking_loss(logits, labels, self.num_tasks, scale, check_labels=not self.training)
 
 
 __all__ = ["MLP", "RankingModel", "decode_task_labels", "ranking_loss"]
@@ -168,6 +179,13 @@ def check_ranking_head(info: DataInfo, ranking_args: RankingArgs | None) -> None
     if ranking_args is None or values is None:
         return
     width, tasks = ranking_args.prediction_head_arch[-1], ranking_args.num_tasks
+    if width != tasks and values > width:
+        raise ConfigError(
+            "RankingArgs",
+            "prediction_head_arch",
+            f"last width {width} (cross-entropy over {width} classes) is narrower than the "
+            f"{values} action classes of {info.dataset_name}; end the head in {values}",
+        )
     if width != tasks or values <= 2**tasks or values & (values - 1) == 0:
         return
     raise ConfigError(

@@ -32,8 +32,9 @@ def lr_at(step: int, args: OptimizerArgs, total_steps: int | None) -> float:
     return args.min_learning_rate + (peak - args.min_learning_rate) * factor
 
 
-def build_dense_optimizer(params: Iterable[torch.nn.Parameter], args: OptimizerArgs) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+def build_dense_optimizer(params: Iterable[torch.Tensor], args: OptimizerArgs) -> torch.optim.Optimizer:
+    """The torch optimizer over ``params`` (the master weights: trainable ones only)."""
+    params = list(params)
     if args.optimizer_str == "adam":
         return torch.optim.Adam(
             params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),

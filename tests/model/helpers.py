@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from hstu.data.batch import Batch
+from hstu.data.negatives import NegativeSampler, attach_negatives
 
 
 class TinyEmbeddings(nn.Module):
@@ -22,7 +24,9 @@ class TinyEmbeddings(nn.Module):
         out = {}
         for name in features.keys():  # noqa: SIM118 (a KeyedJaggedTensor, not a dict)
             jt = features[name]
-            out[name] = JaggedTensor(values=self.tables[name](jt.values()), lengths=jt.lengths())
+            # the retrieval negatives key is looked up by its item table (hstu.data.negatives)
+            table = self.tables[name.removesuffix("__negatives")]
+            out[name] = JaggedTensor(values=table(jt.values()), lengths=jt.lengths())
         return out
 
 
@@ -34,8 +38,11 @@ def make_batch(
     labels: list[int] | None = None,
     timestamps: list[list[int]] | None = None,
     max_seqlen: int = 0,
+    negatives: NegativeSampler | None = None,
+    training: bool = True,
 ) -> Batch:
-    """One Batch from python lists (history/candidates item ids per sample)."""
+    """One Batch from python lists (history/candidates item ids per sample); with
+    ``negatives``, the retrieval negatives key drawn for samples 0..B-1 of epoch 0."""
     bsz = len(history)
     candidates = candidates or [[] for _ in range(bsz)]
     items = [h + c for h, c in zip(history, candidates)]
@@ -55,7 +62,7 @@ def make_batch(
     )
     if timestamps is None:
         timestamps = [[100 * (j + 1) for j in range(len(s))] for s in items]
-    return Batch(
+    batch = Batch(
         features=kjt,
         batch_size=bsz,
         item_feature_name="item",
@@ -66,3 +73,11 @@ def make_batch(
         labels=torch.tensor(labels, dtype=torch.int64) if labels is not None else None,
         max_seqlen=max_seqlen or max(len(s) for s in items),
     )
+    if negatives is not None:
+        batch = attach_negatives(batch, negatives, np.arange(bsz), 0, training)
+    return batch
+
+
+def sampler(mode: str = "uniform", num_negatives: int = 5, num_items: int = 30,
+            min_item_id: int = 1, seed: int = 0) -> NegativeSampler:
+    return NegativeSampler(mode, num_negatives, min_item_id, num_items, "item", seed)

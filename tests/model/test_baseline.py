@@ -8,15 +8,16 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from hstu.data.batch import Batch
 from hstu.model.baseline import NonSequentialRanking
+from hstu.model.model import GenerativeRecommender
 
 
-def _model() -> NonSequentialRanking:
+def _model() -> GenerativeRecommender:
     torch.manual_seed(0)
     ec = EmbeddingCollection(tables=[
         EmbeddingConfig(name="item", embedding_dim=4, num_embeddings=20, feature_names=["item_id"]),
         EmbeddingConfig(name="user", embedding_dim=4, num_embeddings=5, feature_names=["user_id"]),
     ])
-    return NonSequentialRanking(ec, "item_id", ["user_id"], 8, [8, 1], num_tasks=1)
+    return GenerativeRecommender(ec, NonSequentialRanking("item_id", ["user_id"], 8, [8, 1], num_tasks=1))
 
 
 def _batch(items: list[list[int]], users: list[int], cands: list[int], labels: list[int]) -> Batch:

@@ -18,7 +18,7 @@ from hstu.model.metrics import ranks_from_scores
 from hstu.model.ranking import check_ranking_head, decode_task_labels, ranking_loss
 from hstu.model.retrieval import sampled_softmax_loss
 from hstu.model.tokens import TokenBuilder, sequence_inputs
-from tests.model.helpers import TinyEmbeddings, make_batch
+from tests.model.helpers import TinyEmbeddings, make_batch, sampler
 
 D = 8
 
@@ -204,7 +204,7 @@ def test_history_loss_adds_each_history_items_own_action_in_training_only():
         [[1, 2, 3], [4]], [[5, 6], [7]], [[1, 0, 3], [2]], {"user": [1, 3]}, labels=[3, 0, 1]
     )
     base, _ = model(batch)
-    model.history_loss_weight = 0.5
+    model.dense_module.history_loss_weight = 0.5
     loss, (logits, labels) = model(batch)
     _, _, tokens, states = _encode(model, batch)
     hist_logits = model.head(states[tokens.history_query_rows].float())
@@ -219,7 +219,7 @@ def _encode(model, batch):
     from hstu.model.encode import encode_batch
 
     _, inputs, layout, tokens, states = encode_batch(
-        batch, model.embedding_module, model.token_builder, model.block, model.max_item_seqlen, None
+        batch, model.sparse(batch.features), model.token_builder, model.block, model.max_item_seqlen, None
     )
     return inputs, layout, tokens, states
 
@@ -264,7 +264,8 @@ def _retrieval(num_negatives: int = -1, use_collection: bool = False, sampling: 
         emb = EmbeddingCollection(
             tables=[
                 EmbeddingConfig(
-                    name="item_table", embedding_dim=D, num_embeddings=30, feature_names=["item"]
+                    name="item_table", embedding_dim=D, num_embeddings=30,
+                    feature_names=["item", "item__negatives"],
                 )
             ]
         )
@@ -279,7 +280,8 @@ def _retrieval(num_negatives: int = -1, use_collection: bool = False, sampling: 
 @pytest.mark.parametrize("num_negatives,use_collection", [(-1, False), (5, True)])
 def test_retrieval_trains(num_negatives: int, use_collection: bool):
     model = _retrieval(num_negatives, use_collection)
-    batch = make_batch([[1, 2, 3, 4], [5, 6], [7]])
+    negatives = sampler(num_negatives=num_negatives) if num_negatives > 0 else None
+    batch = make_batch([[1, 2, 3, 4], [5, 6], [7]], negatives=negatives)
     loss, (pos_logits, neg_logits) = model(batch)
     assert pos_logits.shape == (4,)  # 3 + 1 + 0 next-item queries
     assert neg_logits.shape == ((4, 4) if num_negatives == -1 else (4, 5))
@@ -292,14 +294,14 @@ def test_negative_sampling_modes_build_the_softmax_they_name():
     """full_corpus is the exact softmax over every item; mixed = uniform + in-batch columns;
     in_batch = the batch's positives. Each checked against a loss built by hand from the
     same query states and item vectors."""
-    batch = make_batch([[1, 2, 3, 4], [5, 6], [7]])
     losses = {}
     for sampling, m in (("full_corpus", -1), ("in_batch", -1), ("mixed", 6)):
+        negatives = None if sampling == "in_batch" else sampler(sampling, max(m, 0))
+        batch = make_batch([[1, 2, 3, 4], [5, 6], [7]], negatives=negatives)
         model = _retrieval(m, use_collection=False, sampling=sampling).eval()
-        torch.manual_seed(7)
         loss, (pos_logits, neg_logits) = model(batch)
         # rebuild queries and positives the way the model defines them
-        own, inputs, layout, tokens, states = model._states(batch)
+        own, inputs, layout, tokens, states = model.dense_module._states(batch, model.sparse(batch.features))
         q = model.normalise(states[tokens.history_query_rows])
         q = q[[0, 1, 2, 4]]  # history positions with a next item: 1,2,3 -> 2,3,4 and 5 -> 6
         pos = torch.tensor([2, 3, 4, 6])
@@ -313,8 +315,9 @@ def test_negative_sampling_modes_build_the_softmax_they_name():
             want = F.cross_entropy(logits, torch.arange(4))
             assert neg_logits.shape == (4, 4)
         else:
-            torch.manual_seed(7)
-            neg = torch.randint(1, 30, (4, m))
+            # the batch's own draws: distinct ids on the negatives key, an index per query
+            neg = batch.features["item__negatives"].values()[batch.negative_index]
+            assert neg.shape == (4, m) and neg.min() >= 1 and neg.max() < 30
             uni = torch.einsum("qd,qmd->qm", q, corpus[neg]) / 0.1
             uni = uni.masked_fill(neg == pos.unsqueeze(1), float("-inf"))
             inb = (q @ corpus[pos].t() / 0.1).masked_fill(torch.eye(4, dtype=torch.bool), float("-inf"))
@@ -367,7 +370,8 @@ def test_eval_target_score_comes_from_the_same_matmul_as_the_others():
     targets[:4] = torch.tensor([0, num_items, -1, 5])  # padding id, outside the corpus
     history = torch.randint(1, num_items, (bsz, 2), generator=gen)
     history_seg = torch.arange(bsz).repeat_interleave(2)
-    model.last_queries = lambda batch: (queries, history.reshape(-1), history_seg)
+    dense = model.dense_module
+    dense.last_queries = lambda batch, embeddings: (queries, history.reshape(-1), history_seg)
     batch = SimpleNamespace(labels=targets)
     excluded = torch.zeros(bsz, num_items, dtype=torch.bool)
     excluded[history_seg, history.reshape(-1)] = True
@@ -377,7 +381,7 @@ def test_eval_target_score_comes_from_the_same_matmul_as_the_others():
             [queries @ corpus[s : s + chunk].t() for s in range(0, num_items, chunk)], 1
         )
         want = ranks_from_scores(scores, targets, excluded)
-        result = model.evaluate(batch, top_k=5, chunk_size=chunk, corpus=corpus)
+        result = dense.evaluate(batch, None, corpus, top_k=5, chunk_size=chunk)
         assert torch.equal(result.target_ranks, want), chunk
         assert result.target_ranks[:3].isinf().all() and result.target_ranks.isfinite().sum() > 400
 

@@ -41,15 +41,15 @@ def test_linear_decay_uses_lr_decay_iters_over_total():
 def test_container_steps_schedule_and_clips():
     p = torch.nn.Parameter(torch.zeros(3))
     args = _args(optimizer_str="sgd", lr_warmup_iters=2, clip_grad_norm=1.0)
-    opt = OptimizerContainer(build_dense_optimizer([p], args), args, total_steps=10)
+    opt = OptimizerContainer([p], args, total_steps=10)
     assert opt.lr == 0.5
     p.grad = torch.tensor([3.0, 4.0, 0.0])  # norm 5 -> clipped to 1
     opt.step()
-    assert opt.last_grad_norm == pytest.approx(5.0)
+    assert float(opt.last_grad_norm) == pytest.approx(5.0)
     assert torch.allclose(p.detach(), torch.tensor([-0.3, -0.4, 0.0]))  # lr 0.5 x clipped grad
     assert opt.lr == 1.0 and opt.num_steps == 1
     state = opt.state_dict()
-    fresh = OptimizerContainer(build_dense_optimizer([p], args), args, total_steps=10)
+    fresh = OptimizerContainer([p], args, total_steps=10)
     fresh.load_state_dict(state)
     assert fresh.num_steps == 1 and fresh.lr == 1.0
 
@@ -61,15 +61,35 @@ def test_weight_decay_reaches_the_optimizer():
     assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["weight_decay"] == 0.1
 
 
-def _dp_average(rank: int, world_size: int) -> None:
-    p = torch.nn.Parameter(torch.zeros(2))
-    args = _args(optimizer_str="sgd")
-    opt = OptimizerContainer(build_dense_optimizer([p], args), args, 10,
-                             allreduce_groups=[([p], dist.group.WORLD, world_size)])
-    p.grad = torch.full((2,), float(rank + 1))  # ranks: 1 and 2 -> mean 1.5
+def _ddp_world_mean(rank: int, world_size: int) -> None:
+    """The dense DDP hook: sum over the DP group divided by the world size."""
+    from hstu.training.ddp import wrap_dense
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(2, 1, bias=False)
+    ddp = wrap_dense(lin, dist.group.WORLD, world_size)
+    x = torch.full((1, 2), float(rank + 1))  # grads: ranks 1 and 2 -> mean 1.5
+    ddp(x).sum().backward()
+    assert torch.allclose(lin.weight.grad, torch.full((1, 2), 1.5)), lin.weight.grad
+
+
+def test_ddp_hook_averages_gradients_over_the_world():
+    run_multiprocess(_ddp_world_mean, world_size=2)
+
+
+def _tp_clip(rank: int, world_size: int) -> None:
+    """One norm over the TP group: shards on every rank, replicated parameters once."""
+    shard = torch.nn.Parameter(torch.zeros(2))
+    shard.tensor_model_parallel = True
+    replicated = torch.nn.Parameter(torch.zeros(1))
+    args = _args(optimizer_str="sgd", clip_grad_norm=1.0)
+    opt = OptimizerContainer([shard, replicated], args, 10, tp_group=dist.group.WORLD)
+    shard.grad = torch.tensor([3.0, 0.0]) if rank == 0 else torch.tensor([0.0, 4.0])
+    replicated.grad = torch.tensor([12.0])  # the same on both ranks: counted once
     opt.step()
-    assert torch.allclose(p.detach(), torch.full((2,), -1.5)), p
+    assert float(opt.last_grad_norm) == pytest.approx(13.0)  # sqrt(9 + 16 + 144)
+    assert torch.allclose(replicated.detach(), torch.tensor([-12.0 / 13.0]), atol=1e-6)
 
 
-def test_gradients_are_averaged_over_the_data_parallel_group():
-    run_multiprocess(_dp_average, world_size=2)
+def test_clipping_uses_one_norm_over_the_tensor_parallel_group():
+    run_multiprocess(_tp_clip, world_size=2)
