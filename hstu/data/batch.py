@@ -48,6 +48,9 @@ class Batch(Pipelineable):
     # retrieval training, uniform/mixed negatives: int64 [Q, M] index into the values of the
     # negatives key of ``features`` (hstu.data.negatives)
     negative_index: torch.Tensor | None = None
+    # dynamic tables: feature -> bool mask of ids without a slot (set by the model's input
+    # stage, ``GenerativeRecommender.prepare``; their embeddings are zeroed)
+    lookup_misses: dict[str, torch.Tensor] | None = None
 
     _TENSOR_FIELDS = ("num_candidates", "timestamps", "labels", "sample_mask", "negative_index")
 
@@ -57,8 +60,12 @@ class Batch(Pipelineable):
             for name in self._TENSOR_FIELDS
             for t in [getattr(self, name)]
         }
+        misses = None
+        if self.lookup_misses is not None:
+            misses = {k: v.to(device=device, non_blocking=non_blocking) for k, v in self.lookup_misses.items()}
         return replace(
-            self, features=self.features.to(device=device, non_blocking=non_blocking), **moved
+            self, features=self.features.to(device=device, non_blocking=non_blocking),
+            lookup_misses=misses, **moved
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -67,6 +74,8 @@ class Batch(Pipelineable):
             t = getattr(self, name)
             if t is not None:
                 t.record_stream(stream)
+        for t in (self.lookup_misses or {}).values():
+            t.record_stream(stream)
 
     def pin_memory(self) -> Batch:
         pinned = {
@@ -74,7 +83,10 @@ class Batch(Pipelineable):
             for name in self._TENSOR_FIELDS
             for t in [getattr(self, name)]
         }
-        return replace(self, features=self.features.pin_memory(), **pinned)
+        misses = None
+        if self.lookup_misses is not None:
+            misses = {k: v.pin_memory() for k, v in self.lookup_misses.items()}
+        return replace(self, features=self.features.pin_memory(), lookup_misses=misses, **pinned)
 
     # ----------------------------------------------------------------- conveniences
     def item_lengths(self) -> torch.Tensor:

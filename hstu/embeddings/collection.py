@@ -46,6 +46,30 @@ class TableSpec:
     """Rows of the device cache when caching."""
 
 
+class MergeLookups(nn.Module):
+    """dicts of feature -> JaggedTensor -> one dict (a module so that fx tracing keeps it a leaf)."""
+
+    def forward(self, *parts: dict[str, JaggedTensor]) -> dict[str, JaggedTensor]:
+        out: dict[str, JaggedTensor] = {}
+        for part in parts:
+            out.update(part)
+        return out
+
+
+def apply_misses(
+    embeddings: dict[str, JaggedTensor], misses: dict[str, torch.Tensor] | None
+) -> dict[str, JaggedTensor]:
+    """Zeroes the looked-up rows of ids that a dynamic table does not hold."""
+    if not misses:
+        return embeddings
+    out = dict(embeddings)
+    for name, mask in misses.items():
+        jt = out[name]
+        values = jt.values() * (~mask.to(jt.values().device)).unsqueeze(1).to(jt.values().dtype)
+        out[name] = JaggedTensor(values=values, lengths=jt.lengths())
+    return out
+
+
 class HstuEmbeddings(nn.Module):
     """KeyedJaggedTensor -> dict[feature name, JaggedTensor] over static and dynamic tables.
 
@@ -77,32 +101,41 @@ class HstuEmbeddings(nn.Module):
         self._dp_features = {
             f for s in specs if s.sharding_type == "data_parallel" for f in s.feature_names
         }
+        self.merge = MergeLookups()
 
     # --------------------------------------------------------------------- forward
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
-        misses: dict[str, torch.Tensor] = {}
-        if self.remappers:
-            features, misses = self._remap(features)
+        """Lookup of already remapped ids (see :meth:`remap`): the sharded collection and the
+        replicated one each take the whole KeyedJaggedTensor and look up their own features.
+
+        Written for TorchRec's train pipelines, which fx-trace this forward: the sharded
+        module is called once, straight on the batch's features; the replicated collection and
+        the merge are leaf modules (they hold no sharded module).
+        """
+        sharded = self.ec(features)
         if self.dp_ec is None:
-            out = dict(self.ec(features))
-        else:
-            dp_keys = [k for k in features.keys() if k in self._dp_features]
-            mp_keys = [k for k in features.keys() if k not in self._dp_features]
-            by_key = features.to_dict()
-            out = {}
-            if mp_keys:
-                out.update(self.ec(KeyedJaggedTensor.from_jt_dict({k: by_key[k] for k in mp_keys})))
-            if dp_keys:
-                out.update(self.dp_ec(KeyedJaggedTensor.from_jt_dict({k: by_key[k] for k in dp_keys})))
-        for name, mask in misses.items():
-            jt = out[name]
-            values = jt.values() * (~mask).unsqueeze(1).to(jt.values().dtype)
-            out[name] = JaggedTensor(values=values, lengths=jt.lengths())
-        return out
+            return sharded
+        return self.merge(sharded, self.dp_ec(features))
+
+    def remap(
+        self, features: KeyedJaggedTensor, lookup_only: frozenset[str] = frozenset()
+    ) -> tuple[KeyedJaggedTensor, dict[str, torch.Tensor]]:
+        """The input stage of dynamic tables: raw ids -> slots, before the lookup (and, in a
+        train pipeline, before the input distribution). Returns the remapped features and,
+        per feature, a bool miss mask of ids without a slot (their embeddings are zeroed).
+
+        In training every id of a feature is admitted (a collective: every rank calls it on
+        every step), except the features in ``lookup_only`` (retrieval negatives, the
+        corpus): those are only looked up, never admitted, so sampled ids cannot evict real
+        items. In evaluation nothing is admitted.
+        """
+        if not self.remappers:
+            return features, {}
+        return self._remap(features, lookup_only)
 
     def _remap(
-        self, features: KeyedJaggedTensor
+        self, features: KeyedJaggedTensor, lookup_only: frozenset[str] = frozenset()
     ) -> tuple[KeyedJaggedTensor, dict[str, torch.Tensor]]:
         """Raw ids of dynamic features -> slots (one remapper call per table, all its features)."""
         keys = features.keys()
@@ -116,19 +149,26 @@ class HstuEmbeddings(nn.Module):
                 for i, k in enumerate(keys)
                 if self._feature_to_table.get(k) == table
             ]
+            admit = [span for span in spans if span[0] not in lookup_only]
             # Every rank calls every remapper in training (it is a collective), even with
             # no ids of that table in its batch.
-            ids = torch.cat([values[a:b] for _, a, b in spans]) if spans else values[:0]
+            ids = torch.cat([values[a:b] for _, a, b in admit]) if admit else values[:0]
             slots, miss = remapper(ids)
             if remapper.pending_fresh is not None:
                 self._write_fresh_rows(table, *remapper.pending_fresh)
                 remapper.pending_fresh = None
             pos = 0
-            for k, a, b in spans:
+            for k, a, b in admit:
                 new_values[a:b] = slots[pos : pos + b - a]
                 if miss is not None:
                     misses[k] = miss[pos : pos + b - a]
                 pos += b - a
+            for k, a, b in spans:
+                if k in lookup_only:
+                    found_slots, found = remapper.lookup(values[a:b])
+                    new_values[a:b] = found_slots
+                    if not bool(found.all()):
+                        misses[k] = ~found
         remapped = KeyedJaggedTensor(
             keys=keys,
             values=new_values,

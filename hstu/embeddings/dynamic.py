@@ -253,6 +253,13 @@ class DynamicIdRemapper(nn.Module):
         self.num_eval_misses += int((~found).sum())
         return slots, ~found
 
+    @torch.no_grad()
+    def lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read only, in training too (no admission, no collective, no counters): ids int64
+        [N] -> (slots [N], found [N] bool). For ids that must never be admitted (retrieval
+        negatives, the corpus)."""
+        return self._find(ids.to(torch.int64))
+
     def stats(self) -> dict[str, int | float]:
         """Figures for the training log: occupancy and eviction counters."""
         occupied = int(self.occupied.sum())

@@ -9,14 +9,12 @@ checkpointed the same way.
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 from torch import nn
-from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor  # noqa: F401
 
 from hstu.args import EmbeddingArgs
-from hstu.embeddings.collection import HstuEmbeddings, build_embedding_collection
+from hstu.embeddings.collection import HstuEmbeddings, MergeLookups, build_embedding_collection
 
 
 class EmbeddingsByDim(nn.Module):
@@ -26,22 +24,23 @@ class EmbeddingsByDim(nn.Module):
         super().__init__()
         self.groups = nn.ModuleDict({f"dim{d}": g for d, g in sorted(groups.items())})
         self._feature_group = {f: f"dim{d}" for f, d in feature_dim.items()}
+        self.merge = MergeLookups()
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
-        by_key = features.to_dict()
-        routed: dict[str, dict[str, JaggedTensor]] = defaultdict(dict)
-        for key, jt in by_key.items():
-            if key not in self._feature_group:
-                raise KeyError(f"feature {key!r} has no embedding table")
-            routed[self._feature_group[key]][key] = jt
-        out: dict[str, JaggedTensor] = {}
-        # every group is called, in a fixed order, on every rank (sharded lookups are collective)
-        for name, group in self.groups.items():
-            part = routed.get(name, {})
-            if not part:
-                continue
-            out.update(group(KeyedJaggedTensor.from_jt_dict(part)))
-        return out
+        """Every group takes the whole KeyedJaggedTensor and looks up its own features (one
+        call of each sharded collection per step, in a fixed order on every rank; traceable
+        for TorchRec's pipelines)."""
+        return self.merge(*[group(features) for group in self.groups.values()])
+
+    def remap(
+        self, features: KeyedJaggedTensor, lookup_only: frozenset[str] = frozenset()
+    ) -> tuple[KeyedJaggedTensor, dict[str, torch.Tensor]]:
+        """Dynamic tables' input stage, group by group (see HstuEmbeddings.remap)."""
+        misses: dict[str, torch.Tensor] = {}
+        for group in self.groups.values():
+            features, part = group.remap(features, lookup_only)
+            misses.update(part)
+        return features, misses
 
     def stats(self) -> dict[str, dict[str, int | float]]:
         merged: dict[str, dict[str, int | float]] = {}

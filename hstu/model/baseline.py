@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from hstu.data.batch import Batch
+from hstu.embeddings.collection import apply_misses
 from hstu.model.loss_scale import global_mean_scale
 from hstu.model.ranking import MLP, ranking_loss
 
@@ -51,6 +52,7 @@ class NonSequentialRanking(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         if batch.labels is None or batch.num_candidates is None:
             raise ValueError("a ranking batch needs candidates and labels")
+        embeddings = apply_misses(embeddings, batch.lookup_misses)
         items = embeddings[self.item_feature_name]
         lengths = items.lengths()
         ends = torch.cumsum(lengths, 0)

@@ -7,6 +7,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from hstu.data.batch import Batch
+from hstu.embeddings.collection import apply_misses
 from hstu.model.tokens import (
     SequenceInputs,
     TokenBuilder,
@@ -31,6 +32,7 @@ def encode_batch(
     ``max_item_seqlen`` (0: the batch's) sizes the kernel's max sequence length so that
     shapes stay stable across batches.
     """
+    embeddings = apply_misses(embeddings, batch.lookup_misses)
     own: SequenceInputs = sequence_inputs(batch, embeddings)
     inputs, layout = gather_sequence_inputs(own, tp_group)
     tokens = token_builder(inputs)

@@ -13,6 +13,7 @@ on the top level for convenience.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from hstu.data.batch import Batch
+from hstu.embeddings.collection import apply_misses
 
 
 class GenerativeRecommender(nn.Module):
@@ -33,6 +35,22 @@ class GenerativeRecommender(nn.Module):
     def forward(self, batch: Batch) -> Any:
         embeddings = self.sparse(batch.features)
         return self.dense(batch, embeddings)
+
+    lookup_only: frozenset[str] = frozenset()
+    """Features whose ids are looked up but never admitted by dynamic tables (negatives)."""
+
+    def prepare(self, batch: Batch) -> Batch:
+        """The input stage: dynamic tables map raw ids to slots (admitting new ids in
+        training: a collective, every rank calls it for every batch in the same order). A
+        no-op without dynamic tables. The trainer calls it as batches are read, before the
+        train pipeline sees them; evaluation before each lookup."""
+        remap = getattr(self.sparse, "remap", None)
+        if remap is None:
+            return batch
+        features, misses = remap(batch.features, self.lookup_only)
+        if features is batch.features:
+            return batch
+        return replace(batch, features=features, lookup_misses=misses or None)
 
     @property
     def dense_module(self) -> nn.Module:
@@ -62,6 +80,9 @@ class RetrievalRecommender(GenerativeRecommender):
     def __init__(self, sparse: nn.Module, dense: nn.Module, feature_names: list[str]) -> None:
         super().__init__(sparse, dense)
         self.feature_names = list(feature_names)
+        negatives = getattr(dense, "negatives_feature", None)
+        if negatives is not None:
+            self.lookup_only = frozenset([negatives])
 
     def lookup_items(self, ids: torch.Tensor) -> torch.Tensor:
         """int64 [N] -> [N, D] raw item embeddings through the sparse module (every rank calls)."""
@@ -72,7 +93,11 @@ class RetrievalRecommender(GenerativeRecommender):
         kjt = KeyedJaggedTensor.from_lengths_sync(
             keys=self.feature_names, values=ids.to(torch.int64), lengths=lengths
         )
-        return self.sparse(kjt)[item].values()
+        misses: dict = {}
+        remap = getattr(self.sparse, "remap", None)
+        if remap is not None:
+            kjt, misses = remap(kjt, frozenset(self.feature_names))  # never admits
+        return apply_misses(self.sparse(kjt), misses)[item].values()
 
     @torch.no_grad()
     def corpus_vectors(self, chunk_size: int = 65536) -> torch.Tensor:
@@ -90,6 +115,7 @@ class RetrievalRecommender(GenerativeRecommender):
 
     @torch.no_grad()
     def last_queries(self, batch: Batch):
+        batch = self.prepare(batch)
         return self.dense_module.last_queries(batch, self.sparse(batch.features))
 
     @torch.no_grad()
@@ -104,6 +130,7 @@ class RetrievalRecommender(GenerativeRecommender):
         ``corpus`` from :meth:`corpus_vectors` can be reused across batches."""
         if corpus is None:
             corpus = self.corpus_vectors(chunk_size)
+        batch = self.prepare(batch)
         embeddings = self.sparse(batch.features)
         return self.dense_module.evaluate(batch, embeddings, corpus, top_k=top_k, chunk_size=chunk_size)
 

@@ -9,7 +9,8 @@ carries only the action in its residual stream, so its state sees item j only th
 attention and the model barely learned; the item token's state has item j in its residual).
 Causally the query has seen items 0..j and actions 0..j-1, never item j+1. logits = cos(query, item) / temperature for the positive and its
 negatives; negatives (``negative_sampling``) are ``num_negatives`` ids drawn uniformly from
-[min_item_id, num_items) per query, the other positives of the batch (in-batch), both
+[min_item_id, num_items) per query in the data path (hstu.data.negatives: they come with the
+batch as one more key of its KeyedJaggedTensor, looked up with the rest), the other positives of the batch (in-batch), both
 (mixed), or every item of the corpus (full_corpus: the exact softmax). A negative whose
 id equals the query's positive id (an accidental hit) is masked out (-inf).
 
@@ -29,6 +30,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 from hstu.data.batch import Batch
 from hstu.data.negatives import negatives_feature_name
+from hstu.embeddings.collection import apply_misses
 from hstu.model.encode import encode_batch
 from hstu.model.hstu_block import HSTUBlock
 from hstu.model.loss_scale import global_mean_scale
@@ -225,7 +227,9 @@ class RetrievalModel(nn.Module):
                 f"{self.negatives_feature!r} key (hstu.data.negatives.NegativeSampler on the loader)"
             )
         if self.negative_sampling == "full_corpus":
-            corpus = self.normalise(embeddings[self.negatives_feature].values())
+            corpus = self.normalise(
+                apply_misses(embeddings, batch.lookup_misses)[self.negatives_feature].values()
+            )
             return self.full_corpus_loss(queries, pos_ids, corpus, scale)
         neg_vectors, neg_ids = [], []
         if self.negative_sampling in ("uniform", "mixed") and self.num_negatives > 0:
@@ -233,7 +237,9 @@ class RetrievalModel(nn.Module):
                 raise ValueError("uniform negatives need Batch.negative_index (hstu.data.negatives)")
             uniq = batch.features[self.negatives_feature].values().to(queries.device)
             index = batch.negative_index.to(queries.device)
-            rows = self.normalise(embeddings[self.negatives_feature].values())
+            rows = self.normalise(
+                apply_misses(embeddings, batch.lookup_misses)[self.negatives_feature].values()
+            )
             neg_ids.append(uniq[index])
             neg_vectors.append(self.negative_vectors(rows, index))
         if self.negative_sampling in ("in_batch", "mixed") or (

@@ -75,7 +75,7 @@ def _evaluate_ranking(model: Any, loader: Any, cfg: RunConfig, env: DistEnv, max
     for i, batch in enumerate(loader):
         if max_iters is not None and i >= max_iters:
             break
-        batch = batch.to(env.device)
+        batch = model.prepare(batch.to(env.device))
         # the model's own loss counts padding candidates: the loss is recomputed below
         _, (logits, labels) = model(batch)
         keep = None

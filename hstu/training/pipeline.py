@@ -35,7 +35,7 @@ class SequentialPipeline:
     def detach(self) -> torch.nn.Module:
         return self._model
 
-    def attach(self, model: torch.nn.Module | None = None) -> None:
+    def attach(self, model: torch.nn.Module | None = None, sparse_dist: bool = False) -> None:
         if model is not None:
             self._model = model
 
@@ -96,12 +96,12 @@ def build_pipeline(
     if pipeline_type == "prefetch":
         ok, why = _prefetch_supported(model)
         if ok:
-            return _untraceable_tolerant(PrefetchTrainPipelineSparseDist, log)(
+            return _reporting(PrefetchTrainPipelineSparseDist, log)(
                 model, optimizer, device, execute_all_batches=True,
                 custom_model_fwd=_with_loss(model, optimizer),
             )
         log(f"[hstu] pipeline_type=prefetch not applicable ({why}); running native instead")
-    return _untraceable_tolerant(TrainPipelineSparseDist, log)(
+    return _reporting(TrainPipelineSparseDist, log)(
         model, optimizer, device, execute_all_batches=True, custom_model_fwd=_with_loss(model, optimizer)
     )
 
@@ -118,33 +118,39 @@ def _with_loss(model: torch.nn.Module, optimizer: Any) -> Any:
     return forward
 
 
-def _untraceable_tolerant(base: type, log: Any) -> type:
-    """``base`` whose model rewrite tolerates a model that torch.fx cannot trace.
+def pipelined_module_names(pipeline: Any) -> list[str]:
+    """Fully qualified names of the sharded modules whose input distribution the pipeline
+    runs ahead (empty for ``none``, or when nothing could be pipelined)."""
+    modules = getattr(pipeline, "_pipelined_modules", None) or []
+    model = getattr(pipeline, "_model", None)
+    names = {id(m): n for n, m in model.named_modules()} if model is not None else {}
+    return [names.get(id(m), type(m).__name__) for m in modules]
 
-    TorchRec finds the sharded embedding calls by fx-tracing the model's forward; a forward
-    with data-dependent Python (jagged lengths, dynamic-table remapping) cannot be traced.
-    Then the embedding input distribution runs inside forward as usual (results unchanged)
-    and only the batch copy ahead of time is overlapped; one line says so.
-    """
+
+def _reporting(base: type, log: Any) -> type:
+    """``base`` that says once what it pipelines, and names the module and the reason when a
+    sharded module cannot be pipelined (its input distribution then runs inside forward:
+    results are unchanged, only less overlaps)."""
 
     class Pipeline(base):  # type: ignore[misc, valid-type]
         def _pipeline_model(self, batch: Any, context: Any, *args: Any, **kwargs: Any) -> None:
-            from torch.fx.proxy import TraceError
+            super()._pipeline_model(batch, context, *args, **kwargs)
+            if getattr(self, "_hstu_reported", False):
+                return
+            self._hstu_reported = True
+            from torchrec.distributed.types import ShardedModule
 
-            try:
-                super()._pipeline_model(batch, context, *args, **kwargs)
-            except (TraceError, TypeError, NotImplementedError) as exc:
-                if not getattr(self, "_hstu_warned", False):
-                    reason = str(exc).split("\n")[0][:120]
-                    log(
-                        f"[hstu] {base.__name__}: embedding input-dist not overlapped (model not "
-                        f"fx-traceable: {reason}); batches are still prefetched"
-                    )
-                    self._hstu_warned = True
-                self._pipelined_modules = []
-                self._original_forwards = []
-                self._pipelined_postprocs = []
-                self._original_kjt_dist_forwards = []
+            pipelined = pipelined_module_names(self)
+            sharded = [n for n, m in self._model.named_modules() if isinstance(m, ShardedModule)]
+            missing = [n for n in sharded if n not in pipelined]
+            if missing:
+                log(
+                    f"[hstu] {base.__name__}: input-dist of {', '.join(missing)} not overlapped "
+                    "(not called straight on the batch's features in the model's top-level "
+                    "forward); it runs inside forward"
+                )
+            else:
+                log(f"[hstu] {base.__name__}: input-dist of {', '.join(pipelined)} overlapped with the previous step")
 
-    Pipeline.__name__ = Pipeline.__qualname__ = f"Tolerant{base.__name__}"
+    Pipeline.__name__ = Pipeline.__qualname__ = f"Reporting{base.__name__}"
     return Pipeline

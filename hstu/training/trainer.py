@@ -8,8 +8,7 @@ import shutil
 import signal
 import sys
 import time
-from collections import deque
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,46 +19,10 @@ from hstu.training.builder import Built, build_all
 from hstu.training.checkpoint import load_checkpoint, save_checkpoint
 from hstu.training.distributed import DistEnv, rng_state, seed_training_rng, set_rng_state
 from hstu.training.evaluate import evaluate, popularity_baseline
-from hstu.training.flops import hstu_step_flops, peak_flops
+from hstu.training.feed import Feed
+from hstu.training.flops import peak_flops
 from hstu.training.logger import RunLogger
 from hstu.training.pipeline import build_pipeline
-
-
-class _Feed:
-    """Endless batches over epochs for the pipeline, remembering what each batch costs.
-
-    Pipelines read up to two batches ahead of the step they run, so the per-batch figures
-    (tokens, FLOPs) are queued when a batch is read and popped when its step completes.
-    """
-
-    def __init__(self, loader: Any, network: Any) -> None:
-        self.loader = loader
-        self.network = network
-        self.costs: deque[tuple[int, float]] = deque()
-
-    def __iter__(self) -> Iterator[Any]:
-        while True:
-            empty = True
-            for batch in self.loader:
-                empty = False
-                self.costs.append(self._cost(batch))
-                yield batch
-            if empty:
-                raise RuntimeError("the training loader yielded no batch in a whole epoch")
-
-    def _cost(self, batch: Any) -> tuple[int, float]:
-        seqlens = batch.item_lengths().clone()
-        seqlens += len(batch.contextual_feature_names)
-        if batch.action_feature_name is not None:
-            seqlens += batch.features[batch.action_feature_name].lengths()
-        n = self.network
-        if n.architecture != "hstu":  # the MLP baseline: no HSTU FLOPs to count
-            return int(seqlens.sum()), 0.0
-        flops = hstu_step_flops(seqlens, n.num_layers, n.hidden_size, n.num_attention_heads, n.kv_channels)
-        return int(seqlens.sum()), flops
-
-    def pop_cost(self) -> tuple[int, float]:
-        return self.costs.popleft() if self.costs else (0, 0.0)
 
 
 def _position(base: dict[str, Any], steps_per_epoch: int, consumed: int) -> dict[str, Any]:
@@ -194,9 +157,23 @@ class Trainer:
         )
 
     # ----------------------------------------------------------------------- loop
+    def _prepare_for_device(self) -> Any:
+        """The model's input stage for training batches. Dynamic tables remap on the device
+        their state lives on: on a GPU such batches are copied there first (the pipeline's
+        own copy is then a no-op)."""
+        model, device = self.model, self.env.device
+        has_remappers = any(
+            getattr(m, "remappers", None) for m in model.sparse.modules()
+        )
+        if not has_remappers:
+            return None
+        if device.type == "cuda":
+            return lambda batch: model.prepare(batch.to(device, non_blocking=True))
+        return model.prepare
+
     def train(self) -> dict[str, float]:
         args, env = self.args, self.env
-        feed = _Feed(self.built.train_loader, self.cfg.network)
+        feed = Feed(self.built.train_loader, self.cfg.network, self._prepare_for_device(), env.device)
         feed_iter = iter(feed)
         pipeline = build_pipeline(args.pipeline_type, self.model, self.optimizer, env.device, log=self.logger.print)
         self.model.train()
@@ -269,7 +246,9 @@ class Trainer:
             if self.step % args.eval_interval == 0 or self.step == self.max_steps:
                 pipeline.detach()
                 last_eval = evaluate(self.model, self.built.eval_loader, self.cfg, env, args.max_eval_iters)
-                pipeline.attach(self.model)
+                # in-flight batches already had their input distribution: re-attach without
+                # starting it again (a second one would desynchronise the all-to-alls)
+                pipeline.attach(self.model, sparse_dist=False)
                 self.model.train()
                 self.logger.log(self.step, "eval", last_eval)
                 text = " ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
@@ -297,6 +276,7 @@ class Trainer:
             if args.ckpt_save_interval > 0 and self.step % args.ckpt_save_interval != 0:
                 self.save()
         self._restore_signals()
+        feed.close()
         if bar is not None:
             bar.close()
         if profiler is not None:

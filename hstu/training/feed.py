@@ -1,0 +1,110 @@
+"""The training batches a pipeline reads: built on a background thread, prepared (dynamic
+tables' input stage) on the training thread, with their cost counted for the logs.
+
+- A daemon thread runs the loader (numpy gathers, negatives, KeyedJaggedTensor assembly;
+  on a GPU host also ``pin_memory`` so the pipeline's host-to-device copy is asynchronous)
+  up to ``depth`` batches ahead of the training thread. Batches come out in the loader's
+  order; an exception in the thread is raised on the training thread.
+- ``prepare`` (the model's input stage, e.g. the dynamic tables' remapping, a collective)
+  runs on the training thread when the pipeline asks for the batch, so every rank calls it
+  in the same order.
+- Pipelines read up to two batches ahead of the step they run, so the per-batch figures
+  (tokens, FLOPs) are queued when a batch is read and popped when its step completes.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from typing import Any, Callable, Iterator
+
+import torch
+
+from hstu.training.flops import hstu_step_flops
+
+_DONE = object()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class Feed:
+    """Endless batches over epochs (see the module docstring)."""
+
+    def __init__(
+        self,
+        loader: Any,
+        network: Any,
+        prepare: Callable[[Any], Any] | None = None,
+        device: torch.device | None = None,
+        depth: int = 4,
+    ) -> None:
+        self.loader = loader
+        self.network = network
+        self.prepare = prepare
+        self.pin = device is not None and device.type == "cuda"
+        self.depth = depth
+        self.costs: deque[tuple[int, float]] = deque()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ producer
+    def _produce(self, out: queue.Queue) -> None:
+        try:
+            while not self._stop.is_set():
+                empty = True
+                for batch in self.loader:
+                    empty = False
+                    if self.pin:
+                        batch = batch.pin_memory()
+                    item = (batch, self._cost(batch))
+                    while not self._stop.is_set():
+                        try:
+                            out.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if self._stop.is_set():
+                        return
+                if empty:
+                    raise RuntimeError("the training loader yielded no batch in a whole epoch")
+        except BaseException as exc:  # carried to the training thread, raised there
+            out.put(_Failure(exc))
+
+    def __iter__(self) -> Iterator[Any]:
+        out: queue.Queue = queue.Queue(maxsize=self.depth)
+        self._thread = threading.Thread(target=self._produce, args=(out,), name="hstu-batches", daemon=True)
+        self._thread.start()
+        while True:
+            item = out.get()
+            if isinstance(item, _Failure):
+                raise item.exc
+            batch, cost = item
+            self.costs.append(cost)
+            yield self.prepare(batch) if self.prepare is not None else batch
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    # ---------------------------------------------------------------------- cost
+    def _cost(self, batch: Any) -> tuple[int, float]:
+        seqlens = batch.item_lengths().clone()
+        seqlens += len(batch.contextual_feature_names)
+        if batch.action_feature_name is not None:
+            seqlens += batch.features[batch.action_feature_name].lengths()
+        n = self.network
+        if n.architecture != "hstu":  # the MLP baseline: no HSTU FLOPs to count
+            return int(seqlens.sum()), 0.0
+        flops = hstu_step_flops(seqlens, n.num_layers, n.hidden_size, n.num_attention_heads, n.kv_channels)
+        return int(seqlens.sum()), flops
+
+    def pop_cost(self) -> tuple[int, float]:
+        return self.costs.popleft() if self.costs else (0, 0.0)
+
+
+__all__ = ["Feed"]
