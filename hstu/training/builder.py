@@ -69,6 +69,22 @@ def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in sparse and p.requires_grad]
 
 
+def check_table_features(tables: list[EmbeddingArgs], info: DataInfo) -> None:
+    """Every table must serve a feature of the data (one line naming the table otherwise)."""
+    from hstu.args import ConfigError
+
+    known = [info.item_feature_name, *([info.action_feature_name] if info.action_feature_name else []),
+             *info.contextual_feature_names]
+    for tb in tables:
+        unknown = [f for f in tb.feature_names if f not in known]
+        if unknown:
+            raise ConfigError(
+                type(tb).__name__, "feature_names",
+                f"table {tb.table_name!r} names {unknown}, which {info.dataset_name} does not "
+                f"have; its features are {known}",
+            )
+
+
 def negative_sampler(cfg: RunConfig, info: DataInfo) -> NegativeSampler | None:
     """Retrieval with uniform, mixed or full-corpus negatives: what the batches carry."""
     if cfg.task != "retrieval" or cfg.network.architecture != "hstu":
@@ -127,6 +143,7 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         tables = list(cfg.tables)
     else:
         tables = info.default_tables(overrides=cfg.tables)
+    check_table_features(tables, info)
     sampler = negative_sampler(cfg, info)
     if sampler is not None:
         # the negatives (or the corpus) are looked up by the item table with the batch

@@ -176,6 +176,7 @@ class Trainer:
         feed = Feed(self.built.train_loader, self.cfg.network, self._prepare_for_device(), env.device)
         feed_iter = iter(feed)
         pipeline = build_pipeline(args.pipeline_type, self.model, self.optimizer, env.device, log=self.logger.print)
+        self.pipeline = pipeline
         self.model.train()
         profiler = self._profiler()
         bar = None
