@@ -118,6 +118,14 @@ class HstuEmbeddings(nn.Module):
             return sharded
         return self.merge(sharded, self.dp_ec(features))
 
+    def lookup(
+        self, features: KeyedJaggedTensor, lookup_only: frozenset[str] = frozenset()
+    ) -> dict[str, JaggedTensor]:
+        """Raw ids -> embeddings in one call (input stage, lookup, misses zeroed): for tools
+        and tests; the model runs the stages apart (``GenerativeRecommender.prepare``)."""
+        features, misses = self.remap(features, lookup_only)
+        return apply_misses(self(features), misses)
+
     def remap(
         self, features: KeyedJaggedTensor, lookup_only: frozenset[str] = frozenset()
     ) -> tuple[KeyedJaggedTensor, dict[str, torch.Tensor]]:

@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor  # noqa: F401
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from hstu.args import EmbeddingArgs
-from hstu.embeddings.collection import HstuEmbeddings, MergeLookups, build_embedding_collection
+from hstu.embeddings.collection import (
+    HstuEmbeddings,
+    MergeLookups,
+    apply_misses,
+    build_embedding_collection,
+)
 
 
 class EmbeddingsByDim(nn.Module):
@@ -31,6 +36,13 @@ class EmbeddingsByDim(nn.Module):
         call of each sharded collection per step, in a fixed order on every rank; traceable
         for TorchRec's pipelines)."""
         return self.merge(*[group(features) for group in self.groups.values()])
+
+    def lookup(
+        self, features: KeyedJaggedTensor, lookup_only: frozenset[str] = frozenset()
+    ) -> dict[str, JaggedTensor]:
+        """Raw ids -> embeddings in one call (see HstuEmbeddings.lookup)."""
+        features, misses = self.remap(features, lookup_only)
+        return apply_misses(self(features), misses)
 
     def remap(
         self, features: KeyedJaggedTensor, lookup_only: frozenset[str] = frozenset()

@@ -68,7 +68,7 @@ def train_step(emb, batch: KeyedJaggedTensor, scale: float = 1.0) -> None:
     """loss = scale * sum over ids of <embedding, UPSTREAM>: each occurrence adds scale *
     UPSTREAM to its row's gradient (scale = world size undoes the mean over ranks)."""
     emb.train()
-    out = emb(batch)
+    out = emb.lookup(batch)
     loss = scale * sum((jt.values() * UPSTREAM).sum() for jt in out.values())
     loss.backward()
 
@@ -76,5 +76,5 @@ def train_step(emb, batch: KeyedJaggedTensor, scale: float = 1.0) -> None:
 def lookup(emb, per_key: dict[str, list[list[int]]]) -> dict[str, torch.Tensor]:
     emb.eval()
     with torch.no_grad():
-        out = emb(kjt(per_key))
+        out = emb.lookup(kjt(per_key))
     return {k: v.values().clone() for k, v in out.items()}

@@ -90,7 +90,7 @@ def _lookup(emb, ids: list[int]) -> torch.Tensor:
     kjt = KeyedJaggedTensor.from_lengths_sync(
         keys=["item"], values=torch.tensor(ids, dtype=torch.int64), lengths=torch.tensor([len(ids)])
     )
-    return emb(kjt)["item"].values()
+    return emb.lookup(kjt)["item"].values()
 
 
 def test_evicted_id_returns_with_fresh_row_never_another_ids_row() -> None:

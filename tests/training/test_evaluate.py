@@ -54,6 +54,9 @@ class _Model(torch.nn.Module):
         super().__init__()
         self.num_tasks = num_tasks
 
+    def prepare(self, batch):  # the input stage (no dynamic tables here)
+        return batch
+
     def forward(self, batch):
         loss = ranking_loss(batch.logits, batch.labels, self.num_tasks)  # padding counted
         return loss, (batch.logits, batch.labels)
