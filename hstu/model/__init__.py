@@ -3,7 +3,7 @@
 Nothing here imports gin; the builder reads the argument dataclasses explicitly.
 """
 
-from hstu.model.builder import LayerVariant, ModelDataInfo, build_block, build_model
+from hstu.model.builder import LayerOptions, ModelDataInfo, build_block, build_model, research_options
 from hstu.model.hstu_block import HSTUBlock
 from hstu.model.hstu_layer import HSTULayer
 from hstu.model.metrics import MetricAccumulator, retrieval_metrics
@@ -13,7 +13,7 @@ from hstu.model.retrieval import RetrievalEval, RetrievalModel
 __all__ = [
     "HSTUBlock",
     "HSTULayer",
-    "LayerVariant",
+    "LayerOptions",
     "MetricAccumulator",
     "ModelDataInfo",
     "RankingModel",
@@ -21,5 +21,6 @@ __all__ = [
     "RetrievalModel",
     "build_block",
     "build_model",
+    "research_options",
     "retrieval_metrics",
 ]

@@ -1,8 +1,7 @@
 """Builds the ranking or retrieval model from the argument dataclasses (no gin here).
 
-The layer variant knobs that NetworkArgs may not carry yet (relative attention bias and the
-research-model flags) are read with their documented defaults when absent, so the
-production behaviour is unchanged until a gin file sets them.
+The HSTU layer's knobs live in one place, :class:`hstu.model.hstu_layer.LayerOptions`, read
+from NetworkArgs by field name (fields it lacks keep their defaults).
 """
 
 from __future__ import annotations
@@ -15,12 +14,12 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from hstu.model.hstu_block import HSTUBlock
+from hstu.model.hstu_layer import DTYPES, LayerOptions, research_options
 from hstu.model.model import GenerativeRecommender, RetrievalRecommender
 from hstu.model.ranking import MLP, RankingModel
 from hstu.model.retrieval import RetrievalModel
 from hstu.model.tokens import TokenBuilder, max_token_seqlen
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -48,71 +47,26 @@ class ModelDataInfo:
         return names + list(self.contextual_feature_names)
 
 
-@dataclass
-class LayerVariant:
-    """HSTU layer knobs beyond NetworkArgs' documented fields (defaults = production)."""
-
-    relative_attention_bias: bool = False
-    rab_use_time: bool = True
-    attention_alpha: float | None = None
-    attn_scaling_seqlen: int | None = None
-    uvqk_bias: bool = True
-    norm_affine: bool = True
-    output_bias: bool = False
-    use_position_embedding: bool = True
-
-    @classmethod
-    def from_network_args(cls, network_args: Any) -> LayerVariant:
-        defaults = cls()
-        return cls(
-            **{f: getattr(network_args, f, getattr(defaults, f)) for f in cls.__dataclass_fields__}
-        )
-
-    @classmethod
-    def research(cls, padded_width: int) -> LayerVariant:
-        """The paper's research model (use with norm eps 1e-6): rab, alpha 1, N = padded width."""
-        return cls(
-            relative_attention_bias=True,
-            rab_use_time=True,
-            attention_alpha=1.0,
-            attn_scaling_seqlen=padded_width,
-            uvqk_bias=False,
-            norm_affine=False,
-            output_bias=True,
-        )
-
-
 def build_block(
     network_args: Any,
     max_seqlen: int,
-    variant: LayerVariant | None = None,
+    variant: dict[str, Any] | None = None,
     tp_group: ProcessGroup | None = None,
 ) -> HSTUBlock:
-    """HSTUBlock from NetworkArgs; ``max_seqlen`` is the longest token sequence."""
-    variant = variant or LayerVariant.from_network_args(network_args)
+    """HSTUBlock from NetworkArgs; ``max_seqlen`` is the longest token sequence (the relative
+    attention bias' position range); ``variant``: LayerOptions fields to override (e.g.
+    :func:`research_options`)."""
+    options = LayerOptions.from_network_args(
+        network_args, rab_num_positions=max_seqlen, **(variant or {})
+    )
     return HSTUBlock(
         network_args.num_layers,
         network_args.hidden_size,
         network_args.num_attention_heads,
         network_args.kv_channels,
+        options,
         num_position_buckets=network_args.num_position_buckets,
-        use_position_embedding=variant.use_position_embedding,
-        dropout=network_args.hidden_dropout,
-        norm_eps=network_args.norm_epsilon,
-        kernel_backend=network_args.kernel_backend,
-        is_causal=network_args.is_causal,
-        target_group_size=network_args.target_group_size,
-        alpha=variant.attention_alpha,
-        attn_scaling_seqlen=variant.attn_scaling_seqlen,
-        uvqk_bias=variant.uvqk_bias,
-        norm_affine=variant.norm_affine,
-        output_bias=variant.output_bias,
-        relative_attention_bias=variant.relative_attention_bias,
-        rab_num_positions=max_seqlen,
-        rab_use_time=variant.rab_use_time,
-        recompute_input_layernorm=network_args.recompute_input_layernorm,
-        recompute_input_silu=network_args.recompute_input_silu,
-        dtype=DTYPES[network_args.dtype_str],
+        use_position_embedding=getattr(network_args, "use_position_embedding", True),
         tp_group=tp_group,
     )
 
@@ -140,7 +94,7 @@ def build_model(
     embedding_module: nn.Module,
     data: ModelDataInfo,
     tp_group: ProcessGroup | None = None,
-    variant: LayerVariant | None = None,
+    variant: dict[str, Any] | None = None,
 ) -> GenerativeRecommender:
     """The whole model for ``task`` (RankingArgs or RetrievalArgs as ``task_args``):
     ``embedding_module`` as the sparse part, a RankingModel or RetrievalModel as the dense part.
@@ -193,9 +147,10 @@ def build_model(
 
 __all__ = [
     "DTYPES",
-    "LayerVariant",
+    "LayerOptions",
     "ModelDataInfo",
     "build_block",
     "build_model",
     "build_token_builder",
+    "research_options",
 ]

@@ -13,6 +13,8 @@ rank), d head width (kv_channels), P TP group size.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -161,14 +163,14 @@ def norm_linear_silu(
 # ------------------------------------------------------------------------------ the layer
 
 
-class HSTULayer(nn.Module):
-    """One HSTU layer over jagged tokens.
+@dataclass(frozen=True)
+class LayerOptions:
+    """Every knob of an HSTU layer, in one place. A new layer flag is one field here (and,
+    to set it from gin, a NetworkArgs field of the same name: :meth:`from_network_args` picks
+    it up by name).
 
-    Args:
-        hidden_size: D.
-        num_heads: H over the whole TP group (H / P on each rank).
-        head_dim: d (kv_channels), the width of each head of U, V, Q and K.
-        dropout: dropout on LayerNorm(O) * U.
+    Fields:
+        dropout: dropout on LayerNorm(O) * U (the block also uses it on its input tokens).
         norm_eps: epsilon of both layer norms.
         kernel_backend: attention backend passed to ``hstu.ops.hstu_attention``.
         is_causal: causal mask over the history.
@@ -184,8 +186,74 @@ class HSTULayer(nn.Module):
         recompute_input_layernorm: recompute LayerNorm(x) in backward instead of storing it.
         recompute_input_silu: recompute n W_uvqk + b in backward instead of storing it.
         dtype: parameter and compute dtype.
-        tp_group: tensor-parallel group; None runs plain torch linears (no process group).
         strict_kernel: make a kernel fallback an error instead of a one-line message.
+    """
+
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    kernel_backend: str = "pytorch"
+    is_causal: bool = True
+    target_group_size: int = 1
+    alpha: float | None = None
+    attn_scaling_seqlen: int | None = None
+    uvqk_bias: bool = True
+    norm_affine: bool = True
+    output_bias: bool = False
+    relative_attention_bias: bool = False
+    rab_num_positions: int = 256
+    rab_use_time: bool = True
+    recompute_input_layernorm: bool = False
+    recompute_input_silu: bool = False
+    dtype: torch.dtype = torch.float32
+    strict_kernel: bool = False
+
+    # NetworkArgs names that differ from the field names (the gin surface predates this class)
+    _NETWORK_NAMES = {
+        "dropout": "hidden_dropout", "norm_eps": "norm_epsilon", "alpha": "attention_alpha",
+        "dtype": "dtype_str",
+    }
+
+    @classmethod
+    def from_network_args(cls, network_args: Any, **overrides: Any) -> LayerOptions:
+        """The options a NetworkArgs sets (fields it lacks keep their defaults), then ``overrides``."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = cls._NETWORK_NAMES.get(f.name, f.name)
+            if hasattr(network_args, name):
+                values[f.name] = getattr(network_args, name)
+        if isinstance(values.get("dtype"), str):
+            values["dtype"] = DTYPES[values["dtype"]]
+        values.update(overrides)
+        return cls(**values)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def research_options(padded_width: int) -> dict[str, Any]:
+    """The paper's research model (use with norm eps 1e-6): rab, alpha 1, N = padded width,
+    no W_uvqk bias, no affine norms, a bias on W_o."""
+    return dict(
+        relative_attention_bias=True,
+        rab_use_time=True,
+        alpha=1.0,
+        attn_scaling_seqlen=padded_width,
+        uvqk_bias=False,
+        norm_affine=False,
+        output_bias=True,
+    )
+
+
+class HSTULayer(nn.Module):
+    """One HSTU layer over jagged tokens.
+
+    Args:
+        hidden_size: D.
+        num_heads: H over the whole TP group (H / P on each rank).
+        head_dim: d (kv_channels), the width of each head of U, V, Q and K.
+        options: the layer's knobs (:class:`LayerOptions`); keyword ``overrides`` replace
+            single fields (``HSTULayer(D, H, d, dropout=0.1)``).
+        tp_group: tensor-parallel group; None runs plain torch linears (no process group).
     """
 
     def __init__(
@@ -193,26 +261,21 @@ class HSTULayer(nn.Module):
         hidden_size: int,
         num_heads: int,
         head_dim: int,
+        options: LayerOptions | None = None,
         *,
-        dropout: float = 0.0,
-        norm_eps: float = 1e-5,
-        kernel_backend: str = "pytorch",
-        is_causal: bool = True,
-        target_group_size: int = 1,
-        alpha: float | None = None,
-        attn_scaling_seqlen: int | None = None,
-        uvqk_bias: bool = True,
-        norm_affine: bool = True,
-        output_bias: bool = False,
-        relative_attention_bias: bool = False,
-        rab_num_positions: int = 256,
-        rab_use_time: bool = True,
-        recompute_input_layernorm: bool = False,
-        recompute_input_silu: bool = False,
-        dtype: torch.dtype = torch.float32,
         tp_group: ProcessGroup | None = None,
-        strict_kernel: bool = False,
+        **overrides: Any,
     ) -> None:
+        o = replace(options or LayerOptions(), **overrides)
+        self.options = o
+        dropout, norm_eps, kernel_backend = o.dropout, o.norm_eps, o.kernel_backend
+        is_causal, target_group_size, alpha = o.is_causal, o.target_group_size, o.alpha
+        attn_scaling_seqlen, uvqk_bias, norm_affine = o.attn_scaling_seqlen, o.uvqk_bias, o.norm_affine
+        output_bias, relative_attention_bias = o.output_bias, o.relative_attention_bias
+        rab_num_positions, rab_use_time = o.rab_num_positions, o.rab_use_time
+        recompute_input_layernorm = o.recompute_input_layernorm
+        recompute_input_silu = o.recompute_input_silu
+        dtype, strict_kernel = o.dtype, o.strict_kernel
         super().__init__()
         self.tp_group = tp_group
         tp_size, tp_rank = tp_size_of(tp_group), tp_rank_of(tp_group)
@@ -414,4 +477,4 @@ def _no_init(weight: torch.Tensor) -> None:
     """Megatron init hook; HSTULayer.reset_parameters sets the weights."""
 
 
-__all__ = ["NUM_TIME_BUCKETS", "HSTULayer", "norm_linear_silu"]
+__all__ = ["DTYPES", "NUM_TIME_BUCKETS", "HSTULayer", "LayerOptions", "norm_linear_silu", "research_options"]

@@ -13,7 +13,7 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 
 from hstu.args import ConfigError, NetworkArgs, RankingArgs, RetrievalArgs
 from hstu.data.build import DataInfo
-from hstu.model.builder import LayerVariant, ModelDataInfo, build_model
+from hstu.model.builder import ModelDataInfo, build_model, research_options
 from hstu.model.metrics import ranks_from_scores
 from hstu.model.ranking import check_ranking_head, decode_task_labels, ranking_loss
 from hstu.model.retrieval import sampled_softmax_loss
@@ -403,7 +403,7 @@ def test_research_variant_builds_and_runs():
         RetrievalArgs(),
         TinyEmbeddings({"item": (30, D)}),
         data,
-        variant=LayerVariant.research(padded_width=19),
+        variant=research_options(padded_width=19),
     )
     layer = model.block.layers[0]
     assert layer.alpha == 1.0 and layer.uvqk.bias is None and layer.output.bias is not None
