@@ -1,7 +1,7 @@
 """Gin-configurable arguments of the data package: users' own data and the synthetic set.
 
-Same style as :mod:`hstu.args`: ``@gin.configurable`` dataclasses, a one-line docstring
-under every field, validation in ``__post_init__`` raising :class:`hstu.args.ConfigError`.
+Same style and framework (:mod:`hstu.validation`) as :mod:`hstu.args`: ``@gin.configurable`` dataclasses, a one-line docstring
+under every field, validation in ``__post_init__`` raising :class:`hstu.validation.ConfigError`.
 The preprocessor reads them (``--gin-file`` / ``--gin-param``); training reads only the
 processed folder, so these never reach the model.
 """
@@ -12,7 +12,14 @@ from dataclasses import dataclass, field
 
 import gin
 
-from hstu.args import REQUIRED, ConfigError, _non_negative, _positive, _require, _validate_fields
+from hstu.validation import (
+    REQUIRED,
+    ConfigError,
+    _non_negative,
+    _positive,
+    _require,
+    _validate_fields,
+)
 
 
 @gin.configurable
