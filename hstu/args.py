@@ -14,6 +14,7 @@ This module knows nothing of torch.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -127,8 +128,8 @@ class EmbeddingArgs:
     """Features that look up this table."""
     table_name: str = REQUIRED
     """Unique table name."""
-    item_vocab_size_or_capacity: int = REQUIRED
-    """Rows of the table (ids must be < this)."""
+    item_vocab_size_or_capacity: int | Literal["auto"] = "auto"
+    """Rows of the table (ids must be < this); "auto" (or left out): the size the preprocessed dataset needs, read from its metadata before any process starts."""
     sharding_type: Literal["data_parallel", "model_parallel"] = REQUIRED
     """data_parallel replicates the table; model_parallel lets TorchRec shard it."""
     sharding_override: Literal["auto", "row_wise", "table_wise", "column_wise", "table_row_wise"] = "auto"
@@ -138,7 +139,8 @@ class EmbeddingArgs:
         _validate_fields(self)
         _require(len(self.feature_names) > 0, self, "feature_names", "must name at least one feature")
         _require(self.table_name != "", self, "table_name", "must not be empty")
-        _positive(self, "item_vocab_size_or_capacity")
+        if self.item_vocab_size_or_capacity != AUTO:
+            _positive(self, "item_vocab_size_or_capacity")
         _require(
             self.sharding_override == "auto" or self.sharding_type != "data_parallel",
             self,
@@ -232,6 +234,12 @@ class DynamicEmbeddingArgs(EmbeddingArgs):
         """
         row_bytes = embedding_row_bytes(embedding_dim, optimizer_str, bytes_per_value)
         vocab = self.item_vocab_size_or_capacity
+        if vocab == AUTO:
+            raise ConfigError(
+                type(self).__name__,
+                "item_vocab_size_or_capacity",
+                f'table {self.table_name!r}: "auto" is resolved from the dataset before planning',
+            )
         if self.global_hbm_for_values is not None:
             rule = "global_hbm_for_values"
             capacity = min(vocab, self.global_hbm_for_values // row_bytes)
@@ -271,7 +279,7 @@ class DatasetArgs:
     """A preprocessed dataset read from dataset_path."""
 
     dataset_name: str = REQUIRED
-    """One of ml-1m, ml-20m, ml-100k, kuairand-pure, kuairand-1k, kuairand-27k, synthetic, custom."""
+    """One of ml-1m, ml-20m, ml-100k, kuairand-pure, kuairand-1k, kuairand-27k, synthetic, custom, or the --name of your own preprocessed data (a folder tmp_data/<name>, or dataset_path)."""
     max_sequence_length: int = REQUIRED
     """Most recent history items fed to the model per sample."""
     dataset_path: str | None = None
@@ -300,11 +308,13 @@ class DatasetArgs:
             "'valid' needs DatasetArgs.holdout_validation = True",
         )
         _require(
-            self.dataset_name in DATASET_NAMES,
+            self.dataset_name in DATASET_NAMES or os.path.isdir(self.resolved_path),
             self,
             "dataset_name",
             f"{self.dataset_name!r} is not one of {', '.join(DATASET_NAMES)}"
-            + _did_you_mean(self.dataset_name, DATASET_NAMES),
+            + _did_you_mean(self.dataset_name, DATASET_NAMES)
+            + f", nor preprocessed data in {self.resolved_path} (python -m hstu.data.preprocess "
+            f"--dataset custom --raw FILE --name {self.dataset_name})",
         )
         _positive(self, "max_sequence_length")
         _non_negative(self, "max_num_candidates")
@@ -364,6 +374,14 @@ class BenchmarkDatasetArgs:
     def __post_init__(self) -> None:
         _validate_fields(self)
         _non_negative(self, "max_num_candidates")
+        for table in self.embedding_args:
+            _require(
+                table.item_vocab_size_or_capacity != AUTO,
+                self,
+                "embedding_args",
+                f'table {table.table_name!r} is "auto", but benchmark data has no dataset to '
+                "size it from; give item_vocab_size_or_capacity",
+            )
         generated = {n for fa in self.feature_args for n in fa.feature_names}
         tabled = {n for ea in self.embedding_args for n in ea.feature_names}
         for name_field, names in (
@@ -536,8 +554,8 @@ class TensorModelParallelArgs:
 class RankingArgs:
     """Ranking head and loss."""
 
-    prediction_head_arch: list[int] = REQUIRED
-    """Widths of the MLP head; the last is num_tasks (BCE per task) or the class count (CE)."""
+    prediction_head_arch: list[int | Literal["auto"]] = REQUIRED
+    """Widths of the MLP head; the last is num_tasks (BCE per task) or the class count (CE). The last may be "auto": the dataset's action classes (CE), or num_tasks for bitmask actions (KuaiRand), resolved before any process starts."""
     prediction_head_act_type: Literal["relu", "gelu"] = "relu"
     """Activation between head layers."""
     prediction_head_bias: bool = True
@@ -558,7 +576,15 @@ class RankingArgs:
             f"must be >= 0, got {self.history_loss_weight}",
         )
         _require(len(self.prediction_head_arch) > 0, self, "prediction_head_arch", "must not be empty")
-        for width in self.prediction_head_arch:
+        for i, width in enumerate(self.prediction_head_arch):
+            if width == AUTO:
+                _require(
+                    i == len(self.prediction_head_arch) - 1,
+                    self,
+                    "prediction_head_arch",
+                    '"auto" can only be the last width (the one the data decides)',
+                )
+                continue
             _require(width > 0, self, "prediction_head_arch", f"widths must be > 0, got {width}")
         _positive(self, "num_tasks")
         for metric in self.eval_metrics:

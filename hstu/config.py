@@ -220,6 +220,9 @@ class RunConfig:
     """The gin file and overrides this was loaded from."""
     extras: dict[str, Any] = field(default_factory=dict)
     """Instances of data-specific gin classes (hstu.data.data_args), by class name."""
+    locations: dict[tuple[str, str, str], str] = field(default_factory=dict, repr=False)
+    """(class, field, table name or "") -> "file:line" of the binding that set it, for errors
+    found later (sizes from the data, hstu.data.sizes)."""
 
 
 def _instantiate(cls: type, scope: str, bindings: list[_Binding], default_where: str) -> Any:
@@ -281,8 +284,16 @@ def load_config(
         if short in _TABLE_CLASSES and (b.scope, short) not in table_scopes:
             table_scopes.append((b.scope, short))
     referenced = {id(t) for t in tables}
+    locations: dict[tuple[str, str, str], str] = {}
+    for b in bindings:
+        short = b.cls_name.rsplit(".", 1)[-1]
+        if short not in _TABLE_CLASSES:
+            locations[(short, b.field_name, "")] = b.where
     for scope, short in table_scopes:
         table = build(getattr(A, short), scope)
+        for b in bindings:
+            if b.scope == scope and b.cls_name.rsplit(".", 1)[-1] == short:
+                locations[(short, b.field_name, table.table_name)] = b.where
         if id(table) not in referenced:
             tables.append(table)
     if isinstance(dataset, A.BenchmarkDatasetArgs):
@@ -366,6 +377,7 @@ def load_config(
         retrieval=retrieval,
         sources=sources,
         extras=extras,
+        locations=locations,
     )
 
 

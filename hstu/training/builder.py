@@ -28,7 +28,7 @@ from hstu.embeddings import (
 from hstu.data.negatives import NegativeSampler
 from hstu.model import ModelDataInfo, build_model
 from hstu.model.model import GenerativeRecommender
-from hstu.model.ranking import check_ranking_head
+from hstu.data.sizes import check_table_features, resolve_head
 from hstu.training.distributed import DistEnv
 from hstu.training.ddp import wrap_dense
 from hstu.training.distributed import seed_training_rng
@@ -67,22 +67,6 @@ def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters outside the embedding tables (those are updated in backward)."""
     sparse = {id(p) for m in model.modules() if isinstance(m, HstuEmbeddings) for p in m.parameters()}
     return [p for p in model.parameters() if id(p) not in sparse and p.requires_grad]
-
-
-def check_table_features(tables: list[EmbeddingArgs], info: DataInfo) -> None:
-    """Every table must serve a feature of the data (one line naming the table otherwise)."""
-    from hstu.args import ConfigError
-
-    known = [info.item_feature_name, *([info.action_feature_name] if info.action_feature_name else []),
-             *info.contextual_feature_names]
-    for tb in tables:
-        unknown = [f for f in tb.feature_names if f not in known]
-        if unknown:
-            raise ConfigError(
-                type(tb).__name__, "feature_names",
-                f"table {tb.table_name!r} names {unknown}, which {info.dataset_name} does not "
-                f"have; its features are {known}",
-            )
 
 
 def negative_sampler(cfg: RunConfig, info: DataInfo) -> NegativeSampler | None:
@@ -135,7 +119,9 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         split_kwargs = dict(split=split, holdout_validation=cfg.dataset.holdout_validation)
     data_args = (cfg.dataset, cfg.task, t.train_batch_size, t.eval_batch_size, env.rank, env.world_size, t.seed)
     train_loader, eval_loader, info = build_data(*data_args, **split_kwargs)
-    check_ranking_head(info, cfg.ranking)  # BCE bits need bitmask actions (a ConfigError)
+    # an "auto" head width from the data (the entry points resolved it already); BCE bits need
+    # bitmask actions, a CE head the action classes (one-line ConfigErrors)
+    cfg.ranking = resolve_head(info, cfg.ranking)
     test_loader = None
     if t.best_metric is not None:
         _, test_loader, _ = build_data(*data_args, split="test", holdout_validation=True)
