@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
+
 from hstu.args import BenchmarkDatasetArgs, ConfigError, DatasetArgs
 from hstu.data.benchmark import BenchmarkLoader
 from hstu.data.info import ACTION_TABLE, ITEM_TABLE, DataInfo
-from hstu.data.loader import SequenceLoader, ranking_samples, retrieval_samples
+from hstu.data.loader import (
+    Samples,
+    SequenceLoader,
+    gather_ranges,
+    ranking_samples,
+    retrieval_samples,
+)
 from hstu.data.store import SequenceStore
 
 
@@ -109,8 +117,23 @@ def build_data(
         num_users=int(meta["num_users"]),
         first_item_id=0 if keep else 1,
         metadata=meta,
+        users_without_train_sample=int(store.num_users - len(np.unique(train_s.user))),
+        **_split_ties(store, eval_s),
     )
     return train, evaluation, info
+
+
+def _split_ties(store: SequenceStore, samples: Samples) -> dict[str, int]:
+    """How many evaluation items share their timestamp with the last history item before them
+    (their order is then the raw file's): counts for a warning at start-up."""
+    last_hist = samples.hist_end - 1
+    if samples.target is not None:  # retrieval: one target per sample
+        tied = store.timestamps[samples.target] == store.timestamps[last_hist]
+        return {"num_eval_items": len(samples), "tied_eval_items": int(tied.sum())}
+    counts = samples.cand_end - samples.hist_end
+    rows = gather_ranges(samples.hist_end, samples.cand_end)
+    tied = store.timestamps[rows] == np.repeat(store.timestamps[last_hist], counts)
+    return {"num_eval_items": int(counts.sum()), "tied_eval_items": int(tied.sum())}
 
 
 def _build_benchmark(

@@ -41,6 +41,14 @@ class DataInfo:
     first_item_id: int = 1
     """Smallest id an item can have (1 for preprocessed datasets, 0 otherwise)."""
     metadata: dict[str, Any] = field(default_factory=dict, repr=False)
+    users_without_train_sample: int = 0
+    """Users of the dataset that give no training sample (too few interactions before their
+    evaluation items); they are still evaluated when they have an evaluation sample."""
+    num_eval_items: int = 0
+    """Evaluation targets (retrieval) or candidates (ranking)."""
+    tied_eval_items: int = 0
+    """Evaluation targets / candidates whose timestamp equals the last history item's: their
+    order at the split is the raw file's, not time's."""
 
     def default_tables(
         self,

@@ -69,6 +69,30 @@ def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in sparse and p.requires_grad]
 
 
+def data_notes(info: DataInfo) -> list[str]:
+    """Warnings with counts about what the protocol leaves out or cannot order."""
+    notes = []
+    dropped = int(info.metadata.get("dropped_users") or 0)
+    if info.users_without_train_sample:
+        notes.append(
+            f"[hstu] warning: {info.users_without_train_sample} of {info.num_users} users give no "
+            "training sample (too few interactions before their evaluation items)"
+        )
+    if dropped:
+        notes.append(
+            f"[hstu] warning: the preprocessor dropped {dropped} users with fewer than "
+            f"{info.metadata.get('options', {}).get('custom', {}).get('min_user_interactions', 2)} "
+            "interactions"
+        )
+    if info.tied_eval_items:
+        notes.append(
+            f"[hstu] warning: {info.tied_eval_items} of {info.num_eval_items} evaluation items share "
+            "their timestamp with the last history item (ties at the split keep the raw file's "
+            "order; coarse timestamps make the split partly arbitrary)"
+        )
+    return notes
+
+
 def negative_sampler(cfg: RunConfig, info: DataInfo) -> NegativeSampler | None:
     """Retrieval with uniform, mixed or full-corpus negatives: what the batches carry."""
     if cfg.task != "retrieval" or cfg.network.architecture != "hstu":
@@ -119,6 +143,9 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         split_kwargs = dict(split=split, holdout_validation=cfg.dataset.holdout_validation)
     data_args = (cfg.dataset, cfg.task, t.train_batch_size, t.eval_batch_size, env.rank, env.world_size, t.seed)
     train_loader, eval_loader, info = build_data(*data_args, **split_kwargs)
+    if env.is_main:
+        for line in data_notes(info):
+            log(line)
     # an "auto" head width from the data (the entry points resolved it already); BCE bits need
     # bitmask actions, a CE head the action classes (one-line ConfigErrors)
     cfg.ranking = resolve_head(info, cfg.ranking)
