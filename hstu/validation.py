@@ -30,10 +30,10 @@ class _Required:
     def __repr__(self) -> str:
         return "REQUIRED"
 
-    def __deepcopy__(self, memo: dict) -> "_Required":
+    def __deepcopy__(self, memo: dict) -> _Required:
         return self
 
-    def __copy__(self) -> "_Required":
+    def __copy__(self) -> _Required:
         return self
 
 
@@ -55,7 +55,7 @@ class ConfigError(ValueError):
         what = f"{self.cls_name}.{self.field_name}" if self.field_name else self.cls_name
         return f"{where}{what}: {self.message}"
 
-    def with_location(self, location: str) -> "ConfigError":
+    def with_location(self, location: str) -> ConfigError:
         self.location = location
         self.args = (self._render(),)
         return self

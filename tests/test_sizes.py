@@ -87,8 +87,9 @@ def test_too_small_fixed_size_is_one_line_naming_the_binding(shop, tmp_path):
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.splitlines() == [
-        f"error: {preset}:7: EmbeddingArgs.item_vocab_size_or_capacity: table 'item' has 10 rows but "
-        'dataset shop needs 13 (max id + 1); set it to "auto" (the size of the data) or at least that'
+        (f"error: {preset}:7: EmbeddingArgs.item_vocab_size_or_capacity: table 'item' has 10 rows "
+         'but dataset shop needs 13 (max id + 1); set it to "auto" (the size of the data) or at '
+         "least that")
     ]
 
 

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from hstu.args import ConfigError, RankingArgs
 from hstu.data.batch import Batch
-from hstu.data.build import DataInfo
+# check_ranking_head is torch-free (it runs before any process starts): hstu.data.sizes owns it
+from hstu.data.sizes import check_ranking_head  # noqa: F401 - re-exported
 from hstu.model.encode import encode_batch
 from hstu.model.hstu_block import HSTUBlock
 from hstu.model.loss_scale import global_mean_scale
@@ -164,8 +164,5 @@ class RankingModel(nn.Module):
 
 __all__ = ["MLP", "RankingModel", "decode_task_labels", "ranking_loss"]
 
-
-# The check is torch-free (it runs before any process starts): hstu.data.sizes owns it.
-from hstu.data.sizes import check_ranking_head  # noqa: E402
 
 __all__.append("check_ranking_head")

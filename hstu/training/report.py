@@ -88,8 +88,8 @@ def write_report(run_dir: str, summary: list[str] | None = None) -> str:
         )
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>hstu run report</title>",
-        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
-        "td,th{padding:0 1em;text-align:right}pre{background:#f4f4f4;padding:1em}</style>",
+        ("<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+         "td,th{padding:0 1em;text-align:right}pre{background:#f4f4f4;padding:1em}</style>"),
         "</head><body>",
         f"<h1>Run {html.escape(os.path.basename(os.path.normpath(run_dir)))}</h1>",
     ]
