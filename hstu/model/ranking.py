@@ -17,6 +17,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from hstu.data.batch import Batch
+
 # check_ranking_head is torch-free (it runs before any process starts): hstu.data.sizes owns it
 from hstu.data.sizes import check_ranking_head  # noqa: F401 - re-exported
 from hstu.model.encode import encode_batch
