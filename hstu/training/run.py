@@ -11,6 +11,7 @@ import torch.distributed as dist
 from hstu.args import ConfigError
 from hstu.config import RunConfig
 from hstu.data.errors import DataError
+from hstu.training.checkpoint import CheckpointError
 from hstu.training.distributed import destroy_distributed, init_distributed, set_seed
 from hstu.training.logger import make_run_dir
 
@@ -21,6 +22,21 @@ def _shared_run_dir(cfg: RunConfig, rank: int) -> str:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+EXIT_CHECKPOINT = 3
+EXIT_NON_FINITE = 4
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:200]
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, (RuntimeError, dist.DistError)) and any(m in text for m in _PEER_LOST)
 
 
 def run(cfg: RunConfig) -> int:
@@ -46,7 +62,31 @@ def run(cfg: RunConfig) -> int:
         if env.is_main:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    except Exception:
+    except CheckpointError as exc:  # the same on every rank (agreed): rank 0 says it
+        if env.is_main:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_CHECKPOINT
+    except FloatingPointError as exc:  # agreed at the flush / before a save
+        if env.is_main:
+            print(
+                f"error: {exc}; training stopped there and no checkpoint after it was written "
+                "(lower OptimizerArgs.learning_rate, set clip_grad_norm, or resume from an earlier "
+                "checkpoint)",
+                file=sys.stderr,
+                flush=True,
+            )
+        return EXIT_NON_FINITE
+    except Exception as exc:  # noqa: BLE001
+        if _lost_peer(exc):
+            # another rank died (killed, OOM, its own error above): one line, not a traceback
+            print(
+                f"error: rank {env.rank}: lost contact with another rank ({_first_line(exc)}); "
+                "resume with TrainerArgs.ckpt_load_dir=\"auto\" or relaunch with torchrun "
+                "--max-restarts",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 1
         print(f"[hstu] rank {env.rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return 1
     finally:
