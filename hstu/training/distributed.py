@@ -58,6 +58,11 @@ def init_distributed(tp_size: int = 1, timeout_s: int = 600) -> DistEnv:
     else:
         device = torch.device("cpu")
         backend = "gloo"
+    backoff = float(os.environ.get("HSTU_RESTART_BACKOFF_S", "0") or 0)
+    if restart_count() > 0 and backoff > 0:  # set by hstu.launch --restart-backoff
+        import time
+
+        time.sleep(min(backoff * 2 ** (restart_count() - 1), 300.0))
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
