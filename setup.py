@@ -25,5 +25,5 @@ setup(
         "tqdm",
         "triton==3.9.0",
     ],
-    extras_require={"dev": ["pytest", "pytest-timeout", "ruff"]},
+    extras_require={"dev": ["pytest", "pytest-timeout", "ruff", "hypothesis"]},
 )

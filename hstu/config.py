@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 import io
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 
@@ -98,7 +99,9 @@ def _scan(text: str, filename: str | None, label: str, seen: set[str]) -> Iterab
         statements = list(config_parser.ConfigParser(io.StringIO(text), _Delegate()))
     except SyntaxError as exc:
         where = f"{exc.filename or label}:{exc.lineno}" if exc.lineno else (exc.filename or label)
-        raise A.ConfigError("gin", None, f"syntax error: {exc.msg}").with_location(where) from None
+        # gin's messages can span lines and quote ast objects: one readable line
+        msg = " ".join(re.sub(r"<[\w.]+ object at 0x[0-9a-f]+>", "", str(exc.msg)).split())
+        raise A.ConfigError("gin", None, f"syntax error: {msg}").with_location(where) from None
     except Exception as exc:  # tokenize errors (unclosed brackets, ...) are not SyntaxErrors
         msg = " ".join(str(exc).split())
         raise A.ConfigError("gin", None, f"cannot parse: {msg}").with_location(label) from None
