@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except ChildFailedError as exc:
         failures = sorted(exc.failures.items())
-        rank, first = failures[0]
+        _, first = failures[0]
         code = first.exitcode if first.exitcode and first.exitcode > 0 else 1
         ranks = ", ".join(f"rank {r} exit {f.exitcode}" for r, f in failures)
         print(

@@ -56,7 +56,7 @@ def test_dataset_name_must_match_the_folder(tmp_path):
 
 
 def test_killed_preprocess_folders_are_cleaned_on_the_next_run(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     pid = int(dead.stdout)
     stale = tmp_path / f".synthetic.tmp-{pid}"
     stale.mkdir()

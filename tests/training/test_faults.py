@@ -3,7 +3,6 @@ a damaged checkpoint is one line, SIGTERM exits 143, a NaN stops with a finite l
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import signal
@@ -67,7 +66,7 @@ def test_kill9_of_a_rank_recovers_by_itself_with_the_uninterrupted_losses(tmp, r
             assert proc.poll() is None, proc.communicate()[0][-4000:]
             assert time.time() < deadline, "no checkpoint within 240 s"
             time.sleep(0.05)
-        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=False).stdout.split()
         assert len(workers) == 2, workers
         killed_at = time.time()
         os.kill(int(max(workers, key=int)), signal.SIGKILL)  # the second worker: rank 1
@@ -100,7 +99,7 @@ def test_damaged_checkpoint_is_one_line_naming_the_file(tmp, reference, damage):
         victim.unlink()
     run_dir = tmp / f"damaged_{name}"
     proc = subprocess.run(_cmd(run_dir, tmp, [*PARAMS, f'TrainerArgs.ckpt_load_dir="{ckpt / "iter_40"}"']),
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 3, out[-4000:]
     errors = _error_lines(out)
@@ -160,7 +159,8 @@ def _nan_body(rank: int, world_size: int, tmp: str) -> None:
     ])
     with pytest.raises(FloatingPointError, match=r"^step 7: "):
         trainer.train()
-    assert open(os.path.join(ckpt, "latest")).read().strip() == "iter_5"
+    with open(os.path.join(ckpt, "latest")) as fh:
+        assert fh.read().strip() == "iter_5"
     dense = torch.load(os.path.join(ckpt, "iter_5", "dense_tp0.pt"), weights_only=False)
     assert all(torch.isfinite(v).all() for m in dense["model"].values() for v in m.values() if v.is_floating_point())
     assert not os.path.exists(os.path.join(ckpt, "iter_10"))
@@ -177,10 +177,9 @@ def test_learning_rate_overflowing_float32_is_a_config_error():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "pretrain_gr_retrieval.py"), "--gin-config-file",
          str(ROOT / "configs" / "debug_retrieval.gin"), "--gin-param", "OptimizerArgs.learning_rate=1e39",
-         "--check-config"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+         "--check-config"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: --gin-param 'OptimizerArgs.learning_rate=1e39': OptimizerArgs.learning_rate: 1e+39 is not a "
-        "finite float32 (largest 3.403e+38): training would overflow at step 1"
+        ("error: --gin-param 'OptimizerArgs.learning_rate=1e39': OptimizerArgs.learning_rate: 1e+39 is not a "
+         "finite float32 (largest 3.403e+38): training would overflow at step 1")
     ], proc.stderr
-    assert math.isfinite(3.4e38)
