@@ -26,5 +26,5 @@ setup(
         "matplotlib",
         "triton==3.9.0",
     ],
-    extras_require={"dev": ["pytest", "pytest-timeout", "ruff"]},
+    extras_require={"dev": ["pytest", "pytest-timeout", "ruff", "hypothesis"]},
 )

@@ -37,6 +37,22 @@ from hstu.validation import (  # noqa: F401 - re-exported: hstu.args is the publ
     field_specs,
 )
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _float32(obj: Any, *names: str) -> None:
+    """Values the optimizers compute with in float32 must be finite there."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None:
+            _require(
+                math.isfinite(value) and abs(value) <= FLOAT32_MAX,
+                obj,
+                name,
+                f"{value!r} is not a finite float32 (largest {FLOAT32_MAX:.4g}): training would overflow at step 1",
+            )
+
+
 _RETRIEVAL_METRIC_RE = re.compile(r"^(HR|NDCG)@([1-9][0-9]*)$|^MRR$")
 RANKING_METRICS = ("AUC",)
 
@@ -74,7 +90,9 @@ class TrainerArgs:
     ckpt_save_dir: str = "./checkpoints"
     """Directory checkpoints are written to."""
     ckpt_load_dir: str = ""
-    """Checkpoint directory to resume from; empty starts fresh."""
+    """Checkpoint to resume from: "auto" (the newest complete checkpoint under ckpt_save_dir; fresh start if none), a checkpoint folder, or a root (its newest complete checkpoint); empty starts fresh."""
+    keep_last_n: int | None = 3
+    """Keep this many newest checkpoints in ckpt_save_dir, deleting older ones after each save; None keeps all."""
     pipeline_type: Literal["none", "native", "prefetch"] = "native"
     """Train pipeline: none (sequential), native (TrainPipelineSparseDist) or prefetch."""
     ddp_bucket_cap_mb: float = 25.0
@@ -111,6 +129,7 @@ class TrainerArgs:
             "early_stopping_patience",
             "needs TrainerArgs.best_metric (the metric it watches)",
         )
+        _positive(self, "keep_last_n")
         _require(
             self.ckpt_save_interval == -1 or self.ckpt_save_interval > 0,
             self,
@@ -527,6 +546,8 @@ class OptimizerArgs:
         _validate_fields(self)
         _positive(self, "learning_rate", "adam_eps", "sparse_learning_rate", "lr_decay_iters")
         _non_negative(self, "weight_decay", "clip_grad_norm", "lr_warmup_iters", "min_learning_rate")
+        _float32(self, "learning_rate", "sparse_learning_rate", "min_learning_rate", "adam_eps",
+                 "weight_decay", "clip_grad_norm")
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
             _require(0.0 <= value < 1.0, self, name, f"must be in [0, 1), got {value}")

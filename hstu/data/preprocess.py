@@ -123,6 +123,16 @@ def group(parsed: Parsed) -> Grouped:
                 f"action {act[row]} outside [0, {parsed.num_action_values})",
             )
 
+    negative = log.data["time_key"] < 0
+    if negative.any():
+        row = int(np.flatnonzero(negative)[0])
+        raise log.error(
+            row,
+            shown.get("time_key", "timestamp"),
+            f"timestamp {log.data['time_key'][row]} is negative ({int(negative.sum())} interactions "
+            "have one); fix the source or drop those rows",
+        )
+
     users, raw_users = encode_dense(log.data["user"])
     counts = np.bincount(users, minlength=len(raw_users) + 1)
     short = counts < parsed.min_user_interactions
@@ -223,6 +233,35 @@ def seqlen_stats(offsets: np.ndarray) -> dict[str, float]:
         "mean": round(float(lengths.mean()), 2),
         "median": float(np.median(lengths)),
     }
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_tmp(out_dir: Path) -> list[str]:
+    """Removes ``.NAME.tmp-PID`` / ``.NAME.old-PID`` folders of preprocess runs that were
+    killed (their PID is gone); returns their names."""
+    removed = []
+    if not out_dir.parent.is_dir():
+        return removed
+    for kind in ("tmp", "old"):
+        for path in out_dir.parent.glob(f".{out_dir.name}.{kind}-*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or _pid_alive(int(pid)) and int(pid) != os.getpid():
+                continue
+            if kind == "old" and not out_dir.exists():
+                os.rename(path, out_dir)  # killed between its two renames: put it back
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
 
 
 def write(grouped: Grouped, out_dir: Path, metadata: dict[str, Any]) -> None:
@@ -383,6 +422,9 @@ def preprocess(
         options = _options_of(name, None, None)
         source = {"path": str(raw), "checksum": src.checksum(src.members)}
 
+    removed = clean_stale_tmp(out_dir)
+    if removed:
+        log(f"removed folders of an interrupted preprocess run: {', '.join(removed)}")
     meta_path = out_dir / METADATA_FILE
     if not force and meta_path.exists():
         try:

@@ -74,7 +74,26 @@ class SequenceStore:
             name: table.column(name).to_numpy().astype(np.int64)
             for name in metadata["contextual_feature_names"]
         }
+        _check_timestamps(path / SEQUENCES_FILE, offsets, timestamps)
         return cls(offsets, items, timestamps, actions, contextual, metadata)
+
+
+def _check_timestamps(path: Path, offsets: np.ndarray, timestamps: np.ndarray) -> None:
+    """Refuses negative timestamps and sequences that go back in time (counted)."""
+    negative = int((timestamps < 0).sum())
+    steps = np.diff(timestamps)
+    back = np.zeros(len(steps) + 1, dtype=bool)
+    back[1:] = steps < 0
+    back[offsets[:-1]] = False  # the first interaction of a user has no predecessor
+    users = np.unique(np.searchsorted(offsets, np.flatnonzero(back), side="right") - 1)
+    if negative or len(users):
+        raise DataError(
+            str(path),
+            f"{negative} negative timestamps, {len(users)} users whose timestamps go back in time"
+            + (f" (first: user row {int(users[0])})" if len(users) else "")
+            + "; sequences must be sorted by time: rerun python -m hstu.data.preprocess --force",
+            field="timestamps",
+        )
 
 
 __all__ = ["SequenceStore"]

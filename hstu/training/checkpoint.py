@@ -1,35 +1,148 @@
-"""Checkpoints with torch.distributed.checkpoint (DCP).
+"""Checkpoint files: how one checkpoint is written, checked and read (all ranks call these).
 
-Layout of ``<ckpt_save_dir>/iter_<step>/``:
+Layout of ``<root>/iter_<step>/``:
 - DCP files (``.metadata``, ``__<rank>_*.distcp``): the sharded state — embedding tables and
   their fused optimizer state — which DCP can load onto a different world size;
 - ``dense_tp<r>.pt``: dense weights and the dense optimizer of tensor-parallel rank r (written
   by data-parallel rank 0 of that TP rank; replicated over data-parallel ranks);
-- ``meta.pt``: step, data position, world sizes; ``rng_rank<r>.pt``: each rank's RNG states.
+- ``meta.pt``: step, data position, world sizes, best-checkpoint state; ``rng_rank<r>.pt``:
+  each rank's RNG states;
+- ``manifest.json``: size and CRC32 of every other file, written last. A folder without it
+  was never completed.
 
-Everything is written into ``iter_<step>.tmp`` and renamed when all ranks are done, then
-``latest`` (a one-line text file) is replaced atomically. A crash mid-save leaves at most a
-``.tmp`` folder that is never loaded and is removed by the next save.
+Everything is written into ``iter_<step>.tmp``, every file and the folder are fsynced, then
+the folder is renamed into place and ``latest`` (a one-line text file) replaced atomically.
+A folder of the same step that already exists is moved aside to ``iter_<step>.old`` only once
+its replacement is complete, and removed after the rename: a complete checkpoint is never
+deleted before the one replacing it is complete. Which checkpoints to keep, resume from or
+prune is :mod:`hstu.training.lifecycle`'s business.
+
+Every problem is raised as :class:`CheckpointError` (one line naming the file), the same on
+every rank.
 """
 
 from __future__ import annotations
 
+import errno
+import glob
+import json
 import os
 import shutil
-from typing import Any
+import zlib
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 LATEST = "latest"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read: one line naming the file and what to do."""
+
+
+# ----------------------------------------------------------------------------- helpers
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def _barrier() -> None:
-    if dist.is_initialized():
+    if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
 
+def agree(problem: str | None, name_rank: bool = True) -> None:
+    """Raises CheckpointError on every rank if any rank has a problem (the lowest rank's)."""
+    problems = [problem]
+    if _world() > 1:
+        problems = [None] * _world()
+        dist.all_gather_object(problems, problem)
+    for rank, p in enumerate(problems):
+        if p is not None:
+            where = f" (rank {rank})" if name_rank and _world() > 1 and "rank " not in p else ""
+            raise CheckpointError(p + where)
+
+
+def describe_os_error(exc: BaseException, path: str | None = None) -> str:
+    """One line for an OSError (disk full, read-only, permission) naming the file."""
+    if isinstance(exc, CheckpointException):
+        inner = [e for e, _ in exc.failures.values()]
+        return describe_os_error(inner[0], path) if inner else "torch.distributed.checkpoint failed"
+    name = getattr(exc, "filename", None) or path or "?"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        hint = {
+            errno.ENOSPC: "no space left on the device: free space or lower TrainerArgs.keep_last_n",
+            errno.EDQUOT: "disk quota exceeded: free space or lower TrainerArgs.keep_last_n",
+            errno.EROFS: "read-only file system: point TrainerArgs.ckpt_save_dir at a writable folder",
+            errno.EACCES: "permission denied: point TrainerArgs.ckpt_save_dir at a writable folder",
+            errno.EPERM: "permission denied: point TrainerArgs.ckpt_save_dir at a writable folder",
+        }.get(exc.errno, exc.strerror or str(exc))
+        return f"{name}: {hint} ({errno.errorcode.get(exc.errno, exc.errno)})"
+    text = " ".join(str(exc).split())
+    return f"{name}: {type(exc).__name__}: {text[:300]}"
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Makes renames and new entries in ``path`` durable (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _crc32(path: str, chunk: int = 1 << 22) -> int:
+    crc = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _describe_files(folder: str, names: list[str]) -> dict[str, dict[str, int]]:
+    out = {}
+    for name in names:
+        path = os.path.join(folder, name)
+        _fsync_file(path)
+        out[name] = {"size": os.path.getsize(path), "crc32": _crc32(path)}
+    return out
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def step_of(name: str) -> int | None:
+    """``iter_<step>`` -> step; None for anything else."""
+    if not name.startswith("iter_"):
+        return None
+    digits = name[5:]
+    return int(digits) if digits.isdigit() else None
+
+
+# ------------------------------------------------------------------------------ saving
 def save_checkpoint(
     root: str,
     step: int,
@@ -41,50 +154,232 @@ def save_checkpoint(
     tp_rank: int,
     dp_rank: int,
 ) -> str:
-    """Writes one checkpoint; all ranks call it. Returns the final directory."""
+    """Writes one checkpoint (see the module docstring); all ranks call it. Returns the final
+    directory. On any rank's failure every rank raises the same CheckpointError and the
+    checkpoints already there are untouched (the partial ``.tmp`` folder is removed)."""
     final = os.path.join(root, f"iter_{step}")
     tmp = final + ".tmp"
+    problem = None
     if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        for name in os.listdir(root):  # leftovers of an interrupted save
-            if name.endswith(".tmp"):
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.makedirs(tmp)
-    _barrier()
-    dcp.save(sharded_state, checkpoint_id=tmp)
-    if dp_rank == 0:
-        torch.save(dense_state, os.path.join(tmp, f"dense_tp{tp_rank}.pt"))
-    torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
+        try:
+            os.makedirs(root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        except OSError as exc:
+            problem = f"step {step}: cannot create the checkpoint folder {describe_os_error(exc, tmp)}"
+    agree(problem)
+    try:
+        _write_files(tmp, sharded_state, dense_state, meta, rng, rank, tp_rank, dp_rank)
+    except CheckpointError:
+        _discard(tmp, rank)
+        raise
     if rank == 0:
-        torch.save(meta, os.path.join(tmp, "meta.pt"))
-    _barrier()
-    if rank == 0:
-        os.replace(tmp, final)
-        latest_tmp = os.path.join(root, LATEST + ".tmp")
-        with open(latest_tmp, "w") as fh:
-            fh.write(os.path.basename(final) + "\n")
-        os.replace(latest_tmp, os.path.join(root, LATEST))
-    _barrier()
+        try:
+            _swap_into_place(tmp, final)
+            write_text_atomic(os.path.join(root, LATEST), os.path.basename(final) + "\n")
+        except OSError as exc:
+            problem = f"step {step}: cannot publish the checkpoint: {describe_os_error(exc)}"
+    agree(problem)
     return final
 
 
+def _write_files(
+    tmp: str,
+    sharded_state: dict[str, Any],
+    dense_state: dict[str, Any],
+    meta: dict[str, Any],
+    rng: dict[str, Any],
+    rank: int,
+    tp_rank: int,
+    dp_rank: int,
+) -> None:
+    step = meta.get("step", "?")
+    problem = None
+    try:
+        dcp.save(sharded_state, checkpoint_id=tmp)
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - DCP's is a BaseException
+        problem = f"step {step}: cannot write checkpoint files: {describe_os_error(exc, tmp)}"
+    mine: list[str] = []
+    if problem is None:
+        writes: list[tuple[str, Any]] = [(f"rng_rank{rank}.pt", rng)]
+        if dp_rank == 0:
+            writes.append((f"dense_tp{tp_rank}.pt", dense_state))
+        if rank == 0:
+            writes.append(("meta.pt", meta))
+        try:
+            for name, obj in writes:
+                path = os.path.join(tmp, name)
+                try:
+                    torch.save(obj, path)
+                except RuntimeError as exc:  # torch.save wraps the OSError of a short write
+                    raise OSError(errno.EIO, " ".join(str(exc).split()), path) from exc
+                mine.append(name)
+            mine += [os.path.basename(p) for p in glob.glob(os.path.join(tmp, f"__{rank}_*.distcp"))]
+            if rank == 0:
+                mine.append(".metadata")
+            files = _describe_files(tmp, mine)
+        except OSError as exc:
+            problem = f"step {step}: cannot write checkpoint file {describe_os_error(exc)}"
+    agree(problem)
+    gathered = [files]
+    if _world() > 1:
+        gathered = [None] * _world()
+        dist.all_gather_object(gathered, files)
+    if rank == 0:
+        manifest = {"step": meta.get("step"), "world_size": _world(), "files": {}}
+        for part in gathered:
+            manifest["files"].update(part)
+        try:
+            write_text_atomic(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
+            fsync_dir(tmp)
+        except OSError as exc:
+            problem = f"step {step}: cannot write checkpoint file {describe_os_error(exc)}"
+    agree(problem)
+
+
+def _swap_into_place(tmp: str, final: str) -> None:
+    """Renames the complete ``tmp`` to ``final``; an older complete ``final`` is moved aside
+    first and removed only after the rename (see :func:`newest_complete` for the window)."""
+    root = os.path.dirname(final)
+    old = final + ".old"
+    if os.path.exists(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _discard(tmp: str, rank: int) -> None:
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+
+
+# ----------------------------------------------------------------------------- checking
+def manifest_of(folder: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(folder, MANIFEST)) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def check_files(folder: str, checksums: bool = True, names: list[str] | None = None) -> str | None:
+    """The first problem of ``folder`` against its manifest (missing, truncated or changed
+    file), or None. Only ``names`` (of the manifest) when given."""
+    manifest = manifest_of(folder)
+    if manifest is None:
+        if os.path.isfile(os.path.join(folder, "meta.pt")):
+            return None  # written before manifests existed: nothing to check against
+        return f"{folder}: not a complete checkpoint (no {MANIFEST})"
+    for name, want in sorted(manifest["files"].items()):
+        if names is not None and name not in names:
+            continue
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{path}: missing (the manifest lists it)"
+        size = os.path.getsize(path)
+        if size != want["size"]:
+            return f"{path}: {size} bytes, the manifest says {want['size']} (truncated or damaged)"
+        if checksums and _crc32(path) != want["crc32"]:
+            return f"{path}: checksum differs from the manifest (damaged)"
+    return None
+
+
+def verify(folder: str, checksums: bool = True) -> None:
+    """Collective: the ranks share the files of the manifest; raises the first problem."""
+    manifest = manifest_of(folder)
+    problem = None
+    if manifest is None:
+        problem = check_files(folder)
+    else:
+        names = sorted(manifest["files"])
+        world = _world()
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        problem = check_files(folder, checksums, names[rank::world])
+    agree(problem, name_rank=False)
+
+
+def newest_complete(root: str, accept: Callable[[str], bool] | None = None) -> str | None:
+    """The complete checkpoint of the highest step under ``root`` (``iter_<n>``, or the
+    ``iter_<n>.old`` a same-step save left if killed between its two renames); None if none.
+    Local (no collectives); sizes only unless ``accept`` checks more."""
+    if not os.path.isdir(root):
+        return None
+    candidates = []
+    for name in os.listdir(root):
+        base = name[:-4] if name.endswith(".old") else name
+        step = step_of(base)
+        if step is not None and os.path.isdir(os.path.join(root, name)):
+            candidates.append((step, not name.endswith(".old"), os.path.join(root, name)))
+    for _, _, path in sorted(candidates, reverse=True):
+        if check_files(path, checksums=False) is None and (accept is None or accept(path)):
+            return path
+    return None
+
+
 def resolve_checkpoint_dir(path: str) -> str:
-    """``path`` itself if it is a checkpoint, else the one its ``latest`` file names."""
-    if os.path.isfile(os.path.join(path, "meta.pt")):
+    """``path`` itself if it is a checkpoint, else the newest complete one under it."""
+    if os.path.isfile(os.path.join(path, "meta.pt")) or os.path.isfile(os.path.join(path, MANIFEST)):
         return path
-    latest = os.path.join(path, LATEST)
-    if os.path.isfile(latest):
-        with open(latest) as fh:
-            name = fh.read().strip()
-        candidate = os.path.join(path, name)
-        if os.path.isfile(os.path.join(candidate, "meta.pt")):
-            return candidate
-    raise FileNotFoundError(
-        f"TrainerArgs.ckpt_load_dir={path!r}: no checkpoint there (no meta.pt and no '{LATEST}' "
-        "file naming one)"
+    found = newest_complete(path)
+    if found is not None:
+        return found
+    raise CheckpointError(
+        f"TrainerArgs.ckpt_load_dir={path!r}: no complete checkpoint there (no iter_<step> folder "
+        'with a manifest); use "auto" to start fresh when there is none'
     )
+
+
+# ------------------------------------------------------------------------------ loading
+def _read(path: str) -> Any:
+    try:
+        return torch.load(path, weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged file: say which
+        raise CheckpointError(f"{path}: cannot be read ({' '.join(str(exc).split())[:200]})") from None
+
+
+def _global_shape(value: Any) -> tuple[int, ...] | None:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.size())
+    size = getattr(value, "size", None)
+    return tuple(size()) if callable(size) else None
+
+
+def _flatten(state: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as DCP stores them (keys joined with '.')."""
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def check_sharded_keys(ckpt: str, sharded_state: dict[str, Any]) -> str | None:
+    """A table or key of this model missing from the checkpoint (or the reverse), or a shape
+    that differs: the first such, naming the key."""
+    try:
+        saved = dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata
+    except Exception as exc:  # noqa: BLE001
+        return f"{os.path.join(ckpt, '.metadata')}: cannot be read ({' '.join(str(exc).split())[:200]})"
+    flat = _flatten(sharded_state)
+    for key, value in flat.items():
+        if key not in saved:
+            return f"{ckpt}: this model has {key}, the checkpoint does not (a different table set?)"
+        want = getattr(saved[key], "size", None)
+        have = _global_shape(value)
+        if want is not None and have is not None and tuple(want) != have:
+            return f"{ckpt}: {key} is {list(want)} in the checkpoint, {list(have)} in this model"
+    extra = sorted(set(saved) - set(flat))
+    if extra:
+        return f"{ckpt}: the checkpoint has {extra[0]}, this model does not (a different table set?)"
+    return None
 
 
 def load_checkpoint(
@@ -96,17 +391,35 @@ def load_checkpoint(
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
     """Loads in place into ``sharded_state``; returns (dense_state, meta, rng or None).
 
-    rng is None when this rank did not exist in the saved run (different world size).
+    All ranks call it. The files are checked against the manifest first; rng is None when this
+    rank did not exist in the saved run (different world size).
     """
     ckpt = resolve_checkpoint_dir(path)
-    meta = torch.load(os.path.join(ckpt, "meta.pt"), weights_only=False)
+    verify(ckpt)
+    meta, problem = {}, None
+    try:
+        meta = _read(os.path.join(ckpt, "meta.pt"))
+    except CheckpointError as exc:
+        problem = str(exc)
+    agree(problem)
     if meta.get("tp_size", 1) != tp_size:
-        raise ValueError(
-            f"checkpoint {ckpt} was saved with tensor_model_parallel_size={meta.get('tp_size')} "
-            f"but this run uses {tp_size}; resume with the same TP size"
+        problem = (
+            f"{ckpt} was saved with tensor_model_parallel_size={meta.get('tp_size')} but this run "
+            f"uses {tp_size}; resume with the same TP size"
         )
-    dcp.load(sharded_state, checkpoint_id=ckpt)
-    dense = torch.load(os.path.join(ckpt, f"dense_tp{tp_rank}.pt"), weights_only=False)
-    rng_path = os.path.join(ckpt, f"rng_rank{rank}.pt")
-    rng = torch.load(rng_path, weights_only=False) if os.path.exists(rng_path) else None
+    problem = problem or check_sharded_keys(ckpt, sharded_state)
+    agree(problem, name_rank=False)
+    try:
+        dcp.load(sharded_state, checkpoint_id=ckpt)
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - DCP's is a BaseException
+        problem = f"cannot load the tables of {ckpt}: {describe_os_error(exc)}"
+    agree(problem)
+    dense = rng = None
+    try:
+        dense = _read(os.path.join(ckpt, f"dense_tp{tp_rank}.pt"))
+        if rank < int(meta.get("world_size", 1)):  # a rank the saved run had must find its file
+            rng = _read(os.path.join(ckpt, f"rng_rank{rank}.pt"))
+    except CheckpointError as exc:
+        problem = str(exc)
+    agree(problem)
     return dense, meta, rng

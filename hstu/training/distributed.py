@@ -58,9 +58,15 @@ def init_distributed(tp_size: int = 1, timeout_s: int = 600) -> DistEnv:
     else:
         device = torch.device("cpu")
         backend = "gloo"
+    backoff = float(os.environ.get("HSTU_RESTART_BACKOFF_S", "0") or 0)
+    if restart_count() > 0 and backoff > 0:  # set by hstu.launch --restart-backoff
+        import time
+
+        time.sleep(min(backoff * 2 ** (restart_count() - 1), 300.0))
     if not dist.is_initialized():
         dist.init_process_group(
-            backend=backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+            backend=backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
+            store=_attempt_store(world_size, timeout_s),
         )
     if world_size % tp_size != 0:
         raise ValueError(
@@ -84,6 +90,34 @@ def init_distributed(tp_size: int = 1, timeout_s: int = 600) -> DistEnv:
         tp_group=ps.get_tensor_model_parallel_group(),
         dp_group=ps.get_data_parallel_group(),
     )
+
+
+def restart_count() -> int:
+    """How many times torchrun restarted this job's workers (0 on the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def _attempt_store(world_size: int, timeout_s: int) -> dist.Store | None:
+    """Under torchrun, the store of this attempt, with keys of its own.
+
+    torchrun (c10d rendezvous, e.g. ``--standalone``) keeps one TCPStore server for the whole
+    job and hands every restart the same address, while workers connect to it without a
+    per-attempt prefix (torch's ``_create_c10d_store`` assumes a fresh store per retry). The
+    keys a killed attempt left there (gloo addresses of the default group and of Megatron's
+    ``new_group`` groups) are then read by the next attempt, whose ranks dial dead peers:
+    "Gloo connectFullMesh failed ... Connection refused", or a hang. A prefix per attempt
+    keeps the attempts apart. None (the default env:// store) outside torchrun.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(
+        host_name=os.environ["MASTER_ADDR"],
+        port=int(os.environ["MASTER_PORT"]),
+        world_size=world_size,
+        is_master=False,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return dist.PrefixStore(f"/hstu/attempt_{restart_count()}", store)
 
 
 def destroy_distributed() -> None:

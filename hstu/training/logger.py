@@ -47,6 +47,29 @@ class RunLogger:
         except Exception as exc:  # noqa: BLE001 - TensorBoard is optional for the run itself
             print(f"[hstu] TensorBoard disabled: {exc}", file=sys.stderr)
 
+    def truncate_after(self, step: int) -> int:
+        """Drops the rows (and TensorBoard events) of steps after ``step``: a resumed run logs
+        them again. Returns how many rows were dropped."""
+        if not self.enabled:
+            return 0
+        path = os.path.join(self.run_dir, "metrics.csv")
+        self._csv.close()
+        with open(path, newline="") as fh:
+            rows = list(csv.reader(fh))
+        kept = [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+        tmp = path + ".tmp"
+        with open(tmp, "w", newline="") as fh:
+            csv.writer(fh).writerows([["step", "split", "name", "value"], *kept])
+        os.replace(tmp, path)
+        self._csv = open(path, "a", newline="")
+        self._writer = csv.writer(self._csv)
+        if self._tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb.close()
+            self._tb = SummaryWriter(log_dir=self.run_dir, purge_step=step + 1)
+        return len(rows) - 1 - len(kept)
+
     def log(self, step: int, split: str, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return

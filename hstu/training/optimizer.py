@@ -128,6 +128,8 @@ class OptimizerContainer(torch.optim.Optimizer):
         self.scaler = DynamicLossScaler() if any(p.dtype == torch.float16 for p in self.params) else None
         self.num_steps = 0
         self.last_grad_norm: torch.Tensor | None = None
+        # a 0-d bool tensor (no host sync): were this step's dense gradients all finite?
+        self.last_grads_finite: torch.Tensor | None = None
         self._sparse_base = [
             [group["lr"] for group in opt.param_groups] for opt in self._sparse_optimizers()
         ]
@@ -219,6 +221,9 @@ class OptimizerContainer(torch.optim.Optimizer):
 
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
         self._grads_to_masters()
+        if self.scaler is None:  # (with loss scaling, non-finite gradients skip the step)
+            grads = [m.grad for m in self.masters if m.grad is not None]
+            self.last_grads_finite = torch.stack(torch._foreach_norm(grads)).sum().isfinite() if grads else None
         if self.scaler is not None:
             found_inf = self._unscale_and_check()
             self.scaler.update(found_inf)

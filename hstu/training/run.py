@@ -12,6 +12,7 @@ from hstu.args import ConfigError
 from hstu.config import RunConfig
 from hstu.console import fail
 from hstu.data.errors import DataError
+from hstu.training.checkpoint import CheckpointError
 from hstu.training.distributed import destroy_distributed, init_distributed, set_seed
 from hstu.training.logger import make_run_dir
 
@@ -22,6 +23,21 @@ def _shared_run_dir(cfg: RunConfig, rank: int) -> str:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+EXIT_CHECKPOINT = 3
+EXIT_NON_FINITE = 4
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:200]
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, (RuntimeError, dist.DistError)) and any(m in text for m in _PEER_LOST)
 
 
 def run(cfg: RunConfig) -> int:
@@ -45,7 +61,26 @@ def run(cfg: RunConfig) -> int:
     except (ConfigError, DataError) as exc:
         # bad input found once the data is open: one line, no traceback (last under torchrun)
         return fail(str(exc))
-    except Exception:
+    except CheckpointError as exc:  # the same on every rank (agreed)
+        return fail(str(exc), EXIT_CHECKPOINT)
+    except FloatingPointError as exc:  # agreed at the flush / before a save
+        return fail(
+            f"{exc}; training stopped there and no checkpoint after it was written "
+            "(lower OptimizerArgs.learning_rate, set clip_grad_norm, or resume from an earlier "
+            "checkpoint)",
+            EXIT_NON_FINITE,
+        )
+    except Exception as exc:  # noqa: BLE001
+        if _lost_peer(exc):
+            # another rank died (killed, OOM, its own error above): one line, not a traceback
+            print(
+                f"error: rank {env.rank}: lost contact with another rank ({_first_line(exc)}); "
+                "resume with TrainerArgs.ckpt_load_dir=\"auto\" or relaunch with torchrun "
+                "--max-restarts",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 1
         print(f"[hstu] rank {env.rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return 1
     finally:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -16,11 +15,12 @@ import torch.distributed as dist
 from hstu.config import RunConfig
 from hstu.embeddings import embedding_state_dict, load_embedding_state_dict
 from hstu.training.builder import Built, build_all
-from hstu.training.checkpoint import load_checkpoint, save_checkpoint
-from hstu.training.distributed import DistEnv, rng_state, seed_training_rng, set_rng_state
+from hstu.training.checkpoint import CheckpointError, load_checkpoint
+from hstu.training.distributed import DistEnv, restart_count, rng_state, seed_training_rng, set_rng_state
 from hstu.training.evaluate import evaluate, popularity_baseline, prior_baseline
 from hstu.training.feed import Feed
 from hstu.training.flops import peak_flops
+from hstu.training.lifecycle import AUTO, BestTracker, CheckpointLifecycle
 from hstu.training.logger import RunLogger
 from hstu.training.pipeline import build_pipeline
 
@@ -31,6 +31,18 @@ def _position(base: dict[str, Any], steps_per_epoch: int, consumed: int) -> dict
     state = dict(base)
     state.update(epoch=linear // steps_per_epoch, batch_index=linear % steps_per_epoch)
     return state
+
+
+def _state_mismatch(model_state: dict[str, Any], saved: dict[str, Any]) -> str | None:
+    """The first key missing on either side or of another shape, as '<key>: ...'."""
+    for key, value in model_state.items():
+        if key not in saved:
+            return f"{key}: missing from the checkpoint"
+        have, want = getattr(value, "shape", None), getattr(saved[key], "shape", None)
+        if have is not None and want is not None and tuple(have) != tuple(want):
+            return f"{key}: {list(want)} in the checkpoint, {list(have)} in this model"
+    extra = sorted(set(saved) - set(model_state))
+    return f"{extra[0]}: in the checkpoint, not in this model" if extra else None
 
 
 class Trainer:
@@ -47,8 +59,22 @@ class Trainer:
         self.max_steps = self.built.total_steps
         self.step = 0
         self.data_base = self.built.train_loader.state_dict()
-        if self.args.ckpt_load_dir:
-            self._load(self.args.ckpt_load_dir)
+        self.checkpoints = CheckpointLifecycle(self.args.ckpt_save_dir, self.args.keep_last_n, self.logger.print)
+        self.best = BestTracker(self.args.best_metric, self.args.early_stopping_patience)
+        self.best_checkpoints = CheckpointLifecycle(os.path.join(run_dir, "best"), 1, self.logger.print)
+        load_dir = self.args.ckpt_load_dir
+        if not load_dir and restart_count() > 0 and self.args.ckpt_save_interval > 0:
+            # a torchrun restart that started over would lose the run
+            self.logger.print(f"[hstu] restart {restart_count()}: resuming from the newest checkpoint")
+            load_dir = AUTO
+        if self.args.ckpt_save_interval > 0 or load_dir == AUTO:
+            self.checkpoints.clean_stale()
+        self.best_checkpoints.clean_stale()
+        path = self.checkpoints.resolve(load_dir)
+        if path is not None:
+            self._load(path)
+        elif load_dir == AUTO:
+            self.logger.print(f"[hstu] no checkpoint in {self.args.ckpt_save_dir} yet: starting fresh")
         info = self.built.info
         self.logger.print(
             f"[hstu] {cfg.task} on {info.dataset_name}: {info.num_train_samples} train / "
@@ -94,16 +120,18 @@ class Trainer:
             out["loss_scaler"] = self.optimizer.scaler.state_dict()
         return out
 
-    def save(self, root: str | None = None) -> str:
+    def save(self, best: bool = False) -> str:
         meta = {
             "step": self.step,
             "data": _position(self.data_base, self.steps_per_epoch, self.step - self._resumed_step),
             "world_size": self.env.world_size,
             "tp_size": self.env.tp_size,
             "task": self.cfg.task,
+            "best": self.best.state_dict(),
+            "best_dir": self.best_checkpoints.root,
         }
-        path = save_checkpoint(
-            root or self.args.ckpt_save_dir,
+        lifecycle = self.best_checkpoints if best else self.checkpoints
+        path = lifecycle.save(
             self.step,
             self._sharded_state(),
             self._dense_state(),
@@ -113,7 +141,7 @@ class Trainer:
             self.env.tp_rank,
             self.env.dp_rank,
         )
-        if root is None:
+        if not best:
             self.logger.print(f"[hstu] step {self.step}: checkpoint saved to {path}")
         return path
 
@@ -124,13 +152,17 @@ class Trainer:
         sharded = self._sharded_state()
         dense, meta, rng = load_checkpoint(path, sharded, self.env.rank, self.env.tp_rank, self.env.tp_size)
         if meta.get("task") != self.cfg.task:
-            raise ValueError(f"checkpoint {path} is a {meta.get('task')} run, this is {self.cfg.task}")
+            raise CheckpointError(f"checkpoint {path} is a {meta.get('task')} run, this is {self.cfg.task}")
         load_embedding_state_dict(self.model, sharded["embeddings"])
         children = self._dense_children()
         if set(children) != set(dense["model"]):
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint {path} holds modules {sorted(dense['model'])}, this model has {sorted(children)}"
             )
+        for name, child in children.items():
+            problem = _state_mismatch(child.state_dict(), dense["model"][name])
+            if problem is not None:
+                raise CheckpointError(f"checkpoint {path} does not fit this model: {name}.{problem}")
         masters: dict[int, torch.Tensor] = {}
         for name, child in children.items():
             child.load_state_dict(dense["model"][name])
@@ -146,6 +178,11 @@ class Trainer:
             dense["optimizer"], int(dense["num_steps"]), dense.get("loss_scaler")
         )
         self.step = self._resumed_step = int(meta["step"])
+        self.best.load_state_dict(meta.get("best"))
+        if meta.get("best_dir") and self.best.step >= 0:
+            self.best_checkpoints.root = meta["best_dir"]
+        self.checkpoints.mark_saved(self.step, path)
+        self.logger.truncate_after(self.step)  # the steps after the checkpoint are run again
         self.built.train_loader.load_state_dict(meta["data"])
         self.data_base = self.built.train_loader.state_dict()
         if rng is not None:
@@ -189,19 +226,30 @@ class Trainer:
         window_start = time.perf_counter()
         last_eval: dict[str, float] = {}
         losses: list[float] = []
-        # losses stay on the device until a log boundary (no host sync inside a step)
+        # losses (and whether the dense gradients were finite) stay on the device until a log
+        # or checkpoint boundary (no host sync inside a step)
         pending: list[torch.Tensor] = []
+        pending_grads: list[torch.Tensor] = []
 
         def flush() -> float:
-            """Moves the pending losses to the host; stops at the first non-finite one."""
+            """Moves the pending losses to the host; stops at the first non-finite loss or
+            gradient, naming its step (checkpoints come after a flush: never non-finite)."""
             if not pending:
                 return 0.0
             values = torch.stack([x.reshape(()).float() for x in pending]).double().cpu().tolist()
+            grads_ok = torch.stack(pending_grads).cpu().tolist() if pending_grads else [True] * len(values)
             first = self.step - len(pending) + 1
             pending.clear()
-            for i, v in enumerate(values):
+            pending_grads.clear()
+            problem = None
+            for i, (v, ok) in enumerate(zip(values, grads_ok)):
                 if not math.isfinite(v):
-                    raise FloatingPointError(f"step {first + i}: loss is {v}")
+                    problem = (first + i, f"step {first + i}: loss is {v}")
+                elif not ok:
+                    problem = (first + i, f"step {first + i}: a dense gradient is not finite (loss {v:.4g})")
+                if problem:
+                    break
+            self._agree_finite(problem)
             losses.extend(values)
             return sum(values)
 
@@ -211,6 +259,8 @@ class Trainer:
             self.step += 1
             tokens, flops = feed.pop_cost()
             pending.append(loss.detach())
+            if self.optimizer.last_grads_finite is not None:
+                pending_grads.append(self.optimizer.last_grads_finite)
             window_n += 1
             window_tokens += tokens
             window_flops += flops
@@ -256,7 +306,7 @@ class Trainer:
                 split = "valid" if args.best_metric is not None else "eval"
                 say(f"{split} @ step {self.step}: {text}")
                 window_start = time.perf_counter()
-                if args.best_metric is not None and self._track_best(last_eval, say):
+                if args.best_metric is not None and self._track_best(last_eval, say, flush):
                     say(
                         f"[hstu] early stop at step {self.step}: no new best {args.best_metric} in "
                         f"{args.early_stopping_patience} evaluations"
@@ -268,7 +318,7 @@ class Trainer:
             if (boundary or saving) and self._stop_agreed():
                 path = self.save()
                 say(f"[hstu] stopped by signal at step {self.step}; resume with "
-                    f"TrainerArgs.ckpt_load_dir=\"{path}\"")
+                    f"TrainerArgs.ckpt_load_dir=\"{path}\" (or \"{AUTO}\")")
                 self.interrupted = True
                 break
         else:
@@ -282,6 +332,9 @@ class Trainer:
             bar.close()
         if profiler is not None:
             profiler.stop()
+        self.losses = losses
+        if self.interrupted:  # stop promptly: no post-training extras
+            return last_eval
         if args.best_metric is not None:
             last_eval = self._test_best()
         # the floor the model must clear, on the same evaluation items: popularity
@@ -299,7 +352,6 @@ class Trainer:
             text = " ".join(f"{k} {v:.4f}" for k, v in baseline.items())
             kind = "popularity" if self.cfg.task == "retrieval" else "label-prior"
             self.logger.print(f"[hstu] {kind} baseline (same protocol): {text}")
-        self.losses = losses
         self._report(last_eval, baseline)
         return last_eval
 
@@ -323,6 +375,21 @@ class Trainer:
             signal.signal(sig, handler)
         self._old_handlers = {}
 
+    def _agree_finite(self, problem: tuple[int, str] | None) -> None:
+        """Every rank stops on the first non-finite step of any rank (FloatingPointError)."""
+        flag = torch.tensor([0.0 if problem is None else 1.0], device=self.env.device)
+        gathered = [problem]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() > 0:
+                gathered = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, problem)
+        found = [(p[0], rank, p[1]) for rank, p in enumerate(gathered) if p is not None]
+        if found:
+            _, rank, text = min(found)
+            where = f" (rank {rank})" if len(gathered) > 1 else ""
+            raise FloatingPointError(text + where)
+
     def _stop_agreed(self) -> bool:
         """All ranks stop at the same step if any rank was signalled (one tiny all-reduce)."""
         flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.env.device)
@@ -330,39 +397,26 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
-    _best_value = -math.inf
-    _best_step = -1
-    _evals_since_best = 0
-
-    def _best_dir(self) -> str:
-        return os.path.join(self.logger.run_dir, "best")
-
-    def _track_best(self, metrics: dict[str, float], say: Any) -> bool:
+    def _track_best(self, metrics: dict[str, float], say: Any, flush: Any) -> bool:
         """Keeps a checkpoint of the best validation evaluation; True means stop early."""
-        value = metrics[self.args.best_metric]
-        if value > self._best_value:
-            previous = self._best_step
-            self._best_value, self._best_step, self._evals_since_best = value, self.step, 0
-            self.save(root=self._best_dir())
-            if previous >= 0 and self.env.is_main:
-                shutil.rmtree(os.path.join(self._best_dir(), f"iter_{previous}"), ignore_errors=True)
-            say(f"[hstu] new best {self.args.best_metric} {value:.4f} at step {self.step}")
-            return False
-        self._evals_since_best += 1
-        patience = self.args.early_stopping_patience
-        return patience is not None and self._evals_since_best >= patience
+        new_best, stop = self.best.update(metrics, self.step)
+        if new_best:
+            flush()  # never a best checkpoint of weights that went non-finite
+            self.save(best=True)
+            say(f"[hstu] new best {self.args.best_metric} {self.best.value:.4f} at step {self.step}")
+        return stop
 
     def _test_best(self) -> dict[str, float]:
         """Scores the test split once, with the checkpoint that validation selected."""
-        self._load_weights(self._best_dir())
+        self._load_weights(self.best_checkpoints.resolve(self.best_checkpoints.root))
         metrics = evaluate(self.model, self.built.test_loader, self.cfg, self.env, self.args.max_eval_iters)
-        self.logger.log(self._best_step, "eval", {f"test/{k}": v for k, v in metrics.items()})
-        self.logger.log(self._best_step, "eval", {"best_step": self._best_step,
-                                                  f"best_valid/{self.args.best_metric}": self._best_value})
+        self.logger.log(self.best.step, "eval", {f"test/{k}": v for k, v in metrics.items()})
+        self.logger.log(self.best.step, "eval", {"best_step": self.best.step,
+                                                  f"best_valid/{self.args.best_metric}": self.best.value})
         text = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         self.logger.print(
-            f"[hstu] test split, best checkpoint (step {self._best_step}, valid "
-            f"{self.args.best_metric} {self._best_value:.4f}): {text}"
+            f"[hstu] test split, best checkpoint (step {self.best.step}, valid "
+            f"{self.args.best_metric} {self.best.value:.4f}): {text}"
         )
         return metrics
 
@@ -397,19 +451,26 @@ class Trainer:
         args = self.args
         best = None
         checkpoint = None
-        if args.best_metric is not None and self._best_step >= 0:
-            best = (args.best_metric, self._best_step, self._best_value)
-            checkpoint = os.path.join(self._best_dir(), f"iter_{self._best_step}")
+        if args.best_metric is not None and self.best.step >= 0:
+            best = (args.best_metric, self.best.step, self.best.value)
+            checkpoint = os.path.join(self.best_checkpoints.root, f"iter_{self.best.step}")
         if args.ckpt_save_interval > 0 or self.interrupted:
             checkpoint = checkpoint or args.ckpt_save_dir
             latest = args.ckpt_save_dir
         else:
             latest = None
-        resume = (
-            f"add --gin-param 'TrainerArgs.ckpt_load_dir=\"{latest}\"' and a larger "
-            "TrainerArgs.max_train_iters (the total step count)" if latest else
-            "no checkpoint of the last step (TrainerArgs.ckpt_save_interval = -1)"
-        )
+        if latest and args.ckpt_load_dir == "auto":
+            resume = (
+                f"rerun the same command with a larger TrainerArgs.max_train_iters (the total step "
+                f"count): ckpt_load_dir=\"auto\" resumes from the newest checkpoint in {latest}"
+            )
+        elif latest:
+            resume = (
+                f"add --gin-param 'TrainerArgs.ckpt_load_dir=\"auto\"' (newest checkpoint in "
+                f"{latest}) and a larger TrainerArgs.max_train_iters (the total step count)"
+            )
+        else:
+            resume = "no checkpoint of the last step (TrainerArgs.ckpt_save_interval = -1)"
         lines = summary_lines(
             self.cfg.task, self.logger.run_dir, final, baseline, best, checkpoint, resume
         )

@@ -1,0 +1,234 @@
+"""The checkpoint lifecycle of a run: resume, save, verify, prune, best.
+
+- Start: stale ``iter_<n>.tmp`` folders (saves cut short by a kill) are removed, and so is an
+  ``iter_<n>.old`` whose replacement is complete.
+- Resume (``TrainerArgs.ckpt_load_dir``): ``""`` starts fresh; ``"auto"`` takes the newest
+  complete checkpoint under ``ckpt_save_dir`` whose files match their manifest (a damaged one
+  is reported and the next older one tried) and starts fresh when there is none; a path names
+  a checkpoint folder, or a root whose newest complete checkpoint is taken.
+- Save: never a checkpoint with non-finite weights; the same step twice in one process is
+  saved once; files, manifest and folders are fsynced before the rename
+  (:mod:`hstu.training.checkpoint`); then all but the newest ``keep_last_n`` are pruned.
+- Best: :class:`BestTracker` keeps the best validation value, its step and the evaluations
+  since, saved in every checkpoint's meta and restored with it; its checkpoint lives in its
+  own root (one kept).
+
+All methods are collective (every rank calls them in the same order).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from hstu.training import checkpoint as ckpt
+from hstu.training.checkpoint import CheckpointError
+
+AUTO = "auto"
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _broadcast(value: Any) -> Any:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+    return value
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor in a nested state (the local shards of ShardedTensors)."""
+    if hasattr(obj, "local_shards"):  # a ShardedTensor (also a torch.Tensor)
+        return [s.tensor for s in obj.local_shards()]
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def first_non_finite(states: dict[str, Any]) -> str | None:
+    """Name of the first state (by top-level key) holding a NaN or an infinity on any rank."""
+    names = sorted(states)
+    bad = torch.zeros(len(names), dtype=torch.float32)
+    for i, name in enumerate(names):
+        for t in _tensors(states[name]):
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+                bad[i] = 1.0
+                break
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    for i, name in enumerate(names):
+        if bad[i] > 0:
+            return name
+    return None
+
+
+@dataclass
+class BestTracker:
+    """The best validation value so far (higher is better) and early-stopping patience."""
+
+    metric: str | None = None
+    patience: int | None = None
+    value: float = -math.inf
+    step: int = -1
+    evals_since_best: int = 0
+
+    def update(self, metrics: dict[str, float], step: int) -> tuple[bool, bool]:
+        """(is a new best, stop early now)."""
+        value = metrics[self.metric]
+        if value > self.value:
+            self.value, self.step, self.evals_since_best = value, step, 0
+            return True, False
+        self.evals_since_best += 1
+        return False, self.patience is not None and self.evals_since_best >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in ("metric", "patience")}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        for key, value in (state or {}).items():
+            setattr(self, key, value)
+
+
+class CheckpointLifecycle:
+    """One checkpoint root: which checkpoint to resume, when to save, what to keep."""
+
+    def __init__(self, root: str, keep_last_n: int | None = None, log: Callable[[str], None] = print) -> None:
+        self.root = root
+        self.keep_last_n = keep_last_n
+        self.log = log if _is_main() else (lambda _msg: None)
+        self.last_saved: tuple[int, str] | None = None
+
+    # ---------------------------------------------------------------------- start
+    def clean_stale(self) -> list[str]:
+        """Removes ``.tmp`` folders and ``.old`` ones whose replacement is complete."""
+        removed: list[str] = []
+        if _is_main() and os.path.isdir(self.root):
+            for name in sorted(os.listdir(self.root)):
+                path = os.path.join(self.root, name)
+                stale = name.endswith(".tmp") and os.path.isdir(path)
+                if name.endswith(".old"):
+                    if not os.path.exists(path[:-4]):  # killed between a same-step save's renames
+                        os.replace(path, path[:-4])
+                        self.log(f"[hstu] restored {path[:-4]} (a save of the same step was cut short)")
+                        continue
+                    stale = ckpt.check_files(path[:-4], checksums=False) is None
+                if stale:
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(name)
+            if removed:
+                self.log(f"[hstu] removed unfinished checkpoint folders in {self.root}: {', '.join(removed)}")
+        _barrier()
+        return removed
+
+    def resolve(self, load_dir: str) -> str | None:
+        """The checkpoint to resume from (see the module docstring), or None to start fresh."""
+        if not load_dir:
+            return None
+        if load_dir == AUTO:
+            return self._newest_verified(self.root, required=False)
+        if os.path.isfile(os.path.join(load_dir, "meta.pt")) or os.path.isfile(
+            os.path.join(load_dir, ckpt.MANIFEST)
+        ):
+            return load_dir
+        return self._newest_verified(load_dir, required=True)
+
+    def _newest_verified(self, root: str, required: bool) -> str | None:
+        candidates: list[str] = []
+        if _is_main() and os.path.isdir(root):
+            steps = []
+            for name in os.listdir(root):
+                base = name[:-4] if name.endswith(".old") else name
+                step = ckpt.step_of(base)
+                path = os.path.join(root, name)
+                complete = os.path.isfile(os.path.join(path, ckpt.MANIFEST)) or os.path.isfile(
+                    os.path.join(path, "meta.pt")
+                )
+                if step is not None and not name.endswith(".tmp") and complete:
+                    steps.append((step, not name.endswith(".old"), os.path.join(root, name)))
+            candidates = [p for _, _, p in sorted(steps, reverse=True)]
+        candidates = _broadcast(candidates)
+        for path in candidates:
+            try:
+                ckpt.verify(path)
+                return path
+            except CheckpointError as exc:
+                self.log(f"[hstu] skipping a damaged checkpoint: {exc}")
+        if required:
+            raise CheckpointError(
+                f"TrainerArgs.ckpt_load_dir={root!r}: no complete checkpoint there; "
+                f'use "{AUTO}" to start fresh when there is none'
+            )
+        return None
+
+    # ----------------------------------------------------------------------- save
+    def save(
+        self,
+        step: int,
+        sharded: dict[str, Any],
+        dense: dict[str, Any],
+        meta: dict[str, Any],
+        rng: dict[str, Any],
+        rank: int,
+        tp_rank: int,
+        dp_rank: int,
+    ) -> str:
+        """Writes ``iter_<step>`` (once per step and process), then prunes. Raises
+        FloatingPointError (nothing written) if any weight or optimizer state is not finite."""
+        if self.last_saved is not None and self.last_saved[0] == step:
+            return self.last_saved[1]
+        bad = first_non_finite({"dense": dense, "embeddings": sharded})
+        if bad is not None:
+            latest = f"; the latest checkpoint is still {self.last_saved[1]}" if self.last_saved else ""
+            raise FloatingPointError(
+                f"step {step}: the {bad} weights or optimizer state are not finite: "
+                f"checkpoint not written{latest}"
+            )
+        path = ckpt.save_checkpoint(self.root, step, sharded, dense, meta, rng, rank, tp_rank, dp_rank)
+        self.last_saved = (step, path)
+        self.prune()
+        return path
+
+    def mark_saved(self, step: int, path: str) -> None:
+        """A resume from ``path`` under this root: saving that step again is not needed."""
+        if os.path.realpath(os.path.dirname(path)) == os.path.realpath(self.root):
+            self.last_saved = (step, path)
+
+    def prune(self) -> list[str]:
+        """Removes all but the newest ``keep_last_n`` complete checkpoints (never the latest)."""
+        removed: list[str] = []
+        if self.keep_last_n is not None and _is_main() and os.path.isdir(self.root):
+            complete = []
+            for name in os.listdir(self.root):
+                step = ckpt.step_of(name)
+                path = os.path.join(self.root, name)
+                if step is not None and ckpt.manifest_of(path) is not None:
+                    complete.append((step, path))
+            complete.sort(reverse=True)
+            keep = {p for _, p in complete[: self.keep_last_n]}
+            if self.last_saved is not None:
+                keep.add(self.last_saved[1])
+            for _, path in complete:
+                if path not in keep:
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(os.path.basename(path))
+            ckpt.fsync_dir(self.root)
+        _barrier()
+        return removed

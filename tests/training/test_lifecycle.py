@@ -1,0 +1,238 @@
+"""The checkpoint lifecycle on its own (2 gloo ranks, tiny states): save, verify, prune,
+auto-resume, best, and every fault as one CheckpointError line with the latest intact."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.dist_utils import run_multiprocess
+
+
+def _states(rank: int, value: float) -> tuple[dict, dict, dict, dict]:
+    sharded = {"tables": {"item": torch.full((4, 2), value), "user": torch.full((3, 2), value)}}
+    dense = {"model": {"w": torch.full((2,), value)}, "num_steps": 1}
+    rng = {"torch": torch.get_rng_state()}
+    return sharded, dense, rng, {"world_size": dist.get_world_size(), "tp_size": 1}
+
+
+def _save(lc, step: int, value: float = 1.0) -> str:
+    rank = dist.get_rank()
+    sharded, dense, rng, meta = _states(rank, value)
+    return lc.save(step, sharded, dense, {**meta, "step": step}, rng, rank, 0, rank)
+
+
+def _load(path: str) -> tuple[dict, dict, dict | None, dict]:
+    from hstu.training.checkpoint import load_checkpoint
+
+    sharded, _, _, _ = _states(dist.get_rank(), 0.0)
+    dense, meta, rng = load_checkpoint(path, sharded, dist.get_rank(), 0, 1)
+    return sharded, dense, rng, meta
+
+
+def _body_save_prune_resume(rank: int, world_size: int, tmp: str) -> None:
+    from hstu.training.lifecycle import CheckpointLifecycle
+
+    root = os.path.join(tmp, "ckpt")
+    lc = CheckpointLifecycle(root, keep_last_n=2, log=lambda _m: None)
+    assert lc.resolve("auto") is None  # an empty (even missing) root: start fresh
+    for step in (5, 10, 15, 20):
+        _save(lc, step, value=float(step))
+    names = sorted(os.listdir(root))
+    assert names == ["iter_15", "iter_20", "latest"], names  # keep_last_n keeps exactly 2
+    with open(os.path.join(root, "iter_20", "manifest.json")) as fh:
+        manifest = json.load(fh)
+    assert {"meta.pt", ".metadata", "dense_tp0.pt", "rng_rank0.pt", "rng_rank1.pt"} <= set(manifest["files"])
+    assert lc.resolve("auto") == os.path.join(root, "iter_20")
+    assert lc.resolve(root) == os.path.join(root, "iter_20")
+    sharded, _, rng, meta = _load(lc.resolve("auto"))
+    assert meta["step"] == 20 and rng is not None
+    assert torch.equal(sharded["tables"]["item"], torch.full((4, 2), 20.0))
+    # the same step twice in one process is written once
+    assert _save(lc, 20, value=99.0) == os.path.join(root, "iter_20")
+    assert torch.equal(_load(root)[0]["tables"]["item"], torch.full((4, 2), 20.0))
+    dist.barrier()
+
+
+def test_save_prune_and_auto_resume(tmp_path):
+    run_multiprocess(_body_save_prune_resume, world_size=2, tmp=str(tmp_path))
+
+
+def _body_damage(rank: int, world_size: int, tmp: str, damage: str) -> None:
+    from hstu.training.checkpoint import CheckpointError
+    from hstu.training.lifecycle import CheckpointLifecycle
+
+    root = os.path.join(tmp, "ckpt")
+    lc = CheckpointLifecycle(root, keep_last_n=None, log=lambda _m: None)
+    _save(lc, 5, 5.0)
+    _save(lc, 10, 10.0)
+    dist.barrier()
+    victim = os.path.join(root, "iter_10", damage)
+    if rank == 0:
+        if damage == "rng_rank1.pt":
+            os.remove(victim)
+        else:
+            with open(victim, "r+b") as fh:
+                fh.truncate(os.path.getsize(victim) // 2)
+    dist.barrier()
+    with pytest.raises(CheckpointError) as err:
+        _load(os.path.join(root, "iter_10"))
+    line = str(err.value)
+    assert "\n" not in line and victim in line, line
+    assert ("missing" if damage == "rng_rank1.pt" else "truncated") in line
+    # auto skips the damaged one: the previous checkpoint is intact and loads
+    fresh = CheckpointLifecycle(root, keep_last_n=None, log=lambda _m: None)
+    assert fresh.resolve("auto") == os.path.join(root, "iter_5")
+    assert _load(fresh.resolve("auto"))[3]["step"] == 5
+    dist.barrier()
+
+
+@pytest.mark.parametrize("damage", ["__0_0.distcp", "dense_tp0.pt", "rng_rank1.pt"])
+def test_damaged_files_give_one_line_naming_the_file(tmp_path, damage):
+    run_multiprocess(_body_damage, world_size=2, tmp=str(tmp_path), damage=damage)
+
+
+def _body_write_fault(rank: int, world_size: int, tmp: str, code: int) -> None:
+    from hstu.training.checkpoint import CheckpointError
+    from hstu.training.lifecycle import CheckpointLifecycle
+
+    root = os.path.join(tmp, "ckpt")
+    lc = CheckpointLifecycle(root, keep_last_n=1, log=lambda _m: None)
+    _save(lc, 5, 5.0)
+    real_save = torch.save
+
+    def failing_save(obj, path, *a, **k):  # the device fills up under rank 1's dense write
+        if rank == 1 and "rng_rank1" in str(path):
+            raise OSError(code, os.strerror(code), str(path))
+        return real_save(obj, path, *a, **k)
+
+    torch.save = failing_save
+    try:
+        with pytest.raises(CheckpointError) as err:
+            _save(lc, 10, 10.0)
+    finally:
+        torch.save = real_save
+    line = str(err.value)
+    assert "\n" not in line and "iter_10.tmp/rng_rank1.pt" in line and "step 10" in line, line
+    assert {errno.ENOSPC: "no space left", errno.EROFS: "read-only"}[code] in line
+    dist.barrier()
+    assert sorted(os.listdir(root)) == ["iter_5", "latest"]  # no .tmp left, the latest intact
+    with open(os.path.join(root, "latest")) as fh:
+        assert fh.read().strip() == "iter_5"
+    assert _load(root)[3]["step"] == 5
+    dist.barrier()
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_write_faults_keep_the_latest(tmp_path, code):
+    run_multiprocess(_body_write_fault, world_size=2, tmp=str(tmp_path), code=code)
+
+
+def _body_non_finite(rank: int, world_size: int, tmp: str) -> None:
+    from hstu.training.lifecycle import CheckpointLifecycle
+
+    root = os.path.join(tmp, "ckpt")
+    lc = CheckpointLifecycle(root, keep_last_n=None, log=lambda _m: None)
+    _save(lc, 5, 5.0)
+    sharded, dense, rng, meta = _states(rank, 1.0)
+    if rank == 1:
+        sharded["tables"]["user"][0, 0] = float("inf")  # one rank's shard only
+    with pytest.raises(FloatingPointError, match="step 10: the embeddings weights .* not finite"):
+        lc.save(10, sharded, dense, {**meta, "step": 10}, rng, rank, 0, rank)
+    assert sorted(os.listdir(root)) == ["iter_5", "latest"]
+    dist.barrier()
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    run_multiprocess(_body_non_finite, world_size=2, tmp=str(tmp_path))
+
+
+def _body_killed_second_save(rank: int, world_size: int, tmp: str) -> None:
+    from hstu.training.lifecycle import CheckpointLifecycle
+
+    root = os.path.join(tmp, "ckpt")
+    _save(CheckpointLifecycle(root, log=lambda _m: None), 5, 5.0)
+    real_replace = os.replace
+
+    def die_between_renames(src, dst):
+        real_replace(src, dst)
+        if str(dst).endswith("iter_5.old"):  # the old one moved aside, the new one not yet in
+            os._exit(9)
+
+    os.replace = die_between_renames
+    _save(CheckpointLifecycle(root, log=lambda _m: None), 5, 6.0)  # a second save of step 5
+
+
+def _body_after_kill(rank: int, world_size: int, tmp: str) -> None:
+    from hstu.training.lifecycle import CheckpointLifecycle
+
+    root = os.path.join(tmp, "ckpt")
+    lc = CheckpointLifecycle(root, log=lambda _m: None)
+    lc.clean_stale()
+    assert lc.resolve("auto") == os.path.join(root, "iter_5")
+    assert _load(root)[3]["step"] == 5
+    assert sorted(os.listdir(root)) == ["iter_5", "latest"]
+
+
+def test_kill_between_the_renames_of_a_second_save_keeps_a_loadable_latest(tmp_path):
+    with pytest.raises(torch.multiprocessing.ProcessExitedException):
+        run_multiprocess(_body_killed_second_save, world_size=1, tmp=str(tmp_path))
+    names = sorted(os.listdir(tmp_path / "ckpt"))
+    assert "iter_5.old" in names and "iter_5" not in names, names  # killed in the window
+    run_multiprocess(_body_after_kill, world_size=1, tmp=str(tmp_path))
+
+
+def _body_stale(rank: int, world_size: int, tmp: str) -> None:
+    from hstu.training.lifecycle import CheckpointLifecycle
+
+    root = os.path.join(tmp, "ckpt")
+    lc = CheckpointLifecycle(root, log=lambda _m: None)
+    _save(lc, 5)
+    if rank == 0:
+        os.makedirs(os.path.join(root, "iter_10.tmp"))  # a save killed half way
+        shutil.copytree(os.path.join(root, "iter_5"), os.path.join(root, "iter_5.old"))
+    dist.barrier()
+    removed = CheckpointLifecycle(root, log=lambda _m: None).clean_stale()
+    if rank == 0:
+        assert sorted(removed) == ["iter_10.tmp", "iter_5.old"]
+    assert sorted(os.listdir(root)) == ["iter_5", "latest"]
+
+
+def test_stale_folders_are_cleaned_at_start(tmp_path):
+    run_multiprocess(_body_stale, world_size=2, tmp=str(tmp_path))
+
+
+def _body_shape_mismatch(rank: int, world_size: int, tmp: str) -> None:
+    from hstu.training.checkpoint import CheckpointError, load_checkpoint
+    from hstu.training.lifecycle import CheckpointLifecycle
+
+    root = os.path.join(tmp, "ckpt")
+    _save(CheckpointLifecycle(root, log=lambda _m: None), 5)
+    other = {"tables": {"item": torch.zeros(6, 2), "user": torch.zeros(3, 2)}}
+    with pytest.raises(CheckpointError, match=r"tables\.item is \[4, 2\] in the checkpoint, \[6, 2\] in this model"):
+        load_checkpoint(root, other, rank, 0, 1)
+    fewer = {"tables": {"item": torch.zeros(4, 2)}}
+    with pytest.raises(CheckpointError, match=r"the checkpoint has tables\.user, this model does not"):
+        load_checkpoint(root, fewer, rank, 0, 1)
+
+
+def test_shape_or_table_mismatch_names_the_key(tmp_path):
+    run_multiprocess(_body_shape_mismatch, world_size=2, tmp=str(tmp_path))
+
+
+def test_best_tracker_state_round_trip():
+    from hstu.training.lifecycle import BestTracker
+
+    best = BestTracker("MRR", patience=2)
+    assert best.update({"MRR": 0.1}, 3) == (True, False)
+    assert best.update({"MRR": 0.05}, 6) == (False, False)
+    restored = BestTracker("MRR", patience=2)
+    restored.load_state_dict(best.state_dict())
+    assert (restored.value, restored.step, restored.evals_since_best) == (0.1, 3, 1)
+    assert restored.update({"MRR": 0.09}, 9) == (False, True)  # patience carried over the resume
