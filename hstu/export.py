@@ -343,11 +343,12 @@ def export_programs(inference: InferenceHSTU, icfg: dict[str, Any], out: Path, a
     from torch.export import Dim
 
     report: dict[str, Any] = {"programs": {}, "aoti": None}
-    batch, slots = Dim("batch", min=1, max=1 << 16), Dim("items", min=2, max=1 << 16)
+    dims = {"B": Dim("batch", min=1, max=1 << 16), "L": Dim("items", min=2, max=1 << 16),
+            "W": Dim("history_tokens", min=1, max=1 << 17), "K": Dim("candidates", min=1, max=1 << 16)}
     specs = example_inputs(icfg, batch_size=3, slots=5)
     for name, (method, args, shapes) in specs.items():
         dyn = [
-            None if s is None else {i: (batch if d == "B" else slots) for i, d in enumerate(s) if d in ("B", "L")}
+            None if s is None else {i: dims[d] for i, d in enumerate(s) if d is not None}
             for s in shapes
         ]
         ep = torch.export.export(_Forward(inference, method, len(args)), tuple(args), dynamic_shapes=tuple(dyn), strict=False)
