@@ -114,3 +114,23 @@ def _padded_from_embeddings(batch, embeddings, cfg):
     acts[apos] = act.values()
     ctx = torch.stack([embeddings[n].values() for n in cfg["contextual_feature_names"]], 1)
     return items, lengths, batch.num_candidates, ts, acts, ctx
+
+
+def test_benchmark_script_reports_the_speed_ratio() -> None:
+    """scripts/bench_kv_cache.py: same scores, and the cache is faster (the loose bound only
+    guards against losing the O(K x history) path; measured figures: docs/serving.md)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "bench_kv_cache.py"), "--reps", "5"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "faster" in proc.stdout
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["max_abs_diff"] < 1e-5
+    assert result["speedup"] > 2.0

@@ -212,3 +212,55 @@ def test_empty_histories_file(retrieval, tmp) -> None:
     line = _one_line(recommend("--model", str(retrieval["art"]), "--input", str(header),
                                "--out", str(tmp / "y.csv"), ok=False))
     assert "no events" in line
+
+
+# ------------------------------------------------------------- other world and TP sizes
+
+
+def test_merge_tp_shards_inverts_the_layer_sharding() -> None:
+    from hstu.export import merge_tp_shards
+    from hstu.model.tensor_parallel import shard_output_weight, shard_uvqk
+
+    heads, hd, width = 4, 3, 10
+    full = {"layers.0.uvqk.weight": torch.randn(4 * heads * hd, width), "layers.0.uvqk.bias": torch.randn(4 * heads * hd),
+            "layers.0.output.weight": torch.randn(width, heads * hd), "layers.0.output.bias": torch.randn(width),
+            "layers.0.output_norm_weight": torch.randn(heads * hd), "layers.0.input_norm_weight": torch.randn(width)}
+    shards = []
+    for rank in range(2):
+        s = {k: v for k, v in full.items()}
+        s["layers.0.uvqk.weight"] = shard_uvqk(full["layers.0.uvqk.weight"], heads, hd, 2, rank)
+        s["layers.0.uvqk.bias"] = shard_uvqk(full["layers.0.uvqk.bias"], heads, hd, 2, rank)
+        s["layers.0.output.weight"] = shard_output_weight(full["layers.0.output.weight"], 2, rank)
+        s["layers.0.output_norm_weight"] = full["layers.0.output_norm_weight"].chunk(2)[rank]
+        s["layers.0.uvqk._extra_state"] = None
+        shards.append(s)
+    merged = merge_tp_shards(shards, heads, hd)
+    assert set(merged) == set(full)
+    for k, v in full.items():
+        assert torch.equal(merged[k], v), k
+
+
+def test_a_tp2_checkpoint_exports_to_the_same_scores(tmp) -> None:
+    """Trained with TP=2 on 2 processes, exported on one: the artifact's evaluation loss and
+    AUC over the whole test split are the TP=2 trainer's."""
+    import torch.nn.functional as F
+    from torchmetrics.functional.classification import multiclass_auroc
+
+    run_dir, data = tmp / "tp2", tmp / "data" / "synthetic"
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          str(ROOT / "pretrain_gr_ranking.py"), "--gin-config-file", str(ROOT / "configs" / "debug_ranking.gin"),
+          "--gin-param", "TensorModelParallelArgs.tensor_model_parallel_size=2",
+          "--gin-param", f'TrainerArgs.run_dir="{run_dir}"', "--gin-param", f'DatasetArgs.dataset_path="{data}"',
+          "--gin-param", "TrainerArgs.ckpt_save_interval=20", "--gin-param", "TrainerArgs.max_eval_iters=None",
+          "--gin-param", f'TrainerArgs.ckpt_save_dir="{run_dir / "ckpt"}"'])
+    art, out = tmp / "tp2_artifact", tmp / "tp2_scores.parquet"
+    _run([sys.executable, "-m", "hstu.export", "--ckpt", str(run_dir / "ckpt"), "--out", str(art), "--no-aoti"])
+    assert json.loads((art / "manifest.json").read_text())["checkpoint"]["tp_size"] == 2
+    recommend("--model", str(art), "--input", str(data), "--out", str(out), "--holdout-last", "4")
+    with open(run_dir / "metrics.csv") as fh:
+        want = {r["name"]: float(r["value"]) for r in csv.DictReader(fh) if r["split"] == "eval" and r["step"] == "20"}
+    table = pq.read_table(out)
+    logits = torch.tensor([table.column(f"logit_{j}").to_pylist() for j in range(5)]).t()
+    labels = torch.tensor(table.column("label").to_pylist())
+    assert float(F.cross_entropy(logits, labels)) == pytest.approx(want["loss"], abs=1e-5)
+    assert float(multiclass_auroc(logits, labels, num_classes=5, average="macro")) == pytest.approx(want["AUC"], abs=1e-5)
