@@ -28,16 +28,16 @@ from typing import Any
 import torch
 
 from hstu.serving.artifact import (
+    AOTI_PACKAGE,
+    CACHE_PROGRAMS,
     DENSE_PROGRAM,
+    EMBEDDING_DUMP,
     FORMAT,
     FORMAT_VERSION,
+    ITEM_MAP,
     MANIFEST,
     TABLES_FILE,
     WEIGHTS_FILE,
-    CACHE_PROGRAMS,
-    AOTI_PACKAGE,
-    EMBEDDING_DUMP,
-    ITEM_MAP,
     example_inputs,
 )
 from hstu.serving.model import InferenceHSTU

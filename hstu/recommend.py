@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import torch
@@ -169,7 +168,7 @@ def read_events(path: Path, art: Artifact, item_ids: ItemIds) -> Events:
             firsts[inverse[::-1]] = c[::-1]  # each user's first row's value
             contextual[name] = firsts
     # unknown items: ids the model's item table does not hold (skipped and counted)
-    rows, found = art.tables.find(cfg["item_feature_name"], torch.from_numpy(items))
+    _, found = art.tables.find(cfg["item_feature_name"], torch.from_numpy(items))
     known = found.numpy()
     if cfg["task"] == "retrieval":
         known &= (items >= cfg["min_item_id"]) & (items < cfg["num_items"])

@@ -26,7 +26,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from hstu.serving.model import InferenceHSTU  # noqa: E402
+from hstu.serving.model import InferenceHSTU
 
 
 def preset_config(history: int, candidates: int) -> dict:

@@ -278,11 +278,11 @@ def load_artifact(path: str | Path, use_aoti: bool = True) -> Artifact:
 
 
 __all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
     "Artifact",
     "ArtifactError",
     "Corpus",
-    "FORMAT",
-    "FORMAT_VERSION",
     "Tables",
     "candidate_logits",
     "example_inputs",
