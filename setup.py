@@ -23,6 +23,7 @@ setup(
         "pyarrow",
         "tensorboard",
         "tqdm",
+        "matplotlib",
         "triton==3.9.0",
     ],
     extras_require={"dev": ["pytest", "pytest-timeout", "ruff"]},

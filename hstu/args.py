@@ -1,175 +1,41 @@
-"""Every gin-configurable argument class of hstu, and their validation.
+"""Every gin-configurable argument class of the trainer, the HBM plan and the cross-field checks.
 
 Each class is a ``@gin.configurable`` dataclass. Required fields default to ``REQUIRED``
-and are checked in ``__post_init__`` together with types, choices and ranges; a problem
-raises :class:`ConfigError` naming the class and the field (the loader in
-``hstu.config`` adds the gin file and line). Every field carries a one-line docstring
-right under it; :func:`field_docs` reads them back for the generated reference
-(``docs/gin_reference.md``).
+and are checked in ``__post_init__`` together with types, choices and ranges, with the
+framework of :mod:`hstu.validation` (also used by the preprocessor's classes in
+``hstu.data.data_args``); a problem raises :class:`ConfigError` naming the class and the
+field (the loader in ``hstu.config`` adds the gin file and line). Every field carries a
+one-line docstring right under it; :func:`field_docs` reads them back for the generated
+reference (``docs/gin_reference.md``). Names of the framework stay importable from here.
 
 This module knows nothing of torch.
 """
 
 from __future__ import annotations
 
-import ast
-import dataclasses
-import inspect
 import math
+import os
 import re
-import textwrap
-import types
-import typing
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Literal
 
 import gin
 
-
-class _Required:
-    """Sentinel for a field that the gin file must set."""
-
-    def __repr__(self) -> str:
-        return "REQUIRED"
-
-    def __deepcopy__(self, memo: dict) -> "_Required":
-        return self
-
-    def __copy__(self) -> "_Required":
-        return self
-
-
-REQUIRED: Any = _Required()
-
-
-class ConfigError(ValueError):
-    """A bad configuration value. Single line, names class and field."""
-
-    def __init__(self, cls_name: str, field_name: str | None, message: str) -> None:
-        self.cls_name = cls_name
-        self.field_name = field_name
-        self.message = message
-        self.location: str | None = None
-        super().__init__(self._render())
-
-    def _render(self) -> str:
-        where = f"{self.location}: " if self.location else ""
-        what = f"{self.cls_name}.{self.field_name}" if self.field_name else self.cls_name
-        return f"{where}{what}: {self.message}"
-
-    def with_location(self, location: str) -> "ConfigError":
-        self.location = location
-        self.args = (self._render(),)
-        return self
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin in (list, tuple):
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        inner = _type_name(args[0]) if args else "Any"
-        return f"{origin.__name__}[{inner}]"
-    if tp is type(None):
-        return "None"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _check_type(value: Any, tp: Any) -> tuple[bool, Any]:
-    """Returns (ok, converted value). Converts int -> float and list <-> tuple only."""
-    if tp is Any:
-        return True, value
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return value in typing.get_args(tp), value
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            ok, conv = _check_type(value, arg)
-            if ok:
-                return True, conv
-        return False, value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            return False, value
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        inner = args[0] if args else Any
-        out = []
-        for item in value:
-            ok, conv = _check_type(item, inner)
-            if not ok:
-                return False, value
-            out.append(conv)
-        return True, origin(out)
-    if tp is type(None):
-        return value is None, value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is float:
-        if isinstance(value, bool):
-            return False, value
-        if isinstance(value, (int, float)):
-            return True, float(value)
-        return False, value
-    if tp is str:
-        return isinstance(value, str), value
-    if inspect.isclass(tp):
-        return isinstance(value, tp), value
-    return True, value
-
-
-def _validate_fields(obj: Any) -> None:
-    """Type-checks every field of a dataclass instance and fills in converted values."""
-    cls = type(obj)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if value is REQUIRED:
-            raise ConfigError(cls.__name__, f.name, "required field is not set")
-        tp = hints[f.name]
-        ok, conv = _check_type(value, tp)
-        if not ok:
-            if typing.get_origin(tp) is Literal or (
-                typing.get_origin(tp) in (typing.Union, types.UnionType)
-                and any(typing.get_origin(a) is Literal for a in typing.get_args(tp))
-            ):
-                raise ConfigError(
-                    cls.__name__, f.name, f"{value!r} is not one of {_type_name(tp)}"
-                )
-            raise ConfigError(
-                cls.__name__,
-                f.name,
-                f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}",
-            )
-        object.__setattr__(obj, f.name, conv)
-
-
-def _require(cond: bool, obj: Any, field_name: str | None, message: str) -> None:
-    if not cond:
-        raise ConfigError(type(obj).__name__, field_name, message)
-
-
-def _positive(obj: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if value is not None:
-            _require(value > 0, obj, name, f"must be > 0, got {value!r}")
-
-
-def _non_negative(obj: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if value is not None:
-            _require(value >= 0, obj, name, f"must be >= 0, got {value!r}")
-
+from hstu.validation import (  # noqa: F401 - re-exported: hstu.args is the public home
+    AUTO,
+    REQUIRED,
+    ConfigError,
+    _check_type,
+    _did_you_mean,
+    _non_negative,
+    _positive,
+    _require,
+    _type_name,
+    _validate_fields,
+    did_you_mean,
+    field_docs,
+    field_specs,
+)
 
 _RETRIEVAL_METRIC_RE = re.compile(r"^(HR|NDCG)@([1-9][0-9]*)$|^MRR$")
 RANKING_METRICS = ("AUC",)
@@ -262,8 +128,8 @@ class EmbeddingArgs:
     """Features that look up this table."""
     table_name: str = REQUIRED
     """Unique table name."""
-    item_vocab_size_or_capacity: int = REQUIRED
-    """Rows of the table (ids must be < this)."""
+    item_vocab_size_or_capacity: int | Literal["auto"] = "auto"
+    """Rows of the table (ids must be < this); "auto" (or left out): the size the preprocessed dataset needs, read from its metadata before any process starts."""
     sharding_type: Literal["data_parallel", "model_parallel"] = REQUIRED
     """data_parallel replicates the table; model_parallel lets TorchRec shard it."""
     sharding_override: Literal["auto", "row_wise", "table_wise", "column_wise", "table_row_wise"] = "auto"
@@ -273,7 +139,8 @@ class EmbeddingArgs:
         _validate_fields(self)
         _require(len(self.feature_names) > 0, self, "feature_names", "must name at least one feature")
         _require(self.table_name != "", self, "table_name", "must not be empty")
-        _positive(self, "item_vocab_size_or_capacity")
+        if self.item_vocab_size_or_capacity != AUTO:
+            _positive(self, "item_vocab_size_or_capacity")
         _require(
             self.sharding_override == "auto" or self.sharding_type != "data_parallel",
             self,
@@ -367,6 +234,12 @@ class DynamicEmbeddingArgs(EmbeddingArgs):
         """
         row_bytes = embedding_row_bytes(embedding_dim, optimizer_str, bytes_per_value)
         vocab = self.item_vocab_size_or_capacity
+        if vocab == AUTO:
+            raise ConfigError(
+                type(self).__name__,
+                "item_vocab_size_or_capacity",
+                f'table {self.table_name!r}: "auto" is resolved from the dataset before planning',
+            )
         if self.global_hbm_for_values is not None:
             rule = "global_hbm_for_values"
             capacity = min(vocab, self.global_hbm_for_values // row_bytes)
@@ -406,7 +279,7 @@ class DatasetArgs:
     """A preprocessed dataset read from dataset_path."""
 
     dataset_name: str = REQUIRED
-    """One of ml-1m, ml-20m, ml-100k, kuairand-pure, kuairand-1k, kuairand-27k, synthetic, custom."""
+    """One of ml-1m, ml-20m, ml-100k, kuairand-pure, kuairand-1k, kuairand-27k, synthetic, custom, or the --name of your own preprocessed data (a folder tmp_data/<name>, or dataset_path)."""
     max_sequence_length: int = REQUIRED
     """Most recent history items fed to the model per sample."""
     dataset_path: str | None = None
@@ -435,11 +308,13 @@ class DatasetArgs:
             "'valid' needs DatasetArgs.holdout_validation = True",
         )
         _require(
-            self.dataset_name in DATASET_NAMES,
+            self.dataset_name in DATASET_NAMES or os.path.isdir(self.resolved_path),
             self,
             "dataset_name",
             f"{self.dataset_name!r} is not one of {', '.join(DATASET_NAMES)}"
-            + _did_you_mean(self.dataset_name, DATASET_NAMES),
+            + _did_you_mean(self.dataset_name, DATASET_NAMES)
+            + f", nor preprocessed data in {self.resolved_path} (python -m hstu.data.preprocess "
+            f"--dataset custom --raw FILE --name {self.dataset_name})",
         )
         _positive(self, "max_sequence_length")
         _non_negative(self, "max_num_candidates")
@@ -499,6 +374,14 @@ class BenchmarkDatasetArgs:
     def __post_init__(self) -> None:
         _validate_fields(self)
         _non_negative(self, "max_num_candidates")
+        for table in self.embedding_args:
+            _require(
+                table.item_vocab_size_or_capacity != AUTO,
+                self,
+                "embedding_args",
+                f'table {table.table_name!r} is "auto", but benchmark data has no dataset to '
+                "size it from; give item_vocab_size_or_capacity",
+            )
         generated = {n for fa in self.feature_args for n in fa.feature_names}
         tabled = {n for ea in self.embedding_args for n in ea.feature_names}
         for name_field, names in (
@@ -671,8 +554,8 @@ class TensorModelParallelArgs:
 class RankingArgs:
     """Ranking head and loss."""
 
-    prediction_head_arch: list[int] = REQUIRED
-    """Widths of the MLP head; the last is num_tasks (BCE per task) or the class count (CE)."""
+    prediction_head_arch: list[int | Literal["auto"]] = REQUIRED
+    """Widths of the MLP head; the last is num_tasks (BCE per task) or the class count (CE). The last may be "auto": the dataset's action classes (CE), or num_tasks for bitmask actions (KuaiRand), resolved before any process starts."""
     prediction_head_act_type: Literal["relu", "gelu"] = "relu"
     """Activation between head layers."""
     prediction_head_bias: bool = True
@@ -693,7 +576,15 @@ class RankingArgs:
             f"must be >= 0, got {self.history_loss_weight}",
         )
         _require(len(self.prediction_head_arch) > 0, self, "prediction_head_arch", "must not be empty")
-        for width in self.prediction_head_arch:
+        for i, width in enumerate(self.prediction_head_arch):
+            if width == AUTO:
+                _require(
+                    i == len(self.prediction_head_arch) - 1,
+                    self,
+                    "prediction_head_arch",
+                    '"auto" can only be the last width (the one the data decides)',
+                )
+                continue
             _require(width > 0, self, "prediction_head_arch", f"widths must be > 0, got {width}")
         _positive(self, "num_tasks")
         for metric in self.eval_metrics:
@@ -838,65 +729,8 @@ def check_parallel(network: NetworkArgs, tp: TensorModelParallelArgs, world_size
         )
 
 
-# ------------------------------------------------------------------------------- helpers
-
-
-def _did_you_mean(name: str, candidates: typing.Iterable[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def did_you_mean(name: str, candidates: typing.Iterable[str]) -> str:
-    """' (did you mean 'x'?)' for the closest candidate, or ''."""
-    return _did_you_mean(name, candidates)
-
-
-@lru_cache(maxsize=None)
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass (inherited ones included)."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass) or klass is object:
-            continue
-        # gin wraps __init__ but leaves the class body; read it from source.
-        try:
-            source = textwrap.dedent(inspect.getsource(klass))
-        except (OSError, TypeError):
-            continue
-        tree = ast.parse(source)
-        cls_node = next(n for n in tree.body if isinstance(n, ast.ClassDef))
-        body = cls_node.body
-        for node, nxt in zip(body, body[1:]):
-            if (
-                isinstance(node, ast.AnnAssign)
-                and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)
-            ):
-                docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def field_specs(cls: type) -> list[tuple[str, str, str, str]]:
-    """(name, type, default, doc) for each field, in declaration order."""
-    hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
-    rows = []
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            default = "required" if f.default is REQUIRED else repr(f.default)
-        elif f.default_factory is not dataclasses.MISSING:  # pragma: no cover - unused today
-            default = repr(f.default_factory())
-        else:
-            default = "required"
-        rows.append((f.name, _type_name(hints[f.name]), default, docs.get(f.name, "")))
-    return rows
-
-
 __all__ = [
+    "AUTO",
     "REQUIRED",
     "ConfigError",
     "HbmPlan",

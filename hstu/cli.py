@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from hstu.args import ConfigError
 from hstu.config import RunConfig, Task, load_config
+from hstu.console import fail, quiet_start
+from hstu.data.errors import DataError
+from hstu.data.sizes import describe_sizes, resolve_sizes
 
 
 def parse_args(task: Task, argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,18 +49,24 @@ def describe(cfg: RunConfig) -> str:
 
 def main(task: Task, argv: list[str] | None = None) -> int:
     ns = parse_args(task, argv)
+    quiet_start()  # before megatron/torchrec are imported: their known warnings go to the run log
     # Under torchrun the TP size is checked against the real world; a plain --check-config
     # outside torchrun does not know the world it will run in.
     world_size = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
     rank = int(os.environ.get("RANK", "0"))
     try:
         cfg = load_config(ns.gin_config_file, ns.gin_param, task=task, world_size=world_size)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        # "auto" sizes from the preprocessed data's metadata, and too-small fixed sizes
+        # refused, before any process group or model exists
+        cfg = resolve_sizes(cfg)
+    except (ConfigError, DataError) as exc:
+        return fail(str(exc))
     if ns.check_config:
         if rank == 0:
             print(describe(cfg))
+            sizes = describe_sizes(cfg)
+            if sizes:
+                print(sizes)
             print("configuration OK")
         return 0
     from hstu.training.run import run  # heavy imports only after the config is valid

@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 import io
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 
@@ -92,13 +93,38 @@ def _resolve_include(path: str, including_file: str | None) -> str:
     )
 
 
+_BAD_TOKEN = re.compile(r"Failed to parse token '(?P<tok>[^']*)'")
+
+
+def _syntax_message(msg: str, text: str, lineno: int | None) -> str:
+    """gin's syntax error in one line; a bare word where a value belongs (a string without
+    its quotes, the usual slip on a command line) gets the quoted form to copy."""
+    match = _BAD_TOKEN.search(msg)
+    if match is None:
+        return "syntax error: " + " ".join(msg.split())
+    tok = match.group("tok")
+    line = ""
+    lines = text.splitlines()
+    if lineno is not None and 0 < lineno <= len(lines):
+        line = lines[lineno - 1]
+    lhs = line.split("=", 1)[0].strip() if "=" in line else "Class.field"
+    return (
+        f"value {tok} is not a gin literal (a number, True/False/None, a \"quoted string\", "
+        f"[list] or (tuple)); a string needs its quotes: {lhs}=\"{tok}\""
+    )
+
+
 def _scan(text: str, filename: str | None, label: str, seen: set[str]) -> Iterable[_Binding]:
     """Yields the bindings of one gin source, following includes."""
     try:
         statements = list(config_parser.ConfigParser(io.StringIO(text), _Delegate()))
     except SyntaxError as exc:
         where = f"{exc.filename or label}:{exc.lineno}" if exc.lineno else (exc.filename or label)
-        raise A.ConfigError("gin", None, f"syntax error: {exc.msg}").with_location(where) from None
+        if filename is None:  # a --gin-param string: the string itself is the location
+            where = label
+        raise A.ConfigError("gin", None, _syntax_message(exc.msg or str(exc), text, exc.lineno)).with_location(
+            where
+        ) from None
     except Exception as exc:  # tokenize errors (unclosed brackets, ...) are not SyntaxErrors
         msg = " ".join(str(exc).split())
         raise A.ConfigError("gin", None, f"cannot parse: {msg}").with_location(label) from None
@@ -122,6 +148,7 @@ def _scan(text: str, filename: str | None, label: str, seen: set[str]) -> Iterab
 
 
 def _precheck(bindings: list[_Binding]) -> None:
+    """Every binding names a known class (trainer's or preprocessor's) and one of its fields."""
     classes = _registered_classes()
     for b in bindings:
         short = b.cls_name.rsplit(".", 1)[-1]
@@ -135,6 +162,44 @@ def _precheck(bindings: list[_Binding]) -> None:
             raise A.ConfigError(
                 short, b.field_name, "unknown field" + A.did_you_mean(b.field_name, names)
             ).with_location(b.where)
+
+
+def _parse_sources(config_files: list[str], params: list[str]) -> list[_Binding]:
+    """Pre-checks, then binds (gin) the files and the --gin-param strings; returns the bindings
+    with their locations. Raises a one-line ConfigError on the first problem."""
+    bindings: list[_Binding] = []
+    seen: set[str] = set()
+    for config_file in config_files:
+        if not os.path.isfile(config_file):
+            raise A.ConfigError("gin", None, "config file not found").with_location(config_file)
+        with open(config_file) as fh:
+            text = fh.read()
+        seen.add(os.path.realpath(config_file))
+        bindings.extend(_scan(text, config_file, config_file, seen))
+    for p in params:
+        bindings.extend(_scan(p, None, f"--gin-param {p!r}", seen))
+    _precheck(bindings)
+
+    gin.clear_config()
+    for d in {os.path.dirname(os.path.abspath(f)) for f in config_files}:
+        gin.add_config_file_search_path(d)
+    try:
+        gin.parse_config_files_and_bindings(config_files, params, finalize_config=False)
+    except (ValueError, SyntaxError, KeyError) as exc:
+        msg = " ".join(str(exc).split("\n")[0].split())
+        label = config_files[0] if config_files else "<gin-param>"
+        raise A.ConfigError("gin", None, msg).with_location(label) from None
+    return bindings
+
+
+def load_classes(config_files: list[str], params: Iterable[str], classes: list[type]) -> dict[str, Any]:
+    """Builds `classes` (e.g. the preprocessor's CustomDataArgs) from gin files and bindings,
+    with the trainer's checks: unknown classes and fields with did-you-mean, bad values with
+    the file and line that set them. Returns {class name: instance}."""
+    params = list(params)
+    bindings = _parse_sources(list(config_files), params)
+    label = config_files[0] if config_files else "<gin-param>"
+    return {cls.__name__: _instantiate(cls, "", bindings, label) for cls in classes}
 
 
 @dataclass
@@ -155,6 +220,9 @@ class RunConfig:
     """The gin file and overrides this was loaded from."""
     extras: dict[str, Any] = field(default_factory=dict)
     """Instances of data-specific gin classes (hstu.data.data_args), by class name."""
+    locations: dict[tuple[str, str, str], str] = field(default_factory=dict, repr=False)
+    """(class, field, table name or "") -> "file:line" of the binding that set it, for errors
+    found later (sizes from the data, hstu.data.sizes)."""
 
 
 def _instantiate(cls: type, scope: str, bindings: list[_Binding], default_where: str) -> Any:
@@ -193,31 +261,7 @@ def load_config(
     """
     params = list(params)
     label = config_file or "<gin-param>"
-    bindings: list[_Binding] = []
-    seen: set[str] = set()
-    text = ""
-    if config_file is not None:
-        if not os.path.isfile(config_file):
-            raise A.ConfigError("gin", None, "config file not found").with_location(config_file)
-        with open(config_file) as fh:
-            text = fh.read()
-        seen.add(os.path.realpath(config_file))
-        bindings.extend(_scan(text, config_file, config_file, seen))
-    for p in params:
-        bindings.extend(_scan(p, None, f"--gin-param {p!r}", seen))
-    _precheck(bindings)
-
-    gin.clear_config()
-    search_dirs = {os.path.dirname(os.path.abspath(config_file))} if config_file else set()
-    for d in search_dirs:
-        gin.add_config_file_search_path(d)
-    try:
-        gin.parse_config_files_and_bindings(
-            [config_file] if config_file else [], params, finalize_config=False
-        )
-    except (ValueError, SyntaxError, KeyError) as exc:
-        msg = " ".join(str(exc).split("\n")[0].split())
-        raise A.ConfigError("gin", None, msg).with_location(label) from None
+    bindings = _parse_sources([config_file] if config_file else [], params)
 
     def build(cls: type, scope: str = "") -> Any:
         return _instantiate(cls, scope, bindings, label)
@@ -240,8 +284,16 @@ def load_config(
         if short in _TABLE_CLASSES and (b.scope, short) not in table_scopes:
             table_scopes.append((b.scope, short))
     referenced = {id(t) for t in tables}
+    locations: dict[tuple[str, str, str], str] = {}
+    for b in bindings:
+        short = b.cls_name.rsplit(".", 1)[-1]
+        if short not in _TABLE_CLASSES:
+            locations[(short, b.field_name, "")] = b.where
     for scope, short in table_scopes:
         table = build(getattr(A, short), scope)
+        for b in bindings:
+            if b.scope == scope and b.cls_name.rsplit(".", 1)[-1] == short:
+                locations[(short, b.field_name, table.table_name)] = b.where
         if id(table) not in referenced:
             tables.append(table)
     if isinstance(dataset, A.BenchmarkDatasetArgs):
@@ -325,7 +377,8 @@ def load_config(
         retrieval=retrieval,
         sources=sources,
         extras=extras,
+        locations=locations,
     )
 
 
-__all__ = ["RunConfig", "load_config"]
+__all__ = ["RunConfig", "load_classes", "load_config"]

@@ -2,97 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
-from hstu.args import (
-    BenchmarkDatasetArgs,
-    ConfigError,
-    DatasetArgs,
-    DynamicEmbeddingArgs,
-    EmbeddingArgs,
-)
+import numpy as np
+
+from hstu.args import BenchmarkDatasetArgs, ConfigError, DatasetArgs
 from hstu.data.benchmark import BenchmarkLoader
-from hstu.data.loader import SequenceLoader, ranking_samples, retrieval_samples
+from hstu.data.info import ACTION_TABLE, ITEM_TABLE, DataInfo
+from hstu.data.loader import (
+    Samples,
+    SequenceLoader,
+    gather_ranges,
+    ranking_samples,
+    retrieval_samples,
+)
 from hstu.data.store import SequenceStore
-
-ITEM_TABLE = "item"
-ACTION_TABLE = "action"
-
-
-@dataclass
-class DataInfo:
-    """Facts about the dataset that the model and the trainer size themselves by.
-
-    Item ids: ``num_items`` = max item id + 1 (the item table's rows). Preprocessed datasets
-    use dense ids 1..num_items-1 (0 is never an item); custom data with a declared
-    item_vocab_size and benchmark data use ids in [0, num_items).
-    """
-
-    dataset_name: str
-    task: str
-    num_items: int
-    item_feature_name: str
-    action_feature_name: str | None
-    contextual_feature_names: list[str]
-    contextual_vocab_sizes: dict[str, int]
-    num_action_values: int | None
-    """Action vocabulary (rating classes, 256 for the KuaiRand bitmask); None without actions."""
-    max_seqlen: int
-    """Max H + C of any sample: max_sequence_length + max_num_candidates (contextual not counted)."""
-    num_train_samples: int
-    num_eval_samples: int
-    num_users: int = 0
-    first_item_id: int = 1
-    """Smallest id an item can have (1 for preprocessed datasets, 0 otherwise)."""
-    metadata: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    def default_tables(
-        self,
-        overrides: list[EmbeddingArgs] | None = None,
-        item_sharding: Literal["data_parallel", "model_parallel"] = "model_parallel",
-        contextual_sharding: Literal["data_parallel", "model_parallel"] = "data_parallel",
-    ) -> list[EmbeddingArgs]:
-        """The dataset's predefined tables: ``item`` (item feature), ``action`` (when there
-        is one), then one table per contextual feature named after it (``user_id`` model
-        parallel like the item table). A table in `overrides` with the same table_name
-        replaces the default (it must keep rows >= the data's vocabulary unless dynamic);
-        overrides with new names are appended.
-        """
-        tables: list[EmbeddingArgs] = [
-            EmbeddingArgs([self.item_feature_name], ITEM_TABLE, self.num_items, item_sharding)
-        ]
-        if self.action_feature_name is not None and self.num_action_values:
-            tables.append(
-                EmbeddingArgs(
-                    [self.action_feature_name],
-                    ACTION_TABLE,
-                    self.num_action_values,
-                    "data_parallel",
-                )
-            )
-        for name in self.contextual_feature_names:
-            sharding = item_sharding if name == "user_id" else contextual_sharding
-            tables.append(EmbeddingArgs([name], name, self.contextual_vocab_sizes[name], sharding))
-        by_name = {t.table_name: t for t in overrides or []}
-        out = []
-        for t in tables:
-            o = by_name.pop(t.table_name, None)
-            if o is None:
-                out.append(t)
-                continue
-            if (
-                not isinstance(o, DynamicEmbeddingArgs)
-                and o.item_vocab_size_or_capacity < t.item_vocab_size_or_capacity
-            ):
-                raise ConfigError(
-                    type(o).__name__,
-                    "item_vocab_size_or_capacity",
-                    f"table {o.table_name!r} has {o.item_vocab_size_or_capacity} rows but dataset "
-                    f"{self.dataset_name} needs {t.item_vocab_size_or_capacity} (max id + 1)",
-                )
-            out.append(o)
-        return out + list(by_name.values())
 
 
 def build_data(
@@ -193,8 +117,23 @@ def build_data(
         num_users=int(meta["num_users"]),
         first_item_id=0 if keep else 1,
         metadata=meta,
+        users_without_train_sample=int(store.num_users - len(np.unique(train_s.user))),
+        **_split_ties(store, eval_s),
     )
     return train, evaluation, info
+
+
+def _split_ties(store: SequenceStore, samples: Samples) -> dict[str, int]:
+    """How many evaluation items share their timestamp with the last history item before them
+    (their order is then the raw file's): counts for a warning at start-up."""
+    last_hist = samples.hist_end - 1
+    if samples.target is not None:  # retrieval: one target per sample
+        tied = store.timestamps[samples.target] == store.timestamps[last_hist]
+        return {"num_eval_items": len(samples), "tied_eval_items": int(tied.sum())}
+    counts = samples.cand_end - samples.hist_end
+    rows = gather_ranges(samples.hist_end, samples.cand_end)
+    tied = store.timestamps[rows] == np.repeat(store.timestamps[last_hist], counts)
+    return {"num_eval_items": int(counts.sum()), "tied_eval_items": int(tied.sum())}
 
 
 def _build_benchmark(

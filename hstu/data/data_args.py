@@ -1,7 +1,7 @@
 """Gin-configurable arguments of the data package: users' own data and the synthetic set.
 
-Same style as :mod:`hstu.args`: ``@gin.configurable`` dataclasses, a one-line docstring
-under every field, validation in ``__post_init__`` raising :class:`hstu.args.ConfigError`.
+Same style and framework (:mod:`hstu.validation`) as :mod:`hstu.args`: ``@gin.configurable`` dataclasses, a one-line docstring
+under every field, validation in ``__post_init__`` raising :class:`hstu.validation.ConfigError`.
 The preprocessor reads them (``--gin-file`` / ``--gin-param``); training reads only the
 processed folder, so these never reach the model.
 """
@@ -12,16 +12,22 @@ from dataclasses import dataclass, field
 
 import gin
 
-from hstu.args import REQUIRED, ConfigError, _non_negative, _positive, _require, _validate_fields
+from hstu.validation import (
+    ConfigError,
+    _non_negative,
+    _positive,
+    _require,
+    _validate_fields,
+)
 
 
 @gin.configurable
 @dataclass
 class CustomDataArgs:
-    """Users' own interaction log (CSV or parquet), one row per interaction."""
+    """Users' own interaction log (CSV, TSV, parquet or JSON lines), one row per interaction."""
 
-    path: str = REQUIRED
-    """CSV (.csv, .tsv, .txt; optionally .gz) or parquet file, or a folder of such files read in name order."""
+    path: str | None = None
+    """CSV/TSV (.csv, .tsv, .txt), JSON-lines (.jsonl, .json, .ndjson) or parquet file (text optionally .gz), or a folder of such files read in name order; None takes the preprocessor's --raw."""
     user_column: str = "user_id"
     """Column holding the user id (any integer or string)."""
     item_column: str = "item_id"
@@ -31,15 +37,17 @@ class CustomDataArgs:
     timestamp_unit: str = "s"
     """Unit of the timestamp column: s or ms (stored as seconds, sorted at full precision)."""
     action_column: str | None = None
-    """Column holding a non-negative integer action (rating class, bitmask); None for no action feature."""
+    """Column holding the action: a non-negative integer (rating class, bitmask; 4.0 counts as 4) or a number binned to classes (see action_bins); None for no action feature."""
+    action_bins: list[float] | None = None
+    """Bin edges for a numeric action: class = how many edges are <= the value (len + 1 classes). None: integers are their own class, and non-integer values (half stars) get one class per distinct value in ascending order (at most 256)."""
     num_action_values: int | None = None
-    """Action vocabulary size; None uses max(action) + 1."""
+    """Action vocabulary size; None uses max(action class) + 1."""
     contextual_columns: list[str] = field(default_factory=list)
     """Per-user columns used as contextual features (the value of the user's most recent row)."""
     item_vocab_size: int | None = None
     """Declared item vocabulary: ids are kept as-is and must be integers in [1, item_vocab_size); None remaps ids densely to 1..N."""
-    delimiter: str = ","
-    """CSV field separator (one character)."""
+    delimiter: str | None = None
+    """CSV field separator (one character); None: a tab for .tsv files, a comma otherwise."""
     has_header: bool = True
     """The CSV's first line names the columns; False names them by position (0, 1, ...)."""
     min_user_interactions: int = 2
@@ -55,12 +63,26 @@ class CustomDataArgs:
             f"must be 's' or 'ms', got {self.timestamp_unit!r}",
         )
         _require(
-            len(self.delimiter) == 1,
+            self.delimiter is None or len(self.delimiter) == 1,
             self,
             "delimiter",
             f"must be one character, got {self.delimiter!r}",
         )
         _positive(self, "num_action_values", "min_user_interactions")
+        if self.action_bins is not None:
+            _require(len(self.action_bins) > 0, self, "action_bins", "must hold at least one edge")
+            _require(
+                all(a < b for a, b in zip(self.action_bins, self.action_bins[1:])),
+                self,
+                "action_bins",
+                f"edges must increase, got {self.action_bins}",
+            )
+            _require(
+                self.action_column is not None,
+                self,
+                "action_bins",
+                "needs CustomDataArgs.action_column (the column it bins)",
+            )
         if self.item_vocab_size is not None:
             _require(
                 self.item_vocab_size > 1,

@@ -21,6 +21,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from hstu.data.batch import Batch
 from hstu.data.negatives import NegativeSampler
+from hstu.data.sizes import select_contextual
 from hstu.data.store import SequenceStore
 
 Task = Literal["retrieval", "ranking"]
@@ -123,23 +124,6 @@ def ranking_samples(
     hist_end = cand_end - c
     start = np.maximum(off, hist_end - max_sequence_length)
     return Samples(users, start, hist_end, cand_end).select(c >= 1)
-
-
-def select_contextual(available: list[str], wanted: list[str] | None) -> list[str]:
-    """The contextual features to feed: all (None) or the named ones, which must exist."""
-    if wanted is None:
-        return available
-    for name in wanted:
-        if name not in available:
-            from hstu.args import ConfigError, did_you_mean
-
-            raise ConfigError(
-                "DatasetArgs",
-                "contextual_features",
-                f"{name!r} is not a contextual feature of this dataset {available}"
-                + did_you_mean(name, available),
-            )
-    return list(wanted)
 
 
 def gather_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:

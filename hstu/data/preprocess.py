@@ -70,6 +70,8 @@ class Grouped:
     num_action_values: int | None
     dropped_users: int
     users_without_features: int
+    action_kind: str = "classes"
+    action_values: list | None = None
 
 
 def check_dataset_name(name: str) -> None:
@@ -77,6 +79,16 @@ def check_dataset_name(name: str) -> None:
         raise DataError(
             "--dataset",
             f"unknown dataset {name!r}{did_you_mean(name, DATASET_NAMES)}; one of {', '.join(DATASET_NAMES)}",
+        )
+
+
+def check_output_name(dataset: str, name: str) -> None:
+    """--name: a folder name under --out, never another built-in dataset's."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+        raise DataError("--name", f"{name!r} is not a folder name (letters, digits, - and _)")
+    if name != dataset and name in DATASET_NAMES:
+        raise DataError(
+            "--name", f"{name!r} is a built-in dataset; name your {dataset} data differently"
         )
 
 
@@ -192,6 +204,8 @@ def group(parsed: Parsed) -> Grouped:
         parsed.num_action_values if actions is not None else None,
         dropped,
         without,
+        parsed.action_kind,
+        parsed.action_values,
     )
 
 
@@ -272,6 +286,8 @@ def build_metadata(
         else "dense 1..num_items-1 in sorted raw-id order; 0 is never an item",
         "action_feature_name": ACTION_FEATURE if grouped.actions is not None else None,
         "num_action_values": grouped.num_action_values,
+        "action_kind": grouped.action_kind if grouped.actions is not None else None,
+        "action_values": grouped.action_values,
         "contextual_feature_names": list(grouped.contextual),
         "contextual_vocab_sizes": {k: int(v) for k, v in grouped.contextual_vocab.items()},
         "seqlen": seqlen_stats(grouped.offsets),
@@ -312,22 +328,27 @@ def preprocess(
     custom: Any = None,
     synthetic: Any = None,
     verbose: bool = True,
+    output_name: str | None = None,
 ) -> dict[str, Any]:
-    """Preprocesses dataset `name` into ``<out>/<name>`` and returns its metadata.
+    """Preprocesses dataset `name` into ``<out>/<output_name or name>`` and returns its metadata.
 
     Args:
         name: one of hstu.args.DATASET_NAMES.
         raw: archive, folder or file of the raw data; None downloads the official archive
-            (custom reads CustomDataArgs.path; synthetic needs nothing).
+            (custom: the file or folder, else CustomDataArgs.path; synthetic needs nothing).
         out: parent folder of the output.
         force: rebuild even when the output is up to date.
         custom / synthetic: CustomDataArgs / SyntheticDataArgs (default: gin-bound ones).
+        output_name: folder and dataset name of the output (``--name``); train on it with
+            ``DatasetArgs.dataset_name = "<output_name>"``.
     Raises DataError (one line naming the file, line and field) on bad input.
     """
     from hstu.data.data_args import CustomDataArgs, SyntheticDataArgs
 
     check_dataset_name(name)
-    out_dir = Path(out) / name
+    output_name = output_name or name
+    check_output_name(name, output_name)
+    out_dir = Path(out) / output_name
     log = print if verbose else (lambda *a, **k: None)
     started = time.perf_counter()
     src: RawSource | None = None
@@ -340,6 +361,13 @@ def preprocess(
         from hstu.data.custom import custom_files
 
         custom = custom or CustomDataArgs()
+        if raw is not None:
+            if custom.path is not None and Path(custom.path) != Path(raw):
+                raise DataError(
+                    "--raw",
+                    f"{raw} differs from CustomDataArgs.path={custom.path!r}; give the input once",
+                )
+            custom = dataclasses.replace(custom, path=str(raw))
         options = _options_of(name, custom, None)
         options["keep_item_ids"] = custom.item_vocab_size is not None
         files = custom_files(custom)
@@ -384,7 +412,7 @@ def preprocess(
         finally:
             src.close()
     grouped = group(parsed)
-    meta = build_metadata(name, grouped, source, options)
+    meta = build_metadata(output_name, grouped, source, options)
     write(grouped, out_dir, meta)
     seconds = time.perf_counter() - started
     log(format_stats(meta))
@@ -432,17 +460,23 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="gin binding, e.g. 'CustomDataArgs.path=\"log.csv\"'",
     )
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="output folder and dataset name (default: --dataset); train with "
+        "DatasetArgs.dataset_name = NAME",
+    )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     try:
-        import gin
-
+        from hstu.config import load_classes
         from hstu.data.data_args import CustomDataArgs, SyntheticDataArgs
 
-        gin.parse_config_files_and_bindings(args.gin_file, args.gin_param, skip_unknown=True)
         check_dataset_name(args.dataset)
-        custom = CustomDataArgs() if args.dataset == "custom" else None
-        synthetic = SyntheticDataArgs() if args.dataset == "synthetic" else None
+        wanted = {"custom": [CustomDataArgs], "synthetic": [SyntheticDataArgs]}.get(args.dataset, [])
+        built = load_classes(args.gin_file, args.gin_param, wanted)
+        custom = built.get("CustomDataArgs")
+        synthetic = built.get("SyntheticDataArgs")
         preprocess(
             args.dataset,
             args.raw,
@@ -451,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             custom=custom,
             synthetic=synthetic,
             verbose=not args.quiet,
+            output_name=args.name,
         )
     except (DataError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)

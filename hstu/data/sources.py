@@ -55,9 +55,14 @@ class Parsed:
     user_table: Columns | None = None
     user_feature_names: list[str] = field(default_factory=list)
     max_user_id: int | None = None
-    """Declared user vocabulary of the official release (ids must be <= this)."""
+    """Declared user vocabulary (ids must be <= this); None: any id (built-in datasets accept
+    their newer releases, whose ids go beyond the historic maximum: sizes come from the data)."""
     max_item_id: int | None = None
-    """Declared item vocabulary of the official release (ids must be <= this)."""
+    """Declared item vocabulary (custom data with item_vocab_size); None: any id."""
+    action_kind: str = "classes"
+    """What an action value is: "classes" (a rating class) or "bitmask" (one bit per binary task)."""
+    action_values: list | None = None
+    """Raw value of each action class when the raw values were binned (custom float ratings)."""
     keep_item_ids: bool = False
     """Keep item ids as they are (declared vocabulary) instead of remapping densely."""
     min_user_interactions: int = 2
@@ -142,8 +147,6 @@ def read_ml_1m(src: RawSource) -> Parsed:
         num_action_values=5,
         user_table=users,
         user_feature_names=["sex", "age_group", "occupation", "zip_code"],
-        max_user_id=6040,
-        max_item_id=3952,
         members=[ratings_m, users_m],
     )
 
@@ -177,8 +180,6 @@ def read_ml_100k(src: RawSource) -> Parsed:
         num_action_values=5,
         user_table=users,
         user_feature_names=["sex", "age_group", "occupation", "zip_code"],
-        max_user_id=943,
-        max_item_id=1682,
         members=[data_m, user_m],
     )
 
@@ -199,9 +200,7 @@ def read_ml_20m(src: RawSource) -> Parsed:
         "time_key": log.data["timestamp"],
     }
     _ml_ratings_to_classes(log, 2)
-    return Parsed(
-        log, num_action_values=10, max_user_id=138493, max_item_id=131262, members=[ratings_m]
-    )
+    return Parsed(log, num_action_values=10, members=[ratings_m])
 
 
 # --------------------------------------------------------------------------- KuaiRand
@@ -239,6 +238,7 @@ def read_kuairand(src: RawSource) -> Parsed:
         Columns.concat(parts),
         time_key_per_second=1000,
         num_action_values=256,
+        action_kind="bitmask",
         user_table=users,
         user_feature_names=list(KUAIRAND_USER_RANGES),
         members=[*log_members, user_m],

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from hstu.args import ConfigError, RankingArgs
 from hstu.data.batch import Batch
-from hstu.data.build import DataInfo
+
+# check_ranking_head is torch-free (it runs before any process starts): hstu.data.sizes owns it
+from hstu.data.sizes import check_ranking_head  # noqa: F401 - re-exported
 from hstu.model.encode import encode_batch
 from hstu.model.hstu_block import HSTUBlock
 from hstu.model.loss_scale import global_mean_scale
@@ -163,39 +164,6 @@ class RankingModel(nn.Module):
 
 
 __all__ = ["MLP", "RankingModel", "decode_task_labels", "ranking_loss"]
-
-
-def check_ranking_head(info: DataInfo, ranking_args: RankingArgs | None) -> None:
-    """Refuses a BCE head (last width == num_tasks) on actions that are not bitmasks.
-
-    Task t's label is bit t of the action value (:func:`decode_task_labels`). An action
-    vocabulary of 2**m values is a bitmask of m flags (KuaiRand: 256, 8 feedback flags), of
-    which a head trains the lowest num_tasks; one of at most 2**num_tasks values fits the
-    tasks' bits. Any other vocabulary holds classes (ratings), whose bits mean nothing (bit 0
-    of a rating class is its parity): such data needs a head ending in the class count
-    (cross-entropy). Called once the dataset is known; a no-op for retrieval (None).
-    """
-    values = info.num_action_values
-    if ranking_args is None or values is None:
-        return
-    width, tasks = ranking_args.prediction_head_arch[-1], ranking_args.num_tasks
-    if width != tasks and values > width:
-        raise ConfigError(
-            "RankingArgs",
-            "prediction_head_arch",
-            f"last width {width} (cross-entropy over {width} classes) is narrower than the "
-            f"{values} action classes of {info.dataset_name}; end the head in {values}",
-        )
-    if width != tasks or values <= 2**tasks or values & (values - 1) == 0:
-        return
-    raise ConfigError(
-        "RankingArgs",
-        "prediction_head_arch",
-        f"last width {width} == RankingArgs.num_tasks trains task t on bit t of the action "
-        f"value, but the {info.dataset_name} actions are {values} classes in [0, {values}), "
-        f"not a bitmask (bit 0 of a class is its parity); end the head in {values} for "
-        "cross-entropy over the classes",
-    )
 
 
 __all__.append("check_ranking_head")

@@ -28,7 +28,7 @@ from hstu.embeddings import (
 from hstu.data.negatives import NegativeSampler
 from hstu.model import ModelDataInfo, build_model
 from hstu.model.model import GenerativeRecommender
-from hstu.model.ranking import check_ranking_head
+from hstu.data.sizes import check_table_features, resolve_head
 from hstu.training.distributed import DistEnv
 from hstu.training.ddp import wrap_dense
 from hstu.training.distributed import seed_training_rng
@@ -69,20 +69,28 @@ def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in sparse and p.requires_grad]
 
 
-def check_table_features(tables: list[EmbeddingArgs], info: DataInfo) -> None:
-    """Every table must serve a feature of the data (one line naming the table otherwise)."""
-    from hstu.args import ConfigError
-
-    known = [info.item_feature_name, *([info.action_feature_name] if info.action_feature_name else []),
-             *info.contextual_feature_names]
-    for tb in tables:
-        unknown = [f for f in tb.feature_names if f not in known]
-        if unknown:
-            raise ConfigError(
-                type(tb).__name__, "feature_names",
-                f"table {tb.table_name!r} names {unknown}, which {info.dataset_name} does not "
-                f"have; its features are {known}",
-            )
+def data_notes(info: DataInfo) -> list[str]:
+    """Warnings with counts about what the protocol leaves out or cannot order."""
+    notes = []
+    dropped = int(info.metadata.get("dropped_users") or 0)
+    if info.users_without_train_sample:
+        notes.append(
+            f"[hstu] warning: {info.users_without_train_sample} of {info.num_users} users give no "
+            "training sample (too few interactions before their evaluation items)"
+        )
+    if dropped:
+        notes.append(
+            f"[hstu] warning: the preprocessor dropped {dropped} users with fewer than "
+            f"{info.metadata.get('options', {}).get('custom', {}).get('min_user_interactions', 2)} "
+            "interactions"
+        )
+    if info.tied_eval_items:
+        notes.append(
+            f"[hstu] warning: {info.tied_eval_items} of {info.num_eval_items} evaluation items share "
+            "their timestamp with the last history item (ties at the split keep the raw file's "
+            "order; coarse timestamps make the split partly arbitrary)"
+        )
+    return notes
 
 
 def negative_sampler(cfg: RunConfig, info: DataInfo) -> NegativeSampler | None:
@@ -135,7 +143,12 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         split_kwargs = dict(split=split, holdout_validation=cfg.dataset.holdout_validation)
     data_args = (cfg.dataset, cfg.task, t.train_batch_size, t.eval_batch_size, env.rank, env.world_size, t.seed)
     train_loader, eval_loader, info = build_data(*data_args, **split_kwargs)
-    check_ranking_head(info, cfg.ranking)  # BCE bits need bitmask actions (a ConfigError)
+    if env.is_main:
+        for line in data_notes(info):
+            log(line)
+    # an "auto" head width from the data (the entry points resolved it already); BCE bits need
+    # bitmask actions, a CE head the action classes (one-line ConfigErrors)
+    cfg.ranking = resolve_head(info, cfg.ranking)
     test_loader = None
     if t.best_metric is not None:
         _, test_loader, _ = build_data(*data_args, split="test", holdout_validation=True)

@@ -59,7 +59,7 @@ def wrap_dense(
         device_ids=None,  # inputs are already where the module is; DDP must not copy them
         process_group=dp_group,
         bucket_cap_mb=bucket_cap_mb,
-        broadcast_buffers=False,
+        # the dense modules hold no buffers: nothing to broadcast per forward (the default)
         find_unused_parameters=False,
     )
     state = HookState(dp_group, world_size)

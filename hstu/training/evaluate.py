@@ -157,3 +157,46 @@ def popularity_baseline(train_loader: Any, eval_loader: Any, cfg: RunConfig, env
             ranks = ranks[batch.sample_mask]
         acc.update(retrieval_metrics(ranks, names))
     return acc.compute()
+
+
+@torch.no_grad()
+def prior_baseline(train_loader: Any, eval_loader: Any, cfg: RunConfig, env: DistEnv,
+                   max_iters: int | None) -> dict[str, float] | None:
+    """Ranking's floor: every candidate scored with the training labels' prior (per task, the
+    positive rate; for class heads, the class frequencies), the same evaluation candidates as
+    the model. Its AUC is 0.5 by construction (one score for all); its loss is the one to beat.
+    None where it does not apply (retrieval, benchmark data)."""
+    from hstu.data.loader import SequenceLoader, gather_ranges
+
+    if cfg.task != "ranking" or not isinstance(train_loader, SequenceLoader):
+        return None
+    store, samples = train_loader.store, train_loader.samples
+    if store.actions is None:
+        return None
+    train_labels = torch.from_numpy(store.actions[gather_ranges(samples.hist_end, samples.cand_end)])
+    num_tasks = cfg.ranking.num_tasks
+    width = cfg.ranking.prediction_head_arch[-1]
+    eps = 1e-6
+    if width == num_tasks:  # BCE per task: logit of the positive rate
+        rate = torch.stack([((train_labels >> t) & 1).double().mean() for t in range(num_tasks)])
+        logits = torch.logit(rate.clamp(eps, 1 - eps)).float()
+    else:  # cross-entropy: log of the class frequencies
+        counts = torch.bincount(train_labels.clamp(0, width - 1), minlength=width).double()
+        logits = ((counts + eps) / (counts.sum() + eps * width)).log().float()
+    loss_sum, loss_n = 0.0, 0
+    _restart(eval_loader)
+    for i, batch in enumerate(eval_loader):
+        if max_iters is not None and i >= max_iters:
+            break
+        labels = batch.labels
+        if batch.sample_mask is not None:
+            labels = labels[torch.repeat_interleave(batch.sample_mask, batch.num_candidates)]
+        if labels.numel() == 0:
+            continue
+        scores = logits.expand(labels.numel(), -1)
+        loss_sum += float(ranking_loss(scores, labels, num_tasks)) * int(labels.numel())
+        loss_n += int(labels.numel())
+    stats = torch.tensor([loss_sum, loss_n], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(stats)
+    return {"loss": stats[0].item() / max(stats[1].item(), 1), "AUC": 0.5}

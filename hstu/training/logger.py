@@ -10,6 +10,8 @@ from typing import Any
 
 import gin
 
+from hstu.console import close_log, keep_log
+
 
 def make_run_dir(run_dir: str | None, task: str) -> str:
     if run_dir:
@@ -27,8 +29,10 @@ class RunLogger:
         self._writer = None
         self._tb = None
         if not enabled:
+            keep_log(None)  # only rank 0 keeps the diverted third-party warnings
             return
         os.makedirs(run_dir, exist_ok=True)
+        keep_log(run_dir)
         with open(os.path.join(run_dir, "operative_config.gin"), "w") as fh:
             fh.write(config_text or gin.operative_config_str())
         new = not os.path.exists(os.path.join(run_dir, "metrics.csv"))
@@ -58,6 +62,7 @@ class RunLogger:
             print(message, flush=True)
 
     def close(self) -> None:
+        close_log()
         if self._csv is not None:
             self._csv.close()
         if self._tb is not None:

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from hstu.args import ConfigError
 from hstu.config import RunConfig
+from hstu.console import fail
 from hstu.data.errors import DataError
 from hstu.training.distributed import destroy_distributed, init_distributed, set_seed
 from hstu.training.logger import make_run_dir
@@ -42,10 +43,8 @@ def run(cfg: RunConfig) -> int:
             print(f"[hstu] outputs in {run_dir}", flush=True)
         return 0
     except (ConfigError, DataError) as exc:
-        # bad input found once the data is open: one line, no traceback
-        if env.is_main:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+        # bad input found once the data is open: one line, no traceback (last under torchrun)
+        return fail(str(exc))
     except Exception:
         print(f"[hstu] rank {env.rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return 1

@@ -18,7 +18,7 @@ from hstu.embeddings import embedding_state_dict, load_embedding_state_dict
 from hstu.training.builder import Built, build_all
 from hstu.training.checkpoint import load_checkpoint, save_checkpoint
 from hstu.training.distributed import DistEnv, rng_state, seed_training_rng, set_rng_state
-from hstu.training.evaluate import evaluate, popularity_baseline
+from hstu.training.evaluate import evaluate, popularity_baseline, prior_baseline
 from hstu.training.feed import Feed
 from hstu.training.flops import peak_flops
 from hstu.training.logger import RunLogger
@@ -292,7 +292,10 @@ class Trainer:
             profiler.stop()
         if args.best_metric is not None:
             last_eval = self._test_best()
-        baseline = popularity_baseline(
+        # the floor the model must clear, on the same evaluation items: popularity
+        # (retrieval) or the training labels' prior (ranking); also in metrics.csv
+        baseline_fn = popularity_baseline if self.cfg.task == "retrieval" else prior_baseline
+        baseline = baseline_fn(
             self.built.train_loader,
             self.built.test_loader or self.built.eval_loader,
             self.cfg,
@@ -300,9 +303,12 @@ class Trainer:
             args.max_eval_iters,
         )
         if baseline is not None:
+            self.logger.log(self.step, "baseline", baseline)
             text = " ".join(f"{k} {v:.4f}" for k, v in baseline.items())
-            self.logger.print(f"[hstu] popularity baseline (same protocol): {text}")
+            kind = "popularity" if self.cfg.task == "retrieval" else "label-prior"
+            self.logger.print(f"[hstu] {kind} baseline (same protocol): {text}")
         self.losses = losses
+        self._report(last_eval, baseline)
         return last_eval
 
     # ------------------------------------------------------------- preemption
@@ -388,6 +394,40 @@ class Trainer:
         )
         prof.start()
         return prof
+
+    # ------------------------------------------------------------------ report
+    def _report(self, final: dict[str, float], baseline: dict[str, float] | None) -> None:
+        """Rank 0: the end-of-run summary on the console and report.html with the curves."""
+        if not self.env.is_main:
+            return
+        from hstu.training.report import summary_lines, write_report
+
+        args = self.args
+        best = None
+        checkpoint = None
+        if args.best_metric is not None and self._best_step >= 0:
+            best = (args.best_metric, self._best_step, self._best_value)
+            checkpoint = os.path.join(self._best_dir(), f"iter_{self._best_step}")
+        if args.ckpt_save_interval > 0 or self.interrupted:
+            checkpoint = checkpoint or args.ckpt_save_dir
+            latest = args.ckpt_save_dir
+        else:
+            latest = None
+        resume = (
+            f"add --gin-param 'TrainerArgs.ckpt_load_dir=\"{latest}\"' and a larger "
+            "TrainerArgs.max_train_iters (the total step count)" if latest else
+            "no checkpoint of the last step (TrainerArgs.ckpt_save_interval = -1)"
+        )
+        lines = summary_lines(
+            self.cfg.task, self.logger.run_dir, final, baseline, best, checkpoint, resume
+        )
+        try:
+            path = write_report(self.logger.run_dir, lines)
+            lines.append(f"  report:         {path}")
+        except ImportError as exc:  # matplotlib missing: the run itself is complete
+            lines.append(f"  report:         not written ({exc}); pip install matplotlib")
+        for line in lines:
+            self.logger.print(line)
 
     def close(self) -> None:
         self.logger.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pyarrow.parquet as pq
 import pytest
 
 from hstu.data.data_args import CustomDataArgs
@@ -88,17 +89,17 @@ def test_empty_user(tmp_path):
     fails(tmp_path, "ml-20m", raw, r"ratings\.csv:3: field userId: empty value")
 
 
-def test_item_overflows_declared_vocabulary(tmp_path):
+def test_newer_release_ids_beyond_the_historic_maximum_are_accepted(tmp_path):
+    # ML-100K's release has 1,682 items; a newer MovieLens release in the same layout has
+    # more: the size comes from the data (issue 14), not from the historic maximum.
     raw = tmp_path / "ml-100k"
     raw.mkdir()
-    (raw / "u.data").write_text(lines(["1\t3\t5\t9", "1\t1683\t4\t8"]))
-    (raw / "u.user").write_text(lines(["1|24|M|technician|85711"]))
-    fails(
-        tmp_path,
-        "ml-100k",
-        raw,
-        r"u\.data:2: field item: item id 1683 overflows the declared vocabulary \(max 1682\)",
-    )
+    (raw / "u.data").write_text(lines(["1\t3\t5\t9", "1\t1683\t4\t8", "944\t3\t2\t1", "944\t9\t2\t2"]))
+    (raw / "u.user").write_text(lines(["1|24|M|technician|85711", "944|30|F|writer|12345"]))
+    meta = preprocess("ml-100k", raw, tmp_path / "out", verbose=False)
+    assert meta["num_users"] == 2 and meta["num_items"] == 4  # dense ids 1..3
+    item_map = pq.read_table(tmp_path / "out" / "ml-100k" / "item_map.parquet").to_pydict()
+    assert item_map["raw_item_id"] == [3, 9, 1683]
 
 
 def test_custom_overflow_names_users_column(tmp_path):

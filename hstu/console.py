@@ -1,0 +1,188 @@
+"""What a run prints: a quiet start (known harmless third-party warnings go to the run
+directory's log, not the console) and one line per error, also under torchrun.
+
+Quiet start: :func:`quiet_start` (called by the entry points before the heavy imports)
+diverts the warnings in :data:`KNOWN_WARNINGS` from the console into a buffer;
+:func:`keep_log` writes the buffer, and every later diverted warning, to
+``<run_dir>/third_party_warnings.log`` (rank 0; the other ranks' copies are dropped). Any other
+warning still reaches the console.
+
+One line per error: :func:`fail` prints ``error: <message>`` once per node (local rank 0).
+Under torchrun the launcher then prints its own ``ChildFailedError`` report (a traceback
+and a table) after the worker has exited; so that the user's last line is still the error,
+the worker leaves a tiny detached process that waits for the launcher to exit and then
+prints the same line again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+import warnings
+from typing import Any, TextIO
+
+# (where it comes from, message pattern). "warnings": a Python warning (warnings.warn);
+# otherwise the name of the logger that emits it.
+KNOWN_WARNINGS: tuple[tuple[str, str], ...] = (
+    # megatron-core imports, on hosts without Transformer Engine / Apex (DESIGN.md: harmless)
+    ("warnings", r"Transformer Engine and Apex are not installed"),
+    # TorchRec's planner: we build the topology ourselves (it does not fail) and the
+    # storage-reservation heuristic is the one TorchRec's own planner uses by default
+    ("torchrec.distributed.planner.types", r"The topology was constructed directly"),
+    ("warnings", r"HeuristicalStorageReservation is known to cause issues"),
+    ("torchrec.distributed.planner.storage_reservations", r"dense tensor size calculation"),
+    # TorchRec's pipelines call torch.fx.is_fx_tracing (they mean the symbolic trace)
+    ("torch.fx._symbolic_trace", r"is_fx_tracing will return true"),
+    # hstu.training.ddp relies on broadcast_buffers=False (no buffer sync at init either)
+    ("warnings", r"`broadcast_buffers` is deprecated"),
+)
+LOG_FILE = "third_party_warnings.log"
+
+
+class _Sink:
+    """Holds diverted lines until the run directory is known, then appends to its log."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.file: TextIO | None = None
+        self.dropping = False
+
+    def write(self, text: str) -> None:
+        if self.dropping:
+            return
+        if self.file is not None:
+            self.file.write(text.rstrip() + "\n")
+            self.file.flush()
+        else:
+            self.lines.append(text.rstrip())
+
+    def attach(self, path: str | None) -> None:
+        if path is None:
+            self.dropping = True
+            self.lines.clear()
+            return
+        self.file = open(path, "a")  # noqa: SIM115 - kept open for the run
+        for line in self.lines:
+            self.file.write(line + "\n")
+        self.file.flush()
+        self.lines.clear()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+_sink = _Sink()
+_installed = False
+
+
+class _Divert(logging.Filter):
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        super().__init__()
+        self.pattern = pattern
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.pattern.search(message):
+            _sink.write(f"{record.levelname}:{record.name}: {message}")
+            return False
+        return True
+
+
+def quiet_start() -> None:
+    """Diverts the known third-party warnings from the console (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    patterns = [re.compile(p) for origin, p in KNOWN_WARNINGS if origin == "warnings"]
+    original = warnings.showwarning
+
+    def showwarning(message: Any, category: type[Warning], filename: str, lineno: int,
+                    file: TextIO | None = None, line: str | None = None) -> None:
+        if any(p.search(str(message)) for p in patterns):
+            _sink.write(warnings.formatwarning(message, category, filename, lineno, line))
+            return
+        original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning
+    for origin, pattern in KNOWN_WARNINGS:
+        if origin != "warnings":
+            logging.getLogger(origin).addFilter(_Divert(re.compile(pattern)))
+
+
+def keep_log(run_dir: str | None) -> str | None:
+    """Sends the diverted warnings to ``<run_dir>/third_party_warnings.log`` (None: drop them,
+    e.g. on ranks that do not write the run directory). Returns the log's path."""
+    if run_dir is None:
+        _sink.attach(None)
+        return None
+    path = os.path.join(run_dir, LOG_FILE)
+    _sink.attach(path)
+    return path
+
+
+def close_log() -> None:
+    _sink.close()
+
+
+# --------------------------------------------------------------------------------- errors
+
+_WAITER = r"""
+import os, select, sys, time
+pid, line = int(sys.argv[1]), sys.argv[2]
+try:
+    fd = os.pidfd_open(pid)
+    select.select([fd], [], [], 600)
+except (AttributeError, OSError):
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        except PermissionError:
+            pass
+        time.sleep(0.05)
+sys.stderr.write(line + "\n")
+sys.stderr.flush()
+"""
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def _print_after_launcher(line: str) -> None:
+    """A detached process prints ``line`` once torchrun (this worker's parent) has exited."""
+    launcher = os.getppid()
+    if launcher <= 1:
+        return
+    try:
+        subprocess.Popen(
+            [sys.executable, "-I", "-c", _WAITER, str(launcher), line],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,  # torchrun stops its workers' process groups, not this
+        )
+    except OSError:
+        pass  # the line was printed once already
+
+
+def fail(message: str, code: int = 2) -> int:
+    """Prints ``error: <message>`` (one line) on local rank 0 and returns ``code``; under
+    torchrun the line is printed again after the launcher's own report, so it is last."""
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return code
+    line = "error: " + " ".join(str(message).split())
+    print(line, file=sys.stderr, flush=True)
+    if under_torchrun():
+        _print_after_launcher(line)
+    return code
+
+
+__all__ = ["KNOWN_WARNINGS", "LOG_FILE", "close_log", "fail", "keep_log", "quiet_start", "under_torchrun"]

@@ -1,0 +1,236 @@
+"""Sizes from the data, before any process starts.
+
+The entry points call :func:`resolve_sizes` right after loading the gin file (also for
+``--check-config``): it reads the preprocessed folder's ``metadata.json`` (nothing else), fills
+in every ``"auto"`` size (table rows, the action table's classes, the ranking head's last
+width) and refuses, in one line, a fixed size that is too small or a head that does not fit
+the actions. The builder applies the same functions to the loaded data, so a config built
+by hand (tests, notebooks) gets the same answers. Torch-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from hstu.args import AUTO, BenchmarkDatasetArgs, ConfigError, DatasetArgs, RankingArgs
+from hstu.data.errors import DataError
+from hstu.data.info import DataInfo
+from hstu.data.layout import METADATA_FILE
+
+
+def action_kind(meta: dict[str, Any]) -> str | None:
+    """"classes" (rating classes) or "bitmask" (KuaiRand flags); None without actions.
+    Folders written before the field existed: KuaiRand is a bitmask, the rest classes."""
+    if meta.get("action_feature_name") is None:
+        return None
+    kind = meta.get("action_kind")
+    if kind is None:
+        kind = "bitmask" if str(meta.get("dataset", "")).startswith("kuairand") else "classes"
+    return kind
+
+
+def read_metadata(dataset: DatasetArgs, extras: dict[str, Any] | None = None) -> dict[str, Any]:
+    """metadata.json of the dataset's folder. The synthetic set, when not generated yet, is
+    generated in memory (deterministic, a fraction of a second) and nothing is written."""
+    path = dataset.resolved_path
+    meta_path = os.path.join(path, METADATA_FILE)
+    if os.path.isfile(meta_path):
+        try:
+            with open(meta_path) as fh:
+                return json.load(fh)
+        except ValueError as exc:
+            raise DataError(meta_path, f"unreadable metadata ({exc})") from None
+    if dataset.dataset_name == "synthetic":
+        from hstu.data.data_args import SyntheticDataArgs
+        from hstu.data.preprocess import build_metadata, group
+        from hstu.data.synthetic import generate_synthetic
+
+        synthetic = (extras or {}).get("SyntheticDataArgs") or SyntheticDataArgs()
+        grouped = group(generate_synthetic(synthetic))
+        return build_metadata("synthetic", grouped, {}, {})
+    name = dataset.dataset_name
+    how = "--dataset custom --raw FILE --name " + name if name == os.path.basename(path) else (
+        f"--dataset {name} --raw PATH"
+    )
+    raise DataError(
+        meta_path,
+        f"no preprocessed dataset here; run: python -m hstu.data.preprocess {how}",
+    )
+
+
+def select_contextual(available: list[str], wanted: list[str] | None) -> list[str]:
+    """The contextual features to feed: all (None) or the named ones, which must exist."""
+    if wanted is None:
+        return available
+    for name in wanted:
+        if name not in available:
+            from hstu.args import did_you_mean
+
+            raise ConfigError(
+                "DatasetArgs",
+                "contextual_features",
+                f"{name!r} is not a contextual feature of this dataset {available}"
+                + did_you_mean(name, available),
+            )
+    return list(wanted)
+
+
+def select_features(meta: dict[str, Any], dataset: DatasetArgs) -> tuple[str | None, list[str]]:
+    """(action feature fed as tokens or None, contextual features fed), as the loaders do."""
+    action = meta["action_feature_name"] if dataset.action_tokens else None
+    return action, select_contextual(list(meta["contextual_feature_names"]), dataset.contextual_features)
+
+
+def info_from_metadata(meta: dict[str, Any], dataset: DatasetArgs, task: str) -> DataInfo:
+    """The DataInfo build_data will give, for sizing (sample counts left at 0)."""
+    action, contextual = select_features(meta, dataset)
+    return DataInfo(
+        dataset_name=meta["dataset"],
+        task=task,
+        num_items=int(meta["num_items"]),
+        item_feature_name=meta["item_feature_name"],
+        action_feature_name=action,
+        contextual_feature_names=contextual,
+        contextual_vocab_sizes={n: int(meta["contextual_vocab_sizes"][n]) for n in contextual},
+        num_action_values=meta.get("num_action_values"),
+        max_seqlen=dataset.max_sequence_length + (dataset.max_num_candidates if task == "ranking" else 0),
+        num_train_samples=0,
+        num_eval_samples=0,
+        num_users=int(meta.get("num_users", 0)),
+        first_item_id=0 if meta.get("options", {}).get("keep_item_ids") else 1,
+        metadata=meta,
+    )
+
+
+def resolve_head(info: DataInfo, ranking: RankingArgs | None) -> RankingArgs | None:
+    """The ranking head with an "auto" last width resolved, then checked against the actions:
+    "auto" = the number of action classes (cross-entropy), or num_tasks for bitmask actions
+    (one BCE per task)."""
+    if ranking is None or ranking.prediction_head_arch[-1] != AUTO:
+        check_ranking_head(info, ranking)
+        return ranking
+    values = info.num_action_values
+    if values is None:
+        raise ConfigError(
+            "RankingArgs",
+            "prediction_head_arch",
+            f'"auto" ends the head in the action classes, but {info.dataset_name} has no actions',
+        )
+    kind = action_kind(info.metadata) if info.metadata else "classes"
+    width = ranking.num_tasks if kind == "bitmask" else int(values)
+    resolved = dataclasses.replace(ranking, prediction_head_arch=[*ranking.prediction_head_arch[:-1], width])
+    check_ranking_head(info, resolved)
+    return resolved
+
+
+def check_ranking_head(info: DataInfo, ranking_args: RankingArgs | None) -> None:
+    """Refuses a BCE head (last width == num_tasks) on actions that are not bitmasks, and a
+    cross-entropy head narrower than the action classes.
+
+    Task t's label is bit t of the action value. An action vocabulary of 2**m values is a
+    bitmask of m flags (KuaiRand: 256, 8 feedback flags), of which a head trains the lowest
+    num_tasks; one of at most 2**num_tasks values fits the tasks' bits. Any other vocabulary
+    holds classes (ratings), whose bits mean nothing (bit 0 of a rating class is its parity):
+    such data needs a head ending in the class count (cross-entropy). A no-op for retrieval.
+    """
+    values = info.num_action_values
+    if ranking_args is None or values is None:
+        return
+    width, tasks = ranking_args.prediction_head_arch[-1], ranking_args.num_tasks
+    if width == AUTO:
+        raise ConfigError("RankingArgs", "prediction_head_arch", '"auto" is not resolved yet')
+    if width != tasks and values > width:
+        raise ConfigError(
+            "RankingArgs",
+            "prediction_head_arch",
+            f"last width {width} (cross-entropy over {width} classes) is narrower than the "
+            f'{values} action classes of {info.dataset_name}; end the head in {values} (or "auto")',
+        )
+    if width != tasks or values <= 2**tasks or values & (values - 1) == 0:
+        return
+    raise ConfigError(
+        "RankingArgs",
+        "prediction_head_arch",
+        f"last width {width} == RankingArgs.num_tasks trains task t on bit t of the action "
+        f"value, but the {info.dataset_name} actions are {values} classes in [0, {values}), "
+        f"not a bitmask (bit 0 of a class is its parity); end the head in {values} for "
+        "cross-entropy over the classes",
+    )
+
+
+def check_table_features(tables: list, info: DataInfo) -> None:
+    """Every table must serve a feature of the data (one line naming the table otherwise)."""
+    known = [info.item_feature_name, *([info.action_feature_name] if info.action_feature_name else []),
+             *info.contextual_feature_names]
+    for tb in tables:
+        unknown = [f for f in tb.feature_names if f not in known]
+        if unknown:
+            raise ConfigError(
+                type(tb).__name__, "feature_names",
+                f"table {tb.table_name!r} names {unknown}, which {info.dataset_name} does not "
+                f"have; its features are {known}",
+            )
+
+
+def resolve_sizes(cfg: Any) -> Any:
+    """``cfg`` (a RunConfig) with every "auto" size resolved from the dataset's metadata and
+    every fixed size checked; raises a one-line ConfigError / DataError. Benchmark configs
+    (no data) are returned as they are. ``cfg.locations`` (when present) adds the gin file
+    and line of the offending binding to the error."""
+    if isinstance(cfg.dataset, BenchmarkDatasetArgs):
+        return cfg
+    where = getattr(cfg, "locations", {}) or {}
+    meta = read_metadata(cfg.dataset, cfg.extras)
+    info = info_from_metadata(meta, cfg.dataset, cfg.task)
+    try:
+        tables = info.default_tables(overrides=cfg.tables) if cfg.tables else []
+        check_table_features(tables, info)
+    except ConfigError as exc:
+        loc = next((v for (cls, fld, table), v in where.items()
+                    if cls == exc.cls_name and fld == exc.field_name and table
+                    and repr(table) in exc.message), None)
+        raise exc.with_location(loc or _source(cfg)) from None
+    # keep only the gin-declared tables (defaults are added by the builder, as before)
+    declared = {t.table_name for t in cfg.tables}
+    tables = [t for t in tables if t.table_name in declared]
+    try:
+        ranking = resolve_head(info, cfg.ranking)
+    except ConfigError as exc:
+        loc = where.get(("RankingArgs", "prediction_head_arch", ""))
+        raise exc.with_location(loc or _source(cfg)) from None
+    return dataclasses.replace(cfg, tables=tables, ranking=ranking)
+
+
+def _source(cfg: Any) -> str:
+    return cfg.sources[0] if cfg.sources else "<config>"
+
+
+def describe_sizes(cfg: Any) -> str:
+    """One line of the sizes a run will use (after resolve_sizes)."""
+    if isinstance(cfg.dataset, BenchmarkDatasetArgs):
+        return ""
+    meta = read_metadata(cfg.dataset, cfg.extras)
+    info = info_from_metadata(meta, cfg.dataset, cfg.task)
+    tables = info.default_tables(overrides=cfg.tables)
+    parts = [f"{t.table_name} {t.item_vocab_size_or_capacity}" for t in tables]
+    text = f"sizes from {cfg.dataset.resolved_path}: tables " + ", ".join(parts)
+    if cfg.ranking is not None:
+        text += f"; ranking head {list(cfg.ranking.prediction_head_arch)}"
+    return text
+
+
+__all__ = [
+    "action_kind",
+    "check_ranking_head",
+    "check_table_features",
+    "describe_sizes",
+    "info_from_metadata",
+    "read_metadata",
+    "resolve_head",
+    "resolve_sizes",
+    "select_contextual",
+    "select_features",
+]

@@ -1,0 +1,150 @@
+"""What a finished run tells its user: a summary on the console and ``report.html`` with the
+loss and metric curves against the baseline, in the run directory (rank 0).
+
+The report is drawn from ``metrics.csv`` alone (``step,split,name,value``; the baseline rows
+have split ``baseline``), so :func:`write_report` also redraws the report of any run
+directory: ``python -m hstu.training.report runs/<run>``.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import os
+import re
+import sys
+from collections import defaultdict
+
+REPORT_FILE = "report.html"
+
+
+def read_metrics(run_dir: str) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """(split, name) -> [(step, value)] in file order (a resumed run appends)."""
+    series: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
+    with open(os.path.join(run_dir, "metrics.csv"), newline="") as fh:
+        for row in csv.DictReader(fh):
+            series[(row["split"], row["name"])].append((int(row["step"]), float(row["value"])))
+    return dict(series)
+
+
+def _png_name(name: str) -> str:
+    return "curve_" + re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + ".png"
+
+
+def _plot(path: str, title: str, lines: list[tuple[str, list[tuple[int, float]]]],
+          baseline: float | None, ylabel: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    for label, points in lines:
+        steps = [s for s, _ in points]
+        values = [v for _, v in points]
+        ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=label)
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", linestyle="--", label=f"baseline {baseline:.4f}")
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(run_dir: str, summary: list[str] | None = None) -> str:
+    """Draws one PNG per curve (training loss; each evaluation metric) with the baseline as a
+    dashed line, and report.html showing them under the summary. Returns the report's path."""
+    series = read_metrics(run_dir)
+    baseline = {name: pts[-1][1] for (split, name), pts in series.items() if split == "baseline"}
+    figures: list[tuple[str, str]] = []
+    loss_lines = [("train", series[("train", "loss")])] if ("train", "loss") in series else []
+    if ("eval", "loss") in series:
+        loss_lines.append(("eval", series[("eval", "loss")]))
+    if loss_lines:
+        name = _png_name("loss")
+        _plot(os.path.join(run_dir, name), "loss", loss_lines, baseline.get("loss"), "loss")
+        figures.append((name, "Loss (train: mean over each log window; eval: the evaluation split)"))
+    for (split, metric), points in sorted(series.items()):
+        if split != "eval" or metric == "loss" or metric == "best_step" or "/" in metric:
+            continue
+        name = _png_name(metric)
+        _plot(os.path.join(run_dir, name), metric, [("eval", points)], baseline.get(metric), metric)
+        figures.append((name, f"{metric} at each evaluation"))
+    tests = {name: pts[-1][1] for (split, name), pts in series.items()
+             if split == "eval" and name.startswith("test/")}
+    rows = []
+    for metric in sorted({n for (s, n) in series if s == "eval" and "/" not in n and n != "best_step"}):
+        final = series[("eval", metric)][-1][1]
+        test = tests.get(f"test/{metric}")
+        base = baseline.get(metric)
+        rows.append(
+            f"<tr><td>{html.escape(metric)}</td><td>{final:.4f}</td>"
+            f"<td>{'' if test is None else f'{test:.4f}'}</td>"
+            f"<td>{'' if base is None else f'{base:.4f}'}</td></tr>"
+        )
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>hstu run report</title>",
+        ("<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+         "td,th{padding:0 1em;text-align:right}pre{background:#f4f4f4;padding:1em}</style>"),
+        "</head><body>",
+        f"<h1>Run {html.escape(os.path.basename(os.path.normpath(run_dir)))}</h1>",
+    ]
+    if summary:
+        parts.append("<pre>" + html.escape("\n".join(summary)) + "</pre>")
+    if rows:
+        parts.append("<table><tr><th>metric</th><th>last evaluation</th><th>test (best)</th>"
+                     "<th>baseline</th></tr>" + "".join(rows) + "</table>")
+    for name, caption in figures:
+        parts.append(f"<figure><img src='{name}' alt='{html.escape(caption)}'>"
+                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    parts.append("<p>Data: metrics.csv (step,split,name,value) in this directory.</p></body></html>")
+    path = os.path.join(run_dir, REPORT_FILE)
+    with open(path, "w") as fh:
+        fh.write("\n".join(parts) + "\n")
+    return path
+
+
+def summary_lines(
+    task: str,
+    run_dir: str,
+    final: dict[str, float],
+    baseline: dict[str, float] | None,
+    best: tuple[str, int, float] | None,
+    checkpoint: str | None,
+    resume_hint: str,
+) -> list[str]:
+    """The end-of-run summary: what was reached, against what, where it is, what next."""
+    fmt = " ".join(f"{k} {v:.4f}" for k, v in final.items())
+    lines = [f"[hstu] summary of this {task} run"]
+    if best is not None:
+        metric, step, value = best
+        lines.append(f"  best step:      {step} (valid {metric} {value:.4f}); test metrics with it: {fmt}")
+    else:
+        lines.append(f"  last evaluation: {fmt}")
+    if baseline:
+        name = "popularity" if task == "retrieval" else "label prior"
+        lines.append(f"  baseline ({name}): " + " ".join(f"{k} {v:.4f}" for k, v in baseline.items()))
+    lines.append(f"  run directory:  {run_dir} (metrics.csv, report.html, TensorBoard)")
+    if checkpoint is not None:
+        lines.append(f"  resume:         {resume_hint}")
+        lines.append(f"  export:         python -m hstu.export with checkpoint {checkpoint} (docs/export.md)")
+    else:
+        lines.append("  resume/export:  no checkpoint was saved; set TrainerArgs.ckpt_save_interval")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m hstu.training.report RUN_DIR", file=sys.stderr)
+        return 2
+    print(write_report(args[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
