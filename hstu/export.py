@@ -247,6 +247,9 @@ def load_for_export(ckpt_arg: str, gin_file: str | None, params: list[str]):
             *params,
         ]
         cfg = load_config(gin_file, overrides, task=task, world_size=1)
+    from hstu.data.sizes import resolve_sizes
+
+    cfg = resolve_sizes(cfg)  # "auto" sizes from the dataset, as the entry points do
     if cfg.network.architecture != "hstu":
         raise ExportError(f"NetworkArgs.architecture={cfg.network.architecture!r}: only HSTU models export")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
