@@ -131,7 +131,7 @@ def summary_lines(
     lines.append(f"  run directory:  {run_dir} (metrics.csv, report.html, TensorBoard)")
     if checkpoint is not None:
         lines.append(f"  resume:         {resume_hint}")
-        lines.append(f"  export:         python -m hstu.export --ckpt {checkpoint} --out <artifact dir> (docs/serving.md)")
+        lines.append(f"  export:         python -m hstu.export --ckpt {checkpoint} --out ARTIFACT_DIR (docs/serving.md)")
     else:
         lines.append("  resume/export:  no checkpoint was saved; set TrainerArgs.ckpt_save_interval")
     return lines

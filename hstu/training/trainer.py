@@ -50,7 +50,13 @@ class Trainer:
         self.cfg = cfg
         self.env = env
         self.args = cfg.trainer
+        if not config_text:
+            import gin
+
+            config_text = gin.operative_config_str()
         self.logger = RunLogger(run_dir, env.is_main, config_text)
+        # stored in every checkpoint: hstu.export rebuilds the model from it
+        self.config_text = config_text
         self.logger.print(f"[hstu] run directory: {run_dir}")
         self.built: Built = build_all(cfg, env, log=self.logger.print)
         self.model = self.built.model
@@ -129,6 +135,8 @@ class Trainer:
             "task": self.cfg.task,
             "best": self.best.state_dict(),
             "best_dir": self.best_checkpoints.root,
+            "config_text": self.config_text,
+            "run_dir": os.path.abspath(self.logger.run_dir),
         }
         lifecycle = self.best_checkpoints if best else self.checkpoints
         path = lifecycle.save(

@@ -1,0 +1,495 @@
+"""A checkpoint -> a self-contained serving artifact (docs/serving.md).
+
+    python -m hstu.export --ckpt runs/retrieval-.../best --out artifacts/ml-100k-retrieval
+    python -m hstu.export --ckpt checkpoints --out art --gin-config-file configs/x.gin --gin-param ...
+
+The checkpoint (a checkpoint folder, or a save root with a ``latest`` file) is loaded on one
+process (world 1, TP 1) from any world and TP size: DCP reshards the tables, and the dense
+weights of every TP rank are put back together (:func:`merge_tp_shards`). The gin
+configuration is the one stored in the checkpoint (checkpoints written before it was stored:
+``operative_config.gin`` of the run directory above the checkpoint), unless
+``--gin-config-file`` is given. The artifact is checked against the trainer's own
+evaluation on one evaluation batch before it is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hstu.serving.artifact import (
+    AOTI_PACKAGE,
+    CACHE_PROGRAMS,
+    DENSE_PROGRAM,
+    EMBEDDING_DUMP,
+    FORMAT,
+    FORMAT_VERSION,
+    ITEM_MAP,
+    MANIFEST,
+    TABLES_FILE,
+    WEIGHTS_FILE,
+    example_inputs,
+)
+from hstu.serving.model import InferenceHSTU
+
+
+class ExportError(Exception):
+    """A problem the user can fix (printed as one line)."""
+
+
+# ----------------------------------------------------------------------- checkpoint side
+
+
+def find_config(ckpt: str, meta: dict[str, Any]) -> tuple[str, str]:
+    """(gin text, where it came from) of the run that wrote ``ckpt``."""
+    if meta.get("config_text"):
+        return meta["config_text"], f"{ckpt}/meta.pt"
+    here = Path(ckpt).resolve()
+    for folder in [here, *list(here.parents)[:3]]:
+        candidate = folder / "operative_config.gin"
+        if candidate.is_file():
+            return candidate.read_text(), str(candidate)
+    raise ExportError(
+        f"checkpoint {ckpt} does not hold its configuration and no operative_config.gin was found "
+        "above it; pass --gin-config-file (the run's operative_config.gin or its preset)"
+    )
+
+
+def merge_tp_shards(shards: list[dict[str, torch.Tensor]], num_heads: int, head_dim: int) -> dict[str, torch.Tensor]:
+    """The dense block's state of every TP rank (rank order) -> the TP=1 state.
+
+    Sharded: ``uvqk.weight``/``uvqk.bias`` (fused U/V/Q/K head layout), ``output.weight``
+    (input columns) and the output norm (channels); everything else is replicated.
+    """
+    from hstu.model.tensor_parallel import unshard_uvqk
+
+    if len(shards) == 1:
+        return {k: v for k, v in shards[0].items() if not k.endswith("_extra_state")}
+    out = {}
+    for key, first in shards[0].items():
+        if key.endswith("_extra_state"):
+            continue
+        parts = [s[key] for s in shards]
+        if key.endswith(("uvqk.weight", "uvqk.bias")):
+            out[key] = unshard_uvqk(parts, num_heads, head_dim)
+        elif key.endswith("output.weight"):
+            out[key] = torch.cat(parts, dim=1)
+        elif key.endswith(("output_norm_weight", "output_norm_bias")):
+            out[key] = torch.cat(parts, dim=0)
+        else:
+            out[key] = first
+    return out
+
+
+def inference_config(model: torch.nn.Module, cfg: Any, info: Any) -> dict[str, Any]:
+    """The JSON-able description InferenceHSTU is built from (see hstu.serving.model)."""
+    dense = model.dense_module
+    block = dense.block
+    layer = block.layers[0]
+    tb = dense.token_builder
+    out: dict[str, Any] = {
+        "task": cfg.task,
+        "hidden_size": block.hidden_size,
+        "num_layers": len(block.layers),
+        "num_heads": layer.num_heads,
+        "head_dim": layer.head_dim,
+        "alpha": layer.alpha,
+        "norm_eps": layer.norm_eps,
+        "norm_affine": layer.input_norm_weight is not None,
+        "uvqk_bias": layer.uvqk.bias is not None,
+        "output_bias": layer.output.bias is not None,
+        "is_causal": layer.is_causal,
+        "target_group_size": layer.target_group_size,
+        "num_position_buckets": block.num_position_buckets,
+        "use_position_embedding": block.position_embedding is not None,
+        "relative_attention_bias": layer.rab_pos_weights is not None,
+        "rab_num_positions": (layer.rab_pos_weights.numel() + 1) // 2 if layer.rab_pos_weights is not None else 0,
+        "rab_use_time": layer.rab_ts_weights is not None,
+        "num_contextual": len(tb.contextual_feature_names),
+        "has_action": dense_has_action(model, info),
+        "projections": {name: proj.in_features for name, proj in tb.projections.items()},
+        "item_feature_name": tb.item_feature_name,
+        "action_feature_name": tb.action_feature_name,
+        "contextual_feature_names": list(tb.contextual_feature_names),
+        "max_item_seqlen": dense.max_item_seqlen,
+    }
+    from hstu.model.tokens import max_token_seqlen
+
+    max_tokens = max_token_seqlen(dense.max_item_seqlen, out["num_contextual"], out["has_action"])
+    out["scaling_seqlen"] = layer.attn_scaling_seqlen or max_tokens
+    if cfg.task == "retrieval":
+        out.update(l2_norm_eps=dense.l2_norm_eps, num_items=dense.num_items, min_item_id=dense.min_item_id)
+    else:
+        out.update(
+            head_arch=list(cfg.ranking.prediction_head_arch),
+            head_bias=bool(cfg.ranking.prediction_head_bias),
+            head_activation=cfg.ranking.prediction_head_act_type,
+            num_tasks=cfg.ranking.num_tasks,
+        )
+    return out
+
+
+def dense_has_action(model: torch.nn.Module, info: Any) -> bool:
+    return info.action_feature_name is not None
+
+
+def _table_features(model: torch.nn.Module) -> dict[str, tuple[Any, Any]]:
+    """feature -> (HstuEmbeddings holding it, its TableSpec)."""
+    from hstu.embeddings import HstuEmbeddings
+
+    out = {}
+    for module in model.sparse.modules():
+        if isinstance(module, HstuEmbeddings):
+            for spec in module.specs.values():
+                for feature in spec.feature_names:
+                    out[feature] = (module, spec)
+    return out
+
+
+@torch.no_grad()
+def gather_tables(model: torch.nn.Module, features: list[str], keys: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Every row of the tables behind ``features`` with the ids the model knows them by:
+    feature -> {"ids": int64 [R] sorted, "vectors": float32 [R, D]}. Static tables: ids
+    0..rows-1; dynamic tables: the ids that hold a slot. Looked up through the sparse module
+    (remap + lookup), so sharded tables are gathered the way the model reads them."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    where = _table_features(model)
+    out = {}
+    for feature in features:
+        module, spec = where[feature]
+        if spec.dynamic:
+            remapper = module.remappers[spec.name]
+            ids = torch.sort(remapper.slot_ids[remapper.occupied]).values.cpu()
+        else:
+            ids = torch.arange(spec.num_rows, dtype=torch.int64)
+        parts = []
+        for start in range(0, ids.numel(), 65536):
+            chunk = ids[start : start + 65536]
+            lengths = torch.cat(
+                [torch.tensor([chunk.numel()] if k == feature else [0], dtype=torch.int64) for k in keys]
+            )
+            kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=chunk, lengths=lengths)
+            parts.append(model.sparse.lookup(kjt, frozenset(keys))[feature].values().float().cpu())
+        out[feature] = {"ids": ids, "vectors": torch.cat(parts) if parts else torch.zeros(0, spec.embedding_dim)}
+    return out
+
+
+def checkpoint_metrics(ckpt: str, meta: dict[str, Any]) -> dict[str, float]:
+    """The evaluation rows of the checkpoint's step in the run's metrics.csv (if found)."""
+    run_dir = meta.get("run_dir")
+    candidates = [Path(run_dir)] if run_dir else []
+    candidates += list(Path(ckpt).resolve().parents)[:3]
+    for folder in candidates:
+        path = folder / "metrics.csv"
+        if path.is_file():
+            with open(path) as fh:
+                rows = [r for r in csv.DictReader(fh) if r["split"] == "eval" and int(r["step"]) == int(meta["step"])]
+            return {r["name"]: float(r["value"]) for r in rows}
+    return {}
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    import hstu
+
+    out = {"hstu": hstu.__version__, "torch": torch.__version__}
+    for dist_name in ("torchrec", "megatron-core", "fbgemm-gpu-cpu", "fbgemm-gpu", "gin-config"):
+        try:
+            out[dist_name] = md.version(dist_name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+# --------------------------------------------------------------------------- the export
+
+
+def load_for_export(ckpt_arg: str, gin_file: str | None, params: list[str]):
+    """(model, cfg, built, checkpoint dir, meta, config source) on a world of 1 process."""
+    import torch.distributed.checkpoint as dcp
+
+    from hstu.config import load_config
+    from hstu.embeddings import embedding_state_dict, load_embedding_state_dict
+    from hstu.training.builder import build_all
+    from hstu.training.checkpoint import resolve_checkpoint_dir
+    from hstu.training.distributed import init_distributed, set_seed
+
+    try:
+        ckpt = resolve_checkpoint_dir(ckpt_arg)
+    except FileNotFoundError as exc:
+        raise ExportError(str(exc).replace("TrainerArgs.ckpt_load_dir=", "--ckpt ")) from None
+    meta = torch.load(os.path.join(ckpt, "meta.pt"), weights_only=False)
+    task = meta.get("task")
+    if task not in ("retrieval", "ranking"):
+        raise ExportError(f"checkpoint {ckpt}: unknown task {task!r} in meta.pt")
+    with tempfile.TemporaryDirectory() as tmp:
+        if gin_file is None:
+            text, source = find_config(ckpt, meta)
+            gin_file = os.path.join(tmp, "operative_config.gin")
+            Path(gin_file).write_text(text)
+        else:
+            source = gin_file
+        overrides = [
+            "TensorModelParallelArgs.tensor_model_parallel_size=1",
+            'TrainerArgs.ckpt_load_dir=""',
+            *params,
+        ]
+        cfg = load_config(gin_file, overrides, task=task, world_size=1)
+    from hstu.data.sizes import resolve_sizes
+
+    cfg = resolve_sizes(cfg)  # "auto" sizes from the dataset, as the entry points do
+    if cfg.network.architecture != "hstu":
+        raise ExportError(f"NetworkArgs.architecture={cfg.network.architecture!r}: only HSTU models export")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        os.environ.pop(key, None)
+    env = init_distributed(1)
+    set_seed(cfg.trainer.seed)
+    built = build_all(cfg, env, log=lambda *a, **k: None)
+    model = built.model
+    model.eval()
+    state = {"embeddings": embedding_state_dict(model)}  # the trainer's layout (hstu.training.trainer)
+    dcp.load(state, checkpoint_id=ckpt)
+    load_embedding_state_dict(model, state["embeddings"])
+    tp_size = int(meta.get("tp_size", 1))
+    dense_files = [torch.load(os.path.join(ckpt, f"dense_tp{r}.pt"), weights_only=False) for r in range(tp_size)]
+    layer = model.dense_module.block.layers[0]
+    for name, child in model.dense_module.named_children():
+        merged = merge_tp_shards([d["model"][name] for d in dense_files], layer.num_heads, layer.head_dim)
+        child.load_state_dict(merged)
+    return model, cfg, built, ckpt, meta, source
+
+
+def _first_eval_batch(built: Any):
+    loader = built.test_loader or built.eval_loader
+    state = loader.state_dict()
+    state.update(epoch=0, batch_index=0)
+    loader.load_state_dict(state)
+    return next(iter(loader))
+
+
+def _batch_inputs(batch: Any, tables: dict[str, dict[str, torch.Tensor]], icfg: dict[str, Any]):
+    """A trainer batch -> the padded inputs of the inference model (for the self-check)."""
+    from hstu.serving.artifact import Tables, pad_inputs
+
+    t = Tables(tables)
+    item = batch.features[icfg["item_feature_name"]]
+    lengths = item.lengths()
+    per_user_items = list(item.values().split(lengths.tolist()))
+    per_user_ts = list(batch.timestamps.split(lengths.tolist()))
+    actions = None
+    if icfg["has_action"]:
+        act = batch.features[icfg["action_feature_name"]]
+        actions = list(act.values().split(act.lengths().tolist()))
+    contextual = None
+    if icfg["num_contextual"]:
+        contextual = torch.stack(
+            [batch.features[n].values() for n in icfg["contextual_feature_names"]], 1
+        )
+    num_candidates = batch.num_candidates if batch.num_candidates is not None else torch.zeros_like(lengths)
+    return pad_inputs(t, icfg, per_user_items, per_user_ts, num_candidates, actions, contextual)
+
+
+@torch.no_grad()
+def self_check(model: Any, built: Any, inference: InferenceHSTU, tables: dict, icfg: dict) -> float:
+    """Largest difference between the artifact's and the trainer's outputs on one evaluation
+    batch (retrieval: top-10 scores, ids must match; ranking: candidate logits)."""
+    from hstu.serving.artifact import Corpus, candidate_logits
+
+    batch = _first_eval_batch(built)
+    inputs = _batch_inputs(batch, tables, icfg)
+    out = inference(*inputs)
+    if icfg["task"] == "retrieval":
+        ref = model.evaluate(batch, top_k=10)
+        corpus = Corpus(tables[icfg["item_feature_name"]], icfg)
+        item = batch.features[icfg["item_feature_name"]]
+        history = list(item.values().split(item.lengths().tolist()))
+        ids, scores = corpus.top_k(out, history, 10)
+        if not torch.equal(ids, ref.top_ids):
+            differ = int((ids != ref.top_ids).any(1).sum())
+            raise ExportError(f"self-check: the artifact's top-10 ids differ from the trainer's for {differ} users")
+        return float((scores - ref.top_scores).abs().max())
+    batch = model.prepare(batch)
+    _, (ref_logits, _) = model(batch)
+    logits = candidate_logits(out, inputs[1], inputs[2])
+    return float((logits - ref_logits).abs().max())
+
+
+class _Forward(torch.nn.Module):
+    """A method of InferenceHSTU as the forward of a module (torch.export exports forward)."""
+
+    def __init__(self, model: InferenceHSTU, method: str, num_args: int) -> None:
+        super().__init__()
+        self.model = model
+        self.method = method
+        self.num_args = num_args
+
+    def forward(self, a0, a1, a2, a3=None, a4=None, a5=None, a6=None):
+        args = (a0, a1, a2, a3, a4, a5, a6)[: self.num_args]
+        return getattr(self.model, self.method)(*args)
+
+
+def export_programs(inference: InferenceHSTU, icfg: dict[str, Any], out: Path, aoti: bool, log: Any) -> dict[str, Any]:
+    """torch.export of the dense forward (and, for ranking, the cached-history pair);
+    AOTInductor package of the forward where it compiles."""
+    from torch.export import Dim
+
+    report: dict[str, Any] = {"programs": {}, "aoti": None}
+    dims = {"B": Dim("batch", min=1, max=1 << 16), "L": Dim("items", min=2, max=1 << 16),
+            "W": Dim("history_tokens", min=1, max=1 << 17), "K": Dim("candidates", min=1, max=1 << 16)}
+    specs = example_inputs(icfg, batch_size=3, slots=5)
+    for name, (method, args, shapes) in specs.items():
+        dyn = [
+            None if s is None else {i: dims[d] for i, d in enumerate(s) if d is not None}
+            for s in shapes
+        ]
+        ep = torch.export.export(_Forward(inference, method, len(args)), tuple(args), dynamic_shapes=tuple(dyn), strict=False)
+        path = out / (DENSE_PROGRAM if name == "forward" else CACHE_PROGRAMS[name])
+        torch.export.save(ep, str(path))
+        report["programs"][name] = path.name
+        if name == "forward" and aoti:
+            start = time.perf_counter()
+            try:
+                from torch._inductor import aoti_compile_and_package
+
+                aoti_compile_and_package(ep, package_path=str(out / AOTI_PACKAGE))
+                report["aoti"] = {"package": AOTI_PACKAGE, "compile_s": round(time.perf_counter() - start, 1)}
+                log(f"[export] AOTInductor package compiled in {time.perf_counter() - start:.0f}s")
+            except Exception as exc:  # noqa: BLE001 - the torch.export program stays the artifact
+                reason = " ".join(str(exc).split())[:300]
+                report["aoti"] = {"error": f"{type(exc).__name__}: {reason}"}
+                log(f"[export] AOTInductor did not compile ({type(exc).__name__}: {reason}); keeping the torch.export program")
+    return report
+
+
+def _copy_item_map(cfg: Any, out: Path) -> bool:
+    path = getattr(cfg.dataset, "resolved_path", None)
+    if path and (Path(path) / ITEM_MAP).is_file():
+        shutil.copy(Path(path) / ITEM_MAP, out / ITEM_MAP)
+        return True
+    return False
+
+
+def write_embedding_dump(tables: dict, icfg: dict, out: Path) -> None:
+    """items.parquet: item_id (the model's id), raw_item_id (when the dataset has a map), vector."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    item = tables[icfg["item_feature_name"]]
+    ids, vectors = item["ids"].numpy(), item["vectors"].numpy().astype(np.float32)
+    keep = ids >= icfg.get("min_item_id", 0)
+    if icfg.get("min_item_id", 0) > 0 and (out / ITEM_MAP).is_file():
+        keep &= np.isin(ids, pq.read_table(out / ITEM_MAP).column("item_id").to_numpy())
+    ids, vectors = ids[keep], vectors[keep]
+    columns: dict[str, Any] = {"item_id": pa.array(ids)}
+    if (out / ITEM_MAP).is_file():
+        m = pq.read_table(out / ITEM_MAP)
+        lookup = dict(zip(m.column("item_id").to_pylist(), m.column("raw_item_id").to_pylist()))
+        columns["raw_item_id"] = pa.array([lookup.get(int(i)) for i in ids])
+    dim = vectors.shape[1]
+    columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)
+    pq.write_table(pa.table(columns), out / EMBEDDING_DUMP)
+
+
+def export(ckpt: str, out: str, gin_file: str | None = None, params: list[str] = (), aoti: bool = True,
+           log: Any = print) -> Path:
+    from hstu.training.distributed import destroy_distributed
+
+    start = time.perf_counter()
+    out_path = Path(out)
+    try:
+        model, cfg, built, ckpt_dir, meta, source = load_for_export(ckpt, gin_file, list(params))
+        log(f"[export] {cfg.task} checkpoint {ckpt_dir} (step {meta['step']}, saved on "
+            f"{meta.get('world_size')} process(es), TP {meta.get('tp_size', 1)}); configuration from {source}")
+        info = built.info
+        icfg = inference_config(model, cfg, info)
+        keys = list(_first_eval_batch(built).features.keys())
+        features = [icfg["item_feature_name"], *icfg["contextual_feature_names"]]
+        if icfg["has_action"]:
+            features.append(icfg["action_feature_name"])
+        tables = gather_tables(model, features, keys)
+        icfg["feature_dims"] = {name: int(t["vectors"].shape[1]) for name, t in tables.items()}
+        inference = InferenceHSTU(icfg)
+        inference.load_state_dict(
+            {k: v.float() for k, v in model.dense_module.state_dict().items() if not k.endswith("_extra_state")}
+        )
+        inference.eval()
+        diff = self_check(model, built, inference, tables, icfg)
+        log(f"[export] self-check on one evaluation batch: max |artifact - trainer| = {diff:.2e}")
+        if diff > 1e-4:
+            raise ExportError(f"self-check failed: the artifact differs from the trainer by {diff:.2e}")
+        tmp = out_path.with_name(out_path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save(tables, tmp / TABLES_FILE)
+        torch.save(inference.state_dict(), tmp / WEIGHTS_FILE)
+        report = export_programs(inference, icfg, tmp, aoti, log)
+        has_map = _copy_item_map(cfg, tmp)
+        write_embedding_dump(tables, icfg, tmp)
+        dataset = cfg.dataset
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "task": cfg.task,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "checkpoint": {"path": os.path.abspath(ckpt_dir), "step": int(meta["step"]),
+                           "world_size": meta.get("world_size"), "tp_size": meta.get("tp_size", 1),
+                           "config_source": source},
+            "metrics": checkpoint_metrics(ckpt_dir, meta),
+            "dataset": {"name": info.dataset_name, "path": getattr(dataset, "resolved_path", None),
+                        "num_items": info.num_items, "first_item_id": info.first_item_id,
+                        "max_sequence_length": getattr(dataset, "max_sequence_length", None),
+                        "max_num_candidates": getattr(dataset, "max_num_candidates", 0),
+                        "item_map": ITEM_MAP if has_map else None},
+            "features": {
+                name: {"rows": int(t["ids"].numel()), "dim": int(t["vectors"].shape[1])} for name, t in tables.items()
+            },
+            "model": icfg,
+            "files": {"tables": TABLES_FILE, "weights": WEIGHTS_FILE, "embeddings": EMBEDDING_DUMP, **report["programs"]},
+            "aoti": report["aoti"],
+            "self_check_max_abs_diff": diff,
+            "versions": _versions(),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        shutil.rmtree(out_path, ignore_errors=True)
+        os.replace(tmp, out_path)
+        log(f"[export] artifact written to {out_path} in {time.perf_counter() - start:.0f}s")
+        return out_path
+    finally:
+        destroy_distributed()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hstu.export", description=__doc__.split("\n")[0])
+    parser.add_argument("--ckpt", required=True, help="checkpoint folder, or a save root with a 'latest' file")
+    parser.add_argument("--out", required=True, help="artifact folder to write (replaced if it exists)")
+    parser.add_argument("--gin-config-file", default=None, help="configuration (default: the checkpoint's run's)")
+    parser.add_argument("--gin-param", action="append", default=[], metavar="BINDING",
+                        help="extra gin binding, e.g. 'DatasetArgs.dataset_path=\"tmp_data/ml-100k\"'")
+    parser.add_argument("--no-aoti", action="store_true", help="skip the AOTInductor package (minutes on a CPU)")
+    ns = parser.parse_args(argv)
+    from hstu.args import ConfigError
+    from hstu.data.errors import DataError
+
+    try:
+        export(ns.ckpt, ns.out, ns.gin_config_file, ns.gin_param, aoti=not ns.no_aoti)
+    except (ExportError, ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,401 @@
+"""Recommendations from an exported artifact, with torch alone (docs/serving.md).
+
+    python -m hstu.recommend --model ART --input tmp_data/ml-100k --out top10.parquet --top-k 10
+    python -m hstu.recommend --model ART --input events.csv --out top10.csv --top-k 10
+    python -m hstu.recommend --model RANKING_ART --input events.csv --candidates cands.csv --out scores.csv
+
+Retrieval: the top-K items of the full corpus for every user of the input (their history
+excluded), raw item ids and scores. Ranking: the head's scores for given candidates per user
+(``--candidates``), or for each user's last N events (``--holdout-last N``, as the trainer's
+test split). Input: a preprocessed dataset folder, or a CSV/parquet of raw events with
+columns user, item and timestamp (``user_id``/``item_id`` also accepted; the action and
+contextual features the model reads as columns named after them). Output: parquet, or CSV
+when the file name ends in .csv.
+
+``--holdout-last 1`` (retrieval) keeps each user's last event out of the history and writes
+it as ``target``: HR@K of the output is then the trainer's test protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+import torch
+
+from hstu.serving.artifact import ITEM_MAP, Artifact, ArtifactError
+
+
+class InputError(Exception):
+    """A histories file that cannot be used (printed as one line)."""
+
+
+@dataclass
+class Events:
+    """Every user's events in time order (stable): users [U] (raw user ids), offsets [U+1],
+    items [N] model item ids, timestamps [N], actions [N] or None, contextual name -> [U]."""
+
+    users: list
+    offsets: np.ndarray
+    items: np.ndarray
+    timestamps: np.ndarray
+    actions: np.ndarray | None
+    contextual: dict[str, np.ndarray]
+    skipped_events: int = 0
+    skipped_users: int = 0
+
+
+def _read_table(path: Path) -> pa.Table:
+    try:
+        if path.suffix.lower() == ".csv":
+            return pcsv.read_csv(path)
+        return pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        msg = " ".join(str(exc).split())
+        if "Empty CSV file" in msg or path.stat().st_size == 0:
+            raise InputError(f"{path}: empty file, no events to recommend from") from None
+        raise InputError(f"{path}: unreadable ({msg})") from None
+
+
+def _column(table: pa.Table, names: tuple[str, ...], path: Path, required: bool = True):
+    for name in names:
+        if name in table.column_names:
+            return table.column(name)
+    if required:
+        raise InputError(f"{path}: no column {' / '.join(names)} (columns: {', '.join(table.column_names)})")
+    return None
+
+
+class ItemIds:
+    """Raw item ids <-> model item ids (the dataset's item map, or the identity without one)."""
+
+    def __init__(self, art: Artifact) -> None:
+        self.to_raw: dict[int, Any] | None = None
+        self.from_raw: dict[Any, int] | None = None
+        path = art.path / ITEM_MAP
+        if path.is_file():
+            m = pq.read_table(path)
+            ids, raw = m.column("item_id").to_pylist(), m.column("raw_item_id").to_pylist()
+            self.to_raw = dict(zip(ids, raw))
+            self.from_raw = {r: i for i, r in zip(ids, raw)}
+            self.from_raw.update({str(r): i for i, r in zip(ids, raw)})
+
+    def model_ids(self, raw: list) -> np.ndarray:
+        if self.from_raw is None:
+            return np.asarray([int(r) if r is not None else -1 for r in raw], dtype=np.int64)
+        get = self.from_raw.get
+        return np.asarray([get(r, get(str(r), -1)) for r in raw], dtype=np.int64)
+
+    def raw_ids(self, ids: np.ndarray) -> list:
+        if self.to_raw is None:
+            return ids.tolist()
+        return [self.to_raw.get(int(i)) for i in ids]
+
+
+def read_events(path: Path, art: Artifact, item_ids: ItemIds) -> Events:
+    """A preprocessed dataset folder or a raw events file -> Events (unknown items dropped)."""
+    cfg = art.cfg
+    action_name = cfg.get("action_feature_name") if cfg["has_action"] else None
+    ctx_names = list(cfg["contextual_feature_names"])
+    if path.is_dir():
+        meta_path = path / "metadata.json"
+        if not meta_path.is_file():
+            raise InputError(f"{path}: a folder but not a preprocessed dataset (no metadata.json)")
+        table = pq.read_table(path / "sequences.parquet")
+        if table.num_rows == 0:
+            raise InputError(f"{path}: no users, no events to recommend from")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("dataset") != art.manifest["dataset"]["name"]:
+            print(f"[recommend] note: {path} is dataset {meta.get('dataset')!r}, the model was trained on "
+                  f"{art.manifest['dataset']['name']!r}", file=sys.stderr)
+        col = table.column("item_ids").combine_chunks()
+        offsets = col.offsets.to_numpy().astype(np.int64)
+        offsets = offsets - offsets[0]
+        items = col.flatten().to_numpy().astype(np.int64)
+        ts = table.column("timestamps").combine_chunks().flatten().to_numpy().astype(np.int64)
+        actions = None
+        if action_name is not None:
+            actions = table.column("actions").combine_chunks().flatten().to_numpy().astype(np.int64)
+        users = table.column("raw_user_id").to_pylist() if "raw_user_id" in table.column_names else table.column("user_id").to_pylist()
+        contextual = {}
+        for name in ctx_names:
+            if name not in table.column_names:
+                raise InputError(f"{path}: the model reads contextual feature {name!r}, which this dataset lacks")
+            contextual[name] = table.column(name).to_numpy().astype(np.int64)
+    else:
+        if not path.exists():
+            raise InputError(f"{path}: no such file")
+        if path.stat().st_size == 0:
+            raise InputError(f"{path}: empty file, no events to recommend from")
+        table = _read_table(path)
+        if table.num_rows == 0:
+            raise InputError(f"{path}: no events (only a header)")
+        user_col = _column(table, ("user", "user_id"), path)
+        item_col = _column(table, ("item", "item_id"), path)
+        ts_col = _column(table, ("timestamp", "time", "ts"), path, required=False)
+        raw_users = user_col.to_pylist()
+        items = item_ids.model_ids(item_col.to_pylist())
+        ts = (ts_col.to_numpy(zero_copy_only=False).astype(np.int64) if ts_col is not None
+              else np.zeros(len(items), dtype=np.int64))
+        actions = None
+        if action_name is not None:
+            acol = _column(table, (action_name, "action"), path)
+            actions = acol.to_numpy(zero_copy_only=False).astype(np.int64)
+        codes, inverse = np.unique(np.asarray([str(u) for u in raw_users]), return_inverse=True)
+        first_raw = {}
+        for u, code in zip(raw_users, inverse):
+            first_raw.setdefault(int(code), u)
+        users = [first_raw[i] for i in range(len(codes))]
+        order = np.lexsort((ts, inverse))  # by user, then time; stable within ties
+        counts = np.bincount(inverse, minlength=len(codes))
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        items, ts = items[order], ts[order]
+        if actions is not None:
+            actions = actions[order]
+        contextual = {}
+        for name in ctx_names:
+            c = _column(table, (name,), path).to_numpy(zero_copy_only=False).astype(np.int64)
+            firsts = np.full(len(codes), 0, dtype=np.int64)
+            firsts[inverse[::-1]] = c[::-1]  # each user's first row's value
+            contextual[name] = firsts
+    # unknown items: ids the model's item table does not hold (skipped and counted)
+    _, found = art.tables.find(cfg["item_feature_name"], torch.from_numpy(items))
+    known = found.numpy()
+    if cfg["task"] == "retrieval":
+        known &= (items >= cfg["min_item_id"]) & (items < cfg["num_items"])
+    skipped = int((~known).sum())
+    if skipped:
+        seg = np.repeat(np.arange(len(users)), np.diff(offsets))
+        keep_counts = np.bincount(seg[known], minlength=len(users))
+        offsets = np.concatenate([[0], np.cumsum(keep_counts)]).astype(np.int64)
+        items, ts = items[known], ts[known]
+        if actions is not None:
+            actions = actions[known]
+    return Events(users, offsets, items, ts, actions, contextual, skipped_events=skipped)
+
+
+def _write(rows: dict[str, list | np.ndarray], out: Path) -> None:
+    table = pa.table({k: pa.array(v) for k, v in rows.items()})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".csv":
+        pcsv.write_csv(table, out)
+    else:
+        pq.write_table(table, out)
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="user", file=sys.stderr, disable=None, mininterval=1.0)
+    except ImportError:  # tqdm is optional at serving time
+        class _Quiet:
+            def update(self, n): pass
+            def close(self): pass
+        return _Quiet()
+
+
+def _samples(events: Events, max_len: int, holdout: int, min_history: int = 1):
+    """Per user: (index, history start, history end, end) with the last ``holdout`` events
+    held out (retrieval: the target; ranking: the candidates, at most L-1 of them)."""
+    starts, ends = events.offsets[:-1], events.offsets[1:]
+    out = []
+    for u, (s, e) in enumerate(zip(starts, ends)):
+        n = e - s
+        held = min(holdout, n - 1) if holdout else 0
+        if holdout and held < 1:
+            continue
+        hist_end = e - held
+        hist_start = max(s, hist_end - max_len)
+        if hist_end - hist_start < min_history:
+            continue
+        out.append((u, hist_start, hist_end, e))
+    return out
+
+
+def recommend(art: Artifact, events: Events, out: Path, top_k: int, batch_size: int, holdout: int) -> dict[str, Any]:
+    cfg = art.cfg
+    max_len = int(art.manifest["dataset"]["max_sequence_length"] or cfg["max_item_seqlen"])
+    samples = _samples(events, max_len, holdout)
+    item_ids = ItemIds(art)
+    cols: dict[str, list] = {"user_id": [], "rank": [], "item_id": [], "score": []}
+    if holdout:
+        cols["target"] = []
+    hits = 0
+    bar = _progress(len(samples), "recommend")
+    start = time.perf_counter()
+    for b0 in range(0, len(samples), batch_size):
+        chunk = samples[b0 : b0 + batch_size]
+        hist = [torch.from_numpy(events.items[s:e]) for _, s, e, _ in chunk]
+        ts = [torch.from_numpy(events.timestamps[s:e]) for _, s, e, _ in chunk]
+        acts = [torch.from_numpy(events.actions[s:e]) for _, s, e, _ in chunk] if events.actions is not None else None
+        ctx = None
+        if cfg["contextual_feature_names"]:
+            ctx = torch.stack([torch.from_numpy(events.contextual[n][[u for u, *_ in chunk]])
+                               for n in cfg["contextual_feature_names"]], 1)
+        ids, scores = art.recommend(hist, ts, top_k, acts, ctx)
+        k = ids.shape[1]
+        raw = item_ids.raw_ids(ids.reshape(-1).numpy())
+        for i, (u, _, e, end) in enumerate(chunk):
+            cols["user_id"] += [events.users[u]] * k
+            cols["rank"] += list(range(1, k + 1))
+            if holdout:
+                target = int(events.items[e])
+                cols["target"] += [item_ids.raw_ids(np.asarray([target]))[0]] * k
+                hits += int(target in ids[i, :10].tolist())
+        cols["item_id"] += raw
+        cols["score"] += scores.reshape(-1).tolist()
+        bar.update(len(chunk))
+    bar.close()
+    elapsed = time.perf_counter() - start
+    _write(cols, out)
+    report = {"users": len(samples), "seconds": elapsed, "users_per_s": len(samples) / max(elapsed, 1e-9),
+              "skipped_users": len(events.users) - len(samples)}
+    if holdout and samples:
+        report["HR@10"] = hits / len(samples)
+    return report
+
+
+def _candidates_from_file(path: Path, events: Events, item_ids: ItemIds, art: Artifact):
+    """user -> (candidate model ids, timestamps) from a CSV/parquet (unknown items skipped)."""
+    table = _read_table(path)
+    users = [str(u) for u in _column(table, ("user", "user_id"), path).to_pylist()]
+    items = item_ids.model_ids(_column(table, ("item", "item_id"), path).to_pylist())
+    ts_col = _column(table, ("timestamp", "time", "ts"), path, required=False)
+    ts = ts_col.to_numpy(zero_copy_only=False).astype(np.int64) if ts_col is not None else np.zeros(len(items), np.int64)
+    _, found = art.tables.find(art.cfg["item_feature_name"], torch.from_numpy(items))
+    by_user: dict[str, tuple[list, list]] = {}
+    for u, i, t, f in zip(users, items.tolist(), ts.tolist(), found.tolist()):
+        if f:
+            by_user.setdefault(u, ([], []))[0].append(i)
+            by_user[u][1].append(t)
+    return by_user, int((~found).sum())
+
+
+def rank(art: Artifact, events: Events, out: Path, batch_size: int, holdout: int,
+         candidates: Path | None) -> dict[str, Any]:
+    cfg = art.cfg
+    max_len = int(art.manifest["dataset"]["max_sequence_length"] or cfg["max_item_seqlen"])
+    item_ids = ItemIds(art)
+    per_user = None
+    skipped_cands = 0
+    if candidates is not None:
+        per_user, skipped_cands = _candidates_from_file(candidates, events, item_ids, art)
+        samples = [s for s in _samples(events, max_len, 0) if str(events.users[s[0]]) in per_user]
+    else:
+        samples = _samples(events, max_len, holdout)
+    width = cfg["head_arch"][-1]
+    bce = width == cfg["num_tasks"]
+    cols: dict[str, list] = {"user_id": [], "item_id": []}
+    if holdout and candidates is None and events.actions is not None:
+        cols["label"] = []
+    logit_cols = [[] for _ in range(width)]
+    bar = _progress(len(samples), "rank")
+    start = time.perf_counter()
+    for b0 in range(0, len(samples), batch_size):
+        chunk = samples[b0 : b0 + batch_size]
+        seqs, stamps, acts, num_c = [], [], [], []
+        for u, s, e, end in chunk:
+            if per_user is not None:
+                c_ids, c_ts = per_user[str(events.users[u])]
+                seqs.append(torch.from_numpy(np.concatenate([events.items[s:e], np.asarray(c_ids, np.int64)])))
+                stamps.append(torch.from_numpy(np.concatenate([events.timestamps[s:e], np.asarray(c_ts, np.int64)])))
+                num_c.append(len(c_ids))
+            else:
+                seqs.append(torch.from_numpy(events.items[s:end]))
+                stamps.append(torch.from_numpy(events.timestamps[s:end]))
+                num_c.append(end - e)
+            if events.actions is not None:
+                acts.append(torch.from_numpy(events.actions[s:e]))
+        ctx = None
+        if cfg["contextual_feature_names"]:
+            ctx = torch.stack([torch.from_numpy(events.contextual[n][[u for u, *_ in chunk]])
+                               for n in cfg["contextual_feature_names"]], 1)
+        logits = art.score(seqs, stamps, torch.tensor(num_c, dtype=torch.int64), acts or None, ctx)
+        flat_items = torch.cat([sq[len(sq) - c:] for sq, c in zip(seqs, num_c)]).numpy()
+        for (u, s, e, end), c in zip(chunk, num_c):
+            cols["user_id"] += [events.users[u]] * c
+            if "label" in cols:
+                cols["label"] += events.actions[e:end].tolist()
+        cols["item_id"] += item_ids.raw_ids(flat_items)
+        for j in range(width):
+            logit_cols[j] += logits[:, j].tolist()
+        bar.update(len(chunk))
+    bar.close()
+    elapsed = time.perf_counter() - start
+    for j in range(width):
+        cols[f"logit_{j}"] = logit_cols[j]
+    all_logits = torch.tensor(logit_cols, dtype=torch.float32).t() if logit_cols[0] else torch.zeros(0, width)
+    probs = torch.sigmoid(all_logits) if bce else torch.softmax(all_logits, 1)
+    name = "p_task" if bce else "p_class"
+    for j in range(width):
+        cols[f"{name}{j}"] = probs[:, j].tolist()
+    _write(cols, out)
+    return {"users": len(samples), "seconds": elapsed, "users_per_s": len(samples) / max(elapsed, 1e-9),
+            "skipped_candidates": skipped_cands, "skipped_users": len(events.users) - len(samples)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hstu.recommend", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="artifact folder written by python -m hstu.export")
+    parser.add_argument("--input", required=True, help="preprocessed dataset folder, or a CSV/parquet of events")
+    parser.add_argument("--out", required=True, help="output file (.parquet, or .csv)")
+    parser.add_argument("--top-k", type=int, default=10, help="items per user (retrieval)")
+    parser.add_argument("--candidates", default=None, help="ranking: CSV/parquet of user, item[, timestamp] to score")
+    parser.add_argument("--holdout-last", type=int, default=0, metavar="N",
+                        help="hold each user's last N events out of the history (retrieval: N=1, the target; "
+                             "ranking: the candidates)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--no-aoti", action="store_true", help="run the torch.export program even if an AOTInductor package exists")
+    ns = parser.parse_args(argv)
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    try:
+        art = Artifact(ns.model, use_aoti=not ns.no_aoti)
+        if art.task == "retrieval" and ns.holdout_last not in (0, 1):
+            raise InputError("--holdout-last is 0 or 1 for retrieval (the held-out item is the target)")
+        if art.task == "retrieval" and ns.candidates:
+            raise InputError("--candidates is for ranking models; this artifact is a retrieval model")
+        if art.task == "ranking" and not ns.candidates and not ns.holdout_last:
+            raise InputError("a ranking model scores candidates: give --candidates FILE or --holdout-last N")
+        events = read_events(Path(ns.input), art, ItemIds(art))
+        if events.skipped_events:
+            print(f"[recommend] skipped {events.skipped_events} events whose item ids the model does not know",
+                  file=sys.stderr)
+        if art.task == "retrieval":
+            report = recommend(art, events, Path(ns.out), ns.top_k, ns.batch_size, ns.holdout_last)
+        else:
+            report = rank(art, events, Path(ns.out), ns.batch_size, ns.holdout_last,
+                          Path(ns.candidates) if ns.candidates else None)
+            if report["skipped_candidates"]:
+                print(f"[recommend] skipped {report['skipped_candidates']} candidates whose item ids the model "
+                      "does not know", file=sys.stderr)
+    except (ArtifactError, InputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if report["skipped_users"] and report["users"]:
+        print(f"[recommend] skipped {report['skipped_users']} users without a usable history "
+              "(no known item before the held-out events)", file=sys.stderr)
+    if report["users"] == 0:
+        print("error: no user has a history the model knows: nothing written", file=sys.stderr)
+        return 2
+    line = (f"[recommend] {report['users']} users in {report['seconds']:.2f}s "
+            f"({report['users_per_s']:.0f} users/s, {art.runtime}, {torch.get_num_threads()} threads); wrote {ns.out}")
+    if "HR@10" in report:
+        line += f"; HR@10 of the held-out items {report['HR@10']:.4f}"
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""Reading an exported artifact with torch alone (docs/serving.md describes the files).
+
+Legend: B users of a batch, L item slots (history then candidates, padded), D widths, I items
+in the corpus (ids [0, num_items)), k top-k.
+
+    art = load_artifact("artifacts/ml-100k")
+    ids, scores = art.recommend(histories, timestamps, k=10)          # retrieval
+    logits = art.score(histories, timestamps, candidates, cand_ts)     # ranking
+
+Nothing here imports torchrec, megatron or gin: tables are plain tensors with the ids the
+model knows items by, the dense model is a ``torch.export`` program (or its AOTInductor
+package), and what is left (id lookup, padding, full-corpus top-k) is a few torch ops.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FORMAT = "hstu-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TABLES_FILE = "tables.pt"
+WEIGHTS_FILE = "dense_weights.pt"
+DENSE_PROGRAM = "dense.pt2"
+AOTI_PACKAGE = "dense_aoti.pt2"
+CACHE_PROGRAMS = {"encode_history": "encode_history.pt2", "score_candidates": "score_candidates.pt2"}
+EMBEDDING_DUMP = "item_embeddings.parquet"
+ITEM_MAP = "item_map.parquet"
+
+
+class ArtifactError(Exception):
+    """An artifact that cannot be used (printed as one line)."""
+
+
+class Tables:
+    """feature -> (sorted ids int64 [R], vectors float32 [R, D]); ids -> rows by binary search."""
+
+    def __init__(self, tables: dict[str, dict[str, Tensor]]) -> None:
+        self.tables = tables
+
+    def dim(self, feature: str) -> int:
+        return int(self.tables[feature]["vectors"].shape[1])
+
+    def find(self, feature: str, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """ids int64 [N] -> (rows [N] (0 where missing), found bool [N])."""
+        known = self.tables[feature]["ids"]
+        if known.numel() == 0:
+            return torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+        pos = torch.searchsorted(known, ids.contiguous()).clamp(max=known.numel() - 1)
+        found = known[pos] == ids
+        return torch.where(found, pos, 0), found
+
+    def lookup(self, feature: str, ids: Tensor) -> Tensor:
+        """ids [N] -> [N, D]; unknown ids get a zero vector (as the trainer's misses)."""
+        rows, found = self.find(feature, ids)
+        vectors = self.tables[feature]["vectors"][rows]
+        return vectors * found.unsqueeze(1).to(vectors.dtype)
+
+
+def pad_inputs(
+    tables: Tables,
+    cfg: dict[str, Any],
+    items: list[Tensor],
+    timestamps: list[Tensor] | None,
+    num_candidates: Tensor,
+    actions: list[Tensor] | None = None,
+    contextual: Tensor | None = None,
+) -> tuple:
+    """Per-user id lists (history then candidates) -> the dense program's padded inputs
+    (items, item_lengths, num_candidates, timestamps, actions, contextual); ``contextual``
+    int64 [B, X] ids. At least 2 slots (the exported programs' smallest L)."""
+    lengths = torch.tensor([t.numel() for t in items], dtype=torch.int64)
+    bsz, slots = len(items), max(2, int(lengths.max()) if len(items) else 2)
+    flat = torch.cat(items) if items else torch.zeros(0, dtype=torch.int64)
+    pos = torch.arange(slots).unsqueeze(0) < lengths.unsqueeze(1)  # [B, L]
+    item_name = cfg["item_feature_name"]
+    padded = torch.zeros(bsz, slots, tables.dim(item_name))
+    padded[pos] = tables.lookup(item_name, flat)
+    ts = None
+    if timestamps is not None and cfg["relative_attention_bias"] and cfg["rab_use_time"]:
+        ts = torch.zeros(bsz, slots, dtype=torch.int64)
+        ts[pos] = torch.cat(timestamps).to(torch.int64)
+    acts = None
+    if cfg["has_action"]:
+        name = cfg["action_feature_name"]
+        acts = torch.zeros(bsz, slots, tables.dim(name))
+        if actions is None:
+            raise ArtifactError("this model reads the history's actions; the input has none")
+        alen = torch.tensor([a.numel() for a in actions], dtype=torch.int64)
+        apos = torch.arange(slots).unsqueeze(0) < alen.unsqueeze(1)
+        acts[apos] = tables.lookup(name, torch.cat(actions).to(torch.int64))
+    ctx = None
+    names = cfg["contextual_feature_names"]
+    if names:
+        if contextual is None:
+            raise ArtifactError(f"this model reads contextual features {names}; the input has none")
+        ctx = torch.stack([tables.lookup(n, contextual[:, k].to(torch.int64)) for k, n in enumerate(names)], 1)
+    return padded, lengths, num_candidates.to(torch.int64), ts, acts, ctx
+
+
+def candidate_logits(out: Tensor, item_lengths: Tensor, num_candidates: Tensor) -> Tensor:
+    """Ranking program output [B, L, W] -> the candidates' rows [sum(C), W] in sample order."""
+    slots = out.shape[1]
+    p = torch.arange(slots).unsqueeze(0)
+    hist = (item_lengths - num_candidates).unsqueeze(1)
+    return out[(p >= hist) & (p < item_lengths.unsqueeze(1))]
+
+
+class Corpus:
+    """The retrieval corpus: normalised vectors of ids [0, num_items) (zeros for ids the item
+    table does not hold, as the trainer's lookups), scored in one matmul per chunk."""
+
+    def __init__(self, item_table: dict[str, Tensor], cfg: dict[str, Any]) -> None:
+        self.num_items = int(cfg["num_items"])
+        self.min_item_id = int(cfg["min_item_id"])
+        t = Tables({"item": item_table})
+        ids = torch.arange(self.num_items, dtype=torch.int64)
+        self.vectors = F.normalize(t.lookup("item", ids).float(), p=2.0, dim=-1, eps=float(cfg["l2_norm_eps"]))
+
+    def top_k(self, queries: Tensor, histories: list[Tensor], k: int) -> tuple[Tensor, Tensor]:
+        """queries [B, D] -> (ids [B, k], scores [B, k]): history items and ids below
+        min_item_id excluded (-inf), as in the trainer's evaluation."""
+        scores = queries @ self.vectors.t()  # [B, I]
+        if self.min_item_id > 0:
+            scores[:, : self.min_item_id] = float("-inf")
+        if histories:
+            rows = torch.repeat_interleave(torch.arange(len(histories)), torch.tensor([h.numel() for h in histories]))
+            hist = torch.cat(histories)
+            inside = (hist >= 0) & (hist < self.num_items)
+            scores[rows[inside], hist[inside]] = float("-inf")
+        top_scores, top_ids = scores.topk(min(k, self.num_items), dim=1)
+        return top_ids, top_scores
+
+
+def example_inputs(cfg: dict[str, Any], batch_size: int = 3, slots: int = 5) -> dict[str, tuple]:
+    """Example arguments of each exported method and the symbolic dims of each argument
+    ("B" users, "L" item slots, "W" history tokens, "K" new candidates; None: static)."""
+    torch.manual_seed(0)
+    dims = cfg["feature_dims"]
+    b, n = batch_size, slots
+    ranking = cfg["task"] == "ranking"
+    uses_time = cfg["relative_attention_bias"] and cfg["rab_use_time"]
+    lengths = torch.tensor([n, n - 1, 2][:b] + [n] * max(0, b - 3), dtype=torch.int64)
+    cands = torch.tensor([2, 1, 1][:b] + [1] * max(0, b - 3), dtype=torch.int64) if ranking else torch.zeros(b, dtype=torch.int64)
+    items = torch.randn(b, n, dims[cfg["item_feature_name"]])
+    ts = torch.cumsum(torch.randint(1, 1000, (b, n)), 1) if uses_time else None
+    acts = torch.randn(b, n, dims[cfg["action_feature_name"]]) if cfg["has_action"] else None
+    names = cfg["contextual_feature_names"]
+    ctx = torch.randn(b, len(names), dims[names[0]]) if names else None
+
+    def shape(t: Tensor | None, labels: tuple) -> tuple | None:
+        return None if t is None else labels
+
+    out = {
+        "forward": (
+            "forward",
+            [items, lengths, cands, ts, acts, ctx],
+            [("B", "L", None), ("B",), ("B",), shape(ts, ("B", "L")), shape(acts, ("B", "L", None)),
+             shape(ctx, ("B", None, None))],
+        )
+    }
+    if ranking:
+        nxt = ts[:, -1] + 10 if ts is not None else None
+        out["encode_history"] = (
+            "encode_history",
+            [items, lengths, ts, acts, ctx, nxt],
+            [("B", "L", None), ("B",), shape(ts, ("B", "L")), shape(acts, ("B", "L", None)),
+             shape(ctx, ("B", None, None)), shape(nxt, ("B",))],
+        )
+        x = len(names)
+        mult = 2 if cfg["has_action"] else 1
+        width = x + mult * n
+        layers, heads, hd = cfg["num_layers"], cfg["num_heads"], cfg["head_dim"]
+        k = 3
+        out["score_candidates"] = (
+            "score_candidates",
+            [torch.randn(layers, b, width, heads, hd), torch.randn(layers, b, width, heads, hd),
+             torch.cumsum(torch.randint(1, 1000, (b, width)), 1), torch.full((b,), width - 1, dtype=torch.int64),
+             torch.randn(b, k, dims[cfg["item_feature_name"]]), torch.tensor([3, 2, 1][:b] + [3] * max(0, b - 3)),
+             torch.cumsum(torch.randint(1, 1000, (b, k)), 1) + 10**6 if uses_time else None],
+            [(None, "B", "W", None, None), (None, "B", "W", None, None), ("B", "W"), ("B",), ("B", "K", None), ("B",),
+             ("B", "K") if uses_time else None],
+        )
+    return out
+
+
+class Artifact:
+    """An exported model: manifest, tables, dense program (and the cached-history pair)."""
+
+    def __init__(self, path: str | Path, use_aoti: bool = True) -> None:
+        self.path = Path(path)
+        manifest = self.path / MANIFEST
+        if not manifest.is_file():
+            raise ArtifactError(f"{self.path}: not an hstu artifact (no {MANIFEST}); write one with python -m hstu.export")
+        try:
+            self.manifest = json.loads(manifest.read_text())
+        except ValueError as exc:
+            raise ArtifactError(f"{manifest}: unreadable ({exc})") from None
+        fmt, version = self.manifest.get("format"), self.manifest.get("format_version")
+        if fmt != FORMAT or version != FORMAT_VERSION:
+            raise ArtifactError(
+                f"{self.path}: artifact format {fmt!r} version {version}, this hstu reads {FORMAT!r} "
+                f"version {FORMAT_VERSION}; re-export the checkpoint with python -m hstu.export"
+            )
+        self.cfg: dict[str, Any] = self.manifest["model"]
+        self.task: str = self.manifest["task"]
+        self.tables = Tables(torch.load(self.path / TABLES_FILE, weights_only=True))
+        self.program = None
+        self.runtime = "torch.export"
+        aoti = self.manifest.get("aoti") or {}
+        if use_aoti and aoti.get("package") and (self.path / aoti["package"]).is_file():
+            try:
+                from torch._inductor import aoti_load_package
+
+                self.program = aoti_load_package(str(self.path / aoti["package"]))
+                self.runtime = "aoti"
+            except Exception:  # noqa: BLE001 - fall back to the portable program
+                self.program = None
+        if self.program is None:
+            self.program = torch.export.load(str(self.path / DENSE_PROGRAM)).module()
+        self._cache_programs: dict[str, Any] = {}
+        self._corpus: Corpus | None = None
+
+    # ---------------------------------------------------------------------- pieces
+
+    @property
+    def corpus(self) -> Corpus:
+        if self._corpus is None:
+            self._corpus = Corpus(self.tables.tables[self.cfg["item_feature_name"]], self.cfg)
+        return self._corpus
+
+    def cache_program(self, name: str):
+        if name not in self._cache_programs:
+            path = self.path / CACHE_PROGRAMS[name]
+            if not path.is_file():
+                raise ArtifactError(f"{self.path}: no {path.name} (cached-history scoring is for ranking models)")
+            self._cache_programs[name] = torch.export.load(str(path)).module()
+        return self._cache_programs[name]
+
+    def eager_model(self):
+        """The dense model as a plain nn.Module (hstu.serving.model, torch only)."""
+        from hstu.serving.model import InferenceHSTU
+
+        model = InferenceHSTU(self.cfg)
+        model.load_state_dict(torch.load(self.path / WEIGHTS_FILE, weights_only=True))
+        return model.eval()
+
+    @torch.no_grad()
+    def run(self, inputs: tuple) -> Tensor:
+        return self.program(*inputs)
+
+    # ---------------------------------------------------------------------- tasks
+
+    @torch.no_grad()
+    def recommend(self, items: list[Tensor], timestamps: list[Tensor] | None, k: int,
+                  actions: list[Tensor] | None = None, contextual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Retrieval: per-user histories (model item ids) -> top-k (ids [B, k], scores [B, k])."""
+        inputs = pad_inputs(self.tables, self.cfg, items, timestamps, torch.zeros(len(items), dtype=torch.int64),
+                            actions, contextual)
+        return self.corpus.top_k(self.run(inputs), items, k)
+
+    @torch.no_grad()
+    def score(self, items: list[Tensor], timestamps: list[Tensor] | None, num_candidates: Tensor,
+              actions: list[Tensor] | None = None, contextual: Tensor | None = None) -> Tensor:
+        """Ranking: per-user items (history then candidates) -> logits [sum(C), W]."""
+        inputs = pad_inputs(self.tables, self.cfg, items, timestamps, num_candidates, actions, contextual)
+        return candidate_logits(self.run(inputs), inputs[1], inputs[2])
+
+
+def load_artifact(path: str | Path, use_aoti: bool = True) -> Artifact:
+    return Artifact(path, use_aoti)
+
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "Artifact",
+    "ArtifactError",
+    "Corpus",
+    "Tables",
+    "candidate_logits",
+    "example_inputs",
+    "load_artifact",
+    "pad_inputs",
+]

@@ -1,0 +1,409 @@
+"""The dense model for inference: plain torch, padded batches, exportable with torch.export.
+
+Legend: B samples, L item slots per sample (history then candidates, left-aligned, padded),
+H[b] history items, C[b] candidates, X contextual features, A = 2 with action tokens else 1,
+W = X + A*L token slots, D hidden width, NH heads of width d, n[b] = X + A*H[b] + C[b] real
+tokens of sample b.
+
+Same computation as the trainer's dense modules (hstu.model.tokens, hstu_block,
+hstu_layer, the pytorch attention kernel, the heads) on a padded [B, W] layout instead of the
+jagged one, so that shapes are symbolic in B and L and nothing depends on data in Python
+(what torch.export needs). Token layout, positions, mask and relative attention bias follow
+DESIGN.md "Model"; padded slots are masked out of attention and never read back.
+
+Ranking inference with a cached history (:meth:`InferenceHSTU.encode_history` then
+:meth:`InferenceHSTU.score_candidates`): a history token never attends to a candidate, so the
+history's per-layer keys and values do not depend on the candidates and are computed once;
+K new candidates then cost K x (history tokens + own group) attention per layer. The one
+exception is the time term of the relative attention bias, where the last history token reads
+the next token's timestamp (the first candidate's): the cache takes that timestamp
+(``next_timestamps``, the request time) when it is built.
+
+Imports torch (and two torch-only helpers of hstu.ops) only: no torchrec, megatron or gin.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hstu.ops.masks import dense_mask
+from hstu.ops.rab import time_bucket
+
+
+def _layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """LayerNorm over the last dim with the trainer's arithmetic (statistics in float32)."""
+    mean = x.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + eps)
+    out = (x - mean) * rstd
+    if weight is not None:
+        out = out * weight + bias if bias is not None else out * weight
+    return out
+
+
+class _Layer(nn.Module):
+    """Parameters named as in hstu.model.hstu_layer.HSTULayer (TP=1)."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        d_model, width = cfg["hidden_size"], cfg["num_heads"] * cfg["head_dim"]
+        if cfg["norm_affine"]:
+            self.input_norm_weight = nn.Parameter(torch.ones(d_model))
+            self.input_norm_bias = nn.Parameter(torch.zeros(d_model))
+            self.output_norm_weight = nn.Parameter(torch.ones(width))
+            self.output_norm_bias = nn.Parameter(torch.zeros(width))
+        else:
+            for name in ("input_norm_weight", "input_norm_bias", "output_norm_weight", "output_norm_bias"):
+                self.register_parameter(name, None)
+        self.uvqk = nn.Linear(d_model, 4 * width, bias=cfg["uvqk_bias"])
+        self.output = nn.Linear(width, d_model, bias=cfg["output_bias"])
+        if cfg["relative_attention_bias"]:
+            self.rab_pos_weights = nn.Parameter(torch.zeros(2 * cfg["rab_num_positions"] - 1))
+            self.rab_ts_weights = nn.Parameter(torch.zeros(129)) if cfg["rab_use_time"] else None
+        else:
+            self.rab_pos_weights = None
+            self.rab_ts_weights = None
+
+
+class _Block(nn.Module):
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.position_embedding = (
+            nn.Embedding(cfg["num_position_buckets"], cfg["hidden_size"])
+            if cfg["use_position_embedding"] else None
+        )
+        self.layers = nn.ModuleList(_Layer(cfg) for _ in range(cfg["num_layers"]))
+
+
+class _TokenBuilder(nn.Module):
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.projections = nn.ModuleDict(
+            {name: nn.Linear(dim, cfg["hidden_size"], bias=False) for name, dim in cfg["projections"].items()}
+        )
+
+
+def _mlp(cfg: dict[str, Any]) -> nn.Module:
+    """Same layout as hstu.model.ranking.MLP (``net`` Sequential)."""
+    head = nn.Module()
+    layers: list[nn.Module] = []
+    width = cfg["hidden_size"]
+    arch = list(cfg["head_arch"])
+    for i, out in enumerate(arch):
+        layers.append(nn.Linear(width, out, bias=cfg["head_bias"]))
+        if i < len(arch) - 1:
+            layers.append(nn.ReLU() if cfg["head_activation"] == "relu" else nn.GELU())
+        width = out
+    head.net = nn.Sequential(*layers)
+    return head
+
+
+class InferenceHSTU(nn.Module):
+    """The trained dense part (token builder, HSTU block, ranking head), state-dict compatible
+    with the trainer's RankingModel / RetrievalModel at TP=1.
+
+    ``cfg`` (JSON-able; see :func:`hstu.export.inference_config`): task, hidden_size,
+    num_layers, num_heads, head_dim, alpha, scaling_seqlen, norm_eps, norm_affine, uvqk_bias,
+    output_bias, is_causal, target_group_size, num_position_buckets, use_position_embedding,
+    relative_attention_bias, rab_num_positions, rab_use_time, num_contextual, has_action,
+    projections (feature -> input dim of its projection), item_feature_name,
+    action_feature_name, contextual_feature_names, l2_norm_eps; ranking: head_arch,
+    head_bias, head_activation.
+    """
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.cfg = dict(cfg)
+        self.token_builder = _TokenBuilder(cfg)
+        self.block = _Block(cfg)
+        if cfg["task"] == "ranking":
+            self.head = _mlp(cfg)
+        self.hidden_size = cfg["hidden_size"]
+        self.num_heads, self.head_dim = cfg["num_heads"], cfg["head_dim"]
+        self.alpha = float(cfg["alpha"])
+        self.scaling = float(cfg["scaling_seqlen"])
+        self.eps = float(cfg["norm_eps"])
+        self.causal = bool(cfg["is_causal"])
+        self.group = int(cfg["target_group_size"])
+        self.num_ctx = int(cfg["num_contextual"])
+        self.mult = 2 if cfg["has_action"] else 1
+
+    # ------------------------------------------------------------------------ pieces
+
+    def _project(self, name: str | None, x: Tensor) -> Tensor:
+        if name is not None and name in self.token_builder.projections:
+            return self.token_builder.projections[name](x)
+        return x
+
+    def _embed_tokens(
+        self,
+        items: Tensor,
+        item_lengths: Tensor,
+        num_candidates: Tensor,
+        timestamps: Tensor | None,
+        actions: Tensor | None,
+        contextual: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+        """Padded tokens [B, W, D] (zeros on padding), their timestamps [B, W] or None,
+        real token counts n [B] and non-candidate token counts [B]."""
+        cfg = self.cfg
+        bsz, slots = items.shape[0], items.shape[1]
+        x_ctx, mult = self.num_ctx, self.mult
+        hist = item_lengths - num_candidates  # [B]
+        parts = []
+        if contextual is not None:
+            parts.append(self._project_ctx(contextual))
+        parts.append(self._project(cfg["item_feature_name"], items))
+        if actions is not None:
+            parts.append(self._project(cfg["action_feature_name"], actions))
+        source = torch.cat(parts, 1).float()  # [B, X + L (+ L), D]
+        width = x_ctx + mult * slots
+        s = torch.arange(width, device=items.device).unsqueeze(0)  # [1, W]
+        r = s - x_ctx
+        h = hist.unsqueeze(1)
+        in_hist = (r >= 0) & (r < mult * h)
+        item_pos = torch.where(in_hist, torch.div(r, mult, rounding_mode="floor"), h + (r - mult * h))
+        is_action = in_hist & (torch.remainder(r, mult) == 1)
+        n = x_ctx + mult * hist + num_candidates  # [B]
+        valid = s < n.unsqueeze(1)
+        item_pos = item_pos.clamp(0, slots - 1)
+        index = torch.where(
+            s < x_ctx, s.expand(bsz, -1),
+            x_ctx + item_pos + torch.where(is_action, slots, 0),
+        )
+        index = torch.where(valid, index, 0)
+        tokens = source.gather(1, index.unsqueeze(-1).expand(-1, -1, source.shape[-1]))
+        tokens = tokens * valid.unsqueeze(-1).to(tokens.dtype)
+        token_ts = None
+        if timestamps is not None:
+            first = torch.where(item_lengths > 0, timestamps[:, 0], torch.zeros_like(timestamps[:, 0]))
+            ts = torch.where(s < x_ctx, first.unsqueeze(1), timestamps.gather(1, item_pos))
+            token_ts = torch.where(valid, ts, torch.zeros_like(ts))
+        return tokens, token_ts, n, n - num_candidates
+
+    def _project_ctx(self, contextual: Tensor) -> Tensor:
+        names = self.cfg["contextual_feature_names"]
+        return torch.stack([self._project(name, contextual[:, k]) for k, name in enumerate(names)], 1)
+
+    def _input(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        x = tokens * math.sqrt(self.hidden_size)
+        if self.block.position_embedding is not None:
+            buckets = self.block.position_embedding.num_embeddings
+            x = x + self.block.position_embedding(positions.clamp(max=buckets - 1))
+        return x
+
+    def _uvqk(self, layer: _Layer, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        n = _layer_norm(x, layer.input_norm_weight, layer.input_norm_bias, self.eps)
+        uvqk = F.silu(F.linear(n, layer.uvqk.weight, layer.uvqk.bias))
+        u, v, q, k = uvqk.split(self.num_heads * self.head_dim, dim=-1)
+        shape = (*x.shape[:-1], self.num_heads, self.head_dim)
+        return u, v.reshape(shape), q.reshape(shape), k.reshape(shape)
+
+    def _finish(self, layer: _Layer, x: Tensor, attn: Tensor, u: Tensor) -> Tensor:
+        normed = _layer_norm(attn, layer.output_norm_weight, layer.output_norm_bias, self.eps)
+        return x + layer.output(normed * u)
+
+    def _rab(self, layer: _Layer, rows: Tensor, cols: Tensor, ts_next: Tensor | None,
+             ts_cols: Tensor | None) -> Tensor | None:
+        """Bias [B or 1, I, J] for query token indices ``rows`` [I] (or [B, I]) and key
+        indices ``cols`` [J]: pos_w[P-1 + j - i] (+ ts_w[bucket(t_next[i] - t[j])])."""
+        if layer.rab_pos_weights is None:
+            return None
+        num_pos = (layer.rab_pos_weights.shape[0] + 1) // 2
+        rel = (num_pos - 1 + cols.unsqueeze(-2) - rows.unsqueeze(-1)).clamp(0, 2 * num_pos - 2)
+        bias = layer.rab_pos_weights[rel]
+        if bias.dim() == 2:
+            bias = bias.unsqueeze(0)
+        if layer.rab_ts_weights is not None:
+            assert ts_next is not None and ts_cols is not None
+            bias = bias + layer.rab_ts_weights[time_bucket(ts_next.unsqueeze(2) - ts_cols.unsqueeze(1))]
+        return bias
+
+    @staticmethod
+    def _next_timestamps(token_ts: Tensor, n: Tensor) -> Tensor:
+        """t_next[i] = t[i + 1], and t[n - 1] for a sample's last token. [B, W]."""
+        width = token_ts.shape[1]
+        pos = torch.arange(width, device=token_ts.device).unsqueeze(0)
+        nxt = torch.minimum(pos + 1, (n.unsqueeze(1) - 1).clamp(min=0))
+        return token_ts.gather(1, nxt)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, bias: Tensor | None) -> Tensor:
+        """q [B, I, NH, d], k/v [B, J, NH, d], mask bool [B, I, J] -> [B, I, NH*d]."""
+        scores = self.alpha * torch.einsum("bihd,bjhd->bhij", q, k)
+        if bias is not None:
+            scores = scores + bias.unsqueeze(1)
+        weights = torch.where(mask.unsqueeze(1), F.silu(scores), 0.0) / self.scaling
+        out = torch.einsum("bhij,bjhd->bihd", weights, v)
+        return out.reshape(out.shape[0], out.shape[1], -1)
+
+    def _encode(self, tokens, token_ts, n, num_targets, positions, keep_kv: bool = False):
+        """The HSTU block on padded tokens: states [B, W, D] (and per-layer K, V)."""
+        width = tokens.shape[1]
+        mask = dense_mask(
+            n, torch.full_like(n, self.num_ctx) if self.num_ctx else None, num_targets,
+            self.group, self.causal, width,
+        )
+        ts_next = self._next_timestamps(token_ts, n) if token_ts is not None else None
+        idx = torch.arange(width, device=tokens.device)
+        x = self._input(tokens, positions)
+        keys, values = [], []
+        for layer in self.block.layers:
+            u, v, q, k = self._uvqk(layer, x)
+            if keep_kv:
+                keys.append(k)
+                values.append(v)
+            bias = self._rab(layer, idx, idx, ts_next, token_ts)
+            x = self._finish(layer, x, self._attend(q, k, v, mask, bias), u)
+        return x, keys, values
+
+    @staticmethod
+    def _positions(n: Tensor, first_target: Tensor, width: int) -> Tensor:
+        pos = torch.arange(width, device=n.device).unsqueeze(0)
+        return torch.minimum(pos, first_target.unsqueeze(1))
+
+    def _item_rows(self, item_lengths: Tensor, num_candidates: Tensor, slots: int) -> Tensor:
+        """Token slot of each item slot [B, L] (clamped into range on padding)."""
+        hist = (item_lengths - num_candidates).unsqueeze(1)
+        p = torch.arange(slots, device=item_lengths.device).unsqueeze(0)
+        rows = self.num_ctx + torch.where(p < hist, self.mult * p, self.mult * hist + (p - hist))
+        return rows.clamp(max=self.num_ctx + self.mult * slots - 1)
+
+    # ------------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        items: Tensor,
+        item_lengths: Tensor,
+        num_candidates: Tensor,
+        timestamps: Tensor | None = None,
+        actions: Tensor | None = None,
+        contextual: Tensor | None = None,
+    ) -> Tensor:
+        """items [B, L, D_item] embeddings (history then candidates), item_lengths and
+        num_candidates int64 [B], timestamps int64 [B, L], actions [B, L, D_act] (candidate
+        slots ignored), contextual [B, X, D_ctx].
+
+        Retrieval: the L2-normalised query [B, D] (the state of each sample's last history
+        item token). Ranking: head logits [B, L, W_head] at every item slot (those of slots
+        [H[b], H[b] + C[b]) are the candidates' scores; the rest are not meaningful).
+        """
+        tokens, token_ts, n, first_target = self._embed_tokens(
+            items, item_lengths, num_candidates, timestamps, actions, contextual
+        )
+        width = tokens.shape[1]
+        positions = self._positions(n, first_target, width)
+        states, _, _ = self._encode(tokens, token_ts, n, num_candidates, positions)
+        rows = self._item_rows(item_lengths, num_candidates, items.shape[1])  # [B, L]
+        if self.cfg["task"] == "retrieval":
+            hist = item_lengths - num_candidates
+            last = torch.where(
+                hist > 0, rows.gather(1, (hist - 1).clamp(min=0).unsqueeze(1)).squeeze(1),
+                (n - 1).clamp(min=0),
+            )
+            query = states.gather(1, last.view(-1, 1, 1).expand(-1, 1, states.shape[-1])).squeeze(1)
+            return F.normalize(query, p=2.0, dim=-1, eps=float(self.cfg["l2_norm_eps"]))
+        picked = states.gather(1, rows.unsqueeze(-1).expand(-1, -1, states.shape[-1]))
+        return self.head.net(picked)
+
+    # ------------------------------------------------------------- cached history
+
+    def encode_history(
+        self,
+        items: Tensor,
+        item_lengths: Tensor,
+        timestamps: Tensor | None = None,
+        actions: Tensor | None = None,
+        contextual: Tensor | None = None,
+        next_timestamps: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """History only (no candidates): items [B, L, D], item_lengths [B] = H.
+
+        Returns (keys [layers, B, W, NH, d], values [layers, B, W, NH, d], token timestamps
+        [B, W] (zeros without timestamps), history token counts [B]). ``next_timestamps`` [B]:
+        the timestamp of the first candidate that will be scored (the request time); only
+        the relative attention bias' time term reads it.
+        """
+        zeros = torch.zeros_like(item_lengths)
+        tokens, token_ts, n, _ = self._embed_tokens(items, item_lengths, zeros, timestamps, actions, contextual)
+        width = tokens.shape[1]
+        if token_ts is not None and next_timestamps is not None:
+            # the last history token's t_next is the first candidate's timestamp: append it
+            tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], 1, tokens.shape[2])], 1)
+            pos = torch.arange(width + 1, device=n.device).unsqueeze(0)
+            token_ts = torch.cat([token_ts, token_ts.new_zeros(token_ts.shape[0], 1)], 1)
+            token_ts = torch.where(pos == n.unsqueeze(1), next_timestamps.unsqueeze(1), token_ts)
+            mask_n = n + 1  # t_next reads the appended timestamp; the token itself stays masked
+            states_in = (tokens, token_ts, mask_n)
+        else:
+            states_in = (tokens, token_ts, n)
+        tokens_, ts_, n_for_next = states_in
+        w = tokens_.shape[1]
+        mask = dense_mask(n, torch.full_like(n, self.num_ctx) if self.num_ctx else None, None,
+                          self.group, self.causal, w)
+        ts_next = self._next_timestamps(ts_, n_for_next) if ts_ is not None else None
+        idx = torch.arange(w, device=n.device)
+        x = self._input(tokens_, self._positions(n, n, w))
+        keys, values = [], []
+        for layer in self.block.layers:
+            u, v, q, k = self._uvqk(layer, x)
+            keys.append(k[:, :width])
+            values.append(v[:, :width])
+            bias = self._rab(layer, idx, idx, ts_next, ts_)
+            x = self._finish(layer, x, self._attend(q, k, v, mask, bias), u)
+        ts_out = token_ts[:, :width] if token_ts is not None else torch.zeros_like(tokens[:, :, 0], dtype=torch.int64)
+        return torch.stack(keys), torch.stack(values), ts_out, n
+
+    def score_candidates(
+        self,
+        keys: Tensor,
+        values: Tensor,
+        history_timestamps: Tensor,
+        history_tokens: Tensor,
+        candidates: Tensor,
+        num_candidates: Tensor,
+        candidate_timestamps: Tensor | None = None,
+    ) -> Tensor:
+        """Ranking logits [B, K, W_head] of K new candidates per sample ([B, K, D_item],
+        ``num_candidates`` [B] real ones, timestamps [B, K]) against a cache from
+        :meth:`encode_history`: per layer, the candidates' queries attend to the cached
+        history keys/values and to their own target group. Cost O(K x history) per layer."""
+        bsz, kc = candidates.shape[0], candidates.shape[1]
+        wh = keys.shape[2]
+        device = candidates.device
+        x = self._project(self.cfg["item_feature_name"], candidates).float()
+        x = self._input(x, history_tokens.unsqueeze(1).expand(-1, kc))
+        c = torch.arange(kc, device=device)
+        real = c.unsqueeze(0) < num_candidates.unsqueeze(1)  # [B, K]
+        hist_mask = (torch.arange(wh, device=device).unsqueeze(0) < history_tokens.unsqueeze(1))
+        hist_mask = (hist_mask.unsqueeze(1) & real.unsqueeze(2))  # [B, K, Wh]
+        same_group = torch.div(c.unsqueeze(1), self.group, rounding_mode="floor") == torch.div(
+            c.unsqueeze(0), self.group, rounding_mode="floor")
+        cand_rule = same_group & (c.unsqueeze(0) <= c.unsqueeze(1)) if self.causal else same_group
+        cand_mask = cand_rule.unsqueeze(0) & real.unsqueeze(2) & real.unsqueeze(1)  # [B, K, K]
+        rows = history_tokens.unsqueeze(1) + c.unsqueeze(0)  # [B, K] token index of each candidate
+        ts_next = None
+        if candidate_timestamps is not None:
+            nxt = torch.minimum(c.unsqueeze(0) + 1, (num_candidates.unsqueeze(1) - 1).clamp(min=0))
+            ts_next = candidate_timestamps.gather(1, nxt)
+        hist_idx = torch.arange(wh, device=device)
+        for li, layer in enumerate(self.block.layers):
+            u, v, q, k = self._uvqk(layer, x)
+            bias_h = self._rab(layer, rows, hist_idx, ts_next, history_timestamps)
+            bias_c = self._rab(layer, rows, rows[:, :1] + c, ts_next, candidate_timestamps)
+            scores_h = self.alpha * torch.einsum("bihd,bjhd->bhij", q, keys[li])
+            scores_c = self.alpha * torch.einsum("bihd,bjhd->bhij", q, k)
+            if bias_h is not None:
+                scores_h = scores_h + bias_h.unsqueeze(1)
+                scores_c = scores_c + bias_c.unsqueeze(1)
+            w_h = torch.where(hist_mask.unsqueeze(1), F.silu(scores_h), 0.0) / self.scaling
+            w_c = torch.where(cand_mask.unsqueeze(1), F.silu(scores_c), 0.0) / self.scaling
+            attn = torch.einsum("bhij,bjhd->bihd", w_h, values[li]) + torch.einsum("bhij,bjhd->bihd", w_c, v)
+            x = self._finish(layer, x, attn.reshape(bsz, kc, -1), u)
+        return self.head.net(x)
+
+
+__all__ = ["InferenceHSTU"]

@@ -1,0 +1,64 @@
+"""The trainer's own evaluation of a checkpoint, for the export tests (run as a subprocess):
+
+    python -m tests.serving.reference TASK DATA_DIR CKPT RUN_DIR OUT.pt
+
+Loads the checkpoint into a Trainer (one process) and writes, per evaluation sample in user
+order: retrieval top-10 ids and scores (RetrievalRecommender.evaluate) and the trainer's
+HR@10 (hstu.training.evaluate); ranking the candidates' logits (the model's forward).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(task: str, data: str, ckpt: str, run_dir: str, out: str) -> None:
+    from hstu.config import load_config
+    from hstu.training.distributed import destroy_distributed, init_distributed, set_seed
+    from hstu.training.evaluate import evaluate
+    from hstu.training.trainer import Trainer
+
+    cfg = load_config(
+        os.path.join(ROOT, "configs", f"debug_{task}.gin"),
+        [f'DatasetArgs.dataset_path="{data}"', f'TrainerArgs.ckpt_load_dir="{ckpt}"',
+         f'TrainerArgs.run_dir="{run_dir}"'],
+        task=task, world_size=1,
+    )
+    env = init_distributed(1)
+    try:
+        set_seed(cfg.trainer.seed)
+        trainer = Trainer(cfg, env, run_dir, "")
+        model, loader = trainer.model, trainer.built.eval_loader
+        model.eval()
+        torch.set_grad_enabled(False)
+        users = loader.samples.user
+        result: dict = {"users": torch.from_numpy(users)}
+        ids, scores, logits = [], [], []
+        for batch in loader:
+            keep = batch.sample_mask
+            if task == "retrieval":
+                r = model.evaluate(batch, top_k=10)
+                ids.append(r.top_ids[keep])
+                scores.append(r.top_scores[keep])
+            else:
+                b = model.prepare(batch)
+                _, (lg, _) = model(b)
+                logits.append(lg[torch.repeat_interleave(keep, b.num_candidates)])
+        if task == "retrieval":
+            result.update(top_ids=torch.cat(ids), top_scores=torch.cat(scores))
+            result["metrics"] = evaluate(model, loader, cfg, env, None)
+        else:
+            result["logits"] = torch.cat(logits)
+        torch.save(result, out)
+        trainer.close()
+    finally:
+        destroy_distributed()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:6])
