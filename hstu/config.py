@@ -197,9 +197,12 @@ def load_classes(config_files: list[str], params: Iterable[str], classes: list[t
     with the trainer's checks: unknown classes and fields with did-you-mean, bad values with
     the file and line that set them. Returns {class name: instance}."""
     params = list(params)
-    bindings = _parse_sources(list(config_files), params)
-    label = config_files[0] if config_files else "<gin-param>"
-    return {cls.__name__: _instantiate(cls, "", bindings, label) for cls in classes}
+    try:
+        bindings = _parse_sources(list(config_files), params)
+        label = config_files[0] if config_files else "<gin-param>"
+        return {cls.__name__: _instantiate(cls, "", bindings, label) for cls in classes}
+    finally:
+        gin.clear_config()  # the instances are built: no binding outlives this call
 
 
 @dataclass

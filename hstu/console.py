@@ -157,11 +157,12 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
-def _print_after_launcher(line: str) -> None:
-    """A detached process prints ``line`` once torchrun (this worker's parent) has exited."""
+def _print_after_launcher(line: str) -> bool:
+    """A detached process prints ``line`` once torchrun (this worker's parent) has exited.
+    False when that cannot be arranged (the caller then prints it itself)."""
     launcher = os.getppid()
     if launcher <= 1:
-        return
+        return False
     try:
         subprocess.Popen(
             [sys.executable, "-I", "-c", _WAITER, str(launcher), line],
@@ -170,18 +171,20 @@ def _print_after_launcher(line: str) -> None:
             start_new_session=True,  # torchrun stops its workers' process groups, not this
         )
     except OSError:
-        pass  # the line was printed once already
+        return False
+    return True
 
 
 def fail(message: str, code: int = 2) -> int:
-    """Prints ``error: <message>`` (one line) on local rank 0 and returns ``code``; under
-    torchrun the line is printed again after the launcher's own report, so it is last."""
+    """Prints ``error: <message>`` (one line) on local rank 0 and returns ``code``. Under
+    torchrun the line is printed once, after the launcher's own report (a worker cannot print
+    after its launcher exits, so a detached process does), so it is the last line."""
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return code
     line = "error: " + " ".join(str(message).split())
+    if under_torchrun() and _print_after_launcher(line):
+        return code
     print(line, file=sys.stderr, flush=True)
-    if under_torchrun():
-        _print_after_launcher(line)
     return code
 
 

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         code = first.exitcode if first.exitcode and first.exitcode > 0 else 1
         ranks = ", ".join(f"rank {r} exit {f.exitcode}" for r, f in failures)
         print(
-            f"[hstu.launch] {exc.name} failed ({ranks}); the workers' error lines are above",
+            f"[hstu.launch] {exc.name} failed ({ranks})",
             file=sys.stderr,
             flush=True,
         )
