@@ -18,11 +18,28 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from hstu.training.distributed import destroy_distributed
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _gloo_worker_threads() -> int:
+    """Threads named by ProcessGroupGloo's worker loop in this process (Linux; else 0)."""
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks):
+        return 0
+    count = 0
+    for tid in os.listdir(tasks):
+        try:
+            with open(os.path.join(tasks, tid, "comm")) as fh:
+                count += fh.read().strip() == "pt_gloo_runloop"
+        except OSError:  # the thread ended meanwhile
+            pass
+    return count
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], kwargs: dict, errors) -> None:
@@ -39,12 +56,25 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], kwarg
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         fn(rank, world_size, **kwargs)
+        # The body's objects are gone (or cyclic garbage that destroy_distributed collects):
+        # the groups must be freed now, with their gloo worker threads joined. A group that
+        # survives keeps those threads into interpreter exit, where they can abort the
+        # process (SIGABRT, "terminate called without an active exception"; see
+        # hstu.training.distributed.destroy_distributed). Checked here so that a leaked
+        # group fails every time and names the cause, instead of aborting now and then.
+        destroy_distributed()
+        left = _gloo_worker_threads()
+        if left:
+            raise RuntimeError(
+                f"{left} gloo worker thread(s) still running after destroy_distributed(): "
+                "something still references a process group (a hook or closure capturing "
+                "a group, or a module kept alive)"
+            )
     except BaseException:  # carried back to the parent with the rank's traceback
         errors.put((rank, traceback.format_exc()))
         raise
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        destroy_distributed()  # failure paths; a no-op once torn down
 
 
 def run_multiprocess(fn: Callable[..., Any], world_size: int = 2, **kwargs: Any) -> None:

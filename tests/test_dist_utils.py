@@ -25,3 +25,35 @@ def test_allreduce_two_ranks():
 def test_error_is_carried_back():
     with pytest.raises(AssertionError, match="boom on rank 1"):
         run_multiprocess(_fails_on_rank1, world_size=2)
+
+
+_LEAKED: list = []
+
+
+def _leaks_the_group(rank: int, world_size: int) -> None:
+    _allreduce(rank, world_size)
+    _LEAKED.append(dist.group.WORLD)  # like a hook or closure that outlives the run
+
+
+def test_a_leaked_process_group_is_reported():
+    # A group that outlives destroy_distributed keeps gloo's worker threads into interpreter
+    # exit, where they can abort the process now and then: the harness makes it a plain,
+    # deterministic failure.
+    with pytest.raises(AssertionError, match="gloo worker thread"):
+        run_multiprocess(_leaks_the_group, world_size=2)
+
+
+def _megatron_groups(rank: int, world_size: int) -> None:
+    from megatron.core import parallel_state as ps
+
+    ps.initialize_model_parallel(tensor_model_parallel_size=world_size)
+    group = ps.get_tensor_model_parallel_group()
+    t = torch.ones(1)
+    dist.all_reduce(t, group=group)
+    assert t.item() == world_size
+
+
+def test_megatron_groups_are_freed_by_destroy_distributed():
+    # megatron-core's destroy_model_parallel leaves some group globals set; the harness
+    # fails if any group (and its gloo threads) survives hstu's destroy_distributed.
+    run_multiprocess(_megatron_groups, world_size=2)

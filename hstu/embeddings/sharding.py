@@ -242,6 +242,32 @@ def shard_embeddings(
     return module_or_model, placements
 
 
+class _SyncAndStep:
+    """Post-accumulate-grad hook of a replicated weight: mean of the gradient over ``pg``,
+    then the weight's own optimizer step.
+
+    It must not hold the weight (nor its optimizer, which holds the weight): autograd keeps
+    the hook dict referenced from C++, which Python's garbage collector cannot see, so a
+    hook referencing its own tensor is an uncollectable cycle. A closure over the optimizer
+    used to leak the table, its optimizer and, through ``pg``, the process group for the
+    life of the process; ``destroy_process_group`` then could not free the group, its gloo
+    worker threads stayed alive into interpreter shutdown and could abort the process (see
+    :func:`hstu.training.distributed.destroy_distributed`). The optimizer is looked up on
+    the parameter instead, which the hook receives as its argument.
+    """
+
+    def __init__(self, pg: dist.ProcessGroup, world_size: int) -> None:
+        self.pg = pg
+        self.world_size = world_size
+
+    def __call__(self, param: torch.Tensor) -> None:
+        dist.all_reduce(param.grad, op=dist.ReduceOp.SUM, group=self.pg)
+        param.grad.div_(self.world_size)  # gloo has no AVG
+        for opt in param._in_backward_optimizers:
+            opt.step()
+        param.grad = None
+
+
 def _replicate_data_parallel(
     emb: HstuEmbeddings, optimizer_args: OptimizerArgs, pg: dist.ProcessGroup, world_size: int
 ) -> list[TablePlacement]:
@@ -254,16 +280,8 @@ def _replicate_data_parallel(
         weight = module.weight
         with torch.no_grad():
             dist.broadcast(weight.data, src=dist.get_global_rank(pg, 0), group=pg)
-        opt = cls([weight], **kwargs)
-        weight._in_backward_optimizers = [opt]
-
-        def _sync_and_step(param: torch.Tensor, opt: torch.optim.Optimizer = opt) -> None:
-            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM, group=pg)
-            param.grad.div_(world_size)  # gloo has no AVG
-            opt.step()
-            param.grad = None
-
-        weight.register_post_accumulate_grad_hook(_sync_and_step)
+        weight._in_backward_optimizers = [cls([weight], **kwargs)]
+        weight.register_post_accumulate_grad_hook(_SyncAndStep(pg, world_size))
         nbytes = weight.numel() * weight.element_size()
         placements.append(TablePlacement(name, "data_parallel", "replicated", list(range(world_size)),
                                          {r: nbytes for r in range(world_size)}))

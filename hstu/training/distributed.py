@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import random
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
 import torch
@@ -121,16 +124,51 @@ def _attempt_store(world_size: int, timeout_s: int) -> dist.Store | None:
 
 
 def destroy_distributed() -> None:
-    """Tears down Megatron's groups and the default group; safe to call twice or after failure."""
-    try:
-        from megatron.core import parallel_state as ps
+    """Tears down Megatron's groups and every process group; safe to call twice or after failure.
 
-        if ps.model_parallel_is_initialized():
-            ps.destroy_model_parallel()
-    except Exception:  # noqa: BLE001 - cleanup must not mask the original error
-        pass
+    Call it after dropping the model, optimizers and trainer (anything that holds a process
+    group), so that the groups are really freed here, while the interpreter is still fully
+    alive: freeing a gloo group stops and joins its worker threads. ``destroy_process_group``
+    only unregisters the groups (gloo has no ``shutdown``); a group still referenced from
+    elsewhere (TorchRec's ShardingEnv, sharded modules and fused optimizers, our hooks) keeps
+    its threads running until interpreter exit. Such a thread may still be releasing the
+    last collective's work after ``wait()`` returned; when that drops the last reference to
+    a tensor created in Python it must take the GIL, and if the interpreter is finalizing by
+    then the thread is ended inside the noexcept work destructor: ``terminate called without
+    an active exception`` and SIGABRT, after a run that otherwise succeeded.
+    """
+    ps = sys.modules.get("megatron.core.parallel_state")  # never imported: nothing to tear down
+    if ps is not None:
+        try:
+            if ps.model_parallel_is_initialized():
+                ps.destroy_model_parallel()
+        except Exception:  # noqa: BLE001 - cleanup must not mask the original error
+            pass
+        _drop_megatron_groups(ps)
     if dist.is_initialized():
+        # TorchRec's sharded modules sit in reference cycles: collect them first so that the
+        # groups' last references go away in destroy_process_group (see above).
+        gc.collect()
         dist.destroy_process_group()
+
+
+def _drop_megatron_groups(ps: Any) -> None:
+    """Resets parallel_state globals that still hold process groups after its teardown.
+
+    megatron-core 0.16.1's destroy_model_parallel() leaves
+    _INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP and its _GLOO twin set (aliases of the
+    data-parallel-with-CP groups), which would keep those groups and their gloo threads alive
+    until interpreter exit (see destroy_distributed). Every such global starts as None.
+    """
+
+    def holds_group(value: Any) -> bool:
+        if isinstance(value, dist.ProcessGroup):
+            return True
+        return isinstance(value, (list, tuple)) and any(isinstance(v, dist.ProcessGroup) for v in value)
+
+    for name, value in list(vars(ps).items()):
+        if name.startswith("_") and name.isupper() and holds_group(value):
+            setattr(ps, name, None)
 
 
 def set_seed(seed: int) -> None:

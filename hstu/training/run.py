@@ -86,4 +86,8 @@ def run(cfg: RunConfig) -> int:
     finally:
         if trainer is not None:
             trainer.close()
+        # the trainer holds the model and with it the process groups: drop it first so that
+        # destroy_distributed really frees the groups (and joins gloo's worker threads)
+        # before interpreter exit, see its docstring
+        trainer = None
         destroy_distributed()
