@@ -56,6 +56,7 @@ def main(task: str, data: str, ckpt: str, run_dir: str, out: str) -> None:
             result["logits"] = torch.cat(logits)
         torch.save(result, out)
         trainer.close()
+        trainer = model = None  # free the process groups before their teardown
     finally:
         destroy_distributed()
 

@@ -76,8 +76,6 @@ def _tables(model, info) -> dict[str, torch.Tensor]:
 
 
 def _train_and_dump(rank: int, world_size: int, tmp: str, task: str, tag: str, params: list[str]) -> None:
-    from hstu.training.distributed import destroy_distributed
-
     trainer, env = _trainer(task, tmp, tag, params)
     try:
         trainer.train()
@@ -91,8 +89,7 @@ def _train_and_dump(rank: int, world_size: int, tmp: str, task: str, tag: str, p
             torch.save({"losses": losses.tolist(), "dense": dense, "tables": tables},
                        os.path.join(tmp, f"{tag}.pt"))
     finally:
-        trainer.close()
-        destroy_distributed()
+        trainer.close()  # the process group is torn down by the test harness, once the trainer is gone
 
 
 CASES = {
@@ -139,8 +136,6 @@ def test_tp2_dp2_and_one_process_take_the_same_steps(tmp_path, case) -> None:
 
 
 def _dropout_case(rank: int, world_size: int, tmp: str) -> None:
-    from hstu.training.distributed import destroy_distributed
-
     trainer, env = _trainer("ranking", tmp, "drop", COMMON[:-1] + [
         "NetworkArgs.hidden_dropout=0.2", "TrainerArgs.train_batch_size=8",
         "TensorModelParallelArgs.tensor_model_parallel_size=2", "NetworkArgs.num_layers=2",
@@ -172,8 +167,7 @@ def _dropout_case(rank: int, world_size: int, tmp: str) -> None:
             else:
                 assert same, "the replicated input dropout differs across the TP group"
     finally:
-        trainer.close()
-        destroy_distributed()
+        trainer.close()  # the process group is torn down by the test harness, once the trainer is gone
 
 
 def test_tp_dropout_masks_differ_per_shard_and_replicas_stay_identical(tmp_path) -> None:
@@ -182,8 +176,6 @@ def test_tp_dropout_masks_differ_per_shard_and_replicas_stay_identical(tmp_path)
 
 def _overlap_case(rank: int, world_size: int, tmp: str) -> None:
     """Buckets of the dense all-reduce are launched while backward still runs."""
-    from hstu.training.distributed import destroy_distributed
-
     trainer, env = _trainer("ranking", tmp, "overlap", COMMON[:-1] + [
         "TrainerArgs.train_batch_size=8", "TrainerArgs.ddp_bucket_cap_mb=0.001",
         "NetworkArgs.num_layers=3", "TrainerArgs.max_train_iters=3",
@@ -206,8 +198,7 @@ def _overlap_case(rank: int, world_size: int, tmp: str) -> None:
             "no bucket was launched before backward reached the first layer"
         )
     finally:
-        trainer.close()
-        destroy_distributed()
+        trainer.close()  # the process group is torn down by the test harness, once the trainer is gone
 
 
 def test_ddp_launches_buckets_during_backward(tmp_path) -> None:

@@ -87,7 +87,7 @@ def _run(rank: int, world_size: int, tmp: str, tag: str, params: list[str]) -> N
     import gin
 
     from hstu.config import load_config
-    from hstu.training.distributed import destroy_distributed, init_distributed, set_seed
+    from hstu.training.distributed import init_distributed, set_seed
     from hstu.training.trainer import Trainer
 
     gin.clear_config()
@@ -119,8 +119,7 @@ def _run(rank: int, world_size: int, tmp: str, tag: str, params: list[str]) -> N
         out["step"] = opt.num_steps
         torch.save(out, os.path.join(tmp, f"{tag}.pt"))
     finally:
-        trainer.close()
-        destroy_distributed()
+        trainer.close()  # the process group is torn down by the test harness, once the trainer is gone
 
 
 @pytest.fixture(scope="module")
