@@ -56,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except ChildFailedError as exc:
         failures = sorted(exc.failures.items())
-        _, first = failures[0]
-        code = first.exitcode if first.exitcode and first.exitcode > 0 else 1
+        # a worker's own exit code (2 config, 3 checkpoint, 4 non-finite), not the signal
+        # torchrun stopped the others with; whichever rank happened to end first
+        codes = [f.exitcode for _, f in failures if f.exitcode and f.exitcode > 0]
+        code = codes[0] if codes else 1
         ranks = ", ".join(f"rank {r} exit {f.exitcode}" for r, f in failures)
         print(
             f"[hstu.launch] {exc.name} failed ({ranks})",

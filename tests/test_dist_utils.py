@@ -35,12 +35,13 @@ def _leaks_the_group(rank: int, world_size: int) -> None:
     _LEAKED.append(dist.group.WORLD)  # like a hook or closure that outlives the run
 
 
-def test_a_leaked_process_group_is_reported():
+def test_a_leaked_process_group_is_reported(capfd):
     # A group that outlives destroy_distributed keeps gloo's worker threads into interpreter
-    # exit, where they can abort the process now and then: the harness makes it a plain,
-    # deterministic failure.
-    with pytest.raises(AssertionError, match="gloo worker thread"):
-        run_multiprocess(_leaks_the_group, world_size=2)
+    # exit, where they can abort the process now and then: the harness names the leak and
+    # ends the rank without finalization, so the run neither aborts nor passes silently.
+    run_multiprocess(_leaks_the_group, world_size=2)
+    err = capfd.readouterr().err
+    assert "gloo worker thread(s) still running after destroy_distributed()" in err
 
 
 def _megatron_groups(rank: int, world_size: int) -> None:
