@@ -79,7 +79,8 @@ class _Chunk:
     h1: int
     token_index: Tensor  # int64 [b, n] (0 on padding)
     rows: Tensor  # int64 [tokens of the chunk] = token_index[valid]
-    valid: Tensor  # bool [b, n]
+    flat_index: Tensor  # int64 [b * n] = token_index.reshape(-1)
+    valid_index: Tensor  # int64 [tokens of the chunk]: valid slots of the flattened [b * n]
     mask: Tensor  # bool [b, 1, n, n]
     rel: Tensor | None  # int64 [n, n] position-table index (rab)
     buckets: Tensor | None  # int64 [b, n, n] time-bucket index (rab with time)
@@ -139,7 +140,10 @@ def _plan(
             if timestamps is not None:
                 buckets = time_buckets(timestamps, token_index, chunk_lengths)
         chunks.append(
-            _Chunk(width, h0, h1, token_index, token_index[valid], valid, mask, rel, buckets)
+            _Chunk(
+                width, h0, h1, token_index, token_index[valid], token_index.reshape(-1),
+                valid.reshape(-1).nonzero().squeeze(1), mask, rel, buckets,
+            )
         )
     _PLAN_CACHE[:] = [(key, (offsets, num_contextual, num_targets, timestamps), chunks)]
     return chunks
@@ -185,15 +189,30 @@ def pytorch_hstu_attention(
     pieces: list[Tensor] = []
     ids: list[Tensor] = []
     for c in chunks:
-        heads = slice(c.h0, c.h1)
-        qc = q[c.token_index][:, :, heads].to(compute_dtype)
-        kc = k[c.token_index][:, :, heads].to(compute_dtype)
-        vc = v[c.token_index][:, :, heads].to(compute_dtype)
-        scores = alpha * torch.einsum("bihd,bjhd->bhij", qc, kc)
+        b, n = c.token_index.shape
+        h = c.h1 - c.h0
+
+        def padded(x: Tensor, c: _Chunk = c, b: int = b, n: int = n, h: int = h) -> Tensor:
+            # [T, H, d] -> [b * h, n, d]; index_select's backward is an index_add
+            g = x.index_select(0, c.flat_index)
+            if h != num_heads:
+                g = g[:, c.h0 : c.h1]
+            return g.view(b, n, h, -1).transpose(1, 2).reshape(b * h, n, -1).to(compute_dtype)
+
+        qb, kb, vb = padded(q), padded(k), padded(v)
         if rab is not None:
-            scores = scores + bias_from_indices(rab, c.rel, c.buckets).to(compute_dtype).unsqueeze(1)
-        weights = torch.where(c.mask, F.silu(scores), 0.0) / scaling_seqlen
-        chunk_out = torch.einsum("bhij,bjhd->bihd", weights, vc)[c.valid]
+            bias = bias_from_indices(rab, c.rel, c.buckets).to(compute_dtype)
+            bias = bias.unsqueeze(1).expand(b, h, n, n).reshape(b * h, n, n)
+            scores = torch.baddbmm(bias, qb, kb.transpose(1, 2), alpha=alpha)
+        else:
+            scores = torch.bmm(qb, kb.transpose(1, 2))
+            if alpha != 1.0:
+                scores = scores * alpha
+        weights = torch.where(c.mask, F.silu(scores.view(b, h, n, n)), 0.0).view(b * h, n, n)
+        # 1/N on the [b*h, n, d] output instead of the [b*h, n, n] weights
+        chunk_out = torch.bmm(weights, vb) / scaling_seqlen
+        chunk_out = chunk_out.view(b, h, n, -1).transpose(1, 2).reshape(b * n, h, -1)
+        chunk_out = chunk_out.index_select(0, c.valid_index)
         if c.h0 == 0 and c.h1 == num_heads:
             pieces.append(chunk_out)
             ids.append(c.rows)
