@@ -250,15 +250,16 @@ def _ensure_data(name: str, raw: str | None) -> str | None:
 
 
 def _run_preset(p: Preset, a: argparse.Namespace) -> dict:
+    threads = a.threads or max(1, (os.cpu_count() or 1) // p.nproc)
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result = f.name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={p.nproc}", "-m", "hstu.bench", "--worker", p.name,
            "--result", result, "--steps", str(a.steps), "--warmup", str(a.warmup),
-           "--profile-steps", str(a.profile_steps), "--threads", str(a.threads)]
+           "--profile-steps", str(a.profile_steps), "--threads", str(threads)]
     for g in a.gin_param:
         cmd += ["--gin-param", g]
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONPATH=ROOT)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
     done = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0 or os.path.getsize(result) == 0:
         return {"preset": p.name, "error": (done.stderr or done.stdout)[-1500:]}
@@ -269,9 +270,9 @@ def _run_preset(p: Preset, a: argparse.Namespace) -> dict:
 
 
 def _table(roofs: dict, results: list[dict]) -> str:
-    lines = ["matmul roof (1024^3, per process, "
+    lines = [f"matmul roof (1024^3, {torch.get_num_threads()} threads, "
              + ", ".join(f"{k}: {v / 1e9:.1f} GFLOP/s" for k, v in roofs.items()) + ")", ""]
-    head = (f"{'preset':24s} {'proc':>4s} {'tokens/s':>10s} {'samples/s':>10s} {'step ms':>8s} "
+    head = (f"{'preset':24s} {'proc':>4s} {'thr':>3s} {'tokens/s':>10s} {'samples/s':>10s} {'step ms':>8s} "
             f"{'TFLOP/s':>8s} {'MFU':>6s} {'RSS GiB':>9s} | split ms: "
             + " ".join(f"{k[:5]:>6s}" for k in (*PHASES, "communication")))
     lines += [head, "-" * len(head)]
@@ -281,7 +282,7 @@ def _table(roofs: dict, results: list[dict]) -> str:
             continue
         sp = r["split_ms"]
         lines.append(
-            f"{r['preset']:24s} {r['processes']:4d} {r['tokens_per_s']:10,.0f} "
+            f"{r['preset']:24s} {r['processes']:4d} {r['threads_per_process']:3d} {r['tokens_per_s']:10,.0f} "
             f"{r['samples_per_s']:10,.1f} {r['step_ms']:8.1f} {r['tflops']:8.4f} "
             f"{r['mfu']:6.1%} {max(r['peak_rss_gib_per_rank']):9.2f} | split ms: "
             + " ".join(f"{sp.get(k, 0.0):6.1f}" for k in (*PHASES, "communication")))
@@ -294,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=16, help="timed steps per preset")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--profile-steps", type=int, default=4, help="steps under the profiler (split)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads per process (0: cores / processes, as a plain torchrun run)")
     ap.add_argument("--gin-param", action="append", default=[], help="added to every preset")
     ap.add_argument("--ml100k-raw", default=os.path.join(ROOT, "..", "shared", "data", "ml-100k"))
     ap.add_argument("--json", default=os.path.join(ROOT, "tmp_data", "bench.json"))
@@ -312,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in a.presets if n not in BY_NAME]
     if unknown:
         ap.error(f"unknown presets {unknown}; --list shows them")
-    torch.set_num_threads(a.threads)
+    torch.set_num_threads(a.threads or os.cpu_count() or 1)
     roofs = {"float32": matmul_roof(torch.float32), "bfloat16": matmul_roof(torch.bfloat16)}
     results = []
     for name in a.presets:
@@ -324,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
               "error" if "error" in r else f"{r['tokens_per_s']:,.0f} tokens/s"), flush=True)
     report = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
               "torch": torch.__version__, "cpus": os.cpu_count(),
-              "matmul_roof_flops": roofs, "threads_per_process": a.threads, "results": results}
+              "matmul_roof_flops": roofs, "roof_threads": torch.get_num_threads(), "results": results}
     print(_table(roofs, results))
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
