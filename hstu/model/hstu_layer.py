@@ -87,8 +87,8 @@ class _NormLinearSiLU(torch.autograd.Function):
         normed = _affine(xhat, ln_weight, ln_bias)
         if h is None:
             h = F.linear(normed, weight, bias)
-        sig = torch.sigmoid(h)
-        grad_h = grad_out * sig * (1 + h * (1 - sig))  # [T, F]
+        # d SiLU(h) / dh = sig * (1 + h * (1 - sig)), in one fused kernel; [T, F]
+        grad_h = torch.ops.aten.silu_backward(grad_out, h)
         grad_weight = grad_h.t().mm(normed)
         grad_bias = grad_h.sum(0) if ctx.has_bias else None
         grad_normed = grad_h.mm(weight)  # [T, D]
