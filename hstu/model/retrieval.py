@@ -22,6 +22,7 @@ target's rank is counted over the whole corpus (ties pessimistic, see hstu.model
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,9 @@ from hstu.model.tokens import (
 )
 
 
+# the sampled-score kernels build CSR patterns; torch warns once that CSR is "beta"
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
 NEGATIVE_SAMPLING = ("uniform", "in_batch", "mixed", "full_corpus")
 
 
@@ -52,6 +56,72 @@ class SharedRows:
 
     rows: torch.Tensor
     index: torch.Tensor
+
+
+class _SampledScores(torch.autograd.Function):
+    """scores[q, m] = <queries[q], rows[index[q, m]]> without the dense [Q, U] matrix.
+
+    Forward is a sampled dense-dense matmul on the CSR pattern of ``index`` (Q x M of the
+    Q x U products); backward is two sparse-dense matmuls: grad_queries = G @ rows and
+    grad_rows = G^T @ queries, with G^T built by a stable sort of the index (counting the
+    rows' columns). Cost ~ Q*M*D whatever U, instead of Q*U*D (plus a [Q, U] fill and
+    scatter) for ``(queries @ rows.t()).gather(1, index)``; same values up to summation order.
+    """
+
+    @staticmethod
+    def forward(ctx, queries: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        num_q, m = index.shape
+        crow = torch.arange(0, (num_q + 1) * m, m, device=index.device)
+        col = index.reshape(-1)
+        pattern = torch.sparse_csr_tensor(
+            crow, col, queries.new_zeros(num_q * m), size=(num_q, rows.shape[0]),
+            check_invariants=False,
+        )
+        scores = torch.sparse.sampled_addmm(pattern, queries, rows.t(), beta=0.0).values()
+        ctx.save_for_backward(queries, rows, crow, col)
+        return scores.view(num_q, m)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        queries, rows, crow, col = ctx.saved_tensors
+        num_q, m = grad.shape
+        grad = grad.contiguous().reshape(-1)
+        grad_q = grad_rows = None
+        if ctx.needs_input_grad[0]:
+            g = torch.sparse_csr_tensor(
+                crow, col, grad, size=(num_q, rows.shape[0]), check_invariants=False
+            )
+            grad_q = g @ rows
+        if ctx.needs_input_grad[1]:
+            # narrow keys sort several times faster (radix sort); ids are < U
+            key_dtype = torch.int16 if rows.shape[0] <= 2**15 else torch.int32
+            _, perm = torch.sort(col.to(key_dtype), stable=True)
+            counts = torch.bincount(col, minlength=rows.shape[0])
+            crow_t = torch.zeros(rows.shape[0] + 1, dtype=crow.dtype, device=crow.device)
+            torch.cumsum(counts, 0, out=crow_t[1:])
+            g_t = torch.sparse_csr_tensor(
+                crow_t, perm // m, grad[perm], size=(rows.shape[0], num_q),
+                check_invariants=False,
+            )
+            grad_rows = g_t @ queries
+        return grad_q, grad_rows, None
+
+
+def shared_row_scores(queries: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[Q, D] queries, [U, D] rows, int64 [Q, M] index -> [Q, M] <queries[q], rows[index[q, m]]>.
+
+    On CPU the sampled sparse kernels (:class:`_SampledScores`); elsewhere (or for an empty
+    batch, or M > U, where the dense [Q, U] is the smaller) one [Q, U] matmul and a gather.
+    """
+    if (
+        queries.device.type == "cpu"
+        and queries.shape[0] > 0
+        and 0 < index.shape[1] <= rows.shape[0]  # the sampled kernel wants M <= U columns
+        and queries.dtype == rows.dtype
+        and queries.dtype in (torch.float32, torch.float64)
+    ):
+        return _SampledScores.apply(queries, rows, index)
+    return (queries @ rows.t()).gather(1, index)
 
 
 def negative_logits(
@@ -67,7 +137,7 @@ def negative_logits(
     [Q, M, D] (or :class:`SharedRows`) with neg_ids [Q, M].
     """
     if isinstance(neg_vectors, SharedRows):
-        logits = (queries @ neg_vectors.rows.t()).gather(1, neg_vectors.index) / temperature
+        logits = shared_row_scores(queries, neg_vectors.rows, neg_vectors.index) / temperature
         hits = neg_ids == pos_ids.unsqueeze(1)
     elif neg_vectors.dim() == 2:
         logits = queries @ neg_vectors.t() / temperature
@@ -281,8 +351,9 @@ class RetrievalModel(nn.Module):
     def negative_vectors(rows: torch.Tensor, index: torch.Tensor):
         """Per-query negatives from the U distinct rows [U, D] (normalised) and index [Q, M]:
         a :class:`SharedRows` when the [Q, U] score matrix is smaller than the [Q, M, D]
-        gathered vectors (same values, much cheaper on CPU), else rows[index] [Q, M, D]."""
-        if rows.shape[0] * 2 <= index.shape[1] * rows.shape[1]:
+        gathered vectors (same values, much cheaper on CPU), else rows[index] [Q, M, D].
+        On CPU always shared rows: their sampled sparse kernels cost ~Q*M*D whatever U."""
+        if rows.device.type == "cpu" or rows.shape[0] * 2 <= index.shape[1] * rows.shape[1]:
             return SharedRows(rows, index)
         return rows[index]
 

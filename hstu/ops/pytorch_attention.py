@@ -12,12 +12,19 @@ dtype (float64 stays float64); autograd runs through the plain ops.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from hstu.ops.masks import dense_mask, lengths_from_offsets
-from hstu.ops.rab import RelativeAttentionBias, padded_bias
+from hstu.ops.rab import (
+    RelativeAttentionBias,
+    bias_from_indices,
+    relative_positions,
+    time_buckets,
+)
 
 DEFAULT_MEMORY_BUDGET_BYTES = 512 * 2**20
 # float32 [b, h, n, n] tensors alive at once per chunk, autograd's saved ones included
@@ -63,6 +70,85 @@ def plan_chunks(
     return chunks
 
 
+@dataclass
+class _Chunk:
+    """What one chunk needs besides q, k, v; depends only on the batch's structure."""
+
+    width: int
+    h0: int
+    h1: int
+    token_index: Tensor  # int64 [b, n] (0 on padding)
+    rows: Tensor  # int64 [tokens of the chunk] = token_index[valid]
+    flat_index: Tensor  # int64 [b * n] = token_index.reshape(-1)
+    valid_index: Tensor  # int64 [tokens of the chunk]: valid slots of the flattened [b * n]
+    mask: Tensor  # bool [b, 1, n, n]
+    rel: Tensor | None  # int64 [n, n] position-table index (rab)
+    buckets: Tensor | None  # int64 [b, n, n] time-bucket index (rab with time)
+
+
+# One entry: the plan of the last batch. Every layer of a block calls the attention with the
+# same offsets / counts / timestamps tensors, so the masks, gather indices and rab indices
+# are built once per batch instead of once per layer. The key holds the tensors themselves
+# (their ids cannot be reused while cached) and their versions (an in-place change misses).
+_PLAN_CACHE: list = []
+
+
+def _key_part(t: Tensor | None):
+    return None if t is None else (id(t), t._version, t.device, t.dtype, tuple(t.shape))
+
+
+def _plan(
+    offsets: Tensor,
+    num_heads: int,
+    budget: int,
+    causal: bool,
+    num_contextual: Tensor | None,
+    num_targets: Tensor | None,
+    target_group_size: int,
+    rab_positions: int | None,
+    timestamps: Tensor | None,
+) -> list[_Chunk]:
+    key = (
+        _key_part(offsets), _key_part(num_contextual), _key_part(num_targets),
+        _key_part(timestamps), num_heads, budget, causal, target_group_size, rab_positions,
+    )
+    if _PLAN_CACHE and _PLAN_CACHE[0][0] == key:
+        return _PLAN_CACHE[0][2]
+    device = offsets.device
+    lengths = lengths_from_offsets(offsets)
+    chunks = []
+    rel_by_width: dict[int, Tensor] = {}
+    for samples, width, h0, h1 in plan_chunks(lengths.tolist(), num_heads, budget):
+        sample_ids = torch.tensor(samples, dtype=torch.int64, device=device)
+        chunk_lengths = lengths[sample_ids]
+        slot = torch.arange(width, device=device)
+        valid = slot.view(1, -1) < chunk_lengths.view(-1, 1)
+        token_index = torch.where(valid, offsets[sample_ids].view(-1, 1) + slot.view(1, -1), 0)
+        mask = dense_mask(
+            chunk_lengths,
+            None if num_contextual is None else num_contextual[sample_ids],
+            None if num_targets is None else num_targets[sample_ids],
+            target_group_size,
+            causal,
+            width,
+        ).unsqueeze(1)
+        rel = buckets = None
+        if rab_positions is not None:
+            if width not in rel_by_width:
+                rel_by_width[width] = relative_positions(width, rab_positions, device)
+            rel = rel_by_width[width]
+            if timestamps is not None:
+                buckets = time_buckets(timestamps, token_index, chunk_lengths)
+        chunks.append(
+            _Chunk(
+                width, h0, h1, token_index, token_index[valid], token_index.reshape(-1),
+                valid.reshape(-1).nonzero().squeeze(1), mask, rel, buckets,
+            )
+        )
+    _PLAN_CACHE[:] = [(key, (offsets, num_contextual, num_targets, timestamps), chunks)]
+    return chunks
+
+
 def pytorch_hstu_attention(
     q: Tensor,
     k: Tensor,
@@ -93,43 +179,48 @@ def pytorch_hstu_attention(
     del max_seqlen
     budget = memory_budget_bytes or DEFAULT_MEMORY_BUDGET_BYTES
     num_tokens, num_heads, _head_dim = q.shape
-    lengths = lengths_from_offsets(offsets)
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
+    chunks = _plan(
+        offsets, num_heads, budget, causal, num_contextual, num_targets, target_group_size,
+        None if rab is None else rab.max_positions,
+        None if rab is None or rab.ts_weights is None else rab.timestamps,
+    )
     out = q.new_zeros(num_tokens, num_heads, v.shape[2], dtype=compute_dtype)
     pieces: list[Tensor] = []
     ids: list[Tensor] = []
-    for samples, width, h0, h1 in plan_chunks(lengths.tolist(), num_heads, budget):
-        sample_ids = torch.tensor(samples, dtype=torch.int64, device=q.device)
-        chunk_lengths = lengths[sample_ids]
-        slot = torch.arange(width, device=q.device)
-        valid = slot.view(1, -1) < chunk_lengths.view(-1, 1)
-        token_index = torch.where(valid, offsets[sample_ids].view(-1, 1) + slot.view(1, -1), 0)
-        qc = q[token_index][:, :, h0:h1].to(compute_dtype)
-        kc = k[token_index][:, :, h0:h1].to(compute_dtype)
-        vc = v[token_index][:, :, h0:h1].to(compute_dtype)
-        scores = alpha * torch.einsum("bihd,bjhd->bhij", qc, kc)
+    for c in chunks:
+        b, n = c.token_index.shape
+        h = c.h1 - c.h0
+
+        def padded(x: Tensor, c: _Chunk = c, b: int = b, n: int = n, h: int = h) -> Tensor:
+            # [T, H, d] -> [b * h, n, d]; index_select's backward is an index_add
+            g = x.index_select(0, c.flat_index)
+            if h != num_heads:
+                g = g[:, c.h0 : c.h1]
+            return g.view(b, n, h, -1).transpose(1, 2).reshape(b * h, n, -1).to(compute_dtype)
+
+        qb, kb, vb = padded(q), padded(k), padded(v)
         if rab is not None:
-            scores = scores + padded_bias(rab, token_index, chunk_lengths).to(
-                compute_dtype
-            ).unsqueeze(1)
-        mask = dense_mask(
-            chunk_lengths,
-            None if num_contextual is None else num_contextual[sample_ids],
-            None if num_targets is None else num_targets[sample_ids],
-            target_group_size,
-            causal,
-            width,
-        ).unsqueeze(1)
-        weights = torch.where(mask, F.silu(scores), 0.0) / scaling_seqlen
-        chunk_out = torch.einsum("bhij,bjhd->bihd", weights, vc)[valid]
-        if h0 == 0 and h1 == num_heads:
+            bias = bias_from_indices(rab, c.rel, c.buckets).to(compute_dtype)
+            bias = bias.unsqueeze(1).expand(b, h, n, n).reshape(b * h, n, n)
+            scores = torch.baddbmm(bias, qb, kb.transpose(1, 2), alpha=alpha)
+        else:
+            scores = torch.bmm(qb, kb.transpose(1, 2))
+            if alpha != 1.0:
+                scores = scores * alpha
+        weights = torch.where(c.mask, F.silu(scores.view(b, h, n, n)), 0.0).view(b * h, n, n)
+        # 1/N on the [b*h, n, d] output instead of the [b*h, n, n] weights
+        chunk_out = torch.bmm(weights, vb) / scaling_seqlen
+        chunk_out = chunk_out.view(b, h, n, -1).transpose(1, 2).reshape(b * n, h, -1)
+        chunk_out = chunk_out.index_select(0, c.valid_index)
+        if c.h0 == 0 and c.h1 == num_heads:
             pieces.append(chunk_out)
-            ids.append(token_index[valid])
+            ids.append(c.rows)
         else:
             # head-split chunk of one long sample: place its heads directly
-            rows = token_index[valid]
             out = out.index_put(
-                (rows.view(-1, 1), torch.arange(h0, h1, device=q.device).view(1, -1)), chunk_out
+                (c.rows.view(-1, 1), torch.arange(c.h0, c.h1, device=q.device).view(1, -1)),
+                chunk_out,
             )
     if pieces:
         out = out.index_copy(0, torch.cat(ids), torch.cat(pieces))

@@ -1,0 +1,339 @@
+"""One benchmark command: ``python -m hstu.bench`` (table on stdout, JSON to ``--json``).
+
+In one run: the machine's matmul roof in each training dtype, then per preset the training
+throughput (real jagged tokens/s, samples/s), model TFLOP/s (``hstu.training.flops``), MFU
+against the measured roof, peak memory per rank (max RSS) and the step split into data,
+embedding lookup, forward, backward, optimizer and communication, read from a
+``torch.profiler`` window over the same steps.
+
+Each preset runs in its own process group (``torch.distributed.run``, 1 or 2 processes), so
+gin state and peak memory do not leak from one preset to the next. Steps are run as the
+``none`` pipeline runs them (zero_grad, forward, backward, step), one batch at a time.
+
+    python -m hstu.bench                                   # every preset
+    python -m hstu.bench --presets ml1m_paper_on_ml100k --steps 16 --json out.json
+    python -m hstu.bench --list
+
+The ML-1M paper retrieval preset runs on ML-100K data (``tmp_data/ml-100k``, preprocessed
+from ``--ml100k-raw`` when missing); the synthetic presets need nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Preset:
+    name: str
+    config: str
+    nproc: int = 1
+    params: list[str] = field(default_factory=list)
+    data: str | None = None  # preprocessed dataset the preset needs under tmp_data/
+    note: str = ""
+
+
+PRESETS = [
+    Preset(
+        "ml1m_paper_on_ml100k", "configs/ml-1m_retrieval.gin", 1,
+        ['DatasetArgs.dataset_name="ml-100k"', 'NetworkArgs.kernel_backend="pytorch"'],
+        data="ml-100k",
+        note="the HSTU paper's ML-1M retrieval recipe (2x50, 1 head, len 200, 128 negatives, batch 128) on ML-100K",
+    ),
+    Preset("benchmark_ranking", "configs/benchmark_ranking.gin", 1,
+           note="synthetic zipf lengths up to 128 + 16 candidates, batch 32"),
+    Preset("default_demo", "configs/default_retrieval.gin", 1, data="synthetic",
+           note="configs/default_retrieval.gin (the README demo), 1 process"),
+    Preset("benchmark_ranking_dp2", "configs/benchmark_ranking.gin", 2,
+           note="benchmark_ranking, DP=2 on 2 processes, same per-rank batch"),
+    Preset("tp2_ranking", "configs/tp2_ranking.gin", 2, data="synthetic",
+           note="configs/tp2_ranking.gin, TP=2 on 2 processes"),
+]
+BY_NAME = {p.name: p for p in PRESETS}
+
+PHASES = ("data", "embedding", "forward", "backward", "optimizer")
+_COMM_MARKERS = ("c10d::", "gloo", "nccl", "all_reduce", "allreduce", "all_to_all", "alltoall",
+                 "all_gather", "allgather", "reduce_scatter", "broadcast", "barrier")
+
+
+# ------------------------------------------------------------------------------ roof
+
+
+def matmul_roof(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
+    """Best FLOP/s of an n x n x n matmul in ``dtype`` on this process's threads."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(3):
+            a @ b
+        best = min(best, (time.perf_counter() - t0) / 3)
+    return 2 * n**3 / best
+
+
+# ---------------------------------------------------------------------------- worker
+
+
+class _Phase:
+    """record_function labels opened by a forward pre-hook and closed by the forward hook."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.stack = name, []
+
+    def pre(self, *_args, **_kwargs):
+        rf = torch.autograd.profiler.record_function(f"bench::{self.name}")
+        rf.__enter__()
+        self.stack.append(rf)
+
+    def post(self, *_args, **_kwargs):
+        if self.stack:
+            self.stack.pop().__exit__(None, None, None)
+
+
+def _worker(a: argparse.Namespace) -> None:
+    import gin
+    import torch.distributed as dist
+
+    from hstu.config import load_config
+    from hstu.training.distributed import destroy_distributed, init_distributed, set_seed
+    from hstu.training.feed import Feed
+    from hstu.training.trainer import Trainer
+
+    torch.set_num_threads(a.threads)
+    preset = BY_NAME[a.worker]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    config = os.path.join(ROOT, preset.config)
+    task = "ranking" if "ranking" in os.path.basename(config) else "retrieval"
+    run_dir = tempfile.mkdtemp(prefix=f"hstu-bench-{preset.name}-")
+    total = a.warmup + a.steps + a.profile_steps
+    gin.clear_config()
+    cfg = load_config(config, [
+        *preset.params, *a.gin_param, 'TrainerArgs.pipeline_type="none"',
+        f"TrainerArgs.max_train_iters={total}", f"TrainerArgs.eval_interval={10 * total}",
+        "TrainerArgs.max_eval_iters=1", f"TrainerArgs.log_interval={total}",
+        f'TrainerArgs.run_dir="{run_dir}"',
+    ], task=task, world_size=world)
+    env = init_distributed(cfg.tp.tensor_model_parallel_size)
+    set_seed(cfg.trainer.seed)
+    trainer = Trainer(cfg, env, run_dir, "")
+    model, optimizer, device = trainer.model, trainer.optimizer, env.device
+    dtype_str = cfg.network.dtype_str
+    roof = matmul_roof(getattr(torch, dtype_str))
+
+    def batches():
+        # the loader re-iterated across epochs, as the trainer does
+        while True:
+            feed = Feed(trainer.built.train_loader, trainer.cfg.network, None, device)
+            yield from ((b, feed) for b in feed)
+
+    it = batches()
+    sparse = trainer.model.sparse
+    dense = trainer.model.dense
+    phase_hooks = []
+    for name, module in (("embedding", sparse), ("forward", dense)):
+        ph = _Phase(name)
+        phase_hooks += [module.register_forward_pre_hook(ph.pre),
+                        module.register_forward_hook(ph.post)]
+    rf = torch.autograd.profiler.record_function
+    model.train()
+
+    def step() -> tuple[int, float, int]:
+        with rf("bench::data"):
+            batch, feed = next(it)
+            tokens, flops = feed.pop_cost()
+            samples = int(batch.item_lengths().numel())
+            batch = batch.to(device, non_blocking=True)
+        optimizer.zero_grad()
+        loss, _ = model(batch)
+        scale = getattr(optimizer, "scale_loss", None)
+        total_loss = torch.sum(loss)
+        with rf("bench::backward"):
+            (total_loss if scale is None else scale(total_loss)).backward()
+        with rf("bench::optimizer"):
+            optimizer.step()
+        return tokens, flops, samples
+
+    for _ in range(a.warmup):
+        step()
+    if dist.is_initialized():
+        dist.barrier()
+    t0 = time.perf_counter()
+    tokens = samples = 0
+    flops = 0.0
+    for _ in range(a.steps):
+        tk, fl, sm = step()
+        tokens, flops, samples = tokens + tk, flops + fl, samples + sm
+    if dist.is_initialized():
+        dist.barrier()
+    seconds = time.perf_counter() - t0
+
+    from torch.profiler import ProfilerActivity, profile
+
+    split = {k: 0.0 for k in (*PHASES, "communication")}
+    if a.profile_steps > 0:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(a.profile_steps):
+                step()
+        for ev in prof.key_averages():
+            key = ev.key
+            if key.startswith("bench::"):
+                split[key[len("bench::"):]] += ev.cpu_time_total / 1e6 / a.profile_steps
+            elif any(m in key.lower() for m in _COMM_MARKERS) and not key.startswith("aten::"):
+                split["communication"] += ev.self_cpu_time_total / 1e6 / a.profile_steps
+        # the embedding lookup runs inside no other label; the dense forward likewise
+        split["step_profiled"] = sum(split[k] for k in PHASES)
+    for h in phase_hooks:
+        h.remove()
+
+    import resource
+
+    rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result = {
+        "tokens": tokens, "samples": samples, "flops": flops, "seconds": seconds,
+        "rss_gib": rss_gib, "roof_flops": roof, "split_s": split,
+    }
+    gathered = [None] * world
+    if dist.is_initialized() and world > 1:
+        dist.all_gather_object(gathered, result)
+    else:
+        gathered = [result]
+    trainer.close()
+    if env.rank == 0:
+        s = max(g["seconds"] for g in gathered)
+        fl = sum(g["flops"] for g in gathered)
+        out = {
+            "preset": preset.name, "config": preset.config, "params": preset.params + a.gin_param,
+            "note": preset.note, "processes": world, "threads_per_process": a.threads,
+            "dtype": dtype_str, "steps": a.steps, "warmup": a.warmup,
+            "tokens_per_s": sum(g["tokens"] for g in gathered) / s,
+            "samples_per_s": sum(g["samples"] for g in gathered) / s,
+            "step_ms": s / a.steps * 1e3,
+            "tflops": fl / s / 1e12,
+            "roof_tflops_per_process": min(g["roof_flops"] for g in gathered) / 1e12,
+            "mfu": fl / s / sum(g["roof_flops"] for g in gathered),
+            "peak_rss_gib_per_rank": [round(g["rss_gib"], 3) for g in gathered],
+            "split_ms": {k: round(v * 1e3, 2) for k, v in gathered[0]["split_s"].items()},
+        }
+        with open(a.result, "w") as f:
+            json.dump(out, f)
+    destroy_distributed()
+
+
+# ---------------------------------------------------------------------------- driver
+
+
+def _ensure_data(name: str, raw: str | None) -> str | None:
+    """None when tmp_data/<name> is ready, else why the preset is skipped."""
+    if os.path.exists(os.path.join(ROOT, "tmp_data", name, "metadata.json")):
+        return None
+    cmd = [sys.executable, "-m", "hstu.data.preprocess", "--dataset", name, "--out",
+           os.path.join(ROOT, "tmp_data"), "--quiet"]
+    if name != "synthetic":
+        if not raw or not os.path.exists(raw):
+            return f"no tmp_data/{name} and no raw data at {raw!r} (--ml100k-raw)"
+        cmd += ["--raw", raw]
+    done = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True)
+    return None if done.returncode == 0 else f"preprocess {name} failed: {done.stderr[-300:]}"
+
+
+def _run_preset(p: Preset, a: argparse.Namespace) -> dict:
+    threads = a.threads or max(1, (os.cpu_count() or 1) // p.nproc)
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        result = f.name
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={p.nproc}", "-m", "hstu.bench", "--worker", p.name,
+           "--result", result, "--steps", str(a.steps), "--warmup", str(a.warmup),
+           "--profile-steps", str(a.profile_steps), "--threads", str(threads)]
+    for g in a.gin_param:
+        cmd += ["--gin-param", g]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
+    done = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0 or os.path.getsize(result) == 0:
+        return {"preset": p.name, "error": (done.stderr or done.stdout)[-1500:]}
+    with open(result) as f:
+        out = json.load(f)
+    os.unlink(result)
+    return out
+
+
+def _table(roofs: dict, results: list[dict]) -> str:
+    lines = [f"matmul roof (1024^3, {torch.get_num_threads()} threads, "
+             + ", ".join(f"{k}: {v / 1e9:.1f} GFLOP/s" for k, v in roofs.items()) + ")", ""]
+    head = (f"{'preset':24s} {'proc':>4s} {'thr':>3s} {'tokens/s':>10s} {'samples/s':>10s} {'step ms':>8s} "
+            f"{'TFLOP/s':>8s} {'MFU':>6s} {'RSS GiB':>9s} | split ms: "
+            + " ".join(f"{k[:5]:>6s}" for k in (*PHASES, "communication")))
+    lines += [head, "-" * len(head)]
+    for r in results:
+        if "error" in r or "skipped" in r:
+            lines.append(f"{r['preset']:24s} {r.get('skipped') or 'ERROR: ' + r['error'].splitlines()[-1]}")
+            continue
+        sp = r["split_ms"]
+        lines.append(
+            f"{r['preset']:24s} {r['processes']:4d} {r['threads_per_process']:3d} {r['tokens_per_s']:10,.0f} "
+            f"{r['samples_per_s']:10,.1f} {r['step_ms']:8.1f} {r['tflops']:8.4f} "
+            f"{r['mfu']:6.1%} {max(r['peak_rss_gib_per_rank']):9.2f} | split ms: "
+            + " ".join(f"{sp.get(k, 0.0):6.1f}" for k in (*PHASES, "communication")))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m hstu.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", nargs="*", default=[p.name for p in PRESETS])
+    ap.add_argument("--steps", type=int, default=16, help="timed steps per preset")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--profile-steps", type=int, default=4, help="steps under the profiler (split)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads per process (0: cores / processes, as a plain torchrun run)")
+    ap.add_argument("--gin-param", action="append", default=[], help="added to every preset")
+    ap.add_argument("--ml100k-raw", default=os.path.join(ROOT, "..", "shared", "data", "ml-100k"))
+    ap.add_argument("--json", default=os.path.join(ROOT, "tmp_data", "bench.json"))
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        _worker(a)
+        return
+    if a.list:
+        for p in PRESETS:
+            print(f"{p.name:24s} {p.nproc} proc  {p.config} {' '.join(p.params)}  # {p.note}")
+        return
+    unknown = [n for n in a.presets if n not in BY_NAME]
+    if unknown:
+        ap.error(f"unknown presets {unknown}; --list shows them")
+    torch.set_num_threads(a.threads or os.cpu_count() or 1)
+    roofs = {"float32": matmul_roof(torch.float32), "bfloat16": matmul_roof(torch.bfloat16)}
+    results = []
+    for name in a.presets:
+        p = BY_NAME[name]
+        why = _ensure_data(p.data, a.ml100k_raw) if p.data else None
+        r = {"preset": name, "skipped": why} if why else _run_preset(p, a)
+        results.append(r)
+        print(f"[bench] {name}: " + ("skipped: " + why if why else
+              "error" if "error" in r else f"{r['tokens_per_s']:,.0f} tokens/s"), flush=True)
+    report = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+              "torch": torch.__version__, "cpus": os.cpu_count(),
+              "matmul_roof_flops": roofs, "roof_threads": torch.get_num_threads(), "results": results}
+    print(_table(roofs, results))
+    if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"[bench] wrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()
