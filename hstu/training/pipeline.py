@@ -88,6 +88,15 @@ def build_pipeline(
     """The pipeline for ``pipeline_type``; prefetch falls back to native (one line says why)."""
     if pipeline_type == "none":
         return SequentialPipeline(model, optimizer, device)
+    from torchrec.distributed.types import ShardedModule
+
+    if not any(isinstance(m, ShardedModule) for m in model.modules()):
+        # every table replicated (data_parallel): no input distribution to run ahead
+        log(
+            f"[hstu] pipeline_type={pipeline_type} not applicable (no sharded embedding "
+            "collection: every table is data_parallel); running none"
+        )
+        return SequentialPipeline(model, optimizer, device)
     from torchrec.distributed.train_pipeline import (
         PrefetchTrainPipelineSparseDist,
         TrainPipelineSparseDist,
