@@ -479,9 +479,17 @@ class NetworkArgs:
     """Add the learned absolute position embedding to the input tokens."""
     architecture: Literal["hstu", "mlp_baseline"] = "hstu"
     """hstu, or (ranking only) a non-sequential MLP over the user's contextual and the candidate's item embeddings, for comparison."""
+    sequence_layout: Literal["jagged", "padded"] = "jagged"
+    """jagged (each sample's real tokens only) or padded (every sample padded to the longest sequence the data allows, as padded trainers do; same results, for comparison; needs is_causal)."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)
+        _require(
+            self.sequence_layout == "jagged" or self.is_causal,
+            self,
+            "sequence_layout",
+            '"padded" needs is_causal=True (padding after the real tokens is then invisible to them)',
+        )
         _positive(
             self, "num_layers", "hidden_size", "num_attention_heads", "kv_channels",
             "norm_epsilon", "target_group_size", "num_position_buckets",

@@ -44,6 +44,11 @@ class Preset:
     note: str = ""
 
 
+_ZIPF = ("item/FeatureArgs.max_sequence_length=512",)
+# ML-100K with a catalogue six times wider (see _make_wide_catalogue)
+WIDE_CATALOGUE = "ml-100k-x6"
+CATALOGUE_COPIES = 6
+
 PRESETS = [
     Preset(
         "ml1m_paper_on_ml100k", "configs/ml-1m_retrieval.gin", 1,
@@ -59,6 +64,20 @@ PRESETS = [
            note="benchmark_ranking, DP=2 on 2 processes, same per-rank batch"),
     Preset("tp2_ranking", "configs/tp2_ranking.gin", 2, data="synthetic",
            note="configs/tp2_ranking.gin, TP=2 on 2 processes"),
+    Preset("ranking_h256", "configs/benchmark_ranking.gin", 1,
+           ["NetworkArgs.hidden_size=256", "NetworkArgs.kv_channels=128"],
+           note="benchmark_ranking at hidden 256 (2 heads x 128): the MFU check"),
+    Preset("zipf_jagged", "configs/benchmark_ranking.gin", 1, list(_ZIPF),
+           note="benchmark_ranking, zipf lengths up to 512 (+16 candidates), jagged"),
+    Preset("zipf_padded", "configs/benchmark_ranking.gin", 1,
+           [*_ZIPF, 'NetworkArgs.sequence_layout="padded"'],
+           note="the same batches padded to the longest allowed sequence (529 tokens)"),
+    Preset("ml100k_retrieval", "configs/ml-100k_retrieval.gin", 2, data="ml-100k",
+           note="configs/ml-100k_retrieval.gin (full-corpus softmax over 1,682 items), 2 processes"),
+    Preset("ml100k_retrieval_10k_items", "configs/ml-100k_retrieval.gin", 2,
+           [f'DatasetArgs.dataset_name="{WIDE_CATALOGUE}"'], data=WIDE_CATALOGUE,
+           note="the same preset on ML-100K with each user's items moved to one of 6 copies "
+                "of the catalogue (10,092 items, same sequences)"),
 ]
 BY_NAME = {p.name: p for p in PRESETS}
 
@@ -195,6 +214,9 @@ def _worker(a: argparse.Namespace) -> None:
                 split["communication"] += ev.self_cpu_time_total / 1e6 / a.profile_steps
         # the embedding lookup runs inside no other label; the dense forward likewise
         split["step_profiled"] = sum(split[k] for k in PHASES)
+        if a.top_ops and env.rank == 0:
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.top_ops),
+                  file=sys.stderr, flush=True)
     for h in phase_hooks:
         h.remove()
 
@@ -235,10 +257,38 @@ def _worker(a: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------- driver
 
 
+def _make_wide_catalogue(raw: str, out_csv: str, copies: int) -> None:
+    """ML-100K ratings with user u's items moved to copy (u mod ``copies``) of the catalogue:
+    the same sequences (lengths, order, times) over ``copies`` x 1,682 items."""
+    src = os.path.join(raw, "u.data")
+    with open(src) as f, open(out_csv, "w") as g:
+        g.write("user,item,rating,timestamp\n")
+        for line_no, line in enumerate(f, 1):
+            parts = line.split()
+            if len(parts) != 4:
+                raise ValueError(f"{src}:{line_no}: expected 4 tab-separated fields, got {len(parts)}")
+            user, item, rating, ts = (int(x) for x in parts)
+            g.write(f"{user},{item + 1682 * (user % copies)},{rating},{ts}\n")
+
+
 def _ensure_data(name: str, raw: str | None) -> str | None:
     """None when tmp_data/<name> is ready, else why the preset is skipped."""
     if os.path.exists(os.path.join(ROOT, "tmp_data", name, "metadata.json")):
         return None
+    if name == WIDE_CATALOGUE:
+        if not raw or not os.path.exists(os.path.join(raw, "u.data")):
+            return f"no raw ML-100K at {raw!r} (--ml100k-raw) to build {name}"
+        os.makedirs(os.path.join(ROOT, "tmp_data"), exist_ok=True)
+        csv = os.path.join(ROOT, "tmp_data", f"{name}.csv")
+        _make_wide_catalogue(raw, csv, CATALOGUE_COPIES)
+        cmd = [sys.executable, "-m", "hstu.data.preprocess", "--dataset", "custom", "--raw", csv,
+               "--name", name, "--out", os.path.join(ROOT, "tmp_data"), "--quiet",
+               "--gin-param", 'CustomDataArgs.user_column="user"',
+               "--gin-param", 'CustomDataArgs.item_column="item"',
+               "--gin-param", 'CustomDataArgs.timestamp_column="timestamp"',
+               "--gin-param", 'CustomDataArgs.action_column="rating"']
+        done = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True)
+        return None if done.returncode == 0 else f"preprocess {name} failed: {done.stderr[-300:]}"
     cmd = [sys.executable, "-m", "hstu.data.preprocess", "--dataset", name, "--out",
            os.path.join(ROOT, "tmp_data"), "--quiet"]
     if name != "synthetic":
@@ -256,11 +306,14 @@ def _run_preset(p: Preset, a: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={p.nproc}", "-m", "hstu.bench", "--worker", p.name,
            "--result", result, "--steps", str(a.steps), "--warmup", str(a.warmup),
-           "--profile-steps", str(a.profile_steps), "--threads", str(threads)]
+           "--profile-steps", str(a.profile_steps), "--threads", str(threads),
+           "--top-ops", str(a.top_ops)]
     for g in a.gin_param:
         cmd += ["--gin-param", g]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
     done = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True)
+    if a.top_ops:
+        print(done.stderr[-20000:], file=sys.stderr)
     if done.returncode != 0 or os.path.getsize(result) == 0:
         return {"preset": p.name, "error": (done.stderr or done.stdout)[-1500:]}
     with open(result) as f:
@@ -298,6 +351,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads per process (0: cores / processes, as a plain torchrun run)")
     ap.add_argument("--gin-param", action="append", default=[], help="added to every preset")
+    ap.add_argument("--top-ops", type=int, default=0,
+                    help="print the profiler's N most expensive operators (self CPU) per preset")
     ap.add_argument("--ml100k-raw", default=os.path.join(ROOT, "..", "shared", "data", "ml-100k"))
     ap.add_argument("--json", default=os.path.join(ROOT, "tmp_data", "bench.json"))
     ap.add_argument("--list", action="store_true")

@@ -67,6 +67,7 @@ def build_block(
         options,
         num_position_buckets=network_args.num_position_buckets,
         use_position_embedding=getattr(network_args, "use_position_embedding", True),
+        sequence_layout=getattr(network_args, "sequence_layout", "jagged"),
         tp_group=tp_group,
     )
 

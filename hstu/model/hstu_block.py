@@ -39,6 +39,7 @@ class HSTUBlock(nn.Module):
         *,
         num_position_buckets: int = 8192,
         use_position_embedding: bool = True,
+        sequence_layout: str = "jagged",
         tp_group: ProcessGroup | None = None,
         **overrides: Any,
     ) -> None:
@@ -46,6 +47,11 @@ class HSTUBlock(nn.Module):
         options = replace(options or LayerOptions(), **overrides)
         self.options = options
         self.hidden_size = hidden_size
+        if sequence_layout not in ("jagged", "padded"):
+            raise ValueError(f'sequence_layout must be "jagged" or "padded", got {sequence_layout!r}')
+        if sequence_layout == "padded" and not options.is_causal:
+            raise ValueError('sequence_layout="padded" needs causal attention')
+        self.sequence_layout = sequence_layout
         self.dtype = options.dtype
         self.num_position_buckets = num_position_buckets
         self.position_embedding = (
@@ -76,9 +82,44 @@ class HSTUBlock(nn.Module):
             pos = positions_within(offsets, num_targets).clamp(max=self.num_position_buckets - 1)
             x = x + self.position_embedding(pos)
         x = self.input_dropout(x)
+        if self.sequence_layout == "padded":
+            return self._padded_layers(x, offsets, max_seqlen, num_contextual, num_targets, timestamps)
         for layer in self.layers:
             x = layer(x, offsets, max_seqlen, num_contextual, num_targets, timestamps)
         return x
+
+    def _padded_layers(
+        self,
+        x: torch.Tensor,
+        offsets: torch.Tensor,
+        max_seqlen: int,
+        num_contextual: torch.Tensor | None,
+        num_targets: torch.Tensor | None,
+        timestamps: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The layers on every sample padded to ``max_seqlen`` tokens, as padded trainers run.
+
+        Padding goes after each sample's real tokens and counts as extra candidates, so under
+        causal attention no real token sees it (a candidate's group only grows by later
+        tokens): the real tokens' outputs equal the jagged ones. Costs B * max_seqlen tokens.
+        """
+        lengths = offsets[1:] - offsets[:-1]
+        batch, n = lengths.numel(), max_seqlen
+        slot = torch.arange(n, device=x.device)
+        valid = slot.view(1, -1) < lengths.view(-1, 1)  # [B, n]
+        dest = (torch.arange(batch, device=x.device).view(-1, 1) * n + slot.view(1, -1))[valid]
+        padded = x.new_zeros(batch * n, x.shape[1]).index_copy(0, dest, x)
+        pad = n - lengths
+        targets = pad if num_targets is None else num_targets + pad
+        ts = None
+        if timestamps is not None:
+            last = (offsets[1:] - 1).clamp(min=0).view(-1, 1)
+            src = torch.minimum(offsets[:-1].view(-1, 1) + slot.view(1, -1), last)
+            ts = timestamps[src.reshape(-1)]
+        padded_offsets = torch.arange(batch + 1, device=x.device) * n
+        for layer in self.layers:
+            padded = layer(padded, padded_offsets, n, num_contextual, targets, ts)
+        return padded.index_select(0, dest)
 
 
 __all__ = ["HSTUBlock"]

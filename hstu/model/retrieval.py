@@ -184,6 +184,111 @@ def sampled_softmax_loss(
     return loss, pos_logits, neg_logits
 
 
+class _FullSoftmaxLoss(torch.autograd.Function):
+    """Sum over queries of the cross-entropy of ``logits = queries @ corpus.T`` at ``target``.
+
+    The [Q, I] logits are produced and turned into probabilities a block of queries at a
+    time (the block stays in cache), and only the probabilities are kept for backward, where
+    they become ``P - onehot`` in place and feed the two matmuls of the gradient (scaled on
+    their [Q, D] sides). The buffer is reused from step to step (``_SPARE``). Standard
+    autograd (``F.cross_entropy(q @ c.T)``) materialises the logits, the log-softmax, its
+    gradient and a scattered one-hot gradient: four [Q, I] matrices and about twice the
+    memory passes. Same values up to summation order. Backward runs once (in place).
+    """
+
+    @staticmethod
+    def forward(ctx, queries: torch.Tensor, corpus: torch.Tensor, target: torch.Tensor):
+        num_q, num_i = queries.shape[0], corpus.shape[0]
+        probs = _take_buffer(num_q * num_i, queries).view(num_q, num_i)
+        losses = queries.new_empty(num_q)
+        pos = queries.new_empty(num_q)
+        block = max(1, _FULL_SOFTMAX_BLOCK_ELEMENTS // max(1, num_i))
+        corpus_t = corpus.t()
+        for s in range(0, num_q, block):
+            e = min(num_q, s + block)
+            logits = torch.mm(queries[s:e], corpus_t, out=probs[s:e])
+            torch.gather(logits, 1, target[s:e].unsqueeze(1), out=pos[s:e].unsqueeze(1))
+            # softmax in place while the block is in cache; log-sum-exp = max - log(max prob)
+            # (the largest probability is 1 / sum exp(logit - max) >= 1 / I: never underflows)
+            top = logits.amax(dim=1)
+            torch.softmax(logits, dim=1, out=logits)
+            lse = top - logits.amax(dim=1).log()
+            torch.sub(lse, pos[s:e], out=losses[s:e])
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(queries, corpus, target, probs)
+        else:
+            _give_back(probs)
+        ctx.mark_non_differentiable(pos)
+        ctx.used = False
+        return losses.sum(), pos
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_pos: torch.Tensor):
+        if ctx.used:
+            raise RuntimeError("the full-corpus softmax loss keeps its buffers for one backward only")
+        ctx.used = True
+        queries, corpus, target, probs = ctx.saved_tensors
+        num_q, num_i = probs.shape
+        grad_q = torch.empty_like(queries)
+        grad_c = torch.zeros_like(corpus)
+        block = max(1, _FULL_SOFTMAX_BLOCK_ELEMENTS // max(1, num_i))
+        rows = torch.arange(num_q, device=probs.device)
+        probs.index_put_((rows, target), torch.tensor(-1.0, dtype=probs.dtype, device=probs.device),
+                         accumulate=True)
+        # the scalar gradient scales the [Q, D] sides, not the [Q, I] matrix
+        scaled_q = queries * grad_loss
+        for s in range(0, num_q, block):
+            e = min(num_q, s + block)
+            g = probs[s:e]
+            torch.mm(g, corpus, out=grad_q[s:e])
+            grad_c.addmm_(g.t(), scaled_q[s:e])
+        grad_q.mul_(grad_loss)
+        del g
+        ctx.saved_tensors_released = True
+        _give_back(probs)
+        return grad_q, grad_c, None
+
+
+# elements of the [block, I] logits handled at a time by _FullSoftmaxLoss (1 MiB in float32:
+# a block stays in a core's L2 between its matmul and its softmax)
+_FULL_SOFTMAX_BLOCK_ELEMENTS = 1 << 18
+
+
+# One spare [Q, I] buffer per device and dtype, handed from a backward to the next forward:
+# a fresh buffer of this size is a new mmap every step, and touching its pages first costs
+# as much as the softmax itself (~90 ms for 270 MB on the CPU machine). A forward whose
+# backward never runs simply does not give its buffer back.
+_SPARE: dict = {}
+
+
+def _take_buffer(numel: int, like: torch.Tensor) -> torch.Tensor:
+    key = (like.device, like.dtype)
+    spare = _SPARE.pop(key, None)
+    if spare is not None and spare.numel() >= numel:
+        return spare[:numel]
+    return like.new_empty(numel)
+
+
+def _give_back(buffer: torch.Tensor) -> None:
+    base = buffer.view(-1)
+    while base._base is not None:
+        base = base._base
+    key = (base.device, base.dtype)
+    held = _SPARE.get(key)
+    if held is None or held.numel() < base.numel():
+        _SPARE[key] = base.view(-1)
+
+
+def full_softmax_loss(
+    queries: torch.Tensor, corpus: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over queries of -log softmax(queries @ corpus.T)[q, target[q]], the target logits
+    [Q] (no gradient)); queries [Q, D], corpus [I, D] in one floating dtype."""
+    if queries.dtype != corpus.dtype:
+        corpus = corpus.to(queries.dtype)
+    return _FullSoftmaxLoss.apply(queries.contiguous(), corpus.contiguous(), target.contiguous())
+
+
 @dataclass
 class RetrievalEval:
     """top_ids int64 [B, k], top_scores [B, k] (cosine), target_ranks float [B] (inf: unranked)."""
@@ -334,17 +439,18 @@ class RetrievalModel(nn.Module):
         positive's column (each id appears once, so nothing needs masking). Same loss as
         :func:`sampled_softmax_loss` with the corpus as negatives."""
         # the temperature scales the [Q, D] queries, not the [Q, I] logits (same values, less work)
-        logits = (queries / self.temperature) @ corpus.t()  # [Q, I]
+        scaled = queries / self.temperature
         target = pos_ids - self.min_item_id
         if queries.shape[0] == 0:
-            loss = logits.sum() * 0.0
-        elif scale is None:
-            loss = F.cross_entropy(logits, target)
-        else:
-            loss = F.cross_entropy(logits, target, reduction="sum") * scale
+            logits = scaled @ corpus.t()
+            return logits.sum() * 0.0, (logits.new_zeros(0), logits)
+        total, pos_logits = full_softmax_loss(scaled, corpus, target)
+        loss = total / queries.shape[0] if scale is None else total * scale
+        if self.training:
+            # nothing reads the [Q, I] logits of a training step: not built again
+            return loss, (pos_logits, None)
         with torch.no_grad():
-            pos_logits = logits.gather(1, target.unsqueeze(1)).squeeze(1)
-            neg_logits = logits.scatter(1, target.unsqueeze(1), float("-inf"))
+            neg_logits = (scaled @ corpus.t()).scatter_(1, target.unsqueeze(1), float("-inf"))
         return loss, (pos_logits, neg_logits)
 
     @staticmethod

@@ -245,3 +245,36 @@ def test_bfloat16_runs():
     out = layer(x, torch.tensor([0, 5]), 5)
     out.float().sum().backward()
     assert out.dtype == torch.bfloat16 and x.grad is not None
+
+
+def _block_out_and_grads(layout: str, group: int, with_targets: bool):
+    torch.manual_seed(3)
+    block = HSTUBlock(
+        2, 16, 2, 8, num_position_buckets=32, relative_attention_bias=True,
+        rab_num_positions=9, target_group_size=group, sequence_layout=layout,
+    )
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    offsets, nc, nt, ts = _jagged_case()
+    x = torch.randn(14, 16, requires_grad=True, generator=torch.Generator().manual_seed(7))
+    out = block(x, offsets, 9, nc, nt if with_targets else None, ts)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in block.named_parameters()}
+
+
+@pytest.mark.parametrize("group,with_targets", [(1, True), (2, True), (1, False)])
+def test_padded_layout_equals_jagged(group, with_targets):
+    """Padding to max_seqlen (9 > the longest sample, 6) after the real tokens changes nothing
+    the real tokens see: outputs and every gradient agree with the jagged run."""
+    out, gx, grads = _block_out_and_grads("jagged", group, with_targets)
+    p_out, p_gx, p_grads = _block_out_and_grads("padded", group, with_targets)
+    torch.testing.assert_close(p_out, out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(p_gx, gx, rtol=1e-5, atol=1e-6)
+    for name, g in grads.items():
+        torch.testing.assert_close(p_grads[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_padded_layout_needs_causal():
+    with pytest.raises(ValueError, match="causal"):
+        HSTUBlock(1, 16, 2, 8, sequence_layout="padded", is_causal=False)
