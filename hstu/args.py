@@ -481,6 +481,8 @@ class NetworkArgs:
     """hstu, or (ranking only) a non-sequential MLP over the user's contextual and the candidate's item embeddings, for comparison."""
     sequence_layout: Literal["jagged", "padded"] = "jagged"
     """jagged (each sample's real tokens only) or padded (every sample padded to the longest sequence the data allows, as padded trainers do; same results, for comparison; needs is_causal)."""
+    compile: bool = False
+    """torch.compile each layer's output tail (LayerNorm(O) * U, dropout, W_o, residual; dynamic shapes); one TP rank only. Dropout masks then come from the compiled kernel's generator (results differ from eager by the masks)."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)

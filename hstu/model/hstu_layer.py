@@ -187,6 +187,9 @@ class LayerOptions:
         recompute_input_silu: recompute n W_uvqk + b in backward instead of storing it.
         dtype: parameter and compute dtype.
         strict_kernel: make a kernel fallback an error instead of a one-line message.
+        compile: torch.compile the output tail (LayerNorm(O) * U, dropout, W_o, residual)
+            with dynamic shapes; the input projection and the attention stay eager.
+            Without tensor parallelism only.
     """
 
     dropout: float = 0.0
@@ -206,6 +209,7 @@ class LayerOptions:
     recompute_input_silu: bool = False
     dtype: torch.dtype = torch.float32
     strict_kernel: bool = False
+    compile: bool = False
 
     # NetworkArgs names that differ from the field names (the gin surface predates this class)
     _NETWORK_NAMES = {
@@ -267,6 +271,11 @@ class HSTULayer(nn.Module):
         **overrides: Any,
     ) -> None:
         o = replace(options or LayerOptions(), **overrides)
+        if o.compile and tp_group is not None:
+            raise ValueError(
+                "NetworkArgs.compile=True compiles the single-rank layer tail; it is not "
+                "supported with tensor_model_parallel_size > 1"
+            )
         self.options = o
         dropout, norm_eps, kernel_backend = o.dropout, o.norm_eps, o.kernel_backend
         is_causal, target_group_size, alpha = o.is_causal, o.target_group_size, o.alpha
@@ -294,6 +303,9 @@ class HSTULayer(nn.Module):
         self.attn_scaling_seqlen = attn_scaling_seqlen
         self.recompute_input_layernorm = recompute_input_layernorm
         self.recompute_input_silu = recompute_input_silu
+        self._compiled_tail = None
+        if o.compile:
+            self._compiled_tail = torch.compile(self._tail, dynamic=True)
         local_width = self.local_heads * head_dim
 
         factory = {"dtype": dtype}
@@ -444,6 +456,8 @@ class HSTULayer(nn.Module):
             strict=self.strict_kernel,
         ).reshape(x.shape[0], -1)  # [T, H_r * d]
 
+        if self._compiled_tail is not None:
+            return self._compiled_tail(attn, u, x)
         normed = self._output_norm(attn)
         if tp and self.training and self.dropout.p > 0:
             # a sharded activation: each rank masks its own heads from its own stream
@@ -457,6 +471,10 @@ class HSTULayer(nn.Module):
         if isinstance(out, tuple):  # Megatron linears return (output, bias)
             out = out[0]
         return x + out
+
+    def _tail(self, attn: torch.Tensor, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x + W_o Dropout(LayerNorm(attn) * u), one process (what ``compile`` compiles)."""
+        return x + self.output(self.dropout(self._output_norm(attn) * u))
 
     def _output_norm(self, o: torch.Tensor) -> torch.Tensor:
         """LayerNorm over all H*d channels, of which this rank holds H_r*d."""

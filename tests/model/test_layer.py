@@ -278,3 +278,26 @@ def test_padded_layout_equals_jagged(group, with_targets):
 def test_padded_layout_needs_causal():
     with pytest.raises(ValueError, match="causal"):
         HSTUBlock(1, 16, 2, 8, sequence_layout="padded", is_causal=False)
+
+
+def test_compile_switch_same_results_without_dropout():
+    """NetworkArgs.compile: the compiled output tail gives the eager outputs and gradients
+    (dropout 0; with dropout the masks come from another generator), on two batch shapes
+    (dynamic shapes: no recompile needed for the second)."""
+    def run(compile_tail: bool, offsets: torch.Tensor):
+        torch.manual_seed(3)
+        block = HSTUBlock(2, 16, 2, 8, num_position_buckets=32, compile=compile_tail)
+        x = torch.randn(int(offsets[-1]), 16, requires_grad=True,
+                        generator=torch.Generator().manual_seed(7))
+        out = block(x, offsets, 9)
+        out.pow(2).sum().backward()
+        return out.detach(), x.grad, block.layers[0].output.weight.grad
+
+    for offsets in (torch.tensor([0, 5, 8, 14]), torch.tensor([0, 2, 9])):
+        for got, want in zip(run(True, offsets), run(False, offsets)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_switch_refused_with_tensor_parallelism():
+    with pytest.raises(ValueError, match="tensor_model_parallel_size"):
+        HSTULayer(16, 2, 8, compile=True, tp_group=object())
