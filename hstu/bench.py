@@ -42,6 +42,7 @@ class Preset:
     params: list[str] = field(default_factory=list)
     data: str | None = None  # preprocessed dataset the preset needs under tmp_data/
     note: str = ""
+    group: str = "core"  # "core" presets run by default; "scaling" with --presets scaling
 
 
 _ZIPF = ("item/FeatureArgs.max_sequence_length=512",)
@@ -55,6 +56,12 @@ PRESETS = [
         ['DatasetArgs.dataset_name="ml-100k"', 'NetworkArgs.kernel_backend="pytorch"'],
         data="ml-100k",
         note="the HSTU paper's ML-1M retrieval recipe (2x50, 1 head, len 200, 128 negatives, batch 128) on ML-100K",
+    ),
+    Preset(
+        "ml1m_paper_on_ml100k_dp2", "configs/ml-1m_retrieval.gin", 2,
+        ['DatasetArgs.dataset_name="ml-100k"', 'NetworkArgs.kernel_backend="pytorch"'],
+        data="ml-100k",
+        note="the same recipe, DP=2 on 2 processes, same per-rank batch (128)",
     ),
     Preset("benchmark_ranking", "configs/benchmark_ranking.gin", 1,
            note="synthetic zipf lengths up to 128 + 16 candidates, batch 32"),
@@ -79,7 +86,34 @@ PRESETS = [
            note="the same preset on ML-100K with each user's items moved to one of 6 copies "
                 "of the catalogue (10,092 items, same sequences)"),
 ]
+
+def _scaling_presets() -> list[Preset]:
+    """Cost vs sequence length (fixed lengths, ~8k tokens per step) and vs catalogue size
+    (uniform 128 negatives and the full-corpus softmax), configs/benchmark_retrieval.gin."""
+    out = []
+    for length in (200, 1000, 4000):
+        out.append(Preset(
+            f"seqlen_{length}", "configs/benchmark_retrieval.gin", 1,
+            ["item/FeatureArgs.is_jagged=False", f"item/FeatureArgs.max_sequence_length={length}",
+             f"TrainerArgs.train_batch_size={max(1, 8_000 // length)}",
+             f"NetworkArgs.num_position_buckets={length + 8}"],
+            note=f"every sample {length} items, {max(1, 8_000 // length)} samples per step",
+            group="scaling"))
+    for items, tag in ((1_700, "1.7k"), (10_000, "10k"), (100_000, "100k")):
+        size = f"item/EmbeddingArgs.item_vocab_size_or_capacity={items}"
+        out.append(Preset(f"catalogue_{tag}_uniform", "configs/benchmark_retrieval.gin", 1,
+                          [size, "TrainerArgs.train_batch_size=128"],
+                          note=f"{items:,} items, 128 uniform negatives, batch 128", group="scaling"))
+        out.append(Preset(f"catalogue_{tag}_full", "configs/benchmark_retrieval.gin", 1,
+                          [size, "TrainerArgs.train_batch_size=128",
+                           'RetrievalArgs.negative_sampling="full_corpus"', "RetrievalArgs.num_negatives=-1"],
+                          note=f"{items:,} items, full-corpus softmax, batch 128", group="scaling"))
+    return out
+
+
+PRESETS += _scaling_presets()
 BY_NAME = {p.name: p for p in PRESETS}
+GROUPS = {g: [p.name for p in PRESETS if p.group == g] for g in ("core", "scaling")}
 
 PHASES = ("data", "embedding", "forward", "backward", "optimizer")
 _COMM_MARKERS = ("c10d::", "gloo", "nccl", "all_reduce", "allreduce", "all_to_all", "alltoall",
@@ -166,6 +200,18 @@ def _worker(a: argparse.Namespace) -> None:
         ph = _Phase(name)
         phase_hooks += [module.register_forward_pre_hook(ph.pre),
                         module.register_forward_hook(ph.post)]
+    # real tokens per sample against the padded width the kernel is given (max_seqlen)
+    shape = {"tokens": 0, "samples": 0, "width": 0}
+
+    def block_shape(_module, args):
+        offsets, max_seqlen = args[1], args[2]
+        shape["tokens"] += int(offsets[-1])
+        shape["samples"] += offsets.numel() - 1
+        shape["width"] = max(shape["width"], int(max_seqlen))
+
+    block = getattr(trainer.model.dense_module, "block", None)
+    if block is not None:
+        phase_hooks.append(block.register_forward_pre_hook(block_shape))
     rf = torch.autograd.profiler.record_function
     model.train()
 
@@ -226,6 +272,7 @@ def _worker(a: argparse.Namespace) -> None:
     result = {
         "tokens": tokens, "samples": samples, "flops": flops, "seconds": seconds,
         "rss_gib": rss_gib, "roof_flops": roof, "split_s": split,
+        "fill": shape["tokens"] / max(1, shape["samples"]) / max(1, shape["width"]),
     }
     gathered = [None] * world
     if dist.is_initialized() and world > 1:
@@ -248,6 +295,7 @@ def _worker(a: argparse.Namespace) -> None:
             "mfu": fl / s / sum(g["roof_flops"] for g in gathered),
             "peak_rss_gib_per_rank": [round(g["rss_gib"], 3) for g in gathered],
             "split_ms": {k: round(v * 1e3, 2) for k, v in gathered[0]["split_s"].items()},
+            "mean_over_max_tokens": round(gathered[0]["fill"], 4),
         }
         with open(a.result, "w") as f:
             json.dump(out, f)
@@ -326,9 +374,10 @@ def _table(roofs: dict, results: list[dict]) -> str:
     lines = [f"matmul roof (1024^3, {torch.get_num_threads()} threads, "
              + ", ".join(f"{k}: {v / 1e9:.1f} GFLOP/s" for k, v in roofs.items()) + ")", ""]
     head = (f"{'preset':24s} {'proc':>4s} {'thr':>3s} {'tokens/s':>10s} {'samples/s':>10s} {'step ms':>8s} "
-            f"{'TFLOP/s':>8s} {'MFU':>6s} {'RSS GiB':>9s} | split ms: "
+            f"{'TFLOP/s':>8s} {'MFU':>6s} {'RSS GiB':>9s} {'fill':>5s} | split ms: "
             + " ".join(f"{k[:5]:>6s}" for k in (*PHASES, "communication")))
     lines += [head, "-" * len(head)]
+    # fill: mean real tokens per sample / the padded width the kernel is given
     for r in results:
         if "error" in r or "skipped" in r:
             lines.append(f"{r['preset']:24s} {r.get('skipped') or 'ERROR: ' + r['error'].splitlines()[-1]}")
@@ -337,14 +386,16 @@ def _table(roofs: dict, results: list[dict]) -> str:
         lines.append(
             f"{r['preset']:24s} {r['processes']:4d} {r['threads_per_process']:3d} {r['tokens_per_s']:10,.0f} "
             f"{r['samples_per_s']:10,.1f} {r['step_ms']:8.1f} {r['tflops']:8.4f} "
-            f"{r['mfu']:6.1%} {max(r['peak_rss_gib_per_rank']):9.2f} | split ms: "
+            f"{r['mfu']:6.1%} {max(r['peak_rss_gib_per_rank']):9.2f} "
+            f"{r.get('mean_over_max_tokens', 0.0):5.2f} | split ms: "
             + " ".join(f"{sp.get(k, 0.0):6.1f}" for k in (*PHASES, "communication")))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m hstu.bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--presets", nargs="*", default=[p.name for p in PRESETS])
+    ap.add_argument("--presets", nargs="*", default=["core"],
+                    help="preset names, or a group: core (default), scaling, all")
     ap.add_argument("--steps", type=int, default=16, help="timed steps per preset")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--profile-steps", type=int, default=4, help="steps under the profiler (split)")
@@ -364,8 +415,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.list:
         for p in PRESETS:
-            print(f"{p.name:24s} {p.nproc} proc  {p.config} {' '.join(p.params)}  # {p.note}")
+            print(f"{p.name:26s} [{p.group}] {p.nproc} proc  {p.config} {' '.join(p.params)}  # {p.note}")
         return
+    names = []
+    for n in a.presets:
+        names += list(BY_NAME) if n == "all" else GROUPS.get(n, [n])
+    a.presets = names
     unknown = [n for n in a.presets if n not in BY_NAME]
     if unknown:
         ap.error(f"unknown presets {unknown}; --list shows them")

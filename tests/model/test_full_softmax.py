@@ -29,6 +29,7 @@ def _reference(queries, corpus, target):
 def test_matches_cross_entropy_and_its_gradients(monkeypatch, block):
     # block 7 elements: one query per block, so the blocked loops and their edges are used
     monkeypatch.setattr(retrieval, "_FULL_SOFTMAX_BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(retrieval, "_FULL_SOFTMAX_MIN_ROWS", 1)
     queries, corpus, target = _case(37, 23)
     want_loss, want_pos, want_gq, want_gc = _reference(queries, corpus, target)
     for _ in range(2):  # the second call runs on the buffer the first one gave back
