@@ -317,6 +317,8 @@ class DatasetArgs:
     """Interleave each history item's action as a token; False feeds item tokens only (ranking labels still come from actions)."""
     contextual_features: list[str] | None = None
     """Contextual features fed as leading tokens; None uses every one the dataset has, [] none."""
+    balance_ranks: bool = False
+    """Training with several data-parallel ranks: split each global batch over the ranks by tokens (longest first, each to the least-loaded rank with room; every rank keeps batch_size samples) instead of every world_size-th sample. Same global batches and loss; a step waits less for the slowest rank."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)

@@ -59,9 +59,10 @@ PRESETS = [
     ),
     Preset(
         "ml1m_paper_on_ml100k_dp2", "configs/ml-1m_retrieval.gin", 2,
-        ['DatasetArgs.dataset_name="ml-100k"', 'NetworkArgs.kernel_backend="pytorch"'],
+        ['DatasetArgs.dataset_name="ml-100k"', 'NetworkArgs.kernel_backend="pytorch"',
+         "DatasetArgs.balance_ranks=True"],
         data="ml-100k",
-        note="the same recipe, DP=2 on 2 processes, same per-rank batch (128)",
+        note="the same recipe, DP=2 on 2 processes, same per-rank batch (128), batches split by tokens",
     ),
     Preset("benchmark_ranking", "configs/benchmark_ranking.gin", 1,
            note="synthetic zipf lengths up to 128 + 16 candidates, batch 32"),

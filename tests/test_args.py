@@ -183,6 +183,11 @@ def test_base_config_loads(tmp_path):
             r"run\.gin:\d+: DynamicEmbeddingArgs\.sharding_type: dynamic tables are always model_parallel",
         ),
         ("TrainerArgs.eval_batch_size = [8", r"run\.gin: gin: cannot parse"),
+        (
+            "NetworkArgs.is_causal = False\nNetworkArgs.sequence_layout = 'padded'",
+            r"run\.gin:\d+: NetworkArgs\.sequence_layout: \"padded\" needs is_causal=True",
+        ),
+        ("NetworkArgs.sequence_layout = 'dense'", r"run\.gin:\d+: NetworkArgs\.sequence_layout"),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path, extra, pattern):

@@ -103,6 +103,7 @@ def build_data(
         batch_size=train_batch_size,
         shuffle=dataset_args.shuffle,
         drop_last=drop_last,
+        balance_ranks=getattr(dataset_args, "balance_ranks", False),
         **common,
     )
     evaluation = SequenceLoader(

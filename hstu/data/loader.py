@@ -145,6 +145,9 @@ class SequenceLoader:
       rank has ceil(S / world_size) samples and the same ``len(loader)``. In training the
       wrapped samples are simply seen twice that epoch; in evaluation they are marked
       ``sample_mask = False`` so every real sample is counted exactly once across ranks.
+    - ``balance_ranks`` (training): the global batch k (the samples every rank's batch k
+      would hold) is split over the ranks by token count instead: longest first, each to the
+      least-loaded rank that has fewer than its share; same global batch, less waiting.
     - Position: one ``for`` loop yields the rest of the current epoch; the next loop starts the
       next epoch. ``state_dict()`` = {epoch, batch_index (batches yielded this epoch), ...};
       after ``load_state_dict`` iteration continues from exactly that batch.
@@ -164,6 +167,7 @@ class SequenceLoader:
         shuffle: bool,
         max_seqlen: int,
         drop_last: bool = False,
+        balance_ranks: bool = False,
         action_tokens: bool = True,
         contextual_features: list[str] | None = None,
     ) -> None:
@@ -174,6 +178,8 @@ class SequenceLoader:
         self.store, self.samples, self.task, self.training = store, samples, task, training
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.shuffle, self.max_seqlen, self.drop_last = shuffle and training, max_seqlen, drop_last
+        self.balance_ranks = balance_ranks and training and world_size > 1
+        self._orders: tuple[int, list[np.ndarray]] = (-1, [])  # (epoch, every rank's order)
         meta = store.metadata
         self.item_feature_name: str = meta["item_feature_name"]
         self.action_feature_name: str | None = (
@@ -221,8 +227,10 @@ class SequenceLoader:
             index = consumed // (self.batch_size * self.world_size)
         self.batch_index = min(index, len(self))
 
-    def _rank_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(sample indices [samples_per_rank], real-sample mask [samples_per_rank]) of this rank."""
+    def _rank_order(self, epoch: int, rank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(sample indices [samples_per_rank], real-sample mask [samples_per_rank]) of ``rank``
+        (default: this rank)."""
+        rank = self.rank if rank is None else rank
         num = len(self.samples)
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(num)
@@ -233,7 +241,28 @@ class SequenceLoader:
         if padded > num:
             order = np.concatenate([order, np.resize(order, padded - num)])
             real[num:] = False
-        return order[self.rank :: self.world_size], real[self.rank :: self.world_size]
+        return order[rank :: self.world_size], real[rank :: self.world_size]
+
+    def _balanced(self, epoch: int, batch_index: int) -> np.ndarray:
+        """This rank's samples of global batch ``batch_index``, split over the ranks by tokens."""
+        world, rank = self.world_size, self.rank
+        lo = batch_index * self.batch_size
+        per_rank = min(self.batch_size, self.samples_per_rank - lo)
+        if self._orders[0] != epoch:
+            self._orders = (epoch, [self._rank_order(epoch, r)[0] for r in range(world)])
+        ranks = [order[lo : lo + per_rank] for order in self._orders[1]]
+        members = np.concatenate(ranks)  # the global batch, in rank order
+        s = self.samples
+        tokens = (s.cand_end[members] - s.hist_start[members]).astype(np.int64)
+        load = [0] * world
+        taken: list[list[int]] = [[] for _ in range(world)]
+        # longest first (stable: ties keep the global order), each to the least-loaded rank
+        # with room (ties: the lowest rank); deterministic, so every rank computes the same split
+        for j in np.argsort(-tokens, kind="stable"):
+            r = min((q for q in range(world) if len(taken[q]) < per_rank), key=lambda q: (load[q], q))
+            taken[r].append(int(j))
+            load[r] += int(tokens[j])
+        return members[np.sort(np.asarray(taken[rank], dtype=np.int64))]
 
     def __iter__(self) -> Iterator[Batch]:
         if self.batch_index >= len(self):
@@ -242,8 +271,9 @@ class SequenceLoader:
         while self.batch_index < len(self):
             lo = self.batch_index * self.batch_size
             sel = slice(lo, lo + self.batch_size)
+            index = self._balanced(self.epoch, self.batch_index) if self.balance_ranks else order[sel]
             self.batch_index += 1
-            yield self.make_batch(order[sel], None if self.training else real[sel])
+            yield self.make_batch(index, None if self.training else real[sel])
         self.epoch, self.batch_index = self.epoch + 1, 0
 
     # ------------------------------------------------------------------------ batch
