@@ -74,12 +74,13 @@ class NegativeSampler:
             slots = np.arange(m, dtype=np.uint64)
             h = _mix(key[:, None] ^ (slots[None, :] * np.uint64(0xD6E8FEB86659FD93)))  # [Q, M]
         span = np.uint64(self.num_items - self.min_item_id)
-        ids = (h % span).astype(np.int64) + self.min_item_id
+        ids = np.remainder(h, span, out=h).view(np.int64)  # < span < 2**63: same values
+        ids += self.min_item_id
         present = np.zeros(self.num_items, dtype=bool)
         present[ids.reshape(-1)] = True
-        uniq = np.flatnonzero(present).astype(np.int64)
-        slot = np.cumsum(present) - 1
-        return uniq, slot[ids].astype(np.int64).reshape(q, m)
+        uniq = np.flatnonzero(present).astype(np.int64, copy=False)
+        slot = np.cumsum(present, dtype=np.int64) - 1
+        return uniq, slot[ids].reshape(q, m)
 
     def index_tensor(self, index: np.ndarray | None) -> torch.Tensor | None:
         return None if index is None else torch.from_numpy(index)
