@@ -84,6 +84,15 @@ class _Chunk:
     mask: Tensor  # bool [b, 1, n, n]
     rel: Tensor | None  # int64 [n, n] position-table index (rab)
     buckets: Tensor | None  # int64 [b, n, n] time-bucket index (rab with time)
+    # causal chunks: query rows [0, split) only need keys [0, split) (0: no split); per
+    # part (rows, keys, mask, rel, buckets), the upper-right quarter is never computed
+    split: int = 0
+    parts: list | None = None
+
+
+# a causal chunk this wide or wider is computed as two row blocks (top rows against the
+# first half of the keys only): a quarter of its scores skipped
+CAUSAL_SPLIT_MIN_WIDTH = 32
 
 
 # One entry: the plan of the last batch. Every layer of a block calls the attention with the
@@ -139,14 +148,47 @@ def _plan(
             rel = rel_by_width[width]
             if timestamps is not None:
                 buckets = time_buckets(timestamps, token_index, chunk_lengths)
-        chunks.append(
-            _Chunk(
-                width, h0, h1, token_index, token_index[valid], token_index.reshape(-1),
-                valid.reshape(-1).nonzero().squeeze(1), mask, rel, buckets,
-            )
+        chunk = _Chunk(
+            width, h0, h1, token_index, token_index[valid], token_index.reshape(-1),
+            valid.reshape(-1).nonzero().squeeze(1), mask, rel, buckets,
         )
+        split = width // 2
+        # rows i < split see keys j <= max(i, C - 1) under the causal mask (contextual tokens
+        # see each other both ways), so keys [0, split) suffice while C <= split
+        if causal and width >= CAUSAL_SPLIT_MIN_WIDTH and (
+            num_contextual is None or int(num_contextual[sample_ids].max()) <= split
+        ):
+            chunk.split = split
+            chunk.parts = [
+                (
+                    rows_, keys_, mask[:, :, rows_, keys_],
+                    None if rel is None else rel[rows_, keys_].contiguous(),
+                    None if buckets is None else buckets[:, rows_, keys_].contiguous(),
+                )
+                for rows_, keys_ in ((slice(0, split), slice(0, split)), (slice(split, width), slice(0, width)))
+            ]
+        chunks.append(chunk)
     _PLAN_CACHE[:] = [(key, (offsets, num_contextual, num_targets, timestamps), chunks)]
     return chunks
+
+
+def _scores_times_v(
+    qb: Tensor, kb: Tensor, vb: Tensor, mask: Tensor, rel: Tensor | None, buckets: Tensor | None,
+    rab: RelativeAttentionBias | None, alpha: float, b: int, h: int, compute_dtype: torch.dtype,
+) -> Tensor:
+    """masked SiLU(alpha q k^T + rab) v for one block of rows: qb [b*h, r, d], kb / vb
+    [b*h, m, d], mask [b, 1, r, m] -> [b*h, r, d] (not yet divided by N)."""
+    r, m = qb.shape[1], kb.shape[1]
+    if rab is not None:
+        bias = bias_from_indices(rab, rel, buckets).to(compute_dtype)
+        bias = bias.unsqueeze(1).expand(b, h, r, m).reshape(b * h, r, m)
+        scores = torch.baddbmm(bias, qb, kb.transpose(1, 2), alpha=alpha)
+    else:
+        scores = torch.bmm(qb, kb.transpose(1, 2))
+        if alpha != 1.0:
+            scores = scores * alpha
+    weights = torch.where(mask, F.silu(scores.view(b, h, r, m)), 0.0).view(b * h, r, m)
+    return torch.bmm(weights, vb)
 
 
 def pytorch_hstu_attention(
@@ -200,17 +242,19 @@ def pytorch_hstu_attention(
             return g.view(b, n, h, -1).transpose(1, 2).reshape(b * h, n, -1).to(compute_dtype)
 
         qb, kb, vb = padded(q), padded(k), padded(v)
-        if rab is not None:
-            bias = bias_from_indices(rab, c.rel, c.buckets).to(compute_dtype)
-            bias = bias.unsqueeze(1).expand(b, h, n, n).reshape(b * h, n, n)
-            scores = torch.baddbmm(bias, qb, kb.transpose(1, 2), alpha=alpha)
+        if c.parts is None:
+            chunk_out = _scores_times_v(qb, kb, vb, c.mask, c.rel, c.buckets, rab, alpha, b, h, compute_dtype)
         else:
-            scores = torch.bmm(qb, kb.transpose(1, 2))
-            if alpha != 1.0:
-                scores = scores * alpha
-        weights = torch.where(c.mask, F.silu(scores.view(b, h, n, n)), 0.0).view(b * h, n, n)
+            chunk_out = torch.cat(
+                [
+                    _scores_times_v(qb[:, rows_], kb[:, keys_], vb[:, keys_], mask, rel, buckets,
+                                    rab, alpha, b, h, compute_dtype)
+                    for rows_, keys_, mask, rel, buckets in c.parts
+                ],
+                dim=1,
+            )
         # 1/N on the [b*h, n, d] output instead of the [b*h, n, n] weights
-        chunk_out = torch.bmm(weights, vb) / scaling_seqlen
+        chunk_out = chunk_out / scaling_seqlen
         chunk_out = chunk_out.view(b, h, n, -1).transpose(1, 2).reshape(b * n, h, -1)
         chunk_out = chunk_out.index_select(0, c.valid_index)
         if c.h0 == 0 and c.h1 == num_heads:

@@ -173,3 +173,25 @@ def test_empty_samples_and_bad_rab_are_handled() -> None:
         _run(case, rab=small)
     with pytest.raises(ValueError, match="together"):
         _run(case, rab=RelativeAttentionBias(torch.zeros(7), torch.zeros(129), None))
+
+
+@pytest.mark.parametrize("ctx", [[3, 2], [20, 18]])
+def test_causal_split_of_wide_chunks_matches_reference(ctx) -> None:
+    """Causal chunks of width >= 32 skip the scores of rows [0, n/2) against keys [n/2, n);
+    contextual tokens see each other both ways, so a chunk whose contextual block is wider than
+    n/2 must not be split. Both against the naive reference, values and gradients."""
+    from hstu.ops import pytorch_attention as pa
+
+    lengths = [34, 33]
+    case = random_case(lengths, num_contextual=ctx, num_targets=[4, 6], rab="pos+ts",
+                       max_positions=40, dtype=torch.float64)
+    kw = {"alpha": 0.3, "scaling_seqlen": 40, "causal": True, "target_group_size": 2}
+    got = pytorch_hstu_attention(case.q, case.k, case.v, case.offsets, case.max_seqlen,
+                                 num_contextual=case.num_contextual, num_targets=case.num_targets,
+                                 rab=case.rab, **kw)
+    (chunk,) = pa._PLAN_CACHE[0][2]
+    assert chunk.split == (17 if ctx == [3, 2] else 0)  # the guard, not only the result
+    want = naive_attention(case, **kw)
+    torch.testing.assert_close(got, want)
+    for g_got, g_want in zip(grads(got, case.leaves()), grads(want, case.leaves())):
+        torch.testing.assert_close(g_got, g_want)
