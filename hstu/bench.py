@@ -46,9 +46,9 @@ class Preset:
 
 
 _ZIPF = ("item/FeatureArgs.max_sequence_length=512",)
-# ML-100K with a catalogue six times wider (see _make_wide_catalogue)
-WIDE_CATALOGUE = "ml-100k-x6"
-CATALOGUE_COPIES = 6
+# ML-100K over eight copies of its catalogue (see _make_wide_catalogue)
+WIDE_CATALOGUE = "ml-100k-x8"
+CATALOGUE_COPIES = 8
 
 PRESETS = [
     Preset(
@@ -84,8 +84,8 @@ PRESETS = [
            note="configs/ml-100k_retrieval.gin (full-corpus softmax over 1,682 items), 2 processes"),
     Preset("ml100k_retrieval_10k_items", "configs/ml-100k_retrieval.gin", 2,
            [f'DatasetArgs.dataset_name="{WIDE_CATALOGUE}"'], data=WIDE_CATALOGUE,
-           note="the same preset on ML-100K with each user's items moved to one of 6 copies "
-                "of the catalogue (10,092 items, same sequences)"),
+           note="the same preset on ML-100K with each user's items moved to one of 8 copies "
+                "of the catalogue (10,450 distinct items, same sequences)"),
 ]
 
 def _scaling_presets() -> list[Preset]:
@@ -206,7 +206,7 @@ def _worker(a: argparse.Namespace) -> None:
 
     def block_shape(_module, args):
         offsets, max_seqlen = args[1], args[2]
-        shape["tokens"] += int(offsets[-1])
+        shape["tokens"] = shape["tokens"] + offsets[-1]  # stays on the device: no sync per step
         shape["samples"] += offsets.numel() - 1
         shape["width"] = max(shape["width"], int(max_seqlen))
 
@@ -273,7 +273,7 @@ def _worker(a: argparse.Namespace) -> None:
     result = {
         "tokens": tokens, "samples": samples, "flops": flops, "seconds": seconds,
         "rss_gib": rss_gib, "roof_flops": roof, "split_s": split,
-        "fill": shape["tokens"] / max(1, shape["samples"]) / max(1, shape["width"]),
+        "fill": float(shape["tokens"]) / max(1, shape["samples"]) / max(1, shape["width"]),
     }
     gathered = [None] * world
     if dist.is_initialized() and world > 1:
@@ -324,26 +324,24 @@ def _ensure_data(name: str, raw: str | None) -> str | None:
     """None when tmp_data/<name> is ready, else why the preset is skipped."""
     if os.path.exists(os.path.join(ROOT, "tmp_data", name, "metadata.json")):
         return None
+    out = os.path.join(ROOT, "tmp_data")
+    cmd = [sys.executable, "-m", "hstu.data.preprocess", "--out", out, "--quiet"]
     if name == WIDE_CATALOGUE:
         if not raw or not os.path.exists(os.path.join(raw, "u.data")):
             return f"no raw ML-100K at {raw!r} (--ml100k-raw) to build {name}"
-        os.makedirs(os.path.join(ROOT, "tmp_data"), exist_ok=True)
-        csv = os.path.join(ROOT, "tmp_data", f"{name}.csv")
+        os.makedirs(out, exist_ok=True)
+        csv = os.path.join(out, f"{name}.csv")
         _make_wide_catalogue(raw, csv, CATALOGUE_COPIES)
-        cmd = [sys.executable, "-m", "hstu.data.preprocess", "--dataset", "custom", "--raw", csv,
-               "--name", name, "--out", os.path.join(ROOT, "tmp_data"), "--quiet",
-               "--gin-param", 'CustomDataArgs.user_column="user"',
-               "--gin-param", 'CustomDataArgs.item_column="item"',
-               "--gin-param", 'CustomDataArgs.timestamp_column="timestamp"',
-               "--gin-param", 'CustomDataArgs.action_column="rating"']
-        done = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True)
-        return None if done.returncode == 0 else f"preprocess {name} failed: {done.stderr[-300:]}"
-    cmd = [sys.executable, "-m", "hstu.data.preprocess", "--dataset", name, "--out",
-           os.path.join(ROOT, "tmp_data"), "--quiet"]
-    if name != "synthetic":
-        if not raw or not os.path.exists(raw):
-            return f"no tmp_data/{name} and no raw data at {raw!r} (--ml100k-raw)"
-        cmd += ["--raw", raw]
+        cmd += ["--dataset", "custom", "--raw", csv, "--name", name]
+        for field, column in (("user", "user"), ("item", "item"), ("timestamp", "timestamp"),
+                              ("action", "rating")):
+            cmd += ["--gin-param", f'CustomDataArgs.{field}_column="{column}"']
+    else:
+        cmd += ["--dataset", name]
+        if name != "synthetic":
+            if not raw or not os.path.exists(raw):
+                return f"no tmp_data/{name} and no raw data at {raw!r} (--ml100k-raw)"
+            cmd += ["--raw", raw]
     done = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True)
     return None if done.returncode == 0 else f"preprocess {name} failed: {done.stderr[-300:]}"
 

@@ -179,7 +179,6 @@ class SequenceLoader:
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.shuffle, self.max_seqlen, self.drop_last = shuffle and training, max_seqlen, drop_last
         self.balance_ranks = balance_ranks and training and world_size > 1
-        self._orders: tuple[int, list[np.ndarray]] = (-1, [])  # (epoch, every rank's order)
         meta = store.metadata
         self.item_feature_name: str = meta["item_feature_name"]
         self.action_feature_name: str | None = (
@@ -227,10 +226,9 @@ class SequenceLoader:
             index = consumed // (self.batch_size * self.world_size)
         self.batch_index = min(index, len(self))
 
-    def _rank_order(self, epoch: int, rank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(sample indices [samples_per_rank], real-sample mask [samples_per_rank]) of ``rank``
-        (default: this rank)."""
-        rank = self.rank if rank is None else rank
+    def _padded_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(every sample index in epoch order, padded by wrapping to samples_per_rank *
+        world_size; real-sample mask of the same length): the same on every rank."""
         num = len(self.samples)
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(num)
@@ -241,17 +239,16 @@ class SequenceLoader:
         if padded > num:
             order = np.concatenate([order, np.resize(order, padded - num)])
             real[num:] = False
-        return order[rank :: self.world_size], real[rank :: self.world_size]
+        return order, real
 
-    def _balanced(self, epoch: int, batch_index: int) -> np.ndarray:
-        """This rank's samples of global batch ``batch_index``, split over the ranks by tokens."""
+    def _balanced(self, order: np.ndarray, batch_index: int) -> np.ndarray:
+        """This rank's samples of global batch ``batch_index`` (``order``: the epoch's
+        :meth:`_padded_order`), split over the ranks by tokens."""
         world, rank = self.world_size, self.rank
         lo = batch_index * self.batch_size
         per_rank = min(self.batch_size, self.samples_per_rank - lo)
-        if self._orders[0] != epoch:
-            self._orders = (epoch, [self._rank_order(epoch, r)[0] for r in range(world)])
-        ranks = [order[lo : lo + per_rank] for order in self._orders[1]]
-        members = np.concatenate(ranks)  # the global batch, in rank order
+        # the global batch, in rank order (rank r's batch k would be order[r::world][lo:lo+per_rank])
+        members = np.concatenate([order[r::world][lo : lo + per_rank] for r in range(world)])
         s = self.samples
         tokens = (s.cand_end[members] - s.hist_start[members]).astype(np.int64)
         load = [0] * world
@@ -267,11 +264,12 @@ class SequenceLoader:
     def __iter__(self) -> Iterator[Batch]:
         if self.batch_index >= len(self):
             self.epoch, self.batch_index = self.epoch + 1, 0
-        order, real = self._rank_order(self.epoch)
+        full, full_real = self._padded_order(self.epoch)
+        order, real = full[self.rank :: self.world_size], full_real[self.rank :: self.world_size]
         while self.batch_index < len(self):
             lo = self.batch_index * self.batch_size
             sel = slice(lo, lo + self.batch_size)
-            index = self._balanced(self.epoch, self.batch_index) if self.balance_ranks else order[sel]
+            index = self._balanced(full, self.batch_index) if self.balance_ranks else order[sel]
             self.batch_index += 1
             yield self.make_batch(index, None if self.training else real[sel])
         self.epoch, self.batch_index = self.epoch + 1, 0

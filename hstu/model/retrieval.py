@@ -243,8 +243,6 @@ class _FullSoftmaxLoss(torch.autograd.Function):
             torch.mm(g, corpus, out=grad_q[s:e])
             grad_c.addmm_(g.t(), scaled_q[s:e])
         grad_q.mul_(grad_loss)
-        del g
-        ctx.saved_tensors_released = True
         _give_back(probs)
         return grad_q, grad_c, None
 
@@ -277,9 +275,8 @@ def _take_buffer(numel: int, like: torch.Tensor) -> torch.Tensor:
 
 
 def _give_back(buffer: torch.Tensor) -> None:
-    base = buffer.view(-1)
-    while base._base is not None:
-        base = base._base
+    # a view's _base is its root storage tensor (torch collapses chains of views)
+    base = buffer if buffer._base is None else buffer._base
     key = (base.device, base.dtype)
     held = _SPARE.get(key)
     if held is None or held.numel() < base.numel():
