@@ -188,6 +188,11 @@ def test_base_config_loads(tmp_path):
             r"run\.gin:\d+: NetworkArgs\.sequence_layout: \"padded\" needs is_causal=True",
         ),
         ("NetworkArgs.sequence_layout = 'dense'", r"run\.gin:\d+: NetworkArgs\.sequence_layout"),
+        (
+            "RetrievalArgs.full_corpus_matmul_dtype = 'bfloat16'",
+            r"run\.gin:\d+: RetrievalArgs\.full_corpus_matmul_dtype: applies to negative_sampling='full_corpus' only",
+        ),
+        ("RetrievalArgs.full_corpus_matmul_dtype = 'float16'", r"run\.gin:\d+: RetrievalArgs\.full_corpus_matmul_dtype"),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path, extra, pattern):

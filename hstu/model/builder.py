@@ -136,6 +136,7 @@ def build_model(
             num_negatives=task_args.num_negatives,
             negative_sampling=task_args.negative_sampling,
             temperature=task_args.temperature,
+            full_corpus_matmul_dtype=task_args.full_corpus_matmul_dtype,
             l2_norm_eps=task_args.l2_norm_eps,
             min_item_id=data.min_item_id,
             max_item_seqlen=data.max_item_seqlen,

@@ -329,6 +329,29 @@ def test_negative_sampling_modes_build_the_softmax_they_name():
     assert len(set(losses.values())) == 3
 
 
+def test_full_corpus_bfloat16_matmuls_from_the_args():
+    """RetrievalArgs.full_corpus_matmul_dtype reaches the loss through build_model: the same
+    weights give the float32 loss within bfloat16 rounding (not bitwise: it did run in
+    bfloat16) and the same gradient direction on the block's first weight."""
+    def run(dtype: str):
+        data = ModelDataInfo(num_items=30, item_feature_name="item", max_item_seqlen=8, min_item_id=1)
+        torch.manual_seed(0)
+        args = RetrievalArgs(negative_sampling="full_corpus", temperature=0.1,
+                             full_corpus_matmul_dtype=dtype)
+        model = build_model("retrieval", _net(), args, TinyEmbeddings({"item": (30, D)}), data)
+        batch = make_batch([[1, 2, 3, 4], [5, 6], [7]], negatives=sampler("full_corpus", 0))
+        loss, (pos_logits, neg_logits) = model(batch)
+        loss.backward()
+        return model, loss.detach(), model.block.layers[0].uvqk.weight.grad
+    model32, loss32, grad32 = run("float32")
+    model16, loss16, grad16 = run("bfloat16")
+    assert model32.dense_module.full_corpus_matmul_dtype == torch.float32
+    assert model16.dense_module.full_corpus_matmul_dtype == torch.bfloat16
+    torch.testing.assert_close(loss16, loss32, rtol=2e-3, atol=0.0)
+    assert not torch.equal(grad16, grad32)
+    assert F.cosine_similarity(grad16.flatten(), grad32.flatten(), dim=0) > 0.999
+
+
 def test_full_corpus_eval_matches_brute_force_with_history_excluded():
     model = _retrieval().eval()
     batch = make_batch([[1, 2, 3, 4], [5, 6], [7, 8, 9]])
