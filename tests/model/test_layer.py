@@ -293,9 +293,16 @@ def test_compile_switch_same_results_without_dropout():
         out.pow(2).sum().backward()
         return out.detach(), x.grad, block.layers[0].output.weight.grad
 
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     for offsets in (torch.tensor([0, 5, 8, 14]), torch.tensor([0, 2, 9])):
         for got, want in zip(run(True, offsets), run(False, offsets)):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # dynamo really compiled the tail (not an eager fallback), in one piece
+    assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
 
 
 def test_compile_switch_refused_with_tensor_parallelism():
