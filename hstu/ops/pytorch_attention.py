@@ -146,26 +146,35 @@ def _plan(
             if width not in rel_by_width:
                 rel_by_width[width] = relative_positions(width, rab_positions, device)
             rel = rel_by_width[width]
-            if timestamps is not None:
+        split = width // 2
+        # rows i < split see keys j <= max(i, C - 1) under the causal mask (contextual tokens
+        # see each other both ways), so keys [0, split) suffice while C <= split
+        causal_split = causal and width >= CAUSAL_SPLIT_MIN_WIDTH and (
+            num_contextual is None or int(num_contextual[sample_ids].max()) <= split
+        )
+        blocks = ((slice(0, split), slice(0, split)), (slice(split, width), slice(0, width)))
+        part_buckets = [None, None]
+        if rel is not None and timestamps is not None:
+            if causal_split:  # only the blocks the split computes
+                part_buckets = [
+                    time_buckets(timestamps, token_index, chunk_lengths, rows_, keys_)
+                    for rows_, keys_ in blocks
+                ]
+            else:
                 buckets = time_buckets(timestamps, token_index, chunk_lengths)
         chunk = _Chunk(
             width, h0, h1, token_index, token_index[valid], token_index.reshape(-1),
             valid.reshape(-1).nonzero().squeeze(1), mask, rel, buckets,
         )
-        split = width // 2
-        # rows i < split see keys j <= max(i, C - 1) under the causal mask (contextual tokens
-        # see each other both ways), so keys [0, split) suffice while C <= split
-        if causal and width >= CAUSAL_SPLIT_MIN_WIDTH and (
-            num_contextual is None or int(num_contextual[sample_ids].max()) <= split
-        ):
+        if causal_split:
             chunk.split = split
             chunk.parts = [
                 (
                     rows_, keys_, mask[:, :, rows_, keys_],
                     None if rel is None else rel[rows_, keys_].contiguous(),
-                    None if buckets is None else buckets[:, rows_, keys_].contiguous(),
+                    part_buckets[p],
                 )
-                for rows_, keys_ in ((slice(0, split), slice(0, split)), (slice(split, width), slice(0, width)))
+                for p, (rows_, keys_) in enumerate(blocks)
             ]
         chunks.append(chunk)
     _PLAN_CACHE[:] = [(key, (offsets, num_contextual, num_targets, timestamps), chunks)]

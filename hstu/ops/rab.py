@@ -82,14 +82,43 @@ def relative_positions(width: int, num_positions: int, device: torch.device) -> 
     )
 
 
-def time_buckets(timestamps: Tensor, token_index: Tensor, lengths: Tensor) -> Tensor:
-    """int64 [b, n, n]: bucket(t_next[i] - t[j]) for a padded group of samples."""
+# CPU: the buckets are built a few samples at a time in reused scratch (each op in place, the
+# working set in cache) instead of eight passes over fresh [b, n, n] tensors: ~8x faster.
+_BUCKET_CHUNK_ELEMENTS = 1 << 16
+
+
+def time_buckets(
+    timestamps: Tensor,
+    token_index: Tensor,
+    lengths: Tensor,
+    rows: slice = slice(None),
+    keys: slice = slice(None),
+) -> Tensor:
+    """int64 [b, n, n]: bucket(t_next[i] - t[j]) for a padded group of samples; with ``rows``
+    / ``keys`` only that block of it ([b, len(rows), len(keys)], the same values)."""
     width = token_index.shape[1]
     pos = torch.arange(width, device=token_index.device)
     ts = timestamps[token_index]
     next_slot = torch.minimum(pos.view(1, width) + 1, (lengths.view(-1, 1) - 1).clamp(min=0))
-    ts_next = torch.gather(ts, 1, next_slot)
-    return time_bucket(ts_next.unsqueeze(2) - ts.unsqueeze(1))
+    ts_next = torch.gather(ts, 1, next_slot)[:, rows]
+    ts = ts[:, keys]
+    if ts.device.type != "cpu":
+        return time_bucket(ts_next.unsqueeze(2) - ts.unsqueeze(1))
+    b, n_rows, n_keys = ts.shape[0], ts_next.shape[1], ts.shape[1]
+    out = torch.empty((b, n_rows, n_keys), dtype=torch.int64)
+    step = max(1, _BUCKET_CHUNK_ELEMENTS // max(1, n_rows * n_keys))
+    diff = torch.empty((min(step, b), n_rows, n_keys), dtype=torch.int64)
+    magnitude = torch.empty(diff.shape, dtype=torch.float32)
+    for s in range(0, b, step):
+        e = min(b, s + step)
+        d, m = diff[: e - s], magnitude[: e - s]
+        # the same operations in the same dtypes as time_bucket: identical buckets
+        torch.sub(ts_next[s:e].unsqueeze(2), ts[s:e].unsqueeze(1), out=d)
+        d.abs_().clamp_(min=1)
+        m.copy_(d)
+        m.log_().div_(TIME_BUCKET_LOG_DIVISOR).floor_()
+        out[s:e].copy_(m).clamp_(0, NUM_TIME_BUCKETS - 1)
+    return out
 
 
 def bias_from_indices(
