@@ -48,11 +48,18 @@ class Batch(Pipelineable):
     # retrieval training, uniform/mixed negatives: int64 [Q, M] index into the values of the
     # negatives key of ``features`` (hstu.data.negatives)
     negative_index: torch.Tensor | None = None
+    # its transpose, built in the data path (hstu.data.negatives.transpose_index): int64
+    # [2, Q*M] (flat positions sorted by index value; their query) and int64 [U + 1]
+    negative_order: torch.Tensor | None = None
+    negative_offsets: torch.Tensor | None = None
     # dynamic tables: feature -> bool mask of ids without a slot (set by the model's input
     # stage, ``GenerativeRecommender.prepare``; their embeddings are zeroed)
     lookup_misses: dict[str, torch.Tensor] | None = None
 
-    _TENSOR_FIELDS = ("num_candidates", "timestamps", "labels", "sample_mask", "negative_index")
+    _TENSOR_FIELDS = (
+        "num_candidates", "timestamps", "labels", "sample_mask", "negative_index",
+        "negative_order", "negative_offsets",
+    )
 
     def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
         moved = {

@@ -293,7 +293,7 @@ class SequenceLoader:
             keys += self.contextual_feature_names
             values.append(self._contextual[:, s.user[index]].reshape(-1))
             lengths.append(np.ones(len(index) * len(self.contextual_feature_names), dtype=np.int64))
-        negative_index = None
+        negative_fields: dict = {}
         if self.negatives is not None:
             keys.append(self.negatives.feature_name)
             neg_lengths = np.zeros(len(index), dtype=np.int64)
@@ -301,7 +301,7 @@ class SequenceLoader:
                 ids, neg = self.negatives.draw(index, hist_end - hist_start, self.epoch)
                 neg_lengths[0] = ids.size
                 values.append(ids)
-                negative_index = self.negatives.index_tensor(neg)
+                negative_fields = self.negatives.batch_fields(neg, ids.size)
             lengths.append(neg_lengths)
         features = KeyedJaggedTensor(
             keys=keys,
@@ -330,7 +330,7 @@ class SequenceLoader:
             labels=labels,
             max_seqlen=self.max_seqlen,
             sample_mask=None if mask is None else torch.from_numpy(mask.copy()),
-            negative_index=negative_index,
+            **negative_fields,
         )
 
 

@@ -82,11 +82,43 @@ class NegativeSampler:
         slot = np.cumsum(present, dtype=np.int64) - 1
         return uniq, slot[ids].reshape(q, m)
 
-    def index_tensor(self, index: np.ndarray | None) -> torch.Tensor | None:
-        return None if index is None else torch.from_numpy(index)
+    def batch_fields(self, index: np.ndarray | None, num_rows: int) -> dict:
+        """The Batch fields of a draw: ``negative_index``, and its transpose (see
+        :func:`transpose_index`) built here, in the data path, instead of in the step."""
+        if index is None:
+            return {"negative_index": None, "negative_order": None, "negative_offsets": None}
+        order, offsets = transpose_index(index, num_rows)
+        return {
+            "negative_index": torch.from_numpy(index),
+            "negative_order": None if order is None else torch.from_numpy(order),
+            "negative_offsets": None if offsets is None else torch.from_numpy(offsets),
+        }
 
 
-__all__ = ["NegativeSampler", "negatives_feature_name"]
+# the transpose is sorted here by numpy's 16-bit radix sort; wider keys sort slower in numpy
+# than in the step (torch's radix sort), so there the model builds it itself
+_TRANSPOSE_MAX_ROWS = 2**15
+
+
+def transpose_index(index: np.ndarray, num_rows: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The column-major view of ``index`` [Q, M] (values in [0, U = num_rows)): (order int64
+    [2, Q*M], offsets int64 [U + 1]). order[0] lists the flat positions q*M + m of the entries
+    sorted by their value, stably (ascending positions within a value), order[1] their query
+    q; the entries of value u are order[:, offsets[u]:offsets[u + 1]]. It is the CSR pattern of
+    the transposed [U, Q] score gradient (``hstu.model.retrieval._SampledScores``).
+    (None, None) when U > 2**15 (the model then sorts in the step)."""
+    if num_rows > _TRANSPOSE_MAX_ROWS:
+        return None, None
+    flat = index.reshape(-1)
+    order = np.empty((2, flat.size), dtype=np.int64)
+    order[0] = np.argsort(flat.astype(np.int16), kind="stable")
+    np.floor_divide(order[0], max(1, index.shape[1]), out=order[1])
+    offsets = np.zeros(num_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(flat, minlength=num_rows), out=offsets[1:])
+    return order, offsets
+
+
+__all__ = ["NegativeSampler", "negatives_feature_name", "transpose_index"]
 
 
 def attach_negatives(batch, sampler: NegativeSampler, sample_ids: np.ndarray, epoch: int, training: bool):
@@ -108,4 +140,4 @@ def attach_negatives(batch, sampler: NegativeSampler, sample_ids: np.ndarray, ep
         values=torch.cat([kjt.values(), torch.from_numpy(ids)]),
         lengths=torch.cat([kjt.lengths(), neg_lengths]),
     )
-    return replace(batch, features=features, negative_index=sampler.index_tensor(index))
+    return replace(batch, features=features, **sampler.batch_fields(index, ids.size))

@@ -56,6 +56,9 @@ class SharedRows:
 
     rows: torch.Tensor
     index: torch.Tensor
+    # the index's transpose from the data path (Batch.negative_order / negative_offsets), if any
+    order: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
 
 
 class _SampledScores(torch.autograd.Function):
@@ -69,7 +72,10 @@ class _SampledScores(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, queries: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, queries: torch.Tensor, rows: torch.Tensor, index: torch.Tensor,
+        order: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         num_q, m = index.shape
         crow = torch.arange(0, (num_q + 1) * m, m, device=index.device)
         col = index.reshape(-1)
@@ -78,12 +84,12 @@ class _SampledScores(torch.autograd.Function):
             check_invariants=False,
         )
         scores = torch.sparse.sampled_addmm(pattern, queries, rows.t(), beta=0.0).values()
-        ctx.save_for_backward(queries, rows, crow, col)
+        ctx.save_for_backward(queries, rows, crow, col, order, offsets)
         return scores.view(num_q, m)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        queries, rows, crow, col = ctx.saved_tensors
+        queries, rows, crow, col, order, offsets = ctx.saved_tensors
         num_q, m = grad.shape
         grad = grad.contiguous().reshape(-1)
         grad_q = grad_rows = None
@@ -93,24 +99,30 @@ class _SampledScores(torch.autograd.Function):
             )
             grad_q = g @ rows
         if ctx.needs_input_grad[1]:
-            # narrow keys sort several times faster (radix sort); ids are < U
-            key_dtype = torch.int16 if rows.shape[0] <= 2**15 else torch.int32
-            _, perm = torch.sort(col.to(key_dtype), stable=True)
-            counts = torch.bincount(col, minlength=rows.shape[0])
-            crow_t = torch.zeros(rows.shape[0] + 1, dtype=crow.dtype, device=crow.device)
-            torch.cumsum(counts, 0, out=crow_t[1:])
+            if order is None:  # not built in the data path: G^T's pattern, sorted here
+                # narrow keys sort several times faster (radix sort); ids are < U
+                key_dtype = torch.int16 if rows.shape[0] <= 2**15 else torch.int32
+                _, perm = torch.sort(col.to(key_dtype), stable=True)
+                counts = torch.bincount(col, minlength=rows.shape[0])
+                offsets = torch.zeros(rows.shape[0] + 1, dtype=crow.dtype, device=crow.device)
+                torch.cumsum(counts, 0, out=offsets[1:])
+                order = torch.stack([perm, perm // m])
             g_t = torch.sparse_csr_tensor(
-                crow_t, perm // m, grad[perm], size=(rows.shape[0], num_q),
+                offsets, order[1], grad[order[0]], size=(rows.shape[0], num_q),
                 check_invariants=False,
             )
             grad_rows = g_t @ queries
-        return grad_q, grad_rows, None
+        return grad_q, grad_rows, None, None, None
 
 
-def shared_row_scores(queries: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def shared_row_scores(
+    queries: torch.Tensor, rows: torch.Tensor, index: torch.Tensor,
+    order: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
+) -> torch.Tensor:
     """[Q, D] queries, [U, D] rows, int64 [Q, M] index -> [Q, M] <queries[q], rows[index[q, m]]>.
 
-    On CPU the sampled sparse kernels (:class:`_SampledScores`); elsewhere (or for an empty
+    On CPU the sampled sparse kernels (:class:`_SampledScores`, which take the index's
+    transpose ``order`` / ``offsets`` when the data path built it); elsewhere (or for an empty
     batch, or M > U, where the dense [Q, U] is the smaller) one [Q, U] matmul and a gather.
     """
     if (
@@ -120,7 +132,7 @@ def shared_row_scores(queries: torch.Tensor, rows: torch.Tensor, index: torch.Te
         and queries.dtype == rows.dtype
         and queries.dtype in (torch.float32, torch.float64)
     ):
-        return _SampledScores.apply(queries, rows, index)
+        return _SampledScores.apply(queries, rows, index, order, offsets)
     return (queries @ rows.t()).gather(1, index)
 
 
@@ -137,7 +149,9 @@ def negative_logits(
     [Q, M, D] (or :class:`SharedRows`) with neg_ids [Q, M].
     """
     if isinstance(neg_vectors, SharedRows):
-        logits = shared_row_scores(queries, neg_vectors.rows, neg_vectors.index) / temperature
+        logits = shared_row_scores(
+            queries, neg_vectors.rows, neg_vectors.index, neg_vectors.order, neg_vectors.offsets
+        ) / temperature
         hits = neg_ids == pos_ids.unsqueeze(1)
     elif neg_vectors.dim() == 2:
         logits = queries @ neg_vectors.t() / temperature
@@ -518,7 +532,9 @@ class RetrievalModel(nn.Module):
                 apply_misses(embeddings, batch.lookup_misses)[self.negatives_feature].values()
             )
             neg_ids.append(uniq[index])
-            neg_vectors.append(self.negative_vectors(rows, index))
+            neg_vectors.append(self.negative_vectors(
+                rows, index, batch.negative_order, batch.negative_offsets
+            ))
         if self.negative_sampling in ("in_batch", "mixed") or (
             self.negative_sampling == "uniform" and self.num_negatives == -1
         ):
@@ -556,13 +572,18 @@ class RetrievalModel(nn.Module):
         return loss, (pos_logits, neg_logits)
 
     @staticmethod
-    def negative_vectors(rows: torch.Tensor, index: torch.Tensor):
+    def negative_vectors(
+        rows: torch.Tensor, index: torch.Tensor,
+        order: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
+    ):
         """Per-query negatives from the U distinct rows [U, D] (normalised) and index [Q, M]:
         a :class:`SharedRows` when the [Q, U] score matrix is smaller than the [Q, M, D]
         gathered vectors (same values, much cheaper on CPU), else rows[index] [Q, M, D].
         On CPU always shared rows: their sampled sparse kernels cost ~Q*M*D whatever U."""
         if rows.device.type == "cpu" or rows.shape[0] * 2 <= index.shape[1] * rows.shape[1]:
-            return SharedRows(rows, index)
+            if order is not None:
+                order, offsets = order.to(rows.device), offsets.to(rows.device)
+            return SharedRows(rows, index, order, offsets)
         return rows[index]
 
     # ---------------------------------------------------------------------- evaluation

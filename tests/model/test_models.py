@@ -290,6 +290,24 @@ def test_retrieval_trains(num_negatives: int, use_collection: bool):
     assert model.block.layers[0].uvqk.weight.grad.abs().sum() > 0
 
 
+def test_uniform_negatives_transpose_from_the_data_path_gives_the_same_gradients():
+    """The loader ships the negative index's transpose (Batch.negative_order / offsets) so the
+    step does not sort it; the model's gradients are bitwise those of sorting in the step."""
+    from dataclasses import replace
+
+    batch = make_batch([[1, 2, 3, 4, 5, 6], [7, 8, 9], [10, 11]], negatives=sampler(num_negatives=8))
+    assert batch.negative_order is not None and batch.negative_order.shape == (2, 8 * 8)  # 5 + 2 + 1 queries
+    grads = []
+    for b in (batch, replace(batch, negative_order=None, negative_offsets=None)):
+        model = _retrieval(8, use_collection=True)
+        loss, _ = model(b)
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 def test_negative_sampling_modes_build_the_softmax_they_name():
     """full_corpus is the exact softmax over every item; mixed = uniform + in-batch columns;
     in_batch = the batch's positives. Each checked against a loss built by hand from the

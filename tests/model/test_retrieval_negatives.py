@@ -1,9 +1,11 @@
 """Uniform negatives: each distinct id is looked up once, and the shared-rows score path gives
 the same loss and gradients as gathering [Q, M, D] vectors."""
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hstu.data.negatives import transpose_index
 from hstu.model.retrieval import SharedRows, sampled_softmax_loss
 
 
@@ -73,8 +75,28 @@ def test_shared_row_scores_sparse_kernels_match_dense_gather():
             (got * weights).sum().backward()
             gq, gr = q.grad.clone(), rows.grad.clone()
             q.grad = rows.grad = None
+            # the same with the transpose built in the data path: bitwise the same grads
+            order, offsets = (torch.from_numpy(a) for a in transpose_index(index.numpy(), num_u))
+            got_t = shared_row_scores(q, rows, index, order, offsets)
+            (got_t * weights).sum().backward()
+            assert torch.equal(got_t, got)
+            assert torch.equal(q.grad, gq) and torch.equal(rows.grad, gr)
+            q.grad = rows.grad = None
             want = (q @ rows.t()).gather(1, index)
             (want * weights).sum().backward()
             torch.testing.assert_close(got, want)
             torch.testing.assert_close(gq, q.grad)
             torch.testing.assert_close(gr, rows.grad)
+
+
+def test_transpose_index_is_the_stable_column_order():
+    g = torch.Generator().manual_seed(3)
+    index = torch.randint(0, 40, (30, 7), generator=g).numpy()
+    index[:, 0] = 5  # a long run of one value: its positions must stay ascending
+    order, offsets = transpose_index(index, 45)  # rows 40-44 unused: empty runs
+    flat = index.reshape(-1)
+    want = sorted(range(flat.size), key=lambda p: (flat[p], p))
+    assert order[0].tolist() == want
+    assert order[1].tolist() == [p // 7 for p in want]
+    assert offsets.tolist() == [0] + np.cumsum(np.bincount(flat, minlength=45)).tolist()
+    assert transpose_index(index, 2**15 + 1) == (None, None)  # wide keys: sorted in the step
