@@ -134,15 +134,15 @@ def bias_from_indices(
 
 
 class _TableLookup(torch.autograd.Function):
-    """table[index] for a small 1-D table and a large index: ``take`` forward and a
-    ``scatter_add`` backward (several times faster on CPU than indexing's gather and its
-    accumulating index_put backward; the same sums)."""
+    """table[index] for a small 1-D table and a large index: ``index_select`` forward (~3x
+    ``take`` on CPU) and a ``scatter_add`` backward (several times faster on CPU than
+    indexing's gather and its accumulating index_put backward; the same sums)."""
 
     @staticmethod
     def forward(ctx, table: Tensor, index: Tensor) -> Tensor:
         ctx.save_for_backward(index)
         ctx.size = table.numel()
-        return torch.take(table, index)
+        return table.index_select(0, index.reshape(-1)).view(index.shape)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
