@@ -156,7 +156,7 @@ class RankingModel(nn.Module):
             raise ValueError(
                 "RankingArgs.history_loss_weight > 0 needs action tokens (DatasetArgs.action_tokens = True)"
             )
-        logits = self.head(states[tokens.history_query_rows].float())  # [sum(H)_all, W]
+        logits = self.head(states.index_select(0, tokens.history_query_rows).float())  # [sum(H)_all, W]
         logits = take_own_rows(logits, rows_layout(inputs.history_lengths, layout), self.tp_group)
         labels = batch.features[batch.action_feature_name].values().to(logits.device)
         scale = global_mean_scale(torch.tensor(labels.numel(), device=logits.device), self.training)

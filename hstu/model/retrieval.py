@@ -497,20 +497,22 @@ class RetrievalModel(nn.Module):
         own, inputs, layout, tokens, states = self._states(batch, embeddings)
         hist_layout = rows_layout(inputs.history_lengths, layout)
         history_states = take_own_rows(
-            states[tokens.history_query_rows], hist_layout, self.tp_group
+            states.index_select(0, tokens.history_query_rows), hist_layout, self.tp_group
         )
-
+        # (index_select rather than x[rows] on these [rows, D] / [Q, M] gathers: several times
+        # faster on CPU, forward and backward; the same values)
         hist = own.history_lengths
         seg = segment_ids(hist)
         idx = index_within(hist)
         has_next = idx < hist[seg] - 1  # [sum(H)]: position j predicts item j+1
+        query_rows = has_next.nonzero().squeeze(1)
         item_starts = lengths_to_offsets(own.item_lengths)[:-1]
         hist_rows = item_starts[seg] + idx  # history item j's row in the item feature
-        next_rows = hist_rows[has_next] + 1
+        next_rows = hist_rows[query_rows] + 1
 
-        queries = self.normalise(history_states[has_next])
+        queries = self.normalise(history_states.index_select(0, query_rows))
         pos_ids = own.item_ids[next_rows]
-        pos_vectors = self.normalise(own.item_values[next_rows])
+        pos_vectors = self.normalise(own.item_values.index_select(0, next_rows))
         scale = global_mean_scale(has_next.sum(), self.training)
         if self.uses_negatives_key and self.negatives_feature not in embeddings:
             raise ValueError(
@@ -531,7 +533,7 @@ class RetrievalModel(nn.Module):
             rows = self.normalise(
                 apply_misses(embeddings, batch.lookup_misses)[self.negatives_feature].values()
             )
-            neg_ids.append(uniq[index])
+            neg_ids.append(uniq.index_select(0, index.reshape(-1)).view(index.shape))
             neg_vectors.append(self.negative_vectors(
                 rows, index, batch.negative_order, batch.negative_offsets
             ))
