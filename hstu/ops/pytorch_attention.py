@@ -127,16 +127,22 @@ def _plan(
     lengths = lengths_from_offsets(offsets)
     chunks = []
     rel_by_width: dict[int, Tensor] = {}
+    # zero contextual / target counts leave the mask as it is without them: such a chunk's
+    # mask skips those terms (retrieval training has neither)
+    ctx_counts = None if num_contextual is None else num_contextual.tolist()
+    target_counts = None if num_targets is None else num_targets.tolist()
     for samples, width, h0, h1 in plan_chunks(lengths.tolist(), num_heads, budget):
         sample_ids = torch.tensor(samples, dtype=torch.int64, device=device)
         chunk_lengths = lengths[sample_ids]
         slot = torch.arange(width, device=device)
         valid = slot.view(1, -1) < chunk_lengths.view(-1, 1)
         token_index = torch.where(valid, offsets[sample_ids].view(-1, 1) + slot.view(1, -1), 0)
+        max_ctx = 0 if ctx_counts is None else max(ctx_counts[s] for s in samples)
+        max_targets = 0 if target_counts is None else max(target_counts[s] for s in samples)
         mask = dense_mask(
             chunk_lengths,
-            None if num_contextual is None else num_contextual[sample_ids],
-            None if num_targets is None else num_targets[sample_ids],
+            num_contextual[sample_ids] if max_ctx > 0 else None,
+            num_targets[sample_ids] if max_targets > 0 else None,
             target_group_size,
             causal,
             width,
@@ -149,9 +155,7 @@ def _plan(
         split = width // 2
         # rows i < split see keys j <= max(i, C - 1) under the causal mask (contextual tokens
         # see each other both ways), so keys [0, split) suffice while C <= split
-        causal_split = causal and width >= CAUSAL_SPLIT_MIN_WIDTH and (
-            num_contextual is None or int(num_contextual[sample_ids].max()) <= split
-        )
+        causal_split = causal and width >= CAUSAL_SPLIT_MIN_WIDTH and max_ctx <= split
         blocks = ((slice(0, split), slice(0, split)), (slice(split, width), slice(0, width)))
         part_buckets = [None, None]
         if rel is not None and timestamps is not None:
