@@ -83,7 +83,9 @@ class _SampledScores(torch.autograd.Function):
             crow, col, queries.new_zeros(num_q * m), size=(num_q, rows.shape[0]),
             check_invariants=False,
         )
-        scores = torch.sparse.sampled_addmm(pattern, queries, rows.t(), beta=0.0).values()
+        # written into the pattern itself: no copy of its indices and values
+        torch.sparse.sampled_addmm(pattern, queries, rows.t(), beta=0.0, out=pattern)
+        scores = pattern.values()
         ctx.save_for_backward(queries, rows, crow, col, order, offsets)
         return scores.view(num_q, m)
 
@@ -108,7 +110,7 @@ class _SampledScores(torch.autograd.Function):
                 torch.cumsum(counts, 0, out=offsets[1:])
                 order = torch.stack([perm, perm // m])
             g_t = torch.sparse_csr_tensor(
-                offsets, order[1], grad[order[0]], size=(rows.shape[0], num_q),
+                offsets, order[1], grad.index_select(0, order[0]), size=(rows.shape[0], num_q),
                 check_invariants=False,
             )
             grad_rows = g_t @ queries
