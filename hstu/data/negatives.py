@@ -53,6 +53,9 @@ class NegativeSampler:
     num_items: int
     item_feature_name: str
     seed: int
+    # ship the index's transpose with the batch (what the CPU score kernel's backward reads;
+    # the trainer turns it off on GPUs, whose score path does not use it)
+    transpose: bool = True
 
     @property
     def feature_name(self) -> str:
@@ -87,7 +90,7 @@ class NegativeSampler:
         :func:`transpose_index`) built here, in the data path, instead of in the step."""
         if index is None:
             return {"negative_index": None, "negative_order": None, "negative_offsets": None}
-        order, offsets = transpose_index(index, num_rows)
+        order, offsets = transpose_index(index, num_rows) if self.transpose else (None, None)
         return {
             "negative_index": torch.from_numpy(index),
             "negative_order": None if order is None else torch.from_numpy(order),

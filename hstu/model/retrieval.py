@@ -108,9 +108,11 @@ class _SampledScores(torch.autograd.Function):
                 counts = torch.bincount(col, minlength=rows.shape[0])
                 offsets = torch.zeros(rows.shape[0] + 1, dtype=crow.dtype, device=crow.device)
                 torch.cumsum(counts, 0, out=offsets[1:])
-                order = torch.stack([perm, perm // m])
+                positions, queries_of = perm, perm // m
+            else:
+                positions, queries_of = order[0], order[1]
             g_t = torch.sparse_csr_tensor(
-                offsets, order[1], grad.index_select(0, order[0]), size=(rows.shape[0], num_q),
+                offsets, queries_of, grad.index_select(0, positions), size=(rows.shape[0], num_q),
                 check_invariants=False,
             )
             grad_rows = g_t @ queries
@@ -200,6 +202,22 @@ def sampled_softmax_loss(
     return loss, pos_logits, neg_logits
 
 
+def _softmax_lse_(logits: torch.Tensor) -> torch.Tensor:
+    """Rows of ``logits`` [r, I] become their softmax, in place; returns their log-sum-exp [r]
+    as max - log(max prob) (the largest probability is 1 / sum exp(logit - max) >= 1 / I:
+    never underflows)."""
+    top = logits.amax(dim=1)
+    torch.softmax(logits, dim=1, out=logits)
+    return top - logits.amax(dim=1).log()
+
+
+def _claim_buffers(ctx) -> None:
+    """The full-corpus losses' backward turns its saved buffer into the gradient in place."""
+    if ctx.used:
+        raise RuntimeError("the full-corpus softmax loss keeps its buffers for one backward only")
+    ctx.used = True
+
+
 class _FullSoftmaxLoss(torch.autograd.Function):
     """Sum over queries of the cross-entropy of ``logits = queries @ corpus.T`` at ``target``.
 
@@ -224,12 +242,8 @@ class _FullSoftmaxLoss(torch.autograd.Function):
             e = min(num_q, s + block)
             logits = torch.mm(queries[s:e], corpus_t, out=probs[s:e])
             torch.gather(logits, 1, target[s:e].unsqueeze(1), out=pos[s:e].unsqueeze(1))
-            # softmax in place while the block is in cache; log-sum-exp = max - log(max prob)
-            # (the largest probability is 1 / sum exp(logit - max) >= 1 / I: never underflows)
-            top = logits.amax(dim=1)
-            torch.softmax(logits, dim=1, out=logits)
-            lse = top - logits.amax(dim=1).log()
-            torch.sub(lse, pos[s:e], out=losses[s:e])
+            # softmax in place while the block is in cache
+            torch.sub(_softmax_lse_(logits), pos[s:e], out=losses[s:e])
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(queries, corpus, target, probs)
         else:
@@ -240,9 +254,7 @@ class _FullSoftmaxLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_pos: torch.Tensor):
-        if ctx.used:
-            raise RuntimeError("the full-corpus softmax loss keeps its buffers for one backward only")
-        ctx.used = True
+        _claim_buffers(ctx)
         queries, corpus, target, probs = ctx.saved_tensors
         num_q, num_i = probs.shape
         grad_q = torch.empty_like(queries)
@@ -323,7 +335,7 @@ class _FullSoftmaxLossBF16(torch.autograd.Function):
         num_i = corpus.shape[0]
         bf16 = torch.bfloat16
         with torch.no_grad():
-            pos = (queries * corpus[target]).sum(1)
+            pos = (queries * corpus.index_select(0, target)).sum(1)
             shift = pos.to(bf16)
             q_aug = queries.new_empty(num_q, dim + 1, dtype=bf16)
             q_aug[:, :dim] = queries
@@ -347,10 +359,7 @@ class _FullSoftmaxLossBF16(torch.autograd.Function):
             # the target's own column gets its exact shifted logit (pos - shift)
             rows = torch.arange(e - s, device=probs.device)
             probs.index_put_((rows, target[s:e]), shift_err[s:e].neg())
-            top = probs.amax(dim=1)
-            torch.softmax(probs, dim=1, out=probs)
-            lse = top - probs.amax(dim=1).log()
-            torch.add(lse, shift_err[s:e], out=losses[s:e])
+            torch.add(_softmax_lse_(probs), shift_err[s:e], out=losses[s:e])
             if keep:  # P - onehot in float32, then rounded once
                 probs.index_put_((rows, target[s:e]), minus_one, accumulate=True)
                 out.copy_(probs)
@@ -365,9 +374,7 @@ class _FullSoftmaxLossBF16(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_pos: torch.Tensor):
-        if ctx.used:
-            raise RuntimeError("the full-corpus softmax loss keeps its buffers for one backward only")
-        ctx.used = True
+        _claim_buffers(ctx)
         q_aug, c_aug, grads = ctx.saved_tensors
         dim = ctx.dim
         grad_q = torch.mm(grads, c_aug[:, :dim]).float().mul_(grad_loss)

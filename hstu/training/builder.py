@@ -93,8 +93,9 @@ def data_notes(info: DataInfo) -> list[str]:
     return notes
 
 
-def negative_sampler(cfg: RunConfig, info: DataInfo) -> NegativeSampler | None:
-    """Retrieval with uniform, mixed or full-corpus negatives: what the batches carry."""
+def negative_sampler(cfg: RunConfig, info: DataInfo, device: torch.device) -> NegativeSampler | None:
+    """Retrieval with uniform, mixed or full-corpus negatives: what the batches carry (the
+    index's transpose only for the CPU score kernel, the one that reads it)."""
     if cfg.task != "retrieval" or cfg.network.architecture != "hstu":
         return None
     r = cfg.retrieval
@@ -111,6 +112,7 @@ def negative_sampler(cfg: RunConfig, info: DataInfo) -> NegativeSampler | None:
         num_items=info.num_items,
         item_feature_name=info.item_feature_name,
         seed=cfg.trainer.seed,
+        transpose=device.type == "cpu",
     )
 
 
@@ -157,7 +159,7 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
     else:
         tables = info.default_tables(overrides=cfg.tables)
     check_table_features(tables, info)
-    sampler = negative_sampler(cfg, info)
+    sampler = negative_sampler(cfg, info, env.device)
     if sampler is not None:
         # the negatives (or the corpus) are looked up by the item table with the batch
         tables = [

@@ -100,3 +100,9 @@ def test_transpose_index_is_the_stable_column_order():
     assert order[1].tolist() == [p // 7 for p in want]
     assert offsets.tolist() == [0] + np.cumsum(np.bincount(flat, minlength=45)).tolist()
     assert transpose_index(index, 2**15 + 1) == (None, None)  # wide keys: sorted in the step
+    # a sampler told not to ship it (the trainer on GPUs) carries the index alone
+    from hstu.data.negatives import NegativeSampler
+
+    fields = NegativeSampler("uniform", 7, 1, 41, "item", 0, transpose=False).batch_fields(index, 45)
+    assert fields["negative_order"] is None and fields["negative_offsets"] is None
+    assert torch.equal(fields["negative_index"], torch.from_numpy(index))
