@@ -106,3 +106,49 @@ def test_transpose_index_is_the_stable_column_order():
     fields = NegativeSampler("uniform", 7, 1, 41, "item", 0, transpose=False).batch_fields(index, 45)
     assert fields["negative_order"] is None and fields["negative_offsets"] is None
     assert torch.equal(fields["negative_index"], torch.from_numpy(index))
+
+
+def test_transpose_index_power_of_two_width_gives_the_same_queries():
+    # M a power of two takes a shift instead of a division for the query of each entry
+    g = torch.Generator().manual_seed(4)
+    index = torch.randint(0, 50, (33, 8), generator=g).numpy()
+    order, _ = transpose_index(index, 50)
+    flat = index.reshape(-1)
+    want = sorted(range(flat.size), key=lambda p: (flat[p], p))
+    assert order[0].tolist() == want
+    assert order[1].tolist() == [p // 8 for p in want]
+
+
+_M64 = (1 << 64) - 1
+
+
+def _splitmix(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def test_uniform_draw_is_the_documented_hash():
+    """Each negative is splitmix64(key(seed, epoch, sample, position) ^ slot * c) % span, written
+    here in Python integers; the sampler computes it on uint64 blocks of queries in place, so a
+    block boundary, an in-place pass or the division trick that is off breaks the equality."""
+    from hstu.data.negatives import NegativeSampler, _BLOCK
+
+    seed, epoch, m, lo, hi = 77, 3, 6, 1, 1001
+    sampler = NegativeSampler("uniform", m, lo, hi, "item", seed)
+    sample_ids = np.array([5, 0, 123456789, 42])
+    lengths = np.array([4, 0, 3, _BLOCK // m + 5])  # the last sample spans two blocks
+    uniq, index = sampler.draw(sample_ids, lengths, epoch)
+    want = []
+    base = _splitmix(((seed & 0xFFFFFFFF) * 1_000_003 + epoch) & _M64)
+    for sid, length in zip(sample_ids.tolist(), lengths.tolist()):
+        for pos in range(max(length - 1, 0)):
+            key = _splitmix(_splitmix(base ^ sid) ^ ((pos * 0x100000001B3) & _M64))
+            want.append([
+                _splitmix(key ^ ((s * 0xD6E8FEB86659FD93) & _M64)) % (hi - lo) + lo for s in range(m)
+            ])
+    want = np.array(want)
+    assert index.shape == want.shape
+    np.testing.assert_array_equal(uniq[index], want)
+    np.testing.assert_array_equal(uniq, np.unique(want))
