@@ -40,8 +40,12 @@ def init_distributed(tp_size: int = 1, timeout_s: int = 600) -> DistEnv:
     """Initialises torch.distributed (NCCL on GPUs, gloo on CPU) and Megatron's TP/DP groups.
 
     Works under torchrun (RANK/WORLD_SIZE set) and as a single plain process (a world of 1
-    on a free local port).
+    on a free local port). Also keeps freed host buffers with the process
+    (:mod:`hstu.training.host_memory`).
     """
+    from hstu.training.host_memory import keep_freed_host_memory
+
+    keep_freed_host_memory()
     if "RANK" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
