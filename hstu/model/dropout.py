@@ -2,10 +2,11 @@
 
 ``torch.nn.Dropout`` on CPU draws its mask with ``bernoulli_``, which makes a float64 uniform
 per element (two generator words): 3.1 ms for a [10.6k, 50] float32 activation on one thread,
-three times per step of the ML-1M recipe. Here the CPU mask is ``rand_like(x) >= p`` in x's
-dtype (one word per element), scaled by 1 / (1 - p) in place: 1.3 ms, the same distribution
-(an element is kept with probability 1 - p), from the same generator, so seeding, the
-tensor-parallel stream (:mod:`hstu.model.rng`) and checkpointed RNG states work unchanged.
+three times per step of the ML-1M recipe. Here the CPU mask is ``rand_like(x) >= p`` (drawn
+in float32 for half-precision x; one word per element), scaled by 1 / (1 - p) in place:
+1.3 ms, the same distribution (an element is kept with probability 1 - p), from the same
+generator, so seeding, the tensor-parallel stream (:mod:`hstu.model.rng`) and checkpointed
+RNG states work unchanged.
 The masks themselves differ from ``nn.Dropout``'s for a given seed.
 
 CUDA tensors (the fused Philox kernel) and code under ``torch.compile`` take ``nn.Dropout``'s
@@ -21,8 +22,12 @@ from torch import nn
 class _CpuDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:  # noqa: ANN001
-        noise = torch.rand_like(x)
-        noise.ge_(p).div_(1.0 - p)  # 1 / (1 - p) where kept, 0 where dropped
+        if x.dtype in (torch.float32, torch.float64):
+            noise = torch.rand_like(x)
+            noise.ge_(p)
+        else:  # a half-precision uniform has too few levels near p: draw in float32
+            noise = (torch.rand(x.shape, dtype=torch.float32) >= p).to(x.dtype)
+        noise.div_(1.0 - p)  # 1 / (1 - p) where kept, 0 where dropped
         ctx.save_for_backward(noise)
         return x * noise
 

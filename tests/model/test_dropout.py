@@ -25,3 +25,15 @@ def test_eval_and_edge_probabilities_are_nn_dropout():
     assert torch.equal(Dropout(0.3).eval()(x), x)
     assert torch.equal(Dropout(0.0).train()(x), x)
     assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+
+
+def test_half_precision_mask_is_drawn_in_float32():
+    # a bfloat16 uniform has 8 bits of mantissa: its P(u >= p) would be off p; drawn in float32
+    x = torch.ones(400, 100, dtype=torch.bfloat16)
+    torch.manual_seed(9)
+    y = Dropout(0.3).train()(x)
+    torch.manual_seed(9)
+    keep = torch.rand(x.shape, dtype=torch.float32) >= 0.3
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y != 0, keep)
+    assert torch.equal(y[keep], torch.full_like(y[keep], 1 / 0.7))
