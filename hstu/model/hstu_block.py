@@ -17,7 +17,6 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from hstu.model.dropout import Dropout
 from hstu.model.hstu_layer import HSTULayer, LayerOptions
 from hstu.model.jagged import positions_within
 
@@ -62,7 +61,7 @@ class HSTUBlock(nn.Module):
         )
         if self.position_embedding is not None:
             nn.init.normal_(self.position_embedding.weight, std=0.02)
-        self.input_dropout = Dropout(options.dropout)
+        self.input_dropout = nn.Dropout(options.dropout)
         self.layers = nn.ModuleList(
             HSTULayer(hidden_size, num_heads, head_dim, options, tp_group=tp_group)
             for _ in range(num_layers)

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from hstu.model.dropout import Dropout
 from hstu.model.tensor_parallel import (
     all_reduce_sum,
     make_parallel_config,
@@ -373,7 +372,7 @@ class HSTULayer(nn.Module):
         else:
             self.rab_pos_weights = None
             self.rab_ts_weights = None
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
         self.reset_parameters(tp_size, tp_rank)
 
     @torch.no_grad()
