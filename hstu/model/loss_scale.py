@@ -15,18 +15,37 @@ import torch
 import torch.distributed as dist
 
 
+class PendingScale:
+    """:func:`global_mean_scale` with its all-reduce launched now and waited for in
+    :meth:`wait`: started before the forward, the ranks meet there only if one is a whole
+    forward behind (a rank would otherwise wait at the loss for the slower one's forward)."""
+
+    def __init__(self, count: torch.Tensor, training: bool) -> None:
+        self._count = count.detach().to(torch.float32).reshape(1)
+        self._work = None
+        self._world = 1
+        if training and dist.is_initialized() and dist.get_world_size() > 1:
+            self._world = dist.get_world_size()
+            self._count = self._count.clone()
+            self._work = dist.all_reduce(self._count, async_op=True)
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+            return (self._world / self._count.clamp(min=1.0)).squeeze(0)
+        if self._world > 1:
+            return (self._world / self._count.clamp(min=1.0)).squeeze(0)
+        return (1.0 / self._count.clamp(min=1.0)).squeeze(0)
+
+
 def global_mean_scale(count: torch.Tensor, training: bool) -> torch.Tensor:
     """Factor turning this rank's sum of per-target losses into its share of the global mean.
 
     ``count``: this rank's number of targets (a 0-d tensor, stays on the device: no host sync).
     Outside training (or in one process): 1 / local count.
     """
-    count = count.detach().to(torch.float32).reshape(1)
-    if training and dist.is_initialized() and dist.get_world_size() > 1:
-        total = count.clone()
-        dist.all_reduce(total)
-        return (dist.get_world_size() / total.clamp(min=1.0)).squeeze(0)
-    return (1.0 / count.clamp(min=1.0)).squeeze(0)
+    return PendingScale(count, training).wait()
 
 
-__all__ = ["global_mean_scale"]
+__all__ = ["PendingScale", "global_mean_scale"]

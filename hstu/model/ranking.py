@@ -22,7 +22,7 @@ from hstu.data.batch import Batch
 from hstu.data.sizes import check_ranking_head  # noqa: F401 - re-exported
 from hstu.model.encode import encode_batch
 from hstu.model.hstu_block import HSTUBlock
-from hstu.model.loss_scale import global_mean_scale
+from hstu.model.loss_scale import PendingScale, global_mean_scale
 from hstu.model.tensor_parallel import take_own_rows
 from hstu.model.tokens import (
     TokenBuilder,
@@ -133,13 +133,15 @@ class RankingModel(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         if batch.labels is None:
             raise ValueError("a ranking batch needs labels (the candidates' action values)")
+        # this rank's candidate count, summed over the world while the block runs
+        pending = PendingScale(batch.num_candidates.sum(), self.training)
         _, inputs, layout, tokens, states = encode_batch(
             batch, embeddings, self.token_builder, self.block,
             self.max_item_seqlen, self.tp_group,
         )
         logits = self.head(states[tokens.candidate_rows].float())  # [S_all, W]
         logits = take_own_rows(logits, rows_layout(inputs.num_candidates, layout), self.tp_group)
-        scale = global_mean_scale(batch.num_candidates.sum(), self.training)
+        scale = pending.wait()
         loss = ranking_loss(logits, batch.labels, self.num_tasks, scale, check_labels=not self.training)
         if self.training and self.history_loss_weight > 0:
             loss = loss + self.history_loss_weight * self.history_loss(batch, inputs, layout, tokens, states)

@@ -34,7 +34,7 @@ from hstu.data.negatives import negatives_feature_name
 from hstu.embeddings.collection import apply_misses
 from hstu.model.encode import encode_batch
 from hstu.model.hstu_block import HSTUBlock
-from hstu.model.loss_scale import global_mean_scale
+from hstu.model.loss_scale import PendingScale
 from hstu.model.jagged import index_within, lengths_to_offsets, segment_ids
 from hstu.model.tensor_parallel import RowLayout, take_own_rows
 from hstu.model.tokens import (
@@ -503,6 +503,9 @@ class RetrievalModel(nn.Module):
     def forward(
         self, batch: Batch, embeddings: dict
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        # this rank's query count (sum of max(H - 1, 0)), summed over the world while the
+        # block runs; the same number as has_next.sum() below
+        pending = PendingScale((batch.history_lengths() - 1).clamp(min=0).sum(), self.training)
         own, inputs, layout, tokens, states = self._states(batch, embeddings)
         hist_layout = rows_layout(inputs.history_lengths, layout)
         history_states = take_own_rows(
@@ -522,7 +525,7 @@ class RetrievalModel(nn.Module):
         queries = self.normalise(history_states.index_select(0, query_rows))
         pos_ids = own.item_ids[next_rows]
         pos_vectors = self.normalise(own.item_values.index_select(0, next_rows))
-        scale = global_mean_scale(has_next.sum(), self.training)
+        scale = pending.wait()
         if self.uses_negatives_key and self.negatives_feature not in embeddings:
             raise ValueError(
                 f"negative_sampling={self.negative_sampling!r} needs the batch to carry the "
