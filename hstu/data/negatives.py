@@ -90,7 +90,7 @@ class NegativeSampler:
         sample = np.repeat(sample_ids.astype(np.uint64), per)
         pos = (np.arange(q, dtype=np.int64) - np.repeat(np.cumsum(per) - per, per)).astype(np.uint64)
         with np.errstate(over="ignore"):
-            key = _mix(np.array([self.seed & 0xFFFFFFFF], dtype=np.uint64) * np.uint64(1_000_003) + np.uint64(epoch))
+            key = _mix(np.uint64(self.seed & 0xFFFFFFFF) * np.uint64(1_000_003) + np.uint64(epoch))
             key = _mix(key ^ sample)
             key = _mix(key ^ (pos * _POS_MUL))  # [Q]
             slots = np.arange(m, dtype=np.uint64) * _SLOT_MUL  # [M]

@@ -33,10 +33,7 @@ class PendingScale:
         if self._work is not None:
             self._work.wait()
             self._work = None
-            return (self._world / self._count.clamp(min=1.0)).squeeze(0)
-        if self._world > 1:
-            return (self._world / self._count.clamp(min=1.0)).squeeze(0)
-        return (1.0 / self._count.clamp(min=1.0)).squeeze(0)
+        return (self._world / self._count.clamp(min=1.0)).squeeze(0)
 
 
 def global_mean_scale(count: torch.Tensor, training: bool) -> torch.Tensor:

@@ -595,8 +595,6 @@ class RetrievalModel(nn.Module):
         gathered vectors (same values, much cheaper on CPU), else rows[index] [Q, M, D].
         On CPU always shared rows: their sampled sparse kernels cost ~Q*M*D whatever U."""
         if rows.device.type == "cpu" or rows.shape[0] * 2 <= index.shape[1] * rows.shape[1]:
-            if order is not None:
-                order, offsets = order.to(rows.device), offsets.to(rows.device)
             return SharedRows(rows, index, order, offsets)
         return rows[index]
 

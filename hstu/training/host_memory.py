@@ -12,13 +12,12 @@ ML-100K): 17.0 -> 13.8 ms per batch.
 hosts) and turns trimming off, so such buffers are reused from the heap: the process keeps
 its peak host memory instead of returning it between steps (the peak itself is unchanged).
 Only speed changes, never a value. Set ``HSTU_KEEP_FREED_HOST_MEMORY=0`` to leave the
-allocator as it is; on a C library without ``mallopt`` (not glibc) there is nothing to set.
+allocator as it is; on a C library other than glibc there is nothing to set.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -32,19 +31,26 @@ _TRIM_NEVER = 2**31 - 1
 _applied: bool | None = None
 
 
+def _is_glibc() -> bool:
+    """Linux with glibc (musl, macOS and Windows have no ``mallopt`` of these semantics)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    except (ValueError, OSError):  # the name is unknown outside glibc
+        return False
+
+
 def keep_freed_host_memory() -> bool:
     """Applies the settings once per process (see the module docstring). True when set."""
     global _applied
     if _applied is not None:
         return _applied
     _applied = False
-    if os.environ.get("HSTU_KEEP_FREED_HOST_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+    if os.environ.get("HSTU_KEEP_FREED_HOST_MEMORY", "1") == "0" or not _is_glibc():
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to set
-        return False
+    # the process's own symbols include the C library's (no library search, no subprocess)
+    mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_NEVER) == 1
