@@ -65,10 +65,10 @@ class _SampledScores(torch.autograd.Function):
     """scores[q, m] = <queries[q], rows[index[q, m]]> without the dense [Q, U] matrix.
 
     Forward is a sampled dense-dense matmul on the CSR pattern of ``index`` (Q x M of the
-    Q x U products); backward is two sparse-dense matmuls: grad_queries = G @ rows and
-    grad_rows = G^T @ queries, with G^T built by a stable sort of the index (counting the
-    rows' columns). Cost ~ Q*M*D whatever U, instead of Q*U*D (plus a [Q, U] fill and
-    scatter) for ``(queries @ rows.t()).gather(1, index)``; same values up to summation order.
+    Q x U products); backward is grad_queries = G @ rows and grad_rows = G^T @ queries as
+    weighted embedding bags (:func:`_pattern_products`), G^T's order from a stable sort of
+    the index. Cost ~ Q*M*D whatever U, instead of Q*U*D (plus a [Q, U] fill and scatter)
+    for ``(queries @ rows.t()).gather(1, index)``; same values up to summation order.
     """
 
     @staticmethod
@@ -86,37 +86,41 @@ class _SampledScores(torch.autograd.Function):
         # written into the pattern itself: no copy of its indices and values
         torch.sparse.sampled_addmm(pattern, queries, rows.t(), beta=0.0, out=pattern)
         scores = pattern.values()
-        ctx.save_for_backward(queries, rows, crow, col, order, offsets)
+        ctx.save_for_backward(queries, rows, col, order, offsets)
         return scores.view(num_q, m)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        queries, rows, crow, col, order, offsets = ctx.saved_tensors
-        num_q, m = grad.shape
-        grad = grad.contiguous().reshape(-1)
-        grad_q = grad_rows = None
-        if ctx.needs_input_grad[0]:
-            g = torch.sparse_csr_tensor(
-                crow, col, grad, size=(num_q, rows.shape[0]), check_invariants=False
-            )
-            grad_q = g @ rows
-        if ctx.needs_input_grad[1]:
-            if order is None:  # not built in the data path: G^T's pattern, sorted here
-                # narrow keys sort several times faster (radix sort); ids are < U
-                key_dtype = torch.int16 if rows.shape[0] <= 2**15 else torch.int32
-                _, perm = torch.sort(col.to(key_dtype), stable=True)
-                counts = torch.bincount(col, minlength=rows.shape[0])
-                offsets = torch.zeros(rows.shape[0] + 1, dtype=crow.dtype, device=crow.device)
-                torch.cumsum(counts, 0, out=offsets[1:])
-                positions, queries_of = perm, perm // m
-            else:
-                positions, queries_of = order[0], order[1]
-            g_t = torch.sparse_csr_tensor(
-                offsets, queries_of, grad.index_select(0, positions), size=(rows.shape[0], num_q),
-                check_invariants=False,
-            )
-            grad_rows = g_t @ queries
+        queries, rows, col, order, offsets = ctx.saved_tensors
+        m = grad.shape[1]
+        grad_q, grad_rows = _pattern_products(
+            grad.contiguous().reshape(-1), col, m, rows, queries, order, offsets,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+        )
         return grad_q, grad_rows, None, None, None
+
+
+def _pattern_products(
+    weights: torch.Tensor, col: torch.Tensor, m: int, rows: torch.Tensor, queries: torch.Tensor,
+    order: torch.Tensor | None, offsets: torch.Tensor | None, want_q: bool, want_rows: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """W @ rows [Q, D] and W^T @ queries [U, D] for the [Q, U] matrix W with ``weights``
+    [Q*M] on the pattern of ``col`` (M entries per query row), each as a weighted-sum
+    embedding bag: the first over each query's M ids, the second over each row's entries
+    in the transposed order (:func:`_transpose_pattern`). embedding_bag's CPU kernel is
+    ~2x faster than the sparse CSR matmul here; the sums run in the same order."""
+    grad_q = grad_rows = None
+    if want_q:
+        grad_q = F.embedding_bag(
+            col.view(-1, m), rows, per_sample_weights=weights.view(-1, m), mode="sum"
+        )
+    if want_rows:
+        positions, queries_of, offsets = _transpose_pattern(col, m, rows.shape[0], order, offsets)
+        grad_rows = F.embedding_bag(
+            queries_of, queries, offsets, per_sample_weights=weights.index_select(0, positions),
+            mode="sum", include_last_offset=True,
+        )
+    return grad_q, grad_rows
 
 
 def shared_row_scores(
@@ -200,6 +204,142 @@ def sampled_softmax_loss(
     per_query = -torch.log_softmax(logits, dim=1)[:, 0]
     loss = per_query.mean() if scale is None else per_query.sum() * scale
     return loss, pos_logits, neg_logits
+
+
+# elements of the [rows, M] logits _SampledLogSumExp handles at a time (512 KiB in float32,
+# with the block's int64 index 1.5 MiB): a block's sampled product, mask, softmax and
+# maxima run in the core's own L2 instead of streaming [Q, M] through the shared cache
+_SAMPLED_BLOCK_ELEMENTS = 1 << 17
+
+
+class _SampledLogSumExp(torch.autograd.Function):
+    """lse[q] = log(exp(pos[q]) + sum_m exp(<queries[q], rows[index[q, m]]>)), the negatives
+    with ``index[q, m] == pos_slot[q]`` (accidental hits) left out: the normaliser of the
+    sampled softmax (``lse - pos`` is the loss of :func:`sampled_softmax_loss`).
+
+    Forward runs a block of queries at a time (``_SAMPLED_BLOCK_ELEMENTS``): the sampled
+    product of the block (as :class:`_SampledScores`), the hits set to -inf, an in-place
+    softmax over the negatives and their log-sum-exp; only the [Q, M] negatives' softmax
+    is kept. Backward scales its [Q, D] sides by each query's share of the probability mass
+    instead of touching [Q, M] again: grad_queries = c * (P @ rows) and grad_rows =
+    P^T @ (c * queries), with c = grad_lse * exp(lse_neg - lse) (:func:`_pattern_products`).
+    The unfused path (scores, division, id gather, comparison, masked fill, two
+    concatenations, log-softmax, and the backward of each) streams [Q, M] tensors through
+    memory about twenty times; here the forward's passes stay in cache and the backward
+    reads the probabilities only inside the two products. Same values up to rounding.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, queries: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, index: torch.Tensor,
+        pos_slot: torch.Tensor, order: torch.Tensor | None, offsets: torch.Tensor | None,
+    ) -> torch.Tensor:
+        num_q, m = index.shape
+        probs = queries.new_empty(num_q * m)
+        lse = queries.new_empty(num_q)
+        neg_mass = queries.new_empty(num_q)
+        col = index.reshape(-1)
+        block = max(1, _SAMPLED_BLOCK_ELEMENTS // m)
+        crow = torch.arange(0, (min(block, num_q) + 1) * m, m, device=index.device)
+        rows_t = rows.t()
+        for s in range(0, num_q, block):
+            e = min(num_q, s + block)
+            n = e - s
+            # sampled_addmm reads its input even with beta=0 (NaN * 0 is NaN): zeroed first
+            values = probs[s * m:e * m].zero_()
+            pattern = torch.sparse_csr_tensor(
+                crow[:n + 1], col[s * m:e * m], values, size=(n, rows.shape[0]),
+                check_invariants=False,
+            )
+            torch.sparse.sampled_addmm(pattern, queries[s:e], rows_t, beta=0.0, out=pattern)
+            logits = values.view(n, m)
+            hits = index[s:e] == pos_slot[s:e].unsqueeze(1)
+            logits.masked_fill_(hits, float("-inf"))
+            lse_neg = _softmax_lse_(logits)
+            # a query whose every negative is its positive: no negative mass at all (its
+            # softmax row is NaN); any other NaN stays visible
+            empty = hits.all(dim=1)
+            if bool(empty.any()):
+                logits[empty] = 0.0
+                lse_neg.masked_fill_(empty, float("-inf"))
+            torch.logaddexp(lse_neg, pos[s:e], out=lse[s:e])
+            torch.exp(lse_neg - lse[s:e], out=neg_mass[s:e])
+        ctx.save_for_backward(queries, rows, pos, lse, neg_mass, col, probs, order, offsets)
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse: torch.Tensor):
+        queries, rows, pos, lse, neg_mass, col, probs, order, offsets = ctx.saved_tensors
+        num_q = lse.shape[0]
+        m = col.shape[0] // max(1, num_q)
+        coef = (grad_lse * neg_mass).unsqueeze(1)  # [Q, 1]
+        grad_q, grad_rows = _pattern_products(
+            probs, col, m, rows, queries * coef, order, offsets,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+        )
+        if grad_q is not None:
+            grad_q.mul_(coef)
+        grad_pos = None
+        if ctx.needs_input_grad[2]:
+            grad_pos = grad_lse * torch.exp(pos - lse)
+        return grad_q, grad_rows, grad_pos, None, None, None, None
+
+
+def _transpose_pattern(
+    col: torch.Tensor, m: int, num_rows: int,
+    order: torch.Tensor | None, offsets: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(positions, query of each, offsets [U + 1]): the CSR pattern of the [U, Q] transpose
+    of a [Q, M] pattern with column ids ``col``, from the data path's (``order``,
+    ``offsets``) when given, else sorted here (stably)."""
+    if order is not None:
+        return order[0], order[1], offsets
+    # narrow keys sort several times faster (radix sort); ids are < U
+    key_dtype = torch.int16 if num_rows <= 2**15 else torch.int32
+    _, perm = torch.sort(col.to(key_dtype), stable=True)
+    counts = torch.bincount(col, minlength=num_rows)
+    offsets = torch.zeros(num_rows + 1, dtype=col.dtype, device=col.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return perm, perm // m, offsets
+
+
+def sampled_softmax_loss_shared(
+    queries: torch.Tensor,
+    pos_vectors: torch.Tensor,
+    pos_ids: torch.Tensor,
+    negatives: SharedRows,
+    neg_ids: torch.Tensor,
+    temperature: float,
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sampled_softmax_loss` for one group of shared-row negatives on CPU, fused
+    (:class:`_SampledLogSumExp`); ``neg_ids`` [U] are the rows' ids in ascending order.
+    Returns (loss, pos_logits [Q]); the [Q, M] logits are not kept."""
+    scaled = queries / temperature
+    pos_logits = (scaled * pos_vectors).sum(-1)
+    # the positive's row among the negatives' (-1 when none is): a hit is index == slot
+    slot = torch.searchsorted(neg_ids, pos_ids).clamp_(max=max(neg_ids.shape[0] - 1, 0))
+    found = neg_ids.index_select(0, slot) == pos_ids if neg_ids.shape[0] > 0 else torch.zeros_like(pos_ids, dtype=torch.bool)
+    pos_slot = torch.where(found, slot, torch.full_like(slot, -1))
+    lse = _SampledLogSumExp.apply(
+        scaled, negatives.rows, pos_logits, negatives.index, pos_slot, negatives.order, negatives.offsets
+    )
+    per_query = lse - pos_logits
+    loss = per_query.mean() if scale is None else per_query.sum() * scale
+    return loss, pos_logits
+
+
+def fused_sampled_loss_applies(queries: torch.Tensor, negatives) -> bool:
+    """Whether :func:`sampled_softmax_loss_shared` runs for this group of negatives: shared
+    rows on CPU, float32/64, at least one query, 0 < M <= U (the sampled kernels)."""
+    return (
+        isinstance(negatives, SharedRows)
+        and queries.device.type == "cpu"
+        and queries.shape[0] > 0
+        and 0 < negatives.index.shape[1] <= negatives.rows.shape[0]
+        and queries.dtype == negatives.rows.dtype
+        and queries.dtype in (torch.float32, torch.float64)
+    )
 
 
 def _softmax_lse_(logits: torch.Tensor) -> torch.Tensor:
@@ -545,10 +685,21 @@ class RetrievalModel(nn.Module):
             rows = self.normalise(
                 apply_misses(embeddings, batch.lookup_misses)[self.negatives_feature].values()
             )
+            shared = self.negative_vectors(rows, index, batch.negative_order, batch.negative_offsets)
+            if (
+                self.negative_sampling == "uniform"
+                and self.training
+                and torch.is_grad_enabled()
+                and fused_sampled_loss_applies(queries, shared)
+                and bool((uniq[1:] > uniq[:-1]).all())  # the data path's ids are ascending
+            ):
+                loss, pos_logits = sampled_softmax_loss_shared(
+                    queries, pos_vectors, pos_ids, shared, uniq, self.temperature, scale
+                )
+                # nothing reads a training step's [Q, M] logits: not kept
+                return loss, (pos_logits.detach(), None)
             neg_ids.append(uniq.index_select(0, index.reshape(-1)).view(index.shape))
-            neg_vectors.append(self.negative_vectors(
-                rows, index, batch.negative_order, batch.negative_offsets
-            ))
+            neg_vectors.append(shared)
         if self.negative_sampling in ("in_batch", "mixed") or (
             self.negative_sampling == "uniform" and self.num_negatives == -1
         ):
