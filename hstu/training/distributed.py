@@ -41,8 +41,10 @@ def init_distributed(tp_size: int = 1, timeout_s: int = 600) -> DistEnv:
 
     Works under torchrun (RANK/WORLD_SIZE set) and as a single plain process (a world of 1
     on a free local port). Also keeps freed host buffers with the process
-    (:mod:`hstu.training.host_memory`).
+    (:mod:`hstu.training.host_memory`) and, on CPU, gives each local rank its own cores
+    (:mod:`hstu.training.cpu_placement`).
     """
+    from hstu.training.cpu_placement import pin_local_rank
     from hstu.training.host_memory import keep_freed_host_memory
 
     keep_freed_host_memory()
@@ -65,6 +67,8 @@ def init_distributed(tp_size: int = 1, timeout_s: int = 600) -> DistEnv:
     else:
         device = torch.device("cpu")
         backend = "gloo"
+    # on CPU, each local rank on its own cores (before the process group's threads start)
+    pin_local_rank(device.type == "cpu")
     backoff = float(os.environ.get("HSTU_RESTART_BACKOFF_S", "0") or 0)
     if restart_count() > 0 and backoff > 0:  # set by hstu.launch --restart-backoff
         import time

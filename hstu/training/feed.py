@@ -3,7 +3,9 @@ tables' input stage) on the training thread, with their cost counted for the log
 
 - A daemon thread runs the loader (numpy gathers, negatives, KeyedJaggedTensor assembly;
   on a GPU host also ``pin_memory`` so the pipeline's host-to-device copy is asynchronous)
-  up to ``depth`` batches ahead of the training thread. Batches come out in the loader's
+  up to ``depth`` batches ahead of the training thread. On CPU it runs at nice 19
+  (:func:`hstu.training.cpu_placement.lower_this_thread`): it fills the training thread's
+  waits instead of preempting it. Batches come out in the loader's
   order; an exception in the thread is raised on the training thread.
 - ``prepare`` (the model's input stage, e.g. the dynamic tables' remapping, a collective)
   runs on the training thread when the pipeline asks for the batch, so every rank calls it
@@ -21,6 +23,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from hstu.training.cpu_placement import lower_this_thread
 from hstu.training.flops import hstu_step_flops
 
 _DONE = object()
@@ -50,10 +53,14 @@ class Feed:
         self.costs: deque[tuple[int, float]] = deque()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.native_id: int | None = None
 
     # ------------------------------------------------------------------ producer
     def _produce(self, out: queue.Queue) -> None:
+        self.native_id = threading.get_native_id()
         try:
+            if not self.pin:  # a CPU run: the thread yields its cores to the training thread
+                lower_this_thread()
             while not self._stop.is_set():
                 empty = True
                 for batch in self.loader:

@@ -75,9 +75,19 @@ def _tables(model, info) -> dict[str, torch.Tensor]:
     return {"item": model.lookup_items(ids).detach().clone()} if hasattr(model, "lookup_items") else {}
 
 
-def _train_and_dump(rank: int, world_size: int, tmp: str, task: str, tag: str, params: list[str]) -> None:
+def _train_and_dump(
+    rank: int, world_size: int, tmp: str, task: str, tag: str, params: list[str],
+    host_cores: list[int] | None = None,
+) -> None:
     trainer, env = _trainer(task, tmp, tag, params)
     try:
+        if host_cores is not None and len(host_cores) >= world_size > 1:
+            # CPU ranks on one host each run on their own cores (hstu.training.cpu_placement)
+            mine = sorted(os.sched_getaffinity(0))
+            every = [None] * world_size
+            dist.all_gather_object(every, mine)
+            assert all(every) and set(sum(every, [])) <= set(host_cores), every
+            assert len(set(sum(every, []))) == sum(len(c) for c in every), every  # disjoint
         trainer.train()
         dense = _full_dense(trainer.model, env)
         tables = _tables(trainer.model, trainer.built.info)
@@ -121,6 +131,7 @@ def test_tp2_dp2_and_one_process_take_the_same_steps(tmp_path, case) -> None:
                      params=params + [f"TrainerArgs.train_batch_size={2 * per_rank}"])
     for tag, tp in (("dp2", 1), ("tp2", 2)):
         run_multiprocess(_train_and_dump, world_size=2, tmp=tmp, task=task, tag=tag,
+                         host_cores=sorted(os.sched_getaffinity(0)),
                          params=params + [f"TrainerArgs.train_batch_size={per_rank}",
                                           f"TensorModelParallelArgs.tensor_model_parallel_size={tp}"])
     ref = torch.load(os.path.join(tmp, "ref.pt"))
