@@ -298,10 +298,10 @@ class SequenceLoader:
             keys.append(self.negatives.feature_name)
             neg_lengths = np.zeros(len(index), dtype=np.int64)
             if self.training:
-                ids, neg = self.negatives.draw(index, hist_end - hist_start, self.epoch)
+                ids, neg, counts = self.negatives.draw_counted(index, hist_end - hist_start, self.epoch)
                 neg_lengths[0] = ids.size
                 values.append(ids)
-                negative_fields = self.negatives.batch_fields(neg, ids.size)
+                negative_fields = self.negatives.batch_fields(neg, ids.size, counts)
             lengths.append(neg_lengths)
         features = KeyedJaggedTensor(
             keys=keys,

@@ -82,8 +82,16 @@ class NegativeSampler:
 
     def draw(self, sample_ids: np.ndarray, history_lengths: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
         """(ids for the key [U], index [Q, M] into them or None for the full corpus)."""
+        uniq, index, _ = self.draw_counted(sample_ids, history_lengths, epoch)
+        return uniq, index
+
+    def draw_counted(
+        self, sample_ids: np.ndarray, history_lengths: np.ndarray, epoch: int
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """:meth:`draw`, plus how many times each of the U ids was drawn (the transpose's
+        row lengths; None for the full corpus)."""
         if self.mode == "full_corpus":
-            return np.arange(self.min_item_id, self.num_items, dtype=np.int64), None
+            return np.arange(self.min_item_id, self.num_items, dtype=np.int64), None, None
         m = self.num_negatives
         per = np.maximum(history_lengths.astype(np.int64) - 1, 0)
         q = int(per.sum())
@@ -111,18 +119,20 @@ class NegativeSampler:
             x -= t
         ids = raw.view(np.int64)  # < span < 2**63: same values
         ids += self.min_item_id
-        present = np.zeros(self.num_items, dtype=bool)
-        present[ids.reshape(-1)] = True
+        # the counts serve both the distinct ids and the transpose's row lengths
+        counts = np.bincount(ids.reshape(-1), minlength=self.num_items)
+        present = counts > 0
         uniq = np.flatnonzero(present).astype(np.int64, copy=False)
         slot = np.cumsum(present, dtype=np.int64) - 1
-        return uniq, slot[ids].reshape(q, m)
+        return uniq, np.take(slot, ids), counts[uniq]
 
-    def batch_fields(self, index: np.ndarray | None, num_rows: int) -> dict:
+    def batch_fields(self, index: np.ndarray | None, num_rows: int, counts: np.ndarray | None = None) -> dict:
         """The Batch fields of a draw: ``negative_index``, and its transpose (see
-        :func:`transpose_index`) built here, in the data path, instead of in the step."""
+        :func:`transpose_index`; ``counts``: the draw's per-row counts, if known) built
+        here, in the data path, instead of in the step."""
         if index is None:
             return {"negative_index": None, "negative_order": None, "negative_offsets": None}
-        order, offsets = transpose_index(index, num_rows) if self.transpose else (None, None)
+        order, offsets = transpose_index(index, num_rows, counts) if self.transpose else (None, None)
         return {
             "negative_index": torch.from_numpy(index),
             "negative_order": None if order is None else torch.from_numpy(order),
@@ -135,13 +145,16 @@ class NegativeSampler:
 _TRANSPOSE_MAX_ROWS = 2**15
 
 
-def transpose_index(index: np.ndarray, num_rows: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+def transpose_index(
+    index: np.ndarray, num_rows: int, counts: np.ndarray | None = None
+) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The column-major view of ``index`` [Q, M] (values in [0, U = num_rows)): (order int64
     [2, Q*M], offsets int64 [U + 1]). order[0] lists the flat positions q*M + m of the entries
     sorted by their value, stably (ascending positions within a value), order[1] their query
     q; the entries of value u are order[:, offsets[u]:offsets[u + 1]]. It is the CSR pattern of
     the transposed [U, Q] score gradient (``hstu.model.retrieval._SampledScores``).
-    (None, None) when U > 2**15 (the model then sorts in the step)."""
+    (None, None) when U > 2**15 (the model then sorts in the step). ``counts`` [U]: how often
+    each value occurs, when the caller has them (else counted here)."""
     if num_rows > _TRANSPOSE_MAX_ROWS:
         return None, None
     flat = index.reshape(-1)
@@ -153,7 +166,9 @@ def transpose_index(index: np.ndarray, num_rows: int) -> tuple[np.ndarray | None
     else:
         np.floor_divide(order[0], m, out=order[1])
     offsets = np.zeros(num_rows + 1, dtype=np.int64)
-    np.cumsum(np.bincount(flat, minlength=num_rows), out=offsets[1:])
+    if counts is None:
+        counts = np.bincount(flat, minlength=num_rows)
+    np.cumsum(counts, out=offsets[1:])
     return order, offsets
 
 
@@ -169,14 +184,15 @@ def attach_negatives(batch, sampler: NegativeSampler, sample_ids: np.ndarray, ep
     kjt = batch.features
     neg_lengths = torch.zeros(batch.batch_size, dtype=torch.int64)
     ids = np.zeros(0, dtype=np.int64)
-    index = None
+    index = counts = None
     if training:
         hist = batch.history_lengths().numpy()
-        ids, index = sampler.draw(sample_ids, hist, epoch)
+        ids, index, counts = sampler.draw_counted(sample_ids, hist, epoch)
         neg_lengths[0] = ids.size
     features = KeyedJaggedTensor(
         keys=list(kjt.keys()) + [sampler.feature_name],
         values=torch.cat([kjt.values(), torch.from_numpy(ids)]),
         lengths=torch.cat([kjt.lengths(), neg_lengths]),
     )
-    return replace(batch, features=features, **sampler.batch_fields(index, ids.size))
+    fields = sampler.batch_fields(index, ids.size, counts)
+    return replace(batch, features=features, **fields)

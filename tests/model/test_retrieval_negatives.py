@@ -152,3 +152,22 @@ def test_uniform_draw_is_the_documented_hash():
     assert index.shape == want.shape
     np.testing.assert_array_equal(uniq[index], want)
     np.testing.assert_array_equal(uniq, np.unique(want))
+
+
+def test_draw_counts_are_the_transpose_row_lengths():
+    """The draw's per-id counts (kept from finding the distinct ids) are what the transpose's
+    offsets need; with them the transpose equals the one that counts by itself."""
+    from hstu.data.negatives import NegativeSampler
+
+    sampler = NegativeSampler("uniform", 16, 1, 60, "item", 9)
+    uniq, index, counts = sampler.draw_counted(np.array([3, 8, 1]), np.array([7, 1, 12]), 2)
+    want_uniq, want_index = sampler.draw(np.array([3, 8, 1]), np.array([7, 1, 12]), 2)
+    assert np.array_equal(uniq, want_uniq) and np.array_equal(index, want_index)
+    assert counts.tolist() == np.bincount(index.reshape(-1), minlength=uniq.size).tolist()
+    assert counts.min() > 0  # every distinct id was drawn at least once
+    with_counts = transpose_index(index, uniq.size, counts)
+    alone = transpose_index(index, uniq.size)
+    assert all(np.array_equal(a, b) for a, b in zip(with_counts, alone))
+    assert sampler.draw_counted(np.array([3]), np.array([1]), 0)[2].size == 0  # no queries, no ids
+    full = NegativeSampler("full_corpus", -1, 1, 60, "item", 9).draw_counted(np.array([3]), np.array([4]), 0)
+    assert full[1] is None and full[2] is None
