@@ -77,15 +77,8 @@ class _SampledScores(torch.autograd.Function):
         order: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         num_q, m = index.shape
-        crow = torch.arange(0, (num_q + 1) * m, m, device=index.device)
         col = index.reshape(-1)
-        pattern = torch.sparse_csr_tensor(
-            crow, col, queries.new_zeros(num_q * m), size=(num_q, rows.shape[0]),
-            check_invariants=False,
-        )
-        # written into the pattern itself: no copy of its indices and values
-        torch.sparse.sampled_addmm(pattern, queries, rows.t(), beta=0.0, out=pattern)
-        scores = pattern.values()
+        scores = _sampled_products_(queries.new_empty(num_q * m), col, m, queries, rows)
         ctx.save_for_backward(queries, rows, col, order, offsets)
         return scores.view(num_q, m)
 
@@ -98,6 +91,26 @@ class _SampledScores(torch.autograd.Function):
             ctx.needs_input_grad[0], ctx.needs_input_grad[1],
         )
         return grad_q, grad_rows, None, None, None
+
+
+def _sampled_products_(
+    out: torch.Tensor, col: torch.Tensor, m: int, queries: torch.Tensor, rows: torch.Tensor,
+    crow: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out[q*M + j] = <queries[q], rows[col[q*M + j]]> for the n = len(queries) queries of
+    ``col`` [n*M], written into ``out`` [n*M] (a sampled dense-dense matmul on the CSR pattern
+    of ``col``: no copy of its indices and values); ``crow`` may hold (at least) the pattern's
+    n + 1 row offsets, 0, M, 2M, ..."""
+    n = queries.shape[0]
+    if crow is None:
+        crow = torch.arange(0, (n + 1) * m, m, device=col.device)
+    # sampled_addmm reads its output even with beta=0 (NaN * 0 is NaN): zeroed first
+    out.zero_()
+    pattern = torch.sparse_csr_tensor(
+        crow[:n + 1], col, out, size=(n, rows.shape[0]), check_invariants=False
+    )
+    torch.sparse.sampled_addmm(pattern, queries, rows.t(), beta=0.0, out=pattern)
+    return out
 
 
 def _pattern_products(
@@ -206,8 +219,8 @@ def sampled_softmax_loss(
     return loss, pos_logits, neg_logits
 
 
-# elements of the [rows, M] logits _SampledLogSumExp handles at a time (512 KiB in float32,
-# with the block's int64 index 1.5 MiB): a block's sampled product, mask, softmax and
+# elements of the [rows, M] logits _SampledLogSumExp handles at a time (512 KiB of float32
+# logits plus 1 MiB of their int64 index): a block's sampled product, mask, softmax and
 # maxima run in the core's own L2 instead of streaming [Q, M] through the shared cache
 _SAMPLED_BLOCK_ELEMENTS = 1 << 17
 
@@ -241,18 +254,11 @@ class _SampledLogSumExp(torch.autograd.Function):
         col = index.reshape(-1)
         block = max(1, _SAMPLED_BLOCK_ELEMENTS // m)
         crow = torch.arange(0, (min(block, num_q) + 1) * m, m, device=index.device)
-        rows_t = rows.t()
         for s in range(0, num_q, block):
             e = min(num_q, s + block)
-            n = e - s
-            # sampled_addmm reads its input even with beta=0 (NaN * 0 is NaN): zeroed first
-            values = probs[s * m:e * m].zero_()
-            pattern = torch.sparse_csr_tensor(
-                crow[:n + 1], col[s * m:e * m], values, size=(n, rows.shape[0]),
-                check_invariants=False,
-            )
-            torch.sparse.sampled_addmm(pattern, queries[s:e], rows_t, beta=0.0, out=pattern)
-            logits = values.view(n, m)
+            logits = _sampled_products_(
+                probs[s * m:e * m], col[s * m:e * m], m, queries[s:e], rows, crow
+            ).view(e - s, m)
             hits = index[s:e] == pos_slot[s:e].unsqueeze(1)
             logits.masked_fill_(hits, float("-inf"))
             lse_neg = _softmax_lse_(logits)
@@ -265,13 +271,13 @@ class _SampledLogSumExp(torch.autograd.Function):
             torch.logaddexp(lse_neg, pos[s:e], out=lse[s:e])
             torch.exp(lse_neg - lse[s:e], out=neg_mass[s:e])
         ctx.save_for_backward(queries, rows, pos, lse, neg_mass, col, probs, order, offsets)
+        ctx.m = m
         return lse
 
     @staticmethod
     def backward(ctx, grad_lse: torch.Tensor):
         queries, rows, pos, lse, neg_mass, col, probs, order, offsets = ctx.saved_tensors
-        num_q = lse.shape[0]
-        m = col.shape[0] // max(1, num_q)
+        m = ctx.m
         coef = (grad_lse * neg_mass).unsqueeze(1)  # [Q, 1]
         grad_q, grad_rows = _pattern_products(
             probs, col, m, rows, queries * coef, order, offsets,
@@ -318,9 +324,9 @@ def sampled_softmax_loss_shared(
     scaled = queries / temperature
     pos_logits = (scaled * pos_vectors).sum(-1)
     # the positive's row among the negatives' (-1 when none is): a hit is index == slot
-    slot = torch.searchsorted(neg_ids, pos_ids).clamp_(max=max(neg_ids.shape[0] - 1, 0))
-    found = neg_ids.index_select(0, slot) == pos_ids if neg_ids.shape[0] > 0 else torch.zeros_like(pos_ids, dtype=torch.bool)
-    pos_slot = torch.where(found, slot, torch.full_like(slot, -1))
+    # (U >= M >= 1 here: see fused_sampled_loss_applies)
+    slot = torch.searchsorted(neg_ids, pos_ids).clamp_(max=neg_ids.shape[0] - 1)
+    pos_slot = torch.where(neg_ids.index_select(0, slot) == pos_ids, slot, torch.full_like(slot, -1))
     lse = _SampledLogSumExp.apply(
         scaled, negatives.rows, pos_logits, negatives.index, pos_slot, negatives.order, negatives.offsets
     )
