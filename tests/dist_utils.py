@@ -43,7 +43,44 @@ def _gloo_worker_threads() -> int:
     return count
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], kwargs: dict, errors) -> None:
+# the device types each backend serves when named alone (torch's defaults)
+_SERVES = {"nccl": ("cuda",), "gloo": ("cpu", "cuda"), "mpi": ("cpu", "cuda"), "ucc": ("cpu", "cuda")}
+
+
+def gloo_with_device_map(backend: str) -> str:
+    """``backend`` (a GPU host's, e.g. ``"nccl"`` or ``"cpu:gloo,cuda:nccl"``) rewritten to run
+    here: every device type keeps a backend, and each becomes gloo.
+
+    On this CPU host a group made with the result refuses exactly the tensors the GPU host's
+    group would refuse for their device type: with ``"nccl"`` -> ``"cuda:gloo"`` a host tensor
+    fails with "No backend type associated with device type cpu", as under NCCL alone.
+    """
+    types: list[str] = []
+    for part in backend.lower().split(","):
+        if ":" in part:
+            types.append(part.split(":", 1)[0])
+        else:
+            types.extend(_SERVES[part])
+    return ",".join(f"{t}:gloo" for t in dict.fromkeys(types))
+
+
+def _emulate_new_group() -> None:
+    """Groups made with a backend of their own (``new_group(backend="nccl")``) keep its
+    device-type map too (see :func:`gloo_with_device_map`)."""
+    original = dist.new_group
+
+    def new_group(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("backend"):
+            kwargs["backend"] = gloo_with_device_map(str(kwargs["backend"]))
+        return original(*args, **kwargs)
+
+    dist.new_group = new_group
+
+
+def _worker(
+    rank: int, world_size: int, port: int, fn: Callable[..., Any], kwargs: dict, errors,
+    backend: str = "gloo",
+) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -55,7 +92,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], kwarg
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if backend != "gloo":
+            _emulate_new_group()
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         fn(rank, world_size, **kwargs)
         # The body's objects are gone (or cyclic garbage that destroy_distributed collects):
         # the groups must be freed now, with their gloo worker threads joined. A group that
@@ -86,14 +125,19 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], kwarg
     os._exit(0)  # success: no interpreter finalization with gloo threads alive (see above)
 
 
-def run_multiprocess(fn: Callable[..., Any], world_size: int = 2, **kwargs: Any) -> None:
+def run_multiprocess(
+    fn: Callable[..., Any], world_size: int = 2, backend: str = "gloo", **kwargs: Any
+) -> None:
+    """``backend``: the default group's (a device-type map such as ``"cpu:gloo,cuda:gloo"``
+    from :func:`gloo_with_device_map`); groups made with a backend of their own then keep
+    its device-type map as well."""
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     port = free_port()
     try:
         mp.start_processes(
             _worker,
-            args=(world_size, port, fn, kwargs, errors),
+            args=(world_size, port, fn, kwargs, errors, backend),
             nprocs=world_size,
             join=True,
             start_method="spawn",

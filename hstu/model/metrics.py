@@ -99,15 +99,15 @@ class MetricAccumulator:
         self._sums += torch.stack([values[n].detach().double().sum().cpu() for n in self.names])
         self._count += sizes.pop()
 
-    def compute(
-        self, group: ProcessGroup | None = None, device: torch.device | None = None
-    ) -> dict[str, float]:
-        """Means over every sample seen by every rank of ``group`` (WORLD when initialised)."""
+    def compute(self, group: ProcessGroup | None = None) -> dict[str, float]:
+        """Means over every sample seen by every rank of ``group`` (WORLD when initialised).
+
+        The sums live on the host: ``group`` must map host tensors to a backend (the trainer's
+        groups do: gloo beside NCCL on GPU hosts, see
+        :func:`hstu.training.distributed.process_group_backend`)."""
         totals = torch.cat([self._sums, torch.tensor([float(self._count)], dtype=torch.float64)])
         if dist.is_available() and dist.is_initialized():
-            totals = totals.to(device or torch.device("cpu"))
             dist.all_reduce(totals, group=group)
-            totals = totals.cpu()
         count = totals[-1].item()
         if count == 0:
             return {n: math.nan for n in self.names}

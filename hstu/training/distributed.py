@@ -36,8 +36,23 @@ class DistEnv:
         return self.rank == 0
 
 
+def process_group_backend(device: torch.device) -> str:
+    """The default process group's backend for a run whose step runs on ``device``.
+
+    On a GPU host each device type has its backend: NCCL for CUDA tensors (the step's
+    collectives), gloo for host tensors (the small agreements at log, evaluation and
+    checkpoint boundaries: stop flags, metric sums, finite checks, object gathers). NCCL alone
+    takes CUDA tensors only ("No backend type associated with device type cpu"). Groups made
+    later with no backend of their own (Megatron's TP/DP groups) inherit the same map.
+    """
+    if device.type == "cuda":
+        return "cpu:gloo,cuda:nccl"
+    return "gloo"
+
+
 def init_distributed(tp_size: int = 1, timeout_s: int = 600) -> DistEnv:
-    """Initialises torch.distributed (NCCL on GPUs, gloo on CPU) and Megatron's TP/DP groups.
+    """Initialises torch.distributed (:func:`process_group_backend`: NCCL for CUDA tensors and
+    gloo for host tensors on GPUs, gloo on CPU) and Megatron's TP/DP groups.
 
     Works under torchrun (RANK/WORLD_SIZE set) and as a single plain process (a world of 1
     on a free local port). Also keeps freed host buffers with the process
@@ -63,10 +78,9 @@ def init_distributed(tp_size: int = 1, timeout_s: int = 600) -> DistEnv:
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        backend = "nccl"
     else:
         device = torch.device("cpu")
-        backend = "gloo"
+    backend = process_group_backend(device)
     # on CPU, each local rank on its own cores (before the process group's threads start)
     pin_local_rank(device.type == "cpu")
     backoff = float(os.environ.get("HSTU_RESTART_BACKOFF_S", "0") or 0)
@@ -93,7 +107,7 @@ def init_distributed(tp_size: int = 1, timeout_s: int = 600) -> DistEnv:
         world_size=world_size,
         local_rank=local_rank,
         device=device,
-        backend=backend,
+        backend=dist.get_backend(),
         tp_size=tp_size,
         tp_rank=ps.get_tensor_model_parallel_rank(),
         dp_size=ps.get_data_parallel_world_size(),

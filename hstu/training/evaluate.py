@@ -46,7 +46,7 @@ def _evaluate_retrieval(model: Any, loader: Any, cfg: RunConfig, env: DistEnv, m
         if batch.sample_mask is not None:
             ranks = ranks[batch.sample_mask]
         acc.update(retrieval_metrics(ranks, names))
-    return acc.compute(device=env.device if env.backend == "nccl" else None)
+    return acc.compute()  # host sums: the default group's host backend (gloo) reduces them
 
 
 def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:

@@ -385,7 +385,8 @@ class Trainer:
 
     def _agree_finite(self, problem: tuple[int, str] | None) -> None:
         """Every rank stops on the first non-finite step of any rank (FloatingPointError)."""
-        flag = torch.tensor([0.0 if problem is None else 1.0], device=self.env.device)
+        # host tensors: the default group reduces them with its host backend (gloo)
+        flag = torch.tensor([0.0 if problem is None else 1.0])
         gathered = [problem]
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -400,7 +401,7 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         """All ranks stop at the same step if any rank was signalled (one tiny all-reduce)."""
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.env.device)
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0])  # host, like the signal
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
