@@ -32,7 +32,7 @@ from hstu.data.sizes import check_table_features, resolve_head
 from hstu.training.distributed import DistEnv
 from hstu.training.ddp import wrap_dense
 from hstu.training.distributed import seed_training_rng
-from hstu.training.optimizer import OptimizerContainer
+from hstu.training.optimizer import OptimizerContainer, unscale_sparse_gradients
 
 
 @dataclass
@@ -234,6 +234,9 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         tp_group=env.tp_group if env.tp_size > 1 else None,
         sparse_replicated=replicated_optimizers(model),
     )
+    if optimizer.scaler is not None:
+        # float16: the tables' optimizers update inside backward, from unscaled gradients
+        unscale_sparse_gradients(model.dense_module, optimizer.scaler)
     return Built(
         train_loader, eval_loader, info, tables, placements, model, optimizer, total_steps, test_loader
     )

@@ -32,20 +32,26 @@ def lr_at(step: int, args: OptimizerArgs, total_steps: int | None) -> float:
     return args.min_learning_rate + (peak - args.min_learning_rate) * factor
 
 
-def build_dense_optimizer(params: Iterable[torch.Tensor], args: OptimizerArgs) -> torch.optim.Optimizer:
-    """The torch optimizer over ``params`` (the master weights: trainable ones only)."""
+def build_dense_optimizer(
+    params: Iterable[torch.Tensor], args: OptimizerArgs, fused: bool = False
+) -> torch.optim.Optimizer:
+    """The torch optimizer over ``params`` (the master weights: trainable ones only).
+
+    ``fused``: torch's fused kernels, which skip a step on a device-side overflow flag (the
+    float16 loss scaler's ``found_inf``) without a host sync."""
     params = list(params)
+    extra = {"fused": True} if fused else {}
     if args.optimizer_str == "adam":
         return torch.optim.Adam(
             params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_eps, weight_decay=args.weight_decay,
+            eps=args.adam_eps, weight_decay=args.weight_decay, **extra,
         )
     if args.optimizer_str == "adamw":
         return torch.optim.AdamW(
             params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_eps, weight_decay=args.weight_decay,
+            eps=args.adam_eps, weight_decay=args.weight_decay, **extra,
         )
-    return torch.optim.SGD(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    return torch.optim.SGD(params, lr=args.learning_rate, weight_decay=args.weight_decay, **extra)
 
 
 def _counted_once(p: torch.nn.Parameter, tp_rank: int) -> bool:
@@ -56,33 +62,93 @@ def _counted_once(p: torch.nn.Parameter, tp_rank: int) -> bool:
 
 class DynamicLossScaler:
     """float16: the loss is multiplied by ``scale`` before backward; a step whose gradients
-    overflow is skipped and halves it; ``growth_interval`` clean steps double it."""
+    overflow (on any rank) is skipped and halves it; ``growth_interval`` clean steps double it.
+
+    Everything stays on the step's device (no host sync in a step): the scale, the clean-step
+    counter and the overflow flag are tensors, updated by torch's AMP kernels; the dense step
+    is skipped by the fused optimizer reading the flag. ``scale`` / ``skipped_steps`` as
+    Python numbers are for logs and checkpoints (each reads the device once).
+    The scale is always a power of two, so unscaling (a multiplication by its inverse) is
+    exact in float32.
+    """
 
     def __init__(self, init_scale: float = 2.0**16, growth_interval: int = 1000,
-                 min_scale: float = 1.0) -> None:
-        self.scale = init_scale
+                 min_scale: float = 1.0, device: torch.device | str = "cpu") -> None:
         self.growth_interval = growth_interval
         self.min_scale = min_scale
-        self.clean_steps = 0
-        self.skipped_steps = 0
+        self.device = torch.device(device)
+        self._scale = torch.full((1,), float(init_scale), dtype=torch.float32, device=self.device)
+        self._clean = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._skipped = torch.zeros(1, dtype=torch.int64, device=self.device)
+        # 1.0 where this step's gradients overflowed (after the all-reduce over the world)
+        self.found_inf = torch.zeros(1, dtype=torch.float32, device=self.device)
 
-    def update(self, found_inf: bool) -> None:
-        if found_inf:
-            self.scale = max(self.scale / 2.0, self.min_scale)
-            self.clean_steps = 0
-            self.skipped_steps += 1
-            return
-        self.clean_steps += 1
-        if self.clean_steps % self.growth_interval == 0:
-            self.scale *= 2.0
+    def to(self, device: torch.device) -> DynamicLossScaler:
+        device = torch.device(device)
+        if device != self.device:
+            self.device = device
+            self._scale, self._clean, self._skipped, self.found_inf = (
+                t.to(device) for t in (self._scale, self._clean, self._skipped, self.found_inf)
+            )
+        return self
+
+    @property
+    def scale_tensor(self) -> torch.Tensor:
+        """[1] float32 on the device: what the loss is multiplied by this step."""
+        return self._scale
+
+    @property
+    def scale(self) -> float:
+        return float(self._scale.item())
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self._scale.fill_(float(value))
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(self._skipped.item())
+
+    @property
+    def clean_steps(self) -> int:
+        return int(self._clean.item())
+
+    def inverse(self) -> torch.Tensor:
+        """[1] float32: 1 / scale (exact: a power of two)."""
+        return self._scale.double().reciprocal().float()
+
+    @torch.no_grad()
+    def unscale_(self, grads: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> torch.Tensor:
+        """Divides ``grads`` by the scale in place; returns ``found_inf`` ([1], 1.0 if any
+        gradient of any rank of ``group`` (the world when None) is not finite)."""
+        self.found_inf.zero_()
+        if grads:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, self.inverse())
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(self.found_inf, op=dist.ReduceOp.MAX, group=group)
+        return self.found_inf
+
+    @torch.no_grad()
+    def update(self, found_inf: torch.Tensor | bool | None = None) -> None:
+        """Halves the scale after an overflow (never below ``min_scale``), doubles it after
+        ``growth_interval`` clean steps; ``found_inf`` defaults to the last :meth:`unscale_`."""
+        if found_inf is None:
+            found_inf = self.found_inf
+        elif not isinstance(found_inf, torch.Tensor):
+            found_inf = torch.full((1,), float(found_inf), device=self.device)
+        found_inf = found_inf.reshape(1).to(torch.float32)
+        torch._amp_update_scale_(self._scale, self._clean, found_inf, 2.0, 0.5, self.growth_interval)
+        self._scale.clamp_(min=self.min_scale)
+        self._skipped += found_inf.to(torch.int64)
 
     def state_dict(self) -> dict:
         return {"scale": self.scale, "clean_steps": self.clean_steps, "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self.scale = float(state["scale"])
-        self.clean_steps = int(state["clean_steps"])
-        self.skipped_steps = int(state["skipped_steps"])
+        self._scale.fill_(float(state["scale"]))
+        # older checkpoints counted clean steps without resetting at each doubling
+        self._clean.fill_(int(state["clean_steps"]) % self.growth_interval)
+        self._skipped.fill_(int(state["skipped_steps"]))
 
 
 class OptimizerContainer(torch.optim.Optimizer):
@@ -118,14 +184,15 @@ class OptimizerContainer(torch.optim.Optimizer):
             p if p.dtype == torch.float32 else p.detach().float().clone() for p in self.params
         ]
         self._master_of = {id(p): m for p, m in zip(self.params, self.masters) if m is not p}
-        self.dense = build_dense_optimizer(self.masters, args)
+        half = any(p.dtype == torch.float16 for p in self.params)
+        self.scaler = DynamicLossScaler(device=self.params[0].device) if half else None
+        self.dense = build_dense_optimizer(self.masters, args, fused=half)
         self.sparse = sparse
         self.sparse_replicated = sparse_replicated or []
         self.args = args
         self.total_steps = total_steps
         self.tp_group = tp_group
         self.tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
-        self.scaler = DynamicLossScaler() if any(p.dtype == torch.float16 for p in self.params) else None
         self.num_steps = 0
         self.last_grad_norm: torch.Tensor | None = None
         # a 0-d bool tensor (no host sync): were this step's dense gradients all finite?
@@ -179,28 +246,19 @@ class OptimizerContainer(torch.optim.Optimizer):
             m.grad = None
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """What backward should run on (loss times the float16 loss scale)."""
-        return loss if self.scaler is None else loss * self.scaler.scale
+        """What backward should run on (loss times the float16 loss scale, on the device).
+
+        The embedding tables see unscaled gradients: :func:`unscale_sparse_gradients` puts
+        the inverse scale between the tables and the dense module."""
+        if self.scaler is None:
+            return loss
+        return loss.float() * self.scaler.scale_tensor.to(loss.device).reshape(())
 
     @torch.no_grad()
     def _grads_to_masters(self) -> None:
         for p, m in zip(self.params, self.masters):
             if m is not p:
                 m.grad = None if p.grad is None else p.grad.float()
-
-    @torch.no_grad()
-    def _unscale_and_check(self) -> bool:
-        """float16: divides the master grads by the scale; True if any is not finite (the same
-        answer on every rank)."""
-        inv = 1.0 / self.scaler.scale
-        grads = [m.grad for m in self.masters if m.grad is not None]
-        bad = torch.zeros(1, device=grads[0].device if grads else "cpu")
-        for g in grads:
-            g.mul_(inv)
-            bad += (~torch.isfinite(g)).any().float()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return bool(bad.item() > 0)
 
     @torch.no_grad()
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
@@ -221,20 +279,25 @@ class OptimizerContainer(torch.optim.Optimizer):
 
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
         self._grads_to_masters()
+        grads = [m.grad for m in self.masters if m.grad is not None]
         if self.scaler is None:  # (with loss scaling, non-finite gradients skip the step)
-            grads = [m.grad for m in self.masters if m.grad is not None]
             self.last_grads_finite = torch.stack(torch._foreach_norm(grads)).sum().isfinite() if grads else None
-        if self.scaler is not None:
-            found_inf = self._unscale_and_check()
-            self.scaler.update(found_inf)
-            if found_inf:  # skipped: weights and optimizer state untouched
-                self.num_steps += 1
-                self._set_lr(lr_at(self.num_steps, self.args, self.total_steps))
-                return
+        else:
+            found_inf = self.scaler.unscale_(grads)
         if self.args.clip_grad_norm > 0:
             self.last_grad_norm = self.clip_grad_norm(self.args.clip_grad_norm)
         self._set_lr(lr_at(self.num_steps, self.args, self.total_steps))
-        self.dense.step()
+        if self.scaler is None:
+            self.dense.step()
+        else:
+            # the fused kernels skip the update (weights, moments, step count) where
+            # found_inf is 1, with no host sync; the scale is then halved
+            self.dense.grad_scale, self.dense.found_inf = None, found_inf.reshape(())
+            try:
+                self.dense.step()
+            finally:
+                del self.dense.grad_scale, self.dense.found_inf
+            self.scaler.update(found_inf)
         with torch.no_grad():
             for p, m in zip(self.params, self.masters):
                 if m is not p:
@@ -255,6 +318,7 @@ class OptimizerContainer(torch.optim.Optimizer):
         """Restores the dense optimizer and the schedule position (sparse state lives with
         the embedding tables' checkpoint)."""
         self.dense.load_state_dict(dense_state)
+        self._keep_fused()
         self.num_steps = num_steps
         if scaler is not None and self.scaler is not None:
             self.scaler.load_state_dict(scaler)
@@ -262,12 +326,20 @@ class OptimizerContainer(torch.optim.Optimizer):
 
     def load_state_dict(self, state: dict) -> None:  # type: ignore[override]
         self.dense.load_state_dict(state["dense"])
+        self._keep_fused()
         self.num_steps = int(state["num_steps"])
         if "loss_scaler" in state and self.scaler is not None:
             self.scaler.load_state_dict(state["loss_scaler"])
         for opt, opt_state in zip(self.sparse or [], state.get("sparse", [])):
             opt.load_state_dict(opt_state)
         self._set_lr(lr_at(self.num_steps, self.args, self.total_steps))
+
+    def _keep_fused(self) -> None:
+        """A loaded optimizer state carries its saving run's kernel choice: float16 needs the
+        fused kernels (they read the overflow flag), whatever the checkpoint said."""
+        if self.scaler is not None:
+            for group in self.dense.param_groups:
+                group.update(fused=True, foreach=None)
 
     @torch.no_grad()
     def reload_masters(self) -> None:
@@ -283,3 +355,31 @@ class OptimizerContainer(torch.optim.Optimizer):
         for p, m in zip(self.params, self.masters):
             if m is not p and id(p) in values:
                 m.copy_(values[id(p)])
+
+
+def _unscaled(inverse: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The true gradient of a table's looked-up rows: times 1 / scale (exact, in float32),
+    and all zeros where any element is not finite (an overflowing step gives the table no
+    update from this feature; the dense step is skipped by the scaler). No host sync."""
+    grad32 = grad.float() * inverse.to(grad.device)
+    finite = torch.isfinite(grad32).all()
+    return torch.where(finite, grad32, torch.zeros((), device=grad.device)).to(grad.dtype)
+
+
+def unscale_sparse_gradients(dense: torch.nn.Module, scaler: DynamicLossScaler) -> Any:
+    """float16 loss scaling with embedding tables: the tables' fused (FBGEMM) and replicated
+    optimizers update inside backward, before :meth:`OptimizerContainer.step` could unscale
+    anything. A forward pre-hook on the dense module (``forward(batch, embeddings)``) puts
+    :func:`_unscaled` on each looked-up values tensor, so what flows back into the tables is
+    the gradient of the unscaled loss. Returns the hook's handle."""
+
+    def hook(module: torch.nn.Module, args: tuple) -> None:
+        if not torch.is_grad_enabled():
+            return
+        inverse = scaler.inverse()
+        for jt in args[1].values():
+            values = jt.values()
+            if values.requires_grad:
+                values.register_hook(lambda grad, inverse=inverse: _unscaled(inverse, grad))
+
+    return dense.register_forward_pre_hook(hook)

@@ -1,0 +1,114 @@
+"""float16 with embedding tables, at trainer level: the tables' optimizers (TorchRec's fused
+FBGEMM one for the sharded item table, the in-backward one of the replicated action table)
+must step on the gradient of the unscaled loss, and an overflowing step must leave the
+tables as they were (no inf written into rows) while the dense step is skipped."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.dist_utils import run_multiprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# plain SGD everywhere: a step is lr * gradient, so a gradient 65,536x too large shows as such
+# (rowwise Adagrad would hide it: its first step barely depends on the gradient's scale)
+PARAMS = [
+    "TrainerArgs.max_train_iters=1", "TrainerArgs.log_interval=1",
+    "TrainerArgs.eval_interval=1000", "TrainerArgs.max_eval_iters=1",
+    'TrainerArgs.pipeline_type="none"', "NetworkArgs.hidden_dropout=0.0",
+    'OptimizerArgs.optimizer_str="sgd"', "OptimizerArgs.learning_rate=0.1",
+    'OptimizerArgs.sparse_optimizer_str="sgd"', "OptimizerArgs.sparse_learning_rate=0.5",
+    "OptimizerArgs.clip_grad_norm=0.0",
+]
+
+
+def _tables(model) -> dict[str, torch.Tensor]:
+    """Every table's weight (one process: the whole table), as float32 copies."""
+    from hstu.embeddings import embedding_state_dict
+
+    out = {}
+    for key, value in embedding_state_dict(model).items():
+        if not key.endswith(".weight"):
+            continue
+        shards = value.local_shards() if hasattr(value, "local_shards") else None
+        t = torch.cat([s.tensor.flatten() for s in shards]) if shards else value.flatten()
+        out[key] = t.detach().float().clone()
+    return out
+
+
+def _run(rank: int, world_size: int, tmp: str, tag: str, dtype: str, scale: float | None) -> None:
+    import gin
+
+    from hstu.config import load_config
+    from hstu.training.distributed import init_distributed, set_seed
+    from hstu.training.trainer import Trainer
+
+    gin.clear_config()
+    cfg = load_config(
+        os.path.join(ROOT, "configs", "debug_ranking.gin"),
+        [f'DatasetArgs.dataset_path="{os.path.join(tmp, "data", "synthetic")}"',
+         f'NetworkArgs.dtype_str="{dtype}"', *PARAMS],
+        task="ranking",
+    )
+    env = init_distributed(1)
+    set_seed(cfg.trainer.seed)
+    trainer = Trainer(cfg, env, os.path.join(tmp, tag), "")
+    try:
+        opt = trainer.optimizer
+        if scale is not None:
+            opt.scaler.scale = scale
+        dense = {n: p.detach().float().clone() for n, p in trainer.model.dense_module.named_parameters()}
+        before = _tables(trainer.model)
+        trainer.train()
+        after = _tables(trainer.model)
+        moved = {n: (p.detach().float() - dense[n]) for n, p in trainer.model.dense_module.named_parameters()}
+        out = {
+            "tables": {k: after[k] - before[k] for k in before},
+            "finite": all(bool(torch.isfinite(v).all()) for v in after.values()),
+            "dense": moved,
+            "scale": opt.scaler.scale if opt.scaler is not None else None,
+            "skipped": opt.scaler.skipped_steps if opt.scaler is not None else None,
+        }
+        torch.save(out, os.path.join(tmp, f"{tag}.pt"))
+    finally:
+        trainer.close()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    tmp = str(tmp_path_factory.mktemp("fp16"))
+    out = {}
+    for tag, dtype, scale in (("f32", "float32", None), ("f16", "float16", None),
+                              ("overflow", "float16", 2.0**100)):
+        run_multiprocess(_run, world_size=1, tmp=tmp, tag=tag, dtype=dtype, scale=scale)
+        out[tag] = torch.load(os.path.join(tmp, f"{tag}.pt"))
+    return out
+
+
+def test_float16_tables_step_on_the_unscaled_gradient(runs) -> None:
+    f32, f16 = runs["f32"], runs["f16"]
+    names = sorted(f32["tables"])
+    assert any("item" in n for n in names) and any("action" in n for n in names), names
+    for name in names:
+        want, got = f32["tables"][name], f16["tables"][name]
+        assert want.norm() > 0, f"{name}: the float32 step did not move the table"
+        ratio = float(got.norm() / want.norm())
+        # float16 activations change the gradient by ~1e-3; the loss scale is 65,536
+        assert 0.97 < ratio < 1.03, f"{name}: float16 step is {ratio:.4g}x the float32 one"
+        cos = float(torch.nn.functional.cosine_similarity(got, want, dim=0))
+        assert cos > 0.995, f"{name}: float16 step points elsewhere (cosine {cos:.4f})"
+    assert f16["skipped"] == 0 and f16["finite"]
+
+
+def test_float16_overflow_skips_the_step_and_leaves_tables_untouched(runs) -> None:
+    run = runs["overflow"]
+    assert run["skipped"] == 1 and run["scale"] == 2.0**99
+    assert run["finite"], "an overflowing step wrote a non-finite value into a table"
+    for name, delta in run["tables"].items():
+        assert torch.count_nonzero(delta) == 0, f"{name}: moved on an overflowing step"
+    for name, delta in run["dense"].items():
+        assert torch.count_nonzero(delta) == 0, f"dense {name}: moved on an overflowing step"
