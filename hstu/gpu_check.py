@@ -453,7 +453,7 @@ def run_checks(budget_s: float) -> tuple[list[CheckResult], dict[str, Any]]:
     runners: dict[str, Callable[[CheckResult], None]] = {
         "environment": check_environment,
         "pytest_gpu": lambda r: check_pytest_gpu(
-            r, min(PYTEST_TIMEOUT_S, budget_s - (time.monotonic() - started) - 120)
+            r, max(30.0, min(PYTEST_TIMEOUT_S, budget_s - (time.monotonic() - started) - 120))
         ),
         "kernels_vs_reference": check_kernels_vs_reference,
         "kernel_throughput": check_kernel_throughput,
@@ -495,7 +495,7 @@ def format_table(results: list[CheckResult]) -> str:
         summary = r.description if r.status == "planned" else f"{r.summary} [{r.seconds:.0f} s]"
         rows.append((r.name, "", summary, r.status))
         rows += [("", row["case"], row["result"], row["status"]) for row in r.rows]
-    widths = [min(90, max(len(str(x[i])) for x in [header, *rows])) for i in range(4)]
+    widths = [min(160, max(len(str(x[i])) for x in [header, *rows])) for i in range(4)]
 
     def line(values: tuple[str, ...]) -> str:
         cells = [str(v)[: widths[i]].ljust(widths[i]) if i < 3 else str(v)
@@ -517,7 +517,9 @@ def to_json(results: list[CheckResult], environment: dict[str, Any], dry_run: bo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hstu.gpu_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", default="gpu_check.json", help="where to write the results")
+    parser.add_argument("--json", default=None,
+                        help="where to write the results (default gpu_check.json; a dry run "
+                        "writes its plan only when given)")
     parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
                         help="stop starting new checks after this many seconds")
     parser.add_argument("--dry-run", action="store_true",
@@ -536,16 +538,20 @@ def main(argv: list[str] | None = None) -> int:
         for name, present in environment["optional_modules"].items():
             if not present:
                 print(f"absent here: {name} ({OPTIONAL_MODULES[name]})")
-        Path(args.json).write_text(json.dumps(to_json(results, environment, True), indent=2))
-        print(f"dry run: {len(results)} checks listed, nothing run; plan written to {args.json}")
+        written = ""
+        if args.json:
+            Path(args.json).write_text(json.dumps(to_json(results, environment, True), indent=2))
+            written = f"; plan written to {args.json}"
+        print(f"dry run: {len(results)} checks listed, nothing run{written}")
         return 0
     if not torch.cuda.is_available():
         print("hstu.gpu_check: no CUDA device here; use --dry-run to list the checks")
         return 2
     results, environment = run_checks(args.budget_s)
     print(format_table(results))
-    Path(args.json).write_text(json.dumps(to_json(results, environment, False), indent=2))
-    print(f"results written to {args.json}")
+    path = Path(args.json or "gpu_check.json")
+    path.write_text(json.dumps(to_json(results, environment, False), indent=2))
+    print(f"results written to {path}")
     bad = [r.name for r in results if r.status in ("fail", "error")]
     return 1 if bad else 0
 
