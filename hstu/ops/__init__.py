@@ -6,6 +6,8 @@ Legend: T total tokens of the jagged batch, B samples, H heads, d head dim, N
 
 from __future__ import annotations
 
+import os
+
 from torch import Tensor
 
 from hstu.ops.backends import BACKENDS, BackendUnavailableError, resolve_backend, triton_module
@@ -21,10 +23,25 @@ __all__ = [
     "dense_mask",
     "hstu_attention",
     "lengths_from_offsets",
+    "max_seqlen_checked_here",
     "offsets_from_lengths",
     "resolve_backend",
     "time_bucket",
 ]
+
+
+def max_seqlen_checked_here(offsets: Tensor) -> bool:
+    """Whether ``hstu_attention`` compares ``max_seqlen`` with the longest sample.
+
+    Finding the longest sample reads the lengths on the host: free for CPU offsets, a
+    device-to-host sync per call for CUDA ones, which would stall the CPU once per layer.
+    So on CUDA it is checked only with HSTU_CHECK_MAX_SEQLEN=1 (debugging); unchecked, the
+    triton kernel writes NaN into the rows past ``max_seqlen`` (a non-finite loss, never
+    silent zeros) and the pytorch backend computes them (it takes lengths from offsets).
+    """
+    if offsets.device.type == "cpu":
+        return True
+    return os.environ.get("HSTU_CHECK_MAX_SEQLEN", "0") not in ("", "0")
 
 
 def hstu_attention(
@@ -49,7 +66,8 @@ def hstu_attention(
     Args:
         q, k, v: [T, H, d] jagged values (v may have another d for the pytorch backend).
         offsets: int64 [B + 1] sample boundaries, offsets[0] = 0, offsets[B] = T.
-        max_seqlen: >= the longest sample of this batch (a stable dataset-wide bound is fine).
+        max_seqlen: >= the longest sample of this batch (a stable dataset-wide bound is fine);
+            a smaller one is refused where that is cheap to check (``max_seqlen_checked_here``).
         alpha: scale on Q K^T (1/sqrt(d) production, 1.0 research model).
         scaling_seqlen: N, the SiLU output is divided by it.
         causal: key j <= query i outside the contextual block.
@@ -74,6 +92,13 @@ def hstu_attention(
         raise ValueError(f"target_group_size must be >= 1, got {target_group_size}")
     if scaling_seqlen <= 0:
         raise ValueError(f"scaling_seqlen must be > 0, got {scaling_seqlen}")
+    if offsets.numel() > 1 and max_seqlen_checked_here(offsets):
+        longest = int((offsets[1:] - offsets[:-1]).max())
+        if longest > max_seqlen:
+            raise ValueError(
+                f"hstu_attention: max_seqlen={max_seqlen} is smaller than the longest sample "
+                f"({longest} tokens); pass a bound >= every sample's length"
+            )
     if rab is not None:
         rab.validate(q.shape[0], max_seqlen)
     chosen = resolve_backend(

@@ -1,21 +1,34 @@
-"""Adapter to FBGEMM's HSTU attention kernels (package ``fbgemm-gpu-hstu``).
+"""Adapter to FBGEMM's HSTU attention kernels (``hstu_attn_varlen_func``).
 
-Legend: T total tokens, B samples, H heads, d head dim, N ``max_seqlen``, C the largest
-number of contextual tokens in the batch.
+Legend: T total tokens, B samples, H heads, d head dim, N ``max_seqlen``, C[b] the
+contextual tokens of sample b.
 
-Facts about the external entry ``hstu_attn_varlen_func`` this adapter relies on (from its
-documentation and reference test, version of 2025):
+The entry is called by keyword only, with the names its installed signature has (checked
+with ``inspect.signature`` at first use, see ``bind_entry``). Verified against:
+- PyPI ``fbgemm-gpu-hstu-nightly`` 2026.3.24 (the only HSTU wheel on PyPI; cp314 builds),
+  module ``fbgemm_gpu.experimental.hstu.cuda_hstu_attention``:
+  ``hstu_attn_varlen_func(q, k, v, seq_offsets_q, seq_offsets_k, max_seqlen_q, max_seqlen_k,
+  num_contexts, num_targets, target_group_size=1, window_size=(-1, -1), alpha=1.0, rab=None,
+  has_drab=False, is_delta_q=False, descale_q=None, descale_k=None, descale_v=None)``;
+- the source build of FBGEMM's ``fbgemm_gpu/experimental/hstu`` (its setup.py makes the
+  package ``fbgemm_gpu_hstu`` with a top-level module ``hstu``) at commit 0c08af9f: the same
+  parameters with ``cu_seqlens_q`` / ``cu_seqlens_k`` for the offsets, then paged-KV, ``func``
+  and ``quant_mode`` keywords with defaults.
+
+Semantics relied on (its reference test ``_hstu_attention_maybe_from_cache`` and op checks):
 - it computes SiLU(alpha * (Q K^T + rab)) / max_seqlen_q, masked, times V: ``alpha`` scales the
-  bias too and the divisor is the batch's max length. We pass ``rab / alpha`` and rescale the
-  output by ``max_seqlen / scaling_seqlen`` (the output is linear in that factor).
-- sequence offsets are int32; ``rab`` is dense [B, heads_rab, N, N]; ``has_drab`` asks for its
-  gradient; targets and contexts need the causal window (-1, 0).
+  bias too and the divisor is ``max_seqlen_q``. We pass ``rab / alpha`` and rescale the output
+  by ``max_seqlen / scaling_seqlen`` (the output is linear in that factor).
+- offsets, ``num_contexts`` and ``num_targets`` are int32; ``rab`` is dense
+  [B, heads_rab (1 or H), N, N]; contexts and targets need the causal window (-1, 0).
 - its contextual rows attend the whole non-candidate history, while ours attend only the
-  contextual block (hstu.ops.masks). We therefore call it without ``num_contexts`` (plain
-  causal) and recompute the C contextual rows of each sample here, densely; C is small.
-- it runs on sm80/sm90 with fp16/bf16 and head dims 32, 64, 128, 256.
+  contextual block (hstu.ops.masks). We call it without ``num_contexts`` (plain causal, the
+  same for every other row) and compute the contextual rows with a second call over the
+  contextual prefixes only, without a mask (window (-1, -1)): exactly "i < C sees j < C".
+- sm80/sm90, head dims 32, 64, 128, 256; bf16 (FBGEMM's setup.py disables fp16 unless
+  HSTU_DISABLE_FP16=FALSE and its tests run bf16 only, so fp16 is not offered here).
 
-The package installs a top-level module named ``hstu``, the same name as this project, so
+A source build installs a top-level module named ``hstu``, the same name as this project, so
 ``import hstu`` would return us. We look for ``fbgemm_gpu.experimental.hstu`` first, then for
 another ``hstu`` on sys.path that is not this project, loaded under a private module name.
 """
@@ -25,24 +38,52 @@ from __future__ import annotations
 import importlib
 import importlib.machinery
 import importlib.util
+import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from hstu.ops.masks import lengths_from_offsets
+from hstu.ops.masks import lengths_from_offsets, offsets_from_lengths
 from hstu.ops.rab import RelativeAttentionBias, padded_bias
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
 SUPPORTED_MAJOR_CAPABILITIES = (8, 9)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.bfloat16,)
+VERIFIED_AGAINST = "fbgemm-gpu-hstu-nightly 2026.3.24 / FBGEMM source at 0c08af9f"
 _PRIVATE_NAME = "_fbgemm_gpu_hstu_external"
 _ENTRY = "hstu_attn_varlen_func"
 
+# What we pass, by role -> the parameter names the verified versions give it (first match).
+ENTRY_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "q": ("q",),
+    "k": ("k",),
+    "v": ("v",),
+    "offsets_q": ("seq_offsets_q", "cu_seqlens_q"),
+    "offsets_k": ("seq_offsets_k", "cu_seqlens_k"),
+    "max_seqlen_q": ("max_seqlen_q",),
+    "max_seqlen_k": ("max_seqlen_k",),
+    "num_contexts": ("num_contexts",),
+    "num_targets": ("num_targets",),
+    "target_group_size": ("target_group_size",),
+    "window_size": ("window_size",),
+    "alpha": ("alpha",),
+    "rab": ("rab",),
+    "has_drab": ("has_drab",),
+}
+
+# The dense [B, 1, N, N] bias of a call with rab: FBGEMM takes the bias itself, not our
+# tables, so it has to be built. Per element it costs about 26 bytes alive at once (int64
+# time-bucket index, float32 bias and its / alpha, the bf16 copy we pass, FBGEMM's padded
+# copy kept for backward, the bias gradient); 2**27 elements (B = 32 at N = 2048) is about
+# 3.5 GiB. Past it the call is refused: the triton backend computes the bias in the kernel.
+MAX_DENSE_BIAS_ELEMENTS = 2**27
+_DENSE_BIAS_BYTES_PER_ELEMENT = 26
+
 _loaded: tuple[Callable[..., Tensor] | None, str] | None = None
+_bindings: dict[int, tuple[Callable[..., Tensor], dict[str, str] | None, str]] = {}
 
 
 def _entry_of(module: object) -> Callable[..., Tensor] | None:
@@ -115,6 +156,52 @@ def load_entry() -> tuple[Callable[..., Tensor] | None, str]:
     return _loaded
 
 
+def _entry_name(fn: Callable[..., Tensor]) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', _ENTRY)}"
+
+
+def bind_entry(fn: Callable[..., Tensor]) -> tuple[dict[str, str] | None, str]:
+    """({role: parameter name}, "") when ``fn``'s signature has every parameter we pass and
+    requires none we do not know, else (None, one line naming the parameter). Cached."""
+    cached = _bindings.get(id(fn))
+    if cached is not None and cached[0] is fn:
+        return cached[1], cached[2]
+    names: dict[str, str] | None = {}
+    why = ""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError) as exc:
+        names, why = None, f"{_entry_name(fn)} has no inspectable signature ({exc})"
+    else:
+        keyword_kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        for role, accepted in ENTRY_PARAMETERS.items():
+            found = [n for n in accepted if n in params and params[n].kind in keyword_kinds]
+            if not found:
+                names = None
+                why = (
+                    f"{_entry_name(fn)} has no keyword parameter "
+                    f"{' / '.join(repr(n) for n in accepted)} (renamed or removed; the adapter "
+                    f"was checked against {VERIFIED_AGAINST})"
+                )
+                break
+            names[role] = found[0]
+        if names is not None:
+            known = set(names.values())
+            unknown = [
+                p.name
+                for p in params.values()
+                if p.kind in keyword_kinds and p.default is p.empty and p.name not in known
+            ]
+            if unknown:
+                names = None
+                why = (
+                    f"{_entry_name(fn)} requires parameter {unknown[0]!r}, which the adapter "
+                    f"does not pass (checked against {VERIFIED_AGAINST})"
+                )
+    _bindings[id(fn)] = (fn, names, why)
+    return names, why
+
+
 def unavailable_reason(
     head_dim: int,
     value_head_dim: int,
@@ -132,45 +219,35 @@ def unavailable_reason(
     if head_dim not in SUPPORTED_HEAD_DIMS or value_head_dim != head_dim:
         return f"head dim {head_dim}/{value_head_dim} not in {SUPPORTED_HEAD_DIMS}"
     if dtype is not None and dtype not in SUPPORTED_DTYPES:
-        return f"dtype {dtype} is not fp16/bf16"
+        return f"dtype {dtype} is not bf16 (the dtype FBGEMM builds and tests)"
     if has_targets and not causal:
         return "candidates need the causal mask in FBGEMM's kernels"
     fn, why = load_entry()
     if fn is None:
         return f"fbgemm-gpu-hstu not importable: {why}"
+    names, why = bind_entry(fn)
+    if names is None:
+        return why
     return None
 
 
-def _contextual_rows(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    offsets: Tensor,
-    num_contextual: Tensor,
-    bias: Tensor | None,
-    alpha: float,
-    scaling_seqlen: int,
-) -> tuple[Tensor, Tensor] | None:
-    """Our contextual rows: row i < C[b] attends exactly the keys j < C[b].
+def check_dense_bias_size(num_samples: int, max_seqlen: int) -> None:
+    """Refuse a call whose dense [B, 1, N, N] bias would pass ``MAX_DENSE_BIAS_ELEMENTS``."""
+    elements = num_samples * max_seqlen * max_seqlen
+    if elements > MAX_DENSE_BIAS_ELEMENTS:
+        gib = elements * _DENSE_BIAS_BYTES_PER_ELEMENT / 2**30
+        raise ValueError(
+            f"cutlass backend with rab needs a dense [B, 1, N, N] bias: B={num_samples}, "
+            f"N={max_seqlen} is {elements:,} elements (~{gib:.1f} GiB with its index and "
+            f"copies), over the limit of {MAX_DENSE_BIAS_ELEMENTS:,}; use backend='triton', "
+            "which computes the bias inside the kernel"
+        )
 
-    Returns:
-        (token ids [R], outputs [R, H, d]) for the R contextual tokens, or None when R = 0.
-    """
-    width = int(num_contextual.max().item()) if num_contextual.numel() else 0
-    if width == 0:
-        return None
-    slot = torch.arange(width, device=q.device)
-    valid = slot.view(1, -1) < num_contextual.view(-1, 1)
-    index = torch.where(valid, offsets[:-1].view(-1, 1) + slot.view(1, -1), 0)
-    compute_dtype = torch.promote_types(q.dtype, torch.float32)
-    qc, kc, vc = (x[index].to(compute_dtype) for x in (q, k, v))
-    scores = alpha * torch.einsum("bihd,bjhd->bhij", qc, kc)
-    if bias is not None:
-        scores = scores + bias[:, :, :width, :width].to(compute_dtype)
-    keep = valid.view(-1, 1, width, 1) & valid.view(-1, 1, 1, width)
-    weights = torch.where(keep, F.silu(scores), 0.0) / scaling_seqlen
-    out = torch.einsum("bhij,bjhd->bihd", weights, vc)[valid]
-    return index[valid], out
+
+def _sample_of_token(offsets: Tensor, num_tokens: int) -> Tensor:
+    """int64 [T]: the sample each token belongs to (empty samples are skipped)."""
+    token = torch.arange(num_tokens, device=offsets.device, dtype=offsets.dtype)
+    return torch.searchsorted(offsets[1:].contiguous(), token, right=True)
 
 
 def cutlass_hstu_attention(
@@ -191,41 +268,72 @@ def cutlass_hstu_attention(
     """HSTU attention through FBGEMM's kernels; same contract as ``hstu_attention``.
 
     Only call where ``unavailable_reason`` returned None. With ``rab`` a dense
-    [B, 1, N, N] bias is materialised (that is what the external kernel consumes).
+    [B, 1, N, N] bias is materialised (that is what the external kernel consumes), refused
+    past ``MAX_DENSE_BIAS_ELEMENTS``. No host synchronisation: every size used is ``T``,
+    ``B`` or ``max_seqlen``.
     """
     fn, why = load_entry()
     if fn is None:
         raise RuntimeError(f"cutlass backend unavailable: {why}")
-    cu_seqlens = offsets.to(torch.int32)
+    names, why = bind_entry(fn)
+    if names is None:
+        raise RuntimeError(f"cutlass backend unavailable: {why}")
+    num_tokens = q.shape[0]
     num_samples = offsets.numel() - 1
     bias = None
     if rab is not None:
+        check_dense_bias_size(num_samples, max_seqlen)
         slot = torch.arange(max_seqlen, device=q.device)
         lengths = lengths_from_offsets(offsets)
         index = torch.where(
             slot.view(1, -1) < lengths.view(-1, 1), offsets[:-1].view(-1, 1) + slot.view(1, -1), 0
         )
         bias = padded_bias(rab, index, lengths).expand(num_samples, -1, -1).unsqueeze(1)
-    out = fn(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        cu_seqlens,
-        cu_seqlens,
-        max_seqlen,
-        max_seqlen,
-        num_contexts=None,
-        num_targets=None if num_targets is None else num_targets.to(torch.int32),
-        target_group_size=target_group_size,
-        window_size=(-1, 0) if causal else (-1, -1),
-        alpha=alpha,
-        rab=None if bias is None else (bias / alpha).to(q.dtype).contiguous(),
-        has_drab=bias is not None and bias.requires_grad,
-    )
-    out = out * (max_seqlen / scaling_seqlen)
-    if num_contextual is not None and causal:  # non-causal: contextual rows see all history
-        fixed = _contextual_rows(q, k, v, offsets, num_contextual, bias, alpha, scaling_seqlen)
-        if fixed is not None:
-            rows, values = fixed
-            out = out.index_copy(0, rows, values.to(out.dtype))
-    return out
+        bias = (bias / alpha).to(q.dtype).contiguous()
+
+    def call(
+        qx: Tensor, kx: Tensor, vx: Tensor, seq_offsets: Tensor, window: tuple[int, int],
+        targets: Tensor | None,
+    ) -> Tensor:
+        values = {
+            "q": qx.contiguous(),
+            "k": kx.contiguous(),
+            "v": vx.contiguous(),
+            "offsets_q": seq_offsets,
+            "offsets_k": seq_offsets,
+            "max_seqlen_q": max_seqlen,
+            "max_seqlen_k": max_seqlen,
+            "num_contexts": None,
+            "num_targets": targets,
+            "target_group_size": target_group_size,
+            "window_size": window,
+            "alpha": alpha,
+            "rab": bias,
+            "has_drab": bias is not None and bias.requires_grad,
+        }
+        return fn(**{names[role]: value for role, value in values.items()})
+
+    targets32 = None if num_targets is None else num_targets.to(torch.int32)
+    out = call(q, k, v, offsets.to(torch.int32), (-1, 0) if causal else (-1, -1), targets32)
+    if num_contextual is not None and causal and num_tokens > 0:
+        # non-causal: every row, contextual ones included, already sees all non-candidates.
+        # Causal: rows i < C[b] must see exactly keys j < C[b]. A second call runs on the
+        # contextual prefixes packed into a [T]-row buffer (sum(C) <= T rows used; the rest
+        # is never referenced by its offsets), unmasked, and its rows replace ours.
+        lengths = lengths_from_offsets(offsets)
+        ctx = torch.minimum(num_contextual.to(lengths.dtype), lengths)
+        ctx_offsets = offsets_from_lengths(ctx)
+        sample = _sample_of_token(offsets, num_tokens)  # [T]
+        last_sample = max(num_samples - 1, 0)
+        packed_sample = _sample_of_token(ctx_offsets, num_tokens).clamp(max=last_sample)
+        slot = torch.arange(num_tokens, device=q.device) - ctx_offsets[packed_sample]
+        source = (offsets[packed_sample] + slot).clamp(0, num_tokens - 1)  # [T]
+        ctx_out = call(
+            q.index_select(0, source), k.index_select(0, source), v.index_select(0, source),
+            ctx_offsets.to(torch.int32), (-1, -1), None,
+        )
+        position = torch.arange(num_tokens, device=q.device) - offsets[sample]
+        is_ctx = position < ctx[sample]
+        packed_row = (ctx_offsets[sample] + position).clamp(max=num_tokens - 1)
+        out = torch.where(is_ctx.view(-1, 1, 1), ctx_out.index_select(0, packed_row), out)
+    return out * (max_seqlen / scaling_seqlen)

@@ -106,6 +106,13 @@ def _key_part(t: Tensor | None):
     return None if t is None else (id(t), t._version, t.device, t.dtype, tuple(t.shape))
 
 
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    """A small host-built index on ``device``; from pinned memory, so no sync on CUDA."""
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _plan(
     offsets: Tensor,
     num_heads: int,
@@ -127,12 +134,22 @@ def _plan(
     lengths = lengths_from_offsets(offsets)
     chunks = []
     rel_by_width: dict[int, Tensor] = {}
+    # The chunk shapes depend on the lengths, so the plan reads them (and the counts) on the
+    # host: free for CPU tensors, one device-to-host sync per batch on CUDA (the plan is
+    # cached across the layers). That is why this reference backend is not sync-free on a
+    # GPU; the triton and cutlass backends are. Everything below builds its indices on the
+    # host and copies them over without another sync.
+    host_lengths = lengths.tolist()
     # zero contextual / target counts leave the mask as it is without them: such a chunk's
     # mask skips those terms (retrieval training has neither)
     ctx_counts = None if num_contextual is None else num_contextual.tolist()
     target_counts = None if num_targets is None else num_targets.tolist()
-    for samples, width, h0, h1 in plan_chunks(lengths.tolist(), num_heads, budget):
-        sample_ids = torch.tensor(samples, dtype=torch.int64, device=device)
+    for samples, width, h0, h1 in plan_chunks(host_lengths, num_heads, budget):
+        sample_ids = _to_device(torch.tensor(samples, dtype=torch.int64), device)
+        # valid slots of the flattened [b * n] chunk (no nonzero / boolean-mask indexing)
+        slots = [torch.arange(r * width, r * width + host_lengths[s])
+                 for r, s in enumerate(samples)]
+        valid_index = _to_device(torch.cat(slots), device)
         chunk_lengths = lengths[sample_ids]
         slot = torch.arange(width, device=device)
         valid = slot.view(1, -1) < chunk_lengths.view(-1, 1)
@@ -166,9 +183,10 @@ def _plan(
                 ]
             else:
                 buckets = time_buckets(timestamps, token_index, chunk_lengths)
+        flat_index = token_index.reshape(-1)
         chunk = _Chunk(
-            width, h0, h1, token_index, token_index[valid], token_index.reshape(-1),
-            valid.reshape(-1).nonzero().squeeze(1), mask, rel, buckets,
+            width, h0, h1, token_index, flat_index.index_select(0, valid_index), flat_index,
+            valid_index, mask, rel, buckets,
         )
         if causal_split:
             chunk.split = split

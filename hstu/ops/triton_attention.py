@@ -19,11 +19,13 @@ decoration time whether these kernels compile or run in its CPU interpreter.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from hstu.ops.rab import NUM_TIME_BUCKETS, RelativeAttentionBias
 
@@ -357,6 +359,19 @@ def _hstu_fwd_kernel(
         acc.to(O.dtype.element_ty),
         mask=row_mask,
     )
+    # Rows past the grid (a sample longer than max_seqlen) get no program: the last block
+    # writes NaN into them, so a too-small max_seqlen that was not checked (it costs a host
+    # sync on CUDA) shows as a non-finite loss instead of training on zeros.
+    if tl.program_id(1) == tl.num_programs(1) - 1:
+        nan_tile = tl.full([BLOCK_M, BLOCK_D], float("nan"), tl.float32)
+        for r0 in range(m0 + BLOCK_M, seqlen, BLOCK_M):
+            rows_past = r0 + tl.arange(0, BLOCK_M)
+            past_mask = (rows_past[:, None] < seqlen) & (offs_d[None, :] < head_dim)
+            tl.store(
+                O + (start + rows_past[:, None]) * stride_ot + h * stride_oh + offs_d[None, :],
+                nan_tile.to(O.dtype.element_ty),
+                mask=past_mask,
+            )
 
 
 @triton.jit
@@ -706,21 +721,119 @@ def _hstu_bwd_dkdv_kernel(
     )
 
 
-def _tile_config(head_dim: int, block_m: int | None, block_n: int | None) -> dict[str, int]:
-    padded = max(16, triton.next_power_of_2(head_dim))
+# Tile candidates (BLOCK_M, BLOCK_N, num_warps, num_stages), the first one the default. Each
+# (pass, padded head dim, dtype, length bucket, mask/bias flags) is timed once on its first
+# call and the fastest is cached for the process; HSTU_TRITON_AUTOTUNE=0 keeps the default
+# (no timing: runs choose the same tiles, so the float sums are in the same order).
+GPU_TILES_UP_TO_128 = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 4, 2),
+                       (32, 32, 4, 1)]
+GPU_TILES_ABOVE_128 = [(64, 32, 8, 1), (32, 32, 4, 1), (64, 64, 8, 1)]
+INTERPRETER_TILES = [(16, 16, 1, 1)]  # one config: the interpreter is never timed
+TUNING_REPEATS = 3
+
+_tuned: dict[tuple, dict[str, int]] = {}
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("HSTU_TRITON_AUTOTUNE", "1") not in ("", "0")
+
+
+def length_bucket(max_seqlen: int) -> int:
+    """Powers of two from 16: lengths 513..1024 share their tiles."""
+    return max(16, triton.next_power_of_2(max(int(max_seqlen), 1)))
+
+
+def tile_candidates(padded_head_dim: int) -> list[tuple[int, int, int, int]]:
     if INTERPRETED:
-        default_m, default_n, warps, stages = 16, 16, 1, 1
-    elif padded <= 64 or padded <= 128:
-        default_m, default_n, warps, stages = 64, 64, 4, 2
-    else:
-        default_m, default_n, warps, stages = 64, 32, 8, 1
+        return INTERPRETER_TILES
+    return GPU_TILES_UP_TO_128 if padded_head_dim <= 128 else GPU_TILES_ABOVE_128
+
+
+def _as_config(tile: tuple[int, int, int, int], padded: int) -> dict[str, int]:
+    block_m, block_n, warps, stages = tile
     return {
-        "BLOCK_M": block_m or default_m,
-        "BLOCK_N": block_n or default_n,
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
         "BLOCK_D": padded,
         "num_warps": warps,
         "num_stages": stages,
     }
+
+
+def choose_tiles(
+    key: tuple,
+    candidates: list[dict[str, int]],
+    measure: Callable[[dict[str, int]], float] | None,
+) -> dict[str, int]:
+    """The cached choice for ``key``, else the candidate ``measure`` finds fastest (the first
+    one when ``measure`` is None or only one candidate exists). A candidate that does not
+    fit the GPU (triton's OutOfResources) is skipped."""
+    if key in _tuned:
+        return _tuned[key]
+    best = candidates[0]
+    if measure is not None and len(candidates) > 1:
+        timings = []
+        for cfg in candidates:
+            try:
+                timings.append((measure(cfg), len(timings), cfg))
+            except OutOfResources:
+                continue
+        if not timings:
+            raise RuntimeError(f"hstu triton attention: no tile configuration fits for {key}")
+        best = min(timings)[2]
+    _tuned[key] = best
+    return best
+
+
+def _cuda_timer(launch: Callable[[dict[str, int]], None]) -> Callable[[dict[str, int]], float]:
+    """Milliseconds of TUNING_REPEATS launches after one warm-up (which also compiles).
+
+    Timing waits for the GPU: a host sync, once per tuning key. It runs with the sync debug
+    mode switched off so that `set_sync_debug_mode("error")` checks the steps, not this
+    one-off choice; HSTU_TRITON_AUTOTUNE=0 removes it.
+    """
+
+    def measure(cfg: dict[str, int]) -> float:
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            launch(cfg)
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(TUNING_REPEATS):
+                launch(cfg)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+
+    return measure
+
+
+def _tile_config(
+    pass_name: str,
+    head_dim: int,
+    dtype: torch.dtype,
+    max_seqlen: int,
+    flags: dict,
+    block_m: int | None,
+    block_n: int | None,
+    launch: Callable[[dict[str, int]], None],
+    device: torch.device,
+) -> dict[str, int]:
+    """Tiles for one pass ("fwd" | "bwd"): explicit sizes, else the tuned choice."""
+    padded = max(16, triton.next_power_of_2(head_dim))
+    candidates = [_as_config(t, padded) for t in tile_candidates(padded)]
+    if block_m is not None or block_n is not None:
+        cfg = dict(candidates[0])
+        cfg["BLOCK_M"] = block_m or cfg["BLOCK_M"]
+        cfg["BLOCK_N"] = block_n or cfg["BLOCK_N"]
+        return cfg
+    key = (pass_name, padded, dtype, length_bucket(max_seqlen), tuple(sorted(flags.items())))
+    timed = device.type == "cuda" and autotune_enabled()
+    return choose_tiles(key, candidates, _cuda_timer(launch) if timed else None)
 
 
 def _last_dim_contiguous(x: Tensor) -> Tensor:
@@ -751,7 +864,6 @@ class _HstuAttentionFunction(torch.autograd.Function):
         q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
         num_tokens, num_heads, head_dim = q.shape
         num_samples = offsets.numel() - 1
-        cfg = _tile_config(head_dim, block_m, block_n)
         out = torch.zeros_like(q)
         dummy = offsets  # never read when its HAS_ flag is off
         flags = {
@@ -780,7 +892,7 @@ class _HstuAttentionFunction(torch.autograd.Function):
             int(target_group_size),
             num_pos,
         )
-        if num_tokens > 0 and num_samples > 0 and max_seqlen > 0:
+        def launch(cfg: dict[str, int]) -> None:
             grid = (num_samples * num_heads, triton.cdiv(max_seqlen, cfg["BLOCK_M"]))
             _hstu_fwd_kernel[grid](
                 q,
@@ -800,14 +912,22 @@ class _HstuAttentionFunction(torch.autograd.Function):
                 **flags,
                 **cfg,
             )
+
+        if num_tokens > 0 and num_samples > 0 and max_seqlen > 0:
+            launch(
+                _tile_config(
+                    "fwd", head_dim, q.dtype, max_seqlen, flags, block_m, block_n, launch,
+                    q.device,
+                )
+            )
         ctx.save_for_backward(q, k, v, pos_weights, ts_weights, *tensors[:3], tensors[5])
-        ctx.meta = (max_seqlen, scalars, flags, cfg)
+        ctx.meta = (max_seqlen, scalars, flags, block_m, block_n)
         return out
 
     @staticmethod
     def backward(ctx, d_out: Tensor):  # type: ignore[override]
         q, k, v, pos_weights, ts_weights, offsets, num_ctx, num_tgt, timestamps = ctx.saved_tensors
-        max_seqlen, scalars, flags, cfg = ctx.meta
+        max_seqlen, scalars, flags, block_m, block_n = ctx.meta
         d_out = _last_dim_contiguous(d_out)
         num_heads = q.shape[1]
         num_samples = offsets.numel() - 1
@@ -836,7 +956,7 @@ class _HstuAttentionFunction(torch.autograd.Function):
             d_out.stride(0),
             d_out.stride(1),
         )
-        if q.shape[0] > 0 and num_samples > 0 and max_seqlen > 0:
+        def launch(cfg: dict[str, int]) -> None:
             grid_q = (num_samples * num_heads, triton.cdiv(max_seqlen, cfg["BLOCK_M"]))
             _hstu_bwd_dq_kernel[grid_q](
                 q,
@@ -872,6 +992,15 @@ class _HstuAttentionFunction(torch.autograd.Function):
                 **flags,
                 **cfg,
             )
+
+        if q.shape[0] > 0 and num_samples > 0 and max_seqlen > 0:
+            cfg = _tile_config(
+                "bwd", q.shape[2], q.dtype, max_seqlen, flags, block_m, block_n, launch, q.device
+            )
+            # timing runs (first call of a tuning key) accumulated into the bias gradients
+            dpos.zero_()
+            dts.zero_()
+            launch(cfg)
         d_pos = dpos.to(pos_weights.dtype) if pos_weights is not None else None
         d_ts = dts.to(ts_weights.dtype) if ts_weights is not None else None
         return (dq, dk, dv, d_pos, d_ts) + (None,) * 11
@@ -900,8 +1029,9 @@ def triton_hstu_attention(
         q, k, v: [T, H, d] with unit stride on d (token/head strides are free, so slices of a
             fused U/V/Q/K projection need no copy).
         offsets: int64 [B + 1], offsets[0] = 0 and offsets[B] = T.
-        max_seqlen: must be >= every sample's length (rows beyond it are not computed).
-        block_m, block_n: tile sizes override (powers of two >= 16), for tests and tuning.
+        max_seqlen: must be >= every sample's length (rows beyond it come out NaN).
+        block_m, block_n: tile sizes override (powers of two >= 16), for tests and tuning;
+            by default the tiles are autotuned per (head dim, dtype, length bucket).
 
     Returns:
         [T, H, d] in q's dtype.

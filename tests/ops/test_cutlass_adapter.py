@@ -1,42 +1,60 @@
-"""The cutlass adapter's bridging logic, on CPU, against a stand-in for FBGEMM's entry.
+"""The cutlass adapter's bridging logic, on CPU, against stand-ins for FBGEMM's entry.
 
-The stand-in follows FBGEMM's documented semantics (its reference test): SiLU(alpha * (QK^T +
-rab)) / max_seqlen_q, causal window, contextual rows seeing the whole non-candidate history,
-candidates blocked from earlier target groups. The adapter must turn that into our
-definition exactly; the real kernels are compared in test_gpu_kernels.py.
+The stand-ins have the parameter lists of the published ``hstu_attn_varlen_func``:
+``fbgemm-gpu-hstu-nightly`` 2026.3.24 (PyPI; ``seq_offsets_q`` / ``seq_offsets_k``) and the
+source build at FBGEMM commit 0c08af9f (``cu_seqlens_q`` / ``cu_seqlens_k``, then paged-KV,
+``func`` and ``quant_mode`` keywords). Their arithmetic follows FBGEMM's reference test:
+SiLU(alpha * (QK^T + rab)) / max_seqlen_q, the causal window (-1, 0), contextual rows seeing
+the whole non-candidate history, candidates blocked from earlier target groups; rows of the
+output past the last offset are left as garbage (NaN here), as an uninitialised buffer may
+hold. The adapter must turn that into our definition exactly; the real kernels are compared
+in test_gpu_kernels.py.
 """
+
+from __future__ import annotations
+
+import inspect
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from hstu.ops import cutlass_attention, hstu_attention
+from hstu.ops import (
+    BackendUnavailableError,
+    backends,
+    cutlass_attention,
+    hstu_attention,
+    resolve_backend,
+)
 
 from .reference import grads, random_case
 
 
-def fbgemm_like_varlen(
-    q,
-    k,
-    v,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    num_contexts=None,
-    num_targets=None,
-    target_group_size=1,
-    window_size=(-1, -1),
-    alpha=1.0,
-    rab=None,
-    has_drab=False,
+def _varlen_semantics(
+    q, k, v, offsets_q, offsets_k, max_seqlen_q, max_seqlen_k, num_contexts, num_targets,
+    target_group_size, window_size, alpha, rab, has_drab,
 ):
-    assert cu_seqlens_q.dtype == torch.int32 and torch.equal(cu_seqlens_q, cu_seqlens_k)
+    # argument checks the real entry and its op make
+    if has_drab and rab is None:
+        raise ValueError("has_drab needs rab")
+    if (num_contexts is not None or num_targets is not None) and window_size != (-1, 0):
+        raise ValueError("contexts / targets need the causal window")
+    for name, t in (("offsets", offsets_q), ("num_contexts", num_contexts),
+                    ("num_targets", num_targets)):
+        assert t is None or t.dtype == torch.int32, f"{name} must have dtype int32"
+    assert torch.equal(offsets_q, offsets_k) and max_seqlen_q == max_seqlen_k
+    batch = offsets_q.numel() - 1
+    if rab is not None:
+        assert rab.shape[0] == batch and rab.shape[1] in (1, q.shape[1])
+        assert rab.shape[2:] == (max_seqlen_k, max_seqlen_k)
     acc = torch.promote_types(q.dtype, torch.float32)
-    outs = []
-    for b in range(cu_seqlens_q.numel() - 1):
-        start, end = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype)
+    for b in range(batch):
+        start, end = int(offsets_q[b]), int(offsets_q[b + 1])
         n = end - start
+        if n == 0:
+            continue
+        assert n <= max_seqlen_q
         mask = torch.ones(n, n, dtype=torch.bool)
         if window_size == (-1, 0):
             mask = mask.tril()
@@ -50,17 +68,45 @@ def fbgemm_like_varlen(
         if rab is not None:
             scores = scores + rab[b, :, :n, :n].to(acc)
         weights = F.silu(alpha * scores) / max_seqlen_q * mask
-        outs.append(torch.einsum("hij,jhd->ihd", weights, v[start:end].to(acc)).to(q.dtype))
-    return torch.cat(outs)
+        rows = torch.einsum("hij,jhd->ihd", weights, v[start:end].to(acc)).to(q.dtype)
+        out = out.index_copy(0, torch.arange(start, end), rows)
+    return out
 
 
-@pytest.mark.parametrize("rab, causal", [("none", True), ("pos+ts", True), ("pos", False)])
-def test_adapter_reproduces_our_definition(monkeypatch, rab: str, causal: bool) -> None:
-    monkeypatch.setattr(cutlass_attention, "load_entry", lambda: (fbgemm_like_varlen, ""))
+def nightly_varlen(
+    q, k, v, seq_offsets_q, seq_offsets_k, max_seqlen_q, max_seqlen_k, num_contexts,
+    num_targets, target_group_size=1, window_size=(-1, -1), alpha=1.0, rab=None,
+    has_drab=False, is_delta_q=False, descale_q=None, descale_k=None, descale_v=None,
+):
+    assert not is_delta_q and descale_q is None and descale_k is None and descale_v is None
+    return _varlen_semantics(
+        q, k, v, seq_offsets_q, seq_offsets_k, max_seqlen_q, max_seqlen_k, num_contexts,
+        num_targets, target_group_size, window_size, alpha, rab, has_drab,
+    )
+
+
+def source_build_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_contexts, num_targets,
+    target_group_size=1, window_size=(-1, -1), alpha=1.0, rab=None, has_drab=False,
+    kv_cache=None, page_offsets=None, page_ids=None, last_page_lens=None, func=None,
+    quant_mode=-1,
+):
+    assert kv_cache is None and func is None and quant_mode == -1
+    return _varlen_semantics(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_contexts,
+        num_targets, target_group_size, window_size, alpha, rab, has_drab,
+    )
+
+
+def _use(monkeypatch: pytest.MonkeyPatch, fn) -> None:
+    monkeypatch.setattr(cutlass_attention, "load_entry", lambda: (fn, ""))
+
+
+def _compare(rab: str, causal: bool) -> None:
     case = random_case(
-        [21, 9, 30],
-        num_contextual=[3, 2, 4],
-        num_targets=[6, 2, 9] if causal else None,
+        [21, 9, 0, 30],
+        num_contextual=[3, 2, 0, 4],
+        num_targets=[6, 2, 0, 9] if causal else None,
         rab=rab,
         max_positions=32,
         dtype=torch.float64,
@@ -81,3 +127,108 @@ def test_adapter_reproduces_our_definition(monkeypatch, rab: str, causal: bool) 
     torch.testing.assert_close(got, want)
     for a, b in zip(grads(got, case.leaves()), grads(want, case.leaves())):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("rab, causal", [("none", True), ("pos+ts", True), ("pos", False)])
+def test_adapter_reproduces_our_definition(monkeypatch, rab: str, causal: bool) -> None:
+    _use(monkeypatch, nightly_varlen)
+    _compare(rab, causal)
+
+
+def test_adapter_binds_the_source_build_names(monkeypatch) -> None:
+    _use(monkeypatch, source_build_varlen)
+    names, why = cutlass_attention.bind_entry(source_build_varlen)
+    assert why == "" and names["offsets_q"] == "cu_seqlens_q"
+    _compare("pos+ts", True)
+
+
+def test_adapter_passes_every_argument_by_keyword(monkeypatch) -> None:
+    seen: list[tuple[int, set[str]]] = []
+
+    def recording(
+        q, k, v, seq_offsets_q, seq_offsets_k, max_seqlen_q, max_seqlen_k, num_contexts,
+        num_targets, target_group_size=1, window_size=(-1, -1), alpha=1.0, rab=None,
+        has_drab=False, is_delta_q=False, descale_q=None, descale_k=None, descale_v=None,
+    ):
+        return nightly_varlen(
+            q, k, v, seq_offsets_q, seq_offsets_k, max_seqlen_q, max_seqlen_k, num_contexts,
+            num_targets, target_group_size, window_size, alpha, rab, has_drab,
+        )
+
+    def spy(*args, **kwargs):
+        seen.append((len(args), set(kwargs)))
+        return recording(*args, **kwargs)
+
+    spy.__signature__ = inspect.signature(recording)
+    _use(monkeypatch, spy)
+    case = random_case([5, 7], num_contextual=[2, 1], dtype=torch.float64)
+    cutlass_attention.cutlass_hstu_attention(
+        case.q, case.k, case.v, case.offsets, 7, alpha=1.0, scaling_seqlen=7,
+        num_contextual=case.num_contextual,
+    )
+    assert len(seen) == 2  # the main call and the contextual rows' call
+    assert all(num_positional == 0 for num_positional, _ in seen)
+    assert seen[0][1] == set(cutlass_attention.bind_entry(spy)[0].values())
+
+
+def _renamed(
+    q, k, v, seq_offsets_q, seq_offsets_k, max_seqlen_q, max_seqlen_k, num_contexts,
+    num_target, target_group_size=1, window_size=(-1, -1), alpha=1.0, rab=None,
+    has_drab=False,
+):
+    raise AssertionError("must never be called")
+
+
+def _new_required(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k,
+    num_contexts=None, num_targets=None, target_group_size=1, window_size=(-1, -1),
+    alpha=1.0, rab=None, has_drab=False,
+):
+    raise AssertionError("must never be called")
+
+
+@pytest.mark.parametrize(
+    "fn, named", [(_renamed, "'num_targets'"), (_new_required, "'seqused_q'")]
+)
+def test_signature_mismatch_is_one_line_naming_the_parameter(monkeypatch, fn, named) -> None:
+    names, why = cutlass_attention.bind_entry(fn)
+    assert names is None and named in why and "\n" not in why
+    assert cutlass_attention.VERIFIED_AGAINST in why
+    _use(monkeypatch, fn)
+    case = random_case([4, 3], dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=named) as err:
+        cutlass_attention.cutlass_hstu_attention(
+            case.q, case.k, case.v, case.offsets, 4, alpha=1.0, scaling_seqlen=4
+        )
+    assert "\n" not in str(err.value)
+    # on a GPU host the backend resolution reports it (strict: raises) before any step runs
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(backends, "_reported", set())
+    reason = cutlass_attention.unavailable_reason(
+        64, 64, torch.device("cuda"), torch.bfloat16, True, False
+    )
+    assert reason == why
+    with pytest.raises(BackendUnavailableError, match=named):
+        resolve_backend("cutlass", 64, torch.device("cuda"), strict=True, dtype=torch.bfloat16)
+
+
+def test_dense_bias_past_the_limit_is_refused_before_building_it(monkeypatch) -> None:
+    _use(monkeypatch, nightly_varlen)
+    # B = 9 samples at N = 4096: 9 * 4096^2 = 151M elements > 2^27
+    case = random_case([3] * 9, rab="pos+ts", max_positions=4096)
+    with pytest.raises(ValueError, match=r"dense \[B, 1, N, N\] bias: B=9, N=4096.*triton"):
+        cutlass_attention.cutlass_hstu_attention(
+            case.q, case.k, case.v, case.offsets, 4096, alpha=1.0, scaling_seqlen=4096,
+            rab=case.rab,
+        )
+    cutlass_attention.check_dense_bias_size(8, 4096)  # exactly 2^27: allowed
+
+
+def test_fp16_is_not_offered(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    reason = cutlass_attention.unavailable_reason(
+        64, 64, torch.device("cuda"), torch.float16, True, False
+    )
+    assert reason is not None and "float16" in reason

@@ -97,3 +97,77 @@ def test_triton_block_sizes_do_not_change_the_result(
     small = triton_backend.triton_hstu_attention(*args, block_m=16, block_n=16, **kw)
     wide = triton_backend.triton_hstu_attention(*args, block_m=32, block_n=16, **kw)
     torch.testing.assert_close(small, wide, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["pytorch", "triton"])
+def test_max_seqlen_below_the_longest_sample_is_refused(
+    backend: str, triton_backend: ModuleType, device: str
+) -> None:
+    if device != "cpu":
+        pytest.skip("CUDA offsets are checked only with HSTU_CHECK_MAX_SEQLEN=1 (gpu test)")
+    case = random_case([9, 4], device=device)
+    with pytest.raises(ValueError, match=r"max_seqlen=8 is smaller than the longest sample \(9"):
+        hstu_attention(
+            case.q, case.k, case.v, case.offsets, 8, alpha=1.0, scaling_seqlen=9,
+            backend=backend, strict=True,
+        )
+
+
+def test_triton_rows_past_max_seqlen_come_out_nan(triton_backend: ModuleType, device: str) -> None:
+    """Unchecked (CUDA without the debug flag), a too-small max_seqlen must not give zeros."""
+    case = random_case([40, 7], device=device, seed=4)
+    kw = {"alpha": 0.5, "scaling_seqlen": 40}
+    args = (case.q, case.k, case.v, case.offsets)
+    got = triton_backend.triton_hstu_attention(*args, 10, block_m=16, block_n=16, **kw)
+    want = hstu_attention(*args, 40, backend="pytorch", **kw)
+    # the grid covers rows [0, 16) of each sample; the rest of sample 0 is NaN
+    torch.testing.assert_close(got[:16], want[:16], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[40:], want[40:], rtol=1e-4, atol=1e-5)
+    assert torch.isnan(got[16:40]).all()
+
+
+def test_interpreter_picks_one_tile_config_without_timing(
+    triton_backend: ModuleType, device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if device != "cpu":
+        pytest.skip("the interpreter runs on CPU hosts only")
+
+    def no_timing(launch):
+        raise AssertionError("the interpreter must not be timed")
+
+    monkeypatch.setattr(triton_backend, "_cuda_timer", no_timing)
+    monkeypatch.setattr(triton_backend, "_tuned", {})
+    case = random_case([20, 5], device=device)
+    out = triton_backend.triton_hstu_attention(
+        case.q, case.k, case.v, case.offsets, 20, alpha=1.0, scaling_seqlen=20
+    )
+    out.sum().backward()
+    keys = sorted(triton_backend._tuned, key=str)
+    assert [k[:4] for k in keys] == [("bwd", 16, torch.float32, 32), ("fwd", 16, torch.float32, 32)]
+    tiles = {(cfg["BLOCK_M"], cfg["BLOCK_N"]) for cfg in triton_backend._tuned.values()}
+    assert tiles == {(16, 16)}
+
+
+def test_tile_choice_is_the_fastest_and_cached(
+    triton_backend: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(triton_backend, "_tuned", {})
+    candidates = [{"BLOCK_M": m} for m in (64, 128, 32, 16)]
+    cost = {64: 3.0, 128: 1.0, 32: 2.0}
+    calls: list[int] = []
+
+    def measure(cfg):
+        calls.append(cfg["BLOCK_M"])
+        if cfg["BLOCK_M"] == 16:
+            raise triton_backend.OutOfResources(1, 0, "shared memory")
+        return cost[cfg["BLOCK_M"]]
+
+    key = ("fwd", 64, torch.bfloat16, 1024, ())
+    assert triton_backend.choose_tiles(key, candidates, measure) == {"BLOCK_M": 128}
+    assert triton_backend.choose_tiles(key, candidates, measure) == {"BLOCK_M": 128}
+    assert calls == [64, 128, 32, 16]  # timed once, then cached
+    other = ("fwd", 64, torch.bfloat16, 2048, ())
+    assert triton_backend.choose_tiles(other, candidates, None) == {"BLOCK_M": 64}
+    assert [triton_backend.length_bucket(n) for n in (1, 16, 17, 1024, 1025)] == [
+        16, 16, 32, 1024, 2048,
+    ]

@@ -1,0 +1,560 @@
+"""One command for a lent GPU: everything this project can learn from one, in one call.
+
+    python -m hstu.gpu_check [--json gpu_check.json] [--budget-s 570]
+    python -m hstu.gpu_check --dry-run        # any host: list the checks, exit 0
+
+Runs on a bare CUDA machine with torch and triton only: torchrec, fbgemm, megatron-core and
+gin-config are optional; each part that needs one says so in one line and is skipped. The
+checks (``CHECKS``) print one table and write one JSON file (``SCHEMA``); docs/kernels.md
+describes both. The exit status is 0 when nothing failed, 1 otherwise, 2 without CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+import time
+import traceback
+import types
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SCHEMA = "hstu.gpu_check/1"
+DEFAULT_BUDGET_S = 570.0  # one device call may run 10 minutes; keep 30 s for start and copy
+PYTEST_TIMEOUT_S = 240.0
+
+# name -> what it runs; the order is the run order (docs/kernels.md lists the same names)
+CHECKS: dict[str, str] = {
+    "environment": "torch, CUDA and triton versions, the device, which optional packages exist",
+    "pytest_gpu": "pytest -m gpu over the test files that hold gpu-marked tests",
+    "kernels_vs_reference": (
+        "triton and cutlass vs the pytorch backend, values and gradients: fp32 and bf16 "
+        "(cutlass bf16), causal / contextual / targets / rab, lengths 1..4096"
+    ),
+    "kernel_throughput": (
+        "fwd+bwd TFLOP/s of each attention backend in bf16 at lengths 1024 and 4096, "
+        "and the share of the datasheet peak"
+    ),
+    "block_throughput": (
+        "fwd+bwd TFLOP/s of the dense HSTU block (HSTUBlock, triton, bf16) and the share "
+        "of the datasheet peak"
+    ),
+    "sync_free_steps": (
+        "20 training steps of the dense block (block + loss + fused AdamW) under "
+        "torch.cuda.set_sync_debug_mode('error'), after one warm-up step"
+    ),
+}
+OPTIONAL_MODULES = {
+    "megatron.core": "tensor parallel layers only (the TP=1 block here does not need it)",
+    "gin": "configs and the trainer (not used here)",
+    "torchrec": "embedding tables and the trainer (not used here)",
+    "fbgemm_gpu": "cutlass attention (fbgemm_gpu.experimental.hstu) and tables",
+}
+ROW_KEYS = ("check", "case", "result", "status")
+RESULT_KEYS = ("schema", "dry_run", "environment", "checks")
+CHECK_KEYS = ("name", "description", "status", "seconds", "summary", "rows")
+
+
+class SkipPart(Exception):
+    """A part that cannot run on this machine; its message is the one line shown."""
+
+
+@dataclass
+class CheckResult:
+    name: str
+    description: str
+    status: str = "planned"  # planned | pass | fail | skip | error
+    seconds: float = 0.0
+    summary: str = ""
+    rows: list[dict[str, str]] = field(default_factory=list)
+
+    def row(self, case: str, result: str, ok: bool | None) -> None:
+        status = "skip" if ok is None else ("pass" if ok else "fail")
+        self.rows.append({"check": self.name, "case": case, "result": result, "status": status})
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def _module_present(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package that is absent or broken
+        return False
+
+
+def _where(exc: BaseException) -> str:
+    """The innermost frame of this project in the traceback, as file:line."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/hstu/" in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {Path(f.filename).name}:{f.lineno}"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}{_where(exc)}"
+
+
+def _time_ms(fn: Callable[[], None], warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def _peak(dtype_str: str) -> tuple[float, str]:
+    from hstu.training.flops import peak_flops  # torch only
+
+    return peak_flops(torch.device("cuda"), dtype_str)
+
+
+def import_dense_block() -> tuple[type, str]:
+    """HSTUBlock, and a note when it had to be loaded without ``hstu.model``'s __init__.
+
+    hstu/model/__init__.py imports the ranking / retrieval models, hence torchrec, gin and
+    fbgemm; the block itself (hstu_block, hstu_layer, jagged, tensor_parallel) needs torch
+    only, and megatron-core only with a TP group. Without those packages the submodules are
+    loaded under a bare ``hstu.model`` package object, so __init__ does not run.
+    """
+    try:
+        from hstu.model.hstu_block import HSTUBlock
+
+        return HSTUBlock, ""
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "?").split(".")[0]
+    package = types.ModuleType("hstu.model")
+    package.__path__ = [str(_repo_root() / "hstu" / "model")]
+    package.__package__ = "hstu.model"
+    sys.modules["hstu.model"] = package
+    try:
+        module = importlib.import_module("hstu.model.hstu_block")
+    except ModuleNotFoundError as exc:
+        hint = "carry its wheel (docs/kernels.md, 'GPU check')"
+        raise SkipPart(f"the dense HSTU block needs {exc.name}, absent here; {hint}") from exc
+    note = f"hstu.model's __init__ needs {missing} (absent): block modules loaded directly"
+    return module.HSTUBlock, note
+
+
+def _jagged_batch(
+    lengths: list[int], num_heads: int, head_dim: int, dtype: torch.dtype, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    total = sum(lengths)
+    q, k, v = (
+        torch.randn(total, num_heads, head_dim, device="cuda", generator=gen)
+        .to(dtype)
+        .requires_grad_()
+        for _ in range(3)
+    )
+    offsets = torch.tensor([0, *lengths], device="cuda").cumsum(0)
+    return q, k, v, offsets
+
+
+# ------------------------------------------------------------------------------- checks
+
+
+def check_environment(result: CheckResult) -> None:
+    import triton
+
+    cap = torch.cuda.get_device_capability()
+    result.row("device", f"{torch.cuda.get_device_name()} sm{cap[0]}{cap[1]}", True)
+    result.row("versions", f"torch {torch.__version__}, CUDA {torch.version.cuda}, "
+               f"triton {triton.__version__}", True)
+    for name, use in OPTIONAL_MODULES.items():
+        present = _module_present(name)
+        result.row(name, "present" if present else f"absent: {use}", True if present else None)
+    result.summary = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+
+
+def gpu_test_files(root: Path) -> list[Path]:
+    tests = root / "tests"
+    if not tests.is_dir():
+        return []
+    return sorted(p for p in tests.rglob("test_*.py") if "mark.gpu" in p.read_text())
+
+
+def check_pytest_gpu(result: CheckResult, timeout_s: float) -> None:
+    if not _module_present("pytest"):
+        raise SkipPart("pytest is not installed; carry its wheels (docs/kernels.md, 'GPU check')")
+    root = _repo_root()
+    files = gpu_test_files(root)
+    if not files:
+        raise SkipPart(f"no tests/ with gpu-marked tests under {root}")
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+               *[str(p.relative_to(root)) for p in files]]
+    try:
+        done = subprocess.run(
+            command, cwd=root, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+    except subprocess.TimeoutExpired:
+        result.row("pytest -m gpu", f"timed out after {timeout_s:.0f} s", False)
+        result.summary = "timed out"
+        return
+    lines = [ln for ln in done.stdout.strip().splitlines() if ln.strip()]
+    for line in lines:
+        if line.startswith(("FAILED", "ERROR")):
+            result.row("pytest", line[:160], False)
+        elif line.startswith("SKIPPED"):
+            result.row("pytest", line[:160], None)
+    last = lines[-1] if lines else done.stderr.strip()[-160:]
+    ok = done.returncode == 0
+    result.row("pytest -m gpu " + " ".join(p.name for p in files), last, ok)
+    result.summary = last
+
+
+CASES = {
+    "causal": {"ctx": None, "tgt": None, "rab": False},
+    "contextual": {"ctx": [0, 1, 1, 8, 20, 40], "tgt": None, "rab": False},
+    "targets": {"ctx": None, "tgt": [1, 1, 5, 16, 50, 100], "rab": False},
+    "rab": {"ctx": [0, 0, 2, 4, 8, 16], "tgt": [1, 1, 5, 16, 50, 100], "rab": True},
+}
+REFERENCE_LENGTHS = [1, 2, 17, 128, 1000, 4096]
+
+
+def _attention_case(case: str, dtype: torch.dtype, head_dim: int = 64) -> tuple[tuple, dict]:
+    from hstu.ops import RelativeAttentionBias
+
+    spec = CASES[case]
+    num_heads = 2
+    q, k, v, offsets = _jagged_batch(REFERENCE_LENGTHS, num_heads, head_dim, dtype, seed=3)
+    max_seqlen = max(REFERENCE_LENGTHS)
+
+    def counts(values: list[int] | None) -> torch.Tensor | None:
+        return None if values is None else torch.tensor(values, device="cuda")
+
+    rab = None
+    if spec["rab"]:
+        gen = torch.Generator(device="cuda").manual_seed(4)
+        pos = (0.1 * torch.randn(2 * max_seqlen - 1, device="cuda", generator=gen)).to(dtype)
+        ts = (0.1 * torch.randn(129, device="cuda", generator=gen)).to(dtype)
+        stamps = torch.randint(0, 5000, (q.shape[0],), device="cuda", generator=gen).cumsum(0)
+        rab = RelativeAttentionBias(pos.requires_grad_(), ts.requires_grad_(), stamps)
+    kw = {
+        "alpha": head_dim**-0.5,
+        "scaling_seqlen": max_seqlen,
+        "num_contextual": counts(spec["ctx"]),
+        "num_targets": counts(spec["tgt"]),
+        "target_group_size": 2,
+        "rab": rab,
+    }
+    return (q, k, v, offsets, max_seqlen), kw
+
+
+def _leaves(args: tuple, kw: dict) -> list[torch.Tensor]:
+    leaves = list(args[:3])
+    if kw["rab"] is not None:
+        leaves += [kw["rab"].pos_weights, kw["rab"].ts_weights]
+    return leaves
+
+
+def _max_relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    scale = want.float().abs().max().clamp(min=1e-6)
+    return float((got.float() - want.float()).abs().max() / scale)
+
+
+def check_kernels_vs_reference(result: CheckResult) -> None:
+    from hstu.ops import hstu_attention
+    from hstu.ops.cutlass_attention import unavailable_reason
+
+    tolerance = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+    worst = 0.0
+    for backend in ("triton", "cutlass"):
+        for dtype in (torch.float32, torch.bfloat16):
+            if backend == "cutlass":
+                why = unavailable_reason(64, 64, torch.device("cuda"), dtype, True, True)
+                if why is not None:
+                    result.row(f"cutlass {str(dtype)[6:]}", f"skipped: {why}", None)
+                    continue
+            for case in CASES:
+                args, kw = _attention_case(case, dtype)
+                got = hstu_attention(*args, backend=backend, strict=True, **kw)
+                want = hstu_attention(*args, backend="pytorch", **kw)
+                upstream = torch.randn_like(want, dtype=torch.float32).to(want.dtype)
+                g_got = torch.autograd.grad(got, _leaves(args, kw), upstream)
+                g_want = torch.autograd.grad(want, _leaves(args, kw), upstream)
+                errors = [_max_relative_error(got, want)]
+                errors += [_max_relative_error(a, b) for a, b in zip(g_got, g_want)]
+                err = max(errors)
+                worst = max(worst, err)
+                tol = tolerance[dtype]
+                ok = math.isfinite(err) and err <= tol
+                label = f"{backend} {str(dtype)[6:]} {case}"
+                result.row(label, f"max rel err {err:.1e} (out+grads, tol {tol:.0e})", ok)
+    result.summary = f"worst relative error {worst:.1e}"
+
+
+def attention_flops(lengths: list[int], num_heads: int, head_dim: int) -> float:
+    """Forward + backward model FLOPs of causal attention (hstu.training.flops convention:
+    forward 2 H d sum(L^2), backward twice that)."""
+    return 3.0 * 2.0 * num_heads * head_dim * float(sum(n * n for n in lengths))
+
+
+def check_kernel_throughput(result: CheckResult) -> None:
+    from hstu.ops import hstu_attention
+    from hstu.ops.cutlass_attention import unavailable_reason
+
+    peak, source = _peak("bfloat16")
+    num_heads, head_dim = 4, 128
+    best = 0.0
+    for length in (1024, 4096):
+        lengths = [length] * max(1, 32768 // length)
+        for backend in ("pytorch", "triton", "cutlass"):
+            if backend == "cutlass":
+                why = unavailable_reason(
+                    head_dim, head_dim, torch.device("cuda"), torch.bfloat16, True, False
+                )
+                if why is not None:
+                    result.row(f"cutlass L={length}", f"skipped: {why}", None)
+                    continue
+            q, k, v, offsets = _jagged_batch(lengths, num_heads, head_dim, torch.bfloat16, 5)
+            upstream = torch.randn_like(q)
+
+            def step(q=q, k=k, v=v, offsets=offsets, upstream=upstream, backend=backend,
+                     length=length) -> None:
+                out = hstu_attention(q, k, v, offsets, length, alpha=head_dim**-0.5,
+                                     scaling_seqlen=length, backend=backend, strict=True)
+                torch.autograd.grad(out, (q, k, v), upstream)
+
+            ms = _time_ms(step, warmup=2, repeats=3 if backend == "pytorch" else 10)
+            tflops = attention_flops(lengths, num_heads, head_dim) / (ms * 1e-3) / 1e12
+            best = max(best, tflops)
+            share = f", {100 * tflops * 1e12 / peak:.1f}% of {source}" if peak else ""
+            result.row(f"{backend} L={length} B={len(lengths)}",
+                       f"{ms:.2f} ms, {tflops:.1f} TFLOP/s{share}", True)
+    result.summary = f"best {best:.1f} TFLOP/s (bf16, H={num_heads}, d={head_dim})"
+
+
+BLOCK_SHAPE = {"num_layers": 4, "hidden_size": 512, "num_heads": 4, "head_dim": 128}
+
+
+def _build_block(block_cls: type) -> torch.nn.Module:
+    return block_cls(
+        BLOCK_SHAPE["num_layers"], BLOCK_SHAPE["hidden_size"], BLOCK_SHAPE["num_heads"],
+        BLOCK_SHAPE["head_dim"], kernel_backend="triton", strict_kernel=True,
+        dtype=torch.bfloat16,
+    ).cuda()
+
+
+def _block_batch(lengths: list[int], num_targets: list[int] | None) -> dict[str, Any]:
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    x = torch.randn(sum(lengths), BLOCK_SHAPE["hidden_size"], device="cuda", generator=gen)
+    batch = {
+        "x": x.to(torch.bfloat16),
+        "offsets": torch.tensor([0, *lengths], device="cuda").cumsum(0),
+        "max_seqlen": max(lengths),  # known on the host, as the data path knows it
+        "num_targets": None if num_targets is None else torch.tensor(num_targets, device="cuda"),
+    }
+    return batch
+
+
+def check_block_throughput(result: CheckResult) -> None:
+    from hstu.training.flops import hstu_step_flops
+
+    block_cls, note = import_dense_block()
+    if note:
+        result.row("import", note, None)
+    peak, source = _peak("bfloat16")
+    block = _build_block(block_cls)
+    for length in (512, 2048):
+        lengths = [length] * max(1, 32768 // length)
+        batch = _block_batch(lengths, None)
+
+        def step(batch=batch) -> None:
+            out = block(batch["x"], batch["offsets"], batch["max_seqlen"])
+            out.float().square().mean().backward()
+
+        ms = _time_ms(step, warmup=2, repeats=5)
+        flops = hstu_step_flops(
+            torch.tensor(lengths), BLOCK_SHAPE["num_layers"], BLOCK_SHAPE["hidden_size"],
+            BLOCK_SHAPE["num_heads"], BLOCK_SHAPE["head_dim"],
+        )
+        tflops = flops / (ms * 1e-3) / 1e12
+        share = f", {100 * tflops * 1e12 / peak:.1f}% of {source}" if peak else ""
+        result.row(f"HSTUBlock L={length} B={len(lengths)}",
+                   f"{ms:.2f} ms, {tflops:.1f} TFLOP/s{share}", True)
+        result.summary = f"{tflops:.1f} TFLOP/s at L={length} ({BLOCK_SHAPE})"
+
+
+SYNC_FREE_STEPS = 20
+
+
+def check_sync_free_steps(result: CheckResult) -> None:
+    block_cls, note = import_dense_block()
+    if note:
+        result.row("import", note, None)
+    block = _build_block(block_cls)
+    optimizer = torch.optim.AdamW(block.parameters(), lr=1e-4, fused=True)
+    gen = torch.Generator().manual_seed(2)
+    lengths = torch.randint(1, 1024, (32,), generator=gen).tolist()
+    targets = [min(8, n) for n in lengths]
+    batch = _block_batch(lengths, targets)
+
+    def train_step() -> torch.Tensor:
+        out = block(batch["x"], batch["offsets"], batch["max_seqlen"],
+                    num_targets=batch["num_targets"])
+        loss = out.float().square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    train_step()  # compiles and tunes the kernels (timed choices wait for the GPU)
+    torch.cuda.synchronize()
+    losses = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(SYNC_FREE_STEPS):
+            losses.append(train_step())
+    except RuntimeError as exc:
+        result.row(f"step {len(losses) + 1}", _one_line(exc), False)
+        result.summary = f"host sync in step {len(losses) + 1}"
+        return
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    values = torch.stack(losses).tolist()
+    finite = all(math.isfinite(x) for x in values)
+    result.row(f"{SYNC_FREE_STEPS} steps", f"no host sync; loss {values[0]:.4g} -> "
+               f"{values[-1]:.4g}", finite)
+    result.summary = "no host sync" if finite else "non-finite loss"
+
+
+# --------------------------------------------------------------------------------- driver
+
+
+def plan() -> list[CheckResult]:
+    return [CheckResult(name, description) for name, description in CHECKS.items()]
+
+
+def run_checks(budget_s: float) -> tuple[list[CheckResult], dict[str, Any]]:
+    started = time.monotonic()
+    results = plan()
+    runners: dict[str, Callable[[CheckResult], None]] = {
+        "environment": check_environment,
+        "pytest_gpu": lambda r: check_pytest_gpu(
+            r, max(30.0, min(PYTEST_TIMEOUT_S, budget_s - (time.monotonic() - started) - 120))
+        ),
+        "kernels_vs_reference": check_kernels_vs_reference,
+        "kernel_throughput": check_kernel_throughput,
+        "block_throughput": check_block_throughput,
+        "sync_free_steps": check_sync_free_steps,
+    }
+    for result in results:
+        if time.monotonic() - started > budget_s:
+            result.status, result.summary = "skip", f"time budget of {budget_s:.0f} s spent"
+            continue
+        t0 = time.monotonic()
+        try:
+            runners[result.name](result)
+        except SkipPart as exc:
+            result.status, result.summary = "skip", str(exc)
+        # The checker's purpose is to report every part in one call: an error in one check is
+        # recorded (status "error", exit status 1) and the next check still runs.
+        except Exception as exc:  # noqa: BLE001
+            result.status, result.summary = "error", _one_line(exc)
+        else:
+            failed = any(row["status"] == "fail" for row in result.rows)
+            result.status = "fail" if failed else "pass"
+        finally:
+            torch.cuda.synchronize()
+            result.seconds = round(time.monotonic() - t0, 1)
+    environment = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "optional_modules": {name: _module_present(name) for name in OPTIONAL_MODULES},
+    }
+    return results, environment
+
+
+def format_table(results: list[CheckResult]) -> str:
+    header = ("check", "case", "result", "status")
+    rows: list[tuple[str, ...]] = []
+    for r in results:
+        summary = r.description if r.status == "planned" else f"{r.summary} [{r.seconds:.0f} s]"
+        rows.append((r.name, "", summary, r.status))
+        rows += [("", row["case"], row["result"], row["status"]) for row in r.rows]
+    widths = [min(160, max(len(str(x[i])) for x in [header, *rows])) for i in range(4)]
+
+    def line(values: tuple[str, ...]) -> str:
+        cells = [str(v)[: widths[i]].ljust(widths[i]) if i < 3 else str(v)
+                 for i, v in enumerate(values)]
+        return " | ".join(cells).rstrip()
+
+    return "\n".join([line(header), "-+-".join("-" * w for w in widths), *map(line, rows)])
+
+
+def to_json(results: list[CheckResult], environment: dict[str, Any], dry_run: bool) -> dict:
+    return {
+        "schema": SCHEMA,
+        "dry_run": dry_run,
+        "environment": environment,
+        "checks": [asdict(r) for r in results],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hstu.gpu_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default=None,
+                        help="where to write the results (default gpu_check.json; a dry run "
+                        "writes its plan only when given)")
+    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+                        help="stop starting new checks after this many seconds")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the checks and what this host lacks; run nothing")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        results = plan()
+        environment = {
+            "cuda_available": torch.cuda.is_available(),
+            "torch": torch.__version__,
+            "optional_modules": {name: _module_present(name) for name in OPTIONAL_MODULES},
+        }
+        print(format_table(results))
+        files = [str(p.relative_to(_repo_root())) for p in gpu_test_files(_repo_root())]
+        print(f"pytest_gpu would run: {' '.join(files) or '(no tests/ here)'}")
+        for name, present in environment["optional_modules"].items():
+            if not present:
+                print(f"absent here: {name} ({OPTIONAL_MODULES[name]})")
+        written = ""
+        if args.json:
+            Path(args.json).write_text(json.dumps(to_json(results, environment, True), indent=2))
+            written = f"; plan written to {args.json}"
+        print(f"dry run: {len(results)} checks listed, nothing run{written}")
+        return 0
+    if not torch.cuda.is_available():
+        print("hstu.gpu_check: no CUDA device here; use --dry-run to list the checks")
+        return 2
+    results, environment = run_checks(args.budget_s)
+    print(format_table(results))
+    path = Path(args.json or "gpu_check.json")
+    path.write_text(json.dumps(to_json(results, environment, False), indent=2))
+    print(f"results written to {path}")
+    bad = [r.name for r in results if r.status in ("fail", "error")]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
