@@ -753,6 +753,29 @@ def check_selection(trainer: TrainerArgs, dataset: Any, task_metrics: tuple[str,
         )
 
 
+MAX_BATCH_TOKENS = 2**31 - 1
+"""Tokens of one rank's batch: the jagged attention kernels index tokens with int32 offsets."""
+
+
+def check_batch_tokens(trainer: TrainerArgs, dataset: Any, task: str) -> None:
+    """Each batch's tokens must be addressable by the kernels' int32 offsets (a batch far past
+    any device's memory otherwise reaches TorchRec's planner as a storage overflow)."""
+    cands = int(getattr(dataset, "max_num_candidates", 0)) if task == "ranking" else 0
+    items = int(getattr(dataset, "max_sequence_length", 0) or 0) + cands
+    contextual = getattr(dataset, "contextual_feature_names", None) or []
+    # upper bound: an action token beside every item, and the contextual tokens in front
+    per_sample = 2 * max(items, 1) + len(contextual)
+    for name in ("train_batch_size", "eval_batch_size"):
+        size = getattr(trainer, name)
+        if size * per_sample > MAX_BATCH_TOKENS:
+            raise ConfigError(
+                "TrainerArgs", name,
+                f"{size:,} samples of up to {per_sample:,} tokens are {size * per_sample:,} "
+                f"tokens per rank and step; the attention kernels index a batch's tokens with "
+                f"32-bit offsets (at most {MAX_BATCH_TOKENS:,})",
+            )
+
+
 def check_parallel(network: NetworkArgs, tp: TensorModelParallelArgs, world_size: int | None = None) -> None:
     """Heads split evenly over the TP group; the TP group divides the world."""
     size = tp.tensor_model_parallel_size
@@ -779,6 +802,7 @@ __all__ = [
     "ARG_CLASSES",
     "DATASET_NAMES",
     "DISTRIBUTIONS",
+    "check_batch_tokens",
     "check_tables",
     "check_parallel",
     "embedding_row_bytes",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from hstu.args import ConfigError
 from hstu.config import RunConfig, Task, load_config
@@ -30,7 +31,33 @@ def parse_args(task: Task, argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="validate the configuration, print it and exit without training",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --check-config: the number of processes the run will have (torchrun's "
+        "--nnodes x --nproc_per_node); default: WORLD_SIZE under torchrun, else 1 (a plain "
+        "python run is a world of 1)",
+    )
+    ns = parser.parse_args(argv)
+    if ns.world_size is not None and ns.world_size < 1:
+        parser.error(f"--world-size must be >= 1, got {ns.world_size}")
+    return ns
+
+
+def world_size_of(ns: argparse.Namespace) -> tuple[int, str]:
+    """(world size the configuration is checked against, where that number comes from)."""
+    if "WORLD_SIZE" in os.environ:  # under torchrun: the real world
+        world = int(os.environ["WORLD_SIZE"])
+        if ns.world_size is not None and ns.world_size != world:
+            raise ConfigError(
+                "--world-size", None, f"{ns.world_size} disagrees with torchrun's WORLD_SIZE={world}"
+            )
+        return world, "torchrun's WORLD_SIZE"
+    if ns.world_size is not None:
+        return ns.world_size, "--world-size"
+    return 1, "a plain python run; pass --world-size N to check a run of N processes"
 
 
 def describe(cfg: RunConfig) -> str:
@@ -50,12 +77,20 @@ def describe(cfg: RunConfig) -> str:
 def main(task: Task, argv: list[str] | None = None) -> int:
     ns = parse_args(task, argv)
     quiet_start()  # before megatron/torchrec are imported: their known warnings go to the run log
-    # Under torchrun the TP size is checked against the real world; a plain --check-config
-    # outside torchrun does not know the world it will run in.
-    world_size = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
     rank = int(os.environ.get("RANK", "0"))
     try:
-        cfg = load_config(ns.gin_config_file, ns.gin_param, task=task, world_size=world_size)
+        # everything the run checks before its first step, --check-config checks too
+        world_size, source = world_size_of(ns)
+        try:
+            cfg = load_config(ns.gin_config_file, ns.gin_param, task=task, world_size=world_size)
+        except ConfigError as exc:
+            if exc.field_name == "tensor_model_parallel_size" and "world size" in exc.message:
+                exc = ConfigError(exc.cls_name, exc.field_name,
+                                  f"{exc.message} ({source})").with_location(exc.location)
+            raise exc from None
+        if rank == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            for line in cfg.warnings:
+                print(f"warning: {line}", file=sys.stderr, flush=True)
         # "auto" sizes from the preprocessed data's metadata, and too-small fixed sizes
         # refused, before any process group or model exists
         cfg = resolve_sizes(cfg)

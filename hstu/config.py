@@ -226,6 +226,8 @@ class RunConfig:
     locations: dict[tuple[str, str, str], str] = field(default_factory=dict, repr=False)
     """(class, field, table name or "") -> "file:line" of the binding that set it, for errors
     found later (sizes from the data, hstu.data.sizes)."""
+    warnings: list[str] = field(default_factory=list, repr=False)
+    """One line each: bindings that are valid but have no effect (printed at start)."""
 
 
 def _instantiate(cls: type, scope: str, bindings: list[_Binding], default_where: str) -> Any:
@@ -248,6 +250,50 @@ def _instantiate(cls: type, scope: str, bindings: list[_Binding], default_where:
         raise A.ConfigError(cls.__name__, None, msg).with_location(default_where) from None
 
 
+def _references(value: Any) -> Iterable[str]:
+    """The ``scope/Class`` names a binding's value refers to (``@scope/Class()``)."""
+    if isinstance(value, tuple) and len(value) == 3 and value[0] == "@":
+        yield str(value[1])
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _references(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _references(v)
+
+
+def unused_scope_warnings(bindings: list[_Binding]) -> list[str]:
+    """One line per scoped binding that nothing reads: gin applies ``scope/Class.field`` only
+    where Class is built inside that scope, which the trainer does for table declarations
+    (EmbeddingArgs, DynamicEmbeddingArgs) and for references ``@scope/Class()``."""
+    referenced = {name for b in bindings for name in _references(b.value)}
+    out = []
+    for b in bindings:
+        short = b.cls_name.rsplit(".", 1)[-1]
+        if not b.scope or short in _TABLE_CLASSES:
+            continue
+        if f"{b.scope}/{b.cls_name}" in referenced or f"{b.scope}/{short}" in referenced:
+            continue
+        out.append(
+            f"{b.where}: {b.scope}/{short}.{b.field_name}: nothing builds {short} in scope "
+            f"'{b.scope}' (only table declarations and @{b.scope}/{short}() references are "
+            f"scoped); this binding is ignored (did you mean {short}.{b.field_name}?)"
+        )
+    return out
+
+
+def _check_task(task: str, bindings: list[_Binding], label: str) -> None:
+    """A ranking configuration is refused by the retrieval entry point and vice versa."""
+    other, kind = ("RankingArgs", "ranking") if task == "retrieval" else ("RetrievalArgs", "retrieval")
+    for b in bindings:
+        if b.cls_name.rsplit(".", 1)[-1] == other:
+            raise A.ConfigError(
+                other, b.field_name,
+                f"a {kind} setting: this is a {kind} configuration and this entry point trains "
+                f"{task}; run it with pretrain_gr_{kind}.py",
+            ).with_location(b.where or label)
+
+
 def load_config(
     config_file: str | None,
     params: Iterable[str] = (),
@@ -265,6 +311,7 @@ def load_config(
     params = list(params)
     label = config_file or "<gin-param>"
     bindings = _parse_sources([config_file] if config_file else [], params)
+    _check_task(task, bindings, label)
 
     def build(cls: type, scope: str = "") -> Any:
         return _instantiate(cls, scope, bindings, label)
@@ -309,7 +356,19 @@ def load_config(
         A.check_tables(tables)
         A.check_parallel(network, tp, world_size)
     except A.ConfigError as exc:
-        raise exc.with_location(label) from None
+        where = next(
+            (b.where for b in reversed(bindings)
+             if (b.cls_name.rsplit(".", 1)[-1], b.field_name) == (exc.cls_name, exc.field_name)),
+            label,
+        )
+        raise exc.with_location(where) from None
+    try:
+        A.check_batch_tokens(trainer, dataset, task)
+    except A.ConfigError as exc:
+        where = next(
+            (b.where for b in reversed(bindings) if b.field_name == exc.field_name), label
+        )
+        raise exc.with_location(where) from None
 
     if network.architecture == "mlp_baseline" and task != "ranking":
         where = next((b.where for b in reversed(bindings) if b.field_name == "architecture"), label)
@@ -381,6 +440,7 @@ def load_config(
         sources=sources,
         extras=extras,
         locations=locations,
+        warnings=unused_scope_warnings(bindings),
     )
 
 

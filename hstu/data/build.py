@@ -16,7 +16,7 @@ from hstu.data.loader import (
     ranking_samples,
     retrieval_samples,
 )
-from hstu.data.layout import METADATA_FILE
+from hstu.data.sizes import check_dataset_name
 from hstu.data.store import SequenceStore
 
 
@@ -55,14 +55,7 @@ def build_data(
         )
     store = SequenceStore.load(dataset_args.resolved_path)
     meta = store.metadata
-    if meta.get("dataset") not in (None, dataset_args.dataset_name):
-        raise ConfigError(
-            "DatasetArgs",
-            "dataset_name",
-            f"is {dataset_args.dataset_name!r} but {dataset_args.resolved_path} holds "
-            f"{meta['dataset']!r} (its {METADATA_FILE}); point dataset_path at the "
-            f"{dataset_args.dataset_name} folder or set dataset_name={meta['dataset']!r}",
-        )
+    check_dataset_name(dataset_args, meta)
     msl, cands = dataset_args.max_sequence_length, dataset_args.max_num_candidates
     if task == "ranking":
         if cands < 1:

@@ -61,6 +61,18 @@ def read_metadata(dataset: DatasetArgs, extras: dict[str, Any] | None = None) ->
     )
 
 
+def check_dataset_name(dataset_args: DatasetArgs, meta: dict[str, Any]) -> None:
+    """The dataset folder holds the dataset the configuration names (its metadata says)."""
+    if meta.get("dataset") not in (None, dataset_args.dataset_name):
+        raise ConfigError(
+            "DatasetArgs",
+            "dataset_name",
+            f"is {dataset_args.dataset_name!r} but {dataset_args.resolved_path} holds "
+            f"{meta['dataset']!r} (its {METADATA_FILE}); point dataset_path at the "
+            f"{dataset_args.dataset_name} folder or set dataset_name={meta['dataset']!r}",
+        )
+
+
 def select_contextual(available: list[str], wanted: list[str] | None) -> list[str]:
     """The contextual features to feed: all (None) or the named ones, which must exist."""
     if wanted is None:
@@ -184,6 +196,10 @@ def resolve_sizes(cfg: Any) -> Any:
         return cfg
     where = getattr(cfg, "locations", {}) or {}
     meta = read_metadata(cfg.dataset, cfg.extras)
+    try:
+        check_dataset_name(cfg.dataset, meta)
+    except ConfigError as exc:
+        raise exc.with_location(where.get(("DatasetArgs", "dataset_name", "")) or _source(cfg)) from None
     info = info_from_metadata(meta, cfg.dataset, cfg.task)
     try:
         tables = info.default_tables(overrides=cfg.tables) if cfg.tables else []

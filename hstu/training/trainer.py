@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -43,6 +44,28 @@ def _state_mismatch(model_state: dict[str, Any], saved: dict[str, Any]) -> str |
             return f"{key}: {list(want)} in the checkpoint, {list(have)} in this model"
     extra = sorted(set(saved) - set(model_state))
     return f"{extra[0]}: in the checkpoint, not in this model" if extra else None
+
+
+# NetworkArgs fields a checkpoint may be loaded under with another value: they change how
+# the function is computed or trained, not the function of the weights
+_NETWORK_FREE = frozenset({
+    "hidden_dropout", "dtype_str", "kernel_backend", "recompute_input_layernorm",
+    "recompute_input_silu", "sequence_layout", "compile",
+})
+
+
+def network_differences(saved: dict[str, Any] | None, network: Any) -> list[str]:
+    """``field=saved -> now`` for every NetworkArgs field that changes the model's function
+    (two heads of 8 and four heads of 4 have the same tensor shapes, not the same model).
+    Empty for a checkpoint written before the network arguments were saved."""
+    if not saved:
+        return []
+    now = dataclasses.asdict(network)
+    return [
+        f"{name}={saved[name]!r} -> {now[name]!r}"
+        for name in sorted(now)
+        if name not in _NETWORK_FREE and name in saved and saved[name] != now[name]
+    ]
 
 
 class Trainer:
@@ -136,6 +159,7 @@ class Trainer:
             "best": self.best.state_dict(),
             "best_dir": self.best_checkpoints.root,
             "config_text": self.config_text,
+            "network": dataclasses.asdict(self.cfg.network),
             "run_dir": os.path.abspath(self.logger.run_dir),
         }
         lifecycle = self.best_checkpoints if best else self.checkpoints
@@ -161,6 +185,13 @@ class Trainer:
         dense, meta, rng = load_checkpoint(path, sharded, self.env.rank, self.env.tp_rank, self.env.tp_size)
         if meta.get("task") != self.cfg.task:
             raise CheckpointError(f"checkpoint {path} is a {meta.get('task')} run, this is {self.cfg.task}")
+        changed = network_differences(meta.get("network"), self.cfg.network)
+        if changed:
+            raise CheckpointError(
+                f"checkpoint {path} was trained with other NetworkArgs ({', '.join(changed)}); "
+                "its weights would compute another function here: load it with the saved "
+                "values (its config.gin) or start fresh"
+            )
         load_embedding_state_dict(self.model, sharded["embeddings"])
         children = self._dense_children()
         if set(children) != set(dense["model"]):
