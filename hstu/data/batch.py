@@ -20,15 +20,54 @@ X contextual features of one value each. Nothing is padded on the way in.
 ``sample_mask`` (optional): bool [B], False for padding samples that an evaluation loader
 repeats so that every rank runs the same number of equally sized batches; metrics must skip
 them. None means every sample is real (always the case in training).
+``sizes`` (:class:`BatchSizes`): host-side counts of the batch (sum H, sum C, ...), so that
+the step sizes its tensors without reading the device (no host sync on CUDA); ``tp_sizes``:
+those of every batch of this rank's tensor-parallel group (rank order), which the dense part
+gathers. Both come from the loader, on the host, where they are free.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
+
+
+@dataclass(frozen=True)
+class BatchSizes:
+    """Host-side counts of one batch: B samples, sum(H) history items, sum(C) candidates,
+    and sum(max(H - 1, 0)) history items followed by another (retrieval's training queries)."""
+
+    num_samples: int
+    num_history_items: int
+    num_candidates: int
+    num_queries: int
+
+    @property
+    def num_items(self) -> int:
+        """sum(H + C): values of the item feature."""
+        return self.num_history_items + self.num_candidates
+
+    @staticmethod
+    def of(history_lengths: np.ndarray, num_candidates: np.ndarray) -> BatchSizes:
+        """From host (numpy) H [B] and C [B]."""
+        return BatchSizes(
+            num_samples=int(history_lengths.size),
+            num_history_items=int(history_lengths.sum()),
+            num_candidates=int(num_candidates.sum()),
+            num_queries=int(np.maximum(history_lengths - 1, 0).sum()),
+        )
+
+    @staticmethod
+    def total(parts: tuple[BatchSizes, ...]) -> BatchSizes:
+        """The counts of the concatenation of ``parts``."""
+        return BatchSizes(
+            sum(p.num_samples for p in parts), sum(p.num_history_items for p in parts),
+            sum(p.num_candidates for p in parts), sum(p.num_queries for p in parts),
+        )
 
 
 @dataclass
@@ -55,6 +94,20 @@ class Batch(Pipelineable):
     # dynamic tables: feature -> bool mask of ids without a slot (set by the model's input
     # stage, ``GenerativeRecommender.prepare``; their embeddings are zeroed)
     lookup_misses: dict[str, torch.Tensor] | None = None
+    # host-side counts (see the module docstring): filled from the host tensors when not given
+    sizes: BatchSizes | None = None
+    tp_sizes: tuple[BatchSizes, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.sizes is None and self.features.lengths().device.type == "cpu":
+            from hstu.sync_audit import allowed_sync
+
+            with allowed_sync("a Batch built without its sizes: counted from its host tensors"):
+                cands = (
+                    self.num_candidates.numpy() if self.num_candidates is not None
+                    else np.zeros(self.batch_size, dtype=np.int64)
+                )
+                self.sizes = BatchSizes.of(self.item_lengths().numpy() - cands, cands)
 
     _TENSOR_FIELDS = (
         "num_candidates", "timestamps", "labels", "sample_mask", "negative_index",
@@ -109,10 +162,17 @@ class Batch(Pipelineable):
 
     def num_tokens(self) -> int:
         """Tokens the model sees: contextual + items (+ actions), for tokens/s figures."""
-        n = int(self.item_lengths().sum()) + self.batch_size * len(self.contextual_feature_names)
+        sizes = self.require_sizes()
+        n = sizes.num_items + self.batch_size * len(self.contextual_feature_names)
         if self.action_feature_name is not None:
-            n += int(self.features[self.action_feature_name].lengths().sum())
+            n += sizes.num_history_items
         return n
 
+    def require_sizes(self) -> BatchSizes:
+        """``sizes``, which a batch built on the host always has."""
+        if self.sizes is None:
+            raise ValueError("this Batch has no sizes: build it on the host (see BatchSizes)")
+        return self.sizes
 
-__all__ = ["Batch"]
+
+__all__ = ["Batch", "BatchSizes"]

@@ -7,14 +7,15 @@ lengths in [1, max_sequence_length], ids in [0, vocab) of the table the feature 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from hstu.args import BenchmarkDatasetArgs, FeatureArgs
-from hstu.data.batch import Batch
+from hstu.data.batch import Batch, BatchSizes
+from hstu.data.loader import host_kjt
 
 
 def _bounded_power_law(rng: np.random.Generator, alpha: float, n: int, size: int) -> np.ndarray:
@@ -70,6 +71,7 @@ class BenchmarkLoader:
         seed: int,
         training: bool,
         num_batches: int = 16,
+        tp_size: int = 1,
     ) -> None:
         self.args, self.task, self.batch_size, self.training = args, task, batch_size, training
         self.vocab = {
@@ -81,12 +83,27 @@ class BenchmarkLoader:
         self.max_seqlen = (
             self.features[args.item_feature_name].max_sequence_length + args.max_num_candidates
         )
-        rng = np.random.default_rng([seed, rank, 0 if training else 1])
-        self._pool = [self._random_batch(rng) for _ in range(num_batches)]
+        self._pool = self._random_pool(seed, rank, training, num_batches)
+        if tp_size > 1:
+            # the TP group's batches are drawn from their ranks' seeds: their sizes are
+            # known here without any communication (Batch.tp_sizes)
+            first = rank - rank % tp_size
+            pools = [
+                self._pool if r == rank else self._random_pool(seed, r, training, num_batches)
+                for r in range(first, first + tp_size)
+            ]
+            self._pool = [
+                replace(b, tp_sizes=tuple(p[i].sizes for p in pools))
+                for i, b in enumerate(self._pool)
+            ]
         self.rank = rank
         self.negatives = None  # retrieval: a hstu.data.negatives.NegativeSampler, set by the trainer
         self.epoch = 0
         self.batch_index = 0
+
+    def _random_pool(self, seed: int, rank: int, training: bool, num_batches: int) -> list[Batch]:
+        rng = np.random.default_rng([seed, rank, 0 if training else 1])
+        return [self._random_batch(rng) for _ in range(num_batches)]
 
     def _random_batch(self, rng: np.random.Generator) -> Batch:
         a, b = self.args, self.batch_size
@@ -128,11 +145,7 @@ class BenchmarkLoader:
         else:
             labels = None
         return Batch(
-            features=KeyedJaggedTensor(
-                keys=keys,
-                values=torch.from_numpy(np.concatenate(values)),
-                lengths=torch.from_numpy(np.concatenate(lengths)),
-            ),
+            features=host_kjt(keys, values, lengths, b),
             batch_size=b,
             item_feature_name=a.item_feature_name,
             contextual_feature_names=list(a.contextual_feature_names),
@@ -141,6 +154,7 @@ class BenchmarkLoader:
             timestamps=torch.from_numpy(timestamps),
             labels=labels,
             max_seqlen=self.max_seqlen,
+            sizes=BatchSizes.of(hist, cands),
         )
 
     def __len__(self) -> int:

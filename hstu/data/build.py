@@ -33,25 +33,30 @@ def build_data(
     holdout_validation: bool = False,
     drop_last: bool = False,
     benchmark_num_batches: int = 16,
+    tp_size: int = 1,
 ) -> tuple[SequenceLoader | BenchmarkLoader, SequenceLoader | BenchmarkLoader, DataInfo]:
     """Train and eval loaders for one data-parallel rank, and the dataset's DataInfo.
 
     Args:
         dataset_args: DatasetArgs (reads dataset_args.resolved_path) or BenchmarkDatasetArgs.
         task: "retrieval" (leave-one-out) or "ranking" (last max_num_candidates as candidates).
-        rank, world_size: data-parallel rank and size (not the global rank).
+        rank, world_size: this process's global rank and the world size (the ranks of a TP
+            group load distinct samples; the dense part gathers them).
         seed: seed of the shuffle order (and of benchmark batches).
         split: evaluation split: "test" (last item / last candidates) or "valid" (second to
             last item / the candidates before the test ones; with holdout_validation only).
         holdout_validation: retrieval trains without each user's last two items, ranking
             without the validation and test candidates.
         drop_last: training yields only full batches.
+        tp_size: tensor-parallel group size; batches then carry their group's sizes
+            (``Batch.tp_sizes``; ``rank`` and ``world_size`` are then the global ones).
     """
     if task not in ("retrieval", "ranking"):
         raise ConfigError("build_data", "task", f"{task!r} is not 'retrieval' or 'ranking'")
     if isinstance(dataset_args, BenchmarkDatasetArgs):
         return _build_benchmark(
-            dataset_args, task, train_batch_size, eval_batch_size, rank, seed, benchmark_num_batches
+            dataset_args, task, train_batch_size, eval_batch_size, rank, seed,
+            benchmark_num_batches, tp_size,
         )
     store = SequenceStore.load(dataset_args.resolved_path)
     meta = store.metadata
@@ -89,6 +94,7 @@ def build_data(
         "max_seqlen": max_seqlen,
         "action_tokens": dataset_args.action_tokens,
         "contextual_features": dataset_args.contextual_features,
+        "tp_size": tp_size,
     }
     train = SequenceLoader(
         samples=train_s,
@@ -147,16 +153,18 @@ def _build_benchmark(
     rank: int,
     seed: int,
     num_batches: int,
+    tp_size: int = 1,
 ) -> tuple[BenchmarkLoader, BenchmarkLoader, DataInfo]:
     if task == "ranking" and args.max_num_candidates < 1:
         raise ConfigError(
             "BenchmarkDatasetArgs", "max_num_candidates", "ranking needs max_num_candidates >= 1"
         )
     train = BenchmarkLoader(
-        args, task, train_bs, rank, seed, training=True, num_batches=num_batches
+        args, task, train_bs, rank, seed, training=True, num_batches=num_batches, tp_size=tp_size
     )
     evaluation = BenchmarkLoader(
-        args, task, eval_bs, rank, seed, training=False, num_batches=max(1, num_batches // 4)
+        args, task, eval_bs, rank, seed, training=False, num_batches=max(1, num_batches // 4),
+        tp_size=tp_size,
     )
     vocab = train.vocab
     info = DataInfo(

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from hstu.data.batch import Batch
+from hstu.data.batch import Batch, BatchSizes
 from hstu.data.negatives import NegativeSampler
 from hstu.data.sizes import select_contextual
 from hstu.data.store import SequenceStore
@@ -148,6 +148,9 @@ class SequenceLoader:
     - ``balance_ranks`` (training): the global batch k (the samples every rank's batch k
       would hold) is split over the ranks by token count instead: longest first, each to the
       least-loaded rank that has fewer than its share; same global batch, less waiting.
+    - Tensor parallelism (``tp_size`` > 1): the ranks ``[r - r % tp_size, ...)`` form rank r's
+      TP group (Megatron's layout); each batch carries the sizes of its group's batches
+      (``Batch.tp_sizes``), known here from the sample order without any communication.
     - Position: one ``for`` loop yields the rest of the current epoch; the next loop starts the
       next epoch. ``state_dict()`` = {epoch, batch_index (batches yielded this epoch), ...};
       after ``load_state_dict`` iteration continues from exactly that batch.
@@ -170,6 +173,7 @@ class SequenceLoader:
         balance_ranks: bool = False,
         action_tokens: bool = True,
         contextual_features: list[str] | None = None,
+        tp_size: int = 1,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside [0, {world_size})")
@@ -179,6 +183,9 @@ class SequenceLoader:
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.shuffle, self.max_seqlen, self.drop_last = shuffle and training, max_seqlen, drop_last
         self.balance_ranks = balance_ranks and training and world_size > 1
+        if tp_size < 1 or world_size % tp_size != 0:
+            raise ValueError(f"tp_size {tp_size} does not divide the world size {world_size}")
+        self.tp_size = tp_size
         meta = store.metadata
         self.item_feature_name: str = meta["item_feature_name"]
         self.action_feature_name: str | None = (
@@ -241,10 +248,10 @@ class SequenceLoader:
             real[num:] = False
         return order, real
 
-    def _balanced(self, order: np.ndarray, batch_index: int) -> np.ndarray:
-        """This rank's samples of global batch ``batch_index`` (``order``: the epoch's
+    def _balanced(self, order: np.ndarray, batch_index: int, rank: int) -> np.ndarray:
+        """Rank ``rank``'s samples of global batch ``batch_index`` (``order``: the epoch's
         :meth:`_padded_order`), split over the ranks by tokens."""
-        world, rank = self.world_size, self.rank
+        world = self.world_size
         lo = batch_index * self.batch_size
         per_rank = min(self.batch_size, self.samples_per_rank - lo)
         # the global batch, in rank order (rank r's batch k would be order[r::world][lo:lo+per_rank])
@@ -265,18 +272,37 @@ class SequenceLoader:
         if self.batch_index >= len(self):
             self.epoch, self.batch_index = self.epoch + 1, 0
         full, full_real = self._padded_order(self.epoch)
-        order, real = full[self.rank :: self.world_size], full_real[self.rank :: self.world_size]
+        real = full_real[self.rank :: self.world_size]
+        first = self.rank - self.rank % self.tp_size
+        group = range(first, first + self.tp_size)
         while self.batch_index < len(self):
             lo = self.batch_index * self.batch_size
             sel = slice(lo, lo + self.batch_size)
-            index = self._balanced(full, self.batch_index) if self.balance_ranks else order[sel]
+            indices = [
+                self._balanced(full, self.batch_index, r) if self.balance_ranks
+                else full[r :: self.world_size][sel]
+                for r in group
+            ]
             self.batch_index += 1
-            yield self.make_batch(index, None if self.training else real[sel])
+            tp_sizes = tuple(self._sizes(i) for i in indices) if self.tp_size > 1 else None
+            yield self.make_batch(
+                indices[self.rank - first], None if self.training else real[sel], tp_sizes
+            )
         self.epoch, self.batch_index = self.epoch + 1, 0
 
+    def _sizes(self, index: np.ndarray) -> BatchSizes:
+        s = self.samples
+        return BatchSizes.of(
+            s.hist_end[index] - s.hist_start[index], s.cand_end[index] - s.hist_end[index]
+        )
+
     # ------------------------------------------------------------------------ batch
-    def make_batch(self, index: np.ndarray, mask: np.ndarray | None = None) -> Batch:
-        """Batch of the samples `index` (int64 [B]); mask bool [B] marks real samples."""
+    def make_batch(
+        self, index: np.ndarray, mask: np.ndarray | None = None,
+        tp_sizes: tuple[BatchSizes, ...] | None = None,
+    ) -> Batch:
+        """Batch of the samples `index` (int64 [B]); mask bool [B] marks real samples;
+        ``tp_sizes``: the sizes of the TP group's batches (rank order)."""
         st = self.store
         s = self.samples
         hist_start, hist_end, cand_end = s.hist_start[index], s.hist_end[index], s.cand_end[index]
@@ -303,11 +329,7 @@ class SequenceLoader:
                 values.append(ids)
                 negative_fields = self.negatives.batch_fields(neg, ids.size, counts)
             lengths.append(neg_lengths)
-        features = KeyedJaggedTensor(
-            keys=keys,
-            values=torch.from_numpy(np.concatenate(values).astype(np.int64, copy=False)),
-            lengths=torch.from_numpy(np.concatenate(lengths)),
-        )
+        features = host_kjt(keys, values, lengths, len(index))
         num_candidates = cand_end - hist_end
         if self.task == "ranking":
             labels = (
@@ -330,8 +352,32 @@ class SequenceLoader:
             labels=labels,
             max_seqlen=self.max_seqlen,
             sample_mask=None if mask is None else torch.from_numpy(mask.copy()),
+            sizes=BatchSizes.of(hist_end - hist_start, num_candidates),
+            tp_sizes=tp_sizes,
             **negative_fields,
         )
 
 
-__all__ = ["Samples", "SequenceLoader", "gather_ranges", "ranking_samples", "retrieval_samples"]
+def host_kjt(
+    keys: list[str], values: list[np.ndarray], lengths: list[np.ndarray], stride: int
+) -> KeyedJaggedTensor:
+    """``stride`` samples of every key (``lengths``: [stride] per key, concatenated in key
+    order) as a KeyedJaggedTensor with its per-key lengths and offsets counted here, on the host:
+    TorchRec would otherwise compute them from the lengths when first asked, a host read of
+    a device tensor in the step (its ``from_lengths_sync``)."""
+    flat_lengths = np.concatenate(lengths)
+    per_key = flat_lengths.reshape(len(keys), stride).sum(1).tolist()
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=torch.from_numpy(np.concatenate(values).astype(np.int64, copy=False)),
+        lengths=torch.from_numpy(flat_lengths),
+        stride=stride,
+        length_per_key=per_key,
+        offset_per_key=[0, *np.cumsum(per_key).tolist()],
+    )
+
+
+__all__ = [
+    "Samples", "SequenceLoader", "gather_ranges", "host_kjt", "ranking_samples",
+    "retrieval_samples",
+]

@@ -189,10 +189,15 @@ def attach_negatives(batch, sampler: NegativeSampler, sample_ids: np.ndarray, ep
         hist = batch.history_lengths().numpy()
         ids, index, counts = sampler.draw_counted(sample_ids, hist, epoch)
         neg_lengths[0] = ids.size
+    # per-key lengths and offsets counted here, on the host (not in the step; see host_kjt)
+    per_key = [*kjt.length_per_key(), int(ids.size)]
     features = KeyedJaggedTensor(
         keys=list(kjt.keys()) + [sampler.feature_name],
         values=torch.cat([kjt.values(), torch.from_numpy(ids)]),
         lengths=torch.cat([kjt.lengths(), neg_lengths]),
+        stride=kjt.stride(),
+        length_per_key=per_key,
+        offset_per_key=[0, *np.cumsum(per_key).tolist()],
     )
     fields = sampler.batch_fields(index, ids.size, counts)
     return replace(batch, features=features, **fields)

@@ -17,6 +17,8 @@ from typing import Literal
 
 import torch
 
+from hstu.sync_audit import allowed_sync
+
 Segment = tuple[str, int, int, int]
 
 
@@ -76,26 +78,33 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                     continue
                 state = self.init_state(p)
                 state["step"] += 1
-                t = int(state["step"])
                 flat_w = p.view(-1)
                 flat_g = (p.grad.to_dense() if p.grad.is_sparse else p.grad).reshape(-1)
                 for name, start, end, dim in segments_of(p):
                     w = flat_w[start:end].view(-1, dim)
                     g = flat_g[start:end].view(-1, dim)
-                    rows = torch.nonzero(g.abs().sum(dim=1) > 0, as_tuple=False).flatten()
-                    if rows.numel() == 0:
-                        continue
-                    gr = g[rows]
+                    # every row is computed and the untouched ones (all-zero gradient) keep
+                    # their old values: no nonzero() to list the touched rows (a host sync on
+                    # CUDA); the touched rows' values are the same elementwise operations
+                    touched = (g.abs().sum(dim=1) > 0).unsqueeze(1)
                     seg = state["segments"][name]
                     if kind == "adam":
-                        m = seg["exp_avg"][rows].mul_(b1).add_(gr, alpha=1 - b1)
-                        v = seg["exp_avg_sq"][rows].mul_(b2).addcmul_(gr, gr, value=1 - b2)
-                        seg["exp_avg"][rows], seg["exp_avg_sq"][rows] = m, v
+                        # the step count is a host tensor (made on the CPU): no device wait
+                        with allowed_sync("RowSparseOptimizer's step count lives on the host"):
+                            t = int(state["step"])
+                        m = (seg["exp_avg"] * b1).add_(g, alpha=1 - b1)
+                        v = (seg["exp_avg_sq"] * b2).addcmul_(g, g, value=1 - b2)
+                        m = torch.where(touched, m, seg["exp_avg"])
+                        v = torch.where(touched, v, seg["exp_avg_sq"])
+                        seg["exp_avg"].copy_(m)
+                        seg["exp_avg_sq"].copy_(v)
                         m_hat = m / (1 - b1**t)
                         v_hat = v / (1 - b2**t)
-                        w[rows] = w[rows] - lr * m_hat / (v_hat.sqrt() + eps)
+                        w.copy_(torch.where(touched, w - lr * m_hat / (v_hat.sqrt() + eps), w))
                     else:
-                        s = seg["momentum1"][rows] + gr.pow(2).mean(dim=1)
-                        seg["momentum1"][rows] = s
-                        w[rows] = w[rows] - gr * (lr / (s.sqrt() + eps)).unsqueeze(1)
+                        mom = seg["momentum1"]
+                        s = mom + g.pow(2).mean(dim=1)
+                        mom.copy_(torch.where(touched.squeeze(1), s, mom))
+                        step = g * (lr / (s.sqrt() + eps)).unsqueeze(1)
+                        w.copy_(torch.where(touched, w - step, w))
         return loss

@@ -13,6 +13,7 @@ from torch import nn
 
 from hstu.data.batch import Batch
 from hstu.embeddings.collection import apply_misses
+from hstu.model.jagged import index_within, segment_ids
 from hstu.model.loss_scale import global_mean_scale
 from hstu.model.ranking import MLP, ranking_loss
 
@@ -57,13 +58,12 @@ class NonSequentialRanking(nn.Module):
         lengths = items.lengths()
         ends = torch.cumsum(lengths, 0)
         num_cands = batch.num_candidates.to(lengths.device)
-        # rows of the candidates: the last C[b] item rows of each sample
-        sample = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), num_cands)
-        first = torch.repeat_interleave(ends - num_cands, num_cands)
-        within = torch.arange(int(num_cands.sum()), device=lengths.device) - torch.repeat_interleave(
-            torch.cumsum(num_cands, 0) - num_cands, num_cands
-        )
-        cand_rows = first + within
+        # rows of the candidates: the last C[b] item rows of each sample (sum(C) from the
+        # batch's host-side sizes: no host sync)
+        num_rows = batch.require_sizes().num_candidates
+        sample = segment_ids(num_cands, num_rows)
+        first = (ends - num_cands)[sample]
+        cand_rows = first + index_within(num_cands, num_rows)
         parts = [items.values()[cand_rows]]
         for name in self.contextual_feature_names:
             parts.append(embeddings[name].values()[sample])  # one value per sample

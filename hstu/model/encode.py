@@ -15,6 +15,7 @@ from hstu.model.tokens import (
     max_token_seqlen,
     sequence_inputs,
 )
+from hstu.sync_audit import allowed_sync
 
 
 def encode_batch(
@@ -27,16 +28,19 @@ def encode_batch(
 ):
     """``embeddings``: the sparse module's output for ``batch.features``.
 
-    Returns (own inputs, TP-gathered inputs, row layout, tokens, states [T_all, D]).
+    Returns (own inputs, TP-gathered inputs, their GroupLayout, tokens, states [T_all, D]).
 
     ``max_item_seqlen`` (0: the batch's) sizes the kernel's max sequence length so that
     shapes stay stable across batches.
     """
     embeddings = apply_misses(embeddings, batch.lookup_misses)
     own: SequenceInputs = sequence_inputs(batch, embeddings)
-    inputs, layout = gather_sequence_inputs(own, tp_group)
+    inputs, layout = gather_sequence_inputs(own, tp_group, batch.tp_sizes)
     tokens = token_builder(inputs)
-    max_items = max_item_seqlen or batch.max_seqlen or int(inputs.item_lengths.max())
+    max_items = max_item_seqlen or batch.max_seqlen
+    if not max_items:
+        with allowed_sync("a batch without max_seqlen (built by hand): read from its lengths"):
+            max_items = int(inputs.item_lengths.max())
     max_seqlen = max_token_seqlen(
         max_items,
         len(token_builder.contextual_feature_names),

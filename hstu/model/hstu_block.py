@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from hstu.model.hstu_layer import HSTULayer, LayerOptions
-from hstu.model.jagged import positions_within
+from hstu.model.jagged import index_within, positions_within, segment_ids
 
 
 class HSTUBlock(nn.Module):
@@ -79,7 +79,8 @@ class HSTUBlock(nn.Module):
         """x [T, D] token embeddings, offsets int64 [B+1] -> [T, D] in ``dtype``."""
         x = x.to(self.dtype) * math.sqrt(self.hidden_size)
         if self.position_embedding is not None:
-            pos = positions_within(offsets, num_targets).clamp(max=self.num_position_buckets - 1)
+            pos = positions_within(offsets, num_targets, x.shape[0])
+            pos = pos.clamp(max=self.num_position_buckets - 1)
             x = x + self.position_embedding(pos)
         x = self.input_dropout(x)
         if self.sequence_layout == "padded":
@@ -106,8 +107,9 @@ class HSTUBlock(nn.Module):
         lengths = offsets[1:] - offsets[:-1]
         batch, n = lengths.numel(), max_seqlen
         slot = torch.arange(n, device=x.device)
-        valid = slot.view(1, -1) < lengths.view(-1, 1)  # [B, n]
-        dest = (torch.arange(batch, device=x.device).view(-1, 1) * n + slot.view(1, -1))[valid]
+        # each real token's slot b * n + j (j < n_b), in token order
+        total = x.shape[0]
+        dest = segment_ids(lengths, total) * n + index_within(lengths, total)
         padded = x.new_zeros(batch * n, x.shape[1]).index_copy(0, dest, x)
         pad = n - lengths
         targets = pad if num_targets is None else num_targets + pad

@@ -1,6 +1,10 @@
 """Small jagged-index helpers (values + lengths/offsets, no padding).
 
 Legend: B samples, T = sum(lengths) elements, lengths int64 [B], offsets int64 [B+1].
+
+``total`` (T) is passed in, from a shape or the batch's host-side sizes
+(:class:`hstu.data.batch.BatchSizes`): reading it from the lengths, or letting
+``repeat_interleave`` size its output, would make the host wait for the device on CUDA.
 """
 
 from __future__ import annotations
@@ -15,27 +19,31 @@ def lengths_to_offsets(lengths: torch.Tensor) -> torch.Tensor:
     return offsets
 
 
-def segment_ids(lengths: torch.Tensor) -> torch.Tensor:
-    """[B] -> [T]: the sample of each element."""
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
-
-
-def index_within(lengths: torch.Tensor) -> torch.Tensor:
-    """[B] -> [T]: each element's index inside its sample."""
-    offsets = lengths_to_offsets(lengths)
-    total = int(offsets[-1])
-    return torch.arange(total, device=lengths.device) - torch.repeat_interleave(
-        offsets[:-1], lengths
+def segment_ids(lengths: torch.Tensor, total: int) -> torch.Tensor:
+    """[B] -> [T]: the sample of each element (``total`` = T = sum(lengths))."""
+    return torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=lengths.device), lengths, output_size=total
     )
 
 
-def positions_within(offsets: torch.Tensor, num_targets: torch.Tensor | None) -> torch.Tensor:
-    """[T] position of each token; the num_targets last tokens share the first one's."""
+def index_within(lengths: torch.Tensor, total: int) -> torch.Tensor:
+    """[B] -> [T]: each element's index inside its sample (``total`` = T = sum(lengths))."""
+    offsets = lengths_to_offsets(lengths)
+    return torch.arange(total, device=lengths.device) - torch.repeat_interleave(
+        offsets[:-1], lengths, output_size=total
+    )
+
+
+def positions_within(
+    offsets: torch.Tensor, num_targets: torch.Tensor | None, total: int
+) -> torch.Tensor:
+    """[T] position of each token; the num_targets last tokens share the first one's
+    (``total`` = T = offsets[-1])."""
     lengths = offsets[1:] - offsets[:-1]
-    pos = index_within(lengths)
+    pos = index_within(lengths, total)
     if num_targets is None:
         return pos
-    first_target = torch.repeat_interleave(lengths - num_targets, lengths)
+    first_target = torch.repeat_interleave(lengths - num_targets, lengths, output_size=total)
     return torch.minimum(pos, first_target)
 
 

@@ -24,10 +24,7 @@ from hstu.model.encode import encode_batch
 from hstu.model.hstu_block import HSTUBlock
 from hstu.model.loss_scale import PendingScale, global_mean_scale
 from hstu.model.tensor_parallel import take_own_rows
-from hstu.model.tokens import (
-    TokenBuilder,
-    rows_layout,
-)
+from hstu.model.tokens import TokenBuilder
 
 
 class MLP(nn.Module):
@@ -140,7 +137,7 @@ class RankingModel(nn.Module):
             self.max_item_seqlen, self.tp_group,
         )
         logits = self.head(states[tokens.candidate_rows].float())  # [S_all, W]
-        logits = take_own_rows(logits, rows_layout(inputs.num_candidates, layout), self.tp_group)
+        logits = take_own_rows(logits, layout.candidates, self.tp_group)
         scale = pending.wait()
         loss = ranking_loss(logits, batch.labels, self.num_tasks, scale, check_labels=not self.training)
         if self.training and self.history_loss_weight > 0:
@@ -159,9 +156,11 @@ class RankingModel(nn.Module):
                 "RankingArgs.history_loss_weight > 0 needs action tokens (DatasetArgs.action_tokens = True)"
             )
         logits = self.head(states.index_select(0, tokens.history_query_rows).float())  # [sum(H)_all, W]
-        logits = take_own_rows(logits, rows_layout(inputs.history_lengths, layout), self.tp_group)
+        logits = take_own_rows(logits, layout.history, self.tp_group)
         labels = batch.features[batch.action_feature_name].values().to(logits.device)
-        scale = global_mean_scale(torch.tensor(labels.numel(), device=logits.device), self.training)
+        # a fill on the device, not a copy from the host (a blocking copy on CUDA)
+        count = torch.full((), labels.numel(), dtype=torch.int64, device=logits.device)
+        scale = global_mean_scale(count, self.training)
         return ranking_loss(logits, labels, self.num_tasks, scale, check_labels=not self.training)
 
 

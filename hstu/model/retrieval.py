@@ -36,17 +36,19 @@ from hstu.model.encode import encode_batch
 from hstu.model.hstu_block import HSTUBlock
 from hstu.model.loss_scale import PendingScale
 from hstu.model.jagged import index_within, lengths_to_offsets, segment_ids
-from hstu.model.tensor_parallel import RowLayout, take_own_rows
-from hstu.model.tokens import (
-    TokenBuilder,
-    rows_layout,
-)
+from hstu.model.tensor_parallel import take_own_rows
+from hstu.model.tokens import TokenBuilder
+from hstu.sync_audit import allowed_sync
 
 
 # the sampled-score kernels build CSR patterns; torch warns once that CSR is "beta"
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 NEGATIVE_SAMPLING = ("uniform", "in_batch", "mixed", "full_corpus")
+
+# the sampled-score kernels and the fused sampled loss run on CPU tensors only (see
+# shared_row_scores, fused_sampled_loss_applies): their host reads wait for no device
+_CPU_ONLY = "a CPU-only kernel: the host reads its own memory, no device to wait for"
 
 
 @dataclass
@@ -265,7 +267,9 @@ class _SampledLogSumExp(torch.autograd.Function):
             # a query whose every negative is its positive: no negative mass at all (its
             # softmax row is NaN); any other NaN stays visible
             empty = hits.all(dim=1)
-            if bool(empty.any()):
+            with allowed_sync(_CPU_ONLY):
+                any_empty = bool(empty.any())
+            if any_empty:
                 logits[empty] = 0.0
                 lse_neg.masked_fill_(empty, float("-inf"))
             torch.logaddexp(lse_neg, pos[s:e], out=lse[s:e])
@@ -303,7 +307,8 @@ def _transpose_pattern(
     # narrow keys sort several times faster (radix sort); ids are < U
     key_dtype = torch.int16 if num_rows <= 2**15 else torch.int32
     _, perm = torch.sort(col.to(key_dtype), stable=True)
-    counts = torch.bincount(col, minlength=num_rows)
+    with allowed_sync(_CPU_ONLY):
+        counts = torch.bincount(col, minlength=num_rows)
     offsets = torch.zeros(num_rows + 1, dtype=col.dtype, device=col.device)
     torch.cumsum(counts, 0, out=offsets[1:])
     return perm, perm // m, offsets
@@ -407,8 +412,8 @@ class _FullSoftmaxLoss(torch.autograd.Function):
         grad_c = torch.zeros_like(corpus)
         block = _block_rows(num_i)
         rows = torch.arange(num_q, device=probs.device)
-        probs.index_put_((rows, target), torch.tensor(-1.0, dtype=probs.dtype, device=probs.device),
-                         accumulate=True)
+        # a fill on the device (not a copy from the host: a blocking copy on CUDA)
+        probs.index_put_((rows, target), probs.new_full((), -1.0), accumulate=True)
         # the scalar gradient scales the [Q, D] sides, not the [Q, I] matrix
         scaled_q = queries * grad_loss
         for s in range(0, num_q, block):
@@ -496,7 +501,7 @@ class _FullSoftmaxLossBF16(torch.autograd.Function):
         shift_err = shift.float() - pos  # the loss is lse(logit - shift) + shift - pos
         c_aug_t = c_aug.t()
         keep = any(ctx.needs_input_grad)
-        minus_one = torch.tensor(-1.0, device=queries.device)
+        minus_one = queries.new_full((), -1.0)  # a fill on the device, not a host copy
         for s in range(0, num_q, block):
             e = min(num_q, s + block)
             out = torch.mm(q_aug[s:e], c_aug_t, out=grads[s:e])
@@ -650,23 +655,24 @@ class RetrievalModel(nn.Module):
         self, batch: Batch, embeddings: dict
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         # this rank's query count (sum of max(H - 1, 0)), summed over the world while the
-        # block runs; the same number as has_next.sum() below
+        # block runs; the same number as Q below
         pending = PendingScale((batch.history_lengths() - 1).clamp(min=0).sum(), self.training)
-        own, inputs, layout, tokens, states = self._states(batch, embeddings)
-        hist_layout = rows_layout(inputs.history_lengths, layout)
+        own, _, layout, tokens, states = self._states(batch, embeddings)
         history_states = take_own_rows(
-            states.index_select(0, tokens.history_query_rows), hist_layout, self.tp_group
+            states.index_select(0, tokens.history_query_rows), layout.history, self.tp_group
         )
         # (index_select rather than x[rows] on these [rows, D] / [Q, M] gathers: several times
         # faster on CPU, forward and backward; the same values)
+        # queries: history items j < H - 1 (position j predicts item j+1), listed per sample
+        # in order, Q of them (a count from the host: no nonzero of a mask)
         hist = own.history_lengths
-        seg = segment_ids(hist)
-        idx = index_within(hist)
-        has_next = idx < hist[seg] - 1  # [sum(H)]: position j predicts item j+1
-        query_rows = has_next.nonzero().squeeze(1)
+        num_q = own.sizes.num_queries
+        has_next = (hist - 1).clamp(min=0)
+        q_seg = segment_ids(has_next, num_q)
+        q_idx = index_within(has_next, num_q)
+        query_rows = lengths_to_offsets(hist)[:-1][q_seg] + q_idx  # rows of [sum(H)]
         item_starts = lengths_to_offsets(own.item_lengths)[:-1]
-        hist_rows = item_starts[seg] + idx  # history item j's row in the item feature
-        next_rows = hist_rows[query_rows] + 1
+        next_rows = item_starts[q_seg] + q_idx + 1  # item j+1's row in the item feature
 
         queries = self.normalise(history_states.index_select(0, query_rows))
         pos_ids = own.item_ids[next_rows]
@@ -692,13 +698,16 @@ class RetrievalModel(nn.Module):
                 apply_misses(embeddings, batch.lookup_misses)[self.negatives_feature].values()
             )
             shared = self.negative_vectors(rows, index, batch.negative_order, batch.negative_offsets)
-            if (
+            fused = (
                 self.negative_sampling == "uniform"
                 and self.training
                 and torch.is_grad_enabled()
                 and fused_sampled_loss_applies(queries, shared)
-                and bool((uniq[1:] > uniq[:-1]).all())  # the data path's ids are ascending
-            ):
+            )
+            if fused:
+                with allowed_sync(_CPU_ONLY):  # the data path's ids are ascending
+                    fused = bool((uniq[1:] > uniq[:-1]).all())
+            if fused:
                 loss, pos_logits = sampled_softmax_loss_shared(
                     queries, pos_vectors, pos_ids, shared, uniq, self.temperature, scale
                 )
@@ -771,10 +780,11 @@ class RetrievalModel(nn.Module):
             from_hist = tokens.history_query_rows[last_hist.clamp(min=0)]
             rows = torch.where(hist_all > 0, from_hist, rows)
         last = states[rows]  # [B_all, D]
-        last = take_own_rows(last, RowLayout(layout.counts, layout.rank), self.tp_group)
+        last = take_own_rows(last, layout.samples, self.tp_group)
         hist = own.history_lengths
-        seg = segment_ids(hist)
-        rows = lengths_to_offsets(own.item_lengths)[:-1][seg] + index_within(hist)
+        seg = segment_ids(hist, own.sizes.num_history_items)
+        within = index_within(hist, own.sizes.num_history_items)
+        rows = lengths_to_offsets(own.item_lengths)[:-1][seg] + within
         return self.normalise(last), own.item_ids[rows], seg
 
     @torch.no_grad()

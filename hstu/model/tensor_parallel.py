@@ -20,11 +20,15 @@ objective ``sum over TP ranks of each rank's own loss``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
+
+from hstu.sync_audit import allowed_sync
 
 
 def tp_size_of(group: ProcessGroup | None) -> int:
@@ -117,11 +121,22 @@ def all_reduce_sum(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     return _AllReduceSum.apply(x, group)
 
 
-def _gather_counts(num_rows: int, group: ProcessGroup, device: torch.device) -> list[int]:
-    mine = torch.tensor([num_rows], dtype=torch.int64, device=device)
+def _gather_counts(counts: list[int], group: ProcessGroup, device: torch.device) -> list[list[int]]:
+    """Every rank's ``counts`` (rank order): one all-gather, then a host read of the result
+    (a host sync on CUDA; the model path avoids it with sizes from the loader)."""
+    mine = torch.tensor(counts, dtype=torch.int64, device=device)
     every = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(every, mine, group=group)
-    return [int(c) for c in every]
+    with allowed_sync("TP row counts not known on the host: exchanged and read back"):
+        return torch.stack(every).tolist()
+
+
+def exchange_sizes(sizes: Any, group: ProcessGroup, device: torch.device) -> tuple[Any, ...]:
+    """Every TP rank's batch sizes (an ``hstu.data.batch.BatchSizes``), rank order, for a
+    batch that does not carry them (``Batch.tp_sizes``): one all-gather on ``device`` (the
+    step's) and a host read."""
+    fields = dataclasses.astuple(sizes)
+    return tuple(type(sizes)(*row) for row in _gather_counts(list(fields), group, device))
 
 
 def _all_gather_uneven(x: torch.Tensor, counts: list[int], group: ProcessGroup) -> torch.Tensor:
@@ -183,12 +198,14 @@ def all_gather_rows(
     """[N_r, ...] on each rank -> ([sum_r N_r, ...], layout). Identity without a group.
 
     Differentiable: the gradient of this rank's rows is taken from the (replicated) gradient of
-    the gathered tensor. Integer tensors pass through without autograd.
+    the gathered tensor. Integer tensors pass through without autograd. ``layout`` (every
+    rank's row count, known on the host) avoids exchanging the counts first (a host sync).
     """
     if group is None or dist.get_world_size(group) == 1:
         return x, RowLayout((x.shape[0],), 0)
     if layout is None:
-        layout = RowLayout(tuple(_gather_counts(x.shape[0], group, x.device)), dist.get_rank(group))
+        counts = _gather_counts([x.shape[0]], group, x.device)
+        layout = RowLayout(tuple(c[0] for c in counts), dist.get_rank(group))
     if x.is_floating_point() and x.requires_grad:
         return _AllGatherRows.apply(x, layout, group), layout
     return _all_gather_uneven(x.contiguous(), list(layout.counts), group), layout
@@ -207,6 +224,7 @@ __all__ = [
     "RowLayout",
     "all_gather_rows",
     "all_reduce_sum",
+    "exchange_sizes",
     "make_parallel_config",
     "shard_output_weight",
     "shard_uvqk",

@@ -16,12 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from hstu.data.batch import Batch
+from hstu.data.batch import Batch, BatchSizes
 from hstu.model.jagged import index_within, lengths_to_offsets, segment_ids
-from hstu.model.tensor_parallel import RowLayout, all_gather_rows
+from hstu.model.tensor_parallel import RowLayout, all_gather_rows, exchange_sizes
 
 
 @dataclass
@@ -30,13 +31,14 @@ class SequenceInputs:
 
     item_values [sum(H+C), D_item]; item_lengths [B] = H + C; action_values [sum(H), D_act]
     or None; contextual: feature -> [B, D_ctx]; num_candidates [B]; timestamps [sum(H+C)] or
-    None; item_ids [sum(H+C)].
+    None; item_ids [sum(H+C)]; sizes: their host-side counts (no host sync to size tensors).
     """
 
     item_values: torch.Tensor
     item_lengths: torch.Tensor
     item_ids: torch.Tensor
     num_candidates: torch.Tensor
+    sizes: BatchSizes
     action_values: torch.Tensor | None = None
     contextual: dict[str, torch.Tensor] | None = None
     timestamps: torch.Tensor | None = None
@@ -51,7 +53,11 @@ class SequenceInputs:
 
 
 def sequence_inputs(batch: Batch, embeddings: dict) -> SequenceInputs:
-    """Pairs a Batch with the embedding module's output (feature -> JaggedTensor)."""
+    """Pairs a Batch with the embedding module's output (feature -> JaggedTensor).
+
+    The layout checks run on the device (``torch._assert_async``: no host sync on CUDA,
+    where a failure is a device-side assert); the loader builds batches that pass them.
+    """
     item = embeddings[batch.item_feature_name]
     lengths = item.lengths()
     num_candidates = (
@@ -60,53 +66,85 @@ def sequence_inputs(batch: Batch, embeddings: dict) -> SequenceInputs:
     action_values = None
     if batch.action_feature_name is not None:
         action = embeddings[batch.action_feature_name]
-        if not torch.equal(action.lengths(), lengths - num_candidates):
-            raise ValueError("the action feature must hold one value per history item")
+        torch._assert_async(
+            (action.lengths() == lengths - num_candidates).all(),
+            "the action feature must hold one value per history item",
+        )
         action_values = action.values()
     contextual = {}
     for name in batch.contextual_feature_names:
         jt = embeddings[name]
-        if not bool((jt.lengths() == 1).all()):
-            raise ValueError(f"contextual feature {name!r} must hold exactly one value per sample")
+        torch._assert_async(
+            (jt.lengths() == 1).all(),
+            f"contextual feature {name!r} must hold exactly one value per sample",
+        )
         contextual[name] = jt.values()
     return SequenceInputs(
         item_values=item.values(),
         item_lengths=lengths,
         item_ids=batch.features[batch.item_feature_name].values(),
         num_candidates=num_candidates,
+        sizes=batch.require_sizes(),
         action_values=action_values,
         contextual=contextual,
         timestamps=batch.timestamps,
     )
 
 
+@dataclass(frozen=True)
+class GroupLayout:
+    """Rows each TP rank contributed to the gathered inputs, per kind of row (rank order)."""
+
+    samples: RowLayout
+    items: RowLayout
+    history: RowLayout
+    candidates: RowLayout
+
+    @staticmethod
+    def of(sizes: tuple[BatchSizes, ...], rank: int) -> GroupLayout:
+        def rows(count) -> RowLayout:
+            return RowLayout(tuple(count(s) for s in sizes), rank)
+
+        return GroupLayout(
+            samples=rows(lambda s: s.num_samples),
+            items=rows(lambda s: s.num_items),
+            history=rows(lambda s: s.num_history_items),
+            candidates=rows(lambda s: s.num_candidates),
+        )
+
+
 def gather_sequence_inputs(
-    inputs: SequenceInputs, group: ProcessGroup | None
-) -> tuple[SequenceInputs, RowLayout]:
-    """All-gathers the TP group's samples (rank order); returns them and the sample layout."""
+    inputs: SequenceInputs, group: ProcessGroup | None,
+    group_sizes: tuple[BatchSizes, ...] | None = None,
+) -> tuple[SequenceInputs, GroupLayout]:
+    """All-gathers the TP group's samples (rank order); returns them and where each rank's
+    rows sit. ``group_sizes``: every rank's :class:`BatchSizes` (``Batch.tp_sizes``, from
+    the loader); without them they are exchanged first (a host read of the device)."""
     if group is None:
-        return inputs, RowLayout((inputs.batch_size,), 0)
+        return inputs, GroupLayout.of((inputs.sizes,), 0)
+    if group_sizes is None:
+        group_sizes = exchange_sizes(inputs.sizes, group, inputs.item_lengths.device)
+    layout = GroupLayout.of(group_sizes, dist.get_rank(group))
+    if group_sizes[layout.samples.rank] != inputs.sizes:
+        raise ValueError(
+            f"Batch.tp_sizes {group_sizes[layout.samples.rank]} does not describe this "
+            f"rank's batch {inputs.sizes}"
+        )
 
-    def gather(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else all_gather_rows(x, group)[0]
+    def gather(x: torch.Tensor | None, rows: RowLayout) -> torch.Tensor | None:
+        return None if x is None else all_gather_rows(x, group, rows)[0]
 
-    lengths, sample_layout = all_gather_rows(inputs.item_lengths, group)
     gathered = SequenceInputs(
-        item_values=gather(inputs.item_values),
-        item_lengths=lengths,
-        item_ids=gather(inputs.item_ids),
-        num_candidates=gather(inputs.num_candidates),
-        action_values=gather(inputs.action_values),
-        contextual={k: gather(v) for k, v in (inputs.contextual or {}).items()},
-        timestamps=gather(inputs.timestamps),
+        item_values=gather(inputs.item_values, layout.items),
+        item_lengths=gather(inputs.item_lengths, layout.samples),
+        item_ids=gather(inputs.item_ids, layout.items),
+        num_candidates=gather(inputs.num_candidates, layout.samples),
+        sizes=BatchSizes.total(group_sizes),
+        action_values=gather(inputs.action_values, layout.history),
+        contextual={k: gather(v, layout.samples) for k, v in (inputs.contextual or {}).items()},
+        timestamps=gather(inputs.timestamps, layout.items),
     )
-    return gathered, sample_layout
-
-
-def rows_layout(per_sample: torch.Tensor, sample_layout: RowLayout) -> RowLayout:
-    """Layout of rows counted per sample (e.g. candidates) given the gathered sample layout."""
-    counts = tuple(int(c.sum()) for c in per_sample.split(list(sample_layout.counts)))
-    return RowLayout(counts, sample_layout.rank)
+    return gathered, layout
 
 
 @dataclass
@@ -188,8 +226,13 @@ class TokenBuilder(nn.Module):
             sources.append(self.project(name, inputs.contextual[name]))
             dests.append(starts + k)
 
-        seg = segment_ids(inputs.item_lengths)
-        idx = index_within(inputs.item_lengths)
+        # item j of sample b sits at row item_starts[b] + j of the item feature; its history
+        # items and its candidates are listed here by row (ascending), sized from the host
+        sizes = inputs.sizes
+        num_items = inputs.item_values.shape[0]
+        item_starts = lengths_to_offsets(inputs.item_lengths)[:-1]
+        seg = segment_ids(inputs.item_lengths, num_items)
+        idx = index_within(inputs.item_lengths, num_items)
         hist_of = hist[seg]
         is_hist = idx < hist_of
         item_dest = (
@@ -197,12 +240,19 @@ class TokenBuilder(nn.Module):
             + num_ctx
             + torch.where(is_hist, mult * idx, mult * hist_of + (idx - hist_of))
         )
+        hist_seg = segment_ids(hist, sizes.num_history_items)
+        hist_rows = item_starts[hist_seg] + index_within(hist, sizes.num_history_items)
+        cand_seg = segment_ids(cand, sizes.num_candidates)
+        cand_rows = (
+            item_starts[cand_seg] + hist[cand_seg] + index_within(cand, sizes.num_candidates)
+        )
+        history_dest = item_dest.index_select(0, hist_rows)
         item_tokens = self.project(self.item_feature_name, inputs.item_values)
         sources.append(item_tokens)
         dests.append(item_dest)
         if has_action:
             sources.append(self.project(self.action_feature_name, inputs.action_values))
-            dests.append(item_dest[is_hist] + 1)
+            dests.append(history_dest + 1)
 
         all_dest = torch.cat(dests)
         order = torch.argsort(all_dest)
@@ -210,13 +260,16 @@ class TokenBuilder(nn.Module):
 
         timestamps = None
         if inputs.timestamps is not None:
-            first_ts = torch.zeros(bsz, dtype=inputs.timestamps.dtype, device=device)
-            has_items = inputs.item_lengths > 0
-            item_starts = lengths_to_offsets(inputs.item_lengths)[:-1]
-            first_ts[has_items] = inputs.timestamps[item_starts[has_items]]
-            ts_parts = [first_ts for _ in range(num_ctx)] + [inputs.timestamps]
+            ts = inputs.timestamps
+            if num_items > 0:
+                # each sample's first item's timestamp (0 for a sample without items)
+                first = ts.index_select(0, item_starts.clamp(max=num_items - 1))
+                first_ts = torch.where(inputs.item_lengths > 0, first, torch.zeros_like(first))
+            else:
+                first_ts = torch.zeros(bsz, dtype=ts.dtype, device=device)
+            ts_parts = [first_ts for _ in range(num_ctx)] + [ts]
             if has_action:
-                ts_parts.append(inputs.timestamps[is_hist])
+                ts_parts.append(ts.index_select(0, hist_rows))
             timestamps = torch.cat(ts_parts)[order]
 
         return Tokens(
@@ -225,8 +278,8 @@ class TokenBuilder(nn.Module):
             num_contextual=torch.full((bsz,), num_ctx, dtype=torch.int64, device=device),
             num_targets=cand.to(torch.int64),
             timestamps=timestamps,
-            candidate_rows=item_dest[~is_hist],
-            history_query_rows=item_dest[is_hist],
+            candidate_rows=item_dest.index_select(0, cand_rows),
+            history_query_rows=history_dest,
         )
 
 
@@ -236,11 +289,11 @@ def max_token_seqlen(max_item_seqlen: int, num_contextual: int, has_action: bool
 
 
 __all__ = [
+    "GroupLayout",
     "SequenceInputs",
     "TokenBuilder",
     "Tokens",
     "gather_sequence_inputs",
     "max_token_seqlen",
-    "rows_layout",
     "sequence_inputs",
 ]

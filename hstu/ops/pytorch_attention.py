@@ -25,6 +25,7 @@ from hstu.ops.rab import (
     relative_positions,
     time_buckets,
 )
+from hstu.sync_audit import allowed_sync
 
 DEFAULT_MEMORY_BUDGET_BYTES = 512 * 2**20
 # float32 [b, h, n, n] tensors alive at once per chunk, autograd's saved ones included
@@ -130,6 +131,29 @@ def _plan(
     )
     if _PLAN_CACHE and _PLAN_CACHE[0][0] == key:
         return _PLAN_CACHE[0][2]
+    # The reference backend sizes its chunks from the lengths on the host: a host sync on
+    # CUDA, once per batch (the plan is shared by the layers). The triton and cutlass
+    # kernels take the offsets on the device.
+    with allowed_sync("pytorch attention backend: chunk plan from the lengths, once per batch"):
+        chunks = _build_plan(
+            offsets, num_heads, budget, causal, num_contextual, num_targets, target_group_size,
+            rab_positions, timestamps,
+        )
+    _PLAN_CACHE[:] = [(key, (offsets, num_contextual, num_targets, timestamps), chunks)]
+    return chunks
+
+
+def _build_plan(
+    offsets: Tensor,
+    num_heads: int,
+    budget: int,
+    causal: bool,
+    num_contextual: Tensor | None,
+    num_targets: Tensor | None,
+    target_group_size: int,
+    rab_positions: int | None,
+    timestamps: Tensor | None,
+) -> list[_Chunk]:
     device = offsets.device
     lengths = lengths_from_offsets(offsets)
     chunks = []
@@ -199,7 +223,6 @@ def _plan(
                 for p, (rows_, keys_) in enumerate(blocks)
             ]
         chunks.append(chunk)
-    _PLAN_CACHE[:] = [(key, (offsets, num_contextual, num_targets, timestamps), chunks)]
     return chunks
 
 

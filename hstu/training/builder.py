@@ -144,6 +144,7 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         split = "valid" if t.best_metric is not None else cfg.dataset.eval_split
         split_kwargs = dict(split=split, holdout_validation=cfg.dataset.holdout_validation)
     data_args = (cfg.dataset, cfg.task, t.train_batch_size, t.eval_batch_size, env.rank, env.world_size, t.seed)
+    split_kwargs["tp_size"] = env.tp_size  # batches carry their TP group's sizes
     train_loader, eval_loader, info = build_data(*data_args, **split_kwargs)
     if env.is_main:
         for line in data_notes(info):
@@ -153,7 +154,9 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
     cfg.ranking = resolve_head(info, cfg.ranking)
     test_loader = None
     if t.best_metric is not None:
-        _, test_loader, _ = build_data(*data_args, split="test", holdout_validation=True)
+        _, test_loader, _ = build_data(
+            *data_args, split="test", holdout_validation=True, tp_size=env.tp_size
+        )
     if isinstance(cfg.dataset, BenchmarkDatasetArgs):
         tables = list(cfg.tables)
     else:

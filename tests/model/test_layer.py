@@ -235,7 +235,7 @@ def test_layer_is_a_jagged_per_sample_function():
 
 def test_candidates_share_the_first_candidate_position():
     offsets = torch.tensor([0, 6, 9])
-    pos = positions_within(offsets, torch.tensor([3, 0]))
+    pos = positions_within(offsets, torch.tensor([3, 0]), 9)
     assert pos.tolist() == [0, 1, 2, 3, 3, 3, 0, 1, 2]
 
 
