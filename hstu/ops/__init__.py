@@ -14,9 +14,11 @@ from hstu.ops.backends import BACKENDS, BackendUnavailableError, resolve_backend
 from hstu.ops.masks import dense_mask, lengths_from_offsets, offsets_from_lengths
 from hstu.ops.pytorch_attention import pytorch_hstu_attention
 from hstu.ops.rab import NUM_TIME_BUCKETS, RelativeAttentionBias, time_bucket
+from hstu.sync_audit import allowed_sync
 
 __all__ = [
     "BACKENDS",
+    "MAX_SEQLEN_CHECK",
     "NUM_TIME_BUCKETS",
     "BackendUnavailableError",
     "RelativeAttentionBias",
@@ -28,6 +30,12 @@ __all__ = [
     "resolve_backend",
     "time_bucket",
 ]
+
+
+MAX_SEQLEN_CHECK = (
+    "max_seqlen against the longest sample: free on host offsets, on CUDA only when "
+    "HSTU_CHECK_MAX_SEQLEN=1 asks for it"
+)
 
 
 def max_seqlen_checked_here(offsets: Tensor) -> bool:
@@ -93,7 +101,8 @@ def hstu_attention(
     if scaling_seqlen <= 0:
         raise ValueError(f"scaling_seqlen must be > 0, got {scaling_seqlen}")
     if offsets.numel() > 1 and max_seqlen_checked_here(offsets):
-        longest = int((offsets[1:] - offsets[:-1]).max())
+        with allowed_sync(MAX_SEQLEN_CHECK):
+            longest = int((offsets[1:] - offsets[:-1]).max())
         if longest > max_seqlen:
             raise ValueError(
                 f"hstu_attention: max_seqlen={max_seqlen} is smaller than the longest sample "

@@ -12,11 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hstu.ops import MAX_SEQLEN_CHECK
 from hstu.sync_audit import KNOWN_HOST_READS, HostSyncError, allowed_sync, sync_audit
 from tests.dist_utils import run_multiprocess
 
 # Every allowed sync a debug step may meet (docs/performance.md "No host sync in a step").
 KNOWN_REASONS = {
+    MAX_SEQLEN_CHECK,
     "pytorch attention backend: chunk plan from the lengths, once per batch",
     "RowSparseOptimizer's step count lives on the host",
     "a CPU-only kernel: the host reads its own memory, no device to wait for",
@@ -139,5 +141,15 @@ def test_uniform_negatives_name_their_cpu_only_syncs(tmp_path):
     params = ['RetrievalArgs.negative_sampling="uniform"', "RetrievalArgs.num_negatives=8"]
     run_multiprocess(
         _audited_steps, world_size=1, tmp=str(tmp_path), task="retrieval", tp=1, steps=3,
+        params=params,
+    )
+
+
+def test_float16_loss_scaling_steps_do_not_sync(tmp_path):
+    """The float16 scaler (unscale, overflow flag, skip, scale update) and the tables' unscale
+    hook stay on the device; clipping on."""
+    params = ['NetworkArgs.dtype_str="float16"', "OptimizerArgs.clip_grad_norm=1.0"]
+    run_multiprocess(
+        _audited_steps, world_size=1, tmp=str(tmp_path), task="ranking", tp=1, steps=3,
         params=params,
     )
