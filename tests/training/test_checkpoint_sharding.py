@@ -322,9 +322,11 @@ def runs(tmp_path_factory) -> str:
     return tmp
 
 
-def _result(runs: str, task: str, case: str, phase: str) -> dict:
+def _result(request, task: str, case: str, phase: str) -> dict:
+    """What the runs recorded for a case (skipped, before the runs start, if not runnable)."""
     if not runnable(case):
         pytest.skip(_skip_reason(case))
+    runs = request.getfixturevalue("runs")
     rec = torch.load(_result_path(runs, task, case, phase), weights_only=False)
     assert "error" not in rec, rec["error"]
     return rec
@@ -356,8 +358,8 @@ PARAMS = [pytest.param(task, case, id=f"{task}-{case}") for task in TASKS for ca
 
 
 @pytest.mark.parametrize("task,case", PARAMS)
-def test_save_and_load_the_best_checkpoint(runs, task, case) -> None:
-    rec = _result(runs, task, case, "two")
+def test_save_and_load_the_best_checkpoint(request, task, case) -> None:
+    rec = _result(request, task, case, "two")
     _check_placements(rec["placements"], case, world=2)
     saved = rec["saved"]
     assert sorted(saved["periodic"]) == [RESUME_AT, STEPS]
@@ -368,8 +370,8 @@ def test_save_and_load_the_best_checkpoint(runs, task, case) -> None:
 
 
 @pytest.mark.parametrize("task,case", PARAMS)
-def test_resume_is_bit_exact(runs, task, case) -> None:
-    rec = _result(runs, task, case, "two")
+def test_resume_is_bit_exact(request, task, case) -> None:
+    rec = _result(request, task, case, "two")
     assert rec["resumed_at"] == RESUME_AT
     full, resumed = rec["losses"], rec["resumed_losses"]
     assert all(len(r) == STEPS for r in full) and all(len(r) == STEPS - RESUME_AT for r in resumed)
@@ -380,11 +382,11 @@ def test_resume_is_bit_exact(runs, task, case) -> None:
 
 
 @pytest.mark.parametrize("task,case", PARAMS)
-def test_reshard_two_processes_to_one(runs, task, case) -> None:
-    one = _result(runs, task, case, "one")
+def test_reshard_two_processes_to_one(request, task, case) -> None:
+    one = _result(request, task, case, "one")
     _check_placements(one["placements"], case, world=1)
     assert one["loaded_step"] == RESUME_AT
-    two = _result(runs, task, case, "two")
+    two = _result(request, task, case, "two")
     _assert_equal_states(one["state"], two["saved"]["periodic"][RESUME_AT], "loaded on 1 process")
 
 
@@ -419,8 +421,8 @@ def test_changing_a_column_wise_table_s_sharding_is_named(runs) -> None:
     assert "load it with the sharding_override and dim it was saved with" in changed, changed
 
 
-def test_table_wise_checkpoint_loads_as_row_wise(runs) -> None:
-    two = _result(runs, "ranking", "table_wise", "two")
+def test_table_wise_checkpoint_loads_as_row_wise(request, runs) -> None:
+    two = _result(request, "ranking", "table_wise", "two")
     rw = torch.load(_result_path(runs, "ranking", "table_wise", "as_row_wise"))
     assert {t: k for t, k, _ in rw["placements"]}["item"] == "row_wise"
     _assert_equal_states(rw["state"], two["saved"]["periodic"][RESUME_AT], "loaded row_wise")
