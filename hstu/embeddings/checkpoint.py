@@ -6,11 +6,15 @@ ShardedTensors (weights and fused optimizer state) and whose replicated entries
 tensors identical on every rank. Hand it to ``dcp.save``; to restore, build and shard the
 model for the new world size, take ``state = embedding_state_dict(model)``, ``dcp.load(state,
 ...)`` (fills it in place, resharding as needed) and ``load_embedding_state_dict(model,
-state)``.
+state)``. The keys differ between ranks (see ``optim`` below): DCP writes the union of them
+into the checkpoint's metadata, and a check of a model against a checkpoint must compare the
+union over the ranks (``hstu.training.checkpoint.model_keys``), not one rank's keys.
 
 Keys, per HstuEmbeddings at module path P:
     P.tables.embeddings.<table>.weight           [C, D]
-    P.optim.embeddings.<table>.weight.<state>    fused (model_parallel) optimizer state
+    P.optim.embeddings.<table>.weight.<state>    fused (model_parallel) optimizer state; only
+                                                 on the ranks holding a shard of the table
+                                                 (table_wise, column_wise: not on every rank)
     P.dp_tables.embeddings.<table>.weight        data_parallel tables (replicated)
     P.dense_optim.<table>.<state>                their row-sparse optimizer state and step
     P.remappers.<table>.<buffer>                 dynamic tables: id->slot map and metadata

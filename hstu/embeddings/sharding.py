@@ -29,16 +29,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward
+from torchrec import optim as trec_optim
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
-from torchrec import optim as trec_optim
 
 from hstu.args import EmbeddingArgs, OptimizerArgs
 from hstu.embeddings.collection import HstuEmbeddings
 from hstu.embeddings.optim import RowSparseOptimizer
+from hstu.validation import ConfigError
 
 ShardingOverride = Literal["row_wise", "table_wise", "column_wise", "table_row_wise", "data_parallel"]
 
@@ -112,7 +113,9 @@ def _constraints(
     tables: dict[str, EmbeddingArgs],
     overrides: dict[str, str],
     device: torch.device,
+    offered: list[str],
 ) -> dict[str, ParameterConstraints]:
+    """The planner's constraints; ``offered``: the sharding types TorchRec's sharder offers."""
     out: dict[str, ParameterConstraints] = {}
     for name, spec in emb.specs.items():
         declared = tables[name].sharding_type if name in tables else spec.sharding_type
@@ -126,6 +129,16 @@ def _constraints(
         types = [overrides[name]] if name in overrides else list(_MODEL_PARALLEL_CHOICES)
         if types == ["data_parallel"]:
             raise ValueError(f"table {name!r} is model_parallel; override it in EmbeddingArgs instead")
+        if name in overrides and overrides[name] not in offered:
+            # else TorchRec's planner fails with a traceback ("No available sharding type")
+            mp = ", ".join(t for t in offered if t != "data_parallel")
+            raise ConfigError(
+                "EmbeddingArgs",
+                "sharding_override",
+                f"table {name!r}: TorchRec's EmbeddingCollectionSharder (sequence embeddings, "
+                f"as HSTU's tables are) does not offer {overrides[name]!r} on {device.type}; "
+                f"choose one of {mp}",
+            )
         kwargs: dict[str, Any] = {}
         if spec.caching and device.type == "cuda":
             kernels = ["fused_uvm_caching"]
@@ -218,8 +231,9 @@ def shard_embeddings(
             local_world_size=world_size if device.type == "cpu" else None,
             **topology_kwargs,
         )
-        constraints = _constraints(emb, by_name, overrides, device)
         sharders = [EmbeddingCollectionSharder()]
+        offered = sharders[0].sharding_types(device.type)
+        constraints = _constraints(emb, by_name, overrides, device, offered)
         planner = EmbeddingShardingPlanner(
             topology=topology, batch_size=batch_size_per_rank, constraints=constraints
         )

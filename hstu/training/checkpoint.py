@@ -29,7 +29,8 @@ import json
 import os
 import shutil
 import zlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -309,7 +310,7 @@ def newest_complete(root: str, accept: Callable[[str], bool] | None = None) -> s
         return None
     candidates = []
     for name in os.listdir(root):
-        base = name[:-4] if name.endswith(".old") else name
+        base = name.removesuffix(".old")
         step = step_of(base)
         if step is not None and os.path.isdir(os.path.join(root, name)):
             candidates.append((step, not name.endswith(".old"), os.path.join(root, name)))
@@ -361,22 +362,49 @@ def _flatten(state: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_sharded_keys(ckpt: str, sharded_state: dict[str, Any]) -> str | None:
-    """A table or key of this model missing from the checkpoint (or the reverse), or a shape
-    that differs: the first such, naming the key."""
+def model_keys(sharded_state: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
+    """Every key of the model's sharded state with its global shape, over all ranks
+    (collective). One rank's keys are only a part: a rank holds the fused optimizer state of
+    the tables (or column shards) placed on it, so under table_wise or column_wise sharding
+    ``optim.<table>...`` keys exist on the ranks holding that table only. The union over the
+    ranks is the model's full key set (every table lives on some rank), the same set DCP
+    writes into a checkpoint's ``.metadata``."""
+    mine = {key: _global_shape(value) for key, value in _flatten(sharded_state).items()}
+    if _world() == 1:
+        return mine
+    every: list[Any] = [None] * _world()
+    dist.all_gather_object(every, mine)
+    union: dict[str, tuple[int, ...] | None] = {}
+    for part in every:
+        for key, shape in part.items():
+            if union.get(key) is None:
+                union[key] = shape
+    return union
+
+
+def check_sharded_keys(ckpt: str, have: dict[str, tuple[int, ...] | None]) -> str | None:
+    """A key of this model (``have``: :func:`model_keys`, the union over the ranks) missing
+    from the checkpoint or the reverse, or a global shape that differs: the first such,
+    naming the key."""
     try:
         saved = dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata
     except Exception as exc:  # noqa: BLE001
         return f"{os.path.join(ckpt, '.metadata')}: cannot be read ({' '.join(str(exc).split())[:200]})"
-    flat = _flatten(sharded_state)
-    for key, value in flat.items():
+    for key, shape in sorted(have.items()):
         if key not in saved:
             return f"{ckpt}: this model has {key}, the checkpoint does not (a different table set?)"
         want = getattr(saved[key], "size", None)
-        have = _global_shape(value)
-        if want is not None and have is not None and tuple(want) != have:
-            return f"{ckpt}: {key} is {list(want)} in the checkpoint, {list(have)} in this model"
-    extra = sorted(set(saved) - set(flat))
+        if want is not None and shape is not None and tuple(want) != tuple(shape):
+            hint = ""
+            if ".optim." in key:  # e.g. rowwise_adagrad: one entry per row and column block
+                hint = (
+                    " (a column_wise table keeps its row-wise optimizer state per column block: "
+                    "load it with the sharding_override and dim it was saved with)"
+                )
+            return (
+                f"{ckpt}: {key} is {list(want)} in the checkpoint, {list(shape)} in this model{hint}"
+            )
+    extra = sorted(set(saved) - set(have))
     if extra:
         return f"{ckpt}: the checkpoint has {extra[0]}, this model does not (a different table set?)"
     return None
@@ -407,7 +435,9 @@ def load_checkpoint(
             f"{ckpt} was saved with tensor_model_parallel_size={meta.get('tp_size')} but this run "
             f"uses {tp_size}; resume with the same TP size"
         )
-    problem = problem or check_sharded_keys(ckpt, sharded_state)
+    agree(problem, name_rank=False)
+    # against the keys of all ranks: one rank's are a part (see model_keys)
+    problem = check_sharded_keys(ckpt, model_keys(sharded_state))
     agree(problem, name_rank=False)
     try:
         dcp.load(sharded_state, checkpoint_id=ckpt)
