@@ -22,7 +22,9 @@ def _run(cmd: list[str], timeout: int = 300, warnings: bool = False) -> subproce
     env = _env()
     if warnings:  # Python's default warning filters, as a user's shell has them
         env.pop("PYTHONWARNINGS")
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def _export(*args: str) -> subprocess.CompletedProcess:
@@ -53,12 +55,20 @@ def _truncate(path: Path, keep: int = 100) -> None:
 def run(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("faults")
     run_dir, data = tmp / "run", tmp / "data" / "synthetic"
-    cmd = [sys.executable, str(ROOT / "pretrain_gr_retrieval.py"), "--gin-config-file",
-           str(ROOT / "configs" / "debug_retrieval.gin"),
-           "--gin-param", f'TrainerArgs.run_dir="{run_dir}"',
-           "--gin-param", f'DatasetArgs.dataset_path="{data}"',
-           "--gin-param", "TrainerArgs.ckpt_save_interval=10",
-           "--gin-param", f'TrainerArgs.ckpt_save_dir="{run_dir / "ckpt"}"']
+    cmd = [
+        sys.executable,
+        str(ROOT / "pretrain_gr_retrieval.py"),
+        "--gin-config-file",
+        str(ROOT / "configs" / "debug_retrieval.gin"),
+        "--gin-param",
+        f'TrainerArgs.run_dir="{run_dir}"',
+        "--gin-param",
+        f'DatasetArgs.dataset_path="{data}"',
+        "--gin-param",
+        "TrainerArgs.ckpt_save_interval=10",
+        "--gin-param",
+        f'TrainerArgs.ckpt_save_dir="{run_dir / "ckpt"}"',
+    ]
     proc = _run(cmd)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     # a copy of the checkpoints whose newest one has a truncated shard
@@ -82,8 +92,12 @@ def art(run) -> dict:
 
 def test_export_from_a_root_whose_newest_checkpoint_is_damaged_names_it(run, art) -> None:
     shard = run["damaged"] / "iter_20" / "__0_0.distcp"
-    skipped = [ln for ln in art["proc"].stdout.splitlines() if "skipping a damaged checkpoint" in ln]
-    assert len(skipped) == 1 and str(shard) in skipped[0] and "truncated" in skipped[0], art["proc"].stdout
+    skipped = [
+        ln for ln in art["proc"].stdout.splitlines() if "skipping a damaged checkpoint" in ln
+    ]
+    assert len(skipped) == 1 and str(shard) in skipped[0] and "truncated" in skipped[0], art[
+        "proc"
+    ].stdout
     assert f"checkpoint {run['damaged'] / 'iter_10'} (step 10" in art["proc"].stdout
     manifest = json.loads((art["path"] / "manifest.json").read_text())
     assert manifest["checkpoint"]["step"] == 10
@@ -95,11 +109,14 @@ def test_export_from_a_root_whose_newest_checkpoint_is_damaged_names_it(run, art
 
 def test_export_of_a_checkpoint_with_a_truncated_shard(run) -> None:
     shard = run["damaged"] / "iter_20" / "__0_0.distcp"
-    line = _one_line(_export("--ckpt", str(run["damaged"] / "iter_20"), "--out",
-                             str(run["tmp"] / "never")), 3)
+    line = _one_line(
+        _export("--ckpt", str(run["damaged"] / "iter_20"), "--out", str(run["tmp"] / "never")), 3
+    )
     manifest = json.loads((run["damaged"] / "iter_20" / "manifest.json").read_text())
     size = manifest["files"]["__0_0.distcp"]["size"]
-    assert line == f"error: {shard}: 100 bytes, the manifest says {size} (truncated or damaged)", line
+    assert line == f"error: {shard}: 100 bytes, the manifest says {size} (truncated or damaged)", (
+        line
+    )
     assert not (run["tmp"] / "never").exists() and not (run["tmp"] / "never.tmp").exists()
 
 
@@ -107,16 +124,26 @@ def test_export_of_a_folder_without_a_complete_checkpoint(run) -> None:
     empty = run["tmp"] / "no_ckpt"
     (empty / "iter_5.tmp").mkdir(parents=True)  # a save cut short: no manifest
     line = _one_line(_export("--ckpt", str(empty), "--out", str(run["tmp"] / "never")), 3)
-    assert line == (f"error: --ckpt {empty}: no complete checkpoint there (no iter_<step> folder "
-                    "whose files match its manifest)"), line
+    assert line == (
+        f"error: --ckpt {empty}: no complete checkpoint there (no iter_<step> folder "
+        "whose files match its manifest)"
+    ), line
 
 
 def test_export_to_a_read_only_out(run) -> None:
     folder = run["tmp"] / "read_only"
     folder.mkdir()
     out = folder / "art"
-    cmd = [sys.executable, "-m", "hstu.export", "--ckpt", str(run["run_dir"] / "ckpt"), "--out", str(out),
-           "--no-aoti"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hstu.export",
+        "--ckpt",
+        str(run["run_dir"] / "ckpt"),
+        "--out",
+        str(out),
+        "--no-aoti",
+    ]
     if os.geteuid() != 0:
         folder.chmod(0o555)
         try:
@@ -127,8 +154,10 @@ def test_export_to_a_read_only_out(run) -> None:
     else:  # root writes anywhere: a read-only bind mount in a private mount namespace
         if shutil.which("unshare") is None:
             pytest.skip("running as root without unshare: no read-only folder to write to")
-        script = (f'mount --bind "{folder}" "{folder}" && mount -o remount,ro,bind "{folder}" && '
-                  'exec "$@"')
+        script = (
+            f'mount --bind "{folder}" "{folder}" && mount -o remount,ro,bind "{folder}" && '
+            'exec "$@"'
+        )
         proc = _run(["unshare", "-m", "sh", "-c", script, "sh", *cmd])
         if "mount:" in proc.stderr or "unshare:" in proc.stderr:
             pytest.skip(f"no read-only mount here: {proc.stderr.strip()[:200]}")
@@ -145,14 +174,27 @@ def test_recommend_on_a_truncated_tables_file_or_program(run, art) -> None:
         broken = run["tmp"] / f"broken_{name}"
         shutil.copytree(art["path"], broken)
         _truncate(broken / name, keep=(broken / name).stat().st_size // 2)
-        line = _one_line(_recommend("--model", str(broken), "--input", str(run["data"]),
-                                    "--out", str(run["tmp"] / "x.csv")), 3)
+        line = _one_line(
+            _recommend(
+                "--model",
+                str(broken),
+                "--input",
+                str(run["data"]),
+                "--out",
+                str(run["tmp"] / "x.csv"),
+            ),
+            3,
+        )
         size = (art["path"] / name).stat().st_size
-        assert line == (f"error: {broken / name}: {size // 2} bytes, the manifest says {size} "
-                        "(truncated or damaged); re-export the checkpoint"), line
+        assert line == (
+            f"error: {broken / name}: {size // 2} bytes, the manifest says {size} "
+            "(truncated or damaged); re-export the checkpoint"
+        ), line
 
 
-def test_recommend_counts_unknown_users_and_segments_and_reads_training_column_names(run, art) -> None:
+def test_recommend_counts_unknown_users_and_segments_and_reads_training_column_names(
+    run, art
+) -> None:
     """An events file with training's own-data column names (``user`` for ``user_id``): raw
     user ids mapped through the artifact's user map; a user and a segment the model does
     not know are counted in one line."""
@@ -163,14 +205,23 @@ def test_recommend_counts_unknown_users_and_segments_and_reads_training_column_n
         for k, row in enumerate(table):
             user = row["raw_user_id"] if k else "ghost"  # a user the model never saw
             segment = 99 if k == 2 else row["segment"]  # a segment value it does not know
-            for item, ts, act in zip(row["item_ids"][:5], row["timestamps"][:5], row["actions"][:5]):
-                fh.write(f"{user},{item},{ts},{act},{segment}\n")
+            fh.writelines(
+                f"{user},{item},{ts},{act},{segment}\n"
+                for item, ts, act in zip(
+                    row["item_ids"][:5], row["timestamps"][:5], row["actions"][:5]
+                )
+            )
     out = run["tmp"] / "events_top5.csv"
-    proc = _recommend("--model", str(art["path"]), "--input", str(events), "--out", str(out), "--top-k", "5")
+    proc = _recommend(
+        "--model", str(art["path"]), "--input", str(events), "--out", str(out), "--top-k", "5"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stderr.splitlines() if "does not know" in ln]
-    assert lines == ["[recommend] values the model does not know, scored with a zero embedding: "
-                     "user_id of 1 user, segment of 1 user"], proc.stderr
+    want = (
+        "[recommend] values the model does not know, scored with a zero embedding: "
+        "user_id of 1 user, segment of 1 user"
+    )
+    assert lines == [want], proc.stderr
     assert len(out.read_text().splitlines()) == 1 + 3 * 5  # every user scored
 
 
@@ -184,7 +235,9 @@ def test_resuming_a_finished_run_says_nothing_is_left_and_stays_quiet(run) -> No
     proc = _run([*cmd, "--gin-param", 'TrainerArgs.ckpt_load_dir="auto"'], warnings=True)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     nothing = [ln for ln in proc.stdout.splitlines() if "nothing left to train" in ln]
-    assert len(nothing) == 1 and "step 20 of 20" in nothing[0] and "HR@10" in nothing[0], proc.stdout
+    assert len(nothing) == 1 and "step 20 of 20" in nothing[0] and "HR@10" in nothing[0], (
+        proc.stdout
+    )
     assert "final retrieval metrics" not in proc.stdout, proc.stdout
     assert "last evaluation: \n" not in proc.stdout
     # the quiet start keeps DCP's ShardedTensor FutureWarning off the console (in the run log)
