@@ -38,6 +38,9 @@ KNOWN_WARNINGS: tuple[tuple[str, str], ...] = (
     ("torch.fx._symbolic_trace", r"is_fx_tracing will return true"),
     # hstu.training.ddp relies on broadcast_buffers=False (no buffer sync at init either)
     ("warnings", r"`broadcast_buffers` is deprecated"),
+    # torch.distributed.checkpoint reading TorchRec's ShardedTensor tables (loading a
+    # checkpoint: resume, best checkpoint, export); TorchRec, not hstu, would move to DTensor
+    ("warnings", r"\APlease use DTensor instead and we are deprecating ShardedTensor\.\Z"),
 )
 LOG_FILE = "third_party_warnings.log"
 

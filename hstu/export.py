@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import json
 import os
 import shutil
@@ -32,11 +33,14 @@ from hstu.serving.artifact import (
     CACHE_PROGRAMS,
     DENSE_PROGRAM,
     EMBEDDING_DUMP,
+    EXIT_BAD_INPUT,
+    EXIT_DAMAGED,
     FORMAT,
     FORMAT_VERSION,
     ITEM_MAP,
     MANIFEST,
     TABLES_FILE,
+    USER_MAP,
     WEIGHTS_FILE,
     example_inputs,
 )
@@ -44,7 +48,23 @@ from hstu.serving.model import InferenceHSTU
 
 
 class ExportError(Exception):
-    """A problem the user can fix (printed as one line)."""
+    """A problem the user can fix (printed as one line). ``code``: the exit code, 2 for bad
+    input, 3 for a checkpoint or artifact file that cannot be read or written."""
+
+    def __init__(self, message: str, code: int = EXIT_BAD_INPUT) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _cannot_write(exc: OSError, out: str | Path) -> ExportError:
+    """One line for a failed write of the artifact (read-only, permission, disk full)."""
+    name = exc.filename or str(out)
+    code = errno.errorcode.get(exc.errno, exc.errno) if exc.errno is not None else "?"
+    return ExportError(
+        f"--out {out}: cannot write {name}: {exc.strerror or exc} ({code}); give a writable folder "
+        "with free space",
+        EXIT_DAMAGED,
+    )
 
 
 # ----------------------------------------------------------------------- checkpoint side
@@ -216,21 +236,45 @@ def _versions() -> dict[str, str]:
 # --------------------------------------------------------------------------- the export
 
 
-def load_for_export(ckpt_arg: str, gin_file: str | None, params: list[str]):
-    """(model, cfg, built, checkpoint dir, meta, config source) on a world of 1 process."""
+def find_checkpoint(ckpt_arg: str, log: Any = print) -> str:
+    """The checkpoint folder ``--ckpt`` names (checked against its manifest), or the newest
+    complete one under a save root (damaged ones skipped, each named in one line).
+    Raises CheckpointError."""
+    from hstu.training.checkpoint import CheckpointError, verify
+    from hstu.training.lifecycle import CheckpointLifecycle
+
+    if not os.path.exists(ckpt_arg):
+        raise ExportError(f"--ckpt {ckpt_arg}: no such checkpoint folder")
+    lifecycle = CheckpointLifecycle(ckpt_arg, log=lambda m: log(m.replace("[hstu]", "[export]")))
+    try:
+        ckpt = lifecycle.resolve(ckpt_arg)
+    except CheckpointError:
+        raise CheckpointError(
+            f"--ckpt {ckpt_arg}: no complete checkpoint there (no iter_<step> folder whose files "
+            "match its manifest)"
+        ) from None
+    assert ckpt is not None
+    if ckpt == ckpt_arg:  # a folder named directly (one found under a root is verified already)
+        verify(ckpt)
+    return ckpt
+
+
+def load_for_export(ckpt_arg: str, gin_file: str | None, params: list[str], log: Any = print):
+    """(model, cfg, built, checkpoint dir, meta, config source) on a world of 1 process.
+
+    The checkpoint's files are checked against its manifest (sizes and CRC32) first; from a
+    save root, damaged checkpoints are skipped and named, as the trainer's resume does."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from hstu.config import load_config
     from hstu.embeddings import embedding_state_dict, load_embedding_state_dict
     from hstu.training.builder import build_all
-    from hstu.training.checkpoint import resolve_checkpoint_dir
+    from hstu.training.checkpoint import CheckpointError, _read, describe_os_error
     from hstu.training.distributed import init_distributed, set_seed
 
-    try:
-        ckpt = resolve_checkpoint_dir(ckpt_arg)
-    except FileNotFoundError as exc:
-        raise ExportError(str(exc).replace("TrainerArgs.ckpt_load_dir=", "--ckpt ")) from None
-    meta = torch.load(os.path.join(ckpt, "meta.pt"), weights_only=False)
+    ckpt = find_checkpoint(ckpt_arg, log)
+    meta = _read(os.path.join(ckpt, "meta.pt"))
     task = meta.get("task")
     if task not in ("retrieval", "ranking"):
         raise ExportError(f"checkpoint {ckpt}: unknown task {task!r} in meta.pt")
@@ -260,10 +304,14 @@ def load_for_export(ckpt_arg: str, gin_file: str | None, params: list[str]):
     model = built.model
     model.eval()
     state = {"embeddings": embedding_state_dict(model)}  # the trainer's layout (hstu.training.trainer)
-    dcp.load(state, checkpoint_id=ckpt)
+    try:
+        dcp.load(state, checkpoint_id=ckpt)
+    except (CheckpointException, OSError) as exc:  # DCP's is a BaseException
+        problem = describe_os_error(exc)
+        raise CheckpointError(f"cannot load the tables of {ckpt}: {problem}") from None
     load_embedding_state_dict(model, state["embeddings"])
     tp_size = int(meta.get("tp_size", 1))
-    dense_files = [torch.load(os.path.join(ckpt, f"dense_tp{r}.pt"), weights_only=False) for r in range(tp_size)]
+    dense_files = [_read(os.path.join(ckpt, f"dense_tp{r}.pt")) for r in range(tp_size)]
     layer = model.dense_module.block.layers[0]
     for name, child in model.dense_module.named_children():
         merged = merge_tp_shards([d["model"][name] for d in dense_files], layer.num_heads, layer.head_dim)
@@ -409,8 +457,15 @@ def export(ckpt: str, out: str, gin_file: str | None = None, params: list[str] =
 
     start = time.perf_counter()
     out_path = Path(out)
+    tmp = out_path.with_name(out_path.name + ".tmp")
     try:
-        model, cfg, built, ckpt_dir, meta, source = load_for_export(ckpt, gin_file, list(params))
+        try:  # before the work: an unwritable --out is said at once
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as exc:
+            raise _cannot_write(exc, out_path) from None
+        loaded = load_for_export(ckpt, gin_file, list(params), log)
+        model, cfg, built, ckpt_dir, meta, source = loaded
         log(f"[export] {cfg.task} checkpoint {ckpt_dir} (step {meta['step']}, saved on "
             f"{meta.get('world_size')} process(es), TP {meta.get('tp_size', 1)}); configuration from {source}")
         info = built.info
@@ -430,45 +485,85 @@ def export(ckpt: str, out: str, gin_file: str | None = None, params: list[str] =
         log(f"[export] self-check on one evaluation batch: max |artifact - trainer| = {diff:.2e}")
         if diff > 1e-4:
             raise ExportError(f"self-check failed: the artifact differs from the trainer by {diff:.2e}")
-        tmp = out_path.with_name(out_path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save(tables, tmp / TABLES_FILE)
-        torch.save(inference.state_dict(), tmp / WEIGHTS_FILE)
-        report = export_programs(inference, icfg, tmp, aoti, log)
-        has_map = _copy_item_map(cfg, tmp)
-        write_embedding_dump(tables, icfg, tmp)
-        dataset = cfg.dataset
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "task": cfg.task,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "checkpoint": {"path": os.path.abspath(ckpt_dir), "step": int(meta["step"]),
-                           "world_size": meta.get("world_size"), "tp_size": meta.get("tp_size", 1),
-                           "config_source": source},
-            "metrics": checkpoint_metrics(ckpt_dir, meta),
-            "dataset": {"name": info.dataset_name, "path": getattr(dataset, "resolved_path", None),
-                        "num_items": info.num_items, "first_item_id": info.first_item_id,
-                        "max_sequence_length": getattr(dataset, "max_sequence_length", None),
-                        "max_num_candidates": getattr(dataset, "max_num_candidates", 0),
-                        "item_map": ITEM_MAP if has_map else None},
-            "features": {
-                name: {"rows": int(t["ids"].numel()), "dim": int(t["vectors"].shape[1])} for name, t in tables.items()
-            },
-            "model": icfg,
-            "files": {"tables": TABLES_FILE, "weights": WEIGHTS_FILE, "embeddings": EMBEDDING_DUMP, **report["programs"]},
-            "aoti": report["aoti"],
-            "self_check_max_abs_diff": diff,
-            "versions": _versions(),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-        shutil.rmtree(out_path, ignore_errors=True)
-        os.replace(tmp, out_path)
+        try:
+            write_artifact(tmp, out_path, tables, inference, icfg, aoti, cfg, info, ckpt_dir, meta,
+                           source, diff, log)
+        except OSError as exc:
+            raise _cannot_write(exc, out_path) from None
+        except RuntimeError as exc:  # torch.save's zip writer wraps the OSError of a short write
+            if "PytorchStreamWriter failed" not in str(exc) and "inline_container" not in str(exc):
+                raise
+            short = OSError(errno.EIO, " ".join(str(exc).split())[:160])
+            raise _cannot_write(short, out_path) from None
         log(f"[export] artifact written to {out_path} in {time.perf_counter() - start:.0f}s")
         return out_path
     finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # what a failed export left (gone after the rename)
         destroy_distributed()
+
+
+def _copy_user_map(cfg: Any, icfg: dict[str, Any], out: Path) -> bool:
+    """user_map.parquet (user_id, raw_user_id) when the model reads the user id: recommend maps
+    an events file's raw user ids to the model's through it."""
+    import pyarrow.parquet as pq
+
+    from hstu.columns import USER_FEATURE
+
+    path = getattr(cfg.dataset, "resolved_path", None)
+    if USER_FEATURE not in icfg["contextual_feature_names"] or not path:
+        return False
+    sequences = Path(path) / "sequences.parquet"
+    if not sequences.is_file() or "raw_user_id" not in pq.read_schema(sequences).names:
+        return False
+    pq.write_table(pq.read_table(sequences, columns=[USER_FEATURE, "raw_user_id"]), out / USER_MAP)
+    return True
+
+
+def write_artifact(tmp: Path, out_path: Path, tables: dict, inference: InferenceHSTU,
+                   icfg: dict[str, Any], aoti: bool, cfg: Any, info: Any, ckpt_dir: str,
+                   meta: dict[str, Any], source: str, diff: float, log: Any) -> None:
+    """Writes every file into ``tmp``, the manifest (sizes and CRC32 of the others) last, then
+    renames ``tmp`` to ``out_path``."""
+    from hstu.training.checkpoint import _describe_files
+
+    torch.save(tables, tmp / TABLES_FILE)
+    torch.save(inference.state_dict(), tmp / WEIGHTS_FILE)
+    report = export_programs(inference, icfg, tmp, aoti, log)
+    has_map = _copy_item_map(cfg, tmp)
+    has_user_map = _copy_user_map(cfg, icfg, tmp)
+    write_embedding_dump(tables, icfg, tmp)
+    dataset = cfg.dataset
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "task": cfg.task,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "checkpoint": {"path": os.path.abspath(ckpt_dir), "step": int(meta["step"]),
+                       "world_size": meta.get("world_size"), "tp_size": meta.get("tp_size", 1),
+                       "config_source": source},
+        "metrics": checkpoint_metrics(ckpt_dir, meta),
+        "dataset": {"name": info.dataset_name, "path": getattr(dataset, "resolved_path", None),
+                    "num_items": info.num_items, "first_item_id": info.first_item_id,
+                    "max_sequence_length": getattr(dataset, "max_sequence_length", None),
+                    "max_num_candidates": getattr(dataset, "max_num_candidates", 0),
+                    "item_map": ITEM_MAP if has_map else None,
+                    "user_map": USER_MAP if has_user_map else None},
+        "features": {
+            name: {"rows": int(t["ids"].numel()), "dim": int(t["vectors"].shape[1])}
+        for name, t in tables.items()
+        },
+        "model": icfg,
+        "contents": {"tables": TABLES_FILE, "weights": WEIGHTS_FILE, "embeddings": EMBEDDING_DUMP,
+                     **report["programs"]},
+        # size and CRC32 of every other file, checked before loading (as checkpoints)
+        "files": _describe_files(str(tmp), sorted(p.name for p in tmp.iterdir())),
+        "aoti": report["aoti"],
+        "self_check_max_abs_diff": diff,
+        "versions": _versions(),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    shutil.rmtree(out_path, ignore_errors=True)
+    os.replace(tmp, out_path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -480,14 +575,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra gin binding, e.g. 'DatasetArgs.dataset_path=\"tmp_data/ml-100k\"'")
     parser.add_argument("--no-aoti", action="store_true", help="skip the AOTInductor package (minutes on a CPU)")
     ns = parser.parse_args(argv)
+    from hstu.console import fail, keep_log, quiet_start
+
+    quiet_start()  # known harmless third-party warnings (DCP's ShardedTensor notice) stay off
+    keep_log(None)
     from hstu.args import ConfigError
     from hstu.data.errors import DataError
+    from hstu.training.checkpoint import CheckpointError
 
     try:
         export(ns.ckpt, ns.out, ns.gin_config_file, ns.gin_param, aoti=not ns.no_aoti)
-    except (ExportError, ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except ExportError as exc:
+        return fail(str(exc), exc.code)
+    except (ConfigError, DataError) as exc:
+        return fail(str(exc), EXIT_BAD_INPUT)
+    except CheckpointError as exc:  # damaged, missing or no complete checkpoint
+        return fail(str(exc), EXIT_DAMAGED)
     return 0
 
 

@@ -7,10 +7,13 @@
 Retrieval: the top-K items of the full corpus for every user of the input (their history
 excluded), raw item ids and scores. Ranking: the head's scores for given candidates per user
 (``--candidates``), or for each user's last N events (``--holdout-last N``, as the trainer's
-test split). Input: a preprocessed dataset folder, or a CSV/parquet of raw events with
-columns user, item and timestamp (``user_id``/``item_id`` also accepted; the action and
-contextual features the model reads as columns named after them). Output: parquet, or CSV
-when the file name ends in .csv.
+test split). Input: a preprocessed dataset folder, or a CSV/parquet of raw events with the
+columns training's own data reads (:mod:`hstu.columns`: ``user_id`` or ``user``, ``item_id``
+or ``item``, ``timestamp``, ``time`` or ``ts``; raw ids, as in the training log); the action
+and contextual features the model reads as columns named after them, except the user id
+feature, which is the user column mapped through the artifact's user map. Users and feature
+values the model does not know are counted (their embedding is zero). Output: parquet, or
+CSV when the file name ends in .csv.
 
 ``--holdout-last 1`` (retrieval) keeps each user's last event out of the history and writes
 it as ``target``: HR@K of the output is then the trainer's test protocol.
@@ -32,7 +35,8 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import torch
 
-from hstu.serving.artifact import ITEM_MAP, Artifact, ArtifactError
+from hstu.columns import USER_FEATURE, accepted, pick_column
+from hstu.serving.artifact import EXIT_BAD_INPUT, ITEM_MAP, USER_MAP, Artifact, ArtifactError
 
 
 class InputError(Exception):
@@ -52,6 +56,8 @@ class Events:
     contextual: dict[str, np.ndarray]
     skipped_events: int = 0
     skipped_users: int = 0
+    unknown: dict[str, int] | None = None
+    """contextual feature -> users whose value the model's table does not hold."""
 
 
 def _read_table(path: Path) -> pa.Table:
@@ -73,6 +79,35 @@ def _column(table: pa.Table, names: tuple[str, ...], path: Path, required: bool 
     if required:
         raise InputError(f"{path}: no column {' / '.join(names)} (columns: {', '.join(table.column_names)})")
     return None
+
+
+def _event_column(table: pa.Table, role: str, path: Path, required: bool = True):
+    """The column holding ``role`` (user, item, timestamp) by training's names (hstu.columns)."""
+    name = pick_column(role, table.column_names)
+    if name is None and required:
+        have = ", ".join(table.column_names)
+        raise InputError(f"{path}: no column {accepted(role)} (columns: {have})")
+    return table.column(name) if name is not None else None
+
+
+class UserIds:
+    """Raw user ids -> the model's user id feature (the artifact's user map)."""
+
+    def __init__(self, art: Artifact) -> None:
+        self.path = art.path / USER_MAP
+        self.from_raw: dict[Any, int] | None = None
+        if self.path.is_file():
+            m = pq.read_table(self.path)
+            ids, raw = m.column(USER_FEATURE).to_pylist(), m.column("raw_user_id").to_pylist()
+            self.from_raw = {str(r): i for i, r in zip(ids, raw)}
+
+    def model_ids(self, raw: list) -> np.ndarray:
+        """-1 for a user the model does not know."""
+        if self.from_raw is None:
+            raise ArtifactError(f"{self.path}: missing, and the model reads {USER_FEATURE!r}; "
+                                "re-export the checkpoint (an artifact of this version writes it)")
+        get = self.from_raw.get
+        return np.asarray([get(str(r), -1) for r in raw], dtype=np.int64)
 
 
 class ItemIds:
@@ -139,9 +174,9 @@ def read_events(path: Path, art: Artifact, item_ids: ItemIds) -> Events:
         table = _read_table(path)
         if table.num_rows == 0:
             raise InputError(f"{path}: no events (only a header)")
-        user_col = _column(table, ("user", "user_id"), path)
-        item_col = _column(table, ("item", "item_id"), path)
-        ts_col = _column(table, ("timestamp", "time", "ts"), path, required=False)
+        user_col = _event_column(table, "user", path)
+        item_col = _event_column(table, "item", path)
+        ts_col = _event_column(table, "timestamp", path, required=False)
         raw_users = user_col.to_pylist()
         items = item_ids.model_ids(item_col.to_pylist())
         ts = (ts_col.to_numpy(zero_copy_only=False).astype(np.int64) if ts_col is not None
@@ -163,10 +198,19 @@ def read_events(path: Path, art: Artifact, item_ids: ItemIds) -> Events:
             actions = actions[order]
         contextual = {}
         for name in ctx_names:
+            if name == USER_FEATURE:  # the user column's raw ids, mapped as the preprocessor did
+                contextual[name] = UserIds(art).model_ids(users)
+                continue
             c = _column(table, (name,), path).to_numpy(zero_copy_only=False).astype(np.int64)
             firsts = np.full(len(codes), 0, dtype=np.int64)
             firsts[inverse[::-1]] = c[::-1]  # each user's first row's value
             contextual[name] = firsts
+    # unknown users and contextual values: ids the model's tables do not hold (zero embedding)
+    unknown = {}
+    for name, values in contextual.items():
+        _, found = art.tables.find(name, torch.from_numpy(values))
+        if int((~found).sum()):
+            unknown[name] = int((~found).sum())
     # unknown items: ids the model's item table does not hold (skipped and counted)
     _, found = art.tables.find(cfg["item_feature_name"], torch.from_numpy(items))
     known = found.numpy()
@@ -180,7 +224,8 @@ def read_events(path: Path, art: Artifact, item_ids: ItemIds) -> Events:
         items, ts = items[known], ts[known]
         if actions is not None:
             actions = actions[known]
-    return Events(users, offsets, items, ts, actions, contextual, skipped_events=skipped)
+    return Events(users, offsets, items, ts, actions, contextual, skipped_events=skipped,
+                  unknown=unknown)
 
 
 def _write(rows: dict[str, list | np.ndarray], out: Path) -> None:
@@ -268,9 +313,9 @@ def recommend(art: Artifact, events: Events, out: Path, top_k: int, batch_size: 
 def _candidates_from_file(path: Path, events: Events, item_ids: ItemIds, art: Artifact):
     """user -> (candidate model ids, timestamps) from a CSV/parquet (unknown items skipped)."""
     table = _read_table(path)
-    users = [str(u) for u in _column(table, ("user", "user_id"), path).to_pylist()]
-    items = item_ids.model_ids(_column(table, ("item", "item_id"), path).to_pylist())
-    ts_col = _column(table, ("timestamp", "time", "ts"), path, required=False)
+    users = [str(u) for u in _event_column(table, "user", path).to_pylist()]
+    items = item_ids.model_ids(_event_column(table, "item", path).to_pylist())
+    ts_col = _event_column(table, "timestamp", path, required=False)
     ts = ts_col.to_numpy(zero_copy_only=False).astype(np.int64) if ts_col is not None else np.zeros(len(items), np.int64)
     _, found = art.tables.find(art.cfg["item_feature_name"], torch.from_numpy(items))
     by_user: dict[str, tuple[list, list]] = {}
@@ -372,6 +417,11 @@ def main(argv: list[str] | None = None) -> int:
         if events.skipped_events:
             print(f"[recommend] skipped {events.skipped_events} events whose item ids the model does not know",
                   file=sys.stderr)
+        if events.unknown:
+            counts = ", ".join(f"{name} of {n} user{'s' if n > 1 else ''}"
+                               for name, n in events.unknown.items())
+            print(f"[recommend] values the model does not know, scored with a zero embedding: "
+                  f"{counts}", file=sys.stderr)
         if art.task == "retrieval":
             report = recommend(art, events, Path(ns.out), ns.top_k, ns.batch_size, ns.holdout_last)
         else:
@@ -380,9 +430,12 @@ def main(argv: list[str] | None = None) -> int:
             if report["skipped_candidates"]:
                 print(f"[recommend] skipped {report['skipped_candidates']} candidates whose item ids the model "
                       "does not know", file=sys.stderr)
-    except (ArtifactError, InputError) as exc:
+    except ArtifactError as exc:  # 2: not an artifact or another version; 3: a damaged file
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exc.code
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if report["skipped_users"] and report["users"]:
         print(f"[recommend] skipped {report['skipped_users']} users without a usable history "
               "(no known item before the held-out events)", file=sys.stderr)

@@ -2,44 +2,95 @@
 
 Formats are told by the file name: ``.csv``/``.txt`` (comma unless CustomDataArgs.delimiter
 says otherwise), ``.tsv`` (tab), ``.jsonl``/``.ndjson``/``.json`` (one JSON object per line),
-each optionally ``.gz``, and ``.parquet``. Ids may be integers or text; timestamps are
-integers; actions are numbers turned into classes (:func:`action_classes`).
+and ``.parquet``, each optionally ``.gz``; or a ``.zip`` / ``.tar[.gz]`` / ``.tgz`` archive
+holding one such file. Ids may be integers or text; timestamps are integers; actions are
+numbers turned into classes (:func:`action_classes`). Columns left at their default names
+also read the aliases of :mod:`hstu.columns` (``user`` for ``user_id``, ...), as serving does.
 """
 
 from __future__ import annotations
 
+import csv
 import gzip
+import io
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from hstu.columns import pick_column
 from hstu.data.data_args import CustomDataArgs
 from hstu.data.errors import DataError
 from hstu.data.parsing import Columns, read_delimited
+from hstu.data.raw import RawSource
 from hstu.data.sources import Parsed
 
 _TEXT_SUFFIXES = (".csv", ".tsv", ".txt")
 _JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
+_ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 ROW_FEATURE_PREFIX = "ctx:"
 MAX_ACTION_CLASSES = 256
 """Most distinct non-integer action values turned into one class each (else: action_bins)."""
 
 
-def file_kind(path: Path) -> str | None:
-    """"text", "json" or "parquet" from the file name (a trailing .gz is allowed for text)."""
-    name = path.name.lower()
+def file_kind(path: Path | str) -> str | None:
+    """"text", "json", "parquet" (each optionally .gz) or "archive" from the file name."""
+    name = Path(path).name.lower()
+    if name.endswith(_ARCHIVE_SUFFIXES):
+        return "archive"
     name = name.removesuffix(".gz")
     if name.endswith(_TEXT_SUFFIXES):
         return "text"
     if name.endswith(_JSON_SUFFIXES):
         return "json"
-    if name.endswith(".parquet") and not path.name.lower().endswith(".gz"):
+    if name.endswith(".parquet"):
         return "parquet"
     return None
+
+
+class _Input:
+    """One file to read: a plain file, or the single data file of an archive. ``name`` is
+    what messages say (``log.zip:events.csv`` for a member)."""
+
+    def __init__(self, name: str, kind: str, read: Callable[[], bytes], gz: bool,
+                 path: Path | None = None) -> None:
+        self.name, self.kind, self._read, self.gz, self.path = name, kind, read, gz, path
+
+    def read_bytes(self) -> bytes:
+        raw = self._read()
+        if self.gz:
+            try:
+                raw = gzip.decompress(raw)
+            except (OSError, EOFError) as exc:
+                raise DataError(self.name, f"truncated or corrupt gzip file ({exc})") from None
+        return raw
+
+
+def _inputs(path: Path) -> _Input:
+    """The file to read of ``path`` (an archive: its one data file, else an error naming them)."""
+    kind = file_kind(path)
+    gz = path.name.lower().endswith(".gz")
+    if kind != "archive":
+        assert kind is not None
+        return _Input(str(path), kind, path.read_bytes, gz, path=None if gz else path)
+    source = RawSource(path)  # zip or tar: a truncated archive is one line there
+    data = [m for m in source.find("*") if file_kind(m) not in (None, "archive")]
+    if len(data) != 1:
+        found = ", ".join(source.members[:10]) + (", ..." if len(source.members) > 10 else "")
+        what = "no" if not data else f"{len(data)}"
+        raise DataError(
+            str(path),
+            f"{what} .csv/.tsv/.txt/.jsonl/.json/.ndjson/.parquet files in the {source.kind} "
+            f"(members: {found or 'none'}); it must hold exactly one: extract the one to read",
+        )
+    member = data[0]
+    return _Input(source.display(member), file_kind(member), lambda: source.read_bytes(member),
+                  member.lower().endswith(".gz"))
 
 
 def custom_files(args: CustomDataArgs) -> list[Path]:
@@ -55,24 +106,16 @@ def custom_files(args: CustomDataArgs) -> list[Path]:
         if file_kind(path) is None:
             raise DataError(
                 str(path),
-                "unknown format: name it .csv, .tsv, .txt, .jsonl, .json, .ndjson (optionally .gz) "
-                "or .parquet",
+                "unknown format: name it .csv, .tsv, .txt, .jsonl, .json, .ndjson, .parquet "
+                "(optionally .gz), or an archive (.zip, .tar, .tar.gz, .tgz) holding one such file",
             )
         return [path]
-    files = sorted(p for p in path.iterdir() if p.is_file() and file_kind(p) is not None)
+    files = sorted(
+        p for p in path.iterdir() if p.is_file() and file_kind(p) not in (None, "archive")
+    )
     if not files:
         raise DataError(str(path), "folder holds no .csv/.tsv/.txt/.jsonl/.json/.parquet file")
     return files
-
-
-def _read_bytes(path: Path) -> bytes:
-    raw = path.read_bytes()
-    if path.name.lower().endswith(".gz"):
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise DataError(str(path), f"truncated or corrupt gzip file ({exc})") from None
-    return raw
 
 
 def _missing(path: Path, col: str, have: list[str], line: int | None = None) -> DataError:
@@ -130,26 +173,52 @@ def _parse_numbers(values: np.ndarray, cols: Columns, col: str, integer: bool) -
         raise
 
 
-def _read_parquet(path: Path, columns: dict[str, str]) -> Columns:
+def _parquet_names(src: _Input) -> tuple[list[str], Any]:
+    """(column names, what pyarrow reads: the file, or a buffer of the member's bytes)."""
+    source = src.path if src.path is not None else pa.BufferReader(src.read_bytes())
     try:
-        schema = pq.read_schema(path)
+        return pq.read_schema(source).names, source
     except (pa.ArrowException, OSError) as exc:
-        raise DataError(str(path), f"truncated or corrupt parquet file ({exc})") from None
+        raise DataError(src.name, f"truncated or corrupt parquet file ({exc})") from None
+
+
+def _read_parquet(path: str, source: Any, names: list[str], columns: dict[str, str]) -> Columns:
     for col in columns:
-        if col not in schema.names:
-            raise _missing(path, col, schema.names)
+        if col not in names:
+            raise _missing(path, col, names)
     try:
-        table = pq.read_table(path, columns=list(columns))
+        table = pq.read_table(source, columns=list(columns))
     except (pa.ArrowException, OSError) as exc:
         raise DataError(str(path), f"truncated or corrupt parquet file ({exc})") from None
     return _from_arrow(table, path, columns, first_line=0)
 
 
-def _read_json_lines(path: Path, columns: dict[str, str]) -> Columns:
+def _json_names(raw: bytes) -> list[str]:
+    """The fields of the first line's object ([] if it is not one: the reader says so)."""
+    first = raw.lstrip()[: raw.lstrip().find(b"\n")] if b"\n" in raw.lstrip() else raw.lstrip()
+    try:
+        obj = json.loads(first)
+    except ValueError:
+        return []
+    return list(obj) if isinstance(obj, dict) else []
+
+
+def _text_names(raw: bytes, delimiter: str) -> list[str]:
+    first = raw[: raw.find(b"\n")] if b"\n" in raw else raw
+    text = first.decode("utf-8", "replace").rstrip("\r")
+    return next(csv.reader(io.StringIO(text), delimiter=delimiter), [])
+
+
+def _delimiter(name: str, args: CustomDataArgs) -> str:
+    if args.delimiter is not None:
+        return args.delimiter
+    return "\t" if name.lower().removesuffix(".gz").endswith(".tsv") else ","
+
+
+def _read_json_lines(path: str, raw: bytes, columns: dict[str, str]) -> Columns:
     """One JSON object per line. Fast path: pyarrow; a file whose fields change type between
     lines (an id that is a number here and a string there) or a malformed line goes through
     the Python reader, which names the bad line."""
-    raw = _read_bytes(path)
     if not raw.strip():
         raise DataError(str(path), "file is empty")
     try:
@@ -195,13 +264,9 @@ def _read_json_lines_slow(path: Path, raw: bytes, columns: dict[str, str]) -> Co
     return _from_arrow(pa.table(arrays), path, columns, first_line=1)
 
 
-def _read_text(path: Path, columns: dict[str, str], args: CustomDataArgs) -> Columns:
+def _read_text(path: str, raw: bytes, columns: dict[str, str], args: CustomDataArgs) -> Columns:
     """Delimited text: ids are read as text, then turned into integers when all are integers."""
-    raw = _read_bytes(path)
-    delimiter = args.delimiter
-    if delimiter is None:
-        stem = path.name.lower().removesuffix(".gz")
-        delimiter = "\t" if stem.endswith(".tsv") else ","
+    delimiter = _delimiter(path, args)
     names = None
     if not args.has_header:
         first = raw[: raw.find(b"\n")] if b"\n" in raw[:65536] else raw
@@ -275,29 +340,49 @@ def read_custom(args: CustomDataArgs) -> Parsed:
     numbers turned into classes (:func:`action_classes`). Contextual columns become log
     columns named ``ctx:<column>``; the preprocessor keeps each user's most recent value.
     """
-    columns: dict[str, str] = {
-        args.user_column: "id",
-        args.item_column: "id",
-        args.timestamp_column: "int",
-    }
-    if args.action_column:
-        columns[args.action_column] = "num"
-    for c in args.contextual_columns:
-        columns[c] = "id"
     files = custom_files(args)
     parts = []
+    used: dict[str, str] = {}
     for path in files:
-        kind = file_kind(path)
-        if kind == "parquet":
-            cols = _read_parquet(path, columns)
-        elif kind == "json":
-            cols = _read_json_lines(path, columns)
+        src = _inputs(path)
+        raw = source = None
+        if src.kind == "parquet":
+            have, source = _parquet_names(src)
         else:
-            cols = _read_text(path, columns, args)
+            raw = src.read_bytes()
+            if src.kind == "json":
+                have = _json_names(raw)
+            else:
+                have = _text_names(raw, _delimiter(src.name, args)) if args.has_header else []
+        # the user / item / time columns: as configured, or (left at the default) an alias
+        roles = {
+            role: pick_column(role, have, configured) or configured
+            for role, configured in (
+                ("user", args.user_column),
+                ("item", args.item_column),
+                ("timestamp", args.timestamp_column),
+            )
+        }
+        used = roles
+        columns: dict[str, str] = {
+            roles["user"]: "id",
+            roles["item"]: "id",
+            roles["timestamp"]: "int",
+        }
+        if args.action_column:
+            columns[args.action_column] = "num"
+        for c in args.contextual_columns:
+            columns[c] = "id"
+        if src.kind == "parquet":
+            cols = _read_parquet(src.name, source, have, columns)
+        elif src.kind == "json":
+            cols = _read_json_lines(src.name, raw, columns)
+        else:
+            cols = _read_text(src.name, raw, columns, args)
         renamed = {
-            "user": cols.data[args.user_column],
-            "item": cols.data[args.item_column],
-            "time_key": cols.data[args.timestamp_column].astype(np.int64),
+            "user": cols.data[roles["user"]],
+            "item": cols.data[roles["item"]],
+            "time_key": cols.data[roles["timestamp"]].astype(np.int64),
         }
         if args.action_column:
             renamed["action"] = cols.data[args.action_column]
@@ -345,11 +430,11 @@ def read_custom(args: CustomDataArgs) -> Parsed:
         max_item_id=(args.item_vocab_size - 1) if keep else None,
         keep_item_ids=keep,
         min_user_interactions=args.min_user_interactions,
-        members=[str(p) for p in files],
+        members=[_inputs(p).name for p in files],
         column_names={
-            "user": args.user_column,
-            "item": args.item_column,
-            "time_key": args.timestamp_column,
+            "user": used["user"],
+            "item": used["item"],
+            "time_key": used["timestamp"],
             "action": args.action_column or "action",
         },
     )

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hstu.columns import USER_FEATURE  # one definition, shared with serving
 from hstu.data.parsing import Columns, read_delimited
 from hstu.data.raw import RawSource
 
 ITEM_FEATURE = "item_id"
 ACTION_FEATURE = "action"
-USER_FEATURE = "user_id"
 
 KUAIRAND_ACTION_BITS: tuple[tuple[str, int], ...] = (
     ("is_click", 1),

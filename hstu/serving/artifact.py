@@ -15,6 +15,7 @@ package), and what is left (id lookup, padding, full-corpus top-k) is a few torc
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 FORMAT = "hstu-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest's "files" holds each file's size and CRC32
 MANIFEST = "manifest.json"
 TABLES_FILE = "tables.pt"
 WEIGHTS_FILE = "dense_weights.pt"
@@ -32,10 +33,47 @@ AOTI_PACKAGE = "dense_aoti.pt2"
 CACHE_PROGRAMS = {"encode_history": "encode_history.pt2", "score_candidates": "score_candidates.pt2"}
 EMBEDDING_DUMP = "item_embeddings.parquet"
 ITEM_MAP = "item_map.parquet"
+USER_MAP = "user_map.parquet"
+EXIT_BAD_INPUT = 2
+EXIT_DAMAGED = 3  # as the trainer's checkpoint faults (docs/failures.md)
 
 
 class ArtifactError(Exception):
-    """An artifact that cannot be used (printed as one line)."""
+    """An artifact that cannot be used (printed as one line). ``code``: the exit code, 2 for
+    a wrong path or version, 3 for a damaged or unwritable file."""
+
+    def __init__(self, message: str, code: int = EXIT_BAD_INPUT) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# what torch's zip reader says about a truncated or damaged archive (torch.load, torch.export)
+_TORCH_ZIP_ERRORS = ("PytorchStreamReader failed", "failed finding central directory")
+
+
+def _load_tensors(path: Path) -> Any:
+    return torch.load(path, weights_only=True)
+
+
+def _load_program(path: Path) -> Any:
+    return torch.export.load(str(path))
+
+
+def load_file(path: Path, loader: Any) -> Any:
+    """``loader(path)``; a truncated or damaged file -> ArtifactError naming it (exit 3)."""
+    try:
+        return loader(path)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing; re-export the checkpoint", EXIT_DAMAGED) from None
+    except (zipfile.BadZipFile, EOFError) as exc:
+        raise ArtifactError(f"{path}: truncated or damaged ({type(exc).__name__}: {exc}); "
+                            "re-export the checkpoint", EXIT_DAMAGED) from None
+    except RuntimeError as exc:
+        text = " ".join(str(exc).split())
+        if not any(m in text for m in _TORCH_ZIP_ERRORS):
+            raise
+        raise ArtifactError(f"{path}: truncated or damaged ({text[:160]}); re-export the "
+                            "checkpoint", EXIT_DAMAGED) from None
 
 
 class Tables:
@@ -208,9 +246,14 @@ class Artifact:
                 f"{self.path}: artifact format {fmt!r} version {version}, this hstu reads {FORMAT!r} "
                 f"version {FORMAT_VERSION}; re-export the checkpoint with python -m hstu.export"
             )
+        from hstu.training.checkpoint import check_files  # torch only: the checkpoints' check
+
+        problem = check_files(str(self.path))  # sizes and CRC32 against the manifest
+        if problem is not None:
+            raise ArtifactError(f"{problem}; re-export the checkpoint", EXIT_DAMAGED)
         self.cfg: dict[str, Any] = self.manifest["model"]
         self.task: str = self.manifest["task"]
-        self.tables = Tables(torch.load(self.path / TABLES_FILE, weights_only=True))
+        self.tables = Tables(load_file(self.path / TABLES_FILE, _load_tensors))
         self.program = None
         self.runtime = "torch.export"
         aoti = self.manifest.get("aoti") or {}
@@ -223,7 +266,7 @@ class Artifact:
             except Exception:  # noqa: BLE001 - fall back to the portable program
                 self.program = None
         if self.program is None:
-            self.program = torch.export.load(str(self.path / DENSE_PROGRAM)).module()
+            self.program = load_file(self.path / DENSE_PROGRAM, _load_program).module()
         self._cache_programs: dict[str, Any] = {}
         self._corpus: Corpus | None = None
 
@@ -240,7 +283,7 @@ class Artifact:
             path = self.path / CACHE_PROGRAMS[name]
             if not path.is_file():
                 raise ArtifactError(f"{self.path}: no {path.name} (cached-history scoring is for ranking models)")
-            self._cache_programs[name] = torch.export.load(str(path)).module()
+            self._cache_programs[name] = load_file(path, _load_program).module()
         return self._cache_programs[name]
 
     def eager_model(self):
@@ -248,7 +291,7 @@ class Artifact:
         from hstu.serving.model import InferenceHSTU
 
         model = InferenceHSTU(self.cfg)
-        model.load_state_dict(torch.load(self.path / WEIGHTS_FILE, weights_only=True))
+        model.load_state_dict(load_file(self.path / WEIGHTS_FILE, _load_tensors))
         return model.eval()
 
     @torch.no_grad()
@@ -287,5 +330,6 @@ __all__ = [
     "candidate_logits",
     "example_inputs",
     "load_artifact",
+    "load_file",
     "pad_inputs",
 ]

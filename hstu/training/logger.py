@@ -70,6 +70,23 @@ class RunLogger:
             self._tb = SummaryWriter(log_dir=self.run_dir, purge_step=step + 1)
         return len(rows) - 1 - len(kept)
 
+    def last_eval(self, step: int) -> tuple[int, dict[str, float]]:
+        """(step, metrics) of the last evaluation at or before ``step`` in metrics.csv (its
+        test rows ``test/...`` and best-step bookkeeping left out); (step, {}) if none."""
+        if not self.enabled:
+            return step, {}
+        self._csv.flush()
+        with open(os.path.join(self.run_dir, "metrics.csv"), newline="") as fh:
+            rows = [
+                r for r in csv.DictReader(fh)
+                if r["split"] == "eval" and r["step"].isdigit() and int(r["step"]) <= step
+                and "/" not in r["name"] and not r["name"].startswith("best_")
+            ]
+        if not rows:
+            return step, {}
+        last = max(int(r["step"]) for r in rows)
+        return last, {r["name"]: float(r["value"]) for r in rows if int(r["step"]) == last}
+
     def log(self, step: int, split: str, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return

@@ -54,8 +54,9 @@ def run(cfg: RunConfig) -> int:
         if trainer.interrupted:
             return 143  # 128 + SIGTERM: stopped early, state saved
         if env.is_main:
-            text = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-            print(f"[hstu] final {cfg.task} metrics: {text}", flush=True)
+            if metrics:  # none when a finished run is resumed (the trainer said so)
+                text = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+                print(f"[hstu] final {cfg.task} metrics: {text}", flush=True)
             print(f"[hstu] outputs in {run_dir}", flush=True)
         return 0
     except (ConfigError, DataError) as exc:

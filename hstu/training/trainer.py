@@ -249,6 +249,15 @@ class Trainer:
 
     def train(self) -> dict[str, float]:
         args, env = self.args, self.env
+        if self.step >= self.max_steps:  # resumed a finished run: nothing to do, nothing to redo
+            at, last = self.logger.last_eval(self.step)
+            text = " ".join(f"{k} {v:.4f}" for k, v in last.items())
+            self.logger.print(
+                f"[hstu] nothing left to train: the checkpoint is at step {self.step} of "
+                f"{self.max_steps} (raise TrainerArgs.max_train_iters to train on)"
+                + (f"; last evaluation (step {at}): {text}" if last else "")
+            )
+            return {}  # no new metrics (run.py prints no "final metrics" line)
         feed = Feed(self.built.train_loader, self.cfg.network, self._prepare_for_device(), env.device)
         feed_iter = iter(feed)
         pipeline = build_pipeline(args.pipeline_type, self.model, self.optimizer, env.device, log=self.logger.print)

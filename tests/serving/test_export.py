@@ -187,12 +187,14 @@ def test_unknown_item_ids_are_skipped_and_counted(retrieval, tmp) -> None:
     table = pq.read_table(retrieval["data"] / "sequences.parquet").slice(0, 3)
     events = tmp / "events.csv"
     with open(events, "w") as fh:
-        fh.write("user,item,timestamp,action,user_id,segment\n")
+        # raw user ids in ``user`` (the user id feature comes through the artifact's user map;
+        # a ``user_id`` column would be read as the raw user id, as training's own data does)
+        fh.write("user,item,timestamp,action,segment\n")
         for row in table.to_pylist():
             for item, ts, act in zip(row["item_ids"][:5], row["timestamps"][:5], row["actions"][:5]):
-                fh.write(f"{row['raw_user_id']},{item},{ts},{act},{row['user_id']},{row['segment']}\n")
-            fh.write(f"{row['raw_user_id']},999999,{row['timestamps'][5]},1,{row['user_id']},{row['segment']}\n")
-        fh.write("ghost,888888,5,1,1,1\n")  # a user whose only event is unknown
+                fh.write(f"{row['raw_user_id']},{item},{ts},{act},{row['segment']}\n")
+            fh.write(f"{row['raw_user_id']},999999,{row['timestamps'][5]},1,{row['segment']}\n")
+        fh.write("ghost,888888,5,1,1\n")  # a user whose only event is unknown
     out = tmp / "from_events.parquet"
     proc = recommend("--model", str(retrieval["art"]), "--input", str(events), "--out", str(out), "--top-k", "5")
     assert "skipped 4 events whose item ids the model does not know" in proc.stderr
