@@ -86,6 +86,44 @@ def describe_os_error(exc: BaseException, path: str | None = None) -> str:
     return f"{name}: {type(exc).__name__}: {text[:300]}"
 
 
+def state_tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor in a nested state (the local shards of ShardedTensors)."""
+    if hasattr(obj, "local_shards"):  # a ShardedTensor (also a torch.Tensor)
+        return [s.tensor for s in obj.local_shards()]
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in state_tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in state_tensors(v)]
+    return []
+
+
+def state_bytes(*states: Any) -> int:
+    """Bytes of the tensors in ``states``: what their files hold at least."""
+    return sum(t.numel() * t.element_size() for s in states for t in state_tensors(s))
+
+
+def _mount_point(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.ismount(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def no_space_line(path: str, need: int, free: int, when: str = "") -> str:
+    """The one line of a full disk, with the numbers (torch's zip writer loses the errno)."""
+    mb = 1024 * 1024
+    return (
+        f"{path}: no space left on {_mount_point(path)}: need ~{need / mb:,.1f} MB, "
+        f"{free / mb:,.1f} MB free{when}: free space or lower TrainerArgs.keep_last_n (ENOSPC)"
+    )
+
+
+# a write failing with less than this left on its file system is taken for a full disk
+_FULL_BELOW = 4 * 1024 * 1024
+
+
 def _fsync_file(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -196,10 +234,30 @@ def _write_files(
 ) -> None:
     step = meta.get("step", "?")
     problem = None
+    # free space before writing: every rank's files land under one checkpoint folder
+    need = state_bytes(sharded_state, rng) + (state_bytes(dense_state) if dp_rank == 0 else 0)
+    if _world() > 1:
+        needs = [None] * _world()
+        dist.all_gather_object(needs, need)
+        need = sum(needs)
+    free = shutil.disk_usage(tmp).free
+    if rank == 0 and need > free:
+        problem = f"step {step}: cannot write checkpoint files: {no_space_line(tmp, need, free)}"
+    agree(problem)
+
+    def failed(exc: BaseException, path: str | None = None) -> str:
+        """describe_os_error, or the full-disk line where the writer lost the errno."""
+        errno_known = isinstance(exc, OSError) and exc.errno not in (None, errno.EIO)
+        if not errno_known and shutil.disk_usage(tmp).free < _FULL_BELOW:
+            return no_space_line(path or tmp, need, free, " before the save")
+        return describe_os_error(exc, path)
+
     try:
         dcp.save(sharded_state, checkpoint_id=tmp)
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - DCP's is a BaseException
-        problem = f"step {step}: cannot write checkpoint files: {describe_os_error(exc, tmp)}"
+        if isinstance(exc, CheckpointException) and exc.failures:
+            exc = next(iter(exc.failures.values()))[0]  # a rank's own error
+        problem = f"step {step}: cannot write checkpoint files: {failed(exc, tmp)}"
     mine: list[str] = []
     if problem is None:
         writes: list[tuple[str, Any]] = [(f"rng_rank{rank}.pt", rng)]
@@ -220,7 +278,7 @@ def _write_files(
                 mine.append(".metadata")
             files = _describe_files(tmp, mine)
         except OSError as exc:
-            problem = f"step {step}: cannot write checkpoint file {describe_os_error(exc)}"
+            problem = f"step {step}: cannot write checkpoint file {failed(exc)}"
     agree(problem)
     gathered = [files]
     if _world() > 1:

@@ -50,25 +50,12 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    """Every tensor in a nested state (the local shards of ShardedTensors)."""
-    if hasattr(obj, "local_shards"):  # a ShardedTensor (also a torch.Tensor)
-        return [s.tensor for s in obj.local_shards()]
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _tensors(v)]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _tensors(v)]
-    return []
-
-
 def first_non_finite(states: dict[str, Any]) -> str | None:
     """Name of the first state (by top-level key) holding a NaN or an infinity on any rank."""
     names = sorted(states)
     bad = torch.zeros(len(names), dtype=torch.float32)
     for i, name in enumerate(names):
-        for t in _tensors(states[name]):
+        for t in ckpt.state_tensors(states[name]):
             if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
                 bad[i] = 1.0
                 break

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -236,3 +237,71 @@ def test_best_tracker_state_round_trip():
     restored.load_state_dict(best.state_dict())
     assert (restored.value, restored.step, restored.evals_since_best) == (0.1, 3, 1)
     assert restored.update({"MRR": 0.09}, 9) == (False, True)  # patience carried over the resume
+
+
+def _body_full_disk(rank: int, world_size: int, tmp: str, root: str, emulate: bool) -> None:
+    from hstu.training import checkpoint as ckpt
+    from hstu.training.checkpoint import CheckpointError
+    from hstu.training.lifecycle import CheckpointLifecycle
+
+    lc = CheckpointLifecycle(root, keep_last_n=None, log=lambda _m: None)
+    _save(lc, 5, 5.0)
+    free = shutil.disk_usage(root).free if not emulate else 300 * 1024
+    real_usage, real_save = shutil.disk_usage, torch.save
+    if emulate:  # no tmpfs here: the file system reports what a small one would
+        ckpt.shutil.disk_usage = lambda p: real_usage(p)._replace(free=free)
+
+    def save(step: int, payload_bytes: int) -> str:
+        sharded, dense, rng, meta = _states(rank, float(step))
+        dense["model"]["big"] = torch.ones(payload_bytes // 4)  # written by rank 0 (DP rank 0)
+        with pytest.raises(CheckpointError) as err:
+            lc.save(step, sharded, dense, {**meta, "step": step}, rng, rank, 0, rank)
+        line = str(err.value)
+        assert "\n" not in line and f"step {step}: cannot write checkpoint file" in line, line
+        assert "no space left on " in line and "(ENOSPC)" in line and "MB free" in line, line
+        dist.barrier()
+        assert sorted(os.listdir(root)) == ["iter_5", "latest"], os.listdir(root)
+        assert _load(root)[3]["step"] == 5
+        dist.barrier()
+        return line
+
+    try:
+        # known to be too large before writing: refused with the numbers, nothing written
+        line = save(10, 2 * free)
+        need, left = (float(x) for x in re.search(r"need ~([\d.,]+) MB, ([\d.,]+) MB free", line).groups())
+        assert need >= 1.9 * free / 2**20 and abs(left - free / 2**20) < 0.1, line
+        # fits by the tensors' bytes, not with the files' overhead: the write fails (torch's
+        # zip writer loses the errno: "unexpected pos ...") and the line still says why
+        if emulate:
+            def failing_save(obj, path, *a, **k):
+                if "dense" in str(path):
+                    ckpt.shutil.disk_usage = lambda p: real_usage(p)._replace(free=0)
+                    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+                return real_save(obj, path, *a, **k)
+
+            torch.save = failing_save
+        sharded, dense, rng, _ = _states(rank, 0.0)
+        others = world_size * ckpt.state_bytes(sharded, rng) + ckpt.state_bytes(dense)
+        line = save(15, free - others - 1024)  # 1 KB to spare by the tensors' bytes
+        assert "before the save" in line, line
+    finally:
+        ckpt.shutil.disk_usage, torch.save = real_usage, real_save
+
+
+def test_a_full_disk_is_named_with_the_numbers_and_keeps_the_latest(tmp_path):
+    """A real small tmpfs where this host lets the test mount one, else the same sizes as the
+    file system would report them."""
+    import subprocess
+
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=384k", "tmpfs", str(root)],
+        capture_output=True, check=False,
+    ).returncode == 0 if os.geteuid() == 0 else False
+    try:
+        run_multiprocess(_body_full_disk, world_size=2, tmp=str(tmp_path), root=str(root),
+                         emulate=not mounted)
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(root)], check=True)
