@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import gin
 
+from hstu.registry import NEGATIVE_SAMPLING
 from hstu.validation import (  # noqa: F401 - re-exported: hstu.args is the public home
     AUTO,
     REQUIRED,
@@ -637,7 +638,9 @@ class RetrievalArgs:
 
     num_negatives: int = -1
     """Negatives per positive; -1 uses the other items of the batch (in-batch)."""
-    negative_sampling: Literal["uniform", "in_batch", "mixed", "full_corpus"] = "uniform"
+    # the choices are hstu.registry.NEGATIVE_SAMPLING's names, read whenever the class is
+    # checked or documented (a string annotation, evaluated by typing.get_type_hints)
+    negative_sampling: Literal[NEGATIVE_SAMPLING.names()] = "uniform"
     """uniform: num_negatives ids per query drawn uniformly from the corpus (-1: in-batch, as above); in_batch: the other positives of the rank's batch (num_negatives must be -1); mixed: num_negatives uniform ids plus the in-batch positives; full_corpus: every item is a negative, the exact softmax (num_negatives must be -1; cost grows with the corpus)."""
     temperature: float = 0.05
     """Softmax temperature on cosine similarities."""
@@ -656,20 +659,10 @@ class RetrievalArgs:
             "num_negatives",
             f"must be -1 (in-batch) or > 0, got {self.num_negatives}",
         )
-        _require(
-            self.negative_sampling not in ("in_batch", "full_corpus") or self.num_negatives == -1,
-            self,
-            "num_negatives",
-            f"must be -1 with negative_sampling={self.negative_sampling!r} (it draws no uniform "
-            f"negatives), got {self.num_negatives}",
+        problem = NEGATIVE_SAMPLING[self.negative_sampling].num_negatives_problem(
+            self.negative_sampling, self.num_negatives
         )
-        _require(
-            self.negative_sampling != "mixed" or self.num_negatives > 0,
-            self,
-            "num_negatives",
-            f"must be > 0 with negative_sampling='mixed' (uniform negatives plus in-batch), "
-            f"got {self.num_negatives}",
-        )
+        _require(problem is None, self, "num_negatives", problem or "")
         _positive(self, "temperature", "l2_norm_eps")
         _require(
             self.full_corpus_matmul_dtype == "float32" or self.negative_sampling == "full_corpus",
