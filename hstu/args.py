@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import gin
 
-from hstu.registry import NEGATIVE_SAMPLING
+from hstu.registry import (
+    ATTENTION_BACKENDS,
+    DATASETS,
+    NEGATIVE_SAMPLING,
+    parse_retrieval_metric,
+    retrieval_metric_names,
+)
 from hstu.validation import (  # noqa: F401 - re-exported: hstu.args is the public home
     AUTO,
     REQUIRED,
@@ -54,7 +59,6 @@ def _float32(obj: Any, *names: str) -> None:
             )
 
 
-_RETRIEVAL_METRIC_RE = re.compile(r"^(HR|NDCG)@([1-9][0-9]*)$|^MRR$")
 RANKING_METRICS = ("AUC",)
 
 
@@ -281,18 +285,6 @@ class DynamicEmbeddingArgs(EmbeddingArgs):
         return HbmPlan(rule, capacity, row_bytes, capacity * row_bytes)
 
 
-DATASET_NAMES = (
-    "ml-1m",
-    "ml-20m",
-    "ml-100k",
-    "kuairand-pure",
-    "kuairand-1k",
-    "kuairand-27k",
-    "synthetic",
-    "custom",
-)
-
-
 @gin.configurable
 @dataclass
 class DatasetArgs:
@@ -330,11 +322,11 @@ class DatasetArgs:
             "'valid' needs DatasetArgs.holdout_validation = True",
         )
         _require(
-            self.dataset_name in DATASET_NAMES or os.path.isdir(self.resolved_path),
+            self.dataset_name in DATASETS or os.path.isdir(self.resolved_path),
             self,
             "dataset_name",
-            f"{self.dataset_name!r} is not one of {', '.join(DATASET_NAMES)}"
-            + _did_you_mean(self.dataset_name, DATASET_NAMES)
+            f"{self.dataset_name!r} is not one of {', '.join(DATASETS.names())}"
+            + _did_you_mean(self.dataset_name, DATASETS.names())
             + f", nor preprocessed data in {self.resolved_path} (python -m hstu.data.preprocess "
             f"--dataset custom --raw FILE --name {self.dataset_name})",
         )
@@ -450,7 +442,7 @@ class NetworkArgs:
     """Causal attention over the history; False (bidirectional) is refused for retrieval and for ranking with history_loss_weight > 0, where a token would see its own label."""
     dtype_str: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     """Compute dtype of the HSTU block; float32 for CPU runs."""
-    kernel_backend: Literal["cutlass", "triton", "pytorch"] = "cutlass"
+    kernel_backend: Literal[ATTENTION_BACKENDS.names()] = "cutlass"  # hstu.registry
     """Attention kernel; falls back (with a one-line message) where it cannot run."""
     target_group_size: int = 1
     """Candidates per target group (candidates see their own group only)."""
@@ -673,10 +665,10 @@ class RetrievalArgs:
         )
         for metric in self.eval_metrics:
             _require(
-                bool(_RETRIEVAL_METRIC_RE.match(metric)),
+                parse_retrieval_metric(metric) is not None,
                 self,
                 "eval_metrics",
-                f"{metric!r} is not HR@K, NDCG@K or MRR",
+                f"{metric!r} is not {retrieval_metric_names()}",
             )
 
 
@@ -793,7 +785,6 @@ __all__ = [
     "ConfigError",
     "HbmPlan",
     "ARG_CLASSES",
-    "DATASET_NAMES",
     "DISTRIBUTIONS",
     "check_batch_tokens",
     "check_tables",
