@@ -15,12 +15,18 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import gin
 
+from hstu.registry import (
+    ATTENTION_BACKENDS,
+    DATASETS,
+    NEGATIVE_SAMPLING,
+    parse_retrieval_metric,
+    retrieval_metric_names,
+)
 from hstu.validation import (  # noqa: F401 - re-exported: hstu.args is the public home
     AUTO,
     REQUIRED,
@@ -53,7 +59,6 @@ def _float32(obj: Any, *names: str) -> None:
             )
 
 
-_RETRIEVAL_METRIC_RE = re.compile(r"^(HR|NDCG)@([1-9][0-9]*)$|^MRR$")
 RANKING_METRICS = ("AUC",)
 
 
@@ -280,18 +285,6 @@ class DynamicEmbeddingArgs(EmbeddingArgs):
         return HbmPlan(rule, capacity, row_bytes, capacity * row_bytes)
 
 
-DATASET_NAMES = (
-    "ml-1m",
-    "ml-20m",
-    "ml-100k",
-    "kuairand-pure",
-    "kuairand-1k",
-    "kuairand-27k",
-    "synthetic",
-    "custom",
-)
-
-
 @gin.configurable
 @dataclass
 class DatasetArgs:
@@ -329,11 +322,11 @@ class DatasetArgs:
             "'valid' needs DatasetArgs.holdout_validation = True",
         )
         _require(
-            self.dataset_name in DATASET_NAMES or os.path.isdir(self.resolved_path),
+            self.dataset_name in DATASETS or os.path.isdir(self.resolved_path),
             self,
             "dataset_name",
-            f"{self.dataset_name!r} is not one of {', '.join(DATASET_NAMES)}"
-            + _did_you_mean(self.dataset_name, DATASET_NAMES)
+            f"{self.dataset_name!r} is not one of {', '.join(DATASETS.names())}"
+            + _did_you_mean(self.dataset_name, DATASETS.names())
             + f", nor preprocessed data in {self.resolved_path} (python -m hstu.data.preprocess "
             f"--dataset custom --raw FILE --name {self.dataset_name})",
         )
@@ -449,7 +442,7 @@ class NetworkArgs:
     """Causal attention over the history; False (bidirectional) is refused for retrieval and for ranking with history_loss_weight > 0, where a token would see its own label."""
     dtype_str: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     """Compute dtype of the HSTU block; float32 for CPU runs."""
-    kernel_backend: Literal["cutlass", "triton", "pytorch"] = "cutlass"
+    kernel_backend: Literal[ATTENTION_BACKENDS.names()] = "cutlass"  # hstu.registry
     """Attention kernel; falls back (with a one-line message) where it cannot run."""
     target_group_size: int = 1
     """Candidates per target group (candidates see their own group only)."""
@@ -637,7 +630,9 @@ class RetrievalArgs:
 
     num_negatives: int = -1
     """Negatives per positive; -1 uses the other items of the batch (in-batch)."""
-    negative_sampling: Literal["uniform", "in_batch", "mixed", "full_corpus"] = "uniform"
+    # the choices are hstu.registry.NEGATIVE_SAMPLING's names, read whenever the class is
+    # checked or documented (a string annotation, evaluated by typing.get_type_hints)
+    negative_sampling: Literal[NEGATIVE_SAMPLING.names()] = "uniform"
     """uniform: num_negatives ids per query drawn uniformly from the corpus (-1: in-batch, as above); in_batch: the other positives of the rank's batch (num_negatives must be -1); mixed: num_negatives uniform ids plus the in-batch positives; full_corpus: every item is a negative, the exact softmax (num_negatives must be -1; cost grows with the corpus)."""
     temperature: float = 0.05
     """Softmax temperature on cosine similarities."""
@@ -656,20 +651,10 @@ class RetrievalArgs:
             "num_negatives",
             f"must be -1 (in-batch) or > 0, got {self.num_negatives}",
         )
-        _require(
-            self.negative_sampling not in ("in_batch", "full_corpus") or self.num_negatives == -1,
-            self,
-            "num_negatives",
-            f"must be -1 with negative_sampling={self.negative_sampling!r} (it draws no uniform "
-            f"negatives), got {self.num_negatives}",
+        problem = NEGATIVE_SAMPLING[self.negative_sampling].num_negatives_problem(
+            self.negative_sampling, self.num_negatives
         )
-        _require(
-            self.negative_sampling != "mixed" or self.num_negatives > 0,
-            self,
-            "num_negatives",
-            f"must be > 0 with negative_sampling='mixed' (uniform negatives plus in-batch), "
-            f"got {self.num_negatives}",
-        )
+        _require(problem is None, self, "num_negatives", problem or "")
         _positive(self, "temperature", "l2_norm_eps")
         _require(
             self.full_corpus_matmul_dtype == "float32" or self.negative_sampling == "full_corpus",
@@ -680,10 +665,10 @@ class RetrievalArgs:
         )
         for metric in self.eval_metrics:
             _require(
-                bool(_RETRIEVAL_METRIC_RE.match(metric)),
+                parse_retrieval_metric(metric) is not None,
                 self,
                 "eval_metrics",
-                f"{metric!r} is not HR@K, NDCG@K or MRR",
+                f"{metric!r} is not {retrieval_metric_names()}",
             )
 
 
@@ -800,7 +785,6 @@ __all__ = [
     "ConfigError",
     "HbmPlan",
     "ARG_CLASSES",
-    "DATASET_NAMES",
     "DISTRIBUTIONS",
     "check_batch_tokens",
     "check_tables",

@@ -8,7 +8,7 @@ on ML-100K (Q ~ 12k, M = 128, D = 50).
 
 ``--full-corpus``: the exact softmax over every item instead (``negative_sampling =
 "full_corpus"``), as autograd builds it (``F.cross_entropy(q @ corpus.T)``) against the fused
-blocked loss (``hstu.model.retrieval.full_softmax_loss``), one query per training position
+blocked loss (``hstu.ops.losses.full_softmax_loss``), one query per training position
 of a rank's ML-100K preset batch (Q ~ 6,700):
 
     python scripts/bench_retrieval_loss.py --full-corpus --queries 6700 --catalogues 1683 10092 100000
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hstu.model.retrieval import full_softmax_loss, shared_row_scores
+from hstu.ops.losses import full_softmax_loss, shared_row_scores
 
 
 def _before(queries, rows, index):

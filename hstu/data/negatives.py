@@ -7,8 +7,9 @@ The ids to score against travel as one more key of the batch's KeyedJaggedTensor
 (``NegativeSampler.feature_name``, a feature of the item table), so the single embedding
 lookup of a step serves history, targets and negatives, and TorchRec's train pipeline can
 distribute them with the rest of the batch:
-- ``uniform`` / ``mixed``: M ids per query, drawn uniformly from [min_item_id, num_items);
-  the key holds the U distinct ids (all in sample 0's slot), ``Batch.negative_index`` int64
+Which draw a strategy makes is its entry in ``hstu.registry.NEGATIVE_SAMPLING``:
+- ``uniform`` (the uniform and mixed strategies): M ids per query, drawn uniformly from
+  [min_item_id, num_items); the key holds the U distinct ids (all in sample 0's slot), ``Batch.negative_index`` int64
   [Q, M] points into them.
 - ``full_corpus``: the key holds every id of [min_item_id, num_items) (the exact softmax).
 - evaluation batches carry the key empty (the key order must not change between calls of a
@@ -66,7 +67,9 @@ def negatives_feature_name(item_feature_name: str) -> str:
 class NegativeSampler:
     """What a retrieval training batch carries for its loss (see the module docstring)."""
 
-    mode: str  # "uniform" | "mixed" | "full_corpus"
+    # what the strategy draws (hstu.registry.NegativeSampling.draw): "full_corpus" (every
+    # id), anything else num_negatives uniform ids per query ("uniform")
+    mode: str
     num_negatives: int
     min_item_id: int
     num_items: int
@@ -152,7 +155,7 @@ def transpose_index(
     [2, Q*M], offsets int64 [U + 1]). order[0] lists the flat positions q*M + m of the entries
     sorted by their value, stably (ascending positions within a value), order[1] their query
     q; the entries of value u are order[:, offsets[u]:offsets[u + 1]]. It is the CSR pattern of
-    the transposed [U, Q] score gradient (``hstu.model.retrieval._SampledScores``).
+    the transposed [U, Q] score gradient (``hstu.ops.losses.sampled._SampledScores``).
     (None, None) when U > 2**15 (the model then sorts in the step). ``counts`` [U]: how often
     each value occurs, when the caller has them (else counted here)."""
     if num_rows > _TRANSPOSE_MAX_ROWS:

@@ -34,19 +34,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hstu.args import DATASET_NAMES, ConfigError, did_you_mean
+from hstu.args import ConfigError
 from hstu.data.errors import DataError
 from hstu.data.layout import FORMAT_VERSION, ITEM_MAP_FILE, METADATA_FILE, SEQUENCES_FILE
 from hstu.data.parsing import encode_dense, lookup
-from hstu.data.raw import OFFICIAL_URLS, RawSource, download
+from hstu.data.raw import RawSource, download
 from hstu.data.sources import (
     ACTION_FEATURE,
     ITEM_FEATURE,
-    READERS,
     USER_FEATURE,
     Parsed,
     _check_bound,
 )
+from hstu.registry import DATASETS, load
 
 
 @dataclasses.dataclass
@@ -75,18 +75,15 @@ class Grouped:
 
 
 def check_dataset_name(name: str) -> None:
-    if name not in DATASET_NAMES:
-        raise DataError(
-            "--dataset",
-            f"unknown dataset {name!r}{did_you_mean(name, DATASET_NAMES)}; one of {', '.join(DATASET_NAMES)}",
-        )
+    if name not in DATASETS:
+        raise DataError("--dataset", DATASETS.unknown(name))
 
 
 def check_output_name(dataset: str, name: str) -> None:
     """--name: a folder name under --out, never another built-in dataset's."""
     if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
         raise DataError("--name", f"{name!r} is not a folder name (letters, digits, - and _)")
-    if name != dataset and name in DATASET_NAMES:
+    if name != dataset and name in DATASETS:
         raise DataError(
             "--name", f"{name!r} is a built-in dataset; name your {dataset} data differently"
         )
@@ -372,7 +369,7 @@ def preprocess(
     """Preprocesses dataset `name` into ``<out>/<output_name or name>`` and returns its metadata.
 
     Args:
-        name: one of hstu.args.DATASET_NAMES.
+        name: a dataset of hstu.registry.DATASETS.
         raw: archive, folder or file of the raw data; None downloads the official archive
             (custom: the file or folder, else CustomDataArgs.path; synthetic needs nothing).
         out: parent folder of the output.
@@ -416,7 +413,7 @@ def preprocess(
         source = {"path": str(custom.path), "checksum": digest.hexdigest()}
     else:
         if raw is None:
-            log(f"downloading {OFFICIAL_URLS[name]} ...")
+            log(f"downloading {DATASETS[name].url} ...")
             raw = download(name, Path(out) / "downloads")
         src = RawSource(raw)
         options = _options_of(name, None, None)
@@ -450,7 +447,7 @@ def preprocess(
     else:
         assert src is not None
         try:
-            parsed = READERS[name](src)
+            parsed = load(DATASETS[name].reader)(src)
         finally:
             src.close()
     grouped = group(parsed)
@@ -480,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m hstu.data.preprocess",
         description="Preprocess a dataset into <out>/<name>/.",
     )
-    parser.add_argument("--dataset", required=True, help=f"one of {', '.join(DATASET_NAMES)}")
+    parser.add_argument("--dataset", required=True, help=f"one of {', '.join(DATASETS.names())}")
     parser.add_argument(
         "--raw",
         default=None,

@@ -19,26 +19,18 @@ import zlib
 from pathlib import Path
 
 from hstu.data.errors import DataError
-
-# Official locations. They cannot be reached from machines without internet; pass --raw.
-OFFICIAL_URLS: dict[str, str] = {
-    "ml-1m": "https://files.grouplens.org/datasets/movielens/ml-1m.zip",
-    "ml-20m": "https://files.grouplens.org/datasets/movielens/ml-20m.zip",
-    "ml-100k": "https://files.grouplens.org/datasets/movielens/ml-100k.zip",
-    "kuairand-pure": "https://zenodo.org/records/10439422/files/KuaiRand-Pure.tar.gz",
-    "kuairand-1k": "https://zenodo.org/records/10439422/files/KuaiRand-1K.tar.gz",
-    "kuairand-27k": "https://zenodo.org/records/10439422/files/KuaiRand-27K.tar.gz",
-}
+from hstu.registry import DATASETS
 
 _ARCHIVE_ERRORS = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError)
 
 
 def download(name: str, dest_dir: str | Path) -> Path:
-    """Downloads the official archive of `name` into dest_dir (atomically); returns its path.
+    """Downloads the official archive of `name` (hstu.registry.DATASETS; machines without
+    internet cannot reach it: pass --raw) into dest_dir (atomically); returns its path.
 
     An archive already present is reused. Raises DataError when the network is unreachable.
     """
-    url = OFFICIAL_URLS[name]
+    url = DATASETS[name].url
     dest_dir = Path(dest_dir)
     dest = dest_dir / url.rsplit("/", 1)[1]
     if dest.exists():
@@ -177,4 +169,4 @@ class RawSource:
             self._tar.close()
 
 
-__all__ = ["OFFICIAL_URLS", "RawSource", "download"]
+__all__ = ["RawSource", "download"]

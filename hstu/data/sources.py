@@ -1,4 +1,5 @@
-"""Readers of each raw dataset format into typed columns (one reader per dataset family).
+"""Readers of each raw dataset format into typed columns (one reader per dataset family;
+each dataset name is registered with its reader and archive in hstu.registry.DATASETS).
 
 Every reader returns a :class:`Parsed`: the interaction log (user, item, time, action) in
 file order, the per-user feature table, and what the output's features are called. The
@@ -7,7 +8,6 @@ shared grouping/sorting/writing lives in :mod:`hstu.data.preprocess`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -245,20 +245,10 @@ def read_kuairand(src: RawSource) -> Parsed:
     )
 
 
-READERS: dict[str, Callable[[RawSource], Parsed]] = {
-    "ml-1m": read_ml_1m,
-    "ml-20m": read_ml_20m,
-    "ml-100k": read_ml_100k,
-    "kuairand-pure": read_kuairand,
-    "kuairand-1k": read_kuairand,
-    "kuairand-27k": read_kuairand,
-}
-
 __all__ = [
     "ACTION_FEATURE",
     "ITEM_FEATURE",
     "KUAIRAND_ACTION_BITS",
-    "READERS",
     "USER_FEATURE",
     "Parsed",
     "_check_bound",

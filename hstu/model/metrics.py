@@ -14,13 +14,12 @@ An item tied with the target is ranked ahead of it, so a constant model scores r
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-_METRIC_RE = re.compile(r"^(HR|NDCG)@([1-9][0-9]*)$|^MRR$")
+from hstu.registry import load, parse_retrieval_metric, retrieval_metric_names
 
 
 def ranks_from_scores(
@@ -62,18 +61,16 @@ def reciprocal_rank(ranks: torch.Tensor) -> torch.Tensor:
 def retrieval_metrics(
     ranks: torch.Tensor, names: list[str] | tuple[str, ...]
 ) -> dict[str, torch.Tensor]:
-    """Per-sample values of each metric named HR@K, NDCG@K or MRR."""
+    """Per-sample values of each metric named HR@K, NDCG@K or MRR (hstu.registry:
+    RETRIEVAL_METRICS)."""
     out: dict[str, torch.Tensor] = {}
     for name in names:
-        m = _METRIC_RE.match(name)
-        if m is None:
-            raise ValueError(f"{name!r} is not HR@K, NDCG@K or MRR")
-        if name == "MRR":
-            out[name] = reciprocal_rank(ranks)
-        elif m.group(1) == "HR":
-            out[name] = hit_rate(ranks, int(m.group(2)))
-        else:
-            out[name] = ndcg(ranks, int(m.group(2)))
+        parsed = parse_retrieval_metric(name)
+        if parsed is None:
+            raise ValueError(f"{name!r} is not {retrieval_metric_names()}")
+        metric, k = parsed
+        fn = load(metric.fn)
+        out[name] = fn(ranks, k) if metric.at_k else fn(ranks)
     return out
 
 

@@ -10,10 +10,10 @@ import os
 
 from torch import Tensor
 
-from hstu.ops.backends import BACKENDS, BackendUnavailableError, resolve_backend, triton_module
+from hstu.ops.backends import BACKENDS, BackendUnavailableError, resolve_backend
 from hstu.ops.masks import dense_mask, lengths_from_offsets, offsets_from_lengths
-from hstu.ops.pytorch_attention import pytorch_hstu_attention
 from hstu.ops.rab import NUM_TIME_BUCKETS, RelativeAttentionBias, time_bucket
+from hstu.registry import ATTENTION_BACKENDS, load
 from hstu.sync_audit import allowed_sync
 
 __all__ = [
@@ -83,7 +83,8 @@ def hstu_attention(
         num_targets: int64 [B], trailing candidate tokens of each sample.
         target_group_size: candidates per target group (>= 1).
         rab: optional relative attention bias inputs (computed inside the kernel).
-        backend: "pytorch" | "triton" | "cutlass"; see ``resolve_backend`` for fallbacks.
+        backend: a name of ``hstu.registry.ATTENTION_BACKENDS`` ("pytorch" | "triton" |
+            "cutlass"); see ``resolve_backend`` for fallbacks.
         strict: raise instead of falling back to another backend.
 
     Returns:
@@ -129,10 +130,4 @@ def hstu_attention(
         "target_group_size": target_group_size,
         "rab": rab,
     }
-    if chosen == "triton":
-        return triton_module().triton_hstu_attention(q, k, v, offsets, max_seqlen, **kwargs)
-    if chosen == "cutlass":
-        from hstu.ops.cutlass_attention import cutlass_hstu_attention
-
-        return cutlass_hstu_attention(q, k, v, offsets, max_seqlen, **kwargs)
-    return pytorch_hstu_attention(q, k, v, offsets, max_seqlen, **kwargs)
+    return load(ATTENTION_BACKENDS[chosen].impl)(q, k, v, offsets, max_seqlen, **kwargs)

@@ -1,5 +1,8 @@
 """Choosing the attention backend that actually runs, and saying so when it differs.
 
+The backends are registered by name in ``hstu.registry.ATTENTION_BACKENDS`` (kernel, why it
+cannot run a call, and what runs instead); this module walks that fallback chain.
+
 ``resolve_backend`` never fails silently: each distinct fallback prints one line (once per
 process) naming the backend asked for, the reason, and what runs instead; ``strict=True``
 raises ``BackendUnavailableError`` instead.
@@ -15,9 +18,10 @@ from types import ModuleType
 
 import torch
 
-from hstu.ops import cutlass_attention
+from hstu.registry import ATTENTION_BACKENDS, load
 
-BACKENDS = ("pytorch", "triton", "cutlass")
+# the registered backends (a live view: ``name in BACKENDS``, ``BACKENDS.names()``)
+BACKENDS = ATTENTION_BACKENDS
 TRITON_MAX_HEAD_DIM = 256
 
 _reported: set[str] = set()
@@ -49,6 +53,19 @@ def triton_unavailable_reason(
     return None
 
 
+def triton_unavailable(
+    head_dim: int, value_head_dim: int, device: torch.device,
+    dtype: torch.dtype | None = None, causal: bool = True, has_targets: bool = False,
+) -> str | None:
+    """:func:`triton_unavailable_reason` with the registry's signature."""
+    return triton_unavailable_reason(head_dim, value_head_dim, device)
+
+
+def triton_hstu_attention(*args, **kwargs):
+    """The triton kernel of the current TRITON_INTERPRET setting (:func:`triton_module`)."""
+    return triton_module().triton_hstu_attention(*args, **kwargs)
+
+
 def triton_module() -> ModuleType:
     """hstu.ops.triton_attention, (re)decorated to match the current TRITON_INTERPRET."""
     name = "hstu.ops.triton_attention"
@@ -72,7 +89,7 @@ def resolve_backend(
     """The backend that will run for a call asking for ``name``.
 
     Args:
-        name: "pytorch" | "triton" | "cutlass".
+        name: a registered backend ("pytorch" | "triton" | "cutlass").
         head_dim: d of q and k.
         device: where q lives.
         strict: raise ``BackendUnavailableError`` instead of falling back.
@@ -80,27 +97,32 @@ def resolve_backend(
             limit the cutlass (and triton) kernels; defaults describe a plain causal call.
 
     Returns:
-        The name that runs: ``name`` itself, else triton (when cutlass cannot run), else
-        pytorch, which runs everywhere.
+        The name that runs: ``name`` itself, else the first of its fallbacks that can run
+        (cutlass -> triton -> pytorch, which runs everywhere).
     """
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(
+            f"unknown attention backend {name!r}; choose one of {ATTENTION_BACKENDS.names()}"
+        )
     device = torch.device(device)
     value_head_dim = head_dim if value_head_dim is None else value_head_dim
-    chosen, reason = name, None
-    triton_reason = None
-    if name in ("triton", "cutlass"):
-        triton_reason = triton_unavailable_reason(head_dim, value_head_dim, device)
-    if name == "triton" and triton_reason is not None:
-        chosen, reason = "pytorch", triton_reason
-    elif name == "cutlass":
-        reason = cutlass_attention.unavailable_reason(
-            head_dim, value_head_dim, device, dtype, causal, has_targets
-        )
-        if reason is not None:
-            chosen = "triton" if triton_reason is None else "pytorch"
+
+    def why_not(backend: str) -> str | None:
+        check = ATTENTION_BACKENDS[backend].unavailable
+        if check is None:
+            return None
+        return load(check)(head_dim, value_head_dim, device, dtype, causal, has_targets)
+
+    reason = why_not(name)
     if reason is None:
-        return chosen
+        return name
+    chosen = ATTENTION_BACKENDS[name].fallback
+    while chosen is not None and why_not(chosen) is not None:
+        chosen = ATTENTION_BACKENDS[chosen].fallback
+    if chosen is None:
+        raise BackendUnavailableError(
+            f"hstu_attention: backend '{name}' cannot run here ({reason}) and no fallback can"
+        )
     message = (
         f"hstu_attention: backend '{name}' cannot run here ({reason}); running '{chosen}' instead"
     )

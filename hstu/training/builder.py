@@ -28,6 +28,7 @@ from hstu.embeddings import (
 from hstu.data.negatives import NegativeSampler
 from hstu.model import ModelDataInfo, build_model
 from hstu.model.model import GenerativeRecommender
+from hstu.registry import NEGATIVE_SAMPLING
 from hstu.data.sizes import check_table_features, resolve_head
 from hstu.training.distributed import DistEnv
 from hstu.training.ddp import wrap_dense
@@ -99,11 +100,8 @@ def negative_sampler(cfg: RunConfig, info: DataInfo, device: torch.device) -> Ne
     if cfg.task != "retrieval" or cfg.network.architecture != "hstu":
         return None
     r = cfg.retrieval
-    if r.negative_sampling == "full_corpus":
-        mode = "full_corpus"
-    elif r.negative_sampling in ("uniform", "mixed") and r.num_negatives > 0:
-        mode = r.negative_sampling
-    else:
+    mode = NEGATIVE_SAMPLING[r.negative_sampling].draw(r.num_negatives)
+    if mode is None:
         return None
     return NegativeSampler(
         mode=mode,

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import hstu.model.retrieval as retrieval
-from hstu.model.retrieval import full_softmax_loss
+import hstu.ops.losses.full_corpus as retrieval
+from hstu.ops.losses import full_softmax_loss
 
 
 def _case(q: int, i: int, d: int = 12, seed: int = 0):

@@ -16,8 +16,8 @@ from hstu.data.build import DataInfo
 from hstu.model.builder import ModelDataInfo, build_model, research_options
 from hstu.model.metrics import ranks_from_scores
 from hstu.model.ranking import check_ranking_head, decode_task_labels, ranking_loss
-from hstu.model.retrieval import sampled_softmax_loss
 from hstu.model.tokens import TokenBuilder, sequence_inputs
+from hstu.ops.losses import sampled_softmax_loss
 from tests.model.helpers import TinyEmbeddings, make_batch, sampler
 
 D = 8
@@ -205,7 +205,7 @@ def test_history_loss_adds_each_history_items_own_action_in_training_only():
     )
     base, _ = model(batch)
     model.dense_module.history_loss_weight = 0.5
-    loss, (logits, labels) = model(batch)
+    loss, (logits, _labels) = model(batch)
     _, _, tokens, states = _encode(model, batch)
     hist_logits = model.head(states[tokens.history_query_rows].float())
     want = base + 0.5 * F.cross_entropy(hist_logits, torch.tensor([1, 0, 3, 2]))
@@ -320,9 +320,9 @@ def test_negative_sampling_modes_build_the_softmax_they_name():
         negatives = None if sampling == "in_batch" else sampler(sampling, max(m, 0))
         batch = make_batch([[1, 2, 3, 4], [5, 6], [7]], negatives=negatives)
         model = _retrieval(m, use_collection=False, sampling=sampling).eval()
-        loss, (pos_logits, neg_logits) = model(batch)
+        loss, (_pos_logits, neg_logits) = model(batch)
         # rebuild queries and positives the way the model defines them
-        own, inputs, layout, tokens, states = model.dense_module._states(batch, model.sparse(batch.features))
+        _own, _inputs, _layout, tokens, states = model.dense_module._states(batch, model.sparse(batch.features))
         q = model.normalise(states[tokens.history_query_rows])
         q = q[[0, 1, 2, 4]]  # history positions with a next item: 1,2,3 -> 2,3,4 and 5 -> 6
         pos = torch.tensor([2, 3, 4, 6])
@@ -361,7 +361,7 @@ def test_full_corpus_bfloat16_matmuls_from_the_args():
                              full_corpus_matmul_dtype=dtype)
         model = build_model("retrieval", _net(), args, TinyEmbeddings({"item": (30, D)}), data)
         batch = make_batch([[1, 2, 3, 4], [5, 6], [7]], negatives=sampler("full_corpus", 0))
-        loss, (pos_logits, neg_logits) = model(batch)
+        loss, (_pos_logits, _neg_logits) = model(batch)
         loss.backward()
         return model, loss.detach(), model.block.layers[0].uvqk.weight.grad
     model32, loss32, grad32 = run("float32")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from hstu.data.negatives import transpose_index
-from hstu.model.retrieval import SharedRows, sampled_softmax_loss
+from hstu.ops.losses import SharedRows, sampled_softmax_loss
 
 
 def _inputs(seed: int = 0):
@@ -28,7 +28,7 @@ def _loss(shared: bool):
         neg = SharedRows(F.normalize(table[uniq], dim=-1), inverse.view(neg_ids.shape))
     else:
         neg = F.normalize(table[neg_ids], dim=-1)
-    loss, pos_logits, neg_logits = sampled_softmax_loss(q, pos, pos_ids, neg, neg_ids, 0.05)
+    loss, _pos_logits, neg_logits = sampled_softmax_loss(q, pos, pos_ids, neg, neg_ids, 0.05)
     loss.backward()
     return loss, neg_logits, table.grad, queries.grad
 
@@ -62,7 +62,7 @@ def test_model_negative_vectors_match_per_id_lookup():
 
 
 def test_shared_row_scores_sparse_kernels_match_dense_gather():
-    from hstu.model.retrieval import shared_row_scores
+    from hstu.ops.losses import shared_row_scores
 
     g = torch.Generator().manual_seed(5)
     for dtype in (torch.float32, torch.float64):
@@ -133,7 +133,7 @@ def test_uniform_draw_is_the_documented_hash():
     """Each negative is splitmix64(key(seed, epoch, sample, position) ^ slot * c) % span, written
     here in Python integers; the sampler computes it on uint64 blocks of queries in place, so a
     block boundary, an in-place pass or the division trick that is off breaks the equality."""
-    from hstu.data.negatives import NegativeSampler, _BLOCK
+    from hstu.data.negatives import _BLOCK, NegativeSampler
 
     seed, epoch, m, lo, hi = 77, 3, 6, 1, 1001
     sampler = NegativeSampler("uniform", m, lo, hi, "item", seed)

@@ -7,9 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import hstu.model.retrieval as retrieval
+import hstu.ops.losses.sampled as retrieval
 from hstu.data.negatives import transpose_index
-from hstu.model.retrieval import SharedRows, sampled_softmax_loss, sampled_softmax_loss_shared
+from hstu.ops.losses import (
+    SharedRows,
+    sampled_softmax_loss,
+    sampled_softmax_loss_shared,
+    strategies,
+)
 
 
 def _case(num_q: int, num_u: int, m: int, d: int, seed: int, dtype=torch.float64):
@@ -93,13 +98,13 @@ def test_model_training_step_takes_the_fused_path_with_the_same_loss_and_gradien
         calls.append(1)
         return fused(*args, **kwargs)
 
-    monkeypatch.setattr(retrieval, "sampled_softmax_loss_shared", counting)
+    monkeypatch.setattr(strategies, "sampled_softmax_loss_shared", counting)
     results = []
     for use_fused in (True, False):
         if not use_fused:
-            monkeypatch.setattr(retrieval, "fused_sampled_loss_applies", lambda *_: False)
+            monkeypatch.setattr(strategies, "fused_sampled_loss_applies", lambda *_: False)
         model = _retrieval(8, use_collection=True)
-        loss, (pos_logits, neg_logits) = model(batch)
+        loss, (_pos_logits, neg_logits) = model(batch)
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
         assert (neg_logits is None) == use_fused  # a fused training step keeps no [Q, M] logits

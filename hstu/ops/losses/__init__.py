@@ -1,0 +1,26 @@
+"""Retrieval losses and their kernels: the sampled softmax (hstu.ops.losses.sampled), the
+exact full-corpus softmax with its reused buffers (hstu.ops.losses.full_corpus), and the
+training loss of each negative-sampling strategy (hstu.ops.losses.strategies), registered
+by name in hstu.registry.NEGATIVE_SAMPLING."""
+
+from hstu.ops.losses.full_corpus import full_corpus_loss, full_softmax_loss
+from hstu.ops.losses.sampled import (
+    SharedRows,
+    negative_vectors,
+    sampled_softmax_loss,
+    sampled_softmax_loss_shared,
+    shared_row_scores,
+)
+from hstu.ops.losses.strategies import LossInputs, LossOutput
+
+__all__ = [
+    "LossInputs",
+    "LossOutput",
+    "SharedRows",
+    "full_corpus_loss",
+    "full_softmax_loss",
+    "negative_vectors",
+    "sampled_softmax_loss",
+    "sampled_softmax_loss_shared",
+    "shared_row_scores",
+]

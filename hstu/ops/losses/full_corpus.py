@@ -1,0 +1,241 @@
+"""The exact softmax over the whole corpus (negative_sampling="full_corpus"), blocked.
+
+Legend: Q queries, I items of the corpus, D width.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hstu.ops.losses.common import softmax_lse_
+
+
+def _claim_buffers(ctx) -> None:
+    """The full-corpus losses' backward turns its saved buffer into the gradient in place."""
+    if ctx.used:
+        raise RuntimeError("the full-corpus softmax loss keeps its buffers for one backward only")
+    ctx.used = True
+
+
+class _FullSoftmaxLoss(torch.autograd.Function):
+    """Sum over queries of the cross-entropy of ``logits = queries @ corpus.T`` at ``target``.
+
+    The [Q, I] logits are produced and turned into probabilities a block of queries at a
+    time (the block stays in cache), and only the probabilities are kept for backward, where
+    they become ``P - onehot`` in place and feed the two matmuls of the gradient (scaled on
+    their [Q, D] sides). The buffer is reused from step to step (``_SPARE``). Standard
+    autograd (``F.cross_entropy(q @ c.T)``) materialises the logits, the log-softmax, its
+    gradient and a scattered one-hot gradient: four [Q, I] matrices and about twice the
+    memory passes. Same values up to summation order. Backward runs once (in place).
+    """
+
+    @staticmethod
+    def forward(ctx, queries: torch.Tensor, corpus: torch.Tensor, target: torch.Tensor):
+        num_q, num_i = queries.shape[0], corpus.shape[0]
+        probs = _take_buffer(num_q * num_i, queries).view(num_q, num_i)
+        losses = queries.new_empty(num_q)
+        pos = queries.new_empty(num_q)
+        block = _block_rows(num_i)
+        corpus_t = corpus.t()
+        for s in range(0, num_q, block):
+            e = min(num_q, s + block)
+            logits = torch.mm(queries[s:e], corpus_t, out=probs[s:e])
+            torch.gather(logits, 1, target[s:e].unsqueeze(1), out=pos[s:e].unsqueeze(1))
+            # softmax in place while the block is in cache
+            torch.sub(softmax_lse_(logits), pos[s:e], out=losses[s:e])
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(queries, corpus, target, probs)
+        else:
+            _give_back(probs)
+        ctx.mark_non_differentiable(pos)
+        ctx.used = False
+        return losses.sum(), pos
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_pos: torch.Tensor):
+        _claim_buffers(ctx)
+        queries, corpus, target, probs = ctx.saved_tensors
+        num_q, num_i = probs.shape
+        grad_q = torch.empty_like(queries)
+        grad_c = torch.zeros_like(corpus)
+        block = _block_rows(num_i)
+        rows = torch.arange(num_q, device=probs.device)
+        # a fill on the device (not a copy from the host: a blocking copy on CUDA)
+        probs.index_put_((rows, target), probs.new_full((), -1.0), accumulate=True)
+        # the scalar gradient scales the [Q, D] sides, not the [Q, I] matrix
+        scaled_q = queries * grad_loss
+        for s in range(0, num_q, block):
+            e = min(num_q, s + block)
+            g = probs[s:e]
+            torch.mm(g, corpus, out=grad_q[s:e])
+            grad_c.addmm_(g.t(), scaled_q[s:e])
+        grad_q.mul_(grad_loss)
+        _give_back(probs)
+        return grad_q, grad_c, None
+
+
+# elements of the [block, I] logits handled at a time by _FullSoftmaxLoss (1 MiB in float32:
+# a block stays in a core's L2 between its matmul and its softmax), but never fewer than
+# _FULL_SOFTMAX_MIN_ROWS queries: every block reads the whole corpus and updates its whole
+# gradient, so a large corpus needs wide blocks (100k items: 2-row blocks were 15x slower)
+_FULL_SOFTMAX_BLOCK_ELEMENTS = 1 << 18
+_FULL_SOFTMAX_MIN_ROWS = 64
+
+
+def _block_rows(num_items: int) -> int:
+    return max(_FULL_SOFTMAX_MIN_ROWS, _FULL_SOFTMAX_BLOCK_ELEMENTS // max(1, num_items))
+
+
+# One spare [Q, I] buffer per device and dtype, handed from a backward to the next forward:
+# a fresh buffer of this size is a new mmap every step, and touching its pages first costs
+# as much as the softmax itself (~90 ms for 270 MB on the CPU machine). A forward whose
+# backward never runs simply does not give its buffer back.
+_SPARE: dict = {}
+
+
+def _take_buffer(numel: int, like: torch.Tensor) -> torch.Tensor:
+    key = (like.device, like.dtype)
+    spare = _SPARE.pop(key, None)
+    if spare is not None and spare.numel() >= numel:
+        return spare[:numel]
+    return like.new_empty(numel)
+
+
+def _give_back(buffer: torch.Tensor) -> None:
+    # a view's _base is its root storage tensor (torch collapses chains of views)
+    base = buffer if buffer._base is None else buffer._base
+    key = (base.device, base.dtype)
+    held = _SPARE.get(key)
+    if held is None or held.numel() < base.numel():
+        _SPARE[key] = base.view(-1)
+
+
+class _FullSoftmaxLossBF16(torch.autograd.Function):
+    """:class:`_FullSoftmaxLoss` with its three [Q, I] matmuls in bfloat16 (float32
+    accumulation; 4-5x the float32 matmul rate on CPUs with AVX512-BF16 or AMX, and on GPUs).
+
+    What keeps it accurate:
+    - the target logit is the exact float32 dot product, used both as the loss's positive
+      term and as the target's own column in the softmax (so a well-predicted query's tiny
+      loss is not a rounding error);
+    - the bfloat16 matmul computes ``logit - shift`` with ``shift`` the target logit rounded
+      to bfloat16 (one more column: ``[q, -shift] . [c, 1]``), so the logits that matter (near
+      the target's and above) come out near 0, where bfloat16's relative rounding is small in
+      absolute terms; the softmax of a block runs in float32;
+    - backward's ``P - onehot`` is formed in float32 before rounding, so a well-predicted
+      query's small gradient is not the difference of two rounded numbers.
+    What is rounded: the queries and items to 8 mantissa bits in the matmuls (logit error
+    ~1e-3 x |logit| / sqrt(D)), the kept probabilities and the two gradients' outputs.
+    """
+
+    @staticmethod
+    def forward(ctx, queries: torch.Tensor, corpus: torch.Tensor, target: torch.Tensor):
+        num_q, dim = queries.shape
+        num_i = corpus.shape[0]
+        bf16 = torch.bfloat16
+        with torch.no_grad():
+            pos = (queries * corpus.index_select(0, target)).sum(1)
+            shift = pos.to(bf16)
+            q_aug = queries.new_empty(num_q, dim + 1, dtype=bf16)
+            q_aug[:, :dim] = queries
+            torch.neg(shift, out=q_aug[:, dim])
+            c_aug = corpus.new_empty(num_i, dim + 1, dtype=bf16)
+            c_aug[:, :dim] = corpus
+            c_aug[:, dim] = 1.0
+        grads = _take_buffer(num_q * num_i, q_aug).view(num_q, num_i)
+        block = _block_rows(num_i)
+        scratch = queries.new_empty(min(block, num_q), num_i)
+        losses = queries.new_empty(num_q)
+        shift_err = shift.float() - pos  # the loss is lse(logit - shift) + shift - pos
+        c_aug_t = c_aug.t()
+        keep = any(ctx.needs_input_grad)
+        minus_one = queries.new_full((), -1.0)  # a fill on the device, not a host copy
+        for s in range(0, num_q, block):
+            e = min(num_q, s + block)
+            out = torch.mm(q_aug[s:e], c_aug_t, out=grads[s:e])
+            probs = scratch[: e - s]
+            probs.copy_(out)
+            # the target's own column gets its exact shifted logit (pos - shift)
+            rows = torch.arange(e - s, device=probs.device)
+            probs.index_put_((rows, target[s:e]), shift_err[s:e].neg())
+            torch.add(softmax_lse_(probs), shift_err[s:e], out=losses[s:e])
+            if keep:  # P - onehot in float32, then rounded once
+                probs.index_put_((rows, target[s:e]), minus_one, accumulate=True)
+                out.copy_(probs)
+        if keep:
+            ctx.save_for_backward(q_aug, c_aug, grads)
+            ctx.dim = dim
+        else:
+            _give_back(grads)
+        ctx.mark_non_differentiable(pos)
+        ctx.used = False
+        return losses.sum(), pos
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_pos: torch.Tensor):
+        _claim_buffers(ctx)
+        q_aug, c_aug, grads = ctx.saved_tensors
+        dim = ctx.dim
+        grad_q = torch.mm(grads, c_aug[:, :dim]).float().mul_(grad_loss)
+        grad_c = torch.mm(grads.t(), q_aug[:, :dim]).float().mul_(grad_loss)
+        _give_back(grads)
+        return grad_q, grad_c, None
+
+
+def full_softmax_loss(
+    queries: torch.Tensor,
+    corpus: torch.Tensor,
+    target: torch.Tensor,
+    matmul_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over queries of -log softmax(queries @ corpus.T)[q, target[q]], the target logits
+    [Q] (no gradient)); queries [Q, D], corpus [I, D] in one floating dtype.
+    ``matmul_dtype=torch.bfloat16`` runs the [Q, I] matmuls in bfloat16 on float32 inputs
+    (:class:`_FullSoftmaxLossBF16`); None: in the inputs' dtype, exact up to summation order."""
+    if queries.dtype != corpus.dtype:
+        corpus = corpus.to(queries.dtype)
+    args = (queries.contiguous(), corpus.contiguous(), target.contiguous())
+    if matmul_dtype is None or matmul_dtype == queries.dtype:
+        return _FullSoftmaxLoss.apply(*args)
+    if matmul_dtype != torch.bfloat16 or queries.dtype != torch.float32:
+        raise ValueError(
+            f"full-corpus softmax: a {matmul_dtype} matmul on {queries.dtype} inputs is not "
+            "supported (bfloat16 on float32 only)"
+        )
+    return _FullSoftmaxLossBF16.apply(*args)
+
+
+def full_corpus_loss(
+    queries: torch.Tensor,
+    pos_ids: torch.Tensor,
+    corpus: torch.Tensor,
+    *,
+    temperature: float,
+    min_item_id: int,
+    matmul_dtype: torch.dtype | None,
+    training: bool,
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Exact softmax over every item [min_item_id, num_items) (``corpus`` [I, D], normalised,
+    row i = item min_item_id + i): one [Q, I] logit matrix and a cross-entropy on the
+    positive's column (each id appears once, so nothing needs masking). Same loss as
+    :func:`hstu.ops.losses.sampled.sampled_softmax_loss` with the corpus as negatives.
+    Returns (loss, (pos_logits [Q], neg_logits [Q, I] with -inf at the positive, or None in
+    training))."""
+    # the temperature scales the [Q, D] queries, not the [Q, I] logits (same values, less work)
+    scaled = queries / temperature
+    target = pos_ids - min_item_id
+    if queries.shape[0] == 0:
+        logits = scaled @ corpus.t()
+        return logits.sum() * 0.0, (logits.new_zeros(0), logits)
+    total, pos_logits = full_softmax_loss(scaled, corpus, target, matmul_dtype)
+    loss = total / queries.shape[0] if scale is None else total * scale
+    if training:
+        # nothing reads the [Q, I] logits of a training step: not built again
+        return loss, (pos_logits, None)
+    with torch.no_grad():
+        neg_logits = (scaled @ corpus.t()).scatter_(1, target.unsqueeze(1), float("-inf"))
+    return loss, (pos_logits, neg_logits)
+
+
+__all__ = ["full_corpus_loss", "full_softmax_loss"]

@@ -1,0 +1,119 @@
+"""The training loss of each negative-sampling strategy (hstu.registry.NEGATIVE_SAMPLING).
+
+Legend: Q training queries of this rank, M negatives per query, U distinct drawn ids, I items
+of the corpus, D width. Each function takes a :class:`LossInputs` and returns
+(loss, (pos_logits [Q], neg_logits [Q, M] or None where nothing reads them)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hstu.ops.losses.common import CPU_ONLY
+from hstu.ops.losses.full_corpus import full_corpus_loss
+from hstu.ops.losses.sampled import (
+    SharedRows,
+    fused_sampled_loss_applies,
+    negative_vectors,
+    sampled_softmax_loss,
+    sampled_softmax_loss_shared,
+)
+from hstu.sync_audit import allowed_sync
+
+LossOutput = tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]
+
+
+@dataclass
+class LossInputs:
+    """What a retrieval training loss reads (the model fills it from the batch)."""
+
+    queries: torch.Tensor
+    """[Q, D], L2-normalised."""
+    pos_ids: torch.Tensor
+    """int64 [Q], the next item of each query."""
+    pos_vectors: torch.Tensor
+    """[Q, D], L2-normalised."""
+    temperature: float
+    num_negatives: int
+    training: bool
+    scale: torch.Tensor | None
+    """None: the mean over queries; else the sum times this (hstu.model.loss_scale)."""
+    min_item_id: int
+    matmul_dtype: torch.dtype
+    """Full corpus: the dtype of the [Q, I] matmuls."""
+    key_ids: torch.Tensor | None = None
+    """Uniform draws: int64 [U], the ascending ids of the batch's negatives key."""
+    key_vectors: torch.Tensor | None = None
+    """The negatives key's vectors, normalised: [U, D] (uniform) or [I, D] (full corpus)."""
+    index: torch.Tensor | None = None
+    """Uniform draws: int64 [Q, M] into key_ids (Batch.negative_index)."""
+    order: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
+    """The index's transpose from the data path (Batch.negative_order / negative_offsets)."""
+
+
+Group = tuple[torch.Tensor | SharedRows, torch.Tensor]  # negatives' vectors and their ids
+
+
+def _softmax(x: LossInputs, groups: list[Group]) -> LossOutput:
+    loss, pos_logits, neg_logits = sampled_softmax_loss(
+        x.queries, x.pos_vectors, x.pos_ids, [v for v, _ in groups], [i for _, i in groups],
+        x.temperature, x.scale,
+    )
+    return loss, (pos_logits.detach(), neg_logits.detach())
+
+
+def _shared(x: LossInputs) -> SharedRows | torch.Tensor:
+    return negative_vectors(x.key_vectors, x.index, x.order, x.offsets)
+
+
+def _drawn(x: LossInputs, shared: SharedRows | torch.Tensor) -> Group:
+    """The uniform draws as one group of negatives (vectors, ids [Q, M])."""
+    return shared, x.key_ids.index_select(0, x.index.reshape(-1)).view(x.index.shape)
+
+
+def _in_batch(x: LossInputs) -> Group:
+    """The other positives of the batch as negatives (shared by every query)."""
+    return x.pos_vectors, x.pos_ids
+
+
+def uniform(x: LossInputs) -> LossOutput:
+    """num_negatives uniform draws per query (one fused loss on CPU); -1: in-batch."""
+    if x.num_negatives <= 0:
+        return _softmax(x, [_in_batch(x)])
+    shared = _shared(x)
+    fused = x.training and torch.is_grad_enabled() and fused_sampled_loss_applies(x.queries, shared)
+    if fused:
+        with allowed_sync(CPU_ONLY):  # the data path's ids are ascending
+            fused = bool((x.key_ids[1:] > x.key_ids[:-1]).all())
+    if fused:
+        loss, pos_logits = sampled_softmax_loss_shared(
+            x.queries, x.pos_vectors, x.pos_ids, shared, x.key_ids, x.temperature, x.scale
+        )
+        # nothing reads a training step's [Q, M] logits: not kept
+        return loss, (pos_logits.detach(), None)
+    return _softmax(x, [_drawn(x, shared)])
+
+
+def in_batch(x: LossInputs) -> LossOutput:
+    """The other positives of this rank's batch."""
+    return _softmax(x, [_in_batch(x)])
+
+
+def mixed(x: LossInputs) -> LossOutput:
+    """num_negatives uniform draws per query plus the in-batch positives."""
+    return _softmax(x, [_drawn(x, _shared(x)), _in_batch(x)])
+
+
+def full_corpus(x: LossInputs) -> LossOutput:
+    """Every item of the corpus: the exact softmax."""
+    return full_corpus_loss(
+        x.queries, x.pos_ids, x.key_vectors, temperature=x.temperature,
+        min_item_id=x.min_item_id, matmul_dtype=x.matmul_dtype, training=x.training,
+        scale=x.scale,
+    )
+
+
+__all__ = ["LossInputs", "LossOutput", "full_corpus", "in_batch", "mixed", "uniform"]
