@@ -201,7 +201,7 @@ _OPTIMIZER_STATE = {
 
 
 def embedding_row_bytes(embedding_dim: int, optimizer_str: str, bytes_per_value: int = 4) -> int:
-    """Bytes one row of a table occupies with its optimizer state (DESIGN.md "Arguments")."""
+    """Bytes one row of a table occupies with its optimizer state (docs/embeddings.md)."""
     if optimizer_str not in _OPTIMIZER_STATE:
         raise ValueError(
             f"optimizer {optimizer_str!r} has no known state size; one of {sorted(_OPTIMIZER_STATE)}"

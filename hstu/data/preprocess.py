@@ -13,7 +13,7 @@ Output folder (written to a temporary folder, then renamed into place):
 - ``metadata.json``: counts, vocabulary sizes, sequence length statistics, source checksum.
 
 Sequences are sorted stably by time: interactions with the same timestamp keep their order
-in the raw file (DESIGN.md "Data", ties). Re-running on the same input is a no-op unless
+in the raw file (docs/data.md "Preprocessing"). Re-running on the same input is a no-op unless
 ``--force``.
 """
 
