@@ -5,9 +5,10 @@
   delay no other rank at the step's all-reduce. It is on only where it cannot hurt:
   a CPU run with more than one local rank, a CPU mask the launcher left whole (a mask
   smaller than the host's CPUs means srun --cpu-bind, numactl, taskset or torchrun
-  --numa-binding placed the process already: it is left alone), and no other job on the host
-  holding a claim in the per-host claims file (two jobs never pin onto the same cores; the
-  first to start pins, the others run unpinned). Anything else: not pinned, one note.
+  --numa-binding placed the process already: it is left alone), and no other hstu job on the
+  host's cores (every CPU process registers in a per-host file; a job that starts next to a
+  pinned one unpins it, so two jobs never pin, let alone onto the same cores). Anything
+  else: not pinned, one note.
 - :func:`lower_this_thread`: the data thread runs at a low priority, so on its rank's cores
   it takes the time the training thread leaves instead of preempting it.
 
@@ -71,14 +72,15 @@ def host_cpus() -> set[int]:
     return cpus
 
 
-def _alive(pid: int) -> bool:
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of process ``pid`` (clock ticks since boot), None when it is
+    gone; with the pid it names one process, also after the pid is reused."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name in (...) may hold spaces
 
 
 def _job_key() -> str:
@@ -89,30 +91,62 @@ def _job_key() -> str:
     )
 
 
-def claim_cores(claims_file: str, cores: set[int]) -> str | None:
-    """Claims ``cores`` for this job in the per-host ``claims_file`` (one line per pinned
-    process: ``pid job cores``; lines of ended processes are dropped). Returns None when
-    claimed, or why not: another live job claims one of them. Under an exclusive lock, so
-    of two jobs starting at once exactly one wins."""
+def _set_all_threads(pid: int, cores: set[int] | list[int]) -> None:
+    """Sets the CPU mask of every thread process ``pid`` has now; later ones inherit it."""
+    task_dir = f"/proc/{pid}/task"
+    tids = [int(t) for t in os.listdir(task_dir)] if os.path.isdir(task_dir) else [pid]
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, cores)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            continue
+
+
+def register_job(claims_file: str, cores: set[int], mine: list[int] | None) -> str | None:
+    """Registers this process in the per-host ``claims_file`` and pins it to ``mine`` (None:
+    not pinned) when no other job runs on ``cores``. Returns None when pinned as asked, or
+    why not.
+
+    One line per CPU training process with pinning on: ``pid start-time job pinned cores``;
+    lines of ended processes are dropped. A job that finds another job's live process on its
+    cores does not pin, and gives the other job's pinned processes their whole mask back:
+    a pinned job next to another cannot move its ranks off a core the other job keeps busy
+    (docs/performance.md, "CPU placement"), so once two jobs share a host neither is pinned.
+    Pinning happens under the file's exclusive lock: of two jobs starting at once, the
+    second sees the first's pinned line."""
     job = _job_key()
     fd = os.open(claims_file, os.O_RDWR | os.O_CREAT, 0o666)
     with os.fdopen(fd, "r+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes
-        kept = []
+        entries: list[list[str]] = []
         for line in fh.read().splitlines():
             fields = line.split(" ")
-            if len(fields) != 3 or not fields[0].isdigit() or not _alive(int(fields[0])):
+            if len(fields) != 5 or not fields[0].isdigit():
                 continue
-            kept.append(line)
-            taken = parse_cpu_list(fields[2]) & cores
-            if fields[1] != job and taken:
-                return (f"cores {sorted(taken)} are claimed by another job on this host "
-                        f"(pid {fields[0]}, {claims_file})")
-        kept.append(f"{os.getpid()} {job} {','.join(map(str, sorted(cores)))}")
+            if _start_time(int(fields[0])) != fields[1]:  # ended (or its pid was reused)
+                continue
+            entries.append(fields)
+        others = [e for e in entries if e[2] != job and parse_cpu_list(e[4]) & cores]
+        why = None
+        if others:
+            why = (f"another job runs on these cores (pid {others[0][0]}, {claims_file}); "
+                   "neither is pinned")
+            for e in others:
+                if e[3] == "1":
+                    try:
+                        _set_all_threads(int(e[0]), parse_cpu_list(e[4]))
+                    except PermissionError:  # another user's job keeps its pinning
+                        continue
+                    e[3] = "0"
+        elif mine is not None:
+            _set_all_threads(os.getpid(), mine)
+        pinned = "1" if mine is not None and why is None else "0"
+        entries.append([str(os.getpid()), _start_time(os.getpid()) or "?", job, pinned,
+                        ",".join(map(str, sorted(cores)))])
         fh.seek(0)
         fh.truncate()
-        fh.write("\n".join(kept) + "\n")
-    return None
+        fh.write("".join(" ".join(e) + "\n" for e in entries))
+    return why
 
 
 def _note(message: str) -> None:
@@ -131,31 +165,23 @@ def pin_local_rank(on_cpu: bool, settings: HostSettings | None = None) -> list[i
     if not on_cpu or not settings.pin_ranks or not hasattr(os, "sched_setaffinity"):
         return None  # Linux only
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if local_world <= 1:
-        return None
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     allowed = set(os.sched_getaffinity(0))
     whole = host_cpus()
-    if allowed != whole:
+    mine = None
+    if local_world <= 1:
+        pass  # nothing to share; registered all the same, as a neighbour of pinned jobs
+    elif allowed != whole:
         _note(f"the launcher restricted this process to CPUs {sorted(allowed)} of "
               f"{sorted(whole)} (a binding of its own)")
-        return None
-    mine = rank_cores(sorted(allowed), local_rank, local_world)
-    if mine is None:
-        _note(f"{local_world} local ranks on {len(allowed)} CPUs")
-        return None
-    taken = claim_cores(settings.cpu_claims_file, allowed)
-    if taken is not None:
-        _note(taken)
-        return None
-    # every thread the process has so far (an OpenMP pool may exist already); later ones inherit
-    tids = [int(t) for t in os.listdir("/proc/self/task")] if os.path.isdir("/proc/self/task") else [0]
-    for tid in tids:
-        try:
-            os.sched_setaffinity(tid, mine)
-        except ProcessLookupError:  # a thread that ended meanwhile
-            continue
-    return mine
+    else:
+        mine = rank_cores(sorted(allowed), local_rank, local_world)
+        if mine is None:
+            _note(f"{local_world} local ranks on {len(allowed)} CPUs")
+    why = register_job(settings.cpu_claims_file, allowed, mine)
+    if why is not None and mine is not None:
+        _note(why)
+    return mine if why is None else None
 
 
 def lower_this_thread(nice: int | None = None) -> int | None:
@@ -172,6 +198,6 @@ def lower_this_thread(nice: int | None = None) -> int | None:
 
 
 __all__ = [
-    "claim_cores", "host_cpus", "lower_this_thread", "parse_cpu_list", "pin_local_rank",
-    "rank_cores",
+    "host_cpus", "lower_this_thread", "parse_cpu_list", "pin_local_rank", "rank_cores",
+    "register_job",
 ]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from hstu.training.cpu_placement import claim_cores, host_cpus, parse_cpu_list, rank_cores
+from hstu.training.cpu_placement import host_cpus, parse_cpu_list, rank_cores
 from hstu.training.host_settings import HostSettings
 
 linux_only = pytest.mark.skipif(
@@ -84,36 +84,45 @@ def test_a_mask_the_launcher_restricted_is_left_alone(tmp_path):
     assert out.startswith(f"None {sorted(bound)}") and "restricted" in out
 
 
+def _start_time(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[19]
+
+
 @linux_only
-def test_two_jobs_never_pin_onto_the_same_cores(tmp_path):
+def test_a_job_next_to_another_pins_nothing_and_unpins_the_other(tmp_path):
     cores = _whole_mask()
     if len(cores) < 2:
         pytest.skip("needs 2 CPUs to give two ranks a core each")
     claims = tmp_path / "claims"
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        # a live process of another job (another store port) holds all the cores
-        claims.write_text(f"{other.pid} 127.0.0.1:29999/test {','.join(map(str, cores))}\n")
+        # another job's rank, pinned to the first core
+        os.sched_setaffinity(other.pid, cores[:1])
+        mask = ",".join(map(str, cores))
+        claims.write_text(f"{other.pid} {_start_time(other.pid)} 127.0.0.1:29999/test 1 {mask}\n")
         out = _probe(0, 2, claims=str(claims), job="29500")
-        assert out.startswith(f"None {cores}") and "claimed by another job" in out
-        # a rank of the same job pins beside its own job's claim
-        assert _probe(0, 2, claims=str(claims), job="29999").startswith(f"{cores[:len(cores) // 2]}")
+        assert out.startswith(f"None {cores}") and "another job runs on these cores" in out
+        assert sorted(os.sched_getaffinity(other.pid)) == cores  # its whole mask back
+        lines = claims.read_text().splitlines()
+        assert lines[0].split(" ")[3] == "0"  # recorded as unpinned
+        # a rank of the same job as the registered process pins beside it
+        mine = cores[:len(cores) // 2]
+        assert _probe(0, 2, claims=str(claims), job="29999").startswith(f"{mine}")
     finally:
         other.kill()
         other.wait()
-    # the other job ended: its claim no longer counts and is dropped
+    # the other job ended: its line no longer counts and is dropped
     assert _probe(0, 2, claims=str(claims), job="29500").startswith(f"{cores[:len(cores) // 2]}")
     assert f"{other.pid} " not in claims.read_text()
 
 
-def test_claim_cores_one_winner(tmp_path, monkeypatch):
-    claims = str(tmp_path / "claims")
-    monkeypatch.setenv("MASTER_PORT", "1")
-    assert claim_cores(claims, {0, 1}) is None
-    assert claim_cores(claims, {1}) is None  # the same job (this process) again
-    monkeypatch.setenv("MASTER_PORT", "2")
-    assert "claimed by another job" in claim_cores(claims, {1, 2})
-    assert claim_cores(claims, {3}) is None  # disjoint cores
+@linux_only
+def test_a_single_process_job_registers_as_a_neighbour(tmp_path):
+    claims = tmp_path / "claims"
+    out = _probe(0, 1, claims=str(claims), job="29500")
+    assert out.startswith("None")
+    assert claims.read_text().split(" ")[3] == "0"  # registered, not pinned
 
 
 def test_host_settings_from_the_environment():
