@@ -106,7 +106,8 @@ def check_architecture(network: Any, task: str) -> None:
     """The MLP baseline is a ranking model."""
     if network.architecture == "mlp_baseline" and task != "ranking":
         raise ConfigError(
-            "NetworkArgs", "architecture", "mlp_baseline is a ranking baseline; retrieval needs hstu"
+            "NetworkArgs", "architecture",
+            "mlp_baseline is a ranking baseline; retrieval needs hstu",
         )
 
 

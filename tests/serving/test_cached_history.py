@@ -12,13 +12,16 @@ from hstu.serving.model import InferenceHSTU
 
 def _cfg(**over) -> dict:
     cfg = {
-        "task": "ranking", "hidden_size": 16, "num_layers": 2, "num_heads": 2, "head_dim": 8, "alpha": 0.35,
-        "scaling_seqlen": 40, "norm_eps": 1e-5, "norm_affine": True, "uvqk_bias": True, "output_bias": False,
-        "is_causal": True, "target_group_size": 1, "num_position_buckets": 64, "use_position_embedding": True,
-        "relative_attention_bias": False, "rab_num_positions": 48, "rab_use_time": True, "num_contextual": 2,
-        "has_action": True, "projections": {"ctx": 4, "ctx2": 4}, "item_feature_name": "item", "action_feature_name": "action",
+        "task": "ranking", "hidden_size": 16, "num_layers": 2, "num_heads": 2, "head_dim": 8,
+        "alpha": 0.35, "scaling_seqlen": 40, "norm_eps": 1e-05, "norm_affine": True,
+        "uvqk_bias": True, "output_bias": False, "is_causal": True, "target_group_size": 1,
+        "num_position_buckets": 64, "use_position_embedding": True,
+        "relative_attention_bias": False, "rab_num_positions": 48, "rab_use_time": True,
+        "num_contextual": 2, "has_action": True, "projections": {"ctx": 4, "ctx2": 4},
+        "item_feature_name": "item", "action_feature_name": "action",
         "contextual_feature_names": ["ctx", "ctx2"], "head_arch": [12, 3], "head_bias": True,
-        "head_activation": "relu", "num_tasks": 1, "feature_dims": {"item": 16, "action": 16, "ctx": 4, "ctx2": 4},
+        "head_activation": "relu", "num_tasks": 1,
+        "feature_dims": {"item": 16, "action": 16, "ctx": 4, "ctx2": 4},
     }
     cfg.update(over)
     if cfg["num_contextual"] == 0:
