@@ -115,7 +115,14 @@ def register_job(claims_file: str, cores: set[int], mine: list[int] | None) -> s
     Pinning happens under the file's exclusive lock: of two jobs starting at once, the
     second sees the first's pinned line."""
     job = _job_key()
-    fd = os.open(claims_file, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(claims_file, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:  # e.g. another user's file: unknown neighbours, so no pinning
+        return f"cannot open the claims file {claims_file} ({exc.strerror})"
+    try:
+        os.fchmod(fd, 0o666)  # other users' jobs register in the same file
+    except PermissionError:  # not ours: its owner chose its mode
+        pass
     with os.fdopen(fd, "r+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes
         entries: list[list[str]] = []

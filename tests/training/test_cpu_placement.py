@@ -118,6 +118,15 @@ def test_a_job_next_to_another_pins_nothing_and_unpins_the_other(tmp_path):
 
 
 @linux_only
+def test_an_unusable_claims_file_means_no_pinning(tmp_path):
+    cores = _whole_mask()
+    if len(cores) < 2:
+        pytest.skip("needs 2 CPUs to give two ranks a core each")
+    out = _probe(0, 2, claims=str(tmp_path / "missing-dir" / "claims"))
+    assert out.startswith(f"None {cores}") and "cannot open the claims file" in out
+
+
+@linux_only
 def test_a_single_process_job_registers_as_a_neighbour(tmp_path):
     claims = tmp_path / "claims"
     out = _probe(0, 1, claims=str(claims), job="29500")
