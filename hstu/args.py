@@ -1,4 +1,6 @@
-"""Every gin-configurable argument class of the trainer, the HBM plan and the cross-field checks.
+"""Every gin-configurable argument class of the trainer, and the HBM plan.
+
+Checks that span fields, classes or the data live in :mod:`hstu.checks`.
 
 Each class is a ``@gin.configurable`` dataclass. Required fields default to ``REQUIRED``
 and are checked in ``__post_init__`` together with types, choices and ranges, with the
@@ -20,6 +22,7 @@ from typing import Any, Literal
 
 import gin
 
+from hstu.checks import check_tables
 from hstu.registry import (
     ATTENTION_BACKENDS,
     DATASETS,
@@ -203,7 +206,7 @@ _OPTIMIZER_STATE = {
 
 
 def embedding_row_bytes(embedding_dim: int, optimizer_str: str, bytes_per_value: int = 4) -> int:
-    """Bytes one row of a table occupies with its optimizer state (DESIGN.md "Arguments")."""
+    """Bytes one row of a table occupies with its optimizer state (docs/embeddings.md)."""
     if optimizer_str not in _OPTIMIZER_STATE:
         raise ValueError(
             f"optimizer {optimizer_str!r} has no known state size; one of {sorted(_OPTIMIZER_STATE)}"
@@ -279,7 +282,7 @@ class DynamicEmbeddingArgs(EmbeddingArgs):
             rule, capacity = "item_vocab_gpu_capacity", min(vocab, self.item_vocab_gpu_capacity)
         elif self.item_vocab_gpu_capacity_ratio is not None:
             rule = "item_vocab_gpu_capacity_ratio"
-            capacity = max(1, int(math.floor(self.item_vocab_gpu_capacity_ratio * vocab)))
+            capacity = max(1, math.floor(self.item_vocab_gpu_capacity_ratio * vocab))
         else:
             rule, capacity = "full_table", vocab
         return HbmPlan(rule, capacity, row_bytes, capacity * row_bytes)
@@ -687,112 +690,27 @@ ARG_CLASSES: tuple[type, ...] = (
 )
 
 
-# ---------------------------------------------------------------------------- cross checks
-
-
-def check_tables(tables: list[EmbeddingArgs]) -> None:
-    """Table names are unique and none is declared both static and dynamic."""
-    seen: dict[str, EmbeddingArgs] = {}
-    features: dict[str, str] = {}
-    for table in tables:
-        prev = seen.get(table.table_name)
-        if prev is not None:
-            if isinstance(prev, DynamicEmbeddingArgs) != isinstance(table, DynamicEmbeddingArgs):
-                raise ConfigError(
-                    "DynamicEmbeddingArgs",
-                    "table_name",
-                    f"table {table.table_name!r} is declared both static (EmbeddingArgs) "
-                    "and dynamic (DynamicEmbeddingArgs)",
-                )
-            raise ConfigError(
-                type(table).__name__, "table_name", f"table {table.table_name!r} is declared twice"
-            )
-        seen[table.table_name] = table
-        for name in table.feature_names:
-            if name in features:
-                raise ConfigError(
-                    type(table).__name__,
-                    "feature_names",
-                    f"feature {name!r} looks up both table {features[name]!r} and {table.table_name!r}",
-                )
-            features[name] = table.table_name
-
-
-def check_selection(trainer: TrainerArgs, dataset: Any, task_metrics: tuple[str, ...]) -> None:
-    """Model selection never looks at the test split: best_metric needs a validation split."""
-    if trainer.best_metric is None:
-        return
-    if trainer.best_metric not in task_metrics:
-        raise ConfigError(
-            "TrainerArgs",
-            "best_metric",
-            f"{trainer.best_metric!r} is not among the evaluated metrics {list(task_metrics)}"
-            + _did_you_mean(trainer.best_metric, task_metrics),
-        )
-    if not getattr(dataset, "holdout_validation", False):
-        raise ConfigError(
-            "TrainerArgs",
-            "best_metric",
-            "selecting a checkpoint needs a validation split (DatasetArgs.holdout_validation = True); "
-            "hstu never selects on the test split",
-        )
-
-
-MAX_BATCH_TOKENS = 2**31 - 1
-"""Tokens of one rank's batch: the jagged attention kernels index tokens with int32 offsets."""
-
-
-def check_batch_tokens(trainer: TrainerArgs, dataset: Any, task: str) -> None:
-    """Each batch's tokens must be addressable by the kernels' int32 offsets (a batch far past
-    any device's memory otherwise reaches TorchRec's planner as a storage overflow)."""
-    cands = int(getattr(dataset, "max_num_candidates", 0)) if task == "ranking" else 0
-    items = int(getattr(dataset, "max_sequence_length", 0) or 0) + cands
-    contextual = getattr(dataset, "contextual_feature_names", None) or []
-    # upper bound: an action token beside every item, and the contextual tokens in front
-    per_sample = 2 * max(items, 1) + len(contextual)
-    for name in ("train_batch_size", "eval_batch_size"):
-        size = getattr(trainer, name)
-        if size * per_sample > MAX_BATCH_TOKENS:
-            raise ConfigError(
-                "TrainerArgs", name,
-                f"{size:,} samples of up to {per_sample:,} tokens are {size * per_sample:,} "
-                f"tokens per rank and step; the attention kernels index a batch's tokens with "
-                f"32-bit offsets (at most {MAX_BATCH_TOKENS:,})",
-            )
-
-
-def check_parallel(network: NetworkArgs, tp: TensorModelParallelArgs, world_size: int | None = None) -> None:
-    """Heads split evenly over the TP group; the TP group divides the world."""
-    size = tp.tensor_model_parallel_size
-    if network.num_attention_heads % size != 0:
-        raise ConfigError(
-            "NetworkArgs",
-            "num_attention_heads",
-            f"{network.num_attention_heads} heads do not divide evenly over "
-            f"TensorModelParallelArgs.tensor_model_parallel_size={size}",
-        )
-    if world_size is not None and world_size % size != 0:
-        raise ConfigError(
-            "TensorModelParallelArgs",
-            "tensor_model_parallel_size",
-            f"{size} does not divide the world size {world_size}",
-        )
-
-
 __all__ = [
-    "AUTO",
-    "REQUIRED",
-    "ConfigError",
-    "HbmPlan",
     "ARG_CLASSES",
+    "AUTO",
     "DISTRIBUTIONS",
-    "check_batch_tokens",
-    "check_tables",
-    "check_parallel",
+    "REQUIRED",
+    "BenchmarkDatasetArgs",
+    "ConfigError",
+    "DatasetArgs",
+    "DynamicEmbeddingArgs",
+    "EmbeddingArgs",
+    "FeatureArgs",
+    "HbmPlan",
+    "NetworkArgs",
+    "OptimizerArgs",
+    "RankingArgs",
+    "RetrievalArgs",
+    "TensorModelParallelArgs",
+    "TrainerArgs",
+    "did_you_mean",
     "embedding_row_bytes",
     "field_docs",
     "field_specs",
-    "did_you_mean",
-    *[c.__name__ for c in ARG_CLASSES],
 ]
 

@@ -27,7 +27,8 @@ from typing import Any, TextIO
 # (where it comes from, message pattern). "warnings": a Python warning (warnings.warn);
 # otherwise the name of the logger that emits it.
 KNOWN_WARNINGS: tuple[tuple[str, str], ...] = (
-    # megatron-core imports, on hosts without Transformer Engine / Apex (DESIGN.md: harmless)
+    # megatron-core imports, on hosts without Transformer Engine / Apex: harmless, the trainer
+    # uses neither (docs/install.md)
     ("warnings", r"Transformer Engine and Apex are not installed"),
     # TorchRec's planner: we build the topology ourselves (it does not fail) and the
     # storage-reservation heuristic is the one TorchRec's own planner uses by default

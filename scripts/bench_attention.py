@@ -158,7 +158,7 @@ class Workload:
 
 
 class HstuLikeLayer(torch.nn.Module):
-    """The layer of DESIGN.md "Model", in plain torch around one attention call."""
+    """The layer of docs/model.md "Layer math", in plain torch around one attention call."""
 
     def __init__(self, heads: int, head_dim: int) -> None:
         super().__init__()

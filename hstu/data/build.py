@@ -7,8 +7,10 @@ from typing import Literal
 import numpy as np
 
 from hstu.args import BenchmarkDatasetArgs, ConfigError, DatasetArgs
+from hstu.checks import check_dataset_name, check_ranking_data
 from hstu.data.benchmark import BenchmarkLoader
 from hstu.data.info import ACTION_TABLE, ITEM_TABLE, DataInfo
+from hstu.data.layout import METADATA_FILE
 from hstu.data.loader import (
     Samples,
     SequenceLoader,
@@ -16,7 +18,6 @@ from hstu.data.loader import (
     ranking_samples,
     retrieval_samples,
 )
-from hstu.data.sizes import check_dataset_name
 from hstu.data.store import SequenceStore
 
 
@@ -60,22 +61,10 @@ def build_data(
         )
     store = SequenceStore.load(dataset_args.resolved_path)
     meta = store.metadata
-    check_dataset_name(dataset_args, meta)
+    check_dataset_name(dataset_args, meta, METADATA_FILE)
     msl, cands = dataset_args.max_sequence_length, dataset_args.max_num_candidates
     if task == "ranking":
-        if cands < 1:
-            raise ConfigError(
-                "DatasetArgs", "max_num_candidates", "ranking needs max_num_candidates >= 1"
-            )
-        if meta["action_feature_name"] is None:
-            raise ConfigError(
-                "DatasetArgs", "dataset_name", f"{meta['dataset']} has no action feature to rank by"
-            )
-        if getattr(dataset_args, "train_full_history", False):
-            raise ConfigError(
-                "DatasetArgs", "train_full_history", "is a retrieval option; ranking trains on "
-                "the most recent window before each user's candidates"
-            )
+        check_ranking_data(dataset_args, meta)
         train_s = ranking_samples(store, "train", msl, cands, holdout_validation)
         eval_s = ranking_samples(store, split, msl, cands, holdout_validation)
     else:

@@ -152,4 +152,7 @@ class SyntheticDataArgs:
         )
 
 
-__all__ = ["CustomDataArgs", "SyntheticDataArgs"]
+DATA_ARG_CLASSES: tuple[type, ...] = (CustomDataArgs, SyntheticDataArgs)
+"""The preprocessor's gin classes; a gin file may bind them beside hstu.args.ARG_CLASSES."""
+
+__all__ = ["DATA_ARG_CLASSES", "CustomDataArgs", "SyntheticDataArgs"]

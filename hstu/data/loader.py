@@ -58,7 +58,7 @@ def retrieval_samples(
     holdout_validation: bool = False,
     full_history: bool = False,
 ) -> Samples:
-    """Leave-one-out (DESIGN.md "Data").
+    """Leave-one-out (docs/data.md "Protocols").
 
     Without holdout_validation: train = each user's sequence without its last item, the most
     recent ``max_sequence_length`` of them (every position predicts the next; users with fewer

@@ -13,7 +13,7 @@ Output folder (written to a temporary folder, then renamed into place):
 - ``metadata.json``: counts, vocabulary sizes, sequence length statistics, source checksum.
 
 Sequences are sorted stably by time: interactions with the same timestamp keep their order
-in the raw file (DESIGN.md "Data", ties). Re-running on the same input is a no-op unless
+in the raw file (docs/data.md "Preprocessing"). Re-running on the same input is a no-op unless
 ``--force``.
 """
 
@@ -508,12 +508,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     try:
-        from hstu.config import load_classes
-        from hstu.data.data_args import CustomDataArgs, SyntheticDataArgs
+        from hstu.args import ARG_CLASSES
+        from hstu.data.data_args import DATA_ARG_CLASSES, CustomDataArgs, SyntheticDataArgs
+        from hstu.gin_parsing import load_classes
 
         check_dataset_name(args.dataset)
         wanted = {"custom": [CustomDataArgs], "synthetic": [SyntheticDataArgs]}.get(args.dataset, [])
-        built = load_classes(args.gin_file, args.gin_param, wanted)
+        # the trainer's gin file may be given too: its classes are known, not built
+        built = load_classes(
+            args.gin_file, args.gin_param, wanted, known=(*ARG_CLASSES, *DATA_ARG_CLASSES)
+        )
         custom = built.get("CustomDataArgs")
         synthetic = built.get("SyntheticDataArgs")
         preprocess(

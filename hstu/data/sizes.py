@@ -4,8 +4,9 @@ The entry points call :func:`resolve_sizes` right after loading the gin file (al
 ``--check-config``): it reads the preprocessed folder's ``metadata.json`` (nothing else), fills
 in every ``"auto"`` size (table rows, the action table's classes, the ranking head's last
 width) and refuses, in one line, a fixed size that is too small or a head that does not fit
-the actions. The builder applies the same functions to the loaded data, so a config built
-by hand (tests, notebooks) gets the same answers. Torch-free.
+the actions (the checks themselves live in :mod:`hstu.checks`). The builder applies the same
+functions to the loaded data, so a config built by hand (tests, notebooks) gets the same
+answers. Torch-free.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 from typing import Any
 
 from hstu.args import AUTO, BenchmarkDatasetArgs, ConfigError, DatasetArgs, RankingArgs
+from hstu.checks import check_dataset_name, check_ranking_head, check_table_features
 from hstu.data.errors import DataError
 from hstu.data.info import DataInfo
 from hstu.data.layout import METADATA_FILE
@@ -59,18 +61,6 @@ def read_metadata(dataset: DatasetArgs, extras: dict[str, Any] | None = None) ->
         meta_path,
         f"no preprocessed dataset here; run: python -m hstu.data.preprocess {how}",
     )
-
-
-def check_dataset_name(dataset_args: DatasetArgs, meta: dict[str, Any]) -> None:
-    """The dataset folder holds the dataset the configuration names (its metadata says)."""
-    if meta.get("dataset") not in (None, dataset_args.dataset_name):
-        raise ConfigError(
-            "DatasetArgs",
-            "dataset_name",
-            f"is {dataset_args.dataset_name!r} but {dataset_args.resolved_path} holds "
-            f"{meta['dataset']!r} (its {METADATA_FILE}); point dataset_path at the "
-            f"{dataset_args.dataset_name} folder or set dataset_name={meta['dataset']!r}",
-        )
 
 
 def select_contextual(available: list[str], wanted: list[str] | None) -> list[str]:
@@ -138,55 +128,6 @@ def resolve_head(info: DataInfo, ranking: RankingArgs | None) -> RankingArgs | N
     return resolved
 
 
-def check_ranking_head(info: DataInfo, ranking_args: RankingArgs | None) -> None:
-    """Refuses a BCE head (last width == num_tasks) on actions that are not bitmasks, and a
-    cross-entropy head narrower than the action classes.
-
-    Task t's label is bit t of the action value. An action vocabulary of 2**m values is a
-    bitmask of m flags (KuaiRand: 256, 8 feedback flags), of which a head trains the lowest
-    num_tasks; one of at most 2**num_tasks values fits the tasks' bits. Any other vocabulary
-    holds classes (ratings), whose bits mean nothing (bit 0 of a rating class is its parity):
-    such data needs a head ending in the class count (cross-entropy). A no-op for retrieval.
-    """
-    values = info.num_action_values
-    if ranking_args is None or values is None:
-        return
-    width, tasks = ranking_args.prediction_head_arch[-1], ranking_args.num_tasks
-    if width == AUTO:
-        raise ConfigError("RankingArgs", "prediction_head_arch", '"auto" is not resolved yet')
-    if width != tasks and values > width:
-        raise ConfigError(
-            "RankingArgs",
-            "prediction_head_arch",
-            f"last width {width} (cross-entropy over {width} classes) is narrower than the "
-            f'{values} action classes of {info.dataset_name}; end the head in {values} (or "auto")',
-        )
-    if width != tasks or values <= 2**tasks or values & (values - 1) == 0:
-        return
-    raise ConfigError(
-        "RankingArgs",
-        "prediction_head_arch",
-        f"last width {width} == RankingArgs.num_tasks trains task t on bit t of the action "
-        f"value, but the {info.dataset_name} actions are {values} classes in [0, {values}), "
-        f"not a bitmask (bit 0 of a class is its parity); end the head in {values} for "
-        "cross-entropy over the classes",
-    )
-
-
-def check_table_features(tables: list, info: DataInfo) -> None:
-    """Every table must serve a feature of the data (one line naming the table otherwise)."""
-    known = [info.item_feature_name, *([info.action_feature_name] if info.action_feature_name else []),
-             *info.contextual_feature_names]
-    for tb in tables:
-        unknown = [f for f in tb.feature_names if f not in known]
-        if unknown:
-            raise ConfigError(
-                type(tb).__name__, "feature_names",
-                f"table {tb.table_name!r} names {unknown}, which {info.dataset_name} does not "
-                f"have; its features are {known}",
-            )
-
-
 def resolve_sizes(cfg: Any) -> Any:
     """``cfg`` (a RunConfig) with every "auto" size resolved from the dataset's metadata and
     every fixed size checked; raises a one-line ConfigError / DataError. Benchmark configs
@@ -197,7 +138,7 @@ def resolve_sizes(cfg: Any) -> Any:
     where = getattr(cfg, "locations", {}) or {}
     meta = read_metadata(cfg.dataset, cfg.extras)
     try:
-        check_dataset_name(cfg.dataset, meta)
+        check_dataset_name(cfg.dataset, meta, METADATA_FILE)
     except ConfigError as exc:
         raise exc.with_location(where.get(("DatasetArgs", "dataset_name", "")) or _source(cfg)) from None
     info = info_from_metadata(meta, cfg.dataset, cfg.task)
@@ -240,8 +181,6 @@ def describe_sizes(cfg: Any) -> str:
 
 __all__ = [
     "action_kind",
-    "check_ranking_head",
-    "check_table_features",
     "describe_sizes",
     "info_from_metadata",
     "read_metadata",

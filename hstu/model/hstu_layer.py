@@ -1,4 +1,4 @@
-"""One HSTU layer (DESIGN.md "Model"), optionally tensor-parallel with Megatron-core.
+"""One HSTU layer (docs/model.md "Layer math"), optionally tensor-parallel with Megatron-core.
 
 Legend: T jagged tokens of the batch, B samples, D hidden width, H heads (H_r on this TP
 rank), d head width (kv_channels), P TP group size.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -212,7 +212,7 @@ class LayerOptions:
     compile: bool = False
 
     # NetworkArgs names that differ from the field names (the gin surface predates this class)
-    _NETWORK_NAMES = {
+    _NETWORK_NAMES: ClassVar[dict[str, str]] = {
         "dropout": "hidden_dropout", "norm_eps": "norm_epsilon", "alpha": "attention_alpha",
         "dtype": "dtype_str",
     }
@@ -237,15 +237,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def research_options(padded_width: int) -> dict[str, Any]:
     """The paper's research model (use with norm eps 1e-6): rab, alpha 1, N = padded width,
     no W_uvqk bias, no affine norms, a bias on W_o."""
-    return dict(
-        relative_attention_bias=True,
-        rab_use_time=True,
-        alpha=1.0,
-        attn_scaling_seqlen=padded_width,
-        uvqk_bias=False,
-        norm_affine=False,
-        output_bias=True,
-    )
+    return {
+        "relative_attention_bias": True,
+        "rab_use_time": True,
+        "alpha": 1.0,
+        "attn_scaling_seqlen": padded_width,
+        "uvqk_bias": False,
+        "norm_affine": False,
+        "output_bias": True,
+    }
 
 
 class HSTULayer(nn.Module):

@@ -16,10 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
+# check_ranking_head is torch-free (it runs before any process starts): hstu.checks owns it
+from hstu.checks import check_ranking_head  # noqa: F401 - re-exported
 from hstu.data.batch import Batch
-
-# check_ranking_head is torch-free (it runs before any process starts): hstu.data.sizes owns it
-from hstu.data.sizes import check_ranking_head  # noqa: F401 - re-exported
 from hstu.model.encode import encode_batch
 from hstu.model.hstu_block import HSTUBlock
 from hstu.model.loss_scale import PendingScale, global_mean_scale

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch.distributed import ProcessGroup
 
 from hstu.sync_audit import allowed_sync
@@ -94,31 +95,17 @@ def make_parallel_config(tp_size: int, params_dtype: torch.dtype):
 # ----------------------------------------------------------------- collective autograd ops
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over the group in forward and backward.
+def all_reduce_sum(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """Sum over the group in forward and backward (torch's functional all-reduce, whose
+    backward all-reduces the gradient).
 
     For a replicated result consumed by rank-local (sharded) computation: each rank holds
-    only its part of the gradient, the full gradient is the group sum.
+    only its part of the gradient, the full gradient is the group sum. (Not
+    ``torch.distributed.nn.functional.all_reduce``, the same op, deprecated in torch 2.13.)
     """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        out = x.clone()
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-def all_reduce_sum(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     if group is None or dist.get_world_size(group) == 1:
         return x
-    return _AllReduceSum.apply(x, group)
+    return funcol.wait_tensor(funcol.all_reduce(x, "sum", group))
 
 
 def _gather_counts(counts: list[int], group: ProcessGroup, device: torch.device) -> list[list[int]]:

@@ -4,7 +4,7 @@ Legend: B samples, H[b] history items, C[b] candidates, X contextual features (o
 A = 2 with an action feature (item and action tokens interleaved) else 1, D hidden width,
 n[b] = X + A*H[b] + C[b] tokens of sample b, T = sum(n).
 
-Token layout of sample b (DESIGN.md "Model"):
+Token layout of sample b (docs/model.md "Token layout"):
 
     [ctx_0 .. ctx_{X-1}, i_0, a_0, i_1, a_1, ..., i_{H-1}, a_{H-1}, c_0, .., c_{C-1}]
 

@@ -9,7 +9,8 @@ Same computation as the trainer's dense modules (hstu.model.tokens, hstu_block,
 hstu_layer, the pytorch attention kernel, the heads) on a padded [B, W] layout instead of the
 jagged one, so that shapes are symbolic in B and L and nothing depends on data in Python
 (what torch.export needs). Token layout, positions, mask and relative attention bias follow
-DESIGN.md "Model"; padded slots are masked out of attention and never read back.
+docs/model.md ("Token layout", "Layer math"); padded slots are masked out of attention and
+never read back.
 
 Ranking inference with a cached history (:meth:`InferenceHSTU.encode_history` then
 :meth:`InferenceHSTU.score_candidates`): a history token never attends to a candidate, so the

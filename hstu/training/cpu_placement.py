@@ -1,32 +1,31 @@
 """Where a CPU training process and its data thread run.
 
-Data-parallel ranks on one CPU host meet at every step (the gradient all-reduce), so a step
-lasts as long as the slowest rank's. Each rank also has a data thread (hstu.training.feed)
-that builds batches ahead: ~15 ms of numpy per batch on the ML-1M recipe. Left to the
-scheduler, a rank's data thread runs on whichever core is free at the moment, often the
-other rank's, which then arrives late at the all-reduce while the first waits: measured on
-the 2-core machine, the ranks' arrival times differed by 24-29 ms per step on average (a
-~190 ms step).
+- :func:`pin_local_rank`: each of the host's LOCAL_WORLD_SIZE ranks gets its own equal slice
+  of the host's CPUs (rank r: slice r), so a rank and its data thread share its cores and
+  delay no other rank at the step's all-reduce. It is on only where it cannot hurt:
+  a CPU run with more than one local rank, a CPU mask the launcher left whole (a mask
+  smaller than the host's CPUs means srun --cpu-bind, numactl, taskset or torchrun
+  --numa-binding placed the process already: it is left alone), and no other hstu job on the
+  host's cores (every CPU process registers in a per-host file; a job that starts next to a
+  pinned one unpins it, so two jobs never pin, let alone onto the same cores). Anything
+  else: not pinned, one note.
+- :func:`lower_this_thread`: the data thread runs at a low priority, so on its rank's cores
+  it takes the time the training thread leaves instead of preempting it.
 
-- ``pin_local_rank``: each of the host's LOCAL_WORLD_SIZE ranks gets its own equal slice of
-  the process's CPUs (rank r: slice r), so a rank and its data thread share its cores and
-  delay no other rank. Only on CPU runs with more than one local rank; skipped (with a note)
-  when there are fewer CPUs than ranks.
-- ``lower_this_thread``: the data thread runs at nice 19, so on its rank's cores it takes
-  the time the training thread leaves (the waits at collectives, at the GIL, at the data
-  queue) instead of preempting it; with a batch not ready the training thread blocks on
-  the queue and the data thread gets the core.
-
-Both change only speed, never a value. ML-1M recipe on ML-100K, DP=2 on 2 cores, side by
-side: 1,116-1,323 samples/s without, 1,371-1,458 with both (docs/performance.md).
-Switches: ``HSTU_PIN_RANKS=0``, ``HSTU_FEED_NICE=0`` (or another niceness).
+Both change only speed, never a value; the switches are in :mod:`hstu.training.host_settings`
+and the measurements in docs/performance.md ("CPU placement").
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sys
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: host_settings imports this module when it applies
+    from hstu.training.host_settings import HostSettings
 
 
 def rank_cores(cores: list[int], local_rank: int, local_world: int) -> list[int] | None:
@@ -41,44 +40,171 @@ def rank_cores(cores: list[int], local_rank: int, local_world: int) -> list[int]
     return cores[local_rank * per:(local_rank + 1) * per]
 
 
-def pin_local_rank(on_cpu: bool) -> list[int] | None:
-    """Restricts this process to its local rank's cores (see the module docstring); returns
-    them, or None when nothing was done."""
-    if not on_cpu or os.environ.get("HSTU_PIN_RANKS", "1") == "0":
+def parse_cpu_list(text: str) -> set[int]:
+    """The CPUs of a kernel CPU list such as ``0-3,8,10-11``."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def _read_cpu_list(path: str) -> set[int] | None:
+    try:
+        with open(path) as fh:
+            text = fh.read()
+    except OSError:
         return None
-    if not hasattr(os, "sched_setaffinity"):  # Linux only
+    return parse_cpu_list(text) if text.strip() else None
+
+
+def host_cpus() -> set[int]:
+    """The CPUs this process could be given: the online CPUs, within the container's cpuset
+    (cgroup v2 or v1) when there is one."""
+    cpus = _read_cpu_list("/sys/devices/system/cpu/online") or set(range(os.cpu_count() or 1))
+    for cpuset in ("/sys/fs/cgroup/cpuset.cpus.effective",
+                   "/sys/fs/cgroup/cpuset/cpuset.effective_cpus"):
+        limited = _read_cpu_list(cpuset)
+        if limited:
+            return cpus & limited
+    return cpus
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of process ``pid`` (clock ticks since boot), None when it is
+    gone; with the pid it names one process, also after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+    except OSError:
         return None
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if local_world <= 1:
-        return None
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    allowed = sorted(os.sched_getaffinity(0))
-    mine = rank_cores(allowed, local_rank, local_world)
-    if mine is None:
-        print(
-            f"[hstu] note: {local_world} local ranks on {len(allowed)} CPUs: ranks not pinned "
-            "to cores (HSTU_PIN_RANKS)",
-            file=sys.stderr, flush=True,
-        )
-        return None
-    # every thread the process has so far (an OpenMP pool may exist already); later ones inherit
-    tids = [int(t) for t in os.listdir("/proc/self/task")] if os.path.isdir("/proc/self/task") else [0]
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name in (...) may hold spaces
+
+
+def _job_key() -> str:
+    """Names this job among the host's: torchrun's store address is unique per live job."""
+    return "{}:{}/{}".format(
+        os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""),
+        os.environ.get("TORCHELASTIC_RUN_ID", ""),
+    )
+
+
+def _set_all_threads(pid: int, cores: set[int] | list[int]) -> None:
+    """Sets the CPU mask of every thread process ``pid`` has now; later ones inherit it."""
+    task_dir = f"/proc/{pid}/task"
+    tids = [int(t) for t in os.listdir(task_dir)] if os.path.isdir(task_dir) else [pid]
     for tid in tids:
         try:
-            os.sched_setaffinity(tid, mine)
+            os.sched_setaffinity(tid, cores)
         except ProcessLookupError:  # a thread that ended meanwhile
             continue
-    return mine
 
 
-def lower_this_thread() -> int | None:
-    """Sets the calling thread's niceness to ``HSTU_FEED_NICE`` (default 19; 0 leaves it) on
-    Linux, where niceness is per thread; returns the niceness set, or None."""
-    nice = int(os.environ.get("HSTU_FEED_NICE", "19"))
+def register_job(claims_file: str, cores: set[int], mine: list[int] | None) -> str | None:
+    """Registers this process in the per-host ``claims_file`` and pins it to ``mine`` (None:
+    not pinned) when no other job runs on ``cores``. Returns None when pinned as asked, or
+    why not.
+
+    One line per CPU training process with pinning on: ``pid start-time job pinned cores``;
+    lines of ended processes are dropped. A job that finds another job's live process on its
+    cores does not pin, and gives the other job's pinned processes their whole mask back:
+    a pinned job next to another cannot move its ranks off a core the other job keeps busy
+    (docs/performance.md, "CPU placement"), so once two jobs share a host neither is pinned.
+    Pinning happens under the file's exclusive lock: of two jobs starting at once, the
+    second sees the first's pinned line."""
+    job = _job_key()
+    try:
+        fd = os.open(claims_file, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:  # e.g. another user's file: unknown neighbours, so no pinning
+        return f"cannot open the claims file {claims_file} ({exc.strerror})"
+    try:
+        os.fchmod(fd, 0o666)  # other users' jobs register in the same file
+    except PermissionError:  # not ours: its owner chose its mode
+        pass
+    with os.fdopen(fd, "r+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes
+        entries: list[list[str]] = []
+        for line in fh.read().splitlines():
+            fields = line.split(" ")
+            if len(fields) != 5 or not fields[0].isdigit():
+                continue
+            if _start_time(int(fields[0])) != fields[1]:  # ended (or its pid was reused)
+                continue
+            entries.append(fields)
+        others = [e for e in entries if e[2] != job and parse_cpu_list(e[4]) & cores]
+        why = None
+        if others:
+            why = (f"another job runs on these cores (pid {others[0][0]}, {claims_file}); "
+                   "neither is pinned")
+            for e in others:
+                if e[3] == "1":
+                    try:
+                        _set_all_threads(int(e[0]), parse_cpu_list(e[4]))
+                    except PermissionError:  # another user's job keeps its pinning
+                        continue
+                    e[3] = "0"
+        elif mine is not None:
+            _set_all_threads(os.getpid(), mine)
+        pinned = "1" if mine is not None and why is None else "0"
+        entries.append([str(os.getpid()), _start_time(os.getpid()) or "?", job, pinned,
+                        ",".join(map(str, sorted(cores)))])
+        fh.seek(0)
+        fh.truncate()
+        fh.write("".join(" ".join(e) + "\n" for e in entries))
+    return why
+
+
+def _note(message: str) -> None:
+    print(f"[hstu] note: {message}: ranks not pinned to cores (HSTU_PIN_RANKS)",
+          file=sys.stderr, flush=True)
+
+
+def pin_local_rank(on_cpu: bool, settings: HostSettings | None = None) -> list[int] | None:
+    """Restricts this process to its local rank's cores when that is safe (see the module
+    docstring); returns them, or None when nothing was done. ``settings`` None: from the
+    environment (:class:`hstu.training.host_settings.HostSettings`)."""
+    if settings is None:
+        from hstu.training.host_settings import HostSettings
+
+        settings = HostSettings.from_env()
+    if not on_cpu or not settings.pin_ranks or not hasattr(os, "sched_setaffinity"):
+        return None  # Linux only
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    allowed = set(os.sched_getaffinity(0))
+    whole = host_cpus()
+    mine = None
+    if local_world <= 1:
+        pass  # nothing to share; registered all the same, as a neighbour of pinned jobs
+    elif allowed != whole:
+        _note(f"the launcher restricted this process to CPUs {sorted(allowed)} of "
+              f"{sorted(whole)} (a binding of its own)")
+    else:
+        mine = rank_cores(sorted(allowed), local_rank, local_world)
+        if mine is None:
+            _note(f"{local_world} local ranks on {len(allowed)} CPUs")
+    why = register_job(settings.cpu_claims_file, allowed, mine)
+    if why is not None and mine is not None:
+        _note(why)
+    return mine if why is None else None
+
+
+def lower_this_thread(nice: int | None = None) -> int | None:
+    """Sets the calling thread's niceness to ``nice`` (None: HSTU_FEED_NICE, default 19; 0
+    leaves it) on Linux, where niceness is per thread; returns the niceness set, or None."""
+    if nice is None:
+        from hstu.training.host_settings import HostSettings
+
+        nice = HostSettings.from_env().feed_nice
     if nice == 0 or not sys.platform.startswith("linux"):
         return None
     os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     return nice
 
 
-__all__ = ["lower_this_thread", "pin_local_rank", "rank_cores"]
+__all__ = [
+    "host_cpus", "lower_this_thread", "parse_cpu_list", "pin_local_rank", "rank_cores",
+    "register_job",
+]

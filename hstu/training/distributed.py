@@ -55,14 +55,12 @@ def init_distributed(tp_size: int = 1, timeout_s: int = 600) -> DistEnv:
     gloo for host tensors on GPUs, gloo on CPU) and Megatron's TP/DP groups.
 
     Works under torchrun (RANK/WORLD_SIZE set) and as a single plain process (a world of 1
-    on a free local port). Also keeps freed host buffers with the process
-    (:mod:`hstu.training.host_memory`) and, on CPU, gives each local rank its own cores
-    (:mod:`hstu.training.cpu_placement`).
+    on a free local port). First applies the process-wide host settings
+    (:mod:`hstu.training.host_settings`: allocator, CPU placement, restart backoff).
     """
-    from hstu.training.cpu_placement import pin_local_rank
-    from hstu.training.host_memory import keep_freed_host_memory
+    from hstu.training.host_settings import HostSettings, apply_host_settings
 
-    keep_freed_host_memory()
+    settings = HostSettings.from_env()
     if "RANK" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
@@ -81,13 +79,8 @@ def init_distributed(tp_size: int = 1, timeout_s: int = 600) -> DistEnv:
     else:
         device = torch.device("cpu")
     backend = process_group_backend(device)
-    # on CPU, each local rank on its own cores (before the process group's threads start)
-    pin_local_rank(device.type == "cpu")
-    backoff = float(os.environ.get("HSTU_RESTART_BACKOFF_S", "0") or 0)
-    if restart_count() > 0 and backoff > 0:  # set by hstu.launch --restart-backoff
-        import time
-
-        time.sleep(min(backoff * 2 ** (restart_count() - 1), 300.0))
+    # allocator, CPU placement, restart backoff: before the process group's threads start
+    apply_host_settings(settings, on_cpu=device.type == "cpu", restart_count=restart_count())
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
@@ -164,7 +157,7 @@ def destroy_distributed() -> None:
         try:
             if ps.model_parallel_is_initialized():
                 ps.destroy_model_parallel()
-        except Exception:  # noqa: BLE001 - cleanup must not mask the original error
+        except Exception:  # noqa: BLE001, S110 - cleanup must not mask the original error
             pass
         _drop_megatron_groups(ps)
     if dist.is_initialized():

@@ -12,7 +12,8 @@ ML-100K): 17.0 -> 13.8 ms per batch.
 hosts) and turns trimming off, so such buffers are reused from the heap: the process keeps
 its peak host memory instead of returning it between steps (the peak itself is unchanged).
 Only speed changes, never a value. Set ``HSTU_KEEP_FREED_HOST_MEMORY=0`` to leave the
-allocator as it is; on a C library other than glibc there is nothing to set.
+allocator as it is (:mod:`hstu.training.host_settings`); on a C library other than glibc
+there is nothing to set.
 """
 
 from __future__ import annotations
@@ -41,13 +42,18 @@ def _is_glibc() -> bool:
         return False
 
 
-def keep_freed_host_memory() -> bool:
-    """Applies the settings once per process (see the module docstring). True when set."""
+def keep_freed_host_memory(enabled: bool | None = None) -> bool:
+    """Applies the settings once per process (see the module docstring). True when set.
+    ``enabled`` None: as HostSettings.from_env() says (HSTU_KEEP_FREED_HOST_MEMORY)."""
     global _applied
     if _applied is not None:
         return _applied
+    if enabled is None:
+        from hstu.training.host_settings import HostSettings
+
+        enabled = HostSettings.from_env().keep_freed_host_memory
     _applied = False
-    if os.environ.get("HSTU_KEEP_FREED_HOST_MEMORY", "1") == "0" or not _is_glibc():
+    if not enabled or not _is_glibc():
         return False
     # the process's own symbols include the C library's (no library search, no subprocess)
     mallopt = ctypes.CDLL(None).mallopt

@@ -37,7 +37,7 @@ def _bucket(delta: int) -> int:
 def hand_layer(
     x, w_uvqk, b_uvqk, w_o, b_o, alpha, n_scale, eps, rab_pos=None, rab_ts=None, ts=None
 ):
-    """DESIGN.md "Model" for one causal sample, 1 head, in python floats."""
+    """docs/model.md "Layer math" for one causal sample, 1 head, in python floats."""
     tokens = len(x)
     d = len(w_uvqk) // 4
     parts = []

@@ -1,0 +1,279 @@
+"""The cross-field checks: refusals that need more than one field, one class, or the data's
+metadata. Each raises a one-line :class:`~hstu.validation.ConfigError` naming the class and
+field to change; the caller adds the gin file and line (:mod:`hstu.config` for the gin
+classes, :func:`hstu.data.sizes.resolve_sizes` and :func:`hstu.data.build.build_data` for
+the checks against the data).
+
+Checks of one field (types, choices, ranges) stay in each class's ``__post_init__``
+(:mod:`hstu.args`); a model component's own guards on its arguments stay in the component.
+
+Sits on :mod:`hstu.validation` only, below :mod:`hstu.args` (whose
+``BenchmarkDatasetArgs`` checks its tables here) and :mod:`hstu.data` (docs/architecture.md,
+"Layers"): it knows the argument classes by their fields (the parameters name the class they
+take), and the data's metadata and ``DataInfo`` arrive as arguments. Torch-free.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hstu.validation import AUTO, ConfigError, did_you_mean
+
+MAX_BATCH_TOKENS = 2**31 - 1
+"""Tokens of one rank's batch: the jagged attention kernels index tokens with int32 offsets."""
+
+
+# ---------------------------------------------------------------------------- the gin classes
+# Parameters take the hstu.args class of their name (``trainer``: TrainerArgs, ``network``:
+# NetworkArgs, ``ranking`` / ``retrieval``: RankingArgs / RetrievalArgs or None, ``dataset``:
+# DatasetArgs or BenchmarkDatasetArgs).
+
+
+def _is_dynamic(table: Any) -> bool:
+    """``isinstance(table, DynamicEmbeddingArgs)``, without importing hstu.args."""
+    return any(cls.__name__ == "DynamicEmbeddingArgs" for cls in type(table).__mro__)
+
+
+def check_tables(tables: list[Any]) -> None:
+    """Table names are unique and none is declared both static and dynamic (``tables``:
+    EmbeddingArgs / DynamicEmbeddingArgs)."""
+    seen: dict[str, Any] = {}
+    features: dict[str, str] = {}
+    for table in tables:
+        prev = seen.get(table.table_name)
+        if prev is not None:
+            if _is_dynamic(prev) != _is_dynamic(table):
+                raise ConfigError(
+                    "DynamicEmbeddingArgs",
+                    "table_name",
+                    f"table {table.table_name!r} is declared both static (EmbeddingArgs) "
+                    "and dynamic (DynamicEmbeddingArgs)",
+                )
+            raise ConfigError(
+                type(table).__name__, "table_name", f"table {table.table_name!r} is declared twice"
+            )
+        seen[table.table_name] = table
+        for name in table.feature_names:
+            if name in features:
+                raise ConfigError(
+                    type(table).__name__,
+                    "feature_names",
+                    f"feature {name!r} looks up both table {features[name]!r} and "
+                    f"{table.table_name!r}",
+                )
+            features[name] = table.table_name
+
+
+def check_parallel(network: Any, tp: Any, world_size: int | None = None) -> None:
+    """Heads split evenly over the TP group (``network``: NetworkArgs, ``tp``:
+    TensorModelParallelArgs); the TP group divides the world."""
+    size = tp.tensor_model_parallel_size
+    if network.num_attention_heads % size != 0:
+        raise ConfigError(
+            "NetworkArgs",
+            "num_attention_heads",
+            f"{network.num_attention_heads} heads do not divide evenly over "
+            f"TensorModelParallelArgs.tensor_model_parallel_size={size}",
+        )
+    if world_size is not None and world_size % size != 0:
+        raise ConfigError(
+            "TensorModelParallelArgs",
+            "tensor_model_parallel_size",
+            f"{size} does not divide the world size {world_size}",
+        )
+
+
+def check_batch_tokens(trainer: Any, dataset: Any, task: str) -> None:
+    """Each batch's tokens must be addressable by the kernels' int32 offsets (a batch far past
+    any device's memory otherwise reaches TorchRec's planner as a storage overflow)."""
+    cands = int(getattr(dataset, "max_num_candidates", 0)) if task == "ranking" else 0
+    items = int(getattr(dataset, "max_sequence_length", 0) or 0) + cands
+    contextual = getattr(dataset, "contextual_feature_names", None) or []
+    # upper bound: an action token beside every item, and the contextual tokens in front
+    per_sample = 2 * max(items, 1) + len(contextual)
+    for name in ("train_batch_size", "eval_batch_size"):
+        size = getattr(trainer, name)
+        if size * per_sample > MAX_BATCH_TOKENS:
+            raise ConfigError(
+                "TrainerArgs", name,
+                f"{size:,} samples of up to {per_sample:,} tokens are {size * per_sample:,} "
+                f"tokens per rank and step; the attention kernels index a batch's tokens with "
+                f"32-bit offsets (at most {MAX_BATCH_TOKENS:,})",
+            )
+
+
+def check_architecture(network: Any, task: str) -> None:
+    """The MLP baseline is a ranking model."""
+    if network.architecture == "mlp_baseline" and task != "ranking":
+        raise ConfigError(
+            "NetworkArgs", "architecture",
+            "mlp_baseline is a ranking baseline; retrieval needs hstu",
+        )
+
+
+def check_history_loss(ranking: Any, dataset: Any, network: Any) -> None:
+    """Supervising the history's actions needs them as tokens, and history tokens."""
+    if ranking is None or ranking.history_loss_weight <= 0:
+        return
+    if getattr(dataset, "action_tokens", True) is False:
+        raise ConfigError(
+            "RankingArgs", "history_loss_weight",
+            "needs the history's actions as tokens (DatasetArgs.action_tokens = True)",
+        )
+    if network.architecture == "mlp_baseline":
+        raise ConfigError(
+            "RankingArgs", "history_loss_weight",
+            "the mlp_baseline has no history tokens to supervise; set it to 0",
+        )
+
+
+def check_causal(network: Any, ranking: Any, retrieval: Any) -> None:
+    """Bidirectional attention only where no token's label is another token of the input."""
+    if network.is_causal:
+        return
+    if retrieval is not None:
+        why = (
+            "retrieval trains next-item prediction from every history position, and "
+            "non-causal attention lets each position see the item it predicts; set it to True"
+        )
+    elif ranking is not None and ranking.history_loss_weight > 0:
+        why = (
+            "RankingArgs.history_loss_weight > 0 supervises each history item on its own "
+            "action, and non-causal attention lets the item's token see that action token; "
+            "set it to True or history_loss_weight to 0"
+        )
+    else:
+        return
+    raise ConfigError("NetworkArgs", "is_causal", why)
+
+
+def evaluated_metrics(ranking: Any, retrieval: Any) -> tuple[str, ...]:
+    """The names evaluation reports, which TrainerArgs.best_metric may select on."""
+    if ranking is not None:
+        return tuple(ranking.eval_metrics) + tuple(
+            f"AUC/task{i}" for i in range(ranking.num_tasks) if ranking.num_tasks > 1
+        )
+    return tuple(retrieval.eval_metrics) if retrieval is not None else ()
+
+
+def check_selection(trainer: Any, dataset: Any, task_metrics: tuple[str, ...]) -> None:
+    """Model selection never looks at the test split: best_metric needs a validation split."""
+    if trainer.best_metric is None:
+        return
+    if trainer.best_metric not in task_metrics:
+        raise ConfigError(
+            "TrainerArgs",
+            "best_metric",
+            f"{trainer.best_metric!r} is not among the evaluated metrics {list(task_metrics)}"
+            + did_you_mean(trainer.best_metric, task_metrics),
+        )
+    if not getattr(dataset, "holdout_validation", False):
+        raise ConfigError(
+            "TrainerArgs",
+            "best_metric",
+            "selecting a checkpoint needs a validation split "
+            "(DatasetArgs.holdout_validation = True); hstu never selects on the test split",
+        )
+
+
+# ---------------------------------------------------------------------------- against the data
+
+
+def check_dataset_name(dataset_args: Any, meta: dict[str, Any], metadata_file: str) -> None:
+    """The dataset folder holds the dataset the configuration names (its ``metadata_file``
+    says)."""
+    if meta.get("dataset") not in (None, dataset_args.dataset_name):
+        raise ConfigError(
+            "DatasetArgs",
+            "dataset_name",
+            f"is {dataset_args.dataset_name!r} but {dataset_args.resolved_path} holds "
+            f"{meta['dataset']!r} (its {metadata_file}); point dataset_path at the "
+            f"{dataset_args.dataset_name} folder or set dataset_name={meta['dataset']!r}",
+        )
+
+
+def check_ranking_data(dataset_args: Any, meta: dict[str, Any]) -> None:
+    """Ranking needs candidates, actions to rank by, and the window before the candidates."""
+    if dataset_args.max_num_candidates < 1:
+        raise ConfigError(
+            "DatasetArgs", "max_num_candidates", "ranking needs max_num_candidates >= 1"
+        )
+    if meta["action_feature_name"] is None:
+        raise ConfigError(
+            "DatasetArgs", "dataset_name", f"{meta['dataset']} has no action feature to rank by"
+        )
+    if getattr(dataset_args, "train_full_history", False):
+        raise ConfigError(
+            "DatasetArgs", "train_full_history", "is a retrieval option; ranking trains on "
+            "the most recent window before each user's candidates"
+        )
+
+
+def check_ranking_head(info: Any, ranking_args: Any) -> None:
+    """Refuses a BCE head (last width == num_tasks) on actions that are not bitmasks, and a
+    cross-entropy head narrower than the action classes (``info``: a
+    :class:`hstu.data.info.DataInfo`).
+
+    Task t's label is bit t of the action value. An action vocabulary of 2**m values is a
+    bitmask of m flags (KuaiRand: 256, 8 feedback flags), of which a head trains the lowest
+    num_tasks; one of at most 2**num_tasks values fits the tasks' bits. Any other vocabulary
+    holds classes (ratings), whose bits mean nothing (bit 0 of a rating class is its parity):
+    such data needs a head ending in the class count (cross-entropy). A no-op for retrieval.
+    """
+    values = info.num_action_values
+    if ranking_args is None or values is None:
+        return
+    width, tasks = ranking_args.prediction_head_arch[-1], ranking_args.num_tasks
+    if width == AUTO:
+        raise ConfigError("RankingArgs", "prediction_head_arch", '"auto" is not resolved yet')
+    if width != tasks and values > width:
+        raise ConfigError(
+            "RankingArgs",
+            "prediction_head_arch",
+            f"last width {width} (cross-entropy over {width} classes) is narrower than the "
+            f"{values} action classes of {info.dataset_name}; end the head in {values} "
+            '(or "auto")',
+        )
+    if width != tasks or values <= 2**tasks or values & (values - 1) == 0:
+        return
+    raise ConfigError(
+        "RankingArgs",
+        "prediction_head_arch",
+        f"last width {width} == RankingArgs.num_tasks trains task t on bit t of the action "
+        f"value, but the {info.dataset_name} actions are {values} classes in [0, {values}), "
+        f"not a bitmask (bit 0 of a class is its parity); end the head in {values} for "
+        "cross-entropy over the classes",
+    )
+
+
+def check_table_features(tables: list, info: Any) -> None:
+    """Every table must serve a feature of the data (one line naming the table otherwise;
+    ``info``: a :class:`hstu.data.info.DataInfo`)."""
+    known = [info.item_feature_name,
+             *([info.action_feature_name] if info.action_feature_name else []),
+             *info.contextual_feature_names]
+    for tb in tables:
+        unknown = [f for f in tb.feature_names if f not in known]
+        if unknown:
+            raise ConfigError(
+                type(tb).__name__, "feature_names",
+                f"table {tb.table_name!r} names {unknown}, which {info.dataset_name} does not "
+                f"have; its features are {known}",
+            )
+
+
+__all__ = [
+    "MAX_BATCH_TOKENS",
+    "check_architecture",
+    "check_batch_tokens",
+    "check_causal",
+    "check_dataset_name",
+    "check_history_loss",
+    "check_parallel",
+    "check_ranking_data",
+    "check_ranking_head",
+    "check_selection",
+    "check_table_features",
+    "check_tables",
+    "evaluated_metrics",
+]

@@ -1,0 +1,116 @@
+"""The process-wide host settings of a training process, in one place.
+
+Four settings change how a process uses its host, never a value it computes. Each is read
+here, from one environment variable (set it in the launcher's environment: they must hold
+before the process group and the data thread start), and applied by
+:func:`hstu.training.distributed.init_distributed` through :func:`apply_host_settings`:
+
+=============================  =======  ====================================================
+variable                       default  effect
+=============================  =======  ====================================================
+``HSTU_PIN_RANKS``             ``1``    on CPU with several local ranks, each rank on its
+                                        own slice of the host's cores
+                                        (:mod:`hstu.training.cpu_placement`); only when the
+                                        launcher left the mask whole and no other job on the
+                                        host has claimed cores; ``0``: never
+``HSTU_FEED_NICE``             ``19``   niceness of the data thread on CPU runs; ``0``
+                                        leaves it
+``HSTU_KEEP_FREED_HOST_MEMORY`` ``1``   glibc keeps freed large host buffers for reuse
+                                        (:mod:`hstu.training.host_memory`); ``0`` leaves
+                                        the allocator's defaults
+``HSTU_RESTART_BACKOFF_S``     ``0``    seconds before a restarted attempt joins (doubling
+                                        per restart, at most 300); set by ``hstu.launch
+                                        --restart-backoff``
+=============================  =======  ====================================================
+
+``HSTU_CPU_CLAIMS_FILE`` names the per-host file where pinned jobs claim their cores
+(default ``<tmp>/hstu-cpu-claims``); jobs that should see each other must share it.
+docs/training.md ("Host settings") explains each choice.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+_MAX_BACKOFF_S = 300.0
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = env.get(name, "").strip()
+    if not value:
+        return default
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r}: must be 0 or 1")
+    return value == "1"
+
+
+def _number(env: Mapping[str, str], name: str, default: float, kind: type) -> float:
+    value = env.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"{name}={value!r}: must be {what}") from None
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    """How this process uses its host (see the module docstring)."""
+
+    pin_ranks: bool = True
+    """HSTU_PIN_RANKS: each local rank on its own cores (CPU runs; only when safe)."""
+    feed_nice: int = 19
+    """HSTU_FEED_NICE: niceness of the data thread on CPU runs (0 leaves it)."""
+    keep_freed_host_memory: bool = True
+    """HSTU_KEEP_FREED_HOST_MEMORY: glibc keeps freed large host buffers for reuse."""
+    restart_backoff_s: float = 0.0
+    """HSTU_RESTART_BACKOFF_S: wait before restart k joins: this * 2**(k-1), at most 300 s."""
+    cpu_claims_file: str = os.path.join(tempfile.gettempdir(), "hstu-cpu-claims")
+    """HSTU_CPU_CLAIMS_FILE: the per-host file where pinned jobs claim their cores."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> HostSettings:
+        """The settings of ``env`` (default: this process's environment); a malformed value
+        raises ValueError naming the variable."""
+        env = os.environ if env is None else env
+        default = cls()
+        return cls(
+            pin_ranks=_flag(env, "HSTU_PIN_RANKS", default.pin_ranks),
+            feed_nice=int(_number(env, "HSTU_FEED_NICE", default.feed_nice, int)),
+            keep_freed_host_memory=_flag(
+                env, "HSTU_KEEP_FREED_HOST_MEMORY", default.keep_freed_host_memory
+            ),
+            restart_backoff_s=_number(
+                env, "HSTU_RESTART_BACKOFF_S", default.restart_backoff_s, float
+            ),
+            cpu_claims_file=env.get("HSTU_CPU_CLAIMS_FILE") or default.cpu_claims_file,
+        )
+
+    def restart_wait_s(self, restart_count: int) -> float:
+        """Seconds attempt ``restart_count`` (0: the first) waits before it joins."""
+        if restart_count <= 0 or self.restart_backoff_s <= 0:
+            return 0.0
+        return min(self.restart_backoff_s * 2 ** (restart_count - 1), _MAX_BACKOFF_S)
+
+
+def apply_host_settings(settings: HostSettings, on_cpu: bool, restart_count: int) -> None:
+    """Applies the process-wide settings at start-up, before the process group exists: the
+    allocator, the CPU placement (CPU runs), and the restart backoff (a restarted attempt)."""
+    from hstu.training.cpu_placement import pin_local_rank
+    from hstu.training.host_memory import keep_freed_host_memory
+
+    keep_freed_host_memory(settings.keep_freed_host_memory)
+    # before the process group's threads start: they inherit the mask
+    pin_local_rank(on_cpu, settings)
+    wait = settings.restart_wait_s(restart_count)
+    if wait > 0:
+        time.sleep(wait)
+
+
+__all__ = ["HostSettings", "apply_host_settings"]
