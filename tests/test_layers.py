@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1] / "hstu"
 LAYERS: list[list[str]] = [
     # foundations: no hstu import beyond this layer
     ["hstu", "hstu.validation", "hstu.sync_audit", "hstu.columns", "hstu.console"],
-    # cross-field checks (knows the argument classes by their fields)
-    ["hstu.checks"],
+    # cross-field checks (knows the argument classes by their fields); the extension points
+    # by name (their implementations are imported by name, on first use)
+    ["hstu.checks", "hstu.registry"],
     # the gin argument classes; reading gin sources (generic: the caller passes the classes)
     ["hstu.args", "hstu.gin_parsing"],
     # kernels; the data path (preprocessing, sizes from metadata, loaders); sharded tables
