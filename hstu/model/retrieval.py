@@ -4,9 +4,8 @@ Legend: B samples, H[b] history items, Q = sum(max(H-1, 0)) training queries of 
 M negatives per query, D hidden width (= item embedding dim), I items in the corpus, k top-k.
 
 Training: the L2-normalised state of history item j's own token is the query for item j+1
-(with interleaved actions, the item token, not the action token after it: the action token
-carries only the action in its residual stream, so its state sees item j only through
-attention and the model barely learned; the item token's state has item j in its residual).
+(with interleaved actions, the item token, not the action token after it: docs/model.md,
+"Heads and losses", says why).
 Causally the query has seen items 0..j and actions 0..j-1, never item j+1.
 logits = cos(query, item) / temperature for the positive and its negatives; negatives
 (``negative_sampling``, a strategy of hstu.registry.NEGATIVE_SAMPLING, its loss in

@@ -29,7 +29,8 @@ from hstu.data.negatives import NegativeSampler
 from hstu.model import ModelDataInfo, build_model
 from hstu.model.model import GenerativeRecommender
 from hstu.registry import NEGATIVE_SAMPLING
-from hstu.data.sizes import check_table_features, resolve_head
+from hstu.checks import check_table_features
+from hstu.data.sizes import resolve_head
 from hstu.training.distributed import DistEnv
 from hstu.training.ddp import wrap_dense
 from hstu.training.distributed import seed_training_rng
@@ -135,7 +136,7 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
     t = cfg.trainer
     ensure_generated(cfg, env)
     # Every rank reads its own samples: embedding lookups are per rank, and with TP the
-    # dense part gathers the samples of its TP group (DESIGN.md "Arguments").
+    # dense part gathers the samples of its TP group (docs/model.md, "Tensor parallelism").
     split_kwargs: dict[str, Any] = {}
     if not isinstance(cfg.dataset, BenchmarkDatasetArgs):
         # with a selection metric, training evaluates on the validation split only
