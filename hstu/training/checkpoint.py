@@ -15,7 +15,8 @@ the folder is renamed into place and ``latest`` (a one-line text file) replaced 
 A folder of the same step that already exists is moved aside to ``iter_<step>.old`` only once
 its replacement is complete, and removed after the rename: a complete checkpoint is never
 deleted before the one replacing it is complete. Which checkpoints to keep, resume from or
-prune is :mod:`hstu.training.lifecycle`'s business.
+prune is :mod:`hstu.training.lifecycle`'s business; what goes into them,
+:mod:`hstu.training.checkpoint_manager`'s.
 
 Every problem is raised as :class:`CheckpointError` (one line naming the file), the same on
 every rank.

@@ -42,7 +42,9 @@ class Validation:
     def due(self, step: int) -> bool:
         return step % self.args.eval_interval == 0 or step == self.trainer.max_steps
 
-    def run(self, step: int, pipeline: Any, window: MetricsWindow, say: Callable) -> tuple:
+    def run(
+        self, step: int, pipeline: Any, window: MetricsWindow, say: Callable[[str], None]
+    ) -> tuple[dict[str, float], bool]:
         """(metrics, stop early now) of the evaluation at ``step``."""
         t, args = self.trainer, self.args
         pipeline.detach()
@@ -90,6 +92,12 @@ class Validation:
 
 
 class Trainer:
+    """One run: builds everything, resumes (``self.checkpoint``), trains, reports.
+
+    ``step`` is the number of optimizer steps taken (the checkpoint's after a resume);
+    ``losses`` every loss of this rank once trained; ``interrupted`` true after a stop by
+    signal (its state saved)."""
+
     def __init__(self, cfg: RunConfig, env: DistEnv, run_dir: str, config_text: str) -> None:
         self.cfg = cfg
         self.env = env
