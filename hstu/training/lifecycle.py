@@ -139,9 +139,7 @@ class CheckpointLifecycle:
             return None
         if load_dir == AUTO:
             return self._newest_verified(self.root, required=False)
-        if os.path.isfile(os.path.join(load_dir, "meta.pt")) or os.path.isfile(
-            os.path.join(load_dir, ckpt.MANIFEST)
-        ):
+        if ckpt.is_checkpoint_dir(load_dir):
             return load_dir
         return self._newest_verified(load_dir, required=True)
 
