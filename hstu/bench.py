@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hstu.training.pipeline import STEP_LABEL
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -148,7 +150,7 @@ class _Phase:
         self.name, self.stack = name, []
 
     def pre(self, *_args, **_kwargs):
-        rf = torch.autograd.profiler.record_function(f"bench::{self.name}")
+        rf = torch.autograd.profiler.record_function(STEP_LABEL + self.name)
         rf.__enter__()
         self.stack.append(rf)
 
@@ -163,7 +165,6 @@ def _worker(a: argparse.Namespace) -> None:
 
     from hstu.config import load_config
     from hstu.training.distributed import destroy_distributed, init_distributed, set_seed
-    from hstu.training.feed import Feed
     from hstu.training.trainer import Trainer
 
     torch.set_num_threads(a.threads)
@@ -183,17 +184,12 @@ def _worker(a: argparse.Namespace) -> None:
     env = init_distributed(cfg.tp.tensor_model_parallel_size)
     set_seed(cfg.trainer.seed)
     trainer = Trainer(cfg, env, run_dir, "")
-    model, optimizer, device = trainer.model, trainer.optimizer, env.device
+    model = trainer.model
     dtype_str = cfg.network.dtype_str
     roof = matmul_roof(getattr(torch, dtype_str))
 
-    def batches():
-        # the loader re-iterated across epochs, as the trainer does
-        while True:
-            feed = Feed(trainer.built.train_loader, trainer.cfg.network, None, device)
-            yield from ((b, feed) for b in feed)
-
-    it = batches()
+    feed = trainer.open_batches()  # the trainer's batches and (sequential) pipeline
+    batches = iter(feed)
     sparse = trainer.model.sparse
     dense = trainer.model.dense
     phase_hooks = []
@@ -213,24 +209,13 @@ def _worker(a: argparse.Namespace) -> None:
     block = getattr(trainer.model.dense_module, "block", None)
     if block is not None:
         phase_hooks.append(block.register_forward_pre_hook(block_shape))
-    rf = torch.autograd.profiler.record_function
     model.train()
 
     def step() -> tuple[int, float, int]:
-        with rf("bench::data"):
-            batch, feed = next(it)
-            tokens, flops = feed.pop_cost()
-            samples = int(batch.item_lengths().numel())
-            batch = batch.to(device, non_blocking=True)
-        optimizer.zero_grad()
-        loss, _ = model(batch)
-        scale = getattr(optimizer, "scale_loss", None)
-        total_loss = torch.sum(loss)
-        with rf("bench::backward"):
-            (total_loss if scale is None else scale(total_loss)).backward()
-        with rf("bench::optimizer"):
-            optimizer.step()
-        return tokens, flops, samples
+        """The trainer's own step (profiler labels hstu::data/backward/optimizer)."""
+        trainer.train_step(batches)
+        cost = feed.pop_cost()
+        return cost.tokens, cost.flops, cost.samples
 
     for _ in range(a.warmup):
         step()
@@ -255,8 +240,8 @@ def _worker(a: argparse.Namespace) -> None:
                 step()
         for ev in prof.key_averages():
             key = ev.key
-            if key.startswith("bench::"):
-                split[key[len("bench::"):]] += ev.cpu_time_total / 1e6 / a.profile_steps
+            if key.startswith(STEP_LABEL):
+                split[key[len(STEP_LABEL):]] += ev.cpu_time_total / 1e6 / a.profile_steps
             elif any(m in key.lower() for m in _COMM_MARKERS) and not key.startswith("aten::"):
                 split["communication"] += ev.self_cpu_time_total / 1e6 / a.profile_steps
         # the embedding lookup runs inside no other label; the dense forward likewise
@@ -280,6 +265,7 @@ def _worker(a: argparse.Namespace) -> None:
         dist.all_gather_object(gathered, result)
     else:
         gathered = [result]
+    feed.close()
     trainer.close()
     if env.rank == 0:
         s = max(g["seconds"] for g in gathered)

@@ -45,6 +45,9 @@ from hstu.serving.artifact import (
     example_inputs,
 )
 from hstu.serving.model import InferenceHSTU
+from hstu.training.checkpoint_manager import merge_tp_shards
+
+__all__ = ["ExportError", "export", "load_for_export", "main", "merge_tp_shards"]
 
 
 class ExportError(Exception):
@@ -83,32 +86,6 @@ def find_config(ckpt: str, meta: dict[str, Any]) -> tuple[str, str]:
         f"checkpoint {ckpt} does not hold its configuration and no operative_config.gin was found "
         "above it; pass --gin-config-file (the run's operative_config.gin or its preset)"
     )
-
-
-def merge_tp_shards(shards: list[dict[str, torch.Tensor]], num_heads: int, head_dim: int) -> dict[str, torch.Tensor]:
-    """The dense block's state of every TP rank (rank order) -> the TP=1 state.
-
-    Sharded: ``uvqk.weight``/``uvqk.bias`` (fused U/V/Q/K head layout), ``output.weight``
-    (input columns) and the output norm (channels); everything else is replicated.
-    """
-    from hstu.model.tensor_parallel import unshard_uvqk
-
-    if len(shards) == 1:
-        return {k: v for k, v in shards[0].items() if not k.endswith("_extra_state")}
-    out = {}
-    for key, first in shards[0].items():
-        if key.endswith("_extra_state"):
-            continue
-        parts = [s[key] for s in shards]
-        if key.endswith(("uvqk.weight", "uvqk.bias")):
-            out[key] = unshard_uvqk(parts, num_heads, head_dim)
-        elif key.endswith("output.weight"):
-            out[key] = torch.cat(parts, dim=1)
-        elif key.endswith(("output_norm_weight", "output_norm_bias")):
-            out[key] = torch.cat(parts, dim=0)
-        else:
-            out[key] = first
-    return out
 
 
 def inference_config(model: torch.nn.Module, cfg: Any, info: Any) -> dict[str, Any]:
@@ -264,17 +241,14 @@ def load_for_export(ckpt_arg: str, gin_file: str | None, params: list[str], log:
 
     The checkpoint's files are checked against its manifest (sizes and CRC32) first; from a
     save root, damaged checkpoints are skipped and named, as the trainer's resume does."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-
     from hstu.config import load_config
-    from hstu.embeddings import embedding_state_dict, load_embedding_state_dict
     from hstu.training.builder import build_all
-    from hstu.training.checkpoint import CheckpointError, _read, describe_os_error
+    from hstu.training.checkpoint import read_meta
+    from hstu.training.checkpoint_manager import load_weights
     from hstu.training.distributed import init_distributed, set_seed
 
     ckpt = find_checkpoint(ckpt_arg, log)
-    meta = _read(os.path.join(ckpt, "meta.pt"))
+    meta = read_meta(ckpt)
     task = meta.get("task")
     if task not in ("retrieval", "ranking"):
         raise ExportError(f"checkpoint {ckpt}: unknown task {task!r} in meta.pt")
@@ -303,19 +277,7 @@ def load_for_export(ckpt_arg: str, gin_file: str | None, params: list[str], log:
     built = build_all(cfg, env, log=lambda *a, **k: None)
     model = built.model
     model.eval()
-    state = {"embeddings": embedding_state_dict(model)}  # the trainer's layout (hstu.training.trainer)
-    try:
-        dcp.load(state, checkpoint_id=ckpt)
-    except (CheckpointException, OSError) as exc:  # DCP's is a BaseException
-        problem = describe_os_error(exc)
-        raise CheckpointError(f"cannot load the tables of {ckpt}: {problem}") from None
-    load_embedding_state_dict(model, state["embeddings"])
-    tp_size = int(meta.get("tp_size", 1))
-    dense_files = [_read(os.path.join(ckpt, f"dense_tp{r}.pt")) for r in range(tp_size)]
-    layer = model.dense_module.block.layers[0]
-    for name, child in model.dense_module.named_children():
-        merged = merge_tp_shards([d["model"][name] for d in dense_files], layer.num_heads, layer.head_dim)
-        child.load_state_dict(merged)
+    load_weights(model, ckpt, verify=False)  # verified by find_checkpoint
     return model, cfg, built, ckpt, meta, source
 
 

@@ -92,7 +92,7 @@ def test_network_differences_name_every_field_that_changes_the_function() -> Non
     import dataclasses
 
     from hstu.args import NetworkArgs
-    from hstu.training.trainer import network_differences
+    from hstu.training.checkpoint_manager import network_differences
 
     saved = NetworkArgs(num_layers=1, hidden_size=16, num_attention_heads=2, kv_channels=8)
     now = dataclasses.replace(saved, num_attention_heads=4, kv_channels=4, hidden_dropout=0.5,

@@ -1,11 +1,6 @@
 """Embedding tables: TorchRec collections, sharding plan, dynamic (LRU/LFU) tables."""
 
-from hstu.embeddings.checkpoint import (
-    embedding_state_dict,
-    load_embedding_state_dict,
-    load_embeddings,
-    save_embeddings,
-)
+from hstu.embeddings.checkpoint import embedding_state_dict, load_embedding_state_dict
 from hstu.embeddings.collection import HstuEmbeddings, TableSpec, build_embedding_collection
 from hstu.embeddings.dynamic import DynamicIdRemapper, fresh_rows
 from hstu.embeddings.multi import EmbeddingsByDim, build_embeddings
@@ -28,10 +23,8 @@ __all__ = [
     "embedding_state_dict",
     "fresh_rows",
     "fused_optimizer",
-    "replicated_optimizers",
     "load_embedding_state_dict",
-    "load_embeddings",
-    "save_embeddings",
+    "replicated_optimizers",
     "shard_embeddings",
     "sparse_optimizer_spec",
 ]

@@ -3,12 +3,13 @@
 ``embedding_state_dict(model)`` returns a flat dict whose model_parallel entries are
 ShardedTensors (weights and fused optimizer state) and whose replicated entries
 (data_parallel tables and their optimizer state, dynamic-table remapper state) are plain
-tensors identical on every rank. Hand it to ``dcp.save``; to restore, build and shard the
-model for the new world size, take ``state = embedding_state_dict(model)``, ``dcp.load(state,
-...)`` (fills it in place, resharding as needed) and ``load_embedding_state_dict(model,
-state)``. The keys differ between ranks (see ``optim`` below): DCP writes the union of them
-into the checkpoint's metadata, and a check of a model against a checkpoint must compare the
-union over the ranks (``hstu.training.checkpoint.model_keys``), not one rank's keys.
+tensors identical on every rank. ``hstu.training.checkpoint_manager.TableState`` saves it with
+DCP; to restore, build and shard the model for the new world size, take ``state =
+embedding_state_dict(model)``, ``dcp.load(state, ...)`` (fills it in place, resharding as
+needed) and ``load_embedding_state_dict(model, state)``. The keys differ between ranks (see
+``optim`` below): DCP writes the union of them into the checkpoint's metadata, and a check
+of a model against a checkpoint must compare the union over the ranks
+(``hstu.training.checkpoint.model_keys``), not one rank's keys.
 
 Keys, per HstuEmbeddings at module path P:
     P.tables.embeddings.<table>.weight           [C, D]
@@ -32,7 +33,11 @@ from hstu.embeddings.collection import HstuEmbeddings
 
 
 def _modules(model: nn.Module) -> list[tuple[str, HstuEmbeddings]]:
-    return [(n + "." if n else "", m) for n, m in model.named_modules() if isinstance(m, HstuEmbeddings)]
+    return [
+        (n + "." if n else "", m)
+        for n, m in model.named_modules()
+        if isinstance(m, HstuEmbeddings)
+    ]
 
 
 def _dense_optimizers(emb: HstuEmbeddings) -> list[tuple[str, torch.Tensor, Any]]:
@@ -81,7 +86,9 @@ def load_embedding_state_dict(model: nn.Module, state: dict[str, Any]) -> None:
     for prefix, emb in _modules(model):
         sharded = isinstance(emb.ec, DistributedModelParallel)
         tables = emb.ec.module if sharded else emb.ec
-        table_state = {k[len(prefix) + 7 :]: v for k, v in state.items() if k.startswith(prefix + "tables.")}
+        table_state = {
+            k[len(prefix) + 7 :]: v for k, v in state.items() if k.startswith(prefix + "tables.")
+        }
         tables.load_state_dict(table_state)
         if emb.dp_ec is not None:
             n = len(prefix) + 10
@@ -103,23 +110,9 @@ def load_embedding_state_dict(model: nn.Module, state: dict[str, Any]) -> None:
                 for name, value in seg.items():
                     value.copy_(state[f"{prefix}dense_optim.{table}.{name}"])
         remap_state = {
-            k[len(prefix) + 10 :]: v for k, v in state.items() if k.startswith(prefix + "remappers.")
+            k[len(prefix) + 10 :]: v
+            for k, v in state.items()
+            if k.startswith(prefix + "remappers.")
         }
         if emb.remappers:
             emb.remappers.load_state_dict(remap_state)
-
-
-def save_embeddings(model: nn.Module, path: str) -> None:
-    """dcp.save of :func:`embedding_state_dict` (collective over the default group)."""
-    import torch.distributed.checkpoint as dcp
-
-    dcp.save(embedding_state_dict(model), checkpoint_id=path)
-
-
-def load_embeddings(model: nn.Module, path: str) -> None:
-    """dcp.load into the model's own (possibly differently sharded) state, then restore."""
-    import torch.distributed.checkpoint as dcp
-
-    state = embedding_state_dict(model)
-    dcp.load(state, checkpoint_id=path)
-    load_embedding_state_dict(model, state)

@@ -15,7 +15,8 @@ the folder is renamed into place and ``latest`` (a one-line text file) replaced 
 A folder of the same step that already exists is moved aside to ``iter_<step>.old`` only once
 its replacement is complete, and removed after the rename: a complete checkpoint is never
 deleted before the one replacing it is complete. Which checkpoints to keep, resume from or
-prune is :mod:`hstu.training.lifecycle`'s business.
+prune is :mod:`hstu.training.lifecycle`'s business; what goes into them,
+:mod:`hstu.training.checkpoint_manager`'s.
 
 Every problem is raised as :class:`CheckpointError` (one line naming the file), the same on
 every rank.
@@ -30,6 +31,7 @@ import os
 import shutil
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,6 +45,37 @@ MANIFEST = "manifest.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read: one line naming the file and what to do."""
+
+
+@dataclass(frozen=True)
+class RankPlace:
+    """Where this process sits: which of the checkpoint's files it writes and reads."""
+
+    rank: int = 0
+    tp_rank: int = 0
+    dp_rank: int = 0
+    tp_size: int = 1
+
+    @classmethod
+    def of(cls, env: Any) -> RankPlace:
+        """From a :class:`hstu.training.distributed.DistEnv`."""
+        return cls(env.rank, env.tp_rank, env.dp_rank, env.tp_size)
+
+
+@dataclass
+class CheckpointState:
+    """What one rank writes into (or read from) one checkpoint.
+
+    ``sharded``: the DCP part (every rank its shards); ``dense``: this TP rank's
+    ``dense_tp<r>.pt`` (written by data-parallel rank 0); ``meta``: ``meta.pt`` (written by
+    rank 0; holds ``step``); ``rng``: this rank's ``rng_rank<r>.pt`` (None on a load when
+    this rank did not exist in the saved run).
+    """
+
+    sharded: dict[str, Any]
+    dense: dict[str, Any]
+    meta: dict[str, Any]
+    rng: dict[str, Any] | None
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -74,12 +107,14 @@ def describe_os_error(exc: BaseException, path: str | None = None) -> str:
         return describe_os_error(inner[0], path) if inner else "torch.distributed.checkpoint failed"
     name = getattr(exc, "filename", None) or path or "?"
     if isinstance(exc, OSError) and exc.errno is not None:
+        free = "free space or lower TrainerArgs.keep_last_n"
+        writable = "point TrainerArgs.ckpt_save_dir at a writable folder"
         hint = {
-            errno.ENOSPC: "no space left on the device: free space or lower TrainerArgs.keep_last_n",
-            errno.EDQUOT: "disk quota exceeded: free space or lower TrainerArgs.keep_last_n",
-            errno.EROFS: "read-only file system: point TrainerArgs.ckpt_save_dir at a writable folder",
-            errno.EACCES: "permission denied: point TrainerArgs.ckpt_save_dir at a writable folder",
-            errno.EPERM: "permission denied: point TrainerArgs.ckpt_save_dir at a writable folder",
+            errno.ENOSPC: f"no space left on the device: {free}",
+            errno.EDQUOT: f"disk quota exceeded: {free}",
+            errno.EROFS: f"read-only file system: {writable}",
+            errno.EACCES: f"permission denied: {writable}",
+            errno.EPERM: f"permission denied: {writable}",
         }.get(exc.errno, exc.strerror or str(exc))
         return f"{name}: {hint} ({errno.errorcode.get(exc.errno, exc.errno)})"
     text = " ".join(str(exc).split())
@@ -182,33 +217,26 @@ def step_of(name: str) -> int | None:
 
 
 # ------------------------------------------------------------------------------ saving
-def save_checkpoint(
-    root: str,
-    step: int,
-    sharded_state: dict[str, Any],
-    dense_state: dict[str, Any],
-    meta: dict[str, Any],
-    rng: dict[str, Any],
-    rank: int,
-    tp_rank: int,
-    dp_rank: int,
-) -> str:
+def save_checkpoint(root: str, step: int, state: CheckpointState, place: RankPlace) -> str:
     """Writes one checkpoint (see the module docstring); all ranks call it. Returns the final
     directory. On any rank's failure every rank raises the same CheckpointError and the
     checkpoints already there are untouched (the partial ``.tmp`` folder is removed)."""
     final = os.path.join(root, f"iter_{step}")
     tmp = final + ".tmp"
     problem = None
+    rank = place.rank
     if rank == 0:
         try:
             os.makedirs(root, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         except OSError as exc:
-            problem = f"step {step}: cannot create the checkpoint folder {describe_os_error(exc, tmp)}"
+            problem = (
+                f"step {step}: cannot create the checkpoint folder {describe_os_error(exc, tmp)}"
+            )
     agree(problem)
     try:
-        _write_files(tmp, sharded_state, dense_state, meta, rng, rank, tp_rank, dp_rank)
+        _write_files(tmp, state, place)
     except CheckpointError:
         _discard(tmp, rank)
         raise
@@ -222,20 +250,12 @@ def save_checkpoint(
     return final
 
 
-def _write_files(
-    tmp: str,
-    sharded_state: dict[str, Any],
-    dense_state: dict[str, Any],
-    meta: dict[str, Any],
-    rng: dict[str, Any],
-    rank: int,
-    tp_rank: int,
-    dp_rank: int,
-) -> None:
+def _write_files(tmp: str, state: CheckpointState, place: RankPlace) -> None:
+    meta, rng, rank = state.meta, state.rng, place.rank
     step = meta.get("step", "?")
     problem = None
     # free space before writing: every rank's files land under one checkpoint folder
-    need = state_bytes(sharded_state, rng) + (state_bytes(dense_state) if dp_rank == 0 else 0)
+    need = state_bytes(state.sharded, rng) + (state_bytes(state.dense) if place.dp_rank == 0 else 0)
     if _world() > 1:
         needs = [None] * _world()
         dist.all_gather_object(needs, need)
@@ -253,7 +273,7 @@ def _write_files(
         return describe_os_error(exc, path)
 
     try:
-        dcp.save(sharded_state, checkpoint_id=tmp)
+        dcp.save(state.sharded, checkpoint_id=tmp)
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - DCP's is a BaseException
         if isinstance(exc, CheckpointException) and exc.failures:
             exc = next(iter(exc.failures.values()))[0]  # a rank's own error
@@ -261,8 +281,8 @@ def _write_files(
     mine: list[str] = []
     if problem is None:
         writes: list[tuple[str, Any]] = [(f"rng_rank{rank}.pt", rng)]
-        if dp_rank == 0:
-            writes.append((f"dense_tp{tp_rank}.pt", dense_state))
+        if place.dp_rank == 0:
+            writes.append((f"dense_tp{place.tp_rank}.pt", state.dense))
         if rank == 0:
             writes.append(("meta.pt", meta))
         try:
@@ -273,7 +293,8 @@ def _write_files(
                 except RuntimeError as exc:  # torch.save wraps the OSError of a short write
                     raise OSError(errno.EIO, " ".join(str(exc).split()), path) from exc
                 mine.append(name)
-            mine += [os.path.basename(p) for p in glob.glob(os.path.join(tmp, f"__{rank}_*.distcp"))]
+            shards = glob.glob(os.path.join(tmp, f"__{rank}_*.distcp"))
+            mine += [os.path.basename(p) for p in shards]
             if rank == 0:
                 mine.append(".metadata")
             files = _describe_files(tmp, mine)
@@ -289,7 +310,8 @@ def _write_files(
         for part in gathered:
             manifest["files"].update(part)
         try:
-            write_text_atomic(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
+            text = json.dumps(manifest, indent=1, sort_keys=True)
+            write_text_atomic(os.path.join(tmp, MANIFEST), text)
             fsync_dir(tmp)
         except OSError as exc:
             problem = f"step {step}: cannot write checkpoint file {describe_os_error(exc)}"
@@ -378,9 +400,14 @@ def newest_complete(root: str, accept: Callable[[str], bool] | None = None) -> s
     return None
 
 
+def is_checkpoint_dir(path: str) -> bool:
+    """A checkpoint folder itself (not a root holding them)."""
+    return any(os.path.isfile(os.path.join(path, name)) for name in ("meta.pt", MANIFEST))
+
+
 def resolve_checkpoint_dir(path: str) -> str:
     """``path`` itself if it is a checkpoint, else the newest complete one under it."""
-    if os.path.isfile(os.path.join(path, "meta.pt")) or os.path.isfile(os.path.join(path, MANIFEST)):
+    if is_checkpoint_dir(path):
         return path
     found = newest_complete(path)
     if found is not None:
@@ -392,13 +419,17 @@ def resolve_checkpoint_dir(path: str) -> str:
 
 
 # ------------------------------------------------------------------------------ loading
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]
+
+
 def _read(path: str) -> Any:
     try:
         return torch.load(path, weights_only=False)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
     except Exception as exc:  # noqa: BLE001 - a damaged file: say which
-        raise CheckpointError(f"{path}: cannot be read ({' '.join(str(exc).split())[:200]})") from None
+        raise CheckpointError(f"{path}: cannot be read ({_one_line(exc)})") from None
 
 
 def _global_shape(value: Any) -> tuple[int, ...] | None:
@@ -447,7 +478,7 @@ def check_sharded_keys(ckpt: str, have: dict[str, tuple[int, ...] | None]) -> st
     try:
         saved = dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata
     except Exception as exc:  # noqa: BLE001
-        return f"{os.path.join(ckpt, '.metadata')}: cannot be read ({' '.join(str(exc).split())[:200]})"
+        return f"{os.path.join(ckpt, '.metadata')}: cannot be read ({_one_line(exc)})"
     for key, shape in sorted(have.items()):
         if key not in saved:
             return f"{ckpt}: this model has {key}, the checkpoint does not (a different table set?)"
@@ -460,40 +491,32 @@ def check_sharded_keys(ckpt: str, have: dict[str, tuple[int, ...] | None]) -> st
                     "load it with the sharding_override and dim it was saved with)"
                 )
             return (
-                f"{ckpt}: {key} is {list(want)} in the checkpoint, {list(shape)} in this model{hint}"
+                f"{ckpt}: {key} is {list(want)} in the checkpoint, {list(shape)} in this "
+                f"model{hint}"
             )
     extra = sorted(set(saved) - set(have))
     if extra:
-        return f"{ckpt}: the checkpoint has {extra[0]}, this model does not (a different table set?)"
+        return (
+            f"{ckpt}: the checkpoint has {extra[0]}, this model does not (a different table "
+            "set?)"
+        )
     return None
 
 
-def load_checkpoint(
-    path: str,
-    sharded_state: dict[str, Any],
-    rank: int,
-    tp_rank: int,
-    tp_size: int,
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
-    """Loads in place into ``sharded_state``; returns (dense_state, meta, rng or None).
-
-    All ranks call it. The files are checked against the manifest first; rng is None when this
-    rank did not exist in the saved run (different world size).
-    """
-    ckpt = resolve_checkpoint_dir(path)
-    verify(ckpt)
+def read_meta(ckpt: str) -> dict[str, Any]:
+    """``meta.pt`` of a checkpoint folder (collective: a problem is raised on every rank)."""
     meta, problem = {}, None
     try:
         meta = _read(os.path.join(ckpt, "meta.pt"))
     except CheckpointError as exc:
         problem = str(exc)
     agree(problem)
-    if meta.get("tp_size", 1) != tp_size:
-        problem = (
-            f"{ckpt} was saved with tensor_model_parallel_size={meta.get('tp_size')} but this run "
-            f"uses {tp_size}; resume with the same TP size"
-        )
-    agree(problem, name_rank=False)
+    return meta
+
+
+def load_sharded(ckpt: str, sharded_state: dict[str, Any]) -> None:
+    """Fills ``sharded_state`` in place from the DCP files, resharding onto this world, after
+    checking its keys and global shapes against the checkpoint's (collective)."""
     # against the keys of all ranks: one rank's are a part (see model_keys)
     problem = check_sharded_keys(ckpt, model_keys(sharded_state))
     agree(problem, name_rank=False)
@@ -502,12 +525,42 @@ def load_checkpoint(
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - DCP's is a BaseException
         problem = f"cannot load the tables of {ckpt}: {describe_os_error(exc)}"
     agree(problem)
-    dense = rng = None
+
+
+def read_dense(ckpt: str, tp_ranks: list[int]) -> list[dict[str, Any]]:
+    """The ``dense_tp<r>.pt`` of every TP rank in ``tp_ranks`` (collective)."""
+    dense, problem = [], None
     try:
-        dense = _read(os.path.join(ckpt, f"dense_tp{tp_rank}.pt"))
-        if rank < int(meta.get("world_size", 1)):  # a rank the saved run had must find its file
-            rng = _read(os.path.join(ckpt, f"rng_rank{rank}.pt"))
+        dense = [_read(os.path.join(ckpt, f"dense_tp{r}.pt")) for r in tp_ranks]
     except CheckpointError as exc:
         problem = str(exc)
     agree(problem)
-    return dense, meta, rng
+    return dense
+
+
+def load_checkpoint(path: str, sharded_state: dict[str, Any], place: RankPlace) -> CheckpointState:
+    """Loads the tables in place into ``sharded_state`` and reads this rank's other files.
+
+    All ranks call it. The files are checked against the manifest first; the returned
+    ``rng`` is None when this rank did not exist in the saved run (different world size).
+    """
+    ckpt = resolve_checkpoint_dir(path)
+    verify(ckpt)
+    meta = read_meta(ckpt)
+    problem = None
+    if meta.get("tp_size", 1) != place.tp_size:
+        problem = (
+            f"{ckpt} was saved with tensor_model_parallel_size={meta.get('tp_size')} but this run "
+            f"uses {place.tp_size}; resume with the same TP size"
+        )
+    agree(problem, name_rank=False)
+    load_sharded(ckpt, sharded_state)
+    dense = rng = None
+    try:
+        dense = _read(os.path.join(ckpt, f"dense_tp{place.tp_rank}.pt"))
+        if place.rank < int(meta.get("world_size", 1)):  # a rank the saved run had: its file
+            rng = _read(os.path.join(ckpt, f"rng_rank{place.rank}.pt"))
+    except CheckpointError as exc:
+        problem = str(exc)
+    agree(problem)
+    return CheckpointState(sharded_state, dense, meta, rng)

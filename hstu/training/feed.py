@@ -19,7 +19,8 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import torch
 
@@ -27,6 +28,15 @@ from hstu.training.cpu_placement import lower_this_thread
 from hstu.training.flops import hstu_step_flops
 
 _DONE = object()
+
+
+class BatchCost(NamedTuple):
+    """What one training batch holds: tokens (with contextual and action tokens), the HSTU
+    FLOPs of its step, and samples."""
+
+    tokens: int = 0
+    flops: float = 0.0
+    samples: int = 0
 
 
 class _Failure:
@@ -50,7 +60,7 @@ class Feed:
         self.prepare = prepare
         self.pin = device is not None and device.type == "cuda"
         self.depth = depth
-        self.costs: deque[tuple[int, float]] = deque()
+        self.costs: deque[BatchCost] = deque()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.native_id: int | None = None
@@ -78,12 +88,14 @@ class Feed:
                         return
                 if empty:
                     raise RuntimeError("the training loader yielded no batch in a whole epoch")
-        except BaseException as exc:  # carried to the training thread, raised there
+        except BaseException as exc:  # noqa: BLE001 - carried to the training thread, raised there
             out.put(_Failure(exc))
 
     def __iter__(self) -> Iterator[Any]:
         out: queue.Queue = queue.Queue(maxsize=self.depth)
-        self._thread = threading.Thread(target=self._produce, args=(out,), name="hstu-batches", daemon=True)
+        self._thread = threading.Thread(
+            target=self._produce, args=(out,), name="hstu-batches", daemon=True
+        )
         self._thread.start()
         while True:
             item = out.get()
@@ -99,19 +111,23 @@ class Feed:
             self._thread.join(timeout=5)
 
     # ---------------------------------------------------------------------- cost
-    def _cost(self, batch: Any) -> tuple[int, float]:
+    def _cost(self, batch: Any) -> BatchCost:
         seqlens = batch.item_lengths().clone()
+        samples = int(seqlens.numel())
         seqlens += len(batch.contextual_feature_names)
         if batch.action_feature_name is not None:
             seqlens += batch.features[batch.action_feature_name].lengths()
         n = self.network
         if n.architecture != "hstu":  # the MLP baseline: no HSTU FLOPs to count
-            return int(seqlens.sum()), 0.0
-        flops = hstu_step_flops(seqlens, n.num_layers, n.hidden_size, n.num_attention_heads, n.kv_channels)
-        return int(seqlens.sum()), flops
+            return BatchCost(int(seqlens.sum()), 0.0, samples)
+        flops = hstu_step_flops(
+            seqlens, n.num_layers, n.hidden_size, n.num_attention_heads, n.kv_channels
+        )
+        return BatchCost(int(seqlens.sum()), flops, samples)
 
-    def pop_cost(self) -> tuple[int, float]:
-        return self.costs.popleft() if self.costs else (0, 0.0)
+    def pop_cost(self) -> BatchCost:
+        """The cost of the oldest batch whose step has not been counted yet."""
+        return self.costs.popleft() if self.costs else BatchCost()
 
 
-__all__ = ["Feed"]
+__all__ = ["BatchCost", "Feed"]

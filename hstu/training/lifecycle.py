@@ -21,14 +21,15 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from hstu.training import checkpoint as ckpt
-from hstu.training.checkpoint import CheckpointError
+from hstu.training.checkpoint import CheckpointError, CheckpointState, RankPlace
 
 AUTO = "auto"
 
@@ -97,7 +98,9 @@ class BestTracker:
 class CheckpointLifecycle:
     """One checkpoint root: which checkpoint to resume, when to save, what to keep."""
 
-    def __init__(self, root: str, keep_last_n: int | None = None, log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self, root: str, keep_last_n: int | None = None, log: Callable[[str], None] = print
+    ) -> None:
         self.root = root
         self.keep_last_n = keep_last_n
         self.log = log if _is_main() else (lambda _msg: None)
@@ -114,14 +117,19 @@ class CheckpointLifecycle:
                 if name.endswith(".old"):
                     if not os.path.exists(path[:-4]):  # killed between a same-step save's renames
                         os.replace(path, path[:-4])
-                        self.log(f"[hstu] restored {path[:-4]} (a save of the same step was cut short)")
+                        self.log(
+                            f"[hstu] restored {path[:-4]} (a save of the same step was cut short)"
+                        )
                         continue
                     stale = ckpt.check_files(path[:-4], checksums=False) is None
                 if stale:
                     shutil.rmtree(path, ignore_errors=True)
                     removed.append(name)
             if removed:
-                self.log(f"[hstu] removed unfinished checkpoint folders in {self.root}: {', '.join(removed)}")
+                self.log(
+                    f"[hstu] removed unfinished checkpoint folders in {self.root}: "
+                    f"{', '.join(removed)}"
+                )
         _barrier()
         return removed
 
@@ -131,9 +139,7 @@ class CheckpointLifecycle:
             return None
         if load_dir == AUTO:
             return self._newest_verified(self.root, required=False)
-        if os.path.isfile(os.path.join(load_dir, "meta.pt")) or os.path.isfile(
-            os.path.join(load_dir, ckpt.MANIFEST)
-        ):
+        if ckpt.is_checkpoint_dir(load_dir):
             return load_dir
         return self._newest_verified(load_dir, required=True)
 
@@ -142,7 +148,7 @@ class CheckpointLifecycle:
         if _is_main() and os.path.isdir(root):
             steps = []
             for name in os.listdir(root):
-                base = name[:-4] if name.endswith(".old") else name
+                base = name.removesuffix(".old")
                 step = ckpt.step_of(base)
                 path = os.path.join(root, name)
                 complete = os.path.isfile(os.path.join(path, ckpt.MANIFEST)) or os.path.isfile(
@@ -166,29 +172,21 @@ class CheckpointLifecycle:
         return None
 
     # ----------------------------------------------------------------------- save
-    def save(
-        self,
-        step: int,
-        sharded: dict[str, Any],
-        dense: dict[str, Any],
-        meta: dict[str, Any],
-        rng: dict[str, Any],
-        rank: int,
-        tp_rank: int,
-        dp_rank: int,
-    ) -> str:
+    def save(self, step: int, state: CheckpointState, place: RankPlace) -> str:
         """Writes ``iter_<step>`` (once per step and process), then prunes. Raises
         FloatingPointError (nothing written) if any weight or optimizer state is not finite."""
         if self.last_saved is not None and self.last_saved[0] == step:
             return self.last_saved[1]
-        bad = first_non_finite({"dense": dense, "embeddings": sharded})
+        bad = first_non_finite({"dense": state.dense, "embeddings": state.sharded})
         if bad is not None:
-            latest = f"; the latest checkpoint is still {self.last_saved[1]}" if self.last_saved else ""
+            latest = ""
+            if self.last_saved:
+                latest = f"; the latest checkpoint is still {self.last_saved[1]}"
             raise FloatingPointError(
                 f"step {step}: the {bad} weights or optimizer state are not finite: "
                 f"checkpoint not written{latest}"
             )
-        path = ckpt.save_checkpoint(self.root, step, sharded, dense, meta, rng, rank, tp_rank, dp_rank)
+        path = ckpt.save_checkpoint(self.root, step, state, place)
         self.last_saved = (step, path)
         self.prune()
         return path

@@ -7,15 +7,21 @@ batches, and for prefetch the embedding-cache prefetch).
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
+
+# profiler labels of a sequential step (the benchmark splits a step's time by them)
+STEP_LABEL = "hstu::"
 
 
 class SequentialPipeline:
     """pipeline_type="none": one batch at a time, nothing overlapped.
 
-    ``progress`` returns ``(detached loss, model outputs)`` like the TorchRec pipelines here.
+    ``progress`` returns ``(detached loss, model outputs)`` like the TorchRec pipelines here;
+    its phases are labelled ``hstu::data``, ``hstu::backward`` and ``hstu::optimizer`` for
+    the profiler.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: Any, device: torch.device) -> None:
@@ -24,12 +30,17 @@ class SequentialPipeline:
         self._device = device
 
     def progress(self, dataloader_iter: Iterator[Any]) -> Any:
-        batch = next(dataloader_iter)  # StopIteration ends the epoch, as in TorchRec pipelines
-        batch = batch.to(self._device, non_blocking=True)
+        label = torch.autograd.profiler.record_function
+        with label(STEP_LABEL + "data"):
+            # StopIteration ends the epoch, as in TorchRec pipelines
+            batch = next(dataloader_iter)
+            batch = batch.to(self._device, non_blocking=True)
         self._optimizer.zero_grad()
         loss, output = self._model(batch)
-        _scaled(self._optimizer, torch.sum(loss)).backward()
-        self._optimizer.step()
+        with label(STEP_LABEL + "backward"):
+            _scaled(self._optimizer, torch.sum(loss)).backward()
+        with label(STEP_LABEL + "optimizer"):
+            self._optimizer.step()
         return loss.detach(), output
 
     def detach(self) -> torch.nn.Module:
@@ -65,7 +76,8 @@ def _prefetch_supported(model: torch.nn.Module, cuda: bool | None = None) -> tup
     """Prefetch needs a GPU and a table whose kernel has a cache to prefetch into."""
     from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 
-    caching = {EmbeddingComputeKernel.FUSED_UVM_CACHING.value, EmbeddingComputeKernel.KEY_VALUE.value}
+    kernel = EmbeddingComputeKernel
+    caching = {kernel.FUSED_UVM_CACHING.value, kernel.KEY_VALUE.value}
     kernels = sharding_kernels(model)
     cached = sorted(t for t, k in kernels.items() if k in caching)
     if not cached:
@@ -111,7 +123,8 @@ def build_pipeline(
             )
         log(f"[hstu] pipeline_type=prefetch not applicable ({why}); running native instead")
     return _reporting(TrainPipelineSparseDist, log)(
-        model, optimizer, device, execute_all_batches=True, custom_model_fwd=_with_loss(model, optimizer)
+        model, optimizer, device, execute_all_batches=True,
+        custom_model_fwd=_with_loss(model, optimizer),
     )
 
 
@@ -159,7 +172,10 @@ def _reporting(base: type, log: Any) -> type:
                     "forward); it runs inside forward"
                 )
             else:
-                log(f"[hstu] {base.__name__}: input-dist of {', '.join(pipelined)} overlapped with the previous step")
+                log(
+                    f"[hstu] {base.__name__}: input-dist of {', '.join(pipelined)} overlapped "
+                    "with the previous step"
+                )
 
     Pipeline.__name__ = Pipeline.__qualname__ = f"Reporting{base.__name__}"
     return Pipeline

@@ -1,74 +1,103 @@
-"""The training loop: pipeline steps, logging, evaluation, checkpoints, profiling."""
+"""The training loop: ``Trainer.train`` over ``Trainer.train_step``, with its collaborators
+(checkpoints: :mod:`hstu.training.checkpoint_manager`; the metrics window and preemption:
+:mod:`hstu.training.loop`; evaluation, best checkpoint and early stopping:
+:class:`Validation`), the profiler and the end-of-run report."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import contextlib
 import os
-import signal
 import sys
-import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from hstu.config import RunConfig
-from hstu.embeddings import embedding_state_dict, load_embedding_state_dict
 from hstu.training.builder import Built, build_all
-from hstu.training.checkpoint import CheckpointError, load_checkpoint
-from hstu.training.distributed import DistEnv, restart_count, rng_state, seed_training_rng, set_rng_state
+from hstu.training.checkpoint_manager import CheckpointManager
+from hstu.training.distributed import DistEnv
 from hstu.training.evaluate import evaluate, popularity_baseline, prior_baseline
 from hstu.training.feed import Feed
 from hstu.training.flops import peak_flops
-from hstu.training.lifecycle import AUTO, BestTracker, CheckpointLifecycle
+from hstu.training.lifecycle import AUTO
 from hstu.training.logger import RunLogger
+from hstu.training.loop import MetricsWindow, Preemption, train_line
 from hstu.training.pipeline import build_pipeline
 
 
-def _position(base: dict[str, Any], steps_per_epoch: int, consumed: int) -> dict[str, Any]:
-    """Loader state after ``consumed`` more batches than ``base``."""
-    linear = base["epoch"] * steps_per_epoch + base["batch_index"] + consumed
-    state = dict(base)
-    state.update(epoch=linear // steps_per_epoch, batch_index=linear % steps_per_epoch)
-    return state
+def _metrics_text(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
-def _state_mismatch(model_state: dict[str, Any], saved: dict[str, Any]) -> str | None:
-    """The first key missing on either side or of another shape, as '<key>: ...'."""
-    for key, value in model_state.items():
-        if key not in saved:
-            return f"{key}: missing from the checkpoint"
-        have, want = getattr(value, "shape", None), getattr(saved[key], "shape", None)
-        if have is not None and want is not None and tuple(have) != tuple(want):
-            return f"{key}: {list(want)} in the checkpoint, {list(have)} in this model"
-    extra = sorted(set(saved) - set(model_state))
-    return f"{extra[0]}: in the checkpoint, not in this model" if extra else None
+class Validation:
+    """Evaluation every ``eval_interval`` steps and at the last one; with
+    ``TrainerArgs.best_metric``, the best checkpoint and early stopping; after training, the
+    test split scored with the best checkpoint."""
 
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.args = trainer.args
 
-# NetworkArgs fields a checkpoint may be loaded under with another value: they change how
-# the function is computed or trained, not the function of the weights
-_NETWORK_FREE = frozenset({
-    "hidden_dropout", "dtype_str", "kernel_backend", "recompute_input_layernorm",
-    "recompute_input_silu", "sequence_layout", "compile",
-})
+    def due(self, step: int) -> bool:
+        return step % self.args.eval_interval == 0 or step == self.trainer.max_steps
 
+    def run(
+        self, step: int, pipeline: Any, window: MetricsWindow, say: Callable[[str], None]
+    ) -> tuple[dict[str, float], bool]:
+        """(metrics, stop early now) of the evaluation at ``step``."""
+        t, args = self.trainer, self.args
+        pipeline.detach()
+        metrics = evaluate(t.model, t.built.eval_loader, t.cfg, t.env, args.max_eval_iters)
+        # in-flight batches already had their input distribution: re-attach without
+        # starting it again (a second one would desynchronise the all-to-alls)
+        pipeline.attach(t.model, sparse_dist=False)
+        t.model.train()
+        t.logger.log(step, "eval", metrics)
+        split = "valid" if args.best_metric is not None else "eval"
+        say(f"{split} @ step {step}: {_metrics_text(metrics)}")
+        window.restart_clock()
+        if args.best_metric is None:
+            return metrics, False
+        best = t.checkpoint.best
+        new_best, stop = best.update(metrics, step)
+        if new_best:
+            # never a best checkpoint of weights that went non-finite; the losses flushed here
+            # are not added to the window's sum (the next train line's mean leaves them out)
+            window.flush(step)
+            t.checkpoint.save(step, best=True)
+            say(f"[hstu] new best {args.best_metric} {best.value:.4f} at step {step}")
+        if stop:
+            say(
+                f"[hstu] early stop at step {step}: no new best {args.best_metric} in "
+                f"{args.early_stopping_patience} evaluations"
+            )
+        return metrics, stop
 
-def network_differences(saved: dict[str, Any] | None, network: Any) -> list[str]:
-    """``field=saved -> now`` for every NetworkArgs field that changes the model's function
-    (two heads of 8 and four heads of 4 have the same tensor shapes, not the same model).
-    Empty for a checkpoint written before the network arguments were saved."""
-    if not saved:
-        return []
-    now = dataclasses.asdict(network)
-    return [
-        f"{name}={saved[name]!r} -> {now[name]!r}"
-        for name in sorted(now)
-        if name not in _NETWORK_FREE and name in saved and saved[name] != now[name]
-    ]
+    def test_best(self) -> dict[str, float]:
+        """Scores the test split once, with the checkpoint that validation selected."""
+        t, metric = self.trainer, self.args.best_metric
+        t.checkpoint.load_best_weights()
+        metrics = evaluate(t.model, t.built.test_loader, t.cfg, t.env, self.args.max_eval_iters)
+        best = t.checkpoint.best
+        t.logger.log(best.step, "eval", {f"test/{k}": v for k, v in metrics.items()})
+        t.logger.log(
+            best.step, "eval", {"best_step": best.step, f"best_valid/{metric}": best.value}
+        )
+        t.logger.print(
+            f"[hstu] test split, best checkpoint (step {best.step}, valid "
+            f"{metric} {best.value:.4f}): {_metrics_text(metrics)}"
+        )
+        return metrics
 
 
 class Trainer:
+    """One run: builds everything, resumes (``self.checkpoint``), trains, reports.
+
+    ``step`` is the number of optimizer steps taken (the checkpoint's after a resume);
+    ``losses`` every loss of this rank once trained; ``interrupted`` true after a stop by
+    signal (its state saved)."""
+
     def __init__(self, cfg: RunConfig, env: DistEnv, run_dir: str, config_text: str) -> None:
         self.cfg = cfg
         self.env = env
@@ -78,8 +107,6 @@ class Trainer:
 
             config_text = gin.operative_config_str()
         self.logger = RunLogger(run_dir, env.is_main, config_text)
-        # stored in every checkpoint: hstu.export rebuilds the model from it
-        self.config_text = config_text
         self.logger.print(f"[hstu] run directory: {run_dir}")
         self.built: Built = build_all(cfg, env, log=self.logger.print)
         self.model = self.built.model
@@ -87,23 +114,18 @@ class Trainer:
         self.steps_per_epoch = len(self.built.train_loader)
         self.max_steps = self.built.total_steps
         self.step = 0
-        self.data_base = self.built.train_loader.state_dict()
-        self.checkpoints = CheckpointLifecycle(self.args.ckpt_save_dir, self.args.keep_last_n, self.logger.print)
-        self.best = BestTracker(self.args.best_metric, self.args.early_stopping_patience)
-        self.best_checkpoints = CheckpointLifecycle(os.path.join(run_dir, "best"), 1, self.logger.print)
-        load_dir = self.args.ckpt_load_dir
-        if not load_dir and restart_count() > 0 and self.args.ckpt_save_interval > 0:
-            # a torchrun restart that started over would lose the run
-            self.logger.print(f"[hstu] restart {restart_count()}: resuming from the newest checkpoint")
-            load_dir = AUTO
-        if self.args.ckpt_save_interval > 0 or load_dir == AUTO:
-            self.checkpoints.clean_stale()
-        self.best_checkpoints.clean_stale()
-        path = self.checkpoints.resolve(load_dir)
-        if path is not None:
-            self._load(path)
-        elif load_dir == AUTO:
-            self.logger.print(f"[hstu] no checkpoint in {self.args.ckpt_save_dir} yet: starting fresh")
+        self.losses: list[float] = []  # every step's loss on this rank, once trained
+        self.interrupted = False  # stopped by a signal (state saved)
+        self.pipeline: Any = None
+        self.checkpoint = CheckpointManager(
+            cfg, env, self.model, self.optimizer, self.built.train_loader, run_dir,
+            config_text, self.logger.print,
+        )
+        resumed = self.checkpoint.resume()
+        if resumed is not None:
+            self.step = resumed
+            self.logger.truncate_after(resumed)  # the steps after the checkpoint run again
+        self.validation = Validation(self)
         info = self.built.info
         self.logger.print(
             f"[hstu] {cfg.task} on {info.dataset_name}: {info.num_train_samples} train / "
@@ -112,125 +134,6 @@ class Trainer:
             f"{self.steps_per_epoch} steps/epoch, training to step {self.max_steps}"
         )
         self.peak, self.peak_source = peak_flops(env.device, cfg.network.dtype_str)
-
-    # ----------------------------------------------------------------- checkpoints
-    def _sharded_state(self) -> dict[str, Any]:
-        return {"embeddings": embedding_state_dict(self.model)}
-
-    def _dense_children(self) -> dict[str, torch.nn.Module]:
-        """Top-level submodules other than the embedding tables (those go through DCP)."""
-        from hstu.embeddings import EmbeddingsByDim, HstuEmbeddings
-
-        if not isinstance(self.model.sparse, (HstuEmbeddings, EmbeddingsByDim)):
-            raise TypeError("model.sparse must hold the embedding tables")
-        dense = self.model.dense_module
-        out = {}
-        for name, child in dense.named_children():
-            if any(isinstance(m, HstuEmbeddings) for m in child.modules()):
-                raise TypeError(f"model.dense.{name} nests embedding tables; checkpointing expects them in model.sparse")
-            out[name] = child
-        if any(True for _ in dense.parameters(recurse=False)):
-            raise TypeError("the dense module has parameters outside its submodules; checkpointing cannot place them")
-        return out
-
-    def _dense_state(self) -> dict[str, Any]:
-        """Dense weights (float32 masters in place of half-precision parameters), the dense
-        optimizer (its state is the masters'), the schedule position and the loss scale."""
-        weights = {}
-        for name, child in self._dense_children().items():
-            state = child.state_dict()
-            for pname, p in child.named_parameters():
-                master = self.optimizer.master_of(p)
-                if master is not None:
-                    state[pname] = master.detach().clone()
-            weights[name] = state
-        out = {"model": weights, "optimizer": self.optimizer.dense.state_dict(), "num_steps": self.optimizer.num_steps}
-        if self.optimizer.scaler is not None:
-            out["loss_scaler"] = self.optimizer.scaler.state_dict()
-        return out
-
-    def save(self, best: bool = False) -> str:
-        meta = {
-            "step": self.step,
-            "data": _position(self.data_base, self.steps_per_epoch, self.step - self._resumed_step),
-            "world_size": self.env.world_size,
-            "tp_size": self.env.tp_size,
-            "task": self.cfg.task,
-            "best": self.best.state_dict(),
-            "best_dir": self.best_checkpoints.root,
-            "config_text": self.config_text,
-            "network": dataclasses.asdict(self.cfg.network),
-            "run_dir": os.path.abspath(self.logger.run_dir),
-        }
-        lifecycle = self.best_checkpoints if best else self.checkpoints
-        path = lifecycle.save(
-            self.step,
-            self._sharded_state(),
-            self._dense_state(),
-            meta,
-            rng_state(),
-            self.env.rank,
-            self.env.tp_rank,
-            self.env.dp_rank,
-        )
-        if not best:
-            self.logger.print(f"[hstu] step {self.step}: checkpoint saved to {path}")
-        return path
-
-    _resumed_step = 0
-
-    def _load_weights(self, path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
-        """Loads tables (with their optimizer state) and dense weights; returns the rest."""
-        sharded = self._sharded_state()
-        dense, meta, rng = load_checkpoint(path, sharded, self.env.rank, self.env.tp_rank, self.env.tp_size)
-        if meta.get("task") != self.cfg.task:
-            raise CheckpointError(f"checkpoint {path} is a {meta.get('task')} run, this is {self.cfg.task}")
-        changed = network_differences(meta.get("network"), self.cfg.network)
-        if changed:
-            raise CheckpointError(
-                f"checkpoint {path} was trained with other NetworkArgs ({', '.join(changed)}); "
-                "its weights would compute another function here: load it with the saved "
-                "values (its config.gin) or start fresh"
-            )
-        load_embedding_state_dict(self.model, sharded["embeddings"])
-        children = self._dense_children()
-        if set(children) != set(dense["model"]):
-            raise CheckpointError(
-                f"checkpoint {path} holds modules {sorted(dense['model'])}, this model has {sorted(children)}"
-            )
-        for name, child in children.items():
-            problem = _state_mismatch(child.state_dict(), dense["model"][name])
-            if problem is not None:
-                raise CheckpointError(f"checkpoint {path} does not fit this model: {name}.{problem}")
-        masters: dict[int, torch.Tensor] = {}
-        for name, child in children.items():
-            child.load_state_dict(dense["model"][name])
-            for pname, p in child.named_parameters():
-                if self.optimizer.master_of(p) is not None:
-                    masters[id(p)] = dense["model"][name][pname].float()
-        self.optimizer.load_masters(masters)
-        return dense, meta, rng
-
-    def _load(self, path: str) -> None:
-        dense, meta, rng = self._load_weights(path)
-        self.optimizer.load_dense_state_dict(
-            dense["optimizer"], int(dense["num_steps"]), dense.get("loss_scaler")
-        )
-        self.step = self._resumed_step = int(meta["step"])
-        self.best.load_state_dict(meta.get("best"))
-        if meta.get("best_dir") and self.best.step >= 0:
-            self.best_checkpoints.root = meta["best_dir"]
-        self.checkpoints.mark_saved(self.step, path)
-        self.logger.truncate_after(self.step)  # the steps after the checkpoint are run again
-        self.built.train_loader.load_state_dict(meta["data"])
-        self.data_base = self.built.train_loader.state_dict()
-        if rng is not None:
-            set_rng_state(rng)
-        else:  # this rank did not exist in the saved run: derive its streams from seed and step
-            seed_training_rng(self.args.seed, self.env, step=self.step)
-        self.logger.print(
-            f"[hstu] resumed from {path} at step {self.step} (saved on {meta['world_size']} rank(s))"
-        )
 
     # ----------------------------------------------------------------------- loop
     def _prepare_for_device(self) -> Any:
@@ -247,144 +150,104 @@ class Trainer:
             return lambda batch: model.prepare(batch.to(device, non_blocking=True))
         return model.prepare
 
+    def open_batches(self) -> Feed:
+        """The training batches (iterate the Feed) and the pipeline that steps over them
+        (``self.pipeline``); ``close()`` the Feed when done."""
+        feed = Feed(
+            self.built.train_loader, self.cfg.network, self._prepare_for_device(), self.env.device
+        )
+        self.pipeline = build_pipeline(
+            self.args.pipeline_type, self.model, self.optimizer, self.env.device,
+            log=self.logger.print,
+        )
+        return feed
+
+    def train_step(self, batches: Iterator[Any]) -> torch.Tensor:
+        """One optimizer step on the next batch (zero_grad -> forward -> backward -> step,
+        run by the pipeline); returns its loss, detached, still on the device."""
+        loss, _ = self.pipeline.progress(batches)
+        self.step += 1
+        return loss.detach()
+
     def train(self) -> dict[str, float]:
-        args, env = self.args, self.env
+        args = self.args
         if self.step >= self.max_steps:  # resumed a finished run: nothing to do, nothing to redo
-            at, last = self.logger.last_eval(self.step)
-            text = " ".join(f"{k} {v:.4f}" for k, v in last.items())
-            self.logger.print(
-                f"[hstu] nothing left to train: the checkpoint is at step {self.step} of "
-                f"{self.max_steps} (raise TrainerArgs.max_train_iters to train on)"
-                + (f"; last evaluation (step {at}): {text}" if last else "")
-            )
-            return {}  # no new metrics (run.py prints no "final metrics" line)
-        feed = Feed(self.built.train_loader, self.cfg.network, self._prepare_for_device(), env.device)
-        feed_iter = iter(feed)
-        pipeline = build_pipeline(args.pipeline_type, self.model, self.optimizer, env.device, log=self.logger.print)
-        self.pipeline = pipeline
+            return self._nothing_left()
+        feed = self.open_batches()
+        batches = iter(feed)
         self.model.train()
         profiler = self._profiler()
-        bar = None
-        if env.is_main and sys.stderr.isatty():  # logs and CI get the plain lines only
-            from tqdm import tqdm
-
-            bar = tqdm(total=self.max_steps, initial=self.step, desc=self.cfg.task, dynamic_ncols=True, mininterval=2.0)
+        bar = self._progress_bar()
         say = bar.write if bar is not None else self.logger.print
-        window_loss, window_n, window_tokens, window_flops = 0.0, 0, 0, 0.0
-        window_start = time.perf_counter()
+        window = MetricsWindow(self.peak, self.env.world_size)
+        self.losses = window.losses
         last_eval: dict[str, float] = {}
-        losses: list[float] = []
-        # losses (and whether the dense gradients were finite) stay on the device until a log
-        # or checkpoint boundary (no host sync inside a step)
-        pending: list[torch.Tensor] = []
-        pending_grads: list[torch.Tensor] = []
-
-        def flush() -> float:
-            """Moves the pending losses to the host; stops at the first non-finite loss or
-            gradient, naming its step (checkpoints come after a flush: never non-finite)."""
-            if not pending:
-                return 0.0
-            values = torch.stack([x.reshape(()).float() for x in pending]).double().cpu().tolist()
-            grads_ok = torch.stack(pending_grads).cpu().tolist() if pending_grads else [True] * len(values)
-            first = self.step - len(pending) + 1
-            pending.clear()
-            pending_grads.clear()
-            problem = None
-            for i, (v, ok) in enumerate(zip(values, grads_ok)):
-                if not math.isfinite(v):
-                    problem = (first + i, f"step {first + i}: loss is {v}")
-                elif not ok:
-                    problem = (first + i, f"step {first + i}: a dense gradient is not finite (loss {v:.4g})")
-                if problem:
+        with Preemption() as preemption, contextlib.closing(feed):
+            while self.step < self.max_steps:
+                loss = self.train_step(batches)
+                cost = feed.pop_cost()
+                window.record(loss, self.optimizer.last_grads_finite, cost.tokens, cost.flops)
+                if profiler is not None:
+                    profiler.step()
+                if bar is not None:
+                    bar.update(1)
+                boundary = self.step % args.log_interval == 0 or self.step == self.max_steps
+                every = args.ckpt_save_interval
+                saving = every > 0 and self.step % every == 0
+                if boundary or saving:
+                    window.loss_sum += window.flush(self.step)
+                if boundary:
+                    metrics = window.summarize(self.optimizer)
+                    self.logger.log(self.step, "train", metrics)
+                    say(train_line(self.step, self.max_steps, metrics))
+                if self.validation.due(self.step):
+                    last_eval, stop = self.validation.run(self.step, self.pipeline, window, say)
+                    if stop:
+                        break
+                if saving:
+                    self.checkpoint.save(self.step)
+                    window.restart_clock()
+                if (boundary or saving) and preemption.agreed():
+                    path = self.checkpoint.save(self.step)
+                    say(f"[hstu] stopped by signal at step {self.step}; resume with "
+                        f"TrainerArgs.ckpt_load_dir=\"{path}\" (or \"{AUTO}\")")
+                    self.interrupted = True
                     break
-            self._agree_finite(problem)
-            losses.extend(values)
-            return sum(values)
-
-        self._install_signals()
-        while self.step < self.max_steps:
-            loss, _ = pipeline.progress(feed_iter)
-            self.step += 1
-            tokens, flops = feed.pop_cost()
-            pending.append(loss.detach())
-            if self.optimizer.last_grads_finite is not None:
-                pending_grads.append(self.optimizer.last_grads_finite)
-            window_n += 1
-            window_tokens += tokens
-            window_flops += flops
-            if profiler is not None:
-                profiler.step()
-            if bar is not None:
-                bar.update(1)
-            boundary = self.step % args.log_interval == 0 or self.step == self.max_steps
-            saving = args.ckpt_save_interval > 0 and self.step % args.ckpt_save_interval == 0
-            if boundary or saving:
-                window_loss += flush()
-            if boundary:
-                elapsed = time.perf_counter() - window_start
-                stats = torch.tensor([window_loss, window_n, window_tokens, window_flops], dtype=torch.float64)
-                dist.all_reduce(stats)
-                world = env.world_size
-                mean_loss = stats[0].item() / max(stats[1].item(), 1)
-                # with TP, every rank of a group counts its own samples once
-                tok_s = stats[2].item() / elapsed
-                flop_s = stats[3].item() / elapsed
-                mfu = flop_s / (self.peak * world) if self.peak > 0 else float("nan")
-                metrics = {"loss": mean_loss, "lr": self.optimizer.lr, "tokens_per_s": tok_s,
-                           "tflops": flop_s / 1e12, "mfu": mfu}
-                if self.optimizer.last_grad_norm is not None:
-                    metrics["grad_norm"] = float(self.optimizer.last_grad_norm)
-                if self.optimizer.scaler is not None:
-                    metrics["loss_scale"] = self.optimizer.scaler.scale
-                self.logger.log(self.step, "train", metrics)
-                msg = (f"step {self.step}/{self.max_steps} loss {mean_loss:.4f} lr {self.optimizer.lr:.2e} "
-                       f"tokens/s {tok_s:,.0f} TFLOP/s {flop_s / 1e12:.4f} MFU {mfu:.2%}")
-                say(msg)
-                window_loss, window_n, window_tokens, window_flops = 0.0, 0, 0, 0.0
-                window_start = time.perf_counter()
-            if self.step % args.eval_interval == 0 or self.step == self.max_steps:
-                pipeline.detach()
-                last_eval = evaluate(self.model, self.built.eval_loader, self.cfg, env, args.max_eval_iters)
-                # in-flight batches already had their input distribution: re-attach without
-                # starting it again (a second one would desynchronise the all-to-alls)
-                pipeline.attach(self.model, sparse_dist=False)
-                self.model.train()
-                self.logger.log(self.step, "eval", last_eval)
-                text = " ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
-                split = "valid" if args.best_metric is not None else "eval"
-                say(f"{split} @ step {self.step}: {text}")
-                window_start = time.perf_counter()
-                if args.best_metric is not None and self._track_best(last_eval, say, flush):
-                    say(
-                        f"[hstu] early stop at step {self.step}: no new best {args.best_metric} in "
-                        f"{args.early_stopping_patience} evaluations"
-                    )
-                    break
-            if saving:
-                self.save()
-                window_start = time.perf_counter()
-            if (boundary or saving) and self._stop_agreed():
-                path = self.save()
-                say(f"[hstu] stopped by signal at step {self.step}; resume with "
-                    f"TrainerArgs.ckpt_load_dir=\"{path}\" (or \"{AUTO}\")")
-                self.interrupted = True
-                break
-        else:
-            flush()
-            # a finished run keeps its final state when checkpointing is on
-            if args.ckpt_save_interval > 0 and self.step % args.ckpt_save_interval != 0:
-                self.save()
-        self._restore_signals()
-        feed.close()
+            else:
+                window.flush(self.step)
+                # a finished run keeps its final state when checkpointing is on
+                if args.ckpt_save_interval > 0 and self.step % args.ckpt_save_interval != 0:
+                    self.checkpoint.save(self.step)
         if bar is not None:
             bar.close()
         if profiler is not None:
             profiler.stop()
-        self.losses = losses
         if self.interrupted:  # stop promptly: no post-training extras
             return last_eval
+        return self._after_training(last_eval)
+
+    def _nothing_left(self) -> dict[str, float]:
+        at, last = self.logger.last_eval(self.step)
+        self.logger.print(
+            f"[hstu] nothing left to train: the checkpoint is at step {self.step} of "
+            f"{self.max_steps} (raise TrainerArgs.max_train_iters to train on)"
+            + (f"; last evaluation (step {at}): {_metrics_text(last)}" if last else "")
+        )
+        return {}  # no new metrics (run.py prints no "final metrics" line)
+
+    def _progress_bar(self) -> Any:
+        if not (self.env.is_main and sys.stderr.isatty()):  # logs and CI: the plain lines only
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.max_steps, initial=self.step, desc=self.cfg.task,
+                    dynamic_ncols=True, mininterval=2.0)
+
+    def _after_training(self, last_eval: dict[str, float]) -> dict[str, float]:
+        """The test split (best checkpoint), the baseline and the report."""
+        args, env = self.args, self.env
         if args.best_metric is not None:
-            last_eval = self._test_best()
+            last_eval = self.validation.test_best()
         # the floor the model must clear, on the same evaluation items: popularity
         # (retrieval) or the training labels' prior (ranking); also in metrics.csv
         baseline_fn = popularity_baseline if self.cfg.task == "retrieval" else prior_baseline
@@ -397,77 +260,10 @@ class Trainer:
         )
         if baseline is not None:
             self.logger.log(self.step, "baseline", baseline)
-            text = " ".join(f"{k} {v:.4f}" for k, v in baseline.items())
             kind = "popularity" if self.cfg.task == "retrieval" else "label-prior"
-            self.logger.print(f"[hstu] {kind} baseline (same protocol): {text}")
+            self.logger.print(f"[hstu] {kind} baseline (same protocol): {_metrics_text(baseline)}")
         self._report(last_eval, baseline)
         return last_eval
-
-    # ------------------------------------------------------------- preemption
-    interrupted = False
-    _stop_requested = False
-    _old_handlers: dict = {}
-
-    def _install_signals(self) -> None:
-        """SIGTERM (sent by torchrun, schedulers, preemption) and SIGUSR1 ask for a checkpoint
-        at the next step boundary, then a clean stop: a run is never lost to a polite kill."""
-
-        def request(signum: int, frame: Any) -> None:
-            self._stop_requested = True
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self._old_handlers[sig] = signal.signal(sig, request)
-
-    def _restore_signals(self) -> None:
-        for sig, handler in self._old_handlers.items():
-            signal.signal(sig, handler)
-        self._old_handlers = {}
-
-    def _agree_finite(self, problem: tuple[int, str] | None) -> None:
-        """Every rank stops on the first non-finite step of any rank (FloatingPointError)."""
-        # host tensors: the default group reduces them with its host backend (gloo)
-        flag = torch.tensor([0.0 if problem is None else 1.0])
-        gathered = [problem]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() > 0:
-                gathered = [None] * dist.get_world_size()
-                dist.all_gather_object(gathered, problem)
-        found = [(p[0], rank, p[1]) for rank, p in enumerate(gathered) if p is not None]
-        if found:
-            _, rank, text = min(found)
-            where = f" (rank {rank})" if len(gathered) > 1 else ""
-            raise FloatingPointError(text + where)
-
-    def _stop_agreed(self) -> bool:
-        """All ranks stop at the same step if any rank was signalled (one tiny all-reduce)."""
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0])  # host, like the signal
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
-
-    def _track_best(self, metrics: dict[str, float], say: Any, flush: Any) -> bool:
-        """Keeps a checkpoint of the best validation evaluation; True means stop early."""
-        new_best, stop = self.best.update(metrics, self.step)
-        if new_best:
-            flush()  # never a best checkpoint of weights that went non-finite
-            self.save(best=True)
-            say(f"[hstu] new best {self.args.best_metric} {self.best.value:.4f} at step {self.step}")
-        return stop
-
-    def _test_best(self) -> dict[str, float]:
-        """Scores the test split once, with the checkpoint that validation selected."""
-        self._load_weights(self.best_checkpoints.resolve(self.best_checkpoints.root))
-        metrics = evaluate(self.model, self.built.test_loader, self.cfg, self.env, self.args.max_eval_iters)
-        self.logger.log(self.best.step, "eval", {f"test/{k}": v for k, v in metrics.items()})
-        self.logger.log(self.best.step, "eval", {"best_step": self.best.step,
-                                                  f"best_valid/{self.args.best_metric}": self.best.value})
-        text = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        self.logger.print(
-            f"[hstu] test split, best checkpoint (step {self.best.step}, valid "
-            f"{self.args.best_metric} {self.best.value:.4f}): {text}"
-        )
-        return metrics
 
     def _profiler(self) -> Any:
         args = self.args
@@ -481,10 +277,13 @@ class Trainer:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
+        on_trace = torch.profiler.tensorboard_trace_handler(
+            trace_dir, worker_name=f"rank{self.env.rank}"
+        )
         prof = torch.profiler.profile(
             activities=activities,
             schedule=torch.profiler.schedule(wait=start, warmup=0, active=active, repeat=1),
-            on_trace_ready=torch.profiler.tensorboard_trace_handler(trace_dir, worker_name=f"rank{self.env.rank}"),
+            on_trace_ready=on_trace,
             record_shapes=False,
         )
         prof.start()
@@ -500,9 +299,10 @@ class Trainer:
         args = self.args
         best = None
         checkpoint = None
-        if args.best_metric is not None and self.best.step >= 0:
-            best = (args.best_metric, self.best.step, self.best.value)
-            checkpoint = os.path.join(self.best_checkpoints.root, f"iter_{self.best.step}")
+        tracker = self.checkpoint.best
+        if args.best_metric is not None and tracker.step >= 0:
+            best = (args.best_metric, tracker.step, tracker.value)
+            checkpoint = self.checkpoint.best_checkpoint
         if args.ckpt_save_interval > 0 or self.interrupted:
             checkpoint = checkpoint or args.ckpt_save_dir
             latest = args.ckpt_save_dir

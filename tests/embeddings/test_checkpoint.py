@@ -1,4 +1,5 @@
-"""Save on 2 ranks -> load on 1, and 1 -> 2: identical lookups, also after one more step."""
+"""The tables' part of a checkpoint (TableState through the checkpoint files): save on 2
+ranks -> load on 1, and 1 -> 2: identical lookups, also after one more step."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import os
 
 import torch
 
-from hstu.embeddings import load_embeddings, save_embeddings
+from hstu.training.checkpoint import CheckpointState, RankPlace, load_checkpoint, save_checkpoint
+from hstu.training.checkpoint_manager import TableState
 from tests.dist_utils import run_multiprocess
 from tests.embeddings.common import build, kjt, lookup, optimizer, slice_samples, tables, train_step
 
@@ -45,7 +47,9 @@ def _save(rank: int, world_size: int, tmp: str) -> None:
     emb = _make()
     _train(emb, range(3), rank, world_size)
     assert emb.stats()["tc"]["evicted_total"] > 0  # the checkpoint holds eviction state
-    save_embeddings(emb, os.path.join(tmp, "ckpt"))
+    meta = {"step": 3, "world_size": world_size, "tp_size": 1}
+    state = CheckpointState(TableState(emb).state_dict(), {}, meta, {})
+    save_checkpoint(os.path.join(tmp, "ckpt"), 3, state, RankPlace(rank, 0, rank))
     before = lookup(emb, _query())
     _train(emb, range(3, 4), rank, world_size)  # one more step: exercises optimizer state
     after = lookup(emb, _query())
@@ -55,7 +59,10 @@ def _save(rank: int, world_size: int, tmp: str) -> None:
 
 def _load(rank: int, world_size: int, tmp: str) -> None:
     emb = _make()
-    load_embeddings(emb, os.path.join(tmp, "ckpt"))
+    tables = TableState(emb)
+    sharded = tables.state_dict()
+    load_checkpoint(os.path.join(tmp, "ckpt"), sharded, RankPlace(rank, 0, rank))
+    tables.load_state_dict(sharded)
     expected = torch.load(os.path.join(tmp, "expected.pt"))
     got = lookup(emb, _query())
     for k, v in expected["before"].items():

@@ -184,10 +184,11 @@ def _embedding_state(trainer) -> dict[str, torch.Tensor]:
 def _record_saves(trainer) -> dict[str, dict[int, dict[str, torch.Tensor]]]:
     """{"periodic"|"best": {step: the embedding state being written}}, filled as it saves."""
     saved: dict[str, dict[int, dict[str, torch.Tensor]]] = {"periodic": {}, "best": {}}
-    for kind, lifecycle in (("periodic", trainer.checkpoints), ("best", trainer.best_checkpoints)):
-        def save(step, sharded, *rest, _save=lifecycle.save, _into=saved[kind]):
-            _into[step] = _full(sharded["embeddings"])
-            return _save(step, sharded, *rest)
+    manager = trainer.checkpoint
+    for kind, lifecycle in (("periodic", manager.periodic), ("best", manager.best_saves)):
+        def save(step, state, place, _save=lifecycle.save, _into=saved[kind]):
+            _into[step] = _full(state.sharded["embeddings"])
+            return _save(step, state, place)
 
         lifecycle.save = save
     return saved
@@ -206,7 +207,13 @@ def _result_path(tmp: str, task: str, case: str, phase: str) -> str:
 def _per_rank_keys(rank: int, tmp: str) -> dict:
     """The key check on its own: optimizer state on one rank per table, as TorchRec's fused
     optimizer keeps it for table_wise tables; a real mismatch must still be named."""
-    from hstu.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from hstu.training.checkpoint import (
+        CheckpointError,
+        CheckpointState,
+        RankPlace,
+        load_checkpoint,
+        save_checkpoint,
+    )
 
     def state(value: float, optim: list[str]) -> dict:
         return {"tables": {t: torch.full((3, 2), value) for t in ("a", "b")},
@@ -215,13 +222,14 @@ def _per_rank_keys(rank: int, tmp: str) -> dict:
     own = ["a"] if rank == 0 else ["b"]
     meta = {"step": 1, "world_size": 2, "tp_size": 1}
     root = os.path.join(tmp, "keys")
-    path = save_checkpoint(root, 1, state(1.0, own), {}, meta, {}, rank, 0, rank)
+    place = RankPlace(rank, 0, rank)
+    path = save_checkpoint(root, 1, CheckpointState(state(1.0, own), {}, meta, {}), place)
     loaded = state(0.0, own)
-    load_checkpoint(path, loaded, rank, 0, 1)
+    load_checkpoint(path, loaded, place)
     out = {"loaded": all(bool((v == 1).all()) for part in loaded.values() for v in part.values())}
     for name, optim in (("lacks b", ["a"] if rank == 0 else []), ("has c", own + ["c"])):
         try:
-            load_checkpoint(path, state(0.0, optim), rank, 0, 1)
+            load_checkpoint(path, state(0.0, optim), place)
             out[name] = None
         except CheckpointError as exc:
             out[name] = str(exc)
@@ -246,7 +254,8 @@ def _two_processes(rank: int, world_size: int, tmp: str, cases: list[tuple[str, 
                 trainer.train()  # ends by loading the best checkpoint for the test split
             finally:
                 trainer.close()
-            rec.update(saved=saved, best_step=trainer.best.step, losses=_all_losses(trainer),
+            rec.update(saved=saved, best_step=trainer.checkpoint.best.step,
+                       losses=_all_losses(trainer),
                        after_best_load=_embedding_state(trainer))
             del trainer
             ckpt = os.path.join(tmp, f"{task}-{case}", "a", "ckpt", f"iter_{RESUME_AT}")

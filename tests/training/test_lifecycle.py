@@ -26,15 +26,23 @@ def _states(rank: int, value: float) -> tuple[dict, dict, dict, dict]:
 def _save(lc, step: int, value: float = 1.0) -> str:
     rank = dist.get_rank()
     sharded, dense, rng, meta = _states(rank, value)
-    return lc.save(step, sharded, dense, {**meta, "step": step}, rng, rank, 0, rank)
+    return _save_state(lc, step, sharded, dense, meta, rng)
+
+
+def _save_state(lc, step: int, sharded: dict, dense: dict, meta: dict, rng: dict) -> str:
+    from hstu.training.checkpoint import CheckpointState, RankPlace
+
+    rank = dist.get_rank()
+    state = CheckpointState(sharded, dense, {**meta, "step": step}, rng)
+    return lc.save(step, state, RankPlace(rank, 0, rank))
 
 
 def _load(path: str) -> tuple[dict, dict, dict | None, dict]:
-    from hstu.training.checkpoint import load_checkpoint
+    from hstu.training.checkpoint import RankPlace, load_checkpoint
 
     sharded, _, _, _ = _states(dist.get_rank(), 0.0)
-    dense, meta, rng = load_checkpoint(path, sharded, dist.get_rank(), 0, 1)
-    return sharded, dense, rng, meta
+    loaded = load_checkpoint(path, sharded, RankPlace(dist.get_rank(), 0, dist.get_rank()))
+    return sharded, loaded.dense, loaded.rng, loaded.meta
 
 
 def _body_save_prune_resume(rank: int, world_size: int, tmp: str) -> None:
@@ -145,7 +153,7 @@ def _body_non_finite(rank: int, world_size: int, tmp: str) -> None:
     if rank == 1:
         sharded["tables"]["user"][0, 0] = float("inf")  # one rank's shard only
     with pytest.raises(FloatingPointError, match="step 10: the embeddings weights .* not finite"):
-        lc.save(10, sharded, dense, {**meta, "step": 10}, rng, rank, 0, rank)
+        _save_state(lc, 10, sharded, dense, meta, rng)
     assert sorted(os.listdir(root)) == ["iter_5", "latest"]
     dist.barrier()
 
@@ -210,17 +218,18 @@ def test_stale_folders_are_cleaned_at_start(tmp_path):
 
 
 def _body_shape_mismatch(rank: int, world_size: int, tmp: str) -> None:
-    from hstu.training.checkpoint import CheckpointError, load_checkpoint
+    from hstu.training.checkpoint import CheckpointError, RankPlace, load_checkpoint
     from hstu.training.lifecycle import CheckpointLifecycle
 
+    place = RankPlace(rank, 0, rank)
     root = os.path.join(tmp, "ckpt")
     _save(CheckpointLifecycle(root, log=lambda _m: None), 5)
     other = {"tables": {"item": torch.zeros(6, 2), "user": torch.zeros(3, 2)}}
     with pytest.raises(CheckpointError, match=r"tables\.item is \[4, 2\] in the checkpoint, \[6, 2\] in this model"):
-        load_checkpoint(root, other, rank, 0, 1)
+        load_checkpoint(root, other, place)
     fewer = {"tables": {"item": torch.zeros(4, 2)}}
     with pytest.raises(CheckpointError, match=r"the checkpoint has tables\.user, this model does not"):
-        load_checkpoint(root, fewer, rank, 0, 1)
+        load_checkpoint(root, fewer, place)
 
 
 def test_shape_or_table_mismatch_names_the_key(tmp_path):
@@ -255,7 +264,7 @@ def _body_full_disk(rank: int, world_size: int, tmp: str, root: str, emulate: bo
         sharded, dense, rng, meta = _states(rank, float(step))
         dense["model"]["big"] = torch.ones(payload_bytes // 4)  # written by rank 0 (DP rank 0)
         with pytest.raises(CheckpointError) as err:
-            lc.save(step, sharded, dense, {**meta, "step": step}, rng, rank, 0, rank)
+            _save_state(lc, step, sharded, dense, meta, rng)
         line = str(err.value)
         assert "\n" not in line and f"step {step}: cannot write checkpoint file" in line, line
         assert "no space left on " in line and "(ENOSPC)" in line and "MB free" in line, line

@@ -1,0 +1,386 @@
+"""What a run saves, and when: one :class:`CheckpointManager` over small stateful parts.
+
+The parts (each knows how to give its state and take it back):
+
+- :class:`TableState`: the embedding tables with their fused optimizer state and the dynamic
+  tables' remapping (DCP, resharded onto any world size);
+- :class:`DenseState`: the dense weights (float32 masters in place of half-precision
+  parameters), the dense optimizer, the schedule position and the float16 loss scale (one
+  ``dense_tp<r>.pt`` per tensor-parallel rank);
+- :class:`LoaderPosition`: where the training loader is after a step;
+- the RNG streams of every rank (:func:`hstu.training.distributed.rng_state`);
+- :class:`hstu.training.lifecycle.BestTracker`: the best validation value and its patience.
+
+The manager assembles them into one :class:`~hstu.training.checkpoint.CheckpointState` per
+save (the files: :mod:`hstu.training.checkpoint`) and owns the lifecycle of two roots
+(:mod:`hstu.training.lifecycle`): the periodic checkpoints under ``ckpt_save_dir`` and the
+best one under ``<run_dir>/best``. :func:`load_weights` is the weights-only load (the best
+checkpoint for the test split, and ``hstu.export`` from any world and TP size).
+
+All methods are collective (every rank calls them in the same order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from hstu.training import checkpoint as ckpt
+from hstu.training.checkpoint import CheckpointError, CheckpointState, RankPlace
+from hstu.training.distributed import restart_count, rng_state, seed_training_rng, set_rng_state
+from hstu.training.lifecycle import AUTO, BestTracker, CheckpointLifecycle
+
+# NetworkArgs fields a checkpoint may be loaded under with another value: they change how
+# the function is computed or trained, not the function of the weights
+_NETWORK_FREE = frozenset({
+    "hidden_dropout", "dtype_str", "kernel_backend", "recompute_input_layernorm",
+    "recompute_input_silu", "sequence_layout", "compile",
+})
+
+
+def network_differences(saved: dict[str, Any] | None, network: Any) -> list[str]:
+    """``field=saved -> now`` for every NetworkArgs field that changes the model's function
+    (two heads of 8 and four heads of 4 have the same tensor shapes, not the same model).
+    Empty for a checkpoint written before the network arguments were saved."""
+    if not saved:
+        return []
+    now = dataclasses.asdict(network)
+    return [
+        f"{name}={saved[name]!r} -> {now[name]!r}"
+        for name in sorted(now)
+        if name not in _NETWORK_FREE and name in saved and saved[name] != now[name]
+    ]
+
+
+def _state_mismatch(model_state: dict[str, Any], saved: dict[str, Any]) -> str | None:
+    """The first key missing on either side or of another shape, as '<key>: ...'."""
+    for key, value in model_state.items():
+        if key not in saved:
+            return f"{key}: missing from the checkpoint"
+        have, want = getattr(value, "shape", None), getattr(saved[key], "shape", None)
+        if have is not None and want is not None and tuple(have) != tuple(want):
+            return f"{key}: {list(want)} in the checkpoint, {list(have)} in this model"
+    extra = sorted(set(saved) - set(model_state))
+    return f"{extra[0]}: in the checkpoint, not in this model" if extra else None
+
+
+def merge_tp_shards(
+    shards: list[dict[str, torch.Tensor]], num_heads: int, head_dim: int
+) -> dict[str, torch.Tensor]:
+    """The dense block's state of every TP rank (rank order) -> the TP=1 state.
+
+    Sharded: ``uvqk.weight``/``uvqk.bias`` (fused U/V/Q/K head layout), ``output.weight``
+    (input columns) and the output norm (channels); everything else is replicated.
+    """
+    from hstu.model.tensor_parallel import unshard_uvqk
+
+    if len(shards) == 1:
+        return {k: v for k, v in shards[0].items() if not k.endswith("_extra_state")}
+    out = {}
+    for key, first in shards[0].items():
+        if key.endswith("_extra_state"):
+            continue
+        parts = [s[key] for s in shards]
+        if key.endswith(("uvqk.weight", "uvqk.bias")):
+            out[key] = unshard_uvqk(parts, num_heads, head_dim)
+        elif key.endswith("output.weight"):
+            out[key] = torch.cat(parts, dim=1)
+        elif key.endswith(("output_norm_weight", "output_norm_bias")):
+            out[key] = torch.cat(parts, dim=0)
+        else:
+            out[key] = first
+    return out
+
+
+# ------------------------------------------------------------------------------ the parts
+class TableState:
+    """The embedding tables of ``model.sparse`` (see :mod:`hstu.embeddings.checkpoint`)."""
+
+    KEY = "embeddings"
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        """Live views of the tables: DCP saves them, or fills them in place on a load."""
+        from hstu.embeddings import embedding_state_dict
+
+        return {self.KEY: embedding_state_dict(self.model)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from hstu.embeddings import load_embedding_state_dict
+
+        load_embedding_state_dict(self.model, state[self.KEY])
+
+
+class DenseState:
+    """Dense weights, the dense optimizer, its step count and the loss scale.
+
+    ``dense_tp<r>.pt`` holds ``{"model": {child: state}, "optimizer", "num_steps",
+    "loss_scaler"?}``, one entry per top-level child of the dense module; the weights of
+    half-precision parameters are their float32 masters.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: Any | None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+
+    def children(self) -> dict[str, torch.nn.Module]:
+        """Top-level submodules other than the embedding tables (those go through DCP)."""
+        from hstu.embeddings import EmbeddingsByDim, HstuEmbeddings
+
+        if not isinstance(self.model.sparse, (HstuEmbeddings, EmbeddingsByDim)):
+            raise TypeError("model.sparse must hold the embedding tables")
+        dense = self.model.dense_module
+        out = {}
+        for name, child in dense.named_children():
+            if any(isinstance(m, HstuEmbeddings) for m in child.modules()):
+                raise TypeError(
+                    f"model.dense.{name} nests embedding tables; checkpointing expects them "
+                    "in model.sparse"
+                )
+            out[name] = child
+        if any(True for _ in dense.parameters(recurse=False)):
+            raise TypeError(
+                "the dense module has parameters outside its submodules; checkpointing "
+                "cannot place them"
+            )
+        return out
+
+    def _master_of(self, p: torch.nn.Parameter) -> torch.Tensor | None:
+        return None if self.optimizer is None else self.optimizer.master_of(p)
+
+    def state_dict(self) -> dict[str, Any]:
+        weights = {}
+        for name, child in self.children().items():
+            state = child.state_dict()
+            for pname, p in child.named_parameters():
+                master = self._master_of(p)
+                if master is not None:
+                    state[pname] = master.detach().clone()
+            weights[name] = state
+        opt = self.optimizer
+        out = {"model": weights, "optimizer": opt.dense.state_dict(), "num_steps": opt.num_steps}
+        if opt.scaler is not None:
+            out["loss_scaler"] = opt.scaler.state_dict()
+        return out
+
+    def load_weights(self, weights: dict[str, dict[str, Any]], where: str) -> None:
+        """The weights only (``weights``: child -> state), checked against this model
+        first; the float32 masters take the saved values too."""
+        children = self.children()
+        if set(children) != set(weights):
+            raise CheckpointError(
+                f"checkpoint {where} holds modules {sorted(weights)}, this model has "
+                f"{sorted(children)}"
+            )
+        for name, child in children.items():
+            problem = _state_mismatch(child.state_dict(), weights[name])
+            if problem is not None:
+                raise CheckpointError(
+                    f"checkpoint {where} does not fit this model: {name}.{problem}"
+                )
+        masters: dict[int, torch.Tensor] = {}
+        for name, child in children.items():
+            child.load_state_dict(weights[name])
+            for pname, p in child.named_parameters():
+                if self._master_of(p) is not None:
+                    masters[id(p)] = weights[name][pname].float()
+        if self.optimizer is not None:
+            self.optimizer.load_masters(masters)
+
+    def load_state_dict(self, state: dict[str, Any], where: str) -> None:
+        self.load_weights(state["model"], where)
+        self.optimizer.load_dense_state_dict(
+            state["optimizer"], int(state["num_steps"]), state.get("loss_scaler")
+        )
+
+
+class LoaderPosition:
+    """The training loader's position, as it will be after a given step."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self.steps_per_epoch = len(loader)
+        self.base = loader.state_dict()
+        self.base_step = 0  # the step at which the loader stood at ``base``
+
+    def at(self, step: int) -> dict[str, Any]:
+        """Loader state after ``step`` (one batch per step)."""
+        linear = self.base["epoch"] * self.steps_per_epoch + self.base["batch_index"]
+        linear += step - self.base_step
+        state = dict(self.base)
+        epoch, batch_index = divmod(linear, self.steps_per_epoch)
+        state.update(epoch=epoch, batch_index=batch_index)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
+        self.loader.load_state_dict(state)
+        self.base = self.loader.state_dict()
+        self.base_step = step
+
+
+# ------------------------------------------------------------------- weights-only load
+def _load_parts(
+    path: str, tables: TableState, dense: DenseState, place: RankPlace, task: str, network: Any
+) -> CheckpointState:
+    """Tables and dense weights of ``path`` into the model, after the checks; returns the
+    checkpoint's files (dense optimizer, meta, rng) for a full resume."""
+    sharded = tables.state_dict()
+    state = ckpt.load_checkpoint(path, sharded, place)
+    meta = state.meta
+    if meta.get("task") != task:
+        raise CheckpointError(f"checkpoint {path} is a {meta.get('task')} run, this is {task}")
+    changed = network_differences(meta.get("network"), network)
+    if changed:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with other NetworkArgs ({', '.join(changed)}); "
+            "its weights would compute another function here: load it with the saved "
+            "values (its config.gin) or start fresh"
+        )
+    tables.load_state_dict(sharded)
+    dense.load_weights(state.dense["model"], path)
+    return state
+
+
+def load_weights(model: torch.nn.Module, checkpoint: str, verify: bool = True) -> dict[str, Any]:
+    """Weights only, on one process (world 1, TP 1), from a checkpoint of any world and TP
+    size: DCP reshards the tables, the dense weights of every TP rank are merged
+    (:func:`merge_tp_shards`). Returns the checkpoint's meta. ``verify=False`` when the
+    files were checked against the manifest already. Raises CheckpointError."""
+    folder = ckpt.resolve_checkpoint_dir(checkpoint)
+    if verify:
+        ckpt.verify(folder)
+    meta = ckpt.read_meta(folder)
+    tables = TableState(model)
+    sharded = tables.state_dict()
+    ckpt.load_sharded(folder, sharded)
+    tables.load_state_dict(sharded)
+    tp_ranks = list(range(int(meta.get("tp_size", 1))))
+    shards = [d["model"] for d in ckpt.read_dense(folder, tp_ranks)]
+    heads = head_dim = 0
+    if len(shards) > 1:  # only an HSTU block is tensor-parallel
+        layer = model.dense_module.block.layers[0]
+        heads, head_dim = layer.num_heads, layer.head_dim
+    merged = {
+        name: merge_tp_shards([s[name] for s in shards], heads, head_dim) for name in shards[0]
+    }
+    DenseState(model, None).load_weights(merged, folder)
+    return meta
+
+
+# ------------------------------------------------------------------------------ manager
+class CheckpointManager:
+    """Owns what a run saves (the parts above) and its lifecycle: resume, save, best, prune.
+
+    ``cfg``: the RunConfig; ``env``: the DistEnv; ``run_dir``: the run directory (holds
+    ``best/``); ``config_text``: the operative gin configuration, stored in every checkpoint
+    (``hstu.export`` rebuilds the model from it).
+    """
+
+    def __init__(
+        self,
+        cfg: Any,
+        env: Any,
+        model: torch.nn.Module,
+        optimizer: Any,
+        loader: Any,
+        run_dir: str,
+        config_text: str,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        args = cfg.trainer
+        self.cfg, self.args, self.env, self.place = cfg, args, env, RankPlace.of(env)
+        self.run_dir, self.config_text, self.log = run_dir, config_text, log
+        self.tables = TableState(model)
+        self.dense = DenseState(model, optimizer)
+        self.position = LoaderPosition(loader)
+        self.best = BestTracker(args.best_metric, args.early_stopping_patience)
+        self.periodic = CheckpointLifecycle(args.ckpt_save_dir, args.keep_last_n, log)
+        self.best_saves = CheckpointLifecycle(os.path.join(run_dir, "best"), 1, log)
+
+    # ------------------------------------------------------------------------ resume
+    def resume(self) -> int | None:
+        """Loads the checkpoint ``TrainerArgs.ckpt_load_dir`` names (after a torchrun restart
+        the newest one): the step it is at, or None for a fresh start. Stale folders of
+        unfinished saves are removed first."""
+        args = self.args
+        load_dir = args.ckpt_load_dir
+        if not load_dir and restart_count() > 0 and args.ckpt_save_interval > 0:
+            # a torchrun restart that started over would lose the run
+            self.log(f"[hstu] restart {restart_count()}: resuming from the newest checkpoint")
+            load_dir = AUTO
+        if args.ckpt_save_interval > 0 or load_dir == AUTO:
+            self.periodic.clean_stale()
+        self.best_saves.clean_stale()
+        path = self.periodic.resolve(load_dir)
+        if path is not None:
+            return self.load(path)
+        if load_dir == AUTO:
+            self.log(f"[hstu] no checkpoint in {args.ckpt_save_dir} yet: starting fresh")
+        return None
+
+    def load(self, path: str) -> int:
+        """Everything of ``path``: weights, optimizers, loader position, RNG, best tracker.
+        Returns its step."""
+        state = _load_parts(
+            path, self.tables, self.dense, self.place, self.cfg.task, self.cfg.network
+        )
+        self.dense.optimizer.load_dense_state_dict(
+            state.dense["optimizer"], int(state.dense["num_steps"]), state.dense.get("loss_scaler")
+        )
+        meta = state.meta
+        step = int(meta["step"])
+        self.best.load_state_dict(meta.get("best"))
+        if meta.get("best_dir") and self.best.step >= 0:
+            self.best_saves.root = meta["best_dir"]
+        self.periodic.mark_saved(step, path)
+        self.position.load_state_dict(meta["data"], step)
+        if state.rng is not None:
+            set_rng_state(state.rng)
+        else:  # this rank did not exist in the saved run: derive its streams from seed and step
+            seed_training_rng(self.args.seed, self.env, step=step)
+        self.log(
+            f"[hstu] resumed from {path} at step {step} (saved on {meta['world_size']} rank(s))"
+        )
+        return step
+
+    def load_best_weights(self) -> None:
+        """The weights of the best checkpoint (the test split is scored with them)."""
+        path = self.best_saves.resolve(self.best_saves.root)
+        _load_parts(path, self.tables, self.dense, self.place, self.cfg.task, self.cfg.network)
+
+    @property
+    def best_checkpoint(self) -> str:
+        """The folder the best checkpoint is (or would be) in."""
+        return os.path.join(self.best_saves.root, f"iter_{self.best.step}")
+
+    # -------------------------------------------------------------------------- save
+    def state(self, step: int) -> CheckpointState:
+        """This rank's part of the checkpoint of ``step``."""
+        meta = {
+            "step": step,
+            "data": self.position.at(step),
+            "world_size": self.env.world_size,
+            "tp_size": self.place.tp_size,
+            "task": self.cfg.task,
+            "best": self.best.state_dict(),
+            "best_dir": self.best_saves.root,
+            "config_text": self.config_text,
+            "network": dataclasses.asdict(self.cfg.network),
+            "run_dir": os.path.abspath(self.run_dir),
+        }
+        return CheckpointState(self.tables.state_dict(), self.dense.state_dict(), meta, rng_state())
+
+    def save(self, step: int, best: bool = False) -> str:
+        """Writes the checkpoint of ``step`` (into the best root when ``best``), then prunes.
+        A periodic save says so on the console."""
+        lifecycle = self.best_saves if best else self.periodic
+        path = lifecycle.save(step, self.state(step), self.place)
+        if not best:
+            self.log(f"[hstu] step {step}: checkpoint saved to {path}")
+        return path
