@@ -14,10 +14,11 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import itertools
 import textwrap
 import types
 import typing
-from functools import lru_cache
+from functools import cache
 from typing import Any, Literal
 
 AUTO = "auto"
@@ -179,7 +180,7 @@ def did_you_mean(name: str, candidates: typing.Iterable[str]) -> str:
     return _did_you_mean(name, candidates)
 
 
-@lru_cache(maxsize=None)
+@cache
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each field of a dataclass (inherited ones included)."""
     docs: dict[str, str] = {}
@@ -194,7 +195,7 @@ def field_docs(cls: type) -> dict[str, str]:
         tree = ast.parse(source)
         cls_node = next(n for n in tree.body if isinstance(n, ast.ClassDef))
         body = cls_node.body
-        for node, nxt in zip(body, body[1:]):
+        for node, nxt in itertools.pairwise(body):
             if (
                 isinstance(node, ast.AnnAssign)
                 and isinstance(node.target, ast.Name)

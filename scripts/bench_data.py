@@ -112,7 +112,6 @@ def _real_model(info):
 
 
 def bench_loader(work: Path, batch_size: int, msl: int, seconds: float) -> tuple[float, float]:
-    import torch
 
     syn = SyntheticDataArgs(num_users=6040, num_items=3706, min_length=20, max_length=311, seed=1)
     preprocess("synthetic", out=work / "ml1m-size", synthetic=syn, verbose=False)

@@ -32,15 +32,15 @@ from hstu.serving.model import InferenceHSTU
 def preset_config(history: int, candidates: int) -> dict:
     """configs/ml-100k_ranking.gin's dense shape (no contextual features, to stay small)."""
     max_items = history + candidates
-    return dict(
-        task="ranking", hidden_size=64, num_layers=2, num_heads=2, head_dim=32, alpha=32 ** -0.5,
-        scaling_seqlen=2 * max_items, norm_eps=1e-5, norm_affine=True, uvqk_bias=True, output_bias=False,
-        is_causal=True, target_group_size=1, num_position_buckets=512, use_position_embedding=True,
-        relative_attention_bias=False, rab_num_positions=0, rab_use_time=False, num_contextual=0,
-        has_action=True, projections={}, item_feature_name="item_id", action_feature_name="action",
-        contextual_feature_names=[], head_arch=[128, 5], head_bias=True, head_activation="relu",
-        num_tasks=1, feature_dims={"item_id": 64, "action": 64}, max_item_seqlen=max_items,
-    )
+    return {
+        "task": "ranking", "hidden_size": 64, "num_layers": 2, "num_heads": 2, "head_dim": 32, "alpha": 32 ** -0.5,
+        "scaling_seqlen": 2 * max_items, "norm_eps": 1e-5, "norm_affine": True, "uvqk_bias": True, "output_bias": False,
+        "is_causal": True, "target_group_size": 1, "num_position_buckets": 512, "use_position_embedding": True,
+        "relative_attention_bias": False, "rab_num_positions": 0, "rab_use_time": False, "num_contextual": 0,
+        "has_action": True, "projections": {}, "item_feature_name": "item_id", "action_feature_name": "action",
+        "contextual_feature_names": [], "head_arch": [128, 5], "head_bias": True, "head_activation": "relu",
+        "num_tasks": 1, "feature_dims": {"item_id": 64, "action": 64}, "max_item_seqlen": max_items,
+    }
 
 
 def _time(fn, reps: int) -> float:

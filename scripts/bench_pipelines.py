@@ -55,8 +55,8 @@ def _max_over_ranks(x: float) -> float:
 
 def _time_steps(trainer, warmup: int, steps: int) -> float:
     """Mean seconds per step over the last ``steps`` steps (a barrier closes each window)."""
-    from hstu.training.pipeline import build_pipeline
     from hstu.training.feed import Feed
+    from hstu.training.pipeline import build_pipeline
 
     feed = Feed(trainer.built.train_loader, trainer.cfg.network, None, trainer.env.device)
     it = iter(feed)
@@ -139,7 +139,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     results = {}
     for pipeline in ("none", "native", "none", "native"):  # twice, interleaved
-        trainer, env = _trainer(a.preset, a.gin_param, pipeline, a.warmup + a.steps,
+        trainer, _env = _trainer(a.preset, a.gin_param, pipeline, a.warmup + a.steps,
                                 os.path.join(a.out, pipeline))
         step = _max_over_ranks(_time_steps(trainer, a.warmup, a.steps))
         results.setdefault(pipeline, []).append(step)

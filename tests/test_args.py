@@ -14,36 +14,36 @@ from hstu.config import _extra_classes, load_config
 
 # The reference interface's defaults (issue "Foundation"), written out independently of the code.
 DOCUMENTED_DEFAULTS = {
-    "TrainerArgs": dict(
-        eval_interval=100, log_interval=100, max_train_iters=None, max_eval_iters=None,
-        seed=1234, profile=False, profile_step_start=100, profile_step_end=200,
-        ckpt_save_interval=-1, ckpt_save_dir="./checkpoints", ckpt_load_dir="",
-        pipeline_type="native",
-    ),
-    "EmbeddingArgs": dict(),
-    "DynamicEmbeddingArgs": dict(
-        global_hbm_for_values=None, item_vocab_gpu_capacity=None,
-        item_vocab_gpu_capacity_ratio=None, evict_strategy="lru", caching=False,
-        sharding_type="model_parallel",
-    ),
-    "DatasetArgs": dict(dataset_path=None, max_num_candidates=0, shuffle=False),
-    "FeatureArgs": dict(is_jagged=False),
-    "BenchmarkDatasetArgs": dict(action_feature_name=None, max_num_candidates=0),
-    "NetworkArgs": dict(
-        hidden_dropout=0.2, norm_epsilon=1e-5, is_causal=True, dtype_str="bfloat16",
-        kernel_backend="cutlass", target_group_size=1, num_position_buckets=8192,
-        recompute_input_layernorm=False, recompute_input_silu=False,
-        item_embedding_dim=-1, contextual_embedding_dim=-1,
-    ),
-    "OptimizerArgs": dict(adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8),
-    "TensorModelParallelArgs": dict(tensor_model_parallel_size=1),
-    "RankingArgs": dict(
-        prediction_head_act_type="relu", prediction_head_bias=True, num_tasks=1,
-        eval_metrics=("AUC",),
-    ),
-    "RetrievalArgs": dict(
-        num_negatives=-1, temperature=0.05, l2_norm_eps=1e-6, eval_metrics=("HR@10", "NDCG@10"),
-    ),
+    "TrainerArgs": {
+        "eval_interval": 100, "log_interval": 100, "max_train_iters": None, "max_eval_iters": None,
+        "seed": 1234, "profile": False, "profile_step_start": 100, "profile_step_end": 200,
+        "ckpt_save_interval": -1, "ckpt_save_dir": "./checkpoints", "ckpt_load_dir": "",
+        "pipeline_type": "native",
+    },
+    "EmbeddingArgs": {},
+    "DynamicEmbeddingArgs": {
+        "global_hbm_for_values": None, "item_vocab_gpu_capacity": None,
+        "item_vocab_gpu_capacity_ratio": None, "evict_strategy": "lru", "caching": False,
+        "sharding_type": "model_parallel",
+    },
+    "DatasetArgs": {"dataset_path": None, "max_num_candidates": 0, "shuffle": False},
+    "FeatureArgs": {"is_jagged": False},
+    "BenchmarkDatasetArgs": {"action_feature_name": None, "max_num_candidates": 0},
+    "NetworkArgs": {
+        "hidden_dropout": 0.2, "norm_epsilon": 1e-5, "is_causal": True, "dtype_str": "bfloat16",
+        "kernel_backend": "cutlass", "target_group_size": 1, "num_position_buckets": 8192,
+        "recompute_input_layernorm": False, "recompute_input_silu": False,
+        "item_embedding_dim": -1, "contextual_embedding_dim": -1,
+    },
+    "OptimizerArgs": {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8},
+    "TensorModelParallelArgs": {"tensor_model_parallel_size": 1},
+    "RankingArgs": {
+        "prediction_head_act_type": "relu", "prediction_head_bias": True, "num_tasks": 1,
+        "eval_metrics": ("AUC",),
+    },
+    "RetrievalArgs": {
+        "num_negatives": -1, "temperature": 0.05, "l2_norm_eps": 1e-6, "eval_metrics": ("HR@10", "NDCG@10"),
+    },
 }
 
 REQUIRED_BINDINGS = {
@@ -98,7 +98,7 @@ def test_binds_from_gin_with_documented_defaults(cls):
         key, value = (s.strip() for s in line.split("=", 1))
         scope_cls, field_name = key.rsplit(".", 1)
         if "/" not in scope_cls and not value.startswith("[@"):
-            assert getattr(obj, field_name) == eval(value), key  # noqa: S307 - test literal
+            assert getattr(obj, field_name) == eval(value), key
 
 
 @pytest.mark.parametrize("cls", [*A.ARG_CLASSES, *_extra_classes()], ids=lambda c: c.__name__)
@@ -162,24 +162,24 @@ def test_base_config_loads(tmp_path):
             r"run\.gin:\d+: NetworkArgs\.num_attention_heads: 3 heads do not divide evenly over TensorModelParallelArgs\.tensor_model_parallel_size=2",
         ),
         (
-            "item/EmbeddingArgs.feature_names = ['item']\nitem/EmbeddingArgs.table_name = 'item'\n"
+            ("item/EmbeddingArgs.feature_names = ['item']\nitem/EmbeddingArgs.table_name = 'item'\n"
             "item/EmbeddingArgs.item_vocab_size_or_capacity = 10\n"
             "item/EmbeddingArgs.sharding_type = 'data_parallel'\n"
             "item2/DynamicEmbeddingArgs.feature_names = ['item2']\n"
             "item2/DynamicEmbeddingArgs.table_name = 'item'\n"
-            "item2/DynamicEmbeddingArgs.item_vocab_size_or_capacity = 10",
+            "item2/DynamicEmbeddingArgs.item_vocab_size_or_capacity = 10"),
             r"run\.gin:\d+: DynamicEmbeddingArgs\.table_name: table 'item' is declared both static \(EmbeddingArgs\) and dynamic",
         ),
         (
-            "item/EmbeddingArgs.feature_names = ['item']\nitem/EmbeddingArgs.table_name = 'item'\n"
-            "item/EmbeddingArgs.item_vocab_size_or_capacity = 10",
+            ("item/EmbeddingArgs.feature_names = ['item']\nitem/EmbeddingArgs.table_name = 'item'\n"
+            "item/EmbeddingArgs.item_vocab_size_or_capacity = 10"),
             r"run\.gin: EmbeddingArgs\.sharding_type: required field is not set",
         ),
         (
-            "item/DynamicEmbeddingArgs.feature_names = ['item']\n"
+            ("item/DynamicEmbeddingArgs.feature_names = ['item']\n"
             "item/DynamicEmbeddingArgs.table_name = 'item'\n"
             "item/DynamicEmbeddingArgs.item_vocab_size_or_capacity = 10\n"
-            "item/DynamicEmbeddingArgs.sharding_type = 'data_parallel'",
+            "item/DynamicEmbeddingArgs.sharding_type = 'data_parallel'"),
             r"run\.gin:\d+: DynamicEmbeddingArgs\.sharding_type: dynamic tables are always model_parallel",
         ),
         ("TrainerArgs.eval_batch_size = [8", r"run\.gin: gin: cannot parse"),
@@ -334,7 +334,7 @@ def test_debug_presets_load(preset):
 
 
 def _dyn(**kw):
-    base = dict(feature_names=["item"], table_name="item", item_vocab_size_or_capacity=10_000)
+    base = {"feature_names": ["item"], "table_name": "item", "item_vocab_size_or_capacity": 10_000}
     base.update(kw)
     return A.DynamicEmbeddingArgs(**base)
 

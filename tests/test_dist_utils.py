@@ -15,7 +15,6 @@ def _fails_on_rank1(rank: int, world_size: int) -> None:
     if rank == 1:
         raise RuntimeError("boom on rank 1")
     # rank 0 must not hang waiting for rank 1
-    return
 
 
 def test_allreduce_two_ranks():

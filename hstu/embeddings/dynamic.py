@@ -103,7 +103,7 @@ class DynamicIdRemapper(nn.Module):
         self.capacity = capacity
         self.evict_strategy = evict_strategy
         self.pg: dist.ProcessGroup | None = None
-        kw = dict(dtype=torch.int64, device=device)
+        kw = {"dtype": torch.int64, "device": device}
         self.register_buffer("slot_ids", torch.zeros(capacity, **kw))
         self.register_buffer("occupied", torch.zeros(capacity, dtype=torch.bool, device=device))
         self.register_buffer("last_access", torch.zeros(capacity, **kw))

@@ -3,7 +3,13 @@
 Nothing here imports gin; the builder reads the argument dataclasses explicitly.
 """
 
-from hstu.model.builder import LayerOptions, ModelDataInfo, build_block, build_model, research_options
+from hstu.model.builder import (
+    LayerOptions,
+    ModelDataInfo,
+    build_block,
+    build_model,
+    research_options,
+)
 from hstu.model.hstu_block import HSTUBlock
 from hstu.model.hstu_layer import HSTULayer
 from hstu.model.metrics import MetricAccumulator, retrieval_metrics

@@ -21,7 +21,6 @@ from hstu.model.retrieval import RetrievalModel
 from hstu.model.tokens import TokenBuilder, max_token_seqlen
 
 
-
 @dataclass
 class ModelDataInfo:
     """What the model needs to know about the data.

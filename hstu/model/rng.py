@@ -16,7 +16,7 @@ on CPU the same contract is kept here by swapping the CPU generator's state.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -5,18 +5,20 @@ Runtime objects (process groups, devices) are passed in, never stored in the arg
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Any
-
-import os
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from hstu.args import BenchmarkDatasetArgs, EmbeddingArgs, NetworkArgs
+from hstu.checks import check_table_features
 from hstu.config import RunConfig
 from hstu.data import DataInfo, build_data
+from hstu.data.negatives import NegativeSampler
+from hstu.data.sizes import resolve_head
 from hstu.embeddings import (
     HstuEmbeddings,
     TablePlacement,
@@ -25,15 +27,11 @@ from hstu.embeddings import (
     replicated_optimizers,
     shard_embeddings,
 )
-from hstu.data.negatives import NegativeSampler
 from hstu.model import ModelDataInfo, build_model
 from hstu.model.model import GenerativeRecommender
 from hstu.registry import NEGATIVE_SAMPLING
-from hstu.checks import check_table_features
-from hstu.data.sizes import resolve_head
-from hstu.training.distributed import DistEnv
 from hstu.training.ddp import wrap_dense
-from hstu.training.distributed import seed_training_rng
+from hstu.training.distributed import DistEnv, seed_training_rng
 from hstu.training.optimizer import OptimizerContainer, unscale_sparse_gradients
 
 
@@ -141,7 +139,7 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
     if not isinstance(cfg.dataset, BenchmarkDatasetArgs):
         # with a selection metric, training evaluates on the validation split only
         split = "valid" if t.best_metric is not None else cfg.dataset.eval_split
-        split_kwargs = dict(split=split, holdout_validation=cfg.dataset.holdout_validation)
+        split_kwargs = {"split": split, "holdout_validation": cfg.dataset.holdout_validation}
     data_args = (cfg.dataset, cfg.task, t.train_batch_size, t.eval_batch_size, env.rank, env.world_size, t.seed)
     split_kwargs["tp_size"] = env.tp_size  # batches carry their TP group's sizes
     train_loader, eval_loader, info = build_data(*data_args, **split_kwargs)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -28,7 +29,7 @@ class HookState:
     record: bool = False
 
 
-def mean_over_world_hook(state, bucket):  # noqa: ANN001, ANN201 - DDP checks the annotations
+def mean_over_world_hook(state, bucket):  # unannotated: DDP checks the annotations
     """DDP communication hook (state: :class:`HookState`, bucket: ``dist.GradBucket``)."""
     if state.record:
         state.launches.append((time.perf_counter(), bucket.index()))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -22,7 +22,7 @@ _PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
 ]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _measured_cpu_peak() -> float:
     """Best of a few float32 matmuls on this process's threads (FLOP/s); measured once."""
     n = 512

@@ -36,7 +36,8 @@ class RunLogger:
         with open(os.path.join(run_dir, "operative_config.gin"), "w") as fh:
             fh.write(config_text or gin.operative_config_str())
         new = not os.path.exists(os.path.join(run_dir, "metrics.csv"))
-        self._csv = open(os.path.join(run_dir, "metrics.csv"), "a", newline="")
+        # held open for the run (closed by close())
+        self._csv = open(os.path.join(run_dir, "metrics.csv"), "a", newline="")  # noqa: SIM115
         self._writer = csv.writer(self._csv)
         if new:
             self._writer.writerow(["step", "split", "name", "value"])
@@ -61,7 +62,7 @@ class RunLogger:
         with open(tmp, "w", newline="") as fh:
             csv.writer(fh).writerows([["step", "split", "name", "value"], *kept])
         os.replace(tmp, path)
-        self._csv = open(path, "a", newline="")
+        self._csv = open(path, "a", newline="")  # noqa: SIM115 - held open, closed by close()
         self._writer = csv.writer(self._csv)
         if self._tb is not None:
             from torch.utils.tensorboard import SummaryWriter

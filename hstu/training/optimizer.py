@@ -6,7 +6,8 @@ into the embedding backward. One ``step()``, one ``zero_grad()``, one ``state_di
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist

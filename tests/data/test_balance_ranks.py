@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from hstu.data.loader import SequenceLoader
-from hstu.data.loader import Samples
+from hstu.data.loader import Samples, SequenceLoader
 
 
 class _Store:

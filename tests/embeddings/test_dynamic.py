@@ -73,7 +73,7 @@ def test_eval_does_not_admit_and_counts_misses() -> None:
     r = DynamicIdRemapper("t", capacity=4).train()
     r(torch.tensor([5, 6]))
     r.eval()
-    slots, miss = r(torch.tensor([5, 7]))
+    _slots, miss = r(torch.tensor([5, 7]))
     assert miss is not None and miss.tolist() == [False, True]
     assert _held(r) == {5, 6} and r.stats()["eval_misses_total"] == 1
 

@@ -6,7 +6,15 @@ import torch
 
 from tests.dist_utils import run_multiprocess
 from tests.embeddings.common import (
-    DIM, UPSTREAM, build, kjt, lookup, optimizer, slice_samples, tables, train_step,
+    DIM,
+    UPSTREAM,
+    build,
+    kjt,
+    lookup,
+    optimizer,
+    slice_samples,
+    tables,
+    train_step,
 )
 
 GLOBAL_BATCH = {

@@ -37,15 +37,15 @@ def trainer_ranking_model_and_batch():
                        labels=[j % 3 for c in candidates for j in c], timestamps=stamps, max_seqlen=max_items)
     embeddings = emb(batch.features)
     layer = block.layers[0]
-    cfg = dict(
-        task="ranking", hidden_size=16, num_layers=2, num_heads=2, head_dim=8, alpha=layer.alpha,
-        scaling_seqlen=max_tokens, norm_eps=layer.norm_eps, norm_affine=True, uvqk_bias=True,
-        output_bias=False, is_causal=True, target_group_size=2, num_position_buckets=64,
-        use_position_embedding=True, relative_attention_bias=True, rab_num_positions=max_tokens,
-        rab_use_time=True, num_contextual=2, has_action=True,
-        projections={name: p.in_features for name, p in tokens.projections.items()},
-        item_feature_name="item", action_feature_name="action", contextual_feature_names=["ctx", "ctx2"],
-        head_arch=[12, 3], head_bias=True, head_activation="relu", num_tasks=1, feature_dims=dims,
-        max_item_seqlen=max_items,
-    )
+    cfg = {
+        "task": "ranking", "hidden_size": 16, "num_layers": 2, "num_heads": 2, "head_dim": 8, "alpha": layer.alpha,
+        "scaling_seqlen": max_tokens, "norm_eps": layer.norm_eps, "norm_affine": True, "uvqk_bias": True,
+        "output_bias": False, "is_causal": True, "target_group_size": 2, "num_position_buckets": 64,
+        "use_position_embedding": True, "relative_attention_bias": True, "rab_num_positions": max_tokens,
+        "rab_use_time": True, "num_contextual": 2, "has_action": True,
+        "projections": {name: p.in_features for name, p in tokens.projections.items()},
+        "item_feature_name": "item", "action_feature_name": "action", "contextual_feature_names": ["ctx", "ctx2"],
+        "head_arch": [12, 3], "head_bias": True, "head_activation": "relu", "num_tasks": 1, "feature_dims": dims,
+        "max_item_seqlen": max_items,
+    }
     return dense, batch, embeddings, cfg

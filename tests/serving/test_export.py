@@ -36,7 +36,9 @@ def _env() -> dict[str, str]:
 
 
 def _run(cmd: list[str], timeout: int = 300, ok: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout, check=False
+    )
     if ok:
         assert proc.returncode == 0, f"{cmd[:4]} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-5000:]}"
     return proc
@@ -191,8 +193,7 @@ def test_unknown_item_ids_are_skipped_and_counted(retrieval, tmp) -> None:
         # a ``user_id`` column would be read as the raw user id, as training's own data does)
         fh.write("user,item,timestamp,action,segment\n")
         for row in table.to_pylist():
-            for item, ts, act in zip(row["item_ids"][:5], row["timestamps"][:5], row["actions"][:5]):
-                fh.write(f"{row['raw_user_id']},{item},{ts},{act},{row['segment']}\n")
+            fh.writelines(f"{row['raw_user_id']},{item},{ts},{act},{row['segment']}\n" for item, ts, act in zip(row["item_ids"][:5], row["timestamps"][:5], row["actions"][:5]))
             fh.write(f"{row['raw_user_id']},999999,{row['timestamps'][5]},1,{row['segment']}\n")
         fh.write("ghost,888888,5,1,1\n")  # a user whose only event is unknown
     out = tmp / "from_events.parquet"
@@ -277,18 +278,15 @@ def test_ranking_candidates_file(ranking, tmp) -> None:
         ca.write("user,item,timestamp\n")
         for row in table.to_pylist():
             items, stamps, acts = row["item_ids"], row["timestamps"], row["actions"]
-            for i, t, a in zip(items[:-4], stamps[:-4], acts[:-4]):
-                ev.write(f"{row['raw_user_id']},{i},{t},{a},{row['user_id']},{row['segment']}\n")
-            for i, t in zip(items[-4:], stamps[-4:]):
-                ca.write(f"{row['raw_user_id']},{i},{t}\n")
+            ev.writelines(f"{row['raw_user_id']},{i},{t},{a},{row['user_id']},{row['segment']}\n" for i, t, a in zip(items[:-4], stamps[:-4], acts[:-4]))
+            ca.writelines(f"{row['raw_user_id']},{i},{t}\n" for i, t in zip(items[-4:], stamps[-4:]))
     out_c, out_h = tmp / "rank_c.parquet", tmp / "rank_h.parquet"
     recommend("--model", str(ranking["art"]), "--input", str(events), "--candidates", str(cands), "--out", str(out_c))
     full = tmp / "rank_full.csv"
     with open(full, "w") as fh:
         fh.write("user,item,timestamp,action,user_id,segment\n")
         for row in table.to_pylist():
-            for i, t, a in zip(row["item_ids"], row["timestamps"], row["actions"]):
-                fh.write(f"{row['raw_user_id']},{i},{t},{a},{row['user_id']},{row['segment']}\n")
+            fh.writelines(f"{row['raw_user_id']},{i},{t},{a},{row['user_id']},{row['segment']}\n" for i, t, a in zip(row["item_ids"], row["timestamps"], row["actions"]))
     recommend("--model", str(ranking["art"]), "--input", str(full), "--holdout-last", "4", "--out", str(out_h))
     a, b = pq.read_table(out_c), pq.read_table(out_h)
     assert a.num_rows == b.num_rows == 16

@@ -9,6 +9,8 @@ dropout masks differ between the TP ranks.
 
 from __future__ import annotations
 
+import functools
+import operator
 import os
 import time
 
@@ -86,8 +88,8 @@ def _train_and_dump(
             mine = sorted(os.sched_getaffinity(0))
             every = [None] * world_size
             dist.all_gather_object(every, mine)
-            assert all(every) and set(sum(every, [])) <= set(host_cores), every
-            assert len(set(sum(every, []))) == sum(len(c) for c in every), every  # disjoint
+            assert all(every) and set(functools.reduce(operator.iadd, every, [])) <= set(host_cores), every
+            assert len(set(functools.reduce(operator.iadd, every, []))) == sum(len(c) for c in every), every  # disjoint
         trainer.train()
         dense = _full_dense(trainer.model, env)
         tables = _tables(trainer.model, trainer.built.info)
@@ -187,7 +189,7 @@ def test_tp_dropout_masks_differ_per_shard_and_replicas_stay_identical(tmp_path)
 
 def _overlap_case(rank: int, world_size: int, tmp: str) -> None:
     """Buckets of the dense all-reduce are launched while backward still runs."""
-    trainer, env = _trainer("ranking", tmp, "overlap", COMMON[:-1] + [
+    trainer, _env = _trainer("ranking", tmp, "overlap", COMMON[:-1] + [
         "TrainerArgs.train_batch_size=8", "TrainerArgs.ddp_bucket_cap_mb=0.001",
         "NetworkArgs.num_layers=3", "TrainerArgs.max_train_iters=3",
     ])

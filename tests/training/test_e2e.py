@@ -47,7 +47,7 @@ def run_job(tmp: Path, name: str, task: str = "retrieval", nproc: int | None = 2
         *params,
     ]
     proc = subprocess.run(
-        _cmd(task, nproc, preset, all_params), cwd=ROOT, env=_env(), capture_output=True,
+        _cmd(task, nproc, preset, all_params), cwd=ROOT, env=_env(), capture_output=True, check=False,
         text=True, timeout=timeout,
     )
     out = proc.stdout + proc.stderr
@@ -149,7 +149,8 @@ def test_kill_after_checkpoint_then_resume_continues_the_same_losses(tmp, retrie
         subprocess.run(["pkill", "-9", "-f", str(run_dir)], check=False)
         proc.wait()
         deadline = time.time() + 30
-        while subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True).returncode == 0:
+        while subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True,
+                             check=False).returncode == 0:
             assert time.time() < deadline, "workers of the killed run are still alive"
             time.sleep(0.2)
     first = (ckpt / "latest").read_text().strip()

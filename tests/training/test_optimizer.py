@@ -14,7 +14,7 @@ from tests.dist_utils import run_multiprocess
 
 
 def _args(**kw) -> OptimizerArgs:
-    base = dict(optimizer_str="adam", learning_rate=1.0)
+    base = {"optimizer_str": "adam", "learning_rate": 1.0}
     base.update(kw)
     return OptimizerArgs(**base)
 

@@ -38,7 +38,7 @@ CASES = {
 def _run(rank: int, world_size: int, tmp: str, task: str, tag: str, params: list[str]) -> None:
     from hstu.training.pipeline import pipelined_module_names
 
-    trainer, env = _trainer(task, tmp, tag, [
+    trainer, _env = _trainer(task, tmp, tag, [
         "TrainerArgs.max_train_iters=20", "TrainerArgs.eval_interval=10",
         "TrainerArgs.train_batch_size=8", *params,
     ])
