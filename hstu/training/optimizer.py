@@ -84,15 +84,6 @@ class DynamicLossScaler:
         # 1.0 where this step's gradients overflowed (after the all-reduce over the world)
         self.found_inf = torch.zeros(1, dtype=torch.float32, device=self.device)
 
-    def to(self, device: torch.device) -> DynamicLossScaler:
-        device = torch.device(device)
-        if device != self.device:
-            self.device = device
-            self._scale, self._clean, self._skipped, self.found_inf = (
-                t.to(device) for t in (self._scale, self._clean, self._skipped, self.found_inf)
-            )
-        return self
-
     @property
     def scale_tensor(self) -> torch.Tensor:
         """[1] float32 on the device: what the loss is multiplied by this step."""
