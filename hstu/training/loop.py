@@ -74,13 +74,13 @@ class MetricsWindow:
         self.tokens += tokens
         self.flops += flops
 
-    def flush(self, last_step: int) -> float:
-        """Moves the pending losses (of the steps up to ``last_step``) to the host; stops
-        every rank at the first non-finite loss or gradient, naming its step (checkpoints
-        come after a flush: never non-finite). Returns their sum."""
+    def flush(self, last_step: int) -> None:
+        """Moves the pending losses (of the steps up to ``last_step``) to the host and adds
+        them to the window's sum; stops every rank at the first non-finite loss or gradient,
+        naming its step (checkpoints come after a flush: never non-finite)."""
         pending = self._pending
         if not pending:
-            return 0.0
+            return
         values = torch.stack([x.reshape(()).float() for x in pending]).double().cpu().tolist()
         if self._pending_grads:
             grads_ok = torch.stack(self._pending_grads).cpu().tolist()
@@ -101,7 +101,7 @@ class MetricsWindow:
                 break
         agree_finite(problem)
         self.losses.extend(values)
-        return sum(values)
+        self.loss_sum += sum(values)
 
     def summarize(self, optimizer: Any) -> dict[str, float]:
         """The window's ``train`` metrics over all ranks (one all-reduce), then a new window."""

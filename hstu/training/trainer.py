@@ -62,8 +62,7 @@ class Validation:
         best = t.checkpoint.best
         new_best, stop = best.update(metrics, step)
         if new_best:
-            # never a best checkpoint of weights that went non-finite; the losses flushed here
-            # are not added to the window's sum (the next train line's mean leaves them out)
+            # never a best checkpoint of weights that went non-finite
             window.flush(step)
             t.checkpoint.save(step, best=True)
             say(f"[hstu] new best {args.best_metric} {best.value:.4f} at step {step}")
@@ -195,7 +194,7 @@ class Trainer:
                 every = args.ckpt_save_interval
                 saving = every > 0 and self.step % every == 0
                 if boundary or saving:
-                    window.loss_sum += window.flush(self.step)
+                    window.flush(self.step)
                 if boundary:
                     metrics = window.summarize(self.optimizer)
                     self.logger.log(self.step, "train", metrics)

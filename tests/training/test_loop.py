@@ -1,0 +1,50 @@
+"""The training loop's small collaborators: the metrics window's logged mean."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from hstu.training.loop import MetricsWindow
+
+
+class _Optimizer:
+    lr = 1e-3
+    last_grad_norm = None
+    scaler = None
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    dist.init_process_group(
+        "gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1
+    )
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_flush_between_log_lines_stays_in_the_window_mean(one_process_group) -> None:
+    """A new best on a step between two log lines flushes the pending losses before its
+    checkpoint; the next log line's mean still covers every step of its window."""
+    window = MetricsWindow(peak_flops=0.0, world_size=1)
+    for step, loss in enumerate([1.0, 2.0, 3.0, 4.0, 5.0], start=1):
+        window.record(torch.tensor(loss), None, tokens=10, flops=0.0)
+        if step == 3:  # the evaluation at step 3 found a new best
+            window.flush(step)
+    window.flush(5)
+    metrics = window.summarize(_Optimizer())
+    assert metrics["loss"] == pytest.approx(3.0)
+    assert window.losses == [1.0, 2.0, 3.0, 4.0, 5.0]
+    # the next window starts empty
+    window.record(torch.tensor(7.0), None, tokens=10, flops=0.0)
+    window.flush(6)
+    assert window.summarize(_Optimizer())["loss"] == pytest.approx(7.0)
+
+
+def test_a_non_finite_loss_stops_naming_its_step(one_process_group) -> None:
+    window = MetricsWindow(peak_flops=0.0, world_size=1)
+    window.record(torch.tensor(1.0), None, tokens=1, flops=0.0)
+    window.record(torch.tensor(float("nan")), None, tokens=1, flops=0.0)
+    with pytest.raises(FloatingPointError, match="step 8: loss is nan"):
+        window.flush(8)
