@@ -639,8 +639,8 @@ class RetrievalArgs:
     """uniform: num_negatives ids per query drawn uniformly from the corpus (-1: in-batch, as above); in_batch: the other positives of the rank's batch (num_negatives must be -1); mixed: num_negatives uniform ids plus the in-batch positives; full_corpus: every item is a negative, the exact softmax (num_negatives must be -1; cost grows with the corpus)."""
     temperature: float = 0.05
     """Softmax temperature on cosine similarities."""
-    full_corpus_matmul_dtype: Literal["float32", "bfloat16"] = "float32"
-    """With negative_sampling="full_corpus": the dtype of the training loss's three [queries x items] matmuls. "bfloat16" rounds their inputs to bfloat16 (float32 accumulation; the target's logit, the softmax and the loss stay float32): 3-4x faster matmuls on CPUs with AVX512-BF16/AMX and on GPUs, gradients within ~0.4 %; evaluation is unaffected (docs/model.md)."""
+    full_corpus_matmul_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """With negative_sampling="full_corpus": the dtype of the training loss's three [queries x items] matmuls. "bfloat16" rounds their inputs to bfloat16 (float32 accumulation; the target's logit, the softmax and the loss stay float32): 3-4x faster matmuls on CPUs with AVX512-BF16/AMX and on GPUs (compute capability >= 8.0), gradients within ~0.4 %, but ~8x slower than float32 on CPUs without them (AVX2); "auto" picks bfloat16 where the device multiplies it natively and float32 elsewhere, and the run's first lines say which; evaluation is unaffected (docs/model.md)."""
     l2_norm_eps: float = 1e-6
     """Epsilon of the L2 normalisation of queries and items."""
     eval_metrics: tuple[str, ...] = ("HR@10", "NDCG@10")
@@ -660,7 +660,8 @@ class RetrievalArgs:
         _require(problem is None, self, "num_negatives", problem or "")
         _positive(self, "temperature", "l2_norm_eps")
         _require(
-            self.full_corpus_matmul_dtype == "float32" or self.negative_sampling == "full_corpus",
+            self.full_corpus_matmul_dtype in ("auto", "float32")
+            or self.negative_sampling == "full_corpus",
             self,
             "full_corpus_matmul_dtype",
             f"applies to negative_sampling='full_corpus' only, got negative_sampling="

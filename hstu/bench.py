@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hstu.ops.losses import native_bfloat16_matmul
 from hstu.training.pipeline import STEP_LABEL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -355,8 +356,16 @@ def _run_preset(p: Preset, a: argparse.Namespace) -> dict:
     return out
 
 
+def cpu_description() -> str:
+    """This host's CPU as every figure should name it: model, torch's CPU capability and
+    whether it multiplies bfloat16 natively (what "auto" matmul dtypes decide on)."""
+    native, why = native_bfloat16_matmul(torch.device("cpu"))
+    return f"{why} -> bfloat16 matmuls {'native' if native else 'emulated'}"
+
+
 def _table(roofs: dict, results: list[dict]) -> str:
-    lines = [f"matmul roof (1024^3, {torch.get_num_threads()} threads, "
+    lines = [f"CPU: {cpu_description()}",
+             f"matmul roof (1024^3, {torch.get_num_threads()} threads, "
              + ", ".join(f"{k}: {v / 1e9:.1f} GFLOP/s" for k, v in roofs.items()) + ")", ""]
     head = (f"{'preset':24s} {'proc':>4s} {'thr':>3s} {'tokens/s':>10s} {'samples/s':>10s} {'step ms':>8s} "
             f"{'TFLOP/s':>8s} {'MFU':>6s} {'RSS GiB':>9s} {'fill':>5s} | split ms: "
@@ -420,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[bench] {name}: " + ("skipped: " + why if why else
               "error" if "error" in r else f"{r['tokens_per_s']:,.0f} tokens/s"), flush=True)
     report = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-              "torch": torch.__version__, "cpus": os.cpu_count(),
+              "torch": torch.__version__, "cpus": os.cpu_count(), "cpu": cpu_description(),
               "matmul_roof_flops": roofs, "roof_threads": torch.get_num_threads(), "results": results}
     print(_table(roofs, results))
     if a.json:

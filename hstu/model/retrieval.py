@@ -39,7 +39,7 @@ from hstu.model.jagged import index_within, lengths_to_offsets, segment_ids
 from hstu.model.loss_scale import PendingScale
 from hstu.model.tensor_parallel import take_own_rows
 from hstu.model.tokens import TokenBuilder
-from hstu.ops.losses import LossInputs, negative_vectors
+from hstu.ops.losses import LossInputs, negative_vectors, resolve_matmul_dtype
 from hstu.registry import NEGATIVE_SAMPLING, UNIFORM_DRAW, load
 
 
@@ -71,8 +71,10 @@ class RetrievalModel(nn.Module):
             batch), "mixed" (uniform plus in-batch) or "full_corpus" (every item: an exact
             softmax over the corpus).
         temperature: softmax temperature on cosine similarities.
-        full_corpus_matmul_dtype: "float32" or "bfloat16": the full-corpus training loss's
-            [Q, I] matmuls (see :func:`full_softmax_loss`).
+        full_corpus_matmul_dtype: "float32", "bfloat16" or "auto" (bfloat16 where the
+            device multiplies it natively, float32 elsewhere; decided on the first step's
+            device): the full-corpus training loss's [Q, I] matmuls (see
+            :func:`hstu.ops.losses.full_softmax_loss`).
         l2_norm_eps: epsilon of the L2 normalisation.
         min_item_id: first real item id (1 when 0 is padding); lower ids are never sampled
             or retrieved.
@@ -108,12 +110,11 @@ class RetrievalModel(nn.Module):
         self.num_negatives = num_negatives
         self.negative_sampling = negative_sampling
         self.temperature = temperature
-        if full_corpus_matmul_dtype not in ("float32", "bfloat16"):
-            raise ValueError(
-                f"full_corpus_matmul_dtype {full_corpus_matmul_dtype!r} is not 'float32' or "
-                "'bfloat16'"
-            )
-        self.full_corpus_matmul_dtype = getattr(torch, full_corpus_matmul_dtype)
+        # None: "auto", resolved on the device of the step's queries
+        self.full_corpus_matmul_dtype: torch.dtype | None = (
+            None if full_corpus_matmul_dtype == "auto"
+            else resolve_matmul_dtype(full_corpus_matmul_dtype, torch.device("cpu"))[0]
+        )
         self.l2_norm_eps = l2_norm_eps
         self.min_item_id = min_item_id
         self.max_item_seqlen = max_item_seqlen
@@ -173,7 +174,8 @@ class RetrievalModel(nn.Module):
         draws = self.draws
         inputs = LossInputs(
             queries, pos_ids, pos_vectors, self.temperature, self.num_negatives, self.training,
-            scale, self.min_item_id, self.full_corpus_matmul_dtype,
+            scale, self.min_item_id,
+            self.full_corpus_matmul_dtype or resolve_matmul_dtype("auto", queries.device)[0],
         )
         if draws is not None:
             if self.negatives_feature not in embeddings:

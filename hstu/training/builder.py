@@ -29,6 +29,7 @@ from hstu.embeddings import (
 )
 from hstu.model import ModelDataInfo, build_model
 from hstu.model.model import GenerativeRecommender
+from hstu.ops.losses import resolve_matmul_dtype
 from hstu.registry import NEGATIVE_SAMPLING
 from hstu.training.ddp import wrap_dense
 from hstu.training.distributed import DistEnv, seed_training_rng
@@ -130,6 +131,16 @@ def ensure_generated(cfg: RunConfig, env: DistEnv) -> None:
         dist.barrier()
 
 
+def full_corpus_note(cfg: RunConfig, device: torch.device) -> str | None:
+    """The run's line saying in which dtype the full-corpus loss multiplies (None: the run
+    has no full-corpus loss)."""
+    if cfg.task != "retrieval" or cfg.retrieval.negative_sampling != "full_corpus":
+        return None
+    dtype, why = resolve_matmul_dtype(cfg.retrieval.full_corpus_matmul_dtype, device)
+    return (f"[hstu] full-corpus loss: its [queries x items] matmuls in {str(dtype)[6:]} "
+            f"({why}; RetrievalArgs.full_corpus_matmul_dtype)")
+
+
 def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
     t = cfg.trainer
     ensure_generated(cfg, env)
@@ -208,6 +219,9 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
             cfg.task, cfg.network, task_args, embeddings, data_info, tp_group=env.tp_group
         )
     model.to(env.device)
+    note = full_corpus_note(cfg, env.device)
+    if note is not None and env.is_main:
+        log(note)
     _, placements = shard_embeddings(
         model,
         tables,

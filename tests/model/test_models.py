@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from types import SimpleNamespace
 
@@ -271,8 +272,10 @@ def _retrieval(num_negatives: int = -1, use_collection: bool = False, sampling: 
         )
     else:
         emb = TinyEmbeddings({"item": (30, D)})
+    # float32 matmuls named: the checks below compare with float32 losses built by hand
     args = RetrievalArgs(
-        num_negatives=num_negatives, negative_sampling=sampling, temperature=0.1
+        num_negatives=num_negatives, negative_sampling=sampling, temperature=0.1,
+        full_corpus_matmul_dtype="float32" if sampling == "full_corpus" else "auto",
     )
     return build_model("retrieval", _net(), args, emb, data)
 
@@ -350,7 +353,7 @@ def test_negative_sampling_modes_build_the_softmax_they_name():
     assert len(set(losses.values())) == 3
 
 
-def test_full_corpus_bfloat16_matmuls_from_the_args():
+def test_full_corpus_bfloat16_matmuls_from_the_args(monkeypatch):
     """RetrievalArgs.full_corpus_matmul_dtype reaches the loss through build_model: the same
     weights give the float32 loss within bfloat16 rounding (not bitwise: it did run in
     bfloat16) and the same gradient direction on the block's first weight."""
@@ -371,6 +374,50 @@ def test_full_corpus_bfloat16_matmuls_from_the_args():
     torch.testing.assert_close(loss16, loss32, rtol=2e-3, atol=0.0)
     assert not torch.equal(grad16, grad32)
     assert F.cosine_similarity(grad16.flatten(), grad32.flatten(), dim=0) > 0.999
+    # "auto" runs whichever the device does natively: bitwise one of the two above
+    for native, want_loss, want_grad in ((True, loss16, grad16), (False, loss32, grad32)):
+        with _cpu_capabilities(monkeypatch, avx512_bf16=native):
+            _, loss_auto, grad_auto = run("auto")
+        assert torch.equal(loss_auto, want_loss) and torch.equal(grad_auto, want_grad), native
+
+
+@contextlib.contextmanager
+def _cpu_capabilities(monkeypatch, **flags):
+    """torch.cpu.get_capabilities() as a CPU with (or without) the given flags reports it."""
+    from hstu.ops.losses import native_bfloat16_matmul
+
+    real = torch.cpu.get_capabilities()
+    fake = {**{k: False for k in real if "bf16" in k}, "cpu_name": "Test CPU", **flags}
+    native_bfloat16_matmul.cache_clear()
+    with monkeypatch.context() as m:
+        m.setattr(torch.cpu, "get_capabilities", lambda: fake)
+        yield
+    native_bfloat16_matmul.cache_clear()
+
+
+@pytest.mark.parametrize("flags,want", [
+    ({"avx512_bf16": True}, "bfloat16"), ({"amx_bf16": True}, "bfloat16"), ({}, "float32"),
+])
+def test_auto_matmul_dtype_follows_the_cpu_and_the_run_says_so(monkeypatch, flags, want):
+    """An AVX2-only CPU emulates bfloat16 products at ~1/8 of float32's rate: "auto" keeps
+    float32 there, and the run's first lines name the choice and why."""
+    from types import SimpleNamespace as NS
+
+    from hstu.ops.losses import resolve_matmul_dtype
+    from hstu.training.builder import full_corpus_note
+
+    cpu = torch.device("cpu")
+    with _cpu_capabilities(monkeypatch, **flags):
+        assert resolve_matmul_dtype("auto", cpu)[0] == getattr(torch, want)
+        # an explicit choice is never overridden
+        assert resolve_matmul_dtype("bfloat16", cpu)[0] == torch.bfloat16
+        assert resolve_matmul_dtype("float32", cpu)[0] == torch.float32
+        cfg = NS(task="retrieval", retrieval=RetrievalArgs(negative_sampling="full_corpus"))
+        note = full_corpus_note(cfg, cpu)
+    assert f"matmuls in {want} (auto: Test CPU" in note
+    assert ("no native bfloat16" in note) == (want == "float32")
+    cfg = NS(task="retrieval", retrieval=RetrievalArgs(negative_sampling="uniform", num_negatives=4))
+    assert full_corpus_note(cfg, cpu) is None
 
 
 def test_full_corpus_eval_matches_brute_force_with_history_excluded():

@@ -5,9 +5,49 @@ Legend: Q queries, I items of the corpus, D width.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from hstu.ops.losses.common import softmax_lse_
+
+MATMUL_DTYPES = ("auto", "float32", "bfloat16")
+"""The choices of RetrievalArgs.full_corpus_matmul_dtype."""
+
+
+@functools.cache
+def native_bfloat16_matmul(device: torch.device) -> tuple[bool, str]:
+    """(whether ``device`` multiplies bfloat16 matrices natively, what decided it).
+
+    CPUs: an instruction set for bfloat16 products (x86: AVX512-BF16 or AMX-BF16; any other
+    ``*bf16*`` capability torch reports). Without one, torch emulates bfloat16 matmuls at a
+    fraction of the float32 rate (an AVX2 host: ~8x slower than float32). GPUs: compute
+    capability 8.0 and up (Ampere's bfloat16 tensor cores)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        name = torch.cuda.get_device_name(device)
+        return major >= 8, f"{name}, compute capability {major}.{minor}"
+    if device.type != "cpu":
+        return False, f"device type {device.type!r} not checked"
+    caps = torch.cpu.get_capabilities()
+    found = sorted(k for k, v in caps.items() if "bf16" in k and v is True)
+    cpu = f"{caps.get('cpu_name', 'CPU')}, {torch.backends.cpu.get_cpu_capability()}"
+    if found:
+        return True, f"{cpu}, {'/'.join(found)}"
+    return False, f"{cpu}, no native bfloat16 matmul (AVX512-BF16/AMX)"
+
+
+def resolve_matmul_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """The dtype of RetrievalArgs.full_corpus_matmul_dtype ``name`` on ``device`` and why:
+    "auto" is bfloat16 where the device multiplies it natively, float32 elsewhere."""
+    if name not in MATMUL_DTYPES:
+        raise ValueError(
+            f"full_corpus_matmul_dtype {name!r} is not one of {', '.join(MATMUL_DTYPES)}"
+        )
+    if name != "auto":
+        return getattr(torch, name), "as configured"
+    native, why = native_bfloat16_matmul(device)
+    return (torch.bfloat16 if native else torch.float32), f"auto: {why}"
 
 
 def _claim_buffers(ctx) -> None:
