@@ -54,21 +54,17 @@ def _max_over_ranks(x: float) -> float:
 
 
 def _time_steps(trainer, warmup: int, steps: int) -> float:
-    """Mean seconds per step over the last ``steps`` steps (a barrier closes each window)."""
-    from hstu.training.feed import Feed
-    from hstu.training.pipeline import build_pipeline
-
-    feed = Feed(trainer.built.train_loader, trainer.cfg.network, None, trainer.env.device)
+    """Mean seconds per step over the last ``steps`` steps (a barrier closes each window):
+    the trainer's own batches, pipeline and ``train_step``."""
+    feed = trainer.open_batches()
     it = iter(feed)
-    pipeline = build_pipeline(trainer.args.pipeline_type, trainer.model, trainer.optimizer,
-                              trainer.env.device, log=lambda *_: None)
     trainer.model.train()
     for _ in range(warmup):
-        pipeline.progress(it)
+        trainer.train_step(it)
     dist.barrier()
     t0 = time.perf_counter()
     for _ in range(steps):
-        pipeline.progress(it)
+        trainer.train_step(it)
     dist.barrier()
     feed.close()
     return (time.perf_counter() - t0) / max(steps, 1)
