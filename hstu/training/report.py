@@ -108,6 +108,28 @@ def write_report(run_dir: str, summary: list[str] | None = None) -> str:
     return path
 
 
+def _loss_against_prior(
+    task: str, final: dict[str, float], baseline: dict[str, float]
+) -> list[str]:
+    """Ranking: the model's evaluation loss against the label prior's (a constant score per
+    class); when it is worse, one warning: a better AUC with a worse loss means the
+    probabilities are worse than a constant (overconfident), even if the ranking is better."""
+    if task != "ranking" or "loss" not in final or "loss" not in baseline:
+        return []
+    model, prior = final["loss"], baseline["loss"]
+    change = (model - prior) / prior if prior > 0 else 0.0
+    lines = [f"  loss vs prior:  {model:.4f} vs {prior:.4f} "
+             f"({abs(change):.1%} {'worse' if model > prior else 'better'})"]
+    if model > prior:
+        lines.append(
+            f"[hstu] warning: the evaluated checkpoint's loss {model:.4f} is worse than the label "
+            f"prior's {prior:.4f}: its probabilities are worse than a constant score although "
+            "its AUC may be better (overconfident); use its scores to rank, not as "
+            "probabilities, or regularise (docs/results.md, ranking)"
+        )
+    return lines
+
+
 def summary_lines(
     task: str,
     run_dir: str,
@@ -128,6 +150,7 @@ def summary_lines(
     if baseline:
         name = "popularity" if task == "retrieval" else "label prior"
         lines.append(f"  baseline ({name}): " + " ".join(f"{k} {v:.4f}" for k, v in baseline.items()))
+        lines += _loss_against_prior(task, final, baseline)
     lines.append(f"  run directory:  {run_dir} (metrics.csv, report.html, TensorBoard)")
     if checkpoint is not None:
         lines.append(f"  resume:         {resume_hint}")
