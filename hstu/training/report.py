@@ -118,8 +118,8 @@ def _loss_against_prior(
         return []
     model, prior = final["loss"], baseline["loss"]
     change = (model - prior) / prior if prior > 0 else 0.0
-    lines = [f"  loss vs prior:  {model:.4f} vs {prior:.4f} "
-             f"({abs(change):.1%} {'worse' if model > prior else 'better'})"]
+    side = "worse" if model > prior else "better"
+    lines = [f"  loss vs prior:  {model:.4f} vs {prior:.4f} ({abs(change):.1%} {side})"]
     if model > prior:
         lines.append(
             f"[hstu] warning: the evaluated checkpoint's loss {model:.4f} is worse than the label "
