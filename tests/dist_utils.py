@@ -3,8 +3,15 @@
     def body(rank: int, world_size: int, tmp: str) -> None: ...
     run_multiprocess(body, world_size=2, tmp=str(tmp_path))
 
-The body must be a module-level function (it is pickled into spawned processes). An
+The body must be a module-level function (it is pickled into the rank processes). An
 exception on any rank fails the caller with that rank's traceback.
+
+Rank processes are forked from a fork server that imported torch, TorchRec, Megatron and the
+trainer once (``forkserver`` with a preload list): a spawned rank pays ~8 s of imports on this
+2-core host, a forked one none. Each rank gets the caller's environment and working directory
+at the call, and writes to the caller's current stdout and stderr (the fork server's own are
+those of its start). ``HSTU_TEST_START_METHOD=spawn``
+starts every rank as a fresh interpreter instead.
 """
 
 from __future__ import annotations
@@ -78,10 +85,46 @@ def _emulate_new_group() -> None:
     dist.new_group = new_group
 
 
+# imported once by the fork server; every rank forked from it starts with them loaded
+_PRELOAD = ["tests.dist_utils", "hstu.training.trainer", "hstu.training.builder"]
+
+
+def _start_method() -> str:
+    method = os.environ.get("HSTU_TEST_START_METHOD", "forkserver")
+    if method not in ("forkserver", "spawn"):
+        raise ValueError(f"HSTU_TEST_START_METHOD={method!r}: must be forkserver or spawn")
+    if method == "forkserver":
+        # before the server's first start (later calls change nothing)
+        mp.get_context("forkserver").set_forkserver_preload(_PRELOAD)
+    return method
+
+
+def _write_where_the_caller_writes(pid: int) -> None:
+    """stdout and stderr onto the caller's current ones (a forked rank inherited the fork
+    server's, e.g. the capture file of the test that started the server)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd in (1, 2):
+        try:
+            target = os.open(f"/proc/{pid}/fd/{fd}", os.O_WRONLY | os.O_APPEND)
+        except OSError:  # no /proc (not Linux) or a closed descriptor: keep the inherited one
+            continue
+        os.dup2(target, fd)
+        os.close(target)
+
+
 def _worker(
     rank: int, world_size: int, port: int, fn: Callable[..., Any], kwargs: dict, errors,
-    backend: str = "gloo",
+    backend: str = "gloo", env: dict[str, str] | None = None, cwd: str | None = None,
+    caller: int | None = None,
 ) -> None:
+    if env is not None:  # the caller's, not the fork server's
+        os.environ.clear()
+        os.environ.update(env)
+    if cwd is not None:
+        os.chdir(cwd)
+    if caller is not None:
+        _write_where_the_caller_writes(caller)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -132,16 +175,18 @@ def run_multiprocess(
     """``backend``: the default group's (a device-type map such as ``"cpu:gloo,cuda:gloo"``
     from :func:`gloo_with_device_map`); groups made with a backend of their own then keep
     its device-type map as well."""
-    ctx = mp.get_context("spawn")
+    method = _start_method()
+    ctx = mp.get_context(method)
     errors = ctx.SimpleQueue()
     port = free_port()
     try:
         mp.start_processes(
             _worker,
-            args=(world_size, port, fn, kwargs, errors, backend),
+            args=(world_size, port, fn, kwargs, errors, backend, dict(os.environ), os.getcwd(),
+                  os.getpid() if method == "forkserver" else None),
             nprocs=world_size,
             join=True,
-            start_method="spawn",
+            start_method=method,
         )
     except mp.ProcessRaisedException as exc:
         details = []

@@ -57,3 +57,21 @@ def test_megatron_groups_are_freed_by_destroy_distributed():
     # megatron-core's destroy_model_parallel leaves some group globals set; the harness
     # fails if any group (and its gloo threads) survives hstu's destroy_distributed.
     run_multiprocess(_megatron_groups, world_size=2)
+
+
+def _sees_the_callers_env_and_cwd(rank: int, world_size: int, want_cwd: str) -> None:
+    import os
+    import sys
+
+    assert os.environ.get("HSTU_TEST_MARKER") == "set-after-the-server-started", os.environ.get("HSTU_TEST_MARKER")
+    assert os.getcwd() == want_cwd
+    if os.environ.get("HSTU_TEST_START_METHOD", "forkserver") == "forkserver":
+        # forked from the server that imported the trainer once: no import cost per rank
+        assert "hstu.training.trainer" in sys.modules and "torchrec" in sys.modules
+
+
+def test_ranks_get_the_callers_environment_and_directory(tmp_path, monkeypatch):
+    run_multiprocess(_allreduce, world_size=2)  # the fork server runs from here on
+    monkeypatch.setenv("HSTU_TEST_MARKER", "set-after-the-server-started")
+    monkeypatch.chdir(tmp_path)
+    run_multiprocess(_sees_the_callers_env_and_cwd, world_size=2, want_cwd=str(tmp_path))
