@@ -15,6 +15,7 @@ package), and what is left (id lookup, padding, full-corpus top-k) is a few torc
 from __future__ import annotations
 
 import json
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,8 @@ class Artifact:
         self.tables = Tables(load_file(self.path / TABLES_FILE, _load_tensors))
         self.program = None
         self.runtime = "torch.export"
+        self.fallback: str | None = None
+        """Why the AOTInductor package was not used although present (None: it was, or absent)."""
         aoti = self.manifest.get("aoti") or {}
         if use_aoti and aoti.get("package") and (self.path / aoti["package"]).is_file():
             try:
@@ -263,8 +266,17 @@ class Artifact:
 
                 self.program = aoti_load_package(str(self.path / aoti["package"]))
                 self.runtime = "aoti"
-            except Exception:  # noqa: BLE001 - fall back to the portable program
+            # a package compiled for another torch, compiler or CPU fails in many ways; the
+            # portable program computes the same model: named, then used
+            except Exception as exc:  # noqa: BLE001
                 self.program = None
+                first = (str(exc).strip().splitlines() or [""])[0][:200]
+                self.fallback = (
+                    f"{self.path / aoti['package']}: the AOTInductor package did not load "
+                    f"({type(exc).__name__}: {first}); running the portable torch.export "
+                    "program (same model; re-export on this host for the compiled one)"
+                )
+                print(f"[hstu] note: {self.fallback}", file=sys.stderr, flush=True)
         if self.program is None:
             self.program = load_file(self.path / DENSE_PROGRAM, _load_program).module()
         self._cache_programs: dict[str, Any] = {}

@@ -294,3 +294,21 @@ def test_ranking_candidates_file(ranking, tmp) -> None:
     for j in range(5):
         torch.testing.assert_close(torch.tensor(a.column(f"logit_{j}").to_pylist()),
                                    torch.tensor(b.column(f"logit_{j}").to_pylist()), rtol=0, atol=1e-6)
+
+
+def test_an_aoti_package_that_does_not_load_is_named_then_the_portable_program_runs(retrieval, tmp, capsys) -> None:
+    """A compiled package from another host (here: not a package at all) is not used; the
+    artifact says which file failed and why, and runs the portable program."""
+    from hstu.serving.artifact import Artifact
+
+    other = tmp / "bad_aoti_artifact"
+    shutil.copytree(retrieval["art"], other, dirs_exist_ok=True)
+    (other / "dense.aoti.pt2").write_bytes(b"not a package")
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["aoti"] = {"package": "dense.aoti.pt2"}
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    art = Artifact(other)
+    assert art.runtime == "torch.export"
+    assert art.fallback is not None and "dense.aoti.pt2: the AOTInductor package did not load" in art.fallback
+    assert art.fallback in capsys.readouterr().err
+    assert Artifact(retrieval["art"]).fallback is None  # no package: nothing to say
