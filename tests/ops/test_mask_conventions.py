@@ -187,9 +187,10 @@ def test_triton_backend_against_the_hand_written_masks(
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 def test_triton_peer_mask_across_tiles(causal: bool, triton_backend: ModuleType, device: str) -> None:
-    """Samples longer than one 16-row tile: contextual rows reaching keys two tiles on, key
-    blocks of candidates seen by every non-candidate row (the kernels' row and key ranges)."""
-    lengths, ctx, tgt = [36, 3], [17, 0], [8, 2]
+    """Samples longer than one 16-row tile: contextual rows (within the first tile, or across
+    it) reaching history keys tiles later, key blocks of candidates seen by every
+    non-candidate row (the kernels' key ranges and row ranges)."""
+    lengths, ctx, tgt = [40, 18], [5, 17], [9, 1]
     case = random_case(lengths, num_heads=1, num_contextual=ctx, num_targets=tgt, rab="pos",
                        max_positions=40, device=device, seed=3)
     # 16 x 16 tiles on a GPU too (the interpreter's only tiles)
