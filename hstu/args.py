@@ -443,6 +443,8 @@ class NetworkArgs:
     """LayerNorm epsilon."""
     is_causal: bool = True
     """Causal attention over the history; False (bidirectional) is refused for retrieval and for ranking with history_loss_weight > 0, where a token would see its own label."""
+    mask_convention: Literal["hstu", "peer"] = "hstu"
+    """Attention mask: "hstu" (contextual tokens see the contextual block only; history never sees candidates) or "peer" (as Meta's generative-recommenders and NVIDIA's recsys-examples: contextual tokens see the whole non-candidate history, and with is_causal=False history sees the candidates). docs/model.md, "Mask conventions"."""
     dtype_str: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     """Compute dtype of the HSTU block; float32 for CPU runs."""
     kernel_backend: Literal[ATTENTION_BACKENDS.names()] = "cutlass"  # hstu.registry

@@ -147,6 +147,26 @@ def check_causal(network: Any, ranking: Any, retrieval: Any) -> None:
     raise ConfigError("NetworkArgs", "is_causal", why)
 
 
+def check_peer_mask(network: Any, ranking: Any, retrieval: Any, num_contextual: int) -> None:
+    """The "peer" mask only where no supervised position sees its label through the
+    contextual tokens (they see the whole history, and every later layer's history tokens
+    see them)."""
+    if network.mask_convention != "peer" or num_contextual == 0 or network.num_layers < 2:
+        return
+    if retrieval is not None:
+        label = "the next item"
+    elif ranking is not None and ranking.history_loss_weight > 0:
+        label = "its own action (RankingArgs.history_loss_weight > 0)"
+    else:
+        return
+    raise ConfigError(
+        "NetworkArgs", "mask_convention",
+        f'"peer" lets the {num_contextual} contextual token(s) see the whole history, so from '
+        f"layer 2 on each supervised history position sees {label} through them; use "
+        '"hstu", one layer, or no contextual features',
+    )
+
+
 def evaluated_metrics(ranking: Any, retrieval: Any) -> tuple[str, ...]:
     """The names evaluation reports, which TrainerArgs.best_metric may select on."""
     if ranking is not None:
@@ -270,6 +290,7 @@ __all__ = [
     "check_dataset_name",
     "check_history_loss",
     "check_parallel",
+    "check_peer_mask",
     "check_ranking_data",
     "check_ranking_head",
     "check_selection",

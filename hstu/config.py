@@ -153,6 +153,10 @@ def load_config(
         raise exc.with_location(where_set(bindings, exc.field_name, label)) from None
     try:
         checks.check_causal(network, ranking, retrieval)
+        if isinstance(dataset, A.BenchmarkDatasetArgs):  # real data: resolve_sizes checks
+            checks.check_peer_mask(
+                network, ranking, retrieval, len(dataset.contextual_feature_names)
+            )
     except A.ConfigError as exc:
         raise exc.with_location(where_set(bindings, exc.field_name, label, exc.cls_name)) from None
     try:

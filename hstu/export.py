@@ -106,6 +106,7 @@ def inference_config(model: torch.nn.Module, cfg: Any, info: Any) -> dict[str, A
         "uvqk_bias": layer.uvqk.bias is not None,
         "output_bias": layer.output.bias is not None,
         "is_causal": layer.is_causal,
+        "mask_convention": layer.mask_convention,
         "target_group_size": layer.target_group_size,
         "num_position_buckets": block.num_position_buckets,
         "use_position_embedding": block.position_embedding is not None,

@@ -75,7 +75,7 @@ class AttentionBackend:
 
     impl: str
     """``fn(q, k, v, offsets, max_seqlen, *, alpha, scaling_seqlen, causal, num_contextual,
-    num_targets, target_group_size, rab) -> [T, H, d_v]``."""
+    num_targets, target_group_size, rab, mask_convention) -> [T, H, d_v]``."""
     unavailable: str | None = None
     """``fn(head_dim, value_head_dim, device, dtype, causal, has_targets) -> str | None``: why
     the kernel cannot run a call (None: it can); no function: it runs everywhere."""

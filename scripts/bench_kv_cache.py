@@ -35,7 +35,7 @@ def preset_config(history: int, candidates: int) -> dict:
     return {
         "task": "ranking", "hidden_size": 64, "num_layers": 2, "num_heads": 2, "head_dim": 32, "alpha": 32 ** -0.5,
         "scaling_seqlen": 2 * max_items, "norm_eps": 1e-5, "norm_affine": True, "uvqk_bias": True, "output_bias": False,
-        "is_causal": True, "target_group_size": 1, "num_position_buckets": 512, "use_position_embedding": True,
+        "is_causal": True, "mask_convention": "hstu", "target_group_size": 1, "num_position_buckets": 512, "use_position_embedding": True,
         "relative_attention_bias": False, "rab_num_positions": 0, "rab_use_time": False, "num_contextual": 0,
         "has_action": True, "projections": {}, "item_feature_name": "item_id", "action_feature_name": "action",
         "contextual_feature_names": [], "head_arch": [128, 5], "head_bias": True, "head_activation": "relu",

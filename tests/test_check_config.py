@@ -135,3 +135,52 @@ def test_a_checkpoint_of_other_heads_is_refused_not_loaded(tmp_path) -> None:
     from tests.dist_utils import run_multiprocess
 
     run_multiprocess(_heads_changed, world_size=1, tmp=str(tmp_path))
+
+
+
+@pytest.fixture(scope="module")
+def shop_with_region(tmp_path_factory) -> Path:
+    """'shop' with a contextual feature per user (region; the user id is the other one)."""
+    from hstu.data.data_args import CustomDataArgs
+    from hstu.data.preprocess import preprocess
+
+    tmp = tmp_path_factory.mktemp("peer")
+    lines = ["user,item,ts,stars,region"]
+    for u in range(6):
+        for k in range(4):
+            lines.append(f"u{u},sku-{(u + 3 * k) % 12},{100 * u + k},{[1.5, 3.0][(u + k) % 2]},r{u % 2}")
+    (tmp / "shop.csv").write_text("\n".join(lines) + "\n")
+    preprocess("custom", tmp / "shop.csv", tmp / "data", output_name="shop", verbose=False,
+               custom=CustomDataArgs(user_column="user", item_column="item", timestamp_column="ts",
+                                     action_column="stars", contextual_columns=["region"]))
+    return tmp / "data" / "shop"
+
+
+PEER = ("--gin-param", "NetworkArgs.mask_convention='peer'")
+PEER_LINE = (
+    "NetworkArgs.mask_convention: \"peer\" lets the {n} contextual token(s) see the whole "
+    "history, so from layer 2 on each supervised history position sees the next item through "
+    "them; use \"hstu\", one layer, or no contextual features"
+)
+
+
+def test_peer_mask_is_refused_where_history_would_see_its_label(capsys, shop_with_region) -> None:
+    """Contextual tokens that see the whole history pass it on to every history position
+    from layer 2 on: refused for retrieval at gin time (synthetic contextual features) and
+    against the data's contextual features; one layer, or none of them, loads."""
+    code, _, err = _check(capsys, "retrieval", "benchmark_retrieval.gin", *PEER)
+    assert code == 2, err
+    line = err.strip().splitlines()[-1]
+    assert line == "error: --gin-param \"NetworkArgs.mask_convention='peer'\": " + PEER_LINE.format(n=1)
+    code, out, err = _check(capsys, "retrieval", "benchmark_retrieval.gin", *PEER,
+                            "--gin-param", "NetworkArgs.num_layers=1")
+    assert code == 0 and "configuration OK" in out, err
+    data = ("--gin-param", 'DatasetArgs.dataset_name="shop"',
+            "--gin-param", f'DatasetArgs.dataset_path="{shop_with_region}"',
+            "--gin-param", "NetworkArgs.num_layers=2")
+    code, _, err = _check(capsys, "retrieval", "debug_retrieval.gin", *data, *PEER)
+    assert code == 2, err
+    assert err.strip().splitlines()[-1].endswith(PEER_LINE.format(n=2)), err  # user id, region
+    code, out, err = _check(capsys, "retrieval", "debug_retrieval.gin", *data, *PEER,
+                            "--gin-param", "DatasetArgs.contextual_features=[]")
+    assert code == 0 and "configuration OK" in out, err

@@ -17,7 +17,12 @@ import os
 from typing import Any
 
 from hstu.args import AUTO, BenchmarkDatasetArgs, ConfigError, DatasetArgs, RankingArgs
-from hstu.checks import check_dataset_name, check_ranking_head, check_table_features
+from hstu.checks import (
+    check_dataset_name,
+    check_peer_mask,
+    check_ranking_head,
+    check_table_features,
+)
 from hstu.data.errors import DataError
 from hstu.data.info import DataInfo
 from hstu.data.layout import METADATA_FILE
@@ -157,6 +162,11 @@ def resolve_sizes(cfg: Any) -> Any:
         ranking = resolve_head(info, cfg.ranking)
     except ConfigError as exc:
         loc = where.get(("RankingArgs", "prediction_head_arch", ""))
+        raise exc.with_location(loc or _source(cfg)) from None
+    try:
+        check_peer_mask(cfg.network, ranking, cfg.retrieval, len(info.contextual_feature_names))
+    except ConfigError as exc:
+        loc = where.get(("NetworkArgs", "mask_convention", ""))
         raise exc.with_location(loc or _source(cfg)) from None
     return dataclasses.replace(cfg, tables=tables, ranking=ranking)
 

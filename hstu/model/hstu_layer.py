@@ -31,6 +31,7 @@ from hstu.model.tensor_parallel import (
     tp_size_of,
 )
 from hstu.ops import NUM_TIME_BUCKETS, RelativeAttentionBias, hstu_attention
+from hstu.ops.masks import check_mask_convention
 
 # ----------------------------------------------------- input LayerNorm + W_uvqk + SiLU
 
@@ -174,6 +175,8 @@ class LayerOptions:
         norm_eps: epsilon of both layer norms.
         kernel_backend: attention backend passed to ``hstu.ops.hstu_attention``.
         is_causal: causal mask over the history.
+        mask_convention: "hstu" | "peer" (``hstu.ops.masks``; docs/model.md "Mask
+            conventions").
         target_group_size: candidates per target group.
         alpha: attention logit scale; None means 1/sqrt(d). The research model uses 1.
         attn_scaling_seqlen: N dividing SiLU(.); None means the ``max_seqlen`` of the call.
@@ -196,6 +199,7 @@ class LayerOptions:
     norm_eps: float = 1e-5
     kernel_backend: str = "pytorch"
     is_causal: bool = True
+    mask_convention: str = "hstu"
     target_group_size: int = 1
     alpha: float | None = None
     attn_scaling_seqlen: int | None = None
@@ -277,6 +281,7 @@ class HSTULayer(nn.Module):
                 "supported with tensor_model_parallel_size > 1"
             )
         self.options = o
+        check_mask_convention(o.mask_convention)
         dropout, norm_eps, kernel_backend = o.dropout, o.norm_eps, o.kernel_backend
         is_causal, target_group_size, alpha = o.is_causal, o.target_group_size, o.alpha
         attn_scaling_seqlen, uvqk_bias, norm_affine = o.attn_scaling_seqlen, o.uvqk_bias, o.norm_affine
@@ -298,6 +303,7 @@ class HSTULayer(nn.Module):
         self.kernel_backend = kernel_backend
         self.strict_kernel = strict_kernel
         self.is_causal = is_causal
+        self.mask_convention = o.mask_convention
         self.target_group_size = target_group_size
         self.alpha = 1.0 / math.sqrt(head_dim) if alpha is None else alpha
         self.attn_scaling_seqlen = attn_scaling_seqlen
@@ -452,6 +458,7 @@ class HSTULayer(nn.Module):
             num_targets=num_targets,
             target_group_size=self.target_group_size,
             rab=rab,
+            mask_convention=self.mask_convention,
             backend=self.kernel_backend,
             strict=self.strict_kernel,
         ).reshape(x.shape[0], -1)  # [T, H_r * d]

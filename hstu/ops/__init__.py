@@ -11,13 +11,20 @@ import os
 from torch import Tensor
 
 from hstu.ops.backends import BACKENDS, BackendUnavailableError, resolve_backend
-from hstu.ops.masks import dense_mask, lengths_from_offsets, offsets_from_lengths
+from hstu.ops.masks import (
+    MASK_CONVENTIONS,
+    check_mask_convention,
+    dense_mask,
+    lengths_from_offsets,
+    offsets_from_lengths,
+)
 from hstu.ops.rab import NUM_TIME_BUCKETS, RelativeAttentionBias, time_bucket
 from hstu.registry import ATTENTION_BACKENDS, load
 from hstu.sync_audit import allowed_sync
 
 __all__ = [
     "BACKENDS",
+    "MASK_CONVENTIONS",
     "MAX_SEQLEN_CHECK",
     "NUM_TIME_BUCKETS",
     "BackendUnavailableError",
@@ -66,6 +73,7 @@ def hstu_attention(
     num_targets: Tensor | None = None,
     target_group_size: int = 1,
     rab: RelativeAttentionBias | None = None,
+    mask_convention: str = "hstu",
     backend: str = "pytorch",
     strict: bool = False,
 ) -> Tensor:
@@ -83,6 +91,9 @@ def hstu_attention(
         num_targets: int64 [B], trailing candidate tokens of each sample.
         target_group_size: candidates per target group (>= 1).
         rab: optional relative attention bias inputs (computed inside the kernel).
+        mask_convention: "hstu" (ours) or "peer" (Meta's and NVIDIA's: contextual rows see
+            the whole non-candidate history; without ``causal`` non-candidates see the
+            candidates); ``hstu.ops.masks``, docs/model.md "Mask conventions".
         backend: a name of ``hstu.registry.ATTENTION_BACKENDS`` ("pytorch" | "triton" |
             "cutlass"); see ``resolve_backend`` for fallbacks.
         strict: raise instead of falling back to another backend.
@@ -101,6 +112,7 @@ def hstu_attention(
         raise ValueError(f"target_group_size must be >= 1, got {target_group_size}")
     if scaling_seqlen <= 0:
         raise ValueError(f"scaling_seqlen must be > 0, got {scaling_seqlen}")
+    check_mask_convention(mask_convention)
     if offsets.numel() > 1 and max_seqlen_checked_here(offsets):
         with allowed_sync(MAX_SEQLEN_CHECK):
             longest = int((offsets[1:] - offsets[:-1]).max())
@@ -129,5 +141,6 @@ def hstu_attention(
         "num_targets": num_targets,
         "target_group_size": target_group_size,
         "rab": rab,
+        "mask_convention": mask_convention,
     }
     return load(ATTENTION_BACKENDS[chosen].impl)(q, k, v, offsets, max_seqlen, **kwargs)

@@ -21,10 +21,11 @@ Semantics relied on (its reference test ``_hstu_attention_maybe_from_cache`` and
   by ``max_seqlen / scaling_seqlen`` (the output is linear in that factor).
 - offsets, ``num_contexts`` and ``num_targets`` are int32; ``rab`` is dense
   [B, heads_rab (1 or H), N, N]; contexts and targets need the causal window (-1, 0).
-- its contextual rows attend the whole non-candidate history, while ours attend only the
-  contextual block (hstu.ops.masks). We call it without ``num_contexts`` (plain causal, the
-  same for every other row) and compute the contextual rows with a second call over the
-  contextual prefixes only, without a mask (window (-1, -1)): exactly "i < C sees j < C".
+- its contextual rows attend the whole non-candidate history: our ``mask_convention="peer"``,
+  passed as ``num_contexts``. Under "hstu" ours attend only the contextual block
+  (hstu.ops.masks): we call it without ``num_contexts`` (plain causal, the same for every
+  other row) and compute the contextual rows with a second call over the contextual
+  prefixes only, without a mask (window (-1, -1)): exactly "i < C sees j < C".
 - sm80/sm90, head dims 32, 64, 128, 256; bf16 (FBGEMM's setup.py disables fp16 unless
   HSTU_DISABLE_FP16=FALSE and its tests run bf16 only, so fp16 is not offered here).
 
@@ -46,7 +47,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from hstu.ops.masks import lengths_from_offsets, offsets_from_lengths
+from hstu.ops.masks import check_mask_convention, lengths_from_offsets, offsets_from_lengths
 from hstu.ops.rab import RelativeAttentionBias, padded_bias
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
@@ -264,8 +265,13 @@ def cutlass_hstu_attention(
     num_targets: Tensor | None = None,
     target_group_size: int = 1,
     rab: RelativeAttentionBias | None = None,
+    mask_convention: str = "hstu",
 ) -> Tensor:
     """HSTU attention through FBGEMM's kernels; same contract as ``hstu_attention``.
+
+    FBGEMM's own contextual rows are those of ``mask_convention="peer"`` (every non-candidate
+    key), passed as its ``num_contexts``; "hstu" rows (the contextual block only) are a
+    second call over the contextual prefixes.
 
     Only call where ``unavailable_reason`` returned None. With ``rab`` a dense
     [B, 1, N, N] bias is materialised (that is what the external kernel consumes), refused
@@ -293,7 +299,7 @@ def cutlass_hstu_attention(
 
     def call(
         qx: Tensor, kx: Tensor, vx: Tensor, seq_offsets: Tensor, window: tuple[int, int],
-        targets: Tensor | None,
+        targets: Tensor | None, contexts: Tensor | None = None,
     ) -> Tensor:
         values = {
             "q": qx.contiguous(),
@@ -303,7 +309,7 @@ def cutlass_hstu_attention(
             "offsets_k": seq_offsets,
             "max_seqlen_q": max_seqlen,
             "max_seqlen_k": max_seqlen,
-            "num_contexts": None,
+            "num_contexts": contexts,
             "num_targets": targets,
             "target_group_size": target_group_size,
             "window_size": window,
@@ -313,9 +319,16 @@ def cutlass_hstu_attention(
         }
         return fn(**{names[role]: value for role, value in values.items()})
 
+    check_mask_convention(mask_convention)
     targets32 = None if num_targets is None else num_targets.to(torch.int32)
-    out = call(q, k, v, offsets.to(torch.int32), (-1, 0) if causal else (-1, -1), targets32)
-    if num_contextual is not None and causal and num_tokens > 0:
+    # without the causal window, contextual rows see every key under both conventions when
+    # there are no candidates (with candidates such a call never reaches this backend)
+    peer_contexts = causal and mask_convention == "peer" and num_contextual is not None
+    contexts32 = num_contextual.to(torch.int32) if peer_contexts else None
+    out = call(
+        q, k, v, offsets.to(torch.int32), (-1, 0) if causal else (-1, -1), targets32, contexts32
+    )
+    if num_contextual is not None and causal and not peer_contexts and num_tokens > 0:
         # non-causal: every row, contextual ones included, already sees all non-candidates.
         # Causal: rows i < C[b] must see exactly keys j < C[b]. A second call runs on the
         # contextual prefixes packed into a [T]-row buffer (sum(C) <= T rows used; the rest

@@ -4,7 +4,10 @@ Legend: B samples, T total tokens (jagged), L[b] tokens of sample b, n the padde
 group of samples, C[b] contextual tokens (``num_contextual``), G[b] candidates
 (``num_targets``), g ``target_group_size``.
 
-Token i of a sample may attend token j (both in [0, L)) iff
+Two conventions (``mask_convention``, docs/model.md "Mask conventions"). Token i of a sample
+may attend token j (both in [0, L)) iff
+
+"hstu" (ours, the default):
 
     (i < C and j < C)                                    # contextual block, both directions
     or (causal_ok(i, j) and candidate_rule(i, j))
@@ -14,15 +17,36 @@ Token i of a sample may attend token j (both in [0, L)) iff
                            or (i >= L - G and group(i) == group(j))
     group(t)             = (t - (L - G)) // g                     (for candidates only)
 
-So a non-candidate never sees a candidate, a candidate sees every (earlier, when causal)
-non-candidate and the (earlier, when causal) members of its own group, and contextual tokens
-are visible to every later token. We assume C + G <= L (a token is never both).
+"peer" (Meta's generative-recommenders and NVIDIA's recsys-examples):
+
+    (i < C and j < L - G)                                # contextual rows: every non-candidate
+    or (causal_ok(i, j) and peer_candidate_rule(i, j))
+
+    peer_candidate_rule(i, j) = j < L - G or i < L - G or group(i) == group(j)
+
+So under "hstu" a non-candidate never sees a candidate, a candidate sees every (earlier, when
+causal) non-candidate and the (earlier, when causal) members of its own group, and contextual
+tokens see the contextual block only. Under "peer" contextual rows see the whole
+non-candidate history (later history reaches earlier positions through them from the second
+layer on), and without the causal mask every non-candidate also sees every candidate. With
+the causal mask and no contextual tokens the two are the same mask. We assume C + G <= L (a
+token is never both).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+MASK_CONVENTIONS = ("hstu", "peer")
+
+
+def check_mask_convention(mask_convention: str) -> None:
+    """Refuse a name that is not in ``MASK_CONVENTIONS`` (one line)."""
+    if mask_convention not in MASK_CONVENTIONS:
+        raise ValueError(
+            f"mask_convention must be one of {list(MASK_CONVENTIONS)}, got {mask_convention!r}"
+        )
 
 
 def allowed(
@@ -33,22 +57,26 @@ def allowed(
     num_targets: int,
     target_group_size: int,
     causal: bool,
+    mask_convention: str = "hstu",
 ) -> bool:
     """The mask rule for one (query i, key j) pair of one sample, in plain Python.
 
     Deliberately written as the docstring above states it, for tests and documentation.
     """
+    check_mask_convention(mask_convention)
+    peer = mask_convention == "peer"
     if i >= length or j >= length:
         return False
-    if i < num_contextual and j < num_contextual:
+    first_candidate = length - num_targets
+    contextual_keys = first_candidate if peer else num_contextual
+    if i < num_contextual and j < contextual_keys:
         return True
     if causal and j > i:
         return False
-    first_candidate = length - num_targets
     if j < first_candidate:
         return True
     if i < first_candidate:
-        return False
+        return peer
     return (i - first_candidate) // target_group_size == (j - first_candidate) // target_group_size
 
 
@@ -59,6 +87,7 @@ def dense_mask(
     target_group_size: int,
     causal: bool,
     width: int,
+    mask_convention: str = "hstu",
 ) -> Tensor:
     """Vectorised mask for a padded group of samples.
 
@@ -69,11 +98,14 @@ def dense_mask(
         target_group_size: candidates per target group (>= 1).
         causal: keep j <= i outside the contextual block.
         width: n, the padded width.
+        mask_convention: "hstu" | "peer" (the module docstring).
 
     Returns:
         bool [b, n, n]: ``mask[s, i, j]`` says whether query i of sample s sees key j.
         Rows and columns at or beyond ``lengths[s]`` are all False.
     """
+    check_mask_convention(mask_convention)
+    peer = mask_convention == "peer"
     device = lengths.device
     pos = torch.arange(width, device=device)
     i = pos.view(1, width, 1)
@@ -91,10 +123,17 @@ def dense_mask(
         # clamp keeps floor division on non-negative numbers; only used where both are candidates
         group_i = (i - first_candidate).clamp(min=0) // target_group_size
         group_j = (j - first_candidate).clamp(min=0) // target_group_size
-        rule = rule & (~j_cand | (i_cand & (group_i == group_j)))
+        if peer:
+            rule = rule & (~j_cand | ~i_cand | (group_i == group_j))
+        else:
+            rule = rule & (~j_cand | (i_cand & (group_i == group_j)))
     if num_contextual is not None:
         num_ctx = num_contextual.view(-1, 1, 1)
-        rule = rule | ((i < num_ctx) & (j < num_ctx))
+        if peer:
+            history_end = length if num_targets is None else first_candidate
+            rule = rule | ((i < num_ctx) & (j < history_end))
+        else:
+            rule = rule | ((i < num_ctx) & (j < num_ctx))
     return valid & rule
 
 

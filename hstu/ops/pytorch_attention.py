@@ -124,10 +124,12 @@ def _plan(
     target_group_size: int,
     rab_positions: int | None,
     timestamps: Tensor | None,
+    mask_convention: str,
 ) -> list[_Chunk]:
     key = (
         _key_part(offsets), _key_part(num_contextual), _key_part(num_targets),
         _key_part(timestamps), num_heads, budget, causal, target_group_size, rab_positions,
+        mask_convention,
     )
     if _PLAN_CACHE and _PLAN_CACHE[0][0] == key:
         return _PLAN_CACHE[0][2]
@@ -137,7 +139,7 @@ def _plan(
     with allowed_sync("pytorch attention backend: chunk plan from the lengths, once per batch"):
         chunks = _build_plan(
             offsets, num_heads, budget, causal, num_contextual, num_targets, target_group_size,
-            rab_positions, timestamps,
+            rab_positions, timestamps, mask_convention,
         )
     _PLAN_CACHE[:] = [(key, (offsets, num_contextual, num_targets, timestamps), chunks)]
     return chunks
@@ -153,6 +155,7 @@ def _build_plan(
     target_group_size: int,
     rab_positions: int | None,
     timestamps: Tensor | None,
+    mask_convention: str,
 ) -> list[_Chunk]:
     device = offsets.device
     lengths = lengths_from_offsets(offsets)
@@ -187,6 +190,7 @@ def _build_plan(
             target_group_size,
             causal,
             width,
+            mask_convention,
         ).unsqueeze(1)
         rel = buckets = None
         if rab_positions is not None:
@@ -195,8 +199,10 @@ def _build_plan(
             rel = rel_by_width[width]
         split = width // 2
         # rows i < split see keys j <= max(i, C - 1) under the causal mask (contextual tokens
-        # see each other both ways), so keys [0, split) suffice while C <= split
-        causal_split = causal and width >= CAUSAL_SPLIT_MIN_WIDTH and max_ctx <= split
+        # see each other both ways), so keys [0, split) suffice while C <= split; under the
+        # "peer" mask contextual rows see the whole history, so only without them
+        ctx_limit = 0 if mask_convention == "peer" else split
+        causal_split = causal and width >= CAUSAL_SPLIT_MIN_WIDTH and max_ctx <= ctx_limit
         blocks = ((slice(0, split), slice(0, split)), (slice(split, width), slice(0, width)))
         part_buckets = [None, None]
         if rel is not None and timestamps is not None:
@@ -259,6 +265,7 @@ def pytorch_hstu_attention(
     num_targets: Tensor | None = None,
     target_group_size: int = 1,
     rab: RelativeAttentionBias | None = None,
+    mask_convention: str = "hstu",
     memory_budget_bytes: int | None = None,
 ) -> Tensor:
     """O = (SiLU(alpha Q K^T + rab) / N masked) V, sample by sample.
@@ -267,6 +274,7 @@ def pytorch_hstu_attention(
         q, k, v: [T, H, d] jagged values.
         offsets: int64 [B + 1].
         max_seqlen: unused here beyond validation (lengths come from ``offsets``).
+        mask_convention: "hstu" | "peer" (``hstu.ops.masks``).
         memory_budget_bytes: cap on the float32 score tensors of one chunk.
 
     Returns:
@@ -280,6 +288,7 @@ def pytorch_hstu_attention(
         offsets, num_heads, budget, causal, num_contextual, num_targets, target_group_size,
         None if rab is None else rab.max_positions,
         None if rab is None or rab.ts_weights is None else rab.timestamps,
+        mask_convention,
     )
     out = q.new_zeros(num_tokens, num_heads, v.shape[2], dtype=compute_dtype)
     pieces: list[Tensor] = []

@@ -27,6 +27,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
+from hstu.ops.masks import check_mask_convention
 from hstu.ops.rab import NUM_TIME_BUCKETS, RelativeAttentionBias
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -52,8 +53,10 @@ def _allowed(
     CAUSAL: tl.constexpr,
     HAS_CONTEXT: tl.constexpr,
     HAS_TARGETS: tl.constexpr,
+    PEER: tl.constexpr,
 ):
-    """i, j: broadcastable int32 query/key positions inside the sample -> bool tile."""
+    """i, j: broadcastable int32 query/key positions inside the sample -> bool tile; the
+    mask of hstu.ops.masks, "peer" convention when PEER."""
     inside = (i < seqlen) & (j < seqlen)
     if CAUSAL:
         rule = j <= i
@@ -65,9 +68,15 @@ def _allowed(
         same_group = (tl.maximum(i - first_cand, 0) // group_size) == (
             tl.maximum(j - first_cand, 0) // group_size
         )
-        rule = rule & ((j_cand == 0) | (i_cand & same_group))
+        if PEER:
+            rule = rule & ((j_cand == 0) | (i_cand == 0) | same_group)
+        else:
+            rule = rule & ((j_cand == 0) | (i_cand & same_group))
     if HAS_CONTEXT:
-        rule = rule | ((i < num_ctx) & (j < num_ctx))
+        if PEER:
+            rule = rule | ((i < num_ctx) & (j < first_cand))
+        else:
+            rule = rule | ((i < num_ctx) & (j < num_ctx))
     return inside & rule
 
 
@@ -138,6 +147,7 @@ def _key_ranges(
     CAUSAL: tl.constexpr,
     HAS_CONTEXT: tl.constexpr,
     HAS_TARGETS: tl.constexpr,
+    PEER: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -147,8 +157,14 @@ def _key_ranges(
     if CAUSAL:
         key_end = m1
     if HAS_CONTEXT:
-        key_end = tl.where(m0 < num_ctx, tl.maximum(key_end, num_ctx), key_end)
-    end1 = ((tl.minimum(first_cand, key_end) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+        if PEER:  # contextual rows see every non-candidate key
+            key_end = tl.where(m0 < num_ctx, tl.maximum(key_end, first_cand), key_end)
+        else:
+            key_end = tl.where(m0 < num_ctx, tl.maximum(key_end, num_ctx), key_end)
+    first_range_end = first_cand
+    if PEER and not CAUSAL:  # non-candidate rows see the candidates too
+        first_range_end = tl.where(m0 < first_cand, seqlen, first_cand)
+    end1 = ((tl.minimum(first_range_end, key_end) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
     lo2 = end1
     hi2 = end1
     if HAS_TARGETS and m1 > first_cand:
@@ -185,6 +201,7 @@ def _fwd_tile(
     CAUSAL: tl.constexpr,
     HAS_CONTEXT: tl.constexpr,
     HAS_TARGETS: tl.constexpr,
+    PEER: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_TS: tl.constexpr,
     NUM_BUCKETS: tl.constexpr,
@@ -217,7 +234,9 @@ def _fwd_tile(
         NUM_BUCKETS,
         PRECISION,
     )
-    keep = _allowed(i, j, seqlen, num_ctx, first_cand, group_size, CAUSAL, HAS_CONTEXT, HAS_TARGETS)
+    keep = _allowed(
+        i, j, seqlen, num_ctx, first_cand, group_size, CAUSAL, HAS_CONTEXT, HAS_TARGETS, PEER
+    )
     p = tl.where(keep, s * _sigmoid(s) * inv_scale, 0.0)
     return acc + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
 
@@ -251,6 +270,7 @@ def _hstu_fwd_kernel(
     CAUSAL: tl.constexpr,
     HAS_CONTEXT: tl.constexpr,
     HAS_TARGETS: tl.constexpr,
+    PEER: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_TS: tl.constexpr,
     NUM_BUCKETS: tl.constexpr,
@@ -289,6 +309,7 @@ def _hstu_fwd_kernel(
         CAUSAL,
         HAS_CONTEXT,
         HAS_TARGETS,
+        PEER,
         BLOCK_M,
         BLOCK_N,
     )
@@ -317,6 +338,7 @@ def _hstu_fwd_kernel(
             CAUSAL,
             HAS_CONTEXT,
             HAS_TARGETS,
+            PEER,
             HAS_POS,
             HAS_TS,
             NUM_BUCKETS,
@@ -348,6 +370,7 @@ def _hstu_fwd_kernel(
             CAUSAL,
             HAS_CONTEXT,
             HAS_TARGETS,
+            PEER,
             HAS_POS,
             HAS_TS,
             NUM_BUCKETS,
@@ -400,6 +423,7 @@ def _dq_tile(
     CAUSAL: tl.constexpr,
     HAS_CONTEXT: tl.constexpr,
     HAS_TARGETS: tl.constexpr,
+    PEER: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_TS: tl.constexpr,
     NUM_BUCKETS: tl.constexpr,
@@ -432,7 +456,9 @@ def _dq_tile(
         NUM_BUCKETS,
         PRECISION,
     )
-    keep = _allowed(i, j, seqlen, num_ctx, first_cand, group_size, CAUSAL, HAS_CONTEXT, HAS_TARGETS)
+    keep = _allowed(
+        i, j, seqlen, num_ctx, first_cand, group_size, CAUSAL, HAS_CONTEXT, HAS_TARGETS, PEER
+    )
     sig = _sigmoid(s)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = tl.where(keep, dp * sig * (1.0 + s * (1.0 - sig)) * inv_scale, 0.0)
@@ -471,6 +497,7 @@ def _hstu_bwd_dq_kernel(
     CAUSAL: tl.constexpr,
     HAS_CONTEXT: tl.constexpr,
     HAS_TARGETS: tl.constexpr,
+    PEER: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_TS: tl.constexpr,
     NUM_BUCKETS: tl.constexpr,
@@ -509,6 +536,7 @@ def _hstu_bwd_dq_kernel(
         CAUSAL,
         HAS_CONTEXT,
         HAS_TARGETS,
+        PEER,
         BLOCK_M,
         BLOCK_N,
     )
@@ -538,6 +566,7 @@ def _hstu_bwd_dq_kernel(
             CAUSAL,
             HAS_CONTEXT,
             HAS_TARGETS,
+            PEER,
             HAS_POS,
             HAS_TS,
             NUM_BUCKETS,
@@ -570,6 +599,7 @@ def _hstu_bwd_dq_kernel(
             CAUSAL,
             HAS_CONTEXT,
             HAS_TARGETS,
+            PEER,
             HAS_POS,
             HAS_TS,
             NUM_BUCKETS,
@@ -581,6 +611,90 @@ def _hstu_bwd_dq_kernel(
         (dq * alpha).to(DQ.dtype.element_ty),
         mask=row_mask,
     )
+
+
+@triton.jit
+def _dkdv_tile(
+    dk,
+    dv,
+    k,
+    v,
+    m0,
+    j,
+    offs_d,
+    q_base,
+    do_base,
+    stride_qt,
+    stride_dot,
+    seqlen,
+    num_ctx,
+    first_cand,
+    group_size,
+    alpha,
+    inv_scale,
+    pos_w,
+    ts_w,
+    ts_ptr,
+    num_pos,
+    head_dim,
+    DPOS,
+    DTS,
+    CAUSAL: tl.constexpr,
+    HAS_CONTEXT: tl.constexpr,
+    HAS_TARGETS: tl.constexpr,
+    PEER: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    HAS_TS: tl.constexpr,
+    NUM_BUCKETS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """dk, dv of a key block [BN, D] plus the query rows [m0, m0 + BM); bias gradients by
+    atomics."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    row_mask = (offs_m[:, None] < seqlen) & (offs_d[None, :] < head_dim)
+    q = tl.load(
+        q_base + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :],
+        mask=row_mask,
+        other=0.0,
+    )
+    do = tl.load(
+        do_base + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :],
+        mask=row_mask,
+        other=0.0,
+    )
+    i = offs_m[None, :]
+    # transposed tiles: [BN keys, BM queries]
+    s_t = _scores(
+        k,
+        tl.trans(q),
+        i,
+        j,
+        seqlen,
+        alpha,
+        pos_w,
+        ts_w,
+        ts_ptr,
+        num_pos,
+        HAS_POS,
+        HAS_TS,
+        NUM_BUCKETS,
+        PRECISION,
+    )
+    keep = _allowed(
+        i, j, seqlen, num_ctx, first_cand, group_size, CAUSAL, HAS_CONTEXT, HAS_TARGETS, PEER
+    )
+    sig = _sigmoid(s_t)
+    p_t = tl.where(keep, s_t * sig * inv_scale, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds_t = tl.where(keep, dp_t * sig * (1.0 + s_t * (1.0 - sig)) * inv_scale, 0.0)
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    if HAS_POS:
+        tl.atomic_add(DPOS + _pos_index(i, j, num_pos), ds_t, mask=keep)
+    if HAS_TS:
+        tl.atomic_add(DTS + _ts_bucket(i, j, seqlen, ts_ptr, NUM_BUCKETS), ds_t, mask=keep)
+    return dk, dv
 
 
 @triton.jit
@@ -620,6 +734,7 @@ def _hstu_bwd_dkdv_kernel(
     CAUSAL: tl.constexpr,
     HAS_CONTEXT: tl.constexpr,
     HAS_TARGETS: tl.constexpr,
+    PEER: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_TS: tl.constexpr,
     NUM_BUCKETS: tl.constexpr,
@@ -664,51 +779,92 @@ def _hstu_bwd_dkdv_kernel(
         row_hi = tl.minimum(seqlen, group_hi)
     row_lo = (row_lo // BLOCK_M) * BLOCK_M
 
+    # "peer": rows [0, prefix_end) first (contextual rows that see every non-candidate key;
+    # non-candidate rows that see candidate keys without the causal mask), then the rest
+    prefix_end = n0 * 0
+    if PEER:
+        if CAUSAL:
+            if HAS_CONTEXT:
+                prefix_end = tl.where(n0 < first_cand, num_ctx, 0)
+        else:
+            if HAS_TARGETS:
+                prefix_end = tl.where(n0 >= first_cand, first_cand, 0)
+    prefix_end = ((prefix_end + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    row_lo = tl.maximum(row_lo, prefix_end)
+
     j = offs_n[:, None]
-    for m0 in range(row_lo, row_hi, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        row_mask = (offs_m[:, None] < seqlen) & (offs_d[None, :] < head_dim)
-        q = tl.load(
-            q_base + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :],
-            mask=row_mask,
-            other=0.0,
-        )
-        do = tl.load(
-            do_base + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :],
-            mask=row_mask,
-            other=0.0,
-        )
-        i = offs_m[None, :]
-        # transposed tiles: [BN keys, BM queries]
-        s_t = _scores(
+    for m0 in range(0, prefix_end, BLOCK_M):
+        dk, dv = _dkdv_tile(
+            dk,
+            dv,
             k,
-            tl.trans(q),
-            i,
+            v,
+            m0,
             j,
+            offs_d,
+            q_base,
+            do_base,
+            stride_qt,
+            stride_dot,
             seqlen,
+            num_ctx,
+            first_cand,
+            group_size,
             alpha,
+            inv_scale,
             pos_w,
             ts_w,
             ts_ptr,
             num_pos,
+            head_dim,
+            DPOS,
+            DTS,
+            CAUSAL,
+            HAS_CONTEXT,
+            HAS_TARGETS,
+            PEER,
             HAS_POS,
             HAS_TS,
             NUM_BUCKETS,
             PRECISION,
+            BLOCK_M,
         )
-        keep = _allowed(
-            i, j, seqlen, num_ctx, first_cand, group_size, CAUSAL, HAS_CONTEXT, HAS_TARGETS
+    for m0 in range(row_lo, row_hi, BLOCK_M):
+        dk, dv = _dkdv_tile(
+            dk,
+            dv,
+            k,
+            v,
+            m0,
+            j,
+            offs_d,
+            q_base,
+            do_base,
+            stride_qt,
+            stride_dot,
+            seqlen,
+            num_ctx,
+            first_cand,
+            group_size,
+            alpha,
+            inv_scale,
+            pos_w,
+            ts_w,
+            ts_ptr,
+            num_pos,
+            head_dim,
+            DPOS,
+            DTS,
+            CAUSAL,
+            HAS_CONTEXT,
+            HAS_TARGETS,
+            PEER,
+            HAS_POS,
+            HAS_TS,
+            NUM_BUCKETS,
+            PRECISION,
+            BLOCK_M,
         )
-        sig = _sigmoid(s_t)
-        p_t = tl.where(keep, s_t * sig * inv_scale, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = tl.where(keep, dp_t * sig * (1.0 + s_t * (1.0 - sig)) * inv_scale, 0.0)
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
-        if HAS_POS:
-            tl.atomic_add(DPOS + _pos_index(i, j, num_pos), ds_t, mask=keep)
-        if HAS_TS:
-            tl.atomic_add(DTS + _ts_bucket(i, j, seqlen, ts_ptr, NUM_BUCKETS), ds_t, mask=keep)
     tl.store(
         DK + cols * stride_dkt + h * stride_dkh + offs_d[None, :],
         (dk * alpha).to(DK.dtype.element_ty),
@@ -860,6 +1016,7 @@ class _HstuAttentionFunction(torch.autograd.Function):
         target_group_size: int,
         block_m: int | None,
         block_n: int | None,
+        peer: bool,
     ) -> Tensor:
         q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
         num_tokens, num_heads, head_dim = q.shape
@@ -870,6 +1027,7 @@ class _HstuAttentionFunction(torch.autograd.Function):
             "CAUSAL": causal,
             "HAS_CONTEXT": num_contextual is not None,
             "HAS_TARGETS": num_targets is not None,
+            "PEER": peer,
             "HAS_POS": pos_weights is not None,
             "HAS_TS": ts_weights is not None,
             "NUM_BUCKETS": NUM_TIME_BUCKETS,
@@ -1003,7 +1161,7 @@ class _HstuAttentionFunction(torch.autograd.Function):
             launch(cfg)
         d_pos = dpos.to(pos_weights.dtype) if pos_weights is not None else None
         d_ts = dts.to(ts_weights.dtype) if ts_weights is not None else None
-        return (dq, dk, dv, d_pos, d_ts) + (None,) * 11
+        return (dq, dk, dv, d_pos, d_ts) + (None,) * 12
 
 
 def triton_hstu_attention(
@@ -1020,6 +1178,7 @@ def triton_hstu_attention(
     num_targets: Tensor | None = None,
     target_group_size: int = 1,
     rab: RelativeAttentionBias | None = None,
+    mask_convention: str = "hstu",
     block_m: int | None = None,
     block_n: int | None = None,
 ) -> Tensor:
@@ -1030,6 +1189,7 @@ def triton_hstu_attention(
             fused U/V/Q/K projection need no copy).
         offsets: int64 [B + 1], offsets[0] = 0 and offsets[B] = T.
         max_seqlen: must be >= every sample's length (rows beyond it come out NaN).
+        mask_convention: "hstu" | "peer" (``hstu.ops.masks``; a constexpr of the kernels).
         block_m, block_n: tile sizes override (powers of two >= 16), for tests and tuning;
             by default the tiles are autotuned per (head dim, dtype, length bucket).
 
@@ -1038,6 +1198,7 @@ def triton_hstu_attention(
     """
     if v.shape[2] != q.shape[2]:
         raise ValueError("the triton kernel needs the same head dim for q/k and v")
+    check_mask_convention(mask_convention)
     pos_weights = rab.pos_weights if rab is not None else None
     ts_weights = rab.ts_weights if rab is not None else None
     timestamps = rab.timestamps if rab is not None else None
@@ -1058,4 +1219,5 @@ def triton_hstu_attention(
         target_group_size,
         block_m,
         block_n,
+        mask_convention == "peer",
     )

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 FORMAT = "hstu-artifact"
-FORMAT_VERSION = 2  # 2: the manifest's "files" holds each file's size and CRC32
+# 2: the manifest's "files" holds each file's size and CRC32; 3: the model config names its
+# mask_convention (a reader without it would score a "peer" model with the "hstu" mask)
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 TABLES_FILE = "tables.pt"
 WEIGHTS_FILE = "dense_weights.pt"
@@ -177,6 +179,12 @@ class Corpus:
         return top_ids, top_scores
 
 
+def history_cacheable(cfg: dict[str, Any]) -> bool:
+    """Whether the cached-history pair can serve this model: ranking, and history states that
+    never see the candidates (not so for mask_convention "peer" without the causal mask)."""
+    return cfg["task"] == "ranking" and (cfg["mask_convention"] != "peer" or cfg["is_causal"])
+
+
 def example_inputs(cfg: dict[str, Any], batch_size: int = 3, slots: int = 5) -> dict[str, tuple]:
     """Example arguments of each exported method and the symbolic dims of each argument
     ("B" users, "L" item slots, "W" history tokens, "K" new candidates; None: static)."""
@@ -204,7 +212,7 @@ def example_inputs(cfg: dict[str, Any], batch_size: int = 3, slots: int = 5) -> 
              shape(ctx, ("B", None, None))],
         )
     }
-    if ranking:
+    if history_cacheable(cfg):
         nxt = ts[:, -1] + 10 if ts is not None else None
         out["encode_history"] = (
             "encode_history",
@@ -294,7 +302,11 @@ class Artifact:
         if name not in self._cache_programs:
             path = self.path / CACHE_PROGRAMS[name]
             if not path.is_file():
-                raise ArtifactError(f"{self.path}: no {path.name} (cached-history scoring is for ranking models)")
+                raise ArtifactError(
+                    f"{self.path}: no {path.name} (cached-history scoring is for ranking models "
+                    'whose history never sees the candidates: not mask_convention="peer" with '
+                    "is_causal=False)"
+                )
             self._cache_programs[name] = load_file(path, _load_program).module()
         return self._cache_programs[name]
 
@@ -341,6 +353,7 @@ __all__ = [
     "Tables",
     "candidate_logits",
     "example_inputs",
+    "history_cacheable",
     "load_artifact",
     "load_file",
     "pad_inputs",

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hstu.ops.masks import dense_mask
+from hstu.ops.masks import check_mask_convention, dense_mask
 from hstu.ops.rab import time_bucket
 
 
@@ -109,7 +109,7 @@ class InferenceHSTU(nn.Module):
 
     ``cfg`` (JSON-able; see :func:`hstu.export.inference_config`): task, hidden_size,
     num_layers, num_heads, head_dim, alpha, scaling_seqlen, norm_eps, norm_affine, uvqk_bias,
-    output_bias, is_causal, target_group_size, num_position_buckets, use_position_embedding,
+    output_bias, is_causal, mask_convention, target_group_size, num_position_buckets, use_position_embedding,
     relative_attention_bias, rab_num_positions, rab_use_time, num_contextual, has_action,
     projections (feature -> input dim of its projection), item_feature_name,
     action_feature_name, contextual_feature_names, l2_norm_eps; ranking: head_arch,
@@ -129,6 +129,8 @@ class InferenceHSTU(nn.Module):
         self.scaling = float(cfg["scaling_seqlen"])
         self.eps = float(cfg["norm_eps"])
         self.causal = bool(cfg["is_causal"])
+        self.mask_convention = str(cfg["mask_convention"])
+        check_mask_convention(self.mask_convention)
         self.group = int(cfg["target_group_size"])
         self.num_ctx = int(cfg["num_contextual"])
         self.mult = 2 if cfg["has_action"] else 1
@@ -246,7 +248,7 @@ class InferenceHSTU(nn.Module):
         width = tokens.shape[1]
         mask = dense_mask(
             n, torch.full_like(n, self.num_ctx) if self.num_ctx else None, num_targets,
-            self.group, self.causal, width,
+            self.group, self.causal, width, self.mask_convention,
         )
         ts_next = self._next_timestamps(token_ts, n) if token_ts is not None else None
         idx = torch.arange(width, device=tokens.device)
@@ -312,6 +314,14 @@ class InferenceHSTU(nn.Module):
 
     # ------------------------------------------------------------- cached history
 
+    def _check_cacheable(self) -> None:
+        """A history cache needs history states that never see the candidates."""
+        if self.mask_convention == "peer" and not self.causal:
+            raise ValueError(
+                'cached history: mask_convention="peer" with is_causal=False lets the history '
+                "see the candidates, so its keys/values depend on them; score with forward()"
+            )
+
     def encode_history(
         self,
         items: Tensor,
@@ -328,6 +338,7 @@ class InferenceHSTU(nn.Module):
         the timestamp of the first candidate that will be scored (the request time); only
         the relative attention bias' time term reads it.
         """
+        self._check_cacheable()
         zeros = torch.zeros_like(item_lengths)
         tokens, token_ts, n, _ = self._embed_tokens(items, item_lengths, zeros, timestamps, actions, contextual)
         width = tokens.shape[1]
@@ -344,7 +355,7 @@ class InferenceHSTU(nn.Module):
         tokens_, ts_, n_for_next = states_in
         w = tokens_.shape[1]
         mask = dense_mask(n, torch.full_like(n, self.num_ctx) if self.num_ctx else None, None,
-                          self.group, self.causal, w)
+                          self.group, self.causal, w, self.mask_convention)
         ts_next = self._next_timestamps(ts_, n_for_next) if ts_ is not None else None
         idx = torch.arange(w, device=n.device)
         x = self._input(tokens_, self._positions(n, n, w))
@@ -372,6 +383,7 @@ class InferenceHSTU(nn.Module):
         ``num_candidates`` [B] real ones, timestamps [B, K]) against a cache from
         :meth:`encode_history`: per layer, the candidates' queries attend to the cached
         history keys/values and to their own target group. Cost O(K x history) per layer."""
+        self._check_cacheable()
         bsz, kc = candidates.shape[0], candidates.shape[1]
         wh = keys.shape[2]
         device = candidates.device

@@ -84,11 +84,16 @@ def random_case(
     )
 
 
-def naive_mask(length: int, num_ctx: int, num_tgt: int, group: int, causal: bool) -> Tensor:
+def naive_mask(
+    length: int, num_ctx: int, num_tgt: int, group: int, causal: bool, convention: str = "hstu"
+) -> Tensor:
     """bool [L, L] built pair by pair from the written rule."""
     return torch.tensor(
         [
-            [allowed(i, j, length, num_ctx, num_tgt, group, causal) for j in range(length)]
+            [
+                allowed(i, j, length, num_ctx, num_tgt, group, causal, convention)
+                for j in range(length)
+            ]
             for i in range(length)
         ],
         dtype=torch.bool,
@@ -106,8 +111,10 @@ def naive_attention(
     scaling_seqlen: int,
     causal: bool = True,
     target_group_size: int = 1,
+    masks: list[Tensor] | None = None,
 ) -> Tensor:
-    """Sample by sample, dense, float64, masks and bias built element by element."""
+    """Sample by sample, dense, float64, masks and bias built element by element; ``masks``
+    (bool [L, L] per sample, e.g. written by hand) replace the rule's."""
     offsets = case.offsets.tolist()
     outs = []
     for b in range(len(offsets) - 1):
@@ -134,7 +141,10 @@ def naive_attention(
                 )
                 bias = bias + case.rab.ts_weights.double()[buckets]
             scores = scores + bias
-        mask = naive_mask(length, nc, nt, target_group_size, causal).to(scores.device)
+        if masks is not None:
+            mask = masks[b].to(scores.device)
+        else:
+            mask = naive_mask(length, nc, nt, target_group_size, causal).to(scores.device)
         weights = torch.nn.functional.silu(scores) / scaling_seqlen * mask
         outs.append(torch.einsum("hij,jhd->ihd", weights, v))
     return torch.cat(outs)

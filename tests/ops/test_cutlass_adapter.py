@@ -102,7 +102,7 @@ def _use(monkeypatch: pytest.MonkeyPatch, fn) -> None:
     monkeypatch.setattr(cutlass_attention, "load_entry", lambda: (fn, ""))
 
 
-def _compare(rab: str, causal: bool) -> None:
+def _compare(rab: str, causal: bool, mask_convention: str = "hstu") -> None:
     case = random_case(
         [21, 9, 0, 30],
         num_contextual=[3, 2, 0, 4],
@@ -120,6 +120,7 @@ def _compare(rab: str, causal: bool) -> None:
         "target_group_size": 2,
         "causal": causal,
         "rab": case.rab,
+        "mask_convention": mask_convention,
     }
     args = (case.q, case.k, case.v, case.offsets, case.max_seqlen)
     got = cutlass_attention.cutlass_hstu_attention(*args, **kw)
@@ -133,6 +134,26 @@ def _compare(rab: str, causal: bool) -> None:
 def test_adapter_reproduces_our_definition(monkeypatch, rab: str, causal: bool) -> None:
     _use(monkeypatch, nightly_varlen)
     _compare(rab, causal)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_adapter_maps_the_peer_mask_to_fbgemms_contexts(monkeypatch, causal: bool) -> None:
+    """FBGEMM's contextual rows are the "peer" ones: one call with num_contexts (causal), or
+    none needed (non-causal without candidates: every row sees every key either way)."""
+    contexts: list = []
+
+    def spy(**kwargs):
+        contexts.append(kwargs["num_contexts"])
+        return nightly_varlen(**kwargs)
+
+    spy.__signature__ = inspect.signature(nightly_varlen)
+    _use(monkeypatch, spy)
+    _compare("pos", causal, "peer")
+    assert len(contexts) == 1  # no second call for the contextual rows
+    if causal:
+        assert contexts[0] is not None and contexts[0].tolist() == [3, 2, 0, 4]
+    else:
+        assert contexts[0] is None
 
 
 def test_adapter_binds_the_source_build_names(monkeypatch) -> None:

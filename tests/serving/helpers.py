@@ -12,13 +12,13 @@ from hstu.model.tokens import TokenBuilder, max_token_seqlen
 from tests.model.helpers import TinyEmbeddings, make_batch
 
 
-def trainer_ranking_model_and_batch():
+def trainer_ranking_model_and_batch(mask_convention: str = "hstu", causal: bool = True):
     torch.manual_seed(3)
     dims = {"item": 16, "action": 16, "ctx": 4, "ctx2": 4}
     max_items = 12
     max_tokens = max_token_seqlen(max_items, 2, True)
     options = LayerOptions(relative_attention_bias=True, rab_num_positions=max_tokens, alpha=None,
-                           target_group_size=2)
+                           target_group_size=2, mask_convention=mask_convention, is_causal=causal)
     block = HSTUBlock(2, 16, 2, 8, options, num_position_buckets=64)
     tokens = TokenBuilder(16, "item", "action", ["ctx", "ctx2"], dims)
     head = MLP(16, [12, 3])
@@ -40,7 +40,8 @@ def trainer_ranking_model_and_batch():
     cfg = {
         "task": "ranking", "hidden_size": 16, "num_layers": 2, "num_heads": 2, "head_dim": 8, "alpha": layer.alpha,
         "scaling_seqlen": max_tokens, "norm_eps": layer.norm_eps, "norm_affine": True, "uvqk_bias": True,
-        "output_bias": False, "is_causal": True, "target_group_size": 2, "num_position_buckets": 64,
+        "output_bias": False, "is_causal": causal, "mask_convention": mask_convention,
+        "target_group_size": 2, "num_position_buckets": 64,
         "use_position_embedding": True, "relative_attention_bias": True, "rab_num_positions": max_tokens,
         "rab_use_time": True, "num_contextual": 2, "has_action": True,
         "projections": {name: p.in_features for name, p in tokens.projections.items()},

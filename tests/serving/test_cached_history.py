@@ -14,7 +14,8 @@ def _cfg(**over) -> dict:
     cfg = {
         "task": "ranking", "hidden_size": 16, "num_layers": 2, "num_heads": 2, "head_dim": 8,
         "alpha": 0.35, "scaling_seqlen": 40, "norm_eps": 1e-05, "norm_affine": True,
-        "uvqk_bias": True, "output_bias": False, "is_causal": True, "target_group_size": 1,
+        "uvqk_bias": True, "output_bias": False, "is_causal": True, "mask_convention": "hstu",
+        "target_group_size": 1,
         "num_position_buckets": 64, "use_position_embedding": True,
         "relative_attention_bias": False, "rab_num_positions": 48, "rab_use_time": True,
         "num_contextual": 2, "has_action": True, "projections": {"ctx": 4, "ctx2": 4},
@@ -56,7 +57,18 @@ VARIANTS = {
                             "norm_affine": False, "output_bias": True, "alpha": 1.0},
     "rab_position_only_no_ctx_no_actions": {"relative_attention_bias": True, "rab_use_time": False,
                                                 "num_contextual": 0, "has_action": False},
+    # contextual rows see the whole history: still independent of the candidates
+    "peer_mask_groups": {"mask_convention": "peer", "target_group_size": 2},
 }
+
+
+def test_cached_history_is_refused_where_history_sees_candidates() -> None:
+    """"peer" without the causal mask: history keys/values depend on the candidates."""
+    model = _random_model(_cfg(mask_convention="peer", is_causal=False))
+    items, _, _, ts, acts, ctx = _inputs(model.cfg, [3], [2])
+    with pytest.raises(ValueError, match=r'^cached history: mask_convention="peer" with '
+                                         r"is_causal=False lets the history see the candidates"):
+        model.encode_history(items[:, :3], torch.tensor([3]), ts[:, :3], acts[:, :3], ctx)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -83,12 +95,15 @@ def test_cached_history_equals_full_forward(variant) -> None:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_padded_inference_model_equals_the_trainer_dense_module() -> None:
+@pytest.mark.parametrize("mask_convention, causal",
+                         [("hstu", True), ("peer", True), ("hstu", False), ("peer", False)])
+def test_padded_inference_model_equals_the_trainer_dense_module(mask_convention, causal) -> None:
     """The trainer's RankingModel (jagged tokens, pytorch kernel) and InferenceHSTU with its
-    state dict give the same candidate logits, relative attention bias on."""
+    state dict give the same candidate logits, relative attention bias on, in each mask
+    convention (the exported model must score with the mask it was trained with)."""
     from tests.serving.helpers import trainer_ranking_model_and_batch
 
-    dense, batch, embeddings, cfg = trainer_ranking_model_and_batch()
+    dense, batch, embeddings, cfg = trainer_ranking_model_and_batch(mask_convention, causal)
     from hstu.serving.artifact import candidate_logits
 
     model = InferenceHSTU(cfg)
