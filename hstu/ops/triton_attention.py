@@ -77,10 +77,13 @@ def _pos_index(i, j, num_pos):
 
 
 @triton.jit
-def _ts_bucket(i, j, seqlen, ts_ptr, NUM_BUCKETS: tl.constexpr):
-    """Bucket of |t[i+1] - t[j]| (t[i+1] := t[i] for the last token); ts_ptr at the sample."""
+def _ts_bucket(i, j, seqlen, ts_ptr, qt, HAS_QT: tl.constexpr, NUM_BUCKETS: tl.constexpr):
+    """Bucket of |t[i+1] - t[j]| (t[i+1] := the query time qt with HAS_QT, else t[i], for the
+    last token); ts_ptr at the sample."""
     nxt = tl.maximum(tl.minimum(i + 1, seqlen - 1), 0)
     t_next = tl.load(ts_ptr + nxt, mask=i < seqlen, other=0)
+    if HAS_QT:
+        t_next = tl.where(i == seqlen - 1, qt, t_next)
     t_key = tl.load(ts_ptr + j, mask=j < seqlen, other=0)
     magnitude = tl.maximum(tl.abs(t_next - t_key), 1).to(tl.float32)
     bucket = (tl.log(magnitude) / 0.301).to(tl.int32)  # >= 0, so truncation is floor
@@ -98,9 +101,11 @@ def _scores(
     pos_w,
     ts_w,
     ts_ptr,
+    qt,
     num_pos,
     HAS_POS: tl.constexpr,
     HAS_TS: tl.constexpr,
+    HAS_QT: tl.constexpr,
     NUM_BUCKETS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -109,7 +114,7 @@ def _scores(
     if HAS_POS:
         s += tl.load(pos_w + _pos_index(i, j, num_pos)).to(tl.float32)
     if HAS_TS:
-        s += tl.load(ts_w + _ts_bucket(i, j, seqlen, ts_ptr, NUM_BUCKETS)).to(tl.float32)
+        s += tl.load(ts_w + _ts_bucket(i, j, seqlen, ts_ptr, qt, HAS_QT, NUM_BUCKETS)).to(tl.float32)
     return s
 
 
@@ -180,6 +185,7 @@ def _fwd_tile(
     pos_w,
     ts_w,
     ts_ptr,
+    qt,
     num_pos,
     head_dim,
     CAUSAL: tl.constexpr,
@@ -187,6 +193,7 @@ def _fwd_tile(
     HAS_TARGETS: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_TS: tl.constexpr,
+    HAS_QT: tl.constexpr,
     NUM_BUCKETS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -211,9 +218,11 @@ def _fwd_tile(
         pos_w,
         ts_w,
         ts_ptr,
+        qt,
         num_pos,
         HAS_POS,
         HAS_TS,
+        HAS_QT,
         NUM_BUCKETS,
         PRECISION,
     )
@@ -234,6 +243,7 @@ def _hstu_fwd_kernel(
     pos_w,
     ts_w,
     timestamps,
+    query_ts,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -253,6 +263,7 @@ def _hstu_fwd_kernel(
     HAS_TARGETS: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_TS: tl.constexpr,
+    HAS_QT: tl.constexpr,
     NUM_BUCKETS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -279,6 +290,10 @@ def _hstu_fwd_kernel(
     k_base = K + start * stride_kt + h * stride_kh
     v_base = V + start * stride_vt + h * stride_vh
     ts_ptr = timestamps + start
+    qt_slot = 0
+    if HAS_QT:
+        qt_slot = b
+    qt = tl.load(query_ts + qt_slot)  # the sample's query time (HAS_QT), else unused
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     end1, lo2, hi2 = _key_ranges(
         m0,
@@ -312,6 +327,7 @@ def _hstu_fwd_kernel(
             pos_w,
             ts_w,
             ts_ptr,
+            qt,
             num_pos,
             head_dim,
             CAUSAL,
@@ -319,6 +335,7 @@ def _hstu_fwd_kernel(
             HAS_TARGETS,
             HAS_POS,
             HAS_TS,
+            HAS_QT,
             NUM_BUCKETS,
             PRECISION,
             BLOCK_N,
@@ -343,6 +360,7 @@ def _hstu_fwd_kernel(
             pos_w,
             ts_w,
             ts_ptr,
+            qt,
             num_pos,
             head_dim,
             CAUSAL,
@@ -350,6 +368,7 @@ def _hstu_fwd_kernel(
             HAS_TARGETS,
             HAS_POS,
             HAS_TS,
+            HAS_QT,
             NUM_BUCKETS,
             PRECISION,
             BLOCK_N,
@@ -395,6 +414,7 @@ def _dq_tile(
     pos_w,
     ts_w,
     ts_ptr,
+    qt,
     num_pos,
     head_dim,
     CAUSAL: tl.constexpr,
@@ -402,6 +422,7 @@ def _dq_tile(
     HAS_TARGETS: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_TS: tl.constexpr,
+    HAS_QT: tl.constexpr,
     NUM_BUCKETS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -426,9 +447,11 @@ def _dq_tile(
         pos_w,
         ts_w,
         ts_ptr,
+        qt,
         num_pos,
         HAS_POS,
         HAS_TS,
+        HAS_QT,
         NUM_BUCKETS,
         PRECISION,
     )
@@ -452,6 +475,7 @@ def _hstu_bwd_dq_kernel(
     pos_w,
     ts_w,
     timestamps,
+    query_ts,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -473,6 +497,7 @@ def _hstu_bwd_dq_kernel(
     HAS_TARGETS: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_TS: tl.constexpr,
+    HAS_QT: tl.constexpr,
     NUM_BUCKETS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -499,6 +524,10 @@ def _hstu_bwd_dq_kernel(
     k_base = K + start * stride_kt + h * stride_kh
     v_base = V + start * stride_vt + h * stride_vh
     ts_ptr = timestamps + start
+    qt_slot = 0
+    if HAS_QT:
+        qt_slot = b
+    qt = tl.load(query_ts + qt_slot)  # the sample's query time (HAS_QT), else unused
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     end1, lo2, hi2 = _key_ranges(
         m0,
@@ -533,6 +562,7 @@ def _hstu_bwd_dq_kernel(
             pos_w,
             ts_w,
             ts_ptr,
+            qt,
             num_pos,
             head_dim,
             CAUSAL,
@@ -540,6 +570,7 @@ def _hstu_bwd_dq_kernel(
             HAS_TARGETS,
             HAS_POS,
             HAS_TS,
+            HAS_QT,
             NUM_BUCKETS,
             PRECISION,
             BLOCK_N,
@@ -565,6 +596,7 @@ def _hstu_bwd_dq_kernel(
             pos_w,
             ts_w,
             ts_ptr,
+            qt,
             num_pos,
             head_dim,
             CAUSAL,
@@ -572,6 +604,7 @@ def _hstu_bwd_dq_kernel(
             HAS_TARGETS,
             HAS_POS,
             HAS_TS,
+            HAS_QT,
             NUM_BUCKETS,
             PRECISION,
             BLOCK_N,
@@ -599,6 +632,7 @@ def _hstu_bwd_dkdv_kernel(
     pos_w,
     ts_w,
     timestamps,
+    query_ts,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -622,6 +656,7 @@ def _hstu_bwd_dkdv_kernel(
     HAS_TARGETS: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_TS: tl.constexpr,
+    HAS_QT: tl.constexpr,
     NUM_BUCKETS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -646,6 +681,10 @@ def _hstu_bwd_dkdv_kernel(
     q_base = Q + start * stride_qt + h * stride_qh
     do_base = DO + start * stride_dot + h * stride_doh
     ts_ptr = timestamps + start
+    qt_slot = 0
+    if HAS_QT:
+        qt_slot = b
+    qt = tl.load(query_ts + qt_slot)  # the sample's query time (HAS_QT), else unused
     dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
 
@@ -690,9 +729,11 @@ def _hstu_bwd_dkdv_kernel(
             pos_w,
             ts_w,
             ts_ptr,
+            qt,
             num_pos,
             HAS_POS,
             HAS_TS,
+            HAS_QT,
             NUM_BUCKETS,
             PRECISION,
         )
@@ -708,7 +749,7 @@ def _hstu_bwd_dkdv_kernel(
         if HAS_POS:
             tl.atomic_add(DPOS + _pos_index(i, j, num_pos), ds_t, mask=keep)
         if HAS_TS:
-            tl.atomic_add(DTS + _ts_bucket(i, j, seqlen, ts_ptr, NUM_BUCKETS), ds_t, mask=keep)
+            tl.atomic_add(DTS + _ts_bucket(i, j, seqlen, ts_ptr, qt, HAS_QT, NUM_BUCKETS), ds_t, mask=keep)
     tl.store(
         DK + cols * stride_dkt + h * stride_dkh + offs_d[None, :],
         (dk * alpha).to(DK.dtype.element_ty),
@@ -851,6 +892,7 @@ class _HstuAttentionFunction(torch.autograd.Function):
         ts_weights: Tensor | None,
         offsets: Tensor,
         timestamps: Tensor | None,
+        query_timestamps: Tensor | None,
         num_contextual: Tensor | None,
         num_targets: Tensor | None,
         max_seqlen: int,
@@ -872,6 +914,7 @@ class _HstuAttentionFunction(torch.autograd.Function):
             "HAS_TARGETS": num_targets is not None,
             "HAS_POS": pos_weights is not None,
             "HAS_TS": ts_weights is not None,
+            "HAS_QT": ts_weights is not None and query_timestamps is not None,
             "NUM_BUCKETS": NUM_TIME_BUCKETS,
             "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
         }
@@ -883,6 +926,7 @@ class _HstuAttentionFunction(torch.autograd.Function):
             pos_weights if pos_weights is not None else q,
             ts_weights if ts_weights is not None else q,
             timestamps if timestamps is not None else dummy,
+            query_timestamps if query_timestamps is not None else dummy,
         )
         scalars = (
             num_heads,
@@ -920,13 +964,14 @@ class _HstuAttentionFunction(torch.autograd.Function):
                     q.device,
                 )
             )
-        ctx.save_for_backward(q, k, v, pos_weights, ts_weights, *tensors[:3], tensors[5])
+        ctx.save_for_backward(q, k, v, pos_weights, ts_weights, *tensors[:3], *tensors[5:])
         ctx.meta = (max_seqlen, scalars, flags, block_m, block_n)
         return out
 
     @staticmethod
     def backward(ctx, d_out: Tensor):  # type: ignore[override]
-        q, k, v, pos_weights, ts_weights, offsets, num_ctx, num_tgt, timestamps = ctx.saved_tensors
+        (q, k, v, pos_weights, ts_weights, offsets, num_ctx, num_tgt, timestamps,
+         query_timestamps) = ctx.saved_tensors
         max_seqlen, scalars, flags, block_m, block_n = ctx.meta
         d_out = _last_dim_contiguous(d_out)
         num_heads = q.shape[1]
@@ -945,6 +990,7 @@ class _HstuAttentionFunction(torch.autograd.Function):
             pos_weights if pos_weights is not None else q,
             ts_weights if ts_weights is not None else q,
             timestamps,
+            query_timestamps,
         )
         strides = (
             q.stride(0),
@@ -1003,7 +1049,7 @@ class _HstuAttentionFunction(torch.autograd.Function):
             launch(cfg)
         d_pos = dpos.to(pos_weights.dtype) if pos_weights is not None else None
         d_ts = dts.to(ts_weights.dtype) if ts_weights is not None else None
-        return (dq, dk, dv, d_pos, d_ts) + (None,) * 11
+        return (dq, dk, dv, d_pos, d_ts) + (None,) * 12
 
 
 def triton_hstu_attention(
@@ -1041,6 +1087,7 @@ def triton_hstu_attention(
     pos_weights = rab.pos_weights if rab is not None else None
     ts_weights = rab.ts_weights if rab is not None else None
     timestamps = rab.timestamps if rab is not None else None
+    query_timestamps = rab.query_timestamps if rab is not None else None
     return _HstuAttentionFunction.apply(
         q,
         k,
@@ -1049,6 +1096,7 @@ def triton_hstu_attention(
         ts_weights,
         offsets,
         timestamps,
+        query_timestamps,
         num_contextual,
         num_targets,
         int(max_seqlen),
