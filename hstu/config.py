@@ -153,6 +153,7 @@ def load_config(
         raise exc.with_location(where_set(bindings, exc.field_name, label)) from None
     try:
         checks.check_causal(network, ranking, retrieval)
+        checks.check_rab_query_time(network, dataset, task)
     except A.ConfigError as exc:
         raise exc.with_location(where_set(bindings, exc.field_name, label, exc.cls_name)) from None
     try:
