@@ -1,6 +1,7 @@
 """Retrieval with the query time in the relative attention bias (NetworkArgs.rab_query_time):
 the exported forward program, fed the request times through ``pad_inputs``, gives the trainer's
-evaluation queries; and ``python -m hstu.recommend`` picks the request time as documented."""
+evaluation queries; training's loss and gradients do not move; ``python -m hstu.recommend``
+picks the request time as documented."""
 
 from __future__ import annotations
 
@@ -105,3 +106,38 @@ def test_recommend_request_time_defaults() -> None:
     assert request_times(plain, events, 1, None) is None
     with pytest.raises(InputError, match="--request-time"):
         request_times(plain, events, 0, 77)
+
+
+def test_training_loss_and_gradients_do_not_change() -> None:
+    """In training the query time is the next interaction's timestamp; it reaches only the last
+    token, which is no training query and which, causally, no other token reads: the loss and
+    every gradient equal those without the switch (docs/model.md), while the last token's
+    state itself moves."""
+    history = [[1, 2, 3, 4, 5], [6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17]]
+    g = torch.Generator().manual_seed(6)
+    stamps = [torch.cumsum(torch.randint(1, 40_000, (len(h),), generator=g), 0).tolist() for h in history]
+    batch = make_batch(history, timestamps=stamps, max_seqlen=MAX_ITEMS)
+    batch.query_timestamps = torch.tensor([s[-1] + 500_000 for s in stamps])
+    runs = {}
+    for on in (False, True):
+        dense = _trainer_model(query_time=on).train()
+        emb = TinyEmbeddings({"item": (30, 16)})
+        torch.manual_seed(0)
+        with torch.no_grad():
+            emb.tables["item"].weight.copy_(torch.randn(30, 16))
+        loss, _ = dense(batch, emb(batch.features))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in [*dense.named_parameters(), *emb.named_parameters()]}
+        with torch.no_grad():
+            dense.eval()
+            states = dense._states(batch, emb(batch.features))
+        runs[on] = (loss.detach(), grads, states[4], states[3].offsets)
+    (loss0, grads0, states0, offsets), (loss1, grads1, states1, _) = runs[False], runs[True]
+    assert torch.equal(loss0, loss1)
+    for name, grad in grads0.items():
+        torch.testing.assert_close(grads1[name], grad, rtol=0, atol=0, msg=name)
+    last = offsets[1:] - 1
+    assert ((states1[last] - states0[last]).abs().amax(1) > 1e-4).all()
+    others = torch.ones(states0.shape[0], dtype=torch.bool)
+    others[last] = False
+    assert torch.equal(states1[others], states0[others])
