@@ -465,6 +465,8 @@ class NetworkArgs:
     """Add a relative attention bias per layer (position + log-bucketed time), shared by heads."""
     rab_use_time: bool = True
     """Include the log-bucketed time-distance term in the relative attention bias."""
+    rab_query_time: bool = False
+    """Retrieval: the last token's time bucket measures from the query's time (training and offline evaluation: the target's timestamp; serving: the request time) instead of from its own timestamp (docs/model.md). Needs relative_attention_bias, rab_use_time and DatasetArgs.action_tokens = False."""
     attention_alpha: float | None = None
     """Scale on Q K^T; None uses 1/sqrt(kv_channels) (the research model uses 1.0)."""
     attn_scaling_seqlen: int | None = None

@@ -167,6 +167,30 @@ def check_peer_mask(network: Any, ranking: Any, retrieval: Any, num_contextual: 
     )
 
 
+def check_rab_query_time(network: Any, dataset: Any, task: str) -> None:
+    """The query time replaces the next time of a retrieval sample's last token, which is the
+    evaluation query only with item tokens alone (docs/model.md, "Relative attention bias")."""
+    if not network.rab_query_time:
+        return
+    if task != "retrieval":
+        why = (
+            "retrieval only: a ranking sample's last tokens are its candidates, which carry "
+            "their own timestamps; set it to False"
+        )
+    elif not (network.relative_attention_bias and network.rab_use_time):
+        why = "needs relative_attention_bias = True and rab_use_time = True (it sets a time bucket)"
+    elif not hasattr(dataset, "action_tokens"):
+        why = "the benchmark's synthetic batches carry no query times; set it to False"
+    elif dataset.action_tokens:
+        why = (
+            "needs DatasetArgs.action_tokens = False: with interleaved actions the query is the "
+            "last item token, whose next token is its own action, not the last token"
+        )
+    else:
+        return
+    raise ConfigError("NetworkArgs", "rab_query_time", why)
+
+
 def evaluated_metrics(ranking: Any, retrieval: Any) -> tuple[str, ...]:
     """The names evaluation reports, which TrainerArgs.best_metric may select on."""
     if ranking is not None:
@@ -291,6 +315,7 @@ __all__ = [
     "check_history_loss",
     "check_parallel",
     "check_peer_mask",
+    "check_rab_query_time",
     "check_ranking_data",
     "check_ranking_head",
     "check_selection",

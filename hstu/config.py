@@ -157,6 +157,7 @@ def load_config(
             checks.check_peer_mask(
                 network, ranking, retrieval, len(dataset.contextual_feature_names)
             )
+        checks.check_rab_query_time(network, dataset, task)
     except A.ConfigError as exc:
         raise exc.with_location(where_set(bindings, exc.field_name, label, exc.cls_name)) from None
     try:

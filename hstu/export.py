@@ -113,6 +113,7 @@ def inference_config(model: torch.nn.Module, cfg: Any, info: Any) -> dict[str, A
         "relative_attention_bias": layer.rab_pos_weights is not None,
         "rab_num_positions": (layer.rab_pos_weights.numel() + 1) // 2 if layer.rab_pos_weights is not None else 0,
         "rab_use_time": layer.rab_ts_weights is not None,
+        "rab_query_time": tb.query_time,
         "num_contextual": len(tb.contextual_feature_names),
         "has_action": dense_has_action(model, info),
         "projections": {name: proj.in_features for name, proj in tb.projections.items()},
@@ -309,7 +310,8 @@ def _batch_inputs(batch: Any, tables: dict[str, dict[str, torch.Tensor]], icfg: 
             [batch.features[n].values() for n in icfg["contextual_feature_names"]], 1
         )
     num_candidates = batch.num_candidates if batch.num_candidates is not None else torch.zeros_like(lengths)
-    return pad_inputs(t, icfg, per_user_items, per_user_ts, num_candidates, actions, contextual)
+    return pad_inputs(t, icfg, per_user_items, per_user_ts, num_candidates, actions, contextual,
+                      batch.query_timestamps)
 
 
 @torch.no_grad()

@@ -17,6 +17,11 @@ CSV when the file name ends in .csv.
 
 ``--holdout-last 1`` (retrieval) keeps each user's last event out of the history and writes
 it as ``target``: HR@K of the output is then the trainer's test protocol.
+
+A retrieval model trained with ``NetworkArgs.rab_query_time`` reads when each query is asked
+(the request time, unix seconds): ``--request-time T`` for every user; by default the held-out
+target's timestamp with ``--holdout-last 1`` (as the trainer's evaluation), else the newest
+timestamp of the input (said on stderr).
 """
 
 from __future__ import annotations
@@ -267,8 +272,29 @@ def _samples(events: Events, max_len: int, holdout: int, min_history: int = 1):
     return out
 
 
-def recommend(art: Artifact, events: Events, out: Path, top_k: int, batch_size: int, holdout: int) -> dict[str, Any]:
+def request_times(art: Artifact, events: Events, holdout: int, request_time: int | None) -> np.ndarray | None:
+    """Per event row, the request time of a query whose history ends before that row (None: the
+    model reads none): ``request_time``, else the held-out target's timestamp (``holdout``),
+    else the newest timestamp of the input."""
+    if not art.uses_request_time:
+        if request_time is not None:
+            raise InputError("--request-time is for models trained with NetworkArgs.rab_query_time; "
+                             "this one reads no request time")
+        return None
+    if request_time is not None:
+        return np.full(len(events.timestamps) + 1, request_time, dtype=np.int64)
+    if holdout:
+        return np.append(events.timestamps, 0).astype(np.int64)  # row e: the target's
+    newest = int(events.timestamps.max()) if len(events.timestamps) else 0
+    print(f"[recommend] request time: the newest timestamp of the input, {newest} (set --request-time)",
+          file=sys.stderr)
+    return np.full(len(events.timestamps) + 1, newest, dtype=np.int64)
+
+
+def recommend(art: Artifact, events: Events, out: Path, top_k: int, batch_size: int, holdout: int,
+              request_time: int | None = None) -> dict[str, Any]:
     cfg = art.cfg
+    when = request_times(art, events, holdout, request_time)
     max_len = int(art.manifest["dataset"]["max_sequence_length"] or cfg["max_item_seqlen"])
     samples = _samples(events, max_len, holdout)
     item_ids = ItemIds(art)
@@ -287,7 +313,8 @@ def recommend(art: Artifact, events: Events, out: Path, top_k: int, batch_size: 
         if cfg["contextual_feature_names"]:
             ctx = torch.stack([torch.from_numpy(events.contextual[n][[u for u, *_ in chunk]])
                                for n in cfg["contextual_feature_names"]], 1)
-        ids, scores = art.recommend(hist, ts, top_k, acts, ctx)
+        asked = None if when is None else torch.from_numpy(when[[e for _, _, e, _ in chunk]])
+        ids, scores = art.recommend(hist, ts, top_k, acts, ctx, asked)
         k = ids.shape[1]
         raw = item_ids.raw_ids(ids.reshape(-1).numpy())
         for i, (u, _, e, end) in enumerate(chunk):
@@ -399,6 +426,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--holdout-last", type=int, default=0, metavar="N",
                         help="hold each user's last N events out of the history (retrieval: N=1, the target; "
                              "ranking: the candidates)")
+    parser.add_argument("--request-time", type=int, default=None, metavar="T",
+                        help="retrieval models trained with NetworkArgs.rab_query_time: when the queries are "
+                             "asked (unix seconds; default: the held-out target's timestamp with --holdout-last 1, "
+                             "else the newest timestamp of the input)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-aoti", action="store_true", help="run the torch.export program even if an AOTInductor package exists")
@@ -409,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         art = Artifact(ns.model, use_aoti=not ns.no_aoti)
         if art.task == "retrieval" and ns.holdout_last not in (0, 1):
             raise InputError("--holdout-last is 0 or 1 for retrieval (the held-out item is the target)")
+        if art.task == "ranking" and ns.request_time is not None:
+            raise InputError("--request-time is for retrieval models; ranking candidates carry their own timestamps")
         if art.task == "retrieval" and ns.candidates:
             raise InputError("--candidates is for ranking models; this artifact is a retrieval model")
         if art.task == "ranking" and not ns.candidates and not ns.holdout_last:
@@ -423,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[recommend] values the model does not know, scored with a zero embedding: "
                   f"{counts}", file=sys.stderr)
         if art.task == "retrieval":
-            report = recommend(art, events, Path(ns.out), ns.top_k, ns.batch_size, ns.holdout_last)
+            report = recommend(art, events, Path(ns.out), ns.top_k, ns.batch_size, ns.holdout_last,
+                               ns.request_time)
         else:
             report = rank(art, events, Path(ns.out), ns.batch_size, ns.holdout_last,
                           Path(ns.candidates) if ns.candidates else None)

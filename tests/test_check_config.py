@@ -184,3 +184,22 @@ def test_peer_mask_is_refused_where_history_would_see_its_label(capsys, shop_wit
     code, out, err = _check(capsys, "retrieval", "debug_retrieval.gin", *data, *PEER,
                             "--gin-param", "DatasetArgs.contextual_features=[]")
     assert code == 0 and "configuration OK" in out, err
+
+
+@pytest.mark.parametrize("task, preset, extra, why", [
+    ("ranking", "debug_ranking.gin", [], "retrieval only"),
+    ("retrieval", "debug_retrieval.gin", [], "needs relative_attention_bias = True and rab_use_time"),
+    ("retrieval", "debug_retrieval.gin",
+     ["NetworkArgs.relative_attention_bias=True", "NetworkArgs.rab_use_time=False"], "rab_use_time"),
+    ("retrieval", "debug_retrieval.gin", ["NetworkArgs.relative_attention_bias=True"],
+     "needs DatasetArgs.action_tokens = False"),
+])
+def test_rab_query_time_is_refused_where_it_cannot_apply(capsys, task, preset, extra, why) -> None:
+    argv = ["--gin-param", "NetworkArgs.rab_query_time=True"]
+    for p in extra:
+        argv += ["--gin-param", p]
+    code, out, err = _check(capsys, task, preset, *argv)
+    assert code == 2 and "configuration OK" not in out
+    line = err.strip().splitlines()[-1]
+    assert "NetworkArgs.rab_query_time:" in line and why in line, line
+    assert line.startswith("error: --gin-param 'NetworkArgs.rab_query_time=True': "), line

@@ -11,6 +11,10 @@ X contextual features of one value each. Nothing is padded on the way in.
 - each of ``contextual_feature_names``: 1 value per sample.
 
 ``timestamps``: int64 [sum(H + C)], aligned with the item feature's values (unix seconds).
+``query_timestamps`` (retrieval with ``NetworkArgs.rab_query_time``, else None): int64 [B], the
+time of each sample's query, the next time of its last token in the relative attention bias:
+in training the timestamp of the interaction right after the sample's last history item (the
+item the last position would predict), in evaluation the held-out target's.
 ``num_candidates``: int64 [B], C[b] (zeros for retrieval).
 ``labels``:
 - ranking: int64 [sum(C)], the action value of each candidate, aligned with the candidates
@@ -79,6 +83,7 @@ class Batch(Pipelineable):
     action_feature_name: str | None = None
     num_candidates: torch.Tensor | None = None
     timestamps: torch.Tensor | None = None
+    query_timestamps: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     # max H + C over the whole dataset (not this batch): keeps kernel shapes stable
     max_seqlen: int = 0
@@ -110,7 +115,7 @@ class Batch(Pipelineable):
                 self.sizes = BatchSizes.of(self.item_lengths().numpy() - cands, cands)
 
     _TENSOR_FIELDS = (
-        "num_candidates", "timestamps", "labels", "sample_mask", "negative_index",
+        "num_candidates", "timestamps", "query_timestamps", "labels", "sample_mask", "negative_index",
         "negative_order", "negative_offsets",
     )
 

@@ -202,6 +202,9 @@ class SequenceLoader:
         self.samples_per_rank = math.ceil(len(samples) / world_size)
         self.negatives: NegativeSampler | None = None
         """Retrieval: the negatives (or corpus) key every batch carries; set by the trainer."""
+        self.query_times = False
+        """Retrieval: batches carry ``query_timestamps`` (``NetworkArgs.rab_query_time``); set
+        by the trainer."""
         self.epoch = 0
         self.batch_index = 0
 
@@ -341,6 +344,19 @@ class SequenceLoader:
             labels = torch.from_numpy(st.items[s.target[index]])
         else:
             labels = None
+        query_timestamps = None
+        if self.query_times:
+            if self.task != "retrieval":
+                raise ValueError("query times are for retrieval samples (NetworkArgs.rab_query_time)")
+            # training: the interaction after the window (every train window ends before the
+            # user's last item); evaluation: the held-out target
+            query_rows = hist_end if self.training else s.target[index]
+            if self.training and (query_rows >= st.offsets[s.user[index] + 1]).any():
+                raise ValueError(
+                    "query times in training need an interaction after each training window; "
+                    "a sample ends with its user's sequence"
+                )
+            query_timestamps = torch.from_numpy(st.timestamps[query_rows])
         return Batch(
             features=features,
             batch_size=len(index),
@@ -349,6 +365,7 @@ class SequenceLoader:
             action_feature_name=self.action_feature_name,
             num_candidates=torch.from_numpy(num_candidates),
             timestamps=torch.from_numpy(st.timestamps[rows]),
+            query_timestamps=query_timestamps,
             labels=labels,
             max_seqlen=self.max_seqlen,
             sample_mask=None if mask is None else torch.from_numpy(mask.copy()),

@@ -84,6 +84,7 @@ def build_token_builder(network_args: Any, data: ModelDataInfo) -> TokenBuilder:
         data.action_feature_name,
         data.contextual_feature_names,
         dims,
+        query_time=getattr(network_args, "rab_query_time", False),
     )
 
 

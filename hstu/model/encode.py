@@ -53,5 +53,6 @@ def encode_batch(
         tokens.num_contextual,
         tokens.num_targets,
         tokens.timestamps,
+        query_timestamps=tokens.query_timestamps,
     )
     return own, inputs, layout, tokens, states

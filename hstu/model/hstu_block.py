@@ -75,8 +75,10 @@ class HSTUBlock(nn.Module):
         num_contextual: torch.Tensor | None = None,
         num_targets: torch.Tensor | None = None,
         timestamps: torch.Tensor | None = None,
+        query_timestamps: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [T, D] token embeddings, offsets int64 [B+1] -> [T, D] in ``dtype``."""
+        """x [T, D] token embeddings, offsets int64 [B+1] -> [T, D] in ``dtype``;
+        ``query_timestamps`` int64 [B]: the next time of each sample's last token (rab)."""
         x = x.to(self.dtype) * math.sqrt(self.hidden_size)
         if self.position_embedding is not None:
             pos = positions_within(offsets, num_targets, x.shape[0])
@@ -84,9 +86,14 @@ class HSTUBlock(nn.Module):
             x = x + self.position_embedding(pos)
         x = self.input_dropout(x)
         if self.sequence_layout == "padded":
-            return self._padded_layers(x, offsets, max_seqlen, num_contextual, num_targets, timestamps)
+            return self._padded_layers(
+                x, offsets, max_seqlen, num_contextual, num_targets, timestamps, query_timestamps
+            )
         for layer in self.layers:
-            x = layer(x, offsets, max_seqlen, num_contextual, num_targets, timestamps)
+            x = layer(
+                x, offsets, max_seqlen, num_contextual, num_targets, timestamps,
+                query_timestamps=query_timestamps,
+            )
         return x
 
     def _padded_layers(
@@ -97,12 +104,16 @@ class HSTUBlock(nn.Module):
         num_contextual: torch.Tensor | None,
         num_targets: torch.Tensor | None,
         timestamps: torch.Tensor | None,
+        query_timestamps: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The layers on every sample padded to ``max_seqlen`` tokens, as padded trainers run.
 
         Padding goes after each sample's real tokens and counts as extra candidates, so under
         causal attention no real token sees it (a candidate's group only grows by later
         tokens): the real tokens' outputs equal the jagged ones. Costs B * max_seqlen tokens.
+        Padding slots carry the last real token's timestamp, or the query time when given (the
+        last real token's next time either way; a full-width sample's last slot gets it from
+        ``query_timestamps`` directly).
         """
         lengths = offsets[1:] - offsets[:-1]
         batch, n = lengths.numel(), max_seqlen
@@ -117,10 +128,17 @@ class HSTUBlock(nn.Module):
         if timestamps is not None:
             last = (offsets[1:] - 1).clamp(min=0).view(-1, 1)
             src = torch.minimum(offsets[:-1].view(-1, 1) + slot.view(1, -1), last)
-            ts = timestamps[src.reshape(-1)]
+            ts = timestamps[src]
+            if query_timestamps is not None:
+                real = slot.view(1, -1) < lengths.view(-1, 1)
+                ts = torch.where(real, ts, query_timestamps.view(-1, 1))
+            ts = ts.reshape(-1)
         padded_offsets = torch.arange(batch + 1, device=x.device) * n
         for layer in self.layers:
-            padded = layer(padded, padded_offsets, n, num_contextual, targets, ts)
+            padded = layer(
+                padded, padded_offsets, n, num_contextual, targets, ts,
+                query_timestamps=query_timestamps,
+            )
         return padded.index_select(0, dest)
 
 

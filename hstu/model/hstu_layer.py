@@ -413,9 +413,12 @@ class HSTULayer(nn.Module):
         num_contextual: torch.Tensor | None = None,
         num_targets: torch.Tensor | None = None,
         timestamps: torch.Tensor | None = None,
+        *,
+        query_timestamps: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [T, D] (replicated over the TP group), offsets int64 [B+1],
-        num_contextual / num_targets int64 [B], timestamps int64 [T] -> [T, D]."""
+        num_contextual / num_targets int64 [B], timestamps int64 [T] -> [T, D];
+        query_timestamps int64 [B]: the next time of each sample's last token (rab time term)."""
         tp = self.tp_group is not None
         uvqk = norm_linear_silu(
             x,
@@ -431,6 +434,8 @@ class HSTULayer(nn.Module):
         u, v, q, k = uvqk.split(self.local_heads * self.head_dim, dim=-1)
         shape = (-1, self.local_heads, self.head_dim)
 
+        if query_timestamps is not None and self.rab_ts_weights is None:
+            raise ValueError("query timestamps need the relative attention bias' time term")
         rab = None
         if self.rab_pos_weights is not None:
             pos_w, ts_w = self.rab_pos_weights, self.rab_ts_weights
@@ -443,7 +448,10 @@ class HSTULayer(nn.Module):
                     ts_w = copy_to_tensor_model_parallel_region(ts_w, group=self.tp_group)
             if ts_w is not None and timestamps is None:
                 raise ValueError("the time term of the relative attention bias needs timestamps")
-            rab = RelativeAttentionBias(pos_w, ts_w, timestamps if ts_w is not None else None)
+            rab = RelativeAttentionBias(
+                pos_w, ts_w, timestamps if ts_w is not None else None,
+                query_timestamps if ts_w is not None else None,
+            )
 
         attn = hstu_attention(
             q.reshape(shape),

@@ -31,7 +31,8 @@ class SequenceInputs:
 
     item_values [sum(H+C), D_item]; item_lengths [B] = H + C; action_values [sum(H), D_act]
     or None; contextual: feature -> [B, D_ctx]; num_candidates [B]; timestamps [sum(H+C)] or
-    None; item_ids [sum(H+C)]; sizes: their host-side counts (no host sync to size tensors).
+    None; query_timestamps [B] or None (Batch.query_timestamps); item_ids [sum(H+C)]; sizes:
+    their host-side counts (no host sync to size tensors).
     """
 
     item_values: torch.Tensor
@@ -42,6 +43,7 @@ class SequenceInputs:
     action_values: torch.Tensor | None = None
     contextual: dict[str, torch.Tensor] | None = None
     timestamps: torch.Tensor | None = None
+    query_timestamps: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -88,6 +90,7 @@ def sequence_inputs(batch: Batch, embeddings: dict) -> SequenceInputs:
         action_values=action_values,
         contextual=contextual,
         timestamps=batch.timestamps,
+        query_timestamps=batch.query_timestamps,
     )
 
 
@@ -143,6 +146,7 @@ def gather_sequence_inputs(
         action_values=gather(inputs.action_values, layout.history),
         contextual={k: gather(v, layout.samples) for k, v in (inputs.contextual or {}).items()},
         timestamps=gather(inputs.timestamps, layout.items),
+        query_timestamps=gather(inputs.query_timestamps, layout.samples),
     )
     return gathered, layout
 
@@ -157,7 +161,9 @@ class Tokens:
     history items. Its state has seen items 0..j (and the actions of 0..j-1), never item j+1:
     the retrieval query for item j+1. Not the action token after it: that token holds no item
     in its residual stream and must pull item j through attention, which made retrieval
-    barely learn (see hstu.model.retrieval).
+    barely learn (see hstu.model.retrieval). query_timestamps [B] or None: each sample's query
+    time, the next time of its last token in the relative attention bias (only with
+    ``TokenBuilder(query_time=True)``).
     """
 
     values: torch.Tensor
@@ -167,6 +173,7 @@ class Tokens:
     timestamps: torch.Tensor | None
     candidate_rows: torch.Tensor
     history_query_rows: torch.Tensor
+    query_timestamps: torch.Tensor | None = None
 
 
 class TokenBuilder(nn.Module):
@@ -177,6 +184,9 @@ class TokenBuilder(nn.Module):
         item_feature_name, action_feature_name, contextual_feature_names: feature names.
         feature_dims: embedding dim of each of those features.
         dtype: dtype of the projections.
+        query_time: pass each sample's query time (``SequenceInputs.query_timestamps``, which
+            must be there) on as the next time of its last token (``NetworkArgs.rab_query_time``;
+            item tokens only: with actions the last token is not the retrieval query).
     """
 
     def __init__(
@@ -187,8 +197,16 @@ class TokenBuilder(nn.Module):
         contextual_feature_names: list[str],
         feature_dims: dict[str, int],
         dtype: torch.dtype = torch.float32,
+        *,
+        query_time: bool = False,
     ) -> None:
         super().__init__()
+        if query_time and action_feature_name is not None:
+            raise ValueError(
+                "query_time (NetworkArgs.rab_query_time) needs item tokens only: with actions "
+                "the last token is not the retrieval query (DatasetArgs.action_tokens = False)"
+            )
+        self.query_time = query_time
         self.hidden_size = hidden_size
         self.item_feature_name = item_feature_name
         self.action_feature_name = action_feature_name
@@ -272,6 +290,14 @@ class TokenBuilder(nn.Module):
                 ts_parts.append(ts.index_select(0, hist_rows))
             timestamps = torch.cat(ts_parts)[order]
 
+        query_timestamps = None
+        if self.query_time:
+            if inputs.query_timestamps is None:
+                raise ValueError(
+                    "NetworkArgs.rab_query_time: the batch carries no query_timestamps "
+                    "(hstu.data.loader.SequenceLoader.query_times)"
+                )
+            query_timestamps = inputs.query_timestamps
         return Tokens(
             values=values,
             offsets=offsets,
@@ -280,6 +306,7 @@ class TokenBuilder(nn.Module):
             timestamps=timestamps,
             candidate_rows=item_dest.index_select(0, cand_rows),
             history_query_rows=history_dest,
+            query_timestamps=query_timestamps,
         )
 
 

@@ -122,7 +122,7 @@ def hstu_attention(
                 f"({longest} tokens); pass a bound >= every sample's length"
             )
     if rab is not None:
-        rab.validate(q.shape[0], max_seqlen)
+        rab.validate(q.shape[0], max_seqlen, offsets.numel() - 1)
     chosen = resolve_backend(
         backend,
         q.shape[2],

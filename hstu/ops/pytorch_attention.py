@@ -125,11 +125,12 @@ def _plan(
     rab_positions: int | None,
     timestamps: Tensor | None,
     mask_convention: str,
+    query_timestamps: Tensor | None = None,
 ) -> list[_Chunk]:
     key = (
         _key_part(offsets), _key_part(num_contextual), _key_part(num_targets),
-        _key_part(timestamps), num_heads, budget, causal, target_group_size, rab_positions,
-        mask_convention,
+        _key_part(timestamps), _key_part(query_timestamps), num_heads, budget, causal,
+        target_group_size, rab_positions, mask_convention,
     )
     if _PLAN_CACHE and _PLAN_CACHE[0][0] == key:
         return _PLAN_CACHE[0][2]
@@ -139,9 +140,11 @@ def _plan(
     with allowed_sync("pytorch attention backend: chunk plan from the lengths, once per batch"):
         chunks = _build_plan(
             offsets, num_heads, budget, causal, num_contextual, num_targets, target_group_size,
-            rab_positions, timestamps, mask_convention,
+            rab_positions, timestamps, mask_convention, query_timestamps,
         )
-    _PLAN_CACHE[:] = [(key, (offsets, num_contextual, num_targets, timestamps), chunks)]
+    _PLAN_CACHE[:] = [
+        (key, (offsets, num_contextual, num_targets, timestamps, query_timestamps), chunks)
+    ]
     return chunks
 
 
@@ -156,6 +159,7 @@ def _build_plan(
     rab_positions: int | None,
     timestamps: Tensor | None,
     mask_convention: str,
+    query_timestamps: Tensor | None = None,
 ) -> list[_Chunk]:
     device = offsets.device
     lengths = lengths_from_offsets(offsets)
@@ -206,13 +210,16 @@ def _build_plan(
         blocks = ((slice(0, split), slice(0, split)), (slice(split, width), slice(0, width)))
         part_buckets = [None, None]
         if rel is not None and timestamps is not None:
+            chunk_query = None if query_timestamps is None else query_timestamps[sample_ids]
             if causal_split:  # only the blocks the split computes
                 part_buckets = [
-                    time_buckets(timestamps, token_index, chunk_lengths, rows_, keys_)
+                    time_buckets(timestamps, token_index, chunk_lengths, rows_, keys_, chunk_query)
                     for rows_, keys_ in blocks
                 ]
             else:
-                buckets = time_buckets(timestamps, token_index, chunk_lengths)
+                buckets = time_buckets(
+                    timestamps, token_index, chunk_lengths, query_timestamps=chunk_query
+                )
         flat_index = token_index.reshape(-1)
         chunk = _Chunk(
             width, h0, h1, token_index, flat_index.index_select(0, valid_index), flat_index,
@@ -289,6 +296,7 @@ def pytorch_hstu_attention(
         None if rab is None else rab.max_positions,
         None if rab is None or rab.ts_weights is None else rab.timestamps,
         mask_convention,
+        None if rab is None or rab.ts_weights is None else rab.query_timestamps,
     )
     out = q.new_zeros(num_tokens, num_heads, v.shape[2], dtype=compute_dtype)
     pieces: list[Tensor] = []

@@ -5,7 +5,8 @@ P the longest sample the position table was sized for, NB = 129 time buckets.
 
     rab[i, j] = pos_weights[P - 1 + j - i] + ts_weights[bucket(t_next[i] - t[j])]
     bucket(x) = clamp(floor(ln(max(|x|, 1)) / 0.301), 0, 128)          (natural log, fp32)
-    t_next[i] = t[i + 1], and t[L - 1] for the last token of a sample
+    t_next[i] = t[i + 1], and for the last token of a sample (i = L - 1) the sample's query
+                time when ``query_timestamps`` is given, else t[L - 1]
 
 One table per layer, shared by all heads, added to alpha * Q K^T before the SiLU.
 """
@@ -30,18 +31,22 @@ class RelativeAttentionBias:
             Every sample must have at most P tokens.
         ts_weights: float [NB = 129] time-bucket weights, or None for a position-only bias.
         timestamps: int64 [T] jagged, aligned with q; required iff ``ts_weights`` is set.
+        query_timestamps: int64 [B] or None: each sample's query time, the next time of its
+            last token (retrieval's ``NetworkArgs.rab_query_time``); None: the last token's
+            own timestamp. Only with ``timestamps``.
     """
 
     pos_weights: Tensor
     ts_weights: Tensor | None = None
     timestamps: Tensor | None = None
+    query_timestamps: Tensor | None = None
 
     @property
     def max_positions(self) -> int:
         """P: the longest sample the position table covers."""
         return (self.pos_weights.numel() + 1) // 2
 
-    def validate(self, num_tokens: int, max_seqlen: int) -> None:
+    def validate(self, num_tokens: int, max_seqlen: int, num_samples: int | None = None) -> None:
         if self.pos_weights.dim() != 1 or self.pos_weights.numel() % 2 != 1:
             raise ValueError(
                 f"rab.pos_weights must be 1-D of odd length 2*P-1, got {tuple(self.pos_weights.shape)}"
@@ -64,6 +69,16 @@ class RelativeAttentionBias:
                 raise ValueError(
                     f"rab.timestamps must have shape [T={num_tokens}], "
                     f"got {tuple(self.timestamps.shape)}"
+                )
+        if self.query_timestamps is not None:
+            if self.timestamps is None:
+                raise ValueError("rab.query_timestamps needs rab.timestamps and rab.ts_weights")
+            if self.query_timestamps.dim() != 1 or (
+                num_samples is not None and self.query_timestamps.numel() != num_samples
+            ):
+                raise ValueError(
+                    f"rab.query_timestamps must have shape [B={num_samples}], "
+                    f"got {tuple(self.query_timestamps.shape)}"
                 )
 
 
@@ -93,14 +108,20 @@ def time_buckets(
     lengths: Tensor,
     rows: slice = slice(None),
     keys: slice = slice(None),
+    query_timestamps: Tensor | None = None,
 ) -> Tensor:
     """int64 [b, n, n]: bucket(t_next[i] - t[j]) for a padded group of samples; with ``rows``
-    / ``keys`` only that block of it ([b, len(rows), len(keys)], the same values)."""
+    / ``keys`` only that block of it ([b, len(rows), len(keys)], the same values).
+    ``query_timestamps`` int64 [b]: the group's query times, the last token's t_next."""
     width = token_index.shape[1]
     pos = torch.arange(width, device=token_index.device)
     ts = timestamps[token_index]
-    next_slot = torch.minimum(pos.view(1, width) + 1, (lengths.view(-1, 1) - 1).clamp(min=0))
-    ts_next = torch.gather(ts, 1, next_slot)[:, rows]
+    last = (lengths.view(-1, 1) - 1).clamp(min=0)
+    next_slot = torch.minimum(pos.view(1, width) + 1, last)
+    ts_next = torch.gather(ts, 1, next_slot)
+    if query_timestamps is not None:
+        ts_next = torch.where(pos.view(1, width) == last, query_timestamps.view(-1, 1), ts_next)
+    ts_next = ts_next[:, rows]
     ts = ts[:, keys]
     if ts.device.type != "cpu":
         return time_bucket(ts_next.unsqueeze(2) - ts.unsqueeze(1))
@@ -165,6 +186,7 @@ def padded_bias(rab: RelativeAttentionBias, token_index: Tensor, lengths: Tensor
         rab: the bias inputs.
         token_index: int64 [b, n] jagged index of each padded slot (any valid index on padding).
         lengths: int64 [b] tokens per sample.
+        With ``rab.query_timestamps`` the b rows must be the B samples in order.
 
     Returns:
         float [b, n, n] (or [1, n, n] when position-only): bias[s, i, j]; values at padded
@@ -174,5 +196,7 @@ def padded_bias(rab: RelativeAttentionBias, token_index: Tensor, lengths: Tensor
     buckets = None
     if rab.ts_weights is not None:
         assert rab.timestamps is not None
-        buckets = time_buckets(rab.timestamps, token_index, lengths)
+        buckets = time_buckets(
+            rab.timestamps, token_index, lengths, query_timestamps=rab.query_timestamps
+        )
     return bias_from_indices(rab, rel, buckets)

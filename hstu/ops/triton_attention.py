@@ -86,10 +86,13 @@ def _pos_index(i, j, num_pos):
 
 
 @triton.jit
-def _ts_bucket(i, j, seqlen, ts_ptr, NUM_BUCKETS: tl.constexpr):
-    """Bucket of |t[i+1] - t[j]| (t[i+1] := t[i] for the last token); ts_ptr at the sample."""
+def _ts_bucket(i, j, seqlen, ts_ptr, qt, HAS_QT: tl.constexpr, NUM_BUCKETS: tl.constexpr):
+    """Bucket of |t[i+1] - t[j]| (t[i+1] := the query time qt with HAS_QT, else t[i], for the
+    last token); ts_ptr at the sample."""
     nxt = tl.maximum(tl.minimum(i + 1, seqlen - 1), 0)
     t_next = tl.load(ts_ptr + nxt, mask=i < seqlen, other=0)
+    if HAS_QT:
+        t_next = tl.where(i == seqlen - 1, qt, t_next)
     t_key = tl.load(ts_ptr + j, mask=j < seqlen, other=0)
     magnitude = tl.maximum(tl.abs(t_next - t_key), 1).to(tl.float32)
     bucket = (tl.log(magnitude) / 0.301).to(tl.int32)  # >= 0, so truncation is floor
@@ -107,9 +110,11 @@ def _scores(
     pos_w,
     ts_w,
     ts_ptr,
+    qt,
     num_pos,
     HAS_POS: tl.constexpr,
     HAS_TS: tl.constexpr,
+    HAS_QT: tl.constexpr,
     NUM_BUCKETS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -118,7 +123,7 @@ def _scores(
     if HAS_POS:
         s += tl.load(pos_w + _pos_index(i, j, num_pos)).to(tl.float32)
     if HAS_TS:
-        s += tl.load(ts_w + _ts_bucket(i, j, seqlen, ts_ptr, NUM_BUCKETS)).to(tl.float32)
+        s += tl.load(ts_w + _ts_bucket(i, j, seqlen, ts_ptr, qt, HAS_QT, NUM_BUCKETS)).to(tl.float32)
     return s
 
 
@@ -196,6 +201,7 @@ def _fwd_tile(
     pos_w,
     ts_w,
     ts_ptr,
+    qt,
     num_pos,
     head_dim,
     CAUSAL: tl.constexpr,
@@ -204,6 +210,7 @@ def _fwd_tile(
     PEER: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_TS: tl.constexpr,
+    HAS_QT: tl.constexpr,
     NUM_BUCKETS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -228,9 +235,11 @@ def _fwd_tile(
         pos_w,
         ts_w,
         ts_ptr,
+        qt,
         num_pos,
         HAS_POS,
         HAS_TS,
+        HAS_QT,
         NUM_BUCKETS,
         PRECISION,
     )
@@ -253,6 +262,7 @@ def _hstu_fwd_kernel(
     pos_w,
     ts_w,
     timestamps,
+    query_ts,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -273,6 +283,7 @@ def _hstu_fwd_kernel(
     PEER: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_TS: tl.constexpr,
+    HAS_QT: tl.constexpr,
     NUM_BUCKETS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -299,6 +310,10 @@ def _hstu_fwd_kernel(
     k_base = K + start * stride_kt + h * stride_kh
     v_base = V + start * stride_vt + h * stride_vh
     ts_ptr = timestamps + start
+    qt_slot = 0
+    if HAS_QT:
+        qt_slot = b
+    qt = tl.load(query_ts + qt_slot)  # the sample's query time (HAS_QT), else unused
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     end1, lo2, hi2 = _key_ranges(
         m0,
@@ -333,6 +348,7 @@ def _hstu_fwd_kernel(
             pos_w,
             ts_w,
             ts_ptr,
+            qt,
             num_pos,
             head_dim,
             CAUSAL,
@@ -341,6 +357,7 @@ def _hstu_fwd_kernel(
             PEER,
             HAS_POS,
             HAS_TS,
+            HAS_QT,
             NUM_BUCKETS,
             PRECISION,
             BLOCK_N,
@@ -365,6 +382,7 @@ def _hstu_fwd_kernel(
             pos_w,
             ts_w,
             ts_ptr,
+            qt,
             num_pos,
             head_dim,
             CAUSAL,
@@ -373,6 +391,7 @@ def _hstu_fwd_kernel(
             PEER,
             HAS_POS,
             HAS_TS,
+            HAS_QT,
             NUM_BUCKETS,
             PRECISION,
             BLOCK_N,
@@ -418,6 +437,7 @@ def _dq_tile(
     pos_w,
     ts_w,
     ts_ptr,
+    qt,
     num_pos,
     head_dim,
     CAUSAL: tl.constexpr,
@@ -426,6 +446,7 @@ def _dq_tile(
     PEER: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_TS: tl.constexpr,
+    HAS_QT: tl.constexpr,
     NUM_BUCKETS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -450,9 +471,11 @@ def _dq_tile(
         pos_w,
         ts_w,
         ts_ptr,
+        qt,
         num_pos,
         HAS_POS,
         HAS_TS,
+        HAS_QT,
         NUM_BUCKETS,
         PRECISION,
     )
@@ -478,6 +501,7 @@ def _hstu_bwd_dq_kernel(
     pos_w,
     ts_w,
     timestamps,
+    query_ts,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -500,6 +524,7 @@ def _hstu_bwd_dq_kernel(
     PEER: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_TS: tl.constexpr,
+    HAS_QT: tl.constexpr,
     NUM_BUCKETS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -526,6 +551,10 @@ def _hstu_bwd_dq_kernel(
     k_base = K + start * stride_kt + h * stride_kh
     v_base = V + start * stride_vt + h * stride_vh
     ts_ptr = timestamps + start
+    qt_slot = 0
+    if HAS_QT:
+        qt_slot = b
+    qt = tl.load(query_ts + qt_slot)  # the sample's query time (HAS_QT), else unused
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     end1, lo2, hi2 = _key_ranges(
         m0,
@@ -561,6 +590,7 @@ def _hstu_bwd_dq_kernel(
             pos_w,
             ts_w,
             ts_ptr,
+            qt,
             num_pos,
             head_dim,
             CAUSAL,
@@ -569,6 +599,7 @@ def _hstu_bwd_dq_kernel(
             PEER,
             HAS_POS,
             HAS_TS,
+            HAS_QT,
             NUM_BUCKETS,
             PRECISION,
             BLOCK_N,
@@ -594,6 +625,7 @@ def _hstu_bwd_dq_kernel(
             pos_w,
             ts_w,
             ts_ptr,
+            qt,
             num_pos,
             head_dim,
             CAUSAL,
@@ -602,6 +634,7 @@ def _hstu_bwd_dq_kernel(
             PEER,
             HAS_POS,
             HAS_TS,
+            HAS_QT,
             NUM_BUCKETS,
             PRECISION,
             BLOCK_N,
@@ -635,6 +668,7 @@ def _dkdv_tile(
     pos_w,
     ts_w,
     ts_ptr,
+    qt,
     num_pos,
     head_dim,
     DPOS,
@@ -645,6 +679,7 @@ def _dkdv_tile(
     PEER: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_TS: tl.constexpr,
+    HAS_QT: tl.constexpr,
     NUM_BUCKETS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -675,9 +710,11 @@ def _dkdv_tile(
         pos_w,
         ts_w,
         ts_ptr,
+        qt,
         num_pos,
         HAS_POS,
         HAS_TS,
+        HAS_QT,
         NUM_BUCKETS,
         PRECISION,
     )
@@ -693,7 +730,7 @@ def _dkdv_tile(
     if HAS_POS:
         tl.atomic_add(DPOS + _pos_index(i, j, num_pos), ds_t, mask=keep)
     if HAS_TS:
-        tl.atomic_add(DTS + _ts_bucket(i, j, seqlen, ts_ptr, NUM_BUCKETS), ds_t, mask=keep)
+        tl.atomic_add(DTS + _ts_bucket(i, j, seqlen, ts_ptr, qt, HAS_QT, NUM_BUCKETS), ds_t, mask=keep)
     return dk, dv
 
 
@@ -713,6 +750,7 @@ def _hstu_bwd_dkdv_kernel(
     pos_w,
     ts_w,
     timestamps,
+    query_ts,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -737,6 +775,7 @@ def _hstu_bwd_dkdv_kernel(
     PEER: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_TS: tl.constexpr,
+    HAS_QT: tl.constexpr,
     NUM_BUCKETS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -761,6 +800,10 @@ def _hstu_bwd_dkdv_kernel(
     q_base = Q + start * stride_qt + h * stride_qh
     do_base = DO + start * stride_dot + h * stride_doh
     ts_ptr = timestamps + start
+    qt_slot = 0
+    if HAS_QT:
+        qt_slot = b
+    qt = tl.load(query_ts + qt_slot)  # the sample's query time (HAS_QT), else unused
     dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
 
@@ -815,6 +858,7 @@ def _hstu_bwd_dkdv_kernel(
             pos_w,
             ts_w,
             ts_ptr,
+            qt,
             num_pos,
             head_dim,
             DPOS,
@@ -825,6 +869,7 @@ def _hstu_bwd_dkdv_kernel(
             PEER,
             HAS_POS,
             HAS_TS,
+            HAS_QT,
             NUM_BUCKETS,
             PRECISION,
             BLOCK_M,
@@ -851,6 +896,7 @@ def _hstu_bwd_dkdv_kernel(
             pos_w,
             ts_w,
             ts_ptr,
+            qt,
             num_pos,
             head_dim,
             DPOS,
@@ -861,6 +907,7 @@ def _hstu_bwd_dkdv_kernel(
             PEER,
             HAS_POS,
             HAS_TS,
+            HAS_QT,
             NUM_BUCKETS,
             PRECISION,
             BLOCK_M,
@@ -1007,6 +1054,7 @@ class _HstuAttentionFunction(torch.autograd.Function):
         ts_weights: Tensor | None,
         offsets: Tensor,
         timestamps: Tensor | None,
+        query_timestamps: Tensor | None,
         num_contextual: Tensor | None,
         num_targets: Tensor | None,
         max_seqlen: int,
@@ -1030,6 +1078,7 @@ class _HstuAttentionFunction(torch.autograd.Function):
             "PEER": peer,
             "HAS_POS": pos_weights is not None,
             "HAS_TS": ts_weights is not None,
+            "HAS_QT": ts_weights is not None and query_timestamps is not None,
             "NUM_BUCKETS": NUM_TIME_BUCKETS,
             "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
         }
@@ -1041,6 +1090,7 @@ class _HstuAttentionFunction(torch.autograd.Function):
             pos_weights if pos_weights is not None else q,
             ts_weights if ts_weights is not None else q,
             timestamps if timestamps is not None else dummy,
+            query_timestamps if query_timestamps is not None else dummy,
         )
         scalars = (
             num_heads,
@@ -1078,13 +1128,14 @@ class _HstuAttentionFunction(torch.autograd.Function):
                     q.device,
                 )
             )
-        ctx.save_for_backward(q, k, v, pos_weights, ts_weights, *tensors[:3], tensors[5])
+        ctx.save_for_backward(q, k, v, pos_weights, ts_weights, *tensors[:3], *tensors[5:])
         ctx.meta = (max_seqlen, scalars, flags, block_m, block_n)
         return out
 
     @staticmethod
     def backward(ctx, d_out: Tensor):  # type: ignore[override]
-        q, k, v, pos_weights, ts_weights, offsets, num_ctx, num_tgt, timestamps = ctx.saved_tensors
+        (q, k, v, pos_weights, ts_weights, offsets, num_ctx, num_tgt, timestamps,
+         query_timestamps) = ctx.saved_tensors
         max_seqlen, scalars, flags, block_m, block_n = ctx.meta
         d_out = _last_dim_contiguous(d_out)
         num_heads = q.shape[1]
@@ -1103,6 +1154,7 @@ class _HstuAttentionFunction(torch.autograd.Function):
             pos_weights if pos_weights is not None else q,
             ts_weights if ts_weights is not None else q,
             timestamps,
+            query_timestamps,
         )
         strides = (
             q.stride(0),
@@ -1161,7 +1213,7 @@ class _HstuAttentionFunction(torch.autograd.Function):
             launch(cfg)
         d_pos = dpos.to(pos_weights.dtype) if pos_weights is not None else None
         d_ts = dts.to(ts_weights.dtype) if ts_weights is not None else None
-        return (dq, dk, dv, d_pos, d_ts) + (None,) * 12
+        return (dq, dk, dv, d_pos, d_ts) + (None,) * 13
 
 
 def triton_hstu_attention(
@@ -1202,6 +1254,7 @@ def triton_hstu_attention(
     pos_weights = rab.pos_weights if rab is not None else None
     ts_weights = rab.ts_weights if rab is not None else None
     timestamps = rab.timestamps if rab is not None else None
+    query_timestamps = rab.query_timestamps if rab is not None else None
     return _HstuAttentionFunction.apply(
         q,
         k,
@@ -1210,6 +1263,7 @@ def triton_hstu_attention(
         ts_weights,
         offsets,
         timestamps,
+        query_timestamps,
         num_contextual,
         num_targets,
         int(max_seqlen),

@@ -5,6 +5,7 @@ in the corpus (ids [0, num_items)), k top-k.
 
     art = load_artifact("artifacts/ml-100k")
     ids, scores = art.recommend(histories, timestamps, k=10)          # retrieval
+    ids, scores = art.recommend(histories, timestamps, k=10, request_times=now)  # rab_query_time
     logits = art.score(histories, timestamps, candidates, cand_ts)     # ranking
 
 Nothing here imports torchrec, megatron or gin: tables are plain tensors with the ids the
@@ -112,10 +113,13 @@ def pad_inputs(
     num_candidates: Tensor,
     actions: list[Tensor] | None = None,
     contextual: Tensor | None = None,
+    request_times: Tensor | None = None,
 ) -> tuple:
     """Per-user id lists (history then candidates) -> the dense program's padded inputs
-    (items, item_lengths, num_candidates, timestamps, actions, contextual); ``contextual``
-    int64 [B, X] ids. At least 2 slots (the exported programs' smallest L)."""
+    (items, item_lengths, num_candidates, timestamps, actions, contextual, and for a model
+    with ``rab_query_time`` the request times); ``contextual`` int64 [B, X] ids,
+    ``request_times`` int64 [B] (unix seconds). At least 2 slots (the exported programs'
+    smallest L)."""
     lengths = torch.tensor([t.numel() for t in items], dtype=torch.int64)
     bsz, slots = len(items), max(2, int(lengths.max()) if len(items) else 2)
     flat = torch.cat(items) if items else torch.zeros(0, dtype=torch.int64)
@@ -142,7 +146,13 @@ def pad_inputs(
         if contextual is None:
             raise ArtifactError(f"this model reads contextual features {names}; the input has none")
         ctx = torch.stack([tables.lookup(n, contextual[:, k].to(torch.int64)) for k, n in enumerate(names)], 1)
-    return padded, lengths, num_candidates.to(torch.int64), ts, acts, ctx
+    out = (padded, lengths, num_candidates.to(torch.int64), ts, acts, ctx)
+    if cfg.get("rab_query_time", False):
+        if request_times is None or ts is None:
+            raise ArtifactError("this model reads the request time and the history's timestamps "
+                                "(rab_query_time); the input lacks them")
+        return (*out, request_times.to(torch.int64).reshape(bsz))
+    return out
 
 
 def candidate_logits(out: Tensor, item_lengths: Tensor, num_candidates: Tensor) -> Tensor:
@@ -212,6 +222,9 @@ def example_inputs(cfg: dict[str, Any], batch_size: int = 3, slots: int = 5) -> 
              shape(ctx, ("B", None, None))],
         )
     }
+    if cfg.get("rab_query_time", False):  # the request time: a while after the last event
+        out["forward"][1].append(ts[:, -1] + 1000)
+        out["forward"][2].append(("B",))
     if history_cacheable(cfg):
         nxt = ts[:, -1] + 10 if ts is not None else None
         out["encode_history"] = (
@@ -318,6 +331,11 @@ class Artifact:
         model.load_state_dict(load_file(self.path / WEIGHTS_FILE, _load_tensors))
         return model.eval()
 
+    @property
+    def uses_request_time(self) -> bool:
+        """Whether the model reads the request time (trained with ``rab_query_time``)."""
+        return bool(self.cfg.get("rab_query_time", False))
+
     @torch.no_grad()
     def run(self, inputs: tuple) -> Tensor:
         return self.program(*inputs)
@@ -326,10 +344,13 @@ class Artifact:
 
     @torch.no_grad()
     def recommend(self, items: list[Tensor], timestamps: list[Tensor] | None, k: int,
-                  actions: list[Tensor] | None = None, contextual: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Retrieval: per-user histories (model item ids) -> top-k (ids [B, k], scores [B, k])."""
+                  actions: list[Tensor] | None = None, contextual: Tensor | None = None,
+                  request_times: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Retrieval: per-user histories (model item ids) -> top-k (ids [B, k], scores [B, k]).
+        ``request_times`` int64 [B] (unix seconds): when each query is asked, which a model
+        trained with ``rab_query_time`` needs (:attr:`uses_request_time`)."""
         inputs = pad_inputs(self.tables, self.cfg, items, timestamps, torch.zeros(len(items), dtype=torch.int64),
-                            actions, contextual)
+                            actions, contextual, request_times)
         return self.corpus.top_k(self.run(inputs), items, k)
 
     @torch.no_grad()

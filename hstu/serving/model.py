@@ -109,8 +109,9 @@ class InferenceHSTU(nn.Module):
 
     ``cfg`` (JSON-able; see :func:`hstu.export.inference_config`): task, hidden_size,
     num_layers, num_heads, head_dim, alpha, scaling_seqlen, norm_eps, norm_affine, uvqk_bias,
-    output_bias, is_causal, mask_convention, target_group_size, num_position_buckets, use_position_embedding,
-    relative_attention_bias, rab_num_positions, rab_use_time, num_contextual, has_action,
+    output_bias, is_causal, mask_convention, target_group_size, num_position_buckets,
+    use_position_embedding, relative_attention_bias, rab_num_positions, rab_use_time,
+    rab_query_time (absent: False), num_contextual, has_action,
     projections (feature -> input dim of its projection), item_feature_name,
     action_feature_name, contextual_feature_names, l2_norm_eps; ranking: head_arch,
     head_bias, head_activation.
@@ -134,6 +135,8 @@ class InferenceHSTU(nn.Module):
         self.group = int(cfg["target_group_size"])
         self.num_ctx = int(cfg["num_contextual"])
         self.mult = 2 if cfg["has_action"] else 1
+        # retrieval: the query time (the request time) is the last token's next time
+        self.query_time = bool(cfg.get("rab_query_time", False))
 
     # ------------------------------------------------------------------------ pieces
 
@@ -227,12 +230,16 @@ class InferenceHSTU(nn.Module):
         return bias
 
     @staticmethod
-    def _next_timestamps(token_ts: Tensor, n: Tensor) -> Tensor:
-        """t_next[i] = t[i + 1], and t[n - 1] for a sample's last token. [B, W]."""
+    def _next_timestamps(token_ts: Tensor, n: Tensor, query_ts: Tensor | None = None) -> Tensor:
+        """t_next[i] = t[i + 1], and for a sample's last token its query time ``query_ts``
+        [B] when given, else t[n - 1]. [B, W]."""
         width = token_ts.shape[1]
         pos = torch.arange(width, device=token_ts.device).unsqueeze(0)
-        nxt = torch.minimum(pos + 1, (n.unsqueeze(1) - 1).clamp(min=0))
-        return token_ts.gather(1, nxt)
+        last = (n.unsqueeze(1) - 1).clamp(min=0)
+        nxt = token_ts.gather(1, torch.minimum(pos + 1, last))
+        if query_ts is not None:
+            nxt = torch.where(pos == last, query_ts.unsqueeze(1), nxt)
+        return nxt
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, bias: Tensor | None) -> Tensor:
         """q [B, I, NH, d], k/v [B, J, NH, d], mask bool [B, I, J] -> [B, I, NH*d]."""
@@ -243,14 +250,16 @@ class InferenceHSTU(nn.Module):
         out = torch.einsum("bhij,bjhd->bihd", weights, v)
         return out.reshape(out.shape[0], out.shape[1], -1)
 
-    def _encode(self, tokens, token_ts, n, num_targets, positions, keep_kv: bool = False):
-        """The HSTU block on padded tokens: states [B, W, D] (and per-layer K, V)."""
+    def _encode(self, tokens, token_ts, n, num_targets, positions, keep_kv: bool = False,
+                query_ts: Tensor | None = None):
+        """The HSTU block on padded tokens: states [B, W, D] (and per-layer K, V);
+        ``query_ts`` [B]: the last token's next time (retrieval's query time)."""
         width = tokens.shape[1]
         mask = dense_mask(
             n, torch.full_like(n, self.num_ctx) if self.num_ctx else None, num_targets,
             self.group, self.causal, width, self.mask_convention,
         )
-        ts_next = self._next_timestamps(token_ts, n) if token_ts is not None else None
+        ts_next = self._next_timestamps(token_ts, n, query_ts) if token_ts is not None else None
         idx = torch.arange(width, device=tokens.device)
         x = self._input(tokens, positions)
         keys, values = [], []
@@ -285,21 +294,32 @@ class InferenceHSTU(nn.Module):
         timestamps: Tensor | None = None,
         actions: Tensor | None = None,
         contextual: Tensor | None = None,
+        query_timestamps: Tensor | None = None,
     ) -> Tensor:
         """items [B, L, D_item] embeddings (history then candidates), item_lengths and
         num_candidates int64 [B], timestamps int64 [B, L], actions [B, L, D_act] (candidate
-        slots ignored), contextual [B, X, D_ctx].
+        slots ignored), contextual [B, X, D_ctx], query_timestamps int64 [B] (the request
+        time; a model with ``rab_query_time`` needs it, any other refuses it).
 
         Retrieval: the L2-normalised query [B, D] (the state of each sample's last history
         item token). Ranking: head logits [B, L, W_head] at every item slot (those of slots
         [H[b], H[b] + C[b]) are the candidates' scores; the rest are not meaningful).
         """
+        if (query_timestamps is not None) != self.query_time:
+            raise ValueError(
+                "this model reads the request time (query_timestamps)" if self.query_time
+                else "this model has no query time (rab_query_time); pass no query_timestamps"
+            )
         tokens, token_ts, n, first_target = self._embed_tokens(
             items, item_lengths, num_candidates, timestamps, actions, contextual
         )
         width = tokens.shape[1]
         positions = self._positions(n, first_target, width)
-        states, _, _ = self._encode(tokens, token_ts, n, num_candidates, positions)
+        if query_timestamps is not None and token_ts is None:
+            raise ValueError("query_timestamps need the history's timestamps")
+        states, _, _ = self._encode(
+            tokens, token_ts, n, num_candidates, positions, query_ts=query_timestamps
+        )
         rows = self._item_rows(item_lengths, num_candidates, items.shape[1])  # [B, L]
         if self.cfg["task"] == "retrieval":
             hist = item_lengths - num_candidates

@@ -181,6 +181,10 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         for loader in (train_loader, eval_loader, test_loader):
             if loader is not None:
                 loader.negatives = sampler
+    if cfg.network.rab_query_time:  # retrieval on DatasetArgs (hstu.checks.check_rab_query_time)
+        for loader in (train_loader, eval_loader, test_loader):
+            if loader is not None:
+                loader.query_times = True
     dims = table_dims(tables, info, cfg.network)
     torch.manual_seed(t.seed)
     embeddings = build_embeddings(

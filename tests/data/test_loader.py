@@ -328,3 +328,29 @@ def test_input_token_choices(synth):
                         contextual_features=["segmnt"]),
             "retrieval", 8, 8, 0, 1, 0,
         )
+
+
+def test_retrieval_query_times(synth):
+    """With query times (NetworkArgs.rab_query_time) a training sample carries the timestamp
+    of its user's interaction right after the window (the item its last position would
+    predict), an evaluation sample its held-out target's; without them, none."""
+    store = SequenceStore.load(synth)
+    stamps = [store.timestamps[a:b].tolist() for a, b in zip(store.offsets[:-1], store.offsets[1:])]
+    seqs = [store.items[a:b].tolist() for a, b in zip(store.offsets[:-1], store.offsets[1:])]
+    for split, drop in (("valid", 2), ("test", 1)):
+        train, ev, _ = build_data(
+            args(synth, shuffle=False), "retrieval", 16, 16, 0, 1, 0, split=split,
+            holdout_validation=True, drop_last=False,
+        )
+        assert next(iter(train)).query_timestamps is None
+        train.query_times = ev.query_times = True
+        for b in train:
+            for uid, items, qt in zip(b.features["user_id"].values().tolist(), flat_items(b),
+                                      b.query_timestamps.tolist()):
+                # the window ends before the validation target; the next event's time
+                assert items == seqs[uid - 1][:-2][-8:]
+                assert qt == stamps[uid - 1][-2]
+        for b in ev:
+            uid = b.features["user_id"].values().tolist()
+            assert b.query_timestamps.tolist() == [stamps[u - 1][-drop] for u in uid]
+            assert b.labels.tolist() == [seqs[u - 1][-drop] for u in uid]

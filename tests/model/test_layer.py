@@ -308,3 +308,43 @@ def test_compile_switch_same_results_without_dropout():
 def test_compile_switch_refused_with_tensor_parallelism():
     with pytest.raises(ValueError, match="tensor_model_parallel_size"):
         HSTULayer(16, 2, 8, compile=True, tp_group=object())
+
+
+@pytest.mark.parametrize("layout", ["jagged", "padded"])
+def test_query_time_is_the_last_tokens_next_time(layout):
+    """NetworkArgs.rab_query_time: with query times q[b] every sample's tokens come out as if a
+    token stamped q[b] followed the sample (under causal attention a later token changes no
+    earlier output, only the last token's t_next = t[L]): checked against that longer input
+    run without query times, for every layer (2) and both layouts; and the outputs differ
+    from those without query times, so the time term does see them."""
+    torch.manual_seed(3)
+    block = HSTUBlock(
+        2, 16, 2, 8, num_position_buckets=32, relative_attention_bias=True,
+        rab_num_positions=10, attn_scaling_seqlen=9, alpha=1.0, sequence_layout=layout,
+    )
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    lengths = [5, 3, 6, 1]
+    offsets = torch.tensor([0, 5, 8, 14, 15])
+    ts = torch.cumsum(torch.randint(0, 400, (15,), generator=torch.Generator().manual_seed(1)), 0)
+    query = ts[offsets[1:] - 1] + torch.tensor([90_000, 7, 3_000_000, 200])
+    x = torch.randn(15, 16, generator=torch.Generator().manual_seed(7))
+    block.eval()
+    got = block(x, offsets, 9, timestamps=ts, query_timestamps=query)
+    plain = block(x, offsets, 9, timestamps=ts)
+    # the longer input: one extra token after each sample, stamped with its query time
+    rows = torch.cat([torch.arange(o, o + n) + b for b, (o, n) in enumerate(zip(offsets[:-1], lengths))])
+    ext_x = torch.zeros(19, 16)
+    ext_ts = torch.zeros(19, dtype=torch.int64)
+    ext_x[rows], ext_ts[rows] = x, ts
+    ext_ts[offsets[1:] + torch.arange(4)] = query
+    ext_x[offsets[1:] + torch.arange(4)] = torch.randn(4, 16)
+    ext_offsets = offsets + torch.arange(5)
+    want = block(ext_x, ext_offsets, 9, timestamps=ext_ts)[rows]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    last = offsets[1:] - 1
+    assert not torch.allclose(got[last], plain[last], atol=1e-4)
+    others = torch.ones(15, dtype=torch.bool)
+    others[last] = False
+    torch.testing.assert_close(got[others], plain[others])  # only the last tokens move

@@ -42,7 +42,7 @@ def random_case(
     *,
     num_contextual: list[int] | None = None,
     num_targets: list[int] | None = None,
-    rab: str = "none",  # "none" | "pos" | "pos+ts"
+    rab: str = "none",  # "none" | "pos" | "pos+ts" | "pos+ts+qt" (with query times)
     max_positions: int | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
@@ -61,13 +61,19 @@ def random_case(
     bias = None
     if rab != "none":
         num_pos = max_positions or max(lengths)
-        ts_w = leaf(129, scale=0.5) if rab == "pos+ts" else None
-        stamps = None
+        ts_w = leaf(129, scale=0.5) if rab.startswith("pos+ts") else None
+        stamps = query = None
         if ts_w is not None:
             gaps = torch.randint(0, 5000, (total,), generator=gen)
             gaps[torch.rand(total, generator=gen) < 0.2] = 0  # equal timestamps happen
-            stamps = gaps.cumsum(0).to(device)
-        bias = RelativeAttentionBias(leaf(2 * num_pos - 1, scale=0.5), ts_w, stamps)
+            stamps = gaps.cumsum(0)
+            if rab == "pos+ts+qt":
+                # each sample's query comes 1 s to ~3 years after its last event
+                last = stamps[(offsets[1:] - 1).clamp(min=0)]
+                wait = (10.0 ** (torch.rand(len(lengths), generator=gen) * 8)).to(torch.int64)
+                query = (last + wait).to(device)
+            stamps = stamps.to(device)
+        bias = RelativeAttentionBias(leaf(2 * num_pos - 1, scale=0.5), ts_w, stamps, query)
 
     def counts(values: list[int] | None) -> Tensor | None:
         return None if values is None else torch.tensor(values, dtype=torch.int64, device=device)
@@ -133,6 +139,8 @@ def naive_attention(
             if case.rab.ts_weights is not None:
                 t = case.rab.timestamps[start:end].tolist()
                 t_next = t[1:] + t[-1:]
+                if case.rab.query_timestamps is not None and length > 0:
+                    t_next[-1] = int(case.rab.query_timestamps[b])
                 buckets = torch.tensor(
                     [
                         [_naive_bucket(t_next[i] - t[j]) for j in range(length)]

@@ -130,7 +130,9 @@ def _compare(rab: str, causal: bool, mask_convention: str = "hstu") -> None:
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("rab, causal", [("none", True), ("pos+ts", True), ("pos", False)])
+@pytest.mark.parametrize(
+    "rab, causal", [("none", True), ("pos+ts", True), ("pos+ts+qt", True), ("pos", False)]
+)
 def test_adapter_reproduces_our_definition(monkeypatch, rab: str, causal: bool) -> None:
     _use(monkeypatch, nightly_varlen)
     _compare(rab, causal)

@@ -14,7 +14,7 @@ TGT = [5, 9, 2, 1]
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("rab", ["none", "pos", "pos+ts"])
+@pytest.mark.parametrize("rab", ["none", "pos", "pos+ts", "pos+ts+qt"])
 @pytest.mark.parametrize("group", [1, 3])
 def test_pytorch_matches_naive_reference(causal: bool, rab: str, group: int) -> None:
     case = random_case(
@@ -175,15 +175,15 @@ def test_empty_samples_and_bad_rab_are_handled() -> None:
         _run(case, rab=RelativeAttentionBias(torch.zeros(7), torch.zeros(129), None))
 
 
-@pytest.mark.parametrize("ctx", [[3, 2], [20, 18]])
-def test_causal_split_of_wide_chunks_matches_reference(ctx) -> None:
+@pytest.mark.parametrize("ctx, rab", [([3, 2], "pos+ts"), ([20, 18], "pos+ts"), ([3, 2], "pos+ts+qt")])
+def test_causal_split_of_wide_chunks_matches_reference(ctx, rab) -> None:
     """Causal chunks of width >= 32 skip the scores of rows [0, n/2) against keys [n/2, n);
     contextual tokens see each other both ways, so a chunk whose contextual block is wider than
     n/2 must not be split. Both against the naive reference, values and gradients."""
     from hstu.ops import pytorch_attention as pa
 
     lengths = [34, 33]
-    case = random_case(lengths, num_contextual=ctx, num_targets=[4, 6], rab="pos+ts",
+    case = random_case(lengths, num_contextual=ctx, num_targets=[4, 6], rab=rab,
                        max_positions=40, dtype=torch.float64)
     kw = {"alpha": 0.3, "scaling_seqlen": 40, "causal": True, "target_group_size": 2}
     got = pytorch_hstu_attention(case.q, case.k, case.v, case.offsets, case.max_seqlen,

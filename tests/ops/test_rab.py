@@ -1,3 +1,5 @@
+import math
+
 import torch
 
 from hstu.ops.rab import NUM_TIME_BUCKETS, time_bucket, time_buckets
@@ -46,3 +48,24 @@ def test_time_bucket_at_its_boundaries() -> None:
     want = [0, 0, 2, 3, 4, 15, 45, 68, 128]  # ln(2)/0.301 = 2.30, ln(100)/0.301 = 15.30, ...
     assert time_bucket(x).tolist() == want
     assert time_bucket(-x).tolist() == want
+
+
+def test_query_time_sets_the_last_rows_buckets_only() -> None:
+    """With query times, row L-1 of each sample is bucket(query_time - t[j]) (by hand, with
+    math.log), every other row is as without them (t_next[i] = t[i + 1])."""
+    stamps, token_index, lengths = _group(7, 12, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    last = stamps[token_index.gather(1, (lengths - 1).view(-1, 1)).view(-1)]
+    query = last + (10.0 ** (torch.rand(7, generator=gen) * 8)).to(torch.int64)
+    plain = time_buckets(stamps, token_index, lengths)
+    got = time_buckets(stamps, token_index, lengths, query_timestamps=query)
+    for s in range(7):
+        n = int(lengths[s])
+        t = stamps[token_index[s, :n]].tolist()
+        want = [min(128, max(0, math.floor(math.log(max(abs(int(query[s]) - tj), 1)) / 0.301)))
+                for tj in t]
+        assert got[s, n - 1, :n].tolist() == want
+        assert torch.equal(got[s, : n - 1], plain[s, : n - 1])
+    assert not torch.equal(got, plain)  # the query times moved some buckets
+    block = time_buckets(stamps, token_index, lengths, slice(6, 12), slice(0, 12), query)
+    assert torch.equal(block, got[:, 6:12])

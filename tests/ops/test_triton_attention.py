@@ -18,6 +18,8 @@ CASES = {
     "ctx-targets-g3-pos": ([33, 40, 1], [4, 17, 0], [7, 20, 1], 3, True, "pos"),
     "ctx-targets-g2-rab": ([23, 40, 7], [3, 2, 0], [5, 9, 2], 2, True, "pos+ts"),
     "noncausal-targets-rab": ([19, 36, 5], [2, 0, 1], [6, 8, 0], 4, False, "pos+ts"),
+    # retrieval's query times: the last token's next time (NetworkArgs.rab_query_time)
+    "causal-rab-query-time": ([23, 40, 7, 1], None, None, 1, True, "pos+ts+qt"),
     # an empty sample, a sample made only of candidates, a single token
     "edge-lengths": ([0, 20, 1, 9], [0, 0, 1, 3], [0, 20, 0, 2], 3, True, "pos"),
 }

@@ -153,3 +153,14 @@ def test_float16_loss_scaling_steps_do_not_sync(tmp_path):
         _audited_steps, world_size=1, tmp=str(tmp_path), task="ranking", tp=1, steps=3,
         params=params,
     )
+
+
+def test_query_time_steps_do_not_sync(tmp_path):
+    """NetworkArgs.rab_query_time: the batches' query times reach the attention (gathered over
+    a TP group of 2) without a host read in the step."""
+    params = ["NetworkArgs.relative_attention_bias=True", "DatasetArgs.action_tokens=False",
+              "NetworkArgs.rab_query_time=True"]
+    run_multiprocess(
+        _audited_steps, world_size=2, tmp=str(tmp_path), task="retrieval", tp=2, steps=3,
+        params=params,
+    )
