@@ -1,5 +1,5 @@
 # The two commands of README.md. Both install the environment (.venv) first if needed.
-.PHONY: run test install docs lint
+.PHONY: run test test-slow install docs lint
 
 install:
 	@bash scripts/install.sh
@@ -9,6 +9,10 @@ run: install
 
 test: install
 	@bash scripts/test.sh
+
+# the slow tier (long end-to-end variants); CI runs it after `make test`
+test-slow: install
+	@bash scripts/test.sh --slow
 
 docs: install
 	@.venv/bin/python -m hstu.docs_gen

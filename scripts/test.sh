@@ -1,6 +1,15 @@
 #!/usr/bin/env bash
-# The README's test command (also what CI runs): the whole default suite on CPU.
+# The README's test command: the default suite on CPU (every test not marked slow).
 # GPU tests are marked and skip with their reason on CPU hosts.
+#   scripts/test.sh              the default suite (what `make test` runs)
+#   scripts/test.sh --slow       the slow tier only: long end-to-end variants (CI runs both)
+#   scripts/test.sh --all        both tiers in one run
+# Further arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec .venv/bin/python -m pytest -q --timeout 900 "$@" tests
+tier=(-m "not slow")
+case "${1:-}" in
+  --slow) tier=(-m slow); shift ;;
+  --all) tier=(); shift ;;
+esac
+exec .venv/bin/python -m pytest -q --timeout 900 --durations=15 "${tier[@]}" "$@" tests

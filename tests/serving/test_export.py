@@ -125,6 +125,7 @@ def test_retrieval_top_k_equals_the_trainer_evaluation(retrieval, tmp) -> None:
     assert hr == pytest.approx(ref["metrics"]["HR@10"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_ranking_scores_equal_the_trainer_forward(ranking, tmp) -> None:
     out = tmp / "scores.parquet"
     recommend("--model", str(ranking["art"]), "--input", str(ranking["data"]), "--out", str(out),
@@ -136,6 +137,7 @@ def test_ranking_scores_equal_the_trainer_forward(ranking, tmp) -> None:
     assert "p_class0" in table.column_names  # a 5-class head: softmax probabilities per class
 
 
+@pytest.mark.slow
 def test_ranking_cached_history_in_the_artifact(ranking) -> None:
     """The exported cached-history pair gives the exported full forward's candidate scores."""
     code = (
@@ -243,6 +245,7 @@ def test_merge_tp_shards_inverts_the_layer_sharding() -> None:
         assert torch.equal(merged[k], v), k
 
 
+@pytest.mark.slow
 def test_a_tp2_checkpoint_exports_to_the_same_scores(tmp) -> None:
     """Trained with TP=2 on 2 processes, exported on one: the artifact's evaluation loss and
     AUC over the whole test split are the TP=2 trainer's."""
@@ -269,6 +272,7 @@ def test_a_tp2_checkpoint_exports_to_the_same_scores(tmp) -> None:
     assert float(multiclass_auroc(logits, labels, num_classes=5, average="macro")) == pytest.approx(want["AUC"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_ranking_candidates_file(ranking, tmp) -> None:
     """Raw events plus a candidates file give the same scores as holding the same events out."""
     table = pq.read_table(ranking["data"] / "sequences.parquet").slice(0, 4)

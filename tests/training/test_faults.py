@@ -87,7 +87,11 @@ def test_kill9_of_a_rank_recovers_by_itself_with_the_uninterrupted_losses(tmp, r
     assert kept == ["iter_35", "iter_40"], kept  # keep_last_n=2
 
 
-@pytest.mark.parametrize("damage", ["truncate:__0_0.distcp", "truncate:dense_tp0.pt", "remove:rng_rank1.pt"])
+@pytest.mark.parametrize("damage", [
+    "truncate:__0_0.distcp",
+    pytest.param("truncate:dense_tp0.pt", marks=pytest.mark.slow),
+    pytest.param("remove:rng_rank1.pt", marks=pytest.mark.slow),
+])
 def test_damaged_checkpoint_is_one_line_naming_the_file(tmp, reference, damage):
     how, name = damage.split(":")
     ckpt = tmp / f"ckpt_{how}_{name}"

@@ -58,7 +58,14 @@ def _run(rank: int, world_size: int, tmp: str, task: str, tag: str, params: list
         trainer.close()  # the process group is torn down by the test harness, once the trainer is gone
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# the default tier pipelines ranking and uniform-negative retrieval; the other retrieval
+# cases (in-batch, dynamic item table) run in the slow tier
+SLOW_CASES = {"retrieval-in-batch", "retrieval-dynamic-item"}
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in sorted(CASES)]
+)
 def test_native_pipelines_the_sharded_tables_and_matches_none(tmp_path, case) -> None:
     task, params = CASES[case]
     tmp = str(tmp_path)
