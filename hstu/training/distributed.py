@@ -197,14 +197,14 @@ def set_seed(seed: int) -> None:
 def seed_training_rng(seed: int, env: DistEnv, step: int = 0, per_rank: bool = True) -> None:
     """Random streams for training (dropout), after the weights are built (hstu.model.rng):
 
-    - default generator: the same on every rank of a TP group (building the model consumes
-      it differently per TP rank, so it is re-seeded under TP), so dropout on activations
-      replicated over the group masks the same elements everywhere. ``per_rank``
-      (``TrainerArgs.dropout_per_rank``): in a world of several ranks, each DP rank's is
-      seeded ``base + 1_000_003 * dp_rank``, so the DP ranks draw independent masks, as one
-      process does over the whole global batch; else every DP rank draws the same stream
-      (re-seeded ``base`` under TP; without TP left where building the weights put it, the
-      same on every rank). One process: left where building the weights put it.
+    - default generator: in a world of several ranks, re-seeded after building (building
+      and sharding the model consume it differently per rank: a TP shard, a table shard),
+      the same on every rank of a TP group, so dropout on activations replicated over the
+      group masks the same elements everywhere. ``per_rank``
+      (``TrainerArgs.dropout_per_rank``): each DP rank's is seeded
+      ``base + 1_000_003 * dp_rank``, so the DP ranks draw independent masks, as one process
+      does over the whole global batch; else every rank's is seeded ``base``: the same stream
+      on every DP rank. One process: left where building the weights put it.
     - tensor-parallel stream: ``+ 2718 + tp_rank`` on top of that (Megatron's rule), one mask
       per shard.
 
@@ -216,7 +216,7 @@ def seed_training_rng(seed: int, env: DistEnv, step: int = 0, per_rank: bool = T
     base = seed + 7919 * step
     if per_rank:
         base += 1_000_003 * env.dp_rank
-    if env.tp_size > 1 or step > 0 or (per_rank and env.world_size > 1):
+    if env.world_size > 1 or step > 0:
         torch.manual_seed(base)
         if torch.cuda.is_available():
             torch.cuda.manual_seed(base)
