@@ -87,6 +87,8 @@ class TrainerArgs:
     """Evaluation batches per evaluation; None evaluates the whole split."""
     seed: int = 1234
     """Seed for model init, data order and sampling."""
+    dropout_per_rank: bool = True
+    """Several data-parallel ranks: each draws its own dropout masks (streams seeded from seed and its DP rank), as one process does over a batch as large as the global one; False: every DP rank draws the same masks (docs/training.md, "Gradient semantics")."""
     profile: bool = False
     """Record a torch.profiler trace between profile_step_start and profile_step_end."""
     profile_step_start: int = 100

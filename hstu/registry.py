@@ -147,6 +147,23 @@ class NegativeSampling:
     """Which RetrievalArgs.num_negatives it takes: "-1", "> 0" or "-1 or > 0"."""
     needs: str = ""
     """Why it needs num_negatives > 0 (for the message)."""
+    in_batch: str = "never"
+    """Whether its loss scores the batch's positives as negatives (LossInputs.batch_pos_*):
+    "always", "without draws" (when it draws nothing: uniform with num_negatives -1) or
+    "never". With several ranks the model then all-gathers every rank's positives first."""
+
+    def __post_init__(self) -> None:
+        if self.in_batch not in ("always", "without draws", "never"):
+            raise ValueError(
+                f"NegativeSampling.in_batch {self.in_batch!r} is not 'always', 'without draws' "
+                "or 'never'"
+            )
+
+    def scores_batch_positives(self, num_negatives: int) -> bool:
+        """Whether its loss reads the batch's positives with this num_negatives."""
+        if self.in_batch == "without draws":
+            return self.draw(num_negatives) is None
+        return self.in_batch == "always"
 
     def draw(self, num_negatives: int) -> str | None:
         """What the batches carry for it (None: no negatives key)."""
@@ -170,12 +187,12 @@ class NegativeSampling:
 
 NEGATIVE_SAMPLING: Registry[NegativeSampling] = Registry("negative sampling")
 NEGATIVE_SAMPLING.register("uniform", NegativeSampling(
-    "hstu.ops.losses.strategies:uniform", UNIFORM_DRAW, "-1 or > 0"))
+    "hstu.ops.losses.strategies:uniform", UNIFORM_DRAW, "-1 or > 0", in_batch="without draws"))
 NEGATIVE_SAMPLING.register("in_batch", NegativeSampling(
-    "hstu.ops.losses.strategies:in_batch", None, "-1"))
+    "hstu.ops.losses.strategies:in_batch", None, "-1", in_batch="always"))
 NEGATIVE_SAMPLING.register("mixed", NegativeSampling(
     "hstu.ops.losses.strategies:mixed", UNIFORM_DRAW, "> 0",
-    needs="uniform negatives plus in-batch"))
+    needs="uniform negatives plus in-batch", in_batch="always"))
 NEGATIVE_SAMPLING.register("full_corpus", NegativeSampling(
     "hstu.ops.losses.strategies:full_corpus", CORPUS_DRAW, "-1"))
 

@@ -11,9 +11,10 @@ logits = cos(query, item) / temperature for the positive and its negatives; nega
 (``negative_sampling``, a strategy of hstu.registry.NEGATIVE_SAMPLING, its loss in
 hstu.ops.losses) are ``num_negatives`` ids drawn uniformly from [min_item_id, num_items) per
 query in the data path (hstu.data.negatives: they come with the batch as one more key of its
-KeyedJaggedTensor, looked up with the rest), the other positives of the batch (in-batch),
-both (mixed), or every item of the corpus (full_corpus: the exact softmax). A negative whose
-id equals the query's positive id (an accidental hit) is masked out (-inf).
+KeyedJaggedTensor, looked up with the rest), the other positives of the batch (in-batch: of
+the whole global batch, every rank's gathered, hstu.model.batch_gather), both (mixed), or
+every item of the corpus (full_corpus: the exact softmax). A negative whose id equals the
+query's positive id (an accidental hit) is masked out (-inf).
 
 Evaluation: the query is the state of each sample's last history item token (the same kind
 of position as in training; with actions, the trailing action token is not the query); every
@@ -33,6 +34,7 @@ from torch.distributed import ProcessGroup
 from hstu.data.batch import Batch
 from hstu.data.negatives import negatives_feature_name
 from hstu.embeddings.collection import apply_misses
+from hstu.model.batch_gather import PendingCounts, gather_rows, world_of_several
 from hstu.model.encode import encode_batch
 from hstu.model.hstu_block import HSTUBlock
 from hstu.model.jagged import index_within, lengths_to_offsets, segment_ids
@@ -67,8 +69,8 @@ class RetrievalModel(nn.Module):
         num_items: ids are in [0, num_items).
         num_negatives: uniform negatives per query (-1: none, in-batch under "uniform").
         negative_sampling: "uniform" (num_negatives ids per query drawn uniformly from the
-            corpus; -1 means in-batch), "in_batch" (the other positives of this rank's
-            batch), "mixed" (uniform plus in-batch) or "full_corpus" (every item: an exact
+            corpus; -1 means in-batch), "in_batch" (the other positives of the global
+            batch: with several ranks every rank's, gathered), "mixed" (uniform plus in-batch) or "full_corpus" (every item: an exact
             softmax over the corpus).
         temperature: softmax temperature on cosine similarities.
         full_corpus_matmul_dtype: "float32", "bfloat16" or "auto" (bfloat16 where the
@@ -127,6 +129,12 @@ class RetrievalModel(nn.Module):
         return self.draws is not None
 
     @property
+    def gathers_batch_positives(self) -> bool:
+        """Whether the training loss scores the batch's positives (in-batch negatives): with
+        several ranks, every rank's are gathered (the global batch's, as in one process)."""
+        return NEGATIVE_SAMPLING[self.negative_sampling].scores_batch_positives(self.num_negatives)
+
+    @property
     def draws(self) -> str | None:
         """What the data path draws into the negatives key (hstu.registry.NegativeSampling)."""
         return NEGATIVE_SAMPLING[self.negative_sampling].draw(self.num_negatives)
@@ -150,6 +158,13 @@ class RetrievalModel(nn.Module):
         # this rank's query count (sum of max(H - 1, 0)), summed over the world while the
         # block runs; the same number as Q below
         pending = PendingScale((batch.history_lengths() - 1).clamp(min=0).sum(), self.training)
+        # in-batch negatives with several ranks: every rank's positives (their counts from the
+        # host, gathered while the block runs; hstu.model.batch_gather)
+        counts = (
+            PendingCounts(batch.require_sizes().num_queries)
+            if self.training and self.gathers_batch_positives and world_of_several()
+            else None
+        )
         own, _, layout, tokens, states = self._states(batch, embeddings)
         history_states = take_own_rows(
             states.index_select(0, tokens.history_query_rows), layout.history, self.tp_group
@@ -177,6 +192,10 @@ class RetrievalModel(nn.Module):
             scale, self.min_item_id,
             self.full_corpus_matmul_dtype or resolve_matmul_dtype("auto", queries.device)[0],
         )
+        if counts is not None:
+            every = counts.wait()
+            inputs.batch_pos_vectors = gather_rows(pos_vectors, every)
+            inputs.batch_pos_ids = gather_rows(pos_ids, every)
         if draws is not None:
             if self.negatives_feature not in embeddings:
                 raise ValueError(

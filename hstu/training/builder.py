@@ -243,7 +243,7 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         # after sharding: DDP broadcasts the dense weights over the DP group and owns the
         # dense gradient sync (bucketed, overlapping backward; see hstu.training.ddp)
         model.dense = wrap_dense(model.dense, env.dp_group, env.world_size, t.ddp_bucket_cap_mb)
-    seed_training_rng(t.seed, env)
+    seed_training_rng(t.seed, env, per_rank=t.dropout_per_rank)
     optimizer = OptimizerContainer(
         dense,
         cfg.optimizer,

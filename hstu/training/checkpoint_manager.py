@@ -343,7 +343,9 @@ class CheckpointManager:
         if state.rng is not None:
             set_rng_state(state.rng)
         else:  # this rank did not exist in the saved run: derive its streams from seed and step
-            seed_training_rng(self.args.seed, self.env, step=step)
+            seed_training_rng(
+                self.args.seed, self.env, step=step, per_rank=self.args.dropout_per_rank
+            )
         self.log(
             f"[hstu] resumed from {path} at step {step} (saved on {meta['world_size']} rank(s))"
         )

@@ -194,28 +194,34 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def seed_training_rng(seed: int, env: DistEnv, step: int = 0) -> None:
-    """Random streams for training, after the weights are built (hstu.model.rng):
+def seed_training_rng(seed: int, env: DistEnv, step: int = 0, per_rank: bool = True) -> None:
+    """Random streams for training (dropout), after the weights are built (hstu.model.rng):
 
-    - default generator: with TP, re-seeded the same on every rank of a TP group (building
-      the model consumes it differently per rank), so dropout on activations replicated over
-      the group masks the same elements everywhere; without TP, left where building the
-      weights put it (re-seeding it per DP rank cost 0.016 test HR@10 on the ML-100K
-      retrieval preset, 2 processes, seed 1: 0.1835 vs 0.1972; not understood yet).
-    - tensor-parallel stream: ``+ 2718 + tp_rank`` (Megatron's rule), one mask per shard.
+    - default generator: in a world of several ranks, re-seeded after building (building
+      and sharding the model consume it differently per rank: a TP shard, a table shard),
+      the same on every rank of a TP group, so dropout on activations replicated over the
+      group masks the same elements everywhere. ``per_rank``
+      (``TrainerArgs.dropout_per_rank``): each DP rank's is seeded
+      ``base + 1_000_003 * dp_rank``, so the DP ranks draw independent masks, as one process
+      does over the whole global batch; else every rank's is seeded ``base``: the same stream
+      on every DP rank. One process: left where building the weights put it.
+    - tensor-parallel stream: ``+ 2718 + tp_rank`` on top of that (Megatron's rule), one mask
+      per shard.
 
-    ``step`` > 0 re-seeds a rank that did not exist in a resumed run (from seed, step and its
-    DP rank; the same on every rank of its TP group).
+    ``base`` is ``seed + 7919 * step``: ``step`` > 0 re-seeds a rank that did not exist in a
+    resumed run.
     """
     from hstu.model.rng import seed_tensor_parallel
 
     base = seed + 7919 * step
-    if env.tp_size > 1 or step > 0:
-        torch.manual_seed(base + 1_000_003 * env.dp_rank)
+    if per_rank:
+        base += 1_000_003 * env.dp_rank
+    if env.world_size > 1 or step > 0:
+        torch.manual_seed(base)
         if torch.cuda.is_available():
-            torch.cuda.manual_seed(base + 1_000_003 * env.dp_rank)
+            torch.cuda.manual_seed(base)
     if env.tp_size > 1:
-        seed_tensor_parallel(base + 1_000_003 * env.dp_rank, env.tp_rank)
+        seed_tensor_parallel(base, env.tp_rank)
 
 
 def rng_state() -> dict:

@@ -2,9 +2,10 @@
 
 For one global batch, TP=2 x DP=1, TP=1 x DP=2 and TP=1 x DP=1 must take the same step:
 the same losses and the same final weights (dense and tables), with clipping on and the
-options users turn on (Adam or SGD, uniform negatives). With dropout, the parameters
-replicated over a TP group must stay bitwise identical while the sharded activations'
-dropout masks differ between the TP ranks.
+options users turn on (Adam or SGD; uniform, in-batch and mixed negatives). With dropout,
+the parameters replicated over a TP group must stay bitwise identical while the sharded
+activations' dropout masks differ between the TP ranks; DP ranks draw their own dropout
+stream (TrainerArgs.dropout_per_rank) or, with it off, the same one.
 """
 
 from __future__ import annotations
@@ -104,16 +105,25 @@ def _train_and_dump(
         trainer.close()  # the process group is torn down by the test harness, once the trainer is gone
 
 
+# (a temperature of 0.05 and large SGD steps make the runs chaotic: float noise of 3e-8
+# after one step grows past 1e-5 in 20; these settings keep it near 1e-7)
+_SGD = [
+    'OptimizerArgs.optimizer_str="sgd"', "OptimizerArgs.learning_rate=0.1",
+    'OptimizerArgs.sparse_optimizer_str="sgd"', "OptimizerArgs.sparse_learning_rate=0.02",
+    "RetrievalArgs.temperature=0.2",
+]
 CASES = {
     # task, batch per process of the 2-process runs, extra gin
     "ranking-adam": ("ranking", 8, ['OptimizerArgs.optimizer_str="adam"']),
-    # (a temperature of 0.05 and large SGD steps make the runs chaotic: float noise of 3e-8
-    # after one step grows past 1e-5 in 20; these settings keep it near 1e-7)
     "retrieval-sgd": ("retrieval", 8, [
-        'OptimizerArgs.optimizer_str="sgd"', "OptimizerArgs.learning_rate=0.1",
-        'OptimizerArgs.sparse_optimizer_str="sgd"', "OptimizerArgs.sparse_learning_rate=0.02",
-        "RetrievalArgs.temperature=0.2",
-        'RetrievalArgs.negative_sampling="uniform"', "RetrievalArgs.num_negatives=8",
+        *_SGD, 'RetrievalArgs.negative_sampling="uniform"', "RetrievalArgs.num_negatives=8",
+    ]),
+    # in-batch negatives: every rank's queries score the positives of all ranks (gathered,
+    # with gradients back to their rank: hstu.model.batch_gather), as one process scores its
+    # whole batch's; a rank's own positives only would be half of them
+    "retrieval-in_batch": ("retrieval", 8, [*_SGD, 'RetrievalArgs.negative_sampling="in_batch"']),
+    "retrieval-mixed": ("retrieval", 8, [
+        *_SGD, 'RetrievalArgs.negative_sampling="mixed"', "RetrievalArgs.num_negatives=4",
     ]),
 }
 COMMON = ["TrainerArgs.max_train_iters=20", 'TrainerArgs.pipeline_type="none"',
@@ -185,6 +195,45 @@ def _dropout_case(rank: int, world_size: int, tmp: str) -> None:
 
 def test_tp_dropout_masks_differ_per_shard_and_replicas_stay_identical(tmp_path) -> None:
     run_multiprocess(_dropout_case, world_size=2, tmp=str(tmp_path))
+
+
+def _dp_dropout_case(rank: int, world_size: int, tmp: str, per_rank: bool) -> None:
+    """DP=2 without TP: the dropout stream each rank draws its first mask from."""
+    trainer, env = _trainer("ranking", tmp, f"dpdrop{per_rank}", COMMON[:-1] + [
+        "NetworkArgs.hidden_dropout=0.2", "TrainerArgs.train_batch_size=8",
+        "TrainerArgs.max_train_iters=2", f"TrainerArgs.dropout_per_rank={per_rank}",
+    ])
+    states: list[torch.Tensor] = []
+    masks: list[torch.Tensor] = []
+    block = trainer.model.dense_module.block
+    # the generator's state as the first dropout of the step draws (the ranks' token counts
+    # differ, so their masks have different shapes: the stream itself is compared)
+    block.input_dropout.register_forward_pre_hook(
+        lambda m, i: states.append(torch.get_rng_state()) if m.training else None
+    )
+    block.input_dropout.register_forward_hook(
+        lambda m, i, o: masks.append((o == 0) & (i[0] != 0)) if m.training else None
+    )
+    try:
+        assert env.dp_size == 2 and env.tp_size == 1
+        trainer.train()
+        assert len(states) == 2 and masks
+        rate = torch.cat([m.reshape(-1) for m in masks]).float().mean()
+        assert 0.1 < rate < 0.3, f"the input dropout dropped {rate:.3f}, not ~20%"
+        parts = [torch.empty_like(states[0]) for _ in range(2)]
+        dist.all_gather(parts, states[0])
+        same = torch.equal(parts[0], parts[1])
+        if per_rank:
+            assert not same, "dropout_per_rank: both DP ranks drew from the same stream"
+        else:
+            assert same, "dropout_per_rank=False: the DP ranks drew from different streams"
+    finally:
+        trainer.close()  # the process group is torn down by the test harness, once the trainer is gone
+
+
+@pytest.mark.parametrize("per_rank", [True, False])
+def test_dp_dropout_streams_per_rank_or_shared(tmp_path, per_rank) -> None:
+    run_multiprocess(_dp_dropout_case, world_size=2, tmp=str(tmp_path), per_rank=per_rank)
 
 
 def _overlap_case(rank: int, world_size: int, tmp: str) -> None:

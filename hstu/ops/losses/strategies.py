@@ -52,6 +52,12 @@ class LossInputs:
     order: torch.Tensor | None = None
     offsets: torch.Tensor | None = None
     """The index's transpose from the data path (Batch.negative_order / negative_offsets)."""
+    batch_pos_vectors: torch.Tensor | None = None
+    """In-batch negatives with several ranks: [N, D], the positives of the whole global batch
+    (every rank's pos_vectors, rank order; gradients flow back to their rank:
+    hstu.model.batch_gather); None: pos_vectors are the batch's."""
+    batch_pos_ids: torch.Tensor | None = None
+    """int64 [N], their ids (with batch_pos_vectors)."""
 
 
 Group = tuple[torch.Tensor | SharedRows, torch.Tensor]  # negatives' vectors and their ids
@@ -75,7 +81,10 @@ def _drawn(x: LossInputs, shared: SharedRows | torch.Tensor) -> Group:
 
 
 def _in_batch(x: LossInputs) -> Group:
-    """The other positives of the batch as negatives (shared by every query)."""
+    """The other positives of the (global) batch as negatives (shared by every query; the
+    query's own positive, and any other of the same id, masked by id)."""
+    if x.batch_pos_vectors is not None:
+        return x.batch_pos_vectors, x.batch_pos_ids
     return x.pos_vectors, x.pos_ids
 
 
@@ -98,7 +107,7 @@ def uniform(x: LossInputs) -> LossOutput:
 
 
 def in_batch(x: LossInputs) -> LossOutput:
-    """The other positives of this rank's batch."""
+    """The other positives of the global batch."""
     return _softmax(x, [_in_batch(x)])
 
 
