@@ -134,7 +134,14 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# the default tier: ranking with Adam, and retrieval with in-batch negatives (every rank
+# scores the world's positives); uniform and mixed negatives run in the slow tier
+SLOW_CASES = {"retrieval-sgd", "retrieval-mixed"}
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in sorted(CASES)]
+)
 def test_tp2_dp2_and_one_process_take_the_same_steps(tmp_path, case) -> None:
     task, per_rank, extra = CASES[case]
     tmp = str(tmp_path)
