@@ -198,8 +198,8 @@ def test_base_config_loads(tmp_path):
             r"run\.gin:\d+: TrainerArgs\.best_requires_loss_below_prior: needs TrainerArgs\.best_metric",
         ),
         (
-            "TrainerArgs.best_requires_loss_below_prior = True\nTrainerArgs.best_metric = 'MRR'\n"
-            "DatasetArgs.holdout_validation = True",
+            ("TrainerArgs.best_requires_loss_below_prior = True\nTrainerArgs.best_metric = 'MRR'\n"
+             "DatasetArgs.holdout_validation = True"),
             r"run\.gin:\d+: TrainerArgs\.best_requires_loss_below_prior: is for ranking .*this is a retrieval run",
         ),
     ],
