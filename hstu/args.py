@@ -113,6 +113,8 @@ class TrainerArgs:
     """Eval metric (higher is better, e.g. NDCG@10) selecting the best checkpoint on the validation split; the test split is then scored once with it. Needs DatasetArgs.holdout_validation."""
     early_stopping_patience: int | None = None
     """Stop after this many evaluations without a new best best_metric; None never stops early."""
+    best_requires_loss_below_prior: bool = False
+    """Ranking: only an evaluation whose validation loss is below the label prior's (a constant score from the training labels, on the same validation candidates) may become the best checkpoint; until one does, the selection is the evaluation with the lowest validation loss, and the log says so. Needs best_metric."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -138,6 +140,12 @@ class TrainerArgs:
             self,
             "early_stopping_patience",
             "needs TrainerArgs.best_metric (the metric it watches)",
+        )
+        _require(
+            not self.best_requires_loss_below_prior or self.best_metric is not None,
+            self,
+            "best_requires_loss_below_prior",
+            "needs TrainerArgs.best_metric (it restricts which evaluations that metric selects from)",
         )
         _positive(self, "keep_last_n")
         _require(

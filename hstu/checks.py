@@ -200,8 +200,17 @@ def evaluated_metrics(ranking: Any, retrieval: Any) -> tuple[str, ...]:
     return tuple(retrieval.eval_metrics) if retrieval is not None else ()
 
 
-def check_selection(trainer: Any, dataset: Any, task_metrics: tuple[str, ...]) -> None:
-    """Model selection never looks at the test split: best_metric needs a validation split."""
+def check_selection(
+    trainer: Any, dataset: Any, task_metrics: tuple[str, ...], task: str = "ranking"
+) -> None:
+    """Model selection never looks at the test split: best_metric needs a validation split.
+    The label-prior rule is ranking's (retrieval has no label prior)."""
+    if trainer.best_requires_loss_below_prior and task != "ranking":
+        raise ConfigError(
+            "TrainerArgs",
+            "best_requires_loss_below_prior",
+            f"is for ranking (a label prior's loss to beat); this is a {task} run",
+        )
     if trainer.best_metric is None:
         return
     if trainer.best_metric not in task_metrics:

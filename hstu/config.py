@@ -161,7 +161,9 @@ def load_config(
     except A.ConfigError as exc:
         raise exc.with_location(where_set(bindings, exc.field_name, label, exc.cls_name)) from None
     try:
-        checks.check_selection(trainer, dataset, checks.evaluated_metrics(ranking, retrieval))
+        checks.check_selection(
+            trainer, dataset, checks.evaluated_metrics(ranking, retrieval), task
+        )
     except A.ConfigError as exc:
         raise exc.with_location(where_set(bindings, exc.field_name, label)) from None
     extras = {cls.__name__: build(cls) for cls in _extra_classes() if cls.__name__ in bound}

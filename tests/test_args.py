@@ -193,6 +193,15 @@ def test_base_config_loads(tmp_path):
             r"run\.gin:\d+: RetrievalArgs\.full_corpus_matmul_dtype: applies to negative_sampling='full_corpus' only",
         ),
         ("RetrievalArgs.full_corpus_matmul_dtype = 'float16'", r"run\.gin:\d+: RetrievalArgs\.full_corpus_matmul_dtype"),
+        (
+            "TrainerArgs.best_requires_loss_below_prior = True",
+            r"run\.gin:\d+: TrainerArgs\.best_requires_loss_below_prior: needs TrainerArgs\.best_metric",
+        ),
+        (
+            ("TrainerArgs.best_requires_loss_below_prior = True\nTrainerArgs.best_metric = 'MRR'\n"
+             "DatasetArgs.holdout_validation = True"),
+            r"run\.gin:\d+: TrainerArgs\.best_requires_loss_below_prior: is for ranking .*this is a retrieval run",
+        ),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path, extra, pattern):

@@ -70,25 +70,45 @@ def first_non_finite(states: dict[str, Any]) -> str | None:
 
 @dataclass
 class BestTracker:
-    """The best validation value so far (higher is better) and early-stopping patience."""
+    """The best validation value so far (higher is better) and early-stopping patience.
+
+    With ``loss_limit`` (ranking: the label prior's validation loss), only an evaluation whose
+    ``loss`` is below it may become the best; the others are counted in ``ineligible``. Until
+    one is eligible, the selection is the evaluation with the lowest loss (``fallback`` true,
+    ``value`` its metric): a run where none ever is ends with that one, and says so."""
 
     metric: str | None = None
     patience: int | None = None
+    loss_limit: float | None = None
     value: float = -math.inf
     step: int = -1
     evals_since_best: int = 0
+    ineligible: int = 0
+    fallback: bool = False
+    fallback_loss: float = math.inf
 
     def update(self, metrics: dict[str, float], step: int) -> tuple[bool, bool]:
-        """(is a new best, stop early now)."""
+        """(is a new selection, stop early now). Patience counts the evaluations since the
+        last new selection (the lowest-loss fallback ones included)."""
         value = metrics[self.metric]
-        if value > self.value:
+        if self.loss_limit is not None and not metrics["loss"] < self.loss_limit:
+            self.ineligible += 1
+            loss = metrics["loss"]
+            if (self.step < 0 or self.fallback) and loss < self.fallback_loss:
+                self.value, self.step, self.evals_since_best = value, step, 0
+                self.fallback, self.fallback_loss = True, loss
+                return True, False
+        elif value > self.value or self.fallback:
             self.value, self.step, self.evals_since_best = value, step, 0
+            self.fallback = False
             return True, False
         self.evals_since_best += 1
         return False, self.patience is not None and self.evals_since_best >= self.patience
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in ("metric", "patience")}
+        return {
+            k: v for k, v in asdict(self).items() if k not in ("metric", "patience", "loss_limit")
+        }
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         for key, value in (state or {}).items():

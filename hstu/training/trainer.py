@@ -24,6 +24,7 @@ from hstu.training.lifecycle import AUTO
 from hstu.training.logger import RunLogger
 from hstu.training.loop import MetricsWindow, Preemption, train_line
 from hstu.training.pipeline import build_pipeline
+from hstu.validation import ConfigError
 
 
 def _metrics_text(metrics: dict[str, float]) -> str:
@@ -61,11 +62,22 @@ class Validation:
             return metrics, False
         best = t.checkpoint.best
         new_best, stop = best.update(metrics, step)
+        if best.loss_limit is not None and not metrics["loss"] < best.loss_limit:
+            say(
+                f"[hstu] step {step} not eligible as best: valid loss {metrics['loss']:.4f} is "
+                f"not below the label prior's {best.loss_limit:.4f}"
+            )
         if new_best:
             # never a best checkpoint of weights that went non-finite
             window.flush(step)
             t.checkpoint.save(step, best=True)
-            say(f"[hstu] new best {args.best_metric} {best.value:.4f} at step {step}")
+            if best.fallback:
+                say(
+                    f"[hstu] provisional selection at step {step}: lowest valid loss so far "
+                    f"{best.fallback_loss:.4f} (no evaluation eligible yet)"
+                )
+            else:
+                say(f"[hstu] new best {args.best_metric} {best.value:.4f} at step {step}")
         if stop:
             say(
                 f"[hstu] early stop at step {step}: no new best {args.best_metric} in "
@@ -76,6 +88,8 @@ class Validation:
     def test_best(self) -> dict[str, float]:
         """Scores the test split once, with the checkpoint that validation selected."""
         t, metric = self.trainer, self.args.best_metric
+        for line in self.selection_lines():
+            t.logger.print(line)
         t.checkpoint.load_best_weights()
         metrics = evaluate(t.model, t.built.test_loader, t.cfg, t.env, self.args.max_eval_iters)
         best = t.checkpoint.best
@@ -89,6 +103,26 @@ class Validation:
         )
         return metrics
 
+    def selection_lines(self) -> list[str]:
+        """TrainerArgs.best_requires_loss_below_prior: how many evaluations were not eligible,
+        and, when none was, that the selection is the lowest valid loss instead."""
+        best = self.trainer.checkpoint.best
+        if best.loss_limit is None:
+            return []
+        limit = f"the label prior's {best.loss_limit:.4f}"
+        if best.fallback:
+            line = (
+                f"[hstu] WARNING: no evaluation's valid loss was below {limit} "
+                f"({best.ineligible} not eligible): the selected checkpoint is the one with the "
+                f"lowest valid loss (step {best.step}, loss {best.fallback_loss:.4f}), not the "
+                f"best {self.args.best_metric}"
+            )
+        else:
+            line = (
+                f"[hstu] best selection: {best.ineligible} evaluation(s) not eligible (valid "
+                f"loss not below {limit})"
+            )
+        return [line]
 
 class Trainer:
     """One run: builds everything, resumes (``self.checkpoint``), trains, reports.
@@ -120,6 +154,8 @@ class Trainer:
             cfg, env, self.model, self.optimizer, self.built.train_loader, run_dir,
             config_text, self.logger.print,
         )
+        if self.args.best_requires_loss_below_prior:
+            self._set_prior_limit()
         resumed = self.checkpoint.resume()
         if resumed is not None:
             self.step = resumed
@@ -133,6 +169,26 @@ class Trainer:
             f"{self.steps_per_epoch} steps/epoch, training to step {self.max_steps}"
         )
         self.peak, self.peak_source = peak_flops(env.device, cfg.network.dtype_str)
+
+    def _set_prior_limit(self) -> None:
+        """TrainerArgs.best_requires_loss_below_prior: the label prior's loss on the validation
+        candidates the selection evaluates (same batches, same max_eval_iters) is the limit."""
+        prior = prior_baseline(
+            self.built.train_loader, self.built.eval_loader, self.cfg, self.env,
+            self.args.max_eval_iters,
+        )
+        if prior is None:
+            raise ConfigError(
+                "TrainerArgs",
+                "best_requires_loss_below_prior",
+                "needs training labels to form a label prior (real ranking data; the benchmark "
+                "data has none)",
+            )
+        self.checkpoint.best.loss_limit = prior["loss"]
+        self.logger.print(
+            f"[hstu] best {self.args.best_metric} only among evaluations whose valid loss is "
+            f"below the label prior's {prior['loss']:.4f}"
+        )
 
     # ----------------------------------------------------------------------- loop
     def _prepare_for_device(self) -> Any:
@@ -322,6 +378,11 @@ class Trainer:
         lines = summary_lines(
             self.cfg.task, self.logger.run_dir, final, baseline, best, checkpoint, resume
         )
+        # the label-prior rule: what was not eligible, or that nothing was (right under "best")
+        lines[2:2] = [
+            "  selection:      " + line.removeprefix("[hstu] ")
+            for line in self.validation.selection_lines()
+        ]
         try:
             path = write_report(self.logger.run_dir, lines)
             lines.append(f"  report:         {path}")

@@ -314,3 +314,57 @@ def test_a_full_disk_is_named_with_the_numbers_and_keeps_the_latest(tmp_path):
     finally:
         if mounted:
             subprocess.run(["umount", str(root)], check=True)
+
+
+def test_best_tracker_prior_rule_skips_a_higher_metric_whose_loss_is_above_the_prior():
+    from hstu.training.lifecycle import BestTracker
+
+    best = BestTracker("AUC", loss_limit=1.0)
+    assert best.update({"AUC": 0.60, "loss": 0.9}, 10) == (True, False)
+    # a higher AUC with a loss above the prior is not selected (without the rule it would be)
+    assert best.update({"AUC": 0.70, "loss": 1.2}, 20) == (False, False)
+    assert (best.step, best.value, best.ineligible, best.fallback) == (10, 0.60, 1, False)
+    # a loss equal to the prior's does not beat it either
+    assert best.update({"AUC": 0.71, "loss": 1.0}, 30) == (False, False)
+    assert best.update({"AUC": 0.65, "loss": 0.95}, 40) == (True, False)
+    assert (best.step, best.value, best.ineligible) == (40, 0.65, 2)
+    plain = BestTracker("AUC")
+    plain.update({"AUC": 0.60, "loss": 0.9}, 10)
+    assert plain.update({"AUC": 0.70, "loss": 1.2}, 20) == (True, False)
+
+
+def test_best_tracker_prior_rule_falls_back_to_the_lowest_loss_until_one_is_eligible():
+    from hstu.training.lifecycle import BestTracker
+
+    best = BestTracker("AUC", patience=3, loss_limit=1.0)
+    assert best.update({"AUC": 0.55, "loss": 1.5}, 10) == (True, False)  # provisional
+    assert best.fallback and best.fallback_loss == 1.5
+    assert best.update({"AUC": 0.70, "loss": 1.6}, 20) == (False, False)  # higher AUC, higher loss
+    assert best.update({"AUC": 0.52, "loss": 1.1}, 30) == (True, False)  # lower loss
+    assert (best.step, best.value, best.fallback, best.ineligible) == (30, 0.52, True, 3)
+    # the first eligible evaluation replaces the fallback whatever its AUC
+    assert best.update({"AUC": 0.50, "loss": 0.99}, 40) == (True, False)
+    assert (best.step, best.fallback) == (40, False)
+    # once one is eligible, an ineligible one with a lower loss no longer selects
+    assert best.update({"AUC": 0.40, "loss": 1.05}, 50) == (False, False)
+    assert best.step == 40
+
+
+def test_best_tracker_prior_rule_state_round_trip():
+    from hstu.training.lifecycle import BestTracker
+
+    best = BestTracker("AUC", patience=2, loss_limit=1.0)
+    best.update({"AUC": 0.6, "loss": 1.3}, 5)
+    best.update({"AUC": 0.7, "loss": 1.4}, 10)
+    state = best.state_dict()
+    assert "loss_limit" not in state  # recomputed from the data at every start
+    restored = BestTracker("AUC", patience=2, loss_limit=1.0)
+    restored.load_state_dict(state)
+    assert restored == best
+    # the resumed tracker goes on exactly as the uninterrupted one
+    assert restored.update({"AUC": 0.5, "loss": 1.2}, 15) == best.update({"AUC": 0.5, "loss": 1.2}, 15)
+    assert restored == best and restored.step == 15 and restored.fallback
+    # a checkpoint written before the rule existed (no ineligible/fallback keys) still loads
+    old = BestTracker("AUC", loss_limit=1.0)
+    old.load_state_dict({"value": 0.6, "step": 5, "evals_since_best": 0})
+    assert (old.step, old.fallback, old.ineligible) == (5, False, 0)
