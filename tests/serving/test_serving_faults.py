@@ -17,6 +17,10 @@ import pytest
 
 from tests.serving.test_export import BLOCKED, ROOT, _env
 
+# the slow tier (make test-slow, run by CI): one training run and export serve every test;
+# the default tier keeps the artifact's one-line refusals in tests/serving/test_export.py
+pytestmark = pytest.mark.slow
+
 
 def _run(cmd: list[str], timeout: int = 300, warnings: bool = False) -> subprocess.CompletedProcess:
     env = _env()

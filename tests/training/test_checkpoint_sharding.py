@@ -30,6 +30,11 @@ import torch.distributed as dist
 
 from tests.dist_utils import run_multiprocess
 
+# the slow tier (make test-slow, run by CI): the whole matrix is one ~60 s pair of runs; the
+# default tier keeps checkpoint loading under sharding in tests/embeddings/test_checkpoint.py
+# and tests/training/test_lifecycle.py
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TASKS = ("ranking", "retrieval")
 BEST_METRIC = {"ranking": "AUC", "retrieval": "NDCG@10"}

@@ -142,9 +142,12 @@ SLOW_CASES = {"retrieval-sgd", "retrieval-mixed"}
 @pytest.mark.parametrize(
     "case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in sorted(CASES)]
 )
-def test_tp2_dp2_and_one_process_take_the_same_steps(tmp_path, case) -> None:
+def test_tp2_dp2_and_one_process_take_the_same_steps(tmp_path, monkeypatch, case) -> None:
     task, per_rank, extra = CASES[case]
     tmp = str(tmp_path)
+    # the ranks' placement is checked below: a claims file of this test's own, so that another
+    # hstu job on the host (which would rightly keep both unpinned) cannot fail it
+    monkeypatch.setenv("HSTU_CPU_CLAIMS_FILE", os.path.join(tmp, "cpu-claims"))
     params = COMMON + extra
     run_multiprocess(_train_and_dump, world_size=1, tmp=tmp, task=task, tag="ref",
                      params=params + [f"TrainerArgs.train_batch_size={2 * per_rank}"])

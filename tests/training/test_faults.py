@@ -112,6 +112,7 @@ def test_damaged_checkpoint_is_one_line_naming_the_file(tmp, reference, damage):
     assert (ckpt / "iter_35" / "manifest.json").exists() and (ckpt / "latest").read_text().strip() == "iter_40"
 
 
+@pytest.mark.slow  # the default tier stops a run by SIGTERM in test_e2e (checkpoint, resume)
 def test_sigterm_to_the_launcher_exits_143_without_the_extras(tmp):
     ckpt, run_dir = tmp / "ckpt_term", tmp / "term"
     cmd = _cmd(run_dir, tmp, ['TrainerArgs.pipeline_type="native"', "TrainerArgs.max_train_iters=100000",
