@@ -31,6 +31,25 @@ non-candidate history (later history reaches earlier positions through them from
 layer on), and without the causal mask every non-candidate also sees every candidate. With
 the causal mask and no contextual tokens the two are the same mask. We assume C + G <= L (a
 token is never both).
+
+Semi-local attention (``max_attn_len`` W > 0, ``min_full_attn_seq_len`` M >= 0; Meta's names,
+W = 0 is full attention) keeps a pair the rule above allows only when it is also near:
+
+    (i < C and j < L - G)                                # contextual rows: the history
+    or (convention "hstu" and j < C)                     # "hstu": contextual keys always seen
+    or (M > 0 and pos(i) >= L - G - M)                   # the last M history rows and the
+                                                         # candidates see the whole history
+    or |pos(i) - pos(j)| <= W
+
+    pos(t) = C - 1     for t < C                         # contextual tokens: one position
+           = t         for C <= t < L - G
+           = L - G     for t >= L - G                    # candidates: the first candidate's
+
+So a history token sees itself and its W predecessors (and, without the causal mask, its W
+successors), candidates count their distance from the first candidate (the members of a
+group are at distance 0), and under "peer" a contextual key is at distance i - C + 1 from
+history row i: exactly Meta's ``_get_valid_attn_mask`` (generative_recommenders,
+ops/pytorch/pt_hstu_attention.py), which measures distances in the same collapsed positions.
 """
 
 from __future__ import annotations
@@ -49,6 +68,20 @@ def check_mask_convention(mask_convention: str) -> None:
         )
 
 
+def check_window(max_attn_len: int, min_full_attn_seq_len: int) -> None:
+    """Refuse negative window settings, or M without W (one line)."""
+    if max_attn_len < 0 or min_full_attn_seq_len < 0:
+        raise ValueError(
+            "max_attn_len and min_full_attn_seq_len must be >= 0 (0: off), got "
+            f"{max_attn_len} and {min_full_attn_seq_len}"
+        )
+    if min_full_attn_seq_len > 0 and max_attn_len == 0:
+        raise ValueError(
+            f"min_full_attn_seq_len={min_full_attn_seq_len} needs max_attn_len > 0 (without a "
+            "window every row already sees the whole history)"
+        )
+
+
 def allowed(
     i: int,
     j: int,
@@ -58,12 +91,15 @@ def allowed(
     target_group_size: int,
     causal: bool,
     mask_convention: str = "hstu",
+    max_attn_len: int = 0,
+    min_full_attn_seq_len: int = 0,
 ) -> bool:
     """The mask rule for one (query i, key j) pair of one sample, in plain Python.
 
     Deliberately written as the docstring above states it, for tests and documentation.
     """
     check_mask_convention(mask_convention)
+    check_window(max_attn_len, min_full_attn_seq_len)
     peer = mask_convention == "peer"
     if i >= length or j >= length:
         return False
@@ -74,10 +110,32 @@ def allowed(
     if causal and j > i:
         return False
     if j < first_candidate:
+        base = True
+    elif i < first_candidate:
+        base = peer
+    else:
+        base = (i - first_candidate) // target_group_size == (
+            (j - first_candidate) // target_group_size
+        )
+    if not base or max_attn_len == 0:
+        return base
+    if (i < num_contextual and j < first_candidate) or (not peer and j < num_contextual):
         return True
-    if i < first_candidate:
-        return peer
-    return (i - first_candidate) // target_group_size == (j - first_candidate) // target_group_size
+    if min_full_attn_seq_len > 0 and window_position(i, num_contextual, first_candidate) >= (
+        first_candidate - min_full_attn_seq_len
+    ):
+        return True
+    distance = window_position(i, num_contextual, first_candidate) - window_position(
+        j, num_contextual, first_candidate
+    )
+    return abs(distance) <= max_attn_len
+
+
+def window_position(t: int, num_contextual: int, first_candidate: int) -> int:
+    """pos(t) of the semi-local rule (module docstring)."""
+    if t < num_contextual:
+        return num_contextual - 1
+    return min(t, first_candidate)
 
 
 def dense_mask(
@@ -88,8 +146,12 @@ def dense_mask(
     causal: bool,
     width: int,
     mask_convention: str = "hstu",
+    max_attn_len: int = 0,
+    min_full_attn_seq_len: int = 0,
+    rows: Tensor | None = None,
+    keys: Tensor | None = None,
 ) -> Tensor:
-    """Vectorised mask for a padded group of samples.
+    """Vectorised mask for a padded group of samples, or a block of it.
 
     Args:
         lengths: int64 [b] tokens per sample (each <= width).
@@ -99,25 +161,31 @@ def dense_mask(
         causal: keep j <= i outside the contextual block.
         width: n, the padded width.
         mask_convention: "hstu" | "peer" (the module docstring).
+        max_attn_len, min_full_attn_seq_len: the semi-local window (0: full attention).
+        rows, keys: int64 positions of the block's queries and keys (default: all ``width``).
 
     Returns:
-        bool [b, n, n]: ``mask[s, i, j]`` says whether query i of sample s sees key j.
-        Rows and columns at or beyond ``lengths[s]`` are all False.
+        bool [b, rows, keys] (default [b, n, n]): ``mask[s, r, c]`` says whether query
+        ``rows[r]`` of sample s sees key ``keys[c]``. Positions at or beyond ``lengths[s]``
+        are all False.
     """
     check_mask_convention(mask_convention)
+    check_window(max_attn_len, min_full_attn_seq_len)
     peer = mask_convention == "peer"
     device = lengths.device
     pos = torch.arange(width, device=device)
-    i = pos.view(1, width, 1)
-    j = pos.view(1, 1, width)
+    row_pos = pos if rows is None else rows.to(device)
+    key_pos = pos if keys is None else keys.to(device)
+    i = row_pos.view(1, -1, 1)
+    j = key_pos.view(1, 1, -1)
     length = lengths.view(-1, 1, 1)
     valid = (i < length) & (j < length)
     if causal:
         rule = j <= i
     else:
-        rule = torch.ones(1, width, width, dtype=torch.bool, device=device)
+        rule = torch.ones(1, i.shape[1], j.shape[2], dtype=torch.bool, device=device)
+    first_candidate = length if num_targets is None else length - num_targets.view(-1, 1, 1)
     if num_targets is not None:
-        first_candidate = length - num_targets.view(-1, 1, 1)
         i_cand = i >= first_candidate
         j_cand = j >= first_candidate
         # clamp keeps floor division on non-negative numbers; only used where both are candidates
@@ -130,10 +198,21 @@ def dense_mask(
     if num_contextual is not None:
         num_ctx = num_contextual.view(-1, 1, 1)
         if peer:
-            history_end = length if num_targets is None else first_candidate
-            rule = rule | ((i < num_ctx) & (j < history_end))
+            rule = rule | ((i < num_ctx) & (j < first_candidate))
         else:
             rule = rule | ((i < num_ctx) & (j < num_ctx))
+    if max_attn_len > 0:
+        num_ctx = (torch.zeros_like(length) if num_contextual is None
+                   else num_contextual.view(-1, 1, 1))
+        pos_i = torch.minimum(torch.maximum(i, num_ctx - 1), first_candidate)
+        pos_j = torch.minimum(torch.maximum(j, num_ctx - 1), first_candidate)
+        near = (pos_i - pos_j).abs() <= max_attn_len
+        near = near | ((i < num_ctx) & (j < first_candidate))
+        if not peer:
+            near = near | (j < num_ctx)
+        if min_full_attn_seq_len > 0:
+            near = near | (pos_i >= first_candidate - min_full_attn_seq_len)
+        rule = rule & near
     return valid & rule
 
 

@@ -91,13 +91,15 @@ def random_case(
 
 
 def naive_mask(
-    length: int, num_ctx: int, num_tgt: int, group: int, causal: bool, convention: str = "hstu"
+    length: int, num_ctx: int, num_tgt: int, group: int, causal: bool, convention: str = "hstu",
+    max_attn_len: int = 0, min_full_attn_seq_len: int = 0,
 ) -> Tensor:
     """bool [L, L] built pair by pair from the written rule."""
     return torch.tensor(
         [
             [
-                allowed(i, j, length, num_ctx, num_tgt, group, causal, convention)
+                allowed(i, j, length, num_ctx, num_tgt, group, causal, convention,
+                        max_attn_len, min_full_attn_seq_len)
                 for j in range(length)
             ]
             for i in range(length)
