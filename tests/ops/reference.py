@@ -120,6 +120,9 @@ def naive_attention(
     causal: bool = True,
     target_group_size: int = 1,
     masks: list[Tensor] | None = None,
+    mask_convention: str = "hstu",
+    max_attn_len: int = 0,
+    min_full_attn_seq_len: int = 0,
 ) -> Tensor:
     """Sample by sample, dense, float64, masks and bias built element by element; ``masks``
     (bool [L, L] per sample, e.g. written by hand) replace the rule's."""
@@ -154,7 +157,8 @@ def naive_attention(
         if masks is not None:
             mask = masks[b].to(scores.device)
         else:
-            mask = naive_mask(length, nc, nt, target_group_size, causal).to(scores.device)
+            mask = naive_mask(length, nc, nt, target_group_size, causal, mask_convention,
+                              max_attn_len, min_full_attn_seq_len).to(scores.device)
         weights = torch.nn.functional.silu(scores) / scaling_seqlen * mask
         outs.append(torch.einsum("hij,jhd->ihd", weights, v))
     return torch.cat(outs)
