@@ -7,6 +7,7 @@ loops over rows in Python.
 
 from __future__ import annotations
 
+import csv
 import io
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from hstu.data.errors import DataError
 _TYPES = {"int": pa.int64(), "float": pa.float64(), "str": pa.string()}
 # Multi-character separators (MovieLens "::") are rewritten to this byte before parsing.
 _SUBSTITUTE_SEP = "\x1f"
+_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass
@@ -78,11 +80,15 @@ def read_delimited(
         delimiter: field separator (several characters allowed, e.g. "::").
         header: the first line names the columns (else `names` does, by position).
         names: column names by position when header is False.
-        quoted: honour double quotes (custom CSV); MovieLens and KuaiRand have none.
+        quoted: honour double quotes, RFC 4180 style (custom CSV, KuaiRand's user features
+            quote their ranges such as "[10,50)"); MovieLens has none.
+
+    A UTF-8 byte order mark and CRLF line ends are accepted.
 
     Returns: Columns with one numpy array per wanted column (str columns as object arrays).
     Empty values are errors naming the line and field.
     """
+    raw = raw.removeprefix(_BOM)
     if len(delimiter) > 1:
         raw = raw.replace(delimiter.encode(), _SUBSTITUTE_SEP.encode())
         sep = _SUBSTITUTE_SEP
@@ -93,7 +99,10 @@ def read_delimited(
     if header:
         end = raw.find(b"\n")
         first = (raw if end < 0 else raw[:end]).rstrip(b"\r").decode("utf-8", "replace")
-        file_names = [c.strip().strip('"') for c in first.split(sep)]
+        if quoted:
+            file_names = [c.strip() for c in next(csv.reader([first], delimiter=sep))]
+        else:
+            file_names = [c.strip().strip('"') for c in first.split(sep)]
     else:
         assert names is not None
         file_names = list(names)
@@ -156,9 +165,10 @@ def _diagnose(
     index = {c: names.index(c) for c in columns}
     for k, line in enumerate(lines[first_line - 1 :]):
         lineno = k + first_line
-        fields = line.rstrip("\r").split(sep)
         if quoted:
-            fields = [f.strip('"') for f in fields]
+            fields = next(csv.reader([line.rstrip("\r")], delimiter=sep), [])
+        else:
+            fields = line.rstrip("\r").split(sep)
         if len(fields) != len(names):
             raise DataError(
                 where,

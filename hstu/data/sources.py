@@ -214,7 +214,9 @@ def read_kuairand(src: RawSource) -> Parsed:
     wanted.update({name: "int" for name, _ in KUAIRAND_ACTION_BITS})
     parts = []
     for m in log_members:
-        cols = read_delimited(src.read_bytes(m), src.display(m), wanted, delimiter=",", header=True)
+        cols = read_delimited(
+            src.read_bytes(m), src.display(m), wanted, delimiter=",", header=True, quoted=True
+        )
         action = np.zeros(cols.num_rows, dtype=np.int64)
         for name, bit in KUAIRAND_ACTION_BITS:
             _check_range(cols, name, 0, 1, "flag")
@@ -232,6 +234,7 @@ def read_kuairand(src: RawSource) -> Parsed:
         {"user_id": "int", **{c: "str" for c in KUAIRAND_USER_RANGES}},
         delimiter=",",
         header=True,
+        quoted=True,  # the official file quotes its range fields ("[10,50)")
     )
     users.data["user"] = users.data.pop("user_id")
     return Parsed(

@@ -110,8 +110,9 @@ def test_kuairand_tar_bitmask_and_merge(tmp_path, variant, suffix):
     users = lines(
         [
             KUAIRAND_USER_HEADER,
-            "5,full_active,0,0,0,3,(0;10],1,[0;10),2,[0;5),100,61-90",
-            "6,high_active,0,0,0,30,(10;50],1,[0;10),2,[0;5),400,365+",
+            # as the official CSV writes them: range fields hold a comma, so they are quoted
+            '5,full_active,0,0,0,3,"(0,10]",1,"[0,10)",2,"[0,5)",100,61-90',
+            '6,high_active,0,0,0,30,"(10,50]",1,"[0,10)",2,"[0,5)",400,365+',
         ]
     )
     top = f"KuaiRand-{suffix}/data/"
