@@ -59,6 +59,27 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return _mix_(out, np.empty_like(out))
 
 
+# a draw of D ids counts them over the catalogue (one pass over num_items) while
+# num_items <= this * D, else sorts them (D log D): a step's cost stays O(batch), not
+# O(catalogue), on catalogues of millions of items; both give the same arrays
+_DENSE_COUNT_MAX_RATIO = 8
+
+
+def _distinct(ids: np.ndarray, num_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sorted distinct ids [U], each entry's rank among them (ids' shape), how often each
+    distinct id occurs [U]) of int64 ``ids`` in [0, num_items)."""
+    flat = ids.reshape(-1)
+    if num_items <= _DENSE_COUNT_MAX_RATIO * max(flat.size, 1):
+        counts = np.bincount(flat, minlength=num_items)
+        present = counts > 0
+        uniq = np.flatnonzero(present).astype(np.int64, copy=False)
+        slot = np.cumsum(present, dtype=np.int64) - 1
+        return uniq, np.take(slot, ids), counts[uniq]
+    uniq, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
+    return (uniq.astype(np.int64, copy=False), inverse.astype(np.int64).reshape(ids.shape),
+            counts.astype(np.int64, copy=False))
+
+
 def negatives_feature_name(item_feature_name: str) -> str:
     return f"{item_feature_name}__negatives"
 
@@ -122,12 +143,7 @@ class NegativeSampler:
             x -= t
         ids = raw.view(np.int64)  # < span < 2**63: same values
         ids += self.min_item_id
-        # the counts serve both the distinct ids and the transpose's row lengths
-        counts = np.bincount(ids.reshape(-1), minlength=self.num_items)
-        present = counts > 0
-        uniq = np.flatnonzero(present).astype(np.int64, copy=False)
-        slot = np.cumsum(present, dtype=np.int64) - 1
-        return uniq, np.take(slot, ids), counts[uniq]
+        return _distinct(ids, self.num_items)
 
     def batch_fields(self, index: np.ndarray | None, num_rows: int, counts: np.ndarray | None = None) -> dict:
         """The Batch fields of a draw: ``negative_index``, and its transpose (see

@@ -171,3 +171,24 @@ def test_draw_counts_are_the_transpose_row_lengths():
     assert sampler.draw_counted(np.array([3]), np.array([1]), 0)[2].size == 0  # no queries, no ids
     full = NegativeSampler("full_corpus", -1, 1, 60, "item", 9).draw_counted(np.array([3]), np.array([4]), 0)
     assert full[1] is None and full[2] is None
+
+
+def test_draw_on_a_large_catalogue_sorts_instead_of_counting_the_catalogue(monkeypatch):
+    """Catalogues much larger than the draw take the sorting path (cost O(draw), not
+    O(catalogue)); it gives the arrays of the counting path, and it is the path taken."""
+    from hstu.data import negatives
+    from hstu.data.negatives import NegativeSampler
+
+    sample_ids, lengths = np.array([3, 8, 1]), np.array([7, 1, 12])
+    sampler = NegativeSampler("uniform", 16, 1, 5_000_000, "item", 9)
+    calls = []
+    real_bincount = np.bincount
+    monkeypatch.setattr(negatives.np, "bincount",
+                        lambda *a, **k: calls.append(k.get("minlength")) or real_bincount(*a, **k))
+    sorted_path = sampler.draw_counted(sample_ids, lengths, 2)
+    assert calls == []  # 272 draws never count 5M catalogue slots
+    monkeypatch.setattr(negatives, "_DENSE_COUNT_MAX_RATIO", 10**9)
+    counted_path = sampler.draw_counted(sample_ids, lengths, 2)
+    assert calls == [5_000_000]
+    for a, b in zip(sorted_path, counted_path):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
