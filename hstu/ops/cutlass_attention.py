@@ -26,6 +26,15 @@ Semantics relied on (its reference test ``_hstu_attention_maybe_from_cache`` and
   (hstu.ops.masks): we call it without ``num_contexts`` (plain causal, the same for every
   other row) and compute the contextual rows with a second call over the contextual
   prefixes only, without a mask (window (-1, -1)): exactly "i < C sees j < C".
+- ``window_size=(left, right)`` (FBGEMM source at 71d6f8b2, 2026-08-21: the parameter set-up
+  of ``hstu_ops_gpu.cpp``, the masks of ``hstu_fwd.h`` / ``hstu_bwd.h`` and of the sm90
+  mainloops, the reference mask of ``test/hstu_test.py``): a value < 0 or > ``max_seqlen_k``
+  means ``max_seqlen_k``; (max, 0) is the causal mask; any other window is "local": key j
+  of row i is kept iff i - left <= j <= i + right, and the op refuses ``num_contexts`` /
+  ``num_targets`` with it. So it equals our semi-local rule (hstu.ops.masks) exactly when
+  there are no contextual tokens, no candidates and ``min_full_attn_seq_len`` = 0: pos(t) = t
+  and the pair is kept iff |i - j| <= W, i.e. window (W, 0) causal and (W, W) without the
+  causal mask. Every other window call is refused in one line (``fbgemm_window_size``).
 - sm80/sm90, head dims 32, 64, 128, 256; bf16 (FBGEMM's setup.py disables fp16 unless
   HSTU_DISABLE_FP16=FALSE and its tests run bf16 only, so fp16 is not offered here).
 
@@ -47,7 +56,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from hstu.ops.masks import check_mask_convention, lengths_from_offsets, offsets_from_lengths
+from hstu.ops.masks import (
+    check_mask_convention,
+    check_window,
+    lengths_from_offsets,
+    offsets_from_lengths,
+)
 from hstu.ops.rab import RelativeAttentionBias, padded_bias
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
@@ -245,6 +259,43 @@ def check_dense_bias_size(num_samples: int, max_seqlen: int) -> None:
         )
 
 
+WINDOW_BACKENDS = "'triton' or 'pytorch'"
+
+
+def fbgemm_window_size(
+    max_attn_len: int,
+    min_full_attn_seq_len: int,
+    causal: bool,
+    has_contextual: bool,
+    has_targets: bool,
+) -> tuple[int, int]:
+    """FBGEMM's ``window_size`` for our mask with the semi-local window (module docstring).
+
+    Raises ValueError (one line naming the option) for a window FBGEMM's kernels cannot
+    express: ``min_full_attn_seq_len`` > 0, contextual tokens or candidates with
+    ``max_attn_len`` > 0 (given as tensors; their values are not read, which would cost a
+    host sync).
+    """
+    if max_attn_len == 0:
+        return (-1, 0) if causal else (-1, -1)
+    lacking = [
+        name
+        for name, present in (
+            (f"min_full_attn_seq_len={min_full_attn_seq_len}", min_full_attn_seq_len > 0),
+            ("contextual tokens", has_contextual),
+            ("candidates", has_targets),
+        )
+        if present
+    ]
+    if lacking:
+        raise ValueError(
+            f"cutlass backend: max_attn_len={max_attn_len} with {' and '.join(lacking)} has no "
+            "equivalent in FBGEMM's window_size (a plain sliding window only); use kernel "
+            f"backend {WINDOW_BACKENDS}, which take max_attn_len and min_full_attn_seq_len"
+        )
+    return (max_attn_len, 0) if causal else (max_attn_len, max_attn_len)
+
+
 def _sample_of_token(offsets: Tensor, num_tokens: int) -> Tensor:
     """int64 [T]: the sample each token belongs to (empty samples are skipped)."""
     token = torch.arange(num_tokens, device=offsets.device, dtype=offsets.dtype)
@@ -266,18 +317,28 @@ def cutlass_hstu_attention(
     target_group_size: int = 1,
     rab: RelativeAttentionBias | None = None,
     mask_convention: str = "hstu",
+    max_attn_len: int = 0,
+    min_full_attn_seq_len: int = 0,
 ) -> Tensor:
     """HSTU attention through FBGEMM's kernels; same contract as ``hstu_attention``.
 
     FBGEMM's own contextual rows are those of ``mask_convention="peer"`` (every non-candidate
     key), passed as its ``num_contexts``; "hstu" rows (the contextual block only) are a
-    second call over the contextual prefixes.
+    second call over the contextual prefixes. A window (``max_attn_len`` > 0) is passed as
+    FBGEMM's ``window_size`` where that is the same mask, else refused
+    (``fbgemm_window_size``).
 
     Only call where ``unavailable_reason`` returned None. With ``rab`` a dense
     [B, 1, N, N] bias is materialised (that is what the external kernel consumes), refused
     past ``MAX_DENSE_BIAS_ELEMENTS``. No host synchronisation: every size used is ``T``,
     ``B`` or ``max_seqlen``.
     """
+    check_mask_convention(mask_convention)
+    check_window(max_attn_len, min_full_attn_seq_len)
+    window = fbgemm_window_size(
+        max_attn_len, min_full_attn_seq_len, causal, num_contextual is not None,
+        num_targets is not None,
+    )
     fn, why = load_entry()
     if fn is None:
         raise RuntimeError(f"cutlass backend unavailable: {why}")
@@ -319,15 +380,12 @@ def cutlass_hstu_attention(
         }
         return fn(**{names[role]: value for role, value in values.items()})
 
-    check_mask_convention(mask_convention)
     targets32 = None if num_targets is None else num_targets.to(torch.int32)
     # without the causal window, contextual rows see every key under both conventions when
     # there are no candidates (with candidates such a call never reaches this backend)
     peer_contexts = causal and mask_convention == "peer" and num_contextual is not None
     contexts32 = num_contextual.to(torch.int32) if peer_contexts else None
-    out = call(
-        q, k, v, offsets.to(torch.int32), (-1, 0) if causal else (-1, -1), targets32, contexts32
-    )
+    out = call(q, k, v, offsets.to(torch.int32), window, targets32, contexts32)
     if num_contextual is not None and causal and not peer_contexts and num_tokens > 0:
         # non-causal: every row, contextual ones included, already sees all non-candidates.
         # Causal: rows i < C[b] must see exactly keys j < C[b]. A second call runs on the

@@ -10,6 +10,10 @@ Work split (one program per tile row, per sample and head):
   blocks that are fully masked (other target groups, the causal future) are never loaded.
 - dk/dv: program (b*H + h, key block); it loops over the query blocks that can see it. The
   bias gradients are scattered into float32 [2P-1] and [129] buffers with atomics.
+- the semi-local window (constexpr WINDOW, W = max_attn_len and M = min_full as runtime
+  ints): the ranges above are narrowed to the keys (query rows) within W of the block, plus
+  the contextual keys ("hstu") or rows, the candidate groups and the last M rows, which the
+  window keeps whatever the distance; so a pass costs O(L * W) per sample, not O(L^2).
 No [T, T] or [B, N, N] tensor exists at any point; the backward recomputes the scores.
 
 Import this module only after ``TRITON_INTERPRET`` has its final value: Triton decides at
@@ -27,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
-from hstu.ops.masks import check_mask_convention
+from hstu.ops.masks import check_mask_convention, check_window
 from hstu.ops.rab import NUM_TIME_BUCKETS, RelativeAttentionBias
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -50,13 +54,17 @@ def _allowed(
     num_ctx,
     first_cand,
     group_size,
+    max_attn_len,
+    min_full,
     CAUSAL: tl.constexpr,
     HAS_CONTEXT: tl.constexpr,
     HAS_TARGETS: tl.constexpr,
     PEER: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """i, j: broadcastable int32 query/key positions inside the sample -> bool tile; the
-    mask of hstu.ops.masks, "peer" convention when PEER."""
+    mask of hstu.ops.masks, "peer" convention when PEER, the semi-local window (W =
+    max_attn_len, M = min_full) when WINDOW."""
     inside = (i < seqlen) & (j < seqlen)
     if CAUSAL:
         rule = j <= i
@@ -77,7 +85,26 @@ def _allowed(
             rule = rule | ((i < num_ctx) & (j < first_cand))
         else:
             rule = rule | ((i < num_ctx) & (j < num_ctx))
+    if WINDOW:
+        pos_i = _window_pos(i, num_ctx, first_cand)
+        pos_j = _window_pos(j, num_ctx, first_cand)
+        near = tl.abs(pos_i - pos_j) <= max_attn_len
+        # rows from pos first_cand - M on see the whole history (M > 0; past pos L - G else)
+        full_from = tl.where(min_full > 0, first_cand - min_full, seqlen + 1)
+        near = near | (pos_i >= full_from)
+        if HAS_CONTEXT:
+            near = near | ((i < num_ctx) & (j < first_cand))
+            if not PEER:
+                near = near | (j < num_ctx)
+        rule = rule & near
     return inside & rule
+
+
+@triton.jit
+def _window_pos(t, num_ctx, first_cand):
+    """pos(t) of the semi-local rule (hstu.ops.masks): contextual tokens at C - 1,
+    candidates at the first candidate."""
+    return tl.minimum(tl.maximum(t, num_ctx - 1), first_cand)
 
 
 @triton.jit
@@ -149,14 +176,19 @@ def _key_ranges(
     num_ctx,
     first_cand,
     group_size,
+    max_attn_len,
+    min_full,
     CAUSAL: tl.constexpr,
     HAS_CONTEXT: tl.constexpr,
     HAS_TARGETS: tl.constexpr,
     PEER: tl.constexpr,
+    WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Key ranges a query block [m0, m0 + BM) needs: [0, end1) and [lo2, hi2), disjoint."""
+    """Key ranges a query block [m0, m0 + BM) needs, disjoint and in this order: [0, ctx_end)
+    (WINDOW and "hstu": the contextual keys below the band), [start1, end1) (non-candidate
+    keys; without WINDOW start1 = 0) and [lo2, hi2) (the candidate groups of its rows)."""
     m1 = tl.minimum(m0 + BLOCK_M, seqlen)
     key_end = seqlen
     if CAUSAL:
@@ -169,7 +201,32 @@ def _key_ranges(
     first_range_end = first_cand
     if PEER and not CAUSAL:  # non-candidate rows see the candidates too
         first_range_end = tl.where(m0 < first_cand, seqlen, first_cand)
-    end1 = ((tl.minimum(first_range_end, key_end) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    limit1 = tl.minimum(first_range_end, key_end)
+    ctx_end = 0
+    start1 = 0
+    if WINDOW:
+        # keys whose pos(j) is within W of pos(i) for some row of the block: pos is monotone
+        # in the token index, so they form one token interval [band_lo, band_hi); a
+        # contextual key is at pos C - 1, so the band reaches key 0 once it reaches C - 1
+        pos_first = _window_pos(m0, num_ctx, first_cand)
+        pos_last = _window_pos(m1 - 1, num_ctx, first_cand)
+        band_lo = pos_first - max_attn_len
+        band_lo = tl.where(band_lo > num_ctx - 1, band_lo, 0)
+        band_hi = tl.where(
+            pos_last + max_attn_len < first_cand, pos_last + max_attn_len + 1, seqlen
+        )
+        # rows that see every key the base mask allows: the last M history rows and the
+        # candidates (M > 0), contextual rows
+        full = pos_last >= tl.where(min_full > 0, first_cand - min_full, seqlen + 1)
+        if HAS_CONTEXT:
+            full = full | (m0 < num_ctx)
+        band_lo = tl.where(full, 0, band_lo)
+        band_hi = tl.where(full, seqlen, band_hi)
+        start1 = (band_lo // BLOCK_N) * BLOCK_N
+        if HAS_CONTEXT and not PEER:  # "hstu": contextual keys are seen by every row
+            ctx_end = tl.minimum(((num_ctx + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, start1)
+        limit1 = tl.minimum(limit1, band_hi)
+    end1 = ((limit1 + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
     lo2 = end1
     hi2 = end1
     if HAS_TARGETS and m1 > first_cand:
@@ -178,7 +235,7 @@ def _key_ranges(
         group_hi = first_cand + ((m1 - 1 - first_cand) // group_size + 1) * group_size
         lo2 = tl.maximum((group_lo // BLOCK_N) * BLOCK_N, end1)
         hi2 = tl.minimum(key_end, group_hi)
-    return end1, lo2, hi2
+    return ctx_end, start1, end1, lo2, hi2
 
 
 @triton.jit
@@ -204,10 +261,13 @@ def _fwd_tile(
     qt,
     num_pos,
     head_dim,
+    max_attn_len,
+    min_full,
     CAUSAL: tl.constexpr,
     HAS_CONTEXT: tl.constexpr,
     HAS_TARGETS: tl.constexpr,
     PEER: tl.constexpr,
+    WINDOW: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_TS: tl.constexpr,
     HAS_QT: tl.constexpr,
@@ -244,13 +304,14 @@ def _fwd_tile(
         PRECISION,
     )
     keep = _allowed(
-        i, j, seqlen, num_ctx, first_cand, group_size, CAUSAL, HAS_CONTEXT, HAS_TARGETS, PEER
+        i, j, seqlen, num_ctx, first_cand, group_size, max_attn_len, min_full, CAUSAL,
+        HAS_CONTEXT, HAS_TARGETS, PEER, WINDOW,
     )
     p = tl.where(keep, s * _sigmoid(s) * inv_scale, 0.0)
     return acc + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_attn_len", "min_full"])
 def _hstu_fwd_kernel(
     Q,
     K,
@@ -277,10 +338,13 @@ def _hstu_fwd_kernel(
     inv_scale,
     group_size,
     num_pos,
+    max_attn_len,
+    min_full,
     CAUSAL: tl.constexpr,
     HAS_CONTEXT: tl.constexpr,
     HAS_TARGETS: tl.constexpr,
     PEER: tl.constexpr,
+    WINDOW: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_TS: tl.constexpr,
     HAS_QT: tl.constexpr,
@@ -315,20 +379,61 @@ def _hstu_fwd_kernel(
         qt_slot = b
     qt = tl.load(query_ts + qt_slot)  # the sample's query time (HAS_QT), else unused
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
-    end1, lo2, hi2 = _key_ranges(
+    ctx_end, start1, end1, lo2, hi2 = _key_ranges(
         m0,
         seqlen,
         num_ctx,
         first_cand,
         group_size,
+        max_attn_len,
+        min_full,
         CAUSAL,
         HAS_CONTEXT,
         HAS_TARGETS,
         PEER,
+        WINDOW,
         BLOCK_M,
         BLOCK_N,
     )
-    for n0 in range(0, end1, BLOCK_N):
+    if WINDOW:  # "hstu" contextual keys below the band
+        for n0 in range(0, ctx_end, BLOCK_N):
+            acc = _fwd_tile(
+                acc,
+                q,
+                n0,
+                offs_m,
+                offs_d,
+                k_base,
+                v_base,
+                stride_kt,
+                stride_vt,
+                seqlen,
+                num_ctx,
+                first_cand,
+                group_size,
+                alpha,
+                inv_scale,
+                pos_w,
+                ts_w,
+                ts_ptr,
+                qt,
+                num_pos,
+                head_dim,
+                max_attn_len,
+                min_full,
+                CAUSAL,
+                HAS_CONTEXT,
+                HAS_TARGETS,
+                PEER,
+                WINDOW,
+                HAS_POS,
+                HAS_TS,
+                HAS_QT,
+                NUM_BUCKETS,
+                PRECISION,
+                BLOCK_N,
+            )
+    for n0 in range(start1, end1, BLOCK_N):
         acc = _fwd_tile(
             acc,
             q,
@@ -351,10 +456,13 @@ def _hstu_fwd_kernel(
             qt,
             num_pos,
             head_dim,
+            max_attn_len,
+            min_full,
             CAUSAL,
             HAS_CONTEXT,
             HAS_TARGETS,
             PEER,
+            WINDOW,
             HAS_POS,
             HAS_TS,
             HAS_QT,
@@ -385,10 +493,13 @@ def _hstu_fwd_kernel(
             qt,
             num_pos,
             head_dim,
+            max_attn_len,
+            min_full,
             CAUSAL,
             HAS_CONTEXT,
             HAS_TARGETS,
             PEER,
+            WINDOW,
             HAS_POS,
             HAS_TS,
             HAS_QT,
@@ -440,10 +551,13 @@ def _dq_tile(
     qt,
     num_pos,
     head_dim,
+    max_attn_len,
+    min_full,
     CAUSAL: tl.constexpr,
     HAS_CONTEXT: tl.constexpr,
     HAS_TARGETS: tl.constexpr,
     PEER: tl.constexpr,
+    WINDOW: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_TS: tl.constexpr,
     HAS_QT: tl.constexpr,
@@ -480,7 +594,8 @@ def _dq_tile(
         PRECISION,
     )
     keep = _allowed(
-        i, j, seqlen, num_ctx, first_cand, group_size, CAUSAL, HAS_CONTEXT, HAS_TARGETS, PEER
+        i, j, seqlen, num_ctx, first_cand, group_size, max_attn_len, min_full, CAUSAL,
+        HAS_CONTEXT, HAS_TARGETS, PEER, WINDOW,
     )
     sig = _sigmoid(s)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -488,7 +603,7 @@ def _dq_tile(
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_attn_len", "min_full"])
 def _hstu_bwd_dq_kernel(
     Q,
     K,
@@ -518,10 +633,13 @@ def _hstu_bwd_dq_kernel(
     inv_scale,
     group_size,
     num_pos,
+    max_attn_len,
+    min_full,
     CAUSAL: tl.constexpr,
     HAS_CONTEXT: tl.constexpr,
     HAS_TARGETS: tl.constexpr,
     PEER: tl.constexpr,
+    WINDOW: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_TS: tl.constexpr,
     HAS_QT: tl.constexpr,
@@ -556,20 +674,62 @@ def _hstu_bwd_dq_kernel(
         qt_slot = b
     qt = tl.load(query_ts + qt_slot)  # the sample's query time (HAS_QT), else unused
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
-    end1, lo2, hi2 = _key_ranges(
+    ctx_end, start1, end1, lo2, hi2 = _key_ranges(
         m0,
         seqlen,
         num_ctx,
         first_cand,
         group_size,
+        max_attn_len,
+        min_full,
         CAUSAL,
         HAS_CONTEXT,
         HAS_TARGETS,
         PEER,
+        WINDOW,
         BLOCK_M,
         BLOCK_N,
     )
-    for n0 in range(0, end1, BLOCK_N):
+    if WINDOW:  # "hstu" contextual keys below the band
+        for n0 in range(0, ctx_end, BLOCK_N):
+            dq = _dq_tile(
+                dq,
+                q,
+                do,
+                n0,
+                offs_m,
+                offs_d,
+                k_base,
+                v_base,
+                stride_kt,
+                stride_vt,
+                seqlen,
+                num_ctx,
+                first_cand,
+                group_size,
+                alpha,
+                inv_scale,
+                pos_w,
+                ts_w,
+                ts_ptr,
+                qt,
+                num_pos,
+                head_dim,
+                max_attn_len,
+                min_full,
+                CAUSAL,
+                HAS_CONTEXT,
+                HAS_TARGETS,
+                PEER,
+                WINDOW,
+                HAS_POS,
+                HAS_TS,
+                HAS_QT,
+                NUM_BUCKETS,
+                PRECISION,
+                BLOCK_N,
+            )
+    for n0 in range(start1, end1, BLOCK_N):
         dq = _dq_tile(
             dq,
             q,
@@ -593,10 +753,13 @@ def _hstu_bwd_dq_kernel(
             qt,
             num_pos,
             head_dim,
+            max_attn_len,
+            min_full,
             CAUSAL,
             HAS_CONTEXT,
             HAS_TARGETS,
             PEER,
+            WINDOW,
             HAS_POS,
             HAS_TS,
             HAS_QT,
@@ -628,10 +791,13 @@ def _hstu_bwd_dq_kernel(
             qt,
             num_pos,
             head_dim,
+            max_attn_len,
+            min_full,
             CAUSAL,
             HAS_CONTEXT,
             HAS_TARGETS,
             PEER,
+            WINDOW,
             HAS_POS,
             HAS_TS,
             HAS_QT,
@@ -673,10 +839,13 @@ def _dkdv_tile(
     head_dim,
     DPOS,
     DTS,
+    max_attn_len,
+    min_full,
     CAUSAL: tl.constexpr,
     HAS_CONTEXT: tl.constexpr,
     HAS_TARGETS: tl.constexpr,
     PEER: tl.constexpr,
+    WINDOW: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_TS: tl.constexpr,
     HAS_QT: tl.constexpr,
@@ -719,7 +888,8 @@ def _dkdv_tile(
         PRECISION,
     )
     keep = _allowed(
-        i, j, seqlen, num_ctx, first_cand, group_size, CAUSAL, HAS_CONTEXT, HAS_TARGETS, PEER
+        i, j, seqlen, num_ctx, first_cand, group_size, max_attn_len, min_full, CAUSAL,
+        HAS_CONTEXT, HAS_TARGETS, PEER, WINDOW,
     )
     sig = _sigmoid(s_t)
     p_t = tl.where(keep, s_t * sig * inv_scale, 0.0)
@@ -735,6 +905,79 @@ def _dkdv_tile(
 
 
 @triton.jit
+def _window_query_ranges(
+    n0,
+    n1,
+    seqlen,
+    num_ctx,
+    first_cand,
+    group_size,
+    max_attn_len,
+    min_full,
+    CAUSAL: tl.constexpr,
+    HAS_CONTEXT: tl.constexpr,
+    HAS_TARGETS: tl.constexpr,
+    PEER: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Query rows a key block [n0, n1) needs under the window, disjoint and in this order:
+    [0, prefix_end) the contextual rows (by the base mask alone: the window keeps their
+    non-candidate keys), [band_lo, band_hi) the rows within W of the block (every row for
+    "hstu" contextual keys), [full_lo, full_hi) the last M history rows and the candidates
+    where they do not continue the band."""
+    # the base mask, for the rows past the contextual ones
+    row_lo = n0 * 0
+    if CAUSAL:
+        row_lo = n0
+    row_hi = seqlen
+    # candidate keys only: their groups' rows ("peer" without the causal mask: every
+    # non-candidate row as well, so no narrowing there)
+    if HAS_TARGETS and (CAUSAL or not PEER):
+        cand_block = n0 >= first_cand
+        group_lo = first_cand + ((n0 - first_cand) // group_size) * group_size
+        group_hi = first_cand + ((n1 - 1 - first_cand) // group_size + 1) * group_size
+        row_lo = tl.where(cand_block, tl.maximum(row_lo, group_lo), row_lo)
+        row_hi = tl.where(cand_block, tl.minimum(seqlen, group_hi), row_hi)
+    prefix_end = n0 * 0
+    if HAS_CONTEXT:
+        if PEER:
+            if CAUSAL:
+                needed = n0 < first_cand
+            else:
+                needed = n0 >= 0
+        else:
+            if CAUSAL:
+                needed = n0 < num_ctx
+            else:
+                needed = n0 < first_cand
+        prefix_end = tl.where(needed, ((num_ctx + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, 0)
+    # rows whose pos(i) is within W of pos(j) for some key of the block: one token interval
+    pos_first = _window_pos(n0, num_ctx, first_cand)
+    pos_last = _window_pos(n1 - 1, num_ctx, first_cand)
+    band_lo = pos_first - max_attn_len
+    band_lo = tl.where(band_lo > num_ctx - 1, band_lo, 0)
+    band_hi = tl.where(pos_last + max_attn_len < first_cand, pos_last + max_attn_len + 1, seqlen)
+    if HAS_CONTEXT and not PEER:  # "hstu": contextual keys are seen by every row
+        band_lo = tl.where(n0 < num_ctx, 0, band_lo)
+        band_hi = tl.where(n0 < num_ctx, seqlen, band_hi)
+    # rows that see every key (M > 0): pos(i) >= first_cand - M, a suffix of the sample
+    full_lo = first_cand - min_full
+    full_lo = tl.where(full_lo > num_ctx - 1, full_lo, 0)
+    full_lo = tl.where(min_full > 0, full_lo, seqlen)
+    merged = full_lo <= band_hi
+    band_lo = tl.where(merged, tl.minimum(band_lo, full_lo), band_lo)
+    band_hi = tl.where(merged, seqlen, band_hi)
+    band_lo = tl.maximum((tl.maximum(band_lo, row_lo) // BLOCK_M) * BLOCK_M, prefix_end)
+    band_hi = tl.minimum(band_hi, row_hi)
+    full_hi = row_hi
+    full_lo = tl.maximum((tl.maximum(full_lo, row_lo) // BLOCK_M) * BLOCK_M, prefix_end)
+    band_end = tl.where(band_hi > band_lo, ((band_hi + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, 0)
+    full_lo = tl.maximum(full_lo, band_end)
+    full_lo = tl.where(merged, full_hi, full_lo)
+    return prefix_end, band_lo, band_hi, full_lo, full_hi
+
+
+@triton.jit(do_not_specialize=["max_attn_len", "min_full"])
 def _hstu_bwd_dkdv_kernel(
     Q,
     K,
@@ -769,10 +1012,13 @@ def _hstu_bwd_dkdv_kernel(
     inv_scale,
     group_size,
     num_pos,
+    max_attn_len,
+    min_full,
     CAUSAL: tl.constexpr,
     HAS_CONTEXT: tl.constexpr,
     HAS_TARGETS: tl.constexpr,
     PEER: tl.constexpr,
+    WINDOW: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_TS: tl.constexpr,
     HAS_QT: tl.constexpr,
@@ -809,31 +1055,48 @@ def _hstu_bwd_dkdv_kernel(
 
     # query rows that can see this key block
     n1 = tl.minimum(n0 + BLOCK_N, seqlen)
-    row_lo = n0 * 0
-    if CAUSAL:
-        row_lo = n0
-        if HAS_CONTEXT:
-            row_lo = tl.where(n0 < num_ctx, 0, n0)
-    row_hi = seqlen
-    if HAS_TARGETS and n0 >= first_cand:  # candidate keys only: their groups' rows
-        group_lo = first_cand + ((n0 - first_cand) // group_size) * group_size
-        group_hi = first_cand + ((n1 - 1 - first_cand) // group_size + 1) * group_size
-        row_lo = tl.maximum(row_lo, group_lo)
-        row_hi = tl.minimum(seqlen, group_hi)
-    row_lo = (row_lo // BLOCK_M) * BLOCK_M
-
-    # "peer": rows [0, prefix_end) first (contextual rows that see every non-candidate key;
-    # non-candidate rows that see candidate keys without the causal mask), then the rest
-    prefix_end = n0 * 0
-    if PEER:
+    if WINDOW:
+        prefix_end, row_lo, row_hi, full_lo, full_hi = _window_query_ranges(
+            n0,
+            n1,
+            seqlen,
+            num_ctx,
+            first_cand,
+            group_size,
+            max_attn_len,
+            min_full,
+            CAUSAL,
+            HAS_CONTEXT,
+            HAS_TARGETS,
+            PEER,
+            BLOCK_M,
+        )
+    else:
+        row_lo = n0 * 0
         if CAUSAL:
+            row_lo = n0
             if HAS_CONTEXT:
-                prefix_end = tl.where(n0 < first_cand, num_ctx, 0)
-        else:
-            if HAS_TARGETS:
-                prefix_end = tl.where(n0 >= first_cand, first_cand, 0)
-    prefix_end = ((prefix_end + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
-    row_lo = tl.maximum(row_lo, prefix_end)
+                row_lo = tl.where(n0 < num_ctx, 0, n0)
+        row_hi = seqlen
+        if HAS_TARGETS and n0 >= first_cand:  # candidate keys only: their groups' rows
+            group_lo = first_cand + ((n0 - first_cand) // group_size) * group_size
+            group_hi = first_cand + ((n1 - 1 - first_cand) // group_size + 1) * group_size
+            row_lo = tl.maximum(row_lo, group_lo)
+            row_hi = tl.minimum(seqlen, group_hi)
+        row_lo = (row_lo // BLOCK_M) * BLOCK_M
+
+        # "peer": rows [0, prefix_end) first (contextual rows that see every non-candidate key;
+        # non-candidate rows that see candidate keys without the causal mask), then the rest
+        prefix_end = n0 * 0
+        if PEER:
+            if CAUSAL:
+                if HAS_CONTEXT:
+                    prefix_end = tl.where(n0 < first_cand, num_ctx, 0)
+            else:
+                if HAS_TARGETS:
+                    prefix_end = tl.where(n0 >= first_cand, first_cand, 0)
+        prefix_end = ((prefix_end + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+        row_lo = tl.maximum(row_lo, prefix_end)
 
     j = offs_n[:, None]
     for m0 in range(0, prefix_end, BLOCK_M):
@@ -863,10 +1126,13 @@ def _hstu_bwd_dkdv_kernel(
             head_dim,
             DPOS,
             DTS,
+            max_attn_len,
+            min_full,
             CAUSAL,
             HAS_CONTEXT,
             HAS_TARGETS,
             PEER,
+            WINDOW,
             HAS_POS,
             HAS_TS,
             HAS_QT,
@@ -901,10 +1167,13 @@ def _hstu_bwd_dkdv_kernel(
             head_dim,
             DPOS,
             DTS,
+            max_attn_len,
+            min_full,
             CAUSAL,
             HAS_CONTEXT,
             HAS_TARGETS,
             PEER,
+            WINDOW,
             HAS_POS,
             HAS_TS,
             HAS_QT,
@@ -912,6 +1181,48 @@ def _hstu_bwd_dkdv_kernel(
             PRECISION,
             BLOCK_M,
         )
+    if WINDOW:  # the last M history rows and the candidates, past the band
+        for m0 in range(full_lo, full_hi, BLOCK_M):
+            dk, dv = _dkdv_tile(
+                dk,
+                dv,
+                k,
+                v,
+                m0,
+                j,
+                offs_d,
+                q_base,
+                do_base,
+                stride_qt,
+                stride_dot,
+                seqlen,
+                num_ctx,
+                first_cand,
+                group_size,
+                alpha,
+                inv_scale,
+                pos_w,
+                ts_w,
+                ts_ptr,
+                qt,
+                num_pos,
+                head_dim,
+                DPOS,
+                DTS,
+                max_attn_len,
+                min_full,
+                CAUSAL,
+                HAS_CONTEXT,
+                HAS_TARGETS,
+                PEER,
+                WINDOW,
+                HAS_POS,
+                HAS_TS,
+                HAS_QT,
+                NUM_BUCKETS,
+                PRECISION,
+                BLOCK_M,
+            )
     tl.store(
         DK + cols * stride_dkt + h * stride_dkh + offs_d[None, :],
         (dk * alpha).to(DK.dtype.element_ty),
@@ -1065,6 +1376,8 @@ class _HstuAttentionFunction(torch.autograd.Function):
         block_m: int | None,
         block_n: int | None,
         peer: bool,
+        max_attn_len: int,
+        min_full_attn_seq_len: int,
     ) -> Tensor:
         q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
         num_tokens, num_heads, head_dim = q.shape
@@ -1076,6 +1389,7 @@ class _HstuAttentionFunction(torch.autograd.Function):
             "HAS_CONTEXT": num_contextual is not None,
             "HAS_TARGETS": num_targets is not None,
             "PEER": peer,
+            "WINDOW": max_attn_len > 0,
             "HAS_POS": pos_weights is not None,
             "HAS_TS": ts_weights is not None,
             "HAS_QT": ts_weights is not None and query_timestamps is not None,
@@ -1099,6 +1413,8 @@ class _HstuAttentionFunction(torch.autograd.Function):
             1.0 / scaling_seqlen,
             int(target_group_size),
             num_pos,
+            int(max_attn_len),
+            int(min_full_attn_seq_len),
         )
         def launch(cfg: dict[str, int]) -> None:
             grid = (num_samples * num_heads, triton.cdiv(max_seqlen, cfg["BLOCK_M"]))
@@ -1213,7 +1529,7 @@ class _HstuAttentionFunction(torch.autograd.Function):
             launch(cfg)
         d_pos = dpos.to(pos_weights.dtype) if pos_weights is not None else None
         d_ts = dts.to(ts_weights.dtype) if ts_weights is not None else None
-        return (dq, dk, dv, d_pos, d_ts) + (None,) * 13
+        return (dq, dk, dv, d_pos, d_ts) + (None,) * 15
 
 
 def triton_hstu_attention(
@@ -1231,6 +1547,8 @@ def triton_hstu_attention(
     target_group_size: int = 1,
     rab: RelativeAttentionBias | None = None,
     mask_convention: str = "hstu",
+    max_attn_len: int = 0,
+    min_full_attn_seq_len: int = 0,
     block_m: int | None = None,
     block_n: int | None = None,
 ) -> Tensor:
@@ -1242,6 +1560,10 @@ def triton_hstu_attention(
         offsets: int64 [B + 1], offsets[0] = 0 and offsets[B] = T.
         max_seqlen: must be >= every sample's length (rows beyond it come out NaN).
         mask_convention: "hstu" | "peer" (``hstu.ops.masks``; a constexpr of the kernels).
+        max_attn_len, min_full_attn_seq_len: the semi-local window W and M of
+            ``hstu.ops.masks`` (0: full attention, the kernels without any window code);
+            with W > 0 the key and query loops visit only the blocks the band, the
+            contextual tokens, the candidates and the last M rows need.
         block_m, block_n: tile sizes override (powers of two >= 16), for tests and tuning;
             by default the tiles are autotuned per (head dim, dtype, length bucket).
 
@@ -1251,6 +1573,7 @@ def triton_hstu_attention(
     if v.shape[2] != q.shape[2]:
         raise ValueError("the triton kernel needs the same head dim for q/k and v")
     check_mask_convention(mask_convention)
+    check_window(max_attn_len, min_full_attn_seq_len)
     pos_weights = rab.pos_weights if rab is not None else None
     ts_weights = rab.ts_weights if rab is not None else None
     timestamps = rab.timestamps if rab is not None else None
@@ -1274,4 +1597,6 @@ def triton_hstu_attention(
         block_m,
         block_n,
         mask_convention == "peer",
+        int(max_attn_len),
+        int(min_full_attn_seq_len),
     )

@@ -27,17 +27,21 @@ from hstu.ops import (
     resolve_backend,
 )
 
-from .reference import grads, random_case
+from .reference import grads, naive_attention, random_case
 
 
 def _varlen_semantics(
     q, k, v, offsets_q, offsets_k, max_seqlen_q, max_seqlen_k, num_contexts, num_targets,
     target_group_size, window_size, alpha, rab, has_drab,
 ):
-    # argument checks the real entry and its op make
+    # argument checks the real entry and its op make; the window as its op reads it: < 0 or
+    # past max_seqlen_k is max_seqlen_k, (max, 0) is causal, anything else narrower is local
     if has_drab and rab is None:
         raise ValueError("has_drab needs rab")
-    if (num_contexts is not None or num_targets is not None) and window_size != (-1, 0):
+    left, right = (w if 0 <= w <= max_seqlen_k else max_seqlen_k for w in window_size)
+    is_causal = left == max_seqlen_k and right == 0
+    is_local = (left < max_seqlen_k or right < max_seqlen_k) and not is_causal
+    if (num_contexts is not None or num_targets is not None) and not is_causal:
         raise ValueError("contexts / targets need the causal window")
     for name, t in (("offsets", offsets_q), ("num_contexts", num_contexts),
                     ("num_targets", num_targets)):
@@ -56,8 +60,12 @@ def _varlen_semantics(
             continue
         assert n <= max_seqlen_q
         mask = torch.ones(n, n, dtype=torch.bool)
-        if window_size == (-1, 0):
+        if is_causal:
             mask = mask.tril()
+        elif is_local:  # key j of row i iff i - left <= j <= i + right
+            rows = torch.arange(n).view(-1, 1)
+            cols = torch.arange(n).view(1, -1)
+            mask = (cols >= rows - left) & (cols <= rows + right)
         first_cand = n - (int(num_targets[b]) if num_targets is not None else 0)
         if num_contexts is not None:
             mask[: int(num_contexts[b]), :first_cand] = True
@@ -255,3 +263,51 @@ def test_fp16_is_not_offered(monkeypatch) -> None:
         64, 64, torch.device("cuda"), torch.float16, True, False
     )
     assert reason is not None and "float16" in reason
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_plain_window_is_fbgemms_window_size(monkeypatch, causal: bool) -> None:
+    """No contextual tokens, no candidates, M = 0: (W, 0) causal, (W, W) without the causal
+    mask, and the result is our semi-local mask (the dense reference), gradients included."""
+    windows: list = []
+
+    def spy(**kwargs):
+        windows.append(kwargs["window_size"])
+        return nightly_varlen(**kwargs)
+
+    spy.__signature__ = inspect.signature(nightly_varlen)
+    _use(monkeypatch, spy)
+    case = random_case([21, 9, 1, 30], rab="pos", max_positions=32, dtype=torch.float64, seed=2)
+    kw = {"alpha": 0.35, "scaling_seqlen": 50, "causal": causal}
+    got = cutlass_attention.cutlass_hstu_attention(
+        case.q, case.k, case.v, case.offsets, case.max_seqlen, rab=case.rab, max_attn_len=4,
+        **kw,
+    )
+    assert windows == [(4, 0) if causal else (4, 4)]
+    want = naive_attention(case, max_attn_len=4, **kw)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(grads(got, case.leaves()), grads(want, case.leaves())):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "what, kw",
+    [
+        ("min_full_attn_seq_len=3", {"min_full_attn_seq_len": 3}),
+        ("contextual tokens", {"num_contextual": torch.tensor([1, 0])}),
+        ("candidates", {"num_targets": torch.tensor([2, 1])}),
+    ],
+)
+def test_a_window_fbgemm_lacks_is_refused_in_one_line(monkeypatch, what: str, kw: dict) -> None:
+    def never(**kwargs):
+        raise AssertionError("must never be called")
+
+    never.__signature__ = inspect.signature(nightly_varlen)
+    _use(monkeypatch, never)
+    case = random_case([6, 4], dtype=torch.float64)
+    with pytest.raises(ValueError, match=f"max_attn_len=5 with {what} .*'triton' or 'pytorch'") as err:
+        cutlass_attention.cutlass_hstu_attention(
+            case.q, case.k, case.v, case.offsets, 6, alpha=1.0, scaling_seqlen=6,
+            max_attn_len=5, **kw,
+        )
+    assert "\n" not in str(err.value)
