@@ -294,6 +294,8 @@ class SequenceLoader:
         """int64 [B]: "tokens": the items (history kept + candidates) of samples ``index``, the
         count balance_ranks always used; "attention": (X + A*H + C)^2, the square of the
         tokens the model attends over (X contextual features, A = 2 with action tokens)."""
+        if by not in ("tokens", "attention"):
+            raise ValueError(f"cost {by!r} is not 'tokens' or 'attention'")
         s = self.samples
         h = self.history_lengths(index, epoch)
         c = (s.cand_end[index] - s.hist_end[index]).astype(np.int64)
