@@ -325,9 +325,29 @@ class DatasetArgs:
     """Contextual features fed as leading tokens; None uses every one the dataset has, [] none."""
     balance_ranks: bool = False
     """Training with several data-parallel ranks: split each global batch over the ranks by tokens (longest first, each to the least-loaded rank with room; every rank keeps batch_size samples) instead of every world_size-th sample. Same global batches and loss; a step waits less for the slowest rank."""
+    balance_ranks_by: Literal["tokens", "attention"] = "tokens"
+    """What balance_ranks equalises across the ranks: tokens (sum of sequence lengths) or attention (sum of squared sequence lengths in tokens, contextual and action tokens included: the attention FLOPs; with stochastic_length_alpha this is ULTRA-HSTU's load-balanced stochastic length)."""
+    stochastic_length_alpha: float = 0.0
+    """Stochastic length (HSTU paper §3.2), training only: 0 = off; alpha in (1, 2] keeps a history of n items (n after the cut to max_sequence_length N) whole when n <= N^(alpha/2), else whole with probability N^alpha / n^2 and otherwise shortened to floor(N^(alpha/2)) items, so the expected attention cost is O(N^alpha). Decided per (seed, epoch, sample), the same for any number of ranks; evaluation always sees full histories; ranking candidates are never dropped."""
+    stochastic_length_sampling: Literal["recency", "uniform", "mix"] = "recency"
+    """How stochastic length shortens a history: recency keeps the most recent items, uniform an order-preserving uniformly drawn subset, mix either one per sample (uniform with probability stochastic_length_mix_prob)."""
+    stochastic_length_mix_prob: float = 0.5
+    """stochastic_length_sampling = mix: the probability that a shortened sample takes the uniform subset (else the most recent items)."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)
+        _require(
+            self.stochastic_length_alpha == 0.0 or 1.0 < self.stochastic_length_alpha <= 2.0,
+            self,
+            "stochastic_length_alpha",
+            f"must be 0 (off) or in (1, 2], got {self.stochastic_length_alpha}",
+        )
+        _require(
+            0.0 <= self.stochastic_length_mix_prob <= 1.0,
+            self,
+            "stochastic_length_mix_prob",
+            f"must be in [0, 1], got {self.stochastic_length_mix_prob}",
+        )
         _require(
             self.eval_split == "test" or self.holdout_validation,
             self,

@@ -18,6 +18,7 @@ from hstu.data.loader import (
     ranking_samples,
     retrieval_samples,
 )
+from hstu.data.stochastic_length import StochasticLength
 from hstu.data.store import SequenceStore
 
 
@@ -92,6 +93,8 @@ def build_data(
         shuffle=dataset_args.shuffle,
         drop_last=drop_last,
         balance_ranks=getattr(dataset_args, "balance_ranks", False),
+        balance_by=getattr(dataset_args, "balance_ranks_by", "tokens"),
+        stochastic_length=_stochastic_length(dataset_args),
         **common,
     )
     evaluation = SequenceLoader(
@@ -119,6 +122,17 @@ def build_data(
         **_split_ties(store, eval_s),
     )
     return train, evaluation, info
+
+
+def _stochastic_length(args: DatasetArgs) -> StochasticLength | None:
+    """The training loader's stochastic length (None when alpha is 0); N = the history cut."""
+    alpha = float(getattr(args, "stochastic_length_alpha", 0.0))
+    if alpha == 0.0:
+        return None
+    return StochasticLength(
+        alpha=alpha, max_len=args.max_sequence_length,
+        sampling=args.stochastic_length_sampling, mix_prob=args.stochastic_length_mix_prob,
+    )
 
 
 def _split_ties(store: SequenceStore, samples: Samples) -> dict[str, int]:

@@ -121,6 +121,10 @@ class SyntheticDataArgs:
     """Longest user sequence."""
     seed: int = 42
     """Seed: the same seed gives byte-identical output."""
+    num_themes: int = 0
+    """Long-range structure (docs/data.md "Synthetic long histories"): 0 = none; K > 0 gives each user one of K theme items, shown as its first item and recalled, right after a cue item, every recall_spacing steps counted back from its last item (so the held-out last item is always a recall)."""
+    recall_spacing: int = 2048
+    """With num_themes: steps between a user's theme recalls; no theme item lies within this many steps before a recall, so predicting one needs attention at least this far back. Every sequence must be longer (min_length > recall_spacing)."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -149,6 +153,15 @@ class SyntheticDataArgs:
             self,
             "max_length",
             f"must be >= min_length ({self.min_length})",
+        )
+        _non_negative(self, "num_themes")
+        _require(self.recall_spacing >= 2, self, "recall_spacing", f"must be >= 2, got {self.recall_spacing}")
+        _require(
+            self.num_themes == 0 or self.min_length > self.recall_spacing,
+            self,
+            "min_length",
+            f"must be > recall_spacing ({self.recall_spacing}) with num_themes > 0, so that every "
+            f"user's last item is a recall; got {self.min_length}",
         )
 
 

@@ -22,6 +22,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from hstu.data.batch import Batch, BatchSizes
 from hstu.data.negatives import NegativeSampler
 from hstu.data.sizes import select_contextual
+from hstu.data.stochastic_length import StochasticLength
 from hstu.data.store import SequenceStore
 
 Task = Literal["retrieval", "ranking"]
@@ -146,8 +147,12 @@ class SequenceLoader:
       wrapped samples are simply seen twice that epoch; in evaluation they are marked
       ``sample_mask = False`` so every real sample is counted exactly once across ranks.
     - ``balance_ranks`` (training): the global batch k (the samples every rank's batch k
-      would hold) is split over the ranks by token count instead: longest first, each to the
-      least-loaded rank that has fewer than its share; same global batch, less waiting.
+      would hold) is split over the ranks by cost instead (``balance_by``: "tokens" = the
+      sample's tokens, "attention" = their square): largest first, each to the least-loaded
+      rank that has fewer than its share; same global batch, less waiting.
+    - ``stochastic_length`` (training): each sample's history is shortened as
+      :mod:`hstu.data.stochastic_length` decides from (seed, epoch, sample index); the
+      lengths every cost above uses are the kept ones. Evaluation loaders ignore it.
     - Tensor parallelism (``tp_size`` > 1): the ranks ``[r - r % tp_size, ...)`` form rank r's
       TP group (Megatron's layout); each batch carries the sizes of its group's batches
       (``Batch.tp_sizes``), known here from the sample order without any communication.
@@ -174,6 +179,8 @@ class SequenceLoader:
         action_tokens: bool = True,
         contextual_features: list[str] | None = None,
         tp_size: int = 1,
+        balance_by: Literal["tokens", "attention"] = "tokens",
+        stochastic_length: StochasticLength | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside [0, {world_size})")
@@ -186,6 +193,10 @@ class SequenceLoader:
         if tp_size < 1 or world_size % tp_size != 0:
             raise ValueError(f"tp_size {tp_size} does not divide the world size {world_size}")
         self.tp_size = tp_size
+        if balance_by not in ("tokens", "attention"):
+            raise ValueError(f"balance_by {balance_by!r} is not 'tokens' or 'attention'")
+        self.balance_by = balance_by
+        self.stochastic_length = stochastic_length if training else None
         meta = store.metadata
         self.item_feature_name: str = meta["item_feature_name"]
         self.action_feature_name: str | None = (
@@ -251,7 +262,7 @@ class SequenceLoader:
             real[num:] = False
         return order, real
 
-    def _balanced(self, order: np.ndarray, batch_index: int, rank: int) -> np.ndarray:
+    def _balanced(self, order: np.ndarray, batch_index: int, rank: int, epoch: int) -> np.ndarray:
         """Rank ``rank``'s samples of global batch ``batch_index`` (``order``: the epoch's
         :meth:`_padded_order`), split over the ranks by tokens."""
         world = self.world_size
@@ -259,17 +270,55 @@ class SequenceLoader:
         per_rank = min(self.batch_size, self.samples_per_rank - lo)
         # the global batch, in rank order (rank r's batch k would be order[r::world][lo:lo+per_rank])
         members = np.concatenate([order[r::world][lo : lo + per_rank] for r in range(world)])
-        s = self.samples
-        tokens = (s.cand_end[members] - s.hist_start[members]).astype(np.int64)
+        cost = self.sample_costs(members, epoch, self.balance_by)
         load = [0] * world
         taken: list[list[int]] = [[] for _ in range(world)]
-        # longest first (stable: ties keep the global order), each to the least-loaded rank
+        # largest first (stable: ties keep the global order), each to the least-loaded rank
         # with room (ties: the lowest rank); deterministic, so every rank computes the same split
-        for j in np.argsort(-tokens, kind="stable"):
+        for j in np.argsort(-cost, kind="stable"):
             r = min((q for q in range(world) if len(taken[q]) < per_rank), key=lambda q: (load[q], q))
             taken[r].append(int(j))
-            load[r] += int(tokens[j])
+            load[r] += int(cost[j])
         return members[np.sort(np.asarray(taken[rank], dtype=np.int64))]
+
+    def history_lengths(self, index: np.ndarray, epoch: int) -> np.ndarray:
+        """int64 [B]: the history items samples ``index`` keep in ``epoch`` (stochastic length
+        applied in training)."""
+        s = self.samples
+        h = (s.hist_end[index] - s.hist_start[index]).astype(np.int64)
+        if self.stochastic_length is None:
+            return h
+        return self.stochastic_length.lengths(h, self.seed, epoch, index)
+
+    def sample_costs(self, index: np.ndarray, epoch: int, by: str = "tokens") -> np.ndarray:
+        """int64 [B]: "tokens": the items (history kept + candidates) of samples ``index``, the
+        count balance_ranks always used; "attention": (X + A*H + C)^2, the square of the
+        tokens the model attends over (X contextual features, A = 2 with action tokens)."""
+        if by not in ("tokens", "attention"):
+            raise ValueError(f"cost {by!r} is not 'tokens' or 'attention'")
+        s = self.samples
+        h = self.history_lengths(index, epoch)
+        c = (s.cand_end[index] - s.hist_end[index]).astype(np.int64)
+        if by == "tokens":
+            return h + c
+        a = 2 if self.action_feature_name is not None else 1
+        n = len(self.contextual_feature_names) + a * h + c
+        return n * n
+
+    def rank_costs(self, epoch: int | None = None, by: str = "attention") -> np.ndarray:
+        """int64 [len(self), world_size]: the summed cost (:meth:`sample_costs`) of every rank's
+        batch k in ``epoch`` (default: the current one) under this loader's sharding: the
+        per-rank load report (max over ranks / mean = how long the others wait)."""
+        epoch = self.epoch if epoch is None else epoch
+        full, _ = self._padded_order(epoch)
+        out = np.zeros((len(self), self.world_size), dtype=np.int64)
+        for k in range(len(self)):
+            sel = slice(k * self.batch_size, (k + 1) * self.batch_size)
+            for r in range(self.world_size):
+                idx = (self._balanced(full, k, r, epoch) if self.balance_ranks
+                       else full[r :: self.world_size][sel])
+                out[k, r] = int(self.sample_costs(idx, epoch, by).sum())
+        return out
 
     def __iter__(self) -> Iterator[Batch]:
         if self.batch_index >= len(self):
@@ -282,7 +331,7 @@ class SequenceLoader:
             lo = self.batch_index * self.batch_size
             sel = slice(lo, lo + self.batch_size)
             indices = [
-                self._balanced(full, self.batch_index, r) if self.balance_ranks
+                self._balanced(full, self.batch_index, r, self.epoch) if self.balance_ranks
                 else full[r :: self.world_size][sel]
                 for r in group
             ]
@@ -296,8 +345,30 @@ class SequenceLoader:
     def _sizes(self, index: np.ndarray) -> BatchSizes:
         s = self.samples
         return BatchSizes.of(
-            s.hist_end[index] - s.hist_start[index], s.cand_end[index] - s.hist_end[index]
+            self.history_lengths(index, self.epoch), s.cand_end[index] - s.hist_end[index]
         )
+
+    def _rows(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(flat store rows of every item, history then candidates per sample; flat rows of
+        the history items alone; H [B]): the whole ranges, or the stochastic-length subsets."""
+        s = self.samples
+        hist_start, hist_end, cand_end = s.hist_start[index], s.hist_end[index], s.cand_end[index]
+        if self.stochastic_length is None:
+            return (
+                gather_ranges(hist_start, cand_end), gather_ranges(hist_start, hist_end),
+                hist_end - hist_start,
+            )
+        kept = self.stochastic_length.keep(hist_end - hist_start, self.seed, self.epoch, index)
+        h = np.asarray([k.size for k in kept], dtype=np.int64)
+        hist_rows = (
+            np.concatenate(kept) + np.repeat(hist_start, h) if kept else np.zeros(0, np.int64)
+        )
+        c = cand_end - hist_end
+        out_start = np.concatenate(([0], np.cumsum(h + c)[:-1])).astype(np.int64)
+        rows = np.empty(int((h + c).sum()), dtype=np.int64)
+        rows[gather_ranges(out_start, out_start + h)] = hist_rows
+        rows[gather_ranges(out_start + h, out_start + h + c)] = gather_ranges(hist_end, cand_end)
+        return rows, hist_rows, h
 
     # ------------------------------------------------------------------------ batch
     def make_batch(
@@ -308,16 +379,16 @@ class SequenceLoader:
         ``tp_sizes``: the sizes of the TP group's batches (rank order)."""
         st = self.store
         s = self.samples
-        hist_start, hist_end, cand_end = s.hist_start[index], s.hist_end[index], s.cand_end[index]
-        rows = gather_ranges(hist_start, cand_end)
-        item_lengths = cand_end - hist_start
+        hist_end, cand_end = s.hist_end[index], s.cand_end[index]
+        rows, hist_rows, hist_lengths = self._rows(index)
+        num_candidates = cand_end - hist_end
         values = [st.items[rows]]
-        lengths = [item_lengths]
+        lengths = [hist_lengths + num_candidates]
         keys = [self.item_feature_name]
         if self.action_feature_name is not None:
             keys.append(self.action_feature_name)
-            values.append(st.actions[gather_ranges(hist_start, hist_end)])
-            lengths.append(hist_end - hist_start)
+            values.append(st.actions[hist_rows])
+            lengths.append(hist_lengths)
         if self._contextual is not None:
             keys += self.contextual_feature_names
             values.append(self._contextual[:, s.user[index]].reshape(-1))
@@ -327,13 +398,12 @@ class SequenceLoader:
             keys.append(self.negatives.feature_name)
             neg_lengths = np.zeros(len(index), dtype=np.int64)
             if self.training:
-                ids, neg, counts = self.negatives.draw_counted(index, hist_end - hist_start, self.epoch)
+                ids, neg, counts = self.negatives.draw_counted(index, hist_lengths, self.epoch)
                 neg_lengths[0] = ids.size
                 values.append(ids)
                 negative_fields = self.negatives.batch_fields(neg, ids.size, counts)
             lengths.append(neg_lengths)
         features = host_kjt(keys, values, lengths, len(index))
-        num_candidates = cand_end - hist_end
         if self.task == "ranking":
             labels = (
                 torch.from_numpy(st.actions[gather_ranges(hist_end, cand_end)])
@@ -369,7 +439,7 @@ class SequenceLoader:
             labels=labels,
             max_seqlen=self.max_seqlen,
             sample_mask=None if mask is None else torch.from_numpy(mask.copy()),
-            sizes=BatchSizes.of(hist_end - hist_start, num_candidates),
+            sizes=BatchSizes.of(hist_lengths, num_candidates),
             tp_sizes=tp_sizes,
             **negative_fields,
         )

@@ -6,6 +6,15 @@ that segment's chain, jumping to a popularity-weighted random item with ``noise_
 Ratings say how the step was taken: the most likely successor is rated 4 (class index), the
 second 3, the others 2, a random jump 0 or 1. A sequential model can learn all of it; a
 popularity ranking cannot (docs/data.md gives the figures).
+
+Long-range structure (``num_themes`` K > 0, docs/data.md "Synthetic long histories"): item ids
+after the chain's are one cue item (``num_items + 1``) and K theme items. Each user draws a
+theme; its first item is the theme item, and at every recall position r = L-1 - j *
+``recall_spacing`` (j = 0, 1, ...; r >= recall_spacing) item r is the theme item and item r-1
+the cue. The chain walk is otherwise unchanged (its random stream is the same as without
+themes; the step after a recall continues from the chain item it replaced). So the item after
+a cue is predictable only from the user's previous theme occurrence, at least
+``recall_spacing`` steps back; every other step depends on the previous item only.
 """
 
 from __future__ import annotations
@@ -75,6 +84,11 @@ def generate_synthetic(args: SyntheticDataArgs) -> Parsed:
         items[:, t] = current
         chain_rating = np.select([rank == 0, rank == 1], [4, 3], 2)
         ratings[:, t] = np.where(jump, rng.integers(0, 2, size=num_users), chain_rating)
+    max_item_id = num_items
+    if args.num_themes > 0:
+        item_ids = np.arange(1, num_items + 2 + args.num_themes)  # + cue + themes
+        max_item_id = num_items + 1 + args.num_themes
+        _plant_themes(items, ratings, lengths, args)
     gaps = rng.integers(60, 3600, size=(num_users, max_len))
     times = _START_TIME + rng.integers(0, 30 * 86400, size=(num_users, 1)) + np.cumsum(gaps, axis=1)
 
@@ -99,10 +113,32 @@ def generate_synthetic(args: SyntheticDataArgs) -> Parsed:
         user_table=users,
         user_feature_names=["segment"],
         max_user_id=num_users,
-        max_item_id=num_items,
+        max_item_id=max_item_id,
         keep_item_ids=False,
         min_user_interactions=1,
     )
+
+
+def _plant_themes(
+    items: np.ndarray, ratings: np.ndarray, lengths: np.ndarray, args: SyntheticDataArgs
+) -> None:
+    """Writes the cue and theme items (0-based indices ``num_items`` and ``num_items + 1 + t``)
+    into ``items`` [U, max_len] in place, rated 2 (cue) and 4 (theme), from a random stream of
+    its own (seed, 1) so the chain's draws stay those of the plain dataset."""
+    rng = np.random.default_rng([args.seed, 1])
+    cue = args.num_items
+    theme = args.num_items + 1 + rng.integers(0, args.num_themes, size=len(lengths))
+    users = np.arange(len(lengths))
+    items[:, 0], ratings[:, 0] = theme, 4
+    spacing = args.recall_spacing
+    for j in range(int(lengths.max()) // spacing + 1):
+        r = lengths - 1 - j * spacing
+        ok = r >= spacing
+        if not ok.any():
+            break
+        u, r = users[ok], r[ok]
+        items[u, r], ratings[u, r] = theme[ok], 4
+        items[u, r - 1], ratings[u, r - 1] = cue, 2
 
 
 __all__ = ["generate_synthetic"]
