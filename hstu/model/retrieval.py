@@ -197,7 +197,8 @@ class RetrievalModel(nn.Module):
             inputs.batch_pos_vectors = gather_rows(pos_vectors, every)
             inputs.batch_pos_ids = gather_rows(pos_ids, every)
         if draws is not None:
-            if self.negatives_feature not in embeddings:
+            # .keys(): a sharded lookup may still be a LazyAwaitable, which has no `in`
+            if self.negatives_feature not in embeddings.keys():  # noqa: SIM118
                 raise ValueError(
                     f"negative_sampling={self.negative_sampling!r} needs the batch to carry the "
                     f"{self.negatives_feature!r} key (hstu.data.negatives.NegativeSampler on the "
