@@ -6,14 +6,16 @@ Legend: T total tokens of the jagged batch, B samples, H heads, d head dim, N
 
 from __future__ import annotations
 
+import inspect
 import os
 
 from torch import Tensor
 
-from hstu.ops.backends import BACKENDS, BackendUnavailableError, resolve_backend
+from hstu.ops.backends import BACKENDS, BackendUnavailableError, resolve_backend, triton_module
 from hstu.ops.masks import (
     MASK_CONVENTIONS,
     check_mask_convention,
+    check_window,
     dense_mask,
     lengths_from_offsets,
     offsets_from_lengths,
@@ -74,6 +76,8 @@ def hstu_attention(
     target_group_size: int = 1,
     rab: RelativeAttentionBias | None = None,
     mask_convention: str = "hstu",
+    max_attn_len: int = 0,
+    min_full_attn_seq_len: int = 0,
     backend: str = "pytorch",
     strict: bool = False,
 ) -> Tensor:
@@ -94,6 +98,10 @@ def hstu_attention(
         mask_convention: "hstu" (ours) or "peer" (Meta's and NVIDIA's: contextual rows see
             the whole non-candidate history; without ``causal`` non-candidates see the
             candidates); ``hstu.ops.masks``, docs/model.md "Mask conventions".
+        max_attn_len: W, the semi-local window (0: full attention): a pair the mask allows
+            is kept only within W positions, the rule of ``hstu.ops.masks``.
+        min_full_attn_seq_len: M (needs W > 0): the last M history rows and the candidates
+            keep the whole history.
         backend: a name of ``hstu.registry.ATTENTION_BACKENDS`` ("pytorch" | "triton" |
             "cutlass"); see ``resolve_backend`` for fallbacks.
         strict: raise instead of falling back to another backend.
@@ -113,6 +121,7 @@ def hstu_attention(
     if scaling_seqlen <= 0:
         raise ValueError(f"scaling_seqlen must be > 0, got {scaling_seqlen}")
     check_mask_convention(mask_convention)
+    check_window(max_attn_len, min_full_attn_seq_len)
     if offsets.numel() > 1 and max_seqlen_checked_here(offsets):
         with allowed_sync(MAX_SEQLEN_CHECK):
             longest = int((offsets[1:] - offsets[:-1]).max())
@@ -143,4 +152,27 @@ def hstu_attention(
         "rab": rab,
         "mask_convention": mask_convention,
     }
-    return load(ATTENTION_BACKENDS[chosen].impl)(q, k, v, offsets, max_seqlen, **kwargs)
+    kernel = load(ATTENTION_BACKENDS[chosen].impl)
+    if chosen == "pytorch":
+        kwargs["max_attn_len"] = max_attn_len
+        kwargs["min_full_attn_seq_len"] = min_full_attn_seq_len
+    else:
+        # the other kernels get the window only when it is on, and must take it
+        for name, value in (("max_attn_len", max_attn_len),
+                            ("min_full_attn_seq_len", min_full_attn_seq_len)):
+            if value:
+                if name not in _parameters(chosen, kernel):
+                    raise ValueError(
+                        f"hstu_attention: backend {chosen!r} does not take {name} yet; use "
+                        f"backend='pytorch' or {name}=0"
+                    )
+                kwargs[name] = value
+    return kernel(q, k, v, offsets, max_seqlen, **kwargs)
+
+
+def _parameters(name: str, kernel) -> set[str]:
+    """The keyword parameters of a backend's kernel (triton: the kernel of the module the
+    registry's wrapper forwards to)."""
+    if name == "triton":
+        kernel = triton_module().triton_hstu_attention
+    return set(inspect.signature(kernel).parameters)

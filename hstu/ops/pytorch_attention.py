@@ -5,8 +5,11 @@ one chunk, n the padded width of a chunk (its longest sample), N ``scaling_seqle
 
 Samples are sorted by length and cut into chunks of similar lengths (the shortest longer
 than half the longest) whose score tensors fit a memory budget, so a batch never
-materialises a dense [B, H, max_seqlen, max_seqlen]; a single sample too long for the budget
-is further split over heads. Scores are computed in at least float32 whatever the input
+materialises a dense [B, H, max_seqlen, max_seqlen]. A single sample too long for the
+budget, or long against the semi-local window (``max_attn_len``), is computed alone in row
+blocks, each against the keys its rows can see; when their scores together exceed the budget
+each block is recomputed in backward instead of saved (memory O(n x block), not O(n^2)).
+Scores are computed in at least float32 whatever the input
 dtype (float64 stays float64); autograd runs through the plain ops.
 """
 
@@ -17,8 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
-from hstu.ops.masks import dense_mask, lengths_from_offsets
+from hstu.ops.masks import check_window, dense_mask, lengths_from_offsets
 from hstu.ops.rab import (
     RelativeAttentionBias,
     bias_from_indices,
@@ -40,35 +44,81 @@ def plan_chunks(
     num_heads: int,
     memory_budget_bytes: int,
     min_fill: float = MIN_CHUNK_FILL,
-) -> list[tuple[list[int], int, int, int]]:
+    max_attn_len: int = 0,
+) -> list[tuple[list[int], int, bool]]:
     """Group samples (longest first) into chunks that fit the budget and waste little padding.
 
     A chunk of width n takes samples longer than ``min_fill * n`` only, so padding at most
-    multiplies the score work by 1 / min_fill**2; a sample alone over budget is split by heads.
+    multiplies the score work by 1 / min_fill**2. A sample is computed alone in row blocks
+    (``blocked``) when its dense scores reach the budget, or when a window
+    ``max_attn_len`` W > 0 leaves it most keys unseen (longer than ``WINDOW_BLOCKED_MIN * W``).
 
     Returns:
-        (sample ids, padded width n, first head, end head) per chunk; empty samples dropped.
+        (sample ids, padded width n, blocked) per chunk; empty samples dropped.
     """
     order = sorted((s for s in range(len(lengths)) if lengths[s] > 0), key=lambda s: -lengths[s])
-    chunks: list[tuple[list[int], int, int, int]] = []
+    chunks: list[tuple[list[int], int, bool]] = []
     pos = 0
     while pos < len(order):
         width = lengths[order[pos]]
-        per_head = _SCORE_TENSORS_ALIVE * _SCORE_BYTES * width * width
-        per_sample = per_head * num_heads
-        if per_sample > memory_budget_bytes:
-            heads_per_chunk = max(1, memory_budget_bytes // per_head)
-            for h0 in range(0, num_heads, heads_per_chunk):
-                chunks.append(([order[pos]], width, h0, min(num_heads, h0 + heads_per_chunk)))
+        per_sample = _SCORE_TENSORS_ALIVE * _SCORE_BYTES * width * width * num_heads
+        windowed = max_attn_len > 0 and width > WINDOW_BLOCKED_MIN * max_attn_len
+        if per_sample >= memory_budget_bytes or windowed:
+            chunks.append(([order[pos]], width, True))
             pos += 1
             continue
         end = pos + 1
         limit = pos + max(1, memory_budget_bytes // per_sample)
         while end < min(limit, len(order)) and lengths[order[end]] > min_fill * width:
             end += 1
-        chunks.append((order[pos:end], width, 0, num_heads))
+        chunks.append((order[pos:end], width, False))
         pos = end
     return chunks
+
+
+# a sample longer than this many windows (``max_attn_len``) is computed alone in row blocks
+# against the band of keys its rows can see
+WINDOW_BLOCKED_MIN = 3
+# the fewest query rows of a row block (a budget too small for them is exceeded instead)
+MIN_BLOCK_ROWS = 16
+# the block masks and rab indices of a blocked sample are kept for the batch's other layers
+# while they take at most this fraction of the budget, else rebuilt at each use
+_BLOCK_INDEX_CACHE_FRACTION = 4
+
+
+@dataclass
+class _Block:
+    """One row block of a blocked chunk: query rows [r0, r1) against the keys they can see."""
+
+    r0: int
+    r1: int
+    keys: slice | Tensor  # the key slots: one range, or int64 [K] (a union of ranges)
+    key_pos: Tensor  # int64 [K] the same slots as an index
+    mask: Tensor | None = None  # bool [1, 1, R, K], cached (None: built at each use)
+    rel: Tensor | None = None  # int64 [R, K] position-table index, cached
+    buckets: Tensor | None = None  # int64 [1, R, K] time-bucket index, cached
+
+
+@dataclass
+class _Blocked:
+    """A sample computed alone in row blocks (long, or windowed), and what its blocks' masks
+    and rab indices are built from."""
+
+    blocks: list[_Block]
+    recompute: bool  # blocks recomputed in backward instead of saving their scores
+    cached: bool  # block masks / indices kept in the plan
+    lengths: Tensor  # int64 [1]
+    num_contextual: Tensor | None  # int64 [1]
+    num_targets: Tensor | None  # int64 [1]
+    target_group_size: int
+    causal: bool
+    mask_convention: str
+    max_attn_len: int
+    min_full_attn_seq_len: int
+    rab_positions: int | None
+    timestamps: Tensor | None
+    token_index: Tensor  # int64 [1, n]
+    query_timestamps: Tensor | None  # int64 [1]
 
 
 @dataclass
@@ -76,19 +126,19 @@ class _Chunk:
     """What one chunk needs besides q, k, v; depends only on the batch's structure."""
 
     width: int
-    h0: int
-    h1: int
     token_index: Tensor  # int64 [b, n] (0 on padding)
     rows: Tensor  # int64 [tokens of the chunk] = token_index[valid]
     flat_index: Tensor  # int64 [b * n] = token_index.reshape(-1)
     valid_index: Tensor  # int64 [tokens of the chunk]: valid slots of the flattened [b * n]
-    mask: Tensor  # bool [b, 1, n, n]
+    mask: Tensor | None  # bool [b, 1, n, n] (None: blocked)
     rel: Tensor | None  # int64 [n, n] position-table index (rab)
     buckets: Tensor | None  # int64 [b, n, n] time-bucket index (rab with time)
     # causal chunks: query rows [0, split) only need keys [0, split) (0: no split); per
     # part (rows, keys, mask, rel, buckets), the upper-right quarter is never computed
     split: int = 0
     parts: list | None = None
+    # one long (or windowed) sample in row blocks; mask / rel / buckets are then None
+    blocked: _Blocked | None = None
 
 
 # a causal chunk this wide or wider is computed as two row blocks (top rows against the
@@ -126,11 +176,13 @@ def _plan(
     timestamps: Tensor | None,
     mask_convention: str,
     query_timestamps: Tensor | None = None,
+    max_attn_len: int = 0,
+    min_full_attn_seq_len: int = 0,
 ) -> list[_Chunk]:
     key = (
         _key_part(offsets), _key_part(num_contextual), _key_part(num_targets),
         _key_part(timestamps), _key_part(query_timestamps), num_heads, budget, causal,
-        target_group_size, rab_positions, mask_convention,
+        target_group_size, rab_positions, mask_convention, max_attn_len, min_full_attn_seq_len,
     )
     if _PLAN_CACHE and _PLAN_CACHE[0][0] == key:
         return _PLAN_CACHE[0][2]
@@ -140,7 +192,8 @@ def _plan(
     with allowed_sync("pytorch attention backend: chunk plan from the lengths, once per batch"):
         chunks = _build_plan(
             offsets, num_heads, budget, causal, num_contextual, num_targets, target_group_size,
-            rab_positions, timestamps, mask_convention, query_timestamps,
+            rab_positions, timestamps, mask_convention, query_timestamps, max_attn_len,
+            min_full_attn_seq_len,
         )
     _PLAN_CACHE[:] = [
         (key, (offsets, num_contextual, num_targets, timestamps, query_timestamps), chunks)
@@ -160,6 +213,8 @@ def _build_plan(
     timestamps: Tensor | None,
     mask_convention: str,
     query_timestamps: Tensor | None = None,
+    max_attn_len: int = 0,
+    min_full_attn_seq_len: int = 0,
 ) -> list[_Chunk]:
     device = offsets.device
     lengths = lengths_from_offsets(offsets)
@@ -175,7 +230,9 @@ def _build_plan(
     # mask skips those terms (retrieval training has neither)
     ctx_counts = None if num_contextual is None else num_contextual.tolist()
     target_counts = None if num_targets is None else num_targets.tolist()
-    for samples, width, h0, h1 in plan_chunks(host_lengths, num_heads, budget):
+    for samples, width, blocked in plan_chunks(
+        host_lengths, num_heads, budget, max_attn_len=max_attn_len
+    ):
         sample_ids = _to_device(torch.tensor(samples, dtype=torch.int64), device)
         # valid slots of the flattened [b * n] chunk (no nonzero / boolean-mask indexing)
         slots = [torch.arange(r * width, r * width + host_lengths[s])
@@ -187,6 +244,22 @@ def _build_plan(
         token_index = torch.where(valid, offsets[sample_ids].view(-1, 1) + slot.view(1, -1), 0)
         max_ctx = 0 if ctx_counts is None else max(ctx_counts[s] for s in samples)
         max_targets = 0 if target_counts is None else max(target_counts[s] for s in samples)
+        flat_index = token_index.reshape(-1)
+        if blocked:
+            chunk_query = None if query_timestamps is None else query_timestamps[sample_ids]
+            spec = _Blocked(
+                [], False, False, chunk_lengths,
+                num_contextual[sample_ids] if max_ctx > 0 else None,
+                num_targets[sample_ids] if max_targets > 0 else None,
+                target_group_size, causal, mask_convention, max_attn_len,
+                min_full_attn_seq_len, rab_positions, timestamps, token_index, chunk_query,
+            )
+            _plan_blocks(spec, width, max_ctx, max_targets, num_heads, budget, device)
+            chunks.append(_Chunk(
+                width, token_index, flat_index.index_select(0, valid_index), flat_index,
+                valid_index, None, None, None, blocked=spec,
+            ))
+            continue
         mask = dense_mask(
             chunk_lengths,
             num_contextual[sample_ids] if max_ctx > 0 else None,
@@ -195,6 +268,8 @@ def _build_plan(
             causal,
             width,
             mask_convention,
+            max_attn_len,
+            min_full_attn_seq_len,
         ).unsqueeze(1)
         rel = buckets = None
         if rab_positions is not None:
@@ -220,9 +295,8 @@ def _build_plan(
                 buckets = time_buckets(
                     timestamps, token_index, chunk_lengths, query_timestamps=chunk_query
                 )
-        flat_index = token_index.reshape(-1)
         chunk = _Chunk(
-            width, h0, h1, token_index, flat_index.index_select(0, valid_index), flat_index,
+            width, token_index, flat_index.index_select(0, valid_index), flat_index,
             valid_index, mask, rel, buckets,
         )
         if causal_split:
@@ -237,6 +311,123 @@ def _build_plan(
             ]
         chunks.append(chunk)
     return chunks
+
+
+def _key_ranges(
+    r0: int, r1: int, window: int, length: int, num_ctx: int, first_candidate: int,
+    causal: bool, peer: bool,
+) -> list[tuple[int, int]]:
+    """Sorted disjoint key ranges that hold every key that history or candidate rows
+    [r0, r1) of one sample may see with a window of ``window`` (``length``: no window).
+
+    The rule is ``hstu.ops.masks``; this is only a superset of it (the block's mask then
+    applies it exactly): the contextual keys, the band of raw slots within the window (a
+    history row's position is its slot), and for candidate rows (position: the first
+    candidate) the history within the window of the first candidate plus the candidates.
+    """
+    ranges = [(0, num_ctx)] if num_ctx > 0 else []
+    ranges.append((max(0, r0 - window), r1 if causal else min(length, r1 + window)))
+    if r1 > first_candidate:  # candidate rows
+        ranges.append((max(0, first_candidate - window), r1 if causal else length))
+    if peer and not causal and r1 - 1 >= first_candidate - window:
+        ranges.append((first_candidate, length))  # "peer": history rows see candidates
+    merged: list[tuple[int, int]] = []
+    for a, b in sorted(r for r in ranges if r[1] > r[0]):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def _plan_blocks(
+    spec: _Blocked, length: int, num_ctx: int, num_targets: int, num_heads: int, budget: int,
+    device: torch.device,
+) -> None:
+    """Cut one sample into row blocks, each against the key ranges its rows can see.
+
+    Rows: the contextual rows (they see the contextual block, or the history), then the
+    windowed rows (max_attn_len W > 0) in blocks of W rows, then the rows that see the whole
+    history (every row without a window; the last M history rows and the candidates with
+    min_full_attn_seq_len M) in blocks sized so that their scores fit the budget. The blocks'
+    scores are recomputed in backward when all of them together exceed the budget.
+    """
+    window, full_from = spec.max_attn_len, length
+    first = length - num_targets
+    if window > 0:
+        full_from = max(num_ctx, first - spec.min_full_attn_seq_len) if (
+            spec.min_full_attn_seq_len > 0) else length
+    per_row = _SCORE_TENSORS_ALIVE * _SCORE_BYTES * num_heads
+    full_rows = max(MIN_BLOCK_ROWS, budget // (per_row * length))
+    peer = spec.mask_convention == "peer"
+    spans: list[tuple[int, int, list[tuple[int, int]]]] = []
+    ctx_keys = num_ctx if (spec.causal and not peer) else length
+    for r0 in range(0, num_ctx, full_rows):
+        spans.append((r0, min(num_ctx, r0 + full_rows), [(0, ctx_keys)]))
+    if window > 0:
+        rows = max(MIN_BLOCK_ROWS, min(window, budget // (per_row * (num_ctx + 3 * window))))
+        for r0 in range(num_ctx, full_from, rows):
+            r1 = min(full_from, r0 + rows)
+            spans.append((r0, r1, _key_ranges(r0, r1, window, length, num_ctx, first,
+                                              spec.causal, peer)))
+    for r0 in range(full_from if window > 0 else num_ctx, length, full_rows):
+        r1 = min(length, r0 + full_rows)
+        spans.append((r0, r1, _key_ranges(r0, r1, length, length, num_ctx, first,
+                                          spec.causal, peer)))
+    elements = sum((r1 - r0) * sum(b - a for a, b in keys) for r0, r1, keys in spans)
+    spec.recompute = elements * per_row > budget
+    index_bytes = 1 + (8 if spec.rab_positions is not None else 0) + (
+        8 if spec.timestamps is not None else 0)
+    spec.cached = elements * index_bytes <= budget // _BLOCK_INDEX_CACHE_FRACTION
+    for r0, r1, keys in spans:
+        key_pos = _to_device(torch.cat([torch.arange(a, b) for a, b in keys]), device)
+        block = _Block(
+            r0, r1, slice(keys[0][0], keys[0][1]) if len(keys) == 1 else key_pos, key_pos
+        )
+        if spec.cached:
+            block.mask, block.rel, block.buckets = _block_indices(spec, block)
+        spec.blocks.append(block)
+
+
+def _block_indices(
+    spec: _Blocked, block: _Block
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The mask [1, 1, R, K], position index [R, K] and time-bucket index [1, R, K] of one
+    row block (the same values as the whole sample's, at the block's rows and keys)."""
+    if spec.cached and block.mask is not None:
+        return block.mask, block.rel, block.buckets
+    device = block.key_pos.device
+    rows = torch.arange(block.r0, block.r1, device=device)
+    mask = dense_mask(
+        spec.lengths, spec.num_contextual, spec.num_targets, spec.target_group_size,
+        spec.causal, spec.token_index.shape[1], spec.mask_convention, spec.max_attn_len,
+        spec.min_full_attn_seq_len, rows=rows, keys=block.key_pos,
+    ).unsqueeze(1)
+    rel = buckets = None
+    if spec.rab_positions is not None:
+        p = spec.rab_positions
+        rel = (p - 1 + block.key_pos.view(1, -1) - rows.view(-1, 1)).clamp(0, 2 * p - 2)
+        if spec.timestamps is not None:
+            buckets = time_buckets(
+                spec.timestamps, spec.token_index, spec.lengths, slice(block.r0, block.r1),
+                block.key_pos, spec.query_timestamps,
+            )
+    return mask, rel, buckets
+
+
+def _block_times_v(
+    qb: Tensor, kb: Tensor, vb: Tensor, spec: _Blocked, block: _Block,
+    rab: RelativeAttentionBias | None, alpha: float, h: int, compute_dtype: torch.dtype,
+) -> Tensor:
+    """One row block of a blocked sample: [h, R, d_v] (not yet divided by N)."""
+    mask, rel, buckets = _block_indices(spec, block)
+    if isinstance(block.keys, slice):
+        kk, vv = kb[:, block.keys], vb[:, block.keys]
+    else:
+        kk, vv = kb.index_select(1, block.keys), vb.index_select(1, block.keys)
+    return _scores_times_v(
+        qb[:, block.r0 : block.r1], kk, vv, mask, rel, buckets, rab, alpha, 1, h, compute_dtype
+    )
 
 
 def _scores_times_v(
@@ -273,6 +464,8 @@ def pytorch_hstu_attention(
     target_group_size: int = 1,
     rab: RelativeAttentionBias | None = None,
     mask_convention: str = "hstu",
+    max_attn_len: int = 0,
+    min_full_attn_seq_len: int = 0,
     memory_budget_bytes: int | None = None,
 ) -> Tensor:
     """O = (SiLU(alpha Q K^T + rab) / N masked) V, sample by sample.
@@ -282,12 +475,17 @@ def pytorch_hstu_attention(
         offsets: int64 [B + 1].
         max_seqlen: unused here beyond validation (lengths come from ``offsets``).
         mask_convention: "hstu" | "peer" (``hstu.ops.masks``).
-        memory_budget_bytes: cap on the float32 score tensors of one chunk.
+        max_attn_len, min_full_attn_seq_len: the semi-local window W and M (``hstu.ops.masks``;
+            0: full attention). A sample longer than ``WINDOW_BLOCKED_MIN * W`` is computed in
+            row blocks against the keys within the window only.
+        memory_budget_bytes: cap on the float32 score tensors of one chunk; a sample over it
+            is computed in row blocks that fit it, recomputed in backward instead of saved.
 
     Returns:
         [T, H, d] in q's dtype.
     """
     del max_seqlen
+    check_window(max_attn_len, min_full_attn_seq_len)
     budget = memory_budget_bytes or DEFAULT_MEMORY_BUDGET_BYTES
     num_tokens, num_heads, _head_dim = q.shape
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
@@ -297,24 +495,42 @@ def pytorch_hstu_attention(
         None if rab is None or rab.ts_weights is None else rab.timestamps,
         mask_convention,
         None if rab is None or rab.ts_weights is None else rab.query_timestamps,
+        max_attn_len,
+        min_full_attn_seq_len,
     )
     out = q.new_zeros(num_tokens, num_heads, v.shape[2], dtype=compute_dtype)
     pieces: list[Tensor] = []
     ids: list[Tensor] = []
+    h = num_heads
     for c in chunks:
         b, n = c.token_index.shape
-        h = c.h1 - c.h0
 
-        def padded(x: Tensor, c: _Chunk = c, b: int = b, n: int = n, h: int = h) -> Tensor:
+        def padded(x: Tensor, c: _Chunk = c, b: int = b, n: int = n) -> Tensor:
             # [T, H, d] -> [b * h, n, d]; index_select's backward is an index_add
             g = x.index_select(0, c.flat_index)
-            if h != num_heads:
-                g = g[:, c.h0 : c.h1]
             return g.view(b, n, h, -1).transpose(1, 2).reshape(b * h, n, -1).to(compute_dtype)
 
         qb, kb, vb = padded(q), padded(k), padded(v)
-        if c.parts is None:
-            chunk_out = _scores_times_v(qb, kb, vb, c.mask, c.rel, c.buckets, rab, alpha, b, h, compute_dtype)
+        if c.blocked is not None:
+            spec = c.blocked
+            recompute = spec.recompute and torch.is_grad_enabled() and any(
+                t.requires_grad for t in (qb, kb, vb)
+            )
+            outs = []
+            for block in spec.blocks:
+                args = (qb, kb, vb, spec, block, rab, alpha, h, compute_dtype)
+                if recompute:
+                    # the block's scores are rebuilt in backward: O(n x block) memory (no
+                    # random op inside, so no RNG state to keep)
+                    outs.append(checkpoint(_block_times_v, *args, use_reentrant=False,
+                                           preserve_rng_state=False))
+                else:
+                    outs.append(_block_times_v(*args))
+            chunk_out = torch.cat(outs, dim=1)
+        elif c.parts is None:
+            chunk_out = _scores_times_v(
+                qb, kb, vb, c.mask, c.rel, c.buckets, rab, alpha, b, h, compute_dtype
+            )
         else:
             chunk_out = torch.cat(
                 [
@@ -327,16 +543,8 @@ def pytorch_hstu_attention(
         # 1/N on the [b*h, n, d] output instead of the [b*h, n, n] weights
         chunk_out = chunk_out / scaling_seqlen
         chunk_out = chunk_out.view(b, h, n, -1).transpose(1, 2).reshape(b * n, h, -1)
-        chunk_out = chunk_out.index_select(0, c.valid_index)
-        if c.h0 == 0 and c.h1 == num_heads:
-            pieces.append(chunk_out)
-            ids.append(c.rows)
-        else:
-            # head-split chunk of one long sample: place its heads directly
-            out = out.index_put(
-                (c.rows.view(-1, 1), torch.arange(c.h0, c.h1, device=q.device).view(1, -1)),
-                chunk_out,
-            )
+        pieces.append(chunk_out.index_select(0, c.valid_index))
+        ids.append(c.rows)
     if pieces:
         out = out.index_copy(0, torch.cat(ids), torch.cat(pieces))
     return out.to(q.dtype)

@@ -107,11 +107,12 @@ def time_buckets(
     token_index: Tensor,
     lengths: Tensor,
     rows: slice = slice(None),
-    keys: slice = slice(None),
+    keys: slice | Tensor = slice(None),
     query_timestamps: Tensor | None = None,
 ) -> Tensor:
     """int64 [b, n, n]: bucket(t_next[i] - t[j]) for a padded group of samples; with ``rows``
-    / ``keys`` only that block of it ([b, len(rows), len(keys)], the same values).
+    / ``keys`` (a slice, or int64 key slots) only that block of it ([b, len(rows),
+    len(keys)], the same values).
     ``query_timestamps`` int64 [b]: the group's query times, the last token's t_next."""
     width = token_index.shape[1]
     pos = torch.arange(width, device=token_index.device)

@@ -143,7 +143,7 @@ def test_chunking_by_length_and_heads_gives_the_same_result() -> None:
     }
     args = (case.q, case.k, case.v, case.offsets, case.max_seqlen)
     one_chunk = pytorch_hstu_attention(*args, **kw)
-    # 16 bytes * 30^2 per head: this budget fits 2 heads of the longest sample at a time
+    # 16 bytes * 30^2 per head: under this budget the 30-token samples run in row blocks
     tiny = pytorch_hstu_attention(*args, memory_budget_bytes=2 * 16 * 30 * 30, **kw)
     torch.testing.assert_close(tiny, one_chunk)
     for a, b in zip(grads(tiny, case.leaves()), grads(one_chunk, case.leaves())):
@@ -152,16 +152,22 @@ def test_chunking_by_length_and_heads_gives_the_same_result() -> None:
 
 def test_plan_chunks_respects_budget() -> None:
     lengths = [100, 3, 50, 0, 100, 10]
-    chunks = plan_chunks(lengths, num_heads=2, memory_budget_bytes=2 * 16 * 100 * 100)
+    budget = 2 * 2 * 16 * 100 * 100  # two samples of 100 tokens, 2 heads
+    chunks = plan_chunks(lengths, num_heads=2, memory_budget_bytes=budget)
     seen = sorted(s for samples, *_ in chunks for s in samples)
     assert seen == [0, 1, 2, 4, 5]  # every non-empty sample exactly once
-    for samples, width, h0, h1 in chunks:
+    for samples, width, blocked in chunks:
         assert width == max(lengths[s] for s in samples)
         assert min(lengths[s] for s in samples) > 0.5 * width  # bounded padding waste
-        assert len(samples) * (h1 - h0) * 16 * width * width <= 2 * 16 * 100 * 100
-    # a single sample larger than the budget is split over heads
-    chunks = plan_chunks([100], num_heads=4, memory_budget_bytes=16 * 100 * 100)
-    assert [(h0, h1) for _, _, h0, h1 in chunks] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+        assert len(samples) * 2 * 16 * width * width <= budget
+        assert not blocked
+    assert [samples for samples, *_ in chunks] == [[0, 4], [2], [5], [1]]
+    # a single sample whose scores reach the budget is computed alone, in row blocks
+    chunks = plan_chunks([100, 20], num_heads=4, memory_budget_bytes=4 * 16 * 100 * 100)
+    assert chunks == [([0], 100, True), ([1], 20, False)]
+    # with a window, a sample longer than WINDOW_BLOCKED_MIN (3) windows too
+    chunks = plan_chunks([100, 20], num_heads=4, memory_budget_bytes=2**30, max_attn_len=33)
+    assert chunks == [([0], 100, True), ([1], 20, False)]
 
 
 def test_empty_samples_and_bad_rab_are_handled() -> None:

@@ -1,0 +1,164 @@
+"""The pytorch backend's semi-local window (max_attn_len W, min_full_attn_seq_len M) and its
+row-blocked path for long samples (recomputed in backward), against the naive reference."""
+
+import pytest
+import torch
+
+from hstu import ops
+from hstu.ops import hstu_attention
+from hstu.ops import pytorch_attention as pa
+
+from .reference import grads, naive_attention, random_case
+
+LENGTHS = [40, 23, 9]
+CTX = [3, 2, 0]
+TGT = [5, 4, 2]
+
+
+def _case(rab: str = "pos+ts", lengths=LENGTHS, ctx=CTX, tgt=TGT, seed: int = 0):
+    return random_case(lengths, num_contextual=ctx, num_targets=tgt, rab=rab,
+                       max_positions=48, dtype=torch.float64, seed=seed)
+
+
+def _pytorch(case, **kw):
+    return pa.pytorch_hstu_attention(
+        case.q, case.k, case.v, case.offsets, case.max_seqlen, num_contextual=case.num_contextual,
+        num_targets=case.num_targets, rab=case.rab, **kw)
+
+
+def _blocked_chunks():
+    return [c.blocked for c in pa._PLAN_CACHE[0][2] if c.blocked is not None]
+
+
+def _check_against_reference(case, got, kw) -> None:
+    kw = {k: v for k, v in kw.items() if k != "memory_budget_bytes"}
+    want = naive_attention(case, **kw)
+    torch.testing.assert_close(got, want)
+    for g_got, g_want in zip(grads(got, case.leaves()), grads(want, case.leaves())):
+        torch.testing.assert_close(g_got, g_want)
+
+
+@pytest.mark.parametrize("convention", ["hstu", "peer"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window, full", [(3, 0), (4, 6), (14, 0)])
+def test_window_matches_reference(monkeypatch, convention, causal, window, full) -> None:
+    """W = 3, 4: the 40- and 23-token samples run in row blocks of 4 rows against the band
+    (W = 14: every sample is short against the window, one dense masked chunk)."""
+    monkeypatch.setattr(pa, "MIN_BLOCK_ROWS", 4)
+    case = _case("pos+ts+qt" if causal else "pos+ts")
+    kw = {"alpha": 0.3, "scaling_seqlen": 40, "causal": causal, "target_group_size": 2,
+          "mask_convention": convention, "max_attn_len": window,
+          "min_full_attn_seq_len": full}
+    got = hstu_attention(case.q, case.k, case.v, case.offsets, case.max_seqlen,
+                         num_contextual=case.num_contextual, num_targets=case.num_targets,
+                         rab=case.rab, **kw)
+    blocked = _blocked_chunks()
+    # the guard: which samples take the band path
+    assert [int(s.lengths[0]) for s in blocked] == [n for n in LENGTHS if n > pa.WINDOW_BLOCKED_MIN * window]
+    for spec in blocked:
+        assert len(spec.blocks) > 3
+        # the band: a windowed block sees fewer keys than the sample has
+        assert min(len(b.key_pos) for b in spec.blocks) < int(spec.lengths[0]) // 2
+    _check_against_reference(case, got, kw)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_window_wider_than_the_sample_is_full_attention(monkeypatch, causal) -> None:
+    case = _case("pos+ts")
+    kw = {"alpha": 0.3, "scaling_seqlen": 40, "causal": causal, "target_group_size": 2}
+    full = _pytorch(case, **kw)
+    wide = _pytorch(case, max_attn_len=40, **kw)
+    assert torch.equal(wide, full)  # the same path, the same mask: bitwise
+    full_grads = grads(full, case.leaves())
+    for a, b in zip(grads(wide, case.leaves()), full_grads):
+        assert torch.equal(a, b)
+    # also in row blocks (a budget that blocks every sample)
+    monkeypatch.setattr(pa, "MIN_BLOCK_ROWS", 4)
+    blocked = _pytorch(case, max_attn_len=40, min_full_attn_seq_len=3,
+                       memory_budget_bytes=1000, **kw)
+    assert len(_blocked_chunks()) == 3
+    torch.testing.assert_close(blocked, full)
+    for a, b in zip(grads(blocked, case.leaves()), full_grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("convention", ["hstu", "peer"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [0, 3])
+def test_bounded_memory_path_matches_reference(monkeypatch, convention, causal, window) -> None:
+    """A budget far below the samples' scores: every sample alone, in row blocks recomputed
+    in backward; values and gradients (q, k, v, both bias tables) as the reference."""
+    monkeypatch.setattr(pa, "MIN_BLOCK_ROWS", 4)
+    case = _case("pos+ts+qt", seed=2)
+    kw = {"alpha": 0.3, "scaling_seqlen": 40, "causal": causal, "target_group_size": 3,
+          "mask_convention": convention, "max_attn_len": window,
+          "memory_budget_bytes": 1000}
+    got = _pytorch(case, **kw)
+    blocked = _blocked_chunks()
+    assert len(blocked) == 3 and all(s.recompute and not s.cached for s in blocked)
+    _check_against_reference(case, got, kw)
+
+
+def _largest_saved(fn) -> int:
+    """The most elements of any tensor autograd saves while ``fn`` runs."""
+    largest = [0]
+
+    def pack(t):
+        largest[0] = max(largest[0], t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    out.sum().backward()
+    return largest[0]
+
+
+def test_recomputed_blocks_save_no_scores() -> None:
+    """One 256-token sample, one head: autograd keeps an [n, n] score tensor on the dense path,
+    but nothing bigger than the inputs ([n, d]) once its blocks are recomputed."""
+    n, d = 256, 8
+    case = random_case([n], num_heads=1, head_dim=d, rab="pos+ts", seed=4)
+    kw = {"alpha": 0.3, "scaling_seqlen": n}
+    dense = _largest_saved(lambda: _pytorch(case, **kw))
+    assert dense >= n * n // 2 and not _blocked_chunks()
+    budget = 16 * n * 32  # rows of 32 keys x n: the blocks' scores together exceed it
+    blocked = _largest_saved(lambda: _pytorch(case, memory_budget_bytes=budget, **kw))
+    (spec,) = _blocked_chunks()
+    assert spec.recompute and len(spec.blocks) == n // 32
+    assert blocked <= n * d
+
+
+def test_dispatcher_validates_and_passes_the_window(monkeypatch) -> None:
+    case = _case("none")
+    args = (case.q, case.k, case.v, case.offsets, case.max_seqlen)
+    kw = {"alpha": 0.3, "scaling_seqlen": 40}
+    with pytest.raises(ValueError, match="max_attn_len and min_full_attn_seq_len must be >= 0"):
+        hstu_attention(*args, max_attn_len=-1, **kw)
+    with pytest.raises(ValueError, match="needs max_attn_len > 0"):
+        hstu_attention(*args, min_full_attn_seq_len=4, **kw)
+    # the window reaches the pytorch kernel: samples beyond the window differ from full
+    full = hstu_attention(*args, **kw)
+    windowed = hstu_attention(*args, max_attn_len=2, **kw)
+    assert not torch.allclose(windowed, full)
+    # another backend gets the window only when it is on, and only if it takes it
+    seen = {}
+
+    def without_window(q, k, v, offsets, max_seqlen, *, alpha, scaling_seqlen, causal,
+                       num_contextual, num_targets, target_group_size, rab, mask_convention):
+        seen["called"] = True
+        return q
+
+    def with_window(q, k, v, offsets, max_seqlen, *, max_attn_len=0, min_full_attn_seq_len=0,
+                    **rest):
+        seen.update(max_attn_len=max_attn_len, min_full_attn_seq_len=min_full_attn_seq_len)
+        return q
+
+    monkeypatch.setattr(ops, "resolve_backend", lambda *a, **k: "cutlass")
+    monkeypatch.setattr(ops, "load", lambda target: without_window)
+    hstu_attention(*args, backend="cutlass", **kw)
+    assert seen == {"called": True}
+    with pytest.raises(ValueError, match="backend 'cutlass' does not take max_attn_len yet"):
+        hstu_attention(*args, backend="cutlass", max_attn_len=8, **kw)
+    monkeypatch.setattr(ops, "load", lambda target: with_window)
+    hstu_attention(*args, backend="cutlass", max_attn_len=8, min_full_attn_seq_len=2, **kw)
+    assert seen["max_attn_len"] == 8 and seen["min_full_attn_seq_len"] == 2
