@@ -7,8 +7,9 @@ Samples are sorted by length and cut into chunks of similar lengths (the shortes
 than half the longest) whose score tensors fit a memory budget, so a batch never
 materialises a dense [B, H, max_seqlen, max_seqlen]. A single sample too long for the
 budget, or long against the semi-local window (``max_attn_len``), is computed alone in row
-blocks, each against the keys its rows can see; when their scores together exceed the budget
-each block is recomputed in backward instead of saved (memory O(n x block), not O(n^2)).
+blocks, each against the keys its rows can see, by a custom autograd function that keeps no
+scores: backward recomputes each block's (memory O(n x block), not O(n^2), and time linear in
+the number of blocks).
 Scores are computed in at least float32 whatever the input
 dtype (float64 stays float64); autograd runs through the plain ops.
 """
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 from hstu.ops.masks import check_window, dense_mask, lengths_from_offsets
 from hstu.ops.rab import (
@@ -79,8 +80,15 @@ def plan_chunks(
 # a sample longer than this many windows (``max_attn_len``) is computed alone in row blocks
 # against the band of keys its rows can see
 WINDOW_BLOCKED_MIN = 3
+# windowed row blocks take W / this many rows: against about (1 + 1 / this) W keys each
+WINDOW_BLOCK_DIVISOR = 4
+# the most query rows of a row block against the whole history: smaller blocks skip more
+# of the causal future, and keep memory well under the budget
+MAX_BLOCK_ROWS = 512
+# float32 [h, R, K] tensors alive at once in the backward of a row block
+_BLOCK_TENSORS_ALIVE = 5
 # the fewest query rows of a row block (a budget too small for them is exceeded instead)
-MIN_BLOCK_ROWS = 16
+MIN_BLOCK_ROWS = 64
 # the block masks and rab indices of a blocked sample are kept for the batch's other layers
 # while they take at most this fraction of the budget, else rebuilt at each use
 _BLOCK_INDEX_CACHE_FRACTION = 4
@@ -105,7 +113,6 @@ class _Blocked:
     and rab indices are built from."""
 
     blocks: list[_Block]
-    recompute: bool  # blocks recomputed in backward instead of saving their scores
     cached: bool  # block masks / indices kept in the plan
     lengths: Tensor  # int64 [1]
     num_contextual: Tensor | None  # int64 [1]
@@ -248,7 +255,7 @@ def _build_plan(
         if blocked:
             chunk_query = None if query_timestamps is None else query_timestamps[sample_ids]
             spec = _Blocked(
-                [], False, False, chunk_lengths,
+                [], False, chunk_lengths,
                 num_contextual[sample_ids] if max_ctx > 0 else None,
                 num_targets[sample_ids] if max_targets > 0 else None,
                 target_group_size, causal, mask_convention, max_attn_len,
@@ -347,25 +354,27 @@ def _plan_blocks(
     """Cut one sample into row blocks, each against the key ranges its rows can see.
 
     Rows: the contextual rows (they see the contextual block, or the history), then the
-    windowed rows (max_attn_len W > 0) in blocks of W rows, then the rows that see the whole
-    history (every row without a window; the last M history rows and the candidates with
-    min_full_attn_seq_len M) in blocks sized so that their scores fit the budget. The blocks'
-    scores are recomputed in backward when all of them together exceed the budget.
+    windowed rows (max_attn_len W > 0) in blocks of W / ``WINDOW_BLOCK_DIVISOR`` rows, then
+    the rows that see the whole history (every row without a window; the last M history rows
+    and the candidates with min_full_attn_seq_len M) in blocks of at most ``MAX_BLOCK_ROWS``
+    whose backward tensors fit the budget. The blocks' scores are never kept: backward
+    recomputes them (``_BlockedAttention``).
     """
     window, full_from = spec.max_attn_len, length
     first = length - num_targets
     if window > 0:
         full_from = max(num_ctx, first - spec.min_full_attn_seq_len) if (
             spec.min_full_attn_seq_len > 0) else length
-    per_row = _SCORE_TENSORS_ALIVE * _SCORE_BYTES * num_heads
-    full_rows = max(MIN_BLOCK_ROWS, budget // (per_row * length))
+    per_row = _BLOCK_TENSORS_ALIVE * _SCORE_BYTES * num_heads
+    full_rows = max(MIN_BLOCK_ROWS, min(MAX_BLOCK_ROWS, budget // (per_row * length)))
     peer = spec.mask_convention == "peer"
     spans: list[tuple[int, int, list[tuple[int, int]]]] = []
     ctx_keys = num_ctx if (spec.causal and not peer) else length
     for r0 in range(0, num_ctx, full_rows):
         spans.append((r0, min(num_ctx, r0 + full_rows), [(0, ctx_keys)]))
     if window > 0:
-        rows = max(MIN_BLOCK_ROWS, min(window, budget // (per_row * (num_ctx + 3 * window))))
+        rows = max(MIN_BLOCK_ROWS, min(-(-window // WINDOW_BLOCK_DIVISOR),
+                                       budget // (per_row * (num_ctx + 3 * window))))
         for r0 in range(num_ctx, full_from, rows):
             r1 = min(full_from, r0 + rows)
             spans.append((r0, r1, _key_ranges(r0, r1, window, length, num_ctx, first,
@@ -375,7 +384,6 @@ def _plan_blocks(
         spans.append((r0, r1, _key_ranges(r0, r1, length, length, num_ctx, first,
                                           spec.causal, peer)))
     elements = sum((r1 - r0) * sum(b - a for a, b in keys) for r0, r1, keys in spans)
-    spec.recompute = elements * per_row > budget
     index_bytes = 1 + (8 if spec.rab_positions is not None else 0) + (
         8 if spec.timestamps is not None else 0)
     spec.cached = elements * index_bytes <= budget // _BLOCK_INDEX_CACHE_FRACTION
@@ -415,19 +423,93 @@ def _block_indices(
     return mask, rel, buckets
 
 
-def _block_times_v(
-    qb: Tensor, kb: Tensor, vb: Tensor, spec: _Blocked, block: _Block,
-    rab: RelativeAttentionBias | None, alpha: float, h: int, compute_dtype: torch.dtype,
-) -> Tensor:
-    """One row block of a blocked sample: [h, R, d_v] (not yet divided by N)."""
-    mask, rel, buckets = _block_indices(spec, block)
+def _block_keys(x: Tensor, block: _Block) -> Tensor:
+    """[h, n, d] -> the block's keys [h, K, d]."""
     if isinstance(block.keys, slice):
-        kk, vv = kb[:, block.keys], vb[:, block.keys]
-    else:
-        kk, vv = kb.index_select(1, block.keys), vb.index_select(1, block.keys)
-    return _scores_times_v(
-        qb[:, block.r0 : block.r1], kk, vv, mask, rel, buckets, rab, alpha, 1, h, compute_dtype
-    )
+        return x[:, block.keys]
+    return x.index_select(1, block.keys)
+
+
+def _block_scores(
+    qb: Tensor, kb: Tensor, block: _Block, spec: _Blocked, pos_weights: Tensor | None,
+    ts_weights: Tensor | None, alpha: float,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """alpha q k^T + rab of one row block: [h, R, K], its mask [1, R, K] and rab indices."""
+    mask, rel, buckets = _block_indices(spec, block)
+    keys = _block_keys(kb, block)
+    rows = qb[:, block.r0 : block.r1]
+    if pos_weights is None:
+        return torch.bmm(rows, keys.transpose(1, 2)).mul_(alpha), mask[0], rel, buckets
+    assert rel is not None
+    bias = pos_weights.to(qb.dtype).index_select(0, rel.reshape(-1)).view(rel.shape)
+    if ts_weights is not None:
+        assert buckets is not None
+        bias = bias + ts_weights.to(qb.dtype).index_select(0, buckets[0].reshape(-1)).view(
+            rel.shape)
+    scores = torch.baddbmm(bias.unsqueeze(0).expand(rows.shape[0], -1, -1), rows,
+                           keys.transpose(1, 2), alpha=alpha)
+    return scores, mask[0], rel, buckets
+
+
+class _BlockedAttention(torch.autograd.Function):
+    """sum over row blocks of masked SiLU(alpha q k^T + rab) v for one sample, [h, n, d_v]
+    (not yet divided by N), keeping no scores: backward recomputes each block's and adds its
+    gradients into q, k, v and the bias tables. HSTU has no softmax, so a block needs nothing
+    from the others."""
+
+    @staticmethod
+    def forward(ctx, qb, kb, vb, pos_weights, ts_weights, spec, alpha):
+        ctx.save_for_backward(qb, kb, vb, pos_weights, ts_weights)
+        ctx.spec, ctx.alpha = spec, alpha
+        out = qb.new_empty(qb.shape[0], qb.shape[1], vb.shape[2])
+        for block in spec.blocks:
+            scores, mask, _, _ = _block_scores(qb, kb, block, spec, pos_weights, ts_weights, alpha)
+            weights = torch.where(mask, F.silu(scores), 0.0)
+            out[:, block.r0 : block.r1] = torch.bmm(weights, _block_keys(vb, block))
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        qb, kb, vb, pos_weights, ts_weights = ctx.saved_tensors
+        spec, alpha = ctx.spec, ctx.alpha
+        dq, dk, dv = torch.zeros_like(qb), torch.zeros_like(kb), torch.zeros_like(vb)
+        need_pos = pos_weights is not None and ctx.needs_input_grad[3]
+        need_ts = ts_weights is not None and ctx.needs_input_grad[4]
+        dpos = qb.new_zeros(pos_weights.shape) if need_pos else None
+        dts = qb.new_zeros(ts_weights.shape) if need_ts else None
+        for block in spec.blocks:
+            scores, mask, rel, buckets = _block_scores(
+                qb, kb, block, spec, pos_weights, ts_weights, alpha)
+            rows = slice(block.r0, block.r1)
+            go = grad_out[:, rows]
+            keys, values = _block_keys(kb, block), _block_keys(vb, block)
+            sig = torch.sigmoid(scores)
+            weights = torch.where(mask, scores * sig, 0.0)
+            # d SiLU(s) / ds = sig (1 + s (1 - sig))
+            dscores = torch.bmm(go, values.transpose(1, 2))
+            dscores = torch.where(mask, dscores.mul_(sig).mul_(scores.mul_(1 - sig).add_(1)), 0.0)
+            dq[:, rows] += torch.bmm(dscores, keys).mul_(alpha)
+            dk_block = torch.bmm(dscores.transpose(1, 2), qb[:, rows]).mul_(alpha)
+            dv_block = torch.bmm(weights.transpose(1, 2), go)
+            if isinstance(block.keys, slice):
+                dk[:, block.keys] += dk_block
+                dv[:, block.keys] += dv_block
+            else:
+                dk.index_add_(1, block.keys, dk_block)
+                dv.index_add_(1, block.keys, dv_block)
+            if dpos is not None or dts is not None:
+                dbias = dscores.sum(0).reshape(-1)  # the tables are shared by the heads
+                if dpos is not None:
+                    dpos.index_add_(0, rel.reshape(-1), dbias)
+                if dts is not None:
+                    dts.index_add_(0, buckets.reshape(-1), dbias)
+        return (
+            dq, dk, dv,
+            None if dpos is None else dpos.to(pos_weights.dtype),
+            None if dts is None else dts.to(ts_weights.dtype),
+            None, None,
+        )
 
 
 def _scores_times_v(
@@ -512,21 +594,10 @@ def pytorch_hstu_attention(
 
         qb, kb, vb = padded(q), padded(k), padded(v)
         if c.blocked is not None:
-            spec = c.blocked
-            recompute = spec.recompute and torch.is_grad_enabled() and any(
-                t.requires_grad for t in (qb, kb, vb)
+            chunk_out = _BlockedAttention.apply(
+                qb, kb, vb, None if rab is None else rab.pos_weights,
+                None if rab is None else rab.ts_weights, c.blocked, alpha,
             )
-            outs = []
-            for block in spec.blocks:
-                args = (qb, kb, vb, spec, block, rab, alpha, h, compute_dtype)
-                if recompute:
-                    # the block's scores are rebuilt in backward: O(n x block) memory (no
-                    # random op inside, so no RNG state to keep)
-                    outs.append(checkpoint(_block_times_v, *args, use_reentrant=False,
-                                           preserve_rng_state=False))
-                else:
-                    outs.append(_block_times_v(*args))
-            chunk_out = torch.cat(outs, dim=1)
         elif c.parts is None:
             chunk_out = _scores_times_v(
                 qb, kb, vb, c.mask, c.rel, c.buckets, rab, alpha, b, h, compute_dtype
