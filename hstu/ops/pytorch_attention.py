@@ -91,7 +91,7 @@ _BLOCK_TENSORS_ALIVE = 5
 MIN_BLOCK_ROWS = 64
 # the block masks and rab indices of a blocked sample are kept for the batch's other layers
 # while they take at most this fraction of the budget, else rebuilt at each use
-_BLOCK_INDEX_CACHE_FRACTION = 4
+_BLOCK_INDEX_CACHE_FRACTION = 2
 
 
 @dataclass
@@ -103,8 +103,8 @@ class _Block:
     keys: slice | Tensor  # the key slots: one range, or int64 [K] (a union of ranges)
     key_pos: Tensor  # int64 [K] the same slots as an index
     mask: Tensor | None = None  # bool [1, 1, R, K], cached (None: built at each use)
-    rel: Tensor | None = None  # int64 [R, K] position-table index, cached
-    buckets: Tensor | None = None  # int64 [1, R, K] time-bucket index, cached
+    rel: Tensor | None = None  # int32 [R, K] position-table index, cached
+    buckets: Tensor | None = None  # int32 [1, R, K] time-bucket index, cached
 
 
 @dataclass
@@ -384,8 +384,8 @@ def _plan_blocks(
         spans.append((r0, r1, _key_ranges(r0, r1, length, length, num_ctx, first,
                                           spec.causal, peer)))
     elements = sum((r1 - r0) * sum(b - a for a, b in keys) for r0, r1, keys in spans)
-    index_bytes = 1 + (8 if spec.rab_positions is not None else 0) + (
-        8 if spec.timestamps is not None else 0)
+    index_bytes = 1 + (4 if spec.rab_positions is not None else 0) + (
+        4 if spec.timestamps is not None else 0)
     spec.cached = elements * index_bytes <= budget // _BLOCK_INDEX_CACHE_FRACTION
     for r0, r1, keys in spans:
         key_pos = _to_device(torch.cat([torch.arange(a, b) for a, b in keys]), device)
@@ -401,7 +401,8 @@ def _block_indices(
     spec: _Blocked, block: _Block
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The mask [1, 1, R, K], position index [R, K] and time-bucket index [1, R, K] of one
-    row block (the same values as the whole sample's, at the block's rows and keys)."""
+    row block (the same values as the whole sample's, at the block's rows and keys); the
+    indices in int32 (half the cache; index_select and index_add_ take them)."""
     if spec.cached and block.mask is not None:
         return block.mask, block.rel, block.buckets
     device = block.key_pos.device
@@ -415,11 +416,12 @@ def _block_indices(
     if spec.rab_positions is not None:
         p = spec.rab_positions
         rel = (p - 1 + block.key_pos.view(1, -1) - rows.view(-1, 1)).clamp(0, 2 * p - 2)
+        rel = rel.to(torch.int32)
         if spec.timestamps is not None:
             buckets = time_buckets(
                 spec.timestamps, spec.token_index, spec.lengths, slice(block.r0, block.r1),
                 block.key_pos, spec.query_timestamps,
-            )
+            ).to(torch.int32)
     return mask, rel, buckets
 
 

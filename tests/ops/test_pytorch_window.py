@@ -59,6 +59,7 @@ def test_window_matches_reference(monkeypatch, convention, causal, window, full)
         assert len(spec.blocks) > 3
         # the band: a windowed block sees fewer keys than the sample has
         assert min(len(b.key_pos) for b in spec.blocks) < int(spec.lengths[0]) // 2
+    assert all(s.cached for s in blocked)
     _check_against_reference(case, got, kw)
 
 
@@ -87,8 +88,10 @@ def test_window_wider_than_the_sample_is_full_attention(monkeypatch, causal) -> 
 @pytest.mark.parametrize("window", [0, 3])
 def test_bounded_memory_path_matches_reference(monkeypatch, convention, causal, window) -> None:
     """A budget far below the samples' scores: every sample alone, in row blocks recomputed
-    in backward; values and gradients (q, k, v, both bias tables) as the reference."""
+    in backward; values and gradients (q, k, v, both bias tables) as the reference. The
+    block masks and indices are rebuilt at each use here (cached in the tests above)."""
     monkeypatch.setattr(pa, "MIN_BLOCK_ROWS", 4)
+    monkeypatch.setattr(pa, "_BLOCK_INDEX_CACHE_FRACTION", 10**12)
     case = _case("pos+ts+qt", seed=2)
     kw = {"alpha": 0.3, "scaling_seqlen": 40, "causal": causal, "target_group_size": 3,
           "mask_convention": convention, "max_attn_len": window,
