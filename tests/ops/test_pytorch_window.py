@@ -166,3 +166,19 @@ def test_dispatcher_validates_and_passes_the_window(monkeypatch) -> None:
     monkeypatch.setattr(ops, "load", lambda target: with_window)
     hstu_attention(*args, backend="cutlass", max_attn_len=8, min_full_attn_seq_len=2, **kw)
     assert seen["max_attn_len"] == 8 and seen["min_full_attn_seq_len"] == 2
+
+
+def test_dispatcher_passes_the_window_to_triton(triton_backend, device) -> None:
+    """The triton kernel takes the window: the dispatcher hands it over (strict, no fallback),
+    and the result is the pytorch backend's."""
+    case = random_case([20, 9], num_contextual=[2, 0], num_targets=[3, 2], device=device)
+    args = (case.q, case.k, case.v, case.offsets, case.max_seqlen)
+    kw = {"alpha": 0.3, "scaling_seqlen": 20, "num_contextual": case.num_contextual,
+          "num_targets": case.num_targets, "max_attn_len": 3, "min_full_attn_seq_len": 2}
+    got = hstu_attention(*args, backend="triton", strict=True, **kw)
+    want = hstu_attention(*args, backend="pytorch", **kw)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(want, hstu_attention(*args, backend="pytorch", alpha=0.3,
+                                                   scaling_seqlen=20,
+                                                   num_contextual=case.num_contextual,
+                                                   num_targets=case.num_targets))
