@@ -496,11 +496,11 @@ class NetworkArgs:
     compile: bool = False
     """torch.compile each layer's output tail (LayerNorm(O) * U, dropout, W_o, residual; dynamic shapes); one TP rank only. Dropout masks then come from the compiled kernel's generator (results differ from eager by the masks)."""
     max_attn_len: int = 0
-    """Semi-local attention: a history token sees at most this many earlier tokens (and, with is_causal=False, later ones); 0 is full attention. Meta's name; the rule (contextual tokens and candidates included) is hstu.ops.masks, docs/model.md "Semi-local attention"."""
+    """Semi-local attention: a history token sees at most this many earlier tokens (and, with is_causal=False, later ones); 0 is full attention. Meta's name; the rule (contextual tokens and candidates included) is hstu.ops.masks, docs/model.md "Long histories"."""
     min_full_attn_seq_len: int = 0
     """With max_attn_len > 0: the last this-many history tokens (and the candidates) still see the whole history; 0: none. Meta's name."""
     attn_truncation_layers: int = 0
-    """Attention truncation: the first this-many layers run over the whole sequence, the layers above over each sample's last attn_truncation_len tokens only (the others keep their output of the last full layer); 0 is off, else 0 < value < num_layers. docs/model.md "Attention truncation"."""
+    """Attention truncation: the first this-many layers run over the whole sequence, the layers above over each sample's last attn_truncation_len tokens only (the others keep their output of the last full layer); 0 is off, else 0 < value < num_layers. docs/model.md "Long histories"."""
     attn_truncation_len: int = 0
     """Tokens of each sample (its last ones) the layers above attn_truncation_layers run over; > 0 with attn_truncation_layers, and at least the candidates of a ranking sample."""
 

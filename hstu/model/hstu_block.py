@@ -13,7 +13,7 @@ where they fall inside it (they lead the slice then, and keep their contextual r
 candidates are the slice's last c_b tokens (c_b <= T is required). Tokens before the slice
 keep their layer-k output, so every position still has a state and the heads read the same
 rows; their gradient reaches the input through layers 1..k only. N (``scaling_seqlen``) stays
-the block's. docs/model.md "Attention truncation".
+the block's. docs/model.md "Long histories".
 """
 
 from __future__ import annotations
