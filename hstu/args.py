@@ -515,6 +515,14 @@ class NetworkArgs:
     """jagged (each sample's real tokens only) or padded (every sample padded to the longest sequence the data allows, as padded trainers do; same results, for comparison; needs is_causal)."""
     compile: bool = False
     """torch.compile each layer's output tail (LayerNorm(O) * U, dropout, W_o, residual; dynamic shapes); one TP rank only. Dropout masks then come from the compiled kernel's generator (results differ from eager by the masks)."""
+    max_attn_len: int = 0
+    """Semi-local attention: a history token sees at most this many earlier tokens (and, with is_causal=False, later ones); 0 is full attention. Meta's name; the rule (contextual tokens and candidates included) is hstu.ops.masks, docs/model.md "Long histories"."""
+    min_full_attn_seq_len: int = 0
+    """With max_attn_len > 0: the last this-many history tokens (and the candidates) still see the whole history; 0: none. Meta's name."""
+    attn_truncation_layers: int = 0
+    """Attention truncation: the first this-many layers run over the whole sequence, the layers above over each sample's last attn_truncation_len tokens only (the others keep their output of the last full layer); 0 is off, else 0 < value < num_layers. docs/model.md "Long histories"."""
+    attn_truncation_len: int = 0
+    """Tokens of each sample (its last ones) the layers above attn_truncation_layers run over; > 0 with attn_truncation_layers, and at least the candidates of a ranking sample."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -538,6 +546,25 @@ class NetworkArgs:
         for name in ("item_embedding_dim", "contextual_embedding_dim"):
             value = getattr(self, name)
             _require(value == -1 or value > 0, self, name, f"must be -1 (hidden_size) or > 0, got {value}")
+        _non_negative(
+            self, "max_attn_len", "min_full_attn_seq_len", "attn_truncation_layers",
+            "attn_truncation_len",
+        )
+        if self.attn_truncation_layers > 0:
+            _require(
+                self.attn_truncation_layers < self.num_layers,
+                self,
+                "attn_truncation_layers",
+                f"must be < num_layers ({self.num_layers}) so that some layers run truncated, "
+                f"got {self.attn_truncation_layers}",
+            )
+            _require(
+                self.attn_truncation_len > 0,
+                self,
+                "attn_truncation_len",
+                f"must be > 0 with attn_truncation_layers={self.attn_truncation_layers} "
+                "(the tokens the upper layers keep)",
+            )
 
     @property
     def resolved_item_embedding_dim(self) -> int:

@@ -16,12 +16,20 @@ gin state and peak memory do not leak from one preset to the next. Steps are run
 
 The ML-1M paper retrieval preset runs on ML-100K data (``tmp_data/ml-100k``, preprocessed
 from ``--ml100k-raw`` when missing); the synthetic presets need nothing.
+
+The long-history presets (``--presets long``: ``long_<method>_<length>``) time the HSTU block
+of ``configs/long_block.gin`` alone, forward + backward on one synthetic history per step, in
+one process each: step time and peak memory per method (full attention, the semi-local window,
+stochastic length, attention truncation) and history length (1k to 64k tokens). A preset that
+would not fit the memory limit or the time limit is reported as skipped, with why.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -46,6 +54,7 @@ class Preset:
     data: str | None = None  # preprocessed dataset the preset needs under tmp_data/
     note: str = ""
     group: str = "core"  # "core" presets run by default; "scaling" with --presets scaling
+    long: tuple[str, int] | None = None  # long-history presets: (method, history length)
 
 
 _ZIPF = ("item/FeatureArgs.max_sequence_length=512",)
@@ -115,9 +124,52 @@ def _scaling_presets() -> list[Preset]:
     return out
 
 
+# method -> (NetworkArgs bindings, note); "sl<alpha>" samples the kept tokens per step
+LONG_TRUNCATION_LEN = 1024
+LONG_METHODS: dict[str, tuple[list[str], str]] = {
+    "full": ([], "full attention"),
+    "window256": (["NetworkArgs.max_attn_len=256"], "semi-local attention, W = 256"),
+    "window1024": (["NetworkArgs.max_attn_len=1024"], "semi-local attention, W = 1,024"),
+    "sl1.5": ([], "stochastic length, alpha 1.5 (full attention on the kept tokens)"),
+    "sl1.7": ([], "stochastic length, alpha 1.7 (full attention on the kept tokens)"),
+    "trunc": (["NetworkArgs.attn_truncation_layers=1",
+               f"NetworkArgs.attn_truncation_len={LONG_TRUNCATION_LEN}"],
+              (f"attention truncation: layer 1 over the history, layers 2-4 over its last "
+               f"{LONG_TRUNCATION_LEN:,} tokens")),
+}
+LONG_LENGTHS = {"1k": 1024, "4k": 4096, "16k": 16384, "64k": 65536}
+
+
+def _long_presets() -> list[Preset]:
+    return [
+        Preset(f"long_{method}_{tag}", "configs/long_block.gin", 1, list(params),
+               note=f"{note}; one {length:,}-token history per step", group="long",
+               long=(method, length))
+        for method, (params, note) in LONG_METHODS.items()
+        for tag, length in LONG_LENGTHS.items()
+    ]
+
+
 PRESETS += _scaling_presets()
+PRESETS += _long_presets()
 BY_NAME = {p.name: p for p in PRESETS}
-GROUPS = {g: [p.name for p in PRESETS if p.group == g] for g in ("core", "scaling")}
+GROUPS = {g: [p.name for p in PRESETS if p.group == g] for g in ("core", "scaling", "long")}
+
+CORE_DEFAULT_STEPS = 16
+LONG_DEFAULT_STEPS = 3
+
+
+def _default_memory_limit_gib() -> float:
+    """3/4 of MemAvailable (Linux), else 3/4 of 24 GiB."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return 0.75 * int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 18.0
+
 
 PHASES = ("data", "embedding", "forward", "backward", "optimizer")
 _COMM_MARKERS = ("c10d::", "gloo", "nccl", "all_reduce", "allreduce", "all_to_all", "alltoall",
@@ -290,6 +342,180 @@ def _worker(a: argparse.Namespace) -> None:
     destroy_distributed()
 
 
+# ------------------------------------------------------------------ long histories
+
+
+def stochastic_length_alpha(method: str) -> float | None:
+    """alpha of an "sl<alpha>" method, else None."""
+    return float(method[2:]) if method.startswith("sl") else None
+
+
+def long_step_flops(method: str, length: int, network_layers: int = 4, heads: int = 2,
+                    head_dim: int = 32) -> float:
+    """A rough FLOP count of one forward + backward (3x the forward's Q K^T and A V) of the
+    long-history block, to skip what cannot finish: every row against the keys the kernel
+    computes (full: the whole sample; window W: ~2W; truncation: T above layer 1)."""
+    alpha = stochastic_length_alpha(method)
+    if alpha is not None:
+        length = min(length, math.ceil(length ** (alpha / 2)))  # what SL keeps mostly
+    per_row = 4 * heads * head_dim
+    if method.startswith("window"):
+        keys = [min(length, 2 * int(method[len("window"):]))] * network_layers
+        rows = [length] * network_layers
+    elif method == "trunc":
+        kept = min(length, LONG_TRUNCATION_LEN)
+        keys = [length] + [kept] * (network_layers - 1)
+        rows = [length] + [kept] * (network_layers - 1)
+    else:
+        keys = rows = [length] * network_layers
+    return 3.0 * per_row * sum(r * k for r, k in zip(rows, keys))
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """The CPU allocator's refusal (under the worker's address-space limit) or CUDA's."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc)
+    return "can't allocate memory" in text or "not enough memory" in text
+
+
+def _long_worker(a: argparse.Namespace) -> None:
+    """One long-history preset in this process: the block of the preset's gin, ``a.steps``
+    timed steps of forward + backward on one synthetic history, after ``a.warmup``."""
+    import resource
+
+    import gin
+    import numpy as np
+
+    from hstu.args import NetworkArgs
+    from hstu.gin_parsing import instantiate, parse_sources
+    from hstu.model.builder import build_block
+
+    preset = BY_NAME[a.worker]
+    assert preset.long is not None
+    method, length = preset.long
+    limit = int(a.memory_limit_gib * 2**30)
+    # a preset that does not fit fails its allocation here instead of waking the OOM killer
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    config = os.path.join(ROOT, preset.config)
+    gin.clear_config()
+    bindings = parse_sources([config], [*preset.params, *a.gin_param], (NetworkArgs,))
+    network = instantiate(NetworkArgs, "", bindings, config)
+    block = build_block(network, length)
+    block.train()
+    alpha = stochastic_length_alpha(method)
+    keep_fn = None
+    if alpha is not None:
+        from hstu.data.stochastic_length import stochastic_length_keep as keep_fn
+
+    def tokens_of(step: int) -> int:
+        if keep_fn is None:
+            return length
+        kept = keep_fn(lengths=np.array([length]), max_len=length, alpha=alpha, seed=0, epoch=0,
+                       sample_ids=np.array([step]), sampling="recency", mix_prob=0.0)
+        return len(kept[0])
+
+    def step(index: int) -> int:
+        n = tokens_of(index)
+        x = torch.randn(n, network.hidden_size, requires_grad=True)
+        offsets = torch.tensor([0, n])
+        block.zero_grad(set_to_none=True)
+        out = block(x, offsets, length)
+        out.float().pow(2).mean().backward()
+        return n
+
+    base_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result: dict = {"preset": preset.name, "method": method, "length": length,
+                    "note": preset.note, "threads_per_process": a.threads, "steps": a.steps,
+                    "memory_limit_gib": round(a.memory_limit_gib, 1)}
+    try:
+        for i in range(a.warmup):
+            step(-1 - i)
+        t0 = time.perf_counter()
+        tokens = [step(i) for i in range(a.steps)]
+        seconds = time.perf_counter() - t0
+    except (RuntimeError, MemoryError) as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        first = str(exc).strip().splitlines()[0][:200]
+        result["skipped"] = (f"does not fit the {a.memory_limit_gib:.1f} GiB limit "
+                             f"(--memory-limit-gib): {first}")
+    else:
+        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        result.update(step_s=seconds / a.steps, mean_tokens=sum(tokens) / len(tokens),
+                      base_rss_gib=round(base_gib, 3), peak_rss_gib=round(peak_gib, 3),
+                      step_memory_gib=round(peak_gib - base_gib, 3))
+    with open(a.result, "w") as f:
+        json.dump(result, f)
+
+
+def _run_long(p: Preset, a: argparse.Namespace, roof_flops: float) -> dict:
+    assert p.long is not None
+    method, length = p.long
+    if stochastic_length_alpha(method) is not None and importlib.util.find_spec(
+            "hstu.data.stochastic_length") is None:
+        return {"preset": p.name, "skipped": "needs stochastic length "
+                "(hstu.data.stochastic_length is not in this checkout)"}
+    steps = a.steps if a.steps is not None else LONG_DEFAULT_STEPS
+    warmup = a.warmup if a.warmup is not None else 1
+    estimate_s = long_step_flops(method, length) / roof_flops
+    if estimate_s * (steps + warmup) > a.long_timeout:
+        return {"preset": p.name, "skipped": f"needs ~{estimate_s:,.0f} s per step (FLOP estimate "
+                f"at the matmul roof), over --long-timeout {a.long_timeout:.0f} s"}
+    threads = a.threads or (os.cpu_count() or 1)
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        result = f.name
+    cmd = [sys.executable, "-m", "hstu.bench", "--worker", p.name, "--result", result,
+           "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads),
+           "--memory-limit-gib", str(a.memory_limit_gib)]
+    for g in a.gin_param:
+        cmd += ["--gin-param", g]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
+    try:
+        done = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=a.long_timeout)
+    except subprocess.TimeoutExpired:
+        os.unlink(result)
+        return {"preset": p.name, "skipped": f"over --long-timeout {a.long_timeout:.0f} s"}
+    if done.returncode != 0 or os.path.getsize(result) == 0:
+        return {"preset": p.name, "error": (done.stderr or done.stdout)[-1500:]}
+    with open(result) as f:
+        out = json.load(f)
+    os.unlink(result)
+    return out
+
+
+def _long_table(results: list[dict]) -> str:
+    """Step time and memory per long-history preset, then per method the cost of 4x the
+    history (4k -> 16k): time and step memory (peak RSS over the process before the step)."""
+    head = (f"{'preset':24s} {'tokens':>8s} {'step s':>9s} {'peak RSS GiB':>12s} "
+            f"{'step mem GiB':>12s}  method")
+    lines = [head, "-" * len(head)]
+    by_name = {}
+    for r in results:
+        if "error" in r or "skipped" in r:
+            lines.append(f"{r['preset']:24s} "
+                         + (f"skipped: {r['skipped']}" if "skipped" in r
+                            else "ERROR: " + r["error"].strip().splitlines()[-1]))
+            continue
+        by_name[r["preset"]] = r
+        lines.append(f"{r['preset']:24s} {r['mean_tokens']:8,.0f} {r['step_s']:9.3f} "
+                     f"{r['peak_rss_gib']:12.2f} {r['step_memory_gib']:12.2f}  {r['note']}")
+    ratios = []
+    for method in LONG_METHODS:
+        short, long_ = by_name.get(f"long_{method}_4k"), by_name.get(f"long_{method}_16k")
+        if short and long_:
+            mem = (long_["step_memory_gib"] / short["step_memory_gib"]
+                   if short["step_memory_gib"] > 0 else float("nan"))
+            ratios.append(f"  {method:12s} time x{long_['step_s'] / short['step_s']:.2f}, "
+                          f"step memory x{mem:.2f}")
+    if ratios:
+        lines += ["", "4k -> 16k history:", *ratios]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- driver
 
 
@@ -389,9 +615,17 @@ def _table(roofs: dict, results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m hstu.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="*", default=["core"],
-                    help="preset names, or a group: core (default), scaling, all")
-    ap.add_argument("--steps", type=int, default=16, help="timed steps per preset")
-    ap.add_argument("--warmup", type=int, default=3)
+                    help="preset names, or a group: core (default), scaling, long, all")
+    ap.add_argument("--steps", type=int, default=None,
+                    help=f"timed steps per preset (default {CORE_DEFAULT_STEPS}; long-history "
+                         f"presets {LONG_DEFAULT_STEPS})")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed steps first (default 3; long-history presets 1)")
+    ap.add_argument("--long-timeout", type=float, default=600.0,
+                    help="seconds a long-history preset may take (a longer one is skipped)")
+    ap.add_argument("--memory-limit-gib", type=float, default=_default_memory_limit_gib(),
+                    help="address-space limit of a long-history preset's process (default: "
+                         "3/4 of the memory available at the start)")
     ap.add_argument("--profile-steps", type=int, default=4, help="steps under the profiler (split)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads per process (0: cores / processes, as a plain torchrun run)")
@@ -405,6 +639,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--result", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
+        if BY_NAME[a.worker].long is not None:
+            _long_worker(a)
+            return
+        a.steps = CORE_DEFAULT_STEPS if a.steps is None else a.steps
+        a.warmup = 3 if a.warmup is None else a.warmup
         _worker(a)
         return
     if a.list:
@@ -420,18 +659,36 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"unknown presets {unknown}; --list shows them")
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
     roofs = {"float32": matmul_roof(torch.float32), "bfloat16": matmul_roof(torch.bfloat16)}
-    results = []
+    results, long_results = [], []
     for name in a.presets:
         p = BY_NAME[name]
+        if p.long is not None:
+            r = _run_long(p, a, roofs["float32"])
+            long_results.append(r)
+            print(f"[bench] {name}: " + ("skipped: " + r["skipped"] if "skipped" in r else
+                  "error" if "error" in r else f"{r['step_s']:.3f} s per step"), flush=True)
+            continue
         why = _ensure_data(p.data, a.ml100k_raw) if p.data else None
-        r = {"preset": name, "skipped": why} if why else _run_preset(p, a)
+        if why:
+            r = {"preset": name, "skipped": why}
+        else:
+            steps, warmup = a.steps, a.warmup
+            a.steps = CORE_DEFAULT_STEPS if steps is None else steps
+            a.warmup = 3 if warmup is None else warmup
+            r = _run_preset(p, a)
+            a.steps, a.warmup = steps, warmup
         results.append(r)
         print(f"[bench] {name}: " + ("skipped: " + why if why else
               "error" if "error" in r else f"{r['tokens_per_s']:,.0f} tokens/s"), flush=True)
     report = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
               "torch": torch.__version__, "cpus": os.cpu_count(), "cpu": cpu_description(),
-              "matmul_roof_flops": roofs, "roof_threads": torch.get_num_threads(), "results": results}
-    print(_table(roofs, results))
+              "matmul_roof_flops": roofs, "roof_threads": torch.get_num_threads(), "results": results,
+              "long_results": long_results}
+    if results or not long_results:
+        print(_table(roofs, results))
+    if long_results:
+        print(f"CPU: {cpu_description()}")
+        print(_long_table(long_results))
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as f:

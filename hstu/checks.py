@@ -111,6 +111,26 @@ def check_architecture(network: Any, task: str) -> None:
         )
 
 
+def check_truncation(network: Any, dataset: Any, task: str) -> None:
+    """Attention truncation keeps each sample's last ``attn_truncation_len`` tokens: a ranking
+    sample's candidates (its last tokens) must all be among them, and the padded layout has
+    no per-sample slices."""
+    if network.attn_truncation_layers == 0:
+        return
+    if network.sequence_layout != "jagged":
+        raise ConfigError(
+            "NetworkArgs", "attn_truncation_layers",
+            'attention truncation slices each sample\'s last tokens: it needs sequence_layout="jagged"',
+        )
+    candidates = getattr(dataset, "max_num_candidates", 0)
+    if task == "ranking" and candidates > network.attn_truncation_len:
+        raise ConfigError(
+            "NetworkArgs", "attn_truncation_len",
+            f"{network.attn_truncation_len} tokens cannot hold the {candidates} candidates "
+            "(DatasetArgs.max_num_candidates) of a ranking sample; use at least that many",
+        )
+
+
 def check_history_loss(ranking: Any, dataset: Any, network: Any) -> None:
     """Supervising the history's actions needs them as tokens, and history tokens."""
     if ranking is None or ranking.history_loss_weight <= 0:

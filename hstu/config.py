@@ -21,6 +21,7 @@ from hstu import args as A
 from hstu import checks
 from hstu.data.data_args import DATA_ARG_CLASSES
 from hstu.gin_parsing import Binding, instantiate, parse_sources, unused_scope_warnings, where_set
+from hstu.ops.masks import check_window
 
 Task = Literal["ranking", "retrieval"]
 
@@ -73,6 +74,15 @@ def _check_task(task: str, bindings: list[Binding], label: str) -> None:
                 f"a {kind} setting: this is a {kind} configuration and this entry point trains "
                 f"{task}; run it with pretrain_gr_{kind}.py",
             ).with_location(b.where or label)
+
+
+def _check_window(network: A.NetworkArgs) -> None:
+    """The semi-local window's settings, by the kernels' own rule (``hstu.ops.masks``)."""
+    try:
+        check_window(network.max_attn_len, network.min_full_attn_seq_len)
+    except ValueError as exc:
+        field_name = "max_attn_len" if network.max_attn_len < 0 else "min_full_attn_seq_len"
+        raise A.ConfigError("NetworkArgs", field_name, str(exc)) from None
 
 
 def load_config(
@@ -143,6 +153,8 @@ def load_config(
     try:
         checks.check_batch_tokens(trainer, dataset, task)
         checks.check_architecture(network, task)
+        checks.check_truncation(network, dataset, task)
+        _check_window(network)
     except A.ConfigError as exc:
         raise exc.with_location(where_set(bindings, exc.field_name, label)) from None
     ranking = build(A.RankingArgs) if task == "ranking" else None

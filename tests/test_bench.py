@@ -50,3 +50,53 @@ def test_wide_catalogue_keeps_sequences_and_spreads_items(tmp_path) -> None:
 
     with pytest.raises(ValueError, match=r"u\.data:1: expected 4"):
         bench._make_wide_catalogue(str(raw), str(out), 6)
+
+
+def test_long_presets_cover_every_method_and_length() -> None:
+    names = set(bench.GROUPS["long"])
+    assert names == {f"long_{m}_{t}" for m in ("full", "window256", "window1024", "sl1.5", "sl1.7", "trunc")
+                     for t in ("1k", "4k", "16k", "64k")}
+    assert not names & set(bench.GROUPS["core"])
+    assert bench.BY_NAME["long_window1024_16k"].long == ("window1024", 16384)
+    assert "NetworkArgs.max_attn_len=1024" in bench.BY_NAME["long_window1024_16k"].params
+    assert "NetworkArgs.attn_truncation_layers=1" in bench.BY_NAME["long_trunc_64k"].params
+    assert bench.BY_NAME["long_full_4k"].params == []
+
+
+def test_long_presets_skip_what_cannot_run(monkeypatch) -> None:
+    """No subprocess is started for a preset over the time limit (by the FLOP estimate), nor
+    for stochastic length without its sampler; each says why in one line."""
+    import argparse
+
+    a = argparse.Namespace(steps=2, warmup=1, long_timeout=60.0, threads=1, gin_param=[],
+                           memory_limit_gib=8.0)
+    started = []
+    monkeypatch.setattr(bench.subprocess, "run", lambda *x, **k: started.append(x))
+    r = bench._run_long(bench.BY_NAME["long_full_64k"], a, roof_flops=1e11)
+    assert "needs ~" in r["skipped"] and "--long-timeout 60" in r["skipped"]
+    # the window's estimate grows linearly: 64k at W = 256 is far cheaper than full attention
+    assert bench.long_step_flops("window256", 65536) * 100 < bench.long_step_flops("full", 65536)
+    assert bench.long_step_flops("trunc", 16384) < bench.long_step_flops("full", 16384) / 3
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None)
+    r = bench._run_long(bench.BY_NAME["long_sl1.5_4k"], a, roof_flops=1e11)
+    assert r["skipped"].startswith("needs stochastic length")
+    assert started == []
+
+
+def test_long_table_reports_the_4k_to_16k_cost() -> None:
+    def row(name, seconds, mem):
+        return {"preset": name, "mean_tokens": 1.0, "step_s": seconds, "peak_rss_gib": mem + 0.5,
+                "step_memory_gib": mem, "note": "n"}
+
+    text = bench._long_table([row("long_window1024_4k", 1.0, 0.5), row("long_window1024_16k", 4.2, 2.0),
+                              {"preset": "long_full_64k", "skipped": "needs ~900 s per step"}])
+    assert "window1024   time x4.20, step memory x4.00" in text
+    assert "long_full_64k            skipped: needs ~900 s per step" in text
+
+
+def test_out_of_memory_is_told_from_other_errors() -> None:
+    assert bench._is_out_of_memory(RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
+        "tried to allocate 34359738368 bytes"))
+    assert bench._is_out_of_memory(MemoryError())
+    assert not bench._is_out_of_memory(RuntimeError("shape mismatch"))

@@ -67,6 +67,8 @@ def build_block(
         num_position_buckets=network_args.num_position_buckets,
         use_position_embedding=getattr(network_args, "use_position_embedding", True),
         sequence_layout=getattr(network_args, "sequence_layout", "jagged"),
+        attn_truncation_layers=getattr(network_args, "attn_truncation_layers", 0),
+        attn_truncation_len=getattr(network_args, "attn_truncation_len", 0),
         tp_group=tp_group,
     )
 

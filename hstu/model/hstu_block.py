@@ -5,6 +5,15 @@ Legend: T jagged tokens, B samples, D hidden width, n_b tokens of sample b, c_b 
 
 Positions: token t of sample b gets position min(t, n_b - c_b) (candidates share the position of
 the first candidate, so their order carries nothing), clamped to ``num_position_buckets - 1``.
+
+Attention truncation (``attn_truncation_layers`` k > 0, ``attn_truncation_len`` T): layers 1..k
+run over every token; layers k+1.. over each sample's last min(n_b, T) tokens only, a jagged
+slice starting at max(0, n_b - T). The slice is a plain suffix: contextual tokens stay only
+where they fall inside it (they lead the slice then, and keep their contextual rule), the
+candidates are the slice's last c_b tokens (c_b <= T is required). Tokens before the slice
+keep their layer-k output, so every position still has a state and the heads read the same
+rows; their gradient reaches the input through layers 1..k only. N (``scaling_seqlen``) stays
+the block's. docs/model.md "Long histories".
 """
 
 from __future__ import annotations
@@ -18,7 +27,13 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from hstu.model.hstu_layer import HSTULayer, LayerOptions
-from hstu.model.jagged import index_within, positions_within, segment_ids
+from hstu.model.jagged import index_within, lengths_to_offsets, positions_within, segment_ids
+from hstu.sync_audit import allowed_sync
+
+TRUNCATION_SYNC = (
+    "attention truncation sizes the upper layers' jagged slice (its token count) and checks "
+    "the candidates fit in it: one host read per forward"
+)
 
 
 class HSTUBlock(nn.Module):
@@ -26,7 +41,8 @@ class HSTUBlock(nn.Module):
 
     ``options`` (:class:`LayerOptions`, with keyword ``overrides`` of single fields) are
     every layer's; ``options.dropout`` is also used on the input embeddings and
-    ``options.dtype`` is the block's parameter and compute dtype.
+    ``options.dtype`` is the block's parameter and compute dtype. ``attn_truncation_layers``
+    and ``attn_truncation_len``: attention truncation (module docstring; 0: off).
     """
 
     def __init__(
@@ -40,10 +56,26 @@ class HSTUBlock(nn.Module):
         num_position_buckets: int = 8192,
         use_position_embedding: bool = True,
         sequence_layout: str = "jagged",
+        attn_truncation_layers: int = 0,
+        attn_truncation_len: int = 0,
         tp_group: ProcessGroup | None = None,
         **overrides: Any,
     ) -> None:
         super().__init__()
+        if attn_truncation_layers != 0:
+            if not 0 < attn_truncation_layers < num_layers:
+                raise ValueError(
+                    f"attn_truncation_layers must be in (0, num_layers={num_layers}), got "
+                    f"{attn_truncation_layers}"
+                )
+            if attn_truncation_len <= 0:
+                raise ValueError(
+                    f"attn_truncation_len must be > 0 with truncation, got {attn_truncation_len}"
+                )
+            if sequence_layout != "jagged":
+                raise ValueError('attention truncation needs sequence_layout="jagged"')
+        self.attn_truncation_layers = attn_truncation_layers
+        self.attn_truncation_len = attn_truncation_len
         options = replace(options or LayerOptions(), **overrides)
         self.options = options
         self.hidden_size = hidden_size
@@ -89,12 +121,58 @@ class HSTUBlock(nn.Module):
             return self._padded_layers(
                 x, offsets, max_seqlen, num_contextual, num_targets, timestamps, query_timestamps
             )
-        for layer in self.layers:
+        full = self.attn_truncation_layers or len(self.layers)
+        for layer in self.layers[:full]:
             x = layer(
                 x, offsets, max_seqlen, num_contextual, num_targets, timestamps,
                 query_timestamps=query_timestamps,
             )
-        return x
+        if full == len(self.layers):
+            return x
+        return self._truncated_layers(
+            x, offsets, max_seqlen, num_contextual, num_targets, timestamps, query_timestamps
+        )
+
+    def _truncated_layers(
+        self,
+        x: torch.Tensor,
+        offsets: torch.Tensor,
+        max_seqlen: int,
+        num_contextual: torch.Tensor | None,
+        num_targets: torch.Tensor | None,
+        timestamps: torch.Tensor | None,
+        query_timestamps: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Layers k+1.. over each sample's last ``attn_truncation_len`` tokens; the tokens
+        before keep their layer-k state (module docstring)."""
+        keep = self.attn_truncation_len
+        lengths = offsets[1:] - offsets[:-1]
+        start = (lengths - keep).clamp(min=0)  # [B] first kept token of each sample
+        kept = lengths - start  # [B] = min(n_b, T)
+        longest_targets = (
+            num_targets.max().to(kept.dtype) if num_targets is not None and num_targets.numel() > 0
+            else kept.new_zeros(())
+        )
+        with allowed_sync(TRUNCATION_SYNC):
+            total, most_targets = torch.stack([kept.sum(), longest_targets]).tolist()
+        if most_targets > keep:
+            raise ValueError(
+                f"attention truncation keeps the last {keep} tokens of each sample "
+                f"(NetworkArgs.attn_truncation_len), fewer than a sample's {most_targets} candidates"
+            )
+        # token index (in x) of each kept token: its sample's offset + start + index in the slice
+        seg = segment_ids(kept, total)
+        rows = (offsets[:-1] + start)[seg] + index_within(kept, total)
+        sliced_offsets = lengths_to_offsets(kept)
+        sliced_ctx = None if num_contextual is None else (num_contextual - start).clamp(min=0)
+        sliced_ts = None if timestamps is None else timestamps[rows]
+        y = x[rows]
+        for layer in self.layers[self.attn_truncation_layers:]:
+            y = layer(
+                y, sliced_offsets, min(max_seqlen, keep), sliced_ctx, num_targets, sliced_ts,
+                query_timestamps=query_timestamps, scaling_seqlen=max_seqlen,
+            )
+        return x.index_copy(0, rows, y)
 
     def _padded_layers(
         self,

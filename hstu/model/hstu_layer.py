@@ -31,7 +31,7 @@ from hstu.model.tensor_parallel import (
     tp_size_of,
 )
 from hstu.ops import NUM_TIME_BUCKETS, RelativeAttentionBias, hstu_attention
-from hstu.ops.masks import check_mask_convention
+from hstu.ops.masks import check_mask_convention, check_window
 
 # ----------------------------------------------------- input LayerNorm + W_uvqk + SiLU
 
@@ -177,6 +177,8 @@ class LayerOptions:
         is_causal: causal mask over the history.
         mask_convention: "hstu" | "peer" (``hstu.ops.masks``; docs/model.md "Mask
             conventions").
+        max_attn_len, min_full_attn_seq_len: the semi-local window W and M (``hstu.ops.masks``;
+            0: full attention), passed to the kernel.
         target_group_size: candidates per target group.
         alpha: attention logit scale; None means 1/sqrt(d). The research model uses 1.
         attn_scaling_seqlen: N dividing SiLU(.); None means the ``max_seqlen`` of the call.
@@ -200,6 +202,8 @@ class LayerOptions:
     kernel_backend: str = "pytorch"
     is_causal: bool = True
     mask_convention: str = "hstu"
+    max_attn_len: int = 0
+    min_full_attn_seq_len: int = 0
     target_group_size: int = 1
     alpha: float | None = None
     attn_scaling_seqlen: int | None = None
@@ -282,6 +286,7 @@ class HSTULayer(nn.Module):
             )
         self.options = o
         check_mask_convention(o.mask_convention)
+        check_window(o.max_attn_len, o.min_full_attn_seq_len)
         dropout, norm_eps, kernel_backend = o.dropout, o.norm_eps, o.kernel_backend
         is_causal, target_group_size, alpha = o.is_causal, o.target_group_size, o.alpha
         attn_scaling_seqlen, uvqk_bias, norm_affine = o.attn_scaling_seqlen, o.uvqk_bias, o.norm_affine
@@ -304,6 +309,14 @@ class HSTULayer(nn.Module):
         self.strict_kernel = strict_kernel
         self.is_causal = is_causal
         self.mask_convention = o.mask_convention
+        self.max_attn_len = o.max_attn_len
+        self.min_full_attn_seq_len = o.min_full_attn_seq_len
+        # the window reaches the kernel only when set: without it every backend gets the call
+        # it had before the window existed
+        self._window = (
+            {"max_attn_len": o.max_attn_len, "min_full_attn_seq_len": o.min_full_attn_seq_len}
+            if o.max_attn_len > 0 else {}
+        )
         self.target_group_size = target_group_size
         self.alpha = 1.0 / math.sqrt(head_dim) if alpha is None else alpha
         self.attn_scaling_seqlen = attn_scaling_seqlen
@@ -415,10 +428,13 @@ class HSTULayer(nn.Module):
         timestamps: torch.Tensor | None = None,
         *,
         query_timestamps: torch.Tensor | None = None,
+        scaling_seqlen: int | None = None,
     ) -> torch.Tensor:
         """x [T, D] (replicated over the TP group), offsets int64 [B+1],
         num_contextual / num_targets int64 [B], timestamps int64 [T] -> [T, D];
-        query_timestamps int64 [B]: the next time of each sample's last token (rab time term)."""
+        query_timestamps int64 [B]: the next time of each sample's last token (rab time term);
+        scaling_seqlen: N when ``attn_scaling_seqlen`` is None (default ``max_seqlen``; the
+        block passes its own under attention truncation, so N does not change with it)."""
         tp = self.tp_group is not None
         uvqk = norm_linear_silu(
             x,
@@ -460,7 +476,7 @@ class HSTULayer(nn.Module):
             offsets,
             max_seqlen,
             alpha=self.alpha,
-            scaling_seqlen=self.attn_scaling_seqlen or max_seqlen,
+            scaling_seqlen=self.attn_scaling_seqlen or scaling_seqlen or max_seqlen,
             causal=self.is_causal,
             num_contextual=num_contextual,
             num_targets=num_targets,
@@ -469,6 +485,7 @@ class HSTULayer(nn.Module):
             mask_convention=self.mask_convention,
             backend=self.kernel_backend,
             strict=self.strict_kernel,
+            **self._window,
         ).reshape(x.shape[0], -1)  # [T, H_r * d]
 
         if self._compiled_tail is not None:

@@ -27,8 +27,12 @@ from torch import Tensor
 
 FORMAT = "hstu-artifact"
 # 2: the manifest's "files" holds each file's size and CRC32; 3: the model config names its
-# mask_convention (a reader without it would score a "peer" model with the "hstu" mask)
-FORMAT_VERSION = 3
+# mask_convention (a reader without it would score a "peer" model with the "hstu" mask); 4: the
+# model config names max_attn_len, min_full_attn_seq_len, attn_truncation_layers and
+# attn_truncation_len (a version-3 reader would score such a model with full attention); a
+# version-3 artifact reads as all four 0 (off), which is how it was trained
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (3, 4)
 MANIFEST = "manifest.json"
 TABLES_FILE = "tables.pt"
 WEIGHTS_FILE = "dense_weights.pt"
@@ -190,9 +194,14 @@ class Corpus:
 
 
 def history_cacheable(cfg: dict[str, Any]) -> bool:
-    """Whether the cached-history pair can serve this model: ranking, and history states that
-    never see the candidates (not so for mask_convention "peer" without the causal mask)."""
-    return cfg["task"] == "ranking" and (cfg["mask_convention"] != "peer" or cfg["is_causal"])
+    """Whether the cached-history pair can serve this model: ranking, history states that
+    never see the candidates (not so for mask_convention "peer" without the causal mask), and
+    no attention truncation (its cut depends on the number of candidates)."""
+    return (
+        cfg["task"] == "ranking"
+        and (cfg["mask_convention"] != "peer" or cfg["is_causal"])
+        and not cfg.get("attn_truncation_layers", 0)
+    )
 
 
 def example_inputs(cfg: dict[str, Any], batch_size: int = 3, slots: int = 5) -> dict[str, tuple]:
@@ -263,10 +272,11 @@ class Artifact:
         except ValueError as exc:
             raise ArtifactError(f"{manifest}: unreadable ({exc})") from None
         fmt, version = self.manifest.get("format"), self.manifest.get("format_version")
-        if fmt != FORMAT or version != FORMAT_VERSION:
+        if fmt != FORMAT or version not in READABLE_VERSIONS:
             raise ArtifactError(
                 f"{self.path}: artifact format {fmt!r} version {version}, this hstu reads {FORMAT!r} "
-                f"version {FORMAT_VERSION}; re-export the checkpoint with python -m hstu.export"
+                f"versions {', '.join(map(str, READABLE_VERSIONS))}; re-export the checkpoint with "
+                "python -m hstu.export"
             )
         from hstu.training.checkpoint import check_files  # torch only: the checkpoints' check
 
@@ -318,7 +328,7 @@ class Artifact:
                 raise ArtifactError(
                     f"{self.path}: no {path.name} (cached-history scoring is for ranking models "
                     'whose history never sees the candidates: not mask_convention="peer" with '
-                    "is_causal=False)"
+                    "is_causal=False, and without attention truncation)"
                 )
             self._cache_programs[name] = load_file(path, _load_program).module()
         return self._cache_programs[name]
@@ -357,6 +367,13 @@ class Artifact:
     def score(self, items: list[Tensor], timestamps: list[Tensor] | None, num_candidates: Tensor,
               actions: list[Tensor] | None = None, contextual: Tensor | None = None) -> Tensor:
         """Ranking: per-user items (history then candidates) -> logits [sum(C), W]."""
+        keep = int(self.cfg.get("attn_truncation_len", 0)) if self.cfg.get("attn_truncation_layers", 0) else 0
+        if keep and num_candidates.numel() and int(num_candidates.max()) > keep:
+            raise ArtifactError(
+                f"{int(num_candidates.max())} candidates in one request, but the model's attention "
+                f"truncation keeps the last {keep} tokens of a sample (attn_truncation_len); "
+                f"score at most {keep} candidates per request"
+            )
         inputs = pad_inputs(self.tables, self.cfg, items, timestamps, num_candidates, actions, contextual)
         return candidate_logits(self.run(inputs), inputs[1], inputs[2])
 
@@ -368,6 +385,7 @@ def load_artifact(path: str | Path, use_aoti: bool = True) -> Artifact:
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "READABLE_VERSIONS",
     "Artifact",
     "ArtifactError",
     "Corpus",

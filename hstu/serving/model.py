@@ -20,6 +20,14 @@ exception is the time term of the relative attention bias, where the last histor
 the next token's timestamp (the first candidate's): the cache takes that timestamp
 (``next_timestamps``, the request time) when it is built.
 
+Semi-local attention (``max_attn_len``, ``min_full_attn_seq_len``) is the same ``dense_mask``
+the kernels follow. Attention truncation (``attn_truncation_layers`` k, ``attn_truncation_len``
+T) runs layers k+1.. with the mask restricted to each sample's last T tokens (queries and keys)
+and keeps the layer-k state of the tokens before them: the trainer's jagged slice, computed on
+the padded width (the mask of a suffix is the full mask's block on it, positions only shift),
+so it gives the trainer's numbers without its saving. The cached history refuses truncation
+(which tokens are cut depends on the number of candidates).
+
 Imports torch (and two torch-only helpers of hstu.ops) only: no torchrec, megatron or gin.
 """
 
@@ -32,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hstu.ops.masks import check_mask_convention, dense_mask
+from hstu.ops.masks import check_mask_convention, check_window, dense_mask
 from hstu.ops.rab import time_bucket
 
 
@@ -111,7 +119,8 @@ class InferenceHSTU(nn.Module):
     num_layers, num_heads, head_dim, alpha, scaling_seqlen, norm_eps, norm_affine, uvqk_bias,
     output_bias, is_causal, mask_convention, target_group_size, num_position_buckets,
     use_position_embedding, relative_attention_bias, rab_num_positions, rab_use_time,
-    rab_query_time (absent: False), num_contextual, has_action,
+    rab_query_time (absent: False), max_attn_len, min_full_attn_seq_len,
+    attn_truncation_layers, attn_truncation_len (each absent: 0, off), num_contextual, has_action,
     projections (feature -> input dim of its projection), item_feature_name,
     action_feature_name, contextual_feature_names, l2_norm_eps; ranking: head_arch,
     head_bias, head_activation.
@@ -137,6 +146,19 @@ class InferenceHSTU(nn.Module):
         self.mult = 2 if cfg["has_action"] else 1
         # retrieval: the query time (the request time) is the last token's next time
         self.query_time = bool(cfg.get("rab_query_time", False))
+        # semi-local window and attention truncation; artifacts before format 4 have neither
+        self.max_attn_len = int(cfg.get("max_attn_len", 0))
+        self.min_full_attn_seq_len = int(cfg.get("min_full_attn_seq_len", 0))
+        check_window(self.max_attn_len, self.min_full_attn_seq_len)
+        self.truncation_layers = int(cfg.get("attn_truncation_layers", 0))
+        self.truncation_len = int(cfg.get("attn_truncation_len", 0))
+        if self.truncation_layers and not (
+            0 < self.truncation_layers < cfg["num_layers"] and self.truncation_len > 0
+        ):
+            raise ValueError(
+                f"attn_truncation_layers={self.truncation_layers} needs 0 < it < num_layers="
+                f"{cfg['num_layers']} and attn_truncation_len > 0 (got {self.truncation_len})"
+            )
 
     # ------------------------------------------------------------------------ pieces
 
@@ -255,22 +277,37 @@ class InferenceHSTU(nn.Module):
         """The HSTU block on padded tokens: states [B, W, D] (and per-layer K, V);
         ``query_ts`` [B]: the last token's next time (retrieval's query time)."""
         width = tokens.shape[1]
-        mask = dense_mask(
-            n, torch.full_like(n, self.num_ctx) if self.num_ctx else None, num_targets,
-            self.group, self.causal, width, self.mask_convention,
-        )
+        mask = self._mask(n, num_targets, width)
         ts_next = self._next_timestamps(token_ts, n, query_ts) if token_ts is not None else None
         idx = torch.arange(width, device=tokens.device)
+        inside = upper_mask = None
+        if self.truncation_layers:
+            # each sample's last T tokens; the upper layers' mask is the block on them
+            start = (n - self.truncation_len).clamp(min=0)
+            inside = idx.unsqueeze(0) >= start.unsqueeze(1)  # [B, W]
+            upper_mask = mask & inside.unsqueeze(2) & inside.unsqueeze(1)
         x = self._input(tokens, positions)
         keys, values = [], []
-        for layer in self.block.layers:
+        for li, layer in enumerate(self.block.layers):
             u, v, q, k = self._uvqk(layer, x)
             if keep_kv:
                 keys.append(k)
                 values.append(v)
             bias = self._rab(layer, idx, idx, ts_next, token_ts)
-            x = self._finish(layer, x, self._attend(q, k, v, mask, bias), u)
+            if inside is not None and li >= self.truncation_layers:
+                out = self._finish(layer, x, self._attend(q, k, v, upper_mask, bias), u)
+                x = torch.where(inside.unsqueeze(-1), out, x)  # the others keep their state
+            else:
+                x = self._finish(layer, x, self._attend(q, k, v, mask, bias), u)
         return x, keys, values
+
+    def _mask(self, n: Tensor, num_targets: Tensor | None, width: int) -> Tensor:
+        """bool [B, W, W]: the kernels' mask (``hstu.ops.masks``), window included."""
+        return dense_mask(
+            n, torch.full_like(n, self.num_ctx) if self.num_ctx else None, num_targets,
+            self.group, self.causal, width, self.mask_convention,
+            max_attn_len=self.max_attn_len, min_full_attn_seq_len=self.min_full_attn_seq_len,
+        )
 
     @staticmethod
     def _positions(n: Tensor, first_target: Tensor, width: int) -> Tensor:
@@ -341,6 +378,12 @@ class InferenceHSTU(nn.Module):
                 'cached history: mask_convention="peer" with is_causal=False lets the history '
                 "see the candidates, so its keys/values depend on them; score with forward()"
             )
+        if self.truncation_layers:
+            raise ValueError(
+                "cached history: attention truncation keeps each sample's last "
+                f"{self.truncation_len} tokens, candidates included, so which history tokens "
+                "the upper layers see depends on the candidates; score with forward()"
+            )
 
     def encode_history(
         self,
@@ -374,8 +417,7 @@ class InferenceHSTU(nn.Module):
             states_in = (tokens, token_ts, n)
         tokens_, ts_, n_for_next = states_in
         w = tokens_.shape[1]
-        mask = dense_mask(n, torch.full_like(n, self.num_ctx) if self.num_ctx else None, None,
-                          self.group, self.causal, w, self.mask_convention)
+        mask = self._mask(n, None, w)
         ts_next = self._next_timestamps(ts_, n_for_next) if ts_ is not None else None
         idx = torch.arange(w, device=n.device)
         x = self._input(tokens_, self._positions(n, n, w))
@@ -413,6 +455,15 @@ class InferenceHSTU(nn.Module):
         real = c.unsqueeze(0) < num_candidates.unsqueeze(1)  # [B, K]
         hist_mask = (torch.arange(wh, device=device).unsqueeze(0) < history_tokens.unsqueeze(1))
         hist_mask = (hist_mask.unsqueeze(1) & real.unsqueeze(2))  # [B, K, Wh]
+        if self.max_attn_len > 0 and self.min_full_attn_seq_len == 0:
+            # candidates sit at the first candidate's position, n_hist: history key j is near
+            # when n_hist - pos(j) <= W (pos(j) = max(j, C - 1)); "hstu" always sees contextual
+            # keys (hstu.ops.masks; with M > 0 candidates see the whole history)
+            key_pos = torch.clamp(torch.arange(wh, device=device), min=self.num_ctx - 1)
+            near = history_tokens.unsqueeze(1) - key_pos.unsqueeze(0) <= self.max_attn_len
+            if self.mask_convention == "hstu":
+                near = near | (torch.arange(wh, device=device) < self.num_ctx).unsqueeze(0)
+            hist_mask = hist_mask & near.unsqueeze(1)
         same_group = torch.div(c.unsqueeze(1), self.group, rounding_mode="floor") == torch.div(
             c.unsqueeze(0), self.group, rounding_mode="floor")
         cand_rule = same_group & (c.unsqueeze(0) <= c.unsqueeze(1)) if self.causal else same_group

@@ -85,7 +85,8 @@ def _layer_case(rank: int, group) -> None:
         _close(_unshard(name, p.grad, group, H, D_HEAD), ref_params[name].grad, f"grad {name}")
 
 
-def _ranking_case(rank: int, group) -> None:
+def _ranking_case(rank: int, group, **network) -> None:
+    """``network``: more NetworkArgs fields (e.g. attention truncation)."""
     net = NetworkArgs(
         num_layers=2,
         hidden_size=D,
@@ -98,6 +99,7 @@ def _ranking_case(rank: int, group) -> None:
         target_group_size=1,
         # the 6-dim user table (feature_dims below) still exercises the contextual projection;
         # NetworkArgs itself now refuses a contextual dim other than the item dim
+        **network,
     )
     head_args = RankingArgs(prediction_head_arch=[8, 3], num_tasks=3)
     data = ModelDataInfo(
@@ -188,6 +190,8 @@ def _body(rank: int, world_size: int) -> None:
     group = dist.new_group(list(range(world_size)))
     _layer_case(rank, group)
     _ranking_case(rank, group)
+    # samples of 9, 6 and 12 tokens: the upper layer sees each one's last 4
+    _ranking_case(rank, group, attn_truncation_layers=1, attn_truncation_len=4)
     _retrieval_case(rank, group)
 
 

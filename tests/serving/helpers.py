@@ -12,14 +12,20 @@ from hstu.model.tokens import TokenBuilder, max_token_seqlen
 from tests.model.helpers import TinyEmbeddings, make_batch
 
 
-def trainer_ranking_model_and_batch(mask_convention: str = "hstu", causal: bool = True):
+def trainer_ranking_model_and_batch(mask_convention: str = "hstu", causal: bool = True, *,
+                                    window: tuple[int, int] = (0, 0),
+                                    truncation: tuple[int, int] = (0, 0)):
+    """``window``: (max_attn_len, min_full_attn_seq_len); ``truncation``:
+    (attn_truncation_layers, attn_truncation_len)."""
     torch.manual_seed(3)
     dims = {"item": 16, "action": 16, "ctx": 4, "ctx2": 4}
     max_items = 12
     max_tokens = max_token_seqlen(max_items, 2, True)
     options = LayerOptions(relative_attention_bias=True, rab_num_positions=max_tokens, alpha=None,
-                           target_group_size=2, mask_convention=mask_convention, is_causal=causal)
-    block = HSTUBlock(2, 16, 2, 8, options, num_position_buckets=64)
+                           target_group_size=2, mask_convention=mask_convention, is_causal=causal,
+                           max_attn_len=window[0], min_full_attn_seq_len=window[1])
+    block = HSTUBlock(2, 16, 2, 8, options, num_position_buckets=64,
+                      attn_truncation_layers=truncation[0], attn_truncation_len=truncation[1])
     tokens = TokenBuilder(16, "item", "action", ["ctx", "ctx2"], dims)
     head = MLP(16, [12, 3])
     dense = RankingModel(tokens, block, head, num_tasks=1, max_item_seqlen=max_items)
@@ -47,6 +53,7 @@ def trainer_ranking_model_and_batch(mask_convention: str = "hstu", causal: bool 
         "projections": {name: p.in_features for name, p in tokens.projections.items()},
         "item_feature_name": "item", "action_feature_name": "action", "contextual_feature_names": ["ctx", "ctx2"],
         "head_arch": [12, 3], "head_bias": True, "head_activation": "relu", "num_tasks": 1, "feature_dims": dims,
-        "max_item_seqlen": max_items,
+        "max_item_seqlen": max_items, "max_attn_len": window[0], "min_full_attn_seq_len": window[1],
+        "attn_truncation_layers": truncation[0], "attn_truncation_len": truncation[1],
     }
     return dense, batch, embeddings, cfg
