@@ -73,10 +73,14 @@ def test_serving_model_equals_the_trainer(case, mask_convention, monkeypatch) ->
     assert (want - plain).abs().max() > 1e-4, "the option changed nothing on these samples"
 
 
-def test_truncation_on_the_real_kernel_equals_serving() -> None:
-    """The trainer's own pytorch kernel (no window needed) with truncation."""
-    want, got = _trainer_and_serving_logits((0, 0), (1, 6))
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_real_kernel_equals_serving(case) -> None:
+    """The trainer's own pytorch kernel, window and truncation included."""
+    window, truncation = CASES[case]
+    want, got = _trainer_and_serving_logits(window, truncation)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    plain, _ = _trainer_and_serving_logits((0, 0), (0, 0))
+    assert (want - plain).abs().max() > 1e-4, "the option changed nothing on these samples"
 
 
 @pytest.mark.parametrize("window", [(2, 0), (4, 0), (2, 3)])
