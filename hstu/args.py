@@ -706,6 +706,8 @@ class RetrievalArgs:
     """Epsilon of the L2 normalisation of queries and items."""
     eval_metrics: tuple[str, ...] = ("HR@10", "NDCG@10")
     """Metrics: HR@K, NDCG@K (rank <= K, 1-based) and MRR."""
+    eval_exclude_history: bool = True
+    """Evaluation scores every item except those of the sample's input history (the MovieLens protocol: a target the user already had is unranked, scoring 0). False: the history stays rankable, for data where users come back to items (re-watches, re-purchases, the long-history synthetic set's recalls); the popularity baseline follows the same protocol."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)

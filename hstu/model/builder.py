@@ -143,6 +143,7 @@ def build_model(
             min_item_id=data.min_item_id,
             max_item_seqlen=data.max_item_seqlen,
             tp_group=tp_group,
+            eval_exclude_history=task_args.eval_exclude_history,
         )
         keys = data.feature_names + ([dense.negatives_feature] if dense.uses_negatives_key else [])
         return RetrievalRecommender(embedding_module, dense, keys)

@@ -98,6 +98,7 @@ class RetrievalModel(nn.Module):
         min_item_id: int = 0,
         max_item_seqlen: int = 0,
         tp_group: ProcessGroup | None = None,
+        eval_exclude_history: bool = True,
     ) -> None:
         super().__init__()
         if token_builder.item_feature_name in token_builder.projections:
@@ -121,6 +122,7 @@ class RetrievalModel(nn.Module):
         self.min_item_id = min_item_id
         self.max_item_seqlen = max_item_seqlen
         self.tp_group = tp_group
+        self.eval_exclude_history = eval_exclude_history
         self.negatives_feature = negatives_feature_name(token_builder.item_feature_name)
 
     @property
@@ -273,6 +275,9 @@ class RetrievalModel(nn.Module):
         )
         targets = targets.to(queries.device)
         in_corpus = (targets >= self.min_item_id) & (targets < self.num_items)
+        if not self.eval_exclude_history:  # every item rankable, the history's too
+            history_ids = history_ids[:0]
+            history_seg = history_seg[:0]
         target_in_history = torch.zeros(bsz, dtype=torch.bool, device=queries.device)
         target_in_history[history_seg[history_ids == targets[history_seg]]] = True
         unranked = ~in_corpus | target_in_history
@@ -283,7 +288,7 @@ class RetrievalModel(nn.Module):
         ]
 
         def chunk_scores(start: int, end: int) -> torch.Tensor:
-            """[B, end - start] scores, -inf below min_item_id and on the history."""
+            """[B, end - start] scores, -inf below min_item_id and on the (excluded) history."""
             scores = queries @ corpus[start:end].t()
             if start < self.min_item_id:
                 scores[:, : min(self.min_item_id, end) - start] = float("-inf")

@@ -128,7 +128,8 @@ def _evaluate_ranking(model: Any, loader: Any, cfg: RunConfig, env: DistEnv, max
 def popularity_baseline(train_loader: Any, eval_loader: Any, cfg: RunConfig, env: DistEnv,
                         max_iters: int | None) -> dict[str, float] | None:
     """The retrieval metrics of ranking items by how often they occur in the training split
-    (history excluded, same protocol as the model). None where it does not apply."""
+    (history excluded unless ``RetrievalArgs.eval_exclude_history`` is False: the model's
+    protocol). None where it does not apply."""
     from hstu.data.loader import SequenceLoader, gather_ranges
     from hstu.model.metrics import ranks_from_scores
 
@@ -151,7 +152,8 @@ def popularity_baseline(train_loader: Any, eval_loader: Any, cfg: RunConfig, env
         scores = counts.expand(batch.batch_size, -1).clone()
         rows = torch.repeat_interleave(torch.arange(batch.batch_size), items.lengths())
         excluded = torch.zeros_like(scores, dtype=torch.bool)
-        excluded[rows, items.values()] = True
+        if cfg.retrieval.eval_exclude_history:
+            excluded[rows, items.values()] = True
         ranks = ranks_from_scores(scores, batch.labels, excluded)
         if batch.sample_mask is not None:
             ranks = ranks[batch.sample_mask]

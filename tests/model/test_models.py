@@ -258,7 +258,8 @@ def test_in_batch_negatives_mask_duplicates_of_the_positive():
     assert hits.tolist() == [[True, False, True], [False, True, False], [True, False, True]]
 
 
-def _retrieval(num_negatives: int = -1, use_collection: bool = False, sampling: str = "uniform"):
+def _retrieval(num_negatives: int = -1, use_collection: bool = False, sampling: str = "uniform",
+               exclude_history: bool = True):
     data = ModelDataInfo(num_items=30, item_feature_name="item", max_item_seqlen=8, min_item_id=1)
     torch.manual_seed(0)
     if use_collection:
@@ -276,6 +277,7 @@ def _retrieval(num_negatives: int = -1, use_collection: bool = False, sampling: 
     args = RetrievalArgs(
         num_negatives=num_negatives, negative_sampling=sampling, temperature=0.1,
         full_corpus_matmul_dtype="float32" if sampling == "full_corpus" else "auto",
+        eval_exclude_history=exclude_history,
     )
     return build_model("retrieval", _net(), args, emb, data)
 
@@ -418,6 +420,29 @@ def test_auto_matmul_dtype_follows_the_cpu_and_the_run_says_so(monkeypatch, flag
     assert ("no native bfloat16" in note) == (want == "float32")
     cfg = NS(task="retrieval", retrieval=RetrievalArgs(negative_sampling="uniform", num_negatives=4))
     assert full_corpus_note(cfg, cpu) is None
+
+
+def test_full_corpus_eval_with_the_history_rankable():
+    """RetrievalArgs.eval_exclude_history=False: a target inside the history is ranked like
+    any item (the brute-force rank without the history mask), and the top-k may hold history
+    items."""
+    model = _retrieval(exclude_history=False).eval()
+    batch = make_batch([[1, 2, 3, 4], [5, 6], [7, 8, 9]])
+    batch.labels = torch.tensor([10, 6, 8])  # 6 and 8 are in their samples' histories
+    queries, _, _ = model.last_queries(batch)
+    corpus = model.corpus_vectors(chunk_size=7)
+    scores = queries @ corpus.t()
+    excluded = torch.zeros_like(scores, dtype=torch.bool)
+    excluded[:, 0] = True
+    want_ranks = ranks_from_scores(scores, batch.labels, excluded)
+    assert want_ranks.isfinite().all()
+    want_top = scores.masked_fill(excluded, float("-inf")).topk(5, dim=1)
+    for chunk in (4, 1000):
+        result = model.evaluate(batch, top_k=5, chunk_size=chunk, corpus=corpus)
+        assert torch.equal(result.target_ranks, want_ranks), chunk
+        torch.testing.assert_close(result.top_scores, want_top.values)
+    excluding = _retrieval().eval()  # the same weights (seeded), the default protocol
+    assert excluding.evaluate(batch, top_k=5, corpus=corpus).target_ranks[1:].isinf().all()
 
 
 def test_full_corpus_eval_matches_brute_force_with_history_excluded():
