@@ -76,13 +76,26 @@ def _check_task(task: str, bindings: list[Binding], label: str) -> None:
             ).with_location(b.where or label)
 
 
-def _check_window(network: A.NetworkArgs) -> None:
-    """The semi-local window's settings, by the kernels' own rule (``hstu.ops.masks``)."""
+def _check_window(network: A.NetworkArgs, dataset: Any, task: str) -> None:
+    """The semi-local window's settings, by the kernels' own rule (``hstu.ops.masks``), and
+    what the cutlass kernel can express of it (a plain sliding window: no contextual tokens,
+    no candidates, no min_full_attn_seq_len), before the first step rather than at it."""
     try:
         check_window(network.max_attn_len, network.min_full_attn_seq_len)
     except ValueError as exc:
         field_name = "max_attn_len" if network.max_attn_len < 0 else "min_full_attn_seq_len"
         raise A.ConfigError("NetworkArgs", field_name, str(exc)) from None
+    if network.kernel_backend == "cutlass" and network.max_attn_len > 0:
+        from hstu.ops.cutlass_attention import fbgemm_window_size
+
+        # None: every contextual feature the dataset has (every built-in one has user_id)
+        contextual = getattr(dataset, "contextual_features", None)
+        try:
+            fbgemm_window_size(network.max_attn_len, network.min_full_attn_seq_len,
+                               network.is_causal, contextual is None or len(contextual) > 0,
+                               task == "ranking")
+        except ValueError as exc:
+            raise A.ConfigError("NetworkArgs", "max_attn_len", str(exc)) from None
 
 
 def load_config(
@@ -154,7 +167,7 @@ def load_config(
         checks.check_batch_tokens(trainer, dataset, task)
         checks.check_architecture(network, task)
         checks.check_truncation(network, dataset, task)
-        _check_window(network)
+        _check_window(network, dataset, task)
     except A.ConfigError as exc:
         raise exc.with_location(where_set(bindings, exc.field_name, label)) from None
     ranking = build(A.RankingArgs) if task == "ranking" else None

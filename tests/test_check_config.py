@@ -203,3 +203,32 @@ def test_rab_query_time_is_refused_where_it_cannot_apply(capsys, task, preset, e
     line = err.strip().splitlines()[-1]
     assert "NetworkArgs.rab_query_time:" in line and why in line, line
     assert line.startswith("error: --gin-param 'NetworkArgs.rab_query_time=True': "), line
+
+
+@pytest.mark.parametrize("task, preset, extra, lacking", [
+    ("ranking", "debug_ranking.gin", ["DatasetArgs.contextual_features=[]"], "candidates"),
+    ("retrieval", "debug_retrieval.gin", [], "contextual tokens"),
+    ("retrieval", "debug_retrieval.gin",
+     ["DatasetArgs.contextual_features=[]", "NetworkArgs.min_full_attn_seq_len=4"],
+     "min_full_attn_seq_len=4"),
+])
+def test_a_window_the_cutlass_kernel_cannot_express_is_refused_at_start(
+    capsys, task, preset, extra, lacking
+) -> None:
+    argv = ["--gin-param", 'NetworkArgs.kernel_backend="cutlass"',
+            "--gin-param", "NetworkArgs.max_attn_len=8"]
+    for p in extra:
+        argv += ["--gin-param", p]
+    code, out, err = _check(capsys, task, preset, *argv)
+    assert code == 2 and "configuration OK" not in out, err
+    line = err.strip().splitlines()[-1]
+    assert "NetworkArgs.max_attn_len" in line and f"max_attn_len=8 with {lacking}" in line, line
+    assert "use kernel backend" in line, line
+
+
+def test_a_plain_window_on_cutlass_passes_the_config_check(capsys) -> None:
+    code, out, err = _check(capsys, "retrieval", "debug_retrieval.gin",
+                            "--gin-param", 'NetworkArgs.kernel_backend="cutlass"',
+                            "--gin-param", "NetworkArgs.max_attn_len=8",
+                            "--gin-param", "DatasetArgs.contextual_features=[]")
+    assert code == 0 and "configuration OK" in out, err
