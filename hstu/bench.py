@@ -18,7 +18,7 @@ The ML-1M paper retrieval preset runs on ML-100K data (``tmp_data/ml-100k``, pre
 from ``--ml100k-raw`` when missing); the synthetic presets need nothing.
 
 The long-history presets (``--presets long``: ``long_<method>_<length>``) time the HSTU block
-of ``configs/long_block.gin`` alone, forward + backward on one synthetic history per step, in
+of ``configs/bench/long_block.gin`` alone, forward + backward on one synthetic history per step, in
 one process each: step time and peak memory per method (full attention, the semi-local window,
 stochastic length, attention truncation) and history length (1k to 64k tokens). A preset that
 would not fit the memory limit or the time limit is reported as skipped, with why.
@@ -142,7 +142,7 @@ LONG_LENGTHS = {"1k": 1024, "4k": 4096, "16k": 16384, "64k": 65536}
 
 def _long_presets() -> list[Preset]:
     return [
-        Preset(f"long_{method}_{tag}", "configs/long_block.gin", 1, list(params),
+        Preset(f"long_{method}_{tag}", "configs/bench/long_block.gin", 1, list(params),
                note=f"{note}; one {length:,}-token history per step", group="long",
                long=(method, length))
         for method, (params, note) in LONG_METHODS.items()
