@@ -101,11 +101,20 @@ def test_padded_inference_model_equals_the_trainer_dense_module(mask_convention,
     """The trainer's RankingModel (jagged tokens, pytorch kernel) and InferenceHSTU with its
     state dict give the same candidate logits, relative attention bias on, in each mask
     convention (the exported model must score with the mask it was trained with)."""
+    want, got = trainer_and_serving_logits(mask_convention, causal)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def trainer_and_serving_logits(mask_convention: str = "hstu", causal: bool = True, *,
+                               window: tuple[int, int] = (0, 0),
+                               truncation: tuple[int, int] = (0, 0)):
+    """(trainer's candidate logits, InferenceHSTU's with the same state dict) on the batch
+    of ``tests.serving.helpers.trainer_ranking_model_and_batch`` (its arguments)."""
+    from hstu.serving.artifact import candidate_logits
     from tests.serving.helpers import trainer_ranking_model_and_batch
 
-    dense, batch, embeddings, cfg = trainer_ranking_model_and_batch(mask_convention, causal)
-    from hstu.serving.artifact import candidate_logits
-
+    dense, batch, embeddings, cfg = trainer_ranking_model_and_batch(
+        mask_convention, causal, window=window, truncation=truncation)
     model = InferenceHSTU(cfg)
     model.load_state_dict(dense.state_dict())
     model.eval()
@@ -114,7 +123,7 @@ def test_padded_inference_model_equals_the_trainer_dense_module(mask_convention,
         _, (want, _) = dense(batch, embeddings)
         inputs = _padded_from_embeddings(batch, embeddings, cfg)
         got = candidate_logits(model(*inputs), inputs[1], inputs[2])
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    return want, got
 
 
 def _padded_from_embeddings(batch, embeddings, cfg):

@@ -11,13 +11,17 @@ import torch
 from hstu.model import hstu_layer
 from hstu.serving.artifact import (
     READABLE_VERSIONS,
-    candidate_logits,
     example_inputs,
     history_cacheable,
 )
 from hstu.serving.model import InferenceHSTU
 from tests.ops.reference import JaggedCase, naive_attention
-from tests.serving.test_cached_history import _cfg, _inputs, _padded_from_embeddings, _random_model
+from tests.serving.test_cached_history import (
+    _cfg,
+    _inputs,
+    _random_model,
+    trainer_and_serving_logits,
+)
 
 
 def _reference_kernel(q, k, v, offsets, max_seqlen, *, alpha, scaling_seqlen, causal,
@@ -35,19 +39,7 @@ def _reference_kernel(q, k, v, offsets, max_seqlen, *, alpha, scaling_seqlen, ca
 
 
 def _trainer_and_serving_logits(window, truncation, mask_convention="hstu"):
-    from tests.serving.helpers import trainer_ranking_model_and_batch
-
-    dense, batch, embeddings, cfg = trainer_ranking_model_and_batch(
-        mask_convention, window=window, truncation=truncation)
-    model = InferenceHSTU(cfg)
-    model.load_state_dict(dense.state_dict())
-    model.eval()
-    dense.eval()
-    with torch.no_grad():
-        _, (want, _) = dense(batch, embeddings)
-        inputs = _padded_from_embeddings(batch, embeddings, cfg)
-        got = candidate_logits(model(*inputs), inputs[1], inputs[2])
-    return want, got
+    return trainer_and_serving_logits(mask_convention, window=window, truncation=truncation)
 
 
 # samples of 15, 7 and 22 tokens (2 contextual, 3 / 1 / 4 candidates): T = 6 cuts all three
