@@ -479,12 +479,7 @@ def _run_long(p: Preset, a: argparse.Namespace, roof_flops: float) -> dict:
     except subprocess.TimeoutExpired:
         os.unlink(result)
         return {"preset": p.name, "skipped": f"over --long-timeout {a.long_timeout:.0f} s"}
-    if done.returncode != 0 or os.path.getsize(result) == 0:
-        return {"preset": p.name, "error": (done.stderr or done.stdout)[-1500:]}
-    with open(result) as f:
-        out = json.load(f)
-    os.unlink(result)
-    return out
+    return _worker_result(p.name, done, result)
 
 
 def _long_table(results: list[dict]) -> str:
@@ -559,6 +554,17 @@ def _ensure_data(name: str, raw: str | None) -> str | None:
     return None if done.returncode == 0 else f"preprocess {name} failed: {done.stderr[-300:]}"
 
 
+def _worker_result(name: str, done: subprocess.CompletedProcess, result: str) -> dict:
+    """What a preset's worker process wrote to ``result`` (removed after), or its error."""
+    try:
+        if done.returncode != 0 or os.path.getsize(result) == 0:
+            return {"preset": name, "error": (done.stderr or done.stdout)[-1500:]}
+        with open(result) as f:
+            return json.load(f)
+    finally:
+        os.unlink(result)
+
+
 def _run_preset(p: Preset, a: argparse.Namespace) -> dict:
     threads = a.threads or max(1, (os.cpu_count() or 1) // p.nproc)
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
@@ -574,12 +580,7 @@ def _run_preset(p: Preset, a: argparse.Namespace) -> dict:
     done = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True)
     if a.top_ops:
         print(done.stderr[-20000:], file=sys.stderr)
-    if done.returncode != 0 or os.path.getsize(result) == 0:
-        return {"preset": p.name, "error": (done.stderr or done.stdout)[-1500:]}
-    with open(result) as f:
-        out = json.load(f)
-    os.unlink(result)
-    return out
+    return _worker_result(p.name, done, result)
 
 
 def cpu_description() -> str:
