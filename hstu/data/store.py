@@ -211,11 +211,14 @@ def mapped_layout(
             raise DataError(str(root), f"not writable: set {CACHE_ENV} to a writable folder")
     with lock:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if verbose:
-                print(f"[hstu] waiting for another process writing {target}", flush=True)
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if verbose:
+                    print(f"[hstu] waiting for another process writing {target}", flush=True)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as exc:  # e.g. a network file system without locks
+            raise DataError(lock.name, f"cannot lock ({exc}); the mapped layout needs file locks") from None
         if not target.is_dir():
             start = time.perf_counter()
             write_layout(path, target, metadata)
@@ -257,7 +260,7 @@ def _remove_stale(path: Path, keep: str) -> None:
 
 def write_layout(path: Path, target: Path, metadata: dict[str, Any]) -> None:
     """Writes the mapped layout of ``path``'s sequences.parquet to ``target`` (through a
-    temporary sibling folder renamed into place), one row group and one column at a time."""
+    temporary sibling folder renamed into place), a few thousand users of one column at a time."""
     seq = path / SEQUENCES_FILE
     tmp = target.parent / f"{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -301,31 +304,33 @@ def _write_arrays(seq: Path, out: Path, metadata: dict[str, Any]) -> None:
         lists.append(("actions", "actions", action_dtype))
     offsets = np.zeros(num_users + 1, dtype=np.int64)
     for key, column, dtype in lists:
-        target = _create(out / f"{key}.npy", dtype, num_rows)
-        user = 0
-        for local, values in _read_lists(pf, seq, column):
-            rows = len(local) - 1
-            if key == "items":
-                pos = int(offsets[user])
-                if pos + int(local[-1]) > num_rows:
-                    raise DataError(
-                        str(seq), f"more interactions than metadata.json's num_interactions {num_rows}",
-                        field=column,
-                    )
-                offsets[user + 1 : user + rows + 1] = pos + local[1:]
-            elif not np.array_equal(local, offsets[user : user + rows + 1] - offsets[user]):
-                raise DataError(str(seq), "list lengths differ from item_ids'", field=column)
-            if key == "timestamps":
-                _check_timestamps(seq, local, values, first_user=user)
-            _put(target, int(offsets[user]), values, seq, column)
-            user += rows
+        with open(out / f"{key}.npy", "wb") as target:
+            # plain appends, not a writable map: written pages never count in this process
+            np.lib.format.write_array_header_1_0(
+                target, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": (num_rows,)}
+            )
+            user = 0
+            for local, values in _read_lists(pf, seq, column):
+                rows = len(local) - 1
+                if key == "items":
+                    pos = int(offsets[user])
+                    if pos + int(local[-1]) > num_rows:
+                        raise DataError(
+                            str(seq), f"more interactions than metadata.json's num_interactions {num_rows}",
+                            field=column,
+                        )
+                    offsets[user + 1 : user + rows + 1] = pos + local[1:]
+                elif not np.array_equal(local, offsets[user : user + rows + 1] - offsets[user]):
+                    raise DataError(str(seq), "list lengths differ from item_ids'", field=column)
+                if key == "timestamps":
+                    _check_timestamps(seq, local, values, first_user=user)
+                target.write(_cast(values, dtype, seq, column).tobytes())
+                user += rows
         if key == "items" and int(offsets[-1]) != num_rows:
             raise DataError(
                 str(seq), f"{int(offsets[-1])} interactions, metadata.json's num_interactions says "
                 f"{num_rows}", field=column,
             )
-        target.flush()
-        del target
     np.save(out / "offsets.npy", offsets)
     for i, name in enumerate(contextual):
         try:
@@ -342,6 +347,7 @@ def _write_arrays(seq: Path, out: Path, metadata: dict[str, Any]) -> None:
         "contextual": contextual,
     }
     (out / MAPPED_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    pa.default_memory_pool().release_unused()  # the reader's buffers back to the system
 
 
 def _read_lists(pf: pq.ParquetFile, seq: Path, column: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -358,17 +364,14 @@ def _read_lists(pf: pq.ParquetFile, seq: Path, column: str) -> Iterator[tuple[np
         raise DataError(str(seq), f"unreadable ({exc})", field=column) from None
 
 
-def _create(path: Path, dtype: Any, n: int) -> np.memmap:
-    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n,))
-
-
-def _put(out: np.ndarray, pos: int, values: np.ndarray, seq: Path, column: str) -> None:
-    if values.size and out.dtype == np.int32 and (values.min() < 0 or values.max() > _INT32_MAX):
+def _cast(values: np.ndarray, dtype: Any, seq: Path, column: str) -> np.ndarray:
+    """``values`` as ``dtype``, refused where they do not fit (never wrapped)."""
+    if values.size and np.dtype(dtype) == np.int32 and (values.min() < 0 or values.max() > _INT32_MAX):
         raise DataError(
             str(seq), f"values outside [0, {_INT32_MAX}] while metadata.json's count fits int32",
             field=column,
         )
-    out[pos : pos + values.size] = values
+    return values.astype(dtype, copy=False)
 
 
 def _check_timestamps(path: Path, offsets: np.ndarray, timestamps: np.ndarray, first_user: int = 0) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import gc
+import json
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from hstu.args import DatasetArgs
 from hstu.data import build_data
 from hstu.data import store as store_module
 from hstu.data.data_args import SyntheticDataArgs
+from hstu.data.errors import DataError
 from hstu.data.layout import CACHE_ENV, MAPPED_PREFIX, SEQUENCES_FILE
 from hstu.data.preprocess import preprocess
 from hstu.data.store import SequenceStore, layout_key
@@ -181,3 +183,13 @@ def test_loaders_do_not_copy_the_store(tmp_path):
     size = store.items.nbytes + store.timestamps.nbytes + store.actions.nbytes
     assert size > 1_500_000
     assert peak < size / 4, (peak, size)
+
+
+def test_a_parquet_that_disagrees_with_its_metadata_is_refused(dataset):
+    meta_path = dataset / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["num_interactions"] -= 1
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"sequences\.parquet.*item_ids.*num_interactions"):
+        SequenceStore.load(dataset)
+    assert not list(dataset.glob(f"{MAPPED_PREFIX}*/"))  # nothing half-written left behind
