@@ -60,7 +60,7 @@ def build_data(
             dataset_args, task, train_batch_size, eval_batch_size, rank, seed,
             benchmark_num_batches, tp_size,
         )
-    store = SequenceStore.load(dataset_args.resolved_path)
+    store = SequenceStore.load(dataset_args.resolved_path, verbose=rank == 0)
     meta = store.metadata
     check_dataset_name(dataset_args, meta, METADATA_FILE)
     msl, cands = dataset_args.max_sequence_length, dataset_args.max_num_candidates

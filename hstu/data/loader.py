@@ -205,11 +205,6 @@ class SequenceLoader:
         self.contextual_feature_names: list[str] = select_contextual(
             list(meta["contextual_feature_names"]), contextual_features
         )
-        self._contextual = (
-            np.stack([store.contextual[n] for n in self.contextual_feature_names])
-            if self.contextual_feature_names
-            else None
-        )
         self.samples_per_rank = math.ceil(len(samples) / world_size)
         self.negatives: NegativeSampler | None = None
         """Retrieval: the negatives (or corpus) key every batch carries; set by the trainer."""
@@ -382,16 +377,20 @@ class SequenceLoader:
         hist_end, cand_end = s.hist_end[index], s.cand_end[index]
         rows, hist_rows, hist_lengths = self._rows(index)
         num_candidates = cand_end - hist_end
-        values = [st.items[rows]]
+        # the store's arrays are memory maps (items and actions possibly int32): gather only
+        # this batch's rows, as int64
+        values = [st.items[rows].astype(np.int64)]
         lengths = [hist_lengths + num_candidates]
         keys = [self.item_feature_name]
         if self.action_feature_name is not None:
             keys.append(self.action_feature_name)
-            values.append(st.actions[hist_rows])
+            values.append(st.actions[hist_rows].astype(np.int64))
             lengths.append(hist_lengths)
-        if self._contextual is not None:
+        if self.contextual_feature_names:
             keys += self.contextual_feature_names
-            values.append(self._contextual[:, s.user[index]].reshape(-1))
+            users = s.user[index]
+            # feature-major: every sample's value of the first feature, then of the next
+            values += [st.contextual[n][users].astype(np.int64) for n in self.contextual_feature_names]
             lengths.append(np.ones(len(index) * len(self.contextual_feature_names), dtype=np.int64))
         negative_fields: dict = {}
         if self.negatives is not None:
@@ -406,12 +405,12 @@ class SequenceLoader:
         features = host_kjt(keys, values, lengths, len(index))
         if self.task == "ranking":
             labels = (
-                torch.from_numpy(st.actions[gather_ranges(hist_end, cand_end)])
+                torch.from_numpy(st.actions[gather_ranges(hist_end, cand_end)].astype(np.int64))
                 if st.actions is not None
                 else None
             )
         elif not self.training:
-            labels = torch.from_numpy(st.items[s.target[index]])
+            labels = torch.from_numpy(st.items[s.target[index]].astype(np.int64))
         else:
             labels = None
         query_timestamps = None
