@@ -9,7 +9,8 @@ materialises a dense [B, H, max_seqlen, max_seqlen]. A single sample too long fo
 budget, or long against the semi-local window (``max_attn_len``), is computed alone in row
 blocks, each against the keys its rows can see, by a custom autograd function that keeps no
 scores: backward recomputes each block's (memory O(n x block), not O(n^2), and time linear in
-the number of blocks).
+the number of blocks). Shorter windowed samples stay batched in chunks, computed in row
+blocks against the band of keys any sample of the chunk can see (``_band_blocks``).
 Scores are computed in at least float32 whatever the input
 dtype (float64 stays float64); autograd runs through the plain ops.
 """
@@ -52,7 +53,9 @@ def plan_chunks(
     A chunk of width n takes samples longer than ``min_fill * n`` only, so padding at most
     multiplies the score work by 1 / min_fill**2. A sample is computed alone in row blocks
     (``blocked``) when its dense scores reach the budget, or when a window
-    ``max_attn_len`` W > 0 leaves it most keys unseen (longer than ``WINDOW_BLOCKED_MIN * W``).
+    ``max_attn_len`` W > 0 leaves it most keys unseen (longer than ``WINDOW_BLOCKED_MIN * W``
+    and than ``WINDOW_BLOCKED_MIN_LENGTH``; shorter windowed samples stay in chunks, which
+    ``_band_blocks`` computes against the band).
 
     Returns:
         (sample ids, padded width n, blocked) per chunk; empty samples dropped.
@@ -63,7 +66,8 @@ def plan_chunks(
     while pos < len(order):
         width = lengths[order[pos]]
         per_sample = _SCORE_TENSORS_ALIVE * _SCORE_BYTES * width * width * num_heads
-        windowed = max_attn_len > 0 and width > WINDOW_BLOCKED_MIN * max_attn_len
+        windowed = (max_attn_len > 0 and width > WINDOW_BLOCKED_MIN * max_attn_len
+                    and width >= WINDOW_BLOCKED_MIN_LENGTH)
         if per_sample >= memory_budget_bytes or windowed:
             chunks.append(([order[pos]], width, True))
             pos += 1
@@ -77,9 +81,11 @@ def plan_chunks(
     return chunks
 
 
-# a sample longer than this many windows (``max_attn_len``) is computed alone in row blocks
-# against the band of keys its rows can see
+# a sample longer than this many windows (``max_attn_len``), and than
+# WINDOW_BLOCKED_MIN_LENGTH tokens, is computed alone in row blocks against the band of keys
+# its rows can see (shorter ones in chunks, in band blocks shared by the chunk's samples)
 WINDOW_BLOCKED_MIN = 3
+WINDOW_BLOCKED_MIN_LENGTH = 1024
 # windowed row blocks take W / this many rows: against about (1 + 1 / this) W keys each
 WINDOW_BLOCK_DIVISOR = 4
 # the most query rows of a row block against the whole history: smaller blocks skip more
@@ -102,21 +108,22 @@ class _Block:
     r1: int
     keys: slice | Tensor  # the key slots: one range, or int64 [K] (a union of ranges)
     key_pos: Tensor  # int64 [K] the same slots as an index
-    mask: Tensor | None = None  # bool [1, 1, R, K], cached (None: built at each use)
+    mask: Tensor | None = None  # bool [b, 1, R, K], cached (None: built at each use)
     rel: Tensor | None = None  # int32 [R, K] position-table index, cached
-    buckets: Tensor | None = None  # int32 [1, R, K] time-bucket index, cached
+    buckets: Tensor | None = None  # int32 [b, R, K] time-bucket index, cached
 
 
 @dataclass
 class _Blocked:
-    """A sample computed alone in row blocks (long, or windowed), and what its blocks' masks
-    and rab indices are built from."""
+    """A sample computed alone in row blocks (long, or windowed), or a windowed chunk of
+    samples computed in the same row blocks for all of them (``_band_blocks``), and what the
+    blocks' masks and rab indices are built from."""
 
     blocks: list[_Block]
     cached: bool  # block masks / indices kept in the plan
-    lengths: Tensor  # int64 [1]
-    num_contextual: Tensor | None  # int64 [1]
-    num_targets: Tensor | None  # int64 [1]
+    lengths: Tensor  # int64 [b]
+    num_contextual: Tensor | None  # int64 [b]
+    num_targets: Tensor | None  # int64 [b]
     target_group_size: int
     causal: bool
     mask_convention: str
@@ -124,8 +131,10 @@ class _Blocked:
     min_full_attn_seq_len: int
     rab_positions: int | None
     timestamps: Tensor | None
-    token_index: Tensor  # int64 [1, n]
-    query_timestamps: Tensor | None  # int64 [1]
+    token_index: Tensor  # int64 [b, n]
+    query_timestamps: Tensor | None  # int64 [b]
+    # b: one long sample (1), or a windowed chunk of b samples computed in band blocks
+    samples: int = 1
 
 
 @dataclass
@@ -144,13 +153,22 @@ class _Chunk:
     # part (rows, keys, mask, rel, buckets), the upper-right quarter is never computed
     split: int = 0
     parts: list | None = None
-    # one long (or windowed) sample in row blocks; mask / rel / buckets are then None
+    # one long sample, or a windowed chunk, in row blocks; mask / rel / buckets are then None
     blocked: _Blocked | None = None
 
 
 # a causal chunk this wide or wider is computed as two row blocks (top rows against the
 # first half of the keys only): a quarter of its scores skipped
 CAUSAL_SPLIT_MIN_WIDTH = 32
+# a windowed chunk (max_attn_len W > 0) is computed in row blocks of W / this many rows, each
+# against the keys some sample's rows can see (the band, the contextual tokens, the rows that
+# see the whole history), recomputed in backward, when that computes at most
+# BAND_MAX_WORK of the scores the dense path does
+BAND_ROWS_DIVISOR = 2
+BAND_MIN_ROWS = 16
+BAND_MAX_WORK = 0.85
+# key runs of a row block closer than this many slots are computed as one range
+BAND_MERGE_GAP = 16
 
 
 # One entry: the plan of the last batch. Every layer of a block calls the attention with the
@@ -283,6 +301,21 @@ def _build_plan(
             if width not in rel_by_width:
                 rel_by_width[width] = relative_positions(width, rab_positions, device)
             rel = rel_by_width[width]
+        if max_attn_len > 0:
+            spec = _band_blocks(
+                mask, width, budget, chunk_lengths,
+                num_contextual[sample_ids] if max_ctx > 0 else None,
+                num_targets[sample_ids] if max_targets > 0 else None,
+                target_group_size, causal, mask_convention, max_attn_len,
+                min_full_attn_seq_len, rab_positions, timestamps, token_index,
+                None if query_timestamps is None else query_timestamps[sample_ids],
+            )
+            if spec is not None:
+                chunks.append(_Chunk(
+                    width, token_index, flat_index.index_select(0, valid_index), flat_index,
+                    valid_index, None, None, None, blocked=spec,
+                ))
+                continue
         split = width // 2
         # rows i < split see keys j <= max(i, C - 1) under the causal mask (contextual tokens
         # see each other both ways), so keys [0, split) suffice while C <= split; under the
@@ -318,6 +351,71 @@ def _build_plan(
             ]
         chunks.append(chunk)
     return chunks
+
+
+def _band_blocks(
+    mask: Tensor, width: int, budget: int, lengths: Tensor,
+    num_contextual: Tensor | None, num_targets: Tensor | None, target_group_size: int,
+    causal: bool, mask_convention: str, max_attn_len: int, min_full_attn_seq_len: int,
+    rab_positions: int | None, timestamps: Tensor | None, token_index: Tensor,
+    query_timestamps: Tensor | None,
+) -> _Blocked | None:
+    """A windowed chunk of b samples in row blocks of W / ``BAND_ROWS_DIVISOR`` rows, each
+    against the keys that any of its rows may see in any sample of the chunk; None when that
+    would compute more than ``BAND_MAX_WORK`` of the dense path's scores.
+
+    The keys of a block are read off the chunk's mask [b, 1, n, n] (which each block then
+    applies exactly), as runs of slots; runs closer than ``BAND_MERGE_GAP`` are merged. So
+    contextual tokens, candidates and the rows that see the whole history
+    (``min_full_attn_seq_len``) need no rule of their own here. Like a long sample's blocks,
+    the chunk's are recomputed in backward (``_BlockedAttention``): no score is kept."""
+    rows = max(BAND_MIN_ROWS, max_attn_len // BAND_ROWS_DIVISOR)
+    if rows >= width:
+        return None
+    seen = mask[:, 0].any(dim=0)  # [n, n]: may row i see key j in some sample
+    spans: list[tuple[int, int, list[tuple[int, int]]]] = []
+    for r0 in range(0, width, rows):
+        r1 = min(width, r0 + rows)
+        runs: list[tuple[int, int]] = []
+        for c in seen[r0:r1].any(dim=0).nonzero().view(-1).tolist():
+            if runs and c - runs[-1][1] < BAND_MERGE_GAP:
+                runs[-1] = (runs[-1][0], c + 1)
+            else:
+                runs.append((c, c + 1))
+        spans.append((r0, r1, runs or [(0, 1)]))  # padding rows only: one key, masked
+    elements = sum((r1 - r0) * sum(b - a for a, b in keys) for r0, r1, keys in spans)
+    split = causal and width >= CAUSAL_SPLIT_MIN_WIDTH
+    dense = width * width - (width // 2) ** 2 if split else width * width
+    if elements > BAND_MAX_WORK * dense:
+        return None
+    spec = _Blocked(
+        [], False, lengths, num_contextual, num_targets, target_group_size, causal,
+        mask_convention, max_attn_len, min_full_attn_seq_len, rab_positions, timestamps,
+        token_index, query_timestamps, samples=int(lengths.numel()),
+    )
+    _add_blocks(spec, spans, elements * spec.samples, budget, mask.device, mask)
+    return spec
+
+
+def _add_blocks(
+    spec: _Blocked, spans: list[tuple[int, int, list[tuple[int, int]]]], elements: int,
+    budget: int, device: torch.device, mask: Tensor | None = None,
+) -> None:
+    """The blocks of ``spec`` from (r0, r1, key ranges) spans; their masks and rab indices
+    kept while they take at most 1 / ``_BLOCK_INDEX_CACHE_FRACTION`` of the budget
+    (``elements``: the mask entries of all blocks); ``mask``: the whole [b, 1, n, n] mask,
+    when the caller has it."""
+    index_bytes = 1 + (4 if spec.rab_positions is not None else 0) + (
+        4 if spec.timestamps is not None else 0)
+    spec.cached = elements * index_bytes <= budget // _BLOCK_INDEX_CACHE_FRACTION
+    for r0, r1, keys in spans:
+        key_pos = _to_device(torch.cat([torch.arange(a, b) for a, b in keys]), device)
+        block = _Block(
+            r0, r1, slice(keys[0][0], keys[0][1]) if len(keys) == 1 else key_pos, key_pos
+        )
+        if spec.cached:
+            block.mask, block.rel, block.buckets = _block_indices(spec, block, mask)
+        spec.blocks.append(block)
 
 
 def _key_ranges(
@@ -384,34 +482,28 @@ def _plan_blocks(
         spans.append((r0, r1, _key_ranges(r0, r1, length, length, num_ctx, first,
                                           spec.causal, peer)))
     elements = sum((r1 - r0) * sum(b - a for a, b in keys) for r0, r1, keys in spans)
-    index_bytes = 1 + (4 if spec.rab_positions is not None else 0) + (
-        4 if spec.timestamps is not None else 0)
-    spec.cached = elements * index_bytes <= budget // _BLOCK_INDEX_CACHE_FRACTION
-    for r0, r1, keys in spans:
-        key_pos = _to_device(torch.cat([torch.arange(a, b) for a, b in keys]), device)
-        block = _Block(
-            r0, r1, slice(keys[0][0], keys[0][1]) if len(keys) == 1 else key_pos, key_pos
-        )
-        if spec.cached:
-            block.mask, block.rel, block.buckets = _block_indices(spec, block)
-        spec.blocks.append(block)
+    _add_blocks(spec, spans, elements, budget, device)
 
 
 def _block_indices(
-    spec: _Blocked, block: _Block
+    spec: _Blocked, block: _Block, whole_mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """The mask [1, 1, R, K], position index [R, K] and time-bucket index [1, R, K] of one
+    """The mask [b, 1, R, K], position index [R, K] and time-bucket index [b, R, K] of one
     row block (the same values as the whole sample's, at the block's rows and keys); the
-    indices in int32 (half the cache; index_select and index_add_ take them)."""
+    indices in int32 (half the cache; index_select and index_add_ take them).
+    ``whole_mask``: the [b, 1, n, n] mask, to slice instead of building the block's."""
     if spec.cached and block.mask is not None:
         return block.mask, block.rel, block.buckets
     device = block.key_pos.device
     rows = torch.arange(block.r0, block.r1, device=device)
-    mask = dense_mask(
-        spec.lengths, spec.num_contextual, spec.num_targets, spec.target_group_size,
-        spec.causal, spec.token_index.shape[1], spec.mask_convention, spec.max_attn_len,
-        spec.min_full_attn_seq_len, rows=rows, keys=block.key_pos,
-    ).unsqueeze(1)
+    if whole_mask is not None:
+        mask = whole_mask[:, :, block.r0 : block.r1].index_select(3, block.key_pos)
+    else:
+        mask = dense_mask(
+            spec.lengths, spec.num_contextual, spec.num_targets, spec.target_group_size,
+            spec.causal, spec.token_index.shape[1], spec.mask_convention, spec.max_attn_len,
+            spec.min_full_attn_seq_len, rows=rows, keys=block.key_pos,
+        ).unsqueeze(1)
     rel = buckets = None
     if spec.rab_positions is not None:
         p = spec.rab_positions
@@ -436,25 +528,32 @@ def _block_scores(
     qb: Tensor, kb: Tensor, block: _Block, spec: _Blocked, pos_weights: Tensor | None,
     ts_weights: Tensor | None, alpha: float,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """alpha q k^T + rab of one row block: [h, R, K], its mask [1, R, K] and rab indices."""
+    """alpha q k^T + rab of one row block (qb, kb [b*h, n, d]): scores [b*h, R, K], its mask
+    (broadcast to the scores) and rab indices."""
     mask, rel, buckets = _block_indices(spec, block)
     keys = _block_keys(kb, block)
     rows = qb[:, block.r0 : block.r1]
+    b = spec.samples
+    h = qb.shape[0] // b
+    r, k = rows.shape[1], keys.shape[1]
+    # [b, 1, R, K] -> [1, R, K] (one sample: broadcast over the heads) or [b*h, R, K]
+    mask = mask[0] if b == 1 else mask.expand(b, h, r, k).reshape(b * h, r, k)
     if pos_weights is None:
-        return torch.bmm(rows, keys.transpose(1, 2)).mul_(alpha), mask[0], rel, buckets
+        return torch.bmm(rows, keys.transpose(1, 2)).mul_(alpha), mask, rel, buckets
     assert rel is not None
     bias = pos_weights.to(qb.dtype).index_select(0, rel.reshape(-1)).view(rel.shape)
     if ts_weights is not None:
         assert buckets is not None
-        bias = bias + ts_weights.to(qb.dtype).index_select(0, buckets[0].reshape(-1)).view(
-            rel.shape)
-    scores = torch.baddbmm(bias.unsqueeze(0).expand(rows.shape[0], -1, -1), rows,
-                           keys.transpose(1, 2), alpha=alpha)
-    return scores, mask[0], rel, buckets
+        bias = bias + ts_weights.to(qb.dtype).index_select(0, buckets.reshape(-1)).view(
+            buckets.shape)  # [b, R, K]
+    bias = bias.view(-1, 1, r, k).expand(b, h, r, k).reshape(b * h, r, k)
+    scores = torch.baddbmm(bias, rows, keys.transpose(1, 2), alpha=alpha)
+    return scores, mask, rel, buckets
 
 
 class _BlockedAttention(torch.autograd.Function):
-    """sum over row blocks of masked SiLU(alpha q k^T + rab) v for one sample, [h, n, d_v]
+    """sum over row blocks of masked SiLU(alpha q k^T + rab) v for one sample or a windowed
+    chunk of b samples, [b*h, n, d_v]
     (not yet divided by N), keeping no scores: backward recomputes each block's and adds its
     gradients into q, k, v and the bias tables. HSTU has no softmax, so a block needs nothing
     from the others."""
@@ -501,11 +600,13 @@ class _BlockedAttention(torch.autograd.Function):
                 dk.index_add_(1, block.keys, dk_block)
                 dv.index_add_(1, block.keys, dv_block)
             if dpos is not None or dts is not None:
-                dbias = dscores.sum(0).reshape(-1)  # the tables are shared by the heads
+                # the tables are shared by the heads (and positions by the samples)
+                r, k = dscores.shape[1], dscores.shape[2]
+                dbias = dscores.view(spec.samples, -1, r, k).sum(1)  # [b, R, K]
                 if dpos is not None:
-                    dpos.index_add_(0, rel.reshape(-1), dbias)
+                    dpos.index_add_(0, rel.reshape(-1), dbias.sum(0).reshape(-1))
                 if dts is not None:
-                    dts.index_add_(0, buckets.reshape(-1), dbias)
+                    dts.index_add_(0, buckets.reshape(-1), dbias.reshape(-1))
         return (
             dq, dk, dv,
             None if dpos is None else dpos.to(pos_weights.dtype),

@@ -121,7 +121,10 @@ class Feed:
         if n.architecture != "hstu":  # the MLP baseline: no HSTU FLOPs to count
             return BatchCost(int(seqlens.sum()), 0.0, samples)
         flops = hstu_step_flops(
-            seqlens, n.num_layers, n.hidden_size, n.num_attention_heads, n.kv_channels
+            seqlens, n.num_layers, n.hidden_size, n.num_attention_heads, n.kv_channels,
+            max_attn_len=n.max_attn_len, min_full_attn_seq_len=n.min_full_attn_seq_len,
+            attn_truncation_layers=n.attn_truncation_layers,
+            attn_truncation_len=n.attn_truncation_len,
         )
         return BatchCost(int(seqlens.sum()), flops, samples)
 

@@ -48,6 +48,31 @@ def peak_flops(device: torch.device, dtype_str: str) -> tuple[float, str]:
     return _measured_cpu_peak(), "measured float32 matmul on this CPU"
 
 
+def _sum_min(a: torch.Tensor, b: torch.Tensor, w: int) -> torch.Tensor:
+    """sum of min(i, w) over i in [a, b) (elementwise, float64 tensors, a <= b)."""
+
+    def prefix(n: torch.Tensor) -> torch.Tensor:  # sum of min(i, w) over i in [0, n)
+        below = torch.minimum(n, torch.full_like(n, w + 1))
+        return below * (below - 1) / 2 + (n - below).clamp(min=0) * w
+
+    return prefix(b) - prefix(a)
+
+
+def attention_pairs(seqlens: torch.Tensor, max_attn_len: int = 0, min_full_attn_seq_len: int = 0) -> torch.Tensor:
+    """(query, key) pairs the causal mask keeps per sample, float64 [B]: L (L + 1) / 2, or with
+    a window W (``hstu.ops.masks``) each row i sees min(i, W) + 1 keys, except the last M
+    (``min_full_attn_seq_len``) rows, which see i + 1 (contextual tokens and candidates are
+    counted as history tokens here)."""
+    n = seqlens.to(torch.float64)
+    full = n * (n + 1) / 2
+    if max_attn_len <= 0:
+        return full
+    start = (n - min_full_attn_seq_len).clamp(min=0) if min_full_attn_seq_len > 0 else n
+    windowed = start + _sum_min(torch.zeros_like(n), start, max_attn_len)
+    tail = (start + 1 + n) * (n - start) / 2  # rows [start, n) see i + 1 keys each
+    return windowed + tail
+
+
 def hstu_step_flops(
     seqlens: torch.Tensor,
     num_layers: int,
@@ -55,15 +80,30 @@ def hstu_step_flops(
     num_heads: int,
     head_dim: int,
     extra_forward_flops: float = 0.0,
+    max_attn_len: int = 0,
+    min_full_attn_seq_len: int = 0,
+    attn_truncation_layers: int = 0,
+    attn_truncation_len: int = 0,
 ) -> float:
     """Forward + backward FLOPs of the HSTU block for one batch.
 
     seqlens: [B] tokens per sample after interleaving (contextual + items + actions +
     candidates). Per layer, forward: 2·T·D·4Hd (U/V/Q/K) + 2·T·Hd·D (output projection)
-    + 2·Hd·ΣL² (Q Kᵀ and A V, each over the causal half). Backward is twice the forward.
+    + 4·Hd·P (Q Kᵀ and A V over the P pairs the mask keeps: :func:`attention_pairs`, with
+    the semi-local window). With attention truncation the layers above
+    ``attn_truncation_layers`` count each sample's last ``attn_truncation_len`` tokens only.
+    Backward is twice the forward.
     """
-    tokens = float(seqlens.sum())
-    sq = float((seqlens.to(torch.float64) ** 2).sum())
     hd = num_heads * head_dim
-    per_layer = 2 * tokens * hidden_size * 4 * hd + 2 * tokens * hd * hidden_size + 2 * hd * sq
-    return 3.0 * (num_layers * per_layer + extra_forward_flops)
+
+    def layer(lengths: torch.Tensor) -> float:
+        tokens = float(lengths.sum())
+        pairs = float(attention_pairs(lengths, max_attn_len, min_full_attn_seq_len).sum())
+        return 2 * tokens * hidden_size * 4 * hd + 2 * tokens * hd * hidden_size + 4 * hd * pairs
+
+    if attn_truncation_layers > 0:
+        short = seqlens.clamp(max=attn_truncation_len)
+        total = attn_truncation_layers * layer(seqlens) + (num_layers - attn_truncation_layers) * layer(short)
+    else:
+        total = num_layers * layer(seqlens)
+    return 3.0 * (total + extra_forward_flops)

@@ -165,9 +165,12 @@ def test_plan_chunks_respects_budget() -> None:
     # a single sample whose scores reach the budget is computed alone, in row blocks
     chunks = plan_chunks([100, 20], num_heads=4, memory_budget_bytes=4 * 16 * 100 * 100)
     assert chunks == [([0], 100, True), ([1], 20, False)]
-    # with a window, a sample longer than WINDOW_BLOCKED_MIN (3) windows too
-    chunks = plan_chunks([100, 20], num_heads=4, memory_budget_bytes=2**30, max_attn_len=33)
-    assert chunks == [([0], 100, True), ([1], 20, False)]
+    # with a window, a sample longer than WINDOW_BLOCKED_MIN (3) windows and than
+    # WINDOW_BLOCKED_MIN_LENGTH tokens too; a shorter one stays in a chunk (band blocks)
+    chunks = plan_chunks([1100, 20], num_heads=4, memory_budget_bytes=2**30, max_attn_len=33)
+    assert chunks == [([0], 1100, True), ([1], 20, False)]
+    chunks = plan_chunks([100, 60], num_heads=4, memory_budget_bytes=2**30, max_attn_len=33)
+    assert chunks == [([0, 1], 100, False)]
 
 
 def test_empty_samples_and_bad_rab_are_handled() -> None:

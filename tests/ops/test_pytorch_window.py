@@ -42,9 +42,11 @@ def _check_against_reference(case, got, kw) -> None:
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("window, full", [(3, 0), (4, 6), (14, 0)])
 def test_window_matches_reference(monkeypatch, convention, causal, window, full) -> None:
-    """W = 3, 4: the 40- and 23-token samples run in row blocks of 4 rows against the band
-    (W = 14: every sample is short against the window, one dense masked chunk)."""
+    """W = 3, 4: the 40- and 23-token samples run alone in row blocks of 4 rows against the
+    band, as samples of WINDOW_BLOCKED_MIN_LENGTH tokens do (W = 14: every sample is short
+    against the window, one dense masked chunk)."""
     monkeypatch.setattr(pa, "MIN_BLOCK_ROWS", 4)
+    monkeypatch.setattr(pa, "WINDOW_BLOCKED_MIN_LENGTH", 16)
     case = _case("pos+ts+qt" if causal else "pos+ts")
     kw = {"alpha": 0.3, "scaling_seqlen": 40, "causal": causal, "target_group_size": 2,
           "mask_convention": convention, "max_attn_len": window,
@@ -61,6 +63,51 @@ def test_window_matches_reference(monkeypatch, convention, causal, window, full)
         assert min(len(b.key_pos) for b in spec.blocks) < int(spec.lengths[0]) // 2
     assert all(s.cached for s in blocked)
     _check_against_reference(case, got, kw)
+
+
+BAND_LENGTHS = [64, 50, 40, 35]
+
+
+@pytest.mark.parametrize("convention", ["hstu", "peer"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("ctx, tgt, full", [([0, 0, 0, 0], [0, 0, 0, 0], 0), ([3, 0, 2, 1], [4, 2, 0, 3], 5)])
+@pytest.mark.parametrize("cached", [True, False])
+def test_windowed_chunk_in_band_blocks_matches_reference(monkeypatch, convention, causal, ctx, tgt, full, cached) -> None:
+    """Samples short against the window stay batched in one chunk, computed in row blocks of
+    W / 2 rows against the keys some sample's rows can see (the band, contextual tokens,
+    candidates, the last M rows), recomputed in backward: values and gradients (q, k, v,
+    both bias tables) as the reference."""
+    monkeypatch.setattr(pa, "BAND_MIN_ROWS", 4)
+    if not cached:
+        monkeypatch.setattr(pa, "_BLOCK_INDEX_CACHE_FRACTION", 10**12)
+    case = random_case(BAND_LENGTHS, num_contextual=ctx, num_targets=tgt,
+                       rab="pos+ts+qt" if causal else "pos+ts", max_positions=64,
+                       dtype=torch.float64, seed=3)
+    window = 8
+    kw = {"alpha": 0.3, "scaling_seqlen": 64, "causal": causal, "target_group_size": 2,
+          "mask_convention": convention, "max_attn_len": window, "min_full_attn_seq_len": full}
+    got = _pytorch(case, **kw)
+    [chunk] = pa._PLAN_CACHE[0][2]  # longer than 3 W, but short: one chunk of 4 samples
+    spec = chunk.blocked
+    # the guard: row blocks of W / 2 rows, each against fewer keys than the chunk is wide
+    assert spec is not None and spec.samples == 4 and spec.cached == cached
+    assert [b.r1 - b.r0 for b in spec.blocks] == [window // 2] * 16
+    work = sum((b.r1 - b.r0) * len(b.key_pos) for b in spec.blocks)
+    assert work <= pa.BAND_MAX_WORK * 64 * 64
+    if not any(ctx) and not full:  # the band alone: W keys back (and W ahead, non-causal)
+        assert max(len(b.key_pos) for b in spec.blocks) == window // 2 + window * (1 if causal else 2)
+    _check_against_reference(case, got, kw)
+
+
+def test_band_blocks_not_taken_when_they_save_little() -> None:
+    """A window nearly as wide as the samples: the dense path's causal split, bitwise as
+    without a window (the window then masks nothing)."""
+    case = random_case(BAND_LENGTHS, rab="pos+ts", max_positions=64, dtype=torch.float64, seed=4)
+    kw = {"alpha": 0.3, "scaling_seqlen": 64, "causal": True}
+    got = _pytorch(case, max_attn_len=64, **kw)
+    [chunk] = pa._PLAN_CACHE[0][2]
+    assert chunk.blocked is None and chunk.split == 32 and len(chunk.parts) == 2
+    assert torch.equal(got, _pytorch(case, **kw))
 
 
 @pytest.mark.parametrize("causal", [True, False])
