@@ -224,6 +224,9 @@ def iter_delimited(
                 block = _to_columns(batch, columns, where, line)
                 line += batch.num_rows
                 yield block
+            if line == (2 if header else 1):  # no rows: one empty block still names the file
+                empty = pa.table({c: pa.array([], _TYPES[t]) for c, t in columns.items()})
+                yield _to_columns(empty, columns, where, line)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             message = str(exc).splitlines()[0]
         else:

@@ -216,3 +216,11 @@ def test_synthesized_raw_files_round_trip_with_the_official_counts(tmp_path, dat
     assert meta["dropped_users"] == 0
     least = 20 if dataset.startswith("ml") else 2
     assert meta["seqlen"]["min"] >= least
+
+
+def test_a_log_with_a_header_only_is_named(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "ratings.csv").write_text("userId,movieId,rating,timestamp\n")
+    with pytest.raises(DataError, match=r"raw/ratings\.csv: no interactions"):
+        preprocess("ml-20m", raw, tmp_path / "out", verbose=False)
