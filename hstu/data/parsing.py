@@ -8,8 +8,10 @@ loops over rows in Python.
 from __future__ import annotations
 
 import csv
-import io
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -106,50 +108,29 @@ def read_delimited(
     else:
         assert names is not None
         file_names = list(names)
-    for col in columns:
-        if col not in file_names:
-            from hstu.args import did_you_mean
-
-            where_cols = "header" if header else "column mapping"
-            raise DataError(
-                where,
-                f"missing column (the {where_cols} has {', '.join(file_names)})"
-                + did_you_mean(col, file_names),
-                line=1 if header else None,
-                field=col,
-            )
+    _check_columns(where, columns, file_names, header)
     read_opts = pacsv.ReadOptions(
         column_names=file_names, skip_rows=1 if header else 0, use_threads=True, block_size=1 << 24
     )
-    parse_opts = pacsv.ParseOptions(
-        delimiter=sep, quote_char='"' if quoted else False, ignore_empty_lines=False
-    )
-    convert_opts = pacsv.ConvertOptions(
-        column_types={c: _TYPES[t] for c, t in columns.items()},
-        include_columns=list(columns),
-        strings_can_be_null=True,
-        null_values=[""],
-        quoted_strings_can_be_null=True,
-    )
+    parse_opts, convert_opts = _options(sep, quoted, columns)
     first_line = 2 if header else 1
     try:
         table = pacsv.read_csv(pa.BufferReader(raw), read_opts, parse_opts, convert_opts)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        _diagnose(raw, where, sep, file_names, columns, first_line, quoted)
+        _diagnose(_lines_of(raw), where, sep, file_names, columns, first_line, quoted)
         raise DataError(where, f"cannot parse ({str(exc).splitlines()[0]})") from None
-    data: dict[str, np.ndarray] = {}
-    out = Columns(data, [(where, 0, first_line)])
-    for col in columns:
-        arr = table.column(col).combine_chunks()
-        if arr.null_count:
-            row = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
-            raise out.error(row, col, "empty value")
-        data[col] = arr.to_numpy(zero_copy_only=False)
-    return out
+    return _to_columns(table, columns, where, first_line)
+
+
+def _lines_of(raw: bytes) -> list[str]:
+    lines = raw.decode("utf-8", "replace").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
 
 
 def _diagnose(
-    raw: bytes,
+    lines: Iterable[str],
     where: str,
     sep: str,
     names: list[str],
@@ -157,13 +138,10 @@ def _diagnose(
     first_line: int,
     quoted: bool,
 ) -> None:
-    """Slow path after a parse failure: raises DataError at the first bad line."""
-    text = io.StringIO(raw.decode("utf-8", "replace"))
-    lines = text.read().split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
+    """Slow path after a parse failure: raises DataError at the first bad line of `lines`
+    (the file's lines from its first, without their line ends)."""
     index = {c: names.index(c) for c in columns}
-    for k, line in enumerate(lines[first_line - 1 :]):
+    for k, line in enumerate(itertools.islice(lines, first_line - 1, None)):
         lineno = k + first_line
         if quoted:
             fields = next(csv.reader([line.rstrip("\r")], delimiter=sep), [])
@@ -189,6 +167,126 @@ def _diagnose(
                         line=lineno,
                         field=col,
                     ) from None
+
+
+def iter_delimited(
+    open_binary: Callable[[], BinaryIO],
+    where: str,
+    columns: dict[str, str],
+    *,
+    delimiter: str,
+    header: bool,
+    names: list[str] | None = None,
+    quoted: bool = False,
+    block_size: int = 1 << 25,
+) -> Iterator[Columns]:
+    """Streams a delimited file as blocks of typed columns (bounded memory: one block of
+    about `block_size` bytes of text at a time). Same rules and errors as read_delimited.
+
+    Args:
+        open_binary: opens the file for reading from its start (called once for the header,
+            once for the rows, and once more only to name the bad line after a parse failure).
+        delimiter: one character (a multi-character one goes through read_delimited).
+        Others as read_delimited.
+
+    Yields: Columns per block, each with one segment (where, 0, line of its first row).
+    """
+    if len(delimiter) != 1:
+        raise ValueError(f"iter_delimited takes a one-character delimiter, not {delimiter!r}")
+    with open_binary() as fh:
+        first = fh.readline(1 << 20).removeprefix(_BOM)
+    if not first.strip():
+        raise DataError(where, "file is empty")
+    if header:
+        text = first.rstrip(b"\n").rstrip(b"\r").decode("utf-8", "replace")
+        if quoted:
+            file_names = [c.strip() for c in next(csv.reader([text], delimiter=delimiter))]
+        else:
+            file_names = [c.strip().strip('"') for c in text.split(delimiter)]
+    else:
+        assert names is not None
+        file_names = list(names)
+    _check_columns(where, columns, file_names, header)
+    read_opts = pacsv.ReadOptions(
+        column_names=file_names, skip_rows=1 if header else 0, use_threads=True,
+        block_size=block_size,
+    )
+    parse_opts, convert_opts = _options(delimiter, quoted, columns)
+    line = 2 if header else 1
+    with open_binary() as fh:
+        try:
+            reader = pacsv.open_csv(fh, read_opts, parse_opts, convert_opts)
+            while True:
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
+                    break
+                block = _to_columns(batch, columns, where, line)
+                line += batch.num_rows
+                yield block
+            if line == (2 if header else 1):  # no rows: one empty block still names the file
+                empty = pa.table({c: pa.array([], _TYPES[t]) for c, t in columns.items()})
+                yield _to_columns(empty, columns, where, line)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            message = str(exc).splitlines()[0]
+        else:
+            return
+    with open_binary() as fh:
+        lines = (
+            raw.decode("utf-8", "replace").rstrip("\n").removeprefix("\ufeff")
+            for raw in fh
+        )
+        _diagnose(lines, where, delimiter, file_names, columns, 2 if header else 1, quoted)
+    raise DataError(where, f"cannot parse ({message})")
+
+
+def _check_columns(
+    where: str, columns: dict[str, str], file_names: list[str], header: bool
+) -> None:
+    for col in columns:
+        if col not in file_names:
+            from hstu.args import did_you_mean
+
+            where_cols = "header" if header else "column mapping"
+            raise DataError(
+                where,
+                f"missing column (the {where_cols} has {', '.join(file_names)})"
+                + did_you_mean(col, file_names),
+                line=1 if header else None,
+                field=col,
+            )
+
+
+def _options(
+    sep: str, quoted: bool, columns: dict[str, str]
+) -> tuple[pacsv.ParseOptions, pacsv.ConvertOptions]:
+    parse_opts = pacsv.ParseOptions(
+        delimiter=sep, quote_char='"' if quoted else False, ignore_empty_lines=False
+    )
+    convert_opts = pacsv.ConvertOptions(
+        column_types={c: _TYPES[t] for c, t in columns.items()},
+        include_columns=list(columns),
+        strings_can_be_null=True,
+        null_values=[""],
+        quoted_strings_can_be_null=True,
+    )
+    return parse_opts, convert_opts
+
+
+def _to_columns(
+    table: pa.Table | pa.RecordBatch, columns: dict[str, str], where: str, first_line: int
+) -> Columns:
+    data: dict[str, np.ndarray] = {}
+    out = Columns(data, [(where, 0, first_line)])
+    for col in columns:
+        arr = table.column(col)
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
+        if arr.null_count:
+            row = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+            raise out.error(row, col, "empty value")
+        data[col] = arr.to_numpy(zero_copy_only=False)
+    return out
 
 
 # ------------------------------------------------------------------------- dense codes
@@ -240,4 +338,4 @@ def lookup(uniques: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.where(found, pos_c + 1, 0).astype(np.int64)
 
 
-__all__ = ["Columns", "encode_dense", "lookup", "read_delimited"]
+__all__ = ["Columns", "encode_dense", "iter_delimited", "lookup", "read_delimited"]

@@ -27,6 +27,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ import pyarrow.parquet as pq
 from hstu.args import ConfigError
 from hstu.data.errors import DataError
 from hstu.data.layout import FORMAT_VERSION, ITEM_MAP_FILE, METADATA_FILE, SEQUENCES_FILE
-from hstu.data.parsing import encode_dense, lookup
+from hstu.data.parsing import Columns, encode_dense, lookup
 from hstu.data.raw import RawSource, download
 from hstu.data.sources import (
     ACTION_FEATURE,
@@ -55,11 +56,13 @@ class Grouped:
 
     offsets int64 [U+1]; items/timestamps int64 [N]; actions int64 [N] or None;
     contextual: name -> int64 [U] codes (0 = unknown); raw_users [U]; raw_items [num_items].
+    items/timestamps/actions are None in the description preprocess() writes the metadata
+    from (it writes them partition by partition, see Grouping).
     """
 
     offsets: np.ndarray
-    items: np.ndarray
-    timestamps: np.ndarray
+    items: np.ndarray | None
+    timestamps: np.ndarray | None
     actions: np.ndarray | None
     contextual: dict[str, np.ndarray]
     contextual_vocab: dict[str, int]
@@ -72,6 +75,7 @@ class Grouped:
     users_without_features: int
     action_kind: str = "classes"
     action_values: list | None = None
+    has_actions: bool = False
 
 
 def check_dataset_name(name: str) -> None:
@@ -101,77 +105,334 @@ def _stable_user_time_order(users: np.ndarray, time_key: np.ndarray, num_users: 
     return np.lexsort((time_key, users))
 
 
+BYTES_PER_ROW = 160
+"""Working set of one interaction while its partition is sorted and written: the columns
+(user, item, time, action: 32 bytes), sort key and permutation (16), the sorted copies (24),
+item codes (8), the Arrow arrays and the compressed row group (~30), numpy temporaries."""
+DEFAULT_MEMORY_GB = 4.0
+SPILL_DIR = ".spill"
+
+
 def group(parsed: Parsed) -> Grouped:
-    """Checks ids, drops short users, encodes ids densely and sorts each user's interactions."""
-    log = parsed.log
-    if log.num_rows == 0:
-        raise DataError(log.segments[0][0] if log.segments else "input", "no interactions")
+    """Checks ids, drops short users, encodes ids densely and sorts each user's interactions,
+    all in memory (the output's description with its arrays; preprocess() writes partition
+    by partition instead)."""
+    grouping = Grouping(parsed, DEFAULT_MEMORY_GB * 2**30, None)
+    parts = list(grouping.parts())
+    items = np.concatenate([p.items for p in parts])
+    timestamps = np.concatenate([p.timestamps for p in parts])
+    actions = None if parts[0].actions is None else np.concatenate([p.actions for p in parts])
+    return grouping.summary(items, timestamps, actions)
+
+
+class _Spill:
+    """Columns appended block by block, read back in the same order: in memory (folder None)
+    or one raw binary file per column under `folder` (numeric columns only)."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        self.num_rows = 0
+        self._memory: list[dict[str, np.ndarray]] = []
+        self._dtypes: dict[str, np.dtype] = {}
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def append(self, cols: dict[str, np.ndarray]) -> None:
+        n = len(next(iter(cols.values())))
+        if n == 0:
+            return
+        if self.folder is None:
+            self._memory.append(cols)
+        else:
+            for name, values in cols.items():
+                assert values.dtype.kind in "iuf", f"spill column {name} is not numeric"
+                self._dtypes.setdefault(name, values.dtype)
+                with open(self.folder / f"{name}.bin", "ab") as fh:
+                    values.astype(self._dtypes[name], copy=False).tofile(fh)
+        self.num_rows += n
+
+    def blocks(self, rows: int) -> Iterator[dict[str, np.ndarray]]:
+        """The rows in append order, at most `rows` at a time (in memory: as appended)."""
+        if self.folder is None:
+            yield from self._memory
+            return
+        for start in range(0, self.num_rows, rows):
+            count = min(rows, self.num_rows - start)
+            yield {
+                name: np.fromfile(
+                    self.folder / f"{name}.bin", dtype, count, offset=start * dtype.itemsize
+                )
+                for name, dtype in self._dtypes.items()
+            }
+
+    def load(self) -> dict[str, np.ndarray]:
+        parts = list(self.blocks(max(self.num_rows, 1)))
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def remove(self) -> None:
+        self._memory = []
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class _Distinct:
+    """The sorted distinct values of a column seen block by block, with their counts.
+
+    Small non-negative integers are counted in an array indexed by value (`dense_limit`
+    values at most); other integers and strings are merged as sorted (value, count) arrays.
+    Strings sort as encode_dense sorts them (by str), so codes are the same as it gives.
+    """
+
+    def __init__(self, dense_limit: int, count: bool) -> None:
+        self._limit = dense_limit
+        self._count = count
+        self._dense_dtype = np.int64 if count else np.bool_
+        self._dense: np.ndarray | None = None
+        self._values: np.ndarray | None = None
+        self._counts: np.ndarray | None = None
+
+    def add(self, values: np.ndarray) -> None:
+        if len(values) == 0:
+            return
+        if values.dtype.kind in "iu":
+            values = values.astype(np.int64, copy=False)
+            lo, hi = int(values.min()), int(values.max())
+            if self._values is None and lo >= 0 and hi < self._limit:
+                if self._dense is None or len(self._dense) <= hi:
+                    size = hi + 1 if self._dense is None else max(hi + 1, 2 * len(self._dense))
+                    grown = np.zeros(min(size, self._limit), self._dense_dtype)
+                    if self._dense is not None:
+                        grown[: len(self._dense)] = self._dense
+                    self._dense = grown
+                if self._count:
+                    uniq, counts = np.unique(values, return_counts=True)
+                    self._dense[uniq] += counts
+                else:
+                    self._dense[values] = True
+                return
+            uniq, counts = np.unique(values, return_counts=True)
+        else:
+            uniq, counts = np.unique(np.asarray(values, dtype=str), return_counts=True)
+        self._merge(uniq, counts)
+
+    def _merge(self, uniq: np.ndarray, counts: np.ndarray) -> None:
+        if self._dense is not None:
+            present = np.flatnonzero(self._dense)
+            dense, self._dense = self._dense, None
+            self._merge(present, dense[present])
+        if self._values is None:
+            self._values, self._counts = uniq, counts
+            return
+        assert self._counts is not None
+        if (self._values.dtype.kind in "iu") != (uniq.dtype.kind in "iu"):
+            raise DataError("input", "id types differ between blocks (integer vs text)")
+        merged, inverse = np.unique(np.concatenate([self._values, uniq]), return_inverse=True)
+        self._counts = np.bincount(
+            inverse, weights=np.concatenate([self._counts, counts]), minlength=len(merged)
+        ).astype(np.int64)
+        self._values = merged
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted distinct values [K] (int64, or object strings), counts int64 [K])."""
+        if self._dense is not None:
+            present = np.flatnonzero(self._dense)
+            return present, self._dense[present].astype(np.int64)
+        if self._values is None:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        assert self._counts is not None
+        values = self._values if self._values.dtype.kind in "iu" else self._values.astype(object)
+        return values, self._counts
+
+
+def _code_table(uniques: np.ndarray, limit: int):
+    """values -> 1-based position in sorted `uniques` (0 where absent), as a function."""
+    if uniques.dtype.kind in "iu" and len(uniques) and uniques[0] >= 0 and uniques[-1] < limit:
+        table = np.zeros(int(uniques[-1]) + 2, dtype=np.int64)
+        table[uniques] = np.arange(1, len(uniques) + 1)
+
+        def code(values: np.ndarray) -> np.ndarray:
+            values = values.astype(np.int64, copy=False)
+            return table[np.minimum(np.maximum(values, -1), len(table) - 1)]
+
+        table[-1] = 0  # -1 (clipped negatives) and values beyond the last: absent
+        return code
+    return lambda values: lookup(uniques, values)
+
+
+def _check_block(block: Columns, parsed: Parsed) -> tuple[int, tuple | None]:
+    """The checks of every interaction: ids and action values (raises at the first bad row);
+    returns the number of negative timestamps and (file, line, value) of the first."""
     shown = parsed.column_names
-    _check_bound(log, "user", parsed.max_user_id, "user", shown.get("user"))
-    _check_bound(log, "item", parsed.max_item_id, "item", shown.get("item"))
-    if "action" in log.data and parsed.num_action_values is not None:
-        act = log.data["action"]
+    _check_bound(block, "user", parsed.max_user_id, "user", shown.get("user"))
+    _check_bound(block, "item", parsed.max_item_id, "item", shown.get("item"))
+    if "action" in block.data and parsed.num_action_values is not None:
+        act = block.data["action"]
         bad = (act < 0) | (act >= parsed.num_action_values)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise log.error(
+            raise block.error(
                 row,
                 shown.get("action", "action"),
                 f"action {act[row]} outside [0, {parsed.num_action_values})",
             )
+    negative = block.data["time_key"] < 0
+    if not negative.any():
+        return 0, None
+    row = int(np.flatnonzero(negative)[0])
+    return int(negative.sum()), (*block.locate(row), block.data["time_key"][row])
 
-    negative = log.data["time_key"] < 0
-    if negative.any():
-        row = int(np.flatnonzero(negative)[0])
-        raise log.error(
-            row,
-            shown.get("time_key", "timestamp"),
-            f"timestamp {log.data['time_key'][row]} is negative ({int(negative.sum())} interactions "
-            "have one); fix the source or drop those rows",
-        )
 
-    users, raw_users = encode_dense(log.data["user"])
-    counts = np.bincount(users, minlength=len(raw_users) + 1)
-    short = counts < parsed.min_user_interactions
-    short[0] = False
-    dropped = int(short.sum())
-    data = dict(log.data)
-    if dropped:
-        keep_rows = ~short[users]
-        data = {k: v[keep_rows] for k, v in data.items()}
-        if len(data["user"]) == 0:
+@dataclasses.dataclass
+class Part:
+    """The users first..last (1-based codes) of one partition, grouped and sorted.
+
+    offsets int64 [n+1] (n = last - first + 1); items/timestamps int64 [N_part];
+    actions int64 [N_part] or None.
+    """
+
+    first: int
+    last: int
+    offsets: np.ndarray
+    items: np.ndarray
+    timestamps: np.ndarray
+    actions: np.ndarray | None
+
+
+class Grouping:
+    """Groups a parsed log per user in partitions that fit a memory budget.
+
+    1. scan: every block is checked, its users counted and (when streamed) spilled to disk
+       in file order; users with too few interactions are dropped, the others coded 1..U in
+       sorted raw-id order.
+    2. route: users are cut into ranges of consecutive codes, each with about `rows` rows;
+       every row goes to its range's spill in file order; the kept rows' distinct items give
+       the item codes (sorted raw-id order).
+    3. parts(): each range in turn is loaded, sorted stably by (user, time) (equal times keep
+       their file order) and handed out; its users come out in code order.
+
+    Every step is the same whether there is one partition or many, in memory or on disk; the
+    output is the same for any budget. Legend: U users, N interactions.
+    """
+
+    def __init__(self, parsed: Parsed, memory_bytes: float, spill_dir: Path | None) -> None:
+        self.parsed = parsed
+        self.rows_per_part = max(1, int(memory_bytes // BYTES_PER_ROW))
+        dense_limit = max(1 << 20, int(min(memory_bytes, 1 << 40) // 64))
+        self._spill_dir = spill_dir
+        streamed = parsed.log is None
+        source = _Spill(spill_dir / "log" if streamed and spill_dir is not None else None)
+        users = _Distinct(dense_limit, count=True)
+        first_name: str | None = None
+        negatives, first_negative = 0, None
+        for block in parsed.blocks():
+            if first_name is None and block.segments:
+                first_name = block.segments[0][0]
+            count, where_negative = _check_block(block, parsed)
+            if count and not negatives:
+                first_negative = where_negative
+            negatives += count
+            if negatives:
+                continue  # counted to the end, then refused
+            users.add(block.data["user"])
+            source.append(block.data)
+        if negatives:
+            assert first_negative is not None
+            name, line, value = first_negative
             raise DataError(
-                log.segments[0][0],
-                f"every user has fewer than {parsed.min_user_interactions} interactions",
+                name,
+                f"timestamp {value} is negative ({negatives} interactions have one); fix the "
+                "source or drop those rows",
+                line=line,
+                field=parsed.column_names.get("time_key", "timestamp"),
             )
-        users, raw_users = encode_dense(data["user"])
-    num_users = len(raw_users)
-    if parsed.keep_item_ids:
-        items = data["item"].astype(np.int64, copy=False)
-        num_items = int(parsed.max_item_id) + 1
-        item_ids = np.flatnonzero(np.bincount(items, minlength=num_items))
-        raw_items = item_ids
-    else:
-        items, raw_items = encode_dense(data["item"])
-        num_items = len(raw_items) + 1  # dense ids 1..N; 0 is never an item
-        item_ids = np.arange(1, num_items)
+        where = first_name or "input"
+        if source.num_rows == 0:
+            raise DataError(where, "no interactions")
+        all_users, counts = users.result()
+        keep = counts >= parsed.min_user_interactions
+        self.dropped_users = int((~keep).sum())
+        if not keep.any():
+            raise DataError(
+                where, f"every user has fewer than {parsed.min_user_interactions} interactions"
+            )
+        self.raw_users = all_users[keep]
+        self.lengths = counts[keep]
+        self.num_users = len(self.raw_users)
+        self.num_interactions = int(self.lengths.sum())
+        self.user_code = _code_table(self.raw_users, dense_limit)
+        self.offsets = np.zeros(self.num_users + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=self.offsets[1:])
 
-    order = _stable_user_time_order(users, data["time_key"].astype(np.int64, copy=False), num_users)
-    counts = np.bincount(users, minlength=num_users + 1)[1:]
-    offsets = np.zeros(num_users + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    items_sorted = items[order]
-    timestamps = data["time_key"][order]
-    if parsed.time_key_per_second != 1:
-        timestamps //= parsed.time_key_per_second
-    actions = data["action"][order] if "action" in data else None
+        # partitions: user u goes to floor(offset of its first row / rows), so no user is
+        # split and a partition holds at most rows + (its last user's length - 1) rows
+        first_block = next(source.blocks(1))
+        self._columns = list(first_block)
+        # in memory only: a text column (ids of custom data) or a per-user column of the log
+        # (custom data's latest context, coded over all users at once)
+        splittable = spill_dir is not None and not any(
+            v.dtype.kind not in "iuf" or k.startswith("ctx:") for k, v in first_block.items()
+        )
+        del first_block
+        part_of = (
+            self.offsets[:-1] // self.rows_per_part
+            if splittable
+            else np.zeros(self.num_users, dtype=np.int64)
+        )
+        _, starts = np.unique(part_of, return_index=True)
+        self.part_first = starts + 1  # first user code of each partition
+        self.part_last = np.append(starts[1:], self.num_users)
+        num_parts = len(starts)
+        part_of_code = np.zeros(self.num_users + 1, dtype=np.int64)
+        part_of_code[1:] = np.repeat(np.arange(num_parts), self.part_last - self.part_first + 1)
 
-    contextual: dict[str, np.ndarray] = {USER_FEATURE: np.arange(1, num_users + 1, dtype=np.int64)}
-    vocab: dict[str, int] = {USER_FEATURE: num_users + 1}
-    without = 0
-    table = parsed.user_table
-    if table is not None:
-        _check_bound(table, "user", parsed.max_user_id, "user")
+        items = _Distinct(dense_limit, count=False)
+        block_rows = max(1, self.rows_per_part // 2)
+        if num_parts == 1:
+            self._parts = [source]
+            for block in source.blocks(block_rows):
+                items.add(block["item"][self.user_code(block["user"]) > 0])
+        else:
+            assert spill_dir is not None
+            self._parts = [_Spill(spill_dir / f"part{k}") for k in range(num_parts)]
+            for block in source.blocks(block_rows):
+                code = self.user_code(block["user"])
+                kept = code > 0
+                if not kept.all():
+                    block = {k: v[kept] for k, v in block.items()}
+                    code = code[kept]
+                items.add(block["item"])
+                part = part_of_code[code]
+                order = np.argsort(part, kind="stable")
+                bounds = np.searchsorted(part[order], np.arange(num_parts + 1))
+                for k in np.flatnonzero(np.diff(bounds)):
+                    rows = order[bounds[k] : bounds[k + 1]]
+                    self._parts[k].append({name: v[rows] for name, v in block.items()})
+            source.remove()
+        self.num_parts = num_parts
+        self.item_ids, _ = items.result()
+        if parsed.keep_item_ids:
+            self.num_items = int(parsed.max_item_id) + 1
+            self.raw_items = self.item_ids
+            self.item_code = lambda values: values.astype(np.int64, copy=False)
+        else:
+            self.raw_items = self.item_ids
+            self.num_items = len(self.raw_items) + 1  # dense ids 1..N; 0 is never an item
+            self.item_ids = np.arange(1, self.num_items)
+            self.item_code = _code_table(self.raw_items, dense_limit)
+        self.contextual: dict[str, np.ndarray] = {
+            USER_FEATURE: np.arange(1, self.num_users + 1, dtype=np.int64)
+        }
+        self.contextual_vocab: dict[str, int] = {USER_FEATURE: self.num_users + 1}
+        self.users_without_features = 0
+        self._user_features()
+
+    def _user_features(self) -> None:
+        table = self.parsed.user_table
+        if table is None:
+            return
+        _check_bound(table, "user", self.parsed.max_user_id, "user")
         tusers = table.data["user"]
         uniq_t, count_t = np.unique(tusers, return_counts=True)
         if (count_t > 1).any():
@@ -182,38 +443,66 @@ def group(parsed: Parsed) -> Grouped:
                 "user",
                 f"user {dup} is listed twice (first at line {table.locate(int(rows[0]))[1]})",
             )
-        codes = lookup(raw_users, tusers)  # 0 for users without interactions
+        codes = lookup(self.raw_users, tusers)  # 0 for users without interactions
         present = codes > 0
-        without = num_users - int(present.sum())
-        for name in parsed.user_feature_names:
+        self.users_without_features = self.num_users - int(present.sum())
+        for name in self.parsed.user_feature_names:
             fcodes, funiq = encode_dense(table.data[name])
-            column = np.zeros(num_users + 1, dtype=np.int64)
+            column = np.zeros(self.num_users + 1, dtype=np.int64)
             column[codes[present]] = fcodes[present]
-            contextual[name] = column[1:]
-            vocab[name] = len(funiq) + 1
-    for name, values in data.items():
-        if name.startswith("ctx:"):
-            last = order[offsets[1:] - 1]
-            fcodes, funiq = encode_dense(values[last])
-            contextual[name[4:]] = fcodes
-            vocab[name[4:]] = len(funiq) + 1
-    return Grouped(
-        offsets,
-        items_sorted,
-        timestamps.astype(np.int64),
-        actions,
-        contextual,
-        vocab,
-        raw_users,
-        item_ids,
-        raw_items,
-        num_items,
-        parsed.num_action_values if actions is not None else None,
-        dropped,
-        without,
-        parsed.action_kind,
-        parsed.action_values,
-    )
+            self.contextual[name] = column[1:]
+            self.contextual_vocab[name] = len(funiq) + 1
+
+    def parts(self) -> Iterator[Part]:
+        """Each partition in user-code order, its spill removed once handed out."""
+        for k, spill in enumerate(self._parts):
+            first, last = int(self.part_first[k]), int(self.part_last[k])
+            data = spill.load()
+            users = self.user_code(data["user"])
+            kept = users > 0
+            if not kept.all():
+                data = {name: v[kept] for name, v in data.items()}
+                users = users[kept]
+            users -= first
+            time_key = data["time_key"].astype(np.int64, copy=False)
+            order = _stable_user_time_order(users, time_key, last - first + 1)
+            del users
+            offsets = self.offsets[first - 1 : last + 1] - self.offsets[first - 1]
+            items = self.item_code(data["item"][order])
+            timestamps = time_key[order]
+            if self.parsed.time_key_per_second != 1:
+                timestamps //= self.parsed.time_key_per_second
+            actions = data["action"][order] if "action" in data else None
+            for name, values in data.items():
+                if name.startswith("ctx:"):  # only in one partition (see __init__)
+                    last_rows = order[offsets[1:] - 1]
+                    fcodes, funiq = encode_dense(values[last_rows])
+                    self.contextual[name[4:]] = fcodes
+                    self.contextual_vocab[name[4:]] = len(funiq) + 1
+            del data, order
+            spill.remove()
+            yield Part(first, last, offsets, items, timestamps.astype(np.int64), actions)
+
+    def summary(self, items=None, timestamps=None, actions=None) -> Grouped:
+        """The grouped data's description (and its arrays when given, see group())."""
+        return Grouped(
+            self.offsets,
+            items,
+            timestamps,
+            actions,
+            self.contextual,
+            self.contextual_vocab,
+            self.raw_users,
+            self.item_ids,
+            self.raw_items,
+            self.num_items,
+            self.parsed.num_action_values if "action" in self._columns else None,
+            self.dropped_users,
+            self.users_without_features,
+            self.parsed.action_kind,
+            self.parsed.action_values,
+            has_actions="action" in self._columns,
+        )
 
 
 def _list_column(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
@@ -261,40 +550,59 @@ def clean_stale_tmp(out_dir: Path) -> list[str]:
     return removed
 
 
-def write(grouped: Grouped, out_dir: Path, metadata: dict[str, Any]) -> None:
-    """Writes the three files into a temporary sibling folder, then renames it into place."""
+def _part_table(grouping: Grouping, part: Part) -> pa.Table:
+    users = slice(part.first - 1, part.last)
+    raw_users = grouping.raw_users[users]
+    cols: dict[str, pa.Array] = {
+        USER_FEATURE: pa.array(grouping.contextual[USER_FEATURE][users]),
+        "raw_user_id": pa.array(raw_users.tolist() if raw_users.dtype == object else raw_users),
+        "item_ids": _list_column(part.offsets, part.items),
+        "timestamps": _list_column(part.offsets, part.timestamps),
+    }
+    if part.actions is not None:
+        cols["actions"] = _list_column(part.offsets, part.actions)
+    for name, values in grouping.contextual.items():
+        if name != USER_FEATURE:
+            cols[name] = pa.array(values[users])
+    return pa.table(cols)
+
+
+def write(
+    grouping: Grouping, out_dir: Path, metadata_of: Callable[[Grouped], dict[str, Any]]
+) -> dict[str, Any]:
+    """Writes the three files into a temporary sibling folder (sequences.parquet one
+    partition at a time, a row group or more each), then renames it into place; returns the
+    metadata written."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        cols: dict[str, pa.Array] = {
-            USER_FEATURE: pa.array(grouped.contextual[USER_FEATURE]),
-            "raw_user_id": pa.array(
-                grouped.raw_users.tolist()
-                if grouped.raw_users.dtype == object
-                else grouped.raw_users
-            ),
-            "item_ids": _list_column(grouped.offsets, grouped.items),
-            "timestamps": _list_column(grouped.offsets, grouped.timestamps),
-        }
-        if grouped.actions is not None:
-            cols["actions"] = _list_column(grouped.offsets, grouped.actions)
-        for name, values in grouped.contextual.items():
-            if name != USER_FEATURE:
-                cols[name] = pa.array(values)
-        pq.write_table(
-            pa.table(cols), tmp / SEQUENCES_FILE, compression="lz4", use_dictionary=False
-        )
+        writer = None
+        try:
+            for part in grouping.parts():
+                table = _part_table(grouping, part)
+                del part
+                if writer is None:
+                    writer = pq.ParquetWriter(
+                        tmp / SEQUENCES_FILE, table.schema, compression="lz4", use_dictionary=False
+                    )
+                writer.write_table(table)
+                del table
+        finally:
+            if writer is not None:
+                writer.close()
+        meta = metadata_of(grouping.summary())
         raw_items = (
-            grouped.raw_items.tolist() if grouped.raw_items.dtype == object else grouped.raw_items
+            grouping.raw_items.tolist()
+            if grouping.raw_items.dtype == object
+            else grouping.raw_items
         )
         pq.write_table(
-            pa.table({"item_id": pa.array(grouped.item_ids), "raw_item_id": pa.array(raw_items)}),
+            pa.table({"item_id": pa.array(grouping.item_ids), "raw_item_id": pa.array(raw_items)}),
             tmp / ITEM_MAP_FILE,
         )
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        shutil.rmtree(tmp / SPILL_DIR, ignore_errors=True)
         if out_dir.exists():
             os.rename(out_dir, old)
         os.rename(tmp, out_dir)
@@ -304,6 +612,16 @@ def write(grouped: Grouped, out_dir: Path, metadata: dict[str, Any]) -> None:
             os.rename(old, out_dir)
         raise
     shutil.rmtree(old, ignore_errors=True)
+    return meta
+
+
+def _tmp_dir(out_dir: Path) -> Path:
+    """The temporary output folder (fresh), with the spill folder of the grouping in it."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
 
 
 def build_metadata(
@@ -315,14 +633,14 @@ def build_metadata(
         "num_users": int(len(grouped.offsets) - 1),
         "num_items": int(grouped.num_items),
         "num_distinct_items": len(grouped.item_ids),
-        "num_interactions": len(grouped.items),
+        "num_interactions": int(grouped.offsets[-1]),
         "item_feature_name": ITEM_FEATURE,
         "item_ids": "kept as declared, in [0, num_items)"
         if options.get("keep_item_ids")
         else "dense 1..num_items-1 in sorted raw-id order; 0 is never an item",
-        "action_feature_name": ACTION_FEATURE if grouped.actions is not None else None,
+        "action_feature_name": ACTION_FEATURE if grouped.has_actions else None,
         "num_action_values": grouped.num_action_values,
-        "action_kind": grouped.action_kind if grouped.actions is not None else None,
+        "action_kind": grouped.action_kind if grouped.has_actions else None,
         "action_values": grouped.action_values,
         "contextual_feature_names": list(grouped.contextual),
         "contextual_vocab_sizes": {k: int(v) for k, v in grouped.contextual_vocab.items()},
@@ -365,6 +683,7 @@ def preprocess(
     synthetic: Any = None,
     verbose: bool = True,
     output_name: str | None = None,
+    memory_gb: float = DEFAULT_MEMORY_GB,
 ) -> dict[str, Any]:
     """Preprocesses dataset `name` into ``<out>/<output_name or name>`` and returns its metadata.
 
@@ -377,11 +696,16 @@ def preprocess(
         custom / synthetic: CustomDataArgs / SyntheticDataArgs (default: gin-bound ones).
         output_name: folder and dataset name of the output (``--name``); train on it with
             ``DatasetArgs.dataset_name = "<output_name>"``.
+        memory_gb: the budget of the grouping (``--memory-gb``): interactions are grouped in
+            partitions of about memory_gb / BYTES_PER_ROW rows, spilled to disk in the output's
+            temporary folder; the output is the same for any budget (docs/data.md).
     Raises DataError (one line naming the file, line and field) on bad input.
     """
     from hstu.data.data_args import CustomDataArgs, SyntheticDataArgs
 
     check_dataset_name(name)
+    if not memory_gb > 0:
+        raise DataError("--memory-gb", f"{memory_gb} is not a positive number of GiB")
     output_name = output_name or name
     check_output_name(name, output_name)
     out_dir = Path(out) / output_name
@@ -436,33 +760,45 @@ def preprocess(
             log(format_stats(old))
             return old
 
-    if name == "synthetic":
-        from hstu.data.synthetic import generate_synthetic
+    try:
+        if name == "synthetic":
+            from hstu.data.synthetic import generate_synthetic
 
-        parsed = generate_synthetic(synthetic)
-    elif name == "custom":
-        from hstu.data.custom import read_custom
+            parsed = generate_synthetic(synthetic)
+        elif name == "custom":
+            from hstu.data.custom import read_custom
 
-        parsed = read_custom(custom)
-    else:
-        assert src is not None
+            parsed = read_custom(custom)
+        else:
+            assert src is not None
+            parsed = load(DATASETS[name].reader)(src)  # streaming readers read in write()
+        tmp = _tmp_dir(out_dir)
         try:
-            parsed = load(DATASETS[name].reader)(src)
-        finally:
+            grouping = Grouping(parsed, memory_gb * 2**30, tmp / SPILL_DIR)
+            meta = write(
+                grouping, out_dir, lambda g: build_metadata(output_name, g, source, options)
+            )
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        if src is not None:
             src.close()
-    grouped = group(parsed)
-    meta = build_metadata(output_name, grouped, source, options)
-    write(grouped, out_dir, meta)
     seconds = time.perf_counter() - started
     log(format_stats(meta))
-    notes = []
-    if grouped.dropped_users:
-        notes.append(
-            f"dropped {grouped.dropped_users} users with < {parsed.min_user_interactions} interactions"
+    if grouping.num_parts > 1:
+        log(
+            f"grouped in {grouping.num_parts} partitions of about {grouping.rows_per_part} "
+            f"rows (--memory-gb {memory_gb:g})"
         )
-    if grouped.users_without_features:
+    notes = []
+    if grouping.dropped_users:
         notes.append(
-            f"{grouped.users_without_features} users have no row in the user-feature file (their features are 0)"
+            f"dropped {grouping.dropped_users} users with < {parsed.min_user_interactions} interactions"
+        )
+    if grouping.users_without_features:
+        notes.append(
+            f"{grouping.users_without_features} users have no row in the user-feature file (their features are 0)"
         )
     for note in notes:
         log("note: " + note)
@@ -505,6 +841,13 @@ def main(argv: list[str] | None = None) -> int:
         help="output folder and dataset name (default: --dataset); train with "
         "DatasetArgs.dataset_name = NAME",
     )
+    parser.add_argument(
+        "--memory-gb",
+        type=float,
+        default=DEFAULT_MEMORY_GB,
+        help="memory budget of the grouping in GiB (default %(default)g): larger inputs are "
+        "grouped in partitions spilled to disk; the output does not depend on it",
+    )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -529,6 +872,7 @@ def main(argv: list[str] | None = None) -> int:
             synthetic=synthetic,
             verbose=not args.quiet,
             output_name=args.name,
+            memory_gb=args.memory_gb,
         )
     except (DataError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)

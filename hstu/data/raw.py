@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import io
 import os
 import shutil
 import tarfile
@@ -17,6 +18,7 @@ import urllib.request
 import zipfile
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 from hstu.data.errors import DataError
 from hstu.registry import DATASETS
@@ -142,6 +144,23 @@ class RawSource:
                 f"truncated or corrupt archive member ({type(exc).__name__}: {exc})",
             ) from None
 
+    def open_binary(self, member: str) -> BinaryIO:
+        """The member as a binary stream from its start (archives decompress as it is read)."""
+        try:
+            if self._zip is not None:
+                return _Guarded(self._zip.open(member), self.display(member))
+            if self._tar is not None:
+                handle = self._tar.extractfile(member)
+                assert handle is not None
+                return _Guarded(handle, self.display(member))
+            path = self.path / member if self.path.is_dir() else self.path
+            return _Guarded(open(path, "rb"), self.display(member))
+        except _ARCHIVE_ERRORS as exc:
+            raise DataError(
+                self.display(member),
+                f"truncated or corrupt archive member ({type(exc).__name__}: {exc})",
+            ) from None
+
     def checksum(self, members: list[str]) -> str:
         """sha256 over the archive file, or over the named members of a folder."""
         digest = hashlib.sha256()
@@ -167,6 +186,40 @@ class RawSource:
             self._zip.close()
         if self._tar is not None:
             self._tar.close()
+
+
+class _Guarded(io.RawIOBase):
+    """A member's stream whose archive errors (truncated or corrupt data met while reading)
+    become the one-line DataError naming the member."""
+
+    def __init__(self, handle: BinaryIO, where: str) -> None:
+        self._handle = handle
+        self._where = where
+
+    def readable(self) -> bool:
+        return True
+
+    def _guard(self, call, *args):
+        try:
+            return call(*args)
+        except _ARCHIVE_ERRORS as exc:
+            raise DataError(
+                self._where,
+                f"truncated or corrupt archive member ({type(exc).__name__}: {exc})",
+            ) from None
+
+    def readinto(self, buffer) -> int:
+        return self._guard(self._handle.readinto, buffer)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._guard(self._handle.read, size)
+
+    def readline(self, size: int = -1) -> bytes:
+        return self._guard(self._handle.readline, size)
+
+    def close(self) -> None:
+        self._handle.close()
+        super().close()
 
 
 __all__ = ["RawSource", "download"]

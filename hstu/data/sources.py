@@ -8,12 +8,13 @@ shared grouping/sorting/writing lives in :mod:`hstu.data.preprocess`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from hstu.columns import USER_FEATURE  # one definition, shared with serving
-from hstu.data.parsing import Columns, read_delimited
+from hstu.data.parsing import Columns, iter_delimited, read_delimited
 from hstu.data.raw import RawSource
 
 ITEM_FEATURE = "item_id"
@@ -48,7 +49,8 @@ class Parsed:
     one column per name in ``user_feature_names``.
     """
 
-    log: Columns
+    log: Columns | None
+    """The whole log in memory, or None when the reader streams it (``log_blocks``)."""
     time_key_per_second: int = 1
     """time_key // this = unix seconds (1000 for millisecond logs)."""
     num_action_values: int | None = None
@@ -70,6 +72,17 @@ class Parsed:
     """Raw files read (for the folder checksum)."""
     column_names: dict[str, str] = field(default_factory=dict)
     """Internal log column (user, item, time_key, action) -> the name the user's file gives it, for messages."""
+    log_blocks: Callable[[], Iterator[Columns]] | None = None
+    """Streaming readers: yields the log in file order as blocks of the same columns as
+    ``log`` (bounded memory); each block's segments name its file and lines."""
+
+    def blocks(self) -> Iterator[Columns]:
+        """The log in file order, block by block (the whole log is one block when in memory)."""
+        if self.log is not None:
+            yield self.log
+        else:
+            assert self.log_blocks is not None
+            yield from self.log_blocks()
 
 
 def _check_range(cols: Columns, name: str, lo: int, hi: int, what: str) -> None:
@@ -153,15 +166,19 @@ def read_ml_1m(src: RawSource) -> Parsed:
 
 def read_ml_100k(src: RawSource) -> Parsed:
     data_m, user_m = src.require_one("u.data"), src.require_one("u.user")
-    log = read_delimited(
-        src.read_bytes(data_m),
-        src.display(data_m),
-        {"user": "int", "item": "int", "rating": "int", "time_key": "int"},
-        delimiter="\t",
-        header=False,
-        names=["user", "item", "rating", "time_key"],
-    )
-    _ml_ratings_to_classes(log, 1)
+
+    def log_blocks() -> Iterator[Columns]:
+        for block in iter_delimited(
+            lambda: src.open_binary(data_m),
+            src.display(data_m),
+            {"user": "int", "item": "int", "rating": "int", "time_key": "int"},
+            delimiter="\t",
+            header=False,
+            names=["user", "item", "rating", "time_key"],
+        ):
+            _ml_ratings_to_classes(block, 1)
+            yield block
+
     users = read_delimited(
         src.read_bytes(user_m),
         src.display(user_m),
@@ -176,31 +193,36 @@ def read_ml_100k(src: RawSource) -> Parsed:
     group = np.maximum(np.searchsorted(ML_AGE_GROUPS, age, side="right") - 1, 0)
     users.data["age_group"] = ML_AGE_GROUPS[group].astype(np.int64)
     return Parsed(
-        log,
+        None,
         num_action_values=5,
         user_table=users,
         user_feature_names=["sex", "age_group", "occupation", "zip_code"],
         members=[data_m, user_m],
+        log_blocks=log_blocks,
     )
 
 
 def read_ml_20m(src: RawSource) -> Parsed:
     ratings_m = src.require_one("ratings.csv")
-    log = read_delimited(
-        src.read_bytes(ratings_m),
-        src.display(ratings_m),
-        {"userId": "int", "movieId": "int", "rating": "float", "timestamp": "int"},
-        delimiter=",",
-        header=True,
-    )
-    log.data = {
-        "user": log.data["userId"],
-        "item": log.data["movieId"],
-        "rating": log.data["rating"],
-        "time_key": log.data["timestamp"],
-    }
-    _ml_ratings_to_classes(log, 2)
-    return Parsed(log, num_action_values=10, members=[ratings_m])
+
+    def log_blocks() -> Iterator[Columns]:
+        for block in iter_delimited(
+            lambda: src.open_binary(ratings_m),
+            src.display(ratings_m),
+            {"userId": "int", "movieId": "int", "rating": "float", "timestamp": "int"},
+            delimiter=",",
+            header=True,
+        ):
+            block.data = {
+                "user": block.data["userId"],
+                "item": block.data["movieId"],
+                "rating": block.data["rating"],
+                "time_key": block.data["timestamp"],
+            }
+            _ml_ratings_to_classes(block, 2)
+            yield block
+
+    return Parsed(None, num_action_values=10, members=[ratings_m], log_blocks=log_blocks)
 
 
 # --------------------------------------------------------------------------- KuaiRand
@@ -212,22 +234,29 @@ def read_kuairand(src: RawSource) -> Parsed:
     user_m = src.require_one("user_features_*.csv")
     wanted = {"user_id": "int", "video_id": "int", "time_ms": "int"}
     wanted.update({name: "int" for name, _ in KUAIRAND_ACTION_BITS})
-    parts = []
-    for m in log_members:
-        cols = read_delimited(
-            src.read_bytes(m), src.display(m), wanted, delimiter=",", header=True, quoted=True
-        )
-        action = np.zeros(cols.num_rows, dtype=np.int64)
-        for name, bit in KUAIRAND_ACTION_BITS:
-            _check_range(cols, name, 0, 1, "flag")
-            action |= cols.data.pop(name) * bit
-        cols.data = {
-            "user": cols.data["user_id"],
-            "item": cols.data["video_id"],
-            "time_key": cols.data["time_ms"],
-            "action": action,
-        }
-        parts.append(cols)
+
+    def log_blocks() -> Iterator[Columns]:
+        for m in log_members:
+            for cols in iter_delimited(
+                lambda m=m: src.open_binary(m),
+                src.display(m),
+                wanted,
+                delimiter=",",
+                header=True,
+                quoted=True,
+            ):
+                action = np.zeros(cols.num_rows, dtype=np.int64)
+                for name, bit in KUAIRAND_ACTION_BITS:
+                    _check_range(cols, name, 0, 1, "flag")
+                    action |= cols.data.pop(name) * bit
+                cols.data = {
+                    "user": cols.data["user_id"],
+                    "item": cols.data["video_id"],
+                    "time_key": cols.data["time_ms"],
+                    "action": action,
+                }
+                yield cols
+
     users = read_delimited(
         src.read_bytes(user_m),
         src.display(user_m),
@@ -238,13 +267,14 @@ def read_kuairand(src: RawSource) -> Parsed:
     )
     users.data["user"] = users.data.pop("user_id")
     return Parsed(
-        Columns.concat(parts),
+        None,
         time_key_per_second=1000,
         num_action_values=256,
         action_kind="bitmask",
         user_table=users,
         user_feature_names=list(KUAIRAND_USER_RANGES),
         members=[*log_members, user_m],
+        log_blocks=log_blocks,
     )
 
 
