@@ -697,7 +697,7 @@ class RetrievalArgs:
     # the choices are hstu.registry.NEGATIVE_SAMPLING's names, read whenever the class is
     # checked or documented (a string annotation, evaluated by typing.get_type_hints)
     negative_sampling: Literal[NEGATIVE_SAMPLING.names()] = "uniform"
-    """uniform: num_negatives ids per query drawn uniformly from the corpus (-1: in-batch, as above); in_batch: the other positives of the rank's batch (num_negatives must be -1); mixed: num_negatives uniform ids plus the in-batch positives; full_corpus: every item is a negative, the exact softmax (num_negatives must be -1; cost grows with the corpus)."""
+    """uniform: num_negatives ids per query drawn uniformly from the corpus (-1: in-batch, as above); in_batch: the other positives of the rank's batch (num_negatives must be -1); mixed: num_negatives uniform ids plus the in-batch positives; shared: num_negatives uniform ids drawn once per batch (per rank), every query scored against all of them (one [queries x num_negatives] matmul: the cost of a large catalogue without num_negatives lookups per query; no logQ correction, uniform draws need none); full_corpus: every item is a negative, the exact softmax (num_negatives must be -1; cost grows with the corpus)."""
     temperature: float = 0.05
     """Softmax temperature on cosine similarities."""
     full_corpus_matmul_dtype: Literal["auto", "float32", "bfloat16"] = "auto"

@@ -11,7 +11,8 @@ logits = cos(query, item) / temperature for the positive and its negatives; nega
 (``negative_sampling``, a strategy of hstu.registry.NEGATIVE_SAMPLING, its loss in
 hstu.ops.losses) are ``num_negatives`` ids drawn uniformly from [min_item_id, num_items) per
 query in the data path (hstu.data.negatives: they come with the batch as one more key of its
-KeyedJaggedTensor, looked up with the rest), the other positives of the batch (in-batch: of
+KeyedJaggedTensor, looked up with the rest), ``num_negatives`` uniform ids per batch scored by
+every query (shared), the other positives of the batch (in-batch: of
 the whole global batch, every rank's gathered, hstu.model.batch_gather), both (mixed), or
 every item of the corpus (full_corpus: the exact softmax). A negative whose id equals the
 query's positive id (an accidental hit) is masked out (-inf).
@@ -42,7 +43,7 @@ from hstu.model.loss_scale import PendingScale
 from hstu.model.tensor_parallel import take_own_rows
 from hstu.model.tokens import TokenBuilder
 from hstu.ops.losses import LossInputs, negative_vectors, resolve_matmul_dtype
-from hstu.registry import NEGATIVE_SAMPLING, UNIFORM_DRAW, load
+from hstu.registry import NEGATIVE_SAMPLING, SHARED_DRAW, UNIFORM_DRAW, load
 
 
 @dataclass
@@ -70,8 +71,9 @@ class RetrievalModel(nn.Module):
         num_negatives: uniform negatives per query (-1: none, in-batch under "uniform").
         negative_sampling: "uniform" (num_negatives ids per query drawn uniformly from the
             corpus; -1 means in-batch), "in_batch" (the other positives of the global
-            batch: with several ranks every rank's, gathered), "mixed" (uniform plus in-batch) or "full_corpus" (every item: an exact
-            softmax over the corpus).
+            batch: with several ranks every rank's, gathered), "mixed" (uniform plus in-batch),
+            "shared" (num_negatives uniform ids per batch, scored by every query) or
+            "full_corpus" (every item: an exact softmax over the corpus).
         temperature: softmax temperature on cosine similarities.
         full_corpus_matmul_dtype: "float32", "bfloat16" or "auto" (bfloat16 where the
             device multiplies it natively, float32 elsewhere; decided on the first step's
@@ -214,6 +216,8 @@ class RetrievalModel(nn.Module):
                 inputs.key_ids = batch.features[self.negatives_feature].values().to(queries.device)
                 inputs.index = batch.negative_index.to(queries.device)
                 inputs.order, inputs.offsets = batch.negative_order, batch.negative_offsets
+            elif draws == SHARED_DRAW:
+                inputs.key_ids = batch.features[self.negatives_feature].values().to(queries.device)
             inputs.key_vectors = self.normalise(
                 apply_misses(embeddings, batch.lookup_misses)[self.negatives_feature].values()
             )
