@@ -709,8 +709,16 @@ class RetrievalArgs:
     eval_exclude_history: bool = True
     """Evaluation scores every item except those of the sample's input history (the MovieLens protocol: a target the user already had is unranked, scoring 0). False: the history stays rankable, for data where users come back to items (re-watches, re-purchases, the long-history synthetic set's recalls); the popularity baseline follows the same protocol."""
 
+    eval_num_users: int = 0
+    """Evaluate on a fixed random subset of this many users of the split (the same users at every evaluation, chosen by TrainerArgs.seed), for catalogues or user counts where a full evaluation is too slow; the log says so and the metrics carry an eval_users field. 0: every user."""
+    eval_memory_mb: int = 256
+    """Evaluation scores every rank's queries against its slice of the catalogue in blocks of items sized so that a block's [queries x items] work stays within this many MiB (the ranks' results merged exactly; the same ranks whatever the world size)."""
+
     def __post_init__(self) -> None:
         _validate_fields(self)
+        _require(self.eval_num_users >= 0, self, "eval_num_users",
+                 f"must be >= 0 (0: every user), got {self.eval_num_users}")
+        _positive(self, "eval_memory_mb")
         _require(
             self.num_negatives == -1 or self.num_negatives > 0,
             self,
