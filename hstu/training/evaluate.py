@@ -267,6 +267,29 @@ def _evaluate_ranking(model: Any, loader: Any, cfg: RunConfig, env: DistEnv, max
     return out
 
 
+def count_ranks(scores: torch.Tensor, targets: torch.Tensor, excluded_rows: torch.Tensor,
+                excluded_ids: torch.Tensor) -> torch.Tensor:
+    """The ranks :func:`hstu.model.metrics.ranks_from_scores` gives for one score per item
+    shared by every sample (``scores`` [N]; sample b's excluded items (excluded_rows ==
+    b) never count, an excluded target is unranked), without a [B, N] matrix: how many items
+    score >= the target from the sorted scores, less the sample's excluded ones."""
+    n = scores.numel()
+    valid = (targets >= 0) & (targets < n)
+    target_scores = scores[targets.clamp(0, max(n - 1, 0))]
+    ordered = torch.sort(scores).values
+    at_least = n - torch.searchsorted(ordered, target_scores, right=False)
+    # each sample's distinct excluded items (a history may repeat one)
+    pairs = torch.unique(excluded_rows * n + excluded_ids)
+    rows, ids = pairs // n, pairs % n
+    counted = scores[ids] >= target_scores[rows]
+    is_target = ids == targets[rows]
+    at_least -= torch.bincount(rows[counted], minlength=targets.numel())
+    target_excluded = torch.zeros_like(valid)
+    target_excluded[rows[is_target]] = True
+    ranks = at_least.double()  # the target itself is among the items >= its score
+    return ranks.float().masked_fill(~valid | target_excluded, float("inf"))
+
+
 @torch.no_grad()
 def popularity_baseline(train_loader: Any, eval_loader: Any, cfg: RunConfig, env: DistEnv,
                         max_iters: int | None) -> dict[str, float] | None:
@@ -274,7 +297,6 @@ def popularity_baseline(train_loader: Any, eval_loader: Any, cfg: RunConfig, env
     (history excluded unless ``RetrievalArgs.eval_exclude_history`` is False: the model's
     protocol). None where it does not apply."""
     from hstu.data.loader import SequenceLoader, gather_ranges
-    from hstu.model.metrics import ranks_from_scores
 
     if cfg.task != "retrieval" or not isinstance(train_loader, SequenceLoader):
         return None
@@ -287,17 +309,15 @@ def popularity_baseline(train_loader: Any, eval_loader: Any, cfg: RunConfig, env
     counts[0] = -1.0  # id 0 is never an item
     names = list(cfg.retrieval.eval_metrics)
     acc = MetricAccumulator(names)
+    eval_loader, _, _ = eval_subset(eval_loader, cfg.retrieval.eval_num_users, cfg.trainer.seed)
     _restart(eval_loader)
     for i, batch in enumerate(eval_loader):
         if max_iters is not None and i >= max_iters:
             break
         items = batch.features[batch.item_feature_name]
-        scores = counts.expand(batch.batch_size, -1).clone()
         rows = torch.repeat_interleave(torch.arange(batch.batch_size), items.lengths())
-        excluded = torch.zeros_like(scores, dtype=torch.bool)
-        if cfg.retrieval.eval_exclude_history:
-            excluded[rows, items.values()] = True
-        ranks = ranks_from_scores(scores, batch.labels, excluded)
+        excluded = items.values() if cfg.retrieval.eval_exclude_history else items.values()[:0]
+        ranks = count_ranks(counts, batch.labels, rows[: excluded.numel()], excluded)
         if batch.sample_mask is not None:
             ranks = ranks[batch.sample_mask]
         acc.update(retrieval_metrics(ranks, names))

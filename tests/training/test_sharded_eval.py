@@ -69,3 +69,26 @@ def test_two_ranks_evaluate_exactly_as_one(tmp_path, monkeypatch) -> None:
     assert one["metrics"] == one["reference_metrics"]
     assert one["metrics"]["MRR"] > 0
     assert two["metrics"] == one["metrics"]
+
+
+def test_popularity_ranks_without_the_item_matrix_equal_the_dense_ones() -> None:
+    """count_ranks (sorted scores, no [B, N] matrix) gives ranks_from_scores' ranks: ties
+    pessimistic, repeated excluded items counted once, an excluded target unranked, a target
+    out of range unranked."""
+    from hstu.model.metrics import ranks_from_scores
+    from hstu.training.evaluate import count_ranks
+
+    gen = torch.Generator().manual_seed(0)
+    n, b = 50, 40
+    scores = torch.randint(0, 6, (n,), generator=gen).double()  # many ties
+    scores[0] = -1.0
+    targets = torch.randint(0, n, (b,), generator=gen)
+    targets[:2] = torch.tensor([n, -1])
+    rows = torch.randint(0, b, (300,), generator=gen)
+    ids = torch.randint(0, n, (300,), generator=gen)
+    excluded = torch.zeros(b, n, dtype=torch.bool)
+    excluded[rows, ids] = True
+    want = ranks_from_scores(scores.expand(b, -1), targets, excluded)
+    got = count_ranks(scores, targets, rows, ids)
+    assert torch.isinf(want).any() and torch.isfinite(want).sum() > 10
+    assert torch.equal(got, want)
