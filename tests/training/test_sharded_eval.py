@@ -92,3 +92,37 @@ def test_popularity_ranks_without_the_item_matrix_equal_the_dense_ones() -> None
     got = count_ranks(scores, targets, rows, ids)
     assert torch.isinf(want).any() and torch.isfinite(want).sum() > 10
     assert torch.equal(got, want)
+
+
+def test_eval_subset_is_a_fixed_seeded_set_of_users(tmp_path) -> None:
+    """eval_num_users: exactly N of the split's users, the same on every rank and at every call
+    for one seed, another set for another seed; each rank's loader serves its share of them
+    only, every one once; 0 or N >= the split keeps the loader."""
+    from hstu.args import DatasetArgs
+    from hstu.data import build_data
+    from hstu.data.data_args import SyntheticDataArgs
+    from hstu.data.preprocess import preprocess
+    from hstu.training.evaluate import eval_subset
+
+    preprocess("synthetic", out=tmp_path, verbose=False,
+               synthetic=SyntheticDataArgs(num_users=103, num_items=60, min_length=3, max_length=30))
+    data = DatasetArgs(dataset_name="synthetic", max_sequence_length=8,
+                       dataset_path=str(tmp_path / "synthetic"), shuffle=False)
+
+    def users(rank, world, n, seed):
+        _, ev, _ = build_data(data, "retrieval", 16, 16, rank, world, 0)
+        loader, used, total = eval_subset(ev, n, seed)
+        seen = []
+        for batch in loader:
+            keep = batch.sample_mask if batch.sample_mask is not None else torch.ones(batch.batch_size, dtype=torch.bool)
+            seen += [1] * int(keep.sum())
+        return loader.samples.user.tolist(), seen, used, total
+
+    a, seen, used, total = users(0, 1, 20, 7)
+    assert (used, total) == (20, 103) and len(set(a)) == 20 and len(seen) == 20
+    assert users(0, 1, 20, 7)[0] == a and users(0, 1, 20, 8)[0] != a
+    r0, s0, _, _ = users(0, 2, 20, 7)
+    r1, s1, _, _ = users(1, 2, 20, 7)
+    assert r0 == r1 == a and len(s0) + len(s1) == 20  # each user once over the ranks
+    _, ev, _ = build_data(data, "retrieval", 16, 16, 0, 1, 0)
+    assert eval_subset(ev, 0, 7)[0] is ev and eval_subset(ev, 500, 7)[0] is ev
