@@ -697,7 +697,7 @@ class RetrievalArgs:
     # the choices are hstu.registry.NEGATIVE_SAMPLING's names, read whenever the class is
     # checked or documented (a string annotation, evaluated by typing.get_type_hints)
     negative_sampling: Literal[NEGATIVE_SAMPLING.names()] = "uniform"
-    """uniform: num_negatives ids per query drawn uniformly from the corpus (-1: in-batch, as above); in_batch: the other positives of the rank's batch (num_negatives must be -1); mixed: num_negatives uniform ids plus the in-batch positives; full_corpus: every item is a negative, the exact softmax (num_negatives must be -1; cost grows with the corpus)."""
+    """uniform: num_negatives ids per query drawn uniformly from the corpus (-1: in-batch, as above); in_batch: the other positives of the rank's batch (num_negatives must be -1); mixed: num_negatives uniform ids plus the in-batch positives; shared: num_negatives uniform ids drawn once per batch (per rank), every query scored against all of them (one [queries x num_negatives] matmul: the cost of a large catalogue without num_negatives lookups per query; no logQ correction, uniform draws need none); full_corpus: every item is a negative, the exact softmax (num_negatives must be -1; cost grows with the corpus)."""
     temperature: float = 0.05
     """Softmax temperature on cosine similarities."""
     full_corpus_matmul_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -709,8 +709,16 @@ class RetrievalArgs:
     eval_exclude_history: bool = True
     """Evaluation scores every item except those of the sample's input history (the MovieLens protocol: a target the user already had is unranked, scoring 0). False: the history stays rankable, for data where users come back to items (re-watches, re-purchases, the long-history synthetic set's recalls); the popularity baseline follows the same protocol."""
 
+    eval_num_users: int = 0
+    """Evaluate on a fixed random subset of this many users of the split (the same users at every evaluation, chosen by TrainerArgs.seed), for catalogues or user counts where a full evaluation is too slow; the log says so and the metrics carry an eval_users field. 0: every user."""
+    eval_memory_mb: int = 256
+    """Evaluation scores every rank's queries against its slice of the catalogue in blocks of items sized so that a block's [queries x items] work stays within this many MiB (the ranks' results merged exactly; the same ranks whatever the world size)."""
+
     def __post_init__(self) -> None:
         _validate_fields(self)
+        _require(self.eval_num_users >= 0, self, "eval_num_users",
+                 f"must be >= 0 (0: every user), got {self.eval_num_users}")
+        _positive(self, "eval_memory_mb")
         _require(
             self.num_negatives == -1 or self.num_negatives > 0,
             self,

@@ -132,6 +132,7 @@ DATASETS.register("custom", DatasetReader(None))
 # what the data path can put into a retrieval batch's negatives key (hstu.data.negatives)
 UNIFORM_DRAW = "uniform"  # num_negatives ids per query, uniform over the corpus, and an index
 CORPUS_DRAW = "full_corpus"  # every item of the corpus
+SHARED_DRAW = "shared"  # num_negatives ids per batch, uniform over the corpus, no index
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ class NegativeSampling:
     loss: str
     """``fn(hstu.ops.losses.LossInputs) -> (loss, (pos_logits [Q], neg_logits [Q, M] | None))``."""
     draws: str | None
-    """UNIFORM_DRAW (when num_negatives > 0), CORPUS_DRAW or None (nothing drawn)."""
+    """UNIFORM_DRAW (when num_negatives > 0), SHARED_DRAW, CORPUS_DRAW or None (nothing drawn)."""
     num_negatives: str
     """Which RetrievalArgs.num_negatives it takes: "-1", "> 0" or "-1 or > 0"."""
     needs: str = ""
@@ -193,6 +194,9 @@ NEGATIVE_SAMPLING.register("in_batch", NegativeSampling(
 NEGATIVE_SAMPLING.register("mixed", NegativeSampling(
     "hstu.ops.losses.strategies:mixed", UNIFORM_DRAW, "> 0",
     needs="uniform negatives plus in-batch", in_batch="always"))
+NEGATIVE_SAMPLING.register("shared", NegativeSampling(
+    "hstu.ops.losses.strategies:shared", SHARED_DRAW, "> 0",
+    needs="the uniform ids drawn per batch, scored by every query"))
 NEGATIVE_SAMPLING.register("full_corpus", NegativeSampling(
     "hstu.ops.losses.strategies:full_corpus", CORPUS_DRAW, "-1"))
 
@@ -240,6 +244,7 @@ __all__ = [
     "DATASETS",
     "NEGATIVE_SAMPLING",
     "RETRIEVAL_METRICS",
+    "SHARED_DRAW",
     "UNIFORM_DRAW",
     "AttentionBackend",
     "DatasetReader",

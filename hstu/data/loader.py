@@ -10,6 +10,7 @@ only). Batches are gathered from these ranges with vectorised numpy; nothing loo
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -213,6 +214,14 @@ class SequenceLoader:
         by the trainer."""
         self.epoch = 0
         self.batch_index = 0
+
+    def subset(self, keep: np.ndarray) -> SequenceLoader:
+        """A loader like this one over ``samples.select(keep)``, from its first batch."""
+        other = copy.copy(self)
+        other.samples = self.samples.select(keep)
+        other.samples_per_rank = math.ceil(len(other.samples) / self.world_size)
+        other.epoch, other.batch_index = 0, 0
+        return other
 
     # --------------------------------------------------------------------- position
     def __len__(self) -> int:

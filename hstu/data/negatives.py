@@ -11,11 +11,18 @@ Which draw a strategy makes is its entry in ``hstu.registry.NEGATIVE_SAMPLING``:
 - ``uniform`` (the uniform and mixed strategies): M ids per query, drawn uniformly from
   [min_item_id, num_items); the key holds the U distinct ids (all in sample 0's slot), ``Batch.negative_index`` int64
   [Q, M] points into them.
+- ``shared`` (the shared strategy): M ids per batch (one set for the rank's whole batch, scored
+  by every query), drawn uniformly from [min_item_id, num_items); the key holds their U <= M
+  distinct ids (in sample 0's slot), no index.
 - ``full_corpus``: the key holds every id of [min_item_id, num_items) (the exact softmax).
 - evaluation batches carry the key empty (the key order must not change between calls of a
   sharded collection).
 
-Draws are a hash of (seed, epoch, sample id, position, slot), not a stream: a sample gets the
+Every draw is O(batch): a hash per drawn id and a sort of the drawn ids, never an array or a
+pass of the catalogue's size.
+
+Draws are a hash of (seed, epoch, sample id, position, slot), not a stream (shared draws: of
+(seed, epoch, the batch's set of sample ids, slot)): a sample gets the
 same negatives whatever the rank, world size, batch size or pipeline that reads it, so a
 TP x DP layout trains on exactly the negatives of a single process, and no random stream
 of the model (dropout) depends on how many queries a rank happens to hold.
@@ -59,23 +66,11 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return _mix_(out, np.empty_like(out))
 
 
-# a draw of D ids counts them over the catalogue (one pass over num_items) while
-# num_items <= this * D, else sorts them (D log D): a step's cost stays O(batch), not
-# O(catalogue), on catalogues of millions of items; both give the same arrays
-_DENSE_COUNT_MAX_RATIO = 8
-
-
-def _distinct(ids: np.ndarray, num_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _distinct(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sorted distinct ids [U], each entry's rank among them (ids' shape), how often each
-    distinct id occurs [U]) of int64 ``ids`` in [0, num_items)."""
-    flat = ids.reshape(-1)
-    if num_items <= _DENSE_COUNT_MAX_RATIO * max(flat.size, 1):
-        counts = np.bincount(flat, minlength=num_items)
-        present = counts > 0
-        uniq = np.flatnonzero(present).astype(np.int64, copy=False)
-        slot = np.cumsum(present, dtype=np.int64) - 1
-        return uniq, np.take(slot, ids), counts[uniq]
-    uniq, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
+    distinct id occurs [U]) of int64 ``ids``: a sort of the D ids (D log D), never a pass
+    over the catalogue, so a step's cost stays O(batch) on catalogues of millions of items."""
+    uniq, inverse, counts = np.unique(ids.reshape(-1), return_inverse=True, return_counts=True)
     return (uniq.astype(np.int64, copy=False), inverse.astype(np.int64).reshape(ids.shape),
             counts.astype(np.int64, copy=False))
 
@@ -89,7 +84,8 @@ class NegativeSampler:
     """What a retrieval training batch carries for its loss (see the module docstring)."""
 
     # what the strategy draws (hstu.registry.NegativeSampling.draw): "full_corpus" (every
-    # id), anything else num_negatives uniform ids per query ("uniform")
+    # id), "shared" (num_negatives uniform ids per batch), anything else num_negatives
+    # uniform ids per query ("uniform")
     mode: str
     num_negatives: int
     min_item_id: int
@@ -116,6 +112,8 @@ class NegativeSampler:
         row lengths; None for the full corpus)."""
         if self.mode == "full_corpus":
             return np.arange(self.min_item_id, self.num_items, dtype=np.int64), None, None
+        if self.mode == "shared":
+            return self.draw_shared(sample_ids, epoch), None, None
         m = self.num_negatives
         per = np.maximum(history_lengths.astype(np.int64) - 1, 0)
         q = int(per.sum())
@@ -143,7 +141,21 @@ class NegativeSampler:
             x -= t
         ids = raw.view(np.int64)  # < span < 2**63: same values
         ids += self.min_item_id
-        return _distinct(ids, self.num_items)
+        return _distinct(ids)
+
+    def draw_shared(self, sample_ids: np.ndarray, epoch: int) -> np.ndarray:
+        """The sorted distinct ids [U <= M] of M uniform draws for a whole batch: a hash of
+        (seed, epoch, the batch's sample ids as a set, slot), so the same batch draws the same
+        ids whatever its order, the rank or the pipeline that reads it."""
+        with np.errstate(over="ignore"):
+            key = _mix(np.uint64(self.seed & 0xFFFFFFFF) * np.uint64(1_000_003) + np.uint64(epoch))
+            # the set of sample ids: an order-free combination of their hashes
+            members = _mix(sample_ids.astype(np.uint64) ^ key)
+            key = _mix(key ^ np.bitwise_xor.reduce(members, initial=np.uint64(0))
+                       ^ (np.uint64(members.size) * _POS_MUL))
+            x = _mix(np.arange(self.num_negatives, dtype=np.uint64) * _SLOT_MUL ^ key)
+        ids = (x % np.uint64(self.num_items - self.min_item_id)).astype(np.int64)
+        return np.unique(ids + self.min_item_id)
 
     def batch_fields(self, index: np.ndarray | None, num_rows: int, counts: np.ndarray | None = None) -> dict:
         """The Batch fields of a draw: ``negative_index``, and its transpose (see

@@ -11,7 +11,8 @@ logits = cos(query, item) / temperature for the positive and its negatives; nega
 (``negative_sampling``, a strategy of hstu.registry.NEGATIVE_SAMPLING, its loss in
 hstu.ops.losses) are ``num_negatives`` ids drawn uniformly from [min_item_id, num_items) per
 query in the data path (hstu.data.negatives: they come with the batch as one more key of its
-KeyedJaggedTensor, looked up with the rest), the other positives of the batch (in-batch: of
+KeyedJaggedTensor, looked up with the rest), ``num_negatives`` uniform ids per batch scored by
+every query (shared), the other positives of the batch (in-batch: of
 the whole global batch, every rank's gathered, hstu.model.batch_gather), both (mixed), or
 every item of the corpus (full_corpus: the exact softmax). A negative whose id equals the
 query's positive id (an accidental hit) is masked out (-inf).
@@ -42,7 +43,7 @@ from hstu.model.loss_scale import PendingScale
 from hstu.model.tensor_parallel import take_own_rows
 from hstu.model.tokens import TokenBuilder
 from hstu.ops.losses import LossInputs, negative_vectors, resolve_matmul_dtype
-from hstu.registry import NEGATIVE_SAMPLING, UNIFORM_DRAW, load
+from hstu.registry import NEGATIVE_SAMPLING, SHARED_DRAW, UNIFORM_DRAW, load
 
 
 @dataclass
@@ -70,8 +71,9 @@ class RetrievalModel(nn.Module):
         num_negatives: uniform negatives per query (-1: none, in-batch under "uniform").
         negative_sampling: "uniform" (num_negatives ids per query drawn uniformly from the
             corpus; -1 means in-batch), "in_batch" (the other positives of the global
-            batch: with several ranks every rank's, gathered), "mixed" (uniform plus in-batch) or "full_corpus" (every item: an exact
-            softmax over the corpus).
+            batch: with several ranks every rank's, gathered), "mixed" (uniform plus in-batch),
+            "shared" (num_negatives uniform ids per batch, scored by every query) or
+            "full_corpus" (every item: an exact softmax over the corpus).
         temperature: softmax temperature on cosine similarities.
         full_corpus_matmul_dtype: "float32", "bfloat16" or "auto" (bfloat16 where the
             device multiplies it natively, float32 elsewhere; decided on the first step's
@@ -214,6 +216,8 @@ class RetrievalModel(nn.Module):
                 inputs.key_ids = batch.features[self.negatives_feature].values().to(queries.device)
                 inputs.index = batch.negative_index.to(queries.device)
                 inputs.order, inputs.offsets = batch.negative_order, batch.negative_offsets
+            elif draws == SHARED_DRAW:
+                inputs.key_ids = batch.features[self.negatives_feature].values().to(queries.device)
             inputs.key_vectors = self.normalise(
                 apply_misses(embeddings, batch.lookup_misses)[self.negatives_feature].values()
             )
@@ -332,4 +336,145 @@ class RetrievalModel(nn.Module):
         return RetrievalEval(top_ids=top_ids, top_scores=top_scores, target_ranks=ranks)
 
 
-__all__ = ["RetrievalEval", "RetrievalModel"]
+
+
+# ------------------------------------------------------------ sharded full-corpus ranking
+#
+# Evaluation over catalogues of millions of items (hstu.training.evaluate): the queries of
+# every rank are gathered, the catalogue is cut into blocks of one global grid (the block
+# size from a memory budget and the number of queries, the same on every rank), each rank
+# scores the blocks of its slice, and the ranks' per-query sums (how many items score at
+# least the target) and top-k lists are merged. A block is the same matmul whatever the
+# world size, so 1 and W processes give the same scores bit for bit, hence the same ranks.
+
+# bytes per (query, item) entry of a block: its float32 score, the bool comparison with the
+# target, and torch's temporaries around them
+_BLOCK_ENTRY_BYTES = 12
+
+
+def eval_block_items(num_queries: int, budget_bytes: int) -> int:
+    """Items per block so that a block's [num_queries, items] work stays within the budget
+    (at least 1)."""
+    return max(1, budget_bytes // (_BLOCK_ENTRY_BYTES * max(num_queries, 1)))
+
+
+def block_grid(num_items: int, block: int, rank: int, world: int) -> list[tuple[int, int]]:
+    """The blocks [start, end) of rank ``rank``'s slice: the global grid of ``block`` items
+    over [0, num_items), contiguous runs of blocks per rank (rank order = id order)."""
+    count = -(-num_items // block)
+    first, last = rank * count // world, (rank + 1) * count // world
+    return [(b * block, min((b + 1) * block, num_items)) for b in range(first, last)]
+
+
+@dataclass
+class CorpusQueries:
+    """What full-corpus ranking reads about N queries (every rank's, gathered)."""
+
+    queries: torch.Tensor
+    """[N, D] normalised."""
+    targets: torch.Tensor
+    """int64 [N]; outside [min_item_id, num_items): unranked."""
+    excluded_ids: torch.Tensor
+    """int64 [T]: items never ranked for a query (its input history), sorted ascending."""
+    excluded_rows: torch.Tensor
+    """int64 [T]: the query of each excluded id."""
+
+    @staticmethod
+    def build(queries, targets, history_ids, history_rows) -> CorpusQueries:
+        order = torch.argsort(history_ids, stable=True)
+        return CorpusQueries(queries, targets, history_ids[order], history_rows[order])
+
+
+class CorpusSliceScorer:
+    """Scores N queries against blocks of the catalogue: ``block_scores`` is the [N, items]
+    score matrix of one block (cosine; -inf below ``min_item_id`` and on each query's excluded
+    ids), the one matmul that every count and every top-k entry of that block reads."""
+
+    def __init__(self, q: CorpusQueries, *, num_items: int, min_item_id: int) -> None:
+        self.q, self.num_items, self.min_item_id = q, num_items, min_item_id
+        t = q.targets
+        self.rows = torch.arange(t.numel(), device=t.device)
+        in_corpus = (t >= min_item_id) & (t < num_items)
+        in_history = torch.zeros_like(in_corpus)
+        hit = q.excluded_ids == t[q.excluded_rows]
+        in_history[q.excluded_rows[hit]] = True
+        self.unranked = ~in_corpus | in_history
+
+    def block_scores(self, vectors: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        scores = self.q.queries @ vectors.t()
+        if start < self.min_item_id:
+            scores[:, : min(self.min_item_id, end) - start] = float("-inf")
+        lo, hi = torch.searchsorted(
+            self.q.excluded_ids, torch.tensor([start, end], device=scores.device)
+        ).tolist()
+        ex_ids, ex_rows = self.q.excluded_ids[lo:hi], self.q.excluded_rows[lo:hi]
+        scores[ex_rows, ex_ids - start] = float("-inf")
+        return scores
+
+    def _targets_in(self, start: int, end: int) -> torch.Tensor:
+        t = self.q.targets
+        return ~self.unranked & (t >= start) & (t < end)
+
+    def target_scores(self, blocks: list[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
+        """[N]: each ranked target's score from its block's matmul where the block is among
+        ``blocks`` ((start, end, vectors)), else -inf (another rank's; merged by max)."""
+        out = self.q.queries.new_full((self.q.targets.numel(),), float("-inf"))
+        for start, end, vectors in blocks:
+            own = self._targets_in(start, end)
+            if bool(own.any()):
+                scores = self.block_scores(vectors, start, end)
+                out[own] = scores[self.rows[own], self.q.targets[own] - start]
+        return out
+
+    def count_and_top(
+        self, blocks: list[tuple[int, int, torch.Tensor]], target_scores: torch.Tensor, top_k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(how many items of ``blocks`` score >= the target [N] (the target itself not
+        counted; excluded ids never), top_scores [N, k'], top_ids [N, k']) with k' = min(top_k,
+        items in blocks): the top-k ordered by score, descending, then id, ascending (exact:
+        a stable sort of each block, only when top_k > 0)."""
+        n = self.q.targets.numel()
+        dev = self.q.queries.device
+        ahead = torch.zeros(n, dtype=torch.int64, device=dev)
+        top_scores = self.q.queries.new_empty((n, 0))
+        top_ids = torch.empty((n, 0), dtype=torch.int64, device=dev)
+        threshold = target_scores.unsqueeze(1)
+        for start, end, vectors in blocks:
+            scores = self.block_scores(vectors, start, end)
+            ahead += (scores >= threshold).sum(1)
+            # the target never counts against itself (its own score is >= itself)
+            ahead -= self._targets_in(start, end).long()
+            if top_k > 0:
+                s, i = torch.sort(scores, dim=1, descending=True, stable=True)
+                k = min(top_k, s.shape[1])
+                # earlier blocks hold lower ids: listed first, a stable sort keeps them first
+                top_scores, pick = torch.sort(
+                    torch.cat([top_scores, s[:, :k]], 1), dim=1, descending=True, stable=True
+                )
+                top_ids = torch.cat([top_ids, i[:, :k] + start], 1).gather(1, pick)
+                top_scores, top_ids = top_scores[:, :top_k], top_ids[:, :top_k]
+        return ahead, top_scores, top_ids
+
+    def ranks(self, target_scores: torch.Tensor, ahead: torch.Tensor) -> torch.Tensor:
+        """1-based target ranks [N] (float; inf: unranked) from the merged counts."""
+        return (ahead + 1).float().masked_fill(self.unranked | torch.isneginf(target_scores), float("inf"))
+
+
+def merge_top(parts: list[tuple[torch.Tensor, torch.Tensor]], top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k of several slices' top-k lists ((scores [N, k_r], ids [N, k_r]) in id order
+    of their slices): the same order as one list over every item (score descending, then id)."""
+    scores = torch.cat([s for s, _ in parts], 1)
+    ids = torch.cat([i for _, i in parts], 1)
+    scores, pick = torch.sort(scores, dim=1, descending=True, stable=True)
+    return scores[:, :top_k], ids.gather(1, pick)[:, :top_k]
+
+
+__all__ = [
+    "CorpusQueries",
+    "CorpusSliceScorer",
+    "RetrievalEval",
+    "RetrievalModel",
+    "block_grid",
+    "eval_block_items",
+    "merge_top",
+]

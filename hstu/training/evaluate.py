@@ -6,6 +6,7 @@ samples), because sharded embedding lookups are collective. Metrics count real s
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -14,6 +15,13 @@ import torch.distributed as dist
 from hstu.config import RunConfig
 from hstu.model import MetricAccumulator, retrieval_metrics
 from hstu.model.ranking import ranking_loss
+from hstu.model.retrieval import (
+    CorpusQueries,
+    CorpusSliceScorer,
+    block_grid,
+    eval_block_items,
+    merge_top,
+)
 from hstu.training.distributed import DistEnv
 
 
@@ -32,21 +40,156 @@ def evaluate(model: torch.nn.Module, loader: Any, cfg: RunConfig, env: DistEnv, 
     return _evaluate_ranking(model, loader, cfg, env, max_iters)
 
 
-def _evaluate_retrieval(model: Any, loader: Any, cfg: RunConfig, env: DistEnv, max_iters: int | None) -> dict[str, float]:
-    names = list(cfg.retrieval.eval_metrics)
-    acc = MetricAccumulator(names)
-    corpus = model.corpus_vectors()
-    top_k = max([int(n.split("@")[1]) for n in names if "@" in n] + [10])
+def _world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (rank order)."""
+    _rank, world = _world()
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _all_reduce_host(t: torch.Tensor, op) -> torch.Tensor:
+    """``t`` reduced over the world on the host (the default group's host backend)."""
+    host = t.cpu()
+    if _world()[1] > 1:
+        dist.all_reduce(host, op=op)
+    return host.to(t.device)
+
+
+def eval_subset(loader: Any, num_users: int, seed: int) -> tuple[Any, int, int]:
+    """(the loader over a fixed random subset of ``num_users`` of its samples, the subset's
+    size, the split's size): the samples whose hash of (seed, user id) is smallest, the same
+    on every rank and at every evaluation. ``num_users`` 0 or at least the split: the loader."""
+    from hstu.data.loader import SequenceLoader
+
+    total = len(loader.samples) if isinstance(loader, SequenceLoader) else 0
+    if num_users <= 0 or not isinstance(loader, SequenceLoader) or num_users >= total:
+        return loader, total, total
+    users = torch.from_numpy(loader.samples.user.astype("int64"))
+    gen = torch.Generator().manual_seed(seed)
+    # a seeded random key per user id: a permutation of the id range, indexed by id
+    keys = torch.randperm(int(users.max()) + 1, generator=gen)[users]
+    keep = torch.sort(torch.argsort(keys, stable=True)[:num_users]).values.numpy()
+    return loader.subset(keep), num_users, total
+
+
+def _own_queries(model: Any, loader: Any, env: DistEnv, max_iters: int | None,
+                 exclude_history: bool) -> tuple[torch.Tensor, ...]:
+    """This rank's real evaluation samples: (queries [n, D], targets [n], history ids [h],
+    their sample [h]) on the host, history empty when it stays rankable."""
+    queries, targets, hist_ids, hist_rows = [], [], [], []
+    n = 0
     for i, batch in enumerate(loader):
         if max_iters is not None and i >= max_iters:
             break
         batch = batch.to(env.device)
-        result = model.evaluate(batch, top_k=top_k, corpus=corpus)
-        ranks = result.target_ranks
+        q, ids, seg = model.last_queries(batch)
+        labels = batch.labels.to(q.device)
         if batch.sample_mask is not None:
-            ranks = ranks[batch.sample_mask]
-        acc.update(retrieval_metrics(ranks, names))
-    return acc.compute()  # host sums: the default group's host backend (gloo) reduces them
+            keep = batch.sample_mask.to(q.device)
+            new_row = torch.cumsum(keep.long(), 0) - 1
+            kept = keep[seg]
+            q, labels, ids, seg = q[keep], labels[keep], ids[kept], new_row[seg[kept]]
+        queries.append(q.cpu())
+        targets.append(labels.cpu())
+        if exclude_history:
+            hist_ids.append(ids.cpu())
+            hist_rows.append(seg.cpu() + n)
+        n += q.shape[0]
+    empty = torch.zeros(0, dtype=torch.int64)
+    return (
+        torch.cat(queries) if queries else torch.zeros(0, 0),
+        torch.cat(targets) if targets else empty,
+        torch.cat(hist_ids) if hist_ids else empty,
+        torch.cat(hist_rows) if hist_rows else empty,
+    )
+
+
+# items per lookup of the catalogue's vectors
+_LOOKUP_CHUNK = 65536
+
+
+def _slice_vectors(model: Any, lo: int, hi: int, longest: int, device: torch.device) -> torch.Tensor:
+    """[hi - lo, D] normalised vectors of items [lo, hi). Sharded lookups are collective: every
+    rank makes the same number of lookups (``longest``: the longest slice of any rank), a rank
+    with nothing left looks up one id and drops it."""
+    dense = model.dense_module
+    calls = max(1, -(-longest // _LOOKUP_CHUNK))
+    bounds = [lo + (hi - lo) * c // calls for c in range(calls + 1)]
+    parts = []
+    for a, b in itertools.pairwise(bounds):
+        if b > a:
+            parts.append(dense.normalise(model.lookup_items(torch.arange(a, b, device=device))))
+        else:
+            model.lookup_items(torch.tensor([dense.min_item_id], device=device))
+    if not parts:
+        return torch.zeros(0, 0, device=device)
+    return torch.cat(parts)
+
+
+def rank_corpus(model: Any, own: tuple[torch.Tensor, ...], budget_bytes: int,
+                device: torch.device, top_k: int = 0):
+    """Full-corpus ranking of every rank's queries, the catalogue sharded over the ranks
+    (hstu.model.retrieval, "sharded full-corpus ranking"). ``own``: this rank's (queries,
+    targets, history ids, their rows) from :func:`_own_queries`. Returns (target ranks of
+    this rank's own queries [n], (top scores, top ids) [n, top_k] or None)."""
+    rank, world = _world()
+    dense = model.dense_module
+    every = _gather_objects(own)
+    counts = [p[0].shape[0] for p in every]
+    first = sum(counts[:rank])
+    starts = [sum(counts[:r]) for r in range(world)]
+    queries = torch.cat([p[0] for p in every if p[0].numel() > 0] or [own[0]]).to(device)
+    q = CorpusQueries.build(
+        queries,
+        torch.cat([p[1] for p in every]).to(device),
+        torch.cat([p[2] for p in every]).to(device),
+        torch.cat([p[3] + starts[r] for r, p in enumerate(every)]).to(device),
+    )
+    num_items = dense.num_items
+    block = eval_block_items(q.targets.numel(), budget_bytes)
+    grids = [block_grid(num_items, block, r, world) for r in range(world)]
+    slices = [(g[0][0], g[-1][1]) if g else (0, 0) for g in grids]
+    lo, hi = slices[rank]
+    vectors = _slice_vectors(model, lo, hi, max(b - a for a, b in slices), device)
+    blocks = [(a, b, vectors[a - lo:b - lo]) for a, b in grids[rank]]
+    scorer = CorpusSliceScorer(q, num_items=num_items, min_item_id=dense.min_item_id)
+    target = _all_reduce_host(scorer.target_scores(blocks), dist.ReduceOp.MAX if world > 1 else None)
+    ahead, top_scores, top_ids = scorer.count_and_top(blocks, target, top_k)
+    ahead = _all_reduce_host(ahead, dist.ReduceOp.SUM if world > 1 else None)
+    ranks = scorer.ranks(target, ahead)[first:first + counts[rank]]
+    top = None
+    if top_k > 0:
+        parts = _gather_objects((top_scores.cpu(), top_ids.cpu()))
+        scores, ids = merge_top(parts, top_k)
+        top = (scores[first:first + counts[rank]], ids[first:first + counts[rank]])
+    return ranks, top
+
+
+def _evaluate_retrieval(model: Any, loader: Any, cfg: RunConfig, env: DistEnv, max_iters: int | None) -> dict[str, float]:
+    r = cfg.retrieval
+    names = list(r.eval_metrics)
+    loader, used, total = eval_subset(loader, r.eval_num_users, cfg.trainer.seed)
+    own = _own_queries(model, loader, env, max_iters, r.eval_exclude_history)
+    ranks, _ = rank_corpus(model, own, r.eval_memory_mb << 20, env.device)
+    acc = MetricAccumulator(names)
+    acc.update(retrieval_metrics(ranks.cpu(), names))
+    out = acc.compute()  # host sums: the default group's host backend (gloo) reduces them
+    if used < total:
+        # the summary field that says these metrics are of a subset
+        out["eval_users"] = float(used)
+        if env.is_main:
+            print(f"[hstu] evaluation on a fixed random subset of {used} of {total} users "
+                  f"(RetrievalArgs.eval_num_users, seed {cfg.trainer.seed})", flush=True)
+    return out
 
 
 def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -124,6 +267,29 @@ def _evaluate_ranking(model: Any, loader: Any, cfg: RunConfig, env: DistEnv, max
     return out
 
 
+def count_ranks(scores: torch.Tensor, targets: torch.Tensor, excluded_rows: torch.Tensor,
+                excluded_ids: torch.Tensor) -> torch.Tensor:
+    """The ranks :func:`hstu.model.metrics.ranks_from_scores` gives for one score per item
+    shared by every sample (``scores`` [N]; sample b's excluded items (excluded_rows ==
+    b) never count, an excluded target is unranked), without a [B, N] matrix: how many items
+    score >= the target from the sorted scores, less the sample's excluded ones."""
+    n = scores.numel()
+    valid = (targets >= 0) & (targets < n)
+    target_scores = scores[targets.clamp(0, max(n - 1, 0))]
+    ordered = torch.sort(scores).values
+    at_least = n - torch.searchsorted(ordered, target_scores, right=False)
+    # each sample's distinct excluded items (a history may repeat one)
+    pairs = torch.unique(excluded_rows * n + excluded_ids)
+    rows, ids = pairs // n, pairs % n
+    counted = scores[ids] >= target_scores[rows]
+    is_target = ids == targets[rows]
+    at_least -= torch.bincount(rows[counted], minlength=targets.numel())
+    target_excluded = torch.zeros_like(valid)
+    target_excluded[rows[is_target]] = True
+    ranks = at_least.double()  # the target itself is among the items >= its score
+    return ranks.float().masked_fill(~valid | target_excluded, float("inf"))
+
+
 @torch.no_grad()
 def popularity_baseline(train_loader: Any, eval_loader: Any, cfg: RunConfig, env: DistEnv,
                         max_iters: int | None) -> dict[str, float] | None:
@@ -131,7 +297,6 @@ def popularity_baseline(train_loader: Any, eval_loader: Any, cfg: RunConfig, env
     (history excluded unless ``RetrievalArgs.eval_exclude_history`` is False: the model's
     protocol). None where it does not apply."""
     from hstu.data.loader import SequenceLoader, gather_ranges
-    from hstu.model.metrics import ranks_from_scores
 
     if cfg.task != "retrieval" or not isinstance(train_loader, SequenceLoader):
         return None
@@ -144,17 +309,15 @@ def popularity_baseline(train_loader: Any, eval_loader: Any, cfg: RunConfig, env
     counts[0] = -1.0  # id 0 is never an item
     names = list(cfg.retrieval.eval_metrics)
     acc = MetricAccumulator(names)
+    eval_loader, _, _ = eval_subset(eval_loader, cfg.retrieval.eval_num_users, cfg.trainer.seed)
     _restart(eval_loader)
     for i, batch in enumerate(eval_loader):
         if max_iters is not None and i >= max_iters:
             break
         items = batch.features[batch.item_feature_name]
-        scores = counts.expand(batch.batch_size, -1).clone()
         rows = torch.repeat_interleave(torch.arange(batch.batch_size), items.lengths())
-        excluded = torch.zeros_like(scores, dtype=torch.bool)
-        if cfg.retrieval.eval_exclude_history:
-            excluded[rows, items.values()] = True
-        ranks = ranks_from_scores(scores, batch.labels, excluded)
+        excluded = items.values() if cfg.retrieval.eval_exclude_history else items.values()[:0]
+        ranks = count_ranks(counts, batch.labels, rows[: excluded.numel()], excluded)
         if batch.sample_mask is not None:
             ranks = ranks[batch.sample_mask]
         acc.update(retrieval_metrics(ranks, names))

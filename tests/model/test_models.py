@@ -318,10 +318,10 @@ def test_uniform_negatives_transpose_from_the_data_path_gives_the_same_gradients
 
 def test_negative_sampling_modes_build_the_softmax_they_name():
     """full_corpus is the exact softmax over every item; mixed = uniform + in-batch columns;
-    in_batch = the batch's positives. Each checked against a loss built by hand from the
-    same query states and item vectors."""
+    in_batch = the batch's positives; shared = one set of draws scored by every query. Each
+    checked against a loss built by hand from the same query states and item vectors."""
     losses = {}
-    for sampling, m in (("full_corpus", -1), ("in_batch", -1), ("mixed", 6)):
+    for sampling, m in (("full_corpus", -1), ("in_batch", -1), ("mixed", 6), ("shared", 12)):
         negatives = None if sampling == "in_batch" else sampler(sampling, max(m, 0))
         batch = make_batch([[1, 2, 3, 4], [5, 6], [7]], negatives=negatives)
         model = _retrieval(m, use_collection=False, sampling=sampling).eval()
@@ -340,6 +340,16 @@ def test_negative_sampling_modes_build_the_softmax_they_name():
             logits = q @ corpus[pos].t() / 0.1  # positives on the diagonal, no repeats here
             want = F.cross_entropy(logits, torch.arange(4))
             assert neg_logits.shape == (4, 4)
+        elif sampling == "shared":
+            # one set for the batch: the distinct ids of 12 draws, no per-query index
+            neg = batch.features["item__negatives"].values()
+            assert batch.negative_index is None and 1 < neg.numel() <= m
+            assert bool((neg[1:] > neg[:-1]).all()) and neg.min() >= 1 and neg.max() < 30
+            assert bool((neg.unsqueeze(0) == pos.unsqueeze(1)).any())  # a hit is masked below
+            shared = (q @ corpus[neg].t() / 0.1).masked_fill(neg == pos.unsqueeze(1), float("-inf"))
+            logits = torch.cat([(q * corpus[pos]).sum(-1, keepdim=True) / 0.1, shared], 1)
+            want = -torch.log_softmax(logits, 1)[:, 0].mean()
+            assert neg_logits.shape == (4, neg.numel())
         else:
             # the batch's own draws: distinct ids on the negatives key, an index per query
             neg = batch.features["item__negatives"].values()[batch.negative_index]
@@ -352,7 +362,7 @@ def test_negative_sampling_modes_build_the_softmax_they_name():
             assert neg_logits.shape == (4, m + 4)
         torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
         losses[sampling] = loss.item()
-    assert len(set(losses.values())) == 3
+    assert len(set(losses.values())) == 4
 
 
 def test_full_corpus_bfloat16_matmuls_from_the_args(monkeypatch):

@@ -173,22 +173,58 @@ def test_draw_counts_are_the_transpose_row_lengths():
     assert full[1] is None and full[2] is None
 
 
-def test_draw_on_a_large_catalogue_sorts_instead_of_counting_the_catalogue(monkeypatch):
-    """Catalogues much larger than the draw take the sorting path (cost O(draw), not
-    O(catalogue)); it gives the arrays of the counting path, and it is the path taken."""
+def _spy_catalogue_work(monkeypatch, num_items):
+    """Records every numpy call of the data path that builds an array of num_items entries."""
     from hstu.data import negatives
+
+    calls = []
+    for name in ("bincount", "arange", "zeros", "ones", "empty", "full"):
+        real = getattr(np, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            out = _real(*a, **k)
+            if getattr(out, "size", 0) >= num_items:
+                calls.append(_name)
+            return out
+
+        monkeypatch.setattr(negatives.np, name, spy)
+    return calls
+
+
+def test_draws_never_touch_the_catalogue(monkeypatch):
+    """A draw's cost is O(batch) whatever the catalogue: neither the per-query nor the shared
+    draw builds an array of the catalogue's size, also where the draw is as large as the
+    catalogue (KuaiRand-1K: 4.2M draws, 4.37M items, where a dense count used to run). The
+    arrays are the ones a dense count gives."""
     from hstu.data.negatives import NegativeSampler
 
     sample_ids, lengths = np.array([3, 8, 1]), np.array([7, 1, 12])
-    sampler = NegativeSampler("uniform", 16, 1, 5_000_000, "item", 9)
-    calls = []
-    real_bincount = np.bincount
-    monkeypatch.setattr(negatives.np, "bincount",
-                        lambda *a, **k: calls.append(k.get("minlength")) or real_bincount(*a, **k))
-    sorted_path = sampler.draw_counted(sample_ids, lengths, 2)
-    assert calls == []  # 272 draws never count 5M catalogue slots
-    monkeypatch.setattr(negatives, "_DENSE_COUNT_MAX_RATIO", 10**9)
-    counted_path = sampler.draw_counted(sample_ids, lengths, 2)
-    assert calls == [5_000_000]
-    for a, b in zip(sorted_path, counted_path):
-        assert a.dtype == b.dtype and np.array_equal(a, b)
+    num_items = 300  # 17 queries x 16 = 272 draws
+    calls = _spy_catalogue_work(monkeypatch, num_items)
+    ids, index, counts = NegativeSampler("uniform", 16, 1, num_items, "item", 9).draw_counted(
+        sample_ids, lengths, 2)
+    shared = NegativeSampler("shared", 64, 1, num_items, "item", 9).draw(sample_ids, lengths, 2)
+    assert calls == []
+    monkeypatch.undo()
+    drawn = ids[index]
+    dense = np.bincount(drawn.reshape(-1), minlength=num_items)
+    assert np.array_equal(ids, np.flatnonzero(dense)) and np.array_equal(counts, dense[ids])
+    assert drawn.min() >= 1 and drawn.max() < num_items
+    assert shared[1] is None and 1 < shared[0].size <= 64 and np.all(np.diff(shared[0]) > 0)
+
+
+def test_shared_draw_is_one_set_per_batch_independent_of_order():
+    """The shared draw depends on the batch's set of samples (not their order, not the history
+    lengths), changes with the epoch, the seed and the set, and covers the id range."""
+    from hstu.data.negatives import NegativeSampler
+
+    s = NegativeSampler("shared", 4000, 1, 1000, "item", 9)
+    a, _ = s.draw(np.array([3, 8, 1]), np.array([7, 1, 12]), 0)
+    assert np.array_equal(a, s.draw(np.array([1, 3, 8]), np.array([2, 2, 2]), 0)[0])
+    for other in (s.draw(np.array([3, 8, 2]), np.array([7, 1, 12]), 0)[0],
+                  s.draw(np.array([3, 8, 1]), np.array([7, 1, 12]), 1)[0],
+                  NegativeSampler("shared", 4000, 1, 1000, "item", 10).draw(
+                      np.array([3, 8, 1]), np.array([7, 1, 12]), 0)[0]):
+        assert not np.array_equal(a, other)
+    # 4000 uniform draws over 999 ids: about 98% of them, never 0
+    assert a.min() >= 1 and a.max() == 999 and a.size > 950

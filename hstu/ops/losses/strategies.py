@@ -44,9 +44,9 @@ class LossInputs:
     matmul_dtype: torch.dtype
     """Full corpus: the dtype of the [Q, I] matmuls."""
     key_ids: torch.Tensor | None = None
-    """Uniform draws: int64 [U], the ascending ids of the batch's negatives key."""
+    """Uniform and shared draws: int64 [U], the ascending ids of the batch's negatives key."""
     key_vectors: torch.Tensor | None = None
-    """The negatives key's vectors, normalised: [U, D] (uniform) or [I, D] (full corpus)."""
+    """The negatives key's vectors, normalised: [U, D] (uniform, shared) or [I, D] (full corpus)."""
     index: torch.Tensor | None = None
     """Uniform draws: int64 [Q, M] into key_ids (Batch.negative_index)."""
     order: torch.Tensor | None = None
@@ -116,6 +116,15 @@ def mixed(x: LossInputs) -> LossOutput:
     return _softmax(x, [_drawn(x, _shared(x)), _in_batch(x)])
 
 
+def shared(x: LossInputs) -> LossOutput:
+    """One set of uniform draws per batch (the distinct ids of num_negatives draws), scored by
+    every query: [Q, U] logits from one matmul, accidental hits masked. No logQ correction:
+    uniform draws give every item the same sampling probability, so the correction would add
+    one constant to every negative's logit (no item favoured over another), as the per-query
+    uniform strategy, which has none either."""
+    return _softmax(x, [(x.key_vectors, x.key_ids)])
+
+
 def full_corpus(x: LossInputs) -> LossOutput:
     """Every item of the corpus: the exact softmax."""
     return full_corpus_loss(
@@ -125,4 +134,4 @@ def full_corpus(x: LossInputs) -> LossOutput:
     )
 
 
-__all__ = ["LossInputs", "LossOutput", "full_corpus", "in_batch", "mixed", "uniform"]
+__all__ = ["LossInputs", "LossOutput", "full_corpus", "in_batch", "mixed", "shared", "uniform"]
