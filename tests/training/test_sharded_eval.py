@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from tests.dist_utils import run_multiprocess
@@ -54,6 +55,7 @@ def _eval_and_dump(rank: int, world_size: int, tmp: str, tag: str, params: list[
         trainer.close()
 
 
+@pytest.mark.slow  # 2-process trainer runs: about a minute on 2 shared cores
 def test_two_ranks_evaluate_exactly_as_one(tmp_path, monkeypatch) -> None:
     tmp = str(tmp_path)
     monkeypatch.setenv("HSTU_CPU_CLAIMS_FILE", os.path.join(tmp, "cpu-claims"))
@@ -94,6 +96,7 @@ def test_popularity_ranks_without_the_item_matrix_equal_the_dense_ones() -> None
     assert torch.equal(got, want)
 
 
+@pytest.mark.slow  # 2-process trainer runs: about a minute on 2 shared cores
 def test_eval_subset_is_a_fixed_seeded_set_of_users(tmp_path) -> None:
     """eval_num_users: exactly N of the split's users, the same on every rank and at every call
     for one seed, another set for another seed; each rank's loader serves its share of them
