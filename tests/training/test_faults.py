@@ -53,6 +53,7 @@ def reference(tmp) -> dict:
                                        "TrainerArgs.keep_last_n=None"])
 
 
+@pytest.mark.slow  # a 2-process run killed and relaunched: about 45 s with its reference run
 def test_kill9_of_a_rank_recovers_by_itself_with_the_uninterrupted_losses(tmp, reference):
     ckpt, run_dir = tmp / "ckpt_kill", tmp / "killed"
     cmd = _cmd(run_dir, tmp, [*PARAMS, f'TrainerArgs.ckpt_save_dir="{ckpt}"', 'TrainerArgs.ckpt_load_dir="auto"',
