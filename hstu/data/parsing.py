@@ -63,6 +63,36 @@ class Columns:
         return Columns(data, segments)
 
 
+def _column_names(
+    first: bytes,
+    where: str,
+    columns: dict[str, str],
+    sep: str,
+    header: bool,
+    names: list[str] | None,
+    quoted: bool,
+) -> list[str]:
+    """The file's column names (from its first line `first`, BOM removed, when `header`,
+    else `names`), checked against the wanted `columns`."""
+    if header:
+        text = first.rstrip(b"\n").rstrip(b"\r").decode("utf-8", "replace")
+        if quoted:
+            file_names = [c.strip() for c in next(csv.reader([text], delimiter=sep))]
+        else:
+            file_names = [c.strip().strip('"') for c in text.split(sep)]
+    else:
+        assert names is not None
+        file_names = list(names)
+    _check_columns(where, columns, file_names, header)
+    return file_names
+
+
+def _read_options(file_names: list[str], header: bool, block_size: int) -> pacsv.ReadOptions:
+    return pacsv.ReadOptions(
+        column_names=file_names, skip_rows=1 if header else 0, use_threads=True, block_size=block_size
+    )
+
+
 def read_delimited(
     raw: bytes,
     where: str,
@@ -98,20 +128,9 @@ def read_delimited(
         sep = delimiter
     if not raw or (len(raw) < 4096 and not raw.strip()):
         raise DataError(where, "file is empty")
-    if header:
-        end = raw.find(b"\n")
-        first = (raw if end < 0 else raw[:end]).rstrip(b"\r").decode("utf-8", "replace")
-        if quoted:
-            file_names = [c.strip() for c in next(csv.reader([first], delimiter=sep))]
-        else:
-            file_names = [c.strip().strip('"') for c in first.split(sep)]
-    else:
-        assert names is not None
-        file_names = list(names)
-    _check_columns(where, columns, file_names, header)
-    read_opts = pacsv.ReadOptions(
-        column_names=file_names, skip_rows=1 if header else 0, use_threads=True, block_size=1 << 24
-    )
+    end = raw.find(b"\n")
+    file_names = _column_names(raw if end < 0 else raw[:end], where, columns, sep, header, names, quoted)
+    read_opts = _read_options(file_names, header, 1 << 24)
     parse_opts, convert_opts = _options(sep, quoted, columns)
     first_line = 2 if header else 1
     try:
@@ -197,20 +216,8 @@ def iter_delimited(
         first = fh.readline(1 << 20).removeprefix(_BOM)
     if not first.strip():
         raise DataError(where, "file is empty")
-    if header:
-        text = first.rstrip(b"\n").rstrip(b"\r").decode("utf-8", "replace")
-        if quoted:
-            file_names = [c.strip() for c in next(csv.reader([text], delimiter=delimiter))]
-        else:
-            file_names = [c.strip().strip('"') for c in text.split(delimiter)]
-    else:
-        assert names is not None
-        file_names = list(names)
-    _check_columns(where, columns, file_names, header)
-    read_opts = pacsv.ReadOptions(
-        column_names=file_names, skip_rows=1 if header else 0, use_threads=True,
-        block_size=block_size,
-    )
+    file_names = _column_names(first, where, columns, delimiter, header, names, quoted)
+    read_opts = _read_options(file_names, header, block_size)
     parse_opts, convert_opts = _options(delimiter, quoted, columns)
     line = 2 if header else 1
     with open_binary() as fh:
