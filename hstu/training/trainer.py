@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -49,14 +50,16 @@ class Validation:
         """(metrics, stop early now) of the evaluation at ``step``."""
         t, args = self.trainer, self.args
         pipeline.detach()
+        started = time.perf_counter()
         metrics = evaluate(t.model, t.built.eval_loader, t.cfg, t.env, args.max_eval_iters)
+        seconds = time.perf_counter() - started
         # in-flight batches already had their input distribution: re-attach without
         # starting it again (a second one would desynchronise the all-to-alls)
         pipeline.attach(t.model, sparse_dist=False)
         t.model.train()
         t.logger.log(step, "eval", metrics)
         split = "valid" if args.best_metric is not None else "eval"
-        say(f"{split} @ step {step}: {_metrics_text(metrics)}")
+        say(f"{split} @ step {step}: {_metrics_text(metrics)} ({seconds:.1f} s)")
         window.restart_clock()
         if args.best_metric is None:
             return metrics, False
