@@ -441,7 +441,8 @@ class CorpusSliceScorer:
         threshold = target_scores.unsqueeze(1)
         for start, end, vectors in blocks:
             scores = self.block_scores(vectors, start, end)
-            ahead += (scores >= threshold).sum(1)
+            # an int32 sum: several times cheaper on CPU than the default int64 one
+            ahead += (scores >= threshold).sum(1, dtype=torch.int32)
             # the target never counts against itself (its own score is >= itself)
             ahead -= self._targets_in(start, end).long()
             if top_k > 0:
