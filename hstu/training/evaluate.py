@@ -268,15 +268,17 @@ def _evaluate_ranking(model: Any, loader: Any, cfg: RunConfig, env: DistEnv, max
 
 
 def count_ranks(scores: torch.Tensor, targets: torch.Tensor, excluded_rows: torch.Tensor,
-                excluded_ids: torch.Tensor) -> torch.Tensor:
+                excluded_ids: torch.Tensor, ordered: torch.Tensor | None = None) -> torch.Tensor:
     """The ranks :func:`hstu.model.metrics.ranks_from_scores` gives for one score per item
     shared by every sample (``scores`` [N]; sample b's excluded items (excluded_rows ==
     b) never count, an excluded target is unranked), without a [B, N] matrix: how many items
-    score >= the target from the sorted scores, less the sample's excluded ones."""
+    score >= the target from the sorted scores (``ordered``: ``scores`` sorted ascending, when
+    the caller already has them), less the sample's excluded ones."""
     n = scores.numel()
     valid = (targets >= 0) & (targets < n)
     target_scores = scores[targets.clamp(0, max(n - 1, 0))]
-    ordered = torch.sort(scores).values
+    if ordered is None:
+        ordered = torch.sort(scores).values
     at_least = n - torch.searchsorted(ordered, target_scores, right=False)
     # each sample's distinct excluded items (a history may repeat one)
     pairs = torch.unique(excluded_rows * n + excluded_ids)
@@ -307,6 +309,7 @@ def popularity_baseline(train_loader: Any, eval_loader: Any, cfg: RunConfig, env
         minlength=num_items,
     ).double()
     counts[0] = -1.0  # id 0 is never an item
+    ordered = torch.sort(counts).values  # the same for every batch
     names = list(cfg.retrieval.eval_metrics)
     acc = MetricAccumulator(names)
     eval_loader, _, _ = eval_subset(eval_loader, cfg.retrieval.eval_num_users, cfg.trainer.seed)
@@ -317,7 +320,7 @@ def popularity_baseline(train_loader: Any, eval_loader: Any, cfg: RunConfig, env
         items = batch.features[batch.item_feature_name]
         rows = torch.repeat_interleave(torch.arange(batch.batch_size), items.lengths())
         excluded = items.values() if cfg.retrieval.eval_exclude_history else items.values()[:0]
-        ranks = count_ranks(counts, batch.labels, rows[: excluded.numel()], excluded)
+        ranks = count_ranks(counts, batch.labels, rows[: excluded.numel()], excluded, ordered)
         if batch.sample_mask is not None:
             ranks = ranks[batch.sample_mask]
         acc.update(retrieval_metrics(ranks, names))
