@@ -7,7 +7,8 @@ diverts the warnings in :data:`KNOWN_WARNINGS` from the console into a buffer;
 ``<run_dir>/third_party_warnings.log`` (rank 0; the other ranks' copies are dropped). Any other
 warning still reaches the console.
 
-One line per error: :func:`fail` prints ``error: <message>`` once per node (local rank 0).
+One line per error: :func:`fail` prints ``error: <message>`` once per node (the first worker
+of the node to fail; torchrun stops the others, often before they reach it).
 Under torchrun the launcher then prints its own ``ChildFailedError`` report (a traceback
 and a table) after the worker has exited; so that the user's last line is still the error,
 the worker leaves a tiny detached process that waits for the launcher to exit and then
@@ -21,6 +22,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import warnings
 from typing import Any, TextIO
 
@@ -138,7 +140,7 @@ def close_log() -> None:
 
 _WAITER = r"""
 import os, select, sys, time
-pid, line = int(sys.argv[1]), sys.argv[2]
+pid, line, claim = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 try:
     fd = os.pidfd_open(pid)
     select.select([fd], [], [], 600)
@@ -154,6 +156,11 @@ except (AttributeError, OSError):
         time.sleep(0.05)
 sys.stderr.write(line + "\n")
 sys.stderr.flush()
+if claim:
+    try:
+        os.remove(claim)
+    except OSError:
+        pass
 """
 
 
@@ -161,7 +168,7 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
-def _print_after_launcher(line: str) -> bool:
+def _print_after_launcher(line: str, claim: str = "") -> bool:
     """A detached process prints ``line`` once torchrun (this worker's parent) has exited.
     False when that cannot be arranged (the caller then prints it itself)."""
     launcher = os.getppid()
@@ -169,7 +176,7 @@ def _print_after_launcher(line: str) -> bool:
         return False
     try:
         subprocess.Popen(
-            [sys.executable, "-I", "-c", _WAITER, str(launcher), line],
+            [sys.executable, "-I", "-c", _WAITER, str(launcher), line, claim],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             start_new_session=True,  # torchrun stops its workers' process groups, not this
@@ -179,14 +186,42 @@ def _print_after_launcher(line: str) -> bool:
     return True
 
 
+def _claim_path() -> str:
+    name = f"hstu-error-{os.getppid()}-{os.environ.get('TORCHELASTIC_RUN_ID', '')}"
+    return os.path.join(tempfile.gettempdir(), re.sub(r"[^A-Za-z0-9_.-]", "_", name))
+
+
+def _claim_the_line(path: str) -> bool | None:
+    """Under torchrun: True for the first worker of this node to fail (it prints the line),
+    False for the others; None when the claim cannot be made (then local rank 0 prints).
+    Any rank may fail first: the launcher stops the others, often before they reach here."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return False
+    except OSError:
+        return None
+    return True
+
+
 def fail(message: str, code: int = 2) -> int:
-    """Prints ``error: <message>`` (one line) on local rank 0 and returns ``code``. Under
-    torchrun the line is printed once, after the launcher's own report (a worker cannot print
-    after its launcher exits, so a detached process does), so it is the last line."""
-    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
-        return code
+    """Prints ``error: <message>`` (one line per node) and returns ``code``. Under torchrun
+    the first worker of the node to fail prints it, after the launcher's own report (a worker
+    cannot print after its launcher exits, so a detached process does; it then removes the
+    claim), so it is the last line; without torchrun (one process) it is printed at once."""
     line = "error: " + " ".join(str(message).split())
-    if under_torchrun() and _print_after_launcher(line):
+    if under_torchrun():
+        path = _claim_path()
+        claimed = _claim_the_line(path)
+        if claimed is None:
+            claimed, path = int(os.environ.get("LOCAL_RANK", "0")) == 0, ""
+        if not claimed:
+            return code
+        if _print_after_launcher(line, path):
+            return code
+        if path:
+            os.remove(path)
+    elif int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return code
     print(line, file=sys.stderr, flush=True)
     return code
