@@ -18,6 +18,13 @@ Eviction (when more new ids arrive than free rows exist) only considers rows not
 the current step:
 - ``lru``: smallest last-access step first, then lowest slot;
 - ``lfu``: smallest access count first, then smallest last-access step, then lowest slot.
+
+Cost per training step: the LRU victims come from an access log (every row touched in a step
+appended once, in slot order; a row's older entries are skipped when read), so admission and
+eviction cost follows the step's ids; LFU's victims need an order statistic over the
+capacity (``kthvalue``). The id -> slot index is a sorted array merged with the step's new
+ids: a binary search per id of the step, plus one sequential pass over the index (a copy
+of C int64 pairs), the only work that grows with C under LRU.
 """
 
 from __future__ import annotations
@@ -115,6 +122,12 @@ class DynamicIdRemapper(nn.Module):
         # Sorted index over occupied slots, rebuilt from the persistent state on load.
         self.register_buffer("_sorted_ids", torch.zeros(0, **kw), persistent=False)
         self.register_buffer("_sorted_slots", torch.zeros(0, **kw), persistent=False)
+        # LRU access log: (slot, step) entries [_log_head, _log_tail) in (step, slot) order;
+        # an entry is live while last_access[slot] == its step. Rebuilt on load.
+        self.register_buffer("_log_slots", torch.zeros(0, **kw), persistent=False)
+        self.register_buffer("_log_steps", torch.zeros(0, **kw), persistent=False)
+        self._log_head = self._log_tail = 0
+        self._num_occupied = 0
         self.register_load_state_dict_post_hook(lambda module, _keys: module.rebuild_index())
         self.pending_fresh: tuple[torch.Tensor, torch.Tensor] | None = None
         self._last_step_evicted = 0
@@ -129,44 +142,111 @@ class DynamicIdRemapper(nn.Module):
         order = torch.argsort(ids)
         self._sorted_ids = ids[order]
         self._sorted_slots = slots[order]
+        self._num_occupied = slots.numel()
+        self._log_head = self._log_tail = 0
+        if self.evict_strategy != "lru":
+            return
+        # the log's live entries: every occupied row once, by (last access, slot)
+        by_access = slots[torch.argsort(self.last_access[slots], stable=True)]
+        n = by_access.numel()
+        self._log_slots = torch.empty(max(2 * n, 1024), dtype=torch.int64, device=slots.device)
+        self._log_steps = torch.empty_like(self._log_slots)
+        self._log_slots[:n] = by_access
+        self._log_steps[:n] = self.last_access[by_access]
+        self._log_head, self._log_tail = 0, n
+
+    def _log_append(self, slots: torch.Tensor, step: int) -> None:
+        """Appends the rows touched at ``step`` (in slot order); compacts when full."""
+        if self.evict_strategy != "lru":
+            return
+        n = slots.numel()
+        if self._log_tail + n > self._log_slots.numel():
+            live_slots = self._log_slots[self._log_head : self._log_tail]
+            live_steps = self._log_steps[self._log_head : self._log_tail]
+            keep = self.last_access.index_select(0, live_slots) == live_steps
+            live_slots, live_steps = live_slots[keep], live_steps[keep]
+            m = live_slots.numel()
+            if m + n > self._log_slots.numel():
+                grown = torch.empty(2 * (m + n), dtype=torch.int64, device=slots.device)
+                self._log_slots, self._log_steps = grown, torch.empty_like(grown)
+            self._log_slots[:m] = live_slots
+            self._log_steps[:m] = live_steps
+            self._log_head, self._log_tail = 0, m
+        self._log_slots[self._log_tail : self._log_tail + n] = torch.sort(slots).values
+        self._log_steps[self._log_tail : self._log_tail + n] = step
+        self._log_tail += n
+
+    def _lru_victims(self, num: int, step: int) -> torch.Tensor:
+        """The num live log entries nearest the head whose rows were not used at ``step``:
+        smallest (last access, slot) first. Consumes the log up to the last one taken."""
+        chunk = max(2 * num, 4096)
+        found: list[torch.Tensor] = []
+        have = 0
+        pos = self._log_head
+        while have < num and pos < self._log_tail:
+            end = min(pos + chunk, self._log_tail)
+            cand, cand_steps = self._log_slots[pos:end], self._log_steps[pos:end]
+            live = torch.nonzero((self.last_access.index_select(0, cand) == cand_steps) & (cand_steps < step),
+                                 as_tuple=False).flatten()
+            take = live[: num - have]
+            found.append(cand[take])
+            have += take.numel()
+            pos = pos + int(take[-1]) + 1 if have == num else end
+            chunk *= 2
+        self._log_head = pos
+        assert have == num, f"dynamic table {self.table_name}: the access log lost rows"
+        return torch.cat(found)
+
+    def _search(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ids [N] -> (slots [N] (0 where missing), found [N] bool, insertion points [N] in
+        the sorted index)."""
+        n = self._sorted_ids.numel()
+        if n == 0:
+            zeros = torch.zeros_like(ids)
+            return zeros, torch.zeros_like(ids, dtype=torch.bool), zeros
+        pos = torch.searchsorted(self._sorted_ids, ids)
+        at = pos.clamp(max=n - 1)
+        found = self._sorted_ids.index_select(0, at) == ids
+        slots = torch.where(found, self._sorted_slots.index_select(0, at), torch.zeros_like(ids))
+        return slots, found, pos
 
     def _find(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [N] -> (slots [N] (0 where missing), found [N] bool)."""
-        n = self._sorted_ids.numel()
-        if n == 0:
-            return torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
-        pos = torch.searchsorted(self._sorted_ids, ids).clamp_(max=n - 1)
-        found = self._sorted_ids[pos] == ids
-        slots = torch.where(found, self._sorted_slots[pos], torch.zeros_like(ids))
+        slots, found, _ = self._search(ids)
         return slots, found
 
-    def _index_update(self, removed_slots: torch.Tensor, new_ids: torch.Tensor, new_slots: torch.Tensor) -> None:
-        """Merges (new_ids sorted, new_slots) into the index after dropping removed_slots."""
-        keep = torch.ones_like(self._sorted_slots, dtype=torch.bool)
-        if removed_slots.numel():
-            is_removed = torch.zeros(self.capacity, dtype=torch.bool, device=keep.device)
-            is_removed[removed_slots] = True
-            keep = ~is_removed[self._sorted_slots]
-        kept_ids, kept_slots = self._sorted_ids[keep], self._sorted_slots[keep]
-        total = kept_ids.numel() + new_ids.numel()
-        # Final position of each element = own rank + number of the other list below it.
-        pos_new = torch.searchsorted(kept_ids, new_ids) + torch.arange(
-            new_ids.numel(), device=new_ids.device
-        )
-        pos_kept = torch.searchsorted(new_ids, kept_ids) + torch.arange(
-            kept_ids.numel(), device=kept_ids.device
-        )
-        ids = torch.empty(total, dtype=torch.int64, device=kept_ids.device)
+    def _index_update(
+        self, removed_ids: torch.Tensor, new_ids: torch.Tensor, new_slots: torch.Tensor, new_pos: torch.Tensor
+    ) -> None:
+        """Drops removed_ids (held in the index) and inserts (new_ids sorted, new_slots) at
+        their insertion points new_pos in the current index, in one scatter per array: each
+        kept entry moves by (new ids inserted at or before it) - (removed entries before it)."""
+        old_ids, old_slots = self._sorted_ids, self._sorted_slots
+        n, m, r = old_ids.numel(), new_ids.numel(), removed_ids.numel()
+        total = n - r + m
+        # delta[0] = 0 and 1 elsewhere: its running sum is each entry's own position j
+        delta = torch.ones(n + 1, dtype=torch.int64, device=old_ids.device)
+        delta[0] = 0
+        delta.index_add_(0, new_pos, torch.ones_like(new_pos))
+        dest_new = new_pos + torch.arange(m, device=new_ids.device)
+        if r:
+            removed_pos = torch.searchsorted(old_ids, torch.sort(removed_ids).values)
+            delta.index_add_(0, removed_pos + 1, torch.full_like(removed_pos, -1))
+            dest_new -= torch.searchsorted(removed_pos, new_pos)
+        dest_old = delta.cumsum(0)[:n]
+        if r:
+            dest_old.index_fill_(0, removed_pos, total)  # a spare last entry, dropped below
+        ids = torch.empty(total + 1, dtype=torch.int64, device=old_ids.device)
         slots = torch.empty_like(ids)
-        ids[pos_kept], slots[pos_kept] = kept_ids, kept_slots
-        ids[pos_new], slots[pos_new] = new_ids, new_slots
-        self._sorted_ids, self._sorted_slots = ids, slots
+        ids.scatter_(0, dest_old, old_ids).scatter_(0, dest_new, new_ids)
+        slots.scatter_(0, dest_old, old_slots).scatter_(0, dest_new, new_slots)
+        self._sorted_ids, self._sorted_slots = ids[:total], slots[:total]
 
     # --------------------------------------------------------------------- update
 
-    def _gather_unique(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unique ids of this step over all ranks with their total counts: ([U], [U])."""
-        uniq, counts = torch.unique(ids, return_counts=True)
+    def _gather_unique(self, uniq: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's unique ids with their counts -> the unique ids of this step over all
+        ranks with their total counts: ([U], [U])."""
         pg = self.pg
         if pg is None or not dist.is_initialized() or dist.get_world_size(pg) == 1:
             return uniq, counts
@@ -187,29 +267,32 @@ class DynamicIdRemapper(nn.Module):
         total = torch.zeros_like(uniq).scatter_add_(0, inverse, all_counts)
         return uniq, total
 
-    def _select_victims(self, num: int, touched: torch.Tensor) -> torch.Tensor:
-        """num occupied slots not touched this step, in eviction order. touched: bool [C]."""
-        evictable = self.occupied & ~touched
-        if int(evictable.sum()) < num:
+    def _select_victims(self, num: int, num_hits: int, step: int) -> torch.Tensor:
+        """num occupied slots not used at ``step`` (hits have last_access == step), in
+        eviction order."""
+        if self._num_occupied - num_hits < num:
             raise RuntimeError(
                 f"dynamic table {self.table_name}: one step looks up more distinct ids than "
                 f"its capacity of {self.capacity} rows can hold; raise the capacity "
                 "(DynamicEmbeddingArgs global_hbm_for_values / item_vocab_gpu_capacity / ratio)"
             )
-        primary = self.last_access if self.evict_strategy == "lru" else self.access_count
+        if self.evict_strategy == "lru":
+            return self._lru_victims(num, step)
+        evictable = self.occupied & (self.last_access < step)
+        primary = self.access_count
         masked = torch.where(evictable, primary, torch.full_like(primary, _INT64_MAX))
         kth = torch.kthvalue(masked, num).values
         cand = torch.nonzero(masked <= kth, as_tuple=False).flatten()  # ascending slots
-        if self.evict_strategy == "lfu":
-            cand = cand[torch.argsort(self.last_access[cand], stable=True)]
+        cand = cand[torch.argsort(self.last_access[cand], stable=True)]
         cand = cand[torch.argsort(primary[cand], stable=True)]
         return cand[:num]
 
     @torch.no_grad()
-    def _admit(self, uniq: torch.Tensor, counts: torch.Tensor) -> None:
+    def _admit(self, uniq: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Admits the step's unique ids (sorted) -> their slots [U]."""
         step = int(self.step) + 1
         self.step.fill_(step)
-        slots, found = self._find(uniq)
+        slots, found, pos = self._search(uniq)
         hit = slots[found]
         self.last_access[hit] = step
         self.access_count[hit] += counts[found]
@@ -218,23 +301,29 @@ class DynamicIdRemapper(nn.Module):
         self._last_step_admitted, self._last_step_evicted = num_new, 0
         if num_new == 0:
             self.pending_fresh = None
-            return
-        free = torch.nonzero(~self.occupied, as_tuple=False).flatten()[:num_new]
-        victims = free.new_zeros(0)
+            self._log_append(hit, step)
+            return slots
+        num_free = self.capacity - self._num_occupied
+        free = victims = slots.new_zeros(0)
+        if num_free:  # rows are never freed: the free rows are those never used yet
+            free = torch.nonzero(~self.occupied, as_tuple=False).flatten()[:num_new]
         if free.numel() < num_new:
-            touched = torch.zeros(self.capacity, dtype=torch.bool, device=uniq.device)
-            touched[hit] = True
-            victims = self._select_victims(num_new - free.numel(), touched)
+            victims = self._select_victims(num_new - free.numel(), hit.numel(), step)
         new_slots = torch.cat([free, victims])
+        removed_ids = self.slot_ids.index_select(0, victims)
         self.slot_ids[new_slots] = new_ids
         self.occupied[new_slots] = True
         self.last_access[new_slots] = step
         self.access_count[new_slots] = new_counts
+        self._num_occupied += free.numel()
         self.num_admitted += num_new
         self.num_evicted += victims.numel()
         self._last_step_evicted = victims.numel()
-        self._index_update(victims, new_ids, new_slots)
+        self._index_update(removed_ids, new_ids, new_slots, pos[~found])
+        self._log_append(torch.cat([hit, new_slots]), step)
         self.pending_fresh = (new_slots, new_ids)
+        slots[~found] = new_slots
+        return slots
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """ids int64 [N] -> (slots int64 [N], miss mask bool [N] or None).
@@ -243,10 +332,12 @@ class DynamicIdRemapper(nn.Module):
         """
         ids = ids.to(torch.int64)
         if self.training:
-            self._admit(*self._gather_unique(ids))
-            slots, found = self._find(ids)
-            assert bool(found.all()), "admitted ids must be found"
-            return slots, None
+            local, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+            uniq, total = self._gather_unique(local, counts)
+            uniq_slots = self._admit(uniq, total)
+            if uniq.numel() != local.numel():  # other ranks' ids too: find ours among them
+                uniq_slots = uniq_slots[torch.searchsorted(uniq, local)]
+            return uniq_slots[inverse], None
         slots, found = self._find(ids)
         if bool(found.all()):
             return slots, None
