@@ -488,7 +488,8 @@ class NetworkArgs:
     recompute_input_silu: bool = False
     """Recompute SiLU(n W_uvqk) in backward instead of storing it."""
     item_embedding_dim: int = -1
-    """Item table dim; -1 uses hidden_size."""
+    """Item table dim; -1 uses hidden_size. Below hidden_size the items are projected up into
+    the tokens, and (retrieval) the queries are projected down to it for scoring."""
     contextual_embedding_dim: int = -1
     """Contextual table dim; -1 uses hidden_size."""
     relative_attention_bias: bool = False

@@ -132,6 +132,8 @@ def inference_config(model: torch.nn.Module, cfg: Any, info: Any) -> dict[str, A
     out["scaling_seqlen"] = layer.attn_scaling_seqlen or max_tokens
     if cfg.task == "retrieval":
         out.update(l2_norm_eps=dense.l2_norm_eps, num_items=dense.num_items, min_item_id=dense.min_item_id)
+        if dense.query_projection is not None:
+            out["query_projection"] = dense.query_projection.out_features
     else:
         out.update(
             head_arch=list(cfg.ranking.prediction_head_arch),

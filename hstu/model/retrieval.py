@@ -65,8 +65,9 @@ class RetrievalModel(nn.Module):
     (:mod:`hstu.model.loss_scale`).
 
     Args:
-        token_builder, block: as for ranking (the item feature must not be projected: item
-            embeddings and queries share the space, so item dim must equal D).
+        token_builder, block: as for ranking. Where the item feature is projected (item dim
+            d < D), a ``query_projection`` (D -> d, no bias) maps the states into the items'
+            space: queries and item embeddings are compared in d dimensions.
         num_items: ids are in [0, num_items).
         num_negatives: uniform negatives per query (-1: none, in-batch under "uniform").
         negative_sampling: "uniform" (num_negatives ids per query drawn uniformly from the
@@ -103,10 +104,17 @@ class RetrievalModel(nn.Module):
         eval_exclude_history: bool = True,
     ) -> None:
         super().__init__()
-        if token_builder.item_feature_name in token_builder.projections:
-            raise ValueError("retrieval needs the item embedding dim to equal hidden_size")
         self.token_builder = token_builder
         self.block = block
+        # items narrower than D (NetworkArgs.item_embedding_dim < hidden_size): the queries
+        # are projected down into the items' space (items are scored as they are stored, so
+        # the corpus never goes through a projection)
+        name = token_builder.item_feature_name
+        item_proj = token_builder.projections[name] if name in token_builder.projections else None  # noqa: SIM401
+        self.query_projection: nn.Linear | None = (
+            nn.Linear(item_proj.out_features, item_proj.in_features, bias=False, dtype=item_proj.weight.dtype)
+            if item_proj is not None else None
+        )
         self.num_items = num_items
         if negative_sampling not in NEGATIVE_SAMPLING:
             raise ValueError(
@@ -148,6 +156,11 @@ class RetrievalModel(nn.Module):
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x.float(), p=2.0, dim=-1, eps=self.l2_norm_eps)
 
+    def project_queries(self, states: torch.Tensor) -> torch.Tensor:
+        """Query states [N, D] -> the items' space [N, d] (unchanged where d = D). Applied
+        to the TP group's replicated rows, before each rank takes its own."""
+        return states if self.query_projection is None else self.query_projection(states)
+
     def _states(self, batch: Batch, embeddings: dict):
         return encode_batch(
             batch, embeddings, self.token_builder, self.block,
@@ -171,7 +184,7 @@ class RetrievalModel(nn.Module):
         )
         own, _, layout, tokens, states = self._states(batch, embeddings)
         history_states = take_own_rows(
-            states.index_select(0, tokens.history_query_rows), layout.history, self.tp_group
+            self.project_queries(states.index_select(0, tokens.history_query_rows)), layout.history, self.tp_group
         )
         # (index_select rather than x[rows] on these [rows, D] / [Q, M] gathers: several times
         # faster on CPU, forward and backward; the same values)
@@ -237,7 +250,7 @@ class RetrievalModel(nn.Module):
     def last_queries(
         self, batch: Batch, embeddings: dict
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Normalised query of each own sample's last history item token [B, D], and the own history
+        """Normalised query of each own sample's last history item token [B, d], and the own history
         (item ids [sum(H)], their sample index [sum(H)])."""
         own, inputs, layout, tokens, states = self._states(batch, embeddings)
         # the query row of each sample's last history item (as in training); a sample
@@ -248,7 +261,7 @@ class RetrievalModel(nn.Module):
         if tokens.history_query_rows.numel() > 0:
             from_hist = tokens.history_query_rows[last_hist.clamp(min=0)]
             rows = torch.where(hist_all > 0, from_hist, rows)
-        last = states[rows]  # [B_all, D]
+        last = self.project_queries(states[rows])  # [B_all, d]
         last = take_own_rows(last, layout.samples, self.tp_group)
         hist = own.history_lengths
         seg = segment_ids(hist, own.sizes.num_history_items)

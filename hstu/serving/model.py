@@ -122,7 +122,8 @@ class InferenceHSTU(nn.Module):
     rab_query_time (absent: False), max_attn_len, min_full_attn_seq_len,
     attn_truncation_layers, attn_truncation_len (each absent: 0, off), num_contextual, has_action,
     projections (feature -> input dim of its projection), item_feature_name,
-    action_feature_name, contextual_feature_names, l2_norm_eps; ranking: head_arch,
+    action_feature_name, contextual_feature_names, l2_norm_eps; retrieval: query_projection
+    (absent: none; else the item dim d the query is projected to); ranking: head_arch,
     head_bias, head_activation.
     """
 
@@ -133,6 +134,8 @@ class InferenceHSTU(nn.Module):
         self.block = _Block(cfg)
         if cfg["task"] == "ranking":
             self.head = _mlp(cfg)
+        if cfg.get("query_projection"):  # retrieval with items narrower than hidden_size
+            self.query_projection = nn.Linear(cfg["hidden_size"], int(cfg["query_projection"]), bias=False)
         self.hidden_size = cfg["hidden_size"]
         self.num_heads, self.head_dim = cfg["num_heads"], cfg["head_dim"]
         self.alpha = float(cfg["alpha"])
@@ -338,8 +341,8 @@ class InferenceHSTU(nn.Module):
         slots ignored), contextual [B, X, D_ctx], query_timestamps int64 [B] (the request
         time; a model with ``rab_query_time`` needs it, any other refuses it).
 
-        Retrieval: the L2-normalised query [B, D] (the state of each sample's last history
-        item token). Ranking: head logits [B, L, W_head] at every item slot (those of slots
+        Retrieval: the L2-normalised query [B, d] (the state of each sample's last history
+        item token, projected to the item dim d where ``query_projection``). Ranking: head logits [B, L, W_head] at every item slot (those of slots
         [H[b], H[b] + C[b]) are the candidates' scores; the rest are not meaningful).
         """
         if (query_timestamps is not None) != self.query_time:
@@ -365,6 +368,8 @@ class InferenceHSTU(nn.Module):
                 (n - 1).clamp(min=0),
             )
             query = states.gather(1, last.view(-1, 1, 1).expand(-1, 1, states.shape[-1])).squeeze(1)
+            if self.cfg.get("query_projection"):
+                query = self.query_projection(query)
             return F.normalize(query, p=2.0, dim=-1, eps=float(self.cfg["l2_norm_eps"]))
         picked = states.gather(1, rows.unsqueeze(-1).expand(-1, -1, states.shape[-1]))
         return self.head.net(picked)

@@ -512,12 +512,26 @@ def test_eval_target_score_comes_from_the_same_matmul_as_the_others():
         assert result.target_ranks[:3].isinf().all() and result.target_ranks.isfinite().sum() > 400
 
 
-def test_retrieval_needs_unprojected_items():
+def test_retrieval_with_narrow_items_scores_projected_queries_against_the_table():
     data = ModelDataInfo(
         num_items=30, item_feature_name="item", max_item_seqlen=8, feature_dims={"item": 4}
     )
-    with pytest.raises(ValueError, match="item embedding dim"):
-        build_model("retrieval", _net(), RetrievalArgs(), TinyEmbeddings({"item": (30, 4)}), data)
+    torch.manual_seed(0)
+    emb = TinyEmbeddings({"item": (30, 4)})
+    model = build_model("retrieval", _net(), RetrievalArgs(temperature=0.1), emb, data)
+    proj = model.dense_module.query_projection
+    assert tuple(proj.weight.shape) == (4, D)
+    loss, (pos_logits, _) = model(make_batch([[1, 2, 3, 4], [5, 6], [7]]))
+    assert pos_logits.shape == (4,)
+    loss.backward()
+    assert proj.weight.grad.abs().sum() > 0
+    model.eval()
+    queries, _, _ = model.last_queries(make_batch([[1, 2, 3, 4]]))
+    assert queries.shape == (1, 4)
+    torch.testing.assert_close(queries.norm(dim=-1), torch.ones(1))
+    # the corpus is the table as stored (normalised), never projected
+    corpus = model.corpus_vectors()
+    torch.testing.assert_close(corpus, F.normalize(emb.tables["item"].weight.detach(), dim=-1))
 
 
 def test_research_variant_builds_and_runs():

@@ -1,6 +1,6 @@
 """The trainer's own evaluation of a checkpoint, for the export tests (run as a subprocess):
 
-    python -m tests.serving.reference TASK DATA_DIR CKPT RUN_DIR OUT.pt
+    python -m tests.serving.reference TASK DATA_DIR CKPT RUN_DIR OUT.pt [GIN_PARAM ...]
 
 Loads the checkpoint into a Trainer (one process) and writes, per evaluation sample in user
 order: retrieval top-10 ids and scores (RetrievalRecommender.evaluate) and the trainer's
@@ -17,7 +17,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def main(task: str, data: str, ckpt: str, run_dir: str, out: str) -> None:
+def main(task: str, data: str, ckpt: str, run_dir: str, out: str, *params: str) -> None:
     from hstu.config import load_config
     from hstu.training.distributed import destroy_distributed, init_distributed, set_seed
     from hstu.training.evaluate import evaluate
@@ -26,7 +26,7 @@ def main(task: str, data: str, ckpt: str, run_dir: str, out: str) -> None:
     cfg = load_config(
         os.path.join(ROOT, "configs", f"debug_{task}.gin"),
         [f'DatasetArgs.dataset_path="{data}"', f'TrainerArgs.ckpt_load_dir="{ckpt}"',
-         f'TrainerArgs.run_dir="{run_dir}"'],
+         f'TrainerArgs.run_dir="{run_dir}"', *params],
         task=task, world_size=1,
     )
     env = init_distributed(1)
@@ -62,4 +62,4 @@ def main(task: str, data: str, ckpt: str, run_dir: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:6])
+    main(*sys.argv[1:])

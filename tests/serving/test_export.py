@@ -53,20 +53,22 @@ def tmp(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("export")
 
 
-def _train_export_reference(tmp: Path, task: str) -> dict:
-    run_dir, data = tmp / task, tmp / "data" / "synthetic"
+def _train_export_reference(tmp: Path, task: str, *params: str, name: str = "") -> dict:
+    name = name or task
+    run_dir, data = tmp / name, tmp / "data" / "synthetic"
+    extra = [a for p in params for a in ("--gin-param", p)]
     _run([sys.executable, str(ROOT / f"pretrain_gr_{task}.py"), "--gin-config-file",
           str(ROOT / "configs" / f"debug_{task}.gin"),
           "--gin-param", f'TrainerArgs.run_dir="{run_dir}"',
           "--gin-param", f'DatasetArgs.dataset_path="{data}"',
           "--gin-param", "TrainerArgs.ckpt_save_interval=20",
-          "--gin-param", f'TrainerArgs.ckpt_save_dir="{run_dir / "ckpt"}"'])
-    art = tmp / f"{task}_artifact"
+          "--gin-param", f'TrainerArgs.ckpt_save_dir="{run_dir / "ckpt"}"', *extra])
+    art = tmp / f"{name}_artifact"
     # the configuration comes from the checkpoint itself (no --gin-config-file)
     _run([sys.executable, "-m", "hstu.export", "--ckpt", str(run_dir / "ckpt"), "--out", str(art), "--no-aoti"])
-    ref = tmp / f"{task}_reference.pt"
+    ref = tmp / f"{name}_reference.pt"
     _run([sys.executable, "-m", "tests.serving.reference", task, str(data), str(run_dir / "ckpt"),
-          str(tmp / f"{task}_ref_run"), str(ref)])
+          str(tmp / f"{name}_ref_run"), str(ref), *params])
     return {"art": art, "data": data, "reference": torch.load(ref, weights_only=False), "run_dir": run_dir}
 
 
@@ -103,8 +105,27 @@ def test_artifact_files_and_manifest(retrieval) -> None:
     assert dump.schema.field("vector").type.list_size == manifest["model"]["hidden_size"]
 
 
+@pytest.fixture(scope="module")
+def retrieval_narrow_items(tmp) -> dict:
+    # item table of 8 dims under hidden_size 16: the queries are projected down to 8
+    return _train_export_reference(tmp, "retrieval", "NetworkArgs.item_embedding_dim=8", name="narrow")
+
+
 def test_retrieval_top_k_equals_the_trainer_evaluation(retrieval, tmp) -> None:
-    out = tmp / "top10.csv"
+    _check_top_k(retrieval, tmp)
+
+
+@pytest.mark.slow
+def test_narrow_item_table_exports_to_the_trainer_evaluation(retrieval_narrow_items, tmp) -> None:
+    art = retrieval_narrow_items["art"]
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["model"]["query_projection"] == 8 and manifest["model"]["hidden_size"] == 16
+    assert pq.read_table(art / "item_embeddings.parquet").schema.field("vector").type.list_size == 8
+    _check_top_k(retrieval_narrow_items, tmp)
+
+
+def _check_top_k(retrieval: dict, tmp: Path) -> None:
+    out = tmp / f"top10_{retrieval['art'].name}.csv"
     proc = recommend("--model", str(retrieval["art"]), "--input", str(retrieval["data"]), "--out", str(out),
                      "--top-k", "10", "--holdout-last", "1")
     ref = retrieval["reference"]

@@ -122,6 +122,11 @@ CASES = {
     # with gradients back to their rank: hstu.model.batch_gather), as one process scores its
     # whole batch's; a rank's own positives only would be half of them
     "retrieval-in_batch": ("retrieval", 8, [*_SGD, 'RetrievalArgs.negative_sampling="in_batch"']),
+    # items narrower than hidden_size: the query projection runs on the TP group's rows
+    # before each rank takes its own (its gradient then holds the group's losses)
+    "retrieval-narrow_items": ("retrieval", 8, [
+        *_SGD, 'RetrievalArgs.negative_sampling="in_batch"', "NetworkArgs.item_embedding_dim=8",
+    ]),
     "retrieval-mixed": ("retrieval", 8, [
         *_SGD, 'RetrievalArgs.negative_sampling="mixed"', "RetrievalArgs.num_negatives=4",
     ]),
@@ -136,7 +141,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 # the default tier: ranking with Adam, and retrieval with in-batch negatives (every rank
 # scores the world's positives); uniform and mixed negatives run in the slow tier
-SLOW_CASES = {"retrieval-sgd", "retrieval-mixed"}
+SLOW_CASES = {"retrieval-sgd", "retrieval-mixed", "retrieval-narrow_items"}
 
 
 @pytest.mark.parametrize(
