@@ -22,6 +22,7 @@ group of the per-rank gradients.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,7 +37,7 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
-from hstu.args import EmbeddingArgs, OptimizerArgs
+from hstu.args import DynamicEmbeddingArgs, EmbeddingArgs, OptimizerArgs, embedding_row_bytes
 from hstu.embeddings.collection import HstuEmbeddings
 from hstu.embeddings.optim import RowSparseOptimizer
 from hstu.validation import ConfigError
@@ -60,6 +61,67 @@ class TablePlacement:
     def describe(self) -> str:
         per_rank = ", ".join(f"r{r}: {b / 2**20:.2f} MiB" for r, b in sorted(self.bytes_per_rank.items()))
         return f"{self.table}: {self.sharding_type} ({self.compute_kernel}) on ranks {self.ranks} [{per_rank}]"
+
+
+# a dynamic table's remapper per row of capacity: slot id, occupied, last access, count
+# (25 B), the sorted index (16 B) and the LRU access log (up to 32 B)
+REMAPPER_BYTES_PER_ROW = 73
+
+
+def available_bytes_per_rank(device: torch.device) -> tuple[int, str]:
+    """(bytes, where from) a rank can give its tables: free device memory on a GPU; on CPU
+    the host's MemAvailable shared by the node's ranks (LOCAL_WORLD_SIZE)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free), f"free on {device}"
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    with open("/proc/meminfo") as fh:
+        fields = dict(line.split(":", 1) for line in fh)
+    avail = int(fields["MemAvailable"].split()[0]) * 1024
+    return avail // local, f"host MemAvailable / {local} local rank(s)"
+
+
+def check_tables_fit(
+    tables: list[EmbeddingArgs],
+    dims: dict[str, int],
+    optimizer_str: str,
+    world_size: int,
+    available: tuple[int, str],
+) -> int:
+    """Refuses, in one line with the numbers, tables that cannot fit a rank; returns the bytes
+    needed per rank (a lower bound).
+
+    Every rank builds each table whole (float32) before TorchRec shards it, then holds its
+    shards' optimizer state: at least 1/world of each table's (all of it when the table
+    lands on one rank). Dynamic tables count their capacity and the remapper's state.
+    """
+    needed = 0
+    parts = []
+    for tb in tables:
+        dim = dims[tb.table_name]
+        if isinstance(tb, DynamicEmbeddingArgs):
+            rows = tb.resolve_hbm(dim, optimizer_str).capacity_rows
+            extra = rows * REMAPPER_BYTES_PER_ROW
+        else:
+            rows, extra = int(tb.item_vocab_size_or_capacity), 0
+        weights = rows * dim * 4
+        state = rows * embedding_row_bytes(dim, optimizer_str) - weights
+        if tb.sharding_type != "data_parallel":
+            state //= world_size
+        table_bytes = weights + state + extra
+        needed += table_bytes
+        parts.append((table_bytes, f"{tb.table_name} {rows:,} x {dim} = {table_bytes / 2**30:.2f} GiB"))
+    avail, source = available
+    if needed > avail:
+        largest = ", ".join(text for _, text in sorted(parts, reverse=True)[:3])
+        raise ConfigError(
+            "EmbeddingArgs", None,
+            f"the embedding tables need at least {needed / 2**30:.2f} GiB per rank ({largest}; "
+            f"float32 values plus {optimizer_str} state) but a rank has {avail / 2**30:.2f} GiB "
+            f"({source}): lower NetworkArgs.item_embedding_dim, give a large table a capacity "
+            "(DynamicEmbeddingArgs), or run fewer ranks per host",
+        )
+    return needed
 
 
 def sparse_optimizer_spec(

@@ -27,6 +27,7 @@ from hstu.embeddings import (
     replicated_optimizers,
     shard_embeddings,
 )
+from hstu.embeddings.sharding import available_bytes_per_rank, check_tables_fit
 from hstu.model import ModelDataInfo, build_model
 from hstu.model.model import GenerativeRecommender
 from hstu.ops.losses import resolve_matmul_dtype
@@ -186,6 +187,13 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
             if loader is not None:
                 loader.query_times = True
     dims = table_dims(tables, info, cfg.network)
+    available = available_bytes_per_rank(env.device)
+    needed = check_tables_fit(
+        tables, dims, cfg.optimizer.resolved_sparse_optimizer_str, env.world_size, available
+    )
+    if env.is_main:
+        log(f"[embeddings] tables need at least {needed / 2**30:.2f} GiB per rank; "
+            f"{available[0] / 2**30:.2f} GiB available ({available[1]})")
     torch.manual_seed(t.seed)
     embeddings = build_embeddings(
         tables,

@@ -1,0 +1,65 @@
+"""Tables that cannot fit a rank are refused in one line with the numbers, before anything
+is allocated; the figure is a lower bound that counts what every rank really holds."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hstu.args import DynamicEmbeddingArgs, EmbeddingArgs
+from hstu.embeddings.sharding import REMAPPER_BYTES_PER_ROW, check_tables_fit
+from hstu.validation import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+GIB = 2**30
+
+
+def _item(rows: int, sharding: str = "model_parallel") -> EmbeddingArgs:
+    return EmbeddingArgs(feature_names=["item"], table_name="item_table",
+                         item_vocab_size_or_capacity=rows, sharding_type=sharding)
+
+
+def test_the_figure_counts_values_and_the_rank_share_of_the_optimizer_state() -> None:
+    # 4,369,953 x 64 float32 = 1.04 GiB of values; Adam's 2 x 64 values per row over 2 ranks
+    rows, dim = 4_369_953, 64
+    need = check_tables_fit([_item(rows)], {"item_table": dim}, "adam", 2, (100 * GIB, "test"))
+    assert need == rows * dim * 4 + rows * 2 * dim * 4 // 2
+    # replicated tables keep all of their state on every rank; row-wise Adagrad: 1 value a row
+    need = check_tables_fit([_item(rows, "data_parallel")], {"item_table": dim}, "rowwise_adagrad", 2,
+                            (100 * GIB, "test"))
+    assert need == rows * dim * 4 + rows * 4
+
+
+def test_a_dynamic_table_counts_its_capacity_and_its_remapper() -> None:
+    dyn = DynamicEmbeddingArgs(feature_names=["item"], table_name="item_table",
+                               item_vocab_size_or_capacity=10**9, item_vocab_gpu_capacity=1_000_000)
+    need = check_tables_fit([dyn], {"item_table": 32}, "sgd", 1, (100 * GIB, "test"))
+    assert need == 1_000_000 * (32 * 4 + REMAPPER_BYTES_PER_ROW)
+
+
+def test_a_table_that_cannot_fit_is_one_line_with_the_numbers() -> None:
+    with pytest.raises(ConfigError) as err:
+        check_tables_fit([_item(4_369_953)], {"item_table": 512}, "adam", 1, (6 * GIB, "host MemAvailable / 1 local rank(s)"))
+    line = str(err.value)
+    assert "\n" not in line
+    assert "need at least 25.01 GiB per rank" in line and "item_table 4,369,953 x 512 = 25.01 GiB" in line
+    assert "a rank has 6.00 GiB (host MemAvailable / 1 local rank(s))" in line
+    assert "item_embedding_dim" in line
+
+
+def test_the_trainer_refuses_before_allocating(tmp_path) -> None:
+    # items of 100M floats each: terabytes, refused before any table is built
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "pretrain_gr_retrieval.py"), "--gin-config-file",
+         str(ROOT / "configs" / "debug_retrieval.gin"),
+         "--gin-param", f'DatasetArgs.dataset_path="{tmp_path / "synthetic"}"',
+         "--gin-param", f'TrainerArgs.run_dir="{tmp_path / "run"}"',
+         "--gin-param", "NetworkArgs.item_embedding_dim=100000000"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert run.returncode == 2, (run.stdout + run.stderr)[-3000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: EmbeddingArgs: the embedding tables need at least") and "GiB per rank" in last, last
