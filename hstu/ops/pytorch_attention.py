@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
 
 from hstu.ops.masks import check_window, dense_mask, lengths_from_offsets
 from hstu.ops.rab import (
@@ -634,6 +635,11 @@ def _scores_times_v(
     return torch.bmm(weights, vb)
 
 
+def _recomputed_scores_times_v(*args) -> Tensor:
+    """:func:`_scores_times_v` keeping only its inputs for backward (which recomputes it)."""
+    return checkpoint(_scores_times_v, *args, use_reentrant=False)
+
+
 def pytorch_hstu_attention(
     q: Tensor,
     k: Tensor,
@@ -665,6 +671,8 @@ def pytorch_hstu_attention(
             row blocks against the keys within the window only.
         memory_budget_bytes: cap on the float32 score tensors of one chunk; a sample over it
             is computed in row blocks that fit it, recomputed in backward instead of saved.
+            When the chunks' score tensors kept for backward would together exceed it, each
+            chunk's are recomputed in backward too.
 
     Returns:
         [T, H, d] in q's dtype.
@@ -687,6 +695,15 @@ def pytorch_hstu_attention(
     pieces: list[Tensor] = []
     ids: list[Tensor] = []
     h = num_heads
+    # autograd keeps every dense chunk's score tensors until backward: when together they
+    # exceed the budget, each chunk's scores are recomputed in backward instead (the same
+    # ops again: the same values), so a call keeps at most about one chunk's
+    recording = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    kept = sum(
+        c.token_index.shape[0] * h * c.token_index.shape[1] ** 2 * _SCORE_BYTES * _SCORE_TENSORS_ALIVE
+        for c in chunks if c.blocked is None
+    )
+    scores_times_v = _recomputed_scores_times_v if recording and kept > budget else _scores_times_v
     for c in chunks:
         b, n = c.token_index.shape
 
@@ -702,14 +719,14 @@ def pytorch_hstu_attention(
                 None if rab is None else rab.ts_weights, c.blocked, alpha,
             )
         elif c.parts is None:
-            chunk_out = _scores_times_v(
+            chunk_out = scores_times_v(
                 qb, kb, vb, c.mask, c.rel, c.buckets, rab, alpha, b, h, compute_dtype
             )
         else:
             chunk_out = torch.cat(
                 [
-                    _scores_times_v(qb[:, rows_], kb[:, keys_], vb[:, keys_], mask, rel, buckets,
-                                    rab, alpha, b, h, compute_dtype)
+                    scores_times_v(qb[:, rows_], kb[:, keys_], vb[:, keys_], mask, rel, buckets,
+                                   rab, alpha, b, h, compute_dtype)
                     for rows_, keys_, mask, rel, buckets in c.parts
                 ],
                 dim=1,

@@ -204,3 +204,40 @@ def test_causal_split_of_wide_chunks_matches_reference(ctx, rab) -> None:
     torch.testing.assert_close(got, want)
     for g_got, g_want in zip(grads(got, case.leaves()), grads(want, case.leaves())):
         torch.testing.assert_close(g_got, g_want)
+
+
+def _saved_bytes(fn) -> tuple[torch.Tensor, int]:
+    """(fn's output, bytes of the float tensors autograd saved for backward while it ran)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        if t.is_floating_point():
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total
+
+
+@pytest.mark.parametrize("rab", ["none", "pos+ts"])
+def test_chunks_over_the_budget_together_are_recomputed_in_backward(monkeypatch, rab: str) -> None:
+    # 8 samples of 48 tokens, 2 heads of 4 dims: one sample's dense scores (16 B x 48^2 x 2 =
+    # 72 KiB) fit the 100 KiB budget, so no sample runs in row blocks; together they keep more
+    import hstu.ops.pytorch_attention as pa
+
+    budget = 100 * 1024
+    case = random_case([48] * 8, head_dim=4, num_contextual=[2] * 8, num_targets=[3] * 8, rab=rab,
+                       max_positions=48)
+    kw = {"alpha": 0.2, "scaling_seqlen": 48, "num_contextual": case.num_contextual,
+          "num_targets": case.num_targets, "rab": case.rab, "memory_budget_bytes": budget}
+    args = (case.q, case.k, case.v, case.offsets, case.max_seqlen)
+    out, saved = _saved_bytes(lambda: pytorch_hstu_attention(*args, **kw))
+    monkeypatch.setattr(pa, "_recomputed_scores_times_v", pa._scores_times_v)
+    kept, saved_kept = _saved_bytes(lambda: pytorch_hstu_attention(*args, **kw))
+    assert saved_kept > 2 * budget > 3 * saved, (saved, saved_kept)
+    # the same ops again in backward: the same values, bit for bit
+    assert torch.equal(out, kept)
+    for a, b in zip(grads(out, case.leaves()), grads(kept, case.leaves())):
+        assert torch.equal(a, b)
