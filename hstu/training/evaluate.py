@@ -155,7 +155,7 @@ def rank_corpus(model: Any, own: tuple[torch.Tensor, ...], budget_bytes: int,
         torch.cat([p[3] + starts[r] for r, p in enumerate(every)]).to(device),
     )
     num_items = dense.num_items
-    block = eval_block_items(q.targets.numel(), budget_bytes)
+    block = eval_block_items(q.targets.numel(), budget_bytes, torch.device(device))
     grids = [block_grid(num_items, block, r, world) for r in range(world)]
     slices = [(g[0][0], g[-1][1]) if g else (0, 0) for g in grids]
     lo, hi = slices[rank]
