@@ -27,11 +27,11 @@ class _Reference:
         for i in ids:
             counts[i] = counts.get(i, 0) + 1
         new = sorted(i for i in counts if i not in self.row_of)
-        for i in counts:
+        for i, n in counts.items():
             if i in self.row_of:
                 r = self.row_of[i]
                 self.last[r] = self.step
-                self.count[r] += counts[i]
+                self.count[r] += n
         free = [r for r in range(self.capacity) if self.held[r] is None]
         cand = [r for r in range(self.capacity) if self.held[r] is not None and self.last[r] < self.step]
         key = (lambda r: (self.last[r], r)) if self.policy == "lru" else (lambda r: (self.count[r], self.last[r], r))

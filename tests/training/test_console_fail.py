@@ -29,7 +29,7 @@ print("launcher report " + " ".join(map(str, codes)), file=sys.stderr, flush=Tru
 def _launch(*ranks: str) -> list[str]:
     run = subprocess.run(
         [sys.executable, "-c", LAUNCHER.replace("sys.argv[0]", repr(str(ROOT))), uuid.uuid4().hex, *ranks],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, check=False,
     )
     assert run.returncode == 0, run.stderr
     return run.stderr.strip().splitlines()
