@@ -278,13 +278,14 @@ class DynamicIdRemapper(nn.Module):
             )
         if self.evict_strategy == "lru":
             return self._lru_victims(num, step)
+        # lfu: (count, last access, slot) among the rows not used at this step
         evictable = self.occupied & (self.last_access < step)
-        primary = self.access_count
-        masked = torch.where(evictable, primary, torch.full_like(primary, _INT64_MAX))
+        count = self.access_count
+        masked = torch.where(evictable, count, torch.full_like(count, _INT64_MAX))
         kth = torch.kthvalue(masked, num).values
         cand = torch.nonzero(masked <= kth, as_tuple=False).flatten()  # ascending slots
         cand = cand[torch.argsort(self.last_access[cand], stable=True)]
-        cand = cand[torch.argsort(primary[cand], stable=True)]
+        cand = cand[torch.argsort(count[cand], stable=True)]
         return cand[:num]
 
     @torch.no_grad()

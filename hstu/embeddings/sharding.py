@@ -68,15 +68,21 @@ class TablePlacement:
 REMAPPER_BYTES_PER_ROW = 73
 
 
-def available_bytes_per_rank(device: torch.device) -> tuple[int, str]:
+def available_bytes_per_rank(device: torch.device) -> tuple[int | None, str]:
     """(bytes, where from) a rank can give its tables: free device memory on a GPU; on CPU
-    the host's MemAvailable shared by the node's ranks (LOCAL_WORLD_SIZE)."""
+    the host's MemAvailable shared by the node's ranks (LOCAL_WORLD_SIZE). None where the
+    host does not say (no /proc/meminfo, e.g. macOS): nothing is then refused."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free), f"free on {device}"
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    with open("/proc/meminfo") as fh:
-        fields = dict(line.split(":", 1) for line in fh)
+    try:
+        with open("/proc/meminfo") as fh:
+            fields = dict(line.split(":", 1) for line in fh if ":" in line)
+    except OSError:
+        return None, "unknown: this host has no /proc/meminfo"
+    if "MemAvailable" not in fields:
+        return None, "unknown: /proc/meminfo has no MemAvailable"
     avail = int(fields["MemAvailable"].split()[0]) * 1024
     return avail // local, f"host MemAvailable / {local} local rank(s)"
 
@@ -86,7 +92,7 @@ def check_tables_fit(
     dims: dict[str, int],
     optimizer_str: str,
     world_size: int,
-    available: tuple[int, str],
+    available: tuple[int | None, str],
 ) -> int:
     """Refuses, in one line with the numbers, tables that cannot fit a rank; returns the bytes
     needed per rank (a lower bound).
@@ -112,7 +118,7 @@ def check_tables_fit(
         needed += table_bytes
         parts.append((table_bytes, f"{tb.table_name} {rows:,} x {dim} = {table_bytes / 2**30:.2f} GiB"))
     avail, source = available
-    if needed > avail:
+    if avail is not None and needed > avail:
         largest = ", ".join(text for _, text in sorted(parts, reverse=True)[:3])
         raise ConfigError(
             "EmbeddingArgs", None,

@@ -192,8 +192,9 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         tables, dims, cfg.optimizer.resolved_sparse_optimizer_str, env.world_size, available
     )
     if env.is_main:
+        have = "" if available[0] is None else f"{available[0] / 2**30:.2f} GiB "
         log(f"[embeddings] tables need at least {needed / 2**30:.2f} GiB per rank; "
-            f"{available[0] / 2**30:.2f} GiB available ({available[1]})")
+            f"{have}available ({available[1]})")
     torch.manual_seed(t.seed)
     embeddings = build_embeddings(
         tables,

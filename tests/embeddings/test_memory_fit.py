@@ -63,3 +63,25 @@ def test_the_trainer_refuses_before_allocating(tmp_path) -> None:
     assert run.returncode == 2, (run.stdout + run.stderr)[-3000:]
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("error: EmbeddingArgs: the embedding tables need at least") and "GiB per rank" in last, last
+
+
+def test_a_host_that_does_not_say_its_memory_refuses_nothing(monkeypatch) -> None:
+    import builtins
+
+    import torch
+
+    from hstu.embeddings.sharding import available_bytes_per_rank
+
+    real_open = builtins.open
+
+    def no_meminfo(path, *args, **kwargs):
+        if str(path) == "/proc/meminfo":
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_meminfo)
+    avail = available_bytes_per_rank(torch.device("cpu"))
+    assert avail[0] is None and "no /proc/meminfo" in avail[1]
+    # terabytes of tables: the figure is still returned, nothing is refused
+    need = check_tables_fit([_item(10**9)], {"item_table": 512}, "sgd", 1, avail)
+    assert need == 10**9 * 512 * 4
