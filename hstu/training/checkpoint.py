@@ -41,6 +41,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
+# the tables' weight average (hstu.training.ema.TABLES_KEY): optional to a load
+EMA_PREFIX = "embeddings_ema."
 
 
 class CheckpointError(RuntimeError):
@@ -471,7 +473,9 @@ def model_keys(sharded_state: dict[str, Any]) -> dict[str, tuple[int, ...] | Non
     return union
 
 
-def check_sharded_keys(ckpt: str, have: dict[str, tuple[int, ...] | None]) -> str | None:
+def check_sharded_keys(
+    ckpt: str, have: dict[str, tuple[int, ...] | None], allow_unused: bool = False
+) -> str | None:
     """A key of this model (``have``: :func:`model_keys`, the union over the ranks) missing
     from the checkpoint or the reverse, or a global shape that differs: the first such,
     naming the key."""
@@ -494,8 +498,9 @@ def check_sharded_keys(ckpt: str, have: dict[str, tuple[int, ...] | None]) -> st
                 f"{ckpt}: {key} is {list(want)} in the checkpoint, {list(shape)} in this "
                 f"model{hint}"
             )
-    extra = sorted(set(saved) - set(have))
-    if extra:
+    # the weight average (TrainerArgs.ema_decay) is optional to a load
+    extra = sorted(k for k in set(saved) - set(have) if not k.startswith(EMA_PREFIX))
+    if extra and not allow_unused:
         return (
             f"{ckpt}: the checkpoint has {extra[0]}, this model does not (a different table "
             "set?)"
@@ -514,11 +519,12 @@ def read_meta(ckpt: str) -> dict[str, Any]:
     return meta
 
 
-def load_sharded(ckpt: str, sharded_state: dict[str, Any]) -> None:
+def load_sharded(ckpt: str, sharded_state: dict[str, Any], allow_unused: bool = False) -> None:
     """Fills ``sharded_state`` in place from the DCP files, resharding onto this world, after
-    checking its keys and global shapes against the checkpoint's (collective)."""
+    checking its keys and global shapes against the checkpoint's (collective); with
+    ``allow_unused`` the checkpoint may hold keys the state does not ask for."""
     # against the keys of all ranks: one rank's are a part (see model_keys)
-    problem = check_sharded_keys(ckpt, model_keys(sharded_state))
+    problem = check_sharded_keys(ckpt, model_keys(sharded_state), allow_unused)
     agree(problem, name_rank=False)
     try:
         dcp.load(sharded_state, checkpoint_id=ckpt)

@@ -32,6 +32,8 @@ import torch
 from hstu.training import checkpoint as ckpt
 from hstu.training.checkpoint import CheckpointError, CheckpointState, RankPlace
 from hstu.training.distributed import restart_count, rng_state, seed_training_rng, set_rng_state
+from hstu.training.ema import TABLES_KEY as EMA_TABLES_KEY
+from hstu.training.ema import WeightAverage, is_table_weight
 from hstu.training.lifecycle import AUTO, BestTracker, CheckpointLifecycle
 
 # NetworkArgs fields a checkpoint may be loaded under with another value: they change how
@@ -104,17 +106,24 @@ class TableState:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
+        self.ema: WeightAverage | None = None  # TrainerArgs.ema_decay: the tables' average
 
-    def state_dict(self) -> dict[str, Any]:
-        """Live views of the tables: DCP saves them, or fills them in place on a load."""
+    def state_dict(self, with_ema: bool = True) -> dict[str, Any]:
+        """Live views of the tables (and of their weight average, when the run keeps one
+        and ``with_ema``): DCP saves them, or fills them in place on a load."""
         from hstu.embeddings import embedding_state_dict
 
-        return {self.KEY: embedding_state_dict(self.model)}
+        out = {self.KEY: embedding_state_dict(self.model)}
+        if with_ema and self.ema is not None:
+            out[EMA_TABLES_KEY] = self.ema.table_state()
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from hstu.embeddings import load_embedding_state_dict
 
         load_embedding_state_dict(self.model, state[self.KEY])
+        if EMA_TABLES_KEY in state and self.ema is not None:
+            self.ema.load_table_state(state[EMA_TABLES_KEY])
 
 
 class DenseState:
@@ -128,6 +137,7 @@ class DenseState:
     def __init__(self, model: torch.nn.Module, optimizer: Any | None) -> None:
         self.model = model
         self.optimizer = optimizer
+        self.ema: WeightAverage | None = None  # TrainerArgs.ema_decay: the dense average
 
     def children(self) -> dict[str, torch.nn.Module]:
         """Top-level submodules other than the embedding tables (those go through DCP)."""
@@ -167,6 +177,8 @@ class DenseState:
         out = {"model": weights, "optimizer": opt.dense.state_dict(), "num_steps": opt.num_steps}
         if opt.scaler is not None:
             out["loss_scaler"] = opt.scaler.state_dict()
+        if self.ema is not None:
+            out.update(self.ema.dense_state())
         return out
 
     def load_weights(self, weights: dict[str, dict[str, Any]], where: str) -> None:
@@ -226,11 +238,13 @@ class LoaderPosition:
 
 # ------------------------------------------------------------------- weights-only load
 def _load_parts(
-    path: str, tables: TableState, dense: DenseState, place: RankPlace, task: str, network: Any
+    path: str, tables: TableState, dense: DenseState, place: RankPlace, task: str, network: Any,
+    with_ema: bool = False,
 ) -> CheckpointState:
-    """Tables and dense weights of ``path`` into the model, after the checks; returns the
-    checkpoint's files (dense optimizer, meta, rng) for a full resume."""
-    sharded = tables.state_dict()
+    """Tables and dense weights of ``path`` into the model, after the checks (and the
+    tables' weight average when ``with_ema``); returns the checkpoint's files (dense
+    optimizer and average, meta, rng) for a full resume."""
+    sharded = tables.state_dict(with_ema=with_ema)
     state = ckpt.load_checkpoint(path, sharded, place)
     meta = state.meta
     if meta.get("task") != task:
@@ -258,10 +272,21 @@ def load_weights(model: torch.nn.Module, checkpoint: str, verify: bool = True) -
     meta = ckpt.read_meta(folder)
     tables = TableState(model)
     sharded = tables.state_dict()
-    ckpt.load_sharded(folder, sharded)
+    averaged = bool(meta.get("ema"))
+    if averaged:  # the run kept a weight average: load it into the weights
+        weights = sharded[TableState.KEY]
+        sharded[EMA_TABLES_KEY] = {k: weights.pop(k) for k in list(weights) if is_table_weight(k)}
+    ckpt.load_sharded(folder, sharded, allow_unused=averaged)  # averaged: not the raw weights
+    if averaged:
+        sharded[TableState.KEY].update(sharded.pop(EMA_TABLES_KEY))
     tables.load_state_dict(sharded)
     tp_ranks = list(range(int(meta.get("tp_size", 1))))
-    shards = [d["model"] for d in ckpt.read_dense(folder, tp_ranks)]
+    shards = []
+    for d in ckpt.read_dense(folder, tp_ranks):
+        if averaged:  # parameters from the average, buffers as saved
+            shards.append({c: {**d["model"][c], **d["ema"].get(c, {})} for c in d["model"]})
+        else:
+            shards.append(d["model"])
     heads = head_dim = 0
     if len(shards) > 1:  # only an HSTU block is tensor-parallel
         layer = model.dense_module.block.layers[0]
@@ -302,6 +327,13 @@ class CheckpointManager:
         self.best = BestTracker(args.best_metric, args.early_stopping_patience)
         self.periodic = CheckpointLifecycle(args.ckpt_save_dir, args.keep_last_n, log)
         self.best_saves = CheckpointLifecycle(os.path.join(run_dir, "best"), 1, log)
+        self.ema: WeightAverage | None = None
+        if args.ema_decay > 0:
+            self.ema = WeightAverage(
+                self.dense.children(), self.tables.state_dict()[TableState.KEY], optimizer,
+                args.ema_decay,
+            )
+            self.tables.ema = self.dense.ema = self.ema
 
     # ------------------------------------------------------------------------ resume
     def resume(self) -> int | None:
@@ -327,12 +359,24 @@ class CheckpointManager:
     def load(self, path: str) -> int:
         """Everything of ``path``: weights, optimizers, loader position, RNG, best tracker.
         Returns its step."""
+        saved_ema = bool(ckpt.read_meta(ckpt.resolve_checkpoint_dir(path)).get("ema"))
+        with_ema = self.ema is not None and saved_ema
         state = _load_parts(
-            path, self.tables, self.dense, self.place, self.cfg.task, self.cfg.network
+            path, self.tables, self.dense, self.place, self.cfg.task, self.cfg.network,
+            with_ema=with_ema,
         )
         self.dense.optimizer.load_dense_state_dict(
             state.dense["optimizer"], int(state.dense["num_steps"]), state.dense.get("loss_scaler")
         )
+        if with_ema:
+            assert self.ema is not None
+            self.ema.load_dense_state(state.dense, path)
+        elif self.ema is not None:
+            self.ema.restart()
+            self.log(
+                f"[hstu] {path} has no weight average (TrainerArgs.ema_decay): the average "
+                "starts from its weights"
+            )
         meta = state.meta
         step = int(meta["step"])
         self.best.load_state_dict(meta.get("best"))
@@ -375,6 +419,7 @@ class CheckpointManager:
             "config_text": self.config_text,
             "network": dataclasses.asdict(self.cfg.network),
             "run_dir": os.path.abspath(self.run_dir),
+            "ema": self.ema is not None,
         }
         return CheckpointState(self.tables.state_dict(), self.dense.state_dict(), meta, rng_state())
 

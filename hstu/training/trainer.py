@@ -51,7 +51,8 @@ class Validation:
         t, args = self.trainer, self.args
         pipeline.detach()
         started = time.perf_counter()
-        metrics = evaluate(t.model, t.built.eval_loader, t.cfg, t.env, args.max_eval_iters)
+        with t.averaged():
+            metrics = evaluate(t.model, t.built.eval_loader, t.cfg, t.env, args.max_eval_iters)
         seconds = time.perf_counter() - started
         # in-flight batches already had their input distribution: re-attach without
         # starting it again (a second one would desynchronise the all-to-alls)
@@ -73,7 +74,8 @@ class Validation:
         if new_best:
             # never a best checkpoint of weights that went non-finite
             window.flush(step)
-            t.checkpoint.save(step, best=True)
+            with t.averaged():  # the weights evaluated are the ones selected
+                t.checkpoint.save(step, best=True)
             if best.fallback:
                 say(
                     f"[hstu] provisional selection at step {step}: lowest valid loss so far "
@@ -173,6 +175,12 @@ class Trainer:
         )
         self.peak, self.peak_source = peak_flops(env.device, cfg.network.dtype_str)
 
+    def averaged(self) -> contextlib.AbstractContextManager[None]:
+        """The weight average in the model for the duration (TrainerArgs.ema_decay), or
+        nothing to do without one."""
+        ema = self.checkpoint.ema
+        return ema.swapped() if ema is not None else contextlib.nullcontext()
+
     def _set_prior_limit(self) -> None:
         """TrainerArgs.best_requires_loss_below_prior: the label prior's loss on the validation
         candidates the selection evaluates (same batches, same max_eval_iters) is the limit."""
@@ -225,6 +233,8 @@ class Trainer:
         run by the pipeline); returns its loss, detached, still on the device."""
         loss, _ = self.pipeline.progress(batches)
         self.step += 1
+        if self.checkpoint.ema is not None:
+            self.checkpoint.ema.update()
         return loss.detach()
 
     def train(self) -> dict[str, float]:

@@ -1,0 +1,256 @@
+"""TrainerArgs.ema_decay: the weight average, by hand on one process and at trainer level on
+2 gloo processes (a row-wise sharded item table: the average covers each rank's shards).
+
+Trainer level (retrieval, debug preset on synthetic data, 4 steps, checkpoints at 2 and 4):
+- the average the trainer keeps equals one computed here from the raw weights recorded after
+  every step (tables assembled from both ranks' shards, dense weights);
+- the best checkpoint holds the average at its step (the weights evaluated and selected);
+- a resume from step 2 ends with the same average and losses as the uninterrupted run;
+- one process loading the step-4 checkpoint weights-only (export, recommend) gets the
+  average, resharded onto one process.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hstu.training.ema import WeightAverage
+from tests.dist_utils import run_multiprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DECAY = 0.9
+STEPS, RESUME_AT = 4, 2
+
+
+def _expected(history: list[dict[str, torch.Tensor]], decay: float) -> dict[str, torch.Tensor]:
+    """The average after len(history) updates, written out (decay warm-up included)."""
+    avg = {k: v.clone() for k, v in history[0]["init"].items()}
+    for t, weights in enumerate(history[1:]):
+        d = min(decay, (1.0 + t) / (10.0 + t))
+        avg = {k: d * v + (1.0 - d) * weights["w"][k] for k, v in avg.items()}
+    return avg
+
+
+def test_average_by_hand_and_swap_restores_the_raw_weights() -> None:
+    torch.manual_seed(0)
+    dense = {"head": nn.Linear(3, 2)}
+    table = torch.randn(5, 4)
+    ema = WeightAverage(dense, {"sparse.tables.embeddings.item.weight": table,
+                                "sparse.optim.embeddings.item.weight.momentum": torch.ones(5)},
+                        None, DECAY)
+    assert [k for k, _, _ in ema.dense] == [("head", "weight"), ("head", "bias")]
+    assert list(ema.tables) == ["sparse.tables.embeddings.item.weight"]  # not optimizer state
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        p = dense["head"]
+        return {"w": p.weight.detach().clone(), "b": p.bias.detach().clone(), "t": table.clone()}
+
+    history = [{"init": snapshot()}]
+    with torch.no_grad():
+        for _ in range(3):
+            dense["head"].weight.add_(torch.randn(2, 3))
+            dense["head"].bias.mul_(-2.0)
+            table.add_(1.0)
+            ema.update()
+            history.append({"w": snapshot()})
+    want = _expected(history, DECAY)
+    raw = snapshot()
+    with ema.swapped():
+        assert torch.allclose(dense["head"].weight, want["w"], rtol=0, atol=1e-6)
+        assert torch.allclose(dense["head"].bias, want["b"], rtol=0, atol=1e-6)
+        assert torch.allclose(table, want["t"], rtol=0, atol=1e-6)
+        assert not torch.equal(table, raw["t"])
+    after = snapshot()
+    for k in raw:
+        assert torch.equal(after[k], raw[k]), k
+    state = ema.dense_state()
+    assert state["ema_updates"] == 3
+    assert torch.allclose(state["ema"]["head"]["weight"], want["w"], rtol=0, atol=1e-6)
+
+
+def test_decay_out_of_range_is_refused_in_one_line() -> None:
+    from hstu.args import TrainerArgs
+    from hstu.validation import ConfigError
+
+    with pytest.raises(ConfigError, match="ema_decay"):
+        TrainerArgs(train_batch_size=4, eval_batch_size=4, ema_decay=1.0)
+
+
+# --------------------------------------------------------------------- trainer level
+def _trainer(tmp: str, phase: str, extra: list[str] = ()):
+    import gin
+
+    from hstu.config import load_config
+    from hstu.training.distributed import init_distributed, set_seed
+    from hstu.training.trainer import Trainer
+    from tests.training.test_checkpoint_sharding import _table_params
+
+    run_dir = os.path.join(tmp, phase)
+    gin.clear_config()
+    cfg = load_config(
+        os.path.join(ROOT, "configs", "debug_retrieval.gin"),
+        [
+            f'DatasetArgs.dataset_path="{os.path.join(tmp, "data", "synthetic")}"',
+            "SyntheticDataArgs.num_users=200",
+            "DatasetArgs.holdout_validation=True",
+            'TrainerArgs.best_metric="NDCG@10"',
+            f"TrainerArgs.max_train_iters={STEPS}",
+            "TrainerArgs.eval_interval=1",
+            f"TrainerArgs.ckpt_save_interval={RESUME_AT}",
+            "TrainerArgs.max_eval_iters=1",
+            f"TrainerArgs.ema_decay={DECAY}",
+            "NetworkArgs.hidden_dropout=0.2",
+            f'TrainerArgs.ckpt_save_dir="{os.path.join(run_dir, "ckpt")}"',
+            *_table_params({"item": "row_wise"}),
+            *extra,
+        ],
+        task="retrieval",
+        world_size=dist.get_world_size(),
+    )
+    env = init_distributed(cfg.tp.tensor_model_parallel_size)
+    set_seed(cfg.trainer.seed)
+    return Trainer(cfg, env, run_dir, "")
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    """Every table weight whole (assembled from all ranks) and every dense parameter."""
+    from hstu.embeddings import embedding_state_dict
+    from hstu.training.ema import is_table_weight
+    from tests.training.test_checkpoint_sharding import _full
+
+    tables = {k: v for k, v in embedding_state_dict(model).items() if is_table_weight(k)}
+    out = {k: v.float() for k, v in _full(tables).items()}
+    for name, p in model.dense_module.named_parameters():
+        out[f"dense.{name}"] = p.detach().float().clone()
+    return out
+
+
+def _average(trainer) -> dict[str, torch.Tensor]:
+    """The trainer's average in the same keys as _weights."""
+    ema = trainer.checkpoint.ema
+    with ema.swapped():
+        return _weights(trainer.model)
+
+
+def _record(trainer, history: list) -> None:
+    step = trainer.train_step
+
+    def recorded(batches):
+        loss = step(batches)
+        history.append({"w": _weights(trainer.model)})
+        return loss
+
+    trainer.train_step = recorded
+
+
+def _best_saves(trainer) -> dict[int, dict[str, torch.Tensor]]:
+    from tests.training.test_checkpoint_sharding import _full
+
+    saved: dict[int, dict[str, torch.Tensor]] = {}
+    lifecycle = trainer.checkpoint.best_saves
+
+    def save(step, state, place, _save=lifecycle.save):
+        saved[step] = _full(state.sharded["embeddings"])
+        return _save(step, state, place)
+
+    lifecycle.save = save
+    return saved
+
+
+def _two(rank: int, world_size: int, tmp: str) -> None:
+    trainer = _trainer(tmp, "a")
+    history = [{"init": _weights(trainer.model)}]
+    averages: dict[int, dict[str, torch.Tensor]] = {}
+    _record(trainer, history)
+    validation_run = trainer.validation.run
+
+    def run(step, *args, **kwargs):  # the average at every evaluation
+        averages[step] = _average(trainer)
+        return validation_run(step, *args, **kwargs)
+
+    trainer.validation.run = run
+    best = _best_saves(trainer)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    losses = list(trainer.losses)
+    ckpt = os.path.join(tmp, "a", "ckpt", f"iter_{RESUME_AT}")
+    resumed = _trainer(tmp, "b", [f'TrainerArgs.ckpt_load_dir="{ckpt}"'])
+    resumed_at = resumed.step
+    try:
+        resumed.train()
+    finally:
+        resumed.close()
+    resumed_final = _average(resumed)
+    if rank == 0:
+        torch.save(
+            {"history": history, "averages": averages, "best": best, "losses": losses,
+             "best_step": trainer.checkpoint.best.step, "resumed_at": resumed_at,
+             "resumed_losses": list(resumed.losses), "resumed_final": resumed_final},
+            os.path.join(tmp, "two.pt"),
+        )
+
+
+def _one(rank: int, world_size: int, tmp: str) -> None:
+    from hstu.training.checkpoint_manager import load_weights
+
+    trainer = _trainer(tmp, "c", ["TrainerArgs.ema_decay=0.0"])
+    load_weights(trainer.model, os.path.join(tmp, "a", "ckpt", f"iter_{STEPS}"))
+    torch.save(_weights(trainer.model), os.path.join(tmp, "one.pt"))
+    trainer.close()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    tmp = str(tmp_path_factory.mktemp("ema"))
+    run_multiprocess(_two, world_size=2, tmp=tmp)
+    run_multiprocess(_one, world_size=1, tmp=tmp)
+    out = torch.load(os.path.join(tmp, "two.pt"), weights_only=False)
+    out["one"] = torch.load(os.path.join(tmp, "one.pt"), weights_only=False)
+    return out
+
+
+def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert set(a) == set(b)
+    for k, v in a.items():
+        assert torch.allclose(v, b[k], rtol=0, atol=1e-6), k
+
+
+def test_the_average_is_the_one_written_out_over_tables_and_dense(runs) -> None:
+    history = runs["history"]
+    assert len(history) == STEPS + 1
+    assert any(k.startswith("dense.") for k in history[0]["init"])
+    assert any("tables." in k for k in history[0]["init"])
+    for step in range(1, STEPS + 1):
+        want = _expected(history[: step + 1], DECAY)
+        _close(runs["averages"][step], want)
+        # the raw weights moved away from the average (the test could tell them apart)
+        assert any(not torch.allclose(history[step]["w"][k], want[k], atol=1e-6) for k in want)
+
+
+def test_the_best_checkpoint_holds_the_average_of_its_step(runs) -> None:
+    step = runs["best_step"]
+    saved = runs["best"][step]
+    average = runs["averages"][step]
+    tables = [k for k in saved if k in average]
+    assert tables
+    for k in tables:
+        assert torch.allclose(saved[k].float(), average[k], rtol=0, atol=1e-6), k
+
+
+def test_resume_continues_the_same_average(runs) -> None:
+    assert runs["resumed_at"] == RESUME_AT
+    assert runs["resumed_losses"] == runs["losses"][RESUME_AT:]
+    final = runs["averages"][STEPS]
+    for k, v in runs["resumed_final"].items():
+        assert torch.equal(v, final[k]), k
+
+
+def test_weights_only_load_takes_the_average_resharded(runs) -> None:
+    _close(runs["one"], runs["averages"][STEPS])
