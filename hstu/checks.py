@@ -64,6 +64,19 @@ def check_tables(tables: list[Any]) -> None:
             features[name] = table.table_name
 
 
+def check_ema(trainer: Any, tables: list[Any]) -> None:
+    """TrainerArgs.ema_decay with a dynamic table: a row is reassigned to a new id on
+    eviction, so an average of the rows would mix the evicted id's vector into the new one's."""
+    dynamic = [t.table_name for t in tables if _is_dynamic(t)]
+    if trainer.ema_decay > 0 and dynamic:
+        raise ConfigError(
+            "TrainerArgs",
+            "ema_decay",
+            f"a weight average cannot follow dynamic table {dynamic[0]!r}: its rows are "
+            "reassigned to new ids on eviction (set ema_decay = 0, or make the table static)",
+        )
+
+
 def check_parallel(network: Any, tp: Any, world_size: int | None = None) -> None:
     """Heads split evenly over the TP group (``network``: NetworkArgs, ``tp``:
     TensorModelParallelArgs); the TP group divides the world."""

@@ -165,6 +165,7 @@ def load_config(
         raise exc.with_location(where_set(bindings, exc.field_name, label, exc.cls_name)) from None
     try:
         checks.check_batch_tokens(trainer, dataset, task)
+        checks.check_ema(trainer, tables)
         checks.check_architecture(network, task)
         checks.check_truncation(network, dataset, task)
         _check_window(network, dataset, task)

@@ -254,3 +254,21 @@ def test_resume_continues_the_same_average(runs) -> None:
 
 def test_weights_only_load_takes_the_average_resharded(runs) -> None:
     _close(runs["one"], runs["averages"][STEPS])
+
+
+def test_dynamic_tables_are_refused_in_one_line() -> None:
+    import gin
+
+    from hstu.config import load_config
+    from hstu.validation import ConfigError
+    from tests.training.test_pipelines import DYNAMIC_ITEM
+
+    gin.clear_config()
+    with pytest.raises(ConfigError, match="ema_decay.*dynamic table 'item'"):
+        load_config(
+            os.path.join(ROOT, "configs", "debug_retrieval.gin"),
+            ['RetrievalArgs.negative_sampling="uniform"', "RetrievalArgs.num_negatives=16",
+             "TrainerArgs.ema_decay=0.99", *DYNAMIC_ITEM],
+            task="retrieval", world_size=1,
+        )
+    gin.clear_config()
