@@ -90,7 +90,7 @@ class TrainerArgs:
     dropout_per_rank: bool = True
     """Several data-parallel ranks: each draws its own dropout masks (streams seeded from seed and its DP rank), as one process does over a batch as large as the global one; False: every DP rank draws the same masks (docs/training.md, "Gradient semantics")."""
     ema_decay: float = 0.0
-    """Exponential moving average of the weights (dense and tables), updated after every step with this decay (e.g. 0.99; warmed up as min(decay, (1 + t) / (10 + t))); evaluation, the best checkpoint, the test split and export use the average, training continues from the raw weights. 0 disables it. One more float32 copy of the weights in memory."""
+    """Exponential moving average of the weights (dense and tables), updated after every step with this decay (e.g. 0.99; warmed up as min(decay, (1 + t) / (10 + t))); evaluation, the best checkpoint, the test split and export (of any checkpoint of the run) use the average, training continues from the raw weights. 0 disables it. One more float32 copy of the weights in memory."""
     profile: bool = False
     """Record a torch.profiler trace between profile_step_start and profile_step_end."""
     profile_step_start: int = 100
