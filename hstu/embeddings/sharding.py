@@ -93,13 +93,15 @@ def check_tables_fit(
     optimizer_str: str,
     world_size: int,
     available: tuple[int | None, str],
+    weight_average: bool = False,
 ) -> int:
     """Refuses, in one line with the numbers, tables that cannot fit a rank; returns the bytes
     needed per rank (a lower bound).
 
     Every rank builds each table whole (float32) before TorchRec shards it, then holds its
     shards' optimizer state: at least 1/world of each table's (all of it when the table
-    lands on one rank). Dynamic tables count their capacity and the remapper's state.
+    lands on one rank), and with ``weight_average`` (TrainerArgs.ema_decay) a float32 copy
+    of its shards' values. Dynamic tables count their capacity and the remapper's state.
     """
     needed = 0
     parts = []
@@ -112,6 +114,8 @@ def check_tables_fit(
             rows, extra = int(tb.item_vocab_size_or_capacity), 0
         weights = rows * dim * 4
         state = rows * embedding_row_bytes(dim, optimizer_str) - weights
+        if weight_average:
+            state += weights
         if tb.sharding_type != "data_parallel":
             state //= world_size
         table_bytes = weights + state + extra
@@ -123,7 +127,8 @@ def check_tables_fit(
         raise ConfigError(
             "EmbeddingArgs", None,
             f"the embedding tables need at least {needed / 2**30:.2f} GiB per rank ({largest}; "
-            f"float32 values plus {optimizer_str} state) but a rank has {avail / 2**30:.2f} GiB "
+            f"float32 values plus {optimizer_str} state"
+            f"{' and the weight average' if weight_average else ''}) but a rank has {avail / 2**30:.2f} GiB "
             f"({source}): lower NetworkArgs.item_embedding_dim, give a large table a capacity "
             "(DynamicEmbeddingArgs), or run fewer ranks per host",
         )

@@ -189,7 +189,8 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
     dims = table_dims(tables, info, cfg.network)
     available = available_bytes_per_rank(env.device)
     needed = check_tables_fit(
-        tables, dims, cfg.optimizer.resolved_sparse_optimizer_str, env.world_size, available
+        tables, dims, cfg.optimizer.resolved_sparse_optimizer_str, env.world_size, available,
+        weight_average=t.ema_decay > 0,
     )
     if env.is_main:
         have = "" if available[0] is None else f"{available[0] / 2**30:.2f} GiB "

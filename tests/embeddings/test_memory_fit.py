@@ -33,6 +33,20 @@ def test_the_figure_counts_values_and_the_rank_share_of_the_optimizer_state() ->
     assert need == rows * dim * 4 + rows * 4
 
 
+def test_the_weight_average_counts_a_copy_of_the_rank_s_values() -> None:
+    # TrainerArgs.ema_decay: one float32 copy of the rank's share of the values
+    rows, dim = 4_369_953, 64
+    need = check_tables_fit([_item(rows)], {"item_table": dim}, "adam", 2, (100 * GIB, "test"),
+                            weight_average=True)
+    assert need == rows * dim * 4 + (rows * 2 * dim * 4 + rows * dim * 4) // 2
+    need = check_tables_fit([_item(rows, "data_parallel")], {"item_table": dim}, "sgd", 2,
+                            (100 * GIB, "test"), weight_average=True)
+    assert need == 2 * rows * dim * 4
+    with pytest.raises(ConfigError, match="state and the weight average"):
+        check_tables_fit([_item(rows)], {"item_table": dim}, "adam", 1, (GIB, "test"),
+                         weight_average=True)
+
+
 def test_a_dynamic_table_counts_its_capacity_and_its_remapper() -> None:
     dyn = DynamicEmbeddingArgs(feature_names=["item"], table_name="item_table",
                                item_vocab_size_or_capacity=10**9, item_vocab_gpu_capacity=1_000_000)
