@@ -716,6 +716,9 @@ class RetrievalArgs:
     eval_exclude_history: bool = True
     """Evaluation scores every item except those of the sample's input history (the MovieLens protocol: a target the user already had is unranked, scoring 0). False: the history stays rankable, for data where users come back to items (re-watches, re-purchases, the long-history synthetic set's recalls); the popularity baseline follows the same protocol."""
 
+    exclude_history_from_loss: bool = False
+    """With negative_sampling="full_corpus", training: each query's softmax leaves out the items of its own history (the items at its position and before, except its target), as evaluation with eval_exclude_history ranks them; False: every other item is a negative."""
+
     eval_num_users: int = 0
     """Evaluate on a fixed random subset of this many users of the split (the same users at every evaluation, chosen by TrainerArgs.seed), for catalogues or user counts where a full evaluation is too slow; the log says so and the metrics carry an eval_users field. 0: every user."""
     eval_memory_mb: int = 256
@@ -737,6 +740,12 @@ class RetrievalArgs:
         )
         _require(problem is None, self, "num_negatives", problem or "")
         _positive(self, "temperature", "l2_norm_eps")
+        _require(
+            not self.exclude_history_from_loss or self.negative_sampling == "full_corpus",
+            self,
+            "exclude_history_from_loss",
+            f"applies to negative_sampling='full_corpus' only, got {self.negative_sampling!r}",
+        )
         _require(
             self.full_corpus_matmul_dtype in ("auto", "float32")
             or self.negative_sampling == "full_corpus",

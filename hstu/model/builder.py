@@ -144,6 +144,7 @@ def build_model(
             max_item_seqlen=data.max_item_seqlen,
             tp_group=tp_group,
             eval_exclude_history=task_args.eval_exclude_history,
+            exclude_history_from_loss=task_args.exclude_history_from_loss,
         )
         keys = data.feature_names + ([dense.negatives_feature] if dense.uses_negatives_key else [])
         return RetrievalRecommender(embedding_module, dense, keys)

@@ -102,6 +102,7 @@ class RetrievalModel(nn.Module):
         max_item_seqlen: int = 0,
         tp_group: ProcessGroup | None = None,
         eval_exclude_history: bool = True,
+        exclude_history_from_loss: bool = False,
     ) -> None:
         super().__init__()
         self.token_builder = token_builder
@@ -133,6 +134,7 @@ class RetrievalModel(nn.Module):
         self.max_item_seqlen = max_item_seqlen
         self.tp_group = tp_group
         self.eval_exclude_history = eval_exclude_history
+        self.exclude_history_from_loss = exclude_history_from_loss
         self.negatives_feature = negatives_feature_name(token_builder.item_feature_name)
 
     @property
@@ -209,6 +211,8 @@ class RetrievalModel(nn.Module):
             scale, self.min_item_id,
             self.full_corpus_matmul_dtype or resolve_matmul_dtype("auto", queries.device)[0],
         )
+        if self.exclude_history_from_loss and self.training:
+            inputs.history_mask = history_pairs(q_seg, q_idx, item_starts, own.item_ids, pos_ids)
         if counts is not None:
             every = counts.wait()
             inputs.batch_pos_vectors = gather_rows(pos_vectors, every)
@@ -372,6 +376,27 @@ CPU_BLOCK_SCORE_BYTES = 4 << 20
 _CPU_MIN_BLOCK_ITEMS = 256
 
 
+def history_pairs(
+    q_seg: torch.Tensor,
+    q_idx: torch.Tensor,
+    item_starts: torch.Tensor,
+    item_ids: torch.Tensor,
+    pos_ids: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query rows, item ids), int64 [K] each, rows ascending: for query j of a sample (it
+    predicts item j + 1), the items at positions 0..j of that sample, except any equal to its
+    target (RetrievalArgs.exclude_history_from_loss). ``q_seg`` / ``q_idx`` [Q] each query's sample and position; ``item_starts`` [B] each
+    sample's first row in ``item_ids``; ``pos_ids`` [Q] the targets."""
+    num_q = q_seg.numel()
+    per_query = q_idx + 1
+    rows = torch.repeat_interleave(torch.arange(num_q, device=q_seg.device), per_query)
+    starts = torch.cumsum(per_query, 0) - per_query
+    within = torch.arange(rows.numel(), device=q_seg.device) - starts[rows]
+    items = item_ids[item_starts[q_seg[rows]] + within]
+    keep = items != pos_ids[rows]
+    return rows[keep], items[keep]
+
+
 def eval_block_items(num_queries: int, budget_bytes: int, device: torch.device | None = None) -> int:
     """Items per block so that a block's [num_queries, items] work stays within the budget
     (at least 1); on CPU also within :data:`CPU_BLOCK_SCORE_BYTES` of scores (at least
@@ -502,5 +527,6 @@ __all__ = [
     "RetrievalModel",
     "block_grid",
     "eval_block_items",
+    "history_pairs",
     "merge_top",
 ]

@@ -136,3 +136,64 @@ def test_bfloat16_and_float32_buffers_alternate():
         (loss * 0.3).backward()
         if dtype is None:
             torch.testing.assert_close(corpus.grad, want[3], rtol=1e-5, atol=1e-5)
+
+
+def _masked_case(q: int, i: int, seed: int = 3):
+    """Random (row, item) pairs, rows ascending, never a row's target."""
+    g = torch.Generator().manual_seed(seed)
+    queries, corpus, target = _case(q, i, seed=seed)
+    rows = torch.randint(0, q, (3 * q,), generator=g).sort().values
+    cols = torch.randint(0, i, (3 * q,), generator=g)
+    keep = cols != target[rows]
+    return queries, corpus, target, (rows[keep], cols[keep])
+
+
+def _masked_reference(queries, corpus, target, masked):
+    q = queries.detach().clone().requires_grad_()
+    c = corpus.detach().clone().requires_grad_()
+    logits = (q @ c.t()).index_put(masked, torch.tensor(float("-inf")))
+    loss = F.cross_entropy(logits, target, reduction="sum")
+    (loss * 0.3).backward()
+    return loss.detach(), q.grad, c.grad
+
+
+@pytest.mark.parametrize("block", [7, 1 << 18])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_masked_items_leave_the_softmax(monkeypatch, block, dtype):
+    # RetrievalArgs.exclude_history_from_loss: the masked logits are -inf, on every block
+    monkeypatch.setattr(retrieval, "_FULL_SOFTMAX_BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(retrieval, "_FULL_SOFTMAX_MIN_ROWS", 1)
+    queries, corpus, target, masked = _masked_case(37, 23)
+    want_loss, want_gq, want_gc = _masked_reference(queries, corpus, target, masked)
+    plain = _reference(queries, corpus, target)[0]
+    assert want_loss < plain - 1.0  # the mask changes the loss: the test can tell
+    loss, _ = full_softmax_loss(queries, corpus, target, dtype, masked)
+    (loss * 0.3).backward()
+    if dtype is None:
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(queries.grad, want_gq, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(corpus.grad, want_gc, rtol=1e-5, atol=1e-5)
+        return
+    # bfloat16 matmuls: within rounding of the inputs (as the unmasked bfloat16 test)
+    torch.testing.assert_close(loss, want_loss, rtol=5e-4, atol=1e-4 * len(target))
+    for got, want in ((queries.grad, want_gq), (corpus.grad, want_gc)):
+        assert float((got - want).norm() / want.norm()) < 0.02
+
+
+def test_history_pairs_are_each_query_s_prefix_but_its_target():
+    from hstu.model.retrieval import history_pairs
+
+    # two samples: items [5, 7, 5, 9] (queries 0..2 predict 7, 5, 9) and [3, 4] (query 0 -> 4)
+    item_ids = torch.tensor([5, 7, 5, 9, 3, 4])
+    item_starts = torch.tensor([0, 4])
+    q_seg = torch.tensor([0, 0, 0, 1])
+    q_idx = torch.tensor([0, 1, 2, 0])
+    pos_ids = torch.tensor([7, 5, 9, 4])
+    rows, items = history_pairs(q_seg, q_idx, item_starts, item_ids, pos_ids)
+    want = []
+    for q in range(4):
+        s, j = int(q_seg[q]), int(q_idx[q])
+        prefix = item_ids[int(item_starts[s]) : int(item_starts[s]) + j + 1].tolist()
+        want += [(q, it) for it in prefix if it != int(pos_ids[q])]
+    assert list(zip(rows.tolist(), items.tolist())) == want
+    assert (1, 5) not in want and (0, 5) in want  # query 1's target 5 is its history's item

@@ -259,7 +259,7 @@ def test_in_batch_negatives_mask_duplicates_of_the_positive():
 
 
 def _retrieval(num_negatives: int = -1, use_collection: bool = False, sampling: str = "uniform",
-               exclude_history: bool = True):
+               exclude_history: bool = True, exclude_history_from_loss: bool = False):
     data = ModelDataInfo(num_items=30, item_feature_name="item", max_item_seqlen=8, min_item_id=1)
     torch.manual_seed(0)
     if use_collection:
@@ -278,6 +278,7 @@ def _retrieval(num_negatives: int = -1, use_collection: bool = False, sampling: 
         num_negatives=num_negatives, negative_sampling=sampling, temperature=0.1,
         full_corpus_matmul_dtype="float32" if sampling == "full_corpus" else "auto",
         eval_exclude_history=exclude_history,
+        exclude_history_from_loss=exclude_history_from_loss,
     )
     return build_model("retrieval", _net(), args, emb, data)
 
@@ -363,6 +364,27 @@ def test_negative_sampling_modes_build_the_softmax_they_name():
         torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
         losses[sampling] = loss.item()
     assert len(set(losses.values())) == 4
+
+
+def test_exclude_history_from_loss_leaves_each_query_s_history_out_of_its_softmax():
+    """RetrievalArgs.exclude_history_from_loss reaches the training loss through build_model:
+    the loss is the cross-entropy with each query's own history (its position and before)
+    at -inf, built by hand; without the switch it is the plain full softmax."""
+    batch = make_batch([[1, 2, 3, 4], [5, 6], [7]], negatives=sampler("full_corpus", 0))
+    losses = {}
+    for exclude in (False, True):
+        model = _retrieval(-1, sampling="full_corpus", exclude_history_from_loss=exclude).train()
+        loss, _ = model(batch)
+        _own, _inputs, _layout, tokens, states = model.dense_module._states(batch, model.sparse(batch.features))
+        q = model.normalise(states[tokens.history_query_rows])[[0, 1, 2, 4]]
+        logits = q @ model.corpus_vectors()[1:].t() / 0.1
+        if exclude:  # queries 1->2, 1,2->3, 1,2,3->4 and 5->6: their histories' columns (id - 1)
+            for row, ids in enumerate(([1], [1, 2], [1, 2, 3], [5])):
+                logits[row, [i - 1 for i in ids]] = float("-inf")
+        want = F.cross_entropy(logits, torch.tensor([2, 3, 4, 6]) - 1)
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+        losses[exclude] = loss.item()
+    assert losses[True] < losses[False]
 
 
 def test_full_corpus_bfloat16_matmuls_from_the_args(monkeypatch):
@@ -551,3 +573,10 @@ def test_research_variant_builds_and_runs():
     loss, _ = model(make_batch([[1, 2, 3], [4, 5]]))
     loss.backward()
     assert layer.rab_pos_weights.grad.abs().sum() > 0 and layer.rab_ts_weights.grad.abs().sum() > 0
+
+
+def test_exclude_history_from_loss_needs_the_full_corpus():
+    from hstu.validation import ConfigError
+
+    with pytest.raises(ConfigError, match="exclude_history_from_loss.*full_corpus"):
+        RetrievalArgs(negative_sampling="uniform", num_negatives=5, exclude_history_from_loss=True)

@@ -70,17 +70,20 @@ class _FullSoftmaxLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, queries: torch.Tensor, corpus: torch.Tensor, target: torch.Tensor):
+    def forward(ctx, queries: torch.Tensor, corpus: torch.Tensor, target: torch.Tensor,
+                masked: tuple[torch.Tensor, torch.Tensor] | None = None):
         num_q, num_i = queries.shape[0], corpus.shape[0]
         probs = _take_buffer(num_q * num_i, queries).view(num_q, num_i)
         losses = queries.new_empty(num_q)
         pos = queries.new_empty(num_q)
         block = _block_rows(num_i)
         corpus_t = corpus.t()
+        cuts = _mask_cuts(masked, num_q, block)
         for s in range(0, num_q, block):
             e = min(num_q, s + block)
             logits = torch.mm(queries[s:e], corpus_t, out=probs[s:e])
             torch.gather(logits, 1, target[s:e].unsqueeze(1), out=pos[s:e].unsqueeze(1))
+            _mask_block(logits, masked, cuts, s, block)
             # softmax in place while the block is in cache
             torch.sub(softmax_lse_(logits), pos[s:e], out=losses[s:e])
         if any(ctx.needs_input_grad):
@@ -111,7 +114,31 @@ class _FullSoftmaxLoss(torch.autograd.Function):
             grad_c.addmm_(g.t(), scaled_q[s:e])
         grad_q.mul_(grad_loss)
         _give_back(probs)
-        return grad_q, grad_c, None
+        return grad_q, grad_c, None, None
+
+
+def _mask_cuts(
+    masked: tuple[torch.Tensor, torch.Tensor] | None, num_q: int, block: int
+) -> list[int] | None:
+    """Where each block of ``block`` queries starts in the (row-sorted) masked entries."""
+    if masked is None:
+        return None
+    bounds = torch.arange(0, num_q + block, block, device=masked[0].device).clamp(max=num_q)
+    return torch.searchsorted(masked[0], bounds).tolist()
+
+
+def _mask_block(
+    logits: torch.Tensor, masked: tuple[torch.Tensor, torch.Tensor] | None,
+    cuts: list[int] | None, start: int, block: int,
+) -> None:
+    """-inf at the masked (row, item) entries of the block of queries starting at ``start``
+    (their probabilities are then exactly 0, and so are their gradients)."""
+    if masked is None or cuts is None:
+        return
+    lo, hi = cuts[start // block], cuts[start // block + 1]
+    if hi > lo:
+        rows, cols = masked[0][lo:hi] - start, masked[1][lo:hi]
+        logits.index_put_((rows, cols), logits.new_full((), float("-inf")))
 
 
 # elements of the [block, I] logits handled at a time by _FullSoftmaxLoss (1 MiB in float32:
@@ -169,7 +196,8 @@ class _FullSoftmaxLossBF16(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, queries: torch.Tensor, corpus: torch.Tensor, target: torch.Tensor):
+    def forward(ctx, queries: torch.Tensor, corpus: torch.Tensor, target: torch.Tensor,
+                masked: tuple[torch.Tensor, torch.Tensor] | None = None):
         num_q, dim = queries.shape
         num_i = corpus.shape[0]
         bf16 = torch.bfloat16
@@ -190,6 +218,7 @@ class _FullSoftmaxLossBF16(torch.autograd.Function):
         c_aug_t = c_aug.t()
         keep = any(ctx.needs_input_grad)
         minus_one = queries.new_full((), -1.0)  # a fill on the device, not a host copy
+        cuts = _mask_cuts(masked, num_q, block)
         for s in range(0, num_q, block):
             e = min(num_q, s + block)
             out = torch.mm(q_aug[s:e], c_aug_t, out=grads[s:e])
@@ -198,6 +227,7 @@ class _FullSoftmaxLossBF16(torch.autograd.Function):
             # the target's own column gets its exact shifted logit (pos - shift)
             rows = torch.arange(e - s, device=probs.device)
             probs.index_put_((rows, target[s:e]), shift_err[s:e].neg())
+            _mask_block(probs, masked, cuts, s, block)
             torch.add(softmax_lse_(probs), shift_err[s:e], out=losses[s:e])
             if keep:  # P - onehot in float32, then rounded once
                 probs.index_put_((rows, target[s:e]), minus_one, accumulate=True)
@@ -219,7 +249,7 @@ class _FullSoftmaxLossBF16(torch.autograd.Function):
         grad_q = torch.mm(grads, c_aug[:, :dim]).float().mul_(grad_loss)
         grad_c = torch.mm(grads.t(), q_aug[:, :dim]).float().mul_(grad_loss)
         _give_back(grads)
-        return grad_q, grad_c, None
+        return grad_q, grad_c, None, None
 
 
 def full_softmax_loss(
@@ -227,14 +257,17 @@ def full_softmax_loss(
     corpus: torch.Tensor,
     target: torch.Tensor,
     matmul_dtype: torch.dtype | None = None,
+    masked: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum over queries of -log softmax(queries @ corpus.T)[q, target[q]], the target logits
     [Q] (no gradient)); queries [Q, D], corpus [I, D] in one floating dtype.
+    ``masked`` (rows, items), int64 [K] each, rows ascending, never a row's target: those
+    logits are left out of the softmax (-inf).
     ``matmul_dtype=torch.bfloat16`` runs the [Q, I] matmuls in bfloat16 on float32 inputs
     (:class:`_FullSoftmaxLossBF16`); None: in the inputs' dtype, exact up to summation order."""
     if queries.dtype != corpus.dtype:
         corpus = corpus.to(queries.dtype)
-    args = (queries.contiguous(), corpus.contiguous(), target.contiguous())
+    args = (queries.contiguous(), corpus.contiguous(), target.contiguous(), masked)
     if matmul_dtype is None or matmul_dtype == queries.dtype:
         return _FullSoftmaxLoss.apply(*args)
     if matmul_dtype != torch.bfloat16 or queries.dtype != torch.float32:
@@ -255,10 +288,12 @@ def full_corpus_loss(
     matmul_dtype: torch.dtype | None,
     training: bool,
     scale: torch.Tensor | None = None,
+    masked: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
     """Exact softmax over every item [min_item_id, num_items) (``corpus`` [I, D], normalised,
     row i = item min_item_id + i): one [Q, I] logit matrix and a cross-entropy on the
-    positive's column (each id appears once, so nothing needs masking). Same loss as
+    positive's column (each id appears once, so nothing needs masking; ``masked``: (rows,
+    item ids) left out of the softmax, RetrievalArgs.exclude_history_from_loss). Same loss as
     :func:`hstu.ops.losses.sampled.sampled_softmax_loss` with the corpus as negatives.
     Returns (loss, (pos_logits [Q], neg_logits [Q, I] with -inf at the positive, or None in
     training))."""
@@ -268,7 +303,9 @@ def full_corpus_loss(
     if queries.shape[0] == 0:
         logits = scaled @ corpus.t()
         return logits.sum() * 0.0, (logits.new_zeros(0), logits)
-    total, pos_logits = full_softmax_loss(scaled, corpus, target, matmul_dtype)
+    if masked is not None:  # (rows, item ids) -> (rows, columns)
+        masked = (masked[0], masked[1] - min_item_id)
+    total, pos_logits = full_softmax_loss(scaled, corpus, target, matmul_dtype, masked)
     loss = total / queries.shape[0] if scale is None else total * scale
     if training:
         # nothing reads the [Q, I] logits of a training step: not built again

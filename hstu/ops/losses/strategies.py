@@ -58,6 +58,9 @@ class LossInputs:
     hstu.model.batch_gather); None: pos_vectors are the batch's."""
     batch_pos_ids: torch.Tensor | None = None
     """int64 [N], their ids (with batch_pos_vectors)."""
+    history_mask: tuple[torch.Tensor, torch.Tensor] | None = None
+    """Full corpus, RetrievalArgs.exclude_history_from_loss: (query rows ascending, item ids),
+    int64 [K] each: the items of each query's own history, left out of its softmax."""
 
 
 Group = tuple[torch.Tensor | SharedRows, torch.Tensor]  # negatives' vectors and their ids
@@ -130,7 +133,7 @@ def full_corpus(x: LossInputs) -> LossOutput:
     return full_corpus_loss(
         x.queries, x.pos_ids, x.key_vectors, temperature=x.temperature,
         min_item_id=x.min_item_id, matmul_dtype=x.matmul_dtype, training=x.training,
-        scale=x.scale,
+        scale=x.scale, masked=x.history_mask,
     )
 
 
