@@ -385,8 +385,9 @@ def history_pairs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(query rows, item ids), int64 [K] each, rows ascending: for query j of a sample (it
     predicts item j + 1), the items at positions 0..j of that sample, except any equal to its
-    target (RetrievalArgs.exclude_history_from_loss). ``q_seg`` / ``q_idx`` [Q] each query's sample and position; ``item_starts`` [B] each
-    sample's first row in ``item_ids``; ``pos_ids`` [Q] the targets."""
+    target (RetrievalArgs.exclude_history_from_loss). ``q_seg`` / ``q_idx`` [Q]: each
+    query's sample and position; ``item_starts`` [B]: each sample's first row in
+    ``item_ids``; ``pos_ids`` [Q]: the targets."""
     num_q = q_seg.numel()
     per_query = q_idx + 1
     rows = torch.repeat_interleave(torch.arange(num_q, device=q_seg.device), per_query)

@@ -41,8 +41,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
-# the tables' weight average (hstu.training.ema.TABLES_KEY): optional to a load
-EMA_PREFIX = "embeddings_ema."
+# the tables' weight average (TrainerArgs.ema_decay, hstu.training.ema) is saved under this
+# key of the sharded state; it is optional to a load
+EMA_TABLES_KEY = "embeddings_ema"
+EMA_PREFIX = EMA_TABLES_KEY + "."
 
 
 class CheckpointError(RuntimeError):

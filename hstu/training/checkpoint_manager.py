@@ -30,9 +30,8 @@ from typing import Any
 import torch
 
 from hstu.training import checkpoint as ckpt
-from hstu.training.checkpoint import CheckpointError, CheckpointState, RankPlace
+from hstu.training.checkpoint import EMA_TABLES_KEY, CheckpointError, CheckpointState, RankPlace
 from hstu.training.distributed import restart_count, rng_state, seed_training_rng, set_rng_state
-from hstu.training.ema import TABLES_KEY as EMA_TABLES_KEY
 from hstu.training.ema import WeightAverage, is_table_weight
 from hstu.training.lifecycle import AUTO, BestTracker, CheckpointLifecycle
 

@@ -7,14 +7,16 @@ their local shards). ``d_t = min(decay, (1 + t) / (10 + t))`` after t updates, s
 average forgets the initial weights within the first steps instead of being pulled towards
 them for ~1 / (1 - decay) steps. Evaluation and the best checkpoint (hence the test split)
 use the average (:meth:`WeightAverage.swapped`); training always continues from the raw
-weights. The average is float32 and lives beside the weights (one more copy of them).
+weights. The average is float32 and lives beside the weights (one more copy of them; while
+it is swapped in, a second, transient copy holds the raw weights).
 
 Checkpoints carry it (exact resume, any world size): the dense part in the dense file
 (``"ema"``: child -> parameter -> tensor, like ``"model"``; ``"ema_updates"``), the tables'
-part through DCP under ``embeddings_ema.<weight key>``, sharded like the weight itself, so a
-resume on another world size reshards it as it reshards the tables. A weights-only load
-(``hstu.training.checkpoint_manager.load_weights``: export, recommend) of a checkpoint that
-has an average takes the average.
+part through DCP under ``embeddings_ema.<weight key>``
+(``hstu.training.checkpoint.EMA_TABLES_KEY``), sharded like the weight itself, so a resume on
+another world size reshards it as it reshards the tables. A weights-only load
+(``hstu.training.checkpoint_manager.load_weights``, which ``hstu.export`` uses) of a
+checkpoint that has an average takes the average.
 """
 
 from __future__ import annotations
@@ -27,27 +29,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from hstu.training.checkpoint import state_tensors
+
 # table weights among embedding_state_dict's keys (not optimizer state, not remapper buffers)
 _TABLE_WEIGHT = re.compile(r"(^|\.)(dp_)?tables\..*\.weight$")
-TABLES_KEY = "embeddings_ema"  # hstu.training.checkpoint.EMA_PREFIX without its dot
 
 
 def is_table_weight(key: str) -> bool:
     return _TABLE_WEIGHT.search(key) is not None
 
 
-def _local_tensors(value: Any) -> list[torch.Tensor]:
-    """The tensors of ``value`` this rank holds (live views)."""
-    if hasattr(value, "local_shards"):  # ShardedTensor
-        return [shard.tensor for shard in value.local_shards()]
-    if hasattr(value, "to_local"):  # DTensor
-        return [value.to_local()]
-    return [value]
-
-
 def _like(value: Any, locals_: list[torch.Tensor]) -> Any:
-    """A distributed value shaped and placed like ``value`` whose local parts are
-    ``locals_`` (what DCP saves, or fills in place on a load)."""
+    """A value sharded like ``value`` (a ShardedTensor, or a replicated tensor) whose local
+    parts are ``locals_`` (what DCP saves, or fills in place on a load)."""
     if hasattr(value, "local_shards"):
         from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 
@@ -56,13 +50,6 @@ def _like(value: Any, locals_: list[torch.Tensor]) -> Any:
         ]
         return ShardedTensor._init_from_local_shards_and_global_metadata(
             shards, value.metadata(), process_group=value._process_group
-        )
-    if hasattr(value, "to_local"):
-        from torch.distributed.tensor import DTensor
-
-        return DTensor.from_local(
-            locals_[0], value.device_mesh, value.placements, run_check=False,
-            shape=value.shape, stride=value.stride(),
         )
     return locals_[0]
 
@@ -93,7 +80,7 @@ class WeightAverage:
                                    None if master is None else p))
         # tables: key -> (live value, its local tensors)
         self.tables: dict[str, tuple[Any, list[torch.Tensor]]] = {
-            key: (value, _local_tensors(value))
+            key: (value, state_tensors(value))
             for key, value in tables.items() if is_table_weight(key)
         }
         self._live = [t for _, t, _ in self.dense] + [
@@ -182,6 +169,6 @@ class WeightAverage:
         """After DCP filled ``table_state()``'s values: into the shadows (a no-op for
         float32 tables, filled in place)."""
         for key, shadows in self._table_shadow.items():
-            for s, part in zip(shadows, _local_tensors(state[key])):
+            for s, part in zip(shadows, state_tensors(state[key])):
                 if part.data_ptr() != s.data_ptr():
                     s.copy_(part)

@@ -47,12 +47,19 @@ class Validation:
     def run(
         self, step: int, pipeline: Any, window: MetricsWindow, say: Callable[[str], None]
     ) -> tuple[dict[str, float], bool]:
-        """(metrics, stop early now) of the evaluation at ``step``."""
+        """(metrics, stop early now) of the evaluation at ``step``. With a weight average
+        (TrainerArgs.ema_decay) it is in the model throughout: the weights evaluated are the
+        ones a new best checkpoint saves (one swap for both)."""
+        with self.trainer.averaged():
+            return self._run(step, pipeline, window, say)
+
+    def _run(
+        self, step: int, pipeline: Any, window: MetricsWindow, say: Callable[[str], None]
+    ) -> tuple[dict[str, float], bool]:
         t, args = self.trainer, self.args
         pipeline.detach()
         started = time.perf_counter()
-        with t.averaged():
-            metrics = evaluate(t.model, t.built.eval_loader, t.cfg, t.env, args.max_eval_iters)
+        metrics = evaluate(t.model, t.built.eval_loader, t.cfg, t.env, args.max_eval_iters)
         seconds = time.perf_counter() - started
         # in-flight batches already had their input distribution: re-attach without
         # starting it again (a second one would desynchronise the all-to-alls)
@@ -74,8 +81,7 @@ class Validation:
         if new_best:
             # never a best checkpoint of weights that went non-finite
             window.flush(step)
-            with t.averaged():  # the weights evaluated are the ones selected
-                t.checkpoint.save(step, best=True)
+            t.checkpoint.save(step, best=True)
             if best.fallback:
                 say(
                     f"[hstu] provisional selection at step {step}: lowest valid loss so far "
