@@ -302,6 +302,7 @@ def _worker(a: argparse.Namespace) -> None:
         if a.top_ops and env.rank == 0:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.top_ops),
                   file=sys.stderr, flush=True)
+    syncs = _audited_steps(trainer, step, a.audit_steps)
     for h in phase_hooks:
         h.remove()
 
@@ -310,7 +311,7 @@ def _worker(a: argparse.Namespace) -> None:
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     result = {
         "tokens": tokens, "samples": samples, "flops": flops, "seconds": seconds,
-        "rss_gib": rss_gib, "roof_flops": roof, "split_s": split,
+        "rss_gib": rss_gib, "roof_flops": roof, "split_s": split, "syncs": syncs,
         "fill": float(shape["tokens"]) / max(1, shape["samples"]) / max(1, shape["width"]),
     }
     gathered = [None] * world
@@ -336,10 +337,41 @@ def _worker(a: argparse.Namespace) -> None:
             "peak_rss_gib_per_rank": [round(g["rss_gib"], 3) for g in gathered],
             "split_ms": {k: round(v * 1e3, 2) for k, v in gathered[0]["split_s"].items()},
             "mean_over_max_tokens": round(gathered[0]["fill"], 4),
+            # per step, the rank with the most; "first": where the first unnamed one was
+            "unnamed_syncs_per_step": max(g["syncs"]["unnamed"] for g in gathered),
+            "named_syncs_per_step": max(g["syncs"]["named"] for g in gathered),
+            "first_unnamed_sync": next((g["syncs"]["first"] for g in gathered
+                                        if g["syncs"]["first"]), ""),
         }
         with open(a.result, "w") as f:
             json.dump(out, f)
     destroy_distributed()
+
+
+def _audited_steps(trainer, step, steps: int) -> dict:
+    """``steps`` more trainer steps under :func:`hstu.sync_audit.sync_audit` (recording, not
+    raising): the host syncs per step a CUDA run would make, unnamed (none should be) and
+    named (``allowed_sync``, each with its reason; the dense optimizer's step counts too)."""
+    from hstu.sync_audit import TORCH_OPTIM_STEP, allowed_sync, sync_audit
+
+    if steps <= 0:
+        return {"unnamed": float("nan"), "named": float("nan"), "first": ""}
+    dense_step = trainer.optimizer.dense.step
+
+    def named_step(*args, **kwargs):
+        with allowed_sync(TORCH_OPTIM_STEP):
+            return dense_step(*args, **kwargs)
+
+    trainer.optimizer.dense.step = named_step
+    try:
+        with sync_audit(raise_on_sync=False) as audit:
+            for _ in range(steps):
+                step()
+    finally:
+        trainer.optimizer.dense.step = dense_step
+    unnamed = audit.offending
+    return {"unnamed": len(unnamed) / steps, "named": len(audit.allowed) / steps,
+            "first": f"{unnamed[0].op} at {unnamed[0].where}" if unnamed else ""}
 
 
 # ------------------------------------------------------------------ long histories
@@ -572,7 +604,8 @@ def _run_preset(p: Preset, a: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={p.nproc}", "-m", "hstu.bench", "--worker", p.name,
            "--result", result, "--steps", str(a.steps), "--warmup", str(a.warmup),
-           "--profile-steps", str(a.profile_steps), "--threads", str(threads),
+           "--profile-steps", str(a.profile_steps), "--audit-steps", str(a.audit_steps),
+           "--threads", str(threads),
            "--top-ops", str(a.top_ops)]
     for g in a.gin_param:
         cmd += ["--gin-param", g]
@@ -595,7 +628,7 @@ def _table(roofs: dict, results: list[dict]) -> str:
              f"matmul roof (1024^3, {torch.get_num_threads()} threads, "
              + ", ".join(f"{k}: {v / 1e9:.1f} GFLOP/s" for k, v in roofs.items()) + ")", ""]
     head = (f"{'preset':24s} {'proc':>4s} {'thr':>3s} {'tokens/s':>10s} {'samples/s':>10s} {'step ms':>8s} "
-            f"{'TFLOP/s':>8s} {'MFU':>6s} {'RSS GiB':>9s} {'fill':>5s} | split ms: "
+            f"{'TFLOP/s':>8s} {'MFU':>6s} {'RSS GiB':>9s} {'fill':>5s} {'syncs':>11s} | split ms: "
             + " ".join(f"{k[:5]:>6s}" for k in (*PHASES, "communication")))
     lines += [head, "-" * len(head)]
     # fill: mean real tokens per sample / the padded width the kernel is given
@@ -608,9 +641,27 @@ def _table(roofs: dict, results: list[dict]) -> str:
             f"{r['preset']:24s} {r['processes']:4d} {r['threads_per_process']:3d} {r['tokens_per_s']:10,.0f} "
             f"{r['samples_per_s']:10,.1f} {r['step_ms']:8.1f} {r['tflops']:8.4f} "
             f"{r['mfu']:6.1%} {max(r['peak_rss_gib_per_rank']):9.2f} "
-            f"{r.get('mean_over_max_tokens', 0.0):5.2f} | split ms: "
+            f"{r.get('mean_over_max_tokens', 0.0):5.2f} "
+            f"{_syncs_cell(r):>11s} | split ms: "
             + " ".join(f"{sp.get(k, 0.0):6.1f}" for k in (*PHASES, "communication")))
+    notes = _sync_notes(results)
+    lines += ["", ("syncs: unnamed/named host syncs per step under hstu.sync_audit "
+                   "(unnamed ones must be 0)"), *notes]
     return "\n".join(lines)
+
+
+def _syncs_cell(r: dict) -> str:
+    """"unnamed/named" host syncs per step (the audit's counts, rank with the most)."""
+    unnamed, named = r.get("unnamed_syncs_per_step"), r.get("named_syncs_per_step")
+    if unnamed is None or math.isnan(unnamed):  # not audited
+        return "-"
+    return f"{unnamed:g}/{named:g}"
+
+
+def _sync_notes(results: list[dict]) -> list[str]:
+    """One line per preset whose steps made unnamed host syncs: the first one's op and line."""
+    return [f"  {r['preset']}: unnamed host sync {r['first_unnamed_sync']}" for r in results
+            if r.get("first_unnamed_sync")]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -628,6 +679,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="address-space limit of a long-history preset's process (default: "
                          "3/4 of the memory available at the start)")
     ap.add_argument("--profile-steps", type=int, default=4, help="steps under the profiler (split)")
+    ap.add_argument("--audit-steps", type=int, default=2,
+                    help="steps under hstu.sync_audit (the syncs columns; 0: not audited)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads per process (0: cores / processes, as a plain torchrun run)")
     ap.add_argument("--gin-param", action="append", default=[], help="added to every preset")

@@ -52,11 +52,16 @@ CHECKS: dict[str, str] = {
         "20 training steps of the dense block (block + loss + fused AdamW) under "
         "torch.cuda.set_sync_debug_mode('error'), after one warm-up step"
     ),
+    "trainer_steps": (
+        "one full trainer step (input stage, TorchRec tables, dense block, loss, optimizers) of "
+        "each debug preset under torch.cuda.set_sync_debug_mode('error'), after one warm-up step "
+        "(needs torchrec, fbgemm_gpu, megatron-core and gin)"
+    ),
 }
 OPTIONAL_MODULES = {
     "megatron.core": "tensor parallel layers only (the TP=1 block here does not need it)",
-    "gin": "configs and the trainer (not used here)",
-    "torchrec": "embedding tables and the trainer (not used here)",
+    "gin": "configs and the trainer (trainer_steps)",
+    "torchrec": "embedding tables and the trainer (trainer_steps)",
     "fbgemm_gpu": "cutlass attention (fbgemm_gpu.experimental.hstu) and tables",
 }
 ROW_KEYS = ("check", "case", "result", "status")
@@ -440,6 +445,72 @@ def check_sync_free_steps(result: CheckResult) -> None:
     result.summary = "no host sync" if finite else "non-finite loss"
 
 
+TRAINER_PRESETS = ("retrieval", "ranking")
+TRAINER_NEEDS = ("torchrec", "fbgemm_gpu", "megatron.core", "gin")
+
+
+def _trainer_step_in_process(task: str, workdir: str) -> str:
+    """Builds the trainer of configs/debug_<task>.gin in this process (a world of 1), runs one
+    warm-up step, then one step with CUDA's sync debug mode raising; returns the loss line."""
+    import gin
+
+    from hstu.config import load_config
+    from hstu.training.distributed import destroy_distributed, init_distributed, set_seed
+    from hstu.training.trainer import Trainer
+
+    root = _repo_root()
+    gin.clear_config()
+    cfg = load_config(str(root / "configs" / f"debug_{task}.gin"), [
+        f'TrainerArgs.run_dir="{workdir}/{task}"',
+        f'DatasetArgs.dataset_path="{workdir}/data/synthetic"',
+        "TrainerArgs.eval_interval=1000", "TrainerArgs.max_eval_iters=1",
+    ], task=task, world_size=1)
+    env = init_distributed(cfg.tp.tensor_model_parallel_size)
+    set_seed(cfg.trainer.seed)
+    trainer = Trainer(cfg, env, f"{workdir}/{task}_rank0", "")
+    try:
+        feed = trainer.open_batches()
+        trainer.model.train()
+        batches = iter(feed)
+        try:
+            trainer.train_step(batches)  # warm-up: first lookups, kernel choices
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                loss = trainer.train_step(batches)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        finally:
+            feed.close()
+        return f"one step, no host sync; loss {float(loss.float().sum()):.4g}"
+    finally:
+        trainer.close()
+        destroy_distributed()
+
+
+def check_trainer_steps(result: CheckResult) -> None:
+    missing = [m for m in TRAINER_NEEDS if not _module_present(m)]
+    if missing:
+        raise SkipPart(f"needs {', '.join(missing)} (not installed here)")
+    import tempfile
+
+    for task in TRAINER_PRESETS:
+        # each preset in its own process: gin, the process group and the tables start clean
+        with tempfile.TemporaryDirectory(prefix="hstu-gpu-check-") as workdir:
+            code = ("import sys; from hstu.gpu_check import _trainer_step_in_process as f; "
+                    f"print(f({task!r}, {workdir!r}))")
+            done = subprocess.run([sys.executable, "-c", code], cwd=_repo_root(),
+                                  capture_output=True, text=True, timeout=PYTEST_TIMEOUT_S,
+                                  check=False)
+        if done.returncode == 0:
+            result.row(f"debug_{task}", done.stdout.strip().splitlines()[-1], True)
+        else:
+            lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+            result.row(f"debug_{task}", lines[-1] if lines else f"exit {done.returncode}", False)
+    failed = [row["case"] for row in result.rows if row["status"] == "fail"]
+    result.summary = f"host sync or error in {', '.join(failed)}" if failed else "no host sync"
+
+
 # --------------------------------------------------------------------------------- driver
 
 
@@ -459,6 +530,7 @@ def run_checks(budget_s: float) -> tuple[list[CheckResult], dict[str, Any]]:
         "kernel_throughput": check_kernel_throughput,
         "block_throughput": check_block_throughput,
         "sync_free_steps": check_sync_free_steps,
+        "trainer_steps": check_trainer_steps,
     }
     for result in results:
         if time.monotonic() - started > budget_s:

@@ -63,6 +63,10 @@ _BOOL_INDEX_OPS = {
 _ALWAYS_SYNC = {_aten.equal.default}
 _PYTHON_SYNCS = ("tolist", "numpy", "cpu")
 
+TORCH_OPTIM_STEP = "torch.optim reads its per-parameter step counts (host tensors)"
+"""The dense optimizer's step as audits name it: torch.optim's non-capturable Adam keeps its
+step counts on the host, on GPU hosts too (no device to wait for)."""
+
 
 class HostSyncError(RuntimeError):
     """An op that would make the host wait for a CUDA device ran inside :func:`sync_audit`."""
@@ -118,6 +122,13 @@ KNOWN_HOST_READS = (
     ("fbgemm_gpu/split_table_batched_embeddings_ops_training.py", "self.feature_dims.cpu()",
      "FBGEMM TBE's feature_dims is made on the host"),
     ("torchrec/distributed/dist_data.py", "tensor_splits=input.dist_splits(", _TORCHREC_A2A),
+    # the train pipelines' own split exchange (KJTAllToAllForward), run for the next batch
+    ("torchrec/distributed/train_pipeline/runtime_forwards.py", "input_splits = input.dist_splits(",
+     _TORCHREC_A2A),
+    ("torchrec/distributed/embedding_sharding.py", "t_list = _safe_tolist(t)",
+     ("TorchRec 1.8's fused input distribution (FusedKJTListSplitsAwaitable) reads the split "
+      "sizes it is about to exchange, to check them for int overflow: a library read in the "
+      "pipelines' input stage, run for the next batch")),
     ("torchrec/distributed/dist_data.py", "_safe_tolist_2d(self._", _TORCHREC_A2A),
     ("torchrec/sparse/jagged_tensor.py", "return kjt.sync()", _TORCHREC_A2A),  # dist_init
 )
@@ -271,6 +282,6 @@ def sync_audit(raise_on_sync: bool = True) -> Iterator[SyncAudit]:
 
 
 __all__ = [
-    "KNOWN_HOST_READS", "HostSyncError", "SyncAudit", "SyncEvent", "allowed_sync", "sync_audit",
+    "KNOWN_HOST_READS", "TORCH_OPTIM_STEP", "HostSyncError", "SyncAudit", "SyncEvent", "allowed_sync", "sync_audit",
     "sync_reason",
 ]

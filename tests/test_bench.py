@@ -23,6 +23,13 @@ def test_table_has_every_column_and_skips() -> None:
     }
     text = bench._table({"float32": 1e11}, [row, {"preset": "y", "skipped": "no data"}])
     assert "1,000" in text and "5.0%" in text and "no data" in text
+    assert "syncs" in text.splitlines()[3]
+    audited = dict(row, preset="z", unnamed_syncs_per_step=1.5, named_syncs_per_step=4.0,
+                   first_unnamed_sync="aten.nonzero.default at hstu/x.py:3")
+    text = bench._table({"float32": 1e11}, [row, audited])
+    z = next(line for line in text.splitlines() if line.startswith("z "))
+    assert "1.5/4" in z
+    assert "z: unnamed host sync aten.nonzero.default at hstu/x.py:3" in text
 
 
 def test_groups_expand_and_every_scaling_preset_is_listed(capsys) -> None:

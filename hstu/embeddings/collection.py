@@ -22,7 +22,8 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from hstu.args import DynamicEmbeddingArgs, EmbeddingArgs
-from hstu.embeddings.dynamic import DynamicIdRemapper, default_bound, fresh_rows
+from hstu.embeddings.dynamic import HOST_REMAP, DynamicIdRemapper, default_bound, fresh_rows
+from hstu.sync_audit import allowed_sync
 
 logger = logging.getLogger(__name__)
 
@@ -145,9 +146,20 @@ class HstuEmbeddings(nn.Module):
     def _remap(
         self, features: KeyedJaggedTensor, lookup_only: frozenset[str] = frozenset()
     ) -> tuple[KeyedJaggedTensor, dict[str, torch.Tensor]]:
-        """Raw ids of dynamic features -> slots (one remapper call per table, all its features)."""
+        """Raw ids of dynamic features -> slots (one remapper call per table, all its features).
+
+        Runs on the host (the remappers' state is host memory, see hstu/embeddings/dynamic.py):
+        training batches arrive here before their copy to the device; ids already on a device
+        (evaluation's side lookups) are read back first, outside any training step."""
+        with allowed_sync(HOST_REMAP):
+            return self._remap_on_host(features, lookup_only)
+
+    def _remap_on_host(
+        self, features: KeyedJaggedTensor, lookup_only: frozenset[str]
+    ) -> tuple[KeyedJaggedTensor, dict[str, torch.Tensor]]:
         keys = features.keys()
-        values = features.values()
+        device_values = features.values()
+        values = device_values.cpu()
         offsets = features.offset_per_key()
         new_values = values.clone()
         misses: dict[str, torch.Tensor] = {}
@@ -177,12 +189,20 @@ class HstuEmbeddings(nn.Module):
                     new_values[a:b] = found_slots
                     if not bool(found.all()):
                         misses[k] = ~found
+        if device_values.device.type != "cpu":
+            new_values = new_values.to(device_values.device)
+            misses = {k: m.to(device_values.device) for k, m in misses.items()}
+        elif device_values.is_pinned():  # keeps the pipeline's host-to-device copy asynchronous
+            new_values = new_values.pin_memory()
         remapped = KeyedJaggedTensor(
             keys=keys,
             values=new_values,
             lengths=features.lengths(),
             weights=features.weights_or_none(),
             stride=features.stride(),
+            # the host-known sizes, so that TorchRec does not read them back from the device
+            length_per_key=features.length_per_key(),
+            offset_per_key=offsets,
         )
         return remapped, misses
 
@@ -263,7 +283,7 @@ def build_embedding_collection(
         dim = embedding_dims[name]
         if isinstance(table, DynamicEmbeddingArgs):
             rows, caching, cache_rows = _dynamic_capacity(table, dim, sparse_optimizer, device)
-            remappers[name] = DynamicIdRemapper(name, rows, table.evict_strategy, device)
+            remappers[name] = DynamicIdRemapper(name, rows, table.evict_strategy)
             specs.append(
                 TableSpec(name, tuple(table.feature_names), rows, dim, True,
                           "model_parallel", caching, cache_rows)

@@ -14,6 +14,14 @@ a handful of vectorised torch ops; its state is replicated (identical) on every 
 the embedding process group because each training step all-gathers the step's unique ids
 and every rank applies the same deterministic update.
 
+Where it runs: on the host, always. The remapper's state is host memory (it stays there when
+the model moves to a GPU) and it maps the batch's host ids in the input stage
+(``GenerativeRecommender.prepare``, called as the trainer reads a batch, before the train
+pipeline copies it to the device), with its all-gather on the group's host backend (gloo).
+Its data-dependent sizes (``unique``, the admitted ids, the victims) are read from host
+memory, so a step never waits for the device on its account; the ops that would sync if
+their inputs were on a GPU run under ``allowed_sync(HOST_REMAP)``.
+
 Eviction (when more new ids arrive than free rows exist) only considers rows not used in
 the current step:
 - ``lru``: smallest last-access step first, then lowest slot;
@@ -37,6 +45,10 @@ import torch.distributed as dist
 from torch import nn
 
 _INT64_MAX = torch.iinfo(torch.int64).max
+
+HOST_REMAP = (
+    "dynamic tables: the input stage maps host ids with host state (no device to wait for)"
+)
 
 
 def _signed(c: int) -> int:
@@ -99,7 +111,6 @@ class DynamicIdRemapper(nn.Module):
         table_name: str,
         capacity: int,
         evict_strategy: Literal["lru", "lfu"] = "lru",
-        device: torch.device | None = None,
     ) -> None:
         super().__init__()
         if capacity < 1:
@@ -110,9 +121,9 @@ class DynamicIdRemapper(nn.Module):
         self.capacity = capacity
         self.evict_strategy = evict_strategy
         self.pg: dist.ProcessGroup | None = None
-        kw = {"dtype": torch.int64, "device": device}
+        kw = {"dtype": torch.int64}
         self.register_buffer("slot_ids", torch.zeros(capacity, **kw))
-        self.register_buffer("occupied", torch.zeros(capacity, dtype=torch.bool, device=device))
+        self.register_buffer("occupied", torch.zeros(capacity, dtype=torch.bool))
         self.register_buffer("last_access", torch.zeros(capacity, **kw))
         self.register_buffer("access_count", torch.zeros(capacity, **kw))
         self.register_buffer("step", torch.zeros((), **kw))
@@ -132,6 +143,11 @@ class DynamicIdRemapper(nn.Module):
         self.pending_fresh: tuple[torch.Tensor, torch.Tensor] | None = None
         self._last_step_evicted = 0
         self._last_step_admitted = 0
+
+    def _apply(self, fn, recurse=True):  # nn.Module's signature
+        """The state stays on the host (module docstring): ``model.to(device)``, ``.cuda()``
+        and dtype casts of the whole model leave it where and what it is."""
+        return self
 
     # ----------------------------------------------------------------------- index
 
@@ -327,10 +343,15 @@ class DynamicIdRemapper(nn.Module):
         return slots
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """ids int64 [N] -> (slots int64 [N], miss mask bool [N] or None).
+        """ids int64 [N] (host) -> (slots int64 [N], miss mask bool [N] or None), on the host.
 
         Training: collective over ``pg``; every rank must call it in the same step.
         """
+        if ids.device.type != "cpu":
+            raise ValueError(
+                f"dynamic table {self.table_name}: ids must be host tensors (the input stage "
+                f"runs before the batch is copied to the device), got {ids.device}"
+            )
         ids = ids.to(torch.int64)
         if self.training:
             local, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
@@ -348,9 +369,9 @@ class DynamicIdRemapper(nn.Module):
     @torch.no_grad()
     def lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Read only, in training too (no admission, no collective, no counters): ids int64
-        [N] -> (slots [N], found [N] bool). For ids that must never be admitted (retrieval
-        negatives, the corpus)."""
-        return self._find(ids.to(torch.int64))
+        [N] -> (slots [N], found [N] bool), on the host. For ids that must never be admitted
+        (retrieval negatives, the corpus)."""
+        return self._find(ids.to("cpu", torch.int64))
 
     def stats(self) -> dict[str, int | float]:
         """Figures for the training log: occupancy and eviction counters."""

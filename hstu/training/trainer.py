@@ -209,18 +209,13 @@ class Trainer:
 
     # ----------------------------------------------------------------------- loop
     def _prepare_for_device(self) -> Any:
-        """The model's input stage for training batches. Dynamic tables remap on the device
-        their state lives on: on a GPU such batches are copied there first (the pipeline's
-        own copy is then a no-op)."""
-        model, device = self.model, self.env.device
+        """The model's input stage for training batches: dynamic tables remap the host batch
+        (their state is host memory) before the pipeline copies it to the device."""
+        model = self.model
         has_remappers = any(
             getattr(m, "remappers", None) for m in model.sparse.modules()
         )
-        if not has_remappers:
-            return None
-        if device.type == "cuda":
-            return lambda batch: model.prepare(batch.to(device, non_blocking=True))
-        return model.prepare
+        return model.prepare if has_remappers else None
 
     def open_batches(self) -> Feed:
         """The training batches (iterate the Feed) and the pipeline that steps over them

@@ -12,9 +12,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hstu.embeddings.dynamic import HOST_REMAP
 from hstu.model.batch_gather import HOST_COUNTS
 from hstu.ops import MAX_SEQLEN_CHECK
-from hstu.sync_audit import KNOWN_HOST_READS, HostSyncError, allowed_sync, sync_audit
+from hstu.sync_audit import (
+    KNOWN_HOST_READS,
+    TORCH_OPTIM_STEP,
+    HostSyncError,
+    allowed_sync,
+    sync_audit,
+)
 from tests.dist_utils import run_multiprocess
 
 # Every allowed sync a debug step may meet (docs/performance.md "No host sync in a step").
@@ -24,11 +31,9 @@ KNOWN_REASONS = {
     "RowSparseOptimizer's step count lives on the host",
     "a CPU-only kernel: the host reads its own memory, no device to wait for",
     HOST_COUNTS,
+    HOST_REMAP,
     *(why for _, _, why in KNOWN_HOST_READS),
 }
-# hstu/training/optimizer.py is out of this test's reach: torch.optim's non-capturable
-# Adam reads its per-parameter step counts, CPU tensors on GPU hosts too
-TORCH_OPTIM_STEP = "torch.optim reads its per-parameter step counts (host tensors)"
 
 
 # ------------------------------------------------------------------------- the detector
