@@ -101,3 +101,31 @@ def test_two_shards_give_the_one_process_loss_and_gradients(exclude):
     if exclude:  # the exclusion changes the loss: the comparison can tell
         assert float(want[0]) < float(_reference(False)[0]) - 0.05
     run_multiprocess(_two_ranks, world_size=2, exclude=exclude, want=want)
+
+
+def _shard_rows(rank: int, world_size: int) -> None:
+    from hstu.ops.losses.vocab_parallel import local_shard_rows
+    from tests.embeddings.common import build, optimizer, tables
+
+    emb, _ = build(tables(mp_rows=24), optimizer("rowwise_adagrad"), sharded=True,
+                   overrides={"ta": "row_wise"})
+    full, _ = build(tables(mp_rows=24), optimizer("rowwise_adagrad"), sharded=False)
+    want = full.ec.embeddings["ta"].weight.detach()
+    rows, first = local_shard_rows(emb.ec, "ta", "a")
+    assert rows.shape[0] > 0 and rows.requires_grad
+    assert first == (0 if rank == 0 else 24 - rows.shape[0])
+    torch.testing.assert_close(rows.detach(), want[first : first + rows.shape[0]])
+    before = rows.detach().clone()
+    rows.sum().backward()  # the fused optimizer updates the shard's rows in backward
+    after, _ = local_shard_rows(emb.ec, "ta", "a")
+    assert bool((after.detach() != before).any(1).all())  # every own row moved
+    # and another rank's rows were never touched: the shards still tile the table
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size)]
+    dist.all_gather(sizes, torch.tensor([rows.shape[0]]))
+    assert sum(int(s) for s in sizes) == 24
+
+
+def test_local_shard_rows_of_a_row_wise_table():
+    """Each rank's rows, read through its own lookup module (no collective), equal the unsharded
+    table's, and backward updates exactly them through the fused optimizer."""
+    run_multiprocess(_shard_rows, world_size=2)

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed import ProcessGroup
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from hstu.model.batch_gather import gather_rows
 from hstu.ops.losses.full_corpus import HistoryWindow
@@ -71,6 +73,43 @@ class _ShardSoftmax(torch.autograd.Function):
             probs.index_put_((rows, local_col), -held.to(probs.dtype), accumulate=True)
         probs.mul_(grad.unsqueeze(1))
         return probs @ shard, probs.t() @ queries, None, None, None, None
+
+
+def local_shard_rows(sharded: nn.Module, table: str, feature: str) -> tuple[torch.Tensor, int]:
+    """(this rank's rows of ``table`` [I_r, D] as a differentiable lookup, the id of its first
+    row) from a TorchRec ``ShardedEmbeddingCollection`` (or the DistributedModelParallel around
+    it), row-wise or table-wise (a rank without rows of it: [0, D]). The rows come from the
+    rank's own lookup module, called with the local row offsets: no input distribution, no
+    output distribution, no collective; backward hands their gradient to that module (FBGEMM's
+    fused optimizer then updates them), with no mean over the ranks (hence
+    ``corpus_grad_factor``). ``feature``: one of the table's features."""
+    ec = getattr(sharded, "module", sharded)
+    key = f"embeddings.{table}.weight"
+    weight = ec.state_dict()[key]
+    shards = weight.local_shards()
+    dim = weight.size(1)
+    if not shards:
+        return torch.empty(0, dim), 0
+    if len(shards) > 1 or shards[0].metadata.shard_sizes[1] != dim:
+        raise ValueError(
+            f"table {table!r}: full-corpus scoring over shards needs whole rows on each rank "
+            "(row_wise or table_wise), not column-wise shards"
+        )
+    meta = shards[0].metadata
+    first, rows = int(meta.shard_offsets[0]), int(meta.shard_sizes[0])
+    for st, lookup in zip(ec._sharding_type_to_sharding, ec._lookups, strict=True):
+        names = ec._sharding_type_to_sharding[st].feature_names()
+        if feature not in names:
+            continue
+        per_key = [rows if n == feature else 0 for n in names]  # host numbers: no read back
+        device = shards[0].tensor.device
+        kjt = KeyedJaggedTensor(
+            keys=names, values=torch.arange(rows, device=device),
+            lengths=torch.tensor(per_key, dtype=torch.int64).to(device), stride=1,
+            length_per_key=per_key, offset_per_key=[sum(per_key[:i]) for i in range(len(names) + 1)],
+        )
+        return lookup(kjt).view(rows, dim), first
+    raise ValueError(f"feature {feature!r} is not a feature of a sharded table on this rank")
 
 
 def vocab_parallel_loss(
@@ -134,4 +173,4 @@ def _scaled_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
     return x if factor == 1.0 else _GradScale.apply(x, factor)
 
 
-__all__ = ["vocab_parallel_loss"]
+__all__ = ["local_shard_rows", "vocab_parallel_loss"]
