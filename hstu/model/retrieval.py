@@ -42,7 +42,7 @@ from hstu.model.jagged import index_within, lengths_to_offsets, segment_ids
 from hstu.model.loss_scale import PendingScale
 from hstu.model.tensor_parallel import take_own_rows
 from hstu.model.tokens import TokenBuilder
-from hstu.ops.losses import LossInputs, negative_vectors, resolve_matmul_dtype
+from hstu.ops.losses import HistoryWindow, LossInputs, negative_vectors, resolve_matmul_dtype
 from hstu.registry import NEGATIVE_SAMPLING, SHARED_DRAW, UNIFORM_DRAW, load
 
 
@@ -212,7 +212,7 @@ class RetrievalModel(nn.Module):
             self.full_corpus_matmul_dtype or resolve_matmul_dtype("auto", queries.device)[0],
         )
         if self.exclude_history_from_loss and self.training:
-            inputs.history_mask = history_pairs(q_seg, q_idx, item_starts, own.item_ids, pos_ids)
+            inputs.history_mask = self.history_window(batch, own, q_seg, q_idx, item_starts)
         if counts is not None:
             every = counts.wait()
             inputs.batch_pos_vectors = gather_rows(pos_vectors, every)
@@ -239,6 +239,19 @@ class RetrievalModel(nn.Module):
                 apply_misses(embeddings, batch.lookup_misses)[self.negatives_feature].values()
             )
         return load(NEGATIVE_SAMPLING[self.negative_sampling].loss)(inputs)
+
+    def history_window(
+        self, batch: Batch, own, q_seg: torch.Tensor, q_idx: torch.Tensor, item_starts: torch.Tensor,
+    ) -> HistoryWindow:
+        """RetrievalArgs.exclude_history_from_loss: query j of a sample (it predicts item j + 1)
+        leaves out the items at positions 0..j of that sample (except its target); the window's
+        width is the longest history (the dataset's, else the batch's, bounded by this batch's
+        history items), known on the host."""
+        longest = self.max_item_seqlen or batch.max_seqlen or own.sizes.num_history_items
+        return HistoryWindow(
+            ids=own.item_ids, starts=item_starts[q_seg], lengths=q_idx + 1,
+            width=max(0, min(longest, own.sizes.num_history_items) - 1),
+        )
 
     @staticmethod
     def negative_vectors(
@@ -376,28 +389,6 @@ CPU_BLOCK_SCORE_BYTES = 4 << 20
 _CPU_MIN_BLOCK_ITEMS = 256
 
 
-def history_pairs(
-    q_seg: torch.Tensor,
-    q_idx: torch.Tensor,
-    item_starts: torch.Tensor,
-    item_ids: torch.Tensor,
-    pos_ids: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(query rows, item ids), int64 [K] each, rows ascending: for query j of a sample (it
-    predicts item j + 1), the items at positions 0..j of that sample, except any equal to its
-    target (RetrievalArgs.exclude_history_from_loss). ``q_seg`` / ``q_idx`` [Q]: each
-    query's sample and position; ``item_starts`` [B]: each sample's first row in
-    ``item_ids``; ``pos_ids`` [Q]: the targets."""
-    num_q = q_seg.numel()
-    per_query = q_idx + 1
-    rows = torch.repeat_interleave(torch.arange(num_q, device=q_seg.device), per_query)
-    starts = torch.cumsum(per_query, 0) - per_query
-    within = torch.arange(rows.numel(), device=q_seg.device) - starts[rows]
-    items = item_ids[item_starts[q_seg[rows]] + within]
-    keep = items != pos_ids[rows]
-    return rows[keep], items[keep]
-
-
 def eval_block_items(num_queries: int, budget_bytes: int, device: torch.device | None = None) -> int:
     """Items per block so that a block's [num_queries, items] work stays within the budget
     (at least 1); on CPU also within :data:`CPU_BLOCK_SCORE_BYTES` of scores (at least
@@ -528,6 +519,5 @@ __all__ = [
     "RetrievalModel",
     "block_grid",
     "eval_block_items",
-    "history_pairs",
     "merge_top",
 ]

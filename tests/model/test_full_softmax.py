@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import hstu.ops.losses.full_corpus as retrieval
-from hstu.ops.losses import full_softmax_loss
+from hstu.ops.losses import HistoryWindow, full_softmax_loss
 
 
 def _case(q: int, i: int, d: int = 12, seed: int = 0):
@@ -139,20 +139,35 @@ def test_bfloat16_and_float32_buffers_alternate():
 
 
 def _masked_case(q: int, i: int, seed: int = 3):
-    """Random (row, item) pairs, rows ascending, never a row's target."""
+    """Queries of samples with repeated history items (ids 0..i-1 as columns), as the model
+    asks: query j of a sample leaves out the sample's items 0..j."""
     g = torch.Generator().manual_seed(seed)
-    queries, corpus, target = _case(q, i, seed=seed)
-    rows = torch.randint(0, q, (3 * q,), generator=g).sort().values
-    cols = torch.randint(0, i, (3 * q,), generator=g)
-    keep = cols != target[rows]
-    return queries, corpus, target, (rows[keep], cols[keep])
+    queries, corpus, _ = _case(q, i, seed=seed)
+    lengths = [q // 3 + 1, q - q // 3 + 1]  # two samples of H items: sum(H - 1) = q queries
+    ids = torch.randint(0, max(2, i // 3), (sum(lengths),), generator=g)  # many repeats
+    starts, within, target = [], [], []
+    offset = 0
+    for h in lengths:
+        for j in range(h - 1):
+            starts.append(offset)
+            within.append(j + 1)
+            target.append(int(ids[offset + j + 1]))
+        offset += h
+    window = HistoryWindow(ids, torch.tensor(starts), torch.tensor(within), max(lengths) - 1)
+    return queries, corpus, torch.tensor(target), window
 
 
-def _masked_reference(queries, corpus, target, masked):
+def _masked_reference(queries, corpus, target, window):
+    """The masked softmax materialised: for each query, a Python set of its history's ids."""
     q = queries.detach().clone().requires_grad_()
     c = corpus.detach().clone().requires_grad_()
-    logits = (q @ c.t()).index_put(masked, torch.tensor(float("-inf")))
-    loss = F.cross_entropy(logits, target, reduction="sum")
+    logits = q @ c.t()
+    mask = torch.zeros(logits.shape, dtype=torch.bool)
+    for row in range(len(target)):
+        s, n = int(window.starts[row]), int(window.lengths[row])
+        for item in set(window.ids[s : s + n].tolist()) - {int(target[row])}:
+            mask[row, item] = True
+    loss = F.cross_entropy(logits.masked_fill(mask, float("-inf")), target, reduction="sum")
     (loss * 0.3).backward()
     return loss.detach(), q.grad, c.grad
 
@@ -161,9 +176,12 @@ def _masked_reference(queries, corpus, target, masked):
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_masked_items_leave_the_softmax(monkeypatch, block, dtype):
     # RetrievalArgs.exclude_history_from_loss: the masked logits are -inf, on every block
+    # (and in windows of 5 entries: several per block)
     monkeypatch.setattr(retrieval, "_FULL_SOFTMAX_BLOCK_ELEMENTS", block)
     monkeypatch.setattr(retrieval, "_FULL_SOFTMAX_MIN_ROWS", 1)
+    monkeypatch.setattr(retrieval, "_WINDOW_ELEMENTS", 5)
     queries, corpus, target, masked = _masked_case(37, 23)
+    assert len(set(masked.ids.tolist())) < masked.ids.numel()  # repeated history items
     want_loss, want_gq, want_gc = _masked_reference(queries, corpus, target, masked)
     plain = _reference(queries, corpus, target)[0]
     assert want_loss < plain - 1.0  # the mask changes the loss: the test can tell
@@ -178,22 +196,3 @@ def test_masked_items_leave_the_softmax(monkeypatch, block, dtype):
     torch.testing.assert_close(loss, want_loss, rtol=5e-4, atol=1e-4 * len(target))
     for got, want in ((queries.grad, want_gq), (corpus.grad, want_gc)):
         assert float((got - want).norm() / want.norm()) < 0.02
-
-
-def test_history_pairs_are_each_query_s_prefix_but_its_target():
-    from hstu.model.retrieval import history_pairs
-
-    # two samples: items [5, 7, 5, 9] (queries 0..2 predict 7, 5, 9) and [3, 4] (query 0 -> 4)
-    item_ids = torch.tensor([5, 7, 5, 9, 3, 4])
-    item_starts = torch.tensor([0, 4])
-    q_seg = torch.tensor([0, 0, 0, 1])
-    q_idx = torch.tensor([0, 1, 2, 0])
-    pos_ids = torch.tensor([7, 5, 9, 4])
-    rows, items = history_pairs(q_seg, q_idx, item_starts, item_ids, pos_ids)
-    want = []
-    for q in range(4):
-        s, j = int(q_seg[q]), int(q_idx[q])
-        prefix = item_ids[int(item_starts[s]) : int(item_starts[s]) + j + 1].tolist()
-        want += [(q, it) for it in prefix if it != int(pos_ids[q])]
-    assert list(zip(rows.tolist(), items.tolist())) == want
-    assert (1, 5) not in want and (0, 5) in want  # query 1's target 5 is its history's item

@@ -5,6 +5,7 @@ by name in hstu.registry.NEGATIVE_SAMPLING."""
 
 from hstu.ops.losses.full_corpus import (
     MATMUL_DTYPES,
+    HistoryWindow,
     full_corpus_loss,
     full_softmax_loss,
     native_bfloat16_matmul,
@@ -21,6 +22,7 @@ from hstu.ops.losses.strategies import LossInputs, LossOutput
 
 __all__ = [
     "MATMUL_DTYPES",
+    "HistoryWindow",
     "LossInputs",
     "LossOutput",
     "SharedRows",

@@ -6,6 +6,7 @@ Legend: Q queries, I items of the corpus, D width.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -71,19 +72,19 @@ class _FullSoftmaxLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries: torch.Tensor, corpus: torch.Tensor, target: torch.Tensor,
-                masked: tuple[torch.Tensor, torch.Tensor] | None = None):
+                masked: HistoryWindow | None = None):
         num_q, num_i = queries.shape[0], corpus.shape[0]
         probs = _take_buffer(num_q * num_i, queries).view(num_q, num_i)
         losses = queries.new_empty(num_q)
         pos = queries.new_empty(num_q)
         block = _block_rows(num_i)
         corpus_t = corpus.t()
-        cuts = _mask_cuts(masked, num_q, block)
         for s in range(0, num_q, block):
             e = min(num_q, s + block)
             logits = torch.mm(queries[s:e], corpus_t, out=probs[s:e])
             torch.gather(logits, 1, target[s:e].unsqueeze(1), out=pos[s:e].unsqueeze(1))
-            _mask_block(logits, masked, cuts, s, block)
+            if masked is not None:
+                masked.mask_(logits, s, target[s:e])
             # softmax in place while the block is in cache
             torch.sub(softmax_lse_(logits), pos[s:e], out=losses[s:e])
         if any(ctx.needs_input_grad):
@@ -117,28 +118,57 @@ class _FullSoftmaxLoss(torch.autograd.Function):
         return grad_q, grad_c, None, None
 
 
-def _mask_cuts(
-    masked: tuple[torch.Tensor, torch.Tensor] | None, num_q: int, block: int
-) -> list[int] | None:
-    """Where each block of ``block`` queries starts in the (row-sorted) masked entries."""
-    if masked is None:
-        return None
-    bounds = torch.arange(0, num_q + block, block, device=masked[0].device).clamp(max=num_q)
-    return torch.searchsorted(masked[0], bounds).tolist()
+@dataclass
+class HistoryWindow:
+    """Each query's own history, left out of its softmax (RetrievalArgs.exclude_history_from_loss),
+    as a window into the batch's item ids: query q leaves out the items
+    ``ids[starts[q] : starts[q] + lengths[q]]`` (repeated ids once; never its target; ids outside
+    the corpus's columns ignored). Legend: Q queries, N item ids, W = ``width``.
+
+    Applied to a block of logits at a time (:meth:`mask_`) from a [rows, W] window of those
+    ids, ``width`` >= every ``lengths[q]`` known on the host (the dataset's longest history): no
+    list of (query, item) pairs (sum over samples of H^2 / 2 entries), no size read from the
+    device, memory bounded by :data:`_WINDOW_ELEMENTS` entries whatever H.
+    """
+
+    ids: torch.Tensor
+    """int64 [N]: columns (item id - min_item_id) of the batch's item feature."""
+    starts: torch.Tensor
+    """int64 [Q]: where each query's history starts in ``ids``."""
+    lengths: torch.Tensor
+    """int64 [Q]: how many items of ``ids`` from there are its history (its position + 1)."""
+    width: int
+    """>= every length (host)."""
+
+    def shifted(self, by: int) -> HistoryWindow:
+        """The same window with the ids' columns moved down by ``by`` (item ids -> columns)."""
+        return HistoryWindow(self.ids - by, self.starts, self.lengths, self.width)
+
+    def mask_(self, logits: torch.Tensor, start: int, target: torch.Tensor) -> None:
+        """-inf at the history columns of the block of queries ``start``.. (``logits`` [r, I],
+        ``target`` [r] their targets' columns): their probabilities become exactly 0, and so do
+        their gradients. The other entries are unchanged (they get + 0.0)."""
+        rows_total, num_i = logits.shape
+        width = self.width
+        if width <= 0 or rows_total == 0 or self.ids.numel() == 0:
+            return
+        step = max(1, _WINDOW_ELEMENTS // width)
+        pos = torch.arange(width, device=logits.device)
+        last = self.ids.numel() - 1
+        for s in range(0, rows_total, step):
+            e = min(rows_total, s + step)
+            starts = self.starts[start + s : start + e, None]
+            inside = pos < self.lengths[start + s : start + e, None]  # [r, W]
+            cols = self.ids.index_select(0, (starts + pos).clamp_(max=last).view(-1)).view(inside.shape)
+            inside &= (cols != target[s:e, None]) & (cols >= 0) & (cols < num_i)
+            # -inf where masked, + 0.0 elsewhere (a column listed twice: -inf either way)
+            add = torch.zeros(inside.shape, dtype=logits.dtype, device=logits.device)
+            add.masked_fill_(inside, float("-inf"))
+            logits[s:e].scatter_add_(1, cols.masked_fill_(~inside, 0), add)
 
 
-def _mask_block(
-    logits: torch.Tensor, masked: tuple[torch.Tensor, torch.Tensor] | None,
-    cuts: list[int] | None, start: int, block: int,
-) -> None:
-    """-inf at the masked (row, item) entries of the block of queries starting at ``start``
-    (their probabilities are then exactly 0, and so are their gradients)."""
-    if masked is None or cuts is None:
-        return
-    lo, hi = cuts[start // block], cuts[start // block + 1]
-    if hi > lo:
-        rows, cols = masked[0][lo:hi] - start, masked[1][lo:hi]
-        logits.index_put_((rows, cols), logits.new_full((), float("-inf")))
+# entries of a HistoryWindow's [rows, W] window built at a time
+_WINDOW_ELEMENTS = 1 << 16
 
 
 # elements of the [block, I] logits handled at a time by _FullSoftmaxLoss (1 MiB in float32:
@@ -197,7 +227,7 @@ class _FullSoftmaxLossBF16(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries: torch.Tensor, corpus: torch.Tensor, target: torch.Tensor,
-                masked: tuple[torch.Tensor, torch.Tensor] | None = None):
+                masked: HistoryWindow | None = None):
         num_q, dim = queries.shape
         num_i = corpus.shape[0]
         bf16 = torch.bfloat16
@@ -218,7 +248,6 @@ class _FullSoftmaxLossBF16(torch.autograd.Function):
         c_aug_t = c_aug.t()
         keep = any(ctx.needs_input_grad)
         minus_one = queries.new_full((), -1.0)  # a fill on the device, not a host copy
-        cuts = _mask_cuts(masked, num_q, block)
         for s in range(0, num_q, block):
             e = min(num_q, s + block)
             out = torch.mm(q_aug[s:e], c_aug_t, out=grads[s:e])
@@ -227,7 +256,8 @@ class _FullSoftmaxLossBF16(torch.autograd.Function):
             # the target's own column gets its exact shifted logit (pos - shift)
             rows = torch.arange(e - s, device=probs.device)
             probs.index_put_((rows, target[s:e]), shift_err[s:e].neg())
-            _mask_block(probs, masked, cuts, s, block)
+            if masked is not None:
+                masked.mask_(probs, s, target[s:e])
             torch.add(softmax_lse_(probs), shift_err[s:e], out=losses[s:e])
             if keep:  # P - onehot in float32, then rounded once
                 probs.index_put_((rows, target[s:e]), minus_one, accumulate=True)
@@ -257,12 +287,12 @@ def full_softmax_loss(
     corpus: torch.Tensor,
     target: torch.Tensor,
     matmul_dtype: torch.dtype | None = None,
-    masked: tuple[torch.Tensor, torch.Tensor] | None = None,
+    masked: HistoryWindow | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum over queries of -log softmax(queries @ corpus.T)[q, target[q]], the target logits
     [Q] (no gradient)); queries [Q, D], corpus [I, D] in one floating dtype.
-    ``masked`` (rows, items), int64 [K] each, rows ascending, never a row's target: those
-    logits are left out of the softmax (-inf).
+    ``masked``: each query's history columns (:class:`HistoryWindow`), left out of its softmax
+    (-inf; never its target).
     ``matmul_dtype=torch.bfloat16`` runs the [Q, I] matmuls in bfloat16 on float32 inputs
     (:class:`_FullSoftmaxLossBF16`); None: in the inputs' dtype, exact up to summation order."""
     if queries.dtype != corpus.dtype:
@@ -288,12 +318,13 @@ def full_corpus_loss(
     matmul_dtype: torch.dtype | None,
     training: bool,
     scale: torch.Tensor | None = None,
-    masked: tuple[torch.Tensor, torch.Tensor] | None = None,
+    masked: HistoryWindow | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
     """Exact softmax over every item [min_item_id, num_items) (``corpus`` [I, D], normalised,
     row i = item min_item_id + i): one [Q, I] logit matrix and a cross-entropy on the
-    positive's column (each id appears once, so nothing needs masking; ``masked``: (rows,
-    item ids) left out of the softmax, RetrievalArgs.exclude_history_from_loss). Same loss as
+    positive's column (each id appears once, so nothing needs masking; ``masked``: each
+    query's history as item ids (:class:`HistoryWindow`), left out of its softmax,
+    RetrievalArgs.exclude_history_from_loss). Same loss as
     :func:`hstu.ops.losses.sampled.sampled_softmax_loss` with the corpus as negatives.
     Returns (loss, (pos_logits [Q], neg_logits [Q, I] with -inf at the positive, or None in
     training))."""
@@ -303,8 +334,8 @@ def full_corpus_loss(
     if queries.shape[0] == 0:
         logits = scaled @ corpus.t()
         return logits.sum() * 0.0, (logits.new_zeros(0), logits)
-    if masked is not None:  # (rows, item ids) -> (rows, columns)
-        masked = (masked[0], masked[1] - min_item_id)
+    if masked is not None:  # item ids -> columns
+        masked = masked.shifted(min_item_id)
     total, pos_logits = full_softmax_loss(scaled, corpus, target, matmul_dtype, masked)
     loss = total / queries.shape[0] if scale is None else total * scale
     if training:
@@ -315,4 +346,4 @@ def full_corpus_loss(
     return loss, (pos_logits, neg_logits)
 
 
-__all__ = ["full_corpus_loss", "full_softmax_loss"]
+__all__ = ["HistoryWindow", "full_corpus_loss", "full_softmax_loss"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from hstu.ops.losses.common import CPU_ONLY
-from hstu.ops.losses.full_corpus import full_corpus_loss
+from hstu.ops.losses.full_corpus import HistoryWindow, full_corpus_loss
 from hstu.ops.losses.sampled import (
     SharedRows,
     fused_sampled_loss_applies,
@@ -58,9 +58,9 @@ class LossInputs:
     hstu.model.batch_gather); None: pos_vectors are the batch's."""
     batch_pos_ids: torch.Tensor | None = None
     """int64 [N], their ids (with batch_pos_vectors)."""
-    history_mask: tuple[torch.Tensor, torch.Tensor] | None = None
-    """Full corpus, RetrievalArgs.exclude_history_from_loss: (query rows ascending, item ids),
-    int64 [K] each: the items of each query's own history, left out of its softmax."""
+    history_mask: HistoryWindow | None = None
+    """Full corpus, RetrievalArgs.exclude_history_from_loss: the items of each query's own
+    history (item ids), left out of its softmax."""
 
 
 Group = tuple[torch.Tensor | SharedRows, torch.Tensor]  # negatives' vectors and their ids
