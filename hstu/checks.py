@@ -77,6 +77,22 @@ def check_ema(trainer: Any, tables: list[Any]) -> None:
         )
 
 
+def check_full_corpus_table(sparse: Any, item_feature: str) -> None:
+    """RetrievalArgs.negative_sampling="full_corpus" with a dynamic item table: the loss scores
+    the rows each rank holds, and a dynamic table's rows are slots (free ones, and ids that
+    come and go), not the catalogue. ``sparse``: the model's HstuEmbeddings (anything else:
+    nothing to check)."""
+    specs = getattr(sparse, "specs", None)
+    table = getattr(sparse, "_feature_to_table", {}).get(item_feature)
+    if specs is not None and table is not None and specs[table].dynamic:
+        raise ConfigError(
+            "RetrievalArgs",
+            "negative_sampling",
+            f"'full_corpus' cannot score dynamic item table {table!r} (DynamicEmbeddingArgs): "
+            "its rows are slots, not the catalogue (make the table static, or sample negatives)",
+        )
+
+
 def check_parallel(network: Any, tp: Any, world_size: int | None = None) -> None:
     """Heads split evenly over the TP group (``network``: NetworkArgs, ``tp``:
     TensorModelParallelArgs); the TP group divides the world."""

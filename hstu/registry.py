@@ -131,7 +131,6 @@ DATASETS.register("custom", DatasetReader(None))
 
 # what the data path can put into a retrieval batch's negatives key (hstu.data.negatives)
 UNIFORM_DRAW = "uniform"  # num_negatives ids per query, uniform over the corpus, and an index
-CORPUS_DRAW = "full_corpus"  # every item of the corpus
 SHARED_DRAW = "shared"  # num_negatives ids per batch, uniform over the corpus, no index
 
 
@@ -143,7 +142,8 @@ class NegativeSampling:
     loss: str
     """``fn(hstu.ops.losses.LossInputs) -> (loss, (pos_logits [Q], neg_logits [Q, M] | None))``."""
     draws: str | None
-    """UNIFORM_DRAW (when num_negatives > 0), SHARED_DRAW, CORPUS_DRAW or None (nothing drawn)."""
+    """UNIFORM_DRAW (when num_negatives > 0), SHARED_DRAW or None (nothing drawn; the full
+    corpus is read from the item table's rows on each rank, hstu.ops.losses.vocab_parallel)."""
     num_negatives: str
     """Which RetrievalArgs.num_negatives it takes: "-1", "> 0" or "-1 or > 0"."""
     needs: str = ""
@@ -198,7 +198,7 @@ NEGATIVE_SAMPLING.register("shared", NegativeSampling(
     "hstu.ops.losses.strategies:shared", SHARED_DRAW, "> 0",
     needs="the uniform ids drawn per batch, scored by every query"))
 NEGATIVE_SAMPLING.register("full_corpus", NegativeSampling(
-    "hstu.ops.losses.strategies:full_corpus", CORPUS_DRAW, "-1"))
+    "hstu.ops.losses.strategies:full_corpus", None, "-1"))
 
 
 # ------------------------------------------------------------------------ retrieval metrics
@@ -240,7 +240,6 @@ def retrieval_metric_names() -> str:
 
 __all__ = [
     "ATTENTION_BACKENDS",
-    "CORPUS_DRAW",
     "DATASETS",
     "NEGATIVE_SAMPLING",
     "RETRIEVAL_METRICS",

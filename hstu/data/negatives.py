@@ -14,7 +14,9 @@ Which draw a strategy makes is its entry in ``hstu.registry.NEGATIVE_SAMPLING``:
 - ``shared`` (the shared strategy): M ids per batch (one set for the rank's whole batch, scored
   by every query), drawn uniformly from [min_item_id, num_items); the key holds their U <= M
   distinct ids (in sample 0's slot), no index.
-- ``full_corpus``: the key holds every id of [min_item_id, num_items) (the exact softmax).
+- the full corpus (``full_corpus`` sampling) draws nothing and adds no key: its loss reads the
+  item table's rows that each rank holds (``hstu.ops.losses.vocab_parallel``), so no step's
+  input carries the catalogue's ids.
 - evaluation batches carry the key empty (the key order must not change between calls of a
   sharded collection).
 
@@ -83,9 +85,8 @@ def negatives_feature_name(item_feature_name: str) -> str:
 class NegativeSampler:
     """What a retrieval training batch carries for its loss (see the module docstring)."""
 
-    # what the strategy draws (hstu.registry.NegativeSampling.draw): "full_corpus" (every
-    # id), "shared" (num_negatives uniform ids per batch), anything else num_negatives
-    # uniform ids per query ("uniform")
+    # what the strategy draws (hstu.registry.NegativeSampling.draw): "shared" (num_negatives
+    # uniform ids per batch), anything else num_negatives uniform ids per query ("uniform")
     mode: str
     num_negatives: int
     min_item_id: int
@@ -96,12 +97,19 @@ class NegativeSampler:
     # the trainer turns it off on GPUs, whose score path does not use it)
     transpose: bool = True
 
+    def __post_init__(self) -> None:
+        if self.mode == "full_corpus":
+            raise ValueError(
+                "NegativeSampler: the full corpus is never drawn into a batch (its loss reads "
+                "each rank's item table rows: hstu.ops.losses.vocab_parallel)"
+            )
+
     @property
     def feature_name(self) -> str:
         return negatives_feature_name(self.item_feature_name)
 
     def draw(self, sample_ids: np.ndarray, history_lengths: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """(ids for the key [U], index [Q, M] into them or None for the full corpus)."""
+        """(ids for the key [U], index [Q, M] into them or None for shared draws)."""
         uniq, index, _ = self.draw_counted(sample_ids, history_lengths, epoch)
         return uniq, index
 
@@ -109,9 +117,7 @@ class NegativeSampler:
         self, sample_ids: np.ndarray, history_lengths: np.ndarray, epoch: int
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """:meth:`draw`, plus how many times each of the U ids was drawn (the transpose's
-        row lengths; None for the full corpus)."""
-        if self.mode == "full_corpus":
-            return np.arange(self.min_item_id, self.num_items, dtype=np.int64), None, None
+        row lengths; None for shared draws)."""
         if self.mode == "shared":
             return self.draw_shared(sample_ids, epoch), None, None
         m = self.num_negatives

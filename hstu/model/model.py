@@ -83,6 +83,18 @@ class RetrievalRecommender(GenerativeRecommender):
         negatives = getattr(dense, "negatives_feature", None)
         if negatives is not None:
             self.lookup_only = frozenset([negatives])
+        if getattr(dense, "scores_corpus", False):
+            # the full-corpus loss reads the item rows this rank holds (never a lookup of the
+            # catalogue's ids); the sparse module is looked up when called: sharding replaces it
+            from hstu.checks import check_full_corpus_table
+            from hstu.ops.losses.vocab_parallel import CorpusSource
+
+            item = dense.token_builder.item_feature_name
+            check_full_corpus_table(sparse, item)
+            dense.corpus_source = CorpusSource(
+                lambda: self.sparse, item, dense.min_item_id, dense.num_items,
+                lambda ids: self.lookup_items(ids.to(next(dense.parameters()).device)),
+            )
 
     def lookup_items(self, ids: torch.Tensor) -> torch.Tensor:
         """int64 [N] -> [N, D] raw item embeddings through the sparse module (every rank calls)."""

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
+from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from hstu.data.batch import Batch
 from hstu.data.negatives import negatives_feature_name
@@ -43,6 +44,7 @@ from hstu.model.loss_scale import PendingScale
 from hstu.model.tensor_parallel import take_own_rows
 from hstu.model.tokens import TokenBuilder
 from hstu.ops.losses import HistoryWindow, LossInputs, negative_vectors, resolve_matmul_dtype
+from hstu.ops.losses.vocab_parallel import CorpusShard, CorpusSource
 from hstu.registry import NEGATIVE_SAMPLING, SHARED_DRAW, UNIFORM_DRAW, load
 
 
@@ -136,6 +138,16 @@ class RetrievalModel(nn.Module):
         self.eval_exclude_history = eval_exclude_history
         self.exclude_history_from_loss = exclude_history_from_loss
         self.negatives_feature = negatives_feature_name(token_builder.item_feature_name)
+        # full corpus: where this rank's corpus rows come from (set by the RetrievalRecommender
+        # around it: a plain attribute, not a submodule, so the dense part holds no table)
+        self.corpus_source: CorpusSource | None = None
+
+    @property
+    def scores_corpus(self) -> bool:
+        """Whether the training loss scores every item (negative_sampling="full_corpus"): the
+        corpus comes from the item table's rows on this rank (:attr:`corpus_source`), never
+        through the batch."""
+        return self.negative_sampling == "full_corpus"
 
     @property
     def uses_negatives_key(self) -> bool:
@@ -184,6 +196,9 @@ class RetrievalModel(nn.Module):
             if self.training and self.gathers_batch_positives and world_of_several()
             else None
         )
+        corpus = self._corpus() if self.scores_corpus else None
+        if corpus is not None and corpus.tbe:
+            embeddings = self._route_item_rows(batch, embeddings, corpus)
         own, _, layout, tokens, states = self._states(batch, embeddings)
         history_states = take_own_rows(
             self.project_queries(states.index_select(0, tokens.history_query_rows)), layout.history, self.tp_group
@@ -213,6 +228,13 @@ class RetrievalModel(nn.Module):
         )
         if self.exclude_history_from_loss and self.training:
             inputs.history_mask = self.history_window(batch, own, q_seg, q_idx, item_starts)
+        if corpus is not None:
+            inputs.corpus = corpus
+            inputs.key_vectors = self.normalise(corpus.rows)
+            if corpus.split:  # every rank's query and history-id counts (host ints, gathered)
+                inputs.query_counts = PendingCounts(num_q).wait()
+                if inputs.history_mask is not None:
+                    inputs.history_id_counts = PendingCounts(own.item_ids.numel()).wait()
         if counts is not None:
             every = counts.wait()
             inputs.batch_pos_vectors = gather_rows(pos_vectors, every)
@@ -239,6 +261,25 @@ class RetrievalModel(nn.Module):
                 apply_misses(embeddings, batch.lookup_misses)[self.negatives_feature].values()
             )
         return load(NEGATIVE_SAMPLING[self.negative_sampling].loss)(inputs)
+
+    def _corpus(self) -> CorpusShard:
+        if self.corpus_source is None:
+            raise ValueError(
+                'negative_sampling="full_corpus" needs the model\'s corpus source (build the model '
+                "with hstu.model.builder.build_model: RetrievalRecommender sets it)"
+            )
+        return self.corpus_source()
+
+    def _route_item_rows(self, batch: Batch, embeddings, corpus: CorpusShard) -> dict:
+        """The embeddings with the item feature's rows routing their gradient into the
+        corpus shard's (:meth:`hstu.ops.losses.vocab_parallel.CorpusShard.batch_rows`)."""
+        name = self.token_builder.item_feature_name
+        out = {k: embeddings[k] for k in embeddings.keys()}  # noqa: SIM118 (may be a LazyAwaitable)
+        jt = out[name]
+        ids = batch.features[name].values()
+        counts = PendingCounts(ids.numel()).wait() if corpus.split else None
+        out[name] = JaggedTensor(values=corpus.batch_rows(jt.values(), ids, counts), lengths=jt.lengths())
+        return out
 
     def history_window(
         self, batch: Batch, own, q_seg: torch.Tensor, q_idx: torch.Tensor, item_starts: torch.Tensor,

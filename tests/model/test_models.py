@@ -323,7 +323,7 @@ def test_negative_sampling_modes_build_the_softmax_they_name():
     checked against a loss built by hand from the same query states and item vectors."""
     losses = {}
     for sampling, m in (("full_corpus", -1), ("in_batch", -1), ("mixed", 6), ("shared", 12)):
-        negatives = None if sampling == "in_batch" else sampler(sampling, max(m, 0))
+        negatives = None if sampling in ("in_batch", "full_corpus") else sampler(sampling, max(m, 0))
         batch = make_batch([[1, 2, 3, 4], [5, 6], [7]], negatives=negatives)
         model = _retrieval(m, use_collection=False, sampling=sampling).eval()
         loss, (_pos_logits, neg_logits) = model(batch)
@@ -370,7 +370,7 @@ def test_exclude_history_from_loss_leaves_each_query_s_history_out_of_its_softma
     """RetrievalArgs.exclude_history_from_loss reaches the training loss through build_model:
     the loss is the cross-entropy with each query's own history (its position and before)
     at -inf, built by hand; without the switch it is the plain full softmax."""
-    batch = make_batch([[1, 2, 3, 4], [5, 6], [7]], negatives=sampler("full_corpus", 0))
+    batch = make_batch([[1, 2, 3, 4], [5, 6], [7]])
     losses = {}
     for exclude in (False, True):
         model = _retrieval(-1, sampling="full_corpus", exclude_history_from_loss=exclude).train()
@@ -397,7 +397,7 @@ def test_full_corpus_bfloat16_matmuls_from_the_args(monkeypatch):
         args = RetrievalArgs(negative_sampling="full_corpus", temperature=0.1,
                              full_corpus_matmul_dtype=dtype)
         model = build_model("retrieval", _net(), args, TinyEmbeddings({"item": (30, D)}), data)
-        batch = make_batch([[1, 2, 3, 4], [5, 6], [7]], negatives=sampler("full_corpus", 0))
+        batch = make_batch([[1, 2, 3, 4], [5, 6], [7]])
         loss, (_pos_logits, _neg_logits) = model(batch)
         loss.backward()
         return model, loss.detach(), model.block.layers[0].uvqk.weight.grad

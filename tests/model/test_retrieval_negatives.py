@@ -2,6 +2,7 @@
 the same loss and gradients as gathering [Q, M, D] vectors."""
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -169,8 +170,9 @@ def test_draw_counts_are_the_transpose_row_lengths():
     alone = transpose_index(index, uniq.size)
     assert all(np.array_equal(a, b) for a, b in zip(with_counts, alone))
     assert sampler.draw_counted(np.array([3]), np.array([1]), 0)[2].size == 0  # no queries, no ids
-    full = NegativeSampler("full_corpus", -1, 1, 60, "item", 9).draw_counted(np.array([3]), np.array([4]), 0)
-    assert full[1] is None and full[2] is None
+    # the full corpus is never drawn into a batch (its loss reads each rank's table rows)
+    with pytest.raises(ValueError, match="full corpus is never drawn"):
+        NegativeSampler("full_corpus", -1, 1, 60, "item", 9)
 
 
 def _spy_catalogue_work(monkeypatch, num_items):

@@ -98,8 +98,12 @@ def _train_and_dump(
         losses = torch.tensor(trainer.losses, dtype=torch.float64)
         dist.all_reduce(losses)
         losses /= world_size
+        # full corpus: whether this run's corpus was split over the ranks (vocab-parallel)
+        source = getattr(trainer.model.dense_module, "corpus_source", None)
+        with torch.no_grad():
+            split = None if source is None else source().split
         if rank == 0:
-            torch.save({"losses": losses.tolist(), "dense": dense, "tables": tables},
+            torch.save({"losses": losses.tolist(), "dense": dense, "tables": tables, "split": split},
                        os.path.join(tmp, f"{tag}.pt"))
     finally:
         trainer.close()  # the process group is torn down by the test harness, once the trainer is gone
@@ -129,6 +133,16 @@ CASES = {
     ]),
     "retrieval-mixed": ("retrieval", 8, [
         *_SGD, 'RetrievalArgs.negative_sampling="mixed"', "RetrievalArgs.num_negatives=4",
+    ]),
+    # the full corpus over a row-wise item table: each rank scores every rank's queries against
+    # its own rows (hstu.ops.losses.vocab_parallel), the history of each query left out; the
+    # table's rows learn from the whole world's queries through row-wise Adagrad, once a step
+    "retrieval-full_corpus": ("retrieval", 8, [
+        *_SGD, 'OptimizerArgs.sparse_optimizer_str="rowwise_adagrad"',
+        'RetrievalArgs.negative_sampling="full_corpus"', "RetrievalArgs.num_negatives=-1",
+        "RetrievalArgs.exclude_history_from_loss=True", 'RetrievalArgs.full_corpus_matmul_dtype="float32"',
+        'item/EmbeddingArgs.feature_names=["item_id"]', 'item/EmbeddingArgs.table_name="item"',
+        'item/EmbeddingArgs.sharding_type="model_parallel"', 'item/EmbeddingArgs.sharding_override="row_wise"',
     ]),
 }
 COMMON = ["TrainerArgs.max_train_iters=20", 'TrainerArgs.pipeline_type="none"',
@@ -163,8 +177,12 @@ def test_tp2_dp2_and_one_process_take_the_same_steps(tmp_path, monkeypatch, case
                                           f"TensorModelParallelArgs.tensor_model_parallel_size={tp}"])
     ref = torch.load(os.path.join(tmp, "ref.pt"))
     assert len(ref["losses"]) == 20 and ref["losses"][-1] < ref["losses"][0]
+    if "full_corpus" in case:  # one process holds the whole table; two split it
+        assert ref["split"] is False
     for tag in ("dp2", "tp2"):
         got = torch.load(os.path.join(tmp, f"{tag}.pt"))
+        if "full_corpus" in case:
+            assert got["split"] is True, f"{tag}: the row-wise item table was not split"
         _close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), f"{tag} losses")
         assert got["dense"].keys() == ref["dense"].keys()
         for name, value in ref["dense"].items():

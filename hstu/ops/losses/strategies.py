@@ -8,6 +8,7 @@ of the corpus, D width. Each function takes a :class:`LossInputs` and returns
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from hstu.ops.losses.sampled import (
     sampled_softmax_loss_shared,
 )
 from hstu.sync_audit import allowed_sync
+
+if TYPE_CHECKING:  # vocab_parallel imports hstu.model (a cycle at import time)
+    from hstu.ops.losses.vocab_parallel import CorpusShard
 
 LossOutput = tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -61,6 +65,12 @@ class LossInputs:
     history_mask: HistoryWindow | None = None
     """Full corpus, RetrievalArgs.exclude_history_from_loss: the items of each query's own
     history (item ids), left out of its softmax."""
+    corpus: CorpusShard | None = None
+    """Full corpus: this rank's rows of the corpus (key_vectors holds them normalised)."""
+    query_counts: list[int] | None = None
+    """Full corpus split over the ranks: every rank's Q."""
+    history_id_counts: list[int] | None = None
+    """Full corpus split over the ranks, with history_mask: every rank's number of window ids."""
 
 
 Group = tuple[torch.Tensor | SharedRows, torch.Tensor]  # negatives' vectors and their ids
@@ -129,7 +139,22 @@ def shared(x: LossInputs) -> LossOutput:
 
 
 def full_corpus(x: LossInputs) -> LossOutput:
-    """Every item of the corpus: the exact softmax."""
+    """Every item of the corpus: the exact softmax. With the corpus split over the ranks
+    (a model-parallel item table on several ranks), each rank scores every rank's queries
+    against its own rows and the softmax is reduced across them
+    (:func:`hstu.ops.losses.vocab_parallel.vocab_parallel_loss`)."""
+    if x.corpus is not None and x.corpus.split:
+        from hstu.ops.losses.vocab_parallel import vocab_parallel_loss
+
+        if x.query_counts is None:
+            raise ValueError("a split corpus needs every rank's query count (LossInputs.query_counts)")
+        loss, pos = vocab_parallel_loss(
+            x.queries, x.pos_ids, x.key_vectors, x.corpus.start, counts=x.query_counts,
+            temperature=x.temperature, scale=x.scale, window=x.history_mask,
+            id_counts=x.history_id_counts, corpus_grad_factor=1.0 / x.corpus.world,
+            matmul_dtype=x.matmul_dtype,
+        )
+        return loss, (pos.detach(), None)
     return full_corpus_loss(
         x.queries, x.pos_ids, x.key_vectors, temperature=x.temperature,
         min_item_id=x.min_item_id, matmul_dtype=x.matmul_dtype, training=x.training,

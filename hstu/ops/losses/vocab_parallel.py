@@ -22,6 +22,8 @@ losses``, as the other full-corpus losses report it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -37,13 +39,22 @@ class _ShardSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries: torch.Tensor, shard: torch.Tensor, target: torch.Tensor, lo: int,
-                window: HistoryWindow | None, group: ProcessGroup | None):
+                window: HistoryWindow | None, group: ProcessGroup | None,
+                matmul_dtype: torch.dtype | None = None):
         num_q, num_i = queries.shape[0], shard.shape[0]
-        logits = queries @ shard.t()  # [N, I_r]
+        low = matmul_dtype is not None and matmul_dtype != queries.dtype
+        if low:  # the [N, I_r] products rounded, accumulated in float32
+            logits = (queries.to(matmul_dtype) @ shard.to(matmul_dtype).t()).to(queries.dtype)
+        else:
+            logits = queries @ shard.t()  # [N, I_r]
         col = target - lo
         held = (col >= 0) & (col < num_i)
         # -1: a target another rank holds (never one of this rank's columns)
         col = torch.where(held, col, torch.full_like(col, -1))
+        if low and num_i > 0:  # the target's own logit exact (float32), as in one process
+            rows = torch.arange(num_q, device=logits.device)
+            exact = (queries * shard.index_select(0, col.clamp(min=0))).sum(1)
+            logits[rows, col.clamp(min=0)] = torch.where(held, exact, logits[rows, col.clamp(min=0)])
         if window is not None:
             window.shifted(lo).mask_(logits, 0, col)
         safe = col.clamp(min=0)
@@ -62,6 +73,7 @@ class _ShardSoftmax(torch.autograd.Function):
         losses = total.log() + top - pos
         logits.div_(total.unsqueeze(1))  # the probabilities of the own columns
         ctx.save_for_backward(queries, shard, safe, held, logits)
+        ctx.matmul_dtype = matmul_dtype if low else None
         ctx.mark_non_differentiable(pos)
         return losses, pos
 
@@ -72,7 +84,11 @@ class _ShardSoftmax(torch.autograd.Function):
         if probs.shape[1] > 0:
             probs.index_put_((rows, local_col), -held.to(probs.dtype), accumulate=True)
         probs.mul_(grad.unsqueeze(1))
-        return probs @ shard, probs.t() @ queries, None, None, None, None
+        low = ctx.matmul_dtype
+        if low is not None:
+            p, s, q = probs.to(low), shard.to(low), queries.to(low)
+            return (p @ s).to(queries.dtype), (p.t() @ q).to(shard.dtype), None, None, None, None, None
+        return probs @ shard, probs.t() @ queries, None, None, None, None, None
 
 
 def local_shard_rows(sharded: nn.Module, table: str, feature: str) -> tuple[torch.Tensor, int]:
@@ -125,6 +141,7 @@ def vocab_parallel_loss(
     id_counts: list[int] | None = None,
     corpus_grad_factor: float = 1.0,
     group: ProcessGroup | None = None,
+    matmul_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(this rank's loss, the target logits of its own queries [Q_r], no gradient).
 
@@ -133,7 +150,10 @@ def vocab_parallel_loss(
     holds none); ``counts``: every rank's Q_r (:class:`hstu.model.batch_gather.PendingCounts`);
     ``window``: the own queries' histories (item ids), with ``id_counts`` every rank's number
     of window ids (its ``width`` must cover every rank's histories: the dataset's longest); ``scale``: hstu.model.loss_scale's factor. ``group``: the ranks that split the
-    corpus (None: the world, the group the gathers use)."""
+    corpus (None: the world, the group the gathers use). ``matmul_dtype``
+    (RetrievalArgs.full_corpus_matmul_dtype): bfloat16 runs the [N, I_r] products of forward
+    and backward in bfloat16 (float32 accumulation; each target's own logit stays the exact
+    float32 dot product), None or the queries' dtype in that dtype."""
     rank = dist.get_rank(group)
     start = sum(counts[:rank])
     all_q = gather_rows(queries / temperature, counts)
@@ -148,7 +168,7 @@ def vocab_parallel_loss(
             gather_rows(window.lengths, counts), window.width,
         )
     losses, pos = _ShardSoftmax.apply(all_q, _scaled_grad(shard, corpus_grad_factor), all_pos, shard_start,
-                                 all_window, group)
+                                      all_window, group, matmul_dtype)
     own = losses[start : start + counts[rank]]
     # value: this rank's share (scale * its own queries' losses); gradient: every query's, so
     # that the shard's rows learn from the whole world's queries
@@ -156,6 +176,112 @@ def vocab_parallel_loss(
     reported = own.detach().sum() * scale
     loss = graph + (reported - graph).detach()
     return loss, pos[start : start + counts[rank]]
+
+
+class _BatchRowsToShard(torch.autograd.Function):
+    """Forward: the batch's looked-up item rows [n, D] unchanged (detached from their lookup);
+    backward: their gradient, every rank's gathered, added into this rank's shard rows
+    [I_r, D] (the rows whose ids it holds), times ``factor``. So one lookup call of the item
+    table per step carries the whole step's gradient of its rows (the batch's and the
+    corpus's), as TorchRec's single lookup of batch and corpus did: a fused optimizer applies
+    it once (row-wise Adagrad's accumulator, a step count), not once per call."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, shard: torch.Tensor, ids: torch.Tensor, lo: int,
+                counts: list[int] | None, factor: float):
+        ctx.save_for_backward(ids)
+        ctx.lo, ctx.counts, ctx.factor, ctx.rows = lo, counts, factor, shard.shape[0]
+        return values.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (ids,) = ctx.saved_tensors
+        if ctx.counts is not None:  # every rank's batch rows: a rank holds rows of any of them
+            ids, grad = gather_rows(ids, ctx.counts), gather_rows(grad.contiguous(), ctx.counts)
+        col = ids - ctx.lo
+        held = (col >= 0) & (col < ctx.rows)
+        out = grad.new_zeros((ctx.rows, grad.shape[1]))
+        if ctx.rows > 0:  # no boolean indexing: rows another rank holds add zeros at row 0
+            out.index_add_(0, torch.where(held, col, torch.zeros_like(col)),
+                           grad * (held.unsqueeze(1) * ctx.factor).to(grad.dtype))
+        return None, out, None, None, None, None
+
+
+@dataclass
+class CorpusShard:
+    """This rank's part of the corpus for the full-corpus training loss (:class:`CorpusSource`).
+
+    ``rows`` [I_r, D] raw (not normalised) item rows of ids [start, start + I_r), differentiable;
+    ``split``: whether the corpus is split over the world's ranks (a model-parallel table on
+    several ranks: :func:`vocab_parallel_loss`), else ``rows`` is the whole corpus;
+    ``tbe``: whether ``rows`` come from the table's fused lookup module (the batch's item rows
+    must then route their gradient into them: :meth:`batch_rows`)."""
+
+    rows: torch.Tensor
+    start: int
+    split: bool
+    tbe: bool
+    world: int
+
+    def batch_rows(self, values: torch.Tensor, ids: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
+        """The batch's item rows [n, D] (values from the sparse module, ids int64 [n]) with
+        their gradient routed into :attr:`rows` (a no-op unless :attr:`tbe`). ``counts``: every
+        rank's n (:class:`hstu.model.batch_gather.PendingCounts`) when :attr:`split`."""
+        if not self.tbe or not torch.is_grad_enabled():
+            return values
+        # the mean over the ranks that TorchRec's backward all-to-all would have applied
+        return _BatchRowsToShard.apply(values, self.rows, ids.to(values.device), self.start,
+                                       counts if self.split else None, 1.0 / self.world)
+
+
+class CorpusSource:
+    """Where a retrieval model's full-corpus loss finds its corpus: the item table's rows
+    that this rank holds, never a lookup of the catalogue's ids.
+
+    - a model-parallel (row_wise / table_wise) table sharded by TorchRec: this rank's shard
+      through its own lookup module (:func:`local_shard_rows`);
+    - a data_parallel table (replicated) or a table not sharded yet: its local weight;
+    - anything else (a test's plain module): ``fallback()``, a lookup of every id.
+    Dynamic tables are refused (hstu.checks.check_full_corpus_table): their rows are slots,
+    not ids. ``sparse``: the model's sparse module (an :class:`hstu.embeddings.HstuEmbeddings`);
+    ids [min_item_id, num_items) make the corpus."""
+
+    def __init__(self, sparse_of, item_feature: str, min_item_id: int, num_items: int, fallback) -> None:
+        self._sparse_of = sparse_of  # a callable: the sharded module replaces the sparse one
+        self.item_feature = item_feature
+        self.min_item_id = min_item_id
+        self.num_items = num_items
+        self._fallback = fallback
+
+    def __call__(self) -> CorpusShard:
+        sparse = self._sparse_of()
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        specs = getattr(sparse, "specs", None)
+        table = getattr(sparse, "_feature_to_table", {}).get(self.item_feature)
+        if specs is None or table is None:
+            rows = self._fallback(torch.arange(self.min_item_id, self.num_items))
+            return CorpusShard(rows, self.min_item_id, False, False, world)
+        spec = specs[table]
+        if spec.dynamic:
+            raise ValueError(f"table {table!r} is dynamic: no full-corpus loss over its slots")
+        if spec.sharding_type == "data_parallel":
+            weight = sparse.dp_ec.embeddings[table].weight
+            return CorpusShard(weight[self.min_item_id : self.num_items], self.min_item_id, False, False, world)
+        ec = sparse.ec
+        if not hasattr(getattr(ec, "module", ec), "_lookups"):  # not sharded (yet): the whole table
+            weight = ec.embeddings[table].weight
+            return CorpusShard(weight[self.min_item_id : self.num_items], self.min_item_id, False, False, world)
+        rows, first = local_shard_rows(ec, table, self.item_feature)
+        if not rows.requires_grad and torch.is_grad_enabled():
+            # a rank without rows of the table still joins the backward's gathers
+            rows = rows.detach().requires_grad_()
+        # ids below min_item_id (padding) and rows past num_items are not items
+        lo, hi = max(first, self.min_item_id), min(first + rows.shape[0], self.num_items)
+        if hi <= lo:
+            rows, lo = rows[:0], self.min_item_id
+        else:
+            rows = rows[lo - first : hi - first]
+        return CorpusShard(rows, lo, world > 1, True, world)
 
 
 class _GradScale(torch.autograd.Function):
@@ -173,4 +299,4 @@ def _scaled_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
     return x if factor == 1.0 else _GradScale.apply(x, factor)
 
 
-__all__ = ["local_shard_rows", "vocab_parallel_loss"]
+__all__ = ["CorpusShard", "CorpusSource", "local_shard_rows", "vocab_parallel_loss"]
