@@ -88,3 +88,28 @@ def test_row_wise_table_takes_the_replicated_table_s_steps(tmp_path) -> None:
     assert not torch.equal(rw["end"], rw["start"])
     torch.testing.assert_close(torch.tensor(rw["losses"]), torch.tensor(dp["losses"]), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(rw["end"], dp["end"], rtol=1e-5, atol=1e-6)
+
+
+def test_full_corpus_with_a_dynamic_item_table_is_refused_in_one_line():
+    """A dynamic item table's rows are slots, not the catalogue: building a full-corpus model on
+    it is refused naming the field; on a static item table of the same collection it builds."""
+    import pytest
+
+    from hstu.args import RetrievalArgs
+    from hstu.model.builder import ModelDataInfo, build_model
+    from hstu.validation import ConfigError
+    from tests.embeddings.common import build, optimizer, tables
+    from tests.model.test_models import _net
+
+    emb, _ = build(tables(dynamic_capacity=16), optimizer("rowwise_adagrad"), sharded=False)
+    args = RetrievalArgs(negative_sampling="full_corpus", temperature=0.1)
+    for item, refused in (("c", True), ("a", False)):
+        data = ModelDataInfo(num_items=20, item_feature_name=item, max_item_seqlen=8, min_item_id=1)
+        if refused:
+            with pytest.raises(ConfigError, match=r"RetrievalArgs\.negative_sampling.*dynamic item table 'tc'") as info:
+                build_model("retrieval", _net(), args, emb, data)
+            assert "\n" not in str(info.value)
+        else:
+            model = build_model("retrieval", _net(), args, emb, data)
+            shard = model.dense_module.corpus_source()
+            assert (shard.start, shard.rows.shape[0], shard.split, shard.tbe) == (1, 19, False, False)
