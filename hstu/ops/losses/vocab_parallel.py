@@ -98,14 +98,32 @@ def local_shard_rows(sharded: nn.Module, table: str, feature: str) -> tuple[torc
     rank's own lookup module, called with the local row offsets: no input distribution, no
     output distribution, no collective; backward hands their gradient to that module (FBGEMM's
     fused optimizer then updates them), with no mean over the ranks (hence
-    ``corpus_grad_factor``). ``feature``: one of the table's features."""
+    ``corpus_grad_factor``). ``feature``: one of the table's features. The shard's layout and
+    the lookup's input are read once per collection (cached on it): sharding fixes them."""
     ec = getattr(sharded, "module", sharded)
-    key = f"embeddings.{table}.weight"
-    weight = ec.state_dict()[key]
+    cache = ec.__dict__.setdefault("_hstu_local_shard_rows", {})
+    plan = cache.get((table, feature))
+    if plan is None:  # the layout is fixed once sharded: read it (and build the input) once
+        plan = cache[(table, feature)] = _shard_plan(ec, table, feature)
+    lookup, kjt, first, rows, empty = plan
+    if lookup is None:
+        return empty, first
+    return lookup(kjt).view(rows, empty.shape[1]), first
+
+
+def _shard_plan(ec: nn.Module, table: str, feature: str):
+    """(lookup module or None, its input, first row id, rows, an empty [0, D] on the device)."""
+    state = ec.state_dict()
+    weight = state[f"embeddings.{table}.weight"]
     shards = weight.local_shards()
     dim = weight.size(1)
+    device = next(
+        (sh.tensor.device for v in state.values() if hasattr(v, "local_shards") for sh in v.local_shards()),
+        torch.device("cpu"),
+    )
+    empty = torch.empty(0, dim, device=device)
     if not shards:
-        return torch.empty(0, dim), 0
+        return None, None, 0, 0, empty
     if len(shards) > 1 or shards[0].metadata.shard_sizes[1] != dim:
         raise ValueError(
             f"table {table!r}: full-corpus scoring over shards needs whole rows on each rank "
@@ -118,13 +136,13 @@ def local_shard_rows(sharded: nn.Module, table: str, feature: str) -> tuple[torc
         if feature not in names:
             continue
         per_key = [rows if n == feature else 0 for n in names]  # host numbers: no read back
-        device = shards[0].tensor.device
+        lengths = torch.zeros(len(names), dtype=torch.int64, device=device)
+        lengths[names.index(feature)] = rows  # a fill on the device, not a copy from the host
         kjt = KeyedJaggedTensor(
-            keys=names, values=torch.arange(rows, device=device),
-            lengths=torch.tensor(per_key, dtype=torch.int64).to(device), stride=1,
+            keys=names, values=torch.arange(rows, device=device), lengths=lengths, stride=1,
             length_per_key=per_key, offset_per_key=[sum(per_key[:i]) for i in range(len(names) + 1)],
         )
-        return lookup(kjt).view(rows, dim), first
+        return lookup, kjt, first, rows, empty
     raise ValueError(f"feature {feature!r} is not a feature of a sharded table on this rank")
 
 
