@@ -284,6 +284,12 @@ def _cell_steps(rank: int, world_size: int, tmp: str, cell: str) -> None:
             from hstu.embeddings.dynamic import HOST_REMAP
 
             assert HOST_REMAP in reasons, reasons
+            if "native" in cell:  # the rows of the batches in flight are protected
+                from hstu.embeddings.dynamic import PIPELINE_IN_FLIGHT
+
+                held = {r.in_flight_steps for m in trainer.model.sparse.modules()
+                        for r in getattr(m, "remappers", {}).values()}
+                assert held == {PIPELINE_IN_FLIGHT}, held
         if "pipeline_type" in " ".join(params):
             from hstu.training.pipeline import pipelined_module_names
 
