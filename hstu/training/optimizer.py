@@ -392,6 +392,24 @@ _HOST_STEP_SYNC = (
 )
 
 
+def kernel_rows(
+    feature_table: torch.Tensor, num_tables: int, indices: torch.Tensor, offsets: torch.Tensor
+) -> list[torch.Tensor]:
+    """Per table of an FBGEMM kernel, int64 [N]: the local rows its forward looks up, from the
+    forward's indices [N] and offsets [F * B + 1] (``feature_table`` [F]: each feature's
+    table). An id of another table stands as row 0 (N stays fixed: no host sync); callers
+    only use rows for operations that are exact on any row."""
+    indices = indices.to(torch.int64)
+    n_bags = offsets.numel() - 1
+    if num_tables == 1 or n_bags <= 0:
+        return [indices] * num_tables
+    batch = max(n_bags // feature_table.numel(), 1)
+    pos = torch.arange(indices.numel(), device=indices.device)
+    bag = torch.searchsorted(offsets.to(torch.int64), pos, right=True) - 1
+    table = feature_table[(bag // batch).clamp_(0, feature_table.numel() - 1)]
+    return [torch.where(table == t, indices, 0) for t in range(num_tables)]
+
+
 class _TbeRows:
     """The fused (FBGEMM) kernel of one group of sharded tables: a forward pre-hook takes,
     before the step's backward updates them, the rows it looks up: per table, their weights
@@ -419,17 +437,8 @@ class _TbeRows:
         """Before the kernel's forward: [N] local row ids, [F * B + 1] offsets per feature and
         sample. Ids of another table of the kernel read row 0 of this one (restoring an
         untouched row to its own value changes nothing)."""
-        indices = indices.to(torch.int64)
-        n_bags = offsets.numel() - 1
         per_table: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
-        if len(self.tables) == 1 or n_bags <= 0:
-            rows_of = [indices] * len(self.tables)
-        else:
-            batch = max(n_bags // self.feature_table.numel(), 1)
-            pos = torch.arange(indices.numel(), device=indices.device)
-            bag = torch.searchsorted(offsets.to(torch.int64), pos, right=True) - 1
-            table = self.feature_table[(bag // batch).clamp_(0, self.feature_table.numel() - 1)]
-            rows_of = [torch.where(table == t, indices, 0) for t in range(len(self.tables))]
+        rows_of = kernel_rows(self.feature_table, len(self.tables), indices, offsets)
         for rows, tensors in zip(rows_of, self.tables):
             per_table.append((rows, [x.index_select(0, rows) for x in tensors]))
         self.snapshots.append((per_table, self.tbe.iter.detach().clone()))
@@ -505,7 +514,7 @@ class _ReplicatedRows:
             self.state["step"].sub_(self.restored)
 
 
-def _fused_kernels(sharded: nn.Module) -> list[nn.Module]:
+def fused_kernels(sharded: nn.Module) -> list[nn.Module]:
     """The FBGEMM kernels (TBE modules) under a TorchRec sharded collection: its lookups are
     kept in a plain list (``_lookups``), not as registered children."""
     out, seen = [], set()
@@ -546,7 +555,7 @@ class TableStepGuard:
         self._handles: list[Any] = []
         for emb in _find_embedding_modules(model):
             if isinstance(emb.ec, DistributedModelParallel):
-                for tbe in _fused_kernels(emb.ec.module):
+                for tbe in fused_kernels(emb.ec.module):
                     cache = getattr(tbe, "lxu_cache_weights", None)
                     if cache is not None and cache.numel() > 0:
                         from hstu.validation import ConfigError
