@@ -89,7 +89,8 @@ class _LazyTable:
     def __init__(self, weight: torch.Tensor, shadow: torch.Tensor) -> None:
         self.weight, self.shadow = weight, shadow
         self.last = torch.zeros(weight.shape[0], dtype=torch.int64, device=weight.device)
-        self.pending: list[torch.Tensor] = []
+        # this step's looked-up rows [N] and their weights before the step [N, D] (float32)
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 
 class WeightAverage:
@@ -191,10 +192,9 @@ class WeightAverage:
             offsets = kwargs["offsets"] if "offsets" in kwargs else args[1]
             for entry, rows in zip(entries, kernel_rows(feature_table, len(entries), indices, offsets)):
                 if entry is not None:
-                    # before backward changes these rows: their average up to date with
-                    # the weight they have had since their last change
-                    self._catch_up(entry, rows)
-                    entry.pending.append(rows)
+                    # before backward changes these rows: the weight they have had since
+                    # their last change (their catch-up, done with the step's update)
+                    entry.pending.append((rows, entry.weight.index_select(0, rows).float()))
 
         return hook
 
@@ -210,28 +210,17 @@ class WeightAverage:
                 + max(n - self._warm, 0) * math.log(self.decay))
 
     @torch.no_grad()
-    def _catch_up(self, entry: _LazyTable, rows: torch.Tensor | None = None) -> None:
-        """The average of ``rows`` (all when None) brought to ``num_updates`` updates:
+    def _catch_up(self, entry: _LazyTable) -> None:
+        """Every row's average brought to ``num_updates`` updates, a chunk of rows at a time:
         avg <- w + exp(L(n) - L(last)) (avg - w)."""
         n = self.num_updates
-        if rows is None:
-            for lo in range(0, entry.last.numel(), _SWAP_ROWS):
-                hi = min(lo + _SWAP_ROWS, entry.last.numel())
-                w = entry.weight[lo:hi].float()
-                prod = torch.exp(self._log_decays_at(n) - self._log_decays(entry.last[lo:hi]))
-                avg = entry.shadow[lo:hi]
-                fresh = (entry.last[lo:hi] == n).unsqueeze(1)
-                avg.copy_(torch.where(fresh, avg, w + prod.float().unsqueeze(1) * (avg - w)))
-            entry.last.fill_(n)
-            return
-        w = entry.weight.index_select(0, rows).float()
-        avg = entry.shadow.index_select(0, rows)
-        last = entry.last.index_select(0, rows)
-        prod = torch.exp(self._log_decays_at(n) - self._log_decays(last))
-        # rows already at n keep their average bitwise (w + 1 * (avg - w) would round)
-        new = torch.where((last == n).unsqueeze(1), avg, w + prod.float().unsqueeze(1) * (avg - w))
-        entry.shadow.index_copy_(0, rows, new)
-        entry.last.index_fill_(0, rows, n)
+        log_n = self._log_decays_at(n)
+        for lo in range(0, entry.last.numel(), _SWAP_ROWS):
+            hi = min(lo + _SWAP_ROWS, entry.last.numel())
+            prod = torch.exp(log_n - self._log_decays(entry.last[lo:hi]))
+            avg = entry.shadow[lo:hi]
+            avg.copy_(torch.lerp(entry.weight[lo:hi].float(), avg, prod.float().unsqueeze(1)))
+        entry.last.fill_(n)
 
     @torch.no_grad()
     def catch_up_all(self) -> None:
@@ -252,17 +241,31 @@ class WeightAverage:
     def update(self) -> None:
         """After an optimizer step: move the average towards the weights (dense parameters
         and replicated tables every element, fused tables the rows the step looked up)."""
-        weight = 1.0 - self.current_decay()
+        decay = self.current_decay()
+        weight = 1.0 - decay
         shadows = [self.shadow[i] for i in self._eager]
         live = [self._live[i] for i in self._eager]
         live = [t if t.dtype == torch.float32 else t.float() for t in live]
         if shadows:
             torch._foreach_lerp_(shadows, live, weight)
+        n = self.num_updates
         self.num_updates += 1
+        log_n = self._log_decays_at(n)
         for entry in self.lazy:
-            for rows in entry.pending:
-                self._catch_up(entry, rows)
-            entry.pending.clear()
+            if not entry.pending:
+                continue
+            parts = entry.pending
+            rows = parts[0][0] if len(parts) == 1 else torch.cat([r for r, _ in parts])
+            before = parts[0][1] if len(parts) == 1 else torch.cat([w for _, w in parts])
+            entry.pending = []
+            # the updates up to n with the weight before the step (constant since the row's
+            # last change), then update n with the weight after it; rows already at n have
+            # a product of 1 (lerp returns their average bitwise)
+            prod = torch.exp(log_n - self._log_decays(entry.last.index_select(0, rows)))
+            caught = torch.lerp(before, entry.shadow.index_select(0, rows), prod.float().unsqueeze(1))
+            after = entry.weight.index_select(0, rows).float()
+            entry.shadow.index_copy_(0, rows, torch.lerp(after, caught, decay))
+            entry.last.index_fill_(0, rows, n + 1)
 
     @torch.no_grad()
     def restart(self) -> None:
