@@ -34,7 +34,7 @@ from hstu.ops.losses import resolve_matmul_dtype
 from hstu.registry import NEGATIVE_SAMPLING
 from hstu.training.ddp import wrap_dense
 from hstu.training.distributed import DistEnv, seed_training_rng
-from hstu.training.optimizer import OptimizerContainer, unscale_sparse_gradients
+from hstu.training.optimizer import OptimizerContainer, TableStepGuard, unscale_sparse_gradients
 
 
 @dataclass
@@ -265,6 +265,8 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
     if optimizer.scaler is not None:
         # float16: the tables' optimizers update inside backward, from unscaled gradients
         unscale_sparse_gradients(model.dense_module, optimizer.scaler)
+        # ... and an overflowing step (on any rank, in any part) leaves them as they were
+        optimizer.table_guard = TableStepGuard(model)
     return Built(
         train_loader, eval_loader, info, tables, placements, model, optimizer, total_steps, test_loader
     )
