@@ -542,7 +542,18 @@ def fused_optimizer(module_or_model: nn.Module) -> list[torch.optim.Optimizer]:
             if isinstance(emb.ec, DistributedModelParallel)]
 
 
-__all__ = ["TablePlacement", "fused_optimizer", "replicated_optimizers", "shard_embeddings", "sparse_optimizer_spec"]
+__all__ = [
+    "RankMemory",
+    "TablePlacement",
+    "check_plan_fits",
+    "check_tables_fit",
+    "format_bytes",
+    "fused_optimizer",
+    "memory_per_rank",
+    "replicated_optimizers",
+    "shard_embeddings",
+    "sparse_optimizer_spec",
+]
 
 
 
