@@ -169,3 +169,23 @@ def test_a_piece_is_written_chunk_by_chunk_as_the_whole_table(rows: int, dim: in
     write_initial_rows(piece, [r0, c0], spec, SEED)
     assert torch.equal(piece, whole[r0:, c0:])
     assert rows * dim < INIT_CHUNK_VALUES or piece.numel() > 2 * INIT_CHUNK_VALUES
+
+
+def test_row_writes_touch_only_the_piece_s_own_slots() -> None:
+    from hstu.embeddings.rows import _write_local
+
+    base = torch.arange(24, dtype=torch.float32).view(6, 4)  # a piece of rows [10, 16)
+    rows = -torch.arange(1, 4 * 5 + 1, dtype=torch.float32).view(5, 4)
+    # slots 3 and 20 lie outside the piece; 15, 10 and 12 inside (piece rows 5, 0, 2)
+    local = base.clone()
+    _write_local(local, [10, 0], torch.tensor([3, 15, 20, 10, 12]), rows)
+    want = base.clone()
+    want[5], want[0], want[2] = rows[1], rows[3], rows[4]
+    assert torch.equal(local, want)
+    # none inside: unchanged; zeros (optimizer state) likewise only inside
+    local = base.clone()
+    _write_local(local, [10, 0], torch.tensor([0, 30]), rows[:2])
+    assert torch.equal(local, base)
+    state = torch.ones(6)
+    _write_local(state, [10], torch.tensor([3, 11]), None)
+    assert torch.equal(state, torch.tensor([1.0, 0, 1, 1, 1, 1]))
