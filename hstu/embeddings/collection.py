@@ -213,7 +213,8 @@ class HstuEmbeddings(nn.Module):
         from hstu.embeddings.rows import write_table_rows
 
         spec = self.specs[table]
-        rows = fresh_rows(ids, spec.embedding_dim, default_bound(spec.num_rows), self.seed)
+        rows = fresh_rows(ids, spec.embedding_dim, default_bound(spec.num_rows),
+                          table_seed(self.seed, table))
         write_table_rows(self.ec, table, slots, rows)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
