@@ -266,9 +266,9 @@ def test_batch_sizes_count_the_kept_tokens() -> None:
 
 
 def _audited_truncation(rank: int, world_size: int, tmp: str, task: str, tp: int) -> None:
-    """A few audited trainer steps with truncation on (tests/training/test_sync_audit.py),
+    """A few audited trainer steps with truncation on (tests/training/test_sync_matrix.py),
     recording what the block was given; its host sizes checked against the device after."""
-    from tests.training.test_sync_audit import _audited_steps
+    from tests.training.test_sync_matrix import audited_trainer_steps
 
     seen = []
     truncated = HSTUBlock._truncated_layers
@@ -280,8 +280,9 @@ def _audited_truncation(rank: int, world_size: int, tmp: str, task: str, tp: int
     HSTUBlock._truncated_layers = recording
     keep = 8
     try:
-        _audited_steps(rank, world_size, tmp, task, tp, 3, [
-            "NetworkArgs.num_layers=2", "NetworkArgs.attn_truncation_layers=1",
+        tp_params = [f"TensorModelParallelArgs.tensor_model_parallel_size={tp}"] if tp > 1 else []
+        audited_trainer_steps(task, tmp, f"{task}-tp{tp}", [
+            *tp_params, "NetworkArgs.num_layers=2", "NetworkArgs.attn_truncation_layers=1",
             f"NetworkArgs.attn_truncation_len={keep}",
         ])
     finally:
