@@ -49,6 +49,10 @@ class BatchSizes:
     num_history_items: int
     num_candidates: int
     num_queries: int
+    # per sample, on the host: H [B] and C [B] (int64), for sizes that depend on the model's
+    # options (attention truncation's kept tokens, ``HSTUBlock``); not part of equality
+    history_per_sample: np.ndarray | None = field(default=None, compare=False, repr=False)
+    candidates_per_sample: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def num_items(self) -> int:
@@ -63,15 +67,33 @@ class BatchSizes:
             num_history_items=int(history_lengths.sum()),
             num_candidates=int(num_candidates.sum()),
             num_queries=int(np.maximum(history_lengths - 1, 0).sum()),
+            history_per_sample=np.asarray(history_lengths, dtype=np.int64),
+            candidates_per_sample=np.asarray(num_candidates, dtype=np.int64),
         )
 
     @staticmethod
     def total(parts: tuple[BatchSizes, ...]) -> BatchSizes:
         """The counts of the concatenation of ``parts``."""
+        whole = all(p.history_per_sample is not None and p.candidates_per_sample is not None
+                    for p in parts)
         return BatchSizes(
             sum(p.num_samples for p in parts), sum(p.num_history_items for p in parts),
             sum(p.num_candidates for p in parts), sum(p.num_queries for p in parts),
+            np.concatenate([p.history_per_sample for p in parts]) if whole else None,
+            np.concatenate([p.candidates_per_sample for p in parts]) if whole else None,
         )
+
+    def truncated_tokens(
+        self, keep: int, num_contextual: int, per_history_item: int
+    ) -> tuple[int, int] | None:
+        """Attention truncation: (sum_b min(n_b, keep), max_b C[b]) for token sequences of
+        n_b = num_contextual + per_history_item * H[b] + C[b] tokens; None without the
+        per-sample counts."""
+        if self.history_per_sample is None or self.candidates_per_sample is None:
+            return None
+        hist, cand = self.history_per_sample, self.candidates_per_sample
+        tokens = num_contextual + per_history_item * hist + cand
+        return int(np.minimum(tokens, keep).sum()), int(cand.max()) if cand.size else 0
 
 
 @dataclass

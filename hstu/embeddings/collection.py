@@ -12,6 +12,7 @@ TorchRec sharding plan covers them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -212,8 +213,20 @@ class HstuEmbeddings(nn.Module):
         from hstu.embeddings.rows import write_table_rows
 
         spec = self.specs[table]
-        rows = fresh_rows(ids, spec.embedding_dim, default_bound(spec.num_rows), self.seed)
+        rows = fresh_rows(ids, spec.embedding_dim, default_bound(spec.num_rows),
+                          table_seed(self.seed, table))
         write_table_rows(self.ec, table, slots, rows)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """``.to()`` and the like: tables still on the meta device (built with
+        ``materialize=False``) stay there, :func:`hstu.embeddings.shard_embeddings` places
+        each rank's shards; the rest (the remappers) moves as usual."""
+        if not (recurse and tables_on_meta(self)):
+            return super()._apply(fn, recurse)
+        for child in self.children():
+            if child is not self.ec and child is not self.dp_ec:
+                child._apply(fn)
+        return self
 
     # ----------------------------------------------------------------------- stats
 
@@ -260,17 +273,27 @@ def build_embedding_collection(
     device: torch.device | str = "cpu",
     seed: int = 0,
     sparse_optimizer: str = _DEFAULT_SPARSE_OPTIMIZER,
+    materialize: bool = True,
 ) -> HstuEmbeddings:
     """One module over all tables; deterministic weights for a seed.
+
+    With ``materialize=False`` every table is created on the meta device (no memory).
+    Starting values follow one rule, :func:`initial_rows`: row r of table t is
+    ``fresh_rows([r], D[t], default_bound(C[t]), table_seed(seed, t))``, a function of the
+    row's global id, the seed and the table name alone, so a table starts bitwise the same
+    whatever the number of ranks and the sharding.
 
     Args:
         tables: static (``EmbeddingArgs``) and dynamic (``DynamicEmbeddingArgs``) tables.
         embedding_dims: D per table name (e.g. item tables ``resolved_item_embedding_dim``).
-        device: where weights and remapper state live before sharding.
-        seed: weights of table i are drawn from a generator seeded with (seed, i);
-            dynamic rows from :func:`fresh_rows` (a function of seed and id).
+        device: where the remappers' state lives, and the tables when ``materialize``.
+        seed: the run's seed (dynamic rows of admitted ids: :func:`fresh_rows` of seed and id).
         sparse_optimizer: ``OptimizerArgs.resolved_sparse_optimizer_str``; sizes the
             per-row optimizer state in the dynamic tables' HBM budget.
+        materialize: True: every table allocated whole on ``device`` and written (unsharded
+            use: tools, single-process references). False: the tables stay on the meta
+            device and :func:`hstu.embeddings.shard_embeddings` allocates and writes only
+            the shards each rank holds (the trainer's path).
     """
     device = torch.device(device)
     configs: list[EmbeddingConfig] = []
@@ -298,19 +321,95 @@ def build_embedding_collection(
                 embedding_dim=dim,
                 num_embeddings=rows,
                 feature_names=list(table.feature_names),
+                # values are written by initialise_tables, after the shards exist
+                init_fn=_written_later,
             )
         )
     is_dp = [s.sharding_type == "data_parallel" for s in specs]
-    ec = EmbeddingCollection(tables=[c for c, d in zip(configs, is_dp) if not d], device=device)
+    # (TorchRec's sharder copies a collection's values only when it is not on the meta device)
+    where = device if materialize else torch.device("meta")
+    ec = EmbeddingCollection(tables=[c for c, d in zip(configs, is_dp) if not d], device=where)
     dp_ec = (
-        EmbeddingCollection(tables=[c for c, d in zip(configs, is_dp) if d], device=device)
+        EmbeddingCollection(tables=[c for c, d in zip(configs, is_dp) if d], device=where)
         if any(is_dp) else None
     )
-    with torch.no_grad():
-        for i, spec in enumerate(specs):
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
-            bound = default_bound(spec.num_rows)
-            weight = torch.empty(spec.num_rows, spec.embedding_dim).uniform_(-bound, bound, generator=gen)
-            owner = dp_ec if is_dp[i] else ec
-            owner.embeddings[spec.name].weight.copy_(weight.to(device))
-    return HstuEmbeddings(ec, dp_ec, specs, remappers, seed)
+    emb = HstuEmbeddings(ec, dp_ec, specs, remappers, seed)
+    if materialize:
+        initialise_tables(emb)
+    return emb
+
+
+def _written_later(weight: torch.Tensor) -> None:
+    """TorchRec's per-table ``init_fn``: nothing; :func:`initialise_tables` writes the values
+    once the rank's shards exist (TorchRec's default would draw them at random first)."""
+
+
+def allocate_weight(module: nn.Module, device: torch.device) -> None:
+    """An embedding module's weight moved off the meta device: allocated, not written."""
+    weight = module.weight
+    module.weight = nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device=device),
+                                 requires_grad=weight.requires_grad)
+
+
+def tables_on_meta(emb: HstuEmbeddings) -> bool:
+    """True while a table of ``emb`` has no memory yet (built with ``materialize=False``
+    and not yet sharded)."""
+    return any(
+        p.device.type == "meta"
+        for c in (emb.ec, emb.dp_ec) if c is not None
+        for p in c.parameters()
+    )
+
+
+def table_seed(seed: int, table: str) -> int:
+    """The seed of one table's starting values: a stable 64-bit hash of (seed, table name),
+    so two tables of the same shape do not start as copies of each other (Python's hash()
+    of a str changes per process; this does not)."""
+    digest = hashlib.blake2b(f"{seed}/{table}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+INIT_CHUNK_VALUES = 1 << 20
+"""Values (rows x full D) drawn at a time while a table or shard is written."""
+
+INIT_BYTES_PER_VALUE = 48
+"""Peak transient bytes per value of a chunk: fresh_rows' int64 and float64 temporaries
+and its float32 result (measured: 40-50 B on CPU)."""
+
+
+def init_chunk_rows(dim: int) -> int:
+    """Rows of one chunk of a table of full width ``dim``."""
+    return max(1, INIT_CHUNK_VALUES // dim)
+
+
+def initial_rows(
+    first_row: int, num_rows: int, spec: TableSpec, seed: int, cols: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Starting values of rows [first_row, first_row + num_rows) of a table: float32
+    [num_rows, D] (or the columns ``cols`` = [c0, c1) of them)."""
+    ids = torch.arange(first_row, first_row + num_rows, dtype=torch.int64)
+    rows = fresh_rows(ids, spec.embedding_dim, default_bound(spec.num_rows), table_seed(seed, spec.name))
+    return rows if cols is None else rows[:, cols[0]:cols[1]]
+
+
+@torch.no_grad()
+def write_initial_rows(local: torch.Tensor, offsets: list[int], spec: TableSpec, seed: int) -> None:
+    """Writes the starting values of the piece of a table at global ``offsets`` (row, col)
+    into ``local`` [r, c], :data:`INIT_CHUNK_VALUES` values at a time (no copy of the piece
+    is ever made)."""
+    r0, c0 = offsets[0], offsets[1]
+    step = init_chunk_rows(spec.embedding_dim)
+    for start in range(0, local.shape[0], step):
+        n = min(step, local.shape[0] - start)
+        rows = initial_rows(r0 + start, n, spec, seed, (c0, c0 + local.shape[1]))
+        local[start:start + n].copy_(rows)
+
+
+def initialise_tables(emb: HstuEmbeddings) -> None:
+    """Writes every table's starting values into what this rank holds of it: its local
+    shards of the sharded collection, or whole tables (replicated or unsharded)."""
+    from hstu.embeddings.rows import local_pieces
+
+    for spec in emb.specs.values():
+        for local, offsets in local_pieces(emb, spec.name):
+            write_initial_rows(local, offsets, spec, emb.seed)

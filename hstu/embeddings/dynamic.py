@@ -23,7 +23,10 @@ memory, so a step never waits for the device on its account; the ops that would 
 their inputs were on a GPU run under ``allowed_sync(HOST_REMAP)``.
 
 Eviction (when more new ids arrive than free rows exist) only considers rows not used in
-the current step:
+the current step nor in the ``in_flight_steps`` steps before it (under the native and
+prefetch pipelines the trainer sets :data:`PIPELINE_IN_FLIGHT`: they remap batch i + 2 while
+batches i and i + 1 are still to be looked up and updated; evicting one of their rows would
+give them another id's fresh row):
 - ``lru``: smallest last-access step first, then lowest slot;
 - ``lfu``: smallest access count first, then smallest last-access step, then lowest slot.
 
@@ -45,6 +48,11 @@ import torch.distributed as dist
 from torch import nn
 
 _INT64_MAX = torch.iinfo(torch.int64).max
+
+PIPELINE_IN_FLIGHT = 2
+"""Batches a train pipeline holds while it reads the next one (TorchRec's sparse-dist and
+prefetch pipelines: i and i + 1 while batch i + 2 is remapped): their rows are protected from
+eviction (``pipeline_type="none"`` reads a batch when its step starts: nothing in flight)."""
 
 HOST_REMAP = (
     "dynamic tables: the input stage maps host ids with host state (no device to wait for)"
@@ -111,14 +119,18 @@ class DynamicIdRemapper(nn.Module):
         table_name: str,
         capacity: int,
         evict_strategy: Literal["lru", "lfu"] = "lru",
+        in_flight_steps: int = 0,
     ) -> None:
         super().__init__()
         if capacity < 1:
             raise ValueError(f"table {table_name}: capacity must be >= 1, got {capacity}")
         if evict_strategy not in ("lru", "lfu"):
             raise ValueError(f"table {table_name}: evict_strategy must be lru or lfu")
+        if in_flight_steps < 0:
+            raise ValueError(f"table {table_name}: in_flight_steps must be >= 0")
         self.table_name = table_name
         self.capacity = capacity
+        self.in_flight_steps = in_flight_steps
         self.evict_strategy = evict_strategy
         self.pg: dist.ProcessGroup | None = None
         kw = {"dtype": torch.int64}
@@ -192,9 +204,10 @@ class DynamicIdRemapper(nn.Module):
         self._log_steps[self._log_tail : self._log_tail + n] = step
         self._log_tail += n
 
-    def _lru_victims(self, num: int, step: int) -> torch.Tensor:
-        """The num live log entries nearest the head whose rows were not used at ``step``:
-        smallest (last access, slot) first. Consumes the log up to the last one taken."""
+    def _lru_victims(self, num: int, limit: int) -> torch.Tensor:
+        """The num live log entries nearest the head whose last use was before step ``limit``:
+        smallest (last access, slot) first. Consumes the log up to the last one taken; the
+        log is in step order, so the scan stops at the first entry at or after ``limit``."""
         chunk = max(2 * num, 4096)
         found: list[torch.Tensor] = []
         have = 0
@@ -202,16 +215,35 @@ class DynamicIdRemapper(nn.Module):
         while have < num and pos < self._log_tail:
             end = min(pos + chunk, self._log_tail)
             cand, cand_steps = self._log_slots[pos:end], self._log_steps[pos:end]
-            live = torch.nonzero((self.last_access.index_select(0, cand) == cand_steps) & (cand_steps < step),
+            stop = int(torch.searchsorted(cand_steps, limit))  # entries from here are protected
+            cand, cand_steps = cand[:stop], cand_steps[:stop]
+            live = torch.nonzero(self.last_access.index_select(0, cand) == cand_steps,
                                  as_tuple=False).flatten()
             take = live[: num - have]
             found.append(cand[take])
             have += take.numel()
-            pos = pos + int(take[-1]) + 1 if have == num else end
+            if have == num:
+                pos = pos + int(take[-1]) + 1
+            elif stop < end - pos:
+                pos += stop
+                break
+            else:
+                pos = end
             chunk *= 2
         self._log_head = pos
-        assert have == num, f"dynamic table {self.table_name}: the access log lost rows"
+        if have < num:
+            self._capacity_error()
         return torch.cat(found)
+
+    def _capacity_error(self) -> None:
+        window = (f" and the {self.in_flight_steps} steps before it (batches still in a train "
+                  "pipeline)" if self.in_flight_steps else "")
+        raise RuntimeError(
+            f"dynamic table {self.table_name}: one step looks up more distinct ids than its "
+            f"capacity of {self.capacity} rows can hold beside the rows used in that step{window}; "
+            "raise the capacity (DynamicEmbeddingArgs global_hbm_for_values / "
+            "item_vocab_gpu_capacity / ratio)"
+        )
 
     def _search(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ids [N] -> (slots [N] (0 where missing), found [N] bool, insertion points [N] in
@@ -284,18 +316,17 @@ class DynamicIdRemapper(nn.Module):
         return uniq, total
 
     def _select_victims(self, num: int, num_hits: int, step: int) -> torch.Tensor:
-        """num occupied slots not used at ``step`` (hits have last_access == step), in
-        eviction order."""
+        """num occupied slots not used at ``step`` nor in the ``in_flight_steps`` before it
+        (hits have last_access == step), in eviction order."""
         if self._num_occupied - num_hits < num:
-            raise RuntimeError(
-                f"dynamic table {self.table_name}: one step looks up more distinct ids than "
-                f"its capacity of {self.capacity} rows can hold; raise the capacity "
-                "(DynamicEmbeddingArgs global_hbm_for_values / item_vocab_gpu_capacity / ratio)"
-            )
+            self._capacity_error()
+        limit = step - self.in_flight_steps
         if self.evict_strategy == "lru":
-            return self._lru_victims(num, step)
-        # lfu: (count, last access, slot) among the rows not used at this step
-        evictable = self.occupied & (self.last_access < step)
+            return self._lru_victims(num, limit)
+        # lfu: (count, last access, slot) among the rows not used since step `limit`
+        evictable = self.occupied & (self.last_access < limit)
+        if int(evictable.sum()) < num:
+            self._capacity_error()
         count = self.access_count
         masked = torch.where(evictable, count, torch.full_like(count, _INT64_MAX))
         kth = torch.kthvalue(masked, num).values
@@ -391,4 +422,5 @@ class DynamicIdRemapper(nn.Module):
         }
 
     def extra_repr(self) -> str:
-        return f"table={self.table_name}, capacity={self.capacity}, evict={self.evict_strategy}"
+        return (f"table={self.table_name}, capacity={self.capacity}, evict={self.evict_strategy}, "
+                f"in_flight_steps={self.in_flight_steps}")

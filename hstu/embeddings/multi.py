@@ -67,11 +67,14 @@ def build_embeddings(
     device: torch.device | str = "cpu",
     seed: int = 0,
     sparse_optimizer: str = "adam",
+    materialize: bool = True,
 ) -> nn.Module:
-    """One HstuEmbeddings when every table has the same dim, else one per dim."""
+    """One HstuEmbeddings when every table has the same dim, else one per dim
+    (``materialize``: see :func:`build_embedding_collection`)."""
     dims = sorted({embedding_dims[t.table_name] for t in tables})
     if len(dims) <= 1:
-        return build_embedding_collection(tables, embedding_dims, device, seed, sparse_optimizer)
+        return build_embedding_collection(tables, embedding_dims, device, seed, sparse_optimizer,
+                                          materialize)
     groups = {
         d: build_embedding_collection(
             [t for t in tables if embedding_dims[t.table_name] == d],
@@ -79,6 +82,7 @@ def build_embeddings(
             device,
             seed * 1_000_003 + d,
             sparse_optimizer,
+            materialize,
         )
         for d in dims
     }

@@ -23,7 +23,7 @@ group of the per-rank gradients.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -38,7 +38,14 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
 from hstu.args import DynamicEmbeddingArgs, EmbeddingArgs, OptimizerArgs, embedding_row_bytes
-from hstu.embeddings.collection import HstuEmbeddings
+from hstu.embeddings.collection import (
+    INIT_BYTES_PER_VALUE,
+    HstuEmbeddings,
+    allocate_weight,
+    init_chunk_rows,
+    initialise_tables,
+    tables_on_meta,
+)
 from hstu.embeddings.optim import RowSparseOptimizer
 from hstu.validation import ConfigError
 
@@ -57,9 +64,11 @@ class TablePlacement:
     ranks: list[int]
     bytes_per_rank: dict[int, int]
     """Weight bytes (float32 values only) held by each rank."""
+    shards_per_rank: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    """(rows, cols) of each shard a rank holds (the whole table on every rank when replicated)."""
 
     def describe(self) -> str:
-        per_rank = ", ".join(f"r{r}: {b / 2**20:.2f} MiB" for r, b in sorted(self.bytes_per_rank.items()))
+        per_rank = ", ".join(f"r{r}: {format_bytes(b)}" for r, b in sorted(self.bytes_per_rank.items()))
         return f"{self.table}: {self.sharding_type} ({self.compute_kernel}) on ranks {self.ranks} [{per_rank}]"
 
 
@@ -87,6 +96,19 @@ def available_bytes_per_rank(device: torch.device) -> tuple[int | None, str]:
     return avail // local, f"host MemAvailable / {local} local rank(s)"
 
 
+def format_bytes(n: float) -> str:
+    """Bytes in the unit that fits: 3.21 GiB, 12.0 MiB, 640 KiB, 12 B."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def init_transient_bytes(rows: int, dim: int) -> int:
+    """The transient of writing a table's (or shard's) starting values: one chunk."""
+    return min(rows, init_chunk_rows(dim)) * dim * INIT_BYTES_PER_VALUE
+
+
 def check_tables_fit(
     tables: list[EmbeddingArgs],
     dims: dict[str, int],
@@ -95,15 +117,19 @@ def check_tables_fit(
     available: tuple[int | None, str],
     weight_average: bool = False,
 ) -> int:
-    """Refuses, in one line with the numbers, tables that cannot fit a rank; returns the bytes
-    needed per rank (a lower bound).
+    """The estimate before any plan exists: refuses, in one line with the numbers, tables
+    that cannot fit a rank even if spread evenly; returns that lower bound of the bytes a
+    rank needs.
 
-    Every rank builds each table whole (float32) before TorchRec shards it, then holds its
-    shards' optimizer state: at least 1/world of each table's (all of it when the table
-    lands on one rank), and with ``weight_average`` (TrainerArgs.ema_decay) a float32 copy
-    of its shards' values. Dynamic tables count their capacity and the remapper's state.
+    A model_parallel or dynamic table counts 1/world of its float32 values, of their
+    optimizer state and, with ``weight_average`` (TrainerArgs.ema_decay), of a float32
+    copy of them; a data_parallel table all of it on every rank; a dynamic table its
+    remapper's state on every rank; plus the largest chunk drawn while writing starting
+    values. The figure that decides is per rank from the sharding plan
+    (:func:`check_plan_fits`, in :func:`shard_embeddings`, before any table is allocated).
     """
     needed = 0
+    transient = 0
     parts = []
     for tb in tables:
         dim = dims[tb.table_name]
@@ -113,26 +139,101 @@ def check_tables_fit(
         else:
             rows, extra = int(tb.item_vocab_size_or_capacity), 0
         weights = rows * dim * 4
-        state = rows * embedding_row_bytes(dim, optimizer_str) - weights
-        if weight_average:
-            state += weights
+        held = rows * embedding_row_bytes(dim, optimizer_str) + (weights if weight_average else 0)
         if tb.sharding_type != "data_parallel":
-            state //= world_size
-        table_bytes = weights + state + extra
+            held //= world_size
+        table_bytes = held + extra
         needed += table_bytes
-        parts.append((table_bytes, f"{tb.table_name} {rows:,} x {dim} = {table_bytes / 2**30:.2f} GiB"))
+        transient = max(transient, init_transient_bytes(rows, dim))
+        parts.append((table_bytes, f"{tb.table_name} {rows:,} x {dim} = {format_bytes(table_bytes)}"))
+    needed += transient
     avail, source = available
     if avail is not None and needed > avail:
         largest = ", ".join(text for _, text in sorted(parts, reverse=True)[:3])
         raise ConfigError(
             "EmbeddingArgs", None,
-            f"the embedding tables need at least {needed / 2**30:.2f} GiB per rank ({largest}; "
+            f"the embedding tables need at least {format_bytes(needed)} per rank ({largest}; "
             f"float32 values plus {optimizer_str} state"
-            f"{' and the weight average' if weight_average else ''}) but a rank has {avail / 2**30:.2f} GiB "
-            f"({source}): lower NetworkArgs.item_embedding_dim, give a large table a capacity "
-            "(DynamicEmbeddingArgs), or run fewer ranks per host",
+            f"{' and the weight average' if weight_average else ''}, over {world_size} rank(s)) "
+            f"but a rank has {format_bytes(avail)} ({source}): lower NetworkArgs.item_embedding_dim, "
+            "give a large table a capacity (DynamicEmbeddingArgs), or run fewer ranks per host",
         )
     return needed
+
+
+@dataclass
+class RankMemory:
+    """What one rank holds of the tables (bytes), from the sharding plan."""
+
+    values: int = 0
+    """float32 values of its shards and of every replicated table."""
+    state: int = 0
+    """their optimizer state."""
+    average: int = 0
+    """the weight average's float32 copy of its values (TrainerArgs.ema_decay)."""
+    remappers: int = 0
+    """dynamic tables' remapper state (replicated)."""
+    transient: int = 0
+    """the largest chunk drawn while writing starting values."""
+
+    @property
+    def total(self) -> int:
+        return self.values + self.state + self.average + self.remappers + self.transient
+
+    def describe(self) -> str:
+        parts = [f"values {format_bytes(self.values)}", f"optimizer state {format_bytes(self.state)}"]
+        if self.average:
+            parts.append(f"weight average {format_bytes(self.average)}")
+        if self.remappers:
+            parts.append(f"remappers {format_bytes(self.remappers)}")
+        parts.append(f"init chunk {format_bytes(self.transient)}")
+        return f"{format_bytes(self.total)} = " + " + ".join(parts)
+
+
+def memory_per_rank(
+    placements: list[TablePlacement],
+    emb: HstuEmbeddings,
+    optimizer_str: str,
+    world_size: int,
+    weight_average: bool = False,
+) -> dict[int, RankMemory]:
+    """rank -> what it will hold, from the resolved plan (shards by rank and size)."""
+    out = {r: RankMemory() for r in range(world_size)}
+    for p in placements:
+        spec = emb.specs[p.table]
+        for rank, shards in p.shards_per_rank.items():
+            mem = out[rank]
+            for rows, cols in shards:
+                values = rows * cols * 4
+                mem.values += values
+                mem.state += rows * embedding_row_bytes(cols, optimizer_str) - values
+                mem.average += values if weight_average else 0
+                mem.transient = max(mem.transient, init_transient_bytes(rows, spec.embedding_dim))
+    for spec in emb.specs.values():
+        if spec.dynamic:
+            for mem in out.values():
+                mem.remappers += spec.num_rows * REMAPPER_BYTES_PER_ROW
+    return out
+
+
+def check_plan_fits(
+    memory: dict[int, RankMemory],
+    available: list[tuple[int | None, str]],
+    optimizer_str: str,
+) -> None:
+    """Refuses, in one line naming the rank and its figures, a plan whose shards do not fit
+    a rank's memory. ``available``: per rank (bytes or None, where from)."""
+    for rank in sorted(memory):
+        avail, source = available[rank]
+        mem = memory[rank]
+        if avail is not None and mem.total > avail:
+            raise ConfigError(
+                "EmbeddingArgs", None,
+                f"rank {rank} of {len(memory)} would hold {mem.describe()} of embedding tables "
+                f"({optimizer_str}) but has {format_bytes(avail)} ({source}): run more ranks, "
+                "lower NetworkArgs.item_embedding_dim, or give a large table a capacity "
+                "(DynamicEmbeddingArgs)",
+            )
 
 
 def sparse_optimizer_spec(
@@ -226,23 +327,37 @@ def _constraints(
 
 
 def _placements(plan: ShardingPlan, emb: HstuEmbeddings, world_size: int) -> list[TablePlacement]:
+    """The sharded collection's tables as the plan places them."""
     module_plan = plan.get_plan_for_module("") or {}
     result = []
     for name, ps in module_plan.items():  # type: ignore[union-attr]
         spec = emb.specs[name]
-        row_bytes = spec.embedding_dim * 4
+        shards: dict[int, list[tuple[int, int]]] = {}
         if ps.sharding_type == "data_parallel":
-            ranks = list(range(world_size))
-            per_rank = {r: spec.num_rows * row_bytes for r in ranks}
+            shards = {r: [(spec.num_rows, spec.embedding_dim)] for r in range(world_size)}
         else:
-            per_rank: dict[int, int] = {}
             for shard in ps.sharding_spec.shards:  # type: ignore[union-attr]
-                rank = shard.placement.rank()
                 rows, cols = shard.shard_sizes
-                per_rank[rank] = per_rank.get(rank, 0) + rows * cols * 4
-            ranks = sorted(per_rank)
-        result.append(TablePlacement(name, ps.sharding_type, ps.compute_kernel, ranks, per_rank))
+                shards.setdefault(shard.placement.rank(), []).append((rows, cols))
+        per_rank = {r: sum(rows * cols * 4 for rows, cols in sh) for r, sh in shards.items()}
+        result.append(TablePlacement(name, ps.sharding_type, ps.compute_kernel, sorted(shards),
+                                     per_rank, shards))
     return result
+
+
+def _replicated_placements(emb: HstuEmbeddings, world_size: int) -> list[TablePlacement]:
+    """The replicated (data_parallel) tables: whole on every rank."""
+    if emb.dp_ec is None:
+        return []
+    out = []
+    ranks = list(range(world_size))
+    for name in emb.dp_ec.embeddings:
+        spec = emb.specs[name]
+        shape = (spec.num_rows, spec.embedding_dim)
+        out.append(TablePlacement(name, "data_parallel", "replicated", ranks,
+                                  {r: shape[0] * shape[1] * 4 for r in ranks},
+                                  {r: [shape] for r in ranks}))
+    return out
 
 
 def shard_embeddings(
@@ -254,8 +369,18 @@ def shard_embeddings(
     sharding_overrides: dict[str, ShardingOverride] | None = None,
     batch_size_per_rank: int = 512,
     hbm_cap_bytes: int | None = None,
+    available: tuple[int | None, str] | None = None,
+    weight_average: bool = False,
 ) -> tuple[nn.Module, list[TablePlacement]]:
     """Shards every :class:`HstuEmbeddings` in ``module_or_model`` in place.
+
+    Tables still on the meta device (``build_embedding_collection(materialize=False)``)
+    are allocated here shard by shard: each rank allocates only what the plan gives it
+    (TorchRec's sharded kernels allocate the local shards and their optimizer state) and
+    writes their starting values (:func:`hstu.embeddings.collection.initialise_tables`);
+    replicated tables are allocated and written whole on every rank. Before anything is
+    allocated, what each rank will hold is checked against its memory
+    (:func:`check_plan_fits`).
 
     Args:
         module_or_model: an HstuEmbeddings, or a model holding one (only it is touched).
@@ -266,10 +391,14 @@ def shard_embeddings(
         sharding_overrides: table -> forced TorchRec sharding type for model_parallel tables.
         batch_size_per_rank: the planner's batch size hint.
         hbm_cap_bytes: per-device memory budget for the planner (default: TorchRec's).
+        available: (bytes or None, where from) this rank can give its tables; default:
+            :func:`available_bytes_per_rank` measured now. Every rank's is gathered so that
+            all refuse together.
+        weight_average: TrainerArgs.ema_decay > 0 (a float32 copy of each rank's values).
 
     Returns:
         (module_or_model, placements): the same object (sharded in place) and the
-        resolved plan, also printed once on rank 0.
+        resolved plan, also printed once on rank 0 with what each rank holds.
     """
     device = torch.device(device)
     pg = pg or dist.group.WORLD
@@ -280,11 +409,15 @@ def shard_embeddings(
     unknown = set(overrides) - set(by_name)
     if unknown:
         raise ValueError(f"sharding_overrides name unknown tables: {sorted(unknown)}")
+    optimizer_str = optimizer_args.resolved_sparse_optimizer_str
+    # 1. a plan per module, nothing allocated yet
+    planned: list[tuple[HstuEmbeddings, ShardingPlan, list[EmbeddingCollectionSharder], bool]] = []
     placements: list[TablePlacement] = []
     for emb in _find_embedding_modules(module_or_model):
         for remapper in emb.remappers.values():
             remapper.pg = pg
         ec = emb.ec
+        on_meta = tables_on_meta(emb)
         # model_parallel tables: optimizer class/kwargs become FBGEMM fused params.
         fused_cls, fused_kwargs = sparse_optimizer_spec(optimizer_args, fused=True)
         mp_weights = [
@@ -311,21 +444,48 @@ def shard_embeddings(
             topology=topology, batch_size=batch_size_per_rank, constraints=constraints
         )
         plan = planner.collective_plan(ec, sharders, pg)
-        env = ShardingEnv.from_process_group(pg)
+        planned.append((emb, plan, sharders, on_meta))
+        placements += _placements(plan, emb, world_size) + _replicated_placements(emb, world_size)
+    # 2. what each rank will hold, refused together before any allocation
+    memory = {r: RankMemory() for r in range(world_size)}
+    for emb, _plan, _sharders, _meta in planned:
+        names = set(emb.specs)
+        part = memory_per_rank([p for p in placements if p.table in names], emb, optimizer_str,
+                               world_size, weight_average)
+        for r, mem in part.items():
+            total = memory[r]
+            total.values += mem.values
+            total.state += mem.state
+            total.average += mem.average
+            total.remappers += mem.remappers
+            total.transient = max(total.transient, mem.transient)
+    mine = available if available is not None else available_bytes_per_rank(device)
+    every: list[Any] = [None] * world_size
+    dist.all_gather_object(every, mine, group=pg)
+    if rank == 0:
+        lines = "\n".join("  " + p.describe() for p in placements)
+        held = "\n".join(
+            f"  rank {r}: {memory[r].describe()}"
+            + ("" if every[r][0] is None else f" of {format_bytes(every[r][0])}")
+            + f" ({every[r][1]})"
+            for r in range(world_size)
+        )
+        print(f"[embeddings] sharding plan over {world_size} rank(s):\n{lines}\n"
+              f"[embeddings] held per rank:\n{held}", flush=True)
+    check_plan_fits(memory, every, optimizer_str)
+    # 3. allocation: each rank its own shards, then their starting values
+    for emb, plan, sharders, on_meta in planned:
         emb.ec = DistributedModelParallel(
-            module=ec,
-            env=env,
+            module=emb.ec,
+            env=ShardingEnv.from_process_group(pg),
             device=device,
             plan=plan,
             sharders=sharders,
             init_data_parallel=False,
         )
-        table_plan = _placements(plan, emb, world_size)
-        table_plan += _replicate_data_parallel(emb, optimizer_args, pg, world_size)
-        placements.extend(table_plan)
-    if rank == 0:
-        lines = "\n".join("  " + p.describe() for p in placements)
-        print(f"[embeddings] sharding plan over {world_size} rank(s):\n{lines}", flush=True)
+        _replicate_data_parallel(emb, optimizer_args, pg, world_size, device)
+        if on_meta:
+            initialise_tables(emb)
     return module_or_model, placements
 
 
@@ -356,23 +516,24 @@ class _SyncAndStep:
 
 
 def _replicate_data_parallel(
-    emb: HstuEmbeddings, optimizer_args: OptimizerArgs, pg: dist.ProcessGroup, world_size: int
-) -> list[TablePlacement]:
-    """Replicated tables: same weights everywhere, averaged gradients, optimizer in backward."""
+    emb: HstuEmbeddings,
+    optimizer_args: OptimizerArgs,
+    pg: dist.ProcessGroup,
+    world_size: int,
+    device: torch.device,
+) -> None:
+    """Replicated tables: allocated whole on every rank (still on the meta device: their
+    values are then written by the same rule everywhere, so no broadcast), averaged
+    gradients, optimizer in backward."""
     if emb.dp_ec is None:
-        return []
+        return
     cls, kwargs = sparse_optimizer_spec(optimizer_args, fused=False)
-    placements = []
-    for name, module in emb.dp_ec.embeddings.items():
+    for module in emb.dp_ec.embeddings.values():
+        if module.weight.device.type == "meta":
+            allocate_weight(module, device)
         weight = module.weight
-        with torch.no_grad():
-            dist.broadcast(weight.data, src=dist.get_global_rank(pg, 0), group=pg)
         weight._in_backward_optimizers = [cls([weight], **kwargs)]
         weight.register_post_accumulate_grad_hook(_SyncAndStep(pg, world_size))
-        nbytes = weight.numel() * weight.element_size()
-        placements.append(TablePlacement(name, "data_parallel", "replicated", list(range(world_size)),
-                                         {r: nbytes for r in range(world_size)}))
-    return placements
 
 
 def fused_optimizer(module_or_model: nn.Module) -> list[torch.optim.Optimizer]:
@@ -381,7 +542,18 @@ def fused_optimizer(module_or_model: nn.Module) -> list[torch.optim.Optimizer]:
             if isinstance(emb.ec, DistributedModelParallel)]
 
 
-__all__ = ["TablePlacement", "fused_optimizer", "replicated_optimizers", "shard_embeddings", "sparse_optimizer_spec"]
+__all__ = [
+    "RankMemory",
+    "TablePlacement",
+    "check_plan_fits",
+    "check_tables_fit",
+    "format_bytes",
+    "fused_optimizer",
+    "memory_per_rank",
+    "replicated_optimizers",
+    "shard_embeddings",
+    "sparse_optimizer_spec",
+]
 
 
 

@@ -46,6 +46,12 @@ def encode_batch(
         len(token_builder.contextual_feature_names),
         inputs.action_values is not None,
     )
+    truncated = None
+    if getattr(block, "attn_truncation_layers", 0):  # its slice sized on the host
+        truncated = inputs.sizes.truncated_tokens(
+            block.attn_truncation_len, len(token_builder.contextual_feature_names),
+            2 if inputs.action_values is not None else 1,
+        )
     states: torch.Tensor = block(
         tokens.values,
         tokens.offsets,
@@ -54,5 +60,6 @@ def encode_batch(
         tokens.num_targets,
         tokens.timestamps,
         query_timestamps=tokens.query_timestamps,
+        truncated_sizes=truncated,
     )
     return own, inputs, layout, tokens, states

@@ -31,8 +31,8 @@ from hstu.model.jagged import index_within, lengths_to_offsets, positions_within
 from hstu.sync_audit import allowed_sync
 
 TRUNCATION_SYNC = (
-    "attention truncation sizes the upper layers' jagged slice (its token count) and checks "
-    "the candidates fit in it: one host read per forward"
+    "attention truncation of a batch without host-side sizes (built by hand): the upper "
+    "layers' slice (its token count) and the candidates check read from the device"
 )
 
 
@@ -108,9 +108,13 @@ class HSTUBlock(nn.Module):
         num_targets: torch.Tensor | None = None,
         timestamps: torch.Tensor | None = None,
         query_timestamps: torch.Tensor | None = None,
+        truncated_sizes: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """x [T, D] token embeddings, offsets int64 [B+1] -> [T, D] in ``dtype``;
-        ``query_timestamps`` int64 [B]: the next time of each sample's last token (rab)."""
+        ``query_timestamps`` int64 [B]: the next time of each sample's last token (rab).
+        ``truncated_sizes``: with attention truncation, (sum_b min(n_b, attn_truncation_len),
+        max_b C[b]) known on the host (``BatchSizes.truncated_tokens``, from the loader); None
+        reads them from the device (one named host sync)."""
         x = x.to(self.dtype) * math.sqrt(self.hidden_size)
         if self.position_embedding is not None:
             pos = positions_within(offsets, num_targets, x.shape[0])
@@ -130,7 +134,8 @@ class HSTUBlock(nn.Module):
         if full == len(self.layers):
             return x
         return self._truncated_layers(
-            x, offsets, max_seqlen, num_contextual, num_targets, timestamps, query_timestamps
+            x, offsets, max_seqlen, num_contextual, num_targets, timestamps, query_timestamps,
+            truncated_sizes,
         )
 
     def _truncated_layers(
@@ -142,6 +147,7 @@ class HSTUBlock(nn.Module):
         num_targets: torch.Tensor | None,
         timestamps: torch.Tensor | None,
         query_timestamps: torch.Tensor | None,
+        truncated_sizes: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Layers k+1.. over each sample's last ``attn_truncation_len`` tokens; the tokens
         before keep their layer-k state (module docstring)."""
@@ -149,12 +155,16 @@ class HSTUBlock(nn.Module):
         lengths = offsets[1:] - offsets[:-1]
         start = (lengths - keep).clamp(min=0)  # [B] first kept token of each sample
         kept = lengths - start  # [B] = min(n_b, T)
-        longest_targets = (
-            num_targets.max().to(kept.dtype) if num_targets is not None and num_targets.numel() > 0
-            else kept.new_zeros(())
-        )
-        with allowed_sync(TRUNCATION_SYNC):
-            total, most_targets = torch.stack([kept.sum(), longest_targets]).tolist()
+        if truncated_sizes is not None:
+            total, most_targets = truncated_sizes
+        else:
+            longest_targets = (
+                num_targets.max().to(kept.dtype)
+                if num_targets is not None and num_targets.numel() > 0
+                else kept.new_zeros(())
+            )
+            with allowed_sync(TRUNCATION_SYNC):
+                total, most_targets = torch.stack([kept.sum(), longest_targets]).tolist()
         if most_targets > keep:
             raise ValueError(
                 f"attention truncation keeps the last {keep} tokens of each sample "

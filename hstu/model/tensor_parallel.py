@@ -122,8 +122,9 @@ def exchange_sizes(sizes: Any, group: ProcessGroup, device: torch.device) -> tup
     """Every TP rank's batch sizes (an ``hstu.data.batch.BatchSizes``), rank order, for a
     batch that does not carry them (``Batch.tp_sizes``): one all-gather on ``device`` (the
     step's) and a host read."""
-    fields = dataclasses.astuple(sizes)
-    return tuple(type(sizes)(*row) for row in _gather_counts(list(fields), group, device))
+    # the counts (the compared fields; per-sample arrays, when a batch has them, stay local)
+    fields = [getattr(sizes, f.name) for f in dataclasses.fields(sizes) if f.compare]
+    return tuple(type(sizes)(*row) for row in _gather_counts(fields, group, device))
 
 
 def _all_gather_uneven(x: torch.Tensor, counts: list[int], group: ProcessGroup) -> torch.Tensor:

@@ -27,14 +27,14 @@ from hstu.embeddings import (
     replicated_optimizers,
     shard_embeddings,
 )
-from hstu.embeddings.sharding import available_bytes_per_rank, check_tables_fit
+from hstu.embeddings.sharding import available_bytes_per_rank, check_tables_fit, format_bytes
 from hstu.model import ModelDataInfo, build_model
 from hstu.model.model import GenerativeRecommender
 from hstu.ops.losses import resolve_matmul_dtype
 from hstu.registry import NEGATIVE_SAMPLING
 from hstu.training.ddp import wrap_dense
 from hstu.training.distributed import DistEnv, seed_training_rng
-from hstu.training.optimizer import OptimizerContainer, unscale_sparse_gradients
+from hstu.training.optimizer import OptimizerContainer, TableStepGuard, unscale_sparse_gradients
 
 
 @dataclass
@@ -193,8 +193,8 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         weight_average=t.ema_decay > 0,
     )
     if env.is_main:
-        have = "" if available[0] is None else f"{available[0] / 2**30:.2f} GiB "
-        log(f"[embeddings] tables need at least {needed / 2**30:.2f} GiB per rank; "
+        have = "" if available[0] is None else f"{format_bytes(available[0])} "
+        log(f"[embeddings] tables need at least {format_bytes(needed)} per rank before the plan; "
             f"{have}available ({available[1]})")
     torch.manual_seed(t.seed)
     embeddings = build_embeddings(
@@ -203,6 +203,7 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         device=env.device,
         seed=t.seed,
         sparse_optimizer=cfg.optimizer.resolved_sparse_optimizer_str,
+        materialize=False,  # each rank allocates its own shards in shard_embeddings
     )
     data_info = ModelDataInfo(
         num_items=info.num_items,
@@ -245,6 +246,7 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
             tb.table_name: tb.sharding_override for tb in tables if tb.sharding_override != "auto"
         },
         batch_size_per_rank=t.train_batch_size,
+        weight_average=t.ema_decay > 0,
     )
     steps_per_epoch = len(train_loader)
     total_steps = t.max_train_iters if t.max_train_iters is not None else steps_per_epoch
@@ -265,6 +267,8 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
     if optimizer.scaler is not None:
         # float16: the tables' optimizers update inside backward, from unscaled gradients
         unscale_sparse_gradients(model.dense_module, optimizer.scaler)
+        # ... and an overflowing step (on any rank, in any part) leaves them as they were
+        optimizer.table_guard = TableStepGuard(model)
     return Built(
         train_loader, eval_loader, info, tables, placements, model, optimizer, total_steps, test_loader
     )

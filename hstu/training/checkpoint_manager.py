@@ -330,7 +330,7 @@ class CheckpointManager:
         if args.ema_decay > 0:
             self.ema = WeightAverage(
                 self.dense.children(), self.tables.state_dict()[TableState.KEY], optimizer,
-                args.ema_decay,
+                args.ema_decay, model=model,
             )
             self.tables.ema = self.dense.ema = self.ema
 

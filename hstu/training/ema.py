@@ -7,14 +7,27 @@ their local shards). ``d_t = min(decay, (1 + t) / (10 + t))`` after t updates, s
 average forgets the initial weights within the first steps instead of being pulled towards
 them for ~1 / (1 - decay) steps. Evaluation and the best checkpoint (hence the test split)
 use the average (:meth:`WeightAverage.swapped`); training always continues from the raw
-weights. The average is float32 and lives beside the weights (one more copy of them; while
-it is swapped in, a second, transient copy holds the raw weights).
+weights. The average is float32 and lives beside the weights (one more copy of them).
+
+Tables of FBGEMM's fused kernels (model_parallel and dynamic tables) are averaged lazily: a
+step changes only the rows it looks up, and between two changes a row's weight w is
+constant, so k updates compose to ``avg <- w + P (avg - w)`` with P the product of their
+decays. Each row keeps the number of updates its average has seen (``last``, int64 [R]);
+the rows a step looks up are caught up in the kernel's forward (before backward changes
+them) and once more after the step (its own update), every row when the average is read
+(evaluation, a save). P = exp(L(n) - L(last)) with L(k) = sum_{t<k} log d_t in closed form
+(``lgamma`` for the warm-up part, then k log decay), in float64: exact to rounding. Dense
+parameters and data_parallel tables (small, replicated, and changed by every rank's ids)
+keep the eager update. Evaluation swaps the average into the weights in place, a chunk of
+rows at a time, so no copy of the weights is made (float32 weights and masters; a table
+kept in half precision has its raw weights copied aside while swapped).
 
 Checkpoints carry it (exact resume, any world size): the dense part in the dense file
 (``"ema"``: child -> parameter -> tensor, like ``"model"``; ``"ema_updates"``), the tables'
 part through DCP under ``embeddings_ema.<weight key>``
 (``hstu.training.checkpoint.EMA_TABLES_KEY``), sharded like the weight itself, so a resume on
-another world size reshards it as it reshards the tables. A weights-only load
+another world size reshards it as it reshards the tables. A save reads the average, so every
+row is caught up first: the rows' ``last`` then all equal ``ema_updates`` and are not saved. A weights-only load
 (``hstu.training.checkpoint_manager.load_weights``, which ``hstu.export`` uses) of a
 checkpoint that has an average takes the average.
 """
@@ -22,6 +35,7 @@ checkpoint that has an average takes the average.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -54,21 +68,55 @@ def _like(value: Any, locals_: list[torch.Tensor]) -> Any:
     return locals_[0]
 
 
+_SWAP_ROWS = 1 << 16  # rows exchanged at a time when the average is swapped in
+
+
+def _swap_rows(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Exchanges the values of two same-shape float32 tensors in place, one chunk of rows
+    through a temporary at a time."""
+    a2, b2 = a.view(a.shape[0], -1) if a.dim() else a.view(1, 1), b.view(b.shape[0], -1) if b.dim() else b.view(1, 1)
+    for lo in range(0, a2.shape[0], _SWAP_ROWS):
+        hi = min(lo + _SWAP_ROWS, a2.shape[0])
+        tmp = a2[lo:hi].clone()
+        a2[lo:hi].copy_(b2[lo:hi])
+        b2[lo:hi].copy_(tmp)
+
+
+class _LazyTable:
+    """One table of a fused kernel (this rank's part): its live weight (the kernel's storage),
+    the average [R, D] float32 and ``last`` int64 [R], updates each row's average has seen."""
+
+    def __init__(self, weight: torch.Tensor, shadow: torch.Tensor) -> None:
+        self.weight, self.shadow = weight, shadow
+        self.last = torch.zeros(weight.shape[0], dtype=torch.int64, device=weight.device)
+        # this step's looked-up rows [N] and their weights before the step [N, D] (float32)
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+
 class WeightAverage:
     """The average of a model's weights (see the module docstring).
 
     ``dense``: child name -> module (the checkpoint's dense children); ``tables``: the
     tables' live state (``embedding_state_dict``); ``optimizer``: gives the float32 master of
-    a half-precision parameter (``master_of``), or None."""
+    a half-precision parameter (``master_of``), or None; ``model``: where the fused kernels
+    of the sharded tables are found (their rows are averaged lazily), or None (every
+    tensor averaged eagerly)."""
 
     def __init__(
         self, dense: dict[str, nn.Module], tables: dict[str, Any], optimizer: Any,
-        decay: float,
+        decay: float, model: nn.Module | None = None,
     ) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"ema decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.num_updates = 0
+        # d_t = (1 + t) / (10 + t) for t < warm, decay from then on
+        warm = max(0, math.ceil((10.0 * decay - 1.0) / (1.0 - decay)))
+        while warm > 0 and (float(warm)) / (9.0 + warm) >= decay:
+            warm -= 1
+        while (1.0 + warm) / (10.0 + warm) < decay:
+            warm += 1
+        self._warm = warm
         # dense: ((child, name), tensor the optimizer updates, tensor the forward reads)
         self.dense: list[tuple[tuple[str, str], torch.Tensor, torch.Tensor | None]] = []
         for child_name, child in dense.items():
@@ -93,18 +141,131 @@ class WeightAverage:
         for key, (_, ts) in self.tables.items():
             self._table_shadow[key] = self.shadow[n : n + len(ts)]
             n += len(ts)
+        self.lazy: list[_LazyTable] = []
+        self._handles: list[Any] = []
+        lazy_ids: set[int] = set()
+        if model is not None:
+            lazy_ids = self._attach_kernels(model)
+        self._eager = [i for i in range(len(self._live)) if i not in lazy_ids]
+        self._swapped_in_place: set[int] = set()
+        self._backup: dict[int, torch.Tensor] = {}
 
+    # ------------------------------------------------------------------ lazy rows
+    def _attach_kernels(self, model: nn.Module) -> set[int]:
+        """Finds each fused kernel's per-table weight among the live tensors (the same
+        storage) and hooks its forward; returns the indices (into ``_live``) averaged lazily."""
+        from torchrec.distributed.model_parallel import DistributedModelParallel
+
+        from hstu.embeddings.sharding import _find_embedding_modules
+        from hstu.training.optimizer import fused_kernels
+
+        where = {(t.data_ptr(), tuple(t.shape)): i for i, t in enumerate(self._live)}
+        lazy: set[int] = set()
+        for emb in _find_embedding_modules(model):
+            if not isinstance(emb.ec, DistributedModelParallel):
+                continue
+            for tbe in fused_kernels(emb.ec.module):
+                entries: list[_LazyTable | None] = []
+                for w in tbe.split_embedding_weights():
+                    i = where.get((w.data_ptr(), tuple(w.shape)))
+                    if i is None or i in lazy:
+                        entries.append(None)
+                        continue
+                    lazy.add(i)
+                    entry = _LazyTable(self._live[i], self.shadow[i])
+                    self.lazy.append(entry)
+                    entries.append(entry)
+                if any(e is not None for e in entries):
+                    feature_table = torch.tensor(list(tbe.feature_table_map), dtype=torch.int64,
+                                                 device=tbe.iter.device)
+                    self._handles.append(tbe.register_forward_pre_hook(
+                        self._lookup_hook(entries, feature_table), with_kwargs=True))
+        return lazy
+
+    def _lookup_hook(self, entries: list[_LazyTable | None], feature_table: torch.Tensor) -> Any:
+        from hstu.training.optimizer import kernel_rows
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if not (torch.is_grad_enabled() and module.training):
+                return
+            indices = kwargs["indices"] if "indices" in kwargs else args[0]
+            offsets = kwargs["offsets"] if "offsets" in kwargs else args[1]
+            for entry, rows in zip(entries, kernel_rows(feature_table, len(entries), indices, offsets)):
+                if entry is not None:
+                    # before backward changes these rows: the weight they have had since
+                    # their last change (their catch-up, done with the step's update)
+                    entry.pending.append((rows, entry.weight.index_select(0, rows).float()))
+
+        return hook
+
+    def _log_decays(self, k: torch.Tensor) -> torch.Tensor:
+        """L(k) = sum_{t<k} log d_t, float64, for int64 ``k`` (any shape)."""
+        kk = k.clamp(max=self._warm).double()
+        warm = torch.lgamma(kk + 1.0) - torch.lgamma(kk + 10.0) + math.lgamma(10.0)
+        return warm + (k - self._warm).clamp(min=0).double() * math.log(self.decay)
+
+    def _log_decays_at(self, n: int) -> float:
+        kk = min(n, self._warm)
+        return (math.lgamma(kk + 1.0) - math.lgamma(kk + 10.0) + math.lgamma(10.0)
+                + max(n - self._warm, 0) * math.log(self.decay))
+
+    @torch.no_grad()
+    def _catch_up(self, entry: _LazyTable) -> None:
+        """Every row's average brought to ``num_updates`` updates, a chunk of rows at a time:
+        avg <- w + exp(L(n) - L(last)) (avg - w)."""
+        n = self.num_updates
+        log_n = self._log_decays_at(n)
+        for lo in range(0, entry.last.numel(), _SWAP_ROWS):
+            hi = min(lo + _SWAP_ROWS, entry.last.numel())
+            prod = torch.exp(log_n - self._log_decays(entry.last[lo:hi]))
+            avg = entry.shadow[lo:hi]
+            avg.copy_(torch.lerp(entry.weight[lo:hi].float(), avg, prod.float().unsqueeze(1)))
+        entry.last.fill_(n)
+
+    @torch.no_grad()
+    def catch_up_all(self) -> None:
+        """Every lazily averaged row up to date (before the average is read; nothing to do
+        while it is swapped in: it was caught up then)."""
+        if self._swapped_in_place or self._backup:
+            return
+        for entry in self.lazy:
+            entry.pending.clear()
+            self._catch_up(entry)
+
+    # ------------------------------------------------------------------ updates
     def current_decay(self) -> float:
         t = self.num_updates
         return min(self.decay, (1.0 + t) / (10.0 + t))
 
     @torch.no_grad()
     def update(self) -> None:
-        """After an optimizer step: move the average towards the weights."""
-        weight = 1.0 - self.current_decay()
-        live = [t if t.dtype == torch.float32 else t.float() for t in self._live]
-        torch._foreach_lerp_(self.shadow, live, weight)
+        """After an optimizer step: move the average towards the weights (dense parameters
+        and replicated tables every element, fused tables the rows the step looked up)."""
+        decay = self.current_decay()
+        weight = 1.0 - decay
+        shadows = [self.shadow[i] for i in self._eager]
+        live = [self._live[i] for i in self._eager]
+        live = [t if t.dtype == torch.float32 else t.float() for t in live]
+        if shadows:
+            torch._foreach_lerp_(shadows, live, weight)
+        n = self.num_updates
         self.num_updates += 1
+        log_n = self._log_decays_at(n)
+        for entry in self.lazy:
+            if not entry.pending:
+                continue
+            parts = entry.pending
+            rows = parts[0][0] if len(parts) == 1 else torch.cat([r for r, _ in parts])
+            before = parts[0][1] if len(parts) == 1 else torch.cat([w for _, w in parts])
+            entry.pending = []
+            # the updates up to n with the weight before the step (constant since the row's
+            # last change), then update n with the weight after it; rows already at n have
+            # a product of 1 (lerp returns their average bitwise)
+            prod = torch.exp(log_n - self._log_decays(entry.last.index_select(0, rows)))
+            caught = torch.lerp(before, entry.shadow.index_select(0, rows), prod.float().unsqueeze(1))
+            after = entry.weight.index_select(0, rows).float()
+            entry.shadow.index_copy_(0, rows, torch.lerp(after, caught, decay))
+            entry.last.index_fill_(0, rows, n + 1)
 
     @torch.no_grad()
     def restart(self) -> None:
@@ -112,31 +273,66 @@ class WeightAverage:
         for s, t in zip(self.shadow, self._live):
             s.copy_(t)
         self.num_updates = 0
+        for entry in self.lazy:
+            entry.last.zero_()
+            entry.pending.clear()
 
-    @torch.no_grad()
-    def _load(self, values: list[torch.Tensor]) -> None:
-        for t, v in zip(self._live, values):
-            t.copy_(v)
-        for (_, _, forward), v in zip(self.dense, values):
-            if forward is not None:
-                forward.copy_(v)
+    def _synced_lazy(self) -> None:
+        """After a load: every row's average is the loaded one, at ``num_updates``."""
+        for entry in self.lazy:
+            entry.last.fill_(self.num_updates)
+            entry.pending.clear()
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:
-        """The average in the model's weights for the duration; the raw weights after."""
-        backup = [t.detach().clone() for t in self._live]
-        self._load(self.shadow)
+        """The average in the model's weights for the duration; the raw weights after.
+        float32 weights exchange values with the average in place (no copy); a half-precision
+        table's raw weights are copied aside."""
+        self.catch_up_all()
+        self._swap_in()
         try:
             yield
         finally:
-            self._load(backup)
+            self._swap_out()
+
+    @torch.no_grad()
+    def _swap_in(self) -> None:
+        for i, (t, s) in enumerate(zip(self._live, self.shadow)):
+            if t.dtype == torch.float32:
+                _swap_rows(t.data, s)
+                self._swapped_in_place.add(i)
+            else:
+                self._backup[i] = t.detach().clone()
+                t.copy_(s)
+        self._sync_forward()
+
+    @torch.no_grad()
+    def _swap_out(self) -> None:
+        for i, (t, s) in enumerate(zip(self._live, self.shadow)):
+            if i in self._swapped_in_place:
+                _swap_rows(t.data, s)
+            else:
+                t.copy_(self._backup.pop(i))
+        self._swapped_in_place.clear()
+        self._sync_forward()
+
+    @torch.no_grad()
+    def _sync_forward(self) -> None:
+        """Half-precision dense parameters follow their (swapped) float32 masters."""
+        for (_, master, forward) in self.dense:
+            if forward is not None:
+                forward.copy_(master)
+
+    def _average(self, i: int) -> torch.Tensor:
+        """Where the average of live tensor i is now (in the weight while swapped in place)."""
+        return self._live[i] if i in self._swapped_in_place else self.shadow[i]
 
     # ------------------------------------------------------------------ checkpoints
     def dense_state(self) -> dict[str, Any]:
         """``{"ema": {child: {name: tensor}}, "ema_updates": n}`` for the dense file."""
         out: dict[str, dict[str, torch.Tensor]] = {}
-        for ((child, name), _, _), s in zip(self.dense, self._dense_shadow):
-            out.setdefault(child, {})[name] = s.detach().clone()
+        for i, ((child, name), _, _) in enumerate(self.dense):
+            out.setdefault(child, {})[name] = self._average(i).detach().float().clone()
         return {"ema": out, "ema_updates": self.num_updates}
 
     @torch.no_grad()
@@ -153,14 +349,18 @@ class WeightAverage:
                 )
             s.copy_(value)
         self.num_updates = int(state["ema_updates"])
+        self._synced_lazy()
 
     def table_state(self) -> dict[str, Any]:
         """Weight key -> the average, sharded like the weight (DCP saves it, or fills it)."""
+        self.catch_up_all()  # read: every row up to date
         out = {}
+        n = len(self.dense)
         for key, (value, ts) in self.tables.items():
-            shadows = self._table_shadow[key]
+            averages = [self._average(n + j) for j in range(len(ts))]
+            n += len(ts)
             # float32 tables: the shadows themselves (a load fills them in place)
-            parts = [s if t.dtype == torch.float32 else s.to(t.dtype) for s, t in zip(shadows, ts)]
+            parts = [a if t.dtype == torch.float32 else a.to(t.dtype) for a, t in zip(averages, ts)]
             out[key] = _like(value, parts)
         return out
 
@@ -172,3 +372,4 @@ class WeightAverage:
             for s, part in zip(shadows, state_tensors(state[key])):
                 if part.data_ptr() != s.data_ptr():
                     s.copy_(part)
+        self._synced_lazy()

@@ -11,8 +11,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from hstu.args import OptimizerArgs
+from hstu.sync_audit import allowed_sync
 
 
 def lr_at(step: int, args: OptimizerArgs, total_steps: int | None) -> float:
@@ -189,6 +191,8 @@ class OptimizerContainer(torch.optim.Optimizer):
         self.last_grad_norm: torch.Tensor | None = None
         # a 0-d bool tensor (no host sync): were this step's dense gradients all finite?
         self.last_grads_finite: torch.Tensor | None = None
+        # float16 with tables: undoes the tables' in-backward update of an overflowing step
+        self.table_guard: TableStepGuard | None = None
         self._sparse_base = [
             [group["lr"] for group in opt.param_groups] for opt in self._sparse_optimizers()
         ]
@@ -276,6 +280,8 @@ class OptimizerContainer(torch.optim.Optimizer):
             self.last_grads_finite = torch.stack(torch._foreach_norm(grads)).sum().isfinite() if grads else None
         else:
             found_inf = self.scaler.unscale_(grads)
+            if self.table_guard is not None:
+                self.table_guard.restore(found_inf)
         if self.args.clip_grad_norm > 0:
             self.last_grad_norm = self.clip_grad_norm(self.args.clip_grad_norm)
         self._set_lr(lr_at(self.num_steps, self.args, self.total_steps))
@@ -375,3 +381,246 @@ def unscale_sparse_gradients(dense: torch.nn.Module, scaler: DynamicLossScaler) 
                 values.register_hook(lambda grad, inverse=inverse: _unscaled(inverse, grad))
 
     return dense.register_forward_pre_hook(hook)
+
+
+# FBGEMM optimizers whose update reads the host iteration counter (bias correction)
+_HOST_STEP_OPTIMIZERS = frozenset({"adam", "partial_row_wise_adam", "lamb", "partial_row_wise_lamb"})
+_HOST_STEP_SYNC = (
+    "float16 skip with Adam-family table optimizers: FBGEMM's fused Adam (and the replicated "
+    "tables' row-sparse Adam) take their step count from a host counter, which an "
+    "overflowing step must not advance"
+)
+
+
+def kernel_rows(
+    feature_table: torch.Tensor, num_tables: int, indices: torch.Tensor, offsets: torch.Tensor
+) -> list[torch.Tensor]:
+    """Per table of an FBGEMM kernel, int64 [N]: the local rows its forward looks up, from the
+    forward's indices [N] and offsets [F * B + 1] (``feature_table`` [F]: each feature's
+    table). An id of another table stands as row 0 (N stays fixed: no host sync); callers
+    only use rows for operations that are exact on any row."""
+    indices = indices.to(torch.int64)
+    n_bags = offsets.numel() - 1
+    if num_tables == 1 or n_bags <= 0:
+        return [indices] * num_tables
+    batch = max(n_bags // feature_table.numel(), 1)
+    pos = torch.arange(indices.numel(), device=indices.device)
+    bag = torch.searchsorted(offsets.to(torch.int64), pos, right=True) - 1
+    table = feature_table[(bag // batch).clamp_(0, feature_table.numel() - 1)]
+    return [torch.where(table == t, indices, 0) for t in range(num_tables)]
+
+
+class _TbeRows:
+    """The fused (FBGEMM) kernel of one group of sharded tables: a forward pre-hook takes,
+    before the step's backward updates them, the rows it looks up: per table, their weights
+    and every optimizer state row, and the device iteration counter.
+
+    Legend: N looked-up ids of the kernel's features this step (local rows, after the input
+    distribution), T tables, D[t] the local width of table t.
+    """
+
+    def __init__(self, tbe: nn.Module) -> None:
+        self.tbe = tbe
+        optim = getattr(tbe.optimizer, "value", str(tbe.optimizer))
+        self.host_step = optim in _HOST_STEP_OPTIMIZERS
+        # per-table views into the kernel's storage (computed once: the split reads offsets)
+        weights = tbe.split_embedding_weights()
+        states = tbe.split_optimizer_states() if optim not in ("exact_sgd", "sgd") else [[] for _ in weights]
+        self.tables = [[w, *s] for w, s in zip(weights, states)]
+        self.feature_table = torch.tensor(list(tbe.feature_table_map), dtype=torch.int64,
+                                          device=tbe.iter.device)
+        self.snapshots: list[tuple[list[tuple[torch.Tensor, list[torch.Tensor]]], torch.Tensor]] = []
+        self.taken = 0  # snapshots of the last restored step
+
+    @torch.no_grad()
+    def take(self, indices: torch.Tensor, offsets: torch.Tensor) -> None:
+        """Before the kernel's forward: [N] local row ids, [F * B + 1] offsets per feature and
+        sample. Ids of another table of the kernel read row 0 of this one (restoring an
+        untouched row to its own value changes nothing)."""
+        per_table: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+        rows_of = kernel_rows(self.feature_table, len(self.tables), indices, offsets)
+        for rows, tensors in zip(rows_of, self.tables):
+            per_table.append((rows, [x.index_select(0, rows) for x in tensors]))
+        self.snapshots.append((per_table, self.tbe.iter.detach().clone()))
+
+    @torch.no_grad()
+    def restore(self, skip: torch.Tensor) -> None:
+        """``skip``: 0-d bool on the device; where true, every row taken (and the counter)
+        goes back to its value before the step. Latest snapshot first, so the earliest wins."""
+        self.taken = len(self.snapshots)
+        for per_table, it in reversed(self.snapshots):
+            for (rows, saved), tensors in zip(per_table, self.tables):
+                for x, old in zip(tensors, saved):
+                    now = x.index_select(0, rows)
+                    x.index_copy_(0, rows, torch.where(skip, old, now))
+            self.tbe.iter.copy_(torch.where(skip, it, self.tbe.iter))
+        self.snapshots.clear()
+
+    def host_counter_back(self) -> None:
+        """After a skipped step: the host counter back by the forwards it counted."""
+        self.tbe.iter_cpu.sub_(self.taken)
+
+
+class _ReplicatedRows:
+    """A data_parallel table and its in-backward optimizer: its gradient is summed over the
+    ranks before the update, so any row may move; the whole (small, replicated) table and its
+    optimizer state are taken before backward."""
+
+    def __init__(self, weight: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+        self.weight, self.opt = weight, opt
+        st: dict = {}
+        if hasattr(opt, "init_state"):
+            st = opt.init_state(weight)
+            kind = opt.param_groups[0].get("kind")
+            self.host_step = kind == "adam"
+            if not self.host_step:
+                # a counter no update reads: kept on the table's device, so that a skip can
+                # restore it there (no host read of the flag)
+                st["step"] = st["step"].to(weight.device)
+        else:
+            self.host_step = False
+        self.state = st
+        self._buffers: list[torch.Tensor] | None = None
+        self.taken = self.restored = 0
+
+    def _tensors(self) -> list[torch.Tensor]:
+        out = [self.weight.data]
+        for seg in self.state.get("segments", {}).values():
+            out.extend(seg.values())
+        if "step" in self.state and not self.host_step:
+            out.append(self.state["step"])
+        return out
+
+    @torch.no_grad()
+    def take(self) -> None:
+        tensors = self._tensors()
+        if self._buffers is None or len(self._buffers) != len(tensors):
+            self._buffers = [t.detach().clone() for t in tensors]
+        elif self.taken == 0:
+            for b, t in zip(self._buffers, tensors):
+                b.copy_(t)
+        self.taken += 1
+
+    @torch.no_grad()
+    def restore(self, skip: torch.Tensor) -> None:
+        if self.taken and self._buffers is not None:
+            for b, t in zip(self._buffers, self._tensors()):
+                t.copy_(torch.where(skip, b, t))
+        self.restored, self.taken = self.taken, 0
+
+    def host_counter_back(self) -> None:
+        """After a skipped step: the host step count back by the backwards it counted."""
+        if "step" in self.state:
+            self.state["step"].sub_(self.restored)
+
+
+def fused_kernels(sharded: nn.Module) -> list[nn.Module]:
+    """The FBGEMM kernels (TBE modules) under a TorchRec sharded collection: its lookups are
+    kept in a plain list (``_lookups``), not as registered children."""
+    out, seen = [], set()
+    for module in sharded.modules():
+        for lookup in getattr(module, "_lookups", None) or []:
+            for m in lookup.modules():
+                tbe = getattr(m, "emb_module", None)
+                if tbe is not None and hasattr(tbe, "iter") and hasattr(tbe, "feature_table_map") \
+                        and id(tbe) not in seen:
+                    seen.add(id(tbe))
+                    out.append(tbe)
+    return out
+
+
+class TableStepGuard:
+    """float16: an overflowing step leaves every table as it was.
+
+    The tables' optimizers update inside backward (FBGEMM's fused kernels for sharded and
+    dynamic tables, the row-sparse optimizer of data_parallel tables), before the dense
+    gradients, hence the step's overflow flag, are known. So the guard takes, before each
+    training lookup, what the step can change (:class:`_TbeRows`: the looked-up rows of every
+    fused kernel with their optimizer state and the kernel's device step counter;
+    :class:`_ReplicatedRows`: the replicated tables whole), and after backward
+    (:meth:`restore`, from :meth:`OptimizerContainer.step`) writes it back where the global
+    overflow flag is set: ``torch.where`` on the flag, no host read. Host step counters that
+    an update reads (Adam-family optimizers) are the exception: one named host read of the
+    flag. FBGEMM's host mirror ``iter_cpu`` of the other optimizers is read by no update and
+    is left counting forwards.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        from torchrec.distributed.model_parallel import DistributedModelParallel
+
+        from hstu.embeddings.sharding import _find_embedding_modules
+
+        self.kernels: list[_TbeRows] = []
+        self.replicated: list[_ReplicatedRows] = []
+        self._handles: list[Any] = []
+        for emb in _find_embedding_modules(model):
+            if isinstance(emb.ec, DistributedModelParallel):
+                for tbe in fused_kernels(emb.ec.module):
+                    cache = getattr(tbe, "lxu_cache_weights", None)
+                    if cache is not None and cache.numel() > 0:
+                        from hstu.validation import ConfigError
+
+                        raise ConfigError(
+                            "NetworkArgs", "dtype_str",
+                            "float16 cannot skip an overflowing step of a table behind a UVM "
+                            "cache (DynamicEmbeddingArgs.caching=True): use bfloat16, or "
+                            "caching=False",
+                        )
+                    rows = _TbeRows(tbe)
+                    self.kernels.append(rows)
+                    self._handles.append(tbe.register_forward_pre_hook(
+                        self._kernel_hook(rows), with_kwargs=True))
+            if emb.dp_ec is not None:
+                parts = []
+                for module in emb.dp_ec.embeddings.values():
+                    for opt in getattr(module.weight, "_in_backward_optimizers", []):
+                        parts.append(_ReplicatedRows(module.weight, opt))
+                self.replicated.extend(parts)
+                if parts:
+                    self._handles.append(emb.dp_ec.register_forward_pre_hook(self._replicated_hook(parts)))
+        self.host_step = any(k.host_step for k in self.kernels) or any(
+            r.host_step for r in self.replicated)
+
+    @staticmethod
+    def _kernel_hook(rows: _TbeRows) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if not (torch.is_grad_enabled() and module.training):
+                return
+            indices = kwargs["indices"] if "indices" in kwargs else args[0]
+            offsets = kwargs["offsets"] if "offsets" in kwargs else args[1]
+            rows.take(indices, offsets)
+
+        return hook
+
+    @staticmethod
+    def _replicated_hook(parts: list[_ReplicatedRows]) -> Any:
+        def hook(module: nn.Module, args: tuple) -> None:
+            if not (torch.is_grad_enabled() and module.training):
+                return
+            for part in parts:
+                part.take()
+
+        return hook
+
+    @torch.no_grad()
+    def restore(self, found_inf: torch.Tensor) -> None:
+        """After backward: ``found_inf`` ([1] float, 1.0 where the step overflowed on any rank)."""
+        skip = found_inf.reshape(()) > 0
+        for part in [*self.kernels, *self.replicated]:
+            part.restore(skip.to(self._device_of(part)))
+        if self.host_step:
+            with allowed_sync(_HOST_STEP_SYNC):
+                skipped = bool(skip)
+            if skipped:
+                for part in [*self.kernels, *self.replicated]:
+                    if part.host_step:
+                        part.host_counter_back()
+
+    @staticmethod
+    def _device_of(part: Any) -> torch.device:
+        return part.tbe.iter.device if isinstance(part, _TbeRows) else part.weight.device
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

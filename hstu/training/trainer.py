@@ -227,6 +227,15 @@ class Trainer:
             self.args.pipeline_type, self.model, self.optimizer, self.env.device,
             log=self.logger.print,
         )
+        from hstu.embeddings.dynamic import PIPELINE_IN_FLIGHT
+        from hstu.training.pipeline import SequentialPipeline
+
+        # a pipeline reads batch i + 2 while i and i + 1 still use their rows: dynamic tables
+        # must not evict those rows for it
+        in_flight = 0 if isinstance(self.pipeline, SequentialPipeline) else PIPELINE_IN_FLIGHT
+        for module in self.model.sparse.modules():
+            for remapper in getattr(module, "remappers", {}).values():
+                remapper.in_flight_steps = in_flight
         return feed
 
     def train_step(self, batches: Iterator[Any]) -> torch.Tensor:

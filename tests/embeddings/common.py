@@ -32,8 +32,10 @@ def optimizer(name: str, lr: float = 0.5) -> OptimizerArgs:
 
 def build(tbls, opt: OptimizerArgs, sharded: bool, overrides=None):
     dims = {t.table_name: DIM for t in tbls}
+    # sharded: built on the meta device, each rank allocating its own shards (the trainer's path)
     emb = build_embedding_collection(tbls, dims, "cpu", seed=SEED,
-                                     sparse_optimizer=opt.resolved_sparse_optimizer_str)
+                                     sparse_optimizer=opt.resolved_sparse_optimizer_str,
+                                     materialize=not sharded)
     if sharded:
         emb, plan = shard_embeddings(emb, tbls, opt, "cpu", sharding_overrides=overrides)
         return emb, plan

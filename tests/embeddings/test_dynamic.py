@@ -8,6 +8,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from hstu.args import DynamicEmbeddingArgs
 from hstu.embeddings import DynamicIdRemapper, build_embedding_collection, fresh_rows
+from hstu.embeddings.collection import table_seed
 from hstu.embeddings.dynamic import default_bound
 
 BIG = 2**63 - 1
@@ -97,7 +98,7 @@ def test_evicted_id_returns_with_fresh_row_never_another_ids_row() -> None:
     emb = _emb(capacity=2).train()
     a, b, c = BIG, BIG - 1, -(2**63)  # ids at the ends of the int64 range
     first_a = _lookup(emb, [a]).detach().clone()
-    assert torch.equal(first_a, fresh_rows(torch.tensor([a]), 8, default_bound(2), 3))
+    assert torch.equal(first_a, fresh_rows(torch.tensor([a]), 8, default_bound(2), table_seed(3, "item_table")))
     # "train" a's row: write something no fresh row can be
     weight = emb.ec.embeddings["item_table"].weight
     slot_a = int(emb.remappers["item_table"]._find(torch.tensor([a]))[0])
@@ -106,7 +107,7 @@ def test_evicted_id_returns_with_fresh_row_never_another_ids_row() -> None:
     _lookup(emb, [b])
     row_c = _lookup(emb, [c]).detach().clone()  # evicts a (least recently used)
     assert not bool((row_c == 7.0).any()), "c inherited a's trained row"
-    assert torch.equal(row_c, fresh_rows(torch.tensor([c]), 8, default_bound(2), 3))
+    assert torch.equal(row_c, fresh_rows(torch.tensor([c]), 8, default_bound(2), table_seed(3, "item_table")))
     back_a = _lookup(emb, [a]).detach()  # a returns: evicts b, gets a fresh row
     assert torch.equal(back_a, first_a)
     assert emb.stats()["item_table"]["evicted_total"] == 2

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hstu.model.builder import build_block
-from hstu.model.hstu_block import HSTUBlock
+from hstu.model.hstu_block import TRUNCATION_SYNC, HSTUBlock
 from hstu.model.hstu_layer import LayerOptions
 from hstu.ops import offsets_from_lengths
 
@@ -229,3 +229,76 @@ def test_config_refuses_candidates_beyond_the_truncation() -> None:
         "NetworkArgs.max_attn_len=32", "NetworkArgs.min_full_attn_seq_len=4",
     ], task="ranking")
     assert (cfg.network.attn_truncation_len, cfg.network.max_attn_len) == (16, 32)
+
+
+# ------------------------------------------------- host-side sizes: no host sync in a step
+def test_host_sizes_give_the_same_block_without_a_host_read() -> None:
+    """``truncated_sizes`` (the loader's host counts) replace the device read: the same output,
+    and under the sync audit the call reads nothing from the device (the fallback names its
+    read)."""
+    from hstu.sync_audit import sync_audit
+
+    keep = 5
+    block = _block((1, keep))
+    args = _inputs()
+    sizes = (sum(min(n, keep) for n in LENGTHS), max(TARGETS))
+    with torch.no_grad(), sync_audit() as audit:
+        got = block(*args, truncated_sizes=sizes)
+    # (the CPU attention backend names its own per-batch reads: not this test's)
+    assert TRUNCATION_SYNC not in {e.reason for e in audit.allowed}
+    with torch.no_grad(), sync_audit() as audit:
+        want = block(*args)
+    assert TRUNCATION_SYNC in {e.reason for e in audit.allowed}
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_batch_sizes_count_the_kept_tokens() -> None:
+    import numpy as np
+
+    from hstu.data.batch import BatchSizes
+
+    hist, cand = np.array([3, 0, 7, 2]), np.array([1, 2, 0, 4])
+    parts = (BatchSizes.of(hist[:2], cand[:2]), BatchSizes.of(hist[2:], cand[2:]))
+    whole = BatchSizes.total(parts)
+    # X = 1 contextual token, A = 2 (item and action tokens): n = 1 + 2H + C = [8, 3, 15, 9]
+    assert whole.truncated_tokens(6, 1, 2) == (6 + 3 + 6 + 6, 4)
+    assert whole == BatchSizes.of(hist, cand)  # the per-sample arrays are not compared
+
+
+def _audited_truncation(rank: int, world_size: int, tmp: str, task: str, tp: int) -> None:
+    """A few audited trainer steps with truncation on (tests/training/test_sync_matrix.py),
+    recording what the block was given; its host sizes checked against the device after."""
+    from tests.training.test_sync_matrix import audited_trainer_steps
+
+    seen = []
+    truncated = HSTUBlock._truncated_layers
+
+    def recording(self, x, offsets, max_seqlen, num_contextual, num_targets, *rest):
+        seen.append((rest[-1], offsets.detach().clone(), num_targets.detach().clone()))
+        return truncated(self, x, offsets, max_seqlen, num_contextual, num_targets, *rest)
+
+    HSTUBlock._truncated_layers = recording
+    keep = 8
+    try:
+        tp_params = [f"TensorModelParallelArgs.tensor_model_parallel_size={tp}"] if tp > 1 else []
+        audited_trainer_steps(task, tmp, f"{task}-tp{tp}", [
+            *tp_params, "NetworkArgs.num_layers=2", "NetworkArgs.attn_truncation_layers=1",
+            f"NetworkArgs.attn_truncation_len={keep}",
+        ])
+    finally:
+        HSTUBlock._truncated_layers = truncated
+    assert len(seen) == 3
+    for sizes, offsets, targets in seen:
+        lengths = offsets[1:] - offsets[:-1]
+        assert sizes is not None, "the step read the truncation sizes from the device"
+        assert sizes == (int(lengths.clamp(max=keep).sum()), int(targets.max()))
+        assert sizes[0] < int(lengths.sum())  # the truncation cut tokens
+
+
+@pytest.mark.parametrize("task, world_size, tp", [("ranking", 1, 1), ("retrieval", 2, 2)])
+def test_truncated_steps_do_not_sync(tmp_path, task, world_size, tp) -> None:
+    """NetworkArgs.attn_truncation_*: trainer steps under the sync audit raise nothing; with
+    TP=2 the block's sizes are those of the TP group's gathered samples."""
+    from tests.dist_utils import run_multiprocess
+
+    run_multiprocess(_audited_truncation, world_size=world_size, tmp=str(tmp_path), task=task, tp=tp)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hstu.training.ema import WeightAverage
+from hstu.training.ema import WeightAverage, is_table_weight
 from tests.dist_utils import run_multiprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -272,3 +272,73 @@ def test_dynamic_tables_are_refused_in_one_line() -> None:
             task="retrieval", world_size=1,
         )
     gin.clear_config()
+
+
+# ---------------------------------------------- lazy rows of fused tables == the eager average
+def _lazy_vs_eager(rank: int, world_size: int, tmp: str) -> None:
+    from hstu.args import EmbeddingArgs
+    from hstu.embeddings import embedding_state_dict
+    from tests.embeddings.common import build, kjt, optimizer, train_step
+
+    tbls = [
+        EmbeddingArgs(feature_names=["a"], table_name="ta", item_vocab_size_or_capacity=24,
+                      sharding_type="model_parallel"),
+        EmbeddingArgs(feature_names=["c"], table_name="tc", item_vocab_size_or_capacity=16,
+                      sharding_type="model_parallel"),
+        EmbeddingArgs(feature_names=["b"], table_name="tb", item_vocab_size_or_capacity=10,
+                      sharding_type="data_parallel"),
+    ]
+    emb, _ = build(tbls, optimizer("rowwise_adagrad"), sharded=True)
+    state = embedding_state_dict(emb)
+    lazy = WeightAverage({}, state, None, DECAY, model=emb)
+    eager = WeightAverage({}, state, None, DECAY)  # every row, every step (the reference)
+    # ta and tc share one fused kernel (same dim): both lazy, rows found per table
+    assert len(lazy.lazy) == 2 and len(lazy._eager) == 1, (len(lazy.lazy), lazy._eager)
+
+    def averages(ema: WeightAverage) -> dict[str, torch.Tensor]:
+        with ema.swapped():
+            return {k: v.clone() for k, v in _local_weights(emb).items()}
+
+    g = torch.Generator().manual_seed(3)
+    raw_before_read = None
+    for step in range(40):
+        # irregular touches: a few rows of ta, tc only on some steps, repeated ids
+        a = torch.randint(0, 24, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist()
+        c = torch.randint(0, 6, (2,), generator=g).tolist() if step % 3 == 0 else []
+        b = [step % 10]
+        train_step(emb, kjt({"a": [a, [a[0]]], "c": [c, []], "b": [b, []]}))
+        lazy.update()
+        eager.update()
+        if step == 17:  # a read in the middle (an evaluation) changes nothing after
+            raw_before_read = _local_weights(emb)
+            mid_lazy, mid_eager = averages(lazy), averages(eager)
+            for k in mid_eager:
+                torch.testing.assert_close(mid_lazy[k], mid_eager[k], rtol=0, atol=1e-6)
+            for k, v in _local_weights(emb).items():  # the raw weights back, bitwise
+                assert torch.equal(v, raw_before_read[k]), k
+    got, want = averages(lazy), averages(eager)
+    assert set(got) == {"ta", "tb", "tc"}
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
+        assert not torch.allclose(got[k], _local_weights(emb)[k], atol=1e-6), k
+    # rows untouched for many steps were not updated until read
+    untouched_rows = int((lazy.lazy[0].last < lazy.num_updates).sum())
+    assert untouched_rows == 0  # (just read: all caught up)
+
+
+def _local_weights(emb) -> dict[str, torch.Tensor]:
+    from hstu.embeddings import embedding_state_dict
+    from hstu.training.checkpoint import state_tensors
+
+    out = {}
+    for key, value in embedding_state_dict(emb).items():
+        if is_table_weight(key):
+            out[key.split(".")[-2]] = torch.cat([t.detach().float().flatten() for t in state_tensors(value)]).clone()
+    return out
+
+
+def test_lazy_rows_equal_the_eager_average(tmp_path) -> None:
+    """Fused tables averaged lazily (rows caught up when looked up or read) equal the eager
+    average over 40 steps of irregular touches, to float32 rounding; a read in the middle
+    (swap in, swap out) leaves the raw weights bitwise and the later average unchanged."""
+    run_multiprocess(_lazy_vs_eager, world_size=1, tmp=str(tmp_path))

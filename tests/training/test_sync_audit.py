@@ -1,10 +1,8 @@
 """No host synchronisation inside a training step (hstu.sync_audit, the CPU guard for CUDA).
 
-The detector itself on single ops, then trainer-level steps of both debug presets (one
-process, and TP=2 over two gloo processes) with the audit active around each whole step
-(zero_grad, forward, backward, optimizer step): any op that would make the host wait for a
-CUDA device fails the test, naming the op and our line; the syncs that remain are named with
-their reason (``allowed_sync``) and must be among the known ones below.
+The detector itself on single ops, and the reasons a trainer step may name (``KNOWN_REASONS``:
+the syncs that remain, docs/kernels.md "Host syncs that remain"); the trainer-level steps
+under the audit are tests/training/test_sync_matrix.py.
 """
 
 from __future__ import annotations
@@ -17,12 +15,10 @@ from hstu.model.batch_gather import HOST_COUNTS
 from hstu.ops import MAX_SEQLEN_CHECK
 from hstu.sync_audit import (
     KNOWN_HOST_READS,
-    TORCH_OPTIM_STEP,
     HostSyncError,
     allowed_sync,
     sync_audit,
 )
-from tests.dist_utils import run_multiprocess
 
 # Every allowed sync a debug step may meet (docs/performance.md "No host sync in a step").
 KNOWN_REASONS = {
@@ -91,85 +87,5 @@ def test_audit_passes_sized_ops_and_names_allowed_syncs():
     assert x.tolist()  # the Python-level patch is gone with the audit
 
 
-# ------------------------------------------------------------------------ trainer steps
-
-
-def _audited_steps(
-    rank: int, world_size: int, tmp: str, task: str, tp: int, steps: int, params: list[str],
-) -> None:
-    from hstu.training.pipeline import build_pipeline
-    from tests.training.test_distributed import _trainer
-
-    tp_params = [f"TensorModelParallelArgs.tensor_model_parallel_size={tp}"] if tp > 1 else []
-    trainer, env = _trainer(task, tmp, f"{task}-tp{tp}", [*tp_params, *params])
-    try:
-        pipeline = build_pipeline("none", trainer.model, trainer.optimizer, env.device)
-        trainer.model.train()
-        batches = []  # read before the audit: the loader runs on the host, outside the step
-        while len(batches) < steps:
-            batches += [b for _, b in zip(range(steps - len(batches)), trainer.built.train_loader)]
-        dense_step = trainer.optimizer.dense.step
-
-        def step_naming_its_syncs(*args, **kwargs):
-            with allowed_sync(TORCH_OPTIM_STEP):
-                return dense_step(*args, **kwargs)
-
-        trainer.optimizer.dense.step = step_naming_its_syncs
-        feed = iter(batches)
-        losses = []
-        with sync_audit() as audit:  # raises HostSyncError at the first unnamed sync
-            for _ in range(steps):
-                losses.append(pipeline.progress(feed)[0])
-        assert bool(torch.isfinite(torch.stack(losses)).all())
-        reasons = {e.reason for e in audit.allowed} - {TORCH_OPTIM_STEP}
-        assert reasons <= KNOWN_REASONS, reasons - KNOWN_REASONS
-        if any("negative_sampling" in p for p in params):
-            assert any("CPU-only kernel" in r for r in reasons), reasons
-        elif task == "retrieval" and world_size > 1:  # the preset's in-batch negatives
-            assert HOST_COUNTS in reasons, reasons
-    finally:
-        trainer.close()
-
-
-@pytest.mark.parametrize("task", ["retrieval", "ranking"])
-def test_debug_preset_steps_do_not_sync(tmp_path, task):
-    run_multiprocess(
-        _audited_steps, world_size=1, tmp=str(tmp_path), task=task, tp=1, steps=20, params=[]
-    )
-
-
-@pytest.mark.parametrize("task", ["retrieval", "ranking"])
-def test_tensor_parallel_steps_do_not_sync(tmp_path, task):
-    run_multiprocess(
-        _audited_steps, world_size=2, tmp=str(tmp_path), task=task, tp=2, steps=5, params=[]
-    )
-
-
-def test_uniform_negatives_name_their_cpu_only_syncs(tmp_path):
-    """Uniform negatives take the fused CPU loss, whose host reads are allowed (CPU only)."""
-    params = ['RetrievalArgs.negative_sampling="uniform"', "RetrievalArgs.num_negatives=8"]
-    run_multiprocess(
-        _audited_steps, world_size=1, tmp=str(tmp_path), task="retrieval", tp=1, steps=3,
-        params=params,
-    )
-
-
-def test_float16_loss_scaling_steps_do_not_sync(tmp_path):
-    """The float16 scaler (unscale, overflow flag, skip, scale update) and the tables' unscale
-    hook stay on the device; clipping on."""
-    params = ['NetworkArgs.dtype_str="float16"', "OptimizerArgs.clip_grad_norm=1.0"]
-    run_multiprocess(
-        _audited_steps, world_size=1, tmp=str(tmp_path), task="ranking", tp=1, steps=3,
-        params=params,
-    )
-
-
-def test_query_time_steps_do_not_sync(tmp_path):
-    """NetworkArgs.rab_query_time: the batches' query times reach the attention (gathered over
-    a TP group of 2) without a host read in the step."""
-    params = ["NetworkArgs.relative_attention_bias=True", "DatasetArgs.action_tokens=False",
-              "NetworkArgs.rab_query_time=True"]
-    run_multiprocess(
-        _audited_steps, world_size=2, tmp=str(tmp_path), task="retrieval", tp=2, steps=3,
-        params=params,
-    )
+# Trainer-level steps under the audit, for every switch that changes the step:
+# tests/training/test_sync_matrix.py.

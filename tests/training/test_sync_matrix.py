@@ -18,13 +18,16 @@ import contextlib
 import dataclasses
 import os
 import re
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 
+from hstu.sync_audit import TORCH_OPTIM_STEP
 from tests.dist_utils import run_multiprocess
 from tests.training.test_pipelines import DYNAMIC_ITEM
-from tests.training.test_sync_audit import KNOWN_REASONS, TORCH_OPTIM_STEP
+from tests.training.test_sync_audit import KNOWN_REASONS
 
 STEPS = 3
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -69,7 +72,8 @@ CELLS: dict[str, tuple[str, int, list[str]]] = {
     # precision, clipping and schedules
     "bf16": ("retrieval", 1, ['NetworkArgs.dtype_str="bfloat16"']),
     "bf16_full_corpus": ("retrieval", 1, [*FULL, 'NetworkArgs.dtype_str="bfloat16"',
-                                          'RetrievalArgs.full_corpus_matmul_dtype="bfloat16"']),
+                                          'RetrievalArgs.full_corpus_matmul_dtype="bfloat16"',
+                                          "RetrievalArgs.exclude_history_from_loss=True"]),
     "fp16": ("ranking", 1, ['NetworkArgs.dtype_str="float16"', "OptimizerArgs.clip_grad_norm=1.0",
                             "OptimizerArgs.lr_warmup_iters=2", 'OptimizerArgs.lr_decay_style="cosine"',
                             "OptimizerArgs.weight_decay=0.01", 'OptimizerArgs.optimizer_str="adamw"']),
@@ -216,7 +220,8 @@ SWITCHES: dict[str, list[str] | str] = {
     "RetrievalArgs.l2_norm_eps": _NO + "a constant",
     "RetrievalArgs.eval_metrics": _NO + "evaluation only",
     "RetrievalArgs.eval_exclude_history": _NO + "evaluation only",
-    "RetrievalArgs.exclude_history_from_loss": ["exclude_history", "dp2_full_corpus"],
+    "RetrievalArgs.exclude_history_from_loss": ["exclude_history", "bf16_full_corpus",
+                                                "dp2_full_corpus"],
     "RetrievalArgs.eval_num_users": _NO + "evaluation only",
     "RetrievalArgs.eval_memory_mb": _NO + "evaluation only",
 }
@@ -257,12 +262,18 @@ def test_every_switch_is_classified():
                     or re.search(rf"^{re.escape(field)}\s*=", preset, re.MULTILINE)), (field, cell)
 
 
-def _cell_steps(rank: int, world_size: int, tmp: str, cell: str) -> None:
+def audited_trainer_steps(
+    task: str, tmp: str, tag: str, params: list[str], steps: int = STEPS,
+    check: Callable[[Any, set[str]], None] | None = None,
+) -> set[str]:
+    """``steps`` trainer steps (configs/debug_<task>.gin + ``params``) as ``Trainer.train``
+    runs them, under :func:`sync_audit` (raises at the first unnamed sync); asserts the named
+    ones are known and calls ``check(trainer, reasons)`` before the trainer closes. Returns the
+    reasons named (the dense optimizer's step counts left out). Call inside the processes."""
     from hstu.sync_audit import allowed_sync, sync_audit
     from tests.training.test_distributed import _trainer
 
-    task, _, params = CELLS[cell]
-    trainer, _env = _trainer(task, tmp, cell, params)
+    trainer, _env = _trainer(task, tmp, tag, params)
     try:
         dense_step = trainer.optimizer.dense.step
 
@@ -275,21 +286,49 @@ def _cell_steps(rank: int, world_size: int, tmp: str, cell: str) -> None:
         trainer.model.train()
         batches = iter(feed)
         with contextlib.closing(feed), sync_audit() as audit:  # raises at the first unnamed sync
-            losses = [trainer.train_step(batches) for _ in range(STEPS)]
+            losses = [trainer.train_step(batches) for _ in range(steps)]
         assert bool(torch.isfinite(torch.stack([x.float().sum() for x in losses])).all())
         reasons = {e.reason for e in audit.allowed} - {TORCH_OPTIM_STEP}
         assert reasons <= KNOWN_REASONS, reasons - KNOWN_REASONS
+        if check is not None:
+            check(trainer, reasons)
+        return reasons
+    finally:
+        trainer.close()
+
+
+def _cell_checks(cell: str, params: list[str]) -> Callable[[Any, set[str]], None]:
+    def check(trainer: Any, reasons: set[str]) -> None:
+        if cell == "uniform":  # the fused CPU loss names its host reads
+            assert any("CPU-only kernel" in r for r in reasons), reasons
+        if cell == "dp2":  # in-batch negatives over 2 ranks: the query counts, host tensors
+            from hstu.model.batch_gather import HOST_COUNTS
+
+            assert HOST_COUNTS in reasons, reasons
+        if "exclude_history_from_loss=True" in " ".join(params):
+            assert trainer.model.dense_module.exclude_history_from_loss
         remapped = any(getattr(m, "remappers", None) for m in trainer.model.sparse.modules())
         if remapped:  # the cell really ran the dynamic tables' input stage
             from hstu.embeddings.dynamic import HOST_REMAP
 
             assert HOST_REMAP in reasons, reasons
+            if "native" in cell:  # the rows of the batches in flight are protected
+                from hstu.embeddings.dynamic import PIPELINE_IN_FLIGHT
+
+                held = {r.in_flight_steps for m in trainer.model.sparse.modules()
+                        for r in getattr(m, "remappers", {}).values()}
+                assert held == {PIPELINE_IN_FLIGHT}, held
         if "pipeline_type" in " ".join(params):
             from hstu.training.pipeline import pipelined_module_names
 
             assert pipelined_module_names(trainer.pipeline), "the pipeline overlapped nothing"
-    finally:
-        trainer.close()
+
+    return check
+
+
+def _cell_steps(rank: int, world_size: int, tmp: str, cell: str) -> None:
+    task, _, params = CELLS[cell]
+    audited_trainer_steps(task, tmp, cell, params, check=_cell_checks(cell, params))
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
