@@ -296,6 +296,9 @@ class Trainer:
                 # a finished run keeps its final state when checkpointing is on
                 if args.ckpt_save_interval > 0 and self.step % args.ckpt_save_interval != 0:
                     self.checkpoint.save(self.step)
+        # the sharded modules' own forwards back (a TorchRec pipeline replaces them with ones
+        # that return its prefetched batch's lookups): what follows looks up other ids
+        self.pipeline.detach()
         if bar is not None:
             bar.close()
         if profiler is not None:
