@@ -93,6 +93,29 @@ def check_full_corpus_table(sparse: Any, item_feature: str) -> None:
         )
 
 
+def check_full_corpus_optimizer(
+    retrieval: Any, optimizer: Any, item_sharding: str | None, world_size: int
+) -> None:
+    """RetrievalArgs.negative_sampling="full_corpus" over several ranks with a model_parallel
+    item table: each rank's shard takes its whole update through its own lookup, while the
+    batch's item rows also pass through TorchRec's lookup, whose fused update then sees a zero
+    gradient for them. A no-op under row-wise Adagrad and SGD; FBGEMM's fused Adam would move
+    those rows by their momentum and count a second step. ``item_sharding``: the item table's
+    EmbeddingArgs.sharding_type (None: no item table)."""
+    if (retrieval is None or retrieval.negative_sampling != "full_corpus" or world_size < 2
+            or item_sharding in (None, "data_parallel")):
+        return
+    name = optimizer.resolved_sparse_optimizer_str
+    if name in ("adam", "adamw"):
+        raise ConfigError(
+            "OptimizerArgs", "sparse_optimizer_str",
+            f"{name!r} with negative_sampling='full_corpus' on {world_size} ranks and a "
+            "model_parallel item table: the batch's item rows would take a second, zero-gradient "
+            "Adam update each step (momentum moves them); use 'rowwise_adagrad' or 'sgd', or a "
+            "data_parallel item table",
+        )
+
+
 def check_parallel(network: Any, tp: Any, world_size: int | None = None) -> None:
     """Heads split evenly over the TP group (``network``: NetworkArgs, ``tp``:
     TensorModelParallelArgs); the TP group divides the world."""

@@ -237,6 +237,12 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
     note = full_corpus_note(cfg, env.device)
     if note is not None and env.is_main:
         log(note)
+    if cfg.task == "retrieval":
+        from hstu.checks import check_full_corpus_optimizer
+
+        item = model.dense_module.token_builder.item_feature_name
+        item_sharding = next((tb.sharding_type for tb in tables if item in tb.feature_names), None)
+        check_full_corpus_optimizer(cfg.retrieval, cfg.optimizer, item_sharding, env.world_size)
     _, placements = shard_embeddings(
         model,
         tables,

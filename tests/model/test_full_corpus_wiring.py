@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -113,3 +114,23 @@ def test_full_corpus_with_a_dynamic_item_table_is_refused_in_one_line():
             model = build_model("retrieval", _net(), args, emb, data)
             shard = model.dense_module.corpus_source()
             assert (shard.start, shard.rows.shape[0], shard.split, shard.tbe) == (1, 19, False, False)
+
+
+def test_fused_adam_with_a_split_corpus_is_refused_in_one_line() -> None:
+    """Several ranks, a model_parallel item table: the batch's item rows would take a second,
+    zero-gradient update from TorchRec's lookup; a no-op for row-wise Adagrad, not for Adam."""
+    from hstu.args import OptimizerArgs, RetrievalArgs
+    from hstu.checks import check_full_corpus_optimizer
+    from hstu.validation import ConfigError
+
+    full = RetrievalArgs(negative_sampling="full_corpus", num_negatives=-1)
+    adam = OptimizerArgs(optimizer_str="adam", learning_rate=1e-3, sparse_optimizer_str="adam")
+    adagrad = OptimizerArgs(optimizer_str="adam", learning_rate=1e-3,
+                            sparse_optimizer_str="rowwise_adagrad")
+    with pytest.raises(ConfigError, match="sparse_optimizer_str.*'adam'.*full_corpus"):
+        check_full_corpus_optimizer(full, adam, "model_parallel", 2)
+    check_full_corpus_optimizer(full, adagrad, "model_parallel", 2)
+    check_full_corpus_optimizer(full, adam, "data_parallel", 2)
+    check_full_corpus_optimizer(full, adam, "model_parallel", 1)
+    sampled = RetrievalArgs(negative_sampling="uniform", num_negatives=8)
+    check_full_corpus_optimizer(sampled, adam, "model_parallel", 2)
