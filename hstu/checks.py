@@ -94,17 +94,26 @@ def check_full_corpus_table(sparse: Any, item_feature: str) -> None:
 
 
 def check_full_corpus_optimizer(
-    retrieval: Any, optimizer: Any, item_sharding: str | None, world_size: int
+    retrieval: Any, optimizer: Any, item_sharding: str | None, world_size: int,
+    item_override: str = "auto",
 ) -> None:
     """RetrievalArgs.negative_sampling="full_corpus" over several ranks with a model_parallel
     item table: each rank's shard takes its whole update through its own lookup, while the
     batch's item rows also pass through TorchRec's lookup, whose fused update then sees a zero
     gradient for them. A no-op under row-wise Adagrad and SGD; FBGEMM's fused Adam would move
     those rows by their momentum and count a second step. ``item_sharding``: the item table's
-    EmbeddingArgs.sharding_type (None: no item table)."""
+    EmbeddingArgs.sharding_type (None: no item table); ``item_override``: its
+    sharding_override (a column-wise shard holds part of every row: it cannot score items)."""
     if (retrieval is None or retrieval.negative_sampling != "full_corpus" or world_size < 2
             or item_sharding in (None, "data_parallel")):
         return
+    if item_override == "column_wise":
+        raise ConfigError(
+            "EmbeddingArgs", "sharding_override",
+            "'column_wise' item table with negative_sampling='full_corpus' on several ranks: each "
+            "rank scores the items of its own rows, and a column-wise shard holds part of every "
+            "row; use 'row_wise' or 'table_wise'",
+        )
     name = optimizer.resolved_sparse_optimizer_str
     if name in ("adam", "adamw"):
         raise ConfigError(

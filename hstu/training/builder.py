@@ -241,8 +241,11 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         from hstu.checks import check_full_corpus_optimizer
 
         item = model.dense_module.token_builder.item_feature_name
-        item_sharding = next((tb.sharding_type for tb in tables if item in tb.feature_names), None)
-        check_full_corpus_optimizer(cfg.retrieval, cfg.optimizer, item_sharding, env.world_size)
+        item_table = next((tb for tb in tables if item in tb.feature_names), None)
+        check_full_corpus_optimizer(
+            cfg.retrieval, cfg.optimizer, item_table and item_table.sharding_type, env.world_size,
+            item_table.sharding_override if item_table is not None else "auto",
+        )
     _, placements = shard_embeddings(
         model,
         tables,

@@ -132,5 +132,7 @@ def test_fused_adam_with_a_split_corpus_is_refused_in_one_line() -> None:
     check_full_corpus_optimizer(full, adagrad, "model_parallel", 2)
     check_full_corpus_optimizer(full, adam, "data_parallel", 2)
     check_full_corpus_optimizer(full, adam, "model_parallel", 1)
+    with pytest.raises(ConfigError, match="sharding_override.*'column_wise'"):
+        check_full_corpus_optimizer(full, adagrad, "model_parallel", 2, "column_wise")
     sampled = RetrievalArgs(negative_sampling="uniform", num_negatives=8)
     check_full_corpus_optimizer(sampled, adam, "model_parallel", 2)
