@@ -13,7 +13,7 @@ hstu.ops.losses) are ``num_negatives`` ids drawn uniformly from [min_item_id, nu
 query in the data path (hstu.data.negatives: they come with the batch as one more key of its
 KeyedJaggedTensor, looked up with the rest), ``num_negatives`` uniform ids per batch scored by
 every query (shared), the other positives of the batch (in-batch: of
-the whole global batch, every rank's gathered, hstu.model.batch_gather), both (mixed), or
+the whole global batch, every rank's gathered, hstu.ops.gather), both (mixed), or
 every item of the corpus (full_corpus: the exact softmax). A negative whose id equals the
 query's positive id (an accidental hit) is masked out (-inf).
 
@@ -36,13 +36,13 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 from hstu.data.batch import Batch
 from hstu.data.negatives import negatives_feature_name
 from hstu.embeddings.collection import apply_misses
-from hstu.model.batch_gather import PendingCounts, gather_rows, world_of_several
 from hstu.model.encode import encode_batch
 from hstu.model.hstu_block import HSTUBlock
 from hstu.model.jagged import index_within, lengths_to_offsets, segment_ids
 from hstu.model.loss_scale import PendingScale
 from hstu.model.tensor_parallel import take_own_rows
 from hstu.model.tokens import TokenBuilder
+from hstu.ops.gather import PendingCounts, gather_rows, world_of_several
 from hstu.ops.losses import HistoryWindow, LossInputs, negative_vectors, resolve_matmul_dtype
 from hstu.ops.losses.vocab_parallel import CorpusShard, CorpusSource
 from hstu.registry import NEGATIVE_SAMPLING, SHARED_DRAW, UNIFORM_DRAW, load
@@ -190,7 +190,7 @@ class RetrievalModel(nn.Module):
         # block runs; the same number as Q below
         pending = PendingScale((batch.history_lengths() - 1).clamp(min=0).sum(), self.training)
         # in-batch negatives with several ranks: every rank's positives (their counts from the
-        # host, gathered while the block runs; hstu.model.batch_gather)
+        # host, gathered while the block runs; hstu.ops.gather)
         counts = (
             PendingCounts(batch.require_sizes().num_queries)
             if self.training and self.gathers_batch_positives and world_of_several()

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch.distributed import ProcessGroup
 
+from hstu.ops.gather import all_gather_uneven
 from hstu.sync_audit import allowed_sync
 
 
@@ -127,16 +128,6 @@ def exchange_sizes(sizes: Any, group: ProcessGroup, device: torch.device) -> tup
     return tuple(type(sizes)(*row) for row in _gather_counts(fields, group, device))
 
 
-def _all_gather_uneven(x: torch.Tensor, counts: list[int], group: ProcessGroup) -> torch.Tensor:
-    """Concatenate every rank's x (first dim = counts[rank]) in rank order."""
-    longest = max(counts)
-    padded = x.new_zeros((longest, *x.shape[1:]))
-    padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0)
-
-
 @dataclass(frozen=True)
 class RowLayout:
     """Rows each TP rank contributed to a gathered tensor (rank order) and this rank."""
@@ -157,7 +148,7 @@ class _AllGatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layout: RowLayout, group: ProcessGroup) -> torch.Tensor:
         ctx.layout = layout
-        return _all_gather_uneven(x.contiguous(), list(layout.counts), group)
+        return all_gather_uneven(x.contiguous(), list(layout.counts), group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -176,7 +167,7 @@ class _TakeOwnRows(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         # Each rank's loss only touches its own rows; the replicated tensor's gradient under
         # the summed objective is every rank's rows side by side.
-        full = _all_gather_uneven(grad.contiguous(), list(ctx.layout.counts), ctx.group)
+        full = all_gather_uneven(grad.contiguous(), list(ctx.layout.counts), ctx.group)
         return full, None, None
 
 
@@ -196,7 +187,7 @@ def all_gather_rows(
         layout = RowLayout(tuple(c[0] for c in counts), dist.get_rank(group))
     if x.is_floating_point() and x.requires_grad:
         return _AllGatherRows.apply(x, layout, group), layout
-    return _all_gather_uneven(x.contiguous(), list(layout.counts), group), layout
+    return all_gather_uneven(x.contiguous(), list(layout.counts), group), layout
 
 
 def take_own_rows(x: torch.Tensor, layout: RowLayout, group: ProcessGroup | None) -> torch.Tensor:

@@ -66,8 +66,8 @@ def _reference(exclude: bool):
 
 
 def _two_ranks(rank: int, world_size: int, exclude: bool, want) -> None:
-    from hstu.model.batch_gather import PendingCounts
     from hstu.model.loss_scale import PendingScale
+    from hstu.ops.gather import PendingCounts
     from hstu.ops.losses.vocab_parallel import vocab_parallel_loss
 
     ids, corpus, queries = _world_case()
@@ -135,8 +135,8 @@ def _two_ranks_bf16(rank: int, world_size: int, want) -> None:
     """The split loss with bfloat16 matmuls (RetrievalArgs.full_corpus_matmul_dtype) against the
     float32 one-process loss: within bfloat16 rounding, the target logits exact, and not the
     split float32 loss's values (it did round)."""
-    from hstu.model.batch_gather import PendingCounts
     from hstu.model.loss_scale import PendingScale
+    from hstu.ops.gather import PendingCounts
     from hstu.ops.losses.vocab_parallel import vocab_parallel_loss
 
     ids, corpus, queries = _world_case()

@@ -123,7 +123,7 @@ CASES = {
         *_SGD, 'RetrievalArgs.negative_sampling="uniform"', "RetrievalArgs.num_negatives=8",
     ]),
     # in-batch negatives: every rank's queries score the positives of all ranks (gathered,
-    # with gradients back to their rank: hstu.model.batch_gather), as one process scores its
+    # with gradients back to their rank: hstu.ops.gather), as one process scores its
     # whole batch's; a rank's own positives only would be half of them
     "retrieval-in_batch": ("retrieval", 8, [*_SGD, 'RetrievalArgs.negative_sampling="in_batch"']),
     # items narrower than hidden_size: the query projection runs on the TP group's rows

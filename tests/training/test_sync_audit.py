@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from hstu.embeddings.dynamic import HOST_REMAP
-from hstu.model.batch_gather import HOST_COUNTS
 from hstu.ops import MAX_SEQLEN_CHECK
+from hstu.ops.gather import HOST_COUNTS
 from hstu.sync_audit import (
     KNOWN_HOST_READS,
     HostSyncError,

@@ -302,7 +302,7 @@ def _cell_checks(cell: str, params: list[str]) -> Callable[[Any, set[str]], None
         if cell == "uniform":  # the fused CPU loss names its host reads
             assert any("CPU-only kernel" in r for r in reasons), reasons
         if cell == "dp2":  # in-batch negatives over 2 ranks: the query counts, host tensors
-            from hstu.model.batch_gather import HOST_COUNTS
+            from hstu.ops.gather import HOST_COUNTS
 
             assert HOST_COUNTS in reasons, reasons
         if "exclude_history_from_loss=True" in " ".join(params):

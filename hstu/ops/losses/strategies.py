@@ -23,7 +23,7 @@ from hstu.ops.losses.sampled import (
 )
 from hstu.sync_audit import allowed_sync
 
-if TYPE_CHECKING:  # vocab_parallel imports hstu.model (a cycle at import time)
+if TYPE_CHECKING:
     from hstu.ops.losses.vocab_parallel import CorpusShard
 
 LossOutput = tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]
@@ -59,7 +59,7 @@ class LossInputs:
     batch_pos_vectors: torch.Tensor | None = None
     """In-batch negatives with several ranks: [N, D], the positives of the whole global batch
     (every rank's pos_vectors, rank order; gradients flow back to their rank:
-    hstu.model.batch_gather); None: pos_vectors are the batch's."""
+    hstu.ops.gather); None: pos_vectors are the batch's."""
     batch_pos_ids: torch.Tensor | None = None
     """int64 [N], their ids (with batch_pos_vectors)."""
     history_mask: HistoryWindow | None = None

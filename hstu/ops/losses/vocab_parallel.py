@@ -30,7 +30,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from hstu.model.batch_gather import gather_rows
+from hstu.ops.gather import gather_rows
 from hstu.ops.losses.full_corpus import HistoryWindow
 
 
@@ -165,7 +165,7 @@ def vocab_parallel_loss(
 
     ``queries`` [Q_r, D] normalised; ``pos_ids`` int64 [Q_r] item ids; ``shard`` [I_r, D]
     normalised rows of item ids [shard_start, shard_start + I_r) (zero rows where the rank
-    holds none); ``counts``: every rank's Q_r (:class:`hstu.model.batch_gather.PendingCounts`);
+    holds none); ``counts``: every rank's Q_r (:class:`hstu.ops.gather.PendingCounts`);
     ``window``: the own queries' histories (item ids), with ``id_counts`` every rank's number
     of window ids (its ``width`` must cover every rank's histories: the dataset's longest); ``scale``: hstu.model.loss_scale's factor. ``group``: the ranks that split the
     corpus (None: the world, the group the gathers use). ``matmul_dtype``
@@ -244,7 +244,7 @@ class CorpusShard:
     def batch_rows(self, values: torch.Tensor, ids: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
         """The batch's item rows [n, D] (values from the sparse module, ids int64 [n]) with
         their gradient routed into :attr:`rows` (a no-op unless :attr:`tbe`). ``counts``: every
-        rank's n (:class:`hstu.model.batch_gather.PendingCounts`) when :attr:`split`."""
+        rank's n (:class:`hstu.ops.gather.PendingCounts`) when :attr:`split`."""
         if not self.tbe or not torch.is_grad_enabled():
             return values
         # the mean over the ranks that TorchRec's backward all-to-all would have applied

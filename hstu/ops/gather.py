@@ -1,4 +1,6 @@
-"""The global batch's rows on every rank: in-batch negatives over the whole world.
+"""Rows of every rank on every rank, with gradients back to their owner: the all-gathers of
+uneven row counts that in-batch negatives (the model), the split full-corpus loss
+(hstu.ops.losses.vocab_parallel) and tensor parallelism (hstu.model.tensor_parallel) share.
 
 One process scores each query against the positives of its whole batch; with W ranks each
 holds 1/W of the global batch, so the in-batch (and mixed) losses all-gather every rank's
@@ -19,8 +21,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
-from hstu.model.tensor_parallel import _all_gather_uneven
 from hstu.sync_audit import allowed_sync
 
 HOST_COUNTS = "the ranks' query counts, all-gathered as host tensors: no device to wait for"
@@ -53,6 +55,16 @@ class PendingCounts:
         return self._counts
 
 
+def all_gather_uneven(x: torch.Tensor, counts: list[int], group: ProcessGroup) -> torch.Tensor:
+    """Concatenate every rank's x (first dim = counts[rank]) in rank order."""
+    longest = max(counts)
+    padded = x.new_zeros((longest, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0)
+
+
 def _all_gather_padded(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Every rank's ``x`` ([counts[r], ...], rank order) concatenated: [sum(counts), ...]."""
     rank = dist.get_rank()
@@ -63,7 +75,7 @@ def _all_gather_padded(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         )
     if max(counts) == 0:  # every rank agrees: no rows anywhere
         return x.new_zeros((0, *x.shape[1:]))
-    return _all_gather_uneven(x.contiguous(), counts, None)  # None: the world
+    return all_gather_uneven(x.contiguous(), counts, None)  # None: the world
 
 
 class _GatherRows(torch.autograd.Function):
@@ -96,4 +108,4 @@ def gather_rows(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
     return _all_gather_padded(x, counts)
 
 
-__all__ = ["HOST_COUNTS", "PendingCounts", "gather_rows", "world_of_several"]
+__all__ = ["HOST_COUNTS", "PendingCounts", "all_gather_uneven", "gather_rows", "world_of_several"]
