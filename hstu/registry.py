@@ -74,8 +74,8 @@ class AttentionBackend:
     """An HSTU attention kernel (see hstu.ops.hstu_attention)."""
 
     impl: str
-    """``fn(q, k, v, offsets, max_seqlen, *, alpha, scaling_seqlen, causal, num_contextual,
-    num_targets, target_group_size, rab, mask_convention) -> [T, H, d_v]``."""
+    """``fn(q, k, v, offsets, max_seqlen, **options) -> [T, H, d_v]``, ``options`` the fields
+    of ``hstu.ops.masks.AttentionOptions``."""
     unavailable: str | None = None
     """``fn(head_dim, value_head_dim, device, dtype, causal, has_targets) -> str | None``: why
     the kernel cannot run a call (None: it can); no function: it runs everywhere."""

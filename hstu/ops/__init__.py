@@ -6,16 +6,15 @@ Legend: T total tokens of the jagged batch, B samples, H heads, d head dim, N
 
 from __future__ import annotations
 
-import inspect
 import os
+from typing import Any
 
 from torch import Tensor
 
-from hstu.ops.backends import BACKENDS, BackendUnavailableError, resolve_backend, triton_module
+from hstu.ops.backends import BACKENDS, BackendUnavailableError, resolve_backend
 from hstu.ops.masks import (
     MASK_CONVENTIONS,
-    check_mask_convention,
-    check_window,
+    AttentionOptions,
     dense_mask,
     lengths_from_offsets,
     offsets_from_lengths,
@@ -29,6 +28,7 @@ __all__ = [
     "MASK_CONVENTIONS",
     "MAX_SEQLEN_CHECK",
     "NUM_TIME_BUCKETS",
+    "AttentionOptions",
     "BackendUnavailableError",
     "RelativeAttentionBias",
     "dense_mask",
@@ -68,18 +68,9 @@ def hstu_attention(
     offsets: Tensor,
     max_seqlen: int,
     *,
-    alpha: float,
-    scaling_seqlen: int,
-    causal: bool = True,
-    num_contextual: Tensor | None = None,
-    num_targets: Tensor | None = None,
-    target_group_size: int = 1,
-    rab: RelativeAttentionBias | None = None,
-    mask_convention: str = "hstu",
-    max_attn_len: int = 0,
-    min_full_attn_seq_len: int = 0,
     backend: str = "pytorch",
     strict: bool = False,
+    **options: Any,
 ) -> Tensor:
     """Jagged HSTU attention: O = A V with A = SiLU(alpha Q K^T + rab) / N, masked.
 
@@ -88,23 +79,11 @@ def hstu_attention(
         offsets: int64 [B + 1] sample boundaries, offsets[0] = 0, offsets[B] = T.
         max_seqlen: >= the longest sample of this batch (a stable dataset-wide bound is fine);
             a smaller one is refused where that is cheap to check (``max_seqlen_checked_here``).
-        alpha: scale on Q K^T (1/sqrt(d) production, 1.0 research model).
-        scaling_seqlen: N, the SiLU output is divided by it.
-        causal: key j <= query i outside the contextual block.
-        num_contextual: int64 [B], leading tokens of each sample that see each other fully.
-        num_targets: int64 [B], trailing candidate tokens of each sample.
-        target_group_size: candidates per target group (>= 1).
-        rab: optional relative attention bias inputs (computed inside the kernel).
-        mask_convention: "hstu" (ours) or "peer" (Meta's and NVIDIA's: contextual rows see
-            the whole non-candidate history; without ``causal`` non-candidates see the
-            candidates); ``hstu.ops.masks``, docs/model.md "Mask conventions".
-        max_attn_len: W, the semi-local window (0: full attention): a pair the mask allows
-            is kept only within W positions, the rule of ``hstu.ops.masks``.
-        min_full_attn_seq_len: M (needs W > 0): the last M history rows and the candidates
-            keep the whole history.
         backend: a name of ``hstu.registry.ATTENTION_BACKENDS`` ("pytorch" | "triton" |
             "cutlass"); see ``resolve_backend`` for fallbacks.
         strict: raise instead of falling back to another backend.
+        **options: the fields of ``AttentionOptions`` (``alpha`` and ``scaling_seqlen``
+            required; the mask, the relative bias and the window), passed on to the backend.
 
     Returns:
         [T, H, d_v] in q's dtype.
@@ -116,12 +95,7 @@ def hstu_attention(
         )
     if offsets.dim() != 1 or offsets.numel() < 1:
         raise ValueError(f"offsets must be int64 [B + 1], got shape {tuple(offsets.shape)}")
-    if target_group_size < 1:
-        raise ValueError(f"target_group_size must be >= 1, got {target_group_size}")
-    if scaling_seqlen <= 0:
-        raise ValueError(f"scaling_seqlen must be > 0, got {scaling_seqlen}")
-    check_mask_convention(mask_convention)
-    check_window(max_attn_len, min_full_attn_seq_len)
+    call = AttentionOptions(**options)
     if offsets.numel() > 1 and max_seqlen_checked_here(offsets):
         with allowed_sync(MAX_SEQLEN_CHECK):
             longest = int((offsets[1:] - offsets[:-1]).max())
@@ -130,8 +104,8 @@ def hstu_attention(
                 f"hstu_attention: max_seqlen={max_seqlen} is smaller than the longest sample "
                 f"({longest} tokens); pass a bound >= every sample's length"
             )
-    if rab is not None:
-        rab.validate(q.shape[0], max_seqlen, offsets.numel() - 1)
+    if call.rab is not None:
+        call.rab.validate(q.shape[0], max_seqlen, offsets.numel() - 1)
     chosen = resolve_backend(
         backend,
         q.shape[2],
@@ -139,40 +113,7 @@ def hstu_attention(
         strict,
         value_head_dim=v.shape[2],
         dtype=q.dtype,
-        causal=causal,
-        has_targets=num_targets is not None,
+        causal=call.causal,
+        has_targets=call.num_targets is not None,
     )
-    kwargs = {
-        "alpha": alpha,
-        "scaling_seqlen": scaling_seqlen,
-        "causal": causal,
-        "num_contextual": num_contextual,
-        "num_targets": num_targets,
-        "target_group_size": target_group_size,
-        "rab": rab,
-        "mask_convention": mask_convention,
-    }
-    kernel = load(ATTENTION_BACKENDS[chosen].impl)
-    if chosen == "pytorch":
-        kwargs["max_attn_len"] = max_attn_len
-        kwargs["min_full_attn_seq_len"] = min_full_attn_seq_len
-    else:
-        # the other kernels get the window only when it is on, and must take it
-        for name, value in (("max_attn_len", max_attn_len),
-                            ("min_full_attn_seq_len", min_full_attn_seq_len)):
-            if value:
-                if name not in _parameters(chosen, kernel):
-                    raise ValueError(
-                        f"hstu_attention: backend {chosen!r} does not take {name} yet; use "
-                        f"backend='pytorch' or {name}=0"
-                    )
-                kwargs[name] = value
-    return kernel(q, k, v, offsets, max_seqlen, **kwargs)
-
-
-def _parameters(name: str, kernel) -> set[str]:
-    """The keyword parameters of a backend's kernel (triton: the kernel of the module the
-    registry's wrapper forwards to)."""
-    if name == "triton":
-        kernel = triton_module().triton_hstu_attention
-    return set(inspect.signature(kernel).parameters)
+    return load(ATTENTION_BACKENDS[chosen].impl)(q, k, v, offsets, max_seqlen, **options)

@@ -52,17 +52,13 @@ import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from hstu.ops.masks import (
-    check_mask_convention,
-    check_window,
-    lengths_from_offsets,
-    offsets_from_lengths,
-)
-from hstu.ops.rab import RelativeAttentionBias, padded_bias
+from hstu.ops.masks import AttentionOptions, lengths_from_offsets, offsets_from_lengths
+from hstu.ops.rab import padded_bias
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
 SUPPORTED_MAJOR_CAPABILITIES = (8, 9)
@@ -303,24 +299,10 @@ def _sample_of_token(offsets: Tensor, num_tokens: int) -> Tensor:
 
 
 def cutlass_hstu_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    offsets: Tensor,
-    max_seqlen: int,
-    *,
-    alpha: float,
-    scaling_seqlen: int,
-    causal: bool = True,
-    num_contextual: Tensor | None = None,
-    num_targets: Tensor | None = None,
-    target_group_size: int = 1,
-    rab: RelativeAttentionBias | None = None,
-    mask_convention: str = "hstu",
-    max_attn_len: int = 0,
-    min_full_attn_seq_len: int = 0,
+    q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, max_seqlen: int, **options: Any
 ) -> Tensor:
-    """HSTU attention through FBGEMM's kernels; same contract as ``hstu_attention``.
+    """HSTU attention through FBGEMM's kernels; the arguments of ``hstu.ops.hstu_attention``
+    (``options``: the fields of ``AttentionOptions``).
 
     FBGEMM's own contextual rows are those of ``mask_convention="peer"`` (every non-candidate
     key), passed as its ``num_contexts``; "hstu" rows (the contextual block only) are a
@@ -333,10 +315,11 @@ def cutlass_hstu_attention(
     past ``MAX_DENSE_BIAS_ELEMENTS``. No host synchronisation: every size used is ``T``,
     ``B`` or ``max_seqlen``.
     """
-    check_mask_convention(mask_convention)
-    check_window(max_attn_len, min_full_attn_seq_len)
+    o = AttentionOptions(**options)
+    alpha, causal, rab, target_group_size = o.alpha, o.causal, o.rab, o.target_group_size
+    num_contextual, num_targets = o.num_contextual, o.num_targets
     window = fbgemm_window_size(
-        max_attn_len, min_full_attn_seq_len, causal, num_contextual is not None,
+        o.max_attn_len, o.min_full_attn_seq_len, causal, num_contextual is not None,
         num_targets is not None,
     )
     fn, why = load_entry()
@@ -383,7 +366,7 @@ def cutlass_hstu_attention(
     targets32 = None if num_targets is None else num_targets.to(torch.int32)
     # without the causal window, contextual rows see every key under both conventions when
     # there are no candidates (with candidates such a call never reaches this backend)
-    peer_contexts = causal and mask_convention == "peer" and num_contextual is not None
+    peer_contexts = causal and o.mask_convention == "peer" and num_contextual is not None
     contexts32 = num_contextual.to(torch.int32) if peer_contexts else None
     out = call(q, k, v, offsets.to(torch.int32), window, targets32, contexts32)
     if num_contextual is not None and causal and not peer_contexts and num_tokens > 0:
@@ -407,4 +390,4 @@ def cutlass_hstu_attention(
         is_ctx = position < ctx[sample]
         packed_row = (ctx_offsets[sample] + position).clamp(max=num_tokens - 1)
         out = torch.where(is_ctx.view(-1, 1, 1), ctx_out.index_select(0, packed_row), out)
-    return out * (max_seqlen / scaling_seqlen)
+    return out * (max_seqlen / o.scaling_seqlen)

@@ -54,8 +54,14 @@ ops/pytorch/pt_hstu_attention.py), which measures distances in the same collapse
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from hstu.ops.rab import RelativeAttentionBias
 
 MASK_CONVENTIONS = ("hstu", "peer")
 
@@ -80,6 +86,46 @@ def check_window(max_attn_len: int, min_full_attn_seq_len: int) -> None:
             f"min_full_attn_seq_len={min_full_attn_seq_len} needs max_attn_len > 0 (without a "
             "window every row already sees the whole history)"
         )
+
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    """The keyword arguments of one HSTU attention call, written once: those of
+    ``hstu.ops.hstu_attention`` besides ``backend`` and ``strict``, which every backend of
+    ``hstu.registry.ATTENTION_BACKENDS`` takes as ``**options`` (B samples). Refuses a bad
+    value in one line."""
+
+    alpha: float
+    """Scale on Q K^T (1/sqrt(d) production, 1.0 research model)."""
+    scaling_seqlen: int
+    """N: the SiLU output is divided by it (> 0)."""
+    causal: bool = True
+    """Key j <= query i outside the contextual block."""
+    num_contextual: Tensor | None = None
+    """int64 [B], leading tokens of each sample that see each other fully."""
+    num_targets: Tensor | None = None
+    """int64 [B], trailing candidate tokens of each sample."""
+    target_group_size: int = 1
+    """Candidates per target group (>= 1)."""
+    rab: RelativeAttentionBias | None = None
+    """Optional relative attention bias inputs (computed inside the kernel)."""
+    mask_convention: str = "hstu"
+    """"hstu" (ours) or "peer" (Meta's and NVIDIA's: contextual rows see the whole
+    non-candidate history; without ``causal`` non-candidates see the candidates); the
+    module docstring, docs/model.md "Mask conventions"."""
+    max_attn_len: int = 0
+    """W, the semi-local window (0: full attention): a pair the mask allows is kept only
+    within W positions (the module docstring)."""
+    min_full_attn_seq_len: int = 0
+    """M (needs W > 0): the last M history rows and the candidates keep the whole history."""
+
+    def __post_init__(self) -> None:
+        if self.target_group_size < 1:
+            raise ValueError(f"target_group_size must be >= 1, got {self.target_group_size}")
+        if self.scaling_seqlen <= 0:
+            raise ValueError(f"scaling_seqlen must be > 0, got {self.scaling_seqlen}")
+        check_mask_convention(self.mask_convention)
+        check_window(self.max_attn_len, self.min_full_attn_seq_len)
 
 
 def allowed(

@@ -18,6 +18,7 @@ dtype (float64 stays float64); autograd runs through the plain ops.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from hstu.ops.masks import check_window, dense_mask, lengths_from_offsets
+from hstu.ops.masks import AttentionOptions, dense_mask, lengths_from_offsets
 from hstu.ops.rab import (
     RelativeAttentionBias,
     bias_from_indices,
@@ -190,25 +191,18 @@ def _to_device(host: Tensor, device: torch.device) -> Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def _plan(
-    offsets: Tensor,
-    num_heads: int,
-    budget: int,
-    causal: bool,
-    num_contextual: Tensor | None,
-    num_targets: Tensor | None,
-    target_group_size: int,
-    rab_positions: int | None,
-    timestamps: Tensor | None,
-    mask_convention: str,
-    query_timestamps: Tensor | None = None,
-    max_attn_len: int = 0,
-    min_full_attn_seq_len: int = 0,
-) -> list[_Chunk]:
+def _plan(offsets: Tensor, num_heads: int, budget: int, o: AttentionOptions) -> list[_Chunk]:
+    """The chunks of a batch, built once for the layers that share its tensors."""
+    rab = o.rab
+    timed = rab is not None and rab.ts_weights is not None
+    rab_positions = None if rab is None else rab.max_positions
+    timestamps = rab.timestamps if timed else None
+    query_timestamps = rab.query_timestamps if timed else None
     key = (
-        _key_part(offsets), _key_part(num_contextual), _key_part(num_targets),
-        _key_part(timestamps), _key_part(query_timestamps), num_heads, budget, causal,
-        target_group_size, rab_positions, mask_convention, max_attn_len, min_full_attn_seq_len,
+        _key_part(offsets), _key_part(o.num_contextual), _key_part(o.num_targets),
+        _key_part(timestamps), _key_part(query_timestamps), num_heads, budget, o.causal,
+        o.target_group_size, rab_positions, o.mask_convention, o.max_attn_len,
+        o.min_full_attn_seq_len,
     )
     if _PLAN_CACHE and _PLAN_CACHE[0][0] == key:
         return _PLAN_CACHE[0][2]
@@ -217,31 +211,21 @@ def _plan(
     # kernels take the offsets on the device.
     with allowed_sync("pytorch attention backend: chunk plan from the lengths, once per batch"):
         chunks = _build_plan(
-            offsets, num_heads, budget, causal, num_contextual, num_targets, target_group_size,
-            rab_positions, timestamps, mask_convention, query_timestamps, max_attn_len,
-            min_full_attn_seq_len,
+            offsets, num_heads, budget, o, rab_positions, timestamps, query_timestamps
         )
     _PLAN_CACHE[:] = [
-        (key, (offsets, num_contextual, num_targets, timestamps, query_timestamps), chunks)
+        (key, (offsets, o.num_contextual, o.num_targets, timestamps, query_timestamps), chunks)
     ]
     return chunks
 
 
 def _build_plan(
-    offsets: Tensor,
-    num_heads: int,
-    budget: int,
-    causal: bool,
-    num_contextual: Tensor | None,
-    num_targets: Tensor | None,
-    target_group_size: int,
-    rab_positions: int | None,
-    timestamps: Tensor | None,
-    mask_convention: str,
-    query_timestamps: Tensor | None = None,
-    max_attn_len: int = 0,
-    min_full_attn_seq_len: int = 0,
+    offsets: Tensor, num_heads: int, budget: int, o: AttentionOptions,
+    rab_positions: int | None, timestamps: Tensor | None, query_timestamps: Tensor | None,
 ) -> list[_Chunk]:
+    causal, num_contextual, num_targets = o.causal, o.num_contextual, o.num_targets
+    target_group_size, mask_convention = o.target_group_size, o.mask_convention
+    max_attn_len, min_full_attn_seq_len = o.max_attn_len, o.min_full_attn_seq_len
     device = offsets.device
     lengths = lengths_from_offsets(offsets)
     chunks = []
@@ -647,50 +631,32 @@ def pytorch_hstu_attention(
     offsets: Tensor,
     max_seqlen: int,
     *,
-    alpha: float,
-    scaling_seqlen: int,
-    causal: bool = True,
-    num_contextual: Tensor | None = None,
-    num_targets: Tensor | None = None,
-    target_group_size: int = 1,
-    rab: RelativeAttentionBias | None = None,
-    mask_convention: str = "hstu",
-    max_attn_len: int = 0,
-    min_full_attn_seq_len: int = 0,
     memory_budget_bytes: int | None = None,
+    **options: Any,
 ) -> Tensor:
-    """O = (SiLU(alpha Q K^T + rab) / N masked) V, sample by sample.
+    """O = (SiLU(alpha Q K^T + rab) / N masked) V, sample by sample; the arguments of
+    ``hstu.ops.hstu_attention`` (``options``: the fields of ``AttentionOptions``).
+
+    Lengths come from ``offsets`` (``max_seqlen`` is not read). A sample longer than
+    ``WINDOW_BLOCKED_MIN * max_attn_len`` is computed in row blocks against the keys within
+    the window only.
 
     Args:
-        q, k, v: [T, H, d] jagged values.
-        offsets: int64 [B + 1].
-        max_seqlen: unused here beyond validation (lengths come from ``offsets``).
-        mask_convention: "hstu" | "peer" (``hstu.ops.masks``).
-        max_attn_len, min_full_attn_seq_len: the semi-local window W and M (``hstu.ops.masks``;
-            0: full attention). A sample longer than ``WINDOW_BLOCKED_MIN * W`` is computed in
-            row blocks against the keys within the window only.
         memory_budget_bytes: cap on the float32 score tensors of one chunk; a sample over it
             is computed in row blocks that fit it, recomputed in backward instead of saved.
             When the chunks' score tensors kept for backward would together exceed it, each
             chunk's are recomputed in backward too.
 
     Returns:
-        [T, H, d] in q's dtype.
+        [T, H, d_v] in q's dtype.
     """
     del max_seqlen
-    check_window(max_attn_len, min_full_attn_seq_len)
+    o = AttentionOptions(**options)
+    rab, alpha = o.rab, o.alpha
     budget = memory_budget_bytes or DEFAULT_MEMORY_BUDGET_BYTES
     num_tokens, num_heads, _head_dim = q.shape
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
-    chunks = _plan(
-        offsets, num_heads, budget, causal, num_contextual, num_targets, target_group_size,
-        None if rab is None else rab.max_positions,
-        None if rab is None or rab.ts_weights is None else rab.timestamps,
-        mask_convention,
-        None if rab is None or rab.ts_weights is None else rab.query_timestamps,
-        max_attn_len,
-        min_full_attn_seq_len,
-    )
+    chunks = _plan(offsets, num_heads, budget, o)
     out = q.new_zeros(num_tokens, num_heads, v.shape[2], dtype=compute_dtype)
     pieces: list[Tensor] = []
     ids: list[Tensor] = []
@@ -700,7 +666,8 @@ def pytorch_hstu_attention(
     # ops again: the same values), so a call keeps at most about one chunk's
     recording = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     kept = sum(
-        c.token_index.shape[0] * h * c.token_index.shape[1] ** 2 * _SCORE_BYTES * _SCORE_TENSORS_ALIVE
+        c.token_index.shape[0] * h * c.token_index.shape[1] ** 2
+        * _SCORE_BYTES * _SCORE_TENSORS_ALIVE
         for c in chunks if c.blocked is None
     )
     scores_times_v = _recomputed_scores_times_v if recording and kept > budget else _scores_times_v
@@ -732,7 +699,7 @@ def pytorch_hstu_attention(
                 dim=1,
             )
         # 1/N on the [b*h, n, d] output instead of the [b*h, n, n] weights
-        chunk_out = chunk_out / scaling_seqlen
+        chunk_out = chunk_out / o.scaling_seqlen
         chunk_out = chunk_out.view(b, h, n, -1).transpose(1, 2).reshape(b * n, h, -1)
         pieces.append(chunk_out.index_select(0, c.valid_index))
         ids.append(c.rows)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import triton
@@ -31,8 +32,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
-from hstu.ops.masks import check_mask_convention, check_window
-from hstu.ops.rab import NUM_TIME_BUCKETS, RelativeAttentionBias
+from hstu.ops.masks import AttentionOptions
+from hstu.ops.rab import NUM_TIME_BUCKETS
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -46,25 +47,20 @@ def _sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
 
 
+# The helpers take the per-sample values as tuples (Triton inlines them):
+#   smp = (seqlen, num_ctx, first_cand, group_size, max_attn_len, min_full), the sample's mask
+#   bias = (pos_w, ts_w, ts_ptr, qt, num_pos), the bias inputs (ts_ptr at the sample)
+# and the constexpr flags as MASK = (CAUSAL, HAS_CONTEXT, HAS_TARGETS, PEER, WINDOW) and
+# RAB = (HAS_POS, HAS_TS, HAS_QT, NUM_BUCKETS).
+
+
 @triton.jit
-def _allowed(
-    i,
-    j,
-    seqlen,
-    num_ctx,
-    first_cand,
-    group_size,
-    max_attn_len,
-    min_full,
-    CAUSAL: tl.constexpr,
-    HAS_CONTEXT: tl.constexpr,
-    HAS_TARGETS: tl.constexpr,
-    PEER: tl.constexpr,
-    WINDOW: tl.constexpr,
-):
+def _allowed(i, j, smp, MASK: tl.constexpr):
     """i, j: broadcastable int32 query/key positions inside the sample -> bool tile; the
     mask of hstu.ops.masks, "peer" convention when PEER, the semi-local window (W =
     max_attn_len, M = min_full) when WINDOW."""
+    seqlen, num_ctx, first_cand, group_size, max_attn_len, min_full = smp
+    CAUSAL, HAS_CONTEXT, HAS_TARGETS, PEER, WINDOW = MASK
     inside = (i < seqlen) & (j < seqlen)
     if CAUSAL:
         rule = j <= i
@@ -128,36 +124,33 @@ def _ts_bucket(i, j, seqlen, ts_ptr, qt, HAS_QT: tl.constexpr, NUM_BUCKETS: tl.c
 
 @triton.jit
 def _scores(
-    q,
-    k_t,
-    i,
-    j,
-    seqlen,
-    alpha,
-    pos_w,
-    ts_w,
-    ts_ptr,
-    qt,
-    num_pos,
-    HAS_POS: tl.constexpr,
-    HAS_TS: tl.constexpr,
-    HAS_QT: tl.constexpr,
-    NUM_BUCKETS: tl.constexpr,
+    a, b_t, i, j, alpha, smp, bias, MASK: tl.constexpr, RAB: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """alpha * q @ k_t + rab, float32; q [X, D], k_t [D, Y], i/j broadcast to [X, Y]."""
-    s = tl.dot(q, k_t, input_precision=PRECISION) * alpha
+    """alpha * a @ b_t + rab in float32, and which pairs (i, j) the mask keeps; a [X, D],
+    b_t [D, Y], i/j broadcast to [X, Y]."""
+    pos_w, ts_w, ts_ptr, qt, num_pos = bias
+    HAS_POS, HAS_TS, HAS_QT, NUM_BUCKETS = RAB
+    s = tl.dot(a, b_t, input_precision=PRECISION) * alpha
     if HAS_POS:
         s += tl.load(pos_w + _pos_index(i, j, num_pos)).to(tl.float32)
     if HAS_TS:
-        s += tl.load(ts_w + _ts_bucket(i, j, seqlen, ts_ptr, qt, HAS_QT, NUM_BUCKETS)).to(tl.float32)
-    return s
+        bucket = _ts_bucket(i, j, smp[0], ts_ptr, qt, HAS_QT, NUM_BUCKETS)
+        s += tl.load(ts_w + bucket).to(tl.float32)
+    return s, _allowed(i, j, smp, MASK)
 
 
 @triton.jit
-def _sample_meta(
-    offsets, num_ctx_ptr, num_tgt_ptr, b, HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr
+def _program(
+    offsets, num_ctx_ptr, num_tgt_ptr, num_heads, group_size, max_attn_len, min_full,
+    BLOCK: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr,
 ):
+    """This program's sample b, head h, the first row (or key) of its block, the sample's
+    first token and its smp."""
+    pid_bh = tl.program_id(0)
+    first = tl.program_id(1) * BLOCK
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
     start = tl.load(offsets + b)
     seqlen = (tl.load(offsets + b + 1) - start).to(tl.int32)
     num_ctx = 0
@@ -166,29 +159,37 @@ def _sample_meta(
         num_ctx = tl.load(num_ctx_ptr + b).to(tl.int32)
     if HAS_TARGETS:
         first_cand = seqlen - tl.load(num_tgt_ptr + b).to(tl.int32)
-    return start, seqlen, num_ctx, first_cand
+    return b, h, first, start, (seqlen, num_ctx, first_cand, group_size, max_attn_len, min_full)
 
 
 @triton.jit
-def _key_ranges(
-    m0,
-    seqlen,
-    num_ctx,
-    first_cand,
-    group_size,
-    max_attn_len,
-    min_full,
-    CAUSAL: tl.constexpr,
-    HAS_CONTEXT: tl.constexpr,
-    HAS_TARGETS: tl.constexpr,
-    PEER: tl.constexpr,
-    WINDOW: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+def _block(first, start, seqlen, head_dim, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A program's block: positions [first, first + BLOCK) of the sample, the lanes of d,
+    the [BLOCK, BLOCK_D] mask of both in range, and the block's token rows."""
+    offs = first + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_range = (offs[:, None] < seqlen) & (offs_d[None, :] < head_dim)
+    return offs, offs_d, in_range, start + offs[:, None]
+
+
+@triton.jit
+def _bias(pos_w, ts_w, timestamps, query_ts, num_pos, start, b, HAS_QT: tl.constexpr):
+    """The bias tuple of sample b, whose first token is ``start``."""
+    ts_ptr = timestamps + start
+    qt_slot = 0
+    if HAS_QT:
+        qt_slot = b
+    qt = tl.load(query_ts + qt_slot)  # the sample's query time (HAS_QT), else unused
+    return pos_w, ts_w, ts_ptr, qt, num_pos
+
+
+@triton.jit
+def _key_ranges(m0, smp, MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key ranges a query block [m0, m0 + BM) needs, disjoint and in this order: [0, ctx_end)
     (WINDOW and "hstu": the contextual keys below the band), [start1, end1) (non-candidate
     keys; without WINDOW start1 = 0) and [lo2, hi2) (the candidate groups of its rows)."""
+    seqlen, num_ctx, first_cand, group_size, max_attn_len, min_full = smp
+    CAUSAL, HAS_CONTEXT, HAS_TARGETS, PEER, WINDOW = MASK
     m1 = tl.minimum(m0 + BLOCK_M, seqlen)
     key_end = seqlen
     if CAUSAL:
@@ -239,622 +240,111 @@ def _key_ranges(
 
 
 @triton.jit
-def _fwd_tile(
-    acc,
-    q,
-    n0,
-    offs_m,
-    offs_d,
-    k_base,
-    v_base,
-    stride_kt,
-    stride_vt,
-    seqlen,
-    num_ctx,
-    first_cand,
-    group_size,
-    alpha,
-    inv_scale,
-    pos_w,
-    ts_w,
-    ts_ptr,
-    qt,
-    num_pos,
-    head_dim,
-    max_attn_len,
-    min_full,
-    CAUSAL: tl.constexpr,
-    HAS_CONTEXT: tl.constexpr,
-    HAS_TARGETS: tl.constexpr,
-    PEER: tl.constexpr,
-    WINDOW: tl.constexpr,
-    HAS_POS: tl.constexpr,
-    HAS_TS: tl.constexpr,
-    HAS_QT: tl.constexpr,
-    NUM_BUCKETS: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+def _rows_tile(
+    acc, q, do, n0, offs_m, offs_d, kv, smp, bias, alpha, inv_scale, head_dim,
+    MASK: tl.constexpr, RAB: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    DQ: tl.constexpr,
 ):
+    """acc plus the key block [n0, n0 + BN) of the query rows offs_m: P V (forward), or with
+    DQ dS K (dq, before its factor alpha); kv = (k_base, v_base, stride_kt, stride_vt)."""
+    k_base, v_base, stride_kt, stride_vt = kv
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    kv_mask = (offs_n[:, None] < seqlen) & (offs_d[None, :] < head_dim)
+    kv_mask = (offs_n[:, None] < smp[0]) & (offs_d[None, :] < head_dim)
     k = tl.load(
         k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0
     )
     v = tl.load(
         v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0
     )
-    i = offs_m[:, None]
-    j = offs_n[None, :]
-    s = _scores(
-        q,
-        tl.trans(k),
-        i,
-        j,
-        seqlen,
-        alpha,
-        pos_w,
-        ts_w,
-        ts_ptr,
-        qt,
-        num_pos,
-        HAS_POS,
-        HAS_TS,
-        HAS_QT,
-        NUM_BUCKETS,
-        PRECISION,
+    s, keep = _scores(
+        q, tl.trans(k), offs_m[:, None], offs_n[None, :], alpha, smp, bias, MASK, RAB, PRECISION
     )
-    keep = _allowed(
-        i, j, seqlen, num_ctx, first_cand, group_size, max_attn_len, min_full, CAUSAL,
-        HAS_CONTEXT, HAS_TARGETS, PEER, WINDOW,
-    )
-    p = tl.where(keep, s * _sigmoid(s) * inv_scale, 0.0)
-    return acc + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    sig = _sigmoid(s)
+    if DQ:
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = tl.where(keep, dp * sig * (1.0 + s * (1.0 - sig)) * inv_scale, 0.0)
+        acc = acc + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    else:
+        p = tl.where(keep, s * sig * inv_scale, 0.0)
+        acc = acc + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit(do_not_specialize=["max_attn_len", "min_full"])
-def _hstu_fwd_kernel(
-    Q,
-    K,
-    V,
-    O,
-    offsets,
-    num_ctx_ptr,
-    num_tgt_ptr,
-    pos_w,
-    ts_w,
-    timestamps,
-    query_ts,
-    stride_qt,
-    stride_qh,
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    stride_ot,
-    stride_oh,
-    num_heads,
-    head_dim,
-    alpha,
-    inv_scale,
-    group_size,
-    num_pos,
-    max_attn_len,
-    min_full,
-    CAUSAL: tl.constexpr,
-    HAS_CONTEXT: tl.constexpr,
-    HAS_TARGETS: tl.constexpr,
-    PEER: tl.constexpr,
-    WINDOW: tl.constexpr,
-    HAS_POS: tl.constexpr,
-    HAS_TS: tl.constexpr,
-    HAS_QT: tl.constexpr,
-    NUM_BUCKETS: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+def _hstu_rows_kernel(
+    Q, K, V, DO, OUT, offsets, num_ctx_ptr, num_tgt_ptr, pos_w, ts_w, timestamps, query_ts,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_ot, stride_oh, num_heads, head_dim, alpha, inv_scale, group_size, num_pos,
+    max_attn_len, min_full, CAUSAL: tl.constexpr, HAS_CONTEXT: tl.constexpr,
+    HAS_TARGETS: tl.constexpr, PEER: tl.constexpr, WINDOW: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_TS: tl.constexpr, HAS_QT: tl.constexpr, NUM_BUCKETS: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DQ: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    m0 = tl.program_id(1) * BLOCK_M
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    start, seqlen, num_ctx, first_cand = _sample_meta(
-        offsets, num_ctx_ptr, num_tgt_ptr, b, HAS_CONTEXT, HAS_TARGETS
+    """The forward (OUT = O; DO unread) or, with DQ, the backward's dq (OUT = dQ): one
+    program per (sample x head, query block of BM rows)."""
+    b, h, m0, start, smp = _program(
+        offsets, num_ctx_ptr, num_tgt_ptr, num_heads, group_size, max_attn_len, min_full,
+        BLOCK_M, HAS_CONTEXT, HAS_TARGETS,
     )
+    seqlen = smp[0]
     if m0 >= seqlen:
         return
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_mask = (offs_m[:, None] < seqlen) & (offs_d[None, :] < head_dim)
-    q = tl.load(
-        Q + (start + offs_m[:, None]) * stride_qt + h * stride_qh + offs_d[None, :],
-        mask=row_mask,
-        other=0.0,
-    )
-    k_base = K + start * stride_kt + h * stride_kh
-    v_base = V + start * stride_vt + h * stride_vh
-    ts_ptr = timestamps + start
-    qt_slot = 0
-    if HAS_QT:
-        qt_slot = b
-    qt = tl.load(query_ts + qt_slot)  # the sample's query time (HAS_QT), else unused
+    MASK: tl.constexpr = (CAUSAL, HAS_CONTEXT, HAS_TARGETS, PEER, WINDOW)
+    RAB: tl.constexpr = (HAS_POS, HAS_TS, HAS_QT, NUM_BUCKETS)
+    offs_m, offs_d, row_mask, rows = _block(m0, start, seqlen, head_dim, BLOCK_M, BLOCK_D)
+    q = tl.load(Q + rows * stride_qt + h * stride_qh + offs_d[None, :], mask=row_mask, other=0.0)
+    do = q  # read by dq only
+    if DQ:
+        do = tl.load(
+            DO + rows * stride_dot + h * stride_doh + offs_d[None, :], mask=row_mask, other=0.0
+        )
+    kv = (K + start * stride_kt + h * stride_kh, V + start * stride_vt + h * stride_vh,
+          stride_kt, stride_vt)
+    bias = _bias(pos_w, ts_w, timestamps, query_ts, num_pos, start, b, HAS_QT)
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
-    ctx_end, start1, end1, lo2, hi2 = _key_ranges(
-        m0,
-        seqlen,
-        num_ctx,
-        first_cand,
-        group_size,
-        max_attn_len,
-        min_full,
-        CAUSAL,
-        HAS_CONTEXT,
-        HAS_TARGETS,
-        PEER,
-        WINDOW,
-        BLOCK_M,
-        BLOCK_N,
-    )
+    ctx_end, start1, end1, lo2, hi2 = _key_ranges(m0, smp, MASK, BLOCK_M, BLOCK_N)
     if WINDOW:  # "hstu" contextual keys below the band
         for n0 in range(0, ctx_end, BLOCK_N):
-            acc = _fwd_tile(
-                acc,
-                q,
-                n0,
-                offs_m,
-                offs_d,
-                k_base,
-                v_base,
-                stride_kt,
-                stride_vt,
-                seqlen,
-                num_ctx,
-                first_cand,
-                group_size,
-                alpha,
-                inv_scale,
-                pos_w,
-                ts_w,
-                ts_ptr,
-                qt,
-                num_pos,
-                head_dim,
-                max_attn_len,
-                min_full,
-                CAUSAL,
-                HAS_CONTEXT,
-                HAS_TARGETS,
-                PEER,
-                WINDOW,
-                HAS_POS,
-                HAS_TS,
-                HAS_QT,
-                NUM_BUCKETS,
-                PRECISION,
-                BLOCK_N,
-            )
+            acc = _rows_tile(acc, q, do, n0, offs_m, offs_d, kv, smp, bias, alpha, inv_scale,
+                             head_dim, MASK, RAB, PRECISION, BLOCK_N, DQ)
     for n0 in range(start1, end1, BLOCK_N):
-        acc = _fwd_tile(
-            acc,
-            q,
-            n0,
-            offs_m,
-            offs_d,
-            k_base,
-            v_base,
-            stride_kt,
-            stride_vt,
-            seqlen,
-            num_ctx,
-            first_cand,
-            group_size,
-            alpha,
-            inv_scale,
-            pos_w,
-            ts_w,
-            ts_ptr,
-            qt,
-            num_pos,
-            head_dim,
-            max_attn_len,
-            min_full,
-            CAUSAL,
-            HAS_CONTEXT,
-            HAS_TARGETS,
-            PEER,
-            WINDOW,
-            HAS_POS,
-            HAS_TS,
-            HAS_QT,
-            NUM_BUCKETS,
-            PRECISION,
-            BLOCK_N,
-        )
+        acc = _rows_tile(acc, q, do, n0, offs_m, offs_d, kv, smp, bias, alpha, inv_scale,
+                         head_dim, MASK, RAB, PRECISION, BLOCK_N, DQ)
     for n0 in range(lo2, hi2, BLOCK_N):
-        acc = _fwd_tile(
-            acc,
-            q,
-            n0,
-            offs_m,
-            offs_d,
-            k_base,
-            v_base,
-            stride_kt,
-            stride_vt,
-            seqlen,
-            num_ctx,
-            first_cand,
-            group_size,
-            alpha,
-            inv_scale,
-            pos_w,
-            ts_w,
-            ts_ptr,
-            qt,
-            num_pos,
-            head_dim,
-            max_attn_len,
-            min_full,
-            CAUSAL,
-            HAS_CONTEXT,
-            HAS_TARGETS,
-            PEER,
-            WINDOW,
-            HAS_POS,
-            HAS_TS,
-            HAS_QT,
-            NUM_BUCKETS,
-            PRECISION,
-            BLOCK_N,
-        )
-    tl.store(
-        O + (start + offs_m[:, None]) * stride_ot + h * stride_oh + offs_d[None, :],
-        acc.to(O.dtype.element_ty),
-        mask=row_mask,
-    )
+        acc = _rows_tile(acc, q, do, n0, offs_m, offs_d, kv, smp, bias, alpha, inv_scale,
+                         head_dim, MASK, RAB, PRECISION, BLOCK_N, DQ)
+    out = OUT + rows * stride_ot + h * stride_oh + offs_d[None, :]
+    if DQ:
+        acc = acc * alpha
+    tl.store(out, acc.to(OUT.dtype.element_ty), mask=row_mask)
     # Rows past the grid (a sample longer than max_seqlen) get no program: the last block
     # writes NaN into them, so a too-small max_seqlen that was not checked (it costs a host
     # sync on CUDA) shows as a non-finite loss instead of training on zeros.
-    if tl.program_id(1) == tl.num_programs(1) - 1:
-        nan_tile = tl.full([BLOCK_M, BLOCK_D], float("nan"), tl.float32)
-        for r0 in range(m0 + BLOCK_M, seqlen, BLOCK_M):
-            rows_past = r0 + tl.arange(0, BLOCK_M)
-            past_mask = (rows_past[:, None] < seqlen) & (offs_d[None, :] < head_dim)
-            tl.store(
-                O + (start + rows_past[:, None]) * stride_ot + h * stride_oh + offs_d[None, :],
-                nan_tile.to(O.dtype.element_ty),
-                mask=past_mask,
-            )
-
-
-@triton.jit
-def _dq_tile(
-    dq,
-    q,
-    do,
-    n0,
-    offs_m,
-    offs_d,
-    k_base,
-    v_base,
-    stride_kt,
-    stride_vt,
-    seqlen,
-    num_ctx,
-    first_cand,
-    group_size,
-    alpha,
-    inv_scale,
-    pos_w,
-    ts_w,
-    ts_ptr,
-    qt,
-    num_pos,
-    head_dim,
-    max_attn_len,
-    min_full,
-    CAUSAL: tl.constexpr,
-    HAS_CONTEXT: tl.constexpr,
-    HAS_TARGETS: tl.constexpr,
-    PEER: tl.constexpr,
-    WINDOW: tl.constexpr,
-    HAS_POS: tl.constexpr,
-    HAS_TS: tl.constexpr,
-    HAS_QT: tl.constexpr,
-    NUM_BUCKETS: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    kv_mask = (offs_n[:, None] < seqlen) & (offs_d[None, :] < head_dim)
-    k = tl.load(
-        k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0
-    )
-    v = tl.load(
-        v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0
-    )
-    i = offs_m[:, None]
-    j = offs_n[None, :]
-    s = _scores(
-        q,
-        tl.trans(k),
-        i,
-        j,
-        seqlen,
-        alpha,
-        pos_w,
-        ts_w,
-        ts_ptr,
-        qt,
-        num_pos,
-        HAS_POS,
-        HAS_TS,
-        HAS_QT,
-        NUM_BUCKETS,
-        PRECISION,
-    )
-    keep = _allowed(
-        i, j, seqlen, num_ctx, first_cand, group_size, max_attn_len, min_full, CAUSAL,
-        HAS_CONTEXT, HAS_TARGETS, PEER, WINDOW,
-    )
-    sig = _sigmoid(s)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    ds = tl.where(keep, dp * sig * (1.0 + s * (1.0 - sig)) * inv_scale, 0.0)
-    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-
-
-@triton.jit(do_not_specialize=["max_attn_len", "min_full"])
-def _hstu_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    DQ,
-    offsets,
-    num_ctx_ptr,
-    num_tgt_ptr,
-    pos_w,
-    ts_w,
-    timestamps,
-    query_ts,
-    stride_qt,
-    stride_qh,
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    stride_dot,
-    stride_doh,
-    stride_dqt,
-    stride_dqh,
-    num_heads,
-    head_dim,
-    alpha,
-    inv_scale,
-    group_size,
-    num_pos,
-    max_attn_len,
-    min_full,
-    CAUSAL: tl.constexpr,
-    HAS_CONTEXT: tl.constexpr,
-    HAS_TARGETS: tl.constexpr,
-    PEER: tl.constexpr,
-    WINDOW: tl.constexpr,
-    HAS_POS: tl.constexpr,
-    HAS_TS: tl.constexpr,
-    HAS_QT: tl.constexpr,
-    NUM_BUCKETS: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    pid_bh = tl.program_id(0)
-    m0 = tl.program_id(1) * BLOCK_M
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    start, seqlen, num_ctx, first_cand = _sample_meta(
-        offsets, num_ctx_ptr, num_tgt_ptr, b, HAS_CONTEXT, HAS_TARGETS
-    )
-    if m0 >= seqlen:
-        return
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_mask = (offs_m[:, None] < seqlen) & (offs_d[None, :] < head_dim)
-    rows = start + offs_m[:, None]
-    q = tl.load(Q + rows * stride_qt + h * stride_qh + offs_d[None, :], mask=row_mask, other=0.0)
-    do = tl.load(
-        DO + rows * stride_dot + h * stride_doh + offs_d[None, :], mask=row_mask, other=0.0
-    )
-    k_base = K + start * stride_kt + h * stride_kh
-    v_base = V + start * stride_vt + h * stride_vh
-    ts_ptr = timestamps + start
-    qt_slot = 0
-    if HAS_QT:
-        qt_slot = b
-    qt = tl.load(query_ts + qt_slot)  # the sample's query time (HAS_QT), else unused
-    dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
-    ctx_end, start1, end1, lo2, hi2 = _key_ranges(
-        m0,
-        seqlen,
-        num_ctx,
-        first_cand,
-        group_size,
-        max_attn_len,
-        min_full,
-        CAUSAL,
-        HAS_CONTEXT,
-        HAS_TARGETS,
-        PEER,
-        WINDOW,
-        BLOCK_M,
-        BLOCK_N,
-    )
-    if WINDOW:  # "hstu" contextual keys below the band
-        for n0 in range(0, ctx_end, BLOCK_N):
-            dq = _dq_tile(
-                dq,
-                q,
-                do,
-                n0,
-                offs_m,
-                offs_d,
-                k_base,
-                v_base,
-                stride_kt,
-                stride_vt,
-                seqlen,
-                num_ctx,
-                first_cand,
-                group_size,
-                alpha,
-                inv_scale,
-                pos_w,
-                ts_w,
-                ts_ptr,
-                qt,
-                num_pos,
-                head_dim,
-                max_attn_len,
-                min_full,
-                CAUSAL,
-                HAS_CONTEXT,
-                HAS_TARGETS,
-                PEER,
-                WINDOW,
-                HAS_POS,
-                HAS_TS,
-                HAS_QT,
-                NUM_BUCKETS,
-                PRECISION,
-                BLOCK_N,
-            )
-    for n0 in range(start1, end1, BLOCK_N):
-        dq = _dq_tile(
-            dq,
-            q,
-            do,
-            n0,
-            offs_m,
-            offs_d,
-            k_base,
-            v_base,
-            stride_kt,
-            stride_vt,
-            seqlen,
-            num_ctx,
-            first_cand,
-            group_size,
-            alpha,
-            inv_scale,
-            pos_w,
-            ts_w,
-            ts_ptr,
-            qt,
-            num_pos,
-            head_dim,
-            max_attn_len,
-            min_full,
-            CAUSAL,
-            HAS_CONTEXT,
-            HAS_TARGETS,
-            PEER,
-            WINDOW,
-            HAS_POS,
-            HAS_TS,
-            HAS_QT,
-            NUM_BUCKETS,
-            PRECISION,
-            BLOCK_N,
-        )
-    for n0 in range(lo2, hi2, BLOCK_N):
-        dq = _dq_tile(
-            dq,
-            q,
-            do,
-            n0,
-            offs_m,
-            offs_d,
-            k_base,
-            v_base,
-            stride_kt,
-            stride_vt,
-            seqlen,
-            num_ctx,
-            first_cand,
-            group_size,
-            alpha,
-            inv_scale,
-            pos_w,
-            ts_w,
-            ts_ptr,
-            qt,
-            num_pos,
-            head_dim,
-            max_attn_len,
-            min_full,
-            CAUSAL,
-            HAS_CONTEXT,
-            HAS_TARGETS,
-            PEER,
-            WINDOW,
-            HAS_POS,
-            HAS_TS,
-            HAS_QT,
-            NUM_BUCKETS,
-            PRECISION,
-            BLOCK_N,
-        )
-    tl.store(
-        DQ + rows * stride_dqt + h * stride_dqh + offs_d[None, :],
-        (dq * alpha).to(DQ.dtype.element_ty),
-        mask=row_mask,
-    )
+    if not DQ:  # noqa: SIM102 (a constexpr: the forward only)
+        if tl.program_id(1) == tl.num_programs(1) - 1:
+            nan_tile = tl.full([BLOCK_M, BLOCK_D], float("nan"), tl.float32)
+            for r0 in range(m0 + BLOCK_M, seqlen, BLOCK_M):
+                rows_past = r0 + tl.arange(0, BLOCK_M)
+                past_mask = (rows_past[:, None] < seqlen) & (offs_d[None, :] < head_dim)
+                tl.store(
+                    OUT + (start + rows_past[:, None]) * stride_ot + h * stride_oh
+                    + offs_d[None, :],
+                    nan_tile.to(OUT.dtype.element_ty),
+                    mask=past_mask,
+                )
 
 
 @triton.jit
 def _dkdv_tile(
-    dk,
-    dv,
-    k,
-    v,
-    m0,
-    j,
-    offs_d,
-    q_base,
-    do_base,
-    stride_qt,
-    stride_dot,
-    seqlen,
-    num_ctx,
-    first_cand,
-    group_size,
-    alpha,
-    inv_scale,
-    pos_w,
-    ts_w,
-    ts_ptr,
-    qt,
-    num_pos,
-    head_dim,
-    DPOS,
-    DTS,
-    max_attn_len,
-    min_full,
-    CAUSAL: tl.constexpr,
-    HAS_CONTEXT: tl.constexpr,
-    HAS_TARGETS: tl.constexpr,
-    PEER: tl.constexpr,
-    WINDOW: tl.constexpr,
-    HAS_POS: tl.constexpr,
-    HAS_TS: tl.constexpr,
-    HAS_QT: tl.constexpr,
-    NUM_BUCKETS: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    dk, dv, k, v, m0, j, offs_d, qdo, smp, bias, alpha, inv_scale, head_dim, DPOS, DTS,
+    MASK: tl.constexpr, RAB: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """dk, dv of a key block [BN, D] plus the query rows [m0, m0 + BM); bias gradients by
-    atomics."""
+    atomics. qdo = (q_base, do_base, stride_qt, stride_dot)."""
+    q_base, do_base, stride_qt, stride_dot = qdo
+    HAS_POS, HAS_TS, HAS_QT, NUM_BUCKETS = RAB
+    seqlen = smp[0]
     offs_m = m0 + tl.arange(0, BLOCK_M)
     row_mask = (offs_m[:, None] < seqlen) & (offs_d[None, :] < head_dim)
     q = tl.load(
@@ -869,28 +359,7 @@ def _dkdv_tile(
     )
     i = offs_m[None, :]
     # transposed tiles: [BN keys, BM queries]
-    s_t = _scores(
-        k,
-        tl.trans(q),
-        i,
-        j,
-        seqlen,
-        alpha,
-        pos_w,
-        ts_w,
-        ts_ptr,
-        qt,
-        num_pos,
-        HAS_POS,
-        HAS_TS,
-        HAS_QT,
-        NUM_BUCKETS,
-        PRECISION,
-    )
-    keep = _allowed(
-        i, j, seqlen, num_ctx, first_cand, group_size, max_attn_len, min_full, CAUSAL,
-        HAS_CONTEXT, HAS_TARGETS, PEER, WINDOW,
-    )
+    s_t, keep = _scores(k, tl.trans(q), i, j, alpha, smp, bias, MASK, RAB, PRECISION)
     sig = _sigmoid(s_t)
     p_t = tl.where(keep, s_t * sig * inv_scale, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
@@ -898,33 +367,22 @@ def _dkdv_tile(
     ds_t = tl.where(keep, dp_t * sig * (1.0 + s_t * (1.0 - sig)) * inv_scale, 0.0)
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
     if HAS_POS:
-        tl.atomic_add(DPOS + _pos_index(i, j, num_pos), ds_t, mask=keep)
+        tl.atomic_add(DPOS + _pos_index(i, j, bias[4]), ds_t, mask=keep)
     if HAS_TS:
-        tl.atomic_add(DTS + _ts_bucket(i, j, seqlen, ts_ptr, qt, HAS_QT, NUM_BUCKETS), ds_t, mask=keep)
+        bucket = _ts_bucket(i, j, seqlen, bias[2], bias[3], HAS_QT, NUM_BUCKETS)
+        tl.atomic_add(DTS + bucket, ds_t, mask=keep)
     return dk, dv
 
 
 @triton.jit
-def _window_query_ranges(
-    n0,
-    n1,
-    seqlen,
-    num_ctx,
-    first_cand,
-    group_size,
-    max_attn_len,
-    min_full,
-    CAUSAL: tl.constexpr,
-    HAS_CONTEXT: tl.constexpr,
-    HAS_TARGETS: tl.constexpr,
-    PEER: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
+def _window_query_ranges(n0, n1, smp, MASK: tl.constexpr, BLOCK_M: tl.constexpr):
     """Query rows a key block [n0, n1) needs under the window, disjoint and in this order:
     [0, prefix_end) the contextual rows (by the base mask alone: the window keeps their
     non-candidate keys), [band_lo, band_hi) the rows within W of the block (every row for
     "hstu" contextual keys), [full_lo, full_hi) the last M history rows and the candidates
     where they do not continue the band."""
+    seqlen, num_ctx, first_cand, group_size, max_attn_len, min_full = smp
+    CAUSAL, HAS_CONTEXT, HAS_TARGETS, PEER, _ = MASK
     # the base mask, for the rows past the contextual ones
     row_lo = n0 * 0
     if CAUSAL:
@@ -979,77 +437,31 @@ def _window_query_ranges(
 
 @triton.jit(do_not_specialize=["max_attn_len", "min_full"])
 def _hstu_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    DK,
-    DV,
-    DPOS,
-    DTS,
-    offsets,
-    num_ctx_ptr,
-    num_tgt_ptr,
-    pos_w,
-    ts_w,
-    timestamps,
-    query_ts,
-    stride_qt,
-    stride_qh,
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    stride_dot,
-    stride_doh,
-    stride_dkt,
-    stride_dkh,
-    stride_dvt,
-    stride_dvh,
-    num_heads,
-    head_dim,
-    alpha,
-    inv_scale,
-    group_size,
-    num_pos,
-    max_attn_len,
-    min_full,
-    CAUSAL: tl.constexpr,
-    HAS_CONTEXT: tl.constexpr,
-    HAS_TARGETS: tl.constexpr,
-    PEER: tl.constexpr,
-    WINDOW: tl.constexpr,
-    HAS_POS: tl.constexpr,
-    HAS_TS: tl.constexpr,
-    HAS_QT: tl.constexpr,
-    NUM_BUCKETS: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    Q, K, V, DO, DK, DV, DPOS, DTS, offsets, num_ctx_ptr, num_tgt_ptr, pos_w, ts_w, timestamps,
+    query_ts, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot,
+    stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, num_heads, head_dim, alpha,
+    inv_scale, group_size, num_pos, max_attn_len, min_full, CAUSAL: tl.constexpr,
+    HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr, PEER: tl.constexpr,
+    WINDOW: tl.constexpr, HAS_POS: tl.constexpr, HAS_TS: tl.constexpr, HAS_QT: tl.constexpr,
+    NUM_BUCKETS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    n0 = tl.program_id(1) * BLOCK_N
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    start, seqlen, num_ctx, first_cand = _sample_meta(
-        offsets, num_ctx_ptr, num_tgt_ptr, b, HAS_CONTEXT, HAS_TARGETS
+    """dk, dv and the bias gradients: one program per (sample x head, key block of BN keys)."""
+    b, h, n0, start, smp = _program(
+        offsets, num_ctx_ptr, num_tgt_ptr, num_heads, group_size, max_attn_len, min_full,
+        BLOCK_N, HAS_CONTEXT, HAS_TARGETS,
     )
+    seqlen, num_ctx, first_cand = smp[0], smp[1], smp[2]
     if n0 >= seqlen:
         return
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    col_mask = (offs_n[:, None] < seqlen) & (offs_d[None, :] < head_dim)
-    cols = start + offs_n[:, None]
+    MASK: tl.constexpr = (CAUSAL, HAS_CONTEXT, HAS_TARGETS, PEER, WINDOW)
+    RAB: tl.constexpr = (HAS_POS, HAS_TS, HAS_QT, NUM_BUCKETS)
+    offs_n, offs_d, col_mask, cols = _block(n0, start, seqlen, head_dim, BLOCK_N, BLOCK_D)
     k = tl.load(K + cols * stride_kt + h * stride_kh + offs_d[None, :], mask=col_mask, other=0.0)
     v = tl.load(V + cols * stride_vt + h * stride_vh + offs_d[None, :], mask=col_mask, other=0.0)
-    q_base = Q + start * stride_qt + h * stride_qh
-    do_base = DO + start * stride_dot + h * stride_doh
-    ts_ptr = timestamps + start
-    qt_slot = 0
-    if HAS_QT:
-        qt_slot = b
-    qt = tl.load(query_ts + qt_slot)  # the sample's query time (HAS_QT), else unused
+    qdo = (Q + start * stride_qt + h * stride_qh, DO + start * stride_dot + h * stride_doh,
+           stride_qt, stride_dot)
+    bias = _bias(pos_w, ts_w, timestamps, query_ts, num_pos, start, b, HAS_QT)
     dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
 
@@ -1057,19 +469,7 @@ def _hstu_bwd_dkdv_kernel(
     n1 = tl.minimum(n0 + BLOCK_N, seqlen)
     if WINDOW:
         prefix_end, row_lo, row_hi, full_lo, full_hi = _window_query_ranges(
-            n0,
-            n1,
-            seqlen,
-            num_ctx,
-            first_cand,
-            group_size,
-            max_attn_len,
-            min_full,
-            CAUSAL,
-            HAS_CONTEXT,
-            HAS_TARGETS,
-            PEER,
-            BLOCK_M,
+            n0, n1, smp, MASK, BLOCK_M
         )
     else:
         row_lo = n0 * 0
@@ -1100,129 +500,15 @@ def _hstu_bwd_dkdv_kernel(
 
     j = offs_n[:, None]
     for m0 in range(0, prefix_end, BLOCK_M):
-        dk, dv = _dkdv_tile(
-            dk,
-            dv,
-            k,
-            v,
-            m0,
-            j,
-            offs_d,
-            q_base,
-            do_base,
-            stride_qt,
-            stride_dot,
-            seqlen,
-            num_ctx,
-            first_cand,
-            group_size,
-            alpha,
-            inv_scale,
-            pos_w,
-            ts_w,
-            ts_ptr,
-            qt,
-            num_pos,
-            head_dim,
-            DPOS,
-            DTS,
-            max_attn_len,
-            min_full,
-            CAUSAL,
-            HAS_CONTEXT,
-            HAS_TARGETS,
-            PEER,
-            WINDOW,
-            HAS_POS,
-            HAS_TS,
-            HAS_QT,
-            NUM_BUCKETS,
-            PRECISION,
-            BLOCK_M,
-        )
+        dk, dv = _dkdv_tile(dk, dv, k, v, m0, j, offs_d, qdo, smp, bias, alpha, inv_scale,
+                            head_dim, DPOS, DTS, MASK, RAB, PRECISION, BLOCK_M)
     for m0 in range(row_lo, row_hi, BLOCK_M):
-        dk, dv = _dkdv_tile(
-            dk,
-            dv,
-            k,
-            v,
-            m0,
-            j,
-            offs_d,
-            q_base,
-            do_base,
-            stride_qt,
-            stride_dot,
-            seqlen,
-            num_ctx,
-            first_cand,
-            group_size,
-            alpha,
-            inv_scale,
-            pos_w,
-            ts_w,
-            ts_ptr,
-            qt,
-            num_pos,
-            head_dim,
-            DPOS,
-            DTS,
-            max_attn_len,
-            min_full,
-            CAUSAL,
-            HAS_CONTEXT,
-            HAS_TARGETS,
-            PEER,
-            WINDOW,
-            HAS_POS,
-            HAS_TS,
-            HAS_QT,
-            NUM_BUCKETS,
-            PRECISION,
-            BLOCK_M,
-        )
+        dk, dv = _dkdv_tile(dk, dv, k, v, m0, j, offs_d, qdo, smp, bias, alpha, inv_scale,
+                            head_dim, DPOS, DTS, MASK, RAB, PRECISION, BLOCK_M)
     if WINDOW:  # the last M history rows and the candidates, past the band
         for m0 in range(full_lo, full_hi, BLOCK_M):
-            dk, dv = _dkdv_tile(
-                dk,
-                dv,
-                k,
-                v,
-                m0,
-                j,
-                offs_d,
-                q_base,
-                do_base,
-                stride_qt,
-                stride_dot,
-                seqlen,
-                num_ctx,
-                first_cand,
-                group_size,
-                alpha,
-                inv_scale,
-                pos_w,
-                ts_w,
-                ts_ptr,
-                qt,
-                num_pos,
-                head_dim,
-                DPOS,
-                DTS,
-                max_attn_len,
-                min_full,
-                CAUSAL,
-                HAS_CONTEXT,
-                HAS_TARGETS,
-                PEER,
-                WINDOW,
-                HAS_POS,
-                HAS_TS,
-                HAS_QT,
-                NUM_BUCKETS,
-                PRECISION,
-                BLOCK_M,
-            )
+            dk, dv = _dkdv_tile(dk, dv, k, v, m0, j, offs_d, qdo, smp, bias, alpha, inv_scale,
+                                head_dim, DPOS, DTS, MASK, RAB, PRECISION, BLOCK_M)
     tl.store(
         DK + cols * stride_dkt + h * stride_dkh + offs_d[None, :],
         (dk * alpha).to(DK.dtype.element_ty),
@@ -1407,34 +693,17 @@ class _HstuAttentionFunction(torch.autograd.Function):
             query_timestamps if query_timestamps is not None else dummy,
         )
         scalars = (
-            num_heads,
-            head_dim,
-            float(alpha),
-            1.0 / scaling_seqlen,
-            int(target_group_size),
-            num_pos,
-            int(max_attn_len),
-            int(min_full_attn_seq_len),
+            num_heads, head_dim, float(alpha), 1.0 / scaling_seqlen, int(target_group_size),
+            num_pos, int(max_attn_len), int(min_full_attn_seq_len),
         )
+        # the q, k, v strides and those of the rows kernel's DO (unread by the forward)
+        strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *q.stride()[:2])
+
         def launch(cfg: dict[str, int]) -> None:
             grid = (num_samples * num_heads, triton.cdiv(max_seqlen, cfg["BLOCK_M"]))
-            _hstu_fwd_kernel[grid](
-                q,
-                k,
-                v,
-                out,
-                *tensors,
-                q.stride(0),
-                q.stride(1),
-                k.stride(0),
-                k.stride(1),
-                v.stride(0),
-                v.stride(1),
-                out.stride(0),
-                out.stride(1),
-                *scalars,
-                **flags,
-                **cfg,
+            _hstu_rows_kernel[grid](
+                q, k, v, q, out, *tensors, *strides, out.stride(0), out.stride(1), *scalars,
+                **flags, **cfg, DQ=False,
             )
 
         if num_tokens > 0 and num_samples > 0 and max_seqlen > 0:
@@ -1472,51 +741,18 @@ class _HstuAttentionFunction(torch.autograd.Function):
             timestamps,
             query_timestamps,
         )
-        strides = (
-            q.stride(0),
-            q.stride(1),
-            k.stride(0),
-            k.stride(1),
-            v.stride(0),
-            v.stride(1),
-            d_out.stride(0),
-            d_out.stride(1),
-        )
+        strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *d_out.stride()[:2])
+
         def launch(cfg: dict[str, int]) -> None:
             grid_q = (num_samples * num_heads, triton.cdiv(max_seqlen, cfg["BLOCK_M"]))
-            _hstu_bwd_dq_kernel[grid_q](
-                q,
-                k,
-                v,
-                d_out,
-                dq,
-                *tensors,
-                *strides,
-                dq.stride(0),
-                dq.stride(1),
-                *scalars,
-                **flags,
-                **cfg,
+            _hstu_rows_kernel[grid_q](
+                q, k, v, d_out, dq, *tensors, *strides, dq.stride(0), dq.stride(1), *scalars,
+                **flags, **cfg, DQ=True,
             )
             grid_k = (num_samples * num_heads, triton.cdiv(max_seqlen, cfg["BLOCK_N"]))
             _hstu_bwd_dkdv_kernel[grid_k](
-                q,
-                k,
-                v,
-                d_out,
-                dk,
-                dv,
-                dpos,
-                dts,
-                *tensors,
-                *strides,
-                dk.stride(0),
-                dk.stride(1),
-                dv.stride(0),
-                dv.stride(1),
-                *scalars,
-                **flags,
-                **cfg,
+                q, k, v, d_out, dk, dv, dpos, dts, *tensors, *strides, dk.stride(0),
+                dk.stride(1), dv.stride(0), dv.stride(1), *scalars, **flags, **cfg,
             )
 
         if q.shape[0] > 0 and num_samples > 0 and max_seqlen > 0:
@@ -1539,31 +775,20 @@ def triton_hstu_attention(
     offsets: Tensor,
     max_seqlen: int,
     *,
-    alpha: float,
-    scaling_seqlen: int,
-    causal: bool = True,
-    num_contextual: Tensor | None = None,
-    num_targets: Tensor | None = None,
-    target_group_size: int = 1,
-    rab: RelativeAttentionBias | None = None,
-    mask_convention: str = "hstu",
-    max_attn_len: int = 0,
-    min_full_attn_seq_len: int = 0,
     block_m: int | None = None,
     block_n: int | None = None,
+    **options: Any,
 ) -> Tensor:
-    """Fused jagged HSTU attention; same contract as ``hstu.ops.hstu_attention``.
+    """Fused jagged HSTU attention; the arguments of ``hstu.ops.hstu_attention``
+    (``options``: the fields of ``AttentionOptions``).
+
+    q, k, v need unit stride on d only (token/head strides are free, so slices of a fused
+    U/V/Q/K projection need no copy); rows past ``max_seqlen`` come out NaN. The mask
+    convention is a constexpr of the kernels; with a window (``max_attn_len`` W > 0) the key
+    and query loops visit only the blocks the band, the contextual tokens, the candidates
+    and the last M rows need (W = 0: the kernels without any window code).
 
     Args:
-        q, k, v: [T, H, d] with unit stride on d (token/head strides are free, so slices of a
-            fused U/V/Q/K projection need no copy).
-        offsets: int64 [B + 1], offsets[0] = 0 and offsets[B] = T.
-        max_seqlen: must be >= every sample's length (rows beyond it come out NaN).
-        mask_convention: "hstu" | "peer" (``hstu.ops.masks``; a constexpr of the kernels).
-        max_attn_len, min_full_attn_seq_len: the semi-local window W and M of
-            ``hstu.ops.masks`` (0: full attention, the kernels without any window code);
-            with W > 0 the key and query loops visit only the blocks the band, the
-            contextual tokens, the candidates and the last M rows need.
         block_m, block_n: tile sizes override (powers of two >= 16), for tests and tuning;
             by default the tiles are autotuned per (head dim, dtype, length bucket).
 
@@ -1572,31 +797,13 @@ def triton_hstu_attention(
     """
     if v.shape[2] != q.shape[2]:
         raise ValueError("the triton kernel needs the same head dim for q/k and v")
-    check_mask_convention(mask_convention)
-    check_window(max_attn_len, min_full_attn_seq_len)
-    pos_weights = rab.pos_weights if rab is not None else None
-    ts_weights = rab.ts_weights if rab is not None else None
-    timestamps = rab.timestamps if rab is not None else None
-    query_timestamps = rab.query_timestamps if rab is not None else None
+    o = AttentionOptions(**options)
+    rab = o.rab
     return _HstuAttentionFunction.apply(
-        q,
-        k,
-        v,
-        pos_weights,
-        ts_weights,
-        offsets,
-        timestamps,
-        query_timestamps,
-        num_contextual,
-        num_targets,
-        int(max_seqlen),
-        alpha,
-        scaling_seqlen,
-        causal,
-        target_group_size,
-        block_m,
-        block_n,
-        mask_convention == "peer",
-        int(max_attn_len),
-        int(min_full_attn_seq_len),
+        q, k, v, None if rab is None else rab.pos_weights,
+        None if rab is None else rab.ts_weights, offsets,
+        None if rab is None else rab.timestamps,
+        None if rab is None else rab.query_timestamps, o.num_contextual, o.num_targets,
+        int(max_seqlen), o.alpha, o.scaling_seqlen, o.causal, o.target_group_size, block_m,
+        block_n, o.mask_convention == "peer", int(o.max_attn_len), int(o.min_full_attn_seq_len),
     )

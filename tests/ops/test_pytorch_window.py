@@ -191,28 +191,17 @@ def test_dispatcher_validates_and_passes_the_window(monkeypatch) -> None:
     full = hstu_attention(*args, **kw)
     windowed = hstu_attention(*args, max_attn_len=2, **kw)
     assert not torch.allclose(windowed, full)
-    # another backend gets the window only when it is on, and only if it takes it
+    # another backend gets the options as given (AttentionOptions' fields), the window too
     seen = {}
 
-    def without_window(q, k, v, offsets, max_seqlen, *, alpha, scaling_seqlen, causal,
-                       num_contextual, num_targets, target_group_size, rab, mask_convention):
-        seen["called"] = True
-        return q
-
-    def with_window(q, k, v, offsets, max_seqlen, *, max_attn_len=0, min_full_attn_seq_len=0,
-                    **rest):
-        seen.update(max_attn_len=max_attn_len, min_full_attn_seq_len=min_full_attn_seq_len)
+    def backend(q, k, v, offsets, max_seqlen, **options):
+        seen.update(options)
         return q
 
     monkeypatch.setattr(ops, "resolve_backend", lambda *a, **k: "cutlass")
-    monkeypatch.setattr(ops, "load", lambda target: without_window)
-    hstu_attention(*args, backend="cutlass", **kw)
-    assert seen == {"called": True}
-    with pytest.raises(ValueError, match="backend 'cutlass' does not take max_attn_len yet"):
-        hstu_attention(*args, backend="cutlass", max_attn_len=8, **kw)
-    monkeypatch.setattr(ops, "load", lambda target: with_window)
+    monkeypatch.setattr(ops, "load", lambda target: backend)
     hstu_attention(*args, backend="cutlass", max_attn_len=8, min_full_attn_seq_len=2, **kw)
-    assert seen["max_attn_len"] == 8 and seen["min_full_attn_seq_len"] == 2
+    assert seen == {"max_attn_len": 8, "min_full_attn_seq_len": 2, **kw}
 
 
 def test_dispatcher_passes_the_window_to_triton(triton_backend, device) -> None:

@@ -108,24 +108,19 @@ BLOCK = 16
 
 
 def _record_tiles(monkeypatch: pytest.MonkeyPatch, module: ModuleType) -> dict[str, list]:
-    """Wrap the three tile functions: each call appends (query block, key block)."""
+    """Wrap the two tile functions: each call appends (query block, key block)."""
     seen: dict[str, list] = {"fwd": [], "dq": [], "dkdv": []}
-    fwd, dq, dkdv = module._fwd_tile, module._dq_tile, module._dkdv_tile
+    rows, dkdv = module._rows_tile, module._dkdv_tile
 
-    def fwd_tile(acc, q, n0, offs_m, *rest):
-        seen["fwd"].append((int(offs_m.handle.data[0]) // BLOCK, n0 // BLOCK))
-        return fwd(acc, q, n0, offs_m, *rest)
-
-    def dq_tile(acc, q, do, n0, offs_m, *rest):
-        seen["dq"].append((int(offs_m.handle.data[0]) // BLOCK, n0 // BLOCK))
-        return dq(acc, q, do, n0, offs_m, *rest)
+    def rows_tile(acc, q, do, n0, offs_m, *rest):  # rest[-1]: DQ
+        seen["dq" if rest[-1] else "fwd"].append((int(offs_m.handle.data[0]) // BLOCK, n0 // BLOCK))
+        return rows(acc, q, do, n0, offs_m, *rest)
 
     def dkdv_tile(dk, dv, k, v, m0, j, *rest):
         seen["dkdv"].append((m0 // BLOCK, int(j.handle.data.min()) // BLOCK))
         return dkdv(dk, dv, k, v, m0, j, *rest)
 
-    monkeypatch.setattr(module, "_fwd_tile", fwd_tile)
-    monkeypatch.setattr(module, "_dq_tile", dq_tile)
+    monkeypatch.setattr(module, "_rows_tile", rows_tile)
     monkeypatch.setattr(module, "_dkdv_tile", dkdv_tile)
     return seen
 
