@@ -18,7 +18,9 @@ kernel, batch 128, 80 steps, one process, ``OMP_NUM_THREADS=2``. Its data is pre
 from ``--raw`` into ``tmp_data/ab/data/ml-100k``, a folder both commits read.
 
 ``--load N`` runs N busy-looping processes (nice 0) during every run: the disturbance of other
-jobs on a shared host, reproduced (docs/performance.md, "A/B of two commits").
+jobs on a shared host, reproduced. ``--env-a`` / ``--env-b`` set a variable for one side only,
+so one commit can be compared with itself under two settings (docs/performance.md, "A/B of two
+commits").
 """
 
 from __future__ import annotations
@@ -127,23 +129,34 @@ def main() -> None:
     p.add_argument("--load", type=int, default=0, help="busy processes beside every run")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment of the runs (repeatable)")
+    p.add_argument("--env-a", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment of A's runs only (A and B may then be one commit)")
+    p.add_argument("--env-b", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment of B's runs only")
     args = p.parse_args()
 
     python = str(ROOT / ".venv" / "bin" / "python")
-    data = prepare_data(python, args.raw)
-    sides = [export(args.a), export(args.b)]
+    data = prepare_data(python, args.raw) if "{data}" in args.cmd else None
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     env.update(kv.split("=", 1) for kv in args.env)
+    sides = []
+    for label, commit, extra in (("A", args.a, args.env_a), ("B", args.b, args.env_b)):
+        sha, tree = export(commit)
+        side_env = dict(env, PYTHONPATH=str(tree))
+        side_env.update(kv.split("=", 1) for kv in extra)
+        name = f"{label} {sha[:10]}" + (" " + " ".join(extra) if extra else "")
+        sides.append((name, tree, side_env))
+        print(f"{name}: {_git('log', '-1', '--format=%s', sha)[:100]}")
     print(f"command: {args.cmd}\nOMP_NUM_THREADS={args.threads}, load {args.load}, "
           f"{args.rounds} rounds alternating", flush=True)
-    print(f"{'commit':<12} {'round':>5} {'tokens/s':>9} {'cpu s':>7} {'wall s':>7}  metrics",
+    width = max(len(name) for name, _, _ in sides)
+    print(f"{'side':<{width}} {'round':>5} {'tokens/s':>9} {'cpu s':>7} {'wall s':>7}  metrics",
           flush=True)
-    results: dict[str, list[dict]] = {sha: [] for sha, _ in sides}
+    results: dict[str, list[dict]] = {name: [] for name, _, _ in sides}
+    cmd = args.cmd.format(python=shlex.quote(python), data=data)
     for r in range(args.rounds):
         order = sides if r % 2 == 0 else sides[::-1]
-        for sha, tree in order:
-            cmd = args.cmd.format(python=shlex.quote(python), data=data)
-            run_env = dict(env, PYTHONPATH=str(tree))
+        for name, tree, run_env in order:
             load = start_load(args.load)
             try:
                 res = run_once(cmd, tree, run_env)
@@ -151,14 +164,14 @@ def main() -> None:
                 for proc in load:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
-            results[sha].append(res)
-            print(f"{sha[:12]:<12} {r + 1:>5} {res['tokens_s']:>9,.0f} {res['cpu_s']:>7.1f} "
+            results[name].append(res)
+            print(f"{name:<{width}} {r + 1:>5} {res['tokens_s']:>9,.0f} {res['cpu_s']:>7.1f} "
                   f"{res['wall_s']:>7.1f}  {res['metrics']}", flush=True)
-    (a, _), (b, _) = sides
+    a, b = (name for name, _, _ in sides)
     med = {s: {k: statistics.median(x[k] for x in results[s]) for k in ("tokens_s", "cpu_s")}
            for s in results}
     for s in (a, b):
-        print(f"median {s[:12]}: {med[s]['tokens_s']:,.0f} tokens/s, {med[s]['cpu_s']:.1f} cpu s")
+        print(f"median {s}: {med[s]['tokens_s']:,.0f} tokens/s, {med[s]['cpu_s']:.1f} cpu s")
     print(f"B/A: tokens/s x{med[b]['tokens_s'] / med[a]['tokens_s']:.3f}, "
           f"cpu s x{med[b]['cpu_s'] / med[a]['cpu_s']:.3f}")
     same = len({x["metrics"] for s in results for x in results[s]}) == 1
