@@ -193,9 +193,10 @@ def _spy_catalogue_work(monkeypatch, num_items):
 
 def test_draws_never_touch_the_catalogue(monkeypatch):
     """A draw's cost is O(batch) whatever the catalogue: neither the per-query nor the shared
-    draw builds an array of the catalogue's size, also where the draw is as large as the
-    catalogue (KuaiRand-1K: 4.2M draws, 4.37M items, where a dense count used to run). The
-    arrays are the ones a dense count gives."""
+    draw builds an array of the catalogue's size, also where the draw is nearly as large as
+    the catalogue (KuaiRand-1K: 4.2M draws, 4.37M items, where a dense count used to run; a
+    draw at least as large counts: the next test). The arrays are the ones a dense count
+    gives."""
     from hstu.data.negatives import NegativeSampler
 
     sample_ids, lengths = np.array([3, 8, 1]), np.array([7, 1, 12])
