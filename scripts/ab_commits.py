@@ -92,8 +92,13 @@ def run_once(cmd: str, cwd: Path, env: dict[str, str]) -> dict:
         text=True, start_new_session=True,
     )
     assert proc.stdout is not None
-    lines = proc.stdout.read().splitlines()
-    _, status, usage = os.wait4(proc.pid, 0)
+    try:
+        lines = proc.stdout.read().splitlines()
+        _, status, usage = os.wait4(proc.pid, 0)
+    except BaseException:  # interrupted: the run (its whole session) goes too, then re-raise
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
     rates = [float(m.group(2).replace(",", "")) for m in map(_TOKENS.match, lines) if m]
@@ -134,6 +139,8 @@ def main() -> None:
     p.add_argument("--env-b", action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment of B's runs only")
     args = p.parse_args()
+    # a SIGTERM unwinds like Ctrl-C, so the run and the load processes are stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     python = str(ROOT / ".venv" / "bin" / "python")
     data = prepare_data(python, args.raw) if "{data}" in args.cmd else None
