@@ -20,8 +20,11 @@ Which draw a strategy makes is its entry in ``hstu.registry.NEGATIVE_SAMPLING``:
 - evaluation batches carry the key empty (the key order must not change between calls of a
   sharded collection).
 
-Every draw is O(batch): a hash per drawn id and a sort of the drawn ids, never an array or a
-pass of the catalogue's size.
+Every draw is O(batch): a hash per drawn id, then its distinct ids by a sort of the drawn ids
+where the catalogue is larger than the draw (never an array or a pass of the catalogue's size),
+or by a count over the catalogue where it is at most as large as the draw (ML-100K: 1.6M draws
+of 1,682 ids; the count's arrays are then no larger than the draw, and the sort cost 5x more:
+docs/performance.md "A/B of two commits").
 
 Draws are a hash of (seed, epoch, sample id, position, slot), not a stream (shared draws: of
 (seed, epoch, the batch's set of sample ids, slot)): a sample gets the
@@ -68,12 +71,24 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return _mix_(out, np.empty_like(out))
 
 
-def _distinct(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(sorted distinct ids [U], each entry's rank among them (ids' shape), how often each
-    distinct id occurs [U]) of int64 ``ids``: a sort of the D ids (D log D), never a pass
-    over the catalogue, so a step's cost stays O(batch) on catalogues of millions of items."""
-    uniq, inverse, counts = np.unique(ids.reshape(-1), return_inverse=True, return_counts=True)
-    return (uniq.astype(np.int64, copy=False), inverse.astype(np.int64).reshape(ids.shape),
+def _distinct(ids: np.ndarray, low: int, span: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sorted distinct ids + ``low`` [U], each entry's rank among them (ids' shape), how often
+    each distinct id occurs [U]) of int64 ``ids`` in [0, span).
+
+    Where the span is at most the number D of ids, a count over the span (D + span: its
+    arrays no larger than ``ids``); else a sort of the D ids (D log D), never a pass over the
+    catalogue, so a step's cost stays O(batch) on catalogues of millions of items. Both give
+    the same arrays."""
+    flat = ids.reshape(-1)
+    if span <= flat.size:
+        counts = np.bincount(flat, minlength=span)
+        present = counts > 0
+        at = np.flatnonzero(present)
+        slot = np.cumsum(present, dtype=np.int64)
+        slot -= 1
+        return at + low, np.take(slot, ids), counts[at]
+    uniq, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
+    return (uniq.astype(np.int64) + low, inverse.astype(np.int64).reshape(ids.shape),
             counts.astype(np.int64, copy=False))
 
 
@@ -146,8 +161,7 @@ class NegativeSampler:
             t *= span
             x -= t
         ids = raw.view(np.int64)  # < span < 2**63: same values
-        ids += self.min_item_id
-        return _distinct(ids)
+        return _distinct(ids, self.min_item_id, int(span))
 
     def draw_shared(self, sample_ids: np.ndarray, epoch: int) -> np.ndarray:
         """The sorted distinct ids [U <= M] of M uniform draws for a whole batch: a hash of

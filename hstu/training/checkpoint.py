@@ -7,8 +7,8 @@ Layout of ``<root>/iter_<step>/``:
   by data-parallel rank 0 of that TP rank; replicated over data-parallel ranks);
 - ``meta.pt``: step, data position, world sizes, best-checkpoint state; ``rng_rank<r>.pt``:
   each rank's RNG states;
-- ``manifest.json``: size and CRC32 of every other file, written last. A folder without it
-  was never completed.
+- ``manifest.json``: size and CRC32 of every other file (digested from the bytes as they are
+  written, not read back), written last. A folder without it was never completed.
 
 Everything is written into ``iter_<step>.tmp``, every file and the folder are fsynced, then
 the folder is renamed into place and ``latest`` (a one-line text file) replaced atomically.
@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import errno
 import glob
+import io
 import json
 import os
 import shutil
+import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystem
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -193,12 +197,118 @@ def _crc32(path: str, chunk: int = 1 << 22) -> int:
     return crc
 
 
-def _describe_files(folder: str, names: list[str]) -> dict[str, dict[str, int]]:
+class _Digests:
+    """Size and CRC32 of the files this process writes, taken from the bytes as they are
+    written (no file is read back). Keyed by the file's path; thread-safe (DCP may write
+    from several threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._files: dict[str, dict[str, int]] = {}
+
+    def record(self, path: str, size: int, crc: int) -> None:
+        with self._lock:
+            self._files[os.path.abspath(path)] = {"size": size, "crc32": crc}
+
+    def rename(self, path: str, new_path: str) -> None:
+        with self._lock:
+            entry = self._files.pop(os.path.abspath(path), None)
+            if entry is not None:
+                self._files[os.path.abspath(new_path)] = entry
+
+    def of(self, path: str) -> dict[str, int] | None:
+        with self._lock:
+            return self._files.get(os.path.abspath(path))
+
+
+class _DigestingWriter(io.RawIOBase):
+    """A binary file opened for writing that keeps the running size and CRC32 of what is
+    written through it (recorded in ``digests`` at close). Seeking is refused: a digest of
+    a stream is only the file's when nothing is written twice."""
+
+    def __init__(self, path: str, digests: _Digests) -> None:
+        super().__init__()
+        self._fh = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self._path, self._digests = path, digests
+        self._size = self._crc = 0
+
+    @property
+    def name(self) -> str:
+        """The file's path (as a file object's ``name``)."""
+        return self._path
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        written = self._fh.write(view)
+        if written != len(view):  # a buffered file writes all or raises
+            raise OSError(errno.EIO, f"short write ({written} of {len(view)} bytes)", self._path)
+        self._crc = zlib.crc32(view, self._crc)
+        self._size += written
+        return written
+
+    def tell(self) -> int:
+        return self._size
+
+    def seekable(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self._fh.fileno()
+
+    def flush(self) -> None:
+        if not self._fh.closed:
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._fh.close()
+        finally:
+            super().close()
+        self._digests.record(self._path, self._size, self._crc)
+
+
+class _DigestingFileSystem(FileSystem):
+    """DCP's local file system, its written files digested as they are written."""
+
+    def __init__(self, digests: _Digests) -> None:
+        super().__init__()
+        self.digests = digests
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[io.IOBase]:
+        if mode != "wb":
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        stream = _DigestingWriter(os.fspath(path), self.digests)
+        try:
+            yield stream
+        finally:
+            stream.close()
+
+    def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
+        super().rename(path, new_path)
+        self.digests.rename(os.fspath(path), os.fspath(new_path))
+
+
+def _describe_files(folder: str, names: list[str], digests: _Digests) -> dict[str, dict[str, int]]:
+    """Size and CRC32 of each file, as digested while it was written; each is fsynced."""
     out = {}
     for name in names:
         path = os.path.join(folder, name)
         _fsync_file(path)
-        out[name] = {"size": os.path.getsize(path), "crc32": _crc32(path)}
+        entry = digests.of(path)
+        if entry is None:  # every file of a save goes through a digesting writer
+            raise RuntimeError(f"{path}: written without its digest")
+        size = os.path.getsize(path)
+        if size != entry["size"]:
+            raise OSError(errno.EIO, f"{size} bytes on disk, {entry['size']} written", path)
+        out[name] = dict(entry)
     return out
 
 
@@ -276,8 +386,11 @@ def _write_files(tmp: str, state: CheckpointState, place: RankPlace) -> None:
             return no_space_line(path or tmp, need, free, " before the save")
         return describe_os_error(exc, path)
 
+    digests = _Digests()
     try:
-        dcp.save(state.sharded, checkpoint_id=tmp)
+        writer = dcp.FileSystemWriter(tmp)
+        writer.fs = _DigestingFileSystem(digests)
+        dcp.save(state.sharded, storage_writer=writer)
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - DCP's is a BaseException
         if isinstance(exc, CheckpointException) and exc.failures:
             exc = next(iter(exc.failures.values()))[0]  # a rank's own error
@@ -293,7 +406,8 @@ def _write_files(tmp: str, state: CheckpointState, place: RankPlace) -> None:
             for name, obj in writes:
                 path = os.path.join(tmp, name)
                 try:
-                    torch.save(obj, path)
+                    with _DigestingWriter(path, digests) as fh:
+                        torch.save(obj, fh)
                 except RuntimeError as exc:  # torch.save wraps the OSError of a short write
                     raise OSError(errno.EIO, " ".join(str(exc).split()), path) from exc
                 mine.append(name)
@@ -301,7 +415,7 @@ def _write_files(tmp: str, state: CheckpointState, place: RankPlace) -> None:
             mine += [os.path.basename(p) for p in shards]
             if rank == 0:
                 mine.append(".metadata")
-            files = _describe_files(tmp, mine)
+            files = _describe_files(tmp, mine, digests)
         except OSError as exc:
             problem = f"step {step}: cannot write checkpoint file {failed(exc)}"
     agree(problem)

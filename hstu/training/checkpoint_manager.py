@@ -424,8 +424,13 @@ class CheckpointManager:
 
     def save(self, step: int, best: bool = False) -> str:
         """Writes the checkpoint of ``step`` (into the best root when ``best``), then prunes.
-        A periodic save says so on the console."""
+        A periodic save says so on the console. A step already saved under that root (a
+        preemption that lands on a save step asks again) returns its path: its state is
+        neither gathered nor written a second time."""
         lifecycle = self.best_saves if best else self.periodic
+        done = lifecycle.saved_at(step)
+        if done is not None:
+            return done
         path = lifecycle.save(step, self.state(step), self.place)
         if not best:
             self.log(f"[hstu] step {step}: checkpoint saved to {path}")

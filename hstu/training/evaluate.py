@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -64,20 +65,33 @@ def _all_reduce_host(t: torch.Tensor, op) -> torch.Tensor:
     return host.to(t.device)
 
 
+def _user_keys(users: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded 64-bit hash of each user id (splitmix64's finaliser over seed and id), uint64
+    [n]: the same for a user whatever the split's size, order or rank."""
+    with np.errstate(over="ignore"):
+        x = users.astype(np.uint64) ^ (np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15))
+        for shift, mul in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+            x ^= x >> np.uint64(shift)
+            x *= np.uint64(mul)
+        x ^= x >> np.uint64(31)
+    return x
+
+
 def eval_subset(loader: Any, num_users: int, seed: int) -> tuple[Any, int, int]:
     """(the loader over a fixed random subset of ``num_users`` of its samples, the subset's
-    size, the split's size): the samples whose hash of (seed, user id) is smallest, the same
-    on every rank and at every evaluation. ``num_users`` 0 or at least the split: the loader."""
+    size, the split's size): the samples whose seeded hash of the user id is smallest (ties
+    by position), the same on every rank and at every evaluation; O(split) work, nothing of
+    the user id range's size. ``num_users`` 0 or at least the split: the loader."""
     from hstu.data.loader import SequenceLoader
 
     total = len(loader.samples) if isinstance(loader, SequenceLoader) else 0
     if num_users <= 0 or not isinstance(loader, SequenceLoader) or num_users >= total:
         return loader, total, total
-    users = torch.from_numpy(loader.samples.user.astype("int64"))
-    gen = torch.Generator().manual_seed(seed)
-    # a seeded random key per user id: a permutation of the id range, indexed by id
-    keys = torch.randperm(int(users.max()) + 1, generator=gen)[users]
-    keep = torch.sort(torch.argsort(keys, stable=True)[:num_users]).values.numpy()
+    keys = _user_keys(loader.samples.user, seed)
+    kth = np.partition(keys, num_users - 1)[num_users - 1]
+    below = np.flatnonzero(keys < kth)
+    tied = np.flatnonzero(keys == kth)[: num_users - below.size]
+    keep = np.sort(np.concatenate([below, tied]))
     return loader.subset(keep), num_users, total
 
 
@@ -292,21 +306,62 @@ def count_ranks(scores: torch.Tensor, targets: torch.Tensor, excluded_rows: torc
     return ranks.float().masked_fill(~valid | target_excluded, float("inf"))
 
 
+# rows of the item column counted per block by range_item_counts (int32 ids: 16 MiB)
+_COUNT_BLOCK_ROWS = 1 << 22
+
+
+def range_item_counts(items: np.ndarray, starts: np.ndarray, ends: np.ndarray, num_items: int,
+                      block_rows: int | None = None) -> np.ndarray:
+    """How often each item id occurs in the rows ``starts[i]:ends[i]`` of ``items`` (a row
+    in several ranges counted once per range), int64 [num_items]. Legend: N rows of
+    ``items`` (a memory-mapped column of :class:`hstu.data.store.SequenceStore`), S ranges.
+
+    The ranges are visited in row order in groups spanning about ``block_rows`` rows (one
+    range longer than that alone); each group counts its slice of the column weighted by how
+    many of its ranges cover each row. Memory: O(S + block_rows + num_items), never an
+    array of the ranges' total rows (the copy of every training interaction it replaces).
+    ``block_rows`` None: ``_COUNT_BLOCK_ROWS``."""
+    block_rows = block_rows or _COUNT_BLOCK_ROWS
+    counts = np.zeros(num_items, dtype=np.int64)
+    keep = ends > starts
+    order = np.argsort(starts[keep], kind="stable")
+    lo_all = starts[keep][order].astype(np.int64)
+    hi_all = ends[keep][order].astype(np.int64)
+    reach = np.maximum.accumulate(hi_all) if hi_all.size else hi_all  # furthest end so far
+    i = 0
+    while i < lo_all.size:
+        lo = int(lo_all[i])
+        # the next ranges whose rows (and every earlier range's) end by lo + block_rows
+        j = max(i + 1, int(np.searchsorted(reach, lo + block_rows, side="right")))
+        hi = int(reach[j - 1])
+        cover = np.zeros(hi - lo + 1, dtype=np.int32)
+        np.add.at(cover, lo_all[i:j] - lo, 1)
+        np.add.at(cover, hi_all[i:j] - lo, -1)
+        cover = np.cumsum(cover[:-1], dtype=np.int32)
+        ids = np.asarray(items[lo:hi])
+        if np.all(cover == 1):
+            counts += np.bincount(ids, minlength=num_items)
+        else:
+            weighted = np.bincount(ids, weights=cover, minlength=num_items)
+            counts += np.rint(weighted).astype(np.int64)
+        i = j
+    return counts
+
+
 @torch.no_grad()
 def popularity_baseline(train_loader: Any, eval_loader: Any, cfg: RunConfig, env: DistEnv,
                         max_iters: int | None) -> dict[str, float] | None:
     """The retrieval metrics of ranking items by how often they occur in the training split
     (history excluded unless ``RetrievalArgs.eval_exclude_history`` is False: the model's
     protocol). None where it does not apply."""
-    from hstu.data.loader import SequenceLoader, gather_ranges
+    from hstu.data.loader import SequenceLoader
 
     if cfg.task != "retrieval" or not isinstance(train_loader, SequenceLoader):
         return None
     store, samples = train_loader.store, train_loader.samples
-    num_items = int(store.items.max()) + 1
-    counts = torch.bincount(
-        torch.from_numpy(store.items[gather_ranges(samples.hist_start, samples.cand_end)]),
-        minlength=num_items,
+    num_items = int(store.items.max()) + 1  # a pass over the mapped column, no copy
+    counts = torch.from_numpy(
+        range_item_counts(store.items, samples.hist_start, samples.cand_end, num_items)
     ).double()
     counts[0] = -1.0  # id 0 is never an item
     ordered = torch.sort(counts).values  # the same for every batch

@@ -195,8 +195,9 @@ class CheckpointLifecycle:
     def save(self, step: int, state: CheckpointState, place: RankPlace) -> str:
         """Writes ``iter_<step>`` (once per step and process), then prunes. Raises
         FloatingPointError (nothing written) if any weight or optimizer state is not finite."""
-        if self.last_saved is not None and self.last_saved[0] == step:
-            return self.last_saved[1]
+        done = self.saved_at(step)
+        if done is not None:
+            return done
         bad = first_non_finite({"dense": state.dense, "embeddings": state.sharded})
         if bad is not None:
             latest = ""
@@ -210,6 +211,13 @@ class CheckpointLifecycle:
         self.last_saved = (step, path)
         self.prune()
         return path
+
+    def saved_at(self, step: int) -> str | None:
+        """The path this process last saved (or resumed from) under this root when it is
+        ``step``'s, else None: saving ``step`` again would write the same state."""
+        if self.last_saved is not None and self.last_saved[0] == step:
+            return self.last_saved[1]
+        return None
 
     def mark_saved(self, step: int, path: str) -> None:
         """A resume from ``path`` under this root: saving that step again is not needed."""

@@ -195,9 +195,10 @@ def _spy_catalogue_work(monkeypatch, num_items):
 
 def test_draws_never_touch_the_catalogue(monkeypatch):
     """A draw's cost is O(batch) whatever the catalogue: neither the per-query nor the shared
-    draw builds an array of the catalogue's size, also where the draw is as large as the
-    catalogue (KuaiRand-1K: 4.2M draws, 4.37M items, where a dense count used to run). The
-    arrays are the ones a dense count gives."""
+    draw builds an array of the catalogue's size, also where the draw is nearly as large as
+    the catalogue (KuaiRand-1K: 4.2M draws, 4.37M items, where a dense count used to run; a
+    draw at least as large counts: the next test). The arrays are the ones a dense count
+    gives."""
     from hstu.data.negatives import NegativeSampler
 
     sample_ids, lengths = np.array([3, 8, 1]), np.array([7, 1, 12])
@@ -230,3 +231,35 @@ def test_shared_draw_is_one_set_per_batch_independent_of_order():
         assert not np.array_equal(a, other)
     # 4000 uniform draws over 999 ids: about 98% of them, never 0
     assert a.min() >= 1 and a.max() == 999 and a.size > 950
+
+
+def test_draw_larger_than_the_catalogue_counts_instead_of_sorting(monkeypatch):
+    """Where the draw holds at least as many ids as the catalogue (ML-100K: 1.6M draws of
+    1,682 ids), the distinct ids come from a count over the catalogue, not a sort of the draw
+    (the sort made the data thread 2.3x slower: docs/performance.md "A/B of two commits");
+    the arrays equal a plain sort's, on either side of the threshold."""
+    from hstu.data import negatives
+    from hstu.data.negatives import NegativeSampler
+
+    sample_ids, lengths = np.array([3, 8, 1]), np.array([7, 1, 12])  # 17 queries
+    sorts = []
+    real_unique = np.unique
+
+    def spy(*a, **k):
+        sorts.append(a[0].size)
+        return real_unique(*a, **k)
+
+    monkeypatch.setattr(negatives.np, "unique", spy)
+    for num_items, m, sorted_ in ((40, 16, False), (273, 16, False), (274, 16, True),
+                                  (5000, 4, True)):
+        sorts.clear()
+        ids, index, counts = NegativeSampler("uniform", m, 1, num_items, "item", 9).draw_counted(
+            sample_ids, lengths, 2)
+        assert bool(sorts) == sorted_, (num_items, m)
+        drawn = ids[index]
+        ref_ids, ref_inverse, ref_counts = real_unique(
+            drawn.reshape(-1), return_inverse=True, return_counts=True)
+        assert np.array_equal(ids, ref_ids) and np.array_equal(counts, ref_counts)
+        assert np.array_equal(index.reshape(-1), ref_inverse.reshape(-1))
+        assert index.dtype == np.int64 and ids.dtype == np.int64 and counts.dtype == np.int64
+        assert drawn.min() >= 1 and drawn.max() < num_items

@@ -116,10 +116,11 @@ def _body_write_fault(rank: int, world_size: int, tmp: str, code: int) -> None:
     _save(lc, 5, 5.0)
     real_save = torch.save
 
-    def failing_save(obj, path, *a, **k):  # the device fills up under rank 1's dense write
+    def failing_save(obj, f, *a, **k):  # the device fills up under rank 1's dense write
+        path = getattr(f, "name", f)  # a path or a file object
         if rank == 1 and "rng_rank1" in str(path):
             raise OSError(code, os.strerror(code), str(path))
-        return real_save(obj, path, *a, **k)
+        return real_save(obj, f, *a, **k)
 
     torch.save = failing_save
     try:
@@ -282,11 +283,11 @@ def _body_full_disk(rank: int, world_size: int, tmp: str, root: str, emulate: bo
         # fits by the tensors' bytes, not with the files' overhead: the write fails (torch's
         # zip writer loses the errno: "unexpected pos ...") and the line still says why
         if emulate:
-            def failing_save(obj, path, *a, **k):
-                if "dense" in str(path):
+            def failing_save(obj, f, *a, **k):
+                if "dense" in str(getattr(f, "name", f)):  # a path or a file object
                     ckpt.shutil.disk_usage = lambda p: real_usage(p)._replace(free=0)
                     raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
-                return real_save(obj, path, *a, **k)
+                return real_save(obj, f, *a, **k)
 
             torch.save = failing_save
         sharded, dense, rng, _ = _states(rank, 0.0)
@@ -368,3 +369,49 @@ def test_best_tracker_prior_rule_state_round_trip():
     old = BestTracker("AUC", loss_limit=1.0)
     old.load_state_dict({"value": 0.6, "step": 5, "evals_since_best": 0})
     assert (old.step, old.fallback, old.ineligible) == (5, False, 0)
+
+
+def _body_checksums_while_writing(rank: int, world_size: int, tmp: str) -> None:
+    import zlib
+
+    from hstu.training import checkpoint as ckpt
+    from hstu.training.lifecycle import CheckpointLifecycle
+
+    def read_back(path: str, chunk: int = 1 << 22) -> int:
+        raise AssertionError(f"a save read {path} back for its checksum")
+
+    root = os.path.join(tmp, "ckpt")
+    lc = CheckpointLifecycle(root, keep_last_n=None, log=lambda _m: None)
+    real = ckpt._crc32
+    ckpt._crc32 = read_back
+    try:
+        path = _save(lc, 7, value=3.0)
+    finally:
+        ckpt._crc32 = real
+    with open(os.path.join(path, "manifest.json")) as fh:
+        files = json.load(fh)["files"]
+    assert {".metadata", "meta.pt", "dense_tp0.pt", "rng_rank0.pt", "rng_rank1.pt",
+            "__0_0.distcp", "__1_0.distcp"} <= set(files), sorted(files)
+    for name, want in files.items():  # the digests taken while writing are the files'
+        with open(os.path.join(path, name), "rb") as fh:
+            data = fh.read()
+        assert (len(data), zlib.crc32(data)) == (want["size"], want["crc32"]), name
+    ckpt.verify(path)  # a load's check passes
+    dist.barrier()
+    if rank == 0:  # one byte flipped, the size unchanged: still detected
+        victim = os.path.join(path, "__1_0.distcp")
+        with open(victim, "r+b") as fh:
+            fh.seek(os.path.getsize(victim) // 2)
+            byte = fh.read(1)
+            fh.seek(-1, os.SEEK_CUR)
+            fh.write(bytes([byte[0] ^ 0xFF]))
+    dist.barrier()
+    with pytest.raises(ckpt.CheckpointError, match=r"__1_0\.distcp: checksum differs"):
+        ckpt.verify(path)
+
+
+def test_checksums_are_taken_while_writing_and_still_catch_damage(tmp_path):
+    """A save's manifest holds each file's size and CRC32 from the bytes as they were written
+    (no file read back: the read-back helper fails the test), equal to the files' own; a
+    flipped byte in a table shard is still named at load."""
+    run_multiprocess(_body_checksums_while_writing, world_size=2, tmp=str(tmp_path))
