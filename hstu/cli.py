@@ -11,6 +11,7 @@ from hstu.config import RunConfig, Task, check_run, load_config
 from hstu.console import fail, quiet_start
 from hstu.data.errors import DataError
 from hstu.data.sizes import describe_sizes, resolve_sizes
+from hstu.training.host_settings import HostSettings
 
 
 def parse_args(task: Task, argv: list[str] | None = None) -> argparse.Namespace:
@@ -100,6 +101,7 @@ def main(task: Task, argv: list[str] | None = None) -> int:
     try:
         # everything the run checks before its first step, --check-config checks too
         world_size, source = world_size_of(ns)
+        HostSettings.from_env()  # the HSTU_* variables the run applies (one line if malformed)
         try:
             cfg = load_config(ns.gin_config_file, ns.gin_param, task=task, world_size=world_size)
         except ConfigError as exc:

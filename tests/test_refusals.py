@@ -86,13 +86,15 @@ CASES = [
 ]
 
 
-def _run(bindings: list[str], extra: list[str], check: bool = True) -> subprocess.CompletedProcess:
+def _run(bindings: list[str], extra: list[str], check: bool = True,
+         env_vars: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     argv = [sys.executable, "pretrain_gr_retrieval.py", "--gin-config-file", PRESET]
     for binding in bindings:
         argv += ["--gin-param", binding]
     if check:
         argv += ["--check-config", *extra]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(env_vars or {})
     return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
                           check=False)
 
@@ -115,6 +117,16 @@ def test_a_refusal_is_one_line_naming_its_field(bindings, extra, field, words) -
     assert words in line, line
     # the gin source that set it: the preset, or the --gin-param binding
     assert PRESET in line or "--gin-param" in line, line
+
+
+@pytest.mark.parametrize(("name", "value", "words"), [
+    ("HSTU_PIN_RANKS", "yes", "must be 0 or 1"), ("HSTU_FEED_NICE", "low", "must be an integer"),
+])
+def test_a_malformed_host_setting_is_one_line(name, value, words) -> None:
+    """The HSTU_* variables the run applies (hstu.training.host_settings) are read before
+    --check-config answers."""
+    line = _the_one_line(_run([], [], env_vars={name: value}))
+    assert f"{name}={value!r}: {words}" in line, line
 
 
 def test_without_the_triggering_binding_the_preset_passes() -> None:
