@@ -125,10 +125,77 @@ def check_full_corpus_optimizer(
         )
 
 
+def check_sparse_optimizer(optimizer: Any, sharded: list[str], device_type: str) -> None:
+    """FBGEMM's CPU kernels have no fused Adam, and TorchRec updates model_parallel (and
+    dynamic) tables with fused kernels only: refuse Adam there before FBGEMM fails deep in
+    the sharding (``sharded``: the names of the run's model_parallel and dynamic tables;
+    ``device_type``: "cpu" or "cuda")."""
+    name = optimizer.resolved_sparse_optimizer_str
+    if device_type == "cpu" and name in ("adam", "adamw") and sharded:
+        raise ConfigError(
+            "OptimizerArgs", "sparse_optimizer_str",
+            f"{name!r} has no fused CPU kernel in FBGEMM for model_parallel/dynamic tables "
+            f"({', '.join(map(repr, sharded))}); on CPU use 'rowwise_adagrad' or 'sgd' "
+            "(adam works on GPU)",
+        )
+
+
+def check_sharding_overrides(tables: list[Any], offered: list[str], device_type: str) -> None:
+    """Each EmbeddingArgs.sharding_override is a type TorchRec's sequence-embedding sharder
+    offers on the run's device (``offered``: its ``sharding_types(device_type)``); TorchRec's
+    planner otherwise fails with "No available sharding type"."""
+    for table in tables:
+        override = table.sharding_override
+        if override != "auto" and override not in offered:
+            choices = ", ".join(t for t in offered if t != "data_parallel")
+            raise ConfigError(
+                type(table).__name__, "sharding_override",
+                f"table {table.table_name!r}: TorchRec's EmbeddingCollectionSharder (sequence "
+                f"embeddings, as HSTU's tables are) does not offer {override!r} on "
+                f"{device_type}; choose one of {choices}",
+            )
+
+
+def check_cached_float16(network: Any, tables: list[Any], device_type: str) -> None:
+    """float16 skips an overflowing step by restoring the rows it touched, which a table
+    behind a UVM cache (DynamicEmbeddingArgs.caching=True, on CUDA) does not allow."""
+    cached = [t.table_name for t in tables if getattr(t, "caching", False)]
+    if network.dtype_str == "float16" and cached and device_type == "cuda":
+        raise ConfigError(
+            "NetworkArgs", "dtype_str",
+            f"float16 cannot skip an overflowing step of table {cached[0]!r} behind a UVM "
+            "cache (DynamicEmbeddingArgs.caching=True): use bfloat16, or caching=False",
+        )
+
+
+def check_placement(
+    network: Any, optimizer: Any, retrieval: Any, tables: list[Any], item_feature: str | None,
+    device_type: str, world_size: int,
+) -> None:
+    """The checks that need the run's tables, the device it uses and its world size; run
+    by ``--check-config`` (:func:`hstu.config.check_run`) and again by the trainer's builder
+    on the tables it builds. ``item_feature``: the data's item feature (None: no item
+    table)."""
+    sharded = [t.table_name for t in tables if t.sharding_type != "data_parallel"]
+    check_sparse_optimizer(optimizer, sharded, device_type)
+    check_cached_float16(network, tables, device_type)
+    item = next((t for t in tables if item_feature in t.feature_names), None)
+    check_full_corpus_optimizer(
+        retrieval, optimizer, item and item.sharding_type, world_size,
+        item.sharding_override if item is not None else "auto",
+    )
+
+
 def check_parallel(network: Any, tp: Any, world_size: int | None = None) -> None:
     """Heads split evenly over the TP group (``network``: NetworkArgs, ``tp``:
     TensorModelParallelArgs); the TP group divides the world."""
     size = tp.tensor_model_parallel_size
+    if network.compile and size > 1:
+        raise ConfigError(
+            "NetworkArgs", "compile",
+            "True compiles the single-rank layer tail; it is not supported with "
+            f"TensorModelParallelArgs.tensor_model_parallel_size={size} (set compile = False)",
+        )
     if network.num_attention_heads % size != 0:
         raise ConfigError(
             "NetworkArgs",
@@ -400,15 +467,21 @@ __all__ = [
     "MAX_BATCH_TOKENS",
     "check_architecture",
     "check_batch_tokens",
+    "check_cached_float16",
     "check_causal",
     "check_dataset_name",
+    "check_full_corpus_optimizer",
+    "check_full_corpus_table",
     "check_history_loss",
     "check_parallel",
     "check_peer_mask",
+    "check_placement",
     "check_rab_query_time",
     "check_ranking_data",
     "check_ranking_head",
     "check_selection",
+    "check_sharding_overrides",
+    "check_sparse_optimizer",
     "check_table_features",
     "check_tables",
     "evaluated_metrics",

@@ -7,10 +7,11 @@ import os
 import sys
 
 from hstu.args import ConfigError
-from hstu.config import RunConfig, Task, load_config
+from hstu.config import RunConfig, Task, check_run, load_config
 from hstu.console import fail, quiet_start
 from hstu.data.errors import DataError
 from hstu.data.sizes import describe_sizes, resolve_sizes
+from hstu.training.host_settings import HostSettings
 
 
 def parse_args(task: Task, argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,10 +41,29 @@ def parse_args(task: Task, argv: list[str] | None = None) -> argparse.Namespace:
         "--nnodes x --nproc_per_node); default: WORLD_SIZE under torchrun, else 1 (a plain "
         "python run is a world of 1)",
     )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="with --check-config: the device the run will use; default: this host's (cuda "
+        "when torch sees a GPU, else cpu), which a run always uses",
+    )
     ns = parser.parse_args(argv)
     if ns.world_size is not None and ns.world_size < 1:
         parser.error(f"--world-size must be >= 1, got {ns.world_size}")
+    if ns.device is not None and not ns.check_config:
+        parser.error("--device is for --check-config (a run uses this host's device)")
     return ns
+
+
+def device_of(ns: argparse.Namespace) -> str:
+    """The device type the configuration is checked against: ``--device``, else what
+    :func:`hstu.training.distributed.init_distributed` will pick (CUDA when available)."""
+    if ns.device is not None:
+        return ns.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def world_size_of(ns: argparse.Namespace) -> tuple[int, str]:
@@ -81,6 +101,7 @@ def main(task: Task, argv: list[str] | None = None) -> int:
     try:
         # everything the run checks before its first step, --check-config checks too
         world_size, source = world_size_of(ns)
+        HostSettings.from_env()  # the HSTU_* variables the run applies (one line if malformed)
         try:
             cfg = load_config(ns.gin_config_file, ns.gin_param, task=task, world_size=world_size)
         except ConfigError as exc:
@@ -94,6 +115,8 @@ def main(task: Task, argv: list[str] | None = None) -> int:
         # "auto" sizes from the preprocessed data's metadata, and too-small fixed sizes
         # refused, before any process group or model exists
         cfg = resolve_sizes(cfg)
+        # the tables on this device and world: what the builder would refuse, refused now
+        check_run(cfg, device_of(ns), world_size)
     except (ConfigError, DataError) as exc:
         return fail(str(exc))
     if ns.check_config:

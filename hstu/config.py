@@ -211,4 +211,44 @@ def load_config(
     )
 
 
-__all__ = ["RunConfig", "Task", "load_config"]
+def _run_tables(cfg: RunConfig) -> tuple[list[A.EmbeddingArgs], str]:
+    """(the tables the run builds, the data's item feature): the dataset's predefined tables
+    with the gin ones over them (as :func:`hstu.training.builder.build_all` makes them), or
+    the benchmark's."""
+    if isinstance(cfg.dataset, A.BenchmarkDatasetArgs):
+        return list(cfg.tables), cfg.dataset.item_feature_name
+    from hstu.data.sizes import info_from_metadata, read_metadata
+
+    info = info_from_metadata(read_metadata(cfg.dataset, cfg.extras), cfg.dataset, cfg.task)
+    return info.default_tables(overrides=cfg.tables), info.item_feature_name
+
+
+def _offered_sharding_types(device_type: str) -> list[str]:
+    """The sharding types TorchRec's sequence-embedding sharder offers on ``device_type``
+    (imports TorchRec: asked only when a table names a sharding_override)."""
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
+
+    return list(EmbeddingCollectionSharder().sharding_types(device_type))
+
+
+def check_run(cfg: RunConfig, device_type: str, world_size: int) -> None:
+    """The checks that need the run's tables (after :func:`hstu.data.sizes.resolve_sizes`),
+    the device it will use ("cpu" or "cuda") and its world size: what the trainer's builder
+    would refuse, refused before any process group exists, by the run and by
+    ``--check-config`` alike. Raises ConfigError (one line, with the gin file and line)."""
+    tables, item_feature = _run_tables(cfg)
+    try:
+        checks.check_placement(cfg.network, cfg.optimizer, cfg.retrieval, tables, item_feature,
+                               device_type, world_size)
+        if any(t.sharding_override != "auto" for t in tables):
+            checks.check_sharding_overrides(tables, _offered_sharding_types(device_type),
+                                            device_type)
+    except A.ConfigError as exc:
+        table = next((t.table_name for t in tables if repr(t.table_name) in exc.message), "")
+        where = (cfg.locations.get((exc.cls_name, exc.field_name or "", table))
+                 or cfg.locations.get((exc.cls_name, exc.field_name or "", ""))
+                 or (cfg.sources[0] if cfg.sources else "<config>"))
+        raise exc.with_location(where) from None
+
+
+__all__ = ["RunConfig", "Task", "check_run", "load_config"]

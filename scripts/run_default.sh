@@ -7,5 +7,11 @@ NPROC=2
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   NPROC=$(nvidia-smi -L | wc -l)
 fi
+# torchrun sets one OpenMP thread per worker when it starts several and OMP_NUM_THREADS is
+# unset, with a 4-line banner saying so; set the same value here (a user's own value is kept),
+# so the threads are as before and the banner is not printed.
+if [ "$NPROC" -gt 1 ]; then
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+fi
 exec .venv/bin/torchrun --standalone --nproc_per_node "$NPROC" \
   pretrain_gr_retrieval.py --gin-config-file configs/default_retrieval.gin "$@"

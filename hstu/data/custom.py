@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from hstu.columns import pick_column
 from hstu.data.data_args import CustomDataArgs
 from hstu.data.errors import DataError
-from hstu.data.parsing import Columns, read_delimited
+from hstu.data.parsing import Columns, TextFormat, read_delimited
 from hstu.data.raw import RawSource
 from hstu.data.sources import Parsed
 
@@ -276,10 +276,7 @@ def _read_text(path: str, raw: bytes, columns: dict[str, str], args: CustomDataA
         raw,
         str(path),
         {c: kinds[k] for c, k in columns.items()},
-        delimiter=delimiter,
-        header=args.has_header,
-        names=names,
-        quoted=True,
+        TextFormat(delimiter=delimiter, header=args.has_header, names=names, quoted=True),
     )
     for c, k in columns.items():
         if k == "id":

@@ -63,57 +63,65 @@ class Columns:
         return Columns(data, segments)
 
 
-def _column_names(
-    first: bytes,
-    where: str,
-    columns: dict[str, str],
-    sep: str,
-    header: bool,
-    names: list[str] | None,
-    quoted: bool,
-) -> list[str]:
-    """The file's column names (from its first line `first`, BOM removed, when `header`,
-    else `names`), checked against the wanted `columns`."""
-    if header:
+@dataclass(frozen=True)
+class TextFormat:
+    """How a delimited file is written."""
+
+    delimiter: str
+    """Field separator (several characters allowed in read_delimited, e.g. MovieLens "::")."""
+    header: bool
+    """The first line names the columns (else ``names`` does, by position)."""
+    names: list[str] | None = None
+    """Column names by position when ``header`` is False."""
+    quoted: bool = False
+    """Honour double quotes, RFC 4180 style (custom CSV, KuaiRand's user features quote their
+    ranges such as "[10,50)"); MovieLens has none."""
+
+
+@dataclass
+class _Layout:
+    """What both readers derive from a file's first line: its column names and the options
+    pyarrow parses it with."""
+
+    names: list[str]
+    read: pacsv.ReadOptions
+    parse: pacsv.ParseOptions
+    convert: pacsv.ConvertOptions
+    first_line: int
+    """Line number of the first row (2 after a header)."""
+
+
+def _layout(
+    first: bytes, where: str, columns: dict[str, str], sep: str, fmt: TextFormat, block_size: int
+) -> _Layout:
+    """The layout of a file whose first line (BOM removed) is ``first``, its column names (from
+    that line when ``fmt.header``, else ``fmt.names``) checked against the wanted ``columns``."""
+    if not first.strip():
+        raise DataError(where, "file is empty")
+    if fmt.header:
         text = first.rstrip(b"\n").rstrip(b"\r").decode("utf-8", "replace")
-        if quoted:
+        if fmt.quoted:
             file_names = [c.strip() for c in next(csv.reader([text], delimiter=sep))]
         else:
             file_names = [c.strip().strip('"') for c in text.split(sep)]
     else:
-        assert names is not None
-        file_names = list(names)
-    _check_columns(where, columns, file_names, header)
-    return file_names
+        assert fmt.names is not None
+        file_names = list(fmt.names)
+    _check_columns(where, columns, file_names, fmt.header)
+    read = pacsv.ReadOptions(column_names=file_names, skip_rows=1 if fmt.header else 0,
+                             use_threads=True, block_size=block_size)
+    parse, convert = _options(sep, fmt.quoted, columns)
+    return _Layout(file_names, read, parse, convert, 2 if fmt.header else 1)
 
 
-def _read_options(file_names: list[str], header: bool, block_size: int) -> pacsv.ReadOptions:
-    return pacsv.ReadOptions(
-        column_names=file_names, skip_rows=1 if header else 0, use_threads=True, block_size=block_size
-    )
-
-
-def read_delimited(
-    raw: bytes,
-    where: str,
-    columns: dict[str, str],
-    *,
-    delimiter: str,
-    header: bool,
-    names: list[str] | None = None,
-    quoted: bool = False,
-) -> Columns:
+def read_delimited(raw: bytes, where: str, columns: dict[str, str], fmt: TextFormat) -> Columns:
     """Parses delimited text into the requested typed columns.
 
     Args:
         raw: file contents.
         where: file name for messages.
         columns: wanted column name -> "int" | "float" | "str".
-        delimiter: field separator (several characters allowed, e.g. "::").
-        header: the first line names the columns (else `names` does, by position).
-        names: column names by position when header is False.
-        quoted: honour double quotes, RFC 4180 style (custom CSV, KuaiRand's user features
-            quote their ranges such as "[10,50)"); MovieLens has none.
+        fmt: how the file is written.
 
     A UTF-8 byte order mark and CRLF line ends are accepted.
 
@@ -121,24 +129,19 @@ def read_delimited(
     Empty values are errors naming the line and field.
     """
     raw = raw.removeprefix(_BOM)
-    if len(delimiter) > 1:
-        raw = raw.replace(delimiter.encode(), _SUBSTITUTE_SEP.encode())
+    if len(fmt.delimiter) > 1:
+        raw = raw.replace(fmt.delimiter.encode(), _SUBSTITUTE_SEP.encode())
         sep = _SUBSTITUTE_SEP
     else:
-        sep = delimiter
-    if not raw or (len(raw) < 4096 and not raw.strip()):
-        raise DataError(where, "file is empty")
+        sep = fmt.delimiter
     end = raw.find(b"\n")
-    file_names = _column_names(raw if end < 0 else raw[:end], where, columns, sep, header, names, quoted)
-    read_opts = _read_options(file_names, header, 1 << 24)
-    parse_opts, convert_opts = _options(sep, quoted, columns)
-    first_line = 2 if header else 1
+    lay = _layout(raw if end < 0 else raw[:end], where, columns, sep, fmt, 1 << 24)
     try:
-        table = pacsv.read_csv(pa.BufferReader(raw), read_opts, parse_opts, convert_opts)
+        table = pacsv.read_csv(pa.BufferReader(raw), lay.read, lay.parse, lay.convert)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        _diagnose(_lines_of(raw), where, sep, file_names, columns, first_line, quoted)
+        _diagnose(_lines_of(raw), where, sep, lay.names, columns, lay.first_line, fmt.quoted)
         raise DataError(where, f"cannot parse ({str(exc).splitlines()[0]})") from None
-    return _to_columns(table, columns, where, first_line)
+    return _to_columns(table, columns, where, lay.first_line)
 
 
 def _lines_of(raw: bytes) -> list[str]:
@@ -189,14 +192,7 @@ def _diagnose(
 
 
 def iter_delimited(
-    open_binary: Callable[[], BinaryIO],
-    where: str,
-    columns: dict[str, str],
-    *,
-    delimiter: str,
-    header: bool,
-    names: list[str] | None = None,
-    quoted: bool = False,
+    open_binary: Callable[[], BinaryIO], where: str, columns: dict[str, str], fmt: TextFormat,
     block_size: int = 1 << 25,
 ) -> Iterator[Columns]:
     """Streams a delimited file as blocks of typed columns (bounded memory: one block of
@@ -205,24 +201,19 @@ def iter_delimited(
     Args:
         open_binary: opens the file for reading from its start (called once for the header,
             once for the rows, and once more only to name the bad line after a parse failure).
-        delimiter: one character (a multi-character one goes through read_delimited).
+        fmt: a one-character delimiter (a multi-character one goes through read_delimited).
         Others as read_delimited.
 
     Yields: Columns per block, each with one segment (where, 0, line of its first row).
     """
-    if len(delimiter) != 1:
-        raise ValueError(f"iter_delimited takes a one-character delimiter, not {delimiter!r}")
+    assert len(fmt.delimiter) == 1, f"iter_delimited takes a one-character delimiter, not {fmt.delimiter!r}"
     with open_binary() as fh:
         first = fh.readline(1 << 20).removeprefix(_BOM)
-    if not first.strip():
-        raise DataError(where, "file is empty")
-    file_names = _column_names(first, where, columns, delimiter, header, names, quoted)
-    read_opts = _read_options(file_names, header, block_size)
-    parse_opts, convert_opts = _options(delimiter, quoted, columns)
-    line = 2 if header else 1
+    lay = _layout(first, where, columns, fmt.delimiter, fmt, block_size)
+    line = lay.first_line
     with open_binary() as fh:
         try:
-            reader = pacsv.open_csv(fh, read_opts, parse_opts, convert_opts)
+            reader = pacsv.open_csv(fh, lay.read, lay.parse, lay.convert)
             while True:
                 try:
                     batch = reader.read_next_batch()
@@ -231,7 +222,7 @@ def iter_delimited(
                 block = _to_columns(batch, columns, where, line)
                 line += batch.num_rows
                 yield block
-            if line == (2 if header else 1):  # no rows: one empty block still names the file
+            if line == lay.first_line:  # no rows: one empty block still names the file
                 empty = pa.table({c: pa.array([], _TYPES[t]) for c, t in columns.items()})
                 yield _to_columns(empty, columns, where, line)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
@@ -243,7 +234,7 @@ def iter_delimited(
             raw.decode("utf-8", "replace").rstrip("\n").removeprefix("\ufeff")
             for raw in fh
         )
-        _diagnose(lines, where, delimiter, file_names, columns, 2 if header else 1, quoted)
+        _diagnose(lines, where, fmt.delimiter, lay.names, columns, lay.first_line, fmt.quoted)
     raise DataError(where, f"cannot parse ({message})")
 
 
@@ -345,4 +336,4 @@ def lookup(uniques: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.where(found, pos_c + 1, 0).astype(np.int64)
 
 
-__all__ = ["Columns", "encode_dense", "iter_delimited", "lookup", "read_delimited"]
+__all__ = ["Columns", "TextFormat", "encode_dense", "iter_delimited", "lookup", "read_delimited"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hstu.columns import USER_FEATURE  # one definition, shared with serving
-from hstu.data.parsing import Columns, iter_delimited, read_delimited
+from hstu.data.parsing import Columns, TextFormat, iter_delimited, read_delimited
 from hstu.data.raw import RawSource
 
 ITEM_FEATURE = "item_id"
@@ -135,18 +135,14 @@ def read_ml_1m(src: RawSource) -> Parsed:
         src.read_bytes(ratings_m),
         src.display(ratings_m),
         {"user": "int", "item": "int", "rating": "int", "time_key": "int"},
-        delimiter="::",
-        header=False,
-        names=["user", "item", "rating", "time_key"],
+        TextFormat(delimiter="::", header=False, names=["user", "item", "rating", "time_key"]),
     )
     _ml_ratings_to_classes(log, 1)
     users = read_delimited(
         src.read_bytes(users_m),
         src.display(users_m),
         {"user": "int", "sex": "str", "age_group": "int", "occupation": "int", "zip_code": "str"},
-        delimiter="::",
-        header=False,
-        names=["user", "sex", "age_group", "occupation", "zip_code"],
+        TextFormat(delimiter="::", header=False, names=["user", "sex", "age_group", "occupation", "zip_code"]),
     )
     bad = ~np.isin(users.data["age_group"], ML_AGE_GROUPS)
     if bad.any():
@@ -172,9 +168,7 @@ def read_ml_100k(src: RawSource) -> Parsed:
             lambda: src.open_binary(data_m),
             src.display(data_m),
             {"user": "int", "item": "int", "rating": "int", "time_key": "int"},
-            delimiter="\t",
-            header=False,
-            names=["user", "item", "rating", "time_key"],
+            TextFormat(delimiter="\t", header=False, names=["user", "item", "rating", "time_key"]),
         ):
             _ml_ratings_to_classes(block, 1)
             yield block
@@ -183,9 +177,7 @@ def read_ml_100k(src: RawSource) -> Parsed:
         src.read_bytes(user_m),
         src.display(user_m),
         {"user": "int", "age": "int", "sex": "str", "occupation": "str", "zip_code": "str"},
-        delimiter="|",
-        header=False,
-        names=["user", "age", "sex", "occupation", "zip_code"],
+        TextFormat(delimiter="|", header=False, names=["user", "age", "sex", "occupation", "zip_code"]),
     )
     _check_range(users, "age", 0, 150, "age")
     age = users.data.pop("age")
@@ -210,8 +202,7 @@ def read_ml_20m(src: RawSource) -> Parsed:
             lambda: src.open_binary(ratings_m),
             src.display(ratings_m),
             {"userId": "int", "movieId": "int", "rating": "float", "timestamp": "int"},
-            delimiter=",",
-            header=True,
+            TextFormat(delimiter=",", header=True),
         ):
             block.data = {
                 "user": block.data["userId"],
@@ -241,9 +232,7 @@ def read_kuairand(src: RawSource) -> Parsed:
                 lambda m=m: src.open_binary(m),
                 src.display(m),
                 wanted,
-                delimiter=",",
-                header=True,
-                quoted=True,
+                TextFormat(delimiter=",", header=True, quoted=True),
             ):
                 action = np.zeros(cols.num_rows, dtype=np.int64)
                 for name, bit in KUAIRAND_ACTION_BITS:
@@ -261,9 +250,8 @@ def read_kuairand(src: RawSource) -> Parsed:
         src.read_bytes(user_m),
         src.display(user_m),
         {"user_id": "int", **{c: "str" for c in KUAIRAND_USER_RANGES}},
-        delimiter=",",
-        header=True,
-        quoted=True,  # the official file quotes its range fields ("[10,50)")
+        # the official file quotes its range fields ("[10,50)")
+        TextFormat(delimiter=",", header=True, quoted=True),
     )
     users.data["user"] = users.data.pop("user_id")
     return Parsed(

@@ -38,6 +38,7 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
 from hstu.args import DynamicEmbeddingArgs, EmbeddingArgs, OptimizerArgs, embedding_row_bytes
+from hstu.checks import check_sparse_optimizer
 from hstu.embeddings.collection import (
     INIT_BYTES_PER_VALUE,
     HstuEmbeddings,
@@ -264,18 +265,6 @@ def sparse_optimizer_spec(
     raise ValueError(f"unknown sparse optimizer {name!r}")
 
 
-def check_sparse_optimizer(optimizer_args: OptimizerArgs, device: torch.device) -> None:
-    """FBGEMM's CPU kernels have no fused Adam (and TorchRec allows only fused kernels
-    for sharded tables): refuse it clearly instead of failing deep inside FBGEMM."""
-    name = optimizer_args.resolved_sparse_optimizer_str
-    if device.type == "cpu" and name in ("adam", "adamw"):
-        raise ValueError(
-            f"OptimizerArgs.sparse_optimizer_str: {name!r} has no fused CPU kernel in FBGEMM "
-            "for model_parallel/dynamic tables; on CPU set sparse_optimizer_str to "
-            "'rowwise_adagrad' or 'sgd' (adam works on GPU)"
-        )
-
-
 def _find_embedding_modules(module: nn.Module) -> list[HstuEmbeddings]:
     if isinstance(module, HstuEmbeddings):
         return [module]
@@ -420,13 +409,11 @@ def shard_embeddings(
         on_meta = tables_on_meta(emb)
         # model_parallel tables: optimizer class/kwargs become FBGEMM fused params.
         fused_cls, fused_kwargs = sparse_optimizer_spec(optimizer_args, fused=True)
-        mp_weights = [
-            ec.embeddings[name].weight
-            for name, spec in emb.specs.items()
-            if by_name.get(name, spec).sharding_type != "data_parallel"
-        ]
+        sharded = [name for name, spec in emb.specs.items()
+                   if by_name.get(name, spec).sharding_type != "data_parallel"]
+        mp_weights = [ec.embeddings[name].weight for name in sharded]
         if mp_weights:
-            check_sparse_optimizer(optimizer_args, device)
+            check_sparse_optimizer(optimizer_args, sharded, device.type)
             _apply_optimizer_in_backward(fused_cls, mp_weights, fused_kwargs)
         topology_kwargs: dict[str, Any] = {}
         if hbm_cap_bytes is not None:

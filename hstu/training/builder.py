@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hstu.args import BenchmarkDatasetArgs, EmbeddingArgs, NetworkArgs
-from hstu.checks import check_table_features
+from hstu.checks import check_placement, check_table_features
 from hstu.config import RunConfig
 from hstu.data import DataInfo, build_data
 from hstu.data.negatives import NegativeSampler
@@ -237,15 +237,10 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
     note = full_corpus_note(cfg, env.device)
     if note is not None and env.is_main:
         log(note)
-    if cfg.task == "retrieval":
-        from hstu.checks import check_full_corpus_optimizer
-
-        item = model.dense_module.token_builder.item_feature_name
-        item_table = next((tb for tb in tables if item in tb.feature_names), None)
-        check_full_corpus_optimizer(
-            cfg.retrieval, cfg.optimizer, item_table and item_table.sharding_type, env.world_size,
-            item_table.sharding_override if item_table is not None else "auto",
-        )
+    # the entry points ran these on the same tables (hstu.config.check_run); direct callers
+    # of build_all (export, tests) are refused here in the same line
+    check_placement(cfg.network, cfg.optimizer, cfg.retrieval, tables, info.item_feature_name,
+                    env.device.type, env.world_size)
     _, placements = shard_embeddings(
         model,
         tables,

@@ -22,10 +22,8 @@ import fcntl
 import os
 import sys
 import threading
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # annotations only: host_settings imports this module when it applies
-    from hstu.training.host_settings import HostSettings
+from hstu.training.host_settings import HostSettings
 
 
 def rank_cores(cores: list[int], local_rank: int, local_world: int) -> list[int] | None:
@@ -166,8 +164,6 @@ def pin_local_rank(on_cpu: bool, settings: HostSettings | None = None) -> list[i
     docstring); returns them, or None when nothing was done. ``settings`` None: from the
     environment (:class:`hstu.training.host_settings.HostSettings`)."""
     if settings is None:
-        from hstu.training.host_settings import HostSettings
-
         settings = HostSettings.from_env()
     if not on_cpu or not settings.pin_ranks or not hasattr(os, "sched_setaffinity"):
         return None  # Linux only
@@ -195,8 +191,6 @@ def lower_this_thread(nice: int | None = None) -> int | None:
     """Sets the calling thread's niceness to ``nice`` (None: HSTU_FEED_NICE, default 19; 0
     leaves it) on Linux, where niceness is per thread; returns the niceness set, or None."""
     if nice is None:
-        from hstu.training.host_settings import HostSettings
-
         nice = HostSettings.from_env().feed_nice
     if nice == 0 or not sys.platform.startswith("linux"):
         return None

@@ -6,6 +6,7 @@ import gc
 import os
 import random
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -13,6 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from hstu.training.cpu_placement import pin_local_rank
+from hstu.training.host_memory import keep_freed_host_memory
+from hstu.training.host_settings import HostSettings
 
 
 @dataclass
@@ -50,6 +55,18 @@ def process_group_backend(device: torch.device) -> str:
     return "gloo"
 
 
+def apply_host_settings(settings: HostSettings, on_cpu: bool, restart_count: int) -> None:
+    """Applies the process-wide host settings at start-up, before the process group exists:
+    the allocator, the CPU placement (CPU runs), and the restart backoff (a restarted
+    attempt)."""
+    keep_freed_host_memory(settings.keep_freed_host_memory)
+    # before the process group's threads start: they inherit the mask
+    pin_local_rank(on_cpu, settings)
+    wait = settings.restart_wait_s(restart_count)
+    if wait > 0:
+        time.sleep(wait)
+
+
 def init_distributed(tp_size: int = 1, timeout_s: int = 600) -> DistEnv:
     """Initialises torch.distributed (:func:`process_group_backend`: NCCL for CUDA tensors and
     gloo for host tensors on GPUs, gloo on CPU) and Megatron's TP/DP groups.
@@ -58,8 +75,6 @@ def init_distributed(tp_size: int = 1, timeout_s: int = 600) -> DistEnv:
     on a free local port). First applies the process-wide host settings
     (:mod:`hstu.training.host_settings`: allocator, CPU placement, restart backoff).
     """
-    from hstu.training.host_settings import HostSettings, apply_host_settings
-
     settings = HostSettings.from_env()
     if "RANK" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

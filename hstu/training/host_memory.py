@@ -22,6 +22,8 @@ import ctypes
 import os
 import sys
 
+from hstu.training.host_settings import HostSettings
+
 # glibc's malloc.h
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -49,8 +51,6 @@ def keep_freed_host_memory(enabled: bool | None = None) -> bool:
     if _applied is not None:
         return _applied
     if enabled is None:
-        from hstu.training.host_settings import HostSettings
-
         enabled = HostSettings.from_env().keep_freed_host_memory
     _applied = False
     if not enabled or not _is_glibc():

@@ -3,7 +3,9 @@
 Four settings change how a process uses its host, never a value it computes. Each is read
 here, from one environment variable (set it in the launcher's environment: they must hold
 before the process group and the data thread start), and applied by
-:func:`hstu.training.distributed.init_distributed` through :func:`apply_host_settings`:
+:func:`hstu.training.distributed.init_distributed` (``apply_host_settings``), by
+:mod:`hstu.training.cpu_placement` and :mod:`hstu.training.host_memory`, which read them
+from here (this module imports neither):
 
 =============================  =======  ====================================================
 variable                       default  effect
@@ -32,9 +34,10 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from hstu.validation import ConfigError
 
 _MAX_BACKOFF_S = 300.0
 
@@ -44,7 +47,7 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     if not value:
         return default
     if value not in ("0", "1"):
-        raise ValueError(f"{name}={value!r}: must be 0 or 1")
+        raise ConfigError(f"{name}={value!r}", None, "must be 0 or 1 (environment variable)")
     return value == "1"
 
 
@@ -56,7 +59,7 @@ def _number(env: Mapping[str, str], name: str, default: float, kind: type) -> fl
         return kind(value)
     except ValueError:
         what = "an integer" if kind is int else "a number"
-        raise ValueError(f"{name}={value!r}: must be {what}") from None
+        raise ConfigError(f"{name}={value!r}", None, f"must be {what} (environment variable)") from None
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,8 @@ class HostSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> HostSettings:
         """The settings of ``env`` (default: this process's environment); a malformed value
-        raises ValueError naming the variable."""
+        raises a one-line ConfigError naming the variable (the entry points read them before
+        ``--check-config`` answers)."""
         env = os.environ if env is None else env
         default = cls()
         return cls(
@@ -99,18 +103,4 @@ class HostSettings:
         return min(self.restart_backoff_s * 2 ** (restart_count - 1), _MAX_BACKOFF_S)
 
 
-def apply_host_settings(settings: HostSettings, on_cpu: bool, restart_count: int) -> None:
-    """Applies the process-wide settings at start-up, before the process group exists: the
-    allocator, the CPU placement (CPU runs), and the restart backoff (a restarted attempt)."""
-    from hstu.training.cpu_placement import pin_local_rank
-    from hstu.training.host_memory import keep_freed_host_memory
-
-    keep_freed_host_memory(settings.keep_freed_host_memory)
-    # before the process group's threads start: they inherit the mask
-    pin_local_rank(on_cpu, settings)
-    wait = settings.restart_wait_s(restart_count)
-    if wait > 0:
-        time.sleep(wait)
-
-
-__all__ = ["HostSettings", "apply_host_settings"]
+__all__ = ["HostSettings"]

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from hstu.data.errors import DataError
-from hstu.data.parsing import iter_delimited
+from hstu.data.parsing import TextFormat, iter_delimited
 from hstu.data.preprocess import BYTES_PER_ROW, preprocess
 from hstu.data.sources import KUAIRAND_ACTION_BITS
 from hstu.data.synthesize import synthesize
@@ -135,8 +135,8 @@ def test_blocks_name_the_right_line(tmp_path):
     cols = {"userId": "int", "movieId": "int", "rating": "float", "timestamp": "int"}
 
     def blocks():
-        return iter_delimited(lambda: open(path, "rb"), "ratings.csv", cols, delimiter=",",
-                              header=True, block_size=4096)  # fmt: skip
+        return iter_delimited(lambda: open(path, "rb"), "ratings.csv", cols,
+                              TextFormat(delimiter=",", header=True), block_size=4096)  # fmt: skip
 
     with pytest.raises(DataError, match=r"ratings\.csv:1502: field rating: empty value"):
         for _ in blocks():

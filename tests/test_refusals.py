@@ -1,0 +1,151 @@
+"""Every refusal of user input a user can reach through gin is one line naming the field,
+raised by ``--check-config`` as by the run (issue 42): each case below runs the retrieval
+entry point in its own process on the debug preset with the bindings that trigger it, and
+the process must exit non-zero with exactly one ``error:`` line that names the gin source
+and the field, and no traceback. The device and world size a refusal depends on are passed
+as the run would know them (``--device``, ``--world-size``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = "configs/debug_retrieval.gin"
+
+ITEM_TABLE = (
+    'item/EmbeddingArgs.table_name = "item"',
+    'item/EmbeddingArgs.feature_names = ["item_id"]',
+    'item/EmbeddingArgs.sharding_type = "model_parallel"',
+)
+DYNAMIC_ITEM = (
+    'item/DynamicEmbeddingArgs.table_name = "item"',
+    'item/DynamicEmbeddingArgs.feature_names = ["item_id"]',
+    "item/DynamicEmbeddingArgs.item_vocab_size_or_capacity = 800",
+    "item/DynamicEmbeddingArgs.item_vocab_gpu_capacity = 400",
+)
+FULL_CORPUS = ('RetrievalArgs.negative_sampling = "full_corpus"',)
+
+# (case id, gin bindings, extra arguments, the field the line must name, words it must hold)
+CASES = [
+    ("sparse-adam-on-cpu", ["OptimizerArgs.sparse_optimizer_str = 'adam'"], ["--device", "cpu"],
+     "OptimizerArgs.sparse_optimizer_str", "no fused CPU kernel"),
+    ("sparse-adamw-on-cpu", ["OptimizerArgs.sparse_optimizer_str = 'adamw'"], ["--device", "cpu"],
+     "OptimizerArgs.sparse_optimizer_str", "no fused CPU kernel"),
+    ("override-not-offered-on-cpu",
+     [*ITEM_TABLE, 'item/EmbeddingArgs.sharding_override = "table_row_wise"'], ["--device", "cpu"],
+     "EmbeddingArgs.sharding_override", "does not offer 'table_row_wise' on cpu"),
+    ("full-corpus-fused-adam", [*FULL_CORPUS, "OptimizerArgs.sparse_optimizer_str = 'adam'"],
+     ["--device", "cuda", "--world-size", "2"],
+     "OptimizerArgs.sparse_optimizer_str", "second, zero-gradient"),
+    ("full-corpus-column-wise",
+     [*FULL_CORPUS, *ITEM_TABLE, 'item/EmbeddingArgs.sharding_override = "column_wise"'],
+     ["--world-size", "2"], "EmbeddingArgs.sharding_override", "column-wise shard"),
+    ("float16-behind-a-cache",
+     [*DYNAMIC_ITEM, "item/DynamicEmbeddingArgs.caching = True", 'NetworkArgs.dtype_str = "float16"'],
+     ["--device", "cuda"], "NetworkArgs.dtype_str", "UVM cache"),
+    ("compile-with-tp", ["NetworkArgs.compile = True", "TensorModelParallelArgs.tensor_model_parallel_size = 2"],
+     ["--world-size", "2"], "NetworkArgs.compile", "tensor_model_parallel_size=2"),
+    ("tp-larger-than-world", ["TensorModelParallelArgs.tensor_model_parallel_size = 2"], [],
+     "TensorModelParallelArgs.tensor_model_parallel_size", "does not divide the world size 1"),
+    ("heads-over-tp", ["NetworkArgs.num_attention_heads = 3",
+                       "TensorModelParallelArgs.tensor_model_parallel_size = 2"],
+     ["--world-size", "2"], "NetworkArgs.num_attention_heads", "do not divide evenly"),
+    ("non-causal-retrieval", ["NetworkArgs.is_causal = False"], [],
+     "NetworkArgs.is_causal", "see the item it predicts"),
+    ("ema-over-a-dynamic-table", [*DYNAMIC_ITEM, "TrainerArgs.ema_decay = 0.9"], [],
+     "TrainerArgs.ema_decay", "dynamic table 'item'"),
+    ("mlp-baseline-retrieval", ['NetworkArgs.architecture = "mlp_baseline"'], [],
+     "NetworkArgs.architecture", "ranking baseline"),
+    ("best-metric-not-evaluated", ['TrainerArgs.best_metric = "AUC"'], [],
+     "TrainerArgs.best_metric", "not among the evaluated metrics"),
+    ("batch-past-int32-offsets", ["TrainerArgs.train_batch_size = 99999999999"], [],
+     "TrainerArgs.train_batch_size", "32-bit offsets"),
+    ("query-time-without-time-bias", ["NetworkArgs.rab_query_time = True"], [],
+     "NetworkArgs.rab_query_time", "relative_attention_bias"),
+    ("peer-mask-with-contextual", ['NetworkArgs.mask_convention = "peer"', "NetworkArgs.num_layers = 2"],
+     [], "NetworkArgs.mask_convention", "contextual token"),
+    ("truncation-as-deep-as-the-model", ["NetworkArgs.attn_truncation_layers = 1",
+                                         "NetworkArgs.attn_truncation_len = 8"],
+     [], "NetworkArgs.attn_truncation_layers", "num_layers"),
+    ("padded-non-causal", ['NetworkArgs.sequence_layout = "padded"', "NetworkArgs.is_causal = False"],
+     [], "NetworkArgs.sequence_layout", "is_causal=True"),
+    ("table-of-an-unknown-feature",
+     ['item/EmbeddingArgs.table_name = "item"', 'item/EmbeddingArgs.feature_names = ["movie"]',
+      'item/EmbeddingArgs.sharding_type = "model_parallel"'],
+     [], "EmbeddingArgs.feature_names", "'movie'"),
+    ("field-typo", ["NetworkArgs.num_layer = 2"], [], "num_layer", "did you mean"),
+    ("field-of-the-wrong-type", ['NetworkArgs.num_layers = "two"'], [], "NetworkArgs.num_layers",
+     "expected int"),
+    ("a-choice-not-offered", ['OptimizerArgs.sparse_optimizer_str = "lamb"'], [],
+     "OptimizerArgs.sparse_optimizer_str", "'lamb' is not one of"),
+]
+
+
+def _run(bindings: list[str], extra: list[str], check: bool = True,
+         env_vars: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "pretrain_gr_retrieval.py", "--gin-config-file", PRESET]
+    for binding in bindings:
+        argv += ["--gin-param", binding]
+    if check:
+        argv += ["--check-config", *extra]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(env_vars or {})
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+
+
+def _the_one_line(proc: subprocess.CompletedProcess) -> str:
+    text = proc.stdout + proc.stderr
+    assert "Traceback" not in text, text
+    assert "configuration OK" not in proc.stdout, proc.stdout
+    errors = [ln for ln in text.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, text
+    assert proc.returncode != 0, text
+    return errors[0]
+
+
+@pytest.mark.parametrize(("bindings", "extra", "field", "words"),
+                         [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_a_refusal_is_one_line_naming_its_field(bindings, extra, field, words) -> None:
+    line = _the_one_line(_run(bindings, extra))
+    assert f"{field}:" in line or f"{field} " in line, line
+    assert words in line, line
+    # the gin source that set it: the preset, or the --gin-param binding
+    assert PRESET in line or "--gin-param" in line, line
+
+
+@pytest.mark.parametrize(("name", "value", "words"), [
+    ("HSTU_PIN_RANKS", "yes", "must be 0 or 1"), ("HSTU_FEED_NICE", "low", "must be an integer"),
+])
+def test_a_malformed_host_setting_is_one_line(name, value, words) -> None:
+    """The HSTU_* variables the run applies (hstu.training.host_settings) are read before
+    --check-config answers."""
+    line = _the_one_line(_run([], [], env_vars={name: value}))
+    assert f"{name}={value!r}: {words}" in line, line
+
+
+def test_without_the_triggering_binding_the_preset_passes() -> None:
+    """The cases' refusals come from their bindings: the preset itself is accepted."""
+    proc = _run([], ["--device", "cpu"])
+    assert proc.returncode == 0 and "configuration OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_the_run_refuses_what_check_config_refuses_before_it_starts() -> None:
+    """The issue's example: the run itself (no --check-config) ends in the same one line,
+    not in a traceback from the sharding."""
+    if _cuda_here():
+        pytest.skip("this host's runs use CUDA, where FBGEMM has a fused Adam")
+    proc = _run(["OptimizerArgs.sparse_optimizer_str = 'adam'"], [], check=False)
+    line = _the_one_line(proc)
+    assert "OptimizerArgs.sparse_optimizer_str:" in line and "no fused CPU kernel" in line, line
+
+
+def _cuda_here() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
