@@ -25,6 +25,7 @@ the target's rank is counted over the whole corpus (ties pessimistic, see hstu.m
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -498,7 +499,7 @@ class CorpusSliceScorer:
         t = self.q.targets
         return ~self.unranked & (t >= start) & (t < end)
 
-    def target_scores(self, blocks: list[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
+    def target_scores(self, blocks: Iterable[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
         """[N]: each ranked target's score from its block's matmul where the block is among
         ``blocks`` ((start, end, vectors)), else -inf (another rank's; merged by max)."""
         out = self.q.queries.new_full((self.q.targets.numel(),), float("-inf"))
@@ -510,7 +511,7 @@ class CorpusSliceScorer:
         return out
 
     def count_and_top(
-        self, blocks: list[tuple[int, int, torch.Tensor]], target_scores: torch.Tensor, top_k: int
+        self, blocks: Iterable[tuple[int, int, torch.Tensor]], target_scores: torch.Tensor, top_k: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(how many items of ``blocks`` score >= the target [N] (the target itself not
         counted; excluded ids never), top_scores [N, k'], top_ids [N, k']) with k' = min(top_k,

@@ -129,3 +129,37 @@ def test_eval_subset_is_a_fixed_seeded_set_of_users(tmp_path) -> None:
     assert r0 == r1 == a and len(s0) + len(s1) == 20  # each user once over the ranks
     _, ev, _ = build_data(data, "retrieval", 16, 16, 0, 1, 0)
     assert eval_subset(ev, 0, 7)[0] is ev and eval_subset(ev, 500, 7)[0] is ev
+
+
+def _streamed_and_held(rank: int, world_size: int, tmp: str) -> None:
+    import hstu.training.evaluate as ev
+
+    trainer, env = _trainer("retrieval", tmp, "streamed", PARAMS)
+    try:
+        model, loader = trainer.model, trainer.built.eval_loader
+        own = ev._own_queries(model, loader, env, None, True)
+        budget = 4096  # below a slice's vectors (the same block grid in both runs)
+        lookups: list[int] = []
+        real = model.lookup_items
+        model.lookup_items = lambda ids: lookups.append(ids.numel()) or real(ids)
+        ev._LOOKUP_CHUNK = 7  # several lookups per block, uneven counts across the ranks
+        ev._streams = lambda items, dim, budget_bytes: False
+        held, held_top = ev.rank_corpus(model, own, budget, env.device, top_k=10)
+        held_lookups, lookups[:] = len(lookups), []
+        ev._streams = lambda items, dim, budget_bytes: items * dim * 4 > budget_bytes
+        # each block looked up when it is scored: once per pass (target scores, then counts)
+        streamed, streamed_top = ev.rank_corpus(model, own, budget, env.device, top_k=10)
+        assert torch.equal(streamed, held)
+        assert torch.equal(streamed_top[0], held_top[0]) and torch.equal(streamed_top[1], held_top[1])
+        assert max(lookups) <= 7 and len(lookups) >= 2 * held_lookups > 4, (len(lookups), held_lookups)
+        counts = [None] * world_size
+        torch.distributed.all_gather_object(counts, len(lookups))
+        assert len(set(counts)) == 1, counts  # collective: the same number on every rank
+    finally:
+        trainer.close()
+
+
+def test_a_slice_over_the_budget_is_streamed_with_the_same_ranks(tmp_path) -> None:
+    """RetrievalArgs.eval_memory_mb below a rank's slice of the catalogue: its blocks are looked
+    up as they are scored (no copy of the slice), with the same ranks and top-k."""
+    run_multiprocess(_streamed_and_held, world_size=2, tmp=str(tmp_path))
