@@ -722,7 +722,7 @@ class RetrievalArgs:
     eval_num_users: int = 0
     """Evaluate on a fixed random subset of this many users of the split (the same users at every evaluation, chosen by TrainerArgs.seed), for catalogues or user counts where a full evaluation is too slow; the log says so and the metrics carry an eval_users field. 0: every user."""
     eval_memory_mb: int = 256
-    """Evaluation scores every rank's queries against its slice of the catalogue in blocks of items sized so that a block's [queries x items] work stays within this many MiB (the ranks' results merged exactly; the same ranks whatever the world size)."""
+    """Evaluation scores every rank's queries against its slice of the catalogue in blocks of items sized so that a block's [queries x items] work stays within this many MiB (the ranks' results merged exactly; the same ranks whatever the world size); a slice whose item vectors would exceed it is looked up block by block as it is scored instead of held whole (the same ranks)."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)
