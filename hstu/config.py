@@ -13,9 +13,12 @@ Sits above :mod:`hstu.data` (docs/architecture.md, "Layers").
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import gin
 
 from hstu import args as A
 from hstu import checks
@@ -236,7 +239,15 @@ def check_run(cfg: RunConfig, device_type: str, world_size: int) -> None:
     the device it will use ("cpu" or "cuda") and its world size: what the trainer's builder
     would refuse, refused before any process group exists, by the run and by
     ``--check-config`` alike. Raises ConfigError (one line, with the gin file and line)."""
-    tables, item_feature = _run_tables(cfg)
+    # gin records the parameters of every configurable call in the operative config, which
+    # the run writes out (and an export reads back): building the table list here must not
+    # add the unscoped EmbeddingArgs defaults to it (gin 0.5 keeps them in _OPERATIVE_CONFIG)
+    recorded = copy.deepcopy(gin.config._OPERATIVE_CONFIG)
+    try:
+        tables, item_feature = _run_tables(cfg)
+    finally:
+        gin.config._OPERATIVE_CONFIG.clear()
+        gin.config._OPERATIVE_CONFIG.update(recorded)
     try:
         checks.check_placement(cfg.network, cfg.optimizer, cfg.retrieval, tables, item_feature,
                                device_type, world_size)

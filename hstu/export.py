@@ -495,7 +495,7 @@ def write_artifact(tmp: Path, out_path: Path, tables: dict, inference: Inference
                    meta: dict[str, Any], source: str, diff: float, log: Any) -> None:
     """Writes every file into ``tmp``, the manifest (sizes and CRC32 of the others) last, then
     renames ``tmp`` to ``out_path``."""
-    from hstu.training.checkpoint import _describe_files
+    from hstu.training.checkpoint import describe_written_files
 
     torch.save(tables, tmp / TABLES_FILE)
     torch.save(inference.state_dict(), tmp / WEIGHTS_FILE)
@@ -527,7 +527,7 @@ def write_artifact(tmp: Path, out_path: Path, tables: dict, inference: Inference
         "contents": {"tables": TABLES_FILE, "weights": WEIGHTS_FILE, "embeddings": EMBEDDING_DUMP,
                      **report["programs"]},
         # size and CRC32 of every other file, checked before loading (as checkpoints)
-        "files": _describe_files(str(tmp), sorted(p.name for p in tmp.iterdir())),
+        "files": describe_written_files(str(tmp), sorted(p.name for p in tmp.iterdir())),
         "aoti": report["aoti"],
         "self_check_max_abs_diff": diff,
         "versions": _versions(),

@@ -312,6 +312,18 @@ def _describe_files(folder: str, names: list[str], digests: _Digests) -> dict[st
     return out
 
 
+def describe_written_files(folder: str, names: list[str]) -> dict[str, dict[str, int]]:
+    """Size and CRC32 of files other writers made (an export's artifact: torch.export,
+    parquet), read back once each and fsynced; a checkpoint's own files are digested while
+    they are written (:func:`_describe_files`)."""
+    out = {}
+    for name in names:
+        path = os.path.join(folder, name)
+        _fsync_file(path)
+        out[name] = {"size": os.path.getsize(path), "crc32": _crc32(path)}
+    return out
+
+
 def write_text_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as fh:
