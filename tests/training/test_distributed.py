@@ -149,8 +149,16 @@ COMMON = ["TrainerArgs.max_train_iters=20", 'TrainerArgs.pipeline_type="none"',
           "OptimizerArgs.clip_grad_norm=0.05", "NetworkArgs.hidden_dropout=0.0"]
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
+def _close(a: torch.Tensor, b: torch.Tensor, what: str, atol: float = 1e-6) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def _close_table(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """A table after 20 steps: each rank's row gradient is a sum over its own samples that
+    TorchRec's all-to-all then adds and halves, where one process sums once, so the rows
+    differ by float order; bounded at 1e-4 of the table's largest value (measured: at most
+    3.5e-6 on a table of values up to ~3e-2, retrieval-narrow_items)."""
+    _close(a, b, what, atol=max(1e-6, 1e-4 * float(b.abs().max())))
 
 
 # the default tier: ranking with Adam, and retrieval with in-batch negatives (every rank
@@ -188,7 +196,7 @@ def test_tp2_dp2_and_one_process_take_the_same_steps(tmp_path, monkeypatch, case
         for name, value in ref["dense"].items():
             _close(got["dense"][name], value, f"{tag} {name}")
         for name, value in ref["tables"].items():
-            _close(got["tables"][name], value, f"{tag} table {name}")
+            _close_table(got["tables"][name], value, f"{tag} table {name}")
 
 
 def _dropout_case(rank: int, world_size: int, tmp: str) -> None:
