@@ -227,4 +227,15 @@ def fail(message: str, code: int = 2) -> int:
     return code
 
 
-__all__ = ["KNOWN_WARNINGS", "LOG_FILE", "close_log", "fail", "keep_log", "quiet_start", "under_torchrun"]
+__all__ = [
+    "KNOWN_WARNINGS", "LOG_FILE", "close_log", "fail", "format_bytes", "keep_log", "quiet_start",
+    "under_torchrun",
+]
+
+
+def format_bytes(n: float) -> str:
+    """Bytes in the unit that fits: 3.21 GiB, 12.0 MiB, 640 KiB, 12 B."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"

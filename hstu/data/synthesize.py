@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from hstu.console import format_bytes
 from hstu.data.sources import KUAIRAND_ACTION_BITS
 
 BLOCK_ROWS = 1 << 20
@@ -411,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"wrote {args.out}: {args.dataset} x {args.fraction:g}: {got['users']} users, "
         f"{got['items']} items, {got['interactions']} interactions, "
-        f"{got['bytes'] / 2**30:.2f} GiB in {seconds:.1f}s (random: cost only, never quality)"
+        f"{format_bytes(got['bytes'])} in {seconds:.1f}s (random: cost only, never quality)"
     )
     return 0
 

@@ -39,6 +39,7 @@ from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
 from hstu.args import DynamicEmbeddingArgs, EmbeddingArgs, OptimizerArgs, embedding_row_bytes
 from hstu.checks import check_sparse_optimizer
+from hstu.console import format_bytes
 from hstu.embeddings.collection import (
     INIT_BYTES_PER_VALUE,
     HstuEmbeddings,
@@ -95,14 +96,6 @@ def available_bytes_per_rank(device: torch.device) -> tuple[int | None, str]:
         return None, "unknown: /proc/meminfo has no MemAvailable"
     avail = int(fields["MemAvailable"].split()[0]) * 1024
     return avail // local, f"host MemAvailable / {local} local rank(s)"
-
-
-def format_bytes(n: float) -> str:
-    """Bytes in the unit that fits: 3.21 GiB, 12.0 MiB, 640 KiB, 12 B."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 def init_transient_bytes(rows: int, dim: int) -> int:

@@ -16,6 +16,7 @@ from torch import nn
 from hstu.args import BenchmarkDatasetArgs, EmbeddingArgs, NetworkArgs
 from hstu.checks import check_placement, check_table_features
 from hstu.config import RunConfig
+from hstu.console import format_bytes
 from hstu.data import DataInfo, build_data
 from hstu.data.negatives import NegativeSampler
 from hstu.data.sizes import resolve_head
@@ -27,7 +28,7 @@ from hstu.embeddings import (
     replicated_optimizers,
     shard_embeddings,
 )
-from hstu.embeddings.sharding import available_bytes_per_rank, check_tables_fit, format_bytes
+from hstu.embeddings.sharding import available_bytes_per_rank, check_tables_fit
 from hstu.model import ModelDataInfo, build_model
 from hstu.model.model import GenerativeRecommender
 from hstu.ops.losses import resolve_matmul_dtype

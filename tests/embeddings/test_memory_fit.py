@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from hstu.args import DynamicEmbeddingArgs, EmbeddingArgs
+from hstu.console import format_bytes
 from hstu.embeddings.collection import INIT_BYTES_PER_VALUE, INIT_CHUNK_VALUES
-from hstu.embeddings.sharding import REMAPPER_BYTES_PER_ROW, check_tables_fit, format_bytes
+from hstu.embeddings.sharding import REMAPPER_BYTES_PER_ROW, check_tables_fit
 from hstu.validation import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
