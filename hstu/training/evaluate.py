@@ -6,7 +6,6 @@ samples), because sharded embedding lookups are collective. Metrics count real s
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -132,39 +131,29 @@ def _own_queries(model: Any, loader: Any, env: DistEnv, max_iters: int | None,
 _LOOKUP_CHUNK = 65536
 
 
-def _slice_vectors(model: Any, lo: int, hi: int, longest: int, device: torch.device) -> torch.Tensor:
-    """[hi - lo, D] normalised vectors of items [lo, hi), written chunk by chunk into one
-    buffer (no second copy of the slice). Sharded lookups are collective: every rank makes the
-    same number of lookups (``longest``: the longest slice of any rank), a rank with nothing
-    left looks up one id and drops it."""
-    dense = model.dense_module
-    calls = max(1, -(-longest // _LOOKUP_CHUNK))
-    bounds = [lo + (hi - lo) * c // calls for c in range(calls + 1)]
-    out: torch.Tensor | None = None
-    for a, b in itertools.pairwise(bounds):
-        if b <= a:
-            model.lookup_items(torch.tensor([dense.min_item_id], device=device))
-            continue
-        chunk = dense.normalise(model.lookup_items(torch.arange(a, b, device=device)))
-        if out is None:
-            out = chunk.new_empty((hi - lo, chunk.shape[1]))
-        out[a - lo:b - lo] = chunk
-        del chunk
-    return out if out is not None else torch.zeros(0, 0, device=device)
-
-
 def _streams(items: int, dim: int, budget_bytes: int) -> bool:
     """Whether a slice of ``items`` vectors of ``dim`` (float32) is over the budget, so that
-    its blocks are looked up as they are scored (:class:`_StreamedSlice`)."""
+    its blocks are looked up as they are scored instead of held."""
     return items * dim * 4 > budget_bytes
 
 
-class _StreamedSlice:
-    """This rank's blocks as (start, end, vectors), each block looked up when it is read (again
-    on every pass): one block's vectors in memory instead of the whole slice's, for catalogues
-    whose slice would not fit ``RetrievalArgs.eval_memory_mb``. Lookups are collective: every
-    rank makes ``calls`` of them per pass, padding with a one-id lookup it drops. The same
-    vectors as :func:`_slice_vectors` (the same lookups of the same ids): the same ranks."""
+def _lookup_groups(grid: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """Consecutive blocks of ``grid`` grouped so that one lookup serves a group: a group's
+    items fit :data:`_LOOKUP_CHUNK`, or it is one larger block (looked up in pieces)."""
+    groups: list[list[tuple[int, int]]] = []
+    for a, b in grid:
+        if groups and b - groups[-1][0][0] <= _LOOKUP_CHUNK:
+            groups[-1].append((a, b))
+        else:
+            groups.append([(a, b)])
+    return groups
+
+
+class _SliceBlocks:
+    """This rank's blocks as (start, end, normalised vectors), looked up group by group as
+    they are read (again on every pass): one group's vectors in memory, not the slice's.
+    Lookups are collective: every rank makes ``calls`` of them per pass (the most of any
+    rank, :meth:`calls_of`), padding with a one-id lookup it drops."""
 
     def __init__(self, model: Any, grid: list[tuple[int, int]], calls: int,
                  device: torch.device) -> None:
@@ -172,19 +161,31 @@ class _StreamedSlice:
 
     @staticmethod
     def calls_of(grid: list[tuple[int, int]]) -> int:
-        return sum(-(-(b - a) // _LOOKUP_CHUNK) for a, b in grid)
+        return sum(-(-(g[-1][1] - g[0][0]) // _LOOKUP_CHUNK) for g in _lookup_groups(grid))
 
     def __iter__(self) -> Iterator[tuple[int, int, torch.Tensor]]:
         dense, made = self.model.dense_module, 0
-        for a, b in self.grid:
+        for group in _lookup_groups(self.grid):
+            lo, hi = group[0][0], group[-1][1]
             parts = []
-            for c in range(a, b, _LOOKUP_CHUNK):
-                ids = torch.arange(c, min(b, c + _LOOKUP_CHUNK), device=self.device)
+            for c in range(lo, hi, _LOOKUP_CHUNK):
+                ids = torch.arange(c, min(hi, c + _LOOKUP_CHUNK), device=self.device)
                 parts.append(dense.normalise(self.model.lookup_items(ids)))
                 made += 1
-            yield a, b, parts[0] if len(parts) == 1 else torch.cat(parts)
+            vectors = parts[0] if len(parts) == 1 else torch.cat(parts)
+            for a, b in group:
+                yield a, b, vectors[a - lo:b - lo]
         for _ in range(self.calls - made):
             self.model.lookup_items(torch.tensor([dense.min_item_id], device=self.device))
+
+    def held(self, lo: int, hi: int) -> list[tuple[int, int, torch.Tensor]]:
+        """The same blocks over one [hi - lo, D] buffer of the slice (one pass of lookups)."""
+        out: torch.Tensor | None = None
+        for a, b, vectors in self:
+            if out is None:
+                out = vectors.new_empty((hi - lo, vectors.shape[1]))
+            out[a - lo:b - lo] = vectors
+        return [(a, b, out[a - lo:b - lo]) for a, b in self.grid] if out is not None else []
 
 
 def rank_corpus(model: Any, own: tuple[torch.Tensor, ...], budget_bytes: int,
@@ -212,13 +213,10 @@ def rank_corpus(model: Any, own: tuple[torch.Tensor, ...], budget_bytes: int,
     slices = [(g[0][0], g[-1][1]) if g else (0, 0) for g in grids]
     lo, hi = slices[rank]
     longest = max(b - a for a, b in slices)
-    blocks: Any
-    if _streams(longest, queries.shape[1], budget_bytes):
-        calls = max(_StreamedSlice.calls_of(g) for g in grids)
-        blocks = _StreamedSlice(model, grids[rank], calls, device)
-    else:
-        vectors = _slice_vectors(model, lo, hi, longest, device)
-        blocks = [(a, b, vectors[a - lo:b - lo]) for a, b in grids[rank]]
+    calls = max(_SliceBlocks.calls_of(g) for g in grids)
+    blocks: Any = _SliceBlocks(model, grids[rank], calls, device)
+    if not _streams(longest, queries.shape[1], budget_bytes):
+        blocks = blocks.held(lo, hi)  # the slice fits the budget: looked up once
     scorer = CorpusSliceScorer(q, num_items=num_items, min_item_id=dense.min_item_id)
     target = _all_reduce_host(scorer.target_scores(blocks), dist.ReduceOp.MAX if world > 1 else None)
     ahead, top_scores, top_ids = scorer.count_and_top(blocks, target, top_k)
