@@ -287,7 +287,8 @@ def build_embedding_collection(
         tables: static (``EmbeddingArgs``) and dynamic (``DynamicEmbeddingArgs``) tables.
         embedding_dims: D per table name (e.g. item tables ``resolved_item_embedding_dim``).
         device: where the remappers' state lives, and the tables when ``materialize``.
-        seed: the run's seed (dynamic rows of admitted ids: :func:`fresh_rows` of seed and id).
+        seed: the run's seed (an admitted dynamic id's row: :func:`fresh_rows` of the id and
+            :func:`table_seed`, as every starting row).
         sparse_optimizer: ``OptimizerArgs.resolved_sparse_optimizer_str``; sizes the
             per-row optimizer state in the dynamic tables' HBM budget.
         materialize: True: every table allocated whole on ``device`` and written (unsharded
