@@ -274,7 +274,7 @@ def _worker(a: argparse.Namespace) -> None:
         step()
     if dist.is_initialized():
         dist.barrier()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     tokens = samples = 0
     flops = 0.0
     for _ in range(a.steps):
@@ -282,7 +282,7 @@ def _worker(a: argparse.Namespace) -> None:
         tokens, flops, samples = tokens + tk, flops + fl, samples + sm
     if dist.is_initialized():
         dist.barrier()
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -294,7 +294,9 @@ def _worker(a: argparse.Namespace) -> None:
         for ev in prof.key_averages():
             key = ev.key
             if key.startswith(STEP_LABEL):
-                split[key[len(STEP_LABEL):]] += ev.cpu_time_total / 1e6 / a.profile_steps
+                # phases, and labels inside them (e.g. the weight average's work)
+                name = key[len(STEP_LABEL):]
+                split[name] = split.get(name, 0.0) + ev.cpu_time_total / 1e6 / a.profile_steps
             elif any(m in key.lower() for m in _COMM_MARKERS) and not key.startswith("aten::"):
                 split["communication"] += ev.self_cpu_time_total / 1e6 / a.profile_steps
         # the embedding lookup runs inside no other label; the dense forward likewise
@@ -311,6 +313,7 @@ def _worker(a: argparse.Namespace) -> None:
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     result = {
         "tokens": tokens, "samples": samples, "flops": flops, "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "rss_gib": rss_gib, "roof_flops": roof, "split_s": split, "syncs": syncs,
         "fill": float(shape["tokens"]) / max(1, shape["samples"]) / max(1, shape["width"]),
     }
@@ -331,6 +334,9 @@ def _worker(a: argparse.Namespace) -> None:
             "tokens_per_s": sum(g["tokens"] for g in gathered) / s,
             "samples_per_s": sum(g["samples"] for g in gathered) / s,
             "step_ms": s / a.steps * 1e3,
+            # process CPU time of the busiest rank per step (all its threads): steadier than
+            # wall time on a shared host
+            "cpu_ms_per_step": max(g["cpu_seconds"] for g in gathered) / a.steps * 1e3,
             "tflops": fl / s / 1e12,
             "roof_tflops_per_process": min(g["roof_flops"] for g in gathered) / 1e12,
             "mfu": fl / s / sum(g["roof_flops"] for g in gathered),

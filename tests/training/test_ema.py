@@ -275,8 +275,9 @@ def test_dynamic_tables_are_refused_in_one_line() -> None:
 
 
 # ---------------------------------------------- lazy rows of fused tables == the eager average
-def _lazy_vs_eager(rank: int, world_size: int, tmp: str) -> None:
+def _lazy_vs_eager(rank: int, world_size: int, tmp: str, joint: bool) -> None:
     from hstu.args import EmbeddingArgs
+    from hstu.training import ema as ema_module
     from hstu.embeddings import embedding_state_dict
     from tests.embeddings.common import build, kjt, optimizer, train_step
 
@@ -290,10 +291,15 @@ def _lazy_vs_eager(rank: int, world_size: int, tmp: str) -> None:
     ]
     emb, _ = build(tbls, optimizer("rowwise_adagrad"), sharded=True)
     state = embedding_state_dict(emb)
+    if not joint:  # the kernel's tables as if apart in its storage: one average per table
+        ema_module._one_view = lambda weights: None
     lazy = WeightAverage({}, state, None, DECAY, model=emb)
     eager = WeightAverage({}, state, None, DECAY)  # every row, every step (the reference)
     # ta and tc share one fused kernel (same dim): both lazy, rows found per table
     assert len(lazy.lazy) == 2 and len(lazy._eager) == 1, (len(lazy.lazy), lazy._eager)
+    # joint: the two tables' averages (and counters) are one buffer, caught up in one pass
+    shared = lazy.lazy[0].last.untyped_storage().data_ptr() == lazy.lazy[1].last.untyped_storage().data_ptr()
+    assert shared == joint
 
     def averages(ema: WeightAverage) -> dict[str, torch.Tensor]:
         with ema.swapped():
@@ -337,8 +343,10 @@ def _local_weights(emb) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_lazy_rows_equal_the_eager_average(tmp_path) -> None:
+@pytest.mark.parametrize("joint", [True, False], ids=["one-buffer", "per-table"])
+def test_lazy_rows_equal_the_eager_average(tmp_path, joint) -> None:
     """Fused tables averaged lazily (rows caught up when looked up or read) equal the eager
     average over 40 steps of irregular touches, to float32 rounding; a read in the middle
-    (swap in, swap out) leaves the raw weights bitwise and the later average unchanged."""
-    run_multiprocess(_lazy_vs_eager, world_size=1, tmp=str(tmp_path))
+    (swap in, swap out) leaves the raw weights bitwise and the later average unchanged.
+    Both layouts: the kernel's tables' averages in one buffer, and one per table."""
+    run_multiprocess(_lazy_vs_eager, world_size=1, tmp=str(tmp_path), joint=joint)
