@@ -2,6 +2,7 @@
 
     python -m hstu.export --ckpt runs/retrieval-.../best --out artifacts/ml-100k-retrieval
     python -m hstu.export --ckpt checkpoints --out art --gin-config-file configs/x.gin --gin-param ...
+    python -m hstu.export --ckpt checkpoints --out serving --versioned --keep 3    # serving/v<step>, LATEST
 
 The checkpoint (a checkpoint folder, or a save root with a ``latest`` file) is loaded on one
 process (world 1, TP 1) from any world and TP size: DCP reshards the tables, and the dense
@@ -47,7 +48,7 @@ from hstu.serving.artifact import (
 from hstu.serving.model import InferenceHSTU
 from hstu.training.checkpoint_manager import merge_tp_shards
 
-__all__ = ["ExportError", "export", "load_for_export", "main", "merge_tp_shards"]
+__all__ = ["ExportError", "export", "load_for_export", "main", "merge_tp_shards", "publish_version"]
 
 
 class ExportError(Exception):
@@ -424,10 +425,14 @@ def write_embedding_dump(tables: dict, icfg: dict, out: Path) -> None:
 
 def export(ckpt: str, out: str, gin_file: str | None = None, params: list[str] = (), aoti: bool = True,
            log: Any = print) -> Path:
+    from hstu.serving.versions import is_versioned_root
     from hstu.training.distributed import destroy_distributed
 
     start = time.perf_counter()
     out_path = Path(out)
+    if is_versioned_root(out_path):  # replacing it would remove every version (and LATEST)
+        raise ExportError(f"--out {out}: a versioned serving root (v<step> folders, LATEST); "
+                          "publish into it with --versioned")
     tmp = out_path.with_name(out_path.name + ".tmp")
     try:
         try:  # before the work: an unwritable --out is said at once
@@ -537,15 +542,43 @@ def write_artifact(tmp: Path, out_path: Path, tables: dict, inference: Inference
     os.replace(tmp, out_path)
 
 
+def publish_version(root: str | Path, ckpt: str, keep: int = 3, gin_file: str | None = None,
+                    params: list[str] = (), aoti: bool = True, step: int | None = None,
+                    log: Any = print) -> Path:
+    """Exports ``ckpt`` as a new version of the versioned serving root ``root`` (``v<step>``,
+    step: the checkpoint's unless given) and points ``LATEST`` at it; versions beyond the
+    newest ``keep`` are removed (hstu.serving.versions.publish: the rules). Returns the
+    version's folder. A training loop calls this with the checkpoint it has just saved."""
+    from hstu.serving.versions import VersionError, publish
+
+    def write(staging: Path) -> None:
+        export(ckpt, str(staging), gin_file, params, aoti=aoti, log=log)
+
+    try:
+        return publish(root, write, step=step, keep=keep, log=log)
+    except VersionError as exc:
+        raise ExportError(str(exc), exc.code) from None
+    except OSError as exc:
+        raise _cannot_write(exc, root) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hstu.export", description=__doc__.split("\n")[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint folder, or a save root with a 'latest' file")
-    parser.add_argument("--out", required=True, help="artifact folder to write (replaced if it exists)")
+    parser.add_argument("--out", required=True, help="artifact folder to write (replaced if it exists); with --versioned, the versioned root")
     parser.add_argument("--gin-config-file", default=None, help="configuration (default: the checkpoint's run's)")
     parser.add_argument("--gin-param", action="append", default=[], metavar="BINDING",
                         help="extra gin binding, e.g. 'DatasetArgs.dataset_path=\"tmp_data/ml-100k\"'")
     parser.add_argument("--no-aoti", action="store_true", help="skip the AOTInductor package (minutes on a CPU)")
+    parser.add_argument("--versioned", action="store_true",
+                        help="--out is a versioned serving root: write the export as v<step> and point LATEST at it")
+    parser.add_argument("--keep", type=int, default=None, metavar="K",
+                        help="with --versioned: versions kept (the newest K; default 3)")
     ns = parser.parse_args(argv)
+    if ns.keep is not None and not ns.versioned:
+        parser.error("--keep is for --versioned (a versioned serving root)")
+    if ns.keep is not None and ns.keep < 1:
+        parser.error(f"--keep {ns.keep}: keep at least 1 version")
     from hstu.console import fail, keep_log, quiet_start
 
     quiet_start()  # known harmless third-party warnings (DCP's ShardedTensor notice) stay off
@@ -555,7 +588,10 @@ def main(argv: list[str] | None = None) -> int:
     from hstu.training.checkpoint import CheckpointError
 
     try:
-        export(ns.ckpt, ns.out, ns.gin_config_file, ns.gin_param, aoti=not ns.no_aoti)
+        if ns.versioned:
+            publish_version(ns.out, ns.ckpt, ns.keep or 3, ns.gin_config_file, ns.gin_param, aoti=not ns.no_aoti)
+        else:
+            export(ns.ckpt, ns.out, ns.gin_config_file, ns.gin_param, aoti=not ns.no_aoti)
     except ExportError as exc:
         return fail(str(exc), exc.code)
     except (ConfigError, DataError) as exc:

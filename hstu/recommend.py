@@ -18,6 +18,9 @@ CSV when the file name ends in .csv.
 ``--holdout-last 1`` (retrieval) keeps each user's last event out of the history and writes
 it as ``target``: HR@K of the output is then the trainer's test protocol.
 
+``--model`` may be a versioned serving root (``python -m hstu.export --versioned``): the
+version its ``LATEST`` names is read, and held until the run ends (never a partial one).
+
 A retrieval model trained with ``NetworkArgs.rab_query_time`` reads when each query is asked
 (the request time, unix seconds): ``--request-time T`` for every user; by default the held-out
 target's timestamp with ``--holdout-last 1`` (as the trainer's evaluation), else the newest
@@ -418,7 +421,9 @@ def rank(art: Artifact, events: Events, out: Path, batch_size: int, holdout: int
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hstu.recommend", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="artifact folder written by python -m hstu.export")
+    parser.add_argument("--model", required=True,
+                        help="artifact folder written by python -m hstu.export, or a versioned serving root "
+                             "(export --versioned: its newest complete version, through LATEST)")
     parser.add_argument("--input", required=True, help="preprocessed dataset folder, or a CSV/parquet of events")
     parser.add_argument("--out", required=True, help="output file (.parquet, or .csv)")
     parser.add_argument("--top-k", type=int, default=10, help="items per user (retrieval)")
@@ -436,8 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     if ns.threads:
         torch.set_num_threads(ns.threads)
+    art = None
     try:
         art = Artifact(ns.model, use_aoti=not ns.no_aoti)
+        if art.version is not None:
+            print(f"[recommend] model: {art.version} of the versioned root {art.root}", file=sys.stderr)
         if art.task == "retrieval" and ns.holdout_last not in (0, 1):
             raise InputError("--holdout-last is 0 or 1 for retrieval (the held-out item is the target)")
         if art.task == "ranking" and ns.request_time is not None:
@@ -470,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        if art is not None:
+            art.close()  # a version of a versioned root: its lease (held while reading it) ends
     if report["skipped_users"] and report["users"]:
         print(f"[recommend] skipped {report['skipped_users']} users without a usable history "
               "(no known item before the held-out events)", file=sys.stderr)

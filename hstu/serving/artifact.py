@@ -19,11 +19,13 @@ import json
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from hstu.serving import versions
 
 FORMAT = "hstu-artifact"
 # 2: the manifest's "files" holds each file's size and CRC32; 3: the model config names its
@@ -260,10 +262,44 @@ def example_inputs(cfg: dict[str, Any], batch_size: int = 3, slots: int = 5) -> 
 
 
 class Artifact:
-    """An exported model: manifest, tables, dense program (and the cached-history pair)."""
+    """An exported model: manifest, tables, dense program (and the cached-history pair).
+
+    ``path``: an artifact folder, or a versioned serving root (:mod:`hstu.serving.versions`):
+    then the version its ``LATEST`` names, held (a lease: never pruned) until :meth:`close`."""
 
     def __init__(self, path: str | Path, use_aoti: bool = True) -> None:
-        self.path = Path(path)
+        self.root: Path | None = None
+        """The versioned root read through its pointer (None: a plain artifact folder)."""
+        self.version: str | None = None
+        """The version served from :attr:`root` ("v120"; None: a plain artifact folder)."""
+        self._lease: versions.Lease | None = None
+        path = Path(path)
+        if versions.is_versioned_root(path):
+            try:
+                folder, self._lease = versions.open_latest(path)
+            except versions.VersionError as exc:
+                raise ArtifactError(str(exc), exc.code) from None
+            self.root, self.version, path = path, folder.name, folder
+        self.path = path
+        try:
+            self._open(use_aoti)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Releases the version's lease (a plain artifact folder holds none)."""
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _open(self, use_aoti: bool) -> None:
         manifest = self.path / MANIFEST
         if not manifest.is_file():
             raise ArtifactError(f"{self.path}: not an hstu artifact (no {MANIFEST}); write one with python -m hstu.export")
@@ -379,6 +415,7 @@ class Artifact:
 
 
 def load_artifact(path: str | Path, use_aoti: bool = True) -> Artifact:
+    """An artifact folder, or the newest complete version of a versioned serving root."""
     return Artifact(path, use_aoti)
 
 

@@ -1,0 +1,371 @@
+"""Versioned serving roots: publish a new artifact while readers keep serving (docs/serving.md
+"Serving the latest model").
+
+A versioned root holds complete artifacts (today's format, :mod:`hstu.serving.artifact`) and
+a pointer to the one to serve::
+
+    <root>/v<step>/      one complete artifact per published step
+    <root>/LATEST        one line: the name of the version to serve ("v120")
+    <root>/.publish.lock held (flock) by the one process publishing into the root
+    <root>/.staging-*    a version being written (never read; removed by the next publish)
+    <root>/.trash-*      a version being removed (never read; removed by the next publish)
+
+Writing (:func:`publish`): the artifact is written into a hidden staging folder, its files
+are checked against its manifest and fsynced, the folder is renamed to ``v<step>`` and only
+then ``LATEST`` is replaced (a new file, fsynced, ``os.replace``). A crash at any point leaves
+``LATEST`` naming the previous complete version. Then versions beyond the newest ``keep`` are
+removed, never the one ``LATEST`` names and never one a reader holds (below).
+
+Reading (:func:`open_latest`): the pointer is read once, the version folder opened and a
+shared ``flock`` taken on it (a *lease*); the artifact's files are then read from that one
+folder. The pruner takes an exclusive non-blocking lock before removing a folder and skips
+one a reader holds, so a reader that read the pointer just before a prune either holds its
+version first (it is kept) or finds it gone after the prune and reads the pointer again (the
+pointer's version is never pruned). The lease lasts as long as the reader's ``Artifact``.
+
+Nothing here imports torch, torchrec, megatron or gin (the reading side runs in a serving
+process with torch alone).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+from hstu.validation import _non_negative, _positive, _validate_fields
+
+POINTER = "LATEST"
+PUBLISH_LOCK = ".publish.lock"
+STAGING_PREFIX = ".staging-"
+TRASH_PREFIX = ".trash-"
+MANIFEST = "manifest.json"  # the artifact's (hstu.serving.artifact.MANIFEST; no import cycle)
+_VERSION = re.compile(r"^v(\d+)$")
+EXIT_BAD_INPUT = 2
+EXIT_DAMAGED = 3
+
+
+class VersionError(Exception):
+    """A versioned root that cannot be read or published into (printed as one line).
+    ``code``: the exit code, 2 for a wrong path or request, 3 for a damaged root."""
+
+    def __init__(self, message: str, code: int = EXIT_BAD_INPUT) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def version_name(step: int) -> str:
+    return f"v{int(step)}"
+
+
+def step_of(name: str) -> int | None:
+    """``v<step>`` -> step; None for any other name."""
+    m = _VERSION.match(name)
+    return int(m.group(1)) if m else None
+
+
+def list_versions(root: str | Path) -> list[tuple[int, str]]:
+    """(step, name) of every version folder under ``root``, oldest first (staging and trash
+    folders are not versions)."""
+    out = []
+    for entry in os.scandir(root):
+        step = step_of(entry.name)
+        if step is not None and entry.is_dir(follow_symlinks=False):
+            out.append((step, entry.name))
+    return sorted(out)
+
+
+def read_pointer(root: str | Path) -> str | None:
+    """The version ``LATEST`` names, or None where nothing is published yet. A pointer that
+    does not hold a version name -> VersionError (exit 3)."""
+    path = Path(root) / POINTER
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    name = text.strip()
+    if step_of(name) is None:
+        raise VersionError(f"{path}: holds {text[:40]!r}, not a version name (v<step>); "
+                           "publish again or write the name of a complete version into it", EXIT_DAMAGED)
+    return name
+
+
+def current_version(root: str | Path) -> str | None:
+    """The version a reader of ``root`` gets now (cheap: one small file; for a server that
+    polls for a new model and reloads when this changes)."""
+    return read_pointer(root)
+
+
+def is_versioned_root(path: str | Path) -> bool:
+    """Whether ``path`` is a versioned root (a pointer, a publish lock or a version folder)
+    rather than a plain artifact folder."""
+    path = Path(path)
+    if not path.is_dir() or (path / MANIFEST).is_file():
+        return False
+    if (path / POINTER).is_file() or (path / PUBLISH_LOCK).is_file():
+        return True
+    return bool(list_versions(path))
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class Lease:
+    """A shared lock on one version folder: while held, :func:`prune` does not remove it."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self.fd: int | None = fd
+        self.path = path
+        self.name = path.name
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops its flock
+            self.fd = None
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def _same_folder(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the folder ``fd`` was opened on (not removed, not replaced)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+
+
+def open_latest(root: str | Path, attempts: int = 200) -> tuple[Path, Lease]:
+    """(the folder of the version ``LATEST`` names, a lease on it). A version removed between
+    reading the pointer and locking it (a prune) sends the reader back to the pointer."""
+    root = Path(root)
+    name = None
+    for _ in range(attempts):
+        name = read_pointer(root)
+        if name is None:
+            raise VersionError(f"{root}: a versioned serving root with no complete version yet "
+                               f"(no {POINTER}); publish one with python -m hstu.export --versioned")
+        path = root / name
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except FileNotFoundError:
+            time.sleep(0.005)
+            continue
+        fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a pruner removes this very folder
+        if _same_folder(fd, path):
+            return path, Lease(fd, path)
+        os.close(fd)
+    raise VersionError(f"{root / POINTER}: names {name}, which is not there (removed by hand?); "
+                       "publish again or write the name of a complete version into it", EXIT_DAMAGED)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+class _PublishLock:
+    """One publisher per root (an exclusive flock on ``.publish.lock``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.fd = os.open(root / PUBLISH_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise VersionError(f"{root}: another process is publishing into this root "
+                               f"({PUBLISH_LOCK} is locked); one publisher per root") from None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Staging and trash folders a killed publisher left (no other publisher runs: we hold
+    the publish lock; readers never open them)."""
+    for entry in os.scandir(root):
+        if entry.name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+
+
+def _manifest_step(folder: Path) -> int:
+    import json
+
+    manifest = json.loads((folder / MANIFEST).read_text())
+    return int(manifest["checkpoint"]["step"])
+
+
+def _check_complete(folder: Path) -> None:
+    """The staged artifact's files against its manifest (present, sizes; the writer took the
+    CRC32s from the files themselves), everything fsynced."""
+    from hstu.training.checkpoint import _fsync_file, check_files, fsync_dir
+
+    if not (folder / MANIFEST).is_file():
+        raise VersionError(f"{folder}: the writer left no {MANIFEST}; nothing published", EXIT_DAMAGED)
+    problem = check_files(str(folder), checksums=False)
+    if problem is not None:
+        raise VersionError(f"{problem}; nothing published", EXIT_DAMAGED)
+    for entry in os.scandir(folder):
+        _fsync_file(entry.path)
+    fsync_dir(str(folder))
+
+
+def prune(root: str | Path, keep: int, log: Callable[[str], Any] = print) -> list[str]:
+    """Removes versions beyond the newest ``keep`` (by step), never the one ``LATEST``
+    names, and skips one a reader holds (tried again at the next publish). Returns the names
+    removed."""
+    from hstu.training.checkpoint import fsync_dir
+
+    root = Path(root)
+    pointed = read_pointer(root)
+    versions = list_versions(root)
+    spared = {name for _, name in versions[-keep:]} | {pointed}
+    removed, busy = [], []
+    for _, name in versions:
+        if name in spared:
+            continue
+        path = root / name
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                busy.append(name)
+                continue
+            trash = root / f"{TRASH_PREFIX}{name}-{os.getpid()}"
+            os.rename(path, trash)  # gone for readers at once; a waiting reader sees it moved
+            shutil.rmtree(trash)
+            removed.append(name)
+        finally:
+            os.close(fd)
+    if removed or busy:
+        fsync_dir(str(root))
+    if busy:
+        log(f"[export] kept {', '.join(busy)} beyond keep={keep}: a reader holds it (removed at a later publish)")
+    return removed
+
+
+def publish(root: str | Path, write: Callable[[Path], Any], step: int | None = None, keep: int = 3,
+            log: Callable[[str], Any] = print) -> Path:
+    """Publishes one version into the versioned ``root`` and returns its folder.
+
+    ``write(staging)`` writes a complete artifact into ``staging`` (a new hidden folder under
+    ``root``; :func:`hstu.export.export` does). ``step``: the version's step (default: the
+    staged manifest's ``checkpoint.step``); given, a step that cannot be published is refused
+    before anything is written. Rules: a step newer than every published one becomes
+    ``v<step>`` and ``LATEST`` names it; a step already published is kept as it is (a
+    resumed run that reaches a published step again, with the same weights) and ``LATEST``
+    moves to it only if it is the newest; a step older than the one served and not
+    published is refused (VersionError). Then :func:`prune` to ``keep``."""
+    from hstu.training.checkpoint import fsync_dir, write_text_atomic
+
+    if keep < 1:
+        raise VersionError(f"keep={keep}: keep at least 1 version (the one served)")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    if (root / MANIFEST).is_file():
+        raise VersionError(f"{root}: a plain artifact folder, not a versioned root; publish into "
+                           "another folder (or remove this one)")
+    with _PublishLock(root):
+        _remove_leftovers(root)
+        if step is not None:
+            _refuse_older(root, int(step))
+        staging = root / f"{STAGING_PREFIX}{os.getpid()}-{time.time_ns()}"
+        try:
+            write(staging)
+            _check_complete(staging)
+            if step is None:
+                step = _manifest_step(staging)
+            step = int(step)
+            final = root / version_name(step)
+            if final.exists():
+                log(f"[export] {final.name} is already published in {root}: kept as it is "
+                    "(a resumed run reaching a published step again)")
+            else:
+                _refuse_older(root, step)
+                os.rename(staging, final)
+                fsync_dir(str(root))
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
+        pointed = read_pointer(root)
+        if pointed is None or step_of(pointed) < step:
+            write_text_atomic(str(root / POINTER), final.name + "\n")
+            log(f"[export] published {final.name} in {root} ({POINTER} -> {final.name})")
+        removed = prune(root, keep, log)
+        if removed:
+            log(f"[export] removed {', '.join(removed)} (keep={keep})")
+    return final
+
+
+def _refuse_older(root: Path, step: int) -> None:
+    pointed = read_pointer(root)
+    if pointed is None or (root / version_name(step)).exists():
+        return
+    if step_of(pointed) > step:
+        raise VersionError(f"{root}: step {step} is older than the version served ({pointed}) "
+                           "and was never published; publish a newer step (or into another folder)")
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+@dataclass
+class PublishArgs:
+    """When a training loop publishes a serving version, where, and how many it keeps."""
+
+    every_windows: int = 0
+    """Publish after every N-th window (counted from the stream's start, so a resumed run publishes at the same windows); 0: not by windows."""
+    every_seconds: float = 0.0
+    """Publish at the end of a window once this many seconds passed since the last publish; 0: not by time."""
+    keep: int = 3
+    """Versions kept in the root (the newest by step; one a reader holds is kept until released)."""
+    out_dir: str = ""
+    """The versioned root; empty: <run_dir>/serving."""
+    aoti: bool = False
+    """Also compile each version's AOTInductor package (tens of seconds on a CPU)."""
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+        _non_negative(self, "every_windows", "every_seconds")
+        _positive(self, "keep")
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_windows > 0 or self.every_seconds > 0
+
+    def due(self, window_index: int, seconds_since_publish: float) -> bool:
+        """Whether to publish after window ``window_index`` (0-based, from the stream's start)."""
+        by_windows = self.every_windows > 0 and (window_index + 1) % self.every_windows == 0
+        by_time = self.every_seconds > 0 and seconds_since_publish >= self.every_seconds
+        return by_windows or by_time
+
+
+__all__ = [
+    "POINTER",
+    "Lease",
+    "PublishArgs",
+    "VersionError",
+    "current_version",
+    "is_versioned_root",
+    "list_versions",
+    "open_latest",
+    "prune",
+    "publish",
+    "read_pointer",
+    "step_of",
+    "version_name",
+]
