@@ -187,11 +187,9 @@ def test_follow_stops_on_the_stop_signal(tmp_path):
     land(tmp_path, "p1", events(4, 100))
     stop = threading.Event()
     src = FolderStream(tmp_path, follow=True, poll_seconds=0.05, stop=stop)
-    ws = []
     began = time.monotonic()
     threading.Timer(0.3, stop.set).start()
-    for w in src.windows():
-        ws.append(w)
+    ws = list(src.windows())
     assert [w.name for w in ws] == ["p1"]
     assert time.monotonic() - began < 5.0
     # a callable works as well
