@@ -418,3 +418,19 @@ def test_stream_args_bind_from_gin(tmp_path):
         gin.clear_config()
     assert isinstance(src, FolderStream)
     assert [w.num_events for w in src.windows()] == [2, 1]
+
+
+def test_replay_of_own_data_keeps_its_rating_values(tmp_path):
+    from hstu.data.data_args import CustomDataArgs
+
+    (tmp_path / "log.csv").write_text(
+        "user_id,item_id,timestamp,rating\nu1,a,30,4.5\nu2,b,10,0.5\nu1,b,20,3.0\n"
+    )
+    src = make_source(
+        StreamArgs(replay_dataset="custom", replay_window="events:2"),
+        columns=CustomDataArgs(path=str(tmp_path / "log.csv"), action_column="rating"),
+    )
+    ws = list(src.windows())
+    assert [w.raw_user.tolist() for w in ws] == [["u2", "u1"], ["u1"]]
+    assert np.concatenate([w.rating for w in ws]).tolist() == [0.5, 3.0, 4.5]
+    assert np.concatenate([w.user for w in ws]).tolist() == [1, 2, 2]

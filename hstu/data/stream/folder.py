@@ -300,7 +300,7 @@ class FolderStream:
                 if waited >= self.incomplete_timeout_seconds:
                     self._quarantine(
                         nxt.path, nxt.name,
-                        f"no {SUCCESS} after {waited:.0f} s while newer partitions are complete "
+                        f"no {SUCCESS} after {waited:.1f} s while newer partitions are complete "
                         f"(StreamArgs.incomplete_timeout_seconds={self.incomplete_timeout_seconds:g})",
                     )
                     continue

@@ -29,8 +29,9 @@ class Events:
     """A finished events table in file order. Legend: N events.
 
     user, item: [N] raw ids (int64 or str); timestamp: int64 [N] seconds; rating: float64
-    [N] or None (built-in datasets: their action class, e.g. MovieLens stars 1..5 -> 0..4,
-    as preprocessing gives them)."""
+    [N] or None. Own data: the number in its action column (as a stream folder's rating);
+    built-in datasets: their action as preprocessing gives it (MovieLens stars 1..5 -> class
+    0..4, KuaiRand's bitmask)."""
 
     user: np.ndarray
     item: np.ndarray
@@ -45,13 +46,12 @@ def events_of_parsed(parsed: Parsed, source: str) -> Events:
     log = Columns.concat(list(parsed.blocks()))
     t = log.data["time_key"].astype(np.int64) // parsed.time_key_per_second
     action = log.data.get("action")
-    return Events(
-        log.data["user"],
-        log.data["item"],
-        t,
-        None if action is None else action.astype(np.float64),
-        source,
-    )
+    rating = None
+    if action is not None:
+        rating = action.astype(np.float64)
+        if parsed.action_values is not None:  # own data binned per distinct value: the values
+            rating = np.asarray(parsed.action_values, dtype=np.float64)[action]
+    return Events(log.data["user"], log.data["item"], t, rating, source)
 
 
 def events_of_dataset(dataset: str, raw: str | Path) -> Events:
