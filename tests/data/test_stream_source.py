@@ -221,6 +221,19 @@ def test_malformed_partition_is_set_aside(tmp_path, caplog):
     assert_set_aside(tmp_path, caplog, "p2", "part-0000.csv:3", "field timestamp", "'soon'")
 
 
+def test_corrupt_parquet_is_set_aside(tmp_path, caplog):
+    good1, good2 = events(4, 100), events(4, 300)
+    land(tmp_path, "p1", good1)
+    bad = land(tmp_path, "p2", events(4, 200), fmt="parquet")
+    data = (bad / "part-0000.parquet").read_bytes()
+    (bad / "part-0000.parquet").write_bytes(data[: len(data) // 2])  # cut short
+    land(tmp_path, "p3", good2, fmt="parquet")
+    ws = list(FolderStream(tmp_path).windows())
+    assert collect(ws) == good1 + good2
+    assert ws[0].lag.events_waiting == 4  # p3 counted; p2 cannot be
+    assert_set_aside(tmp_path, caplog, "p2", "part-0000.parquet", "truncated or corrupt parquet")
+
+
 def test_events_out_of_time_order_are_set_aside(tmp_path, caplog):
     good = events(4, 100)
     land(tmp_path, "p1", good)
@@ -434,3 +447,48 @@ def test_replay_of_own_data_keeps_its_rating_values(tmp_path):
     assert [w.raw_user.tolist() for w in ws] == [["u2", "u1"], ["u1"]]
     assert np.concatenate([w.rating for w in ws]).tolist() == [0.5, 3.0, 4.5]
     assert np.concatenate([w.user for w in ws]).tolist() == [1, 2, 2]
+
+
+def test_empty_partitions_are_consumed_without_a_window(tmp_path, caplog):
+    a, b = events(3, 100), events(3, 300)
+    land(tmp_path, "p1", a)
+    (tmp_path / "p2").mkdir()
+    (tmp_path / "p2" / SUCCESS).write_text("")  # no data file at all
+    land(tmp_path, "p3", [])  # a header, no rows
+    land(tmp_path, "p3b", [])  # the same again
+    (tmp_path / "p4").mkdir()
+    (tmp_path / "p4" / "part-0000.jsonl").write_text("")  # a 0-byte file
+    (tmp_path / "p4" / SUCCESS).write_text("")
+    land(tmp_path, "p5", b)
+    src = FolderStream(tmp_path)
+    ws = list(src.windows())
+    assert [w.name for w in ws] == ["p1", "p5"] and collect(ws) == a + b
+    assert not stream_lines(caplog)  # empty partitions are not duplicates of each other
+    assert [c[0] for c in src.state_dict()["consumed"]] == ["p1", "p2", "p3", "p3b", "p4", "p5"]
+
+
+def test_stop_between_windows_leaves_an_exact_position(tmp_path):
+    rows = events(10, 100, seed=2)
+    land(tmp_path, "p1", rows)
+    stop = threading.Event()
+    src = FolderStream(tmp_path, max_window_events=4, stop=stop)
+    got = []
+    for w in src.windows():
+        got.append(w)
+        stop.set()  # the loop was asked to stop while it trained on this window
+    assert len(got) == 1 and got[0].position_after == StreamPosition("p1", 4)
+    save_stream(tmp_path / "_ckpt", got[0].position_after, src)
+    again = FolderStream(tmp_path, max_window_events=4)
+    rest = list(again.windows(load_stream(tmp_path / "_ckpt", again)))
+    assert collect(got) + collect(rest) == rows
+
+
+def test_events_added_to_a_consumed_empty_partition_are_set_aside(tmp_path, caplog):
+    land(tmp_path, "p1", [])
+    src = FolderStream(tmp_path)
+    assert list(src.windows()) == []
+    assert list(src.windows()) == []  # looked at again: unchanged
+    late = events(2, 100)
+    land(tmp_path, "p1", late, file="part-0001")
+    assert list(src.windows()) == []
+    assert_set_aside(tmp_path, caplog, "p1", "changed after it was consumed")

@@ -95,6 +95,8 @@ class StreamSource(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def lag(self) -> Lag: ...
+
 
 # ----------------------------------------------------------------------------- id maps
 
@@ -140,6 +142,14 @@ class IdMap:
                 field=field_name,
             )
 
+    def _find(self, uniq: np.ndarray) -> np.ndarray:
+        """Dense ids int64 [U] of sorted distinct keys [U]; 0 where unknown (sorted queries:
+        the binary searches walk the table in order)."""
+        if not len(self._sorted) or not len(uniq):
+            return np.zeros(len(uniq), dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self._sorted, uniq), len(self._sorted) - 1)
+        return np.where(self._sorted[pos] == uniq, self._sorted_ids[pos], 0).astype(np.int64)
+
     def lookup(self, raw: np.ndarray) -> np.ndarray:
         """Dense ids int64 [E] of ``raw`` [E]; 0 where unknown. The map does not grow."""
         if not len(self._keys) or not len(raw):
@@ -147,9 +157,8 @@ class IdMap:
         if self.kind == "int" and raw.dtype.kind not in "iu":
             return np.zeros(len(raw), dtype=np.int64)
         keys, _ = _as_keys(raw, self.kind)
-        pos = np.minimum(np.searchsorted(self._sorted, keys), len(self._sorted) - 1)
-        found = self._sorted[pos] == keys
-        return np.where(found, self._sorted_ids[pos], 0).astype(np.int64)
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        return self._find(uniq)[inverse.reshape(-1)]
 
     def map(self, raw: np.ndarray) -> tuple[np.ndarray, int]:
         """Dense ids int64 [E] of ``raw`` [E], adding the new ones; (ids, how many were new).
@@ -162,26 +171,23 @@ class IdMap:
             self.kind = kind
             self._keys = self._keys.astype(keys.dtype)
             self._sorted = self._sorted.astype(keys.dtype)
-        dense = self.lookup(keys) if len(self._keys) else np.zeros(len(keys), dtype=np.int64)
-        missing = dense == 0
-        if not missing.any():
-            return dense, 0
-        uniq, first = np.unique(keys[missing], return_index=True)
-        order = np.argsort(first, kind="stable")  # first appearance in the window
-        new_keys = uniq[order]
-        new_ids = np.arange(len(self._keys) + 1, len(self._keys) + 1 + len(new_keys), dtype=np.int64)
-        self._keys = np.concatenate([self._keys, new_keys])
-        # uniq is sorted: merge it into the sorted keys
-        ids_of_uniq = np.empty(len(uniq), dtype=np.int64)
-        ids_of_uniq[order] = new_ids
-        if self.kind == "str":  # numpy text arrays have a width: widen, never truncate
-            wide = np.promote_types(self._sorted.dtype, uniq.dtype)
-            self._sorted = self._sorted.astype(wide)
-            self._keys = self._keys.astype(wide)
-        at = np.searchsorted(self._sorted, uniq)
-        self._sorted = np.insert(self._sorted, at, uniq)
-        self._sorted_ids = np.insert(self._sorted_ids, at, ids_of_uniq)
-        return self.lookup(keys), len(new_keys)
+        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        ids = self._find(uniq)
+        missing = np.flatnonzero(ids == 0)
+        if len(missing):
+            order = missing[np.argsort(first[missing], kind="stable")]  # first appearance
+            new_keys = uniq[order]
+            ids[order] = np.arange(len(self._keys) + 1, len(self._keys) + 1 + len(order), dtype=np.int64)
+            if self.kind == "str":  # numpy text arrays have a width: widen, never truncate
+                wide = np.promote_types(self._sorted.dtype, uniq.dtype)
+                self._sorted = self._sorted.astype(wide)
+                self._keys = self._keys.astype(wide)
+            self._keys = np.concatenate([self._keys, new_keys])
+            new_sorted = uniq[missing]  # sorted, as uniq is
+            at = np.searchsorted(self._sorted, new_sorted)
+            self._sorted = np.insert(self._sorted, at, new_sorted)
+            self._sorted_ids = np.insert(self._sorted_ids, at, ids[missing])
+        return ids[inverse.reshape(-1)], len(missing)
 
     def raw(self, dense: np.ndarray) -> np.ndarray:
         """Raw ids [E] of dense ids [E] (each in 1..K)."""

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hstu.columns import EVENT_COLUMNS
@@ -404,8 +405,16 @@ class FolderStream:
         if entry.signature is None or entry.signature == sig:
             entry.signature = sig
             return
-        digest = partition_digest(path)
-        if entry.digest is None or digest == entry.digest:
+        if entry.rows < 0:  # taken as consumed without a ledger: content unknown
+            unchanged = True
+        elif entry.digest is None:  # consumed empty: changed once it holds events
+            try:
+                unchanged = _count_rows(path) == 0
+            except (DataError, OSError, pa.ArrowException):
+                unchanged = False
+        else:
+            unchanged = partition_digest(path) == entry.digest
+        if unchanged:
             entry.signature = sig
             return
         self._quarantine(
@@ -438,9 +447,9 @@ class FolderStream:
                     field=unknown[0],
                 )
             parts.append(cols)
-        if not parts:
+        if not sum(p.num_rows for p in parts):  # no events: nothing to duplicate
             empty = np.zeros(0, dtype=np.int64)
-            return _Loaded(name, done_time, digest, empty, empty, empty, None)
+            return _Loaded(name, done_time, None, empty, empty, empty, None)
         with_rating = ["action" in p.data for p in parts]
         if any(with_rating) and not all(with_rating):
             bad = files[with_rating.index(False)]
@@ -508,7 +517,7 @@ class FolderStream:
             if cached is None or cached[0] != sig:
                 try:
                     cached = (sig, _count_rows(p.path))
-                except (DataError, OSError):  # a bad partition: counted as 0, set aside when read
+                except (DataError, OSError, pa.ArrowException):  # bad: 0 here, set aside when read
                     cached = (sig, 0)
                 self._rows_cache[p.name] = cached
             rows += cached[1]
