@@ -1,9 +1,11 @@
-"""Gin-configurable arguments of the data package: users' own data and the synthetic set.
+"""Gin-configurable arguments of the data package: users' own data, the synthetic set, and
+online training's stream (StreamArgs, docs/online.md).
 
 Same style and framework (:mod:`hstu.validation`) as :mod:`hstu.args`: ``@gin.configurable`` dataclasses, a one-line docstring
 under every field, validation in ``__post_init__`` raising :class:`hstu.validation.ConfigError`.
-The preprocessor reads them (``--gin-file`` / ``--gin-param``); training reads only the
-processed folder, so these never reach the model.
+The preprocessor reads CustomDataArgs and SyntheticDataArgs (``--gin-file`` / ``--gin-param``);
+training reads only the processed folder, so these never reach the model. A run's gin file may
+bind StreamArgs (found in ``RunConfig.extras``).
 """
 
 from __future__ import annotations
