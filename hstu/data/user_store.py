@@ -17,7 +17,7 @@ import logging
 import re
 import sqlite3
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,20 @@ class Histories:
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+
+@dataclass
+class Sequences(Histories):
+    """Histories followed by a window's events (:meth:`UserStore.sequences`). Legend: B users
+    of the window this rank owns, in order of first appearance in the window.
+
+    users int64 [B]; num_new int64 [B]: the last num_new[b] events of sequence b are the
+    window's (in the window's order); the ones before them came from the store. Not cut to
+    max_sequence_length (a sequence holds up to that many stored events plus the new ones).
+    """
+
+    users: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    num_new: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def owner(users: np.ndarray, world_size: int) -> np.ndarray:
@@ -146,32 +160,63 @@ class UserStore:
         if not mine.any():
             return 0
         user = np.asarray(user, dtype=np.int64)[mine]
-        item = np.asarray(item, dtype=np.int64)[mine]
-        ts = np.asarray(timestamp, dtype=np.int64)[mine]
-        r = np.full(len(user), np.nan) if rating is None else np.asarray(rating, dtype=np.float64)[mine]
-        order = np.argsort(user, kind="stable")  # by user, stream order within a user
-        user, item, ts, r = user[order], item[order], ts[order], r[order]
-        uniq, starts = np.unique(user, return_index=True)
-        ends = np.append(starts[1:], len(user))
-        old = self._fetch(uniq)
-        keep = self.max_sequence_length
-        rows = []
-        for u, a, b in zip(uniq.tolist(), starts.tolist(), ends.tolist()):
-            a = max(a, b - keep)  # only the newest `keep` of the window can stay
-            prev = old.get(u)
-            if prev is None:
-                it_, ts_, r_ = item[a:b], ts[a:b], r[a:b]
-            else:
-                it_ = np.concatenate([np.frombuffer(prev[0], "<i8"), item[a:b]])[-keep:]
-                ts_ = np.concatenate([np.frombuffer(prev[1], "<i8"), ts[a:b]])[-keep:]
-                r_ = np.concatenate([np.frombuffer(prev[2], "<f8"), r[a:b]])[-keep:]
-            rows.append((
-                u, len(it_),
-                it_.astype("<i8").tobytes(), ts_.astype("<i8").tobytes(), r_.astype("<f8").tobytes(),
-            ))
+        users, inverse = np.unique(user, return_inverse=True)
+        seq = self._combine(users, inverse.reshape(-1), item, timestamp, rating, mine)
+        # keep each user's newest max_sequence_length
+        lengths = seq.lengths
+        keep = np.minimum(lengths, self.max_sequence_length)
+        pos = np.arange(int(seq.offsets[-1])) - np.repeat(seq.offsets[:-1], lengths)
+        kept = pos >= np.repeat(lengths - keep, lengths)
+        ends = np.cumsum(keep) * 8
+        starts = ends - keep * 8
+        blobs = [
+            seq.items[kept].astype("<i8").tobytes(),
+            seq.timestamps[kept].astype("<i8").tobytes(),
+            seq.ratings[kept].astype("<f8").tobytes(),
+        ]
+        rows = [
+            (u, n, blobs[0][a:b], blobs[1][a:b], blobs[2][a:b])
+            for u, n, a, b in zip(users.tolist(), keep.tolist(), starts.tolist(), ends.tolist())
+        ]
         with self._conn:
             self._conn.executemany("INSERT OR REPLACE INTO history VALUES (?, ?, ?, ?, ?)", rows)
         return len(user)
+
+    def _combine(
+        self,
+        users: np.ndarray,
+        b_of_event: np.ndarray,
+        item: np.ndarray,
+        timestamp: np.ndarray,
+        rating: np.ndarray | None,
+        mine: np.ndarray,
+    ) -> Sequences:
+        """Stored histories of ``users`` [B] followed by the events (``[mine]`` of the columns
+        [E]; event e is user ``users[b_of_event[e]]``'s), in the events' order per user."""
+        item = np.asarray(item, dtype=np.int64)[mine]
+        ts = np.asarray(timestamp, dtype=np.int64)[mine]
+        r = np.full(len(item), np.nan) if rating is None else np.asarray(rating, np.float64)[mine]
+        hist = self.histories(users)
+        num_new = np.bincount(b_of_event, minlength=len(users)).astype(np.int64)
+        lengths = hist.lengths + num_new
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        # where each stored event and each new event goes
+        b_hist = np.repeat(np.arange(len(users)), hist.lengths)
+        at_hist = offsets[b_hist] + (np.arange(len(hist.items)) - hist.offsets[b_hist])
+        order = np.argsort(b_of_event, kind="stable")  # by user, the events' order within one
+        b_new = b_of_event[order]
+        starts = np.concatenate([[0], np.cumsum(num_new)[:-1]]).astype(np.int64)
+        at_new = offsets[b_new] + hist.lengths[b_new] + (np.arange(len(order)) - starts[b_new])
+        out = {}
+        for name, old, new, dtype in (("items", hist.items, item, np.int64),
+                                      ("timestamps", hist.timestamps, ts, np.int64),
+                                      ("ratings", hist.ratings, r, np.float64)):
+            arr = np.empty(int(offsets[-1]), dtype=dtype)
+            arr[at_hist] = old
+            arr[at_new] = new[order]
+            out[name] = arr
+        return Sequences(offsets=offsets, items=out["items"], timestamps=out["timestamps"],
+                         ratings=out["ratings"], users=users, num_new=num_new)
 
     def histories(self, users: np.ndarray) -> Histories:
         """The histories of ``users`` [B] (owned by this rank; a user never seen has none)."""
@@ -193,6 +238,19 @@ class UserStore:
 
         return Histories(offsets, cat(0, "<i8", np.int64), cat(1, "<i8", np.int64),
                          cat(2, "<f8", np.float64))
+
+    def sequences(self, window: Window) -> Sequences:
+        """Each owned user's stored history followed by the user's events of ``window`` (call
+        it before :meth:`append` of that window): the input of test-then-train, where the
+        window's events are the targets and everything before an event is its history."""
+        mine = self.owns(window.user)
+        user = np.asarray(window.user, dtype=np.int64)[mine]
+        uniq, first, inverse = np.unique(user, return_index=True, return_inverse=True)
+        by_first = np.argsort(first, kind="stable")
+        rank_of = np.empty(len(uniq), dtype=np.int64)
+        rank_of[by_first] = np.arange(len(uniq))
+        return self._combine(uniq[by_first], rank_of[inverse.reshape(-1)], window.item,
+                             window.timestamp, window.rating, mine)
 
     def iter_users(self) -> Iterator[tuple[int, Histories]]:
         """Every stored user with its history, by user id (for checks and resharding)."""
@@ -300,4 +358,4 @@ class UserStore:
             )
 
 
-__all__ = ["SNAPSHOT", "Histories", "UserStore", "owner"]
+__all__ = ["SNAPSHOT", "Histories", "Sequences", "UserStore", "owner"]

@@ -4,6 +4,7 @@ sharded by user over ranks, checkpointed atomically, memory flat as the stream g
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections import defaultdict
 
 import numpy as np
@@ -186,3 +187,79 @@ def test_memory_stays_flat_as_the_stream_goes_on(tmp_path):
     assert size_late > 4 * size_early  # the store grew on disk
     print(f"rss {early / 2**20:.1f} -> {late / 2**20:.1f} MiB, file {size_early >> 20} -> {size_late >> 20} MiB")
     assert late - early < 8 * 2**20, f"resident memory grew {(late - early) / 2**20:.1f} MiB"
+
+
+def test_sequences_are_the_history_then_the_window(tmp_path):
+    """Test-then-train input: per owned user, the stored history then the window's events."""
+    keep = 4
+    wins = list(random_windows(5, 30, users=9, seed=6))
+    src = ReplayStream(Events(np.concatenate([w[0] for w in wins]), np.concatenate([w[1] for w in wins]),
+                              np.concatenate([w[2] for w in wins]), np.concatenate([w[3] for w in wins])),
+                       "events:30")
+    store = UserStore(tmp_path / "s.sqlite", keep, rank=1, world_size=2)
+    seen: dict[int, list[tuple]] = defaultdict(list)  # dense user -> every event, by hand
+    for w in src.windows():
+        seq = store.sequences(w)
+        mine = [int(u) for u in w.user if u % 2 == 1]
+        assert seq.users.tolist() == list(dict.fromkeys(mine))  # first appearance
+        for b, u in enumerate(seq.users.tolist()):
+            new = [(int(w.item[k]), int(w.timestamp[k]), float(w.rating[k]))
+                   for k in range(w.num_events) if w.user[k] == u]
+            want = seen[u][-keep:] + new
+            a, e = seq.offsets[b], seq.offsets[b + 1]
+            got = list(zip(seq.items[a:e].tolist(), seq.timestamps[a:e].tolist(), seq.ratings[a:e].tolist()))
+            assert got == want and seq.num_new[b] == len(new)
+            seen[u] += new
+        store.append(w)
+
+
+_SAVER = """
+import sys
+from pathlib import Path
+from hstu.data.user_store import UserStore
+base, out, work = map(Path, sys.argv[1:4])
+store = UserStore.restore(base, work, 20)
+print("ready", flush=True)
+while True:
+    store.checkpoint(out)
+"""
+
+
+def test_a_checkpoint_killed_mid_save_leaves_the_previous_snapshot_whole(tmp_path):
+    """kill -9 of a process that checkpoints over and over: the snapshot's name holds a whole
+    store (the same histories) every time; a partial copy only ever has a temporary name."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    store = UserStore(tmp_path / "s.sqlite", 20)
+    for w in random_windows(4, 50_000, users=30_000, seed=7):
+        store.append_events(*w)
+    store.checkpoint(tmp_path / "base")
+    want = [(u, h.items.tobytes(), h.timestamps.tobytes(), h.ratings.tobytes()) for u, h in store.iter_users()]
+    out = tmp_path / "out"
+    root = Path(__file__).resolve().parents[2]
+    mid_save = 0
+    for k, delay in enumerate((0.05, 0.15, 0.3)):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _SAVER, str(tmp_path / "base"), str(out), str(tmp_path / f"w{k}.sqlite")],
+            stdout=subprocess.PIPE, text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+        )
+        assert proc.stdout.readline().strip() == "ready"
+        while not (out / "user_store.rank0-of-1.sqlite").exists():
+            time.sleep(0.01)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        temps = [p for p in out.iterdir() if p.name.startswith(".")]
+        mid_save += bool(temps)
+        for p in temps:  # what a killed save leaves; never read
+            p.unlink()
+        back = UserStore.restore(out, tmp_path / f"back{k}.sqlite", 20)
+        got = [(u, h.items.tobytes(), h.timestamps.tobytes(), h.ratings.tobytes()) for u, h in back.iter_users()]
+        back.close()
+        assert got == want
+    assert mid_save >= 1, "no kill landed inside a save: make the store bigger"
