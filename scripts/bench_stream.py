@@ -13,7 +13,8 @@ process spent, wall time is what others left it):
 - folder: events/s of FolderStream reading CSV partitions of --partition events each (parse,
   checks, content hash, id maps), over --folder-events events;
 - user store: events/s of UserStore.append with max_sequence_length 200, over
-  --store-events events, and the peak resident set of the process.
+  --store-events events of --store-users users (each comes back about ten times), and the
+  peak resident set of the process.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def main() -> None:
     parser.add_argument("--partition", type=int, default=100_000)
     parser.add_argument("--folder-events", type=int, default=1_000_000)
     parser.add_argument("--store-events", type=int, default=1_000_000)
+    parser.add_argument("--store-users", type=int, default=100_000)
     ns = parser.parse_args()
     rng = np.random.default_rng(0)
     items = rng.integers(1, ns.items + 1, ns.events) * 7 + 11  # not dense: as raw ids are
@@ -74,10 +76,11 @@ def main() -> None:
 
         store = UserStore(Path(tmp) / "store.sqlite", 200)
         n = min(ns.store_events, ns.events)
+        store_users = rng.integers(1, ns.store_users + 1, n)
         t0 = time.process_time()
         for a in range(0, n, ns.window):
             b = min(a + ns.window, n)
-            store.append_events(users[a:b], items[a:b], np.arange(a, b))
+            store.append_events(store_users[a:b], items[a:b], np.arange(a, b))
         cpu = time.process_time() - t0
         print(f"user store: {n:,} events in {cpu:.1f} s CPU = {n / cpu / 1e3:.0f} k events/s "
               f"({store.num_users():,} users, file {(Path(tmp) / 'store.sqlite').stat().st_size >> 20} MiB)")
