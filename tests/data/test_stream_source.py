@@ -319,6 +319,17 @@ def test_partition_that_never_completes_is_set_aside(tmp_path, caplog):
     assert_set_aside(tmp_path, caplog, "p2", "no _SUCCESS after", "newer partitions are complete")
 
 
+def test_a_quarantine_inside_the_folder_under_a_visible_name_is_not_read(tmp_path, caplog):
+    a = events(3, 100)
+    land(tmp_path, "p1", a)
+    land(tmp_path, "p2", [(1, 2, 50, 1.0), (1, 2, 40, 1.0)])  # out of order
+    src = FolderStream(tmp_path, quarantine_dir=tmp_path / "zz-bad")
+    assert collect(src.windows()) == a
+    assert (tmp_path / "zz-bad" / "p2" / REASON).exists()
+    assert collect(src.windows()) == []  # listed again: the quarantine is no partition
+    assert len(stream_lines(caplog)) == 1
+
+
 def test_a_file_at_the_top_of_the_folder_is_set_aside(tmp_path, caplog):
     a = events(3, 100)
     land(tmp_path, "p1", a)
@@ -492,3 +503,23 @@ def test_events_added_to_a_consumed_empty_partition_are_set_aside(tmp_path, capl
     land(tmp_path, "p1", late, file="part-0001")
     assert list(src.windows()) == []
     assert_set_aside(tmp_path, caplog, "p1", "changed after it was consumed")
+
+
+def test_replay_of_a_preprocessed_folder(tmp_path):
+    from hstu.data.data_args import CustomDataArgs
+    from hstu.data.preprocess import preprocess
+
+    rows = [("a", "x", 30), ("b", "y", 10), ("a", "y", 20), ("b", "z", 40), ("c", "x", 15), ("c", "z", 15)]
+    (tmp_path / "log.csv").write_text(
+        "user_id,item_id,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in rows))
+    preprocess("custom", tmp_path / "log.csv", tmp_path / "out", custom=CustomDataArgs(), verbose=False,
+               output_name="mine")
+    src = make_source(StreamArgs(replay_dataset="processed", replay_raw=str(tmp_path / "out" / "mine"),
+                                 replay_window="events:4"))
+    ws = list(src.windows())
+    assert [w.num_events for w in ws] == [4, 2]
+    ts = np.concatenate([w.timestamp for w in ws])
+    assert ts.tolist() == sorted(t for *_, t in rows)
+    # the preprocessor's dense ids (a=1, b=2, c=3; x=1, y=2, z=3) in time order, ties by user
+    assert np.concatenate([w.raw_user for w in ws]).tolist() == [2, 3, 3, 1, 1, 2]
+    assert np.concatenate([w.raw_item for w in ws]).tolist() == [2, 1, 3, 2, 1, 3]

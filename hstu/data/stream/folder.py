@@ -367,8 +367,11 @@ class FolderStream:
         yield from self._cut(loaded, start.row, pending)
 
     def _listing(self) -> list[Path]:
+        """The folder's entries in name order, without hidden names and the quarantine."""
+        quarantine = self.quarantine_dir.resolve()
         return sorted(
-            (Path(e.path) for e in os.scandir(self.path) if not hidden(e.name)),
+            (Path(e.path) for e in os.scandir(self.path)
+             if not hidden(e.name) and Path(e.path).resolve() != quarantine),
             key=lambda p: p.name,
         )
 
@@ -434,7 +437,7 @@ class FolderStream:
             known = {*roles.values(), *self.extra_columns}
             if rating_col:
                 known.add(rating_col)
-            unknown = [c for c in have if c not in known]
+            unknown = [c for c in have if c not in known and not c.startswith("__index_level_")]
             if unknown:
                 from hstu.validation import did_you_mean
 
