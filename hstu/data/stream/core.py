@@ -119,7 +119,8 @@ class IdMap:
     order of first appearance in the stream (so every rank reading the same stream builds the
     same map). Ids are integers or text; a map of integers refuses text ids.
 
-    Memory: the keys twice (in id order and sorted), about 16 bytes per integer id.
+    Memory: the keys in id order and sorted, and the ids of the sorted keys: 24 bytes per
+    integer id.
     """
 
     def __init__(self, name: str) -> None:
