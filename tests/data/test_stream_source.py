@@ -523,3 +523,21 @@ def test_replay_of_a_preprocessed_folder(tmp_path):
     # the preprocessor's dense ids (a=1, b=2, c=3; x=1, y=2, z=3) in time order, ties by user
     assert np.concatenate([w.raw_user for w in ws]).tolist() == [2, 3, 3, 1, 1, 2]
     assert np.concatenate([w.raw_item for w in ws]).tolist() == [2, 1, 3, 2, 1, 3]
+
+
+def test_a_partition_landing_late_during_follow_is_set_aside(tmp_path, caplog):
+    a, c, d = events(3, 100), events(3, 300), events(3, 400, seed=8)
+    land(tmp_path, "p1", a)
+    land(tmp_path, "p3", c)
+
+    def writer():
+        time.sleep(0.3)
+        land(tmp_path, "p2", events(3, 200, seed=9))  # behind the stream: late
+        land(tmp_path, "p4", d)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    ws = list(FolderStream(tmp_path, follow=True, poll_seconds=0.05, idle_timeout_seconds=1.0).windows())
+    t.join()
+    assert collect(ws) == a + c + d
+    assert_set_aside(tmp_path, caplog, "p2", "arrived after the stream passed it")

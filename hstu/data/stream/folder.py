@@ -389,15 +389,16 @@ class FolderStream:
                 if name != self._pos.partition or entry.rows == self._pos.row:  # not mid-read
                     self._check_consumed(name, path)
                 continue
-            if name < self._pos.partition:
-                self._quarantine(
-                    path, name,
-                    f"arrived after the stream passed it (the stream is at partition "
-                    f"{self._pos.partition}, row {self._pos.row}); partitions must land in name order",
-                )
-                continue
             marker = path / SUCCESS
             complete = marker.exists() or not self.require_success
+            if name < self._pos.partition:
+                if complete:  # (moved once its writer is done with it)
+                    self._quarantine(
+                        path, name,
+                        f"arrived after the stream passed it (the stream is at partition "
+                        f"{self._pos.partition}, row {self._pos.row}); partitions must land in name order",
+                    )
+                continue
             done = marker.stat().st_mtime if marker.exists() else path.stat().st_mtime
             pending.append(_Partition(name, path, complete, done))
         return pending
