@@ -206,6 +206,12 @@ class IdMap:
         self._sorted = keys[order]
         self._sorted_ids = (order + 1).astype(np.int64)
 
+    def truncate(self, size: int) -> None:
+        """Forgets every id after the first ``size`` (the map as it was at that size)."""
+        if size < len(self._keys):
+            self.load_state_dict({"name": self.name, "kind": self.kind if size else None,
+                                  "keys": self._keys[:size]})
+
     def save(self, path: str | Path) -> None:
         """Writes the keys to ``path`` (.npy) atomically (a temporary file, then a rename)."""
         keys = self._keys
@@ -261,16 +267,24 @@ ITEM_IDS_FILE = "item_ids.npy"
 
 
 def save_stream(directory: str | Path, position: StreamPosition, source: StreamSource) -> None:
-    """Writes the stream's part of a checkpoint into ``directory``: ``stream.json`` (the
-    position and the source's small state) and the id maps (``user_ids.npy``,
-    ``item_ids.npy``), each file atomically. Call it between windows, with the last
-    yielded window's ``position_after``."""
+    """Writes the stream's part of a checkpoint into ``directory``: the id maps
+    (``user_ids.npy``, ``item_ids.npy``), then ``stream.json`` (the position, the source's
+    small state and the id maps' sizes), each file atomically. Call it between windows, with
+    the last yielded window's ``position_after``.
+
+    A kill between the files leaves id maps newer than ``stream.json``: maps only grow, so
+    :func:`load_stream` cuts them back to the sizes ``stream.json`` recorded."""
     directory = Path(directory)
     state = source.state_dict()
     source.users.save(directory / USER_IDS_FILE)
     source.items.save(directory / ITEM_IDS_FILE)
     small = {k: v for k, v in state.items() if k not in ("users", "items")}
-    write_json_atomic(directory / STATE_FILE, {"position": position.to_dict(), "source": small})
+    write_json_atomic(directory / STATE_FILE, {
+        "position": position.to_dict(),
+        "source": small,
+        "num_users": len(source.users),
+        "num_items": len(source.items),
+    })
 
 
 def load_stream(directory: str | Path, source: StreamSource) -> StreamPosition:
@@ -282,8 +296,13 @@ def load_stream(directory: str | Path, source: StreamSource) -> StreamPosition:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise DataError(str(path), f"cannot read the stream state ({exc})") from None
-    source.users.load(directory / USER_IDS_FILE)
-    source.items.load(directory / ITEM_IDS_FILE)
+    for idmap, file, key in ((source.users, USER_IDS_FILE, "num_users"),
+                             (source.items, ITEM_IDS_FILE, "num_items")):
+        idmap.load(directory / file)
+        if len(idmap) < saved[key]:
+            raise DataError(str(directory / file),
+                            f"holds {len(idmap)} ids, fewer than the {saved[key]} of {STATE_FILE}")
+        idmap.truncate(saved[key])
     state = dict(saved["source"])
     state["users"] = source.users.state_dict()
     state["items"] = source.items.state_dict()

@@ -221,7 +221,6 @@ class FolderStream:
         self._rows_cache: dict[str, tuple[tuple, int]] = {}  # pending partition -> (signature, rows)
         self._blocked: dict[str, float] = {}  # incomplete partition -> when first seen blocking
         self._pos = StreamPosition.start()  # how far the stream has read
-        self._last = StreamPosition.start()  # position_after of the last window yielded
         self._lag = Lag(0, 0.0)
 
     @classmethod
@@ -255,15 +254,12 @@ class FolderStream:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """Id maps and the ledger of consumed partitions, as of the last window yielded."""
+        """Id maps and the ledger of consumed partitions, as of the last window yielded (the
+        ledger may also hold empty partitions consumed since: they have nothing to yield)."""
         return {
             "users": self.users.state_dict(),
             "items": self.items.state_dict(),
-            "consumed": [
-                [name, c.digest, c.rows]
-                for name, c in sorted(self._ledger.items())
-                if name <= self._last.partition
-            ],
+            "consumed": [[name, c.digest, c.rows] for name, c in sorted(self._ledger.items())],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -280,7 +276,7 @@ class FolderStream:
 
     def windows(self, start: StreamPosition = StreamPosition.start()) -> Iterator[Window]:  # noqa: B008
         """Windows from ``start`` on (see the class docstring for when it returns)."""
-        self._pos = self._last = start
+        self._pos = start
         if start.partition and not self._ledger:
             self._take_as_consumed(start)
         if start.row > 0:
@@ -558,7 +554,7 @@ class FolderStream:
                 new_users=new_users,
                 new_items=new_items,
             )
-            self._pos = self._last = window.position_after
+            self._pos = window.position_after
             yield window
 
     def _quarantine(self, path: Path, name: str, reason: str) -> None:
