@@ -260,9 +260,17 @@ def test_unknown_columns_are_set_aside(tmp_path, caplog):
 def test_text_ids_in_a_stream_of_integer_ids_are_set_aside(tmp_path, caplog):
     good = events(3, 100)
     land(tmp_path, "p1", good)
-    land(tmp_path, "p2", [("alice", 100, 200, 1.0)])
+    land(tmp_path, "p2", [(10, 100, 200, 1.0)], file="part-0000")
+    land(tmp_path, "p2", [("alice", 100, 210, 1.0)], file="part-0001", columns=("user", "item", "ts", "rating"))
     assert collect(FolderStream(tmp_path).windows()) == good
-    assert_set_aside(tmp_path, caplog, "p2", "user ids are text", "'alice'")
+    assert_set_aside(tmp_path, caplog, "p2", "part-0001.csv: field user: user ids are text", "'alice'")
+
+
+def test_time_order_error_names_the_files_own_column(tmp_path, caplog):
+    land(tmp_path, "p1", [(1, 2, 100, 1.0)], file="part-0000")
+    land(tmp_path, "p1", [(1, 2, 50, 1.0)], file="part-0001", columns=("user", "item", "ts", "rating"))
+    assert collect(FolderStream(tmp_path).windows()) == []
+    assert_set_aside(tmp_path, caplog, "p1", "part-0001.csv:2: field ts: events out of time order: 50 comes after 100")
 
 
 def test_late_partition_is_set_aside(tmp_path, caplog):

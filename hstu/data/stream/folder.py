@@ -429,8 +429,10 @@ class FolderStream:
         digest = partition_digest(path)
         rating_col = self.columns.action_column
         parts: list[Columns] = []
+        roles_of: list[dict[str, str]] = []  # each file's user / item / timestamp columns
         for f in files:
             cols, have, roles = read_custom_file(f, self.columns, optional_action=True)
+            roles_of.append(roles)
             known = {*roles.values(), *self.extra_columns}
             if rating_col:
                 known.add(rating_col)
@@ -455,6 +457,10 @@ class FolderStream:
             bad = files[with_rating.index(False)]
             raise DataError(str(bad), f"has no {rating_col} column, unlike the partition's other files",
                             field=rating_col)
+        for key, idmap in (("user", self.users), ("item", self.items)):
+            for p, f, roles in zip(parts, files, roles_of):  # text ids cannot join integer ids
+                if p.data[key].dtype.kind not in "iu":
+                    idmap.check(p.data[key], str(f), roles[key])
         for key in ("user", "item"):  # integer ids in one file and text in another: text
             if len({p.data[key].dtype.kind in "iu" for p in parts}) > 1:
                 for p in parts:
@@ -467,17 +473,15 @@ class FolderStream:
         back = np.flatnonzero(t[1:] < t[:-1])
         if back.size:
             r = int(back[0]) + 1
+            where = [str(f) for f in files].index(log.locate(r)[0])
             raise log.error(
-                r, self.columns.timestamp_column,
+                r, roles_of[where]["timestamp"],
                 f"events out of time order: {t[r]} comes after {t[r - 1]} (events of a "
                 "partition must be in time order)",
             )
-        for key, idmap in (("user", self.users), ("item", self.items)):
-            values = log.data[key]
-            if values.dtype.kind not in "iu":
-                values = values.astype(str)
-                log.data[key] = values
-                idmap.check(values, log.segments[0][0], key + "_id")
+        for key in ("user", "item"):
+            if log.data[key].dtype.kind not in "iu":
+                log.data[key] = log.data[key].astype(str)
         seconds = t // 1000 if self.columns.timestamp_unit == "ms" else t
         rating = log.data["action"].astype(np.float64) if any(with_rating) else None
         return _Loaded(name, done_time, digest, log.data["user"], log.data["item"],
