@@ -330,6 +330,70 @@ def action_classes(
     return np.searchsorted(uniq, values).astype(np.int64), [float(v) for v in uniq]
 
 
+def read_custom_file(
+    path: Path, args: CustomDataArgs, optional_action: bool = False
+) -> tuple[Columns, list[str], dict[str, str]]:
+    """One file of a custom source, its mapped columns renamed (``user``, ``item``,
+    ``time_key``, ``action`` when read, ``ctx:<column>``).
+
+    Args:
+        path: a CSV/TSV, JSON-lines or parquet file (optionally .gz), or an archive of one.
+        args: the column mapping.
+        optional_action: read ``args.action_column`` only when the file has it (the stream
+            source's optional rating); False: a file without it is an error.
+    Returns: (columns, the file's column names ([] for text without a header), role ->
+        the file's column for user / item / timestamp).
+    """
+    src = _inputs(path)
+    raw = source = None
+    if src.kind == "parquet":
+        have, source = _parquet_names(src)
+    else:
+        raw = src.read_bytes()
+        if src.kind == "json":
+            have = _json_names(raw)
+        else:
+            have = _text_names(raw, _delimiter(src.name, args)) if args.has_header else []
+    # the user / item / time columns: as configured, or (left at the default) an alias
+    roles = {
+        role: pick_column(role, have, configured) or configured
+        for role, configured in (
+            ("user", args.user_column),
+            ("item", args.item_column),
+            ("timestamp", args.timestamp_column),
+        )
+    }
+    columns: dict[str, str] = {
+        roles["user"]: "id",
+        roles["item"]: "id",
+        roles["timestamp"]: "int",
+    }
+    action = args.action_column
+    if action and optional_action and action not in have:
+        action = None
+    if action:
+        columns[action] = "num"
+    for c in args.contextual_columns:
+        columns[c] = "id"
+    if src.kind == "parquet":
+        cols = _read_parquet(src.name, source, have, columns)
+    elif src.kind == "json":
+        cols = _read_json_lines(src.name, raw, columns)
+    else:
+        cols = _read_text(src.name, raw, columns, args)
+    renamed = {
+        "user": cols.data[roles["user"]],
+        "item": cols.data[roles["item"]],
+        "time_key": cols.data[roles["timestamp"]].astype(np.int64),
+    }
+    if action:
+        renamed["action"] = cols.data[action]
+    for c in args.contextual_columns:
+        renamed[ROW_FEATURE_PREFIX + c] = cols.data[c]
+    cols.data = renamed
+    return cols, have, roles
+
+
 def read_custom(args: CustomDataArgs) -> Parsed:
     """Reads every file of the custom source and renames the mapped columns.
 
@@ -341,51 +405,7 @@ def read_custom(args: CustomDataArgs) -> Parsed:
     parts = []
     used: dict[str, str] = {}
     for path in files:
-        src = _inputs(path)
-        raw = source = None
-        if src.kind == "parquet":
-            have, source = _parquet_names(src)
-        else:
-            raw = src.read_bytes()
-            if src.kind == "json":
-                have = _json_names(raw)
-            else:
-                have = _text_names(raw, _delimiter(src.name, args)) if args.has_header else []
-        # the user / item / time columns: as configured, or (left at the default) an alias
-        roles = {
-            role: pick_column(role, have, configured) or configured
-            for role, configured in (
-                ("user", args.user_column),
-                ("item", args.item_column),
-                ("timestamp", args.timestamp_column),
-            )
-        }
-        used = roles
-        columns: dict[str, str] = {
-            roles["user"]: "id",
-            roles["item"]: "id",
-            roles["timestamp"]: "int",
-        }
-        if args.action_column:
-            columns[args.action_column] = "num"
-        for c in args.contextual_columns:
-            columns[c] = "id"
-        if src.kind == "parquet":
-            cols = _read_parquet(src.name, source, have, columns)
-        elif src.kind == "json":
-            cols = _read_json_lines(src.name, raw, columns)
-        else:
-            cols = _read_text(src.name, raw, columns, args)
-        renamed = {
-            "user": cols.data[roles["user"]],
-            "item": cols.data[roles["item"]],
-            "time_key": cols.data[roles["timestamp"]].astype(np.int64),
-        }
-        if args.action_column:
-            renamed["action"] = cols.data[args.action_column]
-        for c in args.contextual_columns:
-            renamed[ROW_FEATURE_PREFIX + c] = cols.data[c]
-        cols.data = renamed
+        cols, _, used = read_custom_file(path, args)
         parts.append(cols)
     kinds = {k: {p.data[k].dtype.kind in "iu" for p in parts} for k in parts[0].data}
     for k, kind in kinds.items():
@@ -437,4 +457,4 @@ def read_custom(args: CustomDataArgs) -> Parsed:
     )
 
 
-__all__ = ["MAX_ACTION_CLASSES", "ROW_FEATURE_PREFIX", "action_classes", "custom_files", "file_kind", "read_custom"]
+__all__ = ["MAX_ACTION_CLASSES", "ROW_FEATURE_PREFIX", "action_classes", "custom_files", "file_kind", "read_custom", "read_custom_file"]

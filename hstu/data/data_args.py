@@ -1,9 +1,11 @@
-"""Gin-configurable arguments of the data package: users' own data and the synthetic set.
+"""Gin-configurable arguments of the data package: users' own data, the synthetic set, and
+online training's stream (StreamArgs, docs/online.md).
 
 Same style and framework (:mod:`hstu.validation`) as :mod:`hstu.args`: ``@gin.configurable`` dataclasses, a one-line docstring
 under every field, validation in ``__post_init__`` raising :class:`hstu.validation.ConfigError`.
-The preprocessor reads them (``--gin-file`` / ``--gin-param``); training reads only the
-processed folder, so these never reach the model.
+The preprocessor reads CustomDataArgs and SyntheticDataArgs (``--gin-file`` / ``--gin-param``);
+training reads only the processed folder, so these never reach the model. A run's gin file may
+bind StreamArgs (found in ``RunConfig.extras``).
 """
 
 from __future__ import annotations
@@ -165,7 +167,92 @@ class SyntheticDataArgs:
         )
 
 
-DATA_ARG_CLASSES: tuple[type, ...] = (CustomDataArgs, SyntheticDataArgs)
-"""The preprocessor's gin classes; a gin file may bind them beside hstu.args.ARG_CLASSES."""
+REPLAY_WINDOWS = ("day", "hour")
+"""Replay windows by calendar: one UTC day or one UTC hour of event time; "events:N" cuts N events."""
 
-__all__ = ["DATA_ARG_CLASSES", "CustomDataArgs", "SyntheticDataArgs"]
+
+def replay_window_events(window: str) -> int | None:
+    """N of a replay window "events:N"; None for "day" / "hour"; ValueError for anything else."""
+    if window in REPLAY_WINDOWS:
+        return None
+    head, _, count = window.partition(":")
+    if head == "events" and count.isdigit() and int(count) > 0:
+        return int(count)
+    raise ValueError(f"must be 'day', 'hour' or 'events:N' (N > 0), got {window!r}")
+
+
+@gin.configurable
+@dataclass
+class StreamArgs:
+    """Online training's event stream (docs/online.md): a folder that partitions land in, or a replay of a finished dataset."""
+
+    path: str | None = None
+    """Stream folder: one subfolder per partition, name order = time order, each holding .csv/.jsonl/.parquet files with the own-data columns (user_id, item_id, timestamp, optional rating); None with replay_dataset replays instead."""
+    follow: bool = False
+    """Wait for new partitions (poll every poll_seconds) instead of ending after the last complete one."""
+    poll_seconds: float = 5.0
+    """How often the folder is listed while waiting for a partition (follow, or a partition not yet complete)."""
+    idle_timeout_seconds: float | None = None
+    """With follow: stop after this many seconds without a new window; None waits until the stop signal."""
+    incomplete_timeout_seconds: float = 600.0
+    """A partition still without _SUCCESS this many seconds after a newer partition is complete is moved to the quarantine."""
+    require_success: bool = True
+    """A partition counts once it holds an empty _SUCCESS file; False: once it is visible (writers that land partitions by an atomic rename of a hidden folder)."""
+    quarantine_dir: str | None = None
+    """Where bad partitions are moved, each with a _REASON file; None: <path>/_quarantine (same file system, so the move is a rename)."""
+    max_window_events: int | None = None
+    """Cut a partition (or replay window) into windows of at most this many events; None: one window per partition."""
+    timestamp_unit: str = "s"
+    """Unit of the timestamp column: s or ms (windows carry seconds; order is checked at full precision)."""
+    rating_column: str = "rating"
+    """Optional column read as the event's rating (a number); partitions without it have none."""
+    extra_columns: list[str] = field(default_factory=list)
+    """Columns a partition may hold besides user, item, timestamp and rating (not read); any other column sets the partition aside."""
+    replay_dataset: str | None = None
+    """Replay a finished dataset instead of a folder: a name of hstu.registry.DATASETS (its raw files at replay_raw), "custom" (CustomDataArgs) or "processed" (a preprocessed folder at replay_raw)."""
+    replay_raw: str | None = None
+    """Raw files (archive or folder) of replay_dataset, or the preprocessed folder for "processed"."""
+    replay_window: str = "day"
+    """Replay windows: "day" or "hour" (UTC, event time) or "events:N" (N events each)."""
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+        _require(self.path != "", self, "path", "must not be empty")
+        _positive(self, "poll_seconds", "idle_timeout_seconds", "incomplete_timeout_seconds",
+                  "max_window_events")
+        _require(
+            self.timestamp_unit in ("s", "ms"),
+            self,
+            "timestamp_unit",
+            f"must be 's' or 'ms', got {self.timestamp_unit!r}",
+        )
+        try:
+            replay_window_events(self.replay_window)
+        except ValueError as exc:
+            raise ConfigError(type(self).__name__, "replay_window", str(exc)) from None
+        _require(
+            self.path is None or self.replay_dataset is None,
+            self,
+            "replay_dataset",
+            "set either path (a stream folder) or replay_dataset (a replay), not both",
+        )
+        _require(
+            not (self.follow and self.replay_dataset is not None),
+            self,
+            "follow",
+            "a replay has no new partitions to wait for; follow needs path",
+        )
+
+
+DATA_ARG_CLASSES: tuple[type, ...] = (CustomDataArgs, SyntheticDataArgs, StreamArgs)
+"""The data's gin classes (the preprocessor's, and the stream's of online training); a gin file
+may bind them beside hstu.args.ARG_CLASSES (a run finds them in RunConfig.extras)."""
+
+__all__ = [
+    "DATA_ARG_CLASSES",
+    "REPLAY_WINDOWS",
+    "CustomDataArgs",
+    "StreamArgs",
+    "SyntheticDataArgs",
+    "replay_window_events",
+]

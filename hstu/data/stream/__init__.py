@@ -1,0 +1,63 @@
+"""Online training's data side: a stream of events as windows (docs/online.md).
+
+    from hstu.data.stream import StreamPosition, make_source, save_stream, load_stream
+
+    source = make_source(stream_args, stop=stop_event)          # FolderStream or ReplayStream
+    position = load_stream(ckpt, source) if resuming else StreamPosition.start()
+    for window in source.windows(position):                     # Window: user/item/timestamp/rating
+        ...                                                     # evaluate, then train on it
+        save_stream(ckpt, window.position_after, source)        # with the checkpoint
+
+Sources: :class:`FolderStream` (a folder that partitions land in; bad partitions are set
+aside with a reason) and :class:`ReplayStream` (a finished dataset cut into windows). Ids
+arrive dense through growing :class:`IdMap` s. Users' histories: :mod:`hstu.data.user_store`.
+"""
+
+from __future__ import annotations
+
+from hstu.data.data_args import CustomDataArgs, StreamArgs
+from hstu.data.stream.core import (
+    IdMap,
+    Lag,
+    StreamPosition,
+    StreamSource,
+    Window,
+    load_stream,
+    save_stream,
+)
+from hstu.data.stream.folder import QUARANTINE, REASON, SUCCESS, FolderStream, Quarantined, Stop
+from hstu.data.stream.replay import Events, ReplayStream
+
+
+def make_source(
+    args: StreamArgs, stop: Stop = None, columns: CustomDataArgs | None = None
+) -> FolderStream | ReplayStream:
+    """The source StreamArgs describes: the folder at ``path``, or the replay of
+    ``replay_dataset``. ``columns``: the own-data column mapping (CustomDataArgs) when the
+    names are not the defaults (also the custom replay's input)."""
+    if args.path is not None:
+        return FolderStream.from_args(args, stop=stop, columns=columns)
+    if args.replay_dataset is not None:
+        return ReplayStream.from_args(args, custom=columns)
+    from hstu.validation import ConfigError
+
+    raise ConfigError("StreamArgs", "path", "set path (a stream folder) or replay_dataset (a replay)")
+
+
+__all__ = [
+    "QUARANTINE",
+    "REASON",
+    "SUCCESS",
+    "Events",
+    "FolderStream",
+    "IdMap",
+    "Lag",
+    "Quarantined",
+    "ReplayStream",
+    "StreamPosition",
+    "StreamSource",
+    "Window",
+    "load_stream",
+    "make_source",
+    "save_stream",
+]

@@ -1,0 +1,326 @@
+"""What every stream source shares: its position, the windows it yields, the growing id maps.
+
+Legend: E events in a window, K ids known to an id map.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from hstu.data.errors import DataError
+
+
+@dataclass(frozen=True, order=True)
+class StreamPosition:
+    """Where a stream stands: ``row`` rows of partition ``partition`` are consumed, and every
+    partition whose name sorts before it. ``partition == ""`` is the start of the stream."""
+
+    partition: str = ""
+    row: int = 0
+
+    @staticmethod
+    def start() -> StreamPosition:
+        """Before the first partition."""
+        return StreamPosition("", 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"partition": self.partition, "row": self.row}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> StreamPosition:
+        return StreamPosition(str(d["partition"]), int(d["row"]))
+
+
+@dataclass(frozen=True)
+class Lag:
+    """How far a window is behind the newest data the source knows of."""
+
+    events_waiting: int
+    """Events of complete partitions not yet yielded (after this window)."""
+    seconds_behind: float
+    """Folder: seconds between the completion of this window's partition and of the newest
+    complete partition (file times); replay: event time of the last event minus that of
+    this window's last event."""
+
+
+@dataclass
+class Window:
+    """A slice of the stream, in the stream's order. Legend: E events.
+
+    user, item: int64 [E] dense ids (1..K, 0 stays free) from the source's id maps;
+    timestamp: int64 [E] seconds; rating: float64 [E] or None (the partition has no rating
+    column); raw_user, raw_item: [E] the ids as the input wrote them (int64, or str).
+    """
+
+    name: str
+    position_before: StreamPosition
+    position_after: StreamPosition
+    user: np.ndarray
+    item: np.ndarray
+    timestamp: np.ndarray
+    rating: np.ndarray | None
+    raw_user: np.ndarray
+    raw_item: np.ndarray
+    lag: Lag = field(default_factory=lambda: Lag(0, 0.0))
+    new_users: int = 0
+    """Users first seen in this window (their dense ids are the largest)."""
+    new_items: int = 0
+    """Items first seen in this window."""
+
+    @property
+    def num_events(self) -> int:
+        return len(self.user)
+
+
+class StreamSource(Protocol):
+    """A source of windows. ``windows(start)`` yields the stream from ``start`` on; after a
+    window is yielded (and before the next is asked for) ``state_dict()`` is the source's
+    state at that window's ``position_after``: save both with a checkpoint, restore with
+    ``load_state_dict()`` and continue with ``windows(position_after)``."""
+
+    users: IdMap
+    items: IdMap
+
+    def windows(self, start: StreamPosition = ...) -> Iterator[Window]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def lag(self) -> Lag: ...
+
+
+# ----------------------------------------------------------------------------- id maps
+
+
+def _as_keys(raw: np.ndarray, kind: str | None) -> tuple[np.ndarray, str]:
+    """raw ids [E] -> (keys [E] int64 or numpy str, their kind "int" / "str").
+
+    Integer ids stay integers unless the map already holds text (then "17" is their text);
+    text ids in a map of integers are refused by the caller."""
+    if raw.dtype.kind in "iu":
+        keys = raw.astype(np.int64, copy=False)
+        if kind == "str":
+            return keys.astype(str), "str"
+        return keys, "int"
+    return np.asarray(raw, dtype=str), "str"
+
+
+class IdMap:
+    """Raw id -> dense id 1..K, growing: a raw id not seen before gets the next id, in the
+    order of first appearance in the stream (so every rank reading the same stream builds the
+    same map). Ids are integers or text; a map of integers refuses text ids.
+
+    Memory: the keys in id order and sorted, and the ids of the sorted keys: 24 bytes per
+    integer id.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.kind: str | None = None
+        self._keys = np.zeros(0, dtype=np.int64)  # [K] raw id of dense id k + 1
+        self._sorted = np.zeros(0, dtype=np.int64)  # [K] keys sorted
+        self._sorted_ids = np.zeros(0, dtype=np.int64)  # [K] dense id of each sorted key
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def check(self, raw: np.ndarray, where: str, field_name: str) -> None:
+        """Raises DataError if ``raw`` cannot enter this map (text ids into integer ids)."""
+        if self.kind == "int" and raw.dtype.kind not in "iu" and len(raw):
+            raise DataError(
+                where,
+                f"{self.name} ids are text (e.g. {str(raw[0])[:40]!r}) but the stream's "
+                f"{self.name} ids so far are integers",
+                field=field_name,
+            )
+
+    def _find(self, uniq: np.ndarray) -> np.ndarray:
+        """Dense ids int64 [U] of sorted distinct keys [U]; 0 where unknown (sorted queries:
+        the binary searches walk the table in order)."""
+        if not len(self._sorted) or not len(uniq):
+            return np.zeros(len(uniq), dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self._sorted, uniq), len(self._sorted) - 1)
+        return np.where(self._sorted[pos] == uniq, self._sorted_ids[pos], 0).astype(np.int64)
+
+    def lookup(self, raw: np.ndarray) -> np.ndarray:
+        """Dense ids int64 [E] of ``raw`` [E]; 0 where unknown. The map does not grow."""
+        if not len(self._keys) or not len(raw):
+            return np.zeros(len(raw), dtype=np.int64)
+        if self.kind == "int" and raw.dtype.kind not in "iu":
+            return np.zeros(len(raw), dtype=np.int64)
+        keys, _ = _as_keys(raw, self.kind)
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        return self._find(uniq)[inverse.reshape(-1)]
+
+    def map(self, raw: np.ndarray) -> tuple[np.ndarray, int]:
+        """Dense ids int64 [E] of ``raw`` [E], adding the new ones; (ids, how many were new).
+
+        Call :meth:`check` first: this one assumes the ids fit the map."""
+        if not len(raw):
+            return np.zeros(0, dtype=np.int64), 0
+        keys, kind = _as_keys(raw, self.kind)
+        if self.kind is None:
+            self.kind = kind
+            self._keys = self._keys.astype(keys.dtype)
+            self._sorted = self._sorted.astype(keys.dtype)
+        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        ids = self._find(uniq)
+        missing = np.flatnonzero(ids == 0)
+        if len(missing):
+            order = missing[np.argsort(first[missing], kind="stable")]  # first appearance
+            new_keys = uniq[order]
+            ids[order] = np.arange(len(self._keys) + 1, len(self._keys) + 1 + len(order), dtype=np.int64)
+            if self.kind == "str":  # numpy text arrays have a width: widen, never truncate
+                wide = np.promote_types(self._sorted.dtype, uniq.dtype)
+                self._sorted = self._sorted.astype(wide)
+                self._keys = self._keys.astype(wide)
+            self._keys = np.concatenate([self._keys, new_keys])
+            new_sorted = uniq[missing]  # sorted, as uniq is
+            at = np.searchsorted(self._sorted, new_sorted)
+            self._sorted = np.insert(self._sorted, at, new_sorted)
+            self._sorted_ids = np.insert(self._sorted_ids, at, ids[missing])
+        return ids[inverse.reshape(-1)], len(missing)
+
+    def raw(self, dense: np.ndarray) -> np.ndarray:
+        """Raw ids [E] of dense ids [E] (each in 1..K)."""
+        return self._keys[np.asarray(dense, dtype=np.int64) - 1]
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"name", "kind", "keys": [K] raw ids in dense-id order} (a copy)."""
+        return {"name": self.name, "kind": self.kind, "keys": self._keys.copy()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        keys = np.asarray(state["keys"])
+        self.kind = state["kind"]
+        self._keys = keys.copy()
+        order = np.argsort(keys, kind="stable")
+        self._sorted = keys[order]
+        self._sorted_ids = (order + 1).astype(np.int64)
+
+    def truncate(self, size: int) -> None:
+        """Forgets every id after the first ``size`` (the map as it was at that size)."""
+        if size < len(self._keys):
+            self.load_state_dict({"name": self.name, "kind": self.kind if size else None,
+                                  "keys": self._keys[:size]})
+
+    def save(self, path: str | Path) -> None:
+        """Writes the keys to ``path`` (.npy) atomically (a temporary file, then a rename)."""
+        keys = self._keys
+        if self.kind is None:
+            keys = np.zeros(0, dtype=np.int64)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, keys, allow_pickle=False)
+
+    def load(self, path: str | Path) -> None:
+        keys = np.load(path, allow_pickle=False)
+        kind = None if not len(keys) else ("int" if keys.dtype.kind in "iu" else "str")
+        self.load_state_dict({"name": self.name, "kind": kind, "keys": keys})
+
+
+# ----------------------------------------------------------------------------- files
+
+
+class atomic_path:
+    """``with atomic_path(dest) as tmp:`` write ``tmp``; on success it is fsynced and renamed
+    onto ``dest`` (readers see the old file or the new one, never half of one); on an error
+    the temporary file is removed."""
+
+    def __init__(self, dest: str | Path) -> None:
+        self.dest = Path(dest)
+
+    def __enter__(self) -> Path:
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self.dest.parent, prefix=f".{self.dest.name}.", suffix=".tmp")
+        os.close(fd)
+        self.tmp = Path(name)
+        return self.tmp
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self.tmp.unlink(missing_ok=True)
+            return
+        fd = os.open(self.tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(self.tmp, self.dest)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+
+
+STATE_FILE = "stream.json"
+USER_IDS_FILE = "user_ids.npy"
+ITEM_IDS_FILE = "item_ids.npy"
+
+
+def save_stream(directory: str | Path, position: StreamPosition, source: StreamSource) -> None:
+    """Writes the stream's part of a checkpoint into ``directory``: the id maps
+    (``user_ids.npy``, ``item_ids.npy``), then ``stream.json`` (the position, the source's
+    small state and the id maps' sizes), each file atomically. Call it between windows, with
+    the last yielded window's ``position_after``.
+
+    A kill between the files leaves id maps newer than ``stream.json``: maps only grow, so
+    :func:`load_stream` cuts them back to the sizes ``stream.json`` recorded."""
+    directory = Path(directory)
+    state = source.state_dict()
+    source.users.save(directory / USER_IDS_FILE)
+    source.items.save(directory / ITEM_IDS_FILE)
+    small = {k: v for k, v in state.items() if k not in ("users", "items")}
+    write_json_atomic(directory / STATE_FILE, {
+        "position": position.to_dict(),
+        "source": small,
+        "num_users": len(source.users),
+        "num_items": len(source.items),
+    })
+
+
+def load_stream(directory: str | Path, source: StreamSource) -> StreamPosition:
+    """Restores what :func:`save_stream` wrote into ``source``; returns the position to
+    continue from (``source.windows(position)``)."""
+    directory = Path(directory)
+    path = directory / STATE_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(str(path), f"cannot read the stream state ({exc})") from None
+    for idmap, file, key in ((source.users, USER_IDS_FILE, "num_users"),
+                             (source.items, ITEM_IDS_FILE, "num_items")):
+        idmap.load(directory / file)
+        if len(idmap) < saved[key]:
+            raise DataError(str(directory / file),
+                            f"holds {len(idmap)} ids, fewer than the {saved[key]} of {STATE_FILE}")
+        idmap.truncate(saved[key])
+    state = dict(saved["source"])
+    state["users"] = source.users.state_dict()
+    state["items"] = source.items.state_dict()
+    source.load_state_dict(state)
+    return StreamPosition.from_dict(saved["position"])
+
+
+__all__ = [
+    "ITEM_IDS_FILE",
+    "STATE_FILE",
+    "USER_IDS_FILE",
+    "IdMap",
+    "Lag",
+    "StreamPosition",
+    "StreamSource",
+    "Window",
+    "atomic_path",
+    "load_stream",
+    "save_stream",
+    "write_json_atomic",
+]

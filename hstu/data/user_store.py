@@ -1,0 +1,361 @@
+"""Users' recent histories for online training, on disk in SQLite (docs/online.md "The user store").
+
+One row per user: the user's last ``max_sequence_length`` events (items, timestamps,
+ratings) as three little-endian arrays. Each data-parallel rank keeps the users it owns,
+``dense user id % world_size == rank``, in its own file. The working file is scratch: a
+checkpoint holds a consistent copy (SQLite's online backup into a temporary file, fsynced,
+then renamed into place), and a run that resumes starts from that copy, never from the
+working file a killed run left behind.
+
+Memory: SQLite's page cache is bounded (``cache_mib``); an append holds one window's rows.
+Nothing grows with the number of events seen, only the file does (with the number of users).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hstu.data.errors import DataError
+from hstu.data.stream.core import Window, atomic_path
+
+logger = logging.getLogger("hstu.data.stream")
+
+FORMAT = 1
+SNAPSHOT = "user_store.rank{rank}-of-{world}.sqlite"
+_SNAPSHOT_RE = re.compile(r"user_store\.rank(\d+)-of-(\d+)\.sqlite")
+_CHUNK = 500  # users per SELECT ... IN (...) (SQLite's limit on parameters is larger)
+
+
+@dataclass
+class Histories:
+    """Users' histories, jagged. Legend: B users asked for, T their events in all.
+
+    offsets int64 [B+1] (user b's events are offsets[b]:offsets[b+1], oldest first);
+    items int64 [T]; timestamps int64 [T]; ratings float64 [T] (NaN where the event had none).
+    """
+
+    offsets: np.ndarray
+    items: np.ndarray
+    timestamps: np.ndarray
+    ratings: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+@dataclass
+class Sequences(Histories):
+    """Histories followed by a window's events (:meth:`UserStore.sequences`). Legend: B users
+    of the window this rank owns, in order of first appearance in the window.
+
+    users int64 [B]; num_new int64 [B]: the last num_new[b] events of sequence b are the
+    window's (in the window's order); the ones before them came from the store. Not cut to
+    max_sequence_length (a sequence holds up to that many stored events plus the new ones).
+    """
+
+    users: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    num_new: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+def owner(users: np.ndarray, world_size: int) -> np.ndarray:
+    """The data-parallel rank owning each dense user id [E]: ``user % world_size``."""
+    return np.asarray(users, dtype=np.int64) % world_size
+
+
+class UserStore:
+    """The recent histories of the users one rank owns.
+
+    Args:
+        path: the working file (created; one left by a killed run is replaced).
+        max_sequence_length: events kept per user (the newest).
+        rank, world_size: this rank owns users with ``user % world_size == rank``.
+        cache_mib: SQLite's page cache (the store's memory bound).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        max_sequence_length: int,
+        rank: int = 0,
+        world_size: int = 1,
+        cache_mib: int = 16,
+    ) -> None:
+        if max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length must be >= 1, got {max_sequence_length}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.path = Path(path)
+        self.max_sequence_length = max_sequence_length
+        self.rank, self.world_size = rank, world_size
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for suffix in ("", "-journal"):
+            Path(str(self.path) + suffix).unlink(missing_ok=True)
+        self._conn = self._open(self.path, cache_mib)
+        with self._conn:
+            self._conn.execute(
+                "CREATE TABLE history (user INTEGER PRIMARY KEY, n INTEGER NOT NULL, "
+                "items BLOB NOT NULL, timestamps BLOB NOT NULL, ratings BLOB NOT NULL)"
+            )
+            self._conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self._conn.executemany(
+                "INSERT INTO meta VALUES (?, ?)",
+                [("format", str(FORMAT)), ("max_sequence_length", str(max_sequence_length))],
+            )
+
+    @staticmethod
+    def _open(path: Path, cache_mib: int) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, isolation_level="DEFERRED")
+        # scratch file (a checkpoint is the durable copy): no fsync, rollback journal in memory
+        conn.execute("PRAGMA synchronous = OFF")
+        conn.execute("PRAGMA journal_mode = MEMORY")
+        conn.execute(f"PRAGMA cache_size = -{int(cache_mib) * 1024}")
+        return conn
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # ------------------------------------------------------------------ contents
+
+    def owns(self, users: np.ndarray) -> np.ndarray:
+        """bool [E]: which of ``users`` this rank owns."""
+        return owner(users, self.world_size) == self.rank
+
+    def num_users(self) -> int:
+        return int(self._conn.execute("SELECT COUNT(*) FROM history").fetchone()[0])
+
+    def _fetch(self, users: np.ndarray) -> dict[int, tuple[bytes, bytes, bytes]]:
+        out: dict[int, tuple[bytes, bytes, bytes]] = {}
+        ids = [int(u) for u in np.unique(users)]
+        for k in range(0, len(ids), _CHUNK):
+            chunk = ids[k : k + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for user, items, ts, ratings in self._conn.execute(
+                f"SELECT user, items, timestamps, ratings FROM history WHERE user IN ({marks})", chunk
+            ):
+                out[user] = (items, ts, ratings)
+        return out
+
+    def append(self, window: Window) -> int:
+        """Appends the window's events of the users this rank owns (in the window's order),
+        keeping each user's newest max_sequence_length; returns how many events it took."""
+        return self.append_events(window.user, window.item, window.timestamp, window.rating)
+
+    def append_events(
+        self,
+        user: np.ndarray,
+        item: np.ndarray,
+        timestamp: np.ndarray,
+        rating: np.ndarray | None = None,
+    ) -> int:
+        """As :meth:`append`, from columns [E] (rating None: NaN)."""
+        mine = self.owns(user)
+        if not mine.any():
+            return 0
+        user = np.asarray(user, dtype=np.int64)[mine]
+        users, inverse = np.unique(user, return_inverse=True)
+        seq = self._combine(users, inverse.reshape(-1), item, timestamp, rating, mine)
+        # keep each user's newest max_sequence_length
+        lengths = seq.lengths
+        keep = np.minimum(lengths, self.max_sequence_length)
+        pos = np.arange(int(seq.offsets[-1])) - np.repeat(seq.offsets[:-1], lengths)
+        kept = pos >= np.repeat(lengths - keep, lengths)
+        ends = np.cumsum(keep) * 8
+        starts = ends - keep * 8
+        blobs = [
+            seq.items[kept].astype("<i8").tobytes(),
+            seq.timestamps[kept].astype("<i8").tobytes(),
+            seq.ratings[kept].astype("<f8").tobytes(),
+        ]
+        rows = [
+            (u, n, blobs[0][a:b], blobs[1][a:b], blobs[2][a:b])
+            for u, n, a, b in zip(users.tolist(), keep.tolist(), starts.tolist(), ends.tolist())
+        ]
+        with self._conn:
+            self._conn.executemany("INSERT OR REPLACE INTO history VALUES (?, ?, ?, ?, ?)", rows)
+        return len(user)
+
+    def _combine(
+        self,
+        users: np.ndarray,
+        b_of_event: np.ndarray,
+        item: np.ndarray,
+        timestamp: np.ndarray,
+        rating: np.ndarray | None,
+        mine: np.ndarray,
+    ) -> Sequences:
+        """Stored histories of ``users`` [B] followed by the events (``[mine]`` of the columns
+        [E]; event e is user ``users[b_of_event[e]]``'s), in the events' order per user."""
+        item = np.asarray(item, dtype=np.int64)[mine]
+        ts = np.asarray(timestamp, dtype=np.int64)[mine]
+        r = np.full(len(item), np.nan) if rating is None else np.asarray(rating, np.float64)[mine]
+        hist = self.histories(users)
+        num_new = np.bincount(b_of_event, minlength=len(users)).astype(np.int64)
+        lengths = hist.lengths + num_new
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        # where each stored event and each new event goes
+        b_hist = np.repeat(np.arange(len(users)), hist.lengths)
+        at_hist = offsets[b_hist] + (np.arange(len(hist.items)) - hist.offsets[b_hist])
+        order = np.argsort(b_of_event, kind="stable")  # by user, the events' order within one
+        b_new = b_of_event[order]
+        starts = np.concatenate([[0], np.cumsum(num_new)[:-1]]).astype(np.int64)
+        at_new = offsets[b_new] + hist.lengths[b_new] + (np.arange(len(order)) - starts[b_new])
+        out = {}
+        for name, old, new, dtype in (("items", hist.items, item, np.int64),
+                                      ("timestamps", hist.timestamps, ts, np.int64),
+                                      ("ratings", hist.ratings, r, np.float64)):
+            arr = np.empty(int(offsets[-1]), dtype=dtype)
+            arr[at_hist] = old
+            arr[at_new] = new[order]
+            out[name] = arr
+        return Sequences(offsets=offsets, items=out["items"], timestamps=out["timestamps"],
+                         ratings=out["ratings"], users=users, num_new=num_new)
+
+    def histories(self, users: np.ndarray) -> Histories:
+        """The histories of ``users`` [B] (owned by this rank; a user never seen has none)."""
+        users = np.asarray(users, dtype=np.int64)
+        if not self.owns(users).all():
+            bad = int(users[~self.owns(users)][0])
+            raise ValueError(
+                f"user {bad} belongs to rank {bad % self.world_size}, not to rank {self.rank} "
+                f"(users are sharded by user % {self.world_size})"
+            )
+        found = self._fetch(users)
+        empty = (b"", b"", b"")
+        blobs = [found.get(int(u), empty) for u in users]
+        lengths = np.asarray([len(b[0]) // 8 for b in blobs], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+        def cat(k: int, dtype: str, out: type) -> np.ndarray:
+            return np.frombuffer(b"".join(b[k] for b in blobs), dtype).astype(out)
+
+        return Histories(offsets, cat(0, "<i8", np.int64), cat(1, "<i8", np.int64),
+                         cat(2, "<f8", np.float64))
+
+    def sequences(self, window: Window) -> Sequences:
+        """Each owned user's stored history followed by the user's events of ``window`` (call
+        it before :meth:`append` of that window): the input of test-then-train, where the
+        window's events are the targets and everything before an event is its history."""
+        mine = self.owns(window.user)
+        user = np.asarray(window.user, dtype=np.int64)[mine]
+        uniq, first, inverse = np.unique(user, return_index=True, return_inverse=True)
+        by_first = np.argsort(first, kind="stable")
+        rank_of = np.empty(len(uniq), dtype=np.int64)
+        rank_of[by_first] = np.arange(len(uniq))
+        return self._combine(uniq[by_first], rank_of[inverse.reshape(-1)], window.item,
+                             window.timestamp, window.rating, mine)
+
+    def iter_users(self) -> Iterator[tuple[int, Histories]]:
+        """Every stored user with its history, by user id (for checks and resharding)."""
+        for user, items, ts, ratings in self._conn.execute(
+            "SELECT user, items, timestamps, ratings FROM history ORDER BY user"
+        ):
+            n = len(items) // 8
+            yield user, Histories(
+                np.asarray([0, n], dtype=np.int64),
+                np.frombuffer(items, "<i8").astype(np.int64),
+                np.frombuffer(ts, "<i8").astype(np.int64),
+                np.frombuffer(ratings, "<f8").astype(np.float64),
+            )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def snapshot_name(self) -> str:
+        return SNAPSHOT.format(rank=self.rank, world=self.world_size)
+
+    def checkpoint(self, directory: str | Path) -> Path:
+        """Writes a consistent copy into ``directory`` atomically (SQLite backup into a
+        temporary file, fsync, rename); returns its path."""
+        dest = Path(directory) / self.snapshot_name()
+        with atomic_path(dest) as tmp:
+            tmp.unlink()
+            out = sqlite3.connect(tmp)
+            try:
+                self._conn.backup(out)
+            finally:
+                out.close()
+        return dest
+
+    @classmethod
+    def restore(
+        cls,
+        directory: str | Path,
+        path: str | Path,
+        max_sequence_length: int,
+        rank: int = 0,
+        world_size: int = 1,
+        cache_mib: int = 16,
+    ) -> UserStore:
+        """The store as :meth:`checkpoint` left it in ``directory``, in the working file
+        ``path``. Saved by another number of ranks: every snapshot is read and this rank
+        keeps its users."""
+        directory = Path(directory)
+        saved = sorted(
+            (int(m.group(1)), int(m.group(2)), p)
+            for p in directory.iterdir()
+            if (m := _SNAPSHOT_RE.fullmatch(p.name))
+        )
+        if not saved:
+            raise DataError(str(directory), "no user store snapshot (user_store.rank*-of-*.sqlite)")
+        worlds = {w for _, w, _ in saved}
+        if len(worlds) > 1:
+            raise DataError(str(directory), f"user store snapshots of several world sizes {sorted(worlds)}")
+        saved_world = worlds.pop()
+        if len(saved) != saved_world:
+            raise DataError(str(directory), f"{len(saved)} user store snapshots of {saved_world} ranks")
+        for _, _, p in saved:
+            cls._check_meta(p, max_sequence_length)
+        store = cls(path, max_sequence_length, rank, world_size, cache_mib)
+        if saved_world == world_size:
+            src = sqlite3.connect(saved[rank][2])
+            try:
+                src.backup(store._conn)
+            finally:
+                src.close()
+            store._conn.execute("PRAGMA synchronous = OFF")
+            store._conn.execute("PRAGMA journal_mode = MEMORY")
+            return store
+        logger.info("user store: resharding %d ranks' snapshots for rank %d of %d",
+                    saved_world, rank, world_size)
+        for _, _, p in saved:
+            src = sqlite3.connect(p)
+            try:
+                rows = src.execute(
+                    "SELECT user, n, items, timestamps, ratings FROM history WHERE user % ? = ?",
+                    (world_size, rank),
+                )
+                with store._conn:
+                    store._conn.executemany("INSERT INTO history VALUES (?, ?, ?, ?, ?)", rows)
+            finally:
+                src.close()
+        return store
+
+    @staticmethod
+    def _check_meta(path: Path, max_sequence_length: int) -> None:
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                meta = dict(conn.execute("SELECT key, value FROM meta"))
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as exc:
+            raise DataError(str(path), f"not a user store snapshot ({exc})") from None
+        if meta.get("format") != str(FORMAT):
+            raise DataError(str(path), f"user store format {meta.get('format')}, this code reads {FORMAT}")
+        saved = int(meta["max_sequence_length"])
+        if saved != max_sequence_length:
+            raise DataError(
+                str(path),
+                f"saved with max_sequence_length {saved}, this run has {max_sequence_length}",
+                field="max_sequence_length",
+            )
+
+
+__all__ = ["SNAPSHOT", "Histories", "Sequences", "UserStore", "owner"]

@@ -1,0 +1,265 @@
+"""The user store of online training (hstu.data.user_store): bounded histories in SQLite,
+sharded by user over ranks, checkpointed atomically, memory flat as the stream goes on."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+from hstu.data.errors import DataError
+from hstu.data.stream import Events, ReplayStream
+from hstu.data.user_store import UserStore, owner
+
+
+def random_windows(num_windows: int, size: int, users: int, seed: int = 0, rating: bool = True):
+    rng = np.random.default_rng(seed)
+    t = 0
+    for _ in range(num_windows):
+        u = rng.integers(1, users + 1, size)
+        it = rng.integers(1, 1000, size)
+        ts = t + np.sort(rng.integers(0, 100, size))
+        t = int(ts[-1])
+        r = rng.integers(1, 6, size).astype(np.float64) if rating else None
+        yield u, it, ts, r
+
+
+def reference(windows, keep: int) -> dict[int, list[tuple]]:
+    """Each user's newest ``keep`` events, by plain Python lists."""
+    hist: dict[int, list[tuple]] = defaultdict(list)
+    for u, it, ts, r in windows:
+        for k in range(len(u)):
+            hist[int(u[k])].append((int(it[k]), int(ts[k]), float("nan") if r is None else float(r[k])))
+            hist[int(u[k])] = hist[int(u[k])][-keep:]
+    return hist
+
+
+def as_lists(store: UserStore, users) -> dict[int, list[tuple]]:
+    h = store.histories(np.asarray(users))
+    out = {}
+    for b, u in enumerate(users):
+        a, e = h.offsets[b], h.offsets[b + 1]
+        out[int(u)] = list(zip(h.items[a:e].tolist(), h.timestamps[a:e].tolist(), h.ratings[a:e].tolist()))
+    return out
+
+
+def same(a: dict, b: dict) -> bool:
+    # NaN ratings compare through their text
+    return {k: repr(v) for k, v in a.items()} == {k: repr(v) for k, v in b.items()}
+
+
+def test_bound_per_user_holds_and_keeps_the_newest(tmp_path):
+    keep = 5
+    wins = list(random_windows(12, 40, users=7, seed=1)) + list(random_windows(3, 10, 7, seed=2, rating=False))
+    store = UserStore(tmp_path / "s.sqlite", keep)
+    taken = sum(store.append_events(*w) for w in wins)
+    assert taken == 12 * 40 + 3 * 10
+    ref = reference(wins, keep)
+    users = sorted(ref)
+    assert same(as_lists(store, users), ref)
+    h = store.histories(np.array(users + [999]))
+    assert h.lengths.max() == keep and h.lengths[-1] == 0  # 999: never seen, no history
+    # the order asked for, repeats included
+    h = store.histories(np.array([users[2], users[0], users[2]]))
+    one = store.histories(np.array([users[2]]))
+    assert h.lengths.tolist() == [one.lengths[0], min(len(ref[users[0]]), keep), one.lengths[0]]
+    assert h.items[: h.offsets[1]].tolist() == one.items.tolist() == h.items[h.offsets[2]:].tolist()
+    store.close()
+
+
+def test_append_takes_a_window_in_stream_order(tmp_path):
+    ts = np.array([50, 10, 10, 20], dtype=np.int64)
+    ev = Events(np.array([1, 2, 1, 1]), np.array([7, 8, 9, 7]), ts, np.array([1.0, 2.0, 3.0, 4.0]))
+    src = ReplayStream(ev, "events:2")
+    store = UserStore(tmp_path / "s.sqlite", 2)
+    for w in src.windows():
+        store.append(w)
+    # time order, ties in file order: (u2, i8, 10), (u1, i9, 10), (u1, i7, 20), (u1, i7, 50);
+    # dense ids by first appearance: users 2 -> 1, 1 -> 2; items 8 -> 1, 9 -> 2, 7 -> 3.
+    # Raw user 1 keeps its newest 2.
+    h = store.histories(np.array([1, 2]))
+    assert h.offsets.tolist() == [0, 1, 3]
+    assert h.items.tolist() == [1, 3, 3] and h.timestamps.tolist() == [10, 20, 50]
+    assert h.ratings.tolist() == [2.0, 4.0, 1.0]
+
+
+def test_two_ranks_hold_what_one_rank_holds(tmp_path):
+    wins = list(random_windows(8, 50, users=23, seed=3))
+    one = UserStore(tmp_path / "one.sqlite", 6)
+    ranks = [UserStore(tmp_path / f"r{r}.sqlite", 6, rank=r, world_size=2) for r in range(2)]
+    for w in wins:
+        one.append_events(*w)
+        taken = [s.append_events(*w) for s in ranks]
+        assert sum(taken) == len(w[0])
+    users = np.arange(1, 24)
+    assert all(np.array_equal(owner(users, 2) == r, ranks[r].owns(users)) for r in range(2))
+    merged = {}
+    for r, s in enumerate(ranks):
+        mine = users[users % 2 == r]
+        merged.update(as_lists(s, mine))
+        assert s.num_users() == len({int(u) for w in wins for u in w[0] if u % 2 == r})
+    assert same(merged, as_lists(one, users))
+    with pytest.raises(ValueError, match="user 3 belongs to rank 1, not to rank 0"):
+        ranks[0].histories(np.array([2, 3]))
+
+
+def test_checkpoint_round_trips_bitwise_and_reshards(tmp_path):
+    wins = list(random_windows(6, 60, users=31, seed=4))
+    stores = [UserStore(tmp_path / f"w{r}.sqlite", 8, rank=r, world_size=2) for r in range(2)]
+    for w in wins:
+        for s in stores:
+            s.append_events(*w)
+    ckpt = tmp_path / "ckpt"
+    paths = [s.checkpoint(ckpt) for s in stores]
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "user_store.rank0-of-2.sqlite", "user_store.rank1-of-2.sqlite"]  # no temporary left
+    # the store goes on after its checkpoint; the snapshot does not
+    more = list(random_windows(2, 30, users=31, seed=5))
+    for w in more:
+        for s in stores:
+            s.append_events(*w)
+    ref = reference(wins, 8)
+    backs = [UserStore.restore(ckpt, tmp_path / f"back{r}.sqlite", 8, rank=r, world_size=2) for r in range(2)]
+    before = []
+    for r, back in enumerate(backs):
+        before.append([(u, h.items.tobytes(), h.timestamps.tobytes(), h.ratings.tobytes())
+                       for u, h in back.iter_users()])
+        mine = [u for u in sorted(ref) if u % 2 == r]
+        assert [b[0] for b in before[r]] == mine
+        assert same(as_lists(back, mine), {u: ref[u] for u in mine})
+        back.checkpoint(tmp_path / "again")
+    for r in range(2):
+        # restored, then checkpointed again: the same bytes of every history
+        again = UserStore.restore(tmp_path / "again", tmp_path / f"again{r}.sqlite", 8, rank=r, world_size=2)
+        assert [(u, h.items.tobytes(), h.timestamps.tobytes(), h.ratings.tobytes())
+                for u, h in again.iter_users()] == before[r]
+        # and the restored store continues exactly as the original did
+        for w in more:
+            backs[r].append_events(*w)
+        assert [(u, h.items.tobytes(), h.timestamps.tobytes(), h.ratings.tobytes())
+                for u, h in backs[r].iter_users()] == [
+            (u, h.items.tobytes(), h.timestamps.tobytes(), h.ratings.tobytes())
+            for u, h in stores[r].iter_users()]
+    # one rank reading a two-rank checkpoint holds every user
+    whole = UserStore.restore(ckpt, tmp_path / "whole.sqlite", 8)
+    assert same(as_lists(whole, sorted(ref)), ref)
+    with pytest.raises(DataError, match="max_sequence_length 8, this run has 9"):
+        UserStore.restore(ckpt, tmp_path / "x.sqlite", 9)
+    paths[1].unlink()
+    with pytest.raises(DataError, match="1 user store snapshots of 2 ranks"):
+        UserStore.restore(ckpt, tmp_path / "y.sqlite", 8)
+
+
+def test_a_working_file_left_by_a_killed_run_is_replaced(tmp_path):
+    path = tmp_path / "s.sqlite"
+    path.write_bytes(b"half a database")
+    store = UserStore(path, 4)
+    store.append_events(np.array([1]), np.array([2]), np.array([3]))
+    assert store.num_users() == 1
+    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM history").fetchone()[0] == 1
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * 4096
+
+
+def test_memory_stays_flat_as_the_stream_goes_on(tmp_path):
+    """New users keep arriving (the file grows); the process's resident memory does not."""
+    store = UserStore(tmp_path / "s.sqlite", 50, cache_mib=2)
+    rng = np.random.default_rng(0)
+    size, t = 20_000, 0
+
+    def window(k: int):
+        u = rng.integers(1, 5000, size) + 4000 * k  # a third of each window's users are new
+        it = rng.integers(1, 100_000, size)
+        return u, it, np.arange(t, t + size, dtype=np.int64), rng.random(size)
+
+    for k in range(5):  # warm up: caches, allocator pools
+        store.append_events(*window(k))
+    early, size_early = _rss_bytes(), (tmp_path / "s.sqlite").stat().st_size
+    for k in range(5, 45):
+        store.append_events(*window(k))
+    late, size_late = _rss_bytes(), (tmp_path / "s.sqlite").stat().st_size
+    assert size_late > 4 * size_early  # the store grew on disk
+    print(f"rss {early / 2**20:.1f} -> {late / 2**20:.1f} MiB, file {size_early >> 20} -> {size_late >> 20} MiB")
+    assert late - early < 8 * 2**20, f"resident memory grew {(late - early) / 2**20:.1f} MiB"
+
+
+def test_sequences_are_the_history_then_the_window(tmp_path):
+    """Test-then-train input: per owned user, the stored history then the window's events."""
+    keep = 4
+    wins = list(random_windows(5, 30, users=9, seed=6))
+    src = ReplayStream(Events(np.concatenate([w[0] for w in wins]), np.concatenate([w[1] for w in wins]),
+                              np.concatenate([w[2] for w in wins]), np.concatenate([w[3] for w in wins])),
+                       "events:30")
+    store = UserStore(tmp_path / "s.sqlite", keep, rank=1, world_size=2)
+    seen: dict[int, list[tuple]] = defaultdict(list)  # dense user -> every event, by hand
+    for w in src.windows():
+        seq = store.sequences(w)
+        mine = [int(u) for u in w.user if u % 2 == 1]
+        assert seq.users.tolist() == list(dict.fromkeys(mine))  # first appearance
+        for b, u in enumerate(seq.users.tolist()):
+            new = [(int(w.item[k]), int(w.timestamp[k]), float(w.rating[k]))
+                   for k in range(w.num_events) if w.user[k] == u]
+            want = seen[u][-keep:] + new
+            a, e = seq.offsets[b], seq.offsets[b + 1]
+            got = list(zip(seq.items[a:e].tolist(), seq.timestamps[a:e].tolist(), seq.ratings[a:e].tolist()))
+            assert got == want and seq.num_new[b] == len(new)
+            seen[u] += new
+        store.append(w)
+
+
+_SAVER = """
+import sys
+from pathlib import Path
+from hstu.data.user_store import UserStore
+base, out, work = map(Path, sys.argv[1:4])
+store = UserStore.restore(base, work, 20)
+print("ready", flush=True)
+while True:
+    store.checkpoint(out)
+"""
+
+
+def test_a_checkpoint_killed_mid_save_leaves_the_previous_snapshot_whole(tmp_path):
+    """kill -9 of a process that checkpoints over and over: the snapshot's name holds a whole
+    store (the same histories) every time; a partial copy only ever has a temporary name."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    store = UserStore(tmp_path / "s.sqlite", 20)
+    for w in random_windows(4, 50_000, users=30_000, seed=7):
+        store.append_events(*w)
+    store.checkpoint(tmp_path / "base")
+    want = [(u, h.items.tobytes(), h.timestamps.tobytes(), h.ratings.tobytes()) for u, h in store.iter_users()]
+    out = tmp_path / "out"
+    root = Path(__file__).resolve().parents[2]
+    mid_save = 0
+    for k, delay in enumerate((0.05, 0.15, 0.3)):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _SAVER, str(tmp_path / "base"), str(out), str(tmp_path / f"w{k}.sqlite")],
+            stdout=subprocess.PIPE, text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+        )
+        assert proc.stdout.readline().strip() == "ready"
+        while not (out / "user_store.rank0-of-1.sqlite").exists():
+            time.sleep(0.01)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        temps = [p for p in out.iterdir() if p.name.startswith(".")]
+        mid_save += bool(temps)
+        for p in temps:  # what a killed save leaves; never read
+            p.unlink()
+        back = UserStore.restore(out, tmp_path / f"back{k}.sqlite", 20)
+        got = [(u, h.items.tobytes(), h.timestamps.tobytes(), h.ratings.tobytes()) for u, h in back.iter_users()]
+        back.close()
+        assert got == want
+    assert mid_save >= 1, "no kill landed inside a save: make the store bigger"
