@@ -70,6 +70,14 @@ def lines(rows: list[str]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def ml100k_folder(folder: Path, ratings: list[str], users: list[str]) -> Path:
+    """An ML-100K release folder: ``ratings`` as u.data rows, ``users`` as u.user rows."""
+    folder.mkdir()
+    (folder / "u.data").write_text(lines(ratings))
+    (folder / "u.user").write_text(lines(users))
+    return folder
+
+
 def ml1m_zip(tmp: Path, ratings: list[str] = ML1M_RATINGS, users: list[str] = ML1M_USERS) -> Path:
     return write_zip(
         tmp / "ml-1m.zip",

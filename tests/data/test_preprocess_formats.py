@@ -17,6 +17,7 @@ from tests.data.helpers import (
     kuairand_row,
     lines,
     ml1m_zip,
+    ml100k_folder,
     write_tar_gz,
     write_zip,
 )
@@ -78,10 +79,11 @@ def test_ml_20m_ratings_csv_half_stars(tmp_path):
 
 
 def test_ml_100k_folder_age_groups(tmp_path):
-    raw = tmp_path / "ml-100k"
-    raw.mkdir()
-    (raw / "u.data").write_text(lines(["2\t7\t1\t5", "1\t3\t5\t9", "1\t2\t4\t8", "2\t3\t2\t4"]))
-    (raw / "u.user").write_text(lines(["1|24|M|technician|85711", "2|7|F|artist|94043"]))
+    raw = ml100k_folder(
+        tmp_path / "ml-100k",
+        ["2\t7\t1\t5", "1\t3\t5\t9", "1\t2\t4\t8", "2\t3\t2\t4"],
+        ["1|24|M|technician|85711", "2|7|F|artist|94043"],
+    )
     meta = preprocess("ml-100k", raw, tmp_path / "out", verbose=False)
     rows = read_rows(tmp_path / "out" / "ml-100k")
     assert [r["item_ids"] for r in rows] == [[1, 2], [2, 3]]
