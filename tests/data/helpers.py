@@ -70,12 +70,16 @@ def lines(rows: list[str]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def ml100k_folder(folder: Path, ratings: list[str], users: list[str]) -> Path:
-    """An ML-100K release folder: ``ratings`` as u.data rows, ``users`` as u.user rows."""
+def preprocess_ml100k(tmp: Path, ratings: list[str], users: list[str]) -> dict:
+    """An ML-100K release folder under ``tmp`` (``ratings`` as u.data rows, ``users`` as
+    u.user rows) preprocessed into ``tmp``/out/ml-100k; its metadata."""
+    from hstu.data.preprocess import preprocess
+
+    folder = tmp / "ml-100k"
     folder.mkdir()
     (folder / "u.data").write_text(lines(ratings))
     (folder / "u.user").write_text(lines(users))
-    return folder
+    return preprocess("ml-100k", folder, tmp / "out", verbose=False)
 
 
 def ml1m_zip(tmp: Path, ratings: list[str] = ML1M_RATINGS, users: list[str] = ML1M_USERS) -> Path:

@@ -8,7 +8,14 @@ import pytest
 from hstu.data.data_args import CustomDataArgs
 from hstu.data.errors import DataError
 from hstu.data.preprocess import main, preprocess
-from tests.data.helpers import ML1M_RATINGS, ML1M_USERS, lines, ml1m_zip, ml100k_folder, write_zip
+from tests.data.helpers import (
+    ML1M_RATINGS,
+    ML1M_USERS,
+    lines,
+    ml1m_zip,
+    preprocess_ml100k,
+    write_zip,
+)
 
 
 def fails(tmp_path, name, raw, match, **kw) -> DataError:
@@ -70,12 +77,11 @@ def test_empty_user(tmp_path):
 def test_newer_release_ids_beyond_the_historic_maximum_are_accepted(tmp_path):
     # ML-100K's release has 1,682 items; a newer MovieLens release in the same layout has
     # more: the size comes from the data (issue 14), not from the historic maximum.
-    raw = ml100k_folder(
-        tmp_path / "ml-100k",
+    meta = preprocess_ml100k(
+        tmp_path,
         ["1\t3\t5\t9", "1\t1683\t4\t8", "944\t3\t2\t1", "944\t9\t2\t2"],
         ["1|24|M|technician|85711", "944|30|F|writer|12345"],
     )
-    meta = preprocess("ml-100k", raw, tmp_path / "out", verbose=False)
     assert meta["num_users"] == 2 and meta["num_items"] == 4  # dense ids 1..3
     item_map = pq.read_table(tmp_path / "out" / "ml-100k" / "item_map.parquet").to_pydict()
     assert item_map["raw_item_id"] == [3, 9, 1683]
