@@ -444,16 +444,16 @@ def _long_worker(a: argparse.Namespace) -> None:
     block = build_block(network, length)
     block.train()
     alpha = stochastic_length_alpha(method)
-    keep_fn = None
+    sl = None
     if alpha is not None:
-        from hstu.data.stochastic_length import stochastic_length_keep as keep_fn
+        from hstu.data.stochastic_length import StochasticLength
+
+        sl = StochasticLength(alpha, length, "recency", 0.0)
 
     def tokens_of(step: int) -> int:
-        if keep_fn is None:
+        if sl is None:
             return length
-        kept = keep_fn(lengths=np.array([length]), max_len=length, alpha=alpha, seed=0, epoch=0,
-                       sample_ids=np.array([step]), sampling="recency", mix_prob=0.0)
-        return len(kept[0])
+        return len(sl.keep(np.array([length]), seed=0, epoch=0, sample_ids=np.array([step]))[0])
 
     def step(index: int) -> int:
         n = tokens_of(index)

@@ -455,8 +455,7 @@ def _trainer_step_in_process(task: str, workdir: str) -> str:
     import gin
 
     from hstu.config import load_config
-    from hstu.training.distributed import destroy_distributed, init_distributed, set_seed
-    from hstu.training.trainer import Trainer
+    from hstu.training.run import with_trainer
 
     root = _repo_root()
     gin.clear_config()
@@ -465,10 +464,8 @@ def _trainer_step_in_process(task: str, workdir: str) -> str:
         f'DatasetArgs.dataset_path="{workdir}/data/synthetic"',
         "TrainerArgs.eval_interval=1000", "TrainerArgs.max_eval_iters=1",
     ], task=task, world_size=1)
-    env = init_distributed(cfg.tp.tensor_model_parallel_size)
-    set_seed(cfg.trainer.seed)
-    trainer = Trainer(cfg, env, f"{workdir}/{task}_rank0", "")
-    try:
+
+    def one_step(trainer) -> str:
         feed = trainer.open_batches()
         trainer.model.train()
         batches = iter(feed)
@@ -483,9 +480,8 @@ def _trainer_step_in_process(task: str, workdir: str) -> str:
         finally:
             feed.close()
         return f"one step, no host sync; loss {float(loss.float().sum()):.4g}"
-    finally:
-        trainer.close()
-        destroy_distributed()
+
+    return with_trainer(cfg, f"{workdir}/{task}_rank0", one_step)
 
 
 def check_trainer_steps(result: CheckResult) -> None:

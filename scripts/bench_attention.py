@@ -302,16 +302,11 @@ def main() -> None:
         f"{'backend':8} {'len':>5} {'ms':>9} {'TFLOP/s':>9} {'peak mem':>12}   | layer ms  layer TFLOP/s"
     )
     times: dict[tuple[str, int], float] = {}
+    # every workload's heads, head dim, dtype, device, candidates and group size
+    shape = (args.heads, args.head_dim, args.torch_dtype, device, args.num_candidates,
+             args.target_group_size)
     for length in args.lengths:
-        work = Workload(
-            [length] * args.batch_size,
-            args.heads,
-            args.head_dim,
-            args.torch_dtype,
-            device,
-            args.num_candidates,
-            args.target_group_size,
-        )
+        work = Workload([length] * args.batch_size, *shape)
         for backend in backends:
             seconds, peak = bench_attention(work, backend, args.repeat)
             times[(backend, length)] = seconds
@@ -324,15 +319,7 @@ def main() -> None:
 
     max_len = max(args.lengths)
     lengths = zipf_lengths(args.batch_size * 4, max_len, args.zipf_exponent, seed=1)
-    work = Workload(
-        lengths,
-        args.heads,
-        args.head_dim,
-        args.torch_dtype,
-        device,
-        args.num_candidates,
-        args.target_group_size,
-    )
+    work = Workload(lengths, *shape)
     print(
         f"\n## jagged vs padded-dense, zipf lengths (B={len(lengths)}, max {max_len}, "
         f"mean {sum(lengths) / len(lengths):.0f}, {work.total} tokens; padded = "

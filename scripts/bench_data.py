@@ -85,8 +85,8 @@ def _real_model(info):
 
     from hstu.config import load_config
     from hstu.embeddings import build_embedding_collection
-    from hstu.model import ModelDataInfo, build_model
-    from hstu.training.builder import dense_parameters, table_dims
+    from hstu.model import build_model
+    from hstu.training.builder import dense_parameters, model_data_info, table_dims
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(
@@ -97,15 +97,7 @@ def _real_model(info):
     dims = table_dims(tables, info, cfg.network)
     torch.manual_seed(0)
     emb = build_embedding_collection(tables, dims, seed=0, sparse_optimizer="sgd")
-    data = ModelDataInfo(
-        num_items=info.num_items,
-        item_feature_name=info.item_feature_name,
-        max_item_seqlen=info.max_seqlen,
-        action_feature_name=info.action_feature_name,
-        contextual_feature_names=list(info.contextual_feature_names),
-        feature_dims={f: dims[t.table_name] for t in tables for f in t.feature_names},
-        min_item_id=info.first_item_id,
-    )
+    data = model_data_info(info, tables, dims)
     model = build_model("retrieval", cfg.network, cfg.retrieval, emb, data)
     params = dense_parameters(model) + list(emb.parameters())
     return model, torch.optim.Adam(params, lr=1e-3)

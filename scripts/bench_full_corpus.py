@@ -46,8 +46,7 @@ def main() -> None:
     import torch.distributed as dist
 
     from hstu.config import load_config
-    from hstu.training.distributed import destroy_distributed, init_distributed, set_seed
-    from hstu.training.trainer import Trainer
+    from hstu.training.run import with_trainer
 
     run_dir = tempfile.mkdtemp(prefix="bench_full_corpus_")
     cfg = load_config(
@@ -68,10 +67,8 @@ def main() -> None:
         ],
         task="retrieval", world_size=int(os.environ.get("WORLD_SIZE", "1")),
     )
-    env = init_distributed(cfg.tp.tensor_model_parallel_size)
-    try:
-        set_seed(cfg.trainer.seed)
-        trainer = Trainer(cfg, env, run_dir, "")
+
+    def measure(trainer) -> None:
         built_peak = _peak_gib()
         model = trainer.model
         stamps: list[tuple[float, float]] = []
@@ -100,17 +97,15 @@ def main() -> None:
         cpu = statistics.median(b[1] - a[1] for a, b in itertools.pairwise(timed))
         every: list = [None] * dist.get_world_size()
         dist.all_gather_object(every, (wall, cpu, built_peak, peaks[-1], max(item_ids)))
-        if env.is_main:
+        if trainer.env.is_main:
             print(f"full-corpus training, {args.items:,} item rows row-wise over {len(every)} ranks, "
                   f"{args.steps} steps (median of the last {len(timed) - 1}):", flush=True)
             for rank, (w, c, b, p, n) in enumerate(every):
                 print(f"rank {rank}: step {w:.3f} s wall, {c:.3f} s process CPU; peak RSS {b:.2f} GiB "
                       f"after the build, {p:.2f} GiB after {args.steps - 1} steps; at most {n:,} item ids in a "
                       "step's input", flush=True)
-        trainer.close()
-        trainer = None
-    finally:
-        destroy_distributed()
+
+    with_trainer(cfg, run_dir, measure)
 
 
 if __name__ == "__main__":

@@ -33,9 +33,8 @@ def main() -> None:
     import torch.distributed as dist
 
     from hstu.config import load_config
-    from hstu.training.distributed import destroy_distributed, init_distributed, set_seed
     from hstu.training.evaluate import evaluate
-    from hstu.training.trainer import Trainer
+    from hstu.training.run import with_trainer
 
     run_dir = tempfile.mkdtemp(prefix="bench_full_eval_")
     cfg = load_config(
@@ -43,26 +42,22 @@ def main() -> None:
         [f'DatasetArgs.dataset_path="{args.data}"', f'TrainerArgs.run_dir="{run_dir}"', *args.gin_param],
         task="retrieval", world_size=int(os.environ.get("WORLD_SIZE", "1")),
     )
-    env = init_distributed(cfg.tp.tensor_model_parallel_size)
-    try:
-        set_seed(cfg.trainer.seed)
-        trainer = Trainer(cfg, env, run_dir, "")
+
+    def measure(trainer) -> None:
         dist.barrier()
         start = time.perf_counter()
-        metrics = evaluate(trainer.model, trainer.built.eval_loader, cfg, env, None)
+        metrics = evaluate(trainer.model, trainer.built.eval_loader, cfg, trainer.env, None)
         dist.barrier()
         seconds = time.perf_counter() - start
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         every: list = [None] * dist.get_world_size()
         dist.all_gather_object(every, (seconds, peak))
-        if env.is_main:
+        if trainer.env.is_main:
             for rank, (sec, gib) in enumerate(every):
                 print(f"rank {rank}: full evaluation {sec:.1f} s, peak RSS {gib:.2f} GiB", flush=True)
             print("metrics: " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
-        trainer.close()
-        trainer = None
-    finally:
-        destroy_distributed()
+
+    with_trainer(cfg, run_dir, measure)
 
 
 if __name__ == "__main__":

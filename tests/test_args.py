@@ -80,11 +80,7 @@ REQUIRED_BINDINGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _clear_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
+pytestmark = pytest.mark.usefixtures("clean_gin")
 
 
 @pytest.mark.parametrize("cls", A.ARG_CLASSES, ids=lambda c: c.__name__)

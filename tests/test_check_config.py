@@ -141,19 +141,9 @@ def test_a_checkpoint_of_other_heads_is_refused_not_loaded(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def shop_with_region(tmp_path_factory) -> Path:
     """'shop' with a contextual feature per user (region; the user id is the other one)."""
-    from hstu.data.data_args import CustomDataArgs
-    from hstu.data.preprocess import preprocess
+    from tests.data.helpers import preprocess_shop
 
-    tmp = tmp_path_factory.mktemp("peer")
-    lines = ["user,item,ts,stars,region"]
-    for u in range(6):
-        for k in range(4):
-            lines.append(f"u{u},sku-{(u + 3 * k) % 12},{100 * u + k},{[1.5, 3.0][(u + k) % 2]},r{u % 2}")
-    (tmp / "shop.csv").write_text("\n".join(lines) + "\n")
-    preprocess("custom", tmp / "shop.csv", tmp / "data", output_name="shop", verbose=False,
-               custom=CustomDataArgs(user_column="user", item_column="item", timestamp_column="ts",
-                                     action_column="stars", contextual_columns=["region"]))
-    return tmp / "data" / "shop"
+    return preprocess_shop(tmp_path_factory.mktemp("peer"), [1.5, 3.0], region=True)
 
 
 PEER = ("--gin-param", "NetworkArgs.mask_convention='peer'")

@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gin
 import pytest
 
 from hstu.config import load_config
@@ -41,11 +40,7 @@ def header_command(preset: Path) -> list[str]:
     raise AssertionError(f"{preset.name}: no 'torchrun/python pretrain_gr_*.py' command in {head}")
 
 
-@pytest.fixture(autouse=True)
-def _clear_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
+pytestmark = pytest.mark.usefixtures("clean_gin")
 
 
 def test_presets_exist():

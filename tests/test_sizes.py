@@ -8,42 +8,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gin
 import pytest
 
 from hstu.args import ConfigError
 from hstu.config import load_config
-from hstu.data.preprocess import preprocess
 from hstu.data.sizes import resolve_sizes
+from tests.data.helpers import preprocess_shop
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _clear_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
+pytestmark = pytest.mark.usefixtures("clean_gin")
 
 
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory) -> Path:
     """A CSV with string ids and half-star ratings, preprocessed as 'shop' (12 items, 4 classes)."""
-    tmp = tmp_path_factory.mktemp("sizes")
-    lines = ["user,item,ts,stars"]
-    for u in range(6):
-        for k in range(4):
-            lines.append(f"u{u},sku-{(u + 3 * k) % 12},{100 * u + k},{[1.5, 3.0, 4.5, 5.0][(u + k) % 4]}")
-    (tmp / "shop.csv").write_text("\n".join(lines) + "\n")
-    gin_file = tmp / "shop_data.gin"
-    gin_file.write_text('CustomDataArgs.user_column = "user"\nCustomDataArgs.item_column = "item"\n'
-                        'CustomDataArgs.timestamp_column = "ts"\nCustomDataArgs.action_column = "stars"\n')
-    from hstu.data.data_args import CustomDataArgs
-
-    preprocess("custom", tmp / "shop.csv", tmp / "tmp_data", output_name="shop", verbose=False,
-               custom=CustomDataArgs(user_column="user", item_column="item", timestamp_column="ts",
-                                     action_column="stars"))
-    return tmp / "tmp_data" / "shop"
+    return preprocess_shop(tmp_path_factory.mktemp("sizes"), [1.5, 3.0, 4.5, 5.0])
 
 
 TABLE = ['item/EmbeddingArgs.table_name="item"', 'item/EmbeddingArgs.feature_names=["item_id"]',

@@ -129,13 +129,29 @@ def _ml_ratings_to_classes(cols: Columns, scale: int) -> None:
     cols.data["action"] = scaled - 1
 
 
+# the ratings of ML-1M and ML-100K: columns and types, no header
+_ML_RATINGS = {"user": "int", "item": "int", "rating": "int", "time_key": "int"}
+
+
+def _movielens(
+    log: Columns | None,
+    users: Columns,
+    members: list[str],
+    log_blocks: Callable[[], Iterator[Columns]] | None = None,
+) -> Parsed:
+    """ML-1M or ML-100K: five rating classes and the four user features."""
+    return Parsed(log, num_action_values=5, user_table=users,
+                  user_feature_names=["sex", "age_group", "occupation", "zip_code"],
+                  members=members, log_blocks=log_blocks)
+
+
 def read_ml_1m(src: RawSource) -> Parsed:
     ratings_m, users_m = src.require_one("ratings.dat"), src.require_one("users.dat")
     log = read_delimited(
         src.read_bytes(ratings_m),
         src.display(ratings_m),
-        {"user": "int", "item": "int", "rating": "int", "time_key": "int"},
-        TextFormat(delimiter="::", header=False, names=["user", "item", "rating", "time_key"]),
+        _ML_RATINGS,
+        TextFormat(delimiter="::", header=False, names=list(_ML_RATINGS)),
     )
     _ml_ratings_to_classes(log, 1)
     users = read_delimited(
@@ -151,13 +167,7 @@ def read_ml_1m(src: RawSource) -> Parsed:
             "age_group",
             f"age code {users.data['age_group'][bad][0]} is not one of {ML_AGE_GROUPS.tolist()}",
         )
-    return Parsed(
-        log,
-        num_action_values=5,
-        user_table=users,
-        user_feature_names=["sex", "age_group", "occupation", "zip_code"],
-        members=[ratings_m, users_m],
-    )
+    return _movielens(log, users, [ratings_m, users_m])
 
 
 def read_ml_100k(src: RawSource) -> Parsed:
@@ -167,8 +177,8 @@ def read_ml_100k(src: RawSource) -> Parsed:
         for block in iter_delimited(
             lambda: src.open_binary(data_m),
             src.display(data_m),
-            {"user": "int", "item": "int", "rating": "int", "time_key": "int"},
-            TextFormat(delimiter="\t", header=False, names=["user", "item", "rating", "time_key"]),
+            _ML_RATINGS,
+            TextFormat(delimiter="\t", header=False, names=list(_ML_RATINGS)),
         ):
             _ml_ratings_to_classes(block, 1)
             yield block
@@ -184,14 +194,7 @@ def read_ml_100k(src: RawSource) -> Parsed:
     # the largest group lower bound <= age; ages under 18 fall in group 1
     group = np.maximum(np.searchsorted(ML_AGE_GROUPS, age, side="right") - 1, 0)
     users.data["age_group"] = ML_AGE_GROUPS[group].astype(np.int64)
-    return Parsed(
-        None,
-        num_action_values=5,
-        user_table=users,
-        user_feature_names=["sex", "age_group", "occupation", "zip_code"],
-        members=[data_m, user_m],
-        log_blocks=log_blocks,
-    )
+    return _movielens(None, users, [data_m, user_m], log_blocks=log_blocks)
 
 
 def read_ml_20m(src: RawSource) -> Parsed:

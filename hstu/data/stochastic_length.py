@@ -39,7 +39,7 @@ _SALT_KEEP = np.uint64(0x5EED_5100_0000_0001)
 _SALT_MODE = np.uint64(0x5EED_5100_0000_0002)
 _SALT_SUBSET = 0x5100_0003
 KEEP_WHOLE, KEEP_RECENT, KEEP_UNIFORM = 0, 1, 2
-"""Per-sample decisions of :func:`stochastic_length_decide`."""
+"""Per-sample decisions of :meth:`StochasticLength.decide`."""
 
 
 def sampled_length(max_len: int, alpha: float) -> int:
@@ -56,98 +56,14 @@ def _uniforms(seed: int, epoch: int, sample_ids: np.ndarray, salt: np.uint64) ->
     return (key >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-def stochastic_length_keep(
-    lengths: np.ndarray,
-    max_len: int,
-    alpha: float,
-    seed: int,
-    epoch: int,
-    sample_ids: np.ndarray,
-    sampling: str = "recency",
-    mix_prob: float = 0.5,
-) -> list[np.ndarray]:
-    """Kept history positions of each sample: int64 arrays, sorted, in [0, lengths[i]).
-
-    Args:
-        lengths: int [S], each sample's history length n (after the cut to ``max_len``).
-        max_len: N, the configured maximum history length.
-        alpha: in (1, 2]; anything else is refused.
-        seed, epoch, sample_ids (int [S]): the keys of every draw (see the module docstring).
-        sampling: "recency", "uniform" or "mix"; mix_prob: mix's chance of "uniform".
-    """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    decision = stochastic_length_decide(
-        lengths, max_len, alpha, seed, epoch, sample_ids, sampling, mix_prob
-    )
-    k = sampled_length(max_len, alpha)
-    out: list[np.ndarray] = []
-    for i, n in enumerate(lengths.tolist()):
-        d = decision[i]
-        if d == KEEP_WHOLE:
-            out.append(np.arange(n, dtype=np.int64))
-        elif d == KEEP_RECENT:
-            out.append(np.arange(n - k, n, dtype=np.int64))
-        else:
-            rng = np.random.default_rng([seed, epoch, int(sample_ids[i]), _SALT_SUBSET])
-            out.append(np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64))
-    return out
-
-
-def stochastic_length_decide(
-    lengths: np.ndarray,
-    max_len: int,
-    alpha: float,
-    seed: int,
-    epoch: int,
-    sample_ids: np.ndarray,
-    sampling: str = "recency",
-    mix_prob: float = 0.5,
-) -> np.ndarray:
-    """int8 [S]: KEEP_WHOLE, KEEP_RECENT or KEEP_UNIFORM per sample (vectorised; the kept
-    length is n for KEEP_WHOLE, else :func:`sampled_length`)."""
-    if not 1.0 < alpha <= 2.0:
-        raise ValueError(f"stochastic length alpha must be in (1, 2], got {alpha}")
-    if sampling not in SAMPLINGS:
-        raise ValueError(f"stochastic length sampling {sampling!r} is not one of {SAMPLINGS}")
-    if not 0.0 <= mix_prob <= 1.0:
-        raise ValueError(f"stochastic length mix_prob must be in [0, 1], got {mix_prob}")
-    lengths = np.asarray(lengths, dtype=np.int64)
-    sample_ids = np.asarray(sample_ids, dtype=np.int64)
-    if lengths.shape != sample_ids.shape:
-        raise ValueError(f"lengths {lengths.shape} and sample_ids {sample_ids.shape} differ")
-    k = sampled_length(max_len, alpha)
-    budget = float(max_len) ** alpha
-    p_whole = np.minimum(1.0, budget / np.maximum(lengths, 1).astype(np.float64) ** 2)
-    whole = (lengths <= k) | (_uniforms(seed, epoch, sample_ids, _SALT_KEEP) < p_whole)
-    if sampling == "recency":
-        short = np.full(lengths.shape, KEEP_RECENT, dtype=np.int8)
-    elif sampling == "uniform":
-        short = np.full(lengths.shape, KEEP_UNIFORM, dtype=np.int8)
-    else:
-        uniform = _uniforms(seed, epoch, sample_ids, _SALT_MODE) < mix_prob
-        short = np.where(uniform, KEEP_UNIFORM, KEEP_RECENT).astype(np.int8)
-    return np.where(whole, np.int8(KEEP_WHOLE), short).astype(np.int8)
-
-
-def kept_lengths(
-    lengths: np.ndarray,
-    max_len: int,
-    alpha: float,
-    seed: int,
-    epoch: int,
-    sample_ids: np.ndarray,
-    sampling: str = "recency",
-    mix_prob: float = 0.5,
-) -> np.ndarray:
-    """int64 [S]: the history length each sample keeps (no index arrays built)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    d = stochastic_length_decide(lengths, max_len, alpha, seed, epoch, sample_ids, sampling, mix_prob)
-    return np.where(d == KEEP_WHOLE, lengths, sampled_length(max_len, alpha)).astype(np.int64)
-
-
 @dataclass(frozen=True)
 class StochasticLength:
-    """The loader's SL settings (``DatasetArgs.stochastic_length_*``); N = ``max_len``."""
+    """The SL settings (``DatasetArgs.stochastic_length_*``; bad values are refused at
+    construction): N = ``max_len`` the configured maximum history length, ``alpha`` in
+    (1, 2], ``sampling`` "recency", "uniform" or "mix", ``mix_prob`` mix's chance of
+    "uniform". Every method takes lengths int [S] (each sample's history length n, after the
+    cut to N) and the keys of every draw, seed, epoch and sample_ids int [S] (see the module
+    docstring)."""
 
     alpha: float
     max_len: int
@@ -155,17 +71,64 @@ class StochasticLength:
     mix_prob: float = 0.5
 
     def __post_init__(self) -> None:
-        # the same refusals as stochastic_length_decide, at construction
-        stochastic_length_decide(np.zeros(0, np.int64), self.max_len, self.alpha, 0, 0,
-                                 np.zeros(0, np.int64), self.sampling, self.mix_prob)
+        if not 1.0 < self.alpha <= 2.0:
+            raise ValueError(f"stochastic length alpha must be in (1, 2], got {self.alpha}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(
+                f"stochastic length sampling {self.sampling!r} is not one of {SAMPLINGS}"
+            )
+        if not 0.0 <= self.mix_prob <= 1.0:
+            raise ValueError(f"stochastic length mix_prob must be in [0, 1], got {self.mix_prob}")
 
-    def keep(self, lengths: np.ndarray, seed: int, epoch: int, sample_ids: np.ndarray) -> list[np.ndarray]:
-        return stochastic_length_keep(lengths, self.max_len, self.alpha, seed, epoch, sample_ids,
-                                      self.sampling, self.mix_prob)
+    def decide(
+        self, lengths: np.ndarray, seed: int, epoch: int, sample_ids: np.ndarray
+    ) -> np.ndarray:
+        """int8 [S]: KEEP_WHOLE, KEEP_RECENT or KEEP_UNIFORM per sample (vectorised; the
+        kept length is n for KEEP_WHOLE, else :func:`sampled_length`)."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        sample_ids = np.asarray(sample_ids, dtype=np.int64)
+        if lengths.shape != sample_ids.shape:
+            raise ValueError(f"lengths {lengths.shape} and sample_ids {sample_ids.shape} differ")
+        k = sampled_length(self.max_len, self.alpha)
+        budget = float(self.max_len) ** self.alpha
+        p_whole = np.minimum(1.0, budget / np.maximum(lengths, 1).astype(np.float64) ** 2)
+        whole = (lengths <= k) | (_uniforms(seed, epoch, sample_ids, _SALT_KEEP) < p_whole)
+        if self.sampling == "recency":
+            short = np.full(lengths.shape, KEEP_RECENT, dtype=np.int8)
+        elif self.sampling == "uniform":
+            short = np.full(lengths.shape, KEEP_UNIFORM, dtype=np.int8)
+        else:
+            uniform = _uniforms(seed, epoch, sample_ids, _SALT_MODE) < self.mix_prob
+            short = np.where(uniform, KEEP_UNIFORM, KEEP_RECENT).astype(np.int8)
+        return np.where(whole, np.int8(KEEP_WHOLE), short).astype(np.int8)
 
-    def lengths(self, lengths: np.ndarray, seed: int, epoch: int, sample_ids: np.ndarray) -> np.ndarray:
-        return kept_lengths(lengths, self.max_len, self.alpha, seed, epoch, sample_ids,
-                            self.sampling, self.mix_prob)
+    def keep(
+        self, lengths: np.ndarray, seed: int, epoch: int, sample_ids: np.ndarray
+    ) -> list[np.ndarray]:
+        """Kept history positions of each sample: int64 arrays, sorted, in [0, lengths[i])."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        decision = self.decide(lengths, seed, epoch, sample_ids)
+        k = sampled_length(self.max_len, self.alpha)
+        out: list[np.ndarray] = []
+        for i, n in enumerate(lengths.tolist()):
+            d = decision[i]
+            if d == KEEP_WHOLE:
+                out.append(np.arange(n, dtype=np.int64))
+            elif d == KEEP_RECENT:
+                out.append(np.arange(n - k, n, dtype=np.int64))
+            else:
+                rng = np.random.default_rng([seed, epoch, int(sample_ids[i]), _SALT_SUBSET])
+                out.append(np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64))
+        return out
+
+    def lengths(
+        self, lengths: np.ndarray, seed: int, epoch: int, sample_ids: np.ndarray
+    ) -> np.ndarray:
+        """int64 [S]: the history length each sample keeps (no index arrays built)."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        d = self.decide(lengths, seed, epoch, sample_ids)
+        kept = sampled_length(self.max_len, self.alpha)
+        return np.where(d == KEEP_WHOLE, lengths, kept).astype(np.int64)
 
 
 __all__ = [
@@ -174,8 +137,5 @@ __all__ = [
     "KEEP_WHOLE",
     "SAMPLINGS",
     "StochasticLength",
-    "kept_lengths",
     "sampled_length",
-    "stochastic_length_decide",
-    "stochastic_length_keep",
 ]

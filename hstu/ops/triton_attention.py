@@ -142,11 +142,13 @@ def _scores(
 
 @triton.jit
 def _program(
-    offsets, num_ctx_ptr, num_tgt_ptr, num_heads, group_size, max_attn_len, min_full,
-    BLOCK: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr,
+    offsets, num_ctx_ptr, num_tgt_ptr, num_heads, head_dim, group_size, max_attn_len,
+    min_full, MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """This program's sample b, head h, the first row (or key) of its block, the sample's
-    first token and its smp."""
+    first token, its smp, and its block: positions [first, first + BLOCK) of the sample,
+    the lanes of d, the [BLOCK, BLOCK_D] mask of both in range and the block's token rows."""
+    HAS_CONTEXT, HAS_TARGETS = MASK[1], MASK[2]
     pid_bh = tl.program_id(0)
     first = tl.program_id(1) * BLOCK
     b = pid_bh // num_heads
@@ -159,17 +161,11 @@ def _program(
         num_ctx = tl.load(num_ctx_ptr + b).to(tl.int32)
     if HAS_TARGETS:
         first_cand = seqlen - tl.load(num_tgt_ptr + b).to(tl.int32)
-    return b, h, first, start, (seqlen, num_ctx, first_cand, group_size, max_attn_len, min_full)
-
-
-@triton.jit
-def _block(first, start, seqlen, head_dim, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A program's block: positions [first, first + BLOCK) of the sample, the lanes of d,
-    the [BLOCK, BLOCK_D] mask of both in range, and the block's token rows."""
+    smp = (seqlen, num_ctx, first_cand, group_size, max_attn_len, min_full)
     offs = first + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     in_range = (offs[:, None] < seqlen) & (offs_d[None, :] < head_dim)
-    return offs, offs_d, in_range, start + offs[:, None]
+    return b, h, first, start, smp, offs, offs_d, in_range, start + offs[:, None]
 
 
 @triton.jit
@@ -283,16 +279,15 @@ def _hstu_rows_kernel(
 ):
     """The forward (OUT = O; DO unread) or, with DQ, the backward's dq (OUT = dQ): one
     program per (sample x head, query block of BM rows)."""
-    b, h, m0, start, smp = _program(
-        offsets, num_ctx_ptr, num_tgt_ptr, num_heads, group_size, max_attn_len, min_full,
-        BLOCK_M, HAS_CONTEXT, HAS_TARGETS,
+    MASK: tl.constexpr = (CAUSAL, HAS_CONTEXT, HAS_TARGETS, PEER, WINDOW)
+    RAB: tl.constexpr = (HAS_POS, HAS_TS, HAS_QT, NUM_BUCKETS)
+    b, h, m0, start, smp, offs_m, offs_d, row_mask, rows = _program(
+        offsets, num_ctx_ptr, num_tgt_ptr, num_heads, head_dim, group_size, max_attn_len,
+        min_full, MASK, BLOCK_M, BLOCK_D,
     )
     seqlen = smp[0]
     if m0 >= seqlen:
         return
-    MASK: tl.constexpr = (CAUSAL, HAS_CONTEXT, HAS_TARGETS, PEER, WINDOW)
-    RAB: tl.constexpr = (HAS_POS, HAS_TS, HAS_QT, NUM_BUCKETS)
-    offs_m, offs_d, row_mask, rows = _block(m0, start, seqlen, head_dim, BLOCK_M, BLOCK_D)
     q = tl.load(Q + rows * stride_qt + h * stride_qh + offs_d[None, :], mask=row_mask, other=0.0)
     do = q  # read by dq only
     if DQ:
@@ -447,16 +442,15 @@ def _hstu_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dk, dv and the bias gradients: one program per (sample x head, key block of BN keys)."""
-    b, h, n0, start, smp = _program(
-        offsets, num_ctx_ptr, num_tgt_ptr, num_heads, group_size, max_attn_len, min_full,
-        BLOCK_N, HAS_CONTEXT, HAS_TARGETS,
+    MASK: tl.constexpr = (CAUSAL, HAS_CONTEXT, HAS_TARGETS, PEER, WINDOW)
+    RAB: tl.constexpr = (HAS_POS, HAS_TS, HAS_QT, NUM_BUCKETS)
+    b, h, n0, start, smp, offs_n, offs_d, col_mask, cols = _program(
+        offsets, num_ctx_ptr, num_tgt_ptr, num_heads, head_dim, group_size, max_attn_len,
+        min_full, MASK, BLOCK_N, BLOCK_D,
     )
     seqlen, num_ctx, first_cand = smp[0], smp[1], smp[2]
     if n0 >= seqlen:
         return
-    MASK: tl.constexpr = (CAUSAL, HAS_CONTEXT, HAS_TARGETS, PEER, WINDOW)
-    RAB: tl.constexpr = (HAS_POS, HAS_TS, HAS_QT, NUM_BUCKETS)
-    offs_n, offs_d, col_mask, cols = _block(n0, start, seqlen, head_dim, BLOCK_N, BLOCK_D)
     k = tl.load(K + cols * stride_kt + h * stride_kh + offs_d[None, :], mask=col_mask, other=0.0)
     v = tl.load(V + cols * stride_vt + h * stride_vh + offs_d[None, :], mask=col_mask, other=0.0)
     qdo = (Q + start * stride_qt + h * stride_qh, DO + start * stride_dot + h * stride_doh,

@@ -66,6 +66,22 @@ def table_dims(tables: list[EmbeddingArgs], info: DataInfo, network: NetworkArgs
     return dims
 
 
+def model_data_info(
+    info: DataInfo, tables: list[EmbeddingArgs], dims: dict[str, int]
+) -> ModelDataInfo:
+    """What the model needs of the data: the dataset's facts and each feature's table dim
+    (``dims``: dim per table name, :func:`table_dims`)."""
+    return ModelDataInfo(
+        num_items=info.num_items,
+        item_feature_name=info.item_feature_name,
+        max_item_seqlen=info.max_seqlen,
+        action_feature_name=info.action_feature_name,
+        contextual_feature_names=list(info.contextual_feature_names),
+        feature_dims={f: dims[t.table_name] for t in tables for f in t.feature_names},
+        min_item_id=info.first_item_id,
+    )
+
+
 def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters outside the embedding tables (those are updated in backward)."""
     sparse = {id(p) for m in model.modules() if isinstance(m, HstuEmbeddings) for p in m.parameters()}
@@ -206,15 +222,7 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         sparse_optimizer=cfg.optimizer.resolved_sparse_optimizer_str,
         materialize=False,  # each rank allocates its own shards in shard_embeddings
     )
-    data_info = ModelDataInfo(
-        num_items=info.num_items,
-        item_feature_name=info.item_feature_name,
-        max_item_seqlen=info.max_seqlen,
-        action_feature_name=info.action_feature_name,
-        contextual_feature_names=list(info.contextual_feature_names),
-        feature_dims={f: dims[tb.table_name] for tb in tables for f in tb.feature_names},
-        min_item_id=info.first_item_id,
-    )
+    data_info = model_data_info(info, tables, dims)
     task_args = cfg.ranking if cfg.task == "ranking" else cfg.retrieval
     if cfg.network.architecture == "mlp_baseline":
         from hstu.model.baseline import NonSequentialRanking

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import gin
 import torch.distributed as dist
@@ -15,6 +17,11 @@ from hstu.data.errors import DataError
 from hstu.training.checkpoint import CheckpointError
 from hstu.training.distributed import destroy_distributed, init_distributed, set_seed
 from hstu.training.logger import make_run_dir
+
+if TYPE_CHECKING:
+    from hstu.training.trainer import Trainer
+
+T = TypeVar("T")
 
 
 def _shared_run_dir(cfg: RunConfig, rank: int) -> str:
@@ -90,5 +97,24 @@ def run(cfg: RunConfig) -> int:
         # the trainer holds the model and with it the process groups: drop it first so that
         # destroy_distributed really frees the groups (and joins gloo's worker threads)
         # before interpreter exit, see its docstring
+        trainer = None
+        destroy_distributed()
+
+
+def with_trainer(cfg: RunConfig, run_dir: str, body: Callable[[Trainer], T]) -> T:
+    """``body`` given a seeded Trainer on this process's ranks, for tools (benchmarks,
+    checks); afterwards, also on failure, the trainer is closed and dropped and then the
+    process groups torn down (see :func:`run`)."""
+    from hstu.training.trainer import Trainer
+
+    env = init_distributed(cfg.tp.tensor_model_parallel_size)
+    trainer = None
+    try:
+        set_seed(cfg.trainer.seed)
+        trainer = Trainer(cfg, env, run_dir, "")
+        return body(trainer)
+    finally:
+        if trainer is not None:
+            trainer.close()
         trainer = None
         destroy_distributed()

@@ -70,6 +70,38 @@ def lines(rows: list[str]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def preprocess_ml100k(tmp: Path, ratings: list[str], users: list[str]) -> dict:
+    """An ML-100K release folder under ``tmp`` (``ratings`` as u.data rows, ``users`` as
+    u.user rows) preprocessed into ``tmp``/out/ml-100k; its metadata."""
+    from hstu.data.preprocess import preprocess
+
+    folder = tmp / "ml-100k"
+    folder.mkdir()
+    (folder / "u.data").write_text(lines(ratings))
+    (folder / "u.user").write_text(lines(users))
+    return preprocess("ml-100k", folder, tmp / "out", verbose=False)
+
+
+def preprocess_shop(tmp: Path, stars: list[float], region: bool = False) -> Path:
+    """A small custom CSV 'shop' (6 users, 4 rows each over 12 string item ids 'sku-N',
+    ratings taken from ``stars`` in turn; with ``region``, a contextual column per user)
+    preprocessed under ``tmp``/data; the dataset's folder."""
+    from hstu.data.data_args import CustomDataArgs
+    from hstu.data.preprocess import preprocess
+
+    rows = ["user,item,ts,stars" + (",region" if region else "")]
+    for u in range(6):
+        for k in range(4):
+            row = f"u{u},sku-{(u + 3 * k) % 12},{100 * u + k},{stars[(u + k) % len(stars)]}"
+            rows.append(row + (f",r{u % 2}" if region else ""))
+    (tmp / "shop.csv").write_text(lines(rows))
+    custom = CustomDataArgs(user_column="user", item_column="item", timestamp_column="ts",
+                            action_column="stars", contextual_columns=["region"] if region else [])
+    preprocess("custom", tmp / "shop.csv", tmp / "data", output_name="shop", verbose=False,
+               custom=custom)
+    return tmp / "data" / "shop"
+
+
 def ml1m_zip(tmp: Path, ratings: list[str] = ML1M_RATINGS, users: list[str] = ML1M_USERS) -> Path:
     return write_zip(
         tmp / "ml-1m.zip",

@@ -8,7 +8,14 @@ import pytest
 from hstu.data.data_args import CustomDataArgs
 from hstu.data.errors import DataError
 from hstu.data.preprocess import main, preprocess
-from tests.data.helpers import ML1M_RATINGS, ML1M_USERS, lines, ml1m_zip, write_zip
+from tests.data.helpers import (
+    ML1M_RATINGS,
+    ML1M_USERS,
+    lines,
+    ml1m_zip,
+    preprocess_ml100k,
+    write_zip,
+)
 
 
 def fails(tmp_path, name, raw, match, **kw) -> DataError:
@@ -49,38 +56,16 @@ def test_truncated_tar_gz(tmp_path):
     fails(tmp_path, "kuairand-pure", bad, r"KuaiRand-Pure\.tar\.gz.*truncated or corrupt")
 
 
-def test_malformed_row_too_few_fields(tmp_path):
+@pytest.mark.parametrize("index, row, match", [
+    (2, "1::11::4", r"ml-1m\.zip:ml-1m/ratings\.dat:3: expected 4 fields, got 3"),
+    (4, "2::abc::2::40", r"ratings\.dat:5: field item: expected an integer, got 'abc'"),
+    (1, "2::20::7::50", r"ratings\.dat:2: field rating: rating 7"),
+], ids=["too-few-fields", "not-an-integer", "bad-rating"])
+def test_a_bad_rating_row_names_its_line(tmp_path, index, row, match):
     rows = list(ML1M_RATINGS)
-    rows[2] = "1::11::4"
-    err = fails(
-        tmp_path,
-        "ml-1m",
-        ml1m_zip(tmp_path, ratings=rows),
-        r"ml-1m\.zip:ml-1m/ratings\.dat:3: expected 4 fields, got 3",
-    )
-    assert err.line == 3
-
-
-def test_malformed_value_names_field(tmp_path):
-    rows = list(ML1M_RATINGS)
-    rows[4] = "2::abc::2::40"
-    fails(
-        tmp_path,
-        "ml-1m",
-        ml1m_zip(tmp_path, ratings=rows),
-        r"ratings\.dat:5: field item: expected an integer, got 'abc'",
-    )
-
-
-def test_bad_rating_value(tmp_path):
-    rows = list(ML1M_RATINGS)
-    rows[1] = "2::20::7::50"
-    fails(
-        tmp_path,
-        "ml-1m",
-        ml1m_zip(tmp_path, ratings=rows),
-        r"ratings\.dat:2: field rating: rating 7",
-    )
+    rows[index] = row
+    err = fails(tmp_path, "ml-1m", ml1m_zip(tmp_path, ratings=rows), match)
+    assert err.line == index + 1
 
 
 def test_empty_user(tmp_path):
@@ -92,11 +77,11 @@ def test_empty_user(tmp_path):
 def test_newer_release_ids_beyond_the_historic_maximum_are_accepted(tmp_path):
     # ML-100K's release has 1,682 items; a newer MovieLens release in the same layout has
     # more: the size comes from the data (issue 14), not from the historic maximum.
-    raw = tmp_path / "ml-100k"
-    raw.mkdir()
-    (raw / "u.data").write_text(lines(["1\t3\t5\t9", "1\t1683\t4\t8", "944\t3\t2\t1", "944\t9\t2\t2"]))
-    (raw / "u.user").write_text(lines(["1|24|M|technician|85711", "944|30|F|writer|12345"]))
-    meta = preprocess("ml-100k", raw, tmp_path / "out", verbose=False)
+    meta = preprocess_ml100k(
+        tmp_path,
+        ["1\t3\t5\t9", "1\t1683\t4\t8", "944\t3\t2\t1", "944\t9\t2\t2"],
+        ["1|24|M|technician|85711", "944|30|F|writer|12345"],
+    )
     assert meta["num_users"] == 2 and meta["num_items"] == 4  # dense ids 1..3
     item_map = pq.read_table(tmp_path / "out" / "ml-100k" / "item_map.parquet").to_pydict()
     assert item_map["raw_item_id"] == [3, 9, 1683]

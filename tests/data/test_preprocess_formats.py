@@ -17,6 +17,7 @@ from tests.data.helpers import (
     kuairand_row,
     lines,
     ml1m_zip,
+    preprocess_ml100k,
     write_tar_gz,
     write_zip,
 )
@@ -78,11 +79,11 @@ def test_ml_20m_ratings_csv_half_stars(tmp_path):
 
 
 def test_ml_100k_folder_age_groups(tmp_path):
-    raw = tmp_path / "ml-100k"
-    raw.mkdir()
-    (raw / "u.data").write_text(lines(["2\t7\t1\t5", "1\t3\t5\t9", "1\t2\t4\t8", "2\t3\t2\t4"]))
-    (raw / "u.user").write_text(lines(["1|24|M|technician|85711", "2|7|F|artist|94043"]))
-    meta = preprocess("ml-100k", raw, tmp_path / "out", verbose=False)
+    meta = preprocess_ml100k(
+        tmp_path,
+        ["2\t7\t1\t5", "1\t3\t5\t9", "1\t2\t4\t8", "2\t3\t2\t4"],
+        ["1|24|M|technician|85711", "2|7|F|artist|94043"],
+    )
     rows = read_rows(tmp_path / "out" / "ml-100k")
     assert [r["item_ids"] for r in rows] == [[1, 2], [2, 3]]
     assert [r["actions"] for r in rows] == [[3, 4], [1, 0]]

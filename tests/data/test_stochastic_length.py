@@ -14,14 +14,7 @@ from hstu.data import build_data
 from hstu.data.data_args import SyntheticDataArgs
 from hstu.data.loader import Samples, SequenceLoader
 from hstu.data.preprocess import preprocess
-from hstu.data.stochastic_length import (
-    KEEP_WHOLE,
-    StochasticLength,
-    kept_lengths,
-    sampled_length,
-    stochastic_length_decide,
-    stochastic_length_keep,
-)
+from hstu.data.stochastic_length import KEEP_WHOLE, StochasticLength, sampled_length
 from hstu.data.store import SequenceStore
 
 
@@ -37,7 +30,7 @@ def test_sampled_length_is_the_floor_of_n_to_the_half_alpha():
 def test_whole_fraction_follows_n_alpha_over_n_squared(n):
     big_n, alpha, s = 200, 1.5, 20_000
     k = sampled_length(big_n, alpha)
-    kept = kept_lengths(np.full(s, n), big_n, alpha, seed=7, epoch=0, sample_ids=np.arange(s))
+    kept = StochasticLength(alpha, big_n).lengths(np.full(s, n), seed=7, epoch=0, sample_ids=np.arange(s))
     whole = kept == n
     if n <= k:
         assert whole.all()
@@ -53,8 +46,8 @@ def test_recency_keeps_the_tail_uniform_an_ordered_spread_subset():
     n, big_n, alpha, s = 200, 200, 1.5, 400
     k = sampled_length(big_n, alpha)
     ids = np.arange(s)
-    recent = stochastic_length_keep(np.full(s, n), big_n, alpha, 1, 0, ids, "recency")
-    uniform = stochastic_length_keep(np.full(s, n), big_n, alpha, 1, 0, ids, "uniform")
+    recent = StochasticLength(alpha, big_n, "recency").keep(np.full(s, n), 1, 0, ids)
+    uniform = StochasticLength(alpha, big_n, "uniform").keep(np.full(s, n), 1, 0, ids)
     short = [i for i in range(s) if recent[i].size == k]
     assert short and len(short) < s
     for i in short:
@@ -70,7 +63,7 @@ def test_recency_keeps_the_tail_uniform_an_ordered_spread_subset():
 
 def test_mix_takes_uniform_with_its_probability():
     s, n = 20_000, 200
-    d = stochastic_length_decide(np.full(s, n), 200, 1.5, 3, 0, np.arange(s), "mix", 0.3)
+    d = StochasticLength(1.5, 200, "mix", 0.3).decide(np.full(s, n), 3, 0, np.arange(s))
     short = d != KEEP_WHOLE
     frac = (d[short] == 2).mean()
     assert abs(frac - 0.3) < 0.03, frac
@@ -79,15 +72,16 @@ def test_mix_takes_uniform_with_its_probability():
 def test_deterministic_per_seed_epoch_sample_and_independent_of_the_batch():
     lengths = np.arange(60, 260)
     ids = np.arange(1000, 1200)
-    a = stochastic_length_keep(lengths, 200, 1.4, 5, 2, ids, "uniform")
-    b = stochastic_length_keep(lengths, 200, 1.4, 5, 2, ids, "uniform")
+    sl = StochasticLength(1.4, 200, "uniform")
+    a = sl.keep(lengths, 5, 2, ids)
+    b = sl.keep(lengths, 5, 2, ids)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     # any subset (another rank's batch, another order) gives each sample the same decision
     pick = np.array([150, 3, 77, 8])
-    sub = stochastic_length_keep(lengths[pick], 200, 1.4, 5, 2, ids[pick], "uniform")
+    sub = sl.keep(lengths[pick], 5, 2, ids[pick])
     assert all(np.array_equal(a[p], x) for p, x in zip(pick, sub))
-    other_epoch = stochastic_length_keep(lengths, 200, 1.4, 5, 3, ids, "uniform")
-    other_seed = stochastic_length_keep(lengths, 200, 1.4, 6, 2, ids, "uniform")
+    other_epoch = sl.keep(lengths, 5, 3, ids)
+    other_seed = sl.keep(lengths, 6, 2, ids)
     assert any(not np.array_equal(x, y) for x, y in zip(a, other_epoch))
     assert any(not np.array_equal(x, y) for x, y in zip(a, other_seed))
 

@@ -9,6 +9,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from hstu.data.batch import Batch
 from hstu.data.negatives import NegativeSampler, attach_negatives
+from hstu.model.builder import ModelDataInfo
 
 
 class TinyEmbeddings(nn.Module):
@@ -28,6 +29,24 @@ class TinyEmbeddings(nn.Module):
             table = self.tables[name.removesuffix("__negatives")]
             out[name] = JaggedTensor(values=table(jt.values()), lengths=jt.lengths())
         return out
+
+
+def ranking_tables(
+    num_items: int, num_actions: int, num_users: int, dim: int, user_dim: int, seed: int
+) -> tuple[ModelDataInfo, TinyEmbeddings]:
+    """A ranking model's data (items and actions of ``dim``, one contextual 'user' feature of
+    ``user_dim``, histories up to 8) and tables for them drawn after ``manual_seed(seed)``."""
+    data = ModelDataInfo(
+        num_items=num_items,
+        item_feature_name="item",
+        max_item_seqlen=8,
+        action_feature_name="action",
+        contextual_feature_names=["user"],
+        feature_dims={"item": dim, "action": dim, "user": user_dim},
+    )
+    torch.manual_seed(seed)
+    tables = {"item": (num_items, dim), "action": (num_actions, dim), "user": (num_users, user_dim)}
+    return data, TinyEmbeddings(tables)
 
 
 def make_batch(

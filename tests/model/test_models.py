@@ -19,7 +19,7 @@ from hstu.model.metrics import ranks_from_scores
 from hstu.model.ranking import check_ranking_head, decode_task_labels, ranking_loss
 from hstu.model.tokens import TokenBuilder, sequence_inputs
 from hstu.ops.losses import sampled_softmax_loss
-from tests.model.helpers import TinyEmbeddings, make_batch, sampler
+from tests.model.helpers import TinyEmbeddings, make_batch, ranking_tables, sampler
 
 D = 8
 
@@ -140,16 +140,7 @@ def test_bce_head_on_class_valued_actions_is_refused():
 
 
 def _ranking_model(arch=(6, 2), num_tasks=2, target_group_size=1):
-    data = ModelDataInfo(
-        num_items=40,
-        item_feature_name="item",
-        max_item_seqlen=8,
-        action_feature_name="action",
-        contextual_feature_names=["user"],
-        feature_dims={"user": 4},
-    )
-    torch.manual_seed(0)
-    emb = TinyEmbeddings({"item": (40, D), "action": (4, D), "user": (5, 4)})
+    data, emb = ranking_tables(40, 4, 5, D, 4, seed=0)
     return build_model(
         "ranking",
         _net(target_group_size=target_group_size),

@@ -1,6 +1,6 @@
 """The fused sampled softmax (``sampled_softmax_loss_shared``, the CPU training path of uniform
 negatives) against the unfused reference (``sampled_softmax_loss``): loss and every gradient,
-across query blocks, with accidental hits, positives that are not among the negatives, and a
+with accidental hits, positives that are not among the negatives, and a
 query whose every negative is its positive."""
 
 import pytest
@@ -45,11 +45,9 @@ def _run(fused: bool, uniq, index, pos_ids, leaves, scale, transpose: bool):
     return loss.detach(), pos_logits.detach(), [t.grad.clone() for t in leaves]
 
 
-@pytest.mark.parametrize("block", [1 << 17, 5 * 16])  # one block; 5-query blocks, a ragged last one
 @pytest.mark.parametrize("transpose", [True, False])
 @pytest.mark.parametrize("scale", [None, 0.37])
-def test_fused_sampled_softmax_equals_the_reference(monkeypatch, block, transpose, scale):
-    monkeypatch.setattr(retrieval, "_SAMPLED_BLOCK_ELEMENTS", block)
+def test_fused_sampled_softmax_equals_the_reference(transpose, scale):
     uniq, index, pos_ids, leaves = _case(num_q=23, num_u=40, m=16, d=8, seed=1)
     s = None if scale is None else torch.tensor(scale, dtype=torch.float64)
     want = _run(False, uniq, index, pos_ids, leaves, s, transpose)

@@ -17,7 +17,7 @@ from hstu.model.tensor_parallel import (
     uvqk_shard_rows,
 )
 from tests.dist_utils import run_multiprocess
-from tests.model.helpers import TinyEmbeddings, make_batch
+from tests.model.helpers import TinyEmbeddings, make_batch, ranking_tables
 
 H, D_HEAD, D = 4, 4, 16
 
@@ -102,16 +102,7 @@ def _ranking_case(rank: int, group, **network) -> None:
         **network,
     )
     head_args = RankingArgs(prediction_head_arch=[8, 3], num_tasks=3)
-    data = ModelDataInfo(
-        num_items=50,
-        item_feature_name="item",
-        max_item_seqlen=8,
-        action_feature_name="action",
-        contextual_feature_names=["user"],
-        feature_dims={"item": D, "action": D, "user": 6},
-    )
-    torch.manual_seed(5)
-    emb = TinyEmbeddings({"item": (50, D), "action": (8, D), "user": (10, 6)})
+    data, emb = ranking_tables(50, 8, 10, D, 6, seed=5)
     torch.manual_seed(6)
     ref = build_model("ranking", net, head_args, copy.deepcopy(emb), data)
     torch.manual_seed(6)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import gin
 import pytest
 import torch
 
@@ -183,14 +182,7 @@ def test_build_block_takes_the_truncation_from_network_args() -> None:
 # ------------------------------------------------------------------ gin checks
 
 
-@pytest.fixture
-def _gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
-@pytest.mark.usefixtures("_gin")
+@pytest.mark.usefixtures("clean_gin")
 @pytest.mark.parametrize("params, task, field, why", [
     (["NetworkArgs.attn_truncation_layers=2"], "retrieval", "NetworkArgs.attn_truncation_len",
      "must be > 0 with attn_truncation_layers=2"),
@@ -214,7 +206,7 @@ def test_config_refuses_bad_window_or_truncation(params, task, field, why) -> No
     assert "debug_retrieval.gin" in line or "<gin-param>" in line or "--gin-param" in line, line
 
 
-@pytest.mark.usefixtures("_gin")
+@pytest.mark.usefixtures("clean_gin")
 def test_config_refuses_candidates_beyond_the_truncation() -> None:
     from hstu.args import ConfigError
     from hstu.config import load_config

@@ -110,6 +110,20 @@ def _use(monkeypatch: pytest.MonkeyPatch, fn) -> None:
     monkeypatch.setattr(cutlass_attention, "load_entry", lambda: (fn, ""))
 
 
+def _record(monkeypatch: pytest.MonkeyPatch, name: str) -> list:
+    """FBGEMM's entry (the nightly's) behind a spy: the values it is given for ``name``,
+    call by call."""
+    seen: list = []
+
+    def spy(**kwargs):
+        seen.append(kwargs[name])
+        return nightly_varlen(**kwargs)
+
+    spy.__signature__ = inspect.signature(nightly_varlen)
+    _use(monkeypatch, spy)
+    return seen
+
+
 def _compare(rab: str, causal: bool, mask_convention: str = "hstu") -> None:
     case = random_case(
         [21, 9, 0, 30],
@@ -150,14 +164,7 @@ def test_adapter_reproduces_our_definition(monkeypatch, rab: str, causal: bool) 
 def test_adapter_maps_the_peer_mask_to_fbgemms_contexts(monkeypatch, causal: bool) -> None:
     """FBGEMM's contextual rows are the "peer" ones: one call with num_contexts (causal), or
     none needed (non-causal without candidates: every row sees every key either way)."""
-    contexts: list = []
-
-    def spy(**kwargs):
-        contexts.append(kwargs["num_contexts"])
-        return nightly_varlen(**kwargs)
-
-    spy.__signature__ = inspect.signature(nightly_varlen)
-    _use(monkeypatch, spy)
+    contexts = _record(monkeypatch, "num_contexts")
     _compare("pos", causal, "peer")
     assert len(contexts) == 1  # no second call for the contextual rows
     if causal:
@@ -269,14 +276,7 @@ def test_fp16_is_not_offered(monkeypatch) -> None:
 def test_a_plain_window_is_fbgemms_window_size(monkeypatch, causal: bool) -> None:
     """No contextual tokens, no candidates, M = 0: (W, 0) causal, (W, W) without the causal
     mask, and the result is our semi-local mask (the dense reference), gradients included."""
-    windows: list = []
-
-    def spy(**kwargs):
-        windows.append(kwargs["window_size"])
-        return nightly_varlen(**kwargs)
-
-    spy.__signature__ = inspect.signature(nightly_varlen)
-    _use(monkeypatch, spy)
+    windows = _record(monkeypatch, "window_size")
     case = random_case([21, 9, 1, 30], rab="pos", max_positions=32, dtype=torch.float64, seed=2)
     kw = {"alpha": 0.35, "scaling_seqlen": 50, "causal": causal}
     got = cutlass_attention.cutlass_hstu_attention(

@@ -5,39 +5,7 @@ from hstu.ops import dense_mask
 
 from .reference import naive_mask
 
-# Sample of 8 tokens: 2 contextual, 3 history, 3 candidates in groups of 2 ([5, 6], [7]).
-# Rows are queries i, columns keys j; written out by hand from docs/kernels.md.
-HAND_BUILT_CAUSAL = [
-    # 0  1  2  3  4  5  6  7
-    [1, 1, 0, 0, 0, 0, 0, 0],  # 0 ctx: whole contextual block
-    [1, 1, 0, 0, 0, 0, 0, 0],  # 1 ctx
-    [1, 1, 1, 0, 0, 0, 0, 0],  # 2 history: causal
-    [1, 1, 1, 1, 0, 0, 0, 0],  # 3
-    [1, 1, 1, 1, 1, 0, 0, 0],  # 4
-    [1, 1, 1, 1, 1, 1, 0, 0],  # 5 candidate, group 0
-    [1, 1, 1, 1, 1, 1, 1, 0],  # 6 candidate, group 0: sees 5
-    [1, 1, 1, 1, 1, 0, 0, 1],  # 7 candidate, group 1: not 5, 6
-]
-HAND_BUILT_NON_CAUSAL = [
-    [1, 1, 1, 1, 1, 0, 0, 0],
-    [1, 1, 1, 1, 1, 0, 0, 0],
-    [1, 1, 1, 1, 1, 0, 0, 0],
-    [1, 1, 1, 1, 1, 0, 0, 0],
-    [1, 1, 1, 1, 1, 0, 0, 0],
-    [1, 1, 1, 1, 1, 1, 1, 0],
-    [1, 1, 1, 1, 1, 1, 1, 0],
-    [1, 1, 1, 1, 1, 0, 0, 1],
-]
-
-
-@pytest.mark.parametrize(
-    "causal, expected", [(True, HAND_BUILT_CAUSAL), (False, HAND_BUILT_NON_CAUSAL)]
-)
-def test_hand_built_mask(causal: bool, expected: list[list[int]]) -> None:
-    want = torch.tensor(expected, dtype=torch.bool)
-    assert torch.equal(naive_mask(8, 2, 3, 2, causal), want)
-    got = dense_mask(torch.tensor([8]), torch.tensor([2]), torch.tensor([3]), 2, causal, 8)[0]
-    assert torch.equal(got, want)
+# The hand-written masks of both conventions: tests/ops/test_mask_conventions.py.
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -10,34 +10,20 @@ import os
 import torch
 
 from tests.dist_utils import run_multiprocess
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.training.helpers import debug_trainer
 
 
 def _run(rank: int, world_size: int, tmp: str, tag: str, params: list[str]) -> None:
-    import gin
-
-    from hstu.config import load_config
-    from hstu.training.distributed import init_distributed, set_seed
-    from hstu.training.trainer import Trainer
-
-    gin.clear_config()
-    cfg = load_config(
-        os.path.join(ROOT, "configs", "debug_ranking.gin"),
+    trainer = debug_trainer(
+        "ranking", tmp, os.path.join(tmp, tag),
         [
-            f'DatasetArgs.dataset_path="{os.path.join(tmp, "data", "synthetic")}"',
             "SyntheticDataArgs.num_users=64", "DatasetArgs.holdout_validation=True",
             'TrainerArgs.best_metric="AUC"', "TrainerArgs.best_requires_loss_below_prior=True",
             "TrainerArgs.max_train_iters=12", "TrainerArgs.eval_interval=2",
             "TrainerArgs.max_eval_iters=2", "TrainerArgs.log_interval=12",
             "OptimizerArgs.learning_rate=0.01", *params,
         ],
-        task="ranking",
     )
-    env = init_distributed(1)
-    set_seed(cfg.trainer.seed)
-    run_dir = os.path.join(tmp, tag)
-    trainer = Trainer(cfg, env, run_dir, "")
     try:
         trainer.train()
         best = trainer.checkpoint.best

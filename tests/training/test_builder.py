@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gin
 import pytest
 import torch
 
@@ -16,11 +15,7 @@ from hstu.training.distributed import DistEnv
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _clear_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
+pytestmark = pytest.mark.usefixtures("clean_gin")
 
 
 def _single_process() -> DistEnv:

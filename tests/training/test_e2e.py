@@ -20,15 +20,6 @@ ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
-def _cmd(task: str, nproc: int | None, preset: str, params: list[str]) -> list[str]:
-    entry = [str(ROOT / f"pretrain_gr_{task}.py"), "--gin-config-file", str(ROOT / "configs" / preset)]
-    for p in params:
-        entry += ["--gin-param", p]
-    if nproc is None:
-        return [sys.executable, *entry]
-    return [*TORCHRUN, "--nproc_per_node", str(nproc), *entry]
-
-
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"
@@ -36,19 +27,28 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _job_cmd(tmp: Path, run_dir: Path, params: list[str], task: str = "retrieval",
+             nproc: int | None = 2, preset: str | None = None) -> list[str]:
+    """A run of the debug preset (or ``preset``) into ``run_dir`` over the synthetic data
+    under ``tmp``, logging every step, ``params`` after those; under torchrun with ``nproc``
+    ranks, or (None) as one plain process."""
+    entry = [str(ROOT / f"pretrain_gr_{task}.py"), "--gin-config-file",
+             str(ROOT / "configs" / (preset or f"debug_{task}.gin"))]
+    for p in [f'TrainerArgs.run_dir="{run_dir}"',
+              f'DatasetArgs.dataset_path="{tmp / "data" / "synthetic"}"',
+              "TrainerArgs.log_interval=1", *params]:
+        entry += ["--gin-param", p]
+    if nproc is None:
+        return [sys.executable, *entry]
+    return [*TORCHRUN, "--nproc_per_node", str(nproc), *entry]
+
+
 def run_job(tmp: Path, name: str, task: str = "retrieval", nproc: int | None = 2,
             params: list[str] = (), preset: str | None = None, timeout: int = 300) -> dict:
     run_dir = tmp / name
-    preset = preset or f"debug_{task}.gin"
-    all_params = [
-        f'TrainerArgs.run_dir="{run_dir}"',
-        f'DatasetArgs.dataset_path="{tmp / "data" / "synthetic"}"',
-        "TrainerArgs.log_interval=1",
-        *params,
-    ]
     proc = subprocess.run(
-        _cmd(task, nproc, preset, all_params), cwd=ROOT, env=_env(), capture_output=True, check=False,
-        text=True, timeout=timeout,
+        _job_cmd(tmp, run_dir, params, task, nproc, preset), cwd=ROOT, env=_env(),
+        capture_output=True, check=False, text=True, timeout=timeout,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{name} failed ({proc.returncode}):\n{out[-6000:]}"
@@ -128,9 +128,7 @@ def test_kill_after_checkpoint_then_resume_continues_the_same_losses(tmp, retrie
     ckpt = tmp / "ckpt_kill"
     run_dir = tmp / "ret_killed"
     # Same run, but long enough that it is still training when killed.
-    cmd = _cmd("retrieval", 2, "debug_retrieval.gin", [
-        f'TrainerArgs.run_dir="{run_dir}"',
-        f'DatasetArgs.dataset_path="{tmp / "data" / "synthetic"}"',
+    cmd = _job_cmd(tmp, run_dir, [
         'TrainerArgs.pipeline_type="none"', "TrainerArgs.max_train_iters=2000",
         "TrainerArgs.eval_interval=2000", "TrainerArgs.ckpt_save_interval=10",
         f'TrainerArgs.ckpt_save_dir="{ckpt}"',
@@ -238,12 +236,9 @@ def test_tensor_parallel_two_ranks_runs(tmp):
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp):
     ckpt = tmp / "ckpt_sigterm"
     run_dir = tmp / "ret_sigterm"
-    cmd = _cmd("retrieval", 2, "debug_retrieval.gin", [
-        f'TrainerArgs.run_dir="{run_dir}"',
-        f'DatasetArgs.dataset_path="{tmp / "data" / "synthetic"}"',
+    cmd = _job_cmd(tmp, run_dir, [
         'TrainerArgs.pipeline_type="native"', "TrainerArgs.max_train_iters=2000",
-        "TrainerArgs.eval_interval=2000", "TrainerArgs.log_interval=1",
-        f'TrainerArgs.ckpt_save_dir="{ckpt}"',
+        "TrainerArgs.eval_interval=2000", f'TrainerArgs.ckpt_save_dir="{ckpt}"',
     ])
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)

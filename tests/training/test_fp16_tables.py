@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from tests.dist_utils import run_multiprocess
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.training.helpers import debug_trainer
 
 # plain SGD everywhere: a step is lr * gradient, so a gradient 65,536x too large shows as such
 # (rowwise Adagrad would hide it: its first step barely depends on the gradient's scale)
@@ -41,22 +40,9 @@ def _tables(model) -> dict[str, torch.Tensor]:
 
 
 def _run(rank: int, world_size: int, tmp: str, tag: str, dtype: str, scale: float | None) -> None:
-    import gin
-
-    from hstu.config import load_config
-    from hstu.training.distributed import init_distributed, set_seed
-    from hstu.training.trainer import Trainer
-
-    gin.clear_config()
-    cfg = load_config(
-        os.path.join(ROOT, "configs", "debug_ranking.gin"),
-        [f'DatasetArgs.dataset_path="{os.path.join(tmp, "data", "synthetic")}"',
-         f'NetworkArgs.dtype_str="{dtype}"', *PARAMS],
-        task="ranking",
+    trainer = debug_trainer(
+        "ranking", tmp, os.path.join(tmp, tag), [f'NetworkArgs.dtype_str="{dtype}"', *PARAMS]
     )
-    env = init_distributed(1)
-    set_seed(cfg.trainer.seed)
-    trainer = Trainer(cfg, env, os.path.join(tmp, tag), "")
     try:
         opt = trainer.optimizer
         if scale is not None:

@@ -11,8 +11,7 @@ import torch
 from hstu.args import OptimizerArgs
 from hstu.training.optimizer import OptimizerContainer, lr_at
 from tests.dist_utils import run_multiprocess
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.training.helpers import debug_trainer
 
 
 def _step(opt: OptimizerContainer, params: list[torch.nn.Parameter], grad: float) -> None:
@@ -84,26 +83,14 @@ def test_float16_dynamic_loss_scaling_skips_overflow_and_unscales() -> None:
 
 
 def _run(rank: int, world_size: int, tmp: str, tag: str, params: list[str]) -> None:
-    import gin
-
-    from hstu.config import load_config
-    from hstu.training.distributed import init_distributed, set_seed
-    from hstu.training.trainer import Trainer
-
-    gin.clear_config()
-    cfg = load_config(
-        os.path.join(ROOT, "configs", "debug_retrieval.gin"),
+    trainer = debug_trainer(
+        "retrieval", tmp, os.path.join(tmp, tag),
         [
-            f'DatasetArgs.dataset_path="{os.path.join(tmp, "data", "synthetic")}"',
             "TrainerArgs.log_interval=1", "TrainerArgs.eval_interval=1000",
             "TrainerArgs.max_eval_iters=1", 'TrainerArgs.pipeline_type="none"',
             *params,
         ],
-        task="retrieval",
     )
-    env = init_distributed(1)
-    set_seed(cfg.trainer.seed)
-    trainer = Trainer(cfg, env, os.path.join(tmp, tag), "")
     try:
         trainer.train()
         out: dict = {"losses": trainer.losses}

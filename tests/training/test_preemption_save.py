@@ -6,33 +6,21 @@ from __future__ import annotations
 import json
 import os
 import signal
-from pathlib import Path
 
 from tests.dist_utils import run_multiprocess
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.training.helpers import debug_trainer
 
 
 def _body(rank: int, world_size: int, tmp: str) -> None:
-    import gin
-
-    from hstu.config import load_config
     from hstu.training import checkpoint as ckpt
-    from hstu.training.distributed import init_distributed, set_seed
-    from hstu.training.trainer import Trainer
 
-    gin.clear_config()
-    cfg = load_config(str(ROOT / "configs" / "debug_retrieval.gin"), [
-        f'DatasetArgs.dataset_path="{os.path.join(tmp, "data", "synthetic")}"',
+    trainer = debug_trainer("retrieval", tmp, os.path.join(tmp, "run"), [
         "TrainerArgs.max_train_iters=8", "TrainerArgs.log_interval=1",
         "TrainerArgs.eval_interval=1000", "TrainerArgs.max_eval_iters=1",
         "TrainerArgs.ckpt_save_interval=2",
         f'TrainerArgs.ckpt_save_dir="{os.path.join(tmp, "ckpt")}"',
-    ], task="retrieval")
-    env = init_distributed(1)
-    set_seed(cfg.trainer.seed)
+    ])
     lines: list[str] = []
-    trainer = Trainer(cfg, env, os.path.join(tmp, "run"), "")
     calls = {"state": [], "write": []}
     manager = trainer.checkpoint
     real_state, real_write = manager.state, ckpt.save_checkpoint

@@ -5,34 +5,21 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import torch
 
 from tests.dist_utils import run_multiprocess
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.training.helpers import debug_trainer
 
 
 def _body(rank: int, world_size: int, tmp: str) -> None:
-    import gin
-
-    from hstu.config import load_config
-    from hstu.training.distributed import init_distributed, set_seed
-    from hstu.training.trainer import Trainer
-
     out = {}
     for tag, params in (("off", []), ("on", ["DatasetArgs.stochastic_length_alpha=1.2",
                                             'DatasetArgs.stochastic_length_sampling="uniform"'])):
-        gin.clear_config()
-        cfg = load_config(str(ROOT / "configs" / "debug_retrieval.gin"), [
-            f'DatasetArgs.dataset_path="{os.path.join(tmp, "data", "synthetic")}"',
+        trainer = debug_trainer("retrieval", tmp, os.path.join(tmp, tag), [
             "TrainerArgs.max_train_iters=4", "TrainerArgs.log_interval=1",
             "TrainerArgs.eval_interval=1000", "TrainerArgs.max_eval_iters=1", *params,
-        ], task="retrieval")
-        env = init_distributed(1)
-        set_seed(cfg.trainer.seed)
-        trainer = Trainer(cfg, env, os.path.join(tmp, tag), "")
+        ])
         try:
             trainer.train()
             out[tag] = list(trainer.losses)

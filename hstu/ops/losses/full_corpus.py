@@ -51,11 +51,27 @@ def resolve_matmul_dtype(name: str, device: torch.device) -> tuple[torch.dtype, 
     return (torch.bfloat16 if native else torch.float32), f"auto: {why}"
 
 
-def _claim_buffers(ctx) -> None:
-    """The full-corpus losses' backward turns its saved buffer into the gradient in place."""
+def _end_forward(ctx, buffer: torch.Tensor, saved: tuple, losses: torch.Tensor,
+                 pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full-corpus losses' forward ends here: ``saved`` (``buffer`` among them) kept for
+    the one backward when an input needs a gradient, else ``buffer`` handed back; returns
+    the loss sum and the target logits (no gradient)."""
+    if any(ctx.needs_input_grad):
+        ctx.save_for_backward(*saved)
+    else:
+        _give_back(buffer)
+    ctx.mark_non_differentiable(pos)
+    ctx.used = False
+    return losses.sum(), pos
+
+
+def _claim_buffers(ctx) -> tuple[torch.Tensor, ...]:
+    """The saved tensors of :func:`_end_forward`, once: the backward turns its buffer into
+    the gradient in place."""
     if ctx.used:
         raise RuntimeError("the full-corpus softmax loss keeps its buffers for one backward only")
     ctx.used = True
+    return ctx.saved_tensors
 
 
 class _FullSoftmaxLoss(torch.autograd.Function):
@@ -87,18 +103,11 @@ class _FullSoftmaxLoss(torch.autograd.Function):
                 masked.mask_(logits, s, target[s:e])
             # softmax in place while the block is in cache
             torch.sub(softmax_lse_(logits), pos[s:e], out=losses[s:e])
-        if any(ctx.needs_input_grad):
-            ctx.save_for_backward(queries, corpus, target, probs)
-        else:
-            _give_back(probs)
-        ctx.mark_non_differentiable(pos)
-        ctx.used = False
-        return losses.sum(), pos
+        return _end_forward(ctx, probs, (queries, corpus, target, probs), losses, pos)
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_pos: torch.Tensor):
-        _claim_buffers(ctx)
-        queries, corpus, target, probs = ctx.saved_tensors
+        queries, corpus, target, probs = _claim_buffers(ctx)
         num_q, num_i = probs.shape
         grad_q = torch.empty_like(queries)
         grad_c = torch.zeros_like(corpus)
@@ -262,19 +271,12 @@ class _FullSoftmaxLossBF16(torch.autograd.Function):
             if keep:  # P - onehot in float32, then rounded once
                 probs.index_put_((rows, target[s:e]), minus_one, accumulate=True)
                 out.copy_(probs)
-        if keep:
-            ctx.save_for_backward(q_aug, c_aug, grads)
-            ctx.dim = dim
-        else:
-            _give_back(grads)
-        ctx.mark_non_differentiable(pos)
-        ctx.used = False
-        return losses.sum(), pos
+        ctx.dim = dim
+        return _end_forward(ctx, grads, (q_aug, c_aug, grads), losses, pos)
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_pos: torch.Tensor):
-        _claim_buffers(ctx)
-        q_aug, c_aug, grads = ctx.saved_tensors
+        q_aug, c_aug, grads = _claim_buffers(ctx)
         dim = ctx.dim
         grad_q = torch.mm(grads, c_aug[:, :dim]).float().mul_(grad_loss)
         grad_c = torch.mm(grads.t(), q_aug[:, :dim]).float().mul_(grad_loss)

@@ -194,21 +194,15 @@ def sampled_softmax_loss(
     return loss, pos_logits, neg_logits
 
 
-# elements of the [rows, M] logits _SampledLogSumExp handles at a time (512 KiB of float32
-# logits plus 1 MiB of their int64 index): a block's sampled product, mask, softmax and
-# maxima run in the core's own L2 instead of streaming [Q, M] through the shared cache
-_SAMPLED_BLOCK_ELEMENTS = 1 << 17
-
-
 class _SampledLogSumExp(torch.autograd.Function):
     """lse[q] = log(exp(pos[q]) + sum_m exp(<queries[q], rows[index[q, m]]>)), the negatives
     with ``index[q, m] == pos_slot[q]`` (accidental hits) left out: the normaliser of the
     sampled softmax (``lse - pos`` is the loss of :func:`sampled_softmax_loss`).
 
-    Forward runs a block of queries at a time (``_SAMPLED_BLOCK_ELEMENTS``): the sampled
-    product of the block (as :class:`_SampledScores`), the hits set to -inf, an in-place
-    softmax over the negatives and their log-sum-exp; only the [Q, M] negatives' softmax
-    is kept. Backward scales its [Q, D] sides by each query's share of the probability mass
+    Forward: the sampled product (as :class:`_SampledScores`), the hits set to -inf, an
+    in-place softmax over the negatives and their log-sum-exp, all in the [Q, M] buffer that
+    backward keeps (the negatives' softmax). Over all queries at once: blocks of 128k
+    logits sized for the core's L2 cost as much or more here (docs/performance.md). Backward scales its [Q, D] sides by each query's share of the probability mass
     instead of touching [Q, M] again: grad_queries = c * (P @ rows) and grad_rows =
     P^T @ (c * queries), with c = grad_lse * exp(lse_neg - lse) (:func:`_pattern_products`).
     The unfused path (scores, division, id gather, comparison, masked fill, two
@@ -227,26 +221,20 @@ class _SampledLogSumExp(torch.autograd.Function):
         lse = queries.new_empty(num_q)
         neg_mass = queries.new_empty(num_q)
         col = index.reshape(-1)
-        block = max(1, _SAMPLED_BLOCK_ELEMENTS // m)
-        crow = torch.arange(0, (min(block, num_q) + 1) * m, m, device=index.device)
-        for s in range(0, num_q, block):
-            e = min(num_q, s + block)
-            logits = _sampled_products_(
-                probs[s * m:e * m], col[s * m:e * m], m, queries[s:e], rows, crow
-            ).view(e - s, m)
-            hits = index[s:e] == pos_slot[s:e].unsqueeze(1)
-            logits.masked_fill_(hits, float("-inf"))
-            lse_neg = softmax_lse_(logits)
-            # a query whose every negative is its positive: no negative mass at all (its
-            # softmax row is NaN); any other NaN stays visible
-            empty = hits.all(dim=1)
-            with allowed_sync(CPU_ONLY):
-                any_empty = bool(empty.any())
-            if any_empty:
-                logits[empty] = 0.0
-                lse_neg.masked_fill_(empty, float("-inf"))
-            torch.logaddexp(lse_neg, pos[s:e], out=lse[s:e])
-            torch.exp(lse_neg - lse[s:e], out=neg_mass[s:e])
+        logits = _sampled_products_(probs, col, m, queries, rows).view(num_q, m)
+        hits = index == pos_slot.unsqueeze(1)
+        logits.masked_fill_(hits, float("-inf"))
+        lse_neg = softmax_lse_(logits)
+        # a query whose every negative is its positive: no negative mass at all (its
+        # softmax row is NaN); any other NaN stays visible
+        empty = hits.all(dim=1)
+        with allowed_sync(CPU_ONLY):
+            any_empty = bool(empty.any())
+        if any_empty:
+            logits[empty] = 0.0
+            lse_neg.masked_fill_(empty, float("-inf"))
+        torch.logaddexp(lse_neg, pos, out=lse)
+        torch.exp(lse_neg - lse, out=neg_mass)
         ctx.save_for_backward(queries, rows, pos, lse, neg_mass, col, probs, order, offsets)
         ctx.m = m
         return lse
