@@ -28,7 +28,7 @@ from hstu.training.feed import Feed
 from hstu.training.flops import peak_flops
 from hstu.training.lifecycle import AUTO
 from hstu.training.logger import RunLogger
-from hstu.training.loop import MetricsWindow, Preemption, train_line
+from hstu.training.loop import Eta, MetricsWindow, Preemption, train_line
 from hstu.training.pipeline import build_pipeline
 from hstu.training.report import PER_ITEM
 from hstu.validation import ConfigError
@@ -289,6 +289,7 @@ class Trainer:
         window = MetricsWindow(self.peak, self.env.world_size)
         self.losses = window.losses
         last_eval: dict[str, float] = {}
+        eta = Eta(self.step)
         with Preemption() as preemption, contextlib.closing(feed):
             while self.step < self.max_steps:
                 loss = self.train_step(batches)
@@ -306,7 +307,8 @@ class Trainer:
                 if boundary:
                     metrics = window.summarize(self.optimizer)
                     self.logger.log(self.step, "train", metrics)
-                    say(train_line(self.step, self.max_steps, metrics))
+                    say(train_line(self.step, self.max_steps, metrics,
+                                   eta.seconds(self.step, self.max_steps)))
                 if self.validation.due(self.step):
                     last_eval, stop = self.validation.run(self.step, self.pipeline, window, say)
                     if stop:
