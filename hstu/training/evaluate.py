@@ -504,29 +504,45 @@ def item_rate_baseline(train_loader: Any, eval_loader: Any, cfg: RunConfig, env:
     store, samples = train_loader.store, train_loader.samples
     if store.actions is None:
         return None
-    rows = gather_ranges(samples.hist_start, samples.cand_end)
-    items = torch.from_numpy(np.asarray(store.items[rows]).astype(np.int64))
-    labels = torch.from_numpy(np.asarray(store.actions[rows]).astype(np.int64))
     num_tasks = cfg.ranking.num_tasks
     width = cfg.ranking.prediction_head_arch[-1]
-    n = int(items.max()) + 1 if items.numel() else 1
-    seen = torch.bincount(items, minlength=n).double()  # [n] training labels per item
-    m, eps = ITEM_RATE_PSEUDO_LABELS, 1e-6
     bce = width == num_tasks
-    if bce:  # per task: the item's shrunk positive rate
-        table = torch.empty(n + 1, num_tasks, dtype=torch.float64)
-        for t in range(num_tasks):
-            bit = ((labels >> t) & 1).double()
-            prior = bit.mean()
-            rate = (torch.bincount(items, weights=bit, minlength=n) + m * prior) / (seen + m)
-            table[:n, t], table[n, t] = rate, prior
-    else:  # cross-entropy: the item's shrunk class frequencies
-        cls = labels.clamp(0, width - 1)
-        counts = torch.bincount(items * width + cls, minlength=n * width).double().view(n, width)
-        prior = (counts.sum(0) + eps) / (counts.sum() + eps * width)
-        table = torch.cat([(counts + m * prior) / (seen[:, None] + m), prior[None]])
-    # row n: the prior, for items without training labels. Probabilities (in [0, 1]) are
-    # what the AUC ranks (equal rates stay ties); the loss takes their logits / logs.
+    # per item: training labels, and positives per task (bce) or labels per class; counted
+    # over groups of samples of about _COUNT_BLOCK_ROWS rows (never a copy of every row)
+    n = int(store.items.max()) + 1  # a pass over the mapped column, no copy
+    seen = np.zeros(n, dtype=np.int64)
+    hits = np.zeros((n, num_tasks if bce else width), dtype=np.int32)  # [n, T or K]
+    lengths = samples.cand_end - samples.hist_start
+    group = np.cumsum(lengths) // _COUNT_BLOCK_ROWS
+    for g in np.unique(group):
+        pick = group == g
+        rows = gather_ranges(samples.hist_start[pick], samples.cand_end[pick])
+        items = np.asarray(store.items[rows]).astype(np.int64)
+        labels = np.asarray(store.actions[rows]).astype(np.int64)
+        seen += np.bincount(items, minlength=n)
+        if bce:
+            for t in range(num_tasks):
+                hits[:, t] += np.bincount(items[(labels >> t) & 1 == 1], minlength=n).astype(np.int32)
+        else:
+            cls = np.clip(labels, 0, width - 1)
+            hits += np.bincount(items * width + cls, minlength=n * width).reshape(n, width).astype(np.int32)
+    m, eps = ITEM_RATE_PSEUDO_LABELS, 1e-6
+    total = max(int(seen.sum()), 1)
+    if bce:  # per task: the item's positive rate, shrunk toward the prior
+        prior = torch.from_numpy(hits.sum(0) / total)
+    else:  # cross-entropy: the item's class frequencies, shrunk toward the prior
+        prior = torch.from_numpy((hits.sum(0) + eps) / (total + eps * width))
+    seen_t, hits_t = torch.from_numpy(seen), torch.from_numpy(hits)
+
+    def rates(cand: torch.Tensor) -> torch.Tensor:
+        """[c, tasks or classes] float64 of the candidate items (the prior where unseen)."""
+        known = (cand >= 0) & (cand < n)
+        idx = torch.where(known, cand, torch.zeros_like(cand))
+        got = (hits_t[idx].double() + m * prior) / (seen_t[idx].double()[:, None] + m)
+        return torch.where(known[:, None], got, prior.expand_as(got))
+
+    # probabilities (in [0, 1]) are what the AUC ranks (equal rates stay ties); the loss
+    # takes their logits / logs
     scores, wanted = [], []
     _restart(eval_loader)
     for i, batch in enumerate(eval_loader):
@@ -536,14 +552,13 @@ def item_rate_baseline(train_loader: Any, eval_loader: Any, cfg: RunConfig, env:
         ends = torch.cumsum(feature.lengths(), 0).numpy()
         picked = gather_ranges(ends - batch.num_candidates.numpy(), ends)
         cand = feature.values()[torch.from_numpy(picked)].long()
-        cand = torch.where((cand >= 0) & (cand < n), cand, torch.full_like(cand, n))
-        got, lab = table[cand], batch.labels
+        got, lab = rates(cand), batch.labels
         if batch.sample_mask is not None:
             keep = torch.repeat_interleave(batch.sample_mask, batch.num_candidates)
             got, lab = got[keep], lab[keep]
         scores.append(got)
         wanted.append(lab)
-    probs = _gather(torch.cat(scores) if scores else table[:0])
+    probs = _gather(torch.cat(scores) if scores else torch.zeros(0, hits.shape[1], dtype=torch.float64))
     labels = _gather(torch.cat(wanted) if wanted else torch.zeros(0, dtype=torch.int64))
     if labels.numel() == 0:
         return None

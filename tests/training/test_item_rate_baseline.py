@@ -16,6 +16,7 @@ from hstu.args import DatasetArgs, RankingArgs
 from hstu.data import build_data
 from hstu.data.data_args import CustomDataArgs
 from hstu.data.preprocess import preprocess
+from hstu.training import evaluate
 from hstu.training.evaluate import ITEM_RATE_PSEUDO_LABELS, item_rate_baseline
 
 CANDIDATES = 3
@@ -89,7 +90,7 @@ def _reference(rows, num_classes: int, bce: bool) -> float:
 
 
 @pytest.mark.parametrize("head", ["classes", "tasks"])
-def test_per_item_auc_matches_the_reference(tmp_path, one_process_group, head):
+def test_per_item_auc_matches_the_reference(tmp_path, one_process_group, head, monkeypatch):
     num_classes = 3
     rows, folder = _log(tmp_path, num_classes)
     args = DatasetArgs(dataset_name="log", dataset_path=str(folder), max_sequence_length=64,
@@ -107,6 +108,9 @@ def test_per_item_auc_matches_the_reference(tmp_path, one_process_group, head):
     assert np.isfinite(got["loss"])
     # one evaluation batch only: fewer candidates, another figure (max_iters is honoured)
     assert item_rate_baseline(train, test, cfg, env, 1)["AUC"] != got["AUC"]
+    # the training labels counted in groups of a few rows: the same figures
+    monkeypatch.setattr(evaluate, "_COUNT_BLOCK_ROWS", 7)
+    assert item_rate_baseline(train, test, cfg, env, None) == got
 
 
 def test_not_for_retrieval(tmp_path, one_process_group):
