@@ -39,15 +39,15 @@ def _run(rank: int, world_size: int, tmp: str, tag: str, params: list[str]) -> N
     set_seed(cfg.trainer.seed)
     run_dir = os.path.join(tmp, tag)
     trainer = Trainer(cfg, env, run_dir, "")
-    printed: list[str] = []
-    shown = trainer.logger.print
-
-    def record(message: str) -> None:  # what the console gets (no tty: no progress bar)
-        printed.append(message)
-        shown(message)
-
-    trainer.logger.print = record
     try:
+        printed: list[str] = []
+        shown = trainer.logger.print
+
+        def record(message: str) -> None:  # what the console gets (no tty: no progress bar)
+            printed.append(message)
+            shown(message)
+
+        trainer.logger.print = record
         trainer.train()
         best = trainer.checkpoint.best
         torch.save(
