@@ -13,11 +13,13 @@ USER_FEATURE = "user_id"
 """The model's user-id feature (a contextual feature: the dense id 1..U the preprocessor gave)."""
 
 EVENT_COLUMNS: dict[str, tuple[str, ...]] = {
-    "user": ("user_id", "user"),
-    "item": ("item_id", "item"),
+    "user": ("user_id", "user", "userId"),
+    "item": ("item_id", "item", "movieId"),
     "timestamp": ("timestamp", "time", "ts"),
 }
-"""role -> accepted column names, the default first."""
+"""role -> accepted column names, the default first (``userId`` / ``movieId``: MovieLens'
+own ``ratings.csv`` header, whose ``timestamp`` is the default already; its ``rating`` is an
+action only when named, ``CustomDataArgs.action_column = "rating"``)."""
 
 
 def pick_column(role: str, have: list[str], configured: str | None = None) -> str | None:

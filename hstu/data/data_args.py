@@ -32,9 +32,9 @@ class CustomDataArgs:
     path: str | None = None
     """CSV/TSV (.csv, .tsv, .txt), JSON-lines (.jsonl, .json, .ndjson) or parquet file (text optionally .gz), or a folder of such files read in name order; None takes the preprocessor's --raw."""
     user_column: str = EVENT_COLUMNS["user"][0]
-    """Column holding the user id (any integer or string); left at the default, a column named user is read too (hstu.columns)."""
+    """Column holding the user id (any integer or string); left at the default, a column named user or userId is read too (hstu.columns)."""
     item_column: str = EVENT_COLUMNS["item"][0]
-    """Column holding the item id (any integer or string unless item_vocab_size is set); left at the default, a column named item is read too."""
+    """Column holding the item id (any integer or string unless item_vocab_size is set); left at the default, a column named item or movieId is read too."""
     timestamp_column: str = EVENT_COLUMNS["timestamp"][0]
     """Column holding the interaction time as an integer (unix seconds unless timestamp_unit says otherwise); left at the default, time or ts are read too."""
     timestamp_unit: str = "s"

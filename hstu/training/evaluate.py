@@ -293,23 +293,37 @@ def _evaluate_ranking(model: Any, loader: Any, cfg: RunConfig, env: DistEnv, max
     stats = torch.tensor([loss_sum, loss_n], dtype=torch.float64)
     dist.all_reduce(stats)
     out: dict[str, float] = {"loss": stats[0].item() / max(stats[1].item(), 1)}
+    aucs, one_class = ranking_aucs(logits, labels, num_tasks, width)
+    out.update(aucs)
+    if one_class and env.is_main:  # says which tasks the mean leaves out (NaN AUC)
+        left = "left out of the mean AUC" if num_tasks > 1 else "AUC is NaN"
+        if 1 < num_tasks == len(one_class):
+            left += " (no task left: AUC is NaN)"
+        print(
+            f"[hstu] {', '.join(one_class)}: only one class among {labels.numel()} "
+            f"evaluation candidates; {left}",
+            flush=True,
+        )
+    return out
+
+
+def ranking_aucs(logits: torch.Tensor, labels: torch.Tensor, num_tasks: int,
+                 width: int) -> tuple[dict[str, float], list[str]]:
+    """The ranking metrics of scores ``logits`` [n, width] for ``labels`` [n] (the model's,
+    and the per-item baseline's, by the same code): with one logit per task (width ==
+    num_tasks), the mean over tasks of each task bit's AUC (``AUC``, and ``AUC/task<t>`` when
+    there are several); else one class per action value, the macro one-vs-rest ``AUC``.
+    Returns (metrics, the names of the tasks with one class only: NaN, left out of the mean)."""
+    out: dict[str, float] = {}
+    one_class: list[str] = []
     if width == num_tasks:
-        aucs, one_class = [], []
+        aucs = []
         for task in range(num_tasks):
             bits = (labels >> task) & 1
             aucs.append(_auc(logits[:, task], bits))
             if labels.numel() > 0 and bits.min() == bits.max():
                 one_class.append(f"AUC/task{task}" if num_tasks > 1 else "AUC")
         out["AUC"] = float(torch.tensor(aucs).nanmean()) if aucs else float("nan")
-        if one_class and env.is_main:  # says which tasks the mean leaves out (NaN AUC)
-            left = "left out of the mean AUC" if num_tasks > 1 else "AUC is NaN"
-            if 1 < num_tasks == len(one_class):
-                left += " (no task left: AUC is NaN)"
-            print(
-                f"[hstu] {', '.join(one_class)}: only one class among {labels.numel()} "
-                f"evaluation candidates; {left}",
-                flush=True,
-            )
         if num_tasks > 1:
             for task, value in enumerate(aucs):
                 out[f"AUC/task{task}"] = value
@@ -320,7 +334,7 @@ def _evaluate_ranking(model: Any, loader: Any, cfg: RunConfig, env: DistEnv, max
         out["AUC"] = float(
             multiclass_auroc(logits.float(), labels.long().clamp(0, width - 1), num_classes=width, average="macro")
         )
-    return out
+    return out, one_class
 
 
 def count_ranks(scores: torch.Tensor, targets: torch.Tensor, excluded_rows: torch.Tensor,
@@ -465,3 +479,91 @@ def prior_baseline(train_loader: Any, eval_loader: Any, cfg: RunConfig, env: Dis
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(stats)
     return {"loss": stats[0].item() / max(stats[1].item(), 1), "AUC": 0.5}
+
+
+ITEM_RATE_PSEUDO_LABELS = 10.0
+"""The per-item baseline's shrinkage: an item's training labels are pooled with this many
+pseudo-labels at the label prior's rate (an item seen once does not score 0 or 1)."""
+
+
+@torch.no_grad()
+def item_rate_baseline(train_loader: Any, eval_loader: Any, cfg: RunConfig, env: DistEnv,
+                       max_iters: int | None) -> dict[str, float] | None:
+    """Ranking's non-sequential floor: every evaluation candidate scored with its item's
+    training labels alone (per task, the item's positive rate; for class heads, its class
+    frequencies), shrunk toward the label prior by :data:`ITEM_RATE_PSEUDO_LABELS`; an item
+    without training labels gets the prior. No user, no history: what a model must beat to
+    have learnt more than each item's average label. Training labels: every interaction the
+    training samples read (histories and candidates). Scored on the same evaluation
+    candidates (same ``max_iters``) with the model's loss and AUC (:func:`ranking_aucs`).
+    None where it does not apply (retrieval, data without labels)."""
+    from hstu.data.loader import SequenceLoader, gather_ranges
+
+    if cfg.task != "ranking" or not isinstance(train_loader, SequenceLoader):
+        return None
+    store, samples = train_loader.store, train_loader.samples
+    if store.actions is None:
+        return None
+    num_tasks = cfg.ranking.num_tasks
+    width = cfg.ranking.prediction_head_arch[-1]
+    bce = width == num_tasks
+    # per item: training labels, and positives per task (bce) or labels per class; counted
+    # over groups of samples of about _COUNT_BLOCK_ROWS rows (never a copy of every row)
+    n = int(store.items.max()) + 1  # a pass over the mapped column, no copy
+    seen = np.zeros(n, dtype=np.int64)
+    hits = np.zeros((n, num_tasks if bce else width), dtype=np.int32)  # [n, T or K]
+    lengths = samples.cand_end - samples.hist_start
+    group = np.cumsum(lengths) // _COUNT_BLOCK_ROWS
+    for g in np.unique(group):
+        pick = group == g
+        rows = gather_ranges(samples.hist_start[pick], samples.cand_end[pick])
+        items = np.asarray(store.items[rows]).astype(np.int64)
+        labels = np.asarray(store.actions[rows]).astype(np.int64)
+        seen += np.bincount(items, minlength=n)
+        if bce:
+            for t in range(num_tasks):
+                hits[:, t] += np.bincount(items[(labels >> t) & 1 == 1], minlength=n).astype(np.int32)
+        else:
+            cls = np.clip(labels, 0, width - 1)
+            hits += np.bincount(items * width + cls, minlength=n * width).reshape(n, width).astype(np.int32)
+    m, eps = ITEM_RATE_PSEUDO_LABELS, 1e-6
+    total = max(int(seen.sum()), 1)
+    if bce:  # per task: the item's positive rate, shrunk toward the prior
+        prior = torch.from_numpy(hits.sum(0) / total)
+    else:  # cross-entropy: the item's class frequencies, shrunk toward the prior
+        prior = torch.from_numpy((hits.sum(0) + eps) / (total + eps * width))
+    seen_t, hits_t = torch.from_numpy(seen), torch.from_numpy(hits)
+
+    def rates(cand: torch.Tensor) -> torch.Tensor:
+        """[c, tasks or classes] float64 of the candidate items (the prior where unseen)."""
+        known = (cand >= 0) & (cand < n)
+        idx = torch.where(known, cand, torch.zeros_like(cand))
+        got = (hits_t[idx].double() + m * prior) / (seen_t[idx].double()[:, None] + m)
+        return torch.where(known[:, None], got, prior.expand_as(got))
+
+    # probabilities (in [0, 1]) are what the AUC ranks (equal rates stay ties); the loss
+    # takes their logits / logs
+    scores, wanted = [], []
+    _restart(eval_loader)
+    for i, batch in enumerate(eval_loader):
+        if max_iters is not None and i >= max_iters:
+            break
+        feature = batch.features[batch.item_feature_name]
+        ends = torch.cumsum(feature.lengths(), 0).numpy()
+        picked = gather_ranges(ends - batch.num_candidates.numpy(), ends)
+        cand = feature.values()[torch.from_numpy(picked)].long()
+        got, lab = rates(cand), batch.labels
+        if batch.sample_mask is not None:
+            keep = torch.repeat_interleave(batch.sample_mask, batch.num_candidates)
+            got, lab = got[keep], lab[keep]
+        scores.append(got)
+        wanted.append(lab)
+    probs = _gather(torch.cat(scores) if scores else torch.zeros(0, hits.shape[1], dtype=torch.float64))
+    labels = _gather(torch.cat(wanted) if wanted else torch.zeros(0, dtype=torch.int64))
+    if labels.numel() == 0:
+        return None
+    clipped = probs.clamp(eps, 1 - eps) if bce else probs
+    logits = (torch.logit(clipped) if bce else clipped.log()).float()
+    out = {"loss": float(ranking_loss(logits, labels, num_tasks))}
+    out.update(ranking_aucs(probs.float(), labels, num_tasks, width)[0])
+    return out

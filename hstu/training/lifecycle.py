@@ -86,11 +86,20 @@ class BestTracker:
     ineligible: int = 0
     fallback: bool = False
     fallback_loss: float = math.inf
+    top_value: float = -math.inf
+    """The highest value of any evaluation, eligible or not (the summary says where it was
+    and, when it was not selected, why)."""
+    top_step: int = -1
+    top_loss: float = math.nan
+    """That evaluation's loss (NaN where the metrics have none)."""
 
     def update(self, metrics: dict[str, float], step: int) -> tuple[bool, bool]:
         """(is a new selection, stop early now). Patience counts the evaluations since the
         last new selection (the lowest-loss fallback ones included)."""
         value = metrics[self.metric]
+        if value > self.top_value:
+            self.top_value, self.top_step = value, step
+            self.top_loss = float(metrics.get("loss", math.nan))
         if self.loss_limit is not None and not metrics["loss"] < self.loss_limit:
             self.ineligible += 1
             loss = metrics["loss"]

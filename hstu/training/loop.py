@@ -125,13 +125,43 @@ class MetricsWindow:
         return metrics
 
 
-def train_line(step: int, max_steps: int, metrics: dict[str, float]) -> str:
-    """The console line of a log boundary."""
-    return (
+def train_line(step: int, max_steps: int, metrics: dict[str, float],
+               eta_s: float | None = None) -> str:
+    """The console line of a log boundary (with ``eta_s``: `` eta 6 min 05 s``)."""
+    line = (
         f"step {step}/{max_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
         f"tokens/s {metrics['tokens_per_s']:,.0f} TFLOP/s {metrics['tflops']:.4f} "
         f"MFU {metrics['mfu']:.2%}"
     )
+    if eta_s is not None and step < max_steps:
+        line += f" eta {format_eta(eta_s)}"
+    return line
+
+
+def format_eta(seconds: float) -> str:
+    """``6 min 05 s``, ``45 s``, ``1 h 02 min``."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+class Eta:
+    """The run's remaining wall time, measured: the seconds since training started (steps,
+    evaluations and saves alike, as they recur) per step taken, times the steps left.
+    ``seconds(step)`` is None before the first step of this process."""
+
+    def __init__(self, first_step: int) -> None:
+        self.first_step = first_step
+        self.start = time.perf_counter()
+
+    def seconds(self, step: int, max_steps: int) -> float | None:
+        done = step - self.first_step
+        if done <= 0:
+            return None
+        return (time.perf_counter() - self.start) / done * (max_steps - step)
 
 
 class Preemption:

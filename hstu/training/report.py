@@ -16,6 +16,9 @@ import sys
 from collections import defaultdict
 
 REPORT_FILE = "report.html"
+PER_ITEM = "per_item/"
+"""Prefix of the ranking's per-item baseline in the ``baseline`` rows (``per_item/AUC``):
+each candidate scored with its item's training label rate (hstu.training.evaluate)."""
 
 
 def read_metrics(run_dir: str) -> dict[tuple[str, str], list[tuple[int, float]]]:
@@ -60,6 +63,11 @@ def write_report(run_dir: str, summary: list[str] | None = None) -> str:
     dashed line, and report.html showing them under the summary. Returns the report's path."""
     series = read_metrics(run_dir)
     baseline = {name: pts[-1][1] for (split, name), pts in series.items() if split == "baseline"}
+    # the line under a ranking metric: the per-item baseline's (the label prior's AUC is 0.5
+    # by construction); the loss keeps the prior's, the one the selection rule uses
+    for name in [n for n in baseline if n.startswith(PER_ITEM)]:
+        if name != PER_ITEM + "loss":
+            baseline[name.removeprefix(PER_ITEM)] = baseline[name]
     figures: list[tuple[str, str]] = []
     loss_lines = [("train", series[("train", "loss")])] if ("train", "loss") in series else []
     if ("eval", "loss") in series:
@@ -130,6 +138,16 @@ def _loss_against_prior(
     return lines
 
 
+def _auc_against_per_item(final: dict[str, float], per_item: dict[str, float]) -> list[str]:
+    """Ranking: the model's AUC beside the per-item baseline's (what the sequence adds over
+    each item's average label)."""
+    if "AUC" not in final or "AUC" not in per_item:
+        return []
+    model, item = final["AUC"], per_item["AUC"]
+    side = "above" if model > item else "not above"
+    return [f"  AUC vs per-item: {model:.4f} vs {item:.4f} ({model - item:+.4f}, {side})"]
+
+
 def summary_lines(
     task: str,
     run_dir: str,
@@ -149,8 +167,15 @@ def summary_lines(
         lines.append(f"  last evaluation: {fmt}")
     if baseline:
         name = "popularity" if task == "retrieval" else "label prior"
-        lines.append(f"  baseline ({name}): " + " ".join(f"{k} {v:.4f}" for k, v in baseline.items()))
-        lines += _loss_against_prior(task, final, baseline)
+        own = {k: v for k, v in baseline.items() if not k.startswith(PER_ITEM)}
+        per_item = {k.removeprefix(PER_ITEM): v for k, v in baseline.items() if k.startswith(PER_ITEM)}
+        if own:
+            lines.append(f"  baseline ({name}): " + " ".join(f"{k} {v:.4f}" for k, v in own.items()))
+        if per_item:
+            lines.append("  baseline (per-item rate): "
+                         + " ".join(f"{k} {v:.4f}" for k, v in per_item.items()))
+        lines += _loss_against_prior(task, final, own)
+        lines += _auc_against_per_item(final, per_item)
     lines.append(f"  run directory:  {run_dir} (metrics.csv, report.html, TensorBoard)")
     if checkpoint is not None:
         lines.append(f"  resume:         {resume_hint}")

@@ -18,13 +18,19 @@ from hstu.config import RunConfig
 from hstu.training.builder import Built, build_all
 from hstu.training.checkpoint_manager import CheckpointManager
 from hstu.training.distributed import DistEnv
-from hstu.training.evaluate import evaluate, popularity_baseline, prior_baseline
+from hstu.training.evaluate import (
+    evaluate,
+    item_rate_baseline,
+    popularity_baseline,
+    prior_baseline,
+)
 from hstu.training.feed import Feed
 from hstu.training.flops import peak_flops
 from hstu.training.lifecycle import AUTO
 from hstu.training.logger import RunLogger
-from hstu.training.loop import MetricsWindow, Preemption, train_line
+from hstu.training.loop import Eta, MetricsWindow, Preemption, train_line
 from hstu.training.pipeline import build_pipeline
+from hstu.training.report import PER_ITEM
 from hstu.validation import ConfigError
 
 
@@ -116,11 +122,33 @@ class Validation:
 
     def selection_lines(self) -> list[str]:
         """TrainerArgs.best_requires_loss_below_prior: how many evaluations were not eligible,
-        and, when none was, that the selection is the lowest valid loss instead."""
+        and, when none was, that the selection is the lowest valid loss instead; then which
+        step had the highest valid metric and, when it is not the selected one, why."""
         best = self.trainer.checkpoint.best
         if best.loss_limit is None:
             return []
         limit = f"the label prior's {best.loss_limit:.4f}"
+        return [self._eligibility_line(best, limit), *self._top_line(best, limit)]
+
+    def _top_line(self, best: Any, limit: str) -> list[str]:
+        metric = self.args.best_metric
+        if best.top_step < 0:  # a checkpoint of an older version: not tracked
+            return []
+        if best.top_step == best.step:
+            line = (
+                f"[hstu] highest valid {metric}: {best.top_value:.4f} at step {best.top_step} "
+                "(the selected checkpoint)"
+            )
+        else:
+            line = (
+                f"[hstu] highest valid {metric}: {best.top_value:.4f} at step {best.top_step}, "
+                f"not selected: its valid loss {best.top_loss:.4f} is not below {limit} (a "
+                "checkpoint worse than a constant score is never selected; "
+                "TrainerArgs.best_requires_loss_below_prior)"
+            )
+        return [line]
+
+    def _eligibility_line(self, best: Any, limit: str) -> str:
         if best.fallback:
             line = (
                 f"[hstu] WARNING: no evaluation's valid loss was below {limit} "
@@ -133,7 +161,8 @@ class Validation:
                 f"[hstu] best selection: {best.ineligible} evaluation(s) not eligible (valid "
                 f"loss not below {limit})"
             )
-        return [line]
+        return line
+
 
 class Trainer:
     """One run: builds everything, resumes (``self.checkpoint``), trains, reports.
@@ -260,6 +289,7 @@ class Trainer:
         window = MetricsWindow(self.peak, self.env.world_size)
         self.losses = window.losses
         last_eval: dict[str, float] = {}
+        eta = Eta(self.step)
         with Preemption() as preemption, contextlib.closing(feed):
             while self.step < self.max_steps:
                 loss = self.train_step(batches)
@@ -277,7 +307,8 @@ class Trainer:
                 if boundary:
                     metrics = window.summarize(self.optimizer)
                     self.logger.log(self.step, "train", metrics)
-                    say(train_line(self.step, self.max_steps, metrics))
+                    say(train_line(self.step, self.max_steps, metrics,
+                                   eta.seconds(self.step, self.max_steps)))
                 if self.validation.due(self.step):
                     last_eval, stop = self.validation.run(self.step, self.pipeline, window, say)
                     if stop:
@@ -343,6 +374,23 @@ class Trainer:
             self.logger.log(self.step, "baseline", baseline)
             kind = "popularity" if self.cfg.task == "retrieval" else "label-prior"
             self.logger.print(f"[hstu] {kind} baseline (same protocol): {_metrics_text(baseline)}")
+        # ranking: a non-sequential floor with an AUC (the prior's is 0.5 by construction):
+        # each candidate scored with its item's training label rate; rows per_item/<metric>
+        per_item = item_rate_baseline(
+            self.built.train_loader,
+            self.built.test_loader or self.built.eval_loader,
+            self.cfg,
+            env,
+            args.max_eval_iters,
+        )
+        if per_item is not None:
+            named = {f"{PER_ITEM}{k}": v for k, v in per_item.items()}
+            self.logger.log(self.step, "baseline", named)
+            self.logger.print(
+                "[hstu] per-item baseline (each candidate scored with its item's training label "
+                f"rate; same candidates): {_metrics_text(per_item)}"
+            )
+            baseline = {**(baseline or {}), **named}
         self._report(last_eval, baseline)
         return last_eval
 

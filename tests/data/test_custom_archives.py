@@ -111,3 +111,30 @@ def test_training_reads_the_user_item_time_aliases(tmp_path) -> None:
             output_name="v",
             force=True,
         )
+
+
+def test_movielens_own_column_names_are_read(tmp_path) -> None:
+    """A MovieLens ratings.csv (``userId,movieId,rating,timestamp``) as it comes, with only the
+    rating named as the action: ``userId`` / ``movieId`` are default aliases, ``timestamp``
+    the default, half-star ratings one class each."""
+    raw = tmp_path / "ratings.csv"
+    raw.write_text(
+        "userId,movieId,rating,timestamp\n1,31,2.5,1260759144\n1,1029,3.0,1260759179\n"
+        "1,1061,3.0,1260759182\n2,10,4.0,835355493\n2,17,5.0,835355681\n"
+    )
+    preprocess("custom", None, tmp_path / "out", custom=CustomDataArgs(
+        path=str(raw), action_column="rating"), verbose=False, output_name="ml")  # fmt: skip
+    rows = pq.read_table(tmp_path / "out" / "ml" / "sequences.parquet").to_pylist()
+    items = pq.read_table(tmp_path / "out" / "ml" / "item_map.parquet").to_pydict()
+    raw_of = dict(zip(items["item_id"], items["raw_item_id"]))
+    assert [(r["raw_user_id"], [raw_of[i] for i in r["item_ids"]]) for r in rows] == [
+        (1, [31, 1029, 1061]),
+        (2, [10, 17]),
+    ]
+    assert [r["actions"] for r in rows] == [[0, 1, 1], [2, 3]]  # 2.5, 3.0, 4.0, 5.0
+    # serving reads the same names (one definition, hstu.columns)
+    from hstu.columns import pick_column
+
+    have = ["userId", "movieId", "rating", "timestamp"]
+    assert [pick_column(r, have) for r in ("user", "item", "timestamp")] == [
+        "userId", "movieId", "timestamp"]

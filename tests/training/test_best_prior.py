@@ -1,6 +1,7 @@
 """TrainerArgs.best_requires_loss_below_prior in a real (tiny) ranking run: the selected
 checkpoint is the best AUC among the evaluations whose validation loss beats the label prior's,
-or, when none does, the one with the lowest validation loss."""
+or, when none does, the one with the lowest validation loss; the summary says where the highest
+AUC was and why it was not taken, and gives the per-item baseline beside the model's AUC."""
 
 from __future__ import annotations
 
@@ -25,11 +26,19 @@ def _run(rank: int, world_size: int, tmp: str, tag: str, params: list[str]) -> N
         ],
     )
     try:
+        printed: list[str] = []
+        shown = trainer.logger.print
+
+        def record(message: str) -> None:  # what the console gets (no tty: no progress bar)
+            printed.append(message)
+            shown(message)
+
+        trainer.logger.print = record
         trainer.train()
         best = trainer.checkpoint.best
         torch.save(
             {"limit": best.loss_limit, "step": best.step, "fallback": best.fallback,
-             "ineligible": best.ineligible},
+             "ineligible": best.ineligible, "printed": printed},
             os.path.join(tmp, f"{tag}.pt"),
         )
     finally:
@@ -66,3 +75,25 @@ def test_selected_step_respects_the_label_prior(tmp_path) -> None:
     # (here no evaluation beats the prior on this signal-free synthetic data: the lowest loss
     # is selected; the eligible case is in tests/training/test_lifecycle.py)
     assert expected != max(evals, key=lambda s: (evals[s]["AUC"], -s)), evals
+    # the summary says which step had the highest valid AUC and why it was not taken
+    top = max(evals, key=lambda s: (evals[s]["AUC"], -s))
+    printed = out["printed"]
+    why = (
+        f"highest valid AUC: {evals[top]['AUC']:.4f} at step {top}, not selected: its valid "
+        f"loss {evals[top]['loss']:.4f} is not below the label prior's {limit:.4f}"
+    )
+    assert any(line.startswith("[hstu] " + why) for line in printed), printed
+    assert any(line.startswith("  selection:      " + why) for line in printed), printed
+    # evaluations print as docs/training.md shows them
+    assert any(line.startswith("valid @ step 2: loss ") for line in printed), printed
+    # beside the label prior (AUC 0.5 by construction), the per-item baseline's AUC and
+    # loss: printed, in the summary next to the model's AUC, and in metrics.csv
+    with open(os.path.join(tmp, "run", "metrics.csv"), newline="") as fh:
+        rows = {r["name"]: float(r["value"]) for r in csv.DictReader(fh) if r["split"] == "baseline"}
+    assert set(rows) == {"loss", "AUC", "per_item/loss", "per_item/AUC"}
+    assert rows["AUC"] == 0.5 and 0.0 < rows["per_item/AUC"] < 1.0 and rows["per_item/AUC"] != 0.5
+    printed = out["printed"]
+    line = [ln for ln in printed if ln.startswith("[hstu] per-item baseline")]
+    assert len(line) == 1 and f"AUC {rows['per_item/AUC']:.4f}" in line[0]
+    assert f"  baseline (per-item rate): loss {rows['per_item/loss']:.4f} AUC {rows['per_item/AUC']:.4f}" in printed
+    assert any(ln.startswith("  AUC vs per-item: ") for ln in printed), printed

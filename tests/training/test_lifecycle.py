@@ -415,3 +415,22 @@ def test_checksums_are_taken_while_writing_and_still_catch_damage(tmp_path):
     (no file read back: the read-back helper fails the test), equal to the files' own; a
     flipped byte in a table shard is still named at load."""
     run_multiprocess(_body_checksums_while_writing, world_size=2, tmp=str(tmp_path))
+
+
+def test_best_tracker_keeps_the_highest_metric_of_any_evaluation():
+    """The summary's "highest valid AUC ... not selected: ..." line reads these."""
+    from hstu.training.lifecycle import BestTracker
+
+    best = BestTracker("AUC", loss_limit=1.0)
+    best.update({"AUC": 0.60, "loss": 0.9}, 10)
+    best.update({"AUC": 0.70, "loss": 1.2}, 20)  # the highest, not eligible
+    best.update({"AUC": 0.65, "loss": 0.95}, 30)
+    assert (best.step, best.value) == (30, 0.65)
+    assert (best.top_step, best.top_value, best.top_loss) == (20, 0.70, 1.2)
+    restored = BestTracker("AUC", loss_limit=1.0)
+    restored.load_state_dict(best.state_dict())  # kept over a resume
+    assert (restored.top_step, restored.top_value) == (20, 0.70)
+    plain = BestTracker("AUC")
+    for auc, step in ((0.6, 1), (0.7, 2), (0.65, 3)):
+        plain.update({"AUC": auc}, step)  # no loss in the metrics: NaN
+    assert (plain.top_step, plain.step) == (2, 2) and plain.top_loss != plain.top_loss

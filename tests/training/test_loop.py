@@ -48,3 +48,18 @@ def test_a_non_finite_loss_stops_naming_its_step(one_process_group) -> None:
     window.record(torch.tensor(float("nan")), None, tokens=1, flops=0.0)
     with pytest.raises(FloatingPointError, match="step 8: loss is nan"):
         window.flush(8)
+
+
+def test_the_eta_is_the_measured_time_per_step_times_the_steps_left(monkeypatch) -> None:
+    from hstu.training import loop
+
+    clock = iter([100.0, 130.0, 190.0])  # start; after 10 steps (30 s); after 20 (90 s)
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+    eta = loop.Eta(first_step=40)  # resumed at step 40: counts from there
+    assert eta.seconds(40, 200) is None
+    assert eta.seconds(50, 200) == pytest.approx(30 / 10 * 150)
+    assert eta.seconds(60, 200) == pytest.approx(90 / 20 * 140)
+    metrics = {"loss": 1.0, "lr": 1e-3, "tokens_per_s": 1000.0, "tflops": 0.0, "mfu": 0.0}
+    assert loop.train_line(60, 200, metrics, 630.0).endswith(" MFU 0.00% eta 10 min 30 s")
+    assert loop.train_line(200, 200, metrics, 0.0).endswith("MFU 0.00%")  # the last step: none
+    assert [loop.format_eta(s) for s in (44.6, 60, 3725)] == ["45 s", "1 min 00 s", "1 h 02 min"]

@@ -78,7 +78,8 @@ def test_json_lines_string_ids_float_ratings_raw_to_trained_ranking(tmp_path):
     assert "[hstu] ranking on reviews:" in run.stdout and "41 items" in run.stdout
     rows = _rows(tmp_path / "run")
     assert any(r["split"] == "eval" and r["name"] == "AUC" for r in rows)
-    assert {r["name"] for r in rows if r["split"] == "baseline"} == {"loss", "AUC"}
+    assert {r["name"] for r in rows if r["split"] == "baseline"} == {
+        "loss", "AUC", "per_item/loss", "per_item/AUC"}
 
 
 def test_csv_string_ids_raw_to_trained_retrieval(tmp_path):
