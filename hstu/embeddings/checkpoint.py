@@ -70,11 +70,8 @@ def embedding_state_dict(model: nn.Module) -> dict[str, Any]:
                     state[f"{prefix}optim.{key}.{name}"] = value
         for table, weight, opt in _dense_optimizers(emb):
             st = opt.state[weight]
-            if "step" in st:
-                state[f"{prefix}dense_optim.{table}.step"] = st["step"]
-            for seg in st.get("segments", {}).values():
-                for name, value in seg.items():
-                    state[f"{prefix}dense_optim.{table}.{name}"] = value
+            for name, value in st.items():
+                state[f"{prefix}dense_optim.{table}.{name}"] = value
         for key, value in emb.remappers.state_dict().items():
             state[f"{prefix}remappers.{key}"] = value
     return state
@@ -104,11 +101,8 @@ def load_embedding_state_dict(model: nn.Module, state: dict[str, Any]) -> None:
             fused.load_state_dict(current)
         for table, weight, opt in _dense_optimizers(emb):
             st = opt.state[weight]
-            if "step" in st:
-                st["step"].copy_(state[f"{prefix}dense_optim.{table}.step"])
-            for seg in st.get("segments", {}).values():
-                for name, value in seg.items():
-                    value.copy_(state[f"{prefix}dense_optim.{table}.{name}"])
+            for name, value in st.items():
+                value.copy_(state[f"{prefix}dense_optim.{table}.{name}"])
         remap_state = {
             k[len(prefix) + 10 :]: v
             for k, v in state.items()

@@ -5,6 +5,7 @@ Legend: B samples, T = sum(lengths) elements, lengths int64 [B], offsets int64 [
 ``total`` (T) is passed in, from a shape or the batch's host-side sizes
 (:class:`hstu.data.batch.BatchSizes`): reading it from the lengths, or letting
 ``repeat_interleave`` size its output, would make the host wait for the device on CUDA.
+Torch only, not fbgemm's equivalents: ``hstu.gpu_check`` loads the dense block without fbgemm.
 """
 
 from __future__ import annotations

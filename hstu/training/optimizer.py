@@ -484,12 +484,8 @@ class _ReplicatedRows:
         self.taken = self.restored = 0
 
     def _tensors(self) -> list[torch.Tensor]:
-        out = [self.weight.data]
-        for seg in self.state.get("segments", {}).values():
-            out.extend(seg.values())
-        if "step" in self.state and not self.host_step:
-            out.append(self.state["step"])
-        return out
+        return [self.weight.data] + [
+            v for k, v in self.state.items() if k != "step" or not self.host_step]
 
     @torch.no_grad()
     def take(self) -> None:
