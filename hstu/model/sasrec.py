@@ -212,6 +212,26 @@ def build_sasrec_block(network_args: Any) -> SASRecBlock:
     )
 
 
+def sasrec_step_flops(seqlens: Tensor, network_args: Any) -> float:
+    """Forward + backward FLOPs of the SASRec block for one batch, counting each sample's real
+    tokens (seqlens [B]) as the HSTU count does (padding not counted). Per layer, forward:
+    2·T·D·3Hd (Q/K/V) + 2·T·Hd·D (W_o) + 4·Hd·P (Q Kᵀ and A V over the P = n(n+1)/2 causal
+    pairs of each sample) + the feed-forward network (2·T·D·I·(3 with SwiGLU, else 2), I its
+    inner width) + 2·2·T·D·D for the two residual gates. Backward is twice the forward."""
+    n = network_args
+    d_model, hd = n.hidden_size, n.num_attention_heads * n.kv_channels
+    inner = getattr(n, "sasrec_ffn_multiplier", 4) * d_model
+    swiglu = getattr(n, "sasrec_ffn_activation", "swiglu") == "swiglu"
+    tokens = float(seqlens.sum())
+    pairs = float((seqlens.double() * (seqlens.double() + 1) / 2).sum())
+    per_layer = (
+        2 * tokens * d_model * 3 * hd + 2 * tokens * hd * d_model + 4 * hd * pairs
+        + 2 * tokens * d_model * inner * (3 if swiglu else 2)
+        + (4 * tokens * d_model * d_model if getattr(n, "sasrec_gated_residual", True) else 0.0)
+    )
+    return 3.0 * n.num_layers * per_layer
+
+
 # ------------------------------------------------------------------------------ serving
 
 
@@ -338,4 +358,5 @@ __all__ = [
     "SASRecLayer",
     "build_sasrec_block",
     "inference_config",
+    "sasrec_step_flops",
 ]

@@ -304,3 +304,27 @@ def test_sasrec_ranking_and_tensor_parallel_are_refused(capsys) -> None:
                           "--gin-param", 'NetworkArgs.architecture="sasrec"',
                           "--gin-param", "TensorModelParallelArgs.tensor_model_parallel_size=2")
     assert code == 2 and "tensor_model_parallel_size: 2: NetworkArgs.architecture=\"sasrec\"" in err, err
+
+
+# ------------------------------------------------------------------ FLOPs
+
+
+@pytest.mark.parametrize("ffn,gated", [("swiglu", True), ("gelu", False)])
+def test_step_flops_count_the_blocks_matmuls(ffn: str, gated: bool) -> None:
+    """sasrec_step_flops (what the step log's TFLOP/s and MFU read) against torch's FLOP
+    counter on the block's forward, samples at full width (no padding): the projections and
+    the feed-forward network exactly; the attention as causal pairs (the counter either skips
+    the CPU SDPA op or counts it over the full square)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hstu.model.sasrec import sasrec_step_flops
+
+    net = _network(num_layers=2, sasrec_ffn_activation=ffn, sasrec_gated_residual=gated, sasrec_ffn_multiplier=3)
+    block = SASRecBlock(2, 16, 2, 8, ffn_activation=ffn, gated_residual=gated, ffn_multiplier=3).eval()
+    bsz, width = 3, 10
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        block(torch.randn(bsz * width, 16), torch.arange(bsz + 1) * width, width)
+    ours = sasrec_step_flops(torch.full((bsz,), width), net) / 3  # the forward
+    causal = 2 * 4 * 16 * bsz * width * (width + 1) / 2  # layers x 4·Hd x pairs
+    square = 2 * 4 * 16 * bsz * width * width
+    assert counter.get_total_flops() in (ours - causal, ours - causal + square), (counter.get_total_flops(), ours)
