@@ -516,8 +516,14 @@ class NetworkArgs:
     """Bias on the output projection W_o (the research model has one)."""
     use_position_embedding: bool = True
     """Add the learned absolute position embedding to the input tokens."""
-    architecture: Literal["hstu", "mlp_baseline"] = "hstu"
-    """hstu, or (ranking only) a non-sequential MLP over the user's contextual and the candidate's item embeddings, for comparison."""
+    architecture: Literal["hstu", "sasrec", "mlp_baseline"] = "hstu"
+    """hstu; sasrec (retrieval only): SASRec's causal softmax self-attention in place of the HSTU block (num_layers, hidden_size, num_attention_heads x kv_channels, hidden_dropout, norm_epsilon, num_position_buckets, use_position_embedding and the sasrec_* fields; docs/model.md "SASRec"); or (ranking only) a non-sequential MLP over the user's contextual and the candidate's item embeddings, for comparison."""
+    sasrec_ffn_activation: Literal["swiglu", "gelu", "relu"] = "swiglu"
+    """architecture="sasrec": the feed-forward network, SwiGLU without biases (eSASRec's LiGR layer) or GELU / ReLU with biases (the original SASRec's ReLU)."""
+    sasrec_ffn_multiplier: int = 4
+    """architecture="sasrec": the feed-forward inner width as a multiple of hidden_size."""
+    sasrec_gated_residual: bool = True
+    """architecture="sasrec": each residual branch scaled by sigmoid(W x + b) of the layer's input (eSASRec's LiGR layer); False: plain residuals."""
     sequence_layout: Literal["jagged", "padded"] = "jagged"
     """jagged (each sample's real tokens only) or padded (every sample padded to the longest sequence the data allows, as padded trainers do; same results, for comparison; needs is_causal)."""
     compile: bool = False
@@ -541,7 +547,7 @@ class NetworkArgs:
         )
         _positive(
             self, "num_layers", "hidden_size", "num_attention_heads", "kv_channels",
-            "norm_epsilon", "target_group_size", "num_position_buckets",
+            "norm_epsilon", "target_group_size", "num_position_buckets", "sasrec_ffn_multiplier",
         )
         _require(
             0.0 <= self.hidden_dropout < 1.0,

@@ -190,6 +190,11 @@ def check_parallel(network: Any, tp: Any, world_size: int | None = None) -> None
     """Heads split evenly over the TP group (``network``: NetworkArgs, ``tp``:
     TensorModelParallelArgs); the TP group divides the world."""
     size = tp.tensor_model_parallel_size
+    if network.architecture == "sasrec" and size > 1:
+        raise ConfigError(
+            "TensorModelParallelArgs", "tensor_model_parallel_size",
+            f'{size}: NetworkArgs.architecture="sasrec" runs one process per model replica (1)',
+        )
     if network.compile and size > 1:
         raise ConfigError(
             "NetworkArgs", "compile",
@@ -231,12 +236,33 @@ def check_batch_tokens(trainer: Any, dataset: Any, task: str) -> None:
 
 
 def check_architecture(network: Any, task: str) -> None:
-    """The MLP baseline is a ranking model."""
+    """The MLP baseline is a ranking model; SASRec a retrieval one, without the HSTU block's
+    options it would otherwise ignore."""
     if network.architecture == "mlp_baseline" and task != "ranking":
         raise ConfigError(
             "NetworkArgs", "architecture",
             "mlp_baseline is a ranking baseline; retrieval needs hstu",
         )
+    if network.architecture != "sasrec":
+        return
+    if task != "retrieval":
+        raise ConfigError(
+            "NetworkArgs", "architecture",
+            "sasrec is a retrieval model (no candidate masking for ranking); ranking needs hstu",
+        )
+    hstu_only = {
+        "relative_attention_bias": network.relative_attention_bias,
+        "max_attn_len": network.max_attn_len,
+        "attn_truncation_layers": network.attn_truncation_layers,
+        "compile": network.compile,
+    }
+    for name, value in hstu_only.items():
+        if value:
+            raise ConfigError(
+                "NetworkArgs", name,
+                f"{value!r} is an option of the HSTU block; architecture=\"sasrec\" has none "
+                "(leave it at its default)",
+            )
 
 
 def check_truncation(network: Any, dataset: Any, task: str) -> None:

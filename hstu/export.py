@@ -277,8 +277,8 @@ def load_for_export(ckpt_arg: str, gin_file: str | None, params: list[str], log:
     from hstu.data.sizes import resolve_sizes
 
     cfg = resolve_sizes(cfg)  # "auto" sizes from the dataset, as the entry points do
-    if cfg.network.architecture != "hstu":
-        raise ExportError(f"NetworkArgs.architecture={cfg.network.architecture!r}: only HSTU models export")
+    if cfg.network.architecture not in ("hstu", "sasrec"):
+        raise ExportError(f"NetworkArgs.architecture={cfg.network.architecture!r}: only HSTU and SASRec models export")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         os.environ.pop(key, None)
     env = init_distributed(1)
@@ -445,14 +445,23 @@ def export(ckpt: str, out: str, gin_file: str | None = None, params: list[str] =
         log(f"[export] {cfg.task} checkpoint {ckpt_dir} (step {meta['step']}, saved on "
             f"{meta.get('world_size')} process(es), TP {meta.get('tp_size', 1)}); configuration from {source}")
         info = built.info
-        icfg = inference_config(model, cfg, info)
+        if cfg.network.architecture == "sasrec":  # its own padded module (hstu.model.sasrec)
+            from hstu.model import sasrec
+
+            try:
+                icfg = sasrec.inference_config(model, cfg, info)
+            except ValueError as exc:
+                raise ExportError(str(exc)) from None
+            inference_cls: Any = sasrec.SASRecInference
+        else:
+            icfg, inference_cls = inference_config(model, cfg, info), InferenceHSTU
         keys = list(_first_eval_batch(built).features.keys())
         features = [icfg["item_feature_name"], *icfg["contextual_feature_names"]]
         if icfg["has_action"]:
             features.append(icfg["action_feature_name"])
         tables = gather_tables(model, features, keys)
         icfg["feature_dims"] = {name: int(t["vectors"].shape[1]) for name, t in tables.items()}
-        inference = InferenceHSTU(icfg)
+        inference = inference_cls(icfg)
         inference.load_state_dict(
             {k: v.float() for k, v in model.dense_module.state_dict().items() if not k.endswith("_extra_state")}
         )

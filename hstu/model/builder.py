@@ -51,10 +51,17 @@ def build_block(
     max_seqlen: int,
     variant: dict[str, Any] | None = None,
     tp_group: ProcessGroup | None = None,
-) -> HSTUBlock:
+) -> nn.Module:
     """HSTUBlock from NetworkArgs; ``max_seqlen`` is the longest token sequence (the relative
     attention bias' position range); ``variant``: LayerOptions fields to override (e.g.
-    :func:`research_options`)."""
+    :func:`research_options`). ``NetworkArgs.architecture = "sasrec"``: a
+    :class:`hstu.model.sasrec.SASRecBlock` instead (same contract; one process per TP group)."""
+    if getattr(network_args, "architecture", "hstu") == "sasrec":
+        if tp_group is not None or variant:
+            raise ValueError('NetworkArgs.architecture="sasrec" has no tensor-parallel or research variant')
+        from hstu.model.sasrec import build_sasrec_block
+
+        return build_sasrec_block(network_args)
     options = LayerOptions.from_network_args(
         network_args, rab_num_positions=max_seqlen, **(variant or {})
     )

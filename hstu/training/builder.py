@@ -115,7 +115,7 @@ def data_notes(info: DataInfo) -> list[str]:
 def negative_sampler(cfg: RunConfig, info: DataInfo, device: torch.device) -> NegativeSampler | None:
     """Retrieval with uniform, mixed or full-corpus negatives: what the batches carry (the
     index's transpose only for the CPU score kernel, the one that reads it)."""
-    if cfg.task != "retrieval" or cfg.network.architecture != "hstu":
+    if cfg.task != "retrieval" or cfg.network.architecture == "mlp_baseline":
         return None
     r = cfg.retrieval
     mode = NEGATIVE_SAMPLING[r.negative_sampling].draw(r.num_negatives)

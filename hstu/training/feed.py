@@ -118,6 +118,10 @@ class Feed:
         if batch.action_feature_name is not None:
             seqlens += batch.features[batch.action_feature_name].lengths()
         n = self.network
+        if n.architecture == "sasrec":
+            from hstu.model.sasrec import sasrec_step_flops
+
+            return BatchCost(int(seqlens.sum()), sasrec_step_flops(seqlens, n), samples)
         if n.architecture != "hstu":  # the MLP baseline: no HSTU FLOPs to count
             return BatchCost(int(seqlens.sum()), 0.0, samples)
         flops = hstu_step_flops(
