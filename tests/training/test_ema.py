@@ -277,8 +277,8 @@ def test_dynamic_tables_are_refused_in_one_line() -> None:
 # ---------------------------------------------- lazy rows of fused tables == the eager average
 def _lazy_vs_eager(rank: int, world_size: int, tmp: str, joint: bool) -> None:
     from hstu.args import EmbeddingArgs
-    from hstu.training import ema as ema_module
     from hstu.embeddings import embedding_state_dict
+    from hstu.training import ema as ema_module
     from tests.embeddings.common import build, kjt, optimizer, train_step
 
     tbls = [
