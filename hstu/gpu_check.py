@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 import traceback
-import types
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -135,31 +134,15 @@ def _peak(dtype_str: str) -> tuple[float, str]:
     return peak_flops(torch.device("cuda"), dtype_str)
 
 
-def import_dense_block() -> tuple[type, str]:
-    """HSTUBlock, and a note when it had to be loaded without ``hstu.model``'s __init__.
-
-    hstu/model/__init__.py imports the ranking / retrieval models, hence torchrec, gin and
-    fbgemm; the block itself (hstu_block, hstu_layer, jagged, tensor_parallel) needs torch
-    only, and megatron-core only with a TP group. Without those packages the submodules are
-    loaded under a bare ``hstu.model`` package object, so __init__ does not run.
-    """
+def import_dense_block() -> type:
+    """HSTUBlock: its modules (hstu_block, hstu_layer, jagged, tensor_parallel) need torch
+    only, and megatron-core only with a TP group (hstu.model's __init__ loads nothing)."""
     try:
         from hstu.model.hstu_block import HSTUBlock
-
-        return HSTUBlock, ""
-    except ModuleNotFoundError as exc:
-        missing = (exc.name or "?").split(".")[0]
-    package = types.ModuleType("hstu.model")
-    package.__path__ = [str(_repo_root() / "hstu" / "model")]
-    package.__package__ = "hstu.model"
-    sys.modules["hstu.model"] = package
-    try:
-        module = importlib.import_module("hstu.model.hstu_block")
     except ModuleNotFoundError as exc:
         hint = "carry its wheel (docs/kernels.md, 'GPU check')"
         raise SkipPart(f"the dense HSTU block needs {exc.name}, absent here; {hint}") from exc
-    note = f"hstu.model's __init__ needs {missing} (absent): block modules loaded directly"
-    return module.HSTUBlock, note
+    return HSTUBlock
 
 
 def _jagged_batch(
@@ -377,9 +360,7 @@ def _block_batch(lengths: list[int], num_targets: list[int] | None) -> dict[str,
 def check_block_throughput(result: CheckResult) -> None:
     from hstu.training.flops import hstu_step_flops
 
-    block_cls, note = import_dense_block()
-    if note:
-        result.row("import", note, None)
+    block_cls = import_dense_block()
     peak, source = _peak("bfloat16")
     block = _build_block(block_cls)
     for length in (512, 2048):
@@ -406,9 +387,7 @@ SYNC_FREE_STEPS = 20
 
 
 def check_sync_free_steps(result: CheckResult) -> None:
-    block_cls, note = import_dense_block()
-    if note:
-        result.row("import", note, None)
+    block_cls = import_dense_block()
     block = _build_block(block_cls)
     optimizer = torch.optim.AdamW(block.parameters(), lr=1e-4, fused=True)
     gen = torch.Generator().manual_seed(2)

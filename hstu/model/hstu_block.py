@@ -27,7 +27,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from hstu.model.hstu_layer import HSTULayer, LayerOptions
-from hstu.model.jagged import index_within, lengths_to_offsets, positions_within, segment_ids
+from hstu.model.jagged import index_within, lengths_to_offsets, segment_ids
 from hstu.sync_audit import allowed_sync
 
 TRUNCATION_SYNC = (
@@ -115,12 +115,15 @@ class HSTUBlock(nn.Module):
         ``truncated_sizes``: with attention truncation, (sum_b min(n_b, attn_truncation_len),
         max_b C[b]) known on the host (``BatchSizes.truncated_tokens``, from the loader); None
         reads them from the device (one named host sync)."""
-        x = x.to(self.dtype) * math.sqrt(self.hidden_size)
+        index = first_target = None
         if self.position_embedding is not None:
-            pos = positions_within(offsets, num_targets, x.shape[0])
-            pos = pos.clamp(max=self.num_position_buckets - 1)
-            x = x + self.position_embedding(pos)
-        x = self.input_dropout(x)
+            total, lengths = x.shape[0], offsets[1:] - offsets[:-1]
+            index = index_within(lengths, total)
+            if num_targets is not None:
+                first_target = torch.repeat_interleave(
+                    lengths - num_targets, lengths, output_size=total
+                )
+        x = self.embed(x, index, first_target)
         if self.sequence_layout == "padded":
             return self._padded_layers(
                 x, offsets, max_seqlen, num_contextual, num_targets, timestamps, query_timestamps
@@ -137,6 +140,21 @@ class HSTUBlock(nn.Module):
             x, offsets, max_seqlen, num_contextual, num_targets, timestamps, query_timestamps,
             truncated_sizes,
         )
+
+    def embed(
+        self, x: torch.Tensor, index: torch.Tensor | None, first_target: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The layers' input, in every layout: Dropout(x * sqrt(D) + pos_emb[position]) of
+        tokens x [..., D] at ``index`` [...] inside their sample, whose first candidate is at
+        ``first_target`` (broadcast; None: no candidates); position = min(index,
+        first_target), clamped into the table (module docstring). ``index`` is unread (may
+        be None) without a position embedding."""
+        x = x.to(self.dtype) * math.sqrt(self.hidden_size)
+        if self.position_embedding is not None:
+            assert index is not None
+            pos = index if first_target is None else torch.minimum(index, first_target)
+            x = x + self.position_embedding(pos.clamp(max=self.num_position_buckets - 1))
+        return self.input_dropout(x)
 
     def _truncated_layers(
         self,

@@ -435,27 +435,13 @@ class HSTULayer(nn.Module):
         query_timestamps int64 [B]: the next time of each sample's last token (rab time term);
         scaling_seqlen: N when ``attn_scaling_seqlen`` is None (default ``max_seqlen``; the
         block passes its own under attention truncation, so N does not change with it)."""
-        tp = self.tp_group is not None
-        uvqk = norm_linear_silu(
-            x,
-            self.input_norm_weight,
-            self.input_norm_bias,
-            self.uvqk.weight,
-            self.uvqk.bias,
-            self.norm_eps,
-            self.recompute_input_layernorm,
-            self.recompute_input_silu,
-            self.tp_group,
-        )  # [T, 4 * H_r * d]
-        u, v, q, k = uvqk.split(self.local_heads * self.head_dim, dim=-1)
-        shape = (-1, self.local_heads, self.head_dim)
-
+        u, q, k, v = self.project(x)
         if query_timestamps is not None and self.rab_ts_weights is None:
             raise ValueError("query timestamps need the relative attention bias' time term")
         rab = None
         if self.rab_pos_weights is not None:
             pos_w, ts_w = self.rab_pos_weights, self.rab_ts_weights
-            if tp:
+            if self.tp_group is not None:
                 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
                 # shared by all heads, so each rank's heads contribute part of its gradient
@@ -470,9 +456,9 @@ class HSTULayer(nn.Module):
             )
 
         attn = hstu_attention(
-            q.reshape(shape),
-            k.reshape(shape),
-            v.reshape(shape),
+            q,
+            k,
+            v,
             offsets,
             max_seqlen,
             alpha=self.alpha,
@@ -487,11 +473,39 @@ class HSTULayer(nn.Module):
             strict=self.strict_kernel,
             **self._window,
         ).reshape(x.shape[0], -1)  # [T, H_r * d]
+        return self.finish(x, attn, u)
 
-        if self._compiled_tail is not None:
-            return self._compiled_tail(attn, u, x)
+    # The two halves of the layer around the attention, shared by every layout (the jagged
+    # forward above, hstu.serving.model's padded one): a change to the layer math is made here.
+
+    def project(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [..., D] -> u [..., H_r * d] and q, k, v [..., H_r, d]:
+        split(SiLU(LayerNorm(x) W_uvqk + b))."""
+        uvqk = norm_linear_silu(
+            x,
+            self.input_norm_weight,
+            self.input_norm_bias,
+            self.uvqk.weight,
+            self.uvqk.bias,
+            self.norm_eps,
+            self.recompute_input_layernorm,
+            self.recompute_input_silu,
+            self.tp_group,
+        )  # [..., 4 * H_r * d]
+        u, v, q, k = uvqk.split(self.local_heads * self.head_dim, dim=-1)
+        shape = (*x.shape[:-1], self.local_heads, self.head_dim)
+        return u, q.reshape(shape), k.reshape(shape), v.reshape(shape)
+
+    def finish(self, x: torch.Tensor, attn: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """x + Dropout(LayerNorm(attn) * u) W_o [+ b_o]: x [..., D], attn and u
+        [..., H_r * d] -> [..., D]."""
+        if self.tp_group is None:
+            tail = self._tail if self._compiled_tail is None else self._compiled_tail
+            return tail(attn, u, x)
         normed = self._output_norm(attn)
-        if tp and self.training and self.dropout.p > 0:
+        if self.training and self.dropout.p > 0:
             # a sharded activation: each rank masks its own heads from its own stream
             from hstu.model.rng import tensor_parallel_rng
 
@@ -499,10 +513,7 @@ class HSTULayer(nn.Module):
                 y = self.dropout(normed * u)
         else:
             y = self.dropout(normed * u)
-        out = self.output(y)
-        if isinstance(out, tuple):  # Megatron linears return (output, bias)
-            out = out[0]
-        return x + out
+        return x + self.output(y)[0]  # Megatron linears return (output, bias)
 
     def _tail(self, attn: torch.Tensor, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x + W_o Dropout(LayerNorm(attn) * u), one process (what ``compile`` compiles)."""

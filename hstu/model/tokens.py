@@ -14,15 +14,18 @@ Candidates are item tokens only: their actions are the ranking labels.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from hstu.data.batch import Batch, BatchSizes
 from hstu.model.jagged import index_within, lengths_to_offsets, segment_ids
 from hstu.model.tensor_parallel import RowLayout, all_gather_rows, exchange_sizes
+
+if TYPE_CHECKING:  # torchrec: the serving model builds on this module with torch alone
+    from hstu.data.batch import Batch, BatchSizes
 
 
 @dataclass
@@ -123,6 +126,8 @@ def gather_sequence_inputs(
     """All-gathers the TP group's samples (rank order); returns them and where each rank's
     rows sit. ``group_sizes``: every rank's :class:`BatchSizes` (``Batch.tp_sizes``, from
     the loader); without them they are exchanged first (a host read of the device)."""
+    from hstu.data.batch import BatchSizes
+
     if group is None:
         return inputs, GroupLayout.of((inputs.sizes,), 0)
     if group_sizes is None:
@@ -251,13 +256,7 @@ class TokenBuilder(nn.Module):
         item_starts = lengths_to_offsets(inputs.item_lengths)[:-1]
         seg = segment_ids(inputs.item_lengths, num_items)
         idx = index_within(inputs.item_lengths, num_items)
-        hist_of = hist[seg]
-        is_hist = idx < hist_of
-        item_dest = (
-            starts[seg]
-            + num_ctx
-            + torch.where(is_hist, mult * idx, mult * hist_of + (idx - hist_of))
-        )
+        item_dest = starts[seg] + token_slots(idx, hist[seg], num_ctx, mult)
         hist_seg = segment_ids(hist, sizes.num_history_items)
         hist_rows = item_starts[hist_seg] + index_within(hist, sizes.num_history_items)
         cand_seg = segment_ids(cand, sizes.num_candidates)
@@ -273,8 +272,8 @@ class TokenBuilder(nn.Module):
             dests.append(history_dest + 1)
 
         all_dest = torch.cat(dests)
-        order = torch.argsort(all_dest)
-        values = torch.cat([s.to(item_tokens.dtype) for s in sources])[order]
+        num_tokens = all_dest.shape[0]
+        values = place(torch.cat([s.to(item_tokens.dtype) for s in sources]), all_dest, num_tokens)
 
         timestamps = None
         if inputs.timestamps is not None:
@@ -288,7 +287,7 @@ class TokenBuilder(nn.Module):
             ts_parts = [first_ts for _ in range(num_ctx)] + [ts]
             if has_action:
                 ts_parts.append(ts.index_select(0, hist_rows))
-            timestamps = torch.cat(ts_parts)[order]
+            timestamps = place(torch.cat(ts_parts), all_dest, num_tokens)
 
         query_timestamps = None
         if self.query_time:
@@ -310,6 +309,26 @@ class TokenBuilder(nn.Module):
         )
 
 
+def token_slots(
+    item: torch.Tensor, history: torch.Tensor, num_contextual: int, mult: int
+) -> torch.Tensor:
+    """Token slot, inside its sample, of item ``item`` of a sample of ``history`` (H) history
+    items (any broadcastable shapes): X + A*j for history item j (its action token, if any,
+    is the next slot), X + A*H + c for candidate c = j - H (module docstring)."""
+    return num_contextual + torch.where(
+        item < history, mult * item, mult * history + (item - history)
+    )
+
+
+def place(values: torch.Tensor, dest: torch.Tensor, size: int) -> torch.Tensor:
+    """Rows into a token layout: values [..., S, *F] to slots ``dest`` [..., S] of a
+    zero-filled [..., size, *F] (the jagged layout: dest [S]; the padded one: [B, S])."""
+    dim = dest.dim() - 1
+    index = dest.view(*dest.shape, *([1] * (values.dim() - dest.dim()))).expand_as(values)
+    out = values.new_zeros(*values.shape[:dim], size, *values.shape[dim + 1 :])
+    return out.scatter(dim, index, values)
+
+
 def max_token_seqlen(max_item_seqlen: int, num_contextual: int, has_action: bool) -> int:
     """Longest token sequence for samples of at most ``max_item_seqlen`` items (H + C)."""
     return num_contextual + (2 if has_action else 1) * max_item_seqlen
@@ -322,5 +341,7 @@ __all__ = [
     "Tokens",
     "gather_sequence_inputs",
     "max_token_seqlen",
+    "place",
     "sequence_inputs",
+    "token_slots",
 ]

@@ -208,7 +208,8 @@ def dense_mask(
         width: n, the padded width.
         mask_convention: "hstu" | "peer" (the module docstring).
         max_attn_len, min_full_attn_seq_len: the semi-local window (0: full attention).
-        rows, keys: int64 positions of the block's queries and keys (default: all ``width``).
+        rows, keys: int64 positions of the block's queries and keys, [R] (or [b, R] per
+            sample) and [K] (or [b, K]); default: all ``width``.
 
     Returns:
         bool [b, rows, keys] (default [b, n, n]): ``mask[s, r, c]`` says whether query
@@ -222,8 +223,8 @@ def dense_mask(
     pos = torch.arange(width, device=device)
     row_pos = pos if rows is None else rows.to(device)
     key_pos = pos if keys is None else keys.to(device)
-    i = row_pos.view(1, -1, 1)
-    j = key_pos.view(1, 1, -1)
+    i = row_pos.reshape(-1 if row_pos.dim() > 1 else 1, row_pos.shape[-1], 1)
+    j = key_pos.reshape(-1 if key_pos.dim() > 1 else 1, 1, key_pos.shape[-1])
     length = lengths.view(-1, 1, 1)
     valid = (i < length) & (j < length)
     if causal:

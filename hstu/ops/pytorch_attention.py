@@ -284,7 +284,8 @@ def _build_plan(
         rel = buckets = None
         if rab_positions is not None:
             if width not in rel_by_width:
-                rel_by_width[width] = relative_positions(width, rab_positions, device)
+                slots = torch.arange(width, device=device)
+                rel_by_width[width] = relative_positions(slots, slots, rab_positions)
             rel = rel_by_width[width]
         if max_attn_len > 0:
             spec = _band_blocks(
@@ -491,9 +492,7 @@ def _block_indices(
         ).unsqueeze(1)
     rel = buckets = None
     if spec.rab_positions is not None:
-        p = spec.rab_positions
-        rel = (p - 1 + block.key_pos.view(1, -1) - rows.view(-1, 1)).clamp(0, 2 * p - 2)
-        rel = rel.to(torch.int32)
+        rel = relative_positions(rows, block.key_pos, spec.rab_positions).to(torch.int32)
         if spec.timestamps is not None:
             buckets = time_buckets(
                 spec.timestamps, spec.token_index, spec.lengths, slice(block.r0, block.r1),
@@ -602,13 +601,26 @@ class _BlockedAttention(torch.autograd.Function):
 
 def _scores_times_v(
     qb: Tensor, kb: Tensor, vb: Tensor, mask: Tensor, rel: Tensor | None, buckets: Tensor | None,
-    rab: RelativeAttentionBias | None, alpha: float, b: int, h: int, compute_dtype: torch.dtype,
+    rab: RelativeAttentionBias | None, alpha: float, scaling: int, b: int, h: int,
+    compute_dtype: torch.dtype,
 ) -> Tensor:
-    """masked SiLU(alpha q k^T + rab) v for one block of rows: qb [b*h, r, d], kb / vb
-    [b*h, m, d], mask [b, 1, r, m] -> [b*h, r, d] (not yet divided by N)."""
-    r, m = qb.shape[1], kb.shape[1]
+    """:func:`padded_attention` with the bias built from the rab indices ``rel``, ``buckets``."""
+    bias = None
     if rab is not None:
-        bias = bias_from_indices(rab, rel, buckets).to(compute_dtype)
+        bias = bias_from_indices(rab.pos_weights, rab.ts_weights, rel, buckets).to(compute_dtype)
+    return padded_attention(qb, kb, vb, mask, bias, alpha, scaling, b, h)
+
+
+def padded_attention(
+    qb: Tensor, kb: Tensor, vb: Tensor, mask: Tensor, bias: Tensor | None, alpha: float,
+    scaling: int, b: int, h: int,
+) -> Tensor:
+    """(SiLU(alpha q k^T + bias) / N masked) v of b padded samples of h heads, the attention
+    both layouts run (this kernel's chunks, and ``hstu.serving.model``): qb [b*h, r, d], kb /
+    vb [b*h, m, d], mask bool [b, 1, r, m], bias [b or 1, r, m] or None, N = ``scaling`` ->
+    [b*h, r, d]."""
+    r, m = qb.shape[1], kb.shape[1]
+    if bias is not None:
         bias = bias.unsqueeze(1).expand(b, h, r, m).reshape(b * h, r, m)
         scores = torch.baddbmm(bias, qb, kb.transpose(1, 2), alpha=alpha)
     else:
@@ -616,7 +628,8 @@ def _scores_times_v(
         if alpha != 1.0:
             scores = scores * alpha
     weights = torch.where(mask, F.silu(scores.view(b, h, r, m)), 0.0).view(b * h, r, m)
-    return torch.bmm(weights, vb)
+    # 1/N on the [b*h, r, d] output instead of the [b*h, r, m] weights
+    return torch.bmm(weights, vb) / scaling
 
 
 def _recomputed_scores_times_v(*args) -> Tensor:
@@ -684,22 +697,21 @@ def pytorch_hstu_attention(
             chunk_out = _BlockedAttention.apply(
                 qb, kb, vb, None if rab is None else rab.pos_weights,
                 None if rab is None else rab.ts_weights, c.blocked, alpha,
-            )
+            ) / o.scaling_seqlen
         elif c.parts is None:
             chunk_out = scores_times_v(
-                qb, kb, vb, c.mask, c.rel, c.buckets, rab, alpha, b, h, compute_dtype
+                qb, kb, vb, c.mask, c.rel, c.buckets, rab, alpha, o.scaling_seqlen, b, h,
+                compute_dtype,
             )
         else:
             chunk_out = torch.cat(
                 [
                     scores_times_v(qb[:, rows_], kb[:, keys_], vb[:, keys_], mask, rel, buckets,
-                                   rab, alpha, b, h, compute_dtype)
+                                   rab, alpha, o.scaling_seqlen, b, h, compute_dtype)
                     for rows_, keys_, mask, rel, buckets in c.parts
                 ],
                 dim=1,
             )
-        # 1/N on the [b*h, n, d] output instead of the [b*h, n, n] weights
-        chunk_out = chunk_out / o.scaling_seqlen
         chunk_out = chunk_out.view(b, h, n, -1).transpose(1, 2).reshape(b * n, h, -1)
         pieces.append(chunk_out.index_select(0, c.valid_index))
         ids.append(c.rows)

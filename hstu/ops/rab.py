@@ -89,12 +89,26 @@ def time_bucket(delta: Tensor) -> Tensor:
     return bucket.clamp(0, NUM_TIME_BUCKETS - 1)
 
 
-def relative_positions(width: int, num_positions: int, device: torch.device) -> Tensor:
-    """int64 [n, n]: row of ``pos_weights`` for query i, key j (P - 1 + j - i, clamped)."""
-    pos = torch.arange(width, device=device)
-    return (num_positions - 1 + pos.view(1, width) - pos.view(width, 1)).clamp(
+def relative_positions(rows: Tensor, keys: Tensor, num_positions: int) -> Tensor:
+    """int64 [..., R, K]: row of ``pos_weights`` for query token ``rows`` [R] (or [b, R]) and
+    key token ``keys`` [K] (P - 1 + j - i, clamped)."""
+    return (num_positions - 1 + keys.unsqueeze(-2) - rows.unsqueeze(-1)).clamp(
         0, 2 * num_positions - 2
     )
+
+
+def next_timestamps(
+    ts: Tensor, lengths: Tensor, query_timestamps: Tensor | None = None
+) -> Tensor:
+    """t_next [b, n] of padded timestamps ``ts`` [b, n]: t[i + 1], and for a sample's last
+    token (``lengths`` [b] tokens) its query time ``query_timestamps`` [b] when given, else
+    its own."""
+    pos = torch.arange(ts.shape[1], device=ts.device).view(1, -1)
+    last = (lengths.view(-1, 1) - 1).clamp(min=0)
+    ts_next = torch.gather(ts, 1, torch.minimum(pos + 1, last))
+    if query_timestamps is not None:
+        ts_next = torch.where(pos == last, query_timestamps.view(-1, 1), ts_next)
+    return ts_next
 
 
 # CPU: the buckets are built a few samples at a time in reused scratch (each op in place, the
@@ -114,15 +128,8 @@ def time_buckets(
     / ``keys`` (a slice, or int64 key slots) only that block of it ([b, len(rows),
     len(keys)], the same values).
     ``query_timestamps`` int64 [b]: the group's query times, the last token's t_next."""
-    width = token_index.shape[1]
-    pos = torch.arange(width, device=token_index.device)
     ts = timestamps[token_index]
-    last = (lengths.view(-1, 1) - 1).clamp(min=0)
-    next_slot = torch.minimum(pos.view(1, width) + 1, last)
-    ts_next = torch.gather(ts, 1, next_slot)
-    if query_timestamps is not None:
-        ts_next = torch.where(pos.view(1, width) == last, query_timestamps.view(-1, 1), ts_next)
-    ts_next = ts_next[:, rows]
+    ts_next = next_timestamps(ts, lengths, query_timestamps)[:, rows]
     ts = ts[:, keys]
     if ts.device.type != "cpu":
         return time_bucket(ts_next.unsqueeze(2) - ts.unsqueeze(1))
@@ -144,14 +151,17 @@ def time_buckets(
 
 
 def bias_from_indices(
-    rab: RelativeAttentionBias, rel: Tensor, buckets: Tensor | None
+    pos_weights: Tensor, ts_weights: Tensor | None, rel: Tensor, buckets: Tensor | None
 ) -> Tensor:
     """The bias from precomputed indices (:func:`relative_positions`, :func:`time_buckets`):
-    float [b, n, n] (or [1, n, n] when position-only); differentiable w.r.t. both tables."""
-    bias = table_lookup(rab.pos_weights, rel).unsqueeze(0)
-    if rab.ts_weights is not None:
+    float [b, R, K] (or [1, R, K] when position-only and ``rel`` is [R, K]); differentiable
+    w.r.t. both tables."""
+    bias = table_lookup(pos_weights, rel)
+    if bias.dim() == 2:
+        bias = bias.unsqueeze(0)
+    if ts_weights is not None:
         assert buckets is not None
-        bias = bias + table_lookup(rab.ts_weights, buckets)
+        bias = bias + table_lookup(ts_weights, buckets)
     return bias
 
 
@@ -177,6 +187,8 @@ class _TableLookup(torch.autograd.Function):
 
 def table_lookup(table: Tensor, index: Tensor) -> Tensor:
     """1-D ``table`` at int64 ``index`` (any shape), differentiable w.r.t. the table."""
+    if not (torch.is_grad_enabled() and table.requires_grad):  # inference, export: plain op
+        return table.index_select(0, index.reshape(-1)).view(index.shape)
     return _TableLookup.apply(table, index)
 
 
@@ -193,11 +205,12 @@ def padded_bias(rab: RelativeAttentionBias, token_index: Tensor, lengths: Tensor
         float [b, n, n] (or [1, n, n] when position-only): bias[s, i, j]; values at padded
         rows/columns are finite but meaningless (callers mask them).
     """
-    rel = relative_positions(token_index.shape[1], rab.max_positions, token_index.device)
+    slots = torch.arange(token_index.shape[1], device=token_index.device)
+    rel = relative_positions(slots, slots, rab.max_positions)
     buckets = None
     if rab.ts_weights is not None:
         assert rab.timestamps is not None
         buckets = time_buckets(
             rab.timestamps, token_index, lengths, query_timestamps=rab.query_timestamps
         )
-    return bias_from_indices(rab, rel, buckets)
+    return bias_from_indices(rab.pos_weights, rab.ts_weights, rel, buckets)

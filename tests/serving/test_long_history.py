@@ -111,7 +111,7 @@ def test_cached_history_refuses_truncation() -> None:
 
 
 def test_bad_truncation_in_a_config_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"attn_truncation_layers=2 needs 0 < it < num_layers=2"):
+    with pytest.raises(ValueError, match=r"attn_truncation_layers must be in \(0, num_layers=2\), got 2"):
         InferenceHSTU(_cfg(attn_truncation_layers=2, attn_truncation_len=4))
     with pytest.raises(ValueError, match=r"min_full_attn_seq_len=3 needs max_attn_len > 0"):
         InferenceHSTU(_cfg(min_full_attn_seq_len=3))
