@@ -34,7 +34,7 @@ import torch
 from hstu.config import RunConfig
 from hstu.data.loader import Samples, SequenceLoader
 from hstu.data.store import SequenceStore
-from hstu.data.stream import StreamPosition, Window, load_stream, make_source, save_stream
+from hstu.data.stream import StreamPosition, load_stream, make_source, save_stream
 from hstu.data.stream.core import ITEM_IDS_FILE, STATE_FILE, USER_IDS_FILE, write_json_atomic
 from hstu.data.user_store import Sequences, UserStore
 from hstu.training.distributed import DistEnv
