@@ -5,7 +5,7 @@ A small synthetic dataset is replayed in windows of N events (StreamArgs.replay_
 equal an evaluation of the checkpoint written after window k - 1); only the window's events
 are targets; exact resume (a run stopped at a window boundary, or killed with SIGKILL, and
 resumed equals the uninterrupted run bitwise: weights, tables, optimizer, id maps, user store,
-metrics rows).
+metrics rows). The runs take 20-30 s each: all but the sample checks are in the slow tier.
 """
 
 from __future__ import annotations
@@ -195,6 +195,7 @@ def full(data, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_stream_rows_per_window(full, data):
     from hstu.data.store import SequenceStore
 
@@ -214,6 +215,7 @@ def test_stream_rows_per_window(full, data):
     assert np.mean(hr[-3:]) > np.mean(hr[:2])
 
 
+@pytest.mark.slow
 def test_test_then_train(full, data, tmp_path):
     """Window k's rows come from the model before training on window k: the checkpoint
     written after window k - 1, evaluated alone on window k, gives the same values."""
@@ -251,6 +253,7 @@ destroy_distributed()
         assert probe[name] == by_window[k][name], (name, probe, by_window[k])
 
 
+@pytest.mark.slow
 def test_stop_and_resume_is_bitwise(full, data, tmp_path):
     """Stopped at a window boundary (max_train_iters) with a save, then resumed: the end
     state and every metrics row equal the uninterrupted run's."""
@@ -280,7 +283,8 @@ def test_sigkill_mid_run_and_resume_is_bitwise(full, data, tmp_path):
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    run(data, run_dir)
+    out = run(data, run_dir)
+    assert "resumed from" in out and "stream: resumed after" in out
     assert_same(checkpoint_state(newest(full)), checkpoint_state(newest(run_dir)), "state")
     assert rows(full) == rows(run_dir)
 
