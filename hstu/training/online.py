@@ -165,8 +165,9 @@ class OnlineTrainer:
         self.stream_args = cfg.extras["StreamArgs"]
         self._check(cfg, env)
         self.stop_requested = False
+        self._preemption: Preemption | None = None
         self.source = make_source(
-            self.stream_args, stop=lambda: self.stop_requested,
+            self.stream_args, stop=self._stop,
             columns=cfg.extras.get("CustomDataArgs"),
         )
         self.trainer = Trainer(cfg, env, run_dir, config_text)
@@ -191,6 +192,11 @@ class OnlineTrainer:
         t.checkpoint.extra_files = self._stream_files
         self._saved_position: StreamPosition | None = None
         self._pending_rows: list[tuple[int, str, dict[str, float]]] = []
+
+    def _stop(self) -> bool:
+        """The source's stop signal (checked between windows and while it waits for a
+        partition with StreamArgs.follow): the loop is done, or SIGTERM/SIGUSR1 came."""
+        return self.stop_requested or (self._preemption is not None and self._preemption.requested)
 
     @staticmethod
     def _check(cfg: RunConfig, env: DistEnv) -> None:
@@ -325,6 +331,7 @@ class OnlineTrainer:
         position = self.position
         saved_at = self.windows_done
         with Preemption() as preemption:
+            self._preemption = preemption
             for window in self.source.windows(self.position):
                 started = time.perf_counter()
                 seqs = self.store.sequences(window)
@@ -364,6 +371,9 @@ class OnlineTrainer:
                     self.interrupted = stop
                     self.stop_requested = True
                     break
+            if preemption.requested:  # a signal while the source waited: stopped, state saved
+                self.interrupted = True
+            self._preemption = None
         if every > 0 and saved_at != self.windows_done:
             self.save(position)
         self._flush_rows()

@@ -298,3 +298,58 @@ def test_ranking_stream(data, tmp_path):
     for w in by_window.values():
         if w["eval_events"] > 0:
             assert "AUC" in w and "NE" in w
+
+
+def _partition(folder: Path, name: str, rng: np.random.Generator, t0: int, n: int = 120) -> None:
+    part = folder / name
+    part.mkdir(parents=True)
+    users = rng.integers(100, 120, n)
+    items = rng.integers(1000, 1040, n)
+    with open(part / "part-0000.csv", "w") as fh:
+        fh.write("user_id,item_id,timestamp\n")
+        fh.writelines(f"{u},{it},{t0 + i}\n" for i, (u, it) in enumerate(zip(users, items)))
+    (part / "_SUCCESS").touch()
+
+
+@pytest.mark.slow
+def test_follow_a_folder_stop_by_signal_and_resume(data, tmp_path):
+    """StreamArgs.follow on a stream folder: two partitions trained, then the run waits;
+    SIGTERM stops it with a checkpoint (exit 143); a partition landing later is all the
+    resumed run trains (the first two are not trained again)."""
+    folder = tmp_path / "events"
+    rng = np.random.default_rng(0)
+    _partition(folder, "p1", rng, 1000)
+    _partition(folder, "p2", rng, 2000)
+    run_dir = tmp_path / "follow"
+    base = [p for p in _params(data, run_dir, "retrieval", []) if not p.startswith("StreamArgs.replay")]
+    cmd = [sys.executable, str(ROOT / "pretrain_gr_retrieval.py"), "--gin-config-file",
+           str(ROOT / "configs" / "debug_retrieval.gin")]
+    for p in [*base, f'StreamArgs.path="{folder}"', "StreamArgs.follow=True",
+              "StreamArgs.poll_seconds=0.2"]:
+        cmd += ["--gin-param", p]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("[hstu] window 2 "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, "".join(lines) + rest
+    saved = json_of(newest(run_dir) / "stream.json")
+    assert saved["position"] == {"partition": "p2", "row": 120}
+    _partition(folder, "p3", rng, 3000)
+    cmd = ["StreamArgs.follow=False" if c == "StreamArgs.follow=True" else c for c in cmd]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    trained = [line for line in proc.stdout.splitlines() if line.startswith("[hstu] window ")]
+    assert len(trained) == 1 and " p3" in trained[0], trained
+    assert json_of(newest(run_dir) / "stream.json")["position"] == {"partition": "p3", "row": 120}
+
+
+def json_of(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
