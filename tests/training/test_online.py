@@ -353,3 +353,16 @@ def json_of(path: Path) -> dict:
     import json
 
     return json.loads(path.read_text())
+
+
+@pytest.mark.slow
+def test_ranking_stop_and_resume_is_bitwise(data, tmp_path):
+    """Ranking on the stream: a run stopped at a window boundary and resumed equals the
+    uninterrupted one (state and rows)."""
+    full_dir, resumed = tmp_path / "full", tmp_path / "resumed"
+    run(data, full_dir, task="ranking")
+    run(data, resumed, task="ranking", extra=["TrainerArgs.max_train_iters=3"])
+    out = run(data, resumed, task="ranking")
+    assert "stream: resumed after" in out
+    assert_same(checkpoint_state(newest(full_dir)), checkpoint_state(newest(resumed)), "state")
+    assert rows(full_dir) == rows(resumed)
