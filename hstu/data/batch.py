@@ -118,6 +118,10 @@ class Batch(Pipelineable):
     # [2, Q*M] (flat positions sorted by index value; their query) and int64 [U + 1]
     negative_order: torch.Tensor | None = None
     negative_offsets: torch.Tensor | None = None
+    # online training (retrieval): int64 [B], the first history position of each sample whose
+    # next item is a target (earlier ones were trained on before); None: every position. The
+    # sizes' num_queries then counts sum(max(H - 1 - first_trained, 0))
+    first_trained: torch.Tensor | None = None
     # dynamic tables: feature -> bool mask of ids without a slot (set by the model's input
     # stage, ``GenerativeRecommender.prepare``; their embeddings are zeroed)
     lookup_misses: dict[str, torch.Tensor] | None = None
@@ -138,7 +142,7 @@ class Batch(Pipelineable):
 
     _TENSOR_FIELDS = (
         "num_candidates", "timestamps", "query_timestamps", "labels", "sample_mask", "negative_index",
-        "negative_order", "negative_offsets",
+        "negative_order", "negative_offsets", "first_trained",
     )
 
     def to(self, device: torch.device, non_blocking: bool = False) -> Batch:

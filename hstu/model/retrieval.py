@@ -189,7 +189,13 @@ class RetrievalModel(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         # this rank's query count (sum of max(H - 1, 0)), summed over the world while the
         # block runs; the same number as Q below
-        pending = PendingScale((batch.history_lengths() - 1).clamp(min=0).sum(), self.training)
+        # online training (Batch.first_trained): position j of sample b is a query only from
+        # first_trained[b] on (its earlier items were trained on in an earlier window)
+        skip = batch.first_trained
+        pending = PendingScale(
+            (batch.history_lengths() - 1 - (0 if skip is None else skip)).clamp(min=0).sum(),
+            self.training,
+        )
         # in-batch negatives with several ranks: every rank's positives (their counts from the
         # host, gathered while the block runs; hstu.ops.gather)
         counts = (
@@ -210,9 +216,13 @@ class RetrievalModel(nn.Module):
         # in order, Q of them (a count from the host: no nonzero of a mask)
         hist = own.history_lengths
         num_q = own.sizes.num_queries
-        has_next = (hist - 1).clamp(min=0)
+        if skip is not None:
+            skip = skip.to(hist.device)
+        has_next = (hist - 1 - (0 if skip is None else skip)).clamp(min=0)
         q_seg = segment_ids(has_next, num_q)
         q_idx = index_within(has_next, num_q)
+        if skip is not None:
+            q_idx = q_idx + skip[q_seg]
         query_rows = lengths_to_offsets(hist)[:-1][q_seg] + q_idx  # rows of [sum(H)]
         item_starts = lengths_to_offsets(own.item_lengths)[:-1]
         next_rows = item_starts[q_seg] + q_idx + 1  # item j+1's row in the item feature

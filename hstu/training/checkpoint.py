@@ -84,6 +84,10 @@ class CheckpointState:
     dense: dict[str, Any]
     meta: dict[str, Any]
     rng: dict[str, Any] | None
+    extra: Callable[[str], list[str]] | None = None
+    """Writes this rank's further files into the checkpoint folder being written (its
+    argument) and returns their names: they are in the manifest and are published with the
+    rest (online training's stream position, id maps and user store)."""
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -428,6 +432,8 @@ def _write_files(tmp: str, state: CheckpointState, place: RankPlace) -> None:
             if rank == 0:
                 mine.append(".metadata")
             files = _describe_files(tmp, mine, digests)
+            if state.extra is not None:
+                files.update(describe_written_files(tmp, state.extra(tmp)))
         except OSError as exc:
             problem = f"step {step}: cannot write checkpoint file {failed(exc)}"
     agree(problem)

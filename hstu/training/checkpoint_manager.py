@@ -327,6 +327,10 @@ class CheckpointManager:
         self.periodic = CheckpointLifecycle(args.ckpt_save_dir, args.keep_last_n, log)
         self.best_saves = CheckpointLifecycle(os.path.join(run_dir, "best"), 1, log)
         self.ema: WeightAverage | None = None
+        self.loaded: str | None = None
+        """The checkpoint folder the run resumed from (None: a fresh start)."""
+        self.extra_files: Callable[[str], list[str]] | None = None
+        """Further files of every save (:attr:`CheckpointState.extra`; online training)."""
         if args.ema_decay > 0:
             self.ema = WeightAverage(
                 self.dense.children(), self.tables.state_dict()[TableState.KEY], optimizer,
@@ -392,6 +396,7 @@ class CheckpointManager:
         self.log(
             f"[hstu] resumed from {path} at step {step} (saved on {meta['world_size']} rank(s))"
         )
+        self.loaded = path
         return step
 
     def load_best_weights(self) -> None:
@@ -420,7 +425,9 @@ class CheckpointManager:
             "run_dir": os.path.abspath(self.run_dir),
             "ema": self.ema is not None,
         }
-        return CheckpointState(self.tables.state_dict(), self.dense.state_dict(), meta, rng_state())
+        return CheckpointState(
+            self.tables.state_dict(), self.dense.state_dict(), meta, rng_state(), self.extra_files
+        )
 
     def save(self, step: int, best: bool = False) -> str:
         """Writes the checkpoint of ``step`` (into the best root when ``best``), then prunes.

@@ -26,8 +26,11 @@ _PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
 def _measured_cpu_peak() -> float:
     """Best of a few float32 matmuls on this process's threads (FLOP/s); measured once."""
     n = 512
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
+    # a generator of its own: the training streams (dropout) are not drawn from, so a resumed
+    # run continues from exactly the checkpoint's RNG state
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen)
+    b = torch.randn(n, n, generator=gen)
     best = float("inf")
     for _ in range(5):
         start = time.perf_counter()

@@ -48,6 +48,7 @@ def _lost_peer(exc: BaseException) -> bool:
 
 
 def run(cfg: RunConfig) -> int:
+    from hstu.training.online import OnlineTrainer, online_enabled
     from hstu.training.trainer import Trainer
 
     env = init_distributed(cfg.tp.tensor_model_parallel_size)
@@ -56,7 +57,10 @@ def run(cfg: RunConfig) -> int:
         set_seed(cfg.trainer.seed)
         run_dir = _shared_run_dir(cfg, env.rank)
         config_text = gin.operative_config_str()
-        trainer = Trainer(cfg, env, run_dir, config_text)
+        if online_enabled(cfg):  # a stream is bound: test then train, window by window
+            trainer = OnlineTrainer(cfg, env, run_dir, config_text)
+        else:
+            trainer = Trainer(cfg, env, run_dir, config_text)
         metrics = trainer.train()
         if trainer.interrupted:
             return 143  # 128 + SIGTERM: stopped early, state saved

@@ -252,6 +252,11 @@ class Trainer:
         feed = Feed(
             self.built.train_loader, self.cfg.network, self._prepare_for_device(), self.env.device
         )
+        self.open_pipeline()
+        return feed
+
+    def open_pipeline(self) -> None:
+        """``self.pipeline``, the pipeline that steps over the training batches."""
         self.pipeline = build_pipeline(
             self.args.pipeline_type, self.model, self.optimizer, self.env.device,
             log=self.logger.print,
@@ -265,7 +270,6 @@ class Trainer:
         for module in self.model.sparse.modules():
             for remapper in getattr(module, "remappers", {}).values():
                 remapper.in_flight_steps = in_flight
-        return feed
 
     def train_step(self, batches: Iterator[Any]) -> torch.Tensor:
         """One optimizer step on the next batch (zero_grad -> forward -> backward -> step,

@@ -1,0 +1,416 @@
+"""Online training: follow a stream of events window by window, test then train (docs/online.md).
+
+For each window of the stream (:mod:`hstu.data.stream`): the current model is first evaluated
+on the window's events (prequential: each event is predicted from the user's history before
+it), then trained on them in one pass (the targets are the window's events only: a stored
+event is history, never trained again), then the window is appended to the user store
+(:mod:`hstu.data.user_store`). The model, sharding, optimizers, pipeline, metrics and
+checkpoints are the trainer's (:class:`hstu.training.trainer.Trainer`); this module turns a
+window into samples of the trainer's loader and drives the loop.
+
+Legend: B users of a window (this rank's), T their events (stored history, then the window's),
+L ``DatasetArgs.max_sequence_length``, C ``DatasetArgs.max_num_candidates``.
+
+Checkpoints (every ``TrainerArgs.ckpt_save_interval`` windows, and at the end): the trainer's
+checkpoint folder also holds the stream's position and id maps (``save_stream``), each rank's
+user store snapshot and ``online.json`` (windows done), all listed in its manifest and
+published by the same rename, so a resume (``TrainerArgs.ckpt_load_dir``) continues at the
+same partition and row with the same weights, tables, id maps and store.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hstu.config import RunConfig
+from hstu.data.loader import Samples, SequenceLoader
+from hstu.data.store import SequenceStore
+from hstu.data.stream import StreamPosition, load_stream, make_source, save_stream
+from hstu.data.stream.core import ITEM_IDS_FILE, STATE_FILE, USER_IDS_FILE, write_json_atomic
+from hstu.data.user_store import Sequences, UserStore
+from hstu.training.distributed import DistEnv
+from hstu.training.evaluate import evaluate
+from hstu.training.loop import MetricsWindow, Preemption
+from hstu.training.trainer import Trainer
+from hstu.validation import ConfigError
+
+ONLINE_FILE = "online.json"
+STREAM_SPLIT = "stream"
+
+
+# ------------------------------------------------------------------------------ samples
+def window_store(seqs: Sequences, metadata: dict[str, Any]) -> SequenceStore:
+    """The window's sequences (stored history, then the window's events, per user) as an
+    in-memory SequenceStore: user b of the window is row range offsets[b]:offsets[b+1]; the
+    ratings are the actions (NaN: 0)."""
+    ratings = np.nan_to_num(seqs.ratings, nan=0.0).astype(np.int64)
+    return SequenceStore(
+        offsets=seqs.offsets.astype(np.int64), items=seqs.items.astype(np.int64),
+        timestamps=seqs.timestamps.astype(np.int64), actions=ratings, contextual={},
+        metadata=metadata,
+    )
+
+
+def _new_rows(seqs: Sequences) -> tuple[np.ndarray, np.ndarray]:
+    """(user b [N], flat row [N]) of every new event of the window (N = sum num_new)."""
+    offsets = seqs.offsets.astype(np.int64)
+    first_new = offsets[1:] - seqs.num_new
+    b = np.repeat(np.arange(len(seqs.num_new), dtype=np.int64), seqs.num_new)
+    starts = np.repeat(first_new, seqs.num_new)
+    within = np.arange(len(b), dtype=np.int64) - np.repeat(
+        np.cumsum(seqs.num_new) - seqs.num_new, seqs.num_new
+    )
+    return b, starts + within
+
+
+def retrieval_eval_samples(seqs: Sequences, max_len: int) -> Samples:
+    """One sample per new event with a history: the L items before it as the query's input,
+    the event's item as the target (events of a user never seen before the first: none)."""
+    b, rows = _new_rows(seqs)
+    off = seqs.offsets[:-1].astype(np.int64)[b]
+    keep = rows > off
+    b, rows, off = b[keep], rows[keep], off[keep]
+    start = np.maximum(off, rows - max_len)
+    return Samples(b, start, rows.copy(), rows.copy(), rows.copy())
+
+
+def retrieval_train_samples(seqs: Sequences, max_len: int) -> tuple[Samples, np.ndarray]:
+    """(samples, first_trained int64 [S]): each user's new events as next-item targets, in
+    chunks of at most L - 1 targets (a sample of up to L items ending at its chunk's last
+    target); position j of a sample is trained only from ``first_trained`` on, so that only
+    the window's events are targets (the stored history is input only)."""
+    offsets = seqs.offsets.astype(np.int64)
+    off, end = offsets[:-1], offsets[1:]
+    first_target = np.maximum(end - seqs.num_new, off + 1)
+    targets = np.maximum(end - first_target, 0)
+    step = max(max_len - 1, 1)
+    count = -(-targets // step)  # chunks per user (0 without targets)
+    b = np.repeat(np.arange(len(off), dtype=np.int64), count)
+    within = np.arange(int(count.sum()), dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)
+    t1 = end[b] - within * step  # one past the chunk's last target
+    t0 = np.maximum(first_target[b], t1 - step)
+    start = np.maximum(off[b], t1 - max_len)
+    order = np.lexsort((t1, b))  # per user, in time order
+    b, t0, t1, start = b[order], t0[order], t1[order], start[order]
+    return Samples(b, start, t1.copy(), t1.copy()), (t0 - 1 - start).astype(np.int64)
+
+
+def ranking_samples(seqs: Sequences, max_len: int, max_cands: int) -> Samples:
+    """The window's events as candidates, at most C per sample (per user in time order), the
+    L events before each chunk as its history (a user's very first event has none: left out)."""
+    offsets = seqs.offsets.astype(np.int64)
+    off, end = offsets[:-1], offsets[1:]
+    first = np.maximum(end - seqs.num_new, off + 1)
+    n = np.maximum(end - first, 0)
+    count = -(-n // max_cands)
+    b = np.repeat(np.arange(len(off), dtype=np.int64), count)
+    within = np.arange(int(count.sum()), dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)
+    hist_end = first[b] + within * max_cands
+    cand_end = np.minimum(hist_end + max_cands, end[b])
+    start = np.maximum(off[b], hist_end - max_len)
+    return Samples(b, start, hist_end, cand_end)
+
+
+class WindowLoader(SequenceLoader):
+    """The trainer's loader over one window's samples (same features, negatives, batch size,
+    shuffle by (seed, window)); retrieval training batches carry ``first_trained``."""
+
+    first_trained: np.ndarray | None = None
+
+    @classmethod
+    def over(cls, base: SequenceLoader, store: SequenceStore, samples: Samples, epoch: int,
+             first_trained: np.ndarray | None = None) -> WindowLoader:
+        loader = copy.copy(base)
+        loader.__class__ = cls
+        loader.store, loader.samples = store, samples
+        loader.samples_per_rank = math.ceil(len(samples) / loader.world_size)
+        loader.epoch, loader.batch_index = epoch, 0
+        loader.first_trained = first_trained
+        return loader  # type: ignore[return-value]
+
+    def make_batch(self, index: np.ndarray, mask: np.ndarray | None = None,
+                   tp_sizes: Any = None) -> Any:
+        batch = super().make_batch(index, mask, tp_sizes)
+        if self.first_trained is None:
+            return batch
+        if batch.negative_index is not None:
+            raise ConfigError(
+                "RetrievalArgs", "negative_sampling",
+                "online training trains only the window's events: use full_corpus or in-batch "
+                "negatives (drawn negatives are per history position)",
+            )
+        first = self.first_trained[index]
+        sizes = batch.require_sizes()
+        hist = sizes.history_per_sample
+        batch.first_trained = torch.from_numpy(first.copy())
+        batch.sizes = replace(sizes, num_queries=int(np.maximum(hist - 1 - first, 0).sum()))
+        return batch
+
+
+# ------------------------------------------------------------------------------ the loop
+class OnlineTrainer:
+    """The trainer on a stream: test then train each window, checkpoints with the stream."""
+
+    def __init__(self, cfg: RunConfig, env: DistEnv, run_dir: str, config_text: str) -> None:
+        self.cfg, self.env = cfg, env
+        self.stream_args = cfg.extras["StreamArgs"]
+        self._check(cfg, env)
+        self.stop_requested = False
+        self._preemption: Preemption | None = None
+        self.source = make_source(
+            self.stream_args, stop=self._stop,
+            columns=cfg.extras.get("CustomDataArgs"),
+        )
+        self.trainer = Trainer(cfg, env, run_dir, config_text)
+        t = self.trainer
+        self.max_len = cfg.dataset.max_sequence_length
+        self.windows_done = 0
+        self.interrupted = False
+        work = Path(run_dir) / f"user_store.rank{env.rank}-of-{env.world_size}.work.sqlite"
+        loaded = t.checkpoint.loaded
+        if loaded is not None:
+            self.position = load_stream(loaded, self.source)
+            self.store = UserStore.restore(loaded, work, self.max_len, env.rank, env.world_size)
+            self.windows_done = int(json.loads((Path(loaded) / ONLINE_FILE).read_text())["windows"])
+            t.logger.print(
+                f"[hstu] stream: resumed after {self.windows_done} windows at partition "
+                f"{self.position.partition!r} row {self.position.row}"
+            )
+        else:
+            work.unlink(missing_ok=True)
+            self.position = StreamPosition.start()
+            self.store = UserStore(work, self.max_len, env.rank, env.world_size)
+        t.checkpoint.extra_files = self._stream_files
+        self._saved_position: StreamPosition | None = None
+        self._pending_rows: list[tuple[int, str, dict[str, float]]] = []
+
+    def _stop(self) -> bool:
+        """The source's stop signal (checked between windows and while it waits for a
+        partition with StreamArgs.follow): the loop is done, or SIGTERM/SIGUSR1 came."""
+        return self.stop_requested or (self._preemption is not None and self._preemption.requested)
+
+    @staticmethod
+    def _check(cfg: RunConfig, env: DistEnv) -> None:
+        t = cfg.trainer
+        if t.pipeline_type != "none":
+            raise ConfigError("TrainerArgs", "pipeline_type",
+                              'online training runs pipeline_type="none" (one pass per window)')
+        if env.tp_size > 1:
+            raise ConfigError("TPArgs", "tensor_model_parallel_size",
+                              "online training runs without tensor parallelism (1)")
+        if t.best_metric is not None:
+            raise ConfigError("TrainerArgs", "best_metric",
+                              "online training evaluates each window (split stream); set None")
+        if env.world_size > 1:
+            raise ConfigError("torchrun", None,
+                              "online training runs on 1 process for now (docs/online.md)")
+        ds = cfg.dataset
+        if getattr(ds, "contextual_features", None) not in ([], ()):
+            raise ConfigError("DatasetArgs", "contextual_features",
+                              "online training has no contextual features yet: set []")
+        if getattr(ds, "stochastic_length", None) not in (None, False, 0, 0.0):
+            raise ConfigError("DatasetArgs", "stochastic_length",
+                              "online training keeps whole histories")
+        if cfg.task == "ranking" and cfg.ranking.history_loss_weight > 0:
+            raise ConfigError("RankingArgs", "history_loss_weight",
+                              "online training trains the window's events only: set 0 (history "
+                              "labels were trained in earlier windows)")
+
+    # ---------------------------------------------------------------- checkpoint files
+    def _stream_files(self, folder: str) -> list[str]:
+        """This rank's stream files of a checkpoint being written into ``folder``."""
+        names = [self.store.checkpoint(folder).name]
+        if self.env.rank == 0:
+            assert self._saved_position is not None
+            save_stream(folder, self._saved_position, self.source)
+            write_json_atomic(Path(folder) / ONLINE_FILE, {
+                "windows": self.windows_done, "step": self.trainer.step,
+                "position": self._saved_position.to_dict(),
+            })
+            names += [STATE_FILE, USER_IDS_FILE, ITEM_IDS_FILE, ONLINE_FILE]
+        return names
+
+    def save(self, position: StreamPosition) -> str:
+        """The trainer's checkpoint with the stream's files; the rows of the windows it covers
+        are written first (a kill before it is published drops them again on resume)."""
+        t = self.trainer
+        self._flush_rows()
+        self._saved_position = position
+        # a window without a training step saves the same step again, with its new position
+        t.checkpoint.periodic.last_saved = None
+        return t.checkpoint.save(t.step)
+
+    def _flush_rows(self) -> None:
+        for step, split, metrics in self._pending_rows:
+            self.trainer.logger.log(step, split, metrics)
+        self._pending_rows.clear()
+
+    # ---------------------------------------------------------------- one window
+    def _loader(self, base: SequenceLoader, store: SequenceStore, samples: Samples,
+                first_trained: np.ndarray | None = None) -> WindowLoader:
+        return WindowLoader.over(base, store, samples, self.windows_done, first_trained)
+
+    def evaluate_window(self, seqs: Sequences) -> dict[str, float]:
+        """The current model on the window's events (before any training on them)."""
+        t, cfg = self.trainer, self.cfg
+        store = window_store(seqs, t.built.train_loader.store.metadata)
+        if cfg.task == "retrieval":
+            samples = retrieval_eval_samples(seqs, self.max_len)
+        else:
+            samples = ranking_samples(seqs, self.max_len, cfg.dataset.max_num_candidates)
+        if len(samples) == 0:
+            return {"eval_events": 0.0}
+        loader = self._loader(t.built.eval_loader, store, samples)
+        dense = t.model.dense_module
+        if cfg.task == "retrieval":
+            # the items known so far (dense ids 1..K of the id map) are the corpus
+            known = len(self.source.items) + 1
+            table = dense.num_items
+            if known > table:
+                from hstu.data.errors import DataError
+
+                raise DataError(
+                    "stream", f"{known - 1} distinct items, the item table has {table - 1} rows "
+                    "for them (raise item/EmbeddingArgs.item_vocab_size_or_capacity)")
+            dense.num_items = known
+            try:
+                metrics = evaluate(t.model, loader, cfg, self.env, None)
+            finally:
+                dense.num_items = table
+            metrics["eval_events"] = float(len(samples))
+        else:
+            metrics = evaluate(t.model, loader, cfg, self.env, None)
+            labels = store.actions[_cand_rows(samples)]
+            metrics["NE"] = metrics["loss"] / _entropy(labels)
+            metrics["eval_events"] = float(len(labels))
+        t.model.train()
+        return metrics
+
+    def train_window(self, seqs: Sequences, window_metrics: MetricsWindow) -> int:
+        """One pass over the window's events as targets; returns the steps taken."""
+        t, cfg = self.trainer, self.cfg
+        store = window_store(seqs, t.built.train_loader.store.metadata)
+        first = None
+        if cfg.task == "retrieval":
+            samples, first = retrieval_train_samples(seqs, self.max_len)
+        else:
+            samples = ranking_samples(seqs, self.max_len, cfg.dataset.max_num_candidates)
+        if len(samples) == 0:
+            return 0
+        loader = self._loader(t.built.train_loader, store, samples, first)
+        prepare = t._prepare_for_device()
+        batches = iter(b if prepare is None else prepare(b) for b in loader)
+        steps = 0
+        t.model.train()
+        while True:
+            try:
+                loss = t.train_step(batches)
+            except StopIteration:
+                break
+            window_metrics.record(loss, t.optimizer.last_grads_finite, 0, 0.0)
+            steps += 1
+        return steps
+
+    # ---------------------------------------------------------------- the run
+    def train(self) -> dict[str, float]:
+        t, args = self.trainer, self.cfg.trainer
+        every = args.ckpt_save_interval
+        limit = args.max_train_iters
+        t.open_pipeline()
+        window_metrics = MetricsWindow(t.peak, self.env.world_size)
+        last: dict[str, float] = {}
+        position = self.position
+        saved_at = self.windows_done
+        with Preemption() as preemption:
+            self._preemption = preemption
+            for window in self.source.windows(self.position):
+                started = time.perf_counter()
+                seqs = self.store.sequences(window)
+                metrics = self.evaluate_window(seqs)
+                steps = self.train_window(seqs, window_metrics)
+                self.store.append(window)
+                self.windows_done += 1
+                position = window.position_after
+                window_metrics.flush(t.step)
+                if steps:
+                    self._pending_rows.append((t.step, "train", window_metrics.summarize(t.optimizer)))
+                else:
+                    window_metrics.reset()
+                rows = dict(metrics)
+                rows.update(
+                    window=float(self.windows_done), events=float(window.num_events),
+                    train_steps=float(steps), known_items=float(len(self.source.items)),
+                    events_waiting=float(window.lag.events_waiting),
+                    seconds_behind=float(window.lag.seconds_behind),
+                    window_seconds=time.perf_counter() - started,
+                )
+                self._pending_rows.append((t.step, STREAM_SPLIT, rows))
+                last = metrics
+                t.logger.print(
+                    f"[hstu] window {self.windows_done} {window.name}: {window.num_events} events, "
+                    + " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                    + f"; {steps} steps (step {t.step}); lag {window.lag.events_waiting} events, "
+                    f"{window.lag.seconds_behind:.0f} s"
+                )
+                if every <= 0:
+                    self._flush_rows()
+                elif self.windows_done % every == 0:
+                    self.save(position)
+                    saved_at = self.windows_done
+                stop = preemption.agreed()
+                if stop or (limit is not None and t.step >= limit):
+                    self.interrupted = stop
+                    self.stop_requested = True
+                    break
+            if preemption.requested:  # a signal while the source waited: stopped, state saved
+                self.interrupted = True
+            self._preemption = None
+        if every > 0 and saved_at != self.windows_done:
+            self.save(position)
+        self._flush_rows()
+        t.pipeline.detach()
+        t.logger.print(
+            f"[hstu] stream: {self.windows_done} windows done, at partition "
+            f"{position.partition!r} row {position.row}, step {t.step}"
+        )
+        return last
+
+    def close(self) -> None:
+        self.store.close()
+        self.trainer.close()
+
+
+def _cand_rows(samples: Samples) -> np.ndarray:
+    from hstu.data.loader import gather_ranges
+
+    return gather_ranges(samples.hist_end, samples.cand_end)
+
+
+def _entropy(labels: np.ndarray) -> float:
+    """Cross-entropy of the best constant prediction (the labels' own distribution): the
+    normalised entropy's denominator. NaN for one class only."""
+    counts = np.bincount(labels.astype(np.int64))
+    p = counts[counts > 0] / max(len(labels), 1)
+    h = float(-(p * np.log(p)).sum())
+    return h if h > 0 else float("nan")
+
+
+def online_enabled(cfg: RunConfig) -> bool:
+    """A stream is bound (StreamArgs.path or replay_dataset): the run is online."""
+    s = cfg.extras.get("StreamArgs")
+    return s is not None and (s.path is not None or s.replay_dataset is not None)
+
+
+__all__ = [
+    "ONLINE_FILE", "OnlineTrainer", "WindowLoader", "online_enabled", "ranking_samples",
+    "retrieval_eval_samples", "retrieval_train_samples", "window_store",
+]

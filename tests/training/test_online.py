@@ -1,0 +1,368 @@
+"""Online training (hstu.training.online): a replayed stream through the real entry points.
+
+A small synthetic dataset is replayed in windows of N events (StreamArgs.replay_dataset =
+"processed"). Checked: ``stream`` rows per window; test-then-train order (window k's rows
+equal an evaluation of the checkpoint written after window k - 1); only the window's events
+are targets; exact resume (a run stopped at a window boundary, or killed with SIGKILL, and
+resumed equals the uninterrupted run bitwise: weights, tables, optimizer, id maps, user store,
+metrics rows). The runs take 20-30 s each: all but the sample checks are in the slow tier.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+WINDOW_EVENTS = 150
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from hstu.data.data_args import SyntheticDataArgs
+    from hstu.data.preprocess import preprocess
+
+    out = tmp_path_factory.mktemp("online_data")
+    preprocess("synthetic", out=out, verbose=False, synthetic=SyntheticDataArgs(
+        num_users=40, num_items=60, min_length=10, max_length=30, seed=3))
+    # not under the name "synthetic": a run would regenerate that one with its own settings
+    (out / "synthetic").rename(out / "tiny")
+    return out / "tiny"
+
+
+def _params(data: Path, run_dir: Path, task: str, extra: list[str]) -> list[str]:
+    params = [
+        f'TrainerArgs.run_dir="{run_dir}"',
+        f'TrainerArgs.ckpt_save_dir="{run_dir / "ckpt"}"',
+        f'DatasetArgs.dataset_path="{data}"',
+        'StreamArgs.replay_dataset="processed"',
+        f'StreamArgs.replay_raw="{data}"',
+        f'StreamArgs.replay_window="events:{WINDOW_EVENTS}"',
+        "TrainerArgs.max_train_iters=None",
+        "TrainerArgs.best_metric=None",
+        "TrainerArgs.ckpt_save_interval=2",
+        "TrainerArgs.keep_last_n=None",
+        'TrainerArgs.ckpt_load_dir="auto"',
+        "TrainerArgs.train_batch_size=8",
+        "TrainerArgs.eval_batch_size=16",
+        "TrainerArgs.max_eval_iters=None",
+        "DatasetArgs.max_sequence_length=12",
+        "DatasetArgs.contextual_features=[]",
+        'OptimizerArgs.lr_decay_style="constant"',
+        "NetworkArgs.hidden_dropout=0.2",  # dropout: the RNG streams must resume too
+    ]
+    if task == "retrieval":
+        params += ['RetrievalArgs.negative_sampling="full_corpus"',
+                   'RetrievalArgs.eval_metrics=("HR@10", "NDCG@10")']
+    else:
+        params += ["DatasetArgs.max_num_candidates=4", "RankingArgs.history_loss_weight=0.0"]
+    return params + extra
+
+
+def _cmd(data: Path, run_dir: Path, task: str, extra: list[str]) -> list[str]:
+    cmd = [sys.executable, str(ROOT / f"pretrain_gr_{task}.py"), "--gin-config-file",
+           str(ROOT / "configs" / f"debug_{task}.gin")]
+    for p in _params(data, run_dir, task, extra):
+        cmd += ["--gin-param", p]
+    return cmd
+
+
+def run(data: Path, run_dir: Path, task: str = "retrieval", extra: list[str] = ()) -> str:
+    proc = subprocess.run(_cmd(data, run_dir, task, list(extra)), cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=600, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+
+def rows(run_dir: Path, split: str | None = None) -> list[tuple[str, str, str, str]]:
+    """metrics.csv rows (timing columns left out: they differ between runs)."""
+    timing = {"window_seconds", "tokens_per_s", "tflops", "mfu"}
+    with open(run_dir / "metrics.csv") as fh:
+        out = [tuple(r) for r in list(csv.reader(fh))[1:]]
+    return [r for r in out if r[2] not in timing and (split is None or r[1] == split)]
+
+
+def stream_by_window(run_dir: Path) -> dict[int, dict[str, float]]:
+    out: dict[int, dict[str, float]] = {}
+    # the rows of one window are consecutive and contain "window"
+    group: dict[str, float] = {}
+    for _step, _split, name, value in rows(run_dir, "stream"):
+        if name in group:
+            out[int(group["window"])] = group
+            group = {}
+        group[name] = float(value)
+    if group:
+        out[int(group["window"])] = group
+    return out
+
+
+def newest(run_dir: Path) -> Path:
+    ckpts = sorted((run_dir / "ckpt").glob("iter_*"), key=lambda p: int(p.name[5:]))
+    return ckpts[-1]
+
+
+def checkpoint_state(folder: Path) -> dict:
+    """Everything a checkpoint holds, as comparable values."""
+    import sqlite3
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    tables = folder.parent / f"{folder.name}.tables.pt"
+    dcp_to_torch_save(str(folder), str(tables))
+    state = {
+        "tables": torch.load(tables, weights_only=False),
+        "dense": torch.load(folder / "dense_tp0.pt", weights_only=False),
+        "rng": torch.load(folder / "rng_rank0.pt", weights_only=False),
+        "users": np.load(folder / "user_ids.npy"),
+        "items": np.load(folder / "item_ids.npy"),
+        "stream": (folder / "stream.json").read_text(),
+        "online": (folder / "online.json").read_text(),
+    }
+    tables.unlink()
+    conn = sqlite3.connect(folder / "user_store.rank0-of-1.sqlite")
+    state["store"] = conn.execute("SELECT * FROM history ORDER BY user").fetchall()
+    conn.close()
+    return state
+
+
+def assert_same(a, b, where: str = "") -> None:
+    if isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), where
+    else:
+        assert a == b, where
+
+
+# ------------------------------------------------------------------------------ samples
+def test_training_targets_are_the_window_events_only():
+    """first_trained: a sample's queries are exactly the positions whose next item is a new
+    event; every new event with a history is a target once."""
+    from hstu.data.user_store import Sequences
+    from hstu.training.online import retrieval_eval_samples, retrieval_train_samples
+
+    # user 0: 3 stored + 4 new; user 1: 0 stored + 3 new (its first has no history);
+    # user 2: 2 stored + 9 new (more than L - 1 = 4: chunks)
+    lengths = np.array([7, 3, 11])
+    num_new = np.array([4, 3, 9])
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    n = int(offsets[-1])
+    seqs = Sequences(offsets=offsets, items=np.arange(1, n + 1), timestamps=np.arange(n),
+                     ratings=np.zeros(n), users=np.array([5, 6, 7]), num_new=num_new)
+    samples, first = retrieval_train_samples(seqs, max_len=5)
+    targets = []
+    for b, s, e, f in zip(samples.user, samples.hist_start, samples.hist_end, first):
+        assert e - s <= 5
+        # position j (j >= f) of the sample predicts row s + j + 1
+        targets += [int(s + j + 1) for j in range(f, e - s - 1)]
+    new_rows = [r for b in range(3) for r in range(offsets[b + 1] - num_new[b], offsets[b + 1])
+                if r > offsets[b]]
+    assert sorted(targets) == new_rows  # each new event once, no stored event
+    ev = retrieval_eval_samples(seqs, max_len=5)
+    assert list(ev.target) == new_rows
+    assert np.all(ev.hist_end == ev.target) and np.all(ev.target - ev.hist_start <= 5)
+
+
+# ------------------------------------------------------------------------------ the runs
+@pytest.fixture(scope="module")
+def full(data, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("online") / "full"
+    run(data, run_dir)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_stream_rows_per_window(full, data):
+    from hstu.data.store import SequenceStore
+
+    by_window = stream_by_window(full)
+    total = int(SequenceStore.load(data, verbose=False).offsets[-1])
+    windows = -(-total // WINDOW_EVENTS)
+    assert sorted(by_window) == list(range(1, windows + 1))
+    assert sum(w["events"] for w in by_window.values()) == total
+    for w in by_window.values():
+        assert {"HR@10", "NDCG@10", "eval_events", "events_waiting", "seconds_behind"} <= set(w)
+        assert 0.0 <= w["NDCG@10"] <= w["HR@10"] <= 1.0
+    # lag counts down to 0 at the last window
+    waiting = [by_window[k]["events_waiting"] for k in sorted(by_window)]
+    assert waiting[-1] == 0 and waiting == sorted(waiting, reverse=True)
+    # the model learns from the stream: later windows beat the first ones
+    hr = [by_window[k]["HR@10"] for k in sorted(by_window)]
+    assert np.mean(hr[-3:]) > np.mean(hr[:2])
+
+
+@pytest.mark.slow
+def test_test_then_train(full, data, tmp_path):
+    """Window k's rows come from the model before training on window k: the checkpoint
+    written after window k - 1, evaluated alone on window k, gives the same values."""
+    by_window = stream_by_window(full)
+    ckpts = {int(p.name[5:]): p for p in (full / "ckpt").glob("iter_*")}
+    import json
+
+    after = {json.loads((p / "online.json").read_text())["windows"]: p for p in ckpts.values()}
+    k = max(w for w in after if w + 1 in by_window) + 1
+    script = f"""
+import json, sys
+import gin
+from hstu.config import load_config
+from hstu.training.distributed import init_distributed, destroy_distributed
+from hstu.training.online import OnlineTrainer
+gin.clear_config()
+cfg = load_config({str(ROOT / 'configs' / 'debug_retrieval.gin')!r}, {_params(data, tmp_path / 'probe', 'retrieval', [f'TrainerArgs.ckpt_load_dir="{after[k - 1]}"'])!r}, task="retrieval")
+from hstu.data.sizes import resolve_sizes
+cfg = resolve_sizes(cfg)
+env = init_distributed(1)
+o = OnlineTrainer(cfg, env, {str(tmp_path / 'probe')!r}, "x")
+window = next(iter(o.source.windows(o.position)))
+m = o.evaluate_window(o.store.sequences(window))
+print("PROBE", json.dumps(m))
+o.close()
+destroy_distributed()
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    import json as _json
+
+    probe = _json.loads(proc.stdout.split("PROBE ", 1)[1].splitlines()[0])
+    for name in ("HR@10", "NDCG@10", "eval_events"):
+        assert probe[name] == by_window[k][name], (name, probe, by_window[k])
+
+
+@pytest.mark.slow
+def test_stop_and_resume_is_bitwise(full, data, tmp_path):
+    """Stopped at a window boundary (max_train_iters) with a save, then resumed: the end
+    state and every metrics row equal the uninterrupted run's."""
+    run_dir = tmp_path / "resumed"
+    out = run(data, run_dir, extra=["TrainerArgs.max_train_iters=5"])
+    assert "stream: " in out
+    first_stop = newest(run_dir)
+    out = run(data, run_dir)
+    assert f"resumed from {first_stop}" in out
+    assert_same(checkpoint_state(newest(full)), checkpoint_state(newest(run_dir)), "state")
+    assert rows(full) == rows(run_dir)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_and_resume_is_bitwise(full, data, tmp_path):
+    """A real SIGKILL while windows are being trained (after a few lines), then a resume:
+    equal to the uninterrupted run."""
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(data, run_dir, "retrieval", []), cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = 0
+    for line in proc.stdout:
+        if line.startswith("[hstu] window "):
+            seen += 1
+        if seen == 5:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    out = run(data, run_dir)
+    assert "resumed from" in out and "stream: resumed after" in out
+    assert_same(checkpoint_state(newest(full)), checkpoint_state(newest(run_dir)), "state")
+    assert rows(full) == rows(run_dir)
+
+
+@pytest.mark.slow
+def test_ranking_stream(data, tmp_path):
+    run_dir = tmp_path / "ranking"
+    run(data, run_dir, task="ranking")
+    by_window = stream_by_window(run_dir)
+    assert len(by_window) >= 3
+    for w in by_window.values():
+        if w["eval_events"] > 0:
+            assert "AUC" in w and "NE" in w
+
+
+def _partition(folder: Path, name: str, rng: np.random.Generator, t0: int, n: int = 120) -> None:
+    part = folder / name
+    part.mkdir(parents=True)
+    users = rng.integers(100, 120, n)
+    items = rng.integers(1000, 1040, n)
+    with open(part / "part-0000.csv", "w") as fh:
+        fh.write("user_id,item_id,timestamp\n")
+        fh.writelines(f"{u},{it},{t0 + i}\n" for i, (u, it) in enumerate(zip(users, items)))
+    (part / "_SUCCESS").touch()
+
+
+@pytest.mark.slow
+def test_follow_a_folder_stop_by_signal_and_resume(data, tmp_path):
+    """StreamArgs.follow on a stream folder: two partitions trained, then the run waits;
+    SIGTERM stops it with a checkpoint (exit 143); a partition landing later is all the
+    resumed run trains (the first two are not trained again)."""
+    folder = tmp_path / "events"
+    rng = np.random.default_rng(0)
+    _partition(folder, "p1", rng, 1000)
+    _partition(folder, "p2", rng, 2000)
+    run_dir = tmp_path / "follow"
+    base = [p for p in _params(data, run_dir, "retrieval", []) if not p.startswith("StreamArgs.replay")]
+    cmd = [sys.executable, str(ROOT / "pretrain_gr_retrieval.py"), "--gin-config-file",
+           str(ROOT / "configs" / "debug_retrieval.gin")]
+    for p in [*base, f'StreamArgs.path="{folder}"', "StreamArgs.follow=True",
+              "StreamArgs.poll_seconds=0.2"]:
+        cmd += ["--gin-param", p]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("[hstu] window 2 "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, "".join(lines) + rest
+    saved = json_of(newest(run_dir) / "stream.json")
+    assert saved["position"] == {"partition": "p2", "row": 120}
+    _partition(folder, "p3", rng, 3000)
+    cmd = ["StreamArgs.follow=False" if c == "StreamArgs.follow=True" else c for c in cmd]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    trained = [line for line in proc.stdout.splitlines() if line.startswith("[hstu] window ")]
+    assert len(trained) == 1 and " p3" in trained[0], trained
+    assert json_of(newest(run_dir) / "stream.json")["position"] == {"partition": "p3", "row": 120}
+
+
+def json_of(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+@pytest.mark.slow
+def test_ranking_stop_and_resume_is_bitwise(data, tmp_path):
+    """Ranking on the stream: a run stopped at a window boundary and resumed equals the
+    uninterrupted one (state and rows)."""
+    full_dir, resumed = tmp_path / "full", tmp_path / "resumed"
+    run(data, full_dir, task="ranking")
+    run(data, resumed, task="ranking", extra=["TrainerArgs.max_train_iters=3"])
+    out = run(data, resumed, task="ranking")
+    assert "stream: resumed after" in out
+    assert_same(checkpoint_state(newest(full_dir)), checkpoint_state(newest(resumed)), "state")
+    assert rows(full_dir) == rows(resumed)
