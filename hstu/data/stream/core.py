@@ -79,6 +79,23 @@ class Window:
     def num_events(self) -> int:
         return len(self.user)
 
+    @staticmethod
+    def cut(
+        name: str, first: int, whole: bool, users: IdMap, items: IdMap, raw_user: np.ndarray,
+        raw_item: np.ndarray, timestamp: np.ndarray, rating: np.ndarray | None, lag: Lag,
+    ) -> Window:
+        """Rows ``first`` .. ``first + E`` of the partition ``name`` (``whole``: all of it),
+        their raw ids mapped through ``users`` / ``items`` (which grow)."""
+        last = first + len(raw_user)
+        user, new_users = users.map(raw_user)
+        item, new_items = items.map(raw_item)
+        return Window(
+            name=name if whole else f"{name}[{first}:{last}]",
+            position_before=StreamPosition(name, first), position_after=StreamPosition(name, last),
+            user=user, item=item, timestamp=timestamp, rating=rating, raw_user=raw_user,
+            raw_item=raw_item, lag=lag, new_users=new_users, new_items=new_items,
+        )
+
 
 class StreamSource(Protocol):
     """A source of windows. ``windows(start)`` yields the stream from ``start`` on; after a

@@ -541,22 +541,11 @@ class FolderStream:
             if a > row0 and self._stopped():
                 return
             b = min(a + step, n)
-            users, new_users = self.users.map(loaded.user[a:b])
-            items, new_items = self.items.map(loaded.item[a:b])
             self._lag = Lag(n - b + later, behind)
-            window = Window(
-                name=loaded.name if (a, b) == (0, n) else f"{loaded.name}[{a}:{b}]",
-                position_before=StreamPosition(loaded.name, a),
-                position_after=StreamPosition(loaded.name, b),
-                user=users,
-                item=items,
-                timestamp=loaded.seconds[a:b],
-                rating=None if loaded.rating is None else loaded.rating[a:b],
-                raw_user=loaded.user[a:b],
-                raw_item=loaded.item[a:b],
-                lag=self._lag,
-                new_users=new_users,
-                new_items=new_items,
+            window = Window.cut(
+                loaded.name, a, (a, b) == (0, n), self.users, self.items, loaded.user[a:b],
+                loaded.item[a:b], loaded.seconds[a:b],
+                None if loaded.rating is None else loaded.rating[a:b], self._lag,
             )
             self._pos = window.position_after
             yield window

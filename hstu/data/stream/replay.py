@@ -195,23 +195,11 @@ class ReplayStream:
             step = self.max_window_events or (hi - lo)
             for a in range(max(lo, first), hi, step):
                 b = min(a + step, hi)
-                users, new_users = self.users.map(self.user[a:b])
-                items, new_items = self.items.map(self.item[a:b])
                 self._lag = Lag(n - b, float(last_t - int(self.timestamp[b - 1])))
-                name = self.names[w]
-                yield Window(
-                    name=name if (a, b) == (lo, hi) else f"{name}[{a - lo}:{b - lo}]",
-                    position_before=StreamPosition(name, a - lo),
-                    position_after=StreamPosition(name, b - lo),
-                    user=users,
-                    item=items,
-                    timestamp=self.timestamp[a:b],
-                    rating=None if self.rating is None else self.rating[a:b],
-                    raw_user=self.user[a:b],
-                    raw_item=self.item[a:b],
-                    lag=self._lag,
-                    new_users=new_users,
-                    new_items=new_items,
+                yield Window.cut(
+                    self.names[w], a - lo, (a, b) == (lo, hi), self.users, self.items,
+                    self.user[a:b], self.item[a:b], self.timestamp[a:b],
+                    None if self.rating is None else self.rating[a:b], self._lag,
                 )
 
 
