@@ -214,12 +214,22 @@ class StreamArgs:
     """Raw files (archive or folder) of replay_dataset, or the preprocessed folder for "processed"."""
     replay_window: str = "day"
     """Replay windows: "day" or "hour" (UTC, event time) or "events:N" (N events each)."""
+    publish_every_windows: int = 0
+    """Publish a serving version (python -m hstu.export --versioned, docs/serving.md) after every N-th window, counted from the stream's start, from a checkpoint saved then; 0: not by windows."""
+    publish_every_seconds: float = 0.0
+    """Publish at the end of a window once this many seconds passed since the last publish; 0: not by time."""
+    publish_keep: int = 3
+    """Serving versions kept in the versioned root (the newest; one a reader holds stays until released)."""
+    publish_dir: str | None = None
+    """The versioned serving root; None: <run_dir>/serving."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)
         _require(self.path != "", self, "path", "must not be empty")
         _positive(self, "poll_seconds", "idle_timeout_seconds", "incomplete_timeout_seconds",
-                  "max_window_events")
+                  "max_window_events", "publish_keep")
+        _require(self.publish_every_windows >= 0, self, "publish_every_windows", "must be >= 0")
+        _require(self.publish_every_seconds >= 0, self, "publish_every_seconds", "must be >= 0")
         _require(
             self.timestamp_unit in ("s", "ms"),
             self,

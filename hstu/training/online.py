@@ -23,6 +23,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -37,6 +40,7 @@ from hstu.data.store import SequenceStore
 from hstu.data.stream import StreamPosition, load_stream, make_source, save_stream
 from hstu.data.stream.core import ITEM_IDS_FILE, STATE_FILE, USER_IDS_FILE, write_json_atomic
 from hstu.data.user_store import Sequences, UserStore
+from hstu.serving.versions import PublishArgs
 from hstu.training.distributed import DistEnv
 from hstu.training.evaluate import evaluate
 from hstu.training.loop import MetricsWindow, Preemption
@@ -157,6 +161,10 @@ class WindowLoader(SequenceLoader):
 
 
 # ------------------------------------------------------------------------------ the loop
+_TORCHRUN_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                  "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+
+
 class OnlineTrainer:
     """The trainer on a stream: test then train each window, checkpoints with the stream."""
 
@@ -191,6 +199,12 @@ class OnlineTrainer:
             self.store = UserStore(work, self.max_len, env.rank, env.world_size)
         t.checkpoint.extra_files = self._stream_files
         self._saved_position: StreamPosition | None = None
+        sa = self.stream_args
+        self.publish = PublishArgs(every_windows=sa.publish_every_windows,
+                                   every_seconds=sa.publish_every_seconds, keep=sa.publish_keep,
+                                   out_dir=sa.publish_dir or str(Path(run_dir) / "serving"))
+        self._published_at = time.monotonic()
+        self.last_checkpoint = ""
         self._pending_rows: list[tuple[int, str, dict[str, float]]] = []
 
     def _stop(self) -> bool:
@@ -247,7 +261,30 @@ class OnlineTrainer:
         self._saved_position = position
         # a window without a training step saves the same step again, with its new position
         t.checkpoint.periodic.last_saved = None
-        return t.checkpoint.save(t.step)
+        self.last_checkpoint = t.checkpoint.save(t.step)
+        return self.last_checkpoint
+
+    def publish_version(self, ckpt: str) -> None:
+        """Exports checkpoint ``ckpt`` as the newest serving version of the versioned root
+        (``python -m hstu.export --versioned``, in a child process: it builds its own model
+        from the checkpoint). A failed export is one error line with its last words; the
+        previous version stays served and training goes on."""
+        t = self.trainer
+        started = time.monotonic()
+        cmd = [sys.executable, "-m", "hstu.export", "--ckpt", ckpt, "--out", self.publish.out_dir,
+               "--versioned", "--keep", str(self.publish.keep), "--no-aoti"]
+        # a process of its own, not a rank of this job: none of torchrun's variables
+        env = {k: v for k, v in os.environ.items()
+               if k not in _TORCHRUN_VARS and not k.startswith("TORCHELASTIC_")}
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+        self._published_at = time.monotonic()
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            t.logger.print(f"[hstu] error: publishing {ckpt} into {self.publish.out_dir} failed "
+                           f"(exit {done.returncode}): {last}; the previous version stays served")
+            return
+        t.logger.print(f"[hstu] published step {t.step} into {self.publish.out_dir} "
+                       f"({self._published_at - started:.1f} s)")
 
     def _flush_rows(self) -> None:
         for step, split, metrics in self._pending_rows:
@@ -366,6 +403,13 @@ class OnlineTrainer:
                 elif self.windows_done % every == 0:
                     self.save(position)
                     saved_at = self.windows_done
+                if self.publish.enabled and self.publish.due(
+                        self.windows_done - 1, time.monotonic() - self._published_at):
+                    if saved_at != self.windows_done:
+                        self.save(position)
+                        saved_at = self.windows_done
+                    if self.env.rank == 0:
+                        self.publish_version(self.last_checkpoint)
                 stop = preemption.agreed()
                 if stop or (limit is not None and t.step >= limit):
                     self.interrupted = stop

@@ -366,3 +366,27 @@ def test_ranking_stop_and_resume_is_bitwise(data, tmp_path):
     assert "stream: resumed after" in out
     assert_same(checkpoint_state(newest(full_dir)), checkpoint_state(newest(resumed)), "state")
     assert rows(full_dir) == rows(resumed)
+
+
+@pytest.mark.slow
+def test_publishes_serving_versions_as_it_goes(data, tmp_path):
+    """Every 3rd window a serving version is exported from the checkpoint saved then: the
+    root keeps the newest 2, its pointer names the newest, and a reader gets that one."""
+    import re
+
+    from hstu.serving.artifact import load_artifact
+    from hstu.serving.versions import current_version, list_versions, version_name
+
+    run_dir = tmp_path / "pub"
+    out = run(data, run_dir, extra=["StreamArgs.publish_every_windows=3", "StreamArgs.publish_keep=2",
+                                    "TrainerArgs.ckpt_save_interval=-1"])
+    assert "error: publishing" not in out, out[-3000:]
+    steps = [int(s) for s in re.findall(r"\[hstu\] published step (\d+) into", out)]
+    windows = len(stream_by_window(run_dir))
+    assert len(steps) == windows // 3 >= 2, (steps, windows)
+    assert steps == sorted(steps) and len(set(steps)) == len(steps), steps
+    root = run_dir / "serving"
+    assert [s for s, _ in list_versions(root)] == steps[-2:]
+    assert current_version(root) == version_name(steps[-1])
+    with load_artifact(root, use_aoti=False) as art:
+        assert art.version == version_name(steps[-1])
