@@ -253,6 +253,18 @@ class StreamArgs:
             "a replay has no new partitions to wait for; follow needs path",
         )
 
+    @property
+    def publishes(self) -> bool:
+        """Whether the online loop publishes serving versions."""
+        return self.publish_every_windows > 0 or self.publish_every_seconds > 0
+
+    def publish_due(self, window_index: int, seconds_since_publish: float) -> bool:
+        """Whether to publish after window ``window_index`` (0-based, from the stream's start,
+        so a resumed run publishes at the same windows)."""
+        by_windows = self.publish_every_windows > 0 and (window_index + 1) % self.publish_every_windows == 0
+        by_time = self.publish_every_seconds > 0 and seconds_since_publish >= self.publish_every_seconds
+        return by_windows or by_time
+
 
 DATA_ARG_CLASSES: tuple[type, ...] = (CustomDataArgs, SyntheticDataArgs, StreamArgs)
 """The data's gin classes (the preprocessor's, and the stream's of online training); a gin file

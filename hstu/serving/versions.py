@@ -35,11 +35,8 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
-
-from hstu.validation import _non_negative, _positive, _validate_fields
 
 POINTER = "LATEST"
 PUBLISH_LOCK = ".publish.lock"
@@ -320,44 +317,9 @@ def _refuse_older(root: Path, step: int) -> None:
                            "and was never published; publish a newer step (or into another folder)")
 
 
-# ----------------------------------------------------------------------------- schedule
-
-
-@dataclass
-class PublishArgs:
-    """When a training loop publishes a serving version, where, and how many it keeps."""
-
-    every_windows: int = 0
-    """Publish after every N-th window (counted from the stream's start, so a resumed run publishes at the same windows); 0: not by windows."""
-    every_seconds: float = 0.0
-    """Publish at the end of a window once this many seconds passed since the last publish; 0: not by time."""
-    keep: int = 3
-    """Versions kept in the root (the newest by step; one a reader holds is kept until released)."""
-    out_dir: str = ""
-    """The versioned root; empty: <run_dir>/serving."""
-    aoti: bool = False
-    """Also compile each version's AOTInductor package (tens of seconds on a CPU)."""
-
-    def __post_init__(self) -> None:
-        _validate_fields(self)
-        _non_negative(self, "every_windows", "every_seconds")
-        _positive(self, "keep")
-
-    @property
-    def enabled(self) -> bool:
-        return self.every_windows > 0 or self.every_seconds > 0
-
-    def due(self, window_index: int, seconds_since_publish: float) -> bool:
-        """Whether to publish after window ``window_index`` (0-based, from the stream's start)."""
-        by_windows = self.every_windows > 0 and (window_index + 1) % self.every_windows == 0
-        by_time = self.every_seconds > 0 and seconds_since_publish >= self.every_seconds
-        return by_windows or by_time
-
-
 __all__ = [
     "POINTER",
     "Lease",
-    "PublishArgs",
     "VersionError",
     "current_version",
     "is_versioned_root",

@@ -40,7 +40,6 @@ from hstu.data.store import SequenceStore
 from hstu.data.stream import StreamPosition, load_stream, make_source, save_stream
 from hstu.data.stream.core import ITEM_IDS_FILE, STATE_FILE, USER_IDS_FILE, write_json_atomic
 from hstu.data.user_store import Sequences, UserStore
-from hstu.serving.versions import PublishArgs
 from hstu.training.distributed import DistEnv
 from hstu.training.evaluate import evaluate
 from hstu.training.loop import MetricsWindow, Preemption
@@ -200,9 +199,7 @@ class OnlineTrainer:
         t.checkpoint.extra_files = self._stream_files
         self._saved_position: StreamPosition | None = None
         sa = self.stream_args
-        self.publish = PublishArgs(every_windows=sa.publish_every_windows,
-                                   every_seconds=sa.publish_every_seconds, keep=sa.publish_keep,
-                                   out_dir=sa.publish_dir or str(Path(run_dir) / "serving"))
+        self.publish_dir = sa.publish_dir or str(Path(run_dir) / "serving")
         self._published_at = time.monotonic()
         self.last_checkpoint = ""
         self._pending_rows: list[tuple[int, str, dict[str, float]]] = []
@@ -271,8 +268,8 @@ class OnlineTrainer:
         previous version stays served and training goes on."""
         t = self.trainer
         started = time.monotonic()
-        cmd = [sys.executable, "-m", "hstu.export", "--ckpt", ckpt, "--out", self.publish.out_dir,
-               "--versioned", "--keep", str(self.publish.keep), "--no-aoti"]
+        cmd = [sys.executable, "-m", "hstu.export", "--ckpt", ckpt, "--out", self.publish_dir,
+               "--versioned", "--keep", str(self.stream_args.publish_keep), "--no-aoti"]
         # a process of its own, not a rank of this job: none of torchrun's variables
         env = {k: v for k, v in os.environ.items()
                if k not in _TORCHRUN_VARS and not k.startswith("TORCHELASTIC_")}
@@ -280,10 +277,10 @@ class OnlineTrainer:
         self._published_at = time.monotonic()
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-            t.logger.print(f"[hstu] error: publishing {ckpt} into {self.publish.out_dir} failed "
+            t.logger.print(f"[hstu] error: publishing {ckpt} into {self.publish_dir} failed "
                            f"(exit {done.returncode}): {last}; the previous version stays served")
             return
-        t.logger.print(f"[hstu] published step {t.step} into {self.publish.out_dir} "
+        t.logger.print(f"[hstu] published step {t.step} into {self.publish_dir} "
                        f"({self._published_at - started:.1f} s)")
 
     def _flush_rows(self) -> None:
@@ -403,7 +400,7 @@ class OnlineTrainer:
                 elif self.windows_done % every == 0:
                     self.save(position)
                     saved_at = self.windows_done
-                if self.publish.enabled and self.publish.due(
+                if self.stream_args.publishes and self.stream_args.publish_due(
                         self.windows_done - 1, time.monotonic() - self._published_at):
                     if saved_at != self.windows_done:
                         self.save(position)

@@ -368,16 +368,20 @@ def test_bad_roots_are_one_line(base, tmp_path, capsys) -> None:
         _publish(root, base, 5, keep=0)
 
 
-def test_publish_args_schedule() -> None:
-    by_windows = versions.PublishArgs(every_windows=3)
-    assert [w for w in range(10) if by_windows.due(w, 0.0)] == [2, 5, 8]
-    by_time = versions.PublishArgs(every_seconds=60.0)
-    assert not by_time.due(0, 59.9) and by_time.due(0, 60.0)
-    assert not versions.PublishArgs().enabled and by_windows.enabled
-    with pytest.raises(ConfigError, match="PublishArgs.keep"):
-        versions.PublishArgs(keep=0)
-    with pytest.raises(ConfigError, match="PublishArgs.every_windows"):
-        versions.PublishArgs(every_windows=-1)
+def test_publish_schedule() -> None:
+    """The online loop's schedule (StreamArgs.publish_*): every N-th window from the stream's
+    start, or once T seconds passed; refused in one line when negative."""
+    from hstu.data.data_args import StreamArgs
+
+    by_windows = StreamArgs(publish_every_windows=3)
+    assert [w for w in range(10) if by_windows.publish_due(w, 0.0)] == [2, 5, 8]
+    by_time = StreamArgs(publish_every_seconds=60.0)
+    assert not by_time.publish_due(0, 59.9) and by_time.publish_due(0, 60.0)
+    assert not StreamArgs().publishes and by_windows.publishes
+    with pytest.raises(ConfigError, match="StreamArgs.publish_keep"):
+        StreamArgs(publish_keep=0)
+    with pytest.raises(ConfigError, match="StreamArgs.publish_every_windows"):
+        StreamArgs(publish_every_windows=-1)
 
 
 # ------------------------------------------------------------------ end to end, from checkpoints
