@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gin
 import pytest
 
 from hstu.cli import main
@@ -15,35 +14,29 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
-@pytest.fixture(autouse=True)
-def _plain_process(monkeypatch):
-    """A plain python process (not under torchrun), gin cleared around each test."""
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    gin.clear_config()
-    yield
-    gin.clear_config()
+pytestmark = pytest.mark.usefixtures("plain_process")
 
 
-def _check(capsys, task: str, preset: str, *argv: str) -> tuple[int, str, str]:
+def check_config(capsys, task: str, preset: str, *argv: str) -> tuple[int, str, str]:
+    """``--check-config`` of preset ``configs/<preset>``: (exit code, stdout, stderr)."""
     code = main(task, ["--gin-config-file", str(CONFIGS / preset), "--check-config", *argv])
     out, err = capsys.readouterr()
     return code, out, err
 
 
 def test_tensor_parallel_larger_than_the_world_is_refused(capsys) -> None:
-    code, _, err = _check(capsys, "ranking", "tp2_ranking.gin")
+    code, _, err = check_config(capsys, "ranking", "tp2_ranking.gin")
     assert code == 2, err
     line = err.strip().splitlines()[-1]
     assert line.startswith(f"error: {CONFIGS / 'tp2_ranking.gin'}:10: "), line
     assert "tensor_model_parallel_size: 2 does not divide the world size 1" in line
     assert "--world-size" in line
-    code, out, err = _check(capsys, "ranking", "tp2_ranking.gin", "--world-size", "2")
+    code, out, err = check_config(capsys, "ranking", "tp2_ranking.gin", "--world-size", "2")
     assert code == 0 and "configuration OK" in out, err
 
 
 def test_a_batch_past_the_kernels_token_limit_is_refused(capsys) -> None:
-    code, _, err = _check(capsys, "retrieval", "debug_retrieval.gin",
+    code, _, err = check_config(capsys, "retrieval", "debug_retrieval.gin",
                           "--gin-param", "TrainerArgs.train_batch_size=99999999999999999999")
     assert code == 2
     line = err.strip().splitlines()[-1]
@@ -52,7 +45,7 @@ def test_a_batch_past_the_kernels_token_limit_is_refused(capsys) -> None:
 
 
 def test_dataset_name_that_does_not_match_its_folder_is_refused(capsys, shop) -> None:  # noqa: F811
-    code, _, err = _check(
+    code, _, err = check_config(
         capsys, "retrieval", "debug_retrieval.gin",
         "--gin-param", 'DatasetArgs.dataset_name="ml-100k"',
         "--gin-param", f'DatasetArgs.dataset_path="{shop}"',
@@ -66,7 +59,7 @@ def test_dataset_name_that_does_not_match_its_folder_is_refused(capsys, shop) ->
     ("retrieval", "debug_ranking.gin", "ranking"), ("ranking", "debug_retrieval.gin", "retrieval"),
 ])
 def test_an_entry_point_refuses_the_other_tasks_configuration(capsys, task, preset, other) -> None:
-    code, out, err = _check(capsys, task, preset)
+    code, out, err = check_config(capsys, task, preset)
     assert code == 2 and "configuration OK" not in out
     line = err.strip().splitlines()[-1]
     assert f"a {other} configuration" in line and f"pretrain_gr_{other}.py" in line, line
@@ -74,7 +67,7 @@ def test_an_entry_point_refuses_the_other_tasks_configuration(capsys, task, pres
 
 
 def test_a_binding_under_a_scope_nothing_reads_is_named(capsys) -> None:
-    code, out, err = _check(capsys, "retrieval", "debug_retrieval.gin",
+    code, out, err = check_config(capsys, "retrieval", "debug_retrieval.gin",
                             "--gin-param", "scope/DatasetArgs.shuffle=False")
     assert code == 0 and "configuration OK" in out
     warnings = [ln for ln in err.splitlines() if ln.startswith("warning: ")]
@@ -158,20 +151,20 @@ def test_peer_mask_is_refused_where_history_would_see_its_label(capsys, shop_wit
     """Contextual tokens that see the whole history pass it on to every history position
     from layer 2 on: refused for retrieval at gin time (synthetic contextual features) and
     against the data's contextual features; one layer, or none of them, loads."""
-    code, _, err = _check(capsys, "retrieval", "benchmark_retrieval.gin", *PEER)
+    code, _, err = check_config(capsys, "retrieval", "benchmark_retrieval.gin", *PEER)
     assert code == 2, err
     line = err.strip().splitlines()[-1]
     assert line == "error: --gin-param \"NetworkArgs.mask_convention='peer'\": " + PEER_LINE.format(n=1)
-    code, out, err = _check(capsys, "retrieval", "benchmark_retrieval.gin", *PEER,
+    code, out, err = check_config(capsys, "retrieval", "benchmark_retrieval.gin", *PEER,
                             "--gin-param", "NetworkArgs.num_layers=1")
     assert code == 0 and "configuration OK" in out, err
     data = ("--gin-param", 'DatasetArgs.dataset_name="shop"',
             "--gin-param", f'DatasetArgs.dataset_path="{shop_with_region}"',
             "--gin-param", "NetworkArgs.num_layers=2")
-    code, _, err = _check(capsys, "retrieval", "debug_retrieval.gin", *data, *PEER)
+    code, _, err = check_config(capsys, "retrieval", "debug_retrieval.gin", *data, *PEER)
     assert code == 2, err
     assert err.strip().splitlines()[-1].endswith(PEER_LINE.format(n=2)), err  # user id, region
-    code, out, err = _check(capsys, "retrieval", "debug_retrieval.gin", *data, *PEER,
+    code, out, err = check_config(capsys, "retrieval", "debug_retrieval.gin", *data, *PEER,
                             "--gin-param", "DatasetArgs.contextual_features=[]")
     assert code == 0 and "configuration OK" in out, err
 
@@ -188,7 +181,7 @@ def test_rab_query_time_is_refused_where_it_cannot_apply(capsys, task, preset, e
     argv = ["--gin-param", "NetworkArgs.rab_query_time=True"]
     for p in extra:
         argv += ["--gin-param", p]
-    code, out, err = _check(capsys, task, preset, *argv)
+    code, out, err = check_config(capsys, task, preset, *argv)
     assert code == 2 and "configuration OK" not in out
     line = err.strip().splitlines()[-1]
     assert "NetworkArgs.rab_query_time:" in line and why in line, line
@@ -209,15 +202,15 @@ def test_a_window_the_cutlass_kernel_cannot_express_is_refused_at_start(
             "--gin-param", "NetworkArgs.max_attn_len=8"]
     for p in extra:
         argv += ["--gin-param", p]
-    code, out, err = _check(capsys, task, preset, *argv)
+    code, out, err = check_config(capsys, task, preset, *argv)
     assert code == 2 and "configuration OK" not in out, err
     line = err.strip().splitlines()[-1]
     assert "NetworkArgs.max_attn_len" in line and f"max_attn_len=8 with {lacking}" in line, line
     assert "use kernel backend" in line, line
 
 
-def test_a_plain_window_on_cutlass_passes_the_config_check(capsys) -> None:
-    code, out, err = _check(capsys, "retrieval", "debug_retrieval.gin",
+def test_a_plain_window_on_cutlass_passes_the_configcheck_config(capsys) -> None:
+    code, out, err = check_config(capsys, "retrieval", "debug_retrieval.gin",
                             "--gin-param", 'NetworkArgs.kernel_backend="cutlass"',
                             "--gin-param", "NetworkArgs.max_attn_len=8",
                             "--gin-param", "DatasetArgs.contextual_features=[]")

@@ -100,3 +100,19 @@ def make_batch(
 def sampler(mode: str = "uniform", num_negatives: int = 5, num_items: int = 30,
             min_item_id: int = 1, seed: int = 0) -> NegativeSampler:
     return NegativeSampler(mode, num_negatives, min_item_id, num_items, "item", seed)
+
+
+def popularity_hr10(train: list[list[int]], history: list[list[int]], targets: list[int],
+                    num_items: int) -> float:
+    """HR@10 of ranking every item by its count in ``train`` (the popularity floor), each
+    user's history and the padding id 0 excluded, for the held-out ``targets``."""
+    from hstu.model.metrics import ranks_from_scores, retrieval_metrics
+
+    counts = torch.bincount(torch.tensor([i for u in train for i in u]), minlength=num_items)
+    scores = counts.double().expand(len(history), -1).clone()
+    excluded = torch.zeros_like(scores, dtype=torch.bool)
+    excluded[:, 0] = True
+    for b, h in enumerate(history):
+        excluded[b, h] = True
+    ranks = ranks_from_scores(scores, torch.tensor(targets), excluded)
+    return float(retrieval_metrics(ranks, ["HR@10"])["HR@10"].mean())

@@ -10,21 +10,20 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
-import gin
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from hstu.args import NetworkArgs, RetrievalArgs
-from hstu.cli import main
 from hstu.model.builder import ModelDataInfo, build_model
-from hstu.model.metrics import ranks_from_scores, retrieval_metrics
+from hstu.model.metrics import retrieval_metrics
 from hstu.model.sasrec import SASRecBlock, SASRecInference, inference_config
 from hstu.serving.artifact import Corpus
 from tests.dist_utils import run_multiprocess
-from tests.model.helpers import TinyEmbeddings, make_batch
+from tests.model.helpers import TinyEmbeddings, make_batch, popularity_hr10
 from tests.model.test_retrieval_learns import NUM_ITEMS, SEQ_LEN, _markov_users
+from tests.test_check_config import check_config
 from tests.training.test_distributed import _close, _close_table, _train_and_dump
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -155,13 +154,7 @@ def test_sasrec_learns_and_beats_popularity_on_markov_data() -> None:
     model.eval()
     batch = make_batch(history, labels=targets, max_seqlen=SEQ_LEN + 1)
     model_hr = float(retrieval_metrics(model.evaluate(batch, top_k=10).target_ranks, ["HR@10"])["HR@10"].mean())
-    counts = torch.bincount(torch.tensor([i for u in train for i in u]), minlength=NUM_ITEMS)
-    scores = counts.double().expand(len(users), -1).clone()
-    excluded = torch.zeros_like(scores, dtype=torch.bool)
-    excluded[:, 0] = True
-    for b, h in enumerate(history):
-        excluded[b, h] = True
-    pop_hr = float(retrieval_metrics(ranks_from_scores(scores, torch.tensor(targets), excluded), ["HR@10"])["HR@10"].mean())
+    pop_hr = popularity_hr10(train, history, targets, NUM_ITEMS)
     print(f"sasrec HR@10 {model_hr:.3f}, popularity HR@10 {pop_hr:.3f}, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
     assert model_hr > 3 * pop_hr and model_hr > 0.5, (model_hr, pop_hr)
@@ -259,22 +252,7 @@ def test_two_processes_over_a_row_wise_item_table_take_the_steps_of_one(tmp_path
 # ------------------------------------------------------------------ configuration
 
 
-@pytest.fixture
-def _plain_process(monkeypatch):
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
-def _check(capsys, task: str, preset: str, *argv: str) -> tuple[int, str, str]:
-    code = main(task, ["--gin-config-file", str(CONFIGS / preset), "--check-config", *argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.mark.usefixtures("_plain_process")
+@pytest.mark.usefixtures("plain_process")
 def test_check_config_accepts_the_preset(capsys, tmp_path) -> None:
     data = ROOT / "tmp_data" / "ml-100k"
     if not (data / "metadata.json").is_file():  # preprocess the real ML-100K here
@@ -285,29 +263,29 @@ def test_check_config_accepts_the_preset(capsys, tmp_path) -> None:
 
         assert preprocess(["--dataset", "ml-100k", "--raw", str(raw), "--out", str(tmp_path)]) == 0
         data = tmp_path / "ml-100k"
-    code, out, err = _check(capsys, "retrieval", PRESET, "--gin-param", f'DatasetArgs.dataset_path="{data}"')
+    code, out, err = check_config(capsys, "retrieval", PRESET, "--gin-param", f'DatasetArgs.dataset_path="{data}"')
     assert code == 0 and "configuration OK" in out, err
 
 
-@pytest.mark.usefixtures("_plain_process")
+@pytest.mark.usefixtures("plain_process")
 @pytest.mark.parametrize("param,field,why", [
     ('NetworkArgs.architecture="sasrek"', "NetworkArgs.architecture", "'sasrek' is not one of 'hstu' | 'sasrec'"),
     ("NetworkArgs.relative_attention_bias=True", "NetworkArgs.relative_attention_bias", "option of the HSTU block"),
     ("NetworkArgs.sasrec_ffn_activation=\"tanh\"", "NetworkArgs.sasrec_ffn_activation", "'tanh' is not one of"),
 ])
 def test_check_config_refuses_in_one_line(capsys, param: str, field: str, why: str) -> None:
-    code, _, err = _check(capsys, "retrieval", PRESET, "--gin-param", param)
+    code, _, err = check_config(capsys, "retrieval", PRESET, "--gin-param", param)
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert f"{field}: " in lines[0] and why in lines[0], lines[0]
 
 
-@pytest.mark.usefixtures("_plain_process")
+@pytest.mark.usefixtures("plain_process")
 def test_sasrec_ranking_and_tensor_parallel_are_refused(capsys) -> None:
-    code, _, err = _check(capsys, "ranking", "debug_ranking.gin", "--gin-param", 'NetworkArgs.architecture="sasrec"')
+    code, _, err = check_config(capsys, "ranking", "debug_ranking.gin", "--gin-param", 'NetworkArgs.architecture="sasrec"')
     assert code == 2 and "NetworkArgs.architecture: sasrec is a retrieval model" in err, err
-    code, _, err = _check(capsys, "retrieval", "debug_retrieval.gin", "--world-size", "2",
+    code, _, err = check_config(capsys, "retrieval", "debug_retrieval.gin", "--world-size", "2",
                           "--gin-param", 'NetworkArgs.architecture="sasrec"',
                           "--gin-param", "TensorModelParallelArgs.tensor_model_parallel_size=2")
     assert code == 2 and "tensor_model_parallel_size: 2: NetworkArgs.architecture=\"sasrec\"" in err, err

@@ -12,19 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from hstu.args import RankingArgs
 from hstu.model.ranking import ranking_loss
 from hstu.training.evaluate import evaluate
-
-
-@pytest.fixture
-def one_process_group(tmp_path):
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 class _Batch(SimpleNamespace):

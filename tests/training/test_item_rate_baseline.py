@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from hstu.args import DatasetArgs, RankingArgs
 from hstu.data import build_data
@@ -21,13 +20,6 @@ from hstu.training.evaluate import ITEM_RATE_PSEUDO_LABELS, item_rate_baseline
 
 CANDIDATES = 3
 
-
-@pytest.fixture
-def one_process_group(tmp_path):
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _log(tmp_path, num_classes: int):

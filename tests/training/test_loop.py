@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from hstu.training.loop import MetricsWindow
 
@@ -14,14 +13,6 @@ class _Optimizer:
     last_grad_norm = None
     scaler = None
 
-
-@pytest.fixture
-def one_process_group(tmp_path):
-    dist.init_process_group(
-        "gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1
-    )
-    yield
-    dist.destroy_process_group()
 
 
 def test_a_flush_between_log_lines_stays_in_the_window_mean(one_process_group) -> None:
