@@ -22,12 +22,14 @@ for preset in "${PRESETS[@]}"; do
     rm -rf "$dir"; mkdir -p "$dir"
     echo "[reproduce] $preset seed $seed -> $dir"
     start=$(date +%s.%N)
-    "$TORCHRUN" --standalone --nproc_per_node "$NPROC" "$entry" \
+    # bash's `time` reports the CPU seconds of every process it waited for (both ranks)
+    { TIMEFORMAT="%U %S"; time "$TORCHRUN" --standalone --nproc_per_node "$NPROC" "$entry" \
       --gin-config-file "configs/${preset}.gin" \
       --gin-param "TrainerArgs.seed=${seed}" \
-      --gin-param "TrainerArgs.run_dir=\"${dir}\"" > "$dir/train.log" 2>&1
+      --gin-param "TrainerArgs.run_dir=\"${dir}\"" > "$dir/train.log" 2>&1 ; } 2> "$dir/cpu_times"
     end=$(date +%s.%N)
     "$PY" -c "print(f'{$end - $start:.1f}')" > "$dir/wall_s"
+    "$PY" -c "u, s = open('$dir/cpu_times').read().split()[-2:]; print(f'{float(u) + float(s):.1f}')" > "$dir/cpu_s"
     grep -E "test split|final" "$dir/train.log" | tail -2 || true
   done
 done
@@ -36,15 +38,19 @@ done
 import csv, sys, pathlib, statistics
 
 print()
-print("| preset | metric | mean | std | min | max | per seed | wall s (mean) |")
-print("|---|---|---|---|---|---|---|---|")
+print("| preset | metric | mean | std | min | max | per seed | wall s (mean) | CPU s (mean) |")
+print("|---|---|---|---|---|---|---|---|---|")
+KEYS = ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "MRR", "AUC", "NE")
+floor: dict[str, list[float]] = {}
+floor_name = "popularity"
 for preset in sys.argv[1:]:
     runs = sorted(pathlib.Path("runs/results").glob(f"{preset}-seed*"))
-    rows = {}
-    walls = []
+    rows: dict[str, list[float]] = {}
+    walls, cpus = [], []
     for run in runs:
         with open(run / "metrics.csv") as f:
-            m = [r for r in csv.DictReader(f) if r["split"] == "eval"]
+            all_rows = list(csv.DictReader(f))
+        m = [r for r in all_rows if r["split"] == "eval"]
         test = {r["name"][len("test/"):]: float(r["value"]) for r in m if r["name"].startswith("test/")}
         if test:  # retrieval with best-checkpoint selection: the test rows
             vals = test
@@ -53,11 +59,21 @@ for preset in sys.argv[1:]:
             vals = {r["name"]: float(r["value"]) for r in m if int(r["step"]) == last}
         for k, v in vals.items():
             rows.setdefault(k, []).append(v)
+        # the non-sequential floor on the same evaluation events (popularity / label prior)
+        for r in all_rows:
+            if r["split"] == "baseline" and r["name"] in KEYS:
+                floor.setdefault(f"{'ranking' if 'ranking' in preset else 'retrieval'}|{r['name']}", []).append(float(r["value"]))
         walls.append(float((run / "wall_s").read_text()))
-    keys = [k for k in ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "MRR", "AUC") if k in rows]
-    for k in keys:
+        cpu = run / "cpu_s"
+        cpus.append(float(cpu.read_text()) if cpu.exists() else float("nan"))
+    for k in [k for k in KEYS if k in rows]:
         v = rows[k]
         sd = statistics.stdev(v) if len(v) > 1 else 0.0
         print(f"| {preset} | {k} | {statistics.mean(v):.4f} | {sd:.4f} | {min(v):.4f} | {max(v):.4f} | "
-              + " ".join(f"{x:.4f}" for x in v) + f" | {statistics.mean(walls):.0f} |")
+              + " ".join(f"{x:.4f}" for x in v)
+              + f" | {statistics.mean(walls):.0f} | {statistics.mean(cpus):.0f} |")
+for key, v in floor.items():
+    task, k = key.split("|")
+    name = "popularity" if task == "retrieval" else "label prior"
+    print(f"| floor ({name}, {task}) | {k} | {statistics.mean(v):.4f} | | | | | | |")
 PY

@@ -61,13 +61,15 @@ def ranking_loss(
     num_tasks: int,
     scale: torch.Tensor | None = None,
     check_labels: bool = True,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """logits [S, W], labels int64 [S] -> scalar (see the module docstring).
 
     ``scale`` None: the mean over the S candidates; otherwise the sum over them times
     ``scale`` (:func:`hstu.model.loss_scale.global_mean_scale`). ``check_labels`` checks
     class labels against W (a host sync: training relies on the build-time check of
-    :func:`check_ranking_head` instead).
+    :func:`check_ranking_head` instead). ``weights`` float [S] (with ``scale``): each
+    candidate's weight in the sum (0: padding, not trained).
     """
     if labels.numel() == 0:
         return logits.sum() * 0.0
@@ -83,6 +85,8 @@ def ranking_loss(
         per = F.cross_entropy(logits, labels, reduction="none")
     if scale is None:
         return per.mean()
+    if weights is not None:
+        per = per * weights
     return per.sum() * scale
 
 
@@ -129,8 +133,15 @@ class RankingModel(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         if batch.labels is None:
             raise ValueError("a ranking batch needs labels (the candidates' action values)")
-        # this rank's candidate count, summed over the world while the block runs
-        pending = PendingScale(batch.num_candidates.sum(), self.training)
+        # this rank's candidate count, summed over the world while the block runs; padding
+        # samples of online training (sample_mask False in training) weigh 0
+        weights = None
+        count = batch.num_candidates.sum()
+        if self.training and batch.sample_mask is not None:
+            keep = batch.sample_mask.to(batch.num_candidates.device)
+            weights = torch.repeat_interleave(keep, batch.num_candidates).float()
+            count = (batch.num_candidates * keep).sum()
+        pending = PendingScale(count, self.training)
         _, inputs, layout, tokens, states = encode_batch(
             batch, embeddings, self.token_builder, self.block,
             self.max_item_seqlen, self.tp_group,
@@ -138,7 +149,8 @@ class RankingModel(nn.Module):
         logits = self.head(states[tokens.candidate_rows].float())  # [S_all, W]
         logits = take_own_rows(logits, layout.candidates, self.tp_group)
         scale = pending.wait()
-        loss = ranking_loss(logits, batch.labels, self.num_tasks, scale, check_labels=not self.training)
+        loss = ranking_loss(logits, batch.labels, self.num_tasks, scale, check_labels=not self.training,
+                            weights=None if weights is None else weights.to(logits.device))
         if self.training and self.history_loss_weight > 0:
             loss = loss + self.history_loss_weight * self.history_loss(batch, inputs, layout, tokens, states)
         return loss, (logits.detach(), batch.labels)

@@ -22,22 +22,24 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from hstu.config import RunConfig
 from hstu.data.loader import Samples, SequenceLoader
 from hstu.data.store import SequenceStore
-from hstu.data.stream import StreamPosition, load_stream, make_source, save_stream
+from hstu.data.stream import StreamPosition, Window, load_stream, make_source, save_stream
 from hstu.data.stream.core import ITEM_IDS_FILE, STATE_FILE, USER_IDS_FILE, write_json_atomic
 from hstu.data.user_store import Sequences, UserStore
 from hstu.training.distributed import DistEnv
@@ -124,24 +126,57 @@ def ranking_samples(seqs: Sequences, max_len: int, max_cands: int) -> Samples:
 
 
 class WindowLoader(SequenceLoader):
-    """The trainer's loader over one window's samples (same features, negatives, batch size,
-    shuffle by (seed, window)); retrieval training batches carry ``first_trained``."""
+    """The trainer's loader over one window's samples of this rank (same features, negatives,
+    batch size; shuffled by (seed, window)); retrieval training batches carry ``first_trained``.
+
+    With several ranks each rank holds the samples of the users it owns (the user store's
+    sharding), so the counts differ: every rank runs ``per_rank`` samples (the largest count,
+    agreed over the ranks), its own padded by wrapping around and marked ``sample_mask =
+    False``. Padding is never trained (a retrieval padding sample has no query, a ranking one
+    weighs 0 in the loss) nor evaluated: every event is trained and evaluated exactly once.
+    """
 
     first_trained: np.ndarray | None = None
+    num_real: int = 0
 
     @classmethod
     def over(cls, base: SequenceLoader, store: SequenceStore, samples: Samples, epoch: int,
-             first_trained: np.ndarray | None = None) -> WindowLoader:
+             first_trained: np.ndarray | None = None, per_rank: int | None = None,
+             num_real: int | None = None) -> WindowLoader:
         loader = copy.copy(base)
         loader.__class__ = cls
         loader.store, loader.samples = store, samples
-        loader.samples_per_rank = math.ceil(len(samples) / loader.world_size)
+        loader.num_real = len(samples) if num_real is None else num_real
+        loader.samples_per_rank = len(samples) if per_rank is None else per_rank
         loader.epoch, loader.batch_index = epoch, 0
+        loader.drop_last = False  # every event of the window is trained
         loader.first_trained = first_trained
         return loader  # type: ignore[return-value]
 
+    def __iter__(self):  # type: ignore[override]
+        num = len(self.samples)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_real)
+        else:
+            order = np.arange(self.num_real)
+        real = np.ones(self.samples_per_rank, dtype=bool)
+        if self.samples_per_rank > self.num_real:
+            # wrap (or, with no sample of its own, the placeholder sample after the real ones)
+            pad = self.samples_per_rank - self.num_real
+            order = np.concatenate([order, np.resize(order if self.num_real else np.arange(num), pad)])
+            real[self.num_real:] = False
+        padded = not real.all()
+        while self.batch_index < len(self):
+            sel = slice(self.batch_index * self.batch_size, (self.batch_index + 1) * self.batch_size)
+            self.batch_index += 1
+            mask = real[sel] if (padded or not self.training) else None
+            yield self.make_batch(order[sel], mask)
+        self.epoch, self.batch_index = self.epoch + 1, 0
+
     def make_batch(self, index: np.ndarray, mask: np.ndarray | None = None,
                    tp_sizes: Any = None) -> Any:
+        # padding in training (``mask``): the ranking loss weighs it 0 (RankingModel), a
+        # retrieval sample gets no query (first_trained past its history, below)
         batch = super().make_batch(index, mask, tp_sizes)
         if self.first_trained is None:
             return batch
@@ -151,12 +186,45 @@ class WindowLoader(SequenceLoader):
                 "online training trains only the window's events: use full_corpus or in-batch "
                 "negatives (drawn negatives are per history position)",
             )
-        first = self.first_trained[index]
+        first = self.first_trained[index].copy()
         sizes = batch.require_sizes()
         hist = sizes.history_per_sample
-        batch.first_trained = torch.from_numpy(first.copy())
+        if mask is not None:
+            first[~mask] = hist[~mask]
+            batch.sample_mask = None
+        batch.first_trained = torch.from_numpy(first)
         batch.sizes = replace(sizes, num_queries=int(np.maximum(hist - 1 - first, 0).sum()))
         return batch
+
+
+def placeholder_sequences() -> Sequences:
+    """One user with one stored and one new event of item 1: the sample a rank without a user
+    of the window runs (masked) so that every rank takes the same steps."""
+    return Sequences(
+        offsets=np.array([0, 2], np.int64), items=np.ones(2, np.int64),
+        timestamps=np.zeros(2, np.int64), ratings=np.zeros(2), users=np.zeros(1, np.int64),
+        num_new=np.ones(1, np.int64),
+    )
+
+
+@dataclass
+class WindowWork:
+    """One window's samples on this rank, and what the ranks agreed on: each runs
+    ``eval_per_rank`` / ``train_per_rank`` samples (the largest count over the ranks), its
+    ``num_eval`` / ``num_train`` real ones first (the others: masked padding)."""
+
+    store: SequenceStore
+    eval_samples: Samples
+    train_samples: Samples
+    first_trained: np.ndarray | None
+    num_eval: int
+    num_train: int
+    eval_per_rank: int
+    train_per_rank: int
+    eval_total: int
+    """Evaluated samples over all ranks."""
+    targets: int
+    """Events trained as targets over all ranks."""
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -173,10 +241,18 @@ class OnlineTrainer:
         self._check(cfg, env)
         self.stop_requested = False
         self._preemption: Preemption | None = None
+        # rank 0 reads the stream (listing, quarantine, id maps) and sends each window to the
+        # others (_windows): every rank sees the same windows, whatever lands in the folder
         self.source = make_source(
             self.stream_args, stop=self._stop,
             columns=cfg.extras.get("CustomDataArgs"),
-        )
+        ) if env.rank == 0 else None
+        self.known_items = 0
+        self._window_group = None
+        if env.world_size > 1:
+            # waiting for a partition (StreamArgs.follow) may outlast the default timeout
+            timeout = timedelta(days=365) if self.stream_args.follow else None
+            self._window_group = dist.new_group(backend="gloo", timeout=timeout)
         self.trainer = Trainer(cfg, env, run_dir, config_text)
         t = self.trainer
         self.max_len = cfg.dataset.max_sequence_length
@@ -185,9 +261,14 @@ class OnlineTrainer:
         work = Path(run_dir) / f"user_store.rank{env.rank}-of-{env.world_size}.work.sqlite"
         loaded = t.checkpoint.loaded
         if loaded is not None:
-            self.position = load_stream(loaded, self.source)
+            done = json.loads((Path(loaded) / ONLINE_FILE).read_text())
+            if self.source is not None:
+                self.position = load_stream(loaded, self.source)
+                self.known_items = len(self.source.items)
+            else:
+                self.position = StreamPosition.from_dict(done["position"])
             self.store = UserStore.restore(loaded, work, self.max_len, env.rank, env.world_size)
-            self.windows_done = int(json.loads((Path(loaded) / ONLINE_FILE).read_text())["windows"])
+            self.windows_done = int(done["windows"])
             t.logger.print(
                 f"[hstu] stream: resumed after {self.windows_done} windows at partition "
                 f"{self.position.partition!r} row {self.position.row}"
@@ -221,9 +302,6 @@ class OnlineTrainer:
         if t.best_metric is not None:
             raise ConfigError("TrainerArgs", "best_metric",
                               "online training evaluates each window (split stream); set None")
-        if env.world_size > 1:
-            raise ConfigError("torchrun", None,
-                              "online training runs on 1 process for now (docs/online.md)")
         ds = cfg.dataset
         if getattr(ds, "contextual_features", None) not in ([], ()):
             raise ConfigError("DatasetArgs", "contextual_features",
@@ -240,7 +318,7 @@ class OnlineTrainer:
     def _stream_files(self, folder: str) -> list[str]:
         """This rank's stream files of a checkpoint being written into ``folder``."""
         names = [self.store.checkpoint(folder).name]
-        if self.env.rank == 0:
+        if self.source is not None:
             assert self._saved_position is not None
             save_stream(folder, self._saved_position, self.source)
             write_json_atomic(Path(folder) / ONLINE_FILE, {
@@ -283,31 +361,80 @@ class OnlineTrainer:
         t.logger.print(f"[hstu] published step {t.step} into {self.publish_dir} "
                        f"({self._published_at - started:.1f} s)")
 
+    # ---------------------------------------------------------------- the ranks agree
+    def windows(self) -> Iterator[Window]:
+        """The stream's windows from the current position, on every rank: rank 0 reads them
+        from the source and broadcasts each (with the number of items known after it)."""
+        if self.source is not None and self._window_group is None:
+            for window in self.source.windows(self.position):
+                self.known_items = len(self.source.items)
+                yield window
+            return
+        ours = self.source.windows(self.position) if self.source is not None else None
+        while True:
+            msg: list[Any] = [None]
+            if ours is not None:
+                window = next(ours, None)
+                msg = [None if window is None else (window, len(self.source.items))]
+            dist.broadcast_object_list(msg, src=0, group=self._window_group)
+            if msg[0] is None:
+                return
+            window, self.known_items = msg[0]
+            yield window
+
+    def _all_counts(self, *local: int) -> np.ndarray:
+        """int64 [world, len(local)]: every rank's ``local`` counts (one host all-reduce)."""
+        world = self.env.world_size
+        table = torch.zeros(world, len(local), dtype=torch.int64)
+        table[self.env.rank] = torch.tensor(local, dtype=torch.int64)
+        if world > 1:
+            dist.all_reduce(table)
+        return table.numpy()
+
     def _flush_rows(self) -> None:
         for step, split, metrics in self._pending_rows:
             self.trainer.logger.log(step, split, metrics)
         self._pending_rows.clear()
 
     # ---------------------------------------------------------------- one window
-    def _loader(self, base: SequenceLoader, store: SequenceStore, samples: Samples,
-                first_trained: np.ndarray | None = None) -> WindowLoader:
-        return WindowLoader.over(base, store, samples, self.windows_done, first_trained)
+    def _samples(self, seqs: Sequences) -> tuple[Samples, Samples, np.ndarray | None]:
+        """(evaluation samples, training samples, retrieval's first_trained) of ``seqs``."""
+        if self.cfg.task == "retrieval":
+            train, first = retrieval_train_samples(seqs, self.max_len)
+            return retrieval_eval_samples(seqs, self.max_len), train, first
+        samples = ranking_samples(seqs, self.max_len, self.cfg.dataset.max_num_candidates)
+        return samples, samples, None
 
-    def evaluate_window(self, seqs: Sequences) -> dict[str, float]:
+    def prepare_window(self, seqs: Sequences) -> WindowWork:
+        """The samples of one window (this rank's users ``seqs``) and the counts every rank
+        needs to take the same steps (one host all-reduce)."""
+        real = len(seqs.users) > 0
+        if not real:  # no user of this window here: a placeholder keeps the steps in step
+            seqs = placeholder_sequences()
+        store = window_store(seqs, self.trainer.built.train_loader.store.metadata)
+        eval_s, train_s, first = self._samples(seqs)
+        targets = int((train_s.cand_end - (train_s.hist_end if first is None else
+                                           train_s.hist_start + first + 1)).sum())
+        n_eval, n_train = (len(eval_s), len(train_s)) if real else (0, 0)
+        counts = self._all_counts(n_eval, n_train, targets if real else 0)
+        return WindowWork(
+            store, eval_s, train_s, first, n_eval, n_train, eval_per_rank=int(counts[:, 0].max()),
+            train_per_rank=int(counts[:, 1].max()), eval_total=int(counts[:, 0].sum()),
+            targets=int(counts[:, 2].sum()),
+        )
+
+    def evaluate_window(self, work: WindowWork) -> dict[str, float]:
         """The current model on the window's events (before any training on them)."""
         t, cfg = self.trainer, self.cfg
-        store = window_store(seqs, t.built.train_loader.store.metadata)
-        if cfg.task == "retrieval":
-            samples = retrieval_eval_samples(seqs, self.max_len)
-        else:
-            samples = ranking_samples(seqs, self.max_len, cfg.dataset.max_num_candidates)
-        if len(samples) == 0:
+        if work.eval_per_rank == 0:
             return {"eval_events": 0.0}
-        loader = self._loader(t.built.eval_loader, store, samples)
+        store, samples = work.store, work.eval_samples
+        loader = WindowLoader.over(t.built.eval_loader, store, samples, self.windows_done,
+                                   per_rank=work.eval_per_rank, num_real=work.num_eval)
         dense = t.model.dense_module
         if cfg.task == "retrieval":
             # the items known so far (dense ids 1..K of the id map) are the corpus
-            known = len(self.source.items) + 1
+            known = self.known_items + 1
             table = dense.num_items
             if known > table:
                 from hstu.data.errors import DataError
@@ -320,27 +447,24 @@ class OnlineTrainer:
                 metrics = evaluate(t.model, loader, cfg, self.env, None)
             finally:
                 dense.num_items = table
-            metrics["eval_events"] = float(len(samples))
+            metrics["eval_events"] = float(work.eval_total)
         else:
             metrics = evaluate(t.model, loader, cfg, self.env, None)
-            labels = store.actions[_cand_rows(samples)]
-            metrics["NE"] = metrics["loss"] / _entropy(labels)
-            metrics["eval_events"] = float(len(labels))
+            labels = store.actions[_cand_rows(samples.select(np.arange(work.num_eval)))]
+            counts = _label_counts(labels, self.env.world_size)
+            metrics["NE"] = metrics["loss"] / _entropy(counts)
+            metrics["eval_events"] = float(counts.sum())
         t.model.train()
         return metrics
 
-    def train_window(self, seqs: Sequences, window_metrics: MetricsWindow) -> int:
+    def train_window(self, work: WindowWork, window_metrics: MetricsWindow) -> int:
         """One pass over the window's events as targets; returns the steps taken."""
-        t, cfg = self.trainer, self.cfg
-        store = window_store(seqs, t.built.train_loader.store.metadata)
-        first = None
-        if cfg.task == "retrieval":
-            samples, first = retrieval_train_samples(seqs, self.max_len)
-        else:
-            samples = ranking_samples(seqs, self.max_len, cfg.dataset.max_num_candidates)
-        if len(samples) == 0:
+        t = self.trainer
+        if work.train_per_rank == 0:
             return 0
-        loader = self._loader(t.built.train_loader, store, samples, first)
+        loader = WindowLoader.over(t.built.train_loader, work.store, work.train_samples,
+                                   self.windows_done, work.first_trained,
+                                   per_rank=work.train_per_rank, num_real=work.num_train)
         prepare = t._prepare_for_device()
         batches = iter(b if prepare is None else prepare(b) for b in loader)
         steps = 0
@@ -366,11 +490,13 @@ class OnlineTrainer:
         saved_at = self.windows_done
         with Preemption() as preemption:
             self._preemption = preemption
-            for window in self.source.windows(self.position):
+            for window in self.windows():
                 started = time.perf_counter()
                 seqs = self.store.sequences(window)
-                metrics = self.evaluate_window(seqs)
-                steps = self.train_window(seqs, window_metrics)
+                work = self.prepare_window(seqs)
+                metrics = self.evaluate_window(work)
+                steps = self.train_window(work, window_metrics)
+                trained = work.targets
                 self.store.append(window)
                 self.windows_done += 1
                 position = window.position_after
@@ -382,7 +508,8 @@ class OnlineTrainer:
                 rows = dict(metrics)
                 rows.update(
                     window=float(self.windows_done), events=float(window.num_events),
-                    train_steps=float(steps), known_items=float(len(self.source.items)),
+                    train_steps=float(steps), trained_events=float(trained),
+                    known_items=float(self.known_items),
                     events_waiting=float(window.lag.events_waiting),
                     seconds_behind=float(window.lag.seconds_behind),
                     window_seconds=time.perf_counter() - started,
@@ -400,14 +527,17 @@ class OnlineTrainer:
                 elif self.windows_done % every == 0:
                     self.save(position)
                     saved_at = self.windows_done
-                if self.stream_args.publishes and self.stream_args.publish_due(
-                        self.windows_done - 1, time.monotonic() - self._published_at):
+                due = self.stream_args.publishes and self.stream_args.publish_due(
+                    self.windows_done - 1, time.monotonic() - self._published_at)
+                # every rank stops (a signal on any) and publishes (due on any) at the same window
+                stop, due = (bool(x) for x in self._all_counts(
+                    int(preemption.requested), int(due)).max(axis=0))
+                if due:
                     if saved_at != self.windows_done:
                         self.save(position)
                         saved_at = self.windows_done
                     if self.env.rank == 0:
                         self.publish_version(self.last_checkpoint)
-                stop = preemption.agreed()
                 if stop or (limit is not None and t.step >= limit):
                     self.interrupted = stop
                     self.stop_requested = True
@@ -436,11 +566,23 @@ def _cand_rows(samples: Samples) -> np.ndarray:
     return gather_ranges(samples.hist_end, samples.cand_end)
 
 
-def _entropy(labels: np.ndarray) -> float:
-    """Cross-entropy of the best constant prediction (the labels' own distribution): the
-    normalised entropy's denominator. NaN for one class only."""
+def _label_counts(labels: np.ndarray, world_size: int) -> np.ndarray:
+    """int64 [classes]: how many of the labels over all ranks have each value."""
     counts = np.bincount(labels.astype(np.int64))
-    p = counts[counts > 0] / max(len(labels), 1)
+    if world_size == 1:
+        return counts
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, counts)
+    out = np.zeros(max(len(c) for c in gathered), np.int64)
+    for c in gathered:
+        out[: len(c)] += c
+    return out
+
+
+def _entropy(counts: np.ndarray) -> float:
+    """Cross-entropy of the best constant prediction (the labels' own distribution, ``counts``
+    per value): the normalised entropy's denominator. NaN for one class only."""
+    p = counts[counts > 0] / max(int(counts.sum()), 1)
     h = float(-(p * np.log(p)).sum())
     return h if h > 0 else float("nan")
 

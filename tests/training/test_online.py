@@ -74,16 +74,25 @@ def _params(data: Path, run_dir: Path, task: str, extra: list[str]) -> list[str]
     return params + extra
 
 
-def _cmd(data: Path, run_dir: Path, task: str, extra: list[str]) -> list[str]:
-    cmd = [sys.executable, str(ROOT / f"pretrain_gr_{task}.py"), "--gin-config-file",
-           str(ROOT / "configs" / f"debug_{task}.gin")]
+def _cmd(data: Path, run_dir: Path, task: str, extra: list[str], nproc: int = 1,
+         kill_at: bool = False) -> list[str]:
+    """The entry point's command line: one process, or ``nproc`` under torchrun; with
+    ``kill_at`` through tests/training/kill_at.py (HSTU_KILL_AT says where it dies)."""
+    cmd = [sys.executable]
+    if nproc > 1:
+        cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    if kill_at:
+        cmd.append(str(ROOT / "tests" / "training" / "kill_at.py"))
+    cmd += [str(ROOT / f"pretrain_gr_{task}.py"), "--gin-config-file",
+            str(ROOT / "configs" / f"debug_{task}.gin")]
     for p in _params(data, run_dir, task, extra):
         cmd += ["--gin-param", p]
     return cmd
 
 
-def run(data: Path, run_dir: Path, task: str = "retrieval", extra: list[str] = ()) -> str:
-    proc = subprocess.run(_cmd(data, run_dir, task, list(extra)), cwd=ROOT, env=_env(),
+def run(data: Path, run_dir: Path, task: str = "retrieval", extra: list[str] = (),
+        nproc: int = 1) -> str:
+    proc = subprocess.run(_cmd(data, run_dir, task, list(extra), nproc), cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=600, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
@@ -117,8 +126,8 @@ def newest(run_dir: Path) -> Path:
     return ckpts[-1]
 
 
-def checkpoint_state(folder: Path) -> dict:
-    """Everything a checkpoint holds, as comparable values."""
+def checkpoint_state(folder: Path, world: int = 1) -> dict:
+    """Everything a checkpoint of ``world`` processes holds, as comparable values."""
     import sqlite3
 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -128,16 +137,18 @@ def checkpoint_state(folder: Path) -> dict:
     state = {
         "tables": torch.load(tables, weights_only=False),
         "dense": torch.load(folder / "dense_tp0.pt", weights_only=False),
-        "rng": torch.load(folder / "rng_rank0.pt", weights_only=False),
+        "rng": [torch.load(folder / f"rng_rank{r}.pt", weights_only=False) for r in range(world)],
         "users": np.load(folder / "user_ids.npy"),
         "items": np.load(folder / "item_ids.npy"),
         "stream": (folder / "stream.json").read_text(),
         "online": (folder / "online.json").read_text(),
     }
     tables.unlink()
-    conn = sqlite3.connect(folder / "user_store.rank0-of-1.sqlite")
-    state["store"] = conn.execute("SELECT * FROM history ORDER BY user").fetchall()
-    conn.close()
+    state["store"] = []
+    for r in range(world):
+        conn = sqlite3.connect(folder / f"user_store.rank{r}-of-{world}.sqlite")
+        state["store"].append(conn.execute("SELECT * FROM history ORDER BY user").fetchall())
+        conn.close()
     return state
 
 
@@ -237,8 +248,8 @@ from hstu.data.sizes import resolve_sizes
 cfg = resolve_sizes(cfg)
 env = init_distributed(1)
 o = OnlineTrainer(cfg, env, {str(tmp_path / 'probe')!r}, "x")
-window = next(iter(o.source.windows(o.position)))
-m = o.evaluate_window(o.store.sequences(window))
+window = next(iter(o.windows()))
+m = o.evaluate_window(o.prepare_window(o.store.sequences(window)))
 print("PROBE", json.dumps(m))
 o.close()
 destroy_distributed()
@@ -390,3 +401,88 @@ def test_publishes_serving_versions_as_it_goes(data, tmp_path):
     assert current_version(root) == version_name(steps[-1])
     with load_artifact(root, use_aoti=False) as art:
         assert art.version == version_name(steps[-1])
+
+
+# ------------------------------------------------------------------ kill anywhere, 1 and 2 processes
+KILL_POINTS = {
+    # HSTU_KILL_AT (tests/training/kill_at.py): where the run dies
+    "mid-window": "train_step:10",  # calls: each window's steps, then one that ends it
+    "window read, not yet evaluated": "evaluate:4",
+    "between windows": "append:3",
+    "mid-save, store snapshot written": "store_save:2",
+    "mid-save, before the rename": "publish:2",
+}
+
+
+def killed_then_resumed(data: Path, run_dir: Path, kill_at: str, nproc: int) -> str:
+    """A run SIGKILLed at ``kill_at`` (under torchrun: that rank dies, torchrun stops the
+    others), then the same command without the kill; returns the resume's output."""
+    env = _env()
+    env["HSTU_KILL_AT"] = kill_at
+    proc = subprocess.run(_cmd(data, run_dir, "retrieval", [], nproc, kill_at=True), cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode != 0, (proc.stdout + proc.stderr)[-3000:]
+    return run(data, run_dir, nproc=nproc)
+
+
+@pytest.fixture(scope="module")
+def full2(data, tmp_path_factory) -> Path:
+    """The uninterrupted run on 2 processes (row-wise item table, the users split by rank)."""
+    run_dir = tmp_path_factory.mktemp("full2")
+    out = run(data, run_dir, nproc=2)
+    assert "row_wise" in out  # the item table is sharded over the 2 ranks
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["mid-window", "mid-save, before the rename",
+                                   "mid-save, store snapshot written"])
+def test_kill_anywhere_and_resume_is_bitwise_one_process(full, data, tmp_path, where):
+    out = killed_then_resumed(data, tmp_path / "run", KILL_POINTS[where], 1)
+    assert "stream: resumed after" in out
+    assert_same(checkpoint_state(newest(full)), checkpoint_state(newest(tmp_path / "run")), "state")
+    assert rows(full) == rows(tmp_path / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", list(KILL_POINTS))
+def test_kill_anywhere_and_resume_is_bitwise_two_processes(full2, data, tmp_path, where):
+    """Rank 1 (rank 0 for the checkpoint rename, which only it does) is SIGKILLed at each
+    point; the restart equals the uninterrupted 2-process run: tables, dense state, both
+    ranks' RNG streams and user stores, id maps, stream position, metrics rows."""
+    point = KILL_POINTS[where]
+    rank = 0 if point.startswith("publish") else 1
+    out = killed_then_resumed(data, tmp_path / "run", f"{point}:{rank}", 2)
+    assert "stream: resumed after" in out
+    assert_same(checkpoint_state(newest(full2), 2), checkpoint_state(newest(tmp_path / "run"), 2),
+                "state")
+    assert rows(full2) == rows(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_two_processes_see_every_event_once(full, full2):
+    """2 processes evaluate and train the same events as 1 (each user on its owner rank, the
+    ranks padded to the same steps, padding neither trained nor evaluated); the first window
+    is evaluated before any training, by the same initial model: the same metrics."""
+    one, two = stream_by_window(full), stream_by_window(full2)
+    assert one.keys() == two.keys()
+    for w in one:
+        for name in ("events", "eval_events", "trained_events", "known_items"):
+            assert one[w][name] == two[w][name], (w, name, one[w], two[w])
+    assert sum(w["trained_events"] for w in two.values()) > 0
+    for name in ("HR@10", "NDCG@10"):
+        assert two[1][name] == pytest.approx(one[1][name], abs=1e-6), name
+    # each user lives in its owner's store only
+    import sqlite3
+
+    folder = newest(full2)
+    users = []
+    for r in range(2):
+        conn = sqlite3.connect(folder / f"user_store.rank{r}-of-2.sqlite")
+        mine = [u for (u,) in conn.execute("SELECT user FROM history")]
+        conn.close()
+        assert mine and all(u % 2 == r for u in mine), r
+        users += mine
+    conn = sqlite3.connect(newest(full) / "user_store.rank0-of-1.sqlite")
+    assert sorted(users) == sorted(u for (u,) in conn.execute("SELECT user FROM history"))
+    conn.close()
