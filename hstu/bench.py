@@ -17,6 +17,14 @@ gin state and peak memory do not leak from one preset to the next. Steps are run
 The ML-1M paper retrieval preset runs on ML-100K data (``tmp_data/ml-100k``, preprocessed
 from ``--ml100k-raw`` when missing); the synthetic presets need nothing.
 
+The online-training preset (``--presets stream``, not in ``all``) streams the first
+``--stream-events`` events (5M) of a synthetic KuaiRand-1K raw log (1,000 users, 4.37M item
+ids; ``python -m hstu.data.synthesize``) through ``configs/bench/stream_ranking.gin`` on 2
+processes: parquet partitions of ``--stream-window`` events in a stream folder, test then
+train on each, a dynamic item table smaller than the distinct ids. It reports events/s over
+the whole stream and each rank's resident memory per window (first, median, last, peak: flat
+means the last is the first).
+
 The long-history presets (``--presets long``: ``long_<method>_<length>``) time the HSTU block
 of ``configs/bench/long_block.gin`` alone, forward + backward on one synthetic history per step, in
 one process each: step time and peak memory per method (full attention, the semi-local window,
@@ -622,6 +630,132 @@ def _run_preset(p: Preset, a: argparse.Namespace) -> dict:
     return _worker_result(p.name, done, result)
 
 
+STREAM_RAW = os.path.join(ROOT, "tmp_data", "stream-bench", "kuairand-1k-raw")
+STREAM_BASE = "stream-bench-kuairand"  # tmp_data/<this>: configs/bench/stream_ranking.gin's dataset
+
+
+def _stream_folder(events: int, window: int) -> tuple[str, dict]:
+    """The stream folder of the first ``events`` events (by time, ties in file order) of the
+    synthetic KuaiRand-1K log, ``window`` events per partition; built once, then reused."""
+    folder = os.path.join(ROOT, "tmp_data", "stream-bench", f"kuairand-1k-{events}-by-{window}")
+    info_path = os.path.join(folder, "_bench.json")
+    if os.path.exists(info_path):
+        with open(info_path) as f:
+            return folder, json.load(f)
+    if not os.path.exists(STREAM_RAW):
+        print(f"[bench] stream: writing a synthetic KuaiRand-1K raw log into {STREAM_RAW}", flush=True)
+        subprocess.run([sys.executable, "-m", "hstu.data.synthesize", "--dataset", "kuairand-1k",
+                        "--out", STREAM_RAW], check=True, cwd=ROOT)
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hstu.data.stream.replay import events_of_dataset
+
+    log = events_of_dataset("kuairand-1k", STREAM_RAW)
+    order = np.argsort(log.timestamp, kind="stable")[:events]
+    staging = folder + ".staging"
+    os.makedirs(staging, exist_ok=True)
+    for k, lo in enumerate(range(0, len(order), window)):
+        rows = order[lo : lo + window]
+        part = os.path.join(staging, f"part-{k:06d}")
+        os.makedirs(part, exist_ok=True)
+        pq.write_table(pa.table({
+            "user_id": log.user[rows].astype(np.int64), "item_id": log.item[rows].astype(np.int64),
+            "timestamp": log.timestamp[rows], "rating": log.rating[rows],
+        }), os.path.join(part, "part-0.parquet"))
+        open(os.path.join(part, "_SUCCESS"), "w").close()
+    info = {"events": len(order), "distinct_items": len(np.unique(log.item[order])),
+            "distinct_users": len(np.unique(log.user[order])), "window": window}
+    with open(os.path.join(staging, "_bench.json"), "w") as f:
+        json.dump(info, f)
+    os.replace(staging, folder)
+    return folder, info
+
+
+def _run_stream(a: argparse.Namespace) -> dict:
+    """The online-training benchmark (module docstring): one 2-process run over the stream."""
+    import csv
+
+    base = os.path.join(ROOT, "tmp_data", STREAM_BASE)
+    if not os.path.exists(os.path.join(base, "metadata.json")):
+        # the base dataset only names the features and says the actions are KuaiRand's bitmask
+        raw = os.path.join(ROOT, "tmp_data", "stream-bench", "base-raw")
+        for cmd in (["hstu.data.synthesize", "--dataset", "kuairand-1k", "--fraction", "0.001",
+                     "--out", raw],
+                    ["hstu.data.preprocess", "--dataset", "kuairand-1k", "--raw", raw,
+                     "--name", STREAM_BASE, "--out", os.path.join(ROOT, "tmp_data"), "--quiet"]):
+            done = subprocess.run([sys.executable, "-m", *cmd], check=False, cwd=ROOT,
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                return {"preset": "stream", "error": f"{cmd[0]} failed: {done.stderr[-500:]}"}
+    folder, info = _stream_folder(a.stream_events, a.stream_window)
+    run_dir = tempfile.mkdtemp(prefix="hstu-bench-stream-")
+    threads = a.threads or max(1, (os.cpu_count() or 1) // 2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "pretrain_gr_ranking.py"), "--gin-config-file",
+           os.path.join(ROOT, "configs", "bench", "stream_ranking.gin"),
+           "--gin-param", f'StreamArgs.path="{folder}"',
+           "--gin-param", f'TrainerArgs.run_dir="{run_dir}"']
+    for g in a.gin_param:
+        cmd += ["--gin-param", g]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
+    started = time.perf_counter()
+    cpu0 = os.times()
+    done = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    cpu1 = os.times()
+    if done.returncode != 0:
+        return {"preset": "stream", "error": (done.stderr or done.stdout)[-1500:]}
+    windows: dict[int, dict[str, float]] = {}
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        group: dict[str, float] = {}
+        for row in csv.DictReader(f):
+            if row["split"] != "stream":
+                continue
+            if row["name"] in group:
+                windows[int(group["window"])] = group
+                group = {}
+            group[row["name"]] = float(row["value"])
+        if group:
+            windows[int(group["window"])] = group
+    ws = [windows[k] for k in sorted(windows)]
+    events = sum(w["events"] for w in ws)
+    loop_s = sum(w["window_seconds"] for w in ws)
+    rss = {r: [w[f"rss_mib_rank{r}"] for w in ws] for r in range(2)}
+    auc = [w["AUC"] for w in ws if "AUC" in w]
+    return {
+        "preset": "stream", **info, "windows": len(ws), "events_streamed": events,
+        "events_per_s": events / loop_s, "loop_s": loop_s, "wall_s": wall,
+        "cpu_s": (cpu1.children_user - cpu0.children_user) + (cpu1.children_system - cpu0.children_system),
+        "train_steps": sum(w["train_steps"] for w in ws),
+        "known_items": ws[-1]["known_items"] if ws else 0,
+        "rss_mib": {r: {"first": v[0], "median": float(sorted(v)[len(v) // 2]), "last": v[-1],
+                        "peak": max(v)} for r, v in rss.items()},
+        "auc_first": auc[0] if auc else None, "auc_last": auc[-1] if auc else None,
+        "threads": threads, "run_dir": run_dir,
+    }
+
+
+def _stream_table(r: dict) -> str:
+    if "skipped" in r or "error" in r:
+        return f"stream: {r.get('skipped') or r.get('error')}"
+    lines = [
+        (f"online training (configs/bench/stream_ranking.gin, 2 processes, {r['threads']} threads each): "
+        f"{r['events_streamed']:,.0f} events of a synthetic KuaiRand-1K log ({r['distinct_users']:,} users, "
+        f"{r['distinct_items']:,} distinct items; item table 1,000,000 rows, LRU) in {r['windows']} windows "
+        f"of {r['window']:,}"),
+        (f"  {r['events_per_s']:,.0f} events/s (test then train, {r['loop_s']:.0f} s in the windows; "
+        f"{r['wall_s']:.0f} s wall with start-up, {r['cpu_s']:.0f} CPU s), {r['train_steps']:.0f} steps; "
+        f"AUC first window {r['auc_first']:.4f}, last {r['auc_last']:.4f}"),
+        "  | rank | RSS MiB first window | median | last | peak |",
+        "  |---|---|---|---|---|",
+    ]
+    for rank, m in r["rss_mib"].items():
+        lines.append(f"  | {rank} | {m['first']:.0f} | {m['median']:.0f} | {m['last']:.0f} | {m['peak']:.0f} |")
+    return "\n".join(lines)
+
+
 def cpu_description() -> str:
     """This host's CPU as every figure should name it: model, torch's CPU capability and
     whether it multiplies bfloat16 natively (what "auto" matmul dtypes decide on)."""
@@ -673,7 +807,8 @@ def _sync_notes(results: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m hstu.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="*", default=["core"],
-                    help="preset names, or a group: core (default), scaling, long, all")
+                    help="preset names, or a group: core (default), scaling, long, all; or "
+                         "stream (the online-training benchmark, alone)")
     ap.add_argument("--steps", type=int, default=None,
                     help=f"timed steps per preset (default {CORE_DEFAULT_STEPS}; long-history "
                          f"presets {LONG_DEFAULT_STEPS})")
@@ -694,6 +829,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="print the profiler's N most expensive operators (self CPU) per preset")
     ap.add_argument("--ml100k-raw", default=os.path.join(ROOT, "..", "shared", "data", "ml-100k"))
     ap.add_argument("--json", default=os.path.join(ROOT, "tmp_data", "bench.json"))
+    ap.add_argument("--stream-events", type=int, default=5_000_000,
+                    help="--presets stream: events of the stream (default 5M)")
+    ap.add_argument("--stream-window", type=int, default=50_000,
+                    help="--presets stream: events per partition (= window)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -710,6 +849,20 @@ def main(argv: list[str] | None = None) -> None:
         for p in PRESETS:
             print(f"{p.name:26s} [{p.group}] {p.nproc} proc  {p.config} {' '.join(p.params)}  # {p.note}")
         return
+    stream = "stream" in a.presets
+    a.presets = [n for n in a.presets if n != "stream"]
+    if stream and not a.presets:
+        r = _run_stream(a)
+        print(_stream_table(r))
+        if a.json:
+            os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+            with open(a.json, "w") as f:
+                json.dump({"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+                           "torch": torch.__version__, "cpu": cpu_description(), "stream": r}, f, indent=1)
+            print(f"[bench] wrote {a.json}")
+        return
+    if stream:
+        ap.error("--presets stream runs alone (its own run of several minutes)")
     names = []
     for n in a.presets:
         names += list(BY_NAME) if n == "all" else GROUPS.get(n, [n])

@@ -391,6 +391,18 @@ class OnlineTrainer:
             dist.all_reduce(table)
         return table.numpy()
 
+    def _table_rows(self) -> dict[str, float]:
+        """Each dynamic table's occupied rows and ids evicted so far (its remapper's counts,
+        the same on every rank)."""
+        out: dict[str, float] = {}
+        for module in self.trainer.model.sparse.modules():
+            stats = getattr(module, "stats", None)
+            if getattr(module, "remappers", None) and callable(stats):
+                for name, s in stats().items():
+                    out[f"{name}_occupied"] = float(s["occupied"])
+                    out[f"{name}_evicted"] = float(s["evicted_total"])
+        return out
+
     def _flush_rows(self) -> None:
         for step, split, metrics in self._pending_rows:
             self.trainer.logger.log(step, split, metrics)
@@ -505,6 +517,12 @@ class OnlineTrainer:
                     self._pending_rows.append((t.step, "train", window_metrics.summarize(t.optimizer)))
                 else:
                     window_metrics.reset()
+                due = self.stream_args.publishes and self.stream_args.publish_due(
+                    self.windows_done - 1, time.monotonic() - self._published_at)
+                # every rank stops (a signal on any) and publishes (due on any) at the same
+                # window; each rank's resident memory, for the rows
+                agreed = self._all_counts(int(preemption.requested), int(due), resident_kib())
+                stop, due = (bool(x) for x in agreed[:, :2].max(axis=0))
                 rows = dict(metrics)
                 rows.update(
                     window=float(self.windows_done), events=float(window.num_events),
@@ -514,6 +532,8 @@ class OnlineTrainer:
                     seconds_behind=float(window.lag.seconds_behind),
                     window_seconds=time.perf_counter() - started,
                 )
+                rows.update({f"rss_mib_rank{r}": kib / 1024 for r, kib in enumerate(agreed[:, 2])})
+                rows.update(self._table_rows())
                 self._pending_rows.append((t.step, STREAM_SPLIT, rows))
                 last = metrics
                 t.logger.print(
@@ -527,11 +547,6 @@ class OnlineTrainer:
                 elif self.windows_done % every == 0:
                     self.save(position)
                     saved_at = self.windows_done
-                due = self.stream_args.publishes and self.stream_args.publish_due(
-                    self.windows_done - 1, time.monotonic() - self._published_at)
-                # every rank stops (a signal on any) and publishes (due on any) at the same window
-                stop, due = (bool(x) for x in self._all_counts(
-                    int(preemption.requested), int(due)).max(axis=0))
                 if due:
                     if saved_at != self.windows_done:
                         self.save(position)
@@ -558,6 +573,17 @@ class OnlineTrainer:
     def close(self) -> None:
         self.store.close()
         self.trainer.close()
+
+
+def resident_kib() -> int:
+    """This process's resident memory now (KiB; Linux /proc, else the peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+    except OSError:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def _cand_rows(samples: Samples) -> np.ndarray:
