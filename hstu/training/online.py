@@ -568,7 +568,31 @@ class OnlineTrainer:
             f"[hstu] stream: {self.windows_done} windows done, at partition "
             f"{position.partition!r} row {position.row}, step {t.step}"
         )
+        if self.env.rank == 0:
+            self._report()
         return last
+
+    def _report(self) -> None:
+        """The prequential summary (every metric over all windows so far, weighted by their
+        events) and report.html with the per-window curves (hstu.training.report)."""
+        from hstu.training.report import STREAM_METRIC, prequential, stream_windows, write_report
+
+        run_dir = self.trainer.logger.run_dir
+        windows = stream_windows(run_dir)
+        names = sorted({k for w in windows for k in w if STREAM_METRIC.match(k)})
+        means = {n: curve[-1][1] for n in names if (curve := prequential(windows, n))}
+        lines = [
+            f"[hstu] stream summary: {len(windows)} windows, "
+            f"{sum(w.get('eval_events', 0.0) for w in windows):.0f} events tested, "
+            f"{sum(w.get('trained_events', 0.0) for w in windows):.0f} trained; prequential "
+            + " ".join(f"{k} {v:.4f}" for k, v in means.items()),
+        ]
+        try:
+            lines.append(f"  report:         {write_report(run_dir, lines)}")
+        except ImportError as exc:  # matplotlib missing: the run itself is complete
+            lines.append(f"  report:         not written ({exc}); pip install matplotlib")
+        for line in lines:
+            self.trainer.logger.print(line)
 
     def close(self) -> None:
         self.store.close()

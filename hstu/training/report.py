@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import html
+import math
 import os
 import re
 import sys
@@ -30,12 +31,48 @@ def read_metrics(run_dir: str) -> dict[tuple[str, str], list[tuple[int, float]]]
     return dict(series)
 
 
+STREAM_METRIC = re.compile(r"^(HR@\d+|NDCG@\d+|MRR|AUC|NE|loss)$")
+"""The ``stream`` rows drawn as curves (online training's per-window test)."""
+
+
+def stream_windows(run_dir: str) -> list[dict[str, float]]:
+    """The ``stream`` rows of an online run (hstu.training.online), one dict per window in
+    window order (the rows of a window are consecutive; a resume drops rows after its
+    checkpoint, so each window is there once)."""
+    out: list[dict[str, float]] = []
+    group: dict[str, float] = {}
+    with open(os.path.join(run_dir, "metrics.csv"), newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row["split"] != "stream":
+                continue
+            if row["name"] in group:
+                out.append(group)
+                group = {}
+            group[row["name"]] = float(row["value"])
+    if group:
+        out.append(group)
+    return sorted(out, key=lambda g: g.get("window", 0.0))
+
+
+def prequential(windows: list[dict[str, float]], metric: str) -> list[tuple[int, float]]:
+    """[(window, running mean of ``metric``)]: each window's value weighted by its
+    ``eval_events``, over the windows so far (the prequential curve)."""
+    out, total, weight = [], 0.0, 0.0
+    for w in windows:
+        n = w.get("eval_events", 0.0)
+        if metric in w and n > 0 and math.isfinite(w[metric]):
+            total += w[metric] * n
+            weight += n
+            out.append((int(w["window"]), total / weight))
+    return out
+
+
 def _png_name(name: str) -> str:
     return "curve_" + re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + ".png"
 
 
 def _plot(path: str, title: str, lines: list[tuple[str, list[tuple[int, float]]]],
-          baseline: float | None, ylabel: str) -> None:
+          baseline: float | None, ylabel: str, xlabel: str = "step") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,7 +86,7 @@ def _plot(path: str, title: str, lines: list[tuple[str, list[tuple[int, float]]]
     if baseline is not None:
         ax.axhline(baseline, color="grey", linestyle="--", label=f"baseline {baseline:.4f}")
     ax.set_title(title)
-    ax.set_xlabel("step")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
@@ -82,6 +119,18 @@ def write_report(run_dir: str, summary: list[str] | None = None) -> str:
         name = _png_name(metric)
         _plot(os.path.join(run_dir, name), metric, [("eval", points)], baseline.get(metric), metric)
         figures.append((name, f"{metric} at each evaluation"))
+    windows = stream_windows(run_dir) if any(s == "stream" for s, _ in series) else []
+    for metric in sorted({k for w in windows for k in w if STREAM_METRIC.match(k)}):
+        per_window = [(int(w["window"]), w[metric]) for w in windows
+                      if metric in w and math.isfinite(w[metric])]
+        name = _png_name(f"stream {metric}")
+        _plot(os.path.join(run_dir, name), f"{metric} on the stream",
+              [("each window (before training on it)", per_window),
+               ("running mean over the events so far", prequential(windows, metric))],
+              None, metric, xlabel="window")
+        caption = (f"{metric}: each window tested before training on it, and the prequential "
+                   "mean (windows weighted by their events)")
+        figures.append((name, caption))
     tests = {name: pts[-1][1] for (split, name), pts in series.items()
              if split == "eval" and name.startswith("test/")}
     rows = []

@@ -225,6 +225,14 @@ def test_stream_rows_per_window(full, data):
     # the model learns from the stream: later windows beat the first ones
     hr = [by_window[k]["HR@10"] for k in sorted(by_window)]
     assert np.mean(hr[-3:]) > np.mean(hr[:2])
+    # the report: per-window curves, and the prequential mean (weighted by events) it prints
+    from hstu.training.report import prequential, stream_windows
+
+    assert "curve_stream_HR_10.png" in (full / "report.html").read_text()
+    assert (full / "curve_stream_HR_10.png").stat().st_size > 0
+    ws = stream_windows(str(full))
+    expect = sum(w["HR@10"] * w["eval_events"] for w in ws) / sum(w["eval_events"] for w in ws)
+    assert prequential(ws, "HR@10")[-1][1] == pytest.approx(expect)
 
 
 @pytest.mark.slow
