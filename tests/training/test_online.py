@@ -445,8 +445,7 @@ def full2(data, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["mid-window", "mid-save, before the rename",
-                                   "mid-save, store snapshot written"])
+@pytest.mark.parametrize("where", list(KILL_POINTS))
 def test_kill_anywhere_and_resume_is_bitwise_one_process(full, data, tmp_path, where):
     out = killed_then_resumed(data, tmp_path / "run", KILL_POINTS[where], 1)
     assert "stream: resumed after" in out
