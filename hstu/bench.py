@@ -39,6 +39,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -720,6 +721,7 @@ def _run_stream(a: argparse.Namespace) -> dict:
         if group:
             windows[int(group["window"])] = group
     ws = [windows[k] for k in sorted(windows)]
+    rows = re.search(r"dynamic table item: (\d+) rows", done.stdout + done.stderr)
     events = sum(w["events"] for w in ws)
     loop_s = sum(w["window_seconds"] for w in ws)
     rss = {r: [w[f"rss_mib_rank{r}"] for w in ws] for r in range(2)}
@@ -730,6 +732,8 @@ def _run_stream(a: argparse.Namespace) -> dict:
         "cpu_s": (cpu1.children_user - cpu0.children_user) + (cpu1.children_system - cpu0.children_system),
         "train_steps": sum(w["train_steps"] for w in ws),
         "known_items": ws[-1]["known_items"] if ws else 0,
+        "capacity": int(rows.group(1)) if rows else 0,
+        "evicted": ws[-1].get("item_evicted", 0.0) if ws else 0.0,
         "rss_mib": {r: {"first": v[0], "median": float(sorted(v)[len(v) // 2]), "last": v[-1],
                         "peak": max(v)} for r, v in rss.items()},
         "auc_first": auc[0] if auc else None, "auc_last": auc[-1] if auc else None,
@@ -743,11 +747,12 @@ def _stream_table(r: dict) -> str:
     lines = [
         (f"online training (configs/bench/stream_ranking.gin, 2 processes, {r['threads']} threads each): "
         f"{r['events_streamed']:,.0f} events of a synthetic KuaiRand-1K log ({r['distinct_users']:,} users, "
-        f"{r['distinct_items']:,} distinct items; item table 1,000,000 rows, LRU) in {r['windows']} windows "
+        f"{r['distinct_items']:,} distinct items; item table {r['capacity']:,} rows, LRU) in {r['windows']} windows "
         f"of {r['window']:,}"),
         (f"  {r['events_per_s']:,.0f} events/s (test then train, {r['loop_s']:.0f} s in the windows; "
         f"{r['wall_s']:.0f} s wall with start-up, {r['cpu_s']:.0f} CPU s), {r['train_steps']:.0f} steps; "
-        f"AUC first window {r['auc_first']:.4f}, last {r['auc_last']:.4f}"),
+        f"{r['evicted']:,.0f} ids evicted; AUC first window {r['auc_first']:.4f}, last {r['auc_last']:.4f} "
+         "(random data: cost only)"),
         "  | rank | RSS MiB first window | median | last | peak |",
         "  |---|---|---|---|---|",
     ]
