@@ -196,3 +196,38 @@ def test_masked_items_leave_the_softmax(monkeypatch, block, dtype):
     torch.testing.assert_close(loss, want_loss, rtol=5e-4, atol=1e-4 * len(target))
     for got, want in ((queries.grad, want_gq), (corpus.grad, want_gc)):
         assert float((got - want).norm() / want.norm()) < 0.02
+
+
+def test_bfloat16_matmul_shapes_do_not_follow_the_query_count():
+    """On a CPU the bfloat16 matmuls run through oneDNN, which caches a compiled kernel per
+    shape: with one shape per query count the cache grew a process by ~2.5 MB a step. The
+    queries are padded to whole blocks, so ten different query counts within one block count
+    give the same three matmul shapes (forward block, two backward), and the padding changes
+    no result (the loss, target logits and gradients of the real rows equal an unpadded
+    float32-reference check as in the test above)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shapes: set[tuple] = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out) and args[0].dtype == torch.bfloat16:
+                shapes.add((tuple(args[0].shape), tuple(args[1].shape)))
+            return func(*args, **(kwargs or {}))
+
+    num_items = 500
+    block = retrieval._block_rows(num_items)
+    for q in range(2 * block + 1, 2 * block + 11):
+        queries, corpus, target = _aligned_case(q, num_items, 0.15)
+        qq, cc = queries.clone().requires_grad_(), corpus.clone().requires_grad_()
+        with Record():
+            loss, _ = full_softmax_loss(qq, cc, target, torch.bfloat16)
+            loss.backward()
+        assert qq.grad.shape == queries.shape and torch.isfinite(qq.grad).all()
+        ref_q = queries.clone().requires_grad_()
+        ref_loss, _ = full_softmax_loss(ref_q, corpus.clone(), target, None)
+        ref_loss.backward()
+        torch.testing.assert_close(loss, ref_loss, rtol=5e-4, atol=1e-4 * q)
+        row_err = (qq.grad - ref_q.grad).norm(dim=1) / ref_q.grad.norm(dim=1)
+        assert row_err.max() < 0.08
+    assert len(shapes) == 3, sorted(shapes)

@@ -232,6 +232,12 @@ class _FullSoftmaxLossBF16(torch.autograd.Function):
       query's small gradient is not the difference of two rounded numbers.
     What is rounded: the queries and items to 8 mantissa bits in the matmuls (logit error
     ~1e-3 x |logit| / sqrt(D)), the kept probabilities and the two gradients' outputs.
+
+    On a CPU the queries are padded with zero rows to a whole number of blocks: oneDNN, which
+    runs bfloat16 matmuls there, compiles and caches a kernel per matrix shape (up to 1,024),
+    and with the query count changing every step that cache alone grew a process by ~2.5 MB
+    a step (3 GB before it fills). With whole blocks the forward has one shape and the two
+    backward matmuls one per block count: a handful. The zero rows change no result.
     """
 
     @staticmethod
@@ -240,17 +246,20 @@ class _FullSoftmaxLossBF16(torch.autograd.Function):
         num_q, dim = queries.shape
         num_i = corpus.shape[0]
         bf16 = torch.bfloat16
+        block = _block_rows(num_i)
+        # rows of the matmuls: whole blocks on a CPU (the class docstring says why)
+        rows_mm = -(-num_q // block) * block if queries.device.type == "cpu" else num_q
         with torch.no_grad():
             pos = (queries * corpus.index_select(0, target)).sum(1)
             shift = pos.to(bf16)
-            q_aug = queries.new_empty(num_q, dim + 1, dtype=bf16)
-            q_aug[:, :dim] = queries
-            torch.neg(shift, out=q_aug[:, dim])
+            q_aug = queries.new_empty(rows_mm, dim + 1, dtype=bf16)
+            q_aug[:num_q, :dim] = queries
+            torch.neg(shift, out=q_aug[:num_q, dim])
+            q_aug[num_q:] = 0.0
             c_aug = corpus.new_empty(num_i, dim + 1, dtype=bf16)
             c_aug[:, :dim] = corpus
             c_aug[:, dim] = 1.0
-        grads = _take_buffer(num_q * num_i, q_aug).view(num_q, num_i)
-        block = _block_rows(num_i)
+        grads = _take_buffer(rows_mm * num_i, q_aug).view(rows_mm, num_i)
         scratch = queries.new_empty(min(block, num_q), num_i)
         losses = queries.new_empty(num_q)
         shift_err = shift.float() - pos  # the loss is lse(logit - shift) + shift - pos
@@ -259,7 +268,8 @@ class _FullSoftmaxLossBF16(torch.autograd.Function):
         minus_one = queries.new_full((), -1.0)  # a fill on the device, not a host copy
         for s in range(0, num_q, block):
             e = min(num_q, s + block)
-            out = torch.mm(q_aug[s:e], c_aug_t, out=grads[s:e])
+            e_mm = min(rows_mm, s + block)
+            out = torch.mm(q_aug[s:e_mm], c_aug_t, out=grads[s:e_mm])[: e - s]
             probs = scratch[: e - s]
             probs.copy_(out)
             # the target's own column gets its exact shifted logit (pos - shift)
@@ -271,14 +281,16 @@ class _FullSoftmaxLossBF16(torch.autograd.Function):
             if keep:  # P - onehot in float32, then rounded once
                 probs.index_put_((rows, target[s:e]), minus_one, accumulate=True)
                 out.copy_(probs)
-        ctx.dim = dim
+        ctx.dim, ctx.num_q = dim, num_q
         return _end_forward(ctx, grads, (q_aug, c_aug, grads), losses, pos)
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_pos: torch.Tensor):
         q_aug, c_aug, grads = _claim_buffers(ctx)
-        dim = ctx.dim
-        grad_q = torch.mm(grads, c_aug[:, :dim]).float().mul_(grad_loss)
+        dim, num_q = ctx.dim, ctx.num_q
+        # the padding rows (whole blocks on a CPU): zero queries, zero gradients
+        grads[num_q:] = 0.0
+        grad_q = torch.mm(grads, c_aug[:, :dim])[:num_q].float().mul_(grad_loss)
         grad_c = torch.mm(grads.t(), q_aug[:, :dim]).float().mul_(grad_loss)
         _give_back(grads)
         return grad_q, grad_c, None, None
