@@ -4,7 +4,8 @@
 Three runs per task, each through the real entry point (one process) with the ML-100K stream
 preset (configs/ml-100k_stream_<task>.gin):
 
-  A  streaming from the start: every window evaluated, then trained on (one pass);
+  A  streaming from the start: every window trained on (one pass), the windows after the cut
+     evaluated first (``StreamArgs.evaluate_from``: the ones before are not compared);
   B  batch phase on the windows within the first ``--cut`` of the events (``--epochs`` passes,
      not evaluated), then frozen: every later window evaluated, never trained on;
   C  the same batch phase, then streaming (evaluated, then trained on).
@@ -49,7 +50,9 @@ def command(task: str, run: str, raw: str, run_dir: Path, cut: float, epochs: in
         f"TrainerArgs.ckpt_save_dir='{run_dir / 'ckpt'}'",
         "TrainerArgs.keep_last_n=1",
     ]
-    if run in ("B", "C"):
+    if run == "A":  # the windows before the cut are trained on, not evaluated (not compared)
+        params += [f"StreamArgs.evaluate_from={cut}"]
+    else:
         params += [f"StreamArgs.batch_until={cut}", f"StreamArgs.batch_epochs={epochs}",
                    f"StreamArgs.train={run == 'C'}"]
     cmd = [sys.executable, str(ROOT / f"pretrain_gr_{task}.py"), "--gin-config-file",
@@ -137,7 +140,7 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=["retrieval", "ranking"], choices=list(METRICS))
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     ap.add_argument("--cut", type=float, default=0.8, help="StreamArgs.batch_until of B and C")
-    ap.add_argument("--epochs-retrieval", type=int, default=20,
+    ap.add_argument("--epochs-retrieval", type=int, default=4,
                     help="StreamArgs.batch_epochs of retrieval's B and C")
     ap.add_argument("--epochs-ranking", type=int, default=2,
                     help="StreamArgs.batch_epochs of ranking's B and C")

@@ -226,6 +226,8 @@ class StreamArgs:
     """Batch phase (docs/online.md "Streaming against a frozen batch model"): the leading windows that end within this fraction of a replay's events (0 < f <= 1) are not evaluated; their events are trained as one window for batch_epochs passes, then the stream goes on. None: no batch phase."""
     batch_epochs: int = 1
     """Passes over the batch phase's events (shuffled per pass); used with batch_until."""
+    evaluate_from: float | None = None
+    """The windows that end within this fraction of a replay's events (0 < f <= 1, as batch_until) are trained on but not evaluated (the part of a comparison that is not compared); None: every window is evaluated."""
     train: bool = True
     """Train on each window after evaluating it; False evaluates every window and never trains (a frozen model, e.g. after the batch phase)."""
 
@@ -267,6 +269,16 @@ class StreamArgs:
         _require(
             self.batch_until is None or self.replay_dataset is not None,
             self, "batch_until", "needs a replay (replay_dataset): a stream folder's length is not known in advance",
+        )
+        _require(
+            self.evaluate_from is None or (
+                isinstance(self.evaluate_from, (int, float)) and not isinstance(self.evaluate_from, bool)
+                and 0.0 < self.evaluate_from <= 1.0),
+            self, "evaluate_from", f"must be a fraction of the stream's events in (0, 1], got {self.evaluate_from!r}",
+        )
+        _require(
+            self.evaluate_from is None or self.replay_dataset is not None,
+            self, "evaluate_from", "needs a replay (replay_dataset): a stream folder's length is not known in advance",
         )
         _require(
             isinstance(self.batch_epochs, int) and not isinstance(self.batch_epochs, bool)

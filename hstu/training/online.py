@@ -290,6 +290,8 @@ class OnlineTrainer:
         t = self.trainer
         self.max_len = cfg.dataset.max_sequence_length
         self.windows_done = 0
+        self.events_done = 0
+        """Events of the windows done (from the stream's start)."""
         self.interrupted = False
         work = Path(run_dir) / f"user_store.rank{env.rank}-of-{env.world_size}.work.sqlite"
         loaded = t.checkpoint.loaded
@@ -302,6 +304,8 @@ class OnlineTrainer:
                 self.position = StreamPosition.from_dict(done["position"])
             self.store = UserStore.restore(loaded, work, self.max_len, env.rank, env.world_size)
             self.windows_done = int(done["windows"])
+            self.events_done = int(done.get("events", -1))  # -1: a checkpoint before the count
+            self._drop_rows_after(self.windows_done, t.step)
             t.logger.print(
                 f"[hstu] stream: resumed after {self.windows_done} windows at partition "
                 f"{self.position.partition!r} row {self.position.row}"
@@ -355,7 +359,7 @@ class OnlineTrainer:
             assert self._saved_position is not None
             save_stream(folder, self._saved_position, self.source)
             write_json_atomic(Path(folder) / ONLINE_FILE, {
-                "windows": self.windows_done, "step": self.trainer.step,
+                "windows": self.windows_done, "events": self.events_done, "step": self.trainer.step,
                 "position": self._saved_position.to_dict(),
             })
             names += [STATE_FILE, USER_IDS_FILE, ITEM_IDS_FILE, ONLINE_FILE]
@@ -423,6 +427,39 @@ class OnlineTrainer:
         if world > 1:
             dist.all_reduce(table)
         return table.numpy()
+
+    def _drop_rows_after(self, windows: int, step: int) -> None:
+        """On resume: drops the ``stream`` rows of windows after the checkpoint's ``windows``
+        (and an unfinished group of them) from metrics.csv. The trainer drops rows of steps
+        after the checkpoint; windows without a training step (``StreamArgs.train`` False, a
+        window with no target) write theirs at the checkpoint's own step and would otherwise
+        be logged twice after a kill between their rows and their checkpoint."""
+        logger = self.trainer.logger
+        path = Path(logger.run_dir) / "metrics.csv"
+        if not logger.enabled or not path.exists():
+            return
+        import csv
+
+        with open(path, newline="") as fh:
+            table = list(csv.reader(fh))
+        kept, group = table[:1], []
+        for row in table[1:]:
+            if len(row) != 4 or row[1] != STREAM_SPLIT:
+                kept.append(row)
+                continue
+            group.append(row)
+            if row[2] == "window_seconds":  # a window's rows end with it
+                number = next(float(r[3]) for r in group if r[2] == "window")
+                if number <= windows:
+                    kept += group
+                group = []
+        if len(kept) == len(table):
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as fh:
+            csv.writer(fh).writerows(kept)
+        os.replace(tmp, path)
+        logger.truncate_after(step)  # reopens the file it appends to
 
     def _flush_rows(self) -> None:
         for step, split, metrics in self._pending_rows:
@@ -514,15 +551,15 @@ class OnlineTrainer:
         return steps
 
     # ---------------------------------------------------------------- the batch phase
-    def batch_cut(self) -> int:
-        """Events of the stream's first ``StreamArgs.batch_until`` (rank 0 counts the replay's
-        events and tells the others)."""
-        frac = self.stream_args.batch_until
+    def batch_cut(self, frac: float) -> int:
+        """Events of the stream's first ``frac`` (``StreamArgs.batch_until`` or
+        ``evaluate_from``; rank 0 counts the replay's events and tells the others)."""
         local = 0
         if self.source is not None:
             total = getattr(self.source, "num_events", None)
             if total is None:
-                raise ConfigError("StreamArgs", "batch_until",
+                raise ConfigError("StreamArgs", "batch_until" if frac == self.stream_args.batch_until
+                                  else "evaluate_from",
                                   "needs a replay (replay_dataset): its length is known in advance")
             local = int(np.floor(frac * total + 1e-9))
         return int(self._all_counts(local)[0, 0]) if self.env.world_size > 1 else local
@@ -536,7 +573,7 @@ class OnlineTrainer:
         was in it)."""
         t, sa = self.trainer, self.stream_args
         started = time.perf_counter()
-        cut = self.batch_cut()
+        cut = self.batch_cut(sa.batch_until)
         taken: list[Window] = []
         consumed = known = 0
         after: Window | None = None
@@ -558,6 +595,7 @@ class OnlineTrainer:
             steps += self.train_window(work, window_metrics, epoch=BATCH_EPOCH_BASE + epoch)
         self.store.append(merged)
         self.windows_done += len(taken)
+        self.events_done += 0 if self.events_done < 0 else consumed
         window_metrics.flush(t.step)
         if steps:
             self._pending_rows.append((t.step, "train", window_metrics.summarize(t.optimizer)))
@@ -595,6 +633,14 @@ class OnlineTrainer:
         position = self.position
         saved_at = self.windows_done
         learn = self.stream_args.train
+        # evaluate_from: windows ending within its first events are trained, not evaluated
+        # (counted from the stream's start; on resume from the windows' own positions)
+        quiet_until = (self.batch_cut(self.stream_args.evaluate_from)
+                       if self.stream_args.evaluate_from is not None else 0)
+        if quiet_until and self.events_done < 0:
+            raise ConfigError("StreamArgs", "evaluate_from",
+                              "the checkpoint resumed from does not count its events (written "
+                              "before evaluate_from existed): run without it")
         with Preemption() as preemption:
             self._preemption = preemption
             windows: Iterator[Window] = self.windows()
@@ -610,11 +656,15 @@ class OnlineTrainer:
                 started = time.perf_counter()
                 seqs = self.store.sequences(window)
                 work = self.prepare_window(seqs)
-                metrics = self.evaluate_window(work)
+                if self.events_done + window.num_events <= quiet_until:
+                    metrics = {"eval_events": 0.0}
+                else:
+                    metrics = self.evaluate_window(work)
                 steps = self.train_window(work, window_metrics) if learn else 0
                 trained = work.targets if learn else 0
                 self.store.append(window)
                 self.windows_done += 1
+                self.events_done += 0 if self.events_done < 0 else window.num_events
                 position = window.position_after
                 window_metrics.flush(t.step)
                 if steps:

@@ -2,7 +2,8 @@
 model against the same model trained in batch on the start of the stream and then frozen.
 
 The tiny synthetic replay of tests/training/test_online.py in windows of 150 events, three runs:
-(A) streaming from the start, (B) batch phase on the first 60% of the events, then frozen
+(A) streaming from the start (the windows before the cut trained,
+not evaluated: ``evaluate_from``), (B) batch phase on the first 60% of the events, then frozen
 (``train=False``), (C) the same batch phase, then streaming. Checked: the batch phase trains
 every event before the cut exactly ``batch_epochs`` times and evaluates none; the windows after
 the cut are evaluated on the same events in A, B and C; the frozen model changes no weight over
@@ -23,6 +24,7 @@ from tests.training.test_online import (
     assert_same,
     checkpoint_state,
     data,  # noqa: F401 - the module's fixture
+    full,  # noqa: F401 - the uninterrupted streaming run, every window evaluated
     newest,
     rows,
     run,
@@ -73,7 +75,7 @@ def expected_batch(data: Path) -> tuple[int, int, int]:  # noqa: F811
 def three(data, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
     base = tmp_path_factory.mktemp("batch")
     dirs = {"A": base / "stream", "B": base / "frozen", "C": base / "batch_stream"}
-    run(data, dirs["A"])
+    run(data, dirs["A"], extra=[f"StreamArgs.evaluate_from={CUT}"])
     run(data, dirs["B"], extra=batch_args(train=False))
     run(data, dirs["C"], extra=batch_args(train=True))
     return dirs
@@ -116,6 +118,26 @@ def test_same_events_evaluated_after_the_cut(three, data):  # noqa: F811
 
 
 @pytest.mark.slow
+def test_evaluate_from_skips_evaluation_only(three, full, data):  # noqa: F811
+    """A (evaluate_from = the cut) writes no evaluation before the cut and the same rows as
+    the run that evaluates every window after it; its training is the same: equal state."""
+    windows, _, _ = expected_batch(data)
+    a, every = stream_by_window(three["A"]), stream_by_window(full)
+    assert a.keys() == every.keys()
+    for w in a:
+        if w <= windows:
+            assert a[w]["eval_events"] == 0 and "HR@10" not in a[w]
+            assert a[w]["trained_events"] == every[w]["trained_events"] > 0
+        else:
+            timing = {"window_seconds"}
+            assert {k: v for k, v in a[w].items() if k not in timing} == \
+                {k: v for k, v in every[w].items() if k not in timing}, w
+    mine, theirs = checkpoint_state(newest(three["A"])), checkpoint_state(newest(full))
+    assert_same(mine["tables"], theirs["tables"], "tables")
+    assert_same(mine["dense"], theirs["dense"], "dense")
+
+
+@pytest.mark.slow
 def test_frozen_model_changes_no_weight(three, data):  # noqa: F811
     """B's state at the end (after evaluating every window after the cut) equals C's
     checkpoint written right after the same batch phase: weights, tables, optimizer."""
@@ -137,35 +159,36 @@ def test_frozen_model_changes_no_weight(three, data):  # noqa: F811
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_at", ["evaluate:1", "train_step:3"])
-def test_killed_after_or_inside_the_batch_phase_resumes_bitwise(three, data, tmp_path, kill_at):  # noqa: F811
+@pytest.mark.parametrize("which, kill_at", [("C", "evaluate:1"), ("C", "train_step:3"),
+                                            ("B", "publish:3")])
+def test_killed_after_or_inside_the_batch_phase_resumes_bitwise(three, data, tmp_path, which,  # noqa: F811
+                                                                kill_at):
     """SIGKILL at the first evaluation after the batch phase (its checkpoint is the resume's
-    start) or mid-phase (no checkpoint yet: the restart runs the phase again): the restart
-    equals the uninterrupted run C."""
-    run_dir = tmp_path / "run"
-    out = killed_then_resumed_with(data, run_dir, kill_at)
-    if kill_at.startswith("evaluate"):
-        windows, _, _ = expected_batch(data)
-        assert f"stream: resumed after {windows} windows" in out
-        assert "batch phase:" not in out
-    else:
-        assert "batch phase:" in out
-    assert_same(checkpoint_state(newest(three["C"])), checkpoint_state(newest(run_dir)), "state")
-    assert rows(three["C"]) == rows(run_dir)
-
-
-def killed_then_resumed_with(data: Path, run_dir: Path, kill_at: str) -> str:  # noqa: F811
+    start), mid-phase (no checkpoint yet: the restart runs the phase again), or, for the
+    frozen model, mid-save (rows written, checkpoint not published, at the same step as the
+    one it resumes from): the restart equals the uninterrupted run, rows included."""
     import subprocess
 
     from tests.training.test_online import _cmd, _env
 
+    run_dir = tmp_path / "run"
+    extra = batch_args(train=which == "C")
     env = _env()
     env["HSTU_KILL_AT"] = kill_at
-    cmd = _cmd(data, run_dir, "retrieval", batch_args(), 1, kill_at=True)
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], env=env,
+    proc = subprocess.run(_cmd(data, run_dir, "retrieval", extra, 1, kill_at=True),
+                          cwd=Path(__file__).resolve().parents[2], env=env,
                           capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode != 0, (proc.stdout + proc.stderr)[-3000:]
-    return run(data, run_dir, extra=batch_args())
+    out = run(data, run_dir, extra=extra)
+    windows, _, _ = expected_batch(data)
+    if kill_at.startswith("train_step"):
+        assert "batch phase:" in out and "resumed" not in out
+    else:
+        assert "stream: resumed after" in out and "batch phase:" not in out
+        if kill_at.startswith("evaluate"):
+            assert f"stream: resumed after {windows} windows" in out
+    assert_same(checkpoint_state(newest(three[which])), checkpoint_state(newest(run_dir)), "state")
+    assert rows(three[which]) == rows(run_dir)
 
 
 @pytest.mark.slow
