@@ -358,10 +358,11 @@ class OnlineTrainer:
         if self.source is not None:
             assert self._saved_position is not None
             save_stream(folder, self._saved_position, self.source)
-            write_json_atomic(Path(folder) / ONLINE_FILE, {
-                "windows": self.windows_done, "events": self.events_done, "step": self.trainer.step,
-                "position": self._saved_position.to_dict(),
-            })
+            done = {"windows": self.windows_done, "step": self.trainer.step,
+                    "position": self._saved_position.to_dict()}
+            if self.events_done >= 0:  # unknown after a resume from a checkpoint without it
+                done["events"] = self.events_done
+            write_json_atomic(Path(folder) / ONLINE_FILE, done)
             names += [STATE_FILE, USER_IDS_FILE, ITEM_IDS_FILE, ONLINE_FILE]
         return names
 
