@@ -238,3 +238,17 @@ def test_merge_windows_keeps_stream_order():
     assert list(m.user) == list(np.concatenate([w1.user, w2.user]))
     assert np.isnan(m.rating[:2]).all() and list(m.rating[2:]) == [1.0, 2.0, 3.0]
     assert m.new_users == 3 and m.new_items == 4
+
+
+@pytest.mark.slow
+def test_batch_phase_on_two_processes(three, data, tmp_path):  # noqa: F811
+    """C on 2 processes (users split by rank, rank 0 reading the stream and telling the cut):
+    the same batch phase (events, targets x passes) and the same events evaluated and trained
+    per window as on 1 process."""
+    run_dir = tmp_path / "two"
+    run(data, run_dir, extra=batch_args(), nproc=2)
+    one, two = stream_by_window(three["C"]), stream_by_window(run_dir)
+    assert one.keys() == two.keys()
+    for w in one:
+        for name in ("events", "eval_events", "trained_events", "known_items"):
+            assert one[w][name] == two[w][name], (w, name)
