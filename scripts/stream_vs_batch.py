@@ -81,17 +81,21 @@ def run_one(cmd: list[str], run_dir: Path, threads: int) -> dict[str, float]:
 
 
 def windows_of(run_dir: Path) -> dict[int, dict[str, float]]:
-    """The run's ``stream`` rows of metrics.csv, per window number."""
+    """The run's ``stream`` rows of metrics.csv, per window number. A window's rows are
+    consecutive and start with "window" (runs before that order: they end with
+    "window_seconds")."""
     out: dict[int, dict[str, float]] = {}
-    group: dict[str, float] = {}
     with open(run_dir / "metrics.csv") as fh:
-        for _step, split, name, value in list(csv.reader(fh))[1:]:
-            if split != "stream":
-                continue
-            group[name] = float(value)
-            if name == "window_seconds":  # a window's rows are consecutive, this one last
-                out[int(group["window"])] = group
-                group = {}
+        rows = [r for r in list(csv.reader(fh))[1:] if r[1] == "stream"]
+    first = not rows or rows[0][2] == "window"
+    group: dict[str, float] = {}
+    for _step, _split, name, value in rows:
+        if first and name == "window":
+            group = out.setdefault(int(float(value)), {})
+        group[name] = float(value)
+        if not first and name == "window_seconds":
+            out[int(group["window"])] = group
+            group = {}
     return out
 
 

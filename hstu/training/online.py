@@ -431,7 +431,7 @@ class OnlineTrainer:
 
     def _drop_rows_after(self, windows: int, step: int) -> None:
         """On resume: drops the ``stream`` rows of windows after the checkpoint's ``windows``
-        (and an unfinished group of them) from metrics.csv. The trainer drops rows of steps
+        from metrics.csv. The trainer drops rows of steps
         after the checkpoint; windows without a training step (``StreamArgs.train`` False, a
         window with no target) write theirs at the checkpoint's own step and would otherwise
         be logged twice after a kill between their rows and their checkpoint."""
@@ -443,17 +443,13 @@ class OnlineTrainer:
 
         with open(path, newline="") as fh:
             table = list(csv.reader(fh))
-        kept, group = table[:1], []
+        kept = table[:1]
+        number = 0.0  # the window whose rows these are: a window's rows start with "window"
         for row in table[1:]:
-            if len(row) != 4 or row[1] != STREAM_SPLIT:
+            if len(row) == 4 and row[1] == STREAM_SPLIT and row[2] == "window":
+                number = float(row[3])
+            if len(row) != 4 or row[1] != STREAM_SPLIT or number <= windows:
                 kept.append(row)
-                continue
-            group.append(row)
-            if row[2] == "window_seconds":  # a window's rows end with it
-                number = next(float(r[3]) for r in group if r[2] == "window")
-                if number <= windows:
-                    kept += group
-                group = []
         if len(kept) == len(table):
             return
         tmp = path.with_name(path.name + ".tmp")
@@ -603,7 +599,7 @@ class OnlineTrainer:
         else:
             window_metrics.reset()
         self._pending_rows.append((t.step, STREAM_SPLIT, {
-            "eval_events": 0.0, "window": float(self.windows_done), "events": float(consumed),
+            "window": float(self.windows_done), "eval_events": 0.0, "events": float(consumed),
             "train_steps": float(steps), "trained_events": float(work.targets * sa.batch_epochs),
             "batch_windows": float(len(taken)), "batch_epochs": float(sa.batch_epochs),
             "known_items": float(known),
@@ -672,9 +668,11 @@ class OnlineTrainer:
                     self._pending_rows.append((t.step, "train", window_metrics.summarize(t.optimizer)))
                 else:
                     window_metrics.reset()
-                rows = dict(metrics)
+                # "window" first: a window's rows start with it (readers of metrics.csv split
+                # the rows into windows there)
+                rows = {"window": float(self.windows_done), **metrics}
                 rows.update(
-                    window=float(self.windows_done), events=float(window.num_events),
+                    events=float(window.num_events),
                     train_steps=float(steps), trained_events=float(trained),
                     known_items=float(self.known_items),
                     events_waiting=float(window.lag.events_waiting),

@@ -35,8 +35,8 @@ EPOCHS = 2
 
 
 def stream_by_window(run_dir: Path) -> dict[int, dict[str, float]]:
-    """The run's ``stream`` rows per window number (a window's rows are consecutive and end
-    with window_seconds; the batch phase's have no metric of the evaluation)."""
+    """The run's ``stream`` rows per window number (a window's rows are consecutive and start
+    with "window"; the batch phase's have no metric of the evaluation)."""
     import csv
 
     out: dict[int, dict[str, float]] = {}
@@ -44,11 +44,9 @@ def stream_by_window(run_dir: Path) -> dict[int, dict[str, float]]:
     with open(run_dir / "metrics.csv") as fh:
         for _step, split, name, value in list(csv.reader(fh))[1:]:
             if split == "stream":
+                if name == "window":
+                    group = out.setdefault(int(float(value)), {})
                 group[name] = float(value)
-                if name == "window_seconds":
-                    out[int(group["window"])] = group
-                    group = {}
-    assert not group, group
     return out
 
 
