@@ -222,6 +222,14 @@ class StreamArgs:
     """Serving versions kept in the versioned root (the newest; one a reader holds stays until released)."""
     publish_dir: str | None = None
     """The versioned serving root; None: <run_dir>/serving."""
+    batch_until: float | None = None
+    """Batch phase (docs/online.md "Streaming against a frozen batch model"): the leading windows that end within this fraction of a replay's events (0 < f <= 1) are not evaluated; their events are trained as one window for batch_epochs passes, then the stream goes on. None: no batch phase."""
+    batch_epochs: int = 1
+    """Passes over the batch phase's events (shuffled per pass); used with batch_until."""
+    evaluate_from: float | None = None
+    """The windows that end within this fraction of a replay's events (0 < f <= 1, as batch_until) are trained on but not evaluated (the part of a comparison that is not compared); None: every window is evaluated."""
+    train: bool = True
+    """Train on each window after evaluating it; False evaluates every window and never trains (a frozen model, e.g. after the batch phase)."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -252,6 +260,32 @@ class StreamArgs:
             "follow",
             "a replay has no new partitions to wait for; follow needs path",
         )
+        _require(
+            self.batch_until is None or (
+                isinstance(self.batch_until, (int, float)) and not isinstance(self.batch_until, bool)
+                and 0.0 < self.batch_until <= 1.0),
+            self, "batch_until", f"must be a fraction of the stream's events in (0, 1], got {self.batch_until!r}",
+        )
+        _require(
+            self.batch_until is None or self.replay_dataset is not None,
+            self, "batch_until", "needs a replay (replay_dataset): a stream folder's length is not known in advance",
+        )
+        _require(
+            self.evaluate_from is None or (
+                isinstance(self.evaluate_from, (int, float)) and not isinstance(self.evaluate_from, bool)
+                and 0.0 < self.evaluate_from <= 1.0),
+            self, "evaluate_from", f"must be a fraction of the stream's events in (0, 1], got {self.evaluate_from!r}",
+        )
+        _require(
+            self.evaluate_from is None or self.replay_dataset is not None,
+            self, "evaluate_from", "needs a replay (replay_dataset): a stream folder's length is not known in advance",
+        )
+        _require(
+            isinstance(self.batch_epochs, int) and not isinstance(self.batch_epochs, bool)
+            and self.batch_epochs >= 1,
+            self, "batch_epochs", f"must be an integer >= 1, got {self.batch_epochs!r}",
+        )
+        _require(isinstance(self.train, bool), self, "train", f"must be True or False, got {self.train!r}")
 
     @property
     def publishes(self) -> bool:

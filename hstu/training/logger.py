@@ -35,7 +35,9 @@ class RunLogger:
         keep_log(run_dir)
         with open(os.path.join(run_dir, "operative_config.gin"), "w") as fh:
             fh.write(config_text or gin.operative_config_str())
-        new = not os.path.exists(os.path.join(run_dir, "metrics.csv"))
+        path = os.path.join(run_dir, "metrics.csv")
+        # empty: a run killed before its first rows were flushed (its header included)
+        new = not os.path.exists(path) or os.path.getsize(path) == 0
         # held open for the run (closed by close())
         self._csv = open(os.path.join(run_dir, "metrics.csv"), "a", newline="")  # noqa: SIM115
         self._writer = csv.writer(self._csv)

@@ -16,11 +16,19 @@ checkpoint folder also holds the stream's position and id maps (``save_stream``)
 user store snapshot and ``online.json`` (windows done), all listed in its manifest and
 published by the same rename, so a resume (``TrainerArgs.ckpt_load_dir``) continues at the
 same partition and row with the same weights, tables, id maps and store.
+
+Batch phase (``StreamArgs.batch_until``, docs/online.md "Streaming against a frozen batch
+model"): the leading windows of a replay that end within that fraction of its events are read
+and appended to the user store without evaluation, and all their events are trained as one
+window for ``StreamArgs.batch_epochs`` passes; a checkpoint follows, then the stream goes on
+(evaluated, and trained unless ``StreamArgs.train`` is False). Within the run the phase is one
+unit: no checkpoint or stop inside it.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import subprocess
@@ -50,6 +58,9 @@ from hstu.validation import ConfigError
 
 ONLINE_FILE = "online.json"
 STREAM_SPLIT = "stream"
+BATCH_EPOCH_BASE = 1 << 32
+"""Loader epochs of the batch phase's passes (BATCH_EPOCH_BASE + pass): shuffled apart from
+the windows' (which use the window count)."""
 
 
 # ------------------------------------------------------------------------------ samples
@@ -197,6 +208,28 @@ class WindowLoader(SequenceLoader):
         return batch
 
 
+def merge_windows(windows: list[Window]) -> Window:
+    """Consecutive windows as one (the batch phase): their events in stream order, from the
+    first one's position to the last one's. Legend: E events of all of them."""
+    first, last = windows[0], windows[-1]
+    if any(w.rating is not None for w in windows):
+        rating = np.concatenate([np.full(w.num_events, np.nan) if w.rating is None else
+                                 np.asarray(w.rating, np.float64) for w in windows])
+    else:
+        rating = None
+
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate([getattr(w, name) for w in windows])
+
+    return Window(
+        name=first.name if len(windows) == 1 else f"{first.name}..{last.name}",
+        position_before=first.position_before, position_after=last.position_after,
+        user=cat("user"), item=cat("item"), timestamp=cat("timestamp"), rating=rating,
+        raw_user=cat("raw_user"), raw_item=cat("raw_item"), lag=last.lag,
+        new_users=sum(w.new_users for w in windows), new_items=sum(w.new_items for w in windows),
+    )
+
+
 def placeholder_sequences() -> Sequences:
     """One user with one stored and one new event of item 1: the sample a rank without a user
     of the window runs (masked) so that every rank takes the same steps."""
@@ -257,6 +290,8 @@ class OnlineTrainer:
         t = self.trainer
         self.max_len = cfg.dataset.max_sequence_length
         self.windows_done = 0
+        self.events_done = 0
+        """Events of the windows done (from the stream's start)."""
         self.interrupted = False
         work = Path(run_dir) / f"user_store.rank{env.rank}-of-{env.world_size}.work.sqlite"
         loaded = t.checkpoint.loaded
@@ -269,6 +304,8 @@ class OnlineTrainer:
                 self.position = StreamPosition.from_dict(done["position"])
             self.store = UserStore.restore(loaded, work, self.max_len, env.rank, env.world_size)
             self.windows_done = int(done["windows"])
+            self.events_done = int(done.get("events", -1))  # -1: a checkpoint before the count
+            self._drop_rows_after(self.windows_done, t.step)
             t.logger.print(
                 f"[hstu] stream: resumed after {self.windows_done} windows at partition "
                 f"{self.position.partition!r} row {self.position.row}"
@@ -321,10 +358,11 @@ class OnlineTrainer:
         if self.source is not None:
             assert self._saved_position is not None
             save_stream(folder, self._saved_position, self.source)
-            write_json_atomic(Path(folder) / ONLINE_FILE, {
-                "windows": self.windows_done, "step": self.trainer.step,
-                "position": self._saved_position.to_dict(),
-            })
+            done = {"windows": self.windows_done, "step": self.trainer.step,
+                    "position": self._saved_position.to_dict()}
+            if self.events_done >= 0:  # unknown after a resume from a checkpoint without it
+                done["events"] = self.events_done
+            write_json_atomic(Path(folder) / ONLINE_FILE, done)
             names += [STATE_FILE, USER_IDS_FILE, ITEM_IDS_FILE, ONLINE_FILE]
         return names
 
@@ -403,6 +441,35 @@ class OnlineTrainer:
                     out[f"{name}_evicted"] = float(s["evicted_total"])
         return out
 
+    def _drop_rows_after(self, windows: int, step: int) -> None:
+        """On resume: drops the ``stream`` rows of windows after the checkpoint's ``windows``
+        from metrics.csv. The trainer drops rows of steps
+        after the checkpoint; windows without a training step (``StreamArgs.train`` False, a
+        window with no target) write theirs at the checkpoint's own step and would otherwise
+        be logged twice after a kill between their rows and their checkpoint."""
+        logger = self.trainer.logger
+        path = Path(logger.run_dir) / "metrics.csv"
+        if not logger.enabled or not path.exists():
+            return
+        import csv
+
+        with open(path, newline="") as fh:
+            table = list(csv.reader(fh))
+        kept = table[:1]
+        number = 0.0  # the window whose rows these are: a window's rows start with "window"
+        for row in table[1:]:
+            if len(row) == 4 and row[1] == STREAM_SPLIT and row[2] == "window":
+                number = float(row[3])
+            if len(row) != 4 or row[1] != STREAM_SPLIT or number <= windows:
+                kept.append(row)
+        if len(kept) == len(table):
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as fh:
+            csv.writer(fh).writerows(kept)
+        os.replace(tmp, path)
+        logger.truncate_after(step)  # reopens the file it appends to
+
     def _flush_rows(self) -> None:
         for step, split, metrics in self._pending_rows:
             self.trainer.logger.log(step, split, metrics)
@@ -469,13 +536,15 @@ class OnlineTrainer:
         t.model.train()
         return metrics
 
-    def train_window(self, work: WindowWork, window_metrics: MetricsWindow) -> int:
-        """One pass over the window's events as targets; returns the steps taken."""
+    def train_window(self, work: WindowWork, window_metrics: MetricsWindow,
+                     epoch: int | None = None) -> int:
+        """One pass over the window's events as targets (shuffled by (seed, ``epoch``), the
+        window count by default); returns the steps taken."""
         t = self.trainer
         if work.train_per_rank == 0:
             return 0
         loader = WindowLoader.over(t.built.train_loader, work.store, work.train_samples,
-                                   self.windows_done, work.first_trained,
+                                   self.windows_done if epoch is None else epoch, work.first_trained,
                                    per_rank=work.train_per_rank, num_real=work.num_train)
         prepare = t._prepare_for_device()
         batches = iter(b if prepare is None else prepare(b) for b in loader)
@@ -490,6 +559,78 @@ class OnlineTrainer:
             steps += 1
         return steps
 
+    # ---------------------------------------------------------------- the batch phase
+    def batch_cut(self, frac: float) -> int:
+        """Events of the stream's first ``frac`` (``StreamArgs.batch_until`` or
+        ``evaluate_from``; rank 0 counts the replay's events and tells the others)."""
+        local = 0
+        if self.source is not None:
+            total = getattr(self.source, "num_events", None)
+            if total is None:
+                raise ConfigError("StreamArgs", "batch_until" if frac == self.stream_args.batch_until
+                                  else "evaluate_from",
+                                  "needs a replay (replay_dataset): its length is known in advance")
+            local = int(np.floor(frac * total + 1e-9))
+        return int(self._all_counts(local)[0, 0]) if self.env.world_size > 1 else local
+
+    def batch_phase(self, windows: Iterator[Window],
+                    window_metrics: MetricsWindow) -> tuple[Window | None, StreamPosition | None]:
+        """Reads the leading windows that end within the first ``batch_cut()`` events, trains
+        all their events as one window for ``StreamArgs.batch_epochs`` passes (no evaluation),
+        appends them to the user store and saves a checkpoint. Returns the first window after
+        the cut (None: the stream ended) and the position after the phase (None: no window
+        was in it)."""
+        t, sa = self.trainer, self.stream_args
+        started = time.perf_counter()
+        cut = self.batch_cut(sa.batch_until)
+        taken: list[Window] = []
+        consumed = known = 0
+        after: Window | None = None
+        for window in windows:
+            if consumed + window.num_events > cut:
+                after = window
+                break
+            taken.append(window)
+            consumed += window.num_events
+            known = self.known_items  # the items known after the phase's last window
+        if not taken:
+            t.logger.print(f"[hstu] batch phase: no window ends within the first {cut} events")
+            return after, None
+        merged = merge_windows(taken)
+        work = self.prepare_window(self.store.sequences(merged))
+        steps = 0
+        t.model.train()
+        for epoch in range(sa.batch_epochs):
+            steps += self.train_window(work, window_metrics, epoch=BATCH_EPOCH_BASE + epoch)
+        self.store.append(merged)
+        self.windows_done += len(taken)
+        self.events_done += 0 if self.events_done < 0 else consumed
+        window_metrics.flush(t.step)
+        if steps:
+            self._pending_rows.append((t.step, "train", window_metrics.summarize(t.optimizer)))
+        else:
+            window_metrics.reset()
+        self._pending_rows.append((t.step, STREAM_SPLIT, {
+            "window": float(self.windows_done), "eval_events": 0.0, "events": float(consumed),
+            "train_steps": float(steps), "trained_events": float(work.targets * sa.batch_epochs),
+            "batch_windows": float(len(taken)), "batch_epochs": float(sa.batch_epochs),
+            "known_items": float(known),
+            "events_waiting": float(merged.lag.events_waiting),
+            "seconds_behind": float(merged.lag.seconds_behind),
+            "window_seconds": time.perf_counter() - started,
+        }))
+        t.logger.print(
+            f"[hstu] batch phase: windows 1-{self.windows_done} {merged.name}: {consumed} events "
+            f"(the first {sa.batch_until:g} of the stream), {work.targets} targets x "
+            f"{sa.batch_epochs} passes, not evaluated; {steps} steps (step {t.step}); then the "
+            f"stream, {'trained' if sa.train else 'evaluated only (frozen)'}"
+        )
+        if self.cfg.trainer.ckpt_save_interval > 0:
+            self.save(merged.position_after)
+        else:
+            self._flush_rows()
+        return after, merged.position_after
+
     # ---------------------------------------------------------------- the run
     def train(self) -> dict[str, float]:
         t, args = self.trainer, self.cfg.trainer
@@ -500,17 +641,39 @@ class OnlineTrainer:
         last: dict[str, float] = {}
         position = self.position
         saved_at = self.windows_done
+        learn = self.stream_args.train
+        # evaluate_from: windows ending within its first events are trained, not evaluated
+        # (counted from the stream's start; on resume from the windows' own positions)
+        quiet_until = (self.batch_cut(self.stream_args.evaluate_from)
+                       if self.stream_args.evaluate_from is not None else 0)
+        if quiet_until and self.events_done < 0:
+            raise ConfigError("StreamArgs", "evaluate_from",
+                              "the checkpoint resumed from does not count its events (written "
+                              "before evaluate_from existed): run without it")
         with Preemption() as preemption:
             self._preemption = preemption
-            for window in self.windows():
+            windows: Iterator[Window] = self.windows()
+            if self.stream_args.batch_until is not None and self.windows_done == 0:
+                # a stream's start (no checkpoint is taken inside the phase: a checkpoint
+                # with windows done is after it)
+                after, batch_end = self.batch_phase(windows, window_metrics)
+                if batch_end is not None:
+                    position = batch_end
+                    saved_at = self.windows_done if every > 0 else saved_at
+                windows = itertools.chain([] if after is None else [after], windows)
+            for window in windows:
                 started = time.perf_counter()
                 seqs = self.store.sequences(window)
                 work = self.prepare_window(seqs)
-                metrics = self.evaluate_window(work)
-                steps = self.train_window(work, window_metrics)
-                trained = work.targets
+                if self.events_done + window.num_events <= quiet_until:
+                    metrics = {"eval_events": 0.0}
+                else:
+                    metrics = self.evaluate_window(work)
+                steps = self.train_window(work, window_metrics) if learn else 0
+                trained = work.targets if learn else 0
                 self.store.append(window)
                 self.windows_done += 1
+                self.events_done += 0 if self.events_done < 0 else window.num_events
                 position = window.position_after
                 window_metrics.flush(t.step)
                 if steps:
@@ -523,9 +686,11 @@ class OnlineTrainer:
                 # window; each rank's resident memory, for the rows
                 agreed = self._all_counts(int(preemption.requested), int(due), resident_kib())
                 stop, due = (bool(x) for x in agreed[:, :2].max(axis=0))
-                rows = dict(metrics)
+                # "window" first: a window's rows start with it (readers of metrics.csv split
+                # the rows into windows there)
+                rows = {"window": float(self.windows_done), **metrics}
                 rows.update(
-                    window=float(self.windows_done), events=float(window.num_events),
+                    events=float(window.num_events),
                     train_steps=float(steps), trained_events=float(trained),
                     known_items=float(self.known_items),
                     events_waiting=float(window.lag.events_waiting),

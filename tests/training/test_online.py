@@ -29,6 +29,9 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONWARNINGS"] = "ignore"
+    # tests/training/kill_at.py's folder comes first on its sys.path: this checkout's hstu, not
+    # the one the virtual environment may have installed from another checkout
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return env
 
 
