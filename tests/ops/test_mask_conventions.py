@@ -23,40 +23,30 @@ LENGTHS, CONTEXTUAL, CANDIDATES, GROUP = [8, 7], [2, 1], [3, 3], 2
 KEYS = [("hstu", True), ("hstu", False), ("peer", True), ("peer", False)]
 IDS = [f"{conv}-{'causal' if causal else 'noncausal'}" for conv, causal in KEYS]
 
-# The masks written out by hand, the four conventions of KEYS side by side: one line a query i,
-# one character a key j (1: i sees j). Causal: "hstu" contextual rows see the contextual block,
-# "peer" ones every non-candidate; history rows are causal; a candidate sees the non-candidates
-# and the earlier candidates of its group. Non-causal: "hstu" non-candidates see every
-# non-candidate and no candidate, "peer" ones everything; a candidate sees its whole group.
-PICTURES = (
-    """
-    11000000  11111000  11111000  11111111   0 contextual
-    11000000  11111000  11111000  11111111   1 contextual
-    11100000  11111000  11100000  11111111   2 history
-    11110000  11111000  11110000  11111111   3 history
-    11111000  11111000  11111000  11111111   4 history
-    11111100  11111110  11111100  11111110   5 candidate, group 0
-    11111110  11111110  11111110  11111110   6 candidate, group 0: sees 5
-    11111001  11111001  11111001  11111001   7 candidate, group 1
-    """,
-    """
-    1000000  1111000  1111000  1111111   0 contextual
-    1100000  1111000  1100000  1111111   1 history
-    1110000  1111000  1110000  1111111   2 history
-    1111000  1111000  1111000  1111111   3 history
-    1111100  1111110  1111100  1111110   4 candidate, group 0
-    1111110  1111110  1111110  1111110   5 candidate, group 0: sees 4
-    1111001  1111001  1111001  1111001   6 candidate, group 1
-    """,
-)
+# The masks written out by hand: line i holds query i's row of sample A's four masks (the
+# conventions of KEYS in order), then of sample B's; one character a key j (1: i sees j).
+# Causal: "hstu" contextual rows see the contextual block, "peer" ones every non-candidate;
+# history rows are causal; a candidate sees the non-candidates and the earlier candidates of
+# its group. Non-causal: "hstu" non-candidates see every non-candidate and no candidate, "peer"
+# ones everything; a candidate sees its whole group.
+MASKS = """
+    11000000 11111000 11111000 11111111   1000000 1111000 1111000 1111111
+    11000000 11111000 11111000 11111111   1100000 1111000 1100000 1111111
+    11100000 11111000 11100000 11111111   1110000 1111000 1110000 1111111
+    11110000 11111000 11110000 11111111   1111000 1111000 1111000 1111111
+    11111000 11111000 11111000 11111111   1111100 1111110 1111100 1111110
+    11111100 11111110 11111100 11111110   1111110 1111110 1111110 1111110
+    11111110 11111110 11111110 11111110   1111001 1111001 1111001 1111001
+    11111001 11111001 11111001 11111001
+"""
 
 
 def _hand(key: tuple[str, bool]) -> list[torch.Tensor]:
     """The hand-written masks of ``key``, one bool [n, n] per sample."""
-    column = KEYS.index(key)
+    lines = [line.split() for line in MASKS.strip().splitlines()]
     return [
-        torch.tensor([[c == "1" for c in line.split()[column]] for line in picture.strip().splitlines()])
-        for picture in PICTURES
+        torch.tensor([[c == "1" for c in line[s * len(KEYS) + KEYS.index(key)]] for line in lines[:n]])
+        for s, n in enumerate(LENGTHS)
     ]
 
 
