@@ -59,13 +59,17 @@ def build_block(
     if getattr(network_args, "architecture", "hstu") == "sasrec":
         if tp_group is not None or variant:
             raise ValueError('NetworkArgs.architecture="sasrec" has no tensor-parallel or research variant')
-        from hstu.model.sasrec import build_sasrec_block
+        from hstu.model.sasrec import SASRecBlock, SASRecOptions
 
-        return build_sasrec_block(network_args)
-    options = LayerOptions.from_network_args(
-        network_args, rab_num_positions=max_seqlen, **(variant or {})
-    )
-    return HSTUBlock(
+        block_cls, options, layout = SASRecBlock, SASRecOptions.from_network_args(network_args), {}
+    else:
+        options = LayerOptions.from_network_args(
+            network_args, rab_num_positions=max_seqlen, **(variant or {})
+        )
+        names = ("sequence_layout", "attn_truncation_layers", "attn_truncation_len")
+        block_cls, layout = HSTUBlock, {"tp_group": tp_group}
+        layout.update((k, getattr(network_args, k)) for k in names if hasattr(network_args, k))
+    return block_cls(
         network_args.num_layers,
         network_args.hidden_size,
         network_args.num_attention_heads,
@@ -73,10 +77,7 @@ def build_block(
         options,
         num_position_buckets=network_args.num_position_buckets,
         use_position_embedding=getattr(network_args, "use_position_embedding", True),
-        sequence_layout=getattr(network_args, "sequence_layout", "jagged"),
-        attn_truncation_layers=getattr(network_args, "attn_truncation_layers", 0),
-        attn_truncation_len=getattr(network_args, "attn_truncation_len", 0),
-        tp_group=tp_group,
+        **layout,
     )
 
 

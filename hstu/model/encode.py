@@ -1,4 +1,5 @@
-"""Shared by the ranking and retrieval models: batch -> looked-up inputs -> tokens -> HSTU states."""
+"""Shared by the ranking and retrieval models: batch -> looked-up inputs -> tokens -> HSTU states
+(:func:`encode_batch`), and :class:`DenseModel`, what both dense parts hold to run it."""
 
 from __future__ import annotations
 
@@ -63,3 +64,21 @@ def encode_batch(
         truncated_sizes=truncated,
     )
     return own, inputs, layout, tokens, states
+
+
+class DenseModel(nn.Module):
+    """The ranking and retrieval dense parts' shared half: the token builder, the block, and
+    :meth:`_states` (:func:`encode_batch` with them; ``max_item_seqlen``, ``tp_group``: its)."""
+
+    def __init__(self, token_builder: TokenBuilder, block: nn.Module, max_item_seqlen: int,
+                 tp_group: ProcessGroup | None) -> None:
+        super().__init__()
+        self.token_builder = token_builder
+        self.block = block
+        self.max_item_seqlen = max_item_seqlen
+        self.tp_group = tp_group
+
+    def _states(self, batch: Batch, embeddings: dict):
+        return encode_batch(
+            batch, embeddings, self.token_builder, self.block, self.max_item_seqlen, self.tp_group
+        )

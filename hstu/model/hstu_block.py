@@ -36,7 +36,46 @@ TRUNCATION_SYNC = (
 )
 
 
-class HSTUBlock(nn.Module):
+def to_padded(
+    x: torch.Tensor, offsets: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jagged tokens x [T, D] of offsets [B+1] -> (padded [B * W, D] with sample b's tokens
+    at rows b * W .. b * W + n_b - 1 and zeros after them, dest int64 [T]: each token's row);
+    ``padded.index_select(0, dest)`` is the way back."""
+    total = x.shape[0]
+    lengths = offsets[1:] - offsets[:-1]
+    dest = segment_ids(lengths, total) * width + index_within(lengths, total)
+    return x.new_zeros(lengths.numel() * width, x.shape[1]).index_copy(0, dest, x), dest
+
+
+class SequenceBlock(nn.Module):
+    """What every sequence block (HSTUBlock, :class:`hstu.model.sasrec.SASRecBlock`) starts
+    with: the layers' input Dropout(x * sqrt(D) + pos_emb[position]), in ``dtype``."""
+
+    def __init__(self, hidden_size: int, num_position_buckets: int, use_position_embedding: bool,
+                 dropout: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.dtype = dtype
+        self.num_position_buckets = num_position_buckets
+        self.position_embedding = None
+        if use_position_embedding:
+            self.position_embedding = nn.Embedding(num_position_buckets, hidden_size, dtype=dtype)
+            nn.init.normal_(self.position_embedding.weight, std=0.02)
+        self.input_dropout = nn.Dropout(dropout)
+
+    def embed_at(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """Tokens x [..., D] at ``positions`` (int64, x's leading shape; unread, may be None,
+        without a position embedding) -> the first layer's input; positions clamped into the
+        table."""
+        x = x.to(self.dtype) * math.sqrt(self.hidden_size)
+        if self.position_embedding is not None:
+            assert positions is not None
+            x = x + self.position_embedding(positions.clamp(max=self.num_position_buckets - 1))
+        return self.input_dropout(x)
+
+
+class HSTUBlock(SequenceBlock):
     """x -> Dropout(x * sqrt(D) + pos_emb) -> num_layers x HSTULayer.
 
     ``options`` (:class:`LayerOptions`, with keyword ``overrides`` of single fields) are
@@ -61,7 +100,6 @@ class HSTUBlock(nn.Module):
         tp_group: ProcessGroup | None = None,
         **overrides: Any,
     ) -> None:
-        super().__init__()
         if attn_truncation_layers != 0:
             if not 0 < attn_truncation_layers < num_layers:
                 raise ValueError(
@@ -74,26 +112,18 @@ class HSTUBlock(nn.Module):
                 )
             if sequence_layout != "jagged":
                 raise ValueError('attention truncation needs sequence_layout="jagged"')
-        self.attn_truncation_layers = attn_truncation_layers
-        self.attn_truncation_len = attn_truncation_len
         options = replace(options or LayerOptions(), **overrides)
-        self.options = options
-        self.hidden_size = hidden_size
         if sequence_layout not in ("jagged", "padded"):
             raise ValueError(f'sequence_layout must be "jagged" or "padded", got {sequence_layout!r}')
         if sequence_layout == "padded" and not options.is_causal:
             raise ValueError('sequence_layout="padded" needs causal attention')
-        self.sequence_layout = sequence_layout
-        self.dtype = options.dtype
-        self.num_position_buckets = num_position_buckets
-        self.position_embedding = (
-            nn.Embedding(num_position_buckets, hidden_size, dtype=options.dtype)
-            if use_position_embedding
-            else None
+        super().__init__(
+            hidden_size, num_position_buckets, use_position_embedding, options.dropout, options.dtype
         )
-        if self.position_embedding is not None:
-            nn.init.normal_(self.position_embedding.weight, std=0.02)
-        self.input_dropout = nn.Dropout(options.dropout)
+        self.attn_truncation_layers = attn_truncation_layers
+        self.attn_truncation_len = attn_truncation_len
+        self.options = options
+        self.sequence_layout = sequence_layout
         self.layers = nn.ModuleList(
             HSTULayer(hidden_size, num_heads, head_dim, options, tp_group=tp_group)
             for _ in range(num_layers)
@@ -124,9 +154,10 @@ class HSTUBlock(nn.Module):
                     lengths - num_targets, lengths, output_size=total
                 )
         x = self.embed(x, index, first_target)
-        if self.sequence_layout == "padded":
-            return self._padded_layers(
-                x, offsets, max_seqlen, num_contextual, num_targets, timestamps, query_timestamps
+        dest = None
+        if self.sequence_layout == "padded":  # no truncation: every layer runs below
+            x, dest, offsets, num_targets, timestamps = self._pad(
+                x, offsets, max_seqlen, num_targets, timestamps, query_timestamps
             )
         full = self.attn_truncation_layers or len(self.layers)
         for layer in self.layers[:full]:
@@ -134,12 +165,22 @@ class HSTUBlock(nn.Module):
                 x, offsets, max_seqlen, num_contextual, num_targets, timestamps,
                 query_timestamps=query_timestamps,
             )
+        if dest is not None:
+            return x.index_select(0, dest)
         if full == len(self.layers):
             return x
-        return self._truncated_layers(
-            x, offsets, max_seqlen, num_contextual, num_targets, timestamps, query_timestamps,
-            truncated_sizes,
+        # layers k+1.. over each sample's last attn_truncation_len tokens; the tokens before
+        # keep their layer-k state (module docstring)
+        rows, sliced_offsets, sliced_ctx, sliced_ts = self._truncate(
+            offsets, num_contextual, num_targets, timestamps, truncated_sizes
         )
+        y = x[rows]
+        for layer in self.layers[full:]:
+            y = layer(
+                y, sliced_offsets, min(max_seqlen, self.attn_truncation_len), sliced_ctx,
+                num_targets, sliced_ts, query_timestamps=query_timestamps, scaling_seqlen=max_seqlen,
+            )
+        return x.index_copy(0, rows, y)
 
     def embed(
         self, x: torch.Tensor, index: torch.Tensor | None, first_target: torch.Tensor | None
@@ -149,26 +190,20 @@ class HSTUBlock(nn.Module):
         ``first_target`` (broadcast; None: no candidates); position = min(index,
         first_target), clamped into the table (module docstring). ``index`` is unread (may
         be None) without a position embedding."""
-        x = x.to(self.dtype) * math.sqrt(self.hidden_size)
-        if self.position_embedding is not None:
-            assert index is not None
-            pos = index if first_target is None else torch.minimum(index, first_target)
-            x = x + self.position_embedding(pos.clamp(max=self.num_position_buckets - 1))
-        return self.input_dropout(x)
+        if self.position_embedding is not None and first_target is not None:
+            index = torch.minimum(index, first_target)  # type: ignore[arg-type]
+        return self.embed_at(x, index)
 
-    def _truncated_layers(
+    def _truncate(
         self,
-        x: torch.Tensor,
         offsets: torch.Tensor,
-        max_seqlen: int,
         num_contextual: torch.Tensor | None,
         num_targets: torch.Tensor | None,
         timestamps: torch.Tensor | None,
-        query_timestamps: torch.Tensor | None,
-        truncated_sizes: tuple[int, int] | None = None,
-    ) -> torch.Tensor:
-        """Layers k+1.. over each sample's last ``attn_truncation_len`` tokens; the tokens
-        before keep their layer-k state (module docstring)."""
+        truncated_sizes: tuple[int, int] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The truncated layers' slice: (rows [T'] of x it keeps, its offsets, contextual
+        counts and timestamps); ``truncated_sizes``: forward's."""
         keep = self.attn_truncation_len
         lengths = offsets[1:] - offsets[:-1]
         start = (lengths - keep).clamp(min=0)  # [B] first kept token of each sample
@@ -189,46 +224,34 @@ class HSTUBlock(nn.Module):
                 f"(NetworkArgs.attn_truncation_len), fewer than a sample's {most_targets} candidates"
             )
         # token index (in x) of each kept token: its sample's offset + start + index in the slice
-        seg = segment_ids(kept, total)
-        rows = (offsets[:-1] + start)[seg] + index_within(kept, total)
-        sliced_offsets = lengths_to_offsets(kept)
+        rows = (offsets[:-1] + start)[segment_ids(kept, total)] + index_within(kept, total)
         sliced_ctx = None if num_contextual is None else (num_contextual - start).clamp(min=0)
         sliced_ts = None if timestamps is None else timestamps[rows]
-        y = x[rows]
-        for layer in self.layers[self.attn_truncation_layers:]:
-            y = layer(
-                y, sliced_offsets, min(max_seqlen, keep), sliced_ctx, num_targets, sliced_ts,
-                query_timestamps=query_timestamps, scaling_seqlen=max_seqlen,
-            )
-        return x.index_copy(0, rows, y)
+        return rows, lengths_to_offsets(kept), sliced_ctx, sliced_ts
 
-    def _padded_layers(
+    def _pad(
         self,
         x: torch.Tensor,
         offsets: torch.Tensor,
-        max_seqlen: int,
-        num_contextual: torch.Tensor | None,
+        width: int,
         num_targets: torch.Tensor | None,
         timestamps: torch.Tensor | None,
-        query_timestamps: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The layers on every sample padded to ``max_seqlen`` tokens, as padded trainers run.
+        query_timestamps: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Every sample padded to ``width`` tokens, as padded trainers run: (x [B * W, D], dest
+        [T] (``to_padded``), offsets, num_targets and timestamps of the padded layout).
 
         Padding goes after each sample's real tokens and counts as extra candidates, so under
         causal attention no real token sees it (a candidate's group only grows by later
-        tokens): the real tokens' outputs equal the jagged ones. Costs B * max_seqlen tokens.
+        tokens): the real tokens' outputs equal the jagged ones. Costs B * W tokens.
         Padding slots carry the last real token's timestamp, or the query time when given (the
         last real token's next time either way; a full-width sample's last slot gets it from
         ``query_timestamps`` directly).
         """
         lengths = offsets[1:] - offsets[:-1]
-        batch, n = lengths.numel(), max_seqlen
-        slot = torch.arange(n, device=x.device)
-        # each real token's slot b * n + j (j < n_b), in token order
-        total = x.shape[0]
-        dest = segment_ids(lengths, total) * n + index_within(lengths, total)
-        padded = x.new_zeros(batch * n, x.shape[1]).index_copy(0, dest, x)
-        pad = n - lengths
+        slot = torch.arange(width, device=x.device)
+        padded, dest = to_padded(x, offsets, width)
+        pad = width - lengths
         targets = pad if num_targets is None else num_targets + pad
         ts = None
         if timestamps is not None:
@@ -239,13 +262,8 @@ class HSTUBlock(nn.Module):
                 real = slot.view(1, -1) < lengths.view(-1, 1)
                 ts = torch.where(real, ts, query_timestamps.view(-1, 1))
             ts = ts.reshape(-1)
-        padded_offsets = torch.arange(batch + 1, device=x.device) * n
-        for layer in self.layers:
-            padded = layer(
-                padded, padded_offsets, n, num_contextual, targets, ts,
-                query_timestamps=query_timestamps,
-            )
-        return padded.index_select(0, dest)
+        padded_offsets = torch.arange(lengths.numel() + 1, device=x.device) * width
+        return padded, dest, padded_offsets, targets, ts
 
 
-__all__ = ["HSTUBlock"]
+__all__ = ["HSTUBlock", "SequenceBlock", "to_padded"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import torch
 import torch.distributed as dist
@@ -164,8 +164,28 @@ def norm_linear_silu(
 # ------------------------------------------------------------------------------ the layer
 
 
+class NetworkOptions:
+    """Base of the option dataclasses a NetworkArgs sets (LayerOptions, sasrec.SASRecOptions):
+    a field takes the NetworkArgs field of its name, or of the name ``_NETWORK_NAMES`` gives."""
+
+    _NETWORK_NAMES: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def from_network_args(cls, network_args: Any, **overrides: Any) -> Self:
+        """The options a NetworkArgs sets (fields it lacks keep their defaults), then ``overrides``."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            name = cls._NETWORK_NAMES.get(f.name, f.name)
+            if hasattr(network_args, name):
+                values[f.name] = getattr(network_args, name)
+        if isinstance(values.get("dtype"), str):
+            values["dtype"] = DTYPES[values["dtype"]]
+        values.update(overrides)
+        return cls(**values)
+
+
 @dataclass(frozen=True)
-class LayerOptions:
+class LayerOptions(NetworkOptions):
     """Every knob of an HSTU layer, in one place. A new layer flag is one field here (and,
     to set it from gin, a NetworkArgs field of the same name: :meth:`from_network_args` picks
     it up by name).
@@ -224,19 +244,6 @@ class LayerOptions:
         "dropout": "hidden_dropout", "norm_eps": "norm_epsilon", "alpha": "attention_alpha",
         "dtype": "dtype_str",
     }
-
-    @classmethod
-    def from_network_args(cls, network_args: Any, **overrides: Any) -> LayerOptions:
-        """The options a NetworkArgs sets (fields it lacks keep their defaults), then ``overrides``."""
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            name = cls._NETWORK_NAMES.get(f.name, f.name)
-            if hasattr(network_args, name):
-                values[f.name] = getattr(network_args, name)
-        if isinstance(values.get("dtype"), str):
-            values["dtype"] = DTYPES[values["dtype"]]
-        values.update(overrides)
-        return cls(**values)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -19,7 +19,7 @@ from torch.distributed import ProcessGroup
 # check_ranking_head is torch-free (it runs before any process starts): hstu.checks owns it
 from hstu.checks import check_ranking_head  # noqa: F401 - re-exported
 from hstu.data.batch import Batch
-from hstu.model.encode import encode_batch
+from hstu.model.encode import DenseModel
 from hstu.model.hstu_block import HSTUBlock
 from hstu.model.loss_scale import PendingScale, global_mean_scale
 from hstu.model.tensor_parallel import take_own_rows
@@ -90,7 +90,7 @@ def ranking_loss(
     return per.sum() * scale
 
 
-class RankingModel(nn.Module):
+class RankingModel(DenseModel):
     """The dense part: forward(batch, embeddings) -> (loss, (logits [S, W], labels [S])) for
     this rank's candidates (``embeddings``: the sparse module's output for the batch).
 
@@ -119,14 +119,10 @@ class RankingModel(nn.Module):
         max_item_seqlen: int = 0,
         tp_group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__()
-        self.token_builder = token_builder
-        self.block = block
+        super().__init__(token_builder, block, max_item_seqlen, tp_group)
         self.head = head
         self.num_tasks = num_tasks
         self.history_loss_weight = history_loss_weight
-        self.max_item_seqlen = max_item_seqlen
-        self.tp_group = tp_group
 
     def forward(
         self, batch: Batch, embeddings: dict
@@ -142,10 +138,7 @@ class RankingModel(nn.Module):
             weights = torch.repeat_interleave(keep, batch.num_candidates).float()
             count = (batch.num_candidates * keep).sum()
         pending = PendingScale(count, self.training)
-        _, inputs, layout, tokens, states = encode_batch(
-            batch, embeddings, self.token_builder, self.block,
-            self.max_item_seqlen, self.tp_group,
-        )
+        _, inputs, layout, tokens, states = self._states(batch, embeddings)
         logits = self.head(states[tokens.candidate_rows].float())  # [S_all, W]
         logits = take_own_rows(logits, layout.candidates, self.tp_group)
         scale = pending.wait()

@@ -37,7 +37,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 from hstu.data.batch import Batch
 from hstu.data.negatives import negatives_feature_name
 from hstu.embeddings.collection import apply_misses
-from hstu.model.encode import encode_batch
+from hstu.model.encode import DenseModel
 from hstu.model.hstu_block import HSTUBlock
 from hstu.model.jagged import index_within, lengths_to_offsets, segment_ids
 from hstu.model.loss_scale import PendingScale
@@ -58,7 +58,7 @@ class RetrievalEval:
     target_ranks: torch.Tensor
 
 
-class RetrievalModel(nn.Module):
+class RetrievalModel(DenseModel):
     """The dense part: forward(batch, embeddings) -> (loss, (pos_logits [Q], neg_logits [Q, M]));
     see the module docstring. ``embeddings``: the sparse module's output for the batch,
     including the negatives key (:mod:`hstu.data.negatives`) for uniform, mixed and
@@ -107,9 +107,7 @@ class RetrievalModel(nn.Module):
         eval_exclude_history: bool = True,
         exclude_history_from_loss: bool = False,
     ) -> None:
-        super().__init__()
-        self.token_builder = token_builder
-        self.block = block
+        super().__init__(token_builder, block, max_item_seqlen, tp_group)
         # items narrower than D (NetworkArgs.item_embedding_dim < hidden_size): the queries
         # are projected down into the items' space (items are scored as they are stored, so
         # the corpus never goes through a projection)
@@ -134,8 +132,6 @@ class RetrievalModel(nn.Module):
         )
         self.l2_norm_eps = l2_norm_eps
         self.min_item_id = min_item_id
-        self.max_item_seqlen = max_item_seqlen
-        self.tp_group = tp_group
         self.eval_exclude_history = eval_exclude_history
         self.exclude_history_from_loss = exclude_history_from_loss
         self.negatives_feature = negatives_feature_name(token_builder.item_feature_name)
@@ -175,12 +171,6 @@ class RetrievalModel(nn.Module):
         """Query states [N, D] -> the items' space [N, d] (unchanged where d = D). Applied
         to the TP group's replicated rows, before each rank takes its own."""
         return states if self.query_projection is None else self.query_projection(states)
-
-    def _states(self, batch: Batch, embeddings: dict):
-        return encode_batch(
-            batch, embeddings, self.token_builder, self.block,
-            self.max_item_seqlen, self.tp_group,
-        )
 
     # ------------------------------------------------------------------------ training
 

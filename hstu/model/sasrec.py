@@ -33,51 +33,84 @@ is what :class:`SASRecInference` exports with ``torch.export`` for serving.
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from dataclasses import dataclass, fields, replace
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hstu.model.jagged import index_within, positions_within, segment_ids
+from hstu.model.hstu_block import SequenceBlock, to_padded
+from hstu.model.hstu_layer import NetworkOptions
+from hstu.model.jagged import positions_within
 
 FFN_ACTIVATIONS = ("swiglu", "gelu", "relu")
 
 
+@dataclass(frozen=True)
+class SASRecOptions(NetworkOptions):
+    """Every knob of a SASRec layer (module docstring); NetworkArgs sets them
+    (:meth:`from_network_args`: hidden_dropout, norm_epsilon, the sasrec_* fields, dtype_str).
+
+    Fields:
+        dropout: on the residual branches and the FFN's inner activations (the block also
+            uses it on its input tokens, and SDPA on the attention weights in training).
+        norm_eps: epsilon of the layer norms.
+        ffn_activation: "swiglu" | "gelu" | "relu".
+        ffn_multiplier: the FFN's inner width as a multiple of D.
+        gated_residual: LiGR's sigmoid gates on both residual branches.
+        dtype: parameter and compute dtype.
+    """
+
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    ffn_activation: str = "swiglu"
+    ffn_multiplier: int = 4
+    gated_residual: bool = True
+    dtype: torch.dtype = torch.float32
+
+    _NETWORK_NAMES: ClassVar[dict[str, str]] = {
+        "dropout": "hidden_dropout", "norm_eps": "norm_epsilon", "dtype": "dtype_str",
+        **{k: f"sasrec_{k}" for k in ("ffn_activation", "ffn_multiplier", "gated_residual")},
+    }
+
+    def __post_init__(self) -> None:
+        if self.ffn_activation not in FFN_ACTIVATIONS:
+            raise ValueError(
+                f"ffn_activation must be one of {FFN_ACTIVATIONS}, got {self.ffn_activation!r}"
+            )
+
+
 class SASRecLayer(nn.Module):
-    """One pre-norm transformer layer on padded tokens [B, W, D] (module docstring)."""
+    """One pre-norm transformer layer on padded tokens [B, W, D] (module docstring);
+    ``options`` with keyword ``overrides`` of single fields, as HSTULayer's."""
 
     def __init__(
         self,
         hidden_size: int,
         num_heads: int,
         head_dim: int,
-        *,
-        dropout: float = 0.0,
-        norm_eps: float = 1e-5,
-        ffn_activation: str = "swiglu",
-        ffn_multiplier: int = 4,
-        gated_residual: bool = True,
-        dtype: torch.dtype = torch.float32,
+        options: SASRecOptions | None = None,
+        **overrides: Any,
     ) -> None:
         super().__init__()
-        if ffn_activation not in FFN_ACTIVATIONS:
-            raise ValueError(f"ffn_activation must be one of {FFN_ACTIVATIONS}, got {ffn_activation!r}")
+        o = replace(options or SASRecOptions(), **overrides)
+        self.options = o
+        norm_eps, dtype = o.norm_eps, o.dtype
         self.num_heads, self.head_dim = num_heads, head_dim
-        self.dropout = dropout
-        self.ffn_activation = ffn_activation
+        self.dropout = o.dropout
+        self.ffn_activation = o.ffn_activation
         width = num_heads * head_dim
-        inner = ffn_multiplier * hidden_size
+        inner = o.ffn_multiplier * hidden_size
         self.attn_norm = nn.LayerNorm(hidden_size, eps=norm_eps, dtype=dtype)
         self.qkv = nn.Linear(hidden_size, 3 * width, dtype=dtype)
         self.output = nn.Linear(width, hidden_size, dtype=dtype)
         self.ffn_norm = nn.LayerNorm(hidden_size, eps=norm_eps, dtype=dtype)
-        swiglu = ffn_activation == "swiglu"
+        swiglu = o.ffn_activation == "swiglu"
         self.ffn_in = nn.Linear(hidden_size, (2 if swiglu else 1) * inner, bias=not swiglu, dtype=dtype)
         self.ffn_out = nn.Linear(inner, hidden_size, bias=not swiglu, dtype=dtype)
-        self.attn_gate = nn.Linear(hidden_size, hidden_size, dtype=dtype) if gated_residual else None
-        self.ffn_gate = nn.Linear(hidden_size, hidden_size, dtype=dtype) if gated_residual else None
+        self.attn_gate = nn.Linear(hidden_size, hidden_size, dtype=dtype) if o.gated_residual else None
+        self.ffn_gate = nn.Linear(hidden_size, hidden_size, dtype=dtype) if o.gated_residual else None
 
     def attention(self, h: Tensor) -> Tensor:
         """Causal multi-head softmax attention of normalised tokens h [B, W, D] ->
@@ -110,9 +143,11 @@ class SASRecLayer(nn.Module):
         return x + (f if self.ffn_gate is None else torch.sigmoid(self.ffn_gate(x)) * f)
 
 
-class SASRecBlock(nn.Module):
+class SASRecBlock(SequenceBlock):
     """x -> Dropout(x * sqrt(D) + pos_emb) -> num_layers x SASRecLayer -> LayerNorm, with
-    HSTUBlock's forward contract (jagged in and out; module docstring)."""
+    HSTUBlock's forward contract (jagged in and out; module docstring). ``options``
+    (:class:`SASRecOptions`, with keyword ``overrides``) are every layer's; ``dropout`` is also
+    used on the input and ``dtype`` is the block's."""
 
     attn_truncation_layers = 0  # read by hstu.model.encode (no attention truncation here)
 
@@ -122,43 +157,20 @@ class SASRecBlock(nn.Module):
         hidden_size: int,
         num_heads: int,
         head_dim: int,
+        options: SASRecOptions | None = None,
         *,
-        dropout: float = 0.0,
-        norm_eps: float = 1e-5,
-        ffn_activation: str = "swiglu",
-        ffn_multiplier: int = 4,
-        gated_residual: bool = True,
         num_position_buckets: int = 8192,
         use_position_embedding: bool = True,
-        dtype: torch.dtype = torch.float32,
+        **overrides: Any,
     ) -> None:
-        super().__init__()
-        self.hidden_size = hidden_size
-        self.dtype = dtype
-        self.num_position_buckets = num_position_buckets
-        self.position_embedding = (
-            nn.Embedding(num_position_buckets, hidden_size, dtype=dtype) if use_position_embedding else None
+        options = replace(options or SASRecOptions(), **overrides)
+        super().__init__(
+            hidden_size, num_position_buckets, use_position_embedding, options.dropout, options.dtype
         )
-        if self.position_embedding is not None:
-            nn.init.normal_(self.position_embedding.weight, std=0.02)
-        self.input_dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList(
-            SASRecLayer(
-                hidden_size, num_heads, head_dim, dropout=dropout, norm_eps=norm_eps,
-                ffn_activation=ffn_activation, ffn_multiplier=ffn_multiplier,
-                gated_residual=gated_residual, dtype=dtype,
-            )
-            for _ in range(num_layers)
+            SASRecLayer(hidden_size, num_heads, head_dim, options) for _ in range(num_layers)
         )
-        self.final_norm = nn.LayerNorm(hidden_size, eps=norm_eps, dtype=dtype)
-
-    def embed(self, x: Tensor, positions: Tensor) -> Tensor:
-        """Tokens x [..., D] and their positions (int64, same leading shape) -> the first
-        layer's input (scaled, positions added, dropout in training)."""
-        x = x.to(self.dtype) * math.sqrt(self.hidden_size)
-        if self.position_embedding is not None:
-            x = x + self.position_embedding(positions.clamp(max=self.num_position_buckets - 1))
-        return self.input_dropout(x)
+        self.final_norm = nn.LayerNorm(hidden_size, eps=options.norm_eps, dtype=options.dtype)
 
     def encode_padded(self, x: Tensor) -> Tensor:
         """The layers and the final norm on embedded tokens [B, W, D], each sample's real
@@ -181,35 +193,10 @@ class SASRecBlock(nn.Module):
         """x [T, D] token embeddings, offsets int64 [B+1], ``max_seqlen`` W (>= every n_b)
         -> states [T, D]. Contextual tokens, timestamps and the query time are not read
         (plain causal attention; no time bias)."""
-        total = x.shape[0]
-        x = self.embed(x, positions_within(offsets, num_targets, total))
-        lengths = offsets[1:] - offsets[:-1]
-        bsz, width = lengths.numel(), max_seqlen
-        # each real token's slot b * W + j (j < n_b), in token order
-        dest = segment_ids(lengths, total) * width + index_within(lengths, total)
-        padded = x.new_zeros(bsz * width, x.shape[1]).index_copy(0, dest, x)
-        states = self.encode_padded(padded.view(bsz, width, -1))
-        return states.reshape(bsz * width, -1).index_select(0, dest)
-
-
-def build_sasrec_block(network_args: Any) -> SASRecBlock:
-    """SASRecBlock from NetworkArgs (docs/model.md "SASRec" lists the fields it reads)."""
-    from hstu.model.hstu_layer import DTYPES
-
-    return SASRecBlock(
-        network_args.num_layers,
-        network_args.hidden_size,
-        network_args.num_attention_heads,
-        network_args.kv_channels,
-        dropout=network_args.hidden_dropout,
-        norm_eps=network_args.norm_epsilon,
-        ffn_activation=getattr(network_args, "sasrec_ffn_activation", "swiglu"),
-        ffn_multiplier=getattr(network_args, "sasrec_ffn_multiplier", 4),
-        gated_residual=getattr(network_args, "sasrec_gated_residual", True),
-        num_position_buckets=network_args.num_position_buckets,
-        use_position_embedding=getattr(network_args, "use_position_embedding", True),
-        dtype=DTYPES[network_args.dtype_str],
-    )
+        x = self.embed_at(x, positions_within(offsets, num_targets, x.shape[0]))
+        padded, dest = to_padded(x, offsets, max_seqlen)
+        states = self.encode_padded(padded.view(-1, max_seqlen, x.shape[1]))
+        return states.reshape(-1, x.shape[1]).index_select(0, dest)
 
 
 def sasrec_step_flops(seqlens: Tensor, network_args: Any) -> float:
@@ -245,6 +232,10 @@ class _Projections(nn.Module):
         )
 
 
+# the options an export records (the served model computes in float32)
+_SERVED_OPTIONS = tuple(f.name for f in fields(SASRecOptions) if f.name != "dtype")
+
+
 class SASRecInference(nn.Module):
     """The trained SASRec retrieval dense part on the padded layout the artifact feeds
     (hstu.serving.artifact.pad_inputs), state-dict compatible with the trainer's
@@ -265,11 +256,9 @@ class SASRecInference(nn.Module):
         super().__init__()
         self.cfg = dict(cfg)
         self.token_builder = _Projections(dict(cfg["projections"]), cfg["hidden_size"])
+        options = SASRecOptions(**{k: cfg[k] for k in _SERVED_OPTIONS})
         self.block = SASRecBlock(
-            cfg["num_layers"], cfg["hidden_size"], cfg["num_heads"], cfg["head_dim"],
-            dropout=float(cfg["dropout"]), norm_eps=float(cfg["norm_eps"]),
-            ffn_activation=cfg["ffn_activation"], ffn_multiplier=int(cfg["ffn_multiplier"]),
-            gated_residual=bool(cfg["gated_residual"]),
+            cfg["num_layers"], cfg["hidden_size"], cfg["num_heads"], cfg["head_dim"], options,
             num_position_buckets=int(cfg["num_position_buckets"]),
             use_position_embedding=bool(cfg["use_position_embedding"]),
         )
@@ -293,7 +282,7 @@ class SASRecInference(nn.Module):
         hist = item_lengths - num_candidates  # [B]
         slot = torch.arange(width, device=items.device).unsqueeze(0)  # [1, L]
         positions = torch.minimum(slot, hist.unsqueeze(1))  # candidates share the first's
-        states = self.block.encode_padded(self.block.embed(tokens, positions))
+        states = self.block.encode_padded(self.block.embed_at(tokens, positions))
         # the last history item's state (a sample without history: its last token, as the trainer)
         last = torch.where(hist > 0, hist - 1, item_lengths - 1).clamp(min=0)
         query = states.gather(1, last.view(-1, 1, 1).expand(-1, 1, states.shape[-1])).squeeze(1)
@@ -323,11 +312,7 @@ def inference_config(model: nn.Module, cfg: Any, info: Any) -> dict[str, Any]:
         "num_layers": len(block.layers),
         "num_heads": layer.num_heads,
         "head_dim": layer.head_dim,
-        "dropout": layer.dropout,
-        "norm_eps": layer.attn_norm.eps,
-        "ffn_activation": layer.ffn_activation,
-        "ffn_multiplier": layer.ffn_out.in_features // block.hidden_size,
-        "gated_residual": layer.attn_gate is not None,
+        **{k: getattr(layer.options, k) for k in _SERVED_OPTIONS},
         "num_position_buckets": block.num_position_buckets,
         "use_position_embedding": block.position_embedding is not None,
         # what the artifact reads of every model (no time, actions or contextual features)
@@ -356,7 +341,7 @@ __all__ = [
     "SASRecBlock",
     "SASRecInference",
     "SASRecLayer",
-    "build_sasrec_block",
+    "SASRecOptions",
     "inference_config",
     "sasrec_step_flops",
 ]

@@ -367,26 +367,16 @@ class Trainer:
         # the floor the model must clear, on the same evaluation items: popularity
         # (retrieval) or the training labels' prior (ranking); also in metrics.csv
         baseline_fn = popularity_baseline if self.cfg.task == "retrieval" else prior_baseline
-        baseline = baseline_fn(
-            self.built.train_loader,
-            self.built.test_loader or self.built.eval_loader,
-            self.cfg,
-            env,
-            args.max_eval_iters,
-        )
+        floor_inputs = (self.built.train_loader, self.built.test_loader or self.built.eval_loader,
+                        self.cfg, env, args.max_eval_iters)
+        baseline = baseline_fn(*floor_inputs)
         if baseline is not None:
             self.logger.log(self.step, "baseline", baseline)
             kind = "popularity" if self.cfg.task == "retrieval" else "label-prior"
             self.logger.print(f"[hstu] {kind} baseline (same protocol): {_metrics_text(baseline)}")
         # ranking: a non-sequential floor with an AUC (the prior's is 0.5 by construction):
         # each candidate scored with its item's training label rate; rows per_item/<metric>
-        per_item = item_rate_baseline(
-            self.built.train_loader,
-            self.built.test_loader or self.built.eval_loader,
-            self.cfg,
-            env,
-            args.max_eval_iters,
-        )
+        per_item = item_rate_baseline(*floor_inputs)
         if per_item is not None:
             named = {f"{PER_ITEM}{k}": v for k, v in per_item.items()}
             self.logger.log(self.step, "baseline", named)

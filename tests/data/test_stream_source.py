@@ -452,6 +452,25 @@ def test_stream_args_bind_from_gin(tmp_path):
     assert [w.num_events for w in src.windows()] == [2, 1]
 
 
+def test_a_folder_source_takes_every_stream_setting(tmp_path):
+    from hstu.data.data_args import CustomDataArgs
+
+    args = StreamArgs(
+        path=str(tmp_path), follow=True, poll_seconds=0.5, idle_timeout_seconds=7.0,
+        incomplete_timeout_seconds=9.0, require_success=False, quarantine_dir=str(tmp_path / "q"),
+        max_window_events=11, timestamp_unit="ms", rating_column="stars", extra_columns=["x"],
+    )
+    mapping = CustomDataArgs(user_column="u", item_column="i", timestamp_column="t", delimiter=";")
+    src = make_source(args, columns=mapping)
+    assert isinstance(src, FolderStream)
+    assert (src.follow, src.poll_seconds, src.idle_timeout_seconds, src.incomplete_timeout_seconds,
+            src.require_success, src.quarantine_dir, src.max_window_events, src.extra_columns) == (
+        True, 0.5, 7.0, 9.0, False, tmp_path / "q", 11, ("x",))
+    cols = src.columns
+    assert (cols.user_column, cols.item_column, cols.timestamp_column, cols.delimiter,
+            cols.timestamp_unit, cols.action_column) == ("u", "i", "t", ";", "ms", "stars")
+
+
 def test_replay_of_own_data_keeps_its_rating_values(tmp_path):
     from hstu.data.data_args import CustomDataArgs
 

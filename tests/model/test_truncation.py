@@ -263,13 +263,13 @@ def _audited_truncation(rank: int, world_size: int, tmp: str, task: str, tp: int
     from tests.training.test_sync_matrix import audited_trainer_steps
 
     seen = []
-    truncated = HSTUBlock._truncated_layers
+    truncate = HSTUBlock._truncate
 
-    def recording(self, x, offsets, max_seqlen, num_contextual, num_targets, *rest):
-        seen.append((rest[-1], offsets.detach().clone(), num_targets.detach().clone()))
-        return truncated(self, x, offsets, max_seqlen, num_contextual, num_targets, *rest)
+    def recording(self, offsets, num_contextual, num_targets, timestamps, truncated_sizes):
+        seen.append((truncated_sizes, offsets.detach().clone(), num_targets.detach().clone()))
+        return truncate(self, offsets, num_contextual, num_targets, timestamps, truncated_sizes)
 
-    HSTUBlock._truncated_layers = recording
+    HSTUBlock._truncate = recording
     keep = 8
     try:
         tp_params = [f"TensorModelParallelArgs.tensor_model_parallel_size={tp}"] if tp > 1 else []
@@ -278,7 +278,7 @@ def _audited_truncation(rank: int, world_size: int, tmp: str, task: str, tp: int
             f"NetworkArgs.attn_truncation_len={keep}",
         ])
     finally:
-        HSTUBlock._truncated_layers = truncated
+        HSTUBlock._truncate = truncate
     assert len(seen) == 3
     for sizes, offsets, targets in seen:
         lengths = offsets[1:] - offsets[:-1]

@@ -20,99 +20,34 @@ from .reference import grads, naive_attention, naive_mask, random_case
 
 LENGTHS, CONTEXTUAL, CANDIDATES, GROUP = [8, 7], [2, 1], [3, 3], 2
 
-HAND = {
-    ("hstu", True): (
-        [
-            # 0  1  2  3  4  5  6  7
-            [1, 1, 0, 0, 0, 0, 0, 0],  # 0 ctx: the contextual block only
-            [1, 1, 0, 0, 0, 0, 0, 0],  # 1 ctx
-            [1, 1, 1, 0, 0, 0, 0, 0],  # 2 history: causal
-            [1, 1, 1, 1, 0, 0, 0, 0],  # 3
-            [1, 1, 1, 1, 1, 0, 0, 0],  # 4
-            [1, 1, 1, 1, 1, 1, 0, 0],  # 5 candidate, group 0
-            [1, 1, 1, 1, 1, 1, 1, 0],  # 6 candidate, group 0: sees 5
-            [1, 1, 1, 1, 1, 0, 0, 1],  # 7 candidate, group 1
-        ],
-        [
-            [1, 0, 0, 0, 0, 0, 0],
-            [1, 1, 0, 0, 0, 0, 0],
-            [1, 1, 1, 0, 0, 0, 0],
-            [1, 1, 1, 1, 0, 0, 0],
-            [1, 1, 1, 1, 1, 0, 0],
-            [1, 1, 1, 1, 1, 1, 0],
-            [1, 1, 1, 1, 0, 0, 1],
-        ],
-    ),
-    ("hstu", False): (
-        [
-            [1, 1, 1, 1, 1, 0, 0, 0],  # non-candidates: every non-candidate, no candidate
-            [1, 1, 1, 1, 1, 0, 0, 0],
-            [1, 1, 1, 1, 1, 0, 0, 0],
-            [1, 1, 1, 1, 1, 0, 0, 0],
-            [1, 1, 1, 1, 1, 0, 0, 0],
-            [1, 1, 1, 1, 1, 1, 1, 0],  # candidates: their whole group
-            [1, 1, 1, 1, 1, 1, 1, 0],
-            [1, 1, 1, 1, 1, 0, 0, 1],
-        ],
-        [
-            [1, 1, 1, 1, 0, 0, 0],
-            [1, 1, 1, 1, 0, 0, 0],
-            [1, 1, 1, 1, 0, 0, 0],
-            [1, 1, 1, 1, 0, 0, 0],
-            [1, 1, 1, 1, 1, 1, 0],
-            [1, 1, 1, 1, 1, 1, 0],
-            [1, 1, 1, 1, 0, 0, 1],
-        ],
-    ),
-    ("peer", True): (
-        [
-            [1, 1, 1, 1, 1, 0, 0, 0],  # 0 ctx: every non-candidate (later history too)
-            [1, 1, 1, 1, 1, 0, 0, 0],  # 1 ctx
-            [1, 1, 1, 0, 0, 0, 0, 0],  # 2 history: causal, as "hstu"
-            [1, 1, 1, 1, 0, 0, 0, 0],
-            [1, 1, 1, 1, 1, 0, 0, 0],
-            [1, 1, 1, 1, 1, 1, 0, 0],  # candidates as "hstu"
-            [1, 1, 1, 1, 1, 1, 1, 0],
-            [1, 1, 1, 1, 1, 0, 0, 1],
-        ],
-        [
-            [1, 1, 1, 1, 0, 0, 0],
-            [1, 1, 0, 0, 0, 0, 0],
-            [1, 1, 1, 0, 0, 0, 0],
-            [1, 1, 1, 1, 0, 0, 0],
-            [1, 1, 1, 1, 1, 0, 0],
-            [1, 1, 1, 1, 1, 1, 0],
-            [1, 1, 1, 1, 0, 0, 1],
-        ],
-    ),
-    ("peer", False): (
-        [
-            [1, 1, 1, 1, 1, 1, 1, 1],  # non-candidates: everything, candidates included
-            [1, 1, 1, 1, 1, 1, 1, 1],
-            [1, 1, 1, 1, 1, 1, 1, 1],
-            [1, 1, 1, 1, 1, 1, 1, 1],
-            [1, 1, 1, 1, 1, 1, 1, 1],
-            [1, 1, 1, 1, 1, 1, 1, 0],  # candidates: non-candidates and their whole group
-            [1, 1, 1, 1, 1, 1, 1, 0],
-            [1, 1, 1, 1, 1, 0, 0, 1],
-        ],
-        [
-            [1, 1, 1, 1, 1, 1, 1],
-            [1, 1, 1, 1, 1, 1, 1],
-            [1, 1, 1, 1, 1, 1, 1],
-            [1, 1, 1, 1, 1, 1, 1],
-            [1, 1, 1, 1, 1, 1, 0],
-            [1, 1, 1, 1, 1, 1, 0],
-            [1, 1, 1, 1, 0, 0, 1],
-        ],
-    ),
-}
-KEYS = list(HAND)
+KEYS = [("hstu", True), ("hstu", False), ("peer", True), ("peer", False)]
 IDS = [f"{conv}-{'causal' if causal else 'noncausal'}" for conv, causal in KEYS]
+
+# The masks written out by hand: line i holds query i's row of sample A's four masks (the
+# conventions of KEYS in order), then of sample B's; one character a key j (1: i sees j).
+# Causal: "hstu" contextual rows see the contextual block, "peer" ones every non-candidate;
+# history rows are causal; a candidate sees the non-candidates and the earlier candidates of
+# its group. Non-causal: "hstu" non-candidates see every non-candidate and no candidate, "peer"
+# ones everything; a candidate sees its whole group.
+MASKS = """
+    11000000 11111000 11111000 11111111   1000000 1111000 1111000 1111111
+    11000000 11111000 11111000 11111111   1100000 1111000 1100000 1111111
+    11100000 11111000 11100000 11111111   1110000 1111000 1110000 1111111
+    11110000 11111000 11110000 11111111   1111000 1111000 1111000 1111111
+    11111000 11111000 11111000 11111111   1111100 1111110 1111100 1111110
+    11111100 11111110 11111100 11111110   1111110 1111110 1111110 1111110
+    11111110 11111110 11111110 11111110   1111001 1111001 1111001 1111001
+    11111001 11111001 11111001 11111001
+"""
 
 
 def _hand(key: tuple[str, bool]) -> list[torch.Tensor]:
-    return [torch.tensor(m, dtype=torch.bool) for m in HAND[key]]
+    """The hand-written masks of ``key``, one bool [n, n] per sample."""
+    lines = [line.split() for line in MASKS.strip().splitlines()]
+    return [
+        torch.tensor([[c == "1" for c in line[s * len(KEYS) + KEYS.index(key)]] for line in lines[:n]])
+        for s, n in enumerate(LENGTHS)
+    ]
 
 
 @pytest.mark.parametrize("key", KEYS, ids=IDS)

@@ -160,6 +160,15 @@ def _count_rows(path: Path) -> int:
     return rows
 
 
+# StreamArgs fields passed to FolderStream as the keywords of the same name, and the own-data
+# column names a stream keeps (its timestamp unit and rating column are StreamArgs')
+_STREAM_KEYWORDS = (
+    "follow", "poll_seconds", "idle_timeout_seconds", "incomplete_timeout_seconds",
+    "require_success", "quarantine_dir", "max_window_events", "extra_columns",
+)
+_OWN_DATA_COLUMNS = ("user_column", "item_column", "timestamp_column", "delimiter")
+
+
 class FolderStream:
     """Windows of a stream folder, partitions in name order (see the module docstring).
 
@@ -230,26 +239,12 @@ class FolderStream:
         assert args.path is not None, "StreamArgs.path is not set"
         base = columns or CustomDataArgs()
         cols = CustomDataArgs(
-            user_column=base.user_column,
-            item_column=base.item_column,
-            timestamp_column=base.timestamp_column,
             timestamp_unit=args.timestamp_unit,
             action_column=args.rating_column,
-            delimiter=base.delimiter,
+            **{name: getattr(base, name) for name in _OWN_DATA_COLUMNS},
         )
-        return cls(
-            args.path,
-            follow=args.follow,
-            poll_seconds=args.poll_seconds,
-            idle_timeout_seconds=args.idle_timeout_seconds,
-            incomplete_timeout_seconds=args.incomplete_timeout_seconds,
-            require_success=args.require_success,
-            quarantine_dir=args.quarantine_dir,
-            max_window_events=args.max_window_events,
-            columns=cols,
-            extra_columns=args.extra_columns,
-            stop=stop,
-        )
+        return cls(args.path, columns=cols, stop=stop,
+                   **{name: getattr(args, name) for name in _STREAM_KEYWORDS})
 
     # ------------------------------------------------------------------ state
 
