@@ -127,9 +127,12 @@ def test_evaluate_from_skips_evaluation_only(three, full, data):  # noqa: F811
             assert a[w]["eval_events"] == 0 and "HR@10" not in a[w]
             assert a[w]["trained_events"] == every[w]["trained_events"] > 0
         else:
-            timing = {"window_seconds"}
-            assert {k: v for k, v in a[w].items() if k not in timing} == \
-                {k: v for k, v in every[w].items() if k not in timing}, w
+            # the time and resident memory of a window differ between runs
+            def same(k: str) -> bool:
+                return k != "window_seconds" and not k.startswith("rss_mib_rank")
+
+            assert {k: v for k, v in a[w].items() if same(k)} == \
+                {k: v for k, v in every[w].items() if same(k)}, w
     mine, theirs = checkpoint_state(newest(three["A"])), checkpoint_state(newest(full))
     assert_same(mine["tables"], theirs["tables"], "tables")
     assert_same(mine["dense"], theirs["dense"], "dense")
