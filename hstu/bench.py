@@ -676,8 +676,6 @@ def _stream_folder(events: int, window: int) -> tuple[str, dict]:
 
 def _run_stream(a: argparse.Namespace) -> dict:
     """The online-training benchmark (module docstring): one 2-process run over the stream."""
-    import csv
-
     base = os.path.join(ROOT, "tmp_data", STREAM_BASE)
     if not os.path.exists(os.path.join(base, "metadata.json")):
         # the base dataset only names the features and says the actions are KuaiRand's bitmask
@@ -708,19 +706,9 @@ def _run_stream(a: argparse.Namespace) -> dict:
     cpu1 = os.times()
     if done.returncode != 0:
         return {"preset": "stream", "error": (done.stderr or done.stdout)[-1500:]}
-    windows: dict[int, dict[str, float]] = {}
-    with open(os.path.join(run_dir, "metrics.csv")) as f:
-        group: dict[str, float] = {}
-        for row in csv.DictReader(f):
-            if row["split"] != "stream":
-                continue
-            if row["name"] in group:
-                windows[int(group["window"])] = group
-                group = {}
-            group[row["name"]] = float(row["value"])
-        if group:
-            windows[int(group["window"])] = group
-    ws = [windows[k] for k in sorted(windows)]
+    from hstu.training.report import stream_windows
+
+    ws = stream_windows(run_dir)
     rows = re.search(r"dynamic table item: (\d+) rows", done.stdout + done.stderr)
     events = sum(w["events"] for w in ws)
     loop_s = sum(w["window_seconds"] for w in ws)

@@ -24,7 +24,6 @@ and ``--runs`` choose a subset. Prints the tables; writes nothing else outside `
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import resource
@@ -32,6 +31,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from hstu.training.report import stream_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = {"retrieval": ("HR@10", "NDCG@10"), "ranking": ("AUC", "NE", "loss")}
@@ -81,22 +82,8 @@ def run_one(cmd: list[str], run_dir: Path, threads: int) -> dict[str, float]:
 
 
 def windows_of(run_dir: Path) -> dict[int, dict[str, float]]:
-    """The run's ``stream`` rows of metrics.csv, per window number. A window's rows are
-    consecutive and start with "window" (runs before that order: they end with
-    "window_seconds")."""
-    out: dict[int, dict[str, float]] = {}
-    with open(run_dir / "metrics.csv") as fh:
-        rows = [r for r in list(csv.reader(fh))[1:] if r[1] == "stream"]
-    first = not rows or rows[0][2] == "window"
-    group: dict[str, float] = {}
-    for _step, _split, name, value in rows:
-        if first and name == "window":
-            group = out.setdefault(int(float(value)), {})
-        group[name] = float(value)
-        if not first and name == "window_seconds":
-            out[int(group["window"])] = group
-            group = {}
-    return out
+    """The run's ``stream`` rows of metrics.csv, per window number."""
+    return {int(w["window"]): w for w in stream_windows(str(run_dir))}
 
 
 def pooled(by_window: dict[int, dict[str, float]], after: int, names: tuple[str, ...]

@@ -260,26 +260,17 @@ class StreamArgs:
             "follow",
             "a replay has no new partitions to wait for; follow needs path",
         )
-        _require(
-            self.batch_until is None or (
-                isinstance(self.batch_until, (int, float)) and not isinstance(self.batch_until, bool)
-                and 0.0 < self.batch_until <= 1.0),
-            self, "batch_until", f"must be a fraction of the stream's events in (0, 1], got {self.batch_until!r}",
-        )
-        _require(
-            self.batch_until is None or self.replay_dataset is not None,
-            self, "batch_until", "needs a replay (replay_dataset): a stream folder's length is not known in advance",
-        )
-        _require(
-            self.evaluate_from is None or (
-                isinstance(self.evaluate_from, (int, float)) and not isinstance(self.evaluate_from, bool)
-                and 0.0 < self.evaluate_from <= 1.0),
-            self, "evaluate_from", f"must be a fraction of the stream's events in (0, 1], got {self.evaluate_from!r}",
-        )
-        _require(
-            self.evaluate_from is None or self.replay_dataset is not None,
-            self, "evaluate_from", "needs a replay (replay_dataset): a stream folder's length is not known in advance",
-        )
+        for name in ("batch_until", "evaluate_from"):  # fractions of a replay's events
+            value = getattr(self, name)
+            _require(
+                value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                  and 0.0 < value <= 1.0),
+                self, name, f"must be a fraction of the stream's events in (0, 1], got {value!r}",
+            )
+            _require(
+                value is None or self.replay_dataset is not None,
+                self, name, "needs a replay (replay_dataset): a stream folder's length is not known in advance",
+            )
         _require(
             isinstance(self.batch_epochs, int) and not isinstance(self.batch_epochs, bool)
             and self.batch_epochs >= 1,

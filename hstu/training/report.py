@@ -37,20 +37,16 @@ STREAM_METRIC = re.compile(r"^(HR@\d+|NDCG@\d+|MRR|AUC|NE|loss)$")
 
 def stream_windows(run_dir: str) -> list[dict[str, float]]:
     """The ``stream`` rows of an online run (hstu.training.online), one dict per window in
-    window order (the rows of a window are consecutive; a resume drops rows after its
-    checkpoint, so each window is there once)."""
+    window order (the rows of a window are consecutive and start with ``window``; a resume
+    drops rows after its checkpoint, so each window is there once)."""
     out: list[dict[str, float]] = []
-    group: dict[str, float] = {}
     with open(os.path.join(run_dir, "metrics.csv"), newline="") as fh:
         for row in csv.DictReader(fh):
             if row["split"] != "stream":
                 continue
-            if row["name"] in group:
-                out.append(group)
-                group = {}
-            group[row["name"]] = float(row["value"])
-    if group:
-        out.append(group)
+            if row["name"] == "window" or not out:
+                out.append({})
+            out[-1][row["name"]] = float(row["value"])
     return sorted(out, key=lambda g: g.get("window", 0.0))
 
 
