@@ -43,7 +43,8 @@ RUNS = {
 }
 
 
-def command(task: str, run: str, raw: str, run_dir: Path, cut: float, epochs: int) -> list[str]:
+def command(task: str, run: str, raw: str, run_dir: Path, cut: float, epochs: int,
+            lr_scale: float) -> list[str]:
     params = [
         "StreamArgs.replay_dataset='ml-100k'",
         f"StreamArgs.replay_raw='{raw}'",
@@ -56,6 +57,8 @@ def command(task: str, run: str, raw: str, run_dir: Path, cut: float, epochs: in
     else:
         params += [f"StreamArgs.batch_until={cut}", f"StreamArgs.batch_epochs={epochs}",
                    f"StreamArgs.train={run == 'C'}"]
+    if run != "B":  # the streaming runs' learning rates (B never trains after the phase)
+        params += [f"StreamArgs.stream_lr_scale={lr_scale}"]
     cmd = [sys.executable, str(ROOT / f"pretrain_gr_{task}.py"), "--gin-config-file",
            str(ROOT / "configs" / f"ml-100k_stream_{task}.gin")]
     for p in params:
@@ -97,29 +100,38 @@ def pooled(by_window: dict[int, dict[str, float]], after: int, names: tuple[str,
     return out
 
 
-def table(task: str, out: Path, cut: float) -> None:
-    dirs = {r: out / task / r for r in RUNS}
-    missing = [r for r, d in dirs.items() if not (d / "done.json").exists()]
-    if missing:
-        print(f"{task}: runs {missing} not done, no table")
+def table(task: str, out: Path, cut: float, until: float = 1.0) -> None:
+    dirs = {r: out / task / r for r in RUNS if (out / task / r / "done.json").exists()}
+    if "B" not in dirs:
+        print(f"{task}: run B not done, no table")
         return
     by = {r: windows_of(d) for r, d in dirs.items()}
     phase = [row for row in by["B"].values() if "batch_windows" in row]
     assert len(phase) == 1, "run B has no batch phase row"
     n_batch = int(phase[0]["window"])
+    # the windows compared: after the cut, ending within the first ``until`` of the events
+    total = sum(row["events"] for row in by["B"].values())
+    seen, last = 0.0, n_batch
+    for w in sorted(by["B"]):
+        seen += by["B"][w]["events"]
+        if w > n_batch and seen <= until * total + 1e-9:
+            last = w
+    by = {r: {w: row for w, row in rows.items() if w <= last} for r, rows in by.items()}
     names = METRICS[task]
     events = {r: [by[r][w]["eval_events"] for w in sorted(by[r]) if w > n_batch] for r in by}
-    assert events["A"] == events["B"] == events["C"], "the runs evaluated different events"
-    print(f"\n{task}: ML-100K by day, {len(by['A'])} windows; batch phase = windows 1-{n_batch} "
+    assert all(e == events["B"] for e in events.values()), "the runs evaluated different events"
+    print(f"\n{task}: ML-100K by day; batch phase = windows 1-{n_batch} "
           f"({int(phase[0]['events'])} events, {int(phase[0]['batch_epochs'])} passes, "
-          f"{int(phase[0]['train_steps'])} steps); table over windows {n_batch + 1}-{max(by['A'])}")
+          f"{int(phase[0]['train_steps'])} steps); table over windows {n_batch + 1}-{last}")
     head = ["run", *names, "eval events", "events trained after the cut", "wall s", "CPU s"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r, d in dirs.items():
         m = pooled(by[r], n_batch, names)
         cost = json.loads((d / "done.json").read_text())
-        print(f"| {r}: {RUNS[r].format(cut=cut)} | " + " | ".join(f"{m[n]:.4f}" for n in names)
+        scale = cost.get("stream_lr_scale")
+        label = RUNS[r].format(cut=cut) + (f" (stream LR x{scale:g})" if scale not in (None, 1.0) else "")
+        print(f"| {r}: {label} | " + " | ".join(f"{m[n]:.4f}" for n in names)
               + f" | {int(m['eval_events'])} | {int(m['trained_after'])} | {cost['wall_s']:.0f} | "
               f"{cost['cpu_s']:.0f} |")
 
@@ -135,6 +147,11 @@ def main() -> None:
                     help="StreamArgs.batch_epochs of retrieval's B and C")
     ap.add_argument("--epochs-ranking", type=int, default=2,
                     help="StreamArgs.batch_epochs of ranking's B and C")
+    ap.add_argument("--stream-lr-scale", type=float, default=1.0,
+                    help="StreamArgs.stream_lr_scale of A and C (their learning rates while streaming)")
+    ap.add_argument("--until", type=float, default=1.0,
+                    help="compare the windows that end within this fraction of the events (a "
+                         "validation stretch before a later cut: e.g. --cut 0.6 --until 0.8)")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
     ap.add_argument("--force", action="store_true", help="rerun runs already done")
     ap.add_argument("--report-only", action="store_true", help="print the tables, run nothing")
@@ -152,11 +169,13 @@ def main() -> None:
 
                 shutil.rmtree(run_dir)
             print(f"[stream_vs_batch] {task} {r}: {RUNS[r].format(cut=args.cut)}", flush=True)
-            cost = run_one(command(task, r, raw, run_dir, args.cut, epochs), run_dir, args.threads)
+            cost = run_one(command(task, r, raw, run_dir, args.cut, epochs, args.stream_lr_scale),
+                           run_dir, args.threads)
+            cost["stream_lr_scale"] = None if r == "B" else args.stream_lr_scale
             (run_dir / "done.json").write_text(json.dumps(cost))
             print(f"[stream_vs_batch] {task} {r}: {cost['wall_s']:.0f} s wall, "
                   f"{cost['cpu_s']:.0f} s CPU", flush=True)
-        table(task, out, args.cut)
+        table(task, out, args.cut, args.until)
 
 
 if __name__ == "__main__":

@@ -230,6 +230,8 @@ class StreamArgs:
     """The windows that end within this fraction of a replay's events (0 < f <= 1, as batch_until) are trained on but not evaluated (the part of a comparison that is not compared); None: every window is evaluated."""
     train: bool = True
     """Train on each window after evaluating it; False evaluates every window and never trains (a frozen model, e.g. after the batch phase)."""
+    stream_lr_scale: float = 1.0
+    """Every learning rate (dense layers and tables) times this factor while streaming: after the batch phase (batch_until), else from the stream's start. Below 1 keeps a batch-trained model from drifting on small windows (docs/online.md); 1 keeps OptimizerArgs' rates."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -277,6 +279,11 @@ class StreamArgs:
             self, "batch_epochs", f"must be an integer >= 1, got {self.batch_epochs!r}",
         )
         _require(isinstance(self.train, bool), self, "train", f"must be True or False, got {self.train!r}")
+        _require(
+            isinstance(self.stream_lr_scale, (int, float)) and not isinstance(self.stream_lr_scale, bool)
+            and 0.0 < self.stream_lr_scale,
+            self, "stream_lr_scale", f"must be a number > 0, got {self.stream_lr_scale!r}",
+        )
 
     @property
     def publishes(self) -> bool:

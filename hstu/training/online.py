@@ -21,7 +21,8 @@ Batch phase (``StreamArgs.batch_until``, docs/online.md "Streaming against a fro
 model"): the leading windows of a replay that end within that fraction of its events are read
 and appended to the user store without evaluation, and all their events are trained as one
 window for ``StreamArgs.batch_epochs`` passes; a checkpoint follows, then the stream goes on
-(evaluated, and trained unless ``StreamArgs.train`` is False). Within the run the phase is one
+(evaluated, and trained unless ``StreamArgs.train`` is False, at ``StreamArgs.stream_lr_scale``
+times the learning rates). Within the run the phase is one
 unit: no checkpoint or stop inside it.
 """
 
@@ -661,6 +662,9 @@ class OnlineTrainer:
                     position = batch_end
                     saved_at = self.windows_done if every > 0 else saved_at
                 windows = itertools.chain([] if after is None else [after], windows)
+            # the stream's learning rates (on resume too: a checkpoint with windows done is
+            # past the batch phase)
+            t.optimizer.set_lr_scale(self.stream_args.stream_lr_scale)
             for window in windows:
                 started = time.perf_counter()
                 seqs = self.store.sequences(window)

@@ -161,6 +161,9 @@ class OptimizerContainer(torch.optim.Optimizer):
     - The LR schedule (:func:`lr_at`) drives the dense optimizer and, with
       ``OptimizerArgs.sparse_lr_schedule="follow"``, the sparse ones as well (their base LR
       times the same factor).
+    - :meth:`set_lr_scale`: every learning rate (dense and tables) times a factor from then on
+      (online training's ``StreamArgs.stream_lr_scale``); 1 by default, and not checkpointed:
+      the caller sets it again on resume.
     """
 
     def __init__(
@@ -188,6 +191,7 @@ class OptimizerContainer(torch.optim.Optimizer):
         self.tp_group = tp_group
         self.tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
         self.num_steps = 0
+        self.lr_scale = 1.0
         self.last_grad_norm: torch.Tensor | None = None
         # a 0-d bool tensor (no host sync): were this step's dense gradients all finite?
         self.last_grads_finite: torch.Tensor | None = None
@@ -223,17 +227,29 @@ class OptimizerContainer(torch.optim.Optimizer):
         return list(self.sparse or []) + list(self.sparse_replicated)
 
     def _set_lr(self, lr: float) -> None:
+        lr = lr * self.lr_scale
         for group in self.dense.param_groups:
             group["lr"] = lr
-        if self.args.sparse_lr_schedule != "follow" or not self.args.learning_rate:
-            return
-        factor = lr / self.args.learning_rate
+        if self.args.sparse_lr_schedule == "follow" and self.args.learning_rate:
+            self._scale_sparse(lr / self.args.learning_rate)
+
+    def _scale_sparse(self, factor: float) -> None:
+        """The tables' learning rates: their base LR times ``factor``."""
         for opt, bases in zip(self._sparse_optimizers(), self._sparse_base):
             for group, base in zip(opt.param_groups, bases):
                 group["lr"] = base * factor
             if hasattr(opt, "zero_grad") and opt in (self.sparse or []):
                 # FBGEMM's fused optimizers take a new LR when stepped or zeroed
                 opt.step()
+
+    def set_lr_scale(self, scale: float) -> None:
+        """Every learning rate (dense and tables) times ``scale`` from the next step on."""
+        if scale == self.lr_scale:
+            return
+        self.lr_scale = float(scale)
+        self._set_lr(lr_at(self.num_steps, self.args, self.total_steps))
+        if self.args.sparse_lr_schedule != "follow":
+            self._scale_sparse(self.lr_scale)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:

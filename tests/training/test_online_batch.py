@@ -193,6 +193,43 @@ def test_killed_after_or_inside_the_batch_phase_resumes_bitwise(three, data, tmp
 
 
 @pytest.mark.slow
+def test_stream_lr_scale_after_the_batch_phase_resumes_bitwise(three, data, tmp_path):  # noqa: F811
+    """StreamArgs.stream_lr_scale: the batch phase trains at the optimizer's rate, the stream
+    after it at the scaled one (dense and tables: the model then differs from run C's); a
+    run killed at the first evaluation after the phase resumes with the scaled rate (it is
+    not in the checkpoint) and equals the uninterrupted run."""
+    import subprocess
+
+    from tests.training.test_online import _cmd, _env
+
+    extra = batch_args(train=True) + ["StreamArgs.stream_lr_scale=0.25"]
+    whole = tmp_path / "whole"
+    run(data, whole, extra=extra)
+    lrs = [float(v) for _, _, name, v in rows(whole, "train") if name == "lr"]
+    plain = [float(v) for _, _, name, v in rows(three["C"], "train") if name == "lr"]
+    assert len(lrs) == len(plain) > 2
+    # the batch phase's row: the optimizer's rate; every window after it: a quarter of it
+    assert lrs[0] == plain[0] > 0
+    assert all(lr == pytest.approx(0.25 * p) for lr, p in zip(lrs[1:], plain[1:])), lrs
+    windows, _, _ = expected_batch(data)
+    scaled, c, b = (stream_by_window(d) for d in (whole, three["C"], three["B"]))
+    assert scaled[windows + 1]["HR@10"] == c[windows + 1]["HR@10"] == b[windows + 1]["HR@10"]
+    later = [w for w in scaled if w > windows + 1]
+    assert any(scaled[w]["HR@10"] != c[w]["HR@10"] for w in later)
+    killed = tmp_path / "killed"
+    env = _env()
+    env["HSTU_KILL_AT"] = "evaluate:1"
+    proc = subprocess.run(_cmd(data, killed, "retrieval", extra, 1, kill_at=True),
+                          cwd=Path(__file__).resolve().parents[2], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == -9, (proc.stdout + proc.stderr)[-3000:]
+    out = run(data, killed, extra=extra)
+    assert f"stream: resumed after {windows} windows" in out
+    assert_same(checkpoint_state(newest(whole)), checkpoint_state(newest(killed)), "state")
+    assert rows(whole) == rows(killed)
+
+
+@pytest.mark.slow
 def test_ranking_batch_phase_then_frozen(data, tmp_path):  # noqa: F811
     windows, events, _ = expected_batch(data)
     run_dir = tmp_path / "ranking"
@@ -212,6 +249,8 @@ def test_ranking_batch_phase_then_frozen(data, tmp_path):  # noqa: F811
     ({"path": "/x", "batch_until": 0.8}, "needs a replay"),
     ({"replay_dataset": "ml-100k", "batch_epochs": 0}, "batch_epochs"),
     ({"train": "no"}, "train"),
+    ({"stream_lr_scale": 0.0}, "stream_lr_scale"),
+    ({"stream_lr_scale": "0.1"}, "stream_lr_scale"),
 ])
 def test_stream_args_checks(fields, words):
     from hstu.data.data_args import StreamArgs

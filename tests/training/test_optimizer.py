@@ -93,3 +93,29 @@ def _tp_clip(rank: int, world_size: int) -> None:
 
 def test_clipping_uses_one_norm_over_the_tensor_parallel_group():
     run_multiprocess(_tp_clip, world_size=2)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "follow"])
+def test_lr_scale_multiplies_dense_and_table_rates(schedule):
+    """set_lr_scale (online training's StreamArgs.stream_lr_scale): the dense LR and every
+    table's LR times the factor from the next step on, with either table schedule; the
+    schedule itself (warm-up) still applies."""
+    from hstu.embeddings.optim import RowSparseOptimizer
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    table = torch.nn.Parameter(torch.zeros(4, 2))
+    rows = RowSparseOptimizer([table], "adam", lr=0.2)
+    args = _args(optimizer_str="sgd", lr_warmup_iters=2, sparse_lr_schedule=schedule)
+    opt = OptimizerContainer([p], args, total_steps=10, sparse_replicated=[rows])
+    table_lr = (lambda lr: 0.2 * lr) if schedule == "follow" else (lambda lr: 0.2)
+    assert opt.lr == 0.5 and rows.param_groups[0]["lr"] == pytest.approx(table_lr(0.5))
+    opt.set_lr_scale(0.25)
+    assert opt.lr == pytest.approx(0.125)
+    assert rows.param_groups[0]["lr"] == pytest.approx(table_lr(0.5) * 0.25)
+    p.grad = torch.ones(3)
+    opt.step()  # the update used the scaled rate
+    assert torch.allclose(p.detach(), torch.full((3,), -0.125))
+    assert opt.lr == pytest.approx(0.25)  # past the warm-up: 1.0 x 0.25
+    assert rows.param_groups[0]["lr"] == pytest.approx(table_lr(1.0) * 0.25)
+    opt.set_lr_scale(1.0)
+    assert opt.lr == 1.0 and rows.param_groups[0]["lr"] == pytest.approx(table_lr(1.0))
