@@ -76,14 +76,16 @@ PRESETS = [
         "ml1m_paper_on_ml100k", "configs/ml-1m_retrieval.gin", 1,
         ['DatasetArgs.dataset_name="ml-100k"', 'NetworkArgs.kernel_backend="pytorch"'],
         data="ml-100k",
-        note="the HSTU paper's ML-1M retrieval recipe (2x50, 1 head, len 200, 128 negatives, batch 128) on ML-100K",
+        note="the HSTU paper's ML-1M retrieval recipe (2x50, 1 head, len 200, 128 negatives, "
+             "batch 128) on ML-100K",
     ),
     Preset(
         "ml1m_paper_on_ml100k_dp2", "configs/ml-1m_retrieval.gin", 2,
         ['DatasetArgs.dataset_name="ml-100k"', 'NetworkArgs.kernel_backend="pytorch"',
          "DatasetArgs.balance_ranks=True"],
         data="ml-100k",
-        note="the same recipe, DP=2 on 2 processes, same per-rank batch (128), batches split by tokens",
+        note="the same recipe, DP=2 on 2 processes, same per-rank batch (128), batches split "
+             "by tokens",
     ),
     Preset("benchmark_ranking", "configs/benchmark_ranking.gin", 1,
            note="synthetic zipf lengths up to 128 + 16 candidates, batch 32"),
@@ -102,7 +104,8 @@ PRESETS = [
            [*_ZIPF, 'NetworkArgs.sequence_layout="padded"'],
            note="the same batches padded to the longest allowed sequence (529 tokens)"),
     Preset("ml100k_retrieval", "configs/ml-100k_retrieval.gin", 2, data="ml-100k",
-           note="configs/ml-100k_retrieval.gin (full-corpus softmax over 1,682 items), 2 processes"),
+           note="configs/ml-100k_retrieval.gin (full-corpus softmax over 1,682 items), "
+                "2 processes"),
     Preset("ml100k_retrieval_10k_items", "configs/ml-100k_retrieval.gin", 2,
            [f'DatasetArgs.dataset_name="{WIDE_CATALOGUE}"'], data=WIDE_CATALOGUE,
            note="the same preset on ML-100K with each user's items moved to one of 8 copies "
@@ -125,10 +128,12 @@ def _scaling_presets() -> list[Preset]:
         size = f"item/EmbeddingArgs.item_vocab_size_or_capacity={items}"
         out.append(Preset(f"catalogue_{tag}_uniform", "configs/benchmark_retrieval.gin", 1,
                           [size, "TrainerArgs.train_batch_size=128"],
-                          note=f"{items:,} items, 128 uniform negatives, batch 128", group="scaling"))
+                          note=f"{items:,} items, 128 uniform negatives, batch 128",
+                          group="scaling"))
         out.append(Preset(f"catalogue_{tag}_full", "configs/benchmark_retrieval.gin", 1,
                           [size, "TrainerArgs.train_batch_size=128",
-                           'RetrievalArgs.negative_sampling="full_corpus"', "RetrievalArgs.num_negatives=-1"],
+                           'RetrievalArgs.negative_sampling="full_corpus"',
+                           "RetrievalArgs.num_negatives=-1"],
                           note=f"{items:,} items, full-corpus softmax, batch 128", group="scaling"))
     return out
 
@@ -570,7 +575,8 @@ def _make_wide_catalogue(raw: str, out_csv: str, copies: int) -> None:
         for line_no, line in enumerate(f, 1):
             parts = line.split()
             if len(parts) != 4:
-                raise ValueError(f"{src}:{line_no}: expected 4 tab-separated fields, got {len(parts)}")
+                raise ValueError(
+                    f"{src}:{line_no}: expected 4 tab-separated fields, got {len(parts)}")
             user, item, rating, ts = (int(x) for x in parts)
             g.write(f"{user},{item + 1682 * (user % copies)},{rating},{ts}\n")
 
@@ -644,7 +650,8 @@ def _stream_folder(events: int, window: int) -> tuple[str, dict]:
         with open(info_path) as f:
             return folder, json.load(f)
     if not os.path.exists(STREAM_RAW):
-        print(f"[bench] stream: writing a synthetic KuaiRand-1K raw log into {STREAM_RAW}", flush=True)
+        print(f"[bench] stream: writing a synthetic KuaiRand-1K raw log into {STREAM_RAW}",
+              flush=True)
         subprocess.run([sys.executable, "-m", "hstu.data.synthesize", "--dataset", "kuairand-1k",
                         "--out", STREAM_RAW], check=True, cwd=ROOT)
     import numpy as np
@@ -717,7 +724,8 @@ def _run_stream(a: argparse.Namespace) -> dict:
     return {
         "preset": "stream", **info, "windows": len(ws), "events_streamed": events,
         "events_per_s": events / loop_s, "loop_s": loop_s, "wall_s": wall,
-        "cpu_s": (cpu1.children_user - cpu0.children_user) + (cpu1.children_system - cpu0.children_system),
+        "cpu_s": (cpu1.children_user - cpu0.children_user)
+                 + (cpu1.children_system - cpu0.children_system),
         "train_steps": sum(w["train_steps"] for w in ws),
         "known_items": ws[-1]["known_items"] if ws else 0,
         "capacity": int(rows.group(1)) if rows else 0,
@@ -733,19 +741,21 @@ def _stream_table(r: dict) -> str:
     if "skipped" in r or "error" in r:
         return f"stream: {r.get('skipped') or r.get('error')}"
     lines = [
-        (f"online training (configs/bench/stream_ranking.gin, 2 processes, {r['threads']} threads each): "
-        f"{r['events_streamed']:,.0f} events of a synthetic KuaiRand-1K log ({r['distinct_users']:,} users, "
-        f"{r['distinct_items']:,} distinct items; item table {r['capacity']:,} rows, LRU) in {r['windows']} windows "
-        f"of {r['window']:,}"),
-        (f"  {r['events_per_s']:,.0f} events/s (test then train, {r['loop_s']:.0f} s in the windows; "
-        f"{r['wall_s']:.0f} s wall with start-up, {r['cpu_s']:.0f} CPU s), {r['train_steps']:.0f} steps; "
-        f"{r['evicted']:,.0f} ids evicted; AUC first window {r['auc_first']:.4f}, last {r['auc_last']:.4f} "
-         "(random data: cost only)"),
+        (f"online training (configs/bench/stream_ranking.gin, 2 processes, "
+         f"{r['threads']} threads each): {r['events_streamed']:,.0f} events of a synthetic "
+         f"KuaiRand-1K log ({r['distinct_users']:,} users, {r['distinct_items']:,} distinct "
+         f"items; item table {r['capacity']:,} rows, LRU) in {r['windows']} windows of "
+         f"{r['window']:,}"),
+        (f"  {r['events_per_s']:,.0f} events/s (test then train, {r['loop_s']:.0f} s in the "
+         f"windows; {r['wall_s']:.0f} s wall with start-up, {r['cpu_s']:.0f} CPU s), "
+         f"{r['train_steps']:.0f} steps; {r['evicted']:,.0f} ids evicted; AUC first window "
+         f"{r['auc_first']:.4f}, last {r['auc_last']:.4f} (random data: cost only)"),
         "  | rank | RSS MiB first window | median | last | peak |",
         "  |---|---|---|---|---|",
     ]
     for rank, m in r["rss_mib"].items():
-        lines.append(f"  | {rank} | {m['first']:.0f} | {m['median']:.0f} | {m['last']:.0f} | {m['peak']:.0f} |")
+        lines.append(f"  | {rank} | {m['first']:.0f} | {m['median']:.0f} | {m['last']:.0f} "
+                     f"| {m['peak']:.0f} |")
     return "\n".join(lines)
 
 
@@ -760,19 +770,22 @@ def _table(roofs: dict, results: list[dict]) -> str:
     lines = [f"CPU: {cpu_description()}",
              f"matmul roof (1024^3, {torch.get_num_threads()} threads, "
              + ", ".join(f"{k}: {v / 1e9:.1f} GFLOP/s" for k, v in roofs.items()) + ")", ""]
-    head = (f"{'preset':24s} {'proc':>4s} {'thr':>3s} {'tokens/s':>10s} {'samples/s':>10s} {'step ms':>8s} "
-            f"{'TFLOP/s':>8s} {'MFU':>6s} {'RSS GiB':>9s} {'fill':>5s} {'syncs':>11s} | split ms: "
+    head = (f"{'preset':24s} {'proc':>4s} {'thr':>3s} {'tokens/s':>10s} {'samples/s':>10s} "
+            f"{'step ms':>8s} {'TFLOP/s':>8s} {'MFU':>6s} {'RSS GiB':>9s} {'fill':>5s} "
+            f"{'syncs':>11s} | split ms: "
             + " ".join(f"{k[:5]:>6s}" for k in (*PHASES, "communication")))
     lines += [head, "-" * len(head)]
     # fill: mean real tokens per sample / the padded width the kernel is given
     for r in results:
         if "error" in r or "skipped" in r:
-            lines.append(f"{r['preset']:24s} {r.get('skipped') or 'ERROR: ' + r['error'].splitlines()[-1]}")
+            why = r.get("skipped") or "ERROR: " + r["error"].splitlines()[-1]
+            lines.append(f"{r['preset']:24s} {why}")
             continue
         sp = r["split_ms"]
         lines.append(
-            f"{r['preset']:24s} {r['processes']:4d} {r['threads_per_process']:3d} {r['tokens_per_s']:10,.0f} "
-            f"{r['samples_per_s']:10,.1f} {r['step_ms']:8.1f} {r['tflops']:8.4f} "
+            f"{r['preset']:24s} {r['processes']:4d} {r['threads_per_process']:3d} "
+            f"{r['tokens_per_s']:10,.0f} {r['samples_per_s']:10,.1f} {r['step_ms']:8.1f} "
+            f"{r['tflops']:8.4f} "
             f"{r['mfu']:6.1%} {max(r['peak_rss_gib_per_rank']):9.2f} "
             f"{r.get('mean_over_max_tokens', 0.0):5.2f} "
             f"{_syncs_cell(r):>11s} | split ms: "
@@ -816,7 +829,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--audit-steps", type=int, default=2,
                     help="steps under hstu.sync_audit (the syncs columns; 0: not audited)")
     ap.add_argument("--threads", type=int, default=0,
-                    help="torch threads per process (0: cores / processes, as a plain torchrun run)")
+                    help="torch threads per process (0: cores / processes, as a plain torchrun "
+                         "run)")
     ap.add_argument("--gin-param", action="append", default=[], help="added to every preset")
     ap.add_argument("--top-ops", type=int, default=0,
                     help="print the profiler's N most expensive operators (self CPU) per preset")
@@ -840,7 +854,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.list:
         for p in PRESETS:
-            print(f"{p.name:26s} [{p.group}] {p.nproc} proc  {p.config} {' '.join(p.params)}  # {p.note}")
+            print(f"{p.name:26s} [{p.group}] {p.nproc} proc  {p.config} {' '.join(p.params)}"
+                  f"  # {p.note}")
         return
     stream = "stream" in a.presets
     a.presets = [n for n in a.presets if n != "stream"]
@@ -851,7 +866,8 @@ def main(argv: list[str] | None = None) -> None:
             os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
             with open(a.json, "w") as f:
                 json.dump({"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-                           "torch": torch.__version__, "cpu": cpu_description(), "stream": r}, f, indent=1)
+                           "torch": torch.__version__, "cpu": cpu_description(), "stream": r},
+                          f, indent=1)
             print(f"[bench] wrote {a.json}")
         return
     if stream:
@@ -888,8 +904,8 @@ def main(argv: list[str] | None = None) -> None:
               "error" if "error" in r else f"{r['tokens_per_s']:,.0f} tokens/s"), flush=True)
     report = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
               "torch": torch.__version__, "cpus": os.cpu_count(), "cpu": cpu_description(),
-              "matmul_roof_flops": roofs, "roof_threads": torch.get_num_threads(), "results": results,
-              "long_results": long_results}
+              "matmul_roof_flops": roofs, "roof_threads": torch.get_num_threads(),
+              "results": results, "long_results": long_results}
     if results or not long_results:
         print(_table(roofs, results))
     if long_results:

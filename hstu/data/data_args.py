@@ -184,54 +184,80 @@ def replay_window_events(window: str) -> int | None:
 @gin.configurable
 @dataclass
 class StreamArgs:
-    """Online training's event stream (docs/online.md): a folder that partitions land in, or a replay of a finished dataset."""
+    """Online training's event stream (docs/online.md): a folder of partitions, or a replay."""
 
     path: str | None = None
-    """Stream folder: one subfolder per partition, name order = time order, each holding .csv/.jsonl/.parquet files with the own-data columns (user_id, item_id, timestamp, optional rating); None with replay_dataset replays instead."""
+    """Stream folder: one subfolder per partition, name order = time order, each holding
+    .csv/.jsonl/.parquet files with the own-data columns (user_id, item_id, timestamp, optional
+    rating); None with replay_dataset replays instead."""
     follow: bool = False
-    """Wait for new partitions (poll every poll_seconds) instead of ending after the last complete one."""
+    """Wait for new partitions (poll every poll_seconds) instead of ending after the last complete
+    one."""
     poll_seconds: float = 5.0
-    """How often the folder is listed while waiting for a partition (follow, or a partition not yet complete)."""
+    """How often the folder is listed while waiting for a partition (follow, or a partition not yet
+    complete)."""
     idle_timeout_seconds: float | None = None
-    """With follow: stop after this many seconds without a new window; None waits until the stop signal."""
+    """With follow: stop after this many seconds without a new window; None waits until the stop
+    signal."""
     incomplete_timeout_seconds: float = 600.0
-    """A partition still without _SUCCESS this many seconds after a newer partition is complete is moved to the quarantine."""
+    """A partition still without _SUCCESS this many seconds after a newer partition is complete is
+    moved to the quarantine."""
     require_success: bool = True
-    """A partition counts once it holds an empty _SUCCESS file; False: once it is visible (writers that land partitions by an atomic rename of a hidden folder)."""
+    """A partition counts once it holds an empty _SUCCESS file; False: once it is visible (writers
+    that land partitions by an atomic rename of a hidden folder)."""
     quarantine_dir: str | None = None
-    """Where bad partitions are moved, each with a _REASON file; None: <path>/_quarantine (same file system, so the move is a rename)."""
+    """Where bad partitions are moved, each with a _REASON file; None: <path>/_quarantine (same file
+    system, so the move is a rename)."""
     max_window_events: int | None = None
-    """Cut a partition (or replay window) into windows of at most this many events; None: one window per partition."""
+    """Cut a partition (or replay window) into windows of at most this many events; None: one window
+    per partition."""
     timestamp_unit: str = "s"
-    """Unit of the timestamp column: s or ms (windows carry seconds; order is checked at full precision)."""
+    """Unit of the timestamp column: s or ms (windows carry seconds; order is checked at full
+    precision)."""
     rating_column: str = "rating"
     """Optional column read as the event's rating (a number); partitions without it have none."""
     extra_columns: list[str] = field(default_factory=list)
-    """Columns a partition may hold besides user, item, timestamp and rating (not read); any other column sets the partition aside."""
+    """Columns a partition may hold besides user, item, timestamp and rating (not read); any other
+    column sets the partition aside."""
     replay_dataset: str | None = None
-    """Replay a finished dataset instead of a folder: a name of hstu.registry.DATASETS (its raw files at replay_raw), "custom" (CustomDataArgs) or "processed" (a preprocessed folder at replay_raw)."""
+    """Replay a finished dataset instead of a folder: a name of hstu.registry.DATASETS (its raw
+    files at replay_raw), "custom" (CustomDataArgs) or "processed" (a preprocessed folder at
+    replay_raw)."""
     replay_raw: str | None = None
-    """Raw files (archive or folder) of replay_dataset, or the preprocessed folder for "processed"."""
+    """Raw files (archive or folder) of replay_dataset, or the preprocessed folder for "processed".
+    """
     replay_window: str = "day"
     """Replay windows: "day" or "hour" (UTC, event time) or "events:N" (N events each)."""
     publish_every_windows: int = 0
-    """Publish a serving version (python -m hstu.export --versioned, docs/serving.md) after every N-th window, counted from the stream's start, from a checkpoint saved then; 0: not by windows."""
+    """Publish a serving version (python -m hstu.export --versioned, docs/serving.md) after every
+    N-th window, counted from the stream's start, from a checkpoint saved then; 0: not by windows.
+    """
     publish_every_seconds: float = 0.0
-    """Publish at the end of a window once this many seconds passed since the last publish; 0: not by time."""
+    """Publish at the end of a window once this many seconds passed since the last publish; 0: not
+    by time."""
     publish_keep: int = 3
-    """Serving versions kept in the versioned root (the newest; one a reader holds stays until released)."""
+    """Serving versions kept in the versioned root (the newest; one a reader holds stays until
+    released)."""
     publish_dir: str | None = None
     """The versioned serving root; None: <run_dir>/serving."""
     batch_until: float | None = None
-    """Batch phase (docs/online.md "Streaming against a frozen batch model"): the leading windows that end within this fraction of a replay's events (0 < f <= 1) are not evaluated; their events are trained as one window for batch_epochs passes, then the stream goes on. None: no batch phase."""
+    """Batch phase (docs/online.md "Streaming against a frozen batch model"): the leading windows
+    that end within this fraction of a replay's events (0 < f <= 1) are not evaluated; their events
+    are trained as one window for batch_epochs passes, then the stream goes on. None: no batch
+    phase."""
     batch_epochs: int = 1
     """Passes over the batch phase's events (shuffled per pass); used with batch_until."""
     evaluate_from: float | None = None
-    """The windows that end within this fraction of a replay's events (0 < f <= 1, as batch_until) are trained on but not evaluated (the part of a comparison that is not compared); None: every window is evaluated."""
+    """The windows that end within this fraction of a replay's events (0 < f <= 1, as batch_until)
+    are trained on but not evaluated (the part of a comparison that is not compared); None: every
+    window is evaluated."""
     train: bool = True
-    """Train on each window after evaluating it; False evaluates every window and never trains (a frozen model, e.g. after the batch phase)."""
+    """Train on each window after evaluating it; False evaluates every window and never trains (a
+    frozen model, e.g. after the batch phase)."""
     stream_lr_scale: float = 1.0
-    """Every learning rate (dense layers and tables) times this factor while streaming: after the batch phase (batch_until), else from the stream's start. Below 1 keeps a batch-trained model from drifting on small windows (docs/online.md); 1 keeps OptimizerArgs' rates."""
+    """Every learning rate (dense layers and tables) times this factor while streaming: after the
+    batch phase (batch_until), else from the stream's start. Below 1 keeps a batch-trained model
+    from drifting on small windows (docs/online.md); 1 keeps OptimizerArgs' rates."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -271,17 +297,19 @@ class StreamArgs:
             )
             _require(
                 value is None or self.replay_dataset is not None,
-                self, name, "needs a replay (replay_dataset): a stream folder's length is not known in advance",
+                self, name,
+                "needs a replay (replay_dataset): a stream folder's length is not known in advance",
             )
         _require(
             isinstance(self.batch_epochs, int) and not isinstance(self.batch_epochs, bool)
             and self.batch_epochs >= 1,
             self, "batch_epochs", f"must be an integer >= 1, got {self.batch_epochs!r}",
         )
-        _require(isinstance(self.train, bool), self, "train", f"must be True or False, got {self.train!r}")
+        _require(isinstance(self.train, bool), self, "train",
+                 f"must be True or False, got {self.train!r}")
         _require(
-            isinstance(self.stream_lr_scale, (int, float)) and not isinstance(self.stream_lr_scale, bool)
-            and 0.0 < self.stream_lr_scale,
+            isinstance(self.stream_lr_scale, (int, float))
+            and not isinstance(self.stream_lr_scale, bool) and 0.0 < self.stream_lr_scale,
             self, "stream_lr_scale", f"must be a number > 0, got {self.stream_lr_scale!r}",
         )
 
@@ -293,8 +321,9 @@ class StreamArgs:
     def publish_due(self, window_index: int, seconds_since_publish: float) -> bool:
         """Whether to publish after window ``window_index`` (0-based, from the stream's start,
         so a resumed run publishes at the same windows)."""
-        by_windows = self.publish_every_windows > 0 and (window_index + 1) % self.publish_every_windows == 0
-        by_time = self.publish_every_seconds > 0 and seconds_since_publish >= self.publish_every_seconds
+        every, seconds = self.publish_every_windows, self.publish_every_seconds
+        by_windows = every > 0 and (window_index + 1) % every == 0
+        by_time = seconds > 0 and seconds_since_publish >= seconds
         return by_windows or by_time
 
 

@@ -112,7 +112,8 @@ def retrieval_train_samples(seqs: Sequences, max_len: int) -> tuple[Samples, np.
     step = max(max_len - 1, 1)
     count = -(-targets // step)  # chunks per user (0 without targets)
     b = np.repeat(np.arange(len(off), dtype=np.int64), count)
-    within = np.arange(int(count.sum()), dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)
+    starts = np.cumsum(count) - count
+    within = np.arange(int(count.sum()), dtype=np.int64) - np.repeat(starts, count)
     t1 = end[b] - within * step  # one past the chunk's last target
     t0 = np.maximum(first_target[b], t1 - step)
     start = np.maximum(off[b], t1 - max_len)
@@ -130,7 +131,8 @@ def ranking_samples(seqs: Sequences, max_len: int, max_cands: int) -> Samples:
     n = np.maximum(end - first, 0)
     count = -(-n // max_cands)
     b = np.repeat(np.arange(len(off), dtype=np.int64), count)
-    within = np.arange(int(count.sum()), dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)
+    starts = np.cumsum(count) - count
+    within = np.arange(int(count.sum()), dtype=np.int64) - np.repeat(starts, count)
     hist_end = first[b] + within * max_cands
     cand_end = np.minimum(hist_end + max_cands, end[b])
     start = np.maximum(off[b], hist_end - max_len)
@@ -175,11 +177,13 @@ class WindowLoader(SequenceLoader):
         if self.samples_per_rank > self.num_real:
             # wrap (or, with no sample of its own, the placeholder sample after the real ones)
             pad = self.samples_per_rank - self.num_real
-            order = np.concatenate([order, np.resize(order if self.num_real else np.arange(num), pad)])
+            fill = order if self.num_real else np.arange(num)
+            order = np.concatenate([order, np.resize(fill, pad)])
             real[self.num_real:] = False
         padded = not real.all()
         while self.batch_index < len(self):
-            sel = slice(self.batch_index * self.batch_size, (self.batch_index + 1) * self.batch_size)
+            start = self.batch_index * self.batch_size
+            sel = slice(start, start + self.batch_size)
             self.batch_index += 1
             mask = real[sel] if (padded or not self.training) else None
             yield self.make_batch(order[sel], mask)
@@ -545,7 +549,8 @@ class OnlineTrainer:
         if work.train_per_rank == 0:
             return 0
         loader = WindowLoader.over(t.built.train_loader, work.store, work.train_samples,
-                                   self.windows_done if epoch is None else epoch, work.first_trained,
+                                   self.windows_done if epoch is None else epoch,
+                                   work.first_trained,
                                    per_rank=work.train_per_rank, num_real=work.num_train)
         prepare = t._prepare_for_device()
         batches = iter(b if prepare is None else prepare(b) for b in loader)
@@ -568,8 +573,8 @@ class OnlineTrainer:
         if self.source is not None:
             total = getattr(self.source, "num_events", None)
             if total is None:
-                raise ConfigError("StreamArgs", "batch_until" if frac == self.stream_args.batch_until
-                                  else "evaluate_from",
+                field = "batch_until" if frac == self.stream_args.batch_until else "evaluate_from"
+                raise ConfigError("StreamArgs", field,
                                   "needs a replay (replay_dataset): its length is known in advance")
             local = int(np.floor(frac * total + 1e-9))
         return int(self._all_counts(local)[0, 0]) if self.env.world_size > 1 else local
@@ -681,7 +686,8 @@ class OnlineTrainer:
                 position = window.position_after
                 window_metrics.flush(t.step)
                 if steps:
-                    self._pending_rows.append((t.step, "train", window_metrics.summarize(t.optimizer)))
+                    summary = window_metrics.summarize(t.optimizer)
+                    self._pending_rows.append((t.step, "train", summary))
                 else:
                     window_metrics.reset()
                 due = self.stream_args.publishes and self.stream_args.publish_due(

@@ -112,7 +112,8 @@ class DynamicLossScaler:
         return self._scale.double().reciprocal().float()
 
     @torch.no_grad()
-    def unscale_(self, grads: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    def unscale_(self, grads: list[torch.Tensor],
+                 group: dist.ProcessGroup | None = None) -> torch.Tensor:
         """Divides ``grads`` by the scale in place; returns ``found_inf`` ([1], 1.0 if any
         gradient of any rank of ``group`` (the world when None) is not finite)."""
         self.found_inf.zero_()
@@ -131,12 +132,14 @@ class DynamicLossScaler:
         elif not isinstance(found_inf, torch.Tensor):
             found_inf = torch.full((1,), float(found_inf), device=self.device)
         found_inf = found_inf.reshape(1).to(torch.float32)
-        torch._amp_update_scale_(self._scale, self._clean, found_inf, 2.0, 0.5, self.growth_interval)
+        torch._amp_update_scale_(self._scale, self._clean, found_inf, 2.0, 0.5,
+                                 self.growth_interval)
         self._scale.clamp_(min=self.min_scale)
         self._skipped += found_inf.to(torch.int64)
 
     def state_dict(self) -> dict:
-        return {"scale": self.scale, "clean_steps": self.clean_steps, "skipped_steps": self.skipped_steps}
+        return {"scale": self.scale, "clean_steps": self.clean_steps,
+                "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self._scale.fill_(float(state["scale"]))
@@ -293,7 +296,8 @@ class OptimizerContainer(torch.optim.Optimizer):
         self._grads_to_masters()
         grads = [m.grad for m in self.masters if m.grad is not None]
         if self.scaler is None:  # (with loss scaling, non-finite gradients skip the step)
-            self.last_grads_finite = torch.stack(torch._foreach_norm(grads)).sum().isfinite() if grads else None
+            self.last_grads_finite = (torch.stack(torch._foreach_norm(grads)).sum().isfinite()
+                                      if grads else None)
         else:
             found_inf = self.scaler.unscale_(grads)
             if self.table_guard is not None:
@@ -328,7 +332,8 @@ class OptimizerContainer(torch.optim.Optimizer):
             out["sparse"] = [opt.state_dict() for opt in self.sparse]
         return out
 
-    def load_dense_state_dict(self, dense_state: dict, num_steps: int, scaler: dict | None = None) -> None:
+    def load_dense_state_dict(self, dense_state: dict, num_steps: int,
+                              scaler: dict | None = None) -> None:
         """Restores the dense optimizer and the schedule position (sparse state lives with
         the embedding tables' checkpoint)."""
         self.dense.load_state_dict(dense_state)
@@ -400,7 +405,8 @@ def unscale_sparse_gradients(dense: torch.nn.Module, scaler: DynamicLossScaler) 
 
 
 # FBGEMM optimizers whose update reads the host iteration counter (bias correction)
-_HOST_STEP_OPTIMIZERS = frozenset({"adam", "partial_row_wise_adam", "lamb", "partial_row_wise_lamb"})
+_HOST_STEP_OPTIMIZERS = frozenset(
+    {"adam", "partial_row_wise_adam", "lamb", "partial_row_wise_lamb"})
 _HOST_STEP_SYNC = (
     "float16 skip with Adam-family table optimizers: FBGEMM's fused Adam (and the replicated "
     "tables' row-sparse Adam) take their step count from a host counter, which an "
@@ -426,6 +432,10 @@ def kernel_rows(
     return [torch.where(table == t, indices, 0) for t in range(num_tables)]
 
 
+_TableRows = tuple[torch.Tensor, list[torch.Tensor]]
+"""A table's row ids and those rows of its weight and optimizer states (:class:`_TbeRows`)."""
+
+
 class _TbeRows:
     """The fused (FBGEMM) kernel of one group of sharded tables: a forward pre-hook takes,
     before the step's backward updates them, the rows it looks up: per table, their weights
@@ -441,11 +451,14 @@ class _TbeRows:
         self.host_step = optim in _HOST_STEP_OPTIMIZERS
         # per-table views into the kernel's storage (computed once: the split reads offsets)
         weights = tbe.split_embedding_weights()
-        states = tbe.split_optimizer_states() if optim not in ("exact_sgd", "sgd") else [[] for _ in weights]
+        stateless = optim in ("exact_sgd", "sgd")
+        states = [[] for _ in weights] if stateless else tbe.split_optimizer_states()
         self.tables = [[w, *s] for w, s in zip(weights, states)]
         self.feature_table = torch.tensor(list(tbe.feature_table_map), dtype=torch.int64,
                                           device=tbe.iter.device)
-        self.snapshots: list[tuple[list[tuple[torch.Tensor, list[torch.Tensor]]], torch.Tensor]] = []
+        # per step taken: per table (its row ids, those rows of the weight and of each
+        # optimizer state), and the kernel's step counter
+        self.snapshots: list[tuple[list[_TableRows], torch.Tensor]] = []
         self.taken = 0  # snapshots of the last restored step
 
     @torch.no_grad()
@@ -453,7 +466,7 @@ class _TbeRows:
         """Before the kernel's forward: [N] local row ids, [F * B + 1] offsets per feature and
         sample. Ids of another table of the kernel read row 0 of this one (restoring an
         untouched row to its own value changes nothing)."""
-        per_table: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+        per_table: list[_TableRows] = []
         rows_of = kernel_rows(self.feature_table, len(self.tables), indices, offsets)
         for rows, tensors in zip(rows_of, self.tables):
             per_table.append((rows, [x.index_select(0, rows) for x in tensors]))
@@ -589,7 +602,8 @@ class TableStepGuard:
                         parts.append(_ReplicatedRows(module.weight, opt))
                 self.replicated.extend(parts)
                 if parts:
-                    self._handles.append(emb.dp_ec.register_forward_pre_hook(self._replicated_hook(parts)))
+                    hook = self._replicated_hook(parts)
+                    self._handles.append(emb.dp_ec.register_forward_pre_hook(hook))
         self.host_step = any(k.host_step for k in self.kernels) or any(
             r.host_step for r in self.replicated)
 
