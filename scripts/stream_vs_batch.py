@@ -57,7 +57,7 @@ def command(task: str, run: str, raw: str, run_dir: Path, cut: float, epochs: in
     else:
         params += [f"StreamArgs.batch_until={cut}", f"StreamArgs.batch_epochs={epochs}",
                    f"StreamArgs.train={run == 'C'}"]
-    if run != "B":  # the streaming runs' learning rates (B never trains after the phase)
+    if run == "C":  # its learning rates after the batch phase (A streams at the preset's)
         params += [f"StreamArgs.stream_lr_scale={lr_scale}"]
     cmd = [sys.executable, str(ROOT / f"pretrain_gr_{task}.py"), "--gin-config-file",
            str(ROOT / "configs" / f"ml-100k_stream_{task}.gin")]
@@ -148,7 +148,8 @@ def main() -> None:
     ap.add_argument("--epochs-ranking", type=int, default=2,
                     help="StreamArgs.batch_epochs of ranking's B and C")
     ap.add_argument("--stream-lr-scale", type=float, default=1.0,
-                    help="StreamArgs.stream_lr_scale of A and C (their learning rates while streaming)")
+                    help="StreamArgs.stream_lr_scale of C (its learning rates after the batch "
+                         "phase)")
     ap.add_argument("--until", type=float, default=1.0,
                     help="compare the windows that end within this fraction of the events (a "
                          "validation stretch before a later cut: e.g. --cut 0.6 --until 0.8)")
@@ -171,7 +172,7 @@ def main() -> None:
             print(f"[stream_vs_batch] {task} {r}: {RUNS[r].format(cut=args.cut)}", flush=True)
             cost = run_one(command(task, r, raw, run_dir, args.cut, epochs, args.stream_lr_scale),
                            run_dir, args.threads)
-            cost["stream_lr_scale"] = None if r == "B" else args.stream_lr_scale
+            cost["stream_lr_scale"] = args.stream_lr_scale if r == "C" else None
             (run_dir / "done.json").write_text(json.dumps(cost))
             print(f"[stream_vs_batch] {task} {r}: {cost['wall_s']:.0f} s wall, "
                   f"{cost['cpu_s']:.0f} s CPU", flush=True)
