@@ -261,7 +261,8 @@ class HSTUBlock(SequenceBlock):
         if most_targets > keep:
             raise ValueError(
                 f"attention truncation keeps the last {keep} tokens of each sample "
-                f"(NetworkArgs.attn_truncation_len), fewer than a sample's {most_targets} candidates"
+                f"(NetworkArgs.attn_truncation_len), fewer than a sample's {most_targets} "
+                "candidates"
             )
         # token index (in x) of each kept token: its sample's offset + start + index in the slice
         rows = (offsets[:-1] + start)[segment_ids(kept, total)] + index_within(kept, total)

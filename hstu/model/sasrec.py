@@ -106,18 +106,20 @@ class SASRecLayer(nn.Module):
         self.output = nn.Linear(width, hidden_size, dtype=dtype)
         self.ffn_norm = nn.LayerNorm(hidden_size, eps=norm_eps, dtype=dtype)
         swiglu = o.ffn_activation == "swiglu"
-        self.ffn_in = nn.Linear(hidden_size, (2 if swiglu else 1) * inner, bias=not swiglu, dtype=dtype)
+        self.ffn_in = nn.Linear(
+            hidden_size, (2 if swiglu else 1) * inner, bias=not swiglu, dtype=dtype
+        )
         self.ffn_out = nn.Linear(inner, hidden_size, bias=not swiglu, dtype=dtype)
-        self.attn_gate = nn.Linear(hidden_size, hidden_size, dtype=dtype) if o.gated_residual else None
-        self.ffn_gate = nn.Linear(hidden_size, hidden_size, dtype=dtype) if o.gated_residual else None
+        gated = o.gated_residual
+        self.attn_gate = nn.Linear(hidden_size, hidden_size, dtype=dtype) if gated else None
+        self.ffn_gate = nn.Linear(hidden_size, hidden_size, dtype=dtype) if gated else None
 
     def attention(self, h: Tensor) -> Tensor:
         """Causal multi-head softmax attention of normalised tokens h [B, W, D] ->
         [B, W, NH*d] (before the output projection)."""
         bsz, width = h.shape[0], h.shape[1]
-        q, k, v = (
-            self.qkv(h).view(bsz, width, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        )  # each [B, NH, W, d]
+        qkv = self.qkv(h).view(bsz, width, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, NH, W, d]
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )
@@ -237,7 +239,9 @@ class SASRecInference(nn.Module):
             use_position_embedding=bool(cfg["use_position_embedding"]),
         )
         if cfg.get("query_projection"):
-            self.query_projection = nn.Linear(cfg["hidden_size"], int(cfg["query_projection"]), bias=False)
+            self.query_projection = nn.Linear(
+                cfg["hidden_size"], int(cfg["query_projection"]), bias=False
+            )
 
     def forward(
         self,
