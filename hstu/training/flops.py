@@ -62,7 +62,9 @@ def _sum_min(a: torch.Tensor, b: torch.Tensor, w: int) -> torch.Tensor:
     return prefix(b) - prefix(a)
 
 
-def attention_pairs(seqlens: torch.Tensor, max_attn_len: int = 0, min_full_attn_seq_len: int = 0) -> torch.Tensor:
+def attention_pairs(
+    seqlens: torch.Tensor, max_attn_len: int = 0, min_full_attn_seq_len: int = 0
+) -> torch.Tensor:
     """(query, key) pairs the causal mask keeps per sample, float64 [B]: L (L + 1) / 2, or with
     a window W (``hstu.ops.masks``) each row i sees min(i, W) + 1 keys, except the last M
     (``min_full_attn_seq_len``) rows, which see i + 1 (contextual tokens and candidates are
