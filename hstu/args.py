@@ -7,8 +7,9 @@ and are checked in ``__post_init__`` together with types, choices and ranges, wi
 framework of :mod:`hstu.validation` (also used by the preprocessor's classes in
 ``hstu.data.data_args``); a problem raises :class:`ConfigError` naming the class and the
 field (the loader in ``hstu.config`` adds the gin file and line). Every field carries a
-one-line docstring right under it; :func:`field_docs` reads them back for the generated
-reference (``docs/gin_reference.md``). Names of the framework stay importable from here.
+docstring right under it (wrapped at the line limit; its lines are joined);
+:func:`field_docs` reads them back for the generated reference (``docs/gin_reference.md``).
+Names of the framework stay importable from here.
 
 This module knows nothing of torch.
 """
