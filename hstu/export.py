@@ -613,32 +613,23 @@ def publish_version(root: str | Path, ckpt: str, keep: int = 3, gin_file: str | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m hstu.export", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument(
-        "--ckpt", required=True, help="checkpoint folder, or a save root with a 'latest' file"
-    )
-    parser.add_argument(
-        "--out", required=True,
-        help="artifact folder to write (replaced if it exists); with --versioned, the versioned "
-        "root",
-    )
-    parser.add_argument(
-        "--gin-config-file", default=None, help="configuration (default: the checkpoint's run's)"
-    )
-    parser.add_argument(
-        "--gin-param", action="append", default=[], metavar="BINDING",
-        help="extra gin binding, e.g. 'DatasetArgs.dataset_path=\"tmp_data/ml-100k\"'",
-    )
-    parser.add_argument(
-        "--no-aoti", action="store_true", help="skip the AOTInductor package (minutes on a CPU)"
-    )
-    parser.add_argument(
-        "--versioned", action="store_true",
-        help="--out is a versioned serving root: write the export as v<step> and point LATEST at "
-        "it",
-    )
+    parser = argparse.ArgumentParser(prog="python -m hstu.export",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--ckpt", required=True,
+                        help="checkpoint folder, or a save root with a 'latest' file")
+    parser.add_argument("--out", required=True,
+                        help="artifact folder to write (replaced if it exists); with --versioned, "
+                             "the versioned root")
+    parser.add_argument("--gin-config-file", default=None,
+                        help="configuration (default: the checkpoint's run's)")
+    parser.add_argument("--gin-param", action="append", default=[], metavar="BINDING",
+                        help="extra gin binding, e.g. "
+                             "'DatasetArgs.dataset_path=\"tmp_data/ml-100k\"'")
+    parser.add_argument("--no-aoti", action="store_true",
+                        help="skip the AOTInductor package (minutes on a CPU)")
+    parser.add_argument("--versioned", action="store_true",
+                        help="--out is a versioned serving root: write the export as v<step> and "
+                             "point LATEST at it")
     parser.add_argument("--keep", type=int, default=None, metavar="K",
                         help="with --versioned: versions kept (the newest K; default 3)")
     ns = parser.parse_args(argv)

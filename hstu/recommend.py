@@ -450,42 +450,30 @@ def rank(art: Artifact, events: Events, out: Path, batch_size: int, holdout: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m hstu.recommend", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument(
-        "--model", required=True,
-        help="artifact folder written by python -m hstu.export, or a versioned serving root "
-        "(export --versioned: its newest complete version, through LATEST)",
-    )
-    parser.add_argument(
-        "--input", required=True, help="preprocessed dataset folder, or a CSV/parquet of events"
-    )
+    parser = argparse.ArgumentParser(prog="python -m hstu.recommend",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True,
+                        help="artifact folder written by python -m hstu.export, or a versioned "
+                             "serving root (export --versioned: its newest complete version, "
+                             "through LATEST)")
+    parser.add_argument("--input", required=True,
+                        help="preprocessed dataset folder, or a CSV/parquet of events")
     parser.add_argument("--out", required=True, help="output file (.parquet, or .csv)")
     parser.add_argument("--top-k", type=int, default=10, help="items per user (retrieval)")
-    parser.add_argument(
-        "--candidates", default=None,
-        help="ranking: CSV/parquet of user, item[, timestamp] to score",
-    )
-    parser.add_argument(
-        "--holdout-last", type=int, default=0, metavar="N",
-        help="hold each user's last N events out of the history (retrieval: N=1, the target; "
-        "ranking: the candidates)",
-    )
-    parser.add_argument(
-        "--request-time", type=int, default=None, metavar="T",
-        help="retrieval models trained with NetworkArgs.rab_query_time: when the queries are "
-        "asked (unix seconds; default: the held-out target's timestamp with --holdout-last 1, "
-        "else the newest timestamp of the input)",
-    )
+    parser.add_argument("--candidates", default=None,
+                        help="ranking: CSV/parquet of user, item[, timestamp] to score")
+    parser.add_argument("--holdout-last", type=int, default=0, metavar="N",
+                        help="hold each user's last N events out of the history (retrieval: N=1, "
+                             "the target; ranking: the candidates)")
+    parser.add_argument("--request-time", type=int, default=None, metavar="T",
+                        help="retrieval models trained with NetworkArgs.rab_query_time: when the "
+                             "queries are asked (unix seconds; default: the held-out target's "
+                             "timestamp with --holdout-last 1, else the newest timestamp of the "
+                             "input)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
-    )
-    parser.add_argument(
-        "--no-aoti", action="store_true",
-        help="run the torch.export program even if an AOTInductor package exists",
-    )
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--no-aoti", action="store_true",
+                        help="run the torch.export program even if an AOTInductor package exists")
     ns = parser.parse_args(argv)
     if ns.threads:
         torch.set_num_threads(ns.threads)
