@@ -200,8 +200,8 @@ class RetrievalModel(DenseModel):
         if corpus is not None and corpus.tbe:
             embeddings = self._route_item_rows(batch, embeddings, corpus)
         own, _, layout, tokens, states = self._states(batch, embeddings)
-        queries = self.project_queries(states.index_select(0, tokens.history_query_rows))
-        history_states = take_own_rows(queries, layout.history, self.tp_group)
+        projected = self.project_queries(states.index_select(0, tokens.history_query_rows))
+        history_states = take_own_rows(projected, layout.history, self.tp_group)
         # (index_select rather than x[rows] on these [rows, D] / [Q, M] gathers: several times
         # faster on CPU, forward and backward; the same values)
         # queries: history items j < H - 1 (position j predicts item j+1), listed per sample

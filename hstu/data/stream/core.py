@@ -195,8 +195,8 @@ class IdMap:
         if len(missing):
             order = missing[np.argsort(first[missing], kind="stable")]  # first appearance
             new_keys = uniq[order]
-            first = len(self._keys) + 1
-            ids[order] = np.arange(first, first + len(order), dtype=np.int64)
+            next_id = len(self._keys) + 1
+            ids[order] = np.arange(next_id, next_id + len(order), dtype=np.int64)
             if self.kind == "str":  # numpy text arrays have a width: widen, never truncate
                 wide = np.promote_types(self._sorted.dtype, uniq.dtype)
                 self._sorted = self._sorted.astype(wide)

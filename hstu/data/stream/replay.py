@@ -137,8 +137,8 @@ class ReplayStream:
         starts = np.flatnonzero(np.diff(key)) + 1
         self.bounds = np.concatenate([[0], starts, [n]]).astype(np.int64)
         """Window w holds events bounds[w]:bounds[w+1] (time order)."""
-        starts = key[self.bounds[:-1]] if n else key[:0]
-        self.names = _window_names(starts, "events" if per else window)
+        window_keys = key[self.bounds[:-1]] if n else key[:0]
+        self.names = _window_names(window_keys, "events" if per else window)
         self.max_window_events = max_window_events
         self.users = IdMap("user")
         self.items = IdMap("item")
