@@ -7,8 +7,9 @@ and are checked in ``__post_init__`` together with types, choices and ranges, wi
 framework of :mod:`hstu.validation` (also used by the preprocessor's classes in
 ``hstu.data.data_args``); a problem raises :class:`ConfigError` naming the class and the
 field (the loader in ``hstu.config`` adds the gin file and line). Every field carries a
-one-line docstring right under it; :func:`field_docs` reads them back for the generated
-reference (``docs/gin_reference.md``). Names of the framework stay importable from here.
+docstring right under it (wrapped at the line limit; its lines are joined);
+:func:`field_docs` reads them back for the generated reference (``docs/gin_reference.md``).
+Names of the framework stay importable from here.
 
 This module knows nothing of torch.
 """
@@ -58,8 +59,14 @@ def _float32(obj: Any, *names: str) -> None:
                 math.isfinite(value) and abs(value) <= FLOAT32_MAX,
                 obj,
                 name,
-                f"{value!r} is not a finite float32 (largest {FLOAT32_MAX:.4g}): training would overflow at step 1",
+                f"{value!r} is not a finite float32 (largest {FLOAT32_MAX:.4g}): training would "
+                "overflow at step 1",
             )
+
+
+def _some_features(obj: Any) -> None:
+    """A table or feature group names at least one feature."""
+    _require(len(obj.feature_names) > 0, obj, "feature_names", "must name at least one feature")
 
 
 RANKING_METRICS = ("AUC",)
@@ -88,9 +95,15 @@ class TrainerArgs:
     seed: int = 1234
     """Seed for model init, data order and sampling."""
     dropout_per_rank: bool = True
-    """Several data-parallel ranks: each draws its own dropout masks (streams seeded from seed and its DP rank), as one process does over a batch as large as the global one; False: every DP rank draws the same masks (docs/training.md, "Gradient semantics")."""
+    """Several data-parallel ranks: each draws its own dropout masks (streams seeded from seed and
+    its DP rank), as one process does over a batch as large as the global one; False: every DP rank
+    draws the same masks (docs/training.md, "Gradient semantics")."""
     ema_decay: float = 0.0
-    """Exponential moving average of the weights (dense and tables), updated after every step with this decay (e.g. 0.99; warmed up as min(decay, (1 + t) / (10 + t))); evaluation, the best checkpoint, the test split and export (of any checkpoint of the run) use the average, training continues from the raw weights. 0 disables it. One more float32 copy of the weights in memory."""
+    """Exponential moving average of the weights (dense and tables), updated after every step with
+    this decay (e.g. 0.99; warmed up as min(decay, (1 + t) / (10 + t))); evaluation, the best
+    checkpoint, the test split and export (of any checkpoint of the run) use the average, training
+    continues from the raw weights. 0 disables it. One more float32 copy of the weights in
+    memory."""
     profile: bool = False
     """Record a torch.profiler trace between profile_step_start and profile_step_end."""
     profile_step_start: int = 100
@@ -102,25 +115,37 @@ class TrainerArgs:
     ckpt_save_dir: str = "./checkpoints"
     """Directory checkpoints are written to."""
     ckpt_load_dir: str = ""
-    """Checkpoint to resume from: "auto" (the newest complete checkpoint under ckpt_save_dir; fresh start if none), a checkpoint folder, or a root (its newest complete checkpoint); empty starts fresh."""
+    """Checkpoint to resume from: "auto" (the newest complete checkpoint under ckpt_save_dir; fresh
+    start if none), a checkpoint folder, or a root (its newest complete checkpoint); empty starts
+    fresh."""
     keep_last_n: int | None = 3
-    """Keep this many newest checkpoints in ckpt_save_dir, deleting older ones after each save; None keeps all."""
+    """Keep this many newest checkpoints in ckpt_save_dir, deleting older ones after each save; None
+    keeps all."""
     pipeline_type: Literal["none", "native", "prefetch"] = "native"
     """Train pipeline: none (sequential), native (TrainPipelineSparseDist) or prefetch."""
     ddp_bucket_cap_mb: float = 25.0
-    """Bucket size (MiB) of the dense data-parallel gradient all-reduce; buckets are launched during backward as they fill."""
+    """Bucket size (MiB) of the dense data-parallel gradient all-reduce; buckets are launched during
+    backward as they fill."""
     run_dir: str | None = None
-    """Run directory for logs, metrics.csv, TensorBoard and traces; None: ./runs/<task>-<timestamp>."""
+    """Run directory for logs, metrics.csv, TensorBoard and traces; None:
+    ./runs/<task>-<timestamp>."""
     best_metric: str | None = None
-    """Eval metric (higher is better, e.g. NDCG@10) selecting the best checkpoint on the validation split; the test split is then scored once with it. Needs DatasetArgs.holdout_validation."""
+    """Eval metric (higher is better, e.g. NDCG@10) selecting the best checkpoint on the validation
+    split; the test split is then scored once with it. Needs DatasetArgs.holdout_validation."""
     early_stopping_patience: int | None = None
     """Stop after this many evaluations without a new best best_metric; None never stops early."""
     best_requires_loss_below_prior: bool = False
-    """Ranking: only an evaluation whose validation loss is below the label prior's (a constant score from the training labels, on the same validation candidates) may become the best checkpoint; until one does, the selection is the evaluation with the lowest validation loss, and the log says so. Needs best_metric."""
+    """Ranking: only an evaluation whose validation loss is below the label prior's (a constant
+    score from the training labels, on the same validation candidates) may become the best
+    checkpoint; until one does, the selection is the evaluation with the lowest validation loss, and
+    the log says so. Needs best_metric."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)
-        _positive(self, "train_batch_size", "eval_batch_size", "eval_interval", "log_interval", "ddp_bucket_cap_mb")
+        _positive(
+            self, "train_batch_size", "eval_batch_size", "eval_interval", "log_interval",
+            "ddp_bucket_cap_mb",
+        )
         if self.max_train_iters is not None:
             _require(
                 self.max_train_iters >= 1,
@@ -138,7 +163,8 @@ class TrainerArgs:
             self.profile_step_end > self.profile_step_start,
             self,
             "profile_step_end",
-            f"must be > profile_step_start ({self.profile_step_start}), got {self.profile_step_end}",
+            f"must be > profile_step_start ({self.profile_step_start}), "
+            f"got {self.profile_step_end}",
         )
         _positive(self, "early_stopping_patience")
         _require(
@@ -151,7 +177,8 @@ class TrainerArgs:
             not self.best_requires_loss_below_prior or self.best_metric is not None,
             self,
             "best_requires_loss_below_prior",
-            "needs TrainerArgs.best_metric (it restricts which evaluations that metric selects from)",
+            "needs TrainerArgs.best_metric (it restricts which evaluations that metric selects "
+            "from)",
         )
         _positive(self, "keep_last_n")
         _require(
@@ -172,15 +199,18 @@ class EmbeddingArgs:
     table_name: str = REQUIRED
     """Unique table name."""
     item_vocab_size_or_capacity: int | Literal["auto"] = "auto"
-    """Rows of the table (ids must be < this); "auto" (or left out): the size the preprocessed dataset needs, read from its metadata before any process starts."""
+    """Rows of the table (ids must be < this); "auto" (or left out): the size the preprocessed
+    dataset needs, read from its metadata before any process starts."""
     sharding_type: Literal["data_parallel", "model_parallel"] = REQUIRED
     """data_parallel replicates the table; model_parallel lets TorchRec shard it."""
-    sharding_override: Literal["auto", "row_wise", "table_wise", "column_wise", "table_row_wise"] = "auto"
+    sharding_override: Literal[
+        "auto", "row_wise", "table_wise", "column_wise", "table_row_wise"
+    ] = "auto"
     """Force TorchRec's sharding of a model_parallel table; auto lets the planner choose."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)
-        _require(len(self.feature_names) > 0, self, "feature_names", "must name at least one feature")
+        _some_features(self)
         _require(self.table_name != "", self, "table_name", "must not be empty")
         if self.item_vocab_size_or_capacity != AUTO:
             _positive(self, "item_vocab_size_or_capacity")
@@ -188,7 +218,8 @@ class EmbeddingArgs:
             self.sharding_override == "auto" or self.sharding_type != "data_parallel",
             self,
             "sharding_override",
-            f"{self.sharding_override!r} needs sharding_type='model_parallel' (data_parallel tables are replicated)",
+            f"{self.sharding_override!r} needs sharding_type='model_parallel' (data_parallel "
+            "tables are replicated)",
         )
 
 
@@ -197,7 +228,8 @@ class HbmPlan:
     """How much accelerator memory a dynamic table's values take, and why."""
 
     rule: str
-    """Which rule decided: global_hbm_for_values | item_vocab_gpu_capacity | item_vocab_gpu_capacity_ratio | full_table."""
+    """Which rule decided: global_hbm_for_values | item_vocab_gpu_capacity |
+    item_vocab_gpu_capacity_ratio | full_table."""
     capacity_rows: int
     """Rows held in accelerator memory."""
     row_bytes: int
@@ -225,7 +257,8 @@ def embedding_row_bytes(embedding_dim: int, optimizer_str: str, bytes_per_value:
     """Bytes one row of a table occupies with its optimizer state (docs/embeddings.md)."""
     if optimizer_str not in _OPTIMIZER_STATE:
         raise ValueError(
-            f"optimizer {optimizer_str!r} has no known state size; one of {sorted(_OPTIMIZER_STATE)}"
+            f"optimizer {optimizer_str!r} has no known state size; "
+            f"one of {sorted(_OPTIMIZER_STATE)}"
         )
     extra_rows, extra_values = _OPTIMIZER_STATE[optimizer_str]
     return (embedding_dim * (1 + extra_rows) + extra_values) * bytes_per_value
@@ -310,7 +343,8 @@ class DatasetArgs:
     """A preprocessed dataset read from dataset_path."""
 
     dataset_name: str = REQUIRED
-    """One of ml-1m, ml-20m, ml-100k, kuairand-pure, kuairand-1k, kuairand-27k, synthetic, custom, or the --name of your own preprocessed data (a folder tmp_data/<name>, or dataset_path)."""
+    """One of ml-1m, ml-20m, ml-100k, kuairand-pure, kuairand-1k, kuairand-27k, synthetic, custom,
+    or the --name of your own preprocessed data (a folder tmp_data/<name>, or dataset_path)."""
     max_sequence_length: int = REQUIRED
     """Most recent history items fed to the model per sample."""
     dataset_path: str | None = None
@@ -320,25 +354,42 @@ class DatasetArgs:
     shuffle: bool = False
     """Shuffle training samples every epoch (deterministic for a seed)."""
     holdout_validation: bool = False
-    """Also hold out a validation target per user, for selection: retrieval, the second-to-last item (train without the last two); ranking, the max_num_candidates interactions before the test candidates (training candidates come from before those)."""
+    """Also hold out a validation target per user, for selection: retrieval, the second-to-last item
+    (train without the last two); ranking, the max_num_candidates interactions before the test
+    candidates (training candidates come from before those)."""
     train_full_history: bool = False
-    """Retrieval: train on the whole history of users with more than max_sequence_length items (cut into windows of max_sequence_length overlapping by one item, each a sample every epoch); False trains on the most recent window only."""
+    """Retrieval: train on the whole history of users with more than max_sequence_length items (cut
+    into windows of max_sequence_length overlapping by one item, each a sample every epoch); False
+    trains on the most recent window only."""
     eval_split: Literal["valid", "test"] = "test"
     """Which held-out item evaluation ranks; valid needs holdout_validation."""
     action_tokens: bool = True
-    """Interleave each history item's action as a token; False feeds item tokens only (ranking labels still come from actions)."""
+    """Interleave each history item's action as a token; False feeds item tokens only (ranking
+    labels still come from actions)."""
     contextual_features: list[str] | None = None
     """Contextual features fed as leading tokens; None uses every one the dataset has, [] none."""
     balance_ranks: bool = False
-    """Training with several data-parallel ranks: split each global batch over the ranks by tokens (longest first, each to the least-loaded rank with room; every rank keeps batch_size samples) instead of every world_size-th sample. Same global batches and loss; a step waits less for the slowest rank."""
+    """Training with several data-parallel ranks: split each global batch over the ranks by tokens
+    (longest first, each to the least-loaded rank with room; every rank keeps batch_size samples)
+    instead of every world_size-th sample. Same global batches and loss; a step waits less for the
+    slowest rank."""
     balance_ranks_by: Literal["tokens", "attention"] = "tokens"
-    """What balance_ranks equalises across the ranks: tokens (sum of sequence lengths) or attention (sum of squared sequence lengths in tokens, contextual and action tokens included: the attention FLOPs; with stochastic_length_alpha this is ULTRA-HSTU's load-balanced stochastic length)."""
+    """What balance_ranks equalises across the ranks: tokens (sum of sequence lengths) or attention
+    (sum of squared sequence lengths in tokens, contextual and action tokens included: the attention
+    FLOPs; with stochastic_length_alpha this is ULTRA-HSTU's load-balanced stochastic length)."""
     stochastic_length_alpha: float = 0.0
-    """Stochastic length (HSTU paper §3.2), training only: 0 = off; alpha in (1, 2] keeps a history of n items (n after the cut to max_sequence_length N) whole when n <= N^(alpha/2), else whole with probability N^alpha / n^2 and otherwise shortened to floor(N^(alpha/2)) items, so the expected attention cost is O(N^alpha). Decided per (seed, epoch, sample), the same for any number of ranks; evaluation always sees full histories; ranking candidates are never dropped."""
+    """Stochastic length (HSTU paper §3.2), training only: 0 = off; alpha in (1, 2] keeps a history
+    of n items (n after the cut to max_sequence_length N) whole when n <= N^(alpha/2), else whole
+    with probability N^alpha / n^2 and otherwise shortened to floor(N^(alpha/2)) items, so the
+    expected attention cost is O(N^alpha). Decided per (seed, epoch, sample), the same for any
+    number of ranks; evaluation always sees full histories; ranking candidates are never dropped."""
     stochastic_length_sampling: Literal["recency", "uniform", "mix"] = "recency"
-    """How stochastic length shortens a history: recency keeps the most recent items, uniform an order-preserving uniformly drawn subset, mix either one per sample (uniform with probability stochastic_length_mix_prob)."""
+    """How stochastic length shortens a history: recency keeps the most recent items, uniform an
+    order-preserving uniformly drawn subset, mix either one per sample (uniform with probability
+    stochastic_length_mix_prob)."""
     stochastic_length_mix_prob: float = 0.5
-    """stochastic_length_sampling = mix: the probability that a shortened sample takes the uniform subset (else the most recent items)."""
+    """stochastic_length_sampling = mix: the probability that a shortened sample takes the uniform
+    subset (else the most recent items)."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -390,7 +441,8 @@ class FeatureArgs:
     max_sequence_length: int = REQUIRED
     """Longest sequence per sample (1 for a scalar feature)."""
     is_jagged: bool = False
-    """Lengths vary per sample (drawn from length_distribution) instead of all max_sequence_length."""
+    """Lengths vary per sample (drawn from length_distribution) instead of all
+    max_sequence_length."""
     length_distribution: Literal["uniform", "normal", "zipf", "lognormal"] = "uniform"
     """Distribution of jagged lengths in [1, max_sequence_length]."""
     length_alpha: float = 1.2
@@ -402,7 +454,7 @@ class FeatureArgs:
 
     def __post_init__(self) -> None:
         _validate_fields(self)
-        _require(len(self.feature_names) > 0, self, "feature_names", "must name at least one feature")
+        _some_features(self)
         _positive(self, "max_sequence_length", "length_alpha", "value_alpha")
 
 
@@ -478,9 +530,13 @@ class NetworkArgs:
     norm_epsilon: float = 1e-5
     """LayerNorm epsilon."""
     is_causal: bool = True
-    """Causal attention over the history; False (bidirectional) is refused for retrieval and for ranking with history_loss_weight > 0, where a token would see its own label."""
+    """Causal attention over the history; False (bidirectional) is refused for retrieval and for
+    ranking with history_loss_weight > 0, where a token would see its own label."""
     mask_convention: Literal["hstu", "peer"] = "hstu"
-    """Attention mask: "hstu" (contextual tokens see the contextual block only; history never sees candidates) or "peer" (as Meta's generative-recommenders and NVIDIA's recsys-examples: contextual tokens see the whole non-candidate history, and with is_causal=False history sees the candidates). docs/model.md, "Mask conventions"."""
+    """Attention mask: "hstu" (contextual tokens see the contextual block only; history never sees
+    candidates) or "peer" (as Meta's generative-recommenders and NVIDIA's recsys-examples:
+    contextual tokens see the whole non-candidate history, and with is_causal=False history sees the
+    candidates). docs/model.md, "Mask conventions"."""
     dtype_str: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     """Compute dtype of the HSTU block; float32 for CPU runs."""
     kernel_backend: Literal[ATTENTION_BACKENDS.names()] = "cutlass"  # hstu.registry
@@ -503,7 +559,10 @@ class NetworkArgs:
     rab_use_time: bool = True
     """Include the log-bucketed time-distance term in the relative attention bias."""
     rab_query_time: bool = False
-    """Retrieval: the last token's time bucket measures from the query's time (training and offline evaluation: the target's timestamp; serving: the request time) instead of from its own timestamp (docs/model.md). Needs relative_attention_bias, rab_use_time and DatasetArgs.action_tokens = False."""
+    """Retrieval: the last token's time bucket measures from the query's time (training and offline
+    evaluation: the target's timestamp; serving: the request time) instead of from its own timestamp
+    (docs/model.md). Needs relative_attention_bias, rab_use_time and DatasetArgs.action_tokens =
+    False."""
     attention_alpha: float | None = None
     """Scale on Q K^T; None uses 1/sqrt(kv_channels) (the research model uses 1.0)."""
     attn_scaling_seqlen: int | None = None
@@ -517,25 +576,41 @@ class NetworkArgs:
     use_position_embedding: bool = True
     """Add the learned absolute position embedding to the input tokens."""
     architecture: Literal["hstu", "sasrec", "mlp_baseline"] = "hstu"
-    """hstu; sasrec (retrieval only): SASRec's causal softmax self-attention in place of the HSTU block (num_layers, hidden_size, num_attention_heads x kv_channels, hidden_dropout, norm_epsilon, num_position_buckets, use_position_embedding and the sasrec_* fields; docs/model.md "SASRec"); or (ranking only) a non-sequential MLP over the user's contextual and the candidate's item embeddings, for comparison."""
+    """hstu; sasrec (retrieval only): SASRec's causal softmax self-attention in place of the HSTU
+    block (num_layers, hidden_size, num_attention_heads x kv_channels, hidden_dropout, norm_epsilon,
+    num_position_buckets, use_position_embedding and the sasrec_* fields; docs/model.md "SASRec");
+    or (ranking only) a non-sequential MLP over the user's contextual and the candidate's item
+    embeddings, for comparison."""
     sasrec_ffn_activation: Literal["swiglu", "gelu", "relu"] = "swiglu"
-    """architecture="sasrec": the feed-forward network, SwiGLU without biases (eSASRec's LiGR layer) or GELU / ReLU with biases (the original SASRec's ReLU)."""
+    """architecture="sasrec": the feed-forward network, SwiGLU without biases (eSASRec's LiGR layer)
+    or GELU / ReLU with biases (the original SASRec's ReLU)."""
     sasrec_ffn_multiplier: int = 4
     """architecture="sasrec": the feed-forward inner width as a multiple of hidden_size."""
     sasrec_gated_residual: bool = True
-    """architecture="sasrec": each residual branch scaled by sigmoid(W x + b) of the layer's input (eSASRec's LiGR layer); False: plain residuals."""
+    """architecture="sasrec": each residual branch scaled by sigmoid(W x + b) of the layer's input
+    (eSASRec's LiGR layer); False: plain residuals."""
     sequence_layout: Literal["jagged", "padded"] = "jagged"
-    """jagged (each sample's real tokens only) or padded (every sample padded to the longest sequence the data allows, as padded trainers do; same results, for comparison; needs is_causal)."""
+    """jagged (each sample's real tokens only) or padded (every sample padded to the longest
+    sequence the data allows, as padded trainers do; same results, for comparison; needs
+    is_causal)."""
     compile: bool = False
-    """torch.compile each layer's output tail (LayerNorm(O) * U, dropout, W_o, residual; dynamic shapes); one TP rank only. Dropout masks then come from the compiled kernel's generator (results differ from eager by the masks)."""
+    """torch.compile each layer's output tail (LayerNorm(O) * U, dropout, W_o, residual; dynamic
+    shapes); one TP rank only. Dropout masks then come from the compiled kernel's generator (results
+    differ from eager by the masks)."""
     max_attn_len: int = 0
-    """Semi-local attention: a history token sees at most this many earlier tokens (and, with is_causal=False, later ones); 0 is full attention. Meta's name; the rule (contextual tokens and candidates included) is hstu.ops.masks, docs/model.md "Long histories"."""
+    """Semi-local attention: a history token sees at most this many earlier tokens (and, with
+    is_causal=False, later ones); 0 is full attention. Meta's name; the rule (contextual tokens and
+    candidates included) is hstu.ops.masks, docs/model.md "Long histories"."""
     min_full_attn_seq_len: int = 0
-    """With max_attn_len > 0: the last this-many history tokens (and the candidates) still see the whole history; 0: none. Meta's name."""
+    """With max_attn_len > 0: the last this-many history tokens (and the candidates) still see the
+    whole history; 0: none. Meta's name."""
     attn_truncation_layers: int = 0
-    """Attention truncation: the first this-many layers run over the whole sequence, the layers above over each sample's last attn_truncation_len tokens only (the others keep their output of the last full layer); 0 is off, else 0 < value < num_layers. docs/model.md "Long histories"."""
+    """Attention truncation: the first this-many layers run over the whole sequence, the layers
+    above over each sample's last attn_truncation_len tokens only (the others keep their output of
+    the last full layer); 0 is off, else 0 < value < num_layers. docs/model.md "Long histories"."""
     attn_truncation_len: int = 0
-    """Tokens of each sample (its last ones) the layers above attn_truncation_layers run over; > 0 with attn_truncation_layers, and at least the candidates of a ranking sample."""
+    """Tokens of each sample (its last ones) the layers above attn_truncation_layers run over; > 0
+    with attn_truncation_layers, and at least the candidates of a ranking sample."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -543,7 +618,8 @@ class NetworkArgs:
             self.sequence_layout == "jagged" or self.is_causal,
             self,
             "sequence_layout",
-            '"padded" needs is_causal=True (padding after the real tokens is then invisible to them)',
+            '"padded" needs is_causal=True (padding after the real tokens is then invisible to '
+            "them)",
         )
         _positive(
             self, "num_layers", "hidden_size", "num_attention_heads", "kv_channels",
@@ -558,7 +634,10 @@ class NetworkArgs:
         _positive(self, "attention_alpha", "attn_scaling_seqlen")
         for name in ("item_embedding_dim", "contextual_embedding_dim"):
             value = getattr(self, name)
-            _require(value == -1 or value > 0, self, name, f"must be -1 (hidden_size) or > 0, got {value}")
+            _require(
+                value == -1 or value > 0, self, name,
+                f"must be -1 (hidden_size) or > 0, got {value}",
+            )
         _non_negative(
             self, "max_attn_len", "min_full_attn_seq_len", "attn_truncation_layers",
             "attn_truncation_len",
@@ -585,9 +664,8 @@ class NetworkArgs:
 
     @property
     def resolved_contextual_embedding_dim(self) -> int:
-        return (
-            self.hidden_size if self.contextual_embedding_dim == -1 else self.contextual_embedding_dim
-        )
+        dim = self.contextual_embedding_dim
+        return self.hidden_size if dim == -1 else dim
 
 
 @gin.configurable
@@ -612,9 +690,12 @@ class OptimizerArgs:
     sparse_learning_rate: float | None = None
     """Sparse learning rate; None uses learning_rate."""
     clip_grad_norm: float = 0.0
-    """Clip the global norm of dense gradients to this; 0 disables clipping. Under tensor parallelism the norm is one over the model-parallel group (replicated parameters counted once)."""
+    """Clip the global norm of dense gradients to this; 0 disables clipping. Under tensor
+    parallelism the norm is one over the model-parallel group (replicated parameters counted
+    once)."""
     sparse_lr_schedule: Literal["follow", "constant"] = "follow"
-    """follow: the warm-up and decay also scale the sparse (embedding) learning rate; constant: the sparse optimizers keep sparse_learning_rate throughout."""
+    """follow: the warm-up and decay also scale the sparse (embedding) learning rate; constant: the
+    sparse optimizers keep sparse_learning_rate throughout."""
     lr_warmup_iters: int = 0
     """Linear warm-up from 0 to learning_rate over this many steps."""
     lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
@@ -627,7 +708,9 @@ class OptimizerArgs:
     def __post_init__(self) -> None:
         _validate_fields(self)
         _positive(self, "learning_rate", "adam_eps", "sparse_learning_rate", "lr_decay_iters")
-        _non_negative(self, "weight_decay", "clip_grad_norm", "lr_warmup_iters", "min_learning_rate")
+        _non_negative(
+            self, "weight_decay", "clip_grad_norm", "lr_warmup_iters", "min_learning_rate"
+        )
         _float32(self, "learning_rate", "sparse_learning_rate", "min_learning_rate", "adam_eps",
                  "weight_decay", "clip_grad_norm")
         for name in ("adam_beta1", "adam_beta2"):
@@ -658,7 +741,9 @@ class RankingArgs:
     """Ranking head and loss."""
 
     prediction_head_arch: list[int | Literal["auto"]] = REQUIRED
-    """Widths of the MLP head; the last is num_tasks (BCE per task) or the class count (CE). The last may be "auto": the dataset's action classes (CE), or num_tasks for bitmask actions (KuaiRand), resolved before any process starts."""
+    """Widths of the MLP head; the last is num_tasks (BCE per task) or the class count (CE). The
+    last may be "auto": the dataset's action classes (CE), or num_tasks for bitmask actions
+    (KuaiRand), resolved before any process starts."""
     prediction_head_act_type: Literal["relu", "gelu"] = "relu"
     """Activation between head layers."""
     prediction_head_bias: bool = True
@@ -668,7 +753,9 @@ class RankingArgs:
     eval_metrics: tuple[str, ...] = ("AUC",)
     """Evaluation metrics (per task where it applies)."""
     history_loss_weight: float = 0.0
-    """Training only: add this times the same loss on every history item's token against its own action (causal, so the token never sees that action); needs action tokens. 0 trains on candidates only."""
+    """Training only: add this times the same loss on every history item's token against its own
+    action (causal, so the token never sees that action); needs action tokens. 0 trains on
+    candidates only."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -678,7 +765,9 @@ class RankingArgs:
             "history_loss_weight",
             f"must be >= 0, got {self.history_loss_weight}",
         )
-        _require(len(self.prediction_head_arch) > 0, self, "prediction_head_arch", "must not be empty")
+        _require(
+            len(self.prediction_head_arch) > 0, self, "prediction_head_arch", "must not be empty"
+        )
         for i, width in enumerate(self.prediction_head_arch):
             if width == AUTO:
                 _require(
@@ -710,25 +799,47 @@ class RetrievalArgs:
     # the choices are hstu.registry.NEGATIVE_SAMPLING's names, read whenever the class is
     # checked or documented (a string annotation, evaluated by typing.get_type_hints)
     negative_sampling: Literal[NEGATIVE_SAMPLING.names()] = "uniform"
-    """uniform: num_negatives ids per query drawn uniformly from the corpus (-1: in-batch, as above); in_batch: the other positives of the rank's batch (num_negatives must be -1); mixed: num_negatives uniform ids plus the in-batch positives; shared: num_negatives uniform ids drawn once per batch (per rank), every query scored against all of them (one [queries x num_negatives] matmul: the cost of a large catalogue without num_negatives lookups per query; no logQ correction, uniform draws need none); full_corpus: every item is a negative, the exact softmax (num_negatives must be -1; cost grows with the corpus)."""
+    """uniform: num_negatives ids per query drawn uniformly from the corpus (-1: in-batch, as
+    above); in_batch: the other positives of the rank's batch (num_negatives must be -1); mixed:
+    num_negatives uniform ids plus the in-batch positives; shared: num_negatives uniform ids drawn
+    once per batch (per rank), every query scored against all of them (one [queries x num_negatives]
+    matmul: the cost of a large catalogue without num_negatives lookups per query; no logQ
+    correction, uniform draws need none); full_corpus: every item is a negative, the exact softmax
+    (num_negatives must be -1; cost grows with the corpus)."""
     temperature: float = 0.05
     """Softmax temperature on cosine similarities."""
     full_corpus_matmul_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """With negative_sampling="full_corpus": the dtype of the training loss's three [queries x items] matmuls. "bfloat16" rounds their inputs to bfloat16 (float32 accumulation; the target's logit, the softmax and the loss stay float32): 3-4x faster matmuls on CPUs with AVX512-BF16/AMX and on GPUs (compute capability >= 8.0), gradients within ~0.4 %, but ~8x slower than float32 on CPUs without them (AVX2); "auto" picks bfloat16 where the device multiplies it natively and float32 elsewhere, and the run's first lines say which; evaluation is unaffected (docs/model.md)."""
+    """With negative_sampling="full_corpus": the dtype of the training loss's three [queries x
+    items] matmuls. "bfloat16" rounds their inputs to bfloat16 (float32 accumulation; the target's
+    logit, the softmax and the loss stay float32): 3-4x faster matmuls on CPUs with AVX512-BF16/AMX
+    and on GPUs (compute capability >= 8.0), gradients within ~0.4 %, but ~8x slower than float32 on
+    CPUs without them (AVX2); "auto" picks bfloat16 where the device multiplies it natively and
+    float32 elsewhere, and the run's first lines say which; evaluation is unaffected
+    (docs/model.md)."""
     l2_norm_eps: float = 1e-6
     """Epsilon of the L2 normalisation of queries and items."""
     eval_metrics: tuple[str, ...] = ("HR@10", "NDCG@10")
     """Metrics: HR@K, NDCG@K (rank <= K, 1-based) and MRR."""
     eval_exclude_history: bool = True
-    """Evaluation scores every item except those of the sample's input history (the MovieLens protocol: a target the user already had is unranked, scoring 0). False: the history stays rankable, for data where users come back to items (re-watches, re-purchases, the long-history synthetic set's recalls); the popularity baseline follows the same protocol."""
+    """Evaluation scores every item except those of the sample's input history (the MovieLens
+    protocol: a target the user already had is unranked, scoring 0). False: the history stays
+    rankable, for data where users come back to items (re-watches, re-purchases, the long-history
+    synthetic set's recalls); the popularity baseline follows the same protocol."""
 
     exclude_history_from_loss: bool = False
-    """With negative_sampling="full_corpus", training: each query's softmax leaves out the items of its own history (the items at its position and before, except its target), as evaluation with eval_exclude_history ranks them; False: every other item is a negative."""
+    """With negative_sampling="full_corpus", training: each query's softmax leaves out the items of
+    its own history (the items at its position and before, except its target), as evaluation with
+    eval_exclude_history ranks them; False: every other item is a negative."""
 
     eval_num_users: int = 0
-    """Evaluate on a fixed random subset of this many users of the split (the same users at every evaluation, chosen by TrainerArgs.seed), for catalogues or user counts where a full evaluation is too slow; the log says so and the metrics carry an eval_users field. 0: every user."""
+    """Evaluate on a fixed random subset of this many users of the split (the same users at every
+    evaluation, chosen by TrainerArgs.seed), for catalogues or user counts where a full evaluation
+    is too slow; the log says so and the metrics carry an eval_users field. 0: every user."""
     eval_memory_mb: int = 256
-    """Evaluation scores every rank's queries against its slice of the catalogue in blocks of items sized so that a block's [queries x items] work stays within this many MiB (the ranks' results merged exactly; the same ranks whatever the world size); a slice whose item vectors would exceed it is looked up block by block as it is scored instead of held whole (the same ranks)."""
+    """Evaluation scores every rank's queries against its slice of the catalogue in blocks of items
+    sized so that a block's [queries x items] work stays within this many MiB (the ranks' results
+    merged exactly; the same ranks whatever the world size); a slice whose item vectors would exceed
+    it is looked up block by block as it is scored instead of held whole (the same ranks)."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)

@@ -274,7 +274,8 @@ def check_truncation(network: Any, dataset: Any, task: str) -> None:
     if network.sequence_layout != "jagged":
         raise ConfigError(
             "NetworkArgs", "attn_truncation_layers",
-            'attention truncation slices each sample\'s last tokens: it needs sequence_layout="jagged"',
+            "attention truncation slices each sample's last tokens: it needs "
+            'sequence_layout="jagged"',
         )
     candidates = getattr(dataset, "max_num_candidates", 0)
     if task == "ranking" and candidates > network.attn_truncation_len:

@@ -72,7 +72,8 @@ def world_size_of(ns: argparse.Namespace) -> tuple[int, str]:
         world = int(os.environ["WORLD_SIZE"])
         if ns.world_size is not None and ns.world_size != world:
             raise ConfigError(
-                "--world-size", None, f"{ns.world_size} disagrees with torchrun's WORLD_SIZE={world}"
+                "--world-size", None,
+                f"{ns.world_size} disagrees with torchrun's WORLD_SIZE={world}",
             )
         return world, "torchrun's WORLD_SIZE"
     if ns.world_size is not None:

@@ -69,7 +69,10 @@ class RunConfig:
 
 def _check_task(task: str, bindings: list[Binding], label: str) -> None:
     """A ranking configuration is refused by the retrieval entry point and vice versa."""
-    other, kind = ("RankingArgs", "ranking") if task == "retrieval" else ("RetrievalArgs", "retrieval")
+    if task == "retrieval":
+        other, kind = "RankingArgs", "ranking"
+    else:
+        other, kind = "RetrievalArgs", "retrieval"
     for b in bindings:
         if b.short_name == other:
             raise A.ConfigError(

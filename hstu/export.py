@@ -1,8 +1,10 @@
-"""A checkpoint -> a self-contained serving artifact (docs/serving.md).
+r"""A checkpoint -> a self-contained serving artifact (docs/serving.md).
 
     python -m hstu.export --ckpt runs/retrieval-.../best --out artifacts/ml-100k-retrieval
-    python -m hstu.export --ckpt checkpoints --out art --gin-config-file configs/x.gin --gin-param ...
-    python -m hstu.export --ckpt checkpoints --out serving --versioned --keep 3    # serving/v<step>, LATEST
+    python -m hstu.export --ckpt checkpoints --out art --gin-config-file configs/x.gin \
+        --gin-param ...
+    # serving/v<step>, and serving/LATEST naming it:
+    python -m hstu.export --ckpt checkpoints --out serving --versioned --keep 3
 
 The checkpoint (a checkpoint folder, or a save root with a ``latest`` file) is loaded on one
 process (world 1, TP 1) from any world and TP size: DCP reshards the tables, and the dense
@@ -116,7 +118,9 @@ def inference_config(model: torch.nn.Module, cfg: Any, info: Any) -> dict[str, A
         "num_position_buckets": block.num_position_buckets,
         "use_position_embedding": block.position_embedding is not None,
         "relative_attention_bias": layer.rab_pos_weights is not None,
-        "rab_num_positions": (layer.rab_pos_weights.numel() + 1) // 2 if layer.rab_pos_weights is not None else 0,
+        "rab_num_positions": (
+            (layer.rab_pos_weights.numel() + 1) // 2 if layer.rab_pos_weights is not None else 0
+        ),
         "rab_use_time": layer.rab_ts_weights is not None,
         "rab_query_time": tb.query_time,
         "num_contextual": len(tb.contextual_feature_names),
@@ -132,7 +136,9 @@ def inference_config(model: torch.nn.Module, cfg: Any, info: Any) -> dict[str, A
     max_tokens = max_token_seqlen(dense.max_item_seqlen, out["num_contextual"], out["has_action"])
     out["scaling_seqlen"] = layer.attn_scaling_seqlen or max_tokens
     if cfg.task == "retrieval":
-        out.update(l2_norm_eps=dense.l2_norm_eps, num_items=dense.num_items, min_item_id=dense.min_item_id)
+        out.update(
+            l2_norm_eps=dense.l2_norm_eps, num_items=dense.num_items, min_item_id=dense.min_item_id
+        )
         if dense.query_projection is not None:
             out["query_projection"] = dense.query_projection.out_features
     else:
@@ -163,7 +169,9 @@ def _table_features(model: torch.nn.Module) -> dict[str, tuple[Any, Any]]:
 
 
 @torch.no_grad()
-def gather_tables(model: torch.nn.Module, features: list[str], keys: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+def gather_tables(
+    model: torch.nn.Module, features: list[str], keys: list[str]
+) -> dict[str, dict[str, torch.Tensor]]:
     """Every row of the tables behind ``features`` with the ids the model knows them by:
     feature -> {"ids": int64 [R] sorted, "vectors": float32 [R, D]}. Static tables: ids
     0..rows-1; dynamic tables: the ids that hold a slot. Looked up through the sparse module
@@ -182,12 +190,14 @@ def gather_tables(model: torch.nn.Module, features: list[str], keys: list[str]) 
         parts = []
         for start in range(0, ids.numel(), 65536):
             chunk = ids[start : start + 65536]
-            lengths = torch.cat(
-                [torch.tensor([chunk.numel()] if k == feature else [0], dtype=torch.int64) for k in keys]
-            )
+            lengths = torch.cat([
+                torch.tensor([chunk.numel()] if k == feature else [0], dtype=torch.int64)
+                for k in keys
+            ])
             kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=chunk, lengths=lengths)
             parts.append(model.sparse.lookup(kjt, frozenset(keys))[feature].values().float().cpu())
-        out[feature] = {"ids": ids, "vectors": torch.cat(parts) if parts else torch.zeros(0, spec.embedding_dim)}
+        vectors = torch.cat(parts) if parts else torch.zeros(0, spec.embedding_dim)
+        out[feature] = {"ids": ids, "vectors": vectors}
     return out
 
 
@@ -200,7 +210,10 @@ def checkpoint_metrics(ckpt: str, meta: dict[str, Any]) -> dict[str, float]:
         path = folder / "metrics.csv"
         if path.is_file():
             with open(path) as fh:
-                rows = [r for r in csv.DictReader(fh) if r["split"] == "eval" and int(r["step"]) == int(meta["step"])]
+                rows = [
+                    r for r in csv.DictReader(fh)
+                    if r["split"] == "eval" and int(r["step"]) == int(meta["step"])
+                ]
             return {r["name"]: float(r["value"]) for r in rows}
     return {}
 
@@ -278,7 +291,10 @@ def load_for_export(ckpt_arg: str, gin_file: str | None, params: list[str], log:
 
     cfg = resolve_sizes(cfg)  # "auto" sizes from the dataset, as the entry points do
     if cfg.network.architecture not in ("hstu", "sasrec"):
-        raise ExportError(f"NetworkArgs.architecture={cfg.network.architecture!r}: only HSTU and SASRec models export")
+        raise ExportError(
+            f"NetworkArgs.architecture={cfg.network.architecture!r}: only HSTU and SASRec "
+            "models export"
+        )
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         os.environ.pop(key, None)
     env = init_distributed(1)
@@ -316,7 +332,9 @@ def _batch_inputs(batch: Any, tables: dict[str, dict[str, torch.Tensor]], icfg: 
         contextual = torch.stack(
             [batch.features[n].values() for n in icfg["contextual_feature_names"]], 1
         )
-    num_candidates = batch.num_candidates if batch.num_candidates is not None else torch.zeros_like(lengths)
+    num_candidates = batch.num_candidates
+    if num_candidates is None:
+        num_candidates = torch.zeros_like(lengths)
     return pad_inputs(t, icfg, per_user_items, per_user_ts, num_candidates, actions, contextual,
                       batch.query_timestamps)
 
@@ -338,7 +356,10 @@ def self_check(model: Any, built: Any, inference: InferenceHSTU, tables: dict, i
         ids, scores = corpus.top_k(out, history, 10)
         if not torch.equal(ids, ref.top_ids):
             differ = int((ids != ref.top_ids).any(1).sum())
-            raise ExportError(f"self-check: the artifact's top-10 ids differ from the trainer's for {differ} users")
+            raise ExportError(
+                f"self-check: the artifact's top-10 ids differ from the trainer's for {differ} "
+                "users"
+            )
         return float((scores - ref.top_scores).abs().max())
     batch = model.prepare(batch)
     _, (ref_logits, _) = model(batch)
@@ -360,21 +381,28 @@ class _Forward(torch.nn.Module):
         return getattr(self.model, self.method)(*args)
 
 
-def export_programs(inference: InferenceHSTU, icfg: dict[str, Any], out: Path, aoti: bool, log: Any) -> dict[str, Any]:
+def export_programs(
+    inference: InferenceHSTU, icfg: dict[str, Any], out: Path, aoti: bool, log: Any
+) -> dict[str, Any]:
     """torch.export of the dense forward (and, for ranking, the cached-history pair);
     AOTInductor package of the forward where it compiles."""
     from torch.export import Dim
 
     report: dict[str, Any] = {"programs": {}, "aoti": None}
-    dims = {"B": Dim("batch", min=1, max=1 << 16), "L": Dim("items", min=2, max=1 << 16),
-            "W": Dim("history_tokens", min=1, max=1 << 17), "K": Dim("candidates", min=1, max=1 << 16)}
+    dims = {
+        "B": Dim("batch", min=1, max=1 << 16), "L": Dim("items", min=2, max=1 << 16),
+        "W": Dim("history_tokens", min=1, max=1 << 17), "K": Dim("candidates", min=1, max=1 << 16),
+    }
     specs = example_inputs(icfg, batch_size=3, slots=5)
     for name, (method, args, shapes) in specs.items():
         dyn = [
             None if s is None else {i: dims[d] for i, d in enumerate(s) if d is not None}
             for s in shapes
         ]
-        ep = torch.export.export(_Forward(inference, method, len(args)), tuple(args), dynamic_shapes=tuple(dyn), strict=False)
+        ep = torch.export.export(
+            _Forward(inference, method, len(args)), tuple(args), dynamic_shapes=tuple(dyn),
+            strict=False,
+        )
         path = out / (DENSE_PROGRAM if name == "forward" else CACHE_PROGRAMS[name])
         torch.export.save(ep, str(path))
         report["programs"][name] = path.name
@@ -384,12 +412,16 @@ def export_programs(inference: InferenceHSTU, icfg: dict[str, Any], out: Path, a
                 from torch._inductor import aoti_compile_and_package
 
                 aoti_compile_and_package(ep, package_path=str(out / AOTI_PACKAGE))
-                report["aoti"] = {"package": AOTI_PACKAGE, "compile_s": round(time.perf_counter() - start, 1)}
+                seconds = round(time.perf_counter() - start, 1)
+                report["aoti"] = {"package": AOTI_PACKAGE, "compile_s": seconds}
                 log(f"[export] AOTInductor package compiled in {time.perf_counter() - start:.0f}s")
             except Exception as exc:  # noqa: BLE001 - the torch.export program stays the artifact
                 reason = " ".join(str(exc).split())[:300]
                 report["aoti"] = {"error": f"{type(exc).__name__}: {reason}"}
-                log(f"[export] AOTInductor did not compile ({type(exc).__name__}: {reason}); keeping the torch.export program")
+                log(
+                    f"[export] AOTInductor did not compile ({type(exc).__name__}: {reason}); "
+                    "keeping the torch.export program"
+                )
     return report
 
 
@@ -423,8 +455,10 @@ def write_embedding_dump(tables: dict, icfg: dict, out: Path) -> None:
     pq.write_table(pa.table(columns), out / EMBEDDING_DUMP)
 
 
-def export(ckpt: str, out: str, gin_file: str | None = None, params: list[str] = (), aoti: bool = True,
-           log: Any = print) -> Path:
+def export(
+    ckpt: str, out: str, gin_file: str | None = None, params: list[str] = (), aoti: bool = True,
+    log: Any = print,
+) -> Path:
     from hstu.serving.versions import is_versioned_root
     from hstu.training.distributed import destroy_distributed
 
@@ -442,8 +476,11 @@ def export(ckpt: str, out: str, gin_file: str | None = None, params: list[str] =
             raise _cannot_write(exc, out_path) from None
         loaded = load_for_export(ckpt, gin_file, list(params), log)
         model, cfg, built, ckpt_dir, meta, source = loaded
-        log(f"[export] {cfg.task} checkpoint {ckpt_dir} (step {meta['step']}, saved on "
-            f"{meta.get('world_size')} process(es), TP {meta.get('tp_size', 1)}); configuration from {source}")
+        log(
+            f"[export] {cfg.task} checkpoint {ckpt_dir} (step {meta['step']}, saved on "
+            f"{meta.get('world_size')} process(es), TP {meta.get('tp_size', 1)}); "
+            f"configuration from {source}"
+        )
         info = built.info
         if cfg.network.architecture == "sasrec":  # its own padded module (hstu.model.sasrec)
             from hstu.model import sasrec
@@ -462,14 +499,18 @@ def export(ckpt: str, out: str, gin_file: str | None = None, params: list[str] =
         tables = gather_tables(model, features, keys)
         icfg["feature_dims"] = {name: int(t["vectors"].shape[1]) for name, t in tables.items()}
         inference = inference_cls(icfg)
-        inference.load_state_dict(
-            {k: v.float() for k, v in model.dense_module.state_dict().items() if not k.endswith("_extra_state")}
-        )
+        inference.load_state_dict({
+            k: v.float()
+            for k, v in model.dense_module.state_dict().items()
+            if not k.endswith("_extra_state")
+        })
         inference.eval()
         diff = self_check(model, built, inference, tables, icfg)
         log(f"[export] self-check on one evaluation batch: max |artifact - trainer| = {diff:.2e}")
         if diff > 1e-4:
-            raise ExportError(f"self-check failed: the artifact differs from the trainer by {diff:.2e}")
+            raise ExportError(
+                f"self-check failed: the artifact differs from the trainer by {diff:.2e}"
+            )
         try:
             write_artifact(tmp, out_path, tables, inference, icfg, aoti, cfg, info, ckpt_dir, meta,
                            source, diff, log)
@@ -572,15 +613,23 @@ def publish_version(root: str | Path, ckpt: str, keep: int = 3, gin_file: str | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hstu.export", description=__doc__.split("\n")[0])
-    parser.add_argument("--ckpt", required=True, help="checkpoint folder, or a save root with a 'latest' file")
-    parser.add_argument("--out", required=True, help="artifact folder to write (replaced if it exists); with --versioned, the versioned root")
-    parser.add_argument("--gin-config-file", default=None, help="configuration (default: the checkpoint's run's)")
+    parser = argparse.ArgumentParser(prog="python -m hstu.export",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--ckpt", required=True,
+                        help="checkpoint folder, or a save root with a 'latest' file")
+    parser.add_argument("--out", required=True,
+                        help="artifact folder to write (replaced if it exists); with --versioned, "
+                             "the versioned root")
+    parser.add_argument("--gin-config-file", default=None,
+                        help="configuration (default: the checkpoint's run's)")
     parser.add_argument("--gin-param", action="append", default=[], metavar="BINDING",
-                        help="extra gin binding, e.g. 'DatasetArgs.dataset_path=\"tmp_data/ml-100k\"'")
-    parser.add_argument("--no-aoti", action="store_true", help="skip the AOTInductor package (minutes on a CPU)")
+                        help="extra gin binding, e.g. "
+                             "'DatasetArgs.dataset_path=\"tmp_data/ml-100k\"'")
+    parser.add_argument("--no-aoti", action="store_true",
+                        help="skip the AOTInductor package (minutes on a CPU)")
     parser.add_argument("--versioned", action="store_true",
-                        help="--out is a versioned serving root: write the export as v<step> and point LATEST at it")
+                        help="--out is a versioned serving root: write the export as v<step> and "
+                             "point LATEST at it")
     parser.add_argument("--keep", type=int, default=None, metavar="K",
                         help="with --versioned: versions kept (the newest K; default 3)")
     ns = parser.parse_args(argv)
@@ -598,7 +647,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if ns.versioned:
-            publish_version(ns.out, ns.ckpt, ns.keep or 3, ns.gin_config_file, ns.gin_param, aoti=not ns.no_aoti)
+            publish_version(
+                ns.out, ns.ckpt, ns.keep or 3, ns.gin_config_file, ns.gin_param,
+                aoti=not ns.no_aoti,
+            )
         else:
             export(ns.ckpt, ns.out, ns.gin_config_file, ns.gin_param, aoti=not ns.no_aoti)
     except ExportError as exc:

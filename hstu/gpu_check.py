@@ -23,6 +23,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -363,6 +364,10 @@ def check_block_throughput(result: CheckResult) -> None:
     block_cls = import_dense_block()
     peak, source = _peak("bfloat16")
     block = _build_block(block_cls)
+    shape = SimpleNamespace(  # NetworkArgs' names
+        num_layers=BLOCK_SHAPE["num_layers"], hidden_size=BLOCK_SHAPE["hidden_size"],
+        num_attention_heads=BLOCK_SHAPE["num_heads"], kv_channels=BLOCK_SHAPE["head_dim"],
+    )
     for length in (512, 2048):
         lengths = [length] * max(1, 32768 // length)
         batch = _block_batch(lengths, None)
@@ -372,10 +377,7 @@ def check_block_throughput(result: CheckResult) -> None:
             out.float().square().mean().backward()
 
         ms = _time_ms(step, warmup=2, repeats=5)
-        flops = hstu_step_flops(
-            torch.tensor(lengths), BLOCK_SHAPE["num_layers"], BLOCK_SHAPE["hidden_size"],
-            BLOCK_SHAPE["num_heads"], BLOCK_SHAPE["head_dim"],
-        )
+        flops = hstu_step_flops(torch.tensor(lengths), shape)
         tflops = flops / (ms * 1e-3) / 1e12
         share = f", {100 * tflops * 1e12 / peak:.1f}% of {source}" if peak else ""
         result.row(f"HSTUBlock L={length} B={len(lengths)}",

@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except SignalException as exc:
         code = 128 + int(exc.sigval)
-        print(f"[hstu.launch] stopped by {exc.sigval.name}; exit {code}", file=sys.stderr, flush=True)
+        print(
+            f"[hstu.launch] stopped by {exc.sigval.name}; exit {code}", file=sys.stderr, flush=True
+        )
         return code
     except ChildFailedError as exc:
         failures = sorted(exc.failures.items())

@@ -1,8 +1,9 @@
-"""Recommendations from an exported artifact, with torch alone (docs/serving.md).
+r"""Recommendations from an exported artifact, with torch alone (docs/serving.md).
 
     python -m hstu.recommend --model ART --input tmp_data/ml-100k --out top10.parquet --top-k 10
     python -m hstu.recommend --model ART --input events.csv --out top10.csv --top-k 10
-    python -m hstu.recommend --model RANKING_ART --input events.csv --candidates cands.csv --out scores.csv
+    python -m hstu.recommend --model RANKING_ART --input events.csv --candidates cands.csv \
+        --out scores.csv
 
 Retrieval: the top-K items of the full corpus for every user of the input (their history
 excluded), raw item ids and scores. Ranking: the head's scores for given candidates per user
@@ -85,7 +86,9 @@ def _column(table: pa.Table, names: tuple[str, ...], path: Path, required: bool 
         if name in table.column_names:
             return table.column(name)
     if required:
-        raise InputError(f"{path}: no column {' / '.join(names)} (columns: {', '.join(table.column_names)})")
+        raise InputError(
+            f"{path}: no column {' / '.join(names)} (columns: {', '.join(table.column_names)})"
+        )
     return None
 
 
@@ -158,8 +161,10 @@ def read_events(path: Path, art: Artifact, item_ids: ItemIds) -> Events:
             raise InputError(f"{path}: no users, no events to recommend from")
         meta = json.loads(meta_path.read_text())
         if meta.get("dataset") != art.manifest["dataset"]["name"]:
-            print(f"[recommend] note: {path} is dataset {meta.get('dataset')!r}, the model was trained on "
-                  f"{art.manifest['dataset']['name']!r}", file=sys.stderr)
+            print(
+                f"[recommend] note: {path} is dataset {meta.get('dataset')!r}, the model was "
+                f"trained on {art.manifest['dataset']['name']!r}", file=sys.stderr,
+            )
         col = table.column("item_ids").combine_chunks()
         offsets = col.offsets.to_numpy().astype(np.int64)
         offsets = offsets - offsets[0]
@@ -168,11 +173,14 @@ def read_events(path: Path, art: Artifact, item_ids: ItemIds) -> Events:
         actions = None
         if action_name is not None:
             actions = table.column("actions").combine_chunks().flatten().to_numpy().astype(np.int64)
-        users = table.column("raw_user_id").to_pylist() if "raw_user_id" in table.column_names else table.column("user_id").to_pylist()
+        user_column = "raw_user_id" if "raw_user_id" in table.column_names else "user_id"
+        users = table.column(user_column).to_pylist()
         contextual = {}
         for name in ctx_names:
             if name not in table.column_names:
-                raise InputError(f"{path}: the model reads contextual feature {name!r}, which this dataset lacks")
+                raise InputError(
+                    f"{path}: the model reads contextual feature {name!r}, which this dataset lacks"
+                )
             contextual[name] = table.column(name).to_numpy().astype(np.int64)
     else:
         if not path.exists():
@@ -249,7 +257,9 @@ def _progress(total: int, desc: str):
     try:
         from tqdm import tqdm
 
-        return tqdm(total=total, desc=desc, unit="user", file=sys.stderr, disable=None, mininterval=1.0)
+        return tqdm(
+            total=total, desc=desc, unit="user", file=sys.stderr, disable=None, mininterval=1.0
+        )
     except ImportError:  # tqdm is optional at serving time
         class _Quiet:
             def update(self, n): pass
@@ -275,22 +285,28 @@ def _samples(events: Events, max_len: int, holdout: int, min_history: int = 1):
     return out
 
 
-def request_times(art: Artifact, events: Events, holdout: int, request_time: int | None) -> np.ndarray | None:
+def request_times(
+    art: Artifact, events: Events, holdout: int, request_time: int | None
+) -> np.ndarray | None:
     """Per event row, the request time of a query whose history ends before that row (None: the
     model reads none): ``request_time``, else the held-out target's timestamp (``holdout``),
     else the newest timestamp of the input."""
     if not art.uses_request_time:
         if request_time is not None:
-            raise InputError("--request-time is for models trained with NetworkArgs.rab_query_time; "
-                             "this one reads no request time")
+            raise InputError(
+                "--request-time is for models trained with NetworkArgs.rab_query_time; "
+                "this one reads no request time"
+            )
         return None
     if request_time is not None:
         return np.full(len(events.timestamps) + 1, request_time, dtype=np.int64)
     if holdout:
         return np.append(events.timestamps, 0).astype(np.int64)  # row e: the target's
     newest = int(events.timestamps.max()) if len(events.timestamps) else 0
-    print(f"[recommend] request time: the newest timestamp of the input, {newest} (set --request-time)",
-          file=sys.stderr)
+    print(
+        f"[recommend] request time: the newest timestamp of the input, {newest} "
+        "(set --request-time)", file=sys.stderr,
+    )
     return np.full(len(events.timestamps) + 1, newest, dtype=np.int64)
 
 
@@ -311,7 +327,9 @@ def recommend(art: Artifact, events: Events, out: Path, top_k: int, batch_size: 
         chunk = samples[b0 : b0 + batch_size]
         hist = [torch.from_numpy(events.items[s:e]) for _, s, e, _ in chunk]
         ts = [torch.from_numpy(events.timestamps[s:e]) for _, s, e, _ in chunk]
-        acts = [torch.from_numpy(events.actions[s:e]) for _, s, e, _ in chunk] if events.actions is not None else None
+        acts = None
+        if events.actions is not None:
+            acts = [torch.from_numpy(events.actions[s:e]) for _, s, e, _ in chunk]
         ctx = None
         if cfg["contextual_feature_names"]:
             ctx = torch.stack([torch.from_numpy(events.contextual[n][[u for u, *_ in chunk]])
@@ -333,8 +351,10 @@ def recommend(art: Artifact, events: Events, out: Path, top_k: int, batch_size: 
     bar.close()
     elapsed = time.perf_counter() - start
     _write(cols, out)
-    report = {"users": len(samples), "seconds": elapsed, "users_per_s": len(samples) / max(elapsed, 1e-9),
-              "skipped_users": len(events.users) - len(samples)}
+    report = {
+        "users": len(samples), "seconds": elapsed, "users_per_s": len(samples) / max(elapsed, 1e-9),
+        "skipped_users": len(events.users) - len(samples),
+    }
     if holdout and samples:
         report["HR@10"] = hits / len(samples)
     return report
@@ -346,7 +366,10 @@ def _candidates_from_file(path: Path, events: Events, item_ids: ItemIds, art: Ar
     users = [str(u) for u in _event_column(table, "user", path).to_pylist()]
     items = item_ids.model_ids(_event_column(table, "item", path).to_pylist())
     ts_col = _event_column(table, "timestamp", path, required=False)
-    ts = ts_col.to_numpy(zero_copy_only=False).astype(np.int64) if ts_col is not None else np.zeros(len(items), np.int64)
+    if ts_col is not None:
+        ts = ts_col.to_numpy(zero_copy_only=False).astype(np.int64)
+    else:
+        ts = np.zeros(len(items), np.int64)
     _, found = art.tables.find(art.cfg["item_feature_name"], torch.from_numpy(items))
     by_user: dict[str, tuple[list, list]] = {}
     for u, i, t, f in zip(users, items.tolist(), ts.tolist(), found.tolist()):
@@ -382,8 +405,10 @@ def rank(art: Artifact, events: Events, out: Path, batch_size: int, holdout: int
         for u, s, e, end in chunk:
             if per_user is not None:
                 c_ids, c_ts = per_user[str(events.users[u])]
-                seqs.append(torch.from_numpy(np.concatenate([events.items[s:e], np.asarray(c_ids, np.int64)])))
-                stamps.append(torch.from_numpy(np.concatenate([events.timestamps[s:e], np.asarray(c_ts, np.int64)])))
+                items = np.concatenate([events.items[s:e], np.asarray(c_ids, np.int64)])
+                times = np.concatenate([events.timestamps[s:e], np.asarray(c_ts, np.int64)])
+                seqs.append(torch.from_numpy(items))
+                stamps.append(torch.from_numpy(times))
                 num_c.append(len(c_ids))
             else:
                 seqs.append(torch.from_numpy(events.items[s:end]))
@@ -409,35 +434,46 @@ def rank(art: Artifact, events: Events, out: Path, batch_size: int, holdout: int
     elapsed = time.perf_counter() - start
     for j in range(width):
         cols[f"logit_{j}"] = logit_cols[j]
-    all_logits = torch.tensor(logit_cols, dtype=torch.float32).t() if logit_cols[0] else torch.zeros(0, width)
+    if logit_cols[0]:
+        all_logits = torch.tensor(logit_cols, dtype=torch.float32).t()
+    else:
+        all_logits = torch.zeros(0, width)
     probs = torch.sigmoid(all_logits) if bce else torch.softmax(all_logits, 1)
     name = "p_task" if bce else "p_class"
     for j in range(width):
         cols[f"{name}{j}"] = probs[:, j].tolist()
     _write(cols, out)
-    return {"users": len(samples), "seconds": elapsed, "users_per_s": len(samples) / max(elapsed, 1e-9),
-            "skipped_candidates": skipped_cands, "skipped_users": len(events.users) - len(samples)}
+    return {
+        "users": len(samples), "seconds": elapsed, "users_per_s": len(samples) / max(elapsed, 1e-9),
+        "skipped_candidates": skipped_cands, "skipped_users": len(events.users) - len(samples),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hstu.recommend", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m hstu.recommend",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True,
-                        help="artifact folder written by python -m hstu.export, or a versioned serving root "
-                             "(export --versioned: its newest complete version, through LATEST)")
-    parser.add_argument("--input", required=True, help="preprocessed dataset folder, or a CSV/parquet of events")
+                        help="artifact folder written by python -m hstu.export, or a versioned "
+                             "serving root (export --versioned: its newest complete version, "
+                             "through LATEST)")
+    parser.add_argument("--input", required=True,
+                        help="preprocessed dataset folder, or a CSV/parquet of events")
     parser.add_argument("--out", required=True, help="output file (.parquet, or .csv)")
     parser.add_argument("--top-k", type=int, default=10, help="items per user (retrieval)")
-    parser.add_argument("--candidates", default=None, help="ranking: CSV/parquet of user, item[, timestamp] to score")
+    parser.add_argument("--candidates", default=None,
+                        help="ranking: CSV/parquet of user, item[, timestamp] to score")
     parser.add_argument("--holdout-last", type=int, default=0, metavar="N",
-                        help="hold each user's last N events out of the history (retrieval: N=1, the target; "
-                             "ranking: the candidates)")
+                        help="hold each user's last N events out of the history (retrieval: N=1, "
+                             "the target; ranking: the candidates)")
     parser.add_argument("--request-time", type=int, default=None, metavar="T",
-                        help="retrieval models trained with NetworkArgs.rab_query_time: when the queries are "
-                             "asked (unix seconds; default: the held-out target's timestamp with --holdout-last 1, "
-                             "else the newest timestamp of the input)")
+                        help="retrieval models trained with NetworkArgs.rab_query_time: when the "
+                             "queries are asked (unix seconds; default: the held-out target's "
+                             "timestamp with --holdout-last 1, else the newest timestamp of the "
+                             "input)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--no-aoti", action="store_true", help="run the torch.export program even if an AOTInductor package exists")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--no-aoti", action="store_true",
+                        help="run the torch.export program even if an AOTInductor package exists")
     ns = parser.parse_args(argv)
     if ns.threads:
         torch.set_num_threads(ns.threads)
@@ -445,19 +481,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         art = Artifact(ns.model, use_aoti=not ns.no_aoti)
         if art.version is not None:
-            print(f"[recommend] model: {art.version} of the versioned root {art.root}", file=sys.stderr)
+            print(
+                f"[recommend] model: {art.version} of the versioned root {art.root}",
+                file=sys.stderr,
+            )
         if art.task == "retrieval" and ns.holdout_last not in (0, 1):
-            raise InputError("--holdout-last is 0 or 1 for retrieval (the held-out item is the target)")
+            raise InputError(
+                "--holdout-last is 0 or 1 for retrieval (the held-out item is the target)"
+            )
         if art.task == "ranking" and ns.request_time is not None:
-            raise InputError("--request-time is for retrieval models; ranking candidates carry their own timestamps")
+            raise InputError(
+                "--request-time is for retrieval models; ranking candidates carry their own "
+                "timestamps"
+            )
         if art.task == "retrieval" and ns.candidates:
-            raise InputError("--candidates is for ranking models; this artifact is a retrieval model")
+            raise InputError(
+                "--candidates is for ranking models; this artifact is a retrieval model"
+            )
         if art.task == "ranking" and not ns.candidates and not ns.holdout_last:
-            raise InputError("a ranking model scores candidates: give --candidates FILE or --holdout-last N")
+            raise InputError(
+                "a ranking model scores candidates: give --candidates FILE or --holdout-last N"
+            )
         events = read_events(Path(ns.input), art, ItemIds(art))
         if events.skipped_events:
-            print(f"[recommend] skipped {events.skipped_events} events whose item ids the model does not know",
-                  file=sys.stderr)
+            print(
+                f"[recommend] skipped {events.skipped_events} events whose item ids the model "
+                "does not know", file=sys.stderr,
+            )
         if events.unknown:
             counts = ", ".join(f"{name} of {n} user{'s' if n > 1 else ''}"
                                for name, n in events.unknown.items())
@@ -470,8 +520,10 @@ def main(argv: list[str] | None = None) -> int:
             report = rank(art, events, Path(ns.out), ns.batch_size, ns.holdout_last,
                           Path(ns.candidates) if ns.candidates else None)
             if report["skipped_candidates"]:
-                print(f"[recommend] skipped {report['skipped_candidates']} candidates whose item ids the model "
-                      "does not know", file=sys.stderr)
+                print(
+                    f"[recommend] skipped {report['skipped_candidates']} candidates whose item ids "
+                    "the model does not know", file=sys.stderr,
+                )
     except ArtifactError as exc:  # 2: not an artifact or another version; 3: a damaged file
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
@@ -487,8 +539,11 @@ def main(argv: list[str] | None = None) -> int:
     if report["users"] == 0:
         print("error: no user has a history the model knows: nothing written", file=sys.stderr)
         return 2
-    line = (f"[recommend] {report['users']} users in {report['seconds']:.2f}s "
-            f"({report['users_per_s']:.0f} users/s, {art.runtime}, {torch.get_num_threads()} threads); wrote {ns.out}")
+    line = (
+        f"[recommend] {report['users']} users in {report['seconds']:.2f}s "
+        f"({report['users_per_s']:.0f} users/s, {art.runtime}, {torch.get_num_threads()} "
+        f"threads); wrote {ns.out}"
+    )
     if "HR@10" in report:
         line += f"; HR@10 of the held-out items {report['HR@10']:.4f}"
     print(line)

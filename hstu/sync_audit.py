@@ -282,6 +282,6 @@ def sync_audit(raise_on_sync: bool = True) -> Iterator[SyncAudit]:
 
 
 __all__ = [
-    "KNOWN_HOST_READS", "TORCH_OPTIM_STEP", "HostSyncError", "SyncAudit", "SyncEvent", "allowed_sync", "sync_audit",
-    "sync_reason",
+    "KNOWN_HOST_READS", "TORCH_OPTIM_STEP", "HostSyncError", "SyncAudit", "SyncEvent",
+    "allowed_sync", "sync_audit", "sync_reason",
 ]

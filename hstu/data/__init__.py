@@ -1,7 +1,9 @@
 """Data: preprocessing of raw logs, datasets and loaders of jagged batches, synthetic data.
 
     from hstu.data import build_data
-    train_loader, eval_loader, info = build_data(dataset_args, "retrieval", 128, 128, rank, world_size, seed)
+    train_loader, eval_loader, info = build_data(
+        dataset_args, "retrieval", 128, 128, rank, world_size, seed
+    )
 
 See docs/data.md.
 """

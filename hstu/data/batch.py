@@ -141,8 +141,8 @@ class Batch(Pipelineable):
                 self.sizes = BatchSizes.of(self.item_lengths().numpy() - cands, cands)
 
     _TENSOR_FIELDS = (
-        "num_candidates", "timestamps", "query_timestamps", "labels", "sample_mask", "negative_index",
-        "negative_order", "negative_offsets", "first_trained",
+        "num_candidates", "timestamps", "query_timestamps", "labels", "sample_mask",
+        "negative_index", "negative_order", "negative_offsets", "first_trained",
     )
 
     def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
@@ -153,7 +153,10 @@ class Batch(Pipelineable):
         }
         misses = None
         if self.lookup_misses is not None:
-            misses = {k: v.to(device=device, non_blocking=non_blocking) for k, v in self.lookup_misses.items()}
+            misses = {
+                k: v.to(device=device, non_blocking=non_blocking)
+                for k, v in self.lookup_misses.items()
+            }
         return replace(
             self, features=self.features.to(device=device, non_blocking=non_blocking),
             lookup_misses=misses, **moved

@@ -97,7 +97,8 @@ class BenchmarkLoader:
                 for i, b in enumerate(self._pool)
             ]
         self.rank = rank
-        self.negatives = None  # retrieval: a hstu.data.negatives.NegativeSampler, set by the trainer
+        # retrieval: a hstu.data.negatives.NegativeSampler, set by the trainer
+        self.negatives = None
         self.epoch = 0
         self.batch_index = 0
 

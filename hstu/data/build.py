@@ -109,7 +109,9 @@ def build_data(
         action_feature_name=train.action_feature_name,
         contextual_feature_names=list(train.contextual_feature_names),
         contextual_vocab_sizes={
-            n: v for n, v in meta["contextual_vocab_sizes"].items() if n in train.contextual_feature_names
+            n: v
+            for n, v in meta["contextual_vocab_sizes"].items()
+            if n in train.contextual_feature_names
         },
         num_action_values=meta["num_action_values"],
         max_seqlen=max_seqlen,

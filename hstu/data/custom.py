@@ -97,7 +97,8 @@ def custom_files(args: CustomDataArgs) -> list[Path]:
     """The file itself, or the CSV/TSV/JSON-lines/parquet files of a folder in name order."""
     if args.path is None:
         raise DataError(
-            "--raw", "no input file: pass --raw FILE (or set CustomDataArgs.path) for --dataset custom"
+            "--raw",
+            "no input file: pass --raw FILE (or set CustomDataArgs.path) for --dataset custom",
         )
     path = Path(args.path)
     if not path.exists():
@@ -316,7 +317,8 @@ def action_classes(
         row = int(np.flatnonzero(bad)[0])
         raise log.error(row, column, f"action {values[row]} is not a finite number")
     if bins is not None:
-        return np.searchsorted(np.asarray(bins, dtype=np.float64), values, side="right").astype(np.int64), None
+        edges = np.asarray(bins, dtype=np.float64)
+        return np.searchsorted(edges, values, side="right").astype(np.int64), None
     if (values == np.floor(values)).all():
         return action_classes(values.astype(np.int64), log, column, None)
     uniq = np.unique(values)
@@ -457,4 +459,7 @@ def read_custom(args: CustomDataArgs) -> Parsed:
     )
 
 
-__all__ = ["MAX_ACTION_CLASSES", "ROW_FEATURE_PREFIX", "action_classes", "custom_files", "file_kind", "read_custom", "read_custom_file"]
+__all__ = [
+    "MAX_ACTION_CLASSES", "ROW_FEATURE_PREFIX", "action_classes", "custom_files", "file_kind",
+    "read_custom", "read_custom_file",
+]

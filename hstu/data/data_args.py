@@ -1,11 +1,11 @@
 """Gin-configurable arguments of the data package: users' own data, the synthetic set, and
 online training's stream (StreamArgs, docs/online.md).
 
-Same style and framework (:mod:`hstu.validation`) as :mod:`hstu.args`: ``@gin.configurable`` dataclasses, a one-line docstring
-under every field, validation in ``__post_init__`` raising :class:`hstu.validation.ConfigError`.
-The preprocessor reads CustomDataArgs and SyntheticDataArgs (``--gin-file`` / ``--gin-param``);
-training reads only the processed folder, so these never reach the model. A run's gin file may
-bind StreamArgs (found in ``RunConfig.extras``).
+Same style and framework (:mod:`hstu.validation`) as :mod:`hstu.args`: ``@gin.configurable``
+dataclasses, a docstring under every field, validation in ``__post_init__`` raising
+:class:`hstu.validation.ConfigError`. The preprocessor reads CustomDataArgs and SyntheticDataArgs
+(``--gin-file`` / ``--gin-param``); training reads only the processed folder, so these never reach
+the model. A run's gin file may bind StreamArgs (found in ``RunConfig.extras``).
 """
 
 from __future__ import annotations
@@ -30,25 +30,34 @@ class CustomDataArgs:
     """Users' own interaction log (CSV, TSV, parquet or JSON lines), one row per interaction."""
 
     path: str | None = None
-    """CSV/TSV (.csv, .tsv, .txt), JSON-lines (.jsonl, .json, .ndjson) or parquet file (text optionally .gz), or a folder of such files read in name order; None takes the preprocessor's --raw."""
+    """CSV/TSV (.csv, .tsv, .txt), JSON-lines (.jsonl, .json, .ndjson) or parquet file (text
+    optionally .gz), or a folder of such files read in name order; None takes the preprocessor's
+    --raw."""
     user_column: str = EVENT_COLUMNS["user"][0]
-    """Column holding the user id (any integer or string); left at the default, a column named user or userId is read too (hstu.columns)."""
+    """Column holding the user id (any integer or string); left at the default, a column named user
+    or userId is read too (hstu.columns)."""
     item_column: str = EVENT_COLUMNS["item"][0]
-    """Column holding the item id (any integer or string unless item_vocab_size is set); left at the default, a column named item or movieId is read too."""
+    """Column holding the item id (any integer or string unless item_vocab_size is set); left at the
+    default, a column named item or movieId is read too."""
     timestamp_column: str = EVENT_COLUMNS["timestamp"][0]
-    """Column holding the interaction time as an integer (unix seconds unless timestamp_unit says otherwise); left at the default, time or ts are read too."""
+    """Column holding the interaction time as an integer (unix seconds unless timestamp_unit says
+    otherwise); left at the default, time or ts are read too."""
     timestamp_unit: str = "s"
     """Unit of the timestamp column: s or ms (stored as seconds, sorted at full precision)."""
     action_column: str | None = None
-    """Column holding the action: a non-negative integer (rating class, bitmask; 4.0 counts as 4) or a number binned to classes (see action_bins); None for no action feature."""
+    """Column holding the action: a non-negative integer (rating class, bitmask; 4.0 counts as 4) or
+    a number binned to classes (see action_bins); None for no action feature."""
     action_bins: list[float] | None = None
-    """Bin edges for a numeric action: class = how many edges are <= the value (len + 1 classes). None: integers are their own class, and non-integer values (half stars) get one class per distinct value in ascending order (at most 256)."""
+    """Bin edges for a numeric action: class = how many edges are <= the value (len + 1 classes).
+    None: integers are their own class, and non-integer values (half stars) get one class per
+    distinct value in ascending order (at most 256)."""
     num_action_values: int | None = None
     """Action vocabulary size; None uses max(action class) + 1."""
     contextual_columns: list[str] = field(default_factory=list)
     """Per-user columns used as contextual features (the value of the user's most recent row)."""
     item_vocab_size: int | None = None
-    """Declared item vocabulary: ids are kept as-is and must be integers in [1, item_vocab_size); None remaps ids densely to 1..N."""
+    """Declared item vocabulary: ids are kept as-is and must be integers in [1, item_vocab_size);
+    None remaps ids densely to 1..N."""
     delimiter: str | None = None
     """CSV field separator (one character); None: a tab for .tsv files, a comma otherwise."""
     has_header: bool = True
@@ -116,7 +125,8 @@ class SyntheticDataArgs:
     out_degree: int = 3
     """Successors per item and segment (sparsity of the chain)."""
     noise_prob: float = 0.1
-    """Chance that a step jumps to a random (popularity-weighted) item instead of following the chain."""
+    """Chance that a step jumps to a random (popularity-weighted) item instead of following the
+    chain."""
     min_length: int = 20
     """Shortest user sequence."""
     max_length: int = 120
@@ -124,9 +134,14 @@ class SyntheticDataArgs:
     seed: int = 42
     """Seed: the same seed gives byte-identical output."""
     num_themes: int = 0
-    """Long-range structure (docs/data.md "Synthetic long histories"): 0 = none; K > 0 gives each user one of K theme items, shown as its first item and recalled, right after a cue item, every recall_spacing steps counted back from its last item (so the held-out last item is always a recall)."""
+    """Long-range structure (docs/data.md "Synthetic long histories"): 0 = none; K > 0 gives each
+    user one of K theme items, shown as its first item and recalled, right after a cue item, every
+    recall_spacing steps counted back from its last item (so the held-out last item is always a
+    recall)."""
     recall_spacing: int = 2048
-    """With num_themes: steps between a user's theme recalls; no theme item lies within this many steps before a recall, so predicting one needs attention at least this far back. Every sequence must be longer (min_length > recall_spacing)."""
+    """With num_themes: steps between a user's theme recalls; no theme item lies within this many
+    steps before a recall, so predicting one needs attention at least this far back. Every sequence
+    must be longer (min_length > recall_spacing)."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -157,7 +172,10 @@ class SyntheticDataArgs:
             f"must be >= min_length ({self.min_length})",
         )
         _non_negative(self, "num_themes")
-        _require(self.recall_spacing >= 2, self, "recall_spacing", f"must be >= 2, got {self.recall_spacing}")
+        _require(
+            self.recall_spacing >= 2, self, "recall_spacing",
+            f"must be >= 2, got {self.recall_spacing}",
+        )
         _require(
             self.num_themes == 0 or self.min_length > self.recall_spacing,
             self,
@@ -168,7 +186,8 @@ class SyntheticDataArgs:
 
 
 REPLAY_WINDOWS = ("day", "hour")
-"""Replay windows by calendar: one UTC day or one UTC hour of event time; "events:N" cuts N events."""
+"""Replay windows by calendar: one UTC day or one UTC hour of event time; "events:N" cuts N
+events."""
 
 
 def replay_window_events(window: str) -> int | None:

@@ -34,7 +34,8 @@ class DataInfo:
     num_action_values: int | None
     """Action vocabulary (rating classes, 256 for the KuaiRand bitmask); None without actions."""
     max_seqlen: int
-    """Max H + C of any sample: max_sequence_length + max_num_candidates (contextual not counted)."""
+    """Max H + C of any sample: max_sequence_length + max_num_candidates (contextual not
+    counted)."""
     num_train_samples: int
     num_eval_samples: int
     num_users: int = 0

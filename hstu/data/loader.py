@@ -272,7 +272,8 @@ class SequenceLoader:
         world = self.world_size
         lo = batch_index * self.batch_size
         per_rank = min(self.batch_size, self.samples_per_rank - lo)
-        # the global batch, in rank order (rank r's batch k would be order[r::world][lo:lo+per_rank])
+        # the global batch, in rank order (rank r's batch k would be
+        # order[r::world][lo:lo+per_rank])
         members = np.concatenate([order[r::world][lo : lo + per_rank] for r in range(world)])
         cost = self.sample_costs(members, epoch, self.balance_by)
         load = [0] * world
@@ -280,7 +281,8 @@ class SequenceLoader:
         # largest first (stable: ties keep the global order), each to the least-loaded rank
         # with room (ties: the lowest rank); deterministic, so every rank computes the same split
         for j in np.argsort(-cost, kind="stable"):
-            r = min((q for q in range(world) if len(taken[q]) < per_rank), key=lambda q: (load[q], q))
+            open_ranks = (q for q in range(world) if len(taken[q]) < per_rank)
+            r = min(open_ranks, key=lambda q: (load[q], q))
             taken[r].append(int(j))
             load[r] += int(cost[j])
         return members[np.sort(np.asarray(taken[rank], dtype=np.int64))]
@@ -399,7 +401,9 @@ class SequenceLoader:
             keys += self.contextual_feature_names
             users = s.user[index]
             # feature-major: every sample's value of the first feature, then of the next
-            values += [st.contextual[n][users].astype(np.int64) for n in self.contextual_feature_names]
+            values += [
+                st.contextual[n][users].astype(np.int64) for n in self.contextual_feature_names
+            ]
             lengths.append(np.ones(len(index) * len(self.contextual_feature_names), dtype=np.int64))
         negative_fields: dict = {}
         if self.negatives is not None:
@@ -425,7 +429,9 @@ class SequenceLoader:
         query_timestamps = None
         if self.query_times:
             if self.task != "retrieval":
-                raise ValueError("query times are for retrieval samples (NetworkArgs.rab_query_time)")
+                raise ValueError(
+                    "query times are for retrieval samples (NetworkArgs.rab_query_time)"
+                )
             # training: the interaction after the window (every train window ends before the
             # user's last item); evaluation: the held-out target
             query_rows = hist_end if self.training else s.target[index]

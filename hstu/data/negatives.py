@@ -9,8 +9,8 @@ lookup of a step serves history, targets and negatives, and TorchRec's train pip
 distribute them with the rest of the batch:
 Which draw a strategy makes is its entry in ``hstu.registry.NEGATIVE_SAMPLING``:
 - ``uniform`` (the uniform and mixed strategies): M ids per query, drawn uniformly from
-  [min_item_id, num_items); the key holds the U distinct ids (all in sample 0's slot), ``Batch.negative_index`` int64
-  [Q, M] points into them.
+  [min_item_id, num_items); the key holds the U distinct ids (all in sample 0's slot),
+  ``Batch.negative_index`` int64 [Q, M] points into them.
 - ``shared`` (the shared strategy): M ids per batch (one set for the rank's whole batch, scored
   by every query), drawn uniformly from [min_item_id, num_items); the key holds their U <= M
   distinct ids (in sample 0's slot), no index.
@@ -123,7 +123,9 @@ class NegativeSampler:
     def feature_name(self) -> str:
         return negatives_feature_name(self.item_feature_name)
 
-    def draw(self, sample_ids: np.ndarray, history_lengths: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def draw(
+        self, sample_ids: np.ndarray, history_lengths: np.ndarray, epoch: int
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """(ids for the key [U], index [Q, M] into them or None for shared draws)."""
         uniq, index, _ = self.draw_counted(sample_ids, history_lengths, epoch)
         return uniq, index
@@ -139,7 +141,8 @@ class NegativeSampler:
         per = np.maximum(history_lengths.astype(np.int64) - 1, 0)
         q = int(per.sum())
         sample = np.repeat(sample_ids.astype(np.uint64), per)
-        pos = (np.arange(q, dtype=np.int64) - np.repeat(np.cumsum(per) - per, per)).astype(np.uint64)
+        first = np.repeat(np.cumsum(per) - per, per)
+        pos = (np.arange(q, dtype=np.int64) - first).astype(np.uint64)
         with np.errstate(over="ignore"):
             key = _mix(np.uint64(self.seed & 0xFFFFFFFF) * np.uint64(1_000_003) + np.uint64(epoch))
             key = _mix(key ^ sample)
@@ -177,13 +180,17 @@ class NegativeSampler:
         ids = (x % np.uint64(self.num_items - self.min_item_id)).astype(np.int64)
         return np.unique(ids + self.min_item_id)
 
-    def batch_fields(self, index: np.ndarray | None, num_rows: int, counts: np.ndarray | None = None) -> dict:
+    def batch_fields(
+        self, index: np.ndarray | None, num_rows: int, counts: np.ndarray | None = None
+    ) -> dict:
         """The Batch fields of a draw: ``negative_index``, and its transpose (see
         :func:`transpose_index`; ``counts``: the draw's per-row counts, if known) built
         here, in the data path, instead of in the step."""
         if index is None:
             return {"negative_index": None, "negative_order": None, "negative_offsets": None}
-        order, offsets = transpose_index(index, num_rows, counts) if self.transpose else (None, None)
+        order = offsets = None
+        if self.transpose:
+            order, offsets = transpose_index(index, num_rows, counts)
         return {
             "negative_index": torch.from_numpy(index),
             "negative_order": None if order is None else torch.from_numpy(order),
@@ -226,7 +233,9 @@ def transpose_index(
 __all__ = ["NegativeSampler", "negatives_feature_name", "transpose_index"]
 
 
-def attach_negatives(batch, sampler: NegativeSampler, sample_ids: np.ndarray, epoch: int, training: bool):
+def attach_negatives(
+    batch, sampler: NegativeSampler, sample_ids: np.ndarray, epoch: int, training: bool
+):
     """``batch`` with the negatives key appended (and ``negative_index`` in training)."""
     from dataclasses import replace
 

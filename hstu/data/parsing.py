@@ -185,7 +185,8 @@ def _diagnose(
                 except ValueError:
                     raise DataError(
                         where,
-                        f"expected {'an integer' if kind == 'int' else 'a number'}, got {value[:40]!r}",
+                        f"expected {'an integer' if kind == 'int' else 'a number'}, "
+                        f"got {value[:40]!r}",
                         line=lineno,
                         field=col,
                     ) from None
@@ -206,7 +207,9 @@ def iter_delimited(
 
     Yields: Columns per block, each with one segment (where, 0, line of its first row).
     """
-    assert len(fmt.delimiter) == 1, f"iter_delimited takes a one-character delimiter, not {fmt.delimiter!r}"
+    assert len(fmt.delimiter) == 1, (
+        f"iter_delimited takes a one-character delimiter, not {fmt.delimiter!r}"
+    )
     with open_binary() as fh:
         first = fh.readline(1 << 20).removeprefix(_BOM)
     lay = _layout(first, where, columns, fmt.delimiter, fmt, block_size)

@@ -655,7 +655,10 @@ def build_metadata(
 
 def format_stats(meta: dict[str, Any]) -> str:
     s = meta["seqlen"]
-    head = f"{'dataset':<14}{'#users':>9}{'seqlen max':>12}{'min':>6}{'mean':>9}{'median':>8}{'#items':>10}{'#interactions':>15}"
+    head = (
+        f"{'dataset':<14}{'#users':>9}{'seqlen max':>12}{'min':>6}{'mean':>9}"
+        f"{'median':>8}{'#items':>10}{'#interactions':>15}"
+    )
     row = (
         f"{meta['dataset']:<14}{meta['num_users']:>9}{s['max']:>12}{s['min']:>6}{s['mean']:>9.2f}"
         f"{s['median']:>8.0f}{meta['num_distinct_items']:>10}{meta['num_interactions']:>15}"
@@ -794,16 +797,19 @@ def preprocess(
     notes = []
     if grouping.dropped_users:
         notes.append(
-            f"dropped {grouping.dropped_users} users with < {parsed.min_user_interactions} interactions"
+            f"dropped {grouping.dropped_users} users with < {parsed.min_user_interactions} "
+            "interactions"
         )
     if grouping.users_without_features:
         notes.append(
-            f"{grouping.users_without_features} users have no row in the user-feature file (their features are 0)"
+            f"{grouping.users_without_features} users have no row in the user-feature file "
+            "(their features are 0)"
         )
     for note in notes:
         log("note: " + note)
     log(
-        f"wrote {out_dir} in {seconds:.2f}s ({meta['num_interactions'] / max(seconds, 1e-9) / 1e6:.2f} M interactions/s)"
+        f"wrote {out_dir} in {seconds:.2f}s "
+        f"({meta['num_interactions'] / max(seconds, 1e-9) / 1e6:.2f} M interactions/s)"
     )
     return meta
 
@@ -856,7 +862,8 @@ def main(argv: list[str] | None = None) -> int:
         from hstu.gin_parsing import load_classes
 
         check_dataset_name(args.dataset)
-        wanted = {"custom": [CustomDataArgs], "synthetic": [SyntheticDataArgs]}.get(args.dataset, [])
+        own_args = {"custom": [CustomDataArgs], "synthetic": [SyntheticDataArgs]}
+        wanted = own_args.get(args.dataset, [])
         # the trainer's gin file may be given too: its classes are known, not built
         built = load_classes(
             args.gin_file, args.gin_param, wanted, known=(*ARG_CLASSES, *DATA_ARG_CLASSES)

@@ -88,7 +88,8 @@ def select_contextual(available: list[str], wanted: list[str] | None) -> list[st
 def select_features(meta: dict[str, Any], dataset: DatasetArgs) -> tuple[str | None, list[str]]:
     """(action feature fed as tokens or None, contextual features fed), as the loaders do."""
     action = meta["action_feature_name"] if dataset.action_tokens else None
-    return action, select_contextual(list(meta["contextual_feature_names"]), dataset.contextual_features)
+    contextual = list(meta["contextual_feature_names"])
+    return action, select_contextual(contextual, dataset.contextual_features)
 
 
 def info_from_metadata(meta: dict[str, Any], dataset: DatasetArgs, task: str) -> DataInfo:
@@ -103,7 +104,8 @@ def info_from_metadata(meta: dict[str, Any], dataset: DatasetArgs, task: str) ->
         contextual_feature_names=contextual,
         contextual_vocab_sizes={n: int(meta["contextual_vocab_sizes"][n]) for n in contextual},
         num_action_values=meta.get("num_action_values"),
-        max_seqlen=dataset.max_sequence_length + (dataset.max_num_candidates if task == "ranking" else 0),
+        max_seqlen=dataset.max_sequence_length
+        + (dataset.max_num_candidates if task == "ranking" else 0),
         num_train_samples=0,
         num_eval_samples=0,
         num_users=int(meta.get("num_users", 0)),
@@ -128,7 +130,9 @@ def resolve_head(info: DataInfo, ranking: RankingArgs | None) -> RankingArgs | N
         )
     kind = action_kind(info.metadata) if info.metadata else "classes"
     width = ranking.num_tasks if kind == "bitmask" else int(values)
-    resolved = dataclasses.replace(ranking, prediction_head_arch=[*ranking.prediction_head_arch[:-1], width])
+    resolved = dataclasses.replace(
+        ranking, prediction_head_arch=[*ranking.prediction_head_arch[:-1], width]
+    )
     check_ranking_head(info, resolved)
     return resolved
 
@@ -145,7 +149,8 @@ def resolve_sizes(cfg: Any) -> Any:
     try:
         check_dataset_name(cfg.dataset, meta, METADATA_FILE)
     except ConfigError as exc:
-        raise exc.with_location(where.get(("DatasetArgs", "dataset_name", "")) or _source(cfg)) from None
+        location = where.get(("DatasetArgs", "dataset_name", "")) or _source(cfg)
+        raise exc.with_location(location) from None
     info = info_from_metadata(meta, cfg.dataset, cfg.task)
     try:
         tables = info.default_tables(overrides=cfg.tables) if cfg.tables else []

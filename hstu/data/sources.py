@@ -62,7 +62,8 @@ class Parsed:
     max_item_id: int | None = None
     """Declared item vocabulary (custom data with item_vocab_size); None: any id."""
     action_kind: str = "classes"
-    """What an action value is: "classes" (a rating class) or "bitmask" (one bit per binary task)."""
+    """What an action value is: "classes" (a rating class) or "bitmask" (one bit per binary
+    task)."""
     action_values: list | None = None
     """Raw value of each action class when the raw values were binned (custom float ratings)."""
     keep_item_ids: bool = False
@@ -71,7 +72,8 @@ class Parsed:
     members: list[str] = field(default_factory=list)
     """Raw files read (for the folder checksum)."""
     column_names: dict[str, str] = field(default_factory=dict)
-    """Internal log column (user, item, time_key, action) -> the name the user's file gives it, for messages."""
+    """Internal log column (user, item, time_key, action) -> the name the user's file gives it, for
+    messages."""
     log_blocks: Callable[[], Iterator[Columns]] | None = None
     """Streaming readers: yields the log in file order as blocks of the same columns as
     ``log`` (bounded memory); each block's segments name its file and lines."""
@@ -158,7 +160,10 @@ def read_ml_1m(src: RawSource) -> Parsed:
         src.read_bytes(users_m),
         src.display(users_m),
         {"user": "int", "sex": "str", "age_group": "int", "occupation": "int", "zip_code": "str"},
-        TextFormat(delimiter="::", header=False, names=["user", "sex", "age_group", "occupation", "zip_code"]),
+        TextFormat(
+            delimiter="::", header=False,
+            names=["user", "sex", "age_group", "occupation", "zip_code"],
+        ),
     )
     bad = ~np.isin(users.data["age_group"], ML_AGE_GROUPS)
     if bad.any():
@@ -187,7 +192,9 @@ def read_ml_100k(src: RawSource) -> Parsed:
         src.read_bytes(user_m),
         src.display(user_m),
         {"user": "int", "age": "int", "sex": "str", "occupation": "str", "zip_code": "str"},
-        TextFormat(delimiter="|", header=False, names=["user", "age", "sex", "occupation", "zip_code"]),
+        TextFormat(
+            delimiter="|", header=False, names=["user", "age", "sex", "occupation", "zip_code"]
+        ),
     )
     _check_range(users, "age", 0, 150, "age")
     age = users.data.pop("age")

@@ -119,7 +119,8 @@ class SequenceStore:
             ) from None
         n = int(arrays["offsets"][-1])
         u = len(arrays["offsets"]) - 1
-        bad = [k for k, a in arrays.items() if k in ("items", "timestamps", "actions") and len(a) != n]
+        per_event = ("items", "timestamps", "actions")
+        bad = [k for k, a in arrays.items() if k in per_event and len(a) != n]
         bad += [k for k, a in arrays.items() if k.startswith("ctx-") and len(a) != u]
         if bad or n != manifest["num_interactions"] or u != manifest["num_users"]:
             raise DataError(
@@ -141,7 +142,8 @@ def read_metadata(path: Path) -> dict[str, Any]:
     if not meta_path.exists():
         raise DataError(
             str(meta_path),
-            f"no preprocessed dataset here; run: python -m hstu.data.preprocess --dataset {path.name} --out {path.parent}",
+            "no preprocessed dataset here; run: python -m hstu.data.preprocess "
+            f"--dataset {path.name} --out {path.parent}",
         )
     try:
         metadata = json.loads(meta_path.read_text())
@@ -150,7 +152,8 @@ def read_metadata(path: Path) -> dict[str, Any]:
     if metadata.get("format_version") != FORMAT_VERSION:
         raise DataError(
             str(meta_path),
-            f"format version {metadata.get('format_version')} != {FORMAT_VERSION}; rerun the preprocessor with --force",
+            f"format version {metadata.get('format_version')} != {FORMAT_VERSION}; "
+            "rerun the preprocessor with --force",
         )
     return metadata
 
@@ -168,7 +171,8 @@ def layout_key(path: Path) -> str:
         meta = (path / METADATA_FILE).read_bytes()
     except OSError as exc:
         raise DataError(str(seq), f"unreadable ({exc})") from None
-    digest = hashlib.sha256(f"mapped v{MAPPED_VERSION} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    key = f"mapped v{MAPPED_VERSION} {stat.st_size} {stat.st_mtime_ns}\n"
+    digest = hashlib.sha256(key.encode())
     digest.update(footer)
     digest.update(meta)
     return digest.hexdigest()[:24]
@@ -205,7 +209,9 @@ def mapped_layout(
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise DataError(str(root), f"cannot create the cache folder ({exc}); set {CACHE_ENV}") from None
+            raise DataError(
+                str(root), f"cannot create the cache folder ({exc}); set {CACHE_ENV}"
+            ) from None
         lock = _open_lock(root / f"{target.name}.lock")
         if lock is None:
             raise DataError(str(root), f"not writable: set {CACHE_ENV} to a writable folder")
@@ -218,7 +224,9 @@ def mapped_layout(
                     print(f"[hstu] waiting for another process writing {target}", flush=True)
                 fcntl.flock(lock, fcntl.LOCK_EX)
         except OSError as exc:  # e.g. a network file system without locks
-            raise DataError(lock.name, f"cannot lock ({exc}); the mapped layout needs file locks") from None
+            raise DataError(
+                lock.name, f"cannot lock ({exc}); the mapped layout needs file locks"
+            ) from None
         if not target.is_dir():
             start = time.perf_counter()
             write_layout(path, target, metadata)
@@ -295,7 +303,9 @@ def _write_arrays(seq: Path, out: Path, metadata: dict[str, Any]) -> None:
     num_users = pf.metadata.num_rows
     num_rows = int(metadata.get("num_interactions", -1))
     if num_rows < 0:
-        raise DataError(str(seq.parent / METADATA_FILE), "no num_interactions", field="num_interactions")
+        raise DataError(
+            str(seq.parent / METADATA_FILE), "no num_interactions", field="num_interactions"
+        )
     item_dtype = np.int32 if int(metadata["num_items"]) <= _INT32_MAX else np.int64
     nav = metadata.get("num_action_values")
     action_dtype = np.int32 if nav is not None and int(nav) <= _INT32_MAX else np.int64
@@ -316,7 +326,8 @@ def _write_arrays(seq: Path, out: Path, metadata: dict[str, Any]) -> None:
                     pos = int(offsets[user])
                     if pos + int(local[-1]) > num_rows:
                         raise DataError(
-                            str(seq), f"more interactions than metadata.json's num_interactions {num_rows}",
+                            str(seq),
+                            f"more interactions than metadata.json's num_interactions {num_rows}",
                             field=column,
                         )
                     offsets[user + 1 : user + rows + 1] = pos + local[1:]
@@ -350,7 +361,9 @@ def _write_arrays(seq: Path, out: Path, metadata: dict[str, Any]) -> None:
     pa.default_memory_pool().release_unused()  # the reader's buffers back to the system
 
 
-def _read_lists(pf: pq.ParquetFile, seq: Path, column: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _read_lists(
+    pf: pq.ParquetFile, seq: Path, column: str
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(offsets int64 [rows+1] from 0, values [sum]) of a list column, a few thousand users at
     a time."""
     try:
@@ -366,7 +379,8 @@ def _read_lists(pf: pq.ParquetFile, seq: Path, column: str) -> Iterator[tuple[np
 
 def _cast(values: np.ndarray, dtype: Any, seq: Path, column: str) -> np.ndarray:
     """``values`` as ``dtype``, refused where they do not fit (never wrapped)."""
-    if values.size and np.dtype(dtype) == np.int32 and (values.min() < 0 or values.max() > _INT32_MAX):
+    narrow = values.size and np.dtype(dtype) == np.int32
+    if narrow and (values.min() < 0 or values.max() > _INT32_MAX):
         raise DataError(
             str(seq), f"values outside [0, {_INT32_MAX}] while metadata.json's count fits int32",
             field=column,
@@ -374,14 +388,17 @@ def _cast(values: np.ndarray, dtype: Any, seq: Path, column: str) -> np.ndarray:
     return values.astype(dtype, copy=False)
 
 
-def _check_timestamps(path: Path, offsets: np.ndarray, timestamps: np.ndarray, first_user: int = 0) -> None:
+def _check_timestamps(
+    path: Path, offsets: np.ndarray, timestamps: np.ndarray, first_user: int = 0
+) -> None:
     """Refuses negative timestamps and sequences that go back in time (counted); ``offsets``
     from 0, the users ``first_user``... of the file."""
     negative = int((timestamps < 0).sum())
     steps = np.diff(timestamps)
     back = np.zeros(len(steps) + 1, dtype=bool)
     back[1:] = steps < 0
-    back[offsets[:-1][offsets[:-1] < len(back)]] = False  # a user's first interaction has no predecessor
+    # a user's first interaction has no predecessor
+    back[offsets[:-1][offsets[:-1] < len(back)]] = False
     users = np.unique(np.searchsorted(offsets, np.flatnonzero(back), side="right") - 1)
     if negative or len(users):
         raise DataError(

@@ -64,9 +64,15 @@ def _kuairand_logs(suffix: str, parts: bool) -> tuple[tuple[str, float], ...]:
 
 OFFICIAL: dict[str, Official] = {
     # KuaiRand (standard logs, 2022-04-08 .. 2022-05-08): kuairand.com
-    "kuairand-pure": Official(27_077, 7_583, 1_436_609, 2, _kuairand_logs("pure", False), "kuairand", "pure"),
-    "kuairand-1k": Official(1_000, 4_369_953, 11_713_045, 2, _kuairand_logs("1k", False), "kuairand", "1k"),
-    "kuairand-27k": Official(27_285, 32_038_725, 322_278_385, 2, _kuairand_logs("27k", True), "kuairand", "27k"),
+    "kuairand-pure": Official(
+        27_077, 7_583, 1_436_609, 2, _kuairand_logs("pure", False), "kuairand", "pure"
+    ),
+    "kuairand-1k": Official(
+        1_000, 4_369_953, 11_713_045, 2, _kuairand_logs("1k", False), "kuairand", "1k"
+    ),
+    "kuairand-27k": Official(
+        27_285, 32_038_725, 322_278_385, 2, _kuairand_logs("27k", True), "kuairand", "27k"
+    ),
     # MovieLens (grouplens.org): every user has at least 20 ratings
     "ml-20m": Official(138_493, 26_744, 20_000_263, 20, (("ratings.csv", 1.0),), "ml-20m"),
     "ml-1m": Official(6_040, 3_706, 1_000_209, 20, (("ratings.dat", 1.0),), "ml-1m"),
@@ -88,10 +94,14 @@ FLAG_RATES = {
 assert set(FLAG_RATES) == {name for name, _ in KUAIRAND_ACTION_BITS}
 # the user-feature file: numbers and the range label the official file gives them
 _KUAIRAND_RANGES = {
-    "follow_user_num": ((0, 1, 10, 50, 100, 150, 250, 500),
-                        ("0", "(0,10)", "[10,50)", "[50,100)", "[100,150)", "[150,250)", "[250,500)", "500+")),
-    "fans_user_num": ((0, 1, 10, 100, 1_000, 5_000, 10_000, 100_000),
-                      ("0", "[1,10)", "[10,100)", "[100,1k)", "[1k,5k)", "[5k,1w)", "[1w,10w)", "[10w,100w)")),
+    "follow_user_num": (
+        (0, 1, 10, 50, 100, 150, 250, 500),
+        ("0", "(0,10)", "[10,50)", "[50,100)", "[100,150)", "[150,250)", "[250,500)", "500+"),
+    ),
+    "fans_user_num": (
+        (0, 1, 10, 100, 1_000, 5_000, 10_000, 100_000),
+        ("0", "[1,10)", "[10,100)", "[100,1k)", "[1k,5k)", "[5k,1w)", "[1w,10w)", "[10w,100w)"),
+    ),
     "friend_user_num": ((0, 1, 5, 30, 60, 120, 250),
                         ("0", "[1,5)", "[5,30)", "[30,60)", "[60,120)", "[120,250)", "250+")),
     "register_days": ((15, 31, 61, 91, 181, 366, 731),

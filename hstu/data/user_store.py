@@ -138,7 +138,9 @@ class UserStore:
             chunk = ids[k : k + _CHUNK]
             marks = ",".join("?" * len(chunk))
             for user, items, ts, ratings in self._conn.execute(
-                f"SELECT user, items, timestamps, ratings FROM history WHERE user IN ({marks})", chunk
+                "SELECT user, items, timestamps, ratings FROM history "
+                f"WHERE user IN ({marks})",
+                chunk,
             ):
                 out[user] = (items, ts, ratings)
         return out
@@ -306,10 +308,14 @@ class UserStore:
             raise DataError(str(directory), "no user store snapshot (user_store.rank*-of-*.sqlite)")
         worlds = {w for _, w, _ in saved}
         if len(worlds) > 1:
-            raise DataError(str(directory), f"user store snapshots of several world sizes {sorted(worlds)}")
+            raise DataError(
+                str(directory), f"user store snapshots of several world sizes {sorted(worlds)}"
+            )
         saved_world = worlds.pop()
         if len(saved) != saved_world:
-            raise DataError(str(directory), f"{len(saved)} user store snapshots of {saved_world} ranks")
+            raise DataError(
+                str(directory), f"{len(saved)} user store snapshots of {saved_world} ranks"
+            )
         for _, _, p in saved:
             cls._check_meta(p, max_sequence_length)
         store = cls(path, max_sequence_length, rank, world_size, cache_mib)
@@ -348,7 +354,9 @@ class UserStore:
         except sqlite3.DatabaseError as exc:
             raise DataError(str(path), f"not a user store snapshot ({exc})") from None
         if meta.get("format") != str(FORMAT):
-            raise DataError(str(path), f"user store format {meta.get('format')}, this code reads {FORMAT}")
+            raise DataError(
+                str(path), f"user store format {meta.get('format')}, this code reads {FORMAT}"
+            )
         saved = int(meta["max_sequence_length"])
         if saved != max_sequence_length:
             raise DataError(

@@ -49,7 +49,8 @@ class TableSpec:
 
 
 class MergeLookups(nn.Module):
-    """dicts of feature -> JaggedTensor -> one dict (a module so that fx tracing keeps it a leaf)."""
+    """dicts of feature -> JaggedTensor -> one dict (a module so that fx tracing keeps it a
+    leaf)."""
 
     def forward(self, *parts: dict[str, JaggedTensor]) -> dict[str, JaggedTensor]:
         out: dict[str, JaggedTensor] = {}
@@ -241,7 +242,8 @@ class HstuEmbeddings(nn.Module):
                 f"{name}: occupancy {s['occupied']}/{s['capacity']} ({s['occupancy']:.1%}), "
                 f"admitted {s['admitted_total']} evicted {s['evicted_total']} "
                 f"(last step +{s['admitted_last_step']}/-{s['evicted_last_step']}), "
-                f"eval misses {s['eval_misses_total']}, shared-row lookups {s['shared_row_lookups']}"
+                f"eval misses {s['eval_misses_total']}, "
+                f"shared-row lookups {s['shared_row_lookups']}"
             )
         line = ("[embeddings] " + (f"step {step}: " if step is not None else "") + "; ".join(parts))
         if parts:
@@ -389,7 +391,9 @@ def initial_rows(
     """Starting values of rows [first_row, first_row + num_rows) of a table: float32
     [num_rows, D] (or the columns ``cols`` = [c0, c1) of them)."""
     ids = torch.arange(first_row, first_row + num_rows, dtype=torch.int64)
-    rows = fresh_rows(ids, spec.embedding_dim, default_bound(spec.num_rows), table_seed(seed, spec.name))
+    rows = fresh_rows(
+        ids, spec.embedding_dim, default_bound(spec.num_rows), table_seed(seed, spec.name)
+    )
     return rows if cols is None else rows[:, cols[0]:cols[1]]
 
 

@@ -264,7 +264,8 @@ class DynamicIdRemapper(nn.Module):
         return slots, found
 
     def _index_update(
-        self, removed_ids: torch.Tensor, new_ids: torch.Tensor, new_slots: torch.Tensor, new_pos: torch.Tensor
+        self, removed_ids: torch.Tensor, new_ids: torch.Tensor, new_slots: torch.Tensor,
+        new_pos: torch.Tensor,
     ) -> None:
         """Drops removed_ids (held in the index) and inserts (new_ids sorted, new_slots) at
         their insertion points new_pos in the current index, in one scatter per array: each
@@ -292,7 +293,9 @@ class DynamicIdRemapper(nn.Module):
 
     # --------------------------------------------------------------------- update
 
-    def _gather_unique(self, uniq: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather_unique(
+        self, uniq: torch.Tensor, counts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's unique ids with their counts -> the unique ids of this step over all
         ranks with their total counts: ([U], [U])."""
         pg = self.pg

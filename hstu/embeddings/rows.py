@@ -39,7 +39,9 @@ def local_pieces(emb: nn.Module, table: str) -> list[tuple[torch.Tensor, list[in
     return [(emb.ec.embeddings[table].weight.data, [0, 0])]
 
 
-def _write_local(local: torch.Tensor, offsets: list[int], slots: torch.Tensor, rows: torch.Tensor | None) -> None:
+def _write_local(
+    local: torch.Tensor, offsets: list[int], slots: torch.Tensor, rows: torch.Tensor | None
+) -> None:
     """Writes the part of rows [M, D] (or zeros when rows is None) that a piece holds.
 
     local: the piece [r, c] (or [r] for row-wise optimizer state) at global offsets.
@@ -60,7 +62,9 @@ def _write_local(local: torch.Tensor, offsets: list[int], slots: torch.Tensor, r
     target_first = torch.where(any_inside, local_rows[first], 0)
     targets = torch.where(inside, local_rows, target_first)
     if rows is None:
-        values = torch.zeros((slots.numel(), *local.shape[1:]), dtype=local.dtype, device=local.device)
+        values = torch.zeros(
+            (slots.numel(), *local.shape[1:]), dtype=local.dtype, device=local.device
+        )
     else:
         c0 = offsets[1] if len(offsets) > 1 else 0
         values = rows[:, c0 : c0 + local.shape[1]].to(local.device, local.dtype)
@@ -95,5 +99,6 @@ def write_table_rows(ec: nn.Module, table: str, slots: torch.Tensor, rows: torch
     _write_local(weight.data, [0, 0], slots, rows)
     for opt in getattr(weight, "_in_backward_optimizers", []):
         for value in opt.state.get(weight, {}).values():
-            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == weight.shape[0]:
+            per_row = isinstance(value, torch.Tensor) and value.dim() >= 1
+            if per_row and value.shape[0] == weight.shape[0]:
                 _write_local(value, [0] * value.dim(), slots, None)

@@ -15,9 +15,10 @@ group of the per-rank gradients.
   dense kernel, which on CPU pools the ids of each sample (one row per sample instead of
   one per id), and its internal DDP would average rather than sum. Each replicated weight
   gets a post-accumulate-grad hook that all-reduces (sums) its gradient over the embedding
-  process group, divides it by the group size and then steps a row-sparse torch optimizer (:mod:`hstu.embeddings.optim`);
-  the replicas stay identical because they apply the same averaged gradient. The trainer's
-  dense DDP must leave ``dp_ec`` parameters out (they are synchronised here).
+  process group, divides it by the group size and then steps a row-sparse torch optimizer
+  (:mod:`hstu.embeddings.optim`); the replicas stay identical because they apply the same averaged
+  gradient. The trainer's dense DDP must leave ``dp_ec`` parameters out (they are synchronised
+  here).
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ from hstu.embeddings.collection import (
 from hstu.embeddings.optim import RowSparseOptimizer
 from hstu.validation import ConfigError
 
-ShardingOverride = Literal["row_wise", "table_wise", "column_wise", "table_row_wise", "data_parallel"]
+ShardingOverride = Literal[
+    "row_wise", "table_wise", "column_wise", "table_row_wise", "data_parallel"
+]
 
 _MODEL_PARALLEL_CHOICES = ["row_wise", "table_wise"]
 
@@ -70,8 +73,13 @@ class TablePlacement:
     """(rows, cols) of each shard a rank holds (the whole table on every rank when replicated)."""
 
     def describe(self) -> str:
-        per_rank = ", ".join(f"r{r}: {format_bytes(b)}" for r, b in sorted(self.bytes_per_rank.items()))
-        return f"{self.table}: {self.sharding_type} ({self.compute_kernel}) on ranks {self.ranks} [{per_rank}]"
+        per_rank = ", ".join(
+            f"r{r}: {format_bytes(b)}" for r, b in sorted(self.bytes_per_rank.items())
+        )
+        return (
+            f"{self.table}: {self.sharding_type} ({self.compute_kernel}) on ranks {self.ranks} "
+            f"[{per_rank}]"
+        )
 
 
 # a dynamic table's remapper per row of capacity: slot id, occupied, last access, count
@@ -139,7 +147,8 @@ def check_tables_fit(
         table_bytes = held + extra
         needed += table_bytes
         transient = max(transient, init_transient_bytes(rows, dim))
-        parts.append((table_bytes, f"{tb.table_name} {rows:,} x {dim} = {format_bytes(table_bytes)}"))
+        what = f"{tb.table_name} {rows:,} x {dim} = {format_bytes(table_bytes)}"
+        parts.append((table_bytes, what))
     needed += transient
     avail, source = available
     if avail is not None and needed > avail:
@@ -149,7 +158,8 @@ def check_tables_fit(
             f"the embedding tables need at least {format_bytes(needed)} per rank ({largest}; "
             f"float32 values plus {optimizer_str} state"
             f"{' and the weight average' if weight_average else ''}, over {world_size} rank(s)) "
-            f"but a rank has {format_bytes(avail)} ({source}): lower NetworkArgs.item_embedding_dim, "
+            f"but a rank has {format_bytes(avail)} ({source}): lower "
+            "NetworkArgs.item_embedding_dim, "
             "give a large table a capacity (DynamicEmbeddingArgs), or run fewer ranks per host",
         )
     return needed
@@ -175,7 +185,9 @@ class RankMemory:
         return self.values + self.state + self.average + self.remappers + self.transient
 
     def describe(self) -> str:
-        parts = [f"values {format_bytes(self.values)}", f"optimizer state {format_bytes(self.state)}"]
+        parts = [
+            f"values {format_bytes(self.values)}", f"optimizer state {format_bytes(self.state)}"
+        ]
         if self.average:
             parts.append(f"weight average {format_bytes(self.average)}")
         if self.remappers:
@@ -284,7 +296,9 @@ def _constraints(
             continue
         types = [overrides[name]] if name in overrides else list(_MODEL_PARALLEL_CHOICES)
         if types == ["data_parallel"]:
-            raise ValueError(f"table {name!r} is model_parallel; override it in EmbeddingArgs instead")
+            raise ValueError(
+                f"table {name!r} is model_parallel; override it in EmbeddingArgs instead"
+            )
         if name in overrides and overrides[name] not in offered:
             # else TorchRec's planner fails with a traceback ("No available sharding type")
             mp = ", ".join(t for t in offered if t != "data_parallel")

@@ -69,7 +69,9 @@ class NonSequentialRanking(nn.Module):
             parts.append(embeddings[name].values()[sample])  # one value per sample
         logits = self.head(self.dropout(torch.cat(parts, dim=1).float()))
         scale = global_mean_scale(num_cands.sum(), self.training)
-        loss = ranking_loss(logits, batch.labels, self.num_tasks, scale, check_labels=not self.training)
+        loss = ranking_loss(
+            logits, batch.labels, self.num_tasks, scale, check_labels=not self.training
+        )
         return loss, (logits.detach(), batch.labels)
 
 

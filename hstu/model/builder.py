@@ -58,7 +58,9 @@ def build_block(
     :class:`hstu.model.sasrec.SASRecBlock` instead (same contract; one process per TP group)."""
     if getattr(network_args, "architecture", "hstu") == "sasrec":
         if tp_group is not None or variant:
-            raise ValueError('NetworkArgs.architecture="sasrec" has no tensor-parallel or research variant')
+            raise ValueError(
+                'NetworkArgs.architecture="sasrec" has no tensor-parallel or research variant'
+            )
         from hstu.model.sasrec import SASRecBlock, SASRecOptions
 
         block_cls, options, layout = SASRecBlock, SASRecOptions.from_network_args(network_args), {}

@@ -20,14 +20,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
 from hstu.model.hstu_layer import HSTULayer, LayerOptions
-from hstu.model.jagged import index_within, lengths_to_offsets, segment_ids
+from hstu.model.jagged import (
+    index_within,
+    lengths_to_offsets,
+    positions_within,
+    segment_ids,
+)
 from hstu.sync_audit import allowed_sync
 
 TRUNCATION_SYNC = (
@@ -49,20 +54,49 @@ def to_padded(
 
 
 class SequenceBlock(nn.Module):
-    """What every sequence block (HSTUBlock, :class:`hstu.model.sasrec.SASRecBlock`) starts
-    with: the layers' input Dropout(x * sqrt(D) + pos_emb[position]), in ``dtype``."""
+    """A sequence block (HSTUBlock, :class:`hstu.model.sasrec.SASRecBlock`): the layers'
+    input Dropout(x * sqrt(D) + pos_emb[position]), then ``num_layers`` layers of the
+    subclass' ``layer_type``, each ``layer_type(hidden_size, num_heads, head_dim, options,
+    **layer_kwargs)``.
 
-    def __init__(self, hidden_size: int, num_position_buckets: int, use_position_embedding: bool,
-                 dropout: float, dtype: torch.dtype) -> None:
+    ``options`` (an ``options_type``, with keyword ``overrides`` of single fields) are every
+    layer's; ``options.dropout`` is also used on the input embeddings and ``options.dtype``
+    is the block's parameter and compute dtype. :meth:`forward` is every block's contract;
+    a subclass runs its layers in :meth:`encode`.
+    """
+
+    options_type: ClassVar[type]
+    layer_type: ClassVar[type[nn.Module]]
+
+    def __init__(
+        self,
+        num_layers: int,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        options: Any = None,
+        *,
+        num_position_buckets: int = 8192,
+        use_position_embedding: bool = True,
+        layer_kwargs: dict[str, Any] | None = None,
+        **overrides: Any,
+    ) -> None:
         super().__init__()
+        self.options = options = replace(options or self.options_type(), **overrides)
         self.hidden_size = hidden_size
-        self.dtype = dtype
+        self.dtype = options.dtype
         self.num_position_buckets = num_position_buckets
         self.position_embedding = None
         if use_position_embedding:
-            self.position_embedding = nn.Embedding(num_position_buckets, hidden_size, dtype=dtype)
+            self.position_embedding = nn.Embedding(
+                num_position_buckets, hidden_size, dtype=options.dtype
+            )
             nn.init.normal_(self.position_embedding.weight, std=0.02)
-        self.input_dropout = nn.Dropout(dropout)
+        self.input_dropout = nn.Dropout(options.dropout)
+        self.layers = nn.ModuleList(
+            self.layer_type(hidden_size, num_heads, head_dim, options, **(layer_kwargs or {}))
+            for _ in range(num_layers)
+        )
 
     def embed_at(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         """Tokens x [..., D] at ``positions`` (int64, x's leading shape; unread, may be None,
@@ -74,60 +108,17 @@ class SequenceBlock(nn.Module):
             x = x + self.position_embedding(positions.clamp(max=self.num_position_buckets - 1))
         return self.input_dropout(x)
 
-
-class HSTUBlock(SequenceBlock):
-    """x -> Dropout(x * sqrt(D) + pos_emb) -> num_layers x HSTULayer.
-
-    ``options`` (:class:`LayerOptions`, with keyword ``overrides`` of single fields) are
-    every layer's; ``options.dropout`` is also used on the input embeddings and
-    ``options.dtype`` is the block's parameter and compute dtype. ``attn_truncation_layers``
-    and ``attn_truncation_len``: attention truncation (module docstring; 0: off).
-    """
-
-    def __init__(
-        self,
-        num_layers: int,
-        hidden_size: int,
-        num_heads: int,
-        head_dim: int,
-        options: LayerOptions | None = None,
-        *,
-        num_position_buckets: int = 8192,
-        use_position_embedding: bool = True,
-        sequence_layout: str = "jagged",
-        attn_truncation_layers: int = 0,
-        attn_truncation_len: int = 0,
-        tp_group: ProcessGroup | None = None,
-        **overrides: Any,
-    ) -> None:
-        if attn_truncation_layers != 0:
-            if not 0 < attn_truncation_layers < num_layers:
-                raise ValueError(
-                    f"attn_truncation_layers must be in (0, num_layers={num_layers}), got "
-                    f"{attn_truncation_layers}"
-                )
-            if attn_truncation_len <= 0:
-                raise ValueError(
-                    f"attn_truncation_len must be > 0 with truncation, got {attn_truncation_len}"
-                )
-            if sequence_layout != "jagged":
-                raise ValueError('attention truncation needs sequence_layout="jagged"')
-        options = replace(options or LayerOptions(), **overrides)
-        if sequence_layout not in ("jagged", "padded"):
-            raise ValueError(f'sequence_layout must be "jagged" or "padded", got {sequence_layout!r}')
-        if sequence_layout == "padded" and not options.is_causal:
-            raise ValueError('sequence_layout="padded" needs causal attention')
-        super().__init__(
-            hidden_size, num_position_buckets, use_position_embedding, options.dropout, options.dtype
-        )
-        self.attn_truncation_layers = attn_truncation_layers
-        self.attn_truncation_len = attn_truncation_len
-        self.options = options
-        self.sequence_layout = sequence_layout
-        self.layers = nn.ModuleList(
-            HSTULayer(hidden_size, num_heads, head_dim, options, tp_group=tp_group)
-            for _ in range(num_layers)
-        )
+    def embed(
+        self, x: torch.Tensor, index: torch.Tensor | None, first_target: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The layers' input, in every layout: Dropout(x * sqrt(D) + pos_emb[position]) of
+        tokens x [..., D] at ``index`` [...] inside their sample, whose first candidate is at
+        ``first_target`` (broadcast; None: no candidates); position = min(index,
+        first_target), clamped into the table (module docstring). ``index`` is unread (may
+        be None) without a position embedding."""
+        if self.position_embedding is not None and first_target is not None:
+            index = torch.minimum(index, first_target)  # type: ignore[arg-type]
+        return self.embed_at(x, index)
 
     def forward(
         self,
@@ -140,20 +131,80 @@ class HSTUBlock(SequenceBlock):
         query_timestamps: torch.Tensor | None = None,
         truncated_sizes: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """x [T, D] token embeddings, offsets int64 [B+1] -> [T, D] in ``dtype``;
-        ``query_timestamps`` int64 [B]: the next time of each sample's last token (rab).
-        ``truncated_sizes``: with attention truncation, (sum_b min(n_b, attn_truncation_len),
-        max_b C[b]) known on the host (``BatchSizes.truncated_tokens``, from the loader); None
-        reads them from the device (one named host sync)."""
-        index = first_target = None
+        """x [T, D] token embeddings, offsets int64 [B+1], ``max_seqlen`` (>= every n_b),
+        num_contextual / num_targets int64 [B], timestamps int64 [T] -> states [T, D] in
+        ``dtype``; ``query_timestamps`` int64 [B]: the next time of each sample's last token
+        (rab). ``truncated_sizes``: with attention truncation, (sum_b min(n_b,
+        attn_truncation_len), max_b C[b]) known on the host (``BatchSizes.truncated_tokens``,
+        from the loader); None reads them from the device (one named host sync). A block
+        reads what its layers use of these."""
+        positions = None
         if self.position_embedding is not None:
-            total, lengths = x.shape[0], offsets[1:] - offsets[:-1]
-            index = index_within(lengths, total)
-            if num_targets is not None:
-                first_target = torch.repeat_interleave(
-                    lengths - num_targets, lengths, output_size=total
+            positions = positions_within(offsets, num_targets, x.shape[0])
+        return self.encode(
+            self.embed_at(x, positions), offsets, max_seqlen, num_contextual, num_targets,
+            timestamps, query_timestamps, truncated_sizes,
+        )
+
+    def encode(self, x: torch.Tensor, offsets: torch.Tensor, max_seqlen: int, *rest: Any) -> Any:
+        """The layers on the embedded tokens x [T, D]; ``rest``: :meth:`forward`'s arguments
+        after ``max_seqlen``, in its order."""
+        raise NotImplementedError
+
+
+class HSTUBlock(SequenceBlock):
+    """x -> Dropout(x * sqrt(D) + pos_emb) -> num_layers x HSTULayer.
+
+    The arguments of :class:`SequenceBlock` (``options``: :class:`LayerOptions`), and:
+    ``sequence_layout``: "jagged" or "padded" (every sample padded to ``max_seqlen``, as
+    padded trainers run; needs causal attention); ``attn_truncation_layers`` and
+    ``attn_truncation_len``: attention truncation (module docstring; 0: off); ``tp_group``:
+    the layers' tensor-parallel group.
+    """
+
+    options_type = LayerOptions
+    layer_type = HSTULayer
+
+    def __init__(
+        self,
+        *args: Any,
+        sequence_layout: str = "jagged",
+        attn_truncation_layers: int = 0,
+        attn_truncation_len: int = 0,
+        tp_group: ProcessGroup | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, layer_kwargs={"tp_group": tp_group}, **kwargs)
+        num_layers = len(self.layers)
+        if attn_truncation_layers != 0:
+            if not 0 < attn_truncation_layers < num_layers:
+                raise ValueError(
+                    f"attn_truncation_layers must be in (0, num_layers={num_layers}), got "
+                    f"{attn_truncation_layers}"
                 )
-        x = self.embed(x, index, first_target)
+            if attn_truncation_len <= 0:
+                raise ValueError(
+                    f"attn_truncation_len must be > 0 with truncation, got {attn_truncation_len}"
+                )
+            if sequence_layout != "jagged":
+                raise ValueError('attention truncation needs sequence_layout="jagged"')
+        if sequence_layout not in ("jagged", "padded"):
+            raise ValueError(
+                f'sequence_layout must be "jagged" or "padded", got {sequence_layout!r}'
+            )
+        if sequence_layout == "padded" and not self.options.is_causal:
+            raise ValueError('sequence_layout="padded" needs causal attention')
+        self.attn_truncation_layers = attn_truncation_layers
+        self.attn_truncation_len = attn_truncation_len
+        self.sequence_layout = sequence_layout
+
+    def encode(
+        self, x: torch.Tensor, offsets: torch.Tensor, max_seqlen: int,
+        num_contextual: torch.Tensor | None, num_targets: torch.Tensor | None,
+        timestamps: torch.Tensor | None, query_timestamps: torch.Tensor | None,
+        truncated_sizes: tuple[int, int] | None,
+    ) -> torch.Tensor:
+        """The layers on the embedded tokens x [T, D]; the rest: :meth:`forward`'s."""
         dest = None
         if self.sequence_layout == "padded":  # no truncation: every layer runs below
             x, dest, offsets, num_targets, timestamps = self._pad(
@@ -178,21 +229,10 @@ class HSTUBlock(SequenceBlock):
         for layer in self.layers[full:]:
             y = layer(
                 y, sliced_offsets, min(max_seqlen, self.attn_truncation_len), sliced_ctx,
-                num_targets, sliced_ts, query_timestamps=query_timestamps, scaling_seqlen=max_seqlen,
+                num_targets, sliced_ts, query_timestamps=query_timestamps,
+                scaling_seqlen=max_seqlen,
             )
         return x.index_copy(0, rows, y)
-
-    def embed(
-        self, x: torch.Tensor, index: torch.Tensor | None, first_target: torch.Tensor | None
-    ) -> torch.Tensor:
-        """The layers' input, in every layout: Dropout(x * sqrt(D) + pos_emb[position]) of
-        tokens x [..., D] at ``index`` [...] inside their sample, whose first candidate is at
-        ``first_target`` (broadcast; None: no candidates); position = min(index,
-        first_target), clamped into the table (module docstring). ``index`` is unread (may
-        be None) without a position embedding."""
-        if self.position_embedding is not None and first_target is not None:
-            index = torch.minimum(index, first_target)  # type: ignore[arg-type]
-        return self.embed_at(x, index)
 
     def _truncate(
         self,
@@ -221,7 +261,8 @@ class HSTUBlock(SequenceBlock):
         if most_targets > keep:
             raise ValueError(
                 f"attention truncation keeps the last {keep} tokens of each sample "
-                f"(NetworkArgs.attn_truncation_len), fewer than a sample's {most_targets} candidates"
+                f"(NetworkArgs.attn_truncation_len), fewer than a sample's {most_targets} "
+                "candidates"
             )
         # token index (in x) of each kept token: its sample's offset + start + index in the slice
         rows = (offsets[:-1] + start)[segment_ids(kept, total)] + index_within(kept, total)

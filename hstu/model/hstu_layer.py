@@ -172,7 +172,8 @@ class NetworkOptions:
 
     @classmethod
     def from_network_args(cls, network_args: Any, **overrides: Any) -> Self:
-        """The options a NetworkArgs sets (fields it lacks keep their defaults), then ``overrides``."""
+        """The options a NetworkArgs sets (fields it lacks keep their defaults), then
+        ``overrides``."""
         values: dict[str, Any] = {}
         for f in fields(cls):  # type: ignore[arg-type]
             name = cls._NETWORK_NAMES.get(f.name, f.name)
@@ -296,7 +297,8 @@ class HSTULayer(nn.Module):
         check_window(o.max_attn_len, o.min_full_attn_seq_len)
         dropout, norm_eps, kernel_backend = o.dropout, o.norm_eps, o.kernel_backend
         is_causal, target_group_size, alpha = o.is_causal, o.target_group_size, o.alpha
-        attn_scaling_seqlen, uvqk_bias, norm_affine = o.attn_scaling_seqlen, o.uvqk_bias, o.norm_affine
+        attn_scaling_seqlen = o.attn_scaling_seqlen
+        uvqk_bias, norm_affine = o.uvqk_bias, o.norm_affine
         output_bias, relative_attention_bias = o.output_bias, o.relative_attention_bias
         rab_num_positions, rab_use_time = o.rab_num_positions, o.rab_use_time
         recompute_input_layernorm = o.recompute_input_layernorm
@@ -383,8 +385,8 @@ class HSTULayer(nn.Module):
             )
             # Megatron marks its weights as shards only when it initialises them itself
             # (perform_initialization=False here); clipping and checkpoints rely on the marks.
-            set_tensor_model_parallel_attributes(self.uvqk.weight, is_parallel=True, dim=0, stride=1)
-            set_tensor_model_parallel_attributes(self.output.weight, is_parallel=True, dim=1, stride=1)
+            for weight, dim in ((self.uvqk.weight, 0), (self.output.weight, 1)):
+                set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
             if norm_affine:
                 for p in (self.output_norm_weight, self.output_norm_bias):
                     set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
@@ -545,4 +547,7 @@ def _no_init(weight: torch.Tensor) -> None:
     """Megatron init hook; HSTULayer.reset_parameters sets the weights."""
 
 
-__all__ = ["DTYPES", "NUM_TIME_BUCKETS", "HSTULayer", "LayerOptions", "norm_linear_silu", "research_options"]
+__all__ = [
+    "DTYPES", "NUM_TIME_BUCKETS", "HSTULayer", "LayerOptions", "norm_linear_silu",
+    "research_options",
+]

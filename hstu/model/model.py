@@ -99,9 +99,10 @@ class RetrievalRecommender(GenerativeRecommender):
     def lookup_items(self, ids: torch.Tensor) -> torch.Tensor:
         """int64 [N] -> [N, D] raw item embeddings through the sparse module (every rank calls)."""
         item = self.dense_module.token_builder.item_feature_name
-        lengths = torch.cat(
-            [torch.tensor([ids.numel()] if k == item else [0], dtype=torch.int64) for k in self.feature_names]
-        ).to(ids.device)
+        lengths = torch.cat([
+            torch.tensor([ids.numel()] if k == item else [0], dtype=torch.int64)
+            for k in self.feature_names
+        ]).to(ids.device)
         kjt = KeyedJaggedTensor.from_lengths_sync(
             keys=self.feature_names, values=ids.to(torch.int64), lengths=lengths
         )
@@ -144,7 +145,9 @@ class RetrievalRecommender(GenerativeRecommender):
             corpus = self.corpus_vectors(chunk_size)
         batch = self.prepare(batch)
         embeddings = self.sparse(batch.features)
-        return self.dense_module.evaluate(batch, embeddings, corpus, top_k=top_k, chunk_size=chunk_size)
+        return self.dense_module.evaluate(
+            batch, embeddings, corpus, top_k=top_k, chunk_size=chunk_size
+        )
 
 
 __all__ = ["GenerativeRecommender", "RetrievalRecommender"]

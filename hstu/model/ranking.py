@@ -142,10 +142,13 @@ class RankingModel(DenseModel):
         logits = self.head(states[tokens.candidate_rows].float())  # [S_all, W]
         logits = take_own_rows(logits, layout.candidates, self.tp_group)
         scale = pending.wait()
-        loss = ranking_loss(logits, batch.labels, self.num_tasks, scale, check_labels=not self.training,
-                            weights=None if weights is None else weights.to(logits.device))
+        loss = ranking_loss(
+            logits, batch.labels, self.num_tasks, scale, check_labels=not self.training,
+            weights=None if weights is None else weights.to(logits.device),
+        )
         if self.training and self.history_loss_weight > 0:
-            loss = loss + self.history_loss_weight * self.history_loss(batch, inputs, layout, tokens, states)
+            history = self.history_loss(batch, inputs, layout, tokens, states)
+            loss = loss + self.history_loss_weight * history
         return loss, (logits.detach(), batch.labels)
 
     def history_loss(self, batch: Batch, inputs, layout, tokens, states) -> torch.Tensor:
@@ -157,9 +160,11 @@ class RankingModel(DenseModel):
         """
         if batch.action_feature_name is None:
             raise ValueError(
-                "RankingArgs.history_loss_weight > 0 needs action tokens (DatasetArgs.action_tokens = True)"
+                "RankingArgs.history_loss_weight > 0 needs action tokens "
+                "(DatasetArgs.action_tokens = True)"
             )
-        logits = self.head(states.index_select(0, tokens.history_query_rows).float())  # [sum(H)_all, W]
+        # [sum(H)_all, W]
+        logits = self.head(states.index_select(0, tokens.history_query_rows).float())
         logits = take_own_rows(logits, layout.history, self.tp_group)
         labels = batch.features[batch.action_feature_name].values().to(logits.device)
         # a fill on the device, not a copy from the host (a blocking copy on CUDA)

@@ -114,7 +114,10 @@ class RetrievalModel(DenseModel):
         name = token_builder.item_feature_name
         item_proj = token_builder.projections[name] if name in token_builder.projections else None  # noqa: SIM401
         self.query_projection: nn.Linear | None = (
-            nn.Linear(item_proj.out_features, item_proj.in_features, bias=False, dtype=item_proj.weight.dtype)
+            nn.Linear(
+                item_proj.out_features, item_proj.in_features, bias=False,
+                dtype=item_proj.weight.dtype,
+            )
             if item_proj is not None else None
         )
         self.num_items = num_items
@@ -197,9 +200,8 @@ class RetrievalModel(DenseModel):
         if corpus is not None and corpus.tbe:
             embeddings = self._route_item_rows(batch, embeddings, corpus)
         own, _, layout, tokens, states = self._states(batch, embeddings)
-        history_states = take_own_rows(
-            self.project_queries(states.index_select(0, tokens.history_query_rows)), layout.history, self.tp_group
-        )
+        projected = self.project_queries(states.index_select(0, tokens.history_query_rows))
+        history_states = take_own_rows(projected, layout.history, self.tp_group)
         # (index_select rather than x[rows] on these [rows, D] / [Q, M] gathers: several times
         # faster on CPU, forward and backward; the same values)
         # queries: history items j < H - 1 (position j predicts item j+1), listed per sample
@@ -279,11 +281,14 @@ class RetrievalModel(DenseModel):
         jt = out[name]
         ids = batch.features[name].values()
         counts = PendingCounts(ids.numel()).wait() if corpus.split else None
-        out[name] = JaggedTensor(values=corpus.batch_rows(jt.values(), ids, counts), lengths=jt.lengths())
+        out[name] = JaggedTensor(
+            values=corpus.batch_rows(jt.values(), ids, counts), lengths=jt.lengths()
+        )
         return out
 
     def history_window(
-        self, batch: Batch, own, q_seg: torch.Tensor, q_idx: torch.Tensor, item_starts: torch.Tensor,
+        self, batch: Batch, own, q_seg: torch.Tensor, q_idx: torch.Tensor,
+        item_starts: torch.Tensor,
     ) -> HistoryWindow:
         """RetrievalArgs.exclude_history_from_loss: query j of a sample (it predicts item j + 1)
         leaves out the items at positions 0..j of that sample (except its target); the window's
@@ -431,7 +436,9 @@ CPU_BLOCK_SCORE_BYTES = 4 << 20
 _CPU_MIN_BLOCK_ITEMS = 256
 
 
-def eval_block_items(num_queries: int, budget_bytes: int, device: torch.device | None = None) -> int:
+def eval_block_items(
+    num_queries: int, budget_bytes: int, device: torch.device | None = None
+) -> int:
     """Items per block so that a block's [num_queries, items] work stays within the budget
     (at least 1); on CPU also within :data:`CPU_BLOCK_SCORE_BYTES` of scores (at least
     256 items)."""
@@ -511,7 +518,8 @@ class CorpusSliceScorer:
         return out
 
     def count_and_top(
-        self, blocks: Iterable[tuple[int, int, torch.Tensor]], target_scores: torch.Tensor, top_k: int
+        self, blocks: Iterable[tuple[int, int, torch.Tensor]], target_scores: torch.Tensor,
+        top_k: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(how many items of ``blocks`` score >= the target [N] (the target itself not
         counted; excluded ids never), top_scores [N, k'], top_ids [N, k']) with k' = min(top_k,
@@ -542,10 +550,13 @@ class CorpusSliceScorer:
 
     def ranks(self, target_scores: torch.Tensor, ahead: torch.Tensor) -> torch.Tensor:
         """1-based target ranks [N] (float; inf: unranked) from the merged counts."""
-        return (ahead + 1).float().masked_fill(self.unranked | torch.isneginf(target_scores), float("inf"))
+        unranked = self.unranked | torch.isneginf(target_scores)
+        return (ahead + 1).float().masked_fill(unranked, float("inf"))
 
 
-def merge_top(parts: list[tuple[torch.Tensor, torch.Tensor]], top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_top(
+    parts: list[tuple[torch.Tensor, torch.Tensor]], top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-k of several slices' top-k lists ((scores [N, k_r], ids [N, k_r]) in id order
     of their slices): the same order as one list over every item (score descending, then id)."""
     scores = torch.cat([s for s, _ in parts], 1)

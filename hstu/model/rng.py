@@ -36,7 +36,9 @@ class _CpuTracker:
     @contextlib.contextmanager
     def fork(self) -> Iterator[None]:
         if self.state is None:
-            raise RuntimeError("the tensor-parallel RNG stream was never seeded (seed_tensor_parallel)")
+            raise RuntimeError(
+                "the tensor-parallel RNG stream was never seeded (seed_tensor_parallel)"
+            )
         saved = torch.get_rng_state()
         torch.set_rng_state(self.state)
         try:
@@ -61,7 +63,8 @@ def seed_tensor_parallel(seed: int, tp_rank: int) -> None:
         tracker = tensor_parallel.get_cuda_rng_tracker()
         tracker.reset()
         default = torch.cuda.get_rng_state()
-        tracker.add(tensor_parallel.random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + TP_SEED_OFFSET + tp_rank)
+        name = tensor_parallel.random._MODEL_PARALLEL_RNG_TRACKER_NAME
+        tracker.add(name, seed + TP_SEED_OFFSET + tp_rank)
         torch.cuda.set_rng_state(default)
     _CPU.seed(seed + TP_SEED_OFFSET + tp_rank)
 

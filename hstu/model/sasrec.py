@@ -42,7 +42,6 @@ from torch import Tensor, nn
 
 from hstu.model.hstu_block import SequenceBlock, to_padded
 from hstu.model.hstu_layer import NetworkOptions
-from hstu.model.jagged import positions_within
 
 FFN_ACTIVATIONS = ("swiglu", "gelu", "relu")
 
@@ -107,18 +106,20 @@ class SASRecLayer(nn.Module):
         self.output = nn.Linear(width, hidden_size, dtype=dtype)
         self.ffn_norm = nn.LayerNorm(hidden_size, eps=norm_eps, dtype=dtype)
         swiglu = o.ffn_activation == "swiglu"
-        self.ffn_in = nn.Linear(hidden_size, (2 if swiglu else 1) * inner, bias=not swiglu, dtype=dtype)
+        self.ffn_in = nn.Linear(
+            hidden_size, (2 if swiglu else 1) * inner, bias=not swiglu, dtype=dtype
+        )
         self.ffn_out = nn.Linear(inner, hidden_size, bias=not swiglu, dtype=dtype)
-        self.attn_gate = nn.Linear(hidden_size, hidden_size, dtype=dtype) if o.gated_residual else None
-        self.ffn_gate = nn.Linear(hidden_size, hidden_size, dtype=dtype) if o.gated_residual else None
+        gated = o.gated_residual
+        self.attn_gate = nn.Linear(hidden_size, hidden_size, dtype=dtype) if gated else None
+        self.ffn_gate = nn.Linear(hidden_size, hidden_size, dtype=dtype) if gated else None
 
     def attention(self, h: Tensor) -> Tensor:
         """Causal multi-head softmax attention of normalised tokens h [B, W, D] ->
         [B, W, NH*d] (before the output projection)."""
         bsz, width = h.shape[0], h.shape[1]
-        q, k, v = (
-            self.qkv(h).view(bsz, width, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        )  # each [B, NH, W, d]
+        qkv = self.qkv(h).view(bsz, width, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, NH, W, d]
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )
@@ -144,33 +145,20 @@ class SASRecLayer(nn.Module):
 
 
 class SASRecBlock(SequenceBlock):
-    """x -> Dropout(x * sqrt(D) + pos_emb) -> num_layers x SASRecLayer -> LayerNorm, with
-    HSTUBlock's forward contract (jagged in and out; module docstring). ``options``
-    (:class:`SASRecOptions`, with keyword ``overrides``) are every layer's; ``dropout`` is also
-    used on the input and ``dtype`` is the block's."""
+    """x -> Dropout(x * sqrt(D) + pos_emb) -> num_layers x SASRecLayer -> LayerNorm: the
+    arguments and forward contract of :class:`SequenceBlock` (``options``:
+    :class:`SASRecOptions`); contextual tokens, timestamps and the query time are not read
+    (plain causal attention; no time bias)."""
 
     attn_truncation_layers = 0  # read by hstu.model.encode (no attention truncation here)
+    options_type = SASRecOptions
+    layer_type = SASRecLayer
 
-    def __init__(
-        self,
-        num_layers: int,
-        hidden_size: int,
-        num_heads: int,
-        head_dim: int,
-        options: SASRecOptions | None = None,
-        *,
-        num_position_buckets: int = 8192,
-        use_position_embedding: bool = True,
-        **overrides: Any,
-    ) -> None:
-        options = replace(options or SASRecOptions(), **overrides)
-        super().__init__(
-            hidden_size, num_position_buckets, use_position_embedding, options.dropout, options.dtype
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.final_norm = nn.LayerNorm(
+            self.hidden_size, eps=self.options.norm_eps, dtype=self.options.dtype
         )
-        self.layers = nn.ModuleList(
-            SASRecLayer(hidden_size, num_heads, head_dim, options) for _ in range(num_layers)
-        )
-        self.final_norm = nn.LayerNorm(hidden_size, eps=options.norm_eps, dtype=options.dtype)
 
     def encode_padded(self, x: Tensor) -> Tensor:
         """The layers and the final norm on embedded tokens [B, W, D], each sample's real
@@ -179,21 +167,9 @@ class SASRecBlock(SequenceBlock):
             x = layer(x)
         return self.final_norm(x)
 
-    def forward(
-        self,
-        x: Tensor,
-        offsets: Tensor,
-        max_seqlen: int,
-        num_contextual: Tensor | None = None,
-        num_targets: Tensor | None = None,
-        timestamps: Tensor | None = None,
-        query_timestamps: Tensor | None = None,
-        truncated_sizes: tuple[int, int] | None = None,
-    ) -> Tensor:
-        """x [T, D] token embeddings, offsets int64 [B+1], ``max_seqlen`` W (>= every n_b)
-        -> states [T, D]. Contextual tokens, timestamps and the query time are not read
-        (plain causal attention; no time bias)."""
-        x = self.embed_at(x, positions_within(offsets, num_targets, x.shape[0]))
+    def encode(self, x: Tensor, offsets: Tensor, max_seqlen: int, *unread: Any) -> Tensor:
+        """Embedded tokens x [T, D], offsets int64 [B+1], ``max_seqlen`` W (>= every n_b) ->
+        states [T, D], through the padded layout."""
         padded, dest = to_padded(x, offsets, max_seqlen)
         states = self.encode_padded(padded.view(-1, max_seqlen, x.shape[1]))
         return states.reshape(-1, x.shape[1]).index_select(0, dest)
@@ -263,7 +239,9 @@ class SASRecInference(nn.Module):
             use_position_embedding=bool(cfg["use_position_embedding"]),
         )
         if cfg.get("query_projection"):
-            self.query_projection = nn.Linear(cfg["hidden_size"], int(cfg["query_projection"]), bias=False)
+            self.query_projection = nn.Linear(
+                cfg["hidden_size"], int(cfg["query_projection"]), bias=False
+            )
 
     def forward(
         self,
@@ -281,8 +259,8 @@ class SASRecInference(nn.Module):
         width = tokens.shape[1]
         hist = item_lengths - num_candidates  # [B]
         slot = torch.arange(width, device=items.device).unsqueeze(0)  # [1, L]
-        positions = torch.minimum(slot, hist.unsqueeze(1))  # candidates share the first's
-        states = self.block.encode_padded(self.block.embed_at(tokens, positions))
+        # candidates share the first's position
+        states = self.block.encode_padded(self.block.embed(tokens, slot, hist.unsqueeze(1)))
         # the last history item's state (a sample without history: its last token, as the trainer)
         last = torch.where(hist > 0, hist - 1, item_lengths - 1).clamp(min=0)
         query = states.gather(1, last.view(-1, 1, 1).expand(-1, 1, states.shape[-1])).squeeze(1)

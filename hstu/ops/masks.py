@@ -128,62 +128,6 @@ class AttentionOptions:
         check_window(self.max_attn_len, self.min_full_attn_seq_len)
 
 
-def allowed(
-    i: int,
-    j: int,
-    length: int,
-    num_contextual: int,
-    num_targets: int,
-    target_group_size: int,
-    causal: bool,
-    mask_convention: str = "hstu",
-    max_attn_len: int = 0,
-    min_full_attn_seq_len: int = 0,
-) -> bool:
-    """The mask rule for one (query i, key j) pair of one sample, in plain Python.
-
-    Deliberately written as the docstring above states it, for tests and documentation.
-    """
-    check_mask_convention(mask_convention)
-    check_window(max_attn_len, min_full_attn_seq_len)
-    peer = mask_convention == "peer"
-    if i >= length or j >= length:
-        return False
-    first_candidate = length - num_targets
-    contextual_keys = first_candidate if peer else num_contextual
-    if i < num_contextual and j < contextual_keys:
-        return True
-    if causal and j > i:
-        return False
-    if j < first_candidate:
-        base = True
-    elif i < first_candidate:
-        base = peer
-    else:
-        base = (i - first_candidate) // target_group_size == (
-            (j - first_candidate) // target_group_size
-        )
-    if not base or max_attn_len == 0:
-        return base
-    if (i < num_contextual and j < first_candidate) or (not peer and j < num_contextual):
-        return True
-    if min_full_attn_seq_len > 0 and window_position(i, num_contextual, first_candidate) >= (
-        first_candidate - min_full_attn_seq_len
-    ):
-        return True
-    distance = window_position(i, num_contextual, first_candidate) - window_position(
-        j, num_contextual, first_candidate
-    )
-    return abs(distance) <= max_attn_len
-
-
-def window_position(t: int, num_contextual: int, first_candidate: int) -> int:
-    """pos(t) of the semi-local rule (module docstring)."""
-    if t < num_contextual:
-        return num_contextual - 1
-    return min(t, first_candidate)
-
-
 def dense_mask(
     lengths: Tensor,
     num_contextual: Tensor | None,

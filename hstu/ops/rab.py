@@ -49,7 +49,8 @@ class RelativeAttentionBias:
     def validate(self, num_tokens: int, max_seqlen: int, num_samples: int | None = None) -> None:
         if self.pos_weights.dim() != 1 or self.pos_weights.numel() % 2 != 1:
             raise ValueError(
-                f"rab.pos_weights must be 1-D of odd length 2*P-1, got {tuple(self.pos_weights.shape)}"
+                "rab.pos_weights must be 1-D of odd length 2*P-1, got "
+                f"{tuple(self.pos_weights.shape)}"
             )
         if max_seqlen > self.max_positions:
             raise ValueError(

@@ -40,7 +40,9 @@ TABLES_FILE = "tables.pt"
 WEIGHTS_FILE = "dense_weights.pt"
 DENSE_PROGRAM = "dense.pt2"
 AOTI_PACKAGE = "dense_aoti.pt2"
-CACHE_PROGRAMS = {"encode_history": "encode_history.pt2", "score_candidates": "score_candidates.pt2"}
+CACHE_PROGRAMS = {
+    "encode_history": "encode_history.pt2", "score_candidates": "score_candidates.pt2"
+}
 EMBEDDING_DUMP = "item_embeddings.parquet"
 ITEM_MAP = "item_map.parquet"
 USER_MAP = "user_map.parquet"
@@ -151,7 +153,9 @@ def pad_inputs(
     if names:
         if contextual is None:
             raise ArtifactError(f"this model reads contextual features {names}; the input has none")
-        ctx = torch.stack([tables.lookup(n, contextual[:, k].to(torch.int64)) for k, n in enumerate(names)], 1)
+        ctx = torch.stack(
+            [tables.lookup(n, contextual[:, k].to(torch.int64)) for k, n in enumerate(names)], 1
+        )
     out = (padded, lengths, num_candidates.to(torch.int64), ts, acts, ctx)
     if cfg.get("rab_query_time", False):
         if request_times is None or ts is None:
@@ -178,7 +182,9 @@ class Corpus:
         self.min_item_id = int(cfg["min_item_id"])
         t = Tables({"item": item_table})
         ids = torch.arange(self.num_items, dtype=torch.int64)
-        self.vectors = F.normalize(t.lookup("item", ids).float(), p=2.0, dim=-1, eps=float(cfg["l2_norm_eps"]))
+        self.vectors = F.normalize(
+            t.lookup("item", ids).float(), p=2.0, dim=-1, eps=float(cfg["l2_norm_eps"])
+        )
 
     def top_k(self, queries: Tensor, histories: list[Tensor], k: int) -> tuple[Tensor, Tensor]:
         """queries [B, D] -> (ids [B, k], scores [B, k]): history items and ids below
@@ -187,7 +193,8 @@ class Corpus:
         if self.min_item_id > 0:
             scores[:, : self.min_item_id] = float("-inf")
         if histories:
-            rows = torch.repeat_interleave(torch.arange(len(histories)), torch.tensor([h.numel() for h in histories]))
+            sizes = torch.tensor([h.numel() for h in histories])
+            rows = torch.repeat_interleave(torch.arange(len(histories)), sizes)
             hist = torch.cat(histories)
             inside = (hist >= 0) & (hist < self.num_items)
             scores[rows[inside], hist[inside]] = float("-inf")
@@ -215,7 +222,10 @@ def example_inputs(cfg: dict[str, Any], batch_size: int = 3, slots: int = 5) -> 
     ranking = cfg["task"] == "ranking"
     uses_time = cfg["relative_attention_bias"] and cfg["rab_use_time"]
     lengths = torch.tensor([n, n - 1, 2][:b] + [n] * max(0, b - 3), dtype=torch.int64)
-    cands = torch.tensor([2, 1, 1][:b] + [1] * max(0, b - 3), dtype=torch.int64) if ranking else torch.zeros(b, dtype=torch.int64)
+    if ranking:
+        cands = torch.tensor([2, 1, 1][:b] + [1] * max(0, b - 3), dtype=torch.int64)
+    else:
+        cands = torch.zeros(b, dtype=torch.int64)
     items = torch.randn(b, n, dims[cfg["item_feature_name"]])
     ts = torch.cumsum(torch.randint(1, 1000, (b, n)), 1) if uses_time else None
     acts = torch.randn(b, n, dims[cfg["action_feature_name"]]) if cfg["has_action"] else None
@@ -251,12 +261,19 @@ def example_inputs(cfg: dict[str, Any], batch_size: int = 3, slots: int = 5) -> 
         k = 3
         out["score_candidates"] = (
             "score_candidates",
-            [torch.randn(layers, b, width, heads, hd), torch.randn(layers, b, width, heads, hd),
-             torch.cumsum(torch.randint(1, 1000, (b, width)), 1), torch.full((b,), width - 1, dtype=torch.int64),
-             torch.randn(b, k, dims[cfg["item_feature_name"]]), torch.tensor([3, 2, 1][:b] + [3] * max(0, b - 3)),
-             torch.cumsum(torch.randint(1, 1000, (b, k)), 1) + 10**6 if uses_time else None],
-            [(None, "B", "W", None, None), (None, "B", "W", None, None), ("B", "W"), ("B",), ("B", "K", None), ("B",),
-             ("B", "K") if uses_time else None],
+            [
+                torch.randn(layers, b, width, heads, hd),
+                torch.randn(layers, b, width, heads, hd),
+                torch.cumsum(torch.randint(1, 1000, (b, width)), 1),
+                torch.full((b,), width - 1, dtype=torch.int64),
+                torch.randn(b, k, dims[cfg["item_feature_name"]]),
+                torch.tensor([3, 2, 1][:b] + [3] * max(0, b - 3)),
+                torch.cumsum(torch.randint(1, 1000, (b, k)), 1) + 10**6 if uses_time else None,
+            ],
+            [
+                (None, "B", "W", None, None), (None, "B", "W", None, None), ("B", "W"), ("B",),
+                ("B", "K", None), ("B",), ("B", "K") if uses_time else None,
+            ],
         )
     return out
 
@@ -302,7 +319,10 @@ class Artifact:
     def _open(self, use_aoti: bool) -> None:
         manifest = self.path / MANIFEST
         if not manifest.is_file():
-            raise ArtifactError(f"{self.path}: not an hstu artifact (no {MANIFEST}); write one with python -m hstu.export")
+            raise ArtifactError(
+                f"{self.path}: not an hstu artifact (no {MANIFEST}); write one with "
+                "python -m hstu.export"
+            )
         try:
             self.manifest = json.loads(manifest.read_text())
         except ValueError as exc:
@@ -310,8 +330,9 @@ class Artifact:
         fmt, version = self.manifest.get("format"), self.manifest.get("format_version")
         if fmt != FORMAT or version not in READABLE_VERSIONS:
             raise ArtifactError(
-                f"{self.path}: artifact format {fmt!r} version {version}, this hstu reads {FORMAT!r} "
-                f"versions {', '.join(map(str, READABLE_VERSIONS))}; re-export the checkpoint with "
+                f"{self.path}: artifact format {fmt!r} version {version}, this hstu reads "
+                f"{FORMAT!r} versions {', '.join(map(str, READABLE_VERSIONS))}; re-export the "
+                "checkpoint with "
                 "python -m hstu.export"
             )
         from hstu.training.checkpoint import check_files  # torch only: the checkpoints' check
@@ -395,22 +416,29 @@ class Artifact:
         """Retrieval: per-user histories (model item ids) -> top-k (ids [B, k], scores [B, k]).
         ``request_times`` int64 [B] (unix seconds): when each query is asked, which a model
         trained with ``rab_query_time`` needs (:attr:`uses_request_time`)."""
-        inputs = pad_inputs(self.tables, self.cfg, items, timestamps, torch.zeros(len(items), dtype=torch.int64),
-                            actions, contextual, request_times)
+        no_candidates = torch.zeros(len(items), dtype=torch.int64)
+        inputs = pad_inputs(
+            self.tables, self.cfg, items, timestamps, no_candidates, actions, contextual,
+            request_times,
+        )
         return self.corpus.top_k(self.run(inputs), items, k)
 
     @torch.no_grad()
     def score(self, items: list[Tensor], timestamps: list[Tensor] | None, num_candidates: Tensor,
               actions: list[Tensor] | None = None, contextual: Tensor | None = None) -> Tensor:
         """Ranking: per-user items (history then candidates) -> logits [sum(C), W]."""
-        keep = int(self.cfg.get("attn_truncation_len", 0)) if self.cfg.get("attn_truncation_layers", 0) else 0
+        keep = 0
+        if self.cfg.get("attn_truncation_layers", 0):
+            keep = int(self.cfg.get("attn_truncation_len", 0))
         if keep and num_candidates.numel() and int(num_candidates.max()) > keep:
             raise ArtifactError(
                 f"{int(num_candidates.max())} candidates in one request, but the model's attention "
                 f"truncation keeps the last {keep} tokens of a sample (attn_truncation_len); "
                 f"score at most {keep} candidates per request"
             )
-        inputs = pad_inputs(self.tables, self.cfg, items, timestamps, num_candidates, actions, contextual)
+        inputs = pad_inputs(
+            self.tables, self.cfg, items, timestamps, num_candidates, actions, contextual
+        )
         return candidate_logits(self.run(inputs), inputs[1], inputs[2])
 
 

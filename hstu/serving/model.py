@@ -152,7 +152,8 @@ class InferenceHSTU(nn.Module):
             parts.append((values, first, slots_ctx))
         values, times, dests = zip(*parts)
         dest = torch.cat(dests, 1)
-        tokens = place(torch.cat([v.float() for v in values], 1), dest, width + 1).narrow(1, 0, width)
+        every = torch.cat([v.float() for v in values], 1)
+        tokens = place(every, dest, width + 1).narrow(1, 0, width)
         token_ts = None
         if timestamps is not None:
             token_ts = place(torch.cat(times, 1), dest, width + 1).narrow(1, 0, width)

@@ -46,6 +46,7 @@ MANIFEST = "manifest.json"  # the artifact's (hstu.serving.artifact.MANIFEST; no
 _VERSION = re.compile(r"^v(\d+)$")
 EXIT_BAD_INPUT = 2
 EXIT_DAMAGED = 3
+_REPAIR = "publish again or write the name of a complete version into it"
 
 
 class VersionError(Exception):
@@ -88,8 +89,9 @@ def read_pointer(root: str | Path) -> str | None:
         return None
     name = text.strip()
     if step_of(name) is None:
-        raise VersionError(f"{path}: holds {text[:40]!r}, not a version name (v<step>); "
-                           "publish again or write the name of a complete version into it", EXIT_DAMAGED)
+        raise VersionError(
+            f"{path}: holds {text[:40]!r}, not a version name (v<step>); {_REPAIR}", EXIT_DAMAGED
+        )
     return name
 
 
@@ -148,8 +150,10 @@ def open_latest(root: str | Path, attempts: int = 200) -> tuple[Path, Lease]:
     for _ in range(attempts):
         name = read_pointer(root)
         if name is None:
-            raise VersionError(f"{root}: a versioned serving root with no complete version yet "
-                               f"(no {POINTER}); publish one with python -m hstu.export --versioned")
+            raise VersionError(
+                f"{root}: a versioned serving root with no complete version yet (no {POINTER}); "
+                "publish one with python -m hstu.export --versioned"
+            )
         path = root / name
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -160,8 +164,10 @@ def open_latest(root: str | Path, attempts: int = 200) -> tuple[Path, Lease]:
         if _same_folder(fd, path):
             return path, Lease(fd, path)
         os.close(fd)
-    raise VersionError(f"{root / POINTER}: names {name}, which is not there (removed by hand?); "
-                       "publish again or write the name of a complete version into it", EXIT_DAMAGED)
+    raise VersionError(
+        f"{root / POINTER}: names {name}, which is not there (removed by hand?); {_REPAIR}",
+        EXIT_DAMAGED,
+    )
 
 
 # ----------------------------------------------------------------------------- writing
@@ -211,7 +217,9 @@ def _check_complete(folder: Path) -> None:
     from hstu.training.checkpoint import _fsync_file, check_files, fsync_dir
 
     if not (folder / MANIFEST).is_file():
-        raise VersionError(f"{folder}: the writer left no {MANIFEST}; nothing published", EXIT_DAMAGED)
+        raise VersionError(
+            f"{folder}: the writer left no {MANIFEST}; nothing published", EXIT_DAMAGED
+        )
     problem = check_files(str(folder), checksums=False)
     if problem is not None:
         raise VersionError(f"{problem}; nothing published", EXIT_DAMAGED)
@@ -251,7 +259,10 @@ def prune(root: str | Path, keep: int, log: Callable[[str], Any] = print) -> lis
     if removed or busy:
         fsync_dir(str(root))
     if busy:
-        log(f"[export] kept {', '.join(busy)} beyond keep={keep}: a reader holds it (removed at a later publish)")
+        log(
+            f"[export] kept {', '.join(busy)} beyond keep={keep}: a reader holds it (removed at "
+            "a later publish)"
+        )
     return removed
 
 

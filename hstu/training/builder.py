@@ -84,7 +84,9 @@ def model_data_info(
 
 def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters outside the embedding tables (those are updated in backward)."""
-    sparse = {id(p) for m in model.modules() if isinstance(m, HstuEmbeddings) for p in m.parameters()}
+    sparse = {
+        id(p) for m in model.modules() if isinstance(m, HstuEmbeddings) for p in m.parameters()
+    }
     return [p for p in model.parameters() if id(p) not in sparse and p.requires_grad]
 
 
@@ -105,14 +107,16 @@ def data_notes(info: DataInfo) -> list[str]:
         )
     if info.tied_eval_items:
         notes.append(
-            f"[hstu] warning: {info.tied_eval_items} of {info.num_eval_items} evaluation items share "
-            "their timestamp with the last history item (ties at the split keep the raw file's "
-            "order; coarse timestamps make the split partly arbitrary)"
+            f"[hstu] warning: {info.tied_eval_items} of {info.num_eval_items} evaluation items "
+            "share their timestamp with the last history item (ties at the split keep the raw "
+            "file's order; coarse timestamps make the split partly arbitrary)"
         )
     return notes
 
 
-def negative_sampler(cfg: RunConfig, info: DataInfo, device: torch.device) -> NegativeSampler | None:
+def negative_sampler(
+    cfg: RunConfig, info: DataInfo, device: torch.device
+) -> NegativeSampler | None:
     """Retrieval with uniform, mixed or full-corpus negatives: what the batches carry (the
     index's transpose only for the CPU score kernel, the one that reads it)."""
     if cfg.task != "retrieval" or cfg.network.architecture == "mlp_baseline":
@@ -144,7 +148,10 @@ def ensure_generated(cfg: RunConfig, env: DistEnv) -> None:
     if env.local_rank == 0:  # once per node: nodes need not share a filesystem
         from hstu.data.preprocess import preprocess
 
-        preprocess("synthetic", out=os.path.dirname(path) or ".", synthetic=cfg.extras.get("SyntheticDataArgs"))
+        preprocess(
+            "synthetic", out=os.path.dirname(path) or ".",
+            synthetic=cfg.extras.get("SyntheticDataArgs"),
+        )
     if dist.is_initialized():
         dist.barrier()
 
@@ -169,7 +176,10 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         # with a selection metric, training evaluates on the validation split only
         split = "valid" if t.best_metric is not None else cfg.dataset.eval_split
         split_kwargs = {"split": split, "holdout_validation": cfg.dataset.holdout_validation}
-    data_args = (cfg.dataset, cfg.task, t.train_batch_size, t.eval_batch_size, env.rank, env.world_size, t.seed)
+    data_args = (
+        cfg.dataset, cfg.task, t.train_batch_size, t.eval_batch_size, env.rank, env.world_size,
+        t.seed,
+    )
     split_kwargs["tp_size"] = env.tp_size  # batches carry their TP group's sizes
     train_loader, eval_loader, info = build_data(*data_args, **split_kwargs)
     if env.is_main:
@@ -283,5 +293,6 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         # ... and an overflowing step (on any rank, in any part) leaves them as they were
         optimizer.table_guard = TableStepGuard(model)
     return Built(
-        train_loader, eval_loader, info, tables, placements, model, optimizer, total_steps, test_loader
+        train_loader, eval_loader, info, tables, placements, model, optimizer, total_steps,
+        test_loader,
     )

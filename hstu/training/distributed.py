@@ -194,7 +194,9 @@ def _drop_megatron_groups(ps: Any) -> None:
     def holds_group(value: Any) -> bool:
         if isinstance(value, dist.ProcessGroup):
             return True
-        return isinstance(value, (list, tuple)) and any(isinstance(v, dist.ProcessGroup) for v in value)
+        return isinstance(value, (list, tuple)) and any(
+            isinstance(v, dist.ProcessGroup) for v in value
+        )
 
     for name, value in list(vars(ps).items()):
         if name.startswith("_") and name.isupper() and holds_group(value):

@@ -30,9 +30,9 @@ Checkpoints carry it (exact resume, any world size): the dense part in the dense
 part through DCP under ``embeddings_ema.<weight key>``
 (``hstu.training.checkpoint.EMA_TABLES_KEY``), sharded like the weight itself, so a resume on
 another world size reshards it as it reshards the tables. A save reads the average, so every
-row is caught up first: the rows' ``last`` then all equal ``ema_updates`` and are not saved. A weights-only load
-(``hstu.training.checkpoint_manager.load_weights``, which ``hstu.export`` uses) of a
-checkpoint that has an average takes the average.
+row is caught up first: the rows' ``last`` then all equal ``ema_updates`` and are not saved. A
+weights-only load (``hstu.training.checkpoint_manager.load_weights``, which ``hstu.export`` uses) of
+a checkpoint that has an average takes the average.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ _SWAP_ROWS = 1 << 16  # rows exchanged at a time when the average is swapped in
 def _swap_rows(a: torch.Tensor, b: torch.Tensor) -> None:
     """Exchanges the values of two same-shape float32 tensors in place, one chunk of rows
     through a temporary at a time."""
-    a2, b2 = a.view(a.shape[0], -1) if a.dim() else a.view(1, 1), b.view(b.shape[0], -1) if b.dim() else b.view(1, 1)
+    a2, b2 = (t.view(t.shape[0], -1) if t.dim() else t.view(1, 1) for t in (a, b))
     for lo in range(0, a2.shape[0], _SWAP_ROWS):
         hi = min(lo + _SWAP_ROWS, a2.shape[0])
         tmp = a2[lo:hi].clone()
@@ -205,7 +205,9 @@ class WeightAverage:
                     for i, w in zip(ids, weights):
                         hi = lo + w.shape[0]
                         self.shadow[i] = whole.shadow[lo:hi]
-                        self.lazy.append(_LazyTable(self._live[i], self.shadow[i], whole.last[lo:hi]))
+                        self.lazy.append(
+                            _LazyTable(self._live[i], self.shadow[i], whole.last[lo:hi])
+                        )
                         lo = hi
                     starts = torch.tensor([0] + [w.shape[0] for w in weights[:-1]]).cumsum(0)
                     first_row = starts[torch.tensor(list(tbe.feature_table_map))]  # [F]
@@ -236,7 +238,8 @@ class WeightAverage:
             with torch.autograd.profiler.record_function(PROFILE_LABEL):
                 if first_row.numel() > 1:
                     # bags are feature-major, B per feature; sized from the shapes (no sync)
-                    per_bag = first_row.repeat_interleave((offsets.numel() - 1) // first_row.numel())
+                    per_feature = (offsets.numel() - 1) // first_row.numel()
+                    per_bag = first_row.repeat_interleave(per_feature)
                     indices = indices + per_bag.repeat_interleave(
                         offsets.diff(), output_size=indices.numel())
                 self._catch_up_rows(whole, indices)
@@ -254,7 +257,8 @@ class WeightAverage:
             indices = kwargs["indices"] if "indices" in kwargs else args[0]
             offsets = kwargs["offsets"] if "offsets" in kwargs else args[1]
             with torch.autograd.profiler.record_function(PROFILE_LABEL):
-                for entry, rows in zip(entries, kernel_rows(feature_table, len(entries), indices, offsets)):
+                per_table = kernel_rows(feature_table, len(entries), indices, offsets)
+                for entry, rows in zip(entries, per_table):
                     if entry is not None:
                         self._catch_up_rows(entry, rows)
 
@@ -270,7 +274,8 @@ class WeightAverage:
         (on a CPU, a 500k-row write into a 1M x 64 table: 4x faster than in lookup order)."""
         rows = torch.sort(rows).values
         n = self.num_updates
-        prod = torch.exp(self._log_decays_at(n) - self._log_decays(entry.last.index_select(0, rows)))
+        since = self._log_decays(entry.last.index_select(0, rows))
+        prod = torch.exp(self._log_decays_at(n) - since)
         caught = torch.lerp(entry.weight.index_select(0, rows).float(),
                             entry.shadow.index_select(0, rows), prod.float().unsqueeze(1))
         entry.shadow.index_copy_(0, rows, caught)
@@ -283,8 +288,10 @@ class WeightAverage:
             size = max(1024, 2 * (self.num_updates + 1))
             kk = torch.arange(size, dtype=torch.int64, device=k.device)
             warm = kk.clamp(max=self._warm).double()
-            self._log_table = (torch.lgamma(warm + 1.0) - torch.lgamma(warm + 10.0) + math.lgamma(10.0)
-                               + (kk - self._warm).clamp(min=0).double() * math.log(self.decay))
+            self._log_table = (
+                torch.lgamma(warm + 1.0) - torch.lgamma(warm + 10.0) + math.lgamma(10.0)
+                + (kk - self._warm).clamp(min=0).double() * math.log(self.decay)
+            )
         return self._log_table[k]
 
     def _log_decays_at(self, n: int) -> float:

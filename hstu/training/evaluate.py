@@ -33,7 +33,9 @@ def _restart(loader: Any) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: Any, cfg: RunConfig, env: DistEnv, max_iters: int | None) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, loader: Any, cfg: RunConfig, env: DistEnv, max_iters: int | None
+) -> dict[str, float]:
     model.eval()
     _restart(loader)
     if cfg.task == "retrieval":
@@ -69,7 +71,8 @@ def _user_keys(users: np.ndarray, seed: int) -> np.ndarray:
     """A seeded 64-bit hash of each user id (splitmix64's finaliser over seed and id), uint64
     [n]: the same for a user whatever the split's size, order or rank."""
     with np.errstate(over="ignore"):
-        x = users.astype(np.uint64) ^ (np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15))
+        key = np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15)
+        x = users.astype(np.uint64) ^ key
         for shift, mul in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
             x ^= x >> np.uint64(shift)
             x *= np.uint64(mul)
@@ -218,7 +221,9 @@ def rank_corpus(model: Any, own: tuple[torch.Tensor, ...], budget_bytes: int,
     if not _streams(longest, queries.shape[1], budget_bytes):
         blocks = blocks.held(lo, hi)  # the slice fits the budget: looked up once
     scorer = CorpusSliceScorer(q, num_items=num_items, min_item_id=dense.min_item_id)
-    target = _all_reduce_host(scorer.target_scores(blocks), dist.ReduceOp.MAX if world > 1 else None)
+    target = _all_reduce_host(
+        scorer.target_scores(blocks), dist.ReduceOp.MAX if world > 1 else None
+    )
     ahead, top_scores, top_ids = scorer.count_and_top(blocks, target, top_k)
     ahead = _all_reduce_host(ahead, dist.ReduceOp.SUM if world > 1 else None)
     ranks = scorer.ranks(target, ahead)[first:first + counts[rank]]
@@ -230,7 +235,9 @@ def rank_corpus(model: Any, own: tuple[torch.Tensor, ...], budget_bytes: int,
     return ranks, top
 
 
-def _evaluate_retrieval(model: Any, loader: Any, cfg: RunConfig, env: DistEnv, max_iters: int | None) -> dict[str, float]:
+def _evaluate_retrieval(
+    model: Any, loader: Any, cfg: RunConfig, env: DistEnv, max_iters: int | None
+) -> dict[str, float]:
     r = cfg.retrieval
     names = list(r.eval_metrics)
     loader, used, total = eval_subset(loader, r.eval_num_users, cfg.trainer.seed)
@@ -267,7 +274,9 @@ def _gather(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _evaluate_ranking(model: Any, loader: Any, cfg: RunConfig, env: DistEnv, max_iters: int | None) -> dict[str, float]:
+def _evaluate_ranking(
+    model: Any, loader: Any, cfg: RunConfig, env: DistEnv, max_iters: int | None
+) -> dict[str, float]:
     num_tasks = cfg.ranking.num_tasks
     all_logits, all_labels = [], []
     loss_sum, loss_n = 0.0, 0
@@ -332,7 +341,10 @@ def ranking_aucs(logits: torch.Tensor, labels: torch.Tensor, num_tasks: int,
         from torchmetrics.functional.classification import multiclass_auroc
 
         out["AUC"] = float(
-            multiclass_auroc(logits.float(), labels.long().clamp(0, width - 1), num_classes=width, average="macro")
+            multiclass_auroc(
+                logits.float(), labels.long().clamp(0, width - 1), num_classes=width,
+                average="macro",
+            )
         )
     return out, one_class
 
@@ -452,7 +464,8 @@ def prior_baseline(train_loader: Any, eval_loader: Any, cfg: RunConfig, env: Dis
     store, samples = train_loader.store, train_loader.samples
     if store.actions is None:
         return None
-    train_labels = torch.from_numpy(store.actions[gather_ranges(samples.hist_end, samples.cand_end)])
+    candidates = gather_ranges(samples.hist_end, samples.cand_end)
+    train_labels = torch.from_numpy(store.actions[candidates])
     num_tasks = cfg.ranking.num_tasks
     width = cfg.ranking.prediction_head_arch[-1]
     eps = 1e-6
@@ -522,10 +535,12 @@ def item_rate_baseline(train_loader: Any, eval_loader: Any, cfg: RunConfig, env:
         seen += np.bincount(items, minlength=n)
         if bce:
             for t in range(num_tasks):
-                hits[:, t] += np.bincount(items[(labels >> t) & 1 == 1], minlength=n).astype(np.int32)
+                positive = items[(labels >> t) & 1 == 1]
+                hits[:, t] += np.bincount(positive, minlength=n).astype(np.int32)
         else:
             cls = np.clip(labels, 0, width - 1)
-            hits += np.bincount(items * width + cls, minlength=n * width).reshape(n, width).astype(np.int32)
+            counts = np.bincount(items * width + cls, minlength=n * width)
+            hits += counts.reshape(n, width).astype(np.int32)
     m, eps = ITEM_RATE_PSEUDO_LABELS, 1e-6
     total = max(int(seen.sum()), 1)
     if bce:  # per task: the item's positive rate, shrunk toward the prior
@@ -558,7 +573,9 @@ def item_rate_baseline(train_loader: Any, eval_loader: Any, cfg: RunConfig, env:
             got, lab = got[keep], lab[keep]
         scores.append(got)
         wanted.append(lab)
-    probs = _gather(torch.cat(scores) if scores else torch.zeros(0, hits.shape[1], dtype=torch.float64))
+    probs = _gather(
+        torch.cat(scores) if scores else torch.zeros(0, hits.shape[1], dtype=torch.float64)
+    )
     labels = _gather(torch.cat(wanted) if wanted else torch.zeros(0, dtype=torch.int64))
     if labels.numel() == 0:
         return None

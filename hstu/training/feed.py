@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 
 from hstu.training.cpu_placement import lower_this_thread
-from hstu.training.flops import hstu_step_flops
+from hstu.training.flops import step_flops
 
 _DONE = object()
 
@@ -117,19 +117,7 @@ class Feed:
         seqlens += len(batch.contextual_feature_names)
         if batch.action_feature_name is not None:
             seqlens += batch.features[batch.action_feature_name].lengths()
-        n = self.network
-        if n.architecture == "sasrec":
-            from hstu.model.sasrec import sasrec_step_flops
-
-            return BatchCost(int(seqlens.sum()), sasrec_step_flops(seqlens, n), samples)
-        if n.architecture != "hstu":  # the MLP baseline: no HSTU FLOPs to count
-            return BatchCost(int(seqlens.sum()), 0.0, samples)
-        flops = hstu_step_flops(
-            seqlens, n.num_layers, n.hidden_size, n.num_attention_heads, n.kv_channels,
-            max_attn_len=n.max_attn_len, min_full_attn_seq_len=n.min_full_attn_seq_len,
-            attn_truncation_layers=n.attn_truncation_layers,
-            attn_truncation_len=n.attn_truncation_len,
-        )
+        flops = step_flops(seqlens, self.network)
         return BatchCost(int(seqlens.sum()), flops, samples)
 
     def pop_cost(self) -> BatchCost:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from functools import cache
+from typing import Any
 
 import torch
 
@@ -61,7 +62,9 @@ def _sum_min(a: torch.Tensor, b: torch.Tensor, w: int) -> torch.Tensor:
     return prefix(b) - prefix(a)
 
 
-def attention_pairs(seqlens: torch.Tensor, max_attn_len: int = 0, min_full_attn_seq_len: int = 0) -> torch.Tensor:
+def attention_pairs(
+    seqlens: torch.Tensor, max_attn_len: int = 0, min_full_attn_seq_len: int = 0
+) -> torch.Tensor:
     """(query, key) pairs the causal mask keeps per sample, float64 [B]: L (L + 1) / 2, or with
     a window W (``hstu.ops.masks``) each row i sees min(i, W) + 1 keys, except the last M
     (``min_full_attn_seq_len``) rows, which see i + 1 (contextual tokens and candidates are
@@ -76,37 +79,44 @@ def attention_pairs(seqlens: torch.Tensor, max_attn_len: int = 0, min_full_attn_
     return windowed + tail
 
 
-def hstu_step_flops(
-    seqlens: torch.Tensor,
-    num_layers: int,
-    hidden_size: int,
-    num_heads: int,
-    head_dim: int,
-    extra_forward_flops: float = 0.0,
-    max_attn_len: int = 0,
-    min_full_attn_seq_len: int = 0,
-    attn_truncation_layers: int = 0,
-    attn_truncation_len: int = 0,
-) -> float:
-    """Forward + backward FLOPs of the HSTU block for one batch.
+def hstu_step_flops(seqlens: torch.Tensor, network_args: Any) -> float:
+    """Forward + backward FLOPs of the HSTU block NetworkArgs (or an object with its field
+    names) describes, for one batch.
 
     seqlens: [B] tokens per sample after interleaving (contextual + items + actions +
     candidates). Per layer, forward: 2·T·D·4Hd (U/V/Q/K) + 2·T·Hd·D (output projection)
     + 4·Hd·P (Q Kᵀ and A V over the P pairs the mask keeps: :func:`attention_pairs`, with
-    the semi-local window). With attention truncation the layers above
-    ``attn_truncation_layers`` count each sample's last ``attn_truncation_len`` tokens only.
-    Backward is twice the forward.
+    the semi-local window ``max_attn_len``, ``min_full_attn_seq_len``). With attention
+    truncation the layers above ``attn_truncation_layers`` count each sample's last
+    ``attn_truncation_len`` tokens only. Backward is twice the forward.
     """
-    hd = num_heads * head_dim
+    n = network_args
+    d_model, hd = n.hidden_size, n.num_attention_heads * n.kv_channels
+    window = getattr(n, "max_attn_len", 0), getattr(n, "min_full_attn_seq_len", 0)
+    truncated = getattr(n, "attn_truncation_layers", 0)
 
     def layer(lengths: torch.Tensor) -> float:
         tokens = float(lengths.sum())
-        pairs = float(attention_pairs(lengths, max_attn_len, min_full_attn_seq_len).sum())
-        return 2 * tokens * hidden_size * 4 * hd + 2 * tokens * hd * hidden_size + 4 * hd * pairs
+        pairs = float(attention_pairs(lengths, *window).sum())
+        return 2 * tokens * d_model * 4 * hd + 2 * tokens * hd * d_model + 4 * hd * pairs
 
-    if attn_truncation_layers > 0:
-        short = seqlens.clamp(max=attn_truncation_len)
-        total = attn_truncation_layers * layer(seqlens) + (num_layers - attn_truncation_layers) * layer(short)
+    if truncated > 0:
+        short = seqlens.clamp(max=n.attn_truncation_len)
+        total = truncated * layer(seqlens) + (n.num_layers - truncated) * layer(short)
     else:
-        total = num_layers * layer(seqlens)
-    return 3.0 * (total + extra_forward_flops)
+        total = n.num_layers * layer(seqlens)
+    return 3.0 * total
+
+
+def step_flops(seqlens: torch.Tensor, network_args: Any) -> float:
+    """Forward + backward FLOPs of one batch (seqlens [B] tokens per sample) through the
+    sequence block of ``NetworkArgs.architecture``: :func:`hstu_step_flops`,
+    :func:`hstu.model.sasrec.sasrec_step_flops`, or 0 for the MLP baseline (no block)."""
+    architecture = getattr(network_args, "architecture", "hstu")
+    if architecture == "sasrec":
+        from hstu.model.sasrec import sasrec_step_flops
+
+        return sasrec_step_flops(seqlens, network_args)
+    if architecture != "hstu":
+        return 0.0
+    return hstu_step_flops(seqlens, network_args)

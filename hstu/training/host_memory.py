@@ -59,7 +59,10 @@ def keep_freed_host_memory(enabled: bool | None = None) -> bool:
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_NEVER) == 1
+    ok = (
+        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
+        and mallopt(_M_TRIM_THRESHOLD, _TRIM_NEVER) == 1
+    )
     if not ok:
         print(
             "[hstu] note: glibc mallopt refused the host allocator settings (mmap threshold "

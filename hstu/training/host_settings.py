@@ -59,7 +59,9 @@ def _number(env: Mapping[str, str], name: str, default: float, kind: type) -> fl
         return kind(value)
     except ValueError:
         what = "an integer" if kind is int else "a number"
-        raise ConfigError(f"{name}={value!r}", None, f"must be {what} (environment variable)") from None
+        raise ConfigError(
+            f"{name}={value!r}", None, f"must be {what} (environment variable)"
+        ) from None
 
 
 @dataclass(frozen=True)

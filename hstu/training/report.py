@@ -108,7 +108,8 @@ def write_report(run_dir: str, summary: list[str] | None = None) -> str:
     if loss_lines:
         name = _png_name("loss")
         _plot(os.path.join(run_dir, name), "loss", loss_lines, baseline.get("loss"), "loss")
-        figures.append((name, "Loss (train: mean over each log window; eval: the evaluation split)"))
+        caption = "Loss (train: mean over each log window; eval: the evaluation split)"
+        figures.append((name, caption))
     for (split, metric), points in sorted(series.items()):
         if split != "eval" or metric == "loss" or metric == "best_step" or "/" in metric:
             continue
@@ -130,7 +131,8 @@ def write_report(run_dir: str, summary: list[str] | None = None) -> str:
     tests = {name: pts[-1][1] for (split, name), pts in series.items()
              if split == "eval" and name.startswith("test/")}
     rows = []
-    for metric in sorted({n for (s, n) in series if s == "eval" and "/" not in n and n != "best_step"}):
+    metrics = {n for (s, n) in series if s == "eval" and "/" not in n and n != "best_step"}
+    for metric in sorted(metrics):
         final = series[("eval", metric)][-1][1]
         test = tests.get(f"test/{metric}")
         base = baseline.get(metric)
@@ -154,7 +156,9 @@ def write_report(run_dir: str, summary: list[str] | None = None) -> str:
     for name, caption in figures:
         parts.append(f"<figure><img src='{name}' alt='{html.escape(caption)}'>"
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    parts.append("<p>Data: metrics.csv (step,split,name,value) in this directory.</p></body></html>")
+    parts.append(
+        "<p>Data: metrics.csv (step,split,name,value) in this directory.</p></body></html>"
+    )
     path = os.path.join(run_dir, REPORT_FILE)
     with open(path, "w") as fh:
         fh.write("\n".join(parts) + "\n")
@@ -207,15 +211,20 @@ def summary_lines(
     lines = [f"[hstu] summary of this {task} run"]
     if best is not None:
         metric, step, value = best
-        lines.append(f"  best step:      {step} (valid {metric} {value:.4f}); test metrics with it: {fmt}")
+        lines.append(
+            f"  best step:      {step} (valid {metric} {value:.4f}); test metrics with it: {fmt}"
+        )
     else:
         lines.append(f"  last evaluation: {fmt}")
     if baseline:
         name = "popularity" if task == "retrieval" else "label prior"
         own = {k: v for k, v in baseline.items() if not k.startswith(PER_ITEM)}
-        per_item = {k.removeprefix(PER_ITEM): v for k, v in baseline.items() if k.startswith(PER_ITEM)}
+        per_item = {
+            k.removeprefix(PER_ITEM): v for k, v in baseline.items() if k.startswith(PER_ITEM)
+        }
         if own:
-            lines.append(f"  baseline ({name}): " + " ".join(f"{k} {v:.4f}" for k, v in own.items()))
+            values = " ".join(f"{k} {v:.4f}" for k, v in own.items())
+            lines.append(f"  baseline ({name}): {values}")
         if per_item:
             lines.append("  baseline (per-item rate): "
                          + " ".join(f"{k} {v:.4f}" for k, v in per_item.items()))
@@ -224,9 +233,14 @@ def summary_lines(
     lines.append(f"  run directory:  {run_dir} (metrics.csv, report.html, TensorBoard)")
     if checkpoint is not None:
         lines.append(f"  resume:         {resume_hint}")
-        lines.append(f"  export:         python -m hstu.export --ckpt {checkpoint} --out ARTIFACT_DIR (docs/serving.md)")
+        lines.append(
+            f"  export:         python -m hstu.export --ckpt {checkpoint} --out ARTIFACT_DIR "
+            "(docs/serving.md)"
+        )
     else:
-        lines.append("  resume/export:  no checkpoint was saved; set TrainerArgs.ckpt_save_interval")
+        lines.append(
+            "  resume/export:  no checkpoint was saved; set TrainerArgs.ckpt_save_interval"
+        )
     return lines
 
 

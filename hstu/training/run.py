@@ -34,7 +34,9 @@ def _shared_run_dir(cfg: RunConfig, rank: int) -> str:
 
 EXIT_CHECKPOINT = 3
 EXIT_NON_FINITE = 4
-_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused")
+_PEER_LOST = (
+    "Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused"
+)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -93,7 +95,10 @@ def run(cfg: RunConfig) -> int:
                 flush=True,
             )
             return 1
-        print(f"[hstu] rank {env.rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        print(
+            f"[hstu] rank {env.rank} failed:\n{traceback.format_exc()}", file=sys.stderr,
+            flush=True,
+        )
         return 1
     finally:
         if trainer is not None:

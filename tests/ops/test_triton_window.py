@@ -1,7 +1,7 @@
 """Semi-local attention (max_attn_len W, min_full_attn_seq_len M) in the triton kernels.
 
 Values and gradients against the dense float64 reference (``reference.naive_attention``,
-whose mask is ``hstu.ops.masks.allowed`` pair by pair), and the tiles the kernels visit:
+whose mask is ``tests.ops.reference.allowed`` pair by pair), and the tiles the kernels visit:
 with 16-wide tiles every (query block, key block) pair a kernel loads is recorded through
 its tile function and compared with the pairs that hold at least one allowed (row, key).
 Interpreted on CPU (``TRITON_INTERPRET=1``), compiled on a GPU.

@@ -41,7 +41,9 @@ def make_source(
         return ReplayStream.from_args(args, custom=columns)
     from hstu.validation import ConfigError
 
-    raise ConfigError("StreamArgs", "path", "set path (a stream folder) or replay_dataset (a replay)")
+    raise ConfigError(
+        "StreamArgs", "path", "set path (a stream folder) or replay_dataset (a replay)"
+    )
 
 
 __all__ = [

@@ -195,7 +195,8 @@ class IdMap:
         if len(missing):
             order = missing[np.argsort(first[missing], kind="stable")]  # first appearance
             new_keys = uniq[order]
-            ids[order] = np.arange(len(self._keys) + 1, len(self._keys) + 1 + len(order), dtype=np.int64)
+            next_id = len(self._keys) + 1
+            ids[order] = np.arange(next_id, next_id + len(order), dtype=np.int64)
             if self.kind == "str":  # numpy text arrays have a width: widen, never truncate
                 wide = np.promote_types(self._sorted.dtype, uniq.dtype)
                 self._sorted = self._sorted.astype(wide)
@@ -256,7 +257,9 @@ class atomic_path:
 
     def __enter__(self) -> Path:
         self.dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=self.dest.parent, prefix=f".{self.dest.name}.", suffix=".tmp")
+        fd, name = tempfile.mkstemp(
+            dir=self.dest.parent, prefix=f".{self.dest.name}.", suffix=".tmp"
+        )
         os.close(fd)
         self.tmp = Path(name)
         return self.tmp

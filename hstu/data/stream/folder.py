@@ -121,7 +121,9 @@ def _data_files(path: Path) -> list[Path]:
         if hidden(entry.name):
             continue
         if entry.is_dir():
-            raise DataError(str(entry), "a folder inside a partition (a partition holds data files)")
+            raise DataError(
+                str(entry), "a folder inside a partition (a partition holds data files)"
+            )
         if file_kind(entry) not in ("text", "json", "parquet"):
             raise DataError(
                 str(entry),
@@ -227,7 +229,8 @@ class FolderStream:
         """Partitions this object set aside, in order."""
         self._ledger: dict[str, _Consumed] = {}
         self._digests: dict[str, str] = {}  # content hash -> partition name
-        self._rows_cache: dict[str, tuple[tuple, int]] = {}  # pending partition -> (signature, rows)
+        # pending partition -> (signature, rows)
+        self._rows_cache: dict[str, tuple[tuple, int]] = {}
         self._blocked: dict[str, float] = {}  # incomplete partition -> when first seen blocking
         self._pos = StreamPosition.start()  # how far the stream has read
         self._lag = Lag(0, 0.0)
@@ -260,7 +263,9 @@ class FolderStream:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.users.load_state_dict(state["users"])
         self.items.load_state_dict(state["items"])
-        self._ledger = {name: _Consumed(digest, int(rows)) for name, digest, rows in state["consumed"]}
+        self._ledger = {
+            name: _Consumed(digest, int(rows)) for name, digest, rows in state["consumed"]
+        }
         self._digests = {c.digest: name for name, c in self._ledger.items() if c.digest}
 
     def lag(self) -> Lag:
@@ -345,13 +350,15 @@ class FolderStream:
                 f"the stream position is row {start.row} of this partition, which is no longer in "
                 "the stream folder",
             )
-        done = (path / SUCCESS).stat().st_mtime if (path / SUCCESS).exists() else path.stat().st_mtime
+        marker = path / SUCCESS
+        done = marker.stat().st_mtime if marker.exists() else path.stat().st_mtime
         loaded = self._read(path, start.partition, done)
         if known is not None and known.digest is not None and known.digest != loaded.digest:
             raise DataError(str(path), "changed since the checkpoint consumed part of it")
         if start.row > loaded.rows:
             raise DataError(
-                str(path), f"has {loaded.rows} rows, fewer than the stream position's row {start.row}"
+                str(path),
+                f"has {loaded.rows} rows, fewer than the stream position's row {start.row}",
             )
         self._consume(loaded, path)
         pending = [p for p in self._scan() if p.name != start.partition]
@@ -373,7 +380,9 @@ class FolderStream:
         for path in self._listing():
             name = path.name
             if not path.is_dir():
-                self._quarantine(path, name, "not a folder (each partition is a folder of data files)")
+                self._quarantine(
+                    path, name, "not a folder (each partition is a folder of data files)"
+                )
                 continue
             if name in self._ledger:
                 entry = self._ledger[name]
@@ -387,7 +396,8 @@ class FolderStream:
                     self._quarantine(
                         path, name,
                         f"arrived after the stream passed it (the stream is at partition "
-                        f"{self._pos.partition}, row {self._pos.row}); partitions must land in name order",
+                        f"{self._pos.partition}, row {self._pos.row}); partitions must land in "
+                        "name order",
                     )
                 continue
             done = marker.stat().st_mtime if marker.exists() else path.stat().st_mtime
@@ -450,8 +460,10 @@ class FolderStream:
         with_rating = ["action" in p.data for p in parts]
         if any(with_rating) and not all(with_rating):
             bad = files[with_rating.index(False)]
-            raise DataError(str(bad), f"has no {rating_col} column, unlike the partition's other files",
-                            field=rating_col)
+            raise DataError(
+                str(bad), f"has no {rating_col} column, unlike the partition's other files",
+                field=rating_col,
+            )
         for key, idmap in (("user", self.users), ("item", self.items)):
             for p, f, roles in zip(parts, files, roles_of):  # text ids cannot join integer ids
                 if p.data[key].dtype.kind not in "iu":
@@ -567,4 +579,6 @@ class FolderStream:
         logger.warning("stream: partition %s set aside to %s: %s", name, dest, reason)
 
 
-__all__ = ["QUARANTINE", "REASON", "SUCCESS", "FolderStream", "Quarantined", "hidden", "partition_digest"]
+__all__ = [
+    "QUARANTINE", "REASON", "SUCCESS", "FolderStream", "Quarantined", "hidden", "partition_digest",
+]

@@ -60,8 +60,10 @@ def events_of_dataset(dataset: str, raw: str | Path) -> Events:
     from hstu.registry import DATASETS, load
 
     if dataset not in DATASETS or DATASETS[dataset].reader is None:
-        raise DataError("StreamArgs.replay_dataset",
-                        f"{dataset!r} is not a dataset with raw files ({DATASETS.unknown(dataset)})")
+        raise DataError(
+            "StreamArgs.replay_dataset",
+            f"{dataset!r} is not a dataset with raw files ({DATASETS.unknown(dataset)})",
+        )
     src = RawSource(raw)
     try:
         return events_of_parsed(load(DATASETS[dataset].reader)(src), str(raw))
@@ -96,10 +98,9 @@ def _window_names(keys: np.ndarray, window: str) -> list[str]:
     """Names of the windows with calendar keys ``keys`` [W] (days or hours since 1970)."""
     out = []
     for k in keys.tolist():
-        if window == "day":
-            out.append(dt.datetime.fromtimestamp(k * 86400, tz=dt.timezone.utc).strftime("%Y-%m-%d"))
-        elif window == "hour":
-            out.append(dt.datetime.fromtimestamp(k * 3600, tz=dt.timezone.utc).strftime("%Y-%m-%dT%H"))
+        if window in ("day", "hour"):
+            seconds, fmt = (86400, "%Y-%m-%d") if window == "day" else (3600, "%Y-%m-%dT%H")
+            out.append(dt.datetime.fromtimestamp(k * seconds, tz=dt.timezone.utc).strftime(fmt))
         else:
             out.append(f"events-{k:09d}")
     return out
@@ -114,7 +115,9 @@ class ReplayStream:
         max_window_events: cut each window further into slices of at most this many events.
     """
 
-    def __init__(self, events: Events, window: str = "day", max_window_events: int | None = None) -> None:
+    def __init__(
+        self, events: Events, window: str = "day", max_window_events: int | None = None
+    ) -> None:
         per = replay_window_events(window)
         order = np.argsort(events.timestamp, kind="stable")  # time order, ties in file order
         self.source = events.source
@@ -134,7 +137,8 @@ class ReplayStream:
         starts = np.flatnonzero(np.diff(key)) + 1
         self.bounds = np.concatenate([[0], starts, [n]]).astype(np.int64)
         """Window w holds events bounds[w]:bounds[w+1] (time order)."""
-        self.names = _window_names(key[self.bounds[:-1]] if n else key[:0], "events" if per else window)
+        window_keys = key[self.bounds[:-1]] if n else key[:0]
+        self.names = _window_names(window_keys, "events" if per else window)
         self.max_window_events = max_window_events
         self.users = IdMap("user")
         self.items = IdMap("item")
@@ -149,7 +153,9 @@ class ReplayStream:
             events = events_of_custom(custom or CustomDataArgs(path=args.replay_raw))
         elif name == "processed":
             if args.replay_raw is None:
-                raise DataError("StreamArgs.replay_raw", "replay of a processed dataset needs its folder")
+                raise DataError(
+                    "StreamArgs.replay_raw", "replay of a processed dataset needs its folder"
+                )
             events = events_of_processed(args.replay_raw)
         else:
             if args.replay_raw is None:
@@ -177,12 +183,18 @@ class ReplayStream:
             return 0
         w = int(np.searchsorted(np.asarray(self.names), start.partition))
         if w >= len(self.names) or self.names[w] != start.partition:
-            raise DataError(self.source or "replay",
-                            f"the stream position names window {start.partition!r}, which this replay does not have")
+            raise DataError(
+                self.source or "replay",
+                f"the stream position names window {start.partition!r}, which this replay does "
+                "not have",
+            )
         size = int(self.bounds[w + 1] - self.bounds[w])
         if start.row > size:
-            raise DataError(self.source or "replay",
-                            f"window {start.partition} has {size} events, fewer than the position's row {start.row}")
+            raise DataError(
+                self.source or "replay",
+                f"window {start.partition} has {size} events, fewer than the position's row "
+                f"{start.row}",
+            )
         return int(self.bounds[w]) + start.row
 
     def windows(self, start: StreamPosition = StreamPosition.start()) -> Iterator[Window]:  # noqa: B008

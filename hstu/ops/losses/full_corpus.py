@@ -168,7 +168,8 @@ class HistoryWindow:
             e = min(rows_total, s + step)
             starts = self.starts[start + s : start + e, None]
             inside = pos < self.lengths[start + s : start + e, None]  # [r, W]
-            cols = self.ids.index_select(0, (starts + pos).clamp_(max=last).view(-1)).view(inside.shape)
+            slots = (starts + pos).clamp_(max=last).view(-1)
+            cols = self.ids.index_select(0, slots).view(inside.shape)
             inside &= (cols != target[s:e, None]) & (cols >= 0) & (cols < num_i)
             # -inf where masked, + 0.0 elsewhere (a column listed twice: -inf either way)
             add = torch.zeros(inside.shape, dtype=logits.dtype, device=logits.device)

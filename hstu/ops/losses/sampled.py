@@ -202,13 +202,13 @@ class _SampledLogSumExp(torch.autograd.Function):
     Forward: the sampled product (as :class:`_SampledScores`), the hits set to -inf, an
     in-place softmax over the negatives and their log-sum-exp, all in the [Q, M] buffer that
     backward keeps (the negatives' softmax). Over all queries at once: blocks of 128k
-    logits sized for the core's L2 cost as much or more here (docs/performance.md). Backward scales its [Q, D] sides by each query's share of the probability mass
-    instead of touching [Q, M] again: grad_queries = c * (P @ rows) and grad_rows =
-    P^T @ (c * queries), with c = grad_lse * exp(lse_neg - lse) (:func:`_pattern_products`).
-    The unfused path (scores, division, id gather, comparison, masked fill, two
-    concatenations, log-softmax, and the backward of each) streams [Q, M] tensors through
-    memory about twenty times; here the forward's passes stay in cache and the backward
-    reads the probabilities only inside the two products. Same values up to rounding.
+    logits sized for the core's L2 cost as much or more here (docs/performance.md). Backward scales
+    its [Q, D] sides by each query's share of the probability mass instead of touching [Q, M] again:
+    grad_queries = c * (P @ rows) and grad_rows = P^T @ (c * queries), with c = grad_lse *
+    exp(lse_neg - lse) (:func:`_pattern_products`). The unfused path (scores, division, id gather,
+    comparison, masked fill, two concatenations, log-softmax, and the backward of each) streams
+    [Q, M] tensors through memory about twenty times; here the forward's passes stay in cache and
+    the backward reads the probabilities only inside the two products. Same values up to rounding.
     """
 
     @staticmethod

@@ -147,7 +147,9 @@ def full_corpus(x: LossInputs) -> LossOutput:
         from hstu.ops.losses.vocab_parallel import vocab_parallel_loss
 
         if x.query_counts is None:
-            raise ValueError("a split corpus needs every rank's query count (LossInputs.query_counts)")
+            raise ValueError(
+                "a split corpus needs every rank's query count (LossInputs.query_counts)"
+            )
         loss, pos = vocab_parallel_loss(
             x.queries, x.pos_ids, x.key_vectors, x.corpus.start, counts=x.query_counts,
             temperature=x.temperature, scale=x.scale, window=x.history_mask,

@@ -51,16 +51,17 @@ class _ShardSoftmax(torch.autograd.Function):
         held = (col >= 0) & (col < num_i)
         # -1: a target another rank holds (never one of this rank's columns)
         col = torch.where(held, col, torch.full_like(col, -1))
+        safe = col.clamp(min=0)
         if low and num_i > 0:  # the target's own logit exact (float32), as in one process
             rows = torch.arange(num_q, device=logits.device)
-            exact = (queries * shard.index_select(0, col.clamp(min=0))).sum(1)
-            logits[rows, col.clamp(min=0)] = torch.where(held, exact, logits[rows, col.clamp(min=0)])
+            exact = (queries * shard.index_select(0, safe)).sum(1)
+            logits[rows, safe] = torch.where(held, exact, logits[rows, safe])
         if window is not None:
             window.shifted(lo).mask_(logits, 0, col)
-        safe = col.clamp(min=0)
         if num_i > 0:
             top = logits.amax(1)
-            pos = torch.where(held, logits.gather(1, safe.unsqueeze(1)).squeeze(1), torch.zeros_like(top))
+            target_logit = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
+            pos = torch.where(held, target_logit, torch.zeros_like(top))
         else:
             top = queries.new_full((num_q,), float("-inf"))
             pos = queries.new_zeros(num_q)
@@ -87,8 +88,10 @@ class _ShardSoftmax(torch.autograd.Function):
         low = ctx.matmul_dtype
         if low is not None:
             p, s, q = probs.to(low), shard.to(low), queries.to(low)
-            return (p @ s).to(queries.dtype), (p.t() @ q).to(shard.dtype), None, None, None, None, None
-        return probs @ shard, probs.t() @ queries, None, None, None, None, None
+            grads = (p @ s).to(queries.dtype), (p.t() @ q).to(shard.dtype)
+        else:
+            grads = probs @ shard, probs.t() @ queries
+        return (*grads, None, None, None, None, None)
 
 
 def local_shard_rows(sharded: nn.Module, table: str, feature: str) -> tuple[torch.Tensor, int]:
@@ -118,7 +121,11 @@ def _shard_plan(ec: nn.Module, table: str, feature: str):
     shards = weight.local_shards()
     dim = weight.size(1)
     device = next(
-        (sh.tensor.device for v in state.values() if hasattr(v, "local_shards") for sh in v.local_shards()),
+        (
+            sh.tensor.device
+            for v in state.values() if hasattr(v, "local_shards")
+            for sh in v.local_shards()
+        ),
         torch.device("cpu"),
     )
     empty = torch.empty(0, dim, device=device)
@@ -140,7 +147,8 @@ def _shard_plan(ec: nn.Module, table: str, feature: str):
         lengths[names.index(feature)] = rows  # a fill on the device, not a copy from the host
         kjt = KeyedJaggedTensor(
             keys=names, values=torch.arange(rows, device=device), lengths=lengths, stride=1,
-            length_per_key=per_key, offset_per_key=[sum(per_key[:i]) for i in range(len(names) + 1)],
+            length_per_key=per_key,
+            offset_per_key=[sum(per_key[:i]) for i in range(len(names) + 1)],
         )
         return lookup, kjt, first, rows, empty
     raise ValueError(f"feature {feature!r} is not a feature of a sharded table on this rank")
@@ -167,11 +175,12 @@ def vocab_parallel_loss(
     normalised rows of item ids [shard_start, shard_start + I_r) (zero rows where the rank
     holds none); ``counts``: every rank's Q_r (:class:`hstu.ops.gather.PendingCounts`);
     ``window``: the own queries' histories (item ids), with ``id_counts`` every rank's number
-    of window ids (its ``width`` must cover every rank's histories: the dataset's longest); ``scale``: hstu.model.loss_scale's factor. ``group``: the ranks that split the
-    corpus (None: the world, the group the gathers use). ``matmul_dtype``
-    (RetrievalArgs.full_corpus_matmul_dtype): bfloat16 runs the [N, I_r] products of forward
-    and backward in bfloat16 (float32 accumulation; each target's own logit stays the exact
-    float32 dot product), None or the queries' dtype in that dtype."""
+    of window ids (its ``width`` must cover every rank's histories: the dataset's longest);
+    ``scale``: hstu.model.loss_scale's factor. ``group``: the ranks that split the corpus (None: the
+    world, the group the gathers use). ``matmul_dtype`` (RetrievalArgs.full_corpus_matmul_dtype):
+    bfloat16 runs the [N, I_r] products of forward and backward in bfloat16 (float32 accumulation;
+    each target's own logit stays the exact float32 dot product), None or the queries' dtype in that
+    dtype."""
     rank = dist.get_rank(group)
     start = sum(counts[:rank])
     all_q = gather_rows(queries / temperature, counts)
@@ -185,8 +194,10 @@ def vocab_parallel_loss(
             gather_rows(window.ids, id_counts), gather_rows(window.starts + shift, counts),
             gather_rows(window.lengths, counts), window.width,
         )
-    losses, pos = _ShardSoftmax.apply(all_q, _scaled_grad(shard, corpus_grad_factor), all_pos, shard_start,
-                                      all_window, group, matmul_dtype)
+    losses, pos = _ShardSoftmax.apply(
+        all_q, _scaled_grad(shard, corpus_grad_factor), all_pos, shard_start, all_window, group,
+        matmul_dtype,
+    )
     own = losses[start : start + counts[rank]]
     # value: this rank's share (scale * its own queries' losses); gradient: every query's, so
     # that the shard's rows learn from the whole world's queries
@@ -241,7 +252,9 @@ class CorpusShard:
     tbe: bool
     world: int
 
-    def batch_rows(self, values: torch.Tensor, ids: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
+    def batch_rows(
+        self, values: torch.Tensor, ids: torch.Tensor, counts: list[int] | None
+    ) -> torch.Tensor:
         """The batch's item rows [n, D] (values from the sparse module, ids int64 [n]) with
         their gradient routed into :attr:`rows` (a no-op unless :attr:`tbe`). ``counts``: every
         rank's n (:class:`hstu.ops.gather.PendingCounts`) when :attr:`split`."""
@@ -264,7 +277,9 @@ class CorpusSource:
     not ids. ``sparse``: the model's sparse module (an :class:`hstu.embeddings.HstuEmbeddings`);
     ids [min_item_id, num_items) make the corpus."""
 
-    def __init__(self, sparse_of, item_feature: str, min_item_id: int, num_items: int, fallback) -> None:
+    def __init__(
+        self, sparse_of, item_feature: str, min_item_id: int, num_items: int, fallback
+    ) -> None:
         self._sparse_of = sparse_of  # a callable: the sharded module replaces the sparse one
         self.item_feature = item_feature
         self.min_item_id = min_item_id
@@ -282,13 +297,15 @@ class CorpusSource:
         spec = specs[table]
         if spec.dynamic:
             raise ValueError(f"table {table!r} is dynamic: no full-corpus loss over its slots")
-        if spec.sharding_type == "data_parallel":
-            weight = sparse.dp_ec.embeddings[table].weight
-            return CorpusShard(weight[self.min_item_id : self.num_items], self.min_item_id, False, False, world)
-        ec = sparse.ec
-        if not hasattr(getattr(ec, "module", ec), "_lookups"):  # not sharded (yet): the whole table
-            weight = ec.embeddings[table].weight
-            return CorpusShard(weight[self.min_item_id : self.num_items], self.min_item_id, False, False, world)
+        ec = None if spec.sharding_type == "data_parallel" else sparse.ec
+        whole = None  # a table held whole: data-parallel, or not sharded (yet)
+        if ec is None:
+            whole = sparse.dp_ec.embeddings[table].weight
+        elif not hasattr(getattr(ec, "module", ec), "_lookups"):
+            whole = ec.embeddings[table].weight
+        if whole is not None:
+            rows = whole[self.min_item_id : self.num_items]
+            return CorpusShard(rows, self.min_item_id, False, False, world)
         rows, first = local_shard_rows(ec, table, self.item_feature)
         if not rows.requires_grad and torch.is_grad_enabled():
             # a rank without rows of the table still joins the backward's gathers
