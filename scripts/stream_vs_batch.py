@@ -44,7 +44,7 @@ RUNS = {
 
 
 def command(task: str, run: str, raw: str, run_dir: Path, cut: float, epochs: int,
-            lr_scale: float) -> list[str]:
+            lr_scale: float, seed: int | None = None) -> list[str]:
     params = [
         "StreamArgs.replay_dataset='ml-100k'",
         f"StreamArgs.replay_raw='{raw}'",
@@ -52,6 +52,8 @@ def command(task: str, run: str, raw: str, run_dir: Path, cut: float, epochs: in
         f"TrainerArgs.ckpt_save_dir='{run_dir / 'ckpt'}'",
         "TrainerArgs.keep_last_n=1",
     ]
+    if seed is not None:  # else the preset's
+        params += [f"TrainerArgs.seed={seed}"]
     if run == "A":  # the windows before the cut are trained on, not evaluated (not compared)
         params += [f"StreamArgs.evaluate_from={cut}"]
     else:
@@ -153,6 +155,8 @@ def main() -> None:
     ap.add_argument("--until", type=float, default=1.0,
                     help="compare the windows that end within this fraction of the events (a "
                          "validation stretch before a later cut: e.g. --cut 0.6 --until 0.8)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="TrainerArgs.seed of every run (default: the presets' seed, 1)")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
     ap.add_argument("--force", action="store_true", help="rerun runs already done")
     ap.add_argument("--report-only", action="store_true", help="print the tables, run nothing")
@@ -170,7 +174,8 @@ def main() -> None:
 
                 shutil.rmtree(run_dir)
             print(f"[stream_vs_batch] {task} {r}: {RUNS[r].format(cut=args.cut)}", flush=True)
-            cost = run_one(command(task, r, raw, run_dir, args.cut, epochs, args.stream_lr_scale),
+            cost = run_one(command(task, r, raw, run_dir, args.cut, epochs, args.stream_lr_scale,
+                                   args.seed),
                            run_dir, args.threads)
             cost["stream_lr_scale"] = args.stream_lr_scale if r == "C" else None
             (run_dir / "done.json").write_text(json.dumps(cost))

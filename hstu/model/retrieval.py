@@ -112,7 +112,8 @@ class RetrievalModel(DenseModel):
         # are projected down into the items' space (items are scored as they are stored, so
         # the corpus never goes through a projection)
         name = token_builder.item_feature_name
-        item_proj = token_builder.projections[name] if name in token_builder.projections else None  # noqa: SIM401
+        projections = token_builder.projections  # (a ModuleDict has no .get)
+        item_proj = projections[name] if name in projections else None  # noqa: SIM401
         self.query_projection: nn.Linear | None = (
             nn.Linear(
                 item_proj.out_features, item_proj.in_features, bias=False,

@@ -228,8 +228,8 @@ class TokenBuilder(nn.Module):
         )
 
     def project(self, name: str, values: torch.Tensor) -> torch.Tensor:
-        proj = self.projections[name] if name in self.projections else None  # noqa: SIM401 (ModuleDict has no .get)
-        return proj(values) if proj is not None else values
+        # (a ModuleDict has no .get)
+        return self.projections[name](values) if name in self.projections else values
 
     def forward(self, inputs: SequenceInputs) -> Tokens:
         device = inputs.item_lengths.device

@@ -274,7 +274,8 @@ class FolderStream:
 
     # ------------------------------------------------------------------ the stream
 
-    def windows(self, start: StreamPosition = StreamPosition.start()) -> Iterator[Window]:  # noqa: B008
+    def windows(self, start: StreamPosition = StreamPosition.start(),  # noqa: B008
+                ) -> Iterator[Window]:
         """Windows from ``start`` on (see the class docstring for when it returns)."""
         self._pos = start
         if start.partition and not self._ledger:
@@ -298,7 +299,8 @@ class FolderStream:
                     self._quarantine(
                         nxt.path, nxt.name,
                         f"no {SUCCESS} after {waited:.1f} s while newer partitions are complete "
-                        f"(StreamArgs.incomplete_timeout_seconds={self.incomplete_timeout_seconds:g})",
+                        "(StreamArgs.incomplete_timeout_seconds="
+                        f"{self.incomplete_timeout_seconds:g})",
                     )
                     continue
             elif not self.follow:

@@ -197,7 +197,8 @@ class ReplayStream:
             )
         return int(self.bounds[w]) + start.row
 
-    def windows(self, start: StreamPosition = StreamPosition.start()) -> Iterator[Window]:  # noqa: B008
+    def windows(self, start: StreamPosition = StreamPosition.start(),  # noqa: B008
+                ) -> Iterator[Window]:
         first = self._index(start)
         n = self.num_events
         last_t = int(self.timestamp[-1]) if n else 0
