@@ -6,6 +6,7 @@ import csv
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import gin
@@ -55,23 +56,34 @@ class RunLogger:
         them again. Returns how many rows were dropped."""
         if not self.enabled:
             return 0
-        path = os.path.join(self.run_dir, "metrics.csv")
-        self._csv.close()
-        with open(path, newline="") as fh:
-            rows = list(csv.reader(fh))
-        kept = [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
-        tmp = path + ".tmp"
-        with open(tmp, "w", newline="") as fh:
-            csv.writer(fh).writerows([["step", "split", "name", "value"], *kept])
-        os.replace(tmp, path)
-        self._csv = open(path, "a", newline="")  # noqa: SIM115 - held open, closed by close()
-        self._writer = csv.writer(self._csv)
+        dropped = self.keep_rows(
+            lambda rows: [r for r in rows if r and r[0].isdigit() and int(r[0]) <= step])
         if self._tb is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb.close()
             self._tb = SummaryWriter(log_dir=self.run_dir, purge_step=step + 1)
-        return len(rows) - 1 - len(kept)
+        return dropped
+
+    def keep_rows(self, keep: Callable[[list[list[str]]], list[list[str]]]) -> int:
+        """Rewrites metrics.csv with the rows ``keep`` returns of its rows (in file order,
+        header left out) and appends after them; returns how many were dropped (none: the
+        file is left as it is)."""
+        if not self.enabled:
+            return 0
+        path = os.path.join(self.run_dir, "metrics.csv")
+        self._csv.close()
+        with open(path, newline="") as fh:
+            rows = list(csv.reader(fh))[1:]
+        kept = keep(rows)
+        if len(kept) != len(rows):
+            tmp = path + ".tmp"
+            with open(tmp, "w", newline="") as fh:
+                csv.writer(fh).writerows([["step", "split", "name", "value"], *kept])
+            os.replace(tmp, path)
+        self._csv = open(path, "a", newline="")  # noqa: SIM115 - held open, closed by close()
+        self._writer = csv.writer(self._csv)
+        return len(rows) - len(kept)
 
     def last_eval(self, step: int) -> tuple[int, dict[str, float]]:
         """(step, metrics) of the last evaluation at or before ``step`` in metrics.csv (its

@@ -310,7 +310,7 @@ class OnlineTrainer:
             self.store = UserStore.restore(loaded, work, self.max_len, env.rank, env.world_size)
             self.windows_done = int(done["windows"])
             self.events_done = int(done.get("events", -1))  # -1: a checkpoint before the count
-            self._drop_rows_after(self.windows_done, t.step)
+            self._drop_rows_after(self.windows_done)
             t.logger.print(
                 f"[hstu] stream: resumed after {self.windows_done} windows at partition "
                 f"{self.position.partition!r} row {self.position.row}"
@@ -446,34 +446,24 @@ class OnlineTrainer:
                     out[f"{name}_evicted"] = float(s["evicted_total"])
         return out
 
-    def _drop_rows_after(self, windows: int, step: int) -> None:
+    def _drop_rows_after(self, windows: int) -> None:
         """On resume: drops the ``stream`` rows of windows after the checkpoint's ``windows``
-        from metrics.csv. The trainer drops rows of steps
-        after the checkpoint; windows without a training step (``StreamArgs.train`` False, a
-        window with no target) write theirs at the checkpoint's own step and would otherwise
-        be logged twice after a kill between their rows and their checkpoint."""
-        logger = self.trainer.logger
-        path = Path(logger.run_dir) / "metrics.csv"
-        if not logger.enabled or not path.exists():
-            return
-        import csv
+        from metrics.csv. The trainer drops rows of steps after the checkpoint; windows
+        without a training step (``StreamArgs.train`` False, a window with no target) write
+        theirs at the checkpoint's own step and would otherwise be logged twice after a kill
+        between their rows and their checkpoint."""
 
-        with open(path, newline="") as fh:
-            table = list(csv.reader(fh))
-        kept = table[:1]
-        number = 0.0  # the window whose rows these are: a window's rows start with "window"
-        for row in table[1:]:
-            if len(row) == 4 and row[1] == STREAM_SPLIT and row[2] == "window":
-                number = float(row[3])
-            if len(row) != 4 or row[1] != STREAM_SPLIT or number <= windows:
-                kept.append(row)
-        if len(kept) == len(table):
-            return
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="") as fh:
-            csv.writer(fh).writerows(kept)
-        os.replace(tmp, path)
-        logger.truncate_after(step)  # reopens the file it appends to
+        def keep(rows: list[list[str]]) -> list[list[str]]:
+            kept = []
+            number = 0.0  # the window whose rows these are: a window's rows start with "window"
+            for row in rows:
+                if len(row) == 4 and row[1] == STREAM_SPLIT and row[2] == "window":
+                    number = float(row[3])
+                if len(row) != 4 or row[1] != STREAM_SPLIT or number <= windows:
+                    kept.append(row)
+            return kept
+
+        self.trainer.logger.keep_rows(keep)
 
     def _flush_rows(self) -> None:
         for step, split, metrics in self._pending_rows:
@@ -566,17 +556,14 @@ class OnlineTrainer:
         return steps
 
     # ---------------------------------------------------------------- the batch phase
-    def batch_cut(self, frac: float) -> int:
-        """Events of the stream's first ``frac`` (``StreamArgs.batch_until`` or
-        ``evaluate_from``; rank 0 counts the replay's events and tells the others)."""
+    def batch_cut(self, field: str) -> int:
+        """Events of the stream's first StreamArgs.``field`` (``batch_until`` or
+        ``evaluate_from``, a fraction of a replay's events; rank 0 counts them and tells the
+        others)."""
         local = 0
-        if self.source is not None:
-            total = getattr(self.source, "num_events", None)
-            if total is None:
-                field = "batch_until" if frac == self.stream_args.batch_until else "evaluate_from"
-                raise ConfigError("StreamArgs", field,
-                                  "needs a replay (replay_dataset): its length is known in advance")
-            local = int(np.floor(frac * total + 1e-9))
+        if self.source is not None:  # (StreamArgs allows these fields with a replay only)
+            total = self.source.num_events  # type: ignore[attr-defined]
+            local = int(np.floor(getattr(self.stream_args, field) * total + 1e-9))
         return int(self._all_counts(local)[0, 0]) if self.env.world_size > 1 else local
 
     def batch_phase(self, windows: Iterator[Window],
@@ -588,7 +575,7 @@ class OnlineTrainer:
         was in it)."""
         t, sa = self.trainer, self.stream_args
         started = time.perf_counter()
-        cut = self.batch_cut(sa.batch_until)
+        cut = self.batch_cut("batch_until")
         taken: list[Window] = []
         consumed = known = 0
         after: Window | None = None
@@ -650,7 +637,7 @@ class OnlineTrainer:
         learn = self.stream_args.train
         # evaluate_from: windows ending within its first events are trained, not evaluated
         # (counted from the stream's start; on resume from the windows' own positions)
-        quiet_until = (self.batch_cut(self.stream_args.evaluate_from)
+        quiet_until = (self.batch_cut("evaluate_from")
                        if self.stream_args.evaluate_from is not None else 0)
         if quiet_until and self.events_done < 0:
             raise ConfigError("StreamArgs", "evaluate_from",

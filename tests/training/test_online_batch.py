@@ -35,19 +35,11 @@ EPOCHS = 2
 
 
 def stream_by_window(run_dir: Path) -> dict[int, dict[str, float]]:
-    """The run's ``stream`` rows per window number (a window's rows are consecutive and start
-    with "window"; the batch phase's have no metric of the evaluation)."""
-    import csv
+    """The run's ``stream`` rows per window number (the batch phase's have no metric of the
+    evaluation)."""
+    from hstu.training.report import stream_windows
 
-    out: dict[int, dict[str, float]] = {}
-    group: dict[str, float] = {}
-    with open(run_dir / "metrics.csv") as fh:
-        for _step, split, name, value in list(csv.reader(fh))[1:]:
-            if split == "stream":
-                if name == "window":
-                    group = out.setdefault(int(float(value)), {})
-                group[name] = float(value)
-    return out
+    return {int(w["window"]): w for w in stream_windows(str(run_dir))}
 
 
 def batch_args(train: bool = True) -> list[str]:
