@@ -31,7 +31,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hstu.ops import dense_mask, hstu_attention, offsets_from_lengths, resolve_backend
+from hstu.ops import dense_mask, hstu_attention, lengths_to_offsets, resolve_backend
 from hstu.ops.backends import triton_unavailable_reason
 from hstu.ops.cutlass_attention import unavailable_reason as cutlass_unavailable_reason
 
@@ -122,7 +122,7 @@ class Workload:
         group: int,
     ) -> None:
         self.lengths = torch.tensor(lengths, dtype=torch.int64)
-        self.offsets = offsets_from_lengths(self.lengths).to(device)
+        self.offsets = lengths_to_offsets(self.lengths).to(device)
         self.max_seqlen = max(lengths)
         self.total = sum(lengths)
         self.heads, self.head_dim, self.dtype, self.device = heads, head_dim, dtype, device

@@ -86,7 +86,7 @@ def test_dense_block_imports_without_torchrec_and_megatron() -> None:
 MISSING_DEPENDENCY = """
 import sys
 sys.modules["torchrec"] = None
-sys.modules["hstu.model.jagged"] = None  # stands for a module the block itself imports
+sys.modules["hstu.ops.jagged"] = None  # stands for a module the block itself imports
 from hstu import gpu_check
 try:
     gpu_check.import_dense_block()
@@ -99,6 +99,6 @@ def test_a_missing_block_dependency_is_one_skip_line() -> None:
     done = _run(code=MISSING_DEPENDENCY)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == (
-        "the dense HSTU block needs hstu.model.jagged, absent here; carry its wheel "
+        "the dense HSTU block needs hstu.ops.jagged, absent here; carry its wheel "
         "(docs/kernels.md, 'GPU check')"
     )

@@ -13,9 +13,9 @@ from torch import nn
 
 from hstu.data.batch import Batch
 from hstu.embeddings.collection import apply_misses
-from hstu.model.jagged import index_within, segment_ids
 from hstu.model.loss_scale import global_mean_scale
 from hstu.model.ranking import MLP, ranking_loss
+from hstu.ops.jagged import index_within, segment_ids
 
 
 class NonSequentialRanking(nn.Module):

@@ -27,7 +27,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from hstu.model.hstu_layer import HSTULayer, LayerOptions
-from hstu.model.jagged import (
+from hstu.ops.jagged import (
     index_within,
     lengths_to_offsets,
     positions_within,

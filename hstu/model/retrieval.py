@@ -39,11 +39,11 @@ from hstu.data.negatives import negatives_feature_name
 from hstu.embeddings.collection import apply_misses
 from hstu.model.encode import DenseModel
 from hstu.model.hstu_block import HSTUBlock
-from hstu.model.jagged import index_within, lengths_to_offsets, segment_ids
 from hstu.model.loss_scale import PendingScale
 from hstu.model.tensor_parallel import take_own_rows
 from hstu.model.tokens import TokenBuilder
 from hstu.ops.gather import PendingCounts, gather_rows, world_of_several
+from hstu.ops.jagged import index_within, lengths_to_offsets, segment_ids
 from hstu.ops.losses import HistoryWindow, LossInputs, negative_vectors, resolve_matmul_dtype
 from hstu.ops.losses.vocab_parallel import CorpusShard, CorpusSource
 from hstu.registry import NEGATIVE_SAMPLING, SHARED_DRAW, UNIFORM_DRAW, load

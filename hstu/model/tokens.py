@@ -21,8 +21,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from hstu.model.jagged import index_within, lengths_to_offsets, segment_ids
 from hstu.model.tensor_parallel import RowLayout, all_gather_rows, exchange_sizes
+from hstu.ops.jagged import index_within, lengths_to_offsets, segment_ids
 
 if TYPE_CHECKING:  # torchrec: the serving model builds on this module with torch alone
     from hstu.data.batch import Batch, BatchSizes

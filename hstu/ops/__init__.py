@@ -12,13 +12,8 @@ from typing import Any
 from torch import Tensor
 
 from hstu.ops.backends import BACKENDS, BackendUnavailableError, resolve_backend
-from hstu.ops.masks import (
-    MASK_CONVENTIONS,
-    AttentionOptions,
-    dense_mask,
-    lengths_from_offsets,
-    offsets_from_lengths,
-)
+from hstu.ops.jagged import lengths_to_offsets
+from hstu.ops.masks import MASK_CONVENTIONS, AttentionOptions, dense_mask
 from hstu.ops.rab import NUM_TIME_BUCKETS, RelativeAttentionBias, time_bucket
 from hstu.registry import ATTENTION_BACKENDS, load
 from hstu.sync_audit import allowed_sync
@@ -33,9 +28,8 @@ __all__ = [
     "RelativeAttentionBias",
     "dense_mask",
     "hstu_attention",
-    "lengths_from_offsets",
+    "lengths_to_offsets",
     "max_seqlen_checked_here",
-    "offsets_from_lengths",
     "resolve_backend",
     "time_bucket",
 ]

@@ -57,7 +57,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hstu.ops.masks import AttentionOptions, lengths_from_offsets, offsets_from_lengths
+from hstu.ops.jagged import lengths_to_offsets
+from hstu.ops.masks import AttentionOptions
 from hstu.ops.rab import padded_bias
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
@@ -334,7 +335,7 @@ def cutlass_hstu_attention(
     if rab is not None:
         check_dense_bias_size(num_samples, max_seqlen)
         slot = torch.arange(max_seqlen, device=q.device)
-        lengths = lengths_from_offsets(offsets)
+        lengths = offsets[1:] - offsets[:-1]
         index = torch.where(
             slot.view(1, -1) < lengths.view(-1, 1), offsets[:-1].view(-1, 1) + slot.view(1, -1), 0
         )
@@ -374,9 +375,9 @@ def cutlass_hstu_attention(
         # Causal: rows i < C[b] must see exactly keys j < C[b]. A second call runs on the
         # contextual prefixes packed into a [T]-row buffer (sum(C) <= T rows used; the rest
         # is never referenced by its offsets), unmasked, and its rows replace ours.
-        lengths = lengths_from_offsets(offsets)
+        lengths = offsets[1:] - offsets[:-1]
         ctx = torch.minimum(num_contextual.to(lengths.dtype), lengths)
-        ctx_offsets = offsets_from_lengths(ctx)
+        ctx_offsets = lengths_to_offsets(ctx)
         sample = _sample_of_token(offsets, num_tokens)  # [T]
         last_sample = max(num_samples - 1, 0)
         packed_sample = _sample_of_token(ctx_offsets, num_tokens).clamp(max=last_sample)

@@ -1,4 +1,4 @@
-"""HSTU attention masks and small jagged helpers.
+"""HSTU attention masks.
 
 Legend: B samples, T total tokens (jagged), L[b] tokens of sample b, n the padded width of a
 group of samples, C[b] contextual tokens (``num_contextual``), G[b] candidates
@@ -206,14 +206,3 @@ def dense_mask(
         rule = rule & near
     return valid & rule
 
-
-def lengths_from_offsets(offsets: Tensor) -> Tensor:
-    """int64 [B+1] offsets -> int64 [B] lengths."""
-    return offsets[1:] - offsets[:-1]
-
-
-def offsets_from_lengths(lengths: Tensor) -> Tensor:
-    """int64 [B] lengths -> int64 [B+1] offsets starting at 0."""
-    offsets = lengths.new_zeros(lengths.numel() + 1)
-    torch.cumsum(lengths, dim=0, out=offsets[1:])
-    return offsets

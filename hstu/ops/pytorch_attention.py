@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from hstu.ops.masks import AttentionOptions, dense_mask, lengths_from_offsets
+from hstu.ops.masks import AttentionOptions, dense_mask
 from hstu.ops.rab import (
     RelativeAttentionBias,
     bias_from_indices,
@@ -227,7 +227,7 @@ def _build_plan(
     target_group_size, mask_convention = o.target_group_size, o.mask_convention
     max_attn_len, min_full_attn_seq_len = o.max_attn_len, o.min_full_attn_seq_len
     device = offsets.device
-    lengths = lengths_from_offsets(offsets)
+    lengths = offsets[1:] - offsets[:-1]
     chunks = []
     rel_by_width: dict[int, Tensor] = {}
     # The chunk shapes depend on the lengths, so the plan reads them (and the counts) on the

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hstu.model.jagged import index_within, lengths_to_offsets, segment_ids
+from hstu.ops.jagged import index_within, lengths_to_offsets, segment_ids
 from hstu.ops.losses import HistoryWindow
 from tests.model.helpers import make_batch
 from tests.model.test_models import _retrieval

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from hstu.model.hstu_block import HSTUBlock
 from hstu.model.hstu_layer import HSTULayer, norm_linear_silu
-from hstu.model.jagged import positions_within
+from hstu.ops.jagged import positions_within
 
 # --------------------------------------------------------------- plain-python reference
 

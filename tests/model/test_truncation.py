@@ -12,7 +12,7 @@ import torch
 from hstu.model.builder import build_block
 from hstu.model.hstu_block import TRUNCATION_SYNC, HSTUBlock
 from hstu.model.hstu_layer import LayerOptions
-from hstu.ops import offsets_from_lengths
+from hstu.ops import lengths_to_offsets
 
 LENGTHS = [9, 3, 14, 6]
 CONTEXTUAL = [2, 1, 3, 0]
@@ -33,7 +33,7 @@ def _inputs():
     total = int(lengths.sum())
     x = torch.randn(total, 16, generator=g, dtype=torch.float64)
     ts = torch.cumsum(torch.randint(1, 3000, (total,), generator=g), 0)
-    return (x, offsets_from_lengths(lengths), max(LENGTHS), torch.tensor(CONTEXTUAL),
+    return (x, lengths_to_offsets(lengths), max(LENGTHS), torch.tensor(CONTEXTUAL),
             torch.tensor(TARGETS), ts)
 
 

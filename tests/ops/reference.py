@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hstu.ops import RelativeAttentionBias, offsets_from_lengths
+from hstu.ops import RelativeAttentionBias, lengths_to_offsets
 from hstu.ops.masks import check_mask_convention, check_window
 
 
@@ -50,7 +50,7 @@ def random_case(
 ) -> JaggedCase:
     gen = torch.Generator().manual_seed(seed)
     lengths_t = torch.tensor(lengths, dtype=torch.int64)
-    offsets = offsets_from_lengths(lengths_t)
+    offsets = lengths_to_offsets(lengths_t)
     total = int(offsets[-1])
 
     def leaf(*shape: int, scale: float = 1.0) -> Tensor:
