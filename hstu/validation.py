@@ -170,14 +170,10 @@ def _non_negative(obj: Any, *names: str) -> None:
 
 
 
-def _did_you_mean(name: str, candidates: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def did_you_mean(name: str, candidates: typing.Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest candidate, or ''."""
-    return _did_you_mean(name, candidates)
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 @cache
