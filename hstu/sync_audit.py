@@ -171,13 +171,12 @@ def _describe(frame: Any) -> str:
 
 # ------------------------------------------------------------------- allowed syncs
 
-_local = threading.local()
+class _Reasons(threading.local):
+    def __init__(self) -> None:
+        self.stack: list[str] = []  # this thread's open allowed_sync reasons, innermost last
 
 
-def _allowed_reasons() -> list[str]:
-    if not hasattr(_local, "reasons"):
-        _local.reasons = []
-    return _local.reasons
+_reasons = _Reasons()
 
 
 @contextmanager
@@ -185,14 +184,12 @@ def allowed_sync(reason: str) -> Iterator[None]:
     """Marks the syncs inside as unavoidable, for ``reason`` (recorded by an active audit).
 
     Costs a list append and pop: fine on every step."""
-    if not reason:
-        raise ValueError("allowed_sync needs a reason")
-    reasons = _allowed_reasons()
-    reasons.append(reason)
+    assert reason, "allowed_sync needs a reason"
+    _reasons.stack.append(reason)
     try:
         yield
     finally:
-        reasons.pop()
+        _reasons.stack.pop()
 
 
 # ------------------------------------------------------------------------- the audit
@@ -217,7 +214,7 @@ class SyncAudit(TorchDispatchMode):
         return [e for e in self.events if e.reason is None]
 
     def check(self, op: str, why: str) -> None:
-        reasons = _allowed_reasons()
+        reasons = _reasons.stack
         where, known = _caller()
         event = SyncEvent(op, why, where, reasons[-1] if reasons else known)
         self.events.append(event)
@@ -263,8 +260,7 @@ def sync_audit(raise_on_sync: bool = True) -> Iterator[SyncAudit]:
     """
     audit = SyncAudit(raise_on_sync)
     with _patch_lock:
-        if audit.thread in _active:
-            raise RuntimeError("sync_audit is already active on this thread")
+        assert audit.thread not in _active, "sync_audit is already active on this thread"
         if not _active:
             for name in _PYTHON_SYNCS:
                 _originals[name] = getattr(torch.Tensor, name)
