@@ -180,10 +180,8 @@ class BenchmarkLoader:
         return {"epoch": self.epoch, "batch_index": self.batch_index}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.batch_index = (
-            int(state["epoch"]),
-            min(int(state["batch_index"]), len(self)),
-        )
+        self.epoch = int(state["epoch"])
+        self.batch_index = min(int(state["batch_index"]), len(self))
 
 
 __all__ = ["BenchmarkLoader", "draw", "draw_lengths"]

@@ -28,12 +28,6 @@ from hstu.data.sources import Parsed
 _START_TIME = 1_600_000_000
 
 
-def _successor_probs(out_degree: int) -> np.ndarray:
-    """[out_degree] decreasing probabilities, 1/(k+1) normalised (e.g. 0.55, 0.27, 0.18)."""
-    w = 1.0 / np.arange(1, out_degree + 1)
-    return w / w.sum()
-
-
 def generate_synthetic(args: SyntheticDataArgs) -> Parsed:
     """Returns the interaction log and user table (shapes: N interactions, U users).
 
@@ -63,7 +57,9 @@ def generate_synthetic(args: SyntheticDataArgs) -> Parsed:
     successors = (
         np.arange(num_items)[None, :, None] + offsets
     ) % num_items  # [G, I, degree] 0-based
-    succ_cdf = np.cumsum(_successor_probs(degree))
+    # successor k taken with probability 1/(k+1), normalised (e.g. 0.55, 0.27, 0.18)
+    weights = 1.0 / np.arange(1, degree + 1)
+    succ_cdf = np.cumsum(weights / weights.sum())
 
     segment = rng.integers(0, num_segments, size=num_users)
     lengths = rng.integers(args.min_length, args.max_length + 1, size=num_users)
