@@ -656,7 +656,7 @@ def _stream_folder(events: int, window: int) -> tuple[str, dict]:
 
 
 def _run_stream(a: argparse.Namespace) -> dict:
-    """The online-training benchmark (module docstring): one 2-process run over the stream."""
+    """The online-training benchmark (docs/performance.md): one 2-process run over the stream."""
     base = os.path.join(ROOT, "tmp_data", STREAM_BASE)
     if not os.path.exists(os.path.join(base, "metadata.json")):
         # the base dataset only names the features and says the actions are KuaiRand's bitmask
