@@ -16,23 +16,14 @@ Where a sync is unavoidable the code says so, and why, with :func:`allowed_sync`
     with allowed_sync("the kernel plans its chunks on the host from the lengths"):
         lengths = lengths.tolist()
 
-What counts as a sync (checked at the ATen op level, below autograd, so backward too):
-
-- ``data_dependent_output`` ops (torch's own tag: ``aten._local_scalar_dense``, ``aten.item``):
-  ``.item()``, ``int(t)``, ``float(t)``, ``bool(t)``, ``if t:``, a tensor used as an index;
-- ``dynamic_output_shape`` ops (torch's own tag: the ops FakeTensor cannot size without
-  the data): ``nonzero``, ``masked_select``, ``unique*``, ``bincount`` (CUDA reads the input's
-  min and max on the host, whatever ``minlength``), ``one_hot`` without ``num_classes`` ...,
-  except ``index.Tensor`` with integer indices and ``repeat_interleave.Tensor`` with
-  ``output_size``, which are sized from their arguments;
-- ``index`` / ``index_put(_)`` with a boolean (or uint8) index (a mask becomes ``nonzero``);
-- ``equal`` (a Python bool), ``histc`` with ``min == max`` (CUDA reads the range);
-- at the Python level, ``Tensor.tolist``, ``Tensor.numpy`` and ``Tensor.cpu`` (on a CPU
-  tensor these never reach the dispatcher; on a device tensor they copy to the host).
-
-Not seen: syncs inside CUDA kernels that the op list does not predict, and ``.to("cpu")``
-of a tensor already on the CPU; ``torch.cuda.set_sync_debug_mode("error")`` on a GPU is the
-final word (``python -m hstu.gpu_check``).
+What counts as a sync: :func:`sync_reason`, checked at the ATen op level (below autograd, so
+backward too): torch's own ``data_dependent_output`` and ``dynamic_output_shape`` tags (the
+latter includes ``bincount``, whose CUDA kernel reads the input's range on the host whatever
+``minlength``), boolean-mask indexing, ``equal`` and ``histc`` without a range; and at the
+Python level ``Tensor.tolist``, ``.numpy`` and ``.cpu`` (on a CPU tensor these never reach the
+dispatcher). docs/performance.md, "The CPU guard", lists them and what the audit cannot see;
+``torch.cuda.set_sync_debug_mode("error")`` on a GPU is the final word
+(``python -m hstu.gpu_check``).
 """
 
 from __future__ import annotations

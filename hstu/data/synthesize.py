@@ -3,19 +3,10 @@
     python -m hstu.data.synthesize --dataset kuairand-27k --fraction 0.25 --out /data/kr27k-raw
     python -m hstu.data.preprocess --dataset kuairand-27k --raw /data/kr27k-raw --out tmp_data
 
-For measuring cost (preprocessing time and memory, step time, table sizes), never quality:
-nothing in the files is learnable. What is faithful is the layout the readers of
-hstu.data.sources take (file names, headers, column order, value formats and quoting, e.g.
-KuaiRand's quoted ranges such as ``"[10,50)"``, ML-20M's half-star ratings ``3.5``), the
-sizes (users, items, interactions, each times --fraction), and every item occurring at least
-once (so the preprocessed item count is the official one times the fraction). History lengths
-are log-normal shares of the interactions (each user at least the dataset's minimum), item
-popularity Zipf-like, feedback flags coin flips at fixed rates, times spread over the official
-periods. The archives' other files (KuaiRand's video features, MovieLens' movies and tags)
-are not written: no reader takes them.
-
-Log files are written in blocks of rows (bounded memory: a block's columns, about 200 MB), with
-numpy and pyarrow (no per-row Python).
+For measuring cost, never quality: docs/data.md, "Random raw files in the official layouts",
+says what is faithful (file names, headers, column order, value formats and quoting, sizes,
+every item at least once) and what is random. Log files are written in blocks of about
+BLOCK_ROWS rows (bounded memory), with numpy and pyarrow (no per-row Python).
 """
 
 from __future__ import annotations
