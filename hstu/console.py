@@ -68,12 +68,10 @@ class _Sink:
     def attach(self, path: str | None) -> None:
         if path is None:
             self.dropping = True
-            self.lines.clear()
-            return
-        self.file = open(path, "a")  # noqa: SIM115 - kept open for the run
-        for line in self.lines:
-            self.file.write(line + "\n")
-        self.file.flush()
+        else:
+            self.file = open(path, "a")  # noqa: SIM115 - kept open for the run
+            self.file.writelines(line + "\n" for line in self.lines)
+            self.file.flush()
         self.lines.clear()
 
     def close(self) -> None:

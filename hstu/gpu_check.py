@@ -583,8 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.json or "gpu_check.json")
     path.write_text(json.dumps(to_json(results, environment, False), indent=2))
     print(f"results written to {path}")
-    bad = [r.name for r in results if r.status in ("fail", "error")]
-    return 1 if bad else 0
+    return 1 if any(r.status in ("fail", "error") for r in results) else 0
 
 
 if __name__ == "__main__":
