@@ -22,8 +22,9 @@ latter includes ``bincount``, whose CUDA kernel reads the input's range on the h
 ``minlength``), boolean-mask indexing, ``equal`` and ``histc`` without a range; and at the
 Python level ``Tensor.tolist``, ``.numpy`` and ``.cpu`` (on a CPU tensor these never reach the
 dispatcher; docs/performance.md, "The CPU guard"). Not seen: syncs inside CUDA kernels that
-no op list predicts, and ``.to("cpu")``; ``torch.cuda.set_sync_debug_mode("error")`` on a GPU
-is the final word (``python -m hstu.gpu_check``).
+no op list predicts, and ``.to("cpu")`` of a tensor already on the CPU;
+``torch.cuda.set_sync_debug_mode("error")`` on a GPU is the final word
+(``python -m hstu.gpu_check``).
 """
 
 from __future__ import annotations
