@@ -10,26 +10,17 @@ Each preset runs in its own process group (``torch.distributed.run``, 1 or 2 pro
 gin state and peak memory do not leak from one preset to the next. Steps are run as the
 ``none`` pipeline runs them (zero_grad, forward, backward, step), one batch at a time.
 
-    python -m hstu.bench                                   # every preset
+    python -m hstu.bench                                   # the core presets
     python -m hstu.bench --presets ml1m_paper_on_ml100k --steps 16 --json out.json
     python -m hstu.bench --list
 
 The ML-1M paper retrieval preset runs on ML-100K data (``tmp_data/ml-100k``, preprocessed
 from ``--ml100k-raw`` when missing); the synthetic presets need nothing.
 
-The online-training preset (``--presets stream``, not in ``all``) streams the first
-``--stream-events`` events (5M) of a synthetic KuaiRand-1K raw log (1,000 users, 4.37M item
-ids; ``python -m hstu.data.synthesize``) through ``configs/bench/stream_ranking.gin`` on 2
-processes: parquet partitions of ``--stream-window`` events in a stream folder, test then
-train on each, a dynamic item table smaller than the distinct ids. It reports events/s over
-the whole stream and each rank's resident memory per window (first, median, last, peak: flat
-means the last is the first).
-
-The long-history presets (``--presets long``: ``long_<method>_<length>``) time the HSTU block
-of ``configs/bench/long_block.gin`` alone, forward + backward on one synthetic history per step, in
-one process each: step time and peak memory per method (full attention, the semi-local window,
-stochastic length, attention truncation) and history length (1k to 64k tokens). A preset that
-would not fit the memory limit or the time limit is reported as skipped, with why.
+The online-training preset (``--presets stream``, not in ``all``: events/s and memory per
+window over a synthetic KuaiRand-1K stream) and the long-history presets (``--presets long``:
+the HSTU block alone per method and history length) are described in docs/performance.md,
+"Online training at KuaiRand-1K size" and "Long-history presets".
 """
 
 from __future__ import annotations
@@ -257,10 +248,8 @@ def _worker(a: argparse.Namespace) -> None:
 
     feed = trainer.open_batches()  # the trainer's batches and (sequential) pipeline
     batches = iter(feed)
-    sparse = trainer.model.sparse
-    dense = trainer.model.dense
     phase_hooks = []
-    for name, module in (("embedding", sparse), ("forward", dense)):
+    for name, module in (("embedding", model.sparse), ("forward", model.dense)):
         ph = _Phase(name)
         phase_hooks += [module.register_forward_pre_hook(ph.pre),
                         module.register_forward_hook(ph.post)]
@@ -273,27 +262,22 @@ def _worker(a: argparse.Namespace) -> None:
         shape["samples"] += offsets.numel() - 1
         shape["width"] = max(shape["width"], int(max_seqlen))
 
-    block = getattr(trainer.model.dense_module, "block", None)
+    block = getattr(model.dense_module, "block", None)
     if block is not None:
         phase_hooks.append(block.register_forward_pre_hook(block_shape))
     model.train()
 
-    def step() -> tuple[int, float, int]:
-        """The trainer's own step (profiler labels hstu::data/backward/optimizer)."""
+    def step():
+        """The trainer's own step (profiler labels hstu::data/backward/optimizer); its cost."""
         trainer.train_step(batches)
-        cost = feed.pop_cost()
-        return cost.tokens, cost.flops, cost.samples
+        return feed.pop_cost()
 
     for _ in range(a.warmup):
         step()
     if dist.is_initialized():
         dist.barrier()
     t0, c0 = time.perf_counter(), time.process_time()
-    tokens = samples = 0
-    flops = 0.0
-    for _ in range(a.steps):
-        tk, fl, sm = step()
-        tokens, flops, samples = tokens + tk, flops + fl, samples + sm
+    costs = [step() for _ in range(a.steps)]
     if dist.is_initialized():
         dist.barrier()
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
@@ -326,16 +310,15 @@ def _worker(a: argparse.Namespace) -> None:
 
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     result = {
-        "tokens": tokens, "samples": samples, "flops": flops, "seconds": seconds,
-        "cpu_seconds": cpu_seconds,
+        "tokens": sum(c.tokens for c in costs), "samples": sum(c.samples for c in costs),
+        "flops": sum(c.flops for c in costs), "seconds": seconds, "cpu_seconds": cpu_seconds,
         "rss_gib": rss_gib, "roof_flops": roof, "split_s": split, "syncs": syncs,
         "fill": float(shape["tokens"]) / max(1, shape["samples"]) / max(1, shape["width"]),
     }
-    gathered = [None] * world
+    gathered = [result]
     if dist.is_initialized() and world > 1:
+        gathered = [None] * world
         dist.all_gather_object(gathered, result)
-    else:
-        gathered = [result]
     feed.close()
     trainer.close()
     if env.rank == 0:
@@ -416,8 +399,7 @@ def long_step_flops(method: str, length: int, network_layers: int = 4, heads: in
         rows = [length] * network_layers
     elif method == "trunc":
         kept = min(length, LONG_TRUNCATION_LEN)
-        keys = [length] + [kept] * (network_layers - 1)
-        rows = [length] + [kept] * (network_layers - 1)
+        keys = rows = [length] + [kept] * (network_layers - 1)
     else:
         keys = rows = [length] * network_layers
     return 3.0 * per_row * sum(r * k for r, k in zip(rows, keys))
@@ -464,13 +446,9 @@ def _long_worker(a: argparse.Namespace) -> None:
 
         sl = StochasticLength(alpha, length, "recency", 0.0)
 
-    def tokens_of(step: int) -> int:
-        if sl is None:
-            return length
-        return len(sl.keep(np.array([length]), seed=0, epoch=0, sample_ids=np.array([step]))[0])
-
     def step(index: int) -> int:
-        n = tokens_of(index)
+        n = length if sl is None else len(
+            sl.keep(np.array([length]), seed=0, epoch=0, sample_ids=np.array([index]))[0])
         x = torch.randn(n, network.hidden_size, requires_grad=True)
         offsets = torch.tensor([0, n])
         block.zero_grad(set_to_none=True)
@@ -516,22 +494,9 @@ def _run_long(p: Preset, a: argparse.Namespace, roof_flops: float) -> dict:
     if estimate_s * (steps + warmup) > a.long_timeout:
         return {"preset": p.name, "skipped": f"needs ~{estimate_s:,.0f} s per step (FLOP estimate "
                 f"at the matmul roof), over --long-timeout {a.long_timeout:.0f} s"}
-    threads = a.threads or (os.cpu_count() or 1)
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        result = f.name
-    cmd = [sys.executable, "-m", "hstu.bench", "--worker", p.name, "--result", result,
-           "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads),
-           "--memory-limit-gib", str(a.memory_limit_gib)]
-    for g in a.gin_param:
-        cmd += ["--gin-param", g]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
-    try:
-        done = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=a.long_timeout)
-    except subprocess.TimeoutExpired:
-        os.unlink(result)
-        return {"preset": p.name, "skipped": f"over --long-timeout {a.long_timeout:.0f} s"}
-    return _worker_result(p.name, done, result)
+    return _run_worker(p, a, [], a.threads or (os.cpu_count() or 1),
+                       ["--steps", str(steps), "--warmup", str(warmup),
+                        "--memory-limit-gib", str(a.memory_limit_gib)], timeout=a.long_timeout)
 
 
 def _long_table(results: list[dict]) -> str:
@@ -607,34 +572,43 @@ def _ensure_data(name: str, raw: str | None) -> str | None:
     return None if done.returncode == 0 else f"preprocess {name} failed: {done.stderr[-300:]}"
 
 
-def _worker_result(name: str, done: subprocess.CompletedProcess, result: str) -> dict:
-    """What a preset's worker process wrote to ``result`` (removed after), or its error."""
+def _gin_args(a: argparse.Namespace) -> list[str]:
+    return [arg for g in a.gin_param for arg in ("--gin-param", g)]
+
+
+def _run_worker(p: Preset, a: argparse.Namespace, launcher: list[str], threads: int,
+                args: list[str], timeout: float | None = None, echo: bool = False) -> dict:
+    """Runs ``python [launcher] -m hstu.bench --worker <preset> args``; returns what it wrote
+    to its result file (removed after), or its error. ``echo``: its stderr to ours."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        result = f.name
+    cmd = [sys.executable, *launcher, "-m", "hstu.bench", "--worker", p.name, "--result", result,
+           "--threads", str(threads), *args, *_gin_args(a)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
     try:
+        done = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=timeout)
+        if echo:
+            print(done.stderr[-20000:], file=sys.stderr)
         if done.returncode != 0 or os.path.getsize(result) == 0:
-            return {"preset": name, "error": (done.stderr or done.stdout)[-1500:]}
+            return {"preset": p.name, "error": (done.stderr or done.stdout)[-1500:]}
         with open(result) as f:
             return json.load(f)
+    except subprocess.TimeoutExpired:
+        return {"preset": p.name, "skipped": f"over --long-timeout {timeout:.0f} s"}
     finally:
         os.unlink(result)
 
 
 def _run_preset(p: Preset, a: argparse.Namespace) -> dict:
-    threads = a.threads or max(1, (os.cpu_count() or 1) // p.nproc)
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        result = f.name
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={p.nproc}", "-m", "hstu.bench", "--worker", p.name,
-           "--result", result, "--steps", str(a.steps), "--warmup", str(a.warmup),
-           "--profile-steps", str(a.profile_steps), "--audit-steps", str(a.audit_steps),
-           "--threads", str(threads),
-           "--top-ops", str(a.top_ops)]
-    for g in a.gin_param:
-        cmd += ["--gin-param", g]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
-    done = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True)
-    if a.top_ops:
-        print(done.stderr[-20000:], file=sys.stderr)
-    return _worker_result(p.name, done, result)
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={p.nproc}"]
+    steps = CORE_DEFAULT_STEPS if a.steps is None else a.steps
+    warmup = 3 if a.warmup is None else a.warmup
+    return _run_worker(p, a, launcher, a.threads or max(1, (os.cpu_count() or 1) // p.nproc),
+                       ["--steps", str(steps), "--warmup", str(warmup),
+                        "--profile-steps", str(a.profile_steps),
+                        "--audit-steps", str(a.audit_steps), "--top-ops", str(a.top_ops)],
+                       echo=bool(a.top_ops))
 
 
 STREAM_RAW = os.path.join(ROOT, "tmp_data", "stream-bench", "kuairand-1k-raw")
@@ -682,7 +656,7 @@ def _stream_folder(events: int, window: int) -> tuple[str, dict]:
 
 
 def _run_stream(a: argparse.Namespace) -> dict:
-    """The online-training benchmark (module docstring): one 2-process run over the stream."""
+    """The online-training benchmark (docs/performance.md): one 2-process run over the stream."""
     base = os.path.join(ROOT, "tmp_data", STREAM_BASE)
     if not os.path.exists(os.path.join(base, "metadata.json")):
         # the base dataset only names the features and says the actions are KuaiRand's bitmask
@@ -702,9 +676,7 @@ def _run_stream(a: argparse.Namespace) -> dict:
            os.path.join(ROOT, "pretrain_gr_ranking.py"), "--gin-config-file",
            os.path.join(ROOT, "configs", "bench", "stream_ranking.gin"),
            "--gin-param", f'StreamArgs.path="{folder}"',
-           "--gin-param", f'TrainerArgs.run_dir="{run_dir}"']
-    for g in a.gin_param:
-        cmd += ["--gin-param", g]
+           "--gin-param", f'TrainerArgs.run_dir="{run_dir}"', *_gin_args(a)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
     started = time.perf_counter()
     cpu0 = os.times()
@@ -790,9 +762,11 @@ def _table(roofs: dict, results: list[dict]) -> str:
             f"{r.get('mean_over_max_tokens', 0.0):5.2f} "
             f"{_syncs_cell(r):>11s} | split ms: "
             + " ".join(f"{sp.get(k, 0.0):6.1f}" for k in (*PHASES, "communication")))
-    notes = _sync_notes(results)
     lines += ["", ("syncs: unnamed/named host syncs per step under hstu.sync_audit "
-                   "(unnamed ones must be 0)"), *notes]
+                   "(unnamed ones must be 0)")]
+    # one line per preset whose steps made unnamed host syncs: the first one's op and line
+    lines += [f"  {r['preset']}: unnamed host sync {r['first_unnamed_sync']}" for r in results
+              if r.get("first_unnamed_sync")]
     return "\n".join(lines)
 
 
@@ -802,12 +776,6 @@ def _syncs_cell(r: dict) -> str:
     if unnamed is None or math.isnan(unnamed):  # not audited
         return "-"
     return f"{unnamed:g}/{named:g}"
-
-
-def _sync_notes(results: list[dict]) -> list[str]:
-    """One line per preset whose steps made unnamed host syncs: the first one's op and line."""
-    return [f"  {r['preset']}: unnamed host sync {r['first_unnamed_sync']}" for r in results
-            if r.get("first_unnamed_sync")]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -844,64 +812,41 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    if a.worker:
-        if BY_NAME[a.worker].long is not None:
-            _long_worker(a)
-            return
-        a.steps = CORE_DEFAULT_STEPS if a.steps is None else a.steps
-        a.warmup = 3 if a.warmup is None else a.warmup
-        _worker(a)
+    if a.worker:  # started by _run_worker, with --steps and --warmup
+        (_long_worker if BY_NAME[a.worker].long is not None else _worker)(a)
         return
     if a.list:
         for p in PRESETS:
             print(f"{p.name:26s} [{p.group}] {p.nproc} proc  {p.config} {' '.join(p.params)}"
                   f"  # {p.note}")
         return
-    stream = "stream" in a.presets
-    a.presets = [n for n in a.presets if n != "stream"]
-    if stream and not a.presets:
+    if "stream" in a.presets:
+        if set(a.presets) != {"stream"}:
+            ap.error("--presets stream runs alone (its own run of several minutes)")
         r = _run_stream(a)
         print(_stream_table(r))
-        if a.json:
-            os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-            with open(a.json, "w") as f:
-                json.dump({"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-                           "torch": torch.__version__, "cpu": cpu_description(), "stream": r},
-                          f, indent=1)
-            print(f"[bench] wrote {a.json}")
+        _write_json(a.json, {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+                             "torch": torch.__version__, "cpu": cpu_description(), "stream": r})
         return
-    if stream:
-        ap.error("--presets stream runs alone (its own run of several minutes)")
-    names = []
-    for n in a.presets:
-        names += list(BY_NAME) if n == "all" else GROUPS.get(n, [n])
-    a.presets = names
-    unknown = [n for n in a.presets if n not in BY_NAME]
+    names = [m for n in a.presets for m in (list(BY_NAME) if n == "all" else GROUPS.get(n, [n]))]
+    unknown = [n for n in names if n not in BY_NAME]
     if unknown:
         ap.error(f"unknown presets {unknown}; --list shows them")
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
     roofs = {"float32": matmul_roof(torch.float32), "bfloat16": matmul_roof(torch.bfloat16)}
     results, long_results = [], []
-    for name in a.presets:
+    for name in names:
         p = BY_NAME[name]
         if p.long is not None:
             r = _run_long(p, a, roofs["float32"])
             long_results.append(r)
-            print(f"[bench] {name}: " + ("skipped: " + r["skipped"] if "skipped" in r else
-                  "error" if "error" in r else f"{r['step_s']:.3f} s per step"), flush=True)
-            continue
-        why = _ensure_data(p.data, a.ml100k_raw) if p.data else None
-        if why:
-            r = {"preset": name, "skipped": why}
         else:
-            steps, warmup = a.steps, a.warmup
-            a.steps = CORE_DEFAULT_STEPS if steps is None else steps
-            a.warmup = 3 if warmup is None else warmup
-            r = _run_preset(p, a)
-            a.steps, a.warmup = steps, warmup
-        results.append(r)
-        print(f"[bench] {name}: " + ("skipped: " + why if why else
-              "error" if "error" in r else f"{r['tokens_per_s']:,.0f} tokens/s"), flush=True)
+            why = _ensure_data(p.data, a.ml100k_raw) if p.data else None
+            r = {"preset": name, "skipped": why} if why else _run_preset(p, a)
+            results.append(r)
+        print(f"[bench] {name}: " + ("skipped: " + r["skipped"] if "skipped" in r else
+              "error" if "error" in r else f"{r['step_s']:.3f} s per step" if p.long
+              else f"{r['tokens_per_s']:,.0f} tokens/s"), flush=True)
     report = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
               "torch": torch.__version__, "cpus": os.cpu_count(), "cpu": cpu_description(),
               "matmul_roof_flops": roofs, "roof_threads": torch.get_num_threads(),
@@ -911,11 +856,15 @@ def main(argv: list[str] | None = None) -> None:
     if long_results:
         print(f"CPU: {cpu_description()}")
         print(_long_table(long_results))
-    if a.json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:
+    _write_json(a.json, report)
+
+
+def _write_json(path: str, report: dict) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
             json.dump(report, f, indent=1)
-        print(f"[bench] wrote {a.json}")
+        print(f"[bench] wrote {path}")
 
 
 if __name__ == "__main__":

@@ -85,13 +85,10 @@ def describe(cfg: RunConfig) -> str:
     """A readable dump of the validated arguments."""
     parts = [f"task: {cfg.task}", f"sources: {', '.join(cfg.sources)}"]
     for name in ("trainer", "network", "optimizer", "tp", "dataset", "ranking", "retrieval"):
-        value = getattr(cfg, name)
-        if value is not None:
-            parts.append(f"{name}: {value}")
-    for table in cfg.tables:
-        parts.append(f"table: {table}")
-    for name, value in cfg.extras.items():
-        parts.append(f"{name}: {value}")
+        if getattr(cfg, name) is not None:
+            parts.append(f"{name}: {getattr(cfg, name)}")
+    parts += [f"table: {table}" for table in cfg.tables]
+    parts += [f"{name}: {value}" for name, value in cfg.extras.items()]
     return "\n".join(parts)
 
 

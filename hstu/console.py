@@ -68,12 +68,10 @@ class _Sink:
     def attach(self, path: str | None) -> None:
         if path is None:
             self.dropping = True
-            self.lines.clear()
-            return
-        self.file = open(path, "a")  # noqa: SIM115 - kept open for the run
-        for line in self.lines:
-            self.file.write(line + "\n")
-        self.file.flush()
+        else:
+            self.file = open(path, "a")  # noqa: SIM115 - kept open for the run
+            self.file.writelines(line + "\n" for line in self.lines)
+            self.file.flush()
         self.lines.clear()
 
     def close(self) -> None:
@@ -121,15 +119,10 @@ def quiet_start() -> None:
             logging.getLogger(origin).addFilter(_Divert(re.compile(pattern)))
 
 
-def keep_log(run_dir: str | None) -> str | None:
+def keep_log(run_dir: str | None) -> None:
     """Sends the diverted warnings to ``<run_dir>/third_party_warnings.log`` (None: drop them,
-    e.g. on ranks that do not write the run directory). Returns the log's path."""
-    if run_dir is None:
-        _sink.attach(None)
-        return None
-    path = os.path.join(run_dir, LOG_FILE)
-    _sink.attach(path)
-    return path
+    e.g. on ranks that do not write the run directory)."""
+    _sink.attach(None if run_dir is None else os.path.join(run_dir, LOG_FILE))
 
 
 def close_log() -> None:
@@ -162,10 +155,6 @@ if claim:
     except OSError:
         pass
 """
-
-
-def under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def _print_after_launcher(line: str, claim: str = "") -> bool:
@@ -210,7 +199,7 @@ def fail(message: str, code: int = 2) -> int:
     cannot print after its launcher exits, so a detached process does; it then removes the
     claim), so it is the last line; without torchrun (one process) it is printed at once."""
     line = "error: " + " ".join(str(message).split())
-    if under_torchrun():
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun
         path = _claim_path()
         claimed = _claim_the_line(path)
         if claimed is None:
@@ -229,7 +218,6 @@ def fail(message: str, code: int = 2) -> int:
 
 __all__ = [
     "KNOWN_WARNINGS", "LOG_FILE", "close_log", "fail", "format_bytes", "keep_log", "quiet_start",
-    "under_torchrun",
 ]
 
 

@@ -39,16 +39,11 @@ def render() -> str:
         "",
     ]
     for cls in (*A.ARG_CLASSES, *DATA_ARG_CLASSES):
-        lines.append(f"## {cls.__name__}")
-        lines.append("")
         doc = inspect.getdoc(cls) or ""
-        lines.append(doc.splitlines()[0] if doc else "")
-        lines.append("")
-        lines.append("| field | type | default | meaning |")
-        lines.append("| --- | --- | --- | --- |")
+        lines += [f"## {cls.__name__}", "", doc.splitlines()[0] if doc else "", "",
+                  "| field | type | default | meaning |", "| --- | --- | --- | --- |"]
         for name, type_name, default, help_text in A.field_specs(cls):
-            cell = type_name.replace("|", "\\|")
-            dflt = default.replace("|", "\\|")
+            cell, dflt = type_name.replace("|", "\\|"), default.replace("|", "\\|")
             lines.append(f"| `{name}` | `{cell}` | `{dflt}` | {help_text} |")
         lines.append("")
     return "\n".join(lines)

@@ -101,18 +101,12 @@ def _module_present(name: str) -> bool:
         return False
 
 
-def _where(exc: BaseException) -> str:
-    """The innermost frame of this project in the traceback, as file:line."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/hstu/" in f.filename]
-    if not frames:
-        return ""
-    f = frames[-1]
-    return f" at {Path(f.filename).name}:{f.lineno}"
-
-
 def _one_line(exc: BaseException) -> str:
+    """``Type: first line`` and the innermost frame of this project, as ``at file:line``."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}{_where(exc)}"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/hstu/" in f.filename]
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    return f"{type(exc).__name__}: {text[0] if text else ''}{where}"
 
 
 def _time_ms(fn: Callable[[], None], warmup: int, repeats: int) -> float:
@@ -127,12 +121,6 @@ def _time_ms(fn: Callable[[], None], warmup: int, repeats: int) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / repeats
-
-
-def _peak(dtype_str: str) -> tuple[float, str]:
-    from hstu.training.flops import peak_flops  # torch only
-
-    return peak_flops(torch.device("cuda"), dtype_str)
 
 
 def import_dense_block() -> type:
@@ -251,13 +239,6 @@ def _attention_case(case: str, dtype: torch.dtype, head_dim: int = 64) -> tuple[
     return (q, k, v, offsets, max_seqlen), kw
 
 
-def _leaves(args: tuple, kw: dict) -> list[torch.Tensor]:
-    leaves = list(args[:3])
-    if kw["rab"] is not None:
-        leaves += [kw["rab"].pos_weights, kw["rab"].ts_weights]
-    return leaves
-
-
 def _max_relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     scale = want.float().abs().max().clamp(min=1e-6)
     return float((got.float() - want.float()).abs().max() / scale)
@@ -278,14 +259,15 @@ def check_kernels_vs_reference(result: CheckResult) -> None:
                     continue
             for case in CASES:
                 args, kw = _attention_case(case, dtype)
+                leaves = list(args[:3])
+                if kw["rab"] is not None:
+                    leaves += [kw["rab"].pos_weights, kw["rab"].ts_weights]
                 got = hstu_attention(*args, backend=backend, strict=True, **kw)
                 want = hstu_attention(*args, backend="pytorch", **kw)
                 upstream = torch.randn_like(want, dtype=torch.float32).to(want.dtype)
-                g_got = torch.autograd.grad(got, _leaves(args, kw), upstream)
-                g_want = torch.autograd.grad(want, _leaves(args, kw), upstream)
-                errors = [_max_relative_error(got, want)]
-                errors += [_max_relative_error(a, b) for a, b in zip(g_got, g_want)]
-                err = max(errors)
+                g_got = torch.autograd.grad(got, leaves, upstream)
+                g_want = torch.autograd.grad(want, leaves, upstream)
+                err = max(_max_relative_error(a, b) for a, b in zip((got, *g_got), (want, *g_want)))
                 worst = max(worst, err)
                 tol = tolerance[dtype]
                 ok = math.isfinite(err) and err <= tol
@@ -303,8 +285,9 @@ def attention_flops(lengths: list[int], num_heads: int, head_dim: int) -> float:
 def check_kernel_throughput(result: CheckResult) -> None:
     from hstu.ops import hstu_attention
     from hstu.ops.cutlass_attention import unavailable_reason
+    from hstu.training.flops import peak_flops  # torch only
 
-    peak, source = _peak("bfloat16")
+    peak, source = peak_flops(torch.device("cuda"), "bfloat16")
     num_heads, head_dim = 4, 128
     best = 0.0
     for length in (1024, 4096):
@@ -349,20 +332,19 @@ def _build_block(block_cls: type) -> torch.nn.Module:
 def _block_batch(lengths: list[int], num_targets: list[int] | None) -> dict[str, Any]:
     gen = torch.Generator(device="cuda").manual_seed(11)
     x = torch.randn(sum(lengths), BLOCK_SHAPE["hidden_size"], device="cuda", generator=gen)
-    batch = {
+    return {
         "x": x.to(torch.bfloat16),
         "offsets": torch.tensor([0, *lengths], device="cuda").cumsum(0),
         "max_seqlen": max(lengths),  # known on the host, as the data path knows it
         "num_targets": None if num_targets is None else torch.tensor(num_targets, device="cuda"),
     }
-    return batch
 
 
 def check_block_throughput(result: CheckResult) -> None:
-    from hstu.training.flops import hstu_step_flops
+    from hstu.training.flops import hstu_step_flops, peak_flops
 
     block_cls = import_dense_block()
-    peak, source = _peak("bfloat16")
+    peak, source = peak_flops(torch.device("cuda"), "bfloat16")
     block = _build_block(block_cls)
     shape = SimpleNamespace(  # NetworkArgs' names
         num_layers=BLOCK_SHAPE["num_layers"], hidden_size=BLOCK_SHAPE["hidden_size"],
@@ -601,8 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.json or "gpu_check.json")
     path.write_text(json.dumps(to_json(results, environment, False), indent=2))
     print(f"results written to {path}")
-    bad = [r.name for r in results if r.status in ("fail", "error")]
-    return 1 if bad else 0
+    return 1 if any(r.status in ("fail", "error") for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -16,23 +16,15 @@ Where a sync is unavoidable the code says so, and why, with :func:`allowed_sync`
     with allowed_sync("the kernel plans its chunks on the host from the lengths"):
         lengths = lengths.tolist()
 
-What counts as a sync (checked at the ATen op level, below autograd, so backward too):
-
-- ``data_dependent_output`` ops (torch's own tag: ``aten._local_scalar_dense``, ``aten.item``):
-  ``.item()``, ``int(t)``, ``float(t)``, ``bool(t)``, ``if t:``, a tensor used as an index;
-- ``dynamic_output_shape`` ops (torch's own tag: the ops FakeTensor cannot size without
-  the data): ``nonzero``, ``masked_select``, ``unique*``, ``bincount`` (CUDA reads the input's
-  min and max on the host, whatever ``minlength``), ``one_hot`` without ``num_classes`` ...,
-  except ``index.Tensor`` with integer indices and ``repeat_interleave.Tensor`` with
-  ``output_size``, which are sized from their arguments;
-- ``index`` / ``index_put(_)`` with a boolean (or uint8) index (a mask becomes ``nonzero``);
-- ``equal`` (a Python bool), ``histc`` with ``min == max`` (CUDA reads the range);
-- at the Python level, ``Tensor.tolist``, ``Tensor.numpy`` and ``Tensor.cpu`` (on a CPU
-  tensor these never reach the dispatcher; on a device tensor they copy to the host).
-
-Not seen: syncs inside CUDA kernels that the op list does not predict, and ``.to("cpu")``
-of a tensor already on the CPU; ``torch.cuda.set_sync_debug_mode("error")`` on a GPU is the
-final word (``python -m hstu.gpu_check``).
+What counts as a sync: :func:`sync_reason`, checked at the ATen op level (below autograd, so
+backward too): torch's own ``data_dependent_output`` and ``dynamic_output_shape`` tags (the
+latter includes ``bincount``, whose CUDA kernel reads the input's range on the host whatever
+``minlength``), boolean-mask indexing, ``equal`` and ``histc`` without a range; and at the
+Python level ``Tensor.tolist``, ``.numpy`` and ``.cpu`` (on a CPU tensor these never reach the
+dispatcher; docs/performance.md, "The CPU guard"). Not seen: syncs inside CUDA kernels that
+no op list predicts, and ``.to("cpu")`` of a tensor already on the CPU;
+``torch.cuda.set_sync_debug_mode("error")`` on a GPU is the final word
+(``python -m hstu.gpu_check``).
 """
 
 from __future__ import annotations
@@ -171,13 +163,12 @@ def _describe(frame: Any) -> str:
 
 # ------------------------------------------------------------------- allowed syncs
 
-_local = threading.local()
+class _Reasons(threading.local):
+    def __init__(self) -> None:
+        self.stack: list[str] = []  # this thread's open allowed_sync reasons, innermost last
 
 
-def _allowed_reasons() -> list[str]:
-    if not hasattr(_local, "reasons"):
-        _local.reasons = []
-    return _local.reasons
+_reasons = _Reasons()
 
 
 @contextmanager
@@ -185,14 +176,12 @@ def allowed_sync(reason: str) -> Iterator[None]:
     """Marks the syncs inside as unavoidable, for ``reason`` (recorded by an active audit).
 
     Costs a list append and pop: fine on every step."""
-    if not reason:
-        raise ValueError("allowed_sync needs a reason")
-    reasons = _allowed_reasons()
-    reasons.append(reason)
+    assert reason, "allowed_sync needs a reason"
+    _reasons.stack.append(reason)
     try:
         yield
     finally:
-        reasons.pop()
+        _reasons.stack.pop()
 
 
 # ------------------------------------------------------------------------- the audit
@@ -217,7 +206,7 @@ class SyncAudit(TorchDispatchMode):
         return [e for e in self.events if e.reason is None]
 
     def check(self, op: str, why: str) -> None:
-        reasons = _allowed_reasons()
+        reasons = _reasons.stack
         where, known = _caller()
         event = SyncEvent(op, why, where, reasons[-1] if reasons else known)
         self.events.append(event)
@@ -263,8 +252,7 @@ def sync_audit(raise_on_sync: bool = True) -> Iterator[SyncAudit]:
     """
     audit = SyncAudit(raise_on_sync)
     with _patch_lock:
-        if audit.thread in _active:
-            raise RuntimeError("sync_audit is already active on this thread")
+        assert audit.thread not in _active, "sync_audit is already active on this thread"
         if not _active:
             for name in _PYTHON_SYNCS:
                 _originals[name] = getattr(torch.Tensor, name)

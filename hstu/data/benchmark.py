@@ -117,26 +117,23 @@ class BenchmarkLoader:
         )
         total = hist + cands
         n_items = int(total.sum())
-        item_vocab = self.vocab[a.item_feature_name]
-        keys, values, lengths = (
-            [a.item_feature_name],
-            [draw(rng, item_fa.value_distribution, item_fa.value_alpha, item_vocab, n_items)],
-            [total],
-        )
-        action_vocab = 2
-        if a.action_feature_name:
-            fa = self.features[a.action_feature_name]
-            action_vocab = self.vocab[a.action_feature_name]
-            keys.append(a.action_feature_name)
-            values.append(
-                draw(rng, fa.value_distribution, fa.value_alpha, action_vocab, int(hist.sum()))
-            )
-            lengths.append(hist)
-        for name in a.contextual_feature_names:
+        keys, values, lengths = [], [], []
+
+        def add(name: str, counts: np.ndarray) -> None:
+            """Feature ``name`` with counts[b] values in sample b, drawn as its FeatureArgs say."""
             fa = self.features[name]
             keys.append(name)
-            values.append(draw(rng, fa.value_distribution, fa.value_alpha, self.vocab[name], b))
-            lengths.append(np.ones(b, dtype=np.int64))
+            values.append(draw(rng, fa.value_distribution, fa.value_alpha, self.vocab[name],
+                               int(counts.sum())))
+            lengths.append(counts)
+
+        add(a.item_feature_name, total)
+        if a.action_feature_name:
+            add(a.action_feature_name, hist)
+        for name in a.contextual_feature_names:
+            add(name, np.ones(b, dtype=np.int64))
+        action_vocab = self.vocab[a.action_feature_name] if a.action_feature_name else 2
+        item_vocab = self.vocab[a.item_feature_name]
         gaps = rng.integers(1, 3600, size=n_items)
         timestamps = 1_600_000_000 + np.cumsum(gaps)
         if self.task == "ranking":
@@ -180,10 +177,8 @@ class BenchmarkLoader:
         return {"epoch": self.epoch, "batch_index": self.batch_index}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.batch_index = (
-            int(state["epoch"]),
-            min(int(state["batch_index"]), len(self)),
-        )
+        self.epoch = int(state["epoch"])
+        self.batch_index = min(int(state["batch_index"]), len(self))
 
 
 __all__ = ["BenchmarkLoader", "draw", "draw_lengths"]

@@ -3,19 +3,10 @@
     python -m hstu.data.synthesize --dataset kuairand-27k --fraction 0.25 --out /data/kr27k-raw
     python -m hstu.data.preprocess --dataset kuairand-27k --raw /data/kr27k-raw --out tmp_data
 
-For measuring cost (preprocessing time and memory, step time, table sizes), never quality:
-nothing in the files is learnable. What is faithful is the layout the readers of
-hstu.data.sources take (file names, headers, column order, value formats and quoting, e.g.
-KuaiRand's quoted ranges such as ``"[10,50)"``, ML-20M's half-star ratings ``3.5``), the
-sizes (users, items, interactions, each times --fraction), and every item occurring at least
-once (so the preprocessed item count is the official one times the fraction). History lengths
-are log-normal shares of the interactions (each user at least the dataset's minimum), item
-popularity Zipf-like, feedback flags coin flips at fixed rates, times spread over the official
-periods. The archives' other files (KuaiRand's video features, MovieLens' movies and tags)
-are not written: no reader takes them.
-
-Files are written in blocks of rows (bounded memory: a block's columns, about 200 MB), with
-numpy and pyarrow (no per-row Python).
+For measuring cost, never quality: docs/data.md, "Random raw files in the official layouts",
+says what is faithful (file names, headers, column order, value formats and quoting, sizes,
+every item at least once) and what is random. Log files are written in blocks of about
+BLOCK_ROWS rows (bounded memory), with numpy and pyarrow (no per-row Python).
 """
 
 from __future__ import annotations
@@ -47,35 +38,28 @@ class Official:
     items: int
     interactions: int
     min_length: int
-    log_files: tuple[tuple[str, float], ...]
-    """(file name, share of each user's interactions); KuaiRand-27K's part files split users."""
-    kind: str  # "kuairand", "ml-20m", "ml-1m"
+    log_files: tuple[str, ...]
+    """KuaiRand: one per period, in time order; KuaiRand-27K's two part files of a period
+    split its users (the first half, the rest)."""
     suffix: str = ""
 
 
-def _kuairand_logs(suffix: str, parts: bool) -> tuple[tuple[str, float], ...]:
-    periods = (("4_08_to_4_21", 14 / 31), ("4_22_to_5_08", 17 / 31))
-    if not parts:
-        return tuple((f"log_standard_{p}_{suffix}.csv", share) for p, share in periods)
-    return tuple(
-        (f"log_standard_{p}_{suffix}_part{k}.csv", share) for p, share in periods for k in (1, 2)
-    )
+def _kuairand_logs(suffix: str, parts: bool) -> tuple[str, ...]:
+    ends = ("_part1", "_part2") if parts else ("",)
+    periods = ("4_08_to_4_21", "4_22_to_5_08")
+    return tuple(f"log_standard_{p}_{suffix}{end}.csv" for p in periods for end in ends)
 
 
 OFFICIAL: dict[str, Official] = {
     # KuaiRand (standard logs, 2022-04-08 .. 2022-05-08): kuairand.com
-    "kuairand-pure": Official(
-        27_077, 7_583, 1_436_609, 2, _kuairand_logs("pure", False), "kuairand", "pure"
-    ),
-    "kuairand-1k": Official(
-        1_000, 4_369_953, 11_713_045, 2, _kuairand_logs("1k", False), "kuairand", "1k"
-    ),
+    "kuairand-pure": Official(27_077, 7_583, 1_436_609, 2, _kuairand_logs("pure", False), "pure"),
+    "kuairand-1k": Official(1_000, 4_369_953, 11_713_045, 2, _kuairand_logs("1k", False), "1k"),
     "kuairand-27k": Official(
-        27_285, 32_038_725, 322_278_385, 2, _kuairand_logs("27k", True), "kuairand", "27k"
+        27_285, 32_038_725, 322_278_385, 2, _kuairand_logs("27k", True), "27k"
     ),
     # MovieLens (grouplens.org): every user has at least 20 ratings
-    "ml-20m": Official(138_493, 26_744, 20_000_263, 20, (("ratings.csv", 1.0),), "ml-20m"),
-    "ml-1m": Official(6_040, 3_706, 1_000_209, 20, (("ratings.dat", 1.0),), "ml-1m"),
+    "ml-20m": Official(138_493, 26_744, 20_000_263, 20, ("ratings.csv",)),
+    "ml-1m": Official(6_040, 3_706, 1_000_209, 20, ("ratings.dat",)),
 }
 _ML_MAX_MOVIE = {"ml-20m": 131_262, "ml-1m": 3_952}  # movie ids are sparse up to this
 _ML_TIME = {"ml-20m": (789_652_009, 1_427_784_002), "ml-1m": (956_703_932, 1_046_454_590)}
@@ -114,24 +98,6 @@ _ML_RATING_WEIGHTS_1M = np.array([6, 11, 26, 35, 22])
 _ML_AGES = np.array([1, 18, 25, 35, 45, 50, 56])
 
 
-@dataclasses.dataclass(frozen=True)
-class Sizes:
-    users: int
-    items: int
-    interactions: int
-
-
-def sizes_of(dataset: str, fraction: float, min_length: int | None = None) -> Sizes:
-    """The official sizes times `fraction` (users and items at least 1; each user at least
-    `min_length` interactions (default: the dataset's minimum), every item at least once)."""
-    spec = OFFICIAL[dataset]
-    users = max(1, round(spec.users * fraction))
-    items = max(1, round(spec.items * fraction))
-    least = spec.min_length if min_length is None else min_length
-    n = max(round(spec.interactions * fraction), users * least, items)
-    return Sizes(users, items, n)
-
-
 def _lengths(users: int, total: int, min_length: int, rng: np.random.Generator) -> np.ndarray:
     """int64 [users] >= min_length summing to total (log-normal shares of the rest)."""
     rest = total - users * min_length
@@ -139,21 +105,6 @@ def _lengths(users: int, total: int, min_length: int, rng: np.random.Generator) 
     extra = np.floor(share / share.sum() * rest).astype(np.int64)
     extra[: rest - int(extra.sum())] += 1
     return min_length + extra
-
-
-def _split(lengths: np.ndarray, shares: list[float]) -> list[np.ndarray]:
-    """Each user's interactions over the periods (int64 [users] per period, summing to
-    lengths), in proportion to `shares`."""
-    out, left, acc = [], lengths.copy(), 0.0
-    for k, share in enumerate(shares):
-        if k == len(shares) - 1:
-            out.append(left)
-            break
-        acc += share
-        cut = np.minimum(np.floor(lengths * acc).astype(np.int64) - (lengths - left), left)
-        out.append(cut)
-        left = left - cut
-    return out
 
 
 class _Items:
@@ -178,7 +129,7 @@ class _Items:
         return (index * self.mult + self.add) % self.items  # < 2**50: no int64 overflow
 
 
-def _user_blocks(lengths: np.ndarray, first_user: int) -> Iterator[tuple[int, int]]:
+def _user_blocks(lengths: np.ndarray) -> Iterator[tuple[int, int]]:
     """Ranges [a, b) of users with about BLOCK_ROWS interactions each."""
     ends = np.cumsum(lengths)
     a = 0
@@ -227,12 +178,8 @@ def _kuairand_users(users: int, rng: np.random.Generator) -> bytes:
         cols[f"{name}_range"] = _quote(label)
     for k in range(18):
         cols[f"onehot_feat{k}"] = rng.integers(0, 8 if k < 2 else 50, users)
-    lines = np.full(users, "", dtype=object)
-    for k, values in enumerate(cols.values()):
-        text = values.astype(str).astype(object)
-        lines = text if k == 0 else lines + "," + text
-    header = ",".join(cols)
-    return (header + "\n" + "\n".join(lines.tolist()) + "\n").encode()
+    lines = map(",".join, zip(*(values.astype(str).tolist() for values in cols.values())))
+    return (",".join(cols) + "\n" + "\n".join(lines) + "\n").encode()
 
 
 def _kuairand_log_block(
@@ -257,27 +204,23 @@ def _kuairand_log_block(
     )
     hourmin = ((local - day).astype(np.int64) // 3_600_000) * 100
     duration = rng.integers(3_000, 300_000, n)
+    flags = {name: (rng.random(n) < rate).astype(np.int8) for name, rate in FLAG_RATES.items()}
+    zeros = np.zeros(n, dtype=np.int8)
     cols: dict[str, np.ndarray] = {
         "user_id": user,
         "video_id": item,
         "date": date,
         "hourmin": hourmin,
         "time_ms": time_ms,
+        **flags,
+        "play_time_ms": (duration * rng.random(n)).astype(np.int64),
+        "duration_ms": duration,
+        "profile_stay_time": zeros,
+        "comment_stay_time": zeros,
+        "is_rand": zeros,
+        "tab": rng.integers(0, 15, n, dtype=np.int8),
     }
-    flags = {name: (rng.random(n) < rate).astype(np.int8) for name, rate in FLAG_RATES.items()}
-    for name in KUAIRAND_LOG_COLUMNS[5:]:
-        if name in flags:
-            cols[name] = flags[name]
-        elif name == "play_time_ms":
-            cols[name] = (duration * rng.random(n)).astype(np.int64)
-        elif name == "duration_ms":
-            cols[name] = duration
-        elif name in ("profile_stay_time", "comment_stay_time") or name == "is_rand":
-            cols[name] = np.zeros(n, dtype=np.int8)
-        else:  # tab
-            cols[name] = rng.integers(0, 15, n, dtype=np.int8)
-    assert tuple(cols) == KUAIRAND_LOG_COLUMNS
-    return cols
+    return {name: cols[name] for name in KUAIRAND_LOG_COLUMNS}  # the official column order
 
 
 def _ml_log_block(
@@ -322,44 +265,46 @@ def synthesize(
     if min_length is not None and min_length < 1:
         raise ValueError(f"--min-length {min_length}: at least 1")
     spec = OFFICIAL[dataset]
-    size = sizes_of(dataset, fraction, min_length)
-    rng = np.random.default_rng(seed)
     least = spec.min_length if min_length is None else min_length
-    lengths = _lengths(size.users, size.interactions, least, rng)
-    items = _Items(size.items, size.interactions, seed)
+    # the official sizes times `fraction`: users and items at least 1, each user at least
+    # `least` interactions, every item at least once
+    num_users = max(1, round(spec.users * fraction))
+    num_items = max(1, round(spec.items * fraction))
+    num_rows = max(round(spec.interactions * fraction), num_users * least, num_items)
+    rng = np.random.default_rng(seed)
+    lengths = _lengths(num_users, num_rows, least, rng)
+    items = _Items(num_items, num_rows, seed)
     out.mkdir(parents=True, exist_ok=True)
-    first_id = 0 if spec.kind == "kuairand" else 1
     written = 0
-    if spec.kind == "kuairand":
-        periods = _split(lengths, [14 / 31, 17 / 31])
-        half = (size.users + 1) // 2
-        for k, (name, _) in enumerate(spec.log_files):
-            period = k // 2 if len(spec.log_files) == 4 else k
-            users = np.arange(size.users)
-            if len(spec.log_files) == 4:  # part1: the first half of the users, part2 the rest
+    if dataset.startswith("kuairand"):  # user ids from 0
+        first = np.floor(lengths * (14 / 31)).astype(np.int64)  # the first period: 14 of 31 days
+        periods = (first, lengths - first)
+        files_per_period = len(spec.log_files) // 2
+        half = (num_users + 1) // 2
+        for k, name in enumerate(spec.log_files):
+            users = np.arange(num_users)
+            if files_per_period == 2:  # part1: the first half of the users, part2 the rest
                 users = users[:half] if k % 2 == 0 else users[half:]
+            period = k // files_per_period
             written += _write_log(
                 out / name, dataset, users, periods[period][users], period, items, rng,
-                ",".join(KUAIRAND_LOG_COLUMNS), written, first_id,
+                ",".join(KUAIRAND_LOG_COLUMNS), written,
             )  # fmt: skip
-        (out / f"user_features_{spec.suffix}.csv").write_bytes(_kuairand_users(size.users, rng))
-    elif dataset == "ml-20m":
+        (out / f"user_features_{spec.suffix}.csv").write_bytes(_kuairand_users(num_users, rng))
+    else:  # MovieLens: user ids from 1
+        header = "userId,movieId,rating,timestamp" if dataset == "ml-20m" else None
         written = _write_log(
-            out / "ratings.csv", dataset, np.arange(size.users), lengths, 0, items, rng,
-            "userId,movieId,rating,timestamp", 0, first_id,
+            out / spec.log_files[0], dataset, np.arange(1, num_users + 1), lengths, 0, items,
+            rng, header, 0,
         )  # fmt: skip
-    else:
-        written = _write_log(
-            out / "ratings.dat", dataset, np.arange(size.users), lengths, 0, items, rng, None, 0,
-            first_id,
-        )  # fmt: skip
-        (out / "users.dat").write_bytes(_ml_1m_users(size.users, rng))
-    assert written == size.interactions
+        if dataset == "ml-1m":
+            (out / "users.dat").write_bytes(_ml_1m_users(num_users, rng))
+    assert written == num_rows
     total = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     return {
-        "users": size.users,
-        "items": size.items,
-        "interactions": size.interactions,
+        "users": num_users,
+        "items": num_items,
+        "interactions": num_rows,
         "bytes": total,
     }
 
@@ -374,22 +319,21 @@ def _write_log(
     rng: np.random.Generator,
     header: str | None,
     row0: int,
-    first_id: int,
 ) -> int:
-    """Writes one log file block by block; returns its number of rows."""
+    """Writes one log file block by block (the rows of ``users`` [U'] with their ``lengths``
+    [U'], items from row ``row0`` of the dataset on); returns its number of rows."""
     rows = 0
     with open(path, "wb") as fh:
         if header is not None:
             fh.write(header.encode() + b"\n")
-        for a, b in _user_blocks(lengths, 0):
+        for a, b in _user_blocks(lengths):
             n = int(lengths[a:b].sum())
             item = items(row0 + rows, n, rng)
-            ids = users[a:b] + first_id
             if dataset.startswith("kuairand"):
-                cols = _kuairand_log_block(ids, lengths[a:b], period, item, rng)
+                cols = _kuairand_log_block(users[a:b], lengths[a:b], period, item, rng)
                 fh.write(_csv_bytes(cols))
             else:
-                cols = _ml_log_block(dataset, ids, lengths[a:b], item, rng)
+                cols = _ml_log_block(dataset, users[a:b], lengths[a:b], item, rng)
                 fh.write(_csv_bytes(cols, "," if dataset == "ml-20m" else "::"))
             rows += n
     return rows

@@ -1,20 +1,10 @@
 """A dataset with planted sequential structure, generated deterministically from a seed.
 
-Each item has, per segment, ``out_degree`` successors with fixed decreasing probabilities
-(a sparse Markov chain); every user belongs to one segment (a contextual feature) and walks
-that segment's chain, jumping to a popularity-weighted random item with ``noise_prob``.
-Ratings say how the step was taken: the most likely successor is rated 4 (class index), the
-second 3, the others 2, a random jump 0 or 1. A sequential model can learn all of it; a
-popularity ranking cannot (docs/data.md gives the figures).
-
-Long-range structure (``num_themes`` K > 0, docs/data.md "Synthetic long histories"): item ids
-after the chain's are one cue item (``num_items + 1``) and K theme items. Each user draws a
-theme; its first item is the theme item, and at every recall position r = L-1 - j *
-``recall_spacing`` (j = 0, 1, ...; r >= recall_spacing) item r is the theme item and item r-1
-the cue. The chain walk is otherwise unchanged (its random stream is the same as without
-themes; the step after a recall continues from the chain item it replaced). So the item after
-a cue is predictable only from the user's previous theme occurrence, at least
-``recall_spacing`` steps back; every other step depends on the previous item only.
+Per segment, a sparse Markov chain over the items that each user of the segment walks, with
+random jumps; ratings say how each step was taken. With ``num_themes`` > 0, a cue item and
+theme items are planted at recall positions, from a random stream of their own (the chain's
+draws stay those of the plain dataset). docs/data.md, "Synthetic data" and "Synthetic long
+histories", gives the rules and figures.
 """
 
 from __future__ import annotations
@@ -26,12 +16,6 @@ from hstu.data.parsing import Columns
 from hstu.data.sources import Parsed
 
 _START_TIME = 1_600_000_000
-
-
-def _successor_probs(out_degree: int) -> np.ndarray:
-    """[out_degree] decreasing probabilities, 1/(k+1) normalised (e.g. 0.55, 0.27, 0.18)."""
-    w = 1.0 / np.arange(1, out_degree + 1)
-    return w / w.sum()
 
 
 def generate_synthetic(args: SyntheticDataArgs) -> Parsed:
@@ -63,7 +47,9 @@ def generate_synthetic(args: SyntheticDataArgs) -> Parsed:
     successors = (
         np.arange(num_items)[None, :, None] + offsets
     ) % num_items  # [G, I, degree] 0-based
-    succ_cdf = np.cumsum(_successor_probs(degree))
+    # successor k taken with probability 1/(k+1), normalised (e.g. 0.55, 0.27, 0.18)
+    weights = 1.0 / np.arange(1, degree + 1)
+    succ_cdf = np.cumsum(weights / weights.sum())
 
     segment = rng.integers(0, num_segments, size=num_users)
     lengths = rng.integers(args.min_length, args.max_length + 1, size=num_users)
