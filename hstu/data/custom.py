@@ -196,7 +196,7 @@ def _read_parquet(path: str, source: Any, names: list[str], columns: dict[str, s
 
 def _json_names(raw: bytes) -> list[str]:
     """The fields of the first line's object ([] if it is not one: the reader says so)."""
-    first = raw.lstrip()[: raw.lstrip().find(b"\n")] if b"\n" in raw.lstrip() else raw.lstrip()
+    first, _, _ = raw.lstrip().partition(b"\n")
     try:
         obj = json.loads(first)
     except ValueError:
@@ -281,14 +281,8 @@ def _read_text(path: str, raw: bytes, columns: dict[str, str], args: CustomDataA
     )
     for c, k in columns.items():
         if k == "id":
-            values = cols.data[c]
             try:
-                as_int = (
-                    np.asarray(values.astype(str), dtype=np.int64)
-                    if len(values)
-                    else values.astype(np.int64)
-                )
-                cols.data[c] = as_int
+                cols.data[c] = np.asarray(cols.data[c].astype(str), dtype=np.int64)
             except (ValueError, OverflowError):
                 pass
     return cols
