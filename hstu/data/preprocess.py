@@ -558,15 +558,6 @@ def write(
     return meta
 
 
-def _tmp_dir(out_dir: Path) -> Path:
-    """The temporary output folder (fresh), with the spill folder of the grouping in it."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
 def build_metadata(
     name: str, grouping: Grouping, source: dict[str, Any], options: dict[str, Any]
 ) -> dict[str, Any]:
@@ -708,7 +699,10 @@ def preprocess(
         else:
             assert src is not None
             parsed = load(DATASETS[name].reader)(src)  # streaming readers read in write()
-        tmp = _tmp_dir(out_dir)
+        # the temporary output folder (fresh), with the spill folder of the grouping in it
+        tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         try:
             grouping = Grouping(parsed, memory_gb * 2**30, tmp / SPILL_DIR)
             meta = write(grouping, tmp, out_dir, output_name, source, options)
