@@ -230,12 +230,7 @@ def iter_delimited(
     line = lay.first_line
     with open_binary() as fh:
         try:
-            reader = pacsv.open_csv(fh, lay.read, lay.parse, lay.convert)
-            while True:
-                try:
-                    batch = reader.read_next_batch()
-                except StopIteration:
-                    break
+            for batch in pacsv.open_csv(fh, lay.read, lay.parse, lay.convert):
                 block = _to_columns(batch, columns, where, line)
                 line += batch.num_rows
                 yield block
