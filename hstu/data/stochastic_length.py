@@ -88,14 +88,12 @@ class StochasticLength:
         budget = float(self.max_len) ** self.alpha
         p_whole = np.minimum(1.0, budget / np.maximum(lengths, 1).astype(np.float64) ** 2)
         whole = (lengths <= k) | (_uniforms(seed, epoch, sample_ids, _SALT_KEEP) < p_whole)
-        if self.sampling == "recency":
-            short = np.full(lengths.shape, KEEP_RECENT, dtype=np.int8)
-        elif self.sampling == "uniform":
-            short = np.full(lengths.shape, KEEP_UNIFORM, dtype=np.int8)
-        else:
+        if self.sampling == "mix":
             uniform = _uniforms(seed, epoch, sample_ids, _SALT_MODE) < self.mix_prob
-            short = np.where(uniform, KEEP_UNIFORM, KEEP_RECENT).astype(np.int8)
-        return np.where(whole, np.int8(KEEP_WHOLE), short).astype(np.int8)
+        else:
+            uniform = np.full(lengths.shape, self.sampling == "uniform")
+        short = np.where(uniform, KEEP_UNIFORM, KEEP_RECENT)
+        return np.where(whole, KEEP_WHOLE, short).astype(np.int8)
 
     def keep(
         self, lengths: np.ndarray, seed: int, epoch: int, sample_ids: np.ndarray
