@@ -82,6 +82,12 @@ def _distinct(ids: np.ndarray, low: int, span: int) -> tuple[np.ndarray, np.ndar
             counts.astype(np.int64, copy=False))
 
 
+def _epoch_key(seed: int, epoch: int) -> np.ndarray:
+    """The hash key of (seed's low 32 bits, epoch) that every draw of the epoch starts from."""
+    with np.errstate(over="ignore"):
+        return _mix(np.uint64(seed & 0xFFFFFFFF) * np.uint64(1_000_003) + np.uint64(epoch))
+
+
 def negatives_feature_name(item_feature_name: str) -> str:
     return f"{item_feature_name}__negatives"
 
@@ -134,8 +140,7 @@ class NegativeSampler:
         first = np.repeat(np.cumsum(per) - per, per)
         pos = (np.arange(q, dtype=np.int64) - first).astype(np.uint64)
         with np.errstate(over="ignore"):
-            key = _mix(np.uint64(self.seed & 0xFFFFFFFF) * np.uint64(1_000_003) + np.uint64(epoch))
-            key = _mix(key ^ sample)
+            key = _mix(_epoch_key(self.seed, epoch) ^ sample)
             key = _mix(key ^ (pos * _POS_MUL))  # [Q]
             slots = np.arange(m, dtype=np.uint64) * _SLOT_MUL  # [M]
         span = np.uint64(self.num_items - self.min_item_id)
@@ -160,8 +165,8 @@ class NegativeSampler:
         """The sorted distinct ids [U <= M] of M uniform draws for a whole batch: a hash of
         (seed, epoch, the batch's sample ids as a set, slot), so the same batch draws the same
         ids whatever its order, the rank or the pipeline that reads it."""
+        key = _epoch_key(self.seed, epoch)
         with np.errstate(over="ignore"):
-            key = _mix(np.uint64(self.seed & 0xFFFFFFFF) * np.uint64(1_000_003) + np.uint64(epoch))
             # the set of sample ids: an order-free combination of their hashes
             members = _mix(sample_ids.astype(np.uint64) ^ key)
             key = _mix(key ^ np.bitwise_xor.reduce(members, initial=np.uint64(0))
