@@ -218,15 +218,10 @@ class _Distinct:
 def _code_table(uniques: np.ndarray, limit: int):
     """values -> 1-based position in sorted `uniques` (0 where absent), as a function."""
     if uniques.dtype.kind in "iu" and len(uniques) and uniques[0] >= 0 and uniques[-1] < limit:
+        # table[-1] stays 0: -1 (clipped negatives) and values beyond the last are absent
         table = np.zeros(int(uniques[-1]) + 2, dtype=np.int64)
         table[uniques] = np.arange(1, len(uniques) + 1)
-
-        def code(values: np.ndarray) -> np.ndarray:
-            values = values.astype(np.int64, copy=False)
-            return table[np.minimum(np.maximum(values, -1), len(table) - 1)]
-
-        table[-1] = 0  # -1 (clipped negatives) and values beyond the last: absent
-        return code
+        return lambda values: table[np.clip(values.astype(np.int64), -1, len(table) - 1)]
     return lambda values: lookup(uniques, values)
 
 
@@ -326,12 +321,10 @@ class Grouping:
                 where, f"every user has fewer than {parsed.min_user_interactions} interactions"
             )
         self.raw_users = all_users[keep]
-        self.lengths = counts[keep]
         self.num_users = len(self.raw_users)
-        self.num_interactions = int(self.lengths.sum())
         self.user_code = _code_table(self.raw_users, dense_limit)
         self.offsets = np.zeros(self.num_users + 1, dtype=np.int64)
-        np.cumsum(self.lengths, out=self.offsets[1:])
+        np.cumsum(counts[keep], out=self.offsets[1:])
 
         # partitions: user u goes to floor(offset of its first row / rows), so no user is
         # split and a partition holds at most rows + (its last user's length - 1) rows
