@@ -403,14 +403,11 @@ def read_custom(args: CustomDataArgs) -> Parsed:
     for path in files:
         cols, _, used = read_custom_file(path, args)
         parts.append(cols)
-    kinds = {k: {p.data[k].dtype.kind in "iu" for p in parts} for k in parts[0].data}
-    for k, kind in kinds.items():
-        if len(kind) > 1 and k != "action":  # integer ids in one file and text in another
-            for p in parts:
-                p.data[k] = p.data[k].astype(str).astype(object)
-    if args.action_column and len(kinds["action"]) > 1:
-        for p in parts:
-            p.data["action"] = p.data["action"].astype(np.float64)
+    for k in parts[0].data:
+        if len({p.data[k].dtype.kind in "iu" for p in parts}) > 1:  # integers in some files only
+            for p in parts:  # ids become text, actions floats
+                v = p.data[k]
+                p.data[k] = v.astype(np.float64) if k == "action" else v.astype(str).astype(object)
     log = Columns.concat(parts)
     num_actions, action_values = None, None
     if args.action_column:
