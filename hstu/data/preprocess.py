@@ -89,7 +89,7 @@ def group(parsed: Parsed) -> Grouping:
     """The grouping of `parsed` in memory, its partitions run through (metadata only: what
     build_metadata reads; preprocess() writes the partitions instead)."""
     grouping = Grouping(parsed, DEFAULT_MEMORY_GB * 2**30, None)
-    for _ in grouping.parts():
+    for _ in grouping.tables():
         pass
     return grouping
 
@@ -248,22 +248,6 @@ def _check_block(block: Columns, parsed: Parsed) -> tuple[int, tuple | None]:
     return int(negative.sum()), (*block.locate(row), block.data["time_key"][row])
 
 
-@dataclasses.dataclass
-class Part:
-    """The users first..last (1-based codes) of one partition, grouped and sorted.
-
-    offsets int64 [n+1] (n = last - first + 1); items/timestamps int64 [N_part];
-    actions int64 [N_part] or None.
-    """
-
-    first: int
-    last: int
-    offsets: np.ndarray
-    items: np.ndarray
-    timestamps: np.ndarray
-    actions: np.ndarray | None
-
-
 class Grouping:
     """Groups a parsed log per user in partitions that fit a memory budget.
 
@@ -273,7 +257,7 @@ class Grouping:
     2. route: users are cut into ranges of consecutive codes, each with about `rows` rows;
        every row goes to its range's spill in file order; the kept rows' distinct items give
        the item codes (sorted raw-id order).
-    3. parts(): each range in turn is loaded, sorted stably by (user, time) (equal times keep
+    3. tables(): each range in turn is loaded, sorted stably by (user, time) (equal times keep
        their file order) and handed out; its users come out in code order.
 
     Every step is the same whether there is one partition or many, in memory or on disk; the
@@ -414,8 +398,9 @@ class Grouping:
             self.contextual[name] = column[1:]
             self.contextual_vocab[name] = len(funiq) + 1
 
-    def parts(self) -> Iterator[Part]:
-        """Each partition in user-code order, its spill removed once handed out."""
+    def tables(self) -> Iterator[pa.Table]:
+        """Each partition's rows of sequences.parquet (users first..last in code order), its
+        spill removed once handed out."""
         for k, spill in enumerate(self._parts):
             first, last = int(self.part_first[k]), int(self.part_last[k])
             data = spill.load()
@@ -442,7 +427,23 @@ class Grouping:
                     self.contextual_vocab[name[4:]] = len(funiq) + 1
             del data, order
             spill.remove()
-            yield Part(first, last, offsets, items, timestamps.astype(np.int64), actions)
+            users = slice(first - 1, last)
+            raw_users = self.raw_users[users]
+            cols: dict[str, pa.Array] = {
+                USER_FEATURE: pa.array(self.contextual[USER_FEATURE][users]),
+                "raw_user_id": pa.array(
+                    raw_users.tolist() if raw_users.dtype == object else raw_users
+                ),
+                "item_ids": _list_column(offsets, items),
+                "timestamps": _list_column(offsets, timestamps),
+            }
+            if actions is not None:
+                cols["actions"] = _list_column(offsets, actions)
+            for name, values in self.contextual.items():
+                if name != USER_FEATURE:
+                    cols[name] = pa.array(values[users])
+            del items, timestamps, actions
+            yield pa.table(cols)
 
 
 def _list_column(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
@@ -490,23 +491,6 @@ def clean_stale_tmp(out_dir: Path) -> list[str]:
     return removed
 
 
-def _part_table(grouping: Grouping, part: Part) -> pa.Table:
-    users = slice(part.first - 1, part.last)
-    raw_users = grouping.raw_users[users]
-    cols: dict[str, pa.Array] = {
-        USER_FEATURE: pa.array(grouping.contextual[USER_FEATURE][users]),
-        "raw_user_id": pa.array(raw_users.tolist() if raw_users.dtype == object else raw_users),
-        "item_ids": _list_column(part.offsets, part.items),
-        "timestamps": _list_column(part.offsets, part.timestamps),
-    }
-    if part.actions is not None:
-        cols["actions"] = _list_column(part.offsets, part.actions)
-    for name, values in grouping.contextual.items():
-        if name != USER_FEATURE:
-            cols[name] = pa.array(values[users])
-    return pa.table(cols)
-
-
 def write(
     grouping: Grouping, tmp: Path, out_dir: Path, name: str, source: dict, options: dict
 ) -> dict[str, Any]:
@@ -516,9 +500,7 @@ def write(
     old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
     writer = None
     try:
-        for part in grouping.parts():
-            table = _part_table(grouping, part)
-            del part
+        for table in grouping.tables():
             if writer is None:
                 writer = pq.ParquetWriter(
                     tmp / SEQUENCES_FILE, table.schema, compression="lz4", use_dictionary=False
