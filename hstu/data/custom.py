@@ -250,15 +250,15 @@ def _read_json_lines_slow(path: Path, raw: bytes, columns: dict[str, str]) -> Co
             if v is None or v == "":
                 raise DataError(str(path), "empty value", line=lineno, field=col)
             values[col].append(v)
-    # ids: integers when every value is one, else text (as for CSV)
+    # integers when every value is one; else numbers (not ids) when all are, else text
     arrays = {}
     for col, kind in columns.items():
         vals = values[col]
-        if kind == "id" and not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
-            arrays[col] = pa.array([str(v) for v in vals], pa.string())
-        elif all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
             arrays[col] = pa.array(vals, pa.int64())
-        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+        elif kind != "id" and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals
+        ):
             arrays[col] = pa.array([float(v) for v in vals], pa.float64())
         else:
             arrays[col] = pa.array([str(v) for v in vals], pa.string())
