@@ -82,8 +82,7 @@ class StochasticLength:
         kept length is n for KEEP_WHOLE, else :func:`sampled_length`)."""
         lengths = np.asarray(lengths, dtype=np.int64)
         sample_ids = np.asarray(sample_ids, dtype=np.int64)
-        if lengths.shape != sample_ids.shape:
-            raise ValueError(f"lengths {lengths.shape} and sample_ids {sample_ids.shape} differ")
+        assert lengths.shape == sample_ids.shape, (lengths.shape, sample_ids.shape)
         k = sampled_length(self.max_len, self.alpha)
         budget = float(self.max_len) ** self.alpha
         p_whole = np.minimum(1.0, budget / np.maximum(lengths, 1).astype(np.float64) ** 2)
