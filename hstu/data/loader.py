@@ -60,18 +60,14 @@ def retrieval_samples(
     holdout_validation: bool = False,
     full_history: bool = False,
 ) -> Samples:
-    """Leave-one-out (docs/data.md "Protocols").
+    """Leave-one-out samples (docs/data.md "Protocols"). train: each user's sequence without
+    its last item (with holdout_validation also without the second-to-last), its most recent
+    L = ``max_sequence_length`` items, at least 2; test (valid): the L items before the last
+    (second-to-last) item, which is the ``target``.
 
-    Without holdout_validation: train = each user's sequence without its last item, the most
-    recent ``max_sequence_length`` of them (every position predicts the next; users with fewer
-    than 2 such items give no training sample); test = the same history as input, the last
-    item as label. With holdout_validation the train sequence also drops the second-to-last
-    item, which becomes the "valid" label (input: the history before it).
-
-    full_history (train split only): a training sequence longer than ``max_sequence_length``
-    L is cut, from its end, into windows of L items that overlap by one item (window i ends
-    i * (L - 1) items before the end), so that every item after the sequence's first is a
-    target exactly once instead of only those of the most recent window.
+    full_history (train only): a longer training sequence is cut, from its end, into windows
+    of L items overlapping by one (window i ends i * (L - 1) items before the end), so every
+    item after the sequence's first is a target exactly once.
     """
     off, n = store.offsets[:-1], store.lengths
     users = np.arange(store.num_users, dtype=np.int64)
