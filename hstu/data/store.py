@@ -121,9 +121,7 @@ class SequenceStore:
                 str(folder), f"inconsistent mapped layout ({', '.join(bad) or 'counts'}); "
                 "remove this folder to rewrite it",
             )
-        contextual = {
-            name: arrays[f"ctx-{i}"] for i, name in enumerate(manifest["contextual"])
-        }
+        contextual = {name: arrays[f"ctx-{i}"] for i, name in enumerate(manifest["contextual"])}
         return cls(
             arrays["offsets"], arrays["items"], arrays["timestamps"], arrays.get("actions"),
             contextual, metadata, folder,
@@ -165,11 +163,8 @@ def layout_key(path: Path) -> str:
         meta = (path / METADATA_FILE).read_bytes()
     except OSError as exc:
         raise DataError(str(seq), f"unreadable ({exc})") from None
-    key = f"mapped v{MAPPED_VERSION} {stat.st_size} {stat.st_mtime_ns}\n"
-    digest = hashlib.sha256(key.encode())
-    digest.update(footer)
-    digest.update(meta)
-    return digest.hexdigest()[:24]
+    key = f"mapped v{MAPPED_VERSION} {stat.st_size} {stat.st_mtime_ns}\n".encode()
+    return hashlib.sha256(key + footer + meta).hexdigest()[:24]
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
