@@ -286,9 +286,9 @@ class SequenceLoader:
         return self.stochastic_length.lengths(h, self.seed, epoch, index)
 
     def sample_costs(self, index: np.ndarray, epoch: int, by: str = "tokens") -> np.ndarray:
-        """int64 [B]: "tokens": the items (history kept + candidates) of samples ``index``, the
-        count balance_ranks always used; "attention": (X + A*H + C)^2, the square of the
-        tokens the model attends over (X contextual features, A = 2 with action tokens)."""
+        """int64 [B]: "tokens": the items (history kept + candidates) of samples ``index``;
+        "attention": (X + A*H + C)^2, the square of the tokens the model attends over
+        (X contextual features, A = 2 with action tokens)."""
         if by not in ("tokens", "attention"):
             raise ValueError(f"cost {by!r} is not 'tokens' or 'attention'")
         s = self.samples

@@ -476,8 +476,6 @@ def clean_stale_tmp(out_dir: Path) -> list[str]:
     """Removes ``.NAME.tmp-PID`` / ``.NAME.old-PID`` folders of preprocess runs that were
     killed (their PID is gone); returns their names."""
     removed = []
-    if not out_dir.parent.is_dir():
-        return removed
     for kind in ("tmp", "old"):
         for path in out_dir.parent.glob(f".{out_dir.name}.{kind}-*"):
             pid = path.name.rsplit("-", 1)[-1]

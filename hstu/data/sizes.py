@@ -157,7 +157,7 @@ def resolve_sizes(cfg: Any) -> Any:
                     if cls == exc.cls_name and fld == exc.field_name and table
                     and repr(table) in exc.message), None)
         raise exc.with_location(loc or _source(cfg)) from None
-    # keep only the gin-declared tables (defaults are added by the builder, as before)
+    # keep only the gin-declared tables (the builder adds the defaults)
     declared = {t.table_name for t in cfg.tables}
     tables = [t for t in tables if t.table_name in declared]
     try:
