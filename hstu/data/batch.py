@@ -145,22 +145,22 @@ class Batch(Pipelineable):
         "negative_index", "negative_order", "negative_offsets", "first_trained",
     )
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+    def _map(self, fn) -> Batch:
+        """This batch with ``fn`` applied to every tensor (features and lookup misses too)."""
         moved = {
-            name: (t.to(device=device, non_blocking=non_blocking) if t is not None else None)
+            name: None if (t := getattr(self, name)) is None else fn(t)
             for name in self._TENSOR_FIELDS
-            for t in [getattr(self, name)]
         }
-        misses = None
-        if self.lookup_misses is not None:
-            misses = {
-                k: v.to(device=device, non_blocking=non_blocking)
-                for k, v in self.lookup_misses.items()
-            }
-        return replace(
-            self, features=self.features.to(device=device, non_blocking=non_blocking),
-            lookup_misses=misses, **moved
-        )
+        misses = self.lookup_misses
+        if misses is not None:
+            misses = {k: fn(v) for k, v in misses.items()}
+        return replace(self, features=fn(self.features), lookup_misses=misses, **moved)
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+        return self._map(lambda t: t.to(device=device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        return self._map(lambda t: t.pin_memory())
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.features.record_stream(stream)
@@ -170,17 +170,6 @@ class Batch(Pipelineable):
                 t.record_stream(stream)
         for t in (self.lookup_misses or {}).values():
             t.record_stream(stream)
-
-    def pin_memory(self) -> Batch:
-        pinned = {
-            name: (t.pin_memory() if t is not None else None)
-            for name in self._TENSOR_FIELDS
-            for t in [getattr(self, name)]
-        }
-        misses = None
-        if self.lookup_misses is not None:
-            misses = {k: v.pin_memory() for k, v in self.lookup_misses.items()}
-        return replace(self, features=self.features.pin_memory(), lookup_misses=misses, **pinned)
 
     # ----------------------------------------------------------------- conveniences
     def item_lengths(self) -> torch.Tensor:

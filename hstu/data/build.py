@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import numpy as np
@@ -18,6 +19,7 @@ from hstu.data.loader import (
     ranking_samples,
     retrieval_samples,
 )
+from hstu.data.sizes import info_from_metadata
 from hstu.data.stochastic_length import StochasticLength
 from hstu.data.store import SequenceStore
 
@@ -100,26 +102,11 @@ def build_data(
     evaluation = SequenceLoader(
         samples=eval_s, training=False, batch_size=eval_batch_size, shuffle=False, **common
     )
-    keep = bool(meta.get("options", {}).get("keep_item_ids"))
-    info = DataInfo(
-        dataset_name=meta["dataset"],
-        task=task,
-        num_items=int(meta["num_items"]),
-        item_feature_name=meta["item_feature_name"],
-        action_feature_name=train.action_feature_name,
-        contextual_feature_names=list(train.contextual_feature_names),
-        contextual_vocab_sizes={
-            n: v
-            for n, v in meta["contextual_vocab_sizes"].items()
-            if n in train.contextual_feature_names
-        },
-        num_action_values=meta["num_action_values"],
-        max_seqlen=max_seqlen,
+    # the sizes' DataInfo (features selected as the loaders do), with the sample counts
+    info = dataclasses.replace(
+        info_from_metadata(meta, dataset_args, task),
         num_train_samples=len(train_s),
         num_eval_samples=len(eval_s),
-        num_users=int(meta["num_users"]),
-        first_item_id=0 if keep else 1,
-        metadata=meta,
         users_without_train_sample=int(store.num_users - len(np.unique(train_s.user))),
         **_split_ties(store, eval_s),
     )

@@ -196,7 +196,7 @@ def _read_parquet(path: str, source: Any, names: list[str], columns: dict[str, s
 
 def _json_names(raw: bytes) -> list[str]:
     """The fields of the first line's object ([] if it is not one: the reader says so)."""
-    first = raw.lstrip()[: raw.lstrip().find(b"\n")] if b"\n" in raw.lstrip() else raw.lstrip()
+    first, _, _ = raw.lstrip().partition(b"\n")
     try:
         obj = json.loads(first)
     except ValueError:
@@ -250,15 +250,15 @@ def _read_json_lines_slow(path: Path, raw: bytes, columns: dict[str, str]) -> Co
             if v is None or v == "":
                 raise DataError(str(path), "empty value", line=lineno, field=col)
             values[col].append(v)
-    # ids: integers when every value is one, else text (as for CSV)
+    # integers when every value is one; else numbers (not ids) when all are, else text
     arrays = {}
     for col, kind in columns.items():
         vals = values[col]
-        if kind == "id" and not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
-            arrays[col] = pa.array([str(v) for v in vals], pa.string())
-        elif all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
             arrays[col] = pa.array(vals, pa.int64())
-        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+        elif kind != "id" and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals
+        ):
             arrays[col] = pa.array([float(v) for v in vals], pa.float64())
         else:
             arrays[col] = pa.array([str(v) for v in vals], pa.string())
@@ -281,14 +281,8 @@ def _read_text(path: str, raw: bytes, columns: dict[str, str], args: CustomDataA
     )
     for c, k in columns.items():
         if k == "id":
-            values = cols.data[c]
             try:
-                as_int = (
-                    np.asarray(values.astype(str), dtype=np.int64)
-                    if len(values)
-                    else values.astype(np.int64)
-                )
-                cols.data[c] = as_int
+                cols.data[c] = np.asarray(cols.data[c].astype(str), dtype=np.int64)
             except (ValueError, OverflowError):
                 pass
     return cols
@@ -409,14 +403,11 @@ def read_custom(args: CustomDataArgs) -> Parsed:
     for path in files:
         cols, _, used = read_custom_file(path, args)
         parts.append(cols)
-    kinds = {k: {p.data[k].dtype.kind in "iu" for p in parts} for k in parts[0].data}
-    for k, kind in kinds.items():
-        if len(kind) > 1 and k != "action":  # integer ids in one file and text in another
-            for p in parts:
-                p.data[k] = p.data[k].astype(str).astype(object)
-    if args.action_column and len(kinds["action"]) > 1:
-        for p in parts:
-            p.data["action"] = p.data["action"].astype(np.float64)
+    for k in parts[0].data:
+        if len({p.data[k].dtype.kind in "iu" for p in parts}) > 1:  # integers in some files only
+            for p in parts:  # ids become text, actions floats
+                v = p.data[k]
+                p.data[k] = v.astype(np.float64) if k == "action" else v.astype(str).astype(object)
     log = Columns.concat(parts)
     num_actions, action_values = None, None
     if args.action_column:

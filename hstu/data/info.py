@@ -110,5 +110,4 @@ class DataInfo:
         return out + list(by_name.values())
 
 
-
 __all__ = ["ACTION_TABLE", "ITEM_TABLE", "DataInfo"]

@@ -60,18 +60,14 @@ def retrieval_samples(
     holdout_validation: bool = False,
     full_history: bool = False,
 ) -> Samples:
-    """Leave-one-out (docs/data.md "Protocols").
+    """Leave-one-out samples (docs/data.md "Protocols"). train: each user's sequence without
+    its last item (with holdout_validation also without the second-to-last), its most recent
+    L = ``max_sequence_length`` items, at least 2; test (valid): the L items before the last
+    (second-to-last) item, which is the ``target``.
 
-    Without holdout_validation: train = each user's sequence without its last item, the most
-    recent ``max_sequence_length`` of them (every position predicts the next; users with fewer
-    than 2 such items give no training sample); test = the same history as input, the last
-    item as label. With holdout_validation the train sequence also drops the second-to-last
-    item, which becomes the "valid" label (input: the history before it).
-
-    full_history (train split only): a training sequence longer than ``max_sequence_length``
-    L is cut, from its end, into windows of L items that overlap by one item (window i ends
-    i * (L - 1) items before the end), so that every item after the sequence's first is a
-    target exactly once instead of only those of the most recent window.
+    full_history (train only): a longer training sequence is cut, from its end, into windows
+    of L items overlapping by one (window i ends i * (L - 1) items before the end), so every
+    item after the sequence's first is a target exactly once.
     """
     off, n = store.offsets[:-1], store.lengths
     users = np.arange(store.num_users, dtype=np.int64)
@@ -139,27 +135,17 @@ def gather_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
 
 
 class SequenceLoader:
-    """Iterable of Batch over the samples of one split, for one data-parallel rank.
+    """Iterable of Batch over the samples of one split, for one data-parallel rank
+    (docs/data.md, "Loaders": order, padding to equal work, ``balance_ranks``, position).
 
-    - Order: samples in user order, or (``shuffle``) a permutation drawn from (seed, epoch),
-      identical on every rank; rank r takes every world_size-th sample from position r.
-    - Equal work: the order is padded by wrapping around to a multiple of world_size, so every
-      rank has ceil(S / world_size) samples and the same ``len(loader)``. In training the
-      wrapped samples are simply seen twice that epoch; in evaluation they are marked
-      ``sample_mask = False`` so every real sample is counted exactly once across ranks.
-    - ``balance_ranks`` (training): the global batch k (the samples every rank's batch k
-      would hold) is split over the ranks by cost instead (``balance_by``: "tokens" = the
-      sample's tokens, "attention" = their square): largest first, each to the least-loaded
-      rank that has fewer than its share; same global batch, less waiting.
-    - ``stochastic_length`` (training): each sample's history is shortened as
-      :mod:`hstu.data.stochastic_length` decides from (seed, epoch, sample index); the
-      lengths every cost above uses are the kept ones. Evaluation loaders ignore it.
-    - Tensor parallelism (``tp_size`` > 1): the ranks ``[r - r % tp_size, ...)`` form rank r's
-      TP group (Megatron's layout); each batch carries the sizes of its group's batches
-      (``Batch.tp_sizes``), known here from the sample order without any communication.
-    - Position: one ``for`` loop yields the rest of the current epoch; the next loop starts the
-      next epoch. ``state_dict()`` = {epoch, batch_index (batches yielded this epoch), ...};
-      after ``load_state_dict`` iteration continues from exactly that batch.
+    Every rank computes the same padded order from (seed, epoch) and takes every
+    world_size-th sample from its rank; the wrapped padding samples are ``sample_mask = False``
+    in evaluation. ``stochastic_length`` (training only) shortens histories as
+    :mod:`hstu.data.stochastic_length` decides from (seed, epoch, sample index); every cost
+    uses the kept lengths. With ``tp_size`` > 1 the ranks ``[r - r % tp_size, ...)`` form rank
+    r's TP group (Megatron's layout); each batch carries its group's sizes
+    (``Batch.tp_sizes``), known here from the sample order without any communication.
+    ``state_dict()`` = {epoch, batch_index (batches yielded this epoch), ...}.
     """
 
     def __init__(
@@ -266,11 +252,14 @@ class SequenceLoader:
             real[num:] = False
         return order, real
 
-    def _balanced(self, order: np.ndarray, batch_index: int, rank: int, epoch: int) -> np.ndarray:
-        """Rank ``rank``'s samples of global batch ``batch_index`` (``order``: the epoch's
-        :meth:`_padded_order`), split over the ranks by tokens."""
+    def _batch_of(self, order: np.ndarray, batch_index: int, rank: int, epoch: int) -> np.ndarray:
+        """Rank ``rank``'s sample indices of batch ``batch_index`` (``order``: the epoch's
+        :meth:`_padded_order`); with balance_ranks, its share of the global batch split by
+        cost."""
         world = self.world_size
         lo = batch_index * self.batch_size
+        if not self.balance_ranks:
+            return order[rank::world][lo : lo + self.batch_size]
         per_rank = min(self.batch_size, self.samples_per_rank - lo)
         # the global batch, in rank order (rank r's batch k would be
         # order[r::world][lo:lo+per_rank])
@@ -297,9 +286,9 @@ class SequenceLoader:
         return self.stochastic_length.lengths(h, self.seed, epoch, index)
 
     def sample_costs(self, index: np.ndarray, epoch: int, by: str = "tokens") -> np.ndarray:
-        """int64 [B]: "tokens": the items (history kept + candidates) of samples ``index``, the
-        count balance_ranks always used; "attention": (X + A*H + C)^2, the square of the
-        tokens the model attends over (X contextual features, A = 2 with action tokens)."""
+        """int64 [B]: "tokens": the items (history kept + candidates) of samples ``index``;
+        "attention": (X + A*H + C)^2, the square of the tokens the model attends over
+        (X contextual features, A = 2 with action tokens)."""
         if by not in ("tokens", "attention"):
             raise ValueError(f"cost {by!r} is not 'tokens' or 'attention'")
         s = self.samples
@@ -319,10 +308,8 @@ class SequenceLoader:
         full, _ = self._padded_order(epoch)
         out = np.zeros((len(self), self.world_size), dtype=np.int64)
         for k in range(len(self)):
-            sel = slice(k * self.batch_size, (k + 1) * self.batch_size)
             for r in range(self.world_size):
-                idx = (self._balanced(full, k, r, epoch) if self.balance_ranks
-                       else full[r :: self.world_size][sel])
+                idx = self._batch_of(full, k, r, epoch)
                 out[k, r] = int(self.sample_costs(idx, epoch, by).sum())
         return out
 
@@ -335,17 +322,11 @@ class SequenceLoader:
         group = range(first, first + self.tp_size)
         while self.batch_index < len(self):
             lo = self.batch_index * self.batch_size
-            sel = slice(lo, lo + self.batch_size)
-            indices = [
-                self._balanced(full, self.batch_index, r, self.epoch) if self.balance_ranks
-                else full[r :: self.world_size][sel]
-                for r in group
-            ]
+            indices = [self._batch_of(full, self.batch_index, r, self.epoch) for r in group]
             self.batch_index += 1
             tp_sizes = tuple(self._sizes(i) for i in indices) if self.tp_size > 1 else None
-            yield self.make_batch(
-                indices[self.rank - first], None if self.training else real[sel], tp_sizes
-            )
+            mask = None if self.training else real[lo : lo + self.batch_size]
+            yield self.make_batch(indices[self.rank - first], mask, tp_sizes)
         self.epoch, self.batch_index = self.epoch + 1, 0
 
     def _sizes(self, index: np.ndarray) -> BatchSizes:

@@ -1,36 +1,26 @@
-"""Retrieval negatives drawn in the data path, looked up with the batch's other item ids.
+"""Retrieval negatives drawn in the data path, looked up with the batch's other item ids
+(docs/model.md, "Retrieval").
 
 Legend: B samples, H[b] history items of sample b, Q = sum(max(H - 1, 0)) training queries
 (history position j of sample b predicts item j+1), M negatives per query, U distinct ids.
 
-The ids to score against travel as one more key of the batch's KeyedJaggedTensor
-(``NegativeSampler.feature_name``, a feature of the item table), so the single embedding
-lookup of a step serves history, targets and negatives, and TorchRec's train pipeline can
-distribute them with the rest of the batch:
-Which draw a strategy makes is its entry in ``hstu.registry.NEGATIVE_SAMPLING``:
+The ids travel as one more key of the batch's KeyedJaggedTensor (``NegativeSampler.feature_name``,
+a feature of the item table), so the step's single lookup serves them with the other items.
+What a strategy draws is its entry in ``hstu.registry.NEGATIVE_SAMPLING``:
 - ``uniform`` (the uniform and mixed strategies): M ids per query, drawn uniformly from
   [min_item_id, num_items); the key holds the U distinct ids (all in sample 0's slot),
   ``Batch.negative_index`` int64 [Q, M] points into them.
-- ``shared`` (the shared strategy): M ids per batch (one set for the rank's whole batch, scored
-  by every query), drawn uniformly from [min_item_id, num_items); the key holds their U <= M
-  distinct ids (in sample 0's slot), no index.
-- the full corpus (``full_corpus`` sampling) draws nothing and adds no key: its loss reads the
-  item table's rows that each rank holds (``hstu.ops.losses.vocab_parallel``), so no step's
-  input carries the catalogue's ids.
+- ``shared``: M ids per batch, scored by every query; the key holds their U <= M distinct
+  ids (in sample 0's slot), no index.
+- ``full_corpus`` draws nothing and adds no key (its loss reads the item table rows each
+  rank holds, ``hstu.ops.losses.vocab_parallel``).
 - evaluation batches carry the key empty (the key order must not change between calls of a
   sharded collection).
 
-Every draw is O(batch): a hash per drawn id, then its distinct ids by a sort of the drawn ids
-where the catalogue is larger than the draw (never an array or a pass of the catalogue's size),
-or by a count over the catalogue where it is at most as large as the draw (ML-100K: 1.6M draws
-of 1,682 ids; the count's arrays are then no larger than the draw, and the sort cost 5x more:
-docs/performance.md "A/B of two commits").
-
 Draws are a hash of (seed, epoch, sample id, position, slot), not a stream (shared draws: of
-(seed, epoch, the batch's set of sample ids, slot)): a sample gets the
-same negatives whatever the rank, world size, batch size or pipeline that reads it, so a
-TP x DP layout trains on exactly the negatives of a single process, and no random stream
-of the model (dropout) depends on how many queries a rank happens to hold.
+(seed, epoch, the batch's set of sample ids, slot)): a sample gets the same negatives whatever
+the rank, world size, batch size or pipeline that reads it, and no random stream of the model
+depends on them. Every draw is O(batch), never a pass of the catalogue (:func:`_distinct`).
 """
 
 from __future__ import annotations
@@ -92,6 +82,12 @@ def _distinct(ids: np.ndarray, low: int, span: int) -> tuple[np.ndarray, np.ndar
             counts.astype(np.int64, copy=False))
 
 
+def _epoch_key(seed: int, epoch: int) -> np.ndarray:
+    """The hash key of (seed's low 32 bits, epoch) that every draw of the epoch starts from."""
+    with np.errstate(over="ignore"):
+        return _mix(np.uint64(seed & 0xFFFFFFFF) * np.uint64(1_000_003) + np.uint64(epoch))
+
+
 def negatives_feature_name(item_feature_name: str) -> str:
     return f"{item_feature_name}__negatives"
 
@@ -144,8 +140,7 @@ class NegativeSampler:
         first = np.repeat(np.cumsum(per) - per, per)
         pos = (np.arange(q, dtype=np.int64) - first).astype(np.uint64)
         with np.errstate(over="ignore"):
-            key = _mix(np.uint64(self.seed & 0xFFFFFFFF) * np.uint64(1_000_003) + np.uint64(epoch))
-            key = _mix(key ^ sample)
+            key = _mix(_epoch_key(self.seed, epoch) ^ sample)
             key = _mix(key ^ (pos * _POS_MUL))  # [Q]
             slots = np.arange(m, dtype=np.uint64) * _SLOT_MUL  # [M]
         span = np.uint64(self.num_items - self.min_item_id)
@@ -170,8 +165,8 @@ class NegativeSampler:
         """The sorted distinct ids [U <= M] of M uniform draws for a whole batch: a hash of
         (seed, epoch, the batch's sample ids as a set, slot), so the same batch draws the same
         ids whatever its order, the rank or the pipeline that reads it."""
+        key = _epoch_key(self.seed, epoch)
         with np.errstate(over="ignore"):
-            key = _mix(np.uint64(self.seed & 0xFFFFFFFF) * np.uint64(1_000_003) + np.uint64(epoch))
             # the set of sample ids: an order-free combination of their hashes
             members = _mix(sample_ids.astype(np.uint64) ^ key)
             key = _mix(key ^ np.bitwise_xor.reduce(members, initial=np.uint64(0))

@@ -107,10 +107,30 @@ def _layout(
     else:
         assert fmt.names is not None
         file_names = list(fmt.names)
-    _check_columns(where, columns, file_names, fmt.header)
+    for col in columns:
+        if col not in file_names:
+            from hstu.args import did_you_mean
+
+            where_cols = "header" if fmt.header else "column mapping"
+            raise DataError(
+                where,
+                f"missing column (the {where_cols} has {', '.join(file_names)})"
+                + did_you_mean(col, file_names),
+                line=1 if fmt.header else None,
+                field=col,
+            )
     read = pacsv.ReadOptions(column_names=file_names, skip_rows=1 if fmt.header else 0,
                              use_threads=True, block_size=block_size)
-    parse, convert = _options(sep, fmt.quoted, columns)
+    parse = pacsv.ParseOptions(
+        delimiter=sep, quote_char='"' if fmt.quoted else False, ignore_empty_lines=False
+    )
+    convert = pacsv.ConvertOptions(
+        column_types={c: _TYPES[t] for c, t in columns.items()},
+        include_columns=list(columns),
+        strings_can_be_null=True,
+        null_values=[""],
+        quoted_strings_can_be_null=True,
+    )
     return _Layout(file_names, read, parse, convert, 2 if fmt.header else 1)
 
 
@@ -139,16 +159,10 @@ def read_delimited(raw: bytes, where: str, columns: dict[str, str], fmt: TextFor
     try:
         table = pacsv.read_csv(pa.BufferReader(raw), lay.read, lay.parse, lay.convert)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        _diagnose(_lines_of(raw), where, sep, lay.names, columns, lay.first_line, fmt.quoted)
+        lines = raw.decode("utf-8", "replace").removesuffix("\n").split("\n")
+        _diagnose(lines, where, sep, lay.names, columns, lay.first_line, fmt.quoted)
         raise DataError(where, f"cannot parse ({str(exc).splitlines()[0]})") from None
     return _to_columns(table, columns, where, lay.first_line)
-
-
-def _lines_of(raw: bytes) -> list[str]:
-    lines = raw.decode("utf-8", "replace").split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return lines
 
 
 def _diagnose(
@@ -216,12 +230,7 @@ def iter_delimited(
     line = lay.first_line
     with open_binary() as fh:
         try:
-            reader = pacsv.open_csv(fh, lay.read, lay.parse, lay.convert)
-            while True:
-                try:
-                    batch = reader.read_next_batch()
-                except StopIteration:
-                    break
+            for batch in pacsv.open_csv(fh, lay.read, lay.parse, lay.convert):
                 block = _to_columns(batch, columns, where, line)
                 line += batch.num_rows
                 yield block
@@ -239,39 +248,6 @@ def iter_delimited(
         )
         _diagnose(lines, where, fmt.delimiter, lay.names, columns, lay.first_line, fmt.quoted)
     raise DataError(where, f"cannot parse ({message})")
-
-
-def _check_columns(
-    where: str, columns: dict[str, str], file_names: list[str], header: bool
-) -> None:
-    for col in columns:
-        if col not in file_names:
-            from hstu.args import did_you_mean
-
-            where_cols = "header" if header else "column mapping"
-            raise DataError(
-                where,
-                f"missing column (the {where_cols} has {', '.join(file_names)})"
-                + did_you_mean(col, file_names),
-                line=1 if header else None,
-                field=col,
-            )
-
-
-def _options(
-    sep: str, quoted: bool, columns: dict[str, str]
-) -> tuple[pacsv.ParseOptions, pacsv.ConvertOptions]:
-    parse_opts = pacsv.ParseOptions(
-        delimiter=sep, quote_char='"' if quoted else False, ignore_empty_lines=False
-    )
-    convert_opts = pacsv.ConvertOptions(
-        column_types={c: _TYPES[t] for c, t in columns.items()},
-        include_columns=list(columns),
-        strings_can_be_null=True,
-        null_values=[""],
-        quoted_strings_can_be_null=True,
-    )
-    return parse_opts, convert_opts
 
 
 def _to_columns(

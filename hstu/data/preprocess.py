@@ -27,7 +27,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,34 +48,6 @@ from hstu.data.sources import (
     _check_bound,
 )
 from hstu.registry import DATASETS, load
-
-
-@dataclasses.dataclass
-class Grouped:
-    """Interactions grouped per user, chronological. Legend: U users, N interactions.
-
-    offsets int64 [U+1]; items/timestamps int64 [N]; actions int64 [N] or None;
-    contextual: name -> int64 [U] codes (0 = unknown); raw_users [U]; raw_items [num_items].
-    items/timestamps/actions are None in the description preprocess() writes the metadata
-    from (it writes them partition by partition, see Grouping).
-    """
-
-    offsets: np.ndarray
-    items: np.ndarray | None
-    timestamps: np.ndarray | None
-    actions: np.ndarray | None
-    contextual: dict[str, np.ndarray]
-    contextual_vocab: dict[str, int]
-    raw_users: np.ndarray
-    item_ids: np.ndarray
-    raw_items: np.ndarray
-    num_items: int
-    num_action_values: int | None
-    dropped_users: int
-    users_without_features: int
-    action_kind: str = "classes"
-    action_values: list | None = None
-    has_actions: bool = False
 
 
 def check_dataset_name(name: str) -> None:
@@ -113,16 +85,13 @@ DEFAULT_MEMORY_GB = 4.0
 SPILL_DIR = ".spill"
 
 
-def group(parsed: Parsed) -> Grouped:
-    """Checks ids, drops short users, encodes ids densely and sorts each user's interactions,
-    all in memory (the output's description with its arrays; preprocess() writes partition
-    by partition instead)."""
+def group(parsed: Parsed) -> Grouping:
+    """The grouping of `parsed` in memory, its partitions run through (metadata only: what
+    build_metadata reads; preprocess() writes the partitions instead)."""
     grouping = Grouping(parsed, DEFAULT_MEMORY_GB * 2**30, None)
-    parts = list(grouping.parts())
-    items = np.concatenate([p.items for p in parts])
-    timestamps = np.concatenate([p.timestamps for p in parts])
-    actions = None if parts[0].actions is None else np.concatenate([p.actions for p in parts])
-    return grouping.summary(items, timestamps, actions)
+    for _ in grouping.tables():
+        pass
+    return grouping
 
 
 class _Spill:
@@ -249,15 +218,10 @@ class _Distinct:
 def _code_table(uniques: np.ndarray, limit: int):
     """values -> 1-based position in sorted `uniques` (0 where absent), as a function."""
     if uniques.dtype.kind in "iu" and len(uniques) and uniques[0] >= 0 and uniques[-1] < limit:
+        # table[-1] stays 0: -1 (clipped negatives) and values beyond the last are absent
         table = np.zeros(int(uniques[-1]) + 2, dtype=np.int64)
         table[uniques] = np.arange(1, len(uniques) + 1)
-
-        def code(values: np.ndarray) -> np.ndarray:
-            values = values.astype(np.int64, copy=False)
-            return table[np.minimum(np.maximum(values, -1), len(table) - 1)]
-
-        table[-1] = 0  # -1 (clipped negatives) and values beyond the last: absent
-        return code
+        return lambda values: table[np.clip(values.astype(np.int64), -1, len(table) - 1)]
     return lambda values: lookup(uniques, values)
 
 
@@ -284,22 +248,6 @@ def _check_block(block: Columns, parsed: Parsed) -> tuple[int, tuple | None]:
     return int(negative.sum()), (*block.locate(row), block.data["time_key"][row])
 
 
-@dataclasses.dataclass
-class Part:
-    """The users first..last (1-based codes) of one partition, grouped and sorted.
-
-    offsets int64 [n+1] (n = last - first + 1); items/timestamps int64 [N_part];
-    actions int64 [N_part] or None.
-    """
-
-    first: int
-    last: int
-    offsets: np.ndarray
-    items: np.ndarray
-    timestamps: np.ndarray
-    actions: np.ndarray | None
-
-
 class Grouping:
     """Groups a parsed log per user in partitions that fit a memory budget.
 
@@ -309,7 +257,7 @@ class Grouping:
     2. route: users are cut into ranges of consecutive codes, each with about `rows` rows;
        every row goes to its range's spill in file order; the kept rows' distinct items give
        the item codes (sorted raw-id order).
-    3. parts(): each range in turn is loaded, sorted stably by (user, time) (equal times keep
+    3. tables(): each range in turn is loaded, sorted stably by (user, time) (equal times keep
        their file order) and handed out; its users come out in code order.
 
     Every step is the same whether there is one partition or many, in memory or on disk; the
@@ -320,7 +268,6 @@ class Grouping:
         self.parsed = parsed
         self.rows_per_part = max(1, int(memory_bytes // BYTES_PER_ROW))
         dense_limit = max(1 << 20, int(min(memory_bytes, 1 << 40) // 64))
-        self._spill_dir = spill_dir
         streamed = parsed.log is None
         source = _Spill(spill_dir / "log" if streamed and spill_dir is not None else None)
         users = _Distinct(dense_limit, count=True)
@@ -358,17 +305,16 @@ class Grouping:
                 where, f"every user has fewer than {parsed.min_user_interactions} interactions"
             )
         self.raw_users = all_users[keep]
-        self.lengths = counts[keep]
         self.num_users = len(self.raw_users)
-        self.num_interactions = int(self.lengths.sum())
         self.user_code = _code_table(self.raw_users, dense_limit)
         self.offsets = np.zeros(self.num_users + 1, dtype=np.int64)
-        np.cumsum(self.lengths, out=self.offsets[1:])
+        np.cumsum(counts[keep], out=self.offsets[1:])
 
         # partitions: user u goes to floor(offset of its first row / rows), so no user is
         # split and a partition holds at most rows + (its last user's length - 1) rows
         first_block = next(source.blocks(1))
-        self._columns = list(first_block)
+        self.has_actions = "action" in first_block
+        self.num_action_values = parsed.num_action_values if self.has_actions else None
         # in memory only: a text column (ids of custom data) or a per-user column of the log
         # (custom data's latest context, coded over all users at once)
         splittable = spill_dir is not None and not any(
@@ -412,12 +358,11 @@ class Grouping:
             source.remove()
         self.num_parts = num_parts
         self.item_ids, _ = items.result()
+        self.raw_items = self.item_ids
         if parsed.keep_item_ids:
             self.num_items = int(parsed.max_item_id) + 1
-            self.raw_items = self.item_ids
             self.item_code = lambda values: values.astype(np.int64, copy=False)
         else:
-            self.raw_items = self.item_ids
             self.num_items = len(self.raw_items) + 1  # dense ids 1..N; 0 is never an item
             self.item_ids = np.arange(1, self.num_items)
             self.item_code = _code_table(self.raw_items, dense_limit)
@@ -453,8 +398,9 @@ class Grouping:
             self.contextual[name] = column[1:]
             self.contextual_vocab[name] = len(funiq) + 1
 
-    def parts(self) -> Iterator[Part]:
-        """Each partition in user-code order, its spill removed once handed out."""
+    def tables(self) -> Iterator[pa.Table]:
+        """Each partition's rows of sequences.parquet (users first..last in code order), its
+        spill removed once handed out."""
         for k, spill in enumerate(self._parts):
             first, last = int(self.part_first[k]), int(self.part_last[k])
             data = spill.load()
@@ -481,28 +427,23 @@ class Grouping:
                     self.contextual_vocab[name[4:]] = len(funiq) + 1
             del data, order
             spill.remove()
-            yield Part(first, last, offsets, items, timestamps.astype(np.int64), actions)
-
-    def summary(self, items=None, timestamps=None, actions=None) -> Grouped:
-        """The grouped data's description (and its arrays when given, see group())."""
-        return Grouped(
-            self.offsets,
-            items,
-            timestamps,
-            actions,
-            self.contextual,
-            self.contextual_vocab,
-            self.raw_users,
-            self.item_ids,
-            self.raw_items,
-            self.num_items,
-            self.parsed.num_action_values if "action" in self._columns else None,
-            self.dropped_users,
-            self.users_without_features,
-            self.parsed.action_kind,
-            self.parsed.action_values,
-            has_actions="action" in self._columns,
-        )
+            users = slice(first - 1, last)
+            raw_users = self.raw_users[users]
+            cols: dict[str, pa.Array] = {
+                USER_FEATURE: pa.array(self.contextual[USER_FEATURE][users]),
+                "raw_user_id": pa.array(
+                    raw_users.tolist() if raw_users.dtype == object else raw_users
+                ),
+                "item_ids": _list_column(offsets, items),
+                "timestamps": _list_column(offsets, timestamps),
+            }
+            if actions is not None:
+                cols["actions"] = _list_column(offsets, actions)
+            for name, values in self.contextual.items():
+                if name != USER_FEATURE:
+                    cols[name] = pa.array(values[users])
+            del items, timestamps, actions
+            yield pa.table(cols)
 
 
 def _list_column(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
@@ -535,8 +476,6 @@ def clean_stale_tmp(out_dir: Path) -> list[str]:
     """Removes ``.NAME.tmp-PID`` / ``.NAME.old-PID`` folders of preprocess runs that were
     killed (their PID is gone); returns their names."""
     removed = []
-    if not out_dir.parent.is_dir():
-        return removed
     for kind in ("tmp", "old"):
         for path in out_dir.parent.glob(f".{out_dir.name}.{kind}-*"):
             pid = path.name.rsplit("-", 1)[-1]
@@ -550,64 +489,41 @@ def clean_stale_tmp(out_dir: Path) -> list[str]:
     return removed
 
 
-def _part_table(grouping: Grouping, part: Part) -> pa.Table:
-    users = slice(part.first - 1, part.last)
-    raw_users = grouping.raw_users[users]
-    cols: dict[str, pa.Array] = {
-        USER_FEATURE: pa.array(grouping.contextual[USER_FEATURE][users]),
-        "raw_user_id": pa.array(raw_users.tolist() if raw_users.dtype == object else raw_users),
-        "item_ids": _list_column(part.offsets, part.items),
-        "timestamps": _list_column(part.offsets, part.timestamps),
-    }
-    if part.actions is not None:
-        cols["actions"] = _list_column(part.offsets, part.actions)
-    for name, values in grouping.contextual.items():
-        if name != USER_FEATURE:
-            cols[name] = pa.array(values[users])
-    return pa.table(cols)
-
-
 def write(
-    grouping: Grouping, out_dir: Path, metadata_of: Callable[[Grouped], dict[str, Any]]
+    grouping: Grouping, tmp: Path, out_dir: Path, name: str, source: dict, options: dict
 ) -> dict[str, Any]:
-    """Writes the three files into a temporary sibling folder (sequences.parquet one
-    partition at a time, a row group or more each), then renames it into place; returns the
-    metadata written."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    """Writes the three files into the temporary sibling folder ``tmp`` (sequences.parquet one
+    partition at a time, a row group or more each), then renames it to ``out_dir``; returns
+    the metadata written."""
     old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    writer = None
     try:
-        writer = None
-        try:
-            for part in grouping.parts():
-                table = _part_table(grouping, part)
-                del part
-                if writer is None:
-                    writer = pq.ParquetWriter(
-                        tmp / SEQUENCES_FILE, table.schema, compression="lz4", use_dictionary=False
-                    )
-                writer.write_table(table)
-                del table
-        finally:
-            if writer is not None:
-                writer.close()
-        meta = metadata_of(grouping.summary())
-        raw_items = (
-            grouping.raw_items.tolist()
-            if grouping.raw_items.dtype == object
-            else grouping.raw_items
-        )
-        pq.write_table(
-            pa.table({"item_id": pa.array(grouping.item_ids), "raw_item_id": pa.array(raw_items)}),
-            tmp / ITEM_MAP_FILE,
-        )
-        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        shutil.rmtree(tmp / SPILL_DIR, ignore_errors=True)
+        for table in grouping.tables():
+            if writer is None:
+                writer = pq.ParquetWriter(
+                    tmp / SEQUENCES_FILE, table.schema, compression="lz4", use_dictionary=False
+                )
+            writer.write_table(table)
+            del table
+    finally:
+        if writer is not None:
+            writer.close()
+    meta = build_metadata(name, grouping, source, options)
+    raw_items = grouping.raw_items
+    pq.write_table(
+        pa.table({
+            "item_id": pa.array(grouping.item_ids),
+            "raw_item_id": pa.array(raw_items.tolist() if raw_items.dtype == object else raw_items),
+        }),
+        tmp / ITEM_MAP_FILE,
+    )
+    (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    shutil.rmtree(tmp / SPILL_DIR, ignore_errors=True)
+    try:
         if out_dir.exists():
             os.rename(out_dir, old)
         os.rename(tmp, out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not out_dir.exists():
             os.rename(old, out_dir)
         raise
@@ -615,38 +531,30 @@ def write(
     return meta
 
 
-def _tmp_dir(out_dir: Path) -> Path:
-    """The temporary output folder (fresh), with the spill folder of the grouping in it."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
 def build_metadata(
-    name: str, grouped: Grouped, source: dict[str, Any], options: dict[str, Any]
+    name: str, grouping: Grouping, source: dict[str, Any], options: dict[str, Any]
 ) -> dict[str, Any]:
+    """metadata.json of a grouping whose partitions were all handed out."""
     return {
         "format_version": FORMAT_VERSION,
         "dataset": name,
-        "num_users": int(len(grouped.offsets) - 1),
-        "num_items": int(grouped.num_items),
-        "num_distinct_items": len(grouped.item_ids),
-        "num_interactions": int(grouped.offsets[-1]),
+        "num_users": int(len(grouping.offsets) - 1),
+        "num_items": int(grouping.num_items),
+        "num_distinct_items": len(grouping.item_ids),
+        "num_interactions": int(grouping.offsets[-1]),
         "item_feature_name": ITEM_FEATURE,
         "item_ids": "kept as declared, in [0, num_items)"
         if options.get("keep_item_ids")
         else "dense 1..num_items-1 in sorted raw-id order; 0 is never an item",
-        "action_feature_name": ACTION_FEATURE if grouped.has_actions else None,
-        "num_action_values": grouped.num_action_values,
-        "action_kind": grouped.action_kind if grouped.has_actions else None,
-        "action_values": grouped.action_values,
-        "contextual_feature_names": list(grouped.contextual),
-        "contextual_vocab_sizes": {k: int(v) for k, v in grouped.contextual_vocab.items()},
-        "seqlen": seqlen_stats(grouped.offsets),
-        "dropped_users": grouped.dropped_users,
-        "users_without_features": grouped.users_without_features,
+        "action_feature_name": ACTION_FEATURE if grouping.has_actions else None,
+        "num_action_values": grouping.num_action_values,
+        "action_kind": grouping.parsed.action_kind if grouping.has_actions else None,
+        "action_values": grouping.parsed.action_values,
+        "contextual_feature_names": list(grouping.contextual),
+        "contextual_vocab_sizes": {k: int(v) for k, v in grouping.contextual_vocab.items()},
+        "seqlen": seqlen_stats(grouping.offsets),
+        "dropped_users": grouping.dropped_users,
+        "users_without_features": grouping.users_without_features,
         "timestamp_unit": "s",
         "source": source,
         "options": options,
@@ -664,17 +572,6 @@ def format_stats(meta: dict[str, Any]) -> str:
         f"{s['median']:>8.0f}{meta['num_distinct_items']:>10}{meta['num_interactions']:>15}"
     )
     return head + "\n" + row
-
-
-def _options_of(
-    name: str, custom: Any, synthetic: Any, parsed_keep: bool = False
-) -> dict[str, Any]:
-    opts: dict[str, Any] = {"format_version": FORMAT_VERSION, "dataset": name}
-    if name == "custom":
-        opts["custom"] = dataclasses.asdict(custom)
-    if name == "synthetic":
-        opts["synthetic"] = dataclasses.asdict(synthetic)
-    return opts
 
 
 def preprocess(
@@ -715,9 +612,10 @@ def preprocess(
     log = print if verbose else (lambda *a, **k: None)
     started = time.perf_counter()
     src: RawSource | None = None
+    options: dict[str, Any] = {"format_version": FORMAT_VERSION, "dataset": name}
     if name == "synthetic":
         synthetic = synthetic or SyntheticDataArgs()
-        options = _options_of(name, None, synthetic)
+        options["synthetic"] = dataclasses.asdict(synthetic)
         checksum = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
         source = {"path": None, "checksum": checksum}
     elif name == "custom":
@@ -731,7 +629,7 @@ def preprocess(
                     f"{raw} differs from CustomDataArgs.path={custom.path!r}; give the input once",
                 )
             custom = dataclasses.replace(custom, path=str(raw))
-        options = _options_of(name, custom, None)
+        options["custom"] = dataclasses.asdict(custom)
         options["keep_item_ids"] = custom.item_vocab_size is not None
         files = custom_files(custom)
         digest = hashlib.sha256()
@@ -743,7 +641,6 @@ def preprocess(
             log(f"downloading {DATASETS[name].url} ...")
             raw = download(name, Path(out) / "downloads")
         src = RawSource(raw)
-        options = _options_of(name, None, None)
         source = {"path": str(raw), "checksum": src.checksum(src.members)}
 
     removed = clean_stale_tmp(out_dir)
@@ -775,12 +672,13 @@ def preprocess(
         else:
             assert src is not None
             parsed = load(DATASETS[name].reader)(src)  # streaming readers read in write()
-        tmp = _tmp_dir(out_dir)
+        # the temporary output folder (fresh), with the spill folder of the grouping in it
+        tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         try:
             grouping = Grouping(parsed, memory_gb * 2**30, tmp / SPILL_DIR)
-            meta = write(
-                grouping, out_dir, lambda g: build_metadata(output_name, g, source, options)
-            )
+            meta = write(grouping, tmp, out_dir, output_name, source, options)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -794,19 +692,16 @@ def preprocess(
             f"grouped in {grouping.num_parts} partitions of about {grouping.rows_per_part} "
             f"rows (--memory-gb {memory_gb:g})"
         )
-    notes = []
     if grouping.dropped_users:
-        notes.append(
-            f"dropped {grouping.dropped_users} users with < {parsed.min_user_interactions} "
-            "interactions"
+        log(
+            f"note: dropped {grouping.dropped_users} users with < "
+            f"{parsed.min_user_interactions} interactions"
         )
     if grouping.users_without_features:
-        notes.append(
-            f"{grouping.users_without_features} users have no row in the user-feature file "
-            "(their features are 0)"
+        log(
+            f"note: {grouping.users_without_features} users have no row in the user-feature "
+            "file (their features are 0)"
         )
-    for note in notes:
-        log("note: " + note)
     log(
         f"wrote {out_dir} in {seconds:.2f}s "
         f"({meta['num_interactions'] / max(seconds, 1e-9) / 1e6:.2f} M interactions/s)"
@@ -868,15 +763,13 @@ def main(argv: list[str] | None = None) -> int:
         built = load_classes(
             args.gin_file, args.gin_param, wanted, known=(*ARG_CLASSES, *DATA_ARG_CLASSES)
         )
-        custom = built.get("CustomDataArgs")
-        synthetic = built.get("SyntheticDataArgs")
         preprocess(
             args.dataset,
             args.raw,
             args.out,
             args.force,
-            custom=custom,
-            synthetic=synthetic,
+            custom=built.get("CustomDataArgs"),
+            synthetic=built.get("SyntheticDataArgs"),
             verbose=not args.quiet,
             output_name=args.name,
             memory_gb=args.memory_gb,

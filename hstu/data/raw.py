@@ -128,21 +128,8 @@ class RawSource:
         return str(self.path / member) if self.path.is_dir() else str(self.path)
 
     def read_bytes(self, member: str) -> bytes:
-        try:
-            if self._zip is not None:
-                return self._zip.read(member)
-            if self._tar is not None:
-                handle = self._tar.extractfile(member)
-                assert handle is not None
-                return handle.read()
-            return (
-                (self.path / member).read_bytes() if self.path.is_dir() else self.path.read_bytes()
-            )
-        except _ARCHIVE_ERRORS as exc:
-            raise DataError(
-                self.display(member),
-                f"truncated or corrupt archive member ({type(exc).__name__}: {exc})",
-            ) from None
+        with self.open_binary(member) as fh:
+            return fh.read()
 
     def open_binary(self, member: str) -> BinaryIO:
         """The member as a binary stream from its start (archives decompress as it is read)."""
@@ -156,10 +143,7 @@ class RawSource:
             path = self.path / member if self.path.is_dir() else self.path
             return _Guarded(open(path, "rb"), self.display(member))
         except _ARCHIVE_ERRORS as exc:
-            raise DataError(
-                self.display(member),
-                f"truncated or corrupt archive member ({type(exc).__name__}: {exc})",
-            ) from None
+            raise _member_error(self.display(member), exc) from None
 
     def checksum(self, members: list[str]) -> str:
         """sha256 over the archive file, or over the named members of a folder."""
@@ -188,6 +172,10 @@ class RawSource:
             self._tar.close()
 
 
+def _member_error(where: str, exc: BaseException) -> DataError:
+    return DataError(where, f"truncated or corrupt archive member ({type(exc).__name__}: {exc})")
+
+
 class _Guarded(io.RawIOBase):
     """A member's stream whose archive errors (truncated or corrupt data met while reading)
     become the one-line DataError naming the member."""
@@ -203,10 +191,7 @@ class _Guarded(io.RawIOBase):
         try:
             return call(*args)
         except _ARCHIVE_ERRORS as exc:
-            raise DataError(
-                self._where,
-                f"truncated or corrupt archive member ({type(exc).__name__}: {exc})",
-            ) from None
+            raise _member_error(self._where, exc) from None
 
     def readinto(self, buffer) -> int:
         return self._guard(self._handle.readinto, buffer)

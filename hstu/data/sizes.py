@@ -85,16 +85,13 @@ def select_contextual(available: list[str], wanted: list[str] | None) -> list[st
     return list(wanted)
 
 
-def select_features(meta: dict[str, Any], dataset: DatasetArgs) -> tuple[str | None, list[str]]:
-    """(action feature fed as tokens or None, contextual features fed), as the loaders do."""
-    action = meta["action_feature_name"] if dataset.action_tokens else None
-    contextual = list(meta["contextual_feature_names"])
-    return action, select_contextual(contextual, dataset.contextual_features)
-
-
 def info_from_metadata(meta: dict[str, Any], dataset: DatasetArgs, task: str) -> DataInfo:
-    """The DataInfo build_data will give, for sizing (sample counts left at 0)."""
-    action, contextual = select_features(meta, dataset)
+    """The DataInfo build_data gives (features selected as the loaders do), sample counts
+    left at 0."""
+    action = meta["action_feature_name"] if dataset.action_tokens else None
+    contextual = select_contextual(
+        list(meta["contextual_feature_names"]), dataset.contextual_features
+    )
     return DataInfo(
         dataset_name=meta["dataset"],
         task=task,
@@ -160,7 +157,7 @@ def resolve_sizes(cfg: Any) -> Any:
                     if cls == exc.cls_name and fld == exc.field_name and table
                     and repr(table) in exc.message), None)
         raise exc.with_location(loc or _source(cfg)) from None
-    # keep only the gin-declared tables (defaults are added by the builder, as before)
+    # keep only the gin-declared tables (the builder adds the defaults)
     declared = {t.table_name for t in cfg.tables}
     tables = [t for t in tables if t.table_name in declared]
     try:
@@ -202,5 +199,4 @@ __all__ = [
     "resolve_head",
     "resolve_sizes",
     "select_contextual",
-    "select_features",
 ]

@@ -131,8 +131,11 @@ def _ml_ratings_to_classes(cols: Columns, scale: int) -> None:
     cols.data["action"] = scaled - 1
 
 
-# the ratings of ML-1M and ML-100K: columns and types, no header
+# the ratings and users of ML-1M and ML-100K: columns and types in file order, no header
 _ML_RATINGS = {"user": "int", "item": "int", "rating": "int", "time_key": "int"}
+_ML_1M_USERS = {"user": "int", "sex": "str", "age_group": "int", "occupation": "int",
+                "zip_code": "str"}
+_ML_100K_USERS = {"user": "int", "age": "int", "sex": "str", "occupation": "str", "zip_code": "str"}
 
 
 def _movielens(
@@ -159,11 +162,8 @@ def read_ml_1m(src: RawSource) -> Parsed:
     users = read_delimited(
         src.read_bytes(users_m),
         src.display(users_m),
-        {"user": "int", "sex": "str", "age_group": "int", "occupation": "int", "zip_code": "str"},
-        TextFormat(
-            delimiter="::", header=False,
-            names=["user", "sex", "age_group", "occupation", "zip_code"],
-        ),
+        _ML_1M_USERS,
+        TextFormat(delimiter="::", header=False, names=list(_ML_1M_USERS)),
     )
     bad = ~np.isin(users.data["age_group"], ML_AGE_GROUPS)
     if bad.any():
@@ -191,10 +191,8 @@ def read_ml_100k(src: RawSource) -> Parsed:
     users = read_delimited(
         src.read_bytes(user_m),
         src.display(user_m),
-        {"user": "int", "age": "int", "sex": "str", "occupation": "str", "zip_code": "str"},
-        TextFormat(
-            delimiter="|", header=False, names=["user", "age", "sex", "occupation", "zip_code"]
-        ),
+        _ML_100K_USERS,
+        TextFormat(delimiter="|", header=False, names=list(_ML_100K_USERS)),
     )
     _check_range(users, "age", 0, 150, "age")
     age = users.data.pop("age")

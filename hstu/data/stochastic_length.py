@@ -1,5 +1,6 @@
 """Stochastic length (SL, HSTU paper §3.2): shorten long training histories at random so that
-the expected attention cost per sample is O(N^alpha) instead of O(N^2).
+the expected attention cost per sample is O(N^alpha) instead of O(N^2) (docs/data.md,
+"Stochastic length", says why n is the length after the cut).
 
 Legend: N = the configured maximum history length (``DatasetArgs.max_sequence_length``, the
 length the data path already cuts every history to), n = a sample's history length *after*
@@ -14,15 +15,9 @@ Rule, per training sample:
   drawn uniformly without replacement (order kept), ``mix`` uniform with probability
   ``mix_prob``, else recency (drawn per sample).
 
-Why n is the length after the cut: the cost of a kept-whole sample is n^2 (what the model
-sees), so E[cost] = (N^alpha / n^2) n^2 + (1 - N^alpha / n^2) K^2 <= 2 N^alpha for every n;
-that is the paper's bound with n the sequence the model attends over (its N is the longest
-such sequence). Evaluation never applies SL.
-
-Determinism: every random draw is a counter-based hash of (seed, epoch, sample id), the
-sample id being the index into the split's samples (the same on every rank), so a sample's
-decision does not depend on the number of ranks, workers, the batch it lands in, or what
-was drawn before.
+Every draw is a counter-based hash of (seed, epoch, sample id), the sample id being the index
+into the split's samples (the same on every rank), so a decision does not depend on the
+number of ranks, the batch a sample lands in, or what was drawn before.
 """
 
 from __future__ import annotations
@@ -87,20 +82,17 @@ class StochasticLength:
         kept length is n for KEEP_WHOLE, else :func:`sampled_length`)."""
         lengths = np.asarray(lengths, dtype=np.int64)
         sample_ids = np.asarray(sample_ids, dtype=np.int64)
-        if lengths.shape != sample_ids.shape:
-            raise ValueError(f"lengths {lengths.shape} and sample_ids {sample_ids.shape} differ")
+        assert lengths.shape == sample_ids.shape, (lengths.shape, sample_ids.shape)
         k = sampled_length(self.max_len, self.alpha)
         budget = float(self.max_len) ** self.alpha
         p_whole = np.minimum(1.0, budget / np.maximum(lengths, 1).astype(np.float64) ** 2)
         whole = (lengths <= k) | (_uniforms(seed, epoch, sample_ids, _SALT_KEEP) < p_whole)
-        if self.sampling == "recency":
-            short = np.full(lengths.shape, KEEP_RECENT, dtype=np.int8)
-        elif self.sampling == "uniform":
-            short = np.full(lengths.shape, KEEP_UNIFORM, dtype=np.int8)
-        else:
+        if self.sampling == "mix":
             uniform = _uniforms(seed, epoch, sample_ids, _SALT_MODE) < self.mix_prob
-            short = np.where(uniform, KEEP_UNIFORM, KEEP_RECENT).astype(np.int8)
-        return np.where(whole, np.int8(KEEP_WHOLE), short).astype(np.int8)
+        else:
+            uniform = np.full(lengths.shape, self.sampling == "uniform")
+        short = np.where(uniform, KEEP_UNIFORM, KEEP_RECENT)
+        return np.where(whole, KEEP_WHOLE, short).astype(np.int8)
 
     def keep(
         self, lengths: np.ndarray, seed: int, epoch: int, sample_ids: np.ndarray

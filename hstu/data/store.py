@@ -1,7 +1,8 @@
-"""A preprocessed dataset as flat arrays, memory-mapped from a layout derived once per node.
+"""A preprocessed dataset as flat arrays, memory-mapped from a layout derived once per node
+(docs/data.md, "Loaded layout": where it is written, its key, locking, the cache folder).
 
-The preprocessor writes ``sequences.parquet`` (one row per user). The first load derives
-from it a folder of ``.npy`` files (docs/data.md "Loaded layout"):
+The first load derives from ``sequences.parquet`` (one row per user) a folder of ``.npy``
+files:
 
     offsets.npy     int64 [U+1]   user u owns rows offsets[u]:offsets[u+1]
     items.npy       int32 [N]     (int64 where num_items does not fit in int32)
@@ -10,15 +11,8 @@ from it a folder of ``.npy`` files (docs/data.md "Loaded layout"):
     ctx-<i>.npy     int64 [U]     the i-th contextual feature of manifest.json
     manifest.json   key, source, counts, names
 
-Every process maps these files read-only (``np.load(mmap_mode="r")``): the operating system
-shares their pages between the ranks of a node and reads only the pages a rank touches, so a
-rank holds no copy of the dataset. The folder is named by a key of the parquet file (size,
-modification time, footer) and of metadata.json, so a re-preprocessed dataset gets a new one.
-It is written next to the data (``<dataset>/.mapped-<key>/``) or, where the dataset folder is
-not writable, under the cache folder (``$HSTU_DATA_CACHE``, default ``~/.cache/hstu``; a log
-line names it). The process that first needs it writes it to a temporary name and renames it
-into place, holding a lock file, while the node's other processes wait for it; the timestamp
-checks run once, while it is written.
+Every process maps these files read-only (``np.load(mmap_mode="r")``), so the ranks of a node
+share their pages and a rank holds no copy of the dataset.
 """
 
 from __future__ import annotations
@@ -127,9 +121,7 @@ class SequenceStore:
                 str(folder), f"inconsistent mapped layout ({', '.join(bad) or 'counts'}); "
                 "remove this folder to rewrite it",
             )
-        contextual = {
-            name: arrays[f"ctx-{i}"] for i, name in enumerate(manifest["contextual"])
-        }
+        contextual = {name: arrays[f"ctx-{i}"] for i, name in enumerate(manifest["contextual"])}
         return cls(
             arrays["offsets"], arrays["items"], arrays["timestamps"], arrays.get("actions"),
             contextual, metadata, folder,
@@ -171,11 +163,8 @@ def layout_key(path: Path) -> str:
         meta = (path / METADATA_FILE).read_bytes()
     except OSError as exc:
         raise DataError(str(seq), f"unreadable ({exc})") from None
-    key = f"mapped v{MAPPED_VERSION} {stat.st_size} {stat.st_mtime_ns}\n"
-    digest = hashlib.sha256(key.encode())
-    digest.update(footer)
-    digest.update(meta)
-    return digest.hexdigest()[:24]
+    key = f"mapped v{MAPPED_VERSION} {stat.st_size} {stat.st_mtime_ns}\n".encode()
+    return hashlib.sha256(key + footer + meta).hexdigest()[:24]
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
