@@ -12,8 +12,7 @@ answers. Torch-free.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
+from pathlib import Path
 from typing import Any
 
 from hstu.args import AUTO, BenchmarkDatasetArgs, ConfigError, DatasetArgs, RankingArgs
@@ -23,7 +22,7 @@ from hstu.checks import (
     check_ranking_head,
     check_table_features,
 )
-from hstu.data.errors import DataError
+from hstu.data import layout
 from hstu.data.info import DataInfo
 from hstu.data.layout import METADATA_FILE
 
@@ -42,15 +41,8 @@ def action_kind(meta: dict[str, Any]) -> str | None:
 def read_metadata(dataset: DatasetArgs, extras: dict[str, Any] | None = None) -> dict[str, Any]:
     """metadata.json of the dataset's folder. The synthetic set, when not generated yet, is
     generated in memory (deterministic, a fraction of a second) and nothing is written."""
-    path = dataset.resolved_path
-    meta_path = os.path.join(path, METADATA_FILE)
-    if os.path.isfile(meta_path):
-        try:
-            with open(meta_path) as fh:
-                return json.load(fh)
-        except ValueError as exc:
-            raise DataError(meta_path, f"unreadable metadata ({exc})") from None
-    if dataset.dataset_name == "synthetic":
+    path = Path(dataset.resolved_path)
+    if dataset.dataset_name == "synthetic" and not (path / METADATA_FILE).is_file():
         from hstu.data.data_args import SyntheticDataArgs
         from hstu.data.preprocess import build_metadata, group
         from hstu.data.synthetic import generate_synthetic
@@ -59,13 +51,10 @@ def read_metadata(dataset: DatasetArgs, extras: dict[str, Any] | None = None) ->
         grouped = group(generate_synthetic(synthetic))
         return build_metadata("synthetic", grouped, {}, {})
     name = dataset.dataset_name
-    how = "--dataset custom --raw FILE --name " + name if name == os.path.basename(path) else (
+    how = "--dataset custom --raw FILE --name " + name if name == path.name else (
         f"--dataset {name} --raw PATH"
     )
-    raise DataError(
-        meta_path,
-        f"no preprocessed dataset here; run: python -m hstu.data.preprocess {how}",
-    )
+    return layout.read_metadata(path, how)
 
 
 def select_contextual(available: list[str], wanted: list[str] | None) -> list[str]:

@@ -37,12 +37,12 @@ import pyarrow.parquet as pq
 from hstu.data.errors import DataError
 from hstu.data.layout import (
     CACHE_ENV,
-    FORMAT_VERSION,
     MAPPED_MANIFEST,
     MAPPED_PREFIX,
     MAPPED_VERSION,
     METADATA_FILE,
     SEQUENCES_FILE,
+    read_metadata,
 )
 
 _OPEN: weakref.WeakValueDictionary[Path, SequenceStore] = weakref.WeakValueDictionary()
@@ -126,28 +126,6 @@ class SequenceStore:
             arrays["offsets"], arrays["items"], arrays["timestamps"], arrays.get("actions"),
             contextual, metadata, folder,
         )
-
-
-def read_metadata(path: Path) -> dict[str, Any]:
-    """metadata.json of the dataset folder ``path``, its format version checked."""
-    meta_path = path / METADATA_FILE
-    if not meta_path.exists():
-        raise DataError(
-            str(meta_path),
-            "no preprocessed dataset here; run: python -m hstu.data.preprocess "
-            f"--dataset {path.name} --out {path.parent}",
-        )
-    try:
-        metadata = json.loads(meta_path.read_text())
-    except ValueError as exc:
-        raise DataError(str(meta_path), f"unreadable metadata ({exc})") from None
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise DataError(
-            str(meta_path),
-            f"format version {metadata.get('format_version')} != {FORMAT_VERSION}; "
-            "rerun the preprocessor with --force",
-        )
-    return metadata
 
 
 # ------------------------------------------------------------------------ the mapped layout
@@ -399,4 +377,4 @@ def _check_timestamps(
         )
 
 
-__all__ = ["SequenceStore", "cache_root", "layout_key", "mapped_layout", "read_metadata"]
+__all__ = ["SequenceStore", "cache_root", "layout_key", "mapped_layout"]
