@@ -75,11 +75,11 @@ def test_a_registered_dataset_is_a_choice(registered, tmp_path, monkeypatch):
         A.DatasetArgs(dataset_name="toyset", max_sequence_length=4)
     registered(DATASETS, "toyset", DatasetReader(f"{__name__}:toy_attention"))
     assert A.DatasetArgs(dataset_name="toyset", max_sequence_length=4).dataset_name == "toyset"
-    from hstu.data.preprocess import check_dataset_name
+    from hstu.data.preprocess import check_known_dataset
 
-    check_dataset_name("toyset")
+    check_known_dataset("toyset")
     with pytest.raises(ValueError, match="unknown dataset 'toyse' .did you mean 'toyset'.?"):
-        check_dataset_name("toyse")
+        check_known_dataset("toyse")
 
 
 def toy_metric(ranks: torch.Tensor, k: int) -> torch.Tensor:

@@ -50,7 +50,8 @@ from hstu.data.sources import (
 from hstu.registry import DATASETS, load
 
 
-def check_dataset_name(name: str) -> None:
+def check_known_dataset(name: str) -> None:
+    """--dataset: a name in hstu.registry.DATASETS (one line with the closest name)."""
     if name not in DATASETS:
         raise DataError("--dataset", DATASETS.unknown(name))
 
@@ -603,7 +604,7 @@ def preprocess(
     """
     from hstu.data.data_args import CustomDataArgs, SyntheticDataArgs
 
-    check_dataset_name(name)
+    check_known_dataset(name)
     if not memory_gb > 0:
         raise DataError("--memory-gb", f"{memory_gb} is not a positive number of GiB")
     output_name = output_name or name
@@ -756,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
         from hstu.data.data_args import DATA_ARG_CLASSES, CustomDataArgs, SyntheticDataArgs
         from hstu.gin_parsing import load_classes
 
-        check_dataset_name(args.dataset)
+        check_known_dataset(args.dataset)
         own_args = {"custom": [CustomDataArgs], "synthetic": [SyntheticDataArgs]}
         wanted = own_args.get(args.dataset, [])
         # the trainer's gin file may be given too: its classes are known, not built
