@@ -28,11 +28,8 @@ from torch import Tensor
 from hstu.serving import versions
 
 FORMAT = "hstu-artifact"
-# 2: the manifest's "files" holds each file's size and CRC32; 3: the model config names its
-# mask_convention (a reader without it would score a "peer" model with the "hstu" mask); 4: the
-# model config names max_attn_len, min_full_attn_seq_len, attn_truncation_layers and
-# attn_truncation_len (a version-3 reader would score such a model with full attention); a
-# version-3 artifact reads as all four 0 (off), which is how it was trained
+# 4: the model config names max_attn_len, min_full_attn_seq_len, attn_truncation_layers and
+# attn_truncation_len; a version-3 artifact (without them) reads as all four 0, as it was trained
 FORMAT_VERSION = 4
 READABLE_VERSIONS = (3, 4)
 MANIFEST = "manifest.json"
@@ -65,10 +62,6 @@ _TORCH_ZIP_ERRORS = ("PytorchStreamReader failed", "failed finding central direc
 
 def _load_tensors(path: Path) -> Any:
     return torch.load(path, weights_only=True)
-
-
-def _load_program(path: Path) -> Any:
-    return torch.export.load(str(path))
 
 
 def load_file(path: Path, loader: Any) -> Any:
@@ -332,8 +325,7 @@ class Artifact:
             raise ArtifactError(
                 f"{self.path}: artifact format {fmt!r} version {version}, this hstu reads "
                 f"{FORMAT!r} versions {', '.join(map(str, READABLE_VERSIONS))}; re-export the "
-                "checkpoint with "
-                "python -m hstu.export"
+                "checkpoint with python -m hstu.export"
             )
         from hstu.training.checkpoint import check_files  # torch only: the checkpoints' check
 
@@ -366,7 +358,7 @@ class Artifact:
                 )
                 print(f"[hstu] note: {self.fallback}", file=sys.stderr, flush=True)
         if self.program is None:
-            self.program = load_file(self.path / DENSE_PROGRAM, _load_program).module()
+            self.program = load_file(self.path / DENSE_PROGRAM, torch.export.load).module()
         self._cache_programs: dict[str, Any] = {}
         self._corpus: Corpus | None = None
 
@@ -387,7 +379,7 @@ class Artifact:
                     'whose history never sees the candidates: not mask_convention="peer" with '
                     "is_causal=False, and without attention truncation)"
                 )
-            self._cache_programs[name] = load_file(path, _load_program).module()
+            self._cache_programs[name] = load_file(path, torch.export.load).module()
         return self._cache_programs[name]
 
     def eager_model(self):
