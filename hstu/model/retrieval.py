@@ -1,26 +1,18 @@
-"""Retrieval model: next-item sampled softmax in training, full-corpus ranking in evaluation.
+"""Retrieval model: next-item sampled softmax in training, full-corpus ranking in evaluation
+(docs/model.md, "Heads and losses" and "Evaluation metrics").
 
 Legend: B samples, H[b] history items, Q = sum(max(H-1, 0)) training queries of this rank,
 M negatives per query, D hidden width (= item embedding dim), I items in the corpus, k top-k.
 
-Training: the L2-normalised state of history item j's own token is the query for item j+1
-(with interleaved actions, the item token, not the action token after it: docs/model.md,
-"Heads and losses", says why).
-Causally the query has seen items 0..j and actions 0..j-1, never item j+1.
-logits = cos(query, item) / temperature for the positive and its negatives; negatives
-(``negative_sampling``, a strategy of hstu.registry.NEGATIVE_SAMPLING, its loss in
-hstu.ops.losses) are ``num_negatives`` ids drawn uniformly from [min_item_id, num_items) per
-query in the data path (hstu.data.negatives: they come with the batch as one more key of its
-KeyedJaggedTensor, looked up with the rest), ``num_negatives`` uniform ids per batch scored by
-every query (shared), the other positives of the batch (in-batch: of
-the whole global batch, every rank's gathered, hstu.ops.gather), both (mixed), or
-every item of the corpus (full_corpus: the exact softmax). A negative whose id equals the
-query's positive id (an accidental hit) is masked out (-inf).
+Training: the L2-normalised state of history item j's own token (with interleaved actions,
+the item token, not the action token after it) is the query for item j+1: causally it has
+seen items 0..j and actions 0..j-1, never item j+1. logits = cos(query, item) / temperature
+for the positive and its negatives (``negative_sampling``: see :class:`RetrievalModel`); a
+negative whose id equals the query's positive id (an accidental hit) is masked out (-inf).
 
-Evaluation: the query is the state of each sample's last history item token (the same kind
-of position as in training; with actions, the trailing action token is not the query); every
-item in [min_item_id, num_items) is scored, the sample's input history is excluded (-inf), and
-the target's rank is counted over the whole corpus (ties pessimistic, see hstu.model.metrics).
+Evaluation: the query is the state of each sample's last history item token; every item in
+[min_item_id, num_items) is scored, the sample's input history is excluded (-inf), and the
+target's rank is counted over the whole corpus (ties pessimistic, see hstu.model.metrics).
 """
 
 from __future__ import annotations
@@ -44,7 +36,7 @@ from hstu.model.loss_scale import PendingScale
 from hstu.model.tensor_parallel import take_own_rows
 from hstu.model.tokens import TokenBuilder
 from hstu.ops.gather import PendingCounts, gather_rows, world_of_several
-from hstu.ops.losses import HistoryWindow, LossInputs, negative_vectors, resolve_matmul_dtype
+from hstu.ops.losses import HistoryWindow, LossInputs, resolve_matmul_dtype
 from hstu.ops.losses.vocab_parallel import CorpusShard, CorpusSource
 from hstu.registry import NEGATIVE_SAMPLING, SHARED_DRAW, UNIFORM_DRAW, load
 
@@ -73,16 +65,11 @@ class RetrievalModel(DenseModel):
             space: queries and item embeddings are compared in d dimensions.
         num_items: ids are in [0, num_items).
         num_negatives: uniform negatives per query (-1: none, in-batch under "uniform").
-        negative_sampling: "uniform" (num_negatives ids per query drawn uniformly from the
-            corpus; -1 means in-batch), "in_batch" (the other positives of the global
-            batch: with several ranks every rank's, gathered), "mixed" (uniform plus in-batch),
-            "shared" (num_negatives uniform ids per batch, scored by every query) or
-            "full_corpus" (every item: an exact softmax over the corpus).
+        negative_sampling: a strategy of hstu.registry.NEGATIVE_SAMPLING ("uniform",
+            "in_batch", "mixed", "shared", "full_corpus"; docs/model.md, "Heads and losses").
         temperature: softmax temperature on cosine similarities.
-        full_corpus_matmul_dtype: "float32", "bfloat16" or "auto" (bfloat16 where the
-            device multiplies it natively, float32 elsewhere; decided on the first step's
-            device): the full-corpus training loss's [Q, I] matmuls (see
-            :func:`hstu.ops.losses.full_softmax_loss`).
+        full_corpus_matmul_dtype: "float32", "bfloat16" or "auto" (decided on the first
+            step's device) for the full-corpus training loss's [Q, I] matmuls.
         l2_norm_eps: epsilon of the L2 normalisation.
         min_item_id: first real item id (1 when 0 is padding); lower ids are never sampled
             or retrieved.
@@ -111,21 +98,15 @@ class RetrievalModel(DenseModel):
         # items narrower than D (NetworkArgs.item_embedding_dim < hidden_size): the queries
         # are projected down into the items' space (items are scored as they are stored, so
         # the corpus never goes through a projection)
-        name = token_builder.item_feature_name
-        projections = token_builder.projections  # (a ModuleDict has no .get)
-        item_proj = projections[name] if name in projections else None  # noqa: SIM401
-        self.query_projection: nn.Linear | None = (
-            nn.Linear(
+        self.query_projection: nn.Linear | None = None
+        if token_builder.item_feature_name in token_builder.projections:
+            item_proj = token_builder.projections[token_builder.item_feature_name]
+            self.query_projection = nn.Linear(
                 item_proj.out_features, item_proj.in_features, bias=False,
                 dtype=item_proj.weight.dtype,
             )
-            if item_proj is not None else None
-        )
         self.num_items = num_items
-        if negative_sampling not in NEGATIVE_SAMPLING:
-            raise ValueError(
-                f"negative_sampling {negative_sampling!r} is not one of {NEGATIVE_SAMPLING.names()}"
-            )
+        assert negative_sampling in NEGATIVE_SAMPLING, negative_sampling  # RetrievalArgs checks
         self.num_negatives = num_negatives
         self.negative_sampling = negative_sampling
         self.temperature = temperature
@@ -149,11 +130,6 @@ class RetrievalModel(DenseModel):
         corpus comes from the item table's rows on this rank (:attr:`corpus_source`), never
         through the batch."""
         return self.negative_sampling == "full_corpus"
-
-    @property
-    def uses_negatives_key(self) -> bool:
-        """Whether training batches carry the negatives (or corpus) key."""
-        return self.draws is not None
 
     @property
     def gathers_batch_positives(self) -> bool:
@@ -301,14 +277,6 @@ class RetrievalModel(DenseModel):
             width=max(0, min(longest, own.sizes.num_history_items) - 1),
         )
 
-    @staticmethod
-    def negative_vectors(
-        rows: torch.Tensor, index: torch.Tensor,
-        order: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
-    ):
-        """:func:`hstu.ops.losses.negative_vectors` (rows [U, D], index [Q, M])."""
-        return negative_vectors(rows, index, order, offsets)
-
     # ---------------------------------------------------------------------- evaluation
 
     @torch.no_grad()
@@ -414,16 +382,11 @@ class RetrievalModel(DenseModel):
         return RetrievalEval(top_ids=top_ids, top_scores=top_scores, target_ranks=ranks)
 
 
-
-
 # ------------------------------------------------------------ sharded full-corpus ranking
 #
-# Evaluation over catalogues of millions of items (hstu.training.evaluate): the queries of
-# every rank are gathered, the catalogue is cut into blocks of one global grid (the block
-# size from a memory budget and the number of queries, the same on every rank), each rank
-# scores the blocks of its slice, and the ranks' per-query sums (how many items score at
-# least the target) and top-k lists are merged. A block is the same matmul whatever the
-# world size, so 1 and W processes give the same scores bit for bit, hence the same ranks.
+# Evaluation over catalogues of millions of items (hstu.training.evaluate; docs/model.md,
+# "Evaluation metrics"): each rank scores the blocks of its slice of one global grid. A block
+# is the same matmul whatever the world size, so 1 and W processes give the same ranks.
 
 # bytes per (query, item) entry of a block: its float32 score, the bool comparison with the
 # target, and torch's temporaries around them
