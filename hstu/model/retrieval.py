@@ -314,71 +314,40 @@ class RetrievalModel(DenseModel):
         """Full-corpus top-k and target ranks for each own sample (targets in batch.labels).
 
         ``corpus`` [I, D]: normalised vectors of ids [0, num_items) (the top-level model's
-        ``corpus_vectors``); scores are computed ``chunk_size`` items at a time so memory is
-        B x chunk. A target's score is read from the same score matrix as every other item's
-        (ties are exact); with several chunks, the chunks holding targets are scored twice.
+        ``corpus_vectors``); scored ``chunk_size`` items at a time (memory B x chunk) by
+        :class:`CorpusSliceScorer`: a target's score is its column of the very matmul every
+        other item's score comes from (ties exact; a first pass reads the targets' columns).
         """
         queries, history_ids, history_seg = self.last_queries(batch, embeddings)
-        bsz = queries.shape[0]
+        bsz, device = queries.shape[0], queries.device
         targets = (
             batch.labels if batch.labels is not None else torch.full((bsz,), -1, dtype=torch.int64)
         )
-        targets = targets.to(queries.device)
-        in_corpus = (targets >= self.min_item_id) & (targets < self.num_items)
         if not self.eval_exclude_history:  # every item rankable, the history's too
-            history_ids = history_ids[:0]
-            history_seg = history_seg[:0]
-        target_in_history = torch.zeros(bsz, dtype=torch.bool, device=queries.device)
-        target_in_history[history_seg[history_ids == targets[history_seg]]] = True
-        unranked = ~in_corpus | target_in_history
-        rows = torch.arange(bsz, device=queries.device)
-        chunks = [
-            (start, min(start + chunk_size, self.num_items))
+            history_ids, history_seg = history_ids[:0], history_seg[:0]
+        scorer = CorpusSliceScorer(
+            CorpusQueries.build(queries, targets.to(device), history_ids, history_seg),
+            num_items=self.num_items, min_item_id=self.min_item_id,
+        )
+        blocks = [
+            (start, min(start + chunk_size, self.num_items), corpus[start : start + chunk_size])
             for start in range(0, self.num_items, chunk_size)
         ]
-
-        def chunk_scores(start: int, end: int) -> torch.Tensor:
-            """[B, end - start] scores, -inf below min_item_id and on the (excluded) history."""
-            scores = queries @ corpus[start:end].t()
-            if start < self.min_item_id:
-                scores[:, : min(self.min_item_id, end) - start] = float("-inf")
-            hit = (history_ids >= start) & (history_ids < end)
-            scores[history_seg[hit], history_ids[hit] - start] = float("-inf")
-            return scores
-
-        # The target's score is its column of the very matmul the other items' scores come
-        # from: an elementwise product summed rounds differently, which would miscount ties
-        # and near ties. With several chunks, a first pass gathers the targets' columns.
-        target_scores = queries.new_full((bsz,), float("-inf"))
-
-        def take_target_scores(scores: torch.Tensor, start: int, end: int) -> None:
-            own = ~unranked & (targets >= start) & (targets < end)
-            target_scores[own] = scores[rows[own], targets[own] - start]
-
-        if len(chunks) > 1:
-            for start, end in chunks:
-                if (~unranked & (targets >= start) & (targets < end)).any():
-                    take_target_scores(chunk_scores(start, end), start, end)
-
+        target_scores = scorer.target_scores(blocks)
         k = min(top_k, self.num_items)
         top_scores = queries.new_full((bsz, 0), float("-inf"))
-        top_ids = torch.zeros((bsz, 0), dtype=torch.int64, device=queries.device)
-        num_ahead = torch.zeros(bsz, dtype=torch.int64, device=queries.device)
-        for start, end in chunks:
-            scores = chunk_scores(start, end)  # [B, chunk]
-            if len(chunks) == 1:
-                take_target_scores(scores, start, end)
-            is_target = (targets >= start) & (targets < end)
-            ahead = scores >= target_scores.unsqueeze(1)
-            # the target never counts against itself
-            ahead[rows[is_target], targets[is_target] - start] = False
-            num_ahead += ahead.sum(1)
-            ids = torch.arange(start, end, device=queries.device).expand(bsz, -1)
+        top_ids = torch.zeros((bsz, 0), dtype=torch.int64, device=device)
+        ahead = torch.zeros(bsz, dtype=torch.int64, device=device)
+        for start, end, vectors in blocks:
+            scores = scorer.block_scores(vectors, start, end)  # [B, chunk]
+            ahead += (scores >= target_scores.unsqueeze(1)).sum(1)
+            ahead -= scorer.targets_in(start, end).long()  # the target never counts against itself
+            ids = torch.arange(start, end, device=device).expand(bsz, -1)
             merged_scores = torch.cat([top_scores, scores], 1)
             merged_ids = torch.cat([top_ids, ids], 1)
             top_scores, pick = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
             top_ids = merged_ids.gather(1, pick)
-        ranks = (num_ahead + 1).float().masked_fill(unranked, float("inf"))
+        ranks = scorer.ranks(target_scores, ahead)
         return RetrievalEval(top_ids=top_ids, top_scores=top_scores, target_ranks=ranks)
 
 
@@ -466,7 +435,8 @@ class CorpusSliceScorer:
         scores[ex_rows, ex_ids - start] = float("-inf")
         return scores
 
-    def _targets_in(self, start: int, end: int) -> torch.Tensor:
+    def targets_in(self, start: int, end: int) -> torch.Tensor:
+        """bool [N]: the ranked targets in [start, end)."""
         t = self.q.targets
         return ~self.unranked & (t >= start) & (t < end)
 
@@ -475,7 +445,7 @@ class CorpusSliceScorer:
         ``blocks`` ((start, end, vectors)), else -inf (another rank's; merged by max)."""
         out = self.q.queries.new_full((self.q.targets.numel(),), float("-inf"))
         for start, end, vectors in blocks:
-            own = self._targets_in(start, end)
+            own = self.targets_in(start, end)
             if bool(own.any()):
                 scores = self.block_scores(vectors, start, end)
                 out[own] = scores[self.rows[own], self.q.targets[own] - start]
@@ -500,7 +470,7 @@ class CorpusSliceScorer:
             # an int32 sum: several times cheaper on CPU than the default int64 one
             ahead += (scores >= threshold).sum(1, dtype=torch.int32)
             # the target never counts against itself (its own score is >= itself)
-            ahead -= self._targets_in(start, end).long()
+            ahead -= self.targets_in(start, end).long()
             if top_k > 0:
                 s, i = torch.sort(scores, dim=1, descending=True, stable=True)
                 k = min(top_k, s.shape[1])
