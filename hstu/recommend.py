@@ -97,8 +97,8 @@ def _model_user_ids(art: Artifact, raw: list) -> np.ndarray:
         raise ArtifactError(f"{path}: missing, and the model reads {USER_FEATURE!r}; "
                             "re-export the checkpoint (an artifact of this version writes it)")
     m = pq.read_table(path)
-    ids, known = m.column(USER_FEATURE).to_pylist(), m.column("raw_user_id").to_pylist()
-    from_raw = {str(r): i for i, r in zip(ids, known)}
+    ids, raws = m.column(USER_FEATURE).to_pylist(), m.column("raw_user_id").to_pylist()
+    from_raw = {str(r): i for i, r in zip(ids, raws)}
     return np.asarray([from_raw.get(str(r), -1) for r in raw], dtype=np.int64)
 
 
