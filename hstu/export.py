@@ -379,13 +379,13 @@ def export_programs(
         "W": Dim("history_tokens", min=1, max=1 << 17), "K": Dim("candidates", min=1, max=1 << 16),
     }
     specs = example_inputs(icfg, batch_size=3, slots=5)
-    for name, (method, args, shapes) in specs.items():
+    for name, (args, shapes) in specs.items():
         dyn = [
             None if s is None else {i: dims[d] for i, d in enumerate(s) if d is not None}
             for s in shapes
         ]
         ep = torch.export.export(
-            _Forward(inference, method, len(args)), tuple(args), dynamic_shapes=tuple(dyn),
+            _Forward(inference, name, len(args)), tuple(args), dynamic_shapes=tuple(dyn),
             strict=False,
         )
         path = out / (DENSE_PROGRAM if name == "forward" else CACHE_PROGRAMS[name])

@@ -207,15 +207,14 @@ def history_cacheable(cfg: dict[str, Any]) -> bool:
 
 
 def example_inputs(cfg: dict[str, Any], batch_size: int = 3, slots: int = 5) -> dict[str, tuple]:
-    """Example arguments of each exported method and the symbolic dims of each argument
-    ("B" users, "L" item slots, "W" history tokens, "K" new candidates; None: static)."""
+    """Exported method of InferenceHSTU -> (example arguments, the symbolic dims of each
+    argument: "B" users, "L" item slots, "W" history tokens, "K" new candidates; None: static)."""
     torch.manual_seed(0)
     dims = cfg["feature_dims"]
     b, n = batch_size, slots
-    ranking = cfg["task"] == "ranking"
     uses_time = cfg["relative_attention_bias"] and cfg["rab_use_time"]
     lengths = torch.tensor([n, n - 1, 2][:b] + [n] * max(0, b - 3), dtype=torch.int64)
-    if ranking:
+    if cfg["task"] == "ranking":
         cands = torch.tensor([2, 1, 1][:b] + [1] * max(0, b - 3), dtype=torch.int64)
     else:
         cands = torch.zeros(b, dtype=torch.int64)
@@ -230,30 +229,25 @@ def example_inputs(cfg: dict[str, Any], batch_size: int = 3, slots: int = 5) -> 
 
     out = {
         "forward": (
-            "forward",
             [items, lengths, cands, ts, acts, ctx],
             [("B", "L", None), ("B",), ("B",), shape(ts, ("B", "L")), shape(acts, ("B", "L", None)),
              shape(ctx, ("B", None, None))],
         )
     }
     if cfg.get("rab_query_time", False):  # the request time: a while after the last event
-        out["forward"][1].append(ts[:, -1] + 1000)
-        out["forward"][2].append(("B",))
+        out["forward"][0].append(ts[:, -1] + 1000)
+        out["forward"][1].append(("B",))
     if history_cacheable(cfg):
         nxt = ts[:, -1] + 10 if ts is not None else None
         out["encode_history"] = (
-            "encode_history",
             [items, lengths, ts, acts, ctx, nxt],
             [("B", "L", None), ("B",), shape(ts, ("B", "L")), shape(acts, ("B", "L", None)),
              shape(ctx, ("B", None, None)), shape(nxt, ("B",))],
         )
-        x = len(names)
-        mult = 2 if cfg["has_action"] else 1
-        width = x + mult * n
+        width = len(names) + (2 if cfg["has_action"] else 1) * n  # history token slots
         layers, heads, hd = cfg["num_layers"], cfg["num_heads"], cfg["head_dim"]
         k = 3
         out["score_candidates"] = (
-            "score_candidates",
             [
                 torch.randn(layers, b, width, heads, hd),
                 torch.randn(layers, b, width, heads, hd),

@@ -132,7 +132,7 @@ def test_the_exported_program_keeps_window_and_truncation() -> None:
     model = _random_model(cfg)
     from hstu.export import _Forward
 
-    _, args, shapes = example_inputs(cfg)["forward"]
+    args, shapes = example_inputs(cfg)["forward"]
     from torch.export import Dim
 
     dims = {"B": Dim("batch", min=1, max=64), "L": Dim("items", min=2, max=256)}
