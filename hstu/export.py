@@ -6,13 +6,9 @@ r"""A checkpoint -> a self-contained serving artifact (docs/serving.md).
     # serving/v<step>, and serving/LATEST naming it:
     python -m hstu.export --ckpt checkpoints --out serving --versioned --keep 3
 
-The checkpoint (a checkpoint folder, or a save root with a ``latest`` file) is loaded on one
-process (world 1, TP 1) from any world and TP size: DCP reshards the tables, and the dense
-weights of every TP rank are put back together (:func:`merge_tp_shards`). The gin
-configuration is the one stored in the checkpoint (checkpoints written before it was stored:
-``operative_config.gin`` of the run directory above the checkpoint), unless
-``--gin-config-file`` is given. The artifact is checked against the trainer's own
-evaluation on one evaluation batch before it is written.
+The checkpoint is loaded on one process (world 1, TP 1) from any world and TP size, with
+the gin configuration it stores, and the artifact is checked against the trainer's own
+evaluation on one batch before it is written: docs/serving.md, "Export".
 """
 
 from __future__ import annotations
@@ -45,7 +41,11 @@ from hstu.serving.artifact import (
     TABLES_FILE,
     USER_MAP,
     WEIGHTS_FILE,
+    Corpus,
+    Tables,
+    candidate_logits,
     example_inputs,
+    pad_inputs,
 )
 from hstu.serving.model import InferenceHSTU
 from hstu.training.checkpoint_manager import merge_tp_shards
@@ -124,7 +124,7 @@ def inference_config(model: torch.nn.Module, cfg: Any, info: Any) -> dict[str, A
         "rab_use_time": layer.rab_ts_weights is not None,
         "rab_query_time": tb.query_time,
         "num_contextual": len(tb.contextual_feature_names),
-        "has_action": dense_has_action(model, info),
+        "has_action": info.action_feature_name is not None,
         "projections": {name: proj.in_features for name, proj in tb.projections.items()},
         "item_feature_name": tb.item_feature_name,
         "action_feature_name": tb.action_feature_name,
@@ -151,23 +151,6 @@ def inference_config(model: torch.nn.Module, cfg: Any, info: Any) -> dict[str, A
     return out
 
 
-def dense_has_action(model: torch.nn.Module, info: Any) -> bool:
-    return info.action_feature_name is not None
-
-
-def _table_features(model: torch.nn.Module) -> dict[str, tuple[Any, Any]]:
-    """feature -> (HstuEmbeddings holding it, its TableSpec)."""
-    from hstu.embeddings import HstuEmbeddings
-
-    out = {}
-    for module in model.sparse.modules():
-        if isinstance(module, HstuEmbeddings):
-            for spec in module.specs.values():
-                for feature in spec.feature_names:
-                    out[feature] = (module, spec)
-    return out
-
-
 @torch.no_grad()
 def gather_tables(
     model: torch.nn.Module, features: list[str], keys: list[str]
@@ -178,7 +161,14 @@ def gather_tables(
     (remap + lookup), so sharded tables are gathered the way the model reads them."""
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    where = _table_features(model)
+    from hstu.embeddings import HstuEmbeddings
+
+    where = {  # feature -> (the HstuEmbeddings holding it, its TableSpec)
+        feature: (module, spec)
+        for module in model.sparse.modules() if isinstance(module, HstuEmbeddings)
+        for spec in module.specs.values()
+        for feature in spec.feature_names
+    }
     out = {}
     for feature in features:
         module, spec = where[feature]
@@ -316,9 +306,6 @@ def _first_eval_batch(built: Any):
 
 def _batch_inputs(batch: Any, tables: dict[str, dict[str, torch.Tensor]], icfg: dict[str, Any]):
     """A trainer batch -> the padded inputs of the inference model (for the self-check)."""
-    from hstu.serving.artifact import Tables, pad_inputs
-
-    t = Tables(tables)
     item = batch.features[icfg["item_feature_name"]]
     lengths = item.lengths()
     per_user_items = list(item.values().split(lengths.tolist()))
@@ -335,16 +322,14 @@ def _batch_inputs(batch: Any, tables: dict[str, dict[str, torch.Tensor]], icfg: 
     num_candidates = batch.num_candidates
     if num_candidates is None:
         num_candidates = torch.zeros_like(lengths)
-    return pad_inputs(t, icfg, per_user_items, per_user_ts, num_candidates, actions, contextual,
-                      batch.query_timestamps)
+    return pad_inputs(Tables(tables), icfg, per_user_items, per_user_ts, num_candidates, actions,
+                      contextual, batch.query_timestamps)
 
 
 @torch.no_grad()
 def self_check(model: Any, built: Any, inference: InferenceHSTU, tables: dict, icfg: dict) -> float:
     """Largest difference between the artifact's and the trainer's outputs on one evaluation
     batch (retrieval: top-10 scores, ids must match; ranking: candidate logits)."""
-    from hstu.serving.artifact import Corpus, candidate_logits
-
     batch = _first_eval_batch(built)
     inputs = _batch_inputs(batch, tables, icfg)
     out = inference(*inputs)
@@ -394,13 +379,13 @@ def export_programs(
         "W": Dim("history_tokens", min=1, max=1 << 17), "K": Dim("candidates", min=1, max=1 << 16),
     }
     specs = example_inputs(icfg, batch_size=3, slots=5)
-    for name, (method, args, shapes) in specs.items():
+    for name, (args, shapes) in specs.items():
         dyn = [
             None if s is None else {i: dims[d] for i, d in enumerate(s) if d is not None}
             for s in shapes
         ]
         ep = torch.export.export(
-            _Forward(inference, method, len(args)), tuple(args), dynamic_shapes=tuple(dyn),
+            _Forward(inference, name, len(args)), tuple(args), dynamic_shapes=tuple(dyn),
             strict=False,
         )
         path = out / (DENSE_PROGRAM if name == "forward" else CACHE_PROGRAMS[name])
@@ -441,13 +426,13 @@ def write_embedding_dump(tables: dict, icfg: dict, out: Path) -> None:
 
     item = tables[icfg["item_feature_name"]]
     ids, vectors = item["ids"].numpy(), item["vectors"].numpy().astype(np.float32)
+    m = pq.read_table(out / ITEM_MAP) if (out / ITEM_MAP).is_file() else None
     keep = ids >= icfg.get("min_item_id", 0)
-    if icfg.get("min_item_id", 0) > 0 and (out / ITEM_MAP).is_file():
-        keep &= np.isin(ids, pq.read_table(out / ITEM_MAP).column("item_id").to_numpy())
+    if icfg.get("min_item_id", 0) > 0 and m is not None:
+        keep &= np.isin(ids, m.column("item_id").to_numpy())
     ids, vectors = ids[keep], vectors[keep]
     columns: dict[str, Any] = {"item_id": pa.array(ids)}
-    if (out / ITEM_MAP).is_file():
-        m = pq.read_table(out / ITEM_MAP)
+    if m is not None:
         lookup = dict(zip(m.column("item_id").to_pylist(), m.column("raw_item_id").to_pylist()))
         columns["raw_item_id"] = pa.array([lookup.get(int(i)) for i in ids])
     dim = vectors.shape[1]

@@ -6,26 +6,9 @@ r"""Recommendations from an exported artifact, with torch alone (docs/serving.md
         --out scores.csv
 
 Retrieval: the top-K items of the full corpus for every user of the input (their history
-excluded), raw item ids and scores. Ranking: the head's scores for given candidates per user
-(``--candidates``), or for each user's last N events (``--holdout-last N``, as the trainer's
-test split). Input: a preprocessed dataset folder, or a CSV/parquet of raw events with the
-columns training's own data reads (:mod:`hstu.columns`: ``user_id`` or ``user``, ``item_id``
-or ``item``, ``timestamp``, ``time`` or ``ts``; raw ids, as in the training log); the action
-and contextual features the model reads as columns named after them, except the user id
-feature, which is the user column mapped through the artifact's user map. Users and feature
-values the model does not know are counted (their embedding is zero). Output: parquet, or
-CSV when the file name ends in .csv.
-
-``--holdout-last 1`` (retrieval) keeps each user's last event out of the history and writes
-it as ``target``: HR@K of the output is then the trainer's test protocol.
-
-``--model`` may be a versioned serving root (``python -m hstu.export --versioned``): the
-version its ``LATEST`` names is read, and held until the run ends (never a partial one).
-
-A retrieval model trained with ``NetworkArgs.rab_query_time`` reads when each query is asked
-(the request time, unix seconds): ``--request-time T`` for every user; by default the held-out
-target's timestamp with ``--holdout-last 1`` (as the trainer's evaluation), else the newest
-timestamp of the input (said on stderr).
+excluded). Ranking: the head's scores for given candidates per user (``--candidates``), or for
+each user's last N events (``--holdout-last N``). Inputs, outputs and the request time:
+docs/serving.md, "recommend".
 """
 
 from __future__ import annotations
@@ -64,7 +47,6 @@ class Events:
     actions: np.ndarray | None
     contextual: dict[str, np.ndarray]
     skipped_events: int = 0
-    skipped_users: int = 0
     unknown: dict[str, int] | None = None
     """contextual feature -> users whose value the model's table does not hold."""
 
@@ -81,15 +63,13 @@ def _read_table(path: Path) -> pa.Table:
         raise InputError(f"{path}: unreadable ({msg})") from None
 
 
-def _column(table: pa.Table, names: tuple[str, ...], path: Path, required: bool = True):
+def _column(table: pa.Table, names: tuple[str, ...], path: Path):
     for name in names:
         if name in table.column_names:
             return table.column(name)
-    if required:
-        raise InputError(
-            f"{path}: no column {' / '.join(names)} (columns: {', '.join(table.column_names)})"
-        )
-    return None
+    raise InputError(
+        f"{path}: no column {' / '.join(names)} (columns: {', '.join(table.column_names)})"
+    )
 
 
 def _event_column(table: pa.Table, role: str, path: Path, required: bool = True):
@@ -101,24 +81,25 @@ def _event_column(table: pa.Table, role: str, path: Path, required: bool = True)
     return table.column(name) if name is not None else None
 
 
-class UserIds:
-    """Raw user ids -> the model's user id feature (the artifact's user map)."""
+def _timestamps(table: pa.Table, path: Path) -> np.ndarray:
+    """int64 [rows]: the timestamp column, or zeros where the file has none."""
+    col = _event_column(table, "timestamp", path, required=False)
+    if col is None:
+        return np.zeros(table.num_rows, dtype=np.int64)
+    return col.to_numpy(zero_copy_only=False).astype(np.int64)
 
-    def __init__(self, art: Artifact) -> None:
-        self.path = art.path / USER_MAP
-        self.from_raw: dict[Any, int] | None = None
-        if self.path.is_file():
-            m = pq.read_table(self.path)
-            ids, raw = m.column(USER_FEATURE).to_pylist(), m.column("raw_user_id").to_pylist()
-            self.from_raw = {str(r): i for i, r in zip(ids, raw)}
 
-    def model_ids(self, raw: list) -> np.ndarray:
-        """-1 for a user the model does not know."""
-        if self.from_raw is None:
-            raise ArtifactError(f"{self.path}: missing, and the model reads {USER_FEATURE!r}; "
-                                "re-export the checkpoint (an artifact of this version writes it)")
-        get = self.from_raw.get
-        return np.asarray([get(str(r), -1) for r in raw], dtype=np.int64)
+def _model_user_ids(art: Artifact, raw: list) -> np.ndarray:
+    """Raw user ids -> the model's user id feature through the artifact's user map (-1 for a
+    user the model does not know)."""
+    path = art.path / USER_MAP
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing, and the model reads {USER_FEATURE!r}; "
+                            "re-export the checkpoint (an artifact of this version writes it)")
+    m = pq.read_table(path)
+    ids, raws = m.column(USER_FEATURE).to_pylist(), m.column("raw_user_id").to_pylist()
+    from_raw = {str(r): i for i, r in zip(ids, raws)}
+    return np.asarray([from_raw.get(str(r), -1) for r in raw], dtype=np.int64)
 
 
 class ItemIds:
@@ -190,24 +171,19 @@ def read_events(path: Path, art: Artifact, item_ids: ItemIds) -> Events:
         table = _read_table(path)
         if table.num_rows == 0:
             raise InputError(f"{path}: no events (only a header)")
-        user_col = _event_column(table, "user", path)
-        item_col = _event_column(table, "item", path)
-        ts_col = _event_column(table, "timestamp", path, required=False)
-        raw_users = user_col.to_pylist()
-        items = item_ids.model_ids(item_col.to_pylist())
-        ts = (ts_col.to_numpy(zero_copy_only=False).astype(np.int64) if ts_col is not None
-              else np.zeros(len(items), dtype=np.int64))
+        raw_users = _event_column(table, "user", path).to_pylist()
+        items = item_ids.model_ids(_event_column(table, "item", path).to_pylist())
+        ts = _timestamps(table, path)
         actions = None
         if action_name is not None:
             acol = _column(table, (action_name, "action"), path)
             actions = acol.to_numpy(zero_copy_only=False).astype(np.int64)
-        codes, inverse = np.unique(np.asarray([str(u) for u in raw_users]), return_inverse=True)
-        first_raw = {}
-        for u, code in zip(raw_users, inverse):
-            first_raw.setdefault(int(code), u)
-        users = [first_raw[i] for i in range(len(codes))]
+        _, first, inverse = np.unique(
+            np.asarray([str(u) for u in raw_users]), return_index=True, return_inverse=True
+        )
+        users = [raw_users[i] for i in first]  # each user's first row's raw id
         order = np.lexsort((ts, inverse))  # by user, then time; stable within ties
-        counts = np.bincount(inverse, minlength=len(codes))
+        counts = np.bincount(inverse, minlength=len(first))
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         items, ts = items[order], ts[order]
         if actions is not None:
@@ -215,12 +191,10 @@ def read_events(path: Path, art: Artifact, item_ids: ItemIds) -> Events:
         contextual = {}
         for name in ctx_names:
             if name == USER_FEATURE:  # the user column's raw ids, mapped as the preprocessor did
-                contextual[name] = UserIds(art).model_ids(users)
+                contextual[name] = _model_user_ids(art, users)
                 continue
             c = _column(table, (name,), path).to_numpy(zero_copy_only=False).astype(np.int64)
-            firsts = np.full(len(codes), 0, dtype=np.int64)
-            firsts[inverse[::-1]] = c[::-1]  # each user's first row's value
-            contextual[name] = firsts
+            contextual[name] = c[first]  # each user's first row's value
     # unknown users and contextual values: ids the model's tables do not hold (zero embedding)
     unknown = {}
     for name, values in contextual.items():
@@ -253,36 +227,46 @@ def _write(rows: dict[str, list | np.ndarray], out: Path) -> None:
         pq.write_table(table, out)
 
 
-def _progress(total: int, desc: str):
+def _chunks(samples: list, batch_size: int, desc: str):
+    """``samples`` in batches of ``batch_size``, with a progress bar on stderr (with tqdm)."""
     try:
         from tqdm import tqdm
-
-        return tqdm(
-            total=total, desc=desc, unit="user", file=sys.stderr, disable=None, mininterval=1.0
-        )
     except ImportError:  # tqdm is optional at serving time
-        class _Quiet:
-            def update(self, n): pass
-            def close(self): pass
-        return _Quiet()
+        tqdm = None
+    bar = tqdm(total=len(samples), desc=desc, unit="user", file=sys.stderr, disable=None,
+               mininterval=1.0) if tqdm is not None else None
+    for b0 in range(0, len(samples), batch_size):
+        chunk = samples[b0 : b0 + batch_size]
+        yield chunk
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
 
 
-def _samples(events: Events, max_len: int, holdout: int, min_history: int = 1):
-    """Per user: (index, history start, history end, end) with the last ``holdout`` events
-    held out (retrieval: the target; ranking: the candidates, at most L-1 of them)."""
-    starts, ends = events.offsets[:-1], events.offsets[1:]
+def _samples(art: Artifact, events: Events, holdout: int):
+    """Per user with a history: (index, history start, history end, end) with the last
+    ``holdout`` events held out (retrieval: the target; ranking: the candidates, at most L-1
+    of them) and the history cut to the model's longest."""
+    max_len = int(art.manifest["dataset"]["max_sequence_length"] or art.cfg["max_item_seqlen"])
     out = []
-    for u, (s, e) in enumerate(zip(starts, ends)):
-        n = e - s
-        held = min(holdout, n - 1) if holdout else 0
+    for u, (s, e) in enumerate(zip(events.offsets[:-1], events.offsets[1:])):
+        held = min(holdout, e - s - 1) if holdout else 0
         if holdout and held < 1:
             continue
         hist_end = e - held
         hist_start = max(s, hist_end - max_len)
-        if hist_end - hist_start < min_history:
-            continue
-        out.append((u, hist_start, hist_end, e))
+        if hist_end > hist_start:
+            out.append((u, hist_start, hist_end, e))
     return out
+
+
+def _contextual(events: Events, names: list[str], chunk: list[tuple]) -> torch.Tensor | None:
+    """The contextual ids [B, X] of the users of ``chunk`` (None: the model reads none)."""
+    if not names:
+        return None
+    users = [u for u, *_ in chunk]
+    return torch.stack([torch.from_numpy(events.contextual[n][users]) for n in names], 1)
 
 
 def request_times(
@@ -314,41 +298,32 @@ def recommend(art: Artifact, events: Events, out: Path, top_k: int, batch_size: 
               request_time: int | None = None) -> dict[str, Any]:
     cfg = art.cfg
     when = request_times(art, events, holdout, request_time)
-    max_len = int(art.manifest["dataset"]["max_sequence_length"] or cfg["max_item_seqlen"])
-    samples = _samples(events, max_len, holdout)
+    samples = _samples(art, events, holdout)
     item_ids = ItemIds(art)
     cols: dict[str, list] = {"user_id": [], "rank": [], "item_id": [], "score": []}
     if holdout:
         cols["target"] = []
     hits = 0
-    bar = _progress(len(samples), "recommend")
     start = time.perf_counter()
-    for b0 in range(0, len(samples), batch_size):
-        chunk = samples[b0 : b0 + batch_size]
+    for chunk in _chunks(samples, batch_size, "recommend"):
         hist = [torch.from_numpy(events.items[s:e]) for _, s, e, _ in chunk]
         ts = [torch.from_numpy(events.timestamps[s:e]) for _, s, e, _ in chunk]
         acts = None
         if events.actions is not None:
             acts = [torch.from_numpy(events.actions[s:e]) for _, s, e, _ in chunk]
-        ctx = None
-        if cfg["contextual_feature_names"]:
-            ctx = torch.stack([torch.from_numpy(events.contextual[n][[u for u, *_ in chunk]])
-                               for n in cfg["contextual_feature_names"]], 1)
+        ctx = _contextual(events, cfg["contextual_feature_names"], chunk)
         asked = None if when is None else torch.from_numpy(when[[e for _, _, e, _ in chunk]])
         ids, scores = art.recommend(hist, ts, top_k, acts, ctx, asked)
         k = ids.shape[1]
-        raw = item_ids.raw_ids(ids.reshape(-1).numpy())
-        for i, (u, _, e, end) in enumerate(chunk):
+        for i, (u, _, e, _) in enumerate(chunk):
             cols["user_id"] += [events.users[u]] * k
             cols["rank"] += list(range(1, k + 1))
             if holdout:
                 target = int(events.items[e])
                 cols["target"] += [item_ids.raw_ids(np.asarray([target]))[0]] * k
                 hits += int(target in ids[i, :10].tolist())
-        cols["item_id"] += raw
+        cols["item_id"] += item_ids.raw_ids(ids.reshape(-1).numpy())
         cols["score"] += scores.reshape(-1).tolist()
-        bar.update(len(chunk))
-    bar.close()
     elapsed = time.perf_counter() - start
     _write(cols, out)
     report = {
@@ -360,16 +335,12 @@ def recommend(art: Artifact, events: Events, out: Path, top_k: int, batch_size: 
     return report
 
 
-def _candidates_from_file(path: Path, events: Events, item_ids: ItemIds, art: Artifact):
+def _candidates_from_file(path: Path, item_ids: ItemIds, art: Artifact):
     """user -> (candidate model ids, timestamps) from a CSV/parquet (unknown items skipped)."""
     table = _read_table(path)
     users = [str(u) for u in _event_column(table, "user", path).to_pylist()]
     items = item_ids.model_ids(_event_column(table, "item", path).to_pylist())
-    ts_col = _event_column(table, "timestamp", path, required=False)
-    if ts_col is not None:
-        ts = ts_col.to_numpy(zero_copy_only=False).astype(np.int64)
-    else:
-        ts = np.zeros(len(items), np.int64)
+    ts = _timestamps(table, path)
     _, found = art.tables.find(art.cfg["item_feature_name"], torch.from_numpy(items))
     by_user: dict[str, tuple[list, list]] = {}
     for u, i, t, f in zip(users, items.tolist(), ts.tolist(), found.tolist()):
@@ -382,25 +353,22 @@ def _candidates_from_file(path: Path, events: Events, item_ids: ItemIds, art: Ar
 def rank(art: Artifact, events: Events, out: Path, batch_size: int, holdout: int,
          candidates: Path | None) -> dict[str, Any]:
     cfg = art.cfg
-    max_len = int(art.manifest["dataset"]["max_sequence_length"] or cfg["max_item_seqlen"])
     item_ids = ItemIds(art)
     per_user = None
     skipped_cands = 0
     if candidates is not None:
-        per_user, skipped_cands = _candidates_from_file(candidates, events, item_ids, art)
-        samples = [s for s in _samples(events, max_len, 0) if str(events.users[s[0]]) in per_user]
+        per_user, skipped_cands = _candidates_from_file(candidates, item_ids, art)
+        samples = [s for s in _samples(art, events, 0) if str(events.users[s[0]]) in per_user]
     else:
-        samples = _samples(events, max_len, holdout)
+        samples = _samples(art, events, holdout)
     width = cfg["head_arch"][-1]
     bce = width == cfg["num_tasks"]
     cols: dict[str, list] = {"user_id": [], "item_id": []}
     if holdout and candidates is None and events.actions is not None:
         cols["label"] = []
     logit_cols = [[] for _ in range(width)]
-    bar = _progress(len(samples), "rank")
     start = time.perf_counter()
-    for b0 in range(0, len(samples), batch_size):
-        chunk = samples[b0 : b0 + batch_size]
+    for chunk in _chunks(samples, batch_size, "rank"):
         seqs, stamps, acts, num_c = [], [], [], []
         for u, s, e, end in chunk:
             if per_user is not None:
@@ -416,10 +384,7 @@ def rank(art: Artifact, events: Events, out: Path, batch_size: int, holdout: int
                 num_c.append(end - e)
             if events.actions is not None:
                 acts.append(torch.from_numpy(events.actions[s:e]))
-        ctx = None
-        if cfg["contextual_feature_names"]:
-            ctx = torch.stack([torch.from_numpy(events.contextual[n][[u for u, *_ in chunk]])
-                               for n in cfg["contextual_feature_names"]], 1)
+        ctx = _contextual(events, cfg["contextual_feature_names"], chunk)
         logits = art.score(seqs, stamps, torch.tensor(num_c, dtype=torch.int64), acts or None, ctx)
         flat_items = torch.cat([sq[len(sq) - c:] for sq, c in zip(seqs, num_c)]).numpy()
         for (u, s, e, end), c in zip(chunk, num_c):
@@ -429,15 +394,10 @@ def rank(art: Artifact, events: Events, out: Path, batch_size: int, holdout: int
         cols["item_id"] += item_ids.raw_ids(flat_items)
         for j in range(width):
             logit_cols[j] += logits[:, j].tolist()
-        bar.update(len(chunk))
-    bar.close()
     elapsed = time.perf_counter() - start
     for j in range(width):
         cols[f"logit_{j}"] = logit_cols[j]
-    if logit_cols[0]:
-        all_logits = torch.tensor(logit_cols, dtype=torch.float32).t()
-    else:
-        all_logits = torch.zeros(0, width)
+    all_logits = torch.tensor(logit_cols, dtype=torch.float32).t()  # [rows, width]
     probs = torch.sigmoid(all_logits) if bce else torch.softmax(all_logits, 1)
     name = "p_task" if bce else "p_class"
     for j in range(width):

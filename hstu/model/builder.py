@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from hstu.model.hstu_block import HSTUBlock
-from hstu.model.hstu_layer import DTYPES, LayerOptions, research_options
+from hstu.model.hstu_layer import LayerOptions, research_options
 from hstu.model.model import GenerativeRecommender, RetrievalRecommender
 from hstu.model.ranking import MLP, RankingModel
 from hstu.model.retrieval import RetrievalModel
@@ -156,13 +156,12 @@ def build_model(
             eval_exclude_history=task_args.eval_exclude_history,
             exclude_history_from_loss=task_args.exclude_history_from_loss,
         )
-        keys = data.feature_names + ([dense.negatives_feature] if dense.uses_negatives_key else [])
+        keys = data.feature_names + ([dense.negatives_feature] if dense.draws is not None else [])
         return RetrievalRecommender(embedding_module, dense, keys)
     raise ValueError(f"task {task!r} is not 'ranking' or 'retrieval'")
 
 
 __all__ = [
-    "DTYPES",
     "LayerOptions",
     "ModelDataInfo",
     "build_block",

@@ -91,8 +91,7 @@ class MetricAccumulator:
 
     def update(self, values: dict[str, torch.Tensor]) -> None:
         sizes = {values[n].numel() for n in self.names}
-        if len(sizes) != 1:
-            raise ValueError(f"metric tensors disagree on the sample count: {sizes}")
+        assert len(sizes) == 1, f"metric tensors disagree on the sample count: {sizes}"
         self._sums += torch.stack([values[n].detach().double().sum().cpu() for n in self.names])
         self._count += sizes.pop()
 

@@ -58,10 +58,6 @@ class GenerativeRecommender(nn.Module):
         dense = self.dense
         return dense.module if isinstance(dense, nn.parallel.DistributedDataParallel) else dense
 
-    @property
-    def embedding_module(self) -> nn.Module:
-        return self.sparse
-
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)

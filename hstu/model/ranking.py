@@ -16,8 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
-# check_ranking_head is torch-free (it runs before any process starts): hstu.checks owns it
-from hstu.checks import check_ranking_head  # noqa: F401 - re-exported
 from hstu.data.batch import Batch
 from hstu.model.encode import DenseModel
 from hstu.model.hstu_block import HSTUBlock
@@ -34,8 +32,7 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         acts = {"relu": nn.ReLU, "gelu": nn.GELU}
-        if activation not in acts:
-            raise ValueError(f"activation {activation!r} is not one of {sorted(acts)}")
+        assert activation in acts, activation  # RankingArgs.prediction_head_act_type checks
         layers: list[nn.Module] = []
         width = in_features
         for i, out in enumerate(arch):
@@ -174,6 +171,3 @@ class RankingModel(DenseModel):
 
 
 __all__ = ["MLP", "RankingModel", "decode_task_labels", "ranking_loss"]
-
-
-__all__.append("check_ranking_head")

@@ -1,26 +1,18 @@
-"""Retrieval model: next-item sampled softmax in training, full-corpus ranking in evaluation.
+"""Retrieval model: next-item sampled softmax in training, full-corpus ranking in evaluation
+(docs/model.md, "Heads and losses" and "Evaluation metrics").
 
 Legend: B samples, H[b] history items, Q = sum(max(H-1, 0)) training queries of this rank,
 M negatives per query, D hidden width (= item embedding dim), I items in the corpus, k top-k.
 
-Training: the L2-normalised state of history item j's own token is the query for item j+1
-(with interleaved actions, the item token, not the action token after it: docs/model.md,
-"Heads and losses", says why).
-Causally the query has seen items 0..j and actions 0..j-1, never item j+1.
-logits = cos(query, item) / temperature for the positive and its negatives; negatives
-(``negative_sampling``, a strategy of hstu.registry.NEGATIVE_SAMPLING, its loss in
-hstu.ops.losses) are ``num_negatives`` ids drawn uniformly from [min_item_id, num_items) per
-query in the data path (hstu.data.negatives: they come with the batch as one more key of its
-KeyedJaggedTensor, looked up with the rest), ``num_negatives`` uniform ids per batch scored by
-every query (shared), the other positives of the batch (in-batch: of
-the whole global batch, every rank's gathered, hstu.ops.gather), both (mixed), or
-every item of the corpus (full_corpus: the exact softmax). A negative whose id equals the
-query's positive id (an accidental hit) is masked out (-inf).
+Training: the L2-normalised state of history item j's own token (with interleaved actions,
+the item token, not the action token after it) is the query for item j+1: causally it has
+seen items 0..j and actions 0..j-1, never item j+1. logits = cos(query, item) / temperature
+for the positive and its negatives (``negative_sampling``: see :class:`RetrievalModel`); a
+negative whose id equals the query's positive id (an accidental hit) is masked out (-inf).
 
-Evaluation: the query is the state of each sample's last history item token (the same kind
-of position as in training; with actions, the trailing action token is not the query); every
-item in [min_item_id, num_items) is scored, the sample's input history is excluded (-inf), and
-the target's rank is counted over the whole corpus (ties pessimistic, see hstu.model.metrics).
+Evaluation: the query is the state of each sample's last history item token; every item in
+[min_item_id, num_items) is scored, the sample's input history is excluded (-inf), and the
+target's rank is counted over the whole corpus (ties pessimistic, see hstu.model.metrics).
 """
 
 from __future__ import annotations
@@ -44,7 +36,7 @@ from hstu.model.tensor_parallel import take_own_rows
 from hstu.model.tokens import TokenBuilder
 from hstu.ops.gather import PendingCounts, gather_rows, world_of_several
 from hstu.ops.jagged import index_within, lengths_to_offsets, segment_ids
-from hstu.ops.losses import HistoryWindow, LossInputs, negative_vectors, resolve_matmul_dtype
+from hstu.ops.losses import HistoryWindow, LossInputs, resolve_matmul_dtype
 from hstu.ops.losses.vocab_parallel import CorpusShard, CorpusSource
 from hstu.registry import NEGATIVE_SAMPLING, SHARED_DRAW, UNIFORM_DRAW, load
 
@@ -73,16 +65,11 @@ class RetrievalModel(DenseModel):
             space: queries and item embeddings are compared in d dimensions.
         num_items: ids are in [0, num_items).
         num_negatives: uniform negatives per query (-1: none, in-batch under "uniform").
-        negative_sampling: "uniform" (num_negatives ids per query drawn uniformly from the
-            corpus; -1 means in-batch), "in_batch" (the other positives of the global
-            batch: with several ranks every rank's, gathered), "mixed" (uniform plus in-batch),
-            "shared" (num_negatives uniform ids per batch, scored by every query) or
-            "full_corpus" (every item: an exact softmax over the corpus).
+        negative_sampling: a strategy of hstu.registry.NEGATIVE_SAMPLING ("uniform",
+            "in_batch", "mixed", "shared", "full_corpus"; docs/model.md, "Heads and losses").
         temperature: softmax temperature on cosine similarities.
-        full_corpus_matmul_dtype: "float32", "bfloat16" or "auto" (bfloat16 where the
-            device multiplies it natively, float32 elsewhere; decided on the first step's
-            device): the full-corpus training loss's [Q, I] matmuls (see
-            :func:`hstu.ops.losses.full_softmax_loss`).
+        full_corpus_matmul_dtype: "float32", "bfloat16" or "auto" (decided on the first
+            step's device) for the full-corpus training loss's [Q, I] matmuls.
         l2_norm_eps: epsilon of the L2 normalisation.
         min_item_id: first real item id (1 when 0 is padding); lower ids are never sampled
             or retrieved.
@@ -111,21 +98,15 @@ class RetrievalModel(DenseModel):
         # items narrower than D (NetworkArgs.item_embedding_dim < hidden_size): the queries
         # are projected down into the items' space (items are scored as they are stored, so
         # the corpus never goes through a projection)
-        name = token_builder.item_feature_name
-        projections = token_builder.projections  # (a ModuleDict has no .get)
-        item_proj = projections[name] if name in projections else None  # noqa: SIM401
-        self.query_projection: nn.Linear | None = (
-            nn.Linear(
+        self.query_projection: nn.Linear | None = None
+        if token_builder.item_feature_name in token_builder.projections:
+            item_proj = token_builder.projections[token_builder.item_feature_name]
+            self.query_projection = nn.Linear(
                 item_proj.out_features, item_proj.in_features, bias=False,
                 dtype=item_proj.weight.dtype,
             )
-            if item_proj is not None else None
-        )
         self.num_items = num_items
-        if negative_sampling not in NEGATIVE_SAMPLING:
-            raise ValueError(
-                f"negative_sampling {negative_sampling!r} is not one of {NEGATIVE_SAMPLING.names()}"
-            )
+        assert negative_sampling in NEGATIVE_SAMPLING, negative_sampling  # RetrievalArgs checks
         self.num_negatives = num_negatives
         self.negative_sampling = negative_sampling
         self.temperature = temperature
@@ -149,11 +130,6 @@ class RetrievalModel(DenseModel):
         corpus comes from the item table's rows on this rank (:attr:`corpus_source`), never
         through the batch."""
         return self.negative_sampling == "full_corpus"
-
-    @property
-    def uses_negatives_key(self) -> bool:
-        """Whether training batches carry the negatives (or corpus) key."""
-        return self.draws is not None
 
     @property
     def gathers_batch_positives(self) -> bool:
@@ -301,14 +277,6 @@ class RetrievalModel(DenseModel):
             width=max(0, min(longest, own.sizes.num_history_items) - 1),
         )
 
-    @staticmethod
-    def negative_vectors(
-        rows: torch.Tensor, index: torch.Tensor,
-        order: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
-    ):
-        """:func:`hstu.ops.losses.negative_vectors` (rows [U, D], index [Q, M])."""
-        return negative_vectors(rows, index, order, offsets)
-
     # ---------------------------------------------------------------------- evaluation
 
     @torch.no_grad()
@@ -346,84 +314,48 @@ class RetrievalModel(DenseModel):
         """Full-corpus top-k and target ranks for each own sample (targets in batch.labels).
 
         ``corpus`` [I, D]: normalised vectors of ids [0, num_items) (the top-level model's
-        ``corpus_vectors``); scores are computed ``chunk_size`` items at a time so memory is
-        B x chunk. A target's score is read from the same score matrix as every other item's
-        (ties are exact); with several chunks, the chunks holding targets are scored twice.
+        ``corpus_vectors``); scored ``chunk_size`` items at a time (memory B x chunk) by
+        :class:`CorpusSliceScorer`: a target's score is its column of the very matmul every
+        other item's score comes from (ties exact; a first pass reads the targets' columns).
         """
         queries, history_ids, history_seg = self.last_queries(batch, embeddings)
-        bsz = queries.shape[0]
+        bsz, device = queries.shape[0], queries.device
         targets = (
             batch.labels if batch.labels is not None else torch.full((bsz,), -1, dtype=torch.int64)
         )
-        targets = targets.to(queries.device)
-        in_corpus = (targets >= self.min_item_id) & (targets < self.num_items)
         if not self.eval_exclude_history:  # every item rankable, the history's too
-            history_ids = history_ids[:0]
-            history_seg = history_seg[:0]
-        target_in_history = torch.zeros(bsz, dtype=torch.bool, device=queries.device)
-        target_in_history[history_seg[history_ids == targets[history_seg]]] = True
-        unranked = ~in_corpus | target_in_history
-        rows = torch.arange(bsz, device=queries.device)
-        chunks = [
-            (start, min(start + chunk_size, self.num_items))
+            history_ids, history_seg = history_ids[:0], history_seg[:0]
+        scorer = CorpusSliceScorer(
+            CorpusQueries.build(queries, targets.to(device), history_ids, history_seg),
+            num_items=self.num_items, min_item_id=self.min_item_id,
+        )
+        blocks = [
+            (start, min(start + chunk_size, self.num_items), corpus[start : start + chunk_size])
             for start in range(0, self.num_items, chunk_size)
         ]
-
-        def chunk_scores(start: int, end: int) -> torch.Tensor:
-            """[B, end - start] scores, -inf below min_item_id and on the (excluded) history."""
-            scores = queries @ corpus[start:end].t()
-            if start < self.min_item_id:
-                scores[:, : min(self.min_item_id, end) - start] = float("-inf")
-            hit = (history_ids >= start) & (history_ids < end)
-            scores[history_seg[hit], history_ids[hit] - start] = float("-inf")
-            return scores
-
-        # The target's score is its column of the very matmul the other items' scores come
-        # from: an elementwise product summed rounds differently, which would miscount ties
-        # and near ties. With several chunks, a first pass gathers the targets' columns.
-        target_scores = queries.new_full((bsz,), float("-inf"))
-
-        def take_target_scores(scores: torch.Tensor, start: int, end: int) -> None:
-            own = ~unranked & (targets >= start) & (targets < end)
-            target_scores[own] = scores[rows[own], targets[own] - start]
-
-        if len(chunks) > 1:
-            for start, end in chunks:
-                if (~unranked & (targets >= start) & (targets < end)).any():
-                    take_target_scores(chunk_scores(start, end), start, end)
-
+        target_scores = scorer.target_scores(blocks)
         k = min(top_k, self.num_items)
         top_scores = queries.new_full((bsz, 0), float("-inf"))
-        top_ids = torch.zeros((bsz, 0), dtype=torch.int64, device=queries.device)
-        num_ahead = torch.zeros(bsz, dtype=torch.int64, device=queries.device)
-        for start, end in chunks:
-            scores = chunk_scores(start, end)  # [B, chunk]
-            if len(chunks) == 1:
-                take_target_scores(scores, start, end)
-            is_target = (targets >= start) & (targets < end)
-            ahead = scores >= target_scores.unsqueeze(1)
-            # the target never counts against itself
-            ahead[rows[is_target], targets[is_target] - start] = False
-            num_ahead += ahead.sum(1)
-            ids = torch.arange(start, end, device=queries.device).expand(bsz, -1)
+        top_ids = torch.zeros((bsz, 0), dtype=torch.int64, device=device)
+        ahead = torch.zeros(bsz, dtype=torch.int64, device=device)
+        for start, end, vectors in blocks:
+            scores = scorer.block_scores(vectors, start, end)  # [B, chunk]
+            ahead += (scores >= target_scores.unsqueeze(1)).sum(1)
+            ahead -= scorer.targets_in(start, end).long()  # the target never counts against itself
+            ids = torch.arange(start, end, device=device).expand(bsz, -1)
             merged_scores = torch.cat([top_scores, scores], 1)
             merged_ids = torch.cat([top_ids, ids], 1)
             top_scores, pick = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
             top_ids = merged_ids.gather(1, pick)
-        ranks = (num_ahead + 1).float().masked_fill(unranked, float("inf"))
+        ranks = scorer.ranks(target_scores, ahead)
         return RetrievalEval(top_ids=top_ids, top_scores=top_scores, target_ranks=ranks)
-
-
 
 
 # ------------------------------------------------------------ sharded full-corpus ranking
 #
-# Evaluation over catalogues of millions of items (hstu.training.evaluate): the queries of
-# every rank are gathered, the catalogue is cut into blocks of one global grid (the block
-# size from a memory budget and the number of queries, the same on every rank), each rank
-# scores the blocks of its slice, and the ranks' per-query sums (how many items score at
-# least the target) and top-k lists are merged. A block is the same matmul whatever the
-# world size, so 1 and W processes give the same scores bit for bit, hence the same ranks.
+# Evaluation over catalogues of millions of items (hstu.training.evaluate; docs/model.md,
+# "Evaluation metrics"): each rank scores the blocks of its slice of one global grid. A block
+# is the same matmul whatever the world size, so 1 and W processes give the same ranks.
 
 # bytes per (query, item) entry of a block: its float32 score, the bool comparison with the
 # target, and torch's temporaries around them
@@ -503,7 +435,8 @@ class CorpusSliceScorer:
         scores[ex_rows, ex_ids - start] = float("-inf")
         return scores
 
-    def _targets_in(self, start: int, end: int) -> torch.Tensor:
+    def targets_in(self, start: int, end: int) -> torch.Tensor:
+        """bool [N]: the ranked targets in [start, end)."""
         t = self.q.targets
         return ~self.unranked & (t >= start) & (t < end)
 
@@ -512,7 +445,7 @@ class CorpusSliceScorer:
         ``blocks`` ((start, end, vectors)), else -inf (another rank's; merged by max)."""
         out = self.q.queries.new_full((self.q.targets.numel(),), float("-inf"))
         for start, end, vectors in blocks:
-            own = self._targets_in(start, end)
+            own = self.targets_in(start, end)
             if bool(own.any()):
                 scores = self.block_scores(vectors, start, end)
                 out[own] = scores[self.rows[own], self.q.targets[own] - start]
@@ -537,7 +470,7 @@ class CorpusSliceScorer:
             # an int32 sum: several times cheaper on CPU than the default int64 one
             ahead += (scores >= threshold).sum(1, dtype=torch.int32)
             # the target never counts against itself (its own score is >= itself)
-            ahead -= self._targets_in(start, end).long()
+            ahead -= self.targets_in(start, end).long()
             if top_k > 0:
                 s, i = torch.sort(scores, dim=1, descending=True, stable=True)
                 k = min(top_k, s.shape[1])

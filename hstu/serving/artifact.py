@@ -28,11 +28,8 @@ from torch import Tensor
 from hstu.serving import versions
 
 FORMAT = "hstu-artifact"
-# 2: the manifest's "files" holds each file's size and CRC32; 3: the model config names its
-# mask_convention (a reader without it would score a "peer" model with the "hstu" mask); 4: the
-# model config names max_attn_len, min_full_attn_seq_len, attn_truncation_layers and
-# attn_truncation_len (a version-3 reader would score such a model with full attention); a
-# version-3 artifact reads as all four 0 (off), which is how it was trained
+# 4: the model config names max_attn_len, min_full_attn_seq_len, attn_truncation_layers and
+# attn_truncation_len; a version-3 artifact (without them) reads as all four 0, as it was trained
 FORMAT_VERSION = 4
 READABLE_VERSIONS = (3, 4)
 MANIFEST = "manifest.json"
@@ -65,10 +62,6 @@ _TORCH_ZIP_ERRORS = ("PytorchStreamReader failed", "failed finding central direc
 
 def _load_tensors(path: Path) -> Any:
     return torch.load(path, weights_only=True)
-
-
-def _load_program(path: Path) -> Any:
-    return torch.export.load(str(path))
 
 
 def load_file(path: Path, loader: Any) -> Any:
@@ -214,15 +207,14 @@ def history_cacheable(cfg: dict[str, Any]) -> bool:
 
 
 def example_inputs(cfg: dict[str, Any], batch_size: int = 3, slots: int = 5) -> dict[str, tuple]:
-    """Example arguments of each exported method and the symbolic dims of each argument
-    ("B" users, "L" item slots, "W" history tokens, "K" new candidates; None: static)."""
+    """Exported method of InferenceHSTU -> (example arguments, the symbolic dims of each
+    argument: "B" users, "L" item slots, "W" history tokens, "K" new candidates; None: static)."""
     torch.manual_seed(0)
     dims = cfg["feature_dims"]
     b, n = batch_size, slots
-    ranking = cfg["task"] == "ranking"
     uses_time = cfg["relative_attention_bias"] and cfg["rab_use_time"]
     lengths = torch.tensor([n, n - 1, 2][:b] + [n] * max(0, b - 3), dtype=torch.int64)
-    if ranking:
+    if cfg["task"] == "ranking":
         cands = torch.tensor([2, 1, 1][:b] + [1] * max(0, b - 3), dtype=torch.int64)
     else:
         cands = torch.zeros(b, dtype=torch.int64)
@@ -237,30 +229,25 @@ def example_inputs(cfg: dict[str, Any], batch_size: int = 3, slots: int = 5) -> 
 
     out = {
         "forward": (
-            "forward",
             [items, lengths, cands, ts, acts, ctx],
             [("B", "L", None), ("B",), ("B",), shape(ts, ("B", "L")), shape(acts, ("B", "L", None)),
              shape(ctx, ("B", None, None))],
         )
     }
     if cfg.get("rab_query_time", False):  # the request time: a while after the last event
-        out["forward"][1].append(ts[:, -1] + 1000)
-        out["forward"][2].append(("B",))
+        out["forward"][0].append(ts[:, -1] + 1000)
+        out["forward"][1].append(("B",))
     if history_cacheable(cfg):
         nxt = ts[:, -1] + 10 if ts is not None else None
         out["encode_history"] = (
-            "encode_history",
             [items, lengths, ts, acts, ctx, nxt],
             [("B", "L", None), ("B",), shape(ts, ("B", "L")), shape(acts, ("B", "L", None)),
              shape(ctx, ("B", None, None)), shape(nxt, ("B",))],
         )
-        x = len(names)
-        mult = 2 if cfg["has_action"] else 1
-        width = x + mult * n
+        width = len(names) + (2 if cfg["has_action"] else 1) * n  # history token slots
         layers, heads, hd = cfg["num_layers"], cfg["num_heads"], cfg["head_dim"]
         k = 3
         out["score_candidates"] = (
-            "score_candidates",
             [
                 torch.randn(layers, b, width, heads, hd),
                 torch.randn(layers, b, width, heads, hd),
@@ -332,8 +319,7 @@ class Artifact:
             raise ArtifactError(
                 f"{self.path}: artifact format {fmt!r} version {version}, this hstu reads "
                 f"{FORMAT!r} versions {', '.join(map(str, READABLE_VERSIONS))}; re-export the "
-                "checkpoint with "
-                "python -m hstu.export"
+                "checkpoint with python -m hstu.export"
             )
         from hstu.training.checkpoint import check_files  # torch only: the checkpoints' check
 
@@ -366,7 +352,7 @@ class Artifact:
                 )
                 print(f"[hstu] note: {self.fallback}", file=sys.stderr, flush=True)
         if self.program is None:
-            self.program = load_file(self.path / DENSE_PROGRAM, _load_program).module()
+            self.program = load_file(self.path / DENSE_PROGRAM, torch.export.load).module()
         self._cache_programs: dict[str, Any] = {}
         self._corpus: Corpus | None = None
 
@@ -387,7 +373,7 @@ class Artifact:
                     'whose history never sees the candidates: not mask_convention="peer" with '
                     "is_causal=False, and without attention truncation)"
                 )
-            self._cache_programs[name] = load_file(path, _load_program).module()
+            self._cache_programs[name] = load_file(path, torch.export.load).module()
         return self._cache_programs[name]
 
     def eager_model(self):

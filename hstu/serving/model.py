@@ -13,20 +13,13 @@ shapes are symbolic in B and L and nothing depends on data in Python (what torch
 needs). This file holds the layout only: which slots, positions and keys each call sees;
 padded slots are masked out of attention and never read back.
 
-Ranking inference with a cached history (:meth:`InferenceHSTU.encode_history` then
-:meth:`InferenceHSTU.score_candidates`): a history token never attends to a candidate, so the
-history's per-layer keys and values do not depend on the candidates and are computed once;
-K new candidates then cost K x (history tokens + own group) attention per layer. The one
-exception is the time term of the relative attention bias, where the last history token reads
-the next token's timestamp (the first candidate's): the cache takes that timestamp
-(``next_timestamps``, the request time) when it is built.
+Ranking with a cached history (:meth:`InferenceHSTU.encode_history` then
+:meth:`InferenceHSTU.score_candidates`): docs/serving.md, "Ranking with a cached history".
 
 Attention truncation (``attn_truncation_layers`` k, ``attn_truncation_len`` T) runs layers
-k+1.. with the mask restricted to each sample's last T tokens (queries and keys) and keeps
-the layer-k state of the tokens before them: the trainer's jagged slice, computed on the
-padded width (the mask of a suffix is the full mask's block on it, positions only shift),
-so it gives the trainer's numbers without its saving. The cached history refuses truncation
-(which tokens are cut depends on the number of candidates).
+k+1.. with the mask restricted to each sample's last T tokens and keeps the layer-k state of
+the tokens before them: the trainer's jagged slice on the padded width (the mask of a suffix
+is the full mask's block on it), the trainer's numbers without its saving.
 
 Imports torch and hstu's torch-only modules: no torchrec, megatron or gin.
 """
@@ -66,30 +59,22 @@ class InferenceHSTU(nn.Module):
     """The trained dense part (token builder, HSTU block, ranking head), state-dict compatible
     with the trainer's RankingModel / RetrievalModel at TP=1.
 
-    ``cfg`` (JSON-able; see :func:`hstu.export.inference_config`): task, hidden_size,
-    num_layers, num_heads, head_dim, alpha, scaling_seqlen, norm_eps, norm_affine, uvqk_bias,
-    output_bias, is_causal, mask_convention, target_group_size, num_position_buckets,
-    use_position_embedding, relative_attention_bias, rab_num_positions, rab_use_time,
-    rab_query_time (absent: False), max_attn_len, min_full_attn_seq_len,
-    attn_truncation_layers, attn_truncation_len (each absent: 0, off), num_contextual, has_action,
-    projections (feature -> input dim of its projection), item_feature_name,
-    action_feature_name, contextual_feature_names, l2_norm_eps; retrieval: query_projection
-    (absent: none; else the item dim d the query is projected to); ranking: head_arch,
-    head_bias, head_activation.
+    ``cfg``: the JSON-able model config :func:`hstu.export.inference_config` writes (the
+    manifest's ``model``); rab_query_time, max_attn_len, min_full_attn_seq_len,
+    attn_truncation_layers and attn_truncation_len, absent from older artifacts, read as off.
     """
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__()
         self.cfg = dict(cfg)
-        # semi-local window and attention truncation; artifacts before format 4 have neither
-        self.max_attn_len = int(cfg.get("max_attn_len", 0))
-        self.min_full_attn_seq_len = int(cfg.get("min_full_attn_seq_len", 0))
+        # attention truncation and the semi-local window: absent (0, off) before format 4
         self.truncation_layers = int(cfg.get("attn_truncation_layers", 0))
         self.truncation_len = int(cfg.get("attn_truncation_len", 0))
-        options = LayerOptions(
+        self.options = options = LayerOptions(
             norm_eps=float(cfg["norm_eps"]), is_causal=bool(cfg["is_causal"]),
-            mask_convention=str(cfg["mask_convention"]), max_attn_len=self.max_attn_len,
-            min_full_attn_seq_len=self.min_full_attn_seq_len,
+            mask_convention=str(cfg["mask_convention"]),
+            max_attn_len=int(cfg.get("max_attn_len", 0)),
+            min_full_attn_seq_len=int(cfg.get("min_full_attn_seq_len", 0)),
             target_group_size=int(cfg["target_group_size"]), alpha=float(cfg["alpha"]),
             attn_scaling_seqlen=int(cfg["scaling_seqlen"]), uvqk_bias=cfg["uvqk_bias"],
             norm_affine=cfg["norm_affine"], output_bias=cfg["output_bias"],
@@ -113,7 +98,6 @@ class InferenceHSTU(nn.Module):
         if cfg.get("query_projection"):  # retrieval with items narrower than hidden_size
             width = int(cfg["query_projection"])
             self.query_projection = nn.Linear(cfg["hidden_size"], width, bias=False)
-        self.options = options
         self.num_ctx = int(cfg["num_contextual"])
         self.mult = 2 if cfg["has_action"] else 1
         # retrieval: the query time (the request time) is the last token's next time

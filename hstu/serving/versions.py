@@ -10,18 +10,11 @@ a pointer to the one to serve::
     <root>/.staging-*    a version being written (never read; removed by the next publish)
     <root>/.trash-*      a version being removed (never read; removed by the next publish)
 
-Writing (:func:`publish`): the artifact is written into a hidden staging folder, its files
-are checked against its manifest and fsynced, the folder is renamed to ``v<step>`` and only
-then ``LATEST`` is replaced (a new file, fsynced, ``os.replace``). A crash at any point leaves
-``LATEST`` naming the previous complete version. Then versions beyond the newest ``keep`` are
-removed, never the one ``LATEST`` names and never one a reader holds (below).
-
-Reading (:func:`open_latest`): the pointer is read once, the version folder opened and a
-shared ``flock`` taken on it (a *lease*); the artifact's files are then read from that one
-folder. The pruner takes an exclusive non-blocking lock before removing a folder and skips
-one a reader holds, so a reader that read the pointer just before a prune either holds its
-version first (it is kept) or finds it gone after the prune and reads the pointer again (the
-pointer's version is never pruned). The lease lasts as long as the reader's ``Artifact``.
+Writing (:func:`publish`: staged, checked, fsynced, renamed, then ``LATEST`` replaced, so a
+crash leaves ``LATEST`` naming the previous complete version), reading (:func:`open_latest`:
+the pointer read once, a shared ``flock`` held on that version) and pruning (never the
+version ``LATEST`` names, never one a reader holds): docs/serving.md, "Serving the latest
+model".
 
 Nothing here imports torch, torchrec, megatron or gin (the reading side runs in a serving
 process with torch alone).
@@ -30,13 +23,15 @@ process with torch alone).
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 POINTER = "LATEST"
 PUBLISH_LOCK = ".publish.lock"
@@ -118,10 +113,8 @@ def is_versioned_root(path: str | Path) -> bool:
 class Lease:
     """A shared lock on one version folder: while held, :func:`prune` does not remove it."""
 
-    def __init__(self, fd: int, path: Path) -> None:
+    def __init__(self, fd: int) -> None:
         self.fd: int | None = fd
-        self.path = path
-        self.name = path.name
 
     def release(self) -> None:
         if self.fd is not None:
@@ -162,7 +155,7 @@ def open_latest(root: str | Path, attempts: int = 200) -> tuple[Path, Lease]:
             continue
         fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a pruner removes this very folder
         if _same_folder(fd, path):
-            return path, Lease(fd, path)
+            return path, Lease(fd)
         os.close(fd)
     raise VersionError(
         f"{root / POINTER}: names {name}, which is not there (removed by hand?); {_REPAIR}",
@@ -173,24 +166,20 @@ def open_latest(root: str | Path, attempts: int = 200) -> tuple[Path, Lease]:
 # ----------------------------------------------------------------------------- writing
 
 
-class _PublishLock:
+@contextmanager
+def _publish_lock(root: Path) -> Iterator[None]:
     """One publisher per root (an exclusive flock on ``.publish.lock``)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.fd = os.open(root / PUBLISH_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise VersionError(f"{root}: another process is publishing into this root "
-                               f"({PUBLISH_LOCK} is locked); one publisher per root") from None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)
+    fd = os.open(root / PUBLISH_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise VersionError(f"{root}: another process is publishing into this root "
+                           f"({PUBLISH_LOCK} is locked); one publisher per root") from None
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def _remove_leftovers(root: Path) -> None:
@@ -202,13 +191,6 @@ def _remove_leftovers(root: Path) -> None:
                 shutil.rmtree(entry.path)
             else:
                 os.unlink(entry.path)
-
-
-def _manifest_step(folder: Path) -> int:
-    import json
-
-    manifest = json.loads((folder / MANIFEST).read_text())
-    return int(manifest["checkpoint"]["step"])
 
 
 def _check_complete(folder: Path) -> None:
@@ -287,7 +269,7 @@ def publish(root: str | Path, write: Callable[[Path], Any], step: int | None = N
     if (root / MANIFEST).is_file():
         raise VersionError(f"{root}: a plain artifact folder, not a versioned root; publish into "
                            "another folder (or remove this one)")
-    with _PublishLock(root):
+    with _publish_lock(root):
         _remove_leftovers(root)
         if step is not None:
             _refuse_older(root, int(step))
@@ -296,7 +278,7 @@ def publish(root: str | Path, write: Callable[[Path], Any], step: int | None = N
             write(staging)
             _check_complete(staging)
             if step is None:
-                step = _manifest_step(staging)
+                step = json.loads((staging / MANIFEST).read_text())["checkpoint"]["step"]
             step = int(step)
             final = root / version_name(step)
             if final.exists():

@@ -13,10 +13,11 @@ from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
 from hstu.args import ConfigError, NetworkArgs, RankingArgs, RetrievalArgs
+from hstu.checks import check_ranking_head
 from hstu.data.build import DataInfo
 from hstu.model.builder import ModelDataInfo, build_model, research_options
 from hstu.model.metrics import ranks_from_scores
-from hstu.model.ranking import check_ranking_head, decode_task_labels, ranking_loss
+from hstu.model.ranking import decode_task_labels, ranking_loss
 from hstu.model.tokens import TokenBuilder, sequence_inputs
 from hstu.ops.losses import sampled_softmax_loss
 from tests.model.helpers import TinyEmbeddings, make_batch, ranking_tables, sampler

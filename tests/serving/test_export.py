@@ -166,7 +166,7 @@ def test_ranking_cached_history_in_the_artifact(ranking) -> None:
         "for m in ('torchrec', 'megatron', 'gin', 'fbgemm_gpu'): sys.modules[m] = None\n"
         "from hstu.serving.artifact import Artifact, example_inputs\n"
         f"art = Artifact({str(ranking['art'])!r})\n"
-        "items, lengths, cands, ts, acts, ctx = example_inputs(art.cfg)['forward'][1]\n"
+        "items, lengths, cands, ts, acts, ctx = example_inputs(art.cfg)['forward'][0]\n"
         "full = art.run((items, lengths, cands, ts, acts, ctx))\n"
         "hist = lengths - cands\n"
         "h = int(hist.max())\n"

@@ -121,7 +121,8 @@ def test_a_config_without_the_keys_is_full_attention() -> None:
     """Format-3 artifacts name none of the four settings: they read as off."""
     assert 3 in READABLE_VERSIONS
     model = InferenceHSTU(_cfg())
-    assert (model.max_attn_len, model.min_full_attn_seq_len, model.truncation_layers) == (0, 0, 0)
+    options = model.options
+    assert (options.max_attn_len, options.min_full_attn_seq_len, model.truncation_layers) == (0, 0, 0)
 
 
 def test_the_exported_program_keeps_window_and_truncation() -> None:
@@ -131,7 +132,7 @@ def test_the_exported_program_keeps_window_and_truncation() -> None:
     model = _random_model(cfg)
     from hstu.export import _Forward
 
-    _, args, shapes = example_inputs(cfg)["forward"]
+    args, shapes = example_inputs(cfg)["forward"]
     from torch.export import Dim
 
     dims = {"B": Dim("batch", min=1, max=64), "L": Dim("items", min=2, max=256)}
