@@ -214,13 +214,10 @@ class HstuEmbeddings(nn.Module):
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         """``.to()`` and the like: tables still on the meta device (built with
         ``materialize=False``) stay there, :func:`hstu.embeddings.shard_embeddings` places
-        each rank's shards; the rest (the remappers) moves as usual."""
-        if not (recurse and tables_on_meta(self)):
-            return super()._apply(fn, recurse)
-        for child in self.children():
-            if child is not self.ec and child is not self.dp_ec:
-                child._apply(fn)
-        return self
+        each rank's shards (the remappers stay on the host in any case)."""
+        if recurse and tables_on_meta(self):
+            return self
+        return super()._apply(fn, recurse)
 
     # ----------------------------------------------------------------------- stats
 

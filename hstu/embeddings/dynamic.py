@@ -102,12 +102,7 @@ class DynamicIdRemapper(nn.Module):
         in_flight_steps: int = 0,
     ) -> None:
         super().__init__()
-        if capacity < 1:
-            raise ValueError(f"table {table_name}: capacity must be >= 1, got {capacity}")
-        if evict_strategy not in ("lru", "lfu"):
-            raise ValueError(f"table {table_name}: evict_strategy must be lru or lfu")
-        if in_flight_steps < 0:
-            raise ValueError(f"table {table_name}: in_flight_steps must be >= 0")
+        assert capacity >= 1 and evict_strategy in ("lru", "lfu") and in_flight_steps >= 0
         self.table_name = table_name
         self.capacity = capacity
         self.in_flight_steps = in_flight_steps
@@ -361,11 +356,7 @@ class DynamicIdRemapper(nn.Module):
 
         Training: collective over ``pg``; every rank must call it in the same step.
         """
-        if ids.device.type != "cpu":
-            raise ValueError(
-                f"dynamic table {self.table_name}: ids must be host tensors (the input stage "
-                f"runs before the batch is copied to the device), got {ids.device}"
-            )
+        assert ids.device.type == "cpu", "the input stage maps host ids (before the copy)"
         ids = ids.to(torch.int64)
         if self.training:
             local, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)

@@ -1,24 +1,15 @@
-"""Shard the embedding tables with TorchRec and fuse the sparse optimizer into backward.
+"""Shard the embedding tables with TorchRec and fuse the sparse optimizer into backward
+(docs/embeddings.md "Sharding" and "Memory per rank").
 
 Only the ``EmbeddingCollection`` inside each :class:`HstuEmbeddings` is sharded (wrapped in
 ``DistributedModelParallel`` with ``init_data_parallel=False``); the rest of the model is
-left alone for the trainer's own data-parallel wrapper over its DP group.
-
-Gradient conventions (all tables alike, so moving a table between data_parallel and
-model_parallel does not change the math, and the same as a DDP-wrapped dense part): the
-gradient a table's optimizer sees is the MEAN over the ranks of the embedding process
-group of the per-rank gradients.
-- model_parallel tables: TorchRec's backward all-to-all sums per row and divides by the
-  world size (``torchrec.distributed.comm_ops`` gradient division, on by default).
-- data_parallel tables live in a plain ``EmbeddingCollection`` (``HstuEmbeddings.dp_ec``)
-  that TorchRec does not shard: TorchRec's data_parallel sequence sharding runs FBGEMM's
-  dense kernel, which on CPU pools the ids of each sample (one row per sample instead of
-  one per id), and its internal DDP would average rather than sum. Each replicated weight
-  gets a post-accumulate-grad hook that all-reduces (sums) its gradient over the embedding
-  process group, divides it by the group size and then steps a row-sparse torch optimizer
-  (:mod:`hstu.embeddings.optim`); the replicas stay identical because they apply the same averaged
-  gradient. The trainer's dense DDP must leave ``dp_ec`` parameters out (they are synchronised
-  here).
+left to the trainer's own data-parallel wrapper. The replicated (data_parallel) tables,
+``HstuEmbeddings.dp_ec``, are not TorchRec's (its data_parallel sequence kernel pools per
+sample on CPU): each weight gets a post-accumulate-grad hook that all-reduces its gradient
+over the embedding process group, divides it by the group size and steps a row-sparse torch
+optimizer (:mod:`hstu.embeddings.optim`). So every table's optimizer sees the MEAN over the
+ranks of the per-rank gradients (TorchRec's model-parallel backward divides by the world
+size too), as a DDP-wrapped dense part does; the trainer's dense DDP must leave ``dp_ec`` out.
 """
 
 from __future__ import annotations

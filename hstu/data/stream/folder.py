@@ -189,7 +189,7 @@ class FolderStream:
         extra_columns: columns a partition may hold that are not read.
         stop: a threading.Event or a callable; once set / true, ``windows`` returns at the
             next window or poll.
-        clock, sleep: time source and wait (tests pass fast ones).
+        clock: the time source (tests pass a fast one).
     """
 
     def __init__(
