@@ -384,7 +384,6 @@ def shard_embeddings(
     device = torch.device(device)
     pg = pg or dist.group.WORLD
     world_size = dist.get_world_size(pg)
-    rank = dist.get_rank(pg)
     by_name = {t.table_name: t for t in tables}
     overrides = dict(sharding_overrides or {})
     unknown = set(overrides) - set(by_name)
@@ -428,7 +427,7 @@ def shard_embeddings(
     mine = available if available is not None else available_bytes_per_rank(device)
     every: list[Any] = [None] * world_size
     dist.all_gather_object(every, mine, group=pg)
-    if rank == 0:
+    if dist.get_rank(pg) == 0:
         lines = "\n".join("  " + p.describe() for p in placements)
         held = "\n".join(
             f"  rank {r}: {memory[r].describe()}"

@@ -303,8 +303,7 @@ class OnlineTrainer:
             self.store = UserStore(work, self.max_len, env.rank, env.world_size)
         t.checkpoint.extra_files = self._stream_files
         self._saved_position: StreamPosition | None = None
-        sa = self.stream_args
-        self.publish_dir = sa.publish_dir or str(Path(run_dir) / "serving")
+        self.publish_dir = self.stream_args.publish_dir or str(Path(run_dir) / "serving")
         self._published_at = time.monotonic()
         self.last_checkpoint = ""
         self._pending_rows: list[tuple[int, str, dict[str, float]]] = []
