@@ -233,11 +233,6 @@ class DynamicIdRemapper(nn.Module):
         slots = torch.where(found, self._sorted_slots.index_select(0, at), torch.zeros_like(ids))
         return slots, found, pos
 
-    def _find(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids [N] -> (slots [N] (0 where missing), found [N] bool)."""
-        slots, found, _ = self._search(ids)
-        return slots, found
-
     def _index_update(
         self, removed_ids: torch.Tensor, new_ids: torch.Tensor, new_slots: torch.Tensor,
         new_pos: torch.Tensor,
@@ -365,7 +360,7 @@ class DynamicIdRemapper(nn.Module):
             if uniq.numel() != local.numel():  # other ranks' ids too: find ours among them
                 uniq_slots = uniq_slots[torch.searchsorted(uniq, local)]
             return uniq_slots[inverse], None
-        slots, found = self._find(ids)
+        slots, found, _ = self._search(ids)
         if bool(found.all()):
             return slots, None
         self.num_eval_misses += int((~found).sum())
@@ -376,7 +371,8 @@ class DynamicIdRemapper(nn.Module):
         """Read only, in training too (no admission, no collective, no counters): ids int64
         [N] -> (slots [N], found [N] bool), on the host. For ids that must never be admitted
         (retrieval negatives, the corpus)."""
-        return self._find(ids.to("cpu", torch.int64))
+        slots, found, _ = self._search(ids.to("cpu", torch.int64))
+        return slots, found
 
     def stats(self) -> dict[str, int | float]:
         """Figures for the training log: occupancy and eviction counters."""
