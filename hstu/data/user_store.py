@@ -88,10 +88,7 @@ class UserStore:
         world_size: int = 1,
         cache_mib: int = 16,
     ) -> None:
-        if max_sequence_length < 1:
-            raise ValueError(f"max_sequence_length must be >= 1, got {max_sequence_length}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world size {world_size}")
+        assert max_sequence_length >= 1 and 0 <= rank < world_size
         self.path = Path(path)
         self.max_sequence_length = max_sequence_length
         self.rank, self.world_size = rank, world_size
@@ -325,8 +322,6 @@ class UserStore:
                 src.backup(store._conn)
             finally:
                 src.close()
-            store._conn.execute("PRAGMA synchronous = OFF")
-            store._conn.execute("PRAGMA journal_mode = MEMORY")
             return store
         logger.info("user store: resharding %d ranks' snapshots for rank %d of %d",
                     saved_world, rank, world_size)

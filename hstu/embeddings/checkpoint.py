@@ -42,7 +42,7 @@ def _modules(model: nn.Module) -> list[tuple[str, HstuEmbeddings]]:
 
 def _dense_optimizers(emb: HstuEmbeddings) -> list[tuple[str, torch.Tensor, Any]]:
     """(table, weight, optimizer) of the replicated data_parallel tables."""
-    out = []
+    out: list[tuple[str, torch.Tensor, Any]] = []
     if emb.dp_ec is None:
         return out
     for name, module in emb.dp_ec.embeddings.items():
@@ -59,22 +59,23 @@ def embedding_state_dict(model: nn.Module) -> dict[str, Any]:
     state: dict[str, Any] = {}
     for prefix, emb in _modules(model):
         tables = emb.ec.module if isinstance(emb.ec, DistributedModelParallel) else emb.ec
-        for key, value in tables.state_dict().items():
-            state[f"{prefix}tables.{key}"] = value
+        state.update({f"{prefix}tables.{k}": v for k, v in tables.state_dict().items()})
         if emb.dp_ec is not None:
-            for key, value in emb.dp_ec.state_dict().items():
-                state[f"{prefix}dp_tables.{key}"] = value
+            state.update({f"{prefix}dp_tables.{k}": v for k, v in emb.dp_ec.state_dict().items()})
         if isinstance(emb.ec, DistributedModelParallel):
             for key, opt_state in emb.ec.fused_optimizer.state_dict()["state"].items():
                 for name, value in opt_state.items():
                     state[f"{prefix}optim.{key}.{name}"] = value
         for table, weight, opt in _dense_optimizers(emb):
-            st = opt.state[weight]
-            for name, value in st.items():
+            for name, value in opt.state[weight].items():
                 state[f"{prefix}dense_optim.{table}.{name}"] = value
-        for key, value in emb.remappers.state_dict().items():
-            state[f"{prefix}remappers.{key}"] = value
+        state.update({f"{prefix}remappers.{k}": v for k, v in emb.remappers.state_dict().items()})
     return state
+
+
+def _under(state: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The entries of ``state`` whose key starts with ``prefix``, the prefix cut off."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 @torch.no_grad()
@@ -83,15 +84,9 @@ def load_embedding_state_dict(model: nn.Module, state: dict[str, Any]) -> None:
     for prefix, emb in _modules(model):
         sharded = isinstance(emb.ec, DistributedModelParallel)
         tables = emb.ec.module if sharded else emb.ec
-        table_state = {
-            k[len(prefix) + 7 :]: v for k, v in state.items() if k.startswith(prefix + "tables.")
-        }
-        tables.load_state_dict(table_state)
+        tables.load_state_dict(_under(state, prefix + "tables."))
         if emb.dp_ec is not None:
-            n = len(prefix) + 10
-            emb.dp_ec.load_state_dict(
-                {k[n:]: v for k, v in state.items() if k.startswith(prefix + "dp_tables.")}
-            )
+            emb.dp_ec.load_state_dict(_under(state, prefix + "dp_tables."))
         if sharded:
             fused = emb.ec.fused_optimizer
             current = fused.state_dict()
@@ -100,13 +95,7 @@ def load_embedding_state_dict(model: nn.Module, state: dict[str, Any]) -> None:
                     opt_state[name] = state[f"{prefix}optim.{key}.{name}"]
             fused.load_state_dict(current)
         for table, weight, opt in _dense_optimizers(emb):
-            st = opt.state[weight]
-            for name, value in st.items():
+            for name, value in opt.state[weight].items():
                 value.copy_(state[f"{prefix}dense_optim.{table}.{name}"])
-        remap_state = {
-            k[len(prefix) + 10 :]: v
-            for k, v in state.items()
-            if k.startswith(prefix + "remappers.")
-        }
         if emb.remappers:
-            emb.remappers.load_state_dict(remap_state)
+            emb.remappers.load_state_dict(_under(state, prefix + "remappers."))

@@ -28,8 +28,6 @@ from hstu.sync_audit import allowed_sync
 
 logger = logging.getLogger(__name__)
 
-_DEFAULT_SPARSE_OPTIMIZER = "adam"
-
 
 @dataclass(frozen=True)
 class TableSpec:
@@ -140,19 +138,14 @@ class HstuEmbeddings(nn.Module):
         every step), except the features in ``lookup_only`` (retrieval negatives, the
         corpus): those are only looked up, never admitted, so sampled ids cannot evict real
         items. In evaluation nothing is admitted.
+
+        One remapper call per table (all its features), on the host (the remappers' state is
+        host memory, see hstu/embeddings/dynamic.py): training batches arrive here before
+        their copy to the device; ids already on a device (evaluation's side lookups) are
+        read back first, outside any training step.
         """
         if not self.remappers:
             return features, {}
-        return self._remap(features, lookup_only)
-
-    def _remap(
-        self, features: KeyedJaggedTensor, lookup_only: frozenset[str] = frozenset()
-    ) -> tuple[KeyedJaggedTensor, dict[str, torch.Tensor]]:
-        """Raw ids of dynamic features -> slots (one remapper call per table, all its features).
-
-        Runs on the host (the remappers' state is host memory, see hstu/embeddings/dynamic.py):
-        training batches arrive here before their copy to the device; ids already on a device
-        (evaluation's side lookups) are read back first, outside any training step."""
         with allowed_sync(HOST_REMAP):
             return self._remap_on_host(features, lookup_only)
 
@@ -221,13 +214,10 @@ class HstuEmbeddings(nn.Module):
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         """``.to()`` and the like: tables still on the meta device (built with
         ``materialize=False``) stay there, :func:`hstu.embeddings.shard_embeddings` places
-        each rank's shards; the rest (the remappers) moves as usual."""
-        if not (recurse and tables_on_meta(self)):
-            return super()._apply(fn, recurse)
-        for child in self.children():
-            if child is not self.ec and child is not self.dp_ec:
-                child._apply(fn)
-        return self
+        each rank's shards (the remappers stay on the host in any case)."""
+        if recurse and tables_on_meta(self):
+            return self
+        return super()._apply(fn, recurse)
 
     # ----------------------------------------------------------------------- stats
 
@@ -236,15 +226,13 @@ class HstuEmbeddings(nn.Module):
         return {name: r.stats() for name, r in self.remappers.items()}
 
     def log_stats(self, step: int | None = None) -> str:
-        parts = []
-        for name, s in self.stats().items():
-            parts.append(
-                f"{name}: occupancy {s['occupied']}/{s['capacity']} ({s['occupancy']:.1%}), "
-                f"admitted {s['admitted_total']} evicted {s['evicted_total']} "
-                f"(last step +{s['admitted_last_step']}/-{s['evicted_last_step']}), "
-                f"eval misses {s['eval_misses_total']}, "
-                f"shared-row lookups {s['shared_row_lookups']}"
-            )
+        parts = [
+            f"{name}: occupancy {s['occupied']}/{s['capacity']} ({s['occupancy']:.1%}), "
+            f"admitted {s['admitted_total']} evicted {s['evicted_total']} "
+            f"(last step +{s['admitted_last_step']}/-{s['evicted_last_step']}), "
+            f"eval misses {s['eval_misses_total']}, shared-row lookups {s['shared_row_lookups']}"
+            for name, s in self.stats().items()
+        ]
         line = ("[embeddings] " + (f"step {step}: " if step is not None else "") + "; ".join(parts))
         if parts:
             logger.info(line)
@@ -274,7 +262,7 @@ def build_embedding_collection(
     embedding_dims: dict[str, int],
     device: torch.device | str = "cpu",
     seed: int = 0,
-    sparse_optimizer: str = _DEFAULT_SPARSE_OPTIMIZER,
+    sparse_optimizer: str = "adam",
     materialize: bool = True,
 ) -> HstuEmbeddings:
     """One module over all tables; deterministic weights for a seed.

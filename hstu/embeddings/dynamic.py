@@ -3,39 +3,22 @@
 Legend: N ids in a batch (this rank), U unique ids of a step over all ranks, C capacity
 (rows of the table), D embedding dim.
 
-Why not TorchRec's ``MCHManagedCollisionModule``: its zero-collision map only admits new
-ids when an eviction pass runs (every ``eviction_interval`` steps); between passes every
-unseen id is remapped to one shared "miss" row, its LFU policy may refuse to admit a new
-id at all (the id then keeps sharing the miss row), ``2**63 - 1`` is its empty-slot
-sentinel, and evicted rows are not re-initialised per id. The contract here is stricter:
-every id looked up in a training step owns its own row in that very step, and an id that
-was evicted comes back with a fresh row. :class:`DynamicIdRemapper` implements that with
-a handful of vectorised torch ops; its state is replicated (identical) on every rank of
-the embedding process group because each training step all-gathers the step's unique ids
-and every rank applies the same deterministic update.
+The contract, why TorchRec's ``MCHManagedCollisionModule`` does not meet it, and the costs:
+docs/embeddings.md "Dynamic tables". In short: every id looked up in a training step owns its
+own row in that very step, and an evicted id comes back with a fresh row. The state is host
+memory (it stays there when the model moves to a GPU), replicated (identical) on every rank
+of the embedding process group: each training step all-gathers the step's unique ids on the
+group's host backend (gloo) and every rank applies the same deterministic update. Its
+data-dependent sizes are host reads; the ops that would sync on a GPU run under
+``allowed_sync(HOST_REMAP)``.
 
-Where it runs: on the host, always. The remapper's state is host memory (it stays there when
-the model moves to a GPU) and it maps the batch's host ids in the input stage
-(``GenerativeRecommender.prepare``, called as the trainer reads a batch, before the train
-pipeline copies it to the device), with its all-gather on the group's host backend (gloo).
-Its data-dependent sizes (``unique``, the admitted ids, the victims) are read from host
-memory, so a step never waits for the device on its account; the ops that would sync if
-their inputs were on a GPU run under ``allowed_sync(HOST_REMAP)``.
-
-Eviction (when more new ids arrive than free rows exist) only considers rows not used in
-the current step nor in the ``in_flight_steps`` steps before it (under the native and
-prefetch pipelines the trainer sets :data:`PIPELINE_IN_FLIGHT`: they remap batch i + 2 while
-batches i and i + 1 are still to be looked up and updated; evicting one of their rows would
-give them another id's fresh row):
-- ``lru``: smallest last-access step first, then lowest slot;
-- ``lfu``: smallest access count first, then smallest last-access step, then lowest slot.
-
-Cost per training step: the LRU victims come from an access log (every row touched in a step
-appended once, in slot order; a row's older entries are skipped when read), so admission and
-eviction cost follows the step's ids; LFU's victims need an order statistic over the
-capacity (``kthvalue``). The id -> slot index is a sorted array merged with the step's new
-ids: a binary search per id of the step, plus one sequential pass over the index (a copy
-of C int64 pairs), the only work that grows with C under LRU.
+Eviction (more new ids than free rows) only considers rows not used in the current step nor
+in the ``in_flight_steps`` steps before it (:data:`PIPELINE_IN_FLIGHT`):
+- ``lru``: smallest last-access step first, then lowest slot (victims read from an access
+  log: every row touched in a step appended once, in slot order; older entries skipped);
+- ``lfu``: smallest access count first, then smallest last-access step, then lowest slot (an
+  order statistic over the capacity, ``kthvalue``).
+The id -> slot index is a sorted array, merged with each step's new ids.
 """
 
 from __future__ import annotations
@@ -59,13 +42,10 @@ HOST_REMAP = (
 )
 
 
-def _signed(c: int) -> int:
-    return c - (1 << 64) if c >= (1 << 63) else c
-
-
-_GOLDEN = _signed(0x9E3779B97F4A7C15)
-_MIX1 = _signed(0xBF58476D1CE4E5B9)
-_MIX2 = _signed(0x94D049BB133111EB)
+# splitmix64's constants as int64 (each has its top bit set: minus 2**64)
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
 
 
 def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
@@ -122,12 +102,7 @@ class DynamicIdRemapper(nn.Module):
         in_flight_steps: int = 0,
     ) -> None:
         super().__init__()
-        if capacity < 1:
-            raise ValueError(f"table {table_name}: capacity must be >= 1, got {capacity}")
-        if evict_strategy not in ("lru", "lfu"):
-            raise ValueError(f"table {table_name}: evict_strategy must be lru or lfu")
-        if in_flight_steps < 0:
-            raise ValueError(f"table {table_name}: in_flight_steps must be >= 0")
+        assert capacity >= 1 and evict_strategy in ("lru", "lfu") and in_flight_steps >= 0
         self.table_name = table_name
         self.capacity = capacity
         self.in_flight_steps = in_flight_steps
@@ -258,11 +233,6 @@ class DynamicIdRemapper(nn.Module):
         slots = torch.where(found, self._sorted_slots.index_select(0, at), torch.zeros_like(ids))
         return slots, found, pos
 
-    def _find(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids [N] -> (slots [N] (0 where missing), found [N] bool)."""
-        slots, found, _ = self._search(ids)
-        return slots, found
-
     def _index_update(
         self, removed_ids: torch.Tensor, new_ids: torch.Tensor, new_slots: torch.Tensor,
         new_pos: torch.Tensor,
@@ -381,11 +351,7 @@ class DynamicIdRemapper(nn.Module):
 
         Training: collective over ``pg``; every rank must call it in the same step.
         """
-        if ids.device.type != "cpu":
-            raise ValueError(
-                f"dynamic table {self.table_name}: ids must be host tensors (the input stage "
-                f"runs before the batch is copied to the device), got {ids.device}"
-            )
+        assert ids.device.type == "cpu", "the input stage maps host ids (before the copy)"
         ids = ids.to(torch.int64)
         if self.training:
             local, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
@@ -394,7 +360,7 @@ class DynamicIdRemapper(nn.Module):
             if uniq.numel() != local.numel():  # other ranks' ids too: find ours among them
                 uniq_slots = uniq_slots[torch.searchsorted(uniq, local)]
             return uniq_slots[inverse], None
-        slots, found = self._find(ids)
+        slots, found, _ = self._search(ids)
         if bool(found.all()):
             return slots, None
         self.num_eval_misses += int((~found).sum())
@@ -405,7 +371,8 @@ class DynamicIdRemapper(nn.Module):
         """Read only, in training too (no admission, no collective, no counters): ids int64
         [N] -> (slots [N], found [N] bool), on the host. For ids that must never be admitted
         (retrieval negatives, the corpus)."""
-        return self._find(ids.to("cpu", torch.int64))
+        slots, found, _ = self._search(ids.to("cpu", torch.int64))
+        return slots, found
 
     def stats(self) -> dict[str, int | float]:
         """Figures for the training log: occupancy and eviction counters."""

@@ -55,10 +55,7 @@ class EmbeddingsByDim(nn.Module):
         return features, misses
 
     def stats(self) -> dict[str, dict[str, int | float]]:
-        merged: dict[str, dict[str, int | float]] = {}
-        for group in self.groups.values():
-            merged.update(group.stats())
-        return merged
+        return {name: s for group in self.groups.values() for name, s in group.stats().items()}
 
 
 def build_embeddings(

@@ -1,24 +1,15 @@
-"""Shard the embedding tables with TorchRec and fuse the sparse optimizer into backward.
+"""Shard the embedding tables with TorchRec and fuse the sparse optimizer into backward
+(docs/embeddings.md "Sharding" and "Memory per rank").
 
 Only the ``EmbeddingCollection`` inside each :class:`HstuEmbeddings` is sharded (wrapped in
 ``DistributedModelParallel`` with ``init_data_parallel=False``); the rest of the model is
-left alone for the trainer's own data-parallel wrapper over its DP group.
-
-Gradient conventions (all tables alike, so moving a table between data_parallel and
-model_parallel does not change the math, and the same as a DDP-wrapped dense part): the
-gradient a table's optimizer sees is the MEAN over the ranks of the embedding process
-group of the per-rank gradients.
-- model_parallel tables: TorchRec's backward all-to-all sums per row and divides by the
-  world size (``torchrec.distributed.comm_ops`` gradient division, on by default).
-- data_parallel tables live in a plain ``EmbeddingCollection`` (``HstuEmbeddings.dp_ec``)
-  that TorchRec does not shard: TorchRec's data_parallel sequence sharding runs FBGEMM's
-  dense kernel, which on CPU pools the ids of each sample (one row per sample instead of
-  one per id), and its internal DDP would average rather than sum. Each replicated weight
-  gets a post-accumulate-grad hook that all-reduces (sums) its gradient over the embedding
-  process group, divides it by the group size and then steps a row-sparse torch optimizer
-  (:mod:`hstu.embeddings.optim`); the replicas stay identical because they apply the same averaged
-  gradient. The trainer's dense DDP must leave ``dp_ec`` parameters out (they are synchronised
-  here).
+left to the trainer's own data-parallel wrapper. The replicated (data_parallel) tables,
+``HstuEmbeddings.dp_ec``, are not TorchRec's (its data_parallel sequence kernel pools per
+sample on CPU): each weight gets a post-accumulate-grad hook that all-reduces its gradient
+over the embedding process group, divides it by the group size and steps a row-sparse torch
+optimizer (:mod:`hstu.embeddings.optim`). So every table's optimizer sees the MEAN over the
+ranks of the per-rank gradients (TorchRec's model-parallel backward divides by the world
+size too), as a DDP-wrapped dense part does; the trainer's dense DDP must leave ``dp_ec`` out.
 """
 
 from __future__ import annotations
@@ -44,6 +35,7 @@ from hstu.console import format_bytes
 from hstu.embeddings.collection import (
     INIT_BYTES_PER_VALUE,
     HstuEmbeddings,
+    TableSpec,
     allocate_weight,
     init_chunk_rows,
     initialise_tables,
@@ -198,15 +190,16 @@ class RankMemory:
 
 def memory_per_rank(
     placements: list[TablePlacement],
-    emb: HstuEmbeddings,
+    specs: dict[str, TableSpec],
     optimizer_str: str,
     world_size: int,
     weight_average: bool = False,
 ) -> dict[int, RankMemory]:
-    """rank -> what it will hold, from the resolved plan (shards by rank and size)."""
+    """rank -> what it will hold, from the resolved plan (shards by rank and size) of the
+    tables ``specs`` (every table of the model, by name)."""
     out = {r: RankMemory() for r in range(world_size)}
     for p in placements:
-        spec = emb.specs[p.table]
+        spec = specs[p.table]
         for rank, shards in p.shards_per_rank.items():
             mem = out[rank]
             for rows, cols in shards:
@@ -215,7 +208,7 @@ def memory_per_rank(
                 mem.state += rows * embedding_row_bytes(cols, optimizer_str) - values
                 mem.average += values if weight_average else 0
                 mem.transient = max(mem.transient, init_transient_bytes(rows, spec.embedding_dim))
-    for spec in emb.specs.values():
+    for spec in specs.values():
         if spec.dynamic:
             for mem in out.values():
                 mem.remappers += spec.num_rows * REMAPPER_BYTES_PER_ROW
@@ -271,8 +264,6 @@ def sparse_optimizer_spec(
 
 
 def _find_embedding_modules(module: nn.Module) -> list[HstuEmbeddings]:
-    if isinstance(module, HstuEmbeddings):
-        return [module]
     return [m for m in module.modules() if isinstance(m, HstuEmbeddings)]
 
 
@@ -323,37 +314,31 @@ def _constraints(
 
 
 def _placements(plan: ShardingPlan, emb: HstuEmbeddings, world_size: int) -> list[TablePlacement]:
-    """The sharded collection's tables as the plan places them."""
-    module_plan = plan.get_plan_for_module("") or {}
-    result = []
-    for name, ps in module_plan.items():  # type: ignore[union-attr]
+    """The sharded collection's tables as the plan places them, then the replicated
+    (data_parallel) tables, whole on every rank."""
+
+    def whole(name: str) -> dict[int, list[tuple[int, int]]]:
         spec = emb.specs[name]
+        return {r: [(spec.num_rows, spec.embedding_dim)] for r in range(world_size)}
+
+    def placement(name: str, sharding: str, kernel: str,
+                  shards: dict[int, list[tuple[int, int]]]) -> TablePlacement:
+        per_rank = {r: sum(rows * cols * 4 for rows, cols in sh) for r, sh in shards.items()}
+        return TablePlacement(name, sharding, kernel, sorted(shards), per_rank, shards)
+
+    result = []
+    for name, ps in (plan.get_plan_for_module("") or {}).items():  # type: ignore[union-attr]
         shards: dict[int, list[tuple[int, int]]] = {}
         if ps.sharding_type == "data_parallel":
-            shards = {r: [(spec.num_rows, spec.embedding_dim)] for r in range(world_size)}
+            shards = whole(name)
         else:
             for shard in ps.sharding_spec.shards:  # type: ignore[union-attr]
                 rows, cols = shard.shard_sizes
                 shards.setdefault(shard.placement.rank(), []).append((rows, cols))
-        per_rank = {r: sum(rows * cols * 4 for rows, cols in sh) for r, sh in shards.items()}
-        result.append(TablePlacement(name, ps.sharding_type, ps.compute_kernel, sorted(shards),
-                                     per_rank, shards))
-    return result
-
-
-def _replicated_placements(emb: HstuEmbeddings, world_size: int) -> list[TablePlacement]:
-    """The replicated (data_parallel) tables: whole on every rank."""
-    if emb.dp_ec is None:
-        return []
-    out = []
-    ranks = list(range(world_size))
-    for name in emb.dp_ec.embeddings:
-        spec = emb.specs[name]
-        shape = (spec.num_rows, spec.embedding_dim)
-        out.append(TablePlacement(name, "data_parallel", "replicated", ranks,
-                                  {r: shape[0] * shape[1] * 4 for r in ranks},
-                                  {r: [shape] for r in ranks}))
-    return out
+        result.append(placement(name, ps.sharding_type, ps.compute_kernel, shards))
+    replicated = emb.dp_ec.embeddings if emb.dp_ec is not None else {}
+    return result + [placement(name, "data_parallel", "replicated", whole(name))
+                     for name in replicated]
 
 
 def shard_embeddings(
@@ -399,7 +384,6 @@ def shard_embeddings(
     device = torch.device(device)
     pg = pg or dist.group.WORLD
     world_size = dist.get_world_size(pg)
-    rank = dist.get_rank(pg)
     by_name = {t.table_name: t for t in tables}
     overrides = dict(sharding_overrides or {})
     unknown = set(overrides) - set(by_name)
@@ -422,14 +406,11 @@ def shard_embeddings(
         if mp_weights:
             check_sparse_optimizer(optimizer_args, sharded, device.type)
             _apply_optimizer_in_backward(fused_cls, mp_weights, fused_kwargs)
-        topology_kwargs: dict[str, Any] = {}
-        if hbm_cap_bytes is not None:
-            topology_kwargs["hbm_cap"] = hbm_cap_bytes
         topology = Topology(
             world_size=world_size,
             compute_device=device.type,
             local_world_size=world_size if device.type == "cpu" else None,
-            **topology_kwargs,
+            **({} if hbm_cap_bytes is None else {"hbm_cap": hbm_cap_bytes}),
         )
         sharders = [EmbeddingCollectionSharder()]
         offered = sharders[0].sharding_types(device.type)
@@ -439,24 +420,14 @@ def shard_embeddings(
         )
         plan = planner.collective_plan(ec, sharders, pg)
         planned.append((emb, plan, sharders, on_meta))
-        placements += _placements(plan, emb, world_size) + _replicated_placements(emb, world_size)
+        placements += _placements(plan, emb, world_size)
     # 2. what each rank will hold, refused together before any allocation
-    memory = {r: RankMemory() for r in range(world_size)}
-    for emb, _plan, _sharders, _meta in planned:
-        names = set(emb.specs)
-        part = memory_per_rank([p for p in placements if p.table in names], emb, optimizer_str,
-                               world_size, weight_average)
-        for r, mem in part.items():
-            total = memory[r]
-            total.values += mem.values
-            total.state += mem.state
-            total.average += mem.average
-            total.remappers += mem.remappers
-            total.transient = max(total.transient, mem.transient)
+    specs = {name: spec for emb, *_ in planned for name, spec in emb.specs.items()}
+    memory = memory_per_rank(placements, specs, optimizer_str, world_size, weight_average)
     mine = available if available is not None else available_bytes_per_rank(device)
     every: list[Any] = [None] * world_size
     dist.all_gather_object(every, mine, group=pg)
-    if rank == 0:
+    if dist.get_rank(pg) == 0:
         lines = "\n".join("  " + p.describe() for p in placements)
         held = "\n".join(
             f"  rank {r}: {memory[r].describe()}"
@@ -487,14 +458,11 @@ class _SyncAndStep:
     """Post-accumulate-grad hook of a replicated weight: mean of the gradient over ``pg``,
     then the weight's own optimizer step.
 
-    It must not hold the weight (nor its optimizer, which holds the weight): autograd keeps
-    the hook dict referenced from C++, which Python's garbage collector cannot see, so a
-    hook referencing its own tensor is an uncollectable cycle. A closure over the optimizer
-    used to leak the table, its optimizer and, through ``pg``, the process group for the
-    life of the process; ``destroy_process_group`` then could not free the group, its gloo
-    worker threads stayed alive into interpreter shutdown and could abort the process (see
-    :func:`hstu.training.distributed.destroy_distributed`). The optimizer is looked up on
-    the parameter instead, which the hook receives as its argument.
+    It must not hold the weight nor its optimizer: autograd references the hook from C++,
+    out of the garbage collector's sight, so such a cycle is never freed, and it would keep
+    the table and, through ``pg``, the process group (and its gloo threads) alive until
+    interpreter shutdown (see :func:`hstu.training.distributed.destroy_distributed`). The
+    optimizer is found on the parameter the hook receives.
     """
 
     def __init__(self, pg: dist.ProcessGroup, world_size: int) -> None:
@@ -536,21 +504,6 @@ def fused_optimizer(module_or_model: nn.Module) -> list[torch.optim.Optimizer]:
             if isinstance(emb.ec, DistributedModelParallel)]
 
 
-__all__ = [
-    "RankMemory",
-    "TablePlacement",
-    "check_plan_fits",
-    "check_tables_fit",
-    "format_bytes",
-    "fused_optimizer",
-    "memory_per_rank",
-    "replicated_optimizers",
-    "shard_embeddings",
-    "sparse_optimizer_spec",
-]
-
-
-
 def replicated_optimizers(module_or_model: nn.Module) -> list[torch.optim.Optimizer]:
     """The in-backward optimizers of the replicated (data_parallel) tables."""
     out: list[torch.optim.Optimizer] = []
@@ -560,3 +513,16 @@ def replicated_optimizers(module_or_model: nn.Module) -> list[torch.optim.Optimi
         for module in emb.dp_ec.embeddings.values():
             out.extend(getattr(module.weight, "_in_backward_optimizers", []))
     return out
+
+
+__all__ = [
+    "RankMemory",
+    "TablePlacement",
+    "check_plan_fits",
+    "check_tables_fit",
+    "fused_optimizer",
+    "memory_per_rank",
+    "replicated_optimizers",
+    "shard_embeddings",
+    "sparse_optimizer_spec",
+]

@@ -11,19 +11,10 @@ window into samples of the trainer's loader and drives the loop.
 Legend: B users of a window (this rank's), T their events (stored history, then the window's),
 L ``DatasetArgs.max_sequence_length``, C ``DatasetArgs.max_num_candidates``.
 
-Checkpoints (every ``TrainerArgs.ckpt_save_interval`` windows, and at the end): the trainer's
-checkpoint folder also holds the stream's position and id maps (``save_stream``), each rank's
-user store snapshot and ``online.json`` (windows done), all listed in its manifest and
-published by the same rename, so a resume (``TrainerArgs.ckpt_load_dir``) continues at the
-same partition and row with the same weights, tables, id maps and store.
-
-Batch phase (``StreamArgs.batch_until``, docs/online.md "Streaming against a frozen batch
-model"): the leading windows of a replay that end within that fraction of its events are read
-and appended to the user store without evaluation, and all their events are trained as one
-window for ``StreamArgs.batch_epochs`` passes; a checkpoint follows, then the stream goes on
-(evaluated, and trained unless ``StreamArgs.train`` is False, at ``StreamArgs.stream_lr_scale``
-times the learning rates). Within the run the phase is one
-unit: no checkpoint or stop inside it.
+Checkpoints carry the stream's position and id maps, each rank's user store and
+``online.json`` (docs/online.md "Positions and resume"); the batch phase
+(``StreamArgs.batch_until``) is one unit, with no checkpoint or stop inside it (docs/online.md
+"Streaming against a frozen batch model").
 """
 
 from __future__ import annotations
@@ -46,11 +37,13 @@ import torch
 import torch.distributed as dist
 
 from hstu.config import RunConfig
-from hstu.data.loader import Samples, SequenceLoader
+from hstu.data.errors import DataError
+from hstu.data.loader import Samples, SequenceLoader, gather_ranges
 from hstu.data.store import SequenceStore
 from hstu.data.stream import StreamPosition, Window, load_stream, make_source, save_stream
 from hstu.data.stream.core import ITEM_IDS_FILE, STATE_FILE, USER_IDS_FILE, write_json_atomic
 from hstu.data.user_store import Sequences, UserStore
+from hstu.embeddings import HstuEmbeddings
 from hstu.training.distributed import DistEnv
 from hstu.training.evaluate import evaluate
 from hstu.training.loop import MetricsWindow, Preemption
@@ -77,23 +70,20 @@ def window_store(seqs: Sequences, metadata: dict[str, Any]) -> SequenceStore:
     )
 
 
-def _new_rows(seqs: Sequences) -> tuple[np.ndarray, np.ndarray]:
-    """(user b [N], flat row [N]) of every new event of the window (N = sum num_new)."""
-    offsets = seqs.offsets.astype(np.int64)
-    first_new = offsets[1:] - seqs.num_new
-    b = np.repeat(np.arange(len(seqs.num_new), dtype=np.int64), seqs.num_new)
-    starts = np.repeat(first_new, seqs.num_new)
-    within = np.arange(len(b), dtype=np.int64) - np.repeat(
-        np.cumsum(seqs.num_new) - seqs.num_new, seqs.num_new
-    )
-    return b, starts + within
+def _runs(count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(b [N], j [N]), N = sum(count): entry j of the count[b] entries of each b, b ascending."""
+    b = np.repeat(np.arange(len(count), dtype=np.int64), count)
+    j = np.arange(len(b), dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)
+    return b, j
 
 
 def retrieval_eval_samples(seqs: Sequences, max_len: int) -> Samples:
     """One sample per new event with a history: the L items before it as the query's input,
     the event's item as the target (events of a user never seen before the first: none)."""
-    b, rows = _new_rows(seqs)
-    off = seqs.offsets[:-1].astype(np.int64)[b]
+    offsets = seqs.offsets.astype(np.int64)
+    b, j = _runs(seqs.num_new)
+    rows = (offsets[1:] - seqs.num_new)[b] + j  # the new events' flat rows
+    off = offsets[:-1][b]
     keep = rows > off
     b, rows, off = b[keep], rows[keep], off[keep]
     start = np.maximum(off, rows - max_len)
@@ -110,10 +100,7 @@ def retrieval_train_samples(seqs: Sequences, max_len: int) -> tuple[Samples, np.
     first_target = np.maximum(end - seqs.num_new, off + 1)
     targets = np.maximum(end - first_target, 0)
     step = max(max_len - 1, 1)
-    count = -(-targets // step)  # chunks per user (0 without targets)
-    b = np.repeat(np.arange(len(off), dtype=np.int64), count)
-    starts = np.cumsum(count) - count
-    within = np.arange(int(count.sum()), dtype=np.int64) - np.repeat(starts, count)
+    b, within = _runs(-(-targets // step))  # chunks per user (none without targets)
     t1 = end[b] - within * step  # one past the chunk's last target
     t0 = np.maximum(first_target[b], t1 - step)
     start = np.maximum(off[b], t1 - max_len)
@@ -128,11 +115,7 @@ def ranking_samples(seqs: Sequences, max_len: int, max_cands: int) -> Samples:
     offsets = seqs.offsets.astype(np.int64)
     off, end = offsets[:-1], offsets[1:]
     first = np.maximum(end - seqs.num_new, off + 1)
-    n = np.maximum(end - first, 0)
-    count = -(-n // max_cands)
-    b = np.repeat(np.arange(len(off), dtype=np.int64), count)
-    starts = np.cumsum(count) - count
-    within = np.arange(int(count.sum()), dtype=np.int64) - np.repeat(starts, count)
+    b, within = _runs(-(-np.maximum(end - first, 0) // max_cands))
     hist_end = first[b] + within * max_cands
     cand_end = np.minimum(hist_end + max_cands, end[b])
     start = np.maximum(off[b], hist_end - max_len)
@@ -155,13 +138,12 @@ class WindowLoader(SequenceLoader):
 
     @classmethod
     def over(cls, base: SequenceLoader, store: SequenceStore, samples: Samples, epoch: int,
-             first_trained: np.ndarray | None = None, per_rank: int | None = None,
-             num_real: int | None = None) -> WindowLoader:
+             per_rank: int, num_real: int, first_trained: np.ndarray | None = None,
+             ) -> WindowLoader:
         loader = copy.copy(base)
         loader.__class__ = cls
         loader.store, loader.samples = store, samples
-        loader.num_real = len(samples) if num_real is None else num_real
-        loader.samples_per_rank = len(samples) if per_rank is None else per_rank
+        loader.num_real, loader.samples_per_rank = num_real, per_rank
         loader.epoch, loader.batch_index = epoch, 0
         loader.drop_last = False  # every event of the window is trained
         loader.first_trained = first_trained
@@ -321,8 +303,7 @@ class OnlineTrainer:
             self.store = UserStore(work, self.max_len, env.rank, env.world_size)
         t.checkpoint.extra_files = self._stream_files
         self._saved_position: StreamPosition | None = None
-        sa = self.stream_args
-        self.publish_dir = sa.publish_dir or str(Path(run_dir) / "serving")
+        self.publish_dir = self.stream_args.publish_dir or str(Path(run_dir) / "serving")
         self._published_at = time.monotonic()
         self.last_checkpoint = ""
         self._pending_rows: list[tuple[int, str, dict[str, float]]] = []
@@ -439,9 +420,8 @@ class OnlineTrainer:
         the same on every rank)."""
         out: dict[str, float] = {}
         for module in self.trainer.model.sparse.modules():
-            stats = getattr(module, "stats", None)
-            if getattr(module, "remappers", None) and callable(stats):
-                for name, s in stats().items():
+            if isinstance(module, HstuEmbeddings):
+                for name, s in module.stats().items():
                     out[f"{name}_occupied"] = float(s["occupied"])
                     out[f"{name}_evicted"] = float(s["evicted_total"])
         return out
@@ -464,6 +444,15 @@ class OnlineTrainer:
             return kept
 
         self.trainer.logger.keep_rows(keep)
+
+    def _train_rows(self, window_metrics: MetricsWindow, steps: int) -> None:
+        """The ``train`` row of a window's ``steps`` steps (none without a step)."""
+        t = self.trainer
+        window_metrics.flush(t.step)
+        if steps:
+            self._pending_rows.append((t.step, "train", window_metrics.summarize(t.optimizer)))
+        else:
+            window_metrics.reset()
 
     def _flush_rows(self) -> None:
         for step, split, metrics in self._pending_rows:
@@ -504,15 +493,13 @@ class OnlineTrainer:
             return {"eval_events": 0.0}
         store, samples = work.store, work.eval_samples
         loader = WindowLoader.over(t.built.eval_loader, store, samples, self.windows_done,
-                                   per_rank=work.eval_per_rank, num_real=work.num_eval)
+                                   work.eval_per_rank, work.num_eval)
         dense = t.model.dense_module
         if cfg.task == "retrieval":
             # the items known so far (dense ids 1..K of the id map) are the corpus
             known = self.known_items + 1
             table = dense.num_items
             if known > table:
-                from hstu.data.errors import DataError
-
                 raise DataError(
                     "stream", f"{known - 1} distinct items, the item table has {table - 1} rows "
                     "for them (raise item/EmbeddingArgs.item_vocab_size_or_capacity)")
@@ -524,7 +511,8 @@ class OnlineTrainer:
             metrics["eval_events"] = float(work.eval_total)
         else:
             metrics = evaluate(t.model, loader, cfg, self.env, None)
-            labels = store.actions[_cand_rows(samples.select(np.arange(work.num_eval)))]
+            real = samples.select(np.arange(work.num_eval))
+            labels = store.actions[gather_ranges(real.hist_end, real.cand_end)]
             counts = _label_counts(labels, self.env.world_size)
             metrics["NE"] = metrics["loss"] / _entropy(counts)
             metrics["eval_events"] = float(counts.sum())
@@ -540,8 +528,7 @@ class OnlineTrainer:
             return 0
         loader = WindowLoader.over(t.built.train_loader, work.store, work.train_samples,
                                    self.windows_done if epoch is None else epoch,
-                                   work.first_trained,
-                                   per_rank=work.train_per_rank, num_real=work.num_train)
+                                   work.train_per_rank, work.num_train, work.first_trained)
         prepare = t._prepare_for_device()
         batches = iter(b if prepare is None else prepare(b) for b in loader)
         steps = 0
@@ -598,11 +585,7 @@ class OnlineTrainer:
         self.store.append(merged)
         self.windows_done += len(taken)
         self.events_done += 0 if self.events_done < 0 else consumed
-        window_metrics.flush(t.step)
-        if steps:
-            self._pending_rows.append((t.step, "train", window_metrics.summarize(t.optimizer)))
-        else:
-            window_metrics.reset()
+        self._train_rows(window_metrics, steps)
         self._pending_rows.append((t.step, STREAM_SPLIT, {
             "window": float(self.windows_done), "eval_events": 0.0, "events": float(consumed),
             "train_steps": float(steps), "trained_events": float(work.targets * sa.batch_epochs),
@@ -659,8 +642,7 @@ class OnlineTrainer:
             t.optimizer.set_lr_scale(self.stream_args.stream_lr_scale)
             for window in windows:
                 started = time.perf_counter()
-                seqs = self.store.sequences(window)
-                work = self.prepare_window(seqs)
+                work = self.prepare_window(self.store.sequences(window))
                 if self.events_done + window.num_events <= quiet_until:
                     metrics = {"eval_events": 0.0}
                 else:
@@ -671,12 +653,7 @@ class OnlineTrainer:
                 self.windows_done += 1
                 self.events_done += 0 if self.events_done < 0 else window.num_events
                 position = window.position_after
-                window_metrics.flush(t.step)
-                if steps:
-                    summary = window_metrics.summarize(t.optimizer)
-                    self._pending_rows.append((t.step, "train", summary))
-                else:
-                    window_metrics.reset()
+                self._train_rows(window_metrics, steps)
                 due = self.stream_args.publishes and self.stream_args.publish_due(
                     self.windows_done - 1, time.monotonic() - self._published_at)
                 # every rank stops (a signal on any) and publishes (due on any) at the same
@@ -685,17 +662,16 @@ class OnlineTrainer:
                 stop, due = (bool(x) for x in agreed[:, :2].max(axis=0))
                 # "window" first: a window's rows start with it (readers of metrics.csv split
                 # the rows into windows there)
-                rows = {"window": float(self.windows_done), **metrics}
-                rows.update(
-                    events=float(window.num_events),
-                    train_steps=float(steps), trained_events=float(trained),
-                    known_items=float(self.known_items),
-                    events_waiting=float(window.lag.events_waiting),
-                    seconds_behind=float(window.lag.seconds_behind),
-                    window_seconds=time.perf_counter() - started,
-                )
-                rows.update({f"rss_mib_rank{r}": kib / 1024 for r, kib in enumerate(agreed[:, 2])})
-                rows.update(self._table_rows())
+                rows = {
+                    "window": float(self.windows_done), **metrics,
+                    "events": float(window.num_events), "train_steps": float(steps),
+                    "trained_events": float(trained), "known_items": float(self.known_items),
+                    "events_waiting": float(window.lag.events_waiting),
+                    "seconds_behind": float(window.lag.seconds_behind),
+                    "window_seconds": time.perf_counter() - started,
+                    **{f"rss_mib_rank{r}": kib / 1024 for r, kib in enumerate(agreed[:, 2])},
+                    **self._table_rows(),
+                }
                 self._pending_rows.append((t.step, STREAM_SPLIT, rows))
                 last = metrics
                 t.logger.print(
@@ -770,12 +746,6 @@ def resident_kib() -> int:
         import resource
 
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-
-
-def _cand_rows(samples: Samples) -> np.ndarray:
-    from hstu.data.loader import gather_ranges
-
-    return gather_ranges(samples.hist_end, samples.cand_end)
 
 
 def _label_counts(labels: np.ndarray, world_size: int) -> np.ndarray:

@@ -101,7 +101,7 @@ def test_evicted_id_returns_with_fresh_row_never_another_ids_row() -> None:
     assert torch.equal(first_a, fresh_rows(torch.tensor([a]), 8, default_bound(2), table_seed(3, "item_table")))
     # "train" a's row: write something no fresh row can be
     weight = emb.ec.embeddings["item_table"].weight
-    slot_a = int(emb.remappers["item_table"]._find(torch.tensor([a]))[0])
+    slot_a = int(emb.remappers["item_table"].lookup(torch.tensor([a]))[0])
     with torch.no_grad():
         weight[slot_a] = 7.0
     _lookup(emb, [b])

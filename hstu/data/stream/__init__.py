@@ -1,12 +1,5 @@
-"""Online training's data side: a stream of events as windows (docs/online.md).
-
-    from hstu.data.stream import StreamPosition, make_source, save_stream, load_stream
-
-    source = make_source(stream_args, stop=stop_event)          # FolderStream or ReplayStream
-    position = load_stream(ckpt, source) if resuming else StreamPosition.start()
-    for window in source.windows(position):                     # Window: user/item/timestamp/rating
-        ...                                                     # evaluate, then train on it
-        save_stream(ckpt, window.position_after, source)        # with the checkpoint
+"""Online training's data side: a stream of events as windows (docs/online.md; its section
+"For the training loop" shows the calls in order).
 
 Sources: :class:`FolderStream` (a folder that partitions land in; bad partitions are set
 aside with a reason) and :class:`ReplayStream` (a finished dataset cut into windows). Ids

@@ -5,6 +5,7 @@ Legend: E events in a window, K ids known to an id map.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -247,33 +248,27 @@ class IdMap:
 # ----------------------------------------------------------------------------- files
 
 
-class atomic_path:
+@contextlib.contextmanager
+def atomic_path(dest: str | Path) -> Iterator[Path]:
     """``with atomic_path(dest) as tmp:`` write ``tmp``; on success it is fsynced and renamed
     onto ``dest`` (readers see the old file or the new one, never half of one); on an error
     the temporary file is removed."""
-
-    def __init__(self, dest: str | Path) -> None:
-        self.dest = Path(dest)
-
-    def __enter__(self) -> Path:
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(
-            dir=self.dest.parent, prefix=f".{self.dest.name}.", suffix=".tmp"
-        )
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
         os.close(fd)
-        self.tmp = Path(name)
-        return self.tmp
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is not None:
-            self.tmp.unlink(missing_ok=True)
-            return
-        fd = os.open(self.tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(self.tmp, self.dest)
+    os.replace(tmp, dest)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

@@ -25,7 +25,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +97,6 @@ class _Loaded:
     item: np.ndarray  # [R]
     seconds: np.ndarray  # [R] int64
     rating: np.ndarray | None  # [R] float64
-    files: list[str] = field(default_factory=list)
 
     @property
     def rows(self) -> int:
@@ -190,7 +189,7 @@ class FolderStream:
         extra_columns: columns a partition may hold that are not read.
         stop: a threading.Event or a callable; once set / true, ``windows`` returns at the
             next window or poll.
-        clock, sleep: time source and wait (tests pass fast ones).
+        clock: the time source (tests pass a fast one).
     """
 
     def __init__(
@@ -468,8 +467,7 @@ class FolderStream:
             )
         for key, idmap in (("user", self.users), ("item", self.items)):
             for p, f, roles in zip(parts, files, roles_of):  # text ids cannot join integer ids
-                if p.data[key].dtype.kind not in "iu":
-                    idmap.check(p.data[key], str(f), roles[key])
+                idmap.check(p.data[key], str(f), roles[key])
         for key in ("user", "item"):  # integer ids in one file and text in another: text
             if len({p.data[key].dtype.kind in "iu" for p in parts}) > 1:
                 for p in parts:
@@ -494,7 +492,7 @@ class FolderStream:
         seconds = t // 1000 if self.columns.timestamp_unit == "ms" else t
         rating = log.data["action"].astype(np.float64) if any(with_rating) else None
         return _Loaded(name, done_time, digest, log.data["user"], log.data["item"],
-                       seconds.astype(np.int64), rating, [str(f) for f in files])
+                       seconds.astype(np.int64), rating)
 
     def _load(self, part: _Partition) -> _Loaded | None:
         """The partition read and checked, and entered in the ledger; None (set aside) when bad."""

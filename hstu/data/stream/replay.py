@@ -95,15 +95,13 @@ def events_of_processed(folder: str | Path) -> Events:
 
 
 def _window_names(keys: np.ndarray, window: str) -> list[str]:
-    """Names of the windows with calendar keys ``keys`` [W] (days or hours since 1970)."""
-    out = []
-    for k in keys.tolist():
-        if window in ("day", "hour"):
-            seconds, fmt = (86400, "%Y-%m-%d") if window == "day" else (3600, "%Y-%m-%dT%H")
-            out.append(dt.datetime.fromtimestamp(k * seconds, tz=dt.timezone.utc).strftime(fmt))
-        else:
-            out.append(f"events-{k:09d}")
-    return out
+    """Names of the windows with keys ``keys`` [W]: days or hours since 1970, or the window
+    numbers of ``window == "events"``."""
+    if window == "events":
+        return [f"events-{k:09d}" for k in keys.tolist()]
+    seconds, fmt = (86400, "%Y-%m-%d") if window == "day" else (3600, "%Y-%m-%dT%H")
+    utc = dt.timezone.utc
+    return [dt.datetime.fromtimestamp(k * seconds, tz=utc).strftime(fmt) for k in keys.tolist()]
 
 
 class ReplayStream:
