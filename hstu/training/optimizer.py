@@ -43,24 +43,13 @@ def build_dense_optimizer(
     ``fused``: torch's fused kernels, which skip a step on a device-side overflow flag (the
     float16 loss scaler's ``found_inf``) without a host sync."""
     params = list(params)
-    extra = {"fused": True} if fused else {}
-    if args.optimizer_str == "adam":
-        return torch.optim.Adam(
-            params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_eps, weight_decay=args.weight_decay, **extra,
-        )
-    if args.optimizer_str == "adamw":
-        return torch.optim.AdamW(
-            params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_eps, weight_decay=args.weight_decay, **extra,
-        )
-    return torch.optim.SGD(params, lr=args.learning_rate, weight_decay=args.weight_decay, **extra)
-
-
-def _counted_once(p: torch.nn.Parameter, tp_rank: int) -> bool:
-    """Megatron's rule: a tensor-parallel shard counts on every rank, a parameter replicated
-    over the TP group only on TP rank 0."""
-    return bool(getattr(p, "tensor_model_parallel", False)) or tp_rank == 0
+    common: dict[str, Any] = {"lr": args.learning_rate, "weight_decay": args.weight_decay}
+    if fused:
+        common["fused"] = True
+    if args.optimizer_str in ("adam", "adamw"):
+        adam = torch.optim.Adam if args.optimizer_str == "adam" else torch.optim.AdamW
+        return adam(params, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, **common)
+    return torch.optim.SGD(params, **common)
 
 
 class DynamicLossScaler:
@@ -79,70 +68,55 @@ class DynamicLossScaler:
                  min_scale: float = 1.0, device: torch.device | str = "cpu") -> None:
         self.growth_interval = growth_interval
         self.min_scale = min_scale
-        self.device = torch.device(device)
-        self._scale = torch.full((1,), float(init_scale), dtype=torch.float32, device=self.device)
-        self._clean = torch.zeros(1, dtype=torch.int32, device=self.device)
-        self._skipped = torch.zeros(1, dtype=torch.int64, device=self.device)
+        # [1] float32 on the device: what the loss is multiplied by this step
+        self.scale_tensor = torch.full((1,), float(init_scale), dtype=torch.float32, device=device)
+        self._clean = torch.zeros(1, dtype=torch.int32, device=device)
+        self._skipped = torch.zeros(1, dtype=torch.int64, device=device)
         # 1.0 where this step's gradients overflowed (after the all-reduce over the world)
-        self.found_inf = torch.zeros(1, dtype=torch.float32, device=self.device)
-
-    @property
-    def scale_tensor(self) -> torch.Tensor:
-        """[1] float32 on the device: what the loss is multiplied by this step."""
-        return self._scale
+        self.found_inf = torch.zeros(1, dtype=torch.float32, device=device)
 
     @property
     def scale(self) -> float:
-        return float(self._scale.item())
+        return float(self.scale_tensor.item())
 
     @scale.setter
     def scale(self, value: float) -> None:
-        self._scale.fill_(float(value))
+        self.scale_tensor.fill_(float(value))
 
     @property
     def skipped_steps(self) -> int:
         return int(self._skipped.item())
 
-    @property
-    def clean_steps(self) -> int:
-        return int(self._clean.item())
-
     def inverse(self) -> torch.Tensor:
         """[1] float32: 1 / scale (exact: a power of two)."""
-        return self._scale.double().reciprocal().float()
+        return self.scale_tensor.double().reciprocal().float()
 
     @torch.no_grad()
-    def unscale_(self, grads: list[torch.Tensor],
-                 group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    def unscale_(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """Divides ``grads`` by the scale in place; returns ``found_inf`` ([1], 1.0 if any
-        gradient of any rank of ``group`` (the world when None) is not finite)."""
+        gradient of any rank is not finite)."""
         self.found_inf.zero_()
         if grads:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, self.inverse())
-        if dist.is_initialized() and dist.get_world_size(group) > 1:
-            dist.all_reduce(self.found_inf, op=dist.ReduceOp.MAX, group=group)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(self.found_inf, op=dist.ReduceOp.MAX)
         return self.found_inf
 
     @torch.no_grad()
-    def update(self, found_inf: torch.Tensor | bool | None = None) -> None:
-        """Halves the scale after an overflow (never below ``min_scale``), doubles it after
-        ``growth_interval`` clean steps; ``found_inf`` defaults to the last :meth:`unscale_`."""
-        if found_inf is None:
-            found_inf = self.found_inf
-        elif not isinstance(found_inf, torch.Tensor):
-            found_inf = torch.full((1,), float(found_inf), device=self.device)
-        found_inf = found_inf.reshape(1).to(torch.float32)
-        torch._amp_update_scale_(self._scale, self._clean, found_inf, 2.0, 0.5,
+    def update(self, found_inf: torch.Tensor) -> None:
+        """Halves the scale after an overflow (``found_inf`` [1] 1.0; never below
+        ``min_scale``), doubles it after ``growth_interval`` clean steps."""
+        torch._amp_update_scale_(self.scale_tensor, self._clean, found_inf, 2.0, 0.5,
                                  self.growth_interval)
-        self._scale.clamp_(min=self.min_scale)
+        self.scale_tensor.clamp_(min=self.min_scale)
         self._skipped += found_inf.to(torch.int64)
 
     def state_dict(self) -> dict:
-        return {"scale": self.scale, "clean_steps": self.clean_steps,
+        return {"scale": self.scale, "clean_steps": int(self._clean.item()),
                 "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self._scale.fill_(float(state["scale"]))
+        self.scale_tensor.fill_(float(state["scale"]))
         # older checkpoints counted clean steps without resetting at each doubling
         self._clean.fill_(int(state["clean_steps"]) % self.growth_interval)
         self._skipped.fill_(int(state["skipped_steps"]))
@@ -218,10 +192,6 @@ class OptimizerContainer(torch.optim.Optimizer):
     def lr(self) -> float:
         return self.dense.param_groups[0]["lr"]
 
-    @property
-    def has_masters(self) -> bool:
-        return bool(self._master_of)
-
     def master_of(self, p: torch.nn.Parameter) -> torch.Tensor | None:
         """The float32 master of a half-precision parameter (None for float32 ones)."""
         return self._master_of.get(id(p))
@@ -282,7 +252,8 @@ class OptimizerContainer(torch.optim.Optimizer):
         device = pairs[0][1].grad.device if pairs else torch.device("cpu")
         sq = torch.zeros((), dtype=torch.float32, device=device)
         for p, m in pairs:
-            if _counted_once(p, self.tp_rank):
+            # Megatron's rule: a TP shard counts on every rank, a replicated parameter on rank 0
+            if getattr(p, "tensor_model_parallel", False) or self.tp_rank == 0:
                 sq += m.grad.float().pow(2).sum()
         if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
             dist.all_reduce(sq, group=self.tp_group)
@@ -344,14 +315,11 @@ class OptimizerContainer(torch.optim.Optimizer):
         self._set_lr(lr_at(self.num_steps, self.args, self.total_steps))
 
     def load_state_dict(self, state: dict) -> None:  # type: ignore[override]
-        self.dense.load_state_dict(state["dense"])
-        self._keep_fused()
-        self.num_steps = int(state["num_steps"])
-        if "loss_scaler" in state and self.scaler is not None:
-            self.scaler.load_state_dict(state["loss_scaler"])
         for opt, opt_state in zip(self.sparse or [], state.get("sparse", [])):
             opt.load_state_dict(opt_state)
-        self._set_lr(lr_at(self.num_steps, self.args, self.total_steps))
+        self.load_dense_state_dict(
+            state["dense"], int(state["num_steps"]), state.get("loss_scaler")
+        )
 
     def _keep_fused(self) -> None:
         """A loaded optimizer state carries its saving run's kernel choice: float16 needs the
@@ -359,14 +327,6 @@ class OptimizerContainer(torch.optim.Optimizer):
         if self.scaler is not None:
             for group in self.dense.param_groups:
                 group.update(fused=True, foreach=None)
-
-    @torch.no_grad()
-    def reload_masters(self) -> None:
-        """After the model's half-precision weights were loaded (e.g. from a float32 master
-        state), re-derive masters from them; :meth:`load_masters` restores exact fp32 values."""
-        for p, m in zip(self.params, self.masters):
-            if m is not p:
-                m.copy_(p.float())
 
     @torch.no_grad()
     def load_masters(self, values: dict[int, torch.Tensor]) -> None:
