@@ -95,6 +95,15 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def _gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (rank order)."""
+    if _world() == 1:
+        return [obj]
+    out: list[Any] = [None] * _world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
@@ -102,11 +111,7 @@ def _barrier() -> None:
 
 def agree(problem: str | None, name_rank: bool = True) -> None:
     """Raises CheckpointError on every rank if any rank has a problem (the lowest rank's)."""
-    problems = [problem]
-    if _world() > 1:
-        problems = [None] * _world()
-        dist.all_gather_object(problems, problem)
-    for rank, p in enumerate(problems):
+    for rank, p in enumerate(_gather(problem)):
         if p is not None:
             where = f" (rank {rank})" if name_rank and _world() > 1 and "rank " not in p else ""
             raise CheckpointError(p + where)
@@ -386,10 +391,7 @@ def _write_files(tmp: str, state: CheckpointState, place: RankPlace) -> None:
     problem = None
     # free space before writing: every rank's files land under one checkpoint folder
     need = state_bytes(state.sharded, rng) + (state_bytes(state.dense) if place.dp_rank == 0 else 0)
-    if _world() > 1:
-        needs = [None] * _world()
-        dist.all_gather_object(needs, need)
-        need = sum(needs)
+    need = sum(_gather(need))
     free = shutil.disk_usage(tmp).free
     if rank == 0 and need > free:
         problem = f"step {step}: cannot write checkpoint files: {no_space_line(tmp, need, free)}"
@@ -437,10 +439,7 @@ def _write_files(tmp: str, state: CheckpointState, place: RankPlace) -> None:
         except OSError as exc:
             problem = f"step {step}: cannot write checkpoint file {failed(exc)}"
     agree(problem)
-    gathered = [files]
-    if _world() > 1:
-        gathered = [None] * _world()
-        dist.all_gather_object(gathered, files)
+    gathered = _gather(files)
     if rank == 0:
         manifest = {"step": meta.get("step"), "world_size": _world(), "files": {}}
         for part in gathered:
@@ -518,20 +517,25 @@ def verify(folder: str, checksums: bool = True) -> None:
     agree(problem, name_rank=False)
 
 
-def newest_complete(root: str, accept: Callable[[str], bool] | None = None) -> str | None:
-    """The complete checkpoint of the highest step under ``root`` (``iter_<n>``, or the
-    ``iter_<n>.old`` a same-step save left if killed between its two renames); None if none.
-    Local (no collectives); sizes only unless ``accept`` checks more."""
+def checkpoint_folders(root: str) -> list[str]:
+    """The ``iter_<n>`` folders under ``root``, and the ``iter_<n>.old`` a same-step save left
+    if killed between its two renames: highest step first, ``iter_<n>`` before its ``.old``."""
     if not os.path.isdir(root):
-        return None
-    candidates = []
+        return []
+    found = []
     for name in os.listdir(root):
-        base = name.removesuffix(".old")
-        step = step_of(base)
-        if step is not None and os.path.isdir(os.path.join(root, name)):
-            candidates.append((step, not name.endswith(".old"), os.path.join(root, name)))
-    for _, _, path in sorted(candidates, reverse=True):
-        if check_files(path, checksums=False) is None and (accept is None or accept(path)):
+        step = step_of(name.removesuffix(".old"))
+        path = os.path.join(root, name)
+        if step is not None and os.path.isdir(path):
+            found.append((step, not name.endswith(".old"), path))
+    return [path for _, _, path in sorted(found, reverse=True)]
+
+
+def newest_complete(root: str) -> str | None:
+    """The complete checkpoint (sizes only) of the highest step under ``root``
+    (:func:`checkpoint_folders`); None if none. Local (no collectives)."""
+    for path in checkpoint_folders(root):
+        if check_files(path, checksums=False) is None:
             return path
     return None
 
@@ -595,12 +599,8 @@ def model_keys(sharded_state: dict[str, Any]) -> dict[str, tuple[int, ...] | Non
     ranks is the model's full key set (every table lives on some rank), the same set DCP
     writes into a checkpoint's ``.metadata``."""
     mine = {key: _global_shape(value) for key, value in _flatten(sharded_state).items()}
-    if _world() == 1:
-        return mine
-    every: list[Any] = [None] * _world()
-    dist.all_gather_object(every, mine)
     union: dict[str, tuple[int, ...] | None] = {}
-    for part in every:
+    for part in _gather(mine):
         for key, shape in part.items():
             if union.get(key) is None:
                 union[key] = shape
@@ -642,15 +642,20 @@ def check_sharded_keys(
     return None
 
 
-def read_meta(ckpt: str) -> dict[str, Any]:
-    """``meta.pt`` of a checkpoint folder (collective: a problem is raised on every rank)."""
-    meta, problem = {}, None
+def _read_agreed(paths: list[str]) -> list[Any]:
+    """Each file of ``paths`` (collective: any rank's problem is raised on every rank)."""
+    out, problem = [], None
     try:
-        meta = _read(os.path.join(ckpt, "meta.pt"))
+        out = [_read(path) for path in paths]
     except CheckpointError as exc:
         problem = str(exc)
     agree(problem)
-    return meta
+    return out
+
+
+def read_meta(ckpt: str) -> dict[str, Any]:
+    """``meta.pt`` of a checkpoint folder (collective)."""
+    return _read_agreed([os.path.join(ckpt, "meta.pt")])[0]
 
 
 def load_sharded(ckpt: str, sharded_state: dict[str, Any], allow_unused: bool = False) -> None:
@@ -669,13 +674,7 @@ def load_sharded(ckpt: str, sharded_state: dict[str, Any], allow_unused: bool = 
 
 def read_dense(ckpt: str, tp_ranks: list[int]) -> list[dict[str, Any]]:
     """The ``dense_tp<r>.pt`` of every TP rank in ``tp_ranks`` (collective)."""
-    dense, problem = [], None
-    try:
-        dense = [_read(os.path.join(ckpt, f"dense_tp{r}.pt")) for r in tp_ranks]
-    except CheckpointError as exc:
-        problem = str(exc)
-    agree(problem)
-    return dense
+    return _read_agreed([os.path.join(ckpt, f"dense_tp{r}.pt") for r in tp_ranks])
 
 
 def load_checkpoint(path: str, sharded_state: dict[str, Any], place: RankPlace) -> CheckpointState:
@@ -695,12 +694,8 @@ def load_checkpoint(path: str, sharded_state: dict[str, Any], place: RankPlace) 
         )
     agree(problem, name_rank=False)
     load_sharded(ckpt, sharded_state)
-    dense = rng = None
-    try:
-        dense = _read(os.path.join(ckpt, f"dense_tp{place.tp_rank}.pt"))
-        if place.rank < int(meta.get("world_size", 1)):  # a rank the saved run had: its file
-            rng = _read(os.path.join(ckpt, f"rng_rank{place.rank}.pt"))
-    except CheckpointError as exc:
-        problem = str(exc)
-    agree(problem)
-    return CheckpointState(sharded_state, dense, meta, rng)
+    paths = [os.path.join(ckpt, f"dense_tp{place.tp_rank}.pt")]
+    if place.rank < int(meta.get("world_size", 1)):  # a rank the saved run had: its file
+        paths.append(os.path.join(ckpt, f"rng_rank{place.rank}.pt"))
+    dense, *rng = _read_agreed(paths)
+    return CheckpointState(sharded_state, dense, meta, rng[0] if rng else None)

@@ -142,22 +142,13 @@ class DenseState:
         """Top-level submodules other than the embedding tables (those go through DCP)."""
         from hstu.embeddings import EmbeddingsByDim, HstuEmbeddings
 
-        if not isinstance(self.model.sparse, (HstuEmbeddings, EmbeddingsByDim)):
-            raise TypeError("model.sparse must hold the embedding tables")
+        assert isinstance(self.model.sparse, (HstuEmbeddings, EmbeddingsByDim))
         dense = self.model.dense_module
-        out = {}
-        for name, child in dense.named_children():
-            if any(isinstance(m, HstuEmbeddings) for m in child.modules()):
-                raise TypeError(
-                    f"model.dense.{name} nests embedding tables; checkpointing expects them "
-                    "in model.sparse"
-                )
-            out[name] = child
-        if any(True for _ in dense.parameters(recurse=False)):
-            raise TypeError(
-                "the dense module has parameters outside its submodules; checkpointing "
-                "cannot place them"
-            )
+        assert not list(dense.parameters(recurse=False)), "parameters outside the submodules"
+        out = dict(dense.named_children())
+        for name, child in out.items():
+            tables = any(isinstance(m, HstuEmbeddings) for m in child.modules())
+            assert not tables, f"model.dense.{name} nests embedding tables (not in model.sparse)"
         return out
 
     def _master_of(self, p: torch.nn.Parameter) -> torch.Tensor | None:
@@ -203,12 +194,6 @@ class DenseState:
                     masters[id(p)] = weights[name][pname].float()
         if self.optimizer is not None:
             self.optimizer.load_masters(masters)
-
-    def load_state_dict(self, state: dict[str, Any], where: str) -> None:
-        self.load_weights(state["model"], where)
-        self.optimizer.load_dense_state_dict(
-            state["optimizer"], int(state["num_steps"]), state.get("loss_scaler")
-        )
 
 
 class LoaderPosition:

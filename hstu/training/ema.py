@@ -1,38 +1,23 @@
-"""Exponential moving average of the weights (``TrainerArgs.ema_decay``).
+"""Exponential moving average of the weights (``TrainerArgs.ema_decay``; what it covers, how
+it is evaluated, saved and exported: docs/training.md, "Weight average").
 
-After every optimizer step ``avg <- avg + (1 - d_t) (w - avg)`` over every weight the
-optimizers update: the dense parameters (their float32 masters under bfloat16/float16) and
-this rank's part of every embedding table (data-parallel tables whole, model-parallel ones
-their local shards). ``d_t = min(decay, (1 + t) / (10 + t))`` after t updates, so the
-average forgets the initial weights within the first steps instead of being pulled towards
-them for ~1 / (1 - decay) steps. Evaluation and the best checkpoint (hence the test split)
-use the average (:meth:`WeightAverage.swapped`); training always continues from the raw
-weights. The average is float32 and lives beside the weights (one more copy of them).
+After every optimizer step ``avg <- avg + (1 - d_t) (w - avg)``, ``d_t = min(decay, (1 + t) /
+(10 + t))`` after t updates. Dense parameters (their float32 masters under half precision)
+and data_parallel tables are updated eagerly.
 
-Tables of FBGEMM's fused kernels (model_parallel and dynamic tables) are averaged lazily: a
-step changes only the rows it looks up, and between two changes a row's weight w is
+Tables of FBGEMM's fused kernels are averaged lazily: between two changes a row's weight w is
 constant, so k updates compose to ``avg <- w + P (avg - w)`` with P the product of their
-decays. Each row keeps the update from which its average follows its current weight
-(``last``, int64 [R]): the average after update k is ``w + P(last..k) (avg - w)``. A row
-that step n looks up is caught up to n in the kernel's forward (with the weight it has had
-since its last change, before backward changes it) and gets ``last = n``: from update n on
-it follows the weight after the step, so the step's own update needs no pass over its rows
-(``update()`` only counts). Every row is caught up when the average is read (evaluation, a
-save). P = exp(L(k) - L(last)) with L(k) = sum_{t<k} log d_t in closed form (``lgamma``
-for the warm-up part, then k log decay), in float64: exact to rounding. Dense
-parameters and data_parallel tables (small, replicated, and changed by every rank's ids)
-keep the eager update. Evaluation swaps the average into the weights in place, a chunk of
-rows at a time, so no copy of the weights is made (float32 weights and masters; a table
-kept in half precision has its raw weights copied aside while swapped).
+decays. Each row keeps ``last`` (int64 [R]), the update from which its average follows its
+current weight: the average after update k is ``w + P(last..k) (avg - w)``. A row that step n
+looks up is caught up to n in the kernel's forward (before backward changes it) and gets
+``last = n``, so ``update()`` only counts for it. Every row is caught up when the average is
+read (evaluation, a save), so a save's rows all have ``last == ema_updates`` and ``last`` is
+not saved. P = exp(L(k) - L(last)) with L(k) = sum_{t<k} log d_t in closed form (``lgamma``
+for the warm-up part, then k log decay), float64.
 
-Checkpoints carry it (exact resume, any world size): the dense part in the dense file
-(``"ema"``: child -> parameter -> tensor, like ``"model"``; ``"ema_updates"``), the tables'
-part through DCP under ``embeddings_ema.<weight key>``
-(``hstu.training.checkpoint.EMA_TABLES_KEY``), sharded like the weight itself, so a resume on
-another world size reshards it as it reshards the tables. A save reads the average, so every
-row is caught up first: the rows' ``last`` then all equal ``ema_updates`` and are not saved. A
-weights-only load (``hstu.training.checkpoint_manager.load_weights``, which ``hstu.export`` uses) of
-a checkpoint that has an average takes the average.
+Checkpoints: the dense part in the dense file (``"ema"``: child -> parameter -> tensor, like
+``"model"``; ``"ema_updates"``), the tables' part through DCP under
+``hstu.training.checkpoint.EMA_TABLES_KEY``, sharded like the weight itself.
 """
 
 from __future__ import annotations
@@ -128,8 +113,7 @@ class WeightAverage:
         self, dense: dict[str, nn.Module], tables: dict[str, Any], optimizer: Any,
         decay: float, model: nn.Module | None = None,
     ) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"ema decay must be in (0, 1), got {decay}")
+        assert 0.0 < decay < 1.0, decay  # TrainerArgs.ema_decay, checked in hstu.args
         self.decay = decay
         self.num_updates = 0
         # d_t = (1 + t) / (10 + t) for t < warm, decay from then on
@@ -269,9 +253,8 @@ class WeightAverage:
         """The looked-up ``rows`` [N] (repeats allowed) caught up to ``num_updates`` with the
         weight they have had since their last change, before backward changes them; from
         this update on their average follows the weight after the step. A row caught up
-        twice in one step gets a product of 1 (lerp returns its average bitwise). The rows
-        are sorted first: gathers and writes in row order touch the table's memory in order
-        (on a CPU, a 500k-row write into a 1M x 64 table: 4x faster than in lookup order)."""
+        twice in one step gets a product of 1 (lerp returns its average bitwise). Sorted rows:
+        memory touched in order (docs/performance.md, "Weight average on a large table")."""
         rows = torch.sort(rows).values
         n = self.num_updates
         since = self._log_decays(entry.last.index_select(0, rows))
@@ -322,22 +305,17 @@ class WeightAverage:
             self._catch_up(entry)
 
     # ------------------------------------------------------------------ updates
-    def current_decay(self) -> float:
-        t = self.num_updates
-        return min(self.decay, (1.0 + t) / (10.0 + t))
-
     @torch.no_grad()
     def update(self) -> None:
         """After an optimizer step: move the average towards the weights (dense parameters
         and replicated tables every element; fused tables' rows were caught up when looked
         up and follow their new weight from this update on: nothing to do per row)."""
-        weight = 1.0 - self.current_decay()
-        shadows = [self.shadow[i] for i in self._eager]
-        live = [self._live[i] for i in self._eager]
+        t = self.num_updates
+        weight = 1.0 - min(self.decay, (1.0 + t) / (10.0 + t))
         with torch.autograd.profiler.record_function(PROFILE_LABEL):
-            live = [t if t.dtype == torch.float32 else t.float() for t in live]
-            if shadows:
-                torch._foreach_lerp_(shadows, live, weight)
+            if self._eager:
+                shadows = [self.shadow[i] for i in self._eager]
+                torch._foreach_lerp_(shadows, [self._live[i].float() for i in self._eager], weight)
         self.num_updates += 1
 
     @torch.no_grad()

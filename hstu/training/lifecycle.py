@@ -174,20 +174,9 @@ class CheckpointLifecycle:
 
     def _newest_verified(self, root: str, required: bool) -> str | None:
         candidates: list[str] = []
-        if _is_main() and os.path.isdir(root):
-            steps = []
-            for name in os.listdir(root):
-                base = name.removesuffix(".old")
-                step = ckpt.step_of(base)
-                path = os.path.join(root, name)
-                complete = os.path.isfile(os.path.join(path, ckpt.MANIFEST)) or os.path.isfile(
-                    os.path.join(path, "meta.pt")
-                )
-                if step is not None and not name.endswith(".tmp") and complete:
-                    steps.append((step, not name.endswith(".old"), os.path.join(root, name)))
-            candidates = [p for _, _, p in sorted(steps, reverse=True)]
-        candidates = _broadcast(candidates)
-        for path in candidates:
+        if _is_main():
+            candidates = [p for p in ckpt.checkpoint_folders(root) if ckpt.is_checkpoint_dir(p)]
+        for path in _broadcast(candidates):
             try:
                 ckpt.verify(path)
                 return path
@@ -233,9 +222,8 @@ class CheckpointLifecycle:
         if os.path.realpath(os.path.dirname(path)) == os.path.realpath(self.root):
             self.last_saved = (step, path)
 
-    def prune(self) -> list[str]:
+    def prune(self) -> None:
         """Removes all but the newest ``keep_last_n`` complete checkpoints (never the latest)."""
-        removed: list[str] = []
         if self.keep_last_n is not None and _is_main() and os.path.isdir(self.root):
             complete = []
             for name in os.listdir(self.root):
@@ -250,7 +238,5 @@ class CheckpointLifecycle:
             for _, path in complete:
                 if path not in keep:
                     shutil.rmtree(path, ignore_errors=True)
-                    removed.append(os.path.basename(path))
             ckpt.fsync_dir(self.root)
         _barrier()
-        return removed
