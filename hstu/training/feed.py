@@ -27,8 +27,6 @@ import torch
 from hstu.training.cpu_placement import lower_this_thread
 from hstu.training.flops import step_flops
 
-_DONE = object()
-
 
 class BatchCost(NamedTuple):
     """What one training batch holds: tokens (with contextual and action tokens), the HSTU

@@ -39,11 +39,6 @@ _PEER_LOST = (
 )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:200]
-
-
 def _lost_peer(exc: BaseException) -> bool:
     text = str(exc)
     return isinstance(exc, (RuntimeError, dist.DistError)) and any(m in text for m in _PEER_LOST)
@@ -87,8 +82,9 @@ def run(cfg: RunConfig) -> int:
     except Exception as exc:  # noqa: BLE001
         if _lost_peer(exc):
             # another rank died (killed, OOM, its own error above): one line, not a traceback
+            text = " ".join(str(exc).split())[:200]
             print(
-                f"error: rank {env.rank}: lost contact with another rank ({_first_line(exc)}); "
+                f"error: rank {env.rank}: lost contact with another rank ({text}); "
                 "resume with TrainerArgs.ckpt_load_dir=\"auto\" or relaunch with torchrun "
                 "--max-restarts",
                 file=sys.stderr,
