@@ -38,10 +38,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem
+
+from hstu.training.distributed import barrier, gather_objects, rank_and_world
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -91,30 +92,13 @@ class CheckpointState:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _gather(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (rank order)."""
-    if _world() == 1:
-        return [obj]
-    out: list[Any] = [None] * _world()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 def agree(problem: str | None, name_rank: bool = True) -> None:
     """Raises CheckpointError on every rank if any rank has a problem (the lowest rank's)."""
-    for rank, p in enumerate(_gather(problem)):
+    problems = gather_objects(problem)
+    for rank, p in enumerate(problems):
         if p is not None:
-            where = f" (rank {rank})" if name_rank and _world() > 1 and "rank " not in p else ""
-            raise CheckpointError(p + where)
+            named = name_rank and len(problems) > 1 and "rank " not in p
+            raise CheckpointError(p + (f" (rank {rank})" if named else ""))
 
 
 def describe_os_error(exc: BaseException, path: str | None = None) -> str:
@@ -391,7 +375,7 @@ def _write_files(tmp: str, state: CheckpointState, place: RankPlace) -> None:
     problem = None
     # free space before writing: every rank's files land under one checkpoint folder
     need = state_bytes(state.sharded, rng) + (state_bytes(state.dense) if place.dp_rank == 0 else 0)
-    need = sum(_gather(need))
+    need = sum(gather_objects(need))
     free = shutil.disk_usage(tmp).free
     if rank == 0 and need > free:
         problem = f"step {step}: cannot write checkpoint files: {no_space_line(tmp, need, free)}"
@@ -439,9 +423,9 @@ def _write_files(tmp: str, state: CheckpointState, place: RankPlace) -> None:
         except OSError as exc:
             problem = f"step {step}: cannot write checkpoint file {failed(exc)}"
     agree(problem)
-    gathered = _gather(files)
+    gathered = gather_objects(files)
     if rank == 0:
-        manifest = {"step": meta.get("step"), "world_size": _world(), "files": {}}
+        manifest = {"step": meta.get("step"), "world_size": len(gathered), "files": {}}
         for part in gathered:
             manifest["files"].update(part)
         try:
@@ -469,7 +453,7 @@ def _swap_into_place(tmp: str, final: str) -> None:
 def _discard(tmp: str, rank: int) -> None:
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    _barrier()
+    barrier()
 
 
 # ----------------------------------------------------------------------------- checking
@@ -511,8 +495,7 @@ def verify(folder: str, checksums: bool = True) -> None:
         problem = check_files(folder)
     else:
         names = sorted(manifest["files"])
-        world = _world()
-        rank = dist.get_rank() if dist.is_initialized() else 0
+        rank, world = rank_and_world()
         problem = check_files(folder, checksums, names[rank::world])
     agree(problem, name_rank=False)
 
@@ -600,7 +583,7 @@ def model_keys(sharded_state: dict[str, Any]) -> dict[str, tuple[int, ...] | Non
     writes into a checkpoint's ``.metadata``."""
     mine = {key: _global_shape(value) for key, value in _flatten(sharded_state).items()}
     union: dict[str, tuple[int, ...] | None] = {}
-    for part in _gather(mine):
+    for part in gather_objects(mine):
         for key, shape in part.items():
             if union.get(key) is None:
                 union[key] = shape

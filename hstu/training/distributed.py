@@ -125,6 +125,34 @@ def init_distributed(tp_size: int = 1, timeout_s: int = 600) -> DistEnv:
     )
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the world size) of the default group; (0, 1) without one."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order (pickled over the default group)."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    holder = [obj]
+    if rank_and_world()[1] > 1:
+        dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def barrier() -> None:
+    if rank_and_world()[1] > 1:
+        dist.barrier()
+
+
 def restart_count() -> int:
     """How many times torchrun restarted this job's workers (0 on the first attempt)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)

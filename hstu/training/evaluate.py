@@ -24,7 +24,7 @@ from hstu.model.retrieval import (
     eval_block_items,
     merge_top,
 )
-from hstu.training.distributed import DistEnv
+from hstu.training.distributed import DistEnv, gather_objects, rank_and_world
 
 
 def _restart(loader: Any) -> None:
@@ -44,31 +44,15 @@ def evaluate(
     return _evaluate_ranking(model, loader, cfg, env, max_iters)
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (rank order)."""
-    _rank, world = _world()
-    if world == 1:
-        return [obj]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _gather(t: torch.Tensor) -> torch.Tensor:
     """Concatenates a 1-D/2-D tensor of varying length from every rank (on CPU)."""
-    return torch.cat(_gather_objects(t.cpu()))
+    return torch.cat(gather_objects(t.cpu()))
 
 
 def _mean_loss(loss_sum: float, count: int) -> float:
     """The mean of every rank's summed losses over their total count."""
     stats = torch.tensor([loss_sum, count], dtype=torch.float64)
-    if _world()[1] > 1:
+    if rank_and_world()[1] > 1:
         dist.all_reduce(stats)
     return stats[0].item() / max(stats[1].item(), 1)
 
@@ -76,7 +60,7 @@ def _mean_loss(loss_sum: float, count: int) -> float:
 def _all_reduce_host(t: torch.Tensor, op) -> torch.Tensor:
     """``t`` reduced over the world on the host (the default group's host backend)."""
     host = t.cpu()
-    if _world()[1] > 1:
+    if rank_and_world()[1] > 1:
         dist.all_reduce(host, op=op)
     return host.to(t.device)
 
@@ -209,9 +193,9 @@ def rank_corpus(model: Any, own: tuple[torch.Tensor, ...], budget_bytes: int,
     (hstu.model.retrieval, "sharded full-corpus ranking"). ``own``: this rank's (queries,
     targets, history ids, their rows) from :func:`_own_queries`. Returns (target ranks of
     this rank's own queries [n], (top scores, top ids) [n, top_k] or None)."""
-    rank, world = _world()
+    rank, world = rank_and_world()
     dense = model.dense_module
-    every = _gather_objects(own)
+    every = gather_objects(own)
     counts = [p[0].shape[0] for p in every]
     first = sum(counts[:rank])
     starts = [sum(counts[:r]) for r in range(world)]
@@ -239,7 +223,7 @@ def rank_corpus(model: Any, own: tuple[torch.Tensor, ...], budget_bytes: int,
     ranks = scorer.ranks(target, ahead)[first:first + counts[rank]]
     top = None
     if top_k > 0:
-        parts = _gather_objects((top_scores.cpu(), top_ids.cpu()))
+        parts = gather_objects((top_scores.cpu(), top_ids.cpu()))
         scores, ids = merge_top(parts, top_k)
         top = (scores[first:first + counts[rank]], ids[first:first + counts[rank]])
     return ranks, top

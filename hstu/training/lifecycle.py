@@ -30,25 +30,13 @@ import torch.distributed as dist
 
 from hstu.training import checkpoint as ckpt
 from hstu.training.checkpoint import CheckpointError, CheckpointState, RankPlace
+from hstu.training.distributed import barrier, broadcast_object, rank_and_world
 
 AUTO = "auto"
 
 
 def _is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _broadcast(value: Any) -> Any:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        holder = [value]
-        dist.broadcast_object_list(holder, src=0)
-        return holder[0]
-    return value
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    return rank_and_world()[0] == 0
 
 
 def first_non_finite(states: dict[str, Any]) -> str | None:
@@ -60,7 +48,7 @@ def first_non_finite(states: dict[str, Any]) -> str | None:
             if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
                 bad[i] = 1.0
                 break
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if rank_and_world()[1] > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     for i, name in enumerate(names):
         if bad[i] > 0:
@@ -159,7 +147,7 @@ class CheckpointLifecycle:
                     f"[hstu] removed unfinished checkpoint folders in {self.root}: "
                     f"{', '.join(removed)}"
                 )
-        _barrier()
+        barrier()
         return removed
 
     def resolve(self, load_dir: str) -> str | None:
@@ -176,7 +164,7 @@ class CheckpointLifecycle:
         candidates: list[str] = []
         if _is_main():
             candidates = [p for p in ckpt.checkpoint_folders(root) if ckpt.is_checkpoint_dir(p)]
-        for path in _broadcast(candidates):
+        for path in broadcast_object(candidates):
             try:
                 ckpt.verify(path)
                 return path
@@ -239,4 +227,4 @@ class CheckpointLifecycle:
                 if path not in keep:
                     shutil.rmtree(path, ignore_errors=True)
             ckpt.fsync_dir(self.root)
-        _barrier()
+        barrier()

@@ -18,9 +18,7 @@ from typing import Any, Self
 import torch
 import torch.distributed as dist
 
-
-def _multi_process() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
+from hstu.training.distributed import gather_objects, rank_and_world
 
 
 def agree_finite(problem: tuple[int, str] | None) -> None:
@@ -29,11 +27,10 @@ def agree_finite(problem: tuple[int, str] | None) -> None:
     # host tensors: the default group reduces them with its host backend (gloo)
     flag = torch.tensor([0.0 if problem is None else 1.0])
     gathered = [problem]
-    if _multi_process():
+    if rank_and_world()[1] > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, problem)
+            gathered = gather_objects(problem)
     found = [(p[0], rank, p[1]) for rank, p in enumerate(gathered) if p is not None]
     if found:
         _, rank, text = min(found)
@@ -191,6 +188,6 @@ class Preemption:
     def agreed(self) -> bool:
         """All ranks stop at the same step if any rank was signalled (one tiny all-reduce)."""
         flag = torch.tensor([1.0 if self.requested else 0.0])  # host, like the signal
-        if _multi_process():
+        if rank_and_world()[1] > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)

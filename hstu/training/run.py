@@ -15,7 +15,12 @@ from hstu.config import RunConfig
 from hstu.console import fail
 from hstu.data.errors import DataError
 from hstu.training.checkpoint import CheckpointError
-from hstu.training.distributed import destroy_distributed, init_distributed, set_seed
+from hstu.training.distributed import (
+    broadcast_object,
+    destroy_distributed,
+    init_distributed,
+    set_seed,
+)
 from hstu.training.logger import make_run_dir
 
 if TYPE_CHECKING:
@@ -26,10 +31,7 @@ T = TypeVar("T")
 
 def _shared_run_dir(cfg: RunConfig, rank: int) -> str:
     """Rank 0 picks the directory (timestamped by default) and tells the others."""
-    holder = [make_run_dir(cfg.trainer.run_dir, cfg.task) if rank == 0 else None]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(holder, src=0)
-    return holder[0]
+    return broadcast_object(make_run_dir(cfg.trainer.run_dir, cfg.task) if rank == 0 else None)
 
 
 EXIT_CHECKPOINT = 3
