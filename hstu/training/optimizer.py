@@ -406,7 +406,7 @@ class _TbeRows:
     """
 
     def __init__(self, tbe: nn.Module) -> None:
-        self.tbe = tbe
+        self.tbe, self.device = tbe, tbe.iter.device
         optim = getattr(tbe.optimizer, "value", str(tbe.optimizer))
         self.host_step = optim in _HOST_STEP_OPTIMIZERS
         # per-table views into the kernel's storage (computed once: the split reads offsets)
@@ -415,7 +415,7 @@ class _TbeRows:
         states = [[] for _ in weights] if stateless else tbe.split_optimizer_states()
         self.tables = [[w, *s] for w, s in zip(weights, states)]
         self.feature_table = torch.tensor(list(tbe.feature_table_map), dtype=torch.int64,
-                                          device=tbe.iter.device)
+                                          device=self.device)
         # per step taken: per table (its row ids, those rows of the weight and of each
         # optimizer state), and the kernel's step counter
         self.snapshots: list[tuple[list[_TableRows], torch.Tensor]] = []
@@ -426,10 +426,11 @@ class _TbeRows:
         """Before the kernel's forward: [N] local row ids, [F * B + 1] offsets per feature and
         sample. Ids of another table of the kernel read row 0 of this one (restoring an
         untouched row to its own value changes nothing)."""
-        per_table: list[_TableRows] = []
         rows_of = kernel_rows(self.feature_table, len(self.tables), indices, offsets)
-        for rows, tensors in zip(rows_of, self.tables):
-            per_table.append((rows, [x.index_select(0, rows) for x in tensors]))
+        per_table = [
+            (rows, [x.index_select(0, rows) for x in tensors])
+            for rows, tensors in zip(rows_of, self.tables)
+        ]
         self.snapshots.append((per_table, self.tbe.iter.detach().clone()))
 
     @torch.no_grad()
@@ -456,19 +457,14 @@ class _ReplicatedRows:
     optimizer state are taken before backward."""
 
     def __init__(self, weight: torch.Tensor, opt: torch.optim.Optimizer) -> None:
-        self.weight, self.opt = weight, opt
-        st: dict = {}
-        if hasattr(opt, "init_state"):
-            st = opt.init_state(weight)
-            kind = opt.param_groups[0].get("kind")
-            self.host_step = kind == "adam"
-            if not self.host_step:
-                # a counter no update reads: kept on the table's device, so that a skip can
-                # restore it there (no host read of the flag)
-                st["step"] = st["step"].to(weight.device)
-        else:
-            self.host_step = False
-        self.state = st
+        self.weight, self.opt, self.device = weight, opt, weight.device
+        stateful = hasattr(opt, "init_state")
+        self.state: dict = opt.init_state(weight) if stateful else {}
+        self.host_step = stateful and opt.param_groups[0].get("kind") == "adam"
+        if stateful and not self.host_step:
+            # a counter no update reads: kept on the table's device, so that a skip can
+            # restore it there (no host read of the flag)
+            self.state["step"] = self.state["step"].to(weight.device)
         self._buffers: list[torch.Tensor] | None = None
         self.taken = self.restored = 0
 
@@ -556,10 +552,11 @@ class TableStepGuard:
                     self._handles.append(tbe.register_forward_pre_hook(
                         self._kernel_hook(rows), with_kwargs=True))
             if emb.dp_ec is not None:
-                parts = []
-                for module in emb.dp_ec.embeddings.values():
-                    for opt in getattr(module.weight, "_in_backward_optimizers", []):
-                        parts.append(_ReplicatedRows(module.weight, opt))
+                parts = [
+                    _ReplicatedRows(module.weight, opt)
+                    for module in emb.dp_ec.embeddings.values()
+                    for opt in getattr(module.weight, "_in_backward_optimizers", [])
+                ]
                 self.replicated.extend(parts)
                 if parts:
                     hook = self._replicated_hook(parts)
@@ -593,7 +590,7 @@ class TableStepGuard:
         """After backward: ``found_inf`` ([1] float, 1.0 where the step overflowed on any rank)."""
         skip = found_inf.reshape(()) > 0
         for part in [*self.kernels, *self.replicated]:
-            part.restore(skip.to(self._device_of(part)))
+            part.restore(skip.to(part.device))
         if self.host_step:
             with allowed_sync(_HOST_STEP_SYNC):
                 skipped = bool(skip)
@@ -601,10 +598,6 @@ class TableStepGuard:
                 for part in [*self.kernels, *self.replicated]:
                     if part.host_step:
                         part.host_counter_back()
-
-    @staticmethod
-    def _device_of(part: Any) -> torch.device:
-        return part.tbe.iter.device if isinstance(part, _TbeRows) else part.weight.device
 
     def remove(self) -> None:
         for h in self._handles:
