@@ -296,8 +296,7 @@ def _describe_files(folder: str, names: list[str], digests: _Digests) -> dict[st
         path = os.path.join(folder, name)
         _fsync_file(path)
         entry = digests.of(path)
-        if entry is None:  # every file of a save goes through a digesting writer
-            raise RuntimeError(f"{path}: written without its digest")
+        assert entry is not None, f"{path}: written without a digesting writer"
         size = os.path.getsize(path)
         if size != entry["size"]:
             raise OSError(errno.EIO, f"{size} bytes on disk, {entry['size']} written", path)
@@ -329,10 +328,8 @@ def write_text_atomic(path: str, text: str) -> None:
 
 def step_of(name: str) -> int | None:
     """``iter_<step>`` -> step; None for anything else."""
-    if not name.startswith("iter_"):
-        return None
-    digits = name[5:]
-    return int(digits) if digits.isdigit() else None
+    digits = name.removeprefix("iter_")
+    return int(digits) if name.startswith("iter_") and digits.isdigit() else None
 
 
 # ------------------------------------------------------------------------------ saving
@@ -357,7 +354,9 @@ def save_checkpoint(root: str, step: int, state: CheckpointState, place: RankPla
     try:
         _write_files(tmp, state, place)
     except CheckpointError:
-        _discard(tmp, rank)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
         raise
     if rank == 0:
         try:
@@ -450,12 +449,6 @@ def _swap_into_place(tmp: str, final: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _discard(tmp: str, rank: int) -> None:
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    barrier()
-
-
 # ----------------------------------------------------------------------------- checking
 def manifest_of(folder: str) -> dict[str, Any] | None:
     try:
@@ -490,7 +483,6 @@ def check_files(folder: str, checksums: bool = True, names: list[str] | None = N
 def verify(folder: str, checksums: bool = True) -> None:
     """Collective: the ranks share the files of the manifest; raises the first problem."""
     manifest = manifest_of(folder)
-    problem = None
     if manifest is None:
         problem = check_files(folder)
     else:

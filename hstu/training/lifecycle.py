@@ -42,18 +42,14 @@ def _is_main() -> bool:
 def first_non_finite(states: dict[str, Any]) -> str | None:
     """Name of the first state (by top-level key) holding a NaN or an infinity on any rank."""
     names = sorted(states)
-    bad = torch.zeros(len(names), dtype=torch.float32)
-    for i, name in enumerate(names):
-        for t in ckpt.state_tensors(states[name]):
-            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-                bad[i] = 1.0
-                break
+    bad = torch.tensor([
+        float(any(t.is_floating_point() and not torch.isfinite(t).all()
+                  for t in ckpt.state_tensors(states[name])))
+        for name in names
+    ], dtype=torch.float32)
     if rank_and_world()[1] > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    for i, name in enumerate(names):
-        if bad[i] > 0:
-            return name
-    return None
+    return next((name for name, b in zip(names, bad.tolist()) if b > 0), None)
 
 
 @dataclass
