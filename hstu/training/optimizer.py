@@ -1,6 +1,7 @@
 """One optimizer container for the whole model: dense optimizer with LR schedule, gradient
 clipping and data-parallel gradient averaging, plus the sparse optimizer that TorchRec fuses
 into the embedding backward. One ``step()``, one ``zero_grad()``, one ``state_dict()``.
+Masters, loss scaling and the tables under float16: docs/training.md, "Mixed precision".
 """
 
 from __future__ import annotations
@@ -56,12 +57,9 @@ class DynamicLossScaler:
     """float16: the loss is multiplied by ``scale`` before backward; a step whose gradients
     overflow (on any rank) is skipped and halves it; ``growth_interval`` clean steps double it.
 
-    Everything stays on the step's device (no host sync in a step): the scale, the clean-step
-    counter and the overflow flag are tensors, updated by torch's AMP kernels; the dense step
-    is skipped by the fused optimizer reading the flag. ``scale`` / ``skipped_steps`` as
-    Python numbers are for logs and checkpoints (each reads the device once).
-    The scale is always a power of two, so unscaling (a multiplication by its inverse) is
-    exact in float32.
+    The scale, the clean-step counter and the overflow flag are device tensors (no host sync
+    in a step); ``scale`` / ``skipped_steps`` read the device once (logs, checkpoints). The
+    scale is a power of two: unscaling is exact in float32.
     """
 
     def __init__(self, init_scale: float = 2.0**16, growth_interval: int = 1000,
@@ -127,14 +125,11 @@ class OptimizerContainer(torch.optim.Optimizer):
     + the sparse optimizers of the tables, behind one interface.
 
     - Gradients arrive already averaged (DDP over the DP group, :mod:`hstu.training.ddp`).
-    - Half-precision parameters (``NetworkArgs.dtype_str`` bfloat16/float16) get float32 master
-      copies: the torch optimizer and its state live on the masters, gradients are copied up,
-      the update is applied to the masters and copied down. Float32 parameters are their own
-      masters. An update below bf16 resolution still moves the master.
+    - Half-precision parameters get float32 masters (the torch optimizer and its state live on
+      them); float32 parameters are their own masters.
     - float16: dynamic loss scaling (:class:`DynamicLossScaler`); ``scale_loss`` before backward.
-    - Clipping: one global norm over the model-parallel group, TP shards counted on every rank
-      and replicated parameters once (Megatron's rule), so every TP rank scales by the same
-      factor. The norm stays a tensor (no host sync); ``last_grad_norm`` holds it.
+    - Clipping: one global norm over the model-parallel group (Megatron's rule), kept a tensor
+      (no host sync) in ``last_grad_norm``.
     - The LR schedule (:func:`lr_at`) drives the dense optimizer and, with
       ``OptimizerArgs.sparse_lr_schedule="follow"``, the sparse ones as well (their base LR
       times the same factor).
@@ -346,11 +341,10 @@ def _unscaled(inverse: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 
 def unscale_sparse_gradients(dense: torch.nn.Module, scaler: DynamicLossScaler) -> Any:
-    """float16 loss scaling with embedding tables: the tables' fused (FBGEMM) and replicated
-    optimizers update inside backward, before :meth:`OptimizerContainer.step` could unscale
-    anything. A forward pre-hook on the dense module (``forward(batch, embeddings)``) puts
-    :func:`_unscaled` on each looked-up values tensor, so what flows back into the tables is
-    the gradient of the unscaled loss. Returns the hook's handle."""
+    """float16 with embedding tables, whose optimizers update inside backward: a forward
+    pre-hook on the dense module (``forward(batch, embeddings)``) puts :func:`_unscaled` on
+    each looked-up values tensor, so the tables step on the gradient of the unscaled loss.
+    Returns the hook's handle."""
 
     def hook(module: torch.nn.Module, args: tuple) -> None:
         if not torch.is_grad_enabled():
@@ -511,19 +505,12 @@ def fused_kernels(sharded: nn.Module) -> list[nn.Module]:
 
 
 class TableStepGuard:
-    """float16: an overflowing step leaves every table as it was.
-
-    The tables' optimizers update inside backward (FBGEMM's fused kernels for sharded and
-    dynamic tables, the row-sparse optimizer of data_parallel tables), before the dense
-    gradients, hence the step's overflow flag, are known. So the guard takes, before each
-    training lookup, what the step can change (:class:`_TbeRows`: the looked-up rows of every
-    fused kernel with their optimizer state and the kernel's device step counter;
-    :class:`_ReplicatedRows`: the replicated tables whole), and after backward
-    (:meth:`restore`, from :meth:`OptimizerContainer.step`) writes it back where the global
-    overflow flag is set: ``torch.where`` on the flag, no host read. Host step counters that
-    an update reads (Adam-family optimizers) are the exception: one named host read of the
-    flag. FBGEMM's host mirror ``iter_cpu`` of the other optimizers is read by no update and
-    is left counting forwards.
+    """float16: an overflowing step leaves every table as it was (docs/training.md, "Mixed
+    precision"). Before each training lookup it takes what the step can change
+    (:class:`_TbeRows`, :class:`_ReplicatedRows`); after backward (:meth:`restore`, from
+    :meth:`OptimizerContainer.step`) it writes that back where the global overflow flag is
+    set, with ``torch.where`` (no host read) except for host step counters an update reads
+    (Adam-family optimizers: one named host read of the flag).
     """
 
     def __init__(self, model: nn.Module) -> None:
