@@ -1,22 +1,13 @@
 """Checkpoint files: how one checkpoint is written, checked and read (all ranks call these).
 
-Layout of ``<root>/iter_<step>/``:
-- DCP files (``.metadata``, ``__<rank>_*.distcp``): the sharded state — embedding tables and
-  their fused optimizer state — which DCP can load onto a different world size;
-- ``dense_tp<r>.pt``: dense weights and the dense optimizer of tensor-parallel rank r (written
-  by data-parallel rank 0 of that TP rank; replicated over data-parallel ranks);
-- ``meta.pt``: step, data position, world sizes, best-checkpoint state; ``rng_rank<r>.pt``:
-  each rank's RNG states;
-- ``manifest.json``: size and CRC32 of every other file (digested from the bytes as they are
-  written, not read back), written last. A folder without it was never completed.
-
-Everything is written into ``iter_<step>.tmp``, every file and the folder are fsynced, then
-the folder is renamed into place and ``latest`` (a one-line text file) replaced atomically.
-A folder of the same step that already exists is moved aside to ``iter_<step>.old`` only once
-its replacement is complete, and removed after the rename: a complete checkpoint is never
-deleted before the one replacing it is complete. Which checkpoints to keep, resume from or
-prune is :mod:`hstu.training.lifecycle`'s business; what goes into them,
-:mod:`hstu.training.checkpoint_manager`'s.
+The layout of ``<root>/iter_<step>/``: docs/training.md, "Checkpoints and resuming";
+``manifest.json`` (size and CRC32 of every other file, digested as they are written) is
+written last: a folder without it was never completed. Everything is written into
+``iter_<step>.tmp``, fsynced, then renamed into place and ``latest`` replaced atomically. A
+folder of the same step is moved aside to ``iter_<step>.old`` only once its replacement is
+complete: a complete checkpoint is never deleted before the one replacing it is complete.
+Which checkpoints to keep, resume from or prune is :mod:`hstu.training.lifecycle`'s business;
+what goes into them, :mod:`hstu.training.checkpoint_manager`'s.
 
 Every problem is raised as :class:`CheckpointError` (one line naming the file), the same on
 every rank.
@@ -30,7 +21,6 @@ import io
 import json
 import os
 import shutil
-import threading
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -190,28 +180,10 @@ def _crc32(path: str, chunk: int = 1 << 22) -> int:
     return crc
 
 
-class _Digests:
-    """Size and CRC32 of the files this process writes, taken from the bytes as they are
-    written (no file is read back). Keyed by the file's path; thread-safe (DCP may write
-    from several threads)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._files: dict[str, dict[str, int]] = {}
-
-    def record(self, path: str, size: int, crc: int) -> None:
-        with self._lock:
-            self._files[os.path.abspath(path)] = {"size": size, "crc32": crc}
-
-    def rename(self, path: str, new_path: str) -> None:
-        with self._lock:
-            entry = self._files.pop(os.path.abspath(path), None)
-            if entry is not None:
-                self._files[os.path.abspath(new_path)] = entry
-
-    def of(self, path: str) -> dict[str, int] | None:
-        with self._lock:
-            return self._files.get(os.path.abspath(path))
+_Digests = dict[str, dict[str, int]]
+"""Absolute path -> size and CRC32 of a file this process wrote, taken from the bytes as they
+are written (no file is read back). DCP may write from several threads: each touches only its
+own files' keys, and a dict's single operations are atomic."""
 
 
 class _DigestingWriter(io.RawIOBase):
@@ -262,7 +234,7 @@ class _DigestingWriter(io.RawIOBase):
             self._fh.close()
         finally:
             super().close()
-        self._digests.record(self._path, self._size, self._crc)
+        self._digests[os.path.abspath(self._path)] = {"size": self._size, "crc32": self._crc}
 
 
 class _DigestingFileSystem(FileSystem):
@@ -286,7 +258,9 @@ class _DigestingFileSystem(FileSystem):
 
     def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
         super().rename(path, new_path)
-        self.digests.rename(os.fspath(path), os.fspath(new_path))
+        entry = self.digests.pop(os.path.abspath(path), None)
+        if entry is not None:
+            self.digests[os.path.abspath(new_path)] = entry
 
 
 def _describe_files(folder: str, names: list[str], digests: _Digests) -> dict[str, dict[str, int]]:
@@ -295,7 +269,7 @@ def _describe_files(folder: str, names: list[str], digests: _Digests) -> dict[st
     for name in names:
         path = os.path.join(folder, name)
         _fsync_file(path)
-        entry = digests.of(path)
+        entry = digests.get(os.path.abspath(path))
         assert entry is not None, f"{path}: written without a digesting writer"
         size = os.path.getsize(path)
         if size != entry["size"]:
@@ -387,7 +361,7 @@ def _write_files(tmp: str, state: CheckpointState, place: RankPlace) -> None:
             return no_space_line(path or tmp, need, free, " before the save")
         return describe_os_error(exc, path)
 
-    digests = _Digests()
+    digests: _Digests = {}
     try:
         writer = dcp.FileSystemWriter(tmp)
         writer.fs = _DigestingFileSystem(digests)
@@ -567,12 +541,9 @@ def _flatten(state: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def model_keys(sharded_state: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
-    """Every key of the model's sharded state with its global shape, over all ranks
-    (collective). One rank's keys are only a part: a rank holds the fused optimizer state of
-    the tables (or column shards) placed on it, so under table_wise or column_wise sharding
-    ``optim.<table>...`` keys exist on the ranks holding that table only. The union over the
-    ranks is the model's full key set (every table lives on some rank), the same set DCP
-    writes into a checkpoint's ``.metadata``."""
+    """Every key of the model's sharded state with its global shape, the union over all ranks
+    (collective): a rank holds the fused optimizer state (``optim.<table>...``) of its own
+    tables and column shards only; the union is the set DCP writes into ``.metadata``."""
     mine = {key: _global_shape(value) for key, value in _flatten(sharded_state).items()}
     union: dict[str, tuple[int, ...] | None] = {}
     for part in gather_objects(mine):
