@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from hstu.training.checkpoint import state_tensors
+from hstu.training.optimizer import LookupHook, fused_kernels, hook_training_lookups, kernel_rows
 
 # profiler label of the average's work in a step (python -m hstu.bench reports its time)
 PROFILE_LABEL = "hstu::weight_average"
@@ -169,7 +170,6 @@ class WeightAverage:
         from torchrec.distributed.model_parallel import DistributedModelParallel
 
         from hstu.embeddings.sharding import _find_embedding_modules
-        from hstu.training.optimizer import fused_kernels
 
         where = {(t.data_ptr(), tuple(t.shape)): i for i, t in enumerate(self._live)}
         lazy: set[int] = set()
@@ -195,7 +195,7 @@ class WeightAverage:
                         lo = hi
                     starts = torch.tensor([0] + [w.shape[0] for w in weights[:-1]]).cumsum(0)
                     first_row = starts[torch.tensor(list(tbe.feature_table_map))]  # [F]
-                    hook = self._joint_hook(whole, first_row.to(tbe.iter.device))
+                    take = self._joint_take(whole, first_row.to(tbe.iter.device))
                 else:
                     entries: list[_LazyTable | None] = []
                     for i in ids:
@@ -205,20 +205,17 @@ class WeightAverage:
                         entries.append(self.lazy[-1] if i is not None else None)
                     feature_table = torch.tensor(list(tbe.feature_table_map), dtype=torch.int64,
                                                  device=tbe.iter.device)
-                    hook = self._lookup_hook(entries, feature_table)
+                    take = self._lookup_take(entries, feature_table)
                 lazy.update(i for i in ids if i is not None)
-                self._handles.append(tbe.register_forward_pre_hook(hook, with_kwargs=True))
+                self._handles.append(hook_training_lookups(tbe, take))
         return lazy
 
-    def _joint_hook(self, whole: _LazyTable, first_row: torch.Tensor) -> Any:
-        """Forward pre-hook of a kernel whose tables' averages are one buffer: an id of
+    def _joint_take(self, whole: _LazyTable, first_row: torch.Tensor) -> LookupHook:
+        """The lookup hook of a kernel whose tables' averages are one buffer: an id of
         feature f is row ``first_row[f] + id`` of it (``first_row`` [F])."""
 
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if not (torch.is_grad_enabled() and module.training):
-                return
-            indices = (kwargs["indices"] if "indices" in kwargs else args[0]).to(torch.int64)
-            offsets = (kwargs["offsets"] if "offsets" in kwargs else args[1]).to(torch.int64)
+        def take(indices: torch.Tensor, offsets: torch.Tensor) -> None:
+            indices, offsets = indices.to(torch.int64), offsets.to(torch.int64)
             with torch.autograd.profiler.record_function(PROFILE_LABEL):
                 if first_row.numel() > 1:
                     # bags are feature-major, B per feature; sized from the shapes (no sync)
@@ -228,25 +225,20 @@ class WeightAverage:
                         offsets.diff(), output_size=indices.numel())
                 self._catch_up_rows(whole, indices)
 
-        return hook
+        return take
 
-    def _lookup_hook(self, entries: list[_LazyTable | None], feature_table: torch.Tensor) -> Any:
-        """Forward pre-hook of a kernel whose tables' averages are apart: each table's rows
+    def _lookup_take(self, entries: list[_LazyTable | None], feature_table: torch.Tensor
+                     ) -> LookupHook:
+        """The lookup hook of a kernel whose tables' averages are apart: each table's rows
         (another table's ids standing as its row 0, so no sync sizes them)."""
-        from hstu.training.optimizer import kernel_rows
-
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if not (torch.is_grad_enabled() and module.training):
-                return
-            indices = kwargs["indices"] if "indices" in kwargs else args[0]
-            offsets = kwargs["offsets"] if "offsets" in kwargs else args[1]
+        def take(indices: torch.Tensor, offsets: torch.Tensor) -> None:
             with torch.autograd.profiler.record_function(PROFILE_LABEL):
                 per_table = kernel_rows(feature_table, len(entries), indices, offsets)
                 for entry, rows in zip(entries, per_table):
                     if entry is not None:
                         self._catch_up_rows(entry, rows)
 
-        return hook
+        return take
 
     @torch.no_grad()
     def _catch_up_rows(self, entry: _LazyTable, rows: torch.Tensor) -> None:

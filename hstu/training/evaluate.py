@@ -197,8 +197,8 @@ def rank_corpus(model: Any, own: tuple[torch.Tensor, ...], budget_bytes: int,
     dense = model.dense_module
     every = gather_objects(own)
     counts = [p[0].shape[0] for p in every]
-    first = sum(counts[:rank])
     starts = [sum(counts[:r]) for r in range(world)]
+    first = starts[rank]
     queries = torch.cat([p[0] for p in every if p[0].numel() > 0] or [own[0]]).to(device)
     q = CorpusQueries.build(
         queries,

@@ -7,7 +7,7 @@ Masters, loss scaling and the tables under float16: docs/training.md, "Mixed pre
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -489,6 +489,21 @@ class _ReplicatedRows:
             self.state["step"].sub_(self.restored)
 
 
+LookupHook = Callable[[torch.Tensor, torch.Tensor], None]  # (indices [N], offsets [F * B + 1])
+
+
+def hook_training_lookups(tbe: nn.Module, take: LookupHook) -> Any:
+    """Runs ``take(indices, offsets)`` before each training forward of the FBGEMM kernel
+    ``tbe`` (not in evaluation or under no_grad); returns the hook's handle."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.is_grad_enabled() and module.training:
+            take(kwargs["indices"] if "indices" in kwargs else args[0],
+                 kwargs["offsets"] if "offsets" in kwargs else args[1])
+
+    return tbe.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def fused_kernels(sharded: nn.Module) -> list[nn.Module]:
     """The FBGEMM kernels (TBE modules) under a TorchRec sharded collection: its lookups are
     kept in a plain list (``_lookups``), not as registered children."""
@@ -536,8 +551,7 @@ class TableStepGuard:
                         )
                     rows = _TbeRows(tbe)
                     self.kernels.append(rows)
-                    self._handles.append(tbe.register_forward_pre_hook(
-                        self._kernel_hook(rows), with_kwargs=True))
+                    self._handles.append(hook_training_lookups(tbe, rows.take))
             if emb.dp_ec is not None:
                 parts = [
                     _ReplicatedRows(module.weight, opt)
@@ -550,17 +564,6 @@ class TableStepGuard:
                     self._handles.append(emb.dp_ec.register_forward_pre_hook(hook))
         self.host_step = any(k.host_step for k in self.kernels) or any(
             r.host_step for r in self.replicated)
-
-    @staticmethod
-    def _kernel_hook(rows: _TbeRows) -> Any:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if not (torch.is_grad_enabled() and module.training):
-                return
-            indices = kwargs["indices"] if "indices" in kwargs else args[0]
-            offsets = kwargs["offsets"] if "offsets" in kwargs else args[1]
-            rows.take(indices, offsets)
-
-        return hook
 
     @staticmethod
     def _replicated_hook(parts: list[_ReplicatedRows]) -> Any:
