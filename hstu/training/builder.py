@@ -54,16 +54,12 @@ class Built:
 
 def table_dims(tables: list[EmbeddingArgs], info: DataInfo, network: NetworkArgs) -> dict[str, int]:
     """Item and action tables take the item dim; every other table the contextual dim."""
-    item_like = {info.item_feature_name}
-    if info.action_feature_name is not None:
-        item_like.add(info.action_feature_name)
-    dims = {}
-    for t in tables:
-        if item_like & set(t.feature_names):
-            dims[t.table_name] = network.resolved_item_embedding_dim
-        else:
-            dims[t.table_name] = network.resolved_contextual_embedding_dim
-    return dims
+    item_like = {info.item_feature_name, info.action_feature_name} - {None}
+    return {
+        t.table_name: network.resolved_item_embedding_dim if item_like & set(t.feature_names)
+        else network.resolved_contextual_embedding_dim
+        for t in tables
+    }
 
 
 def model_data_info(

@@ -1,21 +1,12 @@
-"""What a run saves, and when: one :class:`CheckpointManager` over small stateful parts.
-
-The parts (each knows how to give its state and take it back):
-
-- :class:`TableState`: the embedding tables with their fused optimizer state and the dynamic
-  tables' remapping (DCP, resharded onto any world size);
-- :class:`DenseState`: the dense weights (float32 masters in place of half-precision
-  parameters), the dense optimizer, the schedule position and the float16 loss scale (one
-  ``dense_tp<r>.pt`` per tensor-parallel rank);
-- :class:`LoaderPosition`: where the training loader is after a step;
-- the RNG streams of every rank (:func:`hstu.training.distributed.rng_state`);
-- :class:`hstu.training.lifecycle.BestTracker`: the best validation value and its patience.
+"""What a run saves, and when: one :class:`CheckpointManager` over small stateful parts
+(:class:`TableState`, :class:`DenseState`, :class:`LoaderPosition`, the RNG streams, the
+:class:`~hstu.training.lifecycle.BestTracker`; docs/training.md, "Checkpoints and resuming").
 
 The manager assembles them into one :class:`~hstu.training.checkpoint.CheckpointState` per
 save (the files: :mod:`hstu.training.checkpoint`) and owns the lifecycle of two roots
 (:mod:`hstu.training.lifecycle`): the periodic checkpoints under ``ckpt_save_dir`` and the
-best one under ``<run_dir>/best``. :func:`load_weights` is the weights-only load (the best
-checkpoint for the test split, and ``hstu.export`` from any world and TP size).
+best one under ``<run_dir>/best``. :func:`load_weights` is the weights-only load
+(``hstu.export``, from any world and TP size).
 
 All methods are collective (every rank calls them in the same order).
 """
