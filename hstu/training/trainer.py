@@ -385,18 +385,15 @@ class Trainer:
         active = args.profile_step_end - max(args.profile_step_start, self.step)
         if active <= 0:
             return None
-        trace_dir = os.path.join(self.logger.run_dir, "profile")
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        on_trace = torch.profiler.tensorboard_trace_handler(
-            trace_dir, worker_name=f"rank{self.env.rank}"
-        )
         prof = torch.profiler.profile(
             activities=activities,
             schedule=torch.profiler.schedule(wait=start, warmup=0, active=active, repeat=1),
-            on_trace_ready=on_trace,
-            record_shapes=False,
+            on_trace_ready=torch.profiler.tensorboard_trace_handler(
+                os.path.join(self.logger.run_dir, "profile"), worker_name=f"rank{self.env.rank}"
+            ),
         )
         prof.start()
         return prof
