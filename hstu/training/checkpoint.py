@@ -263,30 +263,25 @@ class _DigestingFileSystem(FileSystem):
             self.digests[os.path.abspath(new_path)] = entry
 
 
-def _describe_files(folder: str, names: list[str], digests: _Digests) -> dict[str, dict[str, int]]:
-    """Size and CRC32 of each file, as digested while it was written; each is fsynced."""
+def describe_written_files(
+    folder: str, names: list[str], digests: _Digests | None = None
+) -> dict[str, dict[str, int]]:
+    """Size and CRC32 of each file, fsynced: a checkpoint's own files as ``digests`` took them
+    while they were written; files other writers made (an export's artifact: torch.export,
+    parquet; online training's extras) read back once each."""
     out = {}
     for name in names:
         path = os.path.join(folder, name)
         _fsync_file(path)
+        size = os.path.getsize(path)
+        if digests is None:
+            out[name] = {"size": size, "crc32": _crc32(path)}
+            continue
         entry = digests.get(os.path.abspath(path))
         assert entry is not None, f"{path}: written without a digesting writer"
-        size = os.path.getsize(path)
         if size != entry["size"]:
             raise OSError(errno.EIO, f"{size} bytes on disk, {entry['size']} written", path)
         out[name] = dict(entry)
-    return out
-
-
-def describe_written_files(folder: str, names: list[str]) -> dict[str, dict[str, int]]:
-    """Size and CRC32 of files other writers made (an export's artifact: torch.export,
-    parquet), read back once each and fsynced; a checkpoint's own files are digested while
-    they are written (:func:`_describe_files`)."""
-    out = {}
-    for name in names:
-        path = os.path.join(folder, name)
-        _fsync_file(path)
-        out[name] = {"size": os.path.getsize(path), "crc32": _crc32(path)}
     return out
 
 
@@ -390,7 +385,7 @@ def _write_files(tmp: str, state: CheckpointState, place: RankPlace) -> None:
             mine += [os.path.basename(p) for p in shards]
             if rank == 0:
                 mine.append(".metadata")
-            files = _describe_files(tmp, mine, digests)
+            files = describe_written_files(tmp, mine, digests)
             if state.extra is not None:
                 files.update(describe_written_files(tmp, state.extra(tmp)))
         except OSError as exc:

@@ -37,11 +37,6 @@ class BatchCost(NamedTuple):
     samples: int = 0
 
 
-class _Failure:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-
 class Feed:
     """Endless batches over epochs (see the module docstring)."""
 
@@ -87,7 +82,7 @@ class Feed:
                 if empty:
                     raise RuntimeError("the training loader yielded no batch in a whole epoch")
         except BaseException as exc:  # noqa: BLE001 - carried to the training thread, raised there
-            out.put(_Failure(exc))
+            out.put(exc)
 
     def __iter__(self) -> Iterator[Any]:
         out: queue.Queue = queue.Queue(maxsize=self.depth)
@@ -96,9 +91,9 @@ class Feed:
         )
         self._thread.start()
         while True:
-            item = out.get()
-            if isinstance(item, _Failure):
-                raise item.exc
+            item = out.get()  # (batch, its cost), or the thread's exception
+            if isinstance(item, BaseException):
+                raise item
             batch, cost = item
             self.costs.append(cost)
             yield self.prepare(batch) if self.prepare is not None else batch
