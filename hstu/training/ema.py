@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hstu.training.checkpoint import state_tensors
+from hstu.training.checkpoint import CheckpointError, state_tensors
 from hstu.training.optimizer import LookupHook, fused_kernels, hook_training_lookups, kernel_rows
 
 # profiler label of the average's work in a step (python -m hstu.bench reports its time)
@@ -151,10 +151,9 @@ class WeightAverage:
             if self.shadow[i] is None:
                 self.shadow[i] = t.detach().float().clone()
         n = len(self.dense)
-        self._dense_shadow = self.shadow[:n]
-        self._table_shadow: dict[str, list[torch.Tensor]] = {}
+        self._table_ids: dict[str, range] = {}  # key -> its tensors' indices into ``_live``
         for key, (_, ts) in self.tables.items():
-            self._table_shadow[key] = self.shadow[n : n + len(ts)]
+            self._table_ids[key] = range(n, n + len(ts))
             n += len(ts)
         self._eager = [i for i in range(len(self._live)) if i not in lazy_ids]
         self._swapped_in_place: set[int] = set()
@@ -378,10 +377,8 @@ class WeightAverage:
 
     @torch.no_grad()
     def load_dense_state(self, state: dict[str, Any], where: str) -> None:
-        from hstu.training.checkpoint import CheckpointError
-
         saved = state["ema"]
-        for ((child, name), _, _), s in zip(self.dense, self._dense_shadow):
+        for ((child, name), _, _), s in zip(self.dense, self.shadow):
             value = saved.get(child, {}).get(name)
             if value is None or value.shape != s.shape:
                 raise CheckpointError(
@@ -396,10 +393,8 @@ class WeightAverage:
         """Weight key -> the average, sharded like the weight (DCP saves it, or fills it)."""
         self.catch_up_all()  # read: every row up to date
         out = {}
-        n = len(self.dense)
         for key, (value, ts) in self.tables.items():
-            averages = [self._average(n + j) for j in range(len(ts))]
-            n += len(ts)
+            averages = [self._average(i) for i in self._table_ids[key]]
             # float32 tables: the shadows themselves (a load fills them in place)
             parts = [a if t.dtype == torch.float32 else a.to(t.dtype) for a, t in zip(averages, ts)]
             out[key] = _like(value, parts)
@@ -409,8 +404,8 @@ class WeightAverage:
     def load_table_state(self, state: dict[str, Any]) -> None:
         """After DCP filled ``table_state()``'s values: into the shadows (a no-op for
         float32 tables, filled in place)."""
-        for key, shadows in self._table_shadow.items():
-            for s, part in zip(shadows, state_tensors(state[key])):
-                if part.data_ptr() != s.data_ptr():
-                    s.copy_(part)
+        for key, ids in self._table_ids.items():
+            for i, part in zip(ids, state_tensors(state[key])):
+                if part.data_ptr() != self.shadow[i].data_ptr():
+                    self.shadow[i].copy_(part)
         self._synced_lazy()
