@@ -407,7 +407,7 @@ def _write_files(tmp: str, state: CheckpointState, place: RankPlace) -> None:
 
 def _swap_into_place(tmp: str, final: str) -> None:
     """Renames the complete ``tmp`` to ``final``; an older complete ``final`` is moved aside
-    first and removed only after the rename (see :func:`newest_complete` for the window)."""
+    first and removed only after the rename (see :func:`checkpoint_folders` for the window)."""
     root = os.path.dirname(final)
     old = final + ".old"
     if os.path.exists(final):

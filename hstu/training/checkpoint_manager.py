@@ -255,13 +255,12 @@ def load_weights(model: torch.nn.Module, checkpoint: str, verify: bool = True) -
     if averaged:
         sharded[TableState.KEY].update(sharded.pop(EMA_TABLES_KEY))
     tables.load_state_dict(sharded)
-    tp_ranks = list(range(int(meta.get("tp_size", 1))))
-    shards = []
-    for d in ckpt.read_dense(folder, tp_ranks):
-        if averaged:  # parameters from the average, buffers as saved
-            shards.append({c: {**d["model"][c], **d["ema"].get(c, {})} for c in d["model"]})
-        else:
-            shards.append(d["model"])
+    # averaged: parameters from the average, buffers as saved
+    shards = [
+        {c: {**d["model"][c], **d["ema"].get(c, {})} for c in d["model"]} if averaged
+        else d["model"]
+        for d in ckpt.read_dense(folder, list(range(int(meta.get("tp_size", 1)))))
+    ]
     heads = head_dim = 0
     if len(shards) > 1:  # only an HSTU block is tensor-parallel
         layer = model.dense_module.block.layers[0]
