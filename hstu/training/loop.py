@@ -87,13 +87,11 @@ class MetricsWindow:
         pending.clear()
         self._pending_grads.clear()
         problem = None
-        for i, (v, ok) in enumerate(zip(values, grads_ok)):
+        for step, v, ok in zip(range(first, last_step + 1), values, grads_ok):
             if not math.isfinite(v):
-                problem = (first + i, f"step {first + i}: loss is {v}")
+                problem = (step, f"step {step}: loss is {v}")
             elif not ok:
-                problem = (
-                    first + i, f"step {first + i}: a dense gradient is not finite (loss {v:.4g})"
-                )
+                problem = (step, f"step {step}: a dense gradient is not finite (loss {v:.4g})")
             if problem:
                 break
         agree_finite(problem)
