@@ -54,16 +54,12 @@ class Built:
 
 def table_dims(tables: list[EmbeddingArgs], info: DataInfo, network: NetworkArgs) -> dict[str, int]:
     """Item and action tables take the item dim; every other table the contextual dim."""
-    item_like = {info.item_feature_name}
-    if info.action_feature_name is not None:
-        item_like.add(info.action_feature_name)
-    dims = {}
-    for t in tables:
-        if item_like & set(t.feature_names):
-            dims[t.table_name] = network.resolved_item_embedding_dim
-        else:
-            dims[t.table_name] = network.resolved_contextual_embedding_dim
-    return dims
+    item_like = {info.item_feature_name, info.action_feature_name} - {None}
+    return {
+        t.table_name: network.resolved_item_embedding_dim if item_like & set(t.feature_names)
+        else network.resolved_contextual_embedding_dim
+        for t in tables
+    }
 
 
 def model_data_info(
@@ -171,16 +167,15 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
     ensure_generated(cfg, env)
     # Every rank reads its own samples: embedding lookups are per rank, and with TP the
     # dense part gathers the samples of its TP group (docs/model.md, "Tensor parallelism").
-    split_kwargs: dict[str, Any] = {}
+    split_kwargs: dict[str, Any] = {"tp_size": env.tp_size}  # batches carry their TP sizes
     if not isinstance(cfg.dataset, BenchmarkDatasetArgs):
         # with a selection metric, training evaluates on the validation split only
-        split = "valid" if t.best_metric is not None else cfg.dataset.eval_split
-        split_kwargs = {"split": split, "holdout_validation": cfg.dataset.holdout_validation}
+        split_kwargs["split"] = "valid" if t.best_metric is not None else cfg.dataset.eval_split
+        split_kwargs["holdout_validation"] = cfg.dataset.holdout_validation
     data_args = (
         cfg.dataset, cfg.task, t.train_batch_size, t.eval_batch_size, env.rank, env.world_size,
         t.seed,
     )
-    split_kwargs["tp_size"] = env.tp_size  # batches carry their TP group's sizes
     train_loader, eval_loader, info = build_data(*data_args, **split_kwargs)
     if env.is_main:
         for line in data_notes(info):
@@ -206,13 +201,11 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
             if info.item_feature_name in tb.feature_names else tb
             for tb in tables
         ]
-        for loader in (train_loader, eval_loader, test_loader):
-            if loader is not None:
-                loader.negatives = sampler
-    if cfg.network.rab_query_time:  # retrieval on DatasetArgs (hstu.checks.check_rab_query_time)
-        for loader in (train_loader, eval_loader, test_loader):
-            if loader is not None:
-                loader.query_times = True
+    for loader in (train_loader, eval_loader, test_loader):
+        if loader is not None and sampler is not None:
+            loader.negatives = sampler
+        if loader is not None and cfg.network.rab_query_time:  # hstu.checks.check_rab_query_time
+            loader.query_times = True
     dims = table_dims(tables, info, cfg.network)
     available = available_bytes_per_rank(env.device)
     needed = check_tables_fit(

@@ -1,22 +1,13 @@
 """Checkpoint files: how one checkpoint is written, checked and read (all ranks call these).
 
-Layout of ``<root>/iter_<step>/``:
-- DCP files (``.metadata``, ``__<rank>_*.distcp``): the sharded state — embedding tables and
-  their fused optimizer state — which DCP can load onto a different world size;
-- ``dense_tp<r>.pt``: dense weights and the dense optimizer of tensor-parallel rank r (written
-  by data-parallel rank 0 of that TP rank; replicated over data-parallel ranks);
-- ``meta.pt``: step, data position, world sizes, best-checkpoint state; ``rng_rank<r>.pt``:
-  each rank's RNG states;
-- ``manifest.json``: size and CRC32 of every other file (digested from the bytes as they are
-  written, not read back), written last. A folder without it was never completed.
-
-Everything is written into ``iter_<step>.tmp``, every file and the folder are fsynced, then
-the folder is renamed into place and ``latest`` (a one-line text file) replaced atomically.
-A folder of the same step that already exists is moved aside to ``iter_<step>.old`` only once
-its replacement is complete, and removed after the rename: a complete checkpoint is never
-deleted before the one replacing it is complete. Which checkpoints to keep, resume from or
-prune is :mod:`hstu.training.lifecycle`'s business; what goes into them,
-:mod:`hstu.training.checkpoint_manager`'s.
+The layout of ``<root>/iter_<step>/``: docs/training.md, "Checkpoints and resuming";
+``manifest.json`` (size and CRC32 of every other file, digested as they are written) is
+written last: a folder without it was never completed. Everything is written into
+``iter_<step>.tmp``, fsynced, then renamed into place and ``latest`` replaced atomically. A
+folder of the same step is moved aside to ``iter_<step>.old`` only once its replacement is
+complete: a complete checkpoint is never deleted before the one replacing it is complete.
+Which checkpoints to keep, resume from or prune is :mod:`hstu.training.lifecycle`'s business;
+what goes into them, :mod:`hstu.training.checkpoint_manager`'s.
 
 Every problem is raised as :class:`CheckpointError` (one line naming the file), the same on
 every rank.
@@ -30,7 +21,6 @@ import io
 import json
 import os
 import shutil
-import threading
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,10 +28,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem
+
+from hstu.training.distributed import barrier, gather_objects, rank_and_world
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -91,25 +82,13 @@ class CheckpointState:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 def agree(problem: str | None, name_rank: bool = True) -> None:
     """Raises CheckpointError on every rank if any rank has a problem (the lowest rank's)."""
-    problems = [problem]
-    if _world() > 1:
-        problems = [None] * _world()
-        dist.all_gather_object(problems, problem)
+    problems = gather_objects(problem)
     for rank, p in enumerate(problems):
         if p is not None:
-            where = f" (rank {rank})" if name_rank and _world() > 1 and "rank " not in p else ""
-            raise CheckpointError(p + where)
+            named = name_rank and len(problems) > 1 and "rank " not in p
+            raise CheckpointError(p + (f" (rank {rank})" if named else ""))
 
 
 def describe_os_error(exc: BaseException, path: str | None = None) -> str:
@@ -201,28 +180,10 @@ def _crc32(path: str, chunk: int = 1 << 22) -> int:
     return crc
 
 
-class _Digests:
-    """Size and CRC32 of the files this process writes, taken from the bytes as they are
-    written (no file is read back). Keyed by the file's path; thread-safe (DCP may write
-    from several threads)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._files: dict[str, dict[str, int]] = {}
-
-    def record(self, path: str, size: int, crc: int) -> None:
-        with self._lock:
-            self._files[os.path.abspath(path)] = {"size": size, "crc32": crc}
-
-    def rename(self, path: str, new_path: str) -> None:
-        with self._lock:
-            entry = self._files.pop(os.path.abspath(path), None)
-            if entry is not None:
-                self._files[os.path.abspath(new_path)] = entry
-
-    def of(self, path: str) -> dict[str, int] | None:
-        with self._lock:
-            return self._files.get(os.path.abspath(path))
+_Digests = dict[str, dict[str, int]]
+"""Absolute path -> size and CRC32 of a file this process wrote, taken from the bytes as they
+are written (no file is read back). DCP may write from several threads: each touches only its
+own files' keys, and a dict's single operations are atomic."""
 
 
 class _DigestingWriter(io.RawIOBase):
@@ -273,7 +234,7 @@ class _DigestingWriter(io.RawIOBase):
             self._fh.close()
         finally:
             super().close()
-        self._digests.record(self._path, self._size, self._crc)
+        self._digests[os.path.abspath(self._path)] = {"size": self._size, "crc32": self._crc}
 
 
 class _DigestingFileSystem(FileSystem):
@@ -297,34 +258,30 @@ class _DigestingFileSystem(FileSystem):
 
     def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
         super().rename(path, new_path)
-        self.digests.rename(os.fspath(path), os.fspath(new_path))
+        entry = self.digests.pop(os.path.abspath(path), None)
+        if entry is not None:
+            self.digests[os.path.abspath(new_path)] = entry
 
 
-def _describe_files(folder: str, names: list[str], digests: _Digests) -> dict[str, dict[str, int]]:
-    """Size and CRC32 of each file, as digested while it was written; each is fsynced."""
+def describe_written_files(
+    folder: str, names: list[str], digests: _Digests | None = None
+) -> dict[str, dict[str, int]]:
+    """Size and CRC32 of each file, fsynced: a checkpoint's own files as ``digests`` took them
+    while they were written; files other writers made (an export's artifact: torch.export,
+    parquet; online training's extras) read back once each."""
     out = {}
     for name in names:
         path = os.path.join(folder, name)
         _fsync_file(path)
-        entry = digests.of(path)
-        if entry is None:  # every file of a save goes through a digesting writer
-            raise RuntimeError(f"{path}: written without its digest")
         size = os.path.getsize(path)
+        if digests is None:
+            out[name] = {"size": size, "crc32": _crc32(path)}
+            continue
+        entry = digests.get(os.path.abspath(path))
+        assert entry is not None, f"{path}: written without a digesting writer"
         if size != entry["size"]:
             raise OSError(errno.EIO, f"{size} bytes on disk, {entry['size']} written", path)
         out[name] = dict(entry)
-    return out
-
-
-def describe_written_files(folder: str, names: list[str]) -> dict[str, dict[str, int]]:
-    """Size and CRC32 of files other writers made (an export's artifact: torch.export,
-    parquet), read back once each and fsynced; a checkpoint's own files are digested while
-    they are written (:func:`_describe_files`)."""
-    out = {}
-    for name in names:
-        path = os.path.join(folder, name)
-        _fsync_file(path)
-        out[name] = {"size": os.path.getsize(path), "crc32": _crc32(path)}
     return out
 
 
@@ -340,10 +297,8 @@ def write_text_atomic(path: str, text: str) -> None:
 
 def step_of(name: str) -> int | None:
     """``iter_<step>`` -> step; None for anything else."""
-    if not name.startswith("iter_"):
-        return None
-    digits = name[5:]
-    return int(digits) if digits.isdigit() else None
+    digits = name.removeprefix("iter_")
+    return int(digits) if name.startswith("iter_") and digits.isdigit() else None
 
 
 # ------------------------------------------------------------------------------ saving
@@ -368,7 +323,9 @@ def save_checkpoint(root: str, step: int, state: CheckpointState, place: RankPla
     try:
         _write_files(tmp, state, place)
     except CheckpointError:
-        _discard(tmp, rank)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
         raise
     if rank == 0:
         try:
@@ -386,10 +343,7 @@ def _write_files(tmp: str, state: CheckpointState, place: RankPlace) -> None:
     problem = None
     # free space before writing: every rank's files land under one checkpoint folder
     need = state_bytes(state.sharded, rng) + (state_bytes(state.dense) if place.dp_rank == 0 else 0)
-    if _world() > 1:
-        needs = [None] * _world()
-        dist.all_gather_object(needs, need)
-        need = sum(needs)
+    need = sum(gather_objects(need))
     free = shutil.disk_usage(tmp).free
     if rank == 0 and need > free:
         problem = f"step {step}: cannot write checkpoint files: {no_space_line(tmp, need, free)}"
@@ -402,7 +356,7 @@ def _write_files(tmp: str, state: CheckpointState, place: RankPlace) -> None:
             return no_space_line(path or tmp, need, free, " before the save")
         return describe_os_error(exc, path)
 
-    digests = _Digests()
+    digests: _Digests = {}
     try:
         writer = dcp.FileSystemWriter(tmp)
         writer.fs = _DigestingFileSystem(digests)
@@ -431,18 +385,15 @@ def _write_files(tmp: str, state: CheckpointState, place: RankPlace) -> None:
             mine += [os.path.basename(p) for p in shards]
             if rank == 0:
                 mine.append(".metadata")
-            files = _describe_files(tmp, mine, digests)
+            files = describe_written_files(tmp, mine, digests)
             if state.extra is not None:
                 files.update(describe_written_files(tmp, state.extra(tmp)))
         except OSError as exc:
             problem = f"step {step}: cannot write checkpoint file {failed(exc)}"
     agree(problem)
-    gathered = [files]
-    if _world() > 1:
-        gathered = [None] * _world()
-        dist.all_gather_object(gathered, files)
+    gathered = gather_objects(files)
     if rank == 0:
-        manifest = {"step": meta.get("step"), "world_size": _world(), "files": {}}
+        manifest = {"step": meta.get("step"), "world_size": len(gathered), "files": {}}
         for part in gathered:
             manifest["files"].update(part)
         try:
@@ -456,7 +407,7 @@ def _write_files(tmp: str, state: CheckpointState, place: RankPlace) -> None:
 
 def _swap_into_place(tmp: str, final: str) -> None:
     """Renames the complete ``tmp`` to ``final``; an older complete ``final`` is moved aside
-    first and removed only after the rename (see :func:`newest_complete` for the window)."""
+    first and removed only after the rename (see :func:`checkpoint_folders` for the window)."""
     root = os.path.dirname(final)
     old = final + ".old"
     if os.path.exists(final):
@@ -465,12 +416,6 @@ def _swap_into_place(tmp: str, final: str) -> None:
     os.replace(tmp, final)
     fsync_dir(root)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _discard(tmp: str, rank: int) -> None:
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    _barrier()
 
 
 # ----------------------------------------------------------------------------- checking
@@ -507,31 +452,34 @@ def check_files(folder: str, checksums: bool = True, names: list[str] | None = N
 def verify(folder: str, checksums: bool = True) -> None:
     """Collective: the ranks share the files of the manifest; raises the first problem."""
     manifest = manifest_of(folder)
-    problem = None
     if manifest is None:
         problem = check_files(folder)
     else:
         names = sorted(manifest["files"])
-        world = _world()
-        rank = dist.get_rank() if dist.is_initialized() else 0
+        rank, world = rank_and_world()
         problem = check_files(folder, checksums, names[rank::world])
     agree(problem, name_rank=False)
 
 
-def newest_complete(root: str, accept: Callable[[str], bool] | None = None) -> str | None:
-    """The complete checkpoint of the highest step under ``root`` (``iter_<n>``, or the
-    ``iter_<n>.old`` a same-step save left if killed between its two renames); None if none.
-    Local (no collectives); sizes only unless ``accept`` checks more."""
+def checkpoint_folders(root: str) -> list[str]:
+    """The ``iter_<n>`` folders under ``root``, and the ``iter_<n>.old`` a same-step save left
+    if killed between its two renames: highest step first, ``iter_<n>`` before its ``.old``."""
     if not os.path.isdir(root):
-        return None
-    candidates = []
+        return []
+    found = []
     for name in os.listdir(root):
-        base = name.removesuffix(".old")
-        step = step_of(base)
-        if step is not None and os.path.isdir(os.path.join(root, name)):
-            candidates.append((step, not name.endswith(".old"), os.path.join(root, name)))
-    for _, _, path in sorted(candidates, reverse=True):
-        if check_files(path, checksums=False) is None and (accept is None or accept(path)):
+        step = step_of(name.removesuffix(".old"))
+        path = os.path.join(root, name)
+        if step is not None and os.path.isdir(path):
+            found.append((step, not name.endswith(".old"), path))
+    return [path for _, _, path in sorted(found, reverse=True)]
+
+
+def newest_complete(root: str) -> str | None:
+    """The complete checkpoint (sizes only) of the highest step under ``root``
+    (:func:`checkpoint_folders`); None if none. Local (no collectives)."""
+    for path in checkpoint_folders(root):
+        if check_files(path, checksums=False) is None:
             return path
     return None
 
@@ -588,19 +536,12 @@ def _flatten(state: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def model_keys(sharded_state: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
-    """Every key of the model's sharded state with its global shape, over all ranks
-    (collective). One rank's keys are only a part: a rank holds the fused optimizer state of
-    the tables (or column shards) placed on it, so under table_wise or column_wise sharding
-    ``optim.<table>...`` keys exist on the ranks holding that table only. The union over the
-    ranks is the model's full key set (every table lives on some rank), the same set DCP
-    writes into a checkpoint's ``.metadata``."""
+    """Every key of the model's sharded state with its global shape, the union over all ranks
+    (collective): a rank holds the fused optimizer state (``optim.<table>...``) of its own
+    tables and column shards only; the union is the set DCP writes into ``.metadata``."""
     mine = {key: _global_shape(value) for key, value in _flatten(sharded_state).items()}
-    if _world() == 1:
-        return mine
-    every: list[Any] = [None] * _world()
-    dist.all_gather_object(every, mine)
     union: dict[str, tuple[int, ...] | None] = {}
-    for part in every:
+    for part in gather_objects(mine):
         for key, shape in part.items():
             if union.get(key) is None:
                 union[key] = shape
@@ -642,15 +583,20 @@ def check_sharded_keys(
     return None
 
 
-def read_meta(ckpt: str) -> dict[str, Any]:
-    """``meta.pt`` of a checkpoint folder (collective: a problem is raised on every rank)."""
-    meta, problem = {}, None
+def _read_agreed(paths: list[str]) -> list[Any]:
+    """Each file of ``paths`` (collective: any rank's problem is raised on every rank)."""
+    out, problem = [], None
     try:
-        meta = _read(os.path.join(ckpt, "meta.pt"))
+        out = [_read(path) for path in paths]
     except CheckpointError as exc:
         problem = str(exc)
     agree(problem)
-    return meta
+    return out
+
+
+def read_meta(ckpt: str) -> dict[str, Any]:
+    """``meta.pt`` of a checkpoint folder (collective)."""
+    return _read_agreed([os.path.join(ckpt, "meta.pt")])[0]
 
 
 def load_sharded(ckpt: str, sharded_state: dict[str, Any], allow_unused: bool = False) -> None:
@@ -669,13 +615,7 @@ def load_sharded(ckpt: str, sharded_state: dict[str, Any], allow_unused: bool = 
 
 def read_dense(ckpt: str, tp_ranks: list[int]) -> list[dict[str, Any]]:
     """The ``dense_tp<r>.pt`` of every TP rank in ``tp_ranks`` (collective)."""
-    dense, problem = [], None
-    try:
-        dense = [_read(os.path.join(ckpt, f"dense_tp{r}.pt")) for r in tp_ranks]
-    except CheckpointError as exc:
-        problem = str(exc)
-    agree(problem)
-    return dense
+    return _read_agreed([os.path.join(ckpt, f"dense_tp{r}.pt") for r in tp_ranks])
 
 
 def load_checkpoint(path: str, sharded_state: dict[str, Any], place: RankPlace) -> CheckpointState:
@@ -695,12 +635,8 @@ def load_checkpoint(path: str, sharded_state: dict[str, Any], place: RankPlace) 
         )
     agree(problem, name_rank=False)
     load_sharded(ckpt, sharded_state)
-    dense = rng = None
-    try:
-        dense = _read(os.path.join(ckpt, f"dense_tp{place.tp_rank}.pt"))
-        if place.rank < int(meta.get("world_size", 1)):  # a rank the saved run had: its file
-            rng = _read(os.path.join(ckpt, f"rng_rank{place.rank}.pt"))
-    except CheckpointError as exc:
-        problem = str(exc)
-    agree(problem)
-    return CheckpointState(sharded_state, dense, meta, rng)
+    paths = [os.path.join(ckpt, f"dense_tp{place.tp_rank}.pt")]
+    if place.rank < int(meta.get("world_size", 1)):  # a rank the saved run had: its file
+        paths.append(os.path.join(ckpt, f"rng_rank{place.rank}.pt"))
+    dense, *rng = _read_agreed(paths)
+    return CheckpointState(sharded_state, dense, meta, rng[0] if rng else None)

@@ -1,21 +1,12 @@
-"""What a run saves, and when: one :class:`CheckpointManager` over small stateful parts.
-
-The parts (each knows how to give its state and take it back):
-
-- :class:`TableState`: the embedding tables with their fused optimizer state and the dynamic
-  tables' remapping (DCP, resharded onto any world size);
-- :class:`DenseState`: the dense weights (float32 masters in place of half-precision
-  parameters), the dense optimizer, the schedule position and the float16 loss scale (one
-  ``dense_tp<r>.pt`` per tensor-parallel rank);
-- :class:`LoaderPosition`: where the training loader is after a step;
-- the RNG streams of every rank (:func:`hstu.training.distributed.rng_state`);
-- :class:`hstu.training.lifecycle.BestTracker`: the best validation value and its patience.
+"""What a run saves, and when: one :class:`CheckpointManager` over small stateful parts
+(:class:`TableState`, :class:`DenseState`, :class:`LoaderPosition`, the RNG streams, the
+:class:`~hstu.training.lifecycle.BestTracker`; docs/training.md, "Checkpoints and resuming").
 
 The manager assembles them into one :class:`~hstu.training.checkpoint.CheckpointState` per
 save (the files: :mod:`hstu.training.checkpoint`) and owns the lifecycle of two roots
 (:mod:`hstu.training.lifecycle`): the periodic checkpoints under ``ckpt_save_dir`` and the
-best one under ``<run_dir>/best``. :func:`load_weights` is the weights-only load (the best
-checkpoint for the test split, and ``hstu.export`` from any world and TP size).
+best one under ``<run_dir>/best``. :func:`load_weights` is the weights-only load
+(``hstu.export``, from any world and TP size).
 
 All methods are collective (every rank calls them in the same order).
 """
@@ -142,22 +133,13 @@ class DenseState:
         """Top-level submodules other than the embedding tables (those go through DCP)."""
         from hstu.embeddings import EmbeddingsByDim, HstuEmbeddings
 
-        if not isinstance(self.model.sparse, (HstuEmbeddings, EmbeddingsByDim)):
-            raise TypeError("model.sparse must hold the embedding tables")
+        assert isinstance(self.model.sparse, (HstuEmbeddings, EmbeddingsByDim))
         dense = self.model.dense_module
-        out = {}
-        for name, child in dense.named_children():
-            if any(isinstance(m, HstuEmbeddings) for m in child.modules()):
-                raise TypeError(
-                    f"model.dense.{name} nests embedding tables; checkpointing expects them "
-                    "in model.sparse"
-                )
-            out[name] = child
-        if any(True for _ in dense.parameters(recurse=False)):
-            raise TypeError(
-                "the dense module has parameters outside its submodules; checkpointing "
-                "cannot place them"
-            )
+        assert not list(dense.parameters(recurse=False)), "parameters outside the submodules"
+        out = dict(dense.named_children())
+        for name, child in out.items():
+            tables = any(isinstance(m, HstuEmbeddings) for m in child.modules())
+            assert not tables, f"model.dense.{name} nests embedding tables (not in model.sparse)"
         return out
 
     def _master_of(self, p: torch.nn.Parameter) -> torch.Tensor | None:
@@ -203,12 +185,6 @@ class DenseState:
                     masters[id(p)] = weights[name][pname].float()
         if self.optimizer is not None:
             self.optimizer.load_masters(masters)
-
-    def load_state_dict(self, state: dict[str, Any], where: str) -> None:
-        self.load_weights(state["model"], where)
-        self.optimizer.load_dense_state_dict(
-            state["optimizer"], int(state["num_steps"]), state.get("loss_scaler")
-        )
 
 
 class LoaderPosition:
@@ -279,13 +255,12 @@ def load_weights(model: torch.nn.Module, checkpoint: str, verify: bool = True) -
     if averaged:
         sharded[TableState.KEY].update(sharded.pop(EMA_TABLES_KEY))
     tables.load_state_dict(sharded)
-    tp_ranks = list(range(int(meta.get("tp_size", 1))))
-    shards = []
-    for d in ckpt.read_dense(folder, tp_ranks):
-        if averaged:  # parameters from the average, buffers as saved
-            shards.append({c: {**d["model"][c], **d["ema"].get(c, {})} for c in d["model"]})
-        else:
-            shards.append(d["model"])
+    # averaged: parameters from the average, buffers as saved
+    shards = [
+        {c: {**d["model"][c], **d["ema"].get(c, {})} for c in d["model"]} if averaged
+        else d["model"]
+        for d in ckpt.read_dense(folder, list(range(int(meta.get("tp_size", 1)))))
+    ]
     heads = head_dim = 0
     if len(shards) > 1:  # only an HSTU block is tensor-parallel
         layer = model.dense_module.block.layers[0]

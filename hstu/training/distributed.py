@@ -42,17 +42,9 @@ class DistEnv:
 
 
 def process_group_backend(device: torch.device) -> str:
-    """The default process group's backend for a run whose step runs on ``device``.
-
-    On a GPU host each device type has its backend: NCCL for CUDA tensors (the step's
-    collectives), gloo for host tensors (the small agreements at log, evaluation and
-    checkpoint boundaries: stop flags, metric sums, finite checks, object gathers). NCCL alone
-    takes CUDA tensors only ("No backend type associated with device type cpu"). Groups made
-    later with no backend of their own (Megatron's TP/DP groups) inherit the same map.
-    """
-    if device.type == "cuda":
-        return "cpu:gloo,cuda:nccl"
-    return "gloo"
+    """The default process group's backend for a run whose step runs on ``device``: on a GPU
+    host NCCL for CUDA tensors and gloo for host ones (docs/training.md, "Launching")."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 def apply_host_settings(settings: HostSettings, on_cpu: bool, restart_count: int) -> None:
@@ -93,13 +85,11 @@ def init_distributed(tp_size: int = 1, timeout_s: int = 600) -> DistEnv:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    backend = process_group_backend(device)
-    # allocator, CPU placement, restart backoff: before the process group's threads start
     apply_host_settings(settings, on_cpu=device.type == "cpu", restart_count=restart_count())
     if not dist.is_initialized():
         dist.init_process_group(
-            backend=backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
-            store=_attempt_store(world_size, timeout_s),
+            backend=process_group_backend(device), rank=rank, world_size=world_size,
+            timeout=timedelta(seconds=timeout_s), store=_attempt_store(world_size, timeout_s),
         )
     if world_size % tp_size != 0:
         raise ValueError(
@@ -125,22 +115,44 @@ def init_distributed(tp_size: int = 1, timeout_s: int = 600) -> DistEnv:
     )
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the world size) of the default group; (0, 1) without one."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order (pickled over the default group)."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    holder = [obj]
+    if rank_and_world()[1] > 1:
+        dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def barrier() -> None:
+    if rank_and_world()[1] > 1:
+        dist.barrier()
+
+
 def restart_count() -> int:
     """How many times torchrun restarted this job's workers (0 on the first attempt)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
 def _attempt_store(world_size: int, timeout_s: int) -> dist.Store | None:
-    """Under torchrun, the store of this attempt, with keys of its own.
-
-    torchrun (c10d rendezvous, e.g. ``--standalone``) keeps one TCPStore server for the whole
-    job and hands every restart the same address, while workers connect to it without a
-    per-attempt prefix (torch's ``_create_c10d_store`` assumes a fresh store per retry). The
-    keys a killed attempt left there (gloo addresses of the default group and of Megatron's
-    ``new_group`` groups) are then read by the next attempt, whose ranks dial dead peers:
-    "Gloo connectFullMesh failed ... Connection refused", or a hang. A prefix per attempt
-    keeps the attempts apart. None (the default env:// store) outside torchrun.
-    """
+    """Under torchrun, the job's store with a prefix per restart, so that an attempt never
+    reads the gloo addresses a killed one left there (docs/failures.md, "Resuming and
+    supervised runs").
+    None (the default env:// store) outside torchrun."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     store = dist.TCPStore(
@@ -212,22 +224,12 @@ def set_seed(seed: int) -> None:
 
 
 def seed_training_rng(seed: int, env: DistEnv, step: int = 0, per_rank: bool = True) -> None:
-    """Random streams for training (dropout), after the weights are built (hstu.model.rng):
-
-    - default generator: in a world of several ranks, re-seeded after building (building
-      and sharding the model consume it differently per rank: a TP shard, a table shard),
-      the same on every rank of a TP group, so dropout on activations replicated over the
-      group masks the same elements everywhere. ``per_rank``
-      (``TrainerArgs.dropout_per_rank``): each DP rank's is seeded
-      ``base + 1_000_003 * dp_rank``, so the DP ranks draw independent masks, as one process
-      does over the whole global batch; else every rank's is seeded ``base``: the same stream
-      on every DP rank. One process: left where building the weights put it.
-    - tensor-parallel stream: ``+ 2718 + tp_rank`` on top of that (Megatron's rule), one mask
-      per shard.
-
-    ``base`` is ``seed + 7919 * step``: ``step`` > 0 re-seeds a rank that did not exist in a
-    resumed run.
-    """
+    """Random streams for training (dropout), after the weights are built (hstu.model.rng;
+    docs/training.md, "Gradient semantics"): with several ranks (or ``step`` > 0) the default
+    generator is re-seeded, the same on every rank of a TP group, plus ``1_000_003 * dp_rank``
+    with ``per_rank`` (``TrainerArgs.dropout_per_rank``); the tensor-parallel stream adds
+    ``2718 + tp_rank``. ``base`` is ``seed + 7919 * step``: ``step`` > 0 re-seeds a rank that
+    did not exist in a resumed run."""
     from hstu.model.rng import seed_tensor_parallel
 
     base = seed + 7919 * step

@@ -1,38 +1,23 @@
-"""Exponential moving average of the weights (``TrainerArgs.ema_decay``).
+"""Exponential moving average of the weights (``TrainerArgs.ema_decay``; what it covers, how
+it is evaluated, saved and exported: docs/training.md, "Weight average").
 
-After every optimizer step ``avg <- avg + (1 - d_t) (w - avg)`` over every weight the
-optimizers update: the dense parameters (their float32 masters under bfloat16/float16) and
-this rank's part of every embedding table (data-parallel tables whole, model-parallel ones
-their local shards). ``d_t = min(decay, (1 + t) / (10 + t))`` after t updates, so the
-average forgets the initial weights within the first steps instead of being pulled towards
-them for ~1 / (1 - decay) steps. Evaluation and the best checkpoint (hence the test split)
-use the average (:meth:`WeightAverage.swapped`); training always continues from the raw
-weights. The average is float32 and lives beside the weights (one more copy of them).
+After every optimizer step ``avg <- avg + (1 - d_t) (w - avg)``, ``d_t = min(decay, (1 + t) /
+(10 + t))`` after t updates. Dense parameters (their float32 masters under half precision)
+and data_parallel tables are updated eagerly.
 
-Tables of FBGEMM's fused kernels (model_parallel and dynamic tables) are averaged lazily: a
-step changes only the rows it looks up, and between two changes a row's weight w is
+Tables of FBGEMM's fused kernels are averaged lazily: between two changes a row's weight w is
 constant, so k updates compose to ``avg <- w + P (avg - w)`` with P the product of their
-decays. Each row keeps the update from which its average follows its current weight
-(``last``, int64 [R]): the average after update k is ``w + P(last..k) (avg - w)``. A row
-that step n looks up is caught up to n in the kernel's forward (with the weight it has had
-since its last change, before backward changes it) and gets ``last = n``: from update n on
-it follows the weight after the step, so the step's own update needs no pass over its rows
-(``update()`` only counts). Every row is caught up when the average is read (evaluation, a
-save). P = exp(L(k) - L(last)) with L(k) = sum_{t<k} log d_t in closed form (``lgamma``
-for the warm-up part, then k log decay), in float64: exact to rounding. Dense
-parameters and data_parallel tables (small, replicated, and changed by every rank's ids)
-keep the eager update. Evaluation swaps the average into the weights in place, a chunk of
-rows at a time, so no copy of the weights is made (float32 weights and masters; a table
-kept in half precision has its raw weights copied aside while swapped).
+decays. Each row keeps ``last`` (int64 [R]), the update from which its average follows its
+current weight: the average after update k is ``w + P(last..k) (avg - w)``. A row that step n
+looks up is caught up to n in the kernel's forward (before backward changes it) and gets
+``last = n``, so ``update()`` only counts for it. Every row is caught up when the average is
+read (evaluation, a save), so a save's rows all have ``last == ema_updates`` and ``last`` is
+not saved. P = exp(L(k) - L(last)) with L(k) = sum_{t<k} log d_t in closed form (``lgamma``
+for the warm-up part, then k log decay), float64.
 
-Checkpoints carry it (exact resume, any world size): the dense part in the dense file
-(``"ema"``: child -> parameter -> tensor, like ``"model"``; ``"ema_updates"``), the tables'
-part through DCP under ``embeddings_ema.<weight key>``
-(``hstu.training.checkpoint.EMA_TABLES_KEY``), sharded like the weight itself, so a resume on
-another world size reshards it as it reshards the tables. A save reads the average, so every
-row is caught up first: the rows' ``last`` then all equal ``ema_updates`` and are not saved. A
-weights-only load (``hstu.training.checkpoint_manager.load_weights``, which ``hstu.export`` uses) of
-a checkpoint that has an average takes the average.
+Checkpoints: the dense part in the dense file (``"ema"``: child -> parameter -> tensor, like
+``"model"``; ``"ema_updates"``), the tables' part through DCP under
+``hstu.training.checkpoint.EMA_TABLES_KEY``, sharded like the weight itself.
 """
 
 from __future__ import annotations
@@ -46,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hstu.training.checkpoint import state_tensors
+from hstu.training.checkpoint import CheckpointError, state_tensors
+from hstu.training.optimizer import LookupHook, fused_kernels, hook_training_lookups, kernel_rows
 
 # profiler label of the average's work in a step (python -m hstu.bench reports its time)
 PROFILE_LABEL = "hstu::weight_average"
@@ -128,8 +114,7 @@ class WeightAverage:
         self, dense: dict[str, nn.Module], tables: dict[str, Any], optimizer: Any,
         decay: float, model: nn.Module | None = None,
     ) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"ema decay must be in (0, 1), got {decay}")
+        assert 0.0 < decay < 1.0, decay  # TrainerArgs.ema_decay, checked in hstu.args
         self.decay = decay
         self.num_updates = 0
         # d_t = (1 + t) / (10 + t) for t < warm, decay from then on
@@ -166,10 +151,9 @@ class WeightAverage:
             if self.shadow[i] is None:
                 self.shadow[i] = t.detach().float().clone()
         n = len(self.dense)
-        self._dense_shadow = self.shadow[:n]
-        self._table_shadow: dict[str, list[torch.Tensor]] = {}
+        self._table_ids: dict[str, range] = {}  # key -> its tensors' indices into ``_live``
         for key, (_, ts) in self.tables.items():
-            self._table_shadow[key] = self.shadow[n : n + len(ts)]
+            self._table_ids[key] = range(n, n + len(ts))
             n += len(ts)
         self._eager = [i for i in range(len(self._live)) if i not in lazy_ids]
         self._swapped_in_place: set[int] = set()
@@ -185,7 +169,6 @@ class WeightAverage:
         from torchrec.distributed.model_parallel import DistributedModelParallel
 
         from hstu.embeddings.sharding import _find_embedding_modules
-        from hstu.training.optimizer import fused_kernels
 
         where = {(t.data_ptr(), tuple(t.shape)): i for i, t in enumerate(self._live)}
         lazy: set[int] = set()
@@ -211,7 +194,7 @@ class WeightAverage:
                         lo = hi
                     starts = torch.tensor([0] + [w.shape[0] for w in weights[:-1]]).cumsum(0)
                     first_row = starts[torch.tensor(list(tbe.feature_table_map))]  # [F]
-                    hook = self._joint_hook(whole, first_row.to(tbe.iter.device))
+                    take = self._joint_take(whole, first_row.to(tbe.iter.device))
                 else:
                     entries: list[_LazyTable | None] = []
                     for i in ids:
@@ -221,20 +204,17 @@ class WeightAverage:
                         entries.append(self.lazy[-1] if i is not None else None)
                     feature_table = torch.tensor(list(tbe.feature_table_map), dtype=torch.int64,
                                                  device=tbe.iter.device)
-                    hook = self._lookup_hook(entries, feature_table)
+                    take = self._lookup_take(entries, feature_table)
                 lazy.update(i for i in ids if i is not None)
-                self._handles.append(tbe.register_forward_pre_hook(hook, with_kwargs=True))
+                self._handles.append(hook_training_lookups(tbe, take))
         return lazy
 
-    def _joint_hook(self, whole: _LazyTable, first_row: torch.Tensor) -> Any:
-        """Forward pre-hook of a kernel whose tables' averages are one buffer: an id of
+    def _joint_take(self, whole: _LazyTable, first_row: torch.Tensor) -> LookupHook:
+        """The lookup hook of a kernel whose tables' averages are one buffer: an id of
         feature f is row ``first_row[f] + id`` of it (``first_row`` [F])."""
 
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if not (torch.is_grad_enabled() and module.training):
-                return
-            indices = (kwargs["indices"] if "indices" in kwargs else args[0]).to(torch.int64)
-            offsets = (kwargs["offsets"] if "offsets" in kwargs else args[1]).to(torch.int64)
+        def take(indices: torch.Tensor, offsets: torch.Tensor) -> None:
+            indices, offsets = indices.to(torch.int64), offsets.to(torch.int64)
             with torch.autograd.profiler.record_function(PROFILE_LABEL):
                 if first_row.numel() > 1:
                     # bags are feature-major, B per feature; sized from the shapes (no sync)
@@ -244,34 +224,28 @@ class WeightAverage:
                         offsets.diff(), output_size=indices.numel())
                 self._catch_up_rows(whole, indices)
 
-        return hook
+        return take
 
-    def _lookup_hook(self, entries: list[_LazyTable | None], feature_table: torch.Tensor) -> Any:
-        """Forward pre-hook of a kernel whose tables' averages are apart: each table's rows
+    def _lookup_take(self, entries: list[_LazyTable | None], feature_table: torch.Tensor
+                     ) -> LookupHook:
+        """The lookup hook of a kernel whose tables' averages are apart: each table's rows
         (another table's ids standing as its row 0, so no sync sizes them)."""
-        from hstu.training.optimizer import kernel_rows
-
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if not (torch.is_grad_enabled() and module.training):
-                return
-            indices = kwargs["indices"] if "indices" in kwargs else args[0]
-            offsets = kwargs["offsets"] if "offsets" in kwargs else args[1]
+        def take(indices: torch.Tensor, offsets: torch.Tensor) -> None:
             with torch.autograd.profiler.record_function(PROFILE_LABEL):
                 per_table = kernel_rows(feature_table, len(entries), indices, offsets)
                 for entry, rows in zip(entries, per_table):
                     if entry is not None:
                         self._catch_up_rows(entry, rows)
 
-        return hook
+        return take
 
     @torch.no_grad()
     def _catch_up_rows(self, entry: _LazyTable, rows: torch.Tensor) -> None:
         """The looked-up ``rows`` [N] (repeats allowed) caught up to ``num_updates`` with the
         weight they have had since their last change, before backward changes them; from
         this update on their average follows the weight after the step. A row caught up
-        twice in one step gets a product of 1 (lerp returns its average bitwise). The rows
-        are sorted first: gathers and writes in row order touch the table's memory in order
-        (on a CPU, a 500k-row write into a 1M x 64 table: 4x faster than in lookup order)."""
+        twice in one step gets a product of 1 (lerp returns its average bitwise). Sorted rows:
+        memory touched in order (docs/performance.md, "Weight average on a large table")."""
         rows = torch.sort(rows).values
         n = self.num_updates
         since = self._log_decays(entry.last.index_select(0, rows))
@@ -322,22 +296,17 @@ class WeightAverage:
             self._catch_up(entry)
 
     # ------------------------------------------------------------------ updates
-    def current_decay(self) -> float:
-        t = self.num_updates
-        return min(self.decay, (1.0 + t) / (10.0 + t))
-
     @torch.no_grad()
     def update(self) -> None:
         """After an optimizer step: move the average towards the weights (dense parameters
         and replicated tables every element; fused tables' rows were caught up when looked
         up and follow their new weight from this update on: nothing to do per row)."""
-        weight = 1.0 - self.current_decay()
-        shadows = [self.shadow[i] for i in self._eager]
-        live = [self._live[i] for i in self._eager]
+        t = self.num_updates
+        weight = 1.0 - min(self.decay, (1.0 + t) / (10.0 + t))
         with torch.autograd.profiler.record_function(PROFILE_LABEL):
-            live = [t if t.dtype == torch.float32 else t.float() for t in live]
-            if shadows:
-                torch._foreach_lerp_(shadows, live, weight)
+            if self._eager:
+                shadows = [self.shadow[i] for i in self._eager]
+                torch._foreach_lerp_(shadows, [self._live[i].float() for i in self._eager], weight)
         self.num_updates += 1
 
     @torch.no_grad()
@@ -408,10 +377,8 @@ class WeightAverage:
 
     @torch.no_grad()
     def load_dense_state(self, state: dict[str, Any], where: str) -> None:
-        from hstu.training.checkpoint import CheckpointError
-
         saved = state["ema"]
-        for ((child, name), _, _), s in zip(self.dense, self._dense_shadow):
+        for ((child, name), _, _), s in zip(self.dense, self.shadow):
             value = saved.get(child, {}).get(name)
             if value is None or value.shape != s.shape:
                 raise CheckpointError(
@@ -426,10 +393,8 @@ class WeightAverage:
         """Weight key -> the average, sharded like the weight (DCP saves it, or fills it)."""
         self.catch_up_all()  # read: every row up to date
         out = {}
-        n = len(self.dense)
         for key, (value, ts) in self.tables.items():
-            averages = [self._average(n + j) for j in range(len(ts))]
-            n += len(ts)
+            averages = [self._average(i) for i in self._table_ids[key]]
             # float32 tables: the shadows themselves (a load fills them in place)
             parts = [a if t.dtype == torch.float32 else a.to(t.dtype) for a, t in zip(averages, ts)]
             out[key] = _like(value, parts)
@@ -439,8 +404,8 @@ class WeightAverage:
     def load_table_state(self, state: dict[str, Any]) -> None:
         """After DCP filled ``table_state()``'s values: into the shadows (a no-op for
         float32 tables, filled in place)."""
-        for key, shadows in self._table_shadow.items():
-            for s, part in zip(shadows, state_tensors(state[key])):
-                if part.data_ptr() != s.data_ptr():
-                    s.copy_(part)
+        for key, ids in self._table_ids.items():
+            for i, part in zip(ids, state_tensors(state[key])):
+                if part.data_ptr() != self.shadow[i].data_ptr():
+                    self.shadow[i].copy_(part)
         self._synced_lazy()

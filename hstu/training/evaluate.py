@@ -7,6 +7,7 @@ samples), because sharded embedding lookups are collective. Metrics count real s
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ from hstu.model.retrieval import (
     eval_block_items,
     merge_top,
 )
-from hstu.training.distributed import DistEnv
+from hstu.training.distributed import DistEnv, gather_objects, rank_and_world
 
 
 def _restart(loader: Any) -> None:
@@ -43,26 +44,23 @@ def evaluate(
     return _evaluate_ranking(model, loader, cfg, env, max_iters)
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def _gather(t: torch.Tensor) -> torch.Tensor:
+    """Concatenates a 1-D/2-D tensor of varying length from every rank (on CPU)."""
+    return torch.cat(gather_objects(t.cpu()))
 
 
-def _gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (rank order)."""
-    _rank, world = _world()
-    if world == 1:
-        return [obj]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
+def _mean_loss(loss_sum: float, count: int) -> float:
+    """The mean of every rank's summed losses over their total count."""
+    stats = torch.tensor([loss_sum, count], dtype=torch.float64)
+    if rank_and_world()[1] > 1:
+        dist.all_reduce(stats)
+    return stats[0].item() / max(stats[1].item(), 1)
 
 
 def _all_reduce_host(t: torch.Tensor, op) -> torch.Tensor:
     """``t`` reduced over the world on the host (the default group's host backend)."""
     host = t.cpu()
-    if _world()[1] > 1:
+    if rank_and_world()[1] > 1:
         dist.all_reduce(host, op=op)
     return host.to(t.device)
 
@@ -104,9 +102,7 @@ def _own_queries(model: Any, loader: Any, env: DistEnv, max_iters: int | None,
     their sample [h]) on the host, history empty when it stays rankable."""
     queries, targets, hist_ids, hist_rows = [], [], [], []
     n = 0
-    for i, batch in enumerate(loader):
-        if max_iters is not None and i >= max_iters:
-            break
+    for batch in islice(loader, max_iters):
         batch = batch.to(env.device)
         q, ids, seg = model.last_queries(batch)
         labels = batch.labels.to(q.device)
@@ -197,12 +193,12 @@ def rank_corpus(model: Any, own: tuple[torch.Tensor, ...], budget_bytes: int,
     (hstu.model.retrieval, "sharded full-corpus ranking"). ``own``: this rank's (queries,
     targets, history ids, their rows) from :func:`_own_queries`. Returns (target ranks of
     this rank's own queries [n], (top scores, top ids) [n, top_k] or None)."""
-    rank, world = _world()
+    rank, world = rank_and_world()
     dense = model.dense_module
-    every = _gather_objects(own)
+    every = gather_objects(own)
     counts = [p[0].shape[0] for p in every]
-    first = sum(counts[:rank])
     starts = [sum(counts[:r]) for r in range(world)]
+    first = starts[rank]
     queries = torch.cat([p[0] for p in every if p[0].numel() > 0] or [own[0]]).to(device)
     q = CorpusQueries.build(
         queries,
@@ -221,15 +217,13 @@ def rank_corpus(model: Any, own: tuple[torch.Tensor, ...], budget_bytes: int,
     if not _streams(longest, queries.shape[1], budget_bytes):
         blocks = blocks.held(lo, hi)  # the slice fits the budget: looked up once
     scorer = CorpusSliceScorer(q, num_items=num_items, min_item_id=dense.min_item_id)
-    target = _all_reduce_host(
-        scorer.target_scores(blocks), dist.ReduceOp.MAX if world > 1 else None
-    )
+    target = _all_reduce_host(scorer.target_scores(blocks), dist.ReduceOp.MAX)
     ahead, top_scores, top_ids = scorer.count_and_top(blocks, target, top_k)
-    ahead = _all_reduce_host(ahead, dist.ReduceOp.SUM if world > 1 else None)
+    ahead = _all_reduce_host(ahead, dist.ReduceOp.SUM)
     ranks = scorer.ranks(target, ahead)[first:first + counts[rank]]
     top = None
     if top_k > 0:
-        parts = _gather_objects((top_scores.cpu(), top_ids.cpu()))
+        parts = gather_objects((top_scores.cpu(), top_ids.cpu()))
         scores, ids = merge_top(parts, top_k)
         top = (scores[first:first + counts[rank]], ids[first:first + counts[rank]])
     return ranks, top
@@ -265,24 +259,13 @@ def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float(binary_auroc(scores.float(), labels, thresholds=None))
 
 
-def _gather(t: torch.Tensor) -> torch.Tensor:
-    """Concatenates a 1-D/2-D tensor of varying length from every rank (on CPU)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return t.cpu()
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, t.cpu())
-    return torch.cat(out)
-
-
 def _evaluate_ranking(
     model: Any, loader: Any, cfg: RunConfig, env: DistEnv, max_iters: int | None
 ) -> dict[str, float]:
     num_tasks = cfg.ranking.num_tasks
     all_logits, all_labels = [], []
     loss_sum, loss_n = 0.0, 0
-    for i, batch in enumerate(loader):
-        if max_iters is not None and i >= max_iters:
-            break
+    for batch in islice(loader, max_iters):
         batch = model.prepare(batch.to(env.device))
         # the model's own loss counts padding candidates: the loss is recomputed below
         _, (logits, labels) = model(batch)
@@ -299,9 +282,7 @@ def _evaluate_ranking(
     width = cfg.ranking.prediction_head_arch[-1]
     logits = _gather(torch.cat(all_logits) if all_logits else torch.zeros(0, width))
     labels = _gather(torch.cat(all_labels) if all_labels else torch.zeros(0, dtype=torch.int64))
-    stats = torch.tensor([loss_sum, loss_n], dtype=torch.float64)
-    dist.all_reduce(stats)
-    out: dict[str, float] = {"loss": stats[0].item() / max(stats[1].item(), 1)}
+    out: dict[str, float] = {"loss": _mean_loss(loss_sum, loss_n)}
     aucs, one_class = ranking_aucs(logits, labels, num_tasks, width)
     out.update(aucs)
     if one_class and env.is_main:  # says which tasks the mean leaves out (NaN AUC)
@@ -437,9 +418,7 @@ def popularity_baseline(train_loader: Any, eval_loader: Any, cfg: RunConfig, env
     acc = MetricAccumulator(names)
     eval_loader, _, _ = eval_subset(eval_loader, cfg.retrieval.eval_num_users, cfg.trainer.seed)
     _restart(eval_loader)
-    for i, batch in enumerate(eval_loader):
-        if max_iters is not None and i >= max_iters:
-            break
+    for batch in islice(eval_loader, max_iters):
         items = batch.features[batch.item_feature_name]
         rows = torch.repeat_interleave(torch.arange(batch.batch_size), items.lengths())
         excluded = items.values() if cfg.retrieval.eval_exclude_history else items.values()[:0]
@@ -477,9 +456,7 @@ def prior_baseline(train_loader: Any, eval_loader: Any, cfg: RunConfig, env: Dis
         logits = ((counts + eps) / (counts.sum() + eps * width)).log().float()
     loss_sum, loss_n = 0.0, 0
     _restart(eval_loader)
-    for i, batch in enumerate(eval_loader):
-        if max_iters is not None and i >= max_iters:
-            break
+    for batch in islice(eval_loader, max_iters):
         labels = batch.labels
         if batch.sample_mask is not None:
             labels = labels[torch.repeat_interleave(batch.sample_mask, batch.num_candidates)]
@@ -488,10 +465,7 @@ def prior_baseline(train_loader: Any, eval_loader: Any, cfg: RunConfig, env: Dis
         scores = logits.expand(labels.numel(), -1)
         loss_sum += float(ranking_loss(scores, labels, num_tasks)) * int(labels.numel())
         loss_n += int(labels.numel())
-    stats = torch.tensor([loss_sum, loss_n], dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(stats)
-    return {"loss": stats[0].item() / max(stats[1].item(), 1), "AUC": 0.5}
+    return {"loss": _mean_loss(loss_sum, loss_n), "AUC": 0.5}
 
 
 ITEM_RATE_PSEUDO_LABELS = 10.0
@@ -560,9 +534,7 @@ def item_rate_baseline(train_loader: Any, eval_loader: Any, cfg: RunConfig, env:
     # takes their logits / logs
     scores, wanted = [], []
     _restart(eval_loader)
-    for i, batch in enumerate(eval_loader):
-        if max_iters is not None and i >= max_iters:
-            break
+    for batch in islice(eval_loader, max_iters):
         feature = batch.features[batch.item_feature_name]
         ends = torch.cumsum(feature.lengths(), 0).numpy()
         picked = gather_ranges(ends - batch.num_candidates.numpy(), ends)

@@ -27,8 +27,6 @@ import torch
 from hstu.training.cpu_placement import lower_this_thread
 from hstu.training.flops import step_flops
 
-_DONE = object()
-
 
 class BatchCost(NamedTuple):
     """What one training batch holds: tokens (with contextual and action tokens), the HSTU
@@ -37,11 +35,6 @@ class BatchCost(NamedTuple):
     tokens: int = 0
     flops: float = 0.0
     samples: int = 0
-
-
-class _Failure:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
 
 
 class Feed:
@@ -89,7 +82,7 @@ class Feed:
                 if empty:
                     raise RuntimeError("the training loader yielded no batch in a whole epoch")
         except BaseException as exc:  # noqa: BLE001 - carried to the training thread, raised there
-            out.put(_Failure(exc))
+            out.put(exc)
 
     def __iter__(self) -> Iterator[Any]:
         out: queue.Queue = queue.Queue(maxsize=self.depth)
@@ -98,9 +91,9 @@ class Feed:
         )
         self._thread.start()
         while True:
-            item = out.get()
-            if isinstance(item, _Failure):
-                raise item.exc
+            item = out.get()  # (batch, its cost), or the thread's exception
+            if isinstance(item, BaseException):
+                raise item
             batch, cost = item
             self.costs.append(cost)
             yield self.prepare(batch) if self.prepare is not None else batch

@@ -30,42 +30,26 @@ import torch.distributed as dist
 
 from hstu.training import checkpoint as ckpt
 from hstu.training.checkpoint import CheckpointError, CheckpointState, RankPlace
+from hstu.training.distributed import barrier, broadcast_object, rank_and_world
 
 AUTO = "auto"
 
 
 def _is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _broadcast(value: Any) -> Any:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        holder = [value]
-        dist.broadcast_object_list(holder, src=0)
-        return holder[0]
-    return value
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    return rank_and_world()[0] == 0
 
 
 def first_non_finite(states: dict[str, Any]) -> str | None:
     """Name of the first state (by top-level key) holding a NaN or an infinity on any rank."""
     names = sorted(states)
-    bad = torch.zeros(len(names), dtype=torch.float32)
-    for i, name in enumerate(names):
-        for t in ckpt.state_tensors(states[name]):
-            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-                bad[i] = 1.0
-                break
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    bad = torch.tensor([
+        float(any(t.is_floating_point() and not torch.isfinite(t).all()
+                  for t in ckpt.state_tensors(states[name])))
+        for name in names
+    ], dtype=torch.float32)
+    if rank_and_world()[1] > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    for i, name in enumerate(names):
-        if bad[i] > 0:
-            return name
-    return None
+    return next((name for name, b in zip(names, bad.tolist()) if b > 0), None)
 
 
 @dataclass
@@ -159,7 +143,7 @@ class CheckpointLifecycle:
                     f"[hstu] removed unfinished checkpoint folders in {self.root}: "
                     f"{', '.join(removed)}"
                 )
-        _barrier()
+        barrier()
         return removed
 
     def resolve(self, load_dir: str) -> str | None:
@@ -174,20 +158,9 @@ class CheckpointLifecycle:
 
     def _newest_verified(self, root: str, required: bool) -> str | None:
         candidates: list[str] = []
-        if _is_main() and os.path.isdir(root):
-            steps = []
-            for name in os.listdir(root):
-                base = name.removesuffix(".old")
-                step = ckpt.step_of(base)
-                path = os.path.join(root, name)
-                complete = os.path.isfile(os.path.join(path, ckpt.MANIFEST)) or os.path.isfile(
-                    os.path.join(path, "meta.pt")
-                )
-                if step is not None and not name.endswith(".tmp") and complete:
-                    steps.append((step, not name.endswith(".old"), os.path.join(root, name)))
-            candidates = [p for _, _, p in sorted(steps, reverse=True)]
-        candidates = _broadcast(candidates)
-        for path in candidates:
+        if _is_main():
+            candidates = [p for p in ckpt.checkpoint_folders(root) if ckpt.is_checkpoint_dir(p)]
+        for path in broadcast_object(candidates):
             try:
                 ckpt.verify(path)
                 return path
@@ -233,9 +206,8 @@ class CheckpointLifecycle:
         if os.path.realpath(os.path.dirname(path)) == os.path.realpath(self.root):
             self.last_saved = (step, path)
 
-    def prune(self) -> list[str]:
+    def prune(self) -> None:
         """Removes all but the newest ``keep_last_n`` complete checkpoints (never the latest)."""
-        removed: list[str] = []
         if self.keep_last_n is not None and _is_main() and os.path.isdir(self.root):
             complete = []
             for name in os.listdir(self.root):
@@ -250,7 +222,5 @@ class CheckpointLifecycle:
             for _, path in complete:
                 if path not in keep:
                     shutil.rmtree(path, ignore_errors=True)
-                    removed.append(os.path.basename(path))
             ckpt.fsync_dir(self.root)
-        _barrier()
-        return removed
+        barrier()

@@ -40,7 +40,7 @@ class RunLogger:
         # empty: a run killed before its first rows were flushed (its header included)
         new = not os.path.exists(path) or os.path.getsize(path) == 0
         # held open for the run (closed by close())
-        self._csv = open(os.path.join(run_dir, "metrics.csv"), "a", newline="")  # noqa: SIM115
+        self._csv = open(path, "a", newline="")  # noqa: SIM115
         self._writer = csv.writer(self._csv)
         if new:
             self._writer.writerow(["step", "split", "name", "value"])
@@ -51,19 +51,17 @@ class RunLogger:
         except Exception as exc:  # noqa: BLE001 - TensorBoard is optional for the run itself
             print(f"[hstu] TensorBoard disabled: {exc}", file=sys.stderr)
 
-    def truncate_after(self, step: int) -> int:
+    def truncate_after(self, step: int) -> None:
         """Drops the rows (and TensorBoard events) of steps after ``step``: a resumed run logs
-        them again. Returns how many rows were dropped."""
+        them again."""
         if not self.enabled:
-            return 0
-        dropped = self.keep_rows(
-            lambda rows: [r for r in rows if r and r[0].isdigit() and int(r[0]) <= step])
+            return
+        self.keep_rows(lambda rows: [r for r in rows if r and r[0].isdigit() and int(r[0]) <= step])
         if self._tb is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb.close()
             self._tb = SummaryWriter(log_dir=self.run_dir, purge_step=step + 1)
-        return dropped
 
     def keep_rows(self, keep: Callable[[list[list[str]]], list[list[str]]]) -> int:
         """Rewrites metrics.csv with the rows ``keep`` returns of its rows (in file order,

@@ -18,9 +18,7 @@ from typing import Any, Self
 import torch
 import torch.distributed as dist
 
-
-def _multi_process() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
+from hstu.training.distributed import gather_objects, rank_and_world
 
 
 def agree_finite(problem: tuple[int, str] | None) -> None:
@@ -29,11 +27,10 @@ def agree_finite(problem: tuple[int, str] | None) -> None:
     # host tensors: the default group reduces them with its host backend (gloo)
     flag = torch.tensor([0.0 if problem is None else 1.0])
     gathered = [problem]
-    if _multi_process():
+    if rank_and_world()[1] > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, problem)
+            gathered = gather_objects(problem)
     found = [(p[0], rank, p[1]) for rank, p in enumerate(gathered) if p is not None]
     if found:
         _, rank, text = min(found)
@@ -90,13 +87,11 @@ class MetricsWindow:
         pending.clear()
         self._pending_grads.clear()
         problem = None
-        for i, (v, ok) in enumerate(zip(values, grads_ok)):
+        for step, v, ok in zip(range(first, last_step + 1), values, grads_ok):
             if not math.isfinite(v):
-                problem = (first + i, f"step {first + i}: loss is {v}")
+                problem = (step, f"step {step}: loss is {v}")
             elif not ok:
-                problem = (
-                    first + i, f"step {first + i}: a dense gradient is not finite (loss {v:.4g})"
-                )
+                problem = (step, f"step {step}: a dense gradient is not finite (loss {v:.4g})")
             if problem:
                 break
         agree_finite(problem)
@@ -191,6 +186,6 @@ class Preemption:
     def agreed(self) -> bool:
         """All ranks stop at the same step if any rank was signalled (one tiny all-reduce)."""
         flag = torch.tensor([1.0 if self.requested else 0.0])  # host, like the signal
-        if _multi_process():
+        if rank_and_world()[1] > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)

@@ -1,12 +1,13 @@
 """One optimizer container for the whole model: dense optimizer with LR schedule, gradient
 clipping and data-parallel gradient averaging, plus the sparse optimizer that TorchRec fuses
 into the embedding backward. One ``step()``, one ``zero_grad()``, one ``state_dict()``.
+Masters, loss scaling and the tables under float16: docs/training.md, "Mixed precision".
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -43,106 +44,77 @@ def build_dense_optimizer(
     ``fused``: torch's fused kernels, which skip a step on a device-side overflow flag (the
     float16 loss scaler's ``found_inf``) without a host sync."""
     params = list(params)
-    extra = {"fused": True} if fused else {}
-    if args.optimizer_str == "adam":
-        return torch.optim.Adam(
-            params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_eps, weight_decay=args.weight_decay, **extra,
-        )
-    if args.optimizer_str == "adamw":
-        return torch.optim.AdamW(
-            params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_eps, weight_decay=args.weight_decay, **extra,
-        )
-    return torch.optim.SGD(params, lr=args.learning_rate, weight_decay=args.weight_decay, **extra)
-
-
-def _counted_once(p: torch.nn.Parameter, tp_rank: int) -> bool:
-    """Megatron's rule: a tensor-parallel shard counts on every rank, a parameter replicated
-    over the TP group only on TP rank 0."""
-    return bool(getattr(p, "tensor_model_parallel", False)) or tp_rank == 0
+    common: dict[str, Any] = {"lr": args.learning_rate, "weight_decay": args.weight_decay}
+    if fused:
+        common["fused"] = True
+    if args.optimizer_str in ("adam", "adamw"):
+        adam = torch.optim.Adam if args.optimizer_str == "adam" else torch.optim.AdamW
+        return adam(params, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, **common)
+    return torch.optim.SGD(params, **common)
 
 
 class DynamicLossScaler:
     """float16: the loss is multiplied by ``scale`` before backward; a step whose gradients
     overflow (on any rank) is skipped and halves it; ``growth_interval`` clean steps double it.
 
-    Everything stays on the step's device (no host sync in a step): the scale, the clean-step
-    counter and the overflow flag are tensors, updated by torch's AMP kernels; the dense step
-    is skipped by the fused optimizer reading the flag. ``scale`` / ``skipped_steps`` as
-    Python numbers are for logs and checkpoints (each reads the device once).
-    The scale is always a power of two, so unscaling (a multiplication by its inverse) is
-    exact in float32.
+    The scale, the clean-step counter and the overflow flag are device tensors (no host sync
+    in a step); ``scale`` / ``skipped_steps`` read the device once (logs, checkpoints). The
+    scale is a power of two: unscaling is exact in float32.
     """
 
     def __init__(self, init_scale: float = 2.0**16, growth_interval: int = 1000,
                  min_scale: float = 1.0, device: torch.device | str = "cpu") -> None:
         self.growth_interval = growth_interval
         self.min_scale = min_scale
-        self.device = torch.device(device)
-        self._scale = torch.full((1,), float(init_scale), dtype=torch.float32, device=self.device)
-        self._clean = torch.zeros(1, dtype=torch.int32, device=self.device)
-        self._skipped = torch.zeros(1, dtype=torch.int64, device=self.device)
+        # [1] float32 on the device: what the loss is multiplied by this step
+        self.scale_tensor = torch.full((1,), float(init_scale), dtype=torch.float32, device=device)
+        self._clean = torch.zeros(1, dtype=torch.int32, device=device)
+        self._skipped = torch.zeros(1, dtype=torch.int64, device=device)
         # 1.0 where this step's gradients overflowed (after the all-reduce over the world)
-        self.found_inf = torch.zeros(1, dtype=torch.float32, device=self.device)
-
-    @property
-    def scale_tensor(self) -> torch.Tensor:
-        """[1] float32 on the device: what the loss is multiplied by this step."""
-        return self._scale
+        self.found_inf = torch.zeros(1, dtype=torch.float32, device=device)
 
     @property
     def scale(self) -> float:
-        return float(self._scale.item())
+        return float(self.scale_tensor.item())
 
     @scale.setter
     def scale(self, value: float) -> None:
-        self._scale.fill_(float(value))
+        self.scale_tensor.fill_(float(value))
 
     @property
     def skipped_steps(self) -> int:
         return int(self._skipped.item())
 
-    @property
-    def clean_steps(self) -> int:
-        return int(self._clean.item())
-
     def inverse(self) -> torch.Tensor:
         """[1] float32: 1 / scale (exact: a power of two)."""
-        return self._scale.double().reciprocal().float()
+        return self.scale_tensor.double().reciprocal().float()
 
     @torch.no_grad()
-    def unscale_(self, grads: list[torch.Tensor],
-                 group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    def unscale_(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """Divides ``grads`` by the scale in place; returns ``found_inf`` ([1], 1.0 if any
-        gradient of any rank of ``group`` (the world when None) is not finite)."""
+        gradient of any rank is not finite)."""
         self.found_inf.zero_()
         if grads:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, self.inverse())
-        if dist.is_initialized() and dist.get_world_size(group) > 1:
-            dist.all_reduce(self.found_inf, op=dist.ReduceOp.MAX, group=group)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(self.found_inf, op=dist.ReduceOp.MAX)
         return self.found_inf
 
     @torch.no_grad()
-    def update(self, found_inf: torch.Tensor | bool | None = None) -> None:
-        """Halves the scale after an overflow (never below ``min_scale``), doubles it after
-        ``growth_interval`` clean steps; ``found_inf`` defaults to the last :meth:`unscale_`."""
-        if found_inf is None:
-            found_inf = self.found_inf
-        elif not isinstance(found_inf, torch.Tensor):
-            found_inf = torch.full((1,), float(found_inf), device=self.device)
-        found_inf = found_inf.reshape(1).to(torch.float32)
-        torch._amp_update_scale_(self._scale, self._clean, found_inf, 2.0, 0.5,
+    def update(self, found_inf: torch.Tensor) -> None:
+        """Halves the scale after an overflow (``found_inf`` [1] 1.0; never below
+        ``min_scale``), doubles it after ``growth_interval`` clean steps."""
+        torch._amp_update_scale_(self.scale_tensor, self._clean, found_inf, 2.0, 0.5,
                                  self.growth_interval)
-        self._scale.clamp_(min=self.min_scale)
+        self.scale_tensor.clamp_(min=self.min_scale)
         self._skipped += found_inf.to(torch.int64)
 
     def state_dict(self) -> dict:
-        return {"scale": self.scale, "clean_steps": self.clean_steps,
+        return {"scale": self.scale, "clean_steps": int(self._clean.item()),
                 "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self._scale.fill_(float(state["scale"]))
+        self.scale_tensor.fill_(float(state["scale"]))
         # older checkpoints counted clean steps without resetting at each doubling
         self._clean.fill_(int(state["clean_steps"]) % self.growth_interval)
         self._skipped.fill_(int(state["skipped_steps"]))
@@ -153,14 +125,11 @@ class OptimizerContainer(torch.optim.Optimizer):
     + the sparse optimizers of the tables, behind one interface.
 
     - Gradients arrive already averaged (DDP over the DP group, :mod:`hstu.training.ddp`).
-    - Half-precision parameters (``NetworkArgs.dtype_str`` bfloat16/float16) get float32 master
-      copies: the torch optimizer and its state live on the masters, gradients are copied up,
-      the update is applied to the masters and copied down. Float32 parameters are their own
-      masters. An update below bf16 resolution still moves the master.
+    - Half-precision parameters get float32 masters (the torch optimizer and its state live on
+      them); float32 parameters are their own masters.
     - float16: dynamic loss scaling (:class:`DynamicLossScaler`); ``scale_loss`` before backward.
-    - Clipping: one global norm over the model-parallel group, TP shards counted on every rank
-      and replicated parameters once (Megatron's rule), so every TP rank scales by the same
-      factor. The norm stays a tensor (no host sync); ``last_grad_norm`` holds it.
+    - Clipping: one global norm over the model-parallel group (Megatron's rule), kept a tensor
+      (no host sync) in ``last_grad_norm``.
     - The LR schedule (:func:`lr_at`) drives the dense optimizer and, with
       ``OptimizerArgs.sparse_lr_schedule="follow"``, the sparse ones as well (their base LR
       times the same factor).
@@ -217,10 +186,6 @@ class OptimizerContainer(torch.optim.Optimizer):
     @property
     def lr(self) -> float:
         return self.dense.param_groups[0]["lr"]
-
-    @property
-    def has_masters(self) -> bool:
-        return bool(self._master_of)
 
     def master_of(self, p: torch.nn.Parameter) -> torch.Tensor | None:
         """The float32 master of a half-precision parameter (None for float32 ones)."""
@@ -282,7 +247,8 @@ class OptimizerContainer(torch.optim.Optimizer):
         device = pairs[0][1].grad.device if pairs else torch.device("cpu")
         sq = torch.zeros((), dtype=torch.float32, device=device)
         for p, m in pairs:
-            if _counted_once(p, self.tp_rank):
+            # Megatron's rule: a TP shard counts on every rank, a replicated parameter on rank 0
+            if getattr(p, "tensor_model_parallel", False) or self.tp_rank == 0:
                 sq += m.grad.float().pow(2).sum()
         if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
             dist.all_reduce(sq, group=self.tp_group)
@@ -344,14 +310,11 @@ class OptimizerContainer(torch.optim.Optimizer):
         self._set_lr(lr_at(self.num_steps, self.args, self.total_steps))
 
     def load_state_dict(self, state: dict) -> None:  # type: ignore[override]
-        self.dense.load_state_dict(state["dense"])
-        self._keep_fused()
-        self.num_steps = int(state["num_steps"])
-        if "loss_scaler" in state and self.scaler is not None:
-            self.scaler.load_state_dict(state["loss_scaler"])
         for opt, opt_state in zip(self.sparse or [], state.get("sparse", [])):
             opt.load_state_dict(opt_state)
-        self._set_lr(lr_at(self.num_steps, self.args, self.total_steps))
+        self.load_dense_state_dict(
+            state["dense"], int(state["num_steps"]), state.get("loss_scaler")
+        )
 
     def _keep_fused(self) -> None:
         """A loaded optimizer state carries its saving run's kernel choice: float16 needs the
@@ -359,14 +322,6 @@ class OptimizerContainer(torch.optim.Optimizer):
         if self.scaler is not None:
             for group in self.dense.param_groups:
                 group.update(fused=True, foreach=None)
-
-    @torch.no_grad()
-    def reload_masters(self) -> None:
-        """After the model's half-precision weights were loaded (e.g. from a float32 master
-        state), re-derive masters from them; :meth:`load_masters` restores exact fp32 values."""
-        for p, m in zip(self.params, self.masters):
-            if m is not p:
-                m.copy_(p.float())
 
     @torch.no_grad()
     def load_masters(self, values: dict[int, torch.Tensor]) -> None:
@@ -386,11 +341,10 @@ def _unscaled(inverse: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 
 def unscale_sparse_gradients(dense: torch.nn.Module, scaler: DynamicLossScaler) -> Any:
-    """float16 loss scaling with embedding tables: the tables' fused (FBGEMM) and replicated
-    optimizers update inside backward, before :meth:`OptimizerContainer.step` could unscale
-    anything. A forward pre-hook on the dense module (``forward(batch, embeddings)``) puts
-    :func:`_unscaled` on each looked-up values tensor, so what flows back into the tables is
-    the gradient of the unscaled loss. Returns the hook's handle."""
+    """float16 with embedding tables, whose optimizers update inside backward: a forward
+    pre-hook on the dense module (``forward(batch, embeddings)``) puts :func:`_unscaled` on
+    each looked-up values tensor, so the tables step on the gradient of the unscaled loss.
+    Returns the hook's handle."""
 
     def hook(module: torch.nn.Module, args: tuple) -> None:
         if not torch.is_grad_enabled():
@@ -446,7 +400,7 @@ class _TbeRows:
     """
 
     def __init__(self, tbe: nn.Module) -> None:
-        self.tbe = tbe
+        self.tbe, self.device = tbe, tbe.iter.device
         optim = getattr(tbe.optimizer, "value", str(tbe.optimizer))
         self.host_step = optim in _HOST_STEP_OPTIMIZERS
         # per-table views into the kernel's storage (computed once: the split reads offsets)
@@ -455,7 +409,7 @@ class _TbeRows:
         states = [[] for _ in weights] if stateless else tbe.split_optimizer_states()
         self.tables = [[w, *s] for w, s in zip(weights, states)]
         self.feature_table = torch.tensor(list(tbe.feature_table_map), dtype=torch.int64,
-                                          device=tbe.iter.device)
+                                          device=self.device)
         # per step taken: per table (its row ids, those rows of the weight and of each
         # optimizer state), and the kernel's step counter
         self.snapshots: list[tuple[list[_TableRows], torch.Tensor]] = []
@@ -466,10 +420,11 @@ class _TbeRows:
         """Before the kernel's forward: [N] local row ids, [F * B + 1] offsets per feature and
         sample. Ids of another table of the kernel read row 0 of this one (restoring an
         untouched row to its own value changes nothing)."""
-        per_table: list[_TableRows] = []
         rows_of = kernel_rows(self.feature_table, len(self.tables), indices, offsets)
-        for rows, tensors in zip(rows_of, self.tables):
-            per_table.append((rows, [x.index_select(0, rows) for x in tensors]))
+        per_table = [
+            (rows, [x.index_select(0, rows) for x in tensors])
+            for rows, tensors in zip(rows_of, self.tables)
+        ]
         self.snapshots.append((per_table, self.tbe.iter.detach().clone()))
 
     @torch.no_grad()
@@ -496,19 +451,14 @@ class _ReplicatedRows:
     optimizer state are taken before backward."""
 
     def __init__(self, weight: torch.Tensor, opt: torch.optim.Optimizer) -> None:
-        self.weight, self.opt = weight, opt
-        st: dict = {}
-        if hasattr(opt, "init_state"):
-            st = opt.init_state(weight)
-            kind = opt.param_groups[0].get("kind")
-            self.host_step = kind == "adam"
-            if not self.host_step:
-                # a counter no update reads: kept on the table's device, so that a skip can
-                # restore it there (no host read of the flag)
-                st["step"] = st["step"].to(weight.device)
-        else:
-            self.host_step = False
-        self.state = st
+        self.weight, self.opt, self.device = weight, opt, weight.device
+        stateful = hasattr(opt, "init_state")
+        self.state: dict = opt.init_state(weight) if stateful else {}
+        self.host_step = stateful and opt.param_groups[0].get("kind") == "adam"
+        if stateful and not self.host_step:
+            # a counter no update reads: kept on the table's device, so that a skip can
+            # restore it there (no host read of the flag)
+            self.state["step"] = self.state["step"].to(weight.device)
         self._buffers: list[torch.Tensor] | None = None
         self.taken = self.restored = 0
 
@@ -539,6 +489,21 @@ class _ReplicatedRows:
             self.state["step"].sub_(self.restored)
 
 
+LookupHook = Callable[[torch.Tensor, torch.Tensor], None]  # (indices [N], offsets [F * B + 1])
+
+
+def hook_training_lookups(tbe: nn.Module, take: LookupHook) -> Any:
+    """Runs ``take(indices, offsets)`` before each training forward of the FBGEMM kernel
+    ``tbe`` (not in evaluation or under no_grad); returns the hook's handle."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.is_grad_enabled() and module.training:
+            take(kwargs["indices"] if "indices" in kwargs else args[0],
+                 kwargs["offsets"] if "offsets" in kwargs else args[1])
+
+    return tbe.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def fused_kernels(sharded: nn.Module) -> list[nn.Module]:
     """The FBGEMM kernels (TBE modules) under a TorchRec sharded collection: its lookups are
     kept in a plain list (``_lookups``), not as registered children."""
@@ -555,19 +520,12 @@ def fused_kernels(sharded: nn.Module) -> list[nn.Module]:
 
 
 class TableStepGuard:
-    """float16: an overflowing step leaves every table as it was.
-
-    The tables' optimizers update inside backward (FBGEMM's fused kernels for sharded and
-    dynamic tables, the row-sparse optimizer of data_parallel tables), before the dense
-    gradients, hence the step's overflow flag, are known. So the guard takes, before each
-    training lookup, what the step can change (:class:`_TbeRows`: the looked-up rows of every
-    fused kernel with their optimizer state and the kernel's device step counter;
-    :class:`_ReplicatedRows`: the replicated tables whole), and after backward
-    (:meth:`restore`, from :meth:`OptimizerContainer.step`) writes it back where the global
-    overflow flag is set: ``torch.where`` on the flag, no host read. Host step counters that
-    an update reads (Adam-family optimizers) are the exception: one named host read of the
-    flag. FBGEMM's host mirror ``iter_cpu`` of the other optimizers is read by no update and
-    is left counting forwards.
+    """float16: an overflowing step leaves every table as it was (docs/training.md, "Mixed
+    precision"). Before each training lookup it takes what the step can change
+    (:class:`_TbeRows`, :class:`_ReplicatedRows`); after backward (:meth:`restore`, from
+    :meth:`OptimizerContainer.step`) it writes that back where the global overflow flag is
+    set, with ``torch.where`` (no host read) except for host step counters an update reads
+    (Adam-family optimizers: one named host read of the flag).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -593,30 +551,19 @@ class TableStepGuard:
                         )
                     rows = _TbeRows(tbe)
                     self.kernels.append(rows)
-                    self._handles.append(tbe.register_forward_pre_hook(
-                        self._kernel_hook(rows), with_kwargs=True))
+                    self._handles.append(hook_training_lookups(tbe, rows.take))
             if emb.dp_ec is not None:
-                parts = []
-                for module in emb.dp_ec.embeddings.values():
-                    for opt in getattr(module.weight, "_in_backward_optimizers", []):
-                        parts.append(_ReplicatedRows(module.weight, opt))
+                parts = [
+                    _ReplicatedRows(module.weight, opt)
+                    for module in emb.dp_ec.embeddings.values()
+                    for opt in getattr(module.weight, "_in_backward_optimizers", [])
+                ]
                 self.replicated.extend(parts)
                 if parts:
                     hook = self._replicated_hook(parts)
                     self._handles.append(emb.dp_ec.register_forward_pre_hook(hook))
         self.host_step = any(k.host_step for k in self.kernels) or any(
             r.host_step for r in self.replicated)
-
-    @staticmethod
-    def _kernel_hook(rows: _TbeRows) -> Any:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if not (torch.is_grad_enabled() and module.training):
-                return
-            indices = kwargs["indices"] if "indices" in kwargs else args[0]
-            offsets = kwargs["offsets"] if "offsets" in kwargs else args[1]
-            rows.take(indices, offsets)
-
-        return hook
 
     @staticmethod
     def _replicated_hook(parts: list[_ReplicatedRows]) -> Any:
@@ -633,7 +580,7 @@ class TableStepGuard:
         """After backward: ``found_inf`` ([1] float, 1.0 where the step overflowed on any rank)."""
         skip = found_inf.reshape(()) > 0
         for part in [*self.kernels, *self.replicated]:
-            part.restore(skip.to(self._device_of(part)))
+            part.restore(skip.to(part.device))
         if self.host_step:
             with allowed_sync(_HOST_STEP_SYNC):
                 skipped = bool(skip)
@@ -641,10 +588,6 @@ class TableStepGuard:
                 for part in [*self.kernels, *self.replicated]:
                     if part.host_step:
                         part.host_counter_back()
-
-    @staticmethod
-    def _device_of(part: Any) -> torch.device:
-        return part.tbe.iter.device if isinstance(part, _TbeRows) else part.weight.device
 
     def remove(self) -> None:
         for h in self._handles:

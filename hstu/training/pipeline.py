@@ -114,15 +114,14 @@ def build_pipeline(
         TrainPipelineSparseDist,
     )
 
+    base: type = TrainPipelineSparseDist
     if pipeline_type == "prefetch":
         ok, why = _prefetch_supported(model)
         if ok:
-            return _reporting(PrefetchTrainPipelineSparseDist, log)(
-                model, optimizer, device, execute_all_batches=True,
-                custom_model_fwd=_with_loss(model, optimizer),
-            )
-        log(f"[hstu] pipeline_type=prefetch not applicable ({why}); running native instead")
-    return _reporting(TrainPipelineSparseDist, log)(
+            base = PrefetchTrainPipelineSparseDist
+        else:
+            log(f"[hstu] pipeline_type=prefetch not applicable ({why}); running native instead")
+    return _reporting(base, log)(
         model, optimizer, device, execute_all_batches=True,
         custom_model_fwd=_with_loss(model, optimizer),
     )

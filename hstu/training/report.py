@@ -63,12 +63,9 @@ def prequential(windows: list[dict[str, float]], metric: str) -> list[tuple[int,
     return out
 
 
-def _png_name(name: str) -> str:
-    return "curve_" + re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + ".png"
-
-
-def _plot(path: str, title: str, lines: list[tuple[str, list[tuple[int, float]]]],
-          baseline: float | None, ylabel: str, xlabel: str = "step") -> None:
+def _plot(run_dir: str, key: str, title: str, lines: list[tuple[str, list[tuple[int, float]]]],
+          baseline: float | None, ylabel: str, xlabel: str = "step") -> str:
+    """Draws ``curve_<key>.png`` into ``run_dir``; returns its file name."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,8 +84,10 @@ def _plot(path: str, title: str, lines: list[tuple[str, list[tuple[int, float]]]
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    name = "curve_" + re.sub(r"[^A-Za-z0-9]+", "_", key).strip("_") + ".png"
+    fig.savefig(os.path.join(run_dir, name))
     plt.close(fig)
+    return name
 
 
 def write_report(run_dir: str, summary: list[str] | None = None) -> str:
@@ -106,25 +105,22 @@ def write_report(run_dir: str, summary: list[str] | None = None) -> str:
     if ("eval", "loss") in series:
         loss_lines.append(("eval", series[("eval", "loss")]))
     if loss_lines:
-        name = _png_name("loss")
-        _plot(os.path.join(run_dir, name), "loss", loss_lines, baseline.get("loss"), "loss")
+        name = _plot(run_dir, "loss", "loss", loss_lines, baseline.get("loss"), "loss")
         caption = "Loss (train: mean over each log window; eval: the evaluation split)"
         figures.append((name, caption))
     for (split, metric), points in sorted(series.items()):
         if split != "eval" or metric == "loss" or metric == "best_step" or "/" in metric:
             continue
-        name = _png_name(metric)
-        _plot(os.path.join(run_dir, name), metric, [("eval", points)], baseline.get(metric), metric)
+        name = _plot(run_dir, metric, metric, [("eval", points)], baseline.get(metric), metric)
         figures.append((name, f"{metric} at each evaluation"))
     windows = stream_windows(run_dir) if any(s == "stream" for s, _ in series) else []
     for metric in sorted({k for w in windows for k in w if STREAM_METRIC.match(k)}):
         per_window = [(int(w["window"]), w[metric]) for w in windows
                       if metric in w and math.isfinite(w[metric])]
-        name = _png_name(f"stream {metric}")
-        _plot(os.path.join(run_dir, name), f"{metric} on the stream",
-              [("each window (before training on it)", per_window),
-               ("running mean over the events so far", prequential(windows, metric))],
-              None, metric, xlabel="window")
+        name = _plot(run_dir, f"stream {metric}", f"{metric} on the stream",
+                     [("each window (before training on it)", per_window),
+                      ("running mean over the events so far", prequential(windows, metric))],
+                     None, metric, xlabel="window")
         caption = (f"{metric}: each window tested before training on it, and the prequential "
                    "mean (windows weighted by their events)")
         figures.append((name, caption))

@@ -15,7 +15,12 @@ from hstu.config import RunConfig
 from hstu.console import fail
 from hstu.data.errors import DataError
 from hstu.training.checkpoint import CheckpointError
-from hstu.training.distributed import destroy_distributed, init_distributed, set_seed
+from hstu.training.distributed import (
+    broadcast_object,
+    destroy_distributed,
+    init_distributed,
+    set_seed,
+)
 from hstu.training.logger import make_run_dir
 
 if TYPE_CHECKING:
@@ -26,10 +31,7 @@ T = TypeVar("T")
 
 def _shared_run_dir(cfg: RunConfig, rank: int) -> str:
     """Rank 0 picks the directory (timestamped by default) and tells the others."""
-    holder = [make_run_dir(cfg.trainer.run_dir, cfg.task) if rank == 0 else None]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(holder, src=0)
-    return holder[0]
+    return broadcast_object(make_run_dir(cfg.trainer.run_dir, cfg.task) if rank == 0 else None)
 
 
 EXIT_CHECKPOINT = 3
@@ -37,11 +39,6 @@ EXIT_NON_FINITE = 4
 _PEER_LOST = (
     "Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused"
 )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:200]
 
 
 def _lost_peer(exc: BaseException) -> bool:
@@ -87,8 +84,9 @@ def run(cfg: RunConfig) -> int:
     except Exception as exc:  # noqa: BLE001
         if _lost_peer(exc):
             # another rank died (killed, OOM, its own error above): one line, not a traceback
+            text = " ".join(str(exc).split())[:200]
             print(
-                f"error: rank {env.rank}: lost contact with another rank ({_first_line(exc)}); "
+                f"error: rank {env.rank}: lost contact with another rank ({text}); "
                 "resume with TrainerArgs.ckpt_load_dir=\"auto\" or relaunch with torchrun "
                 "--max-restarts",
                 file=sys.stderr,

@@ -56,45 +56,40 @@ class Validation:
         """(metrics, stop early now) of the evaluation at ``step``. With a weight average
         (TrainerArgs.ema_decay) it is in the model throughout: the weights evaluated are the
         ones a new best checkpoint saves (one swap for both)."""
-        with self.trainer.averaged():
-            return self._run(step, pipeline, window, say)
-
-    def _run(
-        self, step: int, pipeline: Any, window: MetricsWindow, say: Callable[[str], None]
-    ) -> tuple[dict[str, float], bool]:
         t, args = self.trainer, self.args
-        pipeline.detach()
-        started = time.perf_counter()
-        metrics = evaluate(t.model, t.built.eval_loader, t.cfg, t.env, args.max_eval_iters)
-        seconds = time.perf_counter() - started
-        # in-flight batches already had their input distribution: re-attach without
-        # starting it again (a second one would desynchronise the all-to-alls)
-        pipeline.attach(t.model, sparse_dist=False)
-        t.model.train()
-        t.logger.log(step, "eval", metrics)
-        split = "valid" if args.best_metric is not None else "eval"
-        say(f"{split} @ step {step}: {_metrics_text(metrics)} ({seconds:.1f} s)")
-        window.restart_clock()
-        if args.best_metric is None:
-            return metrics, False
-        best = t.checkpoint.best
-        new_best, stop = best.update(metrics, step)
-        if best.loss_limit is not None and not metrics["loss"] < best.loss_limit:
-            say(
-                f"[hstu] step {step} not eligible as best: valid loss {metrics['loss']:.4f} is "
-                f"not below the label prior's {best.loss_limit:.4f}"
-            )
-        if new_best:
-            # never a best checkpoint of weights that went non-finite
-            window.flush(step)
-            t.checkpoint.save(step, best=True)
-            if best.fallback:
+        with t.averaged():
+            pipeline.detach()
+            started = time.perf_counter()
+            metrics = evaluate(t.model, t.built.eval_loader, t.cfg, t.env, args.max_eval_iters)
+            seconds = time.perf_counter() - started
+            # in-flight batches already had their input distribution: re-attach without
+            # starting it again (a second one would desynchronise the all-to-alls)
+            pipeline.attach(t.model, sparse_dist=False)
+            t.model.train()
+            t.logger.log(step, "eval", metrics)
+            split = "valid" if args.best_metric is not None else "eval"
+            say(f"{split} @ step {step}: {_metrics_text(metrics)} ({seconds:.1f} s)")
+            window.restart_clock()
+            if args.best_metric is None:
+                return metrics, False
+            best = t.checkpoint.best
+            new_best, stop = best.update(metrics, step)
+            if best.loss_limit is not None and not metrics["loss"] < best.loss_limit:
                 say(
-                    f"[hstu] provisional selection at step {step}: lowest valid loss so far "
-                    f"{best.fallback_loss:.4f} (no evaluation eligible yet)"
+                    f"[hstu] step {step} not eligible as best: valid loss "
+                    f"{metrics['loss']:.4f} is not below the label prior's {best.loss_limit:.4f}"
                 )
-            else:
-                say(f"[hstu] new best {args.best_metric} {best.value:.4f} at step {step}")
+            if new_best:
+                # never a best checkpoint of weights that went non-finite
+                window.flush(step)
+                t.checkpoint.save(step, best=True)
+                if best.fallback:
+                    say(
+                        f"[hstu] provisional selection at step {step}: lowest valid loss so far "
+                        f"{best.fallback_loss:.4f} (no evaluation eligible yet)"
+                    )
+                else:
+                    say(f"[hstu] new best {args.best_metric} {best.value:.4f} at step {step}")
         if stop:
             say(
                 f"[hstu] early stop at step {step}: no new best {args.best_metric} in "
@@ -150,18 +145,16 @@ class Validation:
 
     def _eligibility_line(self, best: Any, limit: str) -> str:
         if best.fallback:
-            line = (
+            return (
                 f"[hstu] WARNING: no evaluation's valid loss was below {limit} "
                 f"({best.ineligible} not eligible): the selected checkpoint is the one with the "
                 f"lowest valid loss (step {best.step}, loss {best.fallback_loss:.4f}), not the "
                 f"best {self.args.best_metric}"
             )
-        else:
-            line = (
-                f"[hstu] best selection: {best.ineligible} evaluation(s) not eligible (valid "
-                f"loss not below {limit})"
-            )
-        return line
+        return (
+            f"[hstu] best selection: {best.ineligible} evaluation(s) not eligible (valid "
+            f"loss not below {limit})"
+        )
 
 
 class Trainer:
@@ -240,18 +233,14 @@ class Trainer:
     def _prepare_for_device(self) -> Any:
         """The model's input stage for training batches: dynamic tables remap the host batch
         (their state is host memory) before the pipeline copies it to the device."""
-        model = self.model
-        has_remappers = any(
-            getattr(m, "remappers", None) for m in model.sparse.modules()
-        )
-        return model.prepare if has_remappers else None
+        remaps = any(getattr(m, "remappers", None) for m in self.model.sparse.modules())
+        return self.model.prepare if remaps else None
 
     def open_batches(self) -> Feed:
         """The training batches (iterate the Feed) and the pipeline that steps over them
         (``self.pipeline``); ``close()`` the Feed when done."""
-        feed = Feed(
-            self.built.train_loader, self.cfg.network, self._prepare_for_device(), self.env.device
-        )
+        prepare = self._prepare_for_device()
+        feed = Feed(self.built.train_loader, self.cfg.network, prepare, self.env.device)
         self.open_pipeline()
         return feed
 
@@ -396,18 +385,15 @@ class Trainer:
         active = args.profile_step_end - max(args.profile_step_start, self.step)
         if active <= 0:
             return None
-        trace_dir = os.path.join(self.logger.run_dir, "profile")
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        on_trace = torch.profiler.tensorboard_trace_handler(
-            trace_dir, worker_name=f"rank{self.env.rank}"
-        )
         prof = torch.profiler.profile(
             activities=activities,
             schedule=torch.profiler.schedule(wait=start, warmup=0, active=active, repeat=1),
-            on_trace_ready=on_trace,
-            record_shapes=False,
+            on_trace_ready=torch.profiler.tensorboard_trace_handler(
+                os.path.join(self.logger.run_dir, "profile"), worker_name=f"rank{self.env.rank}"
+            ),
         )
         prof.start()
         return prof
@@ -420,8 +406,7 @@ class Trainer:
         from hstu.training.report import summary_lines, write_report
 
         args = self.args
-        best = None
-        checkpoint = None
+        best = checkpoint = None
         tracker = self.checkpoint.best
         if args.best_metric is not None and tracker.step >= 0:
             best = (args.best_metric, tracker.step, tracker.value)
