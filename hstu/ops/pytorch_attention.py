@@ -230,11 +230,8 @@ def _build_plan(
     lengths = offsets[1:] - offsets[:-1]
     chunks = []
     rel_by_width: dict[int, Tensor] = {}
-    # The chunk shapes depend on the lengths, so the plan reads them (and the counts) on the
-    # host: free for CPU tensors, one device-to-host sync per batch on CUDA (the plan is
-    # cached across the layers). That is why this reference backend is not sync-free on a
-    # GPU; the triton and cutlass backends are. Everything below builds its indices on the
-    # host and copies them over without another sync.
+    # the lengths and counts read on the host (the sync ``_plan`` names); the indices below
+    # are built on the host and copied over without another sync
     host_lengths = lengths.tolist()
     # zero contextual / target counts leave the mask as it is without them: such a chunk's
     # mask skips those terms (retrieval training has neither)
@@ -254,26 +251,25 @@ def _build_plan(
         token_index = torch.where(valid, offsets[sample_ids].view(-1, 1) + slot.view(1, -1), 0)
         max_ctx = 0 if ctx_counts is None else max(ctx_counts[s] for s in samples)
         max_targets = 0 if target_counts is None else max(target_counts[s] for s in samples)
+        chunk_ctx = num_contextual[sample_ids] if max_ctx > 0 else None
+        chunk_targets = num_targets[sample_ids] if max_targets > 0 else None
+        chunk_query = None if query_timestamps is None else query_timestamps[sample_ids]
         flat_index = token_index.reshape(-1)
+        rows = flat_index.index_select(0, valid_index)
         if blocked:
-            chunk_query = None if query_timestamps is None else query_timestamps[sample_ids]
             spec = _Blocked(
-                [], False, chunk_lengths,
-                num_contextual[sample_ids] if max_ctx > 0 else None,
-                num_targets[sample_ids] if max_targets > 0 else None,
-                target_group_size, causal, mask_convention, max_attn_len,
-                min_full_attn_seq_len, rab_positions, timestamps, token_index, chunk_query,
+                [], False, chunk_lengths, chunk_ctx, chunk_targets, target_group_size, causal,
+                mask_convention, max_attn_len, min_full_attn_seq_len, rab_positions, timestamps,
+                token_index, chunk_query,
             )
             _plan_blocks(spec, width, max_ctx, max_targets, num_heads, budget, device)
-            chunks.append(_Chunk(
-                width, token_index, flat_index.index_select(0, valid_index), flat_index,
-                valid_index, None, None, None, blocked=spec,
-            ))
+            chunks.append(_Chunk(width, token_index, rows, flat_index, valid_index, None, None,
+                                 None, blocked=spec))
             continue
         mask = dense_mask(
             chunk_lengths,
-            num_contextual[sample_ids] if max_ctx > 0 else None,
-            num_targets[sample_ids] if max_targets > 0 else None,
+            chunk_ctx,
+            chunk_targets,
             target_group_size,
             causal,
             width,
@@ -289,18 +285,13 @@ def _build_plan(
             rel = rel_by_width[width]
         if max_attn_len > 0:
             spec = _band_blocks(
-                mask, width, budget, chunk_lengths,
-                num_contextual[sample_ids] if max_ctx > 0 else None,
-                num_targets[sample_ids] if max_targets > 0 else None,
-                target_group_size, causal, mask_convention, max_attn_len,
-                min_full_attn_seq_len, rab_positions, timestamps, token_index,
-                None if query_timestamps is None else query_timestamps[sample_ids],
+                mask, width, budget, chunk_lengths, chunk_ctx, chunk_targets, target_group_size,
+                causal, mask_convention, max_attn_len, min_full_attn_seq_len, rab_positions,
+                timestamps, token_index, chunk_query,
             )
             if spec is not None:
-                chunks.append(_Chunk(
-                    width, token_index, flat_index.index_select(0, valid_index), flat_index,
-                    valid_index, None, None, None, blocked=spec,
-                ))
+                chunks.append(_Chunk(width, token_index, rows, flat_index, valid_index, None,
+                                     None, None, blocked=spec))
                 continue
         split = width // 2
         # rows i < split see keys j <= max(i, C - 1) under the causal mask (contextual tokens
@@ -311,7 +302,6 @@ def _build_plan(
         blocks = ((slice(0, split), slice(0, split)), (slice(split, width), slice(0, width)))
         part_buckets = [None, None]
         if rel is not None and timestamps is not None:
-            chunk_query = None if query_timestamps is None else query_timestamps[sample_ids]
             if causal_split:  # only the blocks the split computes
                 part_buckets = [
                     time_buckets(timestamps, token_index, chunk_lengths, rows_, keys_, chunk_query)
@@ -321,10 +311,7 @@ def _build_plan(
                 buckets = time_buckets(
                     timestamps, token_index, chunk_lengths, query_timestamps=chunk_query
                 )
-        chunk = _Chunk(
-            width, token_index, flat_index.index_select(0, valid_index), flat_index,
-            valid_index, mask, rel, buckets,
-        )
+        chunk = _Chunk(width, token_index, rows, flat_index, valid_index, mask, rel, buckets)
         if causal_split:
             chunk.split = split
             chunk.parts = [
