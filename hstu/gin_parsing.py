@@ -125,13 +125,8 @@ def _scan(text: str, filename: str | None, label: str, seen: set[str]) -> Iterab
             seen.add(real)
             with open(inc) as fh:
                 yield from _scan(fh.read(), inc, inc, seen)
-        elif isinstance(st, config_parser.BindingStatement):
-            if filename is None:  # a --gin-param string: the string itself is the location
-                where = label
-            else:
-                where = _location(st.location, filename)
-            if not st.arg_name:  # a macro definition: NAME = value
-                continue
+        elif isinstance(st, config_parser.BindingStatement) and st.arg_name:  # not a macro
+            where = label if filename is None else _location(st.location, filename)
             yield Binding(st.scope or "", st.selector, st.arg_name, st.value, where)
 
 
