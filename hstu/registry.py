@@ -89,7 +89,7 @@ ATTENTION_BACKENDS.register("cutlass", AttentionBackend(
     "hstu.ops.cutlass_attention:unavailable_reason", fallback="triton"))
 ATTENTION_BACKENDS.register("triton", AttentionBackend(
     "hstu.ops.backends:triton_hstu_attention",
-    "hstu.ops.backends:triton_unavailable", fallback="pytorch"))
+    "hstu.ops.backends:triton_unavailable_reason", fallback="pytorch"))
 ATTENTION_BACKENDS.register("pytorch", AttentionBackend(
     "hstu.ops.pytorch_attention:pytorch_hstu_attention"))
 
