@@ -61,11 +61,7 @@ class _NormLinearSiLU(torch.autograd.Function):
         xhat, mean, rstd = _normalise(x, eps)
         normed = _affine(xhat, ln_weight, ln_bias)
         h = F.linear(normed, weight, bias)
-        ctx.eps = eps
-        ctx.recompute_norm = recompute_norm
-        ctx.recompute_silu = recompute_silu
-        ctx.has_bias = bias is not None
-        ctx.tp_group = tp_group
+        ctx.recompute_norm, ctx.tp_group = recompute_norm, tp_group
         ctx.save_for_backward(
             x if recompute_norm else xhat,
             mean,
@@ -91,7 +87,7 @@ class _NormLinearSiLU(torch.autograd.Function):
         # d SiLU(h) / dh = sig * (1 + h * (1 - sig)), in one fused kernel; [T, F]
         grad_h = torch.ops.aten.silu_backward(grad_out, h)
         grad_weight = grad_h.t().mm(normed)
-        grad_bias = grad_h.sum(0) if ctx.has_bias else None
+        grad_bias = grad_h.sum(0) if bias is not None else None
         grad_normed = grad_h.mm(weight)  # [T, D]
         if ctx.tp_group is not None:
             # the norm is replicated over the TP group, each rank's heads give part of its grad
@@ -99,24 +95,15 @@ class _NormLinearSiLU(torch.autograd.Function):
         grad_ln_weight = grad_ln_bias = None
         if ln_weight is not None:
             grad_ln_weight = (grad_normed * xhat).sum(0)
-            grad_ln_bias = (grad_normed.sum(0)) if ln_bias is not None else None
+            grad_ln_bias = grad_normed.sum(0) if ln_bias is not None else None
             grad_xhat = grad_normed * ln_weight
         else:
             grad_xhat = grad_normed
         gx = _stats_dtype(grad_xhat)
         xh = _stats_dtype(xhat)
         grad_x = rstd * (gx - gx.mean(-1, keepdim=True) - xh * (gx * xh).mean(-1, keepdim=True))
-        return (
-            grad_x.to(xhat.dtype),
-            grad_ln_weight,
-            grad_ln_bias,
-            grad_weight,
-            grad_bias,
-            None,
-            None,
-            None,
-            None,
-        )
+        grads = grad_x.to(xhat.dtype), grad_ln_weight, grad_ln_bias, grad_weight, grad_bias
+        return (*grads, None, None, None, None)  # eps, the recompute flags, tp_group
 
 
 def _stats_dtype(x: torch.Tensor) -> torch.Tensor:
