@@ -47,14 +47,13 @@ def plan_chunks(
     lengths: list[int],
     num_heads: int,
     memory_budget_bytes: int,
-    min_fill: float = MIN_CHUNK_FILL,
     max_attn_len: int = 0,
 ) -> list[tuple[list[int], int, bool]]:
     """Group samples (longest first) into chunks that fit the budget and waste little padding.
 
-    A chunk of width n takes samples longer than ``min_fill * n`` only, so padding at most
-    multiplies the score work by 1 / min_fill**2. A sample is computed alone in row blocks
-    (``blocked``) when its dense scores reach the budget, or when a window
+    A chunk of width n takes samples longer than ``MIN_CHUNK_FILL * n`` only, so padding at
+    most multiplies the score work by 1 / MIN_CHUNK_FILL**2. A sample is computed alone in
+    row blocks (``blocked``) when its dense scores reach the budget, or when a window
     ``max_attn_len`` W > 0 leaves it most keys unseen (longer than ``WINDOW_BLOCKED_MIN * W``
     and than ``WINDOW_BLOCKED_MIN_LENGTH``; shorter windowed samples stay in chunks, which
     ``_band_blocks`` computes against the band).
@@ -76,7 +75,7 @@ def plan_chunks(
             continue
         end = pos + 1
         limit = pos + max(1, memory_budget_bytes // per_sample)
-        while end < min(limit, len(order)) and lengths[order[end]] > min_fill * width:
+        while end < min(limit, len(order)) and lengths[order[end]] > MIN_CHUNK_FILL * width:
             end += 1
         chunks.append((order[pos:end], width, False))
         pos = end
