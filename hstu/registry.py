@@ -154,11 +154,7 @@ class NegativeSampling:
     "never". With several ranks the model then all-gathers every rank's positives first."""
 
     def __post_init__(self) -> None:
-        if self.in_batch not in ("always", "without draws", "never"):
-            raise ValueError(
-                f"NegativeSampling.in_batch {self.in_batch!r} is not 'always', 'without draws' "
-                "or 'never'"
-            )
+        assert self.in_batch in ("always", "without draws", "never"), self.in_batch
 
     def scores_batch_positives(self, num_negatives: int) -> bool:
         """Whether its loss reads the batch's positives with this num_negatives."""

@@ -417,8 +417,7 @@ class HSTULayer(nn.Module):
         scaling_seqlen: N when ``attn_scaling_seqlen`` is None (default ``max_seqlen``; the
         block passes its own under attention truncation, so N does not change with it)."""
         u, q, k, v = self.project(x)
-        if query_timestamps is not None and self.rab_ts_weights is None:
-            raise ValueError("query timestamps need the relative attention bias' time term")
+        assert query_timestamps is None or self.rab_ts_weights is not None, "no rab time term"
         rab = None
         if self.rab_pos_weights is not None:
             pos_w, ts_w = self.rab_pos_weights, self.rab_ts_weights
