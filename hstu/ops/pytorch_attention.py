@@ -153,9 +153,9 @@ class _Chunk:
     rows: Tensor  # int64 [tokens of the chunk] = token_index[valid]
     flat_index: Tensor  # int64 [b * n] = token_index.reshape(-1)
     valid_index: Tensor  # int64 [tokens of the chunk]: valid slots of the flattened [b * n]
-    mask: Tensor | None  # bool [b, 1, n, n] (None: blocked)
-    rel: Tensor | None  # int64 [n, n] position-table index (rab)
-    buckets: Tensor | None  # int64 [b, n, n] time-bucket index (rab with time)
+    mask: Tensor | None = None  # bool [b, 1, n, n] (None: blocked)
+    rel: Tensor | None = None  # int64 [n, n] position-table index (rab)
+    buckets: Tensor | None = None  # int64 [b, n, n] time-bucket index (rab with time)
     # causal chunks: query rows [0, split) only need keys [0, split) (0: no split); per
     # part (rows, keys, mask, rel, buckets), the upper-right quarter is never computed
     split: int = 0
@@ -265,8 +265,7 @@ def _build_plan(
         rows = flat_index.index_select(0, valid_index)
         if blocked:
             _plan_blocks(spec, width, max_ctx, max_targets, num_heads, budget, device)
-            chunks.append(_Chunk(width, token_index, rows, flat_index, valid_index, None, None,
-                                 None, blocked=spec))
+            chunks.append(_Chunk(width, token_index, rows, flat_index, valid_index, blocked=spec))
             continue
         mask = _chunk_mask(spec)
         rel = buckets = None
@@ -276,8 +275,7 @@ def _build_plan(
                 rel_by_width[width] = relative_positions(slots, slots, rab_positions)
             rel = rel_by_width[width]
         if o.max_attn_len > 0 and _band_blocks(spec, mask, budget):
-            chunks.append(_Chunk(width, token_index, rows, flat_index, valid_index, None, None,
-                                 None, blocked=spec))
+            chunks.append(_Chunk(width, token_index, rows, flat_index, valid_index, blocked=spec))
             continue
         split = width // 2
         # rows i < split see keys j <= max(i, C - 1) under the causal mask (contextual tokens
