@@ -288,7 +288,11 @@ class TokenBuilder(nn.Module):
 
         query_timestamps = None
         if self.query_time:
-            assert inputs.query_timestamps is not None, "SequenceLoader.query_times is off"
+            if inputs.query_timestamps is None:
+                raise ValueError(
+                    "NetworkArgs.rab_query_time: the batch carries no query_timestamps "
+                    "(hstu.data.loader.SequenceLoader.query_times)"
+                )
             query_timestamps = inputs.query_timestamps
         return Tokens(
             values=values,
