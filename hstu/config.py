@@ -129,18 +129,15 @@ def load_config(
     else:
         dataset = build(A.DatasetArgs)
         tables = []
-    # Tables declared by scope in the file (e.g. item/DynamicEmbeddingArgs.table_name = ...)
-    table_scopes: list[tuple[str, str]] = []
-    for b in bindings:
-        short = b.short_name
-        if short in _TABLE_CLASSES and (b.scope, short) not in table_scopes:
-            table_scopes.append((b.scope, short))
+    # Tables declared by scope (e.g. item/DynamicEmbeddingArgs.table_name = ...), first seen first
+    table_scopes = dict.fromkeys(
+        (b.scope, b.short_name) for b in bindings if b.short_name in _TABLE_CLASSES
+    )
     referenced = {id(t) for t in tables}
-    locations: dict[tuple[str, str, str], str] = {}
-    for b in bindings:
-        short = b.short_name
-        if short not in _TABLE_CLASSES:
-            locations[(short, b.field_name, "")] = b.where
+    locations: dict[tuple[str, str, str], str] = {
+        (b.short_name, b.field_name, ""): b.where
+        for b in bindings if b.short_name not in _TABLE_CLASSES
+    }
     for scope, short in table_scopes:
         table = build(getattr(A, short), scope)
         for b in bindings:
