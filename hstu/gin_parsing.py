@@ -71,10 +71,8 @@ def _location(loc: config_parser.Location | None, fallback: str) -> str:
 
 
 def _resolve_include(path: str, including_file: str | None) -> str:
-    candidates = [path]
-    if including_file:
-        candidates.insert(0, os.path.join(os.path.dirname(including_file), path))
-    for cand in candidates:
+    # beside the including file first, then as given
+    for cand in (os.path.join(os.path.dirname(including_file or ""), path), path):
         if os.path.isfile(cand):
             return cand
     raise ConfigError("include", None, f"included gin file {path!r} not found").with_location(
