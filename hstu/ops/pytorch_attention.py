@@ -609,9 +609,8 @@ def pytorch_hstu_attention(
     """O = (SiLU(alpha Q K^T + rab) / N masked) V, sample by sample; the arguments of
     ``hstu.ops.hstu_attention`` (``options``: the fields of ``AttentionOptions``).
 
-    Lengths come from ``offsets`` (``max_seqlen`` is not read). A sample longer than
-    ``WINDOW_BLOCKED_MIN * max_attn_len`` is computed in row blocks against the keys within
-    the window only.
+    Lengths come from ``offsets`` (``max_seqlen`` is not read); chunks and row blocks: the
+    module docstring.
 
     Args:
         memory_budget_bytes: cap on the float32 score tensors of one chunk; a sample over it
