@@ -20,8 +20,6 @@ import torch
 
 from hstu.registry import ATTENTION_BACKENDS, load
 
-# the registered backends (a live view: ``name in BACKENDS``, ``BACKENDS.names()``)
-BACKENDS = ATTENTION_BACKENDS
 TRITON_MAX_HEAD_DIM = 256
 
 _reported: set[str] = set()
