@@ -4,13 +4,10 @@ field to change; the caller adds the gin file and line (:mod:`hstu.config` for t
 classes, :func:`hstu.data.sizes.resolve_sizes` and :func:`hstu.data.build.build_data` for
 the checks against the data).
 
-Checks of one field (types, choices, ranges) stay in each class's ``__post_init__``
-(:mod:`hstu.args`); a model component's own guards on its arguments stay in the component.
-
-Sits on :mod:`hstu.validation` only, below :mod:`hstu.args` (whose
-``BenchmarkDatasetArgs`` checks its tables here) and :mod:`hstu.data` (docs/architecture.md,
-"Layers"): it knows the argument classes by their fields (the parameters name the class they
-take), and the data's metadata and ``DataInfo`` arrive as arguments. Torch-free.
+Checks of one field stay in each class's ``__post_init__`` (:mod:`hstu.args`). Below
+:mod:`hstu.args` and :mod:`hstu.data` (docs/architecture.md, "Layers"): the parameters name
+the argument class they take; the data's metadata and ``DataInfo`` arrive as arguments.
+Torch-free.
 """
 
 from __future__ import annotations

@@ -32,16 +32,6 @@ Task = Literal["ranking", "retrieval"]
 _TABLE_CLASSES = ("EmbeddingArgs", "DynamicEmbeddingArgs")
 
 
-def _extra_classes() -> list[type]:
-    """Gin classes defined outside hstu.args (the preprocessor's, hstu.data.data_args)."""
-    return list(DATA_ARG_CLASSES)
-
-
-def _known_classes() -> tuple[type, ...]:
-    """Every class a run's gin file may bind."""
-    return (*A.ARG_CLASSES, *DATA_ARG_CLASSES)
-
-
 @dataclass
 class RunConfig:
     """Everything one run is configured with, validated."""
@@ -120,7 +110,9 @@ def load_config(
     """
     params = list(params)
     label = config_file or "<gin-param>"
-    bindings = parse_sources([config_file] if config_file else [], params, _known_classes())
+    bindings = parse_sources(
+        [config_file] if config_file else [], params, (*A.ARG_CLASSES, *DATA_ARG_CLASSES)
+    )
     _check_task(task, bindings, label)
 
     def build(cls: type, scope: str = "") -> Any:
@@ -137,18 +129,15 @@ def load_config(
     else:
         dataset = build(A.DatasetArgs)
         tables = []
-    # Tables declared by scope in the file (e.g. item/DynamicEmbeddingArgs.table_name = ...)
-    table_scopes: list[tuple[str, str]] = []
-    for b in bindings:
-        short = b.short_name
-        if short in _TABLE_CLASSES and (b.scope, short) not in table_scopes:
-            table_scopes.append((b.scope, short))
+    # Tables declared by scope (e.g. item/DynamicEmbeddingArgs.table_name = ...), first seen first
+    table_scopes = dict.fromkeys(
+        (b.scope, b.short_name) for b in bindings if b.short_name in _TABLE_CLASSES
+    )
     referenced = {id(t) for t in tables}
-    locations: dict[tuple[str, str, str], str] = {}
-    for b in bindings:
-        short = b.short_name
-        if short not in _TABLE_CLASSES:
-            locations[(short, b.field_name, "")] = b.where
+    locations: dict[tuple[str, str, str], str] = {
+        (b.short_name, b.field_name, ""): b.where
+        for b in bindings if b.short_name not in _TABLE_CLASSES
+    }
     for scope, short in table_scopes:
         table = build(getattr(A, short), scope)
         for b in bindings:
@@ -167,38 +156,29 @@ def load_config(
     try:
         checks.check_tables(tables)
         checks.check_parallel(network, tp, world_size)
-    except A.ConfigError as exc:
-        raise exc.with_location(where_set(bindings, exc.field_name, label, exc.cls_name)) from None
-    try:
         checks.check_batch_tokens(trainer, dataset, task)
         checks.check_ema(trainer, tables)
         checks.check_architecture(network, task)
         checks.check_truncation(network, dataset, task)
         _check_window(network, dataset, task)
     except A.ConfigError as exc:
-        raise exc.with_location(where_set(bindings, exc.field_name, label)) from None
+        raise exc.with_location(where_set(bindings, exc.field_name, label, exc.cls_name)) from None
     ranking = build(A.RankingArgs) if task == "ranking" else None
     retrieval = build(A.RetrievalArgs) if task == "retrieval" else None
     try:
         checks.check_history_loss(ranking, dataset, network)
-    except A.ConfigError as exc:
-        raise exc.with_location(where_set(bindings, exc.field_name, label)) from None
-    try:
         checks.check_causal(network, ranking, retrieval)
         if isinstance(dataset, A.BenchmarkDatasetArgs):  # real data: resolve_sizes checks
             checks.check_peer_mask(
                 network, ranking, retrieval, len(dataset.contextual_feature_names)
             )
         checks.check_rab_query_time(network, dataset, task)
-    except A.ConfigError as exc:
-        raise exc.with_location(where_set(bindings, exc.field_name, label, exc.cls_name)) from None
-    try:
         checks.check_selection(
             trainer, dataset, checks.evaluated_metrics(ranking, retrieval), task
         )
     except A.ConfigError as exc:
-        raise exc.with_location(where_set(bindings, exc.field_name, label)) from None
-    extras = {cls.__name__: build(cls) for cls in _extra_classes() if cls.__name__ in bound}
+        raise exc.with_location(where_set(bindings, exc.field_name, label, exc.cls_name)) from None
+    extras = {cls.__name__: build(cls) for cls in DATA_ARG_CLASSES if cls.__name__ in bound}
     sources = ([config_file] if config_file else []) + [f"--gin-param {p}" for p in params]
     return RunConfig(
         task=task,

@@ -71,10 +71,8 @@ def _location(loc: config_parser.Location | None, fallback: str) -> str:
 
 
 def _resolve_include(path: str, including_file: str | None) -> str:
-    candidates = [path]
-    if including_file:
-        candidates.insert(0, os.path.join(os.path.dirname(including_file), path))
-    for cand in candidates:
+    # beside the including file first, then as given
+    for cand in (os.path.join(os.path.dirname(including_file or ""), path), path):
         if os.path.isfile(cand):
             return cand
     raise ConfigError("include", None, f"included gin file {path!r} not found").with_location(
@@ -125,13 +123,8 @@ def _scan(text: str, filename: str | None, label: str, seen: set[str]) -> Iterab
             seen.add(real)
             with open(inc) as fh:
                 yield from _scan(fh.read(), inc, inc, seen)
-        elif isinstance(st, config_parser.BindingStatement):
-            if filename is None:  # a --gin-param string: the string itself is the location
-                where = label
-            else:
-                where = _location(st.location, filename)
-            if not st.arg_name:  # a macro definition: NAME = value
-                continue
+        elif isinstance(st, config_parser.BindingStatement) and st.arg_name:  # not a macro
+            where = label if filename is None else _location(st.location, filename)
             yield Binding(st.scope or "", st.selector, st.arg_name, st.value, where)
 
 

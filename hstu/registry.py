@@ -89,7 +89,7 @@ ATTENTION_BACKENDS.register("cutlass", AttentionBackend(
     "hstu.ops.cutlass_attention:unavailable_reason", fallback="triton"))
 ATTENTION_BACKENDS.register("triton", AttentionBackend(
     "hstu.ops.backends:triton_hstu_attention",
-    "hstu.ops.backends:triton_unavailable", fallback="pytorch"))
+    "hstu.ops.backends:triton_unavailable_reason", fallback="pytorch"))
 ATTENTION_BACKENDS.register("pytorch", AttentionBackend(
     "hstu.ops.pytorch_attention:pytorch_hstu_attention"))
 
@@ -154,11 +154,7 @@ class NegativeSampling:
     "never". With several ranks the model then all-gathers every rank's positives first."""
 
     def __post_init__(self) -> None:
-        if self.in_batch not in ("always", "without draws", "never"):
-            raise ValueError(
-                f"NegativeSampling.in_batch {self.in_batch!r} is not 'always', 'without draws' "
-                "or 'never'"
-            )
+        assert self.in_batch in ("always", "without draws", "never"), self.in_batch
 
     def scores_batch_positives(self, num_negatives: int) -> bool:
         """Whether its loss reads the batch's positives with this num_negatives."""

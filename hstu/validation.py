@@ -2,7 +2,7 @@
 one-line errors, did-you-mean, and the field docstrings read back for the documentation.
 
 Every ``@gin.configurable`` dataclass of hstu (``hstu.args`` for the trainer,
-``hstu.data.data_args`` for the preprocessor) calls :func:`validate_fields` and the small
+``hstu.data.data_args`` for the preprocessor) calls :func:`_validate_fields` and the small
 checks below from ``__post_init__``; a problem raises :class:`ConfigError`, one line naming
 the class and the field (``hstu.config`` adds the gin file and line). Knows nothing of
 torch, gin or the classes themselves.
@@ -112,11 +112,8 @@ def _check_type(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if tp is float:
-        if isinstance(value, bool):
-            return False, value
-        if isinstance(value, (int, float)):
-            return True, float(value)
-        return False, value
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
     if tp is str:
         return isinstance(value, str), value
     if inspect.isclass(tp):
@@ -169,7 +166,6 @@ def _non_negative(obj: Any, *names: str) -> None:
             _require(value >= 0, obj, name, f"must be >= 0, got {value!r}")
 
 
-
 def did_you_mean(name: str, candidates: typing.Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest candidate, or ''."""
     close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
@@ -219,12 +215,6 @@ def field_specs(cls: type) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-validate_fields = _validate_fields
-require = _require
-positive = _positive
-non_negative = _non_negative
-type_name = _type_name
-
 __all__ = [
     "AUTO",
     "REQUIRED",
@@ -232,9 +222,4 @@ __all__ = [
     "did_you_mean",
     "field_docs",
     "field_specs",
-    "non_negative",
-    "positive",
-    "require",
-    "type_name",
-    "validate_fields",
 ]

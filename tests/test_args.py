@@ -10,7 +10,8 @@ import gin
 import pytest
 
 from hstu import args as A
-from hstu.config import _extra_classes, load_config
+from hstu.config import load_config
+from hstu.data.data_args import DATA_ARG_CLASSES
 
 # The reference interface's defaults (issue "Foundation"), written out independently of the code.
 DOCUMENTED_DEFAULTS = {
@@ -97,7 +98,7 @@ def test_binds_from_gin_with_documented_defaults(cls):
             assert getattr(obj, field_name) == eval(value), key
 
 
-@pytest.mark.parametrize("cls", [*A.ARG_CLASSES, *_extra_classes()], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [*A.ARG_CLASSES, *DATA_ARG_CLASSES], ids=lambda c: c.__name__)
 def test_every_field_has_a_one_line_docstring(cls):
     docs = A.field_docs(cls)
     for f in dataclasses.fields(cls):

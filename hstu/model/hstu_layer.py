@@ -61,11 +61,7 @@ class _NormLinearSiLU(torch.autograd.Function):
         xhat, mean, rstd = _normalise(x, eps)
         normed = _affine(xhat, ln_weight, ln_bias)
         h = F.linear(normed, weight, bias)
-        ctx.eps = eps
-        ctx.recompute_norm = recompute_norm
-        ctx.recompute_silu = recompute_silu
-        ctx.has_bias = bias is not None
-        ctx.tp_group = tp_group
+        ctx.recompute_norm, ctx.tp_group = recompute_norm, tp_group
         ctx.save_for_backward(
             x if recompute_norm else xhat,
             mean,
@@ -91,7 +87,7 @@ class _NormLinearSiLU(torch.autograd.Function):
         # d SiLU(h) / dh = sig * (1 + h * (1 - sig)), in one fused kernel; [T, F]
         grad_h = torch.ops.aten.silu_backward(grad_out, h)
         grad_weight = grad_h.t().mm(normed)
-        grad_bias = grad_h.sum(0) if ctx.has_bias else None
+        grad_bias = grad_h.sum(0) if bias is not None else None
         grad_normed = grad_h.mm(weight)  # [T, D]
         if ctx.tp_group is not None:
             # the norm is replicated over the TP group, each rank's heads give part of its grad
@@ -99,24 +95,15 @@ class _NormLinearSiLU(torch.autograd.Function):
         grad_ln_weight = grad_ln_bias = None
         if ln_weight is not None:
             grad_ln_weight = (grad_normed * xhat).sum(0)
-            grad_ln_bias = (grad_normed.sum(0)) if ln_bias is not None else None
+            grad_ln_bias = grad_normed.sum(0) if ln_bias is not None else None
             grad_xhat = grad_normed * ln_weight
         else:
             grad_xhat = grad_normed
         gx = _stats_dtype(grad_xhat)
         xh = _stats_dtype(xhat)
         grad_x = rstd * (gx - gx.mean(-1, keepdim=True) - xh * (gx * xh).mean(-1, keepdim=True))
-        return (
-            grad_x.to(xhat.dtype),
-            grad_ln_weight,
-            grad_ln_bias,
-            grad_weight,
-            grad_bias,
-            None,
-            None,
-            None,
-            None,
-        )
+        grads = grad_x.to(xhat.dtype), grad_ln_weight, grad_ln_bias, grad_weight, grad_bias
+        return (*grads, None, None, None, None)  # eps, the recompute flags, tp_group
 
 
 def _stats_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -295,15 +282,6 @@ class HSTULayer(nn.Module):
         self.options = o
         check_mask_convention(o.mask_convention)
         check_window(o.max_attn_len, o.min_full_attn_seq_len)
-        dropout, norm_eps, kernel_backend = o.dropout, o.norm_eps, o.kernel_backend
-        is_causal, target_group_size, alpha = o.is_causal, o.target_group_size, o.alpha
-        attn_scaling_seqlen = o.attn_scaling_seqlen
-        uvqk_bias, norm_affine = o.uvqk_bias, o.norm_affine
-        output_bias, relative_attention_bias = o.output_bias, o.relative_attention_bias
-        rab_num_positions, rab_use_time = o.rab_num_positions, o.rab_use_time
-        recompute_input_layernorm = o.recompute_input_layernorm
-        recompute_input_silu = o.recompute_input_silu
-        dtype, strict_kernel = o.dtype, o.strict_kernel
         super().__init__()
         self.tp_group = tp_group
         tp_size, tp_rank = tp_size_of(tp_group), tp_rank_of(tp_group)
@@ -313,31 +291,25 @@ class HSTULayer(nn.Module):
         self.num_heads = num_heads
         self.local_heads = num_heads // tp_size
         self.head_dim = head_dim
-        self.norm_eps = norm_eps
-        self.kernel_backend = kernel_backend
-        self.strict_kernel = strict_kernel
-        self.is_causal = is_causal
+        # read by hstu.export and hstu.serving.model
+        self.norm_eps = o.norm_eps
+        self.is_causal = o.is_causal
         self.mask_convention = o.mask_convention
         self.max_attn_len = o.max_attn_len
         self.min_full_attn_seq_len = o.min_full_attn_seq_len
-        # the window reaches the kernel only when set: without it every backend gets the call
-        # it had before the window existed
+        self.target_group_size = o.target_group_size
+        self.alpha = 1.0 / math.sqrt(head_dim) if o.alpha is None else o.alpha
+        self.attn_scaling_seqlen = o.attn_scaling_seqlen
+        # the window reaches the kernel only when set: a backend without one gets no such keys
         self._window = (
             {"max_attn_len": o.max_attn_len, "min_full_attn_seq_len": o.min_full_attn_seq_len}
             if o.max_attn_len > 0 else {}
         )
-        self.target_group_size = target_group_size
-        self.alpha = 1.0 / math.sqrt(head_dim) if alpha is None else alpha
-        self.attn_scaling_seqlen = attn_scaling_seqlen
-        self.recompute_input_layernorm = recompute_input_layernorm
-        self.recompute_input_silu = recompute_input_silu
-        self._compiled_tail = None
-        if o.compile:
-            self._compiled_tail = torch.compile(self._tail, dynamic=True)
+        self._compiled_tail = torch.compile(self._tail, dynamic=True) if o.compile else None
         local_width = self.local_heads * head_dim
 
-        factory = {"dtype": dtype}
-        if norm_affine:
+        factory = {"dtype": o.dtype}
+        if o.norm_affine:
             self.input_norm_weight = nn.Parameter(torch.ones(hidden_size, **factory))
             self.input_norm_bias = nn.Parameter(torch.zeros(hidden_size, **factory))
             # Output norm spans all H*d channels; each rank keeps its heads' slice.
@@ -356,19 +328,19 @@ class HSTULayer(nn.Module):
         # restore the generator so both paths reach reset_parameters in the same RNG state.
         rng_state = torch.get_rng_state()
         if tp_group is None:
-            self.uvqk = nn.Linear(hidden_size, 4 * local_width, bias=uvqk_bias, **factory)
-            self.output = nn.Linear(local_width, hidden_size, bias=output_bias, **factory)
+            self.uvqk = nn.Linear(hidden_size, 4 * local_width, bias=o.uvqk_bias, **factory)
+            self.output = nn.Linear(local_width, hidden_size, bias=o.output_bias, **factory)
         else:
             from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
             from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
-            config = make_parallel_config(tp_size, dtype)
+            config = make_parallel_config(tp_size, o.dtype)
             self.uvqk = ColumnParallelLinear(
                 hidden_size,
                 4 * num_heads * head_dim,
                 config=config,
                 init_method=_no_init,
-                bias=uvqk_bias,
+                bias=o.uvqk_bias,
                 gather_output=False,
                 skip_bias_add=False,
                 tp_group=tp_group,
@@ -378,7 +350,7 @@ class HSTULayer(nn.Module):
                 hidden_size,
                 config=config,
                 init_method=_no_init,
-                bias=output_bias,
+                bias=o.output_bias,
                 input_is_parallel=True,
                 skip_bias_add=False,
                 tp_group=tp_group,
@@ -387,20 +359,20 @@ class HSTULayer(nn.Module):
             # (perform_initialization=False here); clipping and checkpoints rely on the marks.
             for weight, dim in ((self.uvqk.weight, 0), (self.output.weight, 1)):
                 set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
-            if norm_affine:
+            if o.norm_affine:
                 for p in (self.output_norm_weight, self.output_norm_bias):
                     set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
         torch.set_rng_state(rng_state)
 
-        if relative_attention_bias:
-            self.rab_pos_weights = nn.Parameter(torch.empty(2 * rab_num_positions - 1, **factory))
+        if o.relative_attention_bias:
+            self.rab_pos_weights = nn.Parameter(torch.empty(2 * o.rab_num_positions - 1, **factory))
             self.rab_ts_weights = (
-                nn.Parameter(torch.empty(NUM_TIME_BUCKETS, **factory)) if rab_use_time else None
+                nn.Parameter(torch.empty(NUM_TIME_BUCKETS, **factory)) if o.rab_use_time else None
             )
         else:
             self.rab_pos_weights = None
             self.rab_ts_weights = None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(o.dropout)
         self.reset_parameters(tp_size, tp_rank)
 
     @torch.no_grad()
@@ -445,8 +417,7 @@ class HSTULayer(nn.Module):
         scaling_seqlen: N when ``attn_scaling_seqlen`` is None (default ``max_seqlen``; the
         block passes its own under attention truncation, so N does not change with it)."""
         u, q, k, v = self.project(x)
-        if query_timestamps is not None and self.rab_ts_weights is None:
-            raise ValueError("query timestamps need the relative attention bias' time term")
+        assert query_timestamps is None or self.rab_ts_weights is not None, "no rab time term"
         rab = None
         if self.rab_pos_weights is not None:
             pos_w, ts_w = self.rab_pos_weights, self.rab_ts_weights
@@ -478,8 +449,8 @@ class HSTULayer(nn.Module):
             target_group_size=self.target_group_size,
             rab=rab,
             mask_convention=self.mask_convention,
-            backend=self.kernel_backend,
-            strict=self.strict_kernel,
+            backend=self.options.kernel_backend,
+            strict=self.options.strict_kernel,
             **self._window,
         ).reshape(x.shape[0], -1)  # [T, H_r * d]
         return self.finish(x, attn, u)
@@ -499,8 +470,8 @@ class HSTULayer(nn.Module):
             self.uvqk.weight,
             self.uvqk.bias,
             self.norm_eps,
-            self.recompute_input_layernorm,
-            self.recompute_input_silu,
+            self.options.recompute_input_layernorm,
+            self.options.recompute_input_silu,
             self.tp_group,
         )  # [..., 4 * H_r * d]
         u, v, q, k = uvqk.split(self.local_heads * self.head_dim, dim=-1)

@@ -35,10 +35,7 @@ class _CpuTracker:
 
     @contextlib.contextmanager
     def fork(self) -> Iterator[None]:
-        if self.state is None:
-            raise RuntimeError(
-                "the tensor-parallel RNG stream was never seeded (seed_tensor_parallel)"
-            )
+        assert self.state is not None, "seed_tensor_parallel was never called"
         saved = torch.get_rng_state()
         torch.set_rng_state(self.state)
         try:

@@ -1,17 +1,11 @@
-"""SASRec as a block of this trainer: causal softmax self-attention over the token sequence.
+"""SASRec as a block of this trainer: causal softmax self-attention over the token sequence,
+in the HSTU block's place (same token builder, retrieval head and losses; docs/model.md
+"SASRec").
 
 Legend: T jagged tokens, B samples, W padded width (the longest token sequence), D hidden
 width, NH heads of width d, n_b tokens of sample b, c_b its candidate tokens.
 
-``NetworkArgs.architecture = "sasrec"`` puts :class:`SASRecBlock` where the HSTU block sits:
-the same token builder before it (the item table's rows, scaled by sqrt(D)), the same
-retrieval head after it (the state of history item j is the query for item j + 1; items
-scored through the same table; the same losses and negatives), so only the sequence encoder
-differs. Its contract is :class:`hstu.model.hstu_block.HSTUBlock`'s: jagged tokens [T, D]
-and offsets in, jagged states [T, D] out.
-
-The layer follows the eSASRec study (RecSys 2025, blondered/transformer_benchmark: SASRec with
-LiGR layers and sampled softmax), docs/model.md "SASRec":
+The layer (eSASRec's LiGR layer), pre-norm, with a final LayerNorm after the last layer:
 
     h = LN(x);  x = x + g_a(x) * Dropout(W_o SDPA_causal(h W_q, h W_k, h W_v))
     h = LN(x);  x = x + g_f(x) * Dropout(FFN(h))
@@ -19,16 +13,10 @@ LiGR layers and sampled softmax), docs/model.md "SASRec":
     FFN(h) = W_2 (SiLU(h W_1) * h W_3) (SwiGLU, inner width ``ffn_multiplier`` x D, no bias),
              or W_2 act(h W_1 + b_1) + b_2 for "gelu" / "relu" (the original SASRec's)
 
-pre-norm, with a final LayerNorm after the last layer. The input is
-Dropout(x * sqrt(D) + P[pos]) with learned absolute positions counted from each sample's first
-token (candidates share the first candidate's, as in the HSTU block), so training and
-evaluation queries of the same history length sit at the same position.
-
-Attention is ``torch.nn.functional.scaled_dot_product_attention`` with ``is_causal=True``
-(dropout on the attention weights in training) over every sample padded to W tokens: the
-padding sits after each sample's real tokens, so under the causal mask no real token sees it,
-and padded rows are never read back. The same padded computation (:meth:`SASRecBlock.encode_padded`)
-is what :class:`SASRecInference` exports with ``torch.export`` for serving.
+The input is the HSTU block's (:class:`hstu.model.hstu_block.SequenceBlock`). Attention runs
+over every sample padded to W tokens, the padding after its real tokens: under the causal
+mask no real token sees it, and padded rows are never read back. The same padded computation
+(:meth:`SASRecBlock.encode_padded`) is what :class:`SASRecInference` exports for serving.
 """
 
 from __future__ import annotations

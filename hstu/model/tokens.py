@@ -206,11 +206,8 @@ class TokenBuilder(nn.Module):
         query_time: bool = False,
     ) -> None:
         super().__init__()
-        if query_time and action_feature_name is not None:
-            raise ValueError(
-                "query_time (NetworkArgs.rab_query_time) needs item tokens only: with actions "
-                "the last token is not the retrieval query (DatasetArgs.action_tokens = False)"
-            )
+        # refused by hstu.checks.check_rab_query_time: with actions the last token is no query
+        assert not (query_time and action_feature_name is not None)
         self.query_time = query_time
         self.hidden_size = hidden_size
         self.item_feature_name = item_feature_name

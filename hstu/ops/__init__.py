@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import Tensor
 
-from hstu.ops.backends import BACKENDS, BackendUnavailableError, resolve_backend
+from hstu.ops.backends import BackendUnavailableError, resolve_backend
 from hstu.ops.jagged import lengths_to_offsets
 from hstu.ops.masks import MASK_CONVENTIONS, AttentionOptions, dense_mask
 from hstu.ops.rab import NUM_TIME_BUCKETS, RelativeAttentionBias, time_bucket
@@ -19,7 +19,6 @@ from hstu.registry import ATTENTION_BACKENDS, load
 from hstu.sync_audit import allowed_sync
 
 __all__ = [
-    "BACKENDS",
     "MASK_CONVENTIONS",
     "MAX_SEQLEN_CHECK",
     "NUM_TIME_BUCKETS",

@@ -20,8 +20,6 @@ import torch
 
 from hstu.registry import ATTENTION_BACKENDS, load
 
-# the registered backends (a live view: ``name in BACKENDS``, ``BACKENDS.names()``)
-BACKENDS = ATTENTION_BACKENDS
 TRITON_MAX_HEAD_DIM = 256
 
 _reported: set[str] = set()
@@ -36,9 +34,11 @@ def triton_interpret_requested() -> bool:
 
 
 def triton_unavailable_reason(
-    head_dim: int, value_head_dim: int, device: torch.device
+    head_dim: int, value_head_dim: int, device: torch.device,
+    dtype: torch.dtype | None = None, causal: bool = True, has_targets: bool = False,
 ) -> str | None:
-    """None when our triton kernel can run this call, else a short reason."""
+    """None when our triton kernel can run this call, else a short reason (the registry's
+    signature; dtype, causal and has_targets do not limit it)."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if device.type == "cpu":
@@ -51,14 +51,6 @@ def triton_unavailable_reason(
     if head_dim > TRITON_MAX_HEAD_DIM:
         return f"head dim {head_dim} > {TRITON_MAX_HEAD_DIM}"
     return None
-
-
-def triton_unavailable(
-    head_dim: int, value_head_dim: int, device: torch.device,
-    dtype: torch.dtype | None = None, causal: bool = True, has_targets: bool = False,
-) -> str | None:
-    """:func:`triton_unavailable_reason` with the registry's signature."""
-    return triton_unavailable_reason(head_dim, value_head_dim, device)
 
 
 def triton_hstu_attention(*args, **kwargs):

@@ -67,12 +67,7 @@ def all_gather_uneven(x: torch.Tensor, counts: list[int], group: ProcessGroup) -
 
 def _all_gather_padded(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Every rank's ``x`` ([counts[r], ...], rank order) concatenated: [sum(counts), ...]."""
-    rank = dist.get_rank()
-    if x.shape[0] != counts[rank]:
-        raise ValueError(
-            f"rank {rank} holds {x.shape[0]} rows but announced {counts[rank]} "
-            "(Batch.sizes.num_queries does not describe its batch)"
-        )
+    assert x.shape[0] == counts[dist.get_rank()], "Batch.sizes does not describe the batch"
     if max(counts) == 0:  # every rank agrees: no rows anywhere
         return x.new_zeros((0, *x.shape[1:]))
     return all_gather_uneven(x.contiguous(), counts, None)  # None: the world

@@ -17,7 +17,7 @@ dtype (float64 stays float64); autograd runs through the plain ops.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -47,14 +47,13 @@ def plan_chunks(
     lengths: list[int],
     num_heads: int,
     memory_budget_bytes: int,
-    min_fill: float = MIN_CHUNK_FILL,
     max_attn_len: int = 0,
 ) -> list[tuple[list[int], int, bool]]:
     """Group samples (longest first) into chunks that fit the budget and waste little padding.
 
-    A chunk of width n takes samples longer than ``min_fill * n`` only, so padding at most
-    multiplies the score work by 1 / min_fill**2. A sample is computed alone in row blocks
-    (``blocked``) when its dense scores reach the budget, or when a window
+    A chunk of width n takes samples longer than ``MIN_CHUNK_FILL * n`` only, so padding at
+    most multiplies the score work by 1 / MIN_CHUNK_FILL**2. A sample is computed alone in
+    row blocks (``blocked``) when its dense scores reach the budget, or when a window
     ``max_attn_len`` W > 0 leaves it most keys unseen (longer than ``WINDOW_BLOCKED_MIN * W``
     and than ``WINDOW_BLOCKED_MIN_LENGTH``; shorter windowed samples stay in chunks, which
     ``_band_blocks`` computes against the band).
@@ -76,7 +75,7 @@ def plan_chunks(
             continue
         end = pos + 1
         limit = pos + max(1, memory_budget_bytes // per_sample)
-        while end < min(limit, len(order)) and lengths[order[end]] > min_fill * width:
+        while end < min(limit, len(order)) and lengths[order[end]] > MIN_CHUNK_FILL * width:
             end += 1
         chunks.append((order[pos:end], width, False))
         pos = end
@@ -124,19 +123,25 @@ class _Blocked:
     blocks: list[_Block]
     cached: bool  # block masks / indices kept in the plan
     lengths: Tensor  # int64 [b]
-    num_contextual: Tensor | None  # int64 [b]
-    num_targets: Tensor | None  # int64 [b]
-    target_group_size: int
-    causal: bool
-    mask_convention: str
-    max_attn_len: int
-    min_full_attn_seq_len: int
+    # the mask's options, with the chunk's own counts (int64 [b], None where all zero), no rab
+    rule: AttentionOptions
     rab_positions: int | None
     timestamps: Tensor | None
     token_index: Tensor  # int64 [b, n]
     query_timestamps: Tensor | None  # int64 [b]
     # b: one long sample (1), or a windowed chunk of b samples computed in band blocks
-    samples: int = 1
+    samples: int
+
+
+def _chunk_mask(spec: _Blocked, rows: Tensor | None = None, keys: Tensor | None = None) -> Tensor:
+    """bool [b, 1, R, K]: ``dense_mask`` of the chunk's samples, at ``rows`` x ``keys``
+    (None: all n)."""
+    o = spec.rule
+    return dense_mask(
+        spec.lengths, o.num_contextual, o.num_targets, o.target_group_size, o.causal,
+        spec.token_index.shape[1], o.mask_convention, o.max_attn_len, o.min_full_attn_seq_len,
+        rows=rows, keys=keys,
+    ).unsqueeze(1)
 
 
 @dataclass
@@ -148,9 +153,9 @@ class _Chunk:
     rows: Tensor  # int64 [tokens of the chunk] = token_index[valid]
     flat_index: Tensor  # int64 [b * n] = token_index.reshape(-1)
     valid_index: Tensor  # int64 [tokens of the chunk]: valid slots of the flattened [b * n]
-    mask: Tensor | None  # bool [b, 1, n, n] (None: blocked)
-    rel: Tensor | None  # int64 [n, n] position-table index (rab)
-    buckets: Tensor | None  # int64 [b, n, n] time-bucket index (rab with time)
+    mask: Tensor | None = None  # bool [b, 1, n, n] (None: blocked)
+    rel: Tensor | None = None  # int64 [n, n] position-table index (rab)
+    buckets: Tensor | None = None  # int64 [b, n, n] time-bucket index (rab with time)
     # causal chunks: query rows [0, split) only need keys [0, split) (0: no split); per
     # part (rows, keys, mask, rel, buckets), the upper-right quarter is never computed
     split: int = 0
@@ -223,25 +228,20 @@ def _build_plan(
     offsets: Tensor, num_heads: int, budget: int, o: AttentionOptions,
     rab_positions: int | None, timestamps: Tensor | None, query_timestamps: Tensor | None,
 ) -> list[_Chunk]:
-    causal, num_contextual, num_targets = o.causal, o.num_contextual, o.num_targets
-    target_group_size, mask_convention = o.target_group_size, o.mask_convention
-    max_attn_len, min_full_attn_seq_len = o.max_attn_len, o.min_full_attn_seq_len
+    num_contextual, num_targets = o.num_contextual, o.num_targets
     device = offsets.device
     lengths = offsets[1:] - offsets[:-1]
     chunks = []
     rel_by_width: dict[int, Tensor] = {}
-    # The chunk shapes depend on the lengths, so the plan reads them (and the counts) on the
-    # host: free for CPU tensors, one device-to-host sync per batch on CUDA (the plan is
-    # cached across the layers). That is why this reference backend is not sync-free on a
-    # GPU; the triton and cutlass backends are. Everything below builds its indices on the
-    # host and copies them over without another sync.
+    # the lengths and counts read on the host (the sync ``_plan`` names); the indices below
+    # are built on the host and copied over without another sync
     host_lengths = lengths.tolist()
     # zero contextual / target counts leave the mask as it is without them: such a chunk's
     # mask skips those terms (retrieval training has neither)
     ctx_counts = None if num_contextual is None else num_contextual.tolist()
     target_counts = None if num_targets is None else num_targets.tolist()
     for samples, width, blocked in plan_chunks(
-        host_lengths, num_heads, budget, max_attn_len=max_attn_len
+        host_lengths, num_heads, budget, max_attn_len=o.max_attn_len
     ):
         sample_ids = _to_device(torch.tensor(samples, dtype=torch.int64), device)
         # valid slots of the flattened [b * n] chunk (no nonzero / boolean-mask indexing)
@@ -254,64 +254,38 @@ def _build_plan(
         token_index = torch.where(valid, offsets[sample_ids].view(-1, 1) + slot.view(1, -1), 0)
         max_ctx = 0 if ctx_counts is None else max(ctx_counts[s] for s in samples)
         max_targets = 0 if target_counts is None else max(target_counts[s] for s in samples)
+        rule = replace(
+            o, rab=None, num_contextual=num_contextual[sample_ids] if max_ctx > 0 else None,
+            num_targets=num_targets[sample_ids] if max_targets > 0 else None,
+        )
+        chunk_query = None if query_timestamps is None else query_timestamps[sample_ids]
+        spec = _Blocked([], False, chunk_lengths, rule, rab_positions, timestamps, token_index,
+                        chunk_query, len(samples))
         flat_index = token_index.reshape(-1)
+        rows = flat_index.index_select(0, valid_index)
         if blocked:
-            chunk_query = None if query_timestamps is None else query_timestamps[sample_ids]
-            spec = _Blocked(
-                [], False, chunk_lengths,
-                num_contextual[sample_ids] if max_ctx > 0 else None,
-                num_targets[sample_ids] if max_targets > 0 else None,
-                target_group_size, causal, mask_convention, max_attn_len,
-                min_full_attn_seq_len, rab_positions, timestamps, token_index, chunk_query,
-            )
             _plan_blocks(spec, width, max_ctx, max_targets, num_heads, budget, device)
-            chunks.append(_Chunk(
-                width, token_index, flat_index.index_select(0, valid_index), flat_index,
-                valid_index, None, None, None, blocked=spec,
-            ))
+            chunks.append(_Chunk(width, token_index, rows, flat_index, valid_index, blocked=spec))
             continue
-        mask = dense_mask(
-            chunk_lengths,
-            num_contextual[sample_ids] if max_ctx > 0 else None,
-            num_targets[sample_ids] if max_targets > 0 else None,
-            target_group_size,
-            causal,
-            width,
-            mask_convention,
-            max_attn_len,
-            min_full_attn_seq_len,
-        ).unsqueeze(1)
+        mask = _chunk_mask(spec)
         rel = buckets = None
         if rab_positions is not None:
             if width not in rel_by_width:
                 slots = torch.arange(width, device=device)
                 rel_by_width[width] = relative_positions(slots, slots, rab_positions)
             rel = rel_by_width[width]
-        if max_attn_len > 0:
-            spec = _band_blocks(
-                mask, width, budget, chunk_lengths,
-                num_contextual[sample_ids] if max_ctx > 0 else None,
-                num_targets[sample_ids] if max_targets > 0 else None,
-                target_group_size, causal, mask_convention, max_attn_len,
-                min_full_attn_seq_len, rab_positions, timestamps, token_index,
-                None if query_timestamps is None else query_timestamps[sample_ids],
-            )
-            if spec is not None:
-                chunks.append(_Chunk(
-                    width, token_index, flat_index.index_select(0, valid_index), flat_index,
-                    valid_index, None, None, None, blocked=spec,
-                ))
-                continue
+        if o.max_attn_len > 0 and _band_blocks(spec, mask, budget):
+            chunks.append(_Chunk(width, token_index, rows, flat_index, valid_index, blocked=spec))
+            continue
         split = width // 2
         # rows i < split see keys j <= max(i, C - 1) under the causal mask (contextual tokens
         # see each other both ways), so keys [0, split) suffice while C <= split; under the
         # "peer" mask contextual rows see the whole history, so only without them
-        ctx_limit = 0 if mask_convention == "peer" else split
-        causal_split = causal and width >= CAUSAL_SPLIT_MIN_WIDTH and max_ctx <= ctx_limit
+        ctx_limit = 0 if o.mask_convention == "peer" else split
+        causal_split = o.causal and width >= CAUSAL_SPLIT_MIN_WIDTH and max_ctx <= ctx_limit
         blocks = ((slice(0, split), slice(0, split)), (slice(split, width), slice(0, width)))
         part_buckets = [None, None]
         if rel is not None and timestamps is not None:
-            chunk_query = None if query_timestamps is None else query_timestamps[sample_ids]
             if causal_split:  # only the blocks the split computes
                 part_buckets = [
                     time_buckets(timestamps, token_index, chunk_lengths, rows_, keys_, chunk_query)
@@ -321,10 +295,7 @@ def _build_plan(
                 buckets = time_buckets(
                     timestamps, token_index, chunk_lengths, query_timestamps=chunk_query
                 )
-        chunk = _Chunk(
-            width, token_index, flat_index.index_select(0, valid_index), flat_index,
-            valid_index, mask, rel, buckets,
-        )
+        chunk = _Chunk(width, token_index, rows, flat_index, valid_index, mask, rel, buckets)
         if causal_split:
             chunk.split = split
             chunk.parts = [
@@ -339,25 +310,21 @@ def _build_plan(
     return chunks
 
 
-def _band_blocks(
-    mask: Tensor, width: int, budget: int, lengths: Tensor,
-    num_contextual: Tensor | None, num_targets: Tensor | None, target_group_size: int,
-    causal: bool, mask_convention: str, max_attn_len: int, min_full_attn_seq_len: int,
-    rab_positions: int | None, timestamps: Tensor | None, token_index: Tensor,
-    query_timestamps: Tensor | None,
-) -> _Blocked | None:
+def _band_blocks(spec: _Blocked, mask: Tensor, budget: int) -> bool:
     """A windowed chunk of b samples in row blocks of W / ``BAND_ROWS_DIVISOR`` rows, each
-    against the keys that any of its rows may see in any sample of the chunk; None when that
-    would compute more than ``BAND_MAX_WORK`` of the dense path's scores.
+    against the keys that any of its rows may see in any sample of the chunk, added to
+    ``spec``; False (nothing added) when that would compute more than ``BAND_MAX_WORK`` of
+    the dense path's scores.
 
     The keys of a block are read off the chunk's mask [b, 1, n, n] (which each block then
     applies exactly), as runs of slots; runs closer than ``BAND_MERGE_GAP`` are merged. So
     contextual tokens, candidates and the rows that see the whole history
     (``min_full_attn_seq_len``) need no rule of their own here. Like a long sample's blocks,
     the chunk's are recomputed in backward (``_BlockedAttention``): no score is kept."""
-    rows = max(BAND_MIN_ROWS, max_attn_len // BAND_ROWS_DIVISOR)
+    width = mask.shape[-1]
+    rows = max(BAND_MIN_ROWS, spec.rule.max_attn_len // BAND_ROWS_DIVISOR)
     if rows >= width:
-        return None
+        return False
     seen = mask[:, 0].any(dim=0)  # [n, n]: may row i see key j in some sample
     spans: list[tuple[int, int, list[tuple[int, int]]]] = []
     for r0 in range(0, width, rows):
@@ -370,17 +337,12 @@ def _band_blocks(
                 runs.append((c, c + 1))
         spans.append((r0, r1, runs or [(0, 1)]))  # padding rows only: one key, masked
     elements = sum((r1 - r0) * sum(b - a for a, b in keys) for r0, r1, keys in spans)
-    split = causal and width >= CAUSAL_SPLIT_MIN_WIDTH
+    split = spec.rule.causal and width >= CAUSAL_SPLIT_MIN_WIDTH
     dense = width * width - (width // 2) ** 2 if split else width * width
     if elements > BAND_MAX_WORK * dense:
-        return None
-    spec = _Blocked(
-        [], False, lengths, num_contextual, num_targets, target_group_size, causal,
-        mask_convention, max_attn_len, min_full_attn_seq_len, rab_positions, timestamps,
-        token_index, query_timestamps, samples=int(lengths.numel()),
-    )
+        return False
     _add_blocks(spec, spans, elements * spec.samples, budget, mask.device, mask)
-    return spec
+    return True
 
 
 def _add_blocks(
@@ -444,16 +406,17 @@ def _plan_blocks(
     whose backward tensors fit the budget. The blocks' scores are never kept: backward
     recomputes them (``_BlockedAttention``).
     """
-    window, full_from = spec.max_attn_len, length
+    o = spec.rule
+    window, full_from = o.max_attn_len, length
     first = length - num_targets
     if window > 0:
-        full_from = max(num_ctx, first - spec.min_full_attn_seq_len) if (
-            spec.min_full_attn_seq_len > 0) else length
+        full_from = max(num_ctx, first - o.min_full_attn_seq_len) if (
+            o.min_full_attn_seq_len > 0) else length
     per_row = _BLOCK_TENSORS_ALIVE * _SCORE_BYTES * num_heads
     full_rows = max(MIN_BLOCK_ROWS, min(MAX_BLOCK_ROWS, budget // (per_row * length)))
-    peer = spec.mask_convention == "peer"
+    peer = o.mask_convention == "peer"
     spans: list[tuple[int, int, list[tuple[int, int]]]] = []
-    ctx_keys = num_ctx if (spec.causal and not peer) else length
+    ctx_keys = num_ctx if (o.causal and not peer) else length
     for r0 in range(0, num_ctx, full_rows):
         spans.append((r0, min(num_ctx, r0 + full_rows), [(0, ctx_keys)]))
     if window > 0:
@@ -462,11 +425,11 @@ def _plan_blocks(
         for r0 in range(num_ctx, full_from, rows):
             r1 = min(full_from, r0 + rows)
             spans.append((r0, r1, _key_ranges(r0, r1, window, length, num_ctx, first,
-                                              spec.causal, peer)))
+                                              o.causal, peer)))
     for r0 in range(full_from if window > 0 else num_ctx, length, full_rows):
         r1 = min(length, r0 + full_rows)
         spans.append((r0, r1, _key_ranges(r0, r1, length, length, num_ctx, first,
-                                          spec.causal, peer)))
+                                          o.causal, peer)))
     elements = sum((r1 - r0) * sum(b - a for a, b in keys) for r0, r1, keys in spans)
     _add_blocks(spec, spans, elements, budget, device)
 
@@ -485,11 +448,7 @@ def _block_indices(
     if whole_mask is not None:
         mask = whole_mask[:, :, block.r0 : block.r1].index_select(3, block.key_pos)
     else:
-        mask = dense_mask(
-            spec.lengths, spec.num_contextual, spec.num_targets, spec.target_group_size,
-            spec.causal, spec.token_index.shape[1], spec.mask_convention, spec.max_attn_len,
-            spec.min_full_attn_seq_len, rows=rows, keys=block.key_pos,
-        ).unsqueeze(1)
+        mask = _chunk_mask(spec, rows, block.key_pos)
     rel = buckets = None
     if spec.rab_positions is not None:
         rel = relative_positions(rows, block.key_pos, spec.rab_positions).to(torch.int32)
@@ -650,9 +609,8 @@ def pytorch_hstu_attention(
     """O = (SiLU(alpha Q K^T + rab) / N masked) V, sample by sample; the arguments of
     ``hstu.ops.hstu_attention`` (``options``: the fields of ``AttentionOptions``).
 
-    Lengths come from ``offsets`` (``max_seqlen`` is not read). A sample longer than
-    ``WINDOW_BLOCKED_MIN * max_attn_len`` is computed in row blocks against the keys within
-    the window only.
+    Lengths come from ``offsets`` (``max_seqlen`` is not read); chunks and row blocks: the
+    module docstring.
 
     Args:
         memory_budget_bytes: cap on the float32 score tensors of one chunk; a sample over it

@@ -1,19 +1,9 @@
-"""Where a CPU training process and its data thread run.
-
-- :func:`pin_local_rank`: each of the host's LOCAL_WORLD_SIZE ranks gets its own equal slice
-  of the host's CPUs (rank r: slice r), so a rank and its data thread share its cores and
-  delay no other rank at the step's all-reduce. It is on only where it cannot hurt:
-  a CPU run with more than one local rank, a CPU mask the launcher left whole (a mask
-  smaller than the host's CPUs means srun --cpu-bind, numactl, taskset or torchrun
-  --numa-binding placed the process already: it is left alone), and no other hstu job on the
-  host's cores (every CPU process registers in a per-host file; a job that starts next to a
-  pinned one unpins it, so two jobs never pin, let alone onto the same cores). Anything
-  else: not pinned, one note.
-- :func:`lower_this_thread`: the data thread runs at a low priority, so on its rank's cores
-  it takes the time the training thread leaves instead of preempting it.
-
-Both change only speed, never a value; the switches are in :mod:`hstu.training.host_settings`
-and the measurements in docs/performance.md ("CPU placement").
+"""Where a CPU training process and its data thread run: :func:`pin_local_rank` gives each
+local rank its own equal slice of the host's CPUs where that cannot hurt (the conditions and
+the per-host claims file: docs/training.md, "Host settings"), :func:`lower_this_thread`
+runs the data thread at a low priority. Both change only speed, never a value; the
+switches are in :mod:`hstu.training.host_settings`, the measurements in docs/performance.md
+("CPU placement").
 """
 
 from __future__ import annotations
@@ -105,13 +95,10 @@ def register_job(claims_file: str, cores: set[int], mine: list[int] | None) -> s
     not pinned) when no other job runs on ``cores``. Returns None when pinned as asked, or
     why not.
 
-    One line per CPU training process with pinning on: ``pid start-time job pinned cores``;
-    lines of ended processes are dropped. A job that finds another job's live process on its
-    cores does not pin, and gives the other job's pinned processes their whole mask back:
-    a pinned job next to another cannot move its ranks off a core the other job keeps busy
-    (docs/performance.md, "CPU placement"), so once two jobs share a host neither is pinned.
-    Pinning happens under the file's exclusive lock: of two jobs starting at once, the
-    second sees the first's pinned line."""
+    One line per CPU training process with pinning on: ``pid start-time job pinned cores``.
+    A job that finds another's live process on its cores does not pin, and unpins the
+    other's (docs/training.md, "Host settings"). All under the file's exclusive lock: of two
+    jobs starting at once, the second sees the first's pinned line."""
     job = _job_key()
     try:
         fd = os.open(claims_file, os.O_RDWR | os.O_CREAT, 0o666)

@@ -1,19 +1,13 @@
 """Host allocator settings for a training process: freed buffers stay with the process.
 
-Every step allocates and frees the same large host buffers: the data thread's negatives
-(a [Q, M] uint64 draw, its transpose, ~11 MB each on the ML-1M recipe) and, on CPU, the
-step's activations. glibc serves a buffer above its mmap threshold (dynamic, from 128 KiB)
-with a fresh ``mmap`` and unmaps it on ``free``, and trims the heap's top when more than
-128 KiB of it is free; the next step's buffer of that size then touches new pages, each a
-page fault that the kernel zeroes. Measured on the ML-1M recipe's data path (one thread,
-ML-100K): 17.0 -> 13.8 ms per batch.
-
-``keep_freed_host_memory`` raises the mmap threshold to glibc's maximum (32 MiB on 64-bit
-hosts) and turns trimming off, so such buffers are reused from the heap: the process keeps
-its peak host memory instead of returning it between steps (the peak itself is unchanged).
-Only speed changes, never a value. Set ``HSTU_KEEP_FREED_HOST_MEMORY=0`` to leave the
-allocator as it is (:mod:`hstu.training.host_settings`); on a C library other than glibc
-there is nothing to set.
+Every step allocates and frees the same large host buffers (the data thread's negatives, on
+CPU the step's activations). glibc serves one above its mmap threshold with a fresh ``mmap``,
+unmaps it on ``free`` and trims the heap's top, so the next step's buffer faults in new,
+zeroed pages. ``keep_freed_host_memory`` raises the threshold to glibc's maximum and turns
+trimming off: such buffers are reused from the heap, the process keeps its peak host memory
+(the peak itself is unchanged). Only speed changes, never a value; the switch and its
+measurement: docs/training.md ("Host settings"), docs/performance.md. On a C library other
+than glibc there is nothing to set.
 """
 
 from __future__ import annotations

@@ -1,33 +1,9 @@
-"""The process-wide host settings of a training process, in one place.
-
-Four settings change how a process uses its host, never a value it computes. Each is read
-here, from one environment variable (set it in the launcher's environment: they must hold
-before the process group and the data thread start), and applied by
-:func:`hstu.training.distributed.init_distributed` (``apply_host_settings``), by
-:mod:`hstu.training.cpu_placement` and :mod:`hstu.training.host_memory`, which read them
-from here (this module imports neither):
-
-=============================  =======  ====================================================
-variable                       default  effect
-=============================  =======  ====================================================
-``HSTU_PIN_RANKS``             ``1``    on CPU with several local ranks, each rank on its
-                                        own slice of the host's cores
-                                        (:mod:`hstu.training.cpu_placement`); only when the
-                                        launcher left the mask whole and no other job on the
-                                        host has claimed cores; ``0``: never
-``HSTU_FEED_NICE``             ``19``   niceness of the data thread on CPU runs; ``0``
-                                        leaves it
-``HSTU_KEEP_FREED_HOST_MEMORY`` ``1``   glibc keeps freed large host buffers for reuse
-                                        (:mod:`hstu.training.host_memory`); ``0`` leaves
-                                        the allocator's defaults
-``HSTU_RESTART_BACKOFF_S``     ``0``    seconds before a restarted attempt joins (doubling
-                                        per restart, at most 300); set by ``hstu.launch
-                                        --restart-backoff``
-=============================  =======  ====================================================
-
-``HSTU_CPU_CLAIMS_FILE`` names the per-host file where pinned jobs claim their cores
-(default ``<tmp>/hstu-cpu-claims``); jobs that should see each other must share it.
-docs/training.md ("Host settings") explains each choice.
+"""The process-wide host settings of a training process, in one place: each read here from
+one environment variable (:class:`HostSettings`, a field per variable), applied by
+:func:`hstu.training.distributed.init_distributed`, :mod:`hstu.training.cpu_placement` and
+:mod:`hstu.training.host_memory`, which read them from here (this module imports neither).
+They change how a process uses its host, never a value it computes; docs/training.md
+("Host settings") gives each variable, its default and its effect.
 """
 
 from __future__ import annotations

@@ -111,6 +111,18 @@ def _pattern_products(
     return grad_q, grad_rows
 
 
+def _sampled_kernels_apply(queries: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> bool:
+    """Whether the sampled CPU kernels take these: CPU, float32/64 of one dtype, at least one
+    query, and 0 < M <= U (they want no more columns than rows)."""
+    return (
+        queries.device.type == "cpu"
+        and queries.shape[0] > 0
+        and 0 < index.shape[1] <= rows.shape[0]
+        and queries.dtype == rows.dtype
+        and queries.dtype in (torch.float32, torch.float64)
+    )
+
+
 def shared_row_scores(
     queries: torch.Tensor, rows: torch.Tensor, index: torch.Tensor,
     order: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
@@ -121,13 +133,7 @@ def shared_row_scores(
     transpose ``order`` / ``offsets`` when the data path built it); elsewhere (or for an empty
     batch, or M > U, where the dense [Q, U] is the smaller) one [Q, U] matmul and a gather.
     """
-    if (
-        queries.device.type == "cpu"
-        and queries.shape[0] > 0
-        and 0 < index.shape[1] <= rows.shape[0]  # the sampled kernel wants M <= U columns
-        and queries.dtype == rows.dtype
-        and queries.dtype in (torch.float32, torch.float64)
-    ):
+    if _sampled_kernels_apply(queries, rows, index):
         return _SampledScores.apply(queries, rows, index, order, offsets)
     return (queries @ rows.t()).gather(1, index)
 
@@ -306,15 +312,9 @@ def sampled_softmax_loss_shared(
 def fused_sampled_loss_applies(queries: torch.Tensor, negatives) -> bool:
     """Whether :func:`sampled_softmax_loss_shared` runs for this group of negatives: shared
     rows on CPU, float32/64, at least one query, 0 < M <= U (the sampled kernels)."""
-    return (
-        isinstance(negatives, SharedRows)
-        and queries.device.type == "cpu"
-        and queries.shape[0] > 0
-        and 0 < negatives.index.shape[1] <= negatives.rows.shape[0]
-        and queries.dtype == negatives.rows.dtype
-        and queries.dtype in (torch.float32, torch.float64)
+    return isinstance(negatives, SharedRows) and _sampled_kernels_apply(
+        queries, negatives.rows, negatives.index
     )
-
 
 
 def negative_vectors(

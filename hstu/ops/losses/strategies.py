@@ -146,10 +146,7 @@ def full_corpus(x: LossInputs) -> LossOutput:
     if x.corpus is not None and x.corpus.split:
         from hstu.ops.losses.vocab_parallel import vocab_parallel_loss
 
-        if x.query_counts is None:
-            raise ValueError(
-                "a split corpus needs every rank's query count (LossInputs.query_counts)"
-            )
+        assert x.query_counts is not None, "a split corpus needs every rank's query count"
         loss, pos = vocab_parallel_loss(
             x.queries, x.pos_ids, x.key_vectors, x.corpus.start, counts=x.query_counts,
             temperature=x.temperature, scale=x.scale, window=x.history_mask,

@@ -187,8 +187,7 @@ def vocab_parallel_loss(
     all_pos = gather_rows(pos_ids, counts)
     all_window = None
     if window is not None:
-        if id_counts is None:
-            raise ValueError("vocab_parallel_loss: a history window needs every rank's id count")
+        assert id_counts is not None, "a history window needs every rank's id count"
         shift = sum(id_counts[:rank])
         all_window = HistoryWindow(
             gather_rows(window.ids, id_counts), gather_rows(window.starts + shift, counts),
@@ -295,8 +294,7 @@ class CorpusSource:
             rows = self._fallback(torch.arange(self.min_item_id, self.num_items))
             return CorpusShard(rows, self.min_item_id, False, False, world)
         spec = specs[table]
-        if spec.dynamic:
-            raise ValueError(f"table {table!r} is dynamic: no full-corpus loss over its slots")
+        assert not spec.dynamic, "refused by hstu.checks.check_full_corpus_table"
         ec = None if spec.sharding_type == "data_parallel" else sparse.ec
         whole = None  # a table held whole: data-parallel, or not sharded (yet)
         if ec is None:
