@@ -9,6 +9,8 @@ checkpointed the same way.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
@@ -63,23 +65,20 @@ def build_embeddings(
     embedding_dims: dict[str, int],
     device: torch.device | str = "cpu",
     seed: int = 0,
-    sparse_optimizer: str = "adam",
-    materialize: bool = True,
+    **options: Any,
 ) -> nn.Module:
-    """One HstuEmbeddings when every table has the same dim, else one per dim
-    (``materialize``: see :func:`build_embedding_collection`)."""
+    """One HstuEmbeddings when every table has the same dim, else one per dim (the
+    ``options``, ``sparse_optimizer`` and ``materialize``: :func:`build_embedding_collection`'s)."""
     dims = sorted({embedding_dims[t.table_name] for t in tables})
     if len(dims) <= 1:
-        return build_embedding_collection(tables, embedding_dims, device, seed, sparse_optimizer,
-                                          materialize)
+        return build_embedding_collection(tables, embedding_dims, device, seed, **options)
     groups = {
         d: build_embedding_collection(
             [t for t in tables if embedding_dims[t.table_name] == d],
             embedding_dims,
             device,
             seed * 1_000_003 + d,
-            sparse_optimizer,
-            materialize,
+            **options,
         )
         for d in dims
     }

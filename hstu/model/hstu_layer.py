@@ -335,26 +335,12 @@ class HSTULayer(nn.Module):
             from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
             config = make_parallel_config(tp_size, o.dtype)
-            self.uvqk = ColumnParallelLinear(
-                hidden_size,
-                4 * num_heads * head_dim,
-                config=config,
-                init_method=_no_init,
-                bias=o.uvqk_bias,
-                gather_output=False,
-                skip_bias_add=False,
-                tp_group=tp_group,
-            )
-            self.output = RowParallelLinear(
-                num_heads * head_dim,
-                hidden_size,
-                config=config,
-                init_method=_no_init,
-                bias=o.output_bias,
-                input_is_parallel=True,
-                skip_bias_add=False,
-                tp_group=tp_group,
-            )
+            common = {"config": config, "init_method": _no_init, "skip_bias_add": False,
+                      "tp_group": tp_group}
+            self.uvqk = ColumnParallelLinear(hidden_size, 4 * num_heads * head_dim,
+                                             bias=o.uvqk_bias, gather_output=False, **common)
+            self.output = RowParallelLinear(num_heads * head_dim, hidden_size,
+                                            bias=o.output_bias, input_is_parallel=True, **common)
             # Megatron marks its weights as shards only when it initialises them itself
             # (perform_initialization=False here); clipping and checkpoints rely on the marks.
             for weight, dim in ((self.uvqk.weight, 0), (self.output.weight, 1)):
