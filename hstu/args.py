@@ -71,6 +71,11 @@ def _some_features(obj: Any) -> None:
 RANKING_METRICS = ("AUC",)
 
 
+STREAM_DATASET = "stream"
+"""DatasetArgs.dataset_name of online training without a preprocessed dataset: the sizes come
+from StreamArgs (item_capacity, rating_classes), the events from the stream."""
+
+
 # ------------------------------------------------------------------------------ classes
 
 
@@ -111,8 +116,9 @@ class TrainerArgs:
     """Training step at which the profiler window ends (exclusive)."""
     ckpt_save_interval: int = -1
     """Save a checkpoint every this many steps; -1 disables saving."""
-    ckpt_save_dir: str = "./checkpoints"
-    """Directory checkpoints are written to."""
+    ckpt_save_dir: str | None = None
+    """Directory checkpoints are written to; None: ./checkpoints, or <run_dir>/checkpoints for an
+    online run (a stream run owns its checkpoints)."""
     ckpt_load_dir: str = ""
     """Checkpoint to resume from: "auto" (the newest complete checkpoint under ckpt_save_dir; fresh
     start if none), a checkpoint folder, or a root (its newest complete checkpoint); empty starts
@@ -411,10 +417,12 @@ class DatasetArgs:
             "'valid' needs DatasetArgs.holdout_validation = True",
         )
         _require(
-            self.dataset_name in DATASETS or os.path.isdir(self.resolved_path),
+            self.dataset_name in DATASETS or self.dataset_name == STREAM_DATASET
+            or os.path.isdir(self.resolved_path),
             self,
             "dataset_name",
-            f"{self.dataset_name!r} is not one of {', '.join(DATASETS.names())}"
+            f"{self.dataset_name!r} is not one of {', '.join(DATASETS.names())}, "
+            f"{STREAM_DATASET!r} (online training without a preprocessed dataset)"
             + did_you_mean(self.dataset_name, DATASETS.names())
             + f", nor preprocessed data in {self.resolved_path} (python -m hstu.data.preprocess "
             f"--dataset custom --raw FILE --name {self.dataset_name})",

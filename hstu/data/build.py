@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -38,6 +38,7 @@ def build_data(
     drop_last: bool = False,
     benchmark_num_batches: int = 16,
     tp_size: int = 1,
+    stream_metadata: dict[str, Any] | None = None,
 ) -> tuple[SequenceLoader | BenchmarkLoader, SequenceLoader | BenchmarkLoader, DataInfo]:
     """Train and eval loaders for one data-parallel rank, and the dataset's DataInfo.
 
@@ -54,6 +55,10 @@ def build_data(
         drop_last: training yields only full batches.
         tp_size: tensor-parallel group size; batches then carry their group's sizes
             (``Batch.tp_sizes``; ``rank`` and ``world_size`` are then the global ones).
+        stream_metadata: online training without a preprocessed dataset
+            (DatasetArgs.dataset_name = "stream"): the metadata hstu.data.sizes.stream_metadata
+            gives; the loaders then hold one placeholder user (the online loop gives them each
+            window's samples).
     """
     if task not in ("retrieval", "ranking"):
         raise ConfigError("build_data", "task", f"{task!r} is not 'retrieval' or 'ranking'")
@@ -62,7 +67,10 @@ def build_data(
             dataset_args, task, train_batch_size, eval_batch_size, rank, seed,
             benchmark_num_batches, tp_size,
         )
-    store = SequenceStore.load(dataset_args.resolved_path, verbose=rank == 0)
+    if stream_metadata is not None:  # online training without a dataset: a placeholder store
+        store = placeholder_store(stream_metadata)
+    else:
+        store = SequenceStore.load(dataset_args.resolved_path, verbose=rank == 0)
     meta = store.metadata
     check_dataset_name(dataset_args, meta, METADATA_FILE)
     msl, cands = dataset_args.max_sequence_length, dataset_args.max_num_candidates
@@ -111,6 +119,15 @@ def build_data(
         **_split_ties(store, eval_s),
     )
     return train, evaluation, info
+
+
+def placeholder_store(metadata: dict[str, Any]) -> SequenceStore:
+    """One user with three events of item 1 (a sample in every split): the loaders' store of
+    an online run without a dataset (never trained on: the online loop gives the loaders
+    each window's store)."""
+    zeros = np.zeros(3, np.int64)
+    return SequenceStore(offsets=np.array([0, 3], np.int64), items=np.ones(3, np.int64),
+                         timestamps=zeros, actions=zeros.copy(), contextual={}, metadata=metadata)
 
 
 def _stochastic_length(args: DatasetArgs) -> StochasticLength | None:

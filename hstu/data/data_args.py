@@ -277,12 +277,30 @@ class StreamArgs:
     """Every learning rate (dense layers and tables) times this factor while streaming: after the
     batch phase (batch_until), else from the stream's start. Below 1 keeps a batch-trained model
     from drifting on small windows (docs/online.md); 1 keeps OptimizerArgs' rates."""
+    item_capacity: int | None = None
+    """With DatasetArgs.dataset_name = "stream" (no preprocessed dataset): the item table's rows,
+    the most distinct items the stream may bring (a stream that brings more stops with one line;
+    a dynamic item table evicts instead)."""
+    rating_classes: int | None = None
+    """With DatasetArgs.dataset_name = "stream": ratings are integer classes 0..rating_classes-1
+    (the action feature; ranking's labels); None: the stream has no action feature."""
+    prequential_fading: float = 0.9999
+    """Fading factor per event of the faded prequential metrics (<metric>_faded rows, Gama et al.):
+    an event's weight is multiplied by this for every later event, so the mean follows about the
+    last 1 / (1 - f) events; the cumulative mean (<metric>_cumulative) is written beside it."""
+    continue_from_other_stream: bool = False
+    """Resuming a checkpoint written on another stream (another folder, or a replay of other data)
+    is refused; True continues that model, its id maps and user store on this stream from its
+    first partition (docs/online.md "Which checkpoint a stream run resumes")."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)
         _require(self.path != "", self, "path", "must not be empty")
         _positive(self, "poll_seconds", "idle_timeout_seconds", "incomplete_timeout_seconds",
                   "max_window_events", "publish_keep")
+        _positive(self, "item_capacity", "rating_classes")
+        _require(0.0 < self.prequential_fading <= 1.0, self, "prequential_fading",
+                 f"must be in (0, 1], got {self.prequential_fading!r}")
         _require(self.publish_every_windows >= 0, self, "publish_every_windows", "must be >= 0")
         _require(self.publish_every_seconds >= 0, self, "publish_every_seconds", "must be >= 0")
         _require(

@@ -15,7 +15,14 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from hstu.args import AUTO, BenchmarkDatasetArgs, ConfigError, DatasetArgs, RankingArgs
+from hstu.args import (
+    AUTO,
+    STREAM_DATASET,
+    BenchmarkDatasetArgs,
+    ConfigError,
+    DatasetArgs,
+    RankingArgs,
+)
 from hstu.checks import (
     check_dataset_name,
     check_peer_mask,
@@ -41,6 +48,8 @@ def action_kind(meta: dict[str, Any]) -> str | None:
 def read_metadata(dataset: DatasetArgs, extras: dict[str, Any] | None = None) -> dict[str, Any]:
     """metadata.json of the dataset's folder. The synthetic set, when not generated yet, is
     generated in memory (deterministic, a fraction of a second) and nothing is written."""
+    if dataset.dataset_name == STREAM_DATASET:
+        return stream_metadata((extras or {}).get("StreamArgs"))
     path = Path(dataset.resolved_path)
     if dataset.dataset_name == "synthetic" and not (path / METADATA_FILE).is_file():
         from hstu.data.data_args import SyntheticDataArgs
@@ -55,6 +64,26 @@ def read_metadata(dataset: DatasetArgs, extras: dict[str, Any] | None = None) ->
         f"--dataset {name} --raw PATH"
     )
     return layout.read_metadata(path, how)
+
+
+def stream_metadata(stream: Any) -> dict[str, Any]:
+    """The metadata of DatasetArgs.dataset_name = "stream": no preprocessed folder, the item
+    table sized by StreamArgs.item_capacity (dense ids 1..capacity in order of first appearance
+    on the stream), actions from StreamArgs.rating_classes, no contextual features."""
+    if stream is None or stream.item_capacity is None:
+        raise ConfigError(
+            "StreamArgs", "item_capacity",
+            'DatasetArgs.dataset_name = "stream" (no preprocessed dataset) sizes the item table '
+            "from StreamArgs.item_capacity: set it to the most distinct items the stream brings",
+        )
+    classes = stream.rating_classes
+    return {
+        "format_version": 1, "dataset": STREAM_DATASET, "num_users": 0,
+        "num_items": int(stream.item_capacity) + 1, "item_feature_name": "item_id",
+        "action_feature_name": "action" if classes else None, "num_action_values": classes,
+        "action_kind": "classes" if classes else None, "contextual_feature_names": [],
+        "contextual_vocab_sizes": {}, "options": {},
+    }
 
 
 def select_contextual(available: list[str], wanted: list[str] | None) -> list[str]:

@@ -13,13 +13,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hstu.args import BenchmarkDatasetArgs, EmbeddingArgs, NetworkArgs
+from hstu.args import STREAM_DATASET, BenchmarkDatasetArgs, EmbeddingArgs, NetworkArgs
 from hstu.checks import check_placement, check_table_features
 from hstu.config import RunConfig
 from hstu.console import format_bytes
 from hstu.data import DataInfo, build_data
 from hstu.data.negatives import NegativeSampler
-from hstu.data.sizes import resolve_head
+from hstu.data.sizes import resolve_head, stream_metadata
 from hstu.embeddings import (
     HstuEmbeddings,
     TablePlacement,
@@ -172,6 +172,8 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         # with a selection metric, training evaluates on the validation split only
         split_kwargs["split"] = "valid" if t.best_metric is not None else cfg.dataset.eval_split
         split_kwargs["holdout_validation"] = cfg.dataset.holdout_validation
+        if cfg.dataset.dataset_name == STREAM_DATASET:
+            split_kwargs["stream_metadata"] = stream_metadata(cfg.extras.get("StreamArgs"))
     data_args = (
         cfg.dataset, cfg.task, t.train_batch_size, t.eval_batch_size, env.rank, env.world_size,
         t.seed,

@@ -19,10 +19,13 @@ Checkpoints carry the stream's position and id maps, each rank's user store and
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -36,6 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from hstu.args import STREAM_DATASET
 from hstu.config import RunConfig
 from hstu.data.errors import DataError
 from hstu.data.loader import Samples, SequenceLoader, gather_ranges
@@ -44,7 +48,7 @@ from hstu.data.stream import StreamPosition, Window, load_stream, make_source, s
 from hstu.data.stream.core import ITEM_IDS_FILE, STATE_FILE, USER_IDS_FILE, write_json_atomic
 from hstu.data.user_store import Sequences, UserStore
 from hstu.embeddings import HstuEmbeddings
-from hstu.training.distributed import DistEnv
+from hstu.training.distributed import DistEnv, broadcast_object
 from hstu.training.evaluate import evaluate
 from hstu.training.loop import MetricsWindow, Preemption
 from hstu.training.trainer import Trainer
@@ -55,6 +59,70 @@ STREAM_SPLIT = "stream"
 BATCH_EPOCH_BASE = 1 << 32
 """Loader epochs of the batch phase's passes (BATCH_EPOCH_BASE + pass): shuffled apart from
 the windows' (which use the window count)."""
+
+
+# ------------------------------------------------------------------------------ identity
+def stream_identity(args: Any, source: Any) -> dict[str, Any]:
+    """What a checkpoint records of the stream it was trained on (online.json "stream"): a
+    folder's resolved path and its first consumed partition (name and content hash); a
+    replay's dataset, windows and a hash of its first events' raw ids and times."""
+    if args.path is not None:
+        return {"kind": "folder", "path": str(Path(args.path).resolve()),
+                "first": source.first_consumed() if source is not None else None}
+    head = slice(0, 1000)
+    h = hashlib.sha256()
+    for arr in (source.user[head], source.item[head], source.timestamp[head]):
+        h.update(np.asarray(arr).astype(str).tobytes())
+    return {"kind": "replay", "dataset": args.replay_dataset, "window": args.replay_window,
+            "events": int(source.num_events), "head": h.hexdigest()[:16]}
+
+
+def _describe(identity: dict[str, Any] | None) -> str:
+    if not identity:
+        return "an unrecorded stream"
+    if identity["kind"] == "folder":
+        first = identity.get("first")
+        return (f"stream folder {identity['path']}"
+                + (f" (first partition {first[0]})" if first else ""))
+    return (f"a replay of {identity['dataset']} by {identity['window']} "
+            f"({identity['events']} events)")
+
+
+def same_stream(saved: dict[str, Any] | None, now: dict[str, Any], source: Any) -> bool:
+    """Whether a checkpoint's stream (``saved``) is this run's (``now``): the same folder, or
+    a folder holding the saved first partition with the same content (a moved stream); the
+    same replay. A checkpoint that recorded none (older runs) is taken as the same."""
+    if saved is None:
+        return True
+    if saved["kind"] != now["kind"]:
+        return False
+    if saved["kind"] == "replay":
+        return all(saved.get(k) == now.get(k) for k in ("dataset", "window", "events", "head"))
+    if saved["path"] == now["path"]:
+        return True
+    first = saved.get("first")
+    if not first:
+        return False
+    from hstu.data.stream.folder import partition_digest
+
+    folder = Path(now["path"]) / first[0]
+    return folder.is_dir() and partition_digest(folder) == first[1]
+
+
+def stream_run_dir(cfg: RunConfig) -> str:
+    """The default run directory of an online run: runs/<task>-stream-<name>-<hash>, named
+    after its stream (the folder's resolved path; a replay's dataset, raw files and windows),
+    so the same command on the same stream continues its run and another stream gets its own."""
+    sa = cfg.extras["StreamArgs"]
+    if sa.path is not None:
+        where = Path(sa.path).resolve()
+        name, key = where.name or "stream", str(where)
+    else:
+        raw = str(Path(sa.replay_raw).resolve()) if sa.replay_raw else ""
+        name, key = f"replay-{sa.replay_dataset}", f"{sa.replay_dataset}|{raw}|{sa.replay_window}"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:40]
+    return os.path.join("runs", f"{cfg.task}-stream-{name}-"
+                        f"{hashlib.sha256(key.encode()).hexdigest()[:8]}")
 
 
 # ------------------------------------------------------------------------------ samples
@@ -273,6 +341,9 @@ class OnlineTrainer:
             # waiting for a partition (StreamArgs.follow) may outlast the default timeout
             timeout = timedelta(days=365) if self.stream_args.follow else None
             self._window_group = dist.new_group(backend="gloo", timeout=timeout)
+        if cfg.trainer.ckpt_save_dir is None:  # a stream run owns its checkpoints
+            cfg.trainer = replace(cfg.trainer,
+                                  ckpt_save_dir=os.path.join(run_dir, "checkpoints"))
         self.trainer = Trainer(cfg, env, run_dir, config_text)
         t = self.trainer
         self.max_len = cfg.dataset.max_sequence_length
@@ -280,23 +351,36 @@ class OnlineTrainer:
         self.events_done = 0
         """Events of the windows done (from the stream's start)."""
         self.interrupted = False
+        self.windows_this_run = 0
+        self._preq: dict[str, list[float]] = {}
+        """metric -> [sum, weight, faded sum, faded weight] of the prequential means."""
         work = Path(run_dir) / f"user_store.rank{env.rank}-of-{env.world_size}.work.sqlite"
         loaded = t.checkpoint.loaded
+        self.resumed_from = loaded
         if loaded is not None:
             done = json.loads((Path(loaded) / ONLINE_FILE).read_text())
+            other = None  # the checkpoint's stream when it is not this one (rank 0 decides)
             if self.source is not None:
                 self.position = load_stream(loaded, self.source)
                 self.known_items = len(self.source.items)
+                now = stream_identity(self.stream_args, self.source)
+                if not same_stream(done.get("stream"), now, self.source):
+                    other = _describe(done.get("stream"))
             else:
                 self.position = StreamPosition.from_dict(done["position"])
+            other = broadcast_object(other)
             self.store = UserStore.restore(loaded, work, self.max_len, env.rank, env.world_size)
             self.windows_done = int(done["windows"])
             self.events_done = int(done.get("events", -1))  # -1: a checkpoint before the count
+            self._preq = {k: [float(x) for x in v] for k, v in done.get("prequential", {}).items()}
             self._drop_rows_after(self.windows_done)
-            t.logger.print(
-                f"[hstu] stream: resumed after {self.windows_done} windows at partition "
-                f"{self.position.partition!r} row {self.position.row}"
-            )
+            if other is not None:
+                self._continue_on_new_stream(loaded, other)
+            else:
+                t.logger.print(
+                    f"[hstu] stream: resumed {loaded} after {self.windows_done} windows at "
+                    f"partition {self.position.partition!r} row {self.position.row}"
+                )
         else:
             work.unlink(missing_ok=True)
             self.position = StreamPosition.start()
@@ -307,6 +391,31 @@ class OnlineTrainer:
         self._published_at = time.monotonic()
         self.last_checkpoint = ""
         self._pending_rows: list[tuple[int, str, dict[str, float]]] = []
+
+    def _continue_on_new_stream(self, loaded: str, other: str) -> None:
+        """The checkpoint ``loaded`` was trained on another stream (``other``): refused in one
+        line, or with StreamArgs.continue_from_other_stream its model, id maps and user store
+        go on with this stream from its first partition."""
+        here = _describe(stream_identity(self.stream_args, None)) if self.stream_args.path \
+            else f"a replay of {self.stream_args.replay_dataset}"
+        if not self.stream_args.continue_from_other_stream:
+            raise ConfigError(
+                "TrainerArgs", "ckpt_load_dir",
+                f"checkpoint {loaded} was trained on {other}, this run reads {here}: give this "
+                "stream its own TrainerArgs.run_dir (or TrainerArgs.ckpt_save_dir), or set "
+                "StreamArgs.continue_from_other_stream=True to continue that model on this "
+                "stream from its start",
+            )
+        self.position = StreamPosition.start()
+        if self.source is not None:
+            state = self.source.state_dict()
+            if "consumed" in state:  # a folder's ledger is the other stream's
+                state["consumed"] = []
+            self.source.load_state_dict(state)
+        self.trainer.logger.print(
+            f"[hstu] stream: continuing the model of {loaded} ({self.windows_done} windows of "
+            f"{other}) on {here} from its start (StreamArgs.continue_from_other_stream)"
+        )
 
     def _stop(self) -> bool:
         """The source's stop signal (checked between windows and while it waits for a
@@ -345,7 +454,9 @@ class OnlineTrainer:
             assert self._saved_position is not None
             save_stream(folder, self._saved_position, self.source)
             done = {"windows": self.windows_done, "step": self.trainer.step,
-                    "position": self._saved_position.to_dict()}
+                    "position": self._saved_position.to_dict(),
+                    "stream": stream_identity(self.stream_args, self.source),
+                    "prequential": self._preq}
             if self.events_done >= 0:  # unknown after a resume from a checkpoint without it
                 done["events"] = self.events_done
             write_json_atomic(Path(folder) / ONLINE_FILE, done)
@@ -494,20 +605,9 @@ class OnlineTrainer:
         store, samples = work.store, work.eval_samples
         loader = WindowLoader.over(t.built.eval_loader, store, samples, self.windows_done,
                                    work.eval_per_rank, work.num_eval)
-        dense = t.model.dense_module
         if cfg.task == "retrieval":
-            # the items known so far (dense ids 1..K of the id map) are the corpus
-            known = self.known_items + 1
-            table = dense.num_items
-            if known > table:
-                raise DataError(
-                    "stream", f"{known - 1} distinct items, the item table has {table - 1} rows "
-                    "for them (raise item/EmbeddingArgs.item_vocab_size_or_capacity)")
-            dense.num_items = known
-            try:
+            with self.known_corpus():
                 metrics = evaluate(t.model, loader, cfg, self.env, None)
-            finally:
-                dense.num_items = table
             metrics["eval_events"] = float(work.eval_total)
         else:
             metrics = evaluate(t.model, loader, cfg, self.env, None)
@@ -533,14 +633,42 @@ class OnlineTrainer:
         batches = iter(b if prepare is None else prepare(b) for b in loader)
         steps = 0
         t.model.train()
-        while True:
-            try:
-                loss = t.train_step(batches)
-            except StopIteration:
-                break
-            window_metrics.record(loss, t.optimizer.last_grads_finite, 0, 0.0)
-            steps += 1
+        with self.known_corpus():
+            while True:
+                try:
+                    loss = t.train_step(batches)
+                except StopIteration:
+                    break
+                window_metrics.record(loss, t.optimizer.last_grads_finite, 0, 0.0)
+                steps += 1
         return steps
+
+    @contextlib.contextmanager
+    def known_corpus(self) -> Iterator[None]:
+        """Retrieval: the items known so far (dense ids 1..K of the id map) are the corpus of
+        the evaluation and of the full-corpus loss (rows past them hold no item yet)."""
+        dense = self.trainer.model.dense_module
+        if self.cfg.task != "retrieval" or not hasattr(dense, "num_items"):
+            yield
+            return
+        known = self.known_items + 1
+        table = dense.num_items
+        if known > table:
+            knob = ("StreamArgs.item_capacity" if self.cfg.dataset.dataset_name == STREAM_DATASET
+                    else "item/EmbeddingArgs.item_vocab_size_or_capacity")
+            raise DataError(
+                "stream", f"{known - 1} distinct items, the item table has {table - 1} rows for "
+                f"them (raise {knob})")
+        source = getattr(dense, "corpus_source", None)
+        dense.num_items = known
+        if source is not None:
+            source.num_items = known
+        try:
+            yield
+        finally:
+            dense.num_items = table
+            if source is not None:
+                source.num_items = table
 
     # ---------------------------------------------------------------- the batch phase
     def batch_cut(self, field: str) -> int:
@@ -671,8 +799,11 @@ class OnlineTrainer:
                     "window_seconds": time.perf_counter() - started,
                     **{f"rss_mib_rank{r}": kib / 1024 for r, kib in enumerate(agreed[:, 2])},
                     **self._table_rows(),
+                    **{k: float(v) for k, v in getattr(window, "counts", {}).items()},
+                    **self._prequential_rows(metrics),
                 }
                 self._pending_rows.append((t.step, STREAM_SPLIT, rows))
+                self.windows_this_run += 1
                 last = metrics
                 t.logger.print(
                     f"[hstu] window {self.windows_done} {window.name}: {window.num_events} events, "
@@ -680,9 +811,10 @@ class OnlineTrainer:
                     + f"; {steps} steps (step {t.step}); lag {window.lag.events_waiting} events, "
                     f"{window.lag.seconds_behind:.0f} s"
                 )
-                if every <= 0:
-                    self._flush_rows()
-                elif self.windows_done % every == 0:
+                # a window's rows are written when it ends (a resume drops those after its
+                # checkpoint, _drop_rows_after)
+                self._flush_rows()
+                if every > 0 and self.windows_done % every == 0:
                     self.save(position)
                     saved_at = self.windows_done
                 if due:
@@ -707,8 +839,59 @@ class OnlineTrainer:
             f"{position.partition!r} row {position.row}, step {t.step}"
         )
         if self.env.rank == 0:
+            if self.windows_this_run == 0 and not self.interrupted:
+                t.logger.print(f"[hstu] stream: no window in this run: {self._why_no_window()}")
             self._report()
         return last
+
+    def _prequential_rows(self, metrics: dict[str, float]) -> dict[str, float]:
+        """``<metric>_cumulative`` and ``<metric>_faded`` after this window: the prequential
+        means over every window so far, windows weighted by their ``eval_events``, the faded
+        one with StreamArgs.prequential_fading per event (Gama et al.)."""
+        n = metrics.get("eval_events", 0.0)
+        out: dict[str, float] = {}
+        decay = self.stream_args.prequential_fading ** n
+        for k, v in metrics.items():
+            if k == "eval_events" or n <= 0 or not np.isfinite(v):
+                continue
+            st = self._preq.setdefault(k, [0.0, 0.0, 0.0, 0.0])
+            st[0] += v * n
+            st[1] += n
+            st[2] = st[2] * decay + v * n
+            st[3] = st[3] * decay + n
+            out[f"{k}_cumulative"] = st[0] / st[1]
+            out[f"{k}_faded"] = st[2] / st[3]
+        return out
+
+    def _why_no_window(self) -> str:
+        """Rank 0: why a run read no window (one line's worth)."""
+        sa = self.stream_args
+        pos = self.position
+        if sa.path is None:
+            return (f"the replay has no window after the checkpoint's position (partition "
+                    f"{pos.partition!r} row {pos.row}, {self.windows_done} windows done)")
+        src = self.source
+        folder = Path(sa.path)
+        from hstu.data.stream.folder import SUCCESS, hidden
+
+        parts = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not hidden(e.name)
+                       and Path(e.path).resolve() != Path(src.quarantine_dir).resolve())
+        complete = [p for p in parts if not sa.require_success or (folder / p / SUCCESS).exists()]
+        reasons = []
+        if src.quarantined:
+            reasons.append(f"{len(src.quarantined)} partitions set aside into "
+                           f"{src.quarantine_dir} (each with a _REASON file)")
+        if not parts:
+            reasons.append(f"the stream folder {folder} holds no partition folder")
+        elif len(complete) < len(parts):
+            reasons.append(f"{len(parts) - len(complete)} of its {len(parts)} partitions are not "
+                           f"complete (no {SUCCESS} file)")
+        if complete and self.resumed_from and all(p <= pos.partition for p in complete):
+            reasons.append(
+                f"this run resumed {self.resumed_from}, which consumed the stream up to "
+                f"partition {pos.partition!r} (row {pos.row}); every complete partition sorts at "
+                "or before it (new partitions must sort after it)")
+        return "; ".join(reasons) or f"no complete partition after {pos.partition!r}"
 
     def _report(self) -> None:
         """The prequential summary (every metric over all windows so far, weighted by their
@@ -719,11 +902,22 @@ class OnlineTrainer:
         windows = stream_windows(run_dir)
         names = sorted({k for w in windows for k in w if STREAM_METRIC.match(k)})
         means = {n: curve[-1][1] for n in names if (curve := prequential(windows, n))}
+        fading = self.stream_args.prequential_fading
+        faded = {n: curve[-1][1] for n in names if (curve := prequential(windows, n, fading))}
+
+        def total(name: str) -> float:
+            return sum(w.get(name, 0.0) for w in windows)
+
+        bad = {k: total(k) for k in ("duplicate_events", "reordered_events", "late_events",
+                                     "read_retries") if total(k)}
         lines = [
-            f"[hstu] stream summary: {len(windows)} windows, "
-            f"{sum(w.get('eval_events', 0.0) for w in windows):.0f} events tested, "
-            f"{sum(w.get('trained_events', 0.0) for w in windows):.0f} trained; prequential "
-            + " ".join(f"{k} {v:.4f}" for k, v in means.items()),
+            f"[hstu] stream summary: {len(windows)} windows, {total('events'):.0f} events read, "
+            f"{total('eval_events'):.0f} tested, {total('trained_events'):.0f} trained "
+            "(a user's first event has no history: neither tested nor a target)"
+            + "".join(f", {v:.0f} {k.replace('_', ' ')}" for k, v in bad.items())
+            + "; prequential " + " ".join(f"{k} {v:.4f}" for k, v in means.items())
+            + f"; faded ({fading:g} per event) "
+            + " ".join(f"{k} {v:.4f}" for k, v in faded.items()),
         ]
         try:
             lines.append(f"  report:         {write_report(run_dir, lines)}")

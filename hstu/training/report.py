@@ -50,15 +50,20 @@ def stream_windows(run_dir: str) -> list[dict[str, float]]:
     return sorted(out, key=lambda g: g.get("window", 0.0))
 
 
-def prequential(windows: list[dict[str, float]], metric: str) -> list[tuple[int, float]]:
-    """[(window, running mean of ``metric``)]: each window's value weighted by its
-    ``eval_events``, over the windows so far (the prequential curve)."""
+def prequential(windows: list[dict[str, float]], metric: str,
+                 fading: float = 1.0) -> list[tuple[int, float]]:
+    """[(window, prequential mean of ``metric``)]: each window's value weighted by its
+    ``eval_events``, over the windows so far (the prequential curve). ``fading`` < 1 is the
+    fading factor per event (Gama et al.): a window's weight is multiplied by
+    ``fading ** n`` for each later window of n events, so the mean follows the recent
+    windows (about ``1 / (1 - fading)`` events); 1 is the cumulative mean."""
     out, total, weight = [], 0.0, 0.0
     for w in windows:
         n = w.get("eval_events", 0.0)
         if metric in w and n > 0 and math.isfinite(w[metric]):
-            total += w[metric] * n
-            weight += n
+            decay = fading ** n
+            total = total * decay + w[metric] * n
+            weight = weight * decay + n
             out.append((int(w["window"]), total / weight))
     return out
 

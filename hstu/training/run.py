@@ -30,8 +30,15 @@ T = TypeVar("T")
 
 
 def _shared_run_dir(cfg: RunConfig, rank: int) -> str:
-    """Rank 0 picks the directory (timestamped by default) and tells the others."""
-    return broadcast_object(make_run_dir(cfg.trainer.run_dir, cfg.task) if rank == 0 else None)
+    """Rank 0 picks the directory (timestamped by default; an online run's is named after its
+    stream, so that the same command on the same stream resumes and another stream starts
+    fresh) and tells the others."""
+    from hstu.training.online import online_enabled, stream_run_dir
+
+    run_dir = cfg.trainer.run_dir
+    if rank == 0 and not run_dir and online_enabled(cfg):
+        run_dir = stream_run_dir(cfg)
+    return broadcast_object(make_run_dir(run_dir, cfg.task) if rank == 0 else None)
 
 
 EXIT_CHECKPOINT = 3

@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -32,6 +33,9 @@ from hstu.training.loop import Eta, MetricsWindow, Preemption, train_line
 from hstu.training.pipeline import build_pipeline
 from hstu.training.report import PER_ITEM
 from hstu.validation import ConfigError
+
+DEFAULT_CKPT_DIR = "./checkpoints"
+"""TrainerArgs.ckpt_save_dir of a batch run that leaves it None."""
 
 
 def _metrics_text(metrics: dict[str, float]) -> str:
@@ -165,6 +169,8 @@ class Trainer:
     signal (its state saved)."""
 
     def __init__(self, cfg: RunConfig, env: DistEnv, run_dir: str, config_text: str) -> None:
+        if cfg.trainer.ckpt_save_dir is None:  # (an online run set its own: inside the run)
+            cfg.trainer = replace(cfg.trainer, ckpt_save_dir=DEFAULT_CKPT_DIR)
         self.cfg = cfg
         self.env = env
         self.args = cfg.trainer

@@ -271,6 +271,15 @@ class FolderStream:
         """The lag of the last window yielded."""
         return self._lag
 
+    def first_consumed(self) -> list[str] | None:
+        """[name, content hash] of the first partition (in name order) consumed with data: how
+        a checkpoint recognises its stream (None before any)."""
+        for name in sorted(self._ledger):
+            digest = self._ledger[name].digest
+            if digest is not None:
+                return [name, digest]
+        return None
+
     # ------------------------------------------------------------------ the stream
 
     def windows(self, start: StreamPosition = StreamPosition.start(),  # noqa: B008
