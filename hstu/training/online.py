@@ -881,7 +881,7 @@ class OnlineTrainer:
         if src.quarantined:
             reasons.append(f"{len(src.quarantined)} partitions set aside into "
                            f"{src.quarantine_dir} (each with a _REASON file)")
-        if not parts:
+        if not parts and not src.quarantined:
             reasons.append(f"the stream folder {folder} holds no partition folder")
         elif len(complete) < len(parts):
             reasons.append(f"{len(parts) - len(complete)} of its {len(parts)} partitions are not "

@@ -201,12 +201,16 @@ class Trainer:
             self.logger.truncate_after(resumed)  # the steps after the checkpoint run again
         self.validation = Validation(self)
         info = self.built.info
-        self.logger.print(
-            f"[hstu] {cfg.task} on {info.dataset_name}: {info.num_train_samples} train / "
-            f"{info.num_eval_samples} eval samples, {info.num_items} items; "
-            f"world {env.world_size} (TP {env.tp_size} x DP {env.dp_size}) on {env.device}; "
-            f"{self.steps_per_epoch} steps/epoch, training to step {self.max_steps}"
-        )
+        world = f"world {env.world_size} (TP {env.tp_size} x DP {env.dp_size}) on {env.device}"
+        if "StreamArgs" in cfg.extras and info.dataset_name == "stream":  # online, no dataset
+            self.logger.print(f"[hstu] {cfg.task} on a stream: samples window by window, an item "
+                              f"table of {info.num_items - 1} rows; {world}")
+        else:
+            self.logger.print(
+                f"[hstu] {cfg.task} on {info.dataset_name}: {info.num_train_samples} train / "
+                f"{info.num_eval_samples} eval samples, {info.num_items} items; {world}; "
+                f"{self.steps_per_epoch} steps/epoch, training to step {self.max_steps}"
+            )
         self.peak, self.peak_source = peak_flops(env.device, cfg.network.dtype_str)
 
     def averaged(self) -> contextlib.AbstractContextManager[None]:

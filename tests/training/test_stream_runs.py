@@ -1,0 +1,146 @@
+"""Which checkpoint a stream run resumes, and what it writes as it goes (hstu.training.online).
+
+Stream folders are written here (a few partitions of a small random stream) and run through
+the real entry point with DatasetArgs.dataset_name = "stream" (no preprocessed dataset), from a
+working directory of the test's own, with the default run and checkpoint folders: a run owns
+its checkpoints, a second stream starts fresh, another stream's checkpoint is refused in one
+line (or continued when asked), a run with nothing to read says why, and the prequential rows
+are the means of the windows' rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_stream(folder: Path, seed: int, partitions: int = 3, events: int = 120) -> None:
+    """``partitions`` complete partitions p000.. of ``events`` events each (30 users, 50 items)."""
+    rng = np.random.default_rng(seed)
+    t = 1_000_000
+    for p in range(partitions):
+        part = folder / f"p{p:03d}"
+        part.mkdir(parents=True)
+        lines = ["user_id,item_id,timestamp"]
+        for _ in range(events):
+            t += int(rng.integers(1, 5))
+            lines.append(f"{rng.integers(1, 31)},{rng.integers(100, 150)},{t}")
+        (part / "part-00000.csv").write_text("\n".join(lines) + "\n")
+        (part / "_SUCCESS").touch()
+
+
+def run(cwd: Path, stream: Path, extra: list[str] = (), ok: bool = True) -> str:
+    cmd = [sys.executable, str(ROOT / "pretrain_gr_retrieval.py"), "--gin-config-file",
+           str(ROOT / "configs" / "debug_retrieval.gin")]
+    params = [
+        'DatasetArgs.dataset_name="stream"', "StreamArgs.item_capacity=64",
+        f'StreamArgs.path="{stream}"', "DatasetArgs.contextual_features=[]",
+        "DatasetArgs.max_sequence_length=12", "TrainerArgs.max_train_iters=None",
+        "TrainerArgs.ckpt_save_interval=2", 'TrainerArgs.ckpt_load_dir="auto"',
+        'RetrievalArgs.negative_sampling="full_corpus"', 'OptimizerArgs.lr_decay_style="constant"',
+        'RetrievalArgs.eval_metrics=("HR@10", "NDCG@10")', "StreamArgs.prequential_fading=0.99",
+        *extra,
+    ]
+    for p in params:
+        cmd += ["--gin-param", p]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
+                                          if p))
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    out = proc.stdout + proc.stderr
+    assert (proc.returncode == 0) == ok, out[-5000:]
+    return out
+
+
+def stream_rows(run_dir: Path) -> list[dict[str, float]]:
+    windows: list[dict[str, float]] = []
+    with open(run_dir / "metrics.csv") as fh:
+        for row in csv.DictReader(fh):
+            if row["split"] == "stream":
+                if row["name"] == "window":
+                    windows.append({})
+                windows[-1][row["name"]] = float(row["value"])
+    return windows
+
+
+def test_runs_own_their_checkpoints_and_other_streams_are_refused(tmp_path):
+    a, b = tmp_path / "stream_a", tmp_path / "stream_b"
+    write_stream(a, seed=1)
+    write_stream(b, seed=2, partitions=2)
+    work = tmp_path / "work"
+    work.mkdir()
+
+    run(work, a)
+    runs = sorted((work / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("retrieval-stream-stream_a-")
+    run_a = runs[0]
+    assert sorted(p.name for p in (run_a / "checkpoints").iterdir()), "no checkpoint in the run"
+    assert not (work / "checkpoints").exists()  # nothing in the working directory
+
+    # a second stream from the same working directory: its own run, fresh
+    out = run(work, b)
+    assert "resumed" not in out
+    run_b = next(p for p in (work / "runs").iterdir() if p.name.startswith("retrieval-stream-stream_b"))
+    assert [w["window"] for w in stream_rows(run_b)] == [1.0, 2.0]
+
+    # the same command again on stream a: it resumes its run, has nothing new, and says why
+    out = run(work, a)
+    assert "resumed" in out and "no window in this run" in out
+    assert "every complete partition sorts at or before it" in out
+
+    # stream b pointed at stream a's run: refused in one line naming both streams
+    out = run(work, b, [f'TrainerArgs.run_dir="{run_a}"'], ok=False)
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out[-3000:]
+    assert str(a.resolve()) in errors[0] and str(b.resolve()) in errors[0]
+    assert "StreamArgs.continue_from_other_stream" in errors[0]
+
+    # ... or continued when asked: a's model on b from b's first partition, windows numbered on
+    out = run(work, b, [f'TrainerArgs.run_dir="{run_a}"',
+                        "StreamArgs.continue_from_other_stream=True"])
+    assert "continuing the model" in out
+    numbers = [w["window"] for w in stream_rows(run_a)]
+    assert numbers == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert sum(w["events"] for w in stream_rows(run_a)[3:]) == 240
+
+
+def test_prequential_rows_are_the_windows_means(tmp_path):
+    stream = tmp_path / "s"
+    write_stream(stream, seed=3, partitions=4)
+    run(tmp_path, stream, ['TrainerArgs.run_dir="run"'])
+    windows = stream_rows(tmp_path / "run")
+    assert len(windows) == 4
+    total = weight = faded = faded_weight = 0.0
+    for w in windows:
+        n = w["eval_events"]
+        assert n > 0
+        total += w["HR@10"] * n
+        weight += n
+        faded = faded * 0.99 ** n + w["HR@10"] * n
+        faded_weight = faded_weight * 0.99 ** n + n
+        assert math.isclose(w["HR@10_cumulative"], total / weight, rel_tol=1e-9)
+        assert math.isclose(w["HR@10_faded"], faded / faded_weight, rel_tol=1e-9)
+    assert windows[-1]["HR@10_faded"] != windows[-1]["HR@10_cumulative"]  # the fading applied
+
+
+def test_a_stream_dataset_needs_an_item_capacity():
+    from hstu.args import ConfigError, DatasetArgs
+    from hstu.data.data_args import StreamArgs
+    from hstu.data.sizes import read_metadata
+
+    with pytest.raises(ConfigError, match="StreamArgs.item_capacity"):
+        read_metadata(DatasetArgs(dataset_name="stream", max_sequence_length=8),
+                      {"StreamArgs": StreamArgs(path="/x")})
+    meta = read_metadata(DatasetArgs(dataset_name="stream", max_sequence_length=8),
+                         {"StreamArgs": StreamArgs(path="/x", item_capacity=10, rating_classes=5)})
+    assert meta["num_items"] == 11 and meta["num_action_values"] == 5
