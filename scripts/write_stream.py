@@ -70,8 +70,7 @@ def write_stream(dataset: str, raw: str, out: str | Path, period: str = "week", 
             else:
                 with open(name, "w") as fh:
                     fh.write(",".join(cols) + "\n")
-                    for values in zip(*cols.values()):
-                        fh.write(",".join(str(v) for v in values) + "\n")
+                    fh.writelines(",".join(str(v) for v in values) + "\n" for values in zip(*cols.values()))
         (folder / "_SUCCESS").touch()
         written[folder.name] = int(b - a)
     return written

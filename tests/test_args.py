@@ -18,7 +18,7 @@ DOCUMENTED_DEFAULTS = {
     "TrainerArgs": {
         "eval_interval": 100, "log_interval": 100, "max_train_iters": None, "max_eval_iters": None,
         "seed": 1234, "profile": False, "profile_step_start": 100, "profile_step_end": 200,
-        "ckpt_save_interval": -1, "ckpt_save_dir": "./checkpoints", "ckpt_load_dir": "",
+        "ckpt_save_interval": -1, "ckpt_save_dir": None, "ckpt_load_dir": "",
         "pipeline_type": "native",
     },
     "EmbeddingArgs": {},
