@@ -284,6 +284,11 @@ class StreamArgs:
     rating_classes: int | None = None
     """With DatasetArgs.dataset_name = "stream": ratings are integer classes 0..rating_classes-1
     (the action feature; ranking's labels); None: the stream has no action feature."""
+    late_events: str = "insert"
+    """An event older than its user's newest stored event (it arrived late): "insert" places it into
+    the user's history in time order (history for later events; not tested, not a target), "drop"
+    drops it; counted either way (late_events rows). An event equal to a stored one (same user, item
+    and timestamp) is a repeat and always dropped (repeated_events rows)."""
     prequential_fading: float = 0.9999
     """Fading factor per event of the faded prequential metrics (<metric>_faded rows, Gama et al.):
     an event's weight is multiplied by this for every later event, so the mean follows about the
@@ -299,6 +304,8 @@ class StreamArgs:
         _positive(self, "poll_seconds", "idle_timeout_seconds", "incomplete_timeout_seconds",
                   "max_window_events", "publish_keep")
         _positive(self, "item_capacity", "rating_classes")
+        _require(self.late_events in ("insert", "drop"), self, "late_events",
+                 f"must be 'insert' or 'drop', got {self.late_events!r}")
         _require(0.0 < self.prequential_fading <= 1.0, self, "prequential_fading",
                  f"must be in (0, 1], got {self.prequential_fading!r}")
         _require(self.publish_every_windows >= 0, self, "publish_every_windows", "must be >= 0")

@@ -161,7 +161,12 @@ class UserStore:
         user = np.asarray(user, dtype=np.int64)[mine]
         users, inverse = np.unique(user, return_inverse=True)
         seq = self._combine(users, inverse.reshape(-1), item, timestamp, rating, mine)
-        # keep each user's newest max_sequence_length
+        self._write(users, seq)
+        return len(user)
+
+    def _write(self, users: np.ndarray, seq: Histories) -> None:
+        """Stores the histories ``seq`` of ``users`` [B] (each cut to its newest
+        max_sequence_length), replacing theirs."""
         lengths = seq.lengths
         keep = np.minimum(lengths, self.max_sequence_length)
         pos = np.arange(int(seq.offsets[-1])) - np.repeat(seq.offsets[:-1], lengths)
@@ -179,7 +184,6 @@ class UserStore:
         ]
         with self._conn:
             self._conn.executemany("INSERT OR REPLACE INTO history VALUES (?, ?, ?, ?, ?)", rows)
-        return len(user)
 
     def _combine(
         self,
@@ -216,6 +220,62 @@ class UserStore:
             out[name] = arr
         return Sequences(offsets=offsets, items=out["items"], timestamps=out["timestamps"],
                          ratings=out["ratings"], users=users, num_new=num_new)
+
+    def screen(self, window: Window, late: str = "insert") -> tuple[Window, dict[str, int]]:
+        """The window without the events of this rank's users that the store already decides:
+        an event equal to one in its user's stored history (same item and timestamp: a repeat,
+        dropped) and an event older than its user's newest stored event (late: with ``late =
+        "insert"`` placed into the stored history in time order, as history only, never
+        tested nor a target; with "drop" dropped). Other ranks' events are kept (they are
+        theirs to screen). Returns (the window, {"repeated_events", "late_events"} of this
+        rank)."""
+        mine = np.flatnonzero(self.owns(window.user))
+        counts = {"repeated_events": 0, "late_events": 0}
+        if not len(mine):
+            return window, counts
+        user = np.asarray(window.user, np.int64)[mine]
+        ts = np.asarray(window.timestamp, np.int64)[mine]
+        item = np.asarray(window.item, np.int64)[mine]
+        uniq, inv = np.unique(user, return_inverse=True)
+        inv = inv.reshape(-1)
+        hist = self.histories(uniq)
+        has = hist.lengths > 0
+        newest = np.full(len(uniq), np.iinfo(np.int64).min)
+        newest[has] = hist.timestamps[hist.offsets[1:][has] - 1]
+        old = ts <= newest[inv]  # at or before the newest stored event: maybe a repeat
+        repeat = np.zeros(len(mine), bool)
+        if old.any():
+            b_hist = np.repeat(np.arange(len(uniq)), hist.lengths)
+            stored = set(zip(b_hist.tolist(), hist.items.tolist(), hist.timestamps.tolist()))
+            cand = np.flatnonzero(old)
+            repeat[cand] = [(b, i, t) in stored for b, i, t in
+                            zip(inv[cand].tolist(), item[cand].tolist(), ts[cand].tolist())]
+        is_late = (ts < newest[inv]) & ~repeat
+        counts["repeated_events"] = int(repeat.sum())
+        counts["late_events"] = int(is_late.sum())
+        if not repeat.any() and not is_late.any():
+            return window, counts
+        if late == "insert" and is_late.any():
+            rows = mine[is_late]
+            rating = None if window.rating is None else np.asarray(window.rating)[rows]
+            self.insert_events(np.asarray(window.user)[rows], np.asarray(window.item)[rows],
+                               np.asarray(window.timestamp)[rows], rating)
+        keep = np.ones(window.num_events, bool)
+        keep[mine[repeat | is_late]] = False
+        return window.select(keep), counts
+
+    def insert_events(self, user: np.ndarray, item: np.ndarray, timestamp: np.ndarray,
+                      rating: np.ndarray | None = None) -> None:
+        """Places events into their users' stored histories in time order (after stored
+        events of the same timestamp), keeping each user's newest max_sequence_length."""
+        mine = self.owns(user)
+        user = np.asarray(user, np.int64)[mine]
+        users, inverse = np.unique(user, return_inverse=True)
+        seq = self._combine(users, inverse.reshape(-1), item, timestamp, rating, mine)
+        b = np.repeat(np.arange(len(users)), seq.lengths)
+        order = np.lexsort((seq.timestamps, b))  # stable: stored before inserted on ties
+        self._write(users, Histories(seq.offsets, seq.items[order], seq.timestamps[order],
+                                     seq.ratings[order]))
 
     def histories(self, users: np.ndarray) -> Histories:
         """The histories of ``users`` [B] (owned by this rank; a user never seen has none)."""

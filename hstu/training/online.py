@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -313,6 +313,8 @@ class WindowWork:
     """Evaluated samples over all ranks."""
     targets: int
     """Events trained as targets over all ranks."""
+    screened: dict[str, int] = field(default_factory=dict)
+    """Events the user stores took out of the window, over all ranks (UserStore.screen)."""
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -579,9 +581,11 @@ class OnlineTrainer:
         samples = ranking_samples(seqs, self.max_len, self.cfg.dataset.max_num_candidates)
         return samples, samples, None
 
-    def prepare_window(self, seqs: Sequences) -> WindowWork:
+    def prepare_window(self, seqs: Sequences,
+                       screened: dict[str, int] | None = None) -> WindowWork:
         """The samples of one window (this rank's users ``seqs``) and the counts every rank
-        needs to take the same steps (one host all-reduce)."""
+        needs to take the same steps (one host all-reduce; with them this rank's
+        ``screened`` counts, :meth:`UserStore.screen`, summed over the ranks)."""
         real = len(seqs.users) > 0
         if not real:  # no user of this window here: a placeholder keeps the steps in step
             seqs = placeholder_sequences()
@@ -590,11 +594,14 @@ class OnlineTrainer:
         targets = int((train_s.cand_end - (train_s.hist_end if first is None else
                                            train_s.hist_start + first + 1)).sum())
         n_eval, n_train = (len(eval_s), len(train_s)) if real else (0, 0)
-        counts = self._all_counts(n_eval, n_train, targets if real else 0)
+        names = sorted(screened or {})
+        counts = self._all_counts(n_eval, n_train, targets if real else 0,
+                                  *(int((screened or {})[k]) for k in names))
         return WindowWork(
             store, eval_s, train_s, first, n_eval, n_train, eval_per_rank=int(counts[:, 0].max()),
             train_per_rank=int(counts[:, 1].max()), eval_total=int(counts[:, 0].sum()),
             targets=int(counts[:, 2].sum()),
+            screened={k: int(counts[:, 3 + i].sum()) for i, k in enumerate(names)},
         )
 
     def evaluate_window(self, work: WindowWork) -> dict[str, float]:
@@ -770,7 +777,10 @@ class OnlineTrainer:
             t.optimizer.set_lr_scale(self.stream_args.stream_lr_scale)
             for window in windows:
                 started = time.perf_counter()
-                work = self.prepare_window(self.store.sequences(window))
+                read = window.num_events
+                # repeats and late events of this rank's users are the store's (counted)
+                window, screened = self.store.screen(window, self.stream_args.late_events)
+                work = self.prepare_window(self.store.sequences(window), screened)
                 if self.events_done + window.num_events <= quiet_until:
                     metrics = {"eval_events": 0.0}
                 else:
@@ -779,7 +789,7 @@ class OnlineTrainer:
                 trained = work.targets if learn else 0
                 self.store.append(window)
                 self.windows_done += 1
-                self.events_done += 0 if self.events_done < 0 else window.num_events
+                self.events_done += 0 if self.events_done < 0 else read
                 position = window.position_after
                 self._train_rows(window_metrics, steps)
                 due = self.stream_args.publishes and self.stream_args.publish_due(
@@ -792,7 +802,8 @@ class OnlineTrainer:
                 # the rows into windows there)
                 rows = {
                     "window": float(self.windows_done), **metrics,
-                    "events": float(window.num_events), "train_steps": float(steps),
+                    "events": float(read), "train_steps": float(steps),
+                    **{k: float(v) for k, v in work.screened.items()},
                     "trained_events": float(trained), "known_items": float(self.known_items),
                     "events_waiting": float(window.lag.events_waiting),
                     "seconds_behind": float(window.lag.seconds_behind),
@@ -908,8 +919,8 @@ class OnlineTrainer:
         def total(name: str) -> float:
             return sum(w.get(name, 0.0) for w in windows)
 
-        bad = {k: total(k) for k in ("duplicate_events", "reordered_events", "late_events",
-                                     "read_retries") if total(k)}
+        bad = {k: total(k) for k in ("duplicate_events", "repeated_events", "reordered_events",
+                                     "late_events", "read_retries") if total(k)}
         lines = [
             f"[hstu] stream summary: {len(windows)} windows, {total('events'):.0f} events read, "
             f"{total('eval_events'):.0f} tested, {total('trained_events'):.0f} trained "

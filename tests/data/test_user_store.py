@@ -263,3 +263,40 @@ def test_a_checkpoint_killed_mid_save_leaves_the_previous_snapshot_whole(tmp_pat
         back.close()
         assert got == want
     assert mid_save >= 1, "no kill landed inside a save: make the store bigger"
+
+
+def _window(user, item, ts, rating=None):
+    from hstu.data.stream.core import StreamPosition, Window
+
+    user, item, ts = (np.asarray(x, np.int64) for x in (user, item, ts))
+    return Window("w", StreamPosition("w", 0), StreamPosition("w", len(user)), user, item, ts,
+                  None if rating is None else np.asarray(rating, np.float64), user.copy(),
+                  item.copy())
+
+
+@pytest.mark.parametrize("late", ["insert", "drop"])
+def test_repeats_are_dropped_and_late_events_follow_the_policy(tmp_path, late):
+    """A repeat (same user, item, timestamp as a stored event) is dropped; an event older than
+    the user's newest stored event is placed into the history in time order (history only) or
+    dropped; counts per kind; another rank's users' events are left to that rank."""
+    store = UserStore(tmp_path / "s.sqlite", 5, rank=0, world_size=2)
+    store.append(_window([2, 2, 2, 4], [10, 11, 12, 40], [100, 200, 300, 150]))
+    w = _window(
+        [2, 2, 2, 3, 4, 2],      # user 3 is rank 1's
+        [11, 13, 14, 30, 41, 15],
+        [200, 250, 400, 50, 160, 500],
+    )
+    kept, counts = store.screen(w, late)
+    # 11@200 of user 2 is a repeat; 13@250 is late (user 2's newest is 300); user 3 is not ours
+    assert counts == {"repeated_events": 1, "late_events": 1}
+    assert kept.item.tolist() == [14, 30, 41, 15] and kept.timestamp.tolist() == [400, 50, 160, 500]
+    assert kept.raw_item.tolist() == kept.item.tolist() and kept.name == w.name
+    history = as_lists(store, [2])[2]
+    if late == "insert":
+        assert [(i, t) for i, t, _ in history] == [(10, 100), (11, 200), (13, 250), (12, 300)]
+    else:
+        assert [(i, t) for i, t, _ in history] == [(10, 100), (11, 200), (12, 300)]
+    # a window with nothing to screen comes back as it was
+    fresh = _window([2, 4], [16, 42], [600, 600])
+    same_window, counts = store.screen(fresh, late)
+    assert same_window is fresh and counts == {"repeated_events": 0, "late_events": 0}

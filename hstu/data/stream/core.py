@@ -10,7 +10,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -79,6 +79,15 @@ class Window:
     @property
     def num_events(self) -> int:
         return len(self.user)
+
+    def select(self, keep: np.ndarray) -> Window:
+        """The window with the events where ``keep`` (bool [E]) is True, in order; its name,
+        positions and lag unchanged."""
+        return replace(
+            self, user=self.user[keep], item=self.item[keep], timestamp=self.timestamp[keep],
+            rating=None if self.rating is None else self.rating[keep],
+            raw_user=self.raw_user[keep], raw_item=self.raw_item[keep],
+        )
 
     @staticmethod
     def cut(
