@@ -380,8 +380,8 @@ class OnlineTrainer:
                 self._continue_on_new_stream(loaded, other)
             else:
                 t.logger.print(
-                    f"[hstu] stream: resumed {loaded} after {self.windows_done} windows at "
-                    f"partition {self.position.partition!r} row {self.position.row}"
+                    f"[hstu] stream: resumed after {self.windows_done} windows at partition "
+                    f"{self.position.partition!r} row {self.position.row} ({loaded})"
                 )
         else:
             work.unlink(missing_ok=True)
