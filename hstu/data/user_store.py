@@ -27,7 +27,8 @@ from hstu.data.stream.core import Window, atomic_path
 
 logger = logging.getLogger("hstu.data.stream")
 
-FORMAT = 1
+FORMAT = 2
+"""2: each user's newest event time in a column (expiry); 1 had none."""
 SNAPSHOT = "user_store.rank{rank}-of-{world}.sqlite"
 _SNAPSHOT_RE = re.compile(r"user_store\.rank(\d+)-of-(\d+)\.sqlite")
 _CHUNK = 500  # users per SELECT ... IN (...) (SQLite's limit on parameters is larger)
@@ -99,8 +100,10 @@ class UserStore:
         with self._conn:
             self._conn.execute(
                 "CREATE TABLE history (user INTEGER PRIMARY KEY, n INTEGER NOT NULL, "
-                "items BLOB NOT NULL, timestamps BLOB NOT NULL, ratings BLOB NOT NULL)"
+                "items BLOB NOT NULL, timestamps BLOB NOT NULL, ratings BLOB NOT NULL, "
+                "last INTEGER NOT NULL)"
             )
+            self._conn.execute("CREATE INDEX history_last ON history (last, user)")
             self._conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             self._conn.executemany(
                 "INSERT INTO meta VALUES (?, ?)",
@@ -178,12 +181,16 @@ class UserStore:
             seq.timestamps[kept].astype("<i8").tobytes(),
             seq.ratings[kept].astype("<f8").tobytes(),
         ]
+        last = seq.timestamps[np.maximum(seq.offsets[1:] - 1, 0)] if len(seq.timestamps) else \
+            np.zeros(len(users), np.int64)  # each user's newest event (histories are not empty)
         rows = [
-            (u, n, blobs[0][a:b], blobs[1][a:b], blobs[2][a:b])
-            for u, n, a, b in zip(users.tolist(), keep.tolist(), starts.tolist(), ends.tolist())
+            (u, n, blobs[0][a:b], blobs[1][a:b], blobs[2][a:b], t)
+            for u, n, a, b, t in zip(users.tolist(), keep.tolist(), starts.tolist(),
+                                     ends.tolist(), last.tolist())
         ]
         with self._conn:
-            self._conn.executemany("INSERT OR REPLACE INTO history VALUES (?, ?, ?, ?, ?)", rows)
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO history VALUES (?, ?, ?, ?, ?, ?)", rows)
 
     def _combine(
         self,
@@ -276,6 +283,23 @@ class UserStore:
         order = np.lexsort((seq.timestamps, b))  # stable: stored before inserted on ties
         self._write(users, Histories(seq.offsets, seq.items[order], seq.timestamps[order],
                                      seq.ratings[order]))
+
+    def expire(self, before: int | None = None, max_users: int | None = None) -> int:
+        """Drops the users whose newest event is older than event time ``before``, then, beyond
+        ``max_users``, those whose newest event is oldest (ties: lowest user first); returns
+        how many. A dropped user's next event starts a new history."""
+        dropped = 0
+        with self._conn:
+            if before is not None:
+                dropped += self._conn.execute(
+                    "DELETE FROM history WHERE last < ?", (int(before),)).rowcount
+            if max_users is not None:
+                over = self.num_users() - int(max_users)
+                if over > 0:
+                    dropped += self._conn.execute(
+                        "DELETE FROM history WHERE user IN (SELECT user FROM history "
+                        "ORDER BY last, user LIMIT ?)", (over,)).rowcount
+        return dropped
 
     def histories(self, users: np.ndarray) -> Histories:
         """The histories of ``users`` [B] (owned by this rank; a user never seen has none)."""
@@ -373,33 +397,37 @@ class UserStore:
             raise DataError(
                 str(directory), f"{len(saved)} user store snapshots of {saved_world} ranks"
             )
-        for _, _, p in saved:
-            cls._check_meta(p, max_sequence_length)
+        formats = [cls._check_meta(p, max_sequence_length) for _, _, p in saved]
         store = cls(path, max_sequence_length, rank, world_size, cache_mib)
-        if saved_world == world_size:
+        if saved_world == world_size and formats[rank] == FORMAT:
             src = sqlite3.connect(saved[rank][2])
             try:
                 src.backup(store._conn)
             finally:
                 src.close()
             return store
-        logger.info("user store: resharding %d ranks' snapshots for rank %d of %d",
-                    saved_world, rank, world_size)
-        for _, _, p in saved:
+        logger.info("user store: reading %d ranks' snapshots (format %s) for rank %d of %d",
+                    saved_world, formats, rank, world_size)
+        for (_, _, p), fmt in zip(saved, formats):
             src = sqlite3.connect(p)
             try:
                 rows = src.execute(
                     "SELECT user, n, items, timestamps, ratings FROM history WHERE user % ? = ?",
                     (world_size, rank),
                 )
+                # each user's newest event time (format 1 did not store it)
                 with store._conn:
-                    store._conn.executemany("INSERT INTO history VALUES (?, ?, ?, ?, ?)", rows)
+                    store._conn.executemany(
+                        "INSERT INTO history VALUES (?, ?, ?, ?, ?, ?)",
+                        ((*row, int(np.frombuffer(row[3][-8:], "<i8")[0]) if row[3] else 0)
+                         for row in rows))
             finally:
                 src.close()
         return store
 
     @staticmethod
-    def _check_meta(path: Path, max_sequence_length: int) -> None:
+    def _check_meta(path: Path, max_sequence_length: int) -> int:
+        """The snapshot's format, after checking it can be read with ``max_sequence_length``."""
         try:
             conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
             try:
@@ -408,9 +436,9 @@ class UserStore:
                 conn.close()
         except sqlite3.DatabaseError as exc:
             raise DataError(str(path), f"not a user store snapshot ({exc})") from None
-        if meta.get("format") != str(FORMAT):
+        if meta.get("format") not in ("1", str(FORMAT)):
             raise DataError(
-                str(path), f"user store format {meta.get('format')}, this code reads {FORMAT}"
+                str(path), f"user store format {meta.get('format')}, this code reads 1 to {FORMAT}"
             )
         saved = int(meta["max_sequence_length"])
         if saved != max_sequence_length:
@@ -419,6 +447,7 @@ class UserStore:
                 f"saved with max_sequence_length {saved}, this run has {max_sequence_length}",
                 field="max_sequence_length",
             )
+        return int(meta["format"])
 
 
 __all__ = ["SNAPSHOT", "Histories", "Sequences", "UserStore", "owner"]

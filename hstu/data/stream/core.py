@@ -6,6 +6,7 @@ Legend: E events in a window, K ids known to an id map.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -250,8 +251,123 @@ class IdMap:
 
     def load(self, path: str | Path) -> None:
         keys = np.load(path, allow_pickle=False)
+        if keys.ndim != 1:
+            raise DataError(str(path), "holds ids keyed by hash, this run numbers its ids "
+                            "(StreamArgs.ids): they cannot be mixed")
         kind = None if not len(keys) else ("int" if keys.dtype.kind in "iu" else "str")
         self.load_state_dict({"name": self.name, "kind": kind, "keys": keys})
+
+
+_TEXT_BASE = 1 << 62
+"""Keys of text ids are in [2**62, 2**63): apart from integer ids' keys, which are in [1, 2**62)."""
+
+
+def _text_keys(text: np.ndarray) -> np.ndarray:
+    """int64 [E]: 2**62 + a 62-bit BLAKE2b hash of each text id (the same in every process)."""
+    uniq, inverse = np.unique(np.asarray(text, dtype=str), return_inverse=True)
+    digests = [int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little") >> 2
+               for t in uniq.tolist()]
+    return (np.asarray(digests, dtype=np.int64) + _TEXT_BASE)[inverse.reshape(-1)]
+
+
+class HashedIds:
+    """Raw id -> key, with no map to grow (StreamArgs.ids = "hashed"): an integer id r in
+    [0, 2**62) is r + 1, a text id 2**62 + its 62-bit hash. Nothing is remembered per id, so
+    memory does not grow with the ids seen; the keys go to dynamic tables (which bound their
+    rows) and to the user store (sharded by key). ``keep_names``: remember the text of text
+    keys (items, to answer in raw ids), pruned to the keys still in use with :meth:`prune`.
+
+    Same interface as :class:`IdMap`; ``len()`` is 0 and no id is counted as new."""
+
+    def __init__(self, name: str, keep_names: bool = False) -> None:
+        self.name = name
+        self.kind: str | None = None
+        self.keep_names = keep_names
+        self._names: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return 0
+
+    def check(self, raw: np.ndarray, where: str, field_name: str) -> None:
+        """Raises DataError if ``raw`` cannot be keyed: text into integer ids, or an integer
+        outside [0, 2**62)."""
+        if not len(raw):
+            return
+        if self.kind == "int" and raw.dtype.kind not in "iu":
+            raise DataError(where, f"{self.name} ids are text (e.g. {str(raw[0])[:40]!r}) but the "
+                            f"stream's {self.name} ids so far are integers", field=field_name)
+        if raw.dtype.kind in "iu":
+            bad = (raw < 0) | (raw >= _TEXT_BASE)
+            if bad.any():
+                raise DataError(where, f"{self.name} id {int(raw[bad][0])} is outside "
+                                "[0, 2**62) (StreamArgs.ids = 'hashed')", field=field_name)
+
+    def keys(self, raw: np.ndarray) -> np.ndarray:
+        keys, kind = _as_keys(raw, self.kind)
+        if kind == "int":
+            return keys + 1
+        out = _text_keys(keys)
+        if self.keep_names:
+            for k, t in zip(out.tolist(), np.asarray(keys).tolist()):
+                self._names.setdefault(k, t)
+        return out
+
+    def map(self, raw: np.ndarray) -> tuple[np.ndarray, int]:
+        if not len(raw):
+            return np.zeros(0, dtype=np.int64), 0
+        if self.kind is None:
+            self.kind = "int" if raw.dtype.kind in "iu" else "str"
+        return self.keys(raw), 0
+
+    def lookup(self, raw: np.ndarray) -> np.ndarray:
+        if not len(raw) or (self.kind == "int" and raw.dtype.kind not in "iu"):
+            return np.zeros(len(raw), dtype=np.int64)
+        return self.keys(raw)
+
+    def raw(self, keys: np.ndarray) -> np.ndarray:
+        """Raw ids of keys (text: the remembered names; '' for a key not remembered)."""
+        keys = np.asarray(keys, dtype=np.int64)
+        if self.kind != "str":
+            return keys - 1
+        return np.asarray([self._names.get(int(k), "") for k in keys], dtype=str)
+
+    def prune(self, keep: np.ndarray) -> None:
+        """Forgets the names of keys not in ``keep`` (e.g. a dynamic table's live ids)."""
+        live = set(np.asarray(keep, dtype=np.int64).tolist())
+        self._names = {k: v for k, v in self._names.items() if k in live}
+
+    def state_dict(self) -> dict[str, Any]:
+        keys = np.fromiter(self._names, dtype=np.int64, count=len(self._names))
+        names = np.asarray(list(self._names.values()), dtype=str)
+        return {"name": self.name, "kind": self.kind, "hashed": True, "keys": keys,
+                "names": names}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kind = state["kind"]
+        self._names = dict(zip(np.asarray(state.get("keys", [])).astype(np.int64).tolist(),
+                               np.asarray(state.get("names", [])).astype(str).tolist()))
+
+    def truncate(self, size: int) -> None:
+        """Nothing to cut back (no id is numbered)."""
+
+    def save(self, path: str | Path) -> None:
+        """Writes the kind and the remembered names to ``path`` (.npy) atomically: a [N + 1, 2]
+        text array, row 0 = ("hashed", kind)."""
+        state = self.state_dict()
+        rows = np.column_stack([state["keys"].astype(str), state["names"]]) if len(state["keys"]) \
+            else np.zeros((0, 2), dtype=str)
+        table = np.concatenate([np.asarray([["hashed", self.kind or ""]], dtype=str),
+                                rows.astype(str)]).astype(str)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, table, allow_pickle=False)
+
+    def load(self, path: str | Path) -> None:
+        table = np.load(path, allow_pickle=False)
+        if table.ndim != 2 or not len(table) or table[0, 0] != "hashed":
+            raise DataError(str(path), "holds a map of numbered ids, this run keys its ids by hash "
+                            "(StreamArgs.ids): they cannot be mixed")
+        self.load_state_dict({"kind": str(table[0, 1]) or None, "keys": table[1:, 0],
+                              "names": table[1:, 1]})
 
 
 # ----------------------------------------------------------------------------- files
@@ -338,6 +454,7 @@ __all__ = [
     "ITEM_IDS_FILE",
     "STATE_FILE",
     "USER_IDS_FILE",
+    "HashedIds",
     "IdMap",
     "Lag",
     "StreamPosition",
