@@ -203,7 +203,7 @@ def test_hashed_ids_expire_and_resume_exactly(tmp_path, nproc):
     a bound on the users: rows and users are freed as the stream goes on (counted), no id map
     grows, and a run that reads the stream in two goes ends in the state of one that reads it
     at once (weights, tables with their remappers, user stores)."""
-    from tests.training.test_online import assert_same, checkpoint_state  # noqa: PLC0415
+    from tests.training.test_online import assert_same, checkpoint_state
 
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     write_rated_stream(whole, seed=5, first=0, partitions=4)
