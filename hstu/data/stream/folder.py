@@ -167,6 +167,11 @@ def _data_files(path: Path) -> list[Path]:
     return files
 
 
+def _read_file(path: Path) -> bytes:
+    """A data file's bytes (the one place a partition's files are read from)."""
+    return path.read_bytes()
+
+
 def _digest(file_digests: list[str]) -> str | None:
     """The partition's hash of its non-empty files' sha256 hex digests (any order)."""
     if not file_digests:
@@ -550,7 +555,7 @@ class FolderStream:
         parts: list[Columns] = []
         roles_of: list[dict[str, str]] = []  # each file's user / item / timestamp columns
         for f in self._retrying(path, lambda: _data_files(path)):
-            raw = self._retrying(f, f.read_bytes)
+            raw = self._retrying(f, lambda f=f: _read_file(f))
             if not raw:
                 continue
             file_digests.append(hashlib.sha256(raw).hexdigest())
@@ -752,10 +757,10 @@ def reingest(stream: str | Path, name: str, new_name: str | None = None,
         raise DataError(str(root), "no such stream folder")
     qdir = Path(quarantine_dir) if quarantine_dir else root / QUARANTINE
     dest_name = name if new_name is None else new_name
-    for what, value in (("partition", name), ("new name", dest_name)):
+    for value in (name, dest_name):
         if not value or "/" in value or os.sep in value or hidden(value):
-            raise DataError(value or "''", f"not a partition {what}: a folder name that does not "
-                            "start with '.' or '_'")
+            raise DataError(repr(value), "not a partition name (a folder name that does not "
+                            "start with '.' or '_')")
     src = qdir / name
     if not src.is_dir():
         there = sorted(p.name for p in qdir.iterdir() if p.is_dir()) if qdir.is_dir() else []
