@@ -238,8 +238,8 @@ class StreamArgs:
     """The wait before the first retry of a read that failed with an OS error (doubled before each
     next one)."""
     timestamp_unit: str = "s"
-    """Unit of the timestamp column: s or ms (windows carry seconds; order is checked at full
-    precision)."""
+    """Unit of the timestamp column: s or ms (windows carry seconds; events are put in time order
+    and repeated events found at full precision)."""
     rating_column: str = "rating"
     """Optional column read as the event's rating (a number); partitions without it have none."""
     extra_columns: list[str] = field(default_factory=list)
