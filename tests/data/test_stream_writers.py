@@ -417,3 +417,32 @@ def test_ml100k_weekly_partitions_of_two_part_files(tmp_path):
     assert np.array_equal(np.unique(got, axis=0), np.unique(raw, axis=0))
     assert total(ws, "merged_files") == 2 * sum(1 for w in ws if w.num_events > 1)
     assert total(ws, "duplicate_events") == 0 and total(ws, "reordered_events") == 0
+
+
+def test_repeats_and_out_of_order_against_a_plain_reference():
+    from hstu.data.stream.folder import _out_of_order, _repeats
+
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        n = int(rng.integers(0, 30))
+        t = np.sort(rng.integers(0, 6, n))
+        user, item = rng.integers(0, 3, n), rng.integers(0, 3, n)
+        seen, want = {}, []
+        for k, key in enumerate(zip(t.tolist(), user.tolist(), item.tolist())):
+            want.append(key in seen)
+            seen.setdefault(key, k)
+        # out of order: the fewest events to move (n minus the longest ordered subsequence)
+        shuffled = rng.permutation(t)[: min(n, 10)]
+        best = 0
+        for mask in range(1 << len(shuffled)):
+            kept = [v for b, v in enumerate(shuffled.tolist()) if mask >> b & 1]
+            if kept == sorted(kept):
+                best = max(best, len(kept))
+        assert _out_of_order(shuffled) == len(shuffled) - best
+        found = _repeats(t, user, item)
+        if not any(want):
+            assert found is None
+            continue
+        repeat, j, twin = found
+        assert repeat.tolist() == want
+        assert j == want.index(True) and twin == seen[(int(t[j]), int(user[j]), int(item[j]))]

@@ -186,6 +186,32 @@ def partition_digest(path: Path) -> str | None:
                     if (raw := f.read_bytes())])
 
 
+def _repeats(t: np.ndarray, user: np.ndarray, item: np.ndarray
+             ) -> tuple[np.ndarray, int, int] | None:
+    """The events of ``t``, ``user``, ``item`` [R] (``t`` sorted) that repeat an earlier one's
+    timestamp, user and item: (bool [R], the first repeat, the event it repeats); None if none.
+    Only events sharing their timestamp with a neighbour can repeat one: C of them are sorted."""
+    eq = t[1:] == t[:-1]  # [R-1]
+    if not bool(eq.any()):
+        return None
+    tied = np.zeros(len(t), dtype=bool)
+    tied[1:] |= eq
+    tied[:-1] |= eq
+    rows = np.flatnonzero(tied)  # [C]
+    idx = rows[np.lexsort((item[rows], user[rows], t[rows]))]  # stable: equal ones keep order
+    ts, us, its = t[idx], user[idx], item[idx]
+    same = (ts[1:] == ts[:-1]) & (us[1:] == us[:-1]) & (its[1:] == its[:-1])  # [C-1]
+    if not bool(same.any()):
+        return None
+    repeat = np.zeros(len(t), dtype=bool)
+    repeat[idx[1:][same]] = True
+    j = int(np.flatnonzero(repeat)[0])
+    q = int(np.flatnonzero(idx == j)[0])  # its place in the sorted order: walk to its group's first
+    while q > 0 and same[q - 1]:
+        q -= 1
+    return repeat, j, int(idx[q])
+
+
 def _out_of_order(t: np.ndarray) -> int:
     """Events of ``t`` [R] not in time order: R minus its longest non-decreasing subsequence
     (the fewest events that must move to sort it; equal times are in order)."""
@@ -626,17 +652,13 @@ class FolderStream:
         user, item, t = log.data["user"][order], log.data["item"][order], t[order]
         rating = log.data["action"][order].astype(np.float64) if any(with_rating) else None
         # repeated events (same user, item and timestamp): the first in the merged order stays
-        key = np.stack([t, np.unique(user, return_inverse=True)[1].reshape(-1),
-                        np.unique(item, return_inverse=True)[1].reshape(-1)], axis=1)
-        _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
-        if len(first) < len(t):
-            keep = np.zeros(len(t), dtype=bool)
-            keep[first] = True
-            j = int(np.flatnonzero(~keep)[0])
-            twin = int(first[inverse.reshape(-1)[j]])
+        found = _repeats(t, user, item)
+        if found is not None:
+            repeat, j, twin = found
             (file, line), (file0, line0) = log.locate(int(order[j])), log.locate(int(order[twin]))
             notes.append(f"first duplicate: {file}:{line} repeats {file0}:{line0}")
-            counts["duplicate_events"] = int(len(t) - len(first))
+            counts["duplicate_events"] = int(repeat.sum())
+            keep = ~repeat
             user, item, t = user[keep], item[keep], t[keep]
             rating = None if rating is None else rating[keep]
         seconds = t // 1000 if self.columns.timestamp_unit == "ms" else t
