@@ -628,10 +628,9 @@ class FolderStream:
         if any(with_rating):
             for p in parts:
                 p.data["action"] = p.data["action"].astype(np.float64)
-        notes = []
-        counts["merged_files"] = n_files = sum(p.num_rows > 0 for p in parts)
-        if n_files < 2:
-            counts["merged_files"] = 0
+        notes: list[str] = []
+        n_files = sum(p.num_rows > 0 for p in parts)
+        counts["merged_files"] = n_files if n_files > 1 else 0
         for p, roles in zip(parts, roles_of):  # events out of order in their own file
             moved = _out_of_order(p.data["time_key"])
             if moved and not counts["reordered_events"]:
