@@ -446,3 +446,26 @@ def test_repeats_and_out_of_order_against_a_plain_reference():
         repeat, j, twin = found
         assert repeat.tolist() == want
         assert j == want.index(True) and twin == seen[(int(t[j]), int(user[j]), int(item[j]))]
+
+
+def test_reingest_from_a_quarantine_on_another_file_system(tmp_path, monkeypatch):
+    import errno
+
+    root, quarantine = tmp_path / "events", tmp_path / "elsewhere"
+    rows = events(3, 100)
+    part = land(quarantine, "p1", rows)
+    (part / REASON).write_text("why\n")
+    (part / SUCCESS).unlink()  # put back, it is complete
+    root.mkdir()
+    rename = os.rename
+
+    def across(src, dst):
+        if Path(src).parent == quarantine:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", across)
+    assert stream_main(["reingest", str(root), "p1", "--quarantine", str(quarantine)]) == 0
+    assert not part.exists() and not list(root.glob(".reingest-*"))
+    assert sorted(p.name for p in (root / "p1").iterdir()) == [REINGEST, SUCCESS, "part-0000.csv"]
+    assert collect(FolderStream(root).windows()) == rows
