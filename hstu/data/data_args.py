@@ -230,9 +230,16 @@ class StreamArgs:
     max_window_events: int | None = None
     """Cut a partition (or replay window) into windows of at most this many events; None: one window
     per partition."""
+    read_retries: int = 5
+    """A stream folder's file or partition that cannot be read (an OS error, not bad content) is
+    tried again this many times, waiting retry_backoff_seconds, then twice as long each time; then
+    the run stops with one line naming the file (it is never set aside for an OS error)."""
+    retry_backoff_seconds: float = 1.0
+    """The wait before the first retry of a read that failed with an OS error (doubled before each
+    next one)."""
     timestamp_unit: str = "s"
-    """Unit of the timestamp column: s or ms (windows carry seconds; order is checked at full
-    precision)."""
+    """Unit of the timestamp column: s or ms (windows carry seconds; events are put in time order
+    and repeated events found at full precision)."""
     rating_column: str = "rating"
     """Optional column read as the event's rating (a number); partitions without it have none."""
     extra_columns: list[str] = field(default_factory=list)
@@ -325,6 +332,12 @@ class StreamArgs:
                  f"must be 'insert' or 'drop', got {self.late_events!r}")
         _require(0.0 < self.prequential_fading <= 1.0, self, "prequential_fading",
                  f"must be in (0, 1], got {self.prequential_fading!r}")
+        _require(
+            isinstance(self.read_retries, int) and not isinstance(self.read_retries, bool)
+            and self.read_retries >= 0,
+            self, "read_retries", f"must be an integer >= 0, got {self.read_retries!r}",
+        )
+        _require(self.retry_backoff_seconds >= 0, self, "retry_backoff_seconds", "must be >= 0")
         _require(self.publish_every_windows >= 0, self, "publish_every_windows", "must be >= 0")
         _require(self.publish_every_seconds >= 0, self, "publish_every_seconds", "must be >= 0")
         _require(

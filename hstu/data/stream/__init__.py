@@ -2,9 +2,10 @@
 "For the training loop" shows the calls in order).
 
 Sources: :class:`FolderStream` (a folder that partitions land in; bad partitions are set
-aside with a reason) and :class:`ReplayStream` (a finished dataset cut into windows). Ids
-arrive dense through growing :class:`IdMap` s, or keyed by :class:`HashedIds` (no map).
-Users' histories: :mod:`hstu.data.user_store`.
+aside with a reason, and put back by :func:`reingest`, ``python -m hstu.data.stream
+reingest``) and :class:`ReplayStream` (a finished dataset cut into windows). Ids arrive dense
+through growing :class:`IdMap` s, or keyed by :class:`HashedIds` (no map). Users' histories:
+:mod:`hstu.data.user_store`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,18 @@ from hstu.data.stream.core import (
     load_stream,
     save_stream,
 )
-from hstu.data.stream.folder import QUARANTINE, REASON, SUCCESS, FolderStream, Quarantined, Stop
+from hstu.data.stream.folder import (
+    COUNTS,
+    QUARANTINE,
+    REASON,
+    REINGEST,
+    SUCCESS,
+    FolderStream,
+    Quarantined,
+    ReadFailed,
+    Stop,
+    reingest,
+)
 from hstu.data.stream.replay import Events, ReplayStream
 
 
@@ -48,8 +60,10 @@ def make_source(
 
 
 __all__ = [
+    "COUNTS",
     "QUARANTINE",
     "REASON",
+    "REINGEST",
     "SUCCESS",
     "Events",
     "FolderStream",
@@ -57,11 +71,13 @@ __all__ = [
     "IdMap",
     "Lag",
     "Quarantined",
+    "ReadFailed",
     "ReplayStream",
     "StreamPosition",
     "StreamSource",
     "Window",
     "load_stream",
     "make_source",
+    "reingest",
     "save_stream",
 ]

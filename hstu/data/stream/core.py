@@ -76,6 +76,11 @@ class Window:
     """Users first seen in this window (their dense ids are the largest)."""
     new_items: int = 0
     """Items first seen in this window."""
+    counts: dict[str, int] = field(default_factory=dict)
+    """What the source did to the rows of this window's partition when it read them (a
+    folder's partition: ``merged_files``, ``reordered_events``, ``duplicate_events``,
+    ``read_retries``, see ``hstu.data.stream.folder.COUNTS``), on the partition's first window
+    only (empty on the others), so a sum over windows counts each partition once."""
 
     @property
     def num_events(self) -> int:
@@ -94,9 +99,11 @@ class Window:
     def cut(
         name: str, first: int, whole: bool, users: IdMap, items: IdMap, raw_user: np.ndarray,
         raw_item: np.ndarray, timestamp: np.ndarray, rating: np.ndarray | None, lag: Lag,
+        counts: dict[str, int] | None = None,
     ) -> Window:
         """Rows ``first`` .. ``first + E`` of the partition ``name`` (``whole``: all of it),
-        their raw ids mapped through ``users`` / ``items`` (which grow)."""
+        their raw ids mapped through ``users`` / ``items`` (which grow); ``counts``: see
+        :attr:`counts`."""
         last = first + len(raw_user)
         user, new_users = users.map(raw_user)
         item, new_items = items.map(raw_item)
@@ -105,6 +112,7 @@ class Window:
             position_before=StreamPosition(name, first), position_after=StreamPosition(name, last),
             user=user, item=item, timestamp=timestamp, rating=rating, raw_user=raw_user,
             raw_item=raw_item, lag=lag, new_users=new_users, new_items=new_items,
+            counts=dict(counts or {}),
         )
 
 
