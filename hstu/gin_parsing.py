@@ -130,6 +130,13 @@ def _scan(text: str, filename: str | None, label: str, seen: set[str]) -> Iterab
             yield Binding(st.scope or "", st.selector, st.arg_name, st.value, where)
 
 
+def read_bindings(path: str) -> list[Binding]:
+    """The bindings of one gin file (its includes followed), without gin's registry: a run's
+    operative_config.gin read by a tool. Raises ConfigError (one line, file:line)."""
+    with open(path) as fh:
+        return list(_scan(fh.read(), path, path, {os.path.realpath(path)}))
+
+
 def _precheck(bindings: list[Binding], known: dict[str, Any]) -> None:
     """Every binding names a known class and one of its fields."""
     for b in bindings:

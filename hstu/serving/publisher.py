@@ -21,7 +21,6 @@ the gate, 2 bad input, 3 a damaged checkpoint or root.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
 import os
@@ -80,20 +79,24 @@ class Gate:
 def checkpoint_root(run_dir: Path) -> Path:
     """The run's checkpoint save root: ``TrainerArgs.ckpt_save_dir`` of its
     ``operative_config.gin`` (a relative one from the current folder, as the run resolved it)."""
+    from hstu.args import ConfigError
+    from hstu.gin_parsing import read_bindings
+
     config = run_dir / "operative_config.gin"
+    if not config.is_file():
+        raise PublishError(f"{config}: missing (not a run directory?); give --ckpt")
     try:
-        text = config.read_text()
-    except FileNotFoundError:
-        raise PublishError(f"{config}: missing (not a run directory?); give --ckpt") from None
-    for line in text.splitlines():
-        name, _, value = line.partition("=")
-        if name.strip() == "TrainerArgs.ckpt_save_dir":
-            try:
-                return Path(ast.literal_eval(value.strip()))
-            except (ValueError, SyntaxError):
-                raise PublishError(f"{config}: TrainerArgs.ckpt_save_dir: not a string: "
-                                   f"{value.strip()[:80]}; give --ckpt") from None
-    raise PublishError(f"{config}: field TrainerArgs.ckpt_save_dir not found; give --ckpt")
+        bindings = read_bindings(str(config))
+    except ConfigError as exc:
+        raise PublishError(f"{exc}; give --ckpt") from None
+    found = [b for b in bindings
+             if b.short_name == "TrainerArgs" and b.field_name == "ckpt_save_dir" and not b.scope]
+    if not found:
+        raise PublishError(f"{config}: field TrainerArgs.ckpt_save_dir not found; give --ckpt")
+    if not isinstance(found[-1].value, str):
+        raise PublishError(f"{found[-1].where}: field TrainerArgs.ckpt_save_dir: not a string "
+                           f"({found[-1].value!r}); give --ckpt")
+    return Path(found[-1].value)
 
 
 def newest_checkpoint(root: Path) -> Path | None:
