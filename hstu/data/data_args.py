@@ -267,7 +267,8 @@ class StreamArgs:
     """How much worse than the served version's figure a publish may be (lower for HR/NDCG/AUC,
     higher for NE and loss)."""
     publish_gate_windows: int = 5
-    """The gate's figure is over this many of the checkpoint's last evaluated windows."""
+    """The figures a version records (and the gate compares) are over this many of the
+    checkpoint's last evaluated windows."""
     batch_until: float | None = None
     """Batch phase (docs/online.md "Streaming against a frozen batch model"): the leading windows
     that end within this fraction of a replay's events (0 < f <= 1) are not evaluated; their events

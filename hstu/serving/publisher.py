@@ -21,12 +21,15 @@ the gate, 2 bad input, 3 a damaged checkpoint or root.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -269,10 +272,32 @@ class Publisher:
             if folder is not None and str(folder) not in tried:
                 tried.add(str(folder))
                 try:
-                    self.publish_once(folder)
+                    with turn(self.out, self.log):
+                        self.publish_once(newest_checkpoint(self.ckpt))
                 except (ExportError, PublishError, CheckpointError) as exc:
                     self.log(f"[publish] error: {folder}: {exc}")
             stop.wait(poll_seconds)
+
+
+TURN_LOCK = ".publisher.lock"
+
+
+@contextmanager
+def turn(root: Path, log: Any = print) -> Iterator[None]:
+    """Publishers of one root take turns (an exclusive ``flock`` on ``<root>/.publisher.lock``,
+    waited for): one that starts while another exports waits, then publishes the newest
+    checkpoint there is by then."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / TURN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"[publish] another publisher of {root} is running: waiting for its turn")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _span(windows: list[int] | None) -> str:
@@ -327,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             params=tuple(ns.gin_param),
         )
         if not ns.follow:
-            return publisher.publish_once()
+            with turn(publisher.out, publisher.log):
+                return publisher.publish_once()
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())

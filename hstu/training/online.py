@@ -364,33 +364,36 @@ class OnlineTrainer:
         return self.last_checkpoint
 
     def publish_version(self, ckpt: str) -> None:
-        """Starts ``python -m hstu.serving.publisher`` for checkpoint ``ckpt`` in a background
-        process (training does not wait for the export; its lines go to ``<run_dir>/publish.log``):
-        it exports ``ckpt`` as the newest serving version of the versioned root, if the gate
-        (StreamArgs.publish_gate_*) admits it. While the previous one still runs, this publish
-        is skipped in one line (the next one takes the newest checkpoint)."""
+        """Starts ``python -m hstu.serving.publisher`` in a background process (training does not
+        wait for the export; its lines go to ``<run_dir>/publish.log``): it exports the newest
+        checkpoint of the save root (``ckpt``, just saved, or a newer one by the time its turn
+        comes) as the newest serving version, if the gate (StreamArgs.publish_gate_*) admits it.
+        Publishers take turns; while one exports and another waits, this publish is skipped in
+        one line (the waiting one takes the newest checkpoint)."""
         t, sa = self.trainer, self.stream_args
-        running = getattr(self, "_publisher", None)
-        if running is not None and running.poll() is None:
-            t.logger.print(f"[hstu] publishing step {t.step} skipped: the publisher started "
-                           f"earlier (pid {running.pid}) is still exporting")
+        alive = [p for p in getattr(self, "_publishers", []) if p.poll() is None]
+        self._publishers = alive
+        if len(alive) >= 2:
+            t.logger.print(f"[hstu] publishing step {t.step} skipped: a publisher is exporting and "
+                           f"another (pid {alive[-1].pid}) waits to take the newest checkpoint")
             return
         run_dir = Path(t.logger.run_dir)
         cmd = [sys.executable, "-m", "hstu.serving.publisher", "--run", str(run_dir),
-               "--ckpt", ckpt, "--out", self.publish_dir, "--keep", str(sa.publish_keep)]
+               "--ckpt", str(Path(ckpt).parent), "--out", self.publish_dir,
+               "--keep", str(sa.publish_keep), "--gate-windows", str(sa.publish_gate_windows)]
         if sa.publish_gate_metric:
-            cmd += ["--gate-metric", sa.publish_gate_metric, "--gate-margin",
-                    repr(sa.publish_gate_margin), "--gate-windows", str(sa.publish_gate_windows)]
+            cmd += ["--gate-metric", sa.publish_gate_metric,
+                    "--gate-margin", repr(sa.publish_gate_margin)]
         # a process of its own, not a rank of this job: none of torchrun's variables, its own
         # session (a signal to the job does not cut an export short)
         env = {k: v for k, v in os.environ.items()
                if k not in _TORCHRUN_VARS and not k.startswith("TORCHELASTIC_")}
         with open(run_dir / "publish.log", "ab") as log:
-            self._publisher = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                               stdin=subprocess.DEVNULL, start_new_session=True)
+            alive.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                          stdin=subprocess.DEVNULL, start_new_session=True))
         self._published_at = time.monotonic()
         t.logger.print(f"[hstu] publishing step {t.step} into {self.publish_dir} in the background "
-                       f"(pid {self._publisher.pid}; its lines in {run_dir / 'publish.log'})")
+                       f"(pid {alive[-1].pid}; its lines in {run_dir / 'publish.log'})")
 
     # ---------------------------------------------------------------- the ranks agree
     def windows(self) -> Iterator[Window]:

@@ -142,11 +142,11 @@ def test_recommend_gives_the_trained_models_top_k_in_raw_ids(trained, tmp_path):
     want = json.loads(reference.read_text())
     assert set(got) == {str(u) for u in users}
     known = {e["item_id"] for e in trained["events"]}
-    for user in got:
-        assert got[user] == want[user], (user, got[user], want[user])
-        assert set(got[user]) <= known and all(i.startswith("m-") for i in got[user])
+    for user, ids in got.items():
+        assert ids == want[user], (user, ids, want[user])
+        assert set(ids) <= known and all(i.startswith("m-") for i in ids)
         history = {e["item_id"] for e in by_user[int(user)][-8:]}
-        assert not history & set(got[user])  # the history is excluded, as in training's test
+        assert not history & set(ids)  # the history is excluded, as in training's test
 
 
 def _figure(run_dir: Path, upto: int, windows: int, metric: str) -> float:
