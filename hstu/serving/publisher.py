@@ -330,9 +330,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="also compile the AOTInductor package (minutes on a CPU)")
     parser.add_argument("--gin-param", action="append", default=[], metavar="BINDING",
                         help="extra gin binding for the export")
+    parser.add_argument("--nice", type=int, default=0, metavar="N",
+                        help="lower this process's CPU priority by N (os.nice) so a training "
+                             "beside it keeps its pace (the online loop's publishers: 10)")
     ns = parser.parse_args(argv)
     if ns.keep < 1:
         parser.error(f"--keep {ns.keep}: keep at least 1 version")
+    if ns.nice < 0:
+        parser.error(f"--nice {ns.nice}: only a lower priority (N >= 0)")
+    if ns.nice:
+        os.nice(ns.nice)
     from hstu.console import fail, quiet_start
 
     quiet_start()

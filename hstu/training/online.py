@@ -380,7 +380,8 @@ class OnlineTrainer:
         run_dir = Path(t.logger.run_dir)
         cmd = [sys.executable, "-m", "hstu.serving.publisher", "--run", str(run_dir),
                "--ckpt", str(Path(ckpt).parent), "--out", self.publish_dir,
-               "--keep", str(sa.publish_keep), "--gate-windows", str(sa.publish_gate_windows)]
+               "--keep", str(sa.publish_keep), "--gate-windows", str(sa.publish_gate_windows),
+               "--nice", "10"]
         if sa.publish_gate_metric:
             cmd += ["--gate-metric", sa.publish_gate_metric,
                     "--gate-margin", repr(sa.publish_gate_margin)]

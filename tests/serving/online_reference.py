@@ -50,6 +50,8 @@ def main(ckpt: str, events: str, k: str, out: str) -> None:
         for user, events_ in per_user.items():
             events_.sort(key=lambda e: e[0])  # stable: ties keep the file's order
             raw = np.asarray([e[1] for e in events_])
+            if items.kind == "int":  # the csv's text of an integer id
+                raw = raw.astype(np.int64)
             ids = torch.from_numpy(items.lookup(raw))
             assert bool((ids > 0).all()), f"user {user}: an item the stream does not know"
             lengths = torch.tensor([ids.numel() if key == name else 0 for key in keys])
