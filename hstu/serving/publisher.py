@@ -94,8 +94,10 @@ def checkpoint_root(run_dir: Path) -> Path:
         raise PublishError(f"{exc}; give --ckpt") from None
     found = [b for b in bindings
              if b.short_name == "TrainerArgs" and b.field_name == "ckpt_save_dir" and not b.scope]
-    if not found:
-        raise PublishError(f"{config}: field TrainerArgs.ckpt_save_dir not found; give --ckpt")
+    if not found or found[-1].value is None:
+        # the default: <run_dir>/checkpoints for an online run, else ./checkpoints
+        inside = run_dir / "checkpoints"
+        return inside if inside.is_dir() else Path("./checkpoints")
     if not isinstance(found[-1].value, str):
         raise PublishError(f"{found[-1].where}: field TrainerArgs.ckpt_save_dir: not a string "
                            f"({found[-1].value!r}); give --ckpt")
