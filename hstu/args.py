@@ -804,7 +804,10 @@ class RetrievalArgs:
     once per batch (per rank), every query scored against all of them (one [queries x num_negatives]
     matmul: the cost of a large catalogue without num_negatives lookups per query; no logQ
     correction, uniform draws need none); full_corpus: every item is a negative, the exact softmax
-    (num_negatives must be -1; cost grows with the corpus)."""
+    (num_negatives must be -1; cost grows with the corpus; refused with a dynamic item table);
+    sampled_live: for a dynamic item table (DynamicEmbeddingArgs), the in-batch positives plus
+    num_negatives uniform draws per step over the table's live (occupied) rows, the same draws for
+    every query and every rank, never admitted, with the logQ correction (docs/model.md)."""
     temperature: float = 0.05
     """Softmax temperature on cosine similarities."""
     full_corpus_matmul_dtype: Literal["auto", "float32", "bfloat16"] = "auto"

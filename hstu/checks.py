@@ -86,8 +86,26 @@ def check_full_corpus_table(sparse: Any, item_feature: str) -> None:
             "RetrievalArgs",
             "negative_sampling",
             f"'full_corpus' cannot score dynamic item table {table!r} (DynamicEmbeddingArgs): "
-            "its rows are slots, not the catalogue (make the table static, or sample negatives)",
+            "its rows are slots, not the catalogue; use negative_sampling='sampled_live' "
+            "(in-batch plus uniform negatives over the table's live rows), or a static table",
         )
+
+
+def check_live_table(sparse: Any, item_feature: str) -> None:
+    """RetrievalArgs.negative_sampling="sampled_live" draws its negatives over the live rows
+    of a dynamic item table: a static item table has none to draw from. ``sparse``: the
+    model's sparse module (HstuEmbeddings, or EmbeddingsByDim holding several)."""
+    for module in [sparse, *getattr(sparse, "groups", {}).values()]:
+        table = getattr(module, "_feature_to_table", {}).get(item_feature)
+        if table is not None:
+            if module.specs[table].dynamic:
+                return
+            raise ConfigError(
+                "RetrievalArgs",
+                "negative_sampling",
+                f"'sampled_live' draws over the live rows of a dynamic item table; item table "
+                f"{table!r} is static (declare it with DynamicEmbeddingArgs, or use 'mixed')",
+            )
 
 
 def check_full_corpus_optimizer(
@@ -497,6 +515,7 @@ __all__ = [
     "check_full_corpus_optimizer",
     "check_full_corpus_table",
     "check_history_loss",
+    "check_live_table",
     "check_parallel",
     "check_peer_mask",
     "check_placement",

@@ -495,7 +495,11 @@ class OnlineTrainer:
         loader = WindowLoader.over(t.built.eval_loader, store, samples, self.windows_done,
                                    work.eval_per_rank, work.num_eval)
         dense = t.model.dense_module
-        if cfg.task == "retrieval":
+        live = t.model.live_items() if cfg.task == "retrieval" else None
+        if live is not None:  # a dynamic item table: the items its rows hold are the corpus
+            metrics = evaluate(t.model, loader, cfg, self.env, None, items=live)
+            metrics["eval_events"] = float(work.eval_total)
+        elif cfg.task == "retrieval":
             # the items known so far (dense ids 1..K of the id map) are the corpus
             known = self.known_items + 1
             table = dense.num_items
