@@ -290,3 +290,29 @@ def test_two_processes_take_the_one_process_steps(runs):
     assert two["metrics"].keys() == one["metrics"].keys()
     for k, v in one["metrics"].items():
         assert two["metrics"][k] == pytest.approx(v, abs=1e-6), k
+
+
+# ------------------------------------------------------------------------ the online loop
+
+
+def test_online_windows_are_evaluated_over_the_live_items(tmp_path):
+    """The stream (60 items, a 48-row table, LRU): each window's queries are ranked over the
+    items the table holds when the window arrives. Before the first window the table is
+    empty: every target is a miss (HR 0, the window's events still counted); afterwards the
+    table is full and evicting, and the model finds targets among its rows."""
+    from hstu.data.data_args import SyntheticDataArgs
+    from hstu.data.preprocess import preprocess
+    from tests.training.test_online import DYNAMIC, run, stream_by_window
+
+    preprocess("synthetic", out=tmp_path, verbose=False, synthetic=SyntheticDataArgs(
+        num_users=40, num_items=60, min_length=10, max_length=30, seed=3))
+    (tmp_path / "synthetic").rename(tmp_path / "tiny")
+    run_dir = tmp_path / "run"
+    run(tmp_path / "tiny", run_dir, "retrieval", [
+        *DYNAMIC, 'RetrievalArgs.negative_sampling="sampled_live"', "RetrievalArgs.num_negatives=16"])
+    windows = stream_by_window(run_dir)
+    first, *later = (windows[k] for k in sorted(windows))
+    assert first["eval_events"] > 0 and first["HR@10"] == 0.0 and first["NDCG@10"] == 0.0
+    assert len(later) >= 3 and all(w["item_occupied"] == 48 for w in later)
+    assert later[-1]["item_evicted"] > 0
+    assert max(w["HR@10"] for w in later) > 0.1
