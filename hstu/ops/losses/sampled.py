@@ -206,12 +206,10 @@ def expected_counts(
     """How often each of ``ids`` is expected among the negatives of a mixed draw: its count
     among ``batch_ids`` (the in-batch draws, each item drawn in proportion to its frequency in
     the batch) plus ``num_draws`` / ``population`` (uniform draws with replacement over
-    ``population`` items; none when it is 0). float [ids.shape]."""
-    uniq, counts = torch.unique(batch_ids, return_counts=True)
-    found = torch.zeros(ids.shape, dtype=counts.dtype, device=ids.device)
-    if uniq.numel() > 0:
-        at = torch.searchsorted(uniq, ids).clamp_(max=uniq.numel() - 1)
-        found = torch.where(uniq[at] == ids, counts[at], found)
+    ``population`` items; none when it is 0). float64 [ids.shape]. Two binary searches in the
+    sorted batch ids (no data-dependent size: nothing for a device to report to the host)."""
+    ordered = torch.sort(batch_ids).values
+    found = torch.searchsorted(ordered, ids, right=True) - torch.searchsorted(ordered, ids)
     rate = num_draws / population if population > 0 else 0.0
     return found.double() + rate
 
