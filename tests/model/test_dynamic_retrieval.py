@@ -20,8 +20,9 @@ from tests.dist_utils import run_multiprocess
 
 
 def _reference_loss(queries, pos_vectors, pos_ids, neg_vectors, neg_ids, batch_ids, draws,
-                    live, temperature, correct=True, mask=True) -> float:
-    """The loss written out query by query, column by column."""
+                    live, temperature, correct=True, mask=True, history=None) -> float:
+    """The loss written out query by query, column by column (``history``: per query, the ids
+    left out of its negatives)."""
     def log_q(item: int) -> float:
         return math.log(sum(int(b) == item for b in batch_ids) + draws / live)
 
@@ -33,6 +34,8 @@ def _reference_loss(queries, pos_vectors, pos_ids, neg_vectors, neg_ids, batch_i
         logits = [pos]
         for j in range(neg_vectors.shape[0]):
             if mask and int(neg_ids[j]) == int(pos_ids[q]):
+                continue
+            if history is not None and int(neg_ids[j]) in history[q]:
                 continue
             s = float(queries[q] @ neg_vectors[j]) / temperature
             logits.append(s - log_q(int(neg_ids[j])) if correct else s)
@@ -76,6 +79,37 @@ def test_sampled_live_loss_is_logits_minus_log_q_with_the_positive_left_out():
                    key_ids=key_ids, key_vectors=key_vectors, live_rows=live)
     sampled_live(x)[0].backward()
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (queries, pos_vectors, key_vectors))
+
+
+def test_sampled_live_leaves_each_querys_history_out_of_its_negatives():
+    """RetrievalArgs.exclude_history_from_loss: query q (position j of its sample, predicting
+    item j + 1) drops every negative column whose id is among items 0..j of the sample (repeats
+    of an id in the negatives included), never its target's own column."""
+    from hstu.ops.losses import HistoryWindow
+
+    torch.manual_seed(2)
+    unit = lambda n: torch.nn.functional.normalize(torch.randn(n, 6, dtype=torch.float64), dim=1)
+    # two samples of items [3, 7, 4, 7, 9] and [4, 11, 3]: queries at positions 0..3 and 0..1
+    items = torch.tensor([3, 7, 4, 7, 9, 4, 11, 3])
+    starts = torch.tensor([0, 0, 0, 0, 5, 5])
+    positions = torch.tensor([0, 1, 2, 3, 0, 1])
+    pos_ids = items[starts + positions + 1]  # [7, 4, 7, 9, 11, 3]
+    queries, pos_vectors = unit(6), unit(6)
+    key_ids = torch.tensor([4, 3, 13, 3])  # 3 drawn twice
+    key_vectors = unit(4)
+    key_vectors[3] = key_vectors[1]
+    window = HistoryWindow(items, starts, positions + 1, width=5)
+    x = LossInputs(queries, pos_ids, pos_vectors, 0.3, 4, True, None, 1, torch.float64,
+                   key_ids=key_ids, key_vectors=key_vectors, live_rows=20, history_mask=window)
+    loss, (_, neg_logits) = sampled_live(x)
+    history = [set(items[s:s + p + 1].tolist()) for s, p in zip(starts.tolist(), positions.tolist())]
+    neg_vectors, neg_ids = torch.cat([pos_vectors, key_vectors]), torch.cat([pos_ids, key_ids])
+    args = (queries, pos_vectors, pos_ids, neg_vectors, neg_ids, pos_ids, 4, 20, 0.3)
+    assert float(loss) == pytest.approx(_reference_loss(*args, history=history), rel=1e-12)
+    assert abs(_reference_loss(*args) - float(loss)) > 1e-3  # the exclusion matters here
+    # query 2 (history 3, 7, 4; target 7): columns of 3 and 4 out, 7 out as its positive
+    want = [i in (3, 4, 7) for i in neg_ids.tolist()]
+    assert torch.isneginf(neg_logits[2]).tolist() == want
 
 
 # ------------------------------------------------------------------------------ the draws

@@ -47,7 +47,8 @@ CELLS: dict[str, tuple[str, int, list[str]]] = {
     "shared": ("retrieval", 1, ['RetrievalArgs.negative_sampling="shared"',
                                 "RetrievalArgs.num_negatives=8"]),
     "sampled_live": ("retrieval", 1, ['RetrievalArgs.negative_sampling="sampled_live"',
-                                      "RetrievalArgs.num_negatives=8", *DYNAMIC_ITEM]),
+                                      "RetrievalArgs.num_negatives=8", *DYNAMIC_ITEM,
+                                      "RetrievalArgs.exclude_history_from_loss=True"]),
     "full_corpus": ("retrieval", 1, [*FULL, 'RetrievalArgs.full_corpus_matmul_dtype="float32"',
                                      "RetrievalArgs.temperature=0.1"]),
     "exclude_history": ("retrieval", 1, [*FULL, "RetrievalArgs.exclude_history_from_loss=True"]),
@@ -233,7 +234,7 @@ SWITCHES: dict[str, list[str] | str] = {
     "RetrievalArgs.eval_metrics": _NO + "evaluation only",
     "RetrievalArgs.eval_exclude_history": _NO + "evaluation only",
     "RetrievalArgs.exclude_history_from_loss": ["exclude_history", "bf16_full_corpus",
-                                                "dp2_full_corpus"],
+                                                "dp2_full_corpus", "sampled_live"],
     "RetrievalArgs.eval_num_users": _NO + "evaluation only",
     "RetrievalArgs.eval_memory_mb": _NO + "evaluation only",
 }

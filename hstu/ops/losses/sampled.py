@@ -224,11 +224,13 @@ def corrected_softmax_loss(
     neg_log_q: torch.Tensor,
     temperature: float,
     scale: torch.Tensor | None = None,
+    excluded: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sampled softmax with the sampling-probability (logQ) correction, over negatives shared
     by every query: logit = <query, item> / temperature - log q(item) for the positive (q:
     ``pos_log_q`` [Q]) and each negative (``neg_log_q`` [K]); a negative whose id is the
-    query's positive (``neg_ids`` [K] == ``pos_ids`` [Q]) is left out (-inf).
+    query's positive (``neg_ids`` [K] == ``pos_ids`` [Q]) is left out (-inf), and so is every
+    -inf of ``excluded`` [Q, K] (0 elsewhere; the queries' histories).
 
     queries, pos_vectors [Q, D] normalised; neg_vectors [K, D] normalised. ``scale`` None: the
     mean over queries, else the sum times ``scale``. Returns (loss, pos_logits [Q],
@@ -238,6 +240,8 @@ def corrected_softmax_loss(
     neg_logits = neg_logits.masked_fill(
         neg_ids.unsqueeze(0) == pos_ids.unsqueeze(1), float("-inf")
     )
+    if excluded is not None:
+        neg_logits = neg_logits + excluded.to(neg_logits.dtype)
     if queries.shape[0] == 0:
         return queries.sum() * 0.0, pos_logits, neg_logits
     logits = torch.cat([pos_logits.unsqueeze(1), neg_logits], dim=1)
