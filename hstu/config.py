@@ -236,6 +236,7 @@ def check_run(cfg: RunConfig, device_type: str, world_size: int) -> None:
     try:
         checks.check_placement(cfg.network, cfg.optimizer, cfg.retrieval, tables, item_feature,
                                device_type, world_size)
+        checks.check_item_table_sampling(cfg.retrieval, tables, item_feature)
         if any(t.sharding_override != "auto" for t in tables):
             checks.check_sharding_overrides(tables, _offered_sharding_types(device_type),
                                             device_type)

@@ -655,7 +655,11 @@ class OnlineTrainer:
         store, samples = work.store, work.eval_samples
         loader = WindowLoader.over(t.built.eval_loader, store, samples, self.windows_done,
                                    work.eval_per_rank, work.num_eval)
-        if cfg.task == "retrieval":
+        live = t.model.live_items() if cfg.task == "retrieval" else None
+        if live is not None:  # a dynamic item table: the items its rows hold are the corpus
+            metrics = evaluate(t.model, loader, cfg, self.env, None, items=live)
+            metrics["eval_events"] = float(work.eval_total)
+        elif cfg.task == "retrieval":
             with self.known_corpus():
                 metrics = evaluate(t.model, loader, cfg, self.env, None)
             metrics["eval_events"] = float(work.eval_total)
