@@ -71,7 +71,7 @@ def test_an_unregistered_backend_is_refused_again(registered):
 
 def test_a_registered_dataset_is_a_choice(registered, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no tmp_data/<name> folder makes it valid by accident
-    with pytest.raises(A.ConfigError, match="'toyset' is not one of ml-1m, .*, custom, nor"):
+    with pytest.raises(A.ConfigError, match="'toyset' is not one of ml-1m, .*, custom, 'stream' .*, nor"):
         A.DatasetArgs(dataset_name="toyset", max_sequence_length=4)
     registered(DATASETS, "toyset", DatasetReader(f"{__name__}:toy_attention"))
     assert A.DatasetArgs(dataset_name="toyset", max_sequence_length=4).dataset_name == "toyset"
