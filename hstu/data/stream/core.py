@@ -240,9 +240,10 @@ class IdMap:
             self.load_state_dict({"name": self.name, "kind": self.kind if size else None,
                                   "keys": self._keys[:size]})
 
-    def save(self, path: str | Path) -> None:
-        """Writes the keys to ``path`` (.npy) atomically (a temporary file, then a rename)."""
-        keys = self._keys
+    def save(self, path: str | Path, start: int = 0) -> None:
+        """Writes the keys to ``path`` (.npy) atomically (a temporary file, then a rename);
+        from dense id ``start + 1`` on (the keys added since the map held ``start``)."""
+        keys = self._keys[start:]
         if self.kind is None:
             keys = np.zeros(0, dtype=np.int64)
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
@@ -252,6 +253,18 @@ class IdMap:
         keys = np.load(path, allow_pickle=False)
         kind = None if not len(keys) else ("int" if keys.dtype.kind in "iu" else "str")
         self.load_state_dict({"name": self.name, "kind": kind, "keys": keys})
+
+    def extend(self, path: str | Path) -> None:
+        """Appends the keys of ``path`` (written by :meth:`save` with ``start = len(self)``)."""
+        keys = np.load(path, allow_pickle=False)
+        if not len(keys):
+            return
+        kind = "int" if keys.dtype.kind in "iu" else "str"
+        if self.kind is not None and kind != self.kind:
+            raise DataError(str(path), f"{kind} {self.name} ids, the map before holds {self.kind}")
+        old = self._keys if self.kind is not None else np.zeros(0, keys.dtype)
+        self.load_state_dict({"name": self.name, "kind": kind,
+                              "keys": np.concatenate([old, keys])})
 
 
 # ----------------------------------------------------------------------------- files
@@ -288,45 +301,85 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 STATE_FILE = "stream.json"
 USER_IDS_FILE = "user_ids.npy"
 ITEM_IDS_FILE = "item_ids.npy"
+USER_IDS_DELTA = "user_ids.delta.npy"
+ITEM_IDS_DELTA = "item_ids.delta.npy"
 
 
-def save_stream(directory: str | Path, position: StreamPosition, source: StreamSource) -> None:
+def save_stream(directory: str | Path, position: StreamPosition, source: StreamSource,
+                since: tuple[int, int] | None = None) -> list[str]:
     """Writes the stream's part of a checkpoint into ``directory``: the id maps
     (``user_ids.npy``, ``item_ids.npy``), then ``stream.json`` (the position, the source's
-    small state and the id maps' sizes), each file atomically. Call it between windows, with
-    the last yielded window's ``position_after``.
+    small state and the id maps' sizes), each file atomically; returns the files' names.
+    Call it between windows, with the last yielded window's ``position_after``.
+
+    ``since`` (users, items): a delta of a checkpoint whose maps held that many ids: only the
+    ids added since go into ``user_ids.delta.npy`` / ``item_ids.delta.npy`` (maps only
+    grow), and ``stream.json`` records ``since`` (``delta_from``).
 
     A kill between the files leaves id maps newer than ``stream.json``: maps only grow, so
     :func:`load_stream` cuts them back to the sizes ``stream.json`` recorded."""
     directory = Path(directory)
     state = source.state_dict()
-    source.users.save(directory / USER_IDS_FILE)
-    source.items.save(directory / ITEM_IDS_FILE)
+    names = [USER_IDS_FILE, ITEM_IDS_FILE] if since is None else [USER_IDS_DELTA, ITEM_IDS_DELTA]
+    starts = (0, 0) if since is None else since
+    source.users.save(directory / names[0], starts[0])
+    source.items.save(directory / names[1], starts[1])
     small = {k: v for k, v in state.items() if k not in ("users", "items")}
-    write_json_atomic(directory / STATE_FILE, {
+    saved = {
         "position": position.to_dict(),
         "source": small,
         "num_users": len(source.users),
         "num_items": len(source.items),
-    })
+    }
+    if since is not None:
+        saved["delta_from"] = {"num_users": int(since[0]), "num_items": int(since[1])}
+    write_json_atomic(directory / STATE_FILE, saved)
+    return [*names, STATE_FILE]
 
 
-def load_stream(directory: str | Path, source: StreamSource) -> StreamPosition:
-    """Restores what :func:`save_stream` wrote into ``source``; returns the position to
-    continue from (``source.windows(position)``)."""
-    directory = Path(directory)
+def _read_state(directory: Path) -> dict[str, Any]:
     path = directory / STATE_FILE
     try:
-        saved = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise DataError(str(path), f"cannot read the stream state ({exc})") from None
+
+
+def load_stream(directory: str | Path, source: StreamSource,
+                links: list[str | Path] | tuple = ()) -> StreamPosition:
+    """Restores what :func:`save_stream` wrote into ``source``; returns the position to
+    continue from (``source.windows(position)``). A delta checkpoint needs its ``links``
+    (the folders before it: its full checkpoint first, then the deltas in order): the id
+    maps are the full one's, extended by each delta's new ids in order."""
+    folders = [Path(p) for p in links] + [Path(directory)]
+    saved = _read_state(folders[0])
+    if "delta_from" in saved:
+        raise DataError(str(folders[0] / STATE_FILE),
+                        "a delta checkpoint: it is restored with the chain its online.json names")
     for idmap, file, key in ((source.users, USER_IDS_FILE, "num_users"),
                              (source.items, ITEM_IDS_FILE, "num_items")):
-        idmap.load(directory / file)
+        idmap.load(folders[0] / file)
         if len(idmap) < saved[key]:
-            raise DataError(str(directory / file),
+            raise DataError(str(folders[0] / file),
                             f"holds {len(idmap)} ids, fewer than the {saved[key]} of {STATE_FILE}")
         idmap.truncate(saved[key])
+    for folder in folders[1:]:
+        saved = _read_state(folder)
+        start = saved.get("delta_from")
+        if start is None:
+            raise DataError(str(folder / STATE_FILE), "a full checkpoint where the chain has a "
+                            "delta")
+        for idmap, file, key in ((source.users, USER_IDS_DELTA, "num_users"),
+                                 (source.items, ITEM_IDS_DELTA, "num_items")):
+            if start[key] != len(idmap):
+                raise DataError(str(folder / file),
+                                f"adds ids after the first {start[key]}, the chain before it "
+                                f"holds {len(idmap)}")
+            idmap.extend(folder / file)
+            if len(idmap) < saved[key]:
+                raise DataError(str(folder / file), f"holds {len(idmap) - start[key]} ids, "
+                                f"fewer than the {saved[key] - start[key]} of {STATE_FILE}")
+            idmap.truncate(saved[key])
     state = dict(saved["source"])
     state["users"] = source.users.state_dict()
     state["items"] = source.items.state_dict()
@@ -335,8 +388,10 @@ def load_stream(directory: str | Path, source: StreamSource) -> StreamPosition:
 
 
 __all__ = [
+    "ITEM_IDS_DELTA",
     "ITEM_IDS_FILE",
     "STATE_FILE",
+    "USER_IDS_DELTA",
     "USER_IDS_FILE",
     "IdMap",
     "Lag",
