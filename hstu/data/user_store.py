@@ -40,12 +40,9 @@ _DELTA_RE = re.compile(r"user_store_delta\.rank(\d+)-of-(\d+)\.sqlite")
 # last checkpoint. A REPLACE fires the insert trigger only (recursive triggers are off).
 _TRACK = (
     "CREATE TEMP TABLE changed (user INTEGER PRIMARY KEY, deleted INTEGER NOT NULL)",
-    "CREATE TEMP TRIGGER changed_insert AFTER INSERT ON history BEGIN "
-    "INSERT OR REPLACE INTO changed VALUES (NEW.user, 0); END",
-    "CREATE TEMP TRIGGER changed_update AFTER UPDATE ON history BEGIN "
-    "INSERT OR REPLACE INTO changed VALUES (NEW.user, 0); END",
-    "CREATE TEMP TRIGGER changed_delete AFTER DELETE ON history BEGIN "
-    "INSERT OR REPLACE INTO changed VALUES (OLD.user, 1); END",
+    *(f"CREATE TEMP TRIGGER changed_{event.lower()} AFTER {event} ON history BEGIN "
+      f"INSERT OR REPLACE INTO changed VALUES ({row}.user, {gone}); END"
+      for event, row, gone in (("INSERT", "NEW", 0), ("UPDATE", "NEW", 0), ("DELETE", "OLD", 1))),
 )
 _CHUNK = 500  # users per SELECT ... IN (...) (SQLite's limit on parameters is larger)
 
@@ -387,16 +384,16 @@ class UserStore:
             try:
                 with self._conn:
                     for statement in (
-                        "CREATE TABLE delta.history (user INTEGER PRIMARY KEY, n INTEGER NOT "
-                        "NULL, items BLOB NOT NULL, timestamps BLOB NOT NULL, ratings BLOB NOT "
-                        "NULL)",
+                        ("CREATE TABLE delta.history (user INTEGER PRIMARY KEY, n INTEGER NOT "
+                         "NULL, items BLOB NOT NULL, timestamps BLOB NOT NULL, ratings BLOB NOT "
+                         "NULL)"),
                         "CREATE TABLE delta.deleted (user INTEGER PRIMARY KEY)",
                         "CREATE TABLE delta.meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-                        "INSERT INTO delta.history SELECT h.user, h.n, h.items, h.timestamps, "
-                        "h.ratings FROM main.history h JOIN temp.changed c ON h.user = c.user "
-                        "WHERE c.deleted = 0 ORDER BY h.user",
-                        "INSERT INTO delta.deleted SELECT user FROM temp.changed WHERE deleted "
-                        "= 1 ORDER BY user",
+                        ("INSERT INTO delta.history SELECT h.user, h.n, h.items, h.timestamps, "
+                         "h.ratings FROM main.history h JOIN temp.changed c ON h.user = c.user "
+                         "WHERE c.deleted = 0 ORDER BY h.user"),
+                        ("INSERT INTO delta.deleted SELECT user FROM temp.changed WHERE deleted "
+                         "= 1 ORDER BY user"),
                     ):
                         self._conn.execute(statement)
                     self._conn.executemany(
