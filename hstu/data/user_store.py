@@ -382,6 +382,8 @@ class UserStore:
             tmp.unlink()
             self._conn.execute("ATTACH DATABASE ? AS delta", (str(tmp),))
             try:
+                # small pages: a delta of a few users is a few kB, not four tables' 4 kB pages
+                self._conn.execute("PRAGMA delta.page_size = 512")
                 with self._conn:
                     for statement in (
                         ("CREATE TABLE delta.history (user INTEGER PRIMARY KEY, n INTEGER NOT "

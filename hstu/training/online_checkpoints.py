@@ -102,7 +102,7 @@ class StreamCheckpoints:
         elif name == os.path.basename(parent) or name in self.parent_chain:
             why = f"{name} is saved again (same step): its chain would hold itself"
         elif len(self.parent_chain) + 1 >= self.every:
-            why = f"every {self.every}th (StreamArgs.full_checkpoint_every)"
+            why = f"a base every {self.every} checkpoints (StreamArgs.full_checkpoint_every)"
         elif ckpt.manifest_of(parent) is None:
             why = f"the checkpoint before it ({parent}) is gone"
         if why:
