@@ -709,6 +709,120 @@ def _run_stream(a: argparse.Namespace) -> dict:
     }
 
 
+def open_stream_folder(events: int, items: int, users: int, window: int, seed: int = 0,
+                       root: str | None = None) -> tuple[str, dict]:
+    """A synthetic stream with a drifting catalogue and population: ``events`` events in
+    partitions of ``window``, about ``items`` distinct items and ``users`` distinct users over
+    the stream (at any time a window of active items and users, popular ones drawn more, that
+    slides along the ids), one event every 0.5 s of event time on average, click labels (0/1)
+    as the rating; built once, then reused."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = root or os.path.join(ROOT, "tmp_data", "stream-bench")
+    folder = os.path.join(root, f"open-{events}-{items}-{users}-by-{window}")
+    info_path = os.path.join(folder, "_bench.json")
+    if os.path.exists(info_path):
+        with open(info_path) as f:
+            return folder, json.load(f)
+    rng = np.random.default_rng(seed)
+    parts = -(-events // window)
+    active_items, active_users = max(1, items // 8), max(1, users // 4)
+    staging = folder + ".staging"
+    os.makedirs(staging, exist_ok=True)
+    t = 1_700_000_000
+    for k in range(parts):
+        n = min(window, events - k * window)
+        item_base = (items - active_items) * k // max(parts - 1, 1)
+        user_base = (users - active_users) * k // max(parts - 1, 1)
+        item = item_base + (active_items * rng.random(n) ** 3).astype(np.int64)
+        user = user_base + (active_users * rng.random(n) ** 2).astype(np.int64)
+        times = t + np.cumsum(rng.integers(0, 2, n))
+        t = int(times[-1]) + 1
+        part = os.path.join(staging, f"part-{k:06d}")
+        os.makedirs(part, exist_ok=True)
+        pq.write_table(pa.table({"user_id": user, "item_id": item, "timestamp": times,
+                                 "rating": (rng.random(n) < 0.3).astype(np.int64)}),
+                       os.path.join(part, "part-0.parquet"))
+        open(os.path.join(part, "_SUCCESS"), "w").close()
+    info = {"events": events, "items": items, "users": users, "window": window}
+    with open(os.path.join(staging, "_bench.json"), "w") as f:
+        json.dump(info, f)
+    os.replace(staging, folder)
+    return folder, info
+
+
+def _run_open_stream(a: argparse.Namespace) -> dict:
+    """The open-world online benchmark: 2 processes over a drifting synthetic stream with
+    configs/bench/stream_open_ranking.gin (hashed ids, bounded tables and stores)."""
+    folder, info = open_stream_folder(a.stream_events, a.stream_items, a.stream_users,
+                                      a.stream_window)
+    run_dir = tempfile.mkdtemp(prefix="hstu-bench-stream-open-")
+    threads = a.threads or max(1, (os.cpu_count() or 1) // 2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "pretrain_gr_ranking.py"), "--gin-config-file",
+           os.path.join(ROOT, "configs", "bench", "stream_open_ranking.gin"),
+           "--gin-param", f'StreamArgs.path="{folder}"',
+           "--gin-param", f'TrainerArgs.run_dir="{run_dir}"', *_gin_args(a)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
+    started = time.perf_counter()
+    done = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        return {"preset": "stream-open", "error": (done.stderr or done.stdout)[-1500:]}
+    from hstu.training.report import stream_windows
+
+    ws = stream_windows(run_dir)
+    events = sum(w["events"] for w in ws)
+    loop_s = sum(w["window_seconds"] for w in ws)
+    full = next((i for i, w in enumerate(ws) if w.get("item_occupied", 0) >= a.stream_capacity),
+                None)
+    half = ws[len(ws) // 2:]
+    rss = {}
+    for r in range(2):
+        v = [w[f"rss_mib_rank{r}"] for w in ws]
+        second = [w[f"rss_mib_rank{r}"] for w in half]
+        rss[r] = {"first": v[0], "median": float(sorted(v)[len(v) // 2]), "last": v[-1],
+                  "peak": max(v), "second_half_growth": (second[-1] - second[0]) / second[0]}
+    ckpt = [(w["checkpoint_bytes"], w.get("checkpoint_full", 1.0)) for w in ws
+            if "checkpoint_bytes" in w]
+    return {
+        "preset": "stream-open", **info, "windows": len(ws), "events_streamed": events,
+        "events_per_s": events / loop_s, "loop_s": loop_s, "wall_s": wall,
+        "table_full_at_window": None if full is None else full + 1,
+        "occupied_last": ws[-1].get("item_occupied", 0.0) if ws else 0.0,
+        "evicted": ws[-1].get("item_evicted", 0.0) if ws else 0.0,
+        "expired_item_rows": sum(w.get("expired_item_rows", 0.0) for w in ws),
+        "expired_users": sum(w.get("expired_users", 0.0) for w in ws),
+        "rss_mib": rss, "checkpoints": ckpt, "threads": threads, "run_dir": run_dir,
+    }
+
+
+def _open_stream_table(r: dict) -> str:
+    if "error" in r:
+        return f"stream-open: {r['error']}"
+    lines = [
+        (f"open-world online training (configs/bench/stream_open_ranking.gin, 2 processes, "
+         f"{r['threads']} threads each): {r['events_streamed']:,.0f} events, about "
+         f"{r['items']:,} items and {r['users']:,} users drifting, {r['windows']} windows of "
+         f"{r['window']:,}"),
+        (f"  {r['events_per_s']:,.0f} events/s ({r['loop_s']:.0f} s in the windows, "
+         f"{r['wall_s']:.0f} s wall); item table full at window {r['table_full_at_window']}, "
+         f"{r['occupied_last']:,.0f} rows occupied at the end; {r['evicted']:,.0f} evicted, "
+         f"{r['expired_item_rows']:,.0f} rows expired, {r['expired_users']:,.0f} users expired"),
+        "  | rank | RSS MiB first window | median | last | peak | growth over the second half |",
+        "  |---|---|---|---|---|---|",
+    ]
+    for rank, m in r["rss_mib"].items():
+        lines.append(f"  | {rank} | {m['first']:.0f} | {m['median']:.0f} | {m['last']:.0f} | "
+                     f"{m['peak']:.0f} | {m['second_half_growth']:+.1%} |")
+    if r["checkpoints"]:
+        lines.append("  checkpoint MiB (f: full base, d: delta): " + ", ".join(
+            f"{b / 2**20:.1f}{'f' if full else 'd'}" for b, full in r["checkpoints"]))
+    return "\n".join(lines)
+
+
 def _stream_table(r: dict) -> str:
     if "skipped" in r or "error" in r:
         return f"stream: {r.get('skipped') or r.get('error')}"
@@ -782,7 +896,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m hstu.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="*", default=["core"],
                     help="preset names, or a group: core (default), scaling, long, all; or "
-                         "stream (the online-training benchmark, alone)")
+                         "stream / stream-open (the online-training benchmarks, alone)")
     ap.add_argument("--steps", type=int, default=None,
                     help=f"timed steps per preset (default {CORE_DEFAULT_STEPS}; long-history "
                          f"presets {LONG_DEFAULT_STEPS})")
@@ -808,6 +922,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="--presets stream: events of the stream (default 5M)")
     ap.add_argument("--stream-window", type=int, default=50_000,
                     help="--presets stream: events per partition (= window)")
+    ap.add_argument("--stream-items", type=int, default=8_000_000,
+                    help="--presets stream-open: distinct items over the stream (default 8M)")
+    ap.add_argument("--stream-users", type=int, default=2_000_000,
+                    help="--presets stream-open: distinct users over the stream (default 2M)")
+    ap.add_argument("--stream-capacity", type=int, default=1_048_576,
+                    help="--presets stream-open: the item table's rows (the preset's)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -819,6 +939,19 @@ def main(argv: list[str] | None = None) -> None:
         for p in PRESETS:
             print(f"{p.name:26s} [{p.group}] {p.nproc} proc  {p.config} {' '.join(p.params)}"
                   f"  # {p.note}")
+        return
+    if "stream-open" in a.presets:
+        if set(a.presets) != {"stream-open"}:
+            ap.error("--presets stream-open runs alone (its own run of many minutes)")
+        if a.stream_capacity != 1_048_576:
+            cap = a.stream_capacity
+            a.gin_param += [f"item/DynamicEmbeddingArgs.item_vocab_size_or_capacity={cap}",
+                            f"StreamArgs.item_capacity={cap}"]
+        r = _run_open_stream(a)
+        print(_open_stream_table(r))
+        _write_json(a.json, {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+                             "torch": torch.__version__, "cpu": cpu_description(),
+                             "stream-open": r})
         return
     if "stream" in a.presets:
         if set(a.presets) != {"stream"}:

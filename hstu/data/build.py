@@ -68,7 +68,7 @@ def build_data(
             benchmark_num_batches, tp_size,
         )
     if stream_metadata is not None:  # online training without a dataset: a placeholder store
-        store = placeholder_store(stream_metadata)
+        store = placeholder_store(stream_metadata, 3 * (dataset_args.max_num_candidates + 1))
     else:
         store = SequenceStore.load(dataset_args.resolved_path, verbose=rank == 0)
     meta = store.metadata
@@ -121,12 +121,12 @@ def build_data(
     return train, evaluation, info
 
 
-def placeholder_store(metadata: dict[str, Any]) -> SequenceStore:
-    """One user with three events of item 1 (a sample in every split): the loaders' store of
-    an online run without a dataset (never trained on: the online loop gives the loaders
-    each window's store)."""
-    zeros = np.zeros(3, np.int64)
-    return SequenceStore(offsets=np.array([0, 3], np.int64), items=np.ones(3, np.int64),
+def placeholder_store(metadata: dict[str, Any], length: int) -> SequenceStore:
+    """One user with ``length`` events of item 1 (enough for a sample in every split): the
+    loaders' store of an online run without a dataset (never trained on: the online loop
+    gives the loaders each window's store)."""
+    zeros = np.zeros(length, np.int64)
+    return SequenceStore(offsets=np.array([0, length], np.int64), items=np.ones(length, np.int64),
                          timestamps=zeros, actions=zeros.copy(), contextual={}, metadata=metadata)
 
 

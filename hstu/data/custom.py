@@ -71,10 +71,14 @@ class _Input:
         return raw
 
 
-def _inputs(path: Path) -> _Input:
-    """The file to read of ``path`` (an archive: its one data file, else an error naming them)."""
+def _inputs(path: Path, data: bytes | None = None) -> _Input:
+    """The file to read of ``path`` (an archive: its one data file, else an error naming them);
+    ``data``: the file's bytes, already read (then the file is not opened again)."""
     kind = file_kind(path)
     gz = path.name.lower().endswith(".gz")
+    if data is not None:
+        assert kind in ("text", "json", "parquet"), path
+        return _Input(str(path), kind, lambda: data, gz)
     if kind != "archive":
         assert kind is not None
         return _Input(str(path), kind, path.read_bytes, gz, path=None if gz else path)
@@ -327,7 +331,7 @@ def action_classes(
 
 
 def read_custom_file(
-    path: Path, args: CustomDataArgs, optional_action: bool = False
+    path: Path, args: CustomDataArgs, optional_action: bool = False, data: bytes | None = None
 ) -> tuple[Columns, list[str], dict[str, str]]:
     """One file of a custom source, its mapped columns renamed (``user``, ``item``,
     ``time_key``, ``action`` when read, ``ctx:<column>``).
@@ -337,10 +341,12 @@ def read_custom_file(
         args: the column mapping.
         optional_action: read ``args.action_column`` only when the file has it (the stream
             source's optional rating); False: a file without it is an error.
+        data: the bytes of ``path`` (a data file, not an archive) when the caller read them
+            already: parsed from memory, so every error is about the content, none an I/O one.
     Returns: (columns, the file's column names ([] for text without a header), role ->
         the file's column for user / item / timestamp).
     """
-    src = _inputs(path)
+    src = _inputs(path, data)
     raw = source = None
     if src.kind == "parquet":
         have, source = _parquet_names(src)

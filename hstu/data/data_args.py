@@ -230,9 +230,16 @@ class StreamArgs:
     max_window_events: int | None = None
     """Cut a partition (or replay window) into windows of at most this many events; None: one window
     per partition."""
+    read_retries: int = 5
+    """A stream folder's file or partition that cannot be read (an OS error, not bad content) is
+    tried again this many times, waiting retry_backoff_seconds, then twice as long each time; then
+    the run stops with one line naming the file (it is never set aside for an OS error)."""
+    retry_backoff_seconds: float = 1.0
+    """The wait before the first retry of a read that failed with an OS error (doubled before each
+    next one)."""
     timestamp_unit: str = "s"
-    """Unit of the timestamp column: s or ms (windows carry seconds; order is checked at full
-    precision)."""
+    """Unit of the timestamp column: s or ms (windows carry seconds; events are put in time order
+    and repeated events found at full precision)."""
     rating_column: str = "rating"
     """Optional column read as the event's rating (a number); partitions without it have none."""
     extra_columns: list[str] = field(default_factory=list)
@@ -284,6 +291,20 @@ class StreamArgs:
     rating_classes: int | None = None
     """With DatasetArgs.dataset_name = "stream": ratings are integer classes 0..rating_classes-1
     (the action feature; ranking's labels); None: the stream has no action feature."""
+    ids: str = "dense"
+    """How raw ids become the model's: "dense" numbers them 1, 2, ... in order of first appearance
+    (maps on rank 0 that grow with every id seen; tables of static rows); "hashed" keys them with
+    no map (an integer id r is r + 1, a text id a 62-bit hash): memory does not grow with the ids
+    seen; the item table must then be dynamic (DynamicEmbeddingArgs), which bounds its rows."""
+    item_ttl_days: float | None = None
+    """Dynamic item tables: free the rows of items not seen for this many days of event time (the
+    newest event's timestamp); None keeps them until evicted for room."""
+    user_ttl_days: float | None = None
+    """Drop from the user store the users without an event for this many days of event time; None
+    keeps every user (within max_users_per_rank)."""
+    max_users_per_rank: int | None = None
+    """The most users a rank's user store keeps: beyond it, those whose newest event is oldest are
+    dropped (their next event starts a new history); None: no bound."""
     late_events: str = "insert"
     """An event older than its user's newest stored event (it arrived late): "insert" places it into
     the user's history in time order (history for later events; not tested, not a target), "drop"
@@ -309,11 +330,20 @@ class StreamArgs:
         _require(self.path != "", self, "path", "must not be empty")
         _positive(self, "poll_seconds", "idle_timeout_seconds", "incomplete_timeout_seconds",
                   "max_window_events", "publish_keep")
-        _positive(self, "item_capacity", "rating_classes")
+        _positive(self, "item_capacity", "rating_classes", "item_ttl_days", "user_ttl_days",
+                  "max_users_per_rank")
+        _require(self.ids in ("dense", "hashed"), self, "ids",
+                 f"must be 'dense' or 'hashed', got {self.ids!r}")
         _require(self.late_events in ("insert", "drop"), self, "late_events",
                  f"must be 'insert' or 'drop', got {self.late_events!r}")
         _require(0.0 < self.prequential_fading <= 1.0, self, "prequential_fading",
                  f"must be in (0, 1], got {self.prequential_fading!r}")
+        _require(
+            isinstance(self.read_retries, int) and not isinstance(self.read_retries, bool)
+            and self.read_retries >= 0,
+            self, "read_retries", f"must be an integer >= 0, got {self.read_retries!r}",
+        )
+        _require(self.retry_backoff_seconds >= 0, self, "retry_backoff_seconds", "must be >= 0")
         _require(self.publish_every_windows >= 0, self, "publish_every_windows", "must be >= 0")
         _require(self.publish_every_seconds >= 0, self, "publish_every_seconds", "must be >= 0")
         _require(

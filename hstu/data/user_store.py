@@ -30,7 +30,8 @@ from hstu.data.stream.core import Window, atomic_path
 
 logger = logging.getLogger("hstu.data.stream")
 
-FORMAT = 1
+FORMAT = 2
+"""2: each user's newest event time in a column (expiry); 1 had none."""
 SNAPSHOT = "user_store.rank{rank}-of-{world}.sqlite"
 _SNAPSHOT_RE = re.compile(r"user_store\.rank(\d+)-of-(\d+)\.sqlite")
 DELTA = "user_store_delta.rank{rank}-of-{world}.sqlite"
@@ -113,8 +114,10 @@ class UserStore:
         with self._conn:
             self._conn.execute(
                 "CREATE TABLE history (user INTEGER PRIMARY KEY, n INTEGER NOT NULL, "
-                "items BLOB NOT NULL, timestamps BLOB NOT NULL, ratings BLOB NOT NULL)"
+                "items BLOB NOT NULL, timestamps BLOB NOT NULL, ratings BLOB NOT NULL, "
+                "last INTEGER NOT NULL)"
             )
+            self._conn.execute("CREATE INDEX history_last ON history (last, user)")
             self._conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             self._conn.executemany(
                 "INSERT INTO meta VALUES (?, ?)",
@@ -194,12 +197,16 @@ class UserStore:
             seq.timestamps[kept].astype("<i8").tobytes(),
             seq.ratings[kept].astype("<f8").tobytes(),
         ]
+        last = seq.timestamps[np.maximum(seq.offsets[1:] - 1, 0)] if len(seq.timestamps) else \
+            np.zeros(len(users), np.int64)  # each user's newest event (histories are not empty)
         rows = [
-            (u, n, blobs[0][a:b], blobs[1][a:b], blobs[2][a:b])
-            for u, n, a, b in zip(users.tolist(), keep.tolist(), starts.tolist(), ends.tolist())
+            (u, n, blobs[0][a:b], blobs[1][a:b], blobs[2][a:b], t)
+            for u, n, a, b, t in zip(users.tolist(), keep.tolist(), starts.tolist(),
+                                     ends.tolist(), last.tolist())
         ]
         with self._conn:
-            self._conn.executemany("INSERT OR REPLACE INTO history VALUES (?, ?, ?, ?, ?)", rows)
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO history VALUES (?, ?, ?, ?, ?, ?)", rows)
 
     def _combine(
         self,
@@ -292,6 +299,23 @@ class UserStore:
         order = np.lexsort((seq.timestamps, b))  # stable: stored before inserted on ties
         self._write(users, Histories(seq.offsets, seq.items[order], seq.timestamps[order],
                                      seq.ratings[order]))
+
+    def expire(self, before: int | None = None, max_users: int | None = None) -> int:
+        """Drops the users whose newest event is older than event time ``before``, then, beyond
+        ``max_users``, those whose newest event is oldest (ties: lowest user first); returns
+        how many. A dropped user's next event starts a new history."""
+        dropped = 0
+        with self._conn:
+            if before is not None:
+                dropped += self._conn.execute(
+                    "DELETE FROM history WHERE last < ?", (int(before),)).rowcount
+            if max_users is not None:
+                over = self.num_users() - int(max_users)
+                if over > 0:
+                    dropped += self._conn.execute(
+                        "DELETE FROM history WHERE user IN (SELECT user FROM history "
+                        "ORDER BY last, user LIMIT ?)", (over,)).rowcount
+        return dropped
 
     def histories(self, users: np.ndarray) -> Histories:
         """The histories of ``users`` [B] (owned by this rank; a user never seen has none)."""
@@ -388,12 +412,12 @@ class UserStore:
                     for statement in (
                         ("CREATE TABLE delta.history (user INTEGER PRIMARY KEY, n INTEGER NOT "
                          "NULL, items BLOB NOT NULL, timestamps BLOB NOT NULL, ratings BLOB NOT "
-                         "NULL)"),
+                         "NULL, last INTEGER NOT NULL)"),
                         "CREATE TABLE delta.deleted (user INTEGER PRIMARY KEY)",
                         "CREATE TABLE delta.meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
                         ("INSERT INTO delta.history SELECT h.user, h.n, h.items, h.timestamps, "
-                         "h.ratings FROM main.history h JOIN temp.changed c ON h.user = c.user "
-                         "WHERE c.deleted = 0 ORDER BY h.user"),
+                         "h.ratings, h.last FROM main.history h JOIN temp.changed c ON h.user = "
+                         "c.user WHERE c.deleted = 0 ORDER BY h.user"),
                         ("INSERT INTO delta.deleted SELECT user FROM temp.changed WHERE deleted "
                          "= 1 ORDER BY user"),
                     ):
@@ -453,42 +477,48 @@ class UserStore:
         folders = [Path(p) for p in links] + [Path(directory)]
         snapshots = cls._files(folders[0], _SNAPSHOT_RE, "snapshot")
         deltas = [cls._files(folder, _DELTA_RE, "delta") for folder in folders[1:]]
-        for p in snapshots + [p for files in deltas for p in files]:
+        formats = [cls._check_meta(p, max_sequence_length) for p in snapshots]
+        for p in [p for files in deltas for p in files]:
             cls._check_meta(p, max_sequence_length)
         store = cls(path, max_sequence_length, rank, world_size, cache_mib)
         saved_world = len(snapshots)
-        if saved_world == world_size:
+        if saved_world == world_size and formats[rank] == FORMAT:
             src = sqlite3.connect(snapshots[rank])
             try:
                 src.backup(store._conn)
             finally:
                 src.close()
         else:
-            logger.info("user store: resharding %d ranks' snapshots for rank %d of %d",
-                        saved_world, rank, world_size)
-            for p in snapshots:
-                store._copy_rows(p, "INSERT INTO history VALUES (?, ?, ?, ?, ?)")
+            logger.info("user store: reading %d ranks' snapshots (format %s) for rank %d of %d",
+                        saved_world, formats, rank, world_size)
+            for p, fmt in zip(snapshots, formats):
+                store._copy_rows(p, fmt)
         for files in deltas:
             # the deltas of the same world as this run: this rank's file only
             mine = [files[rank]] if len(files) == world_size else files
             for p in mine:
-                store._copy_rows(p, "INSERT OR REPLACE INTO history VALUES (?, ?, ?, ?, ?)",
-                                 deleted=True)
+                store._copy_rows(p, FORMAT, delta=True)
         store.clear_changes()
         return store
 
-    def _copy_rows(self, source: Path, insert: str, deleted: bool = False) -> None:
-        """The rows of this rank's users in the snapshot or delta ``source`` into the store
-        (``insert``); with ``deleted`` the users its ``deleted`` table names are removed."""
+    def _copy_rows(self, source: Path, fmt: int, delta: bool = False) -> None:
+        """The rows of this rank's users in the snapshot or delta ``source`` (of format
+        ``fmt``) into the store; a delta's rows replace theirs, and the users its ``deleted``
+        table names are removed."""
         src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
         try:
             rows = src.execute(
-                "SELECT user, n, items, timestamps, ratings FROM history WHERE user % ? = ?",
+                "SELECT user, n, items, timestamps, ratings"
+                + (", last" if fmt >= 2 else "") + " FROM history WHERE user % ? = ?",
                 (self.world_size, self.rank),
             )
+            if fmt < 2:  # each user's newest event time (format 1 did not store it)
+                rows = ((*row, int(np.frombuffer(row[3][-8:], "<i8")[0]) if row[3] else 0)
+                        for row in rows)
+            verb = "INSERT OR REPLACE" if delta else "INSERT"
             with self._conn:
-                self._conn.executemany(insert, rows)
-                if deleted:
+                self._conn.executemany(f"{verb} INTO history VALUES (?, ?, ?, ?, ?, ?)", rows)
+                if delta:
                     gone = src.execute("SELECT user FROM deleted WHERE user % ? = ?",
                                        (self.world_size, self.rank))
                     self._conn.executemany("DELETE FROM history WHERE user = ?", gone)
@@ -498,7 +528,8 @@ class UserStore:
             src.close()
 
     @staticmethod
-    def _check_meta(path: Path, max_sequence_length: int) -> None:
+    def _check_meta(path: Path, max_sequence_length: int) -> int:
+        """The snapshot's format, after checking it can be read with ``max_sequence_length``."""
         try:
             conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
             try:
@@ -507,9 +538,9 @@ class UserStore:
                 conn.close()
         except sqlite3.DatabaseError as exc:
             raise DataError(str(path), f"not a user store snapshot ({exc})") from None
-        if meta.get("format") != str(FORMAT):
+        if meta.get("format") not in ("1", str(FORMAT)):
             raise DataError(
-                str(path), f"user store format {meta.get('format')}, this code reads {FORMAT}"
+                str(path), f"user store format {meta.get('format')}, this code reads 1 to {FORMAT}"
             )
         saved = int(meta["max_sequence_length"])
         if saved != max_sequence_length:
@@ -518,6 +549,7 @@ class UserStore:
                 f"saved with max_sequence_length {saved}, this run has {max_sequence_length}",
                 field="max_sequence_length",
             )
+        return int(meta["format"])
 
 
 __all__ = ["DELTA", "SNAPSHOT", "Histories", "Sequences", "UserStore", "owner"]

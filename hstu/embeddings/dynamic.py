@@ -117,6 +117,11 @@ class DynamicIdRemapper(nn.Module):
         self.register_buffer("num_admitted", torch.zeros((), **kw))
         self.register_buffer("num_evicted", torch.zeros((), **kw))
         self.register_buffer("num_eval_misses", torch.zeros((), **kw))
+        # event time (online training: the stream's clock, set_clock) of each row's last use,
+        # for expiry; the clock itself; rows freed by expiry so far
+        self.register_buffer("last_time", torch.zeros(capacity, **kw))
+        self.register_buffer("clock", torch.zeros((), **kw))
+        self.register_buffer("num_expired", torch.zeros((), **kw))
         # Sorted index over occupied slots, rebuilt from the persistent state on load.
         self.register_buffer("_sorted_ids", torch.zeros(0, **kw), persistent=False)
         self.register_buffer("_sorted_slots", torch.zeros(0, **kw), persistent=False)
@@ -316,6 +321,7 @@ class DynamicIdRemapper(nn.Module):
         slots, found, pos = self._search(uniq)
         hit = slots[found]
         self.last_access[hit] = step
+        self.last_time[hit] = self.clock
         self.access_count[hit] += counts[found]
         new_ids, new_counts = uniq[~found], counts[~found]  # sorted (unique output)
         num_new = new_ids.numel()
@@ -335,6 +341,7 @@ class DynamicIdRemapper(nn.Module):
         self.slot_ids[new_slots] = new_ids
         self.occupied[new_slots] = True
         self.last_access[new_slots] = step
+        self.last_time[new_slots] = self.clock
         self.access_count[new_slots] = new_counts
         self._num_occupied += free.numel()
         self.num_admitted += num_new
@@ -374,6 +381,33 @@ class DynamicIdRemapper(nn.Module):
         slots, found, _ = self._search(ids.to("cpu", torch.int64))
         return slots, found
 
+    @torch.no_grad()
+    def set_clock(self, event_time: int) -> None:
+        """The event time (seconds) that rows used from now on are stamped with (online
+        training: the newest event of the window being trained)."""
+        self.clock.fill_(int(event_time))
+
+    @torch.no_grad()
+    def expire(self, before: int) -> int:
+        """Frees the occupied rows whose last use was stamped before event time ``before``
+        (their ids come back with fresh rows when seen again); returns how many. The same on
+        every rank (the state is replicated; call it on every rank with the same ``before``)."""
+        old = self.occupied & (self.last_time < int(before))
+        n = int(old.sum())
+        if n:
+            self.occupied[old] = False
+            self.slot_ids[old] = 0
+            self.last_access[old] = 0
+            self.access_count[old] = 0
+            self.last_time[old] = 0
+            self.num_expired += n
+            self.rebuild_index()
+        return n
+
+    def live_ids(self) -> torch.Tensor:
+        """int64 [occupied]: the ids held by the table's rows, in slot order."""
+        return self.slot_ids[self.occupied]
+
     def stats(self) -> dict[str, int | float]:
         """Figures for the training log: occupancy and eviction counters."""
         occupied = int(self.occupied.sum())
@@ -387,6 +421,7 @@ class DynamicIdRemapper(nn.Module):
             "admitted_last_step": self._last_step_admitted,
             "evicted_last_step": self._last_step_evicted,
             "eval_misses_total": int(self.num_eval_misses),
+            "expired_total": int(self.num_expired),
             # Always 0 by construction: no two ids ever share a row (see module doc).
             "shared_row_lookups": 0,
         }

@@ -394,6 +394,17 @@ class OnlineTrainer:
             work.unlink(missing_ok=True)
             self.position = StreamPosition.start()
             self.store = UserStore(work, self.max_len, env.rank, env.world_size)
+        self.event_clock = int(done.get("event_clock", 0)) if loaded is not None else 0
+        """The newest event time read so far (seconds): the clock of expiry."""
+        self.remappers = self._item_remappers()
+        if self.stream_args.ids == "hashed" and not self.remappers:
+            raise ConfigError(
+                "StreamArgs", "ids",
+                "'hashed' keys items with no map, so the item table must bound its own rows: "
+                "make it dynamic (a DynamicEmbeddingArgs item table)")
+        if self.stream_args.item_ttl_days is not None and not self.remappers:
+            raise ConfigError("StreamArgs", "item_ttl_days",
+                              "expiry frees rows of a dynamic item table; this run's is static")
         t.checkpoint.extra_files = self._stream_files
         self._saved_position: StreamPosition | None = None
         self.publish_dir = self.stream_args.publish_dir or str(Path(run_dir) / "serving")
@@ -465,7 +476,8 @@ class OnlineTrainer:
             done = {"windows": self.windows_done, "step": self.trainer.step,
                     "position": self._saved_position.to_dict(),
                     "stream": stream_identity(self.stream_args, self.source),
-                    "prequential": self._preq, CHAIN_KEY: self.checkpoints.info()}
+                    "prequential": self._preq, "event_clock": self.event_clock,
+                    CHAIN_KEY: self.checkpoints.info()}
             if self.events_done >= 0:  # unknown after a resume from a checkpoint without it
                 done["events"] = self.events_done
             write_json_atomic(Path(folder) / ONLINE_FILE, done)
@@ -540,6 +552,27 @@ class OnlineTrainer:
         if world > 1:
             dist.all_reduce(table)
         return table.numpy()
+
+    def _item_remappers(self) -> list[Any]:
+        """The dynamic tables' remappers (empty when every table is static)."""
+        return [r for m in self.trainer.model.sparse.modules() if isinstance(m, HstuEmbeddings)
+                for r in m.remappers.values()]
+
+    def _expire(self) -> tuple[int, int]:
+        """After a window: frees dynamic table rows and drops stored users past their time to
+        live, and users beyond the store's bound (StreamArgs item_ttl_days, user_ttl_days,
+        max_users_per_rank); (rows freed, users dropped on this rank)."""
+        sa = self.stream_args
+        freed = 0
+        if sa.item_ttl_days is not None:
+            before = self.event_clock - int(sa.item_ttl_days * 86400)
+            freed = sum(r.expire(before) for r in self.remappers)
+        dropped = 0
+        if sa.user_ttl_days is not None or sa.max_users_per_rank is not None:
+            before = (None if sa.user_ttl_days is None
+                      else self.event_clock - int(sa.user_ttl_days * 86400))
+            dropped = self.store.expire(before, sa.max_users_per_rank)
+        return freed, dropped
 
     def _table_rows(self) -> dict[str, float]:
         """Each dynamic table's occupied rows and ids evicted so far (its remapper's counts,
@@ -668,8 +701,8 @@ class OnlineTrainer:
         """Retrieval: the items known so far (dense ids 1..K of the id map) are the corpus of
         the evaluation and of the full-corpus loss (rows past them hold no item yet)."""
         dense = self.trainer.model.dense_module
-        if self.cfg.task != "retrieval" or not hasattr(dense, "num_items"):
-            yield
+        if self.cfg.task != "retrieval" or not hasattr(dense, "num_items") or self.remappers:
+            yield  # (a dynamic item table's corpus is its live rows)
             return
         known = self.known_items + 1
         table = dense.num_items
@@ -798,9 +831,14 @@ class OnlineTrainer:
                     metrics = {"eval_events": 0.0}
                 else:
                     metrics = self.evaluate_window(work)
+                if window.num_events:  # rows used from here on are stamped with the clock
+                    self.event_clock = max(self.event_clock, int(window.timestamp.max()))
+                for r in self.remappers:
+                    r.set_clock(self.event_clock)
                 steps = self.train_window(work, window_metrics) if learn else 0
                 trained = work.targets if learn else 0
                 self.store.append(window)
+                freed, dropped = self._expire()
                 self.windows_done += 1
                 self.events_done += 0 if self.events_done < 0 else read
                 position = window.position_after
@@ -809,8 +847,15 @@ class OnlineTrainer:
                     self.windows_done - 1, time.monotonic() - self._published_at)
                 # every rank stops (a signal on any) and publishes (due on any) at the same
                 # window; each rank's resident memory, for the rows
-                agreed = self._all_counts(int(preemption.requested), int(due), resident_kib())
+                agreed = self._all_counts(int(preemption.requested), int(due), resident_kib(),
+                                          dropped)
                 stop, due = (bool(x) for x in agreed[:, :2].max(axis=0))
+                expired = {}
+                if self.stream_args.item_ttl_days is not None:
+                    expired["expired_item_rows"] = float(freed)  # (the same on every rank)
+                if (self.stream_args.user_ttl_days is not None
+                        or self.stream_args.max_users_per_rank is not None):
+                    expired["expired_users"] = float(agreed[:, 3].sum())
                 # "window" first: a window's rows start with it (readers of metrics.csv split
                 # the rows into windows there)
                 rows = {
@@ -822,7 +867,7 @@ class OnlineTrainer:
                     "seconds_behind": float(window.lag.seconds_behind),
                     "window_seconds": time.perf_counter() - started,
                     **{f"rss_mib_rank{r}": kib / 1024 for r, kib in enumerate(agreed[:, 2])},
-                    **self._table_rows(),
+                    **self._table_rows(), **expired,
                     **{k: float(v) for k, v in getattr(window, "counts", {}).items()},
                     **self._prequential_rows(metrics),
                 }

@@ -234,13 +234,17 @@ def test_corrupt_parquet_is_set_aside(tmp_path, caplog):
     assert_set_aside(tmp_path, caplog, "p2", "part-0000.parquet", "truncated or corrupt parquet")
 
 
-def test_events_out_of_time_order_are_set_aside(tmp_path, caplog):
+def test_events_out_of_time_order_are_put_in_order_and_counted(tmp_path, caplog):
     good = events(4, 100)
     land(tmp_path, "p1", good)
     land(tmp_path, "p2", [(1, 2, 500, 1.0), (1, 3, 510, 1.0), (2, 3, 505, 1.0)])
-    ws = list(FolderStream(tmp_path).windows())
-    assert collect(ws) == good
-    assert_set_aside(tmp_path, caplog, "p2", "part-0000.csv:4", "out of time order", "505")
+    src = FolderStream(tmp_path)
+    ws = list(src.windows())
+    assert collect(ws) == good + [(1, 2, 500, 1.0), (2, 3, 505, 1.0), (1, 3, 510, 1.0)]
+    assert ws[1].counts["reordered_events"] == 1 and not src.quarantined
+    (line,) = stream_lines(caplog)
+    assert line.startswith("stream: partition p2: reordered_events=1; first out of order: ")
+    assert "part-0000.csv:4: field timestamp: 505 after 510" in line
 
 
 def test_unknown_columns_are_set_aside(tmp_path, caplog):
@@ -266,11 +270,17 @@ def test_text_ids_in_a_stream_of_integer_ids_are_set_aside(tmp_path, caplog):
     assert_set_aside(tmp_path, caplog, "p2", "part-0001.csv: field user: user ids are text", "'alice'")
 
 
-def test_time_order_error_names_the_files_own_column(tmp_path, caplog):
+def test_time_order_note_names_the_files_own_column(tmp_path, caplog):
     land(tmp_path, "p1", [(1, 2, 100, 1.0)], file="part-0000")
-    land(tmp_path, "p1", [(1, 2, 50, 1.0)], file="part-0001", columns=("user", "item", "ts", "rating"))
-    assert collect(FolderStream(tmp_path).windows()) == []
-    assert_set_aside(tmp_path, caplog, "p1", "part-0001.csv:2: field ts: events out of time order: 50 comes after 100")
+    land(tmp_path, "p1", [(1, 2, 60, 1.0), (1, 3, 50, 1.0)], file="part-0001",
+         columns=("user", "item", "ts", "rating"))
+    ws = list(FolderStream(tmp_path).windows())
+    assert collect(ws) == [(1, 3, 50, 1.0), (1, 2, 60, 1.0), (1, 2, 100, 1.0)]  # merged by time
+    assert ws[0].counts == {"merged_files": 2, "reordered_events": 1, "duplicate_events": 0,
+                            "read_retries": 0}
+    (line,) = stream_lines(caplog)
+    assert "merged_files=2, reordered_events=1; first out of order: " in line
+    assert "part-0001.csv:3: field ts: 50 after 60" in line
 
 
 def test_late_partition_is_set_aside(tmp_path, caplog):
@@ -330,7 +340,7 @@ def test_partition_that_never_completes_is_set_aside(tmp_path, caplog):
 def test_a_quarantine_inside_the_folder_under_a_visible_name_is_not_read(tmp_path, caplog):
     a = events(3, 100)
     land(tmp_path, "p1", a)
-    land(tmp_path, "p2", [(1, 2, 50, 1.0), (1, 2, 40, 1.0)])  # out of order
+    land(tmp_path, "p2", [(1, 2, 50, 1.0), (1, 2, "soon", 1.0)])  # malformed
     src = FolderStream(tmp_path, quarantine_dir=tmp_path / "zz-bad")
     assert collect(src.windows()) == a
     assert (tmp_path / "zz-bad" / "p2" / REASON).exists()

@@ -6,6 +6,7 @@ Legend: E events in a window, K ids known to an id map.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -75,6 +76,11 @@ class Window:
     """Users first seen in this window (their dense ids are the largest)."""
     new_items: int = 0
     """Items first seen in this window."""
+    counts: dict[str, int] = field(default_factory=dict)
+    """What the source did to the rows of this window's partition when it read them (a
+    folder's partition: ``merged_files``, ``reordered_events``, ``duplicate_events``,
+    ``read_retries``, see ``hstu.data.stream.folder.COUNTS``), on the partition's first window
+    only (empty on the others), so a sum over windows counts each partition once."""
 
     @property
     def num_events(self) -> int:
@@ -93,9 +99,11 @@ class Window:
     def cut(
         name: str, first: int, whole: bool, users: IdMap, items: IdMap, raw_user: np.ndarray,
         raw_item: np.ndarray, timestamp: np.ndarray, rating: np.ndarray | None, lag: Lag,
+        counts: dict[str, int] | None = None,
     ) -> Window:
         """Rows ``first`` .. ``first + E`` of the partition ``name`` (``whole``: all of it),
-        their raw ids mapped through ``users`` / ``items`` (which grow)."""
+        their raw ids mapped through ``users`` / ``items`` (which grow); ``counts``: see
+        :attr:`counts`."""
         last = first + len(raw_user)
         user, new_users = users.map(raw_user)
         item, new_items = items.map(raw_item)
@@ -104,6 +112,7 @@ class Window:
             position_before=StreamPosition(name, first), position_after=StreamPosition(name, last),
             user=user, item=item, timestamp=timestamp, rating=rating, raw_user=raw_user,
             raw_item=raw_item, lag=lag, new_users=new_users, new_items=new_items,
+            counts=dict(counts or {}),
         )
 
 
@@ -251,6 +260,9 @@ class IdMap:
 
     def load(self, path: str | Path) -> None:
         keys = np.load(path, allow_pickle=False)
+        if keys.ndim != 1:
+            raise DataError(str(path), "holds ids keyed by hash, this run numbers its ids "
+                            "(StreamArgs.ids): they cannot be mixed")
         kind = None if not len(keys) else ("int" if keys.dtype.kind in "iu" else "str")
         self.load_state_dict({"name": self.name, "kind": kind, "keys": keys})
 
@@ -265,6 +277,118 @@ class IdMap:
         old = self._keys if self.kind is not None else np.zeros(0, keys.dtype)
         self.load_state_dict({"name": self.name, "kind": kind,
                               "keys": np.concatenate([old, keys])})
+
+
+_TEXT_BASE = 1 << 62
+"""Keys of text ids are in [2**62, 2**63): apart from integer ids' keys, which are in [1, 2**62)."""
+
+
+def _text_keys(text: np.ndarray) -> np.ndarray:
+    """int64 [E]: 2**62 + a 62-bit BLAKE2b hash of each text id (the same in every process)."""
+    uniq, inverse = np.unique(np.asarray(text, dtype=str), return_inverse=True)
+    digests = [int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little") >> 2
+               for t in uniq.tolist()]
+    return (np.asarray(digests, dtype=np.int64) + _TEXT_BASE)[inverse.reshape(-1)]
+
+
+class HashedIds:
+    """Raw id -> key, with no map to grow (StreamArgs.ids = "hashed"): an integer id r in
+    [0, 2**62) is r + 1, a text id 2**62 + its 62-bit hash. Nothing is remembered per id, so
+    memory does not grow with the ids seen; the keys go to dynamic tables (which bound their
+    rows) and to the user store (sharded by key). ``keep_names``: remember the text of text
+    keys (items, to answer in raw ids), pruned to the keys still in use with :meth:`prune`.
+
+    Same interface as :class:`IdMap`; ``len()`` is 0 and no id is counted as new."""
+
+    def __init__(self, name: str, keep_names: bool = False) -> None:
+        self.name = name
+        self.kind: str | None = None
+        self.keep_names = keep_names
+        self._names: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return 0
+
+    def check(self, raw: np.ndarray, where: str, field_name: str) -> None:
+        """Raises DataError if ``raw`` cannot be keyed: text into integer ids, or an integer
+        outside [0, 2**62)."""
+        if not len(raw):
+            return
+        if self.kind == "int" and raw.dtype.kind not in "iu":
+            raise DataError(where, f"{self.name} ids are text (e.g. {str(raw[0])[:40]!r}) but the "
+                            f"stream's {self.name} ids so far are integers", field=field_name)
+        if raw.dtype.kind in "iu":
+            bad = (raw < 0) | (raw >= _TEXT_BASE)
+            if bad.any():
+                raise DataError(where, f"{self.name} id {int(raw[bad][0])} is outside "
+                                "[0, 2**62) (StreamArgs.ids = 'hashed')", field=field_name)
+
+    def keys(self, raw: np.ndarray) -> np.ndarray:
+        keys, kind = _as_keys(raw, self.kind)
+        if kind == "int":
+            return keys + 1
+        out = _text_keys(keys)
+        if self.keep_names:
+            for k, t in zip(out.tolist(), np.asarray(keys).tolist()):
+                self._names.setdefault(k, t)
+        return out
+
+    def map(self, raw: np.ndarray) -> tuple[np.ndarray, int]:
+        if not len(raw):
+            return np.zeros(0, dtype=np.int64), 0
+        if self.kind is None:
+            self.kind = "int" if raw.dtype.kind in "iu" else "str"
+        return self.keys(raw), 0
+
+    def lookup(self, raw: np.ndarray) -> np.ndarray:
+        if not len(raw) or (self.kind == "int" and raw.dtype.kind not in "iu"):
+            return np.zeros(len(raw), dtype=np.int64)
+        return self.keys(raw)
+
+    def raw(self, keys: np.ndarray) -> np.ndarray:
+        """Raw ids of keys (text: the remembered names; '' for a key not remembered)."""
+        keys = np.asarray(keys, dtype=np.int64)
+        if self.kind != "str":
+            return keys - 1
+        return np.asarray([self._names.get(int(k), "") for k in keys], dtype=str)
+
+    def prune(self, keep: np.ndarray) -> None:
+        """Forgets the names of keys not in ``keep`` (e.g. a dynamic table's live ids)."""
+        live = set(np.asarray(keep, dtype=np.int64).tolist())
+        self._names = {k: v for k, v in self._names.items() if k in live}
+
+    def state_dict(self) -> dict[str, Any]:
+        keys = np.fromiter(self._names, dtype=np.int64, count=len(self._names))
+        names = np.asarray(list(self._names.values()), dtype=str)
+        return {"name": self.name, "kind": self.kind, "hashed": True, "keys": keys,
+                "names": names}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kind = state["kind"]
+        self._names = dict(zip(np.asarray(state.get("keys", [])).astype(np.int64).tolist(),
+                               np.asarray(state.get("names", [])).astype(str).tolist()))
+
+    def truncate(self, size: int) -> None:
+        """Nothing to cut back (no id is numbered)."""
+
+    def save(self, path: str | Path) -> None:
+        """Writes the kind and the remembered names to ``path`` (.npy) atomically: a [N + 1, 2]
+        text array, row 0 = ("hashed", kind)."""
+        state = self.state_dict()
+        rows = np.column_stack([state["keys"].astype(str), state["names"]]) if len(state["keys"]) \
+            else np.zeros((0, 2), dtype=str)
+        table = np.concatenate([np.asarray([["hashed", self.kind or ""]], dtype=str),
+                                rows.astype(str)]).astype(str)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, table, allow_pickle=False)
+
+    def load(self, path: str | Path) -> None:
+        table = np.load(path, allow_pickle=False)
+        if table.ndim != 2 or not len(table) or table[0, 0] != "hashed":
+            raise DataError(str(path), "holds a map of numbered ids, this run keys its ids by hash "
+                            "(StreamArgs.ids): they cannot be mixed")
+        self.load_state_dict({"kind": str(table[0, 1]) or None, "keys": table[1:, 0],
+                              "names": table[1:, 1]})
 
 
 # ----------------------------------------------------------------------------- files
@@ -314,16 +438,23 @@ def save_stream(directory: str | Path, position: StreamPosition, source: StreamS
 
     ``since`` (users, items): a delta of a checkpoint whose maps held that many ids: only the
     ids added since go into ``user_ids.delta.npy`` / ``item_ids.delta.npy`` (maps only
-    grow), and ``stream.json`` records ``since`` (``delta_from``).
+    grow), and ``stream.json`` records ``since`` (``delta_from``). Hashed ids
+    (:class:`HashedIds`: no numbered map; the names of live text ids, bounded by the dynamic
+    table) are written whole in a delta too, under the full file's name.
 
     A kill between the files leaves id maps newer than ``stream.json``: maps only grow, so
     :func:`load_stream` cuts them back to the sizes ``stream.json`` recorded."""
     directory = Path(directory)
     state = source.state_dict()
-    names = [USER_IDS_FILE, ITEM_IDS_FILE] if since is None else [USER_IDS_DELTA, ITEM_IDS_DELTA]
-    starts = (0, 0) if since is None else since
-    source.users.save(directory / names[0], starts[0])
-    source.items.save(directory / names[1], starts[1])
+    names = []
+    for k, (idmap, whole, delta) in enumerate(((source.users, USER_IDS_FILE, USER_IDS_DELTA),
+                                               (source.items, ITEM_IDS_FILE, ITEM_IDS_DELTA))):
+        if since is None or not isinstance(idmap, IdMap):
+            idmap.save(directory / whole)
+            names.append(whole)
+        else:
+            idmap.save(directory / delta, since[k])
+            names.append(delta)
     small = {k: v for k, v in state.items() if k not in ("users", "items")}
     saved = {
         "position": position.to_dict(),
@@ -369,8 +500,12 @@ def load_stream(directory: str | Path, source: StreamSource,
         if start is None:
             raise DataError(str(folder / STATE_FILE), "a full checkpoint where the chain has a "
                             "delta")
-        for idmap, file, key in ((source.users, USER_IDS_DELTA, "num_users"),
-                                 (source.items, ITEM_IDS_DELTA, "num_items")):
+        for idmap, whole, file, key in (
+                (source.users, USER_IDS_FILE, USER_IDS_DELTA, "num_users"),
+                (source.items, ITEM_IDS_FILE, ITEM_IDS_DELTA, "num_items")):
+            if not isinstance(idmap, IdMap):  # hashed ids: whole in every checkpoint
+                idmap.load(folder / whole)
+                continue
             if start[key] != len(idmap):
                 raise DataError(str(folder / file),
                                 f"adds ids after the first {start[key]}, the chain before it "
@@ -393,6 +528,7 @@ __all__ = [
     "STATE_FILE",
     "USER_IDS_DELTA",
     "USER_IDS_FILE",
+    "HashedIds",
     "IdMap",
     "Lag",
     "StreamPosition",

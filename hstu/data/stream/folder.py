@@ -9,15 +9,22 @@
         _quarantine/              bad partitions, moved here with a _REASON file
         .staging-xyz/             names starting with "." or "_" are never read
 
-Partitions are read whole, checked, then cut into windows (all of a partition, or
-``max_window_events`` each). Every bad partition costs one log line naming it (and the file
-and line where there is one), is moved into the quarantine with a ``_REASON`` file, and the
-stream goes on; nothing is lost and nothing is yielded twice (the ledger of consumed
-partitions is part of :meth:`FolderStream.state_dict`).
+Partitions are read whole, their part files merged by time (a stable sort of the files in name
+order: ties by file name, then row), events repeated inside the partition (same user, item and
+timestamp) dropped, then cut into windows (all of a partition, or ``max_window_events`` each);
+the first window of a partition carries what was done (:attr:`Window.counts`). An OS error while
+reading is retried with backoff, then stops the run (:class:`ReadFailed`). Every bad partition
+costs one log line naming it (and the file and line where there is one), is moved into the
+quarantine with a ``_REASON`` file, and the stream goes on; nothing is lost and nothing is
+yielded twice (the ledger of consumed partitions is part of :meth:`FolderStream.state_dict`).
+A quarantined partition is put back by :func:`reingest` (``python -m hstu.data.stream
+reingest``), with a ``_REINGEST`` marker that lets it in behind the stream's position.
 """
 
 from __future__ import annotations
 
+import bisect
+import errno
 import hashlib
 import logging
 import os
@@ -25,9 +32,9 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -48,8 +55,31 @@ REASON = "_REASON"
 """The text file beside a quarantined partition's files: why it was set aside (one line)."""
 QUARANTINE = "_quarantine"
 """The default quarantine folder, inside the stream folder."""
+REINGEST = "_REINGEST"
+"""The marker of a partition put back from the quarantine (:func:`reingest`): it is read even
+though its name sorts before the stream's position (once: the ledger remembers it)."""
+COUNTS = ("merged_files", "reordered_events", "duplicate_events", "read_retries")
+"""The keys of :attr:`Window.counts` (the first window of each partition):
+
+- ``merged_files``: the partition's data files holding events, when there are two or more (their
+  events merged by time); 0 for one file.
+- ``reordered_events``: events not in time order in their own file: for each file, its events
+  minus the longest run of them (not necessarily adjacent) already in time order, i.e. the
+  fewest events that had to move; summed over the files.
+- ``duplicate_events``: events dropped because an earlier one of the partition (in the merged
+  order) has the same user, item and timestamp.
+- ``read_retries``: reads of the partition's files (or its listing) that failed with an OS error
+  and were tried again.
+"""
+
+T = TypeVar("T")
 
 Stop = threading.Event | Callable[[], bool] | None
+
+
+class ReadFailed(DataError):
+    """A stream folder's file that could not be read (an OS error) after the retries: the run
+    stops (never a reason to set a partition aside: the file may be fine)."""
 
 
 def hidden(name: str) -> bool:
@@ -97,6 +127,10 @@ class _Loaded:
     item: np.ndarray  # [R]
     seconds: np.ndarray  # [R] int64
     rating: np.ndarray | None  # [R] float64
+    counts: dict[str, int] = field(default_factory=dict)
+    """What was done to its rows when read (COUNTS)."""
+    notes: list[str] = field(default_factory=list)
+    """Where: the first event out of order, the first duplicate (for the log line)."""
 
     @property
     def rows(self) -> int:
@@ -133,14 +167,64 @@ def _data_files(path: Path) -> list[Path]:
     return files
 
 
+def _read_file(path: Path) -> bytes:
+    """A data file's bytes (the one place a partition's files are read from)."""
+    return path.read_bytes()
+
+
+def _digest(file_digests: list[str]) -> str | None:
+    """The partition's hash of its non-empty files' sha256 hex digests (any order)."""
+    if not file_digests:
+        return None
+    return hashlib.sha256("\n".join(sorted(file_digests)).encode()).hexdigest()
+
+
 def partition_digest(path: Path) -> str | None:
     """Content hash of a partition: the sorted hashes of its data files (so the same data
     under other file names hashes the same); None when it holds no data."""
-    digests = sorted(hashlib.sha256(f.read_bytes()).hexdigest() for f in _data_files(path)
-                     if f.stat().st_size)
-    if not digests:
+    return _digest([hashlib.sha256(raw).hexdigest() for f in _data_files(path)
+                    if (raw := f.read_bytes())])
+
+
+def _repeats(t: np.ndarray, user: np.ndarray, item: np.ndarray
+             ) -> tuple[np.ndarray, int, int] | None:
+    """The events of ``t``, ``user``, ``item`` [R] (``t`` sorted) that repeat an earlier one's
+    timestamp, user and item: (bool [R], the first repeat, the event it repeats); None if none.
+    Only events sharing their timestamp with a neighbour can repeat one: C of them are sorted."""
+    eq = t[1:] == t[:-1]  # [R-1]
+    if not bool(eq.any()):
         return None
-    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
+    tied = np.zeros(len(t), dtype=bool)
+    tied[1:] |= eq
+    tied[:-1] |= eq
+    rows = np.flatnonzero(tied)  # [C]
+    idx = rows[np.lexsort((item[rows], user[rows], t[rows]))]  # stable: equal ones keep order
+    ts, us, its = t[idx], user[idx], item[idx]
+    same = (ts[1:] == ts[:-1]) & (us[1:] == us[:-1]) & (its[1:] == its[:-1])  # [C-1]
+    if not bool(same.any()):
+        return None
+    repeat = np.zeros(len(t), dtype=bool)
+    repeat[idx[1:][same]] = True
+    j = int(np.flatnonzero(repeat)[0])
+    q = int(np.flatnonzero(idx == j)[0])  # its place in the sorted order: walk to its group's first
+    while q > 0 and same[q - 1]:
+        q -= 1
+    return repeat, j, int(idx[q])
+
+
+def _out_of_order(t: np.ndarray) -> int:
+    """Events of ``t`` [R] not in time order: R minus its longest non-decreasing subsequence
+    (the fewest events that must move to sort it; equal times are in order)."""
+    if len(t) < 2 or bool(np.all(t[1:] >= t[:-1])):
+        return 0
+    tails: list[int] = []  # tails[k]: the smallest last time of an ordered run of k + 1 events
+    for v in t.tolist():
+        k = bisect.bisect_right(tails, v)
+        if k == len(tails):
+            tails.append(v)
+        else:
+            tails[k] = v
+    return len(t) - len(tails)
 
 
 def _count_rows(path: Path) -> int:
@@ -165,7 +249,8 @@ def _count_rows(path: Path) -> int:
 # column names a stream keeps (its timestamp unit and rating column are StreamArgs')
 _STREAM_KEYWORDS = (
     "follow", "poll_seconds", "idle_timeout_seconds", "incomplete_timeout_seconds",
-    "require_success", "quarantine_dir", "max_window_events", "extra_columns",
+    "require_success", "quarantine_dir", "max_window_events", "extra_columns", "read_retries",
+    "retry_backoff_seconds",
 )
 _OWN_DATA_COLUMNS = ("user_column", "item_column", "timestamp_column", "delimiter")
 
@@ -187,9 +272,13 @@ class FolderStream:
         columns: the column mapping (CustomDataArgs: user/item/timestamp column names,
             delimiter, timestamp_unit; action_column is the optional rating column).
         extra_columns: columns a partition may hold that are not read.
+        read_retries: an OS error while listing or reading a partition's files is retried
+            this many times, then the run stops (:class:`ReadFailed`).
+        retry_backoff_seconds: the wait before the first retry, doubled before each next one.
         stop: a threading.Event or a callable; once set / true, ``windows`` returns at the
             next window or poll.
         clock: the time source (tests pass a fast one).
+        sleep: how a retry waits (tests pass one that does not).
     """
 
     def __init__(
@@ -205,8 +294,11 @@ class FolderStream:
         max_window_events: int | None = None,
         columns: CustomDataArgs | None = None,
         extra_columns: tuple[str, ...] | list[str] = (),
+        read_retries: int = 5,
+        retry_backoff_seconds: float = 1.0,
         stop: Stop = None,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.path = Path(path)
         if not self.path.is_dir():
@@ -220,12 +312,16 @@ class FolderStream:
         self.max_window_events = max_window_events
         self.columns = columns or CustomDataArgs(action_column="rating")
         self.extra_columns = tuple(extra_columns)
+        self.read_retries = read_retries
+        self.retry_backoff_seconds = retry_backoff_seconds
         self.stop = stop
         self.clock = clock
+        self.sleep = sleep
+        self._retries = 0  # retries of the partition being read
         self.users = IdMap("user")
         self.items = IdMap("item")
         self.quarantined: list[Quarantined] = []
-        """Partitions this object set aside, in order."""
+        """Partitions this object set aside, in order (``len``: how many so far)."""
         self._ledger: dict[str, _Consumed] = {}
         self._digests: dict[str, str] = {}  # content hash -> partition name
         # pending partition -> (signature, rows)
@@ -297,7 +393,7 @@ class FolderStream:
             if nxt is not None and nxt.complete:
                 loaded = self._load(nxt)
                 if loaded is not None:
-                    yield from self._cut(loaded, 0, pending[1:])
+                    yield from self._cut(loaded, 0, pending[1:], loaded.counts)
                     last_progress = self.clock()
                 continue
             if nxt is not None and any(p.complete for p in pending[1:]):
@@ -338,6 +434,13 @@ class FolderStream:
 
     def _take_as_consumed(self, start: StreamPosition) -> None:
         """Without a ledger (no saved state), the partitions before ``start`` count as consumed."""
+        if (self.path / start.partition / REINGEST).exists():
+            raise DataError(
+                str(self.path / start.partition),
+                "the stream position is in this re-ingested partition, which sorts before "
+                "partitions consumed earlier: resuming from it needs the saved ledger "
+                "(load_stream of the checkpoint), not a bare position",
+            )
         before = [p.name for p in self._listing() if p.is_dir() and p.name < start.partition]
         for name in before:
             self._ledger[name] = _Consumed(None, -1)
@@ -362,7 +465,7 @@ class FolderStream:
             )
         marker = path / SUCCESS
         done = marker.stat().st_mtime if marker.exists() else path.stat().st_mtime
-        loaded = self._read(path, start.partition, done)
+        loaded = self._read(path, start.partition, done)  # merged and deduplicated again
         if known is not None and known.digest is not None and known.digest != loaded.digest:
             raise DataError(str(path), "changed since the checkpoint consumed part of it")
         if start.row > loaded.rows:
@@ -372,21 +475,30 @@ class FolderStream:
             )
         self._consume(loaded, path)
         pending = [p for p in self._scan() if p.name != start.partition]
-        yield from self._cut(loaded, start.row, pending)
+        # its counts went with its first window before the resume; only new retries count
+        retries = loaded.counts.get("read_retries", 0)
+        yield from self._cut(loaded, start.row, pending,
+                             {"read_retries": retries} if retries else {})
 
     def _listing(self) -> list[Path]:
         """The folder's entries in name order, without hidden names and the quarantine."""
         quarantine = self.quarantine_dir.resolve()
+        entries = self._retrying(self.path, lambda: list(os.scandir(self.path)))
         return sorted(
-            (Path(e.path) for e in os.scandir(self.path)
+            (Path(e.path) for e in entries
              if not hidden(e.name) and Path(e.path).resolve() != quarantine),
             key=lambda p: p.name,
         )
 
     def _scan(self) -> list[_Partition]:
         """The partitions still to read, in name order; sets aside what is in the folder but
-        cannot be read in order (a file, a late partition, a consumed one that changed)."""
+        cannot be read in order (a file, a late partition, a consumed one that changed).
+
+        A partition is late when its name sorts before the furthest partition the stream has
+        consumed (its position, or a later empty one); a late one with a _REINGEST marker
+        (put back from the quarantine) is read, ahead of the partitions in name order."""
         pending = []
+        furthest = max(self._pos.partition, max(self._ledger, default=""))
         for path in self._listing():
             name = path.name
             if not path.is_dir():
@@ -401,13 +513,15 @@ class FolderStream:
                 continue
             marker = path / SUCCESS
             complete = marker.exists() or not self.require_success
-            if name < self._pos.partition:
+            if name < furthest and not (path / REINGEST).exists():
                 if complete:  # (moved once its writer is done with it)
                     self._quarantine(
                         path, name,
                         f"arrived after the stream passed it (the stream is at partition "
-                        f"{self._pos.partition}, row {self._pos.row}); partitions must land in "
-                        "name order",
+                        f"{self._pos.partition}, row {self._pos.row}"
+                        + ("" if furthest == self._pos.partition else f"; consumed {furthest}")
+                        + "); partitions must land in name order (to feed it in anyway: "
+                        "python -m hstu.data.stream reingest)",
                     )
                 continue
             done = marker.stat().st_mtime if marker.exists() else path.stat().st_mtime
@@ -424,11 +538,13 @@ class FolderStream:
             unchanged = True
         elif entry.digest is None:  # consumed empty: changed once it holds events
             try:
-                unchanged = _count_rows(path) == 0
-            except (DataError, OSError, pa.ArrowException):
+                unchanged = self._read(path, name, 0.0).rows == 0
+            except ReadFailed:
+                raise
+            except DataError:  # holds something that is not even events
                 unchanged = False
         else:
-            unchanged = partition_digest(path) == entry.digest
+            unchanged = self._retrying(path, lambda: partition_digest(path)) == entry.digest
         if unchanged:
             entry.signature = sig
             return
@@ -438,15 +554,49 @@ class FolderStream:
             "its events were consumed as they were then",
         )
 
+    def _retrying(self, where: Path, what: Callable[[], T]) -> T:
+        """``what()``, tried again after an OS error (``read_retries`` times, waiting
+        ``retry_backoff_seconds``, doubled each time; one warning line each); then
+        :class:`ReadFailed` naming the file. Other errors pass through."""
+        wait = self.retry_backoff_seconds
+        for attempt in range(self.read_retries + 1):
+            try:
+                return what()
+            except OSError as exc:
+                failed = exc.filename or where
+                error = exc.strerror or str(exc) or type(exc).__name__
+                if attempt == self.read_retries:
+                    raise ReadFailed(
+                        str(failed),
+                        f"cannot be read: {error} (tried {attempt + 1} times, "
+                        f"StreamArgs.read_retries={self.read_retries}); the stream stops here: "
+                        "once the file can be read, resume from the last checkpoint",
+                    ) from None
+                self._retries += 1
+                logger.warning("stream: reading %s failed: %s; retry %d of %d in %g s",
+                               failed, error, attempt + 1, self.read_retries, wait)
+                self.sleep(wait)
+                wait *= 2
+        raise AssertionError("unreachable")
+
     def _read(self, path: Path, name: str, done_time: float) -> _Loaded:
-        """Reads and checks a partition; DataError names the file (and line) at fault."""
-        files = [f for f in _data_files(path) if f.stat().st_size]
-        digest = partition_digest(path)
+        """Reads and checks a partition, its files merged by time and its repeated events
+        dropped; DataError names the file (and line) at fault, ReadFailed a file that could not
+        be read (OS errors, after the retries)."""
+        self._retries = 0
         rating_col = self.columns.action_column
+        files: list[Path] = []  # the non-empty data files, in name order
+        file_digests: list[str] = []
         parts: list[Columns] = []
         roles_of: list[dict[str, str]] = []  # each file's user / item / timestamp columns
-        for f in files:
-            cols, have, roles = read_custom_file(f, self.columns, optional_action=True)
+        for f in self._retrying(path, lambda: _data_files(path)):
+            raw = self._retrying(f, lambda f=f: _read_file(f))
+            if not raw:
+                continue
+            file_digests.append(hashlib.sha256(raw).hexdigest())
+            cols, have, roles = read_custom_file(f, self.columns, optional_action=True, data=raw)
+            del raw
+            files.append(f)
             roles_of.append(roles)
             known = {*roles.values(), *self.extra_columns}
             if rating_col:
@@ -464,9 +614,12 @@ class FolderStream:
                     field=unknown[0],
                 )
             parts.append(cols)
+        counts = dict.fromkeys(COUNTS, 0)
+        counts["read_retries"] = self._retries
         if not sum(p.num_rows for p in parts):  # no events: nothing to duplicate
             empty = np.zeros(0, dtype=np.int64)
-            return _Loaded(name, done_time, None, empty, empty, empty, None)
+            return _Loaded(name, done_time, None, empty, empty, empty, None, counts)
+        digest = _digest(file_digests)
         with_rating = ["action" in p.data for p in parts]
         if any(with_rating) and not all(with_rating):
             bad = files[with_rating.index(False)]
@@ -484,29 +637,48 @@ class FolderStream:
         if any(with_rating):
             for p in parts:
                 p.data["action"] = p.data["action"].astype(np.float64)
+        notes: list[str] = []
+        n_files = sum(p.num_rows > 0 for p in parts)
+        counts["merged_files"] = n_files if n_files > 1 else 0
+        for p, roles in zip(parts, roles_of):  # events out of order in their own file
+            moved = _out_of_order(p.data["time_key"])
+            if moved and not counts["reordered_events"]:
+                ft = p.data["time_key"]
+                r = int(np.flatnonzero(ft[1:] < ft[:-1])[0]) + 1
+                file, line = p.locate(r)
+                notes.append(f"first out of order: {file}:{line}: field {roles['timestamp']}: "
+                             f"{ft[r]} after {ft[r - 1]}")
+            counts["reordered_events"] += moved
         log = Columns.concat(parts)
-        t = log.data["time_key"]
-        back = np.flatnonzero(t[1:] < t[:-1])
-        if back.size:
-            r = int(back[0]) + 1
-            where = [str(f) for f in files].index(log.locate(r)[0])
-            raise log.error(
-                r, roles_of[where]["timestamp"],
-                f"events out of time order: {t[r]} comes after {t[r - 1]} (events of a "
-                "partition must be in time order)",
-            )
         for key in ("user", "item"):
             if log.data[key].dtype.kind not in "iu":
                 log.data[key] = log.data[key].astype(str)
+        t = log.data["time_key"]
+        # the merge: a stable sort of the files concatenated in name order (ties: file, row)
+        order = (np.arange(len(t)) if bool(np.all(t[1:] >= t[:-1]))
+                 else np.argsort(t, kind="stable"))
+        user, item, t = log.data["user"][order], log.data["item"][order], t[order]
+        rating = log.data["action"][order].astype(np.float64) if any(with_rating) else None
+        # repeated events (same user, item and timestamp): the first in the merged order stays
+        found = _repeats(t, user, item)
+        if found is not None:
+            repeat, j, twin = found
+            (file, line), (file0, line0) = log.locate(int(order[j])), log.locate(int(order[twin]))
+            notes.append(f"first duplicate: {file}:{line} repeats {file0}:{line0}")
+            counts["duplicate_events"] = int(repeat.sum())
+            keep = ~repeat
+            user, item, t = user[keep], item[keep], t[keep]
+            rating = None if rating is None else rating[keep]
         seconds = t // 1000 if self.columns.timestamp_unit == "ms" else t
-        rating = log.data["action"].astype(np.float64) if any(with_rating) else None
-        return _Loaded(name, done_time, digest, log.data["user"], log.data["item"],
-                       seconds.astype(np.int64), rating)
+        return _Loaded(name, done_time, digest, user, item, seconds.astype(np.int64), rating,
+                       counts, notes)
 
     def _load(self, part: _Partition) -> _Loaded | None:
         """The partition read and checked, and entered in the ledger; None (set aside) when bad."""
         try:
             loaded = self._read(part.path, part.name, part.done_time)
+        except ReadFailed:  # not the partition's fault: the run stops
+            raise
         except DataError as exc:
             self._quarantine(part.path, part.name, str(exc))
             return None
@@ -518,6 +690,13 @@ class FolderStream:
             )
             return None
         self._consume(loaded, part.path)
+        done = {k: v for k, v in loaded.counts.items() if v}
+        if done:
+            level = (logging.WARNING if done.keys() & {"reordered_events", "duplicate_events"}
+                     else logging.INFO)
+            logger.log(level, "stream: partition %s: %s%s", part.name,
+                       ", ".join(f"{k}={v}" for k, v in done.items()),
+                       "".join(f"; {note}" for note in loaded.notes))
         return loaded
 
     def _consume(self, loaded: _Loaded, path: Path) -> None:
@@ -543,7 +722,9 @@ class FolderStream:
             rows += cached[1]
         return rows
 
-    def _cut(self, loaded: _Loaded, row0: int, pending: list[_Partition]) -> Iterator[Window]:
+    def _cut(self, loaded: _Loaded, row0: int, pending: list[_Partition],
+             counts: dict[str, int]) -> Iterator[Window]:
+        """Windows of rows ``row0`` .. of ``loaded``; the first one carries ``counts``."""
         n = loaded.rows
         self._pos = StreamPosition(loaded.name, row0)
         if row0 >= n:
@@ -562,6 +743,7 @@ class FolderStream:
                 loaded.name, a, (a, b) == (0, n), self.users, self.items, loaded.user[a:b],
                 loaded.item[a:b], loaded.seconds[a:b],
                 None if loaded.rating is None else loaded.rating[a:b], self._lag,
+                counts=counts if a == row0 else {},
             )
             self._pos = window.position_after
             yield window
@@ -588,6 +770,57 @@ class FolderStream:
         logger.warning("stream: partition %s set aside to %s: %s", name, dest, reason)
 
 
+def reingest(stream: str | Path, name: str, new_name: str | None = None,
+             quarantine_dir: str | Path | None = None) -> Path:
+    """Puts the quarantined partition ``name`` back into ``stream`` (as ``new_name``, default
+    ``name``) for the stream to read once; returns its new path.
+
+    Writes a ``_REINGEST`` marker into it (what it was set aside for, where it came from: the
+    marker lets it in though its name sorts before the stream's position; the stream's ledger
+    makes sure it is consumed once) and an empty ``_SUCCESS`` if it has none (putting it back
+    says it is complete), then renames it into the stream folder (one rename: a running stream
+    sees all of it or nothing) and removes its ``_REASON``. A quarantine on another file system
+    is copied into a hidden folder of the stream first, then renamed. DataError: no such
+    quarantined partition, a name that is taken or hidden, a file in it that is not data."""
+    root = Path(stream)
+    if not root.is_dir():
+        raise DataError(str(root), "no such stream folder")
+    qdir = Path(quarantine_dir) if quarantine_dir else root / QUARANTINE
+    dest_name = name if new_name is None else new_name
+    for value in (name, dest_name):
+        if not value or "/" in value or os.sep in value or hidden(value):
+            raise DataError(repr(value), "not a partition name (a folder name that does not "
+                            "start with '.' or '_')")
+    src = qdir / name
+    if not src.is_dir():
+        there = sorted(p.name for p in qdir.iterdir() if p.is_dir()) if qdir.is_dir() else []
+        listed = ", ".join(there[:10]) + (", ..." if len(there) > 10 else "")
+        raise DataError(str(src), f"no such quarantined partition (in {qdir}: {listed or 'none'})")
+    dest = root / dest_name
+    if dest.exists():
+        raise DataError(str(dest), "is in the stream folder already: put the partition back "
+                        "under another name with --as NEW_NAME")
+    _data_files(src)  # a file that is not data would set it aside again: say so now
+    reason_file = src / REASON
+    reason = reason_file.read_text().strip() if reason_file.exists() else "(no _REASON)"
+    (src / REINGEST).write_text(f"re-ingested from {src} as {dest_name}; it had been set aside: "
+                                f"{reason}\n")
+    if not (src / SUCCESS).exists():
+        (src / SUCCESS).write_text("")
+    try:
+        os.rename(src, dest)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        staging = root / f".reingest-{dest_name}"  # hidden: never read while it is copied
+        shutil.copytree(src, staging)
+        os.rename(staging, dest)
+        shutil.rmtree(src)
+    (dest / REASON).unlink(missing_ok=True)
+    return dest
+
+
 __all__ = [
-    "QUARANTINE", "REASON", "SUCCESS", "FolderStream", "Quarantined", "hidden", "partition_digest",
+    "COUNTS", "QUARANTINE", "REASON", "REINGEST", "SUCCESS", "FolderStream", "Quarantined",
+    "ReadFailed", "hidden", "partition_digest", "reingest",
 ]
