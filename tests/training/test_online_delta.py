@@ -140,8 +140,9 @@ def _run_folder(data: Path, run_dir: Path, folder: Path,  # noqa: F811
 
 def test_deltas_small_chains_kept_and_resume_bitwise(data, tmp_path):  # noqa: F811
     """A stream whose first partition brings 3,000 users (one event each) and whose later
-    partitions touch 5 of them: the deltas' stream files are a small fraction of the full
-    checkpoint's; keep_last_n=1 keeps the newest checkpoint and its chain only; a run
+    partitions touch 5 of them: the delta's stream files are a small fraction of the full
+    checkpoint's; the users expired at p03 (StreamArgs.user_ttl_days) travel as the delta's
+    deleted users; keep_last_n=1 keeps the newest checkpoint and its chain only; a run
     resumed from base + 2 deltas (with a full checkpoint asked for by the full_checkpoint
     file) ends bitwise where an all-full uninterrupted run ends, with the same rows."""
     rng = np.random.default_rng(0)
@@ -152,21 +153,25 @@ def test_deltas_small_chains_kept_and_resume_bitwise(data, tmp_path):  # noqa: F
     for k in range(2, 6):
         _partition(folder, f"p{k:02d}", few, 100_000 * k, per_user=4)
     # the reference: all five partitions in one run, every checkpoint full
+    ttl = "StreamArgs.user_ttl_days=3"  # p03 (day 3.5) drops the users last seen in p01
     ref = tmp_path / "ref"
-    _run_folder(data, ref, folder, ["StreamArgs.full_checkpoint_every=1"])
+    _run_folder(data, ref, folder, ["StreamArgs.full_checkpoint_every=1", ttl])
     # the run under test sees p01..p03 first (the others hidden), then all five
     hidden = [folder / f"p{k:02d}" for k in (4, 5)]
     for p in hidden:
         p.rename(p.with_name("." + p.name))
     run_dir = tmp_path / "delta"
-    extra = ["StreamArgs.full_checkpoint_every=3", "TrainerArgs.keep_last_n=1"]
+    extra = ["StreamArgs.full_checkpoint_every=3", "TrainerArgs.keep_last_n=1", ttl]
     out = _run_folder(data, run_dir, folder, extra)
     assert list(kinds(run_dir).values()) == ["full", "delta", "delta"], kinds(run_dir)
     # the newest is a delta: its base and the delta before it are kept (keep_last_n=1)
     assert [p.name for p in chain_of(newest(run_dir))] == list(kinds(run_dir))
     sizes = [float(r[3]) for r in _all_rows(run_dir) if r[2] == "checkpoint_stream_bytes"]
-    full_bytes, delta_bytes = sizes[0], max(sizes[1:])
-    assert delta_bytes * 10 < full_bytes, sizes  # measured: about 1/40
+    assert sizes[1] * 10 < sizes[0], sizes  # p02's delta: 5 users; measured about 1/40
+    conn = sqlite3.connect(newest(run_dir) / "user_store_delta.rank0-of-1.sqlite")
+    deleted = [u for (u,) in conn.execute("SELECT user FROM deleted")]
+    conn.close()
+    assert len(deleted) == 3000 - 5, len(deleted)  # expired at p03
     assert "checkpoint iter_0: full (the first of the run)" in out
     assert " delta 2 on base iter_0, " in out
     for name in kinds(run_dir):  # each checkpoint rebuilt from its chain = the all-full run's
