@@ -406,8 +406,11 @@ class UserStore:
             tmp.unlink()
             self._conn.execute("ATTACH DATABASE ? AS delta", (str(tmp),))
             try:
-                # small pages: a delta of a few users is a few kB, not four tables' 4 kB pages
-                self._conn.execute("PRAGMA delta.page_size = 512")
+                # small pages: a delta of a few users is a few kB, not four tables' 4 kB pages;
+                # no journal or syncs while it is written (a temporary file, fsynced once
+                # whole before its rename)
+                for pragma in ("page_size = 512", "journal_mode = OFF", "synchronous = OFF"):
+                    self._conn.execute(f"PRAGMA delta.{pragma}")
                 with self._conn:
                     for statement in (
                         ("CREATE TABLE delta.history (user INTEGER PRIMARY KEY, n INTEGER NOT "
