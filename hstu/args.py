@@ -812,7 +812,10 @@ class RetrievalArgs:
     once per batch (per rank), every query scored against all of them (one [queries x num_negatives]
     matmul: the cost of a large catalogue without num_negatives lookups per query; no logQ
     correction, uniform draws need none); full_corpus: every item is a negative, the exact softmax
-    (num_negatives must be -1; cost grows with the corpus)."""
+    (num_negatives must be -1; cost grows with the corpus; refused with a dynamic item table);
+    sampled_live: for a dynamic item table (DynamicEmbeddingArgs), the in-batch positives plus
+    num_negatives uniform draws per step over the table's live (occupied) rows, the same draws for
+    every query and every rank, never admitted, with the logQ correction (docs/model.md)."""
     temperature: float = 0.05
     """Softmax temperature on cosine similarities."""
     full_corpus_matmul_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -834,9 +837,9 @@ class RetrievalArgs:
     synthetic set's recalls); the popularity baseline follows the same protocol."""
 
     exclude_history_from_loss: bool = False
-    """With negative_sampling="full_corpus", training: each query's softmax leaves out the items of
-    its own history (the items at its position and before, except its target), as evaluation with
-    eval_exclude_history ranks them; False: every other item is a negative."""
+    """With negative_sampling="full_corpus" or "sampled_live", training: each query's softmax leaves
+    out the items of its own history (the items at its position and before, except its target), as
+    evaluation with eval_exclude_history ranks them; False: every other item is a negative."""
 
     eval_num_users: int = 0
     """Evaluate on a fixed random subset of this many users of the split (the same users at every
@@ -865,10 +868,12 @@ class RetrievalArgs:
         _require(problem is None, self, "num_negatives", problem or "")
         _positive(self, "temperature", "l2_norm_eps")
         _require(
-            not self.exclude_history_from_loss or self.negative_sampling == "full_corpus",
+            not self.exclude_history_from_loss
+            or self.negative_sampling in ("full_corpus", "sampled_live"),
             self,
             "exclude_history_from_loss",
-            f"applies to negative_sampling='full_corpus' only, got {self.negative_sampling!r}",
+            "applies to negative_sampling='full_corpus' or 'sampled_live' only, got "
+            f"{self.negative_sampling!r}",
         )
         _require(
             self.full_corpus_matmul_dtype in ("auto", "float32")

@@ -74,20 +74,65 @@ def check_ema(trainer: Any, tables: list[Any]) -> None:
         )
 
 
-def check_full_corpus_table(sparse: Any, item_feature: str) -> None:
-    """RetrievalArgs.negative_sampling="full_corpus" with a dynamic item table: the loss scores
-    the rows each rank holds, and a dynamic table's rows are slots (free ones, and ids that
-    come and go), not the catalogue. ``sparse``: the model's HstuEmbeddings (anything else:
-    nothing to check)."""
-    specs = getattr(sparse, "specs", None)
-    table = getattr(sparse, "_feature_to_table", {}).get(item_feature)
-    if specs is not None and table is not None and specs[table].dynamic:
-        raise ConfigError(
+def _item_table_problem(sampling: str, table: str, dynamic: bool) -> ConfigError | None:
+    """The refusal of ``sampling`` (RetrievalArgs.negative_sampling) over item table ``table``
+    (dynamic or static), or None."""
+    if sampling == "full_corpus" and dynamic:
+        return ConfigError(
             "RetrievalArgs",
             "negative_sampling",
             f"'full_corpus' cannot score dynamic item table {table!r} (DynamicEmbeddingArgs): "
-            "its rows are slots, not the catalogue (make the table static, or sample negatives)",
+            "its rows are slots, not the catalogue; use negative_sampling='sampled_live' "
+            "(in-batch plus uniform negatives over the table's live rows), or a static table",
         )
+    if sampling == "sampled_live" and not dynamic:
+        return ConfigError(
+            "RetrievalArgs",
+            "negative_sampling",
+            f"'sampled_live' draws over the live rows of a dynamic item table; item table "
+            f"{table!r} is static (declare it with DynamicEmbeddingArgs, or use 'mixed')",
+        )
+    return None
+
+
+def check_item_table_sampling(retrieval: Any, tables: list[Any], item_feature: str) -> None:
+    """RetrievalArgs.negative_sampling against the kind of the item table (``tables``: the
+    run's EmbeddingArgs / DynamicEmbeddingArgs; ``item_feature``: the data's item feature):
+    "full_corpus" scores the rows each rank holds, and a dynamic table's rows are slots
+    (free ones, and ids that come and go), not the catalogue; "sampled_live" draws over a
+    dynamic table's live rows, which a static table does not have."""
+    if retrieval is None:
+        return
+    for table in tables:
+        if item_feature in table.feature_names:
+            problem = _item_table_problem(
+                retrieval.negative_sampling, table.table_name, _is_dynamic(table)
+            )
+            if problem is not None:
+                raise problem
+
+
+def check_full_corpus_table(sparse: Any, item_feature: str) -> None:
+    """:func:`check_item_table_sampling`'s "full_corpus" refusal on a built sparse module
+    (``sparse``: the model's HstuEmbeddings; anything else: nothing to check)."""
+    specs = getattr(sparse, "specs", None)
+    table = getattr(sparse, "_feature_to_table", {}).get(item_feature)
+    if specs is not None and table is not None:
+        problem = _item_table_problem("full_corpus", table, specs[table].dynamic)
+        if problem is not None:
+            raise problem
+
+
+def check_live_table(sparse: Any, item_feature: str) -> None:
+    """:func:`check_item_table_sampling`'s "sampled_live" refusal on a built sparse module
+    (HstuEmbeddings, or EmbeddingsByDim holding several)."""
+    for module in [sparse, *getattr(sparse, "groups", {}).values()]:
+        table = getattr(module, "_feature_to_table", {}).get(item_feature)
+        if table is not None:
+            problem = _item_table_problem("sampled_live", table, module.specs[table].dynamic)
+            if problem is not None:
+                raise problem
+            return
 
 
 def check_full_corpus_optimizer(
@@ -497,6 +542,8 @@ __all__ = [
     "check_full_corpus_optimizer",
     "check_full_corpus_table",
     "check_history_loss",
+    "check_item_table_sampling",
+    "check_live_table",
     "check_parallel",
     "check_peer_mask",
     "check_placement",

@@ -13,17 +13,21 @@ Sits above :mod:`hstu.data` (docs/architecture.md, "Layers").
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import gin
-
 from hstu import args as A
 from hstu import checks
 from hstu.data.data_args import DATA_ARG_CLASSES
-from hstu.gin_parsing import Binding, instantiate, parse_sources, unused_scope_warnings, where_set
+from hstu.gin_parsing import (
+    Binding,
+    instantiate,
+    parse_sources,
+    unrecorded,
+    unused_scope_warnings,
+    where_set,
+)
 from hstu.ops.masks import check_window
 
 Task = Literal["ranking", "retrieval"]
@@ -130,8 +134,13 @@ def load_config(
         dataset = build(A.DatasetArgs)
         tables = []
     # Tables declared by scope (e.g. item/DynamicEmbeddingArgs.table_name = ...), first seen first
+    # (an unscoped binding that names no table is a default gin gives every scoped table,
+    # e.g. "EmbeddingArgs.sharding_override = 'auto'" in an operative config: not a table)
+    naming = {(b.scope, b.short_name) for b in bindings
+              if b.field_name in ("table_name", "feature_names")}
     table_scopes = dict.fromkeys(
-        (b.scope, b.short_name) for b in bindings if b.short_name in _TABLE_CLASSES
+        (b.scope, b.short_name) for b in bindings
+        if b.short_name in _TABLE_CLASSES and (b.scope or (b.scope, b.short_name) in naming)
     )
     referenced = {id(t) for t in tables}
     locations: dict[tuple[str, str, str], str] = {
@@ -222,18 +231,12 @@ def check_run(cfg: RunConfig, device_type: str, world_size: int) -> None:
     the device it will use ("cpu" or "cuda") and its world size: what the trainer's builder
     would refuse, refused before any process group exists, by the run and by
     ``--check-config`` alike. Raises ConfigError (one line, with the gin file and line)."""
-    # gin records the parameters of every configurable call in the operative config, which
-    # the run writes out (and an export reads back): building the table list here must not
-    # add the unscoped EmbeddingArgs defaults to it (gin 0.5 keeps them in _OPERATIVE_CONFIG)
-    recorded = copy.deepcopy(gin.config._OPERATIVE_CONFIG)
-    try:
+    with unrecorded():  # the dataset's default tables stay out of the operative config
         tables, item_feature = _run_tables(cfg)
-    finally:
-        gin.config._OPERATIVE_CONFIG.clear()
-        gin.config._OPERATIVE_CONFIG.update(recorded)
     try:
         checks.check_placement(cfg.network, cfg.optimizer, cfg.retrieval, tables, item_feature,
                                device_type, world_size)
+        checks.check_item_table_sampling(cfg.retrieval, tables, item_feature)
         if any(t.sharding_override != "auto" for t in tables):
             checks.check_sharding_overrides(tables, _offered_sharding_types(device_type),
                                             device_type)

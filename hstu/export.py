@@ -410,6 +410,72 @@ def export_programs(
     return report
 
 
+class StreamMaps:
+    """The id maps of an online checkpoint (hstu.data.stream.save_stream): the raw id of dense
+    id 1, 2, ... of the stream's items and users, cut to the sizes its ``stream.json`` recorded
+    (as a resume loads them)."""
+
+    def __init__(self, ckpt_dir: str | Path) -> None:
+        from hstu.data.stream.core import ITEM_IDS_FILE, STATE_FILE, USER_IDS_FILE, IdMap
+
+        folder = Path(ckpt_dir)
+        state = folder / STATE_FILE
+        try:
+            saved = json.loads(state.read_text())
+            sizes = {key: int(saved[key]) for key in ("num_items", "num_users")}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ExportError(f"{state}: cannot read the stream's id map sizes "
+                              f"({type(exc).__name__}: {exc})", EXIT_DAMAGED) from None
+        self.windows: int | None = None
+        online = folder / "online.json"
+        if online.is_file():
+            self.windows = int(json.loads(online.read_text())["windows"])
+        maps = []
+        for name, file, key in (("item", ITEM_IDS_FILE, "num_items"),
+                                ("user", USER_IDS_FILE, "num_users")):
+            idmap = IdMap(name)
+            try:
+                idmap.load(folder / file)
+            except (OSError, ValueError) as exc:
+                raise ExportError(f"{folder / file}: cannot read the stream's {name} id map "
+                                  f"({type(exc).__name__}: {exc})", EXIT_DAMAGED) from None
+            if len(idmap) < sizes[key]:
+                raise ExportError(f"{folder / file}: holds {len(idmap)} ids, fewer than the "
+                                  f"{sizes[key]} {key} of {state}", EXIT_DAMAGED)
+            idmap.truncate(sizes[key])
+            maps.append(idmap)
+        self.items, self.users = maps
+
+    @staticmethod
+    def present(ckpt_dir: str | Path) -> bool:
+        """Whether ``ckpt_dir`` is an online checkpoint (it holds the stream's state)."""
+        from hstu.data.stream.core import STATE_FILE
+
+        return (Path(ckpt_dir) / STATE_FILE).is_file()
+
+    def describe(self) -> dict[str, Any]:
+        return {"num_items": len(self.items), "num_users": len(self.users),
+                "item_id_kind": self.items.kind, "user_id_kind": self.users.kind,
+                "windows": self.windows}
+
+    def write(self, out: Path) -> None:
+        """item_map.parquet (item_id 1..K, raw_item_id) and user_map.parquet (user_id 1..U,
+        raw_user_id) of the stream's maps."""
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from hstu.columns import USER_FEATURE
+
+        for idmap, file, column in ((self.items, ITEM_MAP, "item_id"),
+                                    (self.users, USER_MAP, USER_FEATURE)):
+            keys = idmap.state_dict()["keys"]
+            raw = pa.array(keys.tolist() if keys.dtype.kind in "US" else keys.astype(np.int64),
+                           type=pa.string() if keys.dtype.kind in "US" else pa.int64())
+            dense = pa.array(np.arange(1, len(keys) + 1, dtype=np.int64))
+            pq.write_table(pa.table({column: dense, f"raw_{column}": raw}), out / file)
+
+
 def _copy_item_map(cfg: Any, out: Path) -> bool:
     path = getattr(cfg.dataset, "resolved_path", None)
     if path and (Path(path) / ITEM_MAP).is_file():
@@ -442,8 +508,12 @@ def write_embedding_dump(tables: dict, icfg: dict, out: Path) -> None:
 
 def export(
     ckpt: str, out: str, gin_file: str | None = None, params: list[str] = (), aoti: bool = True,
-    log: Any = print,
+    log: Any = print, publish_info: dict[str, Any] | None = None,
 ) -> Path:
+    """Writes the artifact of checkpoint ``ckpt`` to ``out``. An online checkpoint (one with the
+    stream's files) carries the stream's id maps: the artifact's item and user maps are the
+    stream's, and only the items the stream has seen are recommended. ``publish_info``: kept in
+    the manifest as ``publish`` (the publisher's gate figures)."""
     from hstu.serving.versions import is_versioned_root
     from hstu.training.distributed import destroy_distributed
 
@@ -496,9 +566,12 @@ def export(
             raise ExportError(
                 f"self-check failed: the artifact differs from the trainer by {diff:.2e}"
             )
+        stream = StreamMaps(ckpt_dir) if StreamMaps.present(ckpt_dir) else None
+        if stream is not None:
+            _limit_to_stream(icfg, stream, ckpt_dir, log)
         try:
             write_artifact(tmp, out_path, tables, inference, icfg, aoti, cfg, info, ckpt_dir, meta,
-                           source, diff, log)
+                           source, diff, log, stream=stream, publish_info=publish_info)
         except OSError as exc:
             raise _cannot_write(exc, out_path) from None
         except RuntimeError as exc:  # torch.save's zip writer wraps the OSError of a short write
@@ -511,6 +584,21 @@ def export(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # what a failed export left (gone after the rename)
         destroy_distributed()
+
+
+def _limit_to_stream(icfg: dict[str, Any], stream: StreamMaps, ckpt_dir: str, log: Any) -> None:
+    """Retrieval ranks the items the stream has seen (dense ids 1..K), as the online loop's
+    evaluation does; the table's rows beyond them were never trained."""
+    known = len(stream.items)
+    if icfg["task"] == "retrieval":
+        if known + 1 > int(icfg["num_items"]):
+            raise ExportError(
+                f"{ckpt_dir}: the stream knows {known} items, more than the item table's "
+                f"{int(icfg['num_items']) - 1}; the checkpoint does not fit its configuration"
+            )
+        icfg["num_items"] = known + 1
+    log(f"[export] online checkpoint: the stream's id maps ({known} items, "
+        f"{len(stream.users)} users) are the artifact's item and user maps")
 
 
 def _copy_user_map(cfg: Any, icfg: dict[str, Any], out: Path) -> bool:
@@ -532,7 +620,9 @@ def _copy_user_map(cfg: Any, icfg: dict[str, Any], out: Path) -> bool:
 
 def write_artifact(tmp: Path, out_path: Path, tables: dict, inference: InferenceHSTU,
                    icfg: dict[str, Any], aoti: bool, cfg: Any, info: Any, ckpt_dir: str,
-                   meta: dict[str, Any], source: str, diff: float, log: Any) -> None:
+                   meta: dict[str, Any], source: str, diff: float, log: Any,
+                   stream: StreamMaps | None = None,
+                   publish_info: dict[str, Any] | None = None) -> None:
     """Writes every file into ``tmp``, the manifest (sizes and CRC32 of the others) last, then
     renames ``tmp`` to ``out_path``."""
     from hstu.training.checkpoint import describe_written_files
@@ -540,8 +630,12 @@ def write_artifact(tmp: Path, out_path: Path, tables: dict, inference: Inference
     torch.save(tables, tmp / TABLES_FILE)
     torch.save(inference.state_dict(), tmp / WEIGHTS_FILE)
     report = export_programs(inference, icfg, tmp, aoti, log)
-    has_map = _copy_item_map(cfg, tmp)
-    has_user_map = _copy_user_map(cfg, icfg, tmp)
+    if stream is not None:  # the stream's ids, not the dataset's that sized the tables
+        stream.write(tmp)
+        has_map = has_user_map = True
+    else:
+        has_map = _copy_item_map(cfg, tmp)
+        has_user_map = _copy_user_map(cfg, icfg, tmp)
     write_embedding_dump(tables, icfg, tmp)
     dataset = cfg.dataset
     manifest = {
@@ -570,6 +664,8 @@ def write_artifact(tmp: Path, out_path: Path, tables: dict, inference: Inference
         "files": describe_written_files(str(tmp), sorted(p.name for p in tmp.iterdir())),
         "aoti": report["aoti"],
         "self_check_max_abs_diff": diff,
+        "stream": stream.describe() if stream is not None else None,
+        "publish": publish_info,
         "versions": _versions(),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
@@ -579,7 +675,7 @@ def write_artifact(tmp: Path, out_path: Path, tables: dict, inference: Inference
 
 def publish_version(root: str | Path, ckpt: str, keep: int = 3, gin_file: str | None = None,
                     params: list[str] = (), aoti: bool = True, step: int | None = None,
-                    log: Any = print) -> Path:
+                    log: Any = print, publish_info: dict[str, Any] | None = None) -> Path:
     """Exports ``ckpt`` as a new version of the versioned serving root ``root`` (``v<step>``,
     step: the checkpoint's unless given) and points ``LATEST`` at it; versions beyond the
     newest ``keep`` are removed (hstu.serving.versions.publish: the rules). Returns the
@@ -587,7 +683,8 @@ def publish_version(root: str | Path, ckpt: str, keep: int = 3, gin_file: str | 
     from hstu.serving.versions import VersionError, publish
 
     def write(staging: Path) -> None:
-        export(ckpt, str(staging), gin_file, params, aoti=aoti, log=log)
+        export(ckpt, str(staging), gin_file, params, aoti=aoti, log=log,
+               publish_info=publish_info)
 
     try:
         return publish(root, write, step=step, keep=keep, log=log)

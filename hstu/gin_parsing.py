@@ -14,13 +14,15 @@ classes they know. It sits below both (docs/architecture.md, "Layers").
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import io
 import os
 import re
 import tokenize
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,6 +130,13 @@ def _scan(text: str, filename: str | None, label: str, seen: set[str]) -> Iterab
             yield Binding(st.scope or "", st.selector, st.arg_name, st.value, where)
 
 
+def read_bindings(path: str) -> list[Binding]:
+    """The bindings of one gin file (its includes followed), without gin's registry: a run's
+    operative_config.gin read by a tool. Raises ConfigError (one line, file:line)."""
+    with open(path) as fh:
+        return list(_scan(fh.read(), path, path, {os.path.realpath(path)}))
+
+
 def _precheck(bindings: list[Binding], known: dict[str, Any]) -> None:
     """Every binding names a known class and one of its fields."""
     for b in bindings:
@@ -174,6 +183,22 @@ def parse_sources(
         label = config_files[0] if config_files else "<gin-param>"
         raise ConfigError("gin", None, msg).with_location(label) from None
     return bindings
+
+
+@contextmanager
+def unrecorded() -> Iterator[None]:
+    """Configurable calls inside are left out of gin's operative config. gin records the
+    parameters of every call of a configurable class, and a run writes that config into its
+    directory and checkpoints (an export reads it back): code that builds an unscoped
+    EmbeddingArgs itself (the dataset's default tables) must not add an unscoped
+    ``EmbeddingArgs`` section to it, which would read back as a table of its own (gin 0.5 keeps
+    the record in ``_OPERATIVE_CONFIG``)."""
+    recorded = copy.deepcopy(gin.config._OPERATIVE_CONFIG)
+    try:
+        yield
+    finally:
+        gin.config._OPERATIVE_CONFIG.clear()
+        gin.config._OPERATIVE_CONFIG.update(recorded)
 
 
 def instantiate(cls: type, scope: str, bindings: list[Binding], default_where: str) -> Any:

@@ -132,6 +132,9 @@ DATASETS.register("custom", DatasetReader(None))
 # what the data path can put into a retrieval batch's negatives key (hstu.data.negatives)
 UNIFORM_DRAW = "uniform"  # num_negatives ids per query, uniform over the corpus, and an index
 SHARED_DRAW = "shared"  # num_negatives ids per batch, uniform over the corpus, no index
+# num_negatives rows per step, uniform over a dynamic item table's occupied rows: drawn by the
+# model's input stage (the table's state is there), the data path carries the key empty
+LIVE_DRAW = "live"
 
 
 @dataclass(frozen=True)
@@ -142,8 +145,8 @@ class NegativeSampling:
     loss: str
     """``fn(hstu.ops.losses.LossInputs) -> (loss, (pos_logits [Q], neg_logits [Q, M] | None))``."""
     draws: str | None
-    """UNIFORM_DRAW (when num_negatives > 0), SHARED_DRAW or None (nothing drawn; the full
-    corpus is read from the item table's rows on each rank, hstu.ops.losses.vocab_parallel)."""
+    """UNIFORM_DRAW (when num_negatives > 0), SHARED_DRAW, LIVE_DRAW or None (nothing drawn; the
+    full corpus is read from the item table's rows on each rank, hstu.ops.losses.vocab_parallel)."""
     num_negatives: str
     """Which RetrievalArgs.num_negatives it takes: "-1", "> 0" or "-1 or > 0"."""
     needs: str = ""
@@ -195,6 +198,10 @@ NEGATIVE_SAMPLING.register("shared", NegativeSampling(
     needs="the uniform ids drawn per batch, scored by every query"))
 NEGATIVE_SAMPLING.register("full_corpus", NegativeSampling(
     "hstu.ops.losses.strategies:full_corpus", None, "-1"))
+NEGATIVE_SAMPLING.register("sampled_live", NegativeSampling(
+    "hstu.ops.losses.strategies:sampled_live", LIVE_DRAW, "> 0",
+    needs="the uniform draws over the dynamic item table's live rows, per step",
+    in_batch="always"))
 
 
 # ------------------------------------------------------------------------ retrieval metrics
@@ -237,6 +244,7 @@ def retrieval_metric_names() -> str:
 __all__ = [
     "ATTENTION_BACKENDS",
     "DATASETS",
+    "LIVE_DRAW",
     "NEGATIVE_SAMPLING",
     "RETRIEVAL_METRICS",
     "SHARED_DRAW",

@@ -107,3 +107,29 @@ def test_out_of_memory_is_told_from_other_errors() -> None:
         "tried to allocate 34359738368 bytes"))
     assert bench._is_out_of_memory(MemoryError())
     assert not bench._is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_open_stream_folder_drifts_over_its_catalogue(tmp_path):
+    """--presets stream-open's stream: partitions in time order, ids within the catalogue and
+    the population, most of both seen over the stream (the active windows slide)."""
+    import os
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from hstu.bench import open_stream_folder
+
+    folder, info = open_stream_folder(6000, 1000, 200, 1000, root=str(tmp_path))
+    parts = sorted(p for p in os.listdir(folder) if p.startswith("part-"))
+    assert len(parts) == 6 and info["events"] == 6000
+    tables = [pq.read_table(os.path.join(folder, p, "part-0.parquet")).to_pydict() for p in parts]
+    times = np.concatenate([t["timestamp"] for t in tables])
+    items = np.concatenate([t["item_id"] for t in tables])
+    users = np.concatenate([t["user_id"] for t in tables])
+    assert (np.diff(times) >= 0).all()
+    assert items.min() >= 0 and items.max() < 1000 and users.max() < 200
+    assert len(np.unique(items)) > 500 and len(np.unique(users)) > 150
+    # the catalogue drifts: the last partition's items are mostly new to the first one's
+    first, last = set(tables[0]["item_id"]), set(tables[-1]["item_id"])
+    assert len(last - first) > len(last) / 2
+    assert open_stream_folder(6000, 1000, 200, 1000, root=str(tmp_path))[0] == folder  # reused

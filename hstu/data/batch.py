@@ -118,6 +118,9 @@ class Batch(Pipelineable):
     # [2, Q*M] (flat positions sorted by index value; their query) and int64 [U + 1]
     negative_order: torch.Tensor | None = None
     negative_offsets: torch.Tensor | None = None
+    # retrieval training, negative_sampling="sampled_live": how many live rows of the dynamic
+    # item table the negatives key's rows were drawn from (set by the model's input stage)
+    negative_live: int | None = None
     # online training (retrieval): int64 [B], the first history position of each sample whose
     # next item is a target (earlier ones were trained on before); None: every position. The
     # sizes' num_queries then counts sum(max(H - 1 - first_trained, 0))

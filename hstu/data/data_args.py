@@ -266,6 +266,16 @@ class StreamArgs:
     released)."""
     publish_dir: str | None = None
     """The versioned serving root; None: <run_dir>/serving."""
+    publish_gate_metric: str | None = None
+    """Publish only when this stream metric (e.g. "HR@10", "NDCG@10", "AUC", "NE") over the
+    checkpoint's last publish_gate_windows windows is within publish_gate_margin of the served
+    version's (python -m hstu.serving.publisher --gate-metric); None: no gate."""
+    publish_gate_margin: float = 0.0
+    """How much worse than the served version's figure a publish may be (lower for HR/NDCG/AUC,
+    higher for NE and loss)."""
+    publish_gate_windows: int = 5
+    """The figures a version records (and the gate compares) are over this many of the
+    checkpoint's last evaluated windows."""
     batch_until: float | None = None
     """Batch phase (docs/online.md "Streaming against a frozen batch model"): the leading windows
     that end within this fraction of a replay's events (0 < f <= 1) are not evaluated; their events
@@ -329,7 +339,7 @@ class StreamArgs:
         _validate_fields(self)
         _require(self.path != "", self, "path", "must not be empty")
         _positive(self, "poll_seconds", "idle_timeout_seconds", "incomplete_timeout_seconds",
-                  "max_window_events", "publish_keep")
+                  "max_window_events", "publish_keep", "publish_gate_windows")
         _positive(self, "item_capacity", "rating_classes", "item_ttl_days", "user_ttl_days",
                   "max_users_per_rank")
         _require(self.ids in ("dense", "hashed"), self, "ids",
@@ -344,6 +354,7 @@ class StreamArgs:
             self, "read_retries", f"must be an integer >= 0, got {self.read_retries!r}",
         )
         _require(self.retry_backoff_seconds >= 0, self, "retry_backoff_seconds", "must be >= 0")
+        _require(self.publish_gate_margin >= 0, self, "publish_gate_margin", "must be >= 0")
         _require(self.publish_every_windows >= 0, self, "publish_every_windows", "must be >= 0")
         _require(self.publish_every_seconds >= 0, self, "publish_every_seconds", "must be >= 0")
         _require(

@@ -12,6 +12,9 @@ What a strategy draws is its entry in ``hstu.registry.NEGATIVE_SAMPLING``:
   ``Batch.negative_index`` int64 [Q, M] points into them.
 - ``shared``: M ids per batch, scored by every query; the key holds their U <= M distinct
   ids (in sample 0's slot), no index.
+- ``live`` (the sampled_live strategy): nothing here; the key travels empty and the model's
+  input stage fills it with rows drawn over the dynamic item table's occupied rows
+  (``hstu.model.model.RetrievalRecommender.prepare``: the table's state lives there).
 - ``full_corpus`` draws nothing and adds no key (its loss reads the item table rows each
   rank holds, ``hstu.ops.losses.vocab_parallel``).
 - evaluation batches carry the key empty (the key order must not change between calls of a
@@ -97,7 +100,8 @@ class NegativeSampler:
     """What a retrieval training batch carries for its loss (see the module docstring)."""
 
     # what the strategy draws (hstu.registry.NegativeSampling.draw): "shared" (num_negatives
-    # uniform ids per batch), anything else num_negatives uniform ids per query ("uniform")
+    # uniform ids per batch), "live" (nothing: the model's input stage draws), anything else
+    # num_negatives uniform ids per query ("uniform")
     mode: str
     num_negatives: int
     min_item_id: int
@@ -133,6 +137,8 @@ class NegativeSampler:
         row lengths; None for shared draws)."""
         if self.mode == "shared":
             return self.draw_shared(sample_ids, epoch), None, None
+        if self.mode == "live":  # drawn over the live rows by the model's input stage
+            return np.zeros(0, dtype=np.int64), None, None
         m = self.num_negatives
         per = np.maximum(history_lengths.astype(np.int64) - 1, 0)
         q = int(per.sum())

@@ -167,8 +167,11 @@ def resolve_sizes(cfg: Any) -> Any:
         location = where.get(("DatasetArgs", "dataset_name", "")) or _source(cfg)
         raise exc.with_location(location) from None
     info = info_from_metadata(meta, cfg.dataset, cfg.task)
+    from hstu.gin_parsing import unrecorded
+
     try:
-        tables = info.default_tables(overrides=cfg.tables) if cfg.tables else []
+        with unrecorded():  # the default tables stay out of the operative config
+            tables = info.default_tables(overrides=cfg.tables) if cfg.tables else []
         check_table_features(tables, info)
     except ConfigError as exc:
         loc = next((v for (cls, fld, table), v in where.items()

@@ -219,6 +219,27 @@ class HstuEmbeddings(nn.Module):
             return self
         return super()._apply(fn, recurse)
 
+    # ----------------------------------------------------------------- live rows
+
+    def remapper_of(self, feature: str) -> DynamicIdRemapper | None:
+        """The remapper of the dynamic table that looks up ``feature`` (None: no table of
+        this collection looks it up, or a static one does)."""
+        table = self._feature_to_table.get(feature)
+        if table is None or table not in self.remappers:
+            return None
+        return self.remappers[table]  # (an nn.ModuleDict has no get)
+
+    def draw_live(
+        self, feature: str, num: int, min_id: int
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``num`` uniform draws over the live rows of the dynamic table of ``feature``:
+        (slots [num], ids [num], live rows L); see :meth:`DynamicIdRemapper.draw_live` (the
+        same on every rank; the seed is the run's, per table)."""
+        table = self._feature_to_table[feature]
+        seed = table_seed(self.seed, f"{table}/live_negatives")
+        with allowed_sync(HOST_REMAP):
+            return self.remappers[table].draw_live(num, seed, min_id)
+
     # ----------------------------------------------------------------------- stats
 
     def stats(self) -> dict[str, dict[str, int | float]]:

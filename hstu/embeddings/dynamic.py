@@ -404,9 +404,40 @@ class DynamicIdRemapper(nn.Module):
             self.rebuild_index()
         return n
 
-    def live_ids(self) -> torch.Tensor:
-        """int64 [occupied]: the ids held by the table's rows, in slot order."""
-        return self.slot_ids[self.occupied]
+    def _live_start(self, min_id: int) -> int:
+        """Where the ids >= ``min_id`` start in the sorted index."""
+        bound = torch.tensor([min_id], dtype=torch.int64)
+        return int(torch.searchsorted(self._sorted_ids, bound)[0])
+
+    @torch.no_grad()
+    def live_ids(self, min_id: int = 0) -> torch.Tensor:
+        """The raw ids the occupied slots hold, those >= ``min_id``: int64 [L], ascending (the
+        same on every rank). Read only."""
+        return self._sorted_ids[self._live_start(min_id):].clone()
+
+    @torch.no_grad()
+    def draw_live(
+        self, num: int, seed: int, min_id: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``num`` draws, uniform with replacement, over the occupied slots whose id is >=
+        ``min_id``: (slots int64 [num], their ids [num], L the number of such slots; empty
+        draws when L is 0). Read only (nothing admitted, no access recorded, no collective).
+
+        A pure function of (``seed``, :attr:`step`, the set of live ids): the state is
+        replicated, so every rank draws the same rows in the same step. Draw i is the live id
+        at position ``splitmix64(key + i) mod L`` of the ascending ids (a modulo bias below
+        L / 2**63)."""
+        start = self._live_start(min_id)
+        live = self._sorted_ids.numel() - start
+        if live == 0 or num <= 0:
+            empty = torch.zeros(0, dtype=torch.int64)
+            return empty, empty.clone(), live
+        key = _splitmix64(
+            torch.tensor(seed, dtype=torch.int64) ^ _splitmix64(self.step.clone().cpu())
+        )
+        draws = torch.arange(num, dtype=torch.int64)
+        pick = _shr(_splitmix64(key + draws * _GOLDEN), 1) % live + start
+        return self._sorted_slots[pick], self._sorted_ids[pick], live
 
     def stats(self) -> dict[str, int | float]:
         """Figures for the training log: occupancy and eviction counters."""

@@ -38,7 +38,7 @@ from hstu.ops.gather import PendingCounts, gather_rows, world_of_several
 from hstu.ops.jagged import index_within, lengths_to_offsets, segment_ids
 from hstu.ops.losses import HistoryWindow, LossInputs, resolve_matmul_dtype
 from hstu.ops.losses.vocab_parallel import CorpusShard, CorpusSource
-from hstu.registry import NEGATIVE_SAMPLING, SHARED_DRAW, UNIFORM_DRAW, load
+from hstu.registry import LIVE_DRAW, NEGATIVE_SAMPLING, SHARED_DRAW, UNIFORM_DRAW, load
 
 
 @dataclass
@@ -66,7 +66,8 @@ class RetrievalModel(DenseModel):
         num_items: ids are in [0, num_items).
         num_negatives: uniform negatives per query (-1: none, in-batch under "uniform").
         negative_sampling: a strategy of hstu.registry.NEGATIVE_SAMPLING ("uniform",
-            "in_batch", "mixed", "shared", "full_corpus"; docs/model.md, "Heads and losses").
+            "in_batch", "mixed", "shared", "full_corpus", "sampled_live"; docs/model.md,
+            "Heads and losses").
         temperature: softmax temperature on cosine similarities.
         full_corpus_matmul_dtype: "float32", "bfloat16" or "auto" (decided on the first
             step's device) for the full-corpus training loss's [Q, I] matmuls.
@@ -237,6 +238,14 @@ class RetrievalModel(DenseModel):
                 inputs.order, inputs.offsets = batch.negative_order, batch.negative_offsets
             elif draws == SHARED_DRAW:
                 inputs.key_ids = batch.features[self.negatives_feature].values().to(queries.device)
+            elif draws == LIVE_DRAW:
+                if batch.negative_live is None:
+                    raise ValueError(
+                        "negative_sampling='sampled_live' needs the batch's live draws "
+                        "(RetrievalRecommender.prepare fills them in training)"
+                    )
+                inputs.key_ids = batch.features[self.negatives_feature].values().to(queries.device)
+                inputs.live_rows = batch.negative_live
             inputs.key_vectors = self.normalise(
                 apply_misses(embeddings, batch.lookup_misses)[self.negatives_feature].values()
             )

@@ -9,6 +9,11 @@ a pointer to the one to serve::
     <root>/.publish.lock held (flock) by the one process publishing into the root
     <root>/.staging-*    a version being written (never read; removed by the next publish)
     <root>/.trash-*      a version being removed (never read; removed by the next publish)
+    <root>/WITHDRAWN     the versions rolled back (one name a line): never served again
+
+Rolling back (:func:`rollback`, ``python -m hstu.serving.versions rollback <root>``): the
+version served is withdrawn and ``LATEST`` names the newest older version that is not, in
+one ``os.replace`` (readers see the old pointer or the new one).
 
 Writing (:func:`publish`: staged, checked, fsynced, renamed, then ``LATEST`` replaced, so a
 crash leaves ``LATEST`` naming the previous complete version), reading (:func:`open_latest`:
@@ -22,11 +27,13 @@ process with torch alone).
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 POINTER = "LATEST"
+WITHDRAWN = "WITHDRAWN"
 PUBLISH_LOCK = ".publish.lock"
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
@@ -88,6 +96,16 @@ def read_pointer(root: str | Path) -> str | None:
             f"{path}: holds {text[:40]!r}, not a version name (v<step>); {_REPAIR}", EXIT_DAMAGED
         )
     return name
+
+
+def withdrawn(root: str | Path) -> set[str]:
+    """The versions rolled back (:func:`rollback`): never served again, not even when their
+    step is published again."""
+    try:
+        text = (Path(root) / WITHDRAWN).read_text()
+    except FileNotFoundError:
+        return set()
+    return {line.strip() for line in text.splitlines() if step_of(line.strip()) is not None}
 
 
 def current_version(root: str | Path) -> str | None:
@@ -292,13 +310,51 @@ def publish(root: str | Path, write: Callable[[Path], Any], step: int | None = N
             if staging.exists():
                 shutil.rmtree(staging)
         pointed = read_pointer(root)
-        if pointed is None or step_of(pointed) < step:
+        if final.name in withdrawn(root):
+            log(f"[export] {final.name} was rolled back ({WITHDRAWN}): kept unserved; "
+                f"{pointed} stays served")
+        elif pointed is None or step_of(pointed) < step:
             write_text_atomic(str(root / POINTER), final.name + "\n")
             log(f"[export] published {final.name} in {root} ({POINTER} -> {final.name})")
         removed = prune(root, keep, log)
         if removed:
             log(f"[export] removed {', '.join(removed)} (keep={keep})")
     return final
+
+
+def rollback(root: str | Path, log: Callable[[str], Any] = print) -> str:
+    """Withdraws the version ``LATEST`` names and points ``LATEST`` at the newest older complete
+    version not withdrawn; returns its name. The pointer is replaced in one ``os.replace``: a
+    reader gets the old version or the new one, and one that holds the withdrawn version keeps
+    it until it closes it. The withdrawn version stays on disk (pruned as any unserved one) and
+    is never served again. Raises VersionError (one line) where there is nothing to go back to."""
+    from hstu.training.checkpoint import write_text_atomic
+
+    root = Path(root)
+    if not is_versioned_root(root):
+        raise VersionError(f"{root}: not a versioned serving root (no {POINTER}, no v<step> "
+                           "folders)")
+    with _publish_lock(root):
+        pointed = read_pointer(root)
+        if pointed is None:
+            raise VersionError(
+                f"{root}: nothing is served yet (no {POINTER}); nothing to roll back"
+            )
+        gone = withdrawn(root)
+        older = [name for step, name in list_versions(root)
+                 if step < step_of(pointed) and name not in gone
+                 and (root / name / MANIFEST).is_file()]
+        if not older:
+            raise VersionError(f"{root}: {pointed} is served and no older complete version is "
+                               "left to roll back to")
+        target = older[-1]
+        # first the withdrawal (a kill before the pointer switch leaves the pointer as it was:
+        # rolling back again goes on from there), then the pointer
+        write_text_atomic(str(root / WITHDRAWN),
+                          "".join(f"{n}\n" for n in sorted(gone | {pointed}, key=step_of)))
+        write_text_atomic(str(root / POINTER), target + "\n")
+    log(f"[versions] rolled back {root}: {POINTER} -> {target} ({pointed} withdrawn)")
+    return target
 
 
 def _refuse_older(root: Path, step: int) -> None:
@@ -310,8 +366,37 @@ def _refuse_older(root: Path, step: int) -> None:
                            "and was never published; publish a newer step (or into another folder)")
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m hstu.serving.versions",
+        description="A versioned serving root: show its versions, or roll back to the previous "
+                    "one (docs/serving.md, 'Serving the latest model')")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the versions, the one served, the withdrawn ones").add_argument(
+        "root")
+    sub.add_parser("rollback", help="serve the previous version (the current one is "
+                                    "withdrawn)").add_argument("root")
+    ns = parser.parse_args(argv)
+    try:
+        if ns.command == "rollback":
+            rollback(ns.root)
+            return 0
+        if not is_versioned_root(ns.root):
+            raise VersionError(f"{ns.root}: not a versioned serving root")
+        pointed, gone = read_pointer(ns.root), withdrawn(ns.root)
+        for _, name in list_versions(ns.root):
+            flags = [f for f, on in (("served", name == pointed), ("withdrawn", name in gone))
+                     if on]
+            print(name + (f"  ({', '.join(flags)})" if flags else ""))
+        return 0
+    except VersionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
+
+
 __all__ = [
     "POINTER",
+    "WITHDRAWN",
     "Lease",
     "VersionError",
     "current_version",
@@ -321,6 +406,12 @@ __all__ = [
     "prune",
     "publish",
     "read_pointer",
+    "rollback",
     "step_of",
     "version_name",
+    "withdrawn",
 ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -35,12 +35,20 @@ def _restart(loader: Any) -> None:
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, loader: Any, cfg: RunConfig, env: DistEnv, max_iters: int | None
+    model: torch.nn.Module, loader: Any, cfg: RunConfig, env: DistEnv, max_iters: int | None,
+    items: torch.Tensor | None = None,
 ) -> dict[str, float]:
+    """The evaluation metrics of ``model`` on ``loader``'s samples. Retrieval ranks each query
+    over the catalogue: ``items`` (int64 ids, each held by the item table: a live row of a
+    dynamic one), else the model's own (``RetrievalRecommender.catalogue``: the live rows of
+    a dynamic item table, every id of a static one). A target outside the catalogue is a miss
+    that still counts in the metrics' denominator."""
     model.eval()
     _restart(loader)
     if cfg.task == "retrieval":
-        return _evaluate_retrieval(model, loader, cfg, env, max_iters)
+        return _evaluate_retrieval(model, loader, cfg, env, max_iters, items)
+    if items is not None:
+        raise ValueError("evaluation items are for retrieval (ranking scores its candidates)")
     return _evaluate_ranking(model, loader, cfg, env, max_iters)
 
 
@@ -155,8 +163,14 @@ class _SliceBlocks:
     rank, :meth:`calls_of`), padding with a one-id lookup it drops."""
 
     def __init__(self, model: Any, grid: list[tuple[int, int]], calls: int,
-                 device: torch.device) -> None:
+                 device: torch.device, items: torch.Tensor | None = None) -> None:
         self.model, self.grid, self.calls, self.device = model, grid, calls, device
+        self.items = items  # the catalogue's ids by position (None: position = id)
+
+    def _ids(self, start: int, end: int) -> torch.Tensor:
+        if self.items is None:
+            return torch.arange(start, end, device=self.device)
+        return self.items[start:end].to(self.device)
 
     @staticmethod
     def calls_of(grid: list[tuple[int, int]]) -> int:
@@ -168,7 +182,7 @@ class _SliceBlocks:
             lo, hi = group[0][0], group[-1][1]
             parts = []
             for c in range(lo, hi, _LOOKUP_CHUNK):
-                ids = torch.arange(c, min(hi, c + _LOOKUP_CHUNK), device=self.device)
+                ids = self._ids(c, min(hi, c + _LOOKUP_CHUNK))
                 parts.append(dense.normalise(self.model.lookup_items(ids)))
                 made += 1
             vectors = parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -187,12 +201,25 @@ class _SliceBlocks:
         return [(a, b, out[a - lo:b - lo]) for a, b in self.grid] if out is not None else []
 
 
+def _positions(items: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position of each of ``ids`` in the ascending ``items``, -1 where it is not one; whether
+    it is one)."""
+    if items.numel() == 0:
+        return torch.full_like(ids, -1), torch.zeros_like(ids, dtype=torch.bool)
+    at = torch.searchsorted(items, ids).clamp_(max=items.numel() - 1)
+    found = items[at] == ids
+    return torch.where(found, at, torch.full_like(at, -1)), found
+
+
 def rank_corpus(model: Any, own: tuple[torch.Tensor, ...], budget_bytes: int,
-                device: torch.device, top_k: int = 0):
+                device: torch.device, top_k: int = 0, items: torch.Tensor | None = None):
     """Full-corpus ranking of every rank's queries, the catalogue sharded over the ranks
     (hstu.model.retrieval, "sharded full-corpus ranking"). ``own``: this rank's (queries,
-    targets, history ids, their rows) from :func:`_own_queries`. Returns (target ranks of
-    this rank's own queries [n], (top scores, top ids) [n, top_k] or None)."""
+    targets, history ids, their rows) from :func:`_own_queries`. ``items``: the catalogue,
+    int64 ids ascending, the same on every rank (a dynamic item table's live items); a target
+    not among them is unranked (a miss), and the blocks are positions in it; None: every id
+    of [min_item_id, num_items). Returns (target ranks of this rank's own queries [n],
+    (top scores, top ids) [n, top_k] or None)."""
     rank, world = rank_and_world()
     dense = model.dense_module
     every = gather_objects(own)
@@ -200,23 +227,28 @@ def rank_corpus(model: Any, own: tuple[torch.Tensor, ...], budget_bytes: int,
     starts = [sum(counts[:r]) for r in range(world)]
     first = starts[rank]
     queries = torch.cat([p[0] for p in every if p[0].numel() > 0] or [own[0]]).to(device)
-    q = CorpusQueries.build(
-        queries,
-        torch.cat([p[1] for p in every]).to(device),
-        torch.cat([p[2] for p in every]).to(device),
-        torch.cat([p[3] + starts[r] for r, p in enumerate(every)]).to(device),
-    )
-    num_items = dense.num_items
+    targets = torch.cat([p[1] for p in every])
+    history = torch.cat([p[2] for p in every])
+    history_rows = torch.cat([p[3] + starts[r] for r, p in enumerate(every)])
+    num_items, min_item_id = dense.num_items, dense.min_item_id
+    if items is not None:  # ids -> positions in the catalogue (history outside it: dropped)
+        items = items.cpu()
+        num_items, min_item_id = items.numel(), 0
+        targets = _positions(items, targets)[0]
+        history, held = _positions(items, history)
+        history, history_rows = history[held], history_rows[held]
+    q = CorpusQueries.build(queries, targets.to(device), history.to(device),
+                            history_rows.to(device))
     block = eval_block_items(q.targets.numel(), budget_bytes, torch.device(device))
     grids = [block_grid(num_items, block, r, world) for r in range(world)]
     slices = [(g[0][0], g[-1][1]) if g else (0, 0) for g in grids]
     lo, hi = slices[rank]
     longest = max(b - a for a, b in slices)
     calls = max(_SliceBlocks.calls_of(g) for g in grids)
-    blocks: Any = _SliceBlocks(model, grids[rank], calls, device)
+    blocks: Any = _SliceBlocks(model, grids[rank], calls, device, items)
     if not _streams(longest, queries.shape[1], budget_bytes):
         blocks = blocks.held(lo, hi)  # the slice fits the budget: looked up once
-    scorer = CorpusSliceScorer(q, num_items=num_items, min_item_id=dense.min_item_id)
+    scorer = CorpusSliceScorer(q, num_items=num_items, min_item_id=min_item_id)
     target = _all_reduce_host(scorer.target_scores(blocks), dist.ReduceOp.MAX)
     ahead, top_scores, top_ids = scorer.count_and_top(blocks, target, top_k)
     ahead = _all_reduce_host(ahead, dist.ReduceOp.SUM)
@@ -225,18 +257,22 @@ def rank_corpus(model: Any, own: tuple[torch.Tensor, ...], budget_bytes: int,
     if top_k > 0:
         parts = gather_objects((top_scores.cpu(), top_ids.cpu()))
         scores, ids = merge_top(parts, top_k)
+        if items is not None:
+            ids = items[ids]
         top = (scores[first:first + counts[rank]], ids[first:first + counts[rank]])
     return ranks, top
 
 
 def _evaluate_retrieval(
-    model: Any, loader: Any, cfg: RunConfig, env: DistEnv, max_iters: int | None
+    model: Any, loader: Any, cfg: RunConfig, env: DistEnv, max_iters: int | None,
+    items: torch.Tensor | None = None,
 ) -> dict[str, float]:
     r = cfg.retrieval
     names = list(r.eval_metrics)
+    catalogue = model.catalogue(items)
     loader, used, total = eval_subset(loader, r.eval_num_users, cfg.trainer.seed)
     own = _own_queries(model, loader, env, max_iters, r.eval_exclude_history)
-    ranks, _ = rank_corpus(model, own, r.eval_memory_mb << 20, env.device)
+    ranks, _ = rank_corpus(model, own, r.eval_memory_mb << 20, env.device, items=catalogue)
     acc = MetricAccumulator(names)
     acc.update(retrieval_metrics(ranks.cpu(), names))
     out = acc.compute()  # host sums: the default group's host backend (gloo) reduces them

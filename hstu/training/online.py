@@ -502,26 +502,37 @@ class OnlineTrainer:
         return self.last_checkpoint
 
     def publish_version(self, ckpt: str) -> None:
-        """Exports checkpoint ``ckpt`` as the newest serving version of the versioned root
-        (``python -m hstu.export --versioned``, in a child process: it builds its own model
-        from the checkpoint). A failed export is one error line with its last words; the
-        previous version stays served and training goes on."""
-        t = self.trainer
-        started = time.monotonic()
-        cmd = [sys.executable, "-m", "hstu.export", "--ckpt", ckpt, "--out", self.publish_dir,
-               "--versioned", "--keep", str(self.stream_args.publish_keep), "--no-aoti"]
-        # a process of its own, not a rank of this job: none of torchrun's variables
+        """Starts ``python -m hstu.serving.publisher`` in a background process (training does not
+        wait for the export; its lines go to ``<run_dir>/publish.log``): it exports the newest
+        checkpoint of the save root (``ckpt``, just saved, or a newer one by the time its turn
+        comes) as the newest serving version, if the gate (StreamArgs.publish_gate_*) admits it.
+        Publishers take turns; while one exports and another waits, this publish is skipped in
+        one line (the waiting one takes the newest checkpoint)."""
+        t, sa = self.trainer, self.stream_args
+        alive = [p for p in getattr(self, "_publishers", []) if p.poll() is None]
+        self._publishers = alive
+        if len(alive) >= 2:
+            t.logger.print(f"[hstu] publishing step {t.step} skipped: a publisher is exporting and "
+                           f"another (pid {alive[-1].pid}) waits to take the newest checkpoint")
+            return
+        run_dir = Path(t.logger.run_dir)
+        cmd = [sys.executable, "-m", "hstu.serving.publisher", "--run", str(run_dir),
+               "--ckpt", str(Path(ckpt).parent), "--out", self.publish_dir,
+               "--keep", str(sa.publish_keep), "--gate-windows", str(sa.publish_gate_windows),
+               "--nice", "10"]
+        if sa.publish_gate_metric:
+            cmd += ["--gate-metric", sa.publish_gate_metric,
+                    "--gate-margin", repr(sa.publish_gate_margin)]
+        # a process of its own, not a rank of this job: none of torchrun's variables, its own
+        # session (a signal to the job does not cut an export short)
         env = {k: v for k, v in os.environ.items()
                if k not in _TORCHRUN_VARS and not k.startswith("TORCHELASTIC_")}
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+        with open(run_dir / "publish.log", "ab") as log:
+            alive.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                          stdin=subprocess.DEVNULL, start_new_session=True))
         self._published_at = time.monotonic()
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-            t.logger.print(f"[hstu] error: publishing {ckpt} into {self.publish_dir} failed "
-                           f"(exit {done.returncode}): {last}; the previous version stays served")
-            return
-        t.logger.print(f"[hstu] published step {t.step} into {self.publish_dir} "
-                       f"({self._published_at - started:.1f} s)")
+        t.logger.print(f"[hstu] publishing step {t.step} into {self.publish_dir} in the background "
+                       f"(pid {alive[-1].pid}; its lines in {run_dir / 'publish.log'})")
 
     # ---------------------------------------------------------------- the ranks agree
     def windows(self) -> Iterator[Window]:
@@ -658,7 +669,11 @@ class OnlineTrainer:
         store, samples = work.store, work.eval_samples
         loader = WindowLoader.over(t.built.eval_loader, store, samples, self.windows_done,
                                    work.eval_per_rank, work.num_eval)
-        if cfg.task == "retrieval":
+        live = t.model.live_items() if cfg.task == "retrieval" else None
+        if live is not None:  # a dynamic item table: the items its rows hold are the corpus
+            metrics = evaluate(t.model, loader, cfg, self.env, None, items=live)
+            metrics["eval_events"] = float(work.eval_total)
+        elif cfg.task == "retrieval":
             with self.known_corpus():
                 metrics = evaluate(t.model, loader, cfg, self.env, None)
             metrics["eval_events"] = float(work.eval_total)

@@ -394,26 +394,64 @@ def test_ranking_stop_and_resume_is_bitwise(data, tmp_path):
 
 @pytest.mark.slow
 def test_publishes_serving_versions_as_it_goes(data, tmp_path):
-    """Every 3rd window a serving version is exported from the checkpoint saved then: the
-    root keeps the newest 2, its pointer names the newest, and a reader gets that one."""
+    """Every 3rd window a publisher starts in the background (training goes on; publishers take
+    turns, each exports the newest checkpoint when its turn comes) and the newest checkpoint
+    ends up served: each version holds its checkpoint's step, the stream's item map at that
+    checkpoint and the stream figures over its last windows; the root keeps the newest 2."""
     import re
+    import time
+
+    import pyarrow.parquet as pq
 
     from hstu.serving.artifact import load_artifact
     from hstu.serving.versions import current_version, list_versions, version_name
 
     run_dir = tmp_path / "pub"
     out = run(data, run_dir, extra=["StreamArgs.publish_every_windows=3", "StreamArgs.publish_keep=2",
+                                    "StreamArgs.publish_gate_windows=2",
                                     "TrainerArgs.ckpt_save_interval=-1"])
-    assert "error: publishing" not in out, out[-3000:]
-    steps = [int(s) for s in re.findall(r"\[hstu\] published step (\d+) into", out)]
+    started = [int(s) for s in re.findall(r"\[hstu\] publishing step (\d+) into .* in the "
+                                          r"background", out)]
+    skipped = re.findall(r"\[hstu\] publishing step \d+ skipped: a publisher is exporting", out)
     windows = len(stream_by_window(run_dir))
-    assert len(steps) == windows // 3 >= 2, (steps, windows)
-    assert steps == sorted(steps) and len(set(steps)) == len(steps), steps
+    assert len(started) + len(skipped) == windows // 3 and len(started) >= 2, out[-3000:]
+    assert started == sorted(started) and len(set(started)) == len(started), started
+    # the training did not wait: the publishers' lines land in publish.log as they finish
+    log = run_dir / "publish.log"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        text = log.read_text() if log.is_file() else ""
+        ends = r"\[export\] published v\d+|nothing newer than|refused|error"
+        if len(re.findall(ends, text)) >= len(started):
+            break
+        time.sleep(0.5)
+    assert "error" not in text and "refused" not in text, text[-3000:]
+    published = [int(s) for s in re.findall(r"\[export\] published v(\d+)", text)]
+    assert published and published[-1] == started[-1], (published, started, text[-3000:])
+    assert published == sorted(set(published)) and set(published) <= set(started), published
     root = run_dir / "serving"
-    assert [s for s, _ in list_versions(root)] == steps[-2:]
-    assert current_version(root) == version_name(steps[-1])
+    assert [s for s, _ in list_versions(root)] == published[-2:]
+    assert current_version(root) == version_name(started[-1])
+    for step in published[-2:]:
+        folder = root / version_name(step)
+        manifest = json_of(folder / "manifest.json")
+        ckpt = run_dir / "ckpt" / f"iter_{step}"
+        assert manifest["checkpoint"]["step"] == step
+        record = manifest["publish"]
+        done = json_of(ckpt / "online.json")["windows"]
+        assert record["checkpoint_windows"] == done and done % 3 == 0
+        assert record["windows"] == [done - 1, done]
+        hr = [stream_by_window(run_dir)[w] for w in (done - 1, done)]
+        assert record["metrics"]["HR@10"] == pytest.approx(
+            sum(w["HR@10"] * w["eval_events"] for w in hr) / sum(w["eval_events"] for w in hr))
+        known = json_of(ckpt / "stream.json")["num_items"]
+        raw = np.load(ckpt / "item_ids.npy")[:known]
+        item_map = pq.read_table(folder / "item_map.parquet")
+        assert item_map.column("item_id").to_pylist() == list(range(1, known + 1))
+        assert item_map.column("raw_item_id").to_pylist() == raw.tolist()
+        assert manifest["model"]["num_items"] == known + 1
     with load_artifact(root, use_aoti=False) as art:
-        assert art.version == version_name(steps[-1])
+        assert art.version == version_name(started[-1])
 
 
 # ------------------------------------------------------------------ kill anywhere, 1 and 2 processes

@@ -200,6 +200,56 @@ def sampled_softmax_loss(
     return loss, pos_logits, neg_logits
 
 
+def expected_counts(
+    batch_ids: torch.Tensor, num_draws: int, population: int, ids: torch.Tensor
+) -> torch.Tensor:
+    """How often each of ``ids`` is expected among the negatives of a mixed draw: its count
+    among ``batch_ids`` (the in-batch draws, each item drawn in proportion to its frequency in
+    the batch) plus ``num_draws`` / ``population`` (uniform draws with replacement over
+    ``population`` items; none when it is 0). float64 [ids.shape]. Two binary searches in the
+    sorted batch ids (no data-dependent size: nothing for a device to report to the host)."""
+    ordered = torch.sort(batch_ids).values
+    found = torch.searchsorted(ordered, ids, right=True) - torch.searchsorted(ordered, ids)
+    rate = num_draws / population if population > 0 else 0.0
+    return found.double() + rate
+
+
+def corrected_softmax_loss(
+    queries: torch.Tensor,
+    pos_vectors: torch.Tensor,
+    pos_ids: torch.Tensor,
+    neg_vectors: torch.Tensor,
+    neg_ids: torch.Tensor,
+    pos_log_q: torch.Tensor,
+    neg_log_q: torch.Tensor,
+    temperature: float,
+    scale: torch.Tensor | None = None,
+    excluded: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sampled softmax with the sampling-probability (logQ) correction, over negatives shared
+    by every query: logit = <query, item> / temperature - log q(item) for the positive (q:
+    ``pos_log_q`` [Q]) and each negative (``neg_log_q`` [K]); a negative whose id is the
+    query's positive (``neg_ids`` [K] == ``pos_ids`` [Q]) is left out (-inf), and so is every
+    -inf of ``excluded`` [Q, K] (0 elsewhere; the queries' histories).
+
+    queries, pos_vectors [Q, D] normalised; neg_vectors [K, D] normalised. ``scale`` None: the
+    mean over queries, else the sum times ``scale``. Returns (loss, pos_logits [Q],
+    neg_logits [Q, K]), both corrected."""
+    pos_logits = (queries * pos_vectors).sum(-1) / temperature - pos_log_q.to(queries.dtype)
+    neg_logits = queries @ neg_vectors.t() / temperature - neg_log_q.to(queries.dtype)
+    neg_logits = neg_logits.masked_fill(
+        neg_ids.unsqueeze(0) == pos_ids.unsqueeze(1), float("-inf")
+    )
+    if excluded is not None:
+        neg_logits = neg_logits + excluded.to(neg_logits.dtype)
+    if queries.shape[0] == 0:
+        return queries.sum() * 0.0, pos_logits, neg_logits
+    logits = torch.cat([pos_logits.unsqueeze(1), neg_logits], dim=1)
+    per_query = torch.logsumexp(logits, dim=1) - pos_logits
+    loss = per_query.mean() if scale is None else per_query.sum() * scale
+    return loss, pos_logits, neg_logits
+
+
 class _SampledLogSumExp(torch.autograd.Function):
     """lse[q] = log(exp(pos[q]) + sum_m exp(<queries[q], rows[index[q, m]]>)), the negatives
     with ``index[q, m] == pos_slot[q]`` (accidental hits) left out: the normaliser of the
@@ -332,6 +382,8 @@ def negative_vectors(
 
 __all__ = [
     "SharedRows",
+    "corrected_softmax_loss",
+    "expected_counts",
     "fused_sampled_loss_applies",
     "negative_logits",
     "negative_vectors",

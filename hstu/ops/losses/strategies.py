@@ -16,6 +16,8 @@ from hstu.ops.losses.common import CPU_ONLY
 from hstu.ops.losses.full_corpus import HistoryWindow, full_corpus_loss
 from hstu.ops.losses.sampled import (
     SharedRows,
+    corrected_softmax_loss,
+    expected_counts,
     fused_sampled_loss_applies,
     negative_vectors,
     sampled_softmax_loss,
@@ -63,14 +65,17 @@ class LossInputs:
     batch_pos_ids: torch.Tensor | None = None
     """int64 [N], their ids (with batch_pos_vectors)."""
     history_mask: HistoryWindow | None = None
-    """Full corpus, RetrievalArgs.exclude_history_from_loss: the items of each query's own
-    history (item ids), left out of its softmax."""
+    """Full corpus and sampled_live, RetrievalArgs.exclude_history_from_loss: the items of each
+    query's own history (item ids; sampled_live: the table's slots), left out of its softmax."""
     corpus: CorpusShard | None = None
     """Full corpus: this rank's rows of the corpus (key_vectors holds them normalised)."""
     query_counts: list[int] | None = None
     """Full corpus split over the ranks: every rank's Q."""
     history_id_counts: list[int] | None = None
     """Full corpus split over the ranks, with history_mask: every rank's number of window ids."""
+    live_rows: int | None = None
+    """sampled_live: how many live rows of the dynamic item table the key's rows (key_ids:
+    slots, in draw order, repeats kept) were drawn from."""
 
 
 Group = tuple[torch.Tensor | SharedRows, torch.Tensor]  # negatives' vectors and their ids
@@ -138,6 +143,55 @@ def shared(x: LossInputs) -> LossOutput:
     return _softmax(x, [(x.key_vectors, x.key_ids)])
 
 
+def sampled_live(x: LossInputs) -> LossOutput:
+    """A dynamic item table's sampled softmax: the negatives of every query are the global
+    batch's positives (in-batch) plus the step's num_negatives uniform draws over the table's
+    live rows (key_ids, shared by every query; ids are the table's slots), the query's own
+    positive left out of them. logQ correction: each logit, the positive's too, less the log
+    of its item's expected count among those negatives (count among the batch's positives +
+    num_negatives / live rows: :func:`~hstu.ops.losses.sampled.expected_counts`), so that
+    neither frequent items of the batch nor the uniform draws are over-weighted."""
+    assert x.live_rows is not None and x.key_vectors is not None and x.key_ids is not None
+    batch_vectors, batch_ids = _in_batch(x)
+    neg_ids = torch.cat([batch_ids, x.key_ids])
+    draws = x.key_ids.numel()
+    pos_log_q = expected_counts(batch_ids, draws, x.live_rows, x.pos_ids).log()
+    neg_log_q = expected_counts(batch_ids, draws, x.live_rows, neg_ids).log()
+    excluded = None
+    if x.history_mask is not None:  # RetrievalArgs.exclude_history_from_loss
+        excluded = history_columns(x.history_mask, neg_ids, x.pos_ids)
+    loss, pos_logits, neg_logits = corrected_softmax_loss(
+        x.queries, x.pos_vectors, x.pos_ids, torch.cat([batch_vectors, x.key_vectors]), neg_ids,
+        pos_log_q, neg_log_q, x.temperature, x.scale, excluded,
+    )
+    return loss, (pos_logits.detach(), neg_logits.detach())
+
+
+def history_columns(
+    window: HistoryWindow, neg_ids: torch.Tensor, pos_ids: torch.Tensor
+) -> torch.Tensor:
+    """[Q, K]: -inf where negative column k (id ``neg_ids[k]``, shared by every query; ids may
+    repeat) holds an item of query q's history window, 0 elsewhere; never at the query's
+    target. The window's ids become the position of their first column in the sorted
+    negatives (:meth:`HistoryWindow.mask_` marks those, block by block, no pair list), then
+    every column reads its id's first position: fixed sizes, no host read."""
+    ordered = torch.sort(neg_ids).values
+    k = ordered.numel()
+
+    def first(ids: torch.Tensor) -> torch.Tensor:  # -1: not among the negatives
+        if k == 0:
+            return torch.full_like(ids, -1)
+        at = torch.searchsorted(ordered, ids)
+        hit = ordered.index_select(0, at.clamp(max=k - 1)) == ids
+        return torch.where(hit, at, torch.full_like(at, -1))
+
+    add = torch.zeros((pos_ids.numel(), k), dtype=torch.float32, device=neg_ids.device)
+    HistoryWindow(first(window.ids), window.starts, window.lengths, window.width).mask_(
+        add, 0, first(pos_ids)
+    )
+    return add.index_select(1, first(neg_ids))
+
+
 def full_corpus(x: LossInputs) -> LossOutput:
     """Every item of the corpus: the exact softmax. With the corpus split over the ranks
     (a model-parallel item table on several ranks), each rank scores every rank's queries
@@ -161,4 +215,7 @@ def full_corpus(x: LossInputs) -> LossOutput:
     )
 
 
-__all__ = ["LossInputs", "LossOutput", "full_corpus", "in_batch", "mixed", "shared", "uniform"]
+__all__ = [
+    "LossInputs", "LossOutput", "full_corpus", "in_batch", "mixed", "sampled_live", "shared",
+    "uniform",
+]
