@@ -413,38 +413,32 @@ def export_programs(
 class StreamMaps:
     """The id maps of an online checkpoint (hstu.data.stream.save_stream): the raw id of dense
     id 1, 2, ... of the stream's items and users, cut to the sizes its ``stream.json`` recorded
-    (as a resume loads them)."""
+    (as a resume loads them; a delta checkpoint's through its chain, whose links are checked
+    against their manifests first)."""
 
     def __init__(self, ckpt_dir: str | Path) -> None:
-        from hstu.data.stream.core import ITEM_IDS_FILE, STATE_FILE, USER_IDS_FILE, IdMap
+        from hstu.data.errors import DataError
+        from hstu.data.stream.core import IdMap, load_id_maps
+        from hstu.training.online_checkpoints import chain_links
 
         folder = Path(ckpt_dir)
-        state = folder / STATE_FILE
-        try:
-            saved = json.loads(state.read_text())
-            sizes = {key: int(saved[key]) for key in ("num_items", "num_users")}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ExportError(f"{state}: cannot read the stream's id map sizes "
-                              f"({type(exc).__name__}: {exc})", EXIT_DAMAGED) from None
         self.windows: int | None = None
+        links: list[str] = []
         online = folder / "online.json"
         if online.is_file():
             self.windows = int(json.loads(online.read_text())["windows"])
-        maps = []
-        for name, file, key in (("item", ITEM_IDS_FILE, "num_items"),
-                                ("user", USER_IDS_FILE, "num_users")):
-            idmap = IdMap(name)
-            try:
-                idmap.load(folder / file)
-            except (OSError, ValueError) as exc:
-                raise ExportError(f"{folder / file}: cannot read the stream's {name} id map "
-                                  f"({type(exc).__name__}: {exc})", EXIT_DAMAGED) from None
-            if len(idmap) < sizes[key]:
-                raise ExportError(f"{folder / file}: holds {len(idmap)} ids, fewer than the "
-                                  f"{sizes[key]} {key} of {state}", EXIT_DAMAGED)
-            idmap.truncate(sizes[key])
-            maps.append(idmap)
-        self.items, self.users = maps
+            links = chain_links(str(folder))  # a delta checkpoint: its base and deltas before
+            from hstu.training.checkpoint import chain_problem
+
+            problem = chain_problem(str(folder))
+            if problem is not None:
+                raise ExportError(f"{problem}: the stream's id maps cannot be rebuilt",
+                                  EXIT_DAMAGED)
+        self.items, self.users = IdMap("item"), IdMap("user")
+        try:
+            load_id_maps(folder, self.users, self.items, links)
+        except DataError as exc:
+            raise ExportError(f"{exc} (the stream's id maps of {folder})", EXIT_DAMAGED) from None
 
     @staticmethod
     def present(ckpt_dir: str | Path) -> bool:

@@ -177,9 +177,15 @@ def test_deltas_small_chains_kept_and_resume_bitwise(data, tmp_path):  # noqa: F
     assert len(deleted) == 3000 - 5, len(deleted)  # expired at p03
     assert "checkpoint iter_0: full (the first of the run)" in out
     assert " delta 2 on base iter_0, " in out
+    from hstu.export import StreamMaps
+
     for name in kinds(run_dir):  # each checkpoint rebuilt from its chain = the all-full run's
         assert_same(rebuilt_state(ref / "ckpt" / name), rebuilt_state(run_dir / "ckpt" / name),
                     name)
+        # the id maps an export writes beside the model (hstu.export), through the chain
+        full, delta = StreamMaps(ref / "ckpt" / name), StreamMaps(run_dir / "ckpt" / name)
+        assert_same([m.state_dict() for m in (full.users, full.items)],
+                    [m.state_dict() for m in (delta.users, delta.items)], name)
     # resume (from base + 2 deltas) with a full checkpoint asked for
     for p in hidden:
         p.with_name("." + p.name).rename(p)

@@ -476,20 +476,34 @@ def _read_state(directory: Path) -> dict[str, Any]:
         raise DataError(str(path), f"cannot read the stream state ({exc})") from None
 
 
-def load_stream(directory: str | Path, source: StreamSource,
-                links: list[str | Path] | tuple = ()) -> StreamPosition:
-    """Restores what :func:`save_stream` wrote into ``source``; returns the position to
-    continue from (``source.windows(position)``). A delta checkpoint needs its ``links``
-    (the folders before it: its full checkpoint first, then the deltas in order): the id
-    maps are the full one's, extended by each delta's new ids in order."""
+def _load_map(idmap: Any, path: Path, extend: bool = False) -> None:
+    try:
+        if extend:
+            idmap.extend(path)
+        else:
+            idmap.load(path)
+    except DataError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise DataError(str(path), f"cannot read the stream's {idmap.name} id map "
+                        f"({type(exc).__name__}: {exc})") from None
+
+
+def load_id_maps(directory: str | Path, users: Any, items: Any,
+                 links: list[str | Path] | tuple = ()) -> dict[str, Any]:
+    """Fills the id maps ``users`` and ``items`` as a checkpoint written by
+    :func:`save_stream` into ``directory`` holds them; returns its ``stream.json``. A delta
+    checkpoint needs its ``links`` (the folders before it: its full checkpoint first, then
+    the deltas in order): the maps are the full one's, extended by each delta's new ids in
+    order (hashed ids: the last one's, whole)."""
     folders = [Path(p) for p in links] + [Path(directory)]
     saved = _read_state(folders[0])
     if "delta_from" in saved:
         raise DataError(str(folders[0] / STATE_FILE),
                         "a delta checkpoint: it is restored with the chain its online.json names")
-    for idmap, file, key in ((source.users, USER_IDS_FILE, "num_users"),
-                             (source.items, ITEM_IDS_FILE, "num_items")):
-        idmap.load(folders[0] / file)
+    for idmap, file, key in ((users, USER_IDS_FILE, "num_users"),
+                             (items, ITEM_IDS_FILE, "num_items")):
+        _load_map(idmap, folders[0] / file)
         if len(idmap) < saved[key]:
             raise DataError(str(folders[0] / file),
                             f"holds {len(idmap)} ids, fewer than the {saved[key]} of {STATE_FILE}")
@@ -501,20 +515,29 @@ def load_stream(directory: str | Path, source: StreamSource,
             raise DataError(str(folder / STATE_FILE), "a full checkpoint where the chain has a "
                             "delta")
         for idmap, whole, file, key in (
-                (source.users, USER_IDS_FILE, USER_IDS_DELTA, "num_users"),
-                (source.items, ITEM_IDS_FILE, ITEM_IDS_DELTA, "num_items")):
+                (users, USER_IDS_FILE, USER_IDS_DELTA, "num_users"),
+                (items, ITEM_IDS_FILE, ITEM_IDS_DELTA, "num_items")):
             if not isinstance(idmap, IdMap):  # hashed ids: whole in every checkpoint
-                idmap.load(folder / whole)
+                _load_map(idmap, folder / whole)
                 continue
             if start[key] != len(idmap):
                 raise DataError(str(folder / file),
                                 f"adds ids after the first {start[key]}, the chain before it "
                                 f"holds {len(idmap)}")
-            idmap.extend(folder / file)
+            _load_map(idmap, folder / file, extend=True)
             if len(idmap) < saved[key]:
                 raise DataError(str(folder / file), f"holds {len(idmap) - start[key]} ids, "
                                 f"fewer than the {saved[key] - start[key]} of {STATE_FILE}")
             idmap.truncate(saved[key])
+    return saved
+
+
+def load_stream(directory: str | Path, source: StreamSource,
+                links: list[str | Path] | tuple = ()) -> StreamPosition:
+    """Restores what :func:`save_stream` wrote into ``source``; returns the position to
+    continue from (``source.windows(position)``). A delta checkpoint needs its ``links``
+    (:func:`load_id_maps`)."""
+    saved = load_id_maps(directory, source.users, source.items, links)
     state = dict(saved["source"])
     state["users"] = source.users.state_dict()
     state["items"] = source.items.state_dict()
@@ -535,6 +558,7 @@ __all__ = [
     "StreamSource",
     "Window",
     "atomic_path",
+    "load_id_maps",
     "load_stream",
     "save_stream",
     "write_json_atomic",
