@@ -334,11 +334,12 @@ def self_check(model: Any, built: Any, inference: InferenceHSTU, tables: dict, i
     inputs = _batch_inputs(batch, tables, icfg)
     out = inference(*inputs)
     if icfg["task"] == "retrieval":
-        ref = model.evaluate(batch, top_k=10)
         corpus = Corpus(tables[icfg["item_feature_name"]], icfg)
         item = batch.features[icfg["item_feature_name"]]
         history = list(item.values().split(item.lengths().tolist()))
         ids, scores = corpus.top_k(out, history, 10)
+        ref = _live_top_k(model, batch, history) if corpus.ids is not None else \
+            model.evaluate(batch, top_k=10)
         if not torch.equal(ids, ref.top_ids):
             differ = int((ids != ref.top_ids).any(1).sum())
             raise ExportError(
@@ -350,6 +351,21 @@ def self_check(model: Any, built: Any, inference: InferenceHSTU, tables: dict, i
     _, (ref_logits, _) = model(batch)
     logits = candidate_logits(out, inputs[1], inputs[2])
     return float((logits - ref_logits).abs().max())
+
+
+def _live_top_k(model: Any, batch: Any, history: list[torch.Tensor]) -> Any:
+    """The trainer's top-10 over a dynamic item table's live items (the history left out):
+    the self-check's reference for an artifact whose corpus is the table's ids."""
+    from types import SimpleNamespace
+
+    queries = model.last_queries(batch)[0]
+    live = model.live_items()
+    vectors = model.dense_module.normalise(model.lookup_items(live))
+    scores = queries @ vectors.t()
+    for b, h in enumerate(history):
+        scores[b, torch.isin(live, h)] = float("-inf")
+    top_scores, top = scores.topk(min(10, live.numel()), dim=1)
+    return SimpleNamespace(top_ids=live[top], top_scores=top_scores)
 
 
 class _Forward(torch.nn.Module):
@@ -418,7 +434,7 @@ class StreamMaps:
 
     def __init__(self, ckpt_dir: str | Path) -> None:
         from hstu.data.errors import DataError
-        from hstu.data.stream.core import IdMap, load_id_maps
+        from hstu.data.stream.core import ITEM_IDS_FILE, HashedIds, IdMap, load_id_maps
         from hstu.training.online_checkpoints import chain_links
 
         folder = Path(ckpt_dir)
@@ -434,7 +450,11 @@ class StreamMaps:
             if problem is not None:
                 raise ExportError(f"{problem}: the stream's id maps cannot be rebuilt",
                                   EXIT_DAMAGED)
-        self.items, self.users = IdMap("item"), IdMap("user")
+        # hashed ids are whole in every checkpoint (a dense delta holds item_ids.delta.npy)
+        items = folder / ITEM_IDS_FILE
+        self.hashed = items.is_file() and _hashed_ids(items)
+        self.items, self.users = (HashedIds(n, keep_names=True) if self.hashed else IdMap(n)
+                                  for n in ("item", "user"))
         try:
             load_id_maps(folder, self.users, self.items, links)
         except DataError as exc:
@@ -448,18 +468,32 @@ class StreamMaps:
         return (Path(ckpt_dir) / STATE_FILE).is_file()
 
     def describe(self) -> dict[str, Any]:
-        return {"num_items": len(self.items), "num_users": len(self.users),
-                "item_id_kind": self.items.kind, "user_id_kind": self.users.kind,
-                "windows": self.windows}
+        return {"ids": "hashed" if self.hashed else "dense", "num_items": len(self.items),
+                "num_users": len(self.users), "item_id_kind": self.items.kind,
+                "user_id_kind": self.users.kind, "windows": self.windows}
 
-    def write(self, out: Path) -> None:
+    def write(self, out: Path, item_keys: Any = None) -> bool:
         """item_map.parquet (item_id 1..K, raw_item_id) and user_map.parquet (user_id 1..U,
-        raw_user_id) of the stream's maps."""
+        raw_user_id) of the stream's maps; hashed ids: the item map of the keys ``item_keys``
+        (the item table's ids) alone (no user map: nothing maps users). Returns whether a
+        user map was written."""
         import numpy as np
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         from hstu.columns import USER_FEATURE
+
+        if self.hashed:
+            keys = np.asarray(item_keys, dtype=np.int64)
+            keys = keys[keys >= 1]
+            raw = self.items.raw(keys)
+            text = raw.dtype.kind in "US"
+            pq.write_table(pa.table({
+                "item_id": pa.array(keys),
+                "raw_item_id": pa.array(raw.tolist() if text else raw.astype(np.int64),
+                                        type=pa.string() if text else pa.int64()),
+            }), out / ITEM_MAP)
+            return False
 
         for idmap, file, column in ((self.items, ITEM_MAP, "item_id"),
                                     (self.users, USER_MAP, USER_FEATURE)):
@@ -468,6 +502,19 @@ class StreamMaps:
                            type=pa.string() if keys.dtype.kind in "US" else pa.int64())
             dense = pa.array(np.arange(1, len(keys) + 1, dtype=np.int64))
             pq.write_table(pa.table({column: dense, f"raw_{column}": raw}), out / file)
+        return True
+
+
+def _hashed_ids(path: Path) -> bool:
+    """Whether a checkpoint's item id file holds hashed ids (hstu.data.stream.HashedIds)."""
+    import numpy as np
+
+    try:
+        table = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{path}: cannot read the stream's item ids ({type(exc).__name__}: "
+                          f"{exc})", EXIT_DAMAGED) from None
+    return table.ndim == 2 and len(table) > 0 and str(table[0, 0]) == "hashed"
 
 
 def _copy_item_map(cfg: Any, out: Path) -> bool:
@@ -547,6 +594,9 @@ def export(
             features.append(icfg["action_feature_name"])
         tables = gather_tables(model, features, keys)
         icfg["feature_dims"] = {name: int(t["vectors"].shape[1]) for name, t in tables.items()}
+        if cfg.task == "retrieval" and _dynamic(model, icfg["item_feature_name"]):
+            # the corpus is the ids the item table's rows hold (hstu.serving.artifact.Corpus)
+            icfg["corpus"] = "table"
         inference = inference_cls(icfg)
         inference.load_state_dict({
             k: v.float()
@@ -580,9 +630,23 @@ def export(
         destroy_distributed()
 
 
+def _dynamic(model: torch.nn.Module, feature: str) -> bool:
+    """Whether ``feature``'s table is dynamic (its rows hold ids: DynamicEmbeddingArgs)."""
+    from hstu.embeddings import HstuEmbeddings
+
+    return any(spec.dynamic and feature in spec.feature_names
+               for m in model.sparse.modules() if isinstance(m, HstuEmbeddings)
+               for spec in m.specs.values())
+
+
 def _limit_to_stream(icfg: dict[str, Any], stream: StreamMaps, ckpt_dir: str, log: Any) -> None:
     """Retrieval ranks the items the stream has seen (dense ids 1..K), as the online loop's
-    evaluation does; the table's rows beyond them were never trained."""
+    evaluation does; the table's rows beyond them were never trained. Hashed ids: the items
+    the dynamic item table holds (the corpus is the table's)."""
+    if stream.hashed:
+        log(f"[export] online checkpoint with hashed ids: the item map is the {stream.items.kind} "
+            "ids of the item table's rows")
+        return
     known = len(stream.items)
     if icfg["task"] == "retrieval":
         if known + 1 > int(icfg["num_items"]):
@@ -625,8 +689,8 @@ def write_artifact(tmp: Path, out_path: Path, tables: dict, inference: Inference
     torch.save(inference.state_dict(), tmp / WEIGHTS_FILE)
     report = export_programs(inference, icfg, tmp, aoti, log)
     if stream is not None:  # the stream's ids, not the dataset's that sized the tables
-        stream.write(tmp)
-        has_map = has_user_map = True
+        has_user_map = stream.write(tmp, tables[icfg["item_feature_name"]]["ids"].numpy())
+        has_map = True
     else:
         has_map = _copy_item_map(cfg, tmp)
         has_user_map = _copy_user_map(cfg, icfg, tmp)

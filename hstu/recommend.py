@@ -108,6 +108,13 @@ class ItemIds:
     def __init__(self, art: Artifact) -> None:
         self.to_raw: dict[int, Any] | None = None
         self.from_raw: dict[Any, int] | None = None
+        self.hashed = None
+        stream = art.manifest.get("stream") or {}
+        if stream.get("ids") == "hashed":  # an online model keyed by hash: any raw id's key
+            from hstu.data.stream.core import HashedIds
+
+            self.hashed = HashedIds("item")
+            self.hashed.kind = stream.get("item_id_kind")
         path = art.path / ITEM_MAP
         if path.is_file():
             m = pq.read_table(path)
@@ -117,6 +124,12 @@ class ItemIds:
             self.from_raw.update({str(r): i for i, r in zip(ids, raw)})
 
     def model_ids(self, raw: list) -> np.ndarray:
+        if self.hashed is not None:  # the key a raw id has (-1: not an id of the stream's kind)
+            if self.hashed.kind == "int":
+                keys = [int(r) + 1 if isinstance(r, (int, np.integer)) or str(r).isdigit()
+                        else -1 for r in raw]
+                return np.asarray(keys, dtype=np.int64)
+            return self.hashed.keys(np.asarray([str(r) for r in raw]))
         if self.from_raw is None:
             return np.asarray([int(r) if r is not None else -1 for r in raw], dtype=np.int64)
         get = self.from_raw.get
@@ -204,7 +217,11 @@ def read_events(path: Path, art: Artifact, item_ids: ItemIds) -> Events:
     # unknown items: ids the model's item table does not hold (skipped and counted)
     _, found = art.tables.find(cfg["item_feature_name"], torch.from_numpy(items))
     known = found.numpy()
-    if cfg["task"] == "retrieval":
+    if item_ids.hashed is not None:
+        # a stream's keys: an item without a row now (evicted, expired) stays in the history
+        # as the trainer reads it, a miss with a zero vector
+        known = items > 0
+    elif cfg["task"] == "retrieval":
         known &= (items >= cfg["min_item_id"]) & (items < cfg["num_items"])
     skipped = int((~known).sum())
     if skipped:

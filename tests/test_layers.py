@@ -38,7 +38,7 @@ LAYERS: list[list[str]] = [
     # serving artifacts and the inference model
     ["hstu.serving"],
     # entry points and tools
-    ["hstu.cli", "hstu.bench", "hstu.export", "hstu.recommend", "hstu.launch",
+    ["hstu.cli", "hstu.bench", "hstu.export", "hstu.recommend", "hstu.publish", "hstu.launch",
      "hstu.gpu_check", "hstu.docs_gen"],
 ]
 

@@ -269,7 +269,7 @@ class StreamArgs:
     publish_gate_metric: str | None = None
     """Publish only when this stream metric (e.g. "HR@10", "NDCG@10", "AUC", "NE") over the
     checkpoint's last publish_gate_windows windows is within publish_gate_margin of the served
-    version's (python -m hstu.serving.publisher --gate-metric); None: no gate."""
+    version's (python -m hstu.publish --gate-metric); None: no gate."""
     publish_gate_margin: float = 0.0
     """How much worse than the served version's figure a publish may be (lower for HR/NDCG/AUC,
     higher for NE and loss)."""

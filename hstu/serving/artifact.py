@@ -174,7 +174,13 @@ class Corpus:
         self.num_items = int(cfg["num_items"])
         self.min_item_id = int(cfg["min_item_id"])
         t = Tables({"item": item_table})
-        ids = torch.arange(self.num_items, dtype=torch.int64)
+        # a dynamic item table ("corpus": "table"): the ids its rows hold, ascending; else the
+        # ids [0, num_items) (column i is id i)
+        self.ids: Tensor | None = None
+        if cfg.get("corpus") == "table":
+            held = item_table["ids"]
+            self.ids = held[held >= self.min_item_id]
+        ids = self.ids if self.ids is not None else torch.arange(self.num_items, dtype=torch.int64)
         self.vectors = F.normalize(
             t.lookup("item", ids).float(), p=2.0, dim=-1, eps=float(cfg["l2_norm_eps"])
         )
@@ -183,16 +189,22 @@ class Corpus:
         """queries [B, D] -> (ids [B, k], scores [B, k]): history items and ids below
         min_item_id excluded (-inf), as in the trainer's evaluation."""
         scores = queries @ self.vectors.t()  # [B, I]
-        if self.min_item_id > 0:
+        if self.min_item_id > 0 and self.ids is None:
             scores[:, : self.min_item_id] = float("-inf")
+        width = scores.shape[1]
         if histories:
             sizes = torch.tensor([h.numel() for h in histories])
             rows = torch.repeat_interleave(torch.arange(len(histories)), sizes)
             hist = torch.cat(histories)
-            inside = (hist >= 0) & (hist < self.num_items)
-            scores[rows[inside], hist[inside]] = float("-inf")
-        top_scores, top_ids = scores.topk(min(k, self.num_items), dim=1)
-        return top_ids, top_scores
+            if self.ids is None:
+                inside = (hist >= 0) & (hist < self.num_items)
+                cols = hist
+            else:  # history ids -> their columns (those the table holds)
+                cols = torch.searchsorted(self.ids, hist).clamp(max=max(width - 1, 0))
+                inside = (self.ids[cols] == hist) if width else torch.zeros_like(hist, dtype=bool)
+            scores[rows[inside], cols[inside]] = float("-inf")
+        top_scores, top = scores.topk(min(k, width), dim=1)
+        return (top if self.ids is None else self.ids[top]), top_scores
 
 
 def history_cacheable(cfg: dict[str, Any]) -> bool:

@@ -502,7 +502,7 @@ class OnlineTrainer:
         return self.last_checkpoint
 
     def publish_version(self, ckpt: str) -> None:
-        """Starts ``python -m hstu.serving.publisher`` in a background process (training does not
+        """Starts ``python -m hstu.publish`` in a background process (training does not
         wait for the export; its lines go to ``<run_dir>/publish.log``): it exports the newest
         checkpoint of the save root (``ckpt``, just saved, or a newer one by the time its turn
         comes) as the newest serving version, if the gate (StreamArgs.publish_gate_*) admits it.
@@ -516,7 +516,7 @@ class OnlineTrainer:
                            f"another (pid {alive[-1].pid}) waits to take the newest checkpoint")
             return
         run_dir = Path(t.logger.run_dir)
-        cmd = [sys.executable, "-m", "hstu.serving.publisher", "--run", str(run_dir),
+        cmd = [sys.executable, "-m", "hstu.publish", "--run", str(run_dir),
                "--ckpt", str(Path(ckpt).parent), "--out", self.publish_dir,
                "--keep", str(sa.publish_keep), "--gate-windows", str(sa.publish_gate_windows),
                "--nice", "10"]

@@ -25,12 +25,14 @@ def main(ckpt: str, events: str, k: str, out: str) -> None:
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
     from hstu.data.batch import Batch
-    from hstu.data.stream.core import IdMap
+    from hstu.data.stream.core import HashedIds, IdMap
     from hstu.export import _first_eval_batch, load_for_export
     from hstu.training.distributed import destroy_distributed
 
     saved = json.loads((Path(ckpt) / "stream.json").read_text())
-    items = IdMap("item")
+    table = np.load(Path(ckpt) / "item_ids.npy", allow_pickle=False)
+    hashed = table.ndim == 2  # StreamArgs.ids="hashed": keys, no map
+    items = HashedIds("item", keep_names=True) if hashed else IdMap("item")
     items.load(Path(ckpt) / "item_ids.npy")
     items.truncate(saved["num_items"])
     with open(events, newline="") as fh:
@@ -44,7 +46,11 @@ def main(ckpt: str, events: str, k: str, out: str) -> None:
         keys = list(template.features.keys())
         name = template.item_feature_name
         dense = model.dense_module
-        dense.num_items = len(items) + 1  # the corpus: the items the stream knows
+        if hashed:  # the corpus: the items the dynamic table's rows hold
+            live = model.live_items()
+            live_vectors = dense.normalise(model.lookup_items(live))
+        else:
+            dense.num_items = len(items) + 1  # the corpus: the items the stream knows
         result = {}
         torch.set_grad_enabled(False)
         for user, events_ in per_user.items():
@@ -52,7 +58,7 @@ def main(ckpt: str, events: str, k: str, out: str) -> None:
             raw = np.asarray([e[1] for e in events_])
             if items.kind == "int":  # the csv's text of an integer id
                 raw = raw.astype(np.int64)
-            ids = torch.from_numpy(items.lookup(raw))
+            ids = torch.from_numpy(items.keys(raw) if hashed else items.lookup(raw))
             assert bool((ids > 0).all()), f"user {user}: an item the stream does not know"
             lengths = torch.tensor([ids.numel() if key == name else 0 for key in keys])
             kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=ids, lengths=lengths)
@@ -60,7 +66,13 @@ def main(ckpt: str, events: str, k: str, out: str) -> None:
                           timestamps=torch.tensor([e[0] for e in events_], dtype=torch.int64),
                           sample_mask=torch.ones(1, dtype=torch.bool),
                           max_seqlen=template.max_seqlen)
-            top = model.evaluate(batch, top_k=int(k)).top_ids[0].numpy()
+            if hashed:  # the query against every live item, the history left out
+                query = model.last_queries(batch)[0][0]
+                scores = live_vectors @ query
+                scores[torch.isin(live, ids)] = float("-inf")
+                top = live[scores.topk(int(k)).indices].numpy()
+            else:
+                top = model.evaluate(batch, top_k=int(k)).top_ids[0].numpy()
             result[user] = [str(x) for x in items.raw(top)]
         Path(out).write_text(json.dumps(result))
     finally:

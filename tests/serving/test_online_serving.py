@@ -3,7 +3,7 @@
 A small stream folder (text item ids, integer user ids that are not the dense ones) is
 trained through the shipped stream preset (configs/ml-100k_stream_retrieval.gin with small
 sizes; its model table sized by a tiny preprocessed dataset with more items than the
-stream has), then published with ``python -m hstu.serving.publisher``. Checked:
+stream has), then published with ``python -m hstu.publish``. Checked:
 ``hstu.recommend`` returns, in the stream's raw ids, exactly the top-K that the trained model
 scores over the items the stream knows; the gate refuses a worse candidate in one line naming
 both figures (the served version unchanged) and records the figures per version; a rollback
@@ -99,7 +99,7 @@ def trained(tmp_path_factory) -> dict:
 
 
 def publish(trained: dict, root: Path, *extra: str, ok: bool = True):
-    return _run(["-m", "hstu.serving.publisher", "--run", str(trained["run"]), "--out", str(root),
+    return _run(["-m", "hstu.publish", "--run", str(trained["run"]), "--out", str(root),
                  *extra], ok=ok)
 
 

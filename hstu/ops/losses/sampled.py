@@ -192,7 +192,9 @@ def sampled_softmax_loss(
         dim=1,
     )
     if queries.shape[0] == 0:
-        return queries.sum() * 0.0, pos_logits, neg_logits
+        # no query on this rank: a zero that still reaches the negatives, so that every rank
+        # runs the same backward (the gathered in-batch positives' all-reduce included)
+        return (queries.sum() + neg_logits.sum()) * 0.0, pos_logits, neg_logits
     logits = torch.cat([pos_logits.unsqueeze(1), neg_logits], dim=1)
     # the positive sits in column 0; log-softmax ignores -inf columns
     per_query = -torch.log_softmax(logits, dim=1)[:, 0]
@@ -243,7 +245,9 @@ def corrected_softmax_loss(
     if excluded is not None:
         neg_logits = neg_logits + excluded.to(neg_logits.dtype)
     if queries.shape[0] == 0:
-        return queries.sum() * 0.0, pos_logits, neg_logits
+        # no query on this rank: a zero that still reaches the negatives, so that every rank
+        # runs the same backward (the gathered in-batch positives' all-reduce included)
+        return (queries.sum() + neg_logits.sum()) * 0.0, pos_logits, neg_logits
     logits = torch.cat([pos_logits.unsqueeze(1), neg_logits], dim=1)
     per_query = torch.logsumexp(logits, dim=1) - pos_logits
     loss = per_query.mean() if scale is None else per_query.sum() * scale

@@ -1,9 +1,9 @@
 r"""Publishes an online run's checkpoints as serving versions, beside the training
 (docs/serving.md, "Publishing an online run").
 
-    python -m hstu.serving.publisher --run runs/online                 # the newest checkpoint, once
-    python -m hstu.serving.publisher --run runs/online --follow        # each new one, until stopped
-    python -m hstu.serving.publisher --run runs/online --gate-metric HR@10 --gate-margin 0.02 \
+    python -m hstu.publish --run runs/online                 # the newest checkpoint, once
+    python -m hstu.publish --run runs/online --follow        # each new one, until stopped
+    python -m hstu.publish --run runs/online --gate-metric HR@10 --gate-margin 0.02 \
         --gate-windows 5
 
 Each publish exports a checkpoint (:func:`hstu.export.publish_version`) into the versioned
@@ -307,7 +307,7 @@ def _span(windows: list[int] | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hstu.serving.publisher",
+    parser = argparse.ArgumentParser(prog="python -m hstu.publish",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="the online run's directory (metrics.csv, "
                         "operative_config.gin)")
