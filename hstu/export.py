@@ -429,45 +429,36 @@ def export_programs(
 class StreamMaps:
     """The id maps of an online checkpoint (hstu.data.stream.save_stream): the raw id of dense
     id 1, 2, ... of the stream's items and users, cut to the sizes its ``stream.json`` recorded
-    (as a resume loads them)."""
+    (as a resume loads them; a delta checkpoint's through its chain, whose links are checked
+    against their manifests first)."""
 
     def __init__(self, ckpt_dir: str | Path) -> None:
-        from hstu.data.stream.core import (
-            ITEM_IDS_FILE,
-            STATE_FILE,
-            USER_IDS_FILE,
-            HashedIds,
-            IdMap,
-        )
+        from hstu.data.errors import DataError
+        from hstu.data.stream.core import ITEM_IDS_FILE, HashedIds, IdMap, load_id_maps
+        from hstu.training.online_checkpoints import chain_links
 
         folder = Path(ckpt_dir)
-        state = folder / STATE_FILE
-        try:
-            saved = json.loads(state.read_text())
-            sizes = {key: int(saved[key]) for key in ("num_items", "num_users")}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ExportError(f"{state}: cannot read the stream's id map sizes "
-                              f"({type(exc).__name__}: {exc})", EXIT_DAMAGED) from None
         self.windows: int | None = None
+        links: list[str] = []
         online = folder / "online.json"
         if online.is_file():
             self.windows = int(json.loads(online.read_text())["windows"])
-        maps = []
-        self.hashed = _hashed_ids(folder / ITEM_IDS_FILE)
-        for name, file, key in (("item", ITEM_IDS_FILE, "num_items"),
-                                ("user", USER_IDS_FILE, "num_users")):
-            idmap: Any = HashedIds(name, keep_names=True) if self.hashed else IdMap(name)
-            try:
-                idmap.load(folder / file)
-            except (OSError, ValueError) as exc:
-                raise ExportError(f"{folder / file}: cannot read the stream's {name} id map "
-                                  f"({type(exc).__name__}: {exc})", EXIT_DAMAGED) from None
-            if len(idmap) < sizes[key]:
-                raise ExportError(f"{folder / file}: holds {len(idmap)} ids, fewer than the "
-                                  f"{sizes[key]} {key} of {state}", EXIT_DAMAGED)
-            idmap.truncate(sizes[key])
-            maps.append(idmap)
-        self.items, self.users = maps
+            links = chain_links(str(folder))  # a delta checkpoint: its base and deltas before
+            from hstu.training.checkpoint import chain_problem
+
+            problem = chain_problem(str(folder))
+            if problem is not None:
+                raise ExportError(f"{problem}: the stream's id maps cannot be rebuilt",
+                                  EXIT_DAMAGED)
+        # hashed ids are whole in every checkpoint (a dense delta holds item_ids.delta.npy)
+        items = folder / ITEM_IDS_FILE
+        self.hashed = items.is_file() and _hashed_ids(items)
+        self.items, self.users = (HashedIds(n, keep_names=True) if self.hashed else IdMap(n)
+                                  for n in ("item", "user"))
+        try:
+            load_id_maps(folder, self.users, self.items, links)
+        except DataError as exc:
+            raise ExportError(f"{exc} (the stream's id maps of {folder})", EXIT_DAMAGED) from None
 
     @staticmethod
     def present(ckpt_dir: str | Path) -> bool:

@@ -328,6 +328,12 @@ class StreamArgs:
     """Resuming a checkpoint written on another stream (another folder, or a replay of other data)
     is refused; True continues that model, its id maps and user store on this stream from its
     first partition (docs/online.md "Which checkpoint a stream run resumes")."""
+    full_checkpoint_every: int = 1
+    """Every N-th checkpoint of an online run is a full base; the ones between are deltas
+    holding the user store rows written and the ids added since the checkpoint before
+    (docs/online.md "Checkpoints: bases and deltas"). 1: every checkpoint full. A file named
+    full_checkpoint in the checkpoint folder (TrainerArgs.ckpt_save_dir) makes the next one
+    full."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -389,6 +395,13 @@ class StreamArgs:
             isinstance(self.batch_epochs, int) and not isinstance(self.batch_epochs, bool)
             and self.batch_epochs >= 1,
             self, "batch_epochs", f"must be an integer >= 1, got {self.batch_epochs!r}",
+        )
+        _require(
+            isinstance(self.full_checkpoint_every, int)
+            and not isinstance(self.full_checkpoint_every, bool)
+            and self.full_checkpoint_every >= 1,
+            self, "full_checkpoint_every",
+            f"must be an integer >= 1, got {self.full_checkpoint_every!r}",
         )
         _require(isinstance(self.train, bool), self, "train",
                  f"must be True or False, got {self.train!r}")

@@ -5,7 +5,10 @@ ratings) as three little-endian arrays. Each data-parallel rank keeps the users 
 ``dense user id % world_size == rank``, in its own file. The working file is scratch: a
 checkpoint holds a consistent copy (SQLite's online backup into a temporary file, fsynced,
 then renamed into place), and a run that resumes starts from that copy, never from the
-working file a killed run left behind.
+working file a killed run left behind. A checkpoint may instead hold a delta
+(:meth:`UserStore.checkpoint_delta`): the rows of the users written since the previous
+checkpoint and the users deleted since, applied in order on top of a full snapshot by
+:meth:`UserStore.restore`.
 
 Memory: SQLite's page cache is bounded (``cache_mib``); an append holds one window's rows.
 Nothing grows with the number of events seen, only the file does (with the number of users).
@@ -16,7 +19,7 @@ from __future__ import annotations
 import logging
 import re
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +34,17 @@ FORMAT = 2
 """2: each user's newest event time in a column (expiry); 1 had none."""
 SNAPSHOT = "user_store.rank{rank}-of-{world}.sqlite"
 _SNAPSHOT_RE = re.compile(r"user_store\.rank(\d+)-of-(\d+)\.sqlite")
+DELTA = "user_store_delta.rank{rank}-of-{world}.sqlite"
+_DELTA_RE = re.compile(r"user_store_delta\.rank(\d+)-of-(\d+)\.sqlite")
+# every write to the history table (append, insert, any DELETE, whatever method issues it) is
+# recorded per user in a temporary table (not part of a snapshot): what changed since the
+# last checkpoint. A REPLACE fires the insert trigger only (recursive triggers are off).
+_TRACK = (
+    "CREATE TEMP TABLE changed (user INTEGER PRIMARY KEY, deleted INTEGER NOT NULL)",
+    *(f"CREATE TEMP TRIGGER changed_{event.lower()} AFTER {event} ON history BEGIN "
+      f"INSERT OR REPLACE INTO changed VALUES ({row}.user, {gone}); END"
+      for event, row, gone in (("INSERT", "NEW", 0), ("UPDATE", "NEW", 0), ("DELETE", "OLD", 1))),
+)
 _CHUNK = 500  # users per SELECT ... IN (...) (SQLite's limit on parameters is larger)
 
 
@@ -109,6 +123,8 @@ class UserStore:
                 "INSERT INTO meta VALUES (?, ?)",
                 [("format", str(FORMAT)), ("max_sequence_length", str(max_sequence_length))],
             )
+            for statement in _TRACK:
+                self._conn.execute(statement)
 
     @staticmethod
     def _open(path: Path, cache_mib: int) -> sqlite3.Connection:
@@ -355,7 +371,8 @@ class UserStore:
 
     def checkpoint(self, directory: str | Path) -> Path:
         """Writes a consistent copy into ``directory`` atomically (SQLite backup into a
-        temporary file, fsync, rename); returns its path."""
+        temporary file, fsync, rename); returns its path. The changes since the last
+        checkpoint stay recorded until :meth:`clear_changes`."""
         dest = Path(directory) / self.snapshot_name()
         with atomic_path(dest) as tmp:
             tmp.unlink()
@@ -366,6 +383,81 @@ class UserStore:
                 out.close()
         return dest
 
+    def changes(self) -> tuple[int, int]:
+        """(users written, users deleted) since the last :meth:`clear_changes`."""
+        written, deleted = self._conn.execute(
+            "SELECT COUNT(*) - COALESCE(SUM(deleted), 0), COALESCE(SUM(deleted), 0) "
+            "FROM temp.changed").fetchone()
+        return int(written), int(deleted)
+
+    def clear_changes(self) -> None:
+        """Forgets the recorded changes: call it once a checkpoint holding them is published."""
+        with self._conn:
+            self._conn.execute("DELETE FROM temp.changed")
+
+    def checkpoint_delta(self, directory: str | Path) -> Path:
+        """Writes the changes since the last :meth:`clear_changes` into ``directory``
+        atomically: ``user_store_delta.rank<r>-of-<w>.sqlite`` holding the current rows of
+        the users written since (table ``history``, as in a snapshot) and the users deleted
+        since (table ``deleted``); returns its path. :meth:`restore` applies it on top of the
+        snapshot (and deltas) before it."""
+        dest = Path(directory) / DELTA.format(rank=self.rank, world=self.world_size)
+        with atomic_path(dest) as tmp:
+            tmp.unlink()
+            self._conn.execute("ATTACH DATABASE ? AS delta", (str(tmp),))
+            try:
+                # small pages: a delta of a few users is a few kB, not four tables' 4 kB pages;
+                # no journal or syncs while it is written (a temporary file, fsynced once
+                # whole before its rename)
+                for pragma in ("page_size = 512", "journal_mode = OFF", "synchronous = OFF"):
+                    self._conn.execute(f"PRAGMA delta.{pragma}")
+                with self._conn:
+                    for statement in (
+                        ("CREATE TABLE delta.history (user INTEGER PRIMARY KEY, n INTEGER NOT "
+                         "NULL, items BLOB NOT NULL, timestamps BLOB NOT NULL, ratings BLOB NOT "
+                         "NULL, last INTEGER NOT NULL)"),
+                        "CREATE TABLE delta.deleted (user INTEGER PRIMARY KEY)",
+                        "CREATE TABLE delta.meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+                        ("INSERT INTO delta.history SELECT h.user, h.n, h.items, h.timestamps, "
+                         "h.ratings, h.last FROM main.history h JOIN temp.changed c ON h.user = "
+                         "c.user WHERE c.deleted = 0 ORDER BY h.user"),
+                        ("INSERT INTO delta.deleted SELECT user FROM temp.changed WHERE deleted "
+                         "= 1 ORDER BY user"),
+                    ):
+                        self._conn.execute(statement)
+                    self._conn.executemany(
+                        "INSERT INTO delta.meta VALUES (?, ?)",
+                        [("format", str(FORMAT)), ("kind", "delta"),
+                         ("max_sequence_length", str(self.max_sequence_length))])
+            finally:
+                self._conn.execute("DETACH DATABASE delta")
+        return dest
+
+    @staticmethod
+    def _files(directory: Path, pattern: re.Pattern[str], what: str) -> list[Path]:
+        """The per-rank files of one checkpoint (``pattern``: snapshot or delta), rank order,
+        checked: one world size, every rank's file."""
+        saved = sorted(
+            (int(m.group(1)), int(m.group(2)), p)
+            for p in directory.iterdir()
+            if (m := pattern.fullmatch(p.name))
+        )
+        if not saved:
+            name = "user_store.rank*-of-*.sqlite" if pattern is _SNAPSHOT_RE else \
+                "user_store_delta.rank*-of-*.sqlite"
+            raise DataError(str(directory), f"no user store {what} ({name})")
+        worlds = {w for _, w, _ in saved}
+        if len(worlds) > 1:
+            raise DataError(
+                str(directory), f"user store {what}s of several world sizes {sorted(worlds)}"
+            )
+        saved_world = worlds.pop()
+        if len(saved) != saved_world or [r for r, _, _ in saved] != list(range(saved_world)):
+            raise DataError(
+                str(directory), f"{len(saved)} user store {what}s of {saved_world} ranks"
+            )
+        return [p for _, _, p in saved]
+
     @classmethod
     def restore(
         cls,
@@ -375,55 +467,68 @@ class UserStore:
         rank: int = 0,
         world_size: int = 1,
         cache_mib: int = 16,
+        links: Sequence[str | Path] = (),
     ) -> UserStore:
         """The store as :meth:`checkpoint` left it in ``directory``, in the working file
         ``path``. Saved by another number of ranks: every snapshot is read and this rank
-        keeps its users."""
-        directory = Path(directory)
-        saved = sorted(
-            (int(m.group(1)), int(m.group(2)), p)
-            for p in directory.iterdir()
-            if (m := _SNAPSHOT_RE.fullmatch(p.name))
-        )
-        if not saved:
-            raise DataError(str(directory), "no user store snapshot (user_store.rank*-of-*.sqlite)")
-        worlds = {w for _, w, _ in saved}
-        if len(worlds) > 1:
-            raise DataError(
-                str(directory), f"user store snapshots of several world sizes {sorted(worlds)}"
-            )
-        saved_world = worlds.pop()
-        if len(saved) != saved_world:
-            raise DataError(
-                str(directory), f"{len(saved)} user store snapshots of {saved_world} ranks"
-            )
-        formats = [cls._check_meta(p, max_sequence_length) for _, _, p in saved]
+        keeps its users.
+
+        ``links``: a delta checkpoint's chain (the folders before ``directory``, its full
+        snapshot first, then its deltas in order): the snapshot of ``links[0]``, then the
+        deltas of ``links[1:]`` and of ``directory``, each one's written users replacing
+        theirs and its deleted users removed."""
+        folders = [Path(p) for p in links] + [Path(directory)]
+        snapshots = cls._files(folders[0], _SNAPSHOT_RE, "snapshot")
+        deltas = [cls._files(folder, _DELTA_RE, "delta") for folder in folders[1:]]
+        formats = [cls._check_meta(p, max_sequence_length) for p in snapshots]
+        for p in [p for files in deltas for p in files]:
+            cls._check_meta(p, max_sequence_length)
         store = cls(path, max_sequence_length, rank, world_size, cache_mib)
+        saved_world = len(snapshots)
         if saved_world == world_size and formats[rank] == FORMAT:
-            src = sqlite3.connect(saved[rank][2])
+            src = sqlite3.connect(snapshots[rank])
             try:
                 src.backup(store._conn)
             finally:
                 src.close()
-            return store
-        logger.info("user store: reading %d ranks' snapshots (format %s) for rank %d of %d",
-                    saved_world, formats, rank, world_size)
-        for (_, _, p), fmt in zip(saved, formats):
-            src = sqlite3.connect(p)
-            try:
-                rows = src.execute(
-                    "SELECT user, n, items, timestamps, ratings FROM history WHERE user % ? = ?",
-                    (world_size, rank),
-                )
-                # each user's newest event time (format 1 did not store it)
-                with store._conn:
-                    store._conn.executemany(
-                        "INSERT INTO history VALUES (?, ?, ?, ?, ?, ?)",
-                        ((*row, int(np.frombuffer(row[3][-8:], "<i8")[0]) if row[3] else 0)
-                         for row in rows))
-            finally:
-                src.close()
+        else:
+            logger.info("user store: reading %d ranks' snapshots (format %s) for rank %d of %d",
+                        saved_world, formats, rank, world_size)
+            for p, fmt in zip(snapshots, formats):
+                store._copy_rows(p, fmt)
+        for files in deltas:
+            # the deltas of the same world as this run: this rank's file only
+            mine = [files[rank]] if len(files) == world_size else files
+            for p in mine:
+                store._copy_rows(p, FORMAT, delta=True)
+        store.clear_changes()
         return store
+
+    def _copy_rows(self, source: Path, fmt: int, delta: bool = False) -> None:
+        """The rows of this rank's users in the snapshot or delta ``source`` (of format
+        ``fmt``) into the store; a delta's rows replace theirs, and the users its ``deleted``
+        table names are removed."""
+        src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+        try:
+            rows = src.execute(
+                "SELECT user, n, items, timestamps, ratings"
+                + (", last" if fmt >= 2 else "") + " FROM history WHERE user % ? = ?",
+                (self.world_size, self.rank),
+            )
+            if fmt < 2:  # each user's newest event time (format 1 did not store it)
+                rows = ((*row, int(np.frombuffer(row[3][-8:], "<i8")[0]) if row[3] else 0)
+                        for row in rows)
+            verb = "INSERT OR REPLACE" if delta else "INSERT"
+            with self._conn:
+                self._conn.executemany(f"{verb} INTO history VALUES (?, ?, ?, ?, ?, ?)", rows)
+                if delta:
+                    gone = src.execute("SELECT user FROM deleted WHERE user % ? = ?",
+                                       (self.world_size, self.rank))
+                    self._conn.executemany("DELETE FROM history WHERE user = ?", gone)
+        except sqlite3.DatabaseError as exc:
+            raise DataError(str(source), f"cannot read the user store rows ({exc})") from None
+        finally:
+            src.close()
 
     @staticmethod
     def _check_meta(path: Path, max_sequence_length: int) -> int:
@@ -450,4 +555,4 @@ class UserStore:
         return int(meta["format"])
 
 
-__all__ = ["SNAPSHOT", "Histories", "Sequences", "UserStore", "owner"]
+__all__ = ["DELTA", "SNAPSHOT", "Histories", "Sequences", "UserStore", "owner"]

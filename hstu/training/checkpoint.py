@@ -79,6 +79,11 @@ class CheckpointState:
     """Writes this rank's further files into the checkpoint folder being written (its
     argument) and returns their names: they are in the manifest and are published with the
     rest (online training's stream position, id maps and user store)."""
+    needs: dict[str, int] | None = None
+    """The checkpoint folders (names of siblings under the same root) this one cannot be
+    restored without, each with the CRC32 of its manifest (online training's delta
+    checkpoints: their base and the deltas before them); written into the manifest as
+    ``needs``: pruning keeps them, a resume checks them (:func:`chain_problem`)."""
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -394,6 +399,8 @@ def _write_files(tmp: str, state: CheckpointState, place: RankPlace) -> None:
     gathered = gather_objects(files)
     if rank == 0:
         manifest = {"step": meta.get("step"), "world_size": len(gathered), "files": {}}
+        if state.needs:
+            manifest["needs"] = dict(state.needs)
         for part in gathered:
             manifest["files"].update(part)
         try:
@@ -446,6 +453,35 @@ def check_files(folder: str, checksums: bool = True, names: list[str] | None = N
             return f"{path}: {size} bytes, the manifest says {want['size']} (truncated or damaged)"
         if checksums and _crc32(path) != want["crc32"]:
             return f"{path}: checksum differs from the manifest (damaged)"
+    return None
+
+
+def manifest_crc(folder: str) -> int:
+    """CRC32 of ``folder``'s manifest.json (what a checkpoint that needs it records)."""
+    return _crc32(os.path.join(folder, MANIFEST))
+
+
+def needed(folder: str) -> list[str]:
+    """The sibling folders ``folder``'s manifest says it needs (paths, in their order)."""
+    manifest = manifest_of(folder) or {}
+    return [os.path.join(os.path.dirname(folder), n) for n in manifest.get("needs", {})]
+
+
+def chain_problem(folder: str, checksums: bool = True) -> str | None:
+    """The first problem of the checkpoints ``folder`` needs (its manifest's ``needs``): a
+    link missing, replaced by another save of the same step, or whose files do not match
+    its manifest; None when every link is whole. Local (no collectives)."""
+    manifest = manifest_of(folder) or {}
+    for name, crc in manifest.get("needs", {}).items():
+        link = os.path.join(os.path.dirname(folder), name)
+        if manifest_of(link) is None:
+            return f"{link}: missing or incomplete (a link of the chain of {folder})"
+        if manifest_crc(link) != crc:
+            return (f"{link}: not the checkpoint {folder} was written on (saved again since; a "
+                    "link of its chain)")
+        problem = check_files(link, checksums)
+        if problem is not None:
+            return f"{problem} (a link of the chain of {folder})"
     return None
 
 

@@ -306,6 +306,9 @@ class CheckpointManager:
         """The checkpoint folder the run resumed from (None: a fresh start)."""
         self.extra_files: Callable[[str], list[str]] | None = None
         """Further files of every save (:attr:`CheckpointState.extra`; online training)."""
+        self.needs: dict[str, int] | None = None
+        """The checkpoints the next save needs (:attr:`CheckpointState.needs`; online
+        training's deltas)."""
         if args.ema_decay > 0:
             self.ema = WeightAverage(
                 self.dense.children(), self.tables.state_dict()[TableState.KEY], optimizer,
@@ -401,7 +404,8 @@ class CheckpointManager:
             "ema": self.ema is not None,
         }
         return CheckpointState(
-            self.tables.state_dict(), self.dense.state_dict(), meta, rng_state(), self.extra_files
+            self.tables.state_dict(), self.dense.state_dict(), meta, rng_state(), self.extra_files,
+            self.needs,
         )
 
     def save(self, step: int, best: bool = False) -> str:

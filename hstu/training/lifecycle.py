@@ -5,10 +5,14 @@
 - Resume (``TrainerArgs.ckpt_load_dir``): ``""`` starts fresh; ``"auto"`` takes the newest
   complete checkpoint under ``ckpt_save_dir`` whose files match their manifest (a damaged one
   is reported and the next older one tried) and starts fresh when there is none; a path names
-  a checkpoint folder, or a root whose newest complete checkpoint is taken.
+  a checkpoint folder, or a root whose newest complete checkpoint is taken. A checkpoint that
+  needs others (online training's deltas: its manifest's ``needs``) counts as complete only
+  with every one of them whole: "auto" skips it otherwise, a named one is refused in one
+  line naming the link.
 - Save: never a checkpoint with non-finite weights; the same step twice in one process is
   saved once; files, manifest and folders are fsynced before the rename
-  (:mod:`hstu.training.checkpoint`); then all but the newest ``keep_last_n`` are pruned.
+  (:mod:`hstu.training.checkpoint`); then all but the newest ``keep_last_n`` are pruned, and
+  never a checkpoint that a kept one needs.
 - Best: :class:`BestTracker` keeps the best validation value, its step and the evaluations
   since, saved in every checkpoint's meta and restored with it; its checkpoint lives in its
   own root (one kept).
@@ -153,6 +157,14 @@ class CheckpointLifecycle:
         if load_dir == AUTO:
             return self._newest_verified(self.root, required=False)
         if ckpt.is_checkpoint_dir(load_dir):
+            problem = None
+            if _is_main():
+                problem = ckpt.chain_problem(load_dir, checksums=False)
+            problem = broadcast_object(problem)
+            if problem is not None:
+                raise CheckpointError(f"TrainerArgs.ckpt_load_dir={load_dir!r}: {problem}")
+            for link in ckpt.needed(load_dir):
+                ckpt.verify(link)
             return load_dir
         return self._newest_verified(load_dir, required=True)
 
@@ -163,6 +175,12 @@ class CheckpointLifecycle:
         for path in broadcast_object(candidates):
             try:
                 ckpt.verify(path)
+                problem = ckpt.chain_problem(path, checksums=False) if _is_main() else None
+                problem = broadcast_object(problem)
+                if problem is not None:
+                    raise CheckpointError(problem)
+                for link in ckpt.needed(path):
+                    ckpt.verify(link)
                 return path
             except CheckpointError as exc:
                 self.log(f"[hstu] skipping a damaged checkpoint: {exc}")
@@ -207,7 +225,9 @@ class CheckpointLifecycle:
             self.last_saved = (step, path)
 
     def prune(self) -> None:
-        """Removes all but the newest ``keep_last_n`` complete checkpoints (never the latest)."""
+        """Removes all but the newest ``keep_last_n`` complete checkpoints (never the latest),
+        and never a checkpoint that a kept one needs (its manifest's ``needs``: a delta's base
+        and the deltas before it)."""
         if self.keep_last_n is not None and _is_main() and os.path.isdir(self.root):
             complete = []
             for name in os.listdir(self.root):
@@ -216,11 +236,13 @@ class CheckpointLifecycle:
                 if step is not None and ckpt.manifest_of(path) is not None:
                     complete.append((step, path))
             complete.sort(reverse=True)
-            keep = {p for _, p in complete[: self.keep_last_n]}
+            kept = [p for _, p in complete[: self.keep_last_n]]
             if self.last_saved is not None:
-                keep.add(self.last_saved[1])
+                kept.append(self.last_saved[1])
+            keep = {os.path.realpath(p) for p in kept}
+            keep.update(os.path.realpath(link) for p in kept for link in ckpt.needed(p))
             for _, path in complete:
-                if path not in keep:
+                if os.path.realpath(path) not in keep:
                     shutil.rmtree(path, ignore_errors=True)
             ckpt.fsync_dir(self.root)
         barrier()

@@ -44,13 +44,14 @@ from hstu.config import RunConfig
 from hstu.data.errors import DataError
 from hstu.data.loader import Samples, SequenceLoader, gather_ranges
 from hstu.data.store import SequenceStore
-from hstu.data.stream import StreamPosition, Window, load_stream, make_source, save_stream
-from hstu.data.stream.core import ITEM_IDS_FILE, STATE_FILE, USER_IDS_FILE, write_json_atomic
+from hstu.data.stream import StreamPosition, Window, load_stream, make_source
+from hstu.data.stream.core import write_json_atomic
 from hstu.data.user_store import Sequences, UserStore
 from hstu.embeddings import HstuEmbeddings
 from hstu.training.distributed import DistEnv, broadcast_object
 from hstu.training.evaluate import evaluate
 from hstu.training.loop import MetricsWindow, Preemption
+from hstu.training.online_checkpoints import CHAIN_KEY, StreamCheckpoints, chain_links
 from hstu.training.trainer import Trainer
 from hstu.validation import ConfigError
 
@@ -359,11 +360,15 @@ class OnlineTrainer:
         work = Path(run_dir) / f"user_store.rank{env.rank}-of-{env.world_size}.work.sqlite"
         loaded = t.checkpoint.loaded
         self.resumed_from = loaded
+        # full bases and deltas (docs/online.md "Checkpoints: bases and deltas")
+        self.checkpoints = StreamCheckpoints(self.stream_args.full_checkpoint_every,
+                                             cfg.trainer.ckpt_save_dir, env.rank, t.logger.print)
         if loaded is not None:
             done = json.loads((Path(loaded) / ONLINE_FILE).read_text())
+            links = chain_links(loaded)  # a delta's base and deltas before it
             other = None  # the checkpoint's stream when it is not this one (rank 0 decides)
             if self.source is not None:
-                self.position = load_stream(loaded, self.source)
+                self.position = load_stream(loaded, self.source, links)
                 self.known_items = len(self.source.items)
                 now = stream_identity(self.stream_args, self.source)
                 if not same_stream(done.get("stream"), now, self.source):
@@ -371,7 +376,9 @@ class OnlineTrainer:
             else:
                 self.position = StreamPosition.from_dict(done["position"])
             other = broadcast_object(other)
-            self.store = UserStore.restore(loaded, work, self.max_len, env.rank, env.world_size)
+            self.store = UserStore.restore(loaded, work, self.max_len, env.rank, env.world_size,
+                                           links=links)
+            self.checkpoints.resumed(loaded, links, self.source)
             self.windows_done = int(done["windows"])
             self.events_done = int(done.get("events", -1))  # -1: a checkpoint before the count
             self._preq = {k: [float(x) for x in v] for k, v in done.get("prequential", {}).items()}
@@ -462,29 +469,36 @@ class OnlineTrainer:
     # ---------------------------------------------------------------- checkpoint files
     def _stream_files(self, folder: str) -> list[str]:
         """This rank's stream files of a checkpoint being written into ``folder``."""
-        names = [self.store.checkpoint(folder).name]
+        names = self.checkpoints.write_store(folder, self.store)
         if self.source is not None:
             assert self._saved_position is not None
-            save_stream(folder, self._saved_position, self.source)
+            names += self.checkpoints.write_stream(folder, self._saved_position, self.source)
             done = {"windows": self.windows_done, "step": self.trainer.step,
                     "position": self._saved_position.to_dict(),
                     "stream": stream_identity(self.stream_args, self.source),
-                    "prequential": self._preq, "event_clock": self.event_clock}
+                    "prequential": self._preq, "event_clock": self.event_clock,
+                    CHAIN_KEY: self.checkpoints.info()}
             if self.events_done >= 0:  # unknown after a resume from a checkpoint without it
                 done["events"] = self.events_done
             write_json_atomic(Path(folder) / ONLINE_FILE, done)
-            names += [STATE_FILE, USER_IDS_FILE, ITEM_IDS_FILE, ONLINE_FILE]
+            names.append(ONLINE_FILE)
         return names
 
     def save(self, position: StreamPosition) -> str:
-        """The trainer's checkpoint with the stream's files; the rows of the windows it covers
-        are written first (a kill before it is published drops them again on resume)."""
+        """The trainer's checkpoint with the stream's files (full, or a delta); the rows of
+        the windows it covers are written first (a kill before it is published drops them
+        again on resume), its own (checkpoint_bytes, ...) right after it."""
         t = self.trainer
         self._flush_rows()
         self._saved_position = position
         # a window without a training step saves the same step again, with its new position
         t.checkpoint.periodic.last_saved = None
+        t.checkpoint.needs = self.checkpoints.decide(t.step).needs
+        started = time.perf_counter()
         self.last_checkpoint = t.checkpoint.save(t.step)
+        self._pending_rows.append((t.step, STREAM_SPLIT, self.checkpoints.saved(
+            self.last_checkpoint, time.perf_counter() - started, self.store, self.source)))
+        self._flush_rows()
         return self.last_checkpoint
 
     def publish_version(self, ckpt: str) -> None:

@@ -300,3 +300,84 @@ def test_repeats_are_dropped_and_late_events_follow_the_policy(tmp_path, late):
     fresh = _window([2, 4], [16, 42], [600, 600])
     same_window, counts = store.screen(fresh, late)
     assert same_window is fresh and counts == {"repeated_events": 0, "late_events": 0}
+
+
+# ------------------------------------------------------------------ deltas (checkpoint_delta)
+def rows_of(store: UserStore) -> dict[int, tuple]:
+    return {row[0]: row for row in store._conn.execute("SELECT * FROM history")}
+
+
+def test_a_delta_holds_the_users_written_and_deleted_since_the_last_checkpoint(tmp_path):
+    """A delta holds exactly the users written since the last clear_changes (their current
+    rows) and the users deleted since (any DELETE, whatever method issues it); a full
+    snapshot then deltas restore bitwise, on the same number of ranks and resharded."""
+    wins = list(random_windows(9, 60, users=40, seed=5))
+    stores = [UserStore(tmp_path / f"w{r}.sqlite", 6, r, 2) for r in range(2)]
+    folders = []
+    for k, w in enumerate(wins[:3] + [None] + wins[3:]):
+        folder = tmp_path / f"c{k}"
+        folder.mkdir()
+        folders.append(folder)
+        touched = set()
+        gone = [3, 4, 17, 38]
+        if w is not None and k > 3:  # the deleted users do not come back
+            keep = ~np.isin(w[0], gone)
+            w = tuple(x[keep] for x in w)
+        if w is not None:
+            for s in stores:
+                s.append_events(*w)
+            touched = {int(u) for u in w[0]}
+        if k == 3:  # users leave (as an expiry would delete them): the deleted list
+            for s in stores:
+                with s._conn:
+                    s._conn.executemany("DELETE FROM history WHERE user = ?", [(u,) for u in gone])
+        for s in stores:
+            if k == 0:
+                s.checkpoint(folder)
+                continue
+            mine = {u for u in touched if u % 2 == s.rank}
+            assert s.changes() == (len(mine), 2 if k == 3 else 0), (k, s.rank)
+            path = s.checkpoint_delta(folder)
+            conn = sqlite3.connect(path)
+            written = {row[0]: row for row in conn.execute("SELECT * FROM history")}
+            deleted = sorted(u for (u,) in conn.execute("SELECT user FROM deleted"))
+            conn.close()
+            now = rows_of(s)
+            assert written == {u: now[u] for u in mine}, k
+            assert deleted == ([u for u in gone if u % 2 == s.rank] if k == 3 else []), k
+        for s in stores:
+            s.clear_changes()
+            assert s.changes() == (0, 0)
+    # a delta of a few users is small next to the snapshot of them all
+    delta = (folders[-1] / "user_store_delta.rank0-of-2.sqlite").stat().st_size
+    assert delta < (folders[0] / "user_store.rank0-of-2.sqlite").stat().st_size * 4
+    want = {u: v for s in stores for u, v in rows_of(s).items()}
+    assert not set(gone) & set(want) and len(want) == 36
+    for world in (2, 1, 3):  # the same ranks, and resharded
+        back = [UserStore.restore(folders[-1], tmp_path / f"b{world}{r}.sqlite", 6, r, world,
+                                  links=folders[:-1]) for r in range(world)]
+        assert {u: v for b in back for u, v in rows_of(b).items()} == want, world
+        assert all(b.owns(np.array(list(rows_of(b)), np.int64)).all() for b in back)
+        assert all(b.changes() == (0, 0) for b in back)
+        for b in back:
+            b.close()
+
+
+def test_a_delta_chain_with_a_missing_or_foreign_file_is_refused(tmp_path):
+    store = UserStore(tmp_path / "w.sqlite", 4)
+    for k, w in enumerate(random_windows(3, 20, users=10, seed=7)):
+        (tmp_path / f"c{k}").mkdir()
+        store.append_events(*w)
+        if k == 0:
+            store.checkpoint(tmp_path / "c0")
+        else:
+            store.checkpoint_delta(tmp_path / f"c{k}")
+        store.clear_changes()
+    (tmp_path / "c1" / "user_store_delta.rank0-of-1.sqlite").unlink()
+    with pytest.raises(DataError, match=r"c1: no user store delta"):
+        UserStore.restore(tmp_path / "c2", tmp_path / "r.sqlite", 4,
+                          links=[tmp_path / "c0", tmp_path / "c1"])
+    with pytest.raises(DataError, match=r"c2: no user store snapshot"):
+        UserStore.restore(tmp_path / "c2", tmp_path / "r.sqlite", 4)  # a delta is no base
+    with pytest.raises(DataError, match=r"max_sequence_length 4, this run has 5"):
+        UserStore.restore(tmp_path / "c2", tmp_path / "r.sqlite", 5, links=[tmp_path / "c0"])

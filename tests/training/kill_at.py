@@ -12,6 +12,8 @@ function (nothing of the trainer is replaced; the kill is a real SIGKILL).
 - ``append:n``       after the n-th window was appended to the user store (between windows)
 - ``store_save:n``   after the n-th user-store snapshot was written into a checkpoint being
                      saved (mid-save: tables and dense state written, not yet published)
+- ``delta_save:n``   after the n-th user-store delta was written into a checkpoint being
+                     saved (mid-save of a delta checkpoint, StreamArgs.full_checkpoint_every)
 - ``publish:n``      before the n-th checkpoint folder is renamed into place (mid-save: every
                      file written and fsynced)
 """
@@ -66,6 +68,8 @@ def main() -> None:
             _arm(UserStore, "append", n, after=True)
         elif point == "store_save":
             _arm(UserStore, "checkpoint", n, after=True)
+        elif point == "delta_save":
+            _arm(UserStore, "checkpoint_delta", n, after=True)
         elif point == "publish":
             _arm(os, "replace", n, after=False,
                  when=lambda src, dst, *a, **k: os.path.basename(os.fspath(src)).startswith("iter_")

@@ -103,12 +103,13 @@ def run(data: Path, run_dir: Path, task: str = "retrieval", extra: list[str] = (
 
 
 def rows(run_dir: Path, split: str | None = None) -> list[tuple[str, str, str, str]]:
-    """metrics.csv rows (timing and resident-memory columns left out: they differ between runs)."""
+    """metrics.csv rows (timing and resident-memory columns left out: they differ between runs;
+    so do the checkpoint rows: a run stopped and resumed saves a checkpoint more)."""
     timing = {"window_seconds", "tokens_per_s", "tflops", "mfu"}
     with open(run_dir / "metrics.csv") as fh:
         out = [tuple(r) for r in list(csv.reader(fh))[1:]]
     return [r for r in out if r[2] not in timing and not r[2].startswith("rss_mib_rank")
-            and (split is None or r[1] == split)]
+            and not r[2].startswith("checkpoint_") and (split is None or r[1] == split)]
 
 
 def stream_by_window(run_dir: Path) -> dict[int, dict[str, float]]:

@@ -249,9 +249,10 @@ class IdMap:
             self.load_state_dict({"name": self.name, "kind": self.kind if size else None,
                                   "keys": self._keys[:size]})
 
-    def save(self, path: str | Path) -> None:
-        """Writes the keys to ``path`` (.npy) atomically (a temporary file, then a rename)."""
-        keys = self._keys
+    def save(self, path: str | Path, start: int = 0) -> None:
+        """Writes the keys to ``path`` (.npy) atomically (a temporary file, then a rename);
+        from dense id ``start + 1`` on (the keys added since the map held ``start``)."""
+        keys = self._keys[start:]
         if self.kind is None:
             keys = np.zeros(0, dtype=np.int64)
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
@@ -264,6 +265,18 @@ class IdMap:
                             "(StreamArgs.ids): they cannot be mixed")
         kind = None if not len(keys) else ("int" if keys.dtype.kind in "iu" else "str")
         self.load_state_dict({"name": self.name, "kind": kind, "keys": keys})
+
+    def extend(self, path: str | Path) -> None:
+        """Appends the keys of ``path`` (written by :meth:`save` with ``start = len(self)``)."""
+        keys = np.load(path, allow_pickle=False)
+        if not len(keys):
+            return
+        kind = "int" if keys.dtype.kind in "iu" else "str"
+        if self.kind is not None and kind != self.kind:
+            raise DataError(str(path), f"{kind} {self.name} ids, the map before holds {self.kind}")
+        old = self._keys if self.kind is not None else np.zeros(0, keys.dtype)
+        self.load_state_dict({"name": self.name, "kind": kind,
+                              "keys": np.concatenate([old, keys])})
 
 
 _TEXT_BASE = 1 << 62
@@ -412,45 +425,119 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 STATE_FILE = "stream.json"
 USER_IDS_FILE = "user_ids.npy"
 ITEM_IDS_FILE = "item_ids.npy"
+USER_IDS_DELTA = "user_ids.delta.npy"
+ITEM_IDS_DELTA = "item_ids.delta.npy"
 
 
-def save_stream(directory: str | Path, position: StreamPosition, source: StreamSource) -> None:
+def save_stream(directory: str | Path, position: StreamPosition, source: StreamSource,
+                since: tuple[int, int] | None = None) -> list[str]:
     """Writes the stream's part of a checkpoint into ``directory``: the id maps
     (``user_ids.npy``, ``item_ids.npy``), then ``stream.json`` (the position, the source's
-    small state and the id maps' sizes), each file atomically. Call it between windows, with
-    the last yielded window's ``position_after``.
+    small state and the id maps' sizes), each file atomically; returns the files' names.
+    Call it between windows, with the last yielded window's ``position_after``.
+
+    ``since`` (users, items): a delta of a checkpoint whose maps held that many ids: only the
+    ids added since go into ``user_ids.delta.npy`` / ``item_ids.delta.npy`` (maps only
+    grow), and ``stream.json`` records ``since`` (``delta_from``). Hashed ids
+    (:class:`HashedIds`: no numbered map; the names of live text ids, bounded by the dynamic
+    table) are written whole in a delta too, under the full file's name.
 
     A kill between the files leaves id maps newer than ``stream.json``: maps only grow, so
     :func:`load_stream` cuts them back to the sizes ``stream.json`` recorded."""
     directory = Path(directory)
     state = source.state_dict()
-    source.users.save(directory / USER_IDS_FILE)
-    source.items.save(directory / ITEM_IDS_FILE)
+    names = []
+    for k, (idmap, whole, delta) in enumerate(((source.users, USER_IDS_FILE, USER_IDS_DELTA),
+                                               (source.items, ITEM_IDS_FILE, ITEM_IDS_DELTA))):
+        if since is None or not isinstance(idmap, IdMap):
+            idmap.save(directory / whole)
+            names.append(whole)
+        else:
+            idmap.save(directory / delta, since[k])
+            names.append(delta)
     small = {k: v for k, v in state.items() if k not in ("users", "items")}
-    write_json_atomic(directory / STATE_FILE, {
+    saved = {
         "position": position.to_dict(),
         "source": small,
         "num_users": len(source.users),
         "num_items": len(source.items),
-    })
+    }
+    if since is not None:
+        saved["delta_from"] = {"num_users": int(since[0]), "num_items": int(since[1])}
+    write_json_atomic(directory / STATE_FILE, saved)
+    return [*names, STATE_FILE]
 
 
-def load_stream(directory: str | Path, source: StreamSource) -> StreamPosition:
-    """Restores what :func:`save_stream` wrote into ``source``; returns the position to
-    continue from (``source.windows(position)``)."""
-    directory = Path(directory)
+def _read_state(directory: Path) -> dict[str, Any]:
     path = directory / STATE_FILE
     try:
-        saved = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise DataError(str(path), f"cannot read the stream state ({exc})") from None
-    for idmap, file, key in ((source.users, USER_IDS_FILE, "num_users"),
-                             (source.items, ITEM_IDS_FILE, "num_items")):
-        idmap.load(directory / file)
+
+
+def _load_map(idmap: Any, path: Path, extend: bool = False) -> None:
+    try:
+        if extend:
+            idmap.extend(path)
+        else:
+            idmap.load(path)
+    except DataError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise DataError(str(path), f"cannot read the stream's {idmap.name} id map "
+                        f"({type(exc).__name__}: {exc})") from None
+
+
+def load_id_maps(directory: str | Path, users: Any, items: Any,
+                 links: list[str | Path] | tuple = ()) -> dict[str, Any]:
+    """Fills the id maps ``users`` and ``items`` as a checkpoint written by
+    :func:`save_stream` into ``directory`` holds them; returns its ``stream.json``. A delta
+    checkpoint needs its ``links`` (the folders before it: its full checkpoint first, then
+    the deltas in order): the maps are the full one's, extended by each delta's new ids in
+    order (hashed ids: the last one's, whole)."""
+    folders = [Path(p) for p in links] + [Path(directory)]
+    saved = _read_state(folders[0])
+    if "delta_from" in saved:
+        raise DataError(str(folders[0] / STATE_FILE),
+                        "a delta checkpoint: it is restored with the chain its online.json names")
+    for idmap, file, key in ((users, USER_IDS_FILE, "num_users"),
+                             (items, ITEM_IDS_FILE, "num_items")):
+        _load_map(idmap, folders[0] / file)
         if len(idmap) < saved[key]:
-            raise DataError(str(directory / file),
+            raise DataError(str(folders[0] / file),
                             f"holds {len(idmap)} ids, fewer than the {saved[key]} of {STATE_FILE}")
         idmap.truncate(saved[key])
+    for folder in folders[1:]:
+        saved = _read_state(folder)
+        start = saved.get("delta_from")
+        if start is None:
+            raise DataError(str(folder / STATE_FILE), "a full checkpoint where the chain has a "
+                            "delta")
+        for idmap, whole, file, key in (
+                (users, USER_IDS_FILE, USER_IDS_DELTA, "num_users"),
+                (items, ITEM_IDS_FILE, ITEM_IDS_DELTA, "num_items")):
+            if not isinstance(idmap, IdMap):  # hashed ids: whole in every checkpoint
+                _load_map(idmap, folder / whole)
+                continue
+            if start[key] != len(idmap):
+                raise DataError(str(folder / file),
+                                f"adds ids after the first {start[key]}, the chain before it "
+                                f"holds {len(idmap)}")
+            _load_map(idmap, folder / file, extend=True)
+            if len(idmap) < saved[key]:
+                raise DataError(str(folder / file), f"holds {len(idmap) - start[key]} ids, "
+                                f"fewer than the {saved[key] - start[key]} of {STATE_FILE}")
+            idmap.truncate(saved[key])
+    return saved
+
+
+def load_stream(directory: str | Path, source: StreamSource,
+                links: list[str | Path] | tuple = ()) -> StreamPosition:
+    """Restores what :func:`save_stream` wrote into ``source``; returns the position to
+    continue from (``source.windows(position)``). A delta checkpoint needs its ``links``
+    (:func:`load_id_maps`)."""
+    saved = load_id_maps(directory, source.users, source.items, links)
     state = dict(saved["source"])
     state["users"] = source.users.state_dict()
     state["items"] = source.items.state_dict()
@@ -459,8 +546,10 @@ def load_stream(directory: str | Path, source: StreamSource) -> StreamPosition:
 
 
 __all__ = [
+    "ITEM_IDS_DELTA",
     "ITEM_IDS_FILE",
     "STATE_FILE",
+    "USER_IDS_DELTA",
     "USER_IDS_FILE",
     "HashedIds",
     "IdMap",
@@ -469,6 +558,7 @@ __all__ = [
     "StreamSource",
     "Window",
     "atomic_path",
+    "load_id_maps",
     "load_stream",
     "save_stream",
     "write_json_atomic",

@@ -1,0 +1,404 @@
+"""Online checkpoints as full bases and deltas (StreamArgs.full_checkpoint_every,
+hstu.training.online_checkpoints; docs/online.md "Checkpoints: bases and deltas").
+
+Checked: a checkpoint rebuilt from its base and deltas (here by hand, independently of the
+code that restores it) equals the checkpoint an all-full run writes at the same step, bitwise
+(tables, dense state and optimizer, RNG streams, id maps, user store, position); a run resumed
+from a delta ends in the uninterrupted run's state with the same metrics rows, on 1 and 2
+processes, also after a SIGKILL inside a delta save; a delta of a few users is a small
+fraction of a full checkpoint's stream files; keep_last_n never removes a link a kept
+checkpoint needs, and a broken link is refused in one line (or skipped by "auto").
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.training.test_online import (
+    ROOT,
+    _env,
+    _params,
+    assert_same,
+    data,  # noqa: F401 - the module's dataset fixture
+    killed_then_resumed,
+    newest,
+    rows,
+    run,
+)
+
+DELTA = ["StreamArgs.full_checkpoint_every=4", "TrainerArgs.ckpt_save_interval=1"]
+FULL = ["StreamArgs.full_checkpoint_every=1", "TrainerArgs.ckpt_save_interval=1"]
+
+
+# ------------------------------------------------------------------------------ helpers
+def chain_of(folder: Path) -> list[Path]:
+    """The folders of ``folder``'s chain, its base first, itself last."""
+    info = json.loads((folder / "online.json").read_text())["checkpoint"]
+    return [folder.parent / n for n in info["chain"]] + [folder]
+
+
+def rebuilt_state(folder: Path, world: int = 1) -> dict:
+    """What ``folder`` restores to, rebuilt by hand from its chain: the base's id maps and
+    store snapshots, then each delta's new ids, written rows and deleted users in order."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    links = chain_of(folder)
+    base = links[0]
+    assert json.loads((base / "online.json").read_text())["checkpoint"]["kind"] == "full"
+    users = np.load(base / "user_ids.npy")
+    items = np.load(base / "item_ids.npy")
+    stores: list[dict[int, tuple]] = []
+    for r in range(world):
+        conn = sqlite3.connect(base / f"user_store.rank{r}-of-{world}.sqlite")
+        stores.append({row[0]: row for row in conn.execute("SELECT * FROM history")})
+        conn.close()
+    for link in links[1:]:
+        saved = json.loads((link / "stream.json").read_text())
+        if (link / "user_ids.npy").exists():  # hashed ids: whole in every checkpoint
+            users, items = np.load(link / "user_ids.npy"), np.load(link / "item_ids.npy")
+        else:
+            assert saved["delta_from"] == {"num_users": len(users), "num_items": len(items)}
+            users = np.concatenate([users, np.load(link / "user_ids.delta.npy")])
+            items = np.concatenate([items, np.load(link / "item_ids.delta.npy")])
+            users, items = users[:saved["num_users"]], items[:saved["num_items"]]
+        for r in range(world):
+            conn = sqlite3.connect(link / f"user_store_delta.rank{r}-of-{world}.sqlite")
+            stores[r].update({row[0]: row for row in conn.execute("SELECT * FROM history")})
+            for (user,) in conn.execute("SELECT user FROM deleted"):
+                stores[r].pop(user, None)  # (also users added and dropped since)
+            conn.close()
+    tables = folder.parent / f"{folder.name}.tables.pt"
+    dcp_to_torch_save(str(folder), str(tables))
+    stream = json.loads((folder / "stream.json").read_text())
+    stream.pop("delta_from", None)
+    online = json.loads((folder / "online.json").read_text())
+    online.pop("checkpoint")
+    state = {
+        "tables": torch.load(tables, weights_only=False),
+        "dense": torch.load(folder / "dense_tp0.pt", weights_only=False),
+        "rng": [torch.load(folder / f"rng_rank{r}.pt", weights_only=False) for r in range(world)],
+        "users": users, "items": items, "stream": stream, "online": online,
+        "store": [sorted(s.values()) for s in stores],
+    }
+    tables.unlink()
+    return state
+
+
+def kinds(run_dir: Path) -> dict[str, str]:
+    return {p.name: json.loads((p / "online.json").read_text())["checkpoint"]["kind"]
+            for p in sorted((run_dir / "ckpt").glob("iter_*"))}
+
+
+def same_rows(a: Path, b: Path, lag: bool = True) -> None:
+    """The metrics rows of two runs (test_online.rows: without the checkpoint rows) and,
+    without ``lag``, the lag rows left out (a stream folder that grew between the runs)."""
+    skip = () if lag else ("events_waiting", "seconds_behind")
+
+    def keep(run_dir: Path) -> list:
+        return [r for r in rows(run_dir) if r[2] not in skip]
+
+    assert keep(a) == keep(b)
+
+
+# ------------------------------------------------------------------ a folder stream (fast)
+def _partition(folder: Path, name: str, users: np.ndarray, t0: int, per_user: int = 1) -> None:
+    part = folder / name
+    part.mkdir(parents=True)
+    with open(part / "part-0000.csv", "w") as fh:
+        fh.write("user_id,item_id,timestamp\n")
+        t = t0
+        for _ in range(per_user):
+            for u in users:
+                fh.write(f"{u},{1000 + (u * 7 + t) % 50},{t}\n")
+                t += 1
+    (part / "_SUCCESS").touch()
+
+
+def _folder_cmd(data: Path, run_dir: Path, folder: Path,  # noqa: F811
+                extra: list[str]) -> list[str]:
+    base = [p for p in _params(data, run_dir, "retrieval", [])
+            if not p.startswith("StreamArgs.replay")]
+    cmd = [sys.executable, str(ROOT / "pretrain_gr_retrieval.py"), "--gin-config-file",
+           str(ROOT / "configs" / "debug_retrieval.gin")]
+    for p in [*base, f'StreamArgs.path="{folder}"', "TrainerArgs.ckpt_save_interval=1", *extra]:
+        cmd += ["--gin-param", p]
+    return cmd
+
+
+def _run_folder(data: Path, run_dir: Path, folder: Path,  # noqa: F811
+                extra: list[str]) -> str:
+    proc = subprocess.run(_folder_cmd(data, run_dir, folder, extra), cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout + proc.stderr
+
+
+def test_deltas_small_chains_kept_and_resume_bitwise(data, tmp_path):  # noqa: F811
+    """A stream whose first partition brings 3,000 users (one event each) and whose later
+    partitions touch 5 of them: the delta's stream files are a small fraction of the full
+    checkpoint's; the users expired at p03 (StreamArgs.user_ttl_days) travel as the delta's
+    deleted users; keep_last_n=1 keeps the newest checkpoint and its chain only; a run
+    resumed from base + 2 deltas (with a full checkpoint asked for by the full_checkpoint
+    file) ends bitwise where an all-full uninterrupted run ends, with the same rows."""
+    rng = np.random.default_rng(0)
+    many = np.arange(10_000, 13_000)
+    few = rng.choice(many, 5, replace=False)
+    folder = tmp_path / "events"
+    _partition(folder, "p01", many, 1_000)
+    for k in range(2, 6):
+        _partition(folder, f"p{k:02d}", few, 100_000 * k, per_user=4)
+    # the reference: all five partitions in one run, every checkpoint full
+    ttl = "StreamArgs.user_ttl_days=3"  # p03 (day 3.5) drops the users last seen in p01
+    ref = tmp_path / "ref"
+    _run_folder(data, ref, folder, ["StreamArgs.full_checkpoint_every=1", ttl])
+    # the run under test sees p01..p03 first (the others hidden), then all five
+    hidden = [folder / f"p{k:02d}" for k in (4, 5)]
+    for p in hidden:
+        p.rename(p.with_name("." + p.name))
+    run_dir = tmp_path / "delta"
+    extra = ["StreamArgs.full_checkpoint_every=3", "TrainerArgs.keep_last_n=1", ttl]
+    out = _run_folder(data, run_dir, folder, extra)
+    assert list(kinds(run_dir).values()) == ["full", "delta", "delta"], kinds(run_dir)
+    # the newest is a delta: its base and the delta before it are kept (keep_last_n=1)
+    assert [p.name for p in chain_of(newest(run_dir))] == list(kinds(run_dir))
+    sizes = [float(r[3]) for r in _all_rows(run_dir) if r[2] == "checkpoint_stream_bytes"]
+    assert sizes[1] * 10 < sizes[0], sizes  # p02's delta: 5 users; measured about 1/40
+    conn = sqlite3.connect(newest(run_dir) / "user_store_delta.rank0-of-1.sqlite")
+    deleted = [u for (u,) in conn.execute("SELECT user FROM deleted")]
+    conn.close()
+    assert len(deleted) == 3000 - 5, len(deleted)  # expired at p03
+    assert "checkpoint iter_0: full (the first of the run)" in out
+    assert " delta 2 on base iter_0, " in out
+    from hstu.export import StreamMaps
+
+    for name in kinds(run_dir):  # each checkpoint rebuilt from its chain = the all-full run's
+        assert_same(rebuilt_state(ref / "ckpt" / name), rebuilt_state(run_dir / "ckpt" / name),
+                    name)
+        # the id maps an export writes beside the model (hstu.export), through the chain
+        full, delta = StreamMaps(ref / "ckpt" / name), StreamMaps(run_dir / "ckpt" / name)
+        assert_same([m.state_dict() for m in (full.users, full.items)],
+                    [m.state_dict() for m in (delta.users, delta.items)], name)
+    # resume (from base + 2 deltas) with a full checkpoint asked for
+    for p in hidden:
+        p.with_name("." + p.name).rename(p)
+    (run_dir / "ckpt" / "full_checkpoint").touch()
+    out = _run_folder(data, run_dir, folder, extra)
+    assert "stream: resumed after 3 windows" in out
+    assert "asked for by" in out and not (run_dir / "ckpt" / "full_checkpoint").exists()
+    left = kinds(run_dir)
+    assert list(left.values()) == ["full", "delta"], left  # the old chain pruned
+    assert_same(rebuilt_state(newest(ref)), rebuilt_state(newest(run_dir)), "state")
+    assert newest(ref).name == newest(run_dir).name
+    same_rows(ref, run_dir, lag=False)  # p04, p05 landed between the two runs
+
+
+def _all_rows(run_dir: Path) -> list[list[str]]:
+    import csv
+
+    with open(run_dir / "metrics.csv") as fh:
+        return list(csv.reader(fh))[1:]
+
+
+# ------------------------------------------------------------------ lifecycle (fast, no run)
+def _fake_checkpoint(root: Path, step: int, needs: dict[str, int] | None = None) -> Path:
+    from hstu.training import checkpoint as ckpt
+
+    folder = root / f"iter_{step}"
+    folder.mkdir(parents=True)
+    (folder / "meta.pt").write_bytes(b"x" * (step + 1))
+    manifest = {"step": step, "world_size": 1,
+                "files": ckpt.describe_written_files(str(folder), ["meta.pt"])}
+    if needs:
+        manifest["needs"] = needs
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def _chain(root: Path, steps: list[int], every: int) -> None:
+    """Checkpoints at ``steps``, a base every ``every``, each delta needing the ones since."""
+    from hstu.training import checkpoint as ckpt
+
+    links: list[str] = []
+    for k, step in enumerate(steps):
+        if k % every == 0:
+            links = []
+        _fake_checkpoint(root, step, {n: ckpt.manifest_crc(str(root / n)) for n in links})
+        links.append(f"iter_{step}")
+
+
+def test_keep_last_n_never_breaks_a_chain(tmp_path):
+    from hstu.training import checkpoint as ckpt
+    from hstu.training.lifecycle import CheckpointLifecycle
+
+    root = tmp_path / "ckpt"
+    _chain(root, [1, 2, 3, 4, 5, 6, 7], every=3)  # bases 1, 4, 7
+    life = CheckpointLifecycle(str(root), keep_last_n=2, log=lambda _m: None)
+    life.prune()
+    # 7 (a base) and 6 (a delta on 4, after 5) are kept, with 4 and 5
+    assert sorted(p.name for p in root.iterdir()) == ["iter_4", "iter_5", "iter_6", "iter_7"]
+    for p in root.iterdir():
+        assert ckpt.chain_problem(str(p)) is None, p
+    life.keep_last_n = 1
+    life.prune()
+    assert sorted(p.name for p in root.iterdir()) == ["iter_7"]
+
+
+def test_broken_link_refused_in_one_line_and_auto_falls_back(tmp_path):
+    from hstu.training.checkpoint import CheckpointError
+    from hstu.training.lifecycle import CheckpointLifecycle
+
+    root = tmp_path / "ckpt"
+    _chain(root, [1, 2, 3, 4, 5], every=3)  # 1 <- 2 <- 3, 4 <- 5
+    logged: list[str] = []
+    life = CheckpointLifecycle(str(root), log=logged.append)
+    assert life.resolve("auto") == str(root / "iter_5")
+    (root / "iter_4" / "meta.pt").write_bytes(b"damaged")  # 5's base is damaged
+    assert life.resolve("auto") == str(root / "iter_3")  # the newest complete chain
+    assert any("iter_4" in m and "iter_5" in m for m in logged), logged
+    with pytest.raises(CheckpointError) as err:
+        life.resolve(str(root / "iter_5"))
+    line = str(err.value)
+    assert "\n" not in line and "iter_4/meta.pt" in line and "iter_5" in line, line
+    # a link missing, and a link saved again since (another checkpoint of the same step)
+    import shutil
+
+    shutil.rmtree(root / "iter_1")
+    with pytest.raises(CheckpointError, match=r"iter_1: missing .*chain of .*iter_3"):
+        life.resolve(str(root / "iter_3"))
+    _fake_checkpoint(root, 1)  # back as it was: the chain is whole again
+    assert life.resolve(str(root / "iter_3")) == str(root / "iter_3")
+    manifest = json.loads((root / "iter_2" / "manifest.json").read_text())
+    manifest["step"] = 22  # iter_2 saved again (other content, other manifest)
+    (root / "iter_2" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"iter_2: not the checkpoint .*iter_3"):
+        life.resolve(str(root / "iter_3"))
+
+
+def test_id_map_deltas_extend_the_full_maps(tmp_path):
+    """save_stream(since=...) writes the ids added since; load_stream rebuilds the maps from
+    the full one and the deltas in order, and refuses a delta that does not follow on."""
+    from hstu.data.errors import DataError
+    from hstu.data.stream import StreamPosition, load_stream, save_stream
+    from hstu.data.stream.core import IdMap
+
+    class Source:
+        def __init__(self) -> None:
+            self.users, self.items, self.state = IdMap("user"), IdMap("item"), {}
+
+        def state_dict(self):
+            return {"x": 1, "users": self.users.state_dict(), "items": self.items.state_dict()}
+
+        def load_state_dict(self, state):
+            self.state = state
+
+    src = Source()
+    folders = [tmp_path / f"c{k}" for k in range(3)]
+    since = None
+    for k, folder in enumerate(folders):
+        src.users.map(np.array([f"u{k}", f"u{k}{k}", "u0"]))
+        src.items.map(np.arange(k * 3, k * 3 + 5))
+        folder.mkdir()
+        names = save_stream(folder, StreamPosition("p", k), src, since)
+        assert ("user_ids.delta.npy" in names) == (since is not None)
+        since = (len(src.users), len(src.items))
+    back = Source()
+    assert load_stream(folders[2], back, folders[:2]) == StreamPosition("p", 2)
+    assert list(back.users.raw(np.arange(1, len(src.users) + 1))) == \
+        list(src.users.raw(np.arange(1, len(src.users) + 1)))
+    assert np.array_equal(back.state["items"]["keys"], src.items.state_dict()["keys"])
+    with pytest.raises(DataError, match=r"c2/user_ids.delta.npy.*after the first 4.*holds 2"):
+        load_stream(folders[2], Source(), [folders[0]])  # the delta c1 left out
+    with pytest.raises(DataError, match=r"c1/stream.json.*a delta checkpoint"):
+        load_stream(folders[1], Source())
+
+
+# ------------------------------------------------------------------ a replay (slow)
+@pytest.fixture(scope="module")
+def all_full(data, tmp_path_factory) -> dict[int, Path]:  # noqa: F811
+    """The replay uninterrupted with a checkpoint after every window, all full, on 1 and 2
+    processes (made on first use)."""
+    made: dict[int, Path] = {}
+
+    def get(nproc: int) -> Path:
+        if nproc not in made:
+            made[nproc] = tmp_path_factory.mktemp(f"all_full{nproc}")
+            run(data, made[nproc], extra=FULL, nproc=nproc)
+        return made[nproc]
+
+    return get  # type: ignore[return-value]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_resume_from_base_and_deltas_is_bitwise(all_full, data, tmp_path, nproc):  # noqa: F811
+    """Stopped at a checkpoint that is the 3rd delta on its base, then resumed: every
+    checkpoint rebuilt from its chain equals the all-full run's of the same step, and the
+    end state and rows equal the uninterrupted run's."""
+    ref = all_full(nproc)
+    run_dir = tmp_path / "run"
+    # the stop lands on the 3rd delta (a window is 3 steps on 1 process, 2 on 2)
+    stop = {1: 10, 2: 7}[nproc]
+    run(data, run_dir, extra=[*DELTA, f"TrainerArgs.max_train_iters={stop}"], nproc=nproc)
+    stopped = newest(run_dir)
+    assert len(chain_of(stopped)) == 4, kinds(run_dir)  # base, 3 deltas
+    out = run(data, run_dir, extra=DELTA, nproc=nproc)
+    assert f"resumed from {stopped}" in out and "stream: resumed after" in out
+    found = kinds(run_dir)
+    assert "delta" in found.values() and list(found.values()).count("full") >= 2, found
+    for name in found:
+        assert_same(rebuilt_state(ref / "ckpt" / name, nproc),
+                    rebuilt_state(run_dir / "ckpt" / name, nproc), name)
+    assert newest(ref).name == newest(run_dir).name
+    same_rows(ref, run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_kill_during_a_delta_save_resumes_bitwise(all_full, data, tmp_path, nproc):  # noqa: F811
+    """SIGKILL right after the 2nd user-store delta was written into a checkpoint being
+    saved (on 2 processes: rank 1): the half-written checkpoint is never read; the restart
+    resumes the chain before it and ends in the uninterrupted run's state."""
+    ref = all_full(nproc)
+    point = "delta_save:2" + (":1" if nproc > 1 else "")
+    out = killed_then_resumed(data, tmp_path / "run", point, nproc, extra=DELTA)
+    assert "stream: resumed after" in out and "removed unfinished checkpoint folders" in out
+    assert_same(rebuilt_state(newest(ref), nproc), rebuilt_state(newest(tmp_path / "run"), nproc),
+                "state")
+    same_rows(ref, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_hashed_ids_and_expiry_with_deltas(tmp_path):
+    """StreamArgs.ids = "hashed" (no numbered map: the remembered names are written whole),
+    a dynamic item table, users and rows expiring: read in two goes with deltas (the resume
+    from a base and a delta), every checkpoint rebuilt from its chain holds the tables, dense
+    state, id keys and user store of the one-go all-full run at the same step."""
+    from tests.training.test_stream_runs import _ranking, write_rated_stream
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    write_rated_stream(whole, seed=5, first=0, partitions=4)
+    write_rated_stream(parts, seed=5, first=0, partitions=2)
+    _ranking(tmp_path, whole, tmp_path / "once")
+    every = ["StreamArgs.full_checkpoint_every=3"]
+    _ranking(tmp_path, parts, tmp_path / "twice", every)
+    write_rated_stream(parts, seed=5, first=2, partitions=2)
+    for p in ("p002", "p003"):
+        (parts / p / "part-00000.csv").write_text((whole / p / "part-00000.csv").read_text())
+    out = _ranking(tmp_path, parts, tmp_path / "twice", every)
+    assert "stream: resumed after 2 windows" in out
+    twice = {p.name: p for p in (tmp_path / "twice" / "checkpoints").glob("iter_*")}
+    assert [len(chain_of(twice[n])) for n in sorted(twice, key=lambda n: int(n[5:]))] == \
+        [1, 2, 3, 1]
+    for name, folder in twice.items():
+        a = rebuilt_state(tmp_path / "once" / "checkpoints" / name)
+        b = rebuilt_state(folder)
+        for key in ("tables", "dense", "users", "items", "store"):
+            assert_same(a[key], b[key], f"{name}.{key}")
