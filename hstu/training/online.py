@@ -45,7 +45,7 @@ from hstu.data.errors import DataError
 from hstu.data.loader import Samples, SequenceLoader, gather_ranges
 from hstu.data.store import SequenceStore
 from hstu.data.stream import StreamPosition, Window, load_stream, make_source
-from hstu.data.stream.core import write_json_atomic
+from hstu.data.stream.core import HashedIds, write_json_atomic
 from hstu.data.user_store import Sequences, UserStore
 from hstu.embeddings import HstuEmbeddings
 from hstu.training.distributed import DistEnv, broadcast_object
@@ -472,6 +472,10 @@ class OnlineTrainer:
         names = self.checkpoints.write_store(folder, self.store)
         if self.source is not None:
             assert self._saved_position is not None
+            items = self.source.items
+            if isinstance(items, HashedIds) and self.remappers:
+                # the text of text item ids: kept for the items that hold a row, no others
+                items.prune(torch.cat([r.live_ids() for r in self.remappers]).numpy())
             names += self.checkpoints.write_stream(folder, self._saved_position, self.source)
             done = {"windows": self.windows_done, "step": self.trainer.step,
                     "position": self._saved_position.to_dict(),
