@@ -38,9 +38,32 @@ def write_stream(folder: Path, seed: int, partitions: int = 3, events: int = 120
         (part / "_SUCCESS").touch()
 
 
+def entry(task: str, params: list[str], nproc: int = 1,
+          config: str | None = None) -> list[str]:
+    """The entry point's command line (``nproc`` > 1: under torchrun) with gin ``params``."""
+    cmd = [sys.executable]
+    if nproc > 1:
+        cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd += [str(ROOT / f"pretrain_gr_{task}.py"), "--gin-config-file",
+            str(ROOT / "configs" / (config or f"debug_{task}.gin"))]
+    for p in params:
+        cmd += ["--gin-param", p]
+    return cmd
+
+
+def call(cmd: list[str], cwd: Path, ok: bool = True) -> str:
+    """Runs ``cmd`` in ``cwd`` with this checkout's hstu; its output (asserting its exit)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
+                                          if p))
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    out = proc.stdout + proc.stderr
+    assert (proc.returncode == 0) == ok, out[-5000:]
+    return out
+
+
 def run(cwd: Path, stream: Path, extra: list[str] = (), ok: bool = True) -> str:
-    cmd = [sys.executable, str(ROOT / "pretrain_gr_retrieval.py"), "--gin-config-file",
-           str(ROOT / "configs" / "debug_retrieval.gin")]
     params = [
         'DatasetArgs.dataset_name="stream"', "StreamArgs.item_capacity=64",
         f'StreamArgs.path="{stream}"', "DatasetArgs.contextual_features=[]",
@@ -50,16 +73,7 @@ def run(cwd: Path, stream: Path, extra: list[str] = (), ok: bool = True) -> str:
         'RetrievalArgs.eval_metrics=("HR@10", "NDCG@10")', "StreamArgs.prequential_fading=0.99",
         *extra,
     ]
-    for p in params:
-        cmd += ["--gin-param", p]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
-                                          if p))
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
-                          check=False)
-    out = proc.stdout + proc.stderr
-    assert (proc.returncode == 0) == ok, out[-5000:]
-    return out
+    return call(entry("retrieval", params), cwd, ok)
 
 
 def stream_rows(run_dir: Path) -> list[dict[str, float]]:
@@ -147,11 +161,6 @@ def test_a_stream_dataset_needs_an_item_capacity():
 
 
 def _ranking(cwd: Path, stream: Path, run_dir: Path, extra: list[str] = (), nproc: int = 1) -> str:
-    cmd = [sys.executable]
-    if nproc > 1:
-        cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    cmd += [str(ROOT / "pretrain_gr_ranking.py"), "--gin-config-file",
-            str(ROOT / "configs" / "debug_ranking.gin")]
     params = [
         'DatasetArgs.dataset_name="stream"', "StreamArgs.item_capacity=64",
         "StreamArgs.rating_classes=5", 'StreamArgs.ids="hashed"', f'StreamArgs.path="{stream}"',
@@ -166,16 +175,7 @@ def _ranking(cwd: Path, stream: Path, run_dir: Path, extra: list[str] = (), npro
         "StreamArgs.item_ttl_days=0.0005", "StreamArgs.user_ttl_days=0.001",
         "StreamArgs.max_users_per_rank=12", "NetworkArgs.hidden_dropout=0.2", *extra,
     ]
-    for p in params:
-        cmd += ["--gin-param", p]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
-                                          if p))
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
-                          check=False)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-5000:]
-    return out
+    return call(entry("ranking", params, nproc), cwd)
 
 
 def write_rated_stream(folder: Path, seed: int, first: int, partitions: int,
@@ -241,6 +241,21 @@ def test_hashed_ids_expire_and_resume_exactly(tmp_path, nproc):
         assert len(store) <= 12
 
 
+def open_catalogue(stream: Path, *extra: str) -> list[str]:
+    """Retrieval on ``stream`` with hashed ids, a dynamic item table of 100 rows and the
+    sampled softmax over its live rows, run folder ./run."""
+    return ['DatasetArgs.dataset_name="stream"', "StreamArgs.item_capacity=100",
+            'StreamArgs.ids="hashed"', f'StreamArgs.path="{stream}"',
+            "DatasetArgs.contextual_features=[]", "DatasetArgs.max_sequence_length=12",
+            "TrainerArgs.max_train_iters=None", 'TrainerArgs.run_dir="run"',
+            'OptimizerArgs.lr_decay_style="constant"',
+            'RetrievalArgs.negative_sampling="sampled_live"', "RetrievalArgs.num_negatives=16",
+            'RetrievalArgs.eval_metrics=("HR@10", "NDCG@10")',
+            'item/DynamicEmbeddingArgs.feature_names=["item_id"]',
+            'item/DynamicEmbeddingArgs.table_name="item"',
+            "item/DynamicEmbeddingArgs.item_vocab_size_or_capacity=100", *extra]
+
+
 @pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_retrieval_on_an_open_catalogue(tmp_path, nproc):
     """Retrieval with hashed ids, a dynamic item table whose rows expire and the sampled
@@ -260,29 +275,9 @@ def test_retrieval_on_an_open_catalogue(tmp_path, nproc):
     (stream / "p004").mkdir()
     (stream / "p004" / "part-00000.csv").write_text("\n".join(lines) + "\n")
     (stream / "p004" / "_SUCCESS").touch()
-    cmd = [sys.executable]
-    if nproc > 1:
-        cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    cmd += [str(ROOT / "pretrain_gr_retrieval.py"), "--gin-config-file",
-            str(ROOT / "configs" / "debug_retrieval.gin")]
-    for p in ['DatasetArgs.dataset_name="stream"', "StreamArgs.item_capacity=100",
-              'StreamArgs.ids="hashed"', f'StreamArgs.path="{stream}"',
-              "DatasetArgs.contextual_features=[]", "DatasetArgs.max_sequence_length=12",
-              "TrainerArgs.max_train_iters=None", "TrainerArgs.ckpt_save_interval=2",
-              'TrainerArgs.run_dir="run"', 'OptimizerArgs.lr_decay_style="constant"',
-              'RetrievalArgs.negative_sampling="sampled_live"', "RetrievalArgs.num_negatives=16",
-              'RetrievalArgs.eval_metrics=("HR@10", "NDCG@10")',
-              'item/DynamicEmbeddingArgs.feature_names=["item_id"]',
-              'item/DynamicEmbeddingArgs.table_name="item"',
-              "item/DynamicEmbeddingArgs.item_vocab_size_or_capacity=100",
-              "StreamArgs.item_ttl_days=0.0005"]:
-        cmd += ["--gin-param", p]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
-                                          if p))
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    params = open_catalogue(stream, "TrainerArgs.ckpt_save_interval=2",
+                            "StreamArgs.item_ttl_days=0.0005")
+    call(entry("retrieval", params, nproc), tmp_path)
     rows = stream_rows(tmp_path / "run")
     assert [w["window"] for w in rows] == [1.0, 2.0, 3.0, 4.0, 5.0]
     assert all(w["trained_events"] > 0 and w["eval_events"] > 0 for w in rows[1:])
@@ -298,32 +293,10 @@ def test_an_open_catalogue_model_serves_raw_ids(tmp_path):
     over its live items for those histories."""
     stream = tmp_path / "s"
     write_rated_stream(stream, seed=9, first=0, partitions=3)
-    cmd = [sys.executable, str(ROOT / "pretrain_gr_retrieval.py"), "--gin-config-file",
-           str(ROOT / "configs" / "debug_retrieval.gin")]
-    for p in ['DatasetArgs.dataset_name="stream"', "StreamArgs.item_capacity=100",
-              'StreamArgs.ids="hashed"', f'StreamArgs.path="{stream}"',
-              "DatasetArgs.contextual_features=[]", "DatasetArgs.max_sequence_length=12",
-              "TrainerArgs.max_train_iters=None", "TrainerArgs.ckpt_save_interval=3",
-              'TrainerArgs.run_dir="run"', 'OptimizerArgs.lr_decay_style="constant"',
-              'RetrievalArgs.negative_sampling="sampled_live"', "RetrievalArgs.num_negatives=16",
-              'RetrievalArgs.eval_metrics=("HR@10", "NDCG@10")',
-              'item/DynamicEmbeddingArgs.feature_names=["item_id"]',
-              'item/DynamicEmbeddingArgs.table_name="item"',
-              "item/DynamicEmbeddingArgs.item_vocab_size_or_capacity=100"]:
-        cmd += ["--gin-param", p]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
-                                          if p))
-
-    def call(args: list[str]) -> str:
-        proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=600, check=False)
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-        return proc.stdout + proc.stderr
-
-    call(cmd)
+    call(entry("retrieval", open_catalogue(stream, "TrainerArgs.ckpt_save_interval=3")), tmp_path)
     ckpt = max((tmp_path / "run" / "checkpoints").glob("iter_*"), key=lambda p: int(p.name[5:]))
-    call([sys.executable, "-m", "hstu.export", "--ckpt", str(ckpt), "--out", "art", "--no-aoti"])
+    call([sys.executable, "-m", "hstu.export", "--ckpt", str(ckpt), "--out", "art", "--no-aoti"],
+         tmp_path)
     events = [line.split(",") for line in
               (stream / "p002" / "part-00000.csv").read_text().split("\n")[1:] if line]
     by_user: dict[str, list[list[str]]] = {}
@@ -334,13 +307,13 @@ def test_an_open_catalogue_model_serves_raw_ids(tmp_path):
     asked.write_text("user_id,item_id,timestamp\n" + "".join(
         f"{e[0]},{e[1]},{e[2]}\n" for u in users for e in by_user[u][-6:]))
     call([sys.executable, "-m", "hstu.recommend", "--model", "art", "--input", str(asked),
-          "--top-k", "10", "--out", "top.csv", "--no-aoti"])
+          "--top-k", "10", "--out", "top.csv", "--no-aoti"], tmp_path)
     got: dict[str, list[str]] = {}
     with open(tmp_path / "top.csv") as fh:
         for r in csv.DictReader(fh):
             got.setdefault(r["user_id"], []).append(r["item_id"])
     call([sys.executable, "-m", "tests.serving.online_reference", str(ckpt), str(asked), "10",
-          str(tmp_path / "want.json")])
+          str(tmp_path / "want.json")], tmp_path)
     want = __import__("json").loads((tmp_path / "want.json").read_text())
     assert set(got) == set(users)
     for user in users:
