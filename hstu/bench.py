@@ -655,6 +655,26 @@ def _stream_folder(events: int, window: int) -> tuple[str, dict]:
     return folder, info
 
 
+def _stream_run(a: argparse.Namespace, config: str, folder: str):
+    """One 2-process ranking run of configs/bench/``config`` over the stream ``folder``:
+    (run folder, threads a rank, the finished process, wall seconds, its CPU seconds)."""
+    run_dir = tempfile.mkdtemp(prefix="hstu-bench-stream-")
+    threads = a.threads or max(1, (os.cpu_count() or 1) // 2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "pretrain_gr_ranking.py"), "--gin-config-file",
+           os.path.join(ROOT, "configs", "bench", config),
+           "--gin-param", f'StreamArgs.path="{folder}"',
+           "--gin-param", f'TrainerArgs.run_dir="{run_dir}"', *_gin_args(a)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
+    started = time.perf_counter()
+    cpu0 = os.times()
+    done = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True)
+    cpu1 = os.times()
+    cpu_s = (cpu1.children_user - cpu0.children_user) + (cpu1.children_system
+                                                         - cpu0.children_system)
+    return run_dir, threads, done, time.perf_counter() - started, cpu_s
+
+
 def _run_stream(a: argparse.Namespace) -> dict:
     """The online-training benchmark (docs/performance.md): one 2-process run over the stream."""
     base = os.path.join(ROOT, "tmp_data", STREAM_BASE)
@@ -670,19 +690,7 @@ def _run_stream(a: argparse.Namespace) -> dict:
             if done.returncode != 0:
                 return {"preset": "stream", "error": f"{cmd[0]} failed: {done.stderr[-500:]}"}
     folder, info = _stream_folder(a.stream_events, a.stream_window)
-    run_dir = tempfile.mkdtemp(prefix="hstu-bench-stream-")
-    threads = a.threads or max(1, (os.cpu_count() or 1) // 2)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "pretrain_gr_ranking.py"), "--gin-config-file",
-           os.path.join(ROOT, "configs", "bench", "stream_ranking.gin"),
-           "--gin-param", f'StreamArgs.path="{folder}"',
-           "--gin-param", f'TrainerArgs.run_dir="{run_dir}"', *_gin_args(a)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
-    started = time.perf_counter()
-    cpu0 = os.times()
-    done = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    cpu1 = os.times()
+    run_dir, threads, done, wall, cpu_s = _stream_run(a, "stream_ranking.gin", folder)
     if done.returncode != 0:
         return {"preset": "stream", "error": (done.stderr or done.stdout)[-1500:]}
     from hstu.training.report import stream_windows
@@ -696,8 +704,7 @@ def _run_stream(a: argparse.Namespace) -> dict:
     return {
         "preset": "stream", **info, "windows": len(ws), "events_streamed": events,
         "events_per_s": events / loop_s, "loop_s": loop_s, "wall_s": wall,
-        "cpu_s": (cpu1.children_user - cpu0.children_user)
-                 + (cpu1.children_system - cpu0.children_system),
+        "cpu_s": cpu_s,
         "train_steps": sum(w["train_steps"] for w in ws),
         "known_items": ws[-1]["known_items"] if ws else 0,
         "capacity": int(rows.group(1)) if rows else 0,
@@ -758,17 +765,7 @@ def _run_open_stream(a: argparse.Namespace) -> dict:
     configs/bench/stream_open_ranking.gin (hashed ids, bounded tables and stores)."""
     folder, info = open_stream_folder(a.stream_events, a.stream_items, a.stream_users,
                                       a.stream_window)
-    run_dir = tempfile.mkdtemp(prefix="hstu-bench-stream-open-")
-    threads = a.threads or max(1, (os.cpu_count() or 1) // 2)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "pretrain_gr_ranking.py"), "--gin-config-file",
-           os.path.join(ROOT, "configs", "bench", "stream_open_ranking.gin"),
-           "--gin-param", f'StreamArgs.path="{folder}"',
-           "--gin-param", f'TrainerArgs.run_dir="{run_dir}"', *_gin_args(a)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
-    started = time.perf_counter()
-    done = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - started
+    run_dir, threads, done, wall, _ = _stream_run(a, "stream_open_ranking.gin", folder)
     if done.returncode != 0:
         return {"preset": "stream-open", "error": (done.stderr or done.stdout)[-1500:]}
     from hstu.training.report import stream_windows

@@ -926,11 +926,28 @@ class OnlineTrainer:
             f"[hstu] stream: {self.windows_done} windows done, at partition "
             f"{position.partition!r} row {position.row}, step {t.step}"
         )
+        failed = None  # a run that read nothing because nothing it was given could be read
         if self.env.rank == 0:
             if self.windows_this_run == 0 and not self.interrupted:
-                t.logger.print(f"[hstu] stream: no window in this run: {self._why_no_window()}")
+                why = self._why_no_window()
+                t.logger.print(f"[hstu] stream: no window in this run: {why}")
+                if getattr(self.source, "quarantined", None) or not self._partition_names():
+                    failed = why
             self._report()
+        failed = broadcast_object(failed)
+        if failed is not None:
+            raise DataError("stream", f"no window trained: {failed}")
         return last
+
+    def _partition_names(self) -> list[str]:
+        """Rank 0, a stream folder: the partition folders in it now (a replay: its windows)."""
+        if self.stream_args.path is None:
+            return ["replay"]
+        from hstu.data.stream.folder import hidden
+
+        quarantine = Path(self.source.quarantine_dir).resolve()
+        return sorted(e.name for e in os.scandir(self.stream_args.path)
+                      if e.is_dir() and not hidden(e.name) and Path(e.path).resolve() != quarantine)
 
     def _prequential_rows(self, metrics: dict[str, float]) -> dict[str, float]:
         """``<metric>_cumulative`` and ``<metric>_faded`` after this window: the prequential
@@ -960,10 +977,9 @@ class OnlineTrainer:
                     f"{pos.partition!r} row {pos.row}, {self.windows_done} windows done)")
         src = self.source
         folder = Path(sa.path)
-        from hstu.data.stream.folder import SUCCESS, hidden
+        from hstu.data.stream.folder import SUCCESS
 
-        parts = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not hidden(e.name)
-                       and Path(e.path).resolve() != Path(src.quarantine_dir).resolve())
+        parts = self._partition_names()
         complete = [p for p in parts if not sa.require_success or (folder / p / SUCCESS).exists()]
         reasons = []
         if src.quarantined:

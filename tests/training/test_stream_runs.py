@@ -319,3 +319,20 @@ def test_an_open_catalogue_model_serves_raw_ids(tmp_path):
     for user in users:
         assert got[user] == want[user], (user, got[user], want[user])
         assert all(int(i) >= 10_000_000_000 for i in got[user])  # raw ids, not keys
+
+
+def test_a_stream_with_nothing_readable_fails_in_one_line(tmp_path):
+    """Every partition set aside (here: one whose file is not a data file): the run says why
+    and exits non-zero (a run that trained nothing on what it was given is not a success)."""
+    stream = tmp_path / "s"
+    (stream / "p000").mkdir(parents=True)
+    (stream / "p000" / "notes.md").write_text("not events\n")
+    (stream / "p000" / "_SUCCESS").touch()
+    out = call(entry("retrieval", ['DatasetArgs.dataset_name="stream"',
+                                   "StreamArgs.item_capacity=64", f'StreamArgs.path="{stream}"',
+                                   "DatasetArgs.contextual_features=[]",
+                                   'TrainerArgs.run_dir="run"']), tmp_path, ok=False)
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no window trained" in errors[0], out[-3000:]
+    assert "1 partitions set aside" in errors[0]
+    assert (stream / "_quarantine" / "p000" / "notes.md").exists()  # nothing lost
