@@ -36,14 +36,9 @@ def read_partition(folder: Path) -> pa.Table:
 
 def stream_hr(run: Path, windows: int, metric: str) -> tuple[float, float]:
     """(eval_events-weighted mean of ``metric`` over the last ``windows`` windows, events)."""
-    groups: list[dict[str, float]] = []
-    with open(run / "metrics.csv", newline="") as fh:
-        for r in csv.DictReader(fh):
-            if r["split"] == "stream":
-                if r["name"] == "window":
-                    groups.append({})
-                groups[-1][r["name"]] = float(r["value"])
-    last = [g for g in groups if g.get("eval_events", 0) > 0][-windows:]
+    from hstu.training.report import stream_windows
+
+    last = [g for g in stream_windows(str(run)) if g.get("eval_events", 0) > 0][-windows:]
     n = sum(g["eval_events"] for g in last)
     return sum(g[metric] * g["eval_events"] for g in last) / n, n
 
