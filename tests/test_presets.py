@@ -51,17 +51,44 @@ def test_presets_exist():
     assert {"benchmark_ranking", "benchmark_retrieval", "tp2_ranking", "default_retrieval"} <= names
 
 
+# What each ranking preset's dataset calls an action, from the datasets' own documentation:
+# ("classes", n) for ratings, whose head ends in the n classes (cross-entropy), or
+# ("bitmask", m) for m binary feedback flags, one BCE task per flag (last width == num_tasks).
+ACTIONS = {
+    "ml-100k": ("classes", 5),  # 1..5 stars
+    "ml-1m": ("classes", 5),
+    "ml-20m": ("classes", 10),  # 0.5..5.0 in half stars
+    "stream": ("classes", 5),  # the ML-100K ratings as a stream
+    "synthetic": ("classes", 5),  # ratings 0..4 (docs/data.md)
+    "kuairand-pure": ("bitmask", 8),  # click, like, follow, ... (256 values)
+    "kuairand-1k": ("bitmask", 8),
+    "kuairand-27k": ("bitmask", 8),
+    "benchmark": ("bitmask", 8),  # labels drawn from the action vocabulary of 256
+}
+
+
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_preset_loads(preset):
     cfg = load_config(str(preset), task=task_of(preset))
     assert cfg.task == task_of(preset)
-    if cfg.task == "ranking":
-        assert cfg.ranking is not None
-        assert cfg.dataset.max_num_candidates >= 1, "a ranking preset needs candidates"
-        if cfg.ranking.prediction_head_arch[-1] == cfg.ranking.num_tasks:
-            assert cfg.ranking.num_tasks >= 1
+    if cfg.task != "ranking":
+        assert cfg.retrieval is not None and cfg.ranking is None
+        return
+    assert cfg.ranking is not None
+    assert cfg.dataset.max_num_candidates >= 1, "a ranking preset needs candidates"
+    dataset = getattr(cfg.dataset, "dataset_name", "benchmark")
+    assert dataset in ACTIONS, f"{preset.name}: add what {dataset}'s actions are to ACTIONS"
+    kind, count = ACTIONS[dataset]
+    last, num_tasks = cfg.ranking.prediction_head_arch[-1], cfg.ranking.num_tasks
+    if kind == "classes":  # "auto" resolves to the class count; a width == num_tasks is BCE
+        width = count if last == "auto" else last
+        assert width == count and width != num_tasks, (
+            f"{preset.name}: head ends in {last} with {num_tasks} task(s); {dataset} has {count} "
+            "rating classes (cross-entropy over them), not bits to decode")
     else:
-        assert cfg.retrieval is not None
+        assert last in ("auto", num_tasks) and 1 <= num_tasks <= count, (
+            f"{preset.name}: head ends in {last} with {num_tasks} task(s); {dataset} has "
+            f"{count} feedback flags, one logit per task")
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)

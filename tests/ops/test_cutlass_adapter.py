@@ -7,8 +7,9 @@ source build at FBGEMM commit 0c08af9f (``cu_seqlens_q`` / ``cu_seqlens_k``, the
 SiLU(alpha * (QK^T + rab)) / max_seqlen_q, the causal window (-1, 0), contextual rows seeing
 the whole non-candidate history, candidates blocked from earlier target groups; rows of the
 output past the last offset are left as garbage (NaN here), as an uninitialised buffer may
-hold. The adapter must turn that into our definition exactly; the real kernels are compared
-in test_gpu_kernels.py.
+hold. The stand-ins are checked against FBGEMM's reference test rewritten here
+(``fbgemm_reference``); the adapter must turn them into our definition exactly; the real
+kernels are compared in test_gpu_kernels.py (GPU tier: marked ``gpu``, skipped on CPU).
 """
 
 from __future__ import annotations
@@ -104,6 +105,71 @@ def source_build_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_contexts,
         num_targets, target_group_size, window_size, alpha, rab, has_drab,
     )
+
+
+def fbgemm_reference(q, k, v, offsets, max_seqlen, num_contexts, num_targets, target_group_size,
+                     window_size, alpha, rab):
+    """FBGEMM's reference (test/hstu_test.py: ``_hstu_attention_maybe_from_cache`` with the
+    mask of ``construct_mask``), written apart from the stand-ins: every sample padded to
+    ``max_seqlen`` N, dense scores, SiLU(alpha (Q K^T + rab)) / N times the mask, then V,
+    unpadded. A sample is [contexts | history | targets]. The window (left, right) as its
+    README and op read it: row i keeps key j iff i - left <= j <= i + right, -1 (or past N)
+    unbounded; under the causal window (-1, 0) a contextual row also sees the whole history,
+    and a target sees no target of an earlier group of ``target_group_size``."""
+    batch, n = offsets.numel() - 1, max_seqlen
+    lengths = offsets.diff().tolist()
+
+    def padded(x):  # [T, H, d] -> [B, N, H, d], zeros after each sample
+        out = x.new_zeros(batch, n, *x.shape[1:])
+        for b in range(batch):
+            out[b, : lengths[b]] = x[int(offsets[b]) : int(offsets[b + 1])]
+        return out
+
+    left, right = (n if w < 0 or w > n else w for w in window_size)
+    i, j = torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1)
+    mask = ((j >= i - left) & (j <= i + right)).repeat(batch, 1, 1)  # [B, N, N]
+    for b in range(batch):
+        first_target = lengths[b] - (int(num_targets[b]) if num_targets is not None else 0)
+        if num_contexts is not None:
+            mask[b, : int(num_contexts[b]), :first_target] = True
+        for row in range(first_target, lengths[b]):
+            group = first_target + (row - first_target) // target_group_size * target_group_size
+            mask[b, row, first_target:group] = False
+    scores = torch.einsum("bnhd,bmhd->bhnm", padded(q), padded(k))
+    if rab is not None:
+        scores = scores + rab[:, :, :n, :n]  # heads_rab 1 broadcasts over the heads
+    weights = F.silu(alpha * scores) / n * mask.unsqueeze(1)
+    out = torch.einsum("bhnm,bmhd->bnhd", weights, padded(v))
+    return torch.cat([out[b, : lengths[b]] for b in range(batch)])
+
+
+@pytest.mark.parametrize("stand_in", [nightly_varlen, source_build_varlen])
+@pytest.mark.parametrize("window, contexts, targets, group, heads_rab", [
+    ((-1, 0), [3, 2, 0, 4], [6, 2, 0, 9], 1, 2),
+    ((-1, 0), [3, 2, 0, 4], [6, 2, 0, 9], 3, 1),
+    ((-1, 0), None, [1, 0, 0, 5], 2, None),
+    ((4, 0), None, None, 1, 2),
+    ((4, 4), None, None, 1, 1),
+    ((3, 7), None, None, 1, None),
+    ((-1, -1), None, None, 1, 2),
+])
+def test_stand_ins_follow_fbgemms_reference(stand_in, window, contexts, targets, group,
+                                            heads_rab) -> None:
+    """The stand-ins the adapter tests run against compute what FBGEMM's own reference does
+    (the real kernel against it: test_gpu_kernels.py, on a GPU)."""
+    g = torch.Generator().manual_seed(7)
+    lengths, heads, n = [21, 9, 1, 30], 2, 32
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, heads, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    offsets = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    contexts, targets = (None if x is None else torch.tensor(x, dtype=torch.int32)
+                         for x in (contexts, targets))
+    rab = (None if heads_rab is None
+           else torch.randn(len(lengths), heads_rab, n, n, generator=g, dtype=torch.float64))
+    got = stand_in(q, k, v, offsets, offsets, n, n, contexts, targets, target_group_size=group,
+                   window_size=window, alpha=0.35, rab=rab)
+    want = fbgemm_reference(q, k, v, offsets, n, contexts, targets, group, window, 0.35, rab)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def _use(monkeypatch: pytest.MonkeyPatch, fn) -> None:

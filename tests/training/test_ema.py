@@ -279,7 +279,7 @@ def _lazy_vs_eager(rank: int, world_size: int, tmp: str, joint: bool) -> None:
     from hstu.args import EmbeddingArgs
     from hstu.embeddings import embedding_state_dict
     from hstu.training import ema as ema_module
-    from tests.embeddings.common import build, kjt, optimizer, train_step
+    from tests.embeddings.common import DIM, build, kjt, optimizer, train_step
 
     tbls = [
         EmbeddingArgs(feature_names=["a"], table_name="ta", item_vocab_size_or_capacity=24,
@@ -289,7 +289,8 @@ def _lazy_vs_eager(rank: int, world_size: int, tmp: str, joint: bool) -> None:
         EmbeddingArgs(feature_names=["b"], table_name="tb", item_vocab_size_or_capacity=10,
                       sharding_type="data_parallel"),
     ]
-    emb, _ = build(tbls, optimizer("rowwise_adagrad"), sharded=True)
+    emb, _ = build(tbls, optimizer("rowwise_adagrad"), sharded=True,
+                   overrides={"ta": "row_wise", "tc": "row_wise"})
     state = embedding_state_dict(emb)
     if not joint:  # the kernel's tables as if apart in its storage: one average per table
         ema_module._one_view = lambda weights: None
@@ -300,6 +301,10 @@ def _lazy_vs_eager(rank: int, world_size: int, tmp: str, joint: bool) -> None:
     # joint: the two tables' averages (and counters) are one buffer, caught up in one pass
     shared = lazy.lazy[0].last.untyped_storage().data_ptr() == lazy.lazy[1].last.untyped_storage().data_ptr()
     assert shared == joint
+    lazy_rows = _lazy_tables(lazy)  # table -> (its lazy entry, its first row on this rank)
+    assert sorted(lazy_rows) == ["ta", "tc"]
+    if world_size > 1:  # row-wise: this rank holds a block of each table
+        assert lazy_rows["ta"][0].last.numel() == 24 // world_size
 
     def averages(ema: WeightAverage) -> dict[str, torch.Tensor]:
         with ema.swapped():
@@ -308,28 +313,68 @@ def _lazy_vs_eager(rank: int, world_size: int, tmp: str, joint: bool) -> None:
     g = torch.Generator().manual_seed(3)
     raw_before_read = None
     for step in range(40):
-        # irregular touches: a few rows of ta, tc only on some steps, repeated ids
+        # irregular touches: a few rows of ta, tc only on some steps, repeated ids (every
+        # rank draws the same ids: row-wise sharding sends each to the rank holding its row)
         a = torch.randint(0, 24, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist()
         c = torch.randint(0, 6, (2,), generator=g).tolist() if step % 3 == 0 else []
         b = [step % 10]
+        stored = {name: (e.shadow.clone(), e.last.clone()) for name, (e, _) in lazy_rows.items()}
+        due = averages(eager)  # after `step` updates: where a row looked up now is caught up to
         train_step(emb, kjt({"a": [a, [a[0]]], "c": [c, []], "b": [b, []]}))
         lazy.update()
         eager.update()
+        for name, ids in (("ta", a), ("tc", c)):
+            entry, first = lazy_rows[name]
+            looked_up = torch.zeros(entry.last.numel(), dtype=torch.bool)
+            looked_up[[i - first for i in ids if 0 <= i - first < len(looked_up)]] = True
+            # caught up in the forward, before the step changed its weight
+            assert (entry.last[looked_up] == step).all(), (name, step)
+            torch.testing.assert_close(entry.shadow[looked_up], due[name].view(-1, DIM)[looked_up],
+                                       rtol=0, atol=1e-6)
+            # every other row: its stored average and update count untouched, bitwise (one
+            # exception: apart, a kernel's lookup catches up row 0 of each of its tables)
+            kept = ~looked_up
+            if not joint:
+                kept[0] = False
+            shadow_before, last_before = stored[name]
+            assert torch.equal(entry.shadow[kept], shadow_before[kept]), (name, step)
+            assert torch.equal(entry.last[kept], last_before[kept]), (name, step)
         if step == 17:  # a read in the middle (an evaluation) changes nothing after
+            # before it, rows not looked up since their weight changed hold a stale average
+            # (not updated until read): the checks above are not vacuous
+            want = averages(eager)
+            stale = sum(int(((e.shadow - want[name].view(-1, DIM)).abs() > 1e-4).any(1).sum())
+                        for name, (e, _) in lazy_rows.items())
+            assert stale > 0
             raw_before_read = _local_weights(emb)
             mid_lazy, mid_eager = averages(lazy), averages(eager)
             for k in mid_eager:
                 torch.testing.assert_close(mid_lazy[k], mid_eager[k], rtol=0, atol=1e-6)
             for k, v in _local_weights(emb).items():  # the raw weights back, bitwise
                 assert torch.equal(v, raw_before_read[k]), k
+            for e, _ in lazy_rows.values():  # read: every row caught up
+                assert (e.last == lazy.num_updates).all()
     got, want = averages(lazy), averages(eager)
     assert set(got) == {"ta", "tb", "tc"}
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
-        assert not torch.allclose(got[k], _local_weights(emb)[k], atol=1e-6), k
-    # rows untouched for many steps were not updated until read
-    untouched_rows = int((lazy.lazy[0].last < lazy.num_updates).sum())
-    assert untouched_rows == 0  # (just read: all caught up)
+        if k != "tc" or rank == 0:  # tc's ids (0..5) lie in rank 0's rows
+            assert not torch.allclose(got[k], _local_weights(emb)[k], atol=1e-6), k
+    for e, _ in lazy_rows.values():
+        assert (e.last == lazy.num_updates).all()
+
+
+def _lazy_tables(ema: WeightAverage) -> dict[str, tuple]:
+    """Table name -> (its lazily averaged entry, the table row its first row is)."""
+    out = {}
+    for entry in ema.lazy:
+        for key, (value, parts) in ema.tables.items():
+            shards = value.local_shards() if hasattr(value, "local_shards") else None
+            for k, part in enumerate(parts):
+                if part.data_ptr() == entry.weight.data_ptr() and part.shape == entry.weight.shape:
+                    first = shards[k].metadata.shard_offsets[0] if shards else 0
+                    out[key.split(".")[-2]] = (entry, first)
+    return out
 
 
 def _local_weights(emb) -> dict[str, torch.Tensor]:
@@ -343,10 +388,13 @@ def _local_weights(emb) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
 @pytest.mark.parametrize("joint", [True, False], ids=["one-buffer", "per-table"])
-def test_lazy_rows_equal_the_eager_average(tmp_path, joint) -> None:
-    """Fused tables averaged lazily (rows caught up when looked up or read) equal the eager
-    average over 40 steps of irregular touches, to float32 rounding; a read in the middle
-    (swap in, swap out) leaves the raw weights bitwise and the later average unchanged.
-    Both layouts: the kernel's tables' averages in one buffer, and one per table."""
-    run_multiprocess(_lazy_vs_eager, world_size=1, tmp=str(tmp_path), joint=joint)
+def test_lazy_rows_equal_the_eager_average(tmp_path, joint, world_size) -> None:
+    """Fused tables (row-wise sharded) averaged lazily: at each of 40 steps of irregular
+    touches, a row looked up is caught up to the eager average (kept here for every row,
+    every step) and every other row keeps its stored average bitwise, stale until read; a read
+    (swap in, swap out) catches every row up to the eager average, to float32 rounding, and
+    leaves the raw weights bitwise and the later average unchanged. Both layouts: the
+    kernel's tables' averages in one buffer, and one per table; on 1 and 2 ranks."""
+    run_multiprocess(_lazy_vs_eager, world_size=world_size, tmp=str(tmp_path), joint=joint)
