@@ -48,7 +48,6 @@ def chain_of(folder: Path) -> list[Path]:
 def rebuilt_state(folder: Path, world: int = 1) -> dict:
     """What ``folder`` restores to, rebuilt by hand from its chain: the base's id maps and
     store snapshots, then each delta's new ids, written rows and deleted users in order."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     links = chain_of(folder)
     base = links[0]
@@ -75,21 +74,58 @@ def rebuilt_state(folder: Path, world: int = 1) -> dict:
             for (user,) in conn.execute("SELECT user FROM deleted"):
                 stores[r].pop(user, None)  # (also users added and dropped since)
             conn.close()
-    tables = folder.parent / f"{folder.name}.tables.pt"
-    dcp_to_torch_save(str(folder), str(tables))
     stream = json.loads((folder / "stream.json").read_text())
     stream.pop("delta_from", None)
     online = json.loads((folder / "online.json").read_text())
     online.pop("checkpoint")
     state = {
-        "tables": torch.load(tables, weights_only=False),
+        "tables": rebuilt_tables(links),
         "dense": torch.load(folder / "dense_tp0.pt", weights_only=False),
         "rng": [torch.load(folder / f"rng_rank{r}.pt", weights_only=False) for r in range(world)],
         "users": users, "items": items, "stream": stream, "online": online,
         "store": [sorted(s.values()) for s in stores],
     }
-    tables.unlink()
     return state
+
+
+def _dcp(folder: Path) -> dict:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = folder.parent / f"{folder.name}.tables.pt"
+    dcp_to_torch_save(str(folder), str(out))
+    state = torch.load(out, weights_only=False)
+    out.unlink()
+    return state
+
+
+def row_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("table_rows.rank*.pt"))
+
+
+def rebuilt_tables(links: list[Path]) -> dict:
+    """The DCP state (global tensors) the last link restores to, by hand: its own DCP files,
+    and where it is a row delta the tables of the newest link holding them whole with the
+    rows of each later link written on them in order (each row once, by one rank's file)."""
+    folder = links[-1]
+    own = _dcp(folder)
+    if not row_files(folder):
+        return own
+    start = max(i for i, link in enumerate(links) if not row_files(link))
+    tables = _dcp(links[start])
+    for link in links[start + 1:]:
+        seen: dict[str, set[int]] = {}
+        for path in row_files(link):
+            for key, entry in torch.load(path, weights_only=False).items():
+                name = "embeddings." + key
+                assert name not in own, name  # a row delta's DCP part holds no table rows
+                if "whole" in entry:
+                    tables[name] = entry["whole"]
+                    continue
+                rows = entry["rows"].tolist()
+                assert not seen.setdefault(key, set()) & set(rows), f"{path}: {key} twice"
+                seen[key] |= set(rows)
+                tables[name][entry["rows"]] = entry["values"].to(tables[name].dtype)
+    return {**tables, **own}
 
 
 def kinds(run_dir: Path) -> dict[str, str]:
