@@ -244,33 +244,48 @@ def load_row_chain(links: tuple[str, list[str]], rows: dict[str, Any], strict: b
             apply_entries(rows, entries)
 
 
+def load_tables(
+    path: str, tables: TableState, place: RankPlace, with_ema: bool = False,
+    check: Callable[[dict[str, Any]], None] | None = None,
+) -> CheckpointState:
+    """The tables of checkpoint ``path`` into the model (and their weight average when
+    ``with_ema``), after ``check`` of its meta; returns its files (dense state, meta, rng). A
+    row delta's tables are its chain's newest whole ones with the rows of each delta after
+    them written on them (:func:`load_row_chain`)."""
+    path = ckpt.resolve_checkpoint_dir(path)
+    sharded = tables.state_dict(with_ema=with_ema)
+    links = ckpt.table_links(path)
+    rows = split_rows(tables, sharded) if links is not None else None
+    state = ckpt.load_checkpoint(path, sharded, place)
+    if check is not None:
+        check(state.meta)
+    if links is not None and rows is not None:
+        load_row_chain(links, rows, strict=True)
+        sharded[TableState.KEY].update(rows)
+    tables.load_state_dict(sharded)
+    return state
+
+
 def _load_parts(
     path: str, tables: TableState, dense: DenseState, place: RankPlace, task: str, network: Any,
     with_ema: bool = False,
 ) -> CheckpointState:
     """Tables and dense weights of ``path`` into the model, after the checks (and the
     tables' weight average when ``with_ema``); returns the checkpoint's files (dense
-    optimizer and average, meta, rng) for a full resume. A row delta's tables are its
-    chain's whole ones with the rows of each delta written on them (:func:`load_row_chain`)."""
-    path = ckpt.resolve_checkpoint_dir(path)
-    sharded = tables.state_dict(with_ema=with_ema)
-    links = ckpt.table_links(path)
-    rows = split_rows(tables, sharded) if links is not None else None
-    state = ckpt.load_checkpoint(path, sharded, place)
-    meta = state.meta
-    if meta.get("task") != task:
-        raise CheckpointError(f"checkpoint {path} is a {meta.get('task')} run, this is {task}")
-    changed = network_differences(meta.get("network"), network)
-    if changed:
-        raise CheckpointError(
-            f"checkpoint {path} was trained with other NetworkArgs ({', '.join(changed)}); "
-            "its weights would compute another function here: load it with the saved "
-            "values (its config.gin) or start fresh"
-        )
-    if links is not None and rows is not None:
-        load_row_chain(links, rows, strict=True)
-        sharded[TableState.KEY].update(rows)
-    tables.load_state_dict(sharded)
+    optimizer and average, meta, rng) for a full resume."""
+
+    def check(meta: dict[str, Any]) -> None:
+        if meta.get("task") != task:
+            raise CheckpointError(f"checkpoint {path} is a {meta.get('task')} run, this is {task}")
+        changed = network_differences(meta.get("network"), network)
+        if changed:
+            raise CheckpointError(
+                f"checkpoint {path} was trained with other NetworkArgs ({', '.join(changed)}); "
+                "its weights would compute another function here: load it with the saved "
+                "values (its config.gin) or start fresh"
+            )
+
+    state = load_tables(path, tables, place, with_ema, check)
     dense.load_weights(state.dense["model"], path)
     return state
 
