@@ -13,6 +13,7 @@ checkpoint needs, and a broken link is refused in one line (or skipped by "auto"
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -111,21 +112,21 @@ def rebuilt_tables(links: list[Path]) -> dict:
     if not row_files(folder):
         return own
     start = max(i for i, link in enumerate(links) if not row_files(link))
-    tables = _dcp(links[start])
+    tables = _dcp(links[start])["embeddings"]  # (DCP's keys under the TableState's key)
+    mine = own.get("embeddings", {})
     for link in links[start + 1:]:
         seen: dict[str, set[int]] = {}
         for path in row_files(link):
             for key, entry in torch.load(path, weights_only=False).items():
-                name = "embeddings." + key
-                assert name not in own, name  # a row delta's DCP part holds no table rows
+                assert key not in mine, key  # a row delta's DCP part holds no table rows
                 if "whole" in entry:
-                    tables[name] = entry["whole"]
+                    tables[key] = entry["whole"]
                     continue
                 rows = entry["rows"].tolist()
                 assert not seen.setdefault(key, set()) & set(rows), f"{path}: {key} twice"
                 seen[key] |= set(rows)
-                tables[name][entry["rows"]] = entry["values"].to(tables[name].dtype)
-    return {**tables, **own}
+                tables[key][entry["rows"]] = entry["values"].to(tables[key].dtype)
+    return {**own, "embeddings": {**tables, **mine}}
 
 
 def kinds(run_dir: Path) -> dict[str, str]:
@@ -183,7 +184,9 @@ def test_deltas_small_chains_kept_and_resume_bitwise(data, tmp_path):  # noqa: F
     checkpoint's; the users expired at p03 (StreamArgs.user_ttl_days) travel as the delta's
     deleted users; keep_last_n=1 keeps the newest checkpoint and its chain only; a run
     resumed from base + 2 deltas (with a full checkpoint asked for by the full_checkpoint
-    file) ends bitwise where an all-full uninterrupted run ends, with the same rows."""
+    file) ends bitwise where an all-full uninterrupted run ends, with the same rows. In-batch
+    negatives: the deltas hold the table rows looked up since (StreamArgs.table_row_deltas),
+    restored on resume from the base's tables and both deltas' rows."""
     rng = np.random.default_rng(0)
     many = np.arange(10_000, 13_000)
     few = rng.choice(many, 5, replace=False)
@@ -193,14 +196,15 @@ def test_deltas_small_chains_kept_and_resume_bitwise(data, tmp_path):  # noqa: F
         _partition(folder, f"p{k:02d}", few, 100_000 * k, per_user=4)
     # the reference: all five partitions in one run, every checkpoint full
     ttl = "StreamArgs.user_ttl_days=3"  # p03 (day 3.5) drops the users last seen in p01
+    ttl = [ttl, 'RetrievalArgs.negative_sampling="in_batch"']
     ref = tmp_path / "ref"
-    _run_folder(data, ref, folder, ["StreamArgs.full_checkpoint_every=1", ttl])
+    _run_folder(data, ref, folder, ["StreamArgs.full_checkpoint_every=1", *ttl])
     # the run under test sees p01..p03 first (the others hidden), then all five
     hidden = [folder / f"p{k:02d}" for k in (4, 5)]
     for p in hidden:
         p.rename(p.with_name("." + p.name))
     run_dir = tmp_path / "delta"
-    extra = ["StreamArgs.full_checkpoint_every=3", "TrainerArgs.keep_last_n=1", ttl]
+    extra = ["StreamArgs.full_checkpoint_every=3", "TrainerArgs.keep_last_n=1", *ttl]
     out = _run_folder(data, run_dir, folder, extra)
     assert list(kinds(run_dir).values()) == ["full", "delta", "delta"], kinds(run_dir)
     # the newest is a delta: its base and the delta before it are kept (keep_last_n=1)
@@ -213,6 +217,9 @@ def test_deltas_small_chains_kept_and_resume_bitwise(data, tmp_path):  # noqa: F
     assert len(deleted) == 3000 - 5, len(deleted)  # expired at p03
     assert "checkpoint iter_0: full (the first of the run)" in out
     assert " delta 2 on base iter_0, " in out
+    assert len(re.findall(r"delta \d on base iter_0, .* tables .* rows action \d+ of 5, item \d+ of 61",
+                          out)) == 2, out  # the tables' touched rows
+    assert [len(row_files(p)) for p in chain_of(newest(run_dir))] == [0, 1, 1]
     from hstu.export import StreamMaps
 
     for name in kinds(run_dir):  # each checkpoint rebuilt from its chain = the all-full run's
