@@ -1,12 +1,21 @@
 """Online checkpoints as full bases and deltas (docs/online.md "Checkpoints: bases and deltas").
 
-A full checkpoint holds every rank's user store snapshot and the whole id maps; a delta holds
-what changed since the checkpoint before it: the rows of the users written since and the
-users deleted since (:meth:`hstu.data.user_store.UserStore.checkpoint_delta`) and the ids
-added since (:func:`hstu.data.stream.save_stream` with ``since``). Every
+A full checkpoint holds every rank's user store snapshot, the whole id maps and the whole
+embedding tables; a delta holds what changed since the checkpoint before it: the rows of the
+users written since and the users deleted since
+(:meth:`hstu.data.user_store.UserStore.checkpoint_delta`), the ids added since
+(:func:`hstu.data.stream.save_stream` with ``since``) and, with ``StreamArgs.table_row_deltas``,
+the table rows touched since (weights and per-row optimizer state, each rank the rows of its
+shards: :mod:`hstu.embeddings.row_deltas`, ``table_rows.rank<r>.pt``). Every
 ``StreamArgs.full_checkpoint_every``-th checkpoint is a full base, and the next one after a
-file named ``full_checkpoint`` appears in the checkpoint root. The tables, dense weights,
-optimizer states and RNG streams are whole in every checkpoint (the trainer's files).
+file named ``full_checkpoint`` appears in the checkpoint root. A delta's tables are whole
+instead where rows would not be exact (``TrainerArgs.ema_decay``, a full-corpus loss, a
+column-wise table; said once). The dense weights, dense optimizer, RNG streams and the dynamic
+tables' remapper state are whole in every checkpoint (the trainer's files).
+
+A row delta is restored from its chain's newest whole tables with each delta's rows written on
+them in order (:func:`hstu.training.checkpoint_manager.load_tables`; global row indices, any
+world size and sharding).
 
 A delta names its chain in ``online.json`` (``checkpoint.chain``: the folders before it, its
 base first) and in its manifest (``needs``, with each link's manifest CRC32): the lifecycle
