@@ -33,6 +33,9 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from hstu.embeddings.collection import HstuEmbeddings
+from hstu.sync_audit import allowed_sync
+
+HOST_ROWS = "row deltas: the batch's ids are noted on the host, before the copy to a device"
 
 Entries = dict[str, dict[str, torch.Tensor]]
 """state key -> {"rows": int64 [k'] global rows, "values": [k', ...]} or {"whole": tensor}
@@ -86,27 +89,31 @@ class TouchedRows:
         if values.device.type != "cpu":  # reading it would wait for the device
             self.problem = "a training batch reached the tables on the device, not noted"
             return
-        offsets = features.offset_per_key()
-        for i, key in enumerate(features.keys()):
-            table = self._feature_table.get(key)
-            if table is not None and offsets[i + 1] > offsets[i]:
-                self.note_rows(table, values[offsets[i]:offsets[i + 1]])
+        with allowed_sync(HOST_ROWS):
+            offsets = features.offset_per_key()
+            for i, key in enumerate(features.keys()):
+                table = self._feature_table.get(key)
+                if table is not None and offsets[i + 1] > offsets[i]:
+                    self.note_rows(table, values[offsets[i]:offsets[i + 1]])
 
     def note_rows(self, table: str, rows: torch.Tensor) -> None:
         """Rows of ``table`` (int64 global rows, on the host) changed by a step or a write."""
-        rows = rows.to("cpu", torch.int64)
-        mask = self.masks[table]
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= mask.numel()):
-            self.problem = f"a row outside table {table} [0, {mask.numel()}) was looked up"
+        if rows.device.type != "cpu":  # (a dynamic table's slots are host tensors)
+            self.problem = f"rows of table {table} were written from the device, not noted"
             return
-        mask[rows] = True
+        mask = self.masks[table]
+        with allowed_sync(HOST_ROWS):
+            rows = rows.to(torch.int64)
+            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= mask.numel()):
+                self.problem = f"a row outside table {table} [0, {mask.numel()}) was looked up"
+                return
+            mask[rows] = True
 
     def union(self) -> tuple[dict[str, torch.Tensor], str | None]:
         """Collective (default group, host tensors): per table the rows any rank touched
         (int64, ascending), and the first rank's problem (None: the rows are exact)."""
         names = sorted(self.masks)
-        flat = torch.cat([self.masks[n].to(torch.uint8) for n in names] +
-                         [torch.tensor([self.problem is not None], dtype=torch.uint8)])
+        flat = torch.cat([self.masks[n].to(torch.uint8) for n in names])
         problems = [self.problem]
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flat, op=dist.ReduceOp.MAX)
