@@ -334,6 +334,11 @@ class StreamArgs:
     (docs/online.md "Checkpoints: bases and deltas"). 1: every checkpoint full. A file named
     full_checkpoint in the checkpoint folder (TrainerArgs.ckpt_save_dir) makes the next one
     full."""
+    table_row_deltas: bool = True
+    """A delta checkpoint holds the embedding table rows touched since the checkpoint before
+    (weights and their optimizer state), not the whole tables; False: the tables whole in every
+    checkpoint. Whole anyway where rows are not exact (TrainerArgs.ema_decay, a full-corpus
+    loss), said in one line."""
 
     def __post_init__(self) -> None:
         _validate_fields(self)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,10 @@ class HstuEmbeddings(nn.Module):
     sharding.py for why TorchRec does not shard it), ``remappers`` one
     :class:`DynamicIdRemapper` per dynamic table.
     """
+
+    rows_written: Callable[[str, torch.Tensor], None] | None = None
+    """Told (table, slots) of the rows re-initialised for admitted ids (online training's row
+    deltas, :class:`hstu.embeddings.row_deltas.TouchedRows`)."""
 
     def __init__(
         self,
@@ -210,6 +215,8 @@ class HstuEmbeddings(nn.Module):
         rows = fresh_rows(ids, spec.embedding_dim, default_bound(spec.num_rows),
                           table_seed(self.seed, table))
         write_table_rows(self.ec, table, slots, rows)
+        if self.rows_written is not None:
+            self.rows_written(table, slots)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         """``.to()`` and the like: tables still on the meta device (built with

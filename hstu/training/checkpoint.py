@@ -40,6 +40,8 @@ MANIFEST = "manifest.json"
 # key of the sharded state; it is optional to a load
 EMA_TABLES_KEY = "embeddings_ema"
 EMA_PREFIX = EMA_TABLES_KEY + "."
+# online training's row deltas: each rank's touched table rows (hstu.embeddings.row_deltas)
+ROWS_PREFIX = "table_rows.rank"
 
 
 class CheckpointError(RuntimeError):
@@ -84,6 +86,11 @@ class CheckpointState:
     restored without, each with the CRC32 of its manifest (online training's delta
     checkpoints: their base and the deltas before them); written into the manifest as
     ``needs``: pruning keeps them, a resume checks them (:func:`chain_problem`)."""
+    table_rows: dict[str, Any] | None = None
+    """Online training's row deltas: this rank's rows of the tables touched since the
+    checkpoint before (:func:`hstu.embeddings.row_deltas.touched_entries`), written as
+    ``table_rows.rank<r>.pt``; the tables' entries are then left out of ``sharded`` and the
+    checkpoint is restored with its chain (:func:`table_links`)."""
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -347,7 +354,8 @@ def _write_files(tmp: str, state: CheckpointState, place: RankPlace) -> None:
     step = meta.get("step", "?")
     problem = None
     # free space before writing: every rank's files land under one checkpoint folder
-    need = state_bytes(state.sharded, rng) + (state_bytes(state.dense) if place.dp_rank == 0 else 0)
+    need = state_bytes(state.sharded, rng, state.table_rows)
+    need += state_bytes(state.dense) if place.dp_rank == 0 else 0
     need = sum(gather_objects(need))
     free = shutil.disk_usage(tmp).free
     if rank == 0 and need > free:
@@ -373,6 +381,8 @@ def _write_files(tmp: str, state: CheckpointState, place: RankPlace) -> None:
     mine: list[str] = []
     if problem is None:
         writes: list[tuple[str, Any]] = [(f"rng_rank{rank}.pt", rng)]
+        if state.table_rows is not None:
+            writes.append((f"{ROWS_PREFIX}{rank}.pt", state.table_rows))
         if place.dp_rank == 0:
             writes.append((f"dense_tp{place.tp_rank}.pt", state.dense))
         if rank == 0:
@@ -483,6 +493,31 @@ def chain_problem(folder: str, checksums: bool = True) -> str | None:
         if problem is not None:
             return f"{problem} (a link of the chain of {folder})"
     return None
+
+
+def row_files(folder: str) -> list[str]:
+    """The row delta files of ``folder`` (every rank's; none when its tables are whole)."""
+    manifest = manifest_of(folder) or {"files": {}}
+    return sorted(os.path.join(folder, n) for n in manifest["files"] if n.startswith(ROWS_PREFIX))
+
+
+def table_links(folder: str) -> tuple[str, list[str]] | None:
+    """None when ``folder`` holds its tables whole; else (the checkpoint of its chain whose DCP
+    files hold them whole, the row deltas after it up to ``folder``, in order). Local."""
+    links = [*needed(folder), folder]
+    deltas: list[str] = []
+    while links and row_files(links[-1]):
+        deltas.insert(0, links.pop())
+    if not deltas:
+        return None
+    if not links:
+        raise CheckpointError(f"{folder}: a row delta whose chain holds no whole tables")
+    return links[-1], deltas
+
+
+def read_rows(folder: str) -> list[dict[str, Any]]:
+    """Every rank's row delta file of ``folder`` (collective)."""
+    return _read_agreed(row_files(folder))
 
 
 def verify(folder: str, checksums: bool = True) -> None:

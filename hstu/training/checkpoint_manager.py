@@ -212,6 +212,60 @@ class LoaderPosition:
 
 
 # ------------------------------------------------------------------- weights-only load
+def split_rows(tables: TableState, sharded: dict[str, Any]) -> dict[str, Any]:
+    """Takes the tables' row entries (weights and optimizer states,
+    :func:`hstu.embeddings.row_deltas.row_keys`) out of ``sharded`` (a
+    :meth:`TableState.state_dict`) and returns them."""
+    from hstu.embeddings.row_deltas import row_keys
+
+    state = sharded[TableState.KEY]
+    return {k: state.pop(k) for k in row_keys(tables.model, state)}
+
+
+def load_row_chain(links: tuple[str, list[str]], rows: dict[str, Any], strict: bool) -> None:
+    """Fills ``rows`` (:func:`split_rows`) from the whole tables of ``links[0]``, then writes
+    each row delta of ``links[1]`` onto them in order (collective). Every key of ``rows`` (of
+    any rank) must be in every delta; with ``strict`` a delta may hold no other key (a
+    weights-only load has no optimizer state to take)."""
+    from hstu.embeddings.row_deltas import apply_entries
+
+    base, deltas = links
+    ckpt.load_sharded(base, {TableState.KEY: rows}, allow_unused=True)
+    want = set(ckpt.model_keys(rows))  # every rank's: a rank holds its own tables' state
+    for delta in deltas:
+        files = ckpt.read_rows(delta)
+        have: set[str] = set().union(*files)
+        missing, extra = sorted(want - have), sorted(have - want)
+        if missing or (strict and extra):
+            what = (f"lack {missing[0]}, this model has it" if missing else
+                    f"hold {extra[0]}, this model does not")
+            raise CheckpointError(f"{delta}: its table rows {what} (a different table set?)")
+        for entries in files:
+            apply_entries(rows, entries)
+
+
+def load_tables(
+    path: str, tables: TableState, place: RankPlace, with_ema: bool = False,
+    check: Callable[[dict[str, Any]], None] | None = None,
+) -> CheckpointState:
+    """The tables of checkpoint ``path`` into the model (and their weight average when
+    ``with_ema``), after ``check`` of its meta; returns its files (dense state, meta, rng). A
+    row delta's tables are its chain's newest whole ones with the rows of each delta after
+    them written on them (:func:`load_row_chain`)."""
+    path = ckpt.resolve_checkpoint_dir(path)
+    sharded = tables.state_dict(with_ema=with_ema)
+    links = ckpt.table_links(path)
+    rows = split_rows(tables, sharded) if links is not None else None
+    state = ckpt.load_checkpoint(path, sharded, place)
+    if check is not None:
+        check(state.meta)
+    if links is not None and rows is not None:
+        load_row_chain(links, rows, strict=True)
+        sharded[TableState.KEY].update(rows)
+    tables.load_state_dict(sharded)
+    return state
+
+
 def _load_parts(
     path: str, tables: TableState, dense: DenseState, place: RankPlace, task: str, network: Any,
     with_ema: bool = False,
@@ -219,19 +273,19 @@ def _load_parts(
     """Tables and dense weights of ``path`` into the model, after the checks (and the
     tables' weight average when ``with_ema``); returns the checkpoint's files (dense
     optimizer and average, meta, rng) for a full resume."""
-    sharded = tables.state_dict(with_ema=with_ema)
-    state = ckpt.load_checkpoint(path, sharded, place)
-    meta = state.meta
-    if meta.get("task") != task:
-        raise CheckpointError(f"checkpoint {path} is a {meta.get('task')} run, this is {task}")
-    changed = network_differences(meta.get("network"), network)
-    if changed:
-        raise CheckpointError(
-            f"checkpoint {path} was trained with other NetworkArgs ({', '.join(changed)}); "
-            "its weights would compute another function here: load it with the saved "
-            "values (its config.gin) or start fresh"
-        )
-    tables.load_state_dict(sharded)
+
+    def check(meta: dict[str, Any]) -> None:
+        if meta.get("task") != task:
+            raise CheckpointError(f"checkpoint {path} is a {meta.get('task')} run, this is {task}")
+        changed = network_differences(meta.get("network"), network)
+        if changed:
+            raise CheckpointError(
+                f"checkpoint {path} was trained with other NetworkArgs ({', '.join(changed)}); "
+                "its weights would compute another function here: load it with the saved "
+                "values (its config.gin) or start fresh"
+            )
+
+    state = load_tables(path, tables, place, with_ema, check)
     dense.load_weights(state.dense["model"], path)
     return state
 
@@ -247,13 +301,19 @@ def load_weights(model: torch.nn.Module, checkpoint: str, verify: bool = True) -
     meta = ckpt.read_meta(folder)
     tables = TableState(model)
     sharded = tables.state_dict()
+    links = ckpt.table_links(folder)
+    rows = split_rows(tables, sharded) if links is not None else None
     averaged = bool(meta.get("ema"))
+    assert not (averaged and links), "a run with a weight average writes its tables whole"
     if averaged:  # the run kept a weight average: load it into the weights
         weights = sharded[TableState.KEY]
         sharded[EMA_TABLES_KEY] = {k: weights.pop(k) for k in list(weights) if is_table_weight(k)}
     ckpt.load_sharded(folder, sharded, allow_unused=averaged)  # averaged: not the raw weights
     if averaged:
         sharded[TableState.KEY].update(sharded.pop(EMA_TABLES_KEY))
+    if links is not None and rows is not None:
+        load_row_chain(links, rows, strict=False)
+        sharded[TableState.KEY].update(rows)
     tables.load_state_dict(sharded)
     # averaged: parameters from the average, buffers as saved
     shards = [
@@ -309,6 +369,9 @@ class CheckpointManager:
         self.needs: dict[str, int] | None = None
         """The checkpoints the next save needs (:attr:`CheckpointState.needs`; online
         training's deltas)."""
+        self.table_rows: dict[str, Any] | None = None
+        """This rank's touched table rows for the next save (:attr:`CheckpointState.table_rows`;
+        online training's row deltas): its tables' entries are left out of the DCP part."""
         if args.ema_decay > 0:
             self.ema = WeightAverage(
                 self.dense.children(), self.tables.state_dict()[TableState.KEY], optimizer,
@@ -403,9 +466,12 @@ class CheckpointManager:
             "run_dir": os.path.abspath(self.run_dir),
             "ema": self.ema is not None,
         }
+        sharded = self.tables.state_dict()
+        if self.table_rows is not None:
+            split_rows(self.tables, sharded)  # the rows travel in table_rows
         return CheckpointState(
-            self.tables.state_dict(), self.dense.state_dict(), meta, rng_state(), self.extra_files,
-            self.needs,
+            sharded, self.dense.state_dict(), meta, rng_state(), self.extra_files, self.needs,
+            self.table_rows,
         )
 
     def save(self, step: int, best: bool = False) -> str:

@@ -363,6 +363,8 @@ class OnlineTrainer:
         # full bases and deltas (docs/online.md "Checkpoints: bases and deltas")
         self.checkpoints = StreamCheckpoints(self.stream_args.full_checkpoint_every,
                                              cfg.trainer.ckpt_save_dir, env.rank, t.logger.print)
+        self.touched = self.checkpoints.track_rows(t.model, self.stream_args.table_row_deltas,
+                                                   cfg.trainer.ema_decay > 0)
         if loaded is not None:
             done = json.loads((Path(loaded) / ONLINE_FILE).read_text())
             links = chain_links(loaded)  # a delta's base and deltas before it
@@ -499,9 +501,11 @@ class OnlineTrainer:
         t.checkpoint.periodic.last_saved = None
         t.checkpoint.needs = self.checkpoints.decide(t.step).needs
         started = time.perf_counter()
+        self.checkpoints.write_rows(t.checkpoint)
         self.last_checkpoint = t.checkpoint.save(t.step)
         self._pending_rows.append((t.step, STREAM_SPLIT, self.checkpoints.saved(
-            self.last_checkpoint, time.perf_counter() - started, self.store, self.source)))
+            self.last_checkpoint, time.perf_counter() - started, self.store, self.source,
+            t.checkpoint)))
         self._flush_rows()
         return self.last_checkpoint
 
@@ -702,7 +706,7 @@ class OnlineTrainer:
                                    self.windows_done if epoch is None else epoch,
                                    work.train_per_rank, work.num_train, work.first_trained)
         prepare = t._prepare_for_device()
-        batches = iter(b if prepare is None else prepare(b) for b in loader)
+        batches = iter(self._noted(b if prepare is None else prepare(b)) for b in loader)
         steps = 0
         t.model.train()
         with self.known_corpus():
@@ -714,6 +718,12 @@ class OnlineTrainer:
                 window_metrics.record(loss, t.optimizer.last_grads_finite, 0, 0.0)
                 steps += 1
         return steps
+
+    def _noted(self, batch: Any) -> Any:
+        """A training batch as the tables will see it: its rows noted for the next delta."""
+        if self.touched is not None:
+            self.touched.note(batch.features)
+        return batch
 
     @contextlib.contextmanager
     def known_corpus(self) -> Iterator[None]:

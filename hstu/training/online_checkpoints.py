@@ -1,12 +1,21 @@
 """Online checkpoints as full bases and deltas (docs/online.md "Checkpoints: bases and deltas").
 
-A full checkpoint holds every rank's user store snapshot and the whole id maps; a delta holds
-what changed since the checkpoint before it: the rows of the users written since and the
-users deleted since (:meth:`hstu.data.user_store.UserStore.checkpoint_delta`) and the ids
-added since (:func:`hstu.data.stream.save_stream` with ``since``). Every
+A full checkpoint holds every rank's user store snapshot, the whole id maps and the whole
+embedding tables; a delta holds what changed since the checkpoint before it: the rows of the
+users written since and the users deleted since
+(:meth:`hstu.data.user_store.UserStore.checkpoint_delta`), the ids added since
+(:func:`hstu.data.stream.save_stream` with ``since``) and, with ``StreamArgs.table_row_deltas``,
+the table rows touched since (weights and per-row optimizer state, each rank the rows of its
+shards: :mod:`hstu.embeddings.row_deltas`, ``table_rows.rank<r>.pt``). Every
 ``StreamArgs.full_checkpoint_every``-th checkpoint is a full base, and the next one after a
-file named ``full_checkpoint`` appears in the checkpoint root. The tables, dense weights,
-optimizer states and RNG streams are whole in every checkpoint (the trainer's files).
+file named ``full_checkpoint`` appears in the checkpoint root. A delta's tables are whole
+instead where rows would not be exact (``TrainerArgs.ema_decay``, a full-corpus loss, a
+column-wise table; said once). The dense weights, dense optimizer, RNG streams and the dynamic
+tables' remapper state are whole in every checkpoint (the trainer's files).
+
+A row delta is restored from its chain's newest whole tables with each delta's rows written on
+them in order (:func:`hstu.training.checkpoint_manager.load_tables`; global row indices, any
+world size and sharding).
 
 A delta names its chain in ``online.json`` (``checkpoint.chain``: the folders before it, its
 base first) and in its manifest (``needs``, with each link's manifest CRC32): the lifecycle
@@ -26,8 +35,9 @@ from typing import Any
 
 from hstu.data.stream import StreamPosition, save_stream
 from hstu.data.user_store import UserStore
+from hstu.embeddings.row_deltas import TouchedRows, row_keys, table_rows, touched_entries
 from hstu.training import checkpoint as ckpt
-from hstu.training.distributed import broadcast_object
+from hstu.training.distributed import broadcast_object, gather_objects
 
 FULL_REQUEST = "full_checkpoint"
 """A file of this name in the checkpoint root: the next checkpoint is a full base (the file
@@ -35,6 +45,8 @@ is removed once it is written)."""
 CHAIN_KEY = "checkpoint"
 """online.json's entry: {"kind": "full" | "delta", "base": name, "chain": [names]}."""
 STREAM_FILE_PREFIXES = ("user_store", "user_ids", "item_ids", "stream.json", "online.json")
+TABLE_FILE_SUFFIXES = (".distcp", ".metadata")
+"""The DCP files (tables whole, the remappers' buffers); a row delta's rows: ckpt.ROWS_PREFIX."""
 
 
 @dataclass
@@ -70,6 +82,55 @@ class StreamCheckpoints:
         self.since = (0, 0)
         """Rank 0: the id maps' sizes (users, items) at ``parent``."""
         self.plan = Plan(full=True)
+        self.rows: TouchedRows | None = None
+        """The table rows touched since ``parent`` (None: tables whole in every checkpoint)."""
+        self.num_rows: dict[str, int] = {}
+        self.written: dict[str, int] | None = None
+        """Rows of each table the checkpoint being written holds (None: all, whole tables)."""
+        self.tables_whole = "StreamArgs.table_row_deltas=False"
+        """Why the tables are whole in every checkpoint ("": row deltas)."""
+        self._said: set[str] = set()
+
+    def track_rows(self, model: Any, row_deltas: bool, ema: bool) -> TouchedRows | None:
+        """Starts noting the table rows each training step touches (the tracker; its
+        ``note`` takes each training batch after the input stage), unless the tables must be
+        whole in every checkpoint (the reason logged once at the first delta)."""
+        self.num_rows = table_rows(model)
+        if self.every == 1:
+            return None
+        why = ""
+        if not row_deltas:
+            why = "StreamArgs.table_row_deltas=False"
+        elif ema:  # the average moves every row at every step
+            why = "TrainerArgs.ema_decay averages every table row at every step"
+        elif getattr(model.dense_module, "scores_corpus", False):
+            why = 'negative_sampling="full_corpus" updates every item row at every step'
+        self.tables_whole = why
+        self.rows = None if why else TouchedRows(model)
+        return self.rows
+
+    def write_rows(self, manager: Any) -> None:
+        """Collective, before a delta is written: the rows touched since ``parent`` of this
+        rank's shards into ``manager.table_rows`` (the tables whole instead, saying once why,
+        when they cannot be written as rows)."""
+        manager.table_rows, self.written = None, None
+        if self.plan.full:
+            return
+        why = self.tables_whole
+        if self.rows is not None:
+            touched, why = self.rows.union()
+            if why is None:
+                state = manager.tables.state_dict(with_ema=False)[manager.tables.KEY]
+                keys = row_keys(manager.tables.model, state)
+                entries, why = touched_entries(state, keys, self.num_rows, touched, self.rank)
+                problems = [p for p in gather_objects(why) if p is not None]
+                why = problems[0] if problems else None
+                if why is None:
+                    manager.table_rows = entries
+                    self.written = {t: int(r.numel()) for t, r in touched.items()}
+        if why and why not in self._said and self.rank == 0:
+            self._said.add(why)
+            self.log(f"[hstu] delta checkpoints hold the embedding tables whole: {why}")
 
     def resumed(self, loaded: str, links: list[str], source: Any) -> None:
         """A resume from ``loaded`` (restored with ``links``): the next delta builds on it."""
@@ -126,11 +187,16 @@ class StreamCheckpoints:
         """Rank 0: the id maps (whole, or the ids added since ``parent``) and stream.json."""
         return save_stream(folder, position, source, None if self.plan.full else self.since)
 
-    def saved(self, path: str, seconds: float, store: UserStore, source: Any) -> dict[str, float]:
-        """After the checkpoint ``path`` is published: the store's changes are cleared, the
-        next delta builds on it; logs one line and returns its ``stream`` rows."""
+    def saved(self, path: str, seconds: float, store: UserStore, source: Any,
+              manager: Any) -> dict[str, float]:
+        """After the checkpoint ``path`` is published: the store's changes and the touched
+        rows are cleared, the next delta builds on it; logs one line and returns its
+        ``stream`` rows."""
         plan = self.plan
         store.clear_changes()
+        if self.rows is not None:
+            self.rows.clear()
+        manager.table_rows = None
         self.parent, self.parent_chain = path, list(plan.chain)
         if source is not None:
             self.since = (len(source.users), len(source.items))
@@ -138,16 +204,26 @@ class StreamCheckpoints:
         sizes = {n: int(f["size"]) for n, f in manifest["files"].items()}
         total = sum(sizes.values()) + len(json.dumps(manifest))
         stream = sum(v for n, v in sizes.items() if n.startswith(STREAM_FILE_PREFIXES))
+        tables = sum(v for n, v in sizes.items()
+                     if n.endswith(TABLE_FILE_SUFFIXES) or n.startswith(ckpt.ROWS_PREFIX))
+        written = self.written if self.written is not None else self.num_rows
+        rows = {t.rsplit(".", 1)[-1]: n for t, n in sorted(written.items())}
         if self.rank == 0:
             if plan.full and plan.requested:
                 Path(self.root, FULL_REQUEST).unlink(missing_ok=True)
             kind = (f"full ({plan.why})" if plan.full else
                     f"delta {len(plan.chain)} on base {plan.chain[0]}")
+            held = "whole" if self.written is None else "rows " + ", ".join(
+                f"{t.rsplit('.', 1)[-1]} {n} of {self.num_rows[t]}"
+                for t, n in sorted(written.items()))
             self.log(f"[hstu] checkpoint {os.path.basename(path)}: {kind}, {_size(total)} "
-                     f"(stream files {_size(stream)}) in {seconds:.2f} s")
+                     f"(stream files {_size(stream)}, tables {_size(tables)} {held}) in "
+                     f"{seconds:.2f} s")
+        self.written = None
         return {"checkpoint_full": float(plan.full), "checkpoint_chain": float(len(plan.chain)),
                 "checkpoint_bytes": float(total), "checkpoint_stream_bytes": float(stream),
-                "checkpoint_seconds": float(seconds)}
+                "checkpoint_table_bytes": float(tables), "checkpoint_seconds": float(seconds),
+                **{f"checkpoint_rows_{t}": float(n) for t, n in rows.items()}}
 
 
 def _size(n: float) -> str:

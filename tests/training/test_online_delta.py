@@ -13,6 +13,7 @@ checkpoint needs, and a broken link is refused in one line (or skipped by "auto"
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.dist_utils import run_multiprocess
 from tests.training.test_online import (
     ROOT,
     _env,
@@ -48,7 +50,6 @@ def chain_of(folder: Path) -> list[Path]:
 def rebuilt_state(folder: Path, world: int = 1) -> dict:
     """What ``folder`` restores to, rebuilt by hand from its chain: the base's id maps and
     store snapshots, then each delta's new ids, written rows and deleted users in order."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     links = chain_of(folder)
     base = links[0]
@@ -75,21 +76,58 @@ def rebuilt_state(folder: Path, world: int = 1) -> dict:
             for (user,) in conn.execute("SELECT user FROM deleted"):
                 stores[r].pop(user, None)  # (also users added and dropped since)
             conn.close()
-    tables = folder.parent / f"{folder.name}.tables.pt"
-    dcp_to_torch_save(str(folder), str(tables))
     stream = json.loads((folder / "stream.json").read_text())
     stream.pop("delta_from", None)
     online = json.loads((folder / "online.json").read_text())
     online.pop("checkpoint")
     state = {
-        "tables": torch.load(tables, weights_only=False),
+        "tables": rebuilt_tables(links),
         "dense": torch.load(folder / "dense_tp0.pt", weights_only=False),
         "rng": [torch.load(folder / f"rng_rank{r}.pt", weights_only=False) for r in range(world)],
         "users": users, "items": items, "stream": stream, "online": online,
         "store": [sorted(s.values()) for s in stores],
     }
-    tables.unlink()
     return state
+
+
+def _dcp(folder: Path) -> dict:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = folder.parent / f"{folder.name}.tables.pt"
+    dcp_to_torch_save(str(folder), str(out))
+    state = torch.load(out, weights_only=False)
+    out.unlink()
+    return state
+
+
+def row_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("table_rows.rank*.pt"))
+
+
+def rebuilt_tables(links: list[Path]) -> dict:
+    """The DCP state (global tensors) the last link restores to, by hand: its own DCP files,
+    and where it is a row delta the tables of the newest link holding them whole with the
+    rows of each later link written on them in order (each row once, by one rank's file)."""
+    folder = links[-1]
+    own = _dcp(folder)
+    if not row_files(folder):
+        return own
+    start = max(i for i, link in enumerate(links) if not row_files(link))
+    tables = _dcp(links[start])["embeddings"]  # (DCP's keys under the TableState's key)
+    mine = own.get("embeddings", {})
+    for link in links[start + 1:]:
+        seen: dict[str, set[int]] = {}
+        for path in row_files(link):
+            for key, entry in torch.load(path, weights_only=False).items():
+                assert key not in mine, key  # a row delta's DCP part holds no table rows
+                if "whole" in entry:
+                    tables[key] = entry["whole"]
+                    continue
+                rows = entry["rows"].tolist()
+                assert not seen.setdefault(key, set()) & set(rows), f"{path}: {key} twice"
+                seen[key] |= set(rows)
+                tables[key][entry["rows"]] = entry["values"].to(tables[key].dtype)
+    return {**own, "embeddings": {**tables, **mine}}
 
 
 def kinds(run_dir: Path) -> dict[str, str]:
@@ -147,7 +185,9 @@ def test_deltas_small_chains_kept_and_resume_bitwise(data, tmp_path):  # noqa: F
     checkpoint's; the users expired at p03 (StreamArgs.user_ttl_days) travel as the delta's
     deleted users; keep_last_n=1 keeps the newest checkpoint and its chain only; a run
     resumed from base + 2 deltas (with a full checkpoint asked for by the full_checkpoint
-    file) ends bitwise where an all-full uninterrupted run ends, with the same rows."""
+    file) ends bitwise where an all-full uninterrupted run ends, with the same rows. In-batch
+    negatives: the deltas hold the table rows looked up since (StreamArgs.table_row_deltas),
+    restored on resume from the base's tables and both deltas' rows."""
     rng = np.random.default_rng(0)
     many = np.arange(10_000, 13_000)
     few = rng.choice(many, 5, replace=False)
@@ -157,14 +197,15 @@ def test_deltas_small_chains_kept_and_resume_bitwise(data, tmp_path):  # noqa: F
         _partition(folder, f"p{k:02d}", few, 100_000 * k, per_user=4)
     # the reference: all five partitions in one run, every checkpoint full
     ttl = "StreamArgs.user_ttl_days=3"  # p03 (day 3.5) drops the users last seen in p01
+    ttl = [ttl, 'RetrievalArgs.negative_sampling="in_batch"']
     ref = tmp_path / "ref"
-    _run_folder(data, ref, folder, ["StreamArgs.full_checkpoint_every=1", ttl])
+    _run_folder(data, ref, folder, ["StreamArgs.full_checkpoint_every=1", *ttl])
     # the run under test sees p01..p03 first (the others hidden), then all five
     hidden = [folder / f"p{k:02d}" for k in (4, 5)]
     for p in hidden:
         p.rename(p.with_name("." + p.name))
     run_dir = tmp_path / "delta"
-    extra = ["StreamArgs.full_checkpoint_every=3", "TrainerArgs.keep_last_n=1", ttl]
+    extra = ["StreamArgs.full_checkpoint_every=3", "TrainerArgs.keep_last_n=1", *ttl]
     out = _run_folder(data, run_dir, folder, extra)
     assert list(kinds(run_dir).values()) == ["full", "delta", "delta"], kinds(run_dir)
     # the newest is a delta: its base and the delta before it are kept (keep_last_n=1)
@@ -177,6 +218,9 @@ def test_deltas_small_chains_kept_and_resume_bitwise(data, tmp_path):  # noqa: F
     assert len(deleted) == 3000 - 5, len(deleted)  # expired at p03
     assert "checkpoint iter_0: full (the first of the run)" in out
     assert " delta 2 on base iter_0, " in out
+    assert len(re.findall(r"delta \d on base iter_0, .* tables .* rows action \d+ of 5, item \d+ of 61",
+                          out)) == 2, out  # the tables' touched rows
+    assert [len(row_files(p)) for p in chain_of(newest(run_dir))] == [0, 1, 1]
     from hstu.export import StreamMaps
 
     for name in kinds(run_dir):  # each checkpoint rebuilt from its chain = the all-full run's
@@ -198,6 +242,58 @@ def test_deltas_small_chains_kept_and_resume_bitwise(data, tmp_path):  # noqa: F
     assert_same(rebuilt_state(newest(ref)), rebuilt_state(newest(run_dir)), "state")
     assert newest(ref).name == newest(run_dir).name
     same_rows(ref, run_dir, lag=False)  # p04, p05 landed between the two runs
+
+
+def test_delta_table_bytes_follow_the_rows_touched(tmp_path):
+    """A stream of 50 items into an item table of 20,000 rows (StreamArgs.item_capacity), a
+    checkpoint after every window, a base every 3: a delta's table files hold the item rows
+    its windows' training looked up (at most the 51 the stream reaches), each row's 16 weights,
+    its momentum and its index (84 B) plus a fixed few kB, against the base's whole table."""
+    from tests.training.test_stream_runs import run as stream_run
+    from tests.training.test_stream_runs import write_stream
+
+    stream, work = tmp_path / "stream", tmp_path / "work"
+    write_stream(stream, seed=1, partitions=5)
+    work.mkdir()
+    out = stream_run(work, stream, [
+        "StreamArgs.item_capacity=20000", 'RetrievalArgs.negative_sampling="in_batch"',
+        "StreamArgs.full_checkpoint_every=3", "TrainerArgs.ckpt_save_interval=1",
+        'TrainerArgs.run_dir="run"'])
+    got: dict[str, list[float]] = {}
+    for row in _all_rows(work / "run"):
+        if row[1] == "stream" and row[2].startswith("checkpoint_"):
+            got.setdefault(row[2], []).append(float(row[3]))
+    full, tables, items = got["checkpoint_full"], got["checkpoint_table_bytes"], \
+        got["checkpoint_rows_item"]
+    assert full == [1.0, 0.0, 0.0, 1.0, 0.0], full
+    per_row = 8 + 16 * 4 + 8 + 4  # index + weights, index + row-wise Adagrad momentum
+    for k, is_full in enumerate(full):
+        if is_full:
+            assert items[k] == 20_001 and tables[k] >= 20_001 * (16 * 4 + 4), (k, tables)
+            continue
+        assert 0 < items[k] <= 51, items
+        assert per_row * items[k] <= tables[k] <= per_row * items[k] + 8_000, (k, tables, items)
+        assert tables[k] * 50 < tables[0], tables
+    assert re.search(r"delta 1 on base iter_\d+, .* tables .* rows item \d+ of 20001\)", out), out
+    # an export of a delta reads the tables through its chain (one process)
+    delta = sorted((work / "run" / "checkpoints").glob("iter_*"), key=lambda p: int(p.name[5:]))[1]
+    assert row_files(delta) and len(chain_of(delta)) == 2
+    run_multiprocess(_export_equals_rebuilt, world_size=1, tmp=str(delta))
+
+
+def _export_equals_rebuilt(rank: int, world_size: int, tmp: str) -> None:
+    """hstu.export's load of checkpoint ``tmp``: its tables equal the chain rebuilt by hand."""
+    from hstu.embeddings import embedding_state_dict
+    from hstu.export import load_for_export
+
+    model = load_for_export(tmp, None, [])[0]
+    want = rebuilt_tables(chain_of(Path(tmp)))["embeddings"]
+    got = embedding_state_dict(model)
+    assert "sparse.tables.embeddings.item.weight" in got
+    for key, value in got.items():
+        if hasattr(value, "local_shards"):  # (one process: one shard, the whole table)
+            value = value.local_shards()[0].tensor
+        assert torch.equal(value, want[key]), key
 
 
 def _all_rows(run_dir: Path) -> list[list[str]]:
@@ -321,35 +417,57 @@ def test_id_map_deltas_extend_the_full_maps(tmp_path):
 
 
 # ------------------------------------------------------------------ a replay (slow)
+ROW_DELTAS = ['RetrievalArgs.negative_sampling="in_batch"',
+              'item/EmbeddingArgs.feature_names=["item_id"]', 'item/EmbeddingArgs.table_name="item"',
+              'item/EmbeddingArgs.sharding_type="model_parallel"',
+              'item/EmbeddingArgs.sharding_override="row_wise"']
+"""In-batch negatives (the full-corpus loss updates every item row: tables whole) and the item
+table sharded row-wise: the deltas hold the item rows touched, split over the ranks."""
+
+
 @pytest.fixture(scope="module")
 def all_full(data, tmp_path_factory) -> dict[int, Path]:  # noqa: F811
     """The replay uninterrupted with a checkpoint after every window, all full, on 1 and 2
-    processes (made on first use)."""
-    made: dict[int, Path] = {}
+    processes, with the full-corpus loss or ROW_DELTAS (made on first use)."""
+    made: dict[tuple[int, bool], Path] = {}
 
-    def get(nproc: int) -> Path:
-        if nproc not in made:
-            made[nproc] = tmp_path_factory.mktemp(f"all_full{nproc}")
-            run(data, made[nproc], extra=FULL, nproc=nproc)
-        return made[nproc]
+    def get(nproc: int, rows: bool = False) -> Path:
+        if (nproc, rows) not in made:
+            made[nproc, rows] = tmp_path_factory.mktemp(f"all_full{nproc}{'rows' * rows}")
+            run(data, made[nproc, rows], extra=[*FULL, *(ROW_DELTAS if rows else [])],
+                nproc=nproc)
+        return made[nproc, rows]
 
     return get  # type: ignore[return-value]
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("rows", [False, True], ids=["tables_whole", "table_rows"])
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_resume_from_base_and_deltas_is_bitwise(all_full, data, tmp_path, nproc):  # noqa: F811
+def test_resume_from_base_and_deltas_is_bitwise(all_full, data, tmp_path, nproc,  # noqa: F811
+                                                rows):
     """Stopped at a checkpoint that is the 3rd delta on its base, then resumed: every
     checkpoint rebuilt from its chain equals the all-full run's of the same step, and the
-    end state and rows equal the uninterrupted run's."""
-    ref = all_full(nproc)
+    end state and rows equal the uninterrupted run's. With the full-corpus loss the deltas
+    hold the tables whole (said once); with ROW_DELTAS the rows touched since the checkpoint
+    before, from each rank's shard of the row-wise item table."""
+    ref = all_full(nproc, rows)
     run_dir = tmp_path / "run"
+    delta = [*DELTA, *(ROW_DELTAS if rows else [])]
     # the stop lands on the 3rd delta (a window is 3 steps on 1 process, 2 on 2)
     stop = {1: 10, 2: 7}[nproc]
-    run(data, run_dir, extra=[*DELTA, f"TrainerArgs.max_train_iters={stop}"], nproc=nproc)
+    out = run(data, run_dir, extra=[*delta, f"TrainerArgs.max_train_iters={stop}"], nproc=nproc)
+    whole = "delta checkpoints hold the embedding tables whole: negative_sampling="
+    assert (out.count(whole) == 1) != rows, out
     stopped = newest(run_dir)
     assert len(chain_of(stopped)) == 4, kinds(run_dir)  # base, 3 deltas
-    out = run(data, run_dir, extra=DELTA, nproc=nproc)
+    if rows:
+        files = [row_files(p) for p in chain_of(stopped)]
+        assert [len(f) for f in files] == [0, nproc, nproc, nproc], files
+        held = [torch.load(f, weights_only=False)["sparse.tables.embeddings.item.weight"]["rows"]
+                for f in files[1]]
+        assert all(len(h) for h in held), held  # both ranks' shards hold touched rows
+    out = run(data, run_dir, extra=delta, nproc=nproc)
     assert f"resumed from {stopped}" in out and "stream: resumed after" in out
     found = kinds(run_dir)
     assert "delta" in found.values() and list(found.values()).count("full") >= 2, found
