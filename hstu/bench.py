@@ -782,8 +782,9 @@ def _run_open_stream(a: argparse.Namespace) -> dict:
         second = [w[f"rss_mib_rank{r}"] for w in half]
         rss[r] = {"first": v[0], "median": float(sorted(v)[len(v) // 2]), "last": v[-1],
                   "peak": max(v), "second_half_growth": (second[-1] - second[0]) / second[0]}
-    ckpt = [(w["checkpoint_bytes"], w.get("checkpoint_full", 1.0)) for w in ws
-            if "checkpoint_bytes" in w]
+    ckpt = [(w["checkpoint_bytes"], w.get("checkpoint_full", 1.0),
+             w.get("checkpoint_table_bytes"), w.get("checkpoint_rows_item"))
+            for w in ws if "checkpoint_bytes" in w]
     return {
         "preset": "stream-open", **info, "windows": len(ws), "events_streamed": events,
         "events_per_s": events / loop_s, "loop_s": loop_s, "wall_s": wall,
@@ -816,7 +817,11 @@ def _open_stream_table(r: dict) -> str:
                      f"{m['peak']:.0f} | {m['second_half_growth']:+.1%} |")
     if r["checkpoints"]:
         lines.append("  checkpoint MiB (f: full base, d: delta): " + ", ".join(
-            f"{b / 2**20:.1f}{'f' if full else 'd'}" for b, full in r["checkpoints"]))
+            f"{b / 2**20:.1f}{'f' if full else 'd'}" for b, full, _, _ in r["checkpoints"]))
+        rows = [(tb, n) for _, full, tb, n in r["checkpoints"] if not full and n is not None]
+        if rows:
+            lines.append("  deltas, item rows written -> table MiB: " + ", ".join(
+                f"{n:,.0f} -> {(tb or 0) / 2**20:.1f}" for tb, n in rows))
     return "\n".join(lines)
 
 

@@ -9,14 +9,17 @@ features after the input stage, noted on the host before the batch goes to a dev
 rows a dynamic table (re)initialised for admitted ids. FBGEMM's fused optimizers and the
 replicated tables' :class:`~hstu.embeddings.optim.RowSparseOptimizer` change the looked-up rows
 only (weights and per-row state), so every other row is bitwise what the last checkpoint holds.
-Rows freed by eviction or expiry keep their values (the remapper state, saved whole, frees
-them) until an admission writes them, which is noted. A rank notes its own batches; the union
-over the ranks is taken when a checkpoint is written (:meth:`TouchedRows.union`, one host
-all-reduce).
+A dynamic table's per-row state (:data:`SLOT_BUFFERS`: which id a row holds, its last use)
+is written as rows too: it changes on the rows looked up, the rows admitted (both noted) and
+the rows freed by expiry (found by comparing the occupied rows with those of the last
+checkpoint); an evicted row is always admitted again in the same step. A freed row's weights
+keep their values until an admission writes them, which is noted. A rank notes its own
+batches; the union over the ranks is taken when a checkpoint is written
+(:meth:`TouchedRows.union`, one host all-reduce).
 
 :func:`touched_entries` takes those rows out of the tables' entries of
 :func:`hstu.embeddings.embedding_state_dict` (:func:`row_keys`: weights, fused optimizer state,
-replicated tables and their optimizer state; the remappers' buffers are not rows): per key, the
+replicated tables and their optimizer state, the dynamic tables' per-row state): per key, the
 global row indices [k'] and the values [k', ...] of the rows this rank holds, each row written
 once (a sharded table's by the rank whose shard holds it, a replicated table's by rank 0).
 :func:`apply_entries` writes such entries into a state of any sharding and world size: each
@@ -36,6 +39,11 @@ from hstu.embeddings.collection import HstuEmbeddings
 from hstu.sync_audit import allowed_sync
 
 HOST_ROWS = "row deltas: the batch's ids are noted on the host, before the copy to a device"
+
+SLOT_BUFFERS = ("slot_ids", "occupied", "last_access", "access_count", "last_time")
+"""A dynamic table's per-row state (:class:`hstu.embeddings.dynamic.DynamicIdRemapper`, one
+value per row of its table): written as rows like the table's weights. Its other state (counts,
+the step, the clock) is small and stays whole in every checkpoint."""
 
 Entries = dict[str, dict[str, torch.Tensor]]
 """state key -> {"rows": int64 [k'] global rows, "values": [k', ...]} or {"whole": tensor}
@@ -65,6 +73,9 @@ def row_keys(model: nn.Module, state: dict[str, Any]) -> dict[str, str]:
                       f"{prefix}dense_optim.{table}.")
             out.update({k: prefix + table for k in state
                         if k in starts[:2] or k.startswith(starts[2:])})
+        for table in emb.remappers:
+            out.update({key: prefix + table for key in (
+                f"{prefix}remappers.{table}.{buf}" for buf in SLOT_BUFFERS) if key in state})
     return out
 
 
@@ -79,6 +90,11 @@ class TouchedRows:
                                for s in emb.specs.values() for f in s.feature_names}
         self.problem: str | None = None
         """Why the rows noted cannot be trusted (then the tables are written whole)."""
+        self._remappers = {prefix + table: remapper for prefix, emb in _modules(model)
+                           for table, remapper in emb.remappers.items()}
+        self._occupied = {t: r.occupied.clone() for t, r in self._remappers.items()}
+        """Each dynamic table's occupied rows at the last checkpoint (or at construction,
+        which may be before a resume's load: the rows that differ are then written too)."""
         for prefix, emb in _modules(model):
             emb.rows_written = lambda table, slots, p=prefix: self.note_rows(p + table, slots)
 
@@ -112,6 +128,8 @@ class TouchedRows:
     def union(self) -> tuple[dict[str, torch.Tensor], str | None]:
         """Collective (default group, host tensors): per table the rows any rank touched
         (int64, ascending), and the first rank's problem (None: the rows are exact)."""
+        for table, remapper in self._remappers.items():  # rows freed by expiry (host state)
+            self.masks[table] |= remapper.occupied != self._occupied[table]
         names = sorted(self.masks)
         flat = torch.cat([self.masks[n].to(torch.uint8) for n in names])
         problems = [self.problem]
@@ -131,6 +149,8 @@ class TouchedRows:
         """A checkpoint was written: its state is what the next delta builds on."""
         for mask in self.masks.values():
             mask.zero_()
+        for table, remapper in self._remappers.items():
+            self._occupied[table].copy_(remapper.occupied)
         self.problem = None
 
 
