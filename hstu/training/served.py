@@ -32,9 +32,10 @@ from hstu.serving import versions
 from hstu.training import checkpoint as ckpt
 from hstu.training.checkpoint import EMA_TABLES_KEY, CheckpointError
 from hstu.training.distributed import broadcast_object
+from hstu.training.report import SERVED_PREFIX
 
-SERVED_PREFIX = "served_"
-"""The served version's rows: ``served_<metric>`` beside each ``<metric>`` of a window."""
+__all__ = ["SERVED_PREFIX", "ServedScorer", "ServedVersion", "ServedWeights"]
+
 LOG_FILE = "served.jsonl"
 _SWAP_ROWS = 4096
 
