@@ -114,23 +114,6 @@ def current_version(root: str | Path) -> str | None:
     return read_pointer(root)
 
 
-def version_checkpoint(root: str | Path, name: str) -> tuple[int, str]:
-    """(step, checkpoint folder) that version ``name`` of ``root`` was exported from (its
-    manifest's ``checkpoint``; hstu.export writes it). A manifest without it -> VersionError
-    (exit 3)."""
-    path = Path(root) / name / MANIFEST
-    try:
-        recorded = json.loads(path.read_text()).get("checkpoint") or {}
-        return int(recorded["step"]), str(recorded["path"])
-    except FileNotFoundError:
-        raise VersionError(f"{path}: missing (the version {name} is gone or incomplete)",
-                           EXIT_DAMAGED) from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise VersionError(f"{path}: field checkpoint: unreadable ({type(exc).__name__}: {exc}); "
-                           "the version does not say which checkpoint it was exported from",
-                           EXIT_DAMAGED) from None
-
-
 def is_versioned_root(path: str | Path) -> bool:
     """Whether ``path`` is a versioned root (a pointer, a publish lock or a version folder)
     rather than a plain artifact folder."""
@@ -425,7 +408,6 @@ __all__ = [
     "read_pointer",
     "rollback",
     "step_of",
-    "version_checkpoint",
     "version_name",
     "withdrawn",
 ]

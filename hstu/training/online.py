@@ -441,21 +441,20 @@ class OnlineTrainer:
 
     def _served_scorer(self, run_dir: str, done: dict[str, Any] | None) -> ServedScorer | None:
         """StreamArgs.score_served: the served version scored on each window beside the trained
-        model (None: auto, on with static tables; a dynamic table's id-to-row state is the
-        trained model's only, so the served version's rows could not be its own)."""
+        model (None: where this run publishes, with static tables; a dynamic table's id-to-row
+        state is the trained model's only, so the served version's rows could not be its own)."""
         wanted = self.stream_args.score_served
-        if self.remappers:
-            if wanted:
-                raise ConfigError("StreamArgs", "score_served",
-                                  "the served version is scored with static tables only (a "
-                                  "dynamic table's id-to-row state is not kept per version): "
-                                  "set False or None")
-            if wanted is None:
+        if wanted is None:
+            wanted = self.stream_args.publishes and not self.remappers
+            if self.stream_args.publishes and self.remappers:
                 self.trainer.logger.print(
                     "[hstu] served version: not scored (a dynamic table's id-to-row state is not "
                     "kept per version; StreamArgs.score_served)")
-            return None
-        if wanted is False:
+        if wanted and self.remappers:
+            raise ConfigError("StreamArgs", "score_served",
+                              "the served version is scored with static tables only (a dynamic "
+                              "table's id-to-row state is not kept per version): set False")
+        if not wanted:
             return None
         t = self.trainer
         current = ServedVersion.from_dict(done.get("served")) if done else None
@@ -729,23 +728,24 @@ class OnlineTrainer:
         and ``served_step``; empty while nothing is served (StreamArgs.score_served)."""
         if self.served is None or work.eval_per_rank == 0:
             return {}
+        started = time.perf_counter()
         version = self.served.choose(self.windows_done + 1)
         if version is None:
             return {}
         with self.served.weights.swapped():
             theirs = self.evaluate_window(work, known=version.known_items)
+        self._served_seconds = time.perf_counter() - started  # (the log line's; not a row)
         assert theirs["eval_events"] == metrics["eval_events"], (theirs, metrics)
         return {SERVED_PREFIX + "step": float(version.step),
                 **{SERVED_PREFIX + k: v for k, v in theirs.items() if k != "eval_events"}}
 
-    @staticmethod
-    def _served_text(served: dict[str, float]) -> str:
+    def _served_text(self, served: dict[str, float]) -> str:
         if not served:
             return ""
         step = int(served[SERVED_PREFIX + "step"])
         return f"; served v{step} " + " ".join(
             f"{k.removeprefix(SERVED_PREFIX)} {v:.4f}" for k, v in served.items()
-            if k != SERVED_PREFIX + "step")
+            if k != SERVED_PREFIX + "step") + f" ({self._served_seconds:.2f} s)"
 
     def train_window(self, work: WindowWork, window_metrics: MetricsWindow,
                      epoch: int | None = None) -> int:

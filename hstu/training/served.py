@@ -2,7 +2,8 @@
 version's rows").
 
 At the start of each window the online loop asks :class:`ServedScorer` which serving version
-users get (the versioned root's ``LATEST``, :mod:`hstu.serving.versions`); when it changed,
+users get (the versioned root's ``LATEST``, docs/serving.md "Serving the latest model"; read
+here, below the serving layer); when it changed,
 the weights of the checkpoint that version was exported from are loaded into the model in
 place through the checkpoint's sharded load (each rank its own shards, nothing gathered),
 copied aside as a frozen copy of this rank's shards and dense weights, and the trained
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +30,6 @@ from typing import Any
 
 import torch
 
-from hstu.serving import versions
 from hstu.training import checkpoint as ckpt
 from hstu.training.checkpoint import EMA_TABLES_KEY, CheckpointError
 from hstu.training.distributed import broadcast_object
@@ -37,6 +38,8 @@ from hstu.training.report import SERVED_PREFIX
 __all__ = ["SERVED_PREFIX", "ServedScorer", "ServedVersion", "ServedWeights"]
 
 LOG_FILE = "served.jsonl"
+POINTER = "LATEST"  # hstu.serving.versions.POINTER (the serving layer sits above this one)
+_VERSION = re.compile(r"^v(\d+)$")
 _SWAP_ROWS = 4096
 
 
@@ -191,10 +194,29 @@ class ServedLog:
             os.fsync(fh.fileno())
 
 
-def checkpoint_version(name: str, step: int, folder: str) -> tuple[ServedVersion | None, str]:
-    """(the version, "") when ``folder`` is a complete online checkpoint, else (None, why)."""
-    path = Path(folder)
-    if ckpt.manifest_of(str(path)) is None:
+def served_name(root: Path) -> str | None:
+    """The version ``root``'s pointer names (None: nothing published yet); a pointer that
+    holds no version name -> CheckpointError (one line)."""
+    try:
+        text = (root / POINTER).read_text()
+    except FileNotFoundError:
+        return None
+    if _VERSION.match(text.strip()) is None:
+        raise CheckpointError(f"{root / POINTER}: holds {text[:40]!r}, not a version name")
+    return text.strip()
+
+
+def checkpoint_version(root: Path, name: str) -> tuple[ServedVersion | None, str]:
+    """(version ``name`` of ``root``, "") when the checkpoint its manifest names (hstu.export
+    writes ``checkpoint``: path and step) is a complete online checkpoint, else (None, why)."""
+    try:
+        recorded = json.loads((root / name / "manifest.json").read_text())["checkpoint"]
+        step, path = int(recorded["step"]), Path(recorded["path"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return None, (f"{root / name / 'manifest.json'} names no checkpoint "
+                      f"({type(exc).__name__}: {exc})")
+    folder = str(path)
+    if ckpt.manifest_of(folder) is None:
         return None, f"its checkpoint {folder} is gone or incomplete"
     try:
         windows = int(json.loads((path / "online.json").read_text())["windows"])
@@ -225,15 +247,19 @@ class ServedScorer:
     def _decide(self, window: int) -> tuple[ServedVersion | None, str | None]:
         """Rank 0: (the version window ``window`` is scored with, a note when none or why it
         is not the one LATEST names)."""
-        name = versions.read_pointer(self.root) if self.root.is_dir() else None
+        try:
+            name = served_name(self.root)
+        except CheckpointError as exc:
+            self._once(f"pointer-{exc}", f"[hstu] WARNING: served version: {exc}; no served_* "
+                       "rows while it is so")
+            return None, str(exc)
         if name is None:
             self._once("none", f"[hstu] served version: nothing is served in {self.root} yet: "
                        "no served_* rows until a version is published")
             return None, "nothing served"
         if self.current is not None and name == self.current.name:
             return self.current, None
-        step, folder = versions.version_checkpoint(self.root, name)
-        version, why = checkpoint_version(name, step, folder)
+        version, why = checkpoint_version(self.root, name)
         if version is None:
             self._once(name, f"[hstu] WARNING: served version {name} of {self.root} cannot be "
                        f"scored: {why}; no served_* rows while it is served")

@@ -61,9 +61,9 @@ def test_gate_compares_the_served_version_on_the_same_windows(tmp_path, exports)
     lines: list[str] = []
     assert _publisher(run_dir, lines).publish_once(ckpt) == pub.EXIT_REFUSED
     assert exports == []
-    assert lines == ["[publish] refused iter_6: HR@10 0.2000 over windows 5-6 is below the served "
-                     "v3's 0.3000 on the same windows by more than the margin 0.01; v3 stays "
-                     "served"]
+    assert lines == [("[publish] refused iter_6: HR@10 0.2000 over windows 5-6 is below the "
+                      "served v3's 0.3000 on the same windows by more than the margin 0.01; v3 "
+                      "stays served")]
 
 
 def test_gate_passes_side_by_side_and_records_both(tmp_path, exports):
