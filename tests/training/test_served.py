@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.training import test_online
-from tests.training.test_online import ROOT, _env, _params, run, stream_by_window
+from tests.training.test_online import ROOT, _cmd, _env, _params, run, stream_by_window
 
 data = test_online.data  # the replayed dataset (a module fixture)
 
@@ -108,3 +108,44 @@ def test_served_rows_after_a_publish(data, tmp_path):
     log = [json.loads(line) for line in (run_dir / "served.jsonl").read_text().splitlines()]
     assert [e["window"] for e in log] == list(range(1, last + 1))
     assert [e["version"] and e["version"]["name"] for e in log] == [None] * k + [name] * (last - k)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_scores_the_windows_again_with_the_recorded_versions(data, tmp_path):
+    """Served v_k from window k + 1; a run SIGKILLed after window k + 2 (its checkpoint after
+    k + 1), then a newer version published from that checkpoint before the resume: the resume
+    scores window k + 2 again with v_k (the choice recorded before the kill), not the newer
+    LATEST, and the windows after it with the newer one. The rows up to k + 2 and the trained
+    weights equal those of a run that served v_k throughout."""
+    import shutil
+
+    from tests.training.test_online import checkpoint_state, newest
+
+    run_dir = tmp_path / "run"
+    run(data, run_dir, extra=[*SERVED, "TrainerArgs.max_train_iters=4"])
+    k = max(stream_by_window(run_dir))
+    first = publish(run_dir)
+    reference = tmp_path / "reference"
+    shutil.copytree(run_dir, reference)
+    run(data, reference, extra=SERVED)
+    env = _env()
+    env["HSTU_KILL_AT"] = "append:2"
+    proc = subprocess.run(_cmd(data, run_dir, "retrieval", SERVED, kill_at=True), cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode != 0, (proc.stdout + proc.stderr)[-3000:]
+    second = publish(run_dir)  # the newest checkpoint: after window k + 1
+    assert json.loads((newest(run_dir) / "online.json").read_text())["windows"] == k + 1
+    out = run(data, run_dir, extra=SERVED)
+    assert "stream: resumed after" in out
+    got, want = stream_by_window(run_dir), stream_by_window(reference)
+    assert sorted(got) == sorted(want)
+    for w in range(1, k + 3):
+        assert got[w] == want[w], w
+    assert got[k + 2]["served_step"] == int(first[1:])
+    for w in range(k + 3, max(got) + 1):
+        assert got[w]["served_step"] == int(second[1:]) and want[w]["served_step"] == int(first[1:])
+    log = [json.loads(line)["window"] for line in (run_dir / "served.jsonl").read_text().splitlines()]
+    assert log == list(range(1, max(got) + 1))  # window k + 2 recorded once, before the kill
+    a, b = checkpoint_state(newest(run_dir)), checkpoint_state(newest(reference))
+    test_online.assert_same(a["tables"], b["tables"], "tables")
+    test_online.assert_same(a["dense"], b["dense"], "dense")
