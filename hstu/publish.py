@@ -161,6 +161,35 @@ def recent_figures(run_dir: Path, upto_window: int, windows: int) -> dict[str, A
     }
 
 
+def side_by_side(run_dir: Path, upto_window: int, windows: int, metric: str,
+                 served_step: int) -> dict[str, Any] | None:
+    """The trained model's ``metric`` and the served version's (``served_<metric>`` rows,
+    StreamArgs.score_served) over the same windows: the last ``windows`` evaluated windows up
+    to ``upto_window`` that the version of step ``served_step`` scored, each weighted by its
+    ``eval_events``: {"candidate", "served", "windows": [first, last], "eval_events"}; None
+    when the run's rows hold no such window."""
+    from hstu.training.report import SERVED_PREFIX, stream_windows
+
+    theirs = SERVED_PREFIX + metric
+    try:
+        rows = stream_windows(str(run_dir))
+    except (OSError, KeyError, ValueError) as exc:
+        raise PublishError(f"{run_dir / 'metrics.csv'}: unreadable ({type(exc).__name__}: "
+                           f"{exc})") from None
+    both = [w for w in rows
+            if 0 < w.get("window", 0) <= upto_window and w.get("eval_events", 0) > 0
+            and w.get(SERVED_PREFIX + "step") == served_step
+            and math.isfinite(w.get(metric, math.nan)) and math.isfinite(w.get(theirs, math.nan))]
+    last = both[-windows:]
+    if not last:
+        return None
+    events = sum(w["eval_events"] for w in last)
+    return {"candidate": sum(w[metric] * w["eval_events"] for w in last) / events,
+            "served": sum(w[theirs] * w["eval_events"] for w in last) / events,
+            "windows": [int(last[0]["window"]), int(last[-1]["window"])],
+            "eval_events": int(events)}
+
+
 def served_record(root: Path) -> tuple[str | None, dict[str, Any] | None]:
     """(the version served, the ``publish`` record of its manifest: None when it has none)."""
     if not root.is_dir() or not versions.is_versioned_root(root):
@@ -226,7 +255,20 @@ class Publisher:
                          f"{have}); {served or 'nothing'} stays served")
                 return EXIT_REFUSED
             theirs = ((served_record_ or {}).get("metrics") or {}).get(metric)
-            span = _span(record["windows"])
+            span, same = _span(record["windows"]), ""
+            pair = None
+            if served is not None:
+                pair = side_by_side(self.run_dir, record["checkpoint_windows"],
+                                    self.gate.windows, metric, versions.step_of(served))
+                record["side_by_side"] = pair
+            if pair is not None:  # the served version scored on the candidate's windows
+                ours, theirs = pair["candidate"], pair["served"]
+                span, same = _span(pair["windows"]), " on the same windows"
+            elif served is not None:
+                self.log(f"[publish] no served_{metric} rows of {served} up to window "
+                         f"{record['checkpoint_windows']} in {self.run_dir / 'metrics.csv'} "
+                         "(StreamArgs.score_served off, or not scored yet): comparing with the "
+                         f"figure {served} recorded when it was published")
             if theirs is None:
                 if served is not None:
                     self.log(f"[publish] the served {served} recorded no {metric}: publishing "
@@ -235,13 +277,13 @@ class Publisher:
                 worse = "below" if self.gate.higher_is_better else "above"
                 self.log(
                     f"[publish] refused {folder.name}: {metric} {ours:.4f} over windows {span} is "
-                    f"{worse} the served {served}'s {theirs:.4f} by more than the margin "
+                    f"{worse} the served {served}'s {theirs:.4f}{same} by more than the margin "
                     f"{self.gate.margin:g}; {served} stays served"
                 )
                 return EXIT_REFUSED
             else:
                 self.log(f"[publish] gate passed: {metric} {ours:.4f} over windows {span}, the "
-                         f"served {served}'s {theirs:.4f} (margin {self.gate.margin:g})")
+                         f"served {served}'s {theirs:.4f}{same} (margin {self.gate.margin:g})")
         from hstu.export import publish_version
 
         publish_version(self.out, str(folder), keep=self.keep, params=list(self.params),

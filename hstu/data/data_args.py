@@ -276,6 +276,15 @@ class StreamArgs:
     publish_gate_windows: int = 5
     """The figures a version records (and the gate compares) are over this many of the
     checkpoint's last evaluated windows."""
+    score_served: bool | None = None
+    """Also evaluate each window with the serving version users get then (publish_dir's LATEST:
+    the weights of the checkpoint it was exported from, a frozen copy beside the trained
+    model): rows served_<metric>, served_step and their _cumulative / _faded means; none while
+    nothing is served; the publish gate compares them side by side. None: on where the loop
+    publishes (publish_every_windows or publish_every_seconds) with static tables; True: also
+    beside a publisher run by hand (a dynamic table is refused); False: off. Costs one more
+    evaluation per window once a version is served and one copy of the weights
+    (docs/online.md "The served version's rows")."""
     batch_until: float | None = None
     """Batch phase (docs/online.md "Streaming against a frozen batch model"): the leading windows
     that end within this fraction of a replay's events (0 < f <= 1) are not evaluated; their events

@@ -122,6 +122,9 @@ class CheckpointLifecycle:
         self.keep_last_n = keep_last_n
         self.log = log if _is_main() else (lambda _msg: None)
         self.last_saved: tuple[int, str] | None = None
+        self.pinned: set[str] = set()
+        """Checkpoint folders pruning keeps besides the newest (online training: those of
+        the serving versions scored, whose weights a resume loads again)."""
 
     # ---------------------------------------------------------------------- start
     def clean_stale(self) -> list[str]:
@@ -225,9 +228,9 @@ class CheckpointLifecycle:
             self.last_saved = (step, path)
 
     def prune(self) -> None:
-        """Removes all but the newest ``keep_last_n`` complete checkpoints (never the latest),
-        and never a checkpoint that a kept one needs (its manifest's ``needs``: a delta's base
-        and the deltas before it)."""
+        """Removes all but the newest ``keep_last_n`` complete checkpoints (never the latest,
+        never a ``pinned`` one), and never a checkpoint that a kept one needs (its manifest's
+        ``needs``: a delta's base and the deltas before it)."""
         if self.keep_last_n is not None and _is_main() and os.path.isdir(self.root):
             complete = []
             for name in os.listdir(self.root):
@@ -236,7 +239,7 @@ class CheckpointLifecycle:
                 if step is not None and ckpt.manifest_of(path) is not None:
                     complete.append((step, path))
             complete.sort(reverse=True)
-            kept = [p for _, p in complete[: self.keep_last_n]]
+            kept = [p for _, p in complete[: self.keep_last_n]] + sorted(self.pinned)
             if self.last_saved is not None:
                 kept.append(self.last_saved[1])
             keep = {os.path.realpath(p) for p in kept}

@@ -52,6 +52,7 @@ from hstu.training.distributed import DistEnv, broadcast_object
 from hstu.training.evaluate import evaluate
 from hstu.training.loop import MetricsWindow, Preemption
 from hstu.training.online_checkpoints import CHAIN_KEY, StreamCheckpoints, chain_links
+from hstu.training.served import SERVED_PREFIX, ServedScorer, ServedVersion, ServedWeights
 from hstu.training.trainer import Trainer
 from hstu.validation import ConfigError
 
@@ -410,6 +411,7 @@ class OnlineTrainer:
         t.checkpoint.extra_files = self._stream_files
         self._saved_position: StreamPosition | None = None
         self.publish_dir = self.stream_args.publish_dir or str(Path(run_dir) / "serving")
+        self.served = self._served_scorer(run_dir, done if loaded is not None else None)
         self._published_at = time.monotonic()
         self.last_checkpoint = ""
         self._pending_rows: list[tuple[int, str, dict[str, float]]] = []
@@ -438,6 +440,29 @@ class OnlineTrainer:
             f"[hstu] stream: continuing the model of {loaded} ({self.windows_done} windows of "
             f"{other}) on {here} from its start (StreamArgs.continue_from_other_stream)"
         )
+
+    def _served_scorer(self, run_dir: str, done: dict[str, Any] | None) -> ServedScorer | None:
+        """StreamArgs.score_served: the served version scored on each window beside the trained
+        model (None: where this run publishes, with static tables; a dynamic table's id-to-row
+        state is the trained model's only, so the served version's rows could not be its own)."""
+        wanted = self.stream_args.score_served
+        if wanted is None:
+            wanted = self.stream_args.publishes and not self.remappers
+            if self.stream_args.publishes and self.remappers:
+                self.trainer.logger.print(
+                    "[hstu] served version: not scored (a dynamic table's id-to-row state is not "
+                    "kept per version; StreamArgs.score_served)")
+        if wanted and self.remappers:
+            raise ConfigError("StreamArgs", "score_served",
+                              "the served version is scored with static tables only (a dynamic "
+                              "table's id-to-row state is not kept per version): set False")
+        if not wanted:
+            return None
+        t = self.trainer
+        current = ServedVersion.from_dict(done.get("served")) if done else None
+        return ServedScorer(ServedWeights(t.model, self.cfg.task, self.cfg.network),
+                            self.publish_dir, run_dir, self.env.rank, resumed=done is not None,
+                            current=current, say=t.logger.print)
 
     def _stop(self) -> bool:
         """The source's stop signal (checked between windows and while it waits for a
@@ -484,6 +509,8 @@ class OnlineTrainer:
                     "stream": stream_identity(self.stream_args, self.source),
                     "prequential": self._preq, "event_clock": self.event_clock,
                     CHAIN_KEY: self.checkpoints.info()}
+            if self.served is not None:  # the version scored at the checkpoint's last window
+                done["served"] = self.served.state_dict()
             if self.events_done >= 0:  # unknown after a resume from a checkpoint without it
                 done["events"] = self.events_done
             write_json_atomic(Path(folder) / ONLINE_FILE, done)
@@ -500,6 +527,8 @@ class OnlineTrainer:
         # a window without a training step saves the same step again, with its new position
         t.checkpoint.periodic.last_saved = None
         t.checkpoint.needs = self.checkpoints.decide(t.step).needs
+        if self.served is not None:  # a resume loads the served versions' weights again
+            t.checkpoint.periodic.pinned = self.served.pinned(self.windows_done)
         started = time.perf_counter()
         self.checkpoints.write_rows(t.checkpoint)
         self.last_checkpoint = t.checkpoint.save(t.step)
@@ -669,8 +698,10 @@ class OnlineTrainer:
             screened={k: int(counts[:, 3 + i].sum()) for i, k in enumerate(names)},
         )
 
-    def evaluate_window(self, work: WindowWork) -> dict[str, float]:
-        """The current model on the window's events (before any training on them)."""
+    def evaluate_window(self, work: WindowWork, known: int | None = None) -> dict[str, float]:
+        """The current model on the window's events (before any training on them); retrieval
+        ranks over the items known (``known``: the first ``known`` dense ids; default: the
+        items known now)."""
         t, cfg = self.trainer, self.cfg
         if work.eval_per_rank == 0:
             return {"eval_events": 0.0}
@@ -682,7 +713,7 @@ class OnlineTrainer:
             metrics = evaluate(t.model, loader, cfg, self.env, None, items=live)
             metrics["eval_events"] = float(work.eval_total)
         elif cfg.task == "retrieval":
-            with self.known_corpus():
+            with self.known_corpus(known):
                 metrics = evaluate(t.model, loader, cfg, self.env, None)
             metrics["eval_events"] = float(work.eval_total)
         else:
@@ -694,6 +725,31 @@ class OnlineTrainer:
             metrics["eval_events"] = float(counts.sum())
         t.model.train()
         return metrics
+
+    def score_served(self, work: WindowWork, metrics: dict[str, float]) -> dict[str, float]:
+        """The served version on the window's samples (the trained model's, same metrics),
+        over its own catalogue (the items the stream knew at its checkpoint): ``served_<m>``
+        and ``served_step``; empty while nothing is served (StreamArgs.score_served)."""
+        if self.served is None or work.eval_per_rank == 0:
+            return {}
+        started = time.perf_counter()
+        version = self.served.choose(self.windows_done + 1)
+        if version is None:
+            return {}
+        with self.served.weights.swapped():
+            theirs = self.evaluate_window(work, known=version.known_items)
+        self._served_seconds = time.perf_counter() - started  # (the log line's; not a row)
+        assert theirs["eval_events"] == metrics["eval_events"], (theirs, metrics)
+        return {SERVED_PREFIX + "step": float(version.step),
+                **{SERVED_PREFIX + k: v for k, v in theirs.items() if k != "eval_events"}}
+
+    def _served_text(self, served: dict[str, float]) -> str:
+        if not served:
+            return ""
+        step = int(served[SERVED_PREFIX + "step"])
+        return f"; served v{step} " + " ".join(
+            f"{k.removeprefix(SERVED_PREFIX)} {v:.4f}" for k, v in served.items()
+            if k != SERVED_PREFIX + "step") + f" ({self._served_seconds:.2f} s)"
 
     def train_window(self, work: WindowWork, window_metrics: MetricsWindow,
                      epoch: int | None = None) -> int:
@@ -726,14 +782,15 @@ class OnlineTrainer:
         return batch
 
     @contextlib.contextmanager
-    def known_corpus(self) -> Iterator[None]:
-        """Retrieval: the items known so far (dense ids 1..K of the id map) are the corpus of
-        the evaluation and of the full-corpus loss (rows past them hold no item yet)."""
+    def known_corpus(self, known_items: int | None = None) -> Iterator[None]:
+        """Retrieval: the items known so far (dense ids 1..K of the id map; ``known_items``
+        K when given) are the corpus of the evaluation and of the full-corpus loss (rows past
+        them hold no item yet)."""
         dense = self.trainer.model.dense_module
         if self.cfg.task != "retrieval" or not hasattr(dense, "num_items") or self.remappers:
             yield  # (a dynamic item table's corpus is its live rows)
             return
-        known = self.known_items + 1
+        known = (self.known_items if known_items is None else known_items) + 1
         table = dense.num_items
         if known > table:
             knob = ("StreamArgs.item_capacity" if self.cfg.dataset.dataset_name == STREAM_DATASET
@@ -857,9 +914,10 @@ class OnlineTrainer:
                 window, screened = self.store.screen(window, self.stream_args.late_events)
                 work = self.prepare_window(self.store.sequences(window), screened)
                 if self.events_done + window.num_events <= quiet_until:
-                    metrics = {"eval_events": 0.0}
+                    metrics, served = {"eval_events": 0.0}, {}
                 else:
                     metrics = self.evaluate_window(work)
+                    served = self.score_served(work, metrics)
                 if window.num_events:  # rows used from here on are stamped with the clock
                     self.event_clock = max(self.event_clock, int(window.timestamp.max()))
                 for r in self.remappers:
@@ -888,7 +946,7 @@ class OnlineTrainer:
                 # "window" first: a window's rows start with it (readers of metrics.csv split
                 # the rows into windows there)
                 rows = {
-                    "window": float(self.windows_done), **metrics,
+                    "window": float(self.windows_done), **metrics, **served,
                     "events": float(read), "train_steps": float(steps),
                     **{k: float(v) for k, v in work.screened.items()},
                     "trained_events": float(trained), "known_items": float(self.known_items),
@@ -899,6 +957,10 @@ class OnlineTrainer:
                     **self._table_rows(), **expired,
                     **{k: float(v) for k, v in getattr(window, "counts", {}).items()},
                     **self._prequential_rows(metrics),
+                    # the served version's over the windows it scored (the same events)
+                    **self._prequential_rows(
+                        {**{k: v for k, v in served.items() if k != SERVED_PREFIX + "step"},
+                         "eval_events": metrics["eval_events"] if served else 0.0}),
                 }
                 self._pending_rows.append((t.step, STREAM_SPLIT, rows))
                 self.windows_this_run += 1
@@ -906,6 +968,7 @@ class OnlineTrainer:
                 t.logger.print(
                     f"[hstu] window {self.windows_done} {window.name}: {window.num_events} events, "
                     + " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                    + self._served_text(served)
                     + f"; {steps} steps (step {t.step}); lag {window.lag.events_waiting} events, "
                     f"{window.lag.seconds_behind:.0f} s"
                 )

@@ -33,6 +33,9 @@ def read_metrics(run_dir: str) -> dict[tuple[str, str], list[tuple[int, float]]]
 
 STREAM_METRIC = re.compile(r"^(HR@\d+|NDCG@\d+|MRR|AUC|NE|loss)$")
 """The ``stream`` rows drawn as curves (online training's per-window test)."""
+SERVED_PREFIX = "served_"
+"""The served version's ``stream`` rows: ``served_<metric>`` beside each ``<metric>`` of a
+window, and ``served_step`` (hstu.training.served)."""
 
 
 def stream_windows(run_dir: str) -> list[dict[str, float]]:

@@ -409,7 +409,9 @@ def test_publishes_serving_versions_as_it_goes(data, tmp_path):
     run_dir = tmp_path / "pub"
     out = run(data, run_dir, extra=["StreamArgs.publish_every_windows=3", "StreamArgs.publish_keep=2",
                                     "StreamArgs.publish_gate_windows=2",
-                                    "TrainerArgs.ckpt_save_interval=-1"])
+                                    "TrainerArgs.ckpt_save_interval=-1",
+                                    # item-only histories: what the served version is asked
+                                    "DatasetArgs.action_tokens=False"])
     started = [int(s) for s in re.findall(r"\[hstu\] publishing step (\d+) into .* in the "
                                           r"background", out)]
     skipped = re.findall(r"\[hstu\] publishing step \d+ skipped: a publisher is exporting", out)
@@ -452,6 +454,40 @@ def test_publishes_serving_versions_as_it_goes(data, tmp_path):
         assert manifest["model"]["num_items"] == known + 1
     with load_artifact(root, use_aoti=False) as art:
         assert art.version == version_name(started[-1])
+    # the served version loads and recommends: hstu.recommend's top-10 for two users' raw-id
+    # histories equals the trained model's own (its checkpoint scored by the trainer's
+    # evaluation over the items the stream knew there)
+    ckpt = run_dir / "ckpt" / f"iter_{started[-1]}"
+    known = json_of(ckpt / "stream.json")["num_items"]
+    raw_items = set(np.load(ckpt / "item_ids.npy")[:known].tolist())
+    from hstu.data.store import SequenceStore
+
+    store = SequenceStore.load(data, verbose=False)
+    asked, users = tmp_path / "events.csv", []
+    with open(asked, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["user_id", "item_id", "timestamp"])
+        for u in np.argsort(-np.diff(store.offsets), kind="stable")[:2]:
+            lo, hi = int(store.offsets[u]), int(store.offsets[u + 1])
+            seen = [r for r in range(lo, hi) if int(store.items[r]) in raw_items][-8:]
+            users.append(str(u + 1))  # the processed replay's user ids are 1, 2, ...
+            w.writerows([u + 1, int(store.items[r]), int(store.timestamps[r])] for r in seen)
+    top, reference = tmp_path / "top.csv", tmp_path / "reference.json"
+    for args in (["-m", "hstu.recommend", "--model", str(root), "--input", str(asked),
+                  "--top-k", "10", "--out", str(top), "--no-aoti"],
+                 ["-m", "tests.serving.online_reference", str(ckpt), str(asked), "10",
+                  str(reference)]):
+        proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True,
+                              text=True, timeout=300, check=False)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    got: dict[str, list[str]] = {}
+    with open(top, newline="") as fh:
+        for r in csv.DictReader(fh):
+            got.setdefault(r["user_id"], []).append(r["item_id"])
+    want = json_of(reference)
+    assert sorted(got) == sorted(users) and all(len(ids) == 10 for ids in got.values())
+    for user, ids in got.items():
+        assert ids == want[user], (user, ids, want[user])
 
 
 # ------------------------------------------------------------------ kill anywhere, 1 and 2 processes
