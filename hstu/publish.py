@@ -231,12 +231,25 @@ class Publisher:
     def publish_once(self, folder: Path | None = None) -> int:
         """Publishes ``folder`` (default: the newest complete checkpoint) unless a version as new
         is published already; returns the exit status (0, or EXIT_REFUSED by the gate)."""
+        from hstu.training import checkpoint as ckpt
+
+        for _ in range(3):
+            chosen = folder or newest_checkpoint(self.ckpt)
+            if chosen is None:
+                self.log(f"[publish] no complete checkpoint under {self.ckpt} yet")
+                return 0
+            # held while it is read: the run's pruning (keep_last_n) keeps it until the end
+            with ckpt.pin(str(chosen)):
+                if chosen.is_dir():
+                    return self._publish(chosen)
+            if folder is not None:
+                raise PublishError(f"{chosen}: removed (pruned by the run) before it was read")
+        raise PublishError(f"{self.ckpt}: its newest checkpoint was pruned three times before it "
+                           "could be read (keep_last_n too small for the save interval?)")
+
+    def _publish(self, folder: Path) -> int:
         from hstu.training.checkpoint import step_of
 
-        folder = folder or newest_checkpoint(self.ckpt)
-        if folder is None:
-            self.log(f"[publish] no complete checkpoint under {self.ckpt} yet")
-            return 0
         step = step_of(folder.name)
         newest = self.newest_published()
         if step is not None and newest is not None and step <= newest:

@@ -313,6 +313,55 @@ def step_of(name: str) -> int | None:
     return int(digits) if name.startswith("iter_") and digits.isdigit() else None
 
 
+PIN = ".pin-"
+"""``<checkpoint folder>.pin-<pid>`` beside a checkpoint: a reader (a publisher exporting it)
+holds it; pruning keeps it while that process lives (:func:`pinned_folders`)."""
+
+
+@contextmanager
+def pin(folder: str) -> Iterator[None]:
+    """Keeps the checkpoint ``folder`` from being pruned while the block runs (a file of this
+    process beside it; a process killed inside leaves a pin that pruning finds dead and removes)."""
+    path = f"{os.path.normpath(folder)}{PIN}{os.getpid()}"
+    with open(path, "w"):
+        pass
+    try:
+        yield
+    finally:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def pinned_folders(root: str) -> list[str]:
+    """The checkpoint folders under ``root`` that a live process holds (:func:`pin`); pins
+    of processes that are gone are removed."""
+    held = []
+    for name in sorted(os.listdir(root)):
+        folder, sep, pid = name.rpartition(PIN)
+        if not sep or not pid.isdigit():
+            continue
+        if _alive(int(pid)):
+            held.append(os.path.join(root, folder))
+        else:
+            try:
+                os.remove(os.path.join(root, name))
+            except FileNotFoundError:
+                pass
+    return held
+
+
 # ------------------------------------------------------------------------------ saving
 def save_checkpoint(root: str, step: int, state: CheckpointState, place: RankPlace) -> str:
     """Writes one checkpoint (see the module docstring); all ranks call it. Returns the final

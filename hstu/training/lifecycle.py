@@ -229,8 +229,9 @@ class CheckpointLifecycle:
 
     def prune(self) -> None:
         """Removes all but the newest ``keep_last_n`` complete checkpoints (never the latest,
-        never a ``pinned`` one), and never a checkpoint that a kept one needs (its manifest's
-        ``needs``: a delta's base and the deltas before it)."""
+        never a ``pinned`` one nor one a live process holds with
+        :func:`hstu.training.checkpoint.pin`), and never a checkpoint that a kept one needs (its
+        manifest's ``needs``: a delta's base and the deltas before it)."""
         if self.keep_last_n is not None and _is_main() and os.path.isdir(self.root):
             complete = []
             for name in os.listdir(self.root):
@@ -240,6 +241,7 @@ class CheckpointLifecycle:
                     complete.append((step, path))
             complete.sort(reverse=True)
             kept = [p for _, p in complete[: self.keep_last_n]] + sorted(self.pinned)
+            kept += ckpt.pinned_folders(self.root)  # a publisher exporting one
             if self.last_saved is not None:
                 kept.append(self.last_saved[1])
             keep = {os.path.realpath(p) for p in kept}

@@ -3,6 +3,7 @@ auto-resume, best, and every fault as one CheckpointError line with the latest i
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -434,3 +435,40 @@ def test_best_tracker_keeps_the_highest_metric_of_any_evaluation():
     for auc, step in ((0.6, 1), (0.7, 2), (0.65, 3)):
         plain.update({"AUC": auc}, step)  # no loss in the metrics: NaN
     assert (plain.top_step, plain.step) == (2, 2) and plain.top_loss != plain.top_loss
+
+
+def _body_pins(rank: int, world_size: int, tmp: str) -> None:
+    """A checkpoint held by a live process (a publisher exporting it) survives pruning; a pin
+    left by a process that is gone does not hold it, and is removed."""
+    import subprocess
+    import sys
+
+    from hstu.training.checkpoint import PIN, pin
+    from hstu.training.lifecycle import CheckpointLifecycle
+
+    root = os.path.join(tmp, "ckpt")
+    lc = CheckpointLifecycle(root, keep_last_n=1, log=lambda _m: None)
+    first = _save(lc, 10)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    with pin(first) if rank == 0 else contextlib.nullcontext():
+        dist.barrier()
+        second = _save(lc, 20)
+        dead_pin = second + PIN + dead.stdout.strip()
+        if rank == 0:
+            open(dead_pin, "w").close()
+        dist.barrier()
+        _save(lc, 30)
+        names = sorted(os.listdir(root))
+        assert "iter_10" in names and "iter_30" in names, names  # held; the newest
+        assert "iter_20" not in names, names  # its pin's process is gone
+        assert not os.path.exists(dead_pin)
+    dist.barrier()
+    _save(lc, 40)  # released: pruned like any other
+    assert sorted(n for n in os.listdir(root) if n.startswith("iter_")) == ["iter_40"]
+    assert not any(PIN in n for n in os.listdir(root))
+    dist.barrier()
+
+
+def test_a_checkpoint_held_by_a_live_reader_is_not_pruned(tmp_path):
+    run_multiprocess(_body_pins, world_size=2, tmp=str(tmp_path))
