@@ -63,7 +63,8 @@ def build_block(
             )
         from hstu.model.sasrec import SASRecBlock, SASRecOptions
 
-        block_cls, options, layout = SASRecBlock, SASRecOptions.from_network_args(network_args), {}
+        block_cls, options = SASRecBlock, SASRecOptions.from_network_args(network_args)
+        layout = {"sequence_layout": getattr(network_args, "sequence_layout", "jagged")}
     else:
         options = LayerOptions.from_network_args(
             network_args, rab_num_positions=max_seqlen, **(variant or {})

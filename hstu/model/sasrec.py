@@ -13,10 +13,14 @@ The layer (eSASRec's LiGR layer), pre-norm, with a final LayerNorm after the las
     FFN(h) = W_2 (SiLU(h W_1) * h W_3) (SwiGLU, inner width ``ffn_multiplier`` x D, no bias),
              or W_2 act(h W_1 + b_1) + b_2 for "gelu" / "relu" (the original SASRec's)
 
-The input is the HSTU block's (:class:`hstu.model.hstu_block.SequenceBlock`). Attention runs
-over every sample padded to W tokens, the padding after its real tokens: under the causal
-mask no real token sees it, and padded rows are never read back. The same padded computation
-(:meth:`SASRecBlock.encode_padded`) is what :class:`SASRecInference` exports for serving.
+The input is the HSTU block's (:class:`hstu.model.hstu_block.SequenceBlock`). Layout
+(``sequence_layout``): "jagged" (the default) runs the projections, norms, gates and
+feed-forward network on the T real tokens only, and the attention per chunk of samples of
+similar lengths (:mod:`hstu.ops.softmax_attention`), so the cost follows the tokens;
+"padded" runs every layer over every sample padded to W tokens (the padding after its real
+tokens: under the causal mask no real token sees it, and padded rows are never read back).
+Both compute the same function at the real tokens. The padded computation
+(:meth:`SASRecBlock.encode_padded`) is also what :class:`SASRecInference` exports for serving.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from torch import Tensor, nn
 
 from hstu.model.hstu_block import SequenceBlock, to_padded
 from hstu.model.hstu_layer import NetworkOptions
+from hstu.ops.softmax_attention import CausalChunks, causal_softmax_attention, plan_causal_chunks
 
 FFN_ACTIVATIONS = ("swiglu", "gelu", "relu")
 
@@ -69,8 +74,9 @@ class SASRecOptions(NetworkOptions):
 
 
 class SASRecLayer(nn.Module):
-    """One pre-norm transformer layer on padded tokens [B, W, D] (module docstring);
-    ``options`` with keyword ``overrides`` of single fields, as HSTULayer's."""
+    """One pre-norm transformer layer (module docstring) on padded tokens [B, W, D], or on
+    jagged tokens [T, D] with their batch's chunk plan; ``options`` with keyword
+    ``overrides`` of single fields, as HSTULayer's."""
 
     def __init__(
         self,
@@ -102,16 +108,20 @@ class SASRecLayer(nn.Module):
         self.attn_gate = nn.Linear(hidden_size, hidden_size, dtype=dtype) if gated else None
         self.ffn_gate = nn.Linear(hidden_size, hidden_size, dtype=dtype) if gated else None
 
-    def attention(self, h: Tensor) -> Tensor:
-        """Causal multi-head softmax attention of normalised tokens h [B, W, D] ->
-        [B, W, NH*d] (before the output projection)."""
-        bsz, width = h.shape[0], h.shape[1]
-        qkv = self.qkv(h).view(bsz, width, 3, self.num_heads, self.head_dim)
+    def attention(self, h: Tensor, plan: CausalChunks | None = None) -> Tensor:
+        """Causal multi-head softmax attention of normalised tokens (before the output
+        projection): h [B, W, D] padded -> [B, W, NH*d]; with ``plan``, h [T, D] jagged ->
+        [T, NH*d]."""
+        dropout_p = self.dropout if self.training else 0.0
+        width = self.num_heads * self.head_dim
+        if plan is not None:
+            qkv = self.qkv(h).view(h.shape[0], 3, self.num_heads, self.head_dim)
+            return causal_softmax_attention(qkv, plan, dropout_p).reshape(h.shape[0], width)
+        bsz, seqlen = h.shape[0], h.shape[1]
+        qkv = self.qkv(h).view(bsz, seqlen, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, NH, W, d]
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
-        return out.transpose(1, 2).reshape(bsz, width, self.num_heads * self.head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        return out.transpose(1, 2).reshape(bsz, seqlen, width)
 
     def ffn(self, h: Tensor) -> Tensor:
         z = self.ffn_in(h)
@@ -124,9 +134,11 @@ class SASRecLayer(nn.Module):
             z = F.relu(z)
         return self.ffn_out(F.dropout(z, self.dropout, self.training))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x [B, W, D] -> [B, W, D]."""
-        a = F.dropout(self.output(self.attention(self.attn_norm(x))), self.dropout, self.training)
+    def forward(self, x: Tensor, plan: CausalChunks | None = None) -> Tensor:
+        """x [B, W, D] -> [B, W, D]; with ``plan`` (:func:`plan_causal_chunks` of x's
+        offsets), x [T, D] -> [T, D]."""
+        a = self.attention(self.attn_norm(x), plan)
+        a = F.dropout(self.output(a), self.dropout, self.training)
         x = x + (a if self.attn_gate is None else torch.sigmoid(self.attn_gate(x)) * a)
         f = F.dropout(self.ffn(self.ffn_norm(x)), self.dropout, self.training)
         return x + (f if self.ffn_gate is None else torch.sigmoid(self.ffn_gate(x)) * f)
@@ -135,15 +147,21 @@ class SASRecLayer(nn.Module):
 class SASRecBlock(SequenceBlock):
     """x -> Dropout(x * sqrt(D) + pos_emb) -> num_layers x SASRecLayer -> LayerNorm: the
     arguments and forward contract of :class:`SequenceBlock` (``options``:
-    :class:`SASRecOptions`); contextual tokens, timestamps and the query time are not read
-    (plain causal attention; no time bias)."""
+    :class:`SASRecOptions`), and ``sequence_layout``: "jagged" or "padded" (module
+    docstring); contextual tokens, timestamps and the query time are not read (plain causal
+    attention; no time bias)."""
 
     attn_truncation_layers = 0  # read by hstu.model.encode (no attention truncation here)
     options_type = SASRecOptions
     layer_type = SASRecLayer
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, sequence_layout: str = "jagged", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if sequence_layout not in ("jagged", "padded"):
+            raise ValueError(
+                f'sequence_layout must be "jagged" or "padded", got {sequence_layout!r}'
+            )
+        self.sequence_layout = sequence_layout
         self.final_norm = nn.LayerNorm(
             self.hidden_size, eps=self.options.norm_eps, dtype=self.options.dtype
         )
@@ -157,7 +175,12 @@ class SASRecBlock(SequenceBlock):
 
     def encode(self, x: Tensor, offsets: Tensor, max_seqlen: int, *unread: Any) -> Tensor:
         """Embedded tokens x [T, D], offsets int64 [B+1], ``max_seqlen`` W (>= every n_b) ->
-        states [T, D], through the padded layout."""
+        states [T, D], in the block's ``sequence_layout``."""
+        if self.sequence_layout == "jagged":
+            plan = plan_causal_chunks(offsets, self.layers[0].num_heads) if self.layers else None
+            for layer in self.layers:
+                x = layer(x, plan)
+            return self.final_norm(x)
         padded, dest = to_padded(x, offsets, max_seqlen)
         states = self.encode_padded(padded.view(-1, max_seqlen, x.shape[1]))
         return states.reshape(-1, x.shape[1]).index_select(0, dest)

@@ -73,16 +73,29 @@ def _reference_layer(layer, x: torch.Tensor, lengths: torch.Tensor) -> torch.Ten
     return x + f
 
 
+# (token counts, padded width W): the block's max_seqlen and the reference's padding
+BATCHES = {
+    "small": ([5, 1, 9, 3], 9),
+    # empty samples, and lengths 1..40 that the jagged layout runs in several chunks
+    "spread": ([0, 40, 1, 2, 17, 0, 33, 8, 5, 21, 3, 12, 39, 1, 26, 7], 48),
+}
+
+
+@pytest.mark.parametrize("layout", ["jagged", "padded"])
+@pytest.mark.parametrize("batch", sorted(BATCHES))
 @pytest.mark.parametrize("ffn,gated", [("swiglu", True), ("gelu", False), ("relu", True)])
-def test_block_equals_a_plain_softmax_attention_reference(ffn: str, gated: bool) -> None:
+def test_block_equals_a_plain_softmax_attention_reference(ffn: str, gated: bool, batch: str, layout: str) -> None:
+    """Both layouts against the reference over garbage padding, dropout off: equal within
+    float32 rounding (rtol = atol = 1e-5)."""
     torch.manual_seed(0)
-    dim, heads, head_dim, width = 16, 2, 8, 9
+    dim, heads, head_dim = 16, 2, 8
     block = SASRecBlock(2, dim, heads, head_dim, ffn_activation=ffn, ffn_multiplier=2,
-                        gated_residual=gated, num_position_buckets=32).eval()
+                        gated_residual=gated, num_position_buckets=64, sequence_layout=layout).eval()
     with torch.no_grad():  # away from the identity-like init (LayerNorm 1/0, zero biases)
         for p in block.parameters():
             p.add_(torch.randn_like(p) * 0.2)
-    lengths = torch.tensor([5, 1, 9, 3])
+    counts, width = BATCHES[batch]
+    lengths = torch.tensor(counts)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
     x = torch.randn(int(lengths.sum()), dim)
     with torch.no_grad():
@@ -101,11 +114,41 @@ def test_block_equals_a_plain_softmax_attention_reference(ffn: str, gated: bool)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_a_token_never_sees_later_tokens() -> None:
+def test_jagged_layout_trains_as_the_padded_one() -> None:
+    """Dropout off, the same weights: the jagged layout's states and gradients (every
+    parameter's, the input tokens') are the padded layout's within float32 rounding (the CPU
+    attention kernel blocks its rows by the chunk's width, so not bitwise)."""
+    torch.manual_seed(2)
+    counts, width = BATCHES["spread"]
+    lengths = torch.tensor(counts)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    x = torch.randn(int(lengths.sum()), 16)
+    jagged = SASRecBlock(2, 16, 2, 8, num_position_buckets=64)
+    padded = SASRecBlock(2, 16, 2, 8, num_position_buckets=64, sequence_layout="padded")
+    padded.load_state_dict(jagged.state_dict())
+    states, grads = {}, {}
+    for name, block in (("jagged", jagged), ("padded", padded)):
+        tokens = x.clone().requires_grad_()
+        out = block(tokens, offsets, width)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        states[name] = out.detach()
+        grads[name] = {"tokens": tokens.grad, **{k: p.grad for k, p in block.named_parameters()}}
+    torch.testing.assert_close(states["jagged"], states["padded"], rtol=1e-5, atol=1e-5)
+    for key, grad in grads["padded"].items():
+        torch.testing.assert_close(grads["jagged"][key], grad, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_sequence_layout_other_than_jagged_or_padded_is_refused() -> None:
+    with pytest.raises(ValueError, match='sequence_layout must be "jagged" or "padded"'):
+        SASRecBlock(1, 16, 2, 8, sequence_layout="bucketed")
+
+
+@pytest.mark.parametrize("layout", ["jagged", "padded"])
+def test_a_token_never_sees_later_tokens(layout: str) -> None:
     """Changing a sample's last token leaves every earlier state unchanged (causality), and
     the other samples' states too."""
     torch.manual_seed(1)
-    block = SASRecBlock(2, 16, 2, 8, num_position_buckets=32).eval()
+    block = SASRecBlock(2, 16, 2, 8, num_position_buckets=32, sequence_layout=layout).eval()
     offsets = torch.tensor([0, 6, 10])
     x = torch.randn(10, 16)
     y = x.clone()

@@ -13,6 +13,7 @@ import torch
 from hstu.embeddings.dynamic import HOST_REMAP
 from hstu.ops import MAX_SEQLEN_CHECK
 from hstu.ops.gather import HOST_COUNTS
+from hstu.ops.softmax_attention import CHUNK_PLAN_SYNC
 from hstu.sync_audit import (
     KNOWN_HOST_READS,
     HostSyncError,
@@ -24,6 +25,7 @@ from hstu.sync_audit import (
 KNOWN_REASONS = {
     MAX_SEQLEN_CHECK,
     "pytorch attention backend: chunk plan from the lengths, once per batch",
+    CHUNK_PLAN_SYNC,
     "RowSparseOptimizer's step count lives on the host",
     "a CPU-only kernel: the host reads its own memory, no device to wait for",
     HOST_COUNTS,
