@@ -54,8 +54,9 @@ CHECKS: dict[str, str] = {
     ),
     "trainer_steps": (
         "one full trainer step (input stage, TorchRec tables, dense block, loss, optimizers) of "
-        "each debug preset under torch.cuda.set_sync_debug_mode('error'), after one warm-up step "
-        "(needs torchrec, fbgemm_gpu, megatron-core and gin)"
+        "every preset in configs/ that fits this machine (its GPUs, its data, its memory: a "
+        "skip line says which does not) under torch.cuda.set_sync_debug_mode('error'), after "
+        "one warm-up step (needs torchrec, fbgemm_gpu, megatron-core and gin)"
     ),
 }
 OPTIONAL_MODULES = {
@@ -408,13 +409,69 @@ def check_sync_free_steps(result: CheckResult) -> None:
     result.summary = "no host sync" if finite else "non-finite loss"
 
 
-TRAINER_PRESETS = ("retrieval", "ranking")
 TRAINER_NEEDS = ("torchrec", "fbgemm_gpu", "megatron.core", "gin")
+METADATA_FILE = "metadata.json"  # hstu.data.layout.METADATA_FILE (gin-free here: the dry run)
+OUT_OF_MEMORY_EXIT = 3  # a preset's step process: CUDA ran out of memory
+MIN_PRESET_S = 30.0  # a preset is not started with less of the budget left
 
 
-def _trainer_step_in_process(task: str, workdir: str) -> str:
-    """Builds the trainer of configs/debug_<task>.gin in this process (a world of 1), runs one
-    warm-up step, then one step with CUDA's sync debug mode raising; returns the loss line."""
+@dataclass(frozen=True)
+class PresetPlan:
+    """One preset of configs/ as ``trainer_steps`` treats it on this machine: stepped (with
+    ``params``, ``{workdir}`` standing for its scratch folder) or skipped, ``skip`` saying why."""
+
+    preset: str  # the file's stem, e.g. "ml-1m_retrieval"
+    task: str  # "ranking" | "retrieval"
+    params: tuple[str, ...] = ()
+    skip: str | None = None
+
+
+def _gin_value(text: str, key: str) -> str | None:
+    """The value a preset binds ``key`` to (quotes and a trailing comment dropped), or None."""
+    import re
+
+    found = re.search(rf"^{re.escape(key)}\s*=\s*([^#\n]*)", text, re.MULTILINE)
+    return found.group(1).strip().strip("\"'") if found else None
+
+
+def trainer_presets(root: Path, num_gpus: int) -> list[PresetPlan]:
+    """Every preset in ``root``/configs (the debug ones first), and whether ``trainer_steps``
+    steps it on a machine of ``num_gpus`` GPUs with the data under ``root``: a preset needs
+    its tensor-parallel GPUs, and its data (the synthetic and benchmark sets are made on the
+    spot; a preprocessed one must be under its dataset_path). Whether it fits the GPU's
+    memory is found by trying: an out-of-memory step is a skip line, not a failure."""
+    paths = sorted((root / "configs").glob("*.gin"),
+                   key=lambda p: (not p.stem.startswith("debug_"), p.stem))
+    plans = []
+    for path in paths:
+        text, name = path.read_text(), path.stem
+        task = "ranking" if "ranking" in name else "retrieval"
+        tp = int(_gin_value(text, "TensorModelParallelArgs.tensor_model_parallel_size") or 1)
+        dataset = _gin_value(text, "DatasetArgs.dataset_name")
+        data_path = _gin_value(text, "DatasetArgs.dataset_path") or f"tmp_data/{dataset}"
+        params: tuple[str, ...] = ()
+        skip = None
+        if tp > num_gpus:
+            skip = (f"needs {tp} GPUs (TensorModelParallelArgs.tensor_model_parallel_size={tp}); "
+                    f"this machine has {num_gpus}")
+        elif "BenchmarkDatasetArgs." in text:
+            pass  # in-memory random batches
+        elif dataset == "synthetic":  # generated into the scratch folder on first use
+            params = (f'DatasetArgs.dataset_path="{{workdir}}/data/{name}"',)
+        elif dataset == "stream":
+            skip = ("an online-training preset: it trains window by window over a stream "
+                    "folder (StreamArgs.path) or a replay of a raw log, neither on this machine")
+        elif not (root / data_path / METADATA_FILE).is_file():
+            skip = (f"its data is not on this machine ({data_path}/{METADATA_FILE}): "
+                    f"python -m hstu.data.preprocess --dataset {dataset}")
+        plans.append(PresetPlan(name, task, params, skip))
+    return plans
+
+
+def _trainer_step_in_process(preset: str, task: str, params: list[str], workdir: str) -> str:
+    """Builds the trainer of configs/<preset>.gin in this process (a world of 1), runs one
+    warm-up step, then one step with CUDA's sync debug mode raising; returns the loss line.
+    Out of GPU memory: prints why on stderr and exits with OUT_OF_MEMORY_EXIT."""
     import gin
 
     from hstu.config import load_config
@@ -422,10 +479,10 @@ def _trainer_step_in_process(task: str, workdir: str) -> str:
 
     root = _repo_root()
     gin.clear_config()
-    cfg = load_config(str(root / "configs" / f"debug_{task}.gin"), [
-        f'TrainerArgs.run_dir="{workdir}/{task}"',
-        f'DatasetArgs.dataset_path="{workdir}/data/synthetic"',
+    cfg = load_config(str(root / "configs" / f"{preset}.gin"), [
+        f'TrainerArgs.run_dir="{workdir}/{preset}"',
         "TrainerArgs.eval_interval=1000", "TrainerArgs.max_eval_iters=1",
+        *(p.replace("{workdir}", workdir) for p in params),
     ], task=task, world_size=1)
 
     def one_step(trainer) -> str:
@@ -444,30 +501,53 @@ def _trainer_step_in_process(task: str, workdir: str) -> str:
             feed.close()
         return f"one step, no host sync; loss {float(loss.float().sum()):.4g}"
 
-    return with_trainer(cfg, f"{workdir}/{task}_rank0", one_step)
+    try:
+        return with_trainer(cfg, f"{workdir}/{preset}_rank0", one_step)
+    except torch.cuda.OutOfMemoryError as exc:
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        print(f"does not fit this GPU ({total:.0f} GiB): {_one_line(exc)}", file=sys.stderr)
+        sys.exit(OUT_OF_MEMORY_EXIT)
 
 
-def check_trainer_steps(result: CheckResult) -> None:
+def check_trainer_steps(result: CheckResult, deadline: float) -> None:
+    """Steps every preset :func:`trainer_presets` selects, one process each, until the
+    monotonic ``deadline``; one row per preset of configs/ (skips say why)."""
     missing = [m for m in TRAINER_NEEDS if not _module_present(m)]
     if missing:
         raise SkipPart(f"needs {', '.join(missing)} (not installed here)")
     import tempfile
 
-    for task in TRAINER_PRESETS:
+    for plan_ in trainer_presets(_repo_root(), torch.cuda.device_count()):
+        left = deadline - time.monotonic()
+        if plan_.skip is not None or left < MIN_PRESET_S:
+            why = plan_.skip or f"the time budget is spent ({left:.0f} s left)"
+            result.row(plan_.preset, f"skipped: {why}", None)
+            continue
         # each preset in its own process: gin, the process group and the tables start clean
         with tempfile.TemporaryDirectory(prefix="hstu-gpu-check-") as workdir:
             code = ("import sys; from hstu.gpu_check import _trainer_step_in_process as f; "
-                    f"print(f({task!r}, {workdir!r}))")
-            done = subprocess.run([sys.executable, "-c", code], cwd=_repo_root(),
-                                  capture_output=True, text=True, timeout=PYTEST_TIMEOUT_S,
-                                  check=False)
+                    f"print(f({plan_.preset!r}, {plan_.task!r}, {list(plan_.params)!r}, "
+                    f"{workdir!r}))")
+            try:
+                done = subprocess.run([sys.executable, "-c", code], cwd=_repo_root(),
+                                      capture_output=True, text=True,
+                                      timeout=min(PYTEST_TIMEOUT_S, left), check=False)
+            except subprocess.TimeoutExpired:
+                result.row(plan_.preset, f"timed out after {min(PYTEST_TIMEOUT_S, left):.0f} s",
+                           False)
+                continue
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        last = lines[-1] if lines else f"exit {done.returncode}"
         if done.returncode == 0:
-            result.row(f"debug_{task}", done.stdout.strip().splitlines()[-1], True)
+            result.row(plan_.preset, done.stdout.strip().splitlines()[-1], True)
+        elif done.returncode == OUT_OF_MEMORY_EXIT:
+            result.row(plan_.preset, f"skipped: {last}", None)
         else:
-            lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-            result.row(f"debug_{task}", lines[-1] if lines else f"exit {done.returncode}", False)
+            result.row(plan_.preset, last, False)
+    stepped = sum(row["status"] == "pass" for row in result.rows)
     failed = [row["case"] for row in result.rows if row["status"] == "fail"]
-    result.summary = f"host sync or error in {', '.join(failed)}" if failed else "no host sync"
+    result.summary = (f"host sync or error in {', '.join(failed)}" if failed
+                      else f"no host sync in {stepped} of {len(result.rows)} presets")
 
 
 # --------------------------------------------------------------------------------- driver
@@ -489,7 +569,7 @@ def run_checks(budget_s: float) -> tuple[list[CheckResult], dict[str, Any]]:
         "kernel_throughput": check_kernel_throughput,
         "block_throughput": check_block_throughput,
         "sync_free_steps": check_sync_free_steps,
-        "trainer_steps": check_trainer_steps,
+        "trainer_steps": lambda r: check_trainer_steps(r, started + budget_s),
     }
     for result in results:
         if time.monotonic() - started > budget_s:
@@ -566,6 +646,13 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(results))
         files = [str(p.relative_to(_repo_root())) for p in gpu_test_files(_repo_root())]
         print(f"pytest_gpu would run: {' '.join(files) or '(no tests/ here)'}")
+        num_gpus = max(1, torch.cuda.device_count())
+        presets = trainer_presets(_repo_root(), num_gpus)
+        print(f"trainer_steps would step (on {num_gpus} GPU, memory permitting): "
+              f"{' '.join(p.preset for p in presets if p.skip is None)}")
+        for p in presets:
+            if p.skip is not None:
+                print(f"trainer_steps would skip {p.preset}: {p.skip}")
         for name, present in environment["optional_modules"].items():
             if not present:
                 print(f"absent here: {name} ({OPTIONAL_MODULES[name]})")

@@ -16,6 +16,12 @@ Where a sync is unavoidable the code says so, and why, with :func:`allowed_sync`
     with allowed_sync("the kernel plans its chunks on the host from the lengths"):
         lengths = lengths.tolist()
 
+A reason covers the calls that sync, not the block: each sync an audit sees is recorded
+with its site (our code's file, function and source line, :attr:`SyncEvent.site`), and an
+audit given a per-reason allow-list of sites (``sync_audit(sites=...)``; the trainer's:
+``KNOWN_SITES`` in tests/training/test_sync_audit.py) treats a sync at a site not listed
+under its block's reason as unnamed: a new ``.item()`` inside an allowed block fails.
+
 What counts as a sync: :func:`sync_reason`, checked at the ATen op level (below autograd, so
 backward too): torch's own ``data_dependent_output`` and ``dynamic_output_shape`` tags (the
 latter includes ``bincount``, whose CUDA kernel reads the input's range on the host whatever
@@ -32,7 +38,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -66,12 +72,20 @@ class HostSyncError(RuntimeError):
 
 @dataclass(frozen=True)
 class SyncEvent:
-    """One sync seen by an audit: the op, where our code called it, and (allowed) why."""
+    """One sync seen by an audit: the op, where our code called it, and (allowed) why.
+
+    ``where``: ``file:line in function: source`` of our innermost frame (with the library
+    frame it went through); ``site``: the same frame without its line number, ``file in
+    function: source``, which an allow-list names (stable when lines above it move);
+    ``reason``: the allowed_sync block's (or the KNOWN_HOST_READS entry's) reason, None when
+    unnamed; ``unlisted``: inside an allowed block whose reason does not list this site."""
 
     op: str
     why: str
     where: str
     reason: str | None = None
+    site: str = ""
+    unlisted: str | None = None
 
 
 def sync_reason(func: Any, args: tuple, kwargs: dict) -> str | None:
@@ -126,10 +140,11 @@ KNOWN_HOST_READS = (
 )
 
 
-def _caller() -> tuple[str, str | None]:
+def _caller() -> tuple[str, str, str | None]:
     """('file:line in function: source' of the innermost frame of our code (hstu/, tests),
-    with the innermost library frame after it when a library made the call; the reason
-    when that library line is a KNOWN_HOST_READS entry)."""
+    with the innermost library frame after it when a library made the call; that frame's
+    site, 'file in function: source'; the reason when that library line is a
+    KNOWN_HOST_READS entry)."""
     frame = sys._getframe(1)
     library = known = None
     while frame is not None:
@@ -137,8 +152,8 @@ def _caller() -> tuple[str, str | None]:
         torch_internal = os.sep + "torch" + os.sep in path
         if path != _THIS_FILE and not torch_internal:
             if path.startswith(_HSTU_DIR) or os.sep + "tests" + os.sep in path:
-                where = _describe(frame)
-                return (where if library is None else f"{where} (via {library})"), known
+                where, site = _describe(frame), _site(frame)
+                return (where if library is None else f"{where} (via {library})"), site, known
             if "contextlib" not in path:
                 described = _describe(frame)
                 library = library or described
@@ -148,17 +163,31 @@ def _caller() -> tuple[str, str | None]:
                     None,
                 )
         frame = frame.f_back
-    return library or "<unknown>", known
+    return library or "<unknown>", library or "<unknown>", known
 
 
-def _describe(frame: Any) -> str:
+def _short_path_and_line(frame: Any) -> tuple[str, str]:
     import linecache
 
     path = frame.f_code.co_filename
     line = linecache.getline(path, frame.f_lineno).strip()
     root = os.path.dirname(_HSTU_DIR)
-    short = os.path.relpath(path, root) if path.startswith(root) else path
+    return (os.path.relpath(path, root) if path.startswith(root) else path), line
+
+
+def _describe(frame: Any) -> str:
+    short, line = _short_path_and_line(frame)
     return f"{short}:{frame.f_lineno} in {frame.f_code.co_name}: {line}"
+
+
+def _site(frame: Any) -> str:
+    short, line = _short_path_and_line(frame)
+    function, outer = frame.f_code.co_name, frame.f_back
+    # a comprehension is named by the function it is written in (Python 3.12 inlines them)
+    while function.startswith("<") and outer is not None \
+            and outer.f_code.co_filename == frame.f_code.co_filename:
+        function, outer = outer.f_code.co_name, outer.f_back
+    return f"{short} in {function}: {line}"
 
 
 # ------------------------------------------------------------------- allowed syncs
@@ -189,11 +218,14 @@ def allowed_sync(reason: str) -> Iterator[None]:
 
 class SyncAudit(TorchDispatchMode):
     """The dispatch mode behind :func:`sync_audit` (``events``: every sync seen, allowed
-    ones with their reason; ``raise_on_sync=False`` records instead of raising)."""
+    ones with their reason; ``raise_on_sync=False`` records instead of raising; ``sites``:
+    reason -> the sites its allowed_sync blocks may sync at, None for no such check)."""
 
-    def __init__(self, raise_on_sync: bool = True) -> None:
+    def __init__(self, raise_on_sync: bool = True,
+                 sites: Mapping[str, Collection[str]] | None = None) -> None:
         super().__init__()
         self.raise_on_sync = raise_on_sync
+        self.sites = sites
         self.events: list[SyncEvent] = []
         self.thread = threading.get_ident()
 
@@ -207,10 +239,20 @@ class SyncAudit(TorchDispatchMode):
 
     def check(self, op: str, why: str) -> None:
         reasons = _reasons.stack
-        where, known = _caller()
-        event = SyncEvent(op, why, where, reasons[-1] if reasons else known)
+        where, site, known = _caller()
+        reason, unlisted = (reasons[-1] if reasons else known), None
+        if reasons and self.sites is not None and site not in self.sites.get(reason, ()):
+            reason, unlisted = None, reasons[-1]
+        event = SyncEvent(op, why, where, reason, site, unlisted)
         self.events.append(event)
         if event.reason is None and self.raise_on_sync:
+            if unlisted is not None:
+                raise HostSyncError(
+                    f"host sync on CUDA: {op} ({why}) at {event.where}, inside "
+                    f"allowed_sync({unlisted!r}) but not one of the sites listed for that "
+                    f"reason (site {site!r}). A reason covers the calls that need it: list "
+                    "this one with its reason if it must sync, or keep it on the device"
+                )
             raise HostSyncError(
                 f"host sync on CUDA: {op} ({why}) at {event.where}. Carry the size with the "
                 "batch, or mark it with hstu.sync_audit.allowed_sync(reason)"
@@ -244,13 +286,16 @@ def _patched(name: str) -> Any:
 
 
 @contextmanager
-def sync_audit(raise_on_sync: bool = True) -> Iterator[SyncAudit]:
+def sync_audit(raise_on_sync: bool = True,
+               sites: Mapping[str, Collection[str]] | None = None) -> Iterator[SyncAudit]:
     """Checks every op this thread runs inside for a host sync on CUDA (module docstring).
 
     Yields the :class:`SyncAudit` (its ``events`` list what it saw: the allowed syncs with
     their reasons; with ``raise_on_sync=False`` the offending ones too, instead of raising).
+    ``sites``: reason -> the sites (:attr:`SyncEvent.site`) its allowed_sync blocks may sync
+    at; a sync inside a block at a site not listed under the block's reason is unnamed.
     """
-    audit = SyncAudit(raise_on_sync)
+    audit = SyncAudit(raise_on_sync, sites)
     with _patch_lock:
         assert audit.thread not in _active, "sync_audit is already active on this thread"
         if not _active:

@@ -3,8 +3,10 @@
 FBGEMM's fused kernels only touch the rows looked up in a step. The data_parallel tables
 (plain [R, D] weights) use this optimizer, so every table follows the same row-sparse
 semantics: a row whose gradient is all zero is left alone (weights and state).
-State per table: ``state[p]`` holds ``step`` (a host int64 count), and ``exp_avg`` and
-``exp_avg_sq`` [R, D] (adam) or ``momentum1`` [R] (rowwise_adagrad).
+State per table: ``state[p]`` holds ``step`` (an int64 count on the table's device: Adam's
+bias correction is computed there, so a step reads nothing on the host and a float16 skip
+can restore the count with ``torch.where``), and ``exp_avg`` and ``exp_avg_sq`` [R, D] (adam)
+or ``momentum1`` [R] (rowwise_adagrad).
 
 Why not ``torch.optim.SparseAdam`` (docs/architecture.md, "Ours where a dependency ships
 something close"): it adds ``eps`` to ``sqrt(v)`` before bias correction where FBGEMM adds it
@@ -16,8 +18,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-
-from hstu.sync_audit import allowed_sync
 
 
 class RowSparseOptimizer(torch.optim.Optimizer):
@@ -43,7 +43,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
     def init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
         if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.int64)
+            state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
             if self.param_groups[0]["kind"] == "adam":
                 state["exp_avg"] = torch.zeros(p.shape, device=p.device)
                 state["exp_avg_sq"] = torch.zeros(p.shape, device=p.device)
@@ -67,9 +67,9 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                 # CUDA); the touched rows' values are the same elementwise operations
                 touched = (g.abs().sum(dim=1) > 0).unsqueeze(1)
                 if kind == "adam":
-                    # the step count is a host tensor (made on the CPU): no device wait
-                    with allowed_sync("RowSparseOptimizer's step count lives on the host"):
-                        t = int(state["step"])
+                    # 1 - b^t on the device, in float64 as Python's b**t was: the same
+                    # float32 divisors, no host read of the count
+                    t = state["step"].to(torch.float64)
                     m = (state["exp_avg"] * b1).add_(g, alpha=1 - b1)
                     v = (state["exp_avg_sq"] * b2).addcmul_(g, g, value=1 - b2)
                     m = torch.where(touched, m, state["exp_avg"])

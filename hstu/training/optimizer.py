@@ -361,11 +361,15 @@ def unscale_sparse_gradients(dense: torch.nn.Module, scaler: DynamicLossScaler) 
 # FBGEMM optimizers whose update reads the host iteration counter (bias correction)
 _HOST_STEP_OPTIMIZERS = frozenset(
     {"adam", "partial_row_wise_adam", "lamb", "partial_row_wise_lamb"})
-_HOST_STEP_SYNC = (
-    "float16 skip with Adam-family table optimizers: FBGEMM's fused Adam (and the replicated "
-    "tables' row-sparse Adam) take their step count from a host counter, which an "
-    "overflowing step must not advance"
+FUSED_ADAM_SKIP = (
+    "float16 skip with FBGEMM's fused Adam-family table optimizers: the kernel takes its step "
+    "count as a host int at forward (iter_cpu), which an overflowing step must not advance, "
+    "so the overflow flag is read once per step to wind it back"
 )
+"""The one host read of the float16 overflow flag (docs/kernels.md, "Host syncs that
+remain"): model_parallel or dynamic tables with ``sparse_optimizer_str`` adam/adamw on a GPU.
+It cannot stay on the device: FBGEMM passes the step to its kernel as a Python int (an
+``aux_int`` of the lookup), read from ``iter_cpu`` when the next step's forward launches."""
 
 
 def kernel_rows(
@@ -452,19 +456,14 @@ class _ReplicatedRows:
 
     def __init__(self, weight: torch.Tensor, opt: torch.optim.Optimizer) -> None:
         self.weight, self.opt, self.device = weight, opt, weight.device
-        stateful = hasattr(opt, "init_state")
-        self.state: dict = opt.init_state(weight) if stateful else {}
-        self.host_step = stateful and opt.param_groups[0].get("kind") == "adam"
-        if stateful and not self.host_step:
-            # a counter no update reads: kept on the table's device, so that a skip can
-            # restore it there (no host read of the flag)
-            self.state["step"] = self.state["step"].to(weight.device)
+        # RowSparseOptimizer keeps its step count on the table's device (Adam's bias
+        # correction too): a skip restores it there, with no host read of the flag
+        self.state: dict = opt.init_state(weight) if hasattr(opt, "init_state") else {}
         self._buffers: list[torch.Tensor] | None = None
-        self.taken = self.restored = 0
+        self.taken = 0
 
     def _tensors(self) -> list[torch.Tensor]:
-        return [self.weight.data] + [
-            v for k, v in self.state.items() if k != "step" or not self.host_step]
+        return [self.weight.data, *self.state.values()]
 
     @torch.no_grad()
     def take(self) -> None:
@@ -481,12 +480,7 @@ class _ReplicatedRows:
         if self.taken and self._buffers is not None:
             for b, t in zip(self._buffers, self._tensors()):
                 t.copy_(torch.where(skip, b, t))
-        self.restored, self.taken = self.taken, 0
-
-    def host_counter_back(self) -> None:
-        """After a skipped step: the host step count back by the backwards it counted."""
-        if "step" in self.state:
-            self.state["step"].sub_(self.restored)
+        self.taken = 0
 
 
 LookupHook = Callable[[torch.Tensor, torch.Tensor], None]  # (indices [N], offsets [F * B + 1])
@@ -524,8 +518,8 @@ class TableStepGuard:
     precision"). Before each training lookup it takes what the step can change
     (:class:`_TbeRows`, :class:`_ReplicatedRows`); after backward (:meth:`restore`, from
     :meth:`OptimizerContainer.step`) it writes that back where the global overflow flag is
-    set, with ``torch.where`` (no host read) except for host step counters an update reads
-    (Adam-family optimizers: one named host read of the flag).
+    set, with ``torch.where`` (no host read) except for the host step counter of FBGEMM's
+    fused Adam-family kernels (one named host read of the flag: :data:`FUSED_ADAM_SKIP`).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -562,8 +556,7 @@ class TableStepGuard:
                 if parts:
                     hook = self._replicated_hook(parts)
                     self._handles.append(emb.dp_ec.register_forward_pre_hook(hook))
-        self.host_step = any(k.host_step for k in self.kernels) or any(
-            r.host_step for r in self.replicated)
+        self.host_step = any(k.host_step for k in self.kernels)
 
     @staticmethod
     def _replicated_hook(parts: list[_ReplicatedRows]) -> Any:
@@ -582,10 +575,10 @@ class TableStepGuard:
         for part in [*self.kernels, *self.replicated]:
             part.restore(skip.to(part.device))
         if self.host_step:
-            with allowed_sync(_HOST_STEP_SYNC):
+            with allowed_sync(FUSED_ADAM_SKIP):
                 skipped = bool(skip)
             if skipped:
-                for part in [*self.kernels, *self.replicated]:
+                for part in self.kernels:
                     if part.host_step:
                         part.host_counter_back()
 

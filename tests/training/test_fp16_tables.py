@@ -199,3 +199,121 @@ def test_dense_overflow_skips_every_table_bitwise(overflow_cases, case) -> None:
     if overflow_cases[case] == "not offered":
         pytest.skip(_skip_reason(case))
     assert overflow_cases[case] == "ok"
+
+
+# ------------------------------------------------ Adam-family tables: the skip and the count
+# Adam's update reads its step count (bias correction), so a skipped step must leave the
+# count as it was, or every later update of the table differs. The replicated tables'
+# RowSparseOptimizer keeps the count on the device (the skip restores it with torch.where,
+# no host read); FBGEMM's fused Adam takes it from a host counter (GPU only: one named read).
+ADAM_REPLICATED = [
+    'NetworkArgs.dtype_str="float16"', 'OptimizerArgs.sparse_optimizer_str="adam"',
+    "NetworkArgs.hidden_dropout=0.0",
+    'item/EmbeddingArgs.feature_names=["item_id"]', 'item/EmbeddingArgs.table_name="item"',
+    'item/EmbeddingArgs.sharding_type="data_parallel"',
+    'user/EmbeddingArgs.feature_names=["user_id"]', 'user/EmbeddingArgs.table_name="user_id"',
+    'user/EmbeddingArgs.sharding_type="data_parallel"',
+]
+
+
+def _adam_runs(rank: int, world_size: int, tmp: str) -> None:
+    from hstu.training.pipeline import build_pipeline
+    from tests.training.test_distributed import _trainer
+
+    out = {}
+    for run in ("overflow_then_clean", "clean_only"):
+        trainer, env = _trainer("ranking", tmp, run, ADAM_REPLICATED)
+        try:
+            guard = trainer.optimizer.table_guard
+            kinds = {r.opt.param_groups[0]["kind"] for r in guard.replicated}
+            assert kinds == {"adam"} and not guard.kernels and not guard.host_step, kinds
+            pipeline = build_pipeline("none", trainer.model, trainer.optimizer, env.device)
+            trainer.model.train()
+            loader = iter(trainer.built.train_loader)
+            first, second = (trainer.model.prepare(next(loader)) for _ in range(2))
+            scaler = trainer.optimizer.scaler
+            if run == "overflow_then_clean":
+                head = [p for p in trainer.model.dense_module.parameters() if p.requires_grad][-1]
+                handle = head.register_hook(lambda g: torch.full_like(g, float("inf")))
+                pipeline.progress(iter([first]))  # skipped: tables, states and counts as before
+                handle.remove()
+                assert scaler.skipped_steps == 1
+            else:
+                scaler.scale = scaler.scale / 2  # the scale the skip leaves behind
+            pipeline.progress(iter([second]))
+            state = _local_state(trainer)
+            state.update({f"dense.{n}": p.detach().clone()
+                          for n, p in trainer.model.dense_module.named_parameters()})
+            out[run] = state
+        finally:
+            trainer.close()
+    torch.save(out, os.path.join(tmp, "adam.pt"))
+
+
+def test_adam_tables_after_a_skipped_step_equal_a_run_without_it(tmp_path) -> None:
+    """float16, Adam on replicated tables: an overflowing batch then a clean one gives every
+    table, its Adam moments and step count, and the dense weights bitwise what the clean batch
+    alone gives (at the loss scale the skip left): the skip undid the step count too."""
+    run_multiprocess(_adam_runs, world_size=1, tmp=str(tmp_path))
+    runs = torch.load(os.path.join(tmp_path, "adam.pt"))
+    skipped, clean = runs["overflow_then_clean"], runs["clean_only"]
+    assert sorted(skipped) == sorted(clean)
+    # the replicated tables' optimizer state ("dense_optim": their dense kernel)
+    steps = [k for k in clean if k.split("#")[0].endswith(".step") and "dense_optim" in k]
+    assert len(steps) == 4 and all(int(clean[k]) == 1 for k in steps), {k: clean[k] for k in steps}
+    assert any(".exp_avg_sq" in k for k in clean), sorted(clean)
+    differ = [k for k in clean if not torch.equal(skipped[k], clean[k])]
+    assert not differ, f"a skipped step left a trace in {differ}"
+
+
+class _FusedAdamKernel(torch.nn.Module):
+    """What the table guard reads of an FBGEMM kernel with fused Adam (FBGEMM builds no Adam
+    kernel on a CPU): one table's weight and moments, the device counter ``iter`` and the host
+    counter ``iter_cpu`` its forward reads the step from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.optimizer = "adam"
+        self.feature_table_map = [0]
+        gen = torch.Generator().manual_seed(0)
+        self.weight = torch.randn(10, 4, generator=gen)
+        self.moments = [torch.zeros(10, 4), torch.zeros(10, 4)]
+        self.iter = torch.zeros(1, dtype=torch.int64)
+        self.iter_cpu = torch.zeros(1, dtype=torch.int64)
+
+    def split_embedding_weights(self) -> list[torch.Tensor]:
+        return [self.weight]
+
+    def split_optimizer_states(self) -> list[list[torch.Tensor]]:
+        return [self.moments]
+
+    def forward_and_backward(self, rows: torch.Tensor) -> None:
+        """FBGEMM's order: the forward counts the step on both counters, the backward
+        updates the looked-up rows."""
+        self.iter_cpu.add_(1)
+        self.iter.add_(1)
+        for x in (self.weight, *self.moments):
+            x.index_add_(0, rows, torch.ones(rows.numel(), 4))
+
+
+@pytest.mark.parametrize("overflow", [True, False])
+def test_fused_adam_skip_winds_the_host_counter_back_with_its_one_named_read(overflow) -> None:
+    from hstu.sync_audit import sync_audit
+    from hstu.training.optimizer import FUSED_ADAM_SKIP, TableStepGuard, _TbeRows
+    from tests.training.test_sync_audit import KNOWN_SITES
+
+    kernel = _FusedAdamKernel()
+    guard = TableStepGuard.__new__(TableStepGuard)  # its __init__ finds TorchRec's kernels
+    guard.kernels, guard.replicated, guard._handles = [_TbeRows(kernel)], [], []
+    guard.host_step = guard.kernels[0].host_step
+    assert guard.host_step
+    before = [t.clone() for t in (kernel.weight, *kernel.moments, kernel.iter, kernel.iter_cpu)]
+    rows = torch.tensor([1, 4, 4, 7])
+    guard.kernels[0].take(rows, torch.tensor([0, 4]))
+    kernel.forward_and_backward(rows)
+    with sync_audit(sites=KNOWN_SITES) as audit:
+        guard.restore(torch.tensor([1.0 if overflow else 0.0]))
+    assert [e.reason for e in audit.events] == [FUSED_ADAM_SKIP]
+    after = [kernel.weight, *kernel.moments, kernel.iter, kernel.iter_cpu]
+    same = [torch.equal(a, b) for a, b in zip(before, after)]
+    assert same == [overflow] * 5, same

@@ -5,7 +5,8 @@ on, and runs a few steps exactly as ``Trainer.train`` does (the trainer's Feed w
 stage, its pipeline, the optimizers, the weight average) under :func:`hstu.sync_audit.sync_audit`:
 an op that would make the host wait for a CUDA device raises, naming the op and our line. The
 syncs that remain are named (``allowed_sync``) and must be among :data:`KNOWN_REASONS`, the
-list docs/kernels.md explains.
+list docs/kernels.md explains, each at a call site :data:`KNOWN_SITES` lists under its reason
+(a reason covers the calls that need it, not everything in its block).
 
 :data:`SWITCHES` classifies every field of the step's gin classes: the cells that exercise it,
 or why it does not change what a step runs. A new field that is in neither fails
@@ -27,7 +28,7 @@ import torch
 from hstu.sync_audit import TORCH_OPTIM_STEP
 from tests.dist_utils import run_multiprocess
 from tests.training.test_pipelines import DYNAMIC_ITEM
-from tests.training.test_sync_audit import KNOWN_REASONS
+from tests.training.test_sync_audit import KNOWN_REASONS, KNOWN_SITES
 
 STEPS = 3
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,6 +36,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 UNIFORM = ['RetrievalArgs.negative_sampling="uniform"', "RetrievalArgs.num_negatives=8"]
 FULL = ['RetrievalArgs.negative_sampling="full_corpus"', "RetrievalArgs.num_negatives=-1"]
 TWO_LAYERS = ["NetworkArgs.num_layers=2"]
+# the ranking preset's item and user tables replicated too (its action and segment ones are)
+ALL_REPLICATED = [
+    'item/EmbeddingArgs.feature_names=["item_id"]', 'item/EmbeddingArgs.table_name="item"',
+    'item/EmbeddingArgs.sharding_type="data_parallel"',
+    'user/EmbeddingArgs.feature_names=["user_id"]', 'user/EmbeddingArgs.table_name="user_id"',
+    'user/EmbeddingArgs.sharding_type="data_parallel"',
+]
 
 # cell -> (task, processes, gin params)
 CELLS: dict[str, tuple[str, int, list[str]]] = {
@@ -82,6 +90,14 @@ CELLS: dict[str, tuple[str, int, list[str]]] = {
                             "OptimizerArgs.weight_decay=0.01", 'OptimizerArgs.optimizer_str="adamw"']),
     "fp16_retrieval": ("retrieval", 1, ['NetworkArgs.dtype_str="float16"',
                                         "OptimizerArgs.clip_grad_norm=1.0"]),
+    # float16 with each table optimizer family (the skip of an overflowing step differs by
+    # family; "fp16" above is row-wise Adagrad, the presets' own): FBGEMM's fused SGD on the
+    # sharded tables, and Adam on replicated ones (FBGEMM has no CPU Adam: its fused
+    # Adam-family kernels are checked on a GPU, python -m hstu.gpu_check)
+    "fp16_sgd": ("ranking", 1, ['NetworkArgs.dtype_str="float16"',
+                                'OptimizerArgs.sparse_optimizer_str="sgd"']),
+    "fp16_adam": ("ranking", 1, ['NetworkArgs.dtype_str="float16"',
+                                 'OptimizerArgs.sparse_optimizer_str="adam"', *ALL_REPLICATED]),
     "ranking": ("ranking", 1, ["RankingArgs.num_tasks=2", "RankingArgs.history_loss_weight=0.5",
                                'OptimizerArgs.sparse_lr_schedule="constant"']),
     "mlp_baseline": ("ranking", 1, ['NetworkArgs.architecture="mlp_baseline"']),
@@ -141,7 +157,7 @@ SWITCHES: dict[str, list[str] | str] = {
     "EmbeddingArgs.feature_names": _ALL,
     "EmbeddingArgs.table_name": _ALL,
     "EmbeddingArgs.item_vocab_size_or_capacity": _ALL,
-    "EmbeddingArgs.sharding_type": ["data_parallel_table"],
+    "EmbeddingArgs.sharding_type": ["data_parallel_table", "fp16_adam"],
     "EmbeddingArgs.sharding_override": _NO + "which rank holds which rows (the same kernels; "
                                        "tests/embeddings cover each type)",
     "DynamicEmbeddingArgs.global_hbm_for_values": _NO + "sizes the capacity (dynamic cells)",
@@ -174,7 +190,8 @@ SWITCHES: dict[str, list[str] | str] = {
     "NetworkArgs.norm_epsilon": _NO + "a constant",
     "NetworkArgs.is_causal": _NO + "the mask's shape, not its sizes",
     "NetworkArgs.mask_convention": _NO + "the mask's shape, not its sizes",
-    "NetworkArgs.dtype_str": ["bf16", "bf16_full_corpus", "fp16", "fp16_retrieval"],
+    "NetworkArgs.dtype_str": ["bf16", "bf16_full_corpus", "fp16", "fp16_retrieval", "fp16_sgd",
+                              "fp16_adam"],
     "NetworkArgs.kernel_backend": _NO + "CPU runs the pytorch kernel; triton/cutlass are checked "
                                   "on a GPU by python -m hstu.gpu_check",
     "NetworkArgs.target_group_size": _NO + "the mask's shape, not its sizes",
@@ -209,7 +226,7 @@ SWITCHES: dict[str, list[str] | str] = {
     "OptimizerArgs.adam_beta2": _NO + "a constant",
     "OptimizerArgs.adam_eps": _NO + "a constant",
     "OptimizerArgs.weight_decay": ["fp16"],
-    "OptimizerArgs.sparse_optimizer_str": _ALL,
+    "OptimizerArgs.sparse_optimizer_str": ["fp16", "fp16_sgd", "fp16_adam"],
     "OptimizerArgs.sparse_learning_rate": _ALL,
     "OptimizerArgs.clip_grad_norm": ["fp16", "fp16_retrieval"],
     "OptimizerArgs.sparse_lr_schedule": ["ranking"],
@@ -298,7 +315,9 @@ def audited_trainer_steps(
         feed = trainer.open_batches()
         trainer.model.train()
         batches = iter(feed)
-        with contextlib.closing(feed), sync_audit() as audit:  # raises at the first unnamed sync
+        # raises at the first unnamed sync, or at a sync of an allowed block at a site not
+        # listed under the block's reason
+        with contextlib.closing(feed), sync_audit(sites=KNOWN_SITES) as audit:
             losses = [trainer.train_step(batches) for _ in range(steps)]
         assert bool(torch.isfinite(torch.stack([x.float().sum() for x in losses])).all())
         reasons = {e.reason for e in audit.allowed} - {TORCH_OPTIM_STEP}
@@ -331,12 +350,40 @@ def _cell_checks(cell: str, params: list[str]) -> Callable[[Any, set[str]], None
                 held = {r.in_flight_steps for m in trainer.model.sparse.modules()
                         for r in getattr(m, "remappers", {}).values()}
                 assert held == {PIPELINE_IN_FLIGHT}, held
+        if 'dtype_str="float16"' in " ".join(params):
+            _check_float16_tables(cell, trainer, reasons)
         if "pipeline_type" in " ".join(params):
             from hstu.training.pipeline import pipelined_module_names
 
             assert pipelined_module_names(trainer.pipeline), "the pipeline overlapped nothing"
 
     return check
+
+
+# what an overflowing float16 step must undo in the tables, per cell: the FBGEMM kernels'
+# optimizers (sharded tables) and the replicated tables' optimizer kinds
+FLOAT16_TABLES = {
+    "fp16": ({"exact_row_wise_adagrad"}, {"rowwise_adagrad"}),
+    "fp16_retrieval": ({"exact_row_wise_adagrad"}, {"rowwise_adagrad"}),
+    "fp16_sgd": ({"exact_sgd"}, {"SGD"}),
+    "fp16_adam": (set(), {"adam"}),
+}
+
+
+def _check_float16_tables(cell: str, trainer: Any, reasons: set[str]) -> None:
+    """The audit's verdict on a float16 cell: the step ran the table guard over the tables of
+    the cell's optimizer family, and the one host read of the overflow flag
+    (FUSED_ADAM_SKIP, FBGEMM's fused Adam family, GPU only) was named exactly when a kernel
+    needs it: never here."""
+    from hstu.training.optimizer import FUSED_ADAM_SKIP
+
+    guard = trainer.optimizer.table_guard
+    assert guard is not None, "float16 with tables runs the table guard"
+    fused = {getattr(k.tbe.optimizer, "value", str(k.tbe.optimizer)) for k in guard.kernels}
+    replicated = {r.opt.param_groups[0].get("kind", type(r.opt).__name__) for r in guard.replicated}
+    assert (fused, replicated) == FLOAT16_TABLES[cell], (fused, replicated)
+    assert (FUSED_ADAM_SKIP in reasons) == guard.host_step, reasons
+    assert not guard.host_step, "no fused Adam-family kernel on a CPU host"
 
 
 def _cell_steps(rank: int, world_size: int, tmp: str, cell: str) -> None:
