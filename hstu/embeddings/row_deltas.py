@@ -210,6 +210,20 @@ def touched_entries(
     return out, None
 
 
+def whole_bytes(state: dict[str, Any], keys: dict[str, str], rank: int) -> int:
+    """The bytes this rank would write of ``keys`` whole (its shards; a replicated value on
+    rank 0), to weigh against :func:`entries_bytes` of the same keys."""
+    total = 0
+    for key in keys:
+        pieces = _pieces(state[key])
+        if pieces is None:
+            if rank == 0:
+                total += state[key].numel() * state[key].element_size()
+            continue
+        total += sum(local.numel() * local.element_size() for local, _ in pieces)
+    return total
+
+
 def entries_bytes(entries: Entries) -> int:
     return sum(t.numel() * t.element_size() for e in entries.values() for t in e.values())
 
@@ -241,5 +255,13 @@ def apply_entries(state: dict[str, Any], entries: Entries) -> None:
                               part.to(local.device, local.dtype))
 
 
-__all__ = ["Entries", "TouchedRows", "apply_entries", "entries_bytes", "row_keys", "table_rows",
-           "touched_entries"]
+__all__ = [
+    "Entries",
+    "TouchedRows",
+    "apply_entries",
+    "entries_bytes",
+    "row_keys",
+    "table_rows",
+    "touched_entries",
+    "whole_bytes",
+]

@@ -35,7 +35,14 @@ from typing import Any
 
 from hstu.data.stream import StreamPosition, save_stream
 from hstu.data.user_store import UserStore
-from hstu.embeddings.row_deltas import TouchedRows, row_keys, table_rows, touched_entries
+from hstu.embeddings.row_deltas import (
+    TouchedRows,
+    entries_bytes,
+    row_keys,
+    table_rows,
+    touched_entries,
+    whole_bytes,
+)
 from hstu.training import checkpoint as ckpt
 from hstu.training.distributed import broadcast_object, gather_objects
 
@@ -123,8 +130,13 @@ class StreamCheckpoints:
                 state = manager.tables.state_dict(with_ema=False)[manager.tables.KEY]
                 keys = row_keys(manager.tables.model, state)
                 entries, why = touched_entries(state, keys, self.num_rows, touched, self.rank)
-                problems = [p for p in gather_objects(why) if p is not None]
+                sizes = gather_objects((why, entries_bytes(entries),
+                                        whole_bytes(state, keys, self.rank)))
+                problems = [p for p, _, _ in sizes if p is not None]
                 why = problems[0] if problems else None
+                if why is None and sum(r for _, r, _ in sizes) >= sum(w for _, _, w in sizes):
+                    why = ("a delta whose touched rows, with their row indices, would outweigh "
+                           "the tables is written with the tables whole (most rows changed)")
                 if why is None:
                     manager.table_rows = entries
                     self.written = {t: int(r.numel()) for t, r in touched.items()}

@@ -420,9 +420,12 @@ def test_id_map_deltas_extend_the_full_maps(tmp_path):
 ROW_DELTAS = ['RetrievalArgs.negative_sampling="in_batch"',
               'item/EmbeddingArgs.feature_names=["item_id"]', 'item/EmbeddingArgs.table_name="item"',
               'item/EmbeddingArgs.sharding_type="model_parallel"',
-              'item/EmbeddingArgs.sharding_override="row_wise"']
+              'item/EmbeddingArgs.sharding_override="row_wise"',
+              "item/EmbeddingArgs.item_vocab_size_or_capacity=100"]
 """In-batch negatives (the full-corpus loss updates every item row: tables whole) and the item
-table sharded row-wise: the deltas hold the item rows touched, split over the ranks."""
+table sharded row-wise: the deltas hold the item rows touched, split over the ranks (100 rows,
+the ~60 items in both halves: a window touches some, and rows with their indices weigh less
+than the table whole, which a delta writes instead when they would not)."""
 
 
 @pytest.fixture(scope="module")
