@@ -20,7 +20,7 @@ from hstu.sync_audit import (
     sync_audit,
 )
 
-# Every allowed sync a debug step may meet (docs/performance.md "No host sync in a step").
+# Every allowed sync a debug step may meet (docs/kernels.md "No host sync in a step").
 KNOWN_REASONS = {
     MAX_SEQLEN_CHECK,
     "pytorch attention backend: chunk plan from the lengths, once per batch",
