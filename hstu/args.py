@@ -599,7 +599,7 @@ class NetworkArgs:
     sequence_layout: Literal["jagged", "padded"] = "jagged"
     """jagged (each sample's real tokens only) or padded (every sample padded to the longest
     sequence the data allows, as padded trainers do; same results, for comparison; needs
-    is_causal). HSTU and SASRec (whose runs before issue 51 were padded)."""
+    is_causal). HSTU and SASRec (SASRec's earlier published runs were padded)."""
     compile: bool = False
     """torch.compile each layer's output tail (LayerNorm(O) * U, dropout, W_o, residual; dynamic
     shapes); one TP rank only. Dropout masks then come from the compiled kernel's generator (results

@@ -20,7 +20,7 @@ from ``--ml100k-raw`` when missing); the synthetic presets need nothing.
 The online-training preset (``--presets stream``, not in ``all``: events/s and memory per
 window over a synthetic KuaiRand-1K stream) and the long-history presets (``--presets long``:
 the HSTU block alone per method and history length) are described in docs/performance.md,
-"Online training at KuaiRand-1K size" and "Long-history presets".
+"Online training" and "Measuring".
 """
 
 from __future__ import annotations

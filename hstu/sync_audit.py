@@ -27,7 +27,7 @@ backward too): torch's own ``data_dependent_output`` and ``dynamic_output_shape`
 latter includes ``bincount``, whose CUDA kernel reads the input's range on the host whatever
 ``minlength``), boolean-mask indexing, ``equal`` and ``histc`` without a range; and at the
 Python level ``Tensor.tolist``, ``.numpy`` and ``.cpu`` (on a CPU tensor these never reach the
-dispatcher; docs/performance.md, "The CPU guard"). Not seen: syncs inside CUDA kernels that
+dispatcher; docs/kernels.md, "The CPU guard"). Not seen: syncs inside CUDA kernels that
 no op list predicts, and ``.to("cpu")`` of a tensor already on the CPU;
 ``torch.cuda.set_sync_debug_mode("error")`` on a GPU is the final word
 (``python -m hstu.gpu_check``).

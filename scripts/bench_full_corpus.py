@@ -11,8 +11,8 @@ rank: the median step (wall and process CPU seconds, from one training forward t
 the peak resident memory after the build and after all steps but the last (the run's final
 evaluation not counted), and the most item ids one
 step's KeyedJaggedTensor carried into the sharded EmbeddingCollection (the batch's tokens;
-with the catalogue in the batch it would hold every id). docs/performance.md, "Scale-true
-core (issue 39)", has figures.
+with the catalogue in the batch it would hold every id). docs/performance.md, "Catalogue
+scale", has figures.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ local rank its own equal slice of the host's CPUs where that cannot hurt (the co
 the per-host claims file: docs/training.md, "Host settings"), :func:`lower_this_thread`
 runs the data thread at a low priority. Both change only speed, never a value; the
 switches are in :mod:`hstu.training.host_settings`, the measurements in docs/performance.md
-("CPU placement").
+("Knobs").
 """
 
 from __future__ import annotations

@@ -245,7 +245,9 @@ class WeightAverage:
         weight they have had since their last change, before backward changes them; from
         this update on their average follows the weight after the step. A row caught up
         twice in one step gets a product of 1 (lerp returns its average bitwise). Sorted rows:
-        memory touched in order (docs/performance.md, "Weight average on a large table")."""
+        memory touched in order (a write of 500k rows into a 1M x 64 table, one CPU thread:
+        49 ms sorted, 209 ms in lookup order; docs/performance.md, "Weight average on a large
+        table")."""
         rows = torch.sort(rows).values
         n = self.num_updates
         since = self._log_decays(entry.last.index_select(0, rows))

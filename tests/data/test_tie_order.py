@@ -1,4 +1,4 @@
-"""Interactions with equal timestamps keep their file order (docs/data.md "Ties in time").
+"""Interactions with equal timestamps keep their file order (docs/data.md "Order (ties in time)").
 
 For each built-in layout a small raw file is written here whose ties are in file order that
 differs from item-id order (so an unstable sort, or one that breaks ties by item id, fails);

@@ -262,7 +262,7 @@ class _SampledLogSumExp(torch.autograd.Function):
     Forward: the sampled product (as :class:`_SampledScores`), the hits set to -inf, an
     in-place softmax over the negatives and their log-sum-exp, all in the [Q, M] buffer that
     backward keeps (the negatives' softmax). Over all queries at once: blocks of 128k
-    logits sized for the core's L2 cost as much or more here (docs/performance.md). Backward scales
+    logits sized for the core's L2 cost as much or more (measured on a 2-core CPU). Backward scales
     its [Q, D] sides by each query's share of the probability mass instead of touching [Q, M] again:
     grad_queries = c * (P @ rows) and grad_rows = P^T @ (c * queries), with c = grad_lse *
     exp(lse_neg - lse) (:func:`_pattern_products`). The unfused path (scores, division, id gather,
