@@ -25,6 +25,8 @@ setup(
         "tqdm",
         "matplotlib",
         "triton==3.9.0",
+        "scikit-learn",  # k-means, TF-IDF and SVD of the semantic-id tokenizer (hstu.sid)
+        "threadpoolctl",  # (scikit-learn's own dependency) one thread while hstu.sid fits
     ],
     extras_require={"dev": ["pytest", "pytest-timeout", "ruff", "hypothesis"]},
 )

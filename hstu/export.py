@@ -50,7 +50,10 @@ from hstu.serving.artifact import (
 from hstu.serving.model import InferenceHSTU
 from hstu.training.checkpoint_manager import merge_tp_shards
 
-__all__ = ["ExportError", "export", "load_for_export", "main", "merge_tp_shards", "publish_version"]
+__all__ = [
+    "ExportError", "checkpoint_item_vectors", "export", "load_for_export", "main",
+    "merge_tp_shards", "publish_version",
+]
 
 
 class ExportError(Exception):
@@ -525,23 +528,69 @@ def _copy_item_map(cfg: Any, out: Path) -> bool:
     return False
 
 
-def write_embedding_dump(tables: dict, icfg: dict, out: Path) -> None:
-    """items.parquet: item_id (the model's id), raw_item_id (when the dataset has a map), vector."""
+def _item_rows(tables: dict, icfg: dict, item_map: Any) -> tuple[Any, Any, list | None]:
+    """(model ids int64 [N], float32 vectors [N, D], raw ids or None) of the item table's rows
+    that are items: ids from min_item_id on (and in the item map, when there is one)."""
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     item = tables[icfg["item_feature_name"]]
     ids, vectors = item["ids"].numpy(), item["vectors"].numpy().astype(np.float32)
-    m = pq.read_table(out / ITEM_MAP) if (out / ITEM_MAP).is_file() else None
     keep = ids >= icfg.get("min_item_id", 0)
-    if icfg.get("min_item_id", 0) > 0 and m is not None:
-        keep &= np.isin(ids, m.column("item_id").to_numpy())
+    if icfg.get("min_item_id", 0) > 0 and item_map is not None:
+        keep &= np.isin(ids, item_map.column("item_id").to_numpy())
     ids, vectors = ids[keep], vectors[keep]
+    if item_map is None:
+        return ids, vectors, None
+    lookup = dict(zip(item_map.column("item_id").to_pylist(),
+                      item_map.column("raw_item_id").to_pylist()))
+    return ids, vectors, [lookup.get(int(i)) for i in ids]
+
+
+def checkpoint_item_vectors(ckpt: str, log: Any = print) -> tuple[Any, Any, str]:
+    """(item ids, float32 vectors [N, D], checkpoint folder) of a checkpoint's item table,
+    loaded on one process as the export does (the configuration from the checkpoint): raw ids
+    when the dataset has an item map (rows without a raw id left out), else the model's ids
+    from min_item_id on. The collaborative vectors the semantic-id tokenizer reads
+    (``python -m hstu.sid.tokenize --ckpt``)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from hstu.training.distributed import destroy_distributed
+
+    try:
+        model, cfg, built, ckpt_dir, _, _ = load_for_export(ckpt, None, [], log)
+        if cfg.network.architecture == "sasrec":
+            from hstu.model import sasrec
+
+            icfg = sasrec.inference_config(model, cfg, built.info)
+        else:
+            icfg = inference_config(model, cfg, built.info)
+        keys = list(_first_eval_batch(built).features.keys())
+        tables = gather_tables(model, [icfg["item_feature_name"]], keys)
+        path = getattr(cfg.dataset, "resolved_path", None)
+        m = pq.read_table(Path(path) / ITEM_MAP) if path and (Path(path) / ITEM_MAP).is_file() \
+            else None
+        ids, vectors, raw = _item_rows(tables, icfg, m)
+        if raw is not None:
+            known = np.asarray([r is not None for r in raw], dtype=bool)
+            kind = "O" if any(isinstance(r, str) for r in raw) else "int64"
+            ids = np.asarray([r for r, k in zip(raw, known) if k], dtype=kind)
+            vectors = vectors[known]
+        return ids, vectors, ckpt_dir
+    finally:
+        destroy_distributed()
+
+
+def write_embedding_dump(tables: dict, icfg: dict, out: Path) -> None:
+    """items.parquet: item_id (the model's id), raw_item_id (when the dataset has a map), vector."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    m = pq.read_table(out / ITEM_MAP) if (out / ITEM_MAP).is_file() else None
+    ids, vectors, raw = _item_rows(tables, icfg, m)
     columns: dict[str, Any] = {"item_id": pa.array(ids)}
-    if m is not None:
-        lookup = dict(zip(m.column("item_id").to_pylist(), m.column("raw_item_id").to_pylist()))
-        columns["raw_item_id"] = pa.array([lookup.get(int(i)) for i in ids])
+    if raw is not None:
+        columns["raw_item_id"] = pa.array(raw)
     dim = vectors.shape[1]
     columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)
     pq.write_table(pa.table(columns), out / EMBEDDING_DUMP)

@@ -39,7 +39,7 @@ LAYERS: list[list[str]] = [
     ["hstu.serving"],
     # entry points and tools
     ["hstu.cli", "hstu.bench", "hstu.export", "hstu.recommend", "hstu.publish", "hstu.launch",
-     "hstu.gpu_check", "hstu.docs_gen"],
+     "hstu.gpu_check", "hstu.docs_gen", "hstu.sid"],
 ]
 
 
