@@ -112,6 +112,44 @@ def test_sampled_live_leaves_each_querys_history_out_of_its_negatives():
     assert torch.isneginf(neg_logits[2]).tolist() == want
 
 
+def test_targets_not_admitted_are_neither_targets_nor_negatives():
+    """Admission (DynamicEmbeddingArgs.admit_min_count): a target without a row has id -1 and
+    target_kept False: its query adds nothing (the mean is over the others) and its in-batch
+    column is no one's negative; the loss is that of the other queries alone, with no column
+    of id -1, and the left-out rows get no gradient. Under sampled_live and in_batch."""
+    from hstu.ops.losses.strategies import in_batch
+
+    torch.manual_seed(3)
+    unit = lambda n: torch.nn.functional.normalize(torch.randn(n, 6, dtype=torch.float64), dim=1)
+    queries, pos_vectors = unit(6), unit(6)
+    pos_ids = torch.tensor([3, -1, 7, 3, -1, 9])
+    pos_vectors[pos_ids < 0] = 0.0  # a miss's embedding: zeroed
+    key_ids, key_vectors = torch.tensor([7, 11, 4]), unit(3)
+    kept = pos_ids >= 0
+    for t in (queries, pos_vectors, key_vectors):
+        t.requires_grad_(True)
+    x = LossInputs(queries, pos_ids, pos_vectors, 0.3, 3, True, None, 1, torch.float64,
+                   key_ids=key_ids, key_vectors=key_vectors, live_rows=17, target_kept=kept)
+    loss, (_, neg_logits) = sampled_live(x)
+    q, p = queries.detach()[kept], pos_vectors.detach()[kept]
+    neg_vectors = torch.cat([pos_vectors, key_vectors]).detach()
+    neg_ids = torch.cat([pos_ids, key_ids])
+    real = neg_ids >= 0
+    want = _reference_loss(q, p, pos_ids[kept], neg_vectors[real], neg_ids[real], pos_ids, 3, 17,
+                           0.3)
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-12)
+    assert torch.isneginf(neg_logits[kept][:, ~real]).all()
+    loss.backward()
+    assert float(queries.grad[~kept].abs().sum()) == 0.0 and queries.grad[kept].abs().sum() > 0
+    assert float(pos_vectors.grad[~kept].abs().sum()) == 0.0
+    # in-batch negatives only (sampled_softmax_loss): the same rule
+    x = LossInputs(queries.detach(), pos_ids, pos_vectors.detach(), 0.3, -1, True, None, 1,
+                   torch.float64, target_kept=kept)
+    loss, _ = in_batch(x)
+    want = _reference_loss(q, p, pos_ids[kept], p, pos_ids[kept], pos_ids, 0, 1, 0.3, correct=False)
+    assert float(loss) == pytest.approx(want, rel=1e-12)
+
+
 # ------------------------------------------------------------------------------ the draws
 
 
