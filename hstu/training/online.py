@@ -590,15 +590,24 @@ class OnlineTrainer:
         return freed, dropped
 
     def _table_rows(self) -> dict[str, float]:
-        """Each dynamic table's occupied rows and ids evicted so far (its remapper's counts,
-        the same on every rank)."""
+        """Each dynamic table's occupied rows and ids evicted so far, and with admission the
+        training lookups of ids not admitted so far (its remapper's counts, the same on every
+        rank)."""
         out: dict[str, float] = {}
         for module in self.trainer.model.sparse.modules():
             if isinstance(module, HstuEmbeddings):
                 for name, s in module.stats().items():
                     out[f"{name}_occupied"] = float(s["occupied"])
                     out[f"{name}_evicted"] = float(s["evicted_total"])
+                    if module.remappers[name].admission is not None:
+                        out[f"{name}_not_admitted"] = float(s["not_admitted_total"])
         return out
+
+    def _not_admitted_targets(self) -> int:
+        """Retrieval with admission: this rank's targets left out of the loss since the last
+        window (their item not admitted yet); 0 otherwise."""
+        take = getattr(self.trainer.model.dense_module, "take_not_admitted_targets", None)
+        return 0 if take is None else take()
 
     def _drop_rows_after(self, windows: int) -> None:
         """On resume: drops the ``stream`` rows of windows after the checkpoint's ``windows``
@@ -867,7 +876,7 @@ class OnlineTrainer:
                 # every rank stops (a signal on any) and publishes (due on any) at the same
                 # window; each rank's resident memory, for the rows
                 agreed = self._all_counts(int(preemption.requested), int(due), resident_kib(),
-                                          dropped)
+                                          dropped, self._not_admitted_targets())
                 stop, due = (bool(x) for x in agreed[:, :2].max(axis=0))
                 expired = {}
                 if self.stream_args.item_ttl_days is not None:
@@ -875,6 +884,9 @@ class OnlineTrainer:
                 if (self.stream_args.user_ttl_days is not None
                         or self.stream_args.max_users_per_rank is not None):
                     expired["expired_users"] = float(agreed[:, 3].sum())
+                if self.cfg.task == "retrieval" and any(r.admission is not None
+                                                        for r in self.remappers):
+                    expired["not_admitted_targets"] = float(agreed[:, 4].sum())
                 # "window" first: a window's rows start with it (readers of metrics.csv split
                 # the rows into windows there)
                 rows = {
