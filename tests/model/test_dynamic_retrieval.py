@@ -150,6 +150,29 @@ def test_targets_not_admitted_are_neither_targets_nor_negatives():
     assert float(loss) == pytest.approx(want, rel=1e-12)
 
 
+def test_the_model_leaves_targets_not_admitted_out_of_the_global_mean():
+    """RetrievalModel.forward with a miss mask on the item feature in training (what
+    admission gives): the loss is the mean over the other queries (the count of the global
+    mean leaves them out), their columns are no one's negative, and they are counted."""
+    from dataclasses import replace
+
+    from tests.model.helpers import make_batch
+    from tests.model.test_models import _retrieval
+
+    model = _retrieval(-1).train()  # in-batch negatives
+    batch = make_batch([[1, 2, 3, 4], [5, 6], [7]])
+    # items 3 and 6 not admitted: the targets of queries 1 and 3 (of 0..3)
+    miss = torch.tensor([False, False, True, False, False, True, False])
+    loss, (pos_logits, neg_logits) = model(replace(batch, lookup_misses={"item": miss}))
+    kept = torch.tensor([True, False, True, False])
+    per_query = torch.logsumexp(torch.cat([pos_logits.unsqueeze(1), neg_logits], 1), 1) - pos_logits
+    assert float(loss.detach()) == pytest.approx(float(per_query[kept].mean()), rel=1e-6)
+    assert torch.isneginf(neg_logits[kept][:, ~kept]).all()
+    assert model.take_not_admitted_targets() == 2 and model.take_not_admitted_targets() == 0
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
 # ------------------------------------------------------------------------------ the draws
 
 
