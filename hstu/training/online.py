@@ -603,6 +603,11 @@ class OnlineTrainer:
                         out[f"{name}_not_admitted"] = float(s["not_admitted_total"])
         return out
 
+    def _admits_targets(self) -> bool:
+        """Retrieval over a dynamic item table with admission (targets may be left out)."""
+        return self.cfg.task == "retrieval" and any(r.admission is not None
+                                                    for r in self.remappers)
+
     def _not_admitted_targets(self) -> int:
         """Retrieval with admission: this rank's targets left out of the loss since the last
         window (their item not admitted yet); 0 otherwise."""
@@ -795,6 +800,10 @@ class OnlineTrainer:
         self.windows_done += len(taken)
         self.events_done += 0 if self.events_done < 0 else consumed
         self._train_rows(window_metrics, steps)
+        admission = {}
+        if self._admits_targets():  # every rank's targets left out (every rank is here)
+            waited = self._all_counts(self._not_admitted_targets())[:, 0].sum()
+            admission["not_admitted_targets"] = float(waited)
         self._pending_rows.append((t.step, STREAM_SPLIT, {
             "window": float(self.windows_done), "eval_events": 0.0, "events": float(consumed),
             "train_steps": float(steps), "trained_events": float(work.targets * sa.batch_epochs),
@@ -802,7 +811,7 @@ class OnlineTrainer:
             "known_items": float(known),
             "events_waiting": float(merged.lag.events_waiting),
             "seconds_behind": float(merged.lag.seconds_behind),
-            "window_seconds": time.perf_counter() - started,
+            "window_seconds": time.perf_counter() - started, **admission,
         }))
         t.logger.print(
             f"[hstu] batch phase: windows 1-{self.windows_done} {merged.name}: {consumed} events "
@@ -884,8 +893,7 @@ class OnlineTrainer:
                 if (self.stream_args.user_ttl_days is not None
                         or self.stream_args.max_users_per_rank is not None):
                     expired["expired_users"] = float(agreed[:, 3].sum())
-                if self.cfg.task == "retrieval" and any(r.admission is not None
-                                                        for r in self.remappers):
+                if self._admits_targets():
                     expired["not_admitted_targets"] = float(agreed[:, 4].sum())
                 # "window" first: a window's rows start with it (readers of metrics.csv split
                 # the rows into windows there)
