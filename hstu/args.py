@@ -286,6 +286,18 @@ class DynamicEmbeddingArgs(EmbeddingArgs):
     """Eviction policy when the table is full: least recently or least frequently used."""
     caching: bool = False
     """On GPU, keep a device cache of global_hbm_for_values bytes in front of host memory."""
+    admit_min_count: int = 1
+    """Admission: an id gets a row only once training has looked it up this many times (counted
+    in a count-min sketch, occurrences over all ranks); before that its lookups are misses (a
+    zero embedding, no row, counted as not admitted). 1: every id gets a row in the step it is
+    first looked up. Above 1, one row of the table is kept for the misses (never an id's)."""
+    admit_sketch_width: int = 1 << 20
+    """Admission (admit_min_count > 1): counters per row of the count-min sketch. It takes
+    width x depth x 4 bytes on every rank; every width occurrences counted, all counters are
+    halved, so an id must come back within about that many occurrences of not admitted ids."""
+    admit_sketch_depth: int = 4
+    """Admission: rows (independent hashes) of the count-min sketch; an estimate is the smallest
+    of its counters, never below the true count."""
 
     def __post_init__(self) -> None:
         if self.sharding_type != "model_parallel" and self.sharding_type is not REQUIRED:
@@ -297,6 +309,11 @@ class DynamicEmbeddingArgs(EmbeddingArgs):
         self.sharding_type = "model_parallel"
         super().__post_init__()
         _positive(self, "global_hbm_for_values", "item_vocab_gpu_capacity")
+        _require(self.admit_min_count >= 1, self, "admit_min_count",
+                 f"must be >= 1 (1: no admission), got {self.admit_min_count}")
+        _positive(self, "admit_sketch_width")
+        _require(1 <= self.admit_sketch_depth <= 16, self, "admit_sketch_depth",
+                 f"must be in [1, 16], got {self.admit_sketch_depth}")
         if self.item_vocab_gpu_capacity_ratio is not None:
             _require(
                 0.0 < self.item_vocab_gpu_capacity_ratio <= 1.0,
@@ -304,6 +321,13 @@ class DynamicEmbeddingArgs(EmbeddingArgs):
                 "item_vocab_gpu_capacity_ratio",
                 f"must be in (0, 1], got {self.item_vocab_gpu_capacity_ratio}",
             )
+
+    @property
+    def admission_sketch_bytes(self) -> int:
+        """Host bytes of the admission sketch on every rank (0 without admission)."""
+        if self.admit_min_count <= 1:
+            return 0
+        return self.admit_sketch_width * self.admit_sketch_depth * 4
 
     def resolve_hbm(
         self, embedding_dim: int, optimizer_str: str, bytes_per_value: int = 4

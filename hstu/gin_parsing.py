@@ -148,9 +148,15 @@ def _precheck(bindings: list[Binding], known: dict[str, Any]) -> None:
             ).with_location(b.where)
         names = _field_names(target)
         if b.field_name not in names:
-            raise ConfigError(
-                short, b.field_name, "unknown field" + did_you_mean(b.field_name, names)
-            ).with_location(b.where)
+            # a field of a subclass only (e.g. DynamicEmbeddingArgs' on an EmbeddingArgs)
+            owners = sorted(
+                name for name, cls in known.items()
+                if isinstance(cls, type) and isinstance(target, type) and cls is not target
+                and issubclass(cls, target) and b.field_name in _field_names(cls)
+            )
+            hint = (f" (a field of {' and '.join(owners)} only)" if owners
+                    else did_you_mean(b.field_name, names))
+            raise ConfigError(short, b.field_name, "unknown field" + hint).with_location(b.where)
 
 
 def parse_sources(

@@ -45,6 +45,8 @@ class TableSpec:
     """Dynamic table with a UVM cache in front (GPU only)."""
     cache_rows: int = 0
     """Rows of the device cache when caching."""
+    sketch_bytes: int = 0
+    """Host bytes of a dynamic table's admission sketch on every rank (0: no admission)."""
 
 
 class MergeLookups(nn.Module):
@@ -259,6 +261,8 @@ class HstuEmbeddings(nn.Module):
             f"admitted {s['admitted_total']} evicted {s['evicted_total']} "
             f"(last step +{s['admitted_last_step']}/-{s['evicted_last_step']}), "
             f"eval misses {s['eval_misses_total']}, shared-row lookups {s['shared_row_lookups']}"
+            + (f", not admitted {s['not_admitted_total']}" if self.remappers[name].admission
+               is not None else "")
             for name, s in self.stats().items()
         ]
         line = ("[embeddings] " + (f"step {step}: " if step is not None else "") + "; ".join(parts))
@@ -283,6 +287,23 @@ def _dynamic_capacity(
             flush=True,
         )
     return plan.capacity_rows, False, 0
+
+
+def _remapper(table: DynamicEmbeddingArgs, rows: int) -> DynamicIdRemapper:
+    """The remapper of a dynamic table of ``rows`` rows: with admission, the last row is the
+    one lookups of ids not admitted read (DynamicIdRemapper.miss_slot), the others hold ids."""
+    if table.admit_min_count == 1:
+        return DynamicIdRemapper(table.table_name, rows, table.evict_strategy)
+    if rows < 2:
+        raise ValueError(
+            f"dynamic table {table.table_name}: admission (admit_min_count="
+            f"{table.admit_min_count}) keeps one row for ids not admitted, and the table has "
+            f"{rows}; raise its capacity"
+        )
+    return DynamicIdRemapper(
+        table.table_name, rows - 1, table.evict_strategy, admit_min_count=table.admit_min_count,
+        sketch_width=table.admit_sketch_width, sketch_depth=table.admit_sketch_depth,
+    )
 
 
 def build_embedding_collection(
@@ -325,10 +346,10 @@ def build_embedding_collection(
         dim = embedding_dims[name]
         if isinstance(table, DynamicEmbeddingArgs):
             rows, caching, cache_rows = _dynamic_capacity(table, dim, sparse_optimizer, device)
-            remappers[name] = DynamicIdRemapper(name, rows, table.evict_strategy)
+            remappers[name] = _remapper(table, rows)
             specs.append(
                 TableSpec(name, tuple(table.feature_names), rows, dim, True,
-                          "model_parallel", caching, cache_rows)
+                          "model_parallel", caching, cache_rows, table.admission_sketch_bytes)
             )
         else:
             rows = table.item_vocab_size_or_capacity

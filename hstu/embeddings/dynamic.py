@@ -19,6 +19,11 @@ in the ``in_flight_steps`` steps before it (:data:`PIPELINE_IN_FLIGHT`):
 - ``lfu``: smallest access count first, then smallest last-access step, then lowest slot (an
   order statistic over the capacity, ``kthvalue``).
 The id -> slot index is a sorted array, merged with each step's new ids.
+
+Admission (``admit_min_count`` > 1): a new id gets its row only in the step where its count
+(:class:`~hstu.embeddings.admission.CountMinSketch`, occurrences over all ranks, this step's
+included) reaches ``admit_min_count``; until then its lookups are misses that read
+:attr:`DynamicIdRemapper.miss_slot`, a row of the table kept for them and never an id's.
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hstu.embeddings.admission import CountMinSketch
+from hstu.embeddings.hashing import GOLDEN as _GOLDEN
+from hstu.embeddings.hashing import shr as _shr
+from hstu.embeddings.hashing import splitmix64 as _splitmix64
+
 _INT64_MAX = torch.iinfo(torch.int64).max
 
 PIPELINE_IN_FLIGHT = 2
@@ -40,25 +50,6 @@ eviction (``pipeline_type="none"`` reads a batch when its step starts: nothing i
 HOST_REMAP = (
     "dynamic tables: the input stage maps host ids with host state (no device to wait for)"
 )
-
-
-# splitmix64's constants as int64 (each has its top bit set: minus 2**64)
-_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
-_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
-_MIX2 = 0x94D049BB133111EB - (1 << 64)
-
-
-def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (x >> s) & ((1 << (64 - s)) - 1)
-
-
-def _splitmix64(x: torch.Tensor) -> torch.Tensor:
-    """A 64-bit mixing hash on int64 tensors (wrapping arithmetic)."""
-    z = x + _GOLDEN
-    z = (z ^ _shr(z, 30)) * _MIX1
-    z = (z ^ _shr(z, 27)) * _MIX2
-    return z ^ _shr(z, 31)
 
 
 def fresh_rows(ids: torch.Tensor, dim: int, bound: float, seed: int) -> torch.Tensor:
@@ -92,6 +83,12 @@ class DynamicIdRemapper(nn.Module):
     in :attr:`pending_fresh` for the owner of the table to re-initialise those rows.
     Eval forward: read only, no collective; unknown ids are counted as ``eval_misses`` and
     returned with a miss mask (the caller zeroes their embeddings).
+
+    With ``admit_min_count`` > 1 (module docstring) a new id is admitted only once counted
+    that many times: the ``admission`` sketch and ``num_not_admitted`` (lookups of ids not
+    admitted) join the persistent state, ``capacity`` rows hold ids and one more row,
+    :attr:`miss_slot`, is what the training lookups of ids not admitted read (returned with
+    a miss mask as in evaluation).
     """
 
     def __init__(
@@ -100,9 +97,13 @@ class DynamicIdRemapper(nn.Module):
         capacity: int,
         evict_strategy: Literal["lru", "lfu"] = "lru",
         in_flight_steps: int = 0,
+        admit_min_count: int = 1,
+        sketch_width: int = 1 << 20,
+        sketch_depth: int = 4,
     ) -> None:
         super().__init__()
         assert capacity >= 1 and evict_strategy in ("lru", "lfu") and in_flight_steps >= 0
+        assert admit_min_count >= 1
         self.table_name = table_name
         self.capacity = capacity
         self.in_flight_steps = in_flight_steps
@@ -122,6 +123,16 @@ class DynamicIdRemapper(nn.Module):
         self.register_buffer("last_time", torch.zeros(capacity, **kw))
         self.register_buffer("clock", torch.zeros((), **kw))
         self.register_buffer("num_expired", torch.zeros((), **kw))
+        # admission: only with admit_min_count > 1 (the state of a table without it is as before)
+        self.admit_min_count = admit_min_count
+        # admission: the table's row past the ids' rows, read by training lookups of ids not
+        # admitted (the table has capacity + 1 rows)
+        self.miss_slot = capacity
+        self.admission: CountMinSketch | None = None
+        if admit_min_count > 1:
+            self.admission = CountMinSketch(sketch_width, sketch_depth)
+            self.register_buffer("num_not_admitted", torch.zeros((), **kw))
+        self._last_step_not_admitted = 0
         # Sorted index over occupied slots, rebuilt from the persistent state on load.
         self.register_buffer("_sorted_ids", torch.zeros(0, **kw), persistent=False)
         self.register_buffer("_sorted_slots", torch.zeros(0, **kw), persistent=False)
@@ -313,9 +324,26 @@ class DynamicIdRemapper(nn.Module):
         cand = cand[torch.argsort(count[cand], stable=True)]
         return cand[:num]
 
+    def _count_new(
+        self, new_ids: torch.Tensor, new_counts: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Admission: counts the step's ids without a row; bool [M], which of them reach
+        ``admit_min_count`` (None: every one, admission off)."""
+        self._last_step_not_admitted = 0
+        if self.admission is None:
+            return None
+        admitted = self.admission.add(new_ids, new_counts) >= self.admit_min_count
+        waiting = int(new_counts[~admitted].sum())
+        self.num_not_admitted += waiting
+        self._last_step_not_admitted = waiting
+        return admitted
+
     @torch.no_grad()
-    def _admit(self, uniq: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Admits the step's unique ids (sorted) -> their slots [U]."""
+    def _admit(
+        self, uniq: torch.Tensor, counts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Admits the step's unique ids (sorted) -> (their slots [U], bool [U] which of them
+        hold a row: None when all do; the others read :attr:`miss_slot`)."""
         step = int(self.step) + 1
         self.step.fill_(step)
         slots, found, pos = self._search(uniq)
@@ -323,13 +351,21 @@ class DynamicIdRemapper(nn.Module):
         self.last_access[hit] = step
         self.last_time[hit] = self.clock
         self.access_count[hit] += counts[found]
-        new_ids, new_counts = uniq[~found], counts[~found]  # sorted (unique output)
+        new_ids, new_counts, new_pos = uniq[~found], counts[~found], pos[~found]  # sorted
+        held = None
+        admitted = self._count_new(new_ids, new_counts)
+        if admitted is not None and not bool(admitted.all()):
+            held = found.clone()
+            held[~found] = admitted
+            slots[~held] = self.miss_slot
+            new_ids, new_counts = new_ids[admitted], new_counts[admitted]
+            new_pos = new_pos[admitted]
         num_new = new_ids.numel()
         self._last_step_admitted, self._last_step_evicted = num_new, 0
         if num_new == 0:
             self.pending_fresh = None
             self._log_append(hit, step)
-            return slots
+            return slots, held
         num_free = self.capacity - self._num_occupied
         free = victims = slots.new_zeros(0)
         if num_free:  # rows are never freed: the free rows are those never used yet
@@ -347,26 +383,31 @@ class DynamicIdRemapper(nn.Module):
         self.num_admitted += num_new
         self.num_evicted += victims.numel()
         self._last_step_evicted = victims.numel()
-        self._index_update(removed_ids, new_ids, new_slots, pos[~found])
+        self._index_update(removed_ids, new_ids, new_slots, new_pos)
         self._log_append(torch.cat([hit, new_slots]), step)
         self.pending_fresh = (new_slots, new_ids)
-        slots[~found] = new_slots
-        return slots
+        slots[~found if held is None else held & ~found] = new_slots
+        return slots, held
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """ids int64 [N] (host) -> (slots int64 [N], miss mask bool [N] or None), on the host.
 
-        Training: collective over ``pg``; every rank must call it in the same step.
+        Training: collective over ``pg``; every rank must call it in the same step. Misses in
+        training: ids not admitted yet (admission only).
         """
         assert ids.device.type == "cpu", "the input stage maps host ids (before the copy)"
         ids = ids.to(torch.int64)
         if self.training:
             local, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
             uniq, total = self._gather_unique(local, counts)
-            uniq_slots = self._admit(uniq, total)
+            uniq_slots, held = self._admit(uniq, total)
             if uniq.numel() != local.numel():  # other ranks' ids too: find ours among them
-                uniq_slots = uniq_slots[torch.searchsorted(uniq, local)]
-            return uniq_slots[inverse], None
+                ours = torch.searchsorted(uniq, local)
+                uniq_slots = uniq_slots[ours]
+                held = None if held is None else held[ours]
+            if held is None or bool(held.all()):
+                return uniq_slots[inverse], None
+            return uniq_slots[inverse], ~held[inverse]
         slots, found, _ = self._search(ids)
         if bool(found.all()):
             return slots, None
@@ -453,10 +494,14 @@ class DynamicIdRemapper(nn.Module):
             "evicted_last_step": self._last_step_evicted,
             "eval_misses_total": int(self.num_eval_misses),
             "expired_total": int(self.num_expired),
+            # lookups in training of ids not admitted yet (admit_min_count; 0 without)
+            "not_admitted_total": 0 if self.admission is None else int(self.num_not_admitted),
+            "not_admitted_last_step": self._last_step_not_admitted,
             # Always 0 by construction: no two ids ever share a row (see module doc).
             "shared_row_lookups": 0,
         }
 
     def extra_repr(self) -> str:
+        admit = f", admit_min_count={self.admit_min_count}" if self.admission is not None else ""
         return (f"table={self.table_name}, capacity={self.capacity}, evict={self.evict_strategy}, "
-                f"in_flight_steps={self.in_flight_steps}")
+                f"in_flight_steps={self.in_flight_steps}{admit}")

@@ -129,7 +129,7 @@ def check_tables_fit(
         dim = dims[tb.table_name]
         if isinstance(tb, DynamicEmbeddingArgs):
             rows = tb.resolve_hbm(dim, optimizer_str).capacity_rows
-            extra = rows * REMAPPER_BYTES_PER_ROW
+            extra = rows * REMAPPER_BYTES_PER_ROW + tb.admission_sketch_bytes
         else:
             rows, extra = int(tb.item_vocab_size_or_capacity), 0
         weights = rows * dim * 4
@@ -168,7 +168,7 @@ class RankMemory:
     average: int = 0
     """the weight average's float32 copy of its values (TrainerArgs.ema_decay)."""
     remappers: int = 0
-    """dynamic tables' remapper state (replicated)."""
+    """dynamic tables' remapper state, admission sketches included (replicated)."""
     transient: int = 0
     """the largest chunk drawn while writing starting values."""
 
@@ -211,7 +211,7 @@ def memory_per_rank(
     for spec in specs.values():
         if spec.dynamic:
             for mem in out.values():
-                mem.remappers += spec.num_rows * REMAPPER_BYTES_PER_ROW
+                mem.remappers += spec.num_rows * REMAPPER_BYTES_PER_ROW + spec.sketch_bytes
     return out
 
 

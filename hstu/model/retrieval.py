@@ -124,6 +124,7 @@ class RetrievalModel(DenseModel):
         # full corpus: where this rank's corpus rows come from (set by the RetrievalRecommender
         # around it: a plain attribute, not a submodule, so the dense part holds no table)
         self.corpus_source: CorpusSource | None = None
+        self._not_admitted_targets: torch.Tensor | None = None
 
     @property
     def scores_corpus(self) -> bool:
@@ -163,10 +164,31 @@ class RetrievalModel(DenseModel):
         # online training (Batch.first_trained): position j of sample b is a query only from
         # first_trained[b] on (its earlier items were trained on in an earlier window)
         skip = batch.first_trained
-        pending = PendingScale(
-            (batch.history_lengths() - 1 - (0 if skip is None else skip)).clamp(min=0).sum(),
-            self.training,
-        )
+        # queries: history items j < H - 1 (position j predicts item j+1), listed per sample
+        # in order, Q of them (a count from the host: no nonzero of a mask)
+        hist = batch.history_lengths()
+        num_q = batch.require_sizes().num_queries
+        if skip is not None:
+            skip = skip.to(hist.device)
+        has_next = (hist - 1 - (0 if skip is None else skip)).clamp(min=0)
+        q_seg = segment_ids(has_next, num_q)
+        q_idx = index_within(has_next, num_q)
+        if skip is not None:
+            q_idx = q_idx + skip[q_seg]
+        query_rows = lengths_to_offsets(hist)[:-1][q_seg] + q_idx  # rows of [sum(H)]
+        item_starts = lengths_to_offsets(batch.item_lengths())[:-1]
+        next_rows = item_starts[q_seg] + q_idx + 1  # item j+1's row in the item feature
+        # a dynamic item table's ids not admitted yet (admit_min_count): no row, so neither a
+        # target (the query is left out, like padding) nor anyone's negative (id -1)
+        not_admitted = None
+        if self.training and batch.lookup_misses is not None:
+            not_admitted = batch.lookup_misses.get(self.token_builder.item_feature_name)
+        left_out = None if not_admitted is None else not_admitted.index_select(0, next_rows)
+        count = has_next.sum()
+        if left_out is not None:
+            count = count - left_out.sum()
+            self._count_not_admitted(left_out)
+        pending = PendingScale(count, self.training)
         # in-batch negatives with several ranks: every rank's positives (their counts from the
         # host, gathered while the block runs; hstu.ops.gather)
         counts = (
@@ -182,23 +204,11 @@ class RetrievalModel(DenseModel):
         history_states = take_own_rows(projected, layout.history, self.tp_group)
         # (index_select rather than x[rows] on these [rows, D] / [Q, M] gathers: several times
         # faster on CPU, forward and backward; the same values)
-        # queries: history items j < H - 1 (position j predicts item j+1), listed per sample
-        # in order, Q of them (a count from the host: no nonzero of a mask)
-        hist = own.history_lengths
-        num_q = own.sizes.num_queries
-        if skip is not None:
-            skip = skip.to(hist.device)
-        has_next = (hist - 1 - (0 if skip is None else skip)).clamp(min=0)
-        q_seg = segment_ids(has_next, num_q)
-        q_idx = index_within(has_next, num_q)
-        if skip is not None:
-            q_idx = q_idx + skip[q_seg]
-        query_rows = lengths_to_offsets(hist)[:-1][q_seg] + q_idx  # rows of [sum(H)]
-        item_starts = lengths_to_offsets(own.item_lengths)[:-1]
-        next_rows = item_starts[q_seg] + q_idx + 1  # item j+1's row in the item feature
-
         queries = self.normalise(history_states.index_select(0, query_rows))
-        pos_ids = own.item_ids[next_rows]
+        item_ids = own.item_ids
+        if not_admitted is not None:
+            item_ids = item_ids.masked_fill(not_admitted, -1)
+        pos_ids = item_ids[next_rows]
         pos_vectors = self.normalise(own.item_values.index_select(0, next_rows))
         scale = pending.wait()
         draws = self.draws
@@ -207,8 +217,12 @@ class RetrievalModel(DenseModel):
             scale, self.min_item_id,
             self.full_corpus_matmul_dtype or resolve_matmul_dtype("auto", queries.device)[0],
         )
+        if left_out is not None:
+            inputs.target_kept = ~left_out
         if self.exclude_history_from_loss and self.training:
-            inputs.history_mask = self.history_window(batch, own, q_seg, q_idx, item_starts)
+            inputs.history_mask = self.history_window(
+                batch, own, item_ids, q_seg, q_idx, item_starts
+            )
         if corpus is not None:
             inputs.corpus = corpus
             inputs.key_vectors = self.normalise(corpus.rows)
@@ -251,6 +265,21 @@ class RetrievalModel(DenseModel):
             )
         return load(NEGATIVE_SAMPLING[self.negative_sampling].loss)(inputs)
 
+    def _count_not_admitted(self, left_out: torch.Tensor) -> None:
+        """Adds the step's targets left out (not admitted) to this rank's running count, on
+        the device (read by :meth:`take_not_admitted_targets`)."""
+        n = left_out.sum()
+        self._not_admitted_targets = (
+            n if self._not_admitted_targets is None else self._not_admitted_targets + n
+        )
+
+    def take_not_admitted_targets(self) -> int:
+        """This rank's training targets left out of the loss because their item was not
+        admitted by the dynamic item table (admit_min_count), since the last call (a host
+        read)."""
+        n, self._not_admitted_targets = self._not_admitted_targets, None
+        return 0 if n is None else int(n)
+
     def _corpus(self) -> CorpusShard:
         if self.corpus_source is None:
             raise ValueError(
@@ -273,16 +302,17 @@ class RetrievalModel(DenseModel):
         return out
 
     def history_window(
-        self, batch: Batch, own, q_seg: torch.Tensor, q_idx: torch.Tensor,
-        item_starts: torch.Tensor,
+        self, batch: Batch, own, item_ids: torch.Tensor, q_seg: torch.Tensor,
+        q_idx: torch.Tensor, item_starts: torch.Tensor,
     ) -> HistoryWindow:
         """RetrievalArgs.exclude_history_from_loss: query j of a sample (it predicts item j + 1)
-        leaves out the items at positions 0..j of that sample (except its target); the window's
-        width is the longest history (the dataset's, else the batch's, bounded by this batch's
-        history items), known on the host."""
+        leaves out the items at positions 0..j of that sample (``item_ids``: the item feature's,
+        -1 where not admitted), except its target; the window's width is the longest history
+        (the dataset's, else the batch's, bounded by this batch's history items), known on the
+        host."""
         longest = self.max_item_seqlen or batch.max_seqlen or own.sizes.num_history_items
         return HistoryWindow(
-            ids=own.item_ids, starts=item_starts[q_seg], lengths=q_idx + 1,
+            ids=item_ids, starts=item_starts[q_seg], lengths=q_idx + 1,
             width=max(0, min(longest, own.sizes.num_history_items) - 1),
         )
 

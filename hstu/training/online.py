@@ -623,15 +623,29 @@ class OnlineTrainer:
         return freed, dropped
 
     def _table_rows(self) -> dict[str, float]:
-        """Each dynamic table's occupied rows and ids evicted so far (its remapper's counts,
-        the same on every rank)."""
+        """Each dynamic table's occupied rows and ids evicted so far, and with admission the
+        training lookups of ids not admitted so far (its remapper's counts, the same on every
+        rank)."""
         out: dict[str, float] = {}
         for module in self.trainer.model.sparse.modules():
             if isinstance(module, HstuEmbeddings):
                 for name, s in module.stats().items():
                     out[f"{name}_occupied"] = float(s["occupied"])
                     out[f"{name}_evicted"] = float(s["evicted_total"])
+                    if module.remappers[name].admission is not None:
+                        out[f"{name}_not_admitted"] = float(s["not_admitted_total"])
         return out
+
+    def _admits_targets(self) -> bool:
+        """Retrieval over a dynamic item table with admission (targets may be left out)."""
+        return self.cfg.task == "retrieval" and any(r.admission is not None
+                                                    for r in self.remappers)
+
+    def _not_admitted_targets(self) -> int:
+        """Retrieval with admission: this rank's targets left out of the loss since the last
+        window (their item not admitted yet); 0 otherwise."""
+        take = getattr(self.trainer.model.dense_module, "take_not_admitted_targets", None)
+        return 0 if take is None else take()
 
     def _drop_rows_after(self, windows: int) -> None:
         """On resume: drops the ``stream`` rows of windows after the checkpoint's ``windows``
@@ -853,6 +867,10 @@ class OnlineTrainer:
         self.windows_done += len(taken)
         self.events_done += 0 if self.events_done < 0 else consumed
         self._train_rows(window_metrics, steps)
+        admission = {}
+        if self._admits_targets():  # every rank's targets left out (every rank is here)
+            waited = self._all_counts(self._not_admitted_targets())[:, 0].sum()
+            admission["not_admitted_targets"] = float(waited)
         self._pending_rows.append((t.step, STREAM_SPLIT, {
             "window": float(self.windows_done), "eval_events": 0.0, "events": float(consumed),
             "train_steps": float(steps), "trained_events": float(work.targets * sa.batch_epochs),
@@ -860,7 +878,7 @@ class OnlineTrainer:
             "known_items": float(known),
             "events_waiting": float(merged.lag.events_waiting),
             "seconds_behind": float(merged.lag.seconds_behind),
-            "window_seconds": time.perf_counter() - started,
+            "window_seconds": time.perf_counter() - started, **admission,
         }))
         t.logger.print(
             f"[hstu] batch phase: windows 1-{self.windows_done} {merged.name}: {consumed} events "
@@ -935,7 +953,7 @@ class OnlineTrainer:
                 # every rank stops (a signal on any) and publishes (due on any) at the same
                 # window; each rank's resident memory, for the rows
                 agreed = self._all_counts(int(preemption.requested), int(due), resident_kib(),
-                                          dropped)
+                                          dropped, self._not_admitted_targets())
                 stop, due = (bool(x) for x in agreed[:, :2].max(axis=0))
                 expired = {}
                 if self.stream_args.item_ttl_days is not None:
@@ -943,6 +961,8 @@ class OnlineTrainer:
                 if (self.stream_args.user_ttl_days is not None
                         or self.stream_args.max_users_per_rank is not None):
                     expired["expired_users"] = float(agreed[:, 3].sum())
+                if self._admits_targets():
+                    expired["not_admitted_targets"] = float(agreed[:, 4].sum())
                 # "window" first: a window's rows start with it (readers of metrics.csv split
                 # the rows into windows there)
                 rows = {

@@ -112,6 +112,67 @@ def test_sampled_live_leaves_each_querys_history_out_of_its_negatives():
     assert torch.isneginf(neg_logits[2]).tolist() == want
 
 
+def test_targets_not_admitted_are_neither_targets_nor_negatives():
+    """Admission (DynamicEmbeddingArgs.admit_min_count): a target without a row has id -1 and
+    target_kept False: its query adds nothing (the mean is over the others) and its in-batch
+    column is no one's negative; the loss is that of the other queries alone, with no column
+    of id -1, and the left-out rows get no gradient. Under sampled_live and in_batch."""
+    from hstu.ops.losses.strategies import in_batch
+
+    torch.manual_seed(3)
+    unit = lambda n: torch.nn.functional.normalize(torch.randn(n, 6, dtype=torch.float64), dim=1)
+    queries, pos_vectors = unit(6), unit(6)
+    pos_ids = torch.tensor([3, -1, 7, 3, -1, 9])
+    pos_vectors[pos_ids < 0] = 0.0  # a miss's embedding: zeroed
+    key_ids, key_vectors = torch.tensor([7, 11, 4]), unit(3)
+    kept = pos_ids >= 0
+    for t in (queries, pos_vectors, key_vectors):
+        t.requires_grad_(True)
+    x = LossInputs(queries, pos_ids, pos_vectors, 0.3, 3, True, None, 1, torch.float64,
+                   key_ids=key_ids, key_vectors=key_vectors, live_rows=17, target_kept=kept)
+    loss, (_, neg_logits) = sampled_live(x)
+    q, p = queries.detach()[kept], pos_vectors.detach()[kept]
+    neg_vectors = torch.cat([pos_vectors, key_vectors]).detach()
+    neg_ids = torch.cat([pos_ids, key_ids])
+    real = neg_ids >= 0
+    want = _reference_loss(q, p, pos_ids[kept], neg_vectors[real], neg_ids[real], pos_ids, 3, 17,
+                           0.3)
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-12)
+    assert torch.isneginf(neg_logits[kept][:, ~real]).all()
+    loss.backward()
+    assert float(queries.grad[~kept].abs().sum()) == 0.0 and queries.grad[kept].abs().sum() > 0
+    assert float(pos_vectors.grad[~kept].abs().sum()) == 0.0
+    # in-batch negatives only (sampled_softmax_loss): the same rule
+    x = LossInputs(queries.detach(), pos_ids, pos_vectors.detach(), 0.3, -1, True, None, 1,
+                   torch.float64, target_kept=kept)
+    loss, _ = in_batch(x)
+    want = _reference_loss(q, p, pos_ids[kept], p, pos_ids[kept], pos_ids, 0, 1, 0.3, correct=False)
+    assert float(loss) == pytest.approx(want, rel=1e-12)
+
+
+def test_the_model_leaves_targets_not_admitted_out_of_the_global_mean():
+    """RetrievalModel.forward with a miss mask on the item feature in training (what
+    admission gives): the loss is the mean over the other queries (the count of the global
+    mean leaves them out), their columns are no one's negative, and they are counted."""
+    from dataclasses import replace
+
+    from tests.model.helpers import make_batch
+    from tests.model.test_models import _retrieval
+
+    model = _retrieval(-1).train()  # in-batch negatives
+    batch = make_batch([[1, 2, 3, 4], [5, 6], [7]])
+    # items 3 and 6 not admitted: the targets of queries 1 and 3 (of 0..3)
+    miss = torch.tensor([False, False, True, False, False, True, False])
+    loss, (pos_logits, neg_logits) = model(replace(batch, lookup_misses={"item": miss}))
+    kept = torch.tensor([True, False, True, False])
+    per_query = torch.logsumexp(torch.cat([pos_logits.unsqueeze(1), neg_logits], 1), 1) - pos_logits
+    assert float(loss.detach()) == pytest.approx(float(per_query[kept].mean()), rel=1e-6)
+    assert torch.isneginf(neg_logits[kept][:, ~kept]).all()
+    assert model.take_not_admitted_targets() == 2 and model.take_not_admitted_targets() == 0
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
 # ------------------------------------------------------------------------------ the draws
 
 

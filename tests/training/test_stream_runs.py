@@ -197,25 +197,30 @@ def write_rated_stream(folder: Path, seed: int, first: int, partitions: int,
         (part / "_SUCCESS").touch()
 
 
-@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
-def test_hashed_ids_expire_and_resume_exactly(tmp_path, nproc):
+@pytest.mark.parametrize(("nproc", "admit"), [
+    (1, 1), (1, 3), pytest.param(2, 1, marks=pytest.mark.slow),
+])
+def test_hashed_ids_expire_and_resume_exactly(tmp_path, nproc, admit):
     """StreamArgs.ids = "hashed" with a dynamic item table, time to live for rows and users and
     a bound on the users: rows and users are freed as the stream goes on (counted), no id map
     grows, and a run that reads the stream in two goes ends in the state of one that reads it
-    at once (weights, tables with their remappers, user stores)."""
+    at once (weights, tables with their remappers, user stores); with admission
+    (admit_min_count 3) its count-min sketch too."""
     from tests.training.test_online import assert_same, checkpoint_state
 
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     write_rated_stream(whole, seed=5, first=0, partitions=4)
     write_rated_stream(parts, seed=5, first=0, partitions=2)
-    _ranking(tmp_path, whole, tmp_path / "once", nproc=nproc)
-    _ranking(tmp_path, parts, tmp_path / "twice", nproc=nproc)
+    extra = [f"item/DynamicEmbeddingArgs.admit_min_count={admit}",
+             "item/DynamicEmbeddingArgs.admit_sketch_width=512"]
+    _ranking(tmp_path, whole, tmp_path / "once", extra, nproc=nproc)
+    _ranking(tmp_path, parts, tmp_path / "twice", extra, nproc=nproc)
     write_rated_stream(parts, seed=5, first=2, partitions=2)
     # (the same events: the generator's state continues only within one call, so compare
     # partitions' files first)
     for p in ("p002", "p003"):
         (parts / p / "part-00000.csv").write_text((whole / p / "part-00000.csv").read_text())
-    out = _ranking(tmp_path, parts, tmp_path / "twice", nproc=nproc)
+    out = _ranking(tmp_path, parts, tmp_path / "twice", extra, nproc=nproc)
     assert "stream: resumed after 2 windows" in out
 
     rows = stream_rows(tmp_path / "once")
@@ -223,6 +228,7 @@ def test_hashed_ids_expire_and_resume_exactly(tmp_path, nproc):
     assert sum(w["expired_item_rows"] for w in rows) > 0
     assert sum(w["expired_users"] for w in rows) > 0
     assert sum(w["events"] for w in rows) == 600
+    assert (rows[-1].get("item_not_admitted", 0) > 0) == (admit > 1)
 
     def final(run: Path) -> dict:
         ckpt = max((run / "checkpoints").glob("iter_*"), key=lambda p: int(p.name[5:]))
@@ -233,6 +239,14 @@ def test_hashed_ids_expire_and_resume_exactly(tmp_path, nproc):
         return state
 
     once, twice = final(tmp_path / "once"), final(tmp_path / "twice")
+
+
+    def keys(d: dict, at: str = "") -> list[str]:
+        return [k for n, v in d.items()
+                for k in (keys(v, f"{at}{n}.") if isinstance(v, dict) else [f"{at}{n}"])]
+
+    sketches = [k for k in keys(once["tables"]) if k.endswith("admission.counters")]
+    assert len(sketches) == (admit > 1), keys(once["tables"])
     assert len(once["items"]) == 1 and once["items"][0][0] == "hashed"  # no map of item ids
     assert_same(once["tables"], twice["tables"], "tables")
     assert_same(once["dense"], twice["dense"], "dense")
@@ -285,6 +299,31 @@ def test_retrieval_on_an_open_catalogue(tmp_path, nproc):
     assert rows[-1]["item_occupied"] <= 100
     assert sum(w["expired_item_rows"] for w in rows) > 0
     assert any(w["HR@10"] > 0 for w in rows[1:])
+
+
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_an_open_catalogue_with_admission_trains_and_counts_what_waits(tmp_path, nproc):
+    """item/DynamicEmbeddingArgs.admit_min_count = 3: an item gets a row at its third
+    occurrence; the windows still train (targets without a row are left out of the loss) and
+    their rows say how many lookups and targets waited for admission (all ranks)."""
+    stream = tmp_path / "s"
+    write_rated_stream(stream, seed=7, first=0, partitions=3)
+    params = open_catalogue(stream, "TrainerArgs.ckpt_save_interval=3",
+                            "item/DynamicEmbeddingArgs.admit_min_count=3",
+                            "item/DynamicEmbeddingArgs.admit_sketch_width=4096")
+    out = call(entry("retrieval", params, nproc), tmp_path)
+    rows = stream_rows(tmp_path / "run")
+    assert [w["window"] for w in rows] == [1.0, 2.0, 3.0]
+    assert all(w["trained_events"] > 0 and w["train_steps"] > 0 for w in rows)
+    assert rows[0]["item_not_admitted"] > 0 and sum(w["not_admitted_targets"] for w in rows) > 0
+    waited = [w["item_not_admitted"] for w in rows]
+    assert waited == sorted(waited)  # a running count
+    # every row an item holds went to an item seen at least 3 times (99 rows, one kept)
+    assert 0 < rows[-1]["item_occupied"] <= 99
+    with open(tmp_path / "run" / "metrics.csv") as fh:
+        losses = [float(r["value"]) for r in csv.DictReader(fh)
+                  if r["split"] == "train" and r["name"] == "loss"]
+    assert losses and all(math.isfinite(v) for v in losses), out[-3000:]
 
 
 def test_an_open_catalogue_model_serves_raw_ids(tmp_path):

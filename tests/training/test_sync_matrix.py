@@ -57,6 +57,11 @@ CELLS: dict[str, tuple[str, int, list[str]]] = {
     "sampled_live": ("retrieval", 1, ['RetrievalArgs.negative_sampling="sampled_live"',
                                       "RetrievalArgs.num_negatives=8", *DYNAMIC_ITEM,
                                       "RetrievalArgs.exclude_history_from_loss=True"]),
+    # admission: the first steps' items are not admitted (misses in training, targets left out)
+    "admission": ("retrieval", 1, ['RetrievalArgs.negative_sampling="sampled_live"',
+                                   "RetrievalArgs.num_negatives=8", *DYNAMIC_ITEM,
+                                   "item/DynamicEmbeddingArgs.admit_min_count=3",
+                                   "item/DynamicEmbeddingArgs.admit_sketch_width=4096"]),
     "full_corpus": ("retrieval", 1, [*FULL, 'RetrievalArgs.full_corpus_matmul_dtype="float32"',
                                      "RetrievalArgs.temperature=0.1"]),
     "exclude_history": ("retrieval", 1, [*FULL, "RetrievalArgs.exclude_history_from_loss=True"]),
@@ -165,6 +170,9 @@ SWITCHES: dict[str, list[str] | str] = {
     "DynamicEmbeddingArgs.item_vocab_gpu_capacity_ratio": _NO + "sizes the capacity (dynamic cells)",
     "DynamicEmbeddingArgs.evict_strategy": ["dynamic_lru", "dynamic_lfu"],
     "DynamicEmbeddingArgs.caching": _NO + "GPU only (UVM caching kernel); refused or ignored on CPU",
+    "DynamicEmbeddingArgs.admit_min_count": ["admission"],
+    "DynamicEmbeddingArgs.admit_sketch_width": ["admission"],
+    "DynamicEmbeddingArgs.admit_sketch_depth": _NO + "sizes the admission sketch (host state)",
     # data
     "DatasetArgs.dataset_name": _ALL,
     "DatasetArgs.max_sequence_length": _ALL,

@@ -172,6 +172,7 @@ def sampled_softmax_loss(
     neg_ids: torch.Tensor | list,
     temperature: float,
     scale: torch.Tensor | None = None,
+    kept: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Softmax over [positive, negatives] per query, accidental hits masked.
 
@@ -179,6 +180,8 @@ def sampled_softmax_loss(
     :func:`negative_logits`, or lists of such groups (their columns are concatenated, e.g.
     uniform plus in-batch negatives).
     ``scale`` None: the mean over queries; otherwise the sum times ``scale``.
+    ``kept`` bool [Q] (None: all): only these queries' losses count (the mean is over them),
+    and negatives of id < 0 (targets left out) are -inf.
     Returns (loss, pos_logits [Q], neg_logits [Q, M] with -inf at accidental hits).
     """
     pos_logits = (queries * pos_vectors).sum(-1) / temperature
@@ -191,6 +194,10 @@ def sampled_softmax_loss(
         ],
         dim=1,
     )
+    if kept is not None:
+        num_q = queries.shape[0]
+        ids = torch.cat([i.expand(num_q, -1) if i.dim() == 1 else i for i in neg_ids], dim=1)
+        neg_logits = neg_logits.masked_fill(ids < 0, float("-inf"))
     if queries.shape[0] == 0:
         # no query on this rank: a zero that still reaches the negatives, so that every rank
         # runs the same backward (the gathered in-batch positives' all-reduce included)
@@ -198,8 +205,20 @@ def sampled_softmax_loss(
     logits = torch.cat([pos_logits.unsqueeze(1), neg_logits], dim=1)
     # the positive sits in column 0; log-softmax ignores -inf columns
     per_query = -torch.log_softmax(logits, dim=1)[:, 0]
-    loss = per_query.mean() if scale is None else per_query.sum() * scale
-    return loss, pos_logits, neg_logits
+    return _reduce(per_query, scale, kept), pos_logits, neg_logits
+
+
+def _reduce(
+    per_query: torch.Tensor, scale: torch.Tensor | None, kept: torch.Tensor | None
+) -> torch.Tensor:
+    """The loss from per-query losses [Q]: their mean (``scale`` None) or sum times ``scale``,
+    over the ``kept`` queries only when given (the others add 0, and no gradient)."""
+    if kept is None:
+        return per_query.mean() if scale is None else per_query.sum() * scale
+    per_query = torch.where(kept, per_query, torch.zeros_like(per_query))
+    if scale is None:
+        return per_query.sum() / kept.sum().clamp(min=1)
+    return per_query.sum() * scale
 
 
 def expected_counts(
@@ -227,12 +246,14 @@ def corrected_softmax_loss(
     temperature: float,
     scale: torch.Tensor | None = None,
     excluded: torch.Tensor | None = None,
+    kept: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sampled softmax with the sampling-probability (logQ) correction, over negatives shared
     by every query: logit = <query, item> / temperature - log q(item) for the positive (q:
     ``pos_log_q`` [Q]) and each negative (``neg_log_q`` [K]); a negative whose id is the
     query's positive (``neg_ids`` [K] == ``pos_ids`` [Q]) is left out (-inf), and so is every
-    -inf of ``excluded`` [Q, K] (0 elsewhere; the queries' histories).
+    -inf of ``excluded`` [Q, K] (0 elsewhere; the queries' histories). ``kept`` bool [Q]: as
+    in :func:`sampled_softmax_loss` (targets left out, negatives of id < 0 -inf).
 
     queries, pos_vectors [Q, D] normalised; neg_vectors [K, D] normalised. ``scale`` None: the
     mean over queries, else the sum times ``scale``. Returns (loss, pos_logits [Q],
@@ -244,14 +265,15 @@ def corrected_softmax_loss(
     )
     if excluded is not None:
         neg_logits = neg_logits + excluded.to(neg_logits.dtype)
+    if kept is not None:
+        neg_logits = neg_logits.masked_fill(neg_ids.unsqueeze(0) < 0, float("-inf"))
     if queries.shape[0] == 0:
         # no query on this rank: a zero that still reaches the negatives, so that every rank
         # runs the same backward (the gathered in-batch positives' all-reduce included)
         return (queries.sum() + neg_logits.sum()) * 0.0, pos_logits, neg_logits
     logits = torch.cat([pos_logits.unsqueeze(1), neg_logits], dim=1)
     per_query = torch.logsumexp(logits, dim=1) - pos_logits
-    loss = per_query.mean() if scale is None else per_query.sum() * scale
-    return loss, pos_logits, neg_logits
+    return _reduce(per_query, scale, kept), pos_logits, neg_logits
 
 
 class _SampledLogSumExp(torch.autograd.Function):

@@ -76,6 +76,10 @@ class LossInputs:
     live_rows: int | None = None
     """sampled_live: how many live rows of the dynamic item table the key's rows (key_ids:
     slots, in draw order, repeats kept) were drawn from."""
+    target_kept: torch.Tensor | None = None
+    """bool [Q], dynamic item table with admission: False where the query's target was not
+    admitted (it has no row; its pos_id is -1): the query adds nothing to the loss and no
+    negative of id -1 is scored. None: every query counts."""
 
 
 Group = tuple[torch.Tensor | SharedRows, torch.Tensor]  # negatives' vectors and their ids
@@ -84,7 +88,7 @@ Group = tuple[torch.Tensor | SharedRows, torch.Tensor]  # negatives' vectors and
 def _softmax(x: LossInputs, groups: list[Group]) -> LossOutput:
     loss, pos_logits, neg_logits = sampled_softmax_loss(
         x.queries, x.pos_vectors, x.pos_ids, [v for v, _ in groups], [i for _, i in groups],
-        x.temperature, x.scale,
+        x.temperature, x.scale, x.target_kept,
     )
     return loss, (pos_logits.detach(), neg_logits.detach())
 
@@ -111,7 +115,8 @@ def uniform(x: LossInputs) -> LossOutput:
     if x.num_negatives <= 0:
         return _softmax(x, [_in_batch(x)])
     shared = _shared(x)
-    fused = x.training and torch.is_grad_enabled() and fused_sampled_loss_applies(x.queries, shared)
+    fused = (x.training and torch.is_grad_enabled() and x.target_kept is None
+             and fused_sampled_loss_applies(x.queries, shared))
     if fused:
         with allowed_sync(CPU_ONLY):  # the data path's ids are ascending
             fused = bool((x.key_ids[1:] > x.key_ids[:-1]).all())
@@ -162,7 +167,7 @@ def sampled_live(x: LossInputs) -> LossOutput:
         excluded = history_columns(x.history_mask, neg_ids, x.pos_ids)
     loss, pos_logits, neg_logits = corrected_softmax_loss(
         x.queries, x.pos_vectors, x.pos_ids, torch.cat([batch_vectors, x.key_vectors]), neg_ids,
-        pos_log_q, neg_log_q, x.temperature, x.scale, excluded,
+        pos_log_q, neg_log_q, x.temperature, x.scale, excluded, x.target_kept,
     )
     return loss, (pos_logits.detach(), neg_logits.detach())
 
@@ -197,6 +202,9 @@ def full_corpus(x: LossInputs) -> LossOutput:
     (a model-parallel item table on several ranks), each rank scores every rank's queries
     against its own rows and the softmax is reduced across them
     (:func:`hstu.ops.losses.vocab_parallel.vocab_parallel_loss`)."""
+    if x.target_kept is not None:  # (hstu.checks refuses full_corpus over a dynamic item table)
+        raise ValueError("negative_sampling='full_corpus' has no targets left out: a static "
+                         "item table admits every id")
     if x.corpus is not None and x.corpus.split:
         from hstu.ops.losses.vocab_parallel import vocab_parallel_loss
 
