@@ -102,3 +102,16 @@ def test_check_config_prints_the_resolved_sizes(shop):
 def test_unknown_dataset_name_without_a_folder_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"'shopp' is not one of .* nor preprocessed data in"):
         load_config(str(ROOT / "configs" / "debug_retrieval.gin"), ['DatasetArgs.dataset_name="shopp"'])
+
+
+def test_a_built_in_dataset_not_preprocessed_names_its_own_command(tmp_path, monkeypatch):
+    """The line for a missing preprocessed dataset: a built-in one is preprocessed by its own
+    reader (--dataset ml-1m --raw PATH), not as a custom file."""
+    from hstu.args import DatasetArgs
+    from hstu.data.errors import DataError
+    from hstu.data.sizes import read_metadata
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as err:
+        read_metadata(DatasetArgs(dataset_name="ml-1m", max_sequence_length=50))
+    assert str(err.value).endswith("python -m hstu.data.preprocess --dataset ml-1m --raw PATH")

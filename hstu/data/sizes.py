@@ -59,9 +59,11 @@ def read_metadata(dataset: DatasetArgs, extras: dict[str, Any] | None = None) ->
         synthetic = (extras or {}).get("SyntheticDataArgs") or SyntheticDataArgs()
         grouped = group(generate_synthetic(synthetic))
         return build_metadata("synthetic", grouped, {}, {})
+    from hstu.registry import DATASETS
+
     name = dataset.dataset_name
-    how = "--dataset custom --raw FILE --name " + name if name == path.name else (
-        f"--dataset {name} --raw PATH"
+    how = f"--dataset {name} --raw PATH" if name in DATASETS else (
+        "--dataset custom --raw FILE --name " + name
     )
     return layout.read_metadata(path, how)
 
