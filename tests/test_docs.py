@@ -431,8 +431,12 @@ def narrated_lines(text: str) -> list[tuple[int, str]]:
             if number not in code for m in [_NARRATION.search(line)] if m]
 
 
+PRESETS = sorted((ROOT / "configs").rglob("*.gin"))
+"""The presets: their comments are what a user reads before a run, so they are checked too."""
+
+
 def test_no_page_narrates_the_work() -> None:
-    found = [f"{rel(page)}:{number}: {words!r}" for page in PAGES
+    found = [f"{rel(page)}:{number}: {words!r}" for page in [*PAGES, *PRESETS]
              for number, words in narrated_lines(page.read_text())]
     assert not found, "\n".join(found)
 
