@@ -232,14 +232,17 @@ def test_best_checkpoint_selected_on_validation_then_test_scored_once(tmp):
 
 def test_tensor_parallel_two_ranks_runs(tmp):
     tp = run_job(tmp, "rank_tp2", task="ranking", params=[
-        "TensorModelParallelArgs.tensor_model_parallel_size=2", "TrainerArgs.max_train_iters=6",
+        "TensorModelParallelArgs.tensor_model_parallel_size=2", *RANKING_PARAMS,
         "NetworkArgs.contextual_embedding_dim=8",  # tables of two dims, one collection each
         'TrainerArgs.pipeline_type="native"',
     ])
     assert "world 2 (TP 2 x DP 1)" in tp["out"]
     loss = losses(tp["metrics"])
-    assert sorted(loss) == list(range(1, 7)) and all(math.isfinite(v) for v in loss.values())
-    assert 0.0 <= evals(tp["metrics"])["AUC"] <= 1.0
+    assert sorted(loss) == list(range(1, 61)) and all(math.isfinite(v) for v in loss.values())
+    final = evals(tp["metrics"])
+    # as test_ranking_trains_and_reports_auc: untrained 0.49-0.54, trained one process 0.61-0.63
+    assert final["AUC"] > 0.58, f"AUC {final['AUC']:.4f}: no better than a model that learnt nothing"
+    assert final["loss"] < loss[1] - 0.15, f"evaluation loss {final['loss']:.4f} vs first {loss[1]:.4f}"
 
 
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp):
