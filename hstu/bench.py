@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -672,6 +673,9 @@ def _stream_run(a: argparse.Namespace, config: str, folder: str):
     cpu1 = os.times()
     cpu_s = (cpu1.children_user - cpu0.children_user) + (cpu1.children_system
                                                          - cpu0.children_system)
+    # the run's checkpoints (hundreds of MiB to GiBs) are measured by then: removed; its
+    # metrics.csv and logs stay in run_dir (printed in the JSON)
+    shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
     return run_dir, threads, done, time.perf_counter() - started, cpu_s
 
 
