@@ -6,9 +6,11 @@ ratings) as three little-endian arrays. Each data-parallel rank keeps the users 
 checkpoint holds a consistent copy (SQLite's online backup into a temporary file, fsynced,
 then renamed into place), and a run that resumes starts from that copy, never from the
 working file a killed run left behind. A checkpoint may instead hold a delta
-(:meth:`UserStore.checkpoint_delta`): the rows of the users written since the previous
-checkpoint and the users deleted since, applied in order on top of a full snapshot by
-:meth:`UserStore.restore`.
+(:meth:`UserStore.checkpoint_delta`): for each user only appended to since the previous
+checkpoint, the events appended since (a delta grows with the events of its interval, not
+with the users' history lengths); for a user rewritten otherwise (a late event placed into
+the history, a history dropped and begun again), the whole row; and the users deleted since.
+:meth:`UserStore.restore` applies the deltas in order on top of a full snapshot.
 
 Memory: SQLite's page cache is bounded (``cache_mib``); an append holds one window's rows.
 Nothing grows with the number of events seen, only the file does (with the number of users).
@@ -38,12 +40,25 @@ DELTA = "user_store_delta.rank{rank}-of-{world}.sqlite"
 _DELTA_RE = re.compile(r"user_store_delta\.rank(\d+)-of-(\d+)\.sqlite")
 # every write to the history table (append, insert, any DELETE, whatever method issues it) is
 # recorded per user in a temporary table (not part of a snapshot): what changed since the
-# last checkpoint. A REPLACE fires the insert trigger only (recursive triggers are off).
+# last checkpoint. ``added``: events appended since; ``full``: the row was rewritten some
+# other way (or deleted first), so a delta carries it whole. A write counts as an append only
+# for the users :meth:`UserStore.append_events` names in ``appending`` for that statement;
+# any other write marks the row whole. A REPLACE fires the insert trigger only (recursive
+# triggers are off).
 _TRACK = (
-    "CREATE TEMP TABLE changed (user INTEGER PRIMARY KEY, deleted INTEGER NOT NULL)",
-    *(f"CREATE TEMP TRIGGER changed_{event.lower()} AFTER {event} ON history BEGIN "
-      f"INSERT OR REPLACE INTO changed VALUES ({row}.user, {gone}); END"
-      for event, row, gone in (("INSERT", "NEW", 0), ("UPDATE", "NEW", 0), ("DELETE", "OLD", 1))),
+    ("CREATE TEMP TABLE changed (user INTEGER PRIMARY KEY, deleted INTEGER NOT NULL, "
+     "full INTEGER NOT NULL, added INTEGER NOT NULL)"),
+    "CREATE TEMP TABLE appending (user INTEGER PRIMARY KEY, added INTEGER NOT NULL)",
+    ("CREATE TEMP TRIGGER changed_insert AFTER INSERT ON history BEGIN "
+     "INSERT INTO changed VALUES (NEW.user, 0, "
+     "COALESCE((SELECT 0 FROM appending WHERE user = NEW.user), 1), "
+     "COALESCE((SELECT added FROM appending WHERE user = NEW.user), 0)) "
+     "ON CONFLICT (user) DO UPDATE SET full = (changed.full OR changed.deleted OR excluded.full), "
+     "deleted = 0, added = changed.added + excluded.added; END"),
+    ("CREATE TEMP TRIGGER changed_update AFTER UPDATE ON history BEGIN "
+     "INSERT OR REPLACE INTO changed VALUES (NEW.user, 0, 1, 0); END"),
+    ("CREATE TEMP TRIGGER changed_delete AFTER DELETE ON history BEGIN "
+     "INSERT OR REPLACE INTO changed VALUES (OLD.user, 1, 1, 0); END"),
 )
 _CHUNK = 500  # users per SELECT ... IN (...) (SQLite's limit on parameters is larger)
 
@@ -180,12 +195,15 @@ class UserStore:
         user = np.asarray(user, dtype=np.int64)[mine]
         users, inverse = np.unique(user, return_inverse=True)
         seq = self._combine(users, inverse.reshape(-1), item, timestamp, rating, mine)
-        self._write(users, seq)
+        self._write(users, seq, appended=seq.num_new)
         return len(user)
 
-    def _write(self, users: np.ndarray, seq: Histories) -> None:
+    def _write(self, users: np.ndarray, seq: Histories,
+               appended: np.ndarray | None = None) -> None:
         """Stores the histories ``seq`` of ``users`` [B] (each cut to its newest
-        max_sequence_length), replacing theirs."""
+        max_sequence_length), replacing theirs. ``appended`` [B]: each history is the stored
+        one followed by that many new events (recorded as such for a delta); None: the rows
+        are rewritten (a delta carries them whole)."""
         lengths = seq.lengths
         keep = np.minimum(lengths, self.max_sequence_length)
         pos = np.arange(int(seq.offsets[-1])) - np.repeat(seq.offsets[:-1], lengths)
@@ -205,8 +223,13 @@ class UserStore:
                                      ends.tolist(), last.tolist())
         ]
         with self._conn:
+            if appended is not None:
+                self._conn.executemany("INSERT INTO temp.appending VALUES (?, ?)",
+                                       zip(users.tolist(), appended.tolist()))
             self._conn.executemany(
                 "INSERT OR REPLACE INTO history VALUES (?, ?, ?, ?, ?, ?)", rows)
+            if appended is not None:
+                self._conn.execute("DELETE FROM temp.appending")
 
     def _combine(
         self,
@@ -397,10 +420,13 @@ class UserStore:
 
     def checkpoint_delta(self, directory: str | Path) -> Path:
         """Writes the changes since the last :meth:`clear_changes` into ``directory``
-        atomically: ``user_store_delta.rank<r>-of-<w>.sqlite`` holding the current rows of
-        the users written since (table ``history``, as in a snapshot) and the users deleted
-        since (table ``deleted``); returns its path. :meth:`restore` applies it on top of the
-        snapshot (and deltas) before it."""
+        atomically: ``user_store_delta.rank<r>-of-<w>.sqlite`` holding, in table ``history``
+        (a snapshot's columns plus ``tail``), for each user only appended to since, the events
+        appended (``tail`` 1: they follow the user's stored events, the newest
+        max_sequence_length kept), for each user rewritten otherwise, the whole current row
+        (``tail`` 0: it replaces the stored one), and in table ``deleted`` the users deleted
+        since; returns its path. :meth:`restore` applies it on top of the snapshot (and
+        deltas) before it."""
         dest = Path(directory) / DELTA.format(rank=self.rank, world=self.world_size)
         with atomic_path(dest) as tmp:
             tmp.unlink()
@@ -415,12 +441,15 @@ class UserStore:
                     for statement in (
                         ("CREATE TABLE delta.history (user INTEGER PRIMARY KEY, n INTEGER NOT "
                          "NULL, items BLOB NOT NULL, timestamps BLOB NOT NULL, ratings BLOB NOT "
-                         "NULL, last INTEGER NOT NULL)"),
+                         "NULL, last INTEGER NOT NULL, tail INTEGER NOT NULL)"),
                         "CREATE TABLE delta.deleted (user INTEGER PRIMARY KEY)",
                         "CREATE TABLE delta.meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-                        ("INSERT INTO delta.history SELECT h.user, h.n, h.items, h.timestamps, "
-                         "h.ratings, h.last FROM main.history h JOIN temp.changed c ON h.user = "
-                         "c.user WHERE c.deleted = 0 ORDER BY h.user"),
+                        # k: the events a row carries (its newest; all of a whole row)
+                        ("INSERT INTO delta.history SELECT user, k, substr(items, 1 + 8 * "
+                         "(n - k)), substr(timestamps, 1 + 8 * (n - k)), substr(ratings, 1 + 8 "
+                         "* (n - k)), last, k < n FROM (SELECT h.*, CASE WHEN c.full THEN h.n "
+                         "ELSE min(c.added, h.n) END AS k FROM main.history h JOIN "
+                         "temp.changed c ON h.user = c.user WHERE c.deleted = 0) ORDER BY user"),
                         ("INSERT INTO delta.deleted SELECT user FROM temp.changed WHERE deleted "
                          "= 1 ORDER BY user"),
                     ):
@@ -519,8 +548,17 @@ class UserStore:
                 rows = ((*row, int(np.frombuffer(row[3][-8:], "<i8")[0]) if row[3] else 0)
                         for row in rows)
             verb = "INSERT OR REPLACE" if delta else "INSERT"
+            tails: list[tuple] = []
+            if delta and "tail" in {c[1] for c in src.execute("PRAGMA table_info(history)")}:
+                rows = src.execute(
+                    "SELECT user, n, items, timestamps, ratings, last, tail FROM history "
+                    "WHERE user % ? = ?", (self.world_size, self.rank)).fetchall()
+                tails = [row[:6] for row in rows if row[6]]
+                rows = [row[:6] for row in rows if not row[6]]
             with self._conn:
                 self._conn.executemany(f"{verb} INTO history VALUES (?, ?, ?, ?, ?, ?)", rows)
+                if tails:
+                    self._append_tails(source, tails)
                 if delta:
                     gone = src.execute("SELECT user FROM deleted WHERE user % ? = ?",
                                        (self.world_size, self.rank))
@@ -529,6 +567,20 @@ class UserStore:
             raise DataError(str(source), f"cannot read the user store rows ({exc})") from None
         finally:
             src.close()
+
+    def _append_tails(self, source: Path, tails: list[tuple]) -> None:
+        """A delta's appended events (rows ``(user, k, items, timestamps, ratings, last)``)
+        after their users' stored events, the newest max_sequence_length kept."""
+        stored = self._fetch(np.asarray([row[0] for row in tails], np.int64))
+        out = []
+        for user, k, *blobs, last in tails:
+            if user not in stored:
+                raise DataError(str(source), f"user {user}: appended events for a user the "
+                                "checkpoints before it do not hold (a chain out of order?)")
+            keep = 8 * min(len(stored[user][0]) // 8 + k, self.max_sequence_length)
+            joined = [(old + new)[-keep:] for old, new in zip(stored[user], blobs)]
+            out.append((user, keep // 8, *joined, last))
+        self._conn.executemany("INSERT OR REPLACE INTO history VALUES (?, ?, ?, ?, ?, ?)", out)
 
     @staticmethod
     def _check_meta(path: Path, max_sequence_length: int) -> int:

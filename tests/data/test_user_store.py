@@ -343,7 +343,12 @@ def test_a_delta_holds_the_users_written_and_deleted_since_the_last_checkpoint(t
             deleted = sorted(u for (u,) in conn.execute("SELECT user FROM deleted"))
             conn.close()
             now = rows_of(s)
-            assert written == {u: now[u] for u in mine}, k
+            assert set(written) == mine, k
+            for u in mine:  # the events appended (all of them once the row is cut): its tail
+                n = now[u][1]
+                added = min(int((w[0] == u).sum()), n)
+                tail = [blob[len(blob) - 8 * added:] for blob in now[u][2:5]]
+                assert written[u] == (u, added, *tail, now[u][5], int(added < n)), (k, u)
             assert deleted == ([u for u in gone if u % 2 == s.rank] if k == 3 else []), k
         for s in stores:
             s.clear_changes()
@@ -361,6 +366,46 @@ def test_a_delta_holds_the_users_written_and_deleted_since_the_last_checkpoint(t
         assert all(b.changes() == (0, 0) for b in back)
         for b in back:
             b.close()
+
+
+def test_a_delta_grows_with_the_events_appended_not_with_history_lengths(tmp_path):
+    """Users with long histories appended one event each: the delta carries 24 B of events a
+    user (not their 50-event rows); a late event placed into a history, and a history dropped
+    and begun again, travel whole (tail 0); base plus deltas restore bitwise."""
+    store = UserStore(tmp_path / "w.sqlite", 50)
+    users = np.arange(1, 201)
+    for t in range(60):  # 60 events each: every row cut to its newest 50
+        store.append_events(users, users * 7 + t, np.full(200, 10 * t))
+    store.checkpoint(tmp_path / "base")
+    store.clear_changes()
+    folders = []
+    for k in range(3):
+        store.append_events(users, users + 1000 + k, np.full(200, 1000 + k))
+        if k == 1:
+            store.insert_events(np.array([5]), np.array([99]), np.array([135]))  # late
+            store.expire(max_users=199)  # the oldest (user 1 here: ties by lowest id)...
+            store.append_events(np.array([1]), np.array([4]), np.array([2000]))  # ...back
+        folder = tmp_path / f"d{k}"
+        folder.mkdir()
+        folders.append(folder)
+        conn = sqlite3.connect(store.checkpoint_delta(folder))
+        rows = {u: (n, tail, len(items)) for u, n, items, tail in
+                conn.execute("SELECT user, n, items, tail FROM history")}
+        conn.close()
+        store.clear_changes()
+        rewritten = {5: (50, 0, 400), 1: (1, 0, 8)} if k == 1 else {}
+        assert rows == {int(u): rewritten.get(int(u), (1, 1, 8)) for u in users}, k
+    want = rows_of(store)
+    back = UserStore.restore(folders[-1], tmp_path / "r.sqlite", 50,
+                             links=[tmp_path / "base", *folders[:-1]])
+    assert rows_of(back) == want
+    assert back.histories(np.array([5])).timestamps.tolist()[:3] == [135, 140, 150]
+    back.close()
+    # a tail whose user the chain before it does not hold: refused, naming the file
+    (tmp_path / "empty").mkdir()
+    UserStore(tmp_path / "e.sqlite", 50).checkpoint(tmp_path / "empty")
+    with pytest.raises(DataError, match=r"d0.*user 1: appended events for a user"):
+        UserStore.restore(folders[0], tmp_path / "r2.sqlite", 50, links=[tmp_path / "empty"])
 
 
 def test_a_delta_chain_with_a_missing_or_foreign_file_is_refused(tmp_path):

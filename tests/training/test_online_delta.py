@@ -60,6 +60,7 @@ def rebuilt_state(folder: Path, world: int = 1) -> dict:
     for r in range(world):
         conn = sqlite3.connect(base / f"user_store.rank{r}-of-{world}.sqlite")
         stores.append({row[0]: row for row in conn.execute("SELECT * FROM history")})
+        max_len = int(dict(conn.execute("SELECT key, value FROM meta"))["max_sequence_length"])
         conn.close()
     for link in links[1:]:
         saved = json.loads((link / "stream.json").read_text())
@@ -72,7 +73,12 @@ def rebuilt_state(folder: Path, world: int = 1) -> dict:
             users, items = users[:saved["num_users"]], items[:saved["num_items"]]
         for r in range(world):
             conn = sqlite3.connect(link / f"user_store_delta.rank{r}-of-{world}.sqlite")
-            stores[r].update({row[0]: row for row in conn.execute("SELECT * FROM history")})
+            for user, n, *blobs, last, tail in conn.execute("SELECT * FROM history"):
+                if tail:  # events appended: after the stored ones, the newest max_len kept
+                    old = stores[r][user]
+                    n = min(old[1] + n, max_len)
+                    blobs = [(a + b)[len(a + b) - 8 * n:] for a, b in zip(old[2:5], blobs)]
+                stores[r][user] = (user, n, *blobs, last)
             for (user,) in conn.execute("SELECT user FROM deleted"):
                 stores[r].pop(user, None)  # (also users added and dropped since)
             conn.close()
