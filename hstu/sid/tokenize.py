@@ -77,8 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(ns: argparse.Namespace, log: Any = print) -> Any:
     """Reads the input named by ``ns``, fits the codes, writes them; returns the SidCodes."""
+    from hstu.data.semantic_ids import describe_stats, save_codes, tokenize
     from hstu.sid import inputs
-    from hstu.sid.tokenizer import describe_stats, save_codes, tokenize
 
     start = time.perf_counter()
     if ns.items:

@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from hstu.data.errors import DataError
+from hstu.data.semantic_ids import collision_index
 from hstu.sid import load_codes, save_codes, tokenize
 from hstu.sid.tokenize import main, parse_args, run
-from hstu.sid.tokenizer import collision_index
 
 ROOT = Path(__file__).resolve().parents[2]
 REAL = ROOT.parent / "shared" / "data" / "ml-100k"

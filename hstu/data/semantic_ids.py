@@ -1,4 +1,5 @@
-"""Residual k-means from item vectors to semantic ids (codes), the codes file and its loader.
+"""Semantic ids: residual k-means from item vectors to codes, the codes file and its loader
+(docs/semantic_ids.md; the command is ``python -m hstu.sid.tokenize``).
 
 An item's semantic id is ``L + 1`` codes: level ``l < L`` is the nearest of ``K`` centroids
 fitted by k-means (scikit-learn) on what the levels before it left unexplained (the residual

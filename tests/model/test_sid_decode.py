@@ -1,0 +1,124 @@
+"""Decoding semantic ids (hstu.model.sid_decode): the trie of valid code sequences and beam search
+over it, against enumeration of every item of small catalogues."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from hstu.model.sid_decode import CodeTrie, beam_search
+
+
+def random_codes(num_items: int, num_codes: list[int], seed: int) -> torch.Tensor:
+    """Distinct rows drawn from the full grid of code sequences."""
+    grid = list(itertools.product(*[range(k) for k in num_codes]))
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(grid), generator=g)[:num_items]
+    return torch.tensor([grid[i] for i in pick.tolist()], dtype=torch.int64)
+
+
+class ToyDecoder:
+    """log p(c_l | query, c_<l) = log_softmax(W_l tanh(E[query] + sum_i C_i[c_i])): rows carry
+    their state and are reordered by ``parents`` (the way a KV cache is)."""
+
+    def __init__(self, num_queries: int, num_codes: list[int], seed: int, dim: int = 8):
+        g = torch.Generator().manual_seed(seed)
+        self.query = torch.randn(num_queries, dim, generator=g, dtype=torch.float64)
+        self.code = [torch.randn(k, dim, generator=g, dtype=torch.float64) for k in num_codes]
+        self.out = [3 * torch.randn(k, dim, generator=g, dtype=torch.float64) for k in num_codes]
+        self.calls = 0
+
+    def _logp(self) -> torch.Tensor:
+        self.calls += 1
+        return torch.log_softmax(torch.tanh(self.state) @ self.out[self.level].t(), dim=1)
+
+    def start(self, queries: torch.Tensor) -> torch.Tensor:
+        self.state, self.level = self.query[queries].clone(), 0
+        return self._logp()
+
+    def advance(self, parents: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        self.state = self.state[parents] + self.code[self.level][codes]
+        self.level += 1
+        return self._logp()
+
+    def item_scores(self, codes: torch.Tensor) -> torch.Tensor:
+        """[U, I]: every item's score by teacher forcing its codes (the enumeration)."""
+        u, i = self.query.shape[0], codes.shape[0]
+        state = self.query.unsqueeze(1).expand(u, i, -1)
+        total = torch.zeros(u, i, dtype=torch.float64)
+        for level in range(codes.shape[1]):
+            logp = torch.log_softmax(torch.tanh(state) @ self.out[level].t(), dim=2)
+            total += logp.gather(2, codes[:, level].expand(u, -1).unsqueeze(2)).squeeze(2)
+            state = state + self.code[level][codes[:, level]]
+        return total
+
+
+def test_the_trie_allows_exactly_the_prefixes_of_items():
+    num_codes = [3, 4, 2]
+    codes = random_codes(11, num_codes, seed=0)
+    trie = CodeTrie(codes, num_codes)
+    prefixes = [{()}] + [{tuple(r[:level + 1]) for r in codes.tolist()} for level in range(3)]
+    for level in range(3):
+        nodes = sorted(prefixes[level])
+        assert trie.num_nodes(level) == len(nodes)
+        mask = trie.allowed(level, torch.arange(len(nodes)))
+        for n, prefix in enumerate(nodes):  # nodes are the prefixes in lexicographic order
+            want = [c for c in range(num_codes[level]) if prefix + (c,) in prefixes[level + 1]]
+            assert torch.nonzero(mask[n]).flatten().tolist() == want, (level, prefix)
+    leaves = torch.zeros(11, dtype=torch.int64)
+    for level in range(3):
+        leaves = trie.child(level, leaves, codes[:, level])
+    assert trie.item_of_leaf[leaves].tolist() == list(range(11))
+
+
+def test_the_trie_refuses_shared_or_out_of_range_codes():
+    with pytest.raises(ValueError, match=r"items 0 and 2 have the same codes"):
+        CodeTrie(torch.tensor([[0, 1], [1, 1], [0, 1]]), [2, 2])
+    with pytest.raises(ValueError, match=r"level 1: codes must lie in \[0, 2\), found \[1, 2\]"):
+        CodeTrie(torch.tensor([[0, 1], [1, 2]]), [2, 2])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_certified_beam_search_is_the_exact_top_k_of_every_item(seed):
+    num_codes = [4, 5, 3]
+    codes = random_codes(40, num_codes, seed)
+    trie = CodeTrie(codes, num_codes)
+    dec = ToyDecoder(16, num_codes, seed)
+    want_scores, want_items = dec.item_scores(codes).topk(5, dim=1)
+    inexact = 0
+    for beam in (1, 2, 5):
+        plain = beam_search(dec, trie, 16, beam, 5)
+        # items only (a beam of 1 ends on the children of one prefix: fewer than 5, then -1)
+        found = plain.items >= 0
+        assert torch.equal(found, torch.isfinite(plain.scores))
+        assert found.sum(1).min() >= (5 if beam == 5 else 1)
+        # each score is the item's own score (teacher forcing)
+        own = dec.item_scores(codes).gather(1, plain.items.clamp(min=0))
+        torch.testing.assert_close(plain.scores[found], own[found])
+        inexact += int((plain.items != want_items).any(1).sum())
+        got = beam_search(dec, trie, 16, beam, 5, certify=True)
+        assert torch.equal(got.items, want_items), beam
+        torch.testing.assert_close(got.scores, want_scores)
+        assert (got.beams >= beam).all()
+    assert inexact > 0  # narrow beams do miss: certification is what made them exact
+
+
+def test_history_items_are_never_returned_and_short_catalogues_pad():
+    num_codes = [3, 3]
+    codes = random_codes(7, num_codes, seed=3)
+    trie = CodeTrie(codes, num_codes)
+    dec = ToyDecoder(4, num_codes, seed=3)
+    queries = torch.tensor([0, 0, 2, 3, 3, 3])
+    items = torch.tensor([1, 4, 6, 0, 2, 5])
+    got = beam_search(dec, trie, 4, 2, 6, certify=True, excluded=(queries, items))
+    scores = dec.item_scores(codes)
+    scores[queries, items] = float("-inf")
+    want_scores, want_items = scores.topk(6, dim=1)
+    finite = torch.isfinite(want_scores)
+    assert torch.equal(got.items, torch.where(finite, want_items, -1))
+    assert torch.equal(torch.isfinite(got.scores), finite)
+    torch.testing.assert_close(got.scores[finite], want_scores[finite])
+    # query 3 has 4 items left of 7: two slots are -1
+    assert (got.items[3] == -1).sum() == 2
