@@ -52,6 +52,30 @@ HOST_REMAP = (
 )
 
 
+# the recent level of a dynamic table's id index merges into the main one past
+# max(_RECENT_MIN, capacity // _RECENT_FRACTION) entries
+_RECENT_MIN = 4096
+_RECENT_FRACTION = 8
+
+
+def _merge(a: torch.Tensor, a_slots: torch.Tensor, b: torch.Tensor, b_slots: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two sorted lists of distinct ids (no id in both) with their slots, merged, in
+    O(len(a) + len(b) log len(a)): b's entries go to their insertion points in a, a's move up
+    by the b entries before them (a running count), as no sort would."""
+    n, m = a.numel(), b.numel()
+    ids = torch.empty(n + m, dtype=torch.int64, device=a.device)
+    slots = torch.empty_like(ids)
+    at = torch.searchsorted(a, b)  # a's entries below each b entry
+    dest_b = at + torch.arange(m, device=a.device)
+    before = torch.zeros(n + 1, dtype=torch.int64, device=a.device)
+    before.index_add_(0, at, torch.ones_like(at))
+    dest_a = torch.arange(n, device=a.device) + before.cumsum(0)[:n]
+    ids.index_copy_(0, dest_a, a).index_copy_(0, dest_b, b)
+    slots.index_copy_(0, dest_a, a_slots).index_copy_(0, dest_b, b_slots)
+    return ids, slots
+
+
 def fresh_rows(ids: torch.Tensor, dim: int, bound: float, seed: int) -> torch.Tensor:
     """The initial row of each id: uniform in [-bound, bound), a pure function of (id, seed).
 
@@ -133,9 +157,16 @@ class DynamicIdRemapper(nn.Module):
             self.admission = CountMinSketch(sketch_width, sketch_depth)
             self.register_buffer("num_not_admitted", torch.zeros((), **kw))
         self._last_step_not_admitted = 0
-        # Sorted index over occupied slots, rebuilt from the persistent state on load.
+        # The id index, rebuilt from the persistent state on load, in two sorted levels: the
+        # main one (built by _compact) and the ids admitted since (small, merged into the main
+        # one when it outgrows _RECENT_FRACTION of the capacity), so that a step costs the size
+        # of its new ids, not of the table. An entry is live while its slot holds its id
+        # (slot_ids, occupied): an evicted id's entry goes stale in place, never searched for.
         self.register_buffer("_sorted_ids", torch.zeros(0, **kw), persistent=False)
         self.register_buffer("_sorted_slots", torch.zeros(0, **kw), persistent=False)
+        self.register_buffer("_recent_ids", torch.zeros(0, **kw), persistent=False)
+        self.register_buffer("_recent_slots", torch.zeros(0, **kw), persistent=False)
+        self._exact = True  # the main level holds exactly the live ids (nothing recent or stale)
         # LRU access log: (slot, step) entries [_log_head, _log_tail) in (step, slot) order;
         # an entry is live while last_access[slot] == its step. Rebuilt on load.
         self.register_buffer("_log_slots", torch.zeros(0, **kw), persistent=False)
@@ -161,6 +192,8 @@ class DynamicIdRemapper(nn.Module):
         order = torch.argsort(ids)
         self._sorted_ids = ids[order]
         self._sorted_slots = slots[order]
+        self._recent_ids = self._recent_slots = self._sorted_ids[:0]
+        self._exact = True
         self._num_occupied = slots.numel()
         self._log_head = self._log_tail = 0
         if self.evict_strategy != "lru":
@@ -236,46 +269,64 @@ class DynamicIdRemapper(nn.Module):
             "item_vocab_gpu_capacity / ratio)"
         )
 
-    def _search(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ids [N] -> (slots [N] (0 where missing), found [N] bool, insertion points [N] in
-        the sorted index)."""
-        n = self._sorted_ids.numel()
+    def _find(self, keys: torch.Tensor, slots_of: torch.Tensor, ids: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One level of the index (sorted ``keys``, their ``slots_of``): (slots [N], bool [N]
+        whether the entry found is live: its slot holds that id)."""
+        n = keys.numel()
         if n == 0:
-            zeros = torch.zeros_like(ids)
-            return zeros, torch.zeros_like(ids, dtype=torch.bool), zeros
-        pos = torch.searchsorted(self._sorted_ids, ids)
-        at = pos.clamp(max=n - 1)
-        found = self._sorted_ids.index_select(0, at) == ids
-        slots = torch.where(found, self._sorted_slots.index_select(0, at), torch.zeros_like(ids))
-        return slots, found, pos
+            return torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+        at = torch.searchsorted(keys, ids).clamp_(max=n - 1)
+        slots = slots_of.index_select(0, at)
+        live = keys.index_select(0, at) == ids
+        if not self._exact:  # entries of evicted ids may remain: their slot tells
+            live &= self.occupied.index_select(0, slots) & (self.slot_ids.index_select(0, slots)
+                                                             == ids)
+        return slots, live
 
-    def _index_update(
-        self, removed_ids: torch.Tensor, new_ids: torch.Tensor, new_slots: torch.Tensor,
-        new_pos: torch.Tensor,
-    ) -> None:
-        """Drops removed_ids (held in the index) and inserts (new_ids sorted, new_slots) at
-        their insertion points new_pos in the current index, in one scatter per array: each
-        kept entry moves by (new ids inserted at or before it) - (removed entries before it)."""
-        old_ids, old_slots = self._sorted_ids, self._sorted_slots
-        n, m, r = old_ids.numel(), new_ids.numel(), removed_ids.numel()
-        total = n - r + m
-        # delta[0] = 0 and 1 elsewhere: its running sum is each entry's own position j
-        delta = torch.ones(n + 1, dtype=torch.int64, device=old_ids.device)
-        delta[0] = 0
-        delta.index_add_(0, new_pos, torch.ones_like(new_pos))
-        dest_new = new_pos + torch.arange(m, device=new_ids.device)
-        if r:
-            removed_pos = torch.searchsorted(old_ids, torch.sort(removed_ids).values)
-            delta.index_add_(0, removed_pos + 1, torch.full_like(removed_pos, -1))
-            dest_new -= torch.searchsorted(removed_pos, new_pos)
-        dest_old = delta.cumsum(0)[:n]
-        if r:
-            dest_old.index_fill_(0, removed_pos, total)  # a spare last entry, dropped below
-        ids = torch.empty(total + 1, dtype=torch.int64, device=old_ids.device)
-        slots = torch.empty_like(ids)
-        ids.scatter_(0, dest_old, old_ids).scatter_(0, dest_new, new_ids)
-        slots.scatter_(0, dest_old, old_slots).scatter_(0, dest_new, new_slots)
-        self._sorted_ids, self._sorted_slots = ids[:total], slots[:total]
+    def _search(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [N] -> (slots [N] (0 where missing), found [N] bool)."""
+        slots, found = self._find(self._sorted_ids, self._sorted_slots, ids)
+        if self._recent_ids.numel():
+            recent, held = self._find(self._recent_ids, self._recent_slots, ids)
+            slots, found = torch.where(held, recent, slots), found | held
+        return torch.where(found, slots, torch.zeros_like(slots)), found
+
+    def _index_update(self, new_ids: torch.Tensor, new_slots: torch.Tensor) -> None:
+        """Adds the admitted (new_ids sorted, new_slots) to the recent level (their ids hold no
+        live entry; a stale one of the same id there is replaced); merges the levels when the
+        recent one outgrows its share. Evicted ids need nothing: their entries go stale."""
+        if new_ids.numel() == 0:
+            return
+        self._exact = False
+        recent, recent_slots = self._recent_ids, self._recent_slots
+        if recent.numel():  # a re-admitted id's stale entry gives way to its new one
+            at = torch.searchsorted(new_ids, recent).clamp_(max=new_ids.numel() - 1)
+            stay = new_ids.index_select(0, at) != recent
+            recent, recent_slots = recent[stay], recent_slots[stay]
+        self._recent_ids, self._recent_slots = _merge(recent, recent_slots, new_ids, new_slots)
+        if self._recent_ids.numel() > max(_RECENT_MIN, self.capacity // _RECENT_FRACTION):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Merges the two levels into one holding exactly the live ids (O(index))."""
+        if self._exact:
+            return
+        main, main_slots = self._sorted_ids, self._sorted_slots
+        keep = self.occupied.index_select(0, main_slots) & (
+            self.slot_ids.index_select(0, main_slots) == main)
+        recent, recent_slots = self._recent_ids, self._recent_slots
+        held = self.occupied.index_select(0, recent_slots) & (
+            self.slot_ids.index_select(0, recent_slots) == recent)
+        recent, recent_slots = recent[held], recent_slots[held]
+        if recent.numel() and main.numel():  # an id re-admitted into its old slot: listed once
+            at = torch.searchsorted(main, recent).clamp_(max=main.numel() - 1)
+            twice = main.index_select(0, at) == recent
+            keep[at[twice]] = False
+        self._sorted_ids, self._sorted_slots = _merge(main[keep], main_slots[keep], recent,
+                                                      recent_slots)
+        self._recent_ids = self._recent_slots = self._sorted_ids[:0]
+        self._exact = True
 
     # --------------------------------------------------------------------- update
 
@@ -346,12 +397,12 @@ class DynamicIdRemapper(nn.Module):
         hold a row: None when all do; the others read :attr:`miss_slot`)."""
         step = int(self.step) + 1
         self.step.fill_(step)
-        slots, found, pos = self._search(uniq)
+        slots, found = self._search(uniq)
         hit = slots[found]
         self.last_access[hit] = step
         self.last_time[hit] = self.clock
         self.access_count[hit] += counts[found]
-        new_ids, new_counts, new_pos = uniq[~found], counts[~found], pos[~found]  # sorted
+        new_ids, new_counts = uniq[~found], counts[~found]  # sorted
         held = None
         admitted = self._count_new(new_ids, new_counts)
         if admitted is not None and not bool(admitted.all()):
@@ -359,7 +410,6 @@ class DynamicIdRemapper(nn.Module):
             held[~found] = admitted
             slots[~held] = self.miss_slot
             new_ids, new_counts = new_ids[admitted], new_counts[admitted]
-            new_pos = new_pos[admitted]
         num_new = new_ids.numel()
         self._last_step_admitted, self._last_step_evicted = num_new, 0
         if num_new == 0:
@@ -373,7 +423,6 @@ class DynamicIdRemapper(nn.Module):
         if free.numel() < num_new:
             victims = self._select_victims(num_new - free.numel(), hit.numel(), step)
         new_slots = torch.cat([free, victims])
-        removed_ids = self.slot_ids.index_select(0, victims)
         self.slot_ids[new_slots] = new_ids
         self.occupied[new_slots] = True
         self.last_access[new_slots] = step
@@ -383,7 +432,7 @@ class DynamicIdRemapper(nn.Module):
         self.num_admitted += num_new
         self.num_evicted += victims.numel()
         self._last_step_evicted = victims.numel()
-        self._index_update(removed_ids, new_ids, new_slots, new_pos)
+        self._index_update(new_ids, new_slots)
         self._log_append(torch.cat([hit, new_slots]), step)
         self.pending_fresh = (new_slots, new_ids)
         slots[~found if held is None else held & ~found] = new_slots
@@ -408,7 +457,7 @@ class DynamicIdRemapper(nn.Module):
             if held is None or bool(held.all()):
                 return uniq_slots[inverse], None
             return uniq_slots[inverse], ~held[inverse]
-        slots, found, _ = self._search(ids)
+        slots, found = self._search(ids)
         if bool(found.all()):
             return slots, None
         self.num_eval_misses += int((~found).sum())
@@ -419,7 +468,7 @@ class DynamicIdRemapper(nn.Module):
         """Read only, in training too (no admission, no collective, no counters): ids int64
         [N] -> (slots [N], found [N] bool), on the host. For ids that must never be admitted
         (retrieval negatives, the corpus)."""
-        slots, found, _ = self._search(ids.to("cpu", torch.int64))
+        slots, found = self._search(ids.to("cpu", torch.int64))
         return slots, found
 
     @torch.no_grad()
@@ -446,7 +495,8 @@ class DynamicIdRemapper(nn.Module):
         return n
 
     def _live_start(self, min_id: int) -> int:
-        """Where the ids >= ``min_id`` start in the sorted index."""
+        """Where the ids >= ``min_id`` start in the sorted index (merged first: exact)."""
+        self._compact()
         bound = torch.tensor([min_id], dtype=torch.int64)
         return int(torch.searchsorted(self._sorted_ids, bound)[0])
 
@@ -454,7 +504,8 @@ class DynamicIdRemapper(nn.Module):
     def live_ids(self, min_id: int = 0) -> torch.Tensor:
         """The raw ids the occupied slots hold, those >= ``min_id``: int64 [L], ascending (the
         same on every rank). Read only."""
-        return self._sorted_ids[self._live_start(min_id):].clone()
+        start = self._live_start(min_id)  # (merges the index first)
+        return self._sorted_ids[start:].clone()
 
     @torch.no_grad()
     def draw_live(

@@ -72,16 +72,15 @@ KNOWN_SITES: dict[str, frozenset[str]] = {
           "step = int(self.step) + 1",
           "hit = slots[found]",
           "self.access_count[hit] += counts[found]",
-          "new_ids, new_counts, new_pos = uniq[~found], counts[~found], pos[~found]  # sorted",
+          "new_ids, new_counts = uniq[~found], counts[~found]  # sorted",
           "free = torch.nonzero(~self.occupied, as_tuple=False).flatten()[:num_new]",
           "slots[~found if held is None else held & ~found] = new_slots",
           # admission (admit_min_count): which new ids reach the count
           "if admitted is not None and not bool(admitted.all()):",
           "held[~found] = admitted",
           "new_ids, new_counts = new_ids[admitted], new_counts[admitted]",
-          "new_pos = new_pos[admitted]",
           "slots[~held] = self.miss_slot",
-          "self._index_update(removed_ids, new_ids, new_slots, new_pos)")
+          "self._index_update(new_ids, new_slots)")
     | _at(_DYNAMIC + "_count_new", "waiting = int(new_counts[~admitted].sum())")
     | _at(_DYNAMIC + "forward", "if held is None or bool(held.all()):")
     | _at("hstu/embeddings/admission.py in add", "if int(self.occurrences) >= self.width:")
