@@ -606,12 +606,24 @@ class NetworkArgs:
     """Bias on the output projection W_o (the research model has one)."""
     use_position_embedding: bool = True
     """Add the learned absolute position embedding to the input tokens."""
-    architecture: Literal["hstu", "sasrec", "mlp_baseline"] = "hstu"
+    architecture: Literal["hstu", "sasrec", "hstu_sid", "mlp_baseline"] = "hstu"
     """hstu; sasrec (retrieval only): SASRec's causal softmax self-attention in place of the HSTU
     block (num_layers, hidden_size, num_attention_heads x kv_channels, hidden_dropout, norm_epsilon,
     num_position_buckets, use_position_embedding and the sasrec_* fields; docs/model.md "SASRec");
-    or (ranking only) a non-sequential MLP over the user's contextual and the candidate's item
-    embeddings, for comparison."""
+    hstu_sid (retrieval only): generative retrieval with semantic ids, items embedded from their
+    codes (sid_codes) and the next item's codes decoded level by level by beam search
+    (docs/model.md "Semantic ids"); or (ranking only) a non-sequential MLP over the user's
+    contextual and the candidate's item embeddings, for comparison."""
+    sid_codes: str | None = None
+    """architecture="hstu_sid": the semantic ids of the dataset's items, a sid_codes.parquet file
+    or its folder (python -m hstu.sid.tokenize; docs/semantic_ids.md), by raw item id."""
+    sid_item_embedding: bool = False
+    """architecture="hstu_sid": add each item's own id row to the sum of its code rows (an item
+    never trained on then has an untrained part; False: items are their codes only)."""
+    sid_decoder_layers: int = 1
+    """architecture="hstu_sid": transformer layers of the code decoder (the head)."""
+    sid_decoder_heads: int = 2
+    """architecture="hstu_sid": attention heads of the code decoder (dividing hidden_size)."""
     sasrec_ffn_activation: Literal["swiglu", "gelu", "relu"] = "swiglu"
     """architecture="sasrec": the feed-forward network, SwiGLU without biases (eSASRec's LiGR layer)
     or GELU / ReLU with biases (the original SASRec's ReLU)."""
@@ -655,6 +667,7 @@ class NetworkArgs:
         _positive(
             self, "num_layers", "hidden_size", "num_attention_heads", "kv_channels",
             "norm_epsilon", "target_group_size", "num_position_buckets", "sasrec_ffn_multiplier",
+            "sid_decoder_layers", "sid_decoder_heads",
         )
         _require(
             0.0 <= self.hidden_dropout < 1.0,
@@ -869,6 +882,13 @@ class RetrievalArgs:
     """Evaluate on a fixed random subset of this many users of the split (the same users at every
     evaluation, chosen by TrainerArgs.seed), for catalogues or user counts where a full evaluation
     is too slow; the log says so and the metrics carry an eval_users field. 0: every user."""
+    sid_beam_width: int = 50
+    """NetworkArgs.architecture="hstu_sid": the beam of the decoding in evaluation and
+    recommendation (prefixes kept per level; the last level keeps at least the top-k)."""
+    sid_certify: bool = False
+    """NetworkArgs.architecture="hstu_sid": search again, with a wider beam, every query whose
+    best pruned prefix scores above its k-th item, so that the top-k is exact (docs/semantic_ids.md
+    "Decoding"); costs more decoding where beams miss."""
     eval_memory_mb: int = 256
     """Evaluation scores every rank's queries against its slice of the catalogue in blocks of items
     sized so that a block's [queries x items] work stays within this many MiB (the ranks' results
@@ -879,7 +899,7 @@ class RetrievalArgs:
         _validate_fields(self)
         _require(self.eval_num_users >= 0, self, "eval_num_users",
                  f"must be >= 0 (0: every user), got {self.eval_num_users}")
-        _positive(self, "eval_memory_mb")
+        _positive(self, "eval_memory_mb", "sid_beam_width")
         _require(
             self.num_negatives == -1 or self.num_negatives > 0,
             self,

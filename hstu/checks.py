@@ -232,10 +232,11 @@ def check_parallel(network: Any, tp: Any, world_size: int | None = None) -> None
     """Heads split evenly over the TP group (``network``: NetworkArgs, ``tp``:
     TensorModelParallelArgs); the TP group divides the world."""
     size = tp.tensor_model_parallel_size
-    if network.architecture == "sasrec" and size > 1:
+    if network.architecture in ("sasrec", "hstu_sid") and size > 1:
         raise ConfigError(
             "TensorModelParallelArgs", "tensor_model_parallel_size",
-            f'{size}: NetworkArgs.architecture="sasrec" runs one process per model replica (1)',
+            f'{size}: NetworkArgs.architecture="{network.architecture}" runs one process per '
+            "model replica (1)",
         )
     if network.compile and size > 1:
         raise ConfigError(
@@ -285,6 +286,23 @@ def check_architecture(network: Any, task: str) -> None:
             "NetworkArgs", "architecture",
             "mlp_baseline is a ranking baseline; retrieval needs hstu",
         )
+    if network.architecture == "hstu_sid":
+        if task != "retrieval":
+            raise ConfigError("NetworkArgs", "architecture",
+                              "hstu_sid is a retrieval model (it decodes the next item); ranking "
+                              "needs hstu")
+        if not network.sid_codes:
+            raise ConfigError("NetworkArgs", "sid_codes",
+                              'architecture="hstu_sid" needs the items\' semantic ids (a '
+                              "sid_codes.parquet file or its folder: python -m hstu.sid.tokenize)")
+        if network.hidden_size % network.sid_decoder_heads:
+            raise ConfigError("NetworkArgs", "sid_decoder_heads",
+                              f"{network.sid_decoder_heads} heads do not divide hidden_size "
+                              f"{network.hidden_size}")
+    elif network.sid_codes:
+        raise ConfigError("NetworkArgs", "sid_codes",
+                          f'is read by architecture="hstu_sid" only (architecture is '
+                          f"{network.architecture!r}); leave it unset")
     if network.architecture != "sasrec":
         return
     if task != "retrieval":

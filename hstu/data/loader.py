@@ -193,6 +193,10 @@ class SequenceLoader:
             list(meta["contextual_feature_names"]), contextual_features
         )
         self.samples_per_rank = math.ceil(len(samples) / world_size)
+        self.sid_rows: np.ndarray | None = None
+        """NetworkArgs.architecture="hstu_sid": int64 [num_items, L], each item id's rows of the
+        code table; every batch then carries each item's L rows as key ``sid_key``."""
+        self.sid_key = ""
         self.negatives: NegativeSampler | None = None
         """Retrieval: the negatives (or corpus) key every batch carries; set by the trainer."""
         self.query_times = False
@@ -386,6 +390,10 @@ class SequenceLoader:
                 st.contextual[n][users].astype(np.int64) for n in self.contextual_feature_names
             ]
             lengths.append(np.ones(len(index) * len(self.contextual_feature_names), dtype=np.int64))
+        if self.sid_rows is not None:
+            keys.append(self.sid_key)
+            values.append(self.sid_rows[values[0]].reshape(-1))
+            lengths.append(lengths[0] * self.sid_rows.shape[1])
         negative_fields: dict = {}
         if self.negatives is not None:
             keys.append(self.negatives.feature_name)

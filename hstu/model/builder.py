@@ -37,6 +37,10 @@ class ModelDataInfo:
     contextual_feature_names: list[str] = field(default_factory=list)
     feature_dims: dict[str, int] = field(default_factory=dict)
     min_item_id: int = 0
+    sid_codes: torch.Tensor | None = None
+    """architecture="hstu_sid": int64 [num_items, L], each item id's codes (-1: none)."""
+    sid_num_codes: list[int] = field(default_factory=list)
+    """architecture="hstu_sid": K_l, codes per level."""
 
     @property
     def feature_names(self) -> list[str]:
@@ -140,6 +144,28 @@ def build_model(
             history_loss_weight=task_args.history_loss_weight,
             max_item_seqlen=data.max_item_seqlen,
             tp_group=tp_group,
+        ))
+    if task == "retrieval" and getattr(network_args, "architecture", "hstu") == "hstu_sid":
+        from hstu.model.sid import SidRetrievalModel
+
+        if data.sid_codes is None or tp_group is not None:
+            raise ValueError('architecture="hstu_sid" needs ModelDataInfo.sid_codes and one '
+                             "process per model replica")
+        return GenerativeRecommender(embedding_module, SidRetrievalModel(
+            tokens,
+            block,
+            codes=data.sid_codes,
+            num_codes=data.sid_num_codes,
+            item_embedding=network_args.sid_item_embedding,
+            decoder_layers=network_args.sid_decoder_layers,
+            decoder_heads=network_args.sid_decoder_heads,
+            dropout=network_args.hidden_dropout,
+            eps=network_args.norm_epsilon,
+            min_item_id=data.min_item_id,
+            max_item_seqlen=data.max_item_seqlen,
+            beam_width=task_args.sid_beam_width,
+            certify=task_args.sid_certify,
+            eval_exclude_history=task_args.eval_exclude_history,
         ))
     if task == "retrieval":
         dense = RetrievalModel(

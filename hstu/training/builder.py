@@ -7,13 +7,23 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from hstu.args import STREAM_DATASET, BenchmarkDatasetArgs, EmbeddingArgs, NetworkArgs
+from hstu.args import (
+    STREAM_DATASET,
+    BenchmarkDatasetArgs,
+    ConfigError,
+    DynamicEmbeddingArgs,
+    EmbeddingArgs,
+    NetworkArgs,
+)
 from hstu.checks import check_placement, check_table_features
 from hstu.config import RunConfig
 from hstu.console import format_bytes
@@ -115,7 +125,7 @@ def negative_sampler(
 ) -> NegativeSampler | None:
     """Retrieval with uniform, mixed or full-corpus negatives: what the batches carry (the
     index's transpose only for the CPU score kernel, the one that reads it)."""
-    if cfg.task != "retrieval" or cfg.network.architecture == "mlp_baseline":
+    if cfg.task != "retrieval" or cfg.network.architecture in ("mlp_baseline", "hstu_sid"):
         return None
     r = cfg.retrieval
     mode = NEGATIVE_SAMPLING[r.negative_sampling].draw(r.num_negatives)
@@ -130,6 +140,42 @@ def negative_sampler(
         seed=cfg.trainer.seed,
         transpose=device.type == "cpu",
     )
+
+
+def semantic_ids(cfg: RunConfig, info: DataInfo) -> tuple[np.ndarray, list[int]]:
+    """NetworkArgs.architecture="hstu_sid": (each item id's codes int64 [num_items, L], -1 for
+    an id without an item; K_l per level) from NetworkArgs.sid_codes, matched by raw item id
+    through the dataset's item map (a dataset without one: the codes' ids are its item ids).
+    An item of the dataset without codes is refused in one line."""
+    from hstu.data.layout import ITEM_MAP_FILE
+    from hstu.data.semantic_ids import load_codes
+
+    sid = load_codes(cfg.network.sid_codes, centroids=False)
+    levels = sid.codes.shape[1]
+    k = int(sid.config["codes"])
+    num_codes = [k] * (levels - 1) + [int(sid.codes[:, -1].max()) + 1]
+    item_map = Path(getattr(cfg.dataset, "resolved_path", "") or "") / ITEM_MAP_FILE
+    if item_map.is_file():
+        table = pq.read_table(item_map, columns=["item_id", "raw_item_id"])
+        dense = table.column("item_id").to_numpy().astype(np.int64)
+        raw = table.column("raw_item_id").to_pylist()
+    else:
+        dense = np.arange(info.first_item_id, info.num_items, dtype=np.int64)
+        raw = dense.tolist()
+    where = {str(r): i for i, r in enumerate(sid.item_ids.tolist())}
+    at = np.asarray([where.get(str(r), -1) for r in raw], dtype=np.int64)
+    if (at < 0).any():
+        missing = int((at < 0).sum())
+        example = raw[int(np.flatnonzero(at < 0)[0])]
+        raise ConfigError(
+            "NetworkArgs", "sid_codes",
+            f"{cfg.network.sid_codes}: {missing} of the dataset's {len(raw)} items have no codes "
+            f"(e.g. raw item id {example!r}); tokenize the dataset's items (python -m "
+            "hstu.sid.tokenize, docs/semantic_ids.md)",
+        )
+    codes = np.full((info.num_items, levels), -1, dtype=np.int64)
+    codes[dense] = sid.codes[at]
+    return codes, num_codes
 
 
 def ensure_generated(cfg: RunConfig, env: DistEnv) -> None:
@@ -195,6 +241,28 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
     else:
         tables = info.default_tables(overrides=cfg.tables)
     check_table_features(tables, info)
+    sid = None
+    if cfg.task == "retrieval" and cfg.network.architecture == "hstu_sid":
+        from hstu.model.sid import code_rows, sid_feature_name
+
+        if getattr(cfg.dataset, "dataset_name", None) == STREAM_DATASET or any(
+            isinstance(tb, DynamicEmbeddingArgs) and info.item_feature_name in tb.feature_names
+            for tb in tables
+        ):
+            raise ConfigError(
+                "NetworkArgs", "architecture",
+                '"hstu_sid" reads a static catalogue (its items\' codes); streams and dynamic '
+                "item tables are not supported with it yet",
+            )
+        codes, num_codes = semantic_ids(cfg, info)
+        key = sid_feature_name(info.item_feature_name)
+        # the code table: every level's codes, one row each (replicated: sum(K_l) rows)
+        tables = [*tables, EmbeddingArgs([key], key, sum(num_codes), "data_parallel")]
+        rows = code_rows(torch.from_numpy(codes).clamp(min=0), num_codes).numpy()
+        for loader in (train_loader, eval_loader, test_loader):
+            if loader is not None:
+                loader.sid_rows, loader.sid_key = rows, key
+        sid = (torch.from_numpy(codes), num_codes)
     sampler = negative_sampler(cfg, info, env.device)
     if sampler is not None:
         # the negatives (or the corpus) are looked up by the item table with the batch
@@ -209,6 +277,8 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         if loader is not None and cfg.network.rab_query_time:  # hstu.checks.check_rab_query_time
             loader.query_times = True
     dims = table_dims(tables, info, cfg.network)
+    if sid is not None:  # an item is the sum of its code rows: the item dim
+        dims[sid_feature_name(info.item_feature_name)] = cfg.network.resolved_item_embedding_dim
     available = available_bytes_per_rank(env.device)
     needed = check_tables_fit(
         tables, dims, cfg.optimizer.resolved_sparse_optimizer_str, env.world_size, available,
@@ -228,6 +298,8 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         materialize=False,  # each rank allocates its own shards in shard_embeddings
     )
     data_info = model_data_info(info, tables, dims)
+    if sid is not None:
+        data_info.sid_codes, data_info.sid_num_codes = sid
     task_args = cfg.ranking if cfg.task == "ranking" else cfg.retrieval
     if cfg.network.architecture == "mlp_baseline":
         from hstu.model.baseline import NonSequentialRanking

@@ -24,6 +24,7 @@ from hstu.model.retrieval import (
     eval_block_items,
     merge_top,
 )
+from hstu.registry import parse_retrieval_metric
 from hstu.training.distributed import DistEnv, gather_objects, rank_and_world
 
 
@@ -45,6 +46,11 @@ def evaluate(
     that still counts in the metrics' denominator."""
     model.eval()
     _restart(loader)
+    if cfg.task == "retrieval" and getattr(model.dense_module, "decodes_codes", False):
+        if items is not None:
+            raise ValueError("evaluation items: a semantic-id model decodes over its whole "
+                             "catalogue (its codes)")
+        return _evaluate_decoded(model, loader, cfg, env, max_iters)
     if cfg.task == "retrieval":
         return _evaluate_retrieval(model, loader, cfg, env, max_iters, items)
     if items is not None:
@@ -282,6 +288,30 @@ def _evaluate_retrieval(
         if env.is_main:
             print(f"[hstu] evaluation on a fixed random subset of {used} of {total} users "
                   f"(RetrievalArgs.eval_num_users, seed {cfg.trainer.seed})", flush=True)
+    return out
+
+
+def _evaluate_decoded(
+    model: Any, loader: Any, cfg: RunConfig, env: DistEnv, max_iters: int | None,
+) -> dict[str, float]:
+    """Retrieval metrics of a semantic-id model (NetworkArgs.architecture="hstu_sid"): each
+    query's top-k by beam search (k: the largest K of the metrics, 200 with MRR alone); a
+    target outside its query's top-k has rank inf (MRR is MRR@k)."""
+    r = cfg.retrieval
+    names = list(r.eval_metrics)
+    top_k = max([k for name in names if (k := parse_retrieval_metric(name)[1])] or [200])
+    loader, used, total = eval_subset(loader, r.eval_num_users, cfg.trainer.seed)
+    acc = MetricAccumulator(names)
+    dense = model.dense_module
+    for batch in islice(loader, max_iters):
+        batch = batch.to(env.device)
+        ranks = dense.target_ranks(batch, model.sparse(batch.features), top_k)
+        if batch.sample_mask is not None:
+            ranks = ranks[batch.sample_mask.to(ranks.device)]
+        acc.update(retrieval_metrics(ranks.cpu(), names))
+    out = acc.compute()
+    if used < total:
+        out["eval_users"] = float(used)
     return out
 
 

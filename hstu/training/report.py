@@ -209,8 +209,10 @@ def summary_lines(
     best: tuple[str, int, float] | None,
     checkpoint: str | None,
     resume_hint: str,
+    exportable: bool = True,
 ) -> list[str]:
-    """The end-of-run summary: what was reached, against what, where it is, what next."""
+    """The end-of-run summary: what was reached, against what, where it is, what next
+    (``exportable``: whether ``hstu.export`` takes this model)."""
     fmt = " ".join(f"{k} {v:.4f}" for k, v in final.items())
     lines = [f"[hstu] summary of this {task} run"]
     if best is not None:
@@ -237,10 +239,11 @@ def summary_lines(
     lines.append(f"  run directory:  {run_dir} (metrics.csv, report.html, TensorBoard)")
     if checkpoint is not None:
         lines.append(f"  resume:         {resume_hint}")
-        lines.append(
-            f"  export:         python -m hstu.export --ckpt {checkpoint} --out ARTIFACT_DIR "
-            "(docs/serving.md)"
-        )
+        if exportable:
+            lines.append(
+                f"  export:         python -m hstu.export --ckpt {checkpoint} --out ARTIFACT_DIR "
+                "(docs/serving.md)"
+            )
     else:
         lines.append(
             "  resume/export:  no checkpoint was saved; set TrainerArgs.ckpt_save_interval"

@@ -438,8 +438,10 @@ class Trainer:
             )
         else:
             resume = "no checkpoint of the last step (TrainerArgs.ckpt_save_interval = -1)"
+        # a semantic-id model has no export yet (docs/model.md "Semantic ids")
         lines = summary_lines(
-            self.cfg.task, self.logger.run_dir, final, baseline, best, checkpoint, resume
+            self.cfg.task, self.logger.run_dir, final, baseline, best, checkpoint, resume,
+            exportable=self.cfg.network.architecture != "hstu_sid",
         )
         # the label-prior rule: what was not eligible, or that nothing was (right under "best")
         lines[2:2] = [

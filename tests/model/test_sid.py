@@ -1,0 +1,107 @@
+"""The semantic-id model (hstu.model.sid): its code decoder decodes with a key/value cache
+exactly as without one, teacher forcing gives the decoding's log-probabilities, and beam search
+over it returns the exact top-k with certification."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hstu.model.sid import CachedDecoder, CodeDecoder, RecomputingDecoder, code_rows
+from hstu.model.sid_decode import CodeTrie, beam_search
+from tests.test_check_config import check_config
+
+
+def _decoder(num_codes, layers=2, seed=0) -> CodeDecoder:
+    torch.manual_seed(seed)
+    dec = CodeDecoder(16, num_codes, layers, 2).double().eval()
+    with torch.no_grad():  # logits of a useful spread (a fresh head is nearly uniform)
+        for head in dec.heads:
+            head.weight.mul_(20)
+        dec.level_embedding.normal_()
+    return dec
+
+
+def _codes(num_items, num_codes, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    seen, rows = set(), []
+    while len(rows) < num_items:
+        row = tuple(int(torch.randint(k, (1,), generator=g)) for k in num_codes)
+        if row not in seen:
+            seen.add(row)
+            rows.append(row)
+    return torch.tensor(rows)
+
+
+def test_teacher_forcing_equals_decoding_level_by_level_with_and_without_the_cache():
+    num_codes = [5, 4, 3]
+    dec = _decoder(num_codes)
+    queries = torch.randn(7, 16, dtype=torch.float64)
+    codes = _codes(7, num_codes)
+    forced = dec(queries, codes)
+    logits, cache = dec.start(queries)
+    torch.testing.assert_close(logits, forced[0])
+    rows = torch.arange(7)
+    for level in range(1, 3):
+        logits, cache = dec.step(cache, rows, codes[:, level - 1], level)
+        torch.testing.assert_close(logits, forced[level])
+        torch.testing.assert_close(dec.recompute(queries, codes[:, :level], level), forced[level])
+
+
+def test_beam_search_with_the_cache_equals_it_without_and_certified_is_exact():
+    num_codes = [6, 5, 4]
+    dec = _decoder(num_codes, seed=3)
+    codes = _codes(60, num_codes, seed=3)
+    trie = CodeTrie(codes, num_codes)
+    queries = torch.randn(12, 16, dtype=torch.float64)
+    cached = beam_search(CachedDecoder(dec, queries), trie, 12, 3, 5)
+    plain = beam_search(RecomputingDecoder(dec, queries), trie, 12, 3, 5)
+    assert torch.equal(cached.items, plain.items)
+    torch.testing.assert_close(cached.scores, plain.scores)
+    # every item's score by teacher forcing: the certified top-5 is the exact one
+    with torch.no_grad():
+        every = torch.stack([
+            sum(torch.log_softmax(lg, 1).gather(1, codes[:, lv:lv + 1]).squeeze(1)
+                for lv, lg in enumerate(dec(q.expand(60, -1), codes)))
+            for q in queries
+        ])
+    want_scores, want_items = every.topk(5, dim=1)
+    got = beam_search(CachedDecoder(dec, queries), trie, 12, 3, 5, certify=True)
+    assert torch.equal(got.items, want_items)
+    torch.testing.assert_close(got.scores, want_scores)
+
+
+def test_code_rows_put_each_level_after_the_rows_of_the_levels_before_it():
+    rows = code_rows(torch.tensor([[0, 0, 0], [3, 1, 2]]), [4, 2, 3])
+    assert rows.tolist() == [[0, 4, 6], [3, 5, 8]]
+
+
+# ------------------------------------------------------------------ configuration
+
+@pytest.mark.usefixtures("plain_process")
+@pytest.mark.parametrize("task,params,why", [
+    ("ranking", ['NetworkArgs.architecture="hstu_sid"', 'NetworkArgs.sid_codes="x"'],
+     "NetworkArgs.architecture: hstu_sid is a retrieval model"),
+    ("retrieval", ['NetworkArgs.architecture="hstu_sid"'],
+     "NetworkArgs.sid_codes: architecture=\"hstu_sid\" needs the items' semantic ids"),
+    ("retrieval", ['NetworkArgs.sid_codes="x"'],
+     "NetworkArgs.sid_codes: is read by architecture=\"hstu_sid\" only"),
+    ("retrieval", ['NetworkArgs.architecture="hstu_sid"', 'NetworkArgs.sid_codes="x"',
+                   "NetworkArgs.sid_decoder_heads=5"],
+     "NetworkArgs.sid_decoder_heads: 5 heads do not divide hidden_size"),
+])
+def test_check_config_refuses_in_one_line(capsys, task, params, why) -> None:
+    args = [a for p in params for a in ("--gin-param", p)]
+    code, _, err = check_config(capsys, task, f"debug_{task}.gin", *args)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and why in lines[0], err
+
+
+@pytest.mark.usefixtures("plain_process")
+def test_tensor_parallel_is_refused(capsys) -> None:
+    code, _, err = check_config(capsys, "retrieval", "debug_retrieval.gin", "--world-size", "2",
+                                "--gin-param", 'NetworkArgs.architecture="hstu_sid"',
+                                "--gin-param", 'NetworkArgs.sid_codes="x"',
+                                "--gin-param", "TensorModelParallelArgs.tensor_model_parallel_size=2")
+    assert code == 2 and 'tensor_model_parallel_size: 2: NetworkArgs.architecture="hstu_sid"' in err
