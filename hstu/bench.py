@@ -703,11 +703,13 @@ def _run_stream(a: argparse.Namespace) -> dict:
     rows = re.search(r"dynamic table item: (\d+) rows", done.stdout + done.stderr)
     events = sum(w["events"] for w in ws)
     loop_s = sum(w["window_seconds"] for w in ws)
+    tokens = _window_tokens(ws)
     rss = {r: [w[f"rss_mib_rank{r}"] for w in ws] for r in range(2)}
     auc = [w["AUC"] for w in ws if "AUC" in w]
     return {
         "preset": "stream", **info, "windows": len(ws), "events_streamed": events,
         "events_per_s": events / loop_s, "loop_s": loop_s, "wall_s": wall,
+        "tokens_per_s": tokens / loop_s, "tokens_per_event": tokens / max(events, 1),
         "cpu_s": cpu_s,
         "train_steps": sum(w["train_steps"] for w in ws),
         "known_items": ws[-1]["known_items"] if ws else 0,
@@ -764,6 +766,12 @@ def open_stream_folder(events: int, items: int, users: int, window: int, seed: i
     return folder, info
 
 
+def _window_tokens(ws: list[dict]) -> float:
+    """The sequence items the windows tested and trained (their ``tested_tokens`` and
+    ``trained_tokens`` rows): what a window's cost follows."""
+    return sum(w.get("trained_tokens", 0.0) + w.get("tested_tokens", 0.0) for w in ws)
+
+
 def _run_open_stream(a: argparse.Namespace) -> dict:
     """The open-world online benchmark: 2 processes over a drifting synthetic stream with
     configs/bench/stream_open_ranking.gin (hashed ids, bounded tables and stores)."""
@@ -777,6 +785,7 @@ def _run_open_stream(a: argparse.Namespace) -> dict:
     ws = stream_windows(run_dir)
     events = sum(w["events"] for w in ws)
     loop_s = sum(w["window_seconds"] for w in ws)
+    tokens = _window_tokens(ws)
     full = next((i for i, w in enumerate(ws) if w.get("item_occupied", 0) >= a.stream_capacity),
                 None)
     half = ws[len(ws) // 2:]
@@ -792,6 +801,7 @@ def _run_open_stream(a: argparse.Namespace) -> dict:
     return {
         "preset": "stream-open", **info, "windows": len(ws), "events_streamed": events,
         "events_per_s": events / loop_s, "loop_s": loop_s, "wall_s": wall,
+        "tokens_per_s": tokens / loop_s, "tokens_per_event": tokens / max(events, 1),
         "table_full_at_window": None if full is None else full + 1,
         "occupied_last": ws[-1].get("item_occupied", 0.0) if ws else 0.0,
         "evicted": ws[-1].get("item_evicted", 0.0) if ws else 0.0,
@@ -809,7 +819,9 @@ def _open_stream_table(r: dict) -> str:
          f"{r['threads']} threads each): {r['events_streamed']:,.0f} events, about "
          f"{r['items']:,} items and {r['users']:,} users drifting, {r['windows']} windows of "
          f"{r['window']:,}"),
-        (f"  {r['events_per_s']:,.0f} events/s ({r['loop_s']:.0f} s in the windows, "
+        (f"  {r['events_per_s']:,.0f} events/s, {r['tokens_per_s']:,.0f} tokens/s "
+         f"({r['tokens_per_event']:.1f} sequence items tested and trained an event; "
+         f"{r['loop_s']:.0f} s in the windows, "
          f"{r['wall_s']:.0f} s wall); item table full at window {r['table_full_at_window']}, "
          f"{r['occupied_last']:,.0f} rows occupied at the end; {r['evicted']:,.0f} evicted, "
          f"{r['expired_item_rows']:,.0f} rows expired, {r['expired_users']:,.0f} users expired"),
@@ -838,7 +850,9 @@ def _stream_table(r: dict) -> str:
          f"KuaiRand-1K log ({r['distinct_users']:,} users, {r['distinct_items']:,} distinct "
          f"items; item table {r['capacity']:,} rows, LRU) in {r['windows']} windows of "
          f"{r['window']:,}"),
-        (f"  {r['events_per_s']:,.0f} events/s (test then train, {r['loop_s']:.0f} s in the "
+        (f"  {r['events_per_s']:,.0f} events/s, {r['tokens_per_s']:,.0f} tokens/s "
+         f"({r['tokens_per_event']:.1f} sequence items tested and trained an event)"),
+        (f"  (test then train, {r['loop_s']:.0f} s in the "
          f"windows; {r['wall_s']:.0f} s wall with start-up, {r['cpu_s']:.0f} CPU s), "
          f"{r['train_steps']:.0f} steps; {r['evicted']:,.0f} ids evicted; AUC first window "
          f"{r['auc_first']:.4f}, last {r['auc_last']:.4f} (random data: cost only)"),

@@ -317,6 +317,11 @@ class WindowWork:
     """Events trained as targets over all ranks."""
     screened: dict[str, int] = field(default_factory=dict)
     """Events the user stores took out of the window, over all ranks (UserStore.screen)."""
+    train_tokens: int = 0
+    """Items (history and candidates) of the training samples over all ranks: what one
+    training pass encodes."""
+    eval_tokens: int = 0
+    """Items of the tested samples over all ranks (ranking: the training samples)."""
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -702,14 +707,16 @@ class OnlineTrainer:
         targets = int((train_s.cand_end - (train_s.hist_end if first is None else
                                            train_s.hist_start + first + 1)).sum())
         n_eval, n_train = (len(eval_s), len(train_s)) if real else (0, 0)
+        tokens = [int((s.cand_end - s.hist_start).sum()) if real else 0 for s in (train_s, eval_s)]
         names = sorted(screened or {})
-        counts = self._all_counts(n_eval, n_train, targets if real else 0,
+        counts = self._all_counts(n_eval, n_train, targets if real else 0, *tokens,
                                   *(int((screened or {})[k]) for k in names))
         return WindowWork(
             store, eval_s, train_s, first, n_eval, n_train, eval_per_rank=int(counts[:, 0].max()),
             train_per_rank=int(counts[:, 1].max()), eval_total=int(counts[:, 0].sum()),
             targets=int(counts[:, 2].sum()),
-            screened={k: int(counts[:, 3 + i].sum()) for i, k in enumerate(names)},
+            screened={k: int(counts[:, 5 + i].sum()) for i, k in enumerate(names)},
+            train_tokens=int(counts[:, 3].sum()), eval_tokens=int(counts[:, 4].sum()),
         )
 
     def evaluate_window(self, work: WindowWork, known: int | None = None) -> dict[str, float]:
@@ -970,6 +977,10 @@ class OnlineTrainer:
                     "events": float(read), "train_steps": float(steps),
                     **{k: float(v) for k, v in work.screened.items()},
                     "trained_events": float(trained), "known_items": float(self.known_items),
+                    # the sequence items encoded: what a window's time follows (an event's
+                    # cost grows with its user's stored history)
+                    "trained_tokens": float(work.train_tokens if learn else 0),
+                    "tested_tokens": float(work.eval_tokens if metrics["eval_events"] else 0),
                     "events_waiting": float(window.lag.events_waiting),
                     "seconds_behind": float(window.lag.seconds_behind),
                     "window_seconds": time.perf_counter() - started,
