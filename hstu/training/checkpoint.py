@@ -668,6 +668,16 @@ def model_keys(sharded_state: dict[str, Any]) -> dict[str, tuple[int, ...] | Non
     return union
 
 
+def dynamic_state_hint(key: str) -> str:
+    """What a mismatch of ``key`` means when it is a dynamic table's state (its remapper or
+    admission sketch): the table's settings differ from the checkpoint's, not its data."""
+    if ".remappers." not in key:
+        return ""
+    return (" (a dynamic table's state: its capacity, admission (DynamicEmbeddingArgs."
+            "admit_min_count > 1 keeps one row of the capacity for ids not admitted, and a count "
+            "sketch) and eviction must be those it was saved with)")
+
+
 def check_sharded_keys(
     ckpt: str, have: dict[str, tuple[int, ...] | None], allow_unused: bool = False
 ) -> str | None:
@@ -680,10 +690,11 @@ def check_sharded_keys(
         return f"{os.path.join(ckpt, '.metadata')}: cannot be read ({_one_line(exc)})"
     for key, shape in sorted(have.items()):
         if key not in saved:
-            return f"{ckpt}: this model has {key}, the checkpoint does not (a different table set?)"
+            return (f"{ckpt}: this model has {key}, the checkpoint does not "
+                    + (dynamic_state_hint(key).strip() or "(a different table set?)"))
         want = getattr(saved[key], "size", None)
         if want is not None and shape is not None and tuple(want) != tuple(shape):
-            hint = ""
+            hint = dynamic_state_hint(key)
             if ".optim." in key:  # e.g. rowwise_adagrad: one entry per row and column block
                 hint = (
                     " (a column_wise table keeps its row-wise optimizer state per column block: "
@@ -696,10 +707,8 @@ def check_sharded_keys(
     # the weight average (TrainerArgs.ema_decay) is optional to a load
     extra = sorted(k for k in set(saved) - set(have) if not k.startswith(EMA_PREFIX))
     if extra and not allow_unused:
-        return (
-            f"{ckpt}: the checkpoint has {extra[0]}, this model does not (a different table "
-            "set?)"
-        )
+        return (f"{ckpt}: the checkpoint has {extra[0]}, this model does not "
+                + (dynamic_state_hint(extra[0]).strip() or "(a different table set?)"))
     return None
 
 

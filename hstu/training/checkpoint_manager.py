@@ -21,7 +21,13 @@ from typing import Any
 import torch
 
 from hstu.training import checkpoint as ckpt
-from hstu.training.checkpoint import EMA_TABLES_KEY, CheckpointError, CheckpointState, RankPlace
+from hstu.training.checkpoint import (
+    EMA_TABLES_KEY,
+    CheckpointError,
+    CheckpointState,
+    RankPlace,
+    dynamic_state_hint,
+)
 from hstu.training.distributed import restart_count, rng_state, seed_training_rng, set_rng_state
 from hstu.training.ema import WeightAverage, is_table_weight
 from hstu.training.lifecycle import AUTO, BestTracker, CheckpointLifecycle
@@ -52,12 +58,15 @@ def _state_mismatch(model_state: dict[str, Any], saved: dict[str, Any]) -> str |
     """The first key missing on either side or of another shape, as '<key>: ...'."""
     for key, value in model_state.items():
         if key not in saved:
-            return f"{key}: missing from the checkpoint"
+            return f"{key}: missing from the checkpoint{dynamic_state_hint(key)}"
         have, want = getattr(value, "shape", None), getattr(saved[key], "shape", None)
         if have is not None and want is not None and tuple(have) != tuple(want):
-            return f"{key}: {list(want)} in the checkpoint, {list(have)} in this model"
+            return (f"{key}: {list(want)} in the checkpoint, {list(have)} in this model"
+                    f"{dynamic_state_hint(key)}")
     extra = sorted(set(saved) - set(model_state))
-    return f"{extra[0]}: in the checkpoint, not in this model" if extra else None
+    if not extra:
+        return None
+    return f"{extra[0]}: in the checkpoint, not in this model{dynamic_state_hint(extra[0])}"
 
 
 def merge_tp_shards(

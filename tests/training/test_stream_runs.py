@@ -324,6 +324,10 @@ def test_an_open_catalogue_with_admission_trains_and_counts_what_waits(tmp_path,
         losses = [float(r["value"]) for r in csv.DictReader(fh)
                   if r["split"] == "train" and r["name"] == "loss"]
     assert losses and all(math.isfinite(v) for v in losses), out[-3000:]
+    if nproc == 1:  # resumed in its run folder with admission off: refused, naming it
+        off = [*(p for p in params if "admit_min_count" not in p), 'TrainerArgs.ckpt_load_dir="auto"']
+        out = call(entry("retrieval", off, nproc), tmp_path, ok=False)
+        assert "DynamicEmbeddingArgs.admit_min_count" in out, out[-3000:]
 
 
 def test_an_open_catalogue_model_serves_raw_ids(tmp_path):
