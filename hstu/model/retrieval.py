@@ -42,6 +42,47 @@ from hstu.registry import LIVE_DRAW, NEGATIVE_SAMPLING, SHARED_DRAW, UNIFORM_DRA
 
 
 @dataclass
+class NextItemQueries:
+    """A batch's training queries: history item j < H - 1 of a sample predicts item j+1;
+    online training (``Batch.first_trained``) counts position j as a query only from
+    first_trained[b] on (its earlier items were trained on in an earlier window). Listed per
+    sample in order, ``count`` (Q) of them, a count from the host (no nonzero of a mask)."""
+
+    count: int
+    has_next: torch.Tensor
+    """[B]: each sample's queries."""
+    segment: torch.Tensor
+    """[Q]: each query's sample."""
+    index: torch.Tensor
+    """[Q]: each query's position j within its sample's history."""
+    item_starts: torch.Tensor
+    """[B]: where each sample's items start in the item feature."""
+    query_rows: torch.Tensor
+    """[Q]: the query's row among the history items [sum(H)]."""
+    next_rows: torch.Tensor
+    """[Q]: item j+1's row in the item feature (the target)."""
+
+
+def next_item_queries(batch: Batch) -> NextItemQueries:
+    skip = batch.first_trained
+    hist = batch.history_lengths()
+    count = batch.require_sizes().num_queries
+    if skip is not None:
+        skip = skip.to(hist.device)
+    has_next = (hist - 1 - (0 if skip is None else skip)).clamp(min=0)
+    segment = segment_ids(has_next, count)
+    index = index_within(has_next, count)
+    if skip is not None:
+        index = index + skip[segment]
+    item_starts = lengths_to_offsets(batch.item_lengths())[:-1]
+    return NextItemQueries(
+        count, has_next, segment, index, item_starts,
+        query_rows=lengths_to_offsets(hist)[:-1][segment] + index,
+        next_rows=item_starts[segment] + index + 1,
+    )
+
+
+@dataclass
 class RetrievalEval:
     """top_ids int64 [B, k], top_scores [B, k] (cosine), target_ranks float [B] (inf: unranked)."""
 
@@ -159,25 +200,9 @@ class RetrievalModel(DenseModel):
     def forward(
         self, batch: Batch, embeddings: dict
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        # this rank's query count (sum of max(H - 1, 0)), summed over the world while the
-        # block runs; the same number as Q below
-        # online training (Batch.first_trained): position j of sample b is a query only from
-        # first_trained[b] on (its earlier items were trained on in an earlier window)
-        skip = batch.first_trained
-        # queries: history items j < H - 1 (position j predicts item j+1), listed per sample
-        # in order, Q of them (a count from the host: no nonzero of a mask)
-        hist = batch.history_lengths()
-        num_q = batch.require_sizes().num_queries
-        if skip is not None:
-            skip = skip.to(hist.device)
-        has_next = (hist - 1 - (0 if skip is None else skip)).clamp(min=0)
-        q_seg = segment_ids(has_next, num_q)
-        q_idx = index_within(has_next, num_q)
-        if skip is not None:
-            q_idx = q_idx + skip[q_seg]
-        query_rows = lengths_to_offsets(hist)[:-1][q_seg] + q_idx  # rows of [sum(H)]
-        item_starts = lengths_to_offsets(batch.item_lengths())[:-1]
-        next_rows = item_starts[q_seg] + q_idx + 1  # item j+1's row in the item feature
+        q = next_item_queries(batch)
+        has_next, q_seg, q_idx, item_starts = q.has_next, q.segment, q.index, q.item_starts
+        num_q, query_rows, next_rows = q.count, q.query_rows, q.next_rows
         # a dynamic item table's ids not admitted yet (admit_min_count): no row, so neither a
         # target (the query is left out, like padding) nor anyone's negative (id -1)
         not_admitted = None
@@ -546,4 +571,5 @@ __all__ = [
     "block_grid",
     "eval_block_items",
     "merge_top",
+    "next_item_queries",
 ]

@@ -32,6 +32,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 from hstu.data.batch import Batch
 from hstu.model.encode import DenseModel
 from hstu.model.loss_scale import PendingScale
+from hstu.model.retrieval import next_item_queries
 from hstu.model.sid_decode import BeamResult, CodeTrie, beam_search
 from hstu.model.tokens import TokenBuilder
 from hstu.ops.jagged import index_within, lengths_to_offsets, segment_ids
@@ -311,23 +312,12 @@ class SidRetrievalModel(DenseModel):
     # ------------------------------------------------------------------ training
 
     def forward(self, batch: Batch, embeddings: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        skip = batch.first_trained
-        hist = batch.history_lengths()
-        num_q = batch.require_sizes().num_queries
-        if skip is not None:
-            skip = skip.to(hist.device)
-        has_next = (hist - 1 - (0 if skip is None else skip)).clamp(min=0)
-        q_seg = segment_ids(has_next, num_q)
-        q_idx = index_within(has_next, num_q)
-        if skip is not None:
-            q_idx = q_idx + skip[q_seg]
-        query_rows = lengths_to_offsets(hist)[:-1][q_seg] + q_idx
-        next_rows = lengths_to_offsets(batch.item_lengths())[:-1][q_seg] + q_idx + 1
-        pending = PendingScale(has_next.sum(), self.training)
+        q = next_item_queries(batch)  # as dense retrieval's (online windows included)
+        pending = PendingScale(q.has_next.sum(), self.training)
         own, _, _, tokens, states = self._states(batch, self._item_inputs(batch, embeddings))
         history_states = states.index_select(0, tokens.history_query_rows)
-        queries = history_states.index_select(0, query_rows)
-        targets = self.codes.index_select(0, own.item_ids.index_select(0, next_rows))
+        queries = history_states.index_select(0, q.query_rows)
+        targets = self.codes.index_select(0, own.item_ids.index_select(0, q.next_rows))
         logits = self.decoder(queries, targets)
         per_query = sum(
             F.cross_entropy(lg.float(), targets[:, level], reduction="none")
