@@ -81,6 +81,12 @@ KNOWN_SITES: dict[str, frozenset[str]] = {
           "new_ids, new_counts = new_ids[admitted], new_counts[admitted]",
           "slots[~held] = self.miss_slot",
           "self._index_update(new_ids, new_slots)")
+    # the id index's two levels (host arrays): stale entries dropped by a mask
+    | _at(_DYNAMIC + "_index_update", "recent, recent_slots = recent[stay], recent_slots[stay]")
+    | _at(_DYNAMIC + "_compact",
+          "recent, recent_slots = recent[held], recent_slots[held]",
+          "keep[at[twice]] = False",
+          "self._sorted_ids, self._sorted_slots = _merge(main[keep], main_slots[keep], recent,")
     | _at(_DYNAMIC + "_count_new", "waiting = int(new_counts[~admitted].sum())")
     | _at(_DYNAMIC + "forward", "if held is None or bool(held.all()):")
     | _at("hstu/embeddings/admission.py in add", "if int(self.occurrences) >= self.width:")

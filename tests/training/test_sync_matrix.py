@@ -62,6 +62,11 @@ CELLS: dict[str, tuple[str, int, list[str]]] = {
                                    "RetrievalArgs.num_negatives=8", *DYNAMIC_ITEM,
                                    "item/DynamicEmbeddingArgs.admit_min_count=3",
                                    "item/DynamicEmbeddingArgs.admit_sketch_width=4096"]),
+    # generative retrieval with semantic ids (codes written for the synthetic items: {tmp})
+    "sid": ("retrieval", 1, ['NetworkArgs.architecture="hstu_sid"',
+                             'NetworkArgs.sid_codes="{tmp}/sid"', "NetworkArgs.sid_decoder_layers=2",
+                             "NetworkArgs.sid_decoder_heads=2",
+                             "NetworkArgs.sid_item_embedding=True"]),
     "full_corpus": ("retrieval", 1, [*FULL, 'RetrievalArgs.full_corpus_matmul_dtype="float32"',
                                      "RetrievalArgs.temperature=0.1"]),
     "exclude_history": ("retrieval", 1, [*FULL, "RetrievalArgs.exclude_history_from_loss=True"]),
@@ -217,7 +222,11 @@ SWITCHES: dict[str, list[str] | str] = {
     "NetworkArgs.norm_affine": _NO + "a norm's weights",
     "NetworkArgs.output_bias": _NO + "a bias",
     "NetworkArgs.use_position_embedding": _NO + "one more lookup by position",
-    "NetworkArgs.architecture": ["mlp_baseline", "sasrec"],
+    "NetworkArgs.architecture": ["mlp_baseline", "sasrec", "sid"],
+    "NetworkArgs.sid_codes": ["sid"],
+    "NetworkArgs.sid_item_embedding": ["sid"],
+    "NetworkArgs.sid_decoder_layers": ["sid"],
+    "NetworkArgs.sid_decoder_heads": ["sid"],
     "NetworkArgs.sasrec_ffn_activation": ["sasrec"],
     "NetworkArgs.sasrec_ffn_multiplier": ["sasrec"],
     "NetworkArgs.sasrec_gated_residual": ["sasrec"],
@@ -262,6 +271,8 @@ SWITCHES: dict[str, list[str] | str] = {
                                                 "dp2_full_corpus", "sampled_live"],
     "RetrievalArgs.eval_num_users": _NO + "evaluation only",
     "RetrievalArgs.eval_memory_mb": _NO + "evaluation only",
+    "RetrievalArgs.sid_beam_width": _NO + "evaluation only (decoding)",
+    "RetrievalArgs.sid_certify": _NO + "evaluation only (decoding)",
 }
 
 STEP_CLASSES = (
@@ -345,6 +356,8 @@ def _cell_checks(cell: str, params: list[str]) -> Callable[[Any, set[str]], None
             from hstu.ops.gather import HOST_COUNTS
 
             assert HOST_COUNTS in reasons, reasons
+        if 'architecture="hstu_sid"' in " ".join(params):  # the semantic-id model really ran
+            assert getattr(trainer.model.dense_module, "decodes_codes", False)
         if "exclude_history_from_loss=True" in " ".join(params):
             assert trainer.model.dense_module.exclude_history_from_loss
         remapped = any(getattr(m, "remappers", None) for m in trainer.model.sparse.modules())
@@ -394,8 +407,24 @@ def _check_float16_tables(cell: str, trainer: Any, reasons: set[str]) -> None:
     assert not guard.host_step, "no fused Adam-family kernel on a CPU host"
 
 
+def _write_codes(folder: str, num_items: int = 1 << 14) -> None:
+    """Distinct codes (2 levels of 64 and 16, then a collision level of 16) for ids 0..n-1."""
+    import numpy as np
+
+    from hstu.data.semantic_ids import SidCodes, save_codes
+
+    ids = np.arange(num_items, dtype=np.int64)
+    codes = np.stack([ids // 256 % 64, ids // 16 % 16, ids % 16], 1).astype(np.int32)
+    config = {"format": 1, "levels": 2, "codes": 64, "seed": 0, "source": "test", "dim": 1,
+              "n_items": num_items}
+    save_codes(SidCodes(ids, codes, config), folder)
+
+
 def _cell_steps(rank: int, world_size: int, tmp: str, cell: str) -> None:
     task, _, params = CELLS[cell]
+    if any("{tmp}" in p for p in params):
+        params = [p.replace("{tmp}", tmp) for p in params]
+        _write_codes(os.path.join(tmp, "sid"))
     audited_trainer_steps(task, tmp, cell, params, check=_cell_checks(cell, params))
 
 
