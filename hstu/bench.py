@@ -17,10 +17,11 @@ gin state and peak memory do not leak from one preset to the next. Steps are run
 The ML-1M paper retrieval preset runs on ML-100K data (``tmp_data/ml-100k``, preprocessed
 from ``--ml100k-raw`` when missing); the synthetic presets need nothing.
 
-The online-training preset (``--presets stream``, not in ``all``: events/s and memory per
-window over a synthetic KuaiRand-1K stream) and the long-history presets (``--presets long``:
-the HSTU block alone per method and history length) are described in docs/performance.md,
-"Online training" and "Measuring".
+The online-training presets (not in ``all``, each run alone: ``stream``, events/s and memory
+per window over a synthetic KuaiRand-1K stream; ``stream-open``, a drifting open world of new
+ids; ``stream-vs-open``, the KuaiRand stream through both presets side by side) and the
+long-history presets (``--presets long``: the HSTU block alone per method and history length)
+are described in docs/performance.md, "Online training" and "Measuring".
 """
 
 from __future__ import annotations
@@ -811,6 +812,93 @@ def _run_open_stream(a: argparse.Namespace) -> dict:
     }
 
 
+def _clicks_folder(folder: str) -> str:
+    """``folder`` (a KuaiRand stream, rating = the action bitmask) with rating = its bit 0
+    (is_click) as 0 / 1: the label configs/bench/stream_ranking.gin reads from the bitmask, in
+    the form the open preset reads (``StreamArgs.rating_classes = 2``); built once."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = folder + "-clicks"
+    if os.path.exists(os.path.join(out, "_bench.json")):
+        return out
+    staging = out + ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    for part in sorted(os.listdir(folder)):
+        src = os.path.join(folder, part)
+        if not os.path.isdir(src):
+            continue
+        os.makedirs(os.path.join(staging, part))
+        for name in sorted(os.listdir(src)):
+            if name.endswith(".parquet"):
+                t = pq.read_table(os.path.join(src, name))
+                bits = t.column("rating").to_numpy().astype(np.int64) & 1
+                t = t.set_column(t.schema.get_field_index("rating"), "rating", pa.array(bits))
+                pq.write_table(t, os.path.join(staging, part, name))
+            else:
+                shutil.copy(os.path.join(src, name), os.path.join(staging, part, name))
+    shutil.copy(os.path.join(folder, "_bench.json"), os.path.join(staging, "_bench.json"))
+    os.replace(staging, out)
+    return out
+
+
+def _run_stream_vs_open(a: argparse.Namespace) -> dict:
+    """The open world's cost on one stream: the KuaiRand stream of ``stream`` through its preset
+    (dense ids, id maps, no expiry), then the same events through the open preset
+    (configs/bench/stream_open_ranking.gin: hashed ids, expiry, bounded user store) with the
+    same item-table rows, side by side in one run."""
+    closed = _run_stream(a)
+    if "error" in closed:
+        return {"preset": "stream-vs-open", "error": "stream: " + closed["error"]}
+    folder, _ = _stream_folder(a.stream_events, a.stream_window)
+    cap = closed["capacity"] or 262_144
+    b = argparse.Namespace(**vars(a))
+    b.gin_param = [*a.gin_param, f"item/DynamicEmbeddingArgs.item_vocab_size_or_capacity={cap}",
+                   f"StreamArgs.item_capacity={cap}"]
+    run_dir, threads, done, wall, cpu_s = _stream_run(b, "stream_open_ranking.gin",
+                                                      _clicks_folder(folder))
+    if done.returncode != 0:
+        return {"preset": "stream-vs-open", "error": (done.stderr or done.stdout)[-1500:]}
+    from hstu.training.report import stream_windows
+
+    ws = stream_windows(run_dir)
+    events = sum(w["events"] for w in ws)
+    loop_s = sum(w["window_seconds"] for w in ws)
+    tokens = _window_tokens(ws)
+    auc = [w["AUC"] for w in ws if "AUC" in w]
+    opened = {"events_streamed": events, "events_per_s": events / loop_s, "loop_s": loop_s,
+              "wall_s": wall, "cpu_s": cpu_s, "tokens_per_s": tokens / loop_s,
+              "tokens_per_event": tokens / max(events, 1), "windows": len(ws),
+              "train_steps": sum(w["train_steps"] for w in ws),
+              "evicted": ws[-1].get("item_evicted", 0.0) if ws else 0.0,
+              "expired_item_rows": sum(w.get("expired_item_rows", 0.0) for w in ws),
+              "auc_last": auc[-1] if auc else None, "run_dir": run_dir}
+    return {"preset": "stream-vs-open", "capacity": cap, "threads": threads, "closed": closed,
+            "open": opened, "ratio": opened["events_per_s"] / closed["events_per_s"]}
+
+
+def _stream_vs_open_table(r: dict) -> str:
+    if "error" in r:
+        return f"stream-vs-open: {r['error']}"
+    c, o = r["closed"], r["open"]
+    return "\n".join([
+        (f"the open world's cost on one stream ({c['events_streamed']:,.0f} events of a synthetic "
+         f"KuaiRand-1K log, {r['capacity']:,}-row item table, 2 processes, {r['threads']} "
+         "threads each; side by side):"),
+        ("  | preset | events/s | tokens/s | sequence items an event | train steps | "
+         "seconds in the windows | last window's AUC |"),
+        "  |---|---|---|---|---|---|---|",
+        *(f"  | {name} | {x['events_per_s']:,.0f} | {x['tokens_per_s']:,.0f} | "
+          f"{x['tokens_per_event']:.1f} | {x['train_steps']:,.0f} | {x['loop_s']:.0f} | "
+          f"{x['auc_last'] if x['auc_last'] is None else round(x['auc_last'], 4)} |"
+          for name, x in (("stream (dense ids, id maps)", c),
+                          ("stream-open (hashed ids, expiry, bounded users)", o))),
+        (f"  open / closed: {r['ratio']:.3f}x events/s ({o['expired_item_rows']:,.0f} item rows "
+         f"expired, {o['evicted']:,.0f} evicted in the open run)"),
+    ])
+
+
 def _open_stream_table(r: dict) -> str:
     if "error" in r:
         return f"stream-open: {r['error']}"
@@ -916,7 +1004,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m hstu.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="*", default=["core"],
                     help="preset names, or a group: core (default), scaling, long, all; or "
-                         "stream / stream-open (the online-training benchmarks, alone)")
+                         "stream / stream-open / stream-vs-open (the online-training benchmarks, "
+                         "alone)")
     ap.add_argument("--steps", type=int, default=None,
                     help=f"timed steps per preset (default {CORE_DEFAULT_STEPS}; long-history "
                          f"presets {LONG_DEFAULT_STEPS})")
@@ -939,7 +1028,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ml100k-raw", default=os.path.join(ROOT, "..", "shared", "data", "ml-100k"))
     ap.add_argument("--json", default=os.path.join(ROOT, "tmp_data", "bench.json"))
     ap.add_argument("--stream-events", type=int, default=5_000_000,
-                    help="--presets stream: events of the stream (default 5M)")
+                    help="--presets stream, stream-vs-open: events of the stream (default 5M)")
     ap.add_argument("--stream-window", type=int, default=50_000,
                     help="--presets stream: events per partition (= window)")
     ap.add_argument("--stream-items", type=int, default=8_000_000,
@@ -959,6 +1048,15 @@ def main(argv: list[str] | None = None) -> None:
         for p in PRESETS:
             print(f"{p.name:26s} [{p.group}] {p.nproc} proc  {p.config} {' '.join(p.params)}"
                   f"  # {p.note}")
+        return
+    if "stream-vs-open" in a.presets:
+        if set(a.presets) != {"stream-vs-open"}:
+            ap.error("--presets stream-vs-open runs alone (two runs of many minutes)")
+        r = _run_stream_vs_open(a)
+        print(_stream_vs_open_table(r))
+        _write_json(a.json, {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+                             "torch": torch.__version__, "cpu": cpu_description(),
+                             "stream-vs-open": r})
         return
     if "stream-open" in a.presets:
         if set(a.presets) != {"stream-open"}:

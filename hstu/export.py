@@ -138,7 +138,12 @@ def inference_config(model: torch.nn.Module, cfg: Any, info: Any) -> dict[str, A
 
     max_tokens = max_token_seqlen(dense.max_item_seqlen, out["num_contextual"], out["has_action"])
     out["scaling_seqlen"] = layer.attn_scaling_seqlen or max_tokens
-    if cfg.task == "retrieval":
+    if getattr(dense, "decodes_codes", False):  # semantic ids: states feed the code decoder
+        from hstu.serving.sid import sid_config
+
+        out.update(l2_norm_eps=0.0, num_items=dense.num_items, min_item_id=dense.min_item_id,
+                   sid=sid_config(dense))
+    elif cfg.task == "retrieval":
         out.update(
             l2_norm_eps=dense.l2_norm_eps, num_items=dense.num_items, min_item_id=dense.min_item_id
         )
@@ -283,10 +288,10 @@ def load_for_export(ckpt_arg: str, gin_file: str | None, params: list[str], log:
     from hstu.data.sizes import resolve_sizes
 
     cfg = resolve_sizes(cfg)  # "auto" sizes from the dataset, as the entry points do
-    if cfg.network.architecture not in ("hstu", "sasrec"):
+    if cfg.network.architecture not in ("hstu", "sasrec", "hstu_sid"):
         raise ExportError(
-            f"NetworkArgs.architecture={cfg.network.architecture!r}: only HSTU and SASRec "
-            "models export"
+            f"NetworkArgs.architecture={cfg.network.architecture!r}: only HSTU, SASRec and "
+            "semantic-id (hstu_sid) models export"
         )
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         os.environ.pop(key, None)
@@ -330,10 +335,50 @@ def _batch_inputs(batch: Any, tables: dict[str, dict[str, torch.Tensor]], icfg: 
 
 
 @torch.no_grad()
+def _sid_item_inputs(dense: Any, tables: dict, icfg: dict) -> None:
+    """A semantic-id model's item table in the artifact: each item id's input vector, the sum
+    of its code rows (plus its id row where the model adds it; zeros for ids without codes),
+    as the trainer builds it per lookup; the code table itself is not needed beside it."""
+    from hstu.model.sid import code_rows, sid_feature_name
+
+    item = icfg["item_feature_name"]
+    code_table = tables.pop(sid_feature_name(item))["vectors"]
+    codes = dense.codes.cpu()
+    have = (codes >= 0).all(1, keepdim=True)
+    rows = code_rows(codes.clamp(min=0), dense.num_codes)
+    vectors = code_table[rows].sum(1) * have.to(code_table.dtype)
+    if dense.item_embedding:
+        own = tables[item]
+        assert torch.equal(own["ids"], torch.arange(codes.shape[0])), "a static item table"
+        vectors = vectors + own["vectors"] * have.to(code_table.dtype)
+    tables[item] = {"ids": torch.arange(codes.shape[0], dtype=torch.int64), "vectors": vectors}
+
+
+@torch.no_grad()
+def _sid_self_check(model: Any, batch: Any, inference: Any, tables: dict, icfg: dict) -> float:
+    """A semantic-id artifact against the trainer on one evaluation batch: the same top-10 ids
+    by beam search (history excluded); returns the largest difference of their scores."""
+    dense = model.dense_module
+    queries, history, seg = dense.last_states(batch, model.sparse(batch.features))
+    ref = dense.recommend(queries, 10, (seg, history) if dense.eval_exclude_history else None)
+    item = batch.features[icfg["item_feature_name"]]
+    mine = list(item.values().split(item.lengths().tolist()))
+    ids, scores = inference.top_k(inference(*_batch_inputs(batch, tables, icfg)), mine, 10)
+    if not torch.equal(ids, ref.items):
+        differ = int((ids != ref.items).any(1).sum())
+        raise ExportError(f"self-check: the artifact's top-10 ids (beam search) differ from the "
+                          f"trainer's for {differ} users")
+    found = ref.items >= 0
+    return float((scores[found] - ref.scores[found]).abs().max()) if bool(found.any()) else 0.0
+
+
+@torch.no_grad()
 def self_check(model: Any, built: Any, inference: InferenceHSTU, tables: dict, icfg: dict) -> float:
     """Largest difference between the artifact's and the trainer's outputs on one evaluation
     batch (retrieval: top-10 scores, ids must match; ranking: candidate logits)."""
     batch = _first_eval_batch(built)
+    if icfg.get("sid"):
+        return _sid_self_check(model, batch, inference, tables, icfg)
     inputs = _batch_inputs(batch, tables, icfg)
     out = inference(*inputs)
     if icfg["task"] == "retrieval":
@@ -641,14 +686,22 @@ def export(
         features = [icfg["item_feature_name"], *icfg["contextual_feature_names"]]
         if icfg["has_action"]:
             features.append(icfg["action_feature_name"])
+        if icfg.get("sid"):
+            from hstu.model.sid import sid_feature_name
+            from hstu.serving.sid import InferenceSid
+
+            inference_cls = InferenceSid
+            features.append(sid_feature_name(icfg["item_feature_name"]))
         tables = gather_tables(model, features, keys)
+        if icfg.get("sid"):
+            _sid_item_inputs(model.dense_module, tables, icfg)
         icfg["feature_dims"] = {name: int(t["vectors"].shape[1]) for name, t in tables.items()}
         if cfg.task == "retrieval" and _dynamic(model, icfg["item_feature_name"]):
             # the corpus is the ids the item table's rows hold (hstu.serving.artifact.Corpus)
             icfg["corpus"] = "table"
         inference = inference_cls(icfg)
         inference.load_state_dict({
-            k: v.float()
+            k: v.float() if v.is_floating_point() else v  # (a semantic-id model's codes: int64)
             for k, v in model.dense_module.state_dict().items()
             if not k.endswith("_extra_state")
         })

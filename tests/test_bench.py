@@ -133,3 +133,33 @@ def test_open_stream_folder_drifts_over_its_catalogue(tmp_path):
     first, last = set(tables[0]["item_id"]), set(tables[-1]["item_id"])
     assert len(last - first) > len(last) / 2
     assert open_stream_folder(6000, 1000, 200, 1000, root=str(tmp_path))[0] == folder  # reused
+
+
+def test_clicks_folder_keeps_the_events_and_reads_the_click_bit(tmp_path):
+    """--presets stream-vs-open feeds the open preset the closed preset's label: bit 0 of
+    KuaiRand's action bitmask as 0 / 1, every other column and file as it was."""
+    import os
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "kuairand-1k-6-by-3"
+    ratings = [[65.0, 0.0, 3.0], [2.0, 1.0, 64.0]]
+    for k, r in enumerate(ratings):
+        part = folder / f"part-{k:06d}"
+        part.mkdir(parents=True)
+        pq.write_table(pa.table({"user_id": [1, 2, 3], "item_id": [7, 8, 9 + k],
+                                 "timestamp": [10 * k, 10 * k + 1, 10 * k + 2], "rating": r}),
+                       str(part / "part-0.parquet"))
+        (part / "_SUCCESS").touch()
+    (folder / "_bench.json").write_text("{}")
+    out = bench._clicks_folder(str(folder))
+    assert sorted(os.listdir(out)) == ["_bench.json", "part-000000", "part-000001"]
+    for k, r in enumerate(ratings):
+        assert os.path.exists(os.path.join(out, f"part-{k:06d}", "_SUCCESS"))
+        got = pq.read_table(os.path.join(out, f"part-{k:06d}", "part-0.parquet")).to_pydict()
+        assert got["rating"] == [int(x) % 2 for x in r]  # 65 -> 1, 64 -> 0, 3 -> 1
+        assert got["item_id"] == [7, 8, 9 + k] and got["user_id"] == [1, 2, 3]
+        assert np.diff(got["timestamp"]).min() == 1
+    assert bench._clicks_folder(str(folder)) == out  # built once

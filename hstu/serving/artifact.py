@@ -367,6 +367,7 @@ class Artifact:
             self.program = load_file(self.path / DENSE_PROGRAM, torch.export.load).module()
         self._cache_programs: dict[str, Any] = {}
         self._corpus: Corpus | None = None
+        self._decoder: Any = None
 
     # ---------------------------------------------------------------------- pieces
 
@@ -389,12 +390,26 @@ class Artifact:
         return self._cache_programs[name]
 
     def eager_model(self):
-        """The dense model as a plain nn.Module (hstu.serving.model, torch only)."""
-        from hstu.serving.model import InferenceHSTU
+        """The dense model as a plain nn.Module (hstu.serving.model, torch only; a semantic-id
+        model's with its code decoder, hstu.serving.sid)."""
+        if self.cfg.get("sid"):
+            from hstu.serving.sid import InferenceSid as model_cls
+        else:
+            from hstu.serving.model import InferenceHSTU as model_cls
 
-        model = InferenceHSTU(self.cfg)
+        model = model_cls(self.cfg)
         model.load_state_dict(load_file(self.path / WEIGHTS_FILE, _load_tensors))
         return model.eval()
+
+    @property
+    def decoder(self):
+        """A semantic-id model's code decoder and catalogue (:class:`hstu.serving.sid.
+        InferenceSid`, loaded once); None for a model that scores an item table."""
+        if not self.cfg.get("sid"):
+            return None
+        if self._decoder is None:
+            self._decoder = self.eager_model()
+        return self._decoder
 
     @property
     def uses_request_time(self) -> bool:
@@ -413,12 +428,16 @@ class Artifact:
                   request_times: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Retrieval: per-user histories (model item ids) -> top-k (ids [B, k], scores [B, k]).
         ``request_times`` int64 [B] (unix seconds): when each query is asked, which a model
-        trained with ``rab_query_time`` needs (:attr:`uses_request_time`)."""
+        trained with ``rab_query_time`` needs (:attr:`uses_request_time`). A semantic-id model
+        decodes its top-k by beam search (scores: the sum of the codes' log-probabilities; id
+        -1 where the catalogue has fewer than k items beside the history)."""
         no_candidates = torch.zeros(len(items), dtype=torch.int64)
         inputs = pad_inputs(
             self.tables, self.cfg, items, timestamps, no_candidates, actions, contextual,
             request_times,
         )
+        if self.decoder is not None:
+            return self.decoder.top_k(self.run(inputs), items, k)
         return self.corpus.top_k(self.run(inputs), items, k)
 
     @torch.no_grad()

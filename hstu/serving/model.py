@@ -220,8 +220,9 @@ class InferenceHSTU(nn.Module):
         time; a model with ``rab_query_time`` needs it, any other refuses it).
 
         Retrieval: the L2-normalised query [B, d] (the state of each sample's last history
-        item token, projected to the item dim d where ``query_projection``). Ranking: head
-        logits [B, L, W_head] at every item slot (those of slots
+        item token, projected to the item dim d where ``query_projection``); a semantic-id
+        model (``sid`` in the config): that state [B, D] as it is, the code decoder's input.
+        Ranking: head logits [B, L, W_head] at every item slot (those of slots
         [H[b], H[b] + C[b]) are the candidates' scores; the rest are not meaningful).
         """
         if (query_timestamps is not None) != self.query_time:
@@ -244,6 +245,8 @@ class InferenceHSTU(nn.Module):
                 (n - 1).clamp(min=0),
             )
             query = states.gather(1, last.view(-1, 1, 1).expand(-1, 1, states.shape[-1])).squeeze(1)
+            if self.cfg.get("sid"):  # the state itself: the code decoder's input
+                return query
             if self.cfg.get("query_projection"):
                 query = self.query_projection(query)
             return F.normalize(query, p=2.0, dim=-1, eps=float(self.cfg["l2_norm_eps"]))

@@ -1,10 +1,14 @@
 """The trainer's own evaluation of a checkpoint, for the export tests (run as a subprocess):
 
     python -m tests.serving.reference TASK DATA_DIR CKPT RUN_DIR OUT.pt [GIN_PARAM ...]
+    python -m tests.serving.reference sid DATA_DIR CKPT RUN_DIR OUT.pt CODES_DIR
+
 
 Loads the checkpoint into a Trainer (one process) and writes, per evaluation sample in user
 order: retrieval top-10 ids and scores (RetrievalRecommender.evaluate) and the trainer's
-HR@10 (hstu.training.evaluate); ranking the candidates' logits (the model's forward).
+HR@10 (hstu.training.evaluate); ranking the candidates' logits (the model's forward);
+``sid``: configs/ml-100k_sid_retrieval.gin's model, per test sample its top-10 by beam search
+(history excluded) and their scores, and the trainer's test HR@10.
 """
 
 from __future__ import annotations
@@ -61,5 +65,46 @@ def main(task: str, data: str, ckpt: str, run_dir: str, out: str, *params: str) 
         destroy_distributed()
 
 
+def sid(data: str, ckpt: str, run_dir: str, out: str, codes: str) -> None:
+    from hstu.config import load_config
+    from hstu.training.distributed import destroy_distributed, init_distributed, set_seed
+    from hstu.training.evaluate import evaluate
+    from hstu.training.trainer import Trainer
+
+    cfg = load_config(
+        os.path.join(ROOT, "configs", "ml-100k_sid_retrieval.gin"),
+        [f'DatasetArgs.dataset_path="{data}"', f'TrainerArgs.ckpt_load_dir="{ckpt}"',
+         f'TrainerArgs.run_dir="{run_dir}"', f'NetworkArgs.sid_codes="{codes}"'],
+        task="retrieval", world_size=1,
+    )
+    env = init_distributed(1)
+    try:
+        set_seed(cfg.trainer.seed)
+        trainer = Trainer(cfg, env, run_dir, "")
+        model, loader = trainer.model, trainer.built.test_loader
+        model.eval()
+        torch.set_grad_enabled(False)
+        dense = model.dense_module
+        ids, scores = [], []
+        for batch in loader:
+            queries, history, seg = dense.last_states(batch, model.sparse(batch.features))
+            top = dense.recommend(queries, 10, (seg, history))
+            keep = batch.sample_mask
+            if keep is None:
+                keep = torch.ones(top.items.shape[0], dtype=torch.bool)
+            ids.append(top.items[keep])
+            scores.append(top.scores[keep])
+        torch.save({"users": torch.from_numpy(loader.samples.user), "top_ids": torch.cat(ids),
+                    "top_scores": torch.cat(scores),
+                    "metrics": evaluate(model, loader, cfg, env, None)}, out)
+        trainer.close()
+        trainer = model = None
+    finally:
+        destroy_distributed()
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1] == "sid":
+        sid(*sys.argv[2:])
+    else:
+        main(*sys.argv[1:])

@@ -93,3 +93,55 @@ def test_items_without_codes_are_refused_in_one_line(ml100k, tmp_path):
         info)
     assert full.shape == (1683, 3) and (full[0] == -1).all() and (full[1:] >= 0).all()
     assert num_codes[:2] == [64, 64] and num_codes[2] == int(sid.codes[:, 2].max()) + 1
+
+
+@pytest.mark.slow  # a short run, its export and hstu.recommend: ~3 min
+def test_the_sid_artifact_recommends_the_trainers_top_k_in_raw_ids(ml100k, tmp_path):
+    """Export of a semantic-id checkpoint, read with torch alone (torchrec, megatron and gin
+    blocked): for every test user, hstu.recommend's top-10 in raw ids (history of all but the
+    last event) are the trainer's own beam-search top-10 of that user, mapped through the
+    dataset's item map, with the same scores; its HR@10 is the trainer's test HR@10."""
+    import csv
+    import json
+    from collections import defaultdict
+
+    import pyarrow.parquet as pq
+    import torch
+
+    from tests.serving.test_export import recommend
+
+    data, codes = ml100k
+    run_dir, ckpt, art = tmp_path / "run", tmp_path / "ckpt", tmp_path / "art"
+    _run(data, codes, run_dir, ["TrainerArgs.max_train_iters=80", "TrainerArgs.eval_interval=80",
+                                "TrainerArgs.ckpt_save_interval=80",
+                                f'TrainerArgs.ckpt_save_dir="{ckpt}"'])
+    env = _env()
+    for cmd in ([sys.executable, "-m", "hstu.export", "--ckpt", str(ckpt), "--out", str(art),
+                 "--no-aoti"],
+                [sys.executable, "-m", "tests.serving.reference", "sid", str(data), str(ckpt),
+                 str(tmp_path / "ref_run"), str(tmp_path / "ref.pt"), str(codes)]):
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=600, check=False)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["model"]["sid"]["num_codes"][:2] == [64, 64]
+    ref = torch.load(tmp_path / "ref.pt", weights_only=False)
+    out = tmp_path / "top10.csv"
+    proc = recommend("--model", str(art), "--input", str(data), "--out", str(out), "--top-k", "10",
+                     "--holdout-last", "1")
+    m = pq.read_table(art / "item_map.parquet")
+    to_raw = dict(zip(m.column("item_id").to_pylist(), m.column("raw_item_id").to_pylist()))
+    raw_users = pq.read_table(data / "sequences.parquet").column("raw_user_id").to_pylist()
+    got_ids, got_scores = defaultdict(list), defaultdict(list)
+    with open(out) as fh:
+        for row in csv.DictReader(fh):
+            got_ids[row["user_id"]].append(row["item_id"])
+            got_scores[row["user_id"]].append(float(row["score"]))
+    assert len(got_ids) == len(ref["users"]) == 943
+    for i, u in enumerate(ref["users"].tolist()):
+        user = str(raw_users[u])
+        assert got_ids[user] == [str(to_raw[j]) for j in ref["top_ids"][i].tolist()], user
+        torch.testing.assert_close(torch.tensor(got_scores[user]), ref["top_scores"][i],
+                                   rtol=0, atol=1e-4)
+    hr = float(proc.stdout.split("HR@10 of the held-out items ")[1].split()[0])
+    assert hr == pytest.approx(ref["metrics"]["HR@10"], abs=1e-4)
