@@ -392,6 +392,13 @@ class DatasetArgs:
     trains on the most recent window only."""
     eval_split: Literal["valid", "test"] = "test"
     """Which held-out item evaluation ranks; valid needs holdout_validation."""
+    cold_items: float = 0.0
+    """Retrieval: the share of the catalogue's items held out of training (0 = none): their events
+    are dropped from every user's sequence except the held-out ones (test, and validation with
+    holdout_validation), so no training sample holds them; evaluation adds cold/<metric>, the
+    metrics over the targets that are cold items (docs/data.md "Cold items")."""
+    cold_items_seed: int = 0
+    """Which items cold_items draws (the same set for every model and TrainerArgs.seed)."""
     action_tokens: bool = True
     """Interleave each history item's action as a token; False feeds item tokens only (ranking
     labels still come from actions)."""
@@ -453,6 +460,8 @@ class DatasetArgs:
         )
         _positive(self, "max_sequence_length")
         _non_negative(self, "max_num_candidates")
+        _require(0.0 <= self.cold_items < 1.0, self, "cold_items",
+                 f"must be in [0, 1) (a share of the items), got {self.cold_items}")
 
     @property
     def resolved_path(self) -> str:

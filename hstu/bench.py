@@ -702,16 +702,10 @@ def _run_stream(a: argparse.Namespace) -> dict:
 
     ws = stream_windows(run_dir)
     rows = re.search(r"dynamic table item: (\d+) rows", done.stdout + done.stderr)
-    events = sum(w["events"] for w in ws)
-    loop_s = sum(w["window_seconds"] for w in ws)
-    tokens = _window_tokens(ws)
     rss = {r: [w[f"rss_mib_rank{r}"] for w in ws] for r in range(2)}
     auc = [w["AUC"] for w in ws if "AUC" in w]
     return {
-        "preset": "stream", **info, "windows": len(ws), "events_streamed": events,
-        "events_per_s": events / loop_s, "loop_s": loop_s, "wall_s": wall,
-        "tokens_per_s": tokens / loop_s, "tokens_per_event": tokens / max(events, 1),
-        "cpu_s": cpu_s,
+        "preset": "stream", **info, **_window_figures(ws), "wall_s": wall, "cpu_s": cpu_s,
         "train_steps": sum(w["train_steps"] for w in ws),
         "known_items": ws[-1]["known_items"] if ws else 0,
         "capacity": int(rows.group(1)) if rows else 0,
@@ -773,6 +767,17 @@ def _window_tokens(ws: list[dict]) -> float:
     return sum(w.get("trained_tokens", 0.0) + w.get("tested_tokens", 0.0) for w in ws)
 
 
+def _window_figures(ws: list[dict]) -> dict:
+    """A run's stream windows summed: windows, events, seconds in the windows, events/s,
+    tokens/s and sequence items an event."""
+    events = sum(w["events"] for w in ws)
+    loop_s = sum(w["window_seconds"] for w in ws)
+    tokens = _window_tokens(ws)
+    return {"windows": len(ws), "events_streamed": events, "events_per_s": events / loop_s,
+            "loop_s": loop_s, "tokens_per_s": tokens / loop_s,
+            "tokens_per_event": tokens / max(events, 1)}
+
+
 def _run_open_stream(a: argparse.Namespace) -> dict:
     """The open-world online benchmark: 2 processes over a drifting synthetic stream with
     configs/bench/stream_open_ranking.gin (hashed ids, bounded tables and stores)."""
@@ -784,9 +789,6 @@ def _run_open_stream(a: argparse.Namespace) -> dict:
     from hstu.training.report import stream_windows
 
     ws = stream_windows(run_dir)
-    events = sum(w["events"] for w in ws)
-    loop_s = sum(w["window_seconds"] for w in ws)
-    tokens = _window_tokens(ws)
     full = next((i for i, w in enumerate(ws) if w.get("item_occupied", 0) >= a.stream_capacity),
                 None)
     half = ws[len(ws) // 2:]
@@ -800,9 +802,7 @@ def _run_open_stream(a: argparse.Namespace) -> dict:
              w.get("checkpoint_table_bytes"), w.get("checkpoint_rows_item"))
             for w in ws if "checkpoint_bytes" in w]
     return {
-        "preset": "stream-open", **info, "windows": len(ws), "events_streamed": events,
-        "events_per_s": events / loop_s, "loop_s": loop_s, "wall_s": wall,
-        "tokens_per_s": tokens / loop_s, "tokens_per_event": tokens / max(events, 1),
+        "preset": "stream-open", **info, **_window_figures(ws), "wall_s": wall,
         "table_full_at_window": None if full is None else full + 1,
         "occupied_last": ws[-1].get("item_occupied", 0.0) if ws else 0.0,
         "evicted": ws[-1].get("item_evicted", 0.0) if ws else 0.0,
@@ -863,13 +863,8 @@ def _run_stream_vs_open(a: argparse.Namespace) -> dict:
     from hstu.training.report import stream_windows
 
     ws = stream_windows(run_dir)
-    events = sum(w["events"] for w in ws)
-    loop_s = sum(w["window_seconds"] for w in ws)
-    tokens = _window_tokens(ws)
     auc = [w["AUC"] for w in ws if "AUC" in w]
-    opened = {"events_streamed": events, "events_per_s": events / loop_s, "loop_s": loop_s,
-              "wall_s": wall, "cpu_s": cpu_s, "tokens_per_s": tokens / loop_s,
-              "tokens_per_event": tokens / max(events, 1), "windows": len(ws),
+    opened = {**_window_figures(ws), "wall_s": wall, "cpu_s": cpu_s,
               "train_steps": sum(w["train_steps"] for w in ws),
               "evicted": ws[-1].get("item_evicted", 0.0) if ws else 0.0,
               "expired_item_rows": sum(w.get("expired_item_rows", 0.0) for w in ws),
@@ -1049,35 +1044,24 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{p.name:26s} [{p.group}] {p.nproc} proc  {p.config} {' '.join(p.params)}"
                   f"  # {p.note}")
         return
-    if "stream-vs-open" in a.presets:
-        if set(a.presets) != {"stream-vs-open"}:
-            ap.error("--presets stream-vs-open runs alone (two runs of many minutes)")
-        r = _run_stream_vs_open(a)
-        print(_stream_vs_open_table(r))
-        _write_json(a.json, {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-                             "torch": torch.__version__, "cpu": cpu_description(),
-                             "stream-vs-open": r})
-        return
-    if "stream-open" in a.presets:
-        if set(a.presets) != {"stream-open"}:
-            ap.error("--presets stream-open runs alone (its own run of many minutes)")
-        if a.stream_capacity != 1_048_576:
+    # the online-training benchmarks: each alone (a run of many minutes, the machine its own)
+    alone = {"stream-vs-open": (_run_stream_vs_open, _stream_vs_open_table),
+             "stream-open": (_run_open_stream, _open_stream_table),
+             "stream": (_run_stream, _stream_table)}
+    online = [n for n in alone if n in a.presets]
+    if online:
+        name = online[0]
+        if set(a.presets) != {name}:
+            ap.error(f"--presets {name} runs alone (its own run of many minutes)")
+        if name == "stream-open" and a.stream_capacity != 1_048_576:
             cap = a.stream_capacity
             a.gin_param += [f"item/DynamicEmbeddingArgs.item_vocab_size_or_capacity={cap}",
                             f"StreamArgs.item_capacity={cap}"]
-        r = _run_open_stream(a)
-        print(_open_stream_table(r))
+        run, table = alone[name]
+        r = run(a)
+        print(table(r))
         _write_json(a.json, {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-                             "torch": torch.__version__, "cpu": cpu_description(),
-                             "stream-open": r})
-        return
-    if "stream" in a.presets:
-        if set(a.presets) != {"stream"}:
-            ap.error("--presets stream runs alone (its own run of several minutes)")
-        r = _run_stream(a)
-        print(_stream_table(r))
-        _write_json(a.json, {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-                             "torch": torch.__version__, "cpu": cpu_description(), "stream": r})
+                             "torch": torch.__version__, "cpu": cpu_description(), name: r})
         return
     names = [m for n in a.presets for m in (list(BY_NAME) if n == "all" else GROUPS.get(n, [n]))]
     unknown = [n for n in names if n not in BY_NAME]

@@ -10,6 +10,7 @@ import numpy as np
 from hstu.args import BenchmarkDatasetArgs, ConfigError, DatasetArgs
 from hstu.checks import check_dataset_name, check_ranking_data
 from hstu.data.benchmark import BenchmarkLoader
+from hstu.data.cold import draw_cold_items, hold_out_items
 from hstu.data.info import ACTION_TABLE, ITEM_TABLE, DataInfo
 from hstu.data.layout import METADATA_FILE
 from hstu.data.loader import (
@@ -74,6 +75,16 @@ def build_data(
     meta = store.metadata
     check_dataset_name(dataset_args, meta, METADATA_FILE)
     msl, cands = dataset_args.max_sequence_length, dataset_args.max_num_candidates
+    cold = None
+    share = getattr(dataset_args, "cold_items", 0.0)
+    if share and stream_metadata is None:
+        if task != "retrieval":
+            raise ConfigError("DatasetArgs", "cold_items",
+                              "holds items out of retrieval training; ranking scores candidates")
+        base = info_from_metadata(meta, dataset_args, task)
+        cold = draw_cold_items(base.first_item_id, base.num_items, share,
+                               getattr(dataset_args, "cold_items_seed", 0))
+        store, dropped = hold_out_items(store, cold, 2 if holdout_validation else 1)
     if task == "ranking":
         check_ranking_data(dataset_args, meta)
         train_s = ranking_samples(store, "train", msl, cands, holdout_validation)
@@ -110,12 +121,15 @@ def build_data(
     evaluation = SequenceLoader(
         samples=eval_s, training=False, batch_size=eval_batch_size, shuffle=False, **common
     )
+    evaluation.cold_items = cold  # (hstu.training.evaluate's cold/<metric>)
     # the sizes' DataInfo (features selected as the loaders do), with the sample counts
     info = dataclasses.replace(
         info_from_metadata(meta, dataset_args, task),
         num_train_samples=len(train_s),
         num_eval_samples=len(eval_s),
         users_without_train_sample=int(store.num_users - len(np.unique(train_s.user))),
+        cold_items=0 if cold is None else len(cold),
+        cold_events_dropped=0 if cold is None else dropped,
         **_split_ties(store, eval_s),
     )
     return train, evaluation, info

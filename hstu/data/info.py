@@ -50,6 +50,10 @@ class DataInfo:
     tied_eval_items: int = 0
     """Evaluation targets / candidates whose timestamp equals the last history item's: their
     order at the split is the raw file's, not time's."""
+    cold_items: int = 0
+    """DatasetArgs.cold_items: the items held out of training (0 without the option)."""
+    cold_events_dropped: int = 0
+    """... and the events of theirs dropped from the training sequences."""
 
     def default_tables(
         self,

@@ -202,6 +202,9 @@ class SequenceLoader:
         self.query_times = False
         """Retrieval: batches carry ``query_timestamps`` (``NetworkArgs.rab_query_time``); set
         by the trainer."""
+        self.cold_items: np.ndarray | None = None
+        """Evaluation with ``DatasetArgs.cold_items``: the item ids held out of training
+        (sorted); its metrics add ``cold/<metric>`` over the targets among them."""
         self.epoch = 0
         self.batch_index = 0
 

@@ -95,6 +95,11 @@ class MetricAccumulator:
         self._sums += torch.stack([values[n].detach().double().sum().cpu() for n in self.names])
         self._count += sizes.pop()
 
+    @property
+    def count(self) -> int:
+        """The samples this process has added."""
+        return self._count
+
     def compute(self, group: ProcessGroup | None = None) -> dict[str, float]:
         """Means over every sample seen by every rank of ``group`` (WORLD when initialised).
 

@@ -117,6 +117,13 @@ def data_notes(info: DataInfo) -> list[str]:
             "share their timestamp with the last history item (ties at the split keep the raw "
             "file's order; coarse timestamps make the split partly arbitrary)"
         )
+    if info.cold_items:
+        notes.append(
+            f"[hstu] cold items: {info.cold_items} of {info.num_items - info.first_item_id} items "
+            f"held out of training (DatasetArgs.cold_items): {info.cold_events_dropped} events "
+            "dropped from the training sequences; cold/<metric> ranks the evaluation targets "
+            "that are cold"
+        )
     return notes
 
 

@@ -269,6 +269,36 @@ def rank_corpus(model: Any, own: tuple[torch.Tensor, ...], budget_bytes: int,
     return ranks, top
 
 
+class ColdTargets:
+    """The metrics of the evaluation samples whose target is a cold item (the loader's
+    ``cold_items``, DatasetArgs.cold_items): ``cold/<metric>`` and ``cold/events``, their
+    count over every rank; nothing without cold items."""
+
+    PREFIX = "cold/"
+
+    def __init__(self, loader: Any, names: list[str]) -> None:
+        ids = getattr(loader, "cold_items", None)
+        self.ids = None if ids is None else torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        self.names = names
+        self.acc = MetricAccumulator(names)
+
+    def update(self, ranks: torch.Tensor, targets: torch.Tensor) -> None:
+        """Ranks [n] of samples whose target ids are ``targets`` [n]."""
+        if self.ids is not None:
+            cold = torch.isin(targets.cpu(), self.ids)
+            self.acc.update(retrieval_metrics(ranks.cpu()[cold], self.names))
+
+    def compute(self) -> dict[str, float]:
+        """Collective (every rank calls it, as MetricAccumulator.compute)."""
+        if self.ids is None:
+            return {}
+        count = _all_reduce_host(torch.tensor([float(self.acc.count)], dtype=torch.float64),
+                                 dist.ReduceOp.SUM)
+        out = {self.PREFIX + k: v for k, v in self.acc.compute().items()}
+        out[self.PREFIX + "events"] = float(count[0])
+        return out
+
+
 def _evaluate_retrieval(
     model: Any, loader: Any, cfg: RunConfig, env: DistEnv, max_iters: int | None,
     items: torch.Tensor | None = None,
@@ -276,12 +306,15 @@ def _evaluate_retrieval(
     r = cfg.retrieval
     names = list(r.eval_metrics)
     catalogue = model.catalogue(items)
+    cold = ColdTargets(loader, names)
     loader, used, total = eval_subset(loader, r.eval_num_users, cfg.trainer.seed)
     own = _own_queries(model, loader, env, max_iters, r.eval_exclude_history)
     ranks, _ = rank_corpus(model, own, r.eval_memory_mb << 20, env.device, items=catalogue)
     acc = MetricAccumulator(names)
     acc.update(retrieval_metrics(ranks.cpu(), names))
+    cold.update(ranks, own[1])
     out = acc.compute()  # host sums: the default group's host backend (gloo) reduces them
+    out.update(cold.compute())
     if used < total:
         # the summary field that says these metrics are of a subset
         out["eval_users"] = float(used)
@@ -302,14 +335,19 @@ def _evaluate_decoded(
     top_k = max([k for name in names if (k := parse_retrieval_metric(name)[1])] or [200])
     loader, used, total = eval_subset(loader, r.eval_num_users, cfg.trainer.seed)
     acc = MetricAccumulator(names)
+    cold = ColdTargets(loader, names)
     dense = model.dense_module
     for batch in islice(loader, max_iters):
         batch = batch.to(env.device)
         ranks = dense.target_ranks(batch, model.sparse(batch.features), top_k)
+        targets = batch.labels
         if batch.sample_mask is not None:
             ranks = ranks[batch.sample_mask.to(ranks.device)]
+            targets = targets[batch.sample_mask.to(targets.device)]
         acc.update(retrieval_metrics(ranks.cpu(), names))
+        cold.update(ranks, targets)
     out = acc.compute()
+    out.update(cold.compute())
     if used < total:
         out["eval_users"] = float(used)
     return out

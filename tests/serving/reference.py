@@ -27,8 +27,12 @@ def main(task: str, data: str, ckpt: str, run_dir: str, out: str, *params: str) 
     from hstu.training.evaluate import evaluate
     from hstu.training.trainer import Trainer
 
+    sid = task == "sid"  # params: the codes folder
+    config = "ml-100k_sid_retrieval.gin" if sid else f"debug_{task}.gin"
+    if sid:
+        task, params = "retrieval", (f'NetworkArgs.sid_codes="{params[0]}"',)
     cfg = load_config(
-        os.path.join(ROOT, "configs", f"debug_{task}.gin"),
+        os.path.join(ROOT, "configs", config),
         [f'DatasetArgs.dataset_path="{data}"', f'TrainerArgs.ckpt_load_dir="{ckpt}"',
          f'TrainerArgs.run_dir="{run_dir}"', *params],
         task=task, world_size=1,
@@ -37,7 +41,9 @@ def main(task: str, data: str, ckpt: str, run_dir: str, out: str, *params: str) 
     try:
         set_seed(cfg.trainer.seed)
         trainer = Trainer(cfg, env, run_dir, "")
-        model, loader = trainer.model, trainer.built.eval_loader
+        # the semantic-id preset holds out validation: hstu.recommend's last event is the test's
+        model = trainer.model
+        loader = trainer.built.test_loader if sid else trainer.built.eval_loader
         model.eval()
         torch.set_grad_enabled(False)
         users = loader.samples.user
@@ -45,14 +51,23 @@ def main(task: str, data: str, ckpt: str, run_dir: str, out: str, *params: str) 
         ids, scores, logits = [], [], []
         for batch in loader:
             keep = batch.sample_mask
-            if task == "retrieval":
+            if sid:
+                dense = model.dense_module
+                queries, history, seg = dense.last_states(batch, model.sparse(batch.features))
+                top = dense.recommend(queries, 10, (seg, history))
+                top_ids, top_scores = top.items, top.scores
+            elif task == "retrieval":
                 r = model.evaluate(batch, top_k=10)
-                ids.append(r.top_ids[keep])
-                scores.append(r.top_scores[keep])
+                top_ids, top_scores = r.top_ids, r.top_scores
             else:
                 b = model.prepare(batch)
                 _, (lg, _) = model(b)
                 logits.append(lg[torch.repeat_interleave(keep, b.num_candidates)])
+                continue
+            if keep is None:
+                keep = torch.ones(top_ids.shape[0], dtype=torch.bool)
+            ids.append(top_ids[keep])
+            scores.append(top_scores[keep])
         if task == "retrieval":
             result.update(top_ids=torch.cat(ids), top_scores=torch.cat(scores))
             result["metrics"] = evaluate(model, loader, cfg, env, None)
@@ -65,46 +80,5 @@ def main(task: str, data: str, ckpt: str, run_dir: str, out: str, *params: str) 
         destroy_distributed()
 
 
-def sid(data: str, ckpt: str, run_dir: str, out: str, codes: str) -> None:
-    from hstu.config import load_config
-    from hstu.training.distributed import destroy_distributed, init_distributed, set_seed
-    from hstu.training.evaluate import evaluate
-    from hstu.training.trainer import Trainer
-
-    cfg = load_config(
-        os.path.join(ROOT, "configs", "ml-100k_sid_retrieval.gin"),
-        [f'DatasetArgs.dataset_path="{data}"', f'TrainerArgs.ckpt_load_dir="{ckpt}"',
-         f'TrainerArgs.run_dir="{run_dir}"', f'NetworkArgs.sid_codes="{codes}"'],
-        task="retrieval", world_size=1,
-    )
-    env = init_distributed(1)
-    try:
-        set_seed(cfg.trainer.seed)
-        trainer = Trainer(cfg, env, run_dir, "")
-        model, loader = trainer.model, trainer.built.test_loader
-        model.eval()
-        torch.set_grad_enabled(False)
-        dense = model.dense_module
-        ids, scores = [], []
-        for batch in loader:
-            queries, history, seg = dense.last_states(batch, model.sparse(batch.features))
-            top = dense.recommend(queries, 10, (seg, history))
-            keep = batch.sample_mask
-            if keep is None:
-                keep = torch.ones(top.items.shape[0], dtype=torch.bool)
-            ids.append(top.items[keep])
-            scores.append(top.scores[keep])
-        torch.save({"users": torch.from_numpy(loader.samples.user), "top_ids": torch.cat(ids),
-                    "top_scores": torch.cat(scores),
-                    "metrics": evaluate(model, loader, cfg, env, None)}, out)
-        trainer.close()
-        trainer = model = None
-    finally:
-        destroy_distributed()
-
-
 if __name__ == "__main__":
-    if sys.argv[1] == "sid":
-        sid(*sys.argv[2:])
-    else:
-        main(*sys.argv[1:])
+    main(*sys.argv[1:])

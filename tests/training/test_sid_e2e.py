@@ -145,3 +145,26 @@ def test_the_sid_artifact_recommends_the_trainers_top_k_in_raw_ids(ml100k, tmp_p
                                    rtol=0, atol=1e-4)
     hr = float(proc.stdout.split("HR@10 of the held-out items ")[1].split()[0])
     assert hr == pytest.approx(ref["metrics"]["HR@10"], abs=1e-4)
+
+
+@pytest.mark.slow  # a short run of the preset: ~1 min
+def test_cold_items_through_the_sid_preset(ml100k, tmp_path):
+    """DatasetArgs.cold_items with the semantic-id model: the run reports cold/<metric> over
+    the test targets that are cold, as many as the real ML-100K test split has."""
+    from hstu.args import DatasetArgs
+    from hstu.data import build_data
+
+    data, codes = ml100k
+    out, rows = _run(data, codes, tmp_path / "run",
+                     ["TrainerArgs.max_train_iters=40", "TrainerArgs.eval_interval=40",
+                      "DatasetArgs.cold_items=0.1"])
+    assert "[hstu] cold items: 168 of 1682 items held out of training" in out
+    args = DatasetArgs(dataset_name="ml-100k", max_sequence_length=200, dataset_path=str(data),
+                       holdout_validation=True, cold_items=0.1)
+    _, test, _ = build_data(args, "retrieval", 64, 128, 0, 1, 0, split="test",
+                            holdout_validation=True)
+    labels = np.concatenate([b.labels.numpy() for b in test])
+    want = int(np.isin(labels, test.cold_items).sum())
+    assert want > 0
+    assert _final(rows, "eval", "test/cold/events") == want
+    assert 0.0 <= _final(rows, "eval", "test/cold/HR@10") <= 1.0

@@ -187,6 +187,8 @@ SWITCHES: dict[str, list[str] | str] = {
     "DatasetArgs.holdout_validation": _HOST + "which events train",
     "DatasetArgs.train_full_history": _HOST + "which events train",
     "DatasetArgs.eval_split": _NO + "evaluation only",
+    "DatasetArgs.cold_items": _HOST + "which events train (evaluation adds host-side subsets)",
+    "DatasetArgs.cold_items_seed": _HOST + "which items are cold",
     "DatasetArgs.action_tokens": ["tp2"],
     "DatasetArgs.contextual_features": _HOST + "more KJT keys, the same lookup path",
     "DatasetArgs.balance_ranks": ["dp2"],
