@@ -115,6 +115,7 @@ def test_cold_metrics_are_the_metrics_of_the_cold_targets(plain_process):
     assert none.compute() == {}
 
 
+@pytest.mark.slow  # a 2-process run of the debug preset: ~25 s
 def test_a_retrieval_run_writes_the_cold_metrics(tmp_path):
     """Through the trainer (2 processes): metrics.csv holds cold/<metric> and cold/events
     beside every metric, cold/events the number of evaluation targets that are cold."""
