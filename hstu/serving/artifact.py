@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hstu.serving import versions
+from hstu.serving.model import history_pairs
 
 FORMAT = "hstu-artifact"
 # 4: the model config names max_attn_len, min_full_attn_seq_len, attn_truncation_layers and
@@ -193,9 +194,7 @@ class Corpus:
             scores[:, : self.min_item_id] = float("-inf")
         width = scores.shape[1]
         if histories:
-            sizes = torch.tensor([h.numel() for h in histories])
-            rows = torch.repeat_interleave(torch.arange(len(histories)), sizes)
-            hist = torch.cat(histories)
+            rows, hist = history_pairs(histories)
             if self.ids is None:
                 inside = (hist >= 0) & (hist < self.num_items)
                 cols = hist

@@ -40,6 +40,14 @@ from hstu.ops.masks import dense_mask
 from hstu.ops.pytorch_attention import padded_attention
 
 
+def history_pairs(histories: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-query item ids -> (query row [E], item id [E]) of every history item: what retrieval
+    never returns to that query."""
+    sizes = torch.tensor([h.numel() for h in histories])
+    rows = torch.repeat_interleave(torch.arange(len(histories)), sizes)
+    return rows, torch.cat(histories).to(torch.int64)
+
+
 def _mlp(cfg: dict[str, Any]) -> nn.Module:
     """Same layout as hstu.model.ranking.MLP (``net`` Sequential)."""
     head = nn.Module()

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from hstu.model.sid_head import Catalogue, CodeDecoder
-from hstu.serving.model import InferenceHSTU
+from hstu.serving.model import InferenceHSTU, history_pairs
 
 
 class InferenceSid(InferenceHSTU):
@@ -54,9 +54,7 @@ class InferenceSid(InferenceHSTU):
         (score -inf) where the catalogue holds fewer than k items."""
         excluded = None
         if histories and self.cfg["sid"].get("exclude_history", True):
-            sizes = torch.tensor([h.numel() for h in histories])
-            excluded = (torch.repeat_interleave(torch.arange(len(histories)), sizes),
-                        torch.cat(histories).to(torch.int64))
+            excluded = history_pairs(histories)
         beam = max(int(beam_width or self.cfg["sid"]["beam_width"]), k)
         result = self.catalogue().decode(self.decoder, queries, k, beam,
                                          bool(self.cfg["sid"].get("certify", False)), excluded)
