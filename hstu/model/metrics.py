@@ -31,7 +31,7 @@ def ranks_from_scores(
     """
     scores = scores.float()
     if excluded is not None:
-        scores = scores.masked_fill(excluded, float("-inf"))
+        scores = scores.masked_fill(excluded, -math.inf)
     num_items = scores.shape[1]
     valid = (targets >= 0) & (targets < num_items)
     safe = targets.clamp(0, max(num_items - 1, 0))
@@ -39,7 +39,7 @@ def ranks_from_scores(
     ahead = (scores >= target_scores).sum(1) - 1  # the target itself is >= itself
     ranks = (ahead + 1).float()
     unranked = ~valid | torch.isneginf(target_scores.squeeze(1))
-    return ranks.masked_fill(unranked, float("inf"))
+    return ranks.masked_fill(unranked, math.inf)
 
 
 def hit_rate(ranks: torch.Tensor, k: int) -> torch.Tensor:

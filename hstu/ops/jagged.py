@@ -22,9 +22,8 @@ def lengths_to_offsets(lengths: torch.Tensor) -> torch.Tensor:
 
 def segment_ids(lengths: torch.Tensor, total: int) -> torch.Tensor:
     """[B] -> [T]: the sample of each element (``total`` = T = sum(lengths))."""
-    return torch.repeat_interleave(
-        torch.arange(lengths.numel(), device=lengths.device), lengths, output_size=total
-    )
+    # repeat_interleave of the repeats alone repeats each index i lengths[i] times
+    return torch.repeat_interleave(lengths, output_size=total)
 
 
 def index_within(lengths: torch.Tensor, total: int) -> torch.Tensor:

@@ -174,7 +174,7 @@ def dense_mask(
     if causal:
         rule = j <= i
     else:
-        rule = torch.ones(1, i.shape[1], j.shape[2], dtype=torch.bool, device=device)
+        rule = torch.ones((), dtype=torch.bool, device=device)  # broadcasts
     first_candidate = length if num_targets is None else length - num_targets.view(-1, 1, 1)
     if num_targets is not None:
         i_cand = i >= first_candidate

@@ -73,3 +73,44 @@ def _acc_body(rank: int, world_size: int) -> None:
 
 def test_accumulator_all_reduces_over_ranks():
     run_multiprocess(_acc_body, world_size=2)
+
+
+def test_targets_outside_the_corpus_are_unranked_at_both_ends():
+    # item ids 0..3: -1 and 4 (== N) are not items; 3 (the last) and 0 are
+    scores = torch.tensor([[0.1, 0.2, 0.3, 0.9]] * 4)
+    ranks = ranks_from_scores(scores, torch.tensor([-1, 4, 3, 0]))
+    assert ranks.tolist() == [INF, INF, 1.0, 4.0]
+    # one-item corpus: only id 0 is ranked
+    assert ranks_from_scores(torch.tensor([[0.5]] * 2), torch.tensor([0, 1])).tolist() == [1.0, INF]
+
+
+def test_accumulator_keeps_counts_and_sums_exact_past_float32():
+    # 2**24 + 1 is the first integer float32 cannot hold: sums and counts in float64 give
+    # exactly 1.0; float32 anywhere gives 2**24 / (2**24 + 1) or its inverse
+    acc = MetricAccumulator(["HR@1"])
+    acc.update({"HR@1": torch.ones(2**24)})
+    acc.update({"HR@1": torch.ones(1)})
+    assert acc.count == 2**24 + 1
+    assert acc.compute()["HR@1"] == 1.0
+
+
+def test_accumulator_one_sample_and_none():
+    acc = MetricAccumulator(["MRR"])
+    assert math.isnan(acc.compute()["MRR"])  # nothing seen: not a number, never 0
+    acc.update({"MRR": torch.tensor([0.25])})
+    assert acc.compute()["MRR"] == 0.25
+
+
+def _group_body(rank: int, world_size: int) -> None:
+    import torch.distributed as dist
+
+    # every rank builds both one-rank groups (new_group is collective); each reduces over its own
+    groups = [dist.new_group([r]) for r in range(world_size)]
+    acc = MetricAccumulator(["HR@1"])
+    acc.update({"HR@1": torch.tensor([1.0]) if rank == 0 else torch.tensor([0.0, 0.0])})
+    assert acc.compute(groups[rank])["HR@1"] == (1.0 if rank == 0 else 0.0)
+    assert acc.compute()["HR@1"] == pytest.approx(1 / 3)  # WORLD by default
+
+
+def test_accumulator_reduces_over_the_group_given():
+    run_multiprocess(_group_body, world_size=2)

@@ -58,8 +58,10 @@ def test_peer_window_measures_contextual_keys_from_the_last_contextual_position(
     assert got[0, :7].all() and not got[0, 7:].any()
 
 
+# window 4: a contextual row of the first sample is exactly 4 positions from its first
+# candidate (pos C - 1 = 1, first candidate 5); M = 1 and 2: the smallest full-attention tails
 CASES = list(itertools.product(
-    [True, False], [1, 3], ["hstu", "peer"], [1, 3, 20], [0, 2],
+    [True, False], [1, 3], ["hstu", "peer"], [1, 3, 4, 20], [0, 1, 2],
 ))
 
 
@@ -83,6 +85,21 @@ def test_dense_mask_matches_rule_with_window(
     block = dense_mask(lengths, ctx, tgt, group, causal, width, convention, window, full,
                        rows=rows, keys=keys)
     assert torch.equal(block, got[:, rows][:, :, keys])
+
+
+@pytest.mark.parametrize("convention", ["hstu", "peer"])
+def test_per_sample_rows_and_keys(convention: str) -> None:
+    """rows [b, R] and keys [b, K]: each sample's own block of its whole mask."""
+    lengths = torch.tensor([9, 13, 6])
+    ctx, tgt = torch.tensor([2, 4, 0]), torch.tensor([4, 5, 0])
+    width = 13
+    whole = dense_mask(lengths, ctx, tgt, 2, False, width, convention, 3, 1)
+    rows = torch.tensor([[0, 5, 8], [2, 9, 12], [1, 3, 5]])
+    keys = torch.tensor([[1, 6], [0, 11], [4, 5]])
+    block = dense_mask(lengths, ctx, tgt, 2, False, width, convention, 3, 1, rows=rows, keys=keys)
+    assert block.shape == (3, 3, 2)
+    for s in range(3):
+        assert torch.equal(block[s], whole[s][rows[s]][:, keys[s]]), f"sample {s}"
 
 
 def test_window_larger_than_every_sample_is_full_attention() -> None:
