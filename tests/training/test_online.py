@@ -239,42 +239,59 @@ def test_stream_rows_per_window(full, data):
     assert prequential(ws, "HR@10")[-1][1] == pytest.approx(expect)
 
 
+@pytest.fixture(scope="module")
+def ranking_full(data, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("online_ranking") / "full"
+    run(data, run_dir, task="ranking")
+    return run_dir
+
+
 @pytest.mark.slow
-def test_test_then_train(full, data, tmp_path):
-    """Window k's rows come from the model before training on window k: the checkpoint
-    written after window k - 1, evaluated alone on window k, gives the same values."""
-    by_window = stream_by_window(full)
-    ckpts = {int(p.name[5:]): p for p in (full / "ckpt").glob("iter_*")}
+@pytest.mark.parametrize("task", ["retrieval", "ranking"])
+def test_test_then_train(task, full, ranking_full, data, tmp_path):
+    """Window k's rows come from the model before training on window k: for every window
+    after a checkpoint, the checkpoint written after window k - 1, evaluated alone on window
+    k, gives the same values (a model that trained on window k first would not)."""
     import json
 
-    after = {json.loads((p / "online.json").read_text())["windows"]: p for p in ckpts.values()}
-    k = max(w for w in after if w + 1 in by_window) + 1
+    run_dir = full if task == "retrieval" else ranking_full
+    by_window = stream_by_window(run_dir)
+    after = {json.loads((p / "online.json").read_text())["windows"]: p
+             for p in (run_dir / "ckpt").glob("iter_*")}
+    probes = {k: str(after[k - 1]) for k in sorted(by_window)
+              if k - 1 in after and by_window[k]["eval_events"] > 0}
+    assert len(probes) >= 2, (sorted(after), sorted(by_window))  # checkpoints every 2 windows
+    metrics = ("HR@10", "NDCG@10") if task == "retrieval" else ("AUC", "NE")
+    params = {k: _params(data, tmp_path / f"probe{k}", task, [f'TrainerArgs.ckpt_load_dir="{c}"'])
+              for k, c in probes.items()}
     script = f"""
-import json, sys
+import json
 import gin
 from hstu.config import load_config
+from hstu.data.sizes import resolve_sizes
 from hstu.training.distributed import init_distributed, destroy_distributed
 from hstu.training.online import OnlineTrainer
-gin.clear_config()
-cfg = load_config({str(ROOT / 'configs' / 'debug_retrieval.gin')!r}, {_params(data, tmp_path / 'probe', 'retrieval', [f'TrainerArgs.ckpt_load_dir="{after[k - 1]}"'])!r}, task="retrieval")
-from hstu.data.sizes import resolve_sizes
-cfg = resolve_sizes(cfg)
 env = init_distributed(1)
-o = OnlineTrainer(cfg, env, {str(tmp_path / 'probe')!r}, "x")
-window = next(iter(o.windows()))
-m = o.evaluate_window(o.prepare_window(o.store.sequences(window)))
-print("PROBE", json.dumps(m))
-o.close()
+for k, params in {params!r}.items():
+    gin.clear_config()
+    cfg = resolve_sizes(load_config({str(ROOT / 'configs' / f'debug_{task}.gin')!r}, params,
+                                    task={task!r}))
+    o = OnlineTrainer(cfg, env, {str(tmp_path)!r} + f"/probe{{k}}", "x")
+    window = next(iter(o.windows()))
+    m = o.evaluate_window(o.prepare_window(o.store.sequences(window)))
+    print("PROBE", k, json.dumps(m))
+    o.close()
 destroy_distributed()
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=300, check=False)
+                          capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    import json as _json
-
-    probe = _json.loads(proc.stdout.split("PROBE ", 1)[1].splitlines()[0])
-    for name in ("HR@10", "NDCG@10", "eval_events"):
-        assert probe[name] == by_window[k][name], (name, probe, by_window[k])
+    got = {int(line.split()[1]): json.loads(line.split(" ", 2)[2])
+           for line in proc.stdout.splitlines() if line.startswith("PROBE ")}
+    assert sorted(got) == sorted(probes)
+    for k, probe in got.items():
+        for name in (*metrics, "eval_events"):
+            assert probe[name] == by_window[k][name], (k, name, probe, by_window[k])
 
 
 @pytest.mark.slow
@@ -314,10 +331,8 @@ def test_sigkill_mid_run_and_resume_is_bitwise(full, data, tmp_path):
 
 
 @pytest.mark.slow
-def test_ranking_stream(data, tmp_path):
-    run_dir = tmp_path / "ranking"
-    run(data, run_dir, task="ranking")
-    by_window = stream_by_window(run_dir)
+def test_ranking_stream(ranking_full):
+    by_window = stream_by_window(ranking_full)
     assert len(by_window) >= 3
     for w in by_window.values():
         if w["eval_events"] > 0:
