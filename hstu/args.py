@@ -633,6 +633,9 @@ class NetworkArgs:
     """architecture="hstu_sid": transformer layers of the code decoder (the head)."""
     sid_decoder_heads: int = 2
     """architecture="hstu_sid": attention heads of the code decoder (dividing hidden_size)."""
+    sid_decoder_dropout: float | None = None
+    """architecture="hstu_sid": dropout of the code decoder's attention and residual branches;
+    None: hidden_dropout (the encoder's)."""
     sasrec_ffn_activation: Literal["swiglu", "gelu", "relu"] = "swiglu"
     """architecture="sasrec": the feed-forward network, SwiGLU without biases (eSASRec's LiGR layer)
     or GELU / ReLU with biases (the original SASRec's ReLU)."""
@@ -683,6 +686,12 @@ class NetworkArgs:
             self,
             "hidden_dropout",
             f"must be in [0, 1), got {self.hidden_dropout}",
+        )
+        _require(
+            self.sid_decoder_dropout is None or 0.0 <= self.sid_decoder_dropout < 1.0,
+            self,
+            "sid_decoder_dropout",
+            f"must be None or in [0, 1), got {self.sid_decoder_dropout}",
         )
         _positive(self, "attention_alpha", "attn_scaling_seqlen")
         for name in ("item_embedding_dim", "contextual_embedding_dim"):

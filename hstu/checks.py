@@ -299,10 +299,12 @@ def check_architecture(network: Any, task: str) -> None:
             raise ConfigError("NetworkArgs", "sid_decoder_heads",
                               f"{network.sid_decoder_heads} heads do not divide hidden_size "
                               f"{network.hidden_size}")
-    elif network.sid_codes:
-        raise ConfigError("NetworkArgs", "sid_codes",
-                          f'is read by architecture="hstu_sid" only (architecture is '
-                          f"{network.architecture!r}); leave it unset")
+    else:
+        for field in ("sid_codes", "sid_decoder_dropout"):
+            if getattr(network, field) is not None:
+                raise ConfigError("NetworkArgs", field,
+                                  f'is read by architecture="hstu_sid" only (architecture is '
+                                  f"{network.architecture!r}); leave it unset")
     if network.architecture != "sasrec":
         return
     if task != "retrieval":

@@ -159,7 +159,8 @@ def build_model(
             item_embedding=network_args.sid_item_embedding,
             decoder_layers=network_args.sid_decoder_layers,
             decoder_heads=network_args.sid_decoder_heads,
-            dropout=network_args.hidden_dropout,
+            dropout=(network_args.hidden_dropout if network_args.sid_decoder_dropout is None
+                     else network_args.sid_decoder_dropout),
             eps=network_args.norm_epsilon,
             min_item_id=data.min_item_id,
             max_item_seqlen=data.max_item_seqlen,

@@ -89,6 +89,11 @@ def test_code_rows_put_each_level_after_the_rows_of_the_levels_before_it():
     ("retrieval", ['NetworkArgs.architecture="hstu_sid"', 'NetworkArgs.sid_codes="x"',
                    "NetworkArgs.sid_decoder_heads=5"],
      "NetworkArgs.sid_decoder_heads: 5 heads do not divide hidden_size"),
+    ("retrieval", ['NetworkArgs.architecture="hstu_sid"', 'NetworkArgs.sid_codes="x"',
+                   "NetworkArgs.sid_decoder_dropout=1.0"],
+     "NetworkArgs.sid_decoder_dropout: must be None or in [0, 1), got 1.0"),
+    ("retrieval", ["NetworkArgs.sid_decoder_dropout=0.1"],
+     "NetworkArgs.sid_decoder_dropout: is read by architecture=\"hstu_sid\" only"),
 ])
 def test_check_config_refuses_in_one_line(capsys, task, params, why) -> None:
     args = [a for p in params for a in ("--gin-param", p)]
