@@ -18,6 +18,8 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
+
 from hstu.data.errors import DataError
 
 
@@ -55,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "line); default the row numbers")
     parser.add_argument("--vector-column", default="vector",
                         help="--vectors parquet: the vector column (default vector)")
+    parser.add_argument("--l2-normalize", action="store_true",
+                        help="--vectors/--ckpt: scale each vector to unit length before k-means "
+                             "(codes in the geometry of a model that scores by cosine, as the "
+                             "retrieval presets do; --items vectors are unit length already)")
     parser.add_argument("--levels", type=int, default=3, help="k-means levels L (default 3)")
     parser.add_argument("--codes", type=int, default=256,
                         help="codes per level K (default 256); at most the number of items")
@@ -103,6 +109,14 @@ def run(ns: argparse.Namespace, log: Any = print) -> Any:
             raise DataError(ns.ckpt, "the checkpoint's item table holds no items")
         source = {"kind": "checkpoint", "path": str(ckpt_dir)}
         where, what = str(ckpt_dir), "the checkpoint's item table"
+    if ns.l2_normalize and not ns.items:
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        if not np.all(norms > 0):
+            raise DataError(where, f"{int(np.sum(norms == 0))} item vectors are all zeros: "
+                            "they have no direction to normalise", field="--l2-normalize")
+        vectors = (vectors / norms).astype(np.float32)
+        source["l2_normalized"] = True
+        what += ", scaled to unit length"
     if ns.codes > len(ids):
         raise DataError(where, f"{ns.codes} codes per level but only {len(ids)} items: pass "
                         f"--codes {len(ids)} or fewer", field="--codes")

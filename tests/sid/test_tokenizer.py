@@ -285,3 +285,31 @@ def test_the_loader_refuses_a_bad_codes_file_in_one_line_naming_the_field(tmp_pa
     assert "field item_id: missing column" in bad("noid", table=noid)
     with pytest.raises(DataError, match="no such codes file"):
         load_codes(tmp_path / "nowhere")
+
+
+def test_l2_normalize_codes_directions_not_lengths(tmp_path, capsys) -> None:
+    """Items along 3 directions at lengths 1 and 20: scaled to unit length, each direction is
+    one first-level code; as they are, k-means splits the long vectors from the short ones."""
+    rng = np.random.default_rng(0)
+    directions = np.eye(3, dtype=np.float32)
+    x = np.concatenate([directions[i % 3] * (1.0 if i < 30 else 20.0)
+                        + 0.01 * rng.standard_normal(3) for i in range(60)]).reshape(60, 3)
+    np.save(tmp_path / "v.npy", x.astype(np.float32))
+    args = ["--vectors", str(tmp_path / "v.npy"), "--levels", "1", "--codes", "3"]
+    assert main([*args, "--l2-normalize", "--out", str(tmp_path / "n")]) == 0
+    assert "scaled to unit length" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "raw")]) == 0
+    first = load_codes(tmp_path / "n").codes[:, 0]
+    raw = load_codes(tmp_path / "raw").codes[:, 0]
+    direction = np.arange(60) % 3
+    # normalised: code = a function of the direction alone, three codes
+    assert all(len(set(first[direction == d])) == 1 for d in range(3))
+    assert len(set(first.tolist())) == 3
+    assert load_codes(tmp_path / "n").config["source"]["l2_normalized"] is True
+    # raw: the short vectors of all directions sit near the origin and share a code
+    assert len(set(raw[:30].tolist())) == 1
+    x[7] = 0.0
+    np.save(tmp_path / "z.npy", x)
+    err = one_line_error(capsys, ["--vectors", str(tmp_path / "z.npy"), "--codes", "3", "--l2-normalize",
+                                  "--out", str(tmp_path / "o")])
+    assert "1 item vectors are all zeros" in err and "--l2-normalize" in err
