@@ -21,6 +21,7 @@ Runs outside the default tier (minutes per group on 2 cores); docs/testing.md "M
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import shutil
@@ -32,8 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".mutation"
 EQUIVALENT = ROOT / "scripts" / "mutation_equivalent.txt"
 
-# group -> (the module mutated, the tests that guard it)
-GROUPS: dict[str, tuple[str, list[str]]] = {
+# group -> (the module mutated, the tests that guard it[, its top-level functions and classes
+# mutated, when not all of them])
+GROUPS: dict[str, tuple] = {
     "metrics": ("hstu/model/metrics.py", ["tests/model/test_metrics.py"]),
     "jagged": (
         "hstu/ops/jagged.py",
@@ -50,6 +52,18 @@ GROUPS: dict[str, tuple[str, list[str]]] = {
     "negatives": (
         "hstu/data/negatives.py",
         ["tests/model/test_retrieval_negatives.py", "tests/model/test_sampled_fused.py"],
+    ),
+    "loss_common": (
+        "hstu/ops/losses/common.py",
+        ["tests/model/test_full_softmax.py", "tests/model/test_sampled_fused.py"],
+    ),
+    "loss_full_corpus": (
+        "hstu/ops/losses/full_corpus.py",
+        ["tests/model/test_full_softmax.py", "tests/model/test_history_exclusion.py"],
+    ),
+    "loss_sampled": (
+        "hstu/ops/losses/sampled.py",
+        ["tests/model/test_sampled_fused.py", "tests/model/test_retrieval_negatives.py"],
     ),
 }
 
@@ -76,7 +90,13 @@ def _prepare(group: str) -> Path:
         dst.parent.mkdir(parents=True, exist_ok=True)
         if not dst.exists() or dst.read_bytes() != src.read_bytes():
             shutil.copy2(src, dst)
-    module, tests = GROUPS[group]
+    module, tests, *only = GROUPS[group]
+    skip = []
+    if only:  # every other top-level def and class: mutmut skips a statement its pattern names
+        tree = ast.parse((ROOT / module).read_text())
+        skip = [rf"^(async def|def|class) {n.name}\b" for n in tree.body
+                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                and n.name not in only[0]]
     pyproject = (ROOT / "pyproject.toml").read_text()
     section = "\n".join(
         [
@@ -85,6 +105,7 @@ def _prepare(group: str) -> Path:
             'source_paths = ["hstu"]',
             f"only_mutate = {json.dumps([module])}",
             f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
+            f"do_not_mutate_patterns = {json.dumps(skip)}",
             'also_copy = ["configs", "scripts", "docs"]',
             # torch in the test process: rank processes and forks need a clean parent
             'process_isolation = "forkserver"',
@@ -120,9 +141,9 @@ def _equivalents() -> dict[str, tuple[str, str]]:
     for number, line in enumerate(EQUIVALENT.read_text().splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
-        parts = [p.strip() for p in line.split(" | ")]
+        parts = [p.strip() for p in line.split(" || ")]
         if len(parts) != 3:
-            raise SystemExit(f"{EQUIVALENT}:{number}: expected 'mutant | changed line | why'")
+            raise SystemExit(f"{EQUIVALENT}:{number}: expected 'mutant || changed line || why'")
         out[parts[0]] = (parts[1], parts[2])
     return out
 
@@ -161,8 +182,9 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="mutmut workers")
     args = parser.parse_args()
     if args.list:
-        for name, (module, tests) in GROUPS.items():
-            print(f"{name}: {module} <- {', '.join(tests)}")
+        for name, (module, tests, *only) in GROUPS.items():
+            part = f" ({', '.join(only[0])})" if only else ""
+            print(f"{name}: {module}{part} <- {', '.join(tests)}")
         return 0
     unknown = [g for g in args.groups if g not in GROUPS]
     if unknown:
@@ -175,7 +197,7 @@ def main() -> int:
     equivalent = _equivalents()
     rows, gaps, stale = [], [], []
     for group in groups:
-        module, tests = GROUPS[group]
+        module, tests = GROUPS[group][:2]
         work = _prepare(group)
         run = _mutmut(work, "run", "--max-children", str(args.jobs))
         if run.returncode != 0:

@@ -264,3 +264,82 @@ def test_draw_larger_than_the_catalogue_counts_instead_of_sorting(monkeypatch):
         assert np.array_equal(index.reshape(-1), ref_inverse.reshape(-1))
         assert index.dtype == np.int64 and ids.dtype == np.int64 and counts.dtype == np.int64
         assert drawn.min() >= 1 and drawn.max() < num_items
+
+
+def test_shared_draw_is_the_documented_hash():
+    """Shared draws: key = splitmix64(epoch key ^ xor of splitmix64(sample ^ epoch key) over the
+    batch ^ batch size * c1), then splitmix64(slot * c2 ^ key) % span, in Python integers."""
+    from hstu.data.negatives import NegativeSampler
+
+    seed, epoch, m, lo, hi = 5, 2, 40, 3, 503
+    sample_ids = np.array([17, 4, 99, 123456])
+    got = NegativeSampler("shared", m, lo, hi, "item", seed).draw_shared(sample_ids, epoch)
+    base = _splitmix(((seed & 0xFFFFFFFF) * 1_000_003 + epoch) & _M64)
+    members = 0
+    for sid in sample_ids.tolist():
+        members ^= _splitmix(sid ^ base)
+    key = _splitmix(base ^ members ^ ((len(sample_ids) * 0x100000001B3) & _M64))
+    want = sorted({_splitmix(((s * 0xD6E8FEB86659FD93) & _M64) ^ key) % (hi - lo) + lo
+                   for s in range(m)})
+    assert got.dtype == np.int64
+    assert got.tolist() == want
+
+
+def test_attach_negatives_appends_one_key_in_sample_zeros_slot():
+    """Training: the drawn ids as one more key of the item table's batch (all in sample 0's
+    slot), the index and its transpose as the draw gives them; evaluation: the key empty."""
+    from hstu.data.negatives import transpose_index
+
+    from .helpers import make_batch, sampler
+
+    history = [[3, 4, 5, 6], [7, 8], [9, 10, 11]]
+    s = sampler("uniform", num_negatives=4, num_items=30)
+    batch = make_batch(history, negatives=s, training=True)
+    uniq, index, counts = s.draw_counted(np.arange(3), np.array([4, 2, 3]), 0)
+    kjt = batch.features
+    assert kjt.keys() == ["item", s.feature_name] and kjt.stride() == 3
+    neg = kjt[s.feature_name]
+    assert neg.values().dtype == torch.int64
+    assert neg.values().tolist() == uniq.tolist()
+    assert neg.lengths().tolist() == [uniq.size, 0, 0]
+    assert kjt["item"].values().tolist() == [v for h in history for v in h]  # items unchanged
+    assert torch.equal(batch.negative_index, torch.from_numpy(index))
+    order, offsets = transpose_index(index, uniq.size)
+    assert torch.equal(batch.negative_order, torch.from_numpy(order))
+    assert torch.equal(batch.negative_offsets, torch.from_numpy(offsets))
+    assert counts.sum() == index.size
+
+    evaluation = make_batch(history, negatives=s, training=False)
+    ekjt = evaluation.features
+    assert ekjt.keys() == ["item", s.feature_name]
+    assert ekjt[s.feature_name].values().numel() == 0
+    assert ekjt[s.feature_name].values().dtype == torch.int64
+    assert ekjt[s.feature_name].lengths().tolist() == [0, 0, 0]
+    assert evaluation.negative_index is None and evaluation.negative_order is None
+    assert evaluation.negative_offsets is None
+
+
+def test_distinct_by_counting_equals_distinct_by_sorting():
+    """_distinct counts over the span when it is no larger than the draw, else sorts the
+    draw: the same ids, ranks (in the draw's shape) and counts either way, as np.unique."""
+    from hstu.data.negatives import _distinct
+
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 50, size=(7, 9)).astype(np.int64)  # 63 draws, ids below 50
+    for span in (50, 64, 1000):  # 50, 64: counted (span <= 63 draws); 1000: sorted
+        uniq, ranks, counts = _distinct(ids, 5, span)
+        want, inverse, want_counts = np.unique(ids, return_inverse=True, return_counts=True)
+        assert uniq.dtype == ranks.dtype == counts.dtype == np.int64
+        assert uniq.tolist() == (want + 5).tolist()
+        assert ranks.shape == ids.shape
+        assert ranks.tolist() == inverse.reshape(ids.shape).tolist()
+        assert counts.tolist() == want_counts.tolist()
+
+
+def test_live_draws_nothing_in_the_data_path():
+    from hstu.data.negatives import NegativeSampler
+
+    ids, index, counts = NegativeSampler("live", 8, 1, 100, "item", 0).draw_counted(
+        np.arange(3), np.array([4, 2, 3]), 0)
+    assert ids.dtype == np.int64 and ids.shape == (0,)
+    assert index is None and counts is None
