@@ -13,8 +13,9 @@ there, so each survivor is run again against its group's whole test selection (t
 listed in ``scripts/mutation_equivalent.txt`` with why no test can tell it from the original
 (an equivalent mutant), or a gap in the tests: the script prints its diff and exits 1.
 
-The work happens in ``.mutation/<group>/`` (git-ignored): a copy of the tree, mutmut's
-``mutants/`` and its results, reused by the next run for functions that did not change.
+The work happens in ``.mutation/<group>/`` (git-ignored): a copy of the tree and mutmut's
+``mutants/`` with its results (each run starts afresh: mutmut would keep a survivor's verdict
+after the tests changed).
 Runs outside the default tier (minutes per group on 2 cores); docs/testing.md "Mutation score".
 """
 
@@ -82,6 +83,9 @@ def _prepare(group: str) -> Path:
     """Copy the tree into WORK/<group> (keeping mutmut's mutants/ and results there) and write
     the mutmut section naming the group's module and tests; returns that folder."""
     work = WORK / group
+    # mutmut keeps a survivor's verdict while its function is unchanged, even when the tests
+    # changed: every run starts from no results
+    shutil.rmtree(work / "mutants", ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     for rel in _tracked_files():
         src, dst = ROOT / rel, work / rel

@@ -167,8 +167,9 @@ def dense_mask(
     pos = torch.arange(width, device=device)
     row_pos = pos if rows is None else rows.to(device)
     key_pos = pos if keys is None else keys.to(device)
-    i = row_pos.reshape(-1 if row_pos.dim() > 1 else 1, row_pos.shape[-1], 1)
-    j = key_pos.reshape(-1 if key_pos.dim() > 1 else 1, 1, key_pos.shape[-1])
+    # [R] or [b, R] -> [1 or b, R, 1]; [K] or [b, K] -> [1 or b, 1, K]
+    i = row_pos.reshape(-1, row_pos.shape[-1], 1)
+    j = key_pos.reshape(-1, 1, key_pos.shape[-1])
     length = lengths.view(-1, 1, 1)
     valid = (i < length) & (j < length)
     if causal:

@@ -102,6 +102,15 @@ def test_per_sample_rows_and_keys(convention: str) -> None:
         assert torch.equal(block[s], whole[s][rows[s]][:, keys[s]]), f"sample {s}"
 
 
+@pytest.mark.parametrize("convention", ["hstu", "peer"])
+def test_window_without_contextual_tokens_equals_zero_contextual_tokens(convention: str) -> None:
+    lengths, tgt = torch.tensor([9, 13, 4]), torch.tensor([4, 5, 0])
+    none = dense_mask(lengths, None, tgt, 2, True, 13, convention, 2, 1)
+    zeros = dense_mask(lengths, torch.zeros(3, dtype=torch.int64), tgt, 2, True, 13, convention, 2, 1)
+    assert torch.equal(none, zeros)
+    assert not torch.equal(none, dense_mask(lengths, None, tgt, 2, True, 13, convention))
+
+
 def test_window_larger_than_every_sample_is_full_attention() -> None:
     lengths, ctx, tgt = torch.tensor([9, 13]), torch.tensor([2, 4]), torch.tensor([4, 5])
     for convention in ("hstu", "peer"):
@@ -110,7 +119,10 @@ def test_window_larger_than_every_sample_is_full_attention() -> None:
 
 
 @pytest.mark.parametrize("window, full, message", [
-    (-1, 0, "must be >= 0"), (0, 4, "needs max_attn_len > 0"),
+    (-1, 0, r"^max_attn_len and min_full_attn_seq_len must be >= 0 \(0: off\), got -1 and 0$"),
+    (0, 4, r"^min_full_attn_seq_len=4 needs max_attn_len > 0 \(without a window every row "
+           r"already sees the whole history\)$"),
+    (0, 1, r"^min_full_attn_seq_len=1 needs max_attn_len > 0"),
 ])
 def test_bad_window_is_one_line(window: int, full: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
