@@ -120,8 +120,7 @@ def test_window_larger_than_every_sample_is_full_attention() -> None:
 
 @pytest.mark.parametrize("window, full, message", [
     (-1, 0, r"^max_attn_len and min_full_attn_seq_len must be >= 0 \(0: off\), got -1 and 0$"),
-    (0, 4, r"^min_full_attn_seq_len=4 needs max_attn_len > 0 \(without a window every row "
-           r"already sees the whole history\)$"),
+    (0, 4, r"^min_full_attn_seq_len=4 needs max_attn_len > 0 \(without a window every row already sees the whole history\)$"),
     (0, 1, r"^min_full_attn_seq_len=1 needs max_attn_len > 0"),
 ])
 def test_bad_window_is_one_line(window: int, full: int, message: str) -> None:
