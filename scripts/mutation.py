@@ -184,6 +184,9 @@ def main() -> int:
     parser.add_argument("groups", nargs="*", help=f"groups to run (default all: {list(GROUPS)})")
     parser.add_argument("--list", action="store_true", help="print the groups and stop")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="mutmut workers")
+    parser.add_argument("--report", action="store_true",
+                        help="no new mutmut run: classify the results of the last one again "
+                             "(after editing the equivalents file)")
     args = parser.parse_args()
     if args.list:
         for name, (module, tests, *only) in GROUPS.items():
@@ -202,10 +205,13 @@ def main() -> int:
     rows, gaps, stale = [], [], []
     for group in groups:
         module, tests = GROUPS[group][:2]
-        work = _prepare(group)
-        run = _mutmut(work, "run", "--max-children", str(args.jobs))
-        if run.returncode != 0:
-            raise SystemExit(f"mutation: mutmut run of {group} exited {run.returncode}")
+        if args.report:
+            work = WORK / group
+        else:
+            work = _prepare(group)
+            run = _mutmut(work, "run", "--max-children", str(args.jobs))
+            if run.returncode != 0:
+                raise SystemExit(f"mutation: mutmut run of {group} exited {run.returncode}")
         counts = {"mutants": 0, "killed": 0, "second pass": 0, "equivalent": 0, "survived": 0}
         if _second_pass(work, None, tests):
             raise SystemExit(f"mutation: {group}'s tests fail on the original code in {work}")
