@@ -298,6 +298,9 @@ def test_attach_negatives_appends_one_key_in_sample_zeros_slot():
     uniq, index, counts = s.draw_counted(np.arange(3), np.array([4, 2, 3]), 0)
     kjt = batch.features
     assert kjt.keys() == ["item", s.feature_name] and kjt.stride() == 3
+    # counted on the host with the batch (a step reading them from the lengths would sync)
+    assert kjt.length_per_key_or_none() == [9, uniq.size]
+    assert kjt.offset_per_key_or_none() == [0, 9, 9 + uniq.size]
     neg = kjt[s.feature_name]
     assert neg.values().dtype == torch.int64
     assert neg.values().tolist() == uniq.tolist()
