@@ -110,3 +110,21 @@ def test_tensor_parallel_is_refused(capsys) -> None:
                                 "--gin-param", 'NetworkArgs.sid_codes="x"',
                                 "--gin-param", "TensorModelParallelArgs.tensor_model_parallel_size=2")
     assert code == 2 and 'tensor_model_parallel_size: 2: NetworkArgs.architecture="hstu_sid"' in err
+
+
+def test_decoder_dropout_is_its_own_or_the_encoders():
+    """sid_decoder_dropout reaches every decoder layer; None takes hidden_dropout."""
+    from hstu.args import RetrievalArgs
+    from hstu.model.builder import ModelDataInfo, build_model
+    from tests.embeddings.common import build, optimizer, tables
+    from tests.model.test_models import _net
+
+    emb, _ = build(tables(), optimizer("rowwise_adagrad"), sharded=False)
+    data = ModelDataInfo(num_items=4, item_feature_name="a", max_item_seqlen=8, min_item_id=1,
+                         sid_codes=torch.tensor([[-1, -1], [0, 0], [0, 1], [1, 0]]),
+                         sid_num_codes=[2, 2])
+    for own, want in ((None, 0.2), (0.3, 0.3), (0.0, 0.0)):
+        net = _net(architecture="hstu_sid", sid_codes="x", hidden_dropout=0.2,
+                   sid_decoder_dropout=own, sid_decoder_layers=2)
+        model = build_model("retrieval", net, RetrievalArgs(), emb, data)
+        assert [layer.dropout for layer in model.dense.decoder.layers] == [want, want]
