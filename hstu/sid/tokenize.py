@@ -78,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(ns, name)}")
     if ns.ids and not ns.vectors:
         parser.error("--ids is for --vectors FILE.npy")
+    if ns.l2_normalize and ns.items:
+        parser.error("--l2-normalize is for --vectors or --ckpt (--items vectors are unit "
+                     "length already)")
     return ns
 
 
@@ -109,7 +112,7 @@ def run(ns: argparse.Namespace, log: Any = print) -> Any:
             raise DataError(ns.ckpt, "the checkpoint's item table holds no items")
         source = {"kind": "checkpoint", "path": str(ckpt_dir)}
         where, what = str(ckpt_dir), "the checkpoint's item table"
-    if ns.l2_normalize and not ns.items:
+    if ns.l2_normalize:
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         if not np.all(norms > 0):
             raise DataError(where, f"{int(np.sum(norms == 0))} item vectors are all zeros: "

@@ -313,3 +313,6 @@ def test_l2_normalize_codes_directions_not_lengths(tmp_path, capsys) -> None:
     err = one_line_error(capsys, ["--vectors", str(tmp_path / "z.npy"), "--codes", "3", "--l2-normalize",
                                   "--out", str(tmp_path / "o")])
     assert "1 item vectors are all zeros" in err and "--l2-normalize" in err
+    with pytest.raises(SystemExit):  # refused, not ignored: item-file vectors are unit length
+        parse_args(["--items", "u.item", "--l2-normalize", "--out", str(tmp_path / "o")])
+    assert "--l2-normalize is for --vectors or --ckpt" in capsys.readouterr().err
