@@ -521,9 +521,15 @@ def manifest_crc(folder: str) -> int:
 
 
 def needed(folder: str) -> list[str]:
-    """The sibling folders ``folder``'s manifest says it needs (paths, in their order)."""
+    """The sibling folders ``folder``'s manifest says it needs (paths, lowest step first: the
+    manifest's JSON keeps its keys sorted as text, where ``iter_100`` comes before ``iter_90``)."""
     manifest = manifest_of(folder) or {}
-    return [os.path.join(os.path.dirname(folder), n) for n in manifest.get("needs", {})]
+    names = list(manifest.get("needs", {}))
+    odd = [n for n in names if step_of(n) is None]
+    if odd:
+        raise CheckpointError(f"{os.path.join(folder, MANIFEST)}: needs {odd[0]!r}, not an "
+                              "iter_<step> folder")
+    return [os.path.join(os.path.dirname(folder), n) for n in sorted(names, key=step_of)]
 
 
 def chain_problem(folder: str, checksums: bool = True) -> str | None:
