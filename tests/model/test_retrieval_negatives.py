@@ -101,6 +101,8 @@ def test_transpose_index_is_the_stable_column_order():
     assert order[1].tolist() == [p // 7 for p in want]
     assert offsets.tolist() == [0] + np.cumsum(np.bincount(flat, minlength=45)).tolist()
     assert transpose_index(index, 2**15 + 1) == (None, None)  # wide keys: sorted in the step
+    wide, _ = transpose_index(index, 2**15)  # the widest that 16-bit keys still sort here
+    assert wide.tolist() == order.tolist()
     # a sampler told not to ship it (the trainer on GPUs) carries the index alone
     from hstu.data.negatives import NegativeSampler
 
@@ -118,6 +120,24 @@ def test_transpose_index_power_of_two_width_gives_the_same_queries():
     want = sorted(range(flat.size), key=lambda p: (flat[p], p))
     assert order[0].tolist() == want
     assert order[1].tolist() == [p // 8 for p in want]
+
+
+def test_transpose_index_of_one_negative_per_query():
+    # M = 1: each entry is its own query (no shift by one, no division by two)
+    index = np.array([[3], [0], [3], [1], [0]])
+    order, offsets = transpose_index(index, 4)
+    assert order.tolist() == [[1, 4, 3, 0, 2], [1, 4, 3, 0, 2]]
+    assert offsets.tolist() == [0, 2, 3, 3, 5]
+
+
+def test_the_full_corpus_is_never_drawn_into_a_batch():
+    from hstu.data.negatives import NegativeSampler
+
+    with pytest.raises(ValueError) as err:
+        NegativeSampler("full_corpus", 0, 1, 10, "item", 0)
+    assert str(err.value) == (
+        "NegativeSampler: the full corpus is never drawn into a batch (its loss reads each "
+        "rank's item table rows: hstu.ops.losses.vocab_parallel)")
 
 
 _M64 = (1 << 64) - 1
@@ -139,7 +159,7 @@ def test_uniform_draw_is_the_documented_hash():
     seed, epoch, m, lo, hi = 77, 3, 6, 1, 1001
     sampler = NegativeSampler("uniform", m, lo, hi, "item", seed)
     sample_ids = np.array([5, 0, 123456789, 42])
-    lengths = np.array([4, 0, 3, _BLOCK // m + 5])  # the last sample spans two blocks
+    lengths = np.array([4, 0, 3, 2 * (_BLOCK // m) + 5])  # the last sample spans three blocks
     uniq, index = sampler.draw(sample_ids, lengths, epoch)
     want = []
     base = _splitmix(((seed & 0xFFFFFFFF) * 1_000_003 + epoch) & _M64)
