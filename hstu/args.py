@@ -907,6 +907,12 @@ class RetrievalArgs:
     """NetworkArgs.architecture="hstu_sid": search again, with a wider beam, every query whose
     best pruned prefix scores above its k-th item, so that the top-k is exact (docs/semantic_ids.md
     "Decoding"); costs more decoding where beams miss."""
+    sid_new_item_spread: float = 0.0
+    """NetworkArgs.architecture="hstu_sid": in decoding, this share of each code prefix's
+    probability is spread evenly over the items below it at the last (collision) level, which the
+    decoder learns from training targets only: an item never trained on (a new item with content
+    codes, DatasetArgs.cold_items) can then be returned where its prefix is likely. 0: items as the
+    decoder scores them (docs/semantic_ids.md "New items")."""
     eval_memory_mb: int = 256
     """Evaluation scores every rank's queries against its slice of the catalogue in blocks of items
     sized so that a block's [queries x items] work stays within this many MiB (the ranks' results
@@ -918,6 +924,8 @@ class RetrievalArgs:
         _require(self.eval_num_users >= 0, self, "eval_num_users",
                  f"must be >= 0 (0: every user), got {self.eval_num_users}")
         _positive(self, "eval_memory_mb", "sid_beam_width")
+        _require(0.0 <= self.sid_new_item_spread <= 1.0, self, "sid_new_item_spread",
+                 f"must lie in [0, 1], got {self.sid_new_item_spread}")
         _require(
             self.num_negatives == -1 or self.num_negatives > 0,
             self,

@@ -278,6 +278,18 @@ def check_batch_tokens(trainer: Any, dataset: Any, task: str) -> None:
             )
 
 
+def check_sid_decoding(network: Any, retrieval: Any) -> None:
+    """The decoding options of semantic ids change nothing for another architecture: refused
+    there rather than ignored."""
+    if retrieval is None or network.architecture == "hstu_sid":
+        return
+    for field, unset in (("sid_new_item_spread", 0.0), ("sid_certify", False)):
+        if getattr(retrieval, field) != unset:
+            raise ConfigError("RetrievalArgs", field,
+                              f'is read by NetworkArgs.architecture="hstu_sid" only (architecture '
+                              f"is {network.architecture!r}); leave it unset")
+
+
 def check_architecture(network: Any, task: str) -> None:
     """The MLP baseline is a ranking model; SASRec a retrieval one, without the HSTU block's
     options it would otherwise ignore."""
@@ -572,6 +584,7 @@ __all__ = [
     "check_ranking_head",
     "check_selection",
     "check_sharding_overrides",
+    "check_sid_decoding",
     "check_sparse_optimizer",
     "check_table_features",
     "check_tables",

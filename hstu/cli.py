@@ -33,6 +33,13 @@ def parse_args(task: Task, argv: list[str] | None = None) -> argparse.Namespace:
         help="validate the configuration, print it and exit without training",
     )
     parser.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="score the checkpoint of TrainerArgs.ckpt_load_dir on the evaluation (and test) "
+        "split with this configuration's evaluation settings, then exit: nothing is trained "
+        "or saved (docs/training.md \"Evaluating a checkpoint\")",
+    )
+    parser.add_argument(
         "--world-size",
         type=int,
         default=None,
@@ -127,4 +134,4 @@ def main(task: Task, argv: list[str] | None = None) -> int:
         return 0
     from hstu.training.run import run  # heavy imports only after the config is valid
 
-    return run(cfg)
+    return run(cfg, evaluate_only=ns.evaluate)

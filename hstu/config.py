@@ -177,6 +177,7 @@ def load_config(
     try:
         checks.check_history_loss(ranking, dataset, network)
         checks.check_causal(network, ranking, retrieval)
+        checks.check_sid_decoding(network, retrieval)
         if isinstance(dataset, A.BenchmarkDatasetArgs):  # real data: resolve_sizes checks
             checks.check_peer_mask(
                 network, ranking, retrieval, len(dataset.contextual_feature_names)

@@ -166,6 +166,7 @@ def build_model(
             max_item_seqlen=data.max_item_seqlen,
             beam_width=task_args.sid_beam_width,
             certify=task_args.sid_certify,
+            spread=task_args.sid_new_item_spread,
             eval_exclude_history=task_args.eval_exclude_history,
         ))
     if task == "retrieval":

@@ -62,7 +62,7 @@ class SidRetrievalModel(DenseModel):
         item_embedding: add the item's id row to the sum of its code rows.
         decoder_layers, decoder_heads, dropout, eps: the code decoder's.
         min_item_id: first real item id. max_item_seqlen, tp_group: as for dense retrieval.
-        beam_width, certify: decoding (:func:`hstu.model.sid_decode.beam_search`).
+        beam_width, certify, spread: decoding (:func:`hstu.model.sid_decode.beam_search`).
         eval_exclude_history: never recommend an item of the query's history.
     """
 
@@ -84,6 +84,7 @@ class SidRetrievalModel(DenseModel):
         max_item_seqlen: int = 0,
         beam_width: int = 50,
         certify: bool = False,
+        spread: float = 0.0,
         eval_exclude_history: bool = True,
     ) -> None:
         super().__init__(token_builder, block, max_item_seqlen, None)
@@ -94,7 +95,7 @@ class SidRetrievalModel(DenseModel):
         self.num_items = codes.shape[0]
         self.min_item_id = min_item_id
         self.item_embedding = item_embedding
-        self.beam_width, self.certify = beam_width, certify
+        self.beam_width, self.certify, self.spread = beam_width, certify, spread
         self.eval_exclude_history = eval_exclude_history
         self.sid_feature = sid_feature_name(token_builder.item_feature_name)
         hidden = token_builder.hidden_size
@@ -171,7 +172,8 @@ class SidRetrievalModel(DenseModel):
         """Beam search for query states [U, D]: the top-``top_k`` item ids [U, k] (-1 where
         fewer were found) with their scores; ``excluded`` (query [E], item id [E])."""
         return self.catalogue().decode(self.decoder, queries, top_k,
-                                       beam_width or self.beam_width, self.certify, excluded)
+                                       beam_width or self.beam_width, self.certify, excluded,
+                                       self.spread)
 
     @torch.no_grad()
     def target_ranks(self, batch: Batch, embeddings: dict, top_k: int) -> torch.Tensor:

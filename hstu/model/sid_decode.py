@@ -12,10 +12,19 @@ the score of every item below it: beam search remembers, per query, the best sco
 with ``certify`` a query whose best pruned prefix beats its K-th item is searched again with a
 wider beam (doubling, at most every prefix of a level), so the returned top-K is the exact top-K
 of the decoder's item scores, whatever the beam (ties aside).
+
+``spread`` s in [0, 1] (0: the decoder's scores as they are) mixes the last level's
+distribution with an even one over each prefix's items: ``p(c_L) = (1 - s) p_model(c_L) + s /
+n(prefix)``. The last level separates items that share their other codes; the decoder learns it
+from training targets only, so an item never seen as a target (a new item whose codes come from
+its content) gets no probability there however likely its prefix. With the spread it gets at
+least ``s / n`` of its prefix's (docs/semantic_ids.md "New items"). Each term stays <= 0:
+certification holds.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -133,8 +142,18 @@ class BeamResult:
     beams: torch.Tensor
 
 
+def _spread(logp: torch.Tensor, allowed: torch.Tensor, spread: float) -> torch.Tensor:
+    """log((1 - s) p + s / n) per row [N, K] over the ``allowed`` codes [N, K] (n per row)."""
+    n = allowed.sum(1, keepdim=True).clamp(min=1).to(logp.dtype)
+    even = torch.log(spread / n).expand_as(logp)
+    if spread >= 1.0:
+        return even
+    return torch.logaddexp(logp + math.log1p(-spread), even)
+
+
 def _search(decoder: Decoder, trie: CodeTrie, queries: torch.Tensor, beam: int, top_k: int,
-            excluded: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            excluded: torch.Tensor | None, spread: float = 0.0
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One beam search of width ``beam`` for ``queries`` [U]: (items [U, k], scores [U, k],
     best pruned score [U] (-inf: nothing pruned))."""
     u = queries.numel()
@@ -146,7 +165,10 @@ def _search(decoder: Decoder, trie: CodeTrie, queries: torch.Tensor, beam: int, 
     for level in range(trie.levels):
         k = trie.num_codes[level]
         rows = scores.shape[1]
-        cand = logp.masked_fill(~trie.allowed(level, nodes), float("-inf"))
+        allowed = trie.allowed(level, nodes)
+        if spread > 0.0 and level == trie.levels - 1:
+            logp = _spread(logp, allowed, spread)
+        cand = logp.masked_fill(~allowed, float("-inf"))
         cand = (scores.reshape(-1, 1) + cand).reshape(u, rows * k)
         if level == trie.levels - 1 and excluded is not None:
             cand = _exclude(cand, nodes, trie, excluded)
@@ -202,6 +224,7 @@ def beam_search(
     *,
     certify: bool = False,
     excluded: tuple[torch.Tensor, torch.Tensor] | None = None,
+    spread: float = 0.0,
 ) -> BeamResult:
     """The top-``top_k`` items of each of ``num_queries`` queries by beam search of width
     ``beam`` over ``trie``; only valid items, never one of a query's ``excluded`` items
@@ -211,11 +234,16 @@ def beam_search(
     that prefix might belong in its top-k) is searched again with twice the beam, until none
     is or the beam holds every prefix of every level: the result is then the exact top-k of
     the decoder's item scores (ties in any order).
+
+    ``spread``: the share of each prefix's probability spread evenly over its items at the last
+    level (the module docstring); 0 scores items as the decoder does.
     """
     if beam < 1 or top_k < 1:
         raise ValueError(f"beam ({beam}) and top_k ({top_k}) must be at least 1")
+    if not 0.0 <= spread <= 1.0:
+        raise ValueError(f"spread must lie in [0, 1], got {spread}")
     queries = torch.arange(num_queries)
-    items, scores, pruned = _search(decoder, trie, queries, beam, top_k, excluded)
+    items, scores, pruned = _search(decoder, trie, queries, beam, top_k, excluded, spread)
     beams = torch.full((num_queries,), beam, dtype=torch.int64)
     widest = max(trie.num_nodes(level) for level in range(trie.levels))
     width = beam
@@ -232,7 +260,7 @@ def beam_search(
             remap[again] = torch.arange(again.numel())
             sub = (remap[excluded[0].cpu()[where]].to(excluded[0].device), excluded[1][where])
         got_items, got_scores, got_pruned = _search(decoder, trie, again.to(queries.device),
-                                                    width, top_k, sub)
+                                                    width, top_k, sub, spread)
         dev = items.device
         items[again.to(dev)], scores[again.to(dev)] = got_items, got_scores
         pruned[again.to(dev)] = got_pruned

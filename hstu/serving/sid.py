@@ -26,7 +26,7 @@ class InferenceSid(InferenceHSTU):
     and each item id's codes [I, L] (the trainer's ``SidRetrievalModel`` state dict).
 
     ``cfg["sid"]``: ``num_codes`` (K_l per level), ``decoder_layers``, ``decoder_heads``,
-    ``eps``, ``beam_width``, ``certify``, ``exclude_history``."""
+    ``eps``, ``beam_width``, ``certify``, ``spread``, ``exclude_history``."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__(cfg)
@@ -57,7 +57,8 @@ class InferenceSid(InferenceHSTU):
             excluded = history_pairs(histories)
         beam = max(int(beam_width or self.cfg["sid"]["beam_width"]), k)
         result = self.catalogue().decode(self.decoder, queries, k, beam,
-                                         bool(self.cfg["sid"].get("certify", False)), excluded)
+                                         bool(self.cfg["sid"].get("certify", False)), excluded,
+                                         float(self.cfg["sid"].get("spread", 0.0)))
         return result.items, result.scores
 
 
@@ -67,7 +68,8 @@ def sid_config(dense: torch.nn.Module) -> dict[str, Any]:
         "num_codes": list(dense.num_codes), "decoder_layers": len(dense.decoder.layers),
         "decoder_heads": dense.decoder.layers[0].heads if len(dense.decoder.layers) else 1,
         "eps": float(dense.decoder.norm.eps), "beam_width": int(dense.beam_width),
-        "certify": bool(dense.certify), "item_embedding": bool(dense.item_embedding),
+        "certify": bool(dense.certify), "spread": float(dense.spread),
+        "item_embedding": bool(dense.item_embedding),
         "exclude_history": bool(dense.eval_exclude_history),
     }
 

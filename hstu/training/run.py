@@ -53,7 +53,7 @@ def _lost_peer(exc: BaseException) -> bool:
     return isinstance(exc, (RuntimeError, dist.DistError)) and any(m in text for m in _PEER_LOST)
 
 
-def run(cfg: RunConfig) -> int:
+def run(cfg: RunConfig, evaluate_only: bool = False) -> int:
     from hstu.training.online import OnlineTrainer, online_enabled
     from hstu.training.trainer import Trainer
 
@@ -64,9 +64,18 @@ def run(cfg: RunConfig) -> int:
         run_dir = _shared_run_dir(cfg, env.rank)
         config_text = gin.operative_config_str()
         if online_enabled(cfg):  # a stream is bound: test then train, window by window
+            if evaluate_only:
+                raise ConfigError("StreamArgs", None, "--evaluate scores a checkpoint on a "
+                                  "dataset's splits; an online run tests each window as it "
+                                  "trains (docs/online.md)")
             trainer = OnlineTrainer(cfg, env, run_dir, config_text)
         else:
             trainer = Trainer(cfg, env, run_dir, config_text)
+        if evaluate_only:
+            metrics = trainer.evaluate_checkpoint()
+            if env.is_main:
+                print(f"[hstu] outputs in {run_dir}", flush=True)
+            return 0
         metrics = trainer.train()
         if trainer.interrupted:
             return 143  # 128 + SIGTERM: stopped early, state saved

@@ -196,6 +196,7 @@ class Trainer:
         if self.args.best_requires_loss_below_prior:
             self._set_prior_limit()
         resumed = self.checkpoint.resume()
+        self.resumed = resumed is not None
         if resumed is not None:
             self.step = resumed
             self.logger.truncate_after(resumed)  # the steps after the checkpoint run again
@@ -340,6 +341,34 @@ class Trainer:
         if self.interrupted:  # stop promptly: no post-training extras
             return last_eval
         return self._after_training(last_eval)
+
+    @torch.no_grad()
+    def evaluate_checkpoint(self) -> dict[str, float]:
+        """The entry points' ``--evaluate``: the loaded checkpoint's weights (their average,
+        where the run kept one) scored on the evaluation split and, where the data holds one
+        out, the test split, with this configuration's evaluation settings; nothing is trained
+        or saved. Returns the metrics, the test split's as ``test/<metric>``."""
+        if not self.resumed:
+            raise ConfigError(
+                "TrainerArgs", "ckpt_load_dir",
+                f"--evaluate needs a checkpoint to score, and {self.args.ckpt_load_dir!r} "
+                "holds none: point it at a run's checkpoint folder (e.g. RUN/best)")
+        splits = [("valid" if self.built.test_loader is not None else "eval", "",
+                   self.built.eval_loader)]
+        if self.built.test_loader is not None:
+            splits.append(("test", "test/", self.built.test_loader))
+        out: dict[str, float] = {}
+        self.model.eval()
+        with self.averaged():
+            for split, prefix, loader in splits:
+                started = time.perf_counter()
+                metrics = evaluate(self.model, loader, self.cfg, self.env, self.args.max_eval_iters)
+                seconds = time.perf_counter() - started
+                self.logger.log(self.step, "eval", {f"{prefix}{k}": v for k, v in metrics.items()})
+                self.logger.print(f"{split} of the checkpoint at step {self.step}: "
+                                  f"{_metrics_text(metrics)} ({seconds:.1f} s)")
+                out.update({f"{prefix}{k}": v for k, v in metrics.items()})
+        return out
 
     def _nothing_left(self) -> dict[str, float]:
         at, last = self.logger.last_eval(self.step)

@@ -94,6 +94,13 @@ def test_code_rows_put_each_level_after_the_rows_of_the_levels_before_it():
      "NetworkArgs.sid_decoder_dropout: must be None or in [0, 1), got 1.0"),
     ("retrieval", ["NetworkArgs.sid_decoder_dropout=0.1"],
      "NetworkArgs.sid_decoder_dropout: is read by architecture=\"hstu_sid\" only"),
+    ("retrieval", ["RetrievalArgs.sid_new_item_spread=0.2"],
+     "RetrievalArgs.sid_new_item_spread: is read by NetworkArgs.architecture=\"hstu_sid\" only"),
+    ("retrieval", ["RetrievalArgs.sid_certify=True"],
+     "RetrievalArgs.sid_certify: is read by NetworkArgs.architecture=\"hstu_sid\" only"),
+    ("retrieval", ['NetworkArgs.architecture="hstu_sid"', 'NetworkArgs.sid_codes="x"',
+                   "RetrievalArgs.sid_new_item_spread=1.5"],
+     "RetrievalArgs.sid_new_item_spread: must lie in [0, 1], got 1.5"),
 ])
 def test_check_config_refuses_in_one_line(capsys, task, params, why) -> None:
     args = [a for p in params for a in ("--gin-param", p)]

@@ -122,3 +122,69 @@ def test_history_items_are_never_returned_and_short_catalogues_pad():
     torch.testing.assert_close(got.scores[finite], want_scores[finite])
     # query 3 has 4 items left of 7: two slots are -1
     assert (got.items[3] == -1).sum() == 2
+
+
+def spread_scores(dec: ToyDecoder, codes: torch.Tensor, spread: float) -> torch.Tensor:
+    """[U, I]: the items' scores with the last level mixed with an even share over the items of
+    each prefix, by teacher forcing and counting (the enumeration)."""
+    u, i = dec.query.shape[0], codes.shape[0]
+    state = dec.query.unsqueeze(1).expand(u, i, -1)
+    total = torch.zeros(u, i, dtype=torch.float64)
+    last = codes.shape[1] - 1
+    siblings = torch.tensor([sum(tuple(o[:last]) == tuple(r[:last]) for o in codes.tolist())
+                             for r in codes.tolist()], dtype=torch.float64)
+    for level in range(codes.shape[1]):
+        logp = torch.log_softmax(torch.tanh(state) @ dec.out[level].t(), dim=2)
+        term = logp.gather(2, codes[:, level].expand(u, -1).unsqueeze(2)).squeeze(2)
+        if level == last:
+            term = torch.log((1 - spread) * term.exp() + spread / siblings)
+        total += term
+        state = state + dec.code[level][codes[:, level]]
+    return total
+
+
+@pytest.mark.parametrize("spread", [0.2, 0.7, 1.0])
+def test_the_spread_is_the_exact_top_k_of_the_mixed_scores(spread):
+    num_codes = [3, 4, 5]
+    codes = random_codes(30, num_codes, seed=7)
+    trie = CodeTrie(codes, num_codes)
+    dec = ToyDecoder(12, num_codes, seed=7)
+    want = spread_scores(dec, codes, spread)
+    assert not torch.allclose(want, dec.item_scores(codes))  # the spread changes the scores
+    got = beam_search(dec, trie, 12, 2, 6, certify=True, spread=spread)
+    want_scores, want_items = want.topk(6, dim=1)
+    torch.testing.assert_close(got.scores, want_scores)
+    if spread < 1.0:  # (at 1 the items of a prefix tie)
+        assert torch.equal(got.items, want_items)
+    plain = beam_search(dec, trie, 12, 2, 6, certify=True)
+    assert torch.equal(plain.items, dec.item_scores(codes).topk(6, dim=1)[1])
+    with pytest.raises(ValueError, match=r"spread must lie in \[0, 1\], got 1.5"):
+        beam_search(dec, trie, 12, 2, 6, spread=1.5)
+
+
+class FixedDecoder:
+    """The same log-probabilities for every row of a level (``logits[l]`` [K_l])."""
+
+    def __init__(self, logits: list[list[float]]):
+        self.logits = [torch.log_softmax(torch.tensor(lg, dtype=torch.float64), 0) for lg in logits]
+
+    def start(self, queries):
+        self.level = 0
+        return self.logits[0].expand(queries.numel(), -1)
+
+    def advance(self, parents, codes):
+        self.level += 1
+        return self.logits[self.level].expand(parents.numel(), -1)
+
+
+def test_a_new_item_under_a_likely_prefix_is_returned_with_the_spread():
+    """An item the decoder gives no probability at the last level (never a training target) is
+    found through its prefix once a share of the prefix is spread over its items."""
+    codes = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0], [1, 1, 0], [1, 1, 2]])
+    trie = CodeTrie(codes, [2, 2, 3])
+    dec = FixedDecoder([[3.0, 0.0], [3.0, 0.0], [0.0, -50.0, 0.0]])  # code 1 last: never learnt
+    new = 1  # item [0, 0, 1], under the likeliest prefix
+    before = beam_search(dec, trie, 1, 4, 3, certify=True)
+    assert new not in before.items[0].tolist() and before.items[0, 0] == 0
+    after = beam_search(dec, trie, 1, 4, 3, certify=True, spread=0.5)
+    assert after.items[0, :2].tolist() == [0, new]

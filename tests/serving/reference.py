@@ -1,7 +1,7 @@
 """The trainer's own evaluation of a checkpoint, for the export tests (run as a subprocess):
 
     python -m tests.serving.reference TASK DATA_DIR CKPT RUN_DIR OUT.pt [GIN_PARAM ...]
-    python -m tests.serving.reference sid DATA_DIR CKPT RUN_DIR OUT.pt CODES_DIR
+    python -m tests.serving.reference sid DATA_DIR CKPT RUN_DIR OUT.pt CODES_DIR [GIN_PARAM ...]
 
 
 Loads the checkpoint into a Trainer (one process) and writes, per evaluation sample in user
@@ -30,7 +30,7 @@ def main(task: str, data: str, ckpt: str, run_dir: str, out: str, *params: str) 
     sid = task == "sid"  # params: the codes folder
     config = "ml-100k_sid_retrieval.gin" if sid else f"debug_{task}.gin"
     if sid:
-        task, params = "retrieval", (f'NetworkArgs.sid_codes="{params[0]}"',)
+        task, params = "retrieval", (f'NetworkArgs.sid_codes="{params[0]}"', *params[1:])
     cfg = load_config(
         os.path.join(ROOT, "configs", config),
         [f'DatasetArgs.dataset_path="{data}"', f'TrainerArgs.ckpt_load_dir="{ckpt}"',

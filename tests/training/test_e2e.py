@@ -181,6 +181,34 @@ def test_resume_two_ranks_onto_one_plain_process(tmp, retrieval_none):
     assert max(got.values()) < losses(retrieval_none["metrics"])[1]
 
 
+def test_evaluate_scores_a_checkpoint_as_its_run_did_and_trains_nothing(tmp, retrieval_none):
+    """--evaluate (2 ranks, as the run: the preset evaluates max_eval_iters batches per rank):
+    the checkpoint of step 20 scores what the run's own evaluation at step 20 scored; no step
+    is trained, nothing is saved."""
+    ckpt = tmp / "ckpt_ref"
+    before = sorted(p.name for p in ckpt.iterdir())
+    proc = subprocess.run(
+        [*_job_cmd(tmp, tmp / "ret_eval_only", [
+            f'TrainerArgs.ckpt_load_dir="{ckpt / "iter_20"}"',
+            f'TrainerArgs.ckpt_save_dir="{tmp / "ckpt_eval_only"}"']), "--evaluate"],
+        cwd=ROOT, env=_env(), capture_output=True, check=False, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "eval of the checkpoint at step 20: " in out
+    rows = read_metrics(tmp / "ret_eval_only")
+    assert {r["split"] for r in rows} == {"eval"}  # no training step
+    assert evals(rows) == pytest.approx(evals(retrieval_none["metrics"]), rel=1e-5)
+    assert not (tmp / "ckpt_eval_only").exists()
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+    # without a checkpoint: one line naming the field
+    proc = subprocess.run(
+        [*_job_cmd(tmp, tmp / "ret_eval_none", [], nproc=None), "--evaluate"],
+        cwd=ROOT, env=_env(), capture_output=True, check=False, text=True, timeout=300)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+    assert "TrainerArgs.ckpt_load_dir: --evaluate needs a checkpoint to score" in errors[0]
+
+
 # About one epoch of the synthetic data (63 steps): long enough that what the model learnt shows
 # in the evaluation, as cheap as 10 steps (the run's time is its start-up).
 RANKING_PARAMS = ["TrainerArgs.max_train_iters=60", "TrainerArgs.eval_interval=60"]

@@ -114,17 +114,20 @@ def test_the_sid_artifact_recommends_the_trainers_top_k_in_raw_ids(ml100k, tmp_p
     run_dir, ckpt, art = tmp_path / "run", tmp_path / "ckpt", tmp_path / "art"
     _run(data, codes, run_dir, ["TrainerArgs.max_train_iters=80", "TrainerArgs.eval_interval=80",
                                 "TrainerArgs.ckpt_save_interval=80",
+                                "RetrievalArgs.sid_new_item_spread=0.3",
                                 f'TrainerArgs.ckpt_save_dir="{ckpt}"'])
     env = _env()
     for cmd in ([sys.executable, "-m", "hstu.export", "--ckpt", str(ckpt), "--out", str(art),
                  "--no-aoti"],
                 [sys.executable, "-m", "tests.serving.reference", "sid", str(data), str(ckpt),
-                 str(tmp_path / "ref_run"), str(tmp_path / "ref.pt"), str(codes)]):
+                 str(tmp_path / "ref_run"), str(tmp_path / "ref.pt"), str(codes),
+                 "RetrievalArgs.sid_new_item_spread=0.3"]):
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=600, check=False)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["model"]["sid"]["num_codes"][:2] == [64, 64]
+    assert manifest["model"]["sid"]["spread"] == 0.3  # decoded as the trainer decodes
     ref = torch.load(tmp_path / "ref.pt", weights_only=False)
     out = tmp_path / "top10.csv"
     proc = recommend("--model", str(art), "--input", str(data), "--out", str(out), "--top-k", "10",

@@ -277,6 +277,7 @@ SWITCHES: dict[str, list[str] | str] = {
     "RetrievalArgs.eval_memory_mb": _NO + "evaluation only",
     "RetrievalArgs.sid_beam_width": _NO + "evaluation only (decoding)",
     "RetrievalArgs.sid_certify": _NO + "evaluation only (decoding)",
+    "RetrievalArgs.sid_new_item_spread": _NO + "evaluation only (decoding)",
 }
 
 STEP_CLASSES = (
