@@ -117,12 +117,8 @@ def _prepare(group: str) -> Path:
         if not dst.exists() or dst.read_bytes() != src.read_bytes():
             shutil.copy2(src, dst)
     module, tests, *only = GROUPS[group]
-    skip = []
-    if only:  # every other top-level def and class: mutmut skips a statement its pattern names
-        tree = ast.parse((ROOT / module).read_text())
-        skip = [rf"^(async def|def|class) {n.name}\b" for n in tree.body
-                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-                and n.name not in only[0]]
+    if only:
+        (work / module).write_text(_only(module, only[0]))
     pyproject = (ROOT / "pyproject.toml").read_text()
     section = "\n".join(
         [
@@ -132,7 +128,6 @@ def _prepare(group: str) -> Path:
             f"only_mutate = {json.dumps([module])}",
             f"pytest_add_cli_args = {json.dumps(TIER)}",
             f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
-            f"do_not_mutate_patterns = {json.dumps(skip)}",
             'also_copy = ["configs", "scripts", "docs"]',
             # torch in the test process: rank processes and forks need a clean parent
             'process_isolation = "forkserver"',
@@ -141,6 +136,23 @@ def _prepare(group: str) -> Path:
     )
     (work / "pyproject.toml").write_text(pyproject + section)
     return work
+
+
+def _only(module: str, names: list[str]) -> str:
+    """``module``'s source with every top-level def and class not in ``names`` between
+    mutmut's ``# pragma: no mutate start`` and ``end`` lines (the copy mutmut mutates)."""
+    lines = (ROOT / module).read_text().splitlines()
+    tree = ast.parse("\n".join(lines))
+    defs = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    unknown = set(names) - {n.name for n in tree.body if isinstance(n, defs)}
+    if unknown:
+        raise SystemExit(f"mutation: {module} has no top-level {sorted(unknown)}")
+    for node in reversed(tree.body):
+        if isinstance(node, defs) and node.name not in names:
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            lines.insert(node.end_lineno, "# pragma: no mutate end")
+            lines.insert(first - 1, "# pragma: no mutate start")
+    return "\n".join(lines) + "\n"
 
 
 def _mutmut(work: Path, *args: str, capture: bool = False) -> subprocess.CompletedProcess:

@@ -106,7 +106,7 @@ def test_the_digesting_writer_refuses_a_short_write(tmp_path):
     real, writer._fh = writer._fh, Short()
     with pytest.raises(OSError, match=r"short write \(3 of 4 bytes\)") as err:
         writer.write(b"abcd")
-    assert err.value.errno == errno.EIO
+    assert err.value.errno == errno.EIO and err.value.filename == str(tmp_path / "s")
     writer._fh = real
     writer.close()
 
@@ -224,8 +224,11 @@ def test_newest_complete_and_resolve(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert ckpt.newest_complete(str(empty)) is None
-    with pytest.raises(ckpt.CheckpointError, match=r"TrainerArgs.ckpt_load_dir=.*empty'.*no complete"):
+    with pytest.raises(ckpt.CheckpointError) as err:
         ckpt.resolve_checkpoint_dir(str(empty))
+    assert str(err.value) == (
+        f"TrainerArgs.ckpt_load_dir={str(empty)!r}: no complete checkpoint there (no iter_<step> "
+        'folder with a manifest); use "auto" to start fresh when there is none')
 
 
 # ---------------------------------------------------------------------------------- chains
@@ -272,8 +275,10 @@ def test_the_saver_writes_a_chain_that_reads_back_in_order(tmp_path):
 
 def test_a_need_that_is_not_a_checkpoint_name_is_refused(tmp_path):
     folder = _folder(tmp_path, "iter_5", FILES, needs={"base": 1})
-    with pytest.raises(ckpt.CheckpointError, match=r"iter_5/manifest.json: needs 'base'"):
+    with pytest.raises(ckpt.CheckpointError) as err:
         ckpt.needed(folder)
+    assert str(err.value) == (
+        f"{folder}/manifest.json: needs 'base', not an iter_<step> folder")
 
 
 def test_chain_problems(tmp_path):
@@ -326,3 +331,8 @@ def test_pins_hold_a_folder_while_their_process_lives(tmp_path):
     assert ckpt.pinned_folders(str(tmp_path)) == []
     assert (tmp_path / f"iter_1{ckpt.PIN}abc").exists()
     assert sorted(os.listdir(tmp_path)) == ["iter_1.pin-abc", "iter_3"]
+    # a folder whose own name holds the marker: the pid is what follows the last one
+    odd = tmp_path / "odd.pin-x"
+    odd.mkdir()
+    with ckpt.pin(str(odd)):
+        assert ckpt.pinned_folders(str(tmp_path)) == [str(odd)]
