@@ -336,3 +336,41 @@ def test_pins_hold_a_folder_while_their_process_lives(tmp_path):
     odd.mkdir()
     with ckpt.pin(str(odd)):
         assert ckpt.pinned_folders(str(tmp_path)) == [str(odd)]
+
+
+# ------------------------------------------------------------------- verify over two ranks
+def _body_verify_shares(rank: int, world_size: int, folder: str, damaged: str) -> None:
+    import torch.distributed as dist
+
+    read: list[str] = []
+    real = ckpt._crc32
+
+    def spy(path, *a):
+        read.append(os.path.basename(path))
+        return real(path, *a)
+
+    ckpt._crc32 = spy
+    try:
+        ckpt.verify(folder)  # whole: each file read by one rank
+        everyone: list = [None] * world_size
+        dist.all_gather_object(everyone, read)
+        names = sorted(FILES)
+        assert everyone == [names[r::world_size] for r in range(world_size)], everyone
+        if rank == 0:  # same size, other bytes: only rank 1's checksum sees it
+            _rewrite(os.path.join(folder, damaged), bytes(b ^ 1 for b in FILES[damaged]))
+        dist.barrier()
+        # the problem is the same line on every rank, naming the file and no rank
+        with pytest.raises(ckpt.CheckpointError) as err:
+            ckpt.verify(folder)
+        assert str(err.value) == (
+            f"{os.path.join(folder, damaged)}: checksum differs from the manifest (damaged)")
+    finally:
+        ckpt._crc32 = real
+
+
+def test_verify_shares_the_files_among_the_ranks_and_names_no_rank(tmp_path):
+    from tests.dist_utils import run_multiprocess
+
+    folder = _folder(tmp_path, "iter_1", FILES)
+    damaged = sorted(FILES)[1]  # rank 1's file
+    run_multiprocess(_body_verify_shares, world_size=2, folder=folder, damaged=damaged)
