@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".mutation"
 EQUIVALENT = ROOT / "scripts" / "mutation_equivalent.txt"
 
-# group -> (the module mutated, the tests that guard it[, its top-level functions and classes
-# mutated, when not all of them])
+# group -> (the module mutated, the tests that guard it (files or pytest node ids)[, its
+# top-level functions and classes mutated, when not all of them])
 GROUPS: dict[str, tuple] = {
     "metrics": ("hstu/model/metrics.py", ["tests/model/test_metrics.py"]),
     "jagged": (
@@ -64,7 +64,12 @@ GROUPS: dict[str, tuple] = {
     ),
     "loss_sampled": (
         "hstu/ops/losses/sampled.py",
-        ["tests/model/test_sampled_fused.py", "tests/model/test_retrieval_negatives.py"],
+        ["tests/model/test_sampled_fused.py", "tests/model/test_retrieval_negatives.py",
+         *(f"tests/model/test_dynamic_retrieval.py::{t}" for t in (
+             "test_sampled_live_loss_is_logits_minus_log_q_with_the_positive_left_out",
+             "test_sampled_live_leaves_each_querys_history_out_of_its_negatives",
+             "test_targets_not_admitted_are_neither_targets_nor_negatives",
+             "test_the_model_leaves_targets_not_admitted_out_of_the_global_mean"))],
     ),
     "stream_maps": (
         "hstu/data/stream/core.py",
@@ -200,7 +205,7 @@ def _process_tests(tests: list[str]) -> list[str]:
     """The test files of ``tests`` that run code in other processes (rank processes, a
     subprocess), which mutmut's per-test tracing does not see: the second pass runs these."""
     marks = ("run_multiprocess", "subprocess")
-    return [t for t in tests if any(m in (ROOT / t).read_text() for m in marks)]
+    return [t for t in tests if any(m in (ROOT / t.split("::")[0]).read_text() for m in marks)]
 
 
 def _second_pass(work: Path, name: str | None, tests: list[str]) -> bool:

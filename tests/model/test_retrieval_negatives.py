@@ -62,6 +62,24 @@ def test_model_negative_vectors_match_per_id_lookup():
         torch.testing.assert_close(got, want)
 
 
+def test_negative_vectors_off_the_cpu_share_rows_only_when_smaller():
+    """On a device (meta tensors stand in: only shapes are read), rows are shared while the
+    [U, D] rows and their [Q, M] index weigh no more than the gathered [Q, M, D] vectors
+    (2 U <= M D), gathered otherwise; on the CPU always shared, with the transpose kept."""
+    q, m, d = 3, 4, 4
+    index = torch.zeros(q, m, dtype=torch.int64, device="meta")
+    for u, shared in ((8, True), (9, False), (1, True)):
+        rows = torch.empty(u, d, device="meta")
+        got = negative_vectors(rows, index)
+        assert isinstance(got, SharedRows) == shared, u
+        if not shared:
+            assert got.shape == (q, m, d) and got.device.type == "meta"
+    order, offsets = torch.zeros(2, q * m, dtype=torch.int64), torch.zeros(10, dtype=torch.int64)
+    got = negative_vectors(torch.zeros(9, d), torch.zeros(q, m, dtype=torch.int64), order, offsets)
+    assert isinstance(got, SharedRows) and got.order is order and got.offsets is offsets
+    assert got.rows.shape == (9, d) and got.index.shape == (q, m)
+
+
 def test_shared_row_scores_sparse_kernels_match_dense_gather():
     from hstu.ops.losses import shared_row_scores
 
