@@ -74,6 +74,7 @@ GROUPS: dict[str, tuple] = {
     "stream_maps": (
         "hstu/data/stream/core.py",
         [
+            "tests/data/test_id_maps.py",
             "tests/data/test_stream_source.py",
             "tests/data/test_hashed_ids.py",
             "tests/data/test_stream_writers.py",
