@@ -70,9 +70,9 @@ def run(cfg: RunConfig, evaluate_only: bool = False) -> int:
                                   "trains (docs/online.md)")
             trainer = OnlineTrainer(cfg, env, run_dir, config_text)
         else:
-            trainer = Trainer(cfg, env, run_dir, config_text)
+            trainer = Trainer(cfg, env, run_dir, config_text, evaluate_only=evaluate_only)
         if evaluate_only:
-            metrics = trainer.evaluate_checkpoint()
+            trainer.evaluate_checkpoint()
             if env.is_main:
                 print(f"[hstu] outputs in {run_dir}", flush=True)
             return 0

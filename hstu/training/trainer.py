@@ -168,7 +168,8 @@ class Trainer:
     ``losses`` every loss of this rank once trained; ``interrupted`` true after a stop by
     signal (its state saved)."""
 
-    def __init__(self, cfg: RunConfig, env: DistEnv, run_dir: str, config_text: str) -> None:
+    def __init__(self, cfg: RunConfig, env: DistEnv, run_dir: str, config_text: str,
+                 evaluate_only: bool = False) -> None:
         if cfg.trainer.ckpt_save_dir is None:  # (an online run set its own: inside the run)
             cfg.trainer = replace(cfg.trainer, ckpt_save_dir=DEFAULT_CKPT_DIR)
         self.cfg = cfg
@@ -199,7 +200,8 @@ class Trainer:
         self.resumed = resumed is not None
         if resumed is not None:
             self.step = resumed
-            self.logger.truncate_after(resumed)  # the steps after the checkpoint run again
+            if not evaluate_only:  # --evaluate: a run directory's rows are never cut
+                self.logger.truncate_after(resumed)  # the steps after the checkpoint run again
         self.validation = Validation(self)
         info = self.built.info
         world = f"world {env.world_size} (TP {env.tp_size} x DP {env.dp_size}) on {env.device}"

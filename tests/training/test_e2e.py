@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -200,6 +201,17 @@ def test_evaluate_scores_a_checkpoint_as_its_run_did_and_trains_nothing(tmp, ret
     assert evals(rows) == pytest.approx(evals(retrieval_none["metrics"]), rel=1e-5)
     assert not (tmp / "ckpt_eval_only").exists()
     assert sorted(p.name for p in ckpt.iterdir()) == before
+    # an earlier checkpoint scored into the run's own directory: the run's rows stay (a resume
+    # would cut those after its step)
+    copy = tmp / "ret_none_copy"
+    shutil.copytree(retrieval_none["dir"], copy)
+    rows_before = (copy / "metrics.csv").read_text()
+    proc = subprocess.run(
+        [*_job_cmd(tmp, copy, [f'TrainerArgs.ckpt_load_dir="{ckpt / "iter_10"}"']), "--evaluate"],
+        cwd=ROOT, env=_env(), capture_output=True, check=False, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    after = (copy / "metrics.csv").read_text()
+    assert after.startswith(rows_before) and len(after) > len(rows_before)
     # without a checkpoint: one line naming the field
     proc = subprocess.run(
         [*_job_cmd(tmp, tmp / "ret_eval_none", [], nproc=None), "--evaluate"],
