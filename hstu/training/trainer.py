@@ -194,8 +194,8 @@ class Trainer:
             cfg, env, self.model, self.optimizer, self.built.train_loader, run_dir,
             config_text, self.logger.print,
         )
-        if self.args.best_requires_loss_below_prior:
-            self._set_prior_limit()
+        if self.args.best_requires_loss_below_prior and not evaluate_only:
+            self._set_prior_limit()  # (a selection rule: --evaluate selects nothing)
         resumed = self.checkpoint.resume()
         self.resumed = resumed is not None
         if resumed is not None:
