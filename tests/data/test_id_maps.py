@@ -90,7 +90,8 @@ def test_a_map_of_integers_refuses_text_in_one_line():
 
 def test_empty_inputs_and_an_empty_map():
     m = IdMap("item")
-    assert m.lookup(np.asarray([1, 2])).tolist() == [0, 0]
+    got = m.lookup(np.asarray([1, 2]))
+    assert got.tolist() == [0, 0] and got.dtype == np.int64  # dense ids, even when unknown
     ids, new = m.map(np.zeros(0, dtype=np.int64))
     assert ids.dtype == np.int64 and ids.size == 0 and new == 0 and m.kind is None
     m.map(np.asarray([4]))
@@ -147,6 +148,11 @@ def test_numbered_files_whole_delta_and_refusals(tmp_path):
     assert len(fresh) == 0 and fresh.kind is None
     back.extend(tmp_path / "empty.npy")  # nothing added
     assert len(back) == 5
+    # an empty map extended by integer ids keeps them integers
+    grown = IdMap("x")
+    grown.extend(tmp_path / "whole.npy")
+    assert grown.kind == "int" and grown.state_dict()["keys"].dtype == np.int64
+    assert grown.raw(np.asarray([3])).dtype == np.int64
     # an empty map extended by text ids becomes a map of text
     fresh.map(np.asarray([], dtype=np.int64))
     text = IdMap("x")
@@ -159,8 +165,20 @@ def test_numbered_files_whole_delta_and_refusals(tmp_path):
     assert str(err.value).startswith(str(tmp_path / "text.npy"))
     assert "str item ids, the map before holds int" in str(err.value)
     np.save(tmp_path / "hashed.npy", np.asarray([["hashed", "int"]]))
-    with pytest.raises(DataError, match="holds ids keyed by hash, this run numbers its ids"):
+    with pytest.raises(DataError) as err:
         IdMap("x").load(tmp_path / "hashed.npy")
+    assert str(err.value) == (f"{tmp_path / 'hashed.npy'}: holds ids keyed by hash, this run "
+                              "numbers its ids (StreamArgs.ids): they cannot be mixed")
+
+
+def test_map_files_holding_pickles_are_never_unpickled(tmp_path):
+    """A map file is read as plain arrays: one that holds Python objects (a pickle, which runs
+    code when read) is refused, by every reader."""
+    path = tmp_path / "objects.npy"
+    np.save(path, np.asarray([{"id": 1}, "x"], dtype=object), allow_pickle=True)
+    for read in (IdMap("x").load, IdMap("x").extend, HashedIds("x").load):
+        with pytest.raises(ValueError, match="allow_pickle=False"):
+            read(path)
 
 
 def test_a_text_map_loads_as_text(tmp_path):
@@ -198,6 +216,9 @@ def test_hashed_keys_are_documented_and_remember_nothing_but_names():
     plain = HashedIds("item")  # names not kept
     k = plain.map(np.asarray(["apple"]))[0]
     assert plain.raw(k).tolist() == [""] and plain.state_dict()["keys"].size == 0
+    none = plain.raw(np.zeros(0, dtype=np.int64))  # no keys: still text
+    assert none.size == 0 and none.dtype.kind == "U"
+    assert plain.state_dict()["name"] == "item"
 
 
 def test_hashed_refusals_and_empty_inputs():
@@ -205,7 +226,8 @@ def test_hashed_refusals_and_empty_inputs():
     h.check(np.asarray([], dtype=np.int64), "w", "user_id")
     ids, new = h.map(np.zeros(0, dtype=np.int64))
     assert ids.size == 0 and ids.dtype == np.int64 and new == 0 and h.kind is None
-    assert h.lookup(np.zeros(0, dtype=np.int64)).size == 0
+    got = h.lookup(np.zeros(0, dtype=np.int64))
+    assert got.size == 0 and got.dtype == np.int64
     h.check(np.asarray([0, 2**62 - 1], dtype=np.int64), "w", "user_id")
     for bad in (-1, 2**62):
         with pytest.raises(DataError) as err:
@@ -218,6 +240,8 @@ def test_hashed_refusals_and_empty_inputs():
         h.check(np.asarray(["x" * 50]), "w.parquet", "user_id")
     assert str(err.value) == ("w.parquet: field user_id: user ids are text (e.g. '" + "x" * 40
                               + "') but the stream's user ids so far are integers")
+    got = h.lookup(np.asarray(["a", "b"]))  # text is never a key of integer ids
+    assert got.tolist() == [0, 0] and got.dtype == np.int64
     t = HashedIds("item")
     t.map(np.asarray(["a"]))
     t.check(np.asarray(["b"]), "w", "item_id")  # text into text
@@ -260,8 +284,10 @@ def test_hashed_names_prune_round_trip_and_files(tmp_path):
         with pytest.raises(DataError, match="holds a map of numbered ids, this run keys its ids"):
             HashedIds("user").load(path)
     np.save(tmp_path / "other.npy", np.asarray([["numbered", "int"]]))
-    with pytest.raises(DataError, match="holds a map of numbered ids"):
+    with pytest.raises(DataError) as err:
         HashedIds("user").load(tmp_path / "other.npy")
+    assert str(err.value) == (f"{tmp_path / 'other.npy'}: holds a map of numbered ids, this run "
+                              "keys its ids by hash (StreamArgs.ids): they cannot be mixed")
 
 
 # ------------------------------------------------------------------------------- windows
@@ -353,8 +379,9 @@ def test_chain_refusals(tmp_path):
     folders, _, _ = _chain(tmp_path)
     with pytest.raises(DataError) as err:  # a delta where the chain needs its full one
         core.load_id_maps(folders[2], IdMap("user"), IdMap("item"), folders[1:2])
-    assert str(folders[1] / core.STATE_FILE) in str(err.value)
-    assert "a delta checkpoint: it is restored with the chain its online.json names" in str(err.value)
+    assert str(err.value).startswith(str(folders[1] / core.STATE_FILE))
+    assert str(err.value).endswith(
+        ": a delta checkpoint: it is restored with the chain its online.json names")
     with pytest.raises(DataError) as err:  # a full one where the chain has a delta
         core.load_id_maps(folders[0], IdMap("user"), IdMap("item"), folders[:1])
     assert "a full checkpoint where the chain has a delta" in str(err.value)

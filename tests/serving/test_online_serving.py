@@ -163,6 +163,7 @@ def _figure(run_dir: Path, upto: int, windows: int, metric: str) -> float:
     return sum(g[metric] * g["eval_events"] for g in done) / sum(g["eval_events"] for g in done)
 
 
+@pytest.mark.slow  # two gated publishes (20 s)
 def test_gate_refuses_a_worse_candidate_naming_both_figures(trained, tmp_path):
     from hstu.serving.versions import current_version, list_versions
 
@@ -197,6 +198,7 @@ def test_gate_refuses_a_worse_candidate_naming_both_figures(trained, tmp_path):
     assert current_version(root) == f"v{newest.name[5:]}"
 
 
+@pytest.mark.slow  # three publishes (30 s)
 def test_rollback_serves_the_previous_version_atomically(trained, tmp_path):
     from hstu.serving.artifact import load_artifact
     from hstu.serving.versions import (

@@ -3,8 +3,8 @@ served version's rows"): a replayed stream trained up to window k, published wit
 ``python -m hstu.publish`` (a real export), then resumed: windows up to k have no served rows,
 the later ones do, and they equal an evaluation of the published checkpoint on that window
 in a fresh process (its weights loaded by the export's loader, not the loop's); they differ
-from the trained model's. The slow tier adds a SIGKILL and resume while the served version
-changes between the kill and the resume.
+from the trained model's; then a SIGKILL and resume while the served version changes between
+the kill and the resume. Both are in the slow tier (runs of the trainer and publishes).
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ destroy_distributed()
     return json.loads(proc.stdout.split("PROBE ", 1)[1].splitlines()[0])
 
 
+@pytest.mark.slow  # a stream run, a publish and a served probe (30 s)
 def test_served_rows_after_a_publish(data, tmp_path):
     run_dir = tmp_path / "run"
     first = run(data, run_dir, extra=[*SERVED, "TrainerArgs.max_train_iters=4"])

@@ -87,6 +87,7 @@ def stream_rows(run_dir: Path) -> list[dict[str, float]]:
     return windows
 
 
+@pytest.mark.slow  # five runs of the trainer (36 s)
 def test_runs_own_their_checkpoints_and_other_streams_are_refused(tmp_path):
     a, b = tmp_path / "stream_a", tmp_path / "stream_b"
     write_stream(a, seed=1)
@@ -198,7 +199,7 @@ def write_rated_stream(folder: Path, seed: int, first: int, partitions: int,
 
 
 @pytest.mark.parametrize(("nproc", "admit"), [
-    (1, 1), (1, 3), pytest.param(2, 1, marks=pytest.mark.slow),
+    (1, 1), pytest.param(1, 3, marks=pytest.mark.slow), pytest.param(2, 1, marks=pytest.mark.slow),
 ])
 def test_hashed_ids_expire_and_resume_exactly(tmp_path, nproc, admit):
     """StreamArgs.ids = "hashed" with a dynamic item table, time to live for rows and users and
@@ -330,6 +331,7 @@ def test_an_open_catalogue_with_admission_trains_and_counts_what_waits(tmp_path,
         assert "DynamicEmbeddingArgs.admit_min_count" in out, out[-3000:]
 
 
+@pytest.mark.slow  # a stream run, an export and a recommendation (27 s)
 def test_an_open_catalogue_model_serves_raw_ids(tmp_path):
     """Export of a hashed-ids retrieval checkpoint and hstu.recommend: raw item ids in, raw ids
     of the items the dynamic table holds out, exactly the top-K that the trained model scores

@@ -246,8 +246,7 @@ class IdMap:
     def truncate(self, size: int) -> None:
         """Forgets every id after the first ``size`` (the map as it was at that size)."""
         if size < len(self._keys):
-            self.load_state_dict({"name": self.name, "kind": self.kind if size else None,
-                                  "keys": self._keys[:size]})
+            self.load_state_dict({"kind": self.kind if size else None, "keys": self._keys[:size]})
 
     def save(self, path: str | Path, start: int = 0) -> None:
         """Writes the keys to ``path`` (.npy) atomically (a temporary file, then a rename);
@@ -264,7 +263,7 @@ class IdMap:
             raise DataError(str(path), "holds ids keyed by hash, this run numbers its ids "
                             "(StreamArgs.ids): they cannot be mixed")
         kind = None if not len(keys) else ("int" if keys.dtype.kind in "iu" else "str")
-        self.load_state_dict({"name": self.name, "kind": kind, "keys": keys})
+        self.load_state_dict({"kind": kind, "keys": keys})
 
     def extend(self, path: str | Path) -> None:
         """Appends the keys of ``path`` (written by :meth:`save` with ``start = len(self)``)."""
@@ -275,8 +274,7 @@ class IdMap:
         if self.kind is not None and kind != self.kind:
             raise DataError(str(path), f"{kind} {self.name} ids, the map before holds {self.kind}")
         old = self._keys if self.kind is not None else np.zeros(0, keys.dtype)
-        self.load_state_dict({"name": self.name, "kind": kind,
-                              "keys": np.concatenate([old, keys])})
+        self.load_state_dict({"kind": kind, "keys": np.concatenate([old, keys])})
 
 
 _TEXT_BASE = 1 << 62
@@ -365,8 +363,8 @@ class HashedIds:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.kind = state["kind"]
-        self._names = dict(zip(np.asarray(state.get("keys", [])).astype(np.int64).tolist(),
-                               np.asarray(state.get("names", [])).astype(str).tolist()))
+        self._names = dict(zip(np.asarray(state["keys"]).astype(np.int64).tolist(),
+                               np.asarray(state["names"]).astype(str).tolist()))
 
     def truncate(self, size: int) -> None:
         """Nothing to cut back (no id is numbered)."""
