@@ -60,11 +60,13 @@ GROUPS: dict[str, tuple] = {
     ),
     "loss_full_corpus": (
         "hstu/ops/losses/full_corpus.py",
-        ["tests/model/test_full_softmax.py", "tests/model/test_history_exclusion.py"],
+        ["tests/model/test_full_softmax.py", "tests/model/test_full_corpus_loss.py",
+         "tests/model/test_history_exclusion.py"],
     ),
     "loss_sampled": (
         "hstu/ops/losses/sampled.py",
-        ["tests/model/test_sampled_fused.py", "tests/model/test_retrieval_negatives.py",
+        ["tests/model/test_sampled_fused.py", "tests/model/test_sampled_loss.py",
+         "tests/model/test_retrieval_negatives.py",
          *(f"tests/model/test_dynamic_retrieval.py::{t}" for t in (
              "test_sampled_live_loss_is_logits_minus_log_q_with_the_positive_left_out",
              "test_sampled_live_leaves_each_querys_history_out_of_its_negatives",

@@ -70,19 +70,16 @@ class _SampledScores(torch.autograd.Function):
 
 def _sampled_products_(
     out: torch.Tensor, col: torch.Tensor, m: int, queries: torch.Tensor, rows: torch.Tensor,
-    crow: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out[q*M + j] = <queries[q], rows[col[q*M + j]]> for the n = len(queries) queries of
     ``col`` [n*M], written into ``out`` [n*M] (a sampled dense-dense matmul on the CSR pattern
-    of ``col``: no copy of its indices and values); ``crow`` may hold (at least) the pattern's
-    n + 1 row offsets, 0, M, 2M, ..."""
+    of ``col``, row offsets 0, M, 2M, ...: no copy of its indices and values)."""
     n = queries.shape[0]
-    if crow is None:
-        crow = torch.arange(0, (n + 1) * m, m, device=col.device)
+    crow = torch.arange(0, (n + 1) * m, m, device=col.device)
     # sampled_addmm reads its output even with beta=0 (NaN * 0 is NaN): zeroed first
     out.zero_()
     pattern = torch.sparse_csr_tensor(
-        crow[:n + 1], col, out, size=(n, rows.shape[0]), check_invariants=False
+        crow, col, out, size=(n, rows.shape[0]), check_invariants=False
     )
     torch.sparse.sampled_addmm(pattern, queries, rows.t(), beta=0.0, out=pattern)
     return out
