@@ -85,11 +85,13 @@ def test_a_map_of_integers_refuses_text_in_one_line():
         m.check(np.asarray(["u-" + "9" * 60]), "f.parquet", "user_id")
     assert str(err.value) == ("f.parquet: field user_id: user ids are text (e.g. 'u-" + "9" * 38
                               + "') but the stream's user ids so far are integers")
-    assert m.lookup(np.asarray(["5"])).tolist() == [0]  # text never matches an integer map
+    got = m.lookup(np.asarray(["5"]))
+    assert got.tolist() == [0] and got.dtype == np.int64  # text never matches an integer map
 
 
 def test_empty_inputs_and_an_empty_map():
     m = IdMap("item")
+    assert m.state_dict()["keys"].dtype == np.int64 and m.kind is None
     got = m.lookup(np.asarray([1, 2]))
     assert got.tolist() == [0, 0] and got.dtype == np.int64  # dense ids, even when unknown
     ids, new = m.map(np.zeros(0, dtype=np.int64))
@@ -336,7 +338,7 @@ def _chain(tmp_path, hashed: bool = False):
     folders, after, since = [], [], None
     for k, (u, i) in enumerate(((["a", "b"], [10, 11, 10]), (["c"], [12]), (["b", "d"], [13, 14]))):
         src.users.map(np.asarray(u))
-        src.items.map(np.asarray(i))
+        src.items.map(np.asarray([f"i{x}" for x in i] if hashed else i))
         folder = tmp_path / f"iter_{k}"
         names = core.save_stream(folder, StreamPosition("p", k), src, since)
         assert names[-1] == core.STATE_FILE
@@ -433,8 +435,34 @@ def test_hashed_ids_are_whole_in_every_checkpoint(tmp_path):
     folders, _, _src = _chain(tmp_path, hashed=True)
     assert (folders[1] / core.USER_IDS_FILE).exists()
     assert not (folders[1] / core.USER_IDS_DELTA).exists()
-    users, items = HashedIds("user", keep_names=True), HashedIds("item")
+    users, items = HashedIds("user", keep_names=True), HashedIds("item", keep_names=True)
     saved = core.load_id_maps(folders[2], users, items, folders[:2])
-    assert saved["num_users"] == 0 and users.kind == "str" and items.kind == "int"
-    keys = users.map(np.asarray(["a", "d"]))[0]
+    assert saved["num_users"] == 0 and users.kind == "str" and items.kind == "str"
+    # the names of the last checkpoint, of both maps ("d" and "i14" arrived in it)
+    keys = core._text_keys(np.asarray(["a", "d"]))
     assert users.raw(keys).tolist() == ["a", "d"]
+    keys = core._text_keys(np.asarray(["i10", "i14"]))
+    assert items.raw(keys).tolist() == ["i10", "i14"]
+
+
+def test_ids_as_readers_give_them_keep_their_values(tmp_path):
+    """64-bit integer ids stay exact (no float on the way: 2**60 and 2**60 + 1 are two ids),
+    text ids that a reader gives as Python objects are stored as text (a map file holds no
+    pickle), and a text map cut back to nothing takes integers as integers."""
+    m = IdMap("user")
+    big = np.asarray([2**60 + 1, 2**60, 2**60 + 1], dtype=np.int64)
+    assert m.map(big)[0].tolist() == [1, 2, 1]
+    assert m.lookup(np.asarray([2**60, 2**60 + 2])).tolist() == [2, 0]
+    assert m.raw(np.asarray([1, 2])).tolist() == [2**60 + 1, 2**60]
+    text = IdMap("item")
+    ids, new = text.map(np.asarray(["b", "a", "b"], dtype=object))
+    assert ids.tolist() == [1, 2, 1] and new == 2
+    assert text.state_dict()["keys"].dtype.kind == "U"
+    path = tmp_path / "text.npy"
+    text.save(path)
+    assert np.load(path).tolist() == ["b", "a"]
+    text.truncate(0)
+    np.save(path, np.asarray([7, 3], dtype=np.int64))
+    text.extend(path)
+    assert text.kind == "int" and text.state_dict()["keys"].dtype == np.int64
+    assert text.lookup(np.asarray([3])).tolist() == [2]

@@ -195,3 +195,48 @@ def test_expected_counts_of_a_mixed_draw():
     assert got.dtype == torch.float64 and got.tolist() == [4.0, 3.0, 2.0, 3.0]
     assert expected_counts(batch, 6, 1, ids).tolist() == [8.0, 7.0, 6.0, 7.0]  # one item
     assert expected_counts(batch, 6, 0, ids).tolist() == [2.0, 1.0, 0.0, 1.0]  # no uniform part
+
+
+# --------------------------------------------------------------- groups, kept, empty ranks
+def test_two_groups_of_negatives_with_targets_left_out():
+    """Shared negatives [M1, D] and per-query ones [Q, M2, D] (uniform and in-batch, as a mixed
+    draw gives them), M1 == M2 so that joining them along the wrong dimension would not fail
+    by shape alone; one query kept (the mean is its loss alone); negatives of id < 0 (targets
+    left out) -inf, of id 0 an item like any other."""
+    g = torch.Generator().manual_seed(4)
+    q = F.normalize(torch.randn(3, 5, generator=g, dtype=torch.float64), dim=1)
+    pos = F.normalize(torch.randn(3, 5, generator=g, dtype=torch.float64), dim=1)
+    shared = F.normalize(torch.randn(2, 5, generator=g, dtype=torch.float64), dim=1)
+    per_query = F.normalize(torch.randn(3, 2, 5, generator=g, dtype=torch.float64), dim=-1)
+    pos_ids = torch.tensor([4, 6, 8])
+    shared_ids = torch.tensor([0, 6])  # id 0; a hit for query 1
+    query_ids = torch.tensor([[-1, 9], [4, -1], [8, 3]])  # left out; a hit for query 2
+    kept = torch.tensor([False, True, False])
+    loss, pos_logits, neg_logits = sampled_softmax_loss(
+        q, pos, pos_ids, [shared, per_query], [shared_ids, query_ids], 0.5, kept=kept)
+    logits = torch.cat([q @ shared.t(), torch.einsum("qd,qmd->qm", q, per_query)], 1) / 0.5
+    ids = torch.cat([shared_ids.expand(3, -1), query_ids], 1)
+    logits = logits.masked_fill((ids == pos_ids[:, None]) | (ids < 0), float("-inf"))
+    assert neg_logits.shape == (3, 4)
+    torch.testing.assert_close(neg_logits, logits)
+    assert torch.isfinite(neg_logits[:, 0]).all()  # id 0 stays
+    full = torch.cat([((q * pos).sum(1) / 0.5)[:, None], logits], 1)
+    want = -torch.log_softmax(full, 1)[1, 0]
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(pos_logits, (q * pos).sum(1) / 0.5)
+
+
+@pytest.mark.parametrize("num_q", [0, 1])
+def test_the_sampled_loss_of_an_empty_rank_is_zero_and_of_one_query_its_loss(num_q):
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(num_q, 4, generator=g, requires_grad=True)
+    negs = torch.randn(3, 4, generator=g, requires_grad=True)
+    pos = torch.randn(num_q, 4, generator=g)
+    loss, _, _ = sampled_softmax_loss(q, pos, torch.arange(num_q) + 10, negs, torch.arange(3), 1.0)
+    loss.backward()
+    assert negs.grad is not None  # an empty rank's backward still reaches the negatives
+    if num_q == 0:
+        assert float(loss.detach()) == 0.0 and not negs.grad.any()
+    else:
+        want = torch.logsumexp(torch.cat([(q * pos).sum(1), (q @ negs.t())[0]]), 0) - (q * pos).sum()
+        torch.testing.assert_close(loss.detach(), want.detach())

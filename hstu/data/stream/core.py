@@ -161,10 +161,11 @@ class IdMap:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.kind: str | None = None
-        self._keys = np.zeros(0, dtype=np.int64)  # [K] raw id of dense id k + 1
-        self._sorted = np.zeros(0, dtype=np.int64)  # [K] keys sorted
-        self._sorted_ids = np.zeros(0, dtype=np.int64)  # [K] dense id of each sorted key
+        self.kind: str | None  # "int", "str" or None (an empty map)
+        self._keys: np.ndarray  # [K] raw id of dense id k + 1
+        self._sorted: np.ndarray  # [K] the keys sorted
+        self._sorted_ids: np.ndarray  # [K] dense id of each sorted key
+        self.load_state_dict({"kind": None, "keys": np.zeros(0, dtype=np.int64)})
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -241,7 +242,7 @@ class IdMap:
         self._keys = keys.copy()
         order = np.argsort(keys, kind="stable")
         self._sorted = keys[order]
-        self._sorted_ids = (order + 1).astype(np.int64)
+        self._sorted_ids = order + 1  # argsort's indices are int64 (intp) on 64-bit hosts
 
     def truncate(self, size: int) -> None:
         """Forgets every id after the first ``size`` (the map as it was at that size)."""
