@@ -32,7 +32,7 @@ def test_the_loss_is_the_mean_cross_entropy_over_the_corpus(q):
     pos_ids = torch.randint(0, 9, (q,), generator=g) + 3
     logits = queries.double() @ corpus.double().t() / 0.2
     want = F.cross_entropy(logits, pos_ids - 3, reduction="sum")
-    kw = dict(temperature=0.2, min_item_id=3, matmul_dtype=None)
+    kw = {"temperature": 0.2, "min_item_id": 3, "matmul_dtype": None}
     loss, (pos, neg) = full_corpus_loss(queries, pos_ids, corpus, training=True, **kw)
     torch.testing.assert_close(loss.double(), want / q, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(pos.double(), logits.gather(1, (pos_ids - 3)[:, None])[:, 0],
@@ -62,7 +62,7 @@ def test_no_queries_is_a_zero_loss_with_a_gradient():
 def test_the_bfloat16_matmul_reaches_the_fused_loss():
     queries, corpus, g = _inputs(7, 40, d=16)
     pos_ids = torch.randint(1, 41, (7,), generator=g)
-    kw = dict(temperature=0.05, min_item_id=1, training=True)
+    kw = {"temperature": 0.05, "min_item_id": 1, "training": True}
     got, _ = full_corpus_loss(queries, pos_ids, corpus, matmul_dtype=torch.bfloat16, **kw)
     fused, _ = full_softmax_loss(queries / 0.05, corpus, pos_ids - 1, torch.bfloat16)
     exact, _ = full_corpus_loss(queries, pos_ids, corpus, matmul_dtype=None, **kw)

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import hstu.ops.losses.sampled as sampled
 from hstu.data.negatives import transpose_index
+from hstu.ops.losses import sampled
 from hstu.ops.losses.sampled import (
     SharedRows,
     corrected_softmax_loss,
