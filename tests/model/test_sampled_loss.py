@@ -169,25 +169,6 @@ def test_the_corrected_loss_keeps_the_queries_dtype_and_its_scale():
     torch.testing.assert_close(loss.double(), per_query[kept].sum() * 0.25, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("num_q", [0, 1])
-def test_the_corrected_loss_of_an_empty_rank_is_zero_and_of_one_query_its_loss(num_q):
-    g = torch.Generator().manual_seed(2)
-    q = torch.randn(num_q, 4, generator=g, requires_grad=True)
-    negs = torch.randn(3, 4, generator=g, requires_grad=True)
-    pos = torch.randn(num_q, 4, generator=g)
-    pos_ids = torch.arange(num_q) + 10
-    lq = torch.zeros(3)
-    loss, _, _ = corrected_softmax_loss(q, pos, pos_ids, negs, torch.arange(3), torch.zeros(num_q),
-                                        lq, 1.0)
-    loss.backward()
-    assert negs.grad is not None  # an empty rank's backward still reaches the negatives
-    if num_q == 0:
-        assert float(loss.detach()) == 0.0 and not negs.grad.any()
-    else:
-        want = torch.logsumexp(torch.cat([(q * pos).sum(1), (q @ negs.t())[0]]), 0) - (q * pos).sum()
-        torch.testing.assert_close(loss.detach(), want.detach())
-
-
 def test_expected_counts_of_a_mixed_draw():
     batch = torch.tensor([4, 2, 4, 9])
     ids = torch.tensor([4, 2, 7, 9])
@@ -226,15 +207,24 @@ def test_two_groups_of_negatives_with_targets_left_out():
     torch.testing.assert_close(pos_logits, (q * pos).sum(1) / 0.5)
 
 
+@pytest.mark.parametrize("corrected", [False, True])
 @pytest.mark.parametrize("num_q", [0, 1])
-def test_the_sampled_loss_of_an_empty_rank_is_zero_and_of_one_query_its_loss(num_q):
+def test_an_empty_rank_is_a_zero_loss_and_one_query_its_loss(num_q, corrected):
+    """Both sampled losses (plain and logQ-corrected, log q = 0 here): no query is a zero loss
+    whose backward still reaches the negatives (every rank runs the same backward); one query
+    is that query's loss, not a shortcut's zero."""
     g = torch.Generator().manual_seed(6)
     q = torch.randn(num_q, 4, generator=g, requires_grad=True)
     negs = torch.randn(3, 4, generator=g, requires_grad=True)
     pos = torch.randn(num_q, 4, generator=g)
-    loss, _, _ = sampled_softmax_loss(q, pos, torch.arange(num_q) + 10, negs, torch.arange(3), 1.0)
+    pos_ids, neg_ids = torch.arange(num_q) + 10, torch.arange(3)
+    if corrected:
+        loss, _, _ = corrected_softmax_loss(q, pos, pos_ids, negs, neg_ids, torch.zeros(num_q),
+                                            torch.zeros(3), 1.0)
+    else:
+        loss, _, _ = sampled_softmax_loss(q, pos, pos_ids, negs, neg_ids, 1.0)
     loss.backward()
-    assert negs.grad is not None  # an empty rank's backward still reaches the negatives
+    assert negs.grad is not None
     if num_q == 0:
         assert float(loss.detach()) == 0.0 and not negs.grad.any()
     else:
