@@ -161,8 +161,9 @@ def test_edge_windows():
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_the_loss_builds_on_the_inputs_device(dtype):
-    """Every tensor the loss and its window make is on the inputs' device (meta tensors here:
-    a tensor made on the default device does not mix with them)."""
+    """The loss and its window run on the inputs' device (meta tensors here: most tensors made
+    on the default device do not mix with them; CPU index tensors do, so the arange and zeros
+    whose device the meta check cannot see are listed as equivalents)."""
     meta = torch.device("meta")
     q = torch.empty(5, 4, device=meta, requires_grad=True)
     c = torch.empty(7, 4, device=meta, requires_grad=True)
