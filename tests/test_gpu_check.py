@@ -186,3 +186,16 @@ def test_a_missing_block_dependency_is_one_skip_line() -> None:
         "the dense HSTU block needs hstu.ops.jagged, absent here; carry its wheel "
         "(docs/kernels.md, 'GPU check')"
     )
+
+
+def test_only_runs_the_checks_it_names_and_refuses_unknown_ones() -> None:
+    done = _run("--dry-run", "--only", "environment,kernels_vs_reference")
+    assert done.returncode == 0, done.stderr
+    listed = re.findall(r"^([a-z_]+)\s+\|.*\| planned$", done.stdout, re.MULTILINE)
+    assert listed == ["environment", "kernels_vs_reference"]
+    assert "dry run: 2 checks listed" in done.stdout
+    done = _run("--dry-run", "--only", "environment,kernel_speed")
+    assert done.returncode == 2
+    assert "--only: unknown check kernel_speed; the checks are environment, pytest_gpu" in (
+        done.stderr
+    )
