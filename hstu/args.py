@@ -94,6 +94,12 @@ class TrainerArgs:
     """Log loss, lr, tokens/s and TFLOP/s every this many training steps."""
     max_train_iters: int | None = None
     """Number of training steps; None trains one epoch."""
+    time_budget_minutes: float | None = None
+    """Wall-clock minutes the run may take from the trainer's start (building the model and
+    loaders, training, evaluations, the test split); None: no budget. At the first evaluation the run measures its own seconds a step and
+    an evaluation and lowers the step count (max_train_iters, or one epoch) to what fits, so that
+    the learning-rate schedule ends at the last step it can afford; one line says what it chose
+    and why. It never raises the step count; a resumed run keeps the count chosen before."""
     max_eval_iters: int | None = None
     """Evaluation batches per evaluation; None evaluates the whole split."""
     seed: int = 1234
@@ -158,7 +164,7 @@ class TrainerArgs:
                 "max_train_iters",
                 f"must be >= 1 (or None for one epoch), got {self.max_train_iters}",
             )
-        _positive(self, "max_eval_iters")
+        _positive(self, "max_eval_iters", "time_budget_minutes")
         _non_negative(self, "profile_step_start")
         _require(
             0.0 <= self.ema_decay < 1.0, self, "ema_decay",

@@ -66,6 +66,8 @@ CASES = [
      [], "RetrievalArgs.negative_sampling", "item table 'item' is static"),
     ("mlp-baseline-retrieval", ['NetworkArgs.architecture = "mlp_baseline"'], [],
      "NetworkArgs.architecture", "ranking baseline"),
+    ("time-budget-not-positive", ["TrainerArgs.time_budget_minutes = 0"], [],
+     "TrainerArgs.time_budget_minutes", "must be > 0"),
     ("best-metric-not-evaluated", ['TrainerArgs.best_metric = "AUC"'], [],
      "TrainerArgs.best_metric", "not among the evaluated metrics"),
     ("batch-past-int32-offsets", ["TrainerArgs.train_batch_size = 99999999999"], [],

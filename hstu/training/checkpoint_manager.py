@@ -374,6 +374,8 @@ class CheckpointManager:
         self.loaded: str | None = None
         """The checkpoint folder the run resumed from (None: a fresh start)."""
         self.extra_files: Callable[[str], list[str]] | None = None
+        self.budget_steps: int | None = None
+        """The step count TrainerArgs.time_budget_minutes chose (saved, kept on resume)."""
         """Further files of every save (:attr:`CheckpointState.extra`; online training)."""
         self.needs: dict[str, int] | None = None
         """The checkpoints the next save needs (:attr:`CheckpointState.needs`; online
@@ -433,6 +435,7 @@ class CheckpointManager:
         meta = state.meta
         step = int(meta["step"])
         self.best.load_state_dict(meta.get("best"))
+        self.budget_steps = meta.get("budget_steps")
         if meta.get("best_dir") and self.best.step >= 0:
             self.best_saves.root = meta["best_dir"]
         self.periodic.mark_saved(step, path)
@@ -474,6 +477,7 @@ class CheckpointManager:
             "network": dataclasses.asdict(self.cfg.network),
             "run_dir": os.path.abspath(self.run_dir),
             "ema": self.ema is not None,
+            "budget_steps": self.budget_steps,
         }
         sharded = self.tables.state_dict()
         if self.table_rows is not None:

@@ -210,6 +210,12 @@ class OptimizerContainer(torch.optim.Optimizer):
                 # FBGEMM's fused optimizers take a new LR when stepped or zeroed
                 opt.step()
 
+    def set_total_steps(self, total_steps: int) -> None:
+        """The schedule's length from now on (TrainerArgs.time_budget_minutes); the next step
+        takes its learning rate from it."""
+        self.total_steps = total_steps
+        self._set_lr(lr_at(self.num_steps, self.args, total_steps))
+
     def set_lr_scale(self, scale: float) -> None:
         """Every learning rate (dense and tables) times ``scale`` from the next step on."""
         if scale == self.lr_scale:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from hstu.config import RunConfig
+from hstu.training.budget import affordable_steps, agree_min, budget_line
 from hstu.training.builder import Built, build_all
 from hstu.training.checkpoint_manager import CheckpointManager
 from hstu.training.distributed import DistEnv
@@ -50,6 +51,7 @@ class Validation:
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         self.args = trainer.args
+        self.seconds = 0.0
 
     def due(self, step: int) -> bool:
         return step % self.args.eval_interval == 0 or step == self.trainer.max_steps
@@ -66,6 +68,7 @@ class Validation:
             started = time.perf_counter()
             metrics = evaluate(t.model, t.built.eval_loader, t.cfg, t.env, args.max_eval_iters)
             seconds = time.perf_counter() - started
+            self.seconds = seconds  # the last evaluation's (TrainerArgs.time_budget_minutes)
             # in-flight batches already had their input distribution: re-attach without
             # starting it again (a second one would desynchronise the all-to-alls)
             pipeline.attach(t.model, sparse_dist=False)
@@ -170,6 +173,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, env: DistEnv, run_dir: str, config_text: str,
                  evaluate_only: bool = False) -> None:
+        self.started = time.monotonic()  # TrainerArgs.time_budget_minutes counts from here
         if cfg.trainer.ckpt_save_dir is None:  # (an online run set its own: inside the run)
             cfg.trainer = replace(cfg.trainer, ckpt_save_dir=DEFAULT_CKPT_DIR)
         self.cfg = cfg
@@ -203,6 +207,12 @@ class Trainer:
             if not evaluate_only:  # --evaluate: a run directory's rows are never cut
                 self.logger.truncate_after(resumed)  # the steps after the checkpoint run again
         self.validation = Validation(self)
+        self.budget_pending = self.args.time_budget_minutes is not None and not evaluate_only
+        if self.budget_pending and self.checkpoint.budget_steps is not None:
+            kept = min(self.max_steps, int(self.checkpoint.budget_steps))
+            self.logger.print(f"[hstu] time budget: the resumed run keeps its chosen step count, "
+                              f"training to step {kept}")
+            self._set_max_steps(kept)
         info = self.built.info
         world = f"world {env.world_size} (TP {env.tp_size} x DP {env.dp_size}) on {env.device}"
         if "StreamArgs" in cfg.extras and info.dataset_name == "stream":  # online, no dataset
@@ -215,6 +225,29 @@ class Trainer:
                 f"{self.steps_per_epoch} steps/epoch, training to step {self.max_steps}"
             )
         self.peak, self.peak_source = peak_flops(env.device, cfg.network.dtype_str)
+
+    def _set_max_steps(self, steps: int) -> None:
+        self.max_steps = steps
+        self.optimizer.set_total_steps(steps)
+        self.checkpoint.budget_steps = steps
+        self.budget_pending = False
+
+    def _fit_budget(self, step_s: float, eval_s: float) -> None:
+        """TrainerArgs.time_budget_minutes, at the first evaluation: the step count that fits."""
+        minutes = self.args.time_budget_minutes
+        assert minutes is not None
+        elapsed = time.monotonic() - self.started
+        configured = self.max_steps
+        fits = affordable_steps(
+            budget_s=60.0 * minutes, elapsed_s=elapsed, step=self.step, step_s=step_s,
+            eval_s=eval_s, eval_interval=self.args.eval_interval, max_steps=configured,
+        )
+        chosen = agree_min(fits)
+        self.logger.print(budget_line(
+            minutes=minutes, elapsed_s=elapsed, step=self.step, step_s=step_s, eval_s=eval_s,
+            chosen=chosen, configured=configured,
+        ))
+        self._set_max_steps(chosen)
 
     def averaged(self) -> contextlib.AbstractContextManager[None]:
         """The weight average in the model for the duration (TrainerArgs.ema_decay), or
@@ -296,6 +329,7 @@ class Trainer:
         self.losses = window.losses
         last_eval: dict[str, float] = {}
         eta = Eta(self.step)
+        loop_started, loop_step = time.monotonic(), self.step  # the budget's step timing
         with Preemption() as preemption, contextlib.closing(feed):
             while self.step < self.max_steps:
                 loss = self.train_step(batches)
@@ -316,9 +350,12 @@ class Trainer:
                     say(train_line(self.step, self.max_steps, metrics,
                                    eta.seconds(self.step, self.max_steps)))
                 if self.validation.due(self.step):
+                    step_s = (time.monotonic() - loop_started) / (self.step - loop_step)
                     last_eval, stop = self.validation.run(self.step, self.pipeline, window, say)
                     if stop:
                         break
+                    if self.budget_pending:
+                        self._fit_budget(step_s, self.validation.seconds)
                 if saving:
                     self.checkpoint.save(self.step)
                     window.restart_clock()

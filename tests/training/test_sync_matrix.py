@@ -147,6 +147,7 @@ SWITCHES: dict[str, list[str] | str] = {
     "TrainerArgs.eval_interval": _NO + "when evaluation runs, between steps",
     "TrainerArgs.log_interval": _NO + "log boundaries are between steps (their host reads are there)",
     "TrainerArgs.max_train_iters": _NO + "the number of steps",
+    "TrainerArgs.time_budget_minutes": _NO + "the number of steps (decided once, on the host)",
     "TrainerArgs.max_eval_iters": _NO + "evaluation only",
     "TrainerArgs.seed": _ALL,
     "TrainerArgs.dropout_per_rank": ["dp2"],

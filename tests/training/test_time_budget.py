@@ -1,0 +1,116 @@
+"""TrainerArgs.time_budget_minutes: the step count that fits, and a run that keeps to it."""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from hstu.training.budget import SAFETY, affordable_steps, evaluations_between
+from tests.training.test_e2e import losses, read_metrics, run_job
+
+
+def _evaluations_counted(step: int, end: int, interval: int) -> int:
+    return sum(1 for s in range(step + 1, end + 1) if s % interval == 0 or s == end)
+
+
+def test_evaluations_between_counts_each_due_evaluation() -> None:
+    for step in range(25):
+        for end in range(40):
+            for interval in (1, 3, 5, 10, 50):
+                assert evaluations_between(step, end, interval) == _evaluations_counted(
+                    step, end, interval
+                ), (step, end, interval)
+
+
+def _brute_force(budget_s, elapsed_s, step, step_s, eval_s, interval, max_steps) -> int:
+    left = SAFETY * budget_s - elapsed_s - eval_s
+    fits = [
+        n for n in range(step, max_steps + 1)
+        if (n - step) * step_s + _evaluations_counted(step, n, interval) * eval_s <= left
+    ]
+    return max(fits) if fits else step
+
+
+def test_affordable_steps_is_the_largest_count_that_fits() -> None:
+    rng = random.Random(0)
+    cut = 0
+    for _ in range(400):
+        args = {
+            "budget_s": rng.uniform(1, 200), "elapsed_s": rng.uniform(0, 60),
+            "step": rng.randrange(0, 50), "step_s": rng.uniform(0.01, 2.0),
+            "eval_s": rng.uniform(0, 10), "eval_interval": rng.randrange(1, 30),
+        }
+        args["max_steps"] = args["step"] + rng.randrange(0, 400)
+        want = _brute_force(*args.values())
+        got = affordable_steps(**args)
+        assert got == want, args
+        cut += args["step"] < got < args["max_steps"]
+    assert cut > 50  # the cases exercised the search, not only its two ends
+
+
+def test_affordable_steps_edges() -> None:
+    common = {"step": 10, "step_s": 1.0, "eval_s": 2.0, "eval_interval": 5, "max_steps": 100}
+    # time already spent: not one more step
+    assert affordable_steps(budget_s=60, elapsed_s=100, **common) == 10
+    # room for everything: the configured count, never more
+    assert affordable_steps(budget_s=10_000, elapsed_s=0, **common) == 100
+    # 0.95 * 100 - 20 - 2 (test) = 73 s: 55 steps + 11 evaluations = 77 > 73, 52 steps + 11 = 74 > 73
+    # 51 steps (to 61) and 11 evaluations (15..60 and 61) = 73 fits
+    assert affordable_steps(budget_s=100, elapsed_s=20, **common) == 61
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("budget")
+
+
+@pytest.mark.slow
+def test_a_run_fits_its_budget_and_a_resume_keeps_the_choice(tmp) -> None:
+    configured = 100_000
+    params = [
+        'TrainerArgs.pipeline_type="none"', f"TrainerArgs.max_train_iters={configured}",
+        "TrainerArgs.eval_interval=4", "TrainerArgs.time_budget_minutes=0.25",
+        'OptimizerArgs.lr_decay_style="linear"', "OptimizerArgs.min_learning_rate=0.0",
+        "OptimizerArgs.lr_warmup_iters=0", "TrainerArgs.ckpt_save_interval=100000",
+        f'TrainerArgs.ckpt_save_dir="{tmp / "ckpt"}"',
+    ]
+    run = run_job(tmp, "budget", params=params, timeout=240)
+    line = re.search(
+        r"\[hstu\] time budget 0.25 min: (\d+) s spent by step 4, ([\d.]+) s a step, "
+        r"([\d.]+) s an evaluation: 100000 steps would not fit; training to step (\d+)",
+        run["out"],
+    )
+    assert line, run["out"][-3000:]
+    chosen = int(line.group(4))
+    assert 4 < chosen < configured
+    loss = losses(run["metrics"])
+    assert max(loss) == chosen and len(loss) == chosen  # every step up to the chosen one
+    # the schedule ends at the chosen step: linear decay from 1e-3 to 0 over `chosen` steps
+    lr = {int(r["step"]): float(r["value"]) for r in run["metrics"]
+          if r["split"] == "train" and r["name"] == "lr"}
+    assert lr[chosen] == pytest.approx(0.0, abs=1e-12)
+    middle = chosen // 2
+    assert lr[middle] == pytest.approx(1e-3 * (1 - middle / chosen), rel=1e-6)
+    # a resumed run keeps the choice: nothing left to train
+    again = run_job(tmp, "budget", params=[*params, 'TrainerArgs.ckpt_load_dir="auto"'],
+                    timeout=240)
+    assert f"keeps its chosen step count, training to step {chosen}" in again["out"]
+    assert max(losses(read_metrics(tmp / "budget"))) == chosen
+
+
+def test_online_training_refuses_a_time_budget(clean_gin) -> None:
+    from hstu.config import load_config
+    from hstu.training.online import OnlineTrainer
+    from hstu.validation import ConfigError
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(str(root / "configs" / "ml-100k_stream_retrieval.gin"),
+                      ["TrainerArgs.time_budget_minutes=5"], task="retrieval", world_size=1)
+    with pytest.raises(ConfigError) as err:
+        OnlineTrainer._check(cfg, SimpleNamespace(tp_size=1))
+    line = str(err.value).splitlines()[0]
+    assert line.startswith("TrainerArgs.time_budget_minutes") and "stream" in line
