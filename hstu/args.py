@@ -96,10 +96,11 @@ class TrainerArgs:
     """Number of training steps; None trains one epoch."""
     time_budget_minutes: float | None = None
     """Wall-clock minutes the run may take from the trainer's start (building the model and
-    loaders, training, evaluations, the test split); None: no budget. At the first evaluation the run measures its own seconds a step and
-    an evaluation and lowers the step count (max_train_iters, or one epoch) to what fits, so that
-    the learning-rate schedule ends at the last step it can afford; one line says what it chose
-    and why. It never raises the step count; a resumed run keeps the count chosen before."""
+    loaders, training, evaluations, the test split); None: no budget. At the first evaluation
+    the run measures its own seconds a step and an evaluation and lowers the step count
+    (max_train_iters, or one epoch) to what fits, so that the learning-rate schedule ends at
+    the last step it can afford; one line says what it chose and why. It never raises the step
+    count; a resumed run keeps the count chosen before."""
     max_eval_iters: int | None = None
     """Evaluation batches per evaluation; None evaluates the whole split."""
     seed: int = 1234
