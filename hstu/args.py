@@ -93,7 +93,16 @@ class TrainerArgs:
     log_interval: int = 100
     """Log loss, lr, tokens/s and TFLOP/s every this many training steps."""
     max_train_iters: int | None = None
-    """Number of training steps; None trains one epoch."""
+    """Number of training steps; None trains one epoch (or max_train_epochs)."""
+    max_train_epochs: float | None = None
+    """Training length in epochs of the training split (e.g. 200, or 2.5), turned into steps
+    once the data is loaded (ceil(epochs x steps an epoch), the run's first lines say how
+    many); the learning-rate schedule ends there. With early_stopping_patience the run may end
+    sooner. Cannot be set with max_train_iters."""
+    eval_interval_epochs: float | None = None
+    """Evaluate every this fraction (or multiple) of an epoch, e.g. 0.5, instead of every
+    eval_interval steps (rounded to whole steps, at least 1): evaluations follow the data's
+    size, not a step count tuned on another data set."""
     time_budget_minutes: float | None = None
     """Wall-clock minutes the run may take from the trainer's start (building the model and
     loaders, training, evaluations, the test split); None: no budget. At the first evaluation
@@ -165,7 +174,15 @@ class TrainerArgs:
                 "max_train_iters",
                 f"must be >= 1 (or None for one epoch), got {self.max_train_iters}",
             )
-        _positive(self, "max_eval_iters", "time_budget_minutes")
+        _positive(self, "max_eval_iters", "time_budget_minutes", "max_train_epochs",
+                  "eval_interval_epochs")
+        _require(
+            self.max_train_epochs is None or self.max_train_iters is None,
+            self,
+            "max_train_epochs",
+            f"cannot be set with max_train_iters ({self.max_train_iters}): one length, in "
+            "epochs or in steps",
+        )
         _non_negative(self, "profile_step_start")
         _require(
             0.0 <= self.ema_decay < 1.0, self, "ema_decay",

@@ -68,6 +68,8 @@ CASES = [
      "NetworkArgs.architecture", "ranking baseline"),
     ("time-budget-not-positive", ["TrainerArgs.time_budget_minutes = 0"], [],
      "TrainerArgs.time_budget_minutes", "must be > 0"),
+    ("two-run-lengths", ["TrainerArgs.max_train_iters = 10", "TrainerArgs.max_train_epochs = 2"],
+     [], "TrainerArgs.max_train_epochs", "one length"),
     ("best-metric-not-evaluated", ['TrainerArgs.best_metric = "AUC"'], [],
      "TrainerArgs.best_metric", "not among the evaluated metrics"),
     ("batch-past-int32-offsets", ["TrainerArgs.train_batch_size = 99999999999"], [],

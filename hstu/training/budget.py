@@ -9,6 +9,9 @@ left is the new step count, never above the configured one.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -16,6 +19,37 @@ from hstu.training.distributed import rank_and_world
 
 SAFETY = 0.95
 """Share of the time left that the plan may fill (checkpoint saves, timing noise)."""
+
+
+def run_length(args: Any, steps_per_epoch: int) -> tuple[int, int]:
+    """(the step count, the evaluation interval in steps) of TrainerArgs ``args`` on a training
+    split of ``steps_per_epoch`` steps: max_train_iters, or max_train_epochs epochs rounded up
+    to a whole step, or one epoch; eval_interval_epochs of an epoch rounded to the nearest step
+    (at least 1), or eval_interval."""
+    if args.max_train_iters is not None:
+        total = int(args.max_train_iters)
+    elif args.max_train_epochs is not None:
+        # (the 1e-9: 0.1 x 30 is 3.0000000000000004 in floats, three steps, not four)
+        total = max(1, math.ceil(args.max_train_epochs * steps_per_epoch - 1e-9))
+    else:
+        total = steps_per_epoch
+    interval = int(args.eval_interval)
+    if args.eval_interval_epochs is not None:
+        interval = max(1, round(args.eval_interval_epochs * steps_per_epoch))
+    return total, interval
+
+
+def length_line(args: Any, steps_per_epoch: int, total: int, interval: int) -> str | None:
+    """The line that says what max_train_epochs / eval_interval_epochs came to in steps; None
+    when neither is set."""
+    parts = []
+    if args.max_train_epochs is not None:
+        parts.append(f"{args.max_train_epochs:g} epochs = {total} steps")
+    if args.eval_interval_epochs is not None:
+        parts.append(f"an evaluation every {args.eval_interval_epochs:g} epoch = {interval} steps")
+    if not parts:
+        return None
+    return f"[hstu] run length: {'; '.join(parts)} ({steps_per_epoch} steps an epoch)"
 
 
 def evaluations_between(step: int, end: int, eval_interval: int) -> int:

@@ -43,6 +43,7 @@ from hstu.model import ModelDataInfo, build_model
 from hstu.model.model import GenerativeRecommender
 from hstu.ops.losses import resolve_matmul_dtype
 from hstu.registry import NEGATIVE_SAMPLING
+from hstu.training.budget import run_length
 from hstu.training.ddp import wrap_dense
 from hstu.training.distributed import DistEnv, seed_training_rng
 from hstu.training.optimizer import OptimizerContainer, TableStepGuard, unscale_sparse_gradients
@@ -346,7 +347,7 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         weight_average=t.ema_decay > 0,
     )
     steps_per_epoch = len(train_loader)
-    total_steps = t.max_train_iters if t.max_train_iters is not None else steps_per_epoch
+    total_steps, _ = run_length(t, steps_per_epoch)
     dense = dense_parameters(model)
     if env.world_size > 1:
         # after sharding: DDP broadcasts the dense weights over the DP group and owns the

@@ -486,9 +486,10 @@ class OnlineTrainer:
         if t.best_metric is not None:
             raise ConfigError("TrainerArgs", "best_metric",
                               "online training evaluates each window (split stream); set None")
-        if t.time_budget_minutes is not None:
-            raise ConfigError("TrainerArgs", "time_budget_minutes",
-                              "online training runs as long as its stream: set None")
+        for name in ("time_budget_minutes", "max_train_epochs", "eval_interval_epochs"):
+            if getattr(t, name) is not None:  # (a stream has no epochs and no end)
+                raise ConfigError("TrainerArgs", name,
+                                  "online training runs as long as its stream: set None")
         ds = cfg.dataset
         if getattr(ds, "contextual_features", None) not in ([], ()):
             raise ConfigError("DatasetArgs", "contextual_features",

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from hstu.config import RunConfig
-from hstu.training.budget import affordable_steps, agree_min, budget_line
+from hstu.training.budget import affordable_steps, agree_min, budget_line, run_length
+from hstu.training.budget import length_line as run_length_line
 from hstu.training.builder import Built, build_all
 from hstu.training.checkpoint_manager import CheckpointManager
 from hstu.training.distributed import DistEnv
@@ -44,7 +45,7 @@ def _metrics_text(metrics: dict[str, float]) -> str:
 
 
 class Validation:
-    """Evaluation every ``eval_interval`` steps and at the last one; with
+    """Evaluation every ``eval_interval`` steps (or eval_interval_epochs) and at the last one; with
     ``TrainerArgs.best_metric``, the best checkpoint and early stopping; after training, the
     test split scored with the best checkpoint."""
 
@@ -54,7 +55,7 @@ class Validation:
         self.seconds = 0.0
 
     def due(self, step: int) -> bool:
-        return step % self.args.eval_interval == 0 or step == self.trainer.max_steps
+        return step % self.trainer.eval_interval == 0 or step == self.trainer.max_steps
 
     def run(
         self, step: int, pipeline: Any, window: MetricsWindow, say: Callable[[str], None]
@@ -189,7 +190,12 @@ class Trainer:
         self.model = self.built.model
         self.optimizer = self.built.optimizer
         self.steps_per_epoch = len(self.built.train_loader)
-        self.max_steps = self.built.total_steps
+        self.max_steps, self.eval_interval = run_length(self.args, self.steps_per_epoch)
+        assert self.max_steps == self.built.total_steps
+        length = run_length_line(self.args, self.steps_per_epoch, self.max_steps,
+                                 self.eval_interval)
+        if length is not None:
+            self.logger.print(length)
         self.step = 0
         self.losses: list[float] = []  # every step's loss on this rank, once trained
         self.interrupted = False  # stopped by a signal (state saved)
@@ -240,7 +246,7 @@ class Trainer:
         configured = self.max_steps
         fits = affordable_steps(
             budget_s=60.0 * minutes, elapsed_s=elapsed, step=self.step, step_s=step_s,
-            eval_s=eval_s, eval_interval=self.args.eval_interval, max_steps=configured,
+            eval_s=eval_s, eval_interval=self.eval_interval, max_steps=configured,
         )
         chosen = agree_min(fits)
         self.logger.print(budget_line(
@@ -409,11 +415,15 @@ class Trainer:
                 out.update({f"{prefix}{k}": v for k, v in metrics.items()})
         return out
 
+    def _length_field(self) -> str:
+        """The TrainerArgs field that sets this run's length."""
+        return "max_train_epochs" if self.args.max_train_epochs is not None else "max_train_iters"
+
     def _nothing_left(self) -> dict[str, float]:
         at, last = self.logger.last_eval(self.step)
         self.logger.print(
             f"[hstu] nothing left to train: the checkpoint is at step {self.step} of "
-            f"{self.max_steps} (raise TrainerArgs.max_train_iters to train on)"
+            f"{self.max_steps} (raise TrainerArgs.{self._length_field()} to train on)"
             + (f"; last evaluation (step {at}): {_metrics_text(last)}" if last else "")
         )
         return {}  # no new metrics (run.py prints no "final metrics" line)
@@ -496,13 +506,15 @@ class Trainer:
             latest = None
         if latest and args.ckpt_load_dir == "auto":
             resume = (
-                f"rerun the same command with a larger TrainerArgs.max_train_iters (the total step "
-                f"count): ckpt_load_dir=\"auto\" resumes from the newest checkpoint in {latest}"
+                f"rerun the same command with a larger TrainerArgs.{self._length_field()} (the "
+                f"run's whole length): ckpt_load_dir=\"auto\" resumes from the newest checkpoint "
+                f"in {latest}"
             )
         elif latest:
             resume = (
                 f"add --gin-param 'TrainerArgs.ckpt_load_dir=\"auto\"' (newest checkpoint in "
-                f"{latest}) and a larger TrainerArgs.max_train_iters (the total step count)"
+                f"{latest}) and a larger TrainerArgs.{self._length_field()} (the run's whole "
+                "length)"
             )
         else:
             resume = "no checkpoint of the last step (TrainerArgs.ckpt_save_interval = -1)"

@@ -148,6 +148,8 @@ SWITCHES: dict[str, list[str] | str] = {
     "TrainerArgs.log_interval": _NO + "log boundaries are between steps (their host reads are there)",
     "TrainerArgs.max_train_iters": _NO + "the number of steps",
     "TrainerArgs.time_budget_minutes": _NO + "the number of steps (decided once, on the host)",
+    "TrainerArgs.max_train_epochs": _NO + "the number of steps (from the loader's length)",
+    "TrainerArgs.eval_interval_epochs": _NO + "when evaluation runs, between steps",
     "TrainerArgs.max_eval_iters": _NO + "evaluation only",
     "TrainerArgs.seed": _ALL,
     "TrainerArgs.dropout_per_rank": ["dp2"],

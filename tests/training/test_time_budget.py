@@ -102,15 +102,18 @@ def test_a_run_fits_its_budget_and_a_resume_keeps_the_choice(tmp) -> None:
     assert max(losses(read_metrics(tmp / "budget"))) == chosen
 
 
-def test_online_training_refuses_a_time_budget(clean_gin) -> None:
+@pytest.mark.parametrize("binding", ["TrainerArgs.time_budget_minutes=5",
+                                     "TrainerArgs.max_train_epochs=3",
+                                     "TrainerArgs.eval_interval_epochs=0.5"])
+def test_online_training_refuses_a_time_budget_and_epochs(clean_gin, binding) -> None:
     from hstu.config import load_config
     from hstu.training.online import OnlineTrainer
     from hstu.validation import ConfigError
 
     root = Path(__file__).resolve().parents[2]
     cfg = load_config(str(root / "configs" / "ml-100k_stream_retrieval.gin"),
-                      ["TrainerArgs.time_budget_minutes=5"], task="retrieval", world_size=1)
+                      [binding], task="retrieval", world_size=1)
     with pytest.raises(ConfigError) as err:
         OnlineTrainer._check(cfg, SimpleNamespace(tp_size=1))
     line = str(err.value).splitlines()[0]
-    assert line.startswith("TrainerArgs.time_budget_minutes") and "stream" in line
+    assert line.startswith(binding.split("=")[0]) and "stream" in line
