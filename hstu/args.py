@@ -890,7 +890,10 @@ class RetrievalArgs:
     num_negatives uniform ids plus the in-batch positives; shared: num_negatives uniform ids drawn
     once per batch (per rank), every query scored against all of them (one [queries x num_negatives]
     matmul: the cost of a large catalogue without num_negatives lookups per query; no logQ
-    correction, uniform draws need none); full_corpus: every item is a negative, the exact softmax
+    correction, uniform draws need none); mixed_logq: the in-batch positives plus num_negatives
+    uniform ids drawn once per batch (per rank), every query scored against all of them, with
+    the logQ correction (the sampled softmax for catalogues too large for full_corpus);
+    full_corpus: every item is a negative, the exact softmax
     (num_negatives must be -1; cost grows with the corpus; refused with a dynamic item table);
     sampled_live: for a dynamic item table (DynamicEmbeddingArgs), the in-batch positives plus
     num_negatives uniform draws per step over the table's live (occupied) rows, the same draws for

@@ -90,7 +90,7 @@ def _item_table_problem(sampling: str, table: str, dynamic: bool) -> ConfigError
             "RetrievalArgs",
             "negative_sampling",
             f"'sampled_live' draws over the live rows of a dynamic item table; item table "
-            f"{table!r} is static (declare it with DynamicEmbeddingArgs, or use 'mixed')",
+            f"{table!r} is static (declare it with DynamicEmbeddingArgs, or use 'mixed_logq')",
         )
     return None
 

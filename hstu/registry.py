@@ -196,6 +196,9 @@ NEGATIVE_SAMPLING.register("mixed", NegativeSampling(
 NEGATIVE_SAMPLING.register("shared", NegativeSampling(
     "hstu.ops.losses.strategies:shared", SHARED_DRAW, "> 0",
     needs="the uniform ids drawn per batch, scored by every query"))
+NEGATIVE_SAMPLING.register("mixed_logq", NegativeSampling(
+    "hstu.ops.losses.strategies:mixed_logq", SHARED_DRAW, "> 0",
+    needs="the uniform ids drawn per batch, besides the in-batch positives", in_batch="always"))
 NEGATIVE_SAMPLING.register("full_corpus", NegativeSampling(
     "hstu.ops.losses.strategies:full_corpus", None, "-1"))
 NEGATIVE_SAMPLING.register("sampled_live", NegativeSampling(

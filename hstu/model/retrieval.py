@@ -107,8 +107,8 @@ class RetrievalModel(DenseModel):
         num_items: ids are in [0, num_items).
         num_negatives: uniform negatives per query (-1: none, in-batch under "uniform").
         negative_sampling: a strategy of hstu.registry.NEGATIVE_SAMPLING ("uniform",
-            "in_batch", "mixed", "shared", "full_corpus", "sampled_live"; docs/model.md,
-            "Heads and losses").
+            "in_batch", "mixed", "mixed_logq", "shared", "full_corpus", "sampled_live";
+            docs/model.md, "Heads and losses").
         temperature: softmax temperature on cosine similarities.
         full_corpus_matmul_dtype: "float32", "bfloat16" or "auto" (decided on the first
             step's device) for the full-corpus training loss's [Q, I] matmuls.
@@ -277,6 +277,7 @@ class RetrievalModel(DenseModel):
                 inputs.order, inputs.offsets = batch.negative_order, batch.negative_offsets
             elif draws == SHARED_DRAW:
                 inputs.key_ids = batch.features[self.negatives_feature].values().to(queries.device)
+                inputs.population = self.num_items - self.min_item_id
             elif draws == LIVE_DRAW:
                 if batch.negative_live is None:
                     raise ValueError(

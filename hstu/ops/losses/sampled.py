@@ -11,6 +11,7 @@ draws). On CPU the scores of shared rows are a sampled dense-dense matmul
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -219,16 +220,22 @@ def _reduce(
 
 
 def expected_counts(
-    batch_ids: torch.Tensor, num_draws: int, population: int, ids: torch.Tensor
+    batch_ids: torch.Tensor, num_draws: int, population: int, ids: torch.Tensor,
+    distinct: bool = False,
 ) -> torch.Tensor:
     """How often each of ``ids`` is expected among the negatives of a mixed draw: its count
     among ``batch_ids`` (the in-batch draws, each item drawn in proportion to its frequency in
     the batch) plus ``num_draws`` / ``population`` (uniform draws with replacement over
-    ``population`` items; none when it is 0). float64 [ids.shape]. Two binary searches in the
-    sorted batch ids (no data-dependent size: nothing for a device to report to the host)."""
+    ``population`` items; none when it is 0), or, with ``distinct`` (the draws' repeats
+    removed, as the shared draw does), the chance 1 - (1 - 1/population)^num_draws that the
+    item is among them. float64 [ids.shape]. Two binary searches in the sorted batch ids (no
+    data-dependent size: nothing for a device to report to the host)."""
     ordered = torch.sort(batch_ids).values
     found = torch.searchsorted(ordered, ids, right=True) - torch.searchsorted(ordered, ids)
-    rate = num_draws / population if population > 0 else 0.0
+    rate = 0.0
+    if population > 0:
+        rate = (-math.expm1(num_draws * math.log1p(-1.0 / population)) if distinct
+                else num_draws / population)
     return found.double() + rate
 
 

@@ -73,6 +73,8 @@ class LossInputs:
     """Full corpus split over the ranks: every rank's Q."""
     history_id_counts: list[int] | None = None
     """Full corpus split over the ranks, with history_mask: every rank's number of window ids."""
+    population: int | None = None
+    """mixed_logq: how many items the uniform draws are drawn from (num_items - min_item_id)."""
     live_rows: int | None = None
     """sampled_live: how many live rows of the dynamic item table the key's rows (key_ids:
     slots, in draw order, repeats kept) were drawn from."""
@@ -146,6 +148,29 @@ def shared(x: LossInputs) -> LossOutput:
     one constant to every negative's logit (no item favoured over another), as the per-query
     uniform strategy, which has none either."""
     return _softmax(x, [(x.key_vectors, x.key_ids)])
+
+
+def mixed_logq(x: LossInputs) -> LossOutput:
+    """A static catalogue's sampled softmax: the negatives of every query are the global
+    batch's positives (in-batch) plus the batch's num_negatives uniform draws (key_ids: their
+    distinct ids, drawn once per batch and scored by every query: one [Q, N + U] matmul), the
+    query's own positive left out of them. logQ correction: each logit, the positive's too,
+    less the log of its item's expected count among those negatives (its count among the
+    batch's positives + the chance it is among the uniform draws:
+    :func:`~hstu.ops.losses.sampled.expected_counts`), so that the in-batch negatives do not
+    push popular items down for being popular."""
+    assert x.key_vectors is not None and x.key_ids is not None and x.population is not None
+    batch_vectors, batch_ids = _in_batch(x)
+    neg_ids = torch.cat([batch_ids, x.key_ids])
+    pos_log_q = expected_counts(batch_ids, x.num_negatives, x.population, x.pos_ids,
+                                distinct=True).log()
+    neg_log_q = expected_counts(batch_ids, x.num_negatives, x.population, neg_ids,
+                                distinct=True).log()
+    loss, pos_logits, neg_logits = corrected_softmax_loss(
+        x.queries, x.pos_vectors, x.pos_ids, torch.cat([batch_vectors, x.key_vectors]), neg_ids,
+        pos_log_q, neg_log_q, x.temperature, x.scale,
+    )
+    return loss, (pos_logits.detach(), neg_logits.detach())
 
 
 def sampled_live(x: LossInputs) -> LossOutput:
@@ -224,6 +249,7 @@ def full_corpus(x: LossInputs) -> LossOutput:
 
 
 __all__ = [
-    "LossInputs", "LossOutput", "full_corpus", "in_batch", "mixed", "sampled_live", "shared",
+    "LossInputs", "LossOutput", "full_corpus", "in_batch", "mixed", "mixed_logq", "sampled_live",
+    "shared",
     "uniform",
 ]
