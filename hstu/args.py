@@ -884,20 +884,28 @@ class RetrievalArgs:
     """Negatives per positive; -1 uses the other items of the batch (in-batch)."""
     # the choices are hstu.registry.NEGATIVE_SAMPLING's names, read whenever the class is
     # checked or documented (a string annotation, evaluated by typing.get_type_hints)
-    negative_sampling: Literal[NEGATIVE_SAMPLING.names()] = "uniform"
-    """uniform: num_negatives ids per query drawn uniformly from the corpus (-1: in-batch, as
-    above); in_batch: the other positives of the rank's batch (num_negatives must be -1); mixed:
-    num_negatives uniform ids plus the in-batch positives; shared: num_negatives uniform ids drawn
-    once per batch (per rank), every query scored against all of them (one [queries x num_negatives]
-    matmul: the cost of a large catalogue without num_negatives lookups per query; no logQ
-    correction, uniform draws need none); mixed_logq: the in-batch positives plus num_negatives
-    uniform ids drawn once per batch (per rank), every query scored against all of them, with
-    the logQ correction (the sampled softmax for catalogues too large for full_corpus);
-    full_corpus: every item is a negative, the exact softmax
-    (num_negatives must be -1; cost grows with the corpus; refused with a dynamic item table);
-    sampled_live: for a dynamic item table (DynamicEmbeddingArgs), the in-batch positives plus
-    num_negatives uniform draws per step over the table's live (occupied) rows, the same draws for
-    every query and every rank, never admitted, with the logQ correction (docs/model.md)."""
+    negative_sampling: Literal[(*NEGATIVE_SAMPLING.names(), "auto")] = "uniform"
+    """uniform: num_negatives ids per query drawn uniformly from the corpus (-1: the other
+    positives of the batch instead); in_batch: the other positives of the rank's batch
+    (num_negatives must be -1); mixed: num_negatives uniform ids plus the in-batch positives;
+    shared: num_negatives uniform ids drawn once per batch (per rank), every query scored
+    against all of them (one [queries x num_negatives] matmul: the cost of a large catalogue
+    without num_negatives lookups per query; no logQ correction, uniform draws need none);
+    mixed_logq: the in-batch positives plus num_negatives uniform ids drawn once per batch (per
+    rank), every query scored against all of them, with the logQ correction (the sampled
+    softmax for catalogues too large for full_corpus); full_corpus: every item is a negative,
+    the exact softmax (num_negatives must be -1; cost grows with the corpus; refused with a
+    dynamic item table); sampled_live: for a dynamic item table (DynamicEmbeddingArgs), the
+    in-batch positives plus num_negatives uniform draws per step over the table's live
+    (occupied) rows, the same draws for every query and every rank, never admitted, with the
+    logQ correction; auto: chosen from the data once it is known, and said in one line at
+    start: full_corpus when the catalogue has at most full_corpus_max_items items, else
+    mixed_logq with num_negatives draws (1024 where num_negatives is -1); over a dynamic item
+    table, sampled_live (docs/model.md)."""
+    full_corpus_max_items: int = 20_000
+    """negative_sampling="auto": the largest catalogue (items) trained with the exact softmax;
+    its cost grows with the catalogue (every item scored at every training position), the
+    sampled one's with the batch."""
     temperature: float = 0.05
     """Softmax temperature on cosine similarities."""
     full_corpus_matmul_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -919,9 +927,10 @@ class RetrievalArgs:
     synthetic set's recalls); the popularity baseline follows the same protocol."""
 
     exclude_history_from_loss: bool = False
-    """With negative_sampling="full_corpus" or "sampled_live", training: each query's softmax leaves
-    out the items of its own history (the items at its position and before, except its target), as
-    evaluation with eval_exclude_history ranks them; False: every other item is a negative."""
+    """With negative_sampling="full_corpus", "mixed_logq" or "sampled_live", training: each query's
+    softmax leaves out the items of its own history (the items at its position and before,
+    except its target), as evaluation with eval_exclude_history ranks them; False: every other
+    item is a negative."""
 
     eval_num_users: int = 0
     """Evaluate on a fixed random subset of this many users of the split (the same users at every
@@ -959,22 +968,24 @@ class RetrievalArgs:
             "num_negatives",
             f"must be -1 (in-batch) or > 0, got {self.num_negatives}",
         )
-        problem = NEGATIVE_SAMPLING[self.negative_sampling].num_negatives_problem(
-            self.negative_sampling, self.num_negatives
-        )
-        _require(problem is None, self, "num_negatives", problem or "")
+        _positive(self, "full_corpus_max_items")
+        if self.negative_sampling != AUTO:  # ("auto": checked once resolved, hstu.data.sizes)
+            problem = NEGATIVE_SAMPLING[self.negative_sampling].num_negatives_problem(
+                self.negative_sampling, self.num_negatives
+            )
+            _require(problem is None, self, "num_negatives", problem or "")
         _positive(self, "temperature", "l2_norm_eps")
         _require(
             not self.exclude_history_from_loss
-            or self.negative_sampling in ("full_corpus", "sampled_live"),
+            or self.negative_sampling in ("full_corpus", "sampled_live", "mixed_logq", AUTO),
             self,
             "exclude_history_from_loss",
-            "applies to negative_sampling='full_corpus' or 'sampled_live' only, got "
+            "applies to negative_sampling='full_corpus', 'mixed_logq' or 'sampled_live' only, got "
             f"{self.negative_sampling!r}",
         )
         _require(
             self.full_corpus_matmul_dtype in ("auto", "float32")
-            or self.negative_sampling == "full_corpus",
+            or self.negative_sampling in ("full_corpus", AUTO),
             self,
             "full_corpus_matmul_dtype",
             f"applies to negative_sampling='full_corpus' only, got negative_sampling="

@@ -130,6 +130,8 @@ def main(task: Task, argv: list[str] | None = None) -> int:
             sizes = describe_sizes(cfg)
             if sizes:
                 print(sizes)
+            for line in cfg.choices:
+                print(line)
             print("configuration OK")
         return 0
     from hstu.training.run import run  # heavy imports only after the config is valid

@@ -59,6 +59,9 @@ class RunConfig:
     found later (sizes from the data, hstu.data.sizes)."""
     warnings: list[str] = field(default_factory=list, repr=False)
     """One line each: bindings that are valid but have no effect (printed at start)."""
+    choices: list[str] = field(default_factory=list, repr=False)
+    """One line each: what an "auto" setting came to from the data, and why (printed at
+    start; hstu.data.sizes)."""
 
 
 def _check_task(task: str, bindings: list[Binding], label: str) -> None:

@@ -22,6 +22,7 @@ from hstu.args import (
     ConfigError,
     DatasetArgs,
     RankingArgs,
+    RetrievalArgs,
 )
 from hstu.checks import (
     check_dataset_name,
@@ -182,6 +183,7 @@ def resolve_sizes(cfg: Any) -> Any:
         raise exc.with_location(loc or _source(cfg)) from None
     # keep only the gin-declared tables (the builder adds the defaults)
     declared = {t.table_name for t in cfg.tables}
+    dynamic = any(_dynamic_item_table(t, info.item_feature_name) for t in tables)
     tables = [t for t in tables if t.table_name in declared]
     try:
         ranking = resolve_head(info, cfg.ranking)
@@ -189,15 +191,67 @@ def resolve_sizes(cfg: Any) -> Any:
         loc = where.get(("RankingArgs", "prediction_head_arch", ""))
         raise exc.with_location(loc or _source(cfg)) from None
     try:
-        check_peer_mask(cfg.network, ranking, cfg.retrieval, len(info.contextual_feature_names))
+        retrieval, line = resolve_sampling(cfg.retrieval, info.num_items, info.first_item_id,
+                                           dynamic)
+    except ConfigError as exc:
+        loc = where.get(("RetrievalArgs", "negative_sampling", ""))
+        raise exc.with_location(loc or _source(cfg)) from None
+    try:
+        check_peer_mask(cfg.network, ranking, retrieval, len(info.contextual_feature_names))
     except ConfigError as exc:
         loc = where.get(("NetworkArgs", "mask_convention", ""))
         raise exc.with_location(loc or _source(cfg)) from None
-    return dataclasses.replace(cfg, tables=tables, ranking=ranking)
+    choices = [*cfg.choices, line] if line else list(cfg.choices)
+    return dataclasses.replace(cfg, tables=tables, ranking=ranking, retrieval=retrieval,
+                               choices=choices)
+
+
+def _dynamic_item_table(table: Any, item_feature: str) -> bool:
+    from hstu.args import DynamicEmbeddingArgs
+
+    return isinstance(table, DynamicEmbeddingArgs) and item_feature in table.feature_names
 
 
 def _source(cfg: Any) -> str:
     return cfg.sources[0] if cfg.sources else "<config>"
+
+
+AUTO_NEGATIVES = 1024
+"""negative_sampling="auto" choosing a sampled softmax with num_negatives = -1: the uniform
+draws per batch (besides the in-batch positives)."""
+
+
+def resolve_sampling(
+    retrieval: RetrievalArgs | None, num_items: int, first_item_id: int, dynamic: bool
+) -> tuple[RetrievalArgs | None, str | None]:
+    """RetrievalArgs with negative_sampling="auto" resolved for a catalogue of ids
+    [first_item_id, num_items) (``dynamic``: the item table is a DynamicEmbeddingArgs), and
+    the line that says what was chosen and why; (retrieval, None) when it is not "auto"."""
+    if retrieval is None or retrieval.negative_sampling != AUTO:
+        return retrieval, None
+    items = num_items - first_item_id
+    limit = retrieval.full_corpus_max_items
+    drawn = retrieval.num_negatives if retrieval.num_negatives > 0 else AUTO_NEGATIVES
+    if dynamic:
+        choice, negatives = "sampled_live", drawn
+        why = "the item table is dynamic (its rows are slots, not the catalogue)"
+    elif items <= limit:
+        choice, negatives = "full_corpus", -1
+        why = f"the exact softmax: {items} items, at most full_corpus_max_items = {limit}"
+    else:
+        choice, negatives = "mixed_logq", drawn
+        why = (f"{items} items, more than full_corpus_max_items = {limit}: in-batch plus "
+               f"{negatives} uniform negatives a batch, logQ-corrected")
+    try:
+        resolved = dataclasses.replace(
+            retrieval, negative_sampling=choice, num_negatives=negatives
+        )
+    except ConfigError as exc:
+        raise ConfigError(
+            exc.cls_name, exc.field_name,
+            f'{exc.message} (negative_sampling "auto" chose {choice!r}: {why})',
+        ) from None
+    return resolved, f'[hstu] negative_sampling "auto" -> {choice!r}: {why}'
 
 
 def describe_sizes(cfg: Any) -> str:

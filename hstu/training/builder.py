@@ -29,7 +29,7 @@ from hstu.config import RunConfig
 from hstu.console import format_bytes
 from hstu.data import DataInfo, build_data
 from hstu.data.negatives import NegativeSampler
-from hstu.data.sizes import resolve_head, stream_metadata
+from hstu.data.sizes import resolve_head, resolve_sampling, stream_metadata
 from hstu.embeddings import (
     HstuEmbeddings,
     TablePlacement,
@@ -249,6 +249,17 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
     else:
         tables = info.default_tables(overrides=cfg.tables)
     check_table_features(tables, info)
+    # negative_sampling "auto" from the catalogue (the entry points resolved it already)
+    cfg.retrieval, line = resolve_sampling(
+        cfg.retrieval, info.num_items, info.first_item_id,
+        any(isinstance(tb, DynamicEmbeddingArgs) and info.item_feature_name in tb.feature_names
+            for tb in tables),
+    )
+    if line is not None:
+        cfg.choices.append(line)
+    if env.is_main:
+        for line in cfg.choices:
+            log(line)
     sid = None
     if cfg.task == "retrieval" and cfg.network.architecture == "hstu_sid":
         from hstu.model.sid import code_rows, sid_feature_name

@@ -82,3 +82,68 @@ def test_the_correction_is_the_rate_at_which_the_sampler_includes_an_item() -> N
     assert np.abs(rate - want).max() < 0.04
     assert abs(rate.mean() - want) < 0.005 and abs(m / population - want) > 0.2
     assert hits[:min_id].sum() == 0
+
+
+def test_a_querys_history_leaves_its_negatives() -> None:
+    """exclude_history_from_loss: the loss equals the written-out one over the negatives that
+    are not in the query's own history (its target kept)."""
+    from hstu.ops.losses.full_corpus import HistoryWindow
+
+    torch.manual_seed(1)
+    unit = lambda n: torch.nn.functional.normalize(torch.randn(n, 6, dtype=torch.float64), dim=1)
+    # one sample, items 5 4 9 2: queries at 5 (-> 4), 4 (-> 9), 9 (-> 2)
+    items = torch.tensor([5, 4, 9, 2])
+    queries, pos_ids = unit(3), items[1:]
+    vectors = {int(i): v for i, v in zip(items, unit(4))}
+    pos_vectors = torch.stack([vectors[int(i)] for i in pos_ids])
+    key_ids = torch.tensor([3, 5, 7])
+    key_vectors = torch.stack([vectors[5] if int(i) == 5 else unit(1)[0] for i in key_ids])
+    window = HistoryWindow(ids=items, starts=torch.zeros(3, dtype=torch.long),
+                           lengths=torch.tensor([1, 2, 3]), width=3)
+    x = LossInputs(queries, pos_ids, pos_vectors, 0.3, 8, True, None, 1, torch.float64,
+                   key_ids=key_ids, key_vectors=key_vectors, population=12)
+    x.history_mask = window
+    loss, (_, neg_logits) = mixed_logq(x)
+    inclusion = 1.0 - (11 / 12) ** 8
+    negatives = [(pos_vectors[j], int(pos_ids[j])) for j in range(3)]
+    negatives += [(key_vectors[j], int(key_ids[j])) for j in range(3)]
+    total = 0.0
+    for q in range(3):
+        history = {int(i) for i in items[: q + 1]}
+        log_q = lambda i: math.log(sum(int(b) == i for b in pos_ids) + inclusion)
+        pos = float(queries[q] @ pos_vectors[q]) / 0.3 - log_q(int(pos_ids[q]))
+        logits = [pos] + [float(queries[q] @ v) / 0.3 - log_q(i) for v, i in negatives
+                          if i != int(pos_ids[q]) and i not in history]
+        top = max(logits)
+        total += top + math.log(sum(math.exp(v - top) for v in logits)) - pos
+    assert float(loss) == pytest.approx(total / 3, rel=1e-12)
+    # query 1 (history 5, 4; target 9): the drawn 5 and the in-batch 4 are out, 9 is its own
+    assert torch.isneginf(neg_logits[1]).tolist() == [True, True, False, False, True, False]
+
+
+def test_auto_sampling_follows_the_catalogue_and_says_why() -> None:
+    from hstu.args import RetrievalArgs
+    from hstu.data.sizes import AUTO_NEGATIVES, resolve_sampling
+    from hstu.validation import ConfigError
+
+    auto = RetrievalArgs(negative_sampling="auto", full_corpus_max_items=1000,
+                         exclude_history_from_loss=True)
+    small, line = resolve_sampling(auto, 1001, 1, dynamic=False)  # 1000 items
+    assert (small.negative_sampling, small.num_negatives) == ("full_corpus", -1)
+    assert "exact softmax: 1000 items" in line
+    large, line = resolve_sampling(auto, 1002, 1, dynamic=False)
+    assert (large.negative_sampling, large.num_negatives) == ("mixed_logq", AUTO_NEGATIVES)
+    assert large.exclude_history_from_loss and "1001 items, more than" in line
+    drawn, _ = resolve_sampling(RetrievalArgs(negative_sampling="auto", num_negatives=64,
+                                              full_corpus_max_items=10), 50, 1, dynamic=False)
+    assert (drawn.negative_sampling, drawn.num_negatives) == ("mixed_logq", 64)
+    live, line = resolve_sampling(auto, 50, 1, dynamic=True)
+    assert live.negative_sampling == "sampled_live" and "dynamic" in line
+    fixed = RetrievalArgs(negative_sampling="uniform", num_negatives=8)
+    assert resolve_sampling(fixed, 10**6, 1, dynamic=False) == (fixed, None)
+    # a choice that refuses another field: one line naming it, and what "auto" chose
+    dtype = RetrievalArgs(negative_sampling="auto", full_corpus_matmul_dtype="bfloat16",
+                          full_corpus_max_items=10)
+    with pytest.raises(ConfigError) as err:
+        resolve_sampling(dtype, 50, 1, dynamic=False)
+    assert "full_corpus_matmul_dtype" in str(err.value) and "chose 'mixed_logq'" in str(err.value)

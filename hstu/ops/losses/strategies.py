@@ -158,7 +158,8 @@ def mixed_logq(x: LossInputs) -> LossOutput:
     less the log of its item's expected count among those negatives (its count among the
     batch's positives + the chance it is among the uniform draws:
     :func:`~hstu.ops.losses.sampled.expected_counts`), so that the in-batch negatives do not
-    push popular items down for being popular."""
+    push popular items down for being popular. With RetrievalArgs.exclude_history_from_loss,
+    the items of each query's own history are left out of its negatives."""
     assert x.key_vectors is not None and x.key_ids is not None and x.population is not None
     batch_vectors, batch_ids = _in_batch(x)
     neg_ids = torch.cat([batch_ids, x.key_ids])
@@ -166,9 +167,12 @@ def mixed_logq(x: LossInputs) -> LossOutput:
                                 distinct=True).log()
     neg_log_q = expected_counts(batch_ids, x.num_negatives, x.population, neg_ids,
                                 distinct=True).log()
+    excluded = None
+    if x.history_mask is not None:  # RetrievalArgs.exclude_history_from_loss
+        excluded = history_columns(x.history_mask, neg_ids, x.pos_ids)
     loss, pos_logits, neg_logits = corrected_softmax_loss(
         x.queries, x.pos_vectors, x.pos_ids, torch.cat([batch_vectors, x.key_vectors]), neg_ids,
-        pos_log_q, neg_log_q, x.temperature, x.scale,
+        pos_log_q, neg_log_q, x.temperature, x.scale, excluded,
     )
     return loss, (pos_logits.detach(), neg_logits.detach())
 
