@@ -1,7 +1,8 @@
 """``TrainerArgs.time_budget_minutes``: the step count a run can afford, from its own timings.
 
-Decided once, at the run's first evaluation: by then the run has timed its start-up, its
-training steps and one evaluation. The remaining work of a run that ends at step N is the steps
+Decided once, at the run's first evaluation (at the latest ``PROBE_STEPS`` steps into
+training, where the evaluation interval is longer): by then the run has timed its start-up,
+its training steps and one evaluation. The remaining work of a run that ends at step N is the steps
 up to N, the evaluations due on the way (every ``eval_interval`` steps and at N) and the test
 split (costed as one more evaluation); the largest N whose work fits ``SAFETY`` of the time
 left is the new step count, never above the configured one.
@@ -19,6 +20,10 @@ from hstu.training.distributed import rank_and_world
 
 SAFETY = 0.95
 """Share of the time left that the plan may fill (checkpoint saves, timing noise)."""
+PROBE_STEPS = 100
+"""A run with a time budget evaluates (and decides) no later than this many steps after it
+starts (or resumes) training, even when its evaluation interval is longer: a run whose first
+evaluation came after its budget was spent could not fit it."""
 
 
 def run_length(args: Any, steps_per_epoch: int) -> tuple[int, int]:

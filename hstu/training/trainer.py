@@ -16,7 +16,13 @@ from typing import Any
 import torch
 
 from hstu.config import RunConfig
-from hstu.training.budget import affordable_steps, agree_min, budget_line, run_length
+from hstu.training.budget import (
+    PROBE_STEPS,
+    affordable_steps,
+    agree_min,
+    budget_line,
+    run_length,
+)
 from hstu.training.budget import length_line as run_length_line
 from hstu.training.builder import Built, build_all
 from hstu.training.checkpoint_manager import CheckpointManager
@@ -45,7 +51,8 @@ def _metrics_text(metrics: dict[str, float]) -> str:
 
 
 class Validation:
-    """Evaluation every ``eval_interval`` steps (or eval_interval_epochs) and at the last one; with
+    """Evaluation every ``eval_interval`` steps (or eval_interval_epochs), at the last one and,
+    with a time budget not yet decided, PROBE_STEPS steps into training; with
     ``TrainerArgs.best_metric``, the best checkpoint and early stopping; after training, the
     test split scored with the best checkpoint."""
 
@@ -55,7 +62,9 @@ class Validation:
         self.seconds = 0.0
 
     def due(self, step: int) -> bool:
-        return step % self.trainer.eval_interval == 0 or step == self.trainer.max_steps
+        t = self.trainer
+        return (step % t.eval_interval == 0 or step == t.max_steps
+                or (t.budget_pending and step == t.budget_probe_step))
 
     def run(
         self, step: int, pipeline: Any, window: MetricsWindow, say: Callable[[str], None]
@@ -214,6 +223,8 @@ class Trainer:
                 self.logger.truncate_after(resumed)  # the steps after the checkpoint run again
         self.validation = Validation(self)
         self.budget_pending = self.args.time_budget_minutes is not None and not evaluate_only
+        # the budget's decision comes with an evaluation PROBE_STEPS steps in at the latest
+        self.budget_probe_step = self.step + PROBE_STEPS
         if self.budget_pending and self.checkpoint.budget_steps is not None:
             kept = min(self.max_steps, int(self.checkpoint.budget_steps))
             self.logger.print(f"[hstu] time budget: the resumed run keeps its chosen step count, "

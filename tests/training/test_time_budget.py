@@ -102,6 +102,25 @@ def test_a_run_fits_its_budget_and_a_resume_keeps_the_choice(tmp) -> None:
     assert max(losses(read_metrics(tmp / "budget"))) == chosen
 
 
+@pytest.mark.slow
+def test_a_long_evaluation_interval_still_decides_early(tmp) -> None:
+    """An evaluation interval past the budget: the run evaluates PROBE_STEPS steps in to time
+    itself, decides there, and evaluates again only at its last step."""
+    from hstu.training.budget import PROBE_STEPS
+
+    params = [
+        'TrainerArgs.pipeline_type="none"', "TrainerArgs.max_train_iters=100000",
+        "TrainerArgs.eval_interval=50000", "TrainerArgs.time_budget_minutes=0.5",
+    ]
+    run = run_job(tmp, "probe", params=params, timeout=240)
+    line = re.search(rf"\[hstu\] time budget 0.5 min: \d+ s spent by step {PROBE_STEPS}, "
+                     r".*training to step (\d+)", run["out"])
+    assert line, run["out"][-3000:]
+    chosen = int(line.group(1))
+    evaluated = sorted({int(r["step"]) for r in run["metrics"] if r["split"] == "eval"})
+    assert evaluated == [PROBE_STEPS, chosen] and max(losses(run["metrics"])) == chosen
+
+
 @pytest.mark.parametrize("binding", ["TrainerArgs.time_budget_minutes=5",
                                      "TrainerArgs.max_train_epochs=3",
                                      "TrainerArgs.eval_interval_epochs=0.5"])
