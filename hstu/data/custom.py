@@ -71,10 +71,11 @@ class _Input:
         return raw
 
 
-def _inputs(path: Path, data: bytes | None = None) -> _Input:
+def _inputs(path: Path, data: bytes | None = None, delimiter: str | None = None) -> _Input:
     """The file to read of ``path`` (an archive: its one data file, else an error naming them);
-    ``data``: the file's bytes, already read (then the file is not opened again)."""
-    kind = file_kind(path)
+    ``data``: the file's bytes, already read (then the file is not opened again);
+    ``delimiter`` (CustomDataArgs.delimiter): a file of another extension is delimited text."""
+    kind = file_kind(path) or ("text" if delimiter is not None else None)
     gz = path.name.lower().endswith(".gz")
     if data is not None:
         assert kind in ("text", "json", "parquet"), path
@@ -108,11 +109,12 @@ def custom_files(args: CustomDataArgs) -> list[Path]:
     if not path.exists():
         raise DataError(str(path), "no such file or folder")
     if path.is_file():
-        if file_kind(path) is None:
+        if file_kind(path) is None and args.delimiter is None:
             raise DataError(
                 str(path),
                 "unknown format: name it .csv, .tsv, .txt, .jsonl, .json, .ndjson, .parquet "
-                "(optionally .gz), or an archive (.zip, .tar, .tar.gz, .tgz) holding one such file",
+                "(optionally .gz), or an archive (.zip, .tar, .tar.gz, .tgz) holding one such "
+                "file, or set CustomDataArgs.delimiter to read it as delimited text",
             )
         return [path]
     files = sorted(
@@ -150,11 +152,7 @@ def _from_arrow(table: pa.Table, path: Path, columns: dict[str, str], first_line
         elif pa.types.is_floating(t) or pa.types.is_decimal(t):
             values = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
             if kind in ("id", "int"):
-                frac = values != np.floor(values)
-                if frac.any():
-                    row = int(np.flatnonzero(frac)[0])
-                    raise out.error(row, col, f"expected an integer, got {values[row]!r}")
-                values = values.astype(np.int64)
+                values = _whole(values, out, col)
         elif pa.types.is_string(t) or pa.types.is_large_string(t):
             values = np.asarray(arr.to_pylist(), dtype=object)
             if kind != "id":
@@ -165,17 +163,36 @@ def _from_arrow(table: pa.Table, path: Path, columns: dict[str, str], first_line
     return out
 
 
+def _whole(floats: np.ndarray, cols: Columns, col: str) -> np.ndarray:
+    """int64 of a float column whose every value is a whole number (exact below 2**53), else
+    the error naming the first row that is not."""
+    whole = np.isfinite(floats) & (floats == np.floor(floats)) & (np.abs(floats) < 2**53)
+    if not whole.all():
+        row = int(np.flatnonzero(~whole)[0])
+        raise cols.error(row, col, f"expected an integer, got {floats[row]!r}")
+    return floats.astype(np.int64)
+
+
 def _parse_numbers(values: np.ndarray, cols: Columns, col: str, integer: bool) -> np.ndarray:
+    text = values.astype(str)
     try:
-        return np.asarray(values.astype(str), dtype=np.int64 if integer else np.float64)
+        return np.asarray(text, dtype=np.int64 if integer else np.float64)
     except ValueError:
-        for row, v in enumerate(values):
-            try:
-                int(v) if integer else float(v)
-            except ValueError:
-                what = "an integer" if integer else "a number"
-                raise cols.error(row, col, f"expected {what}, got {str(v)[:40]!r}") from None
-        raise
+        pass
+    if integer:  # whole numbers written as floats ("978300760.0", "3e2"): exact below 2**53
+        try:
+            floats = np.asarray(text, dtype=np.float64)
+        except ValueError:
+            floats = None
+        if floats is not None:
+            return _whole(floats, cols, col)
+    for row, v in enumerate(text):
+        try:
+            float(v)
+        except ValueError:
+            what = "an integer" if integer else "a number"
+            raise cols.error(row, col, f"expected {what}, got {str(v)[:40]!r}") from None
+    raise AssertionError(f"{col}: numpy refused a column whose every value parses")
 
 
 def _parquet_names(src: _Input) -> tuple[list[str], Any]:
@@ -276,7 +293,8 @@ def _read_text(path: str, raw: bytes, columns: dict[str, str], args: CustomDataA
     if not args.has_header:
         first = raw[: raw.find(b"\n")] if b"\n" in raw[:65536] else raw
         names = [str(i) for i in range(first.count(delimiter.encode()) + 1)]
-    kinds = {"id": "str", "int": "int", "num": "float"}
+    # integers are read as floats, then checked whole: "978300760.0" is a timestamp too
+    kinds = {"id": "str", "int": "float", "num": "float"}
     cols = read_delimited(
         raw,
         str(path),
@@ -284,6 +302,8 @@ def _read_text(path: str, raw: bytes, columns: dict[str, str], args: CustomDataA
         TextFormat(delimiter=delimiter, header=args.has_header, names=names, quoted=True),
     )
     for c, k in columns.items():
+        if k == "int":
+            cols.data[c] = _whole(cols.data[c], cols, c)
         if k == "id":
             try:
                 cols.data[c] = np.asarray(cols.data[c].astype(str), dtype=np.int64)
@@ -346,7 +366,7 @@ def read_custom_file(
     Returns: (columns, the file's column names ([] for text without a header), role ->
         the file's column for user / item / timestamp).
     """
-    src = _inputs(path, data)
+    src = _inputs(path, data, args.delimiter)
     raw = source = None
     if src.kind == "parquet":
         have, source = _parquet_names(src)
@@ -446,7 +466,7 @@ def read_custom(args: CustomDataArgs) -> Parsed:
         max_item_id=(args.item_vocab_size - 1) if keep else None,
         keep_item_ids=keep,
         min_user_interactions=args.min_user_interactions,
-        members=[_inputs(p).name for p in files],
+        members=[_inputs(p, delimiter=args.delimiter).name for p in files],
         column_names={
             "user": used["user"],
             "item": used["item"],
