@@ -1,11 +1,12 @@
 """``TrainerArgs.time_budget_minutes``: the step count a run can afford, from its own timings.
 
-Decided once, at the run's first evaluation (at the latest ``PROBE_STEPS`` steps into
-training, where the evaluation interval is longer): by then the run has timed its start-up,
-its training steps and one evaluation. The remaining work of a run that ends at step N is the steps
-up to N, the evaluations due on the way (every ``eval_interval`` steps and at N) and the test
-split (costed as one more evaluation); the largest N whose work fits ``SAFETY`` of the time
-left is the new step count, never above the configured one.
+Decided once, at the run's first evaluation at least ``MIN_TIMED_STEPS`` steps into training
+(at the latest ``PROBE_STEPS`` steps in, where the evaluation interval is longer): by then the
+run has timed its start-up, its training steps (the evaluations' time left out, the first
+``UNTIMED_STEPS`` too) and an evaluation. The remaining work of a run that ends at step N is
+the steps up to N, the evaluations due on the way (every ``eval_interval`` steps and at N) and
+the test split (costed as one more evaluation); the largest N whose work fits ``SAFETY`` of
+the time left is the new step count, never above the configured one.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ PROBE_STEPS = 100
 """A run with a time budget evaluates (and decides) no later than this many steps after it
 starts (or resumes) training, even when its evaluation interval is longer: a run whose first
 evaluation came after its budget was spent could not fit it."""
+MIN_TIMED_STEPS = 40
+"""... and no sooner than at the first evaluation this many steps in: fewer steps time the
+first steps' one-off costs (allocations, caches) more than the run's pace."""
+UNTIMED_STEPS = 3
+"""The first steps after the start are not timed (their one-off costs are in the time spent,
+not in the pace)."""
 
 
 def run_length(args: Any, steps_per_epoch: int) -> tuple[int, int]:

@@ -17,7 +17,9 @@ import torch
 
 from hstu.config import RunConfig
 from hstu.training.budget import (
+    MIN_TIMED_STEPS,
     PROBE_STEPS,
+    UNTIMED_STEPS,
     affordable_steps,
     agree_min,
     budget_line,
@@ -59,7 +61,8 @@ class Validation:
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         self.args = trainer.args
-        self.seconds = 0.0
+        self.seconds = 0.0  # the last evaluation's
+        self.total_seconds = 0.0  # every evaluation's (the time budget's pace leaves them out)
 
     def due(self, step: int) -> bool:
         t = self.trainer
@@ -79,6 +82,7 @@ class Validation:
             metrics = evaluate(t.model, t.built.eval_loader, t.cfg, t.env, args.max_eval_iters)
             seconds = time.perf_counter() - started
             self.seconds = seconds  # the last evaluation's (TrainerArgs.time_budget_minutes)
+            self.total_seconds += seconds
             # in-flight batches already had their input distribution: re-attach without
             # starting it again (a second one would desynchronise the all-to-alls)
             pipeline.attach(t.model, sparse_dist=False)
@@ -225,6 +229,7 @@ class Trainer:
         self.budget_pending = self.args.time_budget_minutes is not None and not evaluate_only
         # the budget's decision comes with an evaluation PROBE_STEPS steps in at the latest
         self.budget_probe_step = self.step + PROBE_STEPS
+        self.budget_decide_from = self.step + MIN_TIMED_STEPS
         if self.budget_pending and self.checkpoint.budget_steps is not None:
             kept = min(self.max_steps, int(self.checkpoint.budget_steps))
             self.logger.print(f"[hstu] time budget: the resumed run keeps its chosen step count, "
@@ -346,10 +351,15 @@ class Trainer:
         self.losses = window.losses
         last_eval: dict[str, float] = {}
         eta = Eta(self.step)
-        loop_started, loop_step = time.monotonic(), self.step  # the budget's step timing
+        # the budget's pace: seconds a training step, from the step UNTIMED_STEPS in, less the
+        # evaluations' seconds on the way
+        timed_from = self.step + UNTIMED_STEPS
+        clock = (time.monotonic(), self.validation.total_seconds)
         with Preemption() as preemption, contextlib.closing(feed):
             while self.step < self.max_steps:
                 loss = self.train_step(batches)
+                if self.step == timed_from:
+                    clock = (time.monotonic(), self.validation.total_seconds)
                 cost = feed.pop_cost()
                 window.record(loss, self.optimizer.last_grads_finite, cost.tokens, cost.flops)
                 if profiler is not None:
@@ -367,11 +377,13 @@ class Trainer:
                     say(train_line(self.step, self.max_steps, metrics,
                                    eta.seconds(self.step, self.max_steps)))
                 if self.validation.due(self.step):
-                    step_s = (time.monotonic() - loop_started) / (self.step - loop_step)
+                    timed = max(1, self.step - timed_from)
+                    step_s = (time.monotonic() - clock[0]
+                              - (self.validation.total_seconds - clock[1])) / timed
                     last_eval, stop = self.validation.run(self.step, self.pipeline, window, say)
                     if stop:
                         break
-                    if self.budget_pending:
+                    if self.budget_pending and self.step >= self.budget_decide_from:
                         self._fit_budget(step_s, self.validation.seconds)
                 if saving:
                     self.checkpoint.save(self.step)

@@ -113,3 +113,26 @@ def test_custom_name_must_not_be_a_builtin(tmp_path):
     path.write_text("user_id,item_id,timestamp\nz,p1,5\nz,p2,6\n")
     with pytest.raises(DataError, match="'ml-1m' is a built-in dataset"):
         preprocess("custom", path, tmp_path, verbose=False, output_name="ml-1m")
+
+
+def test_whole_float_timestamps_and_a_named_delimiter_for_any_extension(tmp_path):
+    """A RecBole-style atomic file (`.inter`, tab-separated, typed headers, timestamps written
+    as floats) reads as it is once the delimiter is named; a timestamp with a fraction is
+    still one line naming its row."""
+    path = tmp_path / "ml.inter"
+    path.write_text("user_id:token\titem_id:token\ttimestamp:float\n"
+                    "u1\tGoldenEye (1995)\t978300760.0\nu1\tHeat (1995)\t978300700.0\n"
+                    "u2\tHeat (1995)\t3e2\nu2\tGoldenEye (1995)\t301\n")
+    args = CustomDataArgs(path=str(path), user_column="user_id:token",
+                          item_column="item_id:token", timestamp_column="timestamp:float")
+    with pytest.raises(DataError, match=r"ml\.inter: unknown format: .*CustomDataArgs\.delimiter"):
+        preprocess("custom", None, tmp_path / "out", custom=args, verbose=False)
+    args.delimiter = "\t"
+    meta = preprocess("custom", None, tmp_path / "out", custom=args, verbose=False)
+    got = rows(tmp_path / "out" / "custom")
+    # items sorted: GoldenEye 1, Heat 2; u1 in time order: Heat (...700) then GoldenEye (...760)
+    assert [r["item_ids"] for r in got] == [[2, 1], [2, 1]] and meta["num_users"] == 2
+    assert [r["timestamps"] for r in got] == [[978300700, 978300760], [300, 301]]
+    path.write_text(path.read_text().replace("\t301\n", "\t301.5\n"))
+    with pytest.raises(DataError, match=r"ml\.inter:5: field timestamp:float: expected an integer"):
+        preprocess("custom", None, tmp_path / "out", custom=args, verbose=False, force=True)
