@@ -280,6 +280,7 @@ def test_padded_layout_needs_causal():
         HSTUBlock(1, 16, 2, 8, sequence_layout="padded", is_causal=False)
 
 
+@pytest.mark.slow  # (inductor compiles C++ for a minute on 2 cores)
 def test_compile_switch_same_results_without_dropout():
     """NetworkArgs.compile: the compiled output tail gives the eager outputs and gradients
     (dropout 0; with dropout the masks come from another generator), on two batch shapes
