@@ -112,7 +112,7 @@ def test_a_registered_negative_sampling_is_a_choice_and_trains(registered):
         A.RetrievalArgs(negative_sampling="toy")
     registered(NEGATIVE_SAMPLING, "toy", NegativeSampling(f"{__name__}:toy_loss", None, "-1"))
     assert A.RetrievalArgs(negative_sampling="toy").negative_sampling == "toy"
-    assert _type_of(A.RetrievalArgs, "negative_sampling").endswith("'sampled_live' | 'toy'")
+    assert _type_of(A.RetrievalArgs, "negative_sampling").endswith("'sampled_live' | 'toy' | 'auto'")
     with pytest.raises(A.ConfigError, match="must be -1 with negative_sampling='toy'"):
         A.RetrievalArgs(negative_sampling="toy", num_negatives=4)
 
