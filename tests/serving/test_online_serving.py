@@ -107,6 +107,7 @@ def manifest(folder: Path) -> dict:
     return json.loads((folder / "manifest.json").read_text())
 
 
+@pytest.mark.slow  # (a recommend run over the published model)
 def test_recommend_gives_the_trained_models_top_k_in_raw_ids(trained, tmp_path):
     from hstu.serving.versions import current_version
 

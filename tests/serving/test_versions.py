@@ -294,6 +294,7 @@ print("published", step, flush=True)
 """
 
 
+@pytest.mark.slow  # (a stress of readers against swaps)
 def test_reading_while_versions_are_swapped_never_fails_nor_reads_a_partial_version(
         base, expected, tmp_path, capsys) -> None:
     """The acceptance check: a second process publishes versions in a loop (staging written

@@ -182,6 +182,7 @@ def test_resume_two_ranks_onto_one_plain_process(tmp, retrieval_none):
     assert max(got.values()) < losses(retrieval_none["metrics"])[1]
 
 
+@pytest.mark.slow  # (a second launch on a finished run)
 def test_evaluate_scores_a_checkpoint_as_its_run_did_and_trains_nothing(tmp, retrieval_none):
     """--evaluate (2 ranks, as the run: the preset evaluates max_eval_iters batches per rank):
     the checkpoint of step 20 scores what the run's own evaluation at step 20 scored; no step
@@ -270,6 +271,7 @@ def test_best_checkpoint_selected_on_validation_then_test_scored_once(tmp):
     assert max(valid) == min(12, best_step + 2 * 3)
 
 
+@pytest.mark.slow  # (TP steps equal one process in tests/training/test_distributed.py)
 def test_tensor_parallel_two_ranks_runs(tmp):
     tp = run_job(tmp, "rank_tp2", task="ranking", params=[
         "TensorModelParallelArgs.tensor_model_parallel_size=2", *RANKING_PARAMS,

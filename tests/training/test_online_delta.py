@@ -185,6 +185,7 @@ def _run_folder(data: Path, run_dir: Path, folder: Path,  # noqa: F811
     return proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # (several online runs and resumes)
 def test_deltas_small_chains_kept_and_resume_bitwise(data, tmp_path):  # noqa: F811
     """A stream whose first partition brings 3,000 users (one event each) and whose later
     partitions touch 5 of them: the delta's stream files are a small fraction of the full

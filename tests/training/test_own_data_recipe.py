@@ -38,7 +38,7 @@ def _recipe(tmp: Path, name: str, *params: str) -> dict:
     ])
 
 
-@pytest.mark.parametrize("limit", [20000, 1000])
+@pytest.mark.parametrize("limit", [pytest.param(20000, marks=pytest.mark.slow), 1000])
 def test_the_recipe_says_what_it_chose_and_runs_it(tmp, limit) -> None:
     run = _recipe(tmp, f"limit{limit}", f"RetrievalArgs.full_corpus_max_items={limit}")
     out = run["out"]

@@ -199,7 +199,8 @@ def write_rated_stream(folder: Path, seed: int, first: int, partitions: int,
 
 
 @pytest.mark.parametrize(("nproc", "admit"), [
-    (1, 1), pytest.param(1, 3, marks=pytest.mark.slow), pytest.param(2, 1, marks=pytest.mark.slow),
+    pytest.param(1, 1, marks=pytest.mark.slow), pytest.param(1, 3, marks=pytest.mark.slow),
+    pytest.param(2, 1, marks=pytest.mark.slow),
 ])
 def test_hashed_ids_expire_and_resume_exactly(tmp_path, nproc, admit):
     """StreamArgs.ids = "hashed" with a dynamic item table, time to live for rows and users and
@@ -302,7 +303,8 @@ def test_retrieval_on_an_open_catalogue(tmp_path, nproc):
     assert any(w["HR@10"] > 0 for w in rows[1:])
 
 
-@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("nproc", [pytest.param(1, marks=pytest.mark.slow),
+                                   pytest.param(2, marks=pytest.mark.slow)])
 def test_an_open_catalogue_with_admission_trains_and_counts_what_waits(tmp_path, nproc):
     """item/DynamicEmbeddingArgs.admit_min_count = 3: an item gets a row at its third
     occurrence; the windows still train (targets without a row are left out of the loss) and

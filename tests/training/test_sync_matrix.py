@@ -271,6 +271,8 @@ SWITCHES: dict[str, list[str] | str] = {
     "RetrievalArgs.num_negatives": ["uniform", "mixed", "shared", "mixed_logq", "sampled_live"],
     "RetrievalArgs.negative_sampling": ["uniform", "in_batch", "mixed", "shared", "mixed_logq",
                                         "full_corpus", "sampled_live"],
+    "RetrievalArgs.full_corpus_max_items": _NO + "chooses negative_sampling (its cells) once, "
+                                             "before the run",
     "RetrievalArgs.temperature": ["full_corpus"],
     "RetrievalArgs.full_corpus_matmul_dtype": ["full_corpus", "bf16_full_corpus"],
     "RetrievalArgs.l2_norm_eps": _NO + "a constant",
