@@ -7,6 +7,16 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import pytest
+
+# the real MovieLens-100K, never copied into the project: ../shared/data beside the checkout
+ML100K_RAW = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ml-100k"
+if not ML100K_RAW.exists():
+    ML100K_RAW = Path("/work/shared/data/ml-100k")
+needs_ml100k = pytest.mark.skipif(
+    not (ML100K_RAW / "u.data").exists(), reason=f"real MovieLens-100K not found at {ML100K_RAW}"
+)
+
 ML1M_RATINGS = [
     # user::item::rating::time; user 1 rates items 10 and 11 in the same second (tie).
     "1::10::5::100",

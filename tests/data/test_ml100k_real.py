@@ -12,14 +12,10 @@ from hstu.args import DatasetArgs
 from hstu.data import build_data
 from hstu.data.preprocess import preprocess
 from hstu.data.store import SequenceStore
+from tests.data.helpers import ML100K_RAW, needs_ml100k
 
-RAW = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ml-100k"
-if not RAW.exists():
-    RAW = Path("/work/shared/data/ml-100k")
-
-pytestmark = pytest.mark.skipif(
-    not (RAW / "u.data").exists(), reason=f"real MovieLens-100K not found at {RAW}"
-)
+RAW = ML100K_RAW
+pytestmark = needs_ml100k
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,11 @@ from pathlib import Path
 import pytest
 
 from hstu.data.preprocess import preprocess
+from tests.data.helpers import ML100K_RAW, needs_ml100k
 from tests.training.test_e2e import losses, run_job
 
-RAW = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ml-100k"
-if not RAW.exists():
-    RAW = Path("/work/shared/data/ml-100k")
-
-pytestmark = pytest.mark.skipif(
-    not (RAW / "u.data").exists(), reason=f"real MovieLens-100K not found at {RAW}"
-)
+RAW = ML100K_RAW
+pytestmark = needs_ml100k
 
 
 @pytest.fixture(scope="module")
