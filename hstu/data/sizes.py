@@ -183,7 +183,7 @@ def resolve_sizes(cfg: Any) -> Any:
         raise exc.with_location(loc or _source(cfg)) from None
     # keep only the gin-declared tables (the builder adds the defaults)
     declared = {t.table_name for t in cfg.tables}
-    dynamic = any(_dynamic_item_table(t, info.item_feature_name) for t in tables)
+    dynamic = any(dynamic_item_table(t, info.item_feature_name) for t in tables)
     tables = [t for t in tables if t.table_name in declared]
     try:
         ranking = resolve_head(info, cfg.ranking)
@@ -206,7 +206,8 @@ def resolve_sizes(cfg: Any) -> Any:
                                choices=choices)
 
 
-def _dynamic_item_table(table: Any, item_feature: str) -> bool:
+def dynamic_item_table(table: Any, item_feature: str) -> bool:
+    """Whether ``table`` is a DynamicEmbeddingArgs holding the item feature."""
     from hstu.args import DynamicEmbeddingArgs
 
     return isinstance(table, DynamicEmbeddingArgs) and item_feature in table.feature_names

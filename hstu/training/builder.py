@@ -29,7 +29,12 @@ from hstu.config import RunConfig
 from hstu.console import format_bytes
 from hstu.data import DataInfo, build_data
 from hstu.data.negatives import NegativeSampler
-from hstu.data.sizes import resolve_head, resolve_sampling, stream_metadata
+from hstu.data.sizes import (
+    dynamic_item_table,
+    resolve_head,
+    resolve_sampling,
+    stream_metadata,
+)
 from hstu.embeddings import (
     HstuEmbeddings,
     TablePlacement,
@@ -252,8 +257,7 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
     # negative_sampling "auto" from the catalogue (the entry points resolved it already)
     cfg.retrieval, line = resolve_sampling(
         cfg.retrieval, info.num_items, info.first_item_id,
-        any(isinstance(tb, DynamicEmbeddingArgs) and info.item_feature_name in tb.feature_names
-            for tb in tables),
+        any(dynamic_item_table(tb, info.item_feature_name) for tb in tables),
     )
     if line is not None:
         cfg.choices.append(line)

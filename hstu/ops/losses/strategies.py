@@ -160,21 +160,8 @@ def mixed_logq(x: LossInputs) -> LossOutput:
     :func:`~hstu.ops.losses.sampled.expected_counts`), so that the in-batch negatives do not
     push popular items down for being popular. With RetrievalArgs.exclude_history_from_loss,
     the items of each query's own history are left out of its negatives."""
-    assert x.key_vectors is not None and x.key_ids is not None and x.population is not None
-    batch_vectors, batch_ids = _in_batch(x)
-    neg_ids = torch.cat([batch_ids, x.key_ids])
-    pos_log_q = expected_counts(batch_ids, x.num_negatives, x.population, x.pos_ids,
-                                distinct=True).log()
-    neg_log_q = expected_counts(batch_ids, x.num_negatives, x.population, neg_ids,
-                                distinct=True).log()
-    excluded = None
-    if x.history_mask is not None:  # RetrievalArgs.exclude_history_from_loss
-        excluded = history_columns(x.history_mask, neg_ids, x.pos_ids)
-    loss, pos_logits, neg_logits = corrected_softmax_loss(
-        x.queries, x.pos_vectors, x.pos_ids, torch.cat([batch_vectors, x.key_vectors]), neg_ids,
-        pos_log_q, neg_log_q, x.temperature, x.scale, excluded,
-    )
-    return loss, (pos_logits.detach(), neg_logits.detach())
+    assert x.population is not None
+    return _corrected(x, x.num_negatives, x.population, distinct=True)
 
 
 def sampled_live(x: LossInputs) -> LossOutput:
@@ -185,12 +172,20 @@ def sampled_live(x: LossInputs) -> LossOutput:
     of its item's expected count among those negatives (count among the batch's positives +
     num_negatives / live rows: :func:`~hstu.ops.losses.sampled.expected_counts`), so that
     neither frequent items of the batch nor the uniform draws are over-weighted."""
-    assert x.live_rows is not None and x.key_vectors is not None and x.key_ids is not None
+    assert x.live_rows is not None and x.key_ids is not None
+    return _corrected(x, x.key_ids.numel(), x.live_rows, distinct=False)
+
+
+def _corrected(x: LossInputs, draws: int, population: int, distinct: bool) -> LossOutput:
+    """The logQ-corrected softmax over the in-batch positives and the drawn key rows shared by
+    every query (mixed_logq, sampled_live): each logit less the log of its item's expected
+    count among the negatives (:func:`~hstu.ops.losses.sampled.expected_counts`); the query's
+    history left out with RetrievalArgs.exclude_history_from_loss."""
+    assert x.key_vectors is not None and x.key_ids is not None
     batch_vectors, batch_ids = _in_batch(x)
     neg_ids = torch.cat([batch_ids, x.key_ids])
-    draws = x.key_ids.numel()
-    pos_log_q = expected_counts(batch_ids, draws, x.live_rows, x.pos_ids).log()
-    neg_log_q = expected_counts(batch_ids, draws, x.live_rows, neg_ids).log()
+    pos_log_q = expected_counts(batch_ids, draws, population, x.pos_ids, distinct).log()
+    neg_log_q = expected_counts(batch_ids, draws, population, neg_ids, distinct).log()
     excluded = None
     if x.history_mask is not None:  # RetrievalArgs.exclude_history_from_loss
         excluded = history_columns(x.history_mask, neg_ids, x.pos_ids)
