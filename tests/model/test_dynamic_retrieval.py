@@ -390,6 +390,7 @@ def test_two_processes_take_the_one_process_steps(runs):
 # ------------------------------------------------------------------------ the online loop
 
 
+@pytest.mark.slow
 def test_online_windows_are_evaluated_over_the_live_items(tmp_path):
     """The stream (60 items, a 48-row table, LRU): each window's queries are ranked over the
     items the table holds when the window arrives. Before the first window the table is

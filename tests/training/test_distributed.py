@@ -161,9 +161,9 @@ def _close_table(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     _close(a, b, what, atol=max(1e-6, 1e-4 * float(b.abs().max())))
 
 
-# the default tier: ranking with Adam, and retrieval with in-batch negatives (every rank
-# scores the world's positives); uniform and mixed negatives run in the slow tier
-SLOW_CASES = {"retrieval-sgd", "retrieval-mixed", "retrieval-narrow_items"}
+# the default tier: ranking with Adam, and retrieval with the full-corpus softmax; in-batch
+# (every rank scores the world's positives), uniform and mixed negatives in the slow tier
+SLOW_CASES = {"retrieval-sgd", "retrieval-mixed", "retrieval-narrow_items", "retrieval-in_batch"}
 
 
 @pytest.mark.parametrize(

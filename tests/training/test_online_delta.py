@@ -251,6 +251,7 @@ def test_deltas_small_chains_kept_and_resume_bitwise(data, tmp_path):  # noqa: F
     same_rows(ref, run_dir, lag=False)  # p04, p05 landed between the two runs
 
 
+@pytest.mark.slow
 def test_delta_table_bytes_follow_the_rows_touched(tmp_path):
     """A stream of 50 items into an item table of 20,000 rows (StreamArgs.item_capacity), a
     checkpoint after every window, a base every 3: a delta's table files hold the item rows
