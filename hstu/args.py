@@ -583,8 +583,9 @@ class NetworkArgs:
 
     num_layers: int = REQUIRED
     """Number of HSTU layers."""
-    hidden_size: int = REQUIRED
-    """Model width D."""
+    hidden_size: int | Literal["auto"] = REQUIRED
+    """Model width D; "auto" (retrieval) from the catalogue: 50 up to 5,000 items, 128 above
+    (hstu.data.sizes.resolve_width; one line of the run's log says which)."""
     num_attention_heads: int = REQUIRED
     """Attention heads H (split over the tensor-parallel group)."""
     kv_channels: int = REQUIRED
@@ -701,7 +702,8 @@ class NetworkArgs:
             "them)",
         )
         _positive(
-            self, "num_layers", "hidden_size", "num_attention_heads", "kv_channels",
+            self, "num_layers", *(("hidden_size",) if self.hidden_size != AUTO else ()),
+            "num_attention_heads", "kv_channels",
             "norm_epsilon", "target_group_size", "num_position_buckets", "sasrec_ffn_multiplier",
             "sid_decoder_layers", "sid_decoder_heads",
         )

@@ -307,7 +307,8 @@ def check_architecture(network: Any, task: str) -> None:
             raise ConfigError("NetworkArgs", "sid_codes",
                               'architecture="hstu_sid" needs the items\' semantic ids (a '
                               "sid_codes.parquet file or its folder: python -m hstu.sid.tokenize)")
-        if network.hidden_size % network.sid_decoder_heads:
+        # ("auto" widths are checked where hstu.data.sizes.resolve_width chooses them)
+        if isinstance(network.hidden_size, int) and network.hidden_size % network.sid_decoder_heads:
             raise ConfigError("NetworkArgs", "sid_decoder_heads",
                               f"{network.sid_decoder_heads} heads do not divide hidden_size "
                               f"{network.hidden_size}")

@@ -136,4 +136,8 @@ def main(task: Task, argv: list[str] | None = None) -> int:
         return 0
     from hstu.training.run import run  # heavy imports only after the config is valid
 
+    if argv is None:  # the command line of this process: its budget counts from its start
+        import hstu
+
+        cfg.started = hstu.STARTED
     return run(cfg, evaluate_only=ns.evaluate)

@@ -62,6 +62,9 @@ class RunConfig:
     choices: list[str] = field(default_factory=list, repr=False)
     """One line each: what an "auto" setting came to from the data, and why (printed at
     start; hstu.data.sizes)."""
+    started: float | None = field(default=None, repr=False)
+    """time.monotonic() when the run began (an entry point: its process's first import of
+    hstu); TrainerArgs.time_budget_minutes counts from here (None: from the Trainer's start)."""
 
 
 def _check_task(task: str, bindings: list[Binding], label: str) -> None:

@@ -12,6 +12,13 @@ all of them), then ``--eval-repeats`` full evaluations per layout, in turn
 the best time, per user). The evaluations come after all the training, so they score one
 model in each layout: the script prints whether their metrics are bitwise equal, else each
 difference. One process (world size 1), ``--threads`` threads; wall-clock and CPU times.
+
+``--cut N`` also measures the first ``--data`` with every history cut into runs of N events
+(one user's consecutive events become several short histories, the last run taking any
+remainder under N): the same catalogue, items and model, histories of about N tokens against
+``max_sequence_length``, so that the two datasets' tokens/s differ by the layout's cost of
+short histories alone; ``--cut-batch-size`` sets the cut data's batch (samples a step; default
+the config's). With several datasets a last table gives each one's tokens/s over the first's.
 docs/performance.md "SASRec on the tokens" has figures.
 """
 
@@ -29,7 +36,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gin-config-file", required=True)
-    parser.add_argument("--data", required=True, help="the preprocessed dataset's folder")
+    parser.add_argument("--data", required=True, action="append",
+                        help="a preprocessed dataset's folder (repeat for several, in turn)")
+    parser.add_argument("--cut", type=int, default=0,
+                        help="also the first --data with its histories cut into runs of N events")
+    parser.add_argument("--cut-batch-size", type=int, default=0,
+                        help="train_batch_size of the cut data (0: the config's)")
     parser.add_argument("--steps", type=int, default=4, help="timed training steps per round")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of steps, layouts in turn")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each layout first")
@@ -45,21 +57,74 @@ def main() -> None:
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_dir = tempfile.mkdtemp(prefix="bench_sasrec_layout_")
+    datasets = [(os.path.abspath(d), []) for d in args.data]
+    if args.cut:
+        cut = cut_histories(datasets[0][0], args.cut, os.path.join(run_dir, "data"))
+        batch = [f"TrainerArgs.train_batch_size={args.cut_batch_size}"] if args.cut_batch_size else []
+        datasets.append((cut, batch))
+    speeds = {}
+    for data, extra in datasets:
+        speeds[data] = bench(args, layouts, data, extra, os.path.join(run_dir, str(len(speeds))))
+    if len(datasets) > 1:
+        first = datasets[0][0]
+        print(f"\ntraining tokens/s over {first}'s")
+        for data, _ in datasets[1:]:
+            print(f"  {data}: " + " ".join(
+                f"{layout} {speeds[data][layout] / speeds[first][layout]:.3f}"
+                f" ({speeds[data][layout]:,.0f} / {speeds[first][layout]:,.0f})"
+                for layout in layouts))
+
+
+def cut_histories(data: str, run: int, out: str) -> str:
+    """``data``'s events with each history cut into runs of ``run`` events (the last run of a
+    user takes any remainder under ``run``), preprocessed as own data into ``out``; returns
+    the dataset's folder."""
+    import csv
+
+    import pyarrow.parquet as pq
+
+    from hstu.data.data_args import CustomDataArgs
+    from hstu.data.preprocess import preprocess
+
+    if run < 2:
+        raise SystemExit(f"--cut {run}: a history needs at least 2 events")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "events.csv")
+    table = pq.read_table(os.path.join(data, "sequences.parquet"),
+                          columns=["user_id", "item_ids", "timestamps"]).to_pylist()
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["user_id", "item_id", "timestamp"])
+        for row in table:
+            items, times = row["item_ids"], row["timestamps"]
+            runs = max(1, len(items) // run)
+            for i, (item, t) in enumerate(zip(items, times)):
+                writer.writerow([f"{row['user_id']}:{min(i // run, runs - 1)}", item, t])
+    name = f"{os.path.basename(data)}-cut{run}"
+    preprocess("custom", raw=path, out=out, output_name=name, verbose=False,
+               custom=CustomDataArgs(path=path))
+    return os.path.join(out, name)
+
+
+def bench(args, layouts: list[str], data: str, extra: list[str], run_dir: str) -> dict[str, float]:
+    """One dataset: its training tokens/s per layout (printed with the evaluation's times)."""
+    import torch
+
     from hstu.config import load_config
     from hstu.training.evaluate import evaluate
     from hstu.training.run import with_trainer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    run_dir = tempfile.mkdtemp(prefix="bench_sasrec_layout_")
-    data = os.path.abspath(args.data)
     total = len(layouts) * (args.warmup + args.rounds * args.steps)
     cfg = load_config(args.gin_config_file, [
         f'DatasetArgs.dataset_path="{data}"',
         f'DatasetArgs.dataset_name="{os.path.basename(data)}"', f'TrainerArgs.run_dir="{run_dir}"',
         'TrainerArgs.pipeline_type="none"', f"TrainerArgs.max_train_iters={total}",
-        *args.gin_param,
+        *args.gin_param, *extra,
     ], task="retrieval", world_size=1)
+    speed: dict[str, float] = {}
 
     def measure(trainer) -> None:
         block = trainer.model.dense_module.block
@@ -108,8 +173,11 @@ def main() -> None:
                 eval_cpu[layout] = min(eval_cpu[layout], time.process_time() - cpu_start)
                 num_users = users["n"]
         hook.remove()
-        print(f"{type(block).__name__}, {args.gin_config_file} on {data}, max_sequence_length "
-              f"{cfg.dataset.max_sequence_length}, {torch.get_num_threads()} threads; "
+        speed.update({layout: tokens[layout] / seconds[layout] for layout in layouts})
+        print(f"\n{type(block).__name__}, {args.gin_config_file} on {data}, max_sequence_length "
+              f"{cfg.dataset.max_sequence_length}, batch {cfg.trainer.train_batch_size}, "
+              f"{tokens[layouts[0]] / (args.rounds * args.steps):,.0f} tokens a step, "
+              f"{torch.get_num_threads()} threads; "
               f"{args.rounds} x {args.steps} training steps and the best of "
               f"{args.eval_repeats} evaluations per layout", flush=True)
         print("wall-clock seconds, and CPU seconds (all threads: what a shared host leaves "
@@ -134,6 +202,7 @@ def main() -> None:
             print(f"  {layout}: " + " ".join(f"{k} {v:.6g}" for k, v in metrics[layout].items()))
 
     with_trainer(cfg, run_dir, measure)
+    return speed
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ def test_base_config_loads(tmp_path):
         ('TrainerArgs.pipeline_type = "fast"', r"run\.gin:\d+: TrainerArgs\.pipeline_type: 'fast' is not one of 'none' \| 'native' \| 'prefetch'"),
         ('NetworkArgs.kernel_backend = "cuda"', r"run\.gin:\d+: NetworkArgs\.kernel_backend: 'cuda' is not one of"),
         ('TrainerArgs.seed = "7"', r"run\.gin:\d+: TrainerArgs\.seed: expected int, got str '7'"),
-        ("NetworkArgs.hidden_size = 16.5", r"run\.gin:\d+: NetworkArgs\.hidden_size: expected int, got float"),
+        ("NetworkArgs.hidden_size = 16.5", r"run\.gin:\d+: NetworkArgs\.hidden_size: 16\.5 is not one of int \| 'auto'"),
         ("NetworkArgs.hidden_size = -16", r"run\.gin:\d+: NetworkArgs\.hidden_size: must be > 0, got -16"),
         ("TrainerArgs.train_batch_size = 0", r"run\.gin:\d+: TrainerArgs\.train_batch_size: must be > 0"),
         ("DatasetArgs.max_num_candidates = -1", r"run\.gin:\d+: DatasetArgs\.max_num_candidates: must be >= 0"),

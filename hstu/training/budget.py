@@ -1,12 +1,16 @@
 """``TrainerArgs.time_budget_minutes``: the step count a run can afford, from its own timings.
 
-Decided once, at the run's first evaluation at least ``MIN_TIMED_STEPS`` steps into training
+Decided at the run's first evaluation at least ``MIN_TIMED_STEPS`` steps into training
 (at the latest ``PROBE_STEPS`` steps in, where the evaluation interval is longer): by then the
 run has timed its start-up, its training steps (the evaluations' time left out, the first
 ``UNTIMED_STEPS`` too) and an evaluation. The remaining work of a run that ends at step N is
 the steps up to N, the evaluations due on the way (every ``eval_interval`` steps and at N) and
 the test split (costed as one more evaluation); the largest N whose work fits ``SAFETY`` of
-the time left is the new step count, never above the configured one.
+the time left is the new step count, never above the configured one. Each later evaluation
+plans again with the pace of all the steps timed so far and shortens the run where the plan
+no longer fits (a host that slows down, steps that grow dearer), never lengthens it. The
+budget counts from the process's start (``hstu.STARTED``) when a run comes from an entry
+point's command line.
 """
 
 from __future__ import annotations
@@ -121,4 +125,15 @@ def budget_line(
     return (
         f"{head}: {configured} steps would not fit; training to step {chosen} (the learning-rate "
         f"schedule ends there; TrainerArgs.time_budget_minutes)"
+    )
+
+
+def replan_line(
+    *, minutes: float, elapsed_s: float, step: int, step_s: float, eval_s: float,
+    chosen: int, planned: int,
+) -> str:
+    return (
+        f"[hstu] time budget {minutes:g} min: {elapsed_s:.0f} s spent by step {step}, "
+        f"{step_s:.3f} s a step, {eval_s:.1f} s an evaluation: slower than planned; training "
+        f"to step {chosen} instead of {planned} (the learning-rate schedule ends there)"
     )

@@ -33,6 +33,7 @@ from hstu.data.sizes import (
     dynamic_item_table,
     resolve_head,
     resolve_sampling,
+    resolve_width,
     stream_metadata,
 )
 from hstu.embeddings import (
@@ -254,7 +255,12 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
     else:
         tables = info.default_tables(overrides=cfg.tables)
     check_table_features(tables, info)
-    # negative_sampling "auto" from the catalogue (the entry points resolved it already)
+    # hidden_size and negative_sampling "auto" from the catalogue (the entry points resolved
+    # them already)
+    cfg.network, width_line = resolve_width(cfg.network, cfg.task, info.num_items,
+                                            info.first_item_id)
+    if width_line is not None:
+        cfg.choices.append(width_line)
     cfg.retrieval, line = resolve_sampling(
         cfg.retrieval, info.num_items, info.first_item_id,
         any(dynamic_item_table(tb, info.item_feature_name) for tb in tables),

@@ -23,6 +23,7 @@ from hstu.training.budget import (
     affordable_steps,
     agree_min,
     budget_line,
+    replan_line,
     run_length,
 )
 from hstu.training.budget import length_line as run_length_line
@@ -187,7 +188,8 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, env: DistEnv, run_dir: str, config_text: str,
                  evaluate_only: bool = False) -> None:
-        self.started = time.monotonic()  # TrainerArgs.time_budget_minutes counts from here
+        # TrainerArgs.time_budget_minutes counts from here
+        self.started = cfg.started if cfg.started is not None else time.monotonic()
         if cfg.trainer.ckpt_save_dir is None:  # (an online run set its own: inside the run)
             cfg.trainer = replace(cfg.trainer, ckpt_save_dir=DEFAULT_CKPT_DIR)
         self.cfg = cfg
@@ -227,6 +229,8 @@ class Trainer:
                 self.logger.truncate_after(resumed)  # the steps after the checkpoint run again
         self.validation = Validation(self)
         self.budget_pending = self.args.time_budget_minutes is not None and not evaluate_only
+        self.budget_replans = False  # the budget decided in this process: later evaluations
+        # shorten the run again where it turns out slower than timed
         # the budget's decision comes with an evaluation PROBE_STEPS steps in at the latest
         self.budget_probe_step = self.step + PROBE_STEPS
         self.budget_decide_from = self.step + MIN_TIMED_STEPS
@@ -255,7 +259,9 @@ class Trainer:
         self.budget_pending = False
 
     def _fit_budget(self, step_s: float, eval_s: float) -> None:
-        """TrainerArgs.time_budget_minutes, at the first evaluation: the step count that fits."""
+        """TrainerArgs.time_budget_minutes, at the first evaluation: the step count that fits;
+        at each later one, a shorter count where the pace so far no longer fits it (never a
+        longer one: the learning-rate schedule only ever ends sooner)."""
         minutes = self.args.time_budget_minutes
         assert minutes is not None
         elapsed = time.monotonic() - self.started
@@ -265,6 +271,15 @@ class Trainer:
             eval_s=eval_s, eval_interval=self.eval_interval, max_steps=configured,
         )
         chosen = agree_min(fits)
+        if self.budget_replans:
+            if chosen < configured:
+                self.logger.print(replan_line(
+                    minutes=minutes, elapsed_s=elapsed, step=self.step, step_s=step_s,
+                    eval_s=eval_s, chosen=chosen, planned=configured,
+                ))
+                self._set_max_steps(chosen)
+            return
+        self.budget_replans = True
         self.logger.print(budget_line(
             minutes=minutes, elapsed_s=elapsed, step=self.step, step_s=step_s, eval_s=eval_s,
             chosen=chosen, configured=configured,
@@ -383,7 +398,8 @@ class Trainer:
                     last_eval, stop = self.validation.run(self.step, self.pipeline, window, say)
                     if stop:
                         break
-                    if self.budget_pending and self.step >= self.budget_decide_from:
+                    if (self.budget_pending and self.step >= self.budget_decide_from
+                            or self.budget_replans and self.step < self.max_steps):
                         self._fit_budget(step_s, self.validation.seconds)
                 if saving:
                     self.checkpoint.save(self.step)

@@ -38,6 +38,7 @@ def _recipe(tmp: Path, name: str, *params: str) -> dict:
 def test_the_recipe_says_what_it_chose_and_runs_it(tmp, limit) -> None:
     run = _recipe(tmp, f"limit{limit}", f"RetrievalArgs.full_corpus_max_items={limit}")
     out = run["out"]
+    assert '[hstu] hidden_size "auto" -> 50: 1682 items, at most 5,000' in out
     if limit >= 1682:
         assert ('negative_sampling "auto" -> \'full_corpus\': the exact softmax: 1682 items, at '
                 f"most full_corpus_max_items = {limit}") in out

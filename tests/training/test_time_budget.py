@@ -63,6 +63,53 @@ def test_affordable_steps_edges() -> None:
     assert affordable_steps(budget_s=100, elapsed_s=20, **common) == 61
 
 
+class _Run(SimpleNamespace):
+    """The state Trainer._fit_budget reads and writes, on a clock the test sets."""
+
+    def _set_max_steps(self, steps: int) -> None:
+        self.max_steps = steps
+        self.budget_pending = False
+
+
+def test_later_evaluations_shorten_a_run_that_slows_down_and_never_lengthen_it(
+        monkeypatch) -> None:
+    import hstu.training.trainer as trainer_module
+    from hstu.training.trainer import Trainer
+
+    now = {"t": 0.0}
+    monkeypatch.setattr(trainer_module.time, "monotonic", lambda: now["t"])
+    lines: list[str] = []
+    run = _Run(args=SimpleNamespace(time_budget_minutes=10.0), started=0.0, max_steps=100_000,
+               step=40, eval_interval=40, budget_pending=True, budget_replans=False,
+               logger=SimpleNamespace(print=lines.append))
+
+    def planned(step_s: float, eval_s: float = 2.0) -> int:
+        return affordable_steps(budget_s=600, elapsed_s=now["t"], step=run.step, step_s=step_s,
+                                eval_s=eval_s, eval_interval=40, max_steps=run.max_steps)
+
+    now["t"] = 20.0  # the first decision: 0.2 s a step
+    first = planned(0.2)
+    Trainer._fit_budget(run, 0.2, 2.0)
+    assert run.max_steps == first and first < 100_000 and run.budget_replans
+    assert "training to step" in lines[-1] and "slower" not in lines[-1]
+    # half-way, on the pace planned: nothing changes, nothing is said
+    run.step, now["t"] = 1000, 20.0 + 960 * 0.2 + 24 * 2.0
+    Trainer._fit_budget(run, 0.2, 2.0)
+    assert run.max_steps == first and len(lines) == 1
+    # the steps turn dearer: the run ends sooner, and says so
+    run.step, now["t"] = 1400, 20.0 + 960 * 0.2 + 24 * 2.0 + 400 * 0.35 + 10 * 2.0
+    slower = planned(0.25)
+    Trainer._fit_budget(run, 0.25, 2.0)
+    assert run.max_steps == slower < first
+    assert lines[-1].endswith(f"slower than planned; training to step {slower} instead of "
+                              f"{first} (the learning-rate schedule ends there)")
+    # faster again: the shorter plan stays
+    now["t"] += 10.0
+    run.step += 40
+    Trainer._fit_budget(run, 0.01, 0.1)
+    assert run.max_steps == slower and len(lines) == 2
+
+
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory):
     return tmp_path_factory.mktemp("budget")
@@ -73,28 +120,35 @@ def test_a_run_fits_its_budget_and_a_resume_keeps_the_choice(tmp) -> None:
     configured = 100_000
     params = [
         'TrainerArgs.pipeline_type="none"', f"TrainerArgs.max_train_iters={configured}",
-        "TrainerArgs.eval_interval=4", "TrainerArgs.time_budget_minutes=0.25",
+        "TrainerArgs.eval_interval=4", "TrainerArgs.time_budget_minutes=0.5",
         'OptimizerArgs.lr_decay_style="linear"', "OptimizerArgs.min_learning_rate=0.0",
         "OptimizerArgs.lr_warmup_iters=0", "TrainerArgs.ckpt_save_interval=100000",
         f'TrainerArgs.ckpt_save_dir="{tmp / "ckpt"}"',
     ]
     run = run_job(tmp, "budget", params=params, timeout=240)
     line = re.search(
-        r"\[hstu\] time budget 0.25 min: (\d+) s spent by step 40, ([\d.]+) s a step, "
+        r"\[hstu\] time budget 0.5 min: (\d+) s spent by step 40, ([\d.]+) s a step, "
         r"([\d.]+) s an evaluation: 100000 steps would not fit; training to step (\d+)",
         run["out"],
     )
     assert line, run["out"][-3000:]
     chosen = int(line.group(4))
     assert 40 < chosen < configured
+    # a later evaluation may shorten it again (a host slower than at step 40): said in a line
+    replans = re.findall(r"slower than planned; training to step (\d+) instead of (\d+)",
+                         run["out"])
+    for (shorter, planned), before in zip(replans, [chosen] + [int(a) for a, _ in replans]):
+        assert int(planned) == before and int(shorter) < before
+    chosen = int(replans[-1][0]) if replans else chosen
     loss = losses(run["metrics"])
     assert max(loss) == chosen and len(loss) == chosen  # every step up to the chosen one
     # the schedule ends at the chosen step: linear decay from 1e-3 to 0 over `chosen` steps
     lr = {int(r["step"]): float(r["value"]) for r in run["metrics"]
           if r["split"] == "train" and r["name"] == "lr"}
     assert lr[chosen] == pytest.approx(0.0, abs=1e-12)
-    middle = chosen // 2
-    assert lr[middle] == pytest.approx(1e-3 * (1 - middle / chosen), rel=1e-6)
+    if not replans:
+        middle = chosen // 2
+        assert lr[middle] == pytest.approx(1e-3 * (1 - middle / chosen), rel=1e-6)
     # a resumed run keeps the choice: nothing left to train
     again = run_job(tmp, "budget", params=[*params, 'TrainerArgs.ckpt_load_dir="auto"'],
                     timeout=240)
@@ -110,10 +164,10 @@ def test_a_long_evaluation_interval_still_decides_early(tmp) -> None:
 
     params = [
         'TrainerArgs.pipeline_type="none"', "TrainerArgs.max_train_iters=100000",
-        "TrainerArgs.eval_interval=50000", "TrainerArgs.time_budget_minutes=0.5",
+        "TrainerArgs.eval_interval=50000", "TrainerArgs.time_budget_minutes=0.75",
     ]
     run = run_job(tmp, "probe", params=params, timeout=240)
-    line = re.search(rf"\[hstu\] time budget 0.5 min: \d+ s spent by step {PROBE_STEPS}, "
+    line = re.search(rf"\[hstu\] time budget 0.75 min: \d+ s spent by step {PROBE_STEPS}, "
                      r".*training to step (\d+)", run["out"])
     assert line, run["out"][-3000:]
     chosen = int(line.group(1))
