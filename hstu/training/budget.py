@@ -7,8 +7,10 @@ run has timed its start-up, its training steps (the evaluations' time left out, 
 the steps up to N, the evaluations due on the way (every ``eval_interval`` steps and at N) and
 the test split (costed as one more evaluation); the largest N whose work fits ``SAFETY`` of
 the time left is the new step count, never above the configured one. Each later evaluation
-plans again with the pace of all the steps timed so far and shortens the run where the plan
-no longer fits (a host that slows down, steps that grow dearer), never lengthens it. The
+plans again with the pace of all the steps timed so far: shorter where the plan no longer
+fits (a host that slows down, steps that grow dearer), longer where the first steps' pace was
+slower than the run's (more than ``REPLAN_LONGER`` of the plan, never past the configured
+length); the learning-rate schedule ends at the new plan's last step. The
 budget counts from the process's start (``hstu.STARTED``) when a run comes from an entry
 point's command line.
 """
@@ -32,6 +34,9 @@ evaluation came after its budget was spent could not fit it."""
 MIN_TIMED_STEPS = 40
 """... and no sooner than at the first evaluation this many steps in: fewer steps time the
 first steps' one-off costs (allocations, caches) more than the run's pace."""
+REPLAN_LONGER = 1.05
+"""A later evaluation lengthens the plan only when the steps that fit are more than this
+times the plan (a plan that moves by noise would move the learning-rate schedule with it)."""
 UNTIMED_STEPS = 3
 """The first steps after the start are not timed (their one-off costs are in the time spent,
 not in the pace)."""
@@ -134,6 +139,7 @@ def replan_line(
 ) -> str:
     return (
         f"[hstu] time budget {minutes:g} min: {elapsed_s:.0f} s spent by step {step}, "
-        f"{step_s:.3f} s a step, {eval_s:.1f} s an evaluation: slower than planned; training "
-        f"to step {chosen} instead of {planned} (the learning-rate schedule ends there)"
+        f"{step_s:.3f} s a step, {eval_s:.1f} s an evaluation: "
+        f"{'slower' if chosen < planned else 'faster'} than planned; training to step {chosen} "
+        f"instead of {planned} (the learning-rate schedule ends there)"
     )

@@ -19,6 +19,7 @@ from hstu.config import RunConfig
 from hstu.training.budget import (
     MIN_TIMED_STEPS,
     PROBE_STEPS,
+    REPLAN_LONGER,
     UNTIMED_STEPS,
     affordable_steps,
     agree_min,
@@ -230,7 +231,8 @@ class Trainer:
         self.validation = Validation(self)
         self.budget_pending = self.args.time_budget_minutes is not None and not evaluate_only
         self.budget_replans = False  # the budget decided in this process: later evaluations
-        # shorten the run again where it turns out slower than timed
+        # plan again with the pace so far, up to the length the run had before (budget_cap)
+        self.budget_cap = self.max_steps
         # the budget's decision comes with an evaluation PROBE_STEPS steps in at the latest
         self.budget_probe_step = self.step + PROBE_STEPS
         self.budget_decide_from = self.step + MIN_TIMED_STEPS
@@ -260,22 +262,25 @@ class Trainer:
 
     def _fit_budget(self, step_s: float, eval_s: float) -> None:
         """TrainerArgs.time_budget_minutes, at the first evaluation: the step count that fits;
-        at each later one, a shorter count where the pace so far no longer fits it (never a
-        longer one: the learning-rate schedule only ever ends sooner)."""
+        at each later one, the count that fits the pace of all the steps timed so far, where it
+        is shorter than the plan or REPLAN_LONGER longer (never past the configured length)."""
         minutes = self.args.time_budget_minutes
         assert minutes is not None
         elapsed = time.monotonic() - self.started
-        configured = self.max_steps
+        if not self.budget_replans:
+            self.budget_cap = self.max_steps
+        configured = self.budget_cap
         fits = affordable_steps(
             budget_s=60.0 * minutes, elapsed_s=elapsed, step=self.step, step_s=step_s,
             eval_s=eval_s, eval_interval=self.eval_interval, max_steps=configured,
         )
         chosen = agree_min(fits)
         if self.budget_replans:
-            if chosen < configured:
+            planned = self.max_steps
+            if chosen < planned or chosen > planned * REPLAN_LONGER:
                 self.logger.print(replan_line(
                     minutes=minutes, elapsed_s=elapsed, step=self.step, step_s=step_s,
-                    eval_s=eval_s, chosen=chosen, planned=configured,
+                    eval_s=eval_s, chosen=chosen, planned=planned,
                 ))
                 self._set_max_steps(chosen)
             return

@@ -71,43 +71,51 @@ class _Run(SimpleNamespace):
         self.budget_pending = False
 
 
-def test_later_evaluations_shorten_a_run_that_slows_down_and_never_lengthen_it(
-        monkeypatch) -> None:
+def test_later_evaluations_plan_again_with_the_pace_so_far(monkeypatch) -> None:
     import hstu.training.trainer as trainer_module
+    from hstu.training.budget import REPLAN_LONGER
     from hstu.training.trainer import Trainer
 
     now = {"t": 0.0}
     monkeypatch.setattr(trainer_module.time, "monotonic", lambda: now["t"])
     lines: list[str] = []
-    run = _Run(args=SimpleNamespace(time_budget_minutes=10.0), started=0.0, max_steps=100_000,
+    cap = 6000  # the configured length (steps or epochs)
+    run = _Run(args=SimpleNamespace(time_budget_minutes=10.0), started=0.0, max_steps=cap,
                step=40, eval_interval=40, budget_pending=True, budget_replans=False,
-               logger=SimpleNamespace(print=lines.append))
+               budget_cap=cap, logger=SimpleNamespace(print=lines.append))
 
-    def planned(step_s: float, eval_s: float = 2.0) -> int:
+    def fits(step_s: float, eval_s: float = 2.0) -> int:
         return affordable_steps(budget_s=600, elapsed_s=now["t"], step=run.step, step_s=step_s,
-                                eval_s=eval_s, eval_interval=40, max_steps=run.max_steps)
+                                eval_s=eval_s, eval_interval=40, max_steps=cap)
 
     now["t"] = 20.0  # the first decision: 0.2 s a step
-    first = planned(0.2)
+    first = fits(0.2)
     Trainer._fit_budget(run, 0.2, 2.0)
-    assert run.max_steps == first and first < 100_000 and run.budget_replans
-    assert "training to step" in lines[-1] and "slower" not in lines[-1]
-    # half-way, on the pace planned: nothing changes, nothing is said
+    assert run.max_steps == first and first < cap and run.budget_replans
+    assert "training to step" in lines[-1] and "than planned" not in lines[-1]
+    # later, on the pace planned: nothing changes, nothing is said
     run.step, now["t"] = 1000, 20.0 + 960 * 0.2 + 24 * 2.0
     Trainer._fit_budget(run, 0.2, 2.0)
     assert run.max_steps == first and len(lines) == 1
     # the steps turn dearer: the run ends sooner, and says so
-    run.step, now["t"] = 1400, 20.0 + 960 * 0.2 + 24 * 2.0 + 400 * 0.35 + 10 * 2.0
-    slower = planned(0.25)
+    run.step, now["t"] = 1400, now["t"] + 400 * 0.35 + 10 * 2.0
+    slower = fits(0.25)
     Trainer._fit_budget(run, 0.25, 2.0)
     assert run.max_steps == slower < first
     assert lines[-1].endswith(f"slower than planned; training to step {slower} instead of "
                               f"{first} (the learning-rate schedule ends there)")
-    # faster again: the shorter plan stays
-    now["t"] += 10.0
-    run.step += 40
-    Trainer._fit_budget(run, 0.01, 0.1)
+    # a pace a little faster (within REPLAN_LONGER of the plan) moves nothing
+    run.step, now["t"] = 1440, now["t"] + 40 * 0.25 + 2.0
+    pace = next(p / 1000 for p in range(250, 0, -1)
+                if slower < fits(p / 1000) <= slower * REPLAN_LONGER)
+    Trainer._fit_budget(run, pace, 2.0)
     assert run.max_steps == slower and len(lines) == 2
+    # much faster: longer again, never past the configured length
+    Trainer._fit_budget(run, 0.02, 2.0)
+    assert run.max_steps == fits(0.02) > slower * REPLAN_LONGER
+    assert "faster than planned" in lines[-1] and len(lines) == 3
+    Trainer._fit_budget(run, 0.0001, 0.01)
+    assert run.max_steps == cap
 
 
 @pytest.fixture(scope="module")
@@ -134,11 +142,11 @@ def test_a_run_fits_its_budget_and_a_resume_keeps_the_choice(tmp) -> None:
     assert line, run["out"][-3000:]
     chosen = int(line.group(4))
     assert 40 < chosen < configured
-    # a later evaluation may shorten it again (a host slower than at step 40): said in a line
-    replans = re.findall(r"slower than planned; training to step (\d+) instead of (\d+)",
-                         run["out"])
-    for (shorter, planned), before in zip(replans, [chosen] + [int(a) for a, _ in replans]):
-        assert int(planned) == before and int(shorter) < before
+    # a later evaluation may plan again (a pace other than at step 40's): said in a line
+    replans = re.findall(r"(?:slower|faster) than planned; training to step (\d+) instead of "
+                         r"(\d+)", run["out"])
+    for (new, planned), before in zip(replans, [chosen] + [int(a) for a, _ in replans]):
+        assert int(planned) == before and int(new) != before
     chosen = int(replans[-1][0]) if replans else chosen
     loss = losses(run["metrics"])
     assert max(loss) == chosen and len(loss) == chosen  # every step up to the chosen one
