@@ -8,9 +8,9 @@ the steps up to N, the evaluations due on the way (every ``eval_interval`` steps
 the test split (costed as one more evaluation); the largest N whose work fits ``SAFETY`` of
 the time left is the new step count, never above the configured one. Each later evaluation
 plans again with the pace of all the steps timed so far: shorter where the plan no longer
-fits (a host that slows down, steps that grow dearer), longer where the first steps' pace was
-slower than the run's (more than ``REPLAN_LONGER`` of the plan, never past the configured
-length); the learning-rate schedule ends at the new plan's last step. The
+fits (a host that slows down, steps that grow dearer; by more than ``REPLAN_SHORTER``), longer
+where the first steps' pace was slower than the run's (more than ``REPLAN_LONGER`` of the plan,
+never past the configured length); the learning-rate schedule ends at the new plan's last step. The
 budget counts from the process's start (``hstu.STARTED``) when a run comes from an entry
 point's command line.
 """
@@ -36,7 +36,10 @@ MIN_TIMED_STEPS = 40
 first steps' one-off costs (allocations, caches) more than the run's pace."""
 REPLAN_LONGER = 1.05
 """A later evaluation lengthens the plan only when the steps that fit are more than this
-times the plan (a plan that moves by noise would move the learning-rate schedule with it)."""
+times the plan (a plan that moves by noise would move the learning-rate schedule with it)..."""
+REPLAN_SHORTER = 0.98
+"""... and shortens it only when they are fewer than this times the plan (a plan 2 % too long
+still ends inside the budget: the plan fills SAFETY of the time left)."""
 UNTIMED_STEPS = 3
 """The first steps after the start are not timed (their one-off costs are in the time spent,
 not in the pace)."""

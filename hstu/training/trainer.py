@@ -20,6 +20,7 @@ from hstu.training.budget import (
     MIN_TIMED_STEPS,
     PROBE_STEPS,
     REPLAN_LONGER,
+    REPLAN_SHORTER,
     UNTIMED_STEPS,
     affordable_steps,
     agree_min,
@@ -263,7 +264,8 @@ class Trainer:
     def _fit_budget(self, step_s: float, eval_s: float) -> None:
         """TrainerArgs.time_budget_minutes, at the first evaluation: the step count that fits;
         at each later one, the count that fits the pace of all the steps timed so far, where it
-        is shorter than the plan or REPLAN_LONGER longer (never past the configured length)."""
+        is REPLAN_SHORTER shorter than the plan or REPLAN_LONGER longer (never past the
+        configured length)."""
         minutes = self.args.time_budget_minutes
         assert minutes is not None
         elapsed = time.monotonic() - self.started
@@ -277,7 +279,7 @@ class Trainer:
         chosen = agree_min(fits)
         if self.budget_replans:
             planned = self.max_steps
-            if chosen < planned or chosen > planned * REPLAN_LONGER:
+            if chosen < planned * REPLAN_SHORTER or chosen > planned * REPLAN_LONGER:
                 self.logger.print(replan_line(
                     minutes=minutes, elapsed_s=elapsed, step=self.step, step_s=step_s,
                     eval_s=eval_s, chosen=chosen, planned=planned,

@@ -73,7 +73,7 @@ class _Run(SimpleNamespace):
 
 def test_later_evaluations_plan_again_with_the_pace_so_far(monkeypatch) -> None:
     import hstu.training.trainer as trainer_module
-    from hstu.training.budget import REPLAN_LONGER
+    from hstu.training.budget import REPLAN_LONGER, REPLAN_SHORTER
     from hstu.training.trainer import Trainer
 
     now = {"t": 0.0}
@@ -96,6 +96,11 @@ def test_later_evaluations_plan_again_with_the_pace_so_far(monkeypatch) -> None:
     # later, on the pace planned: nothing changes, nothing is said
     run.step, now["t"] = 1000, 20.0 + 960 * 0.2 + 24 * 2.0
     Trainer._fit_budget(run, 0.2, 2.0)
+    assert run.max_steps == first and len(lines) == 1
+    # a pace a little slower (within REPLAN_SHORTER of the plan) moves nothing
+    pace = next(p / 1000 for p in range(201, 400)
+                if first * REPLAN_SHORTER <= fits(p / 1000) < first)
+    Trainer._fit_budget(run, pace, 2.0)
     assert run.max_steps == first and len(lines) == 1
     # the steps turn dearer: the run ends sooner, and says so
     run.step, now["t"] = 1400, now["t"] + 400 * 0.35 + 10 * 2.0
