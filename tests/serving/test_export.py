@@ -227,6 +227,7 @@ def test_unknown_item_ids_are_skipped_and_counted(retrieval, tmp) -> None:
     assert result.num_rows == 3 * 5 and set(result.column("rank").to_pylist()) == {1, 2, 3, 4, 5}
 
 
+@pytest.mark.slow
 def test_empty_histories_file(retrieval, tmp) -> None:
     empty = tmp / "empty.csv"
     empty.write_text("")

@@ -50,6 +50,7 @@ def test_the_same_seed_gives_the_same_codes_and_another_seed_other_codes() -> No
     assert not np.array_equal(a.codes, c.codes)  # the seed is used
 
 
+@pytest.mark.slow  # (the one-process determinism tests stay in the default tier)
 def test_the_same_codes_in_two_processes(tmp_path) -> None:
     """Across processes too (nothing depends on hash seeds or the process's state)."""
     x = clustered(200)

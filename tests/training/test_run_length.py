@@ -51,16 +51,16 @@ def tmp(tmp_path_factory):
 def test_a_run_in_epochs_trains_and_evaluates_where_the_epochs_say(tmp) -> None:
     params = [
         'TrainerArgs.pipeline_type="none"', "TrainerArgs.max_train_iters=None",
-        "TrainerArgs.max_train_epochs=2.5",
+        "TrainerArgs.max_train_epochs=1.5",
         "TrainerArgs.eval_interval_epochs=0.5", 'OptimizerArgs.lr_decay_style="linear"',
         "OptimizerArgs.min_learning_rate=0.0", "OptimizerArgs.lr_warmup_iters=0",
     ]
     run = run_job(tmp, "epochs", params=params, timeout=240)
     per_epoch = int(re.search(r"(\d+) steps/epoch", run["out"]).group(1))
     assert per_epoch >= 4  # (the split must make 0.5 epoch more than one step)
-    total = math.ceil(2.5 * per_epoch)
+    total = math.ceil(1.5 * per_epoch)
     interval = round(0.5 * per_epoch)
-    assert (f"[hstu] run length: 2.5 epochs = {total} steps; an evaluation every 0.5 epoch = "
+    assert (f"[hstu] run length: 1.5 epochs = {total} steps; an evaluation every 0.5 epoch = "
             f"{interval} steps ({per_epoch} steps an epoch)") in run["out"]
     loss = losses(run["metrics"])
     assert sorted(loss) == list(range(1, total + 1))  # every step, and none past the length
