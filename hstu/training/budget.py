@@ -8,11 +8,11 @@ the steps up to N, the evaluations due on the way (every ``eval_interval`` steps
 the test split (costed as one more evaluation); the largest N whose work fits ``SAFETY`` of
 the time left is the new step count, never above the configured one. Each later evaluation
 plans again with the pace of all the steps timed so far: shorter where the plan no longer
-fits (a host that slows down, steps that grow dearer; by more than ``REPLAN_SHORTER``), longer
-where the first steps' pace was slower than the run's (more than ``REPLAN_LONGER`` of the plan,
-never past the configured length); the learning-rate schedule ends at the new plan's last step. The
-budget counts from the process's start (``hstu.STARTED``) when a run comes from an entry
-point's command line.
+fits by more than ``REPLAN_SHORTER`` (a host that slows down, steps that grow dearer), longer
+where more than ``REPLAN_LONGER`` of it would fit (the first steps were slower than the run),
+never past the configured length; the learning-rate schedule ends at the new plan's last
+step. The budget counts from the process's start (``hstu.STARTED``) when a run comes from an
+entry point's command line.
 """
 
 from __future__ import annotations

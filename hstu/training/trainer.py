@@ -232,8 +232,8 @@ class Trainer:
         self.validation = Validation(self)
         self.budget_pending = self.args.time_budget_minutes is not None and not evaluate_only
         self.budget_replans = False  # the budget decided in this process: later evaluations
-        # plan again with the pace so far, up to the length the run had before (budget_cap)
-        self.budget_cap = self.max_steps
+        # plan again with the pace so far, never past the configured length
+        self.budget_cap = self.max_steps  # (only the budget changes max_steps from here on)
         # the budget's decision comes with an evaluation PROBE_STEPS steps in at the latest
         self.budget_probe_step = self.step + PROBE_STEPS
         self.budget_decide_from = self.step + MIN_TIMED_STEPS
@@ -269,8 +269,6 @@ class Trainer:
         minutes = self.args.time_budget_minutes
         assert minutes is not None
         elapsed = time.monotonic() - self.started
-        if not self.budget_replans:
-            self.budget_cap = self.max_steps
         configured = self.budget_cap
         fits = affordable_steps(
             budget_s=60.0 * minutes, elapsed_s=elapsed, step=self.step, step_s=step_s,
