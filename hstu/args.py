@@ -590,8 +590,10 @@ class NetworkArgs:
     """Attention heads H (split over the tensor-parallel group)."""
     kv_channels: int = REQUIRED
     """Per-head width d of Q, K, V and U."""
-    hidden_dropout: float = 0.2
-    """Dropout on the layer output (and on the input embeddings)."""
+    hidden_dropout: float | Literal["auto"] = 0.2
+    """Dropout on the layer output (and on the input embeddings); "auto" from the data's mean
+    history length: 0.2 up to 20 events a sequence on average, 0.5 above
+    (hstu.data.sizes.resolve_dropout; one line of the run's log says which)."""
     norm_epsilon: float = 1e-5
     """LayerNorm epsilon."""
     is_causal: bool = True
@@ -708,7 +710,7 @@ class NetworkArgs:
             "sid_decoder_layers", "sid_decoder_heads",
         )
         _require(
-            0.0 <= self.hidden_dropout < 1.0,
+            self.hidden_dropout == AUTO or 0.0 <= self.hidden_dropout < 1.0,
             self,
             "hidden_dropout",
             f"must be in [0, 1), got {self.hidden_dropout}",

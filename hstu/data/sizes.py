@@ -177,6 +177,11 @@ def resolve_sizes(cfg: Any) -> Any:
     except ConfigError as exc:
         loc = where.get(("NetworkArgs", "hidden_size", ""))
         raise exc.with_location(loc or _source(cfg)) from None
+    try:
+        network, dropout_line = resolve_dropout(network, info)
+    except ConfigError as exc:
+        loc = where.get(("NetworkArgs", "hidden_dropout", ""))
+        raise exc.with_location(loc or _source(cfg)) from None
     from hstu.gin_parsing import unrecorded
 
     try:
@@ -208,7 +213,7 @@ def resolve_sizes(cfg: Any) -> Any:
     except ConfigError as exc:
         loc = where.get(("NetworkArgs", "mask_convention", ""))
         raise exc.with_location(loc or _source(cfg)) from None
-    choices = [*cfg.choices, *(x for x in (width_line, line) if x)]
+    choices = [*cfg.choices, *(x for x in (width_line, dropout_line, line) if x)]
     return dataclasses.replace(cfg, network=network, tables=tables, ranking=ranking,
                                retrieval=retrieval, choices=choices)
 
@@ -254,6 +259,43 @@ def resolve_width(network: NetworkArgs, task: str, num_items: int, first_item_id
            else f"{items} items, more than {AUTO_WIDTHS[-2][0]:,}")
     return (dataclasses.replace(network, hidden_size=width),
             f'[hstu] hidden_size "auto" -> {width}: {why}')
+
+
+AUTO_DROPOUTS = ((20.0, 0.2), (None, 0.5))
+"""NetworkArgs.hidden_dropout="auto": (at most this many events a sequence on average,
+dropout), the first that holds. Measured on validation (docs/results.md "Own data: the
+recipe that sizes itself"): 0.5 is the dropout tuned on ML-100K (106 events a sequence) and
+kept on ML-1M (166); on Instacart's orders (10.4 events a sequence) 0.2 trained to a better
+NDCG@10 inside the same 10-minute budget."""
+
+
+def mean_history(info: Any) -> float | None:
+    """The dataset's mean events a sequence (metadata.json ``seqlen.mean``); None where the
+    dataset has no such record (benchmark data, streams)."""
+    seqlen = (getattr(info, "metadata", None) or {}).get("seqlen") or {}
+    mean = seqlen.get("mean")
+    return None if mean is None else float(mean)
+
+
+def resolve_dropout(network: NetworkArgs, info: Any) -> tuple[NetworkArgs, str | None]:
+    """NetworkArgs with hidden_dropout="auto" resolved from the dataset's mean history
+    length (``info``: a DataInfo), and the line that says what was chosen and why; (network,
+    None) when it is not "auto"."""
+    if network.hidden_dropout != AUTO:
+        return network, None
+    mean = mean_history(info)
+    if mean is None:
+        raise ConfigError("NetworkArgs", "hidden_dropout",
+                          f'"auto" reads the mean history length from the dataset\'s '
+                          f"{METADATA_FILE} (seqlen.mean), which {info.dataset_name} does not "
+                          "record; give the dropout")
+    for limit, dropout in AUTO_DROPOUTS:
+        if limit is None or mean <= limit:
+            break
+    why = (f"{mean:g} events a sequence on average, at most {limit:g}" if limit is not None
+           else f"{mean:g} events a sequence on average, more than {AUTO_DROPOUTS[-2][0]:g}")
+    return (dataclasses.replace(network, hidden_dropout=dropout),
+            f'[hstu] hidden_dropout "auto" -> {dropout:g}: {why}')
 
 
 AUTO_NEGATIVES = 1024
@@ -309,11 +351,14 @@ def describe_sizes(cfg: Any) -> str:
 
 
 __all__ = [
+    "AUTO_DROPOUTS",
     "AUTO_WIDTHS",
     "action_kind",
     "describe_sizes",
     "info_from_metadata",
+    "mean_history",
     "read_metadata",
+    "resolve_dropout",
     "resolve_head",
     "resolve_sizes",
     "resolve_width",

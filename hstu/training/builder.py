@@ -31,6 +31,7 @@ from hstu.data import DataInfo, build_data
 from hstu.data.negatives import NegativeSampler
 from hstu.data.sizes import (
     dynamic_item_table,
+    resolve_dropout,
     resolve_head,
     resolve_sampling,
     resolve_width,
@@ -261,6 +262,10 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
                                             info.first_item_id)
     if width_line is not None:
         cfg.choices.append(width_line)
+    # hidden_dropout "auto" from the data's mean history length (resolved already, likewise)
+    cfg.network, dropout_line = resolve_dropout(cfg.network, info)
+    if dropout_line is not None:
+        cfg.choices.append(dropout_line)
     cfg.retrieval, line = resolve_sampling(
         cfg.retrieval, info.num_items, info.first_item_id,
         any(dynamic_item_table(tb, info.item_feature_name) for tb in tables),
