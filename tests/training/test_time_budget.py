@@ -123,6 +123,30 @@ def test_later_evaluations_plan_again_with_the_pace_so_far(monkeypatch) -> None:
     assert run.max_steps == cap
 
 
+def test_the_command_line_budget_counts_from_the_process_start(plain_process, monkeypatch
+                                                               ) -> None:
+    """A run from the command line (argv None: this process's own) takes its clock from
+    hstu.STARTED, set at the first import of hstu, so that imports and set-up are inside the
+    budget; a run given its argv (called from Python) leaves it to the Trainer."""
+    import sys
+
+    import hstu
+    import hstu.training.run
+    from hstu.cli import main
+
+    seen = []
+    monkeypatch.setattr(hstu.training.run, "run", lambda cfg, evaluate_only: seen.append(cfg)
+                        or 0)
+    argv = ["--gin-config-file", "configs/benchmark_retrieval.gin",
+            "--gin-param", "TrainerArgs.time_budget_minutes=1"]
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    monkeypatch.setattr(sys, "argv", ["pretrain_gr_retrieval.py", *argv])
+    assert main("retrieval") == 0
+    assert main("retrieval", argv) == 0
+    assert [cfg.started for cfg in seen] == [hstu.STARTED, None]
+    assert seen[0].trainer.time_budget_minutes == 1
+
+
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory):
     return tmp_path_factory.mktemp("budget")
