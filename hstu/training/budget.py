@@ -7,7 +7,8 @@ run has timed its start-up, its training steps (the evaluations' time left out, 
 the steps up to N, the evaluations due on the way (every ``eval_interval`` steps and at N) and
 the test split (costed as one more evaluation); the largest N whose work fits ``SAFETY`` of
 the time left is the new step count, never above the configured one. Each later evaluation
-plans again with the pace of all the steps timed so far: shorter where the plan no longer
+plans again with the pace of the steps since the first evaluation (``StepPace``; of all the
+steps timed where fewer than ``RECENT_MIN_STEPS`` ran since): shorter where the plan no longer
 fits by more than ``REPLAN_SHORTER`` (a host that slows down, steps that grow dearer), longer
 where more than ``REPLAN_LONGER`` of it would fit (the first steps were slower than the run),
 never past the configured length; the learning-rate schedule ends at the new plan's last
@@ -43,6 +44,43 @@ still ends inside the budget: the plan fills SAFETY of the time left)."""
 UNTIMED_STEPS = 3
 """The first steps after the start are not timed (their one-off costs are in the time spent,
 not in the pace)."""
+RECENT_MIN_STEPS = 20
+"""A later plan takes the pace of the steps since the first evaluation when at least this many
+ran (else of every step timed): the steps before it often run 10-30 % slower than the rest of
+the run, and a pace averaged over them planned runs that ended a tenth of their budget early
+(the pace since the last evaluation alone follows the host's noise: plans that move the
+learning-rate schedule back and forth)."""
+
+
+class StepPace:
+    """Seconds a training step, the evaluations' seconds left out, for the budget's plans:
+    over every step from ``UNTIMED_STEPS`` after ``step`` (the first plan), or over the steps
+    since the first evaluation (later plans, :data:`RECENT_MIN_STEPS`). Times are
+    ``time.monotonic()`` readings; ``eval_total`` the evaluations' seconds so far."""
+
+    def __init__(self, step: int, now: float, eval_total: float) -> None:
+        self.timed_from = step + UNTIMED_STEPS
+        self.start = (step, now, eval_total)
+        self.last: tuple[int, float, float] | None = None
+
+    def stepped(self, step: int, now: float, eval_total: float) -> None:
+        """After each training step: the clock starts UNTIMED_STEPS steps in."""
+        if step == self.timed_from:
+            self.start = (step, now, eval_total)
+
+    def evaluated(self, step: int, now: float, eval_total: float) -> None:
+        """After each evaluation: the first one starts the later plans' clock."""
+        if self.last is None:
+            self.last = (step, now, eval_total)
+
+    def seconds(self, step: int, now: float, eval_total: float, recent: bool) -> float:
+        """Seconds a step: since the first evaluation with ``recent`` (when at least
+        RECENT_MIN_STEPS ran since), else since the clock started."""
+        if recent and self.last is not None and step - self.last[0] >= RECENT_MIN_STEPS:
+            since, steps = self.last, step - self.last[0]
+        else:
+            since, steps = self.start, step - self.timed_from
+        return (now - since[1] - (eval_total - since[2])) / max(1, steps)
 
 
 def run_length(args: Any, steps_per_epoch: int) -> tuple[int, int]:

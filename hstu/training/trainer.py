@@ -21,7 +21,7 @@ from hstu.training.budget import (
     PROBE_STEPS,
     REPLAN_LONGER,
     REPLAN_SHORTER,
-    UNTIMED_STEPS,
+    StepPace,
     affordable_steps,
     agree_min,
     budget_line,
@@ -371,15 +371,12 @@ class Trainer:
         self.losses = window.losses
         last_eval: dict[str, float] = {}
         eta = Eta(self.step)
-        # the budget's pace: seconds a training step, from the step UNTIMED_STEPS in, less the
-        # evaluations' seconds on the way
-        timed_from = self.step + UNTIMED_STEPS
-        clock = (time.monotonic(), self.validation.total_seconds)
+        # the budget's pace: seconds a training step, the evaluations' seconds left out
+        pace = StepPace(self.step, time.monotonic(), self.validation.total_seconds)
         with Preemption() as preemption, contextlib.closing(feed):
             while self.step < self.max_steps:
                 loss = self.train_step(batches)
-                if self.step == timed_from:
-                    clock = (time.monotonic(), self.validation.total_seconds)
+                pace.stepped(self.step, time.monotonic(), self.validation.total_seconds)
                 cost = feed.pop_cost()
                 window.record(loss, self.optimizer.last_grads_finite, cost.tokens, cost.flops)
                 if profiler is not None:
@@ -397,10 +394,11 @@ class Trainer:
                     say(train_line(self.step, self.max_steps, metrics,
                                    eta.seconds(self.step, self.max_steps)))
                 if self.validation.due(self.step):
-                    timed = max(1, self.step - timed_from)
-                    step_s = (time.monotonic() - clock[0]
-                              - (self.validation.total_seconds - clock[1])) / timed
+                    step_s = pace.seconds(self.step, time.monotonic(),
+                                          self.validation.total_seconds,
+                                          recent=self.budget_replans)
                     last_eval, stop = self.validation.run(self.step, self.pipeline, window, say)
+                    pace.evaluated(self.step, time.monotonic(), self.validation.total_seconds)
                     if stop:
                         break
                     if (self.budget_pending and self.step >= self.budget_decide_from

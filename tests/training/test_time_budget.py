@@ -123,6 +123,44 @@ def test_later_evaluations_plan_again_with_the_pace_so_far(monkeypatch) -> None:
     assert run.max_steps == cap
 
 
+def test_later_plans_take_the_pace_since_the_first_evaluation() -> None:
+    """StepPace: the first plan times every step from UNTIMED_STEPS in; a later one the steps
+    since the first evaluation (when RECENT_MIN_STEPS ran), evaluations left out."""
+    from hstu.training.budget import RECENT_MIN_STEPS, UNTIMED_STEPS, StepPace
+
+    clock = {"t": 5.0, "evals": 0.0}
+    pace = StepPace(0, clock["t"], clock["evals"])
+
+    def steps(first: int, last: int, seconds: float) -> None:
+        for step in range(first, last + 1):
+            clock["t"] += seconds
+            pace.stepped(step, clock["t"], clock["evals"])
+
+    def evaluate(step: int, seconds: float) -> tuple[float, float]:
+        now = (clock["t"], clock["evals"])
+        clock["t"] += seconds
+        clock["evals"] += seconds
+        pace.evaluated(step, clock["t"], clock["evals"])
+        return now
+
+    steps(1, UNTIMED_STEPS, 30.0)  # one-off costs: not timed
+    steps(UNTIMED_STEPS + 1, 10, 1.0)
+    # too few steps since the start of the clock... the first plan is every step timed
+    assert pace.seconds(10, *evaluate(10, 7.0), recent=True) == pytest.approx(1.0)
+    steps(11, 10 + RECENT_MIN_STEPS - 1, 0.5)
+    # too few since the first evaluation: every step timed
+    every = (7 * 1.0 + (RECENT_MIN_STEPS - 1) * 0.5) / (10 + RECENT_MIN_STEPS - 1 - UNTIMED_STEPS)
+    now = evaluate(10 + RECENT_MIN_STEPS - 1, 7.0)
+    assert pace.seconds(10 + RECENT_MIN_STEPS - 1, *now, recent=True) == pytest.approx(every)
+    steps(10 + RECENT_MIN_STEPS, 210, 0.5)
+    steps(211, 250, 0.7)  # the host slows a little: the pace since the first evaluation
+    now = evaluate(250, 7.0)
+    since_first = (200 * 0.5 + 40 * 0.7) / 240
+    assert pace.seconds(250, *now, recent=True) == pytest.approx(since_first)
+    assert pace.seconds(250, *now, recent=False) == pytest.approx(
+        (7 * 1.0 + 200 * 0.5 + 40 * 0.7) / (250 - UNTIMED_STEPS))
+
+
 def test_the_command_line_budget_counts_from_the_process_start(plain_process, monkeypatch
                                                                ) -> None:
     """A run from the command line (argv None: this process's own) takes its clock from
