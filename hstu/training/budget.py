@@ -61,7 +61,7 @@ class StepPace:
     def __init__(self, step: int, now: float, eval_total: float) -> None:
         self.timed_from = step + UNTIMED_STEPS
         self.start = (step, now, eval_total)
-        self.last: tuple[int, float, float] | None = None
+        self.first_eval: tuple[int, float, float] | None = None
 
     def stepped(self, step: int, now: float, eval_total: float) -> None:
         """After each training step: the clock starts UNTIMED_STEPS steps in."""
@@ -70,14 +70,14 @@ class StepPace:
 
     def evaluated(self, step: int, now: float, eval_total: float) -> None:
         """After each evaluation: the first one starts the later plans' clock."""
-        if self.last is None:
-            self.last = (step, now, eval_total)
+        if self.first_eval is None:
+            self.first_eval = (step, now, eval_total)
 
     def seconds(self, step: int, now: float, eval_total: float, recent: bool) -> float:
         """Seconds a step: since the first evaluation with ``recent`` (when at least
         RECENT_MIN_STEPS ran since), else since the clock started."""
-        if recent and self.last is not None and step - self.last[0] >= RECENT_MIN_STEPS:
-            since, steps = self.last, step - self.last[0]
+        if recent and self.first_eval is not None and step - self.first_eval[0] >= RECENT_MIN_STEPS:
+            since, steps = self.first_eval, step - self.first_eval[0]
         else:
             since, steps = self.start, step - self.timed_from
         return (now - since[1] - (eval_total - since[2])) / max(1, steps)
