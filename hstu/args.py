@@ -591,9 +591,9 @@ class NetworkArgs:
     kv_channels: int = REQUIRED
     """Per-head width d of Q, K, V and U."""
     hidden_dropout: float | Literal["auto"] = 0.2
-    """Dropout on the layer output (and on the input embeddings); "auto" from the data's mean
-    history length: 0.2 up to 20 events a sequence on average, 0.5 above
-    (hstu.data.sizes.resolve_dropout; one line of the run's log says which)."""
+    """Dropout on the layer output (and on the input embeddings); "auto" from the data's number
+    of sequences: 0.5 up to 2,000, 0.2 above (hstu.data.sizes.resolve_dropout; one line of
+    the run's log says which)."""
     norm_epsilon: float = 1e-5
     """LayerNorm epsilon."""
     is_causal: bool = True

@@ -1,5 +1,5 @@
-"""NetworkArgs.hidden_dropout="auto": the dropout chosen from the data's mean history length,
-said in one line, and the model built with it (configs/cpu_retrieval.gin's setting)."""
+"""NetworkArgs.hidden_dropout="auto": the dropout chosen from the number of sequences in the
+data, said in one line, and the model built with it (configs/cpu_retrieval.gin's setting)."""
 
 from __future__ import annotations
 
@@ -21,53 +21,57 @@ def _network(**kw) -> NetworkArgs:
     return NetworkArgs(**{**base, **kw})
 
 
-def _info(mean: float | None) -> SimpleNamespace:
-    meta = {} if mean is None else {"seqlen": {"mean": mean, "max": 200, "min": 2}}
-    return SimpleNamespace(dataset_name="own", metadata=meta)
+def _info(sequences: int) -> SimpleNamespace:
+    return SimpleNamespace(dataset_name="own", num_users=sequences)
 
 
-def test_the_dropout_follows_the_mean_history_at_its_limit() -> None:
-    limit, sparse = AUTO_DROPOUTS[0]
-    dense = AUTO_DROPOUTS[-1][1]
-    assert sparse != dense
-    for mean, dropout in ((2.0, sparse), (limit, sparse), (limit + 0.01, dense), (165.6, dense)):
-        network, line = resolve_dropout(_network(), _info(mean))
-        assert network.hidden_dropout == dropout, mean
-        assert line.startswith(f'[hstu] hidden_dropout "auto" -> {dropout:g}: {mean:g} events '
-                               "a sequence on average")
+def _expected(sequences: int) -> float:
+    return next(d for limit, d in AUTO_DROPOUTS if limit is None or sequences <= limit)
+
+
+def test_the_dropout_follows_the_number_of_sequences_at_its_limit() -> None:
+    limit, few = AUTO_DROPOUTS[0]
+    many = AUTO_DROPOUTS[-1][1]
+    assert few > many  # a small dataset is regularised harder
+    for sequences, dropout in ((1, few), (943, few), (limit, few), (limit + 1, many),
+                               (14385, many)):
+        network, line = resolve_dropout(_network(), _info(sequences))
+        assert network.hidden_dropout == dropout, sequences
+        assert line.startswith(f'[hstu] hidden_dropout "auto" -> {dropout:g}: {sequences} '
+                               "sequences, ")
     # a fixed dropout is left as it is, without a line, whatever the data
     fixed = _network(hidden_dropout=0.3)
-    assert resolve_dropout(fixed, _info(None)) == (fixed, None)
+    assert resolve_dropout(fixed, _info(0)) == (fixed, None)
 
 
-def test_auto_dropout_without_the_mean_length_is_one_line() -> None:
+def test_auto_dropout_without_the_sequence_count_is_one_line() -> None:
     with pytest.raises(ConfigError) as err:
-        resolve_dropout(_network(), _info(None))
+        resolve_dropout(_network(), _info(0))
     assert (err.value.cls_name, err.value.field_name) == ("NetworkArgs", "hidden_dropout")
-    assert "metadata.json (seqlen.mean)" in err.value.message
+    assert "metadata.json (num_users)" in err.value.message
     with pytest.raises(ConfigError) as err:
         _network(hidden_dropout=1.0)
     assert err.value.field_name == "hidden_dropout"
 
 
-def _own_data(tmp_path: Path, events_a_user: int) -> Path:
+def _own_data(tmp_path: Path, users: int) -> Path:
     from hstu.data.data_args import CustomDataArgs
     from hstu.data.preprocess import preprocess
 
     raw = tmp_path / "events.csv"
     rows = ["user_id,item_id,timestamp"]
-    for event in range(40 * events_a_user):  # 40 users over 60 items
-        rows.append(f"u{event // events_a_user},i{event % 60},{event}")
+    for event in range(5 * users):  # 5 events a user over 60 items
+        rows.append(f"u{event // 5},i{event % 60},{event}")
     raw.write_text("\n".join(rows) + "\n")
     meta = preprocess("custom", raw=raw, out=tmp_path, output_name="own", verbose=False,
                       custom=CustomDataArgs(path=str(raw)))
-    assert meta["seqlen"]["mean"] == events_a_user
+    assert meta["num_users"] == users
     return tmp_path / "own"
 
 
-@pytest.mark.parametrize("events_a_user", [5, 30])
+@pytest.mark.parametrize("users", [40, AUTO_DROPOUTS[0][0] + 60])
 def test_the_recipe_builds_its_model_with_the_dropout_it_chose(
-    tmp_path, clean_gin, one_process_group, events_a_user
+    tmp_path, clean_gin, one_process_group, users
 ) -> None:
     """The entry points' resolution (resolve_sizes) and a run built from Python (build_all,
     which resolves it again) choose the same dropout, and every dropout of the model built
@@ -76,16 +80,16 @@ def test_the_recipe_builds_its_model_with_the_dropout_it_chose(
     from hstu.training.builder import build_all
     from hstu.training.distributed import DistEnv
 
-    path = _own_data(tmp_path, events_a_user)
+    path = _own_data(tmp_path, users)
     cfg = load_config(str(ROOT / "configs" / "cpu_retrieval.gin"), [
         f'DatasetArgs.dataset_path="{path}"', 'DatasetArgs.dataset_name="own"',
     ], task="retrieval", world_size=1)
     assert cfg.network.hidden_dropout == "auto"
-    expected = next(d for limit, d in AUTO_DROPOUTS if limit is None or events_a_user <= limit)
+    expected = _expected(users)
     resolved = resolve_sizes(cfg)
     assert resolved.network.hidden_dropout == expected
-    assert any(line.startswith(f'[hstu] hidden_dropout "auto" -> {expected:g}: '
-                               f"{events_a_user:g} events a sequence")
+    assert any(line.startswith(f'[hstu] hidden_dropout "auto" -> {expected:g}: {users} '
+                               "sequences")
                for line in resolved.choices), resolved.choices
 
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
