@@ -262,7 +262,7 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
                                             info.first_item_id)
     if width_line is not None:
         cfg.choices.append(width_line)
-    # hidden_dropout "auto" from the data's mean history length (resolved already, likewise)
+    # hidden_dropout "auto" from the data's number of sequences (resolved already, likewise)
     cfg.network, dropout_line = resolve_dropout(cfg.network, info)
     if dropout_line is not None:
         cfg.choices.append(dropout_line)
