@@ -3,13 +3,15 @@
 # GPU tests are marked and skip with their reason on CPU hosts.
 #   scripts/test.sh              the default suite (what `make test` runs)
 #   scripts/test.sh --slow       the slow tier only: long end-to-end variants (CI runs both)
-#   scripts/test.sh --all        both tiers in one run
+#   scripts/test.sh --extended   the extended tier: more points of slow tests' matrices (not in CI)
+#   scripts/test.sh --all        every tier in one run
 # Further arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tier=(-m "not slow")
+tier=(-m "not slow and not extended")
 case "${1:-}" in
-  --slow) tier=(-m slow); shift ;;
+  --slow) tier=(-m "slow and not extended"); shift ;;
+  --extended) tier=(-m extended); shift ;;
   --all) tier=(); shift ;;
 esac
 exec .venv/bin/python -m pytest -q --timeout 900 --durations=15 "${tier[@]}" "$@" tests

@@ -315,8 +315,14 @@ def _evaluate_retrieval(
     cold.update(ranks, own[1])
     out = acc.compute()  # host sums: the default group's host backend (gloo) reduces them
     out.update(cold.compute())
+    return _of_subset(out, used, total, cfg, env)
+
+
+def _of_subset(out: dict[str, float], used: int, total: int, cfg: RunConfig, env: DistEnv
+               ) -> dict[str, float]:
+    """Metrics of a subset of the users (RetrievalArgs.eval_num_users) carry the summary field
+    that says so, and the log says so in one line."""
     if used < total:
-        # the summary field that says these metrics are of a subset
         out["eval_users"] = float(used)
         if env.is_main:
             print(f"[hstu] evaluation on a fixed random subset of {used} of {total} users "
@@ -348,9 +354,7 @@ def _evaluate_decoded(
         cold.update(ranks, targets)
     out = acc.compute()
     out.update(cold.compute())
-    if used < total:
-        out["eval_users"] = float(used)
-    return out
+    return _of_subset(out, used, total, cfg, env)
 
 
 def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:

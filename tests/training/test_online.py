@@ -537,8 +537,16 @@ def full2(data, tmp_path_factory) -> Path:
     return run_dir
 
 
+# one process: two of the points in the slow tier (the 2-process test below takes all five);
+# the other three in the extended tier (scripts/test.sh --extended)
+ONE_PROCESS_SLOW = ("mid-window", "mid-save, before the rename")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("where", list(KILL_POINTS))
+@pytest.mark.parametrize("where", [
+    w if w in ONE_PROCESS_SLOW else pytest.param(w, marks=pytest.mark.extended)
+    for w in KILL_POINTS
+])
 def test_kill_anywhere_and_resume_is_bitwise_one_process(full, data, tmp_path, where):
     out = killed_then_resumed(data, tmp_path / "run", KILL_POINTS[where], 1)
     assert "stream: resumed after" in out

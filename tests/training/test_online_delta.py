@@ -453,8 +453,12 @@ def all_full(data, tmp_path_factory) -> dict[int, Path]:  # noqa: F811
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rows", [False, True], ids=["tables_whole", "table_rows"])
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize(("nproc", "rows"), [
+    pytest.param(1, False, id="1-tables_whole"),
+    pytest.param(1, True, id="1-table_rows", marks=pytest.mark.extended),
+    pytest.param(2, False, id="2-tables_whole", marks=pytest.mark.extended),
+    pytest.param(2, True, id="2-table_rows"),
+])
 def test_resume_from_base_and_deltas_is_bitwise(all_full, data, tmp_path, nproc,  # noqa: F811
                                                 rows):
     """Stopped at a checkpoint that is the 3rd delta on its base, then resumed: every

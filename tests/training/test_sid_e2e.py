@@ -49,22 +49,30 @@ def _final(rows: list[dict], split: str, name: str) -> float:
     return [float(r["value"]) for r in rows if r["split"] == split and r["name"] == name][-1]
 
 
-@pytest.mark.slow  # two runs of the preset, shortened: ~3 min
+# histories cut to their last 50 items (ML-100K's average is 106) and evaluations on a fixed
+# subset of 400 of the 943 users at beam 20: the preset as it is took 9 minutes here
+SHORT = "DatasetArgs.max_sequence_length=50"
+SUBSET = [SHORT, "RetrievalArgs.eval_num_users=400", "RetrievalArgs.sid_beam_width=20"]
+
+
+@pytest.mark.slow  # two runs of the preset, shortened: ~2 min
 def test_the_sid_preset_learns_to_decode_the_next_movie(ml100k, tmp_path):
     data, codes = ml100k
-    short = ["TrainerArgs.max_train_iters=160", "TrainerArgs.eval_interval=80",
-             "TrainerArgs.log_interval=20", "TrainerArgs.train_batch_size=128"]
-    _, rows = _run(data, codes, tmp_path / "run", short)
+    short = ["TrainerArgs.max_train_iters=160", "TrainerArgs.eval_interval=160",
+             "TrainerArgs.log_interval=20", "TrainerArgs.train_batch_size=128", *SUBSET]
+    out, rows = _run(data, codes, tmp_path / "run", short)
+    assert "400 of 943" in out, out[-3000:]  # the subset is what was evaluated
     losses = [float(r["value"]) for r in rows if r["split"] == "train" and r["name"] == "loss"]
     assert losses[-1] < losses[0] - 1.0, losses  # the summed per-level cross-entropy falls
     hr = _final(rows, "eval", "test/HR@10")
     # an untrained model (learning rate ~0, below) decodes near chance
     _, rows0 = _run(data, codes, tmp_path / "untrained",
                        [*short, "OptimizerArgs.learning_rate=1e-30",
-                        "TrainerArgs.max_train_iters=80"])
+                        "TrainerArgs.max_train_iters=2", "TrainerArgs.eval_interval=2"])
     hr0 = _final(rows0, "eval", "test/HR@10")
     print(f"trained HR@10 {hr:.4f}, untrained {hr0:.4f}, losses {losses[0]:.2f} -> {losses[-1]:.2f}")
-    assert hr > max(0.04, 2 * hr0), (hr, hr0)
+    # chance is 10 / 1,682 = 0.006; 160 steps on histories of 50 reach ~0.06 on these 400 users
+    assert hr > max(0.03, 2 * hr0), (hr, hr0)
 
 
 def test_items_without_codes_are_refused_in_one_line(ml100k, tmp_path):
@@ -115,19 +123,22 @@ def test_the_sid_artifact_recommends_the_trainers_top_k_in_raw_ids(ml100k, tmp_p
     _run(data, codes, run_dir, ["TrainerArgs.max_train_iters=80", "TrainerArgs.eval_interval=80",
                                 "TrainerArgs.ckpt_save_interval=80",
                                 "RetrievalArgs.sid_new_item_spread=0.3",
+                                "RetrievalArgs.sid_beam_width=20", SHORT,
                                 f'TrainerArgs.ckpt_save_dir="{ckpt}"'])
     env = _env()
     for cmd in ([sys.executable, "-m", "hstu.export", "--ckpt", str(ckpt), "--out", str(art),
                  "--no-aoti"],
                 [sys.executable, "-m", "tests.serving.reference", "sid", str(data), str(ckpt),
                  str(tmp_path / "ref_run"), str(tmp_path / "ref.pt"), str(codes),
-                 "RetrievalArgs.sid_new_item_spread=0.3"]):
+                 "RetrievalArgs.sid_new_item_spread=0.3", "RetrievalArgs.sid_beam_width=20",
+                 SHORT]):
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=600, check=False)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["model"]["sid"]["num_codes"][:2] == [64, 64]
     assert manifest["model"]["sid"]["spread"] == 0.3  # decoded as the trainer decodes
+    assert manifest["model"]["sid"]["beam_width"] == 20
     ref = torch.load(tmp_path / "ref.pt", weights_only=False)
     out = tmp_path / "top10.csv"
     proc = recommend("--model", str(art), "--input", str(data), "--out", str(out), "--top-k", "10",

@@ -199,7 +199,7 @@ def write_rated_stream(folder: Path, seed: int, first: int, partitions: int,
 
 
 @pytest.mark.parametrize(("nproc", "admit"), [
-    pytest.param(1, 1, marks=pytest.mark.slow), pytest.param(1, 3, marks=pytest.mark.slow),
+    pytest.param(1, 1, marks=pytest.mark.extended), pytest.param(1, 3, marks=pytest.mark.slow),
     pytest.param(2, 1, marks=pytest.mark.slow),
 ])
 def test_hashed_ids_expire_and_resume_exactly(tmp_path, nproc, admit):
