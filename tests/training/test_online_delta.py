@@ -494,7 +494,7 @@ def test_resume_from_base_and_deltas_is_bitwise(all_full, data, tmp_path, nproc,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [pytest.param(1, marks=pytest.mark.extended), 2])
 def test_kill_during_a_delta_save_resumes_bitwise(all_full, data, tmp_path, nproc):  # noqa: F811
     """SIGKILL right after the 2nd user-store delta was written into a checkpoint being
     saved (on 2 processes: rank 1): the half-written checkpoint is never read; the restart

@@ -303,7 +303,7 @@ def test_retrieval_on_an_open_catalogue(tmp_path, nproc):
     assert any(w["HR@10"] > 0 for w in rows[1:])
 
 
-@pytest.mark.parametrize("nproc", [pytest.param(1, marks=pytest.mark.slow),
+@pytest.mark.parametrize("nproc", [pytest.param(1, marks=pytest.mark.extended),
                                    pytest.param(2, marks=pytest.mark.slow)])
 def test_an_open_catalogue_with_admission_trains_and_counts_what_waits(tmp_path, nproc):
     """item/DynamicEmbeddingArgs.admit_min_count = 3: an item gets a row at its third
