@@ -953,6 +953,12 @@ class RetrievalArgs:
     decoder learns from training targets only: an item never trained on (a new item with content
     codes, DatasetArgs.cold_items) can then be returned where its prefix is likely. 0: items as the
     decoder scores them (docs/semantic_ids.md "New items")."""
+    sid_exclude_history_from_loss: bool = False
+    """NetworkArgs.architecture="hstu_sid": each level's training softmax covers only the codes
+    that lead to an item outside the query's history (its position and before, except its
+    target), since evaluation never returns those items; decoding then renormalises each level
+    over the codes it may take, the same distribution (docs/semantic_ids.md "History left out").
+    False: every code of the level, and decoding scores as the decoder does."""
     eval_memory_mb: int = 256
     """Evaluation scores every rank's queries against its slice of the catalogue in blocks of items
     sized so that a block's [queries x items] work stays within this many MiB (the ranks' results

@@ -283,7 +283,8 @@ def check_sid_decoding(network: Any, retrieval: Any) -> None:
     there rather than ignored."""
     if retrieval is None or network.architecture == "hstu_sid":
         return
-    for field, unset in (("sid_new_item_spread", 0.0), ("sid_certify", False)):
+    for field, unset in (("sid_new_item_spread", 0.0), ("sid_certify", False),
+                         ("sid_exclude_history_from_loss", False)):
         if getattr(retrieval, field) != unset:
             raise ConfigError("RetrievalArgs", field,
                               f'is read by NetworkArgs.architecture="hstu_sid" only (architecture '

@@ -168,6 +168,7 @@ def build_model(
             certify=task_args.sid_certify,
             spread=task_args.sid_new_item_spread,
             eval_exclude_history=task_args.eval_exclude_history,
+            exclude_history_from_loss=task_args.sid_exclude_history_from_loss,
         ))
     if task == "retrieval":
         dense = RetrievalModel(

@@ -64,6 +64,10 @@ class SidRetrievalModel(DenseModel):
         min_item_id: first real item id. max_item_seqlen, tp_group: as for dense retrieval.
         beam_width, certify, spread: decoding (:func:`hstu.model.sid_decode.beam_search`).
         eval_exclude_history: never recommend an item of the query's history.
+        exclude_history_from_loss: each level's training softmax covers only the codes that
+            lead to an item outside the query's history (its position and before, except its
+            target), and decoding renormalises each level over the codes it may take (the same
+            distribution); False: every code of the level, decoding as the decoder scores.
     """
 
     decodes_codes = True
@@ -86,6 +90,7 @@ class SidRetrievalModel(DenseModel):
         certify: bool = False,
         spread: float = 0.0,
         eval_exclude_history: bool = True,
+        exclude_history_from_loss: bool = False,
     ) -> None:
         super().__init__(token_builder, block, max_item_seqlen, None)
         if codes.dim() != 2 or codes.shape[1] != len(num_codes):
@@ -97,6 +102,8 @@ class SidRetrievalModel(DenseModel):
         self.item_embedding = item_embedding
         self.beam_width, self.certify, self.spread = beam_width, certify, spread
         self.eval_exclude_history = eval_exclude_history
+        self.exclude_history_from_loss = exclude_history_from_loss
+        self._code_tables: tuple[list[torch.Tensor], ...] | None = None
         self.sid_feature = sid_feature_name(token_builder.item_feature_name)
         hidden = token_builder.hidden_size
         self.decoder = CodeDecoder(hidden, self.num_codes, decoder_layers, decoder_heads,
@@ -141,11 +148,76 @@ class SidRetrievalModel(DenseModel):
         queries = history_states.index_select(0, q.query_rows)
         targets = self.codes.index_select(0, own.item_ids.index_select(0, q.next_rows))
         logits = self.decoder(queries, targets)
+        if self.exclude_history_from_loss and self.training:
+            allowed = self._allowed_codes(q, own.item_ids, targets,
+                                          own.item_ids.index_select(0, q.next_rows),
+                                          own.sizes.num_history_items)
+            logits = [lg.masked_fill(~ok, float("-inf")) for lg, ok in zip(logits, allowed)]
         per_query = sum(
             F.cross_entropy(lg.float(), targets[:, level], reduction="none")
             for level, lg in enumerate(logits)
         )
         return per_query.sum() * pending.wait(), per_query.detach()
+
+    def _tables(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Per level l, on the codes' device: each item id's level-(l+1) trie node (-1: no
+        codes) [num_items], the trie's level-(l+1) keys, and the items below each such node."""
+        if self._code_tables is None:
+            cat, device = self.catalogue(), self.codes.device
+            node_of_id = []
+            for nodes in cat.trie.item_nodes:
+                table = torch.full((self.num_items,), -1, dtype=torch.int64)
+                table[cat.ids] = nodes
+                node_of_id.append(table.to(device))
+            self._code_tables = (node_of_id, [k.to(device) for k in cat.trie.keys],
+                                 [n.to(device) for n in cat.trie.subtree_items])
+        return self._code_tables
+
+    _WINDOW_ELEMENTS = 1 << 20  # (query, history item) entries handled at a time
+
+    def _allowed_codes(self, q, item_ids: torch.Tensor, targets: torch.Tensor,
+                       target_ids: torch.Tensor, num_history_items: int) -> list[torch.Tensor]:
+        """RetrievalArgs.sid_exclude_history_from_loss: per level l, bool [Q, K_l], the codes
+        that continue each query's target prefix (its first l codes) to at least one item
+        outside the query's history (the items at its position and before, repeats once,
+        never its target). A code is left out where it leads to no item, or where every item
+        below it is in that history. Fixed shapes from host sizes: no host sync."""
+        node_of_id, keys, subtree = self._tables()
+        device = targets.device
+        num_q = targets.shape[0]
+        prefix = [torch.zeros(num_q, dtype=torch.int64, device=device)]
+        target_nodes = node_of_id_rows(node_of_id, target_ids)
+        prefix += target_nodes[:-1]
+        sizes = []
+        for level, k in enumerate(self.num_codes):  # the items below each child of the prefix
+            key = prefix[level].unsqueeze(1) * k + torch.arange(k, device=device)
+            at = torch.searchsorted(keys[level], key).clamp_(max=keys[level].numel() - 1)
+            sizes.append(torch.where(keys[level][at] == key, subtree[level][at], 0))
+        width = max(1, min(self.max_item_seqlen or num_history_items, num_history_items))
+        counts = [torch.zeros(num_q, k, dtype=torch.int64, device=device) for k in self.num_codes]
+        starts = q.item_starts.index_select(0, q.segment)
+        lengths = q.index + 1  # query j's history: its sample's items 0..j
+        pos = torch.arange(width, device=device)
+        last = max(item_ids.numel() - 1, 0)
+        step = max(1, self._WINDOW_ELEMENTS // width)
+        for s in range(0, num_q, step):
+            e = min(num_q, s + step)
+            ids = item_ids[(starts[s:e, None] + pos).clamp_(max=last)]  # [r, W]
+            keep = (pos < lengths[s:e, None]) & (ids != target_ids[s:e, None]) & (ids >= 0)
+            ids = torch.where(keep, ids, self.num_items)  # left out: sorted last
+            ids = torch.sort(ids, dim=1).values
+            first = torch.ones_like(ids, dtype=torch.bool)
+            first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+            keep = first & (ids < self.num_items)
+            ids = ids.clamp(max=self.num_items - 1)
+            hist_nodes = node_of_id_rows(node_of_id, ids)
+            keep = keep & (hist_nodes[0] >= 0)
+            for level, k in enumerate(self.num_codes):
+                same = keep if level == 0 else keep & (
+                    hist_nodes[level - 1] == target_nodes[level - 1][s:e, None])
+                code = self.codes[ids, level].clamp(min=0)
+                counts[level][s:e].scatter_add_(1, code, same.to(torch.int64))
+        return [(n > 0) & (c < n) for n, c in zip(sizes, counts)]
 
     # ---------------------------------------------------------------- evaluation
 
@@ -173,7 +245,7 @@ class SidRetrievalModel(DenseModel):
         fewer were found) with their scores; ``excluded`` (query [E], item id [E])."""
         return self.catalogue().decode(self.decoder, queries, top_k,
                                        beam_width or self.beam_width, self.certify, excluded,
-                                       self.spread)
+                                       self.spread, renormalise=self.exclude_history_from_loss)
 
     @torch.no_grad()
     def target_ranks(self, batch: Batch, embeddings: dict, top_k: int) -> torch.Tensor:
@@ -186,6 +258,11 @@ class SidRetrievalModel(DenseModel):
         hit = top == targets.unsqueeze(1)
         pos = torch.argmax(hit.int(), dim=1).float() + 1
         return torch.where(hit.any(1), pos, torch.full_like(pos, float("inf")))
+
+
+def node_of_id_rows(node_of_id: list[torch.Tensor], ids: torch.Tensor) -> list[torch.Tensor]:
+    """Each id's trie node at every level (-1 where it has no codes)."""
+    return [table[ids] for table in node_of_id]
 
 
 __all__ = [

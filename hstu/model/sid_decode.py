@@ -55,6 +55,10 @@ class CodeTrie:
                                  f"[{int(col.min())}, {int(col.max())}]")
         self.keys: list[torch.Tensor] = []
         self.child_start: list[torch.Tensor] = []
+        self.item_nodes: list[torch.Tensor] = []
+        """[l]: int64 [I], each item's level-(l+1) node (its prefix of length l+1)."""
+        self.subtree_items: list[torch.Tensor] = []
+        """[l]: int64 [n_{l+1}], the items below each level-(l+1) node."""
         node = torch.zeros(codes.shape[0], dtype=torch.int64)
         num_nodes = 1
         for level, k in enumerate(self.num_codes):
@@ -64,6 +68,8 @@ class CodeTrie:
             bounds = torch.arange(num_nodes + 1, dtype=torch.int64) * k
             self.child_start.append(torch.searchsorted(uniq, bounds))
             num_nodes = uniq.numel()
+            self.item_nodes.append(node)
+            self.subtree_items.append(torch.bincount(node, minlength=num_nodes))
         if num_nodes != codes.shape[0]:
             _, first, counts = _first_duplicate(node)
             raise ValueError(f"items {first[0]} and {first[1]} have the same codes "
@@ -106,6 +112,26 @@ class CodeTrie:
         pairs only: see :meth:`allowed`)."""
         keys = self.keys[level].to(nodes.device)
         return torch.searchsorted(keys, nodes * self.num_codes[level] + codes)
+
+
+def covered_children(trie: CodeTrie, level: int, query: torch.Tensor, item: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The level-(``level`` + 1) nodes every item of which is among a query's items:
+    ``query`` [E], ``item`` [E] (trie item indices; repeats allowed) -> (query [F], parent
+    level-``level`` node [F], code [F]), each a code of that parent that leads to that query's
+    items only."""
+    device = item.device
+    n = trie.num_nodes(level + 1)
+    pair = torch.unique(query * trie.num_items + item)  # each (query, item) once
+    q, it = pair // trie.num_items, pair % trie.num_items
+    child = trie.item_nodes[level].to(device)[it]
+    keys, counts = torch.unique(q * n + child, return_counts=True)
+    q, child = keys // n, keys % n
+    full = counts == trie.subtree_items[level].to(device)[child]
+    q, child = q[full], child[full]
+    k = trie.num_codes[level]
+    key = trie.keys[level].to(device)[child]
+    return q, key // k, key % k
 
 
 def _first_duplicate(leaf: torch.Tensor) -> tuple[int, list[int], int]:
@@ -151,8 +177,16 @@ def _spread(logp: torch.Tensor, allowed: torch.Tensor, spread: float) -> torch.T
     return torch.logaddexp(logp + math.log1p(-spread), even)
 
 
+def renormalised(logp: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities [N, K] renormalised over each row's ``allowed`` codes [N, K] (-inf
+    elsewhere; a row with none allowed stays -inf)."""
+    logp = logp.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(logp, 1, keepdim=True)
+    return logp - lse.masked_fill(~torch.isfinite(lse), 0.0)
+
+
 def _search(decoder: Decoder, trie: CodeTrie, queries: torch.Tensor, beam: int, top_k: int,
-            excluded: torch.Tensor | None, spread: float = 0.0
+            excluded: torch.Tensor | None, spread: float = 0.0, renormalise: bool = False
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One beam search of width ``beam`` for ``queries`` [U]: (items [U, k], scores [U, k],
     best pruned score [U] (-inf: nothing pruned))."""
@@ -162,15 +196,26 @@ def _search(decoder: Decoder, trie: CodeTrie, queries: torch.Tensor, beam: int, 
     nodes = torch.zeros(u, dtype=torch.int64, device=device)
     scores = torch.zeros(u, 1, dtype=logp.dtype, device=device)
     pruned = torch.full((u,), float("-inf"), dtype=logp.dtype, device=device)
+    covered = None
+    if renormalise and excluded is not None:
+        covered = [covered_children(trie, level, excluded[0].to(device), excluded[1].to(device))
+                   for level in range(trie.levels)]
     for level in range(trie.levels):
         k = trie.num_codes[level]
         rows = scores.shape[1]
         allowed = trie.allowed(level, nodes)
+        if covered is not None:  # codes below which every item is excluded
+            q, parent, code = covered[level]
+            hit = nodes.reshape(u, rows)[q] == parent.unsqueeze(1)  # [F, R]
+            e, r = torch.nonzero(hit, as_tuple=True)
+            allowed[q[e] * rows + r, code[e]] = False
+        if renormalise:
+            logp = renormalised(logp, allowed)
         if spread > 0.0 and level == trie.levels - 1:
             logp = _spread(logp, allowed, spread)
         cand = logp.masked_fill(~allowed, float("-inf"))
         cand = (scores.reshape(-1, 1) + cand).reshape(u, rows * k)
-        if level == trie.levels - 1 and excluded is not None:
+        if level == trie.levels - 1 and excluded is not None and covered is None:
             cand = _exclude(cand, nodes, trie, excluded)
         keep = min(beam if level < trie.levels - 1 else max(beam, top_k), rows * k)
         top, idx = cand.topk(min(keep + 1, rows * k), dim=1)
@@ -225,6 +270,7 @@ def beam_search(
     certify: bool = False,
     excluded: tuple[torch.Tensor, torch.Tensor] | None = None,
     spread: float = 0.0,
+    renormalise: bool = False,
 ) -> BeamResult:
     """The top-``top_k`` items of each of ``num_queries`` queries by beam search of width
     ``beam`` over ``trie``; only valid items, never one of a query's ``excluded`` items
@@ -237,13 +283,19 @@ def beam_search(
 
     ``spread``: the share of each prefix's probability spread evenly over its items at the last
     level (the module docstring); 0 scores items as the decoder does.
+
+    ``renormalise``: each level's log-probabilities renormalised over the codes the search may
+    take there (valid, and leading to at least one item not excluded for the query), the
+    distribution a model trained with ``RetrievalArgs.sid_exclude_history_from_loss`` learnt;
+    False: the decoder's log-probabilities as they are, excluded items removed at the last level.
     """
     if beam < 1 or top_k < 1:
         raise ValueError(f"beam ({beam}) and top_k ({top_k}) must be at least 1")
     if not 0.0 <= spread <= 1.0:
         raise ValueError(f"spread must lie in [0, 1], got {spread}")
     queries = torch.arange(num_queries)
-    items, scores, pruned = _search(decoder, trie, queries, beam, top_k, excluded, spread)
+    items, scores, pruned = _search(decoder, trie, queries, beam, top_k, excluded, spread,
+                                    renormalise)
     beams = torch.full((num_queries,), beam, dtype=torch.int64)
     widest = max(trie.num_nodes(level) for level in range(trie.levels))
     width = beam
@@ -260,7 +312,7 @@ def beam_search(
             remap[again] = torch.arange(again.numel())
             sub = (remap[excluded[0].cpu()[where]].to(excluded[0].device), excluded[1][where])
         got_items, got_scores, got_pruned = _search(decoder, trie, again.to(queries.device),
-                                                    width, top_k, sub, spread)
+                                                    width, top_k, sub, spread, renormalise)
         dev = items.device
         items[again.to(dev)], scores[again.to(dev)] = got_items, got_scores
         pruned[again.to(dev)] = got_pruned
@@ -268,4 +320,4 @@ def beam_search(
     return BeamResult(items=items, scores=scores, beams=beams)
 
 
-__all__ = ["BeamResult", "CodeTrie", "Decoder", "beam_search"]
+__all__ = ["BeamResult", "CodeTrie", "Decoder", "beam_search", "covered_children", "renormalised"]

@@ -220,11 +220,11 @@ class Catalogue:
     def decode(self, decoder: CodeDecoder, queries: torch.Tensor, top_k: int, beam_width: int,
                certify: bool = False,
                excluded: tuple[torch.Tensor, torch.Tensor] | None = None,
-               spread: float = 0.0) -> BeamResult:
+               spread: float = 0.0, renormalise: bool = False) -> BeamResult:
         """Beam search from query states [U, D]: the top-``top_k`` item ids [U, k] (-1 where
         fewer were found) and their scores (the sum of the codes' log-probabilities);
         ``excluded`` (query [E], item id [E]) never returned (ids without codes: ignored);
-        ``spread``: :func:`hstu.model.sid_decode.beam_search`'s."""
+        ``spread``, ``renormalise``: :func:`hstu.model.sid_decode.beam_search`'s."""
         ids = self.ids.to(queries.device)
         if excluded is not None:  # item ids -> the trie's item indices
             at = torch.searchsorted(ids, excluded[1])
@@ -232,7 +232,7 @@ class Catalogue:
             excluded = (excluded[0][held], at[held])
         result = beam_search(CachedDecoder(decoder, queries), self.trie, queries.shape[0],
                              beam_width, top_k, certify=certify, excluded=excluded,
-                             spread=spread)
+                             spread=spread, renormalise=renormalise)
         items = torch.where(result.items >= 0, ids[result.items.clamp(min=0)], result.items)
         return BeamResult(items=items, scores=result.scores, beams=result.beams)
 

@@ -26,7 +26,8 @@ class InferenceSid(InferenceHSTU):
     and each item id's codes [I, L] (the trainer's ``SidRetrievalModel`` state dict).
 
     ``cfg["sid"]``: ``num_codes`` (K_l per level), ``decoder_layers``, ``decoder_heads``,
-    ``eps``, ``beam_width``, ``certify``, ``spread``, ``exclude_history``."""
+    ``eps``, ``beam_width``, ``certify``, ``spread``, ``exclude_history``, ``renormalise``
+    (the model was trained with ``RetrievalArgs.sid_exclude_history_from_loss``)."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__(cfg)
@@ -58,7 +59,9 @@ class InferenceSid(InferenceHSTU):
         beam = max(int(beam_width or self.cfg["sid"]["beam_width"]), k)
         result = self.catalogue().decode(self.decoder, queries, k, beam,
                                          bool(self.cfg["sid"].get("certify", False)), excluded,
-                                         float(self.cfg["sid"].get("spread", 0.0)))
+                                         float(self.cfg["sid"].get("spread", 0.0)),
+                                         renormalise=bool(self.cfg["sid"].get("renormalise",
+                                                                              False)))
         return result.items, result.scores
 
 
@@ -71,6 +74,7 @@ def sid_config(dense: torch.nn.Module) -> dict[str, Any]:
         "certify": bool(dense.certify), "spread": float(dense.spread),
         "item_embedding": bool(dense.item_embedding),
         "exclude_history": bool(dense.eval_exclude_history),
+        "renormalise": bool(dense.exclude_history_from_loss),
     }
 
 

@@ -98,6 +98,9 @@ def test_code_rows_put_each_level_after_the_rows_of_the_levels_before_it():
      "RetrievalArgs.sid_new_item_spread: is read by NetworkArgs.architecture=\"hstu_sid\" only"),
     ("retrieval", ["RetrievalArgs.sid_certify=True"],
      "RetrievalArgs.sid_certify: is read by NetworkArgs.architecture=\"hstu_sid\" only"),
+    ("retrieval", ["RetrievalArgs.sid_exclude_history_from_loss=True"],
+     "RetrievalArgs.sid_exclude_history_from_loss: is read by NetworkArgs.architecture=\"hstu_sid\" "
+     "only"),
     ("retrieval", ['NetworkArgs.architecture="hstu_sid"', 'NetworkArgs.sid_codes="x"',
                    "RetrievalArgs.sid_new_item_spread=1.5"],
      "RetrievalArgs.sid_new_item_spread: must lie in [0, 1], got 1.5"),
@@ -135,3 +138,58 @@ def test_decoder_dropout_is_its_own_or_the_encoders():
                    sid_decoder_dropout=own, sid_decoder_layers=2)
         model = build_model("retrieval", net, RetrievalArgs(), emb, data)
         assert [layer.dropout for layer in model.dense.decoder.layers] == [want, want]
+
+
+def test_allowed_codes_leave_out_the_codes_that_lead_only_into_the_history():
+    """RetrievalArgs.sid_exclude_history_from_loss: each query's allowed codes per level against
+    the enumeration (repeats and not-admitted ids in the histories, a target that is also in
+    its history, blocks of a few entries)."""
+    from types import SimpleNamespace
+
+    from hstu.args import RetrievalArgs
+    from hstu.model.builder import ModelDataInfo, build_model
+    from tests.embeddings.common import build, optimizer, tables
+    from tests.model.test_models import _net
+
+    num_codes = [3, 2, 2]
+    codes = torch.cat([torch.full((1, 3), -1), _codes(12, num_codes, seed=4)])  # id 0: padding
+    emb, _ = build(tables(), optimizer("rowwise_adagrad"), sharded=False)
+    data = ModelDataInfo(num_items=13, item_feature_name="a", max_item_seqlen=9, min_item_id=1,
+                         sid_codes=codes, sid_num_codes=num_codes)
+    net = _net(architecture="hstu_sid", sid_codes="x")
+    dense = build_model("retrieval", net, RetrievalArgs(sid_exclude_history_from_loss=True),
+                        emb, data).dense
+    rows = {i: tuple(codes[i].tolist()) for i in range(1, 13)}
+    same_first = [i for i in rows if rows[i][0] == rows[1][0]]
+    histories = [same_first + [2, 2, 5], [3, -1, 3, 7, 3, 8, 1], [4, 9]]
+    item_ids = torch.tensor([i for h in histories for i in h])
+    starts, seg, idx, tgt = [], [], [], []
+    at = 0
+    for b, h in enumerate(histories):
+        starts.append(at)
+        for j in range(len(h) - 1):
+            if h[j + 1] > 0:  # (a not-admitted target is never a query's target)
+                seg.append(b)
+                idx.append(j)
+                tgt.append(h[j + 1])
+        at += len(h)
+    q = SimpleNamespace(item_starts=torch.tensor(starts), segment=torch.tensor(seg),
+                        index=torch.tensor(idx))
+    target_ids = torch.tensor(tgt)
+    for block in (1 << 20, 5):
+        dense._WINDOW_ELEMENTS = block
+        allowed = dense._allowed_codes(q, item_ids, codes[target_ids], target_ids,
+                                       max(len(h) for h in histories))
+        masked = 0
+        for n, (b, j, t) in enumerate(zip(seg, idx, tgt)):
+            hist = {i for i in histories[b][:j + 1] if i > 0 and i != t}
+            for level in range(3):
+                prefix = rows[t][:level]
+                want = [c for c in range(num_codes[level])
+                        if any(rows[i][:level + 1] == prefix + (c,) and i not in hist
+                               for i in rows)]
+                assert torch.nonzero(allowed[level][n]).flatten().tolist() == want, (n, level)
+                assert allowed[level][n, rows[t][level]]  # never the target's own code
+                valid = {rows[i][level] for i in rows if rows[i][:level] == prefix}
+                masked += len(valid) - len(want)
+        assert masked > 0  # some code led only into a history

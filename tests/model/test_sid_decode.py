@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from hstu.model.sid_decode import CodeTrie, beam_search
+from hstu.model.sid_decode import CodeTrie, beam_search, covered_children
 
 
 def random_codes(num_items: int, num_codes: list[int], seed: int) -> torch.Tensor:
@@ -188,3 +188,80 @@ def test_a_new_item_under_a_likely_prefix_is_returned_with_the_spread():
     assert new not in before.items[0].tolist() and before.items[0, 0] == 0
     after = beam_search(dec, trie, 1, 4, 3, certify=True, spread=0.5)
     assert after.items[0, :2].tolist() == [0, new]
+
+
+def renormalised_scores(dec: ToyDecoder, codes: torch.Tensor,
+                        excluded: dict[int, set[int]]) -> torch.Tensor:
+    """[U, I]: each item's score with every level renormalised over the codes that lead to at
+    least one item outside the query's excluded set (-inf for excluded items), by teacher
+    forcing and counting (the enumeration)."""
+    u, i = dec.query.shape[0], codes.shape[0]
+    rows = [tuple(r) for r in codes.tolist()]
+    total = torch.zeros(u, i, dtype=torch.float64)
+    for q in range(u):
+        left = {item for item in range(i) if item not in excluded.get(q, set())}
+        for item in range(i):
+            if item not in left:
+                total[q, item] = float("-inf")
+                continue
+            state = dec.query[q].clone()
+            for level in range(codes.shape[1]):
+                logp = torch.log_softmax(torch.tanh(state) @ dec.out[level].t(), dim=0)
+                prefix = rows[item][:level]
+                ok = sorted({rows[o][level] for o in left if rows[o][:level] == prefix})
+                total[q, item] += logp[rows[item][level]] - torch.logsumexp(logp[ok], 0)
+                state = state + dec.code[level][rows[item][level]]
+    return total
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_renormalised_search_is_the_exact_top_k_over_the_codes_left(seed):
+    """With exclusions that cover whole subtrees (every item below a prefix): each level's
+    probabilities renormalised over the codes still leading somewhere; certified search equals
+    the enumeration, never returns an excluded item, and differs from the plain scores."""
+    num_codes = [3, 3, 2]
+    codes = random_codes(14, num_codes, seed)
+    trie = CodeTrie(codes, num_codes)
+    dec = ToyDecoder(5, num_codes, seed)
+    g = torch.Generator().manual_seed(seed)
+    excluded: dict[int, set[int]] = {}
+    pairs = []
+    for q in range(5):
+        first = int(codes[torch.randint(14, (1,), generator=g), 0])  # a whole level-1 subtree
+        items = {i for i in range(14) if int(codes[i, 0]) == first}
+        items |= {int(x) for x in torch.randint(14, (3,), generator=g)}
+        excluded[q] = items
+        pairs += [(q, it) for it in sorted(items)] + [(q, min(items))]  # a repeat
+    query = torch.tensor([p[0] for p in pairs])
+    item = torch.tensor([p[1] for p in pairs])
+    want = renormalised_scores(dec, codes, excluded)
+    plain_scores = dec.item_scores(codes).masked_fill(~torch.isfinite(want), float("-inf"))
+    assert not torch.allclose(want[torch.isfinite(want)], plain_scores[torch.isfinite(want)])
+    want_scores, want_items = want.topk(4, dim=1)
+    for beam in (1, 3):
+        got = beam_search(dec, trie, 5, beam, 4, certify=True, excluded=(query, item),
+                          renormalise=True)
+        assert torch.equal(got.items, want_items), beam
+        torch.testing.assert_close(got.scores, want_scores)
+        for q in range(5):
+            assert not set(got.items[q].tolist()) & excluded[q]
+
+
+def test_covered_children_are_the_codes_whose_items_are_all_excluded():
+    num_codes = [2, 3, 2]
+    codes = random_codes(10, num_codes, seed=5)
+    trie = CodeTrie(codes, num_codes)
+    rows = [tuple(r) for r in codes.tolist()]
+    excluded = {0: {0, 1, 2, 3, 4}, 1: {int(i) for i in range(10) if rows[i][0] == rows[0][0]},
+                2: set()}
+    query = torch.tensor([q for q, s in excluded.items() for _ in s] + [0])
+    item = torch.tensor([i for s in excluded.values() for i in sorted(s)] + [0])  # a repeat
+    prefixes = [sorted({r[:level] for r in rows}) for level in range(4)]
+    for level in range(3):
+        q, parent, code = covered_children(trie, level, query, item)
+        got = {(int(a), prefixes[level][int(b)] + (int(c),)) for a, b, c in zip(q, parent, code)}
+        want = {(u, child) for u, items in excluded.items() for child in prefixes[level + 1]
+                if {i for i in range(10) if rows[i][:level + 1] == child} <= items}
+        assert got == want, level
+        if level == 0:  # query 1's history holds a whole top-level subtree
+            assert {u for u, _ in want} == {1}
