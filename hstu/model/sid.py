@@ -103,7 +103,7 @@ class SidRetrievalModel(DenseModel):
         self.beam_width, self.certify, self.spread = beam_width, certify, spread
         self.eval_exclude_history = eval_exclude_history
         self.exclude_history_from_loss = exclude_history_from_loss
-        self._code_tables: tuple[list[torch.Tensor], ...] | None = None
+        self._code_tables: dict | None = None
         self.sid_feature = sid_feature_name(token_builder.item_feature_name)
         hidden = token_builder.hidden_size
         self.decoder = CodeDecoder(hidden, self.num_codes, decoder_layers, decoder_heads,
@@ -149,7 +149,8 @@ class SidRetrievalModel(DenseModel):
         targets = self.codes.index_select(0, own.item_ids.index_select(0, q.next_rows))
         logits = self.decoder(queries, targets)
         if self.exclude_history_from_loss and self.training:
-            allowed = self._allowed_codes(q, own.item_ids, targets,
+            item_samples = segment_ids(own.item_lengths, own.item_ids.numel())
+            allowed = self._allowed_codes(q, own.item_ids, item_samples,
                                           own.item_ids.index_select(0, q.next_rows),
                                           own.sizes.num_history_items)
             logits = [lg.masked_fill(~ok, float("-inf")) for lg, ok in zip(logits, allowed)]
@@ -159,65 +160,95 @@ class SidRetrievalModel(DenseModel):
         )
         return per_query.sum() * pending.wait(), per_query.detach()
 
-    def _tables(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """Per level l, on the codes' device: each item id's level-(l+1) trie node (-1: no
-        codes) [num_items], the trie's level-(l+1) keys, and the items below each such node."""
+    _DENSE_CHILDREN = 1 << 22  # a level's [nodes, codes] size table is kept dense up to this
+
+    def _tables(self) -> dict:
+        """On the codes' device: ``nodes`` int64 [num_items, L], each item id's trie node at
+        every level (-1 rows: no codes); ``rows`` [num_items, L], its codes as rows of one
+        [sum K_l] axis; per level ``children``: the items below each child of each node, a
+        dense [n_l, K_l] table where small, else the trie's keys and subtree sizes."""
         if self._code_tables is None:
             cat, device = self.catalogue(), self.codes.device
-            node_of_id = []
-            for nodes in cat.trie.item_nodes:
-                table = torch.full((self.num_items,), -1, dtype=torch.int64)
-                table[cat.ids] = nodes
-                node_of_id.append(table.to(device))
-            self._code_tables = (node_of_id, [k.to(device) for k in cat.trie.keys],
-                                 [n.to(device) for n in cat.trie.subtree_items])
+            trie = cat.trie
+            nodes = torch.full((self.num_items, self.levels), -1, dtype=torch.int64)
+            nodes[cat.ids] = torch.stack(trie.item_nodes, 1)
+            children = []
+            for level, k in enumerate(self.num_codes):
+                keys, sizes = trie.keys[level], trie.subtree_items[level]
+                if trie.num_nodes(level) * k <= self._DENSE_CHILDREN:
+                    table = torch.zeros(trie.num_nodes(level) * k, dtype=torch.int64)
+                    table[keys] = sizes
+                    children.append(table.view(-1, k).to(device))
+                else:
+                    children.append((keys.to(device), sizes.to(device)))
+            self._code_tables = {
+                "nodes": nodes.to(device),
+                "rows": code_rows(self.codes.clamp(min=0), self.num_codes),
+                "children": children,
+            }
         return self._code_tables
 
-    _WINDOW_ELEMENTS = 1 << 20  # (query, history item) entries handled at a time
+    def _children_sizes(self, level: int, prefix: torch.Tensor) -> torch.Tensor:
+        """[Q, K_level]: the items below each child of each level-``level`` node ``prefix``
+        [Q] (0 where the code leads to no item)."""
+        table = self._tables()["children"][level]
+        if isinstance(table, torch.Tensor):
+            return table.index_select(0, prefix)
+        keys, sizes = table
+        k = self.num_codes[level]
+        key = prefix.unsqueeze(1) * k + torch.arange(k, device=prefix.device)
+        at = torch.searchsorted(keys, key).clamp_(max=keys.numel() - 1)
+        return torch.where(keys[at] == key, sizes[at], 0)
 
-    def _allowed_codes(self, q, item_ids: torch.Tensor, targets: torch.Tensor,
+    _WINDOW_ELEMENTS = 1 << 18  # (query, history position) entries handled at a time
+
+    def _allowed_codes(self, q, item_ids: torch.Tensor, item_samples: torch.Tensor,
                        target_ids: torch.Tensor, num_history_items: int) -> list[torch.Tensor]:
         """RetrievalArgs.sid_exclude_history_from_loss: per level l, bool [Q, K_l], the codes
         that continue each query's target prefix (its first l codes) to at least one item
         outside the query's history (the items at its position and before, repeats once,
         never its target). A code is left out where it leads to no item, or where every item
-        below it is in that history. Fixed shapes from host sizes: no host sync."""
-        node_of_id, keys, subtree = self._tables()
-        device = targets.device
-        num_q = targets.shape[0]
-        prefix = [torch.zeros(num_q, dtype=torch.int64, device=device)]
-        target_nodes = node_of_id_rows(node_of_id, target_ids)
-        prefix += target_nodes[:-1]
-        sizes = []
-        for level, k in enumerate(self.num_codes):  # the items below each child of the prefix
-            key = prefix[level].unsqueeze(1) * k + torch.arange(k, device=device)
-            at = torch.searchsorted(keys[level], key).clamp_(max=keys[level].numel() - 1)
-            sizes.append(torch.where(keys[level][at] == key, subtree[level][at], 0))
+        below it is in that history. ``item_ids`` [N] the batch's item feature (-1: not
+        admitted), ``item_samples`` [N] their samples. Fixed shapes from host sizes (no host
+        sync): each query reads a window of its sample's items, as wide as the longest
+        history."""
+        tables = self._tables()
+        device = target_ids.device
+        num_q, n = target_ids.shape[0], item_ids.numel()
+        # each (sample, item) once: its first position in the sample counts, later ones do not
+        key = item_samples * (self.num_items + 1) + item_ids + 1  # (-1: not admitted)
+        order = torch.sort(key, stable=True).indices
+        first = torch.ones(n, dtype=torch.bool, device=device)
+        sorted_key = key.index_select(0, order)
+        first[order[1:]] = sorted_key[1:] != sorted_key[:-1]
+        safe = item_ids.clamp(min=0)
+        flat_nodes = tables["nodes"].index_select(0, safe)  # [N, L]
+        flat_rows = tables["rows"].index_select(0, safe)  # [N, L]
+        counted = first & (item_ids >= 0) & (flat_nodes[:, 0] >= 0)
+        target_nodes = tables["nodes"].index_select(0, target_ids)  # [Q, L]
+        prefix = torch.cat([torch.zeros_like(target_nodes[:, :1]), target_nodes[:, :-1]], 1)
+        counts = torch.zeros(num_q, sum(self.num_codes), dtype=torch.int64, device=device)
         width = max(1, min(self.max_item_seqlen or num_history_items, num_history_items))
-        counts = [torch.zeros(num_q, k, dtype=torch.int64, device=device) for k in self.num_codes]
         starts = q.item_starts.index_select(0, q.segment)
         lengths = q.index + 1  # query j's history: its sample's items 0..j
         pos = torch.arange(width, device=device)
-        last = max(item_ids.numel() - 1, 0)
         step = max(1, self._WINDOW_ELEMENTS // width)
         for s in range(0, num_q, step):
             e = min(num_q, s + step)
-            ids = item_ids[(starts[s:e, None] + pos).clamp_(max=last)]  # [r, W]
-            keep = (pos < lengths[s:e, None]) & (ids != target_ids[s:e, None]) & (ids >= 0)
-            ids = torch.where(keep, ids, self.num_items)  # left out: sorted last
-            ids = torch.sort(ids, dim=1).values
-            first = torch.ones_like(ids, dtype=torch.bool)
-            first[:, 1:] = ids[:, 1:] != ids[:, :-1]
-            keep = first & (ids < self.num_items)
-            ids = ids.clamp(max=self.num_items - 1)
-            hist_nodes = node_of_id_rows(node_of_id, ids)
-            keep = keep & (hist_nodes[0] >= 0)
-            for level, k in enumerate(self.num_codes):
-                same = keep if level == 0 else keep & (
-                    hist_nodes[level - 1] == target_nodes[level - 1][s:e, None])
-                code = self.codes[ids, level].clamp(min=0)
-                counts[level][s:e].scatter_add_(1, code, same.to(torch.int64))
-        return [(n > 0) & (c < n) for n, c in zip(sizes, counts)]
+            at = (starts[s:e, None] + pos).clamp_(max=max(n - 1, 0))  # [r, W]
+            keep = ((pos < lengths[s:e, None]) & counted[at]
+                    & (item_ids[at] != target_ids[s:e, None]))
+            nodes = flat_nodes[at]  # [r, W, L]
+            # a history item counts at level l where it shares the target's first l codes
+            same = torch.cat([keep.unsqueeze(2), keep.unsqueeze(2)
+                              & (nodes[:, :, :-1] == target_nodes[s:e, None, :-1])], 2)
+            counts[s:e].scatter_add_(1, flat_rows[at].view(e - s, -1),
+                                     same.view(e - s, -1).to(torch.int64))
+        out = []
+        for level, c in enumerate(counts.split(self.num_codes, 1)):
+            sizes = self._children_sizes(level, prefix[:, level])
+            out.append((sizes > 0) & (c < sizes))
+        return out
 
     # ---------------------------------------------------------------- evaluation
 
@@ -258,11 +289,6 @@ class SidRetrievalModel(DenseModel):
         hit = top == targets.unsqueeze(1)
         pos = torch.argmax(hit.int(), dim=1).float() + 1
         return torch.where(hit.any(1), pos, torch.full_like(pos, float("inf")))
-
-
-def node_of_id_rows(node_of_id: list[torch.Tensor], ids: torch.Tensor) -> list[torch.Tensor]:
-    """Each id's trie node at every level (-1 where it has no codes)."""
-    return [table[ids] for table in node_of_id]
 
 
 __all__ = [

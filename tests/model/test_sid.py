@@ -175,9 +175,11 @@ def test_allowed_codes_leave_out_the_codes_that_lead_only_into_the_history():
     q = SimpleNamespace(item_starts=torch.tensor(starts), segment=torch.tensor(seg),
                         index=torch.tensor(idx))
     target_ids = torch.tensor(tgt)
-    for block in (1 << 20, 5):
-        dense._WINDOW_ELEMENTS = block
-        allowed = dense._allowed_codes(q, item_ids, codes[target_ids], target_ids,
+    samples = torch.tensor([b for b, h in enumerate(histories) for _ in h])
+    for block, dense_children in ((1 << 18, 1 << 22), (5, 0)):  # (0: the searched tables)
+        dense._WINDOW_ELEMENTS, dense._DENSE_CHILDREN = block, dense_children
+        dense._code_tables = None
+        allowed = dense._allowed_codes(q, item_ids, samples, target_ids,
                                        max(len(h) for h in histories))
         masked = 0
         for n, (b, j, t) in enumerate(zip(seg, idx, tgt)):
