@@ -167,7 +167,7 @@ class SidRetrievalModel(DenseModel):
         every level (-1 rows: no codes); ``rows`` [num_items, L], its codes as rows of one
         [sum K_l] axis; per level ``children``: the items below each child of each node, a
         dense [n_l, K_l] table where small, else the trie's keys and subtree sizes."""
-        if self._code_tables is None:
+        if self._code_tables is None or self._code_tables["nodes"].device != self.codes.device:
             cat, device = self.catalogue(), self.codes.device
             trie = cat.trie
             nodes = torch.full((self.num_items, self.levels), -1, dtype=torch.int64)
