@@ -109,6 +109,8 @@ class SidRetrievalModel(DenseModel):
         self.decoder = CodeDecoder(hidden, self.num_codes, decoder_layers, decoder_heads,
                                    dropout, eps)
         self._catalogue: Catalogue | None = None
+        if exclude_history_from_loss:
+            self._tables()  # built here, on the host, rather than inside a training step
 
     @property
     def levels(self) -> int:
@@ -166,27 +168,34 @@ class SidRetrievalModel(DenseModel):
         """On the codes' device: ``nodes`` int64 [num_items, L], each item id's trie node at
         every level (-1 rows: no codes); ``rows`` [num_items, L], its codes as rows of one
         [sum K_l] axis; per level ``children``: the items below each child of each node, a
-        dense [n_l, K_l] table where small, else the trie's keys and subtree sizes."""
-        if self._code_tables is None or self._code_tables["nodes"].device != self.codes.device:
-            cat, device = self.catalogue(), self.codes.device
-            trie = cat.trie
+        dense [n_l, K_l] table where small, else the trie's keys and subtree sizes. Built on
+        the host when the model is (no sync in a step), copied to the device on first use."""
+        if self._code_tables is None:  # built where the codes are (the constructor's host)
+            trie = self.catalogue().trie
             nodes = torch.full((self.num_items, self.levels), -1, dtype=torch.int64)
-            nodes[cat.ids] = torch.stack(trie.item_nodes, 1)
+            nodes[self.catalogue().ids] = torch.stack(trie.item_nodes, 1)
             children = []
             for level, k in enumerate(self.num_codes):
                 keys, sizes = trie.keys[level], trie.subtree_items[level]
                 if trie.num_nodes(level) * k <= self._DENSE_CHILDREN:
                     table = torch.zeros(trie.num_nodes(level) * k, dtype=torch.int64)
                     table[keys] = sizes
-                    children.append(table.view(-1, k).to(device))
+                    children.append(table.view(-1, k))
                 else:
-                    children.append((keys.to(device), sizes.to(device)))
+                    children.append((keys, sizes))
             self._code_tables = {
-                "nodes": nodes.to(device),
-                "rows": code_rows(self.codes.clamp(min=0), self.num_codes),
-                "children": children,
+                "nodes": nodes, "children": children,
+                "rows": code_rows(self.codes.clamp(min=0).cpu(), self.num_codes),
             }
-        return self._code_tables
+        tables, device = self._code_tables, self.codes.device
+        if tables["nodes"].device != device:  # the model moved (host -> device copies only)
+            tables = {
+                "nodes": tables["nodes"].to(device), "rows": tables["rows"].to(device),
+                "children": [t.to(device) if isinstance(t, torch.Tensor)
+                             else tuple(x.to(device) for x in t) for t in tables["children"]],
+            }
+            self._code_tables = tables
+        return tables
 
     def _children_sizes(self, level: int, prefix: torch.Tensor) -> torch.Tensor:
         """[Q, K_level]: the items below each child of each level-``level`` node ``prefix``

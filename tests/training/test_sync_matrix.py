@@ -69,7 +69,8 @@ CELLS: dict[str, tuple[str, int, list[str]]] = {
                              'NetworkArgs.sid_codes="{tmp}/sid"', "NetworkArgs.sid_decoder_layers=2",
                              "NetworkArgs.sid_decoder_heads=2",
                              "NetworkArgs.sid_item_embedding=True",
-                             "NetworkArgs.sid_decoder_dropout=0.1"]),
+                             "NetworkArgs.sid_decoder_dropout=0.1",
+                             "RetrievalArgs.sid_exclude_history_from_loss=True"]),
     "full_corpus": ("retrieval", 1, [*FULL, 'RetrievalArgs.full_corpus_matmul_dtype="float32"',
                                      "RetrievalArgs.temperature=0.1"]),
     "exclude_history": ("retrieval", 1, [*FULL, "RetrievalArgs.exclude_history_from_loss=True"]),
@@ -285,6 +286,7 @@ SWITCHES: dict[str, list[str] | str] = {
     "RetrievalArgs.sid_beam_width": _NO + "evaluation only (decoding)",
     "RetrievalArgs.sid_certify": _NO + "evaluation only (decoding)",
     "RetrievalArgs.sid_new_item_spread": _NO + "evaluation only (decoding)",
+    "RetrievalArgs.sid_exclude_history_from_loss": ["sid"],
 }
 
 STEP_CLASSES = (
