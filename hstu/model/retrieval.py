@@ -82,6 +82,20 @@ def next_item_queries(batch: Batch) -> NextItemQueries:
     )
 
 
+def query_history_window(batch: Batch, own, item_ids: torch.Tensor, q_seg: torch.Tensor,
+                         q_idx: torch.Tensor, item_starts: torch.Tensor,
+                         max_item_seqlen: int = 0) -> HistoryWindow:
+    """Each training query's history as a window into ``item_ids``: query j of a sample
+    (:func:`next_item_queries`) sees that sample's items 0..j; the window's width is the
+    longest history (the dataset's ``max_item_seqlen``, else the batch's, bounded by this
+    batch's history items), known on the host."""
+    longest = max_item_seqlen or batch.max_seqlen or own.sizes.num_history_items
+    return HistoryWindow(
+        ids=item_ids, starts=item_starts[q_seg], lengths=q_idx + 1,
+        width=max(0, min(longest, own.sizes.num_history_items) - 1),
+    )
+
+
 @dataclass
 class RetrievalEval:
     """top_ids int64 [B, k], top_scores [B, k] (cosine), target_ranks float [B] (inf: unranked)."""
@@ -336,11 +350,8 @@ class RetrievalModel(DenseModel):
         -1 where not admitted), except its target; the window's width is the longest history
         (the dataset's, else the batch's, bounded by this batch's history items), known on the
         host."""
-        longest = self.max_item_seqlen or batch.max_seqlen or own.sizes.num_history_items
-        return HistoryWindow(
-            ids=item_ids, starts=item_starts[q_seg], lengths=q_idx + 1,
-            width=max(0, min(longest, own.sizes.num_history_items) - 1),
-        )
+        return query_history_window(batch, own, item_ids, q_seg, q_idx, item_starts,
+                                    self.max_item_seqlen)
 
     # ---------------------------------------------------------------------- evaluation
 

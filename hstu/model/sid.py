@@ -32,7 +32,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 from hstu.data.batch import Batch
 from hstu.model.encode import DenseModel
 from hstu.model.loss_scale import PendingScale
-from hstu.model.retrieval import next_item_queries
+from hstu.model.retrieval import next_item_queries, query_history_window
 from hstu.model.sid_decode import BeamResult, CodeTrie
 from hstu.model.sid_head import (
     CachedDecoder,
@@ -43,6 +43,7 @@ from hstu.model.sid_head import (
 )
 from hstu.model.tokens import TokenBuilder
 from hstu.ops.jagged import index_within, lengths_to_offsets, segment_ids
+from hstu.ops.losses import HistoryWindow
 
 
 def sid_feature_name(item_feature_name: str) -> str:
@@ -151,10 +152,11 @@ class SidRetrievalModel(DenseModel):
         targets = self.codes.index_select(0, own.item_ids.index_select(0, q.next_rows))
         logits = self.decoder(queries, targets)
         if self.exclude_history_from_loss and self.training:
-            item_samples = segment_ids(own.item_lengths, own.item_ids.numel())
-            allowed = self._allowed_codes(q, own.item_ids, item_samples,
-                                          own.item_ids.index_select(0, q.next_rows),
-                                          own.sizes.num_history_items)
+            window = query_history_window(batch, own, own.item_ids, q.segment, q.index,
+                                          q.item_starts, self.max_item_seqlen)
+            allowed = self._allowed_codes(
+                window, segment_ids(own.item_lengths, own.item_ids.numel()),
+                own.item_ids.index_select(0, q.next_rows))
             logits = [lg.masked_fill(~ok, float("-inf")) for lg, ok in zip(logits, allowed)]
         per_query = sum(
             F.cross_entropy(lg.float(), targets[:, level], reduction="none")
@@ -211,18 +213,17 @@ class SidRetrievalModel(DenseModel):
 
     _WINDOW_ELEMENTS = 1 << 18  # (query, history position) entries handled at a time
 
-    def _allowed_codes(self, q, item_ids: torch.Tensor, item_samples: torch.Tensor,
-                       target_ids: torch.Tensor, num_history_items: int) -> list[torch.Tensor]:
+    def _allowed_codes(self, window: HistoryWindow, item_samples: torch.Tensor,
+                       target_ids: torch.Tensor) -> list[torch.Tensor]:
         """RetrievalArgs.sid_exclude_history_from_loss: per level l, bool [Q, K_l], the codes
         that continue each query's target prefix (its first l codes) to at least one item
-        outside the query's history (the items at its position and before, repeats once,
-        never its target). A code is left out where it leads to no item, or where every item
-        below it is in that history. ``item_ids`` [N] the batch's item feature (-1: not
-        admitted), ``item_samples`` [N] their samples. Fixed shapes from host sizes (no host
-        sync): each query reads a window of its sample's items, as wide as the longest
-        history."""
+        outside the query's history (``window``: :func:`query_history_window`, its ids the
+        batch's item feature, -1 where not admitted; repeats once, never its target). A code is
+        left out where it leads to no item, or where every item below it is in that history.
+        ``item_samples`` [N]: each item's sample. Fixed shapes from host sizes (no host sync)."""
         tables = self._tables()
         device = target_ids.device
+        item_ids = window.ids
         num_q, n = target_ids.shape[0], item_ids.numel()
         # each (sample, item) once: its first position in the sample counts, later ones do not
         key = item_samples * (self.num_items + 1) + item_ids + 1  # (-1: not admitted)
@@ -237,16 +238,8 @@ class SidRetrievalModel(DenseModel):
         target_nodes = tables["nodes"].index_select(0, target_ids)  # [Q, L]
         prefix = torch.cat([torch.zeros_like(target_nodes[:, :1]), target_nodes[:, :-1]], 1)
         counts = torch.zeros(num_q, sum(self.num_codes), dtype=torch.int64, device=device)
-        width = max(1, min(self.max_item_seqlen or num_history_items, num_history_items))
-        starts = q.item_starts.index_select(0, q.segment)
-        lengths = q.index + 1  # query j's history: its sample's items 0..j
-        pos = torch.arange(width, device=device)
-        step = max(1, self._WINDOW_ELEMENTS // width)
-        for s in range(0, num_q, step):
-            e = min(num_q, s + step)
-            at = (starts[s:e, None] + pos).clamp_(max=max(n - 1, 0))  # [r, W]
-            keep = ((pos < lengths[s:e, None]) & counted[at]
-                    & (item_ids[at] != target_ids[s:e, None]))
+        for s, e, at, inside in window.blocks(num_q, elements=self._WINDOW_ELEMENTS):
+            keep = inside & counted[at] & (item_ids[at] != target_ids[s:e, None])
             nodes = flat_nodes[at]  # [r, W, L]
             # a history item counts at level l where it shares the target's first l codes
             same = torch.cat([keep.unsqueeze(2), keep.unsqueeze(2)

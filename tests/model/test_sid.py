@@ -143,10 +143,9 @@ def test_allowed_codes_leave_out_the_codes_that_lead_only_into_the_history():
     """RetrievalArgs.sid_exclude_history_from_loss: each query's allowed codes per level against
     the enumeration (repeats and not-admitted ids in the histories, a target that is also in
     its history, blocks of a few entries)."""
-    from types import SimpleNamespace
-
     from hstu.args import RetrievalArgs
     from hstu.model.builder import ModelDataInfo, build_model
+    from hstu.ops.losses import HistoryWindow
     from tests.embeddings.common import build, optimizer, tables
     from tests.model.test_models import _net
 
@@ -172,15 +171,15 @@ def test_allowed_codes_leave_out_the_codes_that_lead_only_into_the_history():
                 idx.append(j)
                 tgt.append(h[j + 1])
         at += len(h)
-    q = SimpleNamespace(item_starts=torch.tensor(starts), segment=torch.tensor(seg),
-                        index=torch.tensor(idx))
+    window = HistoryWindow(ids=item_ids, starts=torch.tensor(starts)[torch.tensor(seg)],
+                           lengths=torch.tensor(idx) + 1,
+                           width=max(len(h) for h in histories) - 1)
     target_ids = torch.tensor(tgt)
     samples = torch.tensor([b for b, h in enumerate(histories) for _ in h])
     for block, dense_children in ((1 << 18, 1 << 22), (5, 0)):  # (0: the searched tables)
         dense._WINDOW_ELEMENTS, dense._DENSE_CHILDREN = block, dense_children
         dense._code_tables = None
-        allowed = dense._allowed_codes(q, item_ids, samples, target_ids,
-                                       max(len(h) for h in histories))
+        allowed = dense._allowed_codes(window, samples, target_ids)
         masked = 0
         for n, (b, j, t) in enumerate(zip(seg, idx, tgt)):
             hist = {i for i in histories[b][:j + 1] if i > 0 and i != t}

@@ -6,6 +6,7 @@ Legend: Q queries, I items of the corpus, D width.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -153,23 +154,30 @@ class HistoryWindow:
         """The same window with the ids' columns moved down by ``by`` (item ids -> columns)."""
         return HistoryWindow(self.ids - by, self.starts, self.lengths, self.width)
 
+    def blocks(self, rows_total: int, start: int = 0, elements: int = 0
+               ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """The windows of queries ``start``.. ``start + rows_total`` a block at a time (at most
+        ``elements`` entries, default :data:`_WINDOW_ELEMENTS`): (s, e, slots [r, W] into
+        ``ids`` (clamped in range), inside [r, W]: the slot is in query ``start + s + i``'s
+        history), r = e - s; nothing when the window or the ids are empty."""
+        width = self.width
+        if width <= 0 or rows_total == 0 or self.ids.numel() == 0:
+            return
+        step = max(1, (elements or _WINDOW_ELEMENTS) // width)
+        pos = torch.arange(width, device=self.ids.device)
+        last = self.ids.numel() - 1
+        for s in range(0, rows_total, step):
+            e = min(rows_total, s + step)
+            slots = (self.starts[start + s : start + e, None] + pos).clamp_(max=last)
+            yield s, e, slots, pos < self.lengths[start + s : start + e, None]
+
     def mask_(self, logits: torch.Tensor, start: int, target: torch.Tensor) -> None:
         """-inf at the history columns of the block of queries ``start``.. (``logits`` [r, I],
         ``target`` [r] their targets' columns): their probabilities become exactly 0, and so do
         their gradients. The other entries are unchanged (they get + 0.0)."""
         rows_total, num_i = logits.shape
-        width = self.width
-        if width <= 0 or rows_total == 0 or self.ids.numel() == 0:
-            return
-        step = max(1, _WINDOW_ELEMENTS // width)
-        pos = torch.arange(width, device=logits.device)
-        last = self.ids.numel() - 1
-        for s in range(0, rows_total, step):
-            e = min(rows_total, s + step)
-            starts = self.starts[start + s : start + e, None]
-            inside = pos < self.lengths[start + s : start + e, None]  # [r, W]
-            slots = (starts + pos).clamp_(max=last).view(-1)
-            cols = self.ids.index_select(0, slots).view(inside.shape)
+        for s, e, slots, inside in self.blocks(rows_total, start):
+            cols = self.ids.index_select(0, slots.view(-1)).view(inside.shape)
             inside &= (cols != target[s:e, None]) & (cols >= 0) & (cols < num_i)
             # -inf where masked, + 0.0 elsewhere (a column listed twice: -inf either way)
             add = torch.zeros(inside.shape, dtype=logits.dtype, device=logits.device)
