@@ -12,7 +12,9 @@ steps timed where fewer than ``RECENT_MIN_STEPS`` ran since): shorter where the 
 fits by more than ``REPLAN_SHORTER`` (a host that slows down, steps that grow dearer), longer
 where more than ``REPLAN_LONGER`` of it would fit (the first steps were slower than the run),
 never past the configured length; the learning-rate schedule ends at the new plan's last
-step. The budget counts from the process's start (``hstu.STARTED``) when a run comes from an
+step. Between evaluations, every ``GUARD_EVERY`` steps, the run checks that its plan still ends
+inside the budget at the pace since the last evaluation, and ends sooner where it would not (a
+host that slows down after the last evaluation). The budget counts from the process's start (``hstu.STARTED``) when a run comes from an
 entry point's command line.
 """
 
@@ -50,6 +52,14 @@ ran (else of every step timed): the steps before it often run 10-30 % slower tha
 the run, and a pace averaged over them planned runs that ended a tenth of their budget early
 (the pace since the last evaluation alone follows the host's noise: plans that move the
 learning-rate schedule back and forth)."""
+GUARD_EVERY = 10
+"""Between evaluations, once the plan is decided, every this many steps the run checks that the
+plan's remaining work still fits the whole budget (not SAFETY of it) at the pace since the last
+evaluation, and shortens the plan to fit SAFETY of it where it does not: a plan made at an
+evaluation assumed the pace until then, and a host that slowed 2x after the last one overran a
+9-minute budget by 82 s. The check never lengthens a plan (the next evaluation may)."""
+GUARD_MIN_STEPS = 10
+"""... once at least this many steps ran since the last evaluation (fewer time noise)."""
 
 
 class StepPace:
@@ -62,6 +72,7 @@ class StepPace:
         self.timed_from = step + UNTIMED_STEPS
         self.start = (step, now, eval_total)
         self.first_eval: tuple[int, float, float] | None = None
+        self.last_eval: tuple[int, float, float] | None = None
 
     def stepped(self, step: int, now: float, eval_total: float) -> None:
         """After each training step: the clock starts UNTIMED_STEPS steps in."""
@@ -69,9 +80,18 @@ class StepPace:
             self.start = (step, now, eval_total)
 
     def evaluated(self, step: int, now: float, eval_total: float) -> None:
-        """After each evaluation: the first one starts the later plans' clock."""
+        """After each evaluation: the first one starts the later plans' clock; each one the
+        between-evaluations check's (:meth:`since_evaluation`)."""
         if self.first_eval is None:
             self.first_eval = (step, now, eval_total)
+        self.last_eval = (step, now, eval_total)
+
+    def since_evaluation(self, step: int, now: float) -> float | None:
+        """Seconds a step since the last evaluation; None before one or with fewer than
+        GUARD_MIN_STEPS steps since it."""
+        if self.last_eval is None or step - self.last_eval[0] < GUARD_MIN_STEPS:
+            return None
+        return (now - self.last_eval[1]) / (step - self.last_eval[0])
 
     def seconds(self, step: int, now: float, eval_total: float, recent: bool) -> float:
         """Seconds a step: since the first evaluation with ``recent`` (when at least
@@ -171,6 +191,16 @@ def budget_line(
     return (
         f"{head}: {configured} steps would not fit; training to step {chosen} (the learning-rate "
         f"schedule ends there; TrainerArgs.time_budget_minutes)"
+    )
+
+
+def guard_line(
+    *, minutes: float, elapsed_s: float, step: int, step_s: float, chosen: int, planned: int,
+) -> str:
+    return (
+        f"[hstu] time budget {minutes:g} min: {elapsed_s:.0f} s spent by step {step}, "
+        f"{step_s:.3f} s a step since the last evaluation: step {planned} would end past the "
+        f"budget; training to step {chosen} (the learning-rate schedule ends there)"
     )
 
 

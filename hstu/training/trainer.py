@@ -17,6 +17,7 @@ import torch
 
 from hstu.config import RunConfig
 from hstu.training.budget import (
+    GUARD_EVERY,
     MIN_TIMED_STEPS,
     PROBE_STEPS,
     REPLAN_LONGER,
@@ -25,6 +26,8 @@ from hstu.training.budget import (
     affordable_steps,
     agree_min,
     budget_line,
+    evaluations_between,
+    guard_line,
     replan_line,
     run_length,
 )
@@ -291,6 +294,29 @@ class Trainer:
         ))
         self._set_max_steps(chosen)
 
+    def _guard_budget(self, step_s: float, eval_s: float) -> None:
+        """TrainerArgs.time_budget_minutes between evaluations (budget.GUARD_EVERY): where the
+        plan's remaining work at ``step_s`` a step no longer fits the budget, the step count
+        that fits SAFETY of it (at least one more step: the last one evaluates). Every rank
+        calls it at the same steps (one all-reduce)."""
+        minutes = self.args.time_budget_minutes
+        assert minutes is not None
+        elapsed = time.monotonic() - self.started
+        planned = self.max_steps
+        work = ((planned - self.step) * step_s
+                + (evaluations_between(self.step, planned, self.eval_interval) + 1) * eval_s)
+        fits = planned
+        if elapsed + work > 60.0 * minutes:
+            fits = max(self.step + 1, affordable_steps(
+                budget_s=60.0 * minutes, elapsed_s=elapsed, step=self.step, step_s=step_s,
+                eval_s=eval_s, eval_interval=self.eval_interval, max_steps=planned,
+            ))
+        chosen = agree_min(fits)
+        if chosen < planned:
+            self.logger.print(guard_line(minutes=minutes, elapsed_s=elapsed, step=self.step,
+                                         step_s=step_s, chosen=chosen, planned=planned))
+            self._set_max_steps(chosen)
+
     def averaged(self) -> contextlib.AbstractContextManager[None]:
         """The weight average in the model for the duration (TrainerArgs.ema_decay), or
         nothing to do without one."""
@@ -404,6 +430,11 @@ class Trainer:
                     if (self.budget_pending and self.step >= self.budget_decide_from
                             or self.budget_replans and self.step < self.max_steps):
                         self._fit_budget(step_s, self.validation.seconds)
+                elif (self.budget_replans and self.step < self.max_steps
+                      and self.step % GUARD_EVERY == 0):
+                    recent = pace.since_evaluation(self.step, time.monotonic())
+                    if recent is not None:  # (the same steps on every rank)
+                        self._guard_budget(recent, self.validation.seconds)
                 if saving:
                     self.checkpoint.save(self.step)
                     window.restart_clock()

@@ -161,6 +161,53 @@ def test_later_plans_take_the_pace_since_the_first_evaluation() -> None:
         (7 * 1.0 + 200 * 0.5 + 40 * 0.7) / (250 - UNTIMED_STEPS))
 
 
+def test_between_evaluations_a_slower_host_ends_the_plan_sooner(monkeypatch) -> None:
+    """Trainer._guard_budget: a plan whose remaining work still fits the whole budget stays (a
+    pace slower than planned but inside the budget's margin included); one that no longer fits
+    ends where SAFETY of the budget does, and never sooner than the next step."""
+    import hstu.training.trainer as trainer_module
+    from hstu.training.trainer import Trainer
+
+    now = {"t": 0.0}
+    monkeypatch.setattr(trainer_module.time, "monotonic", lambda: now["t"])
+    lines: list[str] = []
+    run = _Run(args=SimpleNamespace(time_budget_minutes=10.0), started=0.0, max_steps=1000,
+               step=600, eval_interval=100, logger=SimpleNamespace(print=lines.append))
+    # 400 steps and 5 evaluations (at 700, 800, 900, 1000, the test split) left: at 0.5 s a
+    # step and 2 s an evaluation, 210 s of work
+    now["t"] = 600 - 210.0  # ends exactly on the budget: kept, nothing said
+    Trainer._guard_budget(run, 0.5, 2.0)
+    assert run.max_steps == 1000 and not lines
+    now["t"] += 1.0  # one second more: shortened to what SAFETY of the budget leaves
+    want = affordable_steps(budget_s=600, elapsed_s=now["t"], step=600, step_s=0.5, eval_s=2.0,
+                            eval_interval=100, max_steps=1000)
+    Trainer._guard_budget(run, 0.5, 2.0)
+    assert run.max_steps == want and 600 < want < 1000
+    assert lines[-1] == (f"[hstu] time budget 10 min: {now['t']:.0f} s spent by step 600, "
+                         f"0.500 s a step since the last evaluation: step 1000 would end past the "
+                         f"budget; training to step {want} (the learning-rate schedule ends there)")
+    # a faster pace later never lengthens the plan here
+    Trainer._guard_budget(run, 0.01, 2.0)
+    assert run.max_steps == want and len(lines) == 1
+    # the budget already spent: one more step, whose evaluation ends the run
+    now["t"] = 700.0
+    Trainer._guard_budget(run, 0.5, 2.0)
+    assert run.max_steps == 601
+
+
+def test_the_check_between_evaluations_times_the_steps_since_the_last_one() -> None:
+    from hstu.training.budget import GUARD_MIN_STEPS, StepPace
+
+    pace = StepPace(0, 0.0, 0.0)
+    assert pace.since_evaluation(50, 50.0) is None  # no evaluation yet
+    pace.evaluated(40, 100.0, 8.0)
+    assert pace.since_evaluation(40 + GUARD_MIN_STEPS - 1, 150.0) is None  # too few steps
+    assert pace.since_evaluation(40 + 2 * GUARD_MIN_STEPS, 100.0 + 3.0 * GUARD_MIN_STEPS
+                                 ) == pytest.approx(1.5)
+    pace.evaluated(80, 200.0, 10.0)  # the next evaluation restarts it
+    assert pace.since_evaluation(80 + GUARD_MIN_STEPS, 200.0 + GUARD_MIN_STEPS) == pytest.approx(1.0)
+
+
 def test_the_command_line_budget_counts_from_the_process_start(plain_process, monkeypatch
                                                                ) -> None:
     """A run from the command line (argv None: this process's own) takes its clock from
