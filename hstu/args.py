@@ -663,6 +663,13 @@ class NetworkArgs:
     sid_decoder_dropout: float | None = None
     """architecture="hstu_sid": dropout of the code decoder's attention and residual branches;
     None: hidden_dropout (the encoder's)."""
+    sid_decoder_attention_dropout: float | None = None
+    """architecture="hstu_sid": dropout of the code decoder's attention weights alone; None:
+    sid_decoder_dropout's (0.0 keeps the residual branches' dropout and skips the attention's,
+    the costlier one on CPU)."""
+    sid_decoder_ffn_multiplier: int = 4
+    """architecture="hstu_sid": the code decoder's feed-forward inner width as a multiple of
+    hidden_size (its largest matrices: 2 runs it at about half the cost of 4)."""
     sasrec_ffn_activation: Literal["swiglu", "gelu", "relu"] = "swiglu"
     """architecture="sasrec": the feed-forward network, SwiGLU without biases (eSASRec's LiGR layer)
     or GELU / ReLU with biases (the original SASRec's ReLU)."""
@@ -707,7 +714,7 @@ class NetworkArgs:
             self, "num_layers", *(("hidden_size",) if self.hidden_size != AUTO else ()),
             "num_attention_heads", "kv_channels",
             "norm_epsilon", "target_group_size", "num_position_buckets", "sasrec_ffn_multiplier",
-            "sid_decoder_layers", "sid_decoder_heads",
+            "sid_decoder_layers", "sid_decoder_heads", "sid_decoder_ffn_multiplier",
         )
         _require(
             self.hidden_dropout == AUTO or 0.0 <= self.hidden_dropout < 1.0,
@@ -720,6 +727,13 @@ class NetworkArgs:
             self,
             "sid_decoder_dropout",
             f"must be None or in [0, 1), got {self.sid_decoder_dropout}",
+        )
+        _require(
+            self.sid_decoder_attention_dropout is None
+            or 0.0 <= self.sid_decoder_attention_dropout < 1.0,
+            self,
+            "sid_decoder_attention_dropout",
+            f"must be None or in [0, 1), got {self.sid_decoder_attention_dropout}",
         )
         _positive(self, "attention_alpha", "attn_scaling_seqlen")
         for name in ("item_embedding_dim", "contextual_embedding_dim"):

@@ -314,11 +314,15 @@ def check_architecture(network: Any, task: str) -> None:
                               f"{network.sid_decoder_heads} heads do not divide hidden_size "
                               f"{network.hidden_size}")
     else:
-        for field in ("sid_codes", "sid_decoder_dropout"):
+        for field in ("sid_codes", "sid_decoder_dropout", "sid_decoder_attention_dropout"):
             if getattr(network, field) is not None:
                 raise ConfigError("NetworkArgs", field,
                                   f'is read by architecture="hstu_sid" only (architecture is '
                                   f"{network.architecture!r}); leave it unset")
+        if network.sid_decoder_ffn_multiplier != 4:
+            raise ConfigError("NetworkArgs", "sid_decoder_ffn_multiplier",
+                              f'is read by architecture="hstu_sid" only (architecture is '
+                              f"{network.architecture!r}); leave it at 4")
     if network.architecture != "sasrec":
         return
     if task != "retrieval":

@@ -162,6 +162,8 @@ def build_model(
             dropout=(network_args.hidden_dropout if network_args.sid_decoder_dropout is None
                      else network_args.sid_decoder_dropout),
             eps=network_args.norm_epsilon,
+            decoder_ffn_multiplier=network_args.sid_decoder_ffn_multiplier,
+            decoder_attention_dropout=network_args.sid_decoder_attention_dropout,
             min_item_id=data.min_item_id,
             max_item_seqlen=data.max_item_seqlen,
             beam_width=task_args.sid_beam_width,

@@ -61,7 +61,9 @@ class SidRetrievalModel(DenseModel):
             padding); kept with the model (a buffer: checkpoints and exports carry it).
         num_codes: K_l per level.
         item_embedding: add the item's id row to the sum of its code rows.
-        decoder_layers, decoder_heads, dropout, eps: the code decoder's.
+        decoder_layers, decoder_heads, dropout, eps, decoder_ffn_multiplier,
+            decoder_attention_dropout: the code decoder's
+            (:class:`hstu.model.sid_head.CodeDecoder`).
         min_item_id: first real item id. max_item_seqlen, tp_group: as for dense retrieval.
         beam_width, certify, spread: decoding (:func:`hstu.model.sid_decode.beam_search`).
         eval_exclude_history: never recommend an item of the query's history.
@@ -85,6 +87,8 @@ class SidRetrievalModel(DenseModel):
         decoder_heads: int = 2,
         dropout: float = 0.0,
         eps: float = 1e-6,
+        decoder_ffn_multiplier: int = 4,
+        decoder_attention_dropout: float | None = None,
         min_item_id: int = 0,
         max_item_seqlen: int = 0,
         beam_width: int = 50,
@@ -108,7 +112,8 @@ class SidRetrievalModel(DenseModel):
         self.sid_feature = sid_feature_name(token_builder.item_feature_name)
         hidden = token_builder.hidden_size
         self.decoder = CodeDecoder(hidden, self.num_codes, decoder_layers, decoder_heads,
-                                   dropout, eps)
+                                   dropout, eps, decoder_ffn_multiplier,
+                                   decoder_attention_dropout)
         self._catalogue: Catalogue | None = None
         if exclude_history_from_loss:
             self._tables()  # built here, on the host, rather than inside a training step

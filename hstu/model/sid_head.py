@@ -27,9 +27,12 @@ def code_rows(codes: torch.Tensor, num_codes: Sequence[int]) -> torch.Tensor:
 
 class DecoderLayer(nn.Module):
     """Pre-norm transformer layer over a short causal sequence [N, T, D], with a key/value
-    cache for decoding one token at a time."""
+    cache for decoding one token at a time. ``dropout`` on the residual branches,
+    ``attention_dropout`` (None: ``dropout``) on the attention weights; the feed-forward's
+    inner width is ``ffn_multiplier`` x D."""
 
-    def __init__(self, hidden: int, heads: int, dropout: float, eps: float) -> None:
+    def __init__(self, hidden: int, heads: int, dropout: float, eps: float,
+                 ffn_multiplier: int = 4, attention_dropout: float | None = None) -> None:
         super().__init__()
         if hidden % heads:
             raise ValueError(f"the code decoder's width {hidden} is not a multiple of its "
@@ -39,9 +42,10 @@ class DecoderLayer(nn.Module):
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.out = nn.Linear(hidden, hidden)
         self.norm2 = nn.LayerNorm(hidden, eps=eps)
-        self.ff = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(),
-                                nn.Linear(4 * hidden, hidden))
+        self.ff = nn.Sequential(nn.Linear(hidden, ffn_multiplier * hidden), nn.GELU(),
+                                nn.Linear(ffn_multiplier * hidden, hidden))
         self.dropout = dropout
+        self.attention_dropout = dropout if attention_dropout is None else attention_dropout
 
     def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -55,12 +59,15 @@ class DecoderLayer(nn.Module):
         if cache is not None:
             k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
         past = k.shape[2] - t
-        if t == 1:  # one new token: it sees every token before it
-            mask = None
-        else:
+        causal, mask = False, None  # t == 1: the new token sees every token before it
+        if t > 1 and past == 0:
+            causal = True
+        elif t > 1:
             mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)
         p = self.dropout if self.training else 0.0
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal,
+            dropout_p=self.attention_dropout if self.training else 0.0)
         x = x + F.dropout(self.out(a.transpose(1, 2).reshape(n, t, d)), p, self.training)
         x = x + F.dropout(self.ff(self.norm2(x)), p, self.training)
         return x, (k, v)
@@ -71,11 +78,14 @@ class CodeDecoder(nn.Module):
 
     Args:
         hidden: D. num_codes: K_l per level. num_layers, num_heads: the decoder's.
-        dropout, eps: dropout of its residual branches and attention; layer norm epsilon.
+        dropout, eps: dropout of its residual branches (and of its attention weights unless
+            ``attention_dropout`` is given); layer norm epsilon.
+        ffn_multiplier: the feed-forward's inner width as a multiple of D.
     """
 
     def __init__(self, hidden: int, num_codes: Sequence[int], num_layers: int,
-                 num_heads: int, dropout: float = 0.0, eps: float = 1e-6) -> None:
+                 num_heads: int, dropout: float = 0.0, eps: float = 1e-6,
+                 ffn_multiplier: int = 4, attention_dropout: float | None = None) -> None:
         super().__init__()
         self.num_codes = [int(k) for k in num_codes]
         levels = len(self.num_codes)
@@ -89,7 +99,8 @@ class CodeDecoder(nn.Module):
         self.level_embedding = nn.Parameter(torch.zeros(levels, hidden))
         self.query_input = nn.Linear(hidden, hidden)
         self.layers = nn.ModuleList(
-            DecoderLayer(hidden, num_heads, dropout, eps) for _ in range(num_layers)
+            DecoderLayer(hidden, num_heads, dropout, eps, ffn_multiplier, attention_dropout)
+            for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(hidden, eps=eps)
         self.heads = nn.ModuleList(nn.Linear(hidden, k) for k in self.num_codes)

@@ -26,8 +26,8 @@ class InferenceSid(InferenceHSTU):
     and each item id's codes [I, L] (the trainer's ``SidRetrievalModel`` state dict).
 
     ``cfg["sid"]``: ``num_codes`` (K_l per level), ``decoder_layers``, ``decoder_heads``,
-    ``eps``, ``beam_width``, ``certify``, ``spread``, ``exclude_history``, ``renormalise``
-    (the model was trained with ``RetrievalArgs.sid_exclude_history_from_loss``)."""
+    ``decoder_ffn_multiplier`` (4 when absent), ``eps``, ``beam_width``, ``certify``,
+    ``spread``, ``exclude_history``, ``renormalise`` (the model was trained with ``RetrievalArgs.sid_exclude_history_from_loss``)."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__(cfg)
@@ -36,7 +36,8 @@ class InferenceSid(InferenceHSTU):
         self.register_buffer(
             "codes", torch.full((int(cfg["num_items"]), len(num_codes)), -1, dtype=torch.int64))
         self.decoder = CodeDecoder(int(cfg["hidden_size"]), num_codes, int(sid["decoder_layers"]),
-                                   int(sid["decoder_heads"]), 0.0, float(sid["eps"]))
+                                   int(sid["decoder_heads"]), 0.0, float(sid["eps"]),
+                                   int(sid.get("decoder_ffn_multiplier", 4)))
         self.num_codes = num_codes
         self._catalogue: Catalogue | None = None
         self.eval()
@@ -70,6 +71,9 @@ def sid_config(dense: torch.nn.Module) -> dict[str, Any]:
     return {
         "num_codes": list(dense.num_codes), "decoder_layers": len(dense.decoder.layers),
         "decoder_heads": dense.decoder.layers[0].heads if len(dense.decoder.layers) else 1,
+        "decoder_ffn_multiplier": (dense.decoder.layers[0].ff[0].out_features
+                                   // dense.decoder.layers[0].ff[0].in_features
+                                   if len(dense.decoder.layers) else 4),
         "eps": float(dense.decoder.norm.eps), "beam_width": int(dense.beam_width),
         "certify": bool(dense.certify), "spread": float(dense.spread),
         "item_embedding": bool(dense.item_embedding),

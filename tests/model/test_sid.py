@@ -94,6 +94,16 @@ def test_code_rows_put_each_level_after_the_rows_of_the_levels_before_it():
      "NetworkArgs.sid_decoder_dropout: must be None or in [0, 1), got 1.0"),
     ("retrieval", ["NetworkArgs.sid_decoder_dropout=0.1"],
      "NetworkArgs.sid_decoder_dropout: is read by architecture=\"hstu_sid\" only"),
+    ("retrieval", ['NetworkArgs.architecture="hstu_sid"', 'NetworkArgs.sid_codes="x"',
+                   "NetworkArgs.sid_decoder_attention_dropout=-0.1"],
+     "NetworkArgs.sid_decoder_attention_dropout: must be None or in [0, 1), got -0.1"),
+    ("retrieval", ["NetworkArgs.sid_decoder_attention_dropout=0.0"],
+     "NetworkArgs.sid_decoder_attention_dropout: is read by architecture=\"hstu_sid\" only"),
+    ("retrieval", ["NetworkArgs.sid_decoder_ffn_multiplier=2"],
+     "NetworkArgs.sid_decoder_ffn_multiplier: is read by architecture=\"hstu_sid\" only"),
+    ("retrieval", ['NetworkArgs.architecture="hstu_sid"', 'NetworkArgs.sid_codes="x"',
+                   "NetworkArgs.sid_decoder_ffn_multiplier=0"],
+     "NetworkArgs.sid_decoder_ffn_multiplier: must be"),
     ("retrieval", ["RetrievalArgs.sid_new_item_spread=0.2"],
      "RetrievalArgs.sid_new_item_spread: is read by NetworkArgs.architecture=\"hstu_sid\" only"),
     ("retrieval", ["RetrievalArgs.sid_certify=True"],
@@ -137,6 +147,23 @@ def test_decoder_dropout_is_its_own_or_the_encoders():
                    sid_decoder_dropout=own, sid_decoder_layers=2)
         model = build_model("retrieval", net, RetrievalArgs(), emb, data)
         assert [layer.dropout for layer in model.dense.decoder.layers] == [want, want]
+        assert [layer.attention_dropout for layer in model.dense.decoder.layers] == [want, want]
+    net = _net(architecture="hstu_sid", sid_codes="x", hidden_dropout=0.2,
+               sid_decoder_attention_dropout=0.0, sid_decoder_ffn_multiplier=2)
+    layer = build_model("retrieval", net, RetrievalArgs(), emb, data).dense.decoder.layers[0]
+    assert (layer.dropout, layer.attention_dropout) == (0.2, 0.0)
+    assert layer.ff[0].weight.shape == (2 * layer.ff[0].in_features, layer.ff[0].in_features)
+
+
+def test_attention_dropout_is_apart_from_the_residual_branches():
+    """Only the attention weights' dropout on: training is random; both off: it is not."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 16)
+    for attention, random in ((0.5, True), (0.0, False)):
+        dec = CodeDecoder(16, [4, 4, 4], 1, 2, dropout=0.0, attention_dropout=attention).train()
+        q, codes = x[:, 0], torch.zeros(5, 3, dtype=torch.int64)
+        first, second = dec(q, codes)[2], dec(q, codes)[2]
+        assert (not torch.equal(first, second)) == random
 
 
 def test_allowed_codes_leave_out_the_codes_that_lead_only_into_the_history():

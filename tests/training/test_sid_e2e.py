@@ -124,6 +124,7 @@ def test_the_sid_artifact_recommends_the_trainers_top_k_in_raw_ids(ml100k, tmp_p
                                 "TrainerArgs.ckpt_save_interval=80",
                                 "RetrievalArgs.sid_new_item_spread=0.3",
                                 "RetrievalArgs.sid_exclude_history_from_loss=True",
+                                "NetworkArgs.sid_decoder_ffn_multiplier=2",
                                 "RetrievalArgs.sid_beam_width=20", SHORT,
                                 f'TrainerArgs.ckpt_save_dir="{ckpt}"'])
     env = _env()
@@ -132,7 +133,8 @@ def test_the_sid_artifact_recommends_the_trainers_top_k_in_raw_ids(ml100k, tmp_p
                 [sys.executable, "-m", "tests.serving.reference", "sid", str(data), str(ckpt),
                  str(tmp_path / "ref_run"), str(tmp_path / "ref.pt"), str(codes),
                  "RetrievalArgs.sid_new_item_spread=0.3", "RetrievalArgs.sid_beam_width=20",
-                 "RetrievalArgs.sid_exclude_history_from_loss=True", SHORT]):
+                 "RetrievalArgs.sid_exclude_history_from_loss=True",
+                 "NetworkArgs.sid_decoder_ffn_multiplier=2", SHORT]):
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=600, check=False)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
@@ -141,6 +143,7 @@ def test_the_sid_artifact_recommends_the_trainers_top_k_in_raw_ids(ml100k, tmp_p
     assert manifest["model"]["sid"]["spread"] == 0.3  # decoded as the trainer decodes
     assert manifest["model"]["sid"]["beam_width"] == 20
     assert manifest["model"]["sid"]["renormalise"] is True  # history left out in training
+    assert manifest["model"]["sid"]["decoder_ffn_multiplier"] == 2
     ref = torch.load(tmp_path / "ref.pt", weights_only=False)
     out = tmp_path / "top10.csv"
     proc = recommend("--model", str(art), "--input", str(data), "--out", str(out), "--top-k", "10",
