@@ -12,9 +12,9 @@ steps timed where fewer than ``RECENT_MIN_STEPS`` ran since): shorter where the 
 fits by more than ``REPLAN_SHORTER`` (a host that slows down, steps that grow dearer), longer
 where more than ``REPLAN_LONGER`` of it would fit (the first steps were slower than the run),
 never past the configured length; the learning-rate schedule ends at the new plan's last
-step. Between evaluations, every ``GUARD_EVERY`` steps, the run checks that its plan still ends
-inside the budget at the pace since the last evaluation, and ends sooner where it would not (a
-host that slows down after the last evaluation). The budget counts from the process's start (``hstu.STARTED``) when a run comes from an
+step. After the last evaluation before the plan's end, every ``GUARD_EVERY`` steps, the run
+checks that its plan still ends inside the budget at the pace since that evaluation, and ends
+sooner where it would not (a host that slows down where no evaluation is left to plan again). The budget counts from the process's start (``hstu.STARTED``) when a run comes from an
 entry point's command line.
 """
 
@@ -53,11 +53,12 @@ the run, and a pace averaged over them planned runs that ended a tenth of their 
 (the pace since the last evaluation alone follows the host's noise: plans that move the
 learning-rate schedule back and forth)."""
 GUARD_EVERY = 10
-"""Between evaluations, once the plan is decided, every this many steps the run checks that the
-plan's remaining work still fits the whole budget (not SAFETY of it) at the pace since the last
-evaluation, and shortens the plan to fit SAFETY of it where it does not: a plan made at an
-evaluation assumed the pace until then, and a host that slowed 2x after the last one overran a
-9-minute budget by 82 s. The check never lengthens a plan (the next evaluation may)."""
+"""Once the plan is decided and no evaluation is left before its last step, every this many
+steps the run checks that the plan's remaining work still fits the whole budget (not SAFETY of
+it) at the pace since the last evaluation, and shortens the plan to fit SAFETY of it where it
+does not: a host that slowed 2x after the last evaluation overran a 9-minute budget by 82 s.
+Earlier, the evaluations plan again (a check every few steps there followed the noise of 10
+steps: it cut a plan by 15 % right after it was made). The check never lengthens a plan."""
 GUARD_MIN_STEPS = 10
 """... once at least this many steps ran since the last evaluation (fewer time noise)."""
 
@@ -132,6 +133,11 @@ def length_line(args: Any, steps_per_epoch: int, total: int, interval: int) -> s
     if not parts:
         return None
     return f"[hstu] run length: {'; '.join(parts)} ({steps_per_epoch} steps an epoch)"
+
+
+def last_stretch(step: int, end: int, eval_interval: int) -> bool:
+    """No evaluation of the interval is due after ``step`` and before the last step ``end``."""
+    return (end - 1) // eval_interval <= step // eval_interval
 
 
 def evaluations_between(step: int, end: int, eval_interval: int) -> int:

@@ -28,6 +28,7 @@ from hstu.training.budget import (
     budget_line,
     evaluations_between,
     guard_line,
+    last_stretch,
     replan_line,
     run_length,
 )
@@ -295,10 +296,10 @@ class Trainer:
         self._set_max_steps(chosen)
 
     def _guard_budget(self, step_s: float, eval_s: float) -> None:
-        """TrainerArgs.time_budget_minutes between evaluations (budget.GUARD_EVERY): where the
-        plan's remaining work at ``step_s`` a step no longer fits the budget, the step count
-        that fits SAFETY of it (at least one more step: the last one evaluates). Every rank
-        calls it at the same steps (one all-reduce)."""
+        """TrainerArgs.time_budget_minutes after the last evaluation before the plan's end
+        (budget.GUARD_EVERY): where the plan's remaining work at ``step_s`` a step no longer
+        fits the budget, the step count that fits SAFETY of it (at least one more step: the
+        last one evaluates). Every rank calls it at the same steps (one all-reduce)."""
         minutes = self.args.time_budget_minutes
         assert minutes is not None
         elapsed = time.monotonic() - self.started
@@ -431,7 +432,8 @@ class Trainer:
                             or self.budget_replans and self.step < self.max_steps):
                         self._fit_budget(step_s, self.validation.seconds)
                 elif (self.budget_replans and self.step < self.max_steps
-                      and self.step % GUARD_EVERY == 0):
+                      and self.step % GUARD_EVERY == 0
+                      and last_stretch(self.step, self.max_steps, self.eval_interval)):
                     recent = pace.since_evaluation(self.step, time.monotonic())
                     if recent is not None:  # (the same steps on every rank)
                         self._guard_budget(recent, self.validation.seconds)

@@ -195,6 +195,16 @@ def test_between_evaluations_a_slower_host_ends_the_plan_sooner(monkeypatch) -> 
     assert run.max_steps == 601
 
 
+def test_the_last_stretch_is_where_no_evaluation_is_left_before_the_end() -> None:
+    from hstu.training.budget import last_stretch
+
+    assert not last_stretch(600, 1000, 100)  # 700, 800, 900 still evaluate
+    assert not last_stretch(899, 1000, 100)
+    assert last_stretch(900, 1000, 100) and last_stretch(950, 1000, 100)
+    assert last_stretch(910, 950, 100)  # the end between two evaluations
+    assert not last_stretch(790, 850, 100) and last_stretch(800, 850, 100)
+
+
 def test_the_check_between_evaluations_times_the_steps_since_the_last_one() -> None:
     from hstu.training.budget import GUARD_MIN_STEPS, StepPace
 
