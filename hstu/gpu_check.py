@@ -499,6 +499,16 @@ def _gin_value(text: str, key: str) -> str | None:
     return found.group(1).strip().strip("\"'") if found else None
 
 
+def _preset_text(path: Path) -> str:
+    """A preset's text followed by its includes' (relative to it): :func:`_gin_value` finds the
+    preset's own binding of a key before an included file's, as gin binds them."""
+    import re
+
+    text = path.read_text()
+    included = re.findall(r"""^include\s+['"]([^'"]+)['"]""", text, re.MULTILINE)
+    return "\n".join([text, *(_preset_text(path.parent / name) for name in included)])
+
+
 def trainer_presets(root: Path, num_gpus: int) -> list[PresetPlan]:
     """Every preset in ``root``/configs (the debug ones first), and whether ``trainer_steps``
     steps it on a machine of ``num_gpus`` GPUs with the data under ``root``: a preset needs
@@ -509,7 +519,7 @@ def trainer_presets(root: Path, num_gpus: int) -> list[PresetPlan]:
                    key=lambda p: (not p.stem.startswith("debug_"), p.stem))
     plans = []
     for path in paths:
-        text, name = path.read_text(), path.stem
+        text, name = _preset_text(path), path.stem
         task = "ranking" if "ranking" in name else "retrieval"
         tp = int(_gin_value(text, "TensorModelParallelArgs.tensor_model_parallel_size") or 1)
         dataset = _gin_value(text, "DatasetArgs.dataset_name")

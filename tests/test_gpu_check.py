@@ -85,6 +85,10 @@ def test_trainer_steps_selects_every_preset_that_fits(tmp_path: Path) -> None:
         "its data is not on this machine (tmp_data/ml-1m/metadata.json): "
         "python -m hstu.data.preprocess --dataset ml-1m")
     assert by_name["ml-100k_stream_ranking"].skip.startswith("an online-training preset")
+    # a preset that includes another reads the dataset it names
+    assert by_name["ml-100k_sid_collab_retrieval"].skip == (
+        "its data is not on this machine (tmp_data/ml-100k/metadata.json): "
+        "python -m hstu.data.preprocess --dataset ml-100k")
     assert by_name["debug_ranking"].params == (
         'DatasetArgs.dataset_path="{workdir}/data/debug_ranking"',)
     assert by_name["benchmark_ranking"].params == ()
