@@ -27,7 +27,8 @@ class InferenceSid(InferenceHSTU):
 
     ``cfg["sid"]``: ``num_codes`` (K_l per level), ``decoder_layers``, ``decoder_heads``,
     ``decoder_ffn_multiplier`` (4 when absent), ``eps``, ``beam_width``, ``certify``,
-    ``spread``, ``exclude_history``, ``renormalise`` (the model was trained with ``RetrievalArgs.sid_exclude_history_from_loss``)."""
+    ``spread``, ``exclude_history``, ``renormalise`` (the model was trained with
+    ``RetrievalArgs.sid_exclude_history_from_loss``)."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__(cfg)

@@ -14,8 +14,9 @@ where more than ``REPLAN_LONGER`` of it would fit (the first steps were slower t
 never past the configured length; the learning-rate schedule ends at the new plan's last
 step. After the last evaluation before the plan's end, every ``GUARD_EVERY`` steps, the run
 checks that its plan still ends inside the budget at the pace since that evaluation, and ends
-sooner where it would not (a host that slows down where no evaluation is left to plan again). The budget counts from the process's start (``hstu.STARTED``) when a run comes from an
-entry point's command line.
+sooner where it would not (a host that slows down where no evaluation is left to plan
+again). The budget counts from the process's start (``hstu.STARTED``) when a run comes from
+an entry point's command line.
 """
 
 from __future__ import annotations
