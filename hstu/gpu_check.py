@@ -501,7 +501,8 @@ def _gin_value(text: str, key: str) -> str | None:
 
 def _preset_text(path: Path) -> str:
     """A preset's text followed by its includes' (relative to it): :func:`_gin_value` finds the
-    preset's own binding of a key before an included file's, as gin binds them."""
+    preset's own binding of a key before an included file's, as gin binds them (gin-free, as
+    the dry run is: hstu.gin_parsing.read_bindings needs gin)."""
     import re
 
     text = path.read_text()

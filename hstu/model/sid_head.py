@@ -45,6 +45,7 @@ class DecoderLayer(nn.Module):
         self.ff = nn.Sequential(nn.Linear(hidden, ffn_multiplier * hidden), nn.GELU(),
                                 nn.Linear(ffn_multiplier * hidden, hidden))
         self.dropout = dropout
+        self.ffn_multiplier = ffn_multiplier
         self.attention_dropout = dropout if attention_dropout is None else attention_dropout
 
     def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -72,8 +72,7 @@ def sid_config(dense: torch.nn.Module) -> dict[str, Any]:
     return {
         "num_codes": list(dense.num_codes), "decoder_layers": len(dense.decoder.layers),
         "decoder_heads": dense.decoder.layers[0].heads if len(dense.decoder.layers) else 1,
-        "decoder_ffn_multiplier": (dense.decoder.layers[0].ff[0].out_features
-                                   // dense.decoder.layers[0].ff[0].in_features
+        "decoder_ffn_multiplier": (dense.decoder.layers[0].ffn_multiplier
                                    if len(dense.decoder.layers) else 4),
         "eps": float(dense.decoder.norm.eps), "beam_width": int(dense.beam_width),
         "certify": bool(dense.certify), "spread": float(dense.spread),

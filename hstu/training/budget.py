@@ -150,21 +150,29 @@ def evaluations_between(step: int, end: int, eval_interval: int) -> int:
     return on_interval + (0 if end % eval_interval == 0 else 1)
 
 
+def remaining_seconds(*, step: int, end: int, step_s: float, eval_s: float,
+                      eval_interval: int) -> float:
+    """The work left after ``step`` of a run ending at ``end``: its steps, the evaluations
+    due on the way and the test split (costed as one more evaluation)."""
+    return (end - step) * step_s + (evaluations_between(step, end, eval_interval) + 1) * eval_s
+
+
 def affordable_steps(
     *, budget_s: float, elapsed_s: float, step: int, step_s: float, eval_s: float,
     eval_interval: int, max_steps: int,
 ) -> int:
     """The largest N in [step, max_steps] whose remaining work (steps, evaluations, the test
     split) fits ``SAFETY * budget_s - elapsed_s``; ``step`` when not even one more step does."""
-    left = SAFETY * budget_s - elapsed_s - eval_s  # the test split at the end
+    left = SAFETY * budget_s - elapsed_s
 
     def cost(end: int) -> float:
-        return (end - step) * step_s + evaluations_between(step, end, eval_interval) * eval_s
+        return remaining_seconds(step=step, end=end, step_s=step_s, eval_s=eval_s,
+                                 eval_interval=eval_interval)
 
     if cost(max_steps) <= left:
         return max_steps
-    lo, hi = step, max_steps  # cost(lo) = 0 fits when left >= 0; cost(hi) does not
-    if left < 0:
+    lo, hi = step, max_steps  # cost(lo) fits when cost(step) (the test split) does
+    if cost(step) > left:
         return step
     while hi - lo > 1:  # cost is non-decreasing in end
         mid = (lo + hi) // 2

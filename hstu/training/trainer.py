@@ -26,9 +26,9 @@ from hstu.training.budget import (
     affordable_steps,
     agree_min,
     budget_line,
-    evaluations_between,
     guard_line,
     last_stretch,
+    remaining_seconds,
     replan_line,
     run_length,
 )
@@ -304,8 +304,8 @@ class Trainer:
         assert minutes is not None
         elapsed = time.monotonic() - self.started
         planned = self.max_steps
-        work = ((planned - self.step) * step_s
-                + (evaluations_between(self.step, planned, self.eval_interval) + 1) * eval_s)
+        work = remaining_seconds(step=self.step, end=planned, step_s=step_s, eval_s=eval_s,
+                                 eval_interval=self.eval_interval)
         fits = planned
         if elapsed + work > 60.0 * minutes:
             fits = max(self.step + 1, affordable_steps(
