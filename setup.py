@@ -28,5 +28,5 @@ setup(
         "scikit-learn",  # k-means, TF-IDF and SVD of the semantic-id tokenizer (hstu.sid)
         "threadpoolctl",  # (scikit-learn's own dependency) one thread while hstu.sid fits
     ],
-    extras_require={"dev": ["pytest", "pytest-timeout", "ruff", "hypothesis"]},
+    extras_require={"dev": ["pytest", "pytest-timeout", "pytest-xdist", "ruff", "hypothesis"]},
 )
