@@ -15,6 +15,7 @@ from hstu.data.batch import Batch
 from hstu.embeddings.collection import apply_misses
 from hstu.model.loss_scale import global_mean_scale
 from hstu.model.ranking import MLP, ranking_loss
+from hstu.ops.dropout import Dropout
 from hstu.ops.jagged import index_within, segment_ids
 
 
@@ -44,7 +45,7 @@ class NonSequentialRanking(nn.Module):
         super().__init__()
         self.item_feature_name = item_feature_name
         self.contextual_feature_names = list(contextual_feature_names)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.head = MLP(input_dim, list(arch), activation, bias)
         self.num_tasks = num_tasks
 

@@ -27,6 +27,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from hstu.model.hstu_layer import HSTULayer, LayerOptions
+from hstu.ops.dropout import Dropout
 from hstu.ops.jagged import (
     index_within,
     lengths_to_offsets,
@@ -92,7 +93,7 @@ class SequenceBlock(nn.Module):
                 num_position_buckets, hidden_size, dtype=options.dtype
             )
             nn.init.normal_(self.position_embedding.weight, std=0.02)
-        self.input_dropout = nn.Dropout(options.dropout)
+        self.input_dropout = Dropout(options.dropout)
         self.layers = nn.ModuleList(
             self.layer_type(hidden_size, num_heads, head_dim, options, **(layer_kwargs or {}))
             for _ in range(num_layers)

@@ -31,6 +31,7 @@ from hstu.model.tensor_parallel import (
     tp_size_of,
 )
 from hstu.ops import NUM_TIME_BUCKETS, RelativeAttentionBias, hstu_attention
+from hstu.ops.dropout import Dropout
 from hstu.ops.masks import check_mask_convention, check_window
 
 # ----------------------------------------------------- input LayerNorm + W_uvqk + SiLU
@@ -358,7 +359,7 @@ class HSTULayer(nn.Module):
         else:
             self.rab_pos_weights = None
             self.rab_ts_weights = None
-        self.dropout = nn.Dropout(o.dropout)
+        self.dropout = Dropout(o.dropout)
         self.reset_parameters(tp_size, tp_rank)
 
     @torch.no_grad()

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from hstu.model.hstu_block import SequenceBlock, to_padded
 from hstu.model.hstu_layer import NetworkOptions
+from hstu.ops.dropout import dropout
 from hstu.ops.softmax_attention import CausalChunks, causal_softmax_attention, plan_causal_chunks
 
 FFN_ACTIVATIONS = ("swiglu", "gelu", "relu")
@@ -132,15 +133,15 @@ class SASRecLayer(nn.Module):
             z = F.gelu(z)
         else:
             z = F.relu(z)
-        return self.ffn_out(F.dropout(z, self.dropout, self.training))
+        return self.ffn_out(dropout(z, self.dropout, self.training))
 
     def forward(self, x: Tensor, plan: CausalChunks | None = None) -> Tensor:
         """x [B, W, D] -> [B, W, D]; with ``plan`` (:func:`plan_causal_chunks` of x's
         offsets), x [T, D] -> [T, D]."""
         a = self.attention(self.attn_norm(x), plan)
-        a = F.dropout(self.output(a), self.dropout, self.training)
+        a = dropout(self.output(a), self.dropout, self.training)
         x = x + (a if self.attn_gate is None else torch.sigmoid(self.attn_gate(x)) * a)
-        f = F.dropout(self.ffn(self.ffn_norm(x)), self.dropout, self.training)
+        f = dropout(self.ffn(self.ffn_norm(x)), self.dropout, self.training)
         return x + (f if self.ffn_gate is None else torch.sigmoid(self.ffn_gate(x)) * f)
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hstu.model.sid_decode import BeamResult, CodeTrie, beam_search
+from hstu.ops.dropout import dropout
 
 
 def code_rows(codes: torch.Tensor, num_codes: Sequence[int]) -> torch.Tensor:
@@ -69,8 +70,8 @@ class DecoderLayer(nn.Module):
         a = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal,
             dropout_p=self.attention_dropout if self.training else 0.0)
-        x = x + F.dropout(self.out(a.transpose(1, 2).reshape(n, t, d)), p, self.training)
-        x = x + F.dropout(self.ff(self.norm2(x)), p, self.training)
+        x = x + dropout(self.out(a.transpose(1, 2).reshape(n, t, d)), p, self.training)
+        x = x + dropout(self.ff(self.norm2(x)), p, self.training)
         return x, (k, v)
 
 
