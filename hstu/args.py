@@ -779,8 +779,10 @@ class OptimizerArgs:
 
     optimizer_str: Literal["adam", "adamw", "sgd"] = REQUIRED
     """Dense optimizer (the sparse one is the same family unless sparse_optimizer_str is set)."""
-    learning_rate: float = REQUIRED
-    """Peak learning rate."""
+    learning_rate: float | Literal["auto"] = REQUIRED
+    """Peak learning rate. "auto" (a retrieval or ranking run on a real dataset): chosen from the
+    dataset's number of sequences, like NetworkArgs.hidden_dropout "auto" (hstu.data.sizes.
+    AUTO_LEARNING_RATES; one line of the log says which)."""
     adam_beta1: float = 0.9
     """Adam beta1."""
     adam_beta2: float = 0.999
@@ -811,11 +813,12 @@ class OptimizerArgs:
 
     def __post_init__(self) -> None:
         _validate_fields(self)
-        _positive(self, "learning_rate", "adam_eps", "sparse_learning_rate", "lr_decay_iters")
+        lr = () if self.learning_rate == AUTO else ("learning_rate",)  # "auto": sizes.py
+        _positive(self, *lr, "adam_eps", "sparse_learning_rate", "lr_decay_iters")
         _non_negative(
             self, "weight_decay", "clip_grad_norm", "lr_warmup_iters", "min_learning_rate"
         )
-        _float32(self, "learning_rate", "sparse_learning_rate", "min_learning_rate", "adam_eps",
+        _float32(self, *lr, "sparse_learning_rate", "min_learning_rate", "adam_eps",
                  "weight_decay", "clip_grad_norm")
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)

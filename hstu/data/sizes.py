@@ -182,6 +182,11 @@ def resolve_sizes(cfg: Any) -> Any:
     except ConfigError as exc:
         loc = where.get(("NetworkArgs", "hidden_dropout", ""))
         raise exc.with_location(loc or _source(cfg)) from None
+    try:
+        optimizer, lr_line = resolve_learning_rate(cfg.optimizer, info)
+    except ConfigError as exc:
+        loc = where.get(("OptimizerArgs", "learning_rate", ""))
+        raise exc.with_location(loc or _source(cfg)) from None
     from hstu.gin_parsing import unrecorded
 
     try:
@@ -213,9 +218,9 @@ def resolve_sizes(cfg: Any) -> Any:
     except ConfigError as exc:
         loc = where.get(("NetworkArgs", "mask_convention", ""))
         raise exc.with_location(loc or _source(cfg)) from None
-    choices = [*cfg.choices, *(x for x in (width_line, dropout_line, line) if x)]
+    choices = [*cfg.choices, *(x for x in (width_line, dropout_line, lr_line, line) if x)]
     return dataclasses.replace(cfg, network=network, tables=tables, ranking=ranking,
-                               retrieval=retrieval, choices=choices)
+                               retrieval=retrieval, optimizer=optimizer, choices=choices)
 
 
 def dynamic_item_table(table: Any, item_feature: str) -> bool:
@@ -291,6 +296,36 @@ def resolve_dropout(network: NetworkArgs, info: Any) -> tuple[NetworkArgs, str |
             f'[hstu] hidden_dropout "auto" -> {dropout:g}: {why}')
 
 
+AUTO_LEARNING_RATES = ((2000, 2e-3), (None, 4e-3))
+"""OptimizerArgs.learning_rate="auto": (at most this many sequences in the dataset, peak
+learning rate), the first that holds; the same limit as AUTO_DROPOUTS, for the same reason:
+the number of epochs a 10-minute budget affords. Measured on validation inside the recipe's
+budget (docs/results.md "Own data: the recipe that sizes itself"): 2e-3 is the rate tuned on
+ML-100K (over 100 epochs in the budget); on ML-1M (about 10 epochs) 4e-3 reached a far
+better NDCG@10 than 2e-3, as did 3e-3 on ML-100K's short schedules."""
+
+
+def resolve_learning_rate(optimizer: Any, info: Any) -> tuple[Any, str | None]:
+    """OptimizerArgs with learning_rate="auto" resolved from the dataset's number of
+    sequences (``info``: a DataInfo, its ``num_users``), and the line that says what was
+    chosen and why; (optimizer, None) when it is not "auto"."""
+    if optimizer is None or optimizer.learning_rate != AUTO:
+        return optimizer, None
+    sequences = int(getattr(info, "num_users", 0) or 0)
+    if sequences <= 0:
+        raise ConfigError("OptimizerArgs", "learning_rate",
+                          f'"auto" reads the number of sequences from the dataset\'s '
+                          f"{METADATA_FILE} (num_users), which {info.dataset_name} does not "
+                          "record; give the learning rate")
+    for limit, rate in AUTO_LEARNING_RATES:
+        if limit is None or sequences <= limit:
+            break
+    why = (f"{sequences} sequences, at most {limit:,}" if limit is not None
+           else f"{sequences} sequences, more than {AUTO_LEARNING_RATES[-2][0]:,}")
+    return (dataclasses.replace(optimizer, learning_rate=rate),
+            f'[hstu] learning_rate "auto" -> {rate:g}: {why}')
+
+
 AUTO_NEGATIVES = 1024
 """negative_sampling="auto" choosing a sampled softmax with num_negatives = -1: the uniform
 draws per batch (besides the in-batch positives)."""
@@ -345,6 +380,7 @@ def describe_sizes(cfg: Any) -> str:
 
 __all__ = [
     "AUTO_DROPOUTS",
+    "AUTO_LEARNING_RATES",
     "AUTO_WIDTHS",
     "action_kind",
     "describe_sizes",
@@ -352,6 +388,7 @@ __all__ = [
     "read_metadata",
     "resolve_dropout",
     "resolve_head",
+    "resolve_learning_rate",
     "resolve_sizes",
     "resolve_width",
     "select_contextual",

@@ -33,6 +33,7 @@ from hstu.data.sizes import (
     dynamic_item_table,
     resolve_dropout,
     resolve_head,
+    resolve_learning_rate,
     resolve_sampling,
     resolve_width,
     stream_metadata,
@@ -266,6 +267,9 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
     cfg.network, dropout_line = resolve_dropout(cfg.network, info)
     if dropout_line is not None:
         cfg.choices.append(dropout_line)
+    cfg.optimizer, lr_line = resolve_learning_rate(cfg.optimizer, info)
+    if lr_line is not None:
+        cfg.choices.append(lr_line)
     cfg.retrieval, line = resolve_sampling(
         cfg.retrieval, info.num_items, info.first_item_id,
         any(dynamic_item_table(tb, info.item_feature_name) for tb in tables),

@@ -1,5 +1,6 @@
-"""NetworkArgs.hidden_dropout="auto": the dropout chosen from the number of sequences in the
-data, said in one line, and the model built with it (configs/cpu_retrieval.gin's setting)."""
+"""NetworkArgs.hidden_dropout="auto" and OptimizerArgs.learning_rate="auto": the dropout and the
+peak learning rate chosen from the number of sequences in the data, each said in one line, and
+the model and optimizer built with them (configs/cpu_retrieval.gin's settings)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hstu.args import ConfigError, NetworkArgs
-from hstu.data.sizes import AUTO_DROPOUTS, resolve_dropout, resolve_sizes
+from hstu.args import ConfigError, NetworkArgs, OptimizerArgs
+from hstu.data.sizes import (
+    AUTO_DROPOUTS,
+    AUTO_LEARNING_RATES,
+    resolve_dropout,
+    resolve_learning_rate,
+    resolve_sizes,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,6 +61,33 @@ def test_auto_dropout_without_the_sequence_count_is_one_line() -> None:
     assert err.value.field_name == "hidden_dropout"
 
 
+def _lr(sequences: int) -> float:
+    return next(r for limit, r in AUTO_LEARNING_RATES if limit is None or sequences <= limit)
+
+
+def test_the_learning_rate_follows_the_number_of_sequences_at_its_limit() -> None:
+    limit, few = AUTO_LEARNING_RATES[0]
+    many = AUTO_LEARNING_RATES[-1][1]
+    assert many > few  # fewer epochs in the budget: a higher rate
+    auto = OptimizerArgs(optimizer_str="adam", learning_rate="auto")
+    for sequences, rate in ((1, few), (943, few), (limit, few), (limit + 1, many),
+                            (6040, many)):
+        opt, line = resolve_learning_rate(auto, _info(sequences))
+        assert opt.learning_rate == rate and opt.adam_beta1 == auto.adam_beta1, sequences
+        assert line.startswith(f'[hstu] learning_rate "auto" -> {rate:g}: {sequences} '
+                               "sequences, ")
+    fixed = OptimizerArgs(optimizer_str="adam", learning_rate=1e-3)
+    assert resolve_learning_rate(fixed, _info(0)) == (fixed, None)
+    with pytest.raises(ConfigError) as err:
+        resolve_learning_rate(auto, _info(0))
+    assert (err.value.cls_name, err.value.field_name) == ("OptimizerArgs", "learning_rate")
+    assert "metadata.json (num_users)" in err.value.message
+    for bad in ("fast", -1.0):
+        with pytest.raises(ConfigError) as err:
+            OptimizerArgs(optimizer_str="adam", learning_rate=bad)
+        assert err.value.field_name == "learning_rate"
+
+
 def _own_data(tmp_path: Path, users: int) -> Path:
     from hstu.data.data_args import CustomDataArgs
     from hstu.data.preprocess import preprocess
@@ -84,10 +118,11 @@ def test_the_recipe_builds_its_model_with_the_dropout_it_chose(
     cfg = load_config(str(ROOT / "configs" / "cpu_retrieval.gin"), [
         f'DatasetArgs.dataset_path="{path}"', 'DatasetArgs.dataset_name="own"',
     ], task="retrieval", world_size=1)
-    assert cfg.network.hidden_dropout == "auto"
+    assert cfg.network.hidden_dropout == "auto" and cfg.optimizer.learning_rate == "auto"
     expected = _expected(users)
     resolved = resolve_sizes(cfg)
     assert resolved.network.hidden_dropout == expected
+    assert resolved.optimizer.learning_rate == _lr(users)
     assert any(line.startswith(f'[hstu] hidden_dropout "auto" -> {expected:g}: {users} '
                                "sequences")
                for line in resolved.choices), resolved.choices
@@ -103,3 +138,7 @@ def test_the_recipe_builds_its_model_with_the_dropout_it_chose(
     # the input dropout and one per layer, at least
     assert len(dropouts) >= 1 + cfg.network.num_layers
     assert set(dropouts) == {expected}
+    # the optimizer peaks at the rate chosen (its schedule scales from it)
+    assert cfg.optimizer.learning_rate == _lr(users)
+    assert any(f'learning_rate "auto" -> {_lr(users):g}' in line for line in lines), lines
+    assert built.optimizer.args.learning_rate == _lr(users)

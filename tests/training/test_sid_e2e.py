@@ -3,6 +3,7 @@ on the real MovieLens-100K): codes from u.item, training, beam-search evaluation
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.test_presets import header_command
 from tests.training.test_e2e import _env, read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -187,3 +189,69 @@ def test_cold_items_through_the_sid_preset(ml100k, tmp_path):
     assert want > 0
     assert _final(rows, "eval", "test/cold/events") == want
     assert 0.0 <= _final(rows, "eval", "test/cold/HR@10") <= 1.0
+
+
+def _before_the_run(preset: Path) -> list[list[str]]:
+    """The commands of ``preset``'s header between "Before the run" and the first line that is
+    no command (continuation lines joined), each as an argv."""
+    commands, lines, reading = [], preset.read_text().splitlines(), False
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        text = line[1:].strip()
+        if "Before the run" in text:
+            reading = True
+            continue
+        if not reading:
+            continue
+        if commands and commands[-1].endswith("\\"):
+            commands[-1] = commands[-1][:-1] + " " + text
+        elif text.startswith(("torchrun ", "python ")):
+            commands.append(text)
+        else:
+            break
+    return [shlex.split(c) for c in commands]
+
+
+@pytest.mark.slow  # the header's three commands, shortened: ~2 min
+def test_the_collab_sid_preset_header_runs_as_written(ml100k, tmp_path):
+    """configs/ml-100k_sid_collab_retrieval.gin's header, run as written from a fresh working
+    folder (its relative paths: runs/, tmp_data/): the dense preset, the codes of its best
+    checkpoint's item table, then the preset on them. Only the step counts are shortened and
+    torchrun's 2 processes made one."""
+    data, _ = ml100k
+    work = tmp_path / "work"
+    (work / "tmp_data").mkdir(parents=True)
+    for name in ("configs", "pretrain_gr_retrieval.py"):
+        (work / name).symlink_to(ROOT / name)
+    (work / "tmp_data" / "ml-100k").symlink_to(data)
+    preset = ROOT / "configs" / "ml-100k_sid_collab_retrieval.gin"
+    steps = ["TrainerArgs.max_train_iters=24", "TrainerArgs.eval_interval=12", SHORT]
+    env = dict(_env(), PYTHONPATH=str(ROOT))
+
+    def run(argv: list[str], extra: list[str]) -> str:
+        if argv[0] == "torchrun":  # one plain process in place of torchrun's options
+            argv = [sys.executable, *argv[next(i for i, a in enumerate(argv) if a.endswith(".py")):]]
+        elif argv[0] == "python":
+            argv = [sys.executable, *argv[1:]]
+        for p in extra:
+            argv += ["--gin-param", p]
+        proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True,
+                              timeout=900, check=False)
+        assert proc.returncode == 0, (" ".join(argv), (proc.stdout + proc.stderr)[-5000:])
+        return proc.stdout + proc.stderr
+
+    before = _before_the_run(preset)
+    assert [c[0] for c in before] == ["torchrun", "python"], before
+    run(before[0], steps)
+    assert (work / "runs" / "ml-100k-dense" / "best").is_dir()
+    out = run(before[1], [])
+    assert "the checkpoint's item table" in out, out[-3000:]
+    from hstu.sid import load_codes
+
+    sid = load_codes(work / "tmp_data" / "sid" / "ml-100k-collab")
+    assert sid.config["source"]["kind"] == "checkpoint" and sid.config["dim"] == 50
+    assert len(sid.item_ids) == 1682 and sid.codes.shape[1] == 4  # 3 levels + the collision one
+    run(header_command(preset), [*steps, *SUBSET, 'TrainerArgs.run_dir="runs/collab"'])
+    rows = read_metrics(work / "runs" / "collab")
+    assert 0.0 <= _final(rows, "eval", "test/HR@10") <= 1.0
