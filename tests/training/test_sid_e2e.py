@@ -192,8 +192,8 @@ def test_cold_items_through_the_sid_preset(ml100k, tmp_path):
 
 
 def _before_the_run(preset: Path) -> list[list[str]]:
-    """The commands of ``preset``'s header between "Before the run" and the first line that is
-    no command (continuation lines joined), each as an argv."""
+    """The commands of ``preset``'s header after "Before the run" up to the first line after
+    them that is no command (continuation lines joined), each as an argv."""
     commands, lines, reading = [], preset.read_text().splitlines(), False
     for line in lines:
         if not line.startswith("#"):
@@ -208,7 +208,7 @@ def _before_the_run(preset: Path) -> list[list[str]]:
             commands[-1] = commands[-1][:-1] + " " + text
         elif text.startswith(("torchrun ", "python ")):
             commands.append(text)
-        else:
+        elif commands:  # the first line after the commands ends them
             break
     return [shlex.split(c) for c in commands]
 
