@@ -275,25 +275,34 @@ epochs) and Instacart's orders (14,385, about 20) 0.2 reached a far better NDCG@
 Between 943 and 6,040 sequences the limit is not measured."""
 
 
-def resolve_dropout(network: NetworkArgs, info: Any) -> tuple[NetworkArgs, str | None]:
-    """NetworkArgs with hidden_dropout="auto" resolved from the dataset's number of
-    sequences (``info``: a DataInfo, its ``num_users``), and the line that says what was
-    chosen and why; (network, None) when it is not "auto"."""
-    if network.hidden_dropout != AUTO:
-        return network, None
+def _by_sequences(args: Any, field_name: str, table: tuple, info: Any, what: str
+                  ) -> tuple[Any, str | None]:
+    """``args`` with its ``field_name`` "auto" resolved from ``table`` ((at most this many
+    sequences, value), the first that holds) by the dataset's number of sequences (``info``:
+    a DataInfo, its ``num_users``), and the line that says what was chosen and why; (args,
+    None) when it is not "auto". ``what`` names the value in the refusal."""
+    if args is None or getattr(args, field_name) != AUTO:
+        return args, None
     sequences = int(getattr(info, "num_users", 0) or 0)
     if sequences <= 0:
-        raise ConfigError("NetworkArgs", "hidden_dropout",
+        raise ConfigError(type(args).__name__, field_name,
                           f'"auto" reads the number of sequences from the dataset\'s '
                           f"{METADATA_FILE} (num_users), which {info.dataset_name} does not "
-                          "record; give the dropout")
-    for limit, dropout in AUTO_DROPOUTS:
+                          f"record; give the {what}")
+    for limit, value in table:
         if limit is None or sequences <= limit:
             break
     why = (f"{sequences} sequences, at most {limit:,}" if limit is not None
-           else f"{sequences} sequences, more than {AUTO_DROPOUTS[-2][0]:,}")
-    return (dataclasses.replace(network, hidden_dropout=dropout),
-            f'[hstu] hidden_dropout "auto" -> {dropout:g}: {why}')
+           else f"{sequences} sequences, more than {table[-2][0]:,}")
+    return (dataclasses.replace(args, **{field_name: value}),
+            f'[hstu] {field_name} "auto" -> {value:g}: {why}')
+
+
+def resolve_dropout(network: NetworkArgs, info: Any) -> tuple[NetworkArgs, str | None]:
+    """NetworkArgs with hidden_dropout="auto" resolved from the dataset's number of
+    sequences (AUTO_DROPOUTS), and the line that says what was chosen and why; (network,
+    None) when it is not "auto"."""
+    return _by_sequences(network, "hidden_dropout", AUTO_DROPOUTS, info, "dropout")
 
 
 AUTO_LEARNING_RATES = ((2000, 2e-3), (None, 4e-3))
@@ -308,23 +317,9 @@ the better validation NDCG@10 (ML-1M 0.1773 against 0.1721, seed 2; Instacart 0.
 
 def resolve_learning_rate(optimizer: Any, info: Any) -> tuple[Any, str | None]:
     """OptimizerArgs with learning_rate="auto" resolved from the dataset's number of
-    sequences (``info``: a DataInfo, its ``num_users``), and the line that says what was
-    chosen and why; (optimizer, None) when it is not "auto"."""
-    if optimizer is None or optimizer.learning_rate != AUTO:
-        return optimizer, None
-    sequences = int(getattr(info, "num_users", 0) or 0)
-    if sequences <= 0:
-        raise ConfigError("OptimizerArgs", "learning_rate",
-                          f'"auto" reads the number of sequences from the dataset\'s '
-                          f"{METADATA_FILE} (num_users), which {info.dataset_name} does not "
-                          "record; give the learning rate")
-    for limit, rate in AUTO_LEARNING_RATES:
-        if limit is None or sequences <= limit:
-            break
-    why = (f"{sequences} sequences, at most {limit:,}" if limit is not None
-           else f"{sequences} sequences, more than {AUTO_LEARNING_RATES[-2][0]:,}")
-    return (dataclasses.replace(optimizer, learning_rate=rate),
-            f'[hstu] learning_rate "auto" -> {rate:g}: {why}')
+    sequences (AUTO_LEARNING_RATES), and the line that says what was chosen and why;
+    (optimizer, None) when it is not "auto"."""
+    return _by_sequences(optimizer, "learning_rate", AUTO_LEARNING_RATES, info, "learning rate")
 
 
 AUTO_NEGATIVES = 1024
