@@ -588,8 +588,9 @@ class NetworkArgs:
     (hstu.data.sizes.resolve_width; one line of the run's log says which)."""
     num_attention_heads: int = REQUIRED
     """Attention heads H (split over the tensor-parallel group)."""
-    kv_channels: int = REQUIRED
-    """Per-head width d of Q, K, V and U."""
+    kv_channels: int | Literal["auto"] = REQUIRED
+    """Per-head width d of Q, K, V and U; "auto": hidden_size (the width "auto" chooses, where
+    hidden_size is "auto")."""
     hidden_dropout: float | Literal["auto"] = 0.2
     """Dropout on the layer output (and on the input embeddings); "auto" from the data's number
     of sequences: 0.5 up to 2,000, 0.2 above (hstu.data.sizes.resolve_dropout; one line of
@@ -703,6 +704,8 @@ class NetworkArgs:
 
     def __post_init__(self) -> None:
         _validate_fields(self)
+        if self.kv_channels == AUTO and self.hidden_size != AUTO:
+            self.kv_channels = self.hidden_size
         _require(
             self.sequence_layout == "jagged" or self.is_causal,
             self,
@@ -712,7 +715,7 @@ class NetworkArgs:
         )
         _positive(
             self, "num_layers", *(("hidden_size",) if self.hidden_size != AUTO else ()),
-            "num_attention_heads", "kv_channels",
+            "num_attention_heads", *(("kv_channels",) if self.kv_channels != AUTO else ()),
             "norm_epsilon", "target_group_size", "num_position_buckets", "sasrec_ffn_multiplier",
             "sid_decoder_layers", "sid_decoder_heads", "sid_decoder_ffn_multiplier",
         )

@@ -262,8 +262,9 @@ def resolve_width(network: NetworkArgs, task: str, num_items: int, first_item_id
                           f"= {width} ({items} items)")
     why = (f"{items} items, at most {limit:,}" if limit is not None
            else f"{items} items, more than {AUTO_WIDTHS[-2][0]:,}")
+    follows = ' (kv_channels "auto" follows it)' if network.kv_channels == AUTO else ""
     return (dataclasses.replace(network, hidden_size=width),
-            f'[hstu] hidden_size "auto" -> {width}: {why}')
+            f'[hstu] hidden_size "auto" -> {width}{follows}: {why}')
 
 
 AUTO_DROPOUTS = ((2000, 0.5), (None, 0.2))

@@ -35,6 +35,23 @@ def test_the_width_follows_the_catalogue_at_its_limits() -> None:
     assert resolve_width(fixed, "retrieval", 10**6, 1) == (fixed, None)
 
 
+def test_auto_head_width_follows_the_width_chosen_or_given() -> None:
+    # kv_channels "auto" is the width: "auto" resolves with it (the line says so), a fixed
+    # width resolves it at once, and a fixed head width stays as given
+    for items, width in ((AUTO_WIDTHS[0][0], AUTO_WIDTHS[0][1]), (10**6, AUTO_WIDTHS[-1][1])):
+        network, line = resolve_width(_network(kv_channels="auto"), "retrieval", items + 1, 1)
+        assert (network.hidden_size, network.kv_channels) == (width, width)
+        assert line.startswith(
+            f'[hstu] hidden_size "auto" -> {width} (kv_channels "auto" follows it): {items} items')
+    assert _network(kv_channels="auto").kv_channels == "auto"  # until the width is chosen
+    assert _network(hidden_size=64, kv_channels="auto").kv_channels == 64
+    network, _ = resolve_width(_network(kv_channels=32), "retrieval", 10**6, 1)
+    assert network.kv_channels == 32
+    with pytest.raises(ConfigError) as err:
+        _network(kv_channels="wide")
+    assert err.value.field_name == "kv_channels"
+
+
 def test_auto_width_is_refused_where_it_cannot_hold() -> None:
     with pytest.raises(ConfigError) as err:
         resolve_width(_network(), "ranking", 100, 1)
@@ -72,5 +89,6 @@ def test_the_recipe_is_configured_with_the_width_it_chose(tmp_path, clean_gin, n
     assert cfg.network.hidden_size == "auto"
     resolved = resolve_sizes(cfg)
     width = AUTO_WIDTHS[0][1] if num_items <= AUTO_WIDTHS[0][0] else AUTO_WIDTHS[-1][1]
-    assert resolved.network.hidden_size == width
-    assert f'[hstu] hidden_size "auto" -> {width}: {num_items} items' in resolved.choices[0]
+    assert (resolved.network.hidden_size, resolved.network.kv_channels) == (width, width)
+    assert (f'[hstu] hidden_size "auto" -> {width} (kv_channels "auto" follows it): '
+            f'{num_items} items') in resolved.choices[0]

@@ -38,7 +38,8 @@ def _recipe(tmp: Path, name: str, *params: str) -> dict:
 def test_the_recipe_says_what_it_chose_and_runs_it(tmp, limit) -> None:
     run = _recipe(tmp, f"limit{limit}", f"RetrievalArgs.full_corpus_max_items={limit}")
     out = run["out"]
-    assert '[hstu] hidden_size "auto" -> 50: 1682 items, at most 5,000' in out
+    assert ('[hstu] hidden_size "auto" -> 50 (kv_channels "auto" follows it): 1682 items, at '
+            "most 5,000") in out
     # 943 users: the small side of the dropout's limit
     assert '[hstu] hidden_dropout "auto" -> 0.5: 943 sequences, at most 2,000' in out
     if limit >= 1682:
