@@ -155,6 +155,12 @@ class TrainerArgs:
     split; the test split is then scored once with it. Needs DatasetArgs.holdout_validation."""
     early_stopping_patience: int | None = None
     """Stop after this many evaluations without a new best best_metric; None never stops early."""
+    best_within_stderr: float = 0.0
+    """Select the latest evaluation whose best_metric is within this many standard errors of the
+    highest so far (the one-standard-error rule at 1.0: a later checkpoint that validation cannot
+    tell apart from the best replaces it; the standard error is the highest evaluation's, over
+    the validation users); early_stopping_patience then counts the evaluations below that. 0
+    selects the highest value only. Needs best_metric."""
     best_requires_loss_below_prior: bool = False
     """Ranking: only an evaluation whose validation loss is below the label prior's (a constant
     score from the training labels, on the same validation candidates) may become the best
@@ -201,6 +207,17 @@ class TrainerArgs:
             self,
             "early_stopping_patience",
             "needs TrainerArgs.best_metric (the metric it watches)",
+        )
+        _require(
+            self.best_within_stderr >= 0, self, "best_within_stderr",
+            f"must be >= 0 (standard errors below the highest value), got "
+            f"{self.best_within_stderr}",
+        )
+        _require(
+            self.best_within_stderr == 0 or self.best_metric is not None,
+            self,
+            "best_within_stderr",
+            "needs TrainerArgs.best_metric (the metric whose standard error it counts)",
         )
         _require(
             not self.best_requires_loss_below_prior or self.best_metric is not None,

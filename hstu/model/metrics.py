@@ -74,8 +74,15 @@ def retrieval_metrics(
     return out
 
 
+STDERR_PREFIX = "stderr/"
+"""``compute(stderr=True)`` reports each metric's standard error under this prefix."""
+
+
 class MetricAccumulator:
-    """Sums per-sample metric values; ``compute`` all-reduces sums and counts over a group.
+    """Sums per-sample metric values and their squares; ``compute`` all-reduces them and the
+    count over a group: each metric's mean and, on request, its standard error (the samples'
+    standard deviation over the square root of their count: how far the mean moves from one
+    sample of users to another).
 
     Every rank that evaluates distinct samples must take part (with TP batch gathering each
     TP rank keeps its own samples, so the default group is the whole world).
@@ -87,12 +94,15 @@ class MetricAccumulator:
 
     def reset(self) -> None:
         self._sums = torch.zeros(len(self.names), dtype=torch.float64)
+        self._squares = torch.zeros(len(self.names), dtype=torch.float64)
         self._count = 0
 
     def update(self, values: dict[str, torch.Tensor]) -> None:
         sizes = {values[n].numel() for n in self.names}
         assert len(sizes) == 1, f"metric tensors disagree on the sample count: {sizes}"
-        self._sums += torch.stack([values[n].detach().double().sum().cpu() for n in self.names])
+        per_sample = [values[n].detach().double().cpu() for n in self.names]
+        self._sums += torch.stack([v.sum() for v in per_sample])
+        self._squares += torch.stack([v.square().sum() for v in per_sample])
         self._count += sizes.pop()
 
     @property
@@ -100,22 +110,45 @@ class MetricAccumulator:
         """The samples this process has added."""
         return self._count
 
-    def compute(self, group: ProcessGroup | None = None) -> dict[str, float]:
-        """Means over every sample seen by every rank of ``group`` (WORLD when initialised).
+    def compute(self, group: ProcessGroup | None = None, stderr: bool = False
+                ) -> dict[str, float]:
+        """Means over every sample seen by every rank of ``group`` (WORLD when initialised);
+        with ``stderr`` also ``stderr/<name>``, each mean's standard error (NaN under two
+        samples).
 
         The sums live on the host: ``group`` must map host tensors to a backend (the trainer's
         groups do: gloo beside NCCL on GPU hosts, see
         :func:`hstu.training.distributed.process_group_backend`)."""
-        totals = torch.cat([self._sums, torch.tensor([float(self._count)], dtype=torch.float64)])
+        k = len(self.names)
+        totals = torch.cat([self._sums, self._squares,
+                            torch.tensor([float(self._count)], dtype=torch.float64)])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(totals, group=group)
         count = totals[-1].item()
         if count == 0:
-            return {n: math.nan for n in self.names}
-        return {n: (totals[i] / count).item() for i, n in enumerate(self.names)}
+            means = {n: math.nan for n in self.names}
+        else:
+            means = {n: (totals[i] / count).item() for i, n in enumerate(self.names)}
+        if not stderr:
+            return means
+        for i, n in enumerate(self.names):
+            means[STDERR_PREFIX + n] = _standard_error(totals[i].item(), totals[k + i].item(),
+                                                       count)
+        return means
+
+
+def _standard_error(total: float, squares: float, count: float) -> float:
+    """The standard error of a mean from the samples' sum and sum of squares (the sample
+    variance, n - 1 in the denominator); NaN under two samples."""
+    if count < 2:
+        return math.nan
+    mean = total / count
+    variance = max(squares - count * mean * mean, 0.0) / (count - 1)
+    return math.sqrt(variance / count)
 
 
 __all__ = [
+    "STDERR_PREFIX",
     "MetricAccumulator",
     "hit_rate",
     "ndcg",

@@ -367,7 +367,8 @@ class CheckpointManager:
         self.tables = TableState(model)
         self.dense = DenseState(model, optimizer)
         self.position = LoaderPosition(loader)
-        self.best = BestTracker(args.best_metric, args.early_stopping_patience)
+        self.best = BestTracker(args.best_metric, args.early_stopping_patience,
+                                tolerance=args.best_within_stderr)
         self.periodic = CheckpointLifecycle(args.ckpt_save_dir, args.keep_last_n, log)
         self.best_saves = CheckpointLifecycle(os.path.join(run_dir, "best"), 1, log)
         self.ema: WeightAverage | None = None

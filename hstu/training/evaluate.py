@@ -6,6 +6,7 @@ samples), because sharded embedding lookups are collective. Metrics count real s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from itertools import islice
 from typing import Any
@@ -16,6 +17,7 @@ import torch.distributed as dist
 
 from hstu.config import RunConfig
 from hstu.model import MetricAccumulator, retrieval_metrics
+from hstu.model.metrics import STDERR_PREFIX
 from hstu.model.ranking import ranking_loss
 from hstu.model.retrieval import (
     CorpusQueries,
@@ -313,7 +315,8 @@ def _evaluate_retrieval(
     acc = MetricAccumulator(names)
     acc.update(retrieval_metrics(ranks.cpu(), names))
     cold.update(ranks, own[1])
-    out = acc.compute()  # host sums: the default group's host backend (gloo) reduces them
+    # host sums: the default group's host backend (gloo) reduces them
+    out = acc.compute(stderr=True)
     out.update(cold.compute())
     return _of_subset(out, used, total, cfg, env)
 
@@ -352,7 +355,7 @@ def _evaluate_decoded(
             targets = targets[batch.sample_mask.to(targets.device)]
         acc.update(retrieval_metrics(ranks.cpu(), names))
         cold.update(ranks, targets)
-    out = acc.compute()
+    out = acc.compute(stderr=True)
     out.update(cold.compute())
     return _of_subset(out, used, total, cfg, env)
 
@@ -391,7 +394,7 @@ def _evaluate_ranking(
     logits = _gather(torch.cat(all_logits) if all_logits else torch.zeros(0, width))
     labels = _gather(torch.cat(all_labels) if all_labels else torch.zeros(0, dtype=torch.int64))
     out: dict[str, float] = {"loss": _mean_loss(loss_sum, loss_n)}
-    aucs, one_class = ranking_aucs(logits, labels, num_tasks, width)
+    aucs, one_class = ranking_aucs(logits, labels, num_tasks, width, stderr=True)
     out.update(aucs)
     if one_class and env.is_main:  # says which tasks the mean leaves out (NaN AUC)
         left = "left out of the mean AUC" if num_tasks > 1 else "AUC is NaN"
@@ -405,36 +408,68 @@ def _evaluate_ranking(
     return out
 
 
+def auc_standard_error(auc: float, positives: int, negatives: int) -> float:
+    """The standard error of an AUC over ``positives`` and ``negatives`` independent samples
+    (Hanley and McNeil, 1982); NaN where the AUC is."""
+    if math.isnan(auc) or positives < 1 or negatives < 1:
+        return math.nan
+    q1, q2 = auc / (2.0 - auc), 2.0 * auc * auc / (1.0 + auc)
+    var = (auc * (1.0 - auc) + (positives - 1) * (q1 - auc * auc)
+           + (negatives - 1) * (q2 - auc * auc)) / (positives * negatives)
+    return math.sqrt(max(var, 0.0))
+
+
+def _mean_stderr(errors: list[float]) -> float:
+    """The standard error of the mean of independent estimates with these standard errors
+    (NaN ones, like their NaN values, left out of the mean)."""
+    kept = [e for e in errors if not math.isnan(e)]
+    return math.sqrt(sum(e * e for e in kept)) / len(kept) if kept else math.nan
+
+
 def ranking_aucs(logits: torch.Tensor, labels: torch.Tensor, num_tasks: int,
-                 width: int) -> tuple[dict[str, float], list[str]]:
+                 width: int, stderr: bool = False) -> tuple[dict[str, float], list[str]]:
     """The ranking metrics of scores ``logits`` [n, width] for ``labels`` [n] (the model's,
     and the per-item baseline's, by the same code): with one logit per task (width ==
     num_tasks), the mean over tasks of each task bit's AUC (``AUC``, and ``AUC/task<t>`` when
     there are several); else one class per action value, the macro one-vs-rest ``AUC``.
-    Returns (metrics, the names of the tasks with one class only: NaN, left out of the mean)."""
+    With ``stderr`` also ``stderr/<metric>`` (:func:`auc_standard_error`, candidates taken as
+    independent; a mean's from its terms'). Returns (metrics, the names of the tasks with one
+    class only: NaN, left out of the mean)."""
     out: dict[str, float] = {}
     one_class: list[str] = []
+    errors: list[float] = []
+    n = labels.numel()
     if width == num_tasks:
         aucs = []
         for task in range(num_tasks):
             bits = (labels >> task) & 1
             aucs.append(_auc(logits[:, task], bits))
+            positives = int(bits.sum())
+            errors.append(auc_standard_error(aucs[-1], positives, n - positives))
             if labels.numel() > 0 and bits.min() == bits.max():
                 one_class.append(f"AUC/task{task}" if num_tasks > 1 else "AUC")
         out["AUC"] = float(torch.tensor(aucs).nanmean()) if aucs else float("nan")
         if num_tasks > 1:
             for task, value in enumerate(aucs):
                 out[f"AUC/task{task}"] = value
+                if stderr:
+                    out[f"{STDERR_PREFIX}AUC/task{task}"] = errors[task]
     else:
         # one class per action value: macro one-vs-rest AUC
         from torchmetrics.functional.classification import multiclass_auroc
 
+        classes = labels.long().clamp(0, width - 1)
         out["AUC"] = float(
-            multiclass_auroc(
-                logits.float(), labels.long().clamp(0, width - 1), num_classes=width,
-                average="macro",
-            )
+            multiclass_auroc(logits.float(), classes, num_classes=width, average="macro")
         )
+        if stderr and n > 0:
+            per_class = multiclass_auroc(logits.float(), classes, num_classes=width,
+                                         average=None)
+            counts = torch.bincount(classes, minlength=width)
+            errors = [auc_standard_error(float(a), int(c), n - int(c))
+                      for a, c in zip(per_class, counts) if 0 < int(c) < n]
+    if stderr:
+        out[STDERR_PREFIX + "AUC"] = _mean_stderr(errors)
     return out, one_class
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hstu.model.metrics import STDERR_PREFIX
 from hstu.training import checkpoint as ckpt
 from hstu.training.checkpoint import CheckpointError, CheckpointState, RankPlace
 from hstu.training.distributed import barrier, broadcast_object, rank_and_world
@@ -68,6 +69,10 @@ class BestTracker:
     metric: str | None = None
     patience: int | None = None
     loss_limit: float | None = None
+    tolerance: float = 0.0
+    """TrainerArgs.best_within_stderr: a later eligible evaluation whose value is within this
+    many standard errors (the peak evaluation's) of the highest eligible value so far becomes
+    the selection too; 0 selects only a new highest value."""
     value: float = -math.inf
     step: int = -1
     evals_since_best: int = 0
@@ -80,10 +85,21 @@ class BestTracker:
     top_step: int = -1
     top_loss: float = math.nan
     """That evaluation's loss (NaN where the metrics have none)."""
+    peak_value: float = -math.inf
+    """The highest value of an eligible evaluation (the selection's is within ``tolerance``
+    standard errors of it), its step and its standard error."""
+    peak_step: int = -1
+    peak_stderr: float = math.nan
 
     def update(self, metrics: dict[str, float], step: int) -> tuple[bool, bool]:
         """(is a new selection, stop early now). Patience counts the evaluations since the
-        last new selection (the lowest-loss fallback ones included)."""
+        last new selection (the lowest-loss fallback ones included; with a tolerance, those
+        within it of the peak).
+
+        With a tolerance the selection is the latest eligible evaluation within it of the
+        peak at its time; the peak only rises by an evaluation that is then selected itself,
+        so the selection is always within the tolerance of the final peak (the
+        one-standard-error rule of model selection, evaluated as training goes)."""
         value = metrics[self.metric]
         if value > self.top_value:
             self.top_value, self.top_step = value, step
@@ -95,21 +111,49 @@ class BestTracker:
                 self.value, self.step, self.evals_since_best = value, step, 0
                 self.fallback, self.fallback_loss = True, loss
                 return True, False
-        elif value > self.value or self.fallback:
-            self.value, self.step, self.evals_since_best = value, step, 0
-            self.fallback = False
-            return True, False
+        else:
+            new_peak = value > self.peak_value
+            if new_peak:
+                self.peak_value, self.peak_step = value, step
+                self.peak_stderr = self._stderr(metrics)
+            if new_peak or self.fallback or self._within(value):
+                self.value, self.step, self.evals_since_best = value, step, 0
+                self.fallback = False
+                return True, False
         self.evals_since_best += 1
         return False, self.patience is not None and self.evals_since_best >= self.patience
 
+    def _stderr(self, metrics: dict[str, float]) -> float:
+        if self.tolerance == 0:
+            return math.nan
+        key = STDERR_PREFIX + str(self.metric)
+        if key not in metrics:
+            raise RuntimeError(f"TrainerArgs.best_within_stderr: the evaluation reports no "
+                               f"standard error of {self.metric} ({key})")
+        return float(metrics[key])
+
+    def _within(self, value: float) -> bool:
+        """A tolerance is set and ``value`` is within it of the peak (never with a NaN
+        standard error: fewer than two evaluation samples)."""
+        return self.tolerance > 0 and value >= self.peak_value - self.tolerance * self.peak_stderr
+
+    @property
+    def margin(self) -> float:
+        """How far below the peak a selection may be (0 without a tolerance)."""
+        return self.tolerance * self.peak_stderr if self.tolerance > 0 else 0.0
+
     def state_dict(self) -> dict[str, Any]:
         return {
-            k: v for k, v in asdict(self).items() if k not in ("metric", "patience", "loss_limit")
+            k: v for k, v in asdict(self).items()
+            if k not in ("metric", "patience", "loss_limit", "tolerance")
         }
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         for key, value in (state or {}).items():
             setattr(self, key, value)
+        if state and "peak_value" not in state and not self.fallback and self.step >= 0:
+            # a checkpoint written before the peak was tracked: its selection is the peak
+            self.peak_value, self.peak_step = self.value, self.step
 
 
 class CheckpointLifecycle:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from hstu.config import RunConfig
+from hstu.model.metrics import STDERR_PREFIX
 from hstu.training.budget import (
     GUARD_EVERY,
     MIN_TIMED_STEPS,
@@ -56,7 +57,15 @@ DEFAULT_CKPT_DIR = "./checkpoints"
 
 
 def _metrics_text(metrics: dict[str, float]) -> str:
-    return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    """``name value`` pairs; a metric with a standard error (``stderr/<name>``) as
+    ``name value ±stderr``."""
+    parts = []
+    for k, v in metrics.items():
+        if k.startswith(STDERR_PREFIX):
+            continue
+        error = metrics.get(STDERR_PREFIX + k)
+        parts.append(f"{k} {v:.4f}" + ("" if error is None else f" ±{error:.4f}"))
+    return " ".join(parts)
 
 
 class Validation:
@@ -116,11 +125,22 @@ class Validation:
                         f"[hstu] provisional selection at step {step}: lowest valid loss so far "
                         f"{best.fallback_loss:.4f} (no evaluation eligible yet)"
                     )
-                else:
+                elif best.peak_step == step:
                     say(f"[hstu] new best {args.best_metric} {best.value:.4f} at step {step}")
+                else:
+                    say(
+                        f"[hstu] selected step {step}: {args.best_metric} {best.value:.4f} is "
+                        f"within {args.best_within_stderr:g} standard errors "
+                        f"({best.margin:.4f}) of the best, {best.peak_value:.4f} at step "
+                        f"{best.peak_step} (TrainerArgs.best_within_stderr)"
+                    )
         if stop:
+            within = (
+                f" or within {args.best_within_stderr:g} standard errors of it"
+                if args.best_within_stderr > 0 else ""
+            )
             say(
-                f"[hstu] early stop at step {step}: no new best {args.best_metric} in "
+                f"[hstu] early stop at step {step}: no new best {args.best_metric}{within} in "
                 f"{args.early_stopping_patience} evaluations"
             )
         return metrics, stop
@@ -148,10 +168,18 @@ class Validation:
         and, when none was, that the selection is the lowest valid loss instead; then which
         step had the highest valid metric and, when it is not the selected one, why."""
         best = self.trainer.checkpoint.best
-        if best.loss_limit is None:
-            return []
-        limit = f"the label prior's {best.loss_limit:.4f}"
-        return [self._eligibility_line(best, limit), *self._top_line(best, limit)]
+        lines = []
+        if best.loss_limit is not None:
+            limit = f"the label prior's {best.loss_limit:.4f}"
+            lines += [self._eligibility_line(best, limit), *self._top_line(best, limit)]
+        if best.tolerance > 0 and not best.fallback and 0 <= best.peak_step != best.step:
+            lines.append(
+                f"[hstu] selected step {best.step} (valid {self.args.best_metric} "
+                f"{best.value:.4f}): the latest within {best.tolerance:g} standard errors "
+                f"({best.margin:.4f}) of the highest, {best.peak_value:.4f} at step "
+                f"{best.peak_step} (TrainerArgs.best_within_stderr)"
+            )
+        return lines
 
     def _top_line(self, best: Any, limit: str) -> list[str]:
         metric = self.args.best_metric
