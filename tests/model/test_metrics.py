@@ -75,6 +75,38 @@ def test_accumulator_all_reduces_over_ranks():
     run_multiprocess(_acc_body, world_size=2)
 
 
+def _stderr_body(rank: int, world_size: int) -> None:
+    # the standard error of the mean over both ranks' samples (uneven counts), as numpy's
+    # sample standard deviation over sqrt(n) of all of them together
+    gen = torch.Generator().manual_seed(7)
+    ranks = torch.randint(1, 40, (300,), generator=gen).double()
+    mine = ranks[:100] if rank == 0 else ranks[100:]
+    acc = MetricAccumulator(["NDCG@10", "HR@10"])
+    for chunk in mine.split(64):  # several updates: the sums of squares accumulate
+        acc.update(retrieval_metrics(chunk, ["NDCG@10", "HR@10"]))
+    out = acc.compute(stderr=True)
+    for name in ("NDCG@10", "HR@10"):
+        every = retrieval_metrics(ranks, [name])[name].numpy()
+        want = every.std(ddof=1) / math.sqrt(every.size)
+        assert want > 0.01
+        assert out["stderr/" + name] == pytest.approx(want, rel=1e-9)
+        assert out[name] == pytest.approx(every.mean(), rel=1e-12)
+    assert "stderr/HR@10" not in acc.compute()  # only on request
+
+
+def test_accumulator_standard_error_over_ranks():
+    run_multiprocess(_stderr_body, world_size=2)
+
+
+def test_standard_error_of_constant_values_and_of_one_sample():
+    acc = MetricAccumulator(["HR@1"])
+    acc.update({"HR@1": torch.ones(50)})
+    assert acc.compute(stderr=True)["stderr/HR@1"] == 0.0  # every user alike: no spread
+    one = MetricAccumulator(["HR@1"])
+    one.update({"HR@1": torch.ones(1)})
+    assert math.isnan(one.compute(stderr=True)["stderr/HR@1"])  # one user: unknown, never 0
+
+
 def test_targets_outside_the_corpus_are_unranked_at_both_ends():
     # item ids 0..3: -1 and 4 (== N) are not items; 3 (the last) and 0 are
     scores = torch.tensor([[0.1, 0.2, 0.3, 0.9]] * 4)
@@ -114,3 +146,27 @@ def _group_body(rank: int, world_size: int) -> None:
 
 def test_accumulator_reduces_over_the_group_given():
     run_multiprocess(_group_body, world_size=2)
+
+
+def test_auc_standard_error_matches_a_bootstrap():
+    from hstu.training.evaluate import _auc, auc_standard_error, ranking_aucs
+
+    gen = torch.Generator().manual_seed(3)
+    labels = (torch.rand(600, generator=gen) < 0.3).long()
+    scores = labels.float() * 0.8 + torch.randn(600, generator=gen)
+    auc = _auc(scores, labels)
+    positives = int(labels.sum())
+    error = auc_standard_error(auc, positives, 600 - positives)
+    boot = []
+    for _ in range(400):  # resampling the candidates: the spread an evaluation set has
+        pick = torch.randint(0, 600, (600,), generator=gen)
+        boot.append(_auc(scores[pick], labels[pick]))
+    assert 0.01 < error == pytest.approx(torch.tensor(boot).std().item(), rel=0.15)
+    out, _ = ranking_aucs(scores[:, None], labels, 1, 1, stderr=True)
+    assert out["stderr/AUC"] == error and "stderr/AUC" not in ranking_aucs(
+        scores[:, None], labels, 1, 1)[0]
+    # two tasks: the mean's standard error from its terms' (independent: sqrt(sum e^2) / 2)
+    two = labels | (labels << 1)
+    out, _ = ranking_aucs(torch.stack([scores, scores], 1), two, 2, 2, stderr=True)
+    assert out["stderr/AUC/task1"] == error
+    assert out["stderr/AUC"] == pytest.approx(math.sqrt(2 * error**2) / 2)

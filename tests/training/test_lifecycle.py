@@ -318,6 +318,64 @@ def test_a_full_disk_is_named_with_the_numbers_and_keeps_the_latest(tmp_path):
             subprocess.run(["umount", str(root)], check=True)
 
 
+def _curve(best, values: list[float], stderr: float = 0.01, start: int = 10
+           ) -> list[tuple[bool, bool]]:
+    """``best.update`` with each value in turn, at steps start, start + 10, ..."""
+    return [best.update({"NDCG@10": v, "stderr/NDCG@10": stderr}, start + 10 * i)
+            for i, v in enumerate(values)]
+
+
+def test_best_tracker_within_stderr_keeps_the_latest_evaluation_validation_cannot_tell_apart():
+    from hstu.training.lifecycle import BestTracker
+
+    plain, tolerant = BestTracker("NDCG@10"), BestTracker("NDCG@10", tolerance=1.0)
+    # a noisy plateau: 0.150 at step 20 is the highest; 0.141, 0.145 and 0.142 (steps 30, 40,
+    # 60) are within one standard error (0.01) of it, 0.139 and 0.135 (50, 70) are not
+    values = [0.120, 0.150, 0.141, 0.145, 0.139, 0.142, 0.135]
+    assert [new for new, _ in _curve(plain, values)] == [True, True] + [False] * 5
+    assert [new for new, _ in _curve(tolerant, values)] == [True] * 4 + [False, True, False]
+    assert (plain.step, plain.value) == (20, 0.150)
+    assert (tolerant.step, tolerant.value) == (60, 0.142)
+    assert (tolerant.peak_step, tolerant.peak_value, tolerant.margin) == (20, 0.150, 0.01)
+    # a new highest value is selected and moves the peak: an evaluation above the old peak
+    # but more than one standard error under the new one is not selected
+    assert _curve(tolerant, [0.170, 0.155], start=80) == [(True, False), (False, False)]
+    assert (tolerant.step, tolerant.peak_step) == (80, 80)
+
+
+def test_best_tracker_within_stderr_patience_counts_the_evaluations_outside_the_tolerance():
+    from hstu.training.lifecycle import BestTracker
+
+    best = BestTracker("NDCG@10", patience=2, tolerance=2.0)
+    # 0.135 is within 2 standard errors (0.02) of 0.150: it resets the patience
+    assert _curve(best, [0.150, 0.120, 0.135, 0.120, 0.125]) == [
+        (True, False), (False, False), (True, False), (False, False), (False, True)]
+    # without the tolerance the same curve stops one evaluation earlier
+    assert _curve(BestTracker("NDCG@10", patience=2), [0.150, 0.120, 0.135])[-1] == (False, True)
+
+
+def test_best_tracker_within_stderr_state_round_trip_and_needs_a_standard_error():
+    from hstu.training.lifecycle import BestTracker
+
+    best = BestTracker("NDCG@10", patience=3, tolerance=1.0)
+    _curve(best, [0.150, 0.145, 0.100])
+    state = best.state_dict()
+    assert "tolerance" not in state  # the run's setting, not the checkpoint's
+    restored = BestTracker("NDCG@10", patience=3, tolerance=1.0)
+    restored.load_state_dict(state)
+    assert (restored.step, restored.peak_step, restored.peak_stderr) == (20, 10, 0.01)
+    after = {"NDCG@10": 0.141, "stderr/NDCG@10": 0.02}
+    assert restored.update(after, 40) == best.update(after, 40) == (True, False)
+    # a checkpoint written before the peak was tracked: its selection is the peak
+    old = BestTracker("NDCG@10", tolerance=1.0)
+    old.load_state_dict({"value": 0.15, "step": 5, "evals_since_best": 0})
+    assert (old.peak_value, old.peak_step) == (0.15, 5)
+    assert old.update({"NDCG@10": 0.12, "stderr/NDCG@10": 0.01}, 10) == (False, False)
+    # a tolerance on metrics without a standard error is a bug, said as one, not a silent 0
+    with pytest.raises(RuntimeError, match="no standard error of NDCG@10"):
+        BestTracker("NDCG@10", tolerance=1.0).update({"NDCG@10": 0.1}, 1)
+
+
 def test_best_tracker_prior_rule_skips_a_higher_metric_whose_loss_is_above_the_prior():
     from hstu.training.lifecycle import BestTracker
 
