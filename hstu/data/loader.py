@@ -205,6 +205,10 @@ class SequenceLoader:
         self.cold_items: np.ndarray | None = None
         """Evaluation with ``DatasetArgs.cold_items``: the item ids held out of training
         (sorted); its metrics add ``cold/<metric>`` over the targets among them."""
+        self.target_counts: np.ndarray | None = None
+        """The test split's: how often each item id occurs in the training split; its
+        metrics add ``seen_<lo>-<hi>/<metric>`` per group of targets by that count
+        (:class:`hstu.training.evaluate.TargetCounts`)."""
         self.epoch = 0
         self.batch_index = 0
 

@@ -54,6 +54,7 @@ from hstu.registry import NEGATIVE_SAMPLING
 from hstu.training.budget import run_length
 from hstu.training.ddp import wrap_dense
 from hstu.training.distributed import DistEnv, seed_training_rng
+from hstu.training.evaluate import training_item_counts
 from hstu.training.optimizer import OptimizerContainer, TableStepGuard, unscale_sparse_gradients
 
 
@@ -252,6 +253,8 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         _, test_loader, _ = build_data(
             *data_args, split="test", holdout_validation=True, tp_size=env.tp_size
         )
+        if cfg.task == "retrieval":  # the test split's metrics by the target's training count
+            test_loader.target_counts = training_item_counts(train_loader)
     if isinstance(cfg.dataset, BenchmarkDatasetArgs):
         tables = list(cfg.tables)
     else:

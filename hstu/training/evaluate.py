@@ -301,6 +301,74 @@ class ColdTargets:
         return out
 
 
+TARGET_COUNT_EDGES = (0, 5, 20, 100)
+"""The groups :class:`TargetCounts` splits the test split into: targets seen 0-4, 5-19,
+20-99 and 100 or more times in training."""
+
+
+def count_group(lo: int, hi: int | None) -> str:
+    """The key prefix of one group (``seen_0-4/``, ``seen_100+/``)."""
+    return f"seen_{lo}+/" if hi is None else f"seen_{lo}-{hi - 1}/"
+
+
+COUNT_GROUPS = tuple(
+    count_group(lo, hi)
+    for lo, hi in zip(TARGET_COUNT_EDGES, (*TARGET_COUNT_EDGES[1:], None), strict=True)
+)
+
+
+class TargetCounts:
+    """The metrics of the evaluation samples grouped by how often their target occurs in the
+    training split (the loader's ``target_counts``, set on the test split's): per group of
+    :data:`TARGET_COUNT_EDGES`, ``seen_<lo>-<hi>/<metric>`` and ``seen_<lo>-<hi>/events`` (their
+    count over every rank); nothing without counts. Where a model loses, on rare or on
+    frequent items, is what two models with the same total can differ by."""
+
+    def __init__(self, loader: Any, names: list[str]) -> None:
+        counts = getattr(loader, "target_counts", None)
+        self.counts = None if counts is None else torch.as_tensor(np.asarray(counts))
+        self.names = names
+        self.accs = [MetricAccumulator(names) for _ in COUNT_GROUPS]
+
+    def update(self, ranks: torch.Tensor, targets: torch.Tensor) -> None:
+        """Ranks [n] of samples whose target ids are ``targets`` [n] (an id the training
+        split never holds counts 0)."""
+        if self.counts is None:
+            return
+        targets = targets.cpu().long()
+        known = (targets >= 0) & (targets < self.counts.numel())
+        seen = torch.where(known, self.counts[targets.clamp(0, self.counts.numel() - 1)], 0)
+        group = torch.bucketize(seen, torch.tensor(TARGET_COUNT_EDGES[1:]), right=True)
+        values = retrieval_metrics(ranks.cpu(), self.names)
+        for g, acc in enumerate(self.accs):
+            pick = group == g
+            acc.update({k: v[pick] for k, v in values.items()})
+
+    def compute(self) -> dict[str, float]:
+        """Collective (every rank calls it, as MetricAccumulator.compute)."""
+        if self.counts is None:
+            return {}
+        out: dict[str, float] = {}
+        for prefix, acc in zip(COUNT_GROUPS, self.accs, strict=True):
+            count = _all_reduce_host(torch.tensor([float(acc.count)], dtype=torch.float64),
+                                     dist.ReduceOp.SUM)
+            out.update({prefix + k: v for k, v in acc.compute().items()})
+            out[prefix + "events"] = float(count[0])
+        return out
+
+
+def training_item_counts(train_loader: Any) -> np.ndarray | None:
+    """How often each item id occurs in the training split's samples (histories and
+    targets), int64 [max id + 1]; None where the loader is not over stored sequences."""
+    from hstu.data.loader import SequenceLoader
+
+    if not isinstance(train_loader, SequenceLoader):
+        return None
+    store, samples = train_loader.store, train_loader.samples
+    num_items = int(store.items.max()) + 1  # a pass over the mapped column, no copy
+    return range_item_counts(store.items, samples.hist_start, samples.cand_end, num_items)
+
+
 def _evaluate_retrieval(
     model: Any, loader: Any, cfg: RunConfig, env: DistEnv, max_iters: int | None,
     items: torch.Tensor | None = None,
@@ -308,16 +376,18 @@ def _evaluate_retrieval(
     r = cfg.retrieval
     names = list(r.eval_metrics)
     catalogue = model.catalogue(items)
-    cold = ColdTargets(loader, names)
+    cold, seen = ColdTargets(loader, names), TargetCounts(loader, names)
     loader, used, total = eval_subset(loader, r.eval_num_users, cfg.trainer.seed)
     own = _own_queries(model, loader, env, max_iters, r.eval_exclude_history)
     ranks, _ = rank_corpus(model, own, r.eval_memory_mb << 20, env.device, items=catalogue)
     acc = MetricAccumulator(names)
     acc.update(retrieval_metrics(ranks.cpu(), names))
     cold.update(ranks, own[1])
+    seen.update(ranks, own[1])
     # host sums: the default group's host backend (gloo) reduces them
     out = acc.compute(stderr=True)
     out.update(cold.compute())
+    out.update(seen.compute())
     return _of_subset(out, used, total, cfg, env)
 
 
@@ -344,7 +414,7 @@ def _evaluate_decoded(
     top_k = max([k for name in names if (k := parse_retrieval_metric(name)[1])] or [200])
     loader, used, total = eval_subset(loader, r.eval_num_users, cfg.trainer.seed)
     acc = MetricAccumulator(names)
-    cold = ColdTargets(loader, names)
+    cold, seen = ColdTargets(loader, names), TargetCounts(loader, names)
     dense = model.dense_module
     for batch in islice(loader, max_iters):
         batch = batch.to(env.device)
@@ -355,8 +425,10 @@ def _evaluate_decoded(
             targets = targets[batch.sample_mask.to(targets.device)]
         acc.update(retrieval_metrics(ranks.cpu(), names))
         cold.update(ranks, targets)
+        seen.update(ranks, targets)
     out = acc.compute(stderr=True)
     out.update(cold.compute())
+    out.update(seen.compute())
     return _of_subset(out, used, total, cfg, env)
 
 
@@ -546,15 +618,10 @@ def popularity_baseline(train_loader: Any, eval_loader: Any, cfg: RunConfig, env
     """The retrieval metrics of ranking items by how often they occur in the training split
     (history excluded unless ``RetrievalArgs.eval_exclude_history`` is False: the model's
     protocol). None where it does not apply."""
-    from hstu.data.loader import SequenceLoader
-
-    if cfg.task != "retrieval" or not isinstance(train_loader, SequenceLoader):
+    found = training_item_counts(train_loader) if cfg.task == "retrieval" else None
+    if found is None:
         return None
-    store, samples = train_loader.store, train_loader.samples
-    num_items = int(store.items.max()) + 1  # a pass over the mapped column, no copy
-    counts = torch.from_numpy(
-        range_item_counts(store.items, samples.hist_start, samples.cand_end, num_items)
-    ).double()
+    counts = torch.from_numpy(found).double()
     counts[0] = -1.0  # id 0 is never an item
     ordered = torch.sort(counts).values  # the same for every batch
     names = list(cfg.retrieval.eval_metrics)

@@ -48,6 +48,7 @@ from hstu.data.stream import StreamPosition, Window, load_stream, make_source
 from hstu.data.stream.core import HashedIds, write_json_atomic
 from hstu.data.user_store import Sequences, UserStore
 from hstu.embeddings import HstuEmbeddings
+from hstu.model.metrics import STDERR_PREFIX
 from hstu.training.distributed import DistEnv, broadcast_object
 from hstu.training.evaluate import evaluate
 from hstu.training.loop import MetricsWindow, Preemption
@@ -749,7 +750,9 @@ class OnlineTrainer:
             metrics["NE"] = metrics["loss"] / _entropy(counts)
             metrics["eval_events"] = float(counts.sum())
         t.model.train()
-        return metrics
+        # a window's rows are its means (prequential ones are weighted over windows): the
+        # standard errors model selection uses are no window metric
+        return {k: v for k, v in metrics.items() if not k.startswith(STDERR_PREFIX)}
 
     def score_served(self, work: WindowWork, metrics: dict[str, float]) -> dict[str, float]:
         """The served version on the window's samples (the trained model's, same metrics),

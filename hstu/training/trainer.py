@@ -38,6 +38,7 @@ from hstu.training.builder import Built, build_all
 from hstu.training.checkpoint_manager import CheckpointManager
 from hstu.training.distributed import DistEnv
 from hstu.training.evaluate import (
+    COUNT_GROUPS,
     evaluate,
     item_rate_baseline,
     popularity_baseline,
@@ -61,11 +62,26 @@ def _metrics_text(metrics: dict[str, float]) -> str:
     ``name value ±stderr``."""
     parts = []
     for k, v in metrics.items():
-        if k.startswith(STDERR_PREFIX):
+        if k.startswith((STDERR_PREFIX, *COUNT_GROUPS)):  # (the groups: _count_group_lines)
             continue
         error = metrics.get(STDERR_PREFIX + k)
         parts.append(f"{k} {v:.4f}" + ("" if error is None else f" ±{error:.4f}"))
     return " ".join(parts)
+
+
+def _count_group_lines(split: str, metrics: dict[str, float]) -> list[str]:
+    """One line per group of targets by their count in training (``seen_<lo>-<hi>/`` keys,
+    :class:`hstu.training.evaluate.TargetCounts`) that holds any."""
+    lines = []
+    for prefix in COUNT_GROUPS:
+        events = metrics.get(prefix + "events", 0.0)
+        if events > 0:
+            group = {k.removeprefix(prefix): v for k, v in metrics.items()
+                     if k.startswith(prefix) and k != prefix + "events"}
+            times = prefix.removeprefix("seen_").rstrip("/")
+            lines.append(f"[hstu] {split}, targets seen {times} times in training "
+                         f"({events:,.0f} users): {_metrics_text(group)}")
+    return lines
 
 
 class Validation:
@@ -161,6 +177,8 @@ class Validation:
             f"[hstu] test split, best checkpoint (step {best.step}, valid "
             f"{metric} {best.value:.4f}): {_metrics_text(metrics)}"
         )
+        for line in _count_group_lines("test split", metrics):
+            t.logger.print(line)
         return metrics
 
     def selection_lines(self) -> list[str]:
@@ -515,6 +533,8 @@ class Trainer:
                 self.logger.log(self.step, "eval", {f"{prefix}{k}": v for k, v in metrics.items()})
                 self.logger.print(f"{split} of the checkpoint at step {self.step}: "
                                   f"{_metrics_text(metrics)} ({seconds:.1f} s)")
+                for line in _count_group_lines(split, metrics):
+                    self.logger.print(line)
                 out.update({f"{prefix}{k}": v for k, v in metrics.items()})
         return out
 
@@ -622,10 +642,17 @@ class Trainer:
         else:
             resume = "no checkpoint of the last step (TrainerArgs.ckpt_save_interval = -1)"
         # a semantic-id model has no export yet (docs/model.md "Semantic ids")
+        # the summary's metrics without their standard errors and groups (those follow)
+        shown = {k: v for k, v in final.items()
+                 if not k.startswith((STDERR_PREFIX, *COUNT_GROUPS))}
         lines = summary_lines(
-            self.cfg.task, self.logger.run_dir, final, baseline, best, checkpoint, resume,
+            self.cfg.task, self.logger.run_dir, shown, baseline, best, checkpoint, resume,
             exportable=self.cfg.network.architecture != "hstu_sid",
         )
+        lines[2:2] = [
+            "  " + line.removeprefix("[hstu] test split, ")
+            for line in _count_group_lines("test split", final)
+        ]
         # the label-prior rule: what was not eligible, or that nothing was (right under "best")
         lines[2:2] = [
             "  selection:      " + line.removeprefix("[hstu] ")

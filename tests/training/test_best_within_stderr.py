@@ -91,3 +91,16 @@ def test_selects_the_latest_evaluation_within_one_standard_error(tmp_path) -> No
                for line in printed), printed
     # evaluations print each metric with its standard error
     assert any(line.startswith("valid @ step 2: HR@10 ") and " ±0." in line for line in printed)
+    # the test split by the target's count in training: the groups partition the 96 users,
+    # and their metrics, weighted by their users, are the split's
+    groups = {name.split("/")[1] for name in test if name.startswith("test/seen_")}
+    assert groups == {"seen_0-4", "seen_5-19", "seen_20-99", "seen_100+"}, sorted(test)
+    events = {g: test[f"test/{g}/events"] for g in groups}
+    assert sum(events.values()) == 96 and sum(n > 0 for n in events.values()) >= 2, events
+    assert test["test/MRR"] > 0  # (a metric with something to weigh on this tiny run)
+    for metric in ("HR@10", "NDCG@10", "MRR"):
+        weighted = sum(test[f"test/{g}/{metric}"] * n for g, n in events.items() if n > 0)
+        assert abs(weighted / 96 - test[f"test/{metric}"]) < 1e-9, (metric, test)
+    for g, n in events.items():
+        line = f"[hstu] test split, targets seen {g.removeprefix('seen_')} times in training"
+        assert any(ln.startswith(line) for ln in printed) == (n > 0), (g, n)
