@@ -69,6 +69,11 @@ def _metrics_text(metrics: dict[str, float]) -> str:
     return " ".join(parts)
 
 
+def _errors(count: float) -> str:
+    """``1 standard error``, ``2 standard errors``."""
+    return f"{count:g} standard error" + ("" if count == 1 else "s")
+
+
 def _count_group_lines(split: str, metrics: dict[str, float]) -> list[str]:
     """One line per group of targets by their count in training (``seen_<lo>-<hi>/`` keys,
     :class:`hstu.training.evaluate.TargetCounts`) that holds any."""
@@ -146,13 +151,13 @@ class Validation:
                 else:
                     say(
                         f"[hstu] selected step {step}: {args.best_metric} {best.value:.4f} is "
-                        f"within {args.best_within_stderr:g} standard errors "
+                        f"within {_errors(args.best_within_stderr)} "
                         f"({best.margin:.4f}) of the best, {best.peak_value:.4f} at step "
                         f"{best.peak_step} (TrainerArgs.best_within_stderr)"
                     )
         if stop:
             within = (
-                f" or within {args.best_within_stderr:g} standard errors of it"
+                f" or within {_errors(args.best_within_stderr)} of it"
                 if args.best_within_stderr > 0 else ""
             )
             say(
@@ -193,7 +198,7 @@ class Validation:
         if best.tolerance > 0 and not best.fallback and 0 <= best.peak_step != best.step:
             lines.append(
                 f"[hstu] selected step {best.step} (valid {self.args.best_metric} "
-                f"{best.value:.4f}): the latest within {best.tolerance:g} standard errors "
+                f"{best.value:.4f}): the latest within {_errors(best.tolerance)} "
                 f"({best.margin:.4f}) of the highest, {best.peak_value:.4f} at step "
                 f"{best.peak_step} (TrainerArgs.best_within_stderr)"
             )

@@ -83,7 +83,7 @@ def test_selects_the_latest_evaluation_within_one_standard_error(tmp_path) -> No
     printed = out["printed"]
     why = (
         f"[hstu] selected step {expected} (valid NDCG@10 {evals[expected][0]:.4f}): the "
-        f"latest within 1 standard errors ({evals[top_step][1]:.4f}) of the highest, "
+        f"latest within 1 standard error ({evals[top_step][1]:.4f}) of the highest, "
         f"{evals[top_step][0]:.4f} at step {top_step}"
     )
     assert any(line.startswith(why) for line in printed), printed

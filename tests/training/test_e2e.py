@@ -96,7 +96,8 @@ def test_retrieval_trains_and_writes_run_directory(retrieval_none):
     assert all(math.isfinite(v) for v in loss.values())
     assert loss[20] < loss[1], "the loss must go down"
     names = {r["name"] for r in retrieval_none["metrics"] if r["split"] == "eval"}
-    assert names == {"HR@10", "NDCG@10", "MRR"}
+    # each metric and its standard error over the evaluation users
+    assert names == {"HR@10", "NDCG@10", "MRR", "stderr/HR@10", "stderr/NDCG@10", "stderr/MRR"}
     train_names = {r["name"] for r in retrieval_none["metrics"] if r["split"] == "train"}
     assert {"loss", "lr", "tokens_per_s", "tflops", "mfu"} <= train_names
     assert "final retrieval metrics" in retrieval_none["out"]
