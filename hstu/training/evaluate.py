@@ -618,7 +618,12 @@ def popularity_baseline(train_loader: Any, eval_loader: Any, cfg: RunConfig, env
     """The retrieval metrics of ranking items by how often they occur in the training split
     (history excluded unless ``RetrievalArgs.eval_exclude_history`` is False: the model's
     protocol). None where it does not apply."""
-    found = training_item_counts(train_loader) if cfg.task == "retrieval" else None
+    if cfg.task != "retrieval":
+        return None
+    # the test split's loader holds the counts already (TargetCounts): one pass, not two
+    found = getattr(eval_loader, "target_counts", None)
+    if found is None:
+        found = training_item_counts(train_loader)
     if found is None:
         return None
     counts = torch.from_numpy(found).double()

@@ -172,6 +172,7 @@ SWITCHES: dict[str, list[str] | str] = {
     "TrainerArgs.best_metric": _NO + "selection among evaluations",
     "TrainerArgs.early_stopping_patience": _NO + "selection among evaluations",
     "TrainerArgs.best_requires_loss_below_prior": _NO + "selection among evaluations",
+    "TrainerArgs.best_within_stderr": _NO + "selection among evaluations",
     # tables
     "EmbeddingArgs.feature_names": _ALL,
     "EmbeddingArgs.table_name": _ALL,
