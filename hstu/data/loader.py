@@ -206,9 +206,9 @@ class SequenceLoader:
         """Evaluation with ``DatasetArgs.cold_items``: the item ids held out of training
         (sorted); its metrics add ``cold/<metric>`` over the targets among them."""
         self.target_counts: np.ndarray | None = None
-        """The test split's: how often each item id occurs in the training split; its
-        metrics add ``seen_<lo>-<hi>/<metric>`` per group of targets by that count
-        (:class:`hstu.training.evaluate.TargetCounts`)."""
+        """The validation and test splits' (with ``TrainerArgs.best_metric``): how often each
+        item id occurs in the training split; their metrics add ``seen_<lo>-<hi>/<metric>``
+        per group of targets by that count (:class:`hstu.training.evaluate.TargetCounts`)."""
         self.epoch = 0
         self.batch_index = 0
 

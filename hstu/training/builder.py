@@ -253,8 +253,9 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         _, test_loader, _ = build_data(
             *data_args, split="test", holdout_validation=True, tp_size=env.tp_size
         )
-        if cfg.task == "retrieval":  # the test split's metrics by the target's training count
-            test_loader.target_counts = training_item_counts(train_loader)
+        if cfg.task == "retrieval":  # metrics by the target's training count (TargetCounts)
+            counts = training_item_counts(train_loader)
+            test_loader.target_counts = eval_loader.target_counts = counts
     if isinstance(cfg.dataset, BenchmarkDatasetArgs):
         tables = list(cfg.tables)
     else:

@@ -302,7 +302,7 @@ class ColdTargets:
 
 
 TARGET_COUNT_EDGES = (0, 5, 20, 100)
-"""The groups :class:`TargetCounts` splits the test split into: targets seen 0-4, 5-19,
+"""The groups :class:`TargetCounts` splits an evaluation into: targets seen 0-4, 5-19,
 20-99 and 100 or more times in training."""
 
 
@@ -319,7 +319,8 @@ COUNT_GROUPS = tuple(
 
 class TargetCounts:
     """The metrics of the evaluation samples grouped by how often their target occurs in the
-    training split (the loader's ``target_counts``, set on the test split's): per group of
+    training split (the loader's ``target_counts``, set on the validation and test splits'
+    when a run selects on validation): per group of
     :data:`TARGET_COUNT_EDGES`, ``seen_<lo>-<hi>/<metric>`` and ``seen_<lo>-<hi>/events`` (their
     count over every rank); nothing without counts. Where a model loses, on rare or on
     frequent items, is what two models with the same total can differ by."""

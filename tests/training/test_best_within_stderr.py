@@ -101,6 +101,15 @@ def test_selects_the_latest_evaluation_within_one_standard_error(tmp_path) -> No
     for metric in ("HR@10", "NDCG@10", "MRR"):
         weighted = sum(test[f"test/{g}/{metric}"] * n for g, n in events.items() if n > 0)
         assert abs(weighted / 96 - test[f"test/{metric}"]) < 1e-9, (metric, test)
+    # validation by the same groups at every evaluation (in metrics.csv, off the console)
+    with open(os.path.join(tmp, "run", "metrics.csv"), newline="") as fh:
+        valid = [r for r in csv.DictReader(fh) if r["split"] == "eval"
+                 and r["name"].startswith("seen_") and r["name"].endswith("/events")]
+    per_step: dict[int, float] = {}
+    for row in valid:
+        per_step[int(row["step"])] = per_step.get(int(row["step"]), 0.0) + float(row["value"])
+    assert per_step == {s: 96.0 for s in evals}, per_step
+    assert not any(line.startswith("valid @") and "seen_" in line for line in printed)
     for g, n in events.items():
         line = f"[hstu] test split, targets seen {g.removeprefix('seen_')} times in training"
         assert any(ln.startswith(line) for ln in printed) == (n > 0), (g, n)
