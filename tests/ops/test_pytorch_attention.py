@@ -241,3 +241,39 @@ def test_chunks_over_the_budget_together_are_recomputed_in_backward(monkeypatch,
     assert torch.equal(out, kept)
     for a, b in zip(grads(out, case.leaves()), grads(kept, case.leaves())):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_dense_chunks_by_hand_match_the_same_chunks_through_autograd(monkeypatch, dtype) -> None:
+    """A batch of dense chunks runs in one autograd function (layout and gradients by hand);
+    the same chunks through autograd's ops (the path of batches with row blocks) must give the
+    same values and gradients, chunked and causally split alike, and the function must be the
+    one that ran (a batch that silently took the other path would pass the value check)."""
+    import hstu.ops.pytorch_attention as pa
+
+    # widths 40 (split: >= CAUSAL_SPLIT_MIN_WIDTH) and 12 (not), an empty sample between
+    case = random_case([40, 33, 0, 12, 7], num_heads=3, num_contextual=[2, 1, 0, 0, 1],
+                       num_targets=[3, 2, 0, 1, 0], rab="pos+ts+qt", max_positions=40,
+                       dtype=dtype, seed=5)
+    kw = {"alpha": 0.3, "scaling_seqlen": 45, "causal": True, "num_contextual": case.num_contextual,
+          "num_targets": case.num_targets, "rab": case.rab}
+    args = (case.q, case.k, case.v, case.offsets, case.max_seqlen)
+    by_hand = pytorch_hstu_attention(*args, **kw)
+    assert type(by_hand.grad_fn).__name__ == "_DenseChunksAttentionBackward"
+    chunks = pa._PLAN_CACHE[0][2]
+    assert [c.split for c in chunks] == [20, 0] and all(c.blocked is None for c in chunks)
+    # the autograd path: taken when the chunks' kept scores exceed the budget, here with
+    # recomputation off so that the forward ops are the ones compared
+    monkeypatch.setattr(pa, "_recomputed_scores_times_v", pa._scores_times_v)
+    monkeypatch.setattr(pa, "_SCORE_TENSORS_ALIVE", 10**9)
+    through_autograd = pytorch_hstu_attention(*args, **kw)
+    assert pa._PLAN_CACHE[0][2] is chunks  # the same chunks (the plan is cached per batch)
+    assert type(through_autograd.grad_fn).__name__ != "_DenseChunksAttentionBackward"
+    assert by_hand.dtype == dtype and by_hand.shape == case.q.shape
+    tol = {} if dtype == torch.float64 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(by_hand, through_autograd, **tol)
+    got, want = grads(by_hand, case.leaves()), grads(through_autograd, case.leaves())
+    assert len(got) == 5
+    for g_got, g_want in zip(got, want):
+        assert g_got.dtype == dtype
+        torch.testing.assert_close(g_got, g_want, **tol)
