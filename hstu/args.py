@@ -815,6 +815,11 @@ class OptimizerArgs:
     """Sparse (embedding) optimizer fused into backward; None uses optimizer_str."""
     sparse_learning_rate: float | None = None
     """Sparse learning rate; None uses learning_rate."""
+    sparse_adam_beta2: float | None = None
+    """Adam beta2 of the embedding tables (adam / adamw sparse optimizers); None uses
+    adam_beta2. A table row moves only when it is looked up, so a rare item's second moment
+    sees few gradients: a longer average (0.999) can suit the tables while the dense weights
+    keep a shorter one."""
     clip_grad_norm: float = 0.0
     """Clip the global norm of dense gradients to this; 0 disables clipping. Under tensor
     parallelism the norm is one over the model-parallel group (replicated parameters counted
@@ -840,9 +845,17 @@ class OptimizerArgs:
         )
         _float32(self, *lr, "sparse_learning_rate", "min_learning_rate", "adam_eps",
                  "weight_decay", "clip_grad_norm")
-        for name in ("adam_beta1", "adam_beta2"):
+        for name in ("adam_beta1", "adam_beta2", "sparse_adam_beta2"):
             value = getattr(self, name)
-            _require(0.0 <= value < 1.0, self, name, f"must be in [0, 1), got {value}")
+            if value is not None:
+                _require(0.0 <= value < 1.0, self, name, f"must be in [0, 1), got {value}")
+        if self.sparse_adam_beta2 is not None:
+            _require(
+                self.resolved_sparse_optimizer_str in ("adam", "adamw"), self,
+                "sparse_adam_beta2",
+                f"applies to Adam tables only; the sparse optimizer is "
+                f"{self.resolved_sparse_optimizer_str!r}",
+            )
 
     @property
     def resolved_sparse_optimizer_str(self) -> str:

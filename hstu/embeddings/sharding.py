@@ -249,7 +249,9 @@ def sparse_optimizer_spec(
     """
     name = optimizer_args.resolved_sparse_optimizer_str
     lr = optimizer_args.sparse_learning_rate or optimizer_args.learning_rate
-    b1, b2, eps = optimizer_args.adam_beta1, optimizer_args.adam_beta2, optimizer_args.adam_eps
+    b1, eps = optimizer_args.adam_beta1, optimizer_args.adam_eps
+    b2 = optimizer_args.sparse_adam_beta2
+    b2 = optimizer_args.adam_beta2 if b2 is None else b2
     if name in ("adam", "adamw"):
         if fused:
             return trec_optim.Adam, {"lr": lr, "beta1": b1, "beta2": b2, "eps": eps}
@@ -366,7 +368,7 @@ def shard_embeddings(
     Args:
         module_or_model: an HstuEmbeddings, or a model holding one (only it is touched).
         tables: the table arguments the module was built from (sharding_type per table).
-        optimizer_args: sparse optimizer family, sparse lr, betas and eps.
+        optimizer_args: sparse optimizer family, sparse lr, betas (sparse_adam_beta2) and eps.
         device: compute device of the tables.
         pg: embedding process group (default: the world). Every rank of it must call.
         sharding_overrides: table -> forced TorchRec sharding type for model_parallel tables.

@@ -260,6 +260,7 @@ SWITCHES: dict[str, list[str] | str] = {
     "OptimizerArgs.weight_decay": ["fp16"],
     "OptimizerArgs.sparse_optimizer_str": ["fp16", "fp16_sgd", "fp16_adam"],
     "OptimizerArgs.sparse_learning_rate": _ALL,
+    "OptimizerArgs.sparse_adam_beta2": _NO + "a constant",
     "OptimizerArgs.clip_grad_norm": ["fp16", "fp16_retrieval"],
     "OptimizerArgs.sparse_lr_schedule": ["ranking"],
     "OptimizerArgs.lr_warmup_iters": ["fp16"],
