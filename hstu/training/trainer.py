@@ -57,13 +57,17 @@ DEFAULT_CKPT_DIR = "./checkpoints"
 """TrainerArgs.ckpt_save_dir of a batch run that leaves it None."""
 
 
+def _headline(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics without their standard errors (``stderr/``) and count groups (``seen_``;
+    :func:`_count_group_lines` prints those)."""
+    return {k: v for k, v in metrics.items() if not k.startswith((STDERR_PREFIX, *COUNT_GROUPS))}
+
+
 def _metrics_text(metrics: dict[str, float]) -> str:
     """``name value`` pairs; a metric with a standard error (``stderr/<name>``) as
     ``name value ±stderr``."""
     parts = []
-    for k, v in metrics.items():
-        if k.startswith((STDERR_PREFIX, *COUNT_GROUPS)):  # (the groups: _count_group_lines)
-            continue
+    for k, v in _headline(metrics).items():
         error = metrics.get(STDERR_PREFIX + k)
         parts.append(f"{k} {v:.4f}" + ("" if error is None else f" ±{error:.4f}"))
     return " ".join(parts)
@@ -648,10 +652,9 @@ class Trainer:
             resume = "no checkpoint of the last step (TrainerArgs.ckpt_save_interval = -1)"
         # a semantic-id model has no export yet (docs/model.md "Semantic ids")
         # the summary's metrics without their standard errors and groups (those follow)
-        shown = {k: v for k, v in final.items()
-                 if not k.startswith((STDERR_PREFIX, *COUNT_GROUPS))}
         lines = summary_lines(
-            self.cfg.task, self.logger.run_dir, shown, baseline, best, checkpoint, resume,
+            self.cfg.task, self.logger.run_dir, _headline(final), baseline, best, checkpoint,
+            resume,
             exportable=self.cfg.network.architecture != "hstu_sid",
         )
         lines[2:2] = [
