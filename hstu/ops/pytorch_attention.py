@@ -629,8 +629,8 @@ class _DenseChunksAttention(torch.autograd.Function):
     lies in exactly one chunk: no zero-filled [T, H, d] buffer to add into), the rab added in
     place to the scores (no copy of it per head) and its gradient summed over the heads once.
     Keeps what autograd kept: each chunk's q, k, v, scores and masked SiLU. On the ML-100K
-    preset's shapes (one rank, one CPU thread) a layer's attention forward and backward take
-    2/3 of the time of the same ops through autograd."""
+    preset's batch shapes (one CPU thread) forward and backward are 1.25-1.3x as fast as the
+    same ops through autograd (``scripts/bench_attention_paths.py``)."""
 
     @staticmethod
     def forward(ctx, q, k, v, pos_weights, ts_weights, chunks, alpha, scaling):
@@ -741,6 +741,7 @@ def pytorch_hstu_attention(
     max_seqlen: int,
     *,
     memory_budget_bytes: int | None = None,
+    dense_by_hand: bool = True,
     **options: Any,
 ) -> Tensor:
     """O = (SiLU(alpha Q K^T + rab) / N masked) V, sample by sample; the arguments of
@@ -754,6 +755,10 @@ def pytorch_hstu_attention(
             is computed in row blocks that fit it, recomputed in backward instead of saved.
             When the chunks' score tensors kept for backward would together exceed it, each
             chunk's are recomputed in backward too.
+        dense_by_hand: a batch of dense chunks in one autograd function
+            (``_DenseChunksAttention``); False: through autograd's ops, as a batch with row
+            blocks (the same values up to rounding; for tests and
+            ``scripts/bench_attention_paths.py``).
 
     Returns:
         [T, H, d_v] in q's dtype.
@@ -779,7 +784,7 @@ def pytorch_hstu_attention(
         for c in chunks if c.blocked is None
     )
     recompute = recording and kept > budget
-    if chunks and not recompute and all(c.blocked is None for c in chunks):
+    if dense_by_hand and chunks and not recompute and all(c.blocked is None for c in chunks):
         return _DenseChunksAttention.apply(
             q, k, v, None if rab is None else rab.pos_weights,
             None if rab is None else rab.ts_weights, chunks, alpha, o.scaling_seqlen,

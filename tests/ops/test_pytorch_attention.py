@@ -244,7 +244,7 @@ def test_chunks_over_the_budget_together_are_recomputed_in_backward(monkeypatch,
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_dense_chunks_by_hand_match_the_same_chunks_through_autograd(monkeypatch, dtype) -> None:
+def test_dense_chunks_by_hand_match_the_same_chunks_through_autograd(dtype) -> None:
     """A batch of dense chunks runs in one autograd function (layout and gradients by hand);
     the same chunks through autograd's ops (the path of batches with row blocks) must give the
     same values and gradients, chunked and causally split alike, and the function must be the
@@ -262,11 +262,7 @@ def test_dense_chunks_by_hand_match_the_same_chunks_through_autograd(monkeypatch
     assert type(by_hand.grad_fn).__name__ == "_DenseChunksAttentionBackward"
     chunks = pa._PLAN_CACHE[0][2]
     assert [c.split for c in chunks] == [20, 0] and all(c.blocked is None for c in chunks)
-    # the autograd path: taken when the chunks' kept scores exceed the budget, here with
-    # recomputation off so that the forward ops are the ones compared
-    monkeypatch.setattr(pa, "_recomputed_scores_times_v", pa._scores_times_v)
-    monkeypatch.setattr(pa, "_SCORE_TENSORS_ALIVE", 10**9)
-    through_autograd = pytorch_hstu_attention(*args, **kw)
+    through_autograd = pytorch_hstu_attention(*args, dense_by_hand=False, **kw)
     assert pa._PLAN_CACHE[0][2] is chunks  # the same chunks (the plan is cached per batch)
     assert type(through_autograd.grad_fn).__name__ != "_DenseChunksAttentionBackward"
     assert by_hand.dtype == dtype and by_hand.shape == case.q.shape
