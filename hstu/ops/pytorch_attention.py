@@ -636,7 +636,9 @@ class _DenseChunksAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, pos_weights, ts_weights, chunks, alpha, scaling):
         compute = torch.promote_types(q.dtype, torch.float32)
         num_tokens, h = q.shape[0], q.shape[1]
-        out = q.new_empty(num_tokens, h, v.shape[2], dtype=compute)
+        # every token of a sample lies in one chunk; tokens past offsets[B] (if any) stay 0
+        covered = sum(c.rows.shape[0] for c in chunks) == num_tokens
+        out = (q.new_empty if covered else q.new_zeros)(num_tokens, h, v.shape[2], dtype=compute)
         saved = []
         for c in chunks:
             b = c.token_index.shape[0]
@@ -664,6 +666,7 @@ class _DenseChunksAttention(torch.autograd.Function):
         # through save_for_backward (not ctx attributes): saved-tensor hooks see them
         ctx.save_for_backward(pos_weights, ts_weights, *saved)
         ctx.shapes = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype)
+        ctx.covered = covered
         return out.to(q.dtype)
 
     @staticmethod
@@ -673,7 +676,8 @@ class _DenseChunksAttention(torch.autograd.Function):
         q_shape, k_shape, v_shape, q_dtype, k_dtype, v_dtype = ctx.shapes
         alpha, scaling = ctx.alpha, ctx.scaling
         h = q_shape[1]
-        dq, dk, dv = (grad_out.new_empty(s, dtype=t) for s, t in
+        alloc = grad_out.new_empty if ctx.covered else grad_out.new_zeros
+        dq, dk, dv = (alloc(s, dtype=t) for s, t in
                       ((q_shape, q_dtype), (k_shape, k_dtype), (v_shape, v_dtype)))
         need_pos = pos_weights is not None and ctx.needs_input_grad[3]
         need_ts = ts_weights is not None and ctx.needs_input_grad[4]

@@ -273,3 +273,21 @@ def test_dense_chunks_by_hand_match_the_same_chunks_through_autograd(dtype) -> N
     for g_got, g_want in zip(got, want):
         assert g_got.dtype == dtype
         torch.testing.assert_close(g_got, g_want, **tol)
+
+
+def test_tokens_past_the_last_offset_get_zeros_by_hand_too() -> None:
+    """q, k, v longer than offsets[B] (the caller's padding): those rows of the output and of
+    the gradients are 0 on both paths, never the memory an empty buffer held."""
+    case = random_case([9, 5], num_heads=2, rab="pos+ts", max_positions=12, dtype=torch.float64)
+    pad = 3
+    q, k, v = (torch.cat([x.detach(), torch.randn(pad, *x.shape[1:], dtype=x.dtype)]).requires_grad_()
+               for x in (case.q, case.k, case.v))
+    stamps = torch.cat([case.rab.timestamps, case.rab.timestamps[-1:].repeat(pad)])
+    rab = RelativeAttentionBias(case.rab.pos_weights, case.rab.ts_weights, stamps)
+    for by_hand in (True, False):
+        out = pytorch_hstu_attention(q, k, v, case.offsets, case.max_seqlen, alpha=0.5,
+                                     scaling_seqlen=12, rab=rab, dense_by_hand=by_hand)
+        assert torch.equal(out[-pad:], torch.zeros_like(out[-pad:]))
+        dq, dk, dv = grads(out, [q, k, v])
+        for g in (dq, dk, dv):
+            assert torch.equal(g[-pad:], torch.zeros_like(g[-pad:]))
