@@ -608,18 +608,6 @@ def _from_heads_first(x: Tensor, c: _Chunk, out: Tensor) -> None:
     out.transpose(0, 1).index_copy_(1, c.rows, valid.to(out.dtype))
 
 
-def _part_bias(pos_weights: Tensor, ts_weights: Tensor | None, rel: Tensor,
-               buckets: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """The rab of one part, [1 or b, R, K], not differentiable (its gradient is summed by the
-    caller)."""
-    bias = pos_weights.to(dtype).index_select(0, rel.reshape(-1)).view(1, *rel.shape)
-    if ts_weights is not None:
-        assert buckets is not None
-        bias = bias + ts_weights.to(dtype).index_select(0, buckets.reshape(-1)).view(
-            buckets.shape)
-    return bias
-
-
 class _DenseChunksAttention(torch.autograd.Function):
     """The attention of a batch whose chunks are all dense (no row blocks), heads first.
 
@@ -652,7 +640,10 @@ class _DenseChunksAttention(torch.autograd.Function):
                 if alpha != 1.0:
                     scores.mul_(alpha)
                 if pos_weights is not None:
-                    bias = _part_bias(pos_weights, ts_weights, rel, buckets, compute)
+                    # inside forward no gradient is recorded: the plain lookups
+                    bias = bias_from_indices(
+                        pos_weights.to(compute),
+                        None if ts_weights is None else ts_weights.to(compute), rel, buckets)
                     scores.view(h, b, r, m).add_(bias.unsqueeze(0))
                 hidden = ~mask.transpose(0, 1)  # [1, b, r, m]
                 weights = F.silu(scores)
