@@ -1,10 +1,10 @@
-"""hstu.ops.dropout: torch's dropout semantics with a mask drawn by ``rand`` on CPU."""
+"""hstu.ops.dropout: torch's dropout semantics with a mask from 16 random bits per element on CPU."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from hstu.ops.dropout import Dropout, dropout
+from hstu.ops.dropout import Dropout, dropout, keep_threshold
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.8])
@@ -16,7 +16,31 @@ def test_keeps_each_element_with_probability_one_minus_p_and_rescales(p):
     # 200,000 draws: the kept fraction is within 5 standard deviations of 1 - p
     sd = (p * (1 - p) / x.numel()) ** 0.5
     assert abs(kept.float().mean().item() - (1 - p)) < 5 * sd
-    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
+    # scaled by the inverse of the keep probability the 16-bit threshold gives
+    scale = 65536 / keep_threshold(1 - p)
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], scale))
+    assert abs(scale * (1 - p) - 1) < 2e-5
+
+
+def test_each_16_bit_lane_is_uniform():
+    """Every one of the four lanes of a 64-bit draw keeps at the rate (a lane stuck or biased
+    would show at elements i, i + 4, i + 8, ...), and at a threshold far from 1/2."""
+    torch.manual_seed(2)
+    x = torch.ones(4 * 100_000)
+    y = dropout(x, 0.9, True)
+    sd = (0.9 * 0.1 / 100_000) ** 0.5
+    for lane in range(4):
+        assert abs((y[lane::4] != 0).float().mean().item() - 0.1) < 5 * sd, lane
+
+
+def test_threshold_is_the_nearest_16_bit_level():
+    assert keep_threshold(0.5) == 32768 and keep_threshold(0.75) == 49152
+    assert keep_threshold(0.9) == 58982  # 0.9 * 65536 = 58982.4
+    # a keep probability within 1 / 131,072 of 1 goes to torch's dropout: scaled by exactly
+    # 1 / (1 - p) (the 16-bit path would scale by 65536 / 65536 = 1)
+    x = torch.ones(1000, 100, dtype=torch.float64)
+    y = dropout(x, 1e-6, True)
+    assert torch.equal(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - 1e-6)))
 
 
 def test_gradient_is_the_forward_mask_scaled():
@@ -26,9 +50,10 @@ def test_gradient_is_the_forward_mask_scaled():
     g = torch.randn_like(y)
     y.backward(g)
     mask = (y != 0).to(x.dtype)
-    torch.testing.assert_close(x.grad, g * mask / 0.7)
-    # and the mask is the one the forward used: y == x * mask / keep
-    torch.testing.assert_close(y, x.detach() * mask / 0.7)
+    scale = 65536 / keep_threshold(0.7)
+    torch.testing.assert_close(x.grad, g * mask * scale)
+    # and the mask is the one the forward used: y == x * mask * scale
+    torch.testing.assert_close(y, x.detach() * mask * scale)
 
 
 def test_masks_follow_the_default_generator():
