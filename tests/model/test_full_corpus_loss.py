@@ -116,12 +116,16 @@ def _window_reference(logits, window, start, target):
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("window_elements", [3, 1 << 16])
-def test_windows_of_any_layout_mask_exactly_their_items(monkeypatch, seed, window_elements):
+@pytest.mark.parametrize("elements", [3, 1 << 16])
+@pytest.mark.parametrize("path", ["_mask_pairs_", "_mask_window_"])
+def test_windows_of_any_layout_mask_exactly_their_items(monkeypatch, seed, elements, path):
     """Histories anywhere in the ids (overlapping, ending at the last id, followed by items
     that are not the target), ids outside the corpus on both sides, float64 logits, a block
-    that starts past row 0, and windows of 3 entries (many steps)."""
-    monkeypatch.setattr(fc, "_WINDOW_ELEMENTS", window_elements)
+    that starts past row 0, a target outside the columns (another rank's), and windows or
+    pair lists of 3 entries (many steps); both ways of masking (the pairs on a CPU, the
+    window elsewhere), into contiguous logits and into a strided view."""
+    monkeypatch.setattr(fc, "_WINDOW_ELEMENTS", elements)
+    monkeypatch.setattr(fc, "_PAIR_ELEMENTS", elements)
     g = torch.Generator().manual_seed(seed)
     num_i, n, rows = 7, 25, 12
     ids = torch.randint(-2, num_i + 2, (n,), generator=g)
@@ -129,16 +133,33 @@ def test_windows_of_any_layout_mask_exactly_their_items(monkeypatch, seed, windo
     starts = torch.randint(0, n, (rows + 3,), generator=g).minimum(n - lengths)
     starts[-1], lengths[-1] = n - 4, 4  # a history that ends at the last id
     window = HistoryWindow(ids, starts, lengths, int(lengths.max()))
-    logits = torch.randn(rows, num_i, generator=g, dtype=torch.float64)
     target = torch.randint(0, num_i, (rows,), generator=g)
-    want = _window_reference(logits, window, 3, target)
-    window.mask_(logits, 3, target)
-    assert torch.equal(logits, want)
+    target[1] = -1
+    for strided in (False, True):
+        wide = torch.randn(rows, 2 * num_i, generator=g, dtype=torch.float64)
+        logits = wide[:, ::2] if strided else wide[:, :num_i].contiguous()
+        want = _window_reference(logits, window, 3, target)
+        getattr(window, path)(logits, 3, target)
+        assert torch.equal(logits, want)
+        assert logits.isinf().sum() > 0  # the case masks something
 
 
-def test_edge_windows():
+def test_a_cpu_masks_from_the_pairs_and_other_devices_from_the_window(monkeypatch):
+    calls = []
+    for name in ("_mask_pairs_", "_mask_window_"):
+        monkeypatch.setattr(HistoryWindow, name,
+                            lambda self, logits, *a, name=name: calls.append((name, logits.device.type)))
+    window = HistoryWindow(torch.tensor([1]), torch.tensor([0]), torch.tensor([1]), 1)
+    window.mask_(torch.zeros(1, 2), 0, torch.tensor([0]))
+    window.mask_(torch.zeros(1, 2, device="meta"), 0, torch.tensor([0], device="meta"))
+    assert calls == [("_mask_pairs_", "cpu"), ("_mask_window_", "meta")]
+
+
+@pytest.mark.parametrize("path", ["_mask_pairs_", "_mask_window_"])
+def test_edge_windows(monkeypatch, path):
     """Width 0, no ids, no rows: nothing changes; width 1 masks the one item; a corpus of one
-    column, whose item the history holds where the target is not."""
+    column, whose item the history holds where the target is not (both ways of masking)."""
+    monkeypatch.setattr(HistoryWindow, "mask_", getattr(HistoryWindow, path))
     logits = torch.zeros(2, 3)
     target = torch.tensor([0, 0])
     ids, starts = torch.tensor([2, 1]), torch.tensor([0, 1])

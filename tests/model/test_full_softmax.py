@@ -174,12 +174,16 @@ def _masked_reference(queries, corpus, target, window):
 
 @pytest.mark.parametrize("block", [7, 1 << 18])
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
-def test_masked_items_leave_the_softmax(monkeypatch, block, dtype):
+@pytest.mark.parametrize("masked_blocks", [1, 3])
+def test_masked_items_leave_the_softmax(monkeypatch, block, dtype, masked_blocks):
     # RetrievalArgs.exclude_history_from_loss: the masked logits are -inf, on every block
-    # (and in windows of 5 entries: several per block)
+    # (and in windows or pair lists of 5 entries: several per block), masked a block at a
+    # time or 3 at a time (the last run shorter)
     monkeypatch.setattr(retrieval, "_FULL_SOFTMAX_BLOCK_ELEMENTS", block)
     monkeypatch.setattr(retrieval, "_FULL_SOFTMAX_MIN_ROWS", 1)
     monkeypatch.setattr(retrieval, "_WINDOW_ELEMENTS", 5)
+    monkeypatch.setattr(retrieval, "_PAIR_ELEMENTS", 5)
+    monkeypatch.setattr(retrieval, "_MASKED_BLOCKS", masked_blocks)
     queries, corpus, target, masked = _masked_case(37, 23)
     assert len(set(masked.ids.tolist())) < masked.ids.numel()  # repeated history items
     want_loss, want_gq, want_gc = _masked_reference(queries, corpus, target, masked)
