@@ -20,7 +20,7 @@ through autograd as before (recomputed in backward where the budget asks).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -165,6 +165,25 @@ class _Chunk:
     parts: list | None = None
     # one long sample, or a windowed chunk, in row blocks; mask / rel / buckets are then None
     blocked: _Blocked | None = None
+    # per part and dtype: the mask as scores to add, 0 where seen and _HIDDEN_SCORE where not
+    # (_DenseChunksAttention; built at first use, kept with the plan for the batch's layers)
+    additive: dict = field(default_factory=dict)
+
+    def added_mask(self, part: int, mask: Tensor, dtype: torch.dtype) -> Tensor:
+        """[b, R, K] in ``dtype``: part ``part``'s ``mask`` [b, 1, R, K] as added scores."""
+        key = (part, dtype)
+        if key not in self.additive:
+            hidden = torch.zeros(mask.shape[0], mask.shape[2], mask.shape[3], dtype=dtype,
+                                 device=mask.device)
+            self.additive[key] = hidden.masked_fill_(~mask[:, 0], _HIDDEN_SCORE)
+        return self.additive[key]
+
+
+# the score a hidden (query, key) pair gets in _DenseChunksAttention: SiLU of it is -0.0 and so
+# is its derivative (its sigmoid underflows to exactly 0), whatever finite score and bias it
+# is added to: the mask costs one add, in forward only (a masked_fill of the [h, b, R, K]
+# weights with a broadcast mask took 10x as long, in forward and again in backward)
+_HIDDEN_SCORE = -1e30
 
 
 # a causal chunk this wide or wider is computed as two row blocks (top rows against the
@@ -615,10 +634,12 @@ class _DenseChunksAttention(torch.autograd.Function):
     and the autograd bookkeeping done by hand: each chunk's q, k, v gathered in one pass into
     [h * b, n, d], its output and gradients written straight to their tokens (every token
     lies in exactly one chunk: no zero-filled [T, H, d] buffer to add into), the rab added in
-    place to the scores (no copy of it per head) and its gradient summed over the heads once.
-    Keeps what autograd kept: each chunk's q, k, v, scores and masked SiLU. On the ML-100K
-    preset's batch shapes (one CPU thread) forward and backward are 1.25-1.3x as fast as the
-    same ops through autograd (``scripts/bench_attention_paths.py``)."""
+    place to the scores (no copy of it per head) and its gradient summed over the heads once,
+    the mask added to the scores with the rab (``_HIDDEN_SCORE``: no masked fill of the
+    weights, nor of their gradient). Keeps each chunk's q, k, v, scores and SiLU (autograd kept
+    those and the mask). On the ML-100K preset's batch shapes (one CPU thread) forward and
+    backward are 1.35x as fast as the same ops through autograd
+    (``scripts/bench_attention_paths.py``)."""
 
     @staticmethod
     def forward(ctx, q, k, v, pos_weights, ts_weights, chunks, alpha, scaling):
@@ -633,23 +654,26 @@ class _DenseChunksAttention(torch.autograd.Function):
             qb, kb, vb = (_to_heads_first(x, c, compute) for x in (q, k, v))
             parts = c.parts or [(slice(None), slice(None), c.mask, c.rel, c.buckets)]
             outs, kept = [], []
-            for rows, keys, mask, rel, buckets in parts:
+            for index, (rows, keys, mask, rel, buckets) in enumerate(parts):
                 qp, kp, vp = qb[:, rows], kb[:, keys], vb[:, keys]
                 r, m = qp.shape[1], kp.shape[1]
                 scores = torch.bmm(qp, kp.transpose(1, 2))
                 if alpha != 1.0:
                     scores.mul_(alpha)
+                # the mask as added scores (_HIDDEN_SCORE): SiLU gives -0.0 there, and 0 in
+                # backward
+                add = c.added_mask(index, mask, compute)
                 if pos_weights is not None:
                     # inside forward no gradient is recorded: the plain lookups
                     bias = bias_from_indices(
                         pos_weights.to(compute),
                         None if ts_weights is None else ts_weights.to(compute), rel, buckets)
-                    scores.view(h, b, r, m).add_(bias.unsqueeze(0))
-                hidden = ~mask.transpose(0, 1)  # [1, b, r, m]
+                    # [b, r, m] with time buckets, [1, r, m] from positions alone
+                    add = bias.add_(add) if bias.shape == add.shape else bias + add
+                scores.view(h, b, r, m).add_(add.unsqueeze(0))
                 weights = F.silu(scores)
-                weights.view(h, b, r, m).masked_fill_(hidden, 0.0)
                 outs.append(torch.bmm(weights, vp).div_(scaling))
-                kept.append((scores, weights, hidden))
+                kept.append((scores, weights))
             chunk_out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
             _from_heads_first(chunk_out, c, out)
             saved += [qb, kb, vb, *(t for part in kept for t in part)]
@@ -681,20 +705,20 @@ class _DenseChunksAttention(torch.autograd.Function):
             go = _to_heads_first(grad_out, c, compute).div_(scaling)
             parts = c.parts or [(slice(None), slice(None), c.mask, c.rel, c.buckets)]
             qb, kb, vb = saved[at : at + 3]
-            kept = [saved[at + 3 + 3 * i : at + 6 + 3 * i] for i in range(len(parts))]
-            at += 3 + 3 * len(parts)
+            kept = [saved[at + 3 + 2 * i : at + 5 + 2 * i] for i in range(len(parts))]
+            at += 3 + 2 * len(parts)
             # the last part sees every key (the whole chunk, or the split's lower rows): its
             # key gradients are the chunk's, the first part's are added into their slice
             dq_parts, dkb, dvb = [], None, None
-            for (rows, keys, _mask, rel, buckets), (scores, weights, hidden) in reversed(
+            for (rows, keys, _mask, rel, buckets), (scores, weights) in reversed(
                 list(zip(parts, kept))
             ):
                 gp = go[:, rows]
                 r, m = scores.shape[1], scores.shape[2]
                 dv_part = torch.bmm(weights.transpose(1, 2), gp)
+                # 0 at the hidden pairs: SiLU's derivative at _HIDDEN_SCORE
                 dscores = torch.ops.aten.silu_backward(
                     torch.bmm(gp, vb[:, keys].transpose(1, 2)), scores)
-                dscores.view(h, b, r, m).masked_fill_(hidden, 0.0)
                 if dpos is not None or dts is not None:
                     dbias = dscores.view(h, b, r, m).sum(0)  # [b, R, K]
                     if dpos is not None:

@@ -124,6 +124,24 @@ def test_pytorch_mask_blocks_leakage() -> None:
     check_no_leakage("pytorch")
 
 
+@pytest.mark.parametrize("rab", ["none", "pos", "pos+time"])
+def test_hidden_pairs_pass_exactly_no_gradient(rab: str) -> None:
+    """The by-hand path hides a pair by its score (SiLU's value and derivative underflow to
+    0 there): the gradient of the history rows' outputs w.r.t. the candidates' q, k, v is
+    exactly 0, with or without a bias added to the same scores, even for huge keys."""
+    case = random_case([14, 9], num_contextual=[2, 0], num_targets=[6, 3], rab=rab,
+                       max_positions=16, dtype=torch.float64)
+    with torch.no_grad():
+        case.k[8:14] *= 1e6  # the first sample's candidates: scores far from 0
+    out = hstu_attention(case.q, case.k, case.v, case.offsets, case.max_seqlen, alpha=0.25,
+                         scaling_seqlen=14, num_contextual=case.num_contextual,
+                         num_targets=case.num_targets, target_group_size=2, rab=case.rab)
+    gq, gk, gv = torch.autograd.grad(out[:8].pow(2).sum(), (case.q, case.k, case.v))
+    for g in (gq, gk, gv):
+        assert torch.equal(g[8:14], torch.zeros_like(g[8:14]))
+        assert g[:8].abs().sum() > 0
+
+
 def test_chunking_by_length_and_heads_gives_the_same_result() -> None:
     case = random_case(
         [30, 5, 17, 30, 2],
