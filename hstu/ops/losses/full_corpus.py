@@ -5,13 +5,15 @@ Legend: Q queries, I items of the corpus, D width.
 
 from __future__ import annotations
 
+import bisect
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from hstu.ops.losses.common import softmax_lse_
+from hstu.ops.losses.common import CPU_ONLY, softmax_lse_
+from hstu.sync_audit import allowed_sync
 
 MATMUL_DTYPES = ("auto", "float32", "bfloat16")
 """The choices of RetrievalArgs.full_corpus_matmul_dtype."""
@@ -183,35 +185,39 @@ class HistoryWindow:
     def mask_(self, logits: torch.Tensor, start: int, target: torch.Tensor) -> None:
         """-inf at the history columns of the block of queries ``start``.. (``logits`` [r, I],
         ``target`` [r] their targets' columns): their probabilities become exactly 0, and so do
-        their gradients. The other entries are unchanged.
+        their gradients. The other entries are unchanged (they get + 0.0).
 
         On a CPU the (query, column) pairs themselves are listed and filled
         (:meth:`_mask_pairs_`), a bounded number at a time: the history's own entries (half
         the [rows, W] window on average), read where the host reads its own memory. Elsewhere
         the [rows, W] window (:meth:`_mask_window_`): fixed sizes, no host read."""
         if logits.device.type == "cpu":
-            self._mask_pairs_(logits, start, target)
+            with allowed_sync(CPU_ONLY):
+                self._mask_pairs_(logits, start, target)
         else:
             self._mask_window_(logits, start, target)
 
     def _mask_pairs_(self, logits: torch.Tensor, start: int, target: torch.Tensor) -> None:
         """:meth:`mask_` from the list of (query, column) pairs, at most
-        :data:`_PAIR_ELEMENTS` pairs at a time (a query's whole history at least)."""
+        :data:`_PAIR_ELEMENTS` pairs at a time (a query's whole history at least): -inf added
+        at each, + 0.0 where the pair is the query's target or outside the columns."""
         rows_total, num_i = logits.shape
         if rows_total == 0 or self.width <= 0 or self.ids.numel() == 0 or num_i == 0:
             return
         lengths = self.lengths[start : start + rows_total].clamp(max=self.width)
         ends = lengths.cumsum(0)
+        # the one host read (CPU_ONLY: the host reads its own memory)
+        host_ends = ends.tolist()
         flat = logits.view(-1) if logits.is_contiguous() else None
         last = self.ids.numel() - 1
         s = 0
         while s < rows_total:
             # rows s..e list at most _PAIR_ELEMENTS pairs (one row at least)
-            done = int(ends[s - 1]) if s else 0
-            e = int(torch.searchsorted(ends, done + _PAIR_ELEMENTS, right=True))
+            done = host_ends[s - 1] if s else 0
+            e = bisect.bisect_right(host_ends, done + _PAIR_ELEMENTS, lo=s)
             e = min(rows_total, max(s + 1, e))
+            count = host_ends[e - 1] - done
             run = lengths[s:e]
-            count = int(ends[e - 1]) - done
             s_run, s = s, e
             if count == 0:
                 continue
@@ -224,11 +230,13 @@ class HistoryWindow:
             cols = self.ids.index_select(0, slot.clamp_(max=last))
             keep = (cols >= 0) & (cols < num_i) & (cols != target[s_run:e].index_select(0, row))
             row += s_run
-            row, cols = row[keep], cols[keep]
+            cols.clamp_(0, num_i - 1)
+            add = torch.zeros(count, dtype=logits.dtype, device=logits.device)
+            add.masked_fill_(keep, float("-inf"))
             if flat is not None:
-                flat.index_fill_(0, row * num_i + cols, float("-inf"))
+                flat.scatter_add_(0, row * num_i + cols, add)
             else:
-                logits.index_put_((row, cols), logits.new_full((), float("-inf")))
+                logits.index_put_((row, cols), add, accumulate=True)
 
     def _mask_window_(self, logits: torch.Tensor, start: int, target: torch.Tensor) -> None:
         """:meth:`mask_` from the [rows, W] window (-inf added where masked, + 0.0 elsewhere)."""
