@@ -638,7 +638,7 @@ class _DenseChunksAttention(torch.autograd.Function):
     the mask added to the scores with the rab (``_HIDDEN_SCORE``: no masked fill of the
     weights, nor of their gradient). Keeps each chunk's q, k, v, scores and SiLU (autograd kept
     those and the mask). On the ML-100K preset's batch shapes (one CPU thread) forward and
-    backward are 1.35x as fast as the same ops through autograd
+    backward are 1.35-1.4x as fast as the same ops through autograd
     (``scripts/bench_attention_paths.py``)."""
 
     @staticmethod
@@ -653,7 +653,9 @@ class _DenseChunksAttention(torch.autograd.Function):
             b = c.token_index.shape[0]
             qb, kb, vb = (_to_heads_first(x, c, compute) for x in (q, k, v))
             parts = c.parts or [(slice(None), slice(None), c.mask, c.rel, c.buckets)]
-            outs, kept = [], []
+            # each part's rows written in place (no cat of the parts)
+            chunk_out = qb.new_empty(qb.shape[0], qb.shape[1], vb.shape[2])
+            kept = []
             for index, (rows, keys, mask, rel, buckets) in enumerate(parts):
                 qp, kp, vp = qb[:, rows], kb[:, keys], vb[:, keys]
                 r, m = qp.shape[1], kp.shape[1]
@@ -672,10 +674,9 @@ class _DenseChunksAttention(torch.autograd.Function):
                     add = bias.add_(add) if bias.shape == add.shape else bias + add
                 scores.view(h, b, r, m).add_(add.unsqueeze(0))
                 weights = F.silu(scores)
-                outs.append(torch.bmm(weights, vp).div_(scaling))
+                torch.bmm(weights, vp, out=chunk_out[:, rows])
                 kept.append((scores, weights))
-            chunk_out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-            _from_heads_first(chunk_out, c, out)
+            _from_heads_first(chunk_out.div_(scaling), c, out)
             saved += [qb, kb, vb, *(t for part in kept for t in part)]
         ctx.chunks, ctx.alpha, ctx.scaling = chunks, alpha, scaling
         # through save_for_backward (not ctx attributes): saved-tensor hooks see them
@@ -708,14 +709,20 @@ class _DenseChunksAttention(torch.autograd.Function):
             kept = [saved[at + 3 + 2 * i : at + 5 + 2 * i] for i in range(len(parts))]
             at += 3 + 2 * len(parts)
             # the last part sees every key (the whole chunk, or the split's lower rows): its
-            # key gradients are the chunk's, the first part's are added into their slice
-            dq_parts, dkb, dvb = [], None, None
+            # key gradients are the chunk's, the first part's are added into their slice; the
+            # query gradients of each part's rows written in place
+            dqb = qb.new_empty(qb.shape)
+            dkb = dvb = None
             for (rows, keys, _mask, rel, buckets), (scores, weights) in reversed(
                 list(zip(parts, kept))
             ):
                 gp = go[:, rows]
                 r, m = scores.shape[1], scores.shape[2]
-                dv_part = torch.bmm(weights.transpose(1, 2), gp)
+                if dvb is None:
+                    assert m == kb.shape[1], "the last part must see every key"
+                    dvb = torch.bmm(weights.transpose(1, 2), gp)
+                else:
+                    dvb[:, keys].baddbmm_(weights.transpose(1, 2), gp)
                 # 0 at the hidden pairs: SiLU's derivative at _HIDDEN_SCORE
                 dscores = torch.ops.aten.silu_backward(
                     torch.bmm(gp, vb[:, keys].transpose(1, 2)), scores)
@@ -727,15 +734,11 @@ class _DenseChunksAttention(torch.autograd.Function):
                         dts.scatter_add_(0, buckets.reshape(-1), dbias.reshape(-1))
                 if alpha != 1.0:
                     dscores.mul_(alpha)
-                dq_parts.insert(0, torch.bmm(dscores, kb[:, keys]))
-                dk_part = torch.bmm(dscores.transpose(1, 2), qb[:, rows])
+                torch.bmm(dscores, kb[:, keys], out=dqb[:, rows])
                 if dkb is None:
-                    assert m == kb.shape[1], "the last part must see every key"
-                    dkb, dvb = dk_part, dv_part
+                    dkb = torch.bmm(dscores.transpose(1, 2), qb[:, rows])
                 else:
-                    dkb[:, keys] += dk_part
-                    dvb[:, keys] += dv_part
-            dqb = dq_parts[0] if len(dq_parts) == 1 else torch.cat(dq_parts, dim=1)
+                    dkb[:, keys].baddbmm_(dscores.transpose(1, 2), qb[:, rows])
             _from_heads_first(dqb, c, dq)
             _from_heads_first(dkb, c, dk)
             _from_heads_first(dvb, c, dv)
