@@ -11,8 +11,9 @@ repeat items):
 - ``old``: the code of commit ``--old-ref`` (11e40fe), read from git: the (query, item) pair
   list (``history_pairs``: sum over samples of H^2 / 2 entries, built with a repeat_interleave
   and two boolean-mask indexings) and the fused loss masking them block by block;
-- ``new``: :class:`hstu.ops.losses.HistoryWindow`, a [rows, W] window of the batch's ids per
-  block of queries (at most 2^16 entries at a time).
+- ``new``: :class:`hstu.ops.losses.HistoryWindow`: on a CPU (here) the (query, item) pairs of
+  8 blocks of queries at a time, at most 2^18 pairs listed at once; on other devices a [rows, W]
+  window of the batch's ids per block of queries (at most 2^16 entries at a time).
 Each case runs in its own process. Peak memory is the growth of the process's peak resident set
 (Linux VmHWM, reset before the loss) over its resident set then: it includes the loss's [Q, I]
 buffer (the same in both, printed apart) and everything the exclusion adds. CPU seconds are the

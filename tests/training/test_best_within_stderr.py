@@ -23,6 +23,9 @@ def _run(rank: int, world_size: int, tmp: str) -> None:
             "TrainerArgs.max_train_iters=24", "TrainerArgs.eval_interval=2",
             "TrainerArgs.max_eval_iters=None", "TrainerArgs.log_interval=24",
             "NetworkArgs.hidden_dropout=0.2", "OptimizerArgs.learning_rate=0.05",
+            # a seed whose curve has a later step within one standard error of its peak (the
+            # rule matters there; the curve follows the dropout masks: checked below)
+            "TrainerArgs.seed=2",
         ],
     )
     try:
