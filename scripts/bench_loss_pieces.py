@@ -32,21 +32,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_attention_paths import history_lengths  # the same histories (scripts/ is on the path)
+
 import hstu.ops.losses.full_corpus as fc
 from hstu.ops.dropout import dropout
 from hstu.ops.losses.full_corpus import HistoryWindow, full_softmax_loss
-
-
-def history_lengths(max_len: int) -> tuple[list[int], str]:
-    path = ROOT / "tmp_data" / "ml-100k" / "sequences.parquet"
-    if path.exists():
-        import pyarrow.parquet as pq
-
-        column = pq.read_table(path, columns=["item_ids"]).column("item_ids")
-        return [min(max_len, len(v)) for v in column.to_pylist()], str(path.relative_to(ROOT))
-    g = torch.Generator().manual_seed(0)
-    drawn = torch.exp(torch.randn(943, generator=g) * 0.9 + 4.3).round().clamp(2, max_len)
-    return [int(x) for x in drawn], "log-normal mix (no tmp_data/ml-100k)"
 
 
 def main() -> None:
@@ -59,7 +49,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    lengths, source = history_lengths(a.max_len)
+    lengths, source = history_lengths(a.max_len, 0)
     g = torch.Generator().manual_seed(0)
     picked: list[int] = []
     while sum(n - 1 for n in picked) < a.queries:
