@@ -50,7 +50,7 @@ KNOWN_SITES: dict[str, frozenset[str]] = {
     CPU_ONLY: _at("hstu/ops/losses/sampled.py in forward", "any_empty = bool(empty.any())")
     | _at("hstu/ops/losses/strategies.py in uniform",
           "fused = bool((x.key_ids[1:] > x.key_ids[:-1]).all())")
-    | _at("hstu/ops/losses/full_corpus.py in _mask_pairs_", "host_ends = ends.tolist()"),
+    | _at("hstu/ops/losses/full_corpus.py in _mask_pairs_", "host_ends = lengths.cumsum(0).tolist()"),
     CHUNK_PLAN_SYNC: _at("hstu/ops/softmax_attention.py in plan_causal_chunks",
                          "host_offsets = offsets.tolist()"),
     HOST_COUNTS: _at("hstu/ops/gather.py in wait",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hstu.ops.jagged import index_within, segment_ids
 from hstu.ops.losses.common import CPU_ONLY, softmax_lse_
 from hstu.sync_audit import allowed_sync
 
@@ -205,9 +206,8 @@ class HistoryWindow:
         if rows_total == 0 or self.width <= 0 or self.ids.numel() == 0 or num_i == 0:
             return
         lengths = self.lengths[start : start + rows_total].clamp(max=self.width)
-        ends = lengths.cumsum(0)
         # the one host read (CPU_ONLY: the host reads its own memory)
-        host_ends = ends.tolist()
+        host_ends = lengths.cumsum(0).tolist()
         flat = logits.view(-1) if logits.is_contiguous() else None
         last = self.ids.numel() - 1
         s = 0
@@ -221,11 +221,9 @@ class HistoryWindow:
             s_run, s = s, e
             if count == 0:
                 continue
-            row = torch.repeat_interleave(torch.arange(e - s_run, device=logits.device), run,
-                                          output_size=count)
-            # each pair's offset in its query's history, then its slot among the ids
-            slot = torch.arange(count, device=logits.device)
-            slot -= (ends[s_run:e] - run - done).index_select(0, row)
+            row = segment_ids(run, count)
+            # each pair's slot among the ids: its query's start + its offset in the history
+            slot = index_within(run, count)
             slot += self.starts[start + s_run : start + e].index_select(0, row)
             cols = self.ids.index_select(0, slot.clamp_(max=last))
             keep = (cols >= 0) & (cols < num_i) & (cols != target[s_run:e].index_select(0, row))
