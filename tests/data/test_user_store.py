@@ -248,13 +248,16 @@ def test_a_checkpoint_killed_mid_save_leaves_the_previous_snapshot_whole(tmp_pat
             stdout=subprocess.PIPE, text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
         )
         assert proc.stdout.readline().strip() == "ready"
-        while not (out / "user_store.rank0-of-1.sqlite").exists():
+        while not (out / "user_store.rank0-of-1.sqlite").exists() and proc.poll() is None:
             time.sleep(0.01)
+        assert proc.poll() is None, "the saver exited (its loop never ends)"
         # the kill follows the sight of a save's temporary file (no timing guess): on a fast
         # host the save may still finish first, so the loop kills again until one lands inside
         deadline = time.monotonic() + 30
-        while not any(name.startswith(".") for name in os.listdir(out)) and time.monotonic() < deadline:
+        while (not any(name.startswith(".") for name in os.listdir(out))
+               and proc.poll() is None and time.monotonic() < deadline):
             pass
+        assert proc.poll() is None, "the saver exited (its loop never ends)"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         proc.stdout.close()
