@@ -85,8 +85,11 @@ def _emulate_new_group() -> None:
     dist.new_group = new_group
 
 
-# imported once by the fork server; every rank forked from it starts with them loaded
-_PRELOAD = ["tests.dist_utils", "hstu.training.trainer", "hstu.training.builder"]
+# imported once by the fork server; every rank forked from it starts with them loaded (the
+# trainer imports Megatron (~5 s here, torch's inductor with it) and pyarrow where it needs them)
+_PRELOAD = ["tests.dist_utils", "hstu.training.trainer", "hstu.training.builder", "megatron.core",
+            "megatron.core.tensor_parallel", "megatron.core.parallel_state", "pyarrow.parquet",
+            "pyarrow.compute", "pyarrow.csv"]
 
 
 def _start_method() -> str:
