@@ -106,7 +106,10 @@ def test_retrieval_trains_and_writes_run_directory(retrieval_none):
     assert {p.name.split(".")[0] for p in traces} == {"rank0", "rank1"}, list((run_dir / "profile").iterdir())
 
 
-@pytest.mark.parametrize("pipeline", [pytest.param("native", marks=pytest.mark.slow), "prefetch"])
+# both slow: the default tier runs the pipelines against "none" in test_pipelines.py (native over
+# the sharded tables) and test_sync_matrix.py (the prefetch cell)
+@pytest.mark.parametrize("pipeline", [pytest.param("native", marks=pytest.mark.slow),
+                                      pytest.param("prefetch", marks=pytest.mark.slow)])
 def test_pipelines_give_identical_losses(tmp, retrieval_none, pipeline):
     other = run_job(tmp, f"ret_{pipeline}", params=[f'TrainerArgs.pipeline_type="{pipeline}"'])
     assert losses(other["metrics"]) == losses(retrieval_none["metrics"])

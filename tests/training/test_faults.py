@@ -88,8 +88,10 @@ def test_kill9_of_a_rank_recovers_by_itself_with_the_uninterrupted_losses(tmp, r
     assert kept == ["iter_35", "iter_40"], kept  # keep_last_n=2
 
 
+# slow (a 40-step 2-process run first): the default tier checks damage detection in
+# test_manifest.py (check_files, verify) and ends a torchrun run in one line in test_own_data_e2e.py
 @pytest.mark.parametrize("damage", [
-    "truncate:__0_0.distcp",
+    pytest.param("truncate:__0_0.distcp", marks=pytest.mark.slow),
     pytest.param("truncate:dense_tp0.pt", marks=pytest.mark.slow),
     pytest.param("remove:rng_rank1.pt", marks=pytest.mark.slow),
 ])

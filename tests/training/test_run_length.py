@@ -48,6 +48,7 @@ def tmp(tmp_path_factory):
     return tmp_path_factory.mktemp("length")
 
 
+@pytest.mark.slow  # the default tier trains in epochs through configs/cpu_retrieval.gin (test_own_data_recipe.py)
 def test_a_run_in_epochs_trains_and_evaluates_where_the_epochs_say(tmp) -> None:
     params = [
         'TrainerArgs.pipeline_type="none"', "TrainerArgs.max_train_iters=None",
