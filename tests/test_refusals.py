@@ -103,17 +103,25 @@ CASES = [
 ]
 
 
+def _args(bindings: list[str], extra: list[str], check: bool = True) -> list[str]:
+    """The entry point's arguments: the preset, the bindings, and --check-config with ``extra``."""
+    args = ["--gin-config-file", PRESET]
+    for binding in bindings:
+        args += ["--gin-param", binding]
+    return [*args, "--check-config", *extra] if check else args
+
+
+def _env(env_vars: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment without a launcher's rank variables (one plain process)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    return {**env, **(env_vars or {})}
+
+
 def _run(bindings: list[str], extra: list[str], check: bool = True,
          env_vars: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "pretrain_gr_retrieval.py", "--gin-config-file", PRESET]
-    for binding in bindings:
-        argv += ["--gin-param", binding]
-    if check:
-        argv += ["--check-config", *extra]
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(env_vars or {})
-    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-                          check=False)
+    return subprocess.run([sys.executable, "pretrain_gr_retrieval.py", *_args(bindings, extra, check)],
+                          cwd=ROOT, env=_env(env_vars), capture_output=True, text=True,
+                          timeout=600, check=False)
 
 
 # runs each argv list read from stdin through the entry point's main in this one process and
@@ -140,15 +148,9 @@ print(json.dumps(answers))
 @pytest.fixture(scope="module")
 def answers() -> dict[str, SimpleNamespace]:
     """Each case's stdout, stderr and return code, by case id."""
-    argvs = []
-    for _case, bindings, extra, _field, _words in CASES:
-        argv = ["--gin-config-file", PRESET]
-        for binding in bindings:
-            argv += ["--gin-param", binding]
-        argvs.append([*argv, "--check-config", *extra])
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    argvs = [_args(bindings, extra) for _case, bindings, extra, _field, _words in CASES]
     proc = subprocess.run([sys.executable, "-c", _ALL_IN_ONE], input=json.dumps(argvs), cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600, check=False)
+                          env=_env(), capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got = json.loads(proc.stdout.splitlines()[-1])
     assert len(got) == len(CASES), got
