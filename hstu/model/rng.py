@@ -84,7 +84,7 @@ def tracker_state() -> dict:
     out: dict = {}
     if _CPU.state is not None:
         out["cpu"] = _CPU.state.clone()
-    if _use_cuda():
+    if _use_cuda() and _CPU.state is not None:  # seeded (TP > 1): Megatron's tracker holds it
         from megatron.core import tensor_parallel
 
         states = tensor_parallel.get_cuda_rng_tracker().get_states()

@@ -22,7 +22,9 @@ from hstu.training.host_settings import HostSettings
 
 @dataclass
 class DistEnv:
-    """Where this process sits. DP = world / TP; ranks of one TP group are consecutive."""
+    """Where this process sits. DP = world / TP; ranks of one TP group are consecutive.
+    Without tensor parallelism (``tp_size`` 1) both groups are None: the DP group is the
+    default group."""
 
     rank: int
     world_size: int
@@ -61,7 +63,8 @@ def apply_host_settings(settings: HostSettings, on_cpu: bool, restart_count: int
 
 def init_distributed(tp_size: int = 1, timeout_s: int = 600) -> DistEnv:
     """Initialises torch.distributed (:func:`process_group_backend`: NCCL for CUDA tensors and
-    gloo for host tensors on GPUs, gloo on CPU) and Megatron's TP/DP groups.
+    gloo for host tensors on GPUs, gloo on CPU) and, with ``tp_size`` > 1, Megatron's TP/DP
+    groups (at 1 the DP group is the default group: ``tp_group`` and ``dp_group`` None).
 
     Works under torchrun (RANK/WORLD_SIZE set) and as a single plain process (a world of 1
     on a free local port). First applies the process-wide host settings
@@ -95,6 +98,15 @@ def init_distributed(tp_size: int = 1, timeout_s: int = 600) -> DistEnv:
         raise ValueError(
             f"TensorModelParallelArgs.tensor_model_parallel_size={tp_size} does not divide the "
             f"world size {world_size}"
+        )
+    if tp_size == 1:
+        # no tensor parallelism: the data-parallel group is the whole world (the default
+        # group), and Megatron is not imported at all (its package import alone takes seconds:
+        # it compiles its fused helpers)
+        return DistEnv(
+            rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+            backend=dist.get_backend(), tp_size=1, tp_rank=0, dp_size=world_size,
+            dp_rank=rank, tp_group=None, dp_group=None,
         )
     from megatron.core import parallel_state as ps
 

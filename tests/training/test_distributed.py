@@ -306,3 +306,33 @@ def _overlap_case(rank: int, world_size: int, tmp: str) -> None:
 
 def test_ddp_launches_buckets_during_backward(tmp_path) -> None:
     run_multiprocess(_overlap_case, world_size=2, tmp=str(tmp_path))
+
+
+_IMPORTS_AFTER_A_RUN = """
+import sys
+from hstu.cli import main
+code = main("retrieval", sys.argv[1:])
+print("exit", code)
+print("megatron modules:", sorted(m for m in sys.modules if m.split(".")[0] == "megatron"))
+"""
+
+
+def test_a_run_without_tensor_parallelism_never_imports_megatron(tmp_path) -> None:
+    # Megatron's package import takes seconds (it compiles its fused helpers); at
+    # tensor_model_parallel_size 1 nothing of it is used, so a run must not pay for it.
+    import subprocess
+    import sys
+
+    argv = [
+        "--gin-config-file", os.path.join(ROOT, "configs", "debug_retrieval.gin"),
+        "--gin-param", f'TrainerArgs.run_dir="{tmp_path / "run"}"',
+        "--gin-param", f'DatasetArgs.dataset_path="{tmp_path / "data" / "synthetic"}"',
+        "--gin-param", "TrainerArgs.max_train_iters=2",
+    ]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", _IMPORTS_AFTER_A_RUN, *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "exit 0" in proc.stdout, text[-3000:]
+    assert "megatron modules: []" in proc.stdout, text[-3000:]
