@@ -960,8 +960,9 @@ class RetrievalArgs:
     """negative_sampling="auto": the largest catalogue (items) trained with the exact softmax;
     its cost grows with the catalogue (every item scored at every training position), the
     sampled one's with the batch."""
-    temperature: float = 0.05
-    """Softmax temperature on cosine similarities."""
+    temperature: float | Literal["auto"] = 0.05
+    """Softmax temperature on cosine similarities; "auto": from the catalogue, 0.1 up to 5,000
+    items, 0.07 above (hstu.data.sizes.AUTO_TEMPERATURES), said in one line at start."""
     full_corpus_matmul_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """With negative_sampling="full_corpus": the dtype of the training loss's three [queries x
     items] matmuls. "bfloat16" rounds their inputs to bfloat16 (float32 accumulation; the target's
@@ -1034,7 +1035,7 @@ class RetrievalArgs:
                 self.negative_sampling, self.num_negatives
             )
             _require(problem is None, self, "num_negatives", problem or "")
-        _positive(self, "temperature", "l2_norm_eps")
+        _positive(self, *(() if self.temperature == AUTO else ("temperature",)), "l2_norm_eps")
         _require(
             not self.exclude_history_from_loss
             or self.negative_sampling in ("full_corpus", "sampled_live", "mixed_logq", AUTO),

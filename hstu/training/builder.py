@@ -35,6 +35,7 @@ from hstu.data.sizes import (
     resolve_head,
     resolve_learning_rate,
     resolve_sampling,
+    resolve_temperature,
     resolve_width,
     stream_metadata,
 )
@@ -278,6 +279,9 @@ def build_all(cfg: RunConfig, env: DistEnv, log: Any = print) -> Built:
         cfg.retrieval, info.num_items, info.first_item_id,
         any(dynamic_item_table(tb, info.item_feature_name) for tb in tables),
     )
+    if line is not None:
+        cfg.choices.append(line)
+    cfg.retrieval, line = resolve_temperature(cfg.retrieval, info.num_items, info.first_item_id)
     if line is not None:
         cfg.choices.append(line)
     if env.is_main:

@@ -43,6 +43,7 @@ def test_the_recipe_trains_exports_and_recommends_on_own_data(tmp_path) -> None:
                "--gin-param", f'TrainerArgs.run_dir="{run_dir}"')
     assert (f'[hstu] hidden_size "auto" -> 128 (kv_channels "auto" follows it): {ITEMS} items, '
             "more than 5,000") in out
+    assert f'[hstu] temperature "auto" -> 0.07: {ITEMS} items, more than 5,000' in out
     trained = float(re.search(r"test split, best checkpoint .*?HR@10 ([0-9.]+)", out).group(1))
     art = tmp_path / "artifact"
     _run("-m", "hstu.export", "--ckpt", str(run_dir / "best"), "--out", str(art), "--no-aoti")
