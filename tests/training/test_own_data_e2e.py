@@ -123,7 +123,9 @@ def test_clean_torchrun_console_has_no_third_party_warnings(clean_torchrun):
     noisy = [line for line in run.stdout.splitlines() if THIRD_PARTY.search(line)]
     assert noisy == [], "\n".join(noisy)
     kept = (run_dir / "third_party_warnings.log").read_text()
-    assert "Transformer Engine and Apex" in kept and "topology was constructed directly" in kept
+    assert "topology was constructed directly" in kept
+    # a run without tensor parallelism never imports megatron-core, nor gets its warning
+    assert "Transformer Engine and Apex" not in kept
     assert "[hstu] summary of this retrieval run" in run.stdout
 
 
