@@ -237,6 +237,17 @@ def _source(cfg: Any) -> str:
     return cfg.sources[0] if cfg.sources else "<config>"
 
 
+def _first_that_holds(table: tuple, count: int, unit: str) -> tuple[Any, str]:
+    """The value of ``table`` ((at most this many, value), ..., (None, value)) for ``count``
+    ``unit``, and why: "N unit, at most L" or "N unit, more than L" (the last limit)."""
+    for limit, value in table:
+        if limit is None or count <= limit:
+            break
+    why = (f"{count} {unit}, at most {limit:,}" if limit is not None
+           else f"{count} {unit}, more than {table[-2][0]:,}")
+    return value, why
+
+
 AUTO_WIDTHS = ((5000, 50), (None, 128))
 """NetworkArgs.hidden_size="auto": (at most this many items, width), the first that holds.
 Measured on validation (docs/results.md "Own data: the recipe that sizes itself"): 50 is
@@ -256,15 +267,11 @@ def resolve_width(network: NetworkArgs, task: str, num_items: int, first_item_id
                           '"auto" sizes a retrieval model from its catalogue; give the ranking '
                           "model's width")
     items = num_items - first_item_id
-    for limit, width in AUTO_WIDTHS:
-        if limit is None or items <= limit:
-            break
+    width, why = _first_that_holds(AUTO_WIDTHS, items, "items")
     if network.architecture == "hstu_sid" and width % network.sid_decoder_heads:
         raise ConfigError("NetworkArgs", "sid_decoder_heads",
                           f'{network.sid_decoder_heads} heads do not divide hidden_size "auto" '
                           f"= {width} ({items} items)")
-    why = (f"{items} items, at most {limit:,}" if limit is not None
-           else f"{items} items, more than {AUTO_WIDTHS[-2][0]:,}")
     follows = ' (kv_channels "auto" follows it)' if network.kv_channels == AUTO else ""
     return (dataclasses.replace(network, hidden_size=width),
             f'[hstu] hidden_size "auto" -> {width}{follows}: {why}')
@@ -293,11 +300,7 @@ def _by_sequences(args: Any, field_name: str, table: tuple, info: Any, what: str
                           f'"auto" reads the number of sequences from the dataset\'s '
                           f"{METADATA_FILE} (num_users), which {info.dataset_name} does not "
                           f"record; give the {what}")
-    for limit, value in table:
-        if limit is None or sequences <= limit:
-            break
-    why = (f"{sequences} sequences, at most {limit:,}" if limit is not None
-           else f"{sequences} sequences, more than {table[-2][0]:,}")
+    value, why = _first_that_holds(table, sequences, "sequences")
     return (dataclasses.replace(args, **{field_name: value}),
             f'[hstu] {field_name} "auto" -> {value:g}: {why}')
 
@@ -344,12 +347,7 @@ def resolve_temperature(retrieval: RetrievalArgs | None, num_items: int, first_i
     (retrieval, None) when it is not "auto"."""
     if retrieval is None or retrieval.temperature != AUTO:
         return retrieval, None
-    items = num_items - first_item_id
-    for limit, value in AUTO_TEMPERATURES:
-        if limit is None or items <= limit:
-            break
-    why = (f"{items} items, at most {limit:,}" if limit is not None
-           else f"{items} items, more than {AUTO_TEMPERATURES[-2][0]:,}")
+    value, why = _first_that_holds(AUTO_TEMPERATURES, num_items - first_item_id, "items")
     return (dataclasses.replace(retrieval, temperature=value),
             f'[hstu] temperature "auto" -> {value:g}: {why}')
 
