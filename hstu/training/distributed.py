@@ -110,6 +110,10 @@ def init_distributed(tp_size: int = 1, timeout_s: int = 600) -> DistEnv:
         )
     from megatron.core import parallel_state as ps
 
+    if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() != tp_size:
+        # groups left by an earlier run in this process with another TP size: build them anew
+        ps.destroy_model_parallel()
+        _drop_megatron_groups(ps)
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp_size)
     return DistEnv(

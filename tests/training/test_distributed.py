@@ -336,3 +336,23 @@ def test_a_run_without_tensor_parallelism_never_imports_megatron(tmp_path) -> No
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "exit 0" in proc.stdout, text[-3000:]
     assert "megatron modules: []" in proc.stdout, text[-3000:]
+
+
+def _megatron_state_of_another_tp_size(rank: int, world_size: int) -> None:
+    from megatron.core import parallel_state as ps
+
+    from hstu.training.distributed import init_distributed
+
+    # state left by an earlier run in this process (a notebook, a sweep) with TP 1
+    ps.initialize_model_parallel(tensor_model_parallel_size=1)
+    env = init_distributed(tp_size=2)
+    assert (env.tp_size, env.dp_size) == (2, 1)
+    assert ps.get_tensor_model_parallel_world_size() == 2, ps.get_tensor_model_parallel_world_size()
+    assert (env.tp_rank, env.dp_rank) == (rank, 0)
+    t = torch.ones(1)
+    dist.all_reduce(t, group=env.tp_group)
+    assert t.item() == 2.0
+
+
+def test_init_distributed_rebuilds_megatron_groups_made_for_another_tp_size() -> None:
+    run_multiprocess(_megatron_state_of_another_tp_size, world_size=2)
