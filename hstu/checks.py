@@ -291,6 +291,11 @@ def check_sid_decoding(network: Any, retrieval: Any) -> None:
                               f"is {network.architecture!r}); leave it unset")
 
 
+SASREC_REFUSED = ("relative_attention_bias", "max_attn_len", "attn_truncation_layers", "compile")
+"""HSTU-block options refused with architecture="sasrec" when on (their off value is how
+SASRec's block runs anyway)."""
+
+
 def check_architecture(network: Any, task: str) -> None:
     """The MLP baseline is a ranking model; SASRec a retrieval one, without the HSTU block's
     options it would otherwise ignore."""
@@ -330,13 +335,8 @@ def check_architecture(network: Any, task: str) -> None:
             "NetworkArgs", "architecture",
             "sasrec is a retrieval model (no candidate masking for ranking); ranking needs hstu",
         )
-    hstu_only = {
-        "relative_attention_bias": network.relative_attention_bias,
-        "max_attn_len": network.max_attn_len,
-        "attn_truncation_layers": network.attn_truncation_layers,
-        "compile": network.compile,
-    }
-    for name, value in hstu_only.items():
+    for name in SASREC_REFUSED:
+        value = getattr(network, name)
         if value:
             raise ConfigError(
                 "NetworkArgs", name,

@@ -209,8 +209,32 @@ def load_config(
         sources=sources,
         extras=extras,
         locations=locations,
-        warnings=unused_scope_warnings(bindings, _TABLE_CLASSES),
+        warnings=[*unused_scope_warnings(bindings, _TABLE_CLASSES),
+                  *_unread_by_sasrec(network, bindings)],
     )
+
+
+def _unread_by_sasrec(network: A.NetworkArgs, bindings: list[Binding]) -> list[str]:
+    """One line per binding of an HSTU layer option in a run with architecture="sasrec": SASRec's
+    block does not read it. The options refused when on (``checks.SASREC_REFUSED``) and
+    ``is_causal`` (retrieval refuses False) are left out: bound off, they say how SASRec runs."""
+    if network.architecture != "sasrec":
+        return []
+    from dataclasses import fields
+
+    from hstu.model.hstu_layer import LayerOptions
+    from hstu.model.sasrec import SASRecOptions
+
+    def read_by(options: Any) -> set[str]:
+        return {options._NETWORK_NAMES.get(f.name, f.name) for f in fields(options)}
+
+    unread = read_by(LayerOptions) - read_by(SASRecOptions) - {*checks.SASREC_REFUSED, "is_causal"}
+    return [
+        f"{b.where}: NetworkArgs.{b.field_name}: an option of the HSTU layer; "
+        'architecture="sasrec" does not read it (this binding has no effect)'
+        for b in bindings
+        if b.short_name == "NetworkArgs" and not b.scope and b.field_name in unread
+    ]
 
 
 def _run_tables(cfg: RunConfig) -> tuple[list[A.EmbeddingArgs], str]:

@@ -336,6 +336,26 @@ def test_sasrec_ranking_and_tensor_parallel_are_refused(capsys) -> None:
     assert code == 2 and "tensor_model_parallel_size: 2: NetworkArgs.architecture=\"sasrec\"" in err, err
 
 
+@pytest.mark.usefixtures("plain_process")
+def test_hstu_layer_options_bound_in_a_sasrec_run_are_named_as_unread(capsys) -> None:
+    # the own-data recipe's HSTU options with SASRec's block: each binding one warning with its
+    # file:line; the options refused when on, bound off, say how SASRec runs (no warning)
+    code, _, err = check_config(
+        capsys, "retrieval", "debug_retrieval.gin", "--gin-param", 'NetworkArgs.architecture="sasrec"',
+        "--gin-param", "NetworkArgs.attn_scaling_seqlen=20",
+        "--gin-param", "NetworkArgs.relative_attention_bias=False",
+    )
+    assert code == 0, err
+    unread = [line for line in err.splitlines() if "does not read it" in line]
+    assert len(unread) == 2, err
+    assert unread[0].startswith("warning: ") and "debug_retrieval.gin:23: NetworkArgs.kernel_backend: " in unread[0], unread
+    assert "--gin-param 'NetworkArgs.attn_scaling_seqlen=20'" in unread[1] and "NetworkArgs.attn_scaling_seqlen: " in unread[1], unread
+    # the same file with HSTU's block reads them all; SASRec's own preset binds none of them
+    for config, args in (("debug_retrieval.gin", ("--gin-param", "NetworkArgs.attn_scaling_seqlen=20")), (PRESET, ())):
+        code, _, err = check_config(capsys, "retrieval", config, *args)
+        assert code == 0 and "does not read it" not in err, err
+
+
 # ------------------------------------------------------------------ FLOPs
 
 
