@@ -14,7 +14,7 @@ Sits above :mod:`hstu.data` (docs/architecture.md, "Layers").
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from hstu import args as A
@@ -220,8 +220,6 @@ def _unread_by_sasrec(network: A.NetworkArgs, bindings: list[Binding]) -> list[s
     ``is_causal`` (retrieval refuses False) are left out: bound off, they say how SASRec runs."""
     if network.architecture != "sasrec":
         return []
-    from dataclasses import fields
-
     from hstu.model.hstu_layer import LayerOptions
     from hstu.model.sasrec import SASRecOptions
 
